@@ -1,0 +1,1 @@
+"""Encrypted block volumes served through FUSE + loop (issue #4). Not implemented yet."""

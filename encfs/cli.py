@@ -1,0 +1,72 @@
+"""The ``encfs`` command: argument parsing and error reporting.
+
+Invariant: a failure prints exactly one line, ``encfs: <cause>``, on stderr
+and exits non-zero; tracebacks appear only with ENCFS_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from encfs import __version__
+from encfs.errors import EncfsError
+from encfs.keys import cli as keys_cli
+from encfs.keys.config import HsmOptions
+
+
+def add_hsm_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("token selection (default: the embedded SoftHSM2 token)")
+    g.add_argument("--home", help="state directory (default $ENCFS_HOME or ~/.local/share/encfs)")
+    g.add_argument("--config", help="config file (default $ENCFS_HOME/config.toml)")
+    g.add_argument("--pkcs11-module", metavar="PATH", help="PKCS#11 module of a real HSM")
+    g.add_argument("--token", metavar="LABEL", help="token label on that module")
+    g.add_argument("--pkcs11-uri", metavar="URI", help="RFC 7512 pkcs11: URI naming module and token")
+    g.add_argument("--pin-file", metavar="FILE", help="read the user PIN from FILE")
+    g.add_argument("--pin-env", metavar="VAR", help="read the user PIN from environment variable VAR")
+
+
+def hsm_options(args: argparse.Namespace) -> HsmOptions:
+    return HsmOptions(uri=args.pkcs11_uri, module=args.pkcs11_module, token=args.token,
+                      pin_file=args.pin_file, pin_env=args.pin_env, config=args.config)
+
+
+def home_of(args: argparse.Namespace) -> Path | None:
+    return Path(args.home).expanduser().absolute() if args.home else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="encfs", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"encfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    keys_cli.register(sub, add_hsm_options)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EncfsError as e:
+        print(f"encfs: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("encfs: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line unless asked for more
+        if os.environ.get("ENCFS_DEBUG"):
+            traceback.print_exc()
+        print(f"encfs: internal error: {type(e).__name__}: {e} (set ENCFS_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Errors that reach users.
+
+Invariant: every ``EncfsError`` message is one line that names the cause and
+never contains key material, PINs or plaintext. The CLI prints ``encfs: <msg>``
+and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class EncfsError(Exception):
+    """Base class for every error encfs reports to a user."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class UsageError(EncfsError):
+    """The caller asked for something malformed (bad argument, oversize input)."""
+
+    exit_code = 2
+
+
+class ConfigError(EncfsError):
+    """A configuration file, URI or PIN source is missing or malformed."""
+
+
+class TokenError(EncfsError):
+    """The PKCS#11 module or token is unavailable or misbehaves."""
+
+
+class ModuleNotFound(TokenError):
+    """The PKCS#11 module (shared library) cannot be loaded."""
+
+
+class TokenNotFound(TokenError):
+    """No token with the requested label/serial is present."""
+
+
+class PinIncorrect(TokenError):
+    """C_Login rejected the PIN."""
+
+
+class PinLocked(TokenError):
+    """The token refuses logins after too many wrong PINs."""
+
+
+class KeyNotFound(EncfsError):
+    """No key with that id or alias exists (or it was deleted)."""
+
+
+class KeyStateError(EncfsError):
+    """The key exists but its state forbids the operation (not Enabled, ...)."""
+
+
+class InvalidCiphertext(EncfsError):
+    """A ciphertext blob is truncated, malformed, tampered or under another key."""
+
+
+class ContextMismatch(InvalidCiphertext):
+    """The encryption context given on decrypt differs from the one bound at encrypt."""
+
+
+class KeyImportError(EncfsError):
+    """Imported key material was rejected (wrong wrapping, wrong size, mismatch)."""

@@ -1,0 +1,1 @@
+"""Encrypted FUSE filesystem (issue #3). Not implemented yet."""

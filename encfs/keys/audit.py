@@ -1,0 +1,91 @@
+"""Audit trail: one JSON line per key-service call (the CloudTrail of encfs).
+
+Invariant: records carry ids, versions, contexts and outcomes, never key
+material or plaintext; callers pass only those fields. Each record is written
+with a single ``write(2)`` on an ``O_APPEND`` descriptor, so concurrent
+processes never interleave partial lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def iso_time(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class AuditLog:
+    """Append-only JSON-lines audit log at ``$ENCFS_HOME/audit.log``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    def record(
+        self,
+        operation: str,
+        *,
+        outcome: str = "success",
+        key_id: str | None = None,
+        key_version: int | None = None,
+        context: Mapping[str, str] | None = None,
+        error: str | None = None,
+        now: float | None = None,
+        **extra: Any,
+    ) -> None:
+        uid = os.getuid()
+        entry: dict[str, Any] = {
+            "time": iso_time(time.time() if now is None else now),
+            "principal": {"uid": uid, "user": _user_name(uid), "pid": os.getpid()},
+            "operation": operation,
+            "key_id": key_id,
+            "key_version": key_version,
+            "encryption_context": dict(context) if context is not None else None,
+            "outcome": outcome,
+        }
+        if error is not None:
+            entry["error"] = error
+        entry.update(extra)
+        line = (json.dumps(entry, sort_keys=False, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            os.write(self._descriptor(), line)
+
+    def read(self) -> Iterator[dict[str, Any]]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield json.loads(line)
+        except FileNotFoundError:
+            return
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,388 @@
+"""``encfs hsm ...`` and ``encfs key ...``: the key service on the command line.
+
+Vocabulary and JSON field names follow the AWS KMS CLI. Binary blobs travel
+raw on stdin/stdout (``--base64`` for text); listings take ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from encfs.errors import UsageError
+from encfs.keys.context import parse_context_args
+from encfs.keys.metadata import ORIGIN_EXTERNAL, ORIGIN_TOKEN
+from encfs.keys.service import MAX_ENCRYPT_PLAINTEXT, WRAPPING_ALGORITHMS, KeyService
+
+AddHsmOptions = Callable[[argparse.ArgumentParser], None]
+
+
+def _service(args: argparse.Namespace, provision: bool = True) -> KeyService:
+    from encfs.cli import hsm_options, home_of
+
+    return KeyService.open(home_of(args), hsm_options(args), provision=provision)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _read_stdin(limit: int | None, what: str) -> bytes:
+    data = sys.stdin.buffer.read(limit + 1 if limit is not None else -1)
+    if limit is not None and len(data) > limit:
+        raise UsageError(f"{what} on stdin is over {limit} bytes")
+    return data
+
+
+def _decode_b64(data: bytes, what: str) -> bytes:
+    try:
+        return base64.b64decode(b"".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError(f"{what} is not valid base64") from None
+
+
+def _write_out(data: bytes, as_base64: bool) -> None:
+    sys.stdout.buffer.write(base64.b64encode(data) + b"\n" if as_base64 else data)
+    sys.stdout.buffer.flush()
+
+
+def _parse_time(text: str) -> float:
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"not an ISO 8601 time: {text!r}") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.timestamp()
+
+
+# -- hsm -----------------------------------------------------------------------
+
+def cmd_hsm_init(args: argparse.Namespace) -> int:
+    from encfs.cli import hsm_options, home_of
+    from encfs.keys.config import default_home, resolve_token
+
+    home = home_of(args) or default_home()
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _spec, embedded = resolve_token(home, hsm_options(args))
+    created = embedded.provision() if embedded is not None else False
+    with _service(args) as ks:
+        status = ks.token_status()  # also proves the login works
+    verb = "created" if created else "already initialised" if embedded else "reachable"
+    print(f"token {status['token']!r} ({status['model']}, serial {status['serial']}) {verb}")
+    if embedded is not None:
+        print(f"state directory: {home}  (PINs in {embedded.dir}, mode 0600)")
+    return 0
+
+
+def cmd_hsm_status(args: argparse.Namespace) -> int:
+    with _service(args, provision=False) as ks:
+        status = ks.token_status()
+        tokendir = ks.home / "softhsm" / "tokens"
+        if tokendir.exists():
+            status["token_store"] = str(tokendir)
+            status["free_bytes"] = shutil.disk_usage(tokendir).free
+        status["state_directory"] = str(ks.home)
+    if args.json:
+        _print_json(status)
+        return 0
+    for name in ("module", "library", "token", "slot", "serial", "manufacturer", "model",
+                 "state_directory", "token_store", "free_bytes"):
+        if name in status:
+            print(f"{name:16} {status[name]}")
+    for mech, offered in status["mechanisms"].items():
+        print(f"{'mechanism':16} {mech}: {'offered' if offered else 'NOT offered'}")
+    return 0
+
+
+# -- key management ---------------------------------------------------------------
+
+def _describe_text(meta: dict[str, Any]) -> None:
+    for name, value in meta.items():
+        if name == "KeyVersions":
+            value = ", ".join(f"v{v['Version']} ({v['CreationDate']})" for v in value)
+        elif isinstance(value, (list, dict)):
+            value = json.dumps(value)
+        print(f"{name:20} {value}")
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    origin = ORIGIN_EXTERNAL if args.origin == "external" else ORIGIN_TOKEN
+    with _service(args) as ks:
+        meta = ks.create_key(args.description or "", alias=args.alias, origin=origin)
+    if args.json:
+        _print_json(meta)
+    else:
+        print(meta["KeyId"])
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _service(args) as ks:
+        keys = ks.list_keys()
+    if args.json:
+        _print_json({"Keys": keys})
+        return 0
+    print(f"{'KEY ID':36}  {'STATE':15}  {'VER':>3}  {'ORIGIN':8}  ALIASES / DESCRIPTION")
+    for k in keys:
+        names = ",".join(a.removeprefix("alias/") for a in k["Aliases"])
+        print(f"{k['KeyId']:36}  {k['KeyState']:15}  {k['CurrentKeyVersion'] or '-':>3}  {k['Origin']:8}  "
+              f"{names} {k['Description']}".rstrip())
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    with _service(args) as ks:
+        meta = ks.describe_key(args.key)
+    _print_json(meta) if args.json else _describe_text(meta)
+    return 0
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    with _service(args) as ks:
+        if args.delete:
+            ks.delete_alias(args.name)
+            print(f"deleted alias {args.name}")
+            return 0
+        if not args.key:
+            raise UsageError("alias needs NAME and KEY (or --delete NAME)")
+        key_id = ks.update_alias(args.name, args.key)
+    print(f"alias/{args.name.removeprefix('alias/')} -> {key_id}")
+    return 0
+
+
+def cmd_aliases(args: argparse.Namespace) -> int:
+    with _service(args) as ks:
+        aliases = ks.list_aliases()
+    if args.json:
+        _print_json({"Aliases": [{"AliasName": a, "TargetKeyId": k} for a, k in sorted(aliases.items())]})
+    else:
+        for a, k in sorted(aliases.items()):
+            print(f"{a:40} {k}")
+    return 0
+
+
+def _state_cmd(method: str, describe: Callable[[dict[str, Any]], str]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        extra = {}
+        if getattr(args, "days", None) is not None:
+            extra["days"] = args.days
+        if getattr(args, "period_days", None) is not None:
+            extra["period_days"] = args.period_days
+        with _service(args) as ks:
+            meta = getattr(ks, method)(args.key, **extra)
+        _print_json(meta) if args.json else print(describe(meta))
+        return 0
+    return run
+
+
+# -- cryptographic operations -------------------------------------------------------
+
+def cmd_generate_data_key(args: argparse.Namespace) -> int:
+    context = parse_context_args(args.context)
+    with _service(args) as ks:
+        dk = ks.generate_data_key(args.key, context, args.number_of_bytes, not args.without_plaintext)
+    out: dict[str, Any] = {"KeyId": dk.key_id, "KeyVersion": dk.key_version,
+                           "CiphertextBlob": base64.b64encode(dk.ciphertext_blob).decode()}
+    if dk.plaintext is not None:
+        out["Plaintext"] = base64.b64encode(dk.plaintext).decode()
+    _print_json(out)
+    return 0
+
+
+def cmd_encrypt(args: argparse.Namespace) -> int:
+    context = parse_context_args(args.context)
+    plaintext = _read_stdin(MAX_ENCRYPT_PLAINTEXT, "plaintext")
+    with _service(args) as ks:
+        blob = ks.encrypt(args.key, plaintext, context)
+    _write_out(blob, args.base64)
+    return 0
+
+
+def _read_blob(args: argparse.Namespace) -> bytes:
+    data = _read_stdin(1 << 20, "ciphertext blob")
+    return _decode_b64(data, "ciphertext blob on stdin") if args.base64 else data
+
+
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    context = parse_context_args(args.context)
+    blob = _read_blob(args)
+    with _service(args) as ks:
+        result = ks.decrypt(blob, context, key=args.key)
+    _write_out(result.plaintext, args.base64_out)
+    return 0
+
+
+def cmd_re_encrypt(args: argparse.Namespace) -> int:
+    context = parse_context_args(args.context)
+    dest_context = parse_context_args(args.to_context) if args.to_context else None
+    blob = _read_blob(args)
+    with _service(args) as ks:
+        new_blob = ks.re_encrypt(blob, context, args.to, dest_context)
+    _write_out(new_blob, args.base64_out)
+    return 0
+
+
+# -- imported key material ------------------------------------------------------------
+
+def cmd_get_import_params(args: argparse.Namespace) -> int:
+    with _service(args) as ks:
+        params = ks.get_parameters_for_import(args.key, args.wrapping_algorithm)
+    Path(args.public_key_out).write_bytes(params.public_key_pem)
+    from encfs.keys.audit import iso_time
+
+    _print_json({"KeyId": params.key_id, "WrappingAlgorithm": params.wrapping_algorithm,
+                 "ImportToken": params.import_token, "PublicKeyFile": args.public_key_out,
+                 "ParametersValidTo": iso_time(params.valid_to)})
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    try:
+        wrapped = Path(args.wrapped_material).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {args.wrapped_material}: {e.strerror}") from None
+    valid_to = _parse_time(args.valid_to) if args.valid_to else None
+    with _service(args) as ks:
+        meta = ks.import_key_material(args.key, wrapped, args.import_token, valid_to)
+    _print_json(meta) if args.json else print(f"imported key material into {meta['KeyId']}: {meta['KeyState']}")
+    return 0
+
+
+# -- audit ---------------------------------------------------------------------------------
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    with _service(args) as ks:
+        key_id = ks.describe_key(args.key)["KeyId"] if args.key else None
+        records = [r for r in ks.audit.read() if key_id is None or key_id in
+                   (r.get("key_id"), r.get("destination_key_id"))]
+    if args.tail:
+        records = records[-args.tail:]
+    if args.json:
+        _print_json(records)
+        return 0
+    for r in records:
+        ctx = r.get("encryption_context")
+        ctx_text = ",".join(f"{k}={v}" for k, v in ctx.items()) if ctx else "-"
+        ver = f"v{r['key_version']}" if r.get("key_version") else "-"
+        who = f"{r['principal']['user']}({r['principal']['uid']})/{r['principal']['pid']}"
+        line = f"{r['time']}  {who:18}  {r['operation']:32} {r.get('key_id') or '-':36} {ver:4} {ctx_text}  {r['outcome']}"
+        if r.get("error"):
+            line += f": {r['error']}"
+        print(line)
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+def register(sub: Any, add_hsm_options: AddHsmOptions) -> None:
+    def cmd(group: Any, name: str, func: Callable[[argparse.Namespace], int], help: str,
+            json_flag: bool = False) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=help, description=help)
+        add_hsm_options(p)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=func)
+        return p
+
+    hsm = sub.add_parser("hsm", help="the PKCS#11 token").add_subparsers(dest="hsm_command", required=True,
+                                                                        metavar="COMMAND")
+    cmd(hsm, "init", cmd_hsm_init, "provision the embedded SoftHSM2 token (or check a real HSM login)")
+    cmd(hsm, "status", cmd_hsm_status, "module, token, slot, free space and mechanisms", json_flag=True)
+
+    key = sub.add_parser("key", help="customer master keys and data keys").add_subparsers(
+        dest="key_command", required=True, metavar="COMMAND")
+
+    p = cmd(key, "create", cmd_create, "create a customer master key; prints its id", json_flag=True)
+    p.add_argument("--alias")
+    p.add_argument("--description")
+    p.add_argument("--origin", choices=("token", "external"), default="token",
+                   help="token: generated on the token; external: import your own material later")
+
+    cmd(key, "list", cmd_list, "list keys", json_flag=True)
+    p = cmd(key, "describe", cmd_describe, "show a key's metadata", json_flag=True)
+    p.add_argument("key", metavar="KEY")
+
+    p = cmd(key, "alias", cmd_alias, "point alias NAME at KEY (creates or moves it)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("key", metavar="KEY", nargs="?")
+    p.add_argument("--delete", action="store_true", help="delete alias NAME")
+    cmd(key, "aliases", cmd_aliases, "list aliases", json_flag=True)
+
+    for name, method, text, msg in (
+        ("enable", "enable_key", "enable a key", lambda m: f"{m['KeyId']}: {m['KeyState']}"),
+        ("disable", "disable_key", "disable a key", lambda m: f"{m['KeyId']}: {m['KeyState']}"),
+        ("cancel-deletion", "cancel_key_deletion", "cancel a scheduled deletion (the key comes back Disabled)",
+         lambda m: f"{m['KeyId']}: {m['KeyState']}"),
+        ("rotate", "rotate_key", "rotate now: add a new backing-key version",
+         lambda m: f"{m['KeyId']}: current version {m['CurrentKeyVersion']}"),
+        ("disable-rotation", "disable_key_rotation", "stop automatic rotation",
+         lambda m: f"{m['KeyId']}: automatic rotation off"),
+        ("delete-imported-key-material", "delete_imported_key_material",
+         "destroy imported key material (the key becomes PendingImport)",
+         lambda m: f"{m['KeyId']}: {m['KeyState']}"),
+    ):
+        p = cmd(key, name, _state_cmd(method, msg), text, json_flag=True)
+        p.add_argument("key", metavar="KEY")
+
+    p = cmd(key, "schedule-deletion", _state_cmd(
+        "schedule_key_deletion", lambda m: f"{m['KeyId']}: {m['KeyState']}, material destroyed after {m['DeletionDate']}"),
+        "schedule deletion after a waiting period of 7 to 30 days", json_flag=True)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--days", type=int, default=30, help="waiting period in days (7-30, default 30)")
+
+    p = cmd(key, "enable-rotation", _state_cmd(
+        "enable_key_rotation", lambda m: f"{m['KeyId']}: rotates every {m['RotationPeriodInDays']} days, "
+                                         f"next {m['NextRotationDate']}"),
+        "rotate automatically every PERIOD days", json_flag=True)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--period-days", type=int, default=365, help="90-2560, default 365")
+
+    p = cmd(key, "generate-data-key", cmd_generate_data_key,
+            "new data key: JSON with base64 Plaintext and CiphertextBlob")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--context", action="append", default=[], metavar="K=V", help="encryption context pair")
+    p.add_argument("--without-plaintext", action="store_true", help="return only the CiphertextBlob")
+    p.add_argument("--number-of-bytes", type=int, default=32)
+
+    p = cmd(key, "encrypt", cmd_encrypt, f"encrypt stdin (at most {MAX_ENCRYPT_PLAINTEXT} bytes) to a blob on stdout")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--context", action="append", default=[], metavar="K=V")
+    p.add_argument("--base64", action="store_true", help="write the blob as base64")
+
+    p = cmd(key, "decrypt", cmd_decrypt, "decrypt a blob on stdin; the key comes from the blob")
+    p.add_argument("--context", action="append", default=[], metavar="K=V")
+    p.add_argument("--key", help="fail unless the blob is under this key")
+    p.add_argument("--base64", action="store_true", help="the blob on stdin is base64")
+    p.add_argument("--base64-out", action="store_true", help="write the plaintext as base64")
+
+    p = cmd(key, "re-encrypt", cmd_re_encrypt, "move a blob on stdin under another key (plaintext never output)")
+    p.add_argument("--to", required=True, metavar="KEY")
+    p.add_argument("--context", action="append", default=[], metavar="K=V", help="the blob's current context")
+    p.add_argument("--to-context", action="append", metavar="K=V", help="new context (default: unchanged)")
+    p.add_argument("--base64", action="store_true", help="the blob on stdin is base64")
+    p.add_argument("--base64-out", action="store_true", help="write the new blob as base64")
+
+    p = cmd(key, "get-parameters-for-import", cmd_get_import_params,
+            "RSA public key and import token for wrapping your key material")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--wrapping-algorithm", choices=WRAPPING_ALGORITHMS, default="RSAES_OAEP_SHA_1")
+    p.add_argument("--public-key-out", required=True, metavar="FILE", help="write the PEM public key here")
+
+    p = cmd(key, "import", cmd_import, "import 32 bytes of key material wrapped with the public key", json_flag=True)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--wrapped-material", required=True, metavar="FILE")
+    p.add_argument("--import-token", required=True)
+    p.add_argument("--valid-to", metavar="TIME", help="ISO 8601 expiry; the key returns to PendingImport then")
+
+    p = cmd(key, "audit", cmd_audit, "the audit trail", json_flag=True)
+    p.add_argument("--key", metavar="KEY", help="only records about KEY")
+    p.add_argument("--tail", type=int, metavar="N", help="only the last N records")

@@ -1,0 +1,103 @@
+"""Which token to use: command line, then config file, then the embedded SoftHSM2.
+
+Config file (``$ENCFS_HOME/config.toml`` or ``--config FILE``)::
+
+    [hsm]
+    uri = "pkcs11:token=prod;serial=1234?module-path=/opt/cloudhsm/lib/libcloudhsm_pkcs11.so"
+    # or: module = "/path/to/module.so" and token = "LABEL"
+    pin-file = "/etc/encfs/hsm.pin"      # or pin-env = "HSM_PIN"; default: prompt
+
+Precedence for every setting: command line > URI > config file. With no
+module anywhere, encfs uses (and provisions) its embedded SoftHSM2 token.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from encfs.errors import ConfigError
+from encfs.keys.pkcs11_uri import parse_pkcs11_uri
+from encfs.keys.softhsm import EmbeddedSoftHSM
+from encfs.keys.token import PinSource, TokenSpec
+
+
+def default_home() -> Path:
+    env = os.environ.get("ENCFS_HOME")
+    if env:
+        return Path(env).expanduser().absolute()
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "encfs"
+
+
+@dataclass(frozen=True)
+class HsmOptions:
+    """Token selection as given on a command line (all optional)."""
+
+    uri: str | None = None
+    module: str | None = None
+    token: str | None = None
+    pin_file: str | None = None
+    pin_env: str | None = None
+    config: str | None = None
+
+
+def _read_config(home: Path, explicit: str | None) -> dict[str, object]:
+    path = Path(explicit) if explicit else home / "config.toml"
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"config file not found: {path}")
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    hsm = data.get("hsm", {})
+    if not isinstance(hsm, dict):
+        raise ConfigError(f"config file {path}: [hsm] must be a table")
+    unknown = set(hsm) - {"uri", "module", "token", "pin-file", "pin-env"}
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown [hsm] setting {sorted(unknown)[0]!r}")
+    return hsm
+
+
+def resolve_token(home: Path, opts: HsmOptions) -> tuple[TokenSpec, EmbeddedSoftHSM | None]:
+    """Return the token to use and, for the embedded default, its provisioner."""
+    conf = _read_config(home, opts.config)
+    uri_text = opts.uri or conf.get("uri")
+    uri = parse_pkcs11_uri(str(uri_text)) if uri_text else None
+    module = opts.module or (uri.module_path if uri else None) or conf.get("module")
+    if not module:
+        if opts.token or opts.pin_file or opts.pin_env or uri:
+            raise ConfigError("--token, --pin-file, --pin-env and pkcs11 URIs need a PKCS#11 module "
+                              "(--pkcs11-module or module-path in the URI)")
+        embedded = EmbeddedSoftHSM(home)
+        return embedded.spec(), embedded
+    label = opts.token or (uri.token if uri else None) or conf.get("token")
+    if opts.pin_file:
+        pin = PinSource("file", opts.pin_file)
+    elif opts.pin_env:
+        pin = PinSource("env", opts.pin_env)
+    elif uri and uri.pin_value is not None:
+        pin = PinSource("value", uri.pin_value)
+    elif uri and uri.pin_source:
+        src = uri.pin_source
+        # RFC 7512: pin-source is a URI; a bare path means a file.
+        is_spec = src.startswith(("file:", "env:")) or src == "prompt"
+        pin = PinSource.parse(src) if is_spec else PinSource("file", src)
+    elif conf.get("pin-file"):
+        pin = PinSource("file", str(conf["pin-file"]))
+    elif conf.get("pin-env"):
+        pin = PinSource("env", str(conf["pin-env"]))
+    else:
+        pin = PinSource("prompt")
+    return TokenSpec(
+        module=str(module),
+        label=str(label) if label else None,
+        pin=pin,
+        serial=uri.serial if uri else None,
+        slot_id=uri.slot_id if uri else None,
+    ), None

@@ -1,0 +1,119 @@
+"""The embedded default token: a private SoftHSM2 store under ``$ENCFS_HOME``.
+
+Layout of ``$ENCFS_HOME/softhsm/``: ``softhsm2.conf`` (written last, so its
+presence means provisioning finished), ``tokens/`` (SoftHSM2's object store),
+``user.pin`` and ``so.pin`` (mode 0600, random). Provisioning runs C_InitToken
+in a child process so that this process loads SoftHSM2 only once the token
+exists and no PIN ever appears on a command line.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from encfs.errors import ConfigError, ModuleNotFound, TokenError
+from encfs.keys.token import PinSource, TokenSpec
+
+TOKEN_LABEL = "encfs"
+MODULE_CANDIDATES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
+
+
+def softhsm_module() -> str:
+    """Path of the installed SoftHSM2 module; ModuleNotFound if none."""
+    for path in MODULE_CANDIDATES:
+        if os.path.exists(path):
+            return path
+    raise ModuleNotFound("SoftHSM2 is not installed (libsofthsm2.so not found): apt-get install softhsm2")
+
+
+def _write_private(path: Path, data: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class EmbeddedSoftHSM:
+    """The SoftHSM2 token that encfs provisions for itself."""
+
+    def __init__(self, home: Path) -> None:
+        self.dir = home / "softhsm"
+        self.conf = self.dir / "softhsm2.conf"
+        self.tokendir = self.dir / "tokens"
+        self.user_pin = self.dir / "user.pin"
+        self.so_pin = self.dir / "so.pin"
+
+    @property
+    def provisioned(self) -> bool:
+        return self.conf.exists()
+
+    def spec(self) -> TokenSpec:
+        return TokenSpec(module=softhsm_module(), label=TOKEN_LABEL,
+                         pin=PinSource("file", str(self.user_pin)))
+
+    def activate(self) -> None:
+        """Point this process's SoftHSM2 at our config (before it is loaded)."""
+        current = os.environ.get("SOFTHSM2_CONF")
+        from encfs.keys import token as token_mod
+
+        loaded = any("softhsm" in path for path in token_mod._LIBS)
+        if loaded and current != str(self.conf):
+            raise ConfigError(
+                f"SoftHSM2 is already loaded in this process with {current}; "
+                f"cannot switch to {self.conf}"
+            )
+        os.environ["SOFTHSM2_CONF"] = str(self.conf)
+
+    def provision(self) -> bool:
+        """Create the token if it does not exist; return True if it was created."""
+        if self.provisioned:
+            return False
+        module = softhsm_module()
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
+        # Leftovers of an interrupted provisioning are ours to replace.
+        shutil.rmtree(self.tokendir, ignore_errors=True)
+        for p in (self.user_pin, self.so_pin):
+            p.unlink(missing_ok=True)
+        tmp_conf = self.dir / "softhsm2.conf.tmp"
+        try:
+            self.tokendir.mkdir(mode=0o700)
+            _write_private(self.user_pin, secrets.token_urlsafe(24))
+            _write_private(self.so_pin, secrets.token_urlsafe(24))
+            tmp_conf.unlink(missing_ok=True)
+            _write_private(tmp_conf, (
+                "# encfs embedded token; written by `encfs hsm init`\n"
+                f"directories.tokendir = {self.tokendir}\n"
+                "objectstore.backend = file\n"
+                "log.level = ERROR\n"
+                "slots.removable = false\n"
+            ))
+            pkg_root = str(Path(__file__).resolve().parents[2])
+            pythonpath = os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))
+            env = dict(os.environ, SOFTHSM2_CONF=str(tmp_conf), PYTHONPATH=pythonpath)
+            proc = subprocess.run(
+                [sys.executable, "-m", "encfs.keys.softhsm_init", module, TOKEN_LABEL],
+                input=f"{self.so_pin.read_text()}\n{self.user_pin.read_text()}\n",
+                env=env, capture_output=True, text=True, timeout=60,
+            )
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+                raise TokenError(f"cannot initialise the SoftHSM2 token: {last}")
+            os.replace(tmp_conf, self.conf)
+        except BaseException:
+            shutil.rmtree(self.tokendir, ignore_errors=True)
+            for p in (self.user_pin, self.so_pin, tmp_conf):
+                p.unlink(missing_ok=True)
+            raise
+        return True

@@ -1,0 +1,397 @@
+"""PKCS#11 token access: one code path for SoftHSM2 and vendor HSMs.
+
+Invariants:
+- Every call into a PKCS#11 module happens under ``_P11_LOCK``. python-pkcs11
+  initialises modules without CKF_OS_LOCKING_OK, so SoftHSM2 runs without its
+  own mutexes while python-pkcs11 releases the GIL around C_* calls; unlocked
+  concurrent calls corrupt its heap (see ../shared/notes/pkcs11.md).
+- A module is loaded (C_Initialize) once per process and re-initialised in a
+  forked child before use, as PKCS#11 requires.
+- Customer master keys are created sensitive, non-extractable token objects
+  with only ENCRYPT/DECRYPT; nothing here ever reads CKA_VALUE of a CMK.
+- Sessions are opened read-write (CloudHSM has no read-only sessions).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pkcs11
+import pkcs11.exceptions as p11e
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.mechanisms import GCMParams, MGF
+from pkcs11.util.rsa import encode_rsa_public_key
+
+from encfs.errors import (
+    ConfigError,
+    InvalidCiphertext,
+    ModuleNotFound,
+    PinIncorrect,
+    PinLocked,
+    TokenError,
+    TokenNotFound,
+)
+
+_P11_LOCK = threading.RLock()
+_LIBS: dict[str, tuple[Any, int]] = {}  # module path -> (pkcs11.lib, pid that initialised it)
+
+# Mechanisms the key service uses; `encfs hsm status` reports whether each is offered.
+MECHANISMS_USED = {
+    "CKM_AES_KEY_GEN": Mechanism.AES_KEY_GEN,
+    "CKM_AES_GCM": Mechanism.AES_GCM,
+    "CKM_RSA_PKCS_KEY_PAIR_GEN": Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+    "CKM_RSA_PKCS_OAEP": Mechanism.RSA_PKCS_OAEP,
+}
+
+# RSA-OAEP parameters for wrapped key import (AWS KMS RSAES_OAEP_SHA_1 / _SHA_256).
+# SoftHSM 2.6 accepts only SHA-1 OAEP for C_UnwrapKey (SHA-256 gives ArgumentsBad).
+OAEP_PARAMS = {
+    "SHA_1": (Mechanism.SHA_1, MGF.SHA1, None),
+    "SHA_256": (Mechanism.SHA256, MGF.SHA256, None),
+}
+IMPORT_RSA_BITS = 3072
+
+
+class TagMismatch(InvalidCiphertext):
+    """The token rejected a GCM tag (wrong key, AAD or tampered data)."""
+
+
+@dataclass(frozen=True)
+class PinSource:
+    """Where a PIN comes from: a literal, a file, an environment variable, or a prompt."""
+
+    kind: str  # "value" | "file" | "env" | "prompt"
+    where: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> PinSource:
+        """Parse ``file:PATH``, ``env:VAR`` or ``prompt``."""
+        kind, _, where = spec.partition(":")
+        if kind in ("file", "env") and where:
+            return cls(kind, where)
+        if spec == "prompt":
+            return cls("prompt")
+        raise ConfigError(f"PIN source must be file:PATH, env:VAR or prompt, got {spec!r}")
+
+    def describe(self) -> str:
+        return {"value": "a literal PIN", "prompt": "a prompt"}.get(self.kind, f"{self.kind}:{self.where}")
+
+    def resolve(self, token_label: str) -> str:
+        if self.kind == "value":
+            return self.where
+        if self.kind == "file":
+            try:
+                with open(self.where, encoding="utf-8") as f:
+                    pin = f.read().strip("\r\n")
+            except OSError as e:
+                raise ConfigError(f"cannot read PIN file {self.where}: {e.strerror}") from None
+            if not pin:
+                raise ConfigError(f"PIN file {self.where} is empty")
+            return pin
+        if self.kind == "env":
+            pin = os.environ.get(self.where)
+            if not pin:
+                raise ConfigError(f"PIN environment variable {self.where} is not set")
+            return pin
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                f"no PIN for token {token_label!r}: give --pin-file, --pin-env or a pin-source"
+            )
+        return getpass.getpass(f"PIN for token {token_label!r}: ")
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """Which module and token to use, and how to log in."""
+
+    module: str
+    label: str | None
+    pin: PinSource
+    serial: str | None = None
+    slot_id: int | None = None
+
+    def describe(self) -> str:
+        for name, value in (("token", self.label), ("serial", self.serial), ("slot", self.slot_id)):
+            if value is not None:
+                return f"{name} {value!r}"
+        return "the only token"
+
+
+def load_module(path: str) -> Any:
+    """Return the process-wide ``pkcs11.lib`` for ``path``, initialised for this pid."""
+    with _P11_LOCK:
+        entry = _LIBS.get(path)
+        if entry is not None:
+            lib, pid = entry
+            if pid != os.getpid():
+                lib.reinitialize()  # a forked child must C_Initialize again
+                _LIBS[path] = (lib, os.getpid())
+            return lib
+        if not os.path.exists(path):
+            raise ModuleNotFound(f"PKCS#11 module not found: {path}")
+        try:
+            lib = pkcs11.lib(path)
+        except p11e.PKCS11Error as e:
+            raise ModuleNotFound(f"cannot load PKCS#11 module {path}: {e}") from None
+        _LIBS[path] = (lib, os.getpid())
+        return lib
+
+
+def _p11_name(e: BaseException) -> str:
+    return type(e).__name__
+
+
+class Token:
+    """A logged-in connection to one token. Thread-safe; one session per process.
+
+    Object ids (CKA_ID) are chosen by the caller and identify objects uniquely.
+    """
+
+    def __init__(self, spec: TokenSpec) -> None:
+        self.spec = spec
+        self._session: Any = None
+        self._pid = 0
+        self._token: Any = None
+        self._slot: Any = None
+        self._handles: dict[bytes, Any] = {}
+
+    # -- connection ---------------------------------------------------------
+
+    def _find_token(self, lib: Any) -> tuple[Any, Any]:
+        spec = self.spec
+        try:
+            slots = lib.get_slots(token_present=True)
+        except p11e.PKCS11Error as e:
+            raise TokenError(f"cannot list slots of {spec.module}: {_p11_name(e)}") from None
+        matches = []
+        for slot in slots:
+            if spec.slot_id is not None and slot.slot_id != spec.slot_id:
+                continue
+            try:
+                tok = slot.get_token()
+            except p11e.PKCS11Error:
+                continue
+            if not tok.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
+                continue
+            if spec.label is not None and tok.label != spec.label:
+                continue
+            if spec.serial is not None and tok.serial.decode(errors="replace").strip() != spec.serial:
+                continue
+            matches.append((slot, tok))
+        if not matches:
+            raise TokenNotFound(f"no PKCS#11 token matches {spec.describe()} in {spec.module}")
+        if len(matches) > 1:
+            raise ConfigError(f"several PKCS#11 tokens match {spec.describe()}: name one by label or serial")
+        return matches[0]
+
+    def _open(self) -> Any:
+        """Return a logged-in session (caller holds _P11_LOCK)."""
+        if self._session is not None and self._pid == os.getpid():
+            return self._session
+        lib = load_module(self.spec.module)
+        self._handles.clear()
+        self._slot, self._token = self._find_token(lib)
+        pin = self.spec.pin.resolve(self._token.label)
+        try:
+            self._session = self._token.open(rw=True, user_pin=pin)
+        except p11e.PinIncorrect:
+            raise PinIncorrect(f"wrong PIN for token {self._token.label!r}") from None
+        except p11e.PinLenRange:
+            raise PinIncorrect(f"wrong PIN for token {self._token.label!r} (bad length)") from None
+        except p11e.PinLocked:
+            raise PinLocked(f"token {self._token.label!r} is locked after too many wrong PINs") from None
+        except p11e.UserAlreadyLoggedIn:
+            # Another session of this process logged in already; login is per application.
+            self._session = self._token.open(rw=True)
+        except p11e.PKCS11Error as e:
+            raise TokenError(f"cannot log in to token {self._token.label!r}: {_p11_name(e)}") from None
+        self._pid = os.getpid()
+        return self._session
+
+    @contextmanager
+    def _locked(self, what: str) -> Iterator[Any]:
+        with _P11_LOCK:
+            session = self._open()
+            try:
+                yield session
+            except (TagMismatch, TokenError, ConfigError):
+                raise
+            except p11e.PKCS11Error as e:
+                if isinstance(e, (p11e.SessionHandleInvalid, p11e.SessionClosed, p11e.DeviceRemoved,
+                                  p11e.TokenNotPresent, p11e.UserNotLoggedIn)):
+                    self._session = None  # reconnect on the next call
+                raise TokenError(f"PKCS#11 {what} failed on token {self.spec.describe()}: {_p11_name(e)}") from None
+
+    def close(self) -> None:
+        with _P11_LOCK:
+            if self._session is not None and self._pid == os.getpid():
+                try:
+                    self._session.close()
+                except p11e.PKCS11Error:
+                    pass
+            self._session = None
+            self._handles.clear()
+
+    # -- objects ------------------------------------------------------------
+
+    def _key(self, session: Any, obj_id: bytes, cls: ObjectClass = ObjectClass.SECRET_KEY) -> Any:
+        cache_id = bytes([int(cls)]) + obj_id
+        key = self._handles.get(cache_id)
+        if key is None:
+            try:
+                key = session.get_key(object_class=cls, id=obj_id)
+            except p11e.NoSuchKey:
+                raise TokenError(f"key object {obj_id.hex()} is missing from the token") from None
+            except p11e.MultipleObjectsReturned:
+                raise TokenError(f"several token objects share id {obj_id.hex()}") from None
+            self._handles[cache_id] = key
+        return key
+
+    def has_object(self, obj_id: bytes) -> bool:
+        with self._locked("find") as session:
+            return any(True for _ in session.get_objects({Attribute.ID: obj_id}))
+
+    def generate_aes_key(self, obj_id: bytes, label: str) -> None:
+        """Create a 256-bit AES token key usable only for encrypt/decrypt."""
+        with self._locked("C_GenerateKey") as session:
+            session.generate_key(
+                KeyType.AES, 256, id=obj_id, label=label, store=True,
+                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                          Attribute.PRIVATE: True, Attribute.TOKEN: True},
+            )
+
+    def destroy(self, obj_id: bytes) -> int:
+        """Destroy every token object whose CKA_ID is ``obj_id``; return how many."""
+        with self._locked("C_DestroyObject") as session:
+            objs = list(session.get_objects({Attribute.ID: obj_id}))
+            for obj in objs:
+                obj.destroy()
+            self._handles = {k: v for k, v in self._handles.items() if k[1:] != obj_id}
+            return len(objs)
+
+    def key_attributes(self, obj_id: bytes) -> dict[str, Any]:
+        """Non-secret attributes of a secret key, for describe/status."""
+        with self._locked("C_GetAttributeValue") as session:
+            key = self._key(session, obj_id)
+            out: dict[str, Any] = {}
+            for name, attr in (("sensitive", Attribute.SENSITIVE),
+                               ("extractable", Attribute.EXTRACTABLE),
+                               ("never_extractable", Attribute.NEVER_EXTRACTABLE),
+                               ("value_len", Attribute.VALUE_LEN)):
+                try:
+                    out[name] = key[attr]
+                except p11e.PKCS11Error:
+                    out[name] = None
+            return out
+
+    # -- crypto -------------------------------------------------------------
+
+    def random(self, nbytes: int) -> bytes:
+        with self._locked("C_GenerateRandom") as session:
+            return bytes(session.generate_random(nbytes * 8))
+
+    def encrypt_gcm(self, obj_id: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+        """AES-GCM under a token key; returns ciphertext || 16-byte tag."""
+        with self._locked("C_Encrypt") as session:
+            key = self._key(session, obj_id)
+            return bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                                     mechanism_param=GCMParams(nonce, aad, 128)))
+
+    def decrypt_gcm(self, obj_id: bytes, nonce: bytes, aad: bytes, sealed: bytes) -> bytes:
+        """Inverse of encrypt_gcm; raise TagMismatch when authentication fails."""
+        with self._locked("C_Decrypt") as session:
+            key = self._key(session, obj_id)
+            try:
+                return bytes(key.decrypt(sealed, mechanism=Mechanism.AES_GCM,
+                                         mechanism_param=GCMParams(nonce, aad, 128)))
+            except (p11e.GeneralError, p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange,
+                    p11e.FunctionFailed):
+                # SoftHSM2 reports a bad GCM tag as CKR_GENERAL_ERROR.
+                raise TagMismatch("ciphertext failed authentication") from None
+
+    # -- imported key material ---------------------------------------------
+
+    def generate_import_keypair(self, obj_id: bytes, label: str) -> bytes:
+        """Create an RSA key pair for wrapped import; return the public key (PKCS#1 DER)."""
+        with self._locked("C_GenerateKeyPair") as session:
+            pub, _priv = session.generate_keypair(
+                KeyType.RSA, IMPORT_RSA_BITS, id=obj_id, label=label, store=True,
+                public_template={Attribute.TOKEN: True},
+                private_template={Attribute.TOKEN: True, Attribute.SENSITIVE: True,
+                                  Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True},
+                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
+                | MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+            )
+            return bytes(encode_rsa_public_key(pub))
+
+    def import_public_key(self, obj_id: bytes) -> bytes:
+        with self._locked("C_GetAttributeValue") as session:
+            return bytes(encode_rsa_public_key(self._key(session, obj_id, ObjectClass.PUBLIC_KEY)))
+
+    def unwrap_aes_oaep(self, wrapping_id: bytes, wrapped: bytes, obj_id: bytes, label: str,
+                        hash_name: str) -> int:
+        """Unwrap RSA-OAEP key material into a non-extractable AES token key.
+
+        ``hash_name`` is ``SHA_1`` or ``SHA_256`` (OAEP digest and MGF1).
+        Returns CKA_VALUE_LEN as the token reports it (0 when unknown).
+        Raises TagMismatch when the token cannot unwrap ``wrapped``.
+        """
+        with self._locked("C_UnwrapKey") as session:
+            priv = self._key(session, wrapping_id, ObjectClass.PRIVATE_KEY)
+            try:
+                key = priv.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.AES, wrapped, id=obj_id, label=label,
+                    store=True, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_PARAMS[hash_name],
+                    capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                    template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                              Attribute.PRIVATE: True, Attribute.TOKEN: True},
+                )
+            except (p11e.GeneralError, p11e.WrappedKeyInvalid, p11e.WrappedKeyLenRange,
+                    p11e.EncryptedDataInvalid, p11e.FunctionFailed):
+                raise TagMismatch("the token could not unwrap the key material") from None
+            except (p11e.ArgumentsBad, p11e.MechanismParamInvalid, p11e.MechanismInvalid):
+                raise TokenError(f"token {self.spec.describe()} does not support RSA-OAEP with {hash_name} "
+                                 f"for unwrapping; use another wrapping algorithm") from None
+            return int(key[Attribute.VALUE_LEN])
+
+    # -- introspection ------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        with self._locked("C_GetTokenInfo") as session:
+            del session
+            tok, slot = self._token, self._slot
+            lib = load_module(self.spec.module)
+            try:
+                offered = set(slot.get_mechanisms())
+            except p11e.PKCS11Error:
+                offered = set()
+            return {
+                "module": self.spec.module,
+                "library": lib.library_description,
+                "library_manufacturer": lib.manufacturer_id,
+                "slot": slot.slot_id,
+                "token": tok.label,
+                "serial": tok.serial.decode(errors="replace").strip(),
+                "manufacturer": tok.manufacturer_id,
+                "model": tok.model,
+                "mechanisms": {name: (mech in offered) for name, mech in MECHANISMS_USED.items()},
+            }
+
+
+def rsa_spki_pem(pkcs1_der: bytes) -> bytes:
+    """Convert a PKCS#1 RSAPublicKey (as python-pkcs11 encodes it) to SPKI PEM."""
+    from asn1crypto.keys import RSAPublicKey
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
+
+    parsed = RSAPublicKey.load(pkcs1_der)
+    key = RSAPublicNumbers(parsed["public_exponent"].native, parsed["modulus"].native).public_key()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -1,0 +1,78 @@
+"""Shared fixtures: a real SoftHSM2 token in a temporary directory (no PKCS#11 mocks).
+
+SoftHSM2 reads SOFTHSM2_CONF once per process, so in-process tests share one
+session-wide token; each test gets its own metadata home (its own keys,
+aliases and audit log) and a controllable clock. CLI tests run ``encfs`` in
+subprocesses, each with its own embedded token.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from encfs.keys.service import KeyService
+from encfs.keys.softhsm import EmbeddedSoftHSM
+from encfs.keys.token import Token
+
+
+class FakeClock:
+    """A wall clock that tests move forward explicitly."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float = 0.0, *, days: float = 0.0) -> None:
+        self.now += seconds + days * 86400
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedSoftHSM:
+    """A provisioned SoftHSM2 token, active for this process."""
+    emb = EmbeddedSoftHSM(tmp_path_factory.mktemp("hsm"))
+    emb.provision()
+    emb.activate()
+    return emb
+
+
+@pytest.fixture(scope="session")
+def token(softhsm: EmbeddedSoftHSM) -> Iterator[Token]:
+    tok = Token(softhsm.spec())
+    yield tok
+    tok.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def service(tmp_path: Path, token: Token, clock: FakeClock) -> Iterator[KeyService]:
+    ks = KeyService(tmp_path / "home", token, clock=clock)
+    yield ks
+    ks.audit.close()
+
+
+def run_encfs(*args: str, home: Path, input: bytes = b"", env: dict[str, str] | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    """Run the real ``encfs`` CLI in a subprocess with ENCFS_HOME=home."""
+    full_env = dict(os.environ, ENCFS_HOME=str(home))
+    full_env.pop("SOFTHSM2_CONF", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "encfs", *args], input=input, capture_output=True,
+                          env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def cli_home(tmp_path: Path) -> Path:
+    return tmp_path / "cli-home"
