@@ -541,7 +541,7 @@ class KeyService:
                     raise KeyImportError("import parameters expired: run get-parameters-for-import again")
                 tid = token_object_id(rec.key_id, 1)
                 self.token.destroy(tid)  # material of an earlier (expired or deleted) import
-                hash_name = imp.wrapping_algorithm.rsplit("_", 1)[1]
+                hash_name = imp.wrapping_algorithm.removeprefix("RSAES_OAEP_")
                 try:
                     length = self.token.unwrap_aes_oaep(bytes.fromhex(imp.wrapping_token_id), wrapped, tid,
                                                         f"encfs-cmk:{rec.key_id}:v1", hash_name)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# encfs quick start, for a fresh Debian 12 machine as root:
+#   bash quickstart.sh demo   # install everything, then run the demo on the embedded SoftHSM2 token
+#   bash quickstart.sh test   # install everything, then run the whole test suite
+# Extra arguments after `test` go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config softhsm2 python3 python3-venv python3-dev gcc
+              e2fsprogs util-linux attr)
+
+setup() {
+    local missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        echo "== apt-get install ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if [ ! -x .venv/bin/python ]; then
+        echo "== python3 -m venv .venv"
+        python3 -m venv .venv
+    fi
+    echo "== pip install -e '.[test]'"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+}
+
+cmd=${1:-}
+case "$cmd" in
+    demo)
+        setup
+        shift
+        exec bash scripts/demo.sh "$@"
+        ;;
+    test)
+        setup
+        shift
+        exec .venv/bin/python -m pytest "$@"
+        ;;
+    *)
+        echo "usage: bash quickstart.sh demo|test" >&2
+        exit 2
+        ;;
+esac
