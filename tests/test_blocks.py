@@ -1,0 +1,104 @@
+"""The AEAD block layer: offset arithmetic and authentication of position and owner."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from encfs.blocks import (
+    OVERHEAD,
+    PLAIN_BLOCK,
+    SEALED_BLOCK,
+    BlockAuthError,
+    BlockCipher,
+    blocks_touched,
+    plain_size,
+    sealed_offset,
+    sealed_size,
+)
+
+KEY = bytes(range(32))
+
+
+@given(st.integers(0, 10**9), st.integers(0, 10**6))
+def test_blocks_touched_covers_exactly_the_range(offset: int, length: int) -> None:
+    r = blocks_touched(offset, length)
+    if length == 0:
+        assert len(r) == 0
+        return
+    assert r.start * PLAIN_BLOCK <= offset < (r.start + 1) * PLAIN_BLOCK
+    end = offset + length - 1
+    assert (r.stop - 1) * PLAIN_BLOCK <= end < r.stop * PLAIN_BLOCK
+
+
+@given(st.integers(0, 10**10), st.integers(0, 100))
+def test_sealed_size_round_trips(size: int, header: int) -> None:
+    assert plain_size(sealed_size(size, header), header) == size
+    assert sealed_size(size, header) >= size + header
+
+
+def test_sealed_layout_numbers() -> None:
+    assert SEALED_BLOCK == 4124
+    assert sealed_size(0) == 0
+    assert sealed_size(1) == 1 + OVERHEAD
+    assert sealed_size(PLAIN_BLOCK) == SEALED_BLOCK
+    assert sealed_size(PLAIN_BLOCK + 1, 18) == 18 + SEALED_BLOCK + 1 + OVERHEAD
+    assert sealed_offset(3, 18) == 18 + 3 * SEALED_BLOCK
+    for bad in (1, OVERHEAD, SEALED_BLOCK + OVERHEAD):
+        with pytest.raises(ValueError):
+            plain_size(bad)
+    with pytest.raises(ValueError):
+        plain_size(5, 18)
+
+
+def test_seal_open_round_trip_and_fresh_nonces() -> None:
+    bc = BlockCipher(KEY, b"file-1")
+    data = os.urandom(PLAIN_BLOCK)
+    a, b = bc.seal(0, data), bc.seal(0, data)
+    assert a != b  # a fresh nonce on every write
+    assert bc.open(0, a) == bc.open(0, b) == data
+    assert len(a) == SEALED_BLOCK
+
+
+def test_position_owner_and_key_are_authenticated() -> None:
+    bc = BlockCipher(KEY, b"file-1")
+    sealed = bc.seal(5, b"hello")
+    with pytest.raises(BlockAuthError):
+        bc.open(6, sealed)  # moved to another block
+    with pytest.raises(BlockAuthError):
+        BlockCipher(KEY, b"file-2").open(5, sealed)  # moved to another file
+    with pytest.raises(BlockAuthError):
+        BlockCipher(bytes(32), b"file-1").open(5, sealed)  # another key
+    for i in range(len(sealed)):
+        flipped = bytearray(sealed)
+        flipped[i] ^= 0x80
+        with pytest.raises(BlockAuthError):
+            bc.open(5, bytes(flipped))
+    for cut in (0, OVERHEAD, len(sealed) - 1):
+        with pytest.raises(BlockAuthError):
+            bc.open(5, sealed[:cut])
+
+
+def test_runs_reject_swapped_blocks() -> None:
+    bc = BlockCipher(KEY, b"f")
+    data = os.urandom(3 * PLAIN_BLOCK + 100)
+    sealed = bc.seal_run(7, data)
+    assert len(sealed) == sealed_size(len(data))
+    assert bc.open_run(7, sealed) == data
+    swapped = sealed[SEALED_BLOCK:2 * SEALED_BLOCK] + sealed[:SEALED_BLOCK] + sealed[2 * SEALED_BLOCK:]
+    with pytest.raises(BlockAuthError) as info:
+        bc.open_run(7, swapped)
+    assert info.value.block_no == 7
+
+
+def test_block_size_limits() -> None:
+    bc = BlockCipher(KEY, b"f")
+    with pytest.raises(ValueError):
+        bc.seal(0, b"")
+    with pytest.raises(ValueError):
+        bc.seal(0, bytes(PLAIN_BLOCK + 1))
+    with pytest.raises(ValueError):
+        BlockCipher(bytes(16), b"f")
