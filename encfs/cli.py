@@ -16,6 +16,7 @@ from pathlib import Path
 
 from encfs import __version__
 from encfs.errors import EncfsError
+from encfs.fuse import cli as fuse_cli
 from encfs.keys import cli as keys_cli
 from encfs.keys.config import HsmOptions
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"encfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keys_cli.register(sub, add_hsm_options)
+    fuse_cli.register(sub, add_hsm_options)
     return parser
 
 

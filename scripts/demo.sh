@@ -34,5 +34,27 @@ fi
 run key rotate demo
 echo; echo "\$ encfs key decrypt ...   (the old blob still decrypts after rotation)"
 echo "$BLOB" | "$ENCFS" key decrypt --base64 --base64-out --context purpose=demo --context volume=vol-1
-run key audit
+run key audit --tail 8
+
+echo; echo "== the encrypted filesystem"
+CIPHER="$ENCFS_HOME/cipher"; PLAIN="$ENCFS_HOME/plain"
+mkdir -p "$PLAIN"
+cleanup_mount() { mountpoint -q "$PLAIN" && { fusermount3 -u "$PLAIN" || fusermount3 -uz "$PLAIN"; }; true; }
+trap 'cleanup_mount; [ "${KEEP:-0}" = 1 ] || rm -rf "$ENCFS_HOME"' EXIT
+run init "$CIPHER" --key demo
+run mount "$CIPHER" "$PLAIN"
+echo; echo "\$ echo 'meet me at the harbour at 6' > $PLAIN/plans.txt; mkdir $PLAIN/photos; ln -s plans.txt $PLAIN/latest"
+echo 'meet me at the harbour at 6' > "$PLAIN/plans.txt"
+mkdir "$PLAIN/photos"
+head -c 100000 /dev/urandom > "$PLAIN/photos/beach.jpg"
+ln -s plans.txt "$PLAIN/latest"
+echo; echo "\$ ls -l $PLAIN; cat $PLAIN/latest"
+ls -l "$PLAIN"; cat "$PLAIN/latest"
+echo; echo "\$ ls -l $CIPHER   (what is stored: encrypted names, sizes rounded by 4 KiB block overhead)"
+ls -l "$CIPHER"
+echo; echo "\$ grep -r harbour $CIPHER   (the plaintext appears nowhere)"
+if grep -rq harbour "$CIPHER"; then echo "BUG: plaintext found in the ciphertext directory" >&2; exit 1; fi
+echo "(no match)"
+run info "$CIPHER"
+run umount "$PLAIN"
 echo; echo "demo finished"

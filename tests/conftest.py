@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,3 +77,28 @@ def run_encfs(*args: str, home: Path, input: bytes = b"", env: dict[str, str] | 
 @pytest.fixture
 def cli_home(tmp_path: Path) -> Path:
     return tmp_path / "cli-home"
+
+
+@pytest.fixture(scope="session")
+def fs_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ENCFS_HOME with a provisioned embedded token and a CMK aliased 'fs'."""
+    home = tmp_path_factory.mktemp("fs-home")
+    proc = run_encfs("key", "create", "--alias", "fs", home=home)
+    assert proc.returncode == 0, proc.stderr
+    return home
+
+
+@pytest.fixture
+def encfs_mount(tmp_path: Path, fs_home: Path) -> Iterator[Any]:
+    """A freshly initialised CIPHERDIR mounted at a fresh mountpoint (unmounted afterwards)."""
+    from fuse_helpers import Mount
+
+    cipherdir, mountpoint = tmp_path / "cipher", tmp_path / "plain"
+    mountpoint.mkdir()
+    proc = run_encfs("init", str(cipherdir), "--key", "fs", home=fs_home)
+    assert proc.returncode == 0, proc.stderr
+    m = Mount(cipherdir, mountpoint, fs_home)
+    try:
+        yield m
+    finally:
+        m.stop()

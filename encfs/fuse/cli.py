@@ -1,0 +1,97 @@
+"""``encfs init``, ``encfs mount``, ``encfs umount``, ``encfs info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat as stat_m
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from encfs.fuse.fsconfig import CONFIG_NAME, init_filesystem, load_config
+from encfs.fuse.mount import MountOptions, mount, umount
+from encfs.fuse.names import is_internal, is_longname_entry
+
+
+def _ks_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    from encfs.cli import hsm_options, home_of
+
+    return home_of(args), hsm_options(args)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from encfs.keys.service import KeyService
+
+    home, hsm = _ks_args(args)
+    with KeyService.open(home, hsm) as ks:
+        config = init_filesystem(Path(args.cipherdir), ks, args.key)
+    print(f"encrypted filesystem {config.fs_id} created in {args.cipherdir} under key {config.key_id}")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    home, hsm = _ks_args(args)
+    opts = MountOptions(read_only=args.read_only, allow_other=args.allow_other, extra=args.o or [],
+                        log_file=args.log_file)
+    return mount(Path(args.cipherdir), Path(args.mountpoint), home, hsm, opts, args.foreground)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    umount(Path(args.mountpoint))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    cipherdir = Path(args.cipherdir)
+    config, warnings = load_config(cipherdir)
+    counts = {"files": 0, "directories": 0, "symlinks": 0, "other": 0, "long_names": 0, "backing_bytes": 0}
+    for dirpath, dirnames, filenames in os.walk(cipherdir):
+        for name in dirnames + filenames:
+            raw = os.fsencode(name)
+            if is_internal(raw):
+                continue
+            counts["long_names"] += is_longname_entry(raw)
+            st = os.lstat(os.path.join(dirpath, name))
+            counts["backing_bytes"] += st.st_size
+            kind = ("files" if stat_m.S_ISREG(st.st_mode) else "directories" if stat_m.S_ISDIR(st.st_mode)
+                    else "symlinks" if stat_m.S_ISLNK(st.st_mode) else "other")
+            counts[kind] += 1
+    info = {"cipherdir": str(cipherdir), "config": CONFIG_NAME, "format": config.format,
+            "fs_id": config.fs_id, "key_id": config.key_id, "features": list(config.features),
+            "counts": counts, "warnings": warnings}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:10} {', '.join(v) if isinstance(v, list) else v}")
+    return 0
+
+
+def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("init", help="create an encrypted filesystem in CIPHERDIR")
+    add_hsm_options(p)
+    p.add_argument("cipherdir", metavar="CIPHERDIR")
+    p.add_argument("--key", required=True, metavar="KEY", help="CMK (id or alias) that wraps its keys")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("mount", help="mount CIPHERDIR as plaintext at MOUNTPOINT")
+    add_hsm_options(p)
+    p.add_argument("cipherdir", metavar="CIPHERDIR")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
+    p.add_argument("--read-only", "--ro", action="store_true")
+    p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    p.add_argument("-o", action="append", metavar="OPTS", help="extra FUSE mount options")
+    p.add_argument("--log-file", metavar="FILE", help="daemon log (default: none)")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="flush and unmount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("info", help="format version, key id, feature flags, counts")
+    p.add_argument("cipherdir", metavar="CIPHERDIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)

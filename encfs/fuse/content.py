@@ -1,0 +1,176 @@
+"""Regular-file contents: a fixed-size header, then sealed 4 KiB blocks.
+
+Header (HEADER_LEN = 128 bytes)::
+
+    0   4   magic b"ENCF"
+    4   1   content format version (1)
+    5   1   reserved (0)
+    6   16  file id (random)
+    22  2   u16 length n of the wrapped data key blob
+    24  n   wrapped data key (key-service ciphertext blob; context
+            {"encfs:fs": <fs id hex>, "encfs:file": <file id hex>})
+    24+n    zero padding to 128 bytes
+
+Blocks follow at offset 128 in encfs.blocks' framing with scope = file id,
+so blocks cannot move between positions or files. A zero-length backing file
+is an empty file whose header has not been written yet (a crash between
+create and first write leaves exactly that).
+
+Holes are never left in the backing file: extending a file writes sealed
+zero blocks, so an attacker who zeroes or punches a range of ciphertext gets
+EIO rather than plausible zeros.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from encfs.blocks import (
+    PLAIN_BLOCK,
+    SEALED_BLOCK,
+    BlockAuthError,
+    BlockCipher,
+    blocks_touched,
+    plain_size,
+    sealed_offset,
+    sealed_size,
+)
+
+MAGIC = b"ENCF"
+CONTENT_VERSION = 1
+HEADER_LEN = 128
+FILE_ID_LEN = 16
+_FIXED = struct.Struct(">4sBB16sH")
+_ZERO_CHUNK_BLOCKS = 256  # fill gaps 1 MiB at a time
+
+
+class HeaderError(Exception):
+    """The file header is missing, truncated or malformed."""
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    file_id: bytes
+    wrapped_key: bytes
+
+    def pack(self) -> bytes:
+        fixed = _FIXED.pack(MAGIC, CONTENT_VERSION, 0, self.file_id, len(self.wrapped_key))
+        body = fixed + self.wrapped_key
+        if len(body) > HEADER_LEN:
+            raise ValueError("wrapped data key does not fit the file header")
+        return body.ljust(HEADER_LEN, b"\0")
+
+    @classmethod
+    def parse(cls, data: bytes) -> FileHeader:
+        if len(data) < HEADER_LEN:
+            raise HeaderError(f"file header truncated ({len(data)} of {HEADER_LEN} bytes)")
+        magic, version, _res, file_id, n = _FIXED.unpack_from(data)
+        if magic != MAGIC:
+            raise HeaderError("not an encfs file (bad magic)")
+        if version != CONTENT_VERSION:
+            raise HeaderError(f"unsupported file content version {version}")
+        if _FIXED.size + n > HEADER_LEN:
+            raise HeaderError("file header names an oversized key blob")
+        return cls(file_id, bytes(data[_FIXED.size:_FIXED.size + n]))
+
+
+def plain_file_size(backing_size: int) -> int:
+    """Plaintext size of a backing file of ``backing_size`` bytes (0 if no header yet)."""
+    if backing_size <= HEADER_LEN:
+        return 0
+    try:
+        return plain_size(backing_size, HEADER_LEN)
+    except ValueError:
+        # A torn last block: report what the intact blocks hold; reading it gives EIO.
+        return plain_size(backing_size - (backing_size - HEADER_LEN) % SEALED_BLOCK, HEADER_LEN) + 1
+
+
+class FileContent:
+    """Plaintext read/write/truncate over one backing file descriptor.
+
+    Not thread-safe: the caller serialises operations on one file.
+    ``on_auth_error(block_no)`` is called before BlockAuthError propagates.
+    """
+
+    def __init__(self, fd: int, cipher: BlockCipher,
+                 on_auth_error: Callable[[int], None] | None = None) -> None:
+        self.fd = fd
+        self.cipher = cipher
+        self._on_auth_error = on_auth_error
+
+    def size(self) -> int:
+        return plain_file_size(os.fstat(self.fd).st_size)
+
+    def _open_blocks(self, first: int, sealed: bytes) -> bytes:
+        try:
+            return self.cipher.open_run(first, sealed)
+        except BlockAuthError as e:
+            if self._on_auth_error:
+                self._on_auth_error(e.block_no)
+            raise
+
+    def read(self, offset: int, length: int) -> bytes:
+        size = self.size()
+        if offset >= size or length <= 0:
+            return b""
+        length = min(length, size - offset)
+        blocks = blocks_touched(offset, length)
+        start = sealed_offset(blocks.start, HEADER_LEN)
+        want = sealed_offset(blocks.stop, HEADER_LEN) - start
+        sealed = os.pread(self.fd, want, start)
+        plain = self._open_blocks(blocks.start, sealed)
+        skip = offset - blocks.start * PLAIN_BLOCK
+        out = plain[skip:skip + length]
+        if len(out) != length:  # the backing file is shorter than its size says: torn block
+            if self._on_auth_error:
+                self._on_auth_error(blocks.stop - 1)
+            raise BlockAuthError(blocks.stop - 1)
+        return out
+
+    def write(self, offset: int, data: bytes) -> int:
+        size = self.size()
+        if offset > size:
+            self._extend(size, offset)
+            size = offset
+        if not data:
+            return 0
+        blocks = blocks_touched(offset, len(data))
+        first_start = blocks.start * PLAIN_BLOCK
+        # Existing plaintext that the first and last touched blocks keep.
+        head = b""
+        if offset > first_start:
+            head = self.read(first_start, offset - first_start)
+        end = offset + len(data)
+        last_end = min(blocks.stop * PLAIN_BLOCK, size)
+        tail = self.read(end, last_end - end) if last_end > end else b""
+        plain = head + bytes(data) + tail
+        sealed = self.cipher.seal_run(blocks.start, plain)
+        os.pwrite(self.fd, sealed, sealed_offset(blocks.start, HEADER_LEN))
+        return len(data)
+
+    def _extend(self, size: int, new_size: int) -> None:
+        """Write sealed zeros from ``size`` to ``new_size``, at most 1 MiB at a time."""
+        pos = size
+        chunk = _ZERO_CHUNK_BLOCKS * PLAIN_BLOCK
+        while pos < new_size:
+            # Align chunks to block boundaries after the first partial block.
+            stop = min(new_size, (pos // PLAIN_BLOCK) * PLAIN_BLOCK + chunk)
+            self.write(pos, bytes(stop - pos))
+            pos = stop
+
+    def truncate(self, new_size: int) -> None:
+        size = self.size()
+        if new_size > size:
+            self._extend(size, new_size)
+            return
+        if new_size == size:
+            return
+        rest = new_size % PLAIN_BLOCK
+        if rest:
+            block = new_size // PLAIN_BLOCK
+            keep = self.read(block * PLAIN_BLOCK, rest)
+            os.pwrite(self.fd, self.cipher.seal(block, keep), sealed_offset(block, HEADER_LEN))
+        os.ftruncate(self.fd, sealed_size(new_size, HEADER_LEN))

@@ -1,0 +1,174 @@
+"""Mounting: validate, daemonize, serve, unmount cleanly.
+
+``encfs mount`` forks before touching the token (PKCS#11 sessions must not
+cross fork). The child sets everything up and reports on a pipe: one line
+"ok" once the kernel mount exists, or the one-line error; the parent prints
+it and exits 0 or 1. The daemon's stdio goes to /dev/null or a log file and
+SIGPIPE is ignored, so a closed terminal cannot kill it. SIGTERM, SIGINT and
+`encfs umount` end the FUSE session; the daemon then closes every backing
+file and unmounts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from encfs.errors import EncfsError
+from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fsconfig import load_config, unlock
+from encfs.keys.config import HsmOptions
+from encfs.keys.service import KeyService
+
+
+class MountError(EncfsError):
+    """The filesystem cannot be mounted or unmounted."""
+
+
+@dataclass
+class MountOptions:
+    read_only: bool = False
+    allow_other: bool = False
+    extra: list[str] = field(default_factory=list)
+    log_file: str | None = None
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 1 and parts[1].encode().decode("unicode_escape") == target:
+                return True
+    return False
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        raise MountError(f"mountpoint {mountpoint} does not exist")
+    if not mountpoint.is_dir():
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if is_mounted(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+    if any(mountpoint.iterdir()):
+        raise MountError(f"mountpoint {mountpoint} is not empty")
+
+
+def _fuse_options(cipherdir: Path, opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options |= {f"fsname={cipherdir}", "subtype=encfs"}
+    if opts.allow_other:
+        options.add("allow_other")
+    if opts.read_only:
+        options.add("ro")
+    for o in opts.extra:
+        options.update(x for x in o.split(",") if x and x not in ("defaults", "rw", "auto", "noauto", "user",
+                                                                   "nouser", "_netdev", "nofail"))
+    return options
+
+
+def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions, opts: MountOptions,
+          ready: int | None = None) -> None:
+    """Mount and serve until unmounted or signalled. Reports readiness on fd ``ready``."""
+    check_mountpoint(mountpoint)
+    config, warnings = load_config(cipherdir)
+    ks = KeyService.open(home, hsm)
+    for w in warnings:
+        logging.getLogger("encfs.fuse").warning("%s: %s (using the backup copy)", cipherdir, w)
+    keys = unlock(config, ks)
+    fs = EncryptedFS(os.fsencode(cipherdir), config, keys, ks, read_only=opts.read_only)
+    pyfuse3.init(fs, str(mountpoint), _fuse_options(cipherdir, opts))
+    try:
+        if ready is not None:
+            os.write(ready, b"ok\n")
+            os.close(ready)
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for _sig in signals:
+                    pyfuse3.terminate()
+                    return
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_on_signal)
+                await pyfuse3.main()  # returns on unmount or terminate()
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+    finally:
+        for f in list(fs._files.values()):
+            os.close(f.fd)
+        pyfuse3.close(unmount=True)
+        ks.close()
+
+
+def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions, opts: MountOptions,
+          foreground: bool) -> int:
+    """`encfs mount`: returns once the mount is ready (daemonized unless foreground)."""
+    cipherdir, mountpoint = cipherdir.absolute(), mountpoint.absolute()
+    load_config(cipherdir)  # fail early, before forking, on an obvious mistake
+    check_mountpoint(mountpoint)
+    if foreground:
+        serve(cipherdir, mountpoint, home, hsm, opts)
+        return 0
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # daemon
+        os.close(rfd)
+        code = 0
+        try:
+            os.setsid()
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+            _detach_stdio(opts.log_file)
+            serve(cipherdir, mountpoint, home, hsm, opts, ready=wfd)
+        except EncfsError as e:
+            _report(wfd, e.message)
+            code = 1
+        except BaseException as e:  # noqa: BLE001 - the parent must hear about any failure
+            _report(wfd, f"internal error: {type(e).__name__}: {e}")
+            logging.getLogger("encfs.fuse").exception("daemon failed")
+            code = 1
+        os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as r:
+        status = r.readline().decode(errors="replace").strip()
+    if status == "ok":
+        return 0
+    os.waitpid(pid, 0)
+    raise MountError(status or "the mount daemon died before the mount was ready")
+
+
+def _report(fd: int, message: str) -> None:
+    try:
+        os.write(fd, (" ".join(message.split()) + "\n").encode())
+    except OSError:
+        pass
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else devnull
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s encfs[%(process)d] %(levelname)s %(message)s",
+                        stream=sys.stderr, force=True)
+
+
+def umount(mountpoint: Path) -> None:
+    mountpoint = mountpoint.absolute()
+    if not is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise MountError(f"cannot unmount {mountpoint}: {last}")

@@ -1,0 +1,127 @@
+"""Encrypted names, symlink targets and xattrs of the filesystem.
+
+- Names: AES-SIV (deterministic, authenticated) under the filesystem's name
+  key with associated data [b"encfs-name-v1", directory id], so one name in
+  two directories encrypts differently and lookup needs no scan. Encoded as
+  unpadded base64url, whose alphabet has no '.', so every backing name that
+  contains a '.' is encfs's own (``encfs.dirid``, long-name entries, config).
+- Long names: when the encoded name exceeds 255 bytes, the directory entry
+  is ``encfs.ln.<base64url(SHA-256(encoded))>`` and a side file
+  ``encfs.ln.<hash>.name`` holds the encoded name (as gocryptfs does).
+- Symlink targets and xattr values: AES-256-GCM under the metadata key with
+  a fresh nonce; AAD names the purpose (and, for xattrs, the encrypted name).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+
+NAME_MAX = 255
+DIRID_FILE = b"encfs.dirid"
+DIRID_XATTR = "user.encfs.dirid"
+LONGNAME_PREFIX = b"encfs.ln."
+LONGNAME_SUFFIX = b".name"
+XATTR_PREFIX = b"user.encfs.x."
+DIRID_LEN = 16
+_NAME_AD = b"encfs-name-v1"
+_SYMLINK_AAD = b"encfs-symlink-v1"
+_XATTR_AAD = b"encfs-xattr-v1"
+
+
+class NameAuthError(Exception):
+    """A backing name, symlink target or xattr failed authentication."""
+
+
+def b64e(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def b64d(data: bytes) -> bytes:
+    return base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
+
+
+def is_internal(backing_name: bytes) -> bool:
+    """True for backing entries that are encfs's own bookkeeping, not user entries."""
+    return b"." in backing_name and not is_longname_entry(backing_name)
+
+
+def is_longname_entry(backing_name: bytes) -> bool:
+    return backing_name.startswith(LONGNAME_PREFIX) and not backing_name.endswith(LONGNAME_SUFFIX)
+
+
+def longname_side_file(entry: bytes) -> bytes:
+    return entry + LONGNAME_SUFFIX
+
+
+class NameCipher:
+    """Encrypts names (deterministic) and metadata values (randomized)."""
+
+    def __init__(self, name_key: bytes, meta_key: bytes) -> None:
+        self._siv = AESSIV(name_key)
+        self._gcm = AESGCM(meta_key)
+
+    # -- names --------------------------------------------------------------
+
+    def encrypt_name(self, name: bytes, dirid: bytes) -> bytes:
+        """The encoded ciphertext of ``name`` in directory ``dirid`` (may exceed 255 bytes)."""
+        return b64e(self._siv.encrypt(name, [_NAME_AD, dirid]))
+
+    def decrypt_name(self, encoded: bytes, dirid: bytes) -> bytes:
+        try:
+            return self._siv.decrypt(b64d(encoded), [_NAME_AD, dirid])
+        except (InvalidTag, ValueError) as e:
+            raise NameAuthError("name failed authentication") from e
+
+    @staticmethod
+    def backing_entry(encoded: bytes) -> tuple[bytes, bytes | None]:
+        """(directory entry, long-name side-file content or None) for an encoded name."""
+        if len(encoded) <= NAME_MAX:
+            return encoded, None
+        return LONGNAME_PREFIX + b64e(hashlib.sha256(encoded).digest()), encoded
+
+    # -- symlink targets and xattr values -------------------------------------
+
+    def _seal(self, data: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._gcm.encrypt(nonce, data, aad)
+
+    def _open(self, sealed: bytes, aad: bytes) -> bytes:
+        if len(sealed) < 28:
+            raise NameAuthError("sealed value is truncated")
+        try:
+            return self._gcm.decrypt(sealed[:12], sealed[12:], aad)
+        except InvalidTag as e:
+            raise NameAuthError("value failed authentication") from e
+
+    def encrypt_symlink(self, target: bytes) -> bytes:
+        return b64e(self._seal(target, _SYMLINK_AAD))
+
+    def decrypt_symlink(self, stored: bytes) -> bytes:
+        try:
+            raw = b64d(stored)
+        except ValueError as e:
+            raise NameAuthError("symlink target is not encfs-encoded") from e
+        return self._open(raw, _SYMLINK_AAD)
+
+    def xattr_name(self, name: bytes) -> bytes:
+        """Backing xattr name for a plaintext xattr name (deterministic)."""
+        return XATTR_PREFIX + b64e(self._siv.encrypt(name, [_XATTR_AAD]))
+
+    def xattr_plain_name(self, backing: bytes) -> bytes:
+        if not backing.startswith(XATTR_PREFIX):
+            raise NameAuthError("not an encfs xattr")
+        try:
+            return self._siv.decrypt(b64d(backing[len(XATTR_PREFIX):]), [_XATTR_AAD])
+        except (InvalidTag, ValueError) as e:
+            raise NameAuthError("xattr name failed authentication") from e
+
+    def encrypt_xattr_value(self, backing_name: bytes, value: bytes) -> bytes:
+        return self._seal(value, _XATTR_AAD + backing_name)
+
+    def decrypt_xattr_value(self, backing_name: bytes, sealed: bytes) -> bytes:
+        return self._open(sealed, _XATTR_AAD + backing_name)

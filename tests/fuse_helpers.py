@@ -1,0 +1,81 @@
+"""Real FUSE mounts for tests: start `encfs mount --foreground` by PID, always clean up.
+
+Cleanup order (../shared/notes/testing.md): unmount with fusermount3 -u, wait
+for the daemon, kill it by PID if it lingers, lazy-unmount as a last resort.
+Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from encfs.fuse.mount import is_mounted
+
+
+class Mount:
+    """One running `encfs mount --foreground` daemon."""
+
+    def __init__(self, cipherdir: Path, mountpoint: Path, home: Path, *extra: str,
+                 log: Path | None = None) -> None:
+        self.cipherdir, self.mountpoint, self.home = cipherdir, mountpoint, home
+        self.log = log or (home.parent / f"mount-{mountpoint.name}.log")
+        env = dict(os.environ, ENCFS_HOME=str(home))
+        env.pop("SOFTHSM2_CONF", None)
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "encfs", "mount", "--foreground", str(cipherdir), str(mountpoint), *extra],
+            stdin=subprocess.DEVNULL, stdout=self._logf, stderr=self._logf, env=env)
+        deadline = time.monotonic() + 60
+        while not is_mounted(mountpoint):
+            if self.proc.poll() is not None:
+                self._logf.close()
+                raise RuntimeError(f"mount failed: {self.log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("mount did not become ready in 60 s")
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill9(self) -> None:
+        """Kill the daemon hard (crash test), then remove the dead mount."""
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._cleanup_mount()
+
+    def _cleanup_mount(self) -> None:
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, timeout=30)
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True, timeout=30)
+
+    def stop(self) -> None:
+        """Unmount cleanly; escalate only if the clean path fails."""
+        try:
+            if self.proc.poll() is None and is_mounted(self.mountpoint):
+                subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=10)
+            self._cleanup_mount()
+        finally:
+            self._logf.close()
+
+    def __enter__(self) -> Mount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
