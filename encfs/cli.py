@@ -50,9 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _mount_helper_argv(argv: list[str], commands: set[str]) -> list[str]:
+    """mount.fuse3 (fstab type ``fuse.encfs``) runs ``encfs CIPHERDIR MOUNTPOINT -o OPTS``."""
+    if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-") \
+            and not argv[1].startswith("-"):
+        return ["mount", *argv]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    argv = _mount_helper_argv(list(sys.argv[1:] if argv is None else argv), set(subparsers.choices))
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -31,11 +31,38 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+# encfs's own settings inside -o (fstab): home=DIR, config=FILE, pin-file=FILE, log-file=FILE
+_OWN_OPTIONS = {"home": "home", "config": "config", "pin-file": "pin_file", "log-file": "log_file"}
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
+    extra = []
+    for o in (o for opt in (args.o or []) for o in opt.split(",") if o):
+        name, eq, value = o.partition("=")
+        if eq and name in _OWN_OPTIONS:
+            setattr(args, _OWN_OPTIONS[name], value)
+        else:
+            extra.append(o)
     home, hsm = _ks_args(args)
-    opts = MountOptions(read_only=args.read_only, allow_other=args.allow_other, extra=args.o or [],
+    opts = MountOptions(read_only=args.read_only or "ro" in extra,
+                        allow_other=args.allow_other or "allow_other" in extra, extra=extra,
                         log_file=args.log_file)
     return mount(Path(args.cipherdir), Path(args.mountpoint), home, hsm, opts, args.foreground)
+
+
+def cmd_install_mount_helper(args: argparse.Namespace) -> int:
+    """mount(8) runs /sbin/mount.fuse.encfs CIPHERDIR MOUNTPOINT -o OPTS with a sanitised PATH."""
+    import shlex
+    import sys
+
+    script = f"#!/bin/sh\n# installed by `encfs install-mount-helper`\nexec {shlex.quote(sys.executable)} -m encfs \"$@\"\n"
+    path = Path(args.path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(script)
+    tmp.chmod(0o755)
+    tmp.replace(path)
+    print(f"installed {path}: fstab lines like `CIPHERDIR MOUNTPOINT fuse.encfs defaults,home=/root/.local/share/encfs 0 0` now mount")
+    return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -86,6 +113,11 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("-o", action="append", metavar="OPTS", help="extra FUSE mount options")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: none)")
     p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("install-mount-helper",
+                       help="install /sbin/mount.fuse.encfs so /etc/fstab entries of type fuse.encfs work")
+    p.add_argument("--path", default="/sbin/mount.fuse.encfs")
+    p.set_defaults(func=cmd_install_mount_helper)
 
     p = sub.add_parser("umount", help="flush and unmount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
