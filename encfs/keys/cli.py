@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from encfs.errors import UsageError
+from encfs.errors import ConfigError, UsageError
 from encfs.keys.context import parse_context_args
 from encfs.keys.metadata import ORIGIN_EXTERNAL, ORIGIN_TOKEN
 from encfs.keys.service import MAX_ENCRYPT_PLAINTEXT, WRAPPING_ALGORITHMS, KeyService
@@ -71,7 +71,10 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     from encfs.keys.config import default_home, resolve_token
 
     home = home_of(args) or default_home()
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise ConfigError(f"cannot create state directory {home}: {e.strerror}") from None
     _spec, embedded = resolve_token(home, hsm_options(args))
     created = embedded.provision() if embedded is not None else False
     with _service(args) as ks:
@@ -234,9 +237,15 @@ def cmd_re_encrypt(args: argparse.Namespace) -> int:
 # -- imported key material ------------------------------------------------------------
 
 def cmd_get_import_params(args: argparse.Namespace) -> int:
+    out = Path(args.public_key_out)
+    if not out.parent.is_dir():  # check before new import parameters replace the old ones
+        raise UsageError(f"cannot write {out}: no such directory {out.parent}")
     with _service(args) as ks:
         params = ks.get_parameters_for_import(args.key, args.wrapping_algorithm)
-    Path(args.public_key_out).write_bytes(params.public_key_pem)
+    try:
+        out.write_bytes(params.public_key_pem)
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror}") from None
     from encfs.keys.audit import iso_time
 
     _print_json({"KeyId": params.key_id, "WrappingAlgorithm": params.wrapping_algorithm,

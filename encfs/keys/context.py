@@ -25,7 +25,10 @@ CONTEXT_DIGEST_LEN = 8
 
 def encode_context(context: EncryptionContext) -> bytes:
     """Return the canonical byte encoding of ``context``."""
-    items = sorted((k.encode("utf-8"), v.encode("utf-8")) for k, v in context.items())
+    try:
+        items = sorted((k.encode("utf-8"), v.encode("utf-8")) for k, v in context.items())
+    except UnicodeEncodeError:  # lone surrogates, e.g. undecodable bytes from argv
+        raise UsageError("encryption context keys and values must be valid UTF-8 text") from None
     if len(items) > 0xFFFF:
         raise UsageError("encryption context has more than 65535 pairs")
     out = [struct.pack(">H", len(items))]

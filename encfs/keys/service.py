@@ -7,8 +7,11 @@ Invariants:
   is deleted, so every blob ever produced still decrypts.
 - Every cryptographic operation requires the key to be Enabled, checked
   against fresh metadata (also on data-key cache hits).
-- Every call is audited (success or failure) with ids, versions and
-  contexts; never with key material or plaintext.
+- Every call that reaches the token, and every management call, is audited
+  (success or failure) with ids, versions and contexts; never with key
+  material or plaintext. Data-key cache hits are not audited (as with the
+  AWS Encryption SDK's cache, no KMS call happens); the key's state is still
+  checked on every hit.
 - Time-driven transitions (deletion after the waiting period, automatic
   rotation, expiry of imported material) run lazily: the first call that
   finds one due applies it under the metadata lock.
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from encfs.errors import (
+    ConfigError,
     ContextMismatch,
     EncfsError,
     InvalidCiphertext,
@@ -108,6 +112,14 @@ def _state_error(rec: KeyRecord, operation: str) -> KeyStateError:
     return KeyStateError(f"key {rec.key_id} {detail}: {operation} needs an Enabled key")
 
 
+def _names_key(db: KeyDB, ref: str, key_id: str) -> bool:
+    """Whether the id or alias ``ref`` currently names ``key_id``."""
+    try:
+        return db.resolve(ref).key_id == key_id
+    except EncfsError:
+        return False
+
+
 def key_metadata_json(rec: KeyRecord, db: KeyDB) -> dict[str, Any]:
     """Describe a key in AWS KMS DescribeKey vocabulary."""
     out: dict[str, Any] = {
@@ -151,7 +163,10 @@ class KeyService:
              clock: Callable[[], float] = time.time, provision: bool = True) -> KeyService:
         """Open the key service of ``home``; provision the embedded token if needed."""
         home = home or default_home()
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise ConfigError(f"cannot create state directory {home}: {e.strerror}") from None
         spec, embedded = resolve_token(home, hsm or HsmOptions())
         if embedded is not None:
             if not embedded.provisioned:
@@ -253,6 +268,9 @@ class KeyService:
                    operation: str, info: dict[str, Any], expected_key: str | None) -> bytes:
         key_id = str(blob.header.key_id)
         info["key_id"], info["key_version"] = key_id, blob.header.key_version
+        if key_id not in db.keys and key_id not in db.deleted:
+            # Never a key here: a corrupt blob (or one from another key store), not a lookup miss.
+            raise InvalidCiphertext(f"ciphertext blob names key {key_id}, which does not exist")
         rec = db.resolve(key_id)
         if expected_key is not None:
             want = db.resolve(expected_key).key_id
@@ -277,9 +295,9 @@ class KeyService:
     def create_key(self, description: str = "", alias: str | None = None,
                    origin: str = ORIGIN_TOKEN) -> dict[str, Any]:
         """Create a CMK (on the token, or PendingImport for origin EXTERNAL)."""
-        if origin not in (ORIGIN_TOKEN, ORIGIN_EXTERNAL):
-            raise UsageError(f"origin must be {ORIGIN_TOKEN} or {ORIGIN_EXTERNAL}, not {origin!r}")
         with self._audited("CreateKey") as info:
+            if origin not in (ORIGIN_TOKEN, ORIGIN_EXTERNAL):
+                raise UsageError(f"origin must be {ORIGIN_TOKEN} or {ORIGIN_EXTERNAL}, not {origin!r}")
             alias_name = normalize_alias(alias) if alias else None
             if alias_name and alias_name in self._db().aliases:
                 raise UsageError(f"alias {alias_name} already exists")
@@ -368,10 +386,10 @@ class KeyService:
 
     def schedule_key_deletion(self, key: str, days: int = 30) -> dict[str, Any]:
         lo, hi = DELETION_WINDOW_DAYS
-        if not lo <= days <= hi:
-            raise UsageError(f"deletion waiting period must be {lo} to {hi} days, not {days}")
 
         def change(rec: KeyRecord, now: float) -> None:
+            if not lo <= days <= hi:
+                raise UsageError(f"deletion waiting period must be {lo} to {hi} days, not {days}")
             if rec.state == PENDING_DELETION:
                 raise KeyStateError(f"key {rec.key_id} is already pending deletion")
             rec.pre_deletion_state = rec.state
@@ -406,10 +424,10 @@ class KeyService:
 
     def enable_key_rotation(self, key: str, period_days: int = 365) -> dict[str, Any]:
         lo, hi = ROTATION_PERIOD_DAYS
-        if not lo <= period_days <= hi:
-            raise UsageError(f"rotation period must be {lo} to {hi} days, not {period_days}")
 
         def change(rec: KeyRecord, now: float) -> None:
+            if not lo <= period_days <= hi:
+                raise UsageError(f"rotation period must be {lo} to {hi} days, not {period_days}")
             self._require(rec, "EnableKeyRotation")
             if rec.origin == ORIGIN_EXTERNAL:
                 raise KeyStateError(f"key {rec.key_id} has imported key material and cannot be rotated")
@@ -430,9 +448,9 @@ class KeyService:
         """A fresh random data key, returned in plaintext (optionally) and sealed under ``key``."""
         context = dict(context or {})
         op = "GenerateDataKey" if with_plaintext else "GenerateDataKeyWithoutPlaintext"
-        if not 1 <= number_of_bytes <= MAX_DATA_KEY_BYTES:
-            raise UsageError(f"data key size must be 1 to {MAX_DATA_KEY_BYTES} bytes")
         with self._audited(op, context=context) as info:
+            if not 1 <= number_of_bytes <= MAX_DATA_KEY_BYTES:
+                raise UsageError(f"data key size must be 1 to {MAX_DATA_KEY_BYTES} bytes")
             encoded = encode_context(context)
             rec = self._db().resolve(key)
             info["key_id"] = rec.key_id
@@ -464,11 +482,12 @@ class KeyService:
             hit = cache.get(blob, encoded)
             if hit is not None:
                 plaintext, key_id, version = hit
-                rec = self._db().resolve(key_id)
-                if rec.state == ENABLED:
-                    if key is None or self._db().resolve(key).key_id == key_id:
-                        return Decrypted(key_id, version, plaintext)
-                cache.clear()  # state changed: fall through to the audited path
+                db = self._db()
+                rec = db.keys.get(key_id)
+                if rec is not None and rec.state == ENABLED and (key is None or _names_key(db, key, key_id)):
+                    return Decrypted(key_id, version, plaintext)
+                # The key changed state or was deleted (or --key differs): the audited path decides.
+                cache.clear()
         with self._audited("Decrypt", context=context) as info:
             parsed = CiphertextBlob.parse(blob)
             plaintext = self._open_blob(self._db(), parsed, encoded, "Decrypt", info, key)
@@ -495,9 +514,9 @@ class KeyService:
     # -- imported key material (BYOK) ---------------------------------------
 
     def get_parameters_for_import(self, key: str, wrapping_algorithm: str = "RSAES_OAEP_SHA_1") -> ImportParameters:
-        if wrapping_algorithm not in WRAPPING_ALGORITHMS:
-            raise UsageError(f"wrapping algorithm must be one of {', '.join(WRAPPING_ALGORITHMS)}")
         with self._audited("GetParametersForImport", wrapping_algorithm=wrapping_algorithm) as info:
+            if wrapping_algorithm not in WRAPPING_ALGORITHMS:
+                raise UsageError(f"wrapping algorithm must be one of {', '.join(WRAPPING_ALGORITHMS)}")
             self._db()
             with self.store.transaction() as db:
                 rec = db.resolve(key)
@@ -549,7 +568,7 @@ class KeyService:
                     raise KeyImportError(
                         f"the token could not unwrap the key material with {imp.wrapping_algorithm}") from None
                 try:
-                    if length not in (0, 32):  # SoftHSM2 reports 0 (unknown) for unwrapped AES keys
+                    if length not in (0, 32):  # 0: the token can tell neither CKA_VALUE_LEN nor measure it
                         raise KeyImportError(f"key material is {length} bytes; it must be 32 (AES-256)")
                     self._check_import(rec, tid, now)
                 except BaseException:

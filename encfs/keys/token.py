@@ -14,9 +14,12 @@ Invariants:
 
 from __future__ import annotations
 
+import fcntl
 import getpass
+import hashlib
 import os
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,6 +147,57 @@ def load_module(path: str) -> Any:
         return lib
 
 
+_STORE_LOCKS: dict[str, list[Any]] = {}  # module + conf -> [fd, pid that opened it, mode held: None|"sh"|"ex"]
+_MODULE_EPOCH: dict[str, int] = {}  # module path -> number of reloads (sessions of older epochs are dead)
+
+
+@contextmanager
+def _store_lock(module: str, exclusive: bool) -> Iterator[None]:
+    """A lock shared by this user's processes using ``module`` (and the same SOFTHSM2_CONF).
+
+    SoftHSM2's file store is not safe across processes: C_Login rewrites
+    token.object in place and object creation writes files in several steps,
+    while any call in another process may re-read the store; a process that
+    reads a half-written file loses the token (TokenNotFound, GeneralError on
+    login) or the new object ("missing from the token") until it exits. So
+    calls that write the store (login, create, destroy) hold this lock
+    exclusively and all other calls hold it shared. Caller holds _P11_LOCK;
+    nesting is allowed (a shared hold is upgraded, then restored).
+    The lock file sits next to SOFTHSM2_CONF if that is set and writable (for
+    the embedded token: ``$ENCFS_HOME/softhsm/``), else in the temp directory.
+    Best effort: without a usable lock file, calls run unlocked.
+    """
+    conf = os.environ.get("SOFTHSM2_CONF", "")
+    key = f"{module}\0{conf}"
+    entry = _STORE_LOCKS.get(key)
+    if entry is None or entry[1] != os.getpid():  # a forked child needs its own open file
+        paths = [os.path.join(os.path.dirname(os.path.abspath(conf)), "encfs-token.lock")] if conf else []
+        digest = hashlib.sha256(f"{os.path.realpath(module)}\0{conf}".encode()).hexdigest()[:16]
+        paths.append(os.path.join(tempfile.gettempdir(), f"encfs-pkcs11-{os.getuid()}-{digest}.lock"))
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                break
+            except OSError:
+                continue
+        else:
+            yield
+            return
+        entry = _STORE_LOCKS[key] = [fd, os.getpid(), None]
+    fd, _pid, held = entry
+    want = "ex" if exclusive else "sh"
+    if held == "ex" or held == want:
+        yield
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    entry[2] = want
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_SH if held == "sh" else fcntl.LOCK_UN)
+        entry[2] = held
+
+
 def _p11_name(e: BaseException) -> str:
     return type(e).__name__
 
@@ -161,6 +215,7 @@ class Token:
         self._token: Any = None
         self._slot: Any = None
         self._handles: dict[bytes, Any] = {}
+        self._epoch = 0
 
     # -- connection ---------------------------------------------------------
 
@@ -193,14 +248,17 @@ class Token:
 
     def _open(self) -> Any:
         """Return a logged-in session (caller holds _P11_LOCK)."""
-        if self._session is not None and self._pid == os.getpid():
+        if (self._session is not None and self._pid == os.getpid()
+                and self._epoch == _MODULE_EPOCH.get(self.spec.module, 0)):
             return self._session
-        lib = load_module(self.spec.module)
-        self._handles.clear()
-        self._slot, self._token = self._find_token(lib)
+        with _store_lock(self.spec.module, exclusive=True):
+            lib = load_module(self.spec.module)
+            self._handles.clear()
+            self._slot, self._token = self._find_token(lib)
         pin = self.spec.pin.resolve(self._token.label)
         try:
-            self._session = self._token.open(rw=True, user_pin=pin)
+            with _store_lock(self.spec.module, exclusive=True):
+                self._session = self._token.open(rw=True, user_pin=pin)
         except p11e.PinIncorrect:
             raise PinIncorrect(f"wrong PIN for token {self._token.label!r}") from None
         except p11e.PinLenRange:
@@ -209,31 +267,52 @@ class Token:
             raise PinLocked(f"token {self._token.label!r} is locked after too many wrong PINs") from None
         except p11e.UserAlreadyLoggedIn:
             # Another session of this process logged in already; login is per application.
-            self._session = self._token.open(rw=True)
+            with _store_lock(self.spec.module, exclusive=True):
+                self._session = self._token.open(rw=True)
         except p11e.PKCS11Error as e:
             raise TokenError(f"cannot log in to token {self._token.label!r}: {_p11_name(e)}") from None
         self._pid = os.getpid()
+        self._epoch = _MODULE_EPOCH.get(self.spec.module, 0)
         return self._session
 
+    def _reload(self) -> Any:
+        """Make the module re-read its tokens (C_Finalize, C_Initialize), log in again.
+
+        SoftHSM2 can miss objects that other processes created or destroyed: when
+        this process's own C_GenerateKey/C_DestroyObject bumps the token's
+        generation counter, it also absorbs the bumps of other processes and never
+        re-indexes their objects. Used when an object looked for is not found.
+        Returns the new session (the caller's old session is dead).
+        """
+        with _store_lock(self.spec.module, exclusive=True):
+            load_module(self.spec.module).reinitialize()
+            _MODULE_EPOCH[self.spec.module] = _MODULE_EPOCH.get(self.spec.module, 0) + 1
+            self._session = None
+            return self._open()
+
     @contextmanager
-    def _locked(self, what: str) -> Iterator[Any]:
+    def _locked(self, what: str, exclusive: bool = False) -> Iterator[Any]:
+        """Run one PKCS#11 operation; ``exclusive`` if it writes the token store."""
         with _P11_LOCK:
             session = self._open()
-            try:
-                yield session
-            except (TagMismatch, TokenError, ConfigError):
-                raise
-            except p11e.PKCS11Error as e:
-                if isinstance(e, (p11e.SessionHandleInvalid, p11e.SessionClosed, p11e.DeviceRemoved,
-                                  p11e.TokenNotPresent, p11e.UserNotLoggedIn)):
-                    self._session = None  # reconnect on the next call
-                raise TokenError(f"PKCS#11 {what} failed on token {self.spec.describe()}: {_p11_name(e)}") from None
+            with _store_lock(self.spec.module, exclusive):
+                try:
+                    yield session
+                except (TagMismatch, TokenError, ConfigError):
+                    raise
+                except p11e.PKCS11Error as e:
+                    if isinstance(e, (p11e.SessionHandleInvalid, p11e.SessionClosed, p11e.DeviceRemoved,
+                                      p11e.TokenNotPresent, p11e.UserNotLoggedIn)):
+                        self._session = None  # reconnect on the next call
+                    raise TokenError(f"PKCS#11 {what} failed on token {self.spec.describe()}: "
+                                     f"{_p11_name(e)}") from None
 
     def close(self) -> None:
         with _P11_LOCK:
             if self._session is not None and self._pid == os.getpid():
                 try:
-                    self._session.close()
+                    with _store_lock(self.spec.module, exclusive=True):  # the last close logs out
+                        self._session.close()
                 except p11e.PKCS11Error:
                     pass
             self._session = None
@@ -244,23 +323,30 @@ class Token:
     def _key(self, session: Any, obj_id: bytes, cls: ObjectClass = ObjectClass.SECRET_KEY) -> Any:
         cache_id = bytes([int(cls)]) + obj_id
         key = self._handles.get(cache_id)
-        if key is None:
+        for attempt in (1, 2):
+            if key is not None:
+                break
             try:
                 key = session.get_key(object_class=cls, id=obj_id)
             except p11e.NoSuchKey:
-                raise TokenError(f"key object {obj_id.hex()} is missing from the token") from None
+                if attempt == 2:
+                    raise TokenError(f"key object {obj_id.hex()} is missing from the token") from None
+                session = self._reload()  # perhaps another process created it (see _reload)
             except p11e.MultipleObjectsReturned:
                 raise TokenError(f"several token objects share id {obj_id.hex()}") from None
-            self._handles[cache_id] = key
+        self._handles[cache_id] = key
         return key
 
     def has_object(self, obj_id: bytes) -> bool:
         with self._locked("find") as session:
+            if any(True for _ in session.get_objects({Attribute.ID: obj_id})):
+                return True
+            session = self._reload()  # perhaps another process created it (see _reload)
             return any(True for _ in session.get_objects({Attribute.ID: obj_id}))
 
     def generate_aes_key(self, obj_id: bytes, label: str) -> None:
         """Create a 256-bit AES token key usable only for encrypt/decrypt."""
-        with self._locked("C_GenerateKey") as session:
+        with self._locked("C_GenerateKey", exclusive=True) as session:
             session.generate_key(
                 KeyType.AES, 256, id=obj_id, label=label, store=True,
                 capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
@@ -270,8 +356,11 @@ class Token:
 
     def destroy(self, obj_id: bytes) -> int:
         """Destroy every token object whose CKA_ID is ``obj_id``; return how many."""
-        with self._locked("C_DestroyObject") as session:
+        with self._locked("C_DestroyObject", exclusive=True) as session:
             objs = list(session.get_objects({Attribute.ID: obj_id}))
+            if not objs:
+                session = self._reload()  # perhaps another process created it (see _reload)
+                objs = list(session.get_objects({Attribute.ID: obj_id}))
             for obj in objs:
                 obj.destroy()
             self._handles = {k: v for k, v in self._handles.items() if k[1:] != obj_id}
@@ -321,7 +410,7 @@ class Token:
 
     def generate_import_keypair(self, obj_id: bytes, label: str) -> bytes:
         """Create an RSA key pair for wrapped import; return the public key (PKCS#1 DER)."""
-        with self._locked("C_GenerateKeyPair") as session:
+        with self._locked("C_GenerateKeyPair", exclusive=True) as session:
             pub, _priv = session.generate_keypair(
                 KeyType.RSA, IMPORT_RSA_BITS, id=obj_id, label=label, store=True,
                 public_template={Attribute.TOKEN: True},
@@ -341,10 +430,12 @@ class Token:
         """Unwrap RSA-OAEP key material into a non-extractable AES token key.
 
         ``hash_name`` is ``SHA_1`` or ``SHA_256`` (OAEP digest and MGF1).
-        Returns CKA_VALUE_LEN as the token reports it (0 when unknown).
+        Returns the key length in bytes as the token reports it or, when it reports 0
+        (SoftHSM2 does for unwrapped keys), as measured by ``_measure_unwrapped``
+        (0 when that is impossible too).
         Raises TagMismatch when the token cannot unwrap ``wrapped``.
         """
-        with self._locked("C_UnwrapKey") as session:
+        with self._locked("C_UnwrapKey", exclusive=True) as session:
             priv = self._key(session, wrapping_id, ObjectClass.PRIVATE_KEY)
             try:
                 key = priv.unwrap_key(
@@ -360,7 +451,41 @@ class Token:
             except (p11e.ArgumentsBad, p11e.MechanismParamInvalid, p11e.MechanismInvalid):
                 raise TokenError(f"token {self.spec.describe()} does not support RSA-OAEP with {hash_name} "
                                  f"for unwrapping; use another wrapping algorithm") from None
-            return int(key[Attribute.VALUE_LEN])
+            length = int(key[Attribute.VALUE_LEN])
+            return length or self._measure_unwrapped(self._session, priv, wrapped, hash_name)
+
+    @staticmethod
+    def _measure_unwrapped(session: Any, priv: Any, wrapped: bytes, hash_name: str) -> int:
+        """Length of the key material in ``wrapped``, measured without it leaving the token.
+
+        Unwraps a temporary extractable session copy and wraps that (RFC 5649) under an
+        ephemeral session key: the result is 8 bytes longer than the material rounded up
+        to a multiple of 8 (a length that is not a multiple of 8 is no AES key size, and
+        SoftHSM2 then refuses AES operations with it). Both objects are destroyed.
+        Returns 0 if the token does not support the measurement.
+        """
+        probe = kek = None
+        try:
+            probe = priv.unwrap_key(
+                ObjectClass.SECRET_KEY, KeyType.AES, wrapped, label="encfs-import-probe", store=False,
+                mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_PARAMS[hash_name], capabilities=0,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                          Attribute.PRIVATE: True, Attribute.TOKEN: False},
+            )
+            kek = session.generate_key(
+                KeyType.AES, 256, label="encfs-import-probe-kek", store=False, capabilities=MechanismFlag.WRAP,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.TOKEN: False},
+            )
+            return len(kek.wrap_key(probe, mechanism=Mechanism.AES_KEY_WRAP_PAD)) - 8
+        except p11e.PKCS11Error:
+            return 0
+        finally:
+            for obj in (probe, kek):
+                if obj is not None:
+                    try:
+                        obj.destroy()
+                    except p11e.PKCS11Error:
+                        pass
 
     # -- introspection ------------------------------------------------------
 
