@@ -221,8 +221,12 @@ class KeyService:
                     continue
                 nxt = rec.next_rotation()
                 if rec.state == ENABLED and nxt is not None and nxt <= now:
-                    version = self._add_version(rec, now)
-                    rec.last_rotation = now
+                    # Rotations are applied lazily; date the new version at the latest
+                    # scheduled rotation so the schedule does not drift with usage.
+                    period = (rec.rotation_period_days or 0) * 86400
+                    due = nxt + (now - nxt) // period * period
+                    version = self._add_version(rec, due)
+                    rec.last_rotation = due
                     self.audit.record("RotateKey", key_id=rec.key_id, key_version=version, now=now,
                                       trigger="automatic rotation")
                 imp = rec.imported
