@@ -51,6 +51,16 @@ def is_mounted(path: Path) -> bool:
     return False
 
 
+def check_fuse_device() -> None:
+    """libfuse opens /dev/fuse itself before falling back to fusermount3, so it must be usable."""
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse does not exist: load the fuse kernel module (modprobe fuse)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        mode = os.stat("/dev/fuse").st_mode & 0o777
+        raise MountError(f"/dev/fuse (mode {mode:04o}) is not accessible to uid {os.getuid()}: unprivileged "
+                         f"FUSE mounts need it world read-write (chmod 0666 /dev/fuse, the Debian default)")
+
+
 def check_mountpoint(mountpoint: Path) -> None:
     if not mountpoint.exists():
         raise MountError(f"mountpoint {mountpoint} does not exist")
@@ -85,7 +95,10 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         logging.getLogger("encfs.fuse").warning("%s: %s (using the backup copy)", cipherdir, w)
     keys = unlock(config, ks)
     fs = EncryptedFS(os.fsencode(cipherdir), config, keys, ks, read_only=opts.read_only)
-    pyfuse3.init(fs, str(mountpoint), _fuse_options(cipherdir, opts))
+    try:
+        pyfuse3.init(fs, str(mountpoint), _fuse_options(cipherdir, opts))
+    except RuntimeError as e:
+        raise MountError(f"FUSE refused to mount {mountpoint}: {e}") from None
     try:
         if ready is not None:
             os.write(ready, b"ok\n")
@@ -117,6 +130,7 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     cipherdir, mountpoint = cipherdir.absolute(), mountpoint.absolute()
     load_config(cipherdir)  # fail early, before forking, on an obvious mistake
     check_mountpoint(mountpoint)
+    check_fuse_device()
     if foreground:
         serve(cipherdir, mountpoint, home, hsm, opts)
         return 0
