@@ -1,0 +1,273 @@
+"""Plaintext sector I/O over a volume image, with atomic sector writes.
+
+Every sector has two slots (layout.py). The sector map of each extent says
+which slot is current, or that the sector was never written (it reads as
+zeros and its slots are holes). Invariants:
+
+- A write never touches the slot that the *persisted* map names: it goes to
+  the other slot, so until the next flush persists the map, the persisted
+  slot still holds the old contents intact. A crash (kill -9, power loss,
+  torn write) at any moment therefore leaves every sector readable with
+  either its old contents (persisted map) or, after a flush, its new ones.
+- flush() = fsync the data, then write each dirty map to its older map slot
+  with a higher sequence number, then fsync. A reader takes the valid map
+  slot with the highest sequence number, so a torn map write is harmless.
+- Every map slot of the volume is written at creation, so a zeroed or
+  hole-punched map fails authentication instead of reading as "unwritten".
+- Sectors are sealed with encfs.blocks (AES-256-GCM, fresh nonce per write)
+  under the volume key, scope = volume id || b"sector", block number =
+  2 * sector + slot index; maps under scope volume id || b"map". Modified,
+  moved or swapped ciphertext fails authentication: BlockAuthError.
+- Discard marks sectors unwritten and punches the non-persisted slot at
+  once; the previously persisted slot is punched after the next flush.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Callable, Iterator
+
+from encfs.block.layout import (
+    EXTENT_SECTORS,
+    MAP_BYTES,
+    SECTOR_SIZE,
+    SLOT_A,
+    SLOT_B,
+    UNWRITTEN,
+    extents_for,
+    map_block_number,
+    map_offset,
+    sector_block_number,
+    sector_offset,
+)
+from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
+
+_SEQ = struct.Struct(">Q")
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _map_record(seq: int, bitmap: bytes) -> bytes:
+    """A sector map as sealed: u64 sequence number, 2-bit states, zero padding to one block."""
+    return (_SEQ.pack(seq) + bitmap).ljust(SECTOR_SIZE, b"\0")
+
+
+def _get(m: bytearray, i: int) -> int:
+    return (m[i >> 2] >> ((i & 3) * 2)) & 3
+
+
+def _set(m: bytearray, i: int, v: int) -> None:
+    shift = (i & 3) * 2
+    m[i >> 2] = (m[i >> 2] & ~(3 << shift) & 0xFF) | (v << shift)
+
+
+class _ExtentMap:
+    __slots__ = ("persisted", "current", "seq", "slot")
+
+    def __init__(self, persisted: bytearray, seq: int, slot: int) -> None:
+        self.persisted = persisted
+        self.current = bytearray(persisted)
+        self.seq = seq  # sequence number of the persisted map
+        self.slot = slot  # map slot holding it; the next write goes to the other
+
+
+class SectorStore:
+    """Sector-granular plaintext access to one volume image. Not thread-safe."""
+
+    def __init__(self, fd: int, key: bytes, volume_id: bytes, sectors: int,
+                 on_auth_error: Callable[[int], None] | None = None) -> None:
+        self.fd = fd
+        self.sectors = sectors
+        self._data = BlockCipher(key, volume_id + b"sector")
+        self._maps_cipher = BlockCipher(key, volume_id + b"map")
+        self._maps: dict[int, _ExtentMap] = {}
+        self._dirty: set[int] = set()
+        self._punch_later: list[tuple[int, int]] = []
+        self._on_auth_error = on_auth_error
+
+    # -- sector maps ----------------------------------------------------------------
+
+    def format_maps(self, first_extent: int = 0) -> None:
+        """Write fresh (all-unwritten) maps to both slots of every extent from ``first_extent``."""
+        for extent in range(first_extent, extents_for(self.sectors)):
+            for slot in (0, 1):
+                plain = _map_record(slot, bytes(MAP_BYTES))
+                os.pwrite(self.fd, self._maps_cipher.seal(map_block_number(extent, slot), plain),
+                          map_offset(extent, slot))
+            self._maps[extent] = _ExtentMap(bytearray(MAP_BYTES), 1, 1)
+        os.fsync(self.fd)
+
+    def _map(self, extent: int) -> _ExtentMap:
+        m = self._maps.get(extent)
+        if m is not None:
+            return m
+        best: tuple[int, int, bytes] | None = None
+        for slot in (0, 1):
+            sealed = os.pread(self.fd, SEALED_BLOCK, map_offset(extent, slot))
+            try:
+                plain = self._maps_cipher.open(map_block_number(extent, slot), sealed)
+            except BlockAuthError:
+                continue  # a torn map write, or tampering: the other slot decides
+            if len(plain) != SECTOR_SIZE:
+                continue
+            seq = _SEQ.unpack_from(plain)[0]
+            if best is None or seq > best[0]:
+                best = (seq, slot, plain[_SEQ.size:_SEQ.size + MAP_BYTES])
+        if best is None:
+            if self._on_auth_error:
+                self._on_auth_error(extent * EXTENT_SECTORS)
+            raise BlockAuthError(map_block_number(extent, 0))
+        m = _ExtentMap(bytearray(best[2]), best[0], best[1])
+        self._maps[extent] = m
+        return m
+
+    def _state(self, sector: int) -> int:
+        extent, i = divmod(sector, EXTENT_SECTORS)
+        return _get(self._map(extent).current, i)
+
+    # -- I/O ----------------------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.sectors * SECTOR_SIZE:
+            raise OSError(28 if offset + length > self.sectors * SECTOR_SIZE else 22,
+                          "I/O beyond the end of the volume")
+
+    @staticmethod
+    def _runs(items: list[tuple[int, int]]) -> Iterator[tuple[int, list[int]]]:
+        """Group (sector, offset) pairs into runs contiguous on disk: (first offset, sectors)."""
+        run: list[int] = []
+        start = prev = -1
+        for sector, off in items:
+            if run and off == prev + SEALED_BLOCK:
+                run.append(sector)
+            else:
+                if run:
+                    yield start, run
+                run, start = [sector], off
+            prev = off
+        if run:
+            yield start, run
+
+    def read_sectors(self, first: int, count: int) -> bytes:
+        out = bytearray(count * SECTOR_SIZE)
+        located = []
+        for s in range(first, first + count):
+            state = self._state(s)
+            if state != UNWRITTEN:
+                located.append((s, sector_offset(s, state)))
+        for start, run in self._runs(located):
+            sealed = os.pread(self.fd, len(run) * SEALED_BLOCK, start)
+            for k, s in enumerate(run):
+                chunk = sealed[k * SEALED_BLOCK:(k + 1) * SEALED_BLOCK]
+                try:
+                    plain = self._data.open(sector_block_number(s, self._state(s)), chunk)
+                except BlockAuthError:
+                    if self._on_auth_error:
+                        self._on_auth_error(s)
+                    raise
+                out[(s - first) * SECTOR_SIZE:(s - first + 1) * SECTOR_SIZE] = plain.ljust(SECTOR_SIZE, b"\0")
+        return bytes(out)
+
+    def write_sectors(self, first: int, data: bytes) -> None:
+        count = len(data) // SECTOR_SIZE
+        assert count * SECTOR_SIZE == len(data)
+        placed = []
+        for s in range(first, first + count):
+            extent, i = divmod(s, EXTENT_SECTORS)
+            m = self._map(extent)
+            slot = SLOT_B if _get(m.persisted, i) == SLOT_A else SLOT_A
+            _set(m.current, i, slot)
+            self._dirty.add(extent)
+            placed.append((s, sector_offset(s, slot)))
+        for start, run in self._runs(placed):
+            sealed = b"".join(
+                self._data.seal(sector_block_number(s, self._state(s)),
+                                data[(s - first) * SECTOR_SIZE:(s - first + 1) * SECTOR_SIZE])
+                for s in run)
+            os.pwrite(self.fd, sealed, start)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Plaintext bytes [offset, offset+length), any alignment."""
+        self._check_range(offset, length)
+        if length == 0:
+            return b""
+        first, last = offset // SECTOR_SIZE, (offset + length - 1) // SECTOR_SIZE
+        data = self.read_sectors(first, last - first + 1)
+        skip = offset - first * SECTOR_SIZE
+        return data[skip:skip + length]
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Write plaintext at any alignment (partial sectors are read, merged, rewritten)."""
+        self._check_range(offset, len(data))
+        if not data:
+            return 0
+        first, last = offset // SECTOR_SIZE, (offset + len(data) - 1) // SECTOR_SIZE
+        head = offset - first * SECTOR_SIZE
+        tail = (last + 1) * SECTOR_SIZE - (offset + len(data))
+        if head or tail:
+            merged = bytearray(self.read_sectors(first, last - first + 1))
+            merged[head:head + len(data)] = data
+            data = bytes(merged)
+        self.write_sectors(first, data)
+        return len(data) - head - tail
+
+    def discard(self, offset: int, length: int) -> None:
+        """Forget whole sectors in the range (they read as zeros); partial sectors are zeroed."""
+        self._check_range(offset, length)
+        first = -(-offset // SECTOR_SIZE)
+        end = (offset + length) // SECTOR_SIZE
+        if first * SECTOR_SIZE > offset:
+            self.write(offset, bytes(min(first * SECTOR_SIZE, offset + length) - offset))
+        if end * SECTOR_SIZE < offset + length and end >= first:
+            self.write(end * SECTOR_SIZE, bytes(offset + length - end * SECTOR_SIZE))
+        now = []
+        for s in range(first, end):
+            extent, i = divmod(s, EXTENT_SECTORS)
+            m = self._map(extent)
+            persisted = _get(m.persisted, i)
+            current = _get(m.current, i)
+            if current != UNWRITTEN and current != persisted:
+                now.append((s, current))
+            if persisted != UNWRITTEN:
+                self._punch_later.append((s, persisted))
+            _set(m.current, i, UNWRITTEN)
+            self._dirty.add(extent)
+        self._punch(now)
+
+    def _punch(self, slots: list[tuple[int, int]]) -> None:
+        """Punch sector slots, merged into runs: only whole filesystem blocks can be freed."""
+        located = sorted((s, sector_offset(s, slot)) for s, slot in slots)
+        located.sort(key=lambda item: item[1])
+        for start, run in self._runs(located):
+            punch_hole(self.fd, start, len(run) * SEALED_BLOCK)
+
+    def flush(self) -> None:
+        """Make everything written so far durable; see the module invariants."""
+        if not self._dirty:
+            os.fsync(self.fd)
+            return
+        os.fdatasync(self.fd)
+        for extent in sorted(self._dirty):
+            m = self._maps[extent]
+            slot = 1 - m.slot
+            plain = _map_record(m.seq + 1, bytes(m.current))
+            os.pwrite(self.fd, self._maps_cipher.seal(map_block_number(extent, slot), plain),
+                      map_offset(extent, slot))
+        os.fsync(self.fd)
+        for extent in self._dirty:
+            m = self._maps[extent]
+            m.seq, m.slot = m.seq + 1, 1 - m.slot
+            m.persisted = bytearray(m.current)
+        self._dirty.clear()
+        self._punch([(s, slot) for s, slot in self._punch_later if self._state(s) != slot])
+        self._punch_later.clear()

@@ -1,0 +1,168 @@
+"""The volume sector store and header, on a plain image file (no FUSE): format and crash semantics."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from encfs.block.header import VolumeFormatError, VolumeHeader, new_header, read_header, write_header
+from encfs.block.layout import EXTENT_SECTORS, SECTOR_SIZE, SLOT_A, SLOT_B, image_size, sector_offset
+from encfs.block.sectors import SectorStore
+from encfs.blocks import SEALED_BLOCK, BlockAuthError
+
+KEY = bytes(range(32))
+VID = bytes(range(16))
+SECTORS = EXTENT_SECTORS + 100  # two extents
+
+
+@pytest.fixture
+def image(tmp_path: Path):
+    path = tmp_path / "vol.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, image_size(SECTORS))
+    SectorStore(fd, KEY, VID, SECTORS).format_maps()
+    yield fd
+    os.close(fd)
+
+
+def store(fd: int) -> SectorStore:
+    """A fresh store on the image: what a restarted daemon sees."""
+    return SectorStore(fd, KEY, VID, SECTORS)
+
+
+def test_unwritten_sectors_read_zero_and_take_no_space(image: int) -> None:
+    s = store(image)
+    assert s.read(0, 3 * SECTOR_SIZE) == bytes(3 * SECTOR_SIZE)
+    assert os.fstat(image).st_blocks * 512 < 256 * 1024  # only headers/maps are allocated
+
+
+def test_round_trip_any_alignment_and_across_extents(image: int) -> None:
+    s = store(image)
+    model = bytearray(SECTORS * SECTOR_SIZE)
+    rng = random.Random(1)
+    for _ in range(60):
+        off = rng.randrange(0, len(model) - 20000)
+        data = rng.randbytes(rng.randrange(1, 20000))
+        s.write(off, data)
+        model[off:off + len(data)] = data
+    edge = EXTENT_SECTORS * SECTOR_SIZE - 5000
+    s.write(edge, b"x" * 10000)
+    model[edge:edge + 10000] = b"x" * 10000
+    for _ in range(40):
+        off = rng.randrange(0, len(model) - 30000)
+        assert s.read(off, 30000) == model[off:off + 30000]
+    s.flush()
+    s2 = store(image)
+    assert s2.read(edge - 100, 10200) == model[edge - 100:edge + 10100]
+
+
+def test_unflushed_writes_roll_back_to_old_contents(image: int) -> None:
+    s = store(image)
+    s.write(0, b"A" * SECTOR_SIZE)
+    s.flush()
+    s.write(0, b"B" * SECTOR_SIZE)  # not flushed: a crash now keeps the old contents
+    s.write(0, b"C" * SECTOR_SIZE)
+    assert s.read(0, 4) == b"CCCC"
+    assert store(image).read(0, 4) == b"AAAA"
+    s.flush()
+    assert store(image).read(0, 4) == b"CCCC"
+
+
+def test_torn_write_of_the_inflight_slot_is_harmless(image: int) -> None:
+    s = store(image)
+    s.write(SECTOR_SIZE, b"old!" * 1024)
+    s.flush()
+    s.write(SECTOR_SIZE, b"new!" * 1024)
+    target = sector_offset(1, SLOT_B)
+    os.pwrite(image, b"\0" * 1000, target + 2000)  # the write was torn by a crash
+    assert store(image).read(SECTOR_SIZE, 4) == b"old!"
+
+
+def test_torn_map_write_falls_back_to_the_older_map(image: int) -> None:
+    s = store(image)
+    s.write(0, b"1" * SECTOR_SIZE)
+    s.flush()
+    s.write(0, b"2" * SECTOR_SIZE)
+    s.flush()
+    from encfs.block.layout import map_offset
+
+    newest = s._maps[0].slot
+    os.pwrite(image, b"\xff" * 100, map_offset(0, newest) + 50)  # tear the newest map
+    # the older map names the older slot, whose contents were never overwritten since
+    assert store(image).read(0, 1) == b"1"
+
+
+def test_tampering_is_an_error_never_wrong_bytes(image: int) -> None:
+    s = store(image)
+    s.write(0, os.urandom(4 * SECTOR_SIZE))
+    s.flush()
+    off = sector_offset(2, SLOT_A)
+    sealed = bytearray(os.pread(image, SEALED_BLOCK, off))
+    sealed[100] ^= 1
+    os.pwrite(image, bytes(sealed), off)
+    s2 = store(image)
+    assert len(s2.read(0, 2 * SECTOR_SIZE)) == 2 * SECTOR_SIZE
+    with pytest.raises(BlockAuthError):
+        s2.read(2 * SECTOR_SIZE, 1)
+    # swapping two sectors' ciphertext is caught as well
+    a, b = sector_offset(0, SLOT_A), sector_offset(1, SLOT_A)
+    sa, sb = os.pread(image, SEALED_BLOCK, a), os.pread(image, SEALED_BLOCK, b)
+    os.pwrite(image, sb, a)
+    os.pwrite(image, sa, b)
+    with pytest.raises(BlockAuthError):
+        store(image).read(0, 1)
+
+
+def test_zeroed_map_is_an_error_not_zeros(image: int) -> None:
+    from encfs.block.layout import map_offset
+
+    s = store(image)
+    s.write(0, b"z" * SECTOR_SIZE)
+    s.flush()
+    for slot in (0, 1):
+        os.pwrite(image, bytes(SEALED_BLOCK), map_offset(0, slot))
+    with pytest.raises(BlockAuthError):
+        store(image).read(0, 1)
+
+
+def test_discard_reads_zero_and_frees_space(image: int) -> None:
+    s = store(image)
+    s.write(0, os.urandom(256 * SECTOR_SIZE))
+    s.flush()
+    used = os.fstat(image).st_blocks
+    s.discard(0, 256 * SECTOR_SIZE)
+    assert s.read(0, SECTOR_SIZE) == bytes(SECTOR_SIZE)
+    assert store(image).read(0, 8) != bytes(8)  # not flushed yet: old contents survive a crash
+    s.flush()
+    assert store(image).read(0, SECTOR_SIZE) == bytes(SECTOR_SIZE)
+    assert os.fstat(image).st_blocks <= used - 2000  # ~1 MiB of sealed sectors was punched out
+
+
+def test_out_of_range_io_fails(image: int) -> None:
+    s = store(image)
+    with pytest.raises(OSError):
+        s.write(SECTORS * SECTOR_SIZE - 10, b"x" * 20)
+    with pytest.raises(OSError):
+        s.read(SECTORS * SECTOR_SIZE, 1)
+
+
+def test_header_two_copies_newest_valid_wins(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "h", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(VolumeFormatError, match="not an encfs volume"):
+            read_header(fd)
+        h = write_header(fd, new_header(1 << 30, b"wrapped-key-blob" * 5, VID))
+        h2 = write_header(fd, VolumeHeader(h.volume_id, 2 << 30, h.wrapped_key, h.seq))
+        got, warnings = read_header(fd)
+        assert (got.size, got.seq, warnings) == (2 << 30, h2.seq, [])
+        os.pwrite(fd, b"\xff" * 10, 100)  # tear copy 0
+        got, warnings = read_header(fd)
+        assert got.size == 2 << 30 and len(warnings) == 1
+        os.pwrite(fd, b"\xff" * 10, 65536 + 100)  # and copy 1
+        with pytest.raises(VolumeFormatError, match="damaged"):
+            read_header(fd)
+    finally:
+        os.close(fd)
