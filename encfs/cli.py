@@ -16,6 +16,7 @@ from pathlib import Path
 
 from encfs import __version__
 from encfs.errors import EncfsError
+from encfs.block import cli as block_cli
 from encfs.fuse import cli as fuse_cli
 from encfs.keys import cli as keys_cli
 from encfs.keys.config import HsmOptions
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keys_cli.register(sub, add_hsm_options)
     fuse_cli.register(sub, add_hsm_options)
+    block_cli.register(sub, add_hsm_options)
     return parser
 
 

@@ -37,6 +37,7 @@ from encfs.block.layout import (
     SLOT_B,
     UNWRITTEN,
     extents_for,
+    image_size,
     map_block_number,
     map_offset,
     sector_block_number,
@@ -106,6 +107,13 @@ class SectorStore:
                           map_offset(extent, slot))
             self._maps[extent] = _ExtentMap(bytearray(MAP_BYTES), 1, 1)
         os.fsync(self.fd)
+
+    def grow(self, new_sectors: int) -> None:
+        """Extend the image to ``new_sectors`` and format the maps of the added extents."""
+        first_new = extents_for(self.sectors)
+        os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, image_size(new_sectors)))
+        self.sectors = new_sectors
+        self.format_maps(first_extent=first_new)
 
     def _map(self, extent: int) -> _ExtentMap:
         m = self._maps.get(extent)

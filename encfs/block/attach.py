@@ -1,0 +1,247 @@
+"""Attaching volumes: a daemon serves the plaintext on a private FUSE mount,
+and a loop device is attached to it.
+
+Registry: ``/run/encfs/volumes/<volume id>.json`` (root only) records the
+image, daemon pid, private mountpoint and loop device of each attached
+volume. Invariants:
+- attach either ends with a loop device on a running daemon and a registry
+  entry, or leaves nothing behind (no mount, no loop device, no entry);
+- the daemon never touches the token before it has forked (PKCS#11
+  sessions do not survive fork), marks itself PR_SET_IO_FLUSHER (it serves
+  writeback of the loop device) and flushes the store when it ends;
+- detach removes the loop device first, then the FUSE mount (the daemon
+  then flushes and exits), then the entry; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from encfs.block.fuseserver import VolumeServer, fuse_mount, fuse_unmount
+from encfs.block.volume import VolumeError, open_volume, read_volume_header
+from encfs.keys.config import HsmOptions
+from encfs.keys.service import KeyService
+
+REGISTRY = Path(os.environ.get("ENCFS_RUN_DIR", "/run/encfs")) / "volumes"
+PR_SET_IO_FLUSHER = 57
+log = logging.getLogger("encfs.block")
+
+
+@dataclass
+class Attachment:
+    volume_id: str
+    image: str
+    pid: int
+    mountpoint: str
+    loop: str
+
+    @property
+    def entry(self) -> Path:
+        return REGISTRY / f"{self.volume_id}.json"
+
+    def daemon_alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def attachments() -> list[Attachment]:
+    out = []
+    if REGISTRY.is_dir():
+        for p in sorted(REGISTRY.glob("*.json")):
+            try:
+                out.append(Attachment(**json.loads(p.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue
+    return out
+
+
+def find_attachment(ref: str) -> Attachment | None:
+    """By image path, loop device or volume id."""
+    real = os.path.realpath(ref)
+    for a in attachments():
+        if ref in (a.volume_id, a.loop) or real == os.path.realpath(a.image):
+            return a
+    return None
+
+
+def _save(a: Attachment) -> None:
+    REGISTRY.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = a.entry.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(a)))
+    tmp.replace(a.entry)
+
+
+def _is_mounted(path: str) -> bool:
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        return any(line.split()[1] == path for line in f if len(line.split()) > 1)
+
+
+def _run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _last_line(text: str) -> str:
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None = None) -> Attachment:
+    if os.geteuid() != 0:
+        raise VolumeError("attaching a volume needs root (loop devices)")
+    image = image.absolute()
+    header, _warnings = read_volume_header(image)  # fail fast on a bad image, before forking
+    vid = header.volume_id.hex()
+    existing = find_attachment(vid)
+    if existing is not None:
+        if existing.daemon_alive():
+            raise VolumeError(f"volume {image} is already attached as {existing.loop}")
+        _cleanup(existing)  # a crashed daemon left its entry behind
+    mountpoint = str(REGISTRY / vid)
+    os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+    if _is_mounted(mountpoint):
+        fuse_unmount(mountpoint, lazy=True)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        _daemon(image, mountpoint, home, hsm, wfd, log_file)
+        os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as r:
+        status = r.readline().decode(errors="replace").strip()
+    if status != "ok":
+        os.waitpid(pid, 0)
+        raise VolumeError(status or "the volume daemon died before it was ready")
+    a = Attachment(vid, str(image), pid, mountpoint, "")
+    proc = _run(["losetup", "--find", "--show", "--sector-size", "4096", f"{mountpoint}/volume"])
+    if proc.returncode != 0:
+        _stop_daemon(a)
+        raise VolumeError(f"no loop device could be attached: {_last_line(proc.stderr)}")
+    a.loop = proc.stdout.strip()
+    _save(a)
+    return a
+
+
+def _daemon(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, ready: int,
+            log_file: str | None) -> None:
+    code = 0
+    vol = None
+    try:
+        os.setsid()
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else devnull
+        for fd, target in ((devnull, 0), (out, 1), (out, 2)):
+            os.dup2(fd, target)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                            format="%(asctime)s encfs-volume[%(process)d] %(levelname)s %(message)s")
+        ctypes.CDLL(None).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
+        with KeyService.open(home, hsm) as ks:
+            vol = open_volume(image, ks)
+        fd = fuse_mount(mountpoint, f"encfs:{image}")
+        server = VolumeServer(fd, vol)
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        os.write(ready, b"ok\n")
+        os.close(ready)
+        ready = -1
+        server.serve()
+    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
+        msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+        log.exception("volume daemon failed")
+        if ready >= 0:
+            os.write(ready, (" ".join(str(msg).split()) + "\n").encode())
+        code = 1
+    finally:
+        if vol is not None:
+            try:
+                vol.flush()
+            except OSError:
+                pass
+            vol.close()
+    os._exit(code)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return True
+        except ChildProcessError:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def _stop_daemon(a: Attachment) -> None:
+    """Unmount the private FUSE mount; the daemon flushes and exits. Escalate if it does not."""
+    if _is_mounted(a.mountpoint):
+        for _ in range(50):
+            try:
+                fuse_unmount(a.mountpoint)
+                break
+            except OSError:
+                time.sleep(0.1)  # the loop device may still be releasing its file
+        else:
+            fuse_unmount(a.mountpoint, lazy=True)
+    if not _wait_gone(a.pid, 30):
+        os.kill(a.pid, signal.SIGTERM)
+        if not _wait_gone(a.pid, 10):
+            os.kill(a.pid, signal.SIGKILL)
+            _wait_gone(a.pid, 10)
+
+
+def _cleanup(a: Attachment) -> None:
+    if a.loop and _loop_backing(a.loop) == f"{a.mountpoint}/volume":
+        _run(["losetup", "-d", a.loop])
+    if a.daemon_alive():
+        _stop_daemon(a)
+    elif _is_mounted(a.mountpoint):
+        fuse_unmount(a.mountpoint, lazy=True)
+    a.entry.unlink(missing_ok=True)
+
+
+def _mounts_of(device: str) -> list[str]:
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        return [p[1] for p in (line.split() for line in f) if len(p) > 1 and p[0] == device]
+
+
+def _loop_backing(loop: str) -> str:
+    proc = _run(["losetup", "-n", "-O", "BACK-FILE", loop])
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def detach(ref: str) -> Attachment:
+    a = find_attachment(ref)
+    if a is None:
+        raise VolumeError(f"{ref} is not an attached encfs volume")
+    users = _mounts_of(a.loop)
+    if users:
+        raise VolumeError(f"{a.loop} is in use (mounted on {users[0]}): unmount it first")
+    if _loop_backing(a.loop) == f"{a.mountpoint}/volume":
+        proc = _run(["losetup", "-d", a.loop])
+        if proc.returncode != 0:
+            raise VolumeError(f"cannot detach {a.loop}: {_last_line(proc.stderr)}")
+        for _ in range(100):  # the loop device lets go of its file asynchronously
+            if _loop_backing(a.loop) != f"{a.mountpoint}/volume":
+                break
+            time.sleep(0.05)
+    _stop_daemon(a)
+    a.entry.unlink(missing_ok=True)
+    return a

@@ -1,0 +1,122 @@
+"""``encfs volume create|attach|detach|list|info|resize``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from encfs.block.attach import attach, attachments, detach, find_attachment
+from encfs.block.layout import image_size
+from encfs.block.volume import VolumeError, create_volume, grow_volume, parse_size, read_volume_header
+
+
+def _ks(args: argparse.Namespace) -> tuple[Any, Any]:
+    from encfs.cli import hsm_options, home_of
+
+    return home_of(args), hsm_options(args)
+
+
+def _service(args: argparse.Namespace) -> Any:
+    from encfs.keys.service import KeyService
+
+    home, hsm = _ks(args)
+    return KeyService.open(home, hsm)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    with _service(args) as ks:
+        header = create_volume(Path(args.volume), size, ks, args.key)
+    print(f"volume {header.volume_id.hex()} created in {args.volume}: {size} bytes under key {header.key_id}")
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    home, hsm = _ks(args)
+    a = attach(Path(args.volume), home, hsm, args.log_file)
+    print(a.loop)
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    a = detach(args.target)
+    print(f"detached {a.image} from {a.loop}")
+    return 0
+
+
+def _info(path: Path) -> dict[str, Any]:
+    header, warnings = read_volume_header(path)
+    a = find_attachment(header.volume_id.hex())
+    st = os.stat(path)
+    return {"image": str(path.absolute()), "volume_id": header.volume_id.hex(), "size": header.size,
+            "sector_size": header.sector_size, "key_id": header.key_id, "header_seq": header.seq,
+            "image_nominal_bytes": image_size(header.sectors), "image_allocated_bytes": st.st_blocks * 512,
+            "attached": a.loop if a and a.daemon_alive() else None, "warnings": warnings}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = _info(Path(args.volume))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:22} {', '.join(v) if isinstance(v, list) else v}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = [{"volume_id": a.volume_id, "image": a.image, "loop": a.loop, "pid": a.pid,
+             "state": "attached" if a.daemon_alive() else "daemon dead (run detach)"} for a in attachments()]
+    if args.json:
+        print(json.dumps({"Volumes": rows}, indent=2))
+    else:
+        print(f"{'LOOP':12} {'STATE':10} {'VOLUME ID':32} IMAGE")
+        for r in rows:
+            print(f"{r['loop']:12} {r['state']:10} {r['volume_id']:32} {r['image']}")
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    path = Path(args.volume)
+    header, _w = read_volume_header(path)
+    a = find_attachment(header.volume_id.hex())
+    if a is not None and a.daemon_alive():
+        raise VolumeError(f"{path} is attached as {a.loop}: detach it before resizing (online resize is not supported yet)")
+    with _service(args) as ks:
+        new = grow_volume(path, parse_size(args.size), ks)
+    print(f"{path}: {new.size} bytes")
+    return 0
+
+
+def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    vol = sub.add_parser("volume", help="encrypted block volumes (attached as /dev/loopN)").add_subparsers(
+        dest="volume_command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, func: Callable[[argparse.Namespace], int], help: str, hsm: bool = True) -> argparse.ArgumentParser:
+        p = vol.add_parser(name, help=help, description=help)
+        if hsm:
+            add_hsm_options(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = cmd("create", cmd_create, "create an encrypted volume image VOL")
+    p.add_argument("volume", metavar="VOL")
+    p.add_argument("--size", required=True, help="e.g. 512M, 10G")
+    p.add_argument("--key", required=True, metavar="KEY", help="CMK (id or alias) that wraps the volume key")
+    p = cmd("attach", cmd_attach, "attach VOL as a plaintext loop device; prints /dev/loopN")
+    p.add_argument("volume", metavar="VOL")
+    p.add_argument("--log-file", metavar="FILE", help="daemon log (default: none)")
+    p = cmd("detach", cmd_detach, "detach VOL or /dev/loopN (flushes everything first)", hsm=False)
+    p.add_argument("target", metavar="VOL|/dev/loopN")
+    p = cmd("list", cmd_list, "attached volumes", hsm=False)
+    p.add_argument("--json", action="store_true")
+    p = cmd("info", cmd_info, "a volume's header and state", hsm=False)
+    p.add_argument("volume", metavar="VOL")
+    p.add_argument("--json", action="store_true")
+    p = cmd("resize", cmd_resize, "grow a detached volume to SIZE")
+    p.add_argument("volume", metavar="VOL")
+    p.add_argument("--size", required=True)
