@@ -57,4 +57,34 @@ if grep -rq harbour "$CIPHER"; then echo "BUG: plaintext found in the ciphertext
 echo "(no match)"
 run info "$CIPHER"
 run umount "$PLAIN"
+
+echo; echo "== an encrypted block volume"
+VOL="$ENCFS_HOME/disk.img"; EXT="$ENCFS_HOME/ext4"; LOOP=""
+mkdir -p "$EXT"
+cleanup_volume() {
+    mountpoint -q "$EXT" && umount "$EXT"
+    [ -n "$LOOP" ] && "$ENCFS" volume detach "$VOL" >/dev/null 2>&1
+    true
+}
+trap 'cleanup_volume; cleanup_mount; [ "${KEEP:-0}" = 1 ] || rm -rf "$ENCFS_HOME"' EXIT
+run volume create "$VOL" --size 128M --key demo
+echo; echo "\$ encfs volume attach $VOL"
+LOOP=$("$ENCFS" volume attach "$VOL")
+echo "$LOOP"
+echo; echo "\$ mkfs.ext4 -q $LOOP && mount $LOOP $EXT && echo ... > $EXT/ledger.txt"
+mkfs.ext4 -q "$LOOP"
+mount "$LOOP" "$EXT"
+echo "account 42: balance 1,000,000" > "$EXT/ledger.txt"
+head -c 20000000 /dev/urandom > "$EXT/blob.bin"
+sync
+df -h "$EXT" | tail -1
+cat "$EXT/ledger.txt"
+run volume list
+umount "$EXT"
+run volume detach "$VOL"
+LOOP=""
+echo; echo "\$ grep -c 'balance 1,000,000' $VOL   (the image holds only ciphertext)"
+if grep -aq 'balance 1,000,000' "$VOL"; then echo "BUG: plaintext found in the volume image" >&2; exit 1; fi
+echo 0
+run volume info "$VOL"
 echo; echo "demo finished"
