@@ -3,9 +3,15 @@
 Design:
 - FUSE inode numbers are the backing inode numbers (the backing root's
   number and 1 are swapped, since 1 is FUSE's root). Each known inode maps
-  to its backing paths; hard links give one inode several paths.
+  to its backing paths; hard links give one inode several paths. The
+  backing filesystem reuses the number of an inode we free (last unlink,
+  rmdir, rename over it) while the kernel may still hold the old one (an
+  open fd, a cwd), so each freed number gets a new FUSE generation.
 - Every request runs to completion without awaiting, so requests are
   serialised: no two operations interleave on one file.
+- A file that is open but has lost every name (unlinked while open) is
+  reached through the backing fd of an open handle (_target), so fstat,
+  ftruncate, fchmod, f*xattr and reopening via /proc/self/fd keep working.
 - Contents go through content.FileContent (per-file data key, sealed 4 KiB
   blocks); names, symlink targets and xattrs through names.NameCipher.
 - Anything that fails authentication is logged with its path and answered
@@ -21,7 +27,7 @@ import logging
 import os
 import stat as stat_m
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
@@ -29,18 +35,20 @@ from pyfuse3 import FUSEError
 
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.errors import EncfsError
-from encfs.fuse.content import HEADER_LEN, FILE_ID_LEN, FileContent, FileHeader, HeaderError
+from encfs.fuse.content import HEADER_LEN, FILE_ID_LEN, FileContent, FileHeader, HeaderError, plain_file_size
 from encfs.fuse.fsconfig import FsConfig, FsKeys
 from encfs.fuse.names import (
     DIRID_FILE,
     DIRID_LEN,
     DIRID_XATTR,
+    LONGLINK_DIR,
     NAME_MAX,
+    SYMLINK_MAX,
     XATTR_PREFIX,
     NameAuthError,
     NameCipher,
-    b64d,
     is_internal,
+    is_long_symlink,
     is_longname_entry,
     longname_side_file,
 )
@@ -93,8 +101,7 @@ class OpenFile:
 @dataclass
 class DirHandle:
     inode: int
-    path: bytes
-    entries: list[bytes] = field(default_factory=list)
+    entries: list[bytes] | None = None  # backing entries, listed by readdir at offset 0
 
 
 class EncryptedFS(pyfuse3.Operations):
@@ -117,6 +124,7 @@ class EncryptedFS(pyfuse3.Operations):
         self._paths: dict[int, set[bytes]] = {pyfuse3.ROOT_INODE: {self.root}}
         self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
         self._dirids: dict[int, bytes] = {pyfuse3.ROOT_INODE: bytes.fromhex(config.fs_id)[:DIRID_LEN]}
+        self._generations: dict[int, int] = {}  # inode number -> times it was freed
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
@@ -135,6 +143,16 @@ class EncryptedFS(pyfuse3.Operations):
         if not paths:
             raise FUSEError(errno.ENOENT)
         return next(iter(paths))
+
+    def _target(self, inode: int) -> bytes | int:
+        """A backing path of ``inode`` or, once it has no name left, an open handle's backing fd."""
+        paths = self._paths.get(inode)
+        if paths:
+            return next(iter(paths))
+        for f in self._files.values():
+            if f.inode == inode:
+                return f.fd
+        raise FUSEError(errno.ENOENT)
 
     def _remember(self, inode: int, path: bytes, count: bool = True) -> None:
         self._paths.setdefault(inode, set()).add(path)
@@ -165,6 +183,27 @@ class EncryptedFS(pyfuse3.Operations):
     def _check_writable(self) -> None:
         if self.read_only:
             raise FUSEError(errno.EROFS)
+
+    @staticmethod
+    def _open_backing(target: bytes | int, writable: bool, noatime: bool, extra: int = 0,
+                      mode: int = 0o600) -> int:
+        """Open a backing file (a path, or the fd of a handle whose file has no name left).
+
+        Backing files are opened read-write for any write access, because
+        partial-block writes read and reseal. ``noatime`` (the user asked for
+        write-only access) keeps those internal reads from updating atime.
+        """
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | extra
+        if isinstance(target, int):
+            path = f"/proc/self/fd/{target}".encode()
+        else:
+            path, flags = target, flags | os.O_NOFOLLOW
+        if noatime:
+            try:
+                return os.open(path, flags | os.O_NOATIME, mode)
+            except PermissionError:
+                pass  # O_NOATIME needs ownership or CAP_FOWNER
+        return os.open(path, flags, mode)
 
     # -- names --------------------------------------------------------------------
 
@@ -218,15 +257,8 @@ class EncryptedFS(pyfuse3.Operations):
         return os.path.join(self._path(parent), entry), side
 
     def _write_side(self, path: bytes, side: bytes | None) -> None:
-        if side is None:
-            return
-        side_path = longname_side_file(path)
-        fd = os.open(side_path + b".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
-        try:
-            os.write(fd, side)
-        finally:
-            os.close(fd)
-        os.replace(side_path + b".tmp", side_path)
+        if side is not None:
+            self._write_file_atomic(longname_side_file(path), side)
 
     def _remove_side(self, path: bytes, side: bytes | None) -> None:
         if side is not None:
@@ -244,10 +276,12 @@ class EncryptedFS(pyfuse3.Operations):
 
     # -- attributes -----------------------------------------------------------------
 
-    def _attrs(self, st: os.stat_result, inode: int | None = None) -> pyfuse3.EntryAttributes:
+    def _attrs(self, st: os.stat_result, inode: int | None = None,
+               path: bytes | None = None) -> pyfuse3.EntryAttributes:
+        """Plaintext attributes; symlinks need their backing ``path`` for the target length."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = inode if inode is not None else self._ino(st)
-        e.generation = 0
+        e.generation = self._generations.get(e.st_ino, 0)
         e.entry_timeout = ATTR_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = st.st_mode
@@ -256,11 +290,9 @@ class EncryptedFS(pyfuse3.Operations):
         e.st_gid = st.st_gid
         e.st_rdev = st.st_rdev
         if stat_m.S_ISREG(st.st_mode):
-            from encfs.fuse.content import plain_file_size
-
             e.st_size = plain_file_size(st.st_size)
         elif stat_m.S_ISLNK(st.st_mode):
-            e.st_size = max(0, len(b64d(b"A" * st.st_size)) - 28)
+            e.st_size = self.names.symlink_size(os.readlink(path)) if path is not None else 0
         else:
             e.st_size = st.st_size
         e.st_blksize = 4096
@@ -274,7 +306,7 @@ class EncryptedFS(pyfuse3.Operations):
         st = os.lstat(path)
         inode = self._ino(st)
         self._remember(inode, path, count)
-        return self._attrs(st, inode)
+        return self._attrs(st, inode, path)
 
     # -- per-file keys --------------------------------------------------------------
 
@@ -331,43 +363,74 @@ class EncryptedFS(pyfuse3.Operations):
 
     @fuse_op
     def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        for f in self._files.values():
-            if f.inode == inode:  # works after unlink too
-                return self._attrs(os.fstat(f.fd), inode)
-        return self._attrs(os.lstat(self._path(inode)), inode)
+        target = self._target(inode)
+        if isinstance(target, int):
+            return self._attrs(os.fstat(target), inode)
+        return self._attrs(os.lstat(target), inode, target)
 
     @fuse_op
     def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                 fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_writable()
-        path = self._path(inode)
+        target = self._target(inode)
+        # paths are not followed (the entry itself may be a symlink); an fd is the file itself
+        nofollow: dict[str, bool] = {"follow_symlinks": False} if isinstance(target, bytes) else {}
         if fields.update_size:
-            if fh is not None and fh in self._files and self._files[fh].content is not None:
-                self._files[fh].content.truncate(attr.st_size)  # type: ignore[union-attr]
+            f = self._files.get(fh) if fh is not None else None
+            if f is not None and f.writable and f.content is not None:
+                f.content.truncate(attr.st_size)
             else:
-                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+                fd = self._open_backing(target, writable=True, noatime=True)
                 try:
-                    content = self._content(fd, path, create_header=attr.st_size > 0)
+                    content = self._content(fd, self._describe(target), create_header=attr.st_size > 0)
                     if content is not None:
                         content.truncate(attr.st_size)
                 finally:
                     os.close(fd)
         if fields.update_mode:
-            if not stat_m.S_ISLNK(os.lstat(path).st_mode):
-                os.chmod(path, stat_m.S_IMODE(attr.st_mode))
+            if not stat_m.S_ISLNK(os.stat(target, **nofollow).st_mode):
+                os.chmod(target, stat_m.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
-            os.chown(path, attr.st_uid if fields.update_uid else -1,
-                     attr.st_gid if fields.update_gid else -1, follow_symlinks=False)
+            os.chown(target, attr.st_uid if fields.update_uid else -1,
+                     attr.st_gid if fields.update_gid else -1, **nofollow)
         if fields.update_atime or fields.update_mtime:
-            st = os.lstat(path)
+            st = os.stat(target, **nofollow)
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
-        return self._attrs(os.lstat(path), inode)
+            os.utime(target, ns=(atime, mtime), **nofollow)
+        return self._attrs(os.stat(target, **nofollow), inode, target if isinstance(target, bytes) else None)
+
+    def _describe(self, target: bytes | int) -> bytes:
+        return target if isinstance(target, bytes) else b"<unlinked fd %d>" % target
 
     @fuse_op
     def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.names.decrypt_symlink(os.readlink(self._path(inode)))
+        stored = os.readlink(self._path(inode))
+        if not is_long_symlink(stored):
+            return self.names.decrypt_symlink(stored)
+        try:
+            with open(self._longlink_file(stored), "rb") as f:
+                sealed = f.read()
+        except FileNotFoundError:
+            raise NameAuthError(f"the stored target of a long symlink ({stored!r}) is missing") from None
+        return self.names.open_long_symlink(stored, sealed)
+
+    def _longlink_file(self, ref: bytes) -> bytes:
+        return os.path.join(self.root, LONGLINK_DIR, ref)
+
+    def _drop_longlink(self, stored: bytes | None) -> None:
+        """Remove a long symlink's stored target once its last hard link is gone."""
+        if stored is not None and is_long_symlink(stored) and b"/" not in stored:
+            try:
+                os.unlink(self._longlink_file(stored))
+            except FileNotFoundError:
+                pass
+
+    def _last_link_target(self, path: bytes, st: os.stat_result) -> bytes | None:
+        """The backing target of ``path`` if it is the last link of a symlink."""
+        if stat_m.S_ISLNK(st.st_mode) and st.st_nlink == 1:
+            return os.readlink(path)
+        return None
 
     @fuse_op
     def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -383,22 +446,25 @@ class EncryptedFS(pyfuse3.Operations):
 
     @fuse_op
     def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        path = self._path(inode)
+        self._path(inode)
         self._dirid(inode)
-        entries = sorted(n for n in os.listdir(path) if not is_internal(n) or is_longname_entry(n))
         fh = self._next_handle()
-        self._dirs[fh] = DirHandle(inode, path, entries)
+        self._dirs[fh] = DirHandle(inode)
         return fh
 
     @fuse_op
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self._dirs[fh]
+        path = self._path(d.inode)  # the directory may have been renamed since opendir
         dirid = self._dirid(d.inode)
+        if start_id == 0 or d.entries is None:  # first read or rewinddir: list afresh
+            d.entries = sorted(n for n in os.listdir(path) if not is_internal(n))
+        # offsets index this snapshot, so entries added or removed meanwhile shift nothing
         for i in range(start_id, len(d.entries)):
             entry = d.entries[i]
-            child = os.path.join(d.path, entry)
+            child = os.path.join(path, entry)
             try:
-                name = self._plain_name(d.path, dirid, entry)
+                name = self._plain_name(path, dirid, entry)
                 st = os.lstat(child)
             except FileNotFoundError:
                 continue  # removed since opendir
@@ -406,7 +472,7 @@ class EncryptedFS(pyfuse3.Operations):
                 log.error("%r: skipping undecryptable entry: %s", child, e)
                 continue
             inode = self._ino(st)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(st, inode), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(st, inode, child), i + 1):
                 return
             self._remember(inode, child)
 
@@ -416,7 +482,7 @@ class EncryptedFS(pyfuse3.Operations):
 
     @fuse_op
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        fd = os.open(self._dirs[fh].path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(self._path(self._dirs[fh].inode), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
@@ -434,10 +500,23 @@ class EncryptedFS(pyfuse3.Operations):
         except BaseException:
             self._remove_side(path, side)
             raise
-        self._write_dirid(path)
-        os.chown(path, ctx.uid, ctx.gid)
-        os.chmod(path, stat_m.S_IMODE(mode))
-        return self._entry(path)
+        dirid = self._write_dirid(path)
+        uid, gid, sgid = self._owner(path, ctx)
+        os.chown(path, uid, gid)
+        os.chmod(path, stat_m.S_IMODE(mode) | sgid)
+        attrs = self._entry(path)
+        self._dirids[attrs.st_ino] = dirid  # replaces whatever a freed inode of that number left
+        return attrs
+
+    @staticmethod
+    def _owner(path: bytes, ctx: pyfuse3.RequestContext) -> tuple[int, int, int]:
+        """(uid, gid, extra directory mode bits) for the new entry ``path``: the caller's, but in a
+        set-group-ID directory the directory's group (and S_ISGID for a new directory), as on a
+        local filesystem."""
+        parent = os.lstat(os.path.dirname(path))
+        if parent.st_mode & stat_m.S_ISGID:
+            return ctx.uid, parent.st_gid, stat_m.S_ISGID
+        return ctx.uid, ctx.gid, 0
 
     def _is_plain_empty(self, path: bytes) -> bool:
         return all(is_internal(n) and not is_longname_entry(n) for n in os.listdir(path))
@@ -454,9 +533,17 @@ class EncryptedFS(pyfuse3.Operations):
         self._remove_internal(path)
         os.rmdir(path)
         self._remove_side(path, side)
+        self._removed(st, path)
+
+    def _removed(self, st: os.stat_result, path: bytes) -> None:
+        """Bookkeeping after the backing entry ``path`` (stat ``st``) was removed or replaced."""
         inode = self._ino(st)
         self._forget_path(inode, path)
-        self._dirids.pop(inode, None)
+        if stat_m.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
+            # The backing inode is freed (or will be, at its last close) and its number may be
+            # reused: a new generation tells the kernel the number now names a new inode.
+            self._generations[inode] = self._generations.get(inode, 0) + 1
+            self._dirids.pop(inode, None)
 
     def _remove_internal(self, dir_path: bytes) -> None:
         for n in os.listdir(dir_path):
@@ -472,23 +559,45 @@ class EncryptedFS(pyfuse3.Operations):
         st = os.lstat(path)
         if stat_m.S_ISDIR(st.st_mode):
             raise FUSEError(errno.EISDIR)
+        last_target = self._last_link_target(path, st)
         os.unlink(path)
         self._remove_side(path, side)
-        self._forget_path(self._ino(st), path)
+        self._drop_longlink(last_target)
+        self._removed(st, path)
 
     @fuse_op
     def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_writable()
+        if len(target) > SYMLINK_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
         path, side = self._child(parent_inode, name)
+        stored = self.names.encrypt_symlink(target)
+        long_ref = None
+        if len(stored) > SYMLINK_MAX and "long-symlinks" in self.config.features:
+            stored, sealed = self.names.new_long_symlink(target)
+            long_ref = stored
+            os.makedirs(os.path.join(self.root, LONGLINK_DIR), mode=0o700, exist_ok=True)
+            self._write_file_atomic(self._longlink_file(stored), sealed)
         self._write_side(path, side)
         try:
-            os.symlink(self.names.encrypt_symlink(target), path)
+            os.symlink(stored, path)
         except BaseException:
             if not os.path.lexists(path):
                 self._remove_side(path, side)
+            self._drop_longlink(long_ref)
             raise
-        os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
+        uid, gid, _ = self._owner(path, ctx)
+        os.chown(path, uid, gid, follow_symlinks=False)
         return self._entry(path)
+
+    @staticmethod
+    def _write_file_atomic(path: bytes, data: bytes) -> None:
+        fd = os.open(path + b".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(path + b".tmp", path)
 
     @fuse_op
     def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -514,7 +623,9 @@ class EncryptedFS(pyfuse3.Operations):
             if not os.path.lexists(path):
                 self._remove_side(path, side)
             raise
-        os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
+        uid, gid, _ = self._owner(path, ctx)
+        os.chown(path, uid, gid, follow_symlinks=False)
+        os.chmod(path, stat_m.S_IMODE(mode))  # the daemon's umask must not apply
         return self._entry(path)
 
     @fuse_op
@@ -549,6 +660,7 @@ class EncryptedFS(pyfuse3.Operations):
                 raise FUSEError(errno.ENOTDIR)
         if stat_m.S_ISDIR(st_old.st_mode) and (new + b"/").startswith(old + b"/"):
             raise FUSEError(errno.EINVAL)
+        replaced_target = self._last_link_target(new, replaced) if replaced is not None else None
         self._write_side(new, new_side)
         if replaced is not None and stat_m.S_ISDIR(replaced.st_mode):
             self._remove_internal(new)  # the target is empty in plaintext: drop its bookkeeping
@@ -563,7 +675,8 @@ class EncryptedFS(pyfuse3.Operations):
             raise
         self._remove_side(old, old_side)
         if replaced is not None:
-            self._forget_path(self._ino(replaced), new)
+            self._drop_longlink(replaced_target)
+            self._removed(replaced, new)
         self._rename_paths(old, new)
 
     def _swap_paths(self, ino_a: int, ino_b: int, a: bytes, b: bytes) -> None:
@@ -588,14 +701,16 @@ class EncryptedFS(pyfuse3.Operations):
         path, side = self._child(parent_inode, name)
         self._write_side(path, side)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         stat_m.S_IMODE(mode))
+            fd = self._open_backing(path, writable=True, noatime=flags & os.O_ACCMODE == os.O_WRONLY,
+                                    extra=os.O_CREAT | os.O_EXCL, mode=stat_m.S_IMODE(mode))
         except BaseException:
             if not os.path.lexists(path):
                 self._remove_side(path, side)
             raise
         try:
-            os.fchown(fd, ctx.uid, ctx.gid)
+            uid, gid, _ = self._owner(path, ctx)
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat_m.S_IMODE(mode))  # the daemon's umask must not apply
             content = self._content(fd, path, create_header=True)
         except BaseException:
             os.close(fd)
@@ -612,9 +727,9 @@ class EncryptedFS(pyfuse3.Operations):
         writable = accmode != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
             self._check_writable()
-        path = self._path(inode)
-        backing_flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, backing_flags)
+        target = self._target(inode)
+        path = self._describe(target)
+        fd = self._open_backing(target, writable, noatime=accmode == os.O_WRONLY)
         try:
             content = self._content(fd, path, create_header=writable)
             if flags & os.O_TRUNC and content is not None:
@@ -627,8 +742,10 @@ class EncryptedFS(pyfuse3.Operations):
     @fuse_op
     def read(self, fh: int, off: int, size: int) -> bytes:
         f = self._files[fh]
-        if f.content is None:
-            return b""
+        if f.content is None:  # opened while empty and headerless; another handle may have written since
+            f.content = self._content(f.fd, f.path, create_header=False)
+            if f.content is None:
+                return b""
         try:
             return f.content.read(off, size)
         except BlockAuthError:
@@ -663,7 +780,7 @@ class EncryptedFS(pyfuse3.Operations):
     def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         backing = self.names.xattr_name(name)
         try:
-            sealed = os.getxattr(self._path(inode), backing, follow_symlinks=False)
+            sealed = self._xattr_call(os.getxattr, inode, backing)
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None
@@ -674,27 +791,32 @@ class EncryptedFS(pyfuse3.Operations):
     def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_writable()
         backing = self.names.xattr_name(name)
-        os.setxattr(self._path(inode), backing, self.names.encrypt_xattr_value(backing, value),
-                    follow_symlinks=False)
+        self._xattr_call(os.setxattr, inode, backing, self.names.encrypt_xattr_value(backing, value))
 
     @fuse_op
     def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         out = []
-        for n in os.listxattr(self._path(inode), follow_symlinks=False):
+        for n in self._xattr_call(os.listxattr, inode):
             raw = n.encode()
             if raw.startswith(XATTR_PREFIX):
                 try:
                     out.append(self.names.xattr_plain_name(raw))
                 except NameAuthError:
-                    log.error("%r: undecryptable xattr name skipped", self._path(inode))
+                    log.error("inode %d: undecryptable xattr name skipped", inode)
         return out
 
     @fuse_op
     def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_writable()
         try:
-            os.removexattr(self._path(inode), self.names.xattr_name(name), follow_symlinks=False)
+            self._xattr_call(os.removexattr, inode, self.names.xattr_name(name))
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None
             raise
+
+    def _xattr_call(self, func: Callable[..., Any], inode: int, *args: Any) -> Any:
+        target = self._target(inode)
+        if isinstance(target, int):
+            return func(target, *args)
+        return func(target, *args, follow_symlinks=False)

@@ -33,7 +33,7 @@ from encfs.keys.service import KeyService
 CONFIG_NAME = "encfs.conf"
 BACKUP_NAME = "encfs.conf.bak"
 FS_FORMAT = 1
-FEATURES = ("aes256gcm-4k-blocks", "per-file-keys", "siv-names", "long-names")
+FEATURES = ("aes256gcm-4k-blocks", "per-file-keys", "siv-names", "long-names", "long-symlinks")
 
 
 class FsConfigError(EncfsError):
@@ -133,11 +133,16 @@ class FsKeys:
     meta_key: bytes
 
 
+def derive_fs_keys(secret: bytes, fs_id: str) -> FsKeys:
+    """HKDF-SHA256(secret, salt = fs id bytes) -> the name and metadata keys."""
+
+    def derive(info: bytes, n: int) -> bytes:
+        return HKDF(hashes.SHA256(), n, salt=bytes.fromhex(fs_id), info=info).derive(secret)
+
+    return FsKeys(name_key=derive(b"encfs names v1", 64), meta_key=derive(b"encfs metadata v1", 32))
+
+
 def unlock(config: FsConfig, ks: KeyService) -> FsKeys:
     """Unwrap the filesystem secret on the token and derive the name and metadata keys."""
     secret = ks.decrypt(config.wrapped_secret, config.fs_context(), key=config.key_id).plaintext
-
-    def derive(info: bytes, n: int) -> bytes:
-        return HKDF(hashes.SHA256(), n, salt=bytes.fromhex(config.fs_id), info=info).derive(secret)
-
-    return FsKeys(name_key=derive(b"encfs names v1", 64), meta_key=derive(b"encfs metadata v1", 32))
+    return derive_fs_keys(secret, config.fs_id)

@@ -10,6 +10,13 @@
   ``encfs.ln.<hash>.name`` holds the encoded name (as gocryptfs does).
 - Symlink targets and xattr values: AES-256-GCM under the metadata key with
   a fresh nonce; AAD names the purpose (and, for xattrs, the encrypted name).
+- Long symlink targets: a target up to SYMLINK_MAX (4095) bytes is allowed, as
+  on a local filesystem, but its encoding no longer fits a backing symlink
+  once it exceeds 4095 bytes. Then (filesystem feature "long-symlinks") the
+  backing symlink holds a reference ``encfs.lt.<length>.<random id>`` (the
+  '.' marks it as encfs's own) and the sealed target, with the reference in
+  its AAD, is the file LONGLINK_DIR/<reference> in the CIPHERDIR root; it
+  lives until the symlink's last hard link is removed.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ DIRID_XATTR = "user.encfs.dirid"
 LONGNAME_PREFIX = b"encfs.ln."
 LONGNAME_SUFFIX = b".name"
 XATTR_PREFIX = b"user.encfs.x."
+SYMLINK_MAX = 4095  # PATH_MAX - 1: the longest target a symlink may have
+LONGLINK_PREFIX = b"encfs.lt."
+LONGLINK_DIR = b"encfs.longlinks"
 DIRID_LEN = 16
 _NAME_AD = b"encfs-name-v1"
 _SYMLINK_AAD = b"encfs-symlink-v1"
@@ -54,6 +64,11 @@ def is_longname_entry(backing_name: bytes) -> bool:
     return backing_name.startswith(LONGNAME_PREFIX) and not backing_name.endswith(LONGNAME_SUFFIX)
 
 
+def is_long_symlink(stored: bytes) -> bool:
+    """True if a backing symlink's target is a long-target reference, not the sealed target."""
+    return stored.startswith(LONGLINK_PREFIX)
+
+
 def longname_side_file(entry: bytes) -> bytes:
     return entry + LONGNAME_SUFFIX
 
@@ -68,14 +83,23 @@ class NameCipher:
     # -- names --------------------------------------------------------------
 
     def encrypt_name(self, name: bytes, dirid: bytes) -> bytes:
-        """The encoded ciphertext of ``name`` in directory ``dirid`` (may exceed 255 bytes)."""
-        return b64e(self._siv.encrypt(name, [_NAME_AD, dirid]))
+        """The encoded ciphertext of ``name`` in directory ``dirid`` (may exceed 255 bytes).
+
+        Names are padded (PKCS#7) to a multiple of 16 bytes first, so the backing
+        name reveals the length only to 16 bytes, as with gocryptfs.
+        """
+        pad = 16 - len(name) % 16
+        return b64e(self._siv.encrypt(name + bytes([pad]) * pad, [_NAME_AD, dirid]))
 
     def decrypt_name(self, encoded: bytes, dirid: bytes) -> bytes:
         try:
-            return self._siv.decrypt(b64d(encoded), [_NAME_AD, dirid])
+            padded = self._siv.decrypt(b64d(encoded), [_NAME_AD, dirid])
         except (InvalidTag, ValueError) as e:
             raise NameAuthError("name failed authentication") from e
+        pad = padded[-1] if padded else 0
+        if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
+            raise NameAuthError("name has bad padding")
+        return padded[:-pad]
 
     @staticmethod
     def backing_entry(encoded: bytes) -> tuple[bytes, bytes | None]:
@@ -107,6 +131,24 @@ class NameCipher:
         except ValueError as e:
             raise NameAuthError("symlink target is not encfs-encoded") from e
         return self._open(raw, _SYMLINK_AAD)
+
+    def new_long_symlink(self, target: bytes) -> tuple[bytes, bytes]:
+        """(reference stored in the backing symlink, sealed target for the side file)."""
+        ref = LONGLINK_PREFIX + str(len(target)).encode() + b"." + b64e(os.urandom(18))
+        return ref, self._seal(target, _SYMLINK_AAD + ref)
+
+    def open_long_symlink(self, ref: bytes, sealed: bytes) -> bytes:
+        return self._open(sealed, _SYMLINK_AAD + ref)
+
+    @staticmethod
+    def symlink_size(stored: bytes) -> int:
+        """Plaintext target length of a backing symlink target (inline or long)."""
+        if is_long_symlink(stored):
+            try:
+                return int(stored.split(b".")[2])
+            except (IndexError, ValueError):
+                return 0
+        return max(0, len(stored) * 3 // 4 - 28)
 
     def xattr_name(self, name: bytes) -> bytes:
         """Backing xattr name for a plaintext xattr name (deterministic)."""
