@@ -33,6 +33,7 @@ from typing import Any
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.errors import EncfsError
 from encfs.fuse.content import HEADER_LEN, FILE_ID_LEN, FileContent, FileHeader, HeaderError, plain_file_size
@@ -235,14 +236,7 @@ class EncryptedFS(pyfuse3.Operations):
 
     def _write_dirid(self, path: bytes) -> bytes:
         dirid = os.urandom(DIRID_LEN)
-        tmp = os.path.join(path, DIRID_FILE + b".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
-        try:
-            os.write(fd, dirid)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, os.path.join(path, DIRID_FILE))
+        write_atomic(os.path.join(path, DIRID_FILE), dirid, 0o444)
         try:
             os.setxattr(path, DIRID_XATTR, dirid)
         except OSError:
@@ -595,12 +589,7 @@ class EncryptedFS(pyfuse3.Operations):
 
     @staticmethod
     def _write_file_atomic(path: bytes, data: bytes) -> None:
-        fd = os.open(path + b".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(path + b".tmp", path)
+        write_atomic(path, data, 0o444)
 
     @fuse_op
     def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

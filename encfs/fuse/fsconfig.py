@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from encfs.atomicfile import write_atomic
 from encfs.errors import EncfsError
 from encfs.keys.service import KeyService
 
@@ -74,17 +74,6 @@ class FsConfig:
             raise FsConfigError(f"filesystem config is missing or has a bad field: {e}") from None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def init_filesystem(cipherdir: Path, ks: KeyService, key: str) -> FsConfig:
     """Create a new filesystem in an empty (or new) directory."""
     cipherdir.mkdir(parents=True, exist_ok=True)
@@ -95,13 +84,8 @@ def init_filesystem(cipherdir: Path, ks: KeyService, key: str) -> FsConfig:
     dk = ks.generate_data_key(key, probe.fs_context(), with_plaintext=False)
     config = FsConfig(fs_id=fs_id, key_id=dk.key_id, wrapped_secret=dk.ciphertext_blob)
     data = (json.dumps(config.to_json(), indent=1) + "\n").encode()
-    _write_atomic(cipherdir / BACKUP_NAME, data)
-    _write_atomic(cipherdir / CONFIG_NAME, data)
-    dfd = os.open(cipherdir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(cipherdir / BACKUP_NAME, data, 0o644)
+    write_atomic(cipherdir / CONFIG_NAME, data, 0o644, sync_dir=True)
     return config
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from encfs.atomicfile import write_atomic
 from encfs.errors import ConfigError, KeyNotFound, UsageError
 
 ENABLED = "Enabled"
@@ -224,21 +225,6 @@ class KeyStore:
             os.close(fd)
 
     def _save(self, data: dict[str, Any]) -> None:
-        tmp = self.path.with_suffix(f".tmp.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+        write_atomic(self.path, text.encode(), 0o600, sync_dir=True)
         self._cache = None
