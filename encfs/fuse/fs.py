@@ -226,6 +226,9 @@ class EncryptedFS(pyfuse3.Operations):
                 dirid = os.getxattr(path, DIRID_XATTR)
             except OSError:
                 dirid = b""
+            if len(dirid) == DIRID_LEN and not self.read_only:
+                log.warning("directory %r lost %r: restoring it from its xattr copy", path, DIRID_FILE)
+                self._write_dirid(path, dirid)  # so a copy that drops xattrs keeps the directory readable
         if len(dirid) != DIRID_LEN:
             if any(not is_internal(n) or is_longname_entry(n) for n in os.listdir(path)):
                 log.error("directory %r lost its id: its entries cannot be decrypted", path)
@@ -234,8 +237,8 @@ class EncryptedFS(pyfuse3.Operations):
         self._dirids[inode] = dirid
         return dirid
 
-    def _write_dirid(self, path: bytes) -> bytes:
-        dirid = os.urandom(DIRID_LEN)
+    def _write_dirid(self, path: bytes, dirid: bytes | None = None) -> bytes:
+        dirid = dirid or os.urandom(DIRID_LEN)
         write_atomic(os.path.join(path, DIRID_FILE), dirid, 0o444)
         try:
             os.setxattr(path, DIRID_XATTR, dirid)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import trio
 
 from encfs.errors import EncfsError
 from encfs.fuse.fs import EncryptedFS
-from encfs.fuse.fsconfig import load_config, unlock
+from encfs.fuse.fsconfig import load_config, repair_config, unlock_any
 from encfs.keys.config import HsmOptions
 from encfs.keys.service import KeyService
 
@@ -41,14 +42,25 @@ class MountOptions:
     log_file: str | None = None
 
 
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts", encoding="utf-8") as f:
+def _unescape_mount_field(field: bytes) -> bytes:
+    """/proc/self/mounts writes space, tab, newline and backslash as 3-digit octal escapes."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+
+
+def mount_type(path: Path) -> str | None:
+    """The filesystem type mounted at ``path`` (the topmost one), or None if nothing is."""
+    target = os.fsencode(os.path.realpath(path))
+    found = None
+    with open("/proc/self/mounts", "rb") as f:
         for line in f:
             parts = line.split()
-            if len(parts) > 1 and parts[1].encode().decode("unicode_escape") == target:
-                return True
-    return False
+            if len(parts) > 2 and _unescape_mount_field(parts[1]) == target:
+                found = os.fsdecode(parts[2])
+    return found
+
+
+def is_mounted(path: Path) -> bool:
+    return mount_type(path) is not None
 
 
 def check_fuse_device() -> None:
@@ -90,10 +102,14 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     """Mount and serve until unmounted or signalled. Reports readiness on fd ``ready``."""
     check_mountpoint(mountpoint)
     config, warnings = load_config(cipherdir)
-    ks = KeyService.open(home, hsm)
+    ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
+    log = logging.getLogger("encfs.fuse")
+    config, keys = unlock_any(cipherdir, config, ks, warnings)
     for w in warnings:
-        logging.getLogger("encfs.fuse").warning("%s: %s (using the backup copy)", cipherdir, w)
-    keys = unlock(config, ks)
+        log.warning("%s: %s", cipherdir, w)
+    if warnings and not opts.read_only:
+        for name in repair_config(cipherdir, config):
+            log.warning("%s: restored %s from the good copy", cipherdir, name)
     fs = EncryptedFS(os.fsencode(cipherdir), config, keys, ks, read_only=opts.read_only)
     try:
         pyfuse3.init(fs, str(mountpoint), _fuse_options(cipherdir, opts))
@@ -180,8 +196,11 @@ def _detach_stdio(log_file: str | None) -> None:
 
 def umount(mountpoint: Path) -> None:
     mountpoint = mountpoint.absolute()
-    if not is_mounted(mountpoint):
+    fstype = mount_type(mountpoint)
+    if fstype is None:
         raise MountError(f"{mountpoint} is not mounted")
+    if fstype != "fuse.encfs":  # as root, fusermount3 -u would unmount anything
+        raise MountError(f"{mountpoint} is a {fstype} mount, not an encfs one")
     proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
