@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -679,3 +680,55 @@ def test_init_errors_leave_no_half_initialised_directory(world, tmp_path: Path, 
     assert os.listdir(empty) == []
     assert_one_line_error(run_encfs("init", str(new), "--key", "dis", home=world["dis_home"]), "disabled")
     assert not new.exists()
+
+
+def test_daemonized_mount_prompts_for_the_pin_before_forking(tmp_path: Path) -> None:
+    """A vendor token with no PIN source: the parent asks on the terminal, the daemon uses it."""
+    import pty
+    import select
+
+    from encfs.keys.softhsm import EmbeddedSoftHSM
+
+    emb = EmbeddedSoftHSM(tmp_path / "vendor")
+    emb.provision()
+    pin = emb.user_pin.read_text()
+    env = dict(os.environ, SOFTHSM2_CONF=str(emb.conf), ENCFS_HOME=str(tmp_path / "home"))
+    flags = ["--pkcs11-module", "/usr/lib/softhsm/libsofthsm2.so", "--token", "encfs"]
+    cmd = [sys.executable, "-m", "encfs"]
+    for args in (["key", "create", "--alias", "v"], ["init", str(tmp_path / "c"), "--key", "v"]):
+        r = subprocess.run(cmd + args + flags + ["--pin-file", str(emb.user_pin)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child runs encfs on a terminal
+        os.execvpe(cmd[0], cmd + ["mount", str(tmp_path / "c"), str(mnt)] + flags, env)
+    out, answered = b"", False
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 1000)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+            if b"PIN for token" in out and not answered:
+                os.write(fd, pin.encode() + b"\n")
+                answered = True
+        _, status = os.waitpid(pid, 0)
+        assert answered, out
+        assert os.waitstatus_to_exitcode(status) == 0, out
+        (mnt / "x").write_text("hello")
+        assert (mnt / "x").read_text() == "hello"
+    finally:
+        os.close(fd)
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, timeout=30)

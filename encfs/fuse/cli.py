@@ -92,7 +92,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
     else:
         for k, v in info.items():
-            print(f"{k:10} {', '.join(v) if isinstance(v, list) else v}")
+            if isinstance(v, dict):
+                v = ", ".join(f"{name}={n}" for name, n in v.items())
+            elif isinstance(v, list):
+                v = ", ".join(v) or "-"
+            print(f"{k:10} {v}")
     return 0
 
 

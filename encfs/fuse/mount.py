@@ -26,7 +26,7 @@ import trio
 from encfs.errors import EncfsError
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import load_config, repair_config, unlock_any
-from encfs.keys.config import HsmOptions
+from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
 
 
@@ -150,6 +150,7 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     if foreground:
         serve(cipherdir, mountpoint, home, hsm, opts)
         return 0
+    hsm = prompt_before_fork(home or default_home(), hsm)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # daemon

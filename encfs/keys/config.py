@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from encfs.errors import ConfigError
@@ -42,6 +42,7 @@ class HsmOptions:
     pin_file: str | None = None
     pin_env: str | None = None
     config: str | None = None
+    pin: str | None = field(default=None, repr=False)  # already read (a daemon's parent prompted)
 
 
 def _read_config(home: Path, explicit: str | None) -> dict[str, object]:
@@ -77,7 +78,9 @@ def resolve_token(home: Path, opts: HsmOptions) -> tuple[TokenSpec, EmbeddedSoft
         embedded = EmbeddedSoftHSM(home)
         return embedded.spec(), embedded
     label = opts.token or (uri.token if uri else None) or conf.get("token")
-    if opts.pin_file:
+    if opts.pin is not None:
+        pin = PinSource("value", opts.pin)
+    elif opts.pin_file:
         pin = PinSource("file", opts.pin_file)
     elif opts.pin_env:
         pin = PinSource("env", opts.pin_env)
@@ -101,3 +104,11 @@ def resolve_token(home: Path, opts: HsmOptions) -> tuple[TokenSpec, EmbeddedSoft
         serial=uri.serial if uri else None,
         slot_id=uri.slot_id if uri else None,
     ), None
+
+
+def prompt_before_fork(home: Path, opts: HsmOptions) -> HsmOptions:
+    """Ask for the PIN now if the token needs a prompt: a daemon has no terminal after fork."""
+    spec, embedded = resolve_token(home, opts)
+    if embedded is None and spec.pin.kind == "prompt":
+        return replace(opts, pin=spec.pin.resolve(spec.label or "the token"))
+    return opts
