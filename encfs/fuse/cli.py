@@ -1,4 +1,8 @@
-"""``encfs init``, ``encfs mount``, ``encfs umount``, ``encfs info``."""
+"""``encfs init``, ``encfs mount``, ``encfs umount``, ``encfs info``.
+
+pyfuse3 and trio are imported only by the commands that mount: every encfs
+command pays for the imports of the modules its parser registers.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from encfs.fuse.fsconfig import CONFIG_NAME, init_filesystem, load_config
-from encfs.fuse.mount import MountOptions, mount, umount
 from encfs.fuse.names import is_internal, is_longname_entry
 
 
@@ -36,6 +39,8 @@ _OWN_OPTIONS = {"home": "home", "config": "config", "pin-file": "pin_file", "log
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from encfs.fuse.mount import MountOptions, mount
+
     extra = []
     for o in (o for opt in (args.o or []) for o in opt.split(",") if o):
         name, eq, value = o.partition("=")
@@ -66,6 +71,8 @@ def cmd_install_mount_helper(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from encfs.fuse.mount import umount
+
     umount(Path(args.mountpoint))
     return 0
 
