@@ -71,6 +71,30 @@ def test_unflushed_writes_roll_back_to_old_contents(image: int) -> None:
     assert store(image).read(0, 4) == b"CCCC"
 
 
+def test_failed_write_on_a_full_disk_keeps_old_contents(image: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC arrives as a short write, then an error: the map must not name the half-written slots."""
+    s = store(image)
+    s.write(0, b"old!" * 4 * 1024)  # 4 sectors
+    s.flush()
+    real_pwrite = os.pwrite
+    calls = []
+
+    def full_disk(fd: int, data: bytes, offset: int) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_pwrite(fd, bytes(data)[:len(data) // 2], offset)  # a short write
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    with pytest.raises(OSError) as e:
+        s.write(0, b"new!" * 4 * 1024)
+    monkeypatch.undo()
+    assert e.value.errno == 28 and len(calls) == 2
+    assert s.read(0, 4 * SECTOR_SIZE) == b"old!" * 4 * 1024
+    s.flush()
+    assert store(image).read(0, 4 * SECTOR_SIZE) == b"old!" * 4 * 1024
+
+
 def test_torn_write_of_the_inflight_slot_is_harmless(image: int) -> None:
     s = store(image)
     s.write(SECTOR_SIZE, b"old!" * 1024)

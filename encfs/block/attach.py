@@ -9,8 +9,9 @@ volume. Invariants:
 - the daemon never touches the token before it has forked (PKCS#11
   sessions do not survive fork), marks itself PR_SET_IO_FLUSHER (it serves
   writeback of the loop device) and flushes the store when it ends;
-- detach removes the loop device first, then the FUSE mount (the daemon
-  then flushes and exits), then the entry; every wait is bounded.
+- detach refuses while the loop device is mounted or open; it removes the
+  loop device first, then the FUSE mount (the daemon then flushes and
+  exits), then the entry; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -36,6 +37,23 @@ PR_SET_IO_FLUSHER = 57
 log = logging.getLogger("encfs.block")
 
 
+def _proc_start(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a running process; None if it is gone or a zombie.
+
+    The daemon is an orphan once the attaching CLI exits, and nothing may reap it
+    (a container's PID 1 often does not): a killed daemon then stays a zombie,
+    which kill(pid, 0) still reports as existing.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in (b"Z", b"X", b"x"):
+        return None
+    return int(fields[19])
+
+
 @dataclass
 class Attachment:
     volume_id: str
@@ -43,17 +61,15 @@ class Attachment:
     pid: int
     mountpoint: str
     loop: str
+    started: int = 0  # the daemon's start time: a reused pid is not the daemon
 
     @property
     def entry(self) -> Path:
         return REGISTRY / f"{self.volume_id}.json"
 
     def daemon_alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        start = _proc_start(self.pid)
+        return start is not None and (not self.started or start == self.started)
 
 
 def attachments() -> list[Attachment]:
@@ -76,8 +92,16 @@ def find_attachment(ref: str) -> Attachment | None:
     return None
 
 
-def _save(a: Attachment) -> None:
+def _registry() -> Path:
+    """The registry directory, created root-only (it also holds the private mountpoints)."""
     REGISTRY.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if REGISTRY.stat().st_mode & 0o077:
+        REGISTRY.chmod(0o700)
+    return REGISTRY
+
+
+def _save(a: Attachment) -> None:
+    _registry()
     tmp = a.entry.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(a)))
     tmp.replace(a.entry)
@@ -108,7 +132,7 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
         if existing.daemon_alive():
             raise VolumeError(f"volume {image} is already attached as {existing.loop}")
         _cleanup(existing)  # a crashed daemon left its entry behind
-    mountpoint = str(REGISTRY / vid)
+    mountpoint = str(_registry() / vid)
     os.makedirs(mountpoint, mode=0o700, exist_ok=True)
     if _is_mounted(mountpoint):
         fuse_unmount(mountpoint, lazy=True)
@@ -121,13 +145,15 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     os.close(wfd)
     with os.fdopen(rfd, "rb") as r:
         status = r.readline().decode(errors="replace").strip()
+    a = Attachment(vid, str(image), pid, mountpoint, "", _proc_start(pid) or 0)
     if status != "ok":
         os.waitpid(pid, 0)
+        _forget(a)
         raise VolumeError(status or "the volume daemon died before it was ready")
-    a = Attachment(vid, str(image), pid, mountpoint, "")
     proc = _run(["losetup", "--find", "--show", "--sector-size", "4096", f"{mountpoint}/volume"])
     if proc.returncode != 0:
         _stop_daemon(a)
+        _forget(a)
         raise VolumeError(f"no loop device could be attached: {_last_line(proc.stderr)}")
     a.loop = proc.stdout.strip()
     _save(a)
@@ -173,18 +199,15 @@ def _daemon(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, re
     os._exit(code)
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
+def _wait_gone(a: Attachment, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            done, _status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return True
+            os.waitpid(a.pid, os.WNOHANG)  # reap it if it is our own child
         except ChildProcessError:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
+            pass
+        if not a.daemon_alive():
+            return True
         time.sleep(0.05)
     return False
 
@@ -200,11 +223,16 @@ def _stop_daemon(a: Attachment) -> None:
                 time.sleep(0.1)  # the loop device may still be releasing its file
         else:
             fuse_unmount(a.mountpoint, lazy=True)
-    if not _wait_gone(a.pid, 30):
-        os.kill(a.pid, signal.SIGTERM)
-        if not _wait_gone(a.pid, 10):
-            os.kill(a.pid, signal.SIGKILL)
-            _wait_gone(a.pid, 10)
+    for sig, timeout in ((None, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        if sig is not None:
+            if not a.daemon_alive():
+                return
+            try:
+                os.kill(a.pid, sig)
+            except ProcessLookupError:
+                return
+        if _wait_gone(a, timeout):
+            return
 
 
 def _cleanup(a: Attachment) -> None:
@@ -214,12 +242,53 @@ def _cleanup(a: Attachment) -> None:
         _stop_daemon(a)
     elif _is_mounted(a.mountpoint):
         fuse_unmount(a.mountpoint, lazy=True)
+    _forget(a)
+
+
+def _forget(a: Attachment) -> None:
+    """Remove the registry entry and the (unmounted) private mountpoint."""
     a.entry.unlink(missing_ok=True)
+    if not _is_mounted(a.mountpoint):
+        try:
+            os.rmdir(a.mountpoint)
+        except OSError:
+            pass
 
 
 def _mounts_of(device: str) -> list[str]:
     with open("/proc/self/mounts", encoding="utf-8") as f:
         return [p[1] for p in (line.split() for line in f) if len(p) > 1 and p[0] == device]
+
+
+def _openers(device: str) -> list[str]:
+    """Who else has ``device`` open: stacked block devices and processes (by /proc/*/fd links,
+    read with readlink only: stat() of a file on a hung FUSE mount would hang)."""
+    name = os.path.basename(device)
+    try:
+        out = [f"block device {h}" for h in sorted(os.listdir(f"/sys/class/block/{name}/holders"))]
+    except OSError:
+        out = []
+    real, me = os.path.realpath(device), str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target == real:
+                try:
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:
+                    comm = "?"
+                out.append(f"pid {pid} ({comm})")
+                break
+    return out
 
 
 def _loop_backing(loop: str) -> str:
@@ -234,6 +303,13 @@ def detach(ref: str) -> Attachment:
     users = _mounts_of(a.loop)
     if users:
         raise VolumeError(f"{a.loop} is in use (mounted on {users[0]}): unmount it first")
+    holders = _openers(a.loop) if a.loop else []
+    deadline = time.monotonic() + 2
+    while holders and time.monotonic() < deadline:  # e.g. udev probing the device for a moment
+        time.sleep(0.1)
+        holders = _openers(a.loop)
+    if holders:
+        raise VolumeError(f"{a.loop} is in use (open by {holders[0]}): close it first")
     if _loop_backing(a.loop) == f"{a.mountpoint}/volume":
         proc = _run(["losetup", "-d", a.loop])
         if proc.returncode != 0:
@@ -243,5 +319,5 @@ def detach(ref: str) -> Attachment:
                 break
             time.sleep(0.05)
     _stop_daemon(a)
-    a.entry.unlink(missing_ok=True)
+    _forget(a)
     return a

@@ -9,6 +9,8 @@ zeros and its slots are holes). Invariants:
   slot still holds the old contents intact. A crash (kill -9, power loss,
   torn write) at any moment therefore leaves every sector readable with
   either its old contents (persisted map) or, after a flush, its new ones.
+- The map names a new slot only after the slot is fully written: a failed
+  write (e.g. ENOSPC on the image's disk) never loses intact sectors.
 - flush() = fsync the data, then write each dirty map to its older map slot
   with a higher sequence number, then fsync. A reader takes the valid map
   slot with the highest sequence number, so a torn map write is harmless.
@@ -56,6 +58,17 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite all of ``data``: a short write (e.g. the image's disk filling up) is retried,
+    so it either completes or raises (ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(28, os.strerror(28))
+        view, offset = view[n:], offset + n
 
 
 def _map_record(seq: int, bitmap: bytes) -> bytes:
@@ -187,22 +200,34 @@ class SectorStore:
         return bytes(out)
 
     def write_sectors(self, first: int, data: bytes) -> None:
+        """Seal and write whole sectors; the map names a new slot only once it is fully written.
+
+        If the image cannot take the write (ENOSPC, EIO, ...), the map keeps
+        naming what it named before, so sectors intact before a failed write
+        stay intact (a sector already rewritten since the last flush may then
+        fail authentication: an I/O error, never wrong bytes).
+        """
         count = len(data) // SECTOR_SIZE
         assert count * SECTOR_SIZE == len(data)
         placed = []
         for s in range(first, first + count):
-            extent, i = divmod(s, EXTENT_SECTORS)
-            m = self._map(extent)
-            slot = SLOT_B if _get(m.persisted, i) == SLOT_A else SLOT_A
-            _set(m.current, i, slot)
-            self._dirty.add(extent)
-            placed.append((s, sector_offset(s, slot)))
+            self._map(s // EXTENT_SECTORS)  # load (and authenticate) the map first
+            placed.append((s, sector_offset(s, self._next_slot(s))))
         for start, run in self._runs(placed):
             sealed = b"".join(
-                self._data.seal(sector_block_number(s, self._state(s)),
+                self._data.seal(sector_block_number(s, self._next_slot(s)),
                                 data[(s - first) * SECTOR_SIZE:(s - first + 1) * SECTOR_SIZE])
                 for s in run)
-            os.pwrite(self.fd, sealed, start)
+            _pwrite_all(self.fd, sealed, start)
+            for s in run:
+                extent, i = divmod(s, EXTENT_SECTORS)
+                _set(self._maps[extent].current, i, self._next_slot(s))
+                self._dirty.add(extent)
+
+    def _next_slot(self, sector: int) -> int:
+        """The slot a write of ``sector`` goes to: never the one the persisted map names."""
+        extent, i = divmod(sector, EXTENT_SECTORS)
+        return SLOT_B if _get(self._maps[extent].persisted, i) == SLOT_A else SLOT_A
 
     def read(self, offset: int, length: int) -> bytes:
         """Plaintext bytes [offset, offset+length), any alignment."""
