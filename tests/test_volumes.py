@@ -605,7 +605,7 @@ def _after_crash_reattach(rig: Rig, image: Path, old_loop: str, mnt: Path | None
     r = dd_read(old_loop, 0, 4096, timeout=30)
     assert r.returncode != 0, "a loop device over a dead FUSE daemon must not return data"
     [row] = rig.listed()
-    assert row["state"].startswith("daemon dead")
+    assert row["state"] == "dead"
     assert rig.info(image)["attached"] is None
     if mnt is not None and mounted_at(mnt):
         rig.umount(mnt, lazy_fallback=True)

@@ -22,14 +22,14 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from encfs.block.fuseserver import VolumeServer, fuse_mount, fuse_unmount
 from encfs.block.volume import VolumeError, open_volume, read_volume_header
-from encfs.keys.config import HsmOptions
+from encfs.daemon import Readiness, spawn
+from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
 
 REGISTRY = Path(os.environ.get("ENCFS_RUN_DIR", "/run/encfs")) / "volumes"
@@ -136,20 +136,14 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     os.makedirs(mountpoint, mode=0o700, exist_ok=True)
     if _is_mounted(mountpoint):
         fuse_unmount(mountpoint, lazy=True)
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(rfd)
-        _daemon(image, mountpoint, home, hsm, wfd, log_file)
-        os._exit(0)
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as r:
-        status = r.readline().decode(errors="replace").strip()
+    hsm = prompt_before_fork(home or default_home(), hsm)
+    try:
+        pid = spawn(lambda ready: _serve(image, mountpoint, home, hsm, ready), name="encfs-volume",
+                    log_file=log_file, error=VolumeError)
+    except VolumeError:
+        _forget(Attachment(vid, str(image), 0, mountpoint, ""))
+        raise
     a = Attachment(vid, str(image), pid, mountpoint, "", _proc_start(pid) or 0)
-    if status != "ok":
-        os.waitpid(pid, 0)
-        _forget(a)
-        raise VolumeError(status or "the volume daemon died before it was ready")
     proc = _run(["losetup", "--find", "--show", "--sector-size", "4096", f"{mountpoint}/volume"])
     if proc.returncode != 0:
         _stop_daemon(a)
@@ -160,43 +154,22 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     return a
 
 
-def _daemon(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, ready: int,
-            log_file: str | None) -> None:
-    code = 0
-    vol = None
+def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, ready: Readiness) -> None:
+    """The daemon: unlock the volume, mount its FUSE file, serve until unmounted or SIGTERM."""
+    ctypes.CDLL(None).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
+    with KeyService.open(home, hsm, provision=False) as ks:
+        vol = open_volume(image, ks)
     try:
-        os.setsid()
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else devnull
-        for fd, target in ((devnull, 0), (out, 1), (out, 2)):
-            os.dup2(fd, target)
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                            format="%(asctime)s encfs-volume[%(process)d] %(levelname)s %(message)s")
-        ctypes.CDLL(None).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
-        with KeyService.open(home, hsm) as ks:
-            vol = open_volume(image, ks)
-        fd = fuse_mount(mountpoint, f"encfs:{image}")
-        server = VolumeServer(fd, vol)
+        server = VolumeServer(fuse_mount(mountpoint, f"encfs:{image}"), vol)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
-        os.write(ready, b"ok\n")
-        os.close(ready)
-        ready = -1
+        ready.ok()
         server.serve()
-    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
-        msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
-        log.exception("volume daemon failed")
-        if ready >= 0:
-            os.write(ready, (" ".join(str(msg).split()) + "\n").encode())
-        code = 1
     finally:
-        if vol is not None:
-            try:
-                vol.flush()
-            except OSError:
-                pass
-            vol.close()
-    os._exit(code)
+        try:
+            vol.flush()
+        except OSError:
+            log.exception("final flush failed")
+        vol.close()
 
 
 def _wait_gone(a: Attachment, timeout: float) -> bool:

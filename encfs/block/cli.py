@@ -70,13 +70,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     rows = [{"volume_id": a.volume_id, "image": a.image, "loop": a.loop, "pid": a.pid,
-             "state": "attached" if a.daemon_alive() else "daemon dead (run detach)"} for a in attachments()]
+             "state": "attached" if a.daemon_alive() else "dead"} for a in attachments()]
     if args.json:
         print(json.dumps({"Volumes": rows}, indent=2))
-    else:
-        print(f"{'LOOP':12} {'STATE':10} {'VOLUME ID':32} IMAGE")
-        for r in rows:
-            print(f"{r['loop']:12} {r['state']:10} {r['volume_id']:32} {r['image']}")
+        return 0
+    print(f"{'LOOP':12} {'STATE':9} {'VOLUME ID':32} IMAGE")
+    for r in rows:
+        print(f"{r['loop']:12} {r['state']:9} {r['volume_id']:32} {r['image']}")
+    if any(r["state"] == "dead" for r in rows):
+        print("dead: the volume daemon is gone; `encfs volume detach` cleans up, `attach` re-attaches")
     return 0
 
 

@@ -100,6 +100,10 @@ def fuse_unmount(mountpoint: str, lazy: bool = False) -> None:
         raise OSError(e, f"unmount of {mountpoint}: {os.strerror(e)}")
 
 
+class StopServing(Exception):
+    """Raised by stop() (from a signal handler) to end a wait for the next request."""
+
+
 class VolumeServer:
     """Serves ``volume`` from one VolumeFile over an open /dev/fuse descriptor."""
 
@@ -109,6 +113,7 @@ class VolumeServer:
         self.uid, self.gid = os.getuid(), os.getgid()
         self.started = time.time()
         self._running = True
+        self._idle = False
         self._on_error = on_error
 
     def _reply(self, unique: int, payload: bytes = b"", error: int = 0) -> None:
@@ -128,15 +133,25 @@ class VolumeServer:
                           self.gid, 0, 4096, 0)
 
     def stop(self) -> None:
+        """Make serve() return after the current request. Meant for a signal handler:
+        if serve() is waiting for a request, it is interrupted at once."""
         self._running = False
+        if self._idle:
+            raise StopServing
 
     def serve(self) -> None:
-        """Handle requests until the filesystem is unmounted."""
+        """Handle requests until the filesystem is unmounted or stop() is called."""
         buf = bytearray(_BUF)
         view = memoryview(buf)
         while self._running:
             try:
-                n = os.readv(self.fd, [buf])
+                self._idle = True
+                try:
+                    n = os.readv(self.fd, [buf])
+                finally:
+                    self._idle = False
+            except StopServing:
+                break
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                     continue

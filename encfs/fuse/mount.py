@@ -1,12 +1,10 @@
 """Mounting: validate, daemonize, serve, unmount cleanly.
 
-``encfs mount`` forks before touching the token (PKCS#11 sessions must not
-cross fork). The child sets everything up and reports on a pipe: one line
-"ok" once the kernel mount exists, or the one-line error; the parent prints
-it and exits 0 or 1. The daemon's stdio goes to /dev/null or a log file and
-SIGPIPE is ignored, so a closed terminal cannot kill it. SIGTERM, SIGINT and
-`encfs umount` end the FUSE session; the daemon then closes every backing
-file and unmounts.
+``encfs mount`` checks what it can, asks for a PIN if one must be typed,
+then starts the daemon through encfs.daemon.spawn and returns once the
+kernel mount is usable (or prints the daemon's one-line error). SIGTERM,
+SIGINT and `encfs umount` end the FUSE session; the daemon then closes
+every backing file and unmounts.
 """
 
 from __future__ import annotations
@@ -16,13 +14,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from encfs.daemon import Readiness, spawn
 from encfs.errors import EncfsError
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import load_config, repair_config, unlock_any
@@ -98,8 +96,8 @@ def _fuse_options(cipherdir: Path, opts: MountOptions) -> set[str]:
 
 
 def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions, opts: MountOptions,
-          ready: int | None = None) -> None:
-    """Mount and serve until unmounted or signalled. Reports readiness on fd ``ready``."""
+          ready: Readiness | None = None) -> None:
+    """Mount and serve until unmounted or signalled; ``ready.ok()`` once the mount is usable."""
     check_mountpoint(mountpoint)
     config, warnings = load_config(cipherdir)
     ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
@@ -117,8 +115,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         raise MountError(f"FUSE refused to mount {mountpoint}: {e}") from None
     try:
         if ready is not None:
-            os.write(ready, b"ok\n")
-            os.close(ready)
+            ready.ok()
 
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -151,48 +148,9 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         serve(cipherdir, mountpoint, home, hsm, opts)
         return 0
     hsm = prompt_before_fork(home or default_home(), hsm)
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # daemon
-        os.close(rfd)
-        code = 0
-        try:
-            os.setsid()
-            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-            _detach_stdio(opts.log_file)
-            serve(cipherdir, mountpoint, home, hsm, opts, ready=wfd)
-        except EncfsError as e:
-            _report(wfd, e.message)
-            code = 1
-        except BaseException as e:  # noqa: BLE001 - the parent must hear about any failure
-            _report(wfd, f"internal error: {type(e).__name__}: {e}")
-            logging.getLogger("encfs.fuse").exception("daemon failed")
-            code = 1
-        os._exit(code)
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as r:
-        status = r.readline().decode(errors="replace").strip()
-    if status == "ok":
-        return 0
-    os.waitpid(pid, 0)
-    raise MountError(status or "the mount daemon died before the mount was ready")
-
-
-def _report(fd: int, message: str) -> None:
-    try:
-        os.write(fd, (" ".join(message.split()) + "\n").encode())
-    except OSError:
-        pass
-
-
-def _detach_stdio(log_file: str | None) -> None:
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else devnull
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s encfs[%(process)d] %(levelname)s %(message)s",
-                        stream=sys.stderr, force=True)
+    spawn(lambda ready: serve(cipherdir, mountpoint, home, hsm, opts, ready=ready), name="encfs",
+          log_file=opts.log_file, error=MountError)
+    return 0
 
 
 def umount(mountpoint: Path) -> None:

@@ -1,0 +1,94 @@
+"""Starting a daemon that reports when it is ready: used by `encfs mount` and
+`encfs volume attach`.
+
+The parent forks before touching the token (PKCS#11 sessions do not survive
+fork). The child starts a new session, ignores SIGPIPE, sends its stdio to
+/dev/null or a log file (a closed terminal must not kill it), sets up
+logging and runs ``run(ready)``. It sends the parent one line on a pipe:
+"ok" when ``ready.ok()`` is called, or the one-line cause of the failure.
+The parent waits a bounded time; on anything but "ok" it reaps (or kills)
+the child and raises the caller's error type with that line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import sys
+from collections.abc import Callable
+
+from encfs.errors import EncfsError
+
+log = logging.getLogger("encfs.daemon")
+
+
+class Readiness:
+    """The child's end of the status pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def _send(self, line: str) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, (" ".join(line.split()) + "\n").encode())
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def ok(self) -> None:
+        self._send("ok")
+
+    def fail(self, message: str) -> None:
+        self._send(message)
+
+
+def _detach_stdio(log_file: str | None, name: str) -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else devnull
+    for fd, target in ((devnull, 0), (out, 1), (out, 2)):
+        os.dup2(fd, target)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
+
+
+def spawn(run: Callable[[Readiness], None], *, name: str, log_file: str | None,
+          error: type[EncfsError], timeout: float = 120.0) -> int:
+    """Fork a daemon running ``run``; return its pid once it reported ready."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        ready = Readiness(wfd)
+        code = 0
+        try:
+            os.setsid()
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+            _detach_stdio(log_file, name)
+            run(ready)
+        except BaseException as e:  # noqa: BLE001 - the parent must hear about any failure
+            if isinstance(e, EncfsError):
+                ready.fail(e.message)
+            else:
+                ready.fail(f"internal error: {type(e).__name__}: {e}")
+                log.exception("%s failed", name)
+            code = 1
+        os._exit(code)
+    os.close(wfd)
+    try:
+        readable, _, _ = select.select([rfd], [], [], timeout)
+        status = os.read(rfd, 4096).decode(errors="replace").strip() if readable else None
+    finally:
+        os.close(rfd)
+    if status == "ok":
+        return pid
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    if status is None:
+        raise error(f"{name} did not become ready within {timeout:.0f} s")
+    raise error(status or f"{name} died before it was ready")
