@@ -653,8 +653,9 @@ def _crash_ext4(rig: Rig, rounds: int) -> None:
             except subprocess.TimeoutExpired:
                 pytest.fail("the writer is stuck after the daemon was killed")
         loop = _after_crash_reattach(rig, image, loop, mnt, hows[rnd % len(hows)])
-        r = sh("e2fsck", "-fy", loop, timeout=180, check=False)
-        assert r.returncode < 4, f"e2fsck -fy could not repair: {r.returncode}\n{r.stdout}"
+        # As after a power cut on a real disk: mounting replays the journal, and then
+        # e2fsck -f must find the filesystem clean (no repairs needed).
+        rig.umount(rig.mount(loop))
         rig.fsck_clean(loop)
         mnt = rig.mount(loop)
         expected = dict(line.split() for line in log.read_text().splitlines())
