@@ -45,6 +45,7 @@ from encfs.fuse.names import (
     LONGLINK_DIR,
     NAME_MAX,
     SYMLINK_MAX,
+    XATTR_LONG_PREFIX,
     XATTR_PREFIX,
     NameAuthError,
     NameCipher,
@@ -114,6 +115,9 @@ class EncryptedFS(pyfuse3.Operations):
     # coherent, and fsync still reaches the backing file before it returns.
     enable_writeback_cache = True
     enable_acl = False
+    # The content cipher's class. Benchmark hook only (benchmarks/null_mount.py swaps in a
+    # null cipher to measure what encryption costs); no command or mount option reaches it.
+    cipher_class: Callable[[bytes, bytes], BlockCipher] = BlockCipher
 
     def __init__(self, cipherdir: bytes, config: FsConfig, keys: FsKeys, ks: KeyService,
                  read_only: bool = False) -> None:
@@ -314,7 +318,7 @@ class EncryptedFS(pyfuse3.Operations):
         file_id = os.urandom(FILE_ID_LEN)
         dk = self.ks.generate_data_key(self.config.key_id, self.config.file_context(file_id))
         assert dk.plaintext is not None
-        return FileHeader(file_id, dk.ciphertext_blob).pack(), BlockCipher(dk.plaintext, file_id)
+        return FileHeader(file_id, dk.ciphertext_blob).pack(), self.cipher_class(dk.plaintext, file_id)
 
     def _cipher_for(self, fd: int, path: bytes) -> BlockCipher | None:
         """The BlockCipher of an existing file, or None if it has no header yet."""
@@ -324,7 +328,7 @@ class EncryptedFS(pyfuse3.Operations):
         header = FileHeader.parse(raw)
         key = self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
                               key=self.config.key_id, cache=self.key_cache).plaintext
-        return BlockCipher(key, header.file_id)
+        return self.cipher_class(key, header.file_id)
 
     def _content(self, fd: int, path: bytes, create_header: bool) -> FileContent | None:
         cipher = self._cipher_for(fd, path)
@@ -786,18 +790,20 @@ class EncryptedFS(pyfuse3.Operations):
     def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_writable()
         backing = self.names.xattr_name(name)
-        self._xattr_call(os.setxattr, inode, backing, self.names.encrypt_xattr_value(backing, value))
+        self._xattr_call(os.setxattr, inode, backing, self.names.encrypt_xattr_value(backing, value, name))
 
     @fuse_op
     def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         out = []
         for n in self._xattr_call(os.listxattr, inode):
             raw = n.encode()
-            if raw.startswith(XATTR_PREFIX):
-                try:
+            try:
+                if raw.startswith(XATTR_PREFIX):
                     out.append(self.names.xattr_plain_name(raw))
-                except NameAuthError:
-                    log.error("inode %d: undecryptable xattr name skipped", inode)
+                elif raw.startswith(XATTR_LONG_PREFIX):
+                    out.append(self.names.xattr_plain_name(raw, self._xattr_call(os.getxattr, inode, raw)))
+            except NameAuthError:
+                log.error("inode %d: undecryptable xattr name skipped", inode)
         return out
 
     @fuse_op

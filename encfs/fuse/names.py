@@ -34,6 +34,7 @@ DIRID_XATTR = "user.encfs.dirid"
 LONGNAME_PREFIX = b"encfs.ln."
 LONGNAME_SUFFIX = b".name"
 XATTR_PREFIX = b"user.encfs.x."
+XATTR_LONG_PREFIX = b"user.encfs.xl."
 SYMLINK_MAX = 4095  # PATH_MAX - 1: the longest target a symlink may have
 LONGLINK_PREFIX = b"encfs.lt."
 LONGLINK_DIR = b"encfs.longlinks"
@@ -151,19 +152,56 @@ class NameCipher:
         return max(0, len(stored) * 3 // 4 - 28)
 
     def xattr_name(self, name: bytes) -> bytes:
-        """Backing xattr name for a plaintext xattr name (deterministic)."""
-        return XATTR_PREFIX + b64e(self._siv.encrypt(name, [_XATTR_AAD]))
+        """Backing xattr name for a plaintext xattr name (deterministic).
 
-    def xattr_plain_name(self, backing: bytes) -> bytes:
-        if not backing.startswith(XATTR_PREFIX):
+        When ``user.encfs.x.<encoded>`` would exceed XATTR_NAME_MAX, the backing
+        name is ``user.encfs.xl.<base64url(SHA-256(encoded))>`` and the stored
+        value starts with the encoded name (see encrypt_xattr_value).
+        """
+        encoded = self._xattr_encoded(name)
+        short = XATTR_PREFIX + encoded
+        if len(short) <= NAME_MAX:
+            return short
+        return XATTR_LONG_PREFIX + b64e(hashlib.sha256(encoded).digest())
+
+    def _xattr_encoded(self, name: bytes) -> bytes:
+        return b64e(self._siv.encrypt(name, [_XATTR_AAD]))
+
+    def xattr_plain_name(self, backing: bytes, stored: bytes | None = None) -> bytes:
+        """Plaintext name of a backing xattr; long names need the ``stored`` value."""
+        if backing.startswith(XATTR_PREFIX):
+            encoded = backing[len(XATTR_PREFIX):]
+        elif backing.startswith(XATTR_LONG_PREFIX) and stored is not None:
+            encoded = self._split_long(backing, stored)[0]
+        else:
             raise NameAuthError("not an encfs xattr")
         try:
-            return self._siv.decrypt(b64d(backing[len(XATTR_PREFIX):]), [_XATTR_AAD])
+            return self._siv.decrypt(b64d(encoded), [_XATTR_AAD])
         except (InvalidTag, ValueError) as e:
             raise NameAuthError("xattr name failed authentication") from e
 
-    def encrypt_xattr_value(self, backing_name: bytes, value: bytes) -> bytes:
-        return self._seal(value, _XATTR_AAD + backing_name)
+    @staticmethod
+    def _split_long(backing: bytes, stored: bytes) -> tuple[bytes, bytes]:
+        """(encoded name, sealed value) of a long-named xattr's stored value."""
+        if len(stored) < 2:
+            raise NameAuthError("long xattr value is truncated")
+        n = int.from_bytes(stored[:2], "big")
+        encoded = stored[2:2 + n]
+        if len(encoded) != n or XATTR_LONG_PREFIX + b64e(hashlib.sha256(encoded).digest()) != backing:
+            raise NameAuthError("long xattr name does not match its hash")
+        return encoded, stored[2 + n:]
 
-    def decrypt_xattr_value(self, backing_name: bytes, sealed: bytes) -> bytes:
-        return self._open(sealed, _XATTR_AAD + backing_name)
+    def encrypt_xattr_value(self, backing_name: bytes, value: bytes, name: bytes | None = None) -> bytes:
+        """What to store under ``backing_name``: the sealed value (preceded, for a long
+        name, by u16 length and the encoded name, which readers check against the hash)."""
+        sealed = self._seal(value, _XATTR_AAD + backing_name)
+        if not backing_name.startswith(XATTR_LONG_PREFIX):
+            return sealed
+        assert name is not None, "a long xattr name must be given to store it"
+        encoded = self._xattr_encoded(name)
+        return len(encoded).to_bytes(2, "big") + encoded + sealed
+
+    def decrypt_xattr_value(self, backing_name: bytes, stored: bytes) -> bytes:
+        if backing_name.startswith(XATTR_LONG_PREFIX):
+            stored = self._split_long(backing_name, stored)[1]
+        return self._open(stored, _XATTR_AAD + backing_name)
