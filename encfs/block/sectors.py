@@ -214,10 +214,9 @@ class SectorStore:
             self._map(s // EXTENT_SECTORS)  # load (and authenticate) the map first
             placed.append((s, sector_offset(s, self._next_slot(s))))
         for start, run in self._runs(placed):
-            sealed = b"".join(
-                self._data.seal(sector_block_number(s, self._next_slot(s)),
-                                data[(s - first) * SECTOR_SIZE:(s - first + 1) * SECTOR_SIZE])
-                for s in run)
+            sealed = self._data.seal_blocks(
+                [(sector_block_number(s, self._next_slot(s)),
+                  data[(s - first) * SECTOR_SIZE:(s - first + 1) * SECTOR_SIZE]) for s in run])
             _pwrite_all(self.fd, sealed, start)
             for s in run:
                 extent, i = divmod(s, EXTENT_SECTORS)
