@@ -15,7 +15,7 @@ from test_vectors import DOC, hexbytes, parse_vectors
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.fuse.content import HEADER_LEN, FileHeader
 from encfs.fuse.fsconfig import derive_fs_keys
-from encfs.fuse.names import NAME_MAX, NameCipher, b64d
+from encfs.fuse.names import NAME_MAX, NameAuthError, NameCipher, b64d
 
 FS = {v["vector"]: v for v in parse_vectors(DOC.split("## 6. Filesystem format", 1)[1])}
 
@@ -45,7 +45,7 @@ def test_name_vectors(name: str) -> None:
     pad = 16 - len(plain) % 16
     raw = AESSIV(hexbytes(v["name_key"])).encrypt(plain + bytes([pad]) * pad, [b"encfs-name-v1", dirid])
     assert b64d(encoded) == raw
-    with pytest.raises(Exception):
+    with pytest.raises(NameAuthError):
         nc.decrypt_name(encoded, bytes(16))  # another directory
 
 
@@ -86,5 +86,5 @@ def test_xattr_vector() -> None:
     assert nc.xattr_name(hexbytes(v["name"])) == backing
     assert nc.xattr_plain_name(backing) == hexbytes(v["name"])
     assert nc.decrypt_xattr_value(backing, hexbytes(v["sealed"])) == hexbytes(v["value"])
-    with pytest.raises(Exception):
+    with pytest.raises(NameAuthError):
         nc.decrypt_xattr_value(backing + b"x", hexbytes(v["sealed"]))
