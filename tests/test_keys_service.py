@@ -1023,3 +1023,18 @@ def test_audit_log_never_contains_secrets(service: KeyService, tmp_path: Path) -
             assert form not in raw
     # sanity: the search above would have found what it looks for
     assert key_id.encode() in raw
+
+
+def test_generate_data_key_can_seed_the_cache(service: KeyService) -> None:
+    from encfs.keys.cache import DataKeyCache
+
+    key = service.create_key()["KeyId"]
+    cache = DataKeyCache()
+    dk = service.generate_data_key(key, {"f": "1"}, cache=cache)
+    before = sum(1 for r in service.audit.read() if r["operation"] == "Decrypt")
+    assert service.decrypt(dk.ciphertext_blob, {"f": "1"}, cache=cache).plaintext == dk.plaintext
+    assert sum(1 for r in service.audit.read() if r["operation"] == "Decrypt") == before  # no token call
+    assert cache.hits == 1
+    service.disable_key(key)
+    with pytest.raises(KeyStateError):
+        service.decrypt(dk.ciphertext_blob, {"f": "1"}, cache=cache)

@@ -316,7 +316,8 @@ class EncryptedFS(pyfuse3.Operations):
 
     def _new_file_header(self) -> tuple[bytes, BlockCipher]:
         file_id = os.urandom(FILE_ID_LEN)
-        dk = self.ks.generate_data_key(self.config.key_id, self.config.file_context(file_id))
+        dk = self.ks.generate_data_key(self.config.key_id, self.config.file_context(file_id),
+                                       cache=self.key_cache)
         assert dk.plaintext is not None
         return FileHeader(file_id, dk.ciphertext_blob).pack(), self.cipher_class(dk.plaintext, file_id)
 

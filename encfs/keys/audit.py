@@ -8,6 +8,7 @@ processes never interleave partial lines.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pwd
@@ -23,6 +24,7 @@ def iso_time(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@functools.lru_cache(maxsize=64)
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name

@@ -448,8 +448,13 @@ class KeyService:
     # -- cryptographic operations -------------------------------------------
 
     def generate_data_key(self, key: str, context: EncryptionContext | None = None,
-                          number_of_bytes: int = 32, with_plaintext: bool = True) -> DataKey:
-        """A fresh random data key, returned in plaintext (optionally) and sealed under ``key``."""
+                          number_of_bytes: int = 32, with_plaintext: bool = True,
+                          cache: DataKeyCache | None = None) -> DataKey:
+        """A fresh random data key, returned in plaintext (optionally) and sealed under ``key``.
+
+        With ``cache``, the new key is entered as if just decrypted, so the
+        caller's next decrypt of this blob (same context) needs no token call.
+        """
         context = dict(context or {})
         op = "GenerateDataKey" if with_plaintext else "GenerateDataKeyWithoutPlaintext"
         with self._audited(op, context=context) as info:
@@ -462,6 +467,8 @@ class KeyService:
             info["key_version"] = rec.current.version
             plaintext = self.token.random(number_of_bytes)
             blob = self._seal(rec, plaintext, encoded)
+            if cache is not None and with_plaintext:
+                cache.put(blob, encoded, plaintext, rec.key_id, rec.current.version)
             return DataKey(rec.key_id, rec.current.version, plaintext if with_plaintext else None, blob)
 
     def encrypt(self, key: str, plaintext: bytes, context: EncryptionContext | None = None) -> bytes:
