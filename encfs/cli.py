@@ -42,6 +42,22 @@ def home_of(args: argparse.Namespace) -> Path | None:
     return Path(args.home).expanduser().absolute() if args.home else None
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`encfs bench`: run benchmarks/bench.py from the source tree (imported only here)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+    if not script.is_file():
+        raise EncfsError(f"the benchmark harness {script} is not here: `encfs bench` runs from a source "
+                         f"checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("encfs_bench_harness", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return int(module.main(args.bench_args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="encfs", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"encfs {__version__}")
@@ -49,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     keys_cli.register(sub, add_hsm_options)
     fuse_cli.register(sub, add_hsm_options)
     block_cli.register(sub, add_hsm_options)
+    bench = sub.add_parser("bench", add_help=False, prefix_chars="\0",
+                           help="benchmark encfs against the native directory, a null cipher and peers "
+                                "(`encfs bench --help`)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

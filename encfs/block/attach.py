@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from encfs.block.fuseserver import VolumeServer, fuse_mount, fuse_unmount
+from encfs.block.fuseserver import RESIZE_XATTR, VolumeServer, fuse_mount, fuse_unmount
 from encfs.block.volume import VolumeError, open_volume, read_volume_header
 from encfs.daemon import Readiness, spawn
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
@@ -294,3 +294,17 @@ def detach(ref: str) -> Attachment:
     _stop_daemon(a)
     _forget(a)
     return a
+
+
+def grow_attached(a: Attachment, new_size: int) -> None:
+    """Online grow: the daemon grows the image and header, then the loop device learns the size."""
+    header, _w = read_volume_header(Path(a.image))
+    if new_size < header.size:
+        raise VolumeError("shrinking a volume is not supported (it would cut off data)")
+    try:
+        os.setxattr(f"{a.mountpoint}/volume", RESIZE_XATTR, str(new_size).encode())
+    except OSError as e:
+        raise VolumeError(f"online resize of {a.image} failed: {e.strerror} (see the daemon log)") from None
+    proc = _run(["losetup", "--set-capacity", a.loop])
+    if proc.returncode != 0:
+        raise VolumeError(f"{a.loop} did not take the new size: {_last_line(proc.stderr)}")

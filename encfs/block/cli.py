@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from encfs.block.attach import attach, attachments, detach, find_attachment
+from encfs.block.attach import attach, attachments, detach, find_attachment, grow_attached
 from encfs.block.layout import image_size
-from encfs.block.volume import VolumeError, create_volume, grow_volume, parse_size, read_volume_header
+from encfs.block.volume import create_volume, grow_volume, parse_size, read_volume_header
 
 
 def _ks(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -85,11 +85,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_resize(args: argparse.Namespace) -> int:
     path = Path(args.volume)
     header, _w = read_volume_header(path)
+    size = parse_size(args.size)
     a = find_attachment(header.volume_id.hex())
     if a is not None and a.daemon_alive():
-        raise VolumeError(f"{path} is attached as {a.loop}: detach it before resizing (online resize is not supported yet)")
+        grow_attached(a, size)
+        print(f"{path}: {size} bytes (online; {a.loop} resized)")
+        return 0
     with _service(args) as ks:
-        new = grow_volume(path, parse_size(args.size), ks)
+        new = grow_volume(path, size, ks)
     print(f"{path}: {new.size} bytes")
     return 0
 

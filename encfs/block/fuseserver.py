@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 from encfs.blocks import BlockAuthError
+from encfs.errors import EncfsError
 
 log = logging.getLogger("encfs.block")
 
@@ -39,7 +40,7 @@ _BUF = MAX_WRITE + 4096
 # opcodes (linux/fuse.h)
 LOOKUP, FORGET, GETATTR, SETATTR = 1, 2, 3, 4
 OPEN, READ, WRITE, STATFS, RELEASE, FSYNC = 14, 15, 16, 17, 18, 20
-GETXATTR, LISTXATTR, FLUSH, INIT = 22, 23, 25, 26
+SETXATTR, GETXATTR, LISTXATTR, FLUSH, INIT = 21, 22, 23, 25, 26
 OPENDIR, READDIR, RELEASEDIR, FSYNCDIR, ACCESS = 27, 28, 29, 30, 34
 INTERRUPT, DESTROY, BATCH_FORGET, FALLOCATE, LSEEK, SYNCFS = 36, 38, 42, 43, 46, 50
 
@@ -63,6 +64,10 @@ _ATTR_HEAD = struct.Struct("<QII")  # attr_valid, nsec, dummy
 _OPEN_OUT = struct.Struct("<QII")
 _STATFS_OUT = struct.Struct("<QQQQQIIII24x")  # fuse_kstatfs (80)
 _DIRENT = struct.Struct("<QQII")
+_SETXATTR_IN = struct.Struct("<II")  # size, flags (no FUSE_SETXATTR_EXT negotiated)
+_INVAL_INODE = struct.Struct("<Qqq")  # fuse_notify_inval_inode_out: ino, off, len
+NOTIFY_INVAL_INODE = 2
+RESIZE_XATTR = b"user.encfs.resize"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -80,6 +85,7 @@ class VolumeFile:
     def write(self, offset: int, data: bytes) -> int: ...
     def discard(self, offset: int, length: int) -> None: ...
     def flush(self) -> None: ...
+    def grow(self, new_size: int) -> None: ...
 
 
 def fuse_mount(mountpoint: str, fsname: str) -> int:
@@ -131,6 +137,24 @@ class VolumeServer:
         size = self.volume.size
         return _ATTR.pack(FILE_ID, size, size // 512, t, t, t, 0, 0, 0, stat.S_IFREG | 0o600, 1, self.uid,
                           self.gid, 0, 4096, 0)
+
+    def _resize(self, unique: int, value: bytes) -> None:
+        """Online grow, asked for with setxattr(RESIZE_XATTR, decimal size) on the file."""
+        try:
+            new_size = int(value.decode())
+        except ValueError:
+            self._reply(unique, error=errno.EINVAL)
+            return
+        try:
+            self.volume.grow(new_size)
+        except EncfsError as e:
+            log.error("online resize to %d failed: %s", new_size, e.message)
+            self._reply(unique, error=errno.EINVAL if "shrink" in e.message else errno.ENOSPC)
+            return
+        self._reply(unique)
+        # The kernel caches the file's size: tell it to ask again.
+        os.write(self.fd, _OUT.pack(_OUT.size + _INVAL_INODE.size, NOTIFY_INVAL_INODE, 0)
+                 + _INVAL_INODE.pack(FILE_ID, 0, -1))
 
     def stop(self) -> None:
         """Make serve() return after the current request. Meant for a signal handler:
@@ -231,6 +255,15 @@ class VolumeServer:
                     break
                 out += rec
             self._reply(unique, bytes(out))
+        elif opcode == SETXATTR:
+            size_len, _flags = _SETXATTR_IN.unpack_from(body)
+            name, _, rest = bytes(body[_SETXATTR_IN.size:]).partition(b"\0")
+            if node != FILE_ID or name != RESIZE_XATTR:
+                self._reply(unique, error=errno.EOPNOTSUPP)
+                return True
+            self._resize(unique, rest[:size_len])
+        elif opcode in (GETXATTR, LISTXATTR):
+            self._reply(unique, error=errno.EOPNOTSUPP)
         elif opcode in (RELEASE, RELEASEDIR, ACCESS):
             self._reply(unique)
         elif opcode == STATFS:

@@ -111,22 +111,28 @@ class SectorStore:
 
     # -- sector maps ----------------------------------------------------------------
 
-    def format_maps(self, first_extent: int = 0) -> None:
-        """Write fresh (all-unwritten) maps to both slots of every extent from ``first_extent``."""
-        for extent in range(first_extent, extents_for(self.sectors)):
+    def format_maps(self, first_extent: int = 0, sectors: int | None = None) -> None:
+        """Write fresh (all-unwritten) maps to both slots of every extent from
+        ``first_extent`` up to the extent holding sector ``sectors`` - 1 (default: the end)."""
+        fresh = {}
+        for extent in range(first_extent, extents_for(self.sectors if sectors is None else sectors)):
             for slot in (0, 1):
                 plain = _map_record(slot, bytes(MAP_BYTES))
-                os.pwrite(self.fd, self._maps_cipher.seal(map_block_number(extent, slot), plain),
-                          map_offset(extent, slot))
-            self._maps[extent] = _ExtentMap(bytearray(MAP_BYTES), 1, 1)
+                _pwrite_all(self.fd, self._maps_cipher.seal(map_block_number(extent, slot), plain),
+                            map_offset(extent, slot))
+            fresh[extent] = _ExtentMap(bytearray(MAP_BYTES), 1, 1)
         os.fsync(self.fd)
+        self._maps.update(fresh)
 
     def grow(self, new_sectors: int) -> None:
-        """Extend the image to ``new_sectors`` and format the maps of the added extents."""
-        first_new = extents_for(self.sectors)
+        """Extend the image to ``new_sectors`` and format the maps of the added extents.
+
+        The store's size changes only once everything is written, so a failed
+        grow (ENOSPC) leaves a store that still serves the old size.
+        """
         os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, image_size(new_sectors)))
+        self.format_maps(first_extent=extents_for(self.sectors), sectors=new_sectors)
         self.sectors = new_sectors
-        self.format_maps(first_extent=first_new)
 
     def _map(self, extent: int) -> _ExtentMap:
         m = self._maps.get(extent)

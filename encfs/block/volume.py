@@ -75,6 +75,22 @@ class OpenVolume:
     def close(self) -> None:
         os.close(self.fd)
 
+    def grow(self, new_size: int) -> None:
+        """Format the new extents' maps, then publish the new size in both header copies.
+
+        Works attached (the daemon calls it) or detached; on failure the volume
+        keeps its old size: no header copy names the new size before its maps exist.
+        """
+        if new_size < self.header.size:
+            raise VolumeError("shrinking a volume is not supported (it would cut off data)")
+        if new_size == self.header.size:
+            return
+        try:
+            self.store.grow(new_size // SECTOR_SIZE)
+            self.header = write_header(self.fd, replace(self.header, size=new_size))
+        except OSError as e:
+            raise VolumeError(f"cannot grow {self.path}: {e.strerror}") from None
+
 
 def create_volume(path: Path, size: int, ks: KeyService, key: str) -> VolumeHeader:
     """A new image at ``path`` (which must not exist); nothing is left behind on failure."""
@@ -147,15 +163,7 @@ def grow_volume(path: Path, new_size: int, ks: KeyService) -> VolumeHeader:
     """Grow a detached volume: format the new extents' maps, then publish the new size."""
     vol = open_volume(path, ks)
     try:
-        old = vol.header
-        if new_size < old.size:
-            raise VolumeError("shrinking a volume is not supported (it would cut off data)")
-        if new_size == old.size:
-            return old
-        try:
-            vol.store.grow(new_size // SECTOR_SIZE)
-            return write_header(vol.fd, replace(old, size=new_size))
-        except OSError as e:  # e.g. ENOSPC: no header copy names the new size before its maps exist
-            raise VolumeError(f"cannot grow {path}: {e.strerror}") from None
+        vol.grow(new_size)
+        return vol.header
     finally:
         vol.close()

@@ -1,0 +1,66 @@
+"""Smoke test of the benchmark harness (benchmarks/bench.py): structure, not speed.
+
+Runs the smallest scale against the native directory and an encfs FUSE mount only, through
+`encfs bench`, and checks that the JSON and markdown outputs are complete and every number is
+positive. It asserts nothing about timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+                                reason="the harness needs root and /dev/fuse")
+
+
+def _mounted_under(path: Path) -> list[str]:
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        return [ln.split()[1] for ln in f if ln.split()[1].startswith(str(path))]
+
+
+@pytest.mark.timeout(120)
+def test_bench_smoke(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ)
+    env.pop("SOFTHSM2_CONF", None)
+    proc = subprocess.run([sys.executable, "-m", "encfs", "bench", "--scale", "smoke", "--targets", "native,encfs",
+                           "--out", str(out), "--workdir", str(work)],
+                          capture_output=True, text=True, timeout=110, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _mounted_under(tmp_path) == []
+    assert list(work.iterdir()) == []  # the harness removed its working directory
+
+    result = json.loads((out / "results.json").read_text())
+    assert result["scale"]["name"] == "smoke" and result["repeats"] == 1
+    assert set(result["targets"]) == {"native", "encfs"}
+    assert all(t["status"] == "ok" for t in result["targets"].values()), result["targets"]
+    expected = {"seq_write", "seq_read_cold", "small_create", "small_stat", "small_read", "small_delete",
+                "untar", "sqlite"}
+    import shutil
+    if shutil.which("fio"):
+        expected |= {"rand_read_4k", "rand_write_4k"}
+    for target in ("native", "encfs"):
+        metrics = result["results"][target]
+        assert expected <= set(metrics), (target, sorted(metrics))
+        for name, s in metrics.items():
+            assert s["samples"] and all(v > 0 for v in s["samples"]), (target, name, s)
+            assert s["min"] <= s["median"] <= s["max"]
+    for name in ("generate_data_key", "decrypt"):
+        assert result["key_service"][name]["median"] > 0
+    for label in ("encfs / null cipher", "encfs / gocryptfs", "encfs volume / plain loop",
+                  "encfs volume / userspace LUKS"):
+        assert label in result["ratios"]
+    assert result["ratios"]["encfs / null cipher"]["seq_write"] is None  # null target not selected
+    assert result["machine"]["cpus"] and result["machine"]["kernel"]
+
+    table = (out / "results.md").read_text()
+    assert "| workload | unit | native | encfs |" in table
+    assert "n/a" in table and "encfs / null cipher" in table
+    assert "| workload |" in proc.stdout
