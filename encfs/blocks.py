@@ -100,8 +100,7 @@ class BlockCipher:
         """Plaintext of a sealed block; BlockAuthError if it does not authenticate."""
         if not OVERHEAD < len(sealed) <= SEALED_BLOCK:
             raise BlockAuthError(block_no)
-        sealed = bytes(sealed)
-        try:
+        try:  # slices of a memoryview: no copy of the block before decryption
             return self._aead.decrypt(sealed[:NONCE_LEN], sealed[NONCE_LEN:], self.aad(block_no))
         except InvalidTag:
             raise BlockAuthError(block_no) from None
