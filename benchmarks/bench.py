@@ -85,6 +85,7 @@ KEY_METRICS = {
 RATIOS = [  # (label, numerator target, denominator target)
     ("encfs / null cipher", "encfs", "encfs-null"),
     ("encfs / gocryptfs", "encfs", "gocryptfs"),
+    ("encfs volume / null-cipher volume", "encfs-volume", "encfs-volume-null"),
     ("encfs volume / plain loop", "encfs-volume", "loop-plain"),
     ("encfs volume / userspace LUKS", "encfs-volume", "luks-nbdkit"),
 ]
@@ -307,6 +308,32 @@ class EncfsVolume(Target):
                 raise RuntimeError(f"encfs volume detach: {proc.stderr.decode(errors='replace').strip()}")
 
 
+class EncfsVolumeNull(Target):
+    name = "encfs-volume-null"
+    kind = "volume"
+    description = ("ext4 on the same volume server and loop setup with the sector cipher replaced by a "
+                   "null cipher (benchmarks/null_volume.py; benchmark only)")
+
+    def setup(self) -> Path:
+        base = self.fresh()
+        fuse_mnt = base / "fuse"
+        fuse_mnt.mkdir()
+        self.daemon([sys.executable, str(HERE / "null_volume.py"), str(base / "vol.img"), str(fuse_mnt),
+                     str(self.ctx.scale.volume_mib)], fuse_mnt, env=encfs_env(self.ctx))
+        # The FUSE mount can go only after the loop device lets go of its file: _teardown_extra.
+        self.mounts.remove(fuse_mnt)
+        self.fuse_mnt = fuse_mnt
+        dev = losetup(fuse_mnt / "volume")
+        self.loops.append(dev)
+        return self.ext4_on(dev, base / "mnt")
+
+    def _teardown_extra(self) -> None:
+        mnt = getattr(self, "fuse_mnt", None)
+        if mnt is not None:
+            self.fuse_mnt = None
+            unmount(mnt)
+
+
 class LoopPlain(Target):
     name = "loop-plain"
     kind = "volume"
@@ -455,7 +482,7 @@ class Fscrypt(Target):
         return data
 
 
-ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsVolume, LoopPlain, Gocryptfs, Securefs, Cryfs, LuksNbdkit, Fscrypt]
+ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsVolume, EncfsVolumeNull, LoopPlain, Gocryptfs, Securefs, Cryfs, LuksNbdkit, Fscrypt]
 
 
 # -- workloads --------------------------------------------------------------------------------------

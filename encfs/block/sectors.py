@@ -98,12 +98,16 @@ class _ExtentMap:
 class SectorStore:
     """Sector-granular plaintext access to one volume image. Not thread-safe."""
 
+    # Benchmark hook (benchmarks/null_volume.py swaps in a null cipher in its own
+    # process to measure what encryption costs); no command or option reaches it.
+    cipher_class: type[BlockCipher] = BlockCipher
+
     def __init__(self, fd: int, key: bytes, volume_id: bytes, sectors: int,
                  on_auth_error: Callable[[int], None] | None = None) -> None:
         self.fd = fd
         self.sectors = sectors
-        self._data = BlockCipher(key, volume_id + b"sector")
-        self._maps_cipher = BlockCipher(key, volume_id + b"map")
+        self._data = self.cipher_class(key, volume_id + b"sector")
+        self._maps_cipher = self.cipher_class(key, volume_id + b"map")
         self._maps: dict[int, _ExtentMap] = {}
         self._dirty: set[int] = set()
         self._punch_later: list[tuple[int, int]] = []

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Benchmark-only launcher: a volume served exactly like an attached encfs volume, without encryption.
+
+Usage (the harness runs it; it is not an `encfs` command and never an option):
+    python benchmarks/null_volume.py IMAGE MOUNTPOINT SIZE_MIB
+
+It creates a fresh IMAGE with encfs's volume layout (two-slot sectors, sector maps) and serves it
+with the same raw /dev/fuse server (encfs.block.fuseserver.VolumeServer) as `encfs volume attach`,
+with one difference: ``SectorStore.cipher_class`` is replaced, in this process only, by
+``NullBlockCipher`` (same framing, no AES-GCM). The harness attaches a loop device to
+MOUNTPOINT/volume. So "encfs volume / this" is what encryption costs on the volume path.
+The image holds PLAINTEXT: use a throwaway path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from null_mount import NullBlockCipher  # noqa: E402
+
+from encfs.block.fuseserver import VolumeServer, fuse_mount  # noqa: E402
+from encfs.block.layout import SECTOR_SIZE, image_size  # noqa: E402
+from encfs.block.sectors import SectorStore  # noqa: E402
+
+
+class NullSectorStore(SectorStore):
+    cipher_class = NullBlockCipher  # type: ignore[assignment]
+
+
+class NullVolume:
+    """The VolumeFile protocol over a NullSectorStore."""
+
+    def __init__(self, store: SectorStore) -> None:
+        self.store = store
+
+    @property
+    def size(self) -> int:
+        return self.store.sectors * SECTOR_SIZE
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.store.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> int:
+        return self.store.write(offset, data)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.store.discard(offset, length)
+
+    def flush(self) -> None:
+        self.store.flush()
+
+    def grow(self, new_size: int) -> None:
+        raise OSError(95, "not supported by the benchmark volume")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    image, mountpoint, size_mib = Path(argv[0]), argv[1], int(argv[2])
+    sectors = size_mib * (1 << 20) // SECTOR_SIZE
+    fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, image_size(sectors))
+    store = NullSectorStore(fd, bytes(32), bytes(16), sectors)
+    store.format_maps()
+    server = VolumeServer(fuse_mount(mountpoint, "encfs-null-volume"), NullVolume(store))
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.serve()
+    finally:
+        store.flush()
+        os.close(fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
