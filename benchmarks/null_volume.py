@@ -26,33 +26,18 @@ from null_mount import NullBlockCipher  # noqa: E402
 from encfs.block.fuseserver import VolumeServer, fuse_mount  # noqa: E402
 from encfs.block.layout import SECTOR_SIZE, image_size  # noqa: E402
 from encfs.block.sectors import SectorStore  # noqa: E402
+from encfs.block.volume import StoreFile  # noqa: E402
 
 
 class NullSectorStore(SectorStore):
     cipher_class = NullBlockCipher  # type: ignore[assignment]
 
 
-class NullVolume:
+class NullVolume(StoreFile):
     """The VolumeFile protocol over a NullSectorStore."""
 
     def __init__(self, store: SectorStore) -> None:
         self.store = store
-
-    @property
-    def size(self) -> int:
-        return self.store.sectors * SECTOR_SIZE
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.store.read(offset, length)
-
-    def write(self, offset: int, data: bytes) -> int:
-        return self.store.write(offset, data)
-
-    def discard(self, offset: int, length: int) -> None:
-        self.store.discard(offset, length)
-
-    def flush(self) -> None:
-        self.store.flush()
 
     def grow(self, new_size: int) -> None:
         raise OSError(95, "not supported by the benchmark volume")

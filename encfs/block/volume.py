@@ -45,21 +45,15 @@ def parse_size(text: str) -> int:
     return size
 
 
-@dataclass
-class OpenVolume:
-    """An open image: its fd, header and sector store (the data key is unwrapped)."""
+class StoreFile:
+    """The FUSE server's VolumeFile I/O, delegated to a SectorStore (``self.store``)."""
 
-    path: Path
-    fd: int
-    header: VolumeHeader
     store: SectorStore
-    warnings: list[str]
 
     @property
     def size(self) -> int:
-        return self.header.size
+        return self.store.sectors * SECTOR_SIZE
 
-    # VolumeFile protocol for the FUSE server
     def read(self, offset: int, length: int) -> bytes:
         return self.store.read(offset, length)
 
@@ -71,6 +65,21 @@ class OpenVolume:
 
     def flush(self) -> None:
         self.store.flush()
+
+
+@dataclass
+class OpenVolume(StoreFile):
+    """An open image: its fd, header and sector store (the data key is unwrapped)."""
+
+    path: Path
+    fd: int
+    header: VolumeHeader
+    store: SectorStore
+    warnings: list[str]
+
+    @property
+    def size(self) -> int:
+        return self.header.size  # what both header copies say, even if a grow failed half-way
 
     def close(self) -> None:
         os.close(self.fd)
