@@ -158,6 +158,18 @@ class EntryAttributes:
         return ATTR_HEAD.pack(av[0], av[1], 0) + self.pack_attr()
 
 
+@dataclass(slots=True)
+class SetattrFields:
+    """Which attributes a SETATTR changes (the new values are in an EntryAttributes)."""
+
+    update_mode: bool = False
+    update_uid: bool = False
+    update_gid: bool = False
+    update_size: bool = False
+    update_atime: bool = False
+    update_mtime: bool = False
+
+
 def _split_seconds(t: float) -> tuple[int, int]:
     s = int(t)
     return s, int((t - s) * 1e9)
@@ -258,18 +270,19 @@ class FuseServer:
         self.uid, self.gid = os.getuid(), os.getgid()
         self._running = True
         self._idle = False
+        self.unmounted = False  # the kernel ended the connection (ENODEV)
 
     def reply(self, unique: int, *payload: bytes) -> None:
         length = OUT_HEADER.size + sum(len(p) for p in payload)
-        self._write([OUT_HEADER.pack(length, 0, unique), *payload])
+        self._send([OUT_HEADER.pack(length, 0, unique), *payload])
 
     def reply_error(self, unique: int, error: int) -> None:
-        self._write([OUT_HEADER.pack(OUT_HEADER.size, -error, unique)])
+        self._send([OUT_HEADER.pack(OUT_HEADER.size, -error, unique)])
 
     def notify(self, code: int, payload: bytes) -> None:
-        self._write([OUT_HEADER.pack(OUT_HEADER.size + len(payload), code, 0), payload])
+        self._send([OUT_HEADER.pack(OUT_HEADER.size + len(payload), code, 0), payload])
 
-    def _write(self, parts: list[bytes]) -> None:
+    def _send(self, parts: list[bytes]) -> None:
         try:
             os.writev(self.fd, parts)
         except OSError as e:
@@ -325,6 +338,7 @@ class FuseServer:
                 if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                     continue
                 if e.errno == errno.ENODEV:  # unmounted
+                    self.unmounted = True
                     self._running = False
                     break
                 raise

@@ -1,6 +1,6 @@
 """``encfs init``, ``encfs mount``, ``encfs umount``, ``encfs info``.
 
-pyfuse3 and trio are imported only by the commands that mount: every encfs
+The mount machinery is imported only by the commands that mount: every encfs
 command pays for the imports of the modules its parser registers.
 """
 

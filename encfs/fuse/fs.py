@@ -1,4 +1,6 @@
-"""The FUSE frontend: plaintext view of a CIPHERDIR (pyfuse3 Operations).
+"""The filesystem operations: a plaintext view of a CIPHERDIR.
+
+encfs.fuse.server decodes kernel requests into calls of these methods.
 
 Design:
 - FUSE inode numbers are the backing inode numbers (the backing root's
@@ -7,8 +9,8 @@ Design:
   backing filesystem reuses the number of an inode we free (last unlink,
   rmdir, rename over it) while the kernel may still hold the old one (an
   open fd, a cwd), so each freed number gets a new FUSE generation.
-- Every request runs to completion without awaiting, so requests are
-  serialised: no two operations interleave on one file.
+- The server serialises calls (see encfs.fuse.server for the one
+  exception, reads): no two operations interleave on one file.
 - A file that is open but has lost every name (unlinked while open) is
   reached through the backing fd of an open handle (_target), so fstat,
   ftruncate, fchmod, f*xattr and reopening via /proc/self/fd keep working.
@@ -20,22 +22,21 @@ Design:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
 import logging
 import os
 import stat as stat_m
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-
-import pyfuse3
-from pyfuse3 import FUSEError
 
 from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.errors import EncfsError
+from encfs.fuseproto import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
 from encfs.fuse.content import HEADER_LEN, FILE_ID_LEN, FileContent, FileHeader, HeaderError, plain_file_size
 from encfs.fuse.fsconfig import FsConfig, FsKeys
 from encfs.fuse.names import (
@@ -60,6 +61,10 @@ from encfs.keys.service import KeyService
 log = logging.getLogger("encfs.fuse")
 
 ATTR_TIMEOUT = 1.0
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+# The kernel asks for this on every write(2), to drop file capabilities; inodes known not to
+# have it are answered from memory.
+CAPABILITY_XATTR = b"security.capability"
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
 
@@ -70,23 +75,31 @@ def _renameat2(old: bytes, new: bytes, flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+@contextlib.contextmanager
+def failures_as_errno(op: str) -> Iterator[None]:
+    """Turn a failure inside operation ``op`` into FuseError(errno), without leaking details:
+    integrity failures and key-service errors are logged and become EIO."""
+    try:
+        yield
+    except FuseError:
+        raise
+    except OSError as e:
+        raise FuseError(e.errno or errno.EIO) from None
+    except (BlockAuthError, NameAuthError, HeaderError) as e:
+        log.error("%s: integrity failure: %s", op, e)
+        raise FuseError(errno.EIO) from None
+    except EncfsError as e:
+        log.error("%s: %s", op, e.message)
+        raise FuseError(errno.EIO) from None
+
+
 def fuse_op(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a synchronous handler; map failures to errno without leaking details."""
+    """An operation whose failures reach the kernel as errno (see failures_as_errno)."""
 
     @functools.wraps(func)
-    async def handler(self: EncryptedFS, *args: Any) -> Any:
-        try:
+    def handler(self: EncryptedFS, *args: Any) -> Any:
+        with failures_as_errno(func.__name__):
             return func(self, *args)
-        except FUSEError:
-            raise
-        except OSError as e:
-            raise FUSEError(e.errno or errno.EIO) from None
-        except (BlockAuthError, NameAuthError, HeaderError) as e:
-            log.error("%s: integrity failure: %s", func.__name__, e)
-            raise FUSEError(errno.EIO) from None
-        except EncfsError as e:
-            log.error("%s: %s", func.__name__, e.message)
-            raise FUSEError(errno.EIO) from None
 
     return handler
 
@@ -106,22 +119,20 @@ class DirHandle:
     entries: list[bytes] | None = None  # backing entries, listed by readdir at offset 0
 
 
-class EncryptedFS(pyfuse3.Operations):
-    """pyfuse3 operations over an encfs CIPHERDIR."""
+class EncryptedFS:
+    """The operations of an encfs mount over its CIPHERDIR.
 
-    supports_dot_lookup = False
-    # The kernel caches pages across opens (keep_cache) and batches small writes
-    # (writeback cache); every change goes through this daemon, so the cache is
-    # coherent, and fsync still reaches the backing file before it returns.
-    enable_writeback_cache = True
-    enable_acl = False
+    The server opens every file with keep_cache and negotiates the kernel's
+    writeback cache: every change goes through this daemon, so the page cache
+    is coherent, and fsync still reaches the backing file before it returns.
+    """
+
     # The content cipher's class. Benchmark hook only (benchmarks/null_mount.py swaps in a
     # null cipher to measure what encryption costs); no command or mount option reaches it.
     cipher_class: Callable[[bytes, bytes], BlockCipher] = BlockCipher
 
     def __init__(self, cipherdir: bytes, config: FsConfig, keys: FsKeys, ks: KeyService,
                  read_only: bool = False) -> None:
-        super().__init__()
         self.root = os.path.abspath(cipherdir)
         self.config = config
         self.names = NameCipher(keys.name_key, keys.meta_key)
@@ -129,10 +140,11 @@ class EncryptedFS(pyfuse3.Operations):
         self.read_only = read_only
         self.key_cache = DataKeyCache(max_age=3600, max_entries=65536)
         self._root_ino = os.lstat(self.root).st_ino
-        self._paths: dict[int, set[bytes]] = {pyfuse3.ROOT_INODE: {self.root}}
-        self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
-        self._dirids: dict[int, bytes] = {pyfuse3.ROOT_INODE: bytes.fromhex(config.fs_id)[:DIRID_LEN]}
+        self._paths: dict[int, set[bytes]] = {ROOT_ID: {self.root}}
+        self._lookups: dict[int, int] = {ROOT_ID: 1}
+        self._dirids: dict[int, bytes] = {ROOT_ID: bytes.fromhex(config.fs_id)[:DIRID_LEN]}
         self._generations: dict[int, int] = {}  # inode number -> times it was freed
+        self._no_capability: set[int] = set()  # inodes known to lack CAPABILITY_XATTR
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
@@ -141,15 +153,15 @@ class EncryptedFS(pyfuse3.Operations):
 
     def _ino(self, st: os.stat_result) -> int:
         if st.st_ino == self._root_ino:
-            return pyfuse3.ROOT_INODE
-        if st.st_ino == pyfuse3.ROOT_INODE:
+            return ROOT_ID
+        if st.st_ino == ROOT_ID:
             return self._root_ino
         return st.st_ino
 
     def _path(self, inode: int) -> bytes:
         paths = self._paths.get(inode)
         if not paths:
-            raise FUSEError(errno.ENOENT)
+            raise FuseError(errno.ENOENT)
         return next(iter(paths))
 
     def _target(self, inode: int) -> bytes | int:
@@ -160,7 +172,7 @@ class EncryptedFS(pyfuse3.Operations):
         for f in self._files.values():
             if f.inode == inode:
                 return f.fd
-        raise FUSEError(errno.ENOENT)
+        raise FuseError(errno.ENOENT)
 
     def _remember(self, inode: int, path: bytes, count: bool = True) -> None:
         self._paths.setdefault(inode, set()).add(path)
@@ -190,7 +202,7 @@ class EncryptedFS(pyfuse3.Operations):
 
     def _check_writable(self) -> None:
         if self.read_only:
-            raise FUSEError(errno.EROFS)
+            raise FuseError(errno.EROFS)
 
     @staticmethod
     def _open_backing(target: bytes | int, writable: bool, noatime: bool, extra: int = 0,
@@ -236,7 +248,7 @@ class EncryptedFS(pyfuse3.Operations):
         if len(dirid) != DIRID_LEN:
             if any(not is_internal(n) or is_longname_entry(n) for n in os.listdir(path)):
                 log.error("directory %r lost its id: its entries cannot be decrypted", path)
-                raise FUSEError(errno.EIO)
+                raise FuseError(errno.EIO)
             dirid = self._write_dirid(path)  # an empty directory from an interrupted mkdir
         self._dirids[inode] = dirid
         return dirid
@@ -253,9 +265,9 @@ class EncryptedFS(pyfuse3.Operations):
     def _child(self, parent: int, name: bytes) -> tuple[bytes, bytes | None]:
         """(backing path, long-name side-file content or None) of ``name`` in ``parent``."""
         if len(name) > NAME_MAX:
-            raise FUSEError(errno.ENAMETOOLONG)
+            raise FuseError(errno.ENAMETOOLONG)
         if name in (b".", b"..") or not name:
-            raise FUSEError(errno.EINVAL)
+            raise FuseError(errno.EINVAL)
         encoded = self.names.encrypt_name(name, self._dirid(parent))
         entry, side = self.names.backing_entry(encoded)
         return os.path.join(self._path(parent), entry), side
@@ -281,9 +293,9 @@ class EncryptedFS(pyfuse3.Operations):
     # -- attributes -----------------------------------------------------------------
 
     def _attrs(self, st: os.stat_result, inode: int | None = None,
-               path: bytes | None = None) -> pyfuse3.EntryAttributes:
+               path: bytes | None = None) -> EntryAttributes:
         """Plaintext attributes; symlinks need their backing ``path`` for the target length."""
-        e = pyfuse3.EntryAttributes()
+        e = EntryAttributes()
         e.st_ino = inode if inode is not None else self._ino(st)
         e.generation = self._generations.get(e.st_ino, 0)
         e.entry_timeout = ATTR_TIMEOUT
@@ -306,7 +318,7 @@ class EncryptedFS(pyfuse3.Operations):
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
-    def _entry(self, path: bytes, count: bool = True) -> pyfuse3.EntryAttributes:
+    def _entry(self, path: bytes, count: bool = True) -> EntryAttributes:
         st = os.lstat(path)
         inode = self._ino(st)
         self._remember(inode, path, count)
@@ -347,35 +359,36 @@ class EncryptedFS(pyfuse3.Operations):
     # -- lookups and attributes ---------------------------------------------------------
 
     @fuse_op
-    def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         path, _side = self._child(parent_inode, name)
         try:
             return self._entry(path)
         except FileNotFoundError:
-            raise FUSEError(errno.ENOENT) from None
+            raise FuseError(errno.ENOENT) from None
 
     @fuse_op
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, nlookup in inode_list:
             left = self._lookups.get(inode, 0) - nlookup
-            if left > 0 or inode == pyfuse3.ROOT_INODE:
-                self._lookups[inode] = max(left, 1 if inode == pyfuse3.ROOT_INODE else left)
+            if left > 0 or inode == ROOT_ID:
+                self._lookups[inode] = max(left, 1 if inode == ROOT_ID else left)
                 continue
             self._lookups.pop(inode, None)
+            self._no_capability.discard(inode)
             if not any(f.inode == inode for f in self._files.values()):
                 self._paths.pop(inode, None)
                 self._dirids.pop(inode, None)
 
     @fuse_op
-    def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
         target = self._target(inode)
         if isinstance(target, int):
             return self._attrs(os.fstat(target), inode)
         return self._attrs(os.lstat(target), inode, target)
 
     @fuse_op
-    def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def setattr(self, inode: int, attr: EntryAttributes, fields: SetattrFields,
+                fh: int | None, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
         target = self._target(inode)
         # paths are not followed (the entry itself may be a symlink); an fd is the file itself
@@ -409,7 +422,7 @@ class EncryptedFS(pyfuse3.Operations):
         return target if isinstance(target, bytes) else b"<unlinked fd %d>" % target
 
     @fuse_op
-    def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+    def readlink(self, inode: int, ctx: RequestContext) -> bytes:
         stored = os.readlink(self._path(inode))
         if not is_long_symlink(stored):
             return self.names.decrypt_symlink(stored)
@@ -438,27 +451,27 @@ class EncryptedFS(pyfuse3.Operations):
         return None
 
     @fuse_op
-    def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        sv = os.statvfs(self.root)
-        out = pyfuse3.StatvfsData()
-        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
-                     "f_favail"):
-            setattr(out, name, getattr(sv, name))
-        out.f_namemax = NAME_MAX
-        return out
+    def statfs(self, ctx: RequestContext) -> os.statvfs_result:
+        """The backing filesystem's figures; the server reports NAME_MAX as the name limit."""
+        return os.statvfs(self.root)
 
     # -- directories ------------------------------------------------------------------------
 
     @fuse_op
-    def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    def opendir(self, inode: int, ctx: RequestContext) -> int:
         self._path(inode)
         self._dirid(inode)
         fh = self._next_handle()
         self._dirs[fh] = DirHandle(inode)
         return fh
 
-    @fuse_op
-    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    def readdir(self, fh: int, start_id: int, plus: bool) -> Iterator[tuple[bytes, EntryAttributes, int]]:
+        """(name, attributes, offset of the next entry) from offset ``start_id`` on.
+
+        The consumer stops iterating once its reply is full. An entry counts as
+        looked up (``plus``: the kernel instantiates it) only once the consumer
+        asks for the one after it, so entries that did not fit are not counted.
+        """
         d = self._dirs[fh]
         path = self._path(d.inode)  # the directory may have been renamed since opendir
         dirid = self._dirid(d.inode)
@@ -477,9 +490,8 @@ class EncryptedFS(pyfuse3.Operations):
                 log.error("%r: skipping undecryptable entry: %s", child, e)
                 continue
             inode = self._ino(st)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(st, inode, child), i + 1):
-                return
-            self._remember(inode, child)
+            yield name, self._attrs(st, inode, child), i + 1
+            self._remember(inode, child, count=plus)
 
     @fuse_op
     def releasedir(self, fh: int) -> None:
@@ -494,11 +506,11 @@ class EncryptedFS(pyfuse3.Operations):
             os.close(fd)
 
     @fuse_op
-    def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
         path, side = self._child(parent_inode, name)
         if os.path.lexists(path):
-            raise FUSEError(errno.EEXIST)
+            raise FuseError(errno.EEXIST)
         self._write_side(path, side)
         try:
             os.mkdir(path, stat_m.S_IMODE(mode))
@@ -514,7 +526,7 @@ class EncryptedFS(pyfuse3.Operations):
         return attrs
 
     @staticmethod
-    def _owner(path: bytes, ctx: pyfuse3.RequestContext) -> tuple[int, int, int]:
+    def _owner(path: bytes, ctx: RequestContext) -> tuple[int, int, int]:
         """(uid, gid, extra directory mode bits) for the new entry ``path``: the caller's, but in a
         set-group-ID directory the directory's group (and S_ISGID for a new directory), as on a
         local filesystem."""
@@ -527,14 +539,14 @@ class EncryptedFS(pyfuse3.Operations):
         return all(is_internal(n) and not is_longname_entry(n) for n in os.listdir(path))
 
     @fuse_op
-    def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         self._check_writable()
         path, side = self._child(parent_inode, name)
         st = os.lstat(path)
         if not stat_m.S_ISDIR(st.st_mode):
-            raise FUSEError(errno.ENOTDIR)
+            raise FuseError(errno.ENOTDIR)
         if not self._is_plain_empty(path):
-            raise FUSEError(errno.ENOTEMPTY)
+            raise FuseError(errno.ENOTEMPTY)
         self._remove_internal(path)
         os.rmdir(path)
         self._remove_side(path, side)
@@ -549,6 +561,7 @@ class EncryptedFS(pyfuse3.Operations):
             # reused: a new generation tells the kernel the number now names a new inode.
             self._generations[inode] = self._generations.get(inode, 0) + 1
             self._dirids.pop(inode, None)
+            self._no_capability.discard(inode)
 
     def _remove_internal(self, dir_path: bytes) -> None:
         for n in os.listdir(dir_path):
@@ -558,12 +571,12 @@ class EncryptedFS(pyfuse3.Operations):
     # -- entries ------------------------------------------------------------------------------
 
     @fuse_op
-    def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         self._check_writable()
         path, side = self._child(parent_inode, name)
         st = os.lstat(path)
         if stat_m.S_ISDIR(st.st_mode):
-            raise FUSEError(errno.EISDIR)
+            raise FuseError(errno.EISDIR)
         last_target = self._last_link_target(path, st)
         os.unlink(path)
         self._remove_side(path, side)
@@ -571,10 +584,10 @@ class EncryptedFS(pyfuse3.Operations):
         self._removed(st, path)
 
     @fuse_op
-    def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
         if len(target) > SYMLINK_MAX:
-            raise FUSEError(errno.ENAMETOOLONG)
+            raise FuseError(errno.ENAMETOOLONG)
         path, side = self._child(parent_inode, name)
         stored = self.names.encrypt_symlink(target)
         long_ref = None
@@ -600,7 +613,7 @@ class EncryptedFS(pyfuse3.Operations):
         write_atomic(path, data, 0o444)
 
     @fuse_op
-    def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
         path, side = self._child(new_parent_inode, new_name)
         self._write_side(path, side)
@@ -613,7 +626,7 @@ class EncryptedFS(pyfuse3.Operations):
         return self._entry(path)
 
     @fuse_op
-    def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
         path, side = self._child(parent_inode, name)
         self._write_side(path, side)
@@ -630,12 +643,12 @@ class EncryptedFS(pyfuse3.Operations):
 
     @fuse_op
     def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-               flags: int, ctx: pyfuse3.RequestContext) -> None:
+               flags: int, ctx: RequestContext) -> None:
         self._check_writable()
         old, old_side = self._child(parent_inode_old, name_old)
         new, new_side = self._child(parent_inode_new, name_new)
         st_old = os.lstat(old)
-        if flags & pyfuse3.RENAME_EXCHANGE:
+        if flags & RENAME_EXCHANGE:
             os.lstat(new)
             _renameat2(old, new, flags)  # names stay where they are; side files stay valid
             ino_new = self._ino(os.lstat(old))
@@ -649,23 +662,23 @@ class EncryptedFS(pyfuse3.Operations):
         except FileNotFoundError:
             pass
         if replaced is not None:
-            if flags & pyfuse3.RENAME_NOREPLACE:
-                raise FUSEError(errno.EEXIST)
+            if flags & RENAME_NOREPLACE:
+                raise FuseError(errno.EEXIST)
             if stat_m.S_ISDIR(replaced.st_mode):
                 if not stat_m.S_ISDIR(st_old.st_mode):
-                    raise FUSEError(errno.EISDIR)
+                    raise FuseError(errno.EISDIR)
                 if not self._is_plain_empty(new):
-                    raise FUSEError(errno.ENOTEMPTY)
+                    raise FuseError(errno.ENOTEMPTY)
             elif stat_m.S_ISDIR(st_old.st_mode):
-                raise FUSEError(errno.ENOTDIR)
+                raise FuseError(errno.ENOTDIR)
         if stat_m.S_ISDIR(st_old.st_mode) and (new + b"/").startswith(old + b"/"):
-            raise FUSEError(errno.EINVAL)
+            raise FuseError(errno.EINVAL)
         replaced_target = self._last_link_target(new, replaced) if replaced is not None else None
         self._write_side(new, new_side)
         if replaced is not None and stat_m.S_ISDIR(replaced.st_mode):
             self._remove_internal(new)  # the target is empty in plaintext: drop its bookkeeping
         try:
-            if flags & pyfuse3.RENAME_NOREPLACE:
+            if flags & RENAME_NOREPLACE:
                 _renameat2(old, new, flags)
             else:
                 os.rename(old, new)
@@ -696,7 +709,8 @@ class EncryptedFS(pyfuse3.Operations):
 
     @fuse_op
     def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-               ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+               ctx: RequestContext) -> tuple[int, EntryAttributes]:
+        """(file handle, attributes) of a new, open, empty file."""
         self._check_writable()
         path, side = self._child(parent_inode, name)
         self._write_side(path, side)
@@ -719,10 +733,11 @@ class EncryptedFS(pyfuse3.Operations):
             raise
         attrs = self._entry(path)
         fh = self._open_handle(attrs.st_ino, path, fd, content, True)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), attrs
+        self._no_capability.add(attrs.st_ino)
+        return fh, attrs
 
     @fuse_op
-    def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    def open(self, inode: int, flags: int, ctx: RequestContext) -> int:
         accmode = flags & os.O_ACCMODE
         writable = accmode != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
@@ -737,7 +752,7 @@ class EncryptedFS(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
-        return pyfuse3.FileInfo(fh=self._open_handle(inode, path, fd, content, writable), keep_cache=True)
+        return self._open_handle(inode, path, fd, content, writable)
 
     @fuse_op
     def read(self, fh: int, off: int, size: int) -> bytes:
@@ -750,13 +765,13 @@ class EncryptedFS(pyfuse3.Operations):
             return f.content.read(off, size)
         except BlockAuthError:
             log.error("%r: read at %d failed authentication", f.path, off)
-            raise FUSEError(errno.EIO) from None
+            raise FuseError(errno.EIO) from None
 
     @fuse_op
     def write(self, fh: int, off: int, buf: bytes) -> int:
         f = self._files[fh]
         if f.content is None:
-            raise FUSEError(errno.EBADF)
+            raise FuseError(errno.EBADF)
         return f.content.write(off, buf)
 
     @fuse_op
@@ -777,24 +792,31 @@ class EncryptedFS(pyfuse3.Operations):
     # -- xattrs ---------------------------------------------------------------------------------
 
     @fuse_op
-    def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
+        if name == CAPABILITY_XATTR and inode in self._no_capability:
+            raise FuseError(errno.ENODATA)
         backing = self.names.xattr_name(name)
         try:
             sealed = self._xattr_call(os.getxattr, inode, backing)
         except OSError as e:
             if e.errno == errno.ENODATA:
-                raise FUSEError(pyfuse3.ENOATTR) from None
+                if name == CAPABILITY_XATTR:
+                    self._no_capability.add(inode)
+                raise FuseError(errno.ENODATA) from None
             raise
         return self.names.decrypt_xattr_value(backing, sealed)
 
     @fuse_op
-    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext, flags: int = 0) -> None:
+        """``flags``: XATTR_CREATE or XATTR_REPLACE, applied to the backing name (one per plaintext name)."""
         self._check_writable()
         backing = self.names.xattr_name(name)
-        self._xattr_call(os.setxattr, inode, backing, self.names.encrypt_xattr_value(backing, value, name))
+        self._no_capability.discard(inode)
+        self._xattr_call(os.setxattr, inode, backing, self.names.encrypt_xattr_value(backing, value, name),
+                         flags)
 
     @fuse_op
-    def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
         out = []
         for n in self._xattr_call(os.listxattr, inode):
             raw = n.encode()
@@ -808,13 +830,14 @@ class EncryptedFS(pyfuse3.Operations):
         return out
 
     @fuse_op
-    def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
         self._check_writable()
+        self._no_capability.discard(inode)
         try:
             self._xattr_call(os.removexattr, inode, self.names.xattr_name(name))
         except OSError as e:
             if e.errno == errno.ENODATA:
-                raise FUSEError(pyfuse3.ENOATTR) from None
+                raise FuseError(errno.ENODATA) from None
             raise
 
     def _xattr_call(self, func: Callable[..., Any], inode: int, *args: Any) -> Any:

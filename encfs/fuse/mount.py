@@ -17,15 +17,17 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyfuse3
-import trio
-
 from encfs.daemon import Readiness, spawn
 from encfs.errors import EncfsError
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import load_config, repair_config, unlock_any
+from encfs.fuse.server import FsServer
+from encfs.fuseproto import escape_option, mount_fusermount, unmount_fusermount
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
+
+
+SERVER_THREADS = 1
 
 
 class MountError(EncfsError):
@@ -62,7 +64,7 @@ def is_mounted(path: Path) -> bool:
 
 
 def check_fuse_device() -> None:
-    """libfuse opens /dev/fuse itself before falling back to fusermount3, so it must be usable."""
+    """fusermount3 opens /dev/fuse with the caller's permissions, so it must be usable."""
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse does not exist: load the fuse kernel module (modprobe fuse)")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
@@ -82,16 +84,16 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mountpoint {mountpoint} is not empty")
 
 
-def _fuse_options(cipherdir: Path, opts: MountOptions) -> set[str]:
-    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
-    options |= {f"fsname={cipherdir}", "subtype=encfs"}
+def _fuse_options(cipherdir: Path, opts: MountOptions) -> list[str]:
+    """fusermount3's -o list. default_permissions: the kernel checks modes against the attributes."""
+    options = ["default_permissions", f"fsname={escape_option(str(cipherdir))}", "subtype=encfs"]
     if opts.allow_other:
-        options.add("allow_other")
+        options.append("allow_other")
     if opts.read_only:
-        options.add("ro")
+        options.append("ro")
     for o in opts.extra:
-        options.update(x for x in o.split(",") if x and x not in ("defaults", "rw", "auto", "noauto", "user",
-                                                                   "nouser", "_netdev", "nofail"))
+        options.extend(x for x in o.split(",") if x and x not in options and x not in (
+            "defaults", "rw", "auto", "noauto", "user", "nouser", "_netdev", "nofail"))
     return options
 
 
@@ -110,30 +112,28 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
             log.warning("%s: restored %s from the good copy", cipherdir, name)
     fs = EncryptedFS(os.fsencode(cipherdir), config, keys, ks, read_only=opts.read_only)
     try:
-        pyfuse3.init(fs, str(mountpoint), _fuse_options(cipherdir, opts))
-    except RuntimeError as e:
-        raise MountError(f"FUSE refused to mount {mountpoint}: {e}") from None
+        fd = mount_fusermount(str(mountpoint), _fuse_options(cipherdir, opts))
+    except OSError as e:
+        ks.close()
+        raise MountError(f"FUSE refused to mount {mountpoint}: {e.strerror}") from None
+    server = FsServer(fd, fs)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: server.stop())
     try:
         if ready is not None:
             ready.ok()
-
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                async for _sig in signals:
-                    pyfuse3.terminate()
-                    return
-
-        async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(stop_on_signal)
-                await pyfuse3.main()  # returns on unmount or terminate()
-                nursery.cancel_scope.cancel()
-
-        trio.run(main)
+        server.serve(threads=SERVER_THREADS)
     finally:
-        for f in list(fs._files.values()):
-            os.close(f.fd)
-        pyfuse3.close(unmount=True)
+        with server.lock:  # a worker may still be inside an operation
+            for f in list(fs._files.values()):
+                os.close(f.fd)
+            fs._files.clear()
+        if not server.unmounted:
+            try:
+                unmount_fusermount(str(mountpoint), lazy=True)
+            except OSError as e:
+                log.warning("%s: %s", mountpoint, e.strerror)
+        os.close(fd)
         ks.close()
 
 

@@ -1,0 +1,273 @@
+"""The filesystem's FUSE server: kernel requests decoded into EncryptedFS calls.
+
+Invariants:
+- Operations run one at a time under ``FsServer.lock``, so EncryptedFS needs
+  no locking of its own.
+- Replies carry the kernel's cache lifetimes from EntryAttributes; files are
+  opened with FOPEN_KEEP_CACHE and the writeback cache is negotiated.
+- READDIRPLUS counts an entry as looked up only if it went into the reply.
+- Anything unexpected is logged and answered with EIO; the mount stays up.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Callable
+
+from encfs.fuse.fs import EncryptedFS, failures_as_errno
+from encfs.fuse.names import NAME_MAX
+from encfs.fuseproto import (
+    ACCESS, BATCH_FORGET, BATCH_FORGET_IN, CREATE, CREATE_IN, DESTROY, FATTR_ATIME, FATTR_ATIME_NOW, FATTR_FH,
+    FATTR_GID, FATTR_MODE, FATTR_MTIME, FATTR_MTIME_NOW, FATTR_SIZE, FATTR_UID, FLUSH, FOPEN_KEEP_CACHE, FORGET,
+    FORGET_IN, FORGET_ONE, FSYNC, FSYNC_FDATASYNC, FSYNC_IN, FSYNCDIR, FUSE_ASYNC_DIO, FUSE_ASYNC_READ,
+    FUSE_ATOMIC_O_TRUNC, FUSE_AUTO_INVAL_DATA, FUSE_BIG_WRITES, FUSE_CACHE_SYMLINKS, FUSE_DO_READDIRPLUS,
+    FUSE_MAX_PAGES, FUSE_PARALLEL_DIROPS, FUSE_WRITEBACK_CACHE, GETATTR, GETXATTR, GETXATTR_IN, GETXATTR_OUT,
+    INIT, INTERRUPT, LINK, LINK_IN, LISTXATTR, LOOKUP, MKDIR, MKDIR_IN, MKNOD, MKNOD_IN, OPEN, OPEN_IN,
+    OPEN_OUT, OPENDIR, READ, READ_IN, READDIR, READDIRPLUS, READLINK, RELEASE, RELEASE_IN, RELEASEDIR,
+    REMOVEXATTR, RENAME, RENAME2, RENAME2_IN, RENAME_IN, RMDIR, SETATTR, SETATTR_IN, SETXATTR, SETXATTR_IN,
+    STATFS, STATFS_OUT, SYMLINK, UNLINK, WRITE, WRITE_IN, WRITE_OUT, EntryAttributes, FuseServer,
+    RequestContext, SetattrFields, pack_dirent,
+)
+
+WANTED_FLAGS = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_AUTO_INVAL_DATA
+                | FUSE_DO_READDIRPLUS | FUSE_ASYNC_DIO | FUSE_WRITEBACK_CACHE | FUSE_PARALLEL_DIROPS
+                | FUSE_MAX_PAGES | FUSE_CACHE_SYMLINKS)
+
+Handler = Callable[[int, int, RequestContext, memoryview], None]
+
+
+def _names(body: memoryview, count: int) -> list[bytes]:
+    """The first ``count`` NUL-terminated strings of a request body."""
+    return bytes(body).split(b"\0", count)[:count]
+
+
+def _xattr_reply(data: bytes, size: int) -> tuple[bytes, int]:
+    """(payload, errno) for GETXATTR/LISTXATTR: the length if ``size`` is 0, else the data if it fits."""
+    if size == 0:
+        return GETXATTR_OUT.pack(len(data), 0), 0
+    if len(data) > size:
+        return b"", errno.ERANGE
+    return data, 0
+
+
+class FsServer(FuseServer):
+    """Serves one EncryptedFS over an open /dev/fuse descriptor."""
+
+    def __init__(self, fd: int, fs: EncryptedFS) -> None:
+        super().__init__(fd)
+        self.fs = fs
+        self.lock = threading.Lock()
+        self._handlers: dict[int, Handler] = {
+            LOOKUP: self._lookup, GETATTR: self._getattr, SETATTR: self._setattr, READLINK: self._readlink,
+            SYMLINK: self._symlink, MKNOD: self._mknod, MKDIR: self._mkdir, UNLINK: self._unlink,
+            RMDIR: self._rmdir, RENAME: self._rename, RENAME2: self._rename2, LINK: self._link,
+            OPEN: self._open, READ: self._read, WRITE: self._write, STATFS: self._statfs,
+            RELEASE: self._release, FSYNC: self._fsync, SETXATTR: self._setxattr, GETXATTR: self._getxattr,
+            LISTXATTR: self._listxattr, REMOVEXATTR: self._removexattr, FLUSH: self._flush,
+            OPENDIR: self._opendir, READDIR: self._readdir, READDIRPLUS: self._readdirplus,
+            RELEASEDIR: self._releasedir, FSYNCDIR: self._fsyncdir, ACCESS: self._access, CREATE: self._create,
+            FORGET: self._forget, BATCH_FORGET: self._batch_forget,
+        }
+
+    def dispatch(self, opcode: int, unique: int, node: int, header: tuple[int, ...], body: memoryview) -> bool:
+        handler = self._handlers.get(opcode)
+        if handler is not None:
+            ctx = RequestContext(header[4], header[5], header[6])
+            with self.lock:
+                handler(unique, node, ctx, body)
+        elif opcode == INIT:
+            return self.init_reply(unique, body, WANTED_FLAGS)
+        elif opcode == DESTROY:
+            self.reply(unique)
+            return False
+        elif opcode != INTERRUPT:  # requests are answered quickly; an interrupt needs no action
+            self.reply_error(unique, errno.ENOSYS)
+        return True
+
+    # -- entries -----------------------------------------------------------------------
+
+    def _lookup(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        (name,) = _names(body, 1)
+        self.reply(unique, self.fs.lookup(node, name, ctx).pack_entry())
+
+    def _forget(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        (nlookup,) = FORGET_IN.unpack_from(body)
+        self.fs.forget([(node, nlookup)])
+
+    def _batch_forget(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        count, _ = BATCH_FORGET_IN.unpack_from(body)
+        self.fs.forget([FORGET_ONE.unpack_from(body, BATCH_FORGET_IN.size + i * FORGET_ONE.size)
+                        for i in range(count)])
+
+    def _getattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        self.reply(unique, self.fs.getattr(node, ctx).pack_attr_out())
+
+    def _setattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        (valid, _pad, fh, size, _owner, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec, mode, _u4,
+         uid, gid, _u5) = SETATTR_IN.unpack_from(body)
+        now = time.time_ns()
+        attr = EntryAttributes(
+            st_mode=mode, st_uid=uid, st_gid=gid, st_size=size,
+            st_atime_ns=now if valid & FATTR_ATIME_NOW else atime * 10**9 + atimensec,
+            st_mtime_ns=now if valid & FATTR_MTIME_NOW else mtime * 10**9 + mtimensec)
+        fields = SetattrFields(
+            update_mode=bool(valid & FATTR_MODE), update_uid=bool(valid & FATTR_UID),
+            update_gid=bool(valid & FATTR_GID), update_size=bool(valid & FATTR_SIZE),
+            update_atime=bool(valid & (FATTR_ATIME | FATTR_ATIME_NOW)),
+            update_mtime=bool(valid & (FATTR_MTIME | FATTR_MTIME_NOW)))
+        attrs = self.fs.setattr(node, attr, fields, fh if valid & FATTR_FH else None, ctx)
+        self.reply(unique, attrs.pack_attr_out())
+
+    def _readlink(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        self.reply(unique, self.fs.readlink(node, ctx))
+
+    def _symlink(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        name, target = _names(body, 2)
+        self.reply(unique, self.fs.symlink(node, name, target, ctx).pack_entry())
+
+    def _mknod(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        mode, rdev, ctx.umask, _pad = MKNOD_IN.unpack_from(body)
+        (name,) = _names(body[MKNOD_IN.size:], 1)
+        self.reply(unique, self.fs.mknod(node, name, mode, rdev, ctx).pack_entry())
+
+    def _mkdir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        mode, ctx.umask = MKDIR_IN.unpack_from(body)
+        (name,) = _names(body[MKDIR_IN.size:], 1)
+        self.reply(unique, self.fs.mkdir(node, name, mode, ctx).pack_entry())
+
+    def _unlink(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        self.fs.unlink(node, _names(body, 1)[0], ctx)
+        self.reply(unique)
+
+    def _rmdir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        self.fs.rmdir(node, _names(body, 1)[0], ctx)
+        self.reply(unique)
+
+    def _rename(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        (newdir,) = RENAME_IN.unpack_from(body)
+        old, new = _names(body[RENAME_IN.size:], 2)
+        self.fs.rename(node, old, newdir, new, 0, ctx)
+        self.reply(unique)
+
+    def _rename2(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        newdir, flags, _pad = RENAME2_IN.unpack_from(body)
+        old, new = _names(body[RENAME2_IN.size:], 2)
+        self.fs.rename(node, old, newdir, new, flags, ctx)
+        self.reply(unique)
+
+    def _link(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        (old_node,) = LINK_IN.unpack_from(body)
+        (name,) = _names(body[LINK_IN.size:], 1)
+        self.reply(unique, self.fs.link(old_node, node, name, ctx).pack_entry())
+
+    def _statfs(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        sv = self.fs.statfs(ctx)
+        self.reply(unique, STATFS_OUT.pack(sv.f_blocks, sv.f_bfree, sv.f_bavail, sv.f_files, sv.f_ffree,
+                                           sv.f_bsize, NAME_MAX, sv.f_frsize, 0))
+
+    def _access(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        self.reply(unique)  # default_permissions: the kernel has checked the modes already
+
+    # -- files --------------------------------------------------------------------------
+
+    def _create(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        flags, mode, ctx.umask, _open_flags = CREATE_IN.unpack_from(body)
+        (name,) = _names(body[CREATE_IN.size:], 1)
+        fh, attrs = self.fs.create(node, name, mode, flags, ctx)
+        self.reply(unique, attrs.pack_entry(), OPEN_OUT.pack(fh, FOPEN_KEEP_CACHE, 0))
+
+    def _open(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        flags, _open_flags = OPEN_IN.unpack_from(body)
+        self.reply(unique, OPEN_OUT.pack(self.fs.open(node, flags, ctx), FOPEN_KEEP_CACHE, 0))
+
+    def _read(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        fh, offset, size, _flags = READ_IN.unpack_from(body)
+        self.reply(unique, self.fs.read(fh, offset, size))
+
+    def _write(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(body)
+        written = self.fs.write(fh, offset, body[WRITE_IN.size:WRITE_IN.size + size])
+        self.reply(unique, WRITE_OUT.pack(written, 0))
+
+    def _flush(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        (fh,) = FORGET_IN.unpack_from(body)  # fuse_flush_in starts with fh
+        self.fs.flush(fh)
+        self.reply(unique)
+
+    def _release(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        fh, _flags, _rflags, _owner = RELEASE_IN.unpack_from(body)
+        self.fs.release(fh)
+        self.reply(unique)
+
+    def _fsync(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        fh, flags, _pad = FSYNC_IN.unpack_from(body)
+        self.fs.fsync(fh, bool(flags & FSYNC_FDATASYNC))
+        self.reply(unique)
+
+    # -- directories ----------------------------------------------------------------------
+
+    def _opendir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        self.reply(unique, OPEN_OUT.pack(self.fs.opendir(node, ctx), 0, 0))
+
+    def _readdir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        self._list(unique, body, plus=False)
+
+    def _readdirplus(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        self._list(unique, body, plus=True)
+
+    def _list(self, unique: int, body: memoryview, plus: bool) -> None:
+        fh, offset, size, _flags = READ_IN.unpack_from(body)
+        out = bytearray()
+        with failures_as_errno("readdir"):
+            entries = self.fs.readdir(fh, offset, plus)
+            try:
+                for name, attrs, next_offset in entries:
+                    rec = pack_dirent(attrs.st_ino, next_offset, name, attrs.st_mode)
+                    if plus:
+                        rec = attrs.pack_entry() + rec
+                    if len(out) + len(rec) > size:
+                        break
+                    out += rec
+            finally:
+                entries.close()  # entries that did not fit are not counted as looked up
+        self.reply(unique, bytes(out))
+
+    def _releasedir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        (fh,) = FORGET_IN.unpack_from(body)  # fuse_release_in starts with fh
+        self.fs.releasedir(fh)
+        self.reply(unique)
+
+    def _fsyncdir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        fh, flags, _pad = FSYNC_IN.unpack_from(body)
+        self.fs.fsyncdir(fh, bool(flags & FSYNC_FDATASYNC))
+        self.reply(unique)
+
+    # -- xattrs -----------------------------------------------------------------------------
+
+    def _setxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        size, flags = SETXATTR_IN.unpack_from(body)
+        name, _, rest = bytes(body[SETXATTR_IN.size:]).partition(b"\0")
+        self.fs.setxattr(node, name, rest[:size], ctx, flags)
+        self.reply(unique)
+
+    def _getxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        size, _pad = GETXATTR_IN.unpack_from(body)
+        (name,) = _names(body[GETXATTR_IN.size:], 1)
+        self._xattr_data(unique, self.fs.getxattr(node, name, ctx), size)
+
+    def _listxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        size, _pad = GETXATTR_IN.unpack_from(body)
+        self._xattr_data(unique, b"".join(n + b"\0" for n in self.fs.listxattr(node, ctx)), size)
+
+    def _xattr_data(self, unique: int, data: bytes, size: int) -> None:
+        payload, error = _xattr_reply(data, size)
+        if error:
+            self.reply_error(unique, error)
+        else:
+            self.reply(unique, payload)
+
+    def _removexattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        self.fs.removexattr(node, _names(body, 1)[0], ctx)
+        self.reply(unique)
