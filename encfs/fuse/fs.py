@@ -9,8 +9,8 @@ Design:
   backing filesystem reuses the number of an inode we free (last unlink,
   rmdir, rename over it) while the kernel may still hold the old one (an
   open fd, a cwd), so each freed number gets a new FUSE generation.
-- The server serialises calls (see encfs.fuse.server for the one
-  exception, reads): no two operations interleave on one file.
+- The server serialises calls, except that reads (reader + read_open) run
+  alongside each other: no operation interleaves with one that changes a file.
 - A file that is open but has lost every name (unlinked while open) is
   reached through the backing fd of an open handle (_target), so fstat,
   ftruncate, fchmod, f*xattr and reopening via /proc/self/fd keep working.
@@ -756,16 +756,32 @@ class EncryptedFS:
 
     @fuse_op
     def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self.reader(fh)
+        return b"" if f is None else self.read_open(f, off, size)
+
+    @fuse_op
+    def reader(self, fh: int) -> OpenFile | None:
+        """The open file behind ``fh`` with its content ready to read, or None if it has none yet.
+
+        With read_open, this splits read() so that a server can decrypt outside its lock."""
         f = self._files[fh]
         if f.content is None:  # opened while empty and headerless; another handle may have written since
             f.content = self._content(f.fd, f.path, create_header=False)
             if f.content is None:
-                return b""
-        try:
-            return f.content.read(off, size)
-        except BlockAuthError:
-            log.error("%r: read at %d failed authentication", f.path, off)
-            raise FuseError(errno.EIO) from None
+                return None
+        return f
+
+    @staticmethod
+    def read_open(f: OpenFile, off: int, size: int) -> bytes:
+        """Read from a file that reader() returned. Safe to run alongside other reads, but not
+        alongside operations that change the file or close it."""
+        assert f.content is not None
+        with failures_as_errno("read"):
+            try:
+                return f.content.read(off, size)
+            except BlockAuthError:
+                log.error("%r: read at %d failed authentication", f.path, off)
+                raise FuseError(errno.EIO) from None
 
     @fuse_op
     def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -27,7 +27,7 @@ from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
 
 
-SERVER_THREADS = 1
+SERVER_THREADS = 2  # one per core here: reads overlap I/O with decryption
 
 
 class MountError(EncfsError):
@@ -124,7 +124,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
             ready.ok()
         server.serve(threads=SERVER_THREADS)
     finally:
-        with server.lock:  # a worker may still be inside an operation
+        with server.exclusive():  # a worker may still be inside an operation
             for f in list(fs._files.values()):
                 os.close(f.fd)
             fs._files.clear()

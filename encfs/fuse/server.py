@@ -1,20 +1,25 @@
 """The filesystem's FUSE server: kernel requests decoded into EncryptedFS calls.
 
 Invariants:
-- Operations run one at a time under ``FsServer.lock``, so EncryptedFS needs
-  no locking of its own.
+- Operations run one at a time (``FsServer.exclusive``), so EncryptedFS needs
+  no locking of its own; the one exception is reads, which run alongside
+  each other but never alongside another operation. Reads overlap the
+  backing pread and the reply's copy (no GIL) with decryption (GIL held).
 - Replies carry the kernel's cache lifetimes from EntryAttributes; files are
   opened with FOPEN_KEEP_CACHE and the writeback cache is negotiated.
 - READDIRPLUS counts an entry as looked up only if it went into the reply.
+- Directory offsets 1 and 2 are "." and ".."; offset n > 2 is EncryptedFS's n - 2.
 - Anything unexpected is logged and answered with EIO; the mount stays up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from encfs.fuse.fs import EncryptedFS, failures_as_errno
 from encfs.fuse.names import NAME_MAX
@@ -58,12 +63,14 @@ class FsServer(FuseServer):
     def __init__(self, fd: int, fs: EncryptedFS) -> None:
         super().__init__(fd)
         self.fs = fs
-        self.lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0  # reads in progress outside the lock
+        self._waiting = 0  # exclusive operations waiting for them to finish
         self._handlers: dict[int, Handler] = {
             LOOKUP: self._lookup, GETATTR: self._getattr, SETATTR: self._setattr, READLINK: self._readlink,
             SYMLINK: self._symlink, MKNOD: self._mknod, MKDIR: self._mkdir, UNLINK: self._unlink,
             RMDIR: self._rmdir, RENAME: self._rename, RENAME2: self._rename2, LINK: self._link,
-            OPEN: self._open, READ: self._read, WRITE: self._write, STATFS: self._statfs,
+            OPEN: self._open, WRITE: self._write, STATFS: self._statfs,
             RELEASE: self._release, FSYNC: self._fsync, SETXATTR: self._setxattr, GETXATTR: self._getxattr,
             LISTXATTR: self._listxattr, REMOVEXATTR: self._removexattr, FLUSH: self._flush,
             OPENDIR: self._opendir, READDIR: self._readdir, READDIRPLUS: self._readdirplus,
@@ -72,10 +79,13 @@ class FsServer(FuseServer):
         }
 
     def dispatch(self, opcode: int, unique: int, node: int, header: tuple[int, ...], body: memoryview) -> bool:
+        if opcode == READ:
+            self._read_shared(unique, body)
+            return True
         handler = self._handlers.get(opcode)
         if handler is not None:
             ctx = RequestContext(header[4], header[5], header[6])
-            with self.lock:
+            with self.exclusive():
                 handler(unique, node, ctx, body)
         elif opcode == INIT:
             return self.init_reply(unique, body, WANTED_FLAGS)
@@ -85,6 +95,40 @@ class FsServer(FuseServer):
         elif opcode != INTERRUPT:  # requests are answered quickly; an interrupt needs no action
             self.reply_error(unique, errno.ENOSYS)
         return True
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the filesystem alone: no other operation and no read runs meanwhile."""
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            try:
+                yield
+            finally:
+                self._cond.notify_all()  # reads held back by _waiting may go on
+
+    def _read_shared(self, unique: int, body: memoryview) -> None:
+        fh, offset, size, _flags = READ_IN.unpack_from(body)
+        with self._cond:
+            while self._waiting:  # an exclusive operation goes first
+                self._cond.wait()
+            f = self.fs.reader(fh)
+            if f is None:
+                self.reply(unique)
+                return
+            self._readers += 1
+        try:
+            data = self.fs.read_open(f, offset, size)
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+        self.reply(unique, data)
 
     # -- entries -----------------------------------------------------------------------
 
@@ -182,10 +226,6 @@ class FsServer(FuseServer):
         flags, _open_flags = OPEN_IN.unpack_from(body)
         self.reply(unique, OPEN_OUT.pack(self.fs.open(node, flags, ctx), FOPEN_KEEP_CACHE, 0))
 
-    def _read(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        fh, offset, size, _flags = READ_IN.unpack_from(body)
-        self.reply(unique, self.fs.read(fh, offset, size))
-
     def _write(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(body)
         written = self.fs.write(fh, offset, body[WRITE_IN.size:WRITE_IN.size + size])
@@ -212,19 +252,24 @@ class FsServer(FuseServer):
         self.reply(unique, OPEN_OUT.pack(self.fs.opendir(node, ctx), 0, 0))
 
     def _readdir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        self._list(unique, body, plus=False)
+        self._list(unique, node, body, plus=False)
 
     def _readdirplus(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        self._list(unique, body, plus=True)
+        self._list(unique, node, body, plus=True)
 
-    def _list(self, unique: int, body: memoryview, plus: bool) -> None:
+    def _list(self, unique: int, node: int, body: memoryview, plus: bool) -> None:
         fh, offset, size, _flags = READ_IN.unpack_from(body)
         out = bytearray()
+        # "." and "..": the kernel does not instantiate them from READDIRPLUS (node id 0 here).
+        for i, name in enumerate((b".", b".."), start=1):
+            if offset < i:
+                rec = pack_dirent(node, i, name, stat.S_IFDIR)
+                out += EntryAttributes().pack_entry() + rec if plus else rec
         with failures_as_errno("readdir"):
-            entries = self.fs.readdir(fh, offset, plus)
+            entries = self.fs.readdir(fh, max(offset - 2, 0), plus)
             try:
                 for name, attrs, next_offset in entries:
-                    rec = pack_dirent(attrs.st_ino, next_offset, name, attrs.st_mode)
+                    rec = pack_dirent(attrs.st_ino, next_offset + 2, name, attrs.st_mode)
                     if plus:
                         rec = attrs.pack_entry() + rec
                     if len(out) + len(rec) > size:
