@@ -56,6 +56,7 @@ from encfs.fuse.names import (
     longname_side_file,
 )
 from encfs.keys.cache import DataKeyCache
+from encfs.keys.pool import DataKeyPool
 from encfs.keys.service import KeyService
 
 log = logging.getLogger("encfs.fuse")
@@ -75,31 +76,49 @@ def _renameat2(old: bytes, new: bytes, flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+def _as_fuse_error(op: str, e: Exception) -> FuseError | None:
+    """The FuseError to answer for a failure inside operation ``op``, without leaking details:
+    integrity failures and key-service errors are logged and become EIO. None: not ours to map."""
+    if isinstance(e, FuseError):
+        return e
+    if isinstance(e, OSError):
+        return FuseError(e.errno or errno.EIO)
+    if isinstance(e, (BlockAuthError, NameAuthError, HeaderError)):
+        log.error("%s: integrity failure: %s", op, e)
+        return FuseError(errno.EIO)
+    if isinstance(e, EncfsError):
+        log.error("%s: %s", op, e.message)
+        return FuseError(errno.EIO)
+    return None
+
+
 @contextlib.contextmanager
 def failures_as_errno(op: str) -> Iterator[None]:
-    """Turn a failure inside operation ``op`` into FuseError(errno), without leaking details:
-    integrity failures and key-service errors are logged and become EIO."""
+    """Failures inside the block reach the kernel as errno (see _as_fuse_error)."""
     try:
         yield
-    except FuseError:
-        raise
-    except OSError as e:
-        raise FuseError(e.errno or errno.EIO) from None
-    except (BlockAuthError, NameAuthError, HeaderError) as e:
-        log.error("%s: integrity failure: %s", op, e)
-        raise FuseError(errno.EIO) from None
-    except EncfsError as e:
-        log.error("%s: %s", op, e.message)
-        raise FuseError(errno.EIO) from None
+    except Exception as e:
+        mapped = _as_fuse_error(op, e)
+        if mapped is None:
+            raise
+        if mapped is e:
+            raise
+        raise mapped from None
 
 
 def fuse_op(func: Callable[..., Any]) -> Callable[..., Any]:
-    """An operation whose failures reach the kernel as errno (see failures_as_errno)."""
+    """An operation whose failures reach the kernel as errno (see _as_fuse_error)."""
+    name = func.__name__
 
     @functools.wraps(func)
     def handler(self: EncryptedFS, *args: Any) -> Any:
-        with failures_as_errno(func.__name__):
+        try:
             return func(self, *args)
+        except Exception as e:
+            mapped = _as_fuse_error(name, e)
+            if mapped is None or mapped is e:
+                raise
+            raise mapped from None
 
     return handler
 
@@ -139,6 +158,8 @@ class EncryptedFS:
         self.ks = ks
         self.read_only = read_only
         self.key_cache = DataKeyCache(max_age=3600, max_entries=65536)
+        # New files' keys come in batches: one pass through the key service per batch.
+        self.new_keys = DataKeyPool(ks, config.key_id, self._new_file_id, cache=self.key_cache)
         self._root_ino = os.lstat(self.root).st_ino
         self._paths: dict[int, set[bytes]] = {ROOT_ID: {self.root}}
         self._lookups: dict[int, int] = {ROOT_ID: 1}
@@ -326,10 +347,12 @@ class EncryptedFS:
 
     # -- per-file keys --------------------------------------------------------------
 
-    def _new_file_header(self) -> tuple[bytes, BlockCipher]:
+    def _new_file_id(self) -> tuple[bytes, dict[str, str]]:
         file_id = os.urandom(FILE_ID_LEN)
-        dk = self.ks.generate_data_key(self.config.key_id, self.config.file_context(file_id),
-                                       cache=self.key_cache)
+        return file_id, self.config.file_context(file_id)
+
+    def _new_file_header(self) -> tuple[bytes, BlockCipher]:
+        file_id, dk = self.new_keys.take()
         assert dk.plaintext is not None
         return FileHeader(file_id, dk.ciphertext_blob).pack(), self.cipher_class(dk.plaintext, file_id)
 
@@ -789,10 +812,6 @@ class EncryptedFS:
         if f.content is None:
             raise FuseError(errno.EBADF)
         return f.content.write(off, buf)
-
-    @fuse_op
-    def flush(self, fh: int) -> None:
-        return None
 
     @fuse_op
     def fsync(self, fh: int, datasync: bool) -> None:

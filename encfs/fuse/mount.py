@@ -124,10 +124,11 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
             ready.ok()
         server.serve(threads=SERVER_THREADS)
     finally:
-        with server.exclusive():  # a worker may still be inside an operation
+        with server.lock.exclusive():  # a worker may still be inside an operation
             for f in list(fs._files.values()):
                 os.close(f.fd)
             fs._files.clear()
+        fs.new_keys.clear()
         if not server.unmounted:
             try:
                 unmount_fusermount(str(mountpoint), lazy=True)

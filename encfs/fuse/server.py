@@ -1,9 +1,10 @@
 """The filesystem's FUSE server: kernel requests decoded into EncryptedFS calls.
 
 Invariants:
-- Operations run one at a time (``FsServer.exclusive``), so EncryptedFS needs
-  no locking of its own; the one exception is reads, which run alongside
-  each other but never alongside another operation. Reads overlap the
+- Operations run one at a time (``FsServer.lock`` held exclusively), so
+  EncryptedFS needs no locking of its own; the one exception is reads, which
+  hold it shared: they run alongside each other but never alongside another
+  operation. Reads overlap the
   backing pread and the reply's copy (no GIL) with decryption (GIL held).
 - Replies carry the kernel's cache lifetimes from EntryAttributes; files are
   opened with FOPEN_KEEP_CACHE and the writeback cache is negotiated.
@@ -14,18 +15,16 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import stat
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from encfs.fuse.fs import EncryptedFS, failures_as_errno
 from encfs.fuse.names import NAME_MAX
 from encfs.fuseproto import (
     ACCESS, BATCH_FORGET, BATCH_FORGET_IN, CREATE, CREATE_IN, DESTROY, FATTR_ATIME, FATTR_ATIME_NOW, FATTR_FH,
-    FATTR_GID, FATTR_MODE, FATTR_MTIME, FATTR_MTIME_NOW, FATTR_SIZE, FATTR_UID, FLUSH, FOPEN_KEEP_CACHE, FORGET,
+    FATTR_GID, FATTR_MODE, FATTR_MTIME, FATTR_MTIME_NOW, FATTR_SIZE, FATTR_UID, FOPEN_KEEP_CACHE, FORGET,
     FORGET_IN, FORGET_ONE, FSYNC, FSYNC_FDATASYNC, FSYNC_IN, FSYNCDIR, FUSE_ASYNC_DIO, FUSE_ASYNC_READ,
     FUSE_ATOMIC_O_TRUNC, FUSE_AUTO_INVAL_DATA, FUSE_BIG_WRITES, FUSE_CACHE_SYMLINKS, FUSE_DO_READDIRPLUS,
     FUSE_MAX_PAGES, FUSE_PARALLEL_DIROPS, FUSE_WRITEBACK_CACHE, GETATTR, GETXATTR, GETXATTR_IN, GETXATTR_OUT,
@@ -33,7 +32,7 @@ from encfs.fuseproto import (
     OPEN_OUT, OPENDIR, READ, READ_IN, READDIR, READDIRPLUS, READLINK, RELEASE, RELEASE_IN, RELEASEDIR,
     REMOVEXATTR, RENAME, RENAME2, RENAME2_IN, RENAME_IN, RMDIR, SETATTR, SETATTR_IN, SETXATTR, SETXATTR_IN,
     STATFS, STATFS_OUT, SYMLINK, UNLINK, WRITE, WRITE_IN, WRITE_OUT, EntryAttributes, FuseServer,
-    RequestContext, SetattrFields, pack_dirent,
+    RequestContext, SetattrFields, SharedExclusiveLock, pack_dirent,
 )
 
 WANTED_FLAGS = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_AUTO_INVAL_DATA
@@ -63,16 +62,14 @@ class FsServer(FuseServer):
     def __init__(self, fd: int, fs: EncryptedFS) -> None:
         super().__init__(fd)
         self.fs = fs
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0  # reads in progress outside the lock
-        self._waiting = 0  # exclusive operations waiting for them to finish
+        self.lock = SharedExclusiveLock()
         self._handlers: dict[int, Handler] = {
             LOOKUP: self._lookup, GETATTR: self._getattr, SETATTR: self._setattr, READLINK: self._readlink,
             SYMLINK: self._symlink, MKNOD: self._mknod, MKDIR: self._mkdir, UNLINK: self._unlink,
             RMDIR: self._rmdir, RENAME: self._rename, RENAME2: self._rename2, LINK: self._link,
             OPEN: self._open, WRITE: self._write, STATFS: self._statfs,
             RELEASE: self._release, FSYNC: self._fsync, SETXATTR: self._setxattr, GETXATTR: self._getxattr,
-            LISTXATTR: self._listxattr, REMOVEXATTR: self._removexattr, FLUSH: self._flush,
+            LISTXATTR: self._listxattr, REMOVEXATTR: self._removexattr,
             OPENDIR: self._opendir, READDIR: self._readdir, READDIRPLUS: self._readdirplus,
             RELEASEDIR: self._releasedir, FSYNCDIR: self._fsyncdir, ACCESS: self._access, CREATE: self._create,
             FORGET: self._forget, BATCH_FORGET: self._batch_forget,
@@ -85,49 +82,30 @@ class FsServer(FuseServer):
         handler = self._handlers.get(opcode)
         if handler is not None:
             ctx = RequestContext(header[4], header[5], header[6])
-            with self.exclusive():
+            self.lock.acquire_exclusive()
+            try:
                 handler(unique, node, ctx, body)
+            finally:
+                self.lock.release_exclusive()
         elif opcode == INIT:
             return self.init_reply(unique, body, WANTED_FLAGS)
         elif opcode == DESTROY:
             self.reply(unique)
             return False
         elif opcode != INTERRUPT:  # requests are answered quickly; an interrupt needs no action
+            # Includes FLUSH: close(2) has nothing to flush here (writes reach the backing file
+            # as they arrive, and fsync is separate), and ENOSYS makes the kernel stop sending it.
             self.reply_error(unique, errno.ENOSYS)
         return True
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the filesystem alone: no other operation and no read runs meanwhile."""
-        with self._cond:
-            self._waiting += 1
-            try:
-                while self._readers:
-                    self._cond.wait()
-            finally:
-                self._waiting -= 1
-            try:
-                yield
-            finally:
-                self._cond.notify_all()  # reads held back by _waiting may go on
-
     def _read_shared(self, unique: int, body: memoryview) -> None:
         fh, offset, size, _flags = READ_IN.unpack_from(body)
-        with self._cond:
-            while self._waiting:  # an exclusive operation goes first
-                self._cond.wait()
-            f = self.fs.reader(fh)
-            if f is None:
-                self.reply(unique)
-                return
-            self._readers += 1
+        self.lock.acquire_shared()
         try:
-            data = self.fs.read_open(f, offset, size)
+            f = self.fs.reader(fh)
+            data = b"" if f is None else self.fs.read_open(f, offset, size)
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self.lock.release_shared()
         self.reply(unique, data)
 
     # -- entries -----------------------------------------------------------------------
@@ -230,11 +208,6 @@ class FsServer(FuseServer):
         fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(body)
         written = self.fs.write(fh, offset, body[WRITE_IN.size:WRITE_IN.size + size])
         self.reply(unique, WRITE_OUT.pack(written, 0))
-
-    def _flush(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        (fh,) = FORGET_IN.unpack_from(body)  # fuse_flush_in starts with fh
-        self.fs.flush(fh)
-        self.reply(unique)
 
     def _release(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         fh, _flags, _rflags, _owner = RELEASE_IN.unpack_from(body)

@@ -14,7 +14,7 @@ import os
 import pwd
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,25 @@ class AuditLog:
         now: float | None = None,
         **extra: Any,
     ) -> None:
+        self._append(self._line(operation, outcome=outcome, key_id=key_id, key_version=key_version,
+                                context=context, error=error, now=now, **extra))
+
+    def record_many(self, operation: str, contexts: Sequence[Mapping[str, str] | None], **fields: Any) -> None:
+        """One record per context (otherwise identical), written together."""
+        self._append(b"".join(self._line(operation, context=c, **fields) for c in contexts))
+
+    def _line(
+        self,
+        operation: str,
+        *,
+        outcome: str = "success",
+        key_id: str | None = None,
+        key_version: int | None = None,
+        context: Mapping[str, str] | None = None,
+        error: str | None = None,
+        now: float | None = None,
+        **extra: Any,
+    ) -> bytes:
         uid = os.getuid()
         entry: dict[str, Any] = {
             "time": iso_time(time.time() if now is None else now),
@@ -73,9 +92,11 @@ class AuditLog:
         if error is not None:
             entry["error"] = error
         entry.update(extra)
-        line = (json.dumps(entry, sort_keys=False, separators=(",", ":")) + "\n").encode()
+        return (json.dumps(entry, sort_keys=False, separators=(",", ":")) + "\n").encode()
+
+    def _append(self, data: bytes) -> None:
         with self._lock:
-            os.write(self._descriptor(), line)
+            os.write(self._descriptor(), data)
 
     def read(self) -> Iterator[dict[str, Any]]:
         try:

@@ -25,7 +25,7 @@ import secrets
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,6 +470,45 @@ class KeyService:
             if cache is not None and with_plaintext:
                 cache.put(blob, encoded, plaintext, rec.key_id, rec.current.version)
             return DataKey(rec.key_id, rec.current.version, plaintext if with_plaintext else None, blob)
+
+    def generate_data_keys(self, key: str, contexts: Sequence[EncryptionContext],
+                           number_of_bytes: int = 32) -> list[DataKey]:
+        """generate_data_key for each context (with plaintext), in one pass.
+
+        One metadata check, one request to the token's RNG and one hold of the
+        token for all the seals; the audit trail still gets one GenerateDataKey
+        record per key, with its context, exactly as separate calls would give.
+        """
+        encoded = [encode_context(dict(c)) for c in contexts]
+        info: dict[str, Any] = {}
+        try:
+            if not 1 <= number_of_bytes <= MAX_DATA_KEY_BYTES:
+                raise UsageError(f"data key size must be 1 to {MAX_DATA_KEY_BYTES} bytes")
+            rec = self._db().resolve(key)
+            info["key_id"] = rec.key_id
+            self._require(rec, "GenerateDataKey")
+            version = rec.current
+            info["key_version"] = version.version
+            material = self.token.random(number_of_bytes * len(contexts))
+            plaintexts = [material[i * number_of_bytes:(i + 1) * number_of_bytes] for i in range(len(contexts))]
+            headers = [BlobHeader(uuid.UUID(rec.key_id), version.version, context_digest(e), os.urandom(NONCE_LEN))
+                       for e in encoded]
+            sealed = self.token.encrypt_gcm_many(bytes.fromhex(version.token_id), [
+                (h.nonce, h.pack() + e, p) for h, e, p in zip(headers, encoded, plaintexts)])
+        except EncfsError as e:
+            self.audit.record_many("GenerateDataKey", contexts, outcome="failure", error=e.message,
+                                   now=self.clock(), **info)
+            raise
+        self.audit.record_many("GenerateDataKey", contexts, now=self.clock(), **info)
+        return [DataKey(rec.key_id, version.version, p, CiphertextBlob(h, s).pack())
+                for p, h, s in zip(plaintexts, headers, sealed)]
+
+    def data_key_usable(self, key_id: str, key_version: int) -> bool:
+        """Whether a data key generated under (key_id, key_version) may still protect new data:
+        the CMK is Enabled and that version is still its current one (checked against fresh
+        metadata; no token call, nothing audited)."""
+        rec = self._db().keys.get(key_id)
+        return rec is not None and rec.state == ENABLED and rec.current.version == key_version
 
     def encrypt(self, key: str, plaintext: bytes, context: EncryptionContext | None = None) -> bytes:
         context = dict(context or {})

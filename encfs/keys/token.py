@@ -21,7 +21,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -393,6 +393,14 @@ class Token:
             key = self._key(session, obj_id)
             return bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
                                      mechanism_param=GCMParams(nonce, aad, 128)))
+
+    def encrypt_gcm_many(self, obj_id: bytes, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
+        """encrypt_gcm for each (nonce, aad, plaintext), in one hold of the token."""
+        with self._locked("C_Encrypt") as session:
+            key = self._key(session, obj_id)
+            return [bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                                      mechanism_param=GCMParams(nonce, aad, 128)))
+                    for nonce, aad, plaintext in items]
 
     def decrypt_gcm(self, obj_id: bytes, nonce: bytes, aad: bytes, sealed: bytes) -> bytes:
         """Inverse of encrypt_gcm; raise TagMismatch when authentication fails."""
