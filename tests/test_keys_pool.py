@@ -43,6 +43,12 @@ def test_generate_data_keys_gives_independent_bound_keys_and_one_audit_record_ea
     assert [r["encryption_context"] for r in records] == contexts
     assert all(r["key_id"] == key_id and r["outcome"] == "success" for r in records)
     assert not any(k.plaintext.hex() in str(records) for k in keys if k.plaintext)  # no key material
+    service.generate_data_key(key_id, {"n": "single"})
+    single = _records(service, "GenerateDataKey")[-1]
+    for r in records:  # each batched record reads exactly like a separate call's
+        assert r.keys() == single.keys()
+        assert {k: v for k, v in r.items() if k not in ("time", "encryption_context")} == \
+            {k: v for k, v in single.items() if k not in ("time", "encryption_context")}
 
 
 def test_generate_data_keys_refuses_a_disabled_key_and_audits_each_failure(service: KeyService) -> None:

@@ -64,8 +64,18 @@ class AuditLog:
                                 context=context, error=error, now=now, **extra))
 
     def record_many(self, operation: str, contexts: Sequence[Mapping[str, str] | None], **fields: Any) -> None:
-        """One record per context (otherwise identical), written together."""
-        self._append(b"".join(self._line(operation, context=c, **fields) for c in contexts))
+        """One record per context (otherwise identical), written together.
+
+        Each line is exactly what record() would write; the fields other than the
+        context are encoded once, around a marker that each context replaces."""
+        if not contexts:
+            return
+        marker = {"\0": "\0"}
+        template = self._line(operation, context=marker, **fields).decode()
+        head, _, tail = template.partition(json.dumps(marker, separators=(",", ":")))
+        self._append("".join(
+            head + json.dumps(dict(c) if c is not None else None, separators=(",", ":")) + tail
+            for c in contexts).encode())
 
     def _line(
         self,

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from encfs.keys.cache import DataKeyCache
-from encfs.keys.context import EncryptionContext, encode_context
+from encfs.keys.context import EncryptionContext
 from encfs.keys.service import DataKey, KeyService
 
 Label = TypeVar("Label")
@@ -71,16 +71,10 @@ class DataKeyPool(Generic[Label]):
 
     def _generate(self) -> list[tuple[float, Label, DataKey]]:
         labels = [self._new_label() for _ in range(self.batch)]
-        keys = self.service.generate_data_keys(self.key, [context for _, context in labels])
+        # With the cache seeded, the object's first open needs no token call.
+        keys = self.service.generate_data_keys(self.key, [context for _, context in labels], cache=self._cache)
         born = self._clock()
-        out = []
-        for (label, context), dk in zip(labels, keys):
-            if self._cache is not None:  # the object's first open then needs no token call
-                assert dk.plaintext is not None
-                self._cache.put(dk.ciphertext_blob, encode_context(dict(context)), dk.plaintext, dk.key_id,
-                                dk.key_version)
-            out.append((born, label, dk))
-        return out
+        return [(born, label, dk) for (label, _context), dk in zip(labels, keys)]
 
     def clear(self) -> None:
         """Forget the pooled keys."""

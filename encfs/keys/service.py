@@ -472,12 +472,13 @@ class KeyService:
             return DataKey(rec.key_id, rec.current.version, plaintext if with_plaintext else None, blob)
 
     def generate_data_keys(self, key: str, contexts: Sequence[EncryptionContext],
-                           number_of_bytes: int = 32) -> list[DataKey]:
+                           number_of_bytes: int = 32, cache: DataKeyCache | None = None) -> list[DataKey]:
         """generate_data_key for each context (with plaintext), in one pass.
 
         One metadata check, one request to the token's RNG and one hold of the
         token for all the seals; the audit trail still gets one GenerateDataKey
         record per key, with its context, exactly as separate calls would give.
+        With ``cache``, each key is entered as if just decrypted (as generate_data_key does).
         """
         encoded = [encode_context(dict(c)) for c in contexts]
         info: dict[str, Any] = {}
@@ -491,8 +492,10 @@ class KeyService:
             info["key_version"] = version.version
             material = self.token.random(number_of_bytes * len(contexts))
             plaintexts = [material[i * number_of_bytes:(i + 1) * number_of_bytes] for i in range(len(contexts))]
-            headers = [BlobHeader(uuid.UUID(rec.key_id), version.version, context_digest(e), os.urandom(NONCE_LEN))
-                       for e in encoded]
+            key_uuid = uuid.UUID(rec.key_id)
+            nonces = os.urandom(NONCE_LEN * len(encoded))
+            headers = [BlobHeader(key_uuid, version.version, context_digest(e),
+                                  nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN]) for i, e in enumerate(encoded)]
             sealed = self.token.encrypt_gcm_many(bytes.fromhex(version.token_id), [
                 (h.nonce, h.pack() + e, p) for h, e, p in zip(headers, encoded, plaintexts)])
         except EncfsError as e:
@@ -500,8 +503,12 @@ class KeyService:
                                    now=self.clock(), **info)
             raise
         self.audit.record_many("GenerateDataKey", contexts, now=self.clock(), **info)
-        return [DataKey(rec.key_id, version.version, p, CiphertextBlob(h, s).pack())
+        keys = [DataKey(rec.key_id, version.version, p, CiphertextBlob(h, s).pack())
                 for p, h, s in zip(plaintexts, headers, sealed)]
+        if cache is not None:
+            for dk, e in zip(keys, encoded):
+                cache.put(dk.ciphertext_blob, e, dk.plaintext, dk.key_id, dk.key_version)  # type: ignore[arg-type]
+        return keys
 
     def data_key_usable(self, key_id: str, key_version: int) -> bool:
         """Whether a data key generated under (key_id, key_version) may still protect new data:
