@@ -156,8 +156,9 @@ def stop_proc(proc: subprocess.Popen | None, timeout: float = 30) -> None:
         proc.wait(timeout=10)
 
 
-def losetup(image: Path, sector: int = 4096) -> str:
-    return run(["losetup", "--find", "--show", "--sector-size", str(sector), str(image)]).stdout.decode().strip()
+def losetup(image: Path, sector: int = 4096, direct_io: bool = False) -> str:
+    dio = ["--direct-io=on"] if direct_io else []
+    return run(["losetup", "--find", "--show", "--sector-size", str(sector), *dio, str(image)]).stdout.decode().strip()
 
 
 def lodetach(dev: str | None) -> None:
@@ -323,7 +324,7 @@ class EncfsVolumeNull(Target):
         # The FUSE mount can go only after the loop device lets go of its file: _teardown_extra.
         self.mounts.remove(fuse_mnt)
         self.fuse_mnt = fuse_mnt
-        dev = losetup(fuse_mnt / "volume")
+        dev = losetup(fuse_mnt / "volume", direct_io=True)  # as `encfs volume attach` does
         self.loops.append(dev)
         return self.ext4_on(dev, base / "mnt")
 

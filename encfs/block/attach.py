@@ -144,7 +144,10 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
         _forget(Attachment(vid, str(image), 0, mountpoint, ""))
         raise
     a = Attachment(vid, str(image), pid, mountpoint, "", _proc_start(pid) or 0)
-    proc = _run(["losetup", "--find", "--show", "--sector-size", "4096", f"{mountpoint}/volume"])
+    # Direct I/O: the loop device keeps several requests in flight (the server reads them in
+    # parallel), and the volume's plaintext is cached once, above the loop device.
+    proc = _run(["losetup", "--find", "--show", "--sector-size", "4096", "--direct-io=on",
+                 f"{mountpoint}/volume"])
     if proc.returncode != 0:
         _stop_daemon(a)
         _forget(a)

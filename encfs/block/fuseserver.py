@@ -5,8 +5,11 @@ so volumes are served by this small server: a root directory holding exactly one
 whose reads, writes, fsyncs and hole punches go to a ``SectorStore``.
 
 Invariants:
-- Requests are handled one at a time, in arrival order, on one thread
-  (encfs.fuseproto reads and answers them).
+- Two threads serve (encfs.fuseproto reads and answers requests): reads run
+  alongside each other (the backing pread and the reply's copy need no
+  GIL, so they overlap the other thread's decryption); every other request
+  runs alone. The loop device reads with direct I/O, so several reads are
+  in flight at once.
 - The file is opened with FOPEN_DIRECT_IO: the page cache never holds
   volume data, so a loop device on top does not cache it twice (the
   deadlock hazard in ../shared/notes/block.md) and every flush from the
@@ -27,10 +30,11 @@ from encfs.blocks import BlockAuthError
 from encfs.errors import EncfsError
 from encfs.fuseproto import (
     ACCESS, ATTR, ATTR_HEAD, BATCH_FORGET, DESTROY, ENTRY_HEAD, FALLOCATE, FALLOCATE_IN, FLUSH,
-    FOPEN_DIRECT_IO, FORGET, FSYNC, FSYNCDIR, FUSE_BIG_WRITES, FUSE_MAX_PAGES, GETATTR, GETXATTR, INIT,
+    FOPEN_DIRECT_IO, FORGET, FSYNC, FSYNCDIR, FUSE_ASYNC_DIO, FUSE_BIG_WRITES, FUSE_MAX_PAGES, GETATTR, GETXATTR, INIT,
     INTERRUPT, INVAL_INODE, LISTXATTR, LOOKUP, NOTIFY_INVAL_INODE, OPEN, OPEN_OUT, OPENDIR, READ, READ_IN,
     READDIR, RELEASE, RELEASEDIR, ROOT_ID, SETATTR, SETXATTR, SETXATTR_IN, STATFS, STATFS_OUT, SYNCFS,
-    WRITE, WRITE_IN, WRITE_OUT, FuseServer, StopServing, mount_direct, pack_dirent, unmount_direct,
+    WRITE, WRITE_IN, WRITE_OUT, FuseServer, SharedExclusiveLock, StopServing, mount_direct, pack_dirent,
+    unmount_direct,
 )
 
 log = logging.getLogger("encfs.block")
@@ -73,6 +77,7 @@ class VolumeServer(FuseServer):
         self.volume = volume
         self.started = time.time()
         self._on_error = on_error
+        self.lock = SharedExclusiveLock()
 
     def _attr(self, node: int) -> bytes:
         t = int(self.started)
@@ -100,10 +105,11 @@ class VolumeServer(FuseServer):
         # The kernel caches the file's size: tell it to ask again.
         self.notify(NOTIFY_INVAL_INODE, INVAL_INODE.pack(FILE_ID, 0, -1))
 
-    def serve(self, threads: int = 1) -> None:
-        """Handle requests, one at a time, until unmounted or stopped; then flush the store."""
-        super().serve(threads=1)
-        self.volume.flush()
+    def serve(self, threads: int = 2) -> None:
+        """Handle requests until unmounted or stopped; then flush the store."""
+        super().serve(threads=threads)
+        with self.lock.exclusive():
+            self.volume.flush()
 
     def on_failure(self, opcode: int, unique: int, exc: Exception) -> None:
         if isinstance(exc, BlockAuthError):
@@ -118,12 +124,25 @@ class VolumeServer(FuseServer):
             super().on_failure(opcode, unique, exc)
 
     def dispatch(self, opcode: int, unique: int, node: int, header: tuple[int, ...], body: memoryview) -> bool:
-        if opcode == INIT:
-            return self.init_reply(unique, body, FUSE_BIG_WRITES | FUSE_MAX_PAGES)
-        elif opcode == READ:
+        if opcode == READ:  # alongside other reads, never alongside anything else
             _fh, offset, size, _flags = READ_IN.unpack_from(body)
-            end = min(offset + size, self.volume.size)
-            self.reply(unique, self.volume.read(offset, max(0, end - offset)) if offset < end else b"")
+            self.lock.acquire_shared()
+            try:
+                end = min(offset + size, self.volume.size)
+                data = self.volume.read(offset, max(0, end - offset)) if offset < end else b""
+            finally:
+                self.lock.release_shared()
+            self.reply(unique, data)
+            return True
+        self.lock.acquire_exclusive()
+        try:
+            return self._dispatch_exclusive(opcode, unique, node, body)
+        finally:
+            self.lock.release_exclusive()
+
+    def _dispatch_exclusive(self, opcode: int, unique: int, node: int, body: memoryview) -> bool:
+        if opcode == INIT:
+            return self.init_reply(unique, body, FUSE_BIG_WRITES | FUSE_MAX_PAGES | FUSE_ASYNC_DIO)
         elif opcode == WRITE:
             _fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(body)
             data = bytes(body[WRITE_IN.size:WRITE_IN.size + size])

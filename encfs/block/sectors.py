@@ -48,6 +48,7 @@ from encfs.block.layout import (
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
 
 _SEQ = struct.Struct(">Q")
+_ZERO_SECTOR = bytes(SECTOR_SIZE)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -190,24 +191,26 @@ class SectorStore:
             yield start, run
 
     def read_sectors(self, first: int, count: int) -> bytes:
-        out = bytearray(count * SECTOR_SIZE)
         located = []
         for s in range(first, first + count):
             state = self._state(s)
             if state != UNWRITTEN:
                 located.append((s, sector_offset(s, state)))
+        plain = {}  # sector -> plaintext; the others are unwritten and read as zeros
         for start, run in self._runs(located):
-            sealed = os.pread(self.fd, len(run) * SEALED_BLOCK, start)
+            sealed = memoryview(os.pread(self.fd, len(run) * SEALED_BLOCK, start))  # slices: no copies
             for k, s in enumerate(run):
-                chunk = sealed[k * SEALED_BLOCK:(k + 1) * SEALED_BLOCK]
                 try:
-                    plain = self._data.open(sector_block_number(s, self._state(s)), chunk)
+                    sector = self._data.open(sector_block_number(s, self._state(s)),
+                                             sealed[k * SEALED_BLOCK:(k + 1) * SEALED_BLOCK])
+                    if len(sector) != SECTOR_SIZE:  # sectors are sealed whole: a short one is not ours
+                        raise BlockAuthError(sector_block_number(s, self._state(s)))
+                    plain[s] = sector
                 except BlockAuthError:
                     if self._on_auth_error:
                         self._on_auth_error(s)
                     raise
-                out[(s - first) * SECTOR_SIZE:(s - first + 1) * SECTOR_SIZE] = plain.ljust(SECTOR_SIZE, b"\0")
-        return bytes(out)
+        return b"".join(plain.get(s, _ZERO_SECTOR) for s in range(first, first + count))
 
     def write_sectors(self, first: int, data: bytes) -> None:
         """Seal and write whole sectors; the map names a new slot only once it is fully written.

@@ -166,6 +166,9 @@ class EncryptedFS:
         self._dirids: dict[int, bytes] = {ROOT_ID: bytes.fromhex(config.fs_id)[:DIRID_LEN]}
         self._generations: dict[int, int] = {}  # inode number -> times it was freed
         self._no_capability: set[int] = set()  # inodes known to lack CAPABILITY_XATTR
+        self._euid, self._egid = os.geteuid(), os.getegid()
+        self._umask = os.umask(0o022)
+        os.umask(self._umask)
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
@@ -366,8 +369,8 @@ class EncryptedFS:
                               key=self.config.key_id, cache=self.key_cache).plaintext
         return self.cipher_class(key, header.file_id)
 
-    def _content(self, fd: int, path: bytes, create_header: bool) -> FileContent | None:
-        cipher = self._cipher_for(fd, path)
+    def _content(self, fd: int, path: bytes, create_header: bool, known_empty: bool = False) -> FileContent | None:
+        cipher = None if known_empty else self._cipher_for(fd, path)
         if cipher is None:
             if not create_header:
                 return None
@@ -745,10 +748,12 @@ class EncryptedFS:
                 self._remove_side(path, side)
             raise
         try:
-            uid, gid, _ = self._owner(path, ctx)
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, stat_m.S_IMODE(mode))  # the daemon's umask must not apply
-            content = self._content(fd, path, create_header=True)
+            uid, gid, sgid = self._owner(path, ctx)
+            if uid != self._euid or not (sgid or gid == self._egid):  # else open() gave it that owner
+                os.fchown(fd, uid, gid)
+            if stat_m.S_IMODE(mode) & (self._umask | 0o7000):  # the daemon's umask must not apply
+                os.fchmod(fd, stat_m.S_IMODE(mode))
+            content = self._content(fd, path, create_header=True, known_empty=True)
         except BaseException:
             os.close(fd)
             os.unlink(path)
