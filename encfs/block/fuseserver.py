@@ -5,7 +5,7 @@ so volumes are served by this small server: a root directory holding exactly one
 whose reads, writes, fsyncs and hole punches go to a ``SectorStore``.
 
 Invariants:
-- Two threads serve (encfs.fuseproto reads and answers requests): reads run
+- Four threads serve (encfs.fuseproto reads and answers requests): reads run
   alongside each other (the backing pread and the reply's copy need no
   GIL, so they overlap the other thread's decryption); every other request
   runs alone. The loop device reads with direct I/O, so several reads are
@@ -105,7 +105,7 @@ class VolumeServer(FuseServer):
         # The kernel caches the file's size: tell it to ask again.
         self.notify(NOTIFY_INVAL_INODE, INVAL_INODE.pack(FILE_ID, 0, -1))
 
-    def serve(self, threads: int = 2) -> None:
+    def serve(self, threads: int = 4) -> None:
         """Handle requests until unmounted or stopped; then flush the store."""
         super().serve(threads=threads)
         with self.lock.exclusive():

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +28,10 @@ from encfs.keys.service import KeyService
 
 
 # Measured here (interleaved A/B runs, 1 GiB sequential, 5,000 small files): 4 threads with a
-# 0.2 ms GIL switch interval beat 2 threads with the default 5 ms on cold reads (1.1-1.2 vs
-# 1.0-1.1 GB/s), small-file creates (+12%) and sequential writes (590 vs 200-420 MB/s); 4 threads
-# with the default interval halved sequential writes (a thread woken for the next request waits
-# out the interval for the GIL).
+# 0.2 ms GIL switch interval (fuseproto.GIL_SWITCH_INTERVAL) beat 2 threads with the default 5 ms
+# on cold reads (1.1-1.2 vs 1.0-1.1 GB/s), small-file creates (+12%) and sequential writes (590 vs
+# 200-420 MB/s); 4 threads with the default interval halved sequential writes.
 SERVER_THREADS = 4
-GIL_SWITCH_INTERVAL = 0.0002
 
 
 class MountError(EncfsError):
@@ -124,7 +121,6 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         ks.close()
         raise MountError(f"FUSE refused to mount {mountpoint}: {e.strerror}") from None
     server = FsServer(fd, fs)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # this process is the daemon: nothing else runs in it
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.stop())
     try:
