@@ -11,7 +11,6 @@ import random
 import struct
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 

@@ -48,20 +48,10 @@ class AuditLog:
             self._pid = os.getpid()
         return self._fd
 
-    def record(
-        self,
-        operation: str,
-        *,
-        outcome: str = "success",
-        key_id: str | None = None,
-        key_version: int | None = None,
-        context: Mapping[str, str] | None = None,
-        error: str | None = None,
-        now: float | None = None,
-        **extra: Any,
-    ) -> None:
-        self._append(self._line(operation, outcome=outcome, key_id=key_id, key_version=key_version,
-                                context=context, error=error, now=now, **extra))
+    def record(self, operation: str, **fields: Any) -> None:
+        """Append one record; ``fields`` are _line's (outcome, key_id, key_version, context, error,
+        now) and any extras."""
+        self._append(self._line(operation, **fields))
 
     def record_many(self, operation: str, contexts: Sequence[Mapping[str, str] | None], **fields: Any) -> None:
         """One record per context (otherwise identical), written together.
