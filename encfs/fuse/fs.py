@@ -99,9 +99,7 @@ def failures_as_errno(op: str) -> Iterator[None]:
         yield
     except Exception as e:
         mapped = _as_fuse_error(op, e)
-        if mapped is None:
-            raise
-        if mapped is e:
+        if mapped is None or mapped is e:
             raise
         raise mapped from None
 
@@ -783,15 +781,11 @@ class EncryptedFS:
         return self._open_handle(inode, path, fd, content, writable)
 
     @fuse_op
-    def read(self, fh: int, off: int, size: int) -> bytes:
-        f = self.reader(fh)
-        return b"" if f is None else self.read_open(f, off, size)
-
-    @fuse_op
     def reader(self, fh: int) -> OpenFile | None:
         """The open file behind ``fh`` with its content ready to read, or None if it has none yet.
 
-        With read_open, this splits read() so that a server can decrypt outside its lock."""
+        Reading is split in two (reader, then read_open) so that the server can hold
+        its lock shared while it decrypts."""
         f = self._files[fh]
         if f.content is None:  # opened while empty and headerless; another handle may have written since
             f.content = self._content(f.fd, f.path, create_header=False)
