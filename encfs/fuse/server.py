@@ -253,7 +253,7 @@ class FsServer(FuseServer):
         self.reply(unique, bytes(out))
 
     def _releasedir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        (fh,) = FORGET_IN.unpack_from(body)  # fuse_release_in starts with fh
+        fh, _flags, _rflags, _owner = RELEASE_IN.unpack_from(body)
         self.fs.releasedir(fh)
         self.reply(unique)
 
