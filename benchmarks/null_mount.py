@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from encfs.blocks import NONCE_LEN, OVERHEAD, PLAIN_BLOCK, SEALED_BLOCK, BlockAuthError
+from encfs.blocks import NONCE_LEN, OVERHEAD, PLAIN_BLOCK, BlockAuthError, check_block_size
 
 _NONCE = bytes(NONCE_LEN)
 _TAG = bytes(OVERHEAD - NONCE_LEN)
@@ -29,23 +29,25 @@ _TAG = bytes(OVERHEAD - NONCE_LEN)
 class NullBlockCipher:
     """BlockCipher's interface and sizes, without encryption (benchmark only)."""
 
-    __slots__ = ("_scope",)
+    __slots__ = ("_scope", "block_size", "sealed_block")
 
-    def __init__(self, key: bytes, scope: bytes) -> None:
+    def __init__(self, key: bytes, scope: bytes, block_size: int = PLAIN_BLOCK) -> None:
         if len(key) != 32:
             raise ValueError("BlockCipher needs a 256-bit key")
         self._scope = bytes(scope)
+        self.block_size = check_block_size(block_size)
+        self.sealed_block = block_size + OVERHEAD
 
     def aad(self, block_no: int) -> bytes:
         return self._scope + block_no.to_bytes(8, "big")
 
     def seal(self, block_no: int, plaintext: bytes) -> bytes:
-        if not 0 < len(plaintext) <= PLAIN_BLOCK:
-            raise ValueError(f"a block holds 1 to {PLAIN_BLOCK} bytes, not {len(plaintext)}")
+        if not 0 < len(plaintext) <= self.block_size:
+            raise ValueError(f"a block holds 1 to {self.block_size} bytes, not {len(plaintext)}")
         return _NONCE + bytes(plaintext) + _TAG
 
     def open(self, block_no: int, sealed: bytes | memoryview) -> bytes:
-        if not OVERHEAD < len(sealed) <= SEALED_BLOCK:
+        if not OVERHEAD < len(sealed) <= self.sealed_block:
             raise BlockAuthError(block_no)
         return bytes(sealed[NONCE_LEN:len(sealed) - (OVERHEAD - NONCE_LEN)])
 
@@ -53,16 +55,16 @@ class NullBlockCipher:
         return b"".join(self.seal(n, p) for n, p in blocks)
 
     def seal_run(self, first_block: int, plaintext: bytes | memoryview) -> bytes:
-        mv = memoryview(plaintext)
+        mv, step = memoryview(plaintext), self.block_size
         out = []
-        for off in range(0, len(mv), PLAIN_BLOCK):
-            out += (_NONCE, mv[off:off + PLAIN_BLOCK], _TAG)
+        for off in range(0, len(mv), step):
+            out += (_NONCE, mv[off:off + step], _TAG)
         return b"".join(out)
 
     def open_run(self, first_block: int, sealed: bytes | memoryview) -> bytes:
-        mv = memoryview(sealed)
-        return b"".join(self.open(first_block + i, mv[off:off + SEALED_BLOCK])
-                        for i, off in enumerate(range(0, len(mv), SEALED_BLOCK)))
+        mv, step = memoryview(sealed), self.sealed_block
+        return b"".join(self.open(first_block + i, mv[off:off + step])
+                        for i, off in enumerate(range(0, len(mv), step)))
 
 
 def main(argv: list[str]) -> int:

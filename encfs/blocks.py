@@ -1,7 +1,9 @@
 """The AEAD block layer shared by the filesystem and the volumes.
 
 Content is cut into fixed-size plaintext blocks; each block is sealed on its
-own with AES-256-GCM under the owner's data key (a file's or a volume's):
+own with AES-256-GCM under the owner's data key (a file's or a volume's).
+The block size belongs to the owner's format: volumes use 4 KiB sectors, a
+filesystem records 4 KiB or 32 KiB in its config. Every size shares this framing:
 
     sealed block = nonce (12) || ciphertext (len(plaintext)) || tag (16)
     AAD          = scope || u64 block number (big-endian)
@@ -13,7 +15,8 @@ reuses a (key, nonce) pair; callers keep the number of seals per data key
 well under 2**32 (NIST SP 800-38D, random nonces).
 
 The offset arithmetic is pure and lives in module-level functions so that
-callers (FUSE read/write, volume I/O) and tests share one definition.
+callers (FUSE read/write, volume I/O) and tests share one definition; each
+takes the plaintext block size (default PLAIN_BLOCK, 4 KiB).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 PLAIN_BLOCK = 4096
+MAX_BLOCK = 1 << 20
 NONCE_LEN = 12
 TAG_LEN = 16
 OVERHEAD = NONCE_LEN + TAG_LEN
@@ -42,63 +46,76 @@ class BlockAuthError(Exception):
         self.block_no = block_no
 
 
-def blocks_touched(offset: int, length: int) -> range:
+def check_block_size(block: int) -> int:
+    """``block`` if it is a valid plaintext block size (a power of two, 4 KiB to 1 MiB)."""
+    if not (PLAIN_BLOCK <= block <= MAX_BLOCK and block & (block - 1) == 0):
+        raise ValueError(f"block size must be a power of two from {PLAIN_BLOCK} to {MAX_BLOCK}, not {block}")
+    return block
+
+
+def blocks_touched(offset: int, length: int, block: int = PLAIN_BLOCK) -> range:
     """Block numbers that plaintext bytes [offset, offset+length) fall in."""
     if offset < 0 or length < 0:
         raise ValueError("offset and length must be non-negative")
     if length == 0:
-        return range(offset // PLAIN_BLOCK, offset // PLAIN_BLOCK)
-    return range(offset // PLAIN_BLOCK, (offset + length - 1) // PLAIN_BLOCK + 1)
+        return range(offset // block, offset // block)
+    return range(offset // block, (offset + length - 1) // block + 1)
 
 
-def sealed_offset(block_no: int, header_len: int = 0) -> int:
+def sealed_offset(block_no: int, header_len: int = 0, block: int = PLAIN_BLOCK) -> int:
     """Where block ``block_no`` starts in a sealed stream behind a header."""
-    return header_len + block_no * SEALED_BLOCK
+    return header_len + block_no * (block + OVERHEAD)
 
 
-def sealed_size(plain_size: int, header_len: int = 0) -> int:
+def sealed_size(plain_size: int, header_len: int = 0, block: int = PLAIN_BLOCK) -> int:
     """Size of the sealed stream holding ``plain_size`` plaintext bytes."""
-    full, rest = divmod(plain_size, PLAIN_BLOCK)
-    return header_len + full * SEALED_BLOCK + (rest + OVERHEAD if rest else 0)
+    full, rest = divmod(plain_size, block)
+    return header_len + full * (block + OVERHEAD) + (rest + OVERHEAD if rest else 0)
 
 
-def plain_size(sealed_len: int, header_len: int = 0) -> int:
+def plain_size(sealed_len: int, header_len: int = 0, block: int = PLAIN_BLOCK) -> int:
     """Inverse of sealed_size. ValueError if no plaintext size maps to ``sealed_len``."""
     body = sealed_len - header_len
     if body < 0:
         raise ValueError(f"sealed stream of {sealed_len} bytes is shorter than its header")
-    full, rest = divmod(body, SEALED_BLOCK)
+    full, rest = divmod(body, block + OVERHEAD)
     if rest == 0:
-        return full * PLAIN_BLOCK
+        return full * block
     if rest <= OVERHEAD:
         raise ValueError(f"sealed stream ends in a fragment of {rest} bytes")
-    return full * PLAIN_BLOCK + rest - OVERHEAD
+    return full * block + rest - OVERHEAD
 
 
 class BlockCipher:
-    """Seals and opens blocks of one owner. One instance per data key (reuse it)."""
+    """Seals and opens blocks of one owner. One instance per data key (reuse it).
 
-    __slots__ = ("_aead", "_scope")
+    ``block_size`` is the plaintext block size; a sealed block is at most
+    ``block_size + OVERHEAD`` bytes.
+    """
 
-    def __init__(self, key: bytes, scope: bytes) -> None:
+    __slots__ = ("_aead", "_scope", "block_size", "sealed_block")
+
+    def __init__(self, key: bytes, scope: bytes, block_size: int = PLAIN_BLOCK) -> None:
         if len(key) != 32:
             raise ValueError("BlockCipher needs a 256-bit key")
         self._aead = AESGCM(key)
         self._scope = bytes(scope)
+        self.block_size = check_block_size(block_size)
+        self.sealed_block = block_size + OVERHEAD
 
     def aad(self, block_no: int) -> bytes:
         return self._scope + _U64.pack(block_no)
 
     def seal(self, block_no: int, plaintext: bytes) -> bytes:
-        """nonce || ciphertext || tag for ``plaintext`` (at most PLAIN_BLOCK bytes)."""
-        if not 0 < len(plaintext) <= PLAIN_BLOCK:
-            raise ValueError(f"a block holds 1 to {PLAIN_BLOCK} bytes, not {len(plaintext)}")
+        """nonce || ciphertext || tag for ``plaintext`` (at most block_size bytes)."""
+        if not 0 < len(plaintext) <= self.block_size:
+            raise ValueError(f"a block holds 1 to {self.block_size} bytes, not {len(plaintext)}")
         nonce = os.urandom(NONCE_LEN)
         return nonce + self._aead.encrypt(nonce, plaintext, self.aad(block_no))
 
     def open(self, block_no: int, sealed: bytes | memoryview) -> bytes:
         """Plaintext of a sealed block; BlockAuthError if it does not authenticate."""
-        if not OVERHEAD < len(sealed) <= SEALED_BLOCK:
+        if not OVERHEAD < len(sealed) <= self.sealed_block:
             raise BlockAuthError(block_no)
         try:  # slices of a memoryview: no copy of the block before decryption
             return self._aead.decrypt(sealed[:NONCE_LEN], sealed[NONCE_LEN:], self.aad(block_no))
@@ -109,14 +126,14 @@ class BlockCipher:
         """Seal (block number, plaintext) pairs and concatenate the results.
 
         One getrandom(2) supplies every nonce of the batch: large writes make
-        no system call per 4 KiB block.
+        no system call per block.
         """
         nonces = os.urandom(NONCE_LEN * len(blocks))
-        encrypt, aad = self._aead.encrypt, self.aad
+        encrypt, aad, limit = self._aead.encrypt, self.aad, self.block_size
         out = []
         for i, (block_no, plaintext) in enumerate(blocks):
-            if not 0 < len(plaintext) <= PLAIN_BLOCK:
-                raise ValueError(f"a block holds 1 to {PLAIN_BLOCK} bytes, not {len(plaintext)}")
+            if not 0 < len(plaintext) <= limit:
+                raise ValueError(f"a block holds 1 to {limit} bytes, not {len(plaintext)}")
             nonce = nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN]
             out.append(nonce)
             out.append(encrypt(nonce, plaintext, aad(block_no)))
@@ -124,12 +141,12 @@ class BlockCipher:
 
     def seal_run(self, first_block: int, plaintext: bytes | memoryview) -> bytes:
         """Seal consecutive blocks; only the last may be short."""
-        mv = memoryview(plaintext)
-        return self.seal_blocks([(first_block + i, mv[off:off + PLAIN_BLOCK])
-                                 for i, off in enumerate(range(0, len(mv), PLAIN_BLOCK))])
+        mv, step = memoryview(plaintext), self.block_size
+        return self.seal_blocks([(first_block + i, mv[off:off + step])
+                                 for i, off in enumerate(range(0, len(mv), step))])
 
     def open_run(self, first_block: int, sealed: bytes | memoryview) -> bytes:
         """Open consecutive sealed blocks (as written by seal_run)."""
-        mv = memoryview(sealed)
-        return b"".join(self.open(first_block + i, mv[off:off + SEALED_BLOCK])
-                        for i, off in enumerate(range(0, len(mv), SEALED_BLOCK)))
+        mv, step = memoryview(sealed), self.sealed_block
+        return b"".join(self.open(first_block + i, mv[off:off + step])
+                        for i, off in enumerate(range(0, len(mv), step)))

@@ -23,21 +23,26 @@ from encfs.blocks import (
 KEY = bytes(range(32))
 
 
-@given(st.integers(0, 10**9), st.integers(0, 10**6))
-def test_blocks_touched_covers_exactly_the_range(offset: int, length: int) -> None:
-    r = blocks_touched(offset, length)
+block_sizes = st.sampled_from([4096, 8192, 32768, 1 << 20])
+
+
+@given(st.integers(0, 10**9), st.integers(0, 10**6), block_sizes)
+def test_blocks_touched_covers_exactly_the_range(offset: int, length: int, block: int) -> None:
+    r = blocks_touched(offset, length, block)
     if length == 0:
         assert len(r) == 0
         return
-    assert r.start * PLAIN_BLOCK <= offset < (r.start + 1) * PLAIN_BLOCK
+    assert r.start * block <= offset < (r.start + 1) * block
     end = offset + length - 1
-    assert (r.stop - 1) * PLAIN_BLOCK <= end < r.stop * PLAIN_BLOCK
+    assert (r.stop - 1) * block <= end < r.stop * block
 
 
-@given(st.integers(0, 10**10), st.integers(0, 100))
-def test_sealed_size_round_trips(size: int, header: int) -> None:
-    assert plain_size(sealed_size(size, header), header) == size
-    assert sealed_size(size, header) >= size + header
+@given(st.integers(0, 10**10), st.integers(0, 100), block_sizes)
+def test_sealed_size_round_trips(size: int, header: int, block: int) -> None:
+    assert plain_size(sealed_size(size, header, block), header, block) == size
+    assert sealed_size(size, header, block) >= size + header
+    full = size // block
+    assert sealed_offset(full, header, block) == sealed_size(full * block, header, block)
 
 
 def test_sealed_layout_numbers() -> None:
@@ -92,6 +97,29 @@ def test_runs_reject_swapped_blocks() -> None:
     with pytest.raises(BlockAuthError) as info:
         bc.open_run(7, swapped)
     assert info.value.block_no == 7
+
+
+@pytest.mark.parametrize("block", [4096, 32768])
+def test_runs_of_each_block_size(block: int) -> None:
+    bc = BlockCipher(KEY, b"f", block)
+    assert bc.block_size == block and bc.sealed_block == block + OVERHEAD
+    data = os.urandom(2 * block + 5)
+    sealed = bc.seal_run(3, data)
+    assert len(sealed) == sealed_size(len(data), 0, block)
+    assert bc.open_run(3, sealed) == data
+    assert bc.open(4, sealed[block + OVERHEAD:2 * (block + OVERHEAD)]) == data[block:2 * block]
+    with pytest.raises(ValueError):
+        bc.seal(0, bytes(block + 1))
+    with pytest.raises(BlockAuthError):  # longer than one sealed block of this size
+        bc.open(3, sealed[:block + OVERHEAD + 1])
+    with pytest.raises(BlockAuthError):
+        BlockCipher(KEY, b"f", block).open_run(4, sealed)  # shifted by one block
+
+
+@pytest.mark.parametrize("block", [0, 2048, 4095, 8191, 12288, 2 << 20])
+def test_bad_block_sizes_are_refused(block: int) -> None:
+    with pytest.raises(ValueError):
+        BlockCipher(KEY, b"f", block)
 
 
 def test_block_size_limits() -> None:

@@ -175,6 +175,9 @@ def _setup_failure(case: str, w: dict[str, Path], tmp: Path, fs_home: Path):
     elif case == "unknown-feature":
         _set_config_field(cipher, "features", lambda f: [*f, "time-travel"])
         needles = ["unknown feature", "time-travel"]
+    elif case == "two-block-sizes":
+        _set_config_field(cipher, "features", lambda f: [*f, "aes256gcm-4k-blocks"])
+        needles = ["exactly one content block size"]
     elif case == "key-disabled":
         home, needles = w["dis_home"], [fs_key, "disabled"]
     elif case == "key-missing":
@@ -203,7 +206,7 @@ def _setup_failure(case: str, w: dict[str, Path], tmp: Path, fs_home: Path):
     return cipher, mp, home, extra, needles
 
 
-FAILURES = ["not-encfs", "format-99", "unknown-feature", "key-disabled", "key-missing", "no-token",
+FAILURES = ["not-encfs", "format-99", "unknown-feature", "two-block-sizes", "key-disabled", "key-missing", "no-token",
             "hsm-unavailable", "wrong-pin", "mountpoint-missing", "mountpoint-not-dir", "mountpoint-not-empty",
             "mountpoint-busy"]
 
@@ -520,7 +523,8 @@ def test_info_reports_format_ids_features_and_counts(tmp_path: Path, fs_home: Pa
     assert info["fs_id"] == conf["fs_id"] and len(info["fs_id"]) == 32
     assert info["key_id"] == key_id
     assert info["features"] == conf["features"]
-    assert {"aes256gcm-4k-blocks", "per-file-keys", "siv-names", "long-names"} <= set(info["features"])
+    assert {"aes256gcm-32k-blocks", "per-file-keys", "siv-names", "long-names"} <= set(info["features"])
+    assert "aes256gcm-4k-blocks" not in info["features"] and info["block_size"] == 32768
     counts = info["counts"]
     assert (counts["files"], counts["directories"], counts["symlinks"]) == (3, 2, 2), counts
     assert counts["long_names"] == 1
@@ -732,3 +736,33 @@ def test_daemonized_mount_prompts_for_the_pin_before_forking(tmp_path: Path) -> 
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, timeout=30)
+
+
+# -- 7. content block size --------------------------------------------------------------------------------
+
+def test_init_block_size_4096_and_32768(tmp_path: Path, fs_home: Path) -> None:
+    """Both block sizes mount and hold the same data; the backing file has that size's framing."""
+    data = os.urandom(3 * 32768 + 5000)
+    for block in (4096, 32768):
+        cipher, mp = tmp_path / f"c{block}", tmp_path / f"p{block}"
+        mp.mkdir()
+        out = encfs_ok("init", str(cipher), "--key", "fs", "--block-size", str(block), home=fs_home)
+        assert f"({block // 1024} KiB blocks)" in out
+        with guard(cipher, mp):
+            with Mount(cipher, mp, fs_home):
+                (mp / "f").write_bytes(data)
+                assert os.stat(mp / "f").st_blksize == block
+            with Mount(cipher, mp, fs_home):
+                assert (mp / "f").read_bytes() == data
+        info = _info(cipher, fs_home)
+        assert info["block_size"] == block
+        assert f"aes256gcm-{block // 1024}k-blocks" in info["features"]
+        backing = [p for p in cipher.iterdir() if "." not in p.name]
+        full, rest = divmod(len(data), block)
+        assert [p.stat().st_size for p in backing] == [128 + full * (block + 28) + rest + 28]
+
+
+def test_init_refuses_other_block_sizes(tmp_path: Path, fs_home: Path) -> None:
+    proc = run_encfs("init", str(tmp_path / "c"), "--key", "fs", "--block-size", "8192", home=fs_home)
+    assert proc.returncode != 0 and b"--block-size" in proc.stderr
+    assert not (tmp_path / "c").exists()

@@ -26,16 +26,19 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from test_fuse_semantics import cold_read, new_mount
 
-BLOCK = 4096
+BLOCK = 32768  # the default content block size; 4 KiB boundaries (pages, old filesystems) are drawn too
+PAGE = 4096
 
 DIRS = ["d0", "d1", "d0/d2"]
 FILES = ["f0", "f1", "f2", "d0/f0", "d0/f1", "d1/f0", "d0/d2/f0", "d0/d2/" + "L" * 255]
 paths = st.sampled_from(FILES + DIRS)
 files = st.sampled_from(FILES)
 dirs = st.sampled_from(DIRS)
-offsets = st.one_of(st.sampled_from([0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 3 * BLOCK - 7]),
+offsets = st.one_of(st.sampled_from([0, 1, PAGE - 1, PAGE, PAGE + 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK,
+                                     3 * BLOCK - 7]),
                     st.integers(0, 3 * BLOCK + 50))
-lengths = st.one_of(st.sampled_from([1, BLOCK - 1, BLOCK, BLOCK + 1]), st.integers(1, 2 * BLOCK + 5))
+lengths = st.one_of(st.sampled_from([1, PAGE - 1, PAGE, PAGE + 1, BLOCK - 1, BLOCK, BLOCK + 1]),
+                    st.integers(1, 2 * BLOCK + 5))
 seeds = st.integers(0, 2**16)
 
 # Bounded for CI (~15 s); ENCFS_STRESS=1 runs a long version.

@@ -26,8 +26,8 @@ import pytest
 from conftest import run_encfs
 from fuse_helpers import Mount
 
-BLOCK = 4096
-SEALED = BLOCK + 28
+BLOCK_SIZES = (4096, 32768)  # every content block size a filesystem can have (FORMAT.md 6.4)
+BLOCK = 32768  # the default, for tests that do not depend on it
 HEADER = 128
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
@@ -69,11 +69,12 @@ def cold_pread(path: Path, length: int, offset: int) -> bytes:
         os.close(fd)
 
 
-def new_mount(base: Path, home: Path, *extra: str) -> Mount:
+def new_mount(base: Path, home: Path, *extra: str, block: int | None = None) -> Mount:
     cipher, plain = base / "cipher", base / "plain"
     plain.mkdir(parents=True, exist_ok=True)
     if not cipher.exists():
-        proc = run_encfs("init", str(cipher), "--key", "fs", home=home)
+        size = ["--block-size", str(block)] if block else []
+        proc = run_encfs("init", str(cipher), "--key", "fs", *size, home=home)
         assert proc.returncode == 0, proc.stderr
     return Mount(cipher, plain, home, *extra)
 
@@ -87,25 +88,48 @@ def mnt(tmp_path_factory: pytest.TempPathFactory, fs_home: Path) -> Iterator[Mou
         m.stop()
 
 
+def _fresh_dir(m: Mount, request: pytest.FixtureRequest) -> Path:
+    p = m.mountpoint / request.node.name.replace("[", "-").replace("]", "")
+    p.mkdir()
+    return p
+
+
 @pytest.fixture
 def d(mnt: Mount, request: pytest.FixtureRequest) -> Iterator[Path]:
     """A fresh directory on the shared mount; the daemon must survive every test."""
-    p = mnt.mountpoint / request.node.name.replace("[", "-").replace("]", "")
-    p.mkdir()
-    yield p
+    yield _fresh_dir(mnt, request)
     assert mnt.proc.poll() is None, "the encfs daemon died"
+
+
+@pytest.fixture(scope="module", params=BLOCK_SIZES, ids=lambda b: f"{b // 1024}k")
+def block_mnt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+              fs_home: Path) -> Iterator[tuple[Mount, int]]:
+    m = new_mount(tmp_path_factory.mktemp(f"sem{request.param}"), fs_home, block=request.param)
+    try:
+        yield m, request.param
+    finally:
+        m.stop()
+
+
+@pytest.fixture
+def bd(block_mnt: tuple[Mount, int], request: pytest.FixtureRequest) -> Iterator[tuple[Path, int]]:
+    """``d`` on a filesystem of each content block size: (directory, block size)."""
+    m, block = block_mnt
+    yield _fresh_dir(m, request), block
+    assert m.proc.poll() is None, "the encfs daemon died"
 
 
 # -- data: offsets, sparse files, append, truncate -------------------------------------------
 
 
-def test_writes_at_arbitrary_offsets_across_blocks(d: Path) -> None:
+def test_writes_at_arbitrary_offsets_across_blocks(bd: tuple[Path, int]) -> None:
+    d, block = bd
     p = d / "f"
     model = bytearray()
     rnd = random.Random(1)
-    writes = [(0, 1), (1, 1), (4095, 1), (4095, 2), (4096, 1), (BLOCK - 10, 20), (3 * BLOCK - 1, BLOCK + 2),
-              (100, 3 * BLOCK), (2 * BLOCK, BLOCK), (7, 1), (3000, 1 << 20), (BLOCK * 5 + 17, 9000),
-              (0, BLOCK), ((1 << 20) + 3000 - 1, 1)]
+    writes = [(0, 1), (1, 1), (4095, 1), (4095, 2), (4096, 1), (block - 10, 20), (3 * block - 1, block + 2),
+              (100, 3 * block), (2 * block, block), (7, 1), (3000, 1 << 20), (block * 5 + 17, 9000),
+              (0, block), ((1 << 20) + 3000 - 1, 1)]
     fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         for off, n in writes:
@@ -120,40 +144,42 @@ def test_writes_at_arbitrary_offsets_across_blocks(d: Path) -> None:
         os.close(fd)
     assert os.stat(p).st_size == len(model)
     assert cold_read(p) == model
-    for off, n in [(0, 1), (4095, 2), (4096, 4096), (4000, 10000), (len(model) - 5, 100), (len(model), 10),
-                   (len(model) + 4096, 10), (123457, 1 << 20)]:
+    for off, n in [(0, 1), (4095, 2), (4096, 4096), (4000, 10000), (block - 1, 2), (block, block),
+                   (len(model) - 5, 100), (len(model), 10), (len(model) + 4096, 10), (123457, 1 << 20)]:
         assert cold_pread(p, n, off) == bytes(model[off:off + n]), (off, n)
 
 
-def test_one_mib_write_and_one_byte_writes(d: Path) -> None:
+def test_one_mib_write_and_one_byte_writes(bd: tuple[Path, int]) -> None:
+    d, block = bd
     p = d / "big"
     big = os.urandom(1 << 20)
     with open(p, "wb", buffering=0) as f:
         assert f.write(big) == len(big)
     assert cold_read(p) == big
     with open(p, "r+b", buffering=0) as f:
-        for off in (0, BLOCK - 1, BLOCK, 10 * BLOCK + 5, (1 << 20) - 1):
+        for off in (0, block - 1, block, 10 * block + 5, (1 << 20) - 1):
             f.seek(off)
             f.write(b"\xaa")
     expect = bytearray(big)
-    for off in (0, BLOCK - 1, BLOCK, 10 * BLOCK + 5, (1 << 20) - 1):
+    for off in (0, block - 1, block, 10 * block + 5, (1 << 20) - 1):
         expect[off] = 0xAA
     assert cold_read(p) == expect
 
 
-def test_sparse_write_beyond_eof_reads_zeros(d: Path) -> None:
+def test_sparse_write_beyond_eof_reads_zeros(bd: tuple[Path, int]) -> None:
+    d, block = bd
     p = d / "sparse"
     p.write_bytes(b"head")
     fd = os.open(p, os.O_WRONLY)
-    os.pwrite(fd, b"tail", 3 * BLOCK + 100)
+    os.pwrite(fd, b"tail", 3 * block + 100)
     os.pwrite(fd, b"far", (2 << 20) + 5)
     os.close(fd)
     data = cold_read(p)
     assert len(data) == (2 << 20) + 8 == os.stat(p).st_size
     assert data[:4] == b"head"
-    assert data[4:3 * BLOCK + 100] == bytes(3 * BLOCK + 96)
-    assert data[3 * BLOCK + 100:3 * BLOCK + 104] == b"tail"
-    assert data[3 * BLOCK + 104:(2 << 20) + 5] == bytes((2 << 20) + 5 - 3 * BLOCK - 104)
+    assert data[4:3 * block + 100] == bytes(3 * block + 96)
+    assert data[3 * block + 100:3 * block + 104] == b"tail"
+    assert data[3 * block + 104:(2 << 20) + 5] == bytes((2 << 20) + 5 - 3 * block - 104)
     assert data[-3:] == b"far"
     # seek past EOF with a plain write
     with open(d / "sparse2", "wb") as f:
@@ -181,9 +207,10 @@ def test_o_append_with_two_fds(d: Path) -> None:
     assert cold_read(p) == expect
 
 
-def test_o_trunc(d: Path) -> None:
+def test_o_trunc(bd: tuple[Path, int]) -> None:
+    d, block = bd
     p = d / "t"
-    p.write_bytes(os.urandom(3 * BLOCK + 5))
+    p.write_bytes(os.urandom(3 * block + 5))
     fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
     try:
         assert os.fstat(fd).st_size == 0
@@ -198,13 +225,14 @@ def test_o_trunc(d: Path) -> None:
 
 
 @pytest.mark.parametrize("via_fd", [False, True])
-def test_truncate_up_and_down(d: Path, via_fd: bool) -> None:
+def test_truncate_up_and_down(bd: tuple[Path, int], via_fd: bool) -> None:
+    d, block = bd
     p = d / "t"
-    model = bytearray(os.urandom(3 * BLOCK + 123))
+    model = bytearray(os.urandom(3 * block + 123))
     p.write_bytes(model)
     fd = os.open(p, os.O_RDWR)
     try:
-        for size in (5000, 5000 + 3 * BLOCK + 7, 2 * BLOCK, BLOCK - 1, 1, 0, 20000, 20000, 3 * BLOCK, 100):
+        for size in (5000, 5000 + 3 * block + 7, 2 * block, block - 1, 1, 0, 20000, 20000, 3 * block, 100):
             (os.ftruncate if via_fd else os.truncate)(fd if via_fd else p, size)
             if size < len(model):
                 del model[size:]
@@ -223,7 +251,8 @@ def test_truncate_up_and_down(d: Path, via_fd: bool) -> None:
         os.close(fd)
 
 
-def test_fsx_style_random_ops_single_file(d: Path) -> None:
+def test_fsx_style_random_ops_single_file(bd: tuple[Path, int]) -> None:
+    d, block = bd
     """Seeded fsx loop on one file: writes, truncates, mapped writes, reads, reopen."""
     rnd = random.Random(20240601)
     p = d / "fsx"
@@ -233,26 +262,26 @@ def test_fsx_style_random_ops_single_file(d: Path) -> None:
         for step in range(400):
             op = rnd.random()
             if op < 0.4:
-                off = rnd.randrange(0, 6 * BLOCK)
-                data = rnd.randbytes(rnd.choice([1, 7, 100, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5]))
+                off = rnd.randrange(0, 6 * block)
+                data = rnd.randbytes(rnd.choice([1, 7, 100, block - 1, block, block + 1, 3 * block + 5]))
                 os.pwrite(fd, data, off)
                 if off > len(model):
                     model.extend(bytes(off - len(model)))
                 model[off:off + len(data)] = data
             elif op < 0.55:
-                size = rnd.randrange(0, 7 * BLOCK)
+                size = rnd.randrange(0, 7 * block)
                 os.ftruncate(fd, size)
                 model = model[:size] + bytearray(max(0, size - len(model)))
             elif op < 0.65 and len(model) > 0:
                 with mmap.mmap(fd, len(model)) as mm:
                     off = rnd.randrange(len(model))
-                    data = rnd.randbytes(min(len(model) - off, rnd.randrange(1, 2 * BLOCK)))
+                    data = rnd.randbytes(min(len(model) - off, rnd.randrange(1, 2 * block)))
                     mm[off:off + len(data)] = data
                     model[off:off + len(data)] = data
                     mm.flush()
             elif op < 0.9:
-                off = rnd.randrange(0, 7 * BLOCK)
-                n = rnd.randrange(1, 3 * BLOCK)
+                off = rnd.randrange(0, 7 * block)
+                n = rnd.randrange(1, 3 * block)
                 assert os.pread(fd, n, off) == bytes(model[off:off + n]), (step, off, n)
             else:
                 os.close(fd)
@@ -417,23 +446,24 @@ def test_open_directory_sees_changes_after_rewind(d: Path) -> None:
         os.close(dfd)
 
 
-def test_posix_fallocate_and_copy_file_range(d: Path) -> None:
+def test_posix_fallocate_and_copy_file_range(bd: tuple[Path, int]) -> None:
+    d, block = bd
     p, q = d / "f", d / "g"
-    data = os.urandom(3 * BLOCK + 10)
+    data = os.urandom(3 * block + 10)
     p.write_bytes(data)
     fd = os.open(p, os.O_RDWR)
     try:
-        os.posix_fallocate(fd, 0, 5 * BLOCK)
-        assert os.fstat(fd).st_size == 5 * BLOCK
+        os.posix_fallocate(fd, 0, 5 * block)
+        assert os.fstat(fd).st_size == 5 * block
     finally:
         os.close(fd)
-    assert cold_read(p) == data + bytes(5 * BLOCK - len(data))
+    assert cold_read(p) == data + bytes(5 * block - len(data))
     with open(p, "rb") as src, open(q, "wb") as dst:
-        n = os.copy_file_range(src.fileno(), dst.fileno(), 2 * BLOCK, 100)
-        assert 0 < n <= 2 * BLOCK
-        while n < 2 * BLOCK:
-            n += os.copy_file_range(src.fileno(), dst.fileno(), 2 * BLOCK - n, 100 + n)
-    assert cold_read(q) == (data + bytes(BLOCK * 5))[100:100 + 2 * BLOCK]
+        n = os.copy_file_range(src.fileno(), dst.fileno(), 2 * block, 100)
+        assert 0 < n <= 2 * block
+        while n < 2 * block:
+            n += os.copy_file_range(src.fileno(), dst.fileno(), 2 * block - n, 100 + n)
+    assert cold_read(q) == (data + bytes(block * 5))[100:100 + 2 * block]
 
 
 def test_rename_file_across_directories(d: Path) -> None:
@@ -768,18 +798,19 @@ def test_xattr_255_byte_name(d: Path) -> None:
     expect_errno(errno.ENODATA, os.getxattr, p, name)
 
 
-def test_mmap_read_and_write(d: Path) -> None:
+def test_mmap_read_and_write(bd: tuple[Path, int]) -> None:
+    d, block = bd
     p = d / "m"
-    data = bytearray(os.urandom(3 * BLOCK + 1000))
+    data = bytearray(os.urandom(3 * block + 1000))
     p.write_bytes(data)
     fd = os.open(p, os.O_RDWR)
     try:
         with mmap.mmap(fd, len(data)) as mm:
             assert mm[:] == data
-            assert mm[BLOCK - 3:BLOCK + 3] == data[BLOCK - 3:BLOCK + 3]
-            mm[BLOCK - 5:BLOCK + 5] = b"M" * 10
+            assert mm[block - 3:block + 3] == data[block - 3:block + 3]
+            mm[block - 5:block + 5] = b"M" * 10
             mm[-7:] = b"THE-END"
-            data[BLOCK - 5:BLOCK + 5] = b"M" * 10
+            data[block - 5:block + 5] = b"M" * 10
             data[-7:] = b"THE-END"
             mm.flush()  # msync
         assert os.pread(fd, len(data), 0) == data
@@ -1125,14 +1156,20 @@ def _assert_eio(fn, *args) -> None:
     expect_errno(errno.EIO, fn, *args)
 
 
-@pytest.fixture
-def tamper_setup(encfs_mount: Mount, fs_home: Path):
-    m = encfs_mount
-    victim = os.urandom(4 * BLOCK)
-    other = os.urandom(2 * BLOCK + 99)
-    backing = _create_tracked(m, "victim", victim)
-    _create_tracked(m, "other", other)
-    m.stop()
+@pytest.fixture(params=BLOCK_SIZES, ids=lambda b: f"{b // 1024}k")
+def tamper_setup(request: pytest.FixtureRequest, tmp_path: Path, fs_home: Path):
+    """A victim of 4 blocks and a bystander, written through a mount that is then stopped.
+
+    Returns (backing file, victim plaintext, remount(), healthy(mount), block size)."""
+    block = request.param
+    m = new_mount(tmp_path, fs_home, block=block)
+    try:
+        victim = os.urandom(4 * block)
+        other = os.urandom(2 * block + 99)
+        backing = _create_tracked(m, "victim", victim)
+        _create_tracked(m, "other", other)
+    finally:
+        m.stop()
 
     def remount() -> Mount:
         return Mount(m.cipherdir, m.mountpoint, fs_home)
@@ -1142,45 +1179,47 @@ def tamper_setup(encfs_mount: Mount, fs_home: Path):
         assert cold_read(m2.mountpoint / "other") == other
         assert sorted(os.listdir(m2.mountpoint)) == sorted(["other", "victim", *more])
 
-    return backing, victim, remount, healthy
+    return backing, victim, remount, healthy, block
 
 
 def test_tamper_flipped_byte_fails_only_its_block(tamper_setup) -> None:
-    backing, victim, remount, healthy = tamper_setup
+    backing, victim, remount, healthy, block = tamper_setup
+    sealed = block + 28
     raw = bytearray(backing.read_bytes())
-    raw[HEADER + 2 * SEALED + 500] ^= 0x01
+    raw[HEADER + 2 * sealed + 500] ^= 0x01
     backing.write_bytes(raw)
     with remount() as m:
         p = m.mountpoint / "victim"
         assert os.stat(p).st_size == len(victim)
         for blk in (0, 1, 3):
-            assert cold_pread(p, BLOCK, blk * BLOCK) == victim[blk * BLOCK:(blk + 1) * BLOCK], blk
-        _assert_eio(cold_pread, p, BLOCK, 2 * BLOCK)
-        _assert_eio(cold_pread, p, 1, 2 * BLOCK + 4095)
+            assert cold_pread(p, block, blk * block) == victim[blk * block:(blk + 1) * block], blk
+        _assert_eio(cold_pread, p, block, 2 * block)
+        _assert_eio(cold_pread, p, 1, 3 * block - 1)
         _assert_eio(cold_read, p)
         healthy(m)
 
 
 def test_tamper_swapped_blocks_fail(tamper_setup) -> None:
-    backing, victim, remount, healthy = tamper_setup
+    backing, victim, remount, healthy, block = tamper_setup
+    sealed = block + 28
     raw = bytearray(backing.read_bytes())
-    b0 = raw[HEADER:HEADER + SEALED]
-    raw[HEADER:HEADER + SEALED] = raw[HEADER + SEALED:HEADER + 2 * SEALED]
-    raw[HEADER + SEALED:HEADER + 2 * SEALED] = b0
+    b0 = raw[HEADER:HEADER + sealed]
+    raw[HEADER:HEADER + sealed] = raw[HEADER + sealed:HEADER + 2 * sealed]
+    raw[HEADER + sealed:HEADER + 2 * sealed] = b0
     backing.write_bytes(raw)
     with remount() as m:
         p = m.mountpoint / "victim"
-        _assert_eio(cold_pread, p, BLOCK, 0)
-        _assert_eio(cold_pread, p, BLOCK, BLOCK)
-        assert cold_pread(p, 2 * BLOCK, 2 * BLOCK) == victim[2 * BLOCK:]
+        _assert_eio(cold_pread, p, block, 0)
+        _assert_eio(cold_pread, p, block, block)
+        assert cold_pread(p, 2 * block, 2 * block) == victim[2 * block:]
         healthy(m)
 
 
 def test_tamper_swapped_headers_fail(tamper_setup) -> None:
-    backing, victim, remount, healthy = tamper_setup
+    backing, victim, remount, healthy, block = tamper_setup
     # a third file to swap headers with
     with remount() as m:
-        third = _create_tracked(m, "third", os.urandom(BLOCK * 2))
+        third = _create_tracked(m, "third", os.urandom(block * 2))
     a, b = bytearray(backing.read_bytes()), bytearray(third.read_bytes())
     a[:HEADER], b[:HEADER] = b[:HEADER], a[:HEADER]
     backing.write_bytes(a)
@@ -1194,18 +1233,19 @@ def test_tamper_swapped_headers_fail(tamper_setup) -> None:
 
 @pytest.mark.parametrize("tail", [10, 2000])
 def test_tamper_truncated_backing_file(tamper_setup, tail: int) -> None:
-    backing, victim, remount, healthy = tamper_setup
-    os.truncate(backing, HEADER + 2 * SEALED + tail)
+    backing, victim, remount, healthy, block = tamper_setup
+    sealed = block + 28
+    os.truncate(backing, HEADER + 2 * sealed + tail)
     with remount() as m:
         p = m.mountpoint / "victim"
-        assert cold_pread(p, 2 * BLOCK, 0) == victim[:2 * BLOCK]
-        _assert_eio(cold_pread, p, 100, 2 * BLOCK)
+        assert cold_pread(p, 2 * block, 0) == victim[:2 * block]
+        _assert_eio(cold_pread, p, 100, 2 * block)
         _assert_eio(cold_read, p)
         healthy(m)
 
 
 def test_tamper_damaged_header_fails_open_or_read(tamper_setup) -> None:
-    backing, victim, remount, healthy = tamper_setup
+    backing, victim, remount, healthy, block = tamper_setup
     raw = bytearray(backing.read_bytes())
     raw[40] ^= 0x80  # inside the wrapped data key
     backing.write_bytes(raw)

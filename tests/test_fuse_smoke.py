@@ -50,18 +50,20 @@ def test_round_trip_and_no_plaintext_in_cipherdir(encfs_mount) -> None:
 def test_tampered_block_reads_eio(encfs_mount, tmp_path, fs_home) -> None:
     from fuse_helpers import Mount
 
+    block = 32768  # the default content block size
     m = encfs_mount.mountpoint
-    (m / "f").write_bytes(os.urandom(3 * 4096))
+    (m / "f").write_bytes(os.urandom(3 * block))
     encfs_mount.stop()
     backing = [p for p in encfs_mount.cipherdir.iterdir() if "." not in p.name][0]
     data = bytearray(backing.read_bytes())
-    data[128 + 4124 + 100] ^= 1  # inside block 1
+    data[128 + (block + 28) + 100] ^= 1  # inside block 1
     backing.write_bytes(bytes(data))
     with Mount(encfs_mount.cipherdir, m, fs_home):
-        with open(m / "f", "rb") as f:
-            assert len(f.read(4096)) == 4096  # block 0 is intact
+        with open(m / "f", "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no readahead into block 1
+            assert len(f.read(block)) == block  # block 0 is intact
             try:
-                f.read(4096)
+                f.read(block)
             except OSError as e:
                 assert e.errno == 5
             else:

@@ -6,14 +6,16 @@ code and, independently, against `cryptography` primitives.
 
 from __future__ import annotations
 
+import os
 import struct
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from test_vectors import DOC, hexbytes, parse_vectors
 
-from encfs.blocks import BlockAuthError, BlockCipher
-from encfs.fuse.content import HEADER_LEN, FileHeader
+from encfs.blocks import BlockAuthError, BlockCipher, sealed_offset, sealed_size
+from encfs.fuse.content import HEADER_LEN, FileContent, FileHeader, plain_file_size
 from encfs.fuse.fsconfig import derive_fs_keys
 from encfs.fuse.names import NAME_MAX, NameAuthError, NameCipher, b64d
 
@@ -21,7 +23,8 @@ FS = {v["vector"]: v for v in parse_vectors(DOC.split("## 6. Filesystem format",
 
 
 def test_section_has_every_vector() -> None:
-    assert set(FS) >= {"fs-keys", "name-short", "name-long", "content-block", "file-header", "symlink", "xattr"}
+    assert set(FS) >= {"fs-keys", "name-short", "name-long", "content-block", "content-layout-32k",
+                       "content-layout-4k", "file-header", "symlink", "xattr"}
 
 
 def test_fs_key_derivation() -> None:
@@ -59,6 +62,30 @@ def test_content_block_vector() -> None:
     assert bc.open(block_no, sealed) == plain
     with pytest.raises(BlockAuthError):
         bc.open(block_no + 1, sealed)
+
+
+@pytest.mark.parametrize("name", ["content-layout-32k", "content-layout-4k"])
+def test_content_layout_vectors(name: str, tmp_path: Path) -> None:
+    v = FS[name]
+    block, plain, backing = int(v["block_size"]), int(v["plain_size"]), int(v["backing_size"])
+    block_no, offset = int(v["block_no"]), int(v["block_offset"])
+    assert sealed_size(plain, HEADER_LEN, block) == backing
+    assert plain_file_size(backing, block) == plain
+    assert sealed_offset(block_no, HEADER_LEN, block) == offset
+    # and a real file written through FileContent has that layout
+    key, file_id, data = bytes(range(32)), bytes(16), os.urandom(plain)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, bytes(HEADER_LEN))
+        content = FileContent(fd, BlockCipher(key, file_id, block))
+        content.write(0, data)
+        assert os.fstat(fd).st_size == backing
+        sealed = os.pread(fd, block + 28, offset)
+        assert AESGCM(key).decrypt(sealed[:12], sealed[12:], file_id + struct.pack(">Q", block_no)) == \
+            data[block_no * block:(block_no + 1) * block]
+        assert content.read(0, plain) == data
+    finally:
+        os.close(fd)
 
 
 def test_file_header_vector() -> None:

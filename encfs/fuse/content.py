@@ -1,4 +1,4 @@
-"""Regular-file contents: a fixed-size header, then sealed 4 KiB blocks.
+"""Regular-file contents: a fixed-size header, then sealed blocks of the filesystem's block size.
 
 Header (HEADER_LEN = 128 bytes)::
 
@@ -29,8 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from encfs.blocks import (
-    PLAIN_BLOCK,
-    SEALED_BLOCK,
+    OVERHEAD,
     BlockAuthError,
     BlockCipher,
     blocks_touched,
@@ -44,7 +43,7 @@ CONTENT_VERSION = 1
 HEADER_LEN = 128
 FILE_ID_LEN = 16
 _FIXED = struct.Struct(">4sBB16sH")
-_ZERO_CHUNK_BLOCKS = 256  # fill gaps 1 MiB at a time
+_ZERO_CHUNK = 1 << 20  # fill gaps 1 MiB at a time (at least one block)
 
 
 class HeaderError(Exception):
@@ -77,15 +76,16 @@ class FileHeader:
         return cls(file_id, bytes(data[_FIXED.size:_FIXED.size + n]))
 
 
-def plain_file_size(backing_size: int) -> int:
+def plain_file_size(backing_size: int, block: int) -> int:
     """Plaintext size of a backing file of ``backing_size`` bytes (0 if no header yet)."""
     if backing_size <= HEADER_LEN:
         return 0
     try:
-        return plain_size(backing_size, HEADER_LEN)
+        return plain_size(backing_size, HEADER_LEN, block)
     except ValueError:
         # A torn last block: report what the intact blocks hold; reading it gives EIO.
-        return plain_size(backing_size - (backing_size - HEADER_LEN) % SEALED_BLOCK, HEADER_LEN) + 1
+        whole = backing_size - (backing_size - HEADER_LEN) % (block + OVERHEAD)
+        return plain_size(whole, HEADER_LEN, block) + 1
 
 
 class FileContent:
@@ -99,10 +99,11 @@ class FileContent:
                  on_auth_error: Callable[[int], None] | None = None) -> None:
         self.fd = fd
         self.cipher = cipher
+        self.block = cipher.block_size
         self._on_auth_error = on_auth_error
 
     def size(self) -> int:
-        return plain_file_size(os.fstat(self.fd).st_size)
+        return plain_file_size(os.fstat(self.fd).st_size, self.block)
 
     def _open_blocks(self, first: int, sealed: bytes) -> bytes:
         try:
@@ -117,12 +118,13 @@ class FileContent:
         if offset >= size or length <= 0:
             return b""
         length = min(length, size - offset)
-        blocks = blocks_touched(offset, length)
-        start = sealed_offset(blocks.start, HEADER_LEN)
-        want = sealed_offset(blocks.stop, HEADER_LEN) - start
+        block = self.block
+        blocks = blocks_touched(offset, length, block)
+        start = sealed_offset(blocks.start, HEADER_LEN, block)
+        want = sealed_offset(blocks.stop, HEADER_LEN, block) - start
         sealed = os.pread(self.fd, want, start)
         plain = self._open_blocks(blocks.start, sealed)
-        skip = offset - blocks.start * PLAIN_BLOCK
+        skip = offset - blocks.start * block
         out = plain[skip:skip + length]
         if len(out) != length:  # the backing file is shorter than its size says: torn block
             if self._on_auth_error:
@@ -137,27 +139,28 @@ class FileContent:
             size = offset
         if not data:
             return 0
-        blocks = blocks_touched(offset, len(data))
-        first_start = blocks.start * PLAIN_BLOCK
+        block = self.block
+        blocks = blocks_touched(offset, len(data), block)
+        first_start = blocks.start * block
         # Existing plaintext that the first and last touched blocks keep.
         head = b""
         if offset > first_start:
             head = self.read(first_start, offset - first_start)
         end = offset + len(data)
-        last_end = min(blocks.stop * PLAIN_BLOCK, size)
+        last_end = min(blocks.stop * block, size)
         tail = self.read(end, last_end - end) if last_end > end else b""
         plain = head + bytes(data) + tail
         sealed = self.cipher.seal_run(blocks.start, plain)
-        os.pwrite(self.fd, sealed, sealed_offset(blocks.start, HEADER_LEN))
+        os.pwrite(self.fd, sealed, sealed_offset(blocks.start, HEADER_LEN, block))
         return len(data)
 
     def _extend(self, size: int, new_size: int) -> None:
         """Write sealed zeros from ``size`` to ``new_size``, at most 1 MiB at a time."""
-        pos = size
-        chunk = _ZERO_CHUNK_BLOCKS * PLAIN_BLOCK
+        pos, block = size, self.block
+        chunk = max(_ZERO_CHUNK, block)
         while pos < new_size:
             # Align chunks to block boundaries after the first partial block.
-            stop = min(new_size, (pos // PLAIN_BLOCK) * PLAIN_BLOCK + chunk)
+            stop = min(new_size, (pos // block) * block + chunk)
             self.write(pos, bytes(stop - pos))
             pos = stop
 
@@ -168,9 +171,9 @@ class FileContent:
             return
         if new_size == size:
             return
-        rest = new_size % PLAIN_BLOCK
+        block = self.block
+        last, rest = divmod(new_size, block)
         if rest:
-            block = new_size // PLAIN_BLOCK
-            keep = self.read(block * PLAIN_BLOCK, rest)
-            os.pwrite(self.fd, self.cipher.seal(block, keep), sealed_offset(block, HEADER_LEN))
-        os.ftruncate(self.fd, sealed_size(new_size, HEADER_LEN))
+            keep = self.read(last * block, rest)
+            os.pwrite(self.fd, self.cipher.seal(last, keep), sealed_offset(last, HEADER_LEN, block))
+        os.ftruncate(self.fd, sealed_size(new_size, HEADER_LEN, block))

@@ -14,8 +14,8 @@ Design:
 - A file that is open but has lost every name (unlinked while open) is
   reached through the backing fd of an open handle (_target), so fstat,
   ftruncate, fchmod, f*xattr and reopening via /proc/self/fd keep working.
-- Contents go through content.FileContent (per-file data key, sealed 4 KiB
-  blocks); names, symlink targets and xattrs through names.NameCipher.
+- Contents go through content.FileContent (per-file data key, sealed blocks
+  of the config's block size); names, symlink targets and xattrs through names.NameCipher.
 - Anything that fails authentication is logged with its path and answered
   with EIO; wrong bytes are never returned.
 """
@@ -146,12 +146,13 @@ class EncryptedFS:
 
     # The content cipher's class. Benchmark hook only (benchmarks/null_mount.py swaps in a
     # null cipher to measure what encryption costs); no command or mount option reaches it.
-    cipher_class: Callable[[bytes, bytes], BlockCipher] = BlockCipher
+    cipher_class: Callable[[bytes, bytes, int], BlockCipher] = BlockCipher
 
     def __init__(self, cipherdir: bytes, config: FsConfig, keys: FsKeys, ks: KeyService,
                  read_only: bool = False) -> None:
         self.root = os.path.abspath(cipherdir)
         self.config = config
+        self.block_size = config.block_size
         self.names = NameCipher(keys.name_key, keys.meta_key)
         self.ks = ks
         self.read_only = read_only
@@ -328,12 +329,12 @@ class EncryptedFS:
         e.st_gid = st.st_gid
         e.st_rdev = st.st_rdev
         if stat_m.S_ISREG(st.st_mode):
-            e.st_size = plain_file_size(st.st_size)
+            e.st_size = plain_file_size(st.st_size, self.block_size)
         elif stat_m.S_ISLNK(st.st_mode):
             e.st_size = self.names.symlink_size(os.readlink(path)) if path is not None else 0
         else:
             e.st_size = st.st_size
-        e.st_blksize = 4096
+        e.st_blksize = self.block_size  # preferred I/O size: whole content blocks
         e.st_blocks = st.st_blocks
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
@@ -355,7 +356,8 @@ class EncryptedFS:
     def _new_file_header(self) -> tuple[bytes, BlockCipher]:
         file_id, dk = self.new_keys.take()
         assert dk.plaintext is not None
-        return FileHeader(file_id, dk.ciphertext_blob).pack(), self.cipher_class(dk.plaintext, file_id)
+        header = FileHeader(file_id, dk.ciphertext_blob).pack()
+        return header, self.cipher_class(dk.plaintext, file_id, self.block_size)
 
     def _cipher_for(self, fd: int, path: bytes) -> BlockCipher | None:
         """The BlockCipher of an existing file, or None if it has no header yet."""
@@ -365,7 +367,7 @@ class EncryptedFS:
         header = FileHeader.parse(raw)
         key = self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
                               key=self.config.key_id, cache=self.key_cache).plaintext
-        return self.cipher_class(key, header.file_id)
+        return self.cipher_class(key, header.file_id, self.block_size)
 
     def _content(self, fd: int, path: bytes, create_header: bool, known_empty: bool = False) -> FileContent | None:
         cipher = None if known_empty else self._cipher_for(fd, path)
