@@ -143,12 +143,14 @@ class FileContent:
         blocks = blocks_touched(offset, len(data), block)
         first_start = blocks.start * block
         # Existing plaintext that the first and last touched blocks keep.
-        head = b""
-        if offset > first_start:
-            head = self.read(first_start, offset - first_start)
         end = offset + len(data)
         last_end = min(blocks.stop * block, size)
-        tail = self.read(end, last_end - end) if last_end > end else b""
+        if offset > first_start and last_end > end and len(blocks) == 1:
+            old = self.read(first_start, last_end - first_start)  # open the one block once, not twice
+            head, tail = old[:offset - first_start], old[end - first_start:]
+        else:
+            head = self.read(first_start, offset - first_start) if offset > first_start else b""
+            tail = self.read(end, last_end - end) if last_end > end else b""
         plain = head + bytes(data) + tail
         sealed = self.cipher.seal_run(blocks.start, plain)
         os.pwrite(self.fd, sealed, sealed_offset(blocks.start, HEADER_LEN, block))
