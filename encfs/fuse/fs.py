@@ -334,7 +334,7 @@ class EncryptedFS:
             e.st_size = self.names.symlink_size(os.readlink(path)) if path is not None else 0
         else:
             e.st_size = st.st_size
-        e.st_blksize = self.block_size  # preferred I/O size: whole content blocks
+        e.st_blksize = 4096  # FUSE makes this the inode's i_blkbits: above the page size, writes got slower here
         e.st_blocks = st.st_blocks
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
