@@ -16,6 +16,7 @@ repetition 2, and so on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -931,6 +932,10 @@ def main(argv: list[str] | None = None) -> int:
                         key_samples.setdefault(k, []).append(v)
                 except Exception as e:
                     ctx.note(f"key service benchmark failed: {e}")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # an interrupted run leaves no empty results directory (rmdir: only if empty)
+        raise
     finally:
         for t in targets:
             try:
