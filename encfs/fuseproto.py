@@ -117,6 +117,7 @@ RELEASE_IN = struct.Struct("<QIIQ")  # fh, flags, release_flags, lock_owner
 FSYNC_IN = struct.Struct("<QII")  # fh, fsync_flags, padding
 SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")  # fuse_setattr_in (88 bytes)
 GETXATTR_IN = struct.Struct("<II")  # size, padding
+ACCESS_IN = struct.Struct("<II")  # mask (R_OK | W_OK | X_OK, or 0 for existence), padding
 GETXATTR_OUT = struct.Struct("<II")
 SETXATTR_IN = struct.Struct("<II")  # size, flags (FUSE_SETXATTR_EXT is not negotiated)
 FORGET_IN = struct.Struct("<Q")

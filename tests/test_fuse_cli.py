@@ -559,6 +559,7 @@ def test_allow_other_lets_the_kernel_check_modes(public_dir: Path, fs_home: Path
     cipher, mp = new_fs(public_dir, fs_home)
     with guard(cipher, mp):
         encfs_ok("mount", "--allow-other", str(cipher), str(mp), home=fs_home)
+        assert "default_permissions" in _mount_options(mp)
         os.chmod(mp, 0o755)
         (mp / "public").write_text("for everyone")
         (mp / "public").chmod(0o644)
@@ -574,6 +575,25 @@ def test_allow_other_lets_the_kernel_check_modes(public_dir: Path, fs_home: Path
         denied = _as_nobody_cat(mp / "public")
         assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
         assert (mp / "public").read_text() == "for everyone"  # root still can: it mounted it
+        assert "default_permissions" not in _mount_options(mp)  # the mounting user alone: the daemon checks
+
+
+def _mount_options(mp: Path) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return next(line.split()[3] for line in f if line.split()[1] == str(mp)).split(",")
+
+
+@pytest.mark.parametrize("allow, extra, kernel_checks", [
+    (False, [], False), (True, [], True), (False, ["allow_other"], True), (False, ["allow_root"], True),
+    (False, ["default_permissions"], True), (True, ["default_permissions,noexec"], True),
+])
+def test_kernel_checks_modes_whenever_other_users_get_in(allow: bool, extra: list[str],
+                                                          kernel_checks: bool) -> None:
+    from encfs.fuse.mount import MountOptions, _fuse_options
+
+    options = _fuse_options(Path("/c"), MountOptions(allow_other=allow, extra=extra))
+    assert options.count("default_permissions") == int(kernel_checks), options
+    assert len(options) == len(set(options)) and "fsname=/c" in options
 
 
 # -- 7. fstab and mount(8) ------------------------------------------------------------------------------------

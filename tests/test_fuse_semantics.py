@@ -653,6 +653,35 @@ def test_chmod_chown_and_ctime(d: Path) -> None:
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o4755
 
 
+def test_access_and_exec_checks(d: Path) -> None:
+    """The mount has no default_permissions (no allow_other): access(2) and chdir reach the daemon,
+    which answers for the mounting user (root here: read and write always, execute only with an
+    x bit), also for a file whose last name is gone; exec still needs an x bit (the kernel checks)."""
+    p = d / "tool"
+    p.write_bytes(b"#!/bin/sh\necho ran\n")
+    os.chmod(p, 0o644)
+    assert os.access(p, os.R_OK | os.W_OK) and os.access(p, os.F_OK)
+    assert not os.access(p, os.X_OK)
+    expect_errno(errno.EACCES, subprocess.run, [str(p)])
+    os.chmod(p, 0o744)
+    assert os.access(p, os.X_OK)
+    assert subprocess.run([str(p)], capture_output=True, text=True).stdout == "ran\n"
+    assert not os.access(d / "missing", os.F_OK)
+    (d / "sub").mkdir(mode=0o000)
+    assert os.access(d / "sub", os.X_OK)  # root may search any directory
+    os.symlink("tool", d / "ln")
+    assert os.access(d / "ln", os.W_OK, follow_symlinks=False)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.unlink(p)
+        os.fchmod(fd, 0o600)
+        assert os.access(f"/proc/self/fd/{fd}", os.R_OK)
+        assert not os.access(f"/proc/self/fd/{fd}", os.X_OK)
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(d)) == ["ln", "sub"]
+
+
 def test_setgid_directory_passes_on_its_group(d: Path) -> None:
     sg = d / "sg"
     sg.mkdir()

@@ -98,6 +98,16 @@ def test_unprivileged_user_mounts_with_fusermount3(world: Path, fuse_device_for_
         assert owner.stdout.strip() == f"{NOBODY}:{NOBODY}", owner.stderr
         with pytest.raises(PermissionError):  # without allow_other, even root stays out
             os.stat(plain / "note")
+        # No default_permissions without allow_other: modes hold because the daemon, running as
+        # the user, meets them on the backing store (and answers access(2) from it).
+        modes = subprocess.run([*SETPRIV, "sh", "-c", f"""
+            cd {plain} && chmod 0400 note && mkdir box && chmod 0 box
+            test -r note && echo readable; test -w note || echo not-writable; test -x note || echo not-executable
+            (echo more >> note) 2>/dev/null || echo append-denied
+            (ls box) 2>/dev/null || echo list-denied; (cd box) 2>/dev/null || echo chdir-denied
+            chmod 0700 box && cd box && echo inside > f && cat f"""], capture_output=True, text=True)
+        assert modes.stdout.split() == ["readable", "not-writable", "not-executable", "append-denied",
+                                        "list-denied", "chdir-denied", "inside"], modes
         assert b"private" not in b"".join(p.read_bytes() for p in cipher.iterdir() if p.is_file())
         r = encfs("umount", str(plain))
         assert r.returncode == 0, r.stderr

@@ -477,6 +477,16 @@ class EncryptedFS:
         return None
 
     @fuse_op
+    def access(self, inode: int, mask: int, ctx: RequestContext) -> None:
+        """access(2) for the mounting user (the only one let in without default_permissions):
+        the daemon runs as that user and the backing entry has the plaintext mode and owner."""
+        target = self._target(inode)
+        by_fd = isinstance(target, int)  # a file with no name left: through its open handle's fd
+        path = f"/proc/self/fd/{target}" if by_fd else target
+        if not os.access(path, mask & (os.R_OK | os.W_OK | os.X_OK), effective_ids=True, follow_symlinks=by_fd):
+            raise FuseError(errno.EACCES)
+
+    @fuse_op
     def statfs(self, ctx: RequestContext) -> os.statvfs_result:
         """The backing filesystem's figures; the server reports NAME_MAX as the name limit."""
         return os.statvfs(self.root)

@@ -88,9 +88,23 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mountpoint {mountpoint} is not empty")
 
 
+# Options that let processes of other users than the mounting one into the mount.
+_OTHERS_ALLOWED = ("allow_other", "allow_root")
+
+
 def _fuse_options(cipherdir: Path, opts: MountOptions) -> list[str]:
-    """fusermount3's -o list. default_permissions: the kernel checks modes against the attributes."""
-    options = ["default_permissions", f"fsname={escape_option(str(cipherdir))}", "subtype=encfs"]
+    """fusermount3's -o list.
+
+    default_permissions (the kernel checks modes against the plaintext attributes) is
+    set when other users can reach the mount (allow_other, allow_root), whose
+    requests the daemon would otherwise carry out with its own credentials.
+    Without it, only the mounting user's processes get in (FUSE refuses all others),
+    and the daemon, running as that user, meets the same mode checks on the backing
+    store, where every entry has its plaintext entry's mode and owner (as gocryptfs
+    does). This spares the kernel a GETATTR of the directory before every create and
+    unlink: it invalidates a directory's attributes whenever an entry changes.
+    """
+    options = [f"fsname={escape_option(str(cipherdir))}", "subtype=encfs"]
     if opts.allow_other:
         options.append("allow_other")
     if opts.read_only:
@@ -98,6 +112,8 @@ def _fuse_options(cipherdir: Path, opts: MountOptions) -> list[str]:
     for o in opts.extra:
         options.extend(x for x in o.split(",") if x and x not in options and x not in (
             "defaults", "rw", "auto", "noauto", "user", "nouser", "_netdev", "nofail"))
+    if any(o in options for o in _OTHERS_ALLOWED) and "default_permissions" not in options:
+        options.insert(0, "default_permissions")
     return options
 
 

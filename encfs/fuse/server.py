@@ -23,7 +23,7 @@ from collections.abc import Callable
 from encfs.fuse.fs import EncryptedFS, failures_as_errno
 from encfs.fuse.names import NAME_MAX
 from encfs.fuseproto import (
-    ACCESS, BATCH_FORGET, BATCH_FORGET_IN, CREATE, CREATE_IN, DESTROY, FATTR_ATIME, FATTR_ATIME_NOW, FATTR_FH,
+    ACCESS, ACCESS_IN, BATCH_FORGET, BATCH_FORGET_IN, CREATE, CREATE_IN, DESTROY, FATTR_ATIME, FATTR_ATIME_NOW, FATTR_FH,
     FATTR_GID, FATTR_MODE, FATTR_MTIME, FATTR_MTIME_NOW, FATTR_SIZE, FATTR_UID, FOPEN_KEEP_CACHE, FORGET,
     FORGET_IN, FORGET_ONE, FSYNC, FSYNC_FDATASYNC, FSYNC_IN, FSYNCDIR, FUSE_ASYNC_DIO, FUSE_ASYNC_READ,
     FUSE_ATOMIC_O_TRUNC, FUSE_AUTO_INVAL_DATA, FUSE_BIG_WRITES, FUSE_CACHE_SYMLINKS, FUSE_DO_READDIRPLUS,
@@ -190,7 +190,10 @@ class FsServer(FuseServer):
                                            sv.f_bsize, NAME_MAX, sv.f_frsize, 0))
 
     def _access(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        self.reply(unique)  # default_permissions: the kernel has checked the modes already
+        # Sent only without default_permissions (access(2), chdir); see mount._fuse_options.
+        (mask, _pad) = ACCESS_IN.unpack_from(body)
+        self.fs.access(node, mask, ctx)
+        self.reply(unique)
 
     # -- files --------------------------------------------------------------------------
 
