@@ -6,12 +6,13 @@ import os
 from typing import Any
 
 import pytest
+from pkcs11 import Attribute
 
-from encfs.errors import KeyStateError, UsageError
+from encfs.errors import KeyStateError, TokenError, UsageError
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.context import encode_context
 from encfs.keys.pool import DataKeyPool
-from encfs.keys.service import KeyService
+from encfs.keys.service import KeyService, token_object_id
 
 
 def _key(service: KeyService) -> str:
@@ -100,3 +101,27 @@ def test_pool_follows_rotation_and_drops_old_keys(service: KeyService, clock: An
     clock.advance(61)
     pool.take()
     assert len(_records(service, "GenerateDataKey")) == before + 8  # too old: a new batch
+
+
+def _session_copies(token: Any, obj_id: bytes) -> list[Any]:
+    with token._locked("find") as session:
+        return list(session.get_objects({Attribute.ID: b"encfs-session-copy:" + obj_id}))
+
+
+def test_batches_wrap_under_a_sensitive_session_copy_that_goes_with_the_key(service: KeyService,
+                                                                            token: Any) -> None:
+    key_id = _key(service)
+    tid = token_object_id(key_id, 1)
+    contexts = [{"n": str(i)} for i in range(3)]
+    keys = service.generate_data_keys(key_id, contexts)
+    (copy,) = _session_copies(token, tid)
+    assert copy[Attribute.TOKEN] is False and copy[Attribute.SENSITIVE] is True
+    assert copy[Attribute.EXTRACTABLE] is False and copy[Attribute.NEVER_EXTRACTABLE] is True
+    for ctx, dk in zip(contexts, keys):  # Decrypt uses the token object: the copy is the same key
+        assert service.decrypt(dk.ciphertext_blob, ctx).plaintext == dk.plaintext
+    service.generate_data_keys(key_id, [{"n": "again"}])
+    assert len(_session_copies(token, tid)) == 1  # one per key version and session
+    assert token.has_object(tid) and token.destroy(tid) == 1  # its own CKA_ID: never counted as the key
+    assert _session_copies(token, tid) == []  # destroyed with the key
+    with pytest.raises(TokenError, match="missing"):
+        service.generate_data_keys(key_id, contexts)

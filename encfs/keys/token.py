@@ -9,6 +9,11 @@ Invariants:
   forked child before use, as PKCS#11 requires.
 - Customer master keys are created sensitive, non-extractable token objects
   with only ENCRYPT/DECRYPT; nothing here ever reads CKA_VALUE of a CMK.
+- Runs of encryptions (encrypt_gcm_many) may use a session-object copy of a
+  CMK made inside the token (C_CopyObject keeps it sensitive and
+  non-extractable). It has its own CKA_ID (never found by object id), lives
+  only as long as this process's session, and destroy() destroys it with
+  the token object.
 - Sessions are opened read-write (CloudHSM has no read-only sessions).
 """
 
@@ -43,6 +48,7 @@ from encfs.errors import (
 )
 
 _P11_LOCK = threading.RLock()
+_COPY_PREFIX = b"encfs-session-copy:"  # CKA_ID of a session copy: the prefix, then the key's own id
 _LIBS: dict[str, tuple[Any, int]] = {}  # module path -> (pkcs11.lib, pid that initialised it)
 
 # Mechanisms the key service uses; `encfs hsm status` reports whether each is offered.
@@ -354,9 +360,32 @@ class Token:
                           Attribute.PRIVATE: True, Attribute.TOKEN: True},
             )
 
+    def _working_copy(self, session: Any, obj_id: bytes) -> Any:
+        """A session-object copy of the secret key ``obj_id``, or the key itself where the token
+        refuses copies (CKA_COPYABLE false, or no C_CopyObject).
+
+        Why: SoftHSM2 re-reads a token object's files under fcntl locks on every use, to
+        notice changes by other processes (two opens per C_EncryptInit); a session object
+        lives in memory. Per data key that halves the cost of a wrap."""
+        cache_id = _COPY_PREFIX + obj_id
+        copy = self._handles.get(cache_id)
+        if copy is None:
+            key = self._key(session, obj_id)
+            try:
+                copy = key.copy({Attribute.TOKEN: False, Attribute.ID: cache_id,
+                                 Attribute.LABEL: "encfs-session-copy"})
+            except p11e.PKCS11Error:
+                copy = key
+            self._handles[cache_id] = copy
+        return copy
+
     def destroy(self, obj_id: bytes) -> int:
-        """Destroy every token object whose CKA_ID is ``obj_id``; return how many."""
+        """Destroy every token object whose CKA_ID is ``obj_id`` (and this session's copy of it);
+        return how many token objects."""
         with self._locked("C_DestroyObject", exclusive=True) as session:
+            copy = self._handles.pop(_COPY_PREFIX + obj_id, None)
+            if copy is not None and copy[Attribute.ID] == _COPY_PREFIX + obj_id:  # not the key itself
+                copy.destroy()
             objs = list(session.get_objects({Attribute.ID: obj_id}))
             if not objs:
                 session = self._reload()  # perhaps another process created it (see _reload)
@@ -395,12 +424,17 @@ class Token:
                                      mechanism_param=GCMParams(nonce, aad, 128)))
 
     def encrypt_gcm_many(self, obj_id: bytes, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
-        """encrypt_gcm for each (nonce, aad, plaintext), in one hold of the token."""
+        """encrypt_gcm for each (nonce, aad, plaintext), in one hold of the token, under this
+        session's working copy of the key (_working_copy): the same key, so the same results."""
         with self._locked("C_Encrypt") as session:
-            key = self._key(session, obj_id)
-            return [bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
-                                      mechanism_param=GCMParams(nonce, aad, 128)))
-                    for nonce, aad, plaintext in items]
+            key = self._working_copy(session, obj_id)
+            try:
+                return [bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                                          mechanism_param=GCMParams(nonce, aad, 128)))
+                        for nonce, aad, plaintext in items]
+            except p11e.PKCS11Error:
+                self._handles.pop(_COPY_PREFIX + obj_id, None)  # the next run makes a fresh copy
+                raise
 
     def decrypt_gcm(self, obj_id: bytes, nonce: bytes, aad: bytes, sealed: bytes) -> bytes:
         """Inverse of encrypt_gcm; raise TagMismatch when authentication fails."""
