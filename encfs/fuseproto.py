@@ -8,6 +8,10 @@ per-request event-loop round trip from the filesystem.
 Invariants:
 - One request is read whole per read(2) on the device; the reply (or an error)
   is written with one writev(2), so threads may share the descriptor.
+- One thread at a time (the leader) reads the device. It handles what it read
+  itself, and hands the reading over to an idle thread first only for large
+  reads and writes (``overlaps``), which then run alongside the next request.
+  Before sleeping in read(2) the leader polls the device for SPIN_SECONDS.
 - A reply that the kernel rejects with ENOENT belongs to a request that was
   interrupted meanwhile; that is not an error.
 - FORGET, BATCH_FORGET and INTERRUPT get no reply.
@@ -23,11 +27,13 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +44,10 @@ MAX_WRITE = 1 << 20
 BUFFER_SIZE = MAX_WRITE + 4096  # the kernel wants room for one maximal WRITE plus its headers
 PROTOCOL_MINOR = 31  # the struct layouts below are those of 7.31
 GIL_SWITCH_INTERVAL = 0.0002  # seconds; see FuseServer.serve
+# How long the reading thread polls for the next request before it sleeps in read(2), and
+# the request size from which a read or write is handed to its own thread; see FuseServer._loop.
+SPIN_SECONDS = 100e-6
+OVERLAP_BYTES = 64 << 10
 # glibc malloc settings for the daemons; see keep_freed_memory
 MALLOC_MMAP_THRESHOLD = 4 << 20
 MALLOC_TRIM_THRESHOLD = 64 << 20
@@ -346,6 +356,7 @@ class FuseServer:
         self.uid, self.gid = os.getuid(), os.getgid()
         self._running = True
         self._idle = False
+        self._leader = threading.Lock()  # held by the one thread that reads the device
         self.unmounted = False  # the kernel ended the connection (ENODEV)
 
     def reply(self, unique: int, *payload: bytes) -> None:
@@ -390,8 +401,15 @@ class FuseServer:
         log.exception("FUSE request %d failed", opcode, exc_info=exc)
         self.reply_error(unique, errno.EIO)
 
+    def overlaps(self, opcode: int, length: int, body: memoryview) -> bool:
+        """Whether a request is worth running alongside the next one: reads and writes of at least
+        OVERLAP_BYTES (handing the device to another thread costs a thread wake-up)."""
+        if opcode == READ:
+            return READ_IN.unpack_from(body)[2] >= OVERLAP_BYTES
+        return opcode == WRITE and length >= OVERLAP_BYTES
+
     def serve(self, threads: int = 1) -> None:
-        """Handle requests until unmounted, DESTROY or stop(); ``threads`` threads read requests.
+        """Handle requests until unmounted, DESTROY or stop(), with ``threads`` threads.
 
         With more than one thread, the process's GIL switch interval drops to
         GIL_SWITCH_INTERVAL: a thread woken for the next request otherwise waits
@@ -404,37 +422,65 @@ class FuseServer:
             threading.Thread(target=self._loop, args=(False,), daemon=True, name="fuse-worker").start()
         self._loop(True)
 
+    def _next_request(self, buf: bytearray, poller: select.poll) -> int:
+        """Read one request into ``buf`` (the caller leads). Polls for SPIN_SECONDS first: a thread
+        asleep in read(2) takes long to wake on a virtual machine, and the next request of a
+        process working through many small operations usually comes within that time (measured:
+        creating 4 KiB files, 2,500 -> 3,900 files/s)."""
+        if not poller.poll(0):
+            deadline = time.perf_counter() + SPIN_SECONDS
+            while not poller.poll(0) and time.perf_counter() < deadline:
+                pass
+        return os.readv(self.fd, [buf])
+
     def _loop(self, main: bool) -> None:
         buf = bytearray(BUFFER_SIZE)
         view = memoryview(buf)
-        while self._running:
-            try:
-                if main:
-                    self._idle = True
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        leading = False
+        try:
+            while self._running:
                 try:
-                    n = os.readv(self.fd, [buf])
-                finally:
                     if main:
-                        self._idle = False
-            except StopServing:
-                break
-            except OSError as e:
-                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
-                    continue
-                if e.errno == errno.ENODEV:  # unmounted
-                    self.unmounted = True
+                        self._idle = True
+                    try:
+                        if not leading:
+                            self._leader.acquire()
+                            leading = True
+                        n = self._next_request(buf, poller)
+                    finally:
+                        if main:
+                            self._idle = False
+                except StopServing:
+                    break
+                except OSError as e:
+                    if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                        continue
+                    if e.errno == errno.ENODEV:  # unmounted
+                        self.unmounted = True
+                        self._running = False
+                        break
+                    raise
+                if n < IN_HEADER.size:  # never from a live /dev/fuse: the other end is gone
                     self._running = False
                     break
-                raise
-            header = IN_HEADER.unpack_from(buf)
-            opcode, unique, node = header[1], header[2], header[3]
-            try:
-                if not self.dispatch(opcode, unique, node, header, view[IN_HEADER.size:n]):
-                    self._running = False
-                    break
-            except FuseError as e:
-                if opcode not in NO_REPLY:
-                    self.reply_error(unique, e.errno)
-            except Exception as e:  # noqa: BLE001 - one bad request must not end the mount
-                if opcode not in NO_REPLY:
-                    self.on_failure(opcode, unique, e)
+                header = IN_HEADER.unpack_from(buf)
+                opcode, unique, node = header[1], header[2], header[3]
+                body = view[IN_HEADER.size:n]
+                if self.overlaps(opcode, header[0], body):
+                    self._leader.release()  # an idle thread reads the next request meanwhile
+                    leading = False
+                try:
+                    if not self.dispatch(opcode, unique, node, header, body):
+                        self._running = False
+                        break
+                except FuseError as e:
+                    if opcode not in NO_REPLY:
+                        self.reply_error(unique, e.errno)
+                except Exception as e:  # noqa: BLE001 - one bad request must not end the mount
+                    if opcode not in NO_REPLY:
+                        self.on_failure(opcode, unique, e)
+        finally:
+            if leading:
+                self._leader.release()  # the next thread finds the device gone (ENODEV) and ends too
