@@ -46,17 +46,20 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[GatedServer, socke
     interval = sys.getswitchinterval()
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server = GatedServer(ours.fileno())
+    before = set(threading.enumerate())
     loop = threading.Thread(target=server.serve, args=(3,), daemon=True)
     loop.start()
     try:
         yield server, kernel
     finally:
         server.gate.set()
-        kernel.close()  # every thread's next read returns nothing: the loop ends
-        loop.join(10)
-        ours.close()
+        kernel.close()  # every thread's next read returns nothing: each ends in turn
+        started = set(threading.enumerate()) - before
+        for t in started:
+            t.join(10)
+        ours.close()  # only now: a thread still reading would take the next test's descriptor
         sys.setswitchinterval(interval)
-    assert not loop.is_alive()
+    assert not any(t.is_alive() for t in started)
 
 
 def _replied(kernel: socket.socket, timeout: float) -> int | None:
