@@ -11,7 +11,9 @@ Invariants:
 - One thread at a time (the leader) reads the device. It handles what it read
   itself, and hands the reading over to an idle thread first only for large
   reads and writes (``overlaps``), which then run alongside the next request.
-  Before sleeping in read(2) the leader polls the device for SPIN_SECONDS.
+  Before sleeping in read(2) the leader polls the device for SPIN_SECONDS,
+  unless such handed-over requests are still running (polling would take the
+  GIL from them; more requests of theirs are soon to come anyway).
 - A reply that the kernel rejects with ENOENT belongs to a request that was
   interrupted meanwhile; that is not an error.
 - FORGET, BATCH_FORGET and INTERRUPT get no reply.
@@ -357,6 +359,8 @@ class FuseServer:
         self._running = True
         self._idle = False
         self._leader = threading.Lock()  # held by the one thread that reads the device
+        self._overlapping = 0  # handed-over requests still running
+        self._overlapping_lock = threading.Lock()
         self.unmounted = False  # the kernel ended the connection (ENODEV)
 
     def reply(self, unique: int, *payload: bytes) -> None:
@@ -427,7 +431,7 @@ class FuseServer:
         asleep in read(2) takes long to wake on a virtual machine, and the next request of a
         process working through many small operations usually comes within that time (measured:
         creating 4 KiB files, 2,500 -> 3,900 files/s)."""
-        if not poller.poll(0):
+        if not self._overlapping and not poller.poll(0):
             deadline = time.perf_counter() + SPIN_SECONDS
             while not poller.poll(0) and time.perf_counter() < deadline:
                 pass
@@ -468,7 +472,10 @@ class FuseServer:
                 header = IN_HEADER.unpack_from(buf)
                 opcode, unique, node = header[1], header[2], header[3]
                 body = view[IN_HEADER.size:n]
-                if self.overlaps(opcode, header[0], body):
+                overlapping = self.overlaps(opcode, header[0], body)
+                if overlapping:
+                    with self._overlapping_lock:
+                        self._overlapping += 1
                     self._leader.release()  # an idle thread reads the next request meanwhile
                     leading = False
                 try:
@@ -481,6 +488,10 @@ class FuseServer:
                 except Exception as e:  # noqa: BLE001 - one bad request must not end the mount
                     if opcode not in NO_REPLY:
                         self.on_failure(opcode, unique, e)
+                finally:
+                    if overlapping:
+                        with self._overlapping_lock:
+                            self._overlapping -= 1
         finally:
             if leading:
                 self._leader.release()  # the next thread finds the device gone (ENODEV) and ends too
