@@ -384,8 +384,8 @@ class Token:
         return how many token objects."""
         with self._locked("C_DestroyObject", exclusive=True) as session:
             copy = self._handles.pop(_COPY_PREFIX + obj_id, None)
-            if copy is not None and copy[Attribute.ID] == _COPY_PREFIX + obj_id:  # not the key itself
-                copy.destroy()
+            if copy is not None and copy is not self._handles.get(bytes([int(ObjectClass.SECRET_KEY)]) + obj_id):
+                copy.destroy()  # a real copy, not the key itself (a token that refused to copy it)
             objs = list(session.get_objects({Attribute.ID: obj_id}))
             if not objs:
                 session = self._reload()  # perhaps another process created it (see _reload)
