@@ -18,28 +18,20 @@ encfs mount (blocks do not authenticate): use a throwaway CIPHERDIR.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from encfs.blocks import NONCE_LEN, OVERHEAD, PLAIN_BLOCK, BlockAuthError, check_block_size
+from encfs.blocks import NONCE_LEN, OVERHEAD, TAG_LEN, BlockAuthError, BlockCipher
 
 _NONCE = bytes(NONCE_LEN)
-_TAG = bytes(OVERHEAD - NONCE_LEN)
+_TAG = bytes(TAG_LEN)
 
 
-class NullBlockCipher:
-    """BlockCipher's interface and sizes, without encryption (benchmark only)."""
+class NullBlockCipher(BlockCipher):
+    """BlockCipher's framing and sizes with no encryption work: no AES-GCM, no nonces drawn,
+    no AAD built (benchmark only). Sealed blocks carry an all-zero nonce and tag."""
 
-    __slots__ = ("_scope", "block_size", "sealed_block")
-
-    def __init__(self, key: bytes, scope: bytes, block_size: int = PLAIN_BLOCK) -> None:
-        if len(key) != 32:
-            raise ValueError("BlockCipher needs a 256-bit key")
-        self._scope = bytes(scope)
-        self.block_size = check_block_size(block_size)
-        self.sealed_block = block_size + OVERHEAD
-
-    def aad(self, block_no: int) -> bytes:
-        return self._scope + block_no.to_bytes(8, "big")
+    __slots__ = ()
 
     def seal(self, block_no: int, plaintext: bytes) -> bytes:
         if not 0 < len(plaintext) <= self.block_size:
@@ -49,22 +41,24 @@ class NullBlockCipher:
     def open(self, block_no: int, sealed: bytes | memoryview) -> bytes:
         if not OVERHEAD < len(sealed) <= self.sealed_block:
             raise BlockAuthError(block_no)
-        return bytes(sealed[NONCE_LEN:len(sealed) - (OVERHEAD - NONCE_LEN)])
+        return bytes(sealed[NONCE_LEN:len(sealed) - TAG_LEN])
 
-    def seal_blocks(self, blocks) -> bytes:
-        return b"".join(self.seal(n, p) for n, p in blocks)
-
-    def seal_run(self, first_block: int, plaintext: bytes | memoryview) -> bytes:
-        mv, step = memoryview(plaintext), self.block_size
-        out = []
-        for off in range(0, len(mv), step):
-            out += (_NONCE, mv[off:off + step], _TAG)
+    def seal_blocks(self, blocks: Sequence[tuple[int, bytes | memoryview]]) -> bytes:
+        out: list[bytes | memoryview] = []
+        for block_no, plaintext in blocks:
+            if not 0 < len(plaintext) <= self.block_size:
+                raise ValueError(f"a block holds 1 to {self.block_size} bytes, not {len(plaintext)}")
+            out += (_NONCE, plaintext, _TAG)
         return b"".join(out)
 
-    def open_run(self, first_block: int, sealed: bytes | memoryview) -> bytes:
-        mv, step = memoryview(sealed), self.sealed_block
-        return b"".join(self.open(first_block + i, mv[off:off + step])
-                        for i, off in enumerate(range(0, len(mv), step)))
+    def open_into(self, block_numbers: range, sealed: bytes | memoryview, out: memoryview | bytearray) -> None:
+        mv, out = memoryview(sealed), memoryview(out).cast("B")
+        self.check_run(block_numbers, len(mv), len(out))
+        pos = opos = 0
+        for _ in block_numbers:
+            end = opos + min(self.sealed_block, len(mv) - pos) - OVERHEAD
+            out[opos:end] = mv[pos + NONCE_LEN:pos + NONCE_LEN + end - opos]
+            pos, opos = pos + self.sealed_block, end
 
 
 def main(argv: list[str]) -> int:

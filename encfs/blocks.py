@@ -21,8 +21,10 @@ takes the plaintext block size (default PLAIN_BLOCK, 4 KiB).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import threading
 from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
@@ -36,6 +38,17 @@ OVERHEAD = NONCE_LEN + TAG_LEN
 SEALED_BLOCK = PLAIN_BLOCK + OVERHEAD
 
 _U64 = struct.Struct(">Q")
+
+# Held while a run of small blocks is sealed or opened. Each AES-GCM call releases the GIL
+# while it runs; for a 4 KiB block that is a fraction of a microsecond, and server threads
+# working through runs side by side handed the GIL back and forth at every block (a
+# volume's 1 GiB read: 58,000 futex calls against 4,700 without encryption). Taking turns
+# per run costs one hand-over per run. From TURN_BELOW up, a block keeps the GIL released
+# long enough for threads to decrypt in parallel on separate cores (measured, 2 threads,
+# 32 KiB blocks: 0.60x the time of one thread; 4 KiB: 1.36x), so those runs do not take turns.
+AEAD_TURN = threading.Lock()
+TURN_BELOW = 16 * 1024
+_NO_TURN = contextlib.nullcontext()
 
 
 class BlockAuthError(Exception):
@@ -93,7 +106,7 @@ class BlockCipher:
     ``block_size + OVERHEAD`` bytes.
     """
 
-    __slots__ = ("_aead", "_scope", "block_size", "sealed_block")
+    __slots__ = ("_aead", "_scope", "_turn", "block_size", "sealed_block")
 
     def __init__(self, key: bytes, scope: bytes, block_size: int = PLAIN_BLOCK) -> None:
         if len(key) != 32:
@@ -102,6 +115,7 @@ class BlockCipher:
         self._scope = bytes(scope)
         self.block_size = check_block_size(block_size)
         self.sealed_block = block_size + OVERHEAD
+        self._turn: contextlib.AbstractContextManager[object] = AEAD_TURN if block_size < TURN_BELOW else _NO_TURN
 
     def aad(self, block_no: int) -> bytes:
         return self._scope + _U64.pack(block_no)
@@ -122,31 +136,81 @@ class BlockCipher:
         except InvalidTag:
             raise BlockAuthError(block_no) from None
 
-    def seal_blocks(self, blocks: Sequence[tuple[int, bytes | memoryview]]) -> bytes:
+    def seal_blocks(self, blocks: Sequence[tuple[int, bytes | memoryview]]) -> bytearray:
         """Seal (block number, plaintext) pairs and concatenate the results.
 
         One getrandom(2) supplies every nonce of the batch: large writes make
-        no system call per block.
+        no system call per block. Blocks are sealed in place into the result.
         """
-        nonces = os.urandom(NONCE_LEN * len(blocks))
-        encrypt, aad, limit = self._aead.encrypt, self.aad, self.block_size
-        out = []
-        for i, (block_no, plaintext) in enumerate(blocks):
+        limit = self.block_size
+        for _block_no, plaintext in blocks:
             if not 0 < len(plaintext) <= limit:
                 raise ValueError(f"a block holds 1 to {limit} bytes, not {len(plaintext)}")
-            nonce = nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN]
-            out.append(nonce)
-            out.append(encrypt(nonce, plaintext, aad(block_no)))
-        return b"".join(out)
+        nonces = os.urandom(NONCE_LEN * len(blocks))
+        out = bytearray(sum(len(plaintext) for _n, plaintext in blocks) + len(blocks) * OVERHEAD)
+        view = memoryview(out)
+        encrypt_into, scope, pack = self._aead.encrypt_into, self._scope, _U64.pack
+        pos = 0
+        with self._turn:
+            for i, (block_no, plaintext) in enumerate(blocks):
+                end = pos + NONCE_LEN + len(plaintext) + TAG_LEN
+                view[pos:pos + NONCE_LEN] = nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN]
+                encrypt_into(view[pos:pos + NONCE_LEN], plaintext, scope + pack(block_no),
+                             view[pos + NONCE_LEN:end])
+                pos = end
+        return out
 
-    def seal_run(self, first_block: int, plaintext: bytes | memoryview) -> bytes:
+    def seal_run(self, first_block: int, plaintext: bytes | memoryview) -> bytearray:
         """Seal consecutive blocks; only the last may be short."""
         mv, step = memoryview(plaintext), self.block_size
         return self.seal_blocks([(first_block + i, mv[off:off + step])
                                  for i, off in enumerate(range(0, len(mv), step))])
 
-    def open_run(self, first_block: int, sealed: bytes | memoryview) -> bytes:
+    def check_run(self, block_numbers: range, sealed_len: int, out_len: int) -> None:
+        """What open_into needs of its arguments: ValueError if ``sealed_len`` bytes cannot
+        be ``len(block_numbers)`` blocks of plaintext ``out_len``; BlockAuthError if the
+        last block is a fragment too short to be sealed."""
+        count = len(block_numbers)
+        if not count:
+            if sealed_len or out_len:
+                raise ValueError("no block numbers for a non-empty run")
+            return
+        last = sealed_len - (count - 1) * self.sealed_block  # the last block's sealed length
+        if last > self.sealed_block or out_len != sealed_len - count * OVERHEAD:
+            raise ValueError(f"{count} sealed blocks in {sealed_len} bytes cannot fill {out_len} bytes")
+        if last <= OVERHEAD:
+            raise BlockAuthError(block_numbers[-1])
+
+    def open_into(self, block_numbers: range, sealed: bytes | memoryview, out: memoryview | bytearray) -> None:
+        """Open the sealed blocks laid end to end in ``sealed`` into ``out``, block i under number
+        ``block_numbers[i]``. Every block but the last is full; ``out`` is exactly as long as
+        their plaintext (ValueError otherwise).
+
+        Decrypting in place saves a copy of every block. Raises BlockAuthError at the first
+        block that does not authenticate, after zeroing that block's part of ``out``: bytes
+        that failed authentication never stay behind in a caller's buffer.
+        """
+        mv, out = memoryview(sealed), memoryview(out).cast("B")
+        self.check_run(block_numbers, len(mv), len(out))
+        step, decrypt_into, scope, pack = self.sealed_block, self._aead.decrypt_into, self._scope, _U64.pack
+        pos = opos = 0
+        with self._turn:
+            for block_no in block_numbers:
+                block = mv[pos:pos + step]
+                end = opos + len(block) - OVERHEAD
+                try:
+                    decrypt_into(block[:NONCE_LEN], block[NONCE_LEN:], scope + pack(block_no), out[opos:end])
+                except InvalidTag:
+                    out[opos:end] = bytes(end - opos)
+                    raise BlockAuthError(block_no) from None
+                pos, opos = pos + step, end
+
+    def open_run(self, first_block: int, sealed: bytes | memoryview) -> bytearray:
         """Open consecutive sealed blocks (as written by seal_run)."""
-        mv, step = memoryview(sealed), self.sealed_block
-        return b"".join(self.open(first_block + i, mv[off:off + step])
-                        for i, off in enumerate(range(0, len(mv), step)))
+        full, rest = divmod(len(sealed), self.sealed_block)
+        if 0 < rest <= OVERHEAD:
+            raise BlockAuthError(first_block + full)
+        count = full + (1 if rest else 0)
+        out = bytearray(len(sealed) - count * OVERHEAD)
+        self.open_into(range(first_block, first_block + count), sealed, out)
+        return out

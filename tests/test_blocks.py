@@ -116,6 +116,54 @@ def test_runs_of_each_block_size(block: int) -> None:
         BlockCipher(KEY, b"f", block).open_run(4, sealed)  # shifted by one block
 
 
+def test_open_into_takes_any_block_numbering_and_leaves_no_unauthenticated_bytes() -> None:
+    bc = BlockCipher(KEY, b"vol")
+    data = os.urandom(4 * PLAIN_BLOCK)
+    numbers = range(11, 19, 2)  # a volume's slot numbering: every other block number
+    sealed = bc.seal_blocks([(n, data[i * PLAIN_BLOCK:(i + 1) * PLAIN_BLOCK]) for i, n in enumerate(numbers)])
+    out = bytearray(len(data))
+    bc.open_into(numbers, sealed, memoryview(out))
+    assert out == data
+    with pytest.raises(BlockAuthError) as info:
+        bc.open_into(range(12, 20, 2), sealed, bytearray(len(data)))  # the other slot's numbers
+    assert info.value.block_no == 12
+
+    tampered = bytearray(sealed)
+    tampered[2 * SEALED_BLOCK + 100] ^= 1
+    out = bytearray(b"\xee" * len(data))
+    with pytest.raises(BlockAuthError) as info:
+        bc.open_into(numbers, tampered, out)
+    assert info.value.block_no == 15
+    assert out[:2 * PLAIN_BLOCK] == data[:2 * PLAIN_BLOCK]  # authenticated before the bad block
+    assert out[2 * PLAIN_BLOCK:3 * PLAIN_BLOCK] == bytes(PLAIN_BLOCK)  # the bad block's bytes are gone
+
+    with pytest.raises(ValueError):  # the buffer does not fit the run
+        bc.open_into(numbers, sealed, bytearray(len(data) - 1))
+    with pytest.raises(ValueError):  # more sealed bytes than blocks
+        bc.open_into(range(11, 17, 2), sealed, bytearray(3 * PLAIN_BLOCK))
+    with pytest.raises(BlockAuthError):  # a torn fragment after the last full block
+        bc.open_run(0, bc.seal_run(0, data)[:SEALED_BLOCK + OVERHEAD])
+
+
+@pytest.mark.parametrize("block,turns", [(4096, True), (8192, True), (16384, False), (32768, False)])
+def test_runs_of_small_blocks_take_turns(block: int, turns: bool) -> None:
+    """A run of blocks under TURN_BELOW is sealed or opened whole while it holds AEAD_TURN;
+    larger blocks run in parallel (see encfs.blocks)."""
+    import threading
+
+    from encfs.blocks import AEAD_TURN
+
+    bc = BlockCipher(KEY, b"f", block)
+    sealed = bc.seal_run(0, bytes(3 * block))
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (bc.open_run(0, sealed), bc.seal_run(0, b"x"), done.set()))
+    with AEAD_TURN:
+        worker.start()
+        assert done.wait(0.3 if turns else 10) is not turns
+    assert done.wait(10)
+    worker.join()
+
+
 @pytest.mark.parametrize("block", [0, 2048, 4095, 8191, 12288, 2 << 20])
 def test_bad_block_sizes_are_refused(block: int) -> None:
     with pytest.raises(ValueError):

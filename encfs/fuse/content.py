@@ -105,7 +105,7 @@ class FileContent:
     def size(self) -> int:
         return plain_file_size(os.fstat(self.fd).st_size, self.block)
 
-    def _open_blocks(self, first: int, sealed: bytes) -> bytes:
+    def _open_blocks(self, first: int, sealed: bytes) -> bytearray:
         try:
             return self.cipher.open_run(first, sealed)
         except BlockAuthError as e:
@@ -113,7 +113,7 @@ class FileContent:
                 self._on_auth_error(e.block_no)
             raise
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         size = self.size()
         if offset >= size or length <= 0:
             return b""
@@ -125,7 +125,7 @@ class FileContent:
         sealed = os.pread(self.fd, want, start)
         plain = self._open_blocks(blocks.start, sealed)
         skip = offset - blocks.start * block
-        out = plain[skip:skip + length]
+        out = plain if skip == 0 and len(plain) == length else plain[skip:skip + length]
         if len(out) != length:  # the backing file is shorter than its size says: torn block
             if self._on_auth_error:
                 self._on_auth_error(blocks.stop - 1)
