@@ -59,6 +59,31 @@ def test_round_trip_any_alignment_and_across_extents(image: int) -> None:
     assert s2.read(edge - 100, 10200) == model[edge - 100:edge + 10100]
 
 
+def test_reads_across_mixed_slots_groups_and_extents(image: int) -> None:
+    """Reads are served as runs of one slot state; every mix of states reads back right."""
+    s = store(image)
+    model = bytearray(SECTORS * SECTOR_SIZE)
+    rng = random.Random(7)
+    first = EXTENT_SECTORS - 450  # spans groups and the boundary between the two extents
+    for sector in range(first, first + 540):
+        if rng.random() < 0.7:
+            data = rng.randbytes(SECTOR_SIZE)
+            s.write(sector * SECTOR_SIZE, data)
+            model[sector * SECTOR_SIZE:(sector + 1) * SECTOR_SIZE] = data
+    s.flush()
+    for sector in range(first, first + 540, 3):  # these go to the other slot now
+        data = rng.randbytes(SECTOR_SIZE)
+        s.write(sector * SECTOR_SIZE, data)
+        model[sector * SECTOR_SIZE:(sector + 1) * SECTOR_SIZE] = data
+    states = {s._state(n) for n in range(first, first + 540)}
+    assert states == {0, SLOT_A, SLOT_B}
+    for start, count in ((first, 540), (first + 1, 255), (EXTENT_SECTORS - 1, 2), (first + 17, 1)):
+        assert s.read_sectors(start, count) == model[start * SECTOR_SIZE:(start + count) * SECTOR_SIZE]
+    runs = list(s._slot_runs(first, 540))
+    assert sum(n for _s, n, _state in runs) == 540
+    assert all(s._state(start + k) == state for start, n, state in runs for k in range(n))
+
+
 def test_unflushed_writes_roll_back_to_old_contents(image: int) -> None:
     s = store(image)
     s.write(0, b"A" * SECTOR_SIZE)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 
 from encfs.block.layout import (
     EXTENT_SECTORS,
+    GROUP_SECTORS,
     MAP_BYTES,
     SECTOR_SIZE,
     SLOT_A,
@@ -48,7 +49,9 @@ from encfs.block.layout import (
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
 
 _SEQ = struct.Struct(">Q")
-_ZERO_SECTOR = bytes(SECTOR_SIZE)
+# A group's worth of map bytes whose four sectors each are all in one state.
+_FILLED = {UNWRITTEN: bytes(GROUP_SECTORS // 4), SLOT_A: b"\x55" * (GROUP_SECTORS // 4),
+           SLOT_B: b"\xaa" * (GROUP_SECTORS // 4)}
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -190,27 +193,50 @@ class SectorStore:
         if run:
             yield start, run
 
-    def read_sectors(self, first: int, count: int) -> bytes:
-        located = []
-        for s in range(first, first + count):
-            state = self._state(s)
-            if state != UNWRITTEN:
-                located.append((s, sector_offset(s, state)))
-        plain = {}  # sector -> plaintext; the others are unwritten and read as zeros
-        for start, run in self._runs(located):
-            sealed = memoryview(os.pread(self.fd, len(run) * SEALED_BLOCK, start))  # slices: no copies
-            for k, s in enumerate(run):
-                try:
-                    sector = self._data.open(sector_block_number(s, self._state(s)),
-                                             sealed[k * SEALED_BLOCK:(k + 1) * SEALED_BLOCK])
-                    if len(sector) != SECTOR_SIZE:  # sectors are sealed whole: a short one is not ours
-                        raise BlockAuthError(sector_block_number(s, self._state(s)))
-                    plain[s] = sector
-                except BlockAuthError:
-                    if self._on_auth_error:
-                        self._on_auth_error(s)
-                    raise
-        return b"".join(plain.get(s, _ZERO_SECTOR) for s in range(first, first + count))
+    def _slot_runs(self, first: int, count: int) -> Iterator[tuple[int, int, int]]:
+        """(first sector, sector count, state) for the runs of one state that make up
+        [first, first + count). No run crosses a group, so a run's slots are contiguous in
+        the image."""
+        s, end = first, first + count
+        while s < end:
+            extent, i = divmod(s, EXTENT_SECTORS)
+            bitmap = self._map(extent).current
+            stop = min(end, s - i % GROUP_SECTORS + GROUP_SECTORS)  # the end of s's group
+            j = i + stop - s
+            state = _get(bitmap, i)
+            reach = bitmap[i >> 2:(j + 3) >> 2]  # the map bytes holding sectors i..j-1
+            if reach == _FILLED.get(state, b"")[:len(reach)]:  # all of them in that state
+                yield s, stop - s, state
+                s = stop
+                continue
+            run = s
+            for k in range(i + 1, j):
+                state_k = _get(bitmap, k)
+                if state_k != state:
+                    yield run, s + k - i - run, state
+                    run, state = s + k - i, state_k
+            yield run, stop - run, state
+            s = stop
+
+    def read_sectors(self, first: int, count: int) -> bytearray:
+        """Plaintext of sectors [first, first + count); unwritten sectors read as zeros.
+        BlockAuthError (after on_auth_error) if a written sector does not authenticate."""
+        out = bytearray(count * SECTOR_SIZE)  # zeros: what unwritten sectors read as
+        view = memoryview(out)
+        for s, n, state in self._slot_runs(first, count):
+            if state == UNWRITTEN:
+                continue
+            blocks = range(sector_block_number(s, state), sector_block_number(s + n, state), 2)
+            try:
+                sealed = os.pread(self.fd, n * SEALED_BLOCK, sector_offset(s, state))
+                if len(sealed) != n * SEALED_BLOCK:  # the image ends before sectors its map names
+                    raise BlockAuthError(blocks[len(sealed) // SEALED_BLOCK])
+                self._data.open_into(blocks, sealed, view[(s - first) * SECTOR_SIZE:(s - first + n) * SECTOR_SIZE])
+            except BlockAuthError as e:
+                if self._on_auth_error:
+                    self._on_auth_error(e.block_no // 2)
+                raise
+        return out
 
     def write_sectors(self, first: int, data: bytes) -> None:
         """Seal and write whole sectors; the map names a new slot only once it is fully written.
@@ -241,15 +267,15 @@ class SectorStore:
         extent, i = divmod(sector, EXTENT_SECTORS)
         return SLOT_B if _get(self._maps[extent].persisted, i) == SLOT_A else SLOT_A
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
         """Plaintext bytes [offset, offset+length), any alignment."""
         self._check_range(offset, length)
         if length == 0:
-            return b""
+            return bytearray()
         first, last = offset // SECTOR_SIZE, (offset + length - 1) // SECTOR_SIZE
         data = self.read_sectors(first, last - first + 1)
         skip = offset - first * SECTOR_SIZE
-        return data[skip:skip + length]
+        return data if skip == 0 and len(data) == length else data[skip:skip + length]
 
     def write(self, offset: int, data: bytes) -> int:
         """Write plaintext at any alignment (partial sectors are read, merged, rewritten)."""
@@ -260,7 +286,7 @@ class SectorStore:
         head = offset - first * SECTOR_SIZE
         tail = (last + 1) * SECTOR_SIZE - (offset + len(data))
         if head or tail:
-            merged = bytearray(self.read_sectors(first, last - first + 1))
+            merged = self.read_sectors(first, last - first + 1)
             merged[head:head + len(data)] = data
             data = bytes(merged)
         self.write_sectors(first, data)
