@@ -34,6 +34,13 @@ from encfs.keys.service import KeyService
 
 REGISTRY = Path(os.environ.get("ENCFS_RUN_DIR", "/run/encfs")) / "volumes"
 PR_SET_IO_FLUSHER = 57
+# Read-ahead of a volume's loop device. A sequential read keeps about this much in
+# flight as 1 MiB requests that the server handles side by side, so the decryption of
+# one overlaps the image reads of the next. The kernel would otherwise keep whatever the
+# device number was last given (128 KiB over a FUSE file; 2560 KiB if it last served an
+# image file on this disk). Measured on a 1 GiB cold read: 128 KiB 0.8, 8 MiB 0.92 of
+# the null-cipher volume's rate.
+LOOP_READ_AHEAD_KIB = 8192
 log = logging.getLogger("encfs.block")
 
 
@@ -121,6 +128,17 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
+def set_read_ahead(loop: str, kib: int = LOOP_READ_AHEAD_KIB) -> bool:
+    """Give block device ``loop`` (/dev/loopN) a read-ahead of ``kib`` KiB; False if sysfs refuses."""
+    try:
+        with open(f"/sys/block/{os.path.basename(loop)}/queue/read_ahead_kb", "w", encoding="ascii") as f:
+            f.write(f"{kib}\n")
+        return True
+    except OSError as e:
+        log.warning("read-ahead of %s left as it is: %s", loop, e.strerror)
+        return False
+
+
 def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None = None) -> Attachment:
     if os.geteuid() != 0:
         raise VolumeError("attaching a volume needs root (loop devices)")
@@ -153,6 +171,7 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
         _forget(a)
         raise VolumeError(f"no loop device could be attached: {_last_line(proc.stderr)}")
     a.loop = proc.stdout.strip()
+    set_read_ahead(a.loop)
     _save(a)
     return a
 
