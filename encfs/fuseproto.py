@@ -240,6 +240,35 @@ def mount_direct(mountpoint: str, fsname: str, fstype: str) -> int:
     return fd
 
 
+def _mountinfo_path(path: str) -> str:
+    """``path`` as /proc/self/mountinfo spells it (octal escapes, as the kernel's seq_file does)."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+def set_read_ahead(mountpoint: str, kib: int) -> bool:
+    """Give the FUSE mount at ``mountpoint`` a read-ahead of ``kib`` KiB (its backing device
+    info in sysfs); False if that is not ours to change (not root) or not there.
+
+    Call it only after INIT is answered: the kernel lowers the read-ahead to the INIT
+    reply's max_readahead. The device number comes from mountinfo, never from a stat of
+    the mountpoint, which the serving daemon would have to answer itself.
+    """
+    wanted, device = _mountinfo_path(mountpoint), None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split(" ", 5)
+                if len(fields) > 4 and fields[4] == wanted:
+                    device = fields[2]  # the last match is the mount on top
+        if device is None:
+            return False
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w", encoding="ascii") as f:
+            f.write(f"{kib}\n")
+        return True
+    except OSError:
+        return False
+
+
 def escape_option(value: str) -> str:
     """Escape a value for a comma-separated mount option list (as libfuse does)."""
     return value.replace("\\", "\\\\").replace(",", "\\,")

@@ -27,6 +27,7 @@ from conftest import run_encfs
 from fuse_helpers import Mount
 
 from encfs.fuse.mount import is_mounted
+from encfs.fuse.server import READ_AHEAD_KIB
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 MINIMAL_ENV = ["env", "-i", "PATH=/usr/bin:/bin"]
@@ -264,6 +265,10 @@ def test_daemonized_mount_is_usable_on_return_and_umount_flushes(tmp_path: Path,
         (mp / "dir" / "small").write_text("hello")
         assert (mp / "big").read_bytes() == data
         assert set(os.listdir(mp)) == {"big", "dir"}
+        # a root mount gets encfs's read-ahead (found through mountinfo, despite the spaces)
+        dev = mp.stat().st_dev
+        ra = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text()
+        assert int(ra) == READ_AHEAD_KIB
 
         busy = run_encfs("mount", str(cipher), str(mp), home=fs_home, timeout=30)
         assert_one_line_error(busy, "busy")

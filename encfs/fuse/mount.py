@@ -132,12 +132,13 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         for name in repair_config(cipherdir, config):
             log.warning("%s: restored %s from the good copy", cipherdir, name)
     fs = EncryptedFS(os.fsencode(cipherdir), config, keys, ks, read_only=opts.read_only)
+    where = os.path.realpath(mountpoint)  # as mountinfo names it; never resolved once mounted
     try:
         fd = mount_fusermount(str(mountpoint), _fuse_options(cipherdir, opts))
     except OSError as e:
         ks.close()
         raise MountError(f"FUSE refused to mount {mountpoint}: {e.strerror}") from None
-    server = FsServer(fd, fs)
+    server = FsServer(fd, fs, where)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.stop())
     try:

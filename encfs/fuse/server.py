@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import logging
 import stat
 import time
 from collections.abc import Callable
@@ -32,8 +33,15 @@ from encfs.fuseproto import (
     OPEN_OUT, OPENDIR, READ, READ_IN, READDIR, READDIRPLUS, READLINK, RELEASE, RELEASE_IN, RELEASEDIR,
     REMOVEXATTR, RENAME, RENAME2, RENAME2_IN, RENAME_IN, RMDIR, SETATTR, SETATTR_IN, SETXATTR, SETXATTR_IN,
     STATFS, STATFS_OUT, SYMLINK, UNLINK, WRITE, WRITE_IN, WRITE_OUT, EntryAttributes, FuseServer,
-    RequestContext, SetattrFields, SharedExclusiveLock, pack_dirent,
+    RequestContext, SetattrFields, SharedExclusiveLock, pack_dirent, set_read_ahead,
 )
+
+log = logging.getLogger("encfs.fuse")
+# Read-ahead of the mount (root mounts only: sysfs). The kernel's 128 KiB default cuts a
+# sequential read into 128 KiB requests, one or two in flight, each waiting on its own
+# decryption; 1 MiB (the largest request, FUSE_MAX_PAGES) measured 1.4 -> 2.3 GB/s on a
+# cold 1 GiB read here, for the null-cipher path as well.
+READ_AHEAD_KIB = 1024
 
 WANTED_FLAGS = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_AUTO_INVAL_DATA
                 | FUSE_DO_READDIRPLUS | FUSE_ASYNC_DIO | FUSE_WRITEBACK_CACHE | FUSE_PARALLEL_DIROPS
@@ -59,9 +67,10 @@ def _xattr_reply(data: bytes, size: int) -> tuple[bytes, int]:
 class FsServer(FuseServer):
     """Serves one EncryptedFS over an open /dev/fuse descriptor."""
 
-    def __init__(self, fd: int, fs: EncryptedFS) -> None:
+    def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None) -> None:
         super().__init__(fd)
         self.fs = fs
+        self.mountpoint = mountpoint
         self.lock = SharedExclusiveLock()
         self._handlers: dict[int, Handler] = {
             LOOKUP: self._lookup, GETATTR: self._getattr, SETATTR: self._setattr, READLINK: self._readlink,
@@ -88,7 +97,11 @@ class FsServer(FuseServer):
             finally:
                 self.lock.release_exclusive()
         elif opcode == INIT:
-            return self.init_reply(unique, body, WANTED_FLAGS)
+            if not self.init_reply(unique, body, WANTED_FLAGS):
+                return False
+            if self.mountpoint is not None and not set_read_ahead(self.mountpoint, READ_AHEAD_KIB):
+                log.debug("%s: read-ahead left at the kernel's default (not root?)", self.mountpoint)
+            return True
         elif opcode == DESTROY:
             self.reply(unique)
             return False
