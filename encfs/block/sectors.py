@@ -110,6 +110,10 @@ class SectorStore:
                  on_auth_error: Callable[[int], None] | None = None) -> None:
         self.fd = fd
         self.sectors = sectors
+        # No kernel read-ahead on the image: reads come as whole runs of one slot, and
+        # read-ahead past a run only pulled in the other slot's chunk (mostly holes, so
+        # zero-filled pages): 3.9 s of kernel time in a fresh volume's first 1 GiB read.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         self._data = self.cipher_class(key, volume_id + b"sector")
         self._maps_cipher = self.cipher_class(key, volume_id + b"map")
         self._maps: dict[int, _ExtentMap] = {}
