@@ -263,3 +263,30 @@ def test_image_reads_fetch_what_the_map_names_and_no_more(tmp_path: Path) -> Non
         assert _resident_bytes(path) < 256 * SEALED_BLOCK + 64 * 1024
     finally:
         os.close(fd)
+
+
+def test_writes_sealed_ahead_are_refused_after_a_flush(image: int) -> None:
+    """seal_ahead() picks slots without a lock; a flush in between must send the write back,
+    since the slot it picked may now be the persisted one (the crash-safety invariant)."""
+    s = store(image)
+    old, new, newer = (os.urandom(2 * SECTOR_SIZE) for _ in range(3))
+    s.write(0, old)
+    s.flush()  # persisted: slot A
+    early = s.seal_ahead(0, new)  # picks slot B
+    assert early is not None
+    s.write(0, newer)  # slot B, then ...
+    s.flush()  # ... persisted: slot B, the one `early` was sealed for
+    persisted = os.pread(image, 2 * SEALED_BLOCK, sector_offset(0, SLOT_B))
+    assert not s.write_sealed(early)
+    assert os.pread(image, 2 * SEALED_BLOCK, sector_offset(0, SLOT_B)) == persisted
+    assert store(image).read(0, 2 * SECTOR_SIZE) == newer
+
+    fresh = s.seal_ahead(0, new)  # no flush in between: written as sealed
+    assert fresh is not None and s.write_sealed(fresh)
+    assert s.read(0, 2 * SECTOR_SIZE) == new
+    s.flush()
+    assert store(image).read(0, 2 * SECTOR_SIZE) == new
+
+    assert s.seal_ahead(100, new) is None  # not whole sectors
+    assert s.seal_ahead(SECTORS * SECTOR_SIZE - SECTOR_SIZE, new) is None  # past the end
+    assert store(image).seal_ahead(EXTENT_SECTORS * SECTOR_SIZE, new) is None  # its map is not loaded yet

@@ -8,8 +8,10 @@ Invariants:
 - Four threads serve (encfs.fuseproto reads and answers requests): reads run
   alongside each other (the backing pread and the reply's copy need no
   GIL, so they overlap the other thread's decryption); every other request
-  runs alone. The loop device reads with direct I/O, so several reads are
-  in flight at once.
+  runs alone. A write is sealed before it takes its turn, while another
+  write's image I/O runs (SectorStore.seal_ahead: a flush in between sends
+  it back to be sealed afresh). The loop device uses direct I/O, so several
+  requests are in flight at once.
 - The file is opened with FOPEN_DIRECT_IO: the page cache never holds
   volume data, so a loop device on top does not cache it twice (the
   deadlock hazard in ../shared/notes/block.md) and every flush from the
@@ -25,6 +27,7 @@ import logging
 import stat
 import time
 from collections.abc import Callable
+from typing import Any
 
 from encfs.blocks import BlockAuthError
 from encfs.errors import EncfsError
@@ -54,7 +57,8 @@ class VolumeFile:
     size: int
 
     def read(self, offset: int, length: int) -> bytes: ...
-    def write(self, offset: int, data: bytes) -> int: ...
+    def seal_ahead(self, offset: int, data: bytes) -> object | None: ...
+    def write(self, offset: int, data: bytes, sealed: Any = None) -> int: ...
     def discard(self, offset: int, length: int) -> None: ...
     def flush(self) -> None: ...
     def grow(self, new_size: int) -> None: ...
@@ -134,22 +138,29 @@ class VolumeServer(FuseServer):
                 self.lock.release_shared()
             self.reply(unique, data)
             return True
+        sealed = None
+        if opcode == WRITE:  # sealed before the lock, while another request is being written
+            _fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(body)
+            data = bytes(body[WRITE_IN.size:WRITE_IN.size + size])
+            sealed = self.volume.seal_ahead(offset, data)
         self.lock.acquire_exclusive()
         try:
+            if opcode == WRITE:
+                self._write(unique, offset, data, sealed)
+                return True
             return self._dispatch_exclusive(opcode, unique, node, body)
         finally:
             self.lock.release_exclusive()
 
+    def _write(self, unique: int, offset: int, data: bytes, sealed: object | None) -> None:
+        if offset + len(data) > self.volume.size:
+            self.reply_error(unique, errno.ENOSPC)
+        else:
+            self.reply(unique, WRITE_OUT.pack(self.volume.write(offset, data, sealed), 0))
+
     def _dispatch_exclusive(self, opcode: int, unique: int, node: int, body: memoryview) -> bool:
         if opcode == INIT:
             return self.init_reply(unique, body, FUSE_BIG_WRITES | FUSE_MAX_PAGES | FUSE_ASYNC_DIO)
-        elif opcode == WRITE:
-            _fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(body)
-            data = bytes(body[WRITE_IN.size:WRITE_IN.size + size])
-            if offset + len(data) > self.volume.size:
-                self.reply_error(unique, errno.ENOSPC)
-            else:
-                self.reply(unique, WRITE_OUT.pack(self.volume.write(offset, data), 0))
         elif opcode in (FSYNC, FLUSH, FSYNCDIR, SYNCFS):
             if opcode != FLUSH:
                 self.volume.flush()

@@ -99,6 +99,19 @@ class _ExtentMap:
         self.slot = slot  # map slot holding it; the next write goes to the other
 
 
+class SealedSectors:
+    """Sectors sealed for the slots they go to: what write_sealed() writes."""
+
+    __slots__ = ("first", "slots", "runs", "generation")
+
+    def __init__(self, first: int, slots: list[int], runs: list[tuple[int, list[int], bytearray]],
+                 generation: int) -> None:
+        self.first = first
+        self.slots = slots  # the slot of sector first + k
+        self.runs = runs  # (image offset, sectors, sealed bytes), contiguous in the image
+        self.generation = generation  # SectorStore._generation the slots were picked under
+
+
 class SectorStore:
     """Sector-granular plaintext access to one volume image. Not thread-safe."""
 
@@ -117,6 +130,7 @@ class SectorStore:
         self._data = self.cipher_class(key, volume_id + b"sector")
         self._maps_cipher = self.cipher_class(key, volume_id + b"map")
         self._maps: dict[int, _ExtentMap] = {}
+        self._generation = 0  # bumped after every change of a persisted map: see seal_ahead()
         self._dirty: set[int] = set()
         self._punch_later: list[tuple[int, int]] = []
         self._on_auth_error = on_auth_error
@@ -135,6 +149,7 @@ class SectorStore:
             fresh[extent] = _ExtentMap(bytearray(MAP_BYTES), 1, 1)
         os.fsync(self.fd)
         self._maps.update(fresh)
+        self._generation += 1
 
     def grow(self, new_sectors: int) -> None:
         """Extend the image to ``new_sectors`` and format the maps of the added extents.
@@ -252,18 +267,55 @@ class SectorStore:
         """
         count = len(data) // SECTOR_SIZE
         assert count * SECTOR_SIZE == len(data)
-        placed = []
-        for s in range(first, first + count):
-            self._map(s // EXTENT_SECTORS)  # load (and authenticate) the map first
-            placed.append((s, sector_offset(s, self._next_slot(s))))
+        for extent in range(first // EXTENT_SECTORS, (first + max(count, 1) - 1) // EXTENT_SECTORS + 1):
+            self._map(extent)  # load (and authenticate) the maps first
+        self._write_sealed(self._seal_sectors(first, data))
+
+    def seal_ahead(self, offset: int, data: bytes) -> SealedSectors | None:
+        """Seal a write of whole sectors while changing nothing and taking no lock, so that a
+        server can seal one request while another is being written; None if that cannot be
+        done ahead (not whole sectors, out of range, or a map not loaded yet).
+
+        The slots are picked from the persisted maps, which only flush() changes: a flush
+        that ran meanwhile makes write_sealed() refuse, and the write is done afresh.
+        """
+        if offset < 0 or offset % SECTOR_SIZE or len(data) % SECTOR_SIZE or not data \
+                or offset + len(data) > self.sectors * SECTOR_SIZE:
+            return None
+        first, last = offset // SECTOR_SIZE, (offset + len(data)) // SECTOR_SIZE - 1
+        generation = self._generation  # read before the maps: see flush()
+        if any(e not in self._maps for e in range(first // EXTENT_SECTORS, last // EXTENT_SECTORS + 1)):
+            return None
+        sealed = self._seal_sectors(first, data)
+        sealed.generation = generation
+        return sealed
+
+    def write_sealed(self, sealed: SealedSectors) -> bool:
+        """Write what seal_ahead() sealed if no flush has run since; False (nothing written) if one has."""
+        if sealed.generation != self._generation:
+            return False
+        self._write_sealed(sealed)
+        return True
+
+    def _seal_sectors(self, first: int, data: bytes | memoryview) -> SealedSectors:
+        """Each sector sealed for the slot a write of it goes to, in runs contiguous in the image."""
+        count = len(data) // SECTOR_SIZE
+        slots = [self._next_slot(s) for s in range(first, first + count)]
+        placed = [(s, sector_offset(s, slot)) for s, slot in zip(range(first, first + count), slots)]
+        view = memoryview(data)
+        runs = []
         for start, run in self._runs(placed):
-            sealed = self._data.seal_blocks(
-                [(sector_block_number(s, self._next_slot(s)),
-                  data[(s - first) * SECTOR_SIZE:(s - first + 1) * SECTOR_SIZE]) for s in run])
-            _pwrite_all(self.fd, sealed, start)
+            runs.append((start, run, self._data.seal_blocks(
+                [(sector_block_number(s, slots[s - first]), view[(s - first) * SECTOR_SIZE:(s - first + 1) * SECTOR_SIZE])
+                 for s in run])))
+        return SealedSectors(first, slots, runs, self._generation)
+
+    def _write_sealed(self, sealed: SealedSectors) -> None:
+        for start, run, blob in sealed.runs:
+            _pwrite_all(self.fd, blob, start)
             for s in run:
                 extent, i = divmod(s, EXTENT_SECTORS)
-                _set(self._maps[extent].current, i, self._next_slot(s))
+                _set(self._maps[extent].current, i, sealed.slots[s - sealed.first])
                 self._dirty.add(extent)
 
     def _next_slot(self, sector: int) -> int:
@@ -343,6 +395,7 @@ class SectorStore:
             m = self._maps[extent]
             m.seq, m.slot = m.seq + 1, 1 - m.slot
             m.persisted = bytearray(m.current)
+        self._generation += 1  # after the maps: a seal_ahead() that read the old number is refused
         self._dirty.clear()
         self._punch([(s, slot) for s, slot in self._punch_later if self._state(s) != slot])
         self._punch_later.clear()

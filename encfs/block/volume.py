@@ -20,7 +20,7 @@ from pathlib import Path
 
 from encfs.block.header import VolumeHeader, new_header, read_header, write_header
 from encfs.block.layout import SECTOR_SIZE, image_size
-from encfs.block.sectors import SectorStore
+from encfs.block.sectors import SealedSectors, SectorStore
 from encfs.errors import EncfsError, UsageError
 from encfs.keys.service import KeyService
 
@@ -57,7 +57,12 @@ class StoreFile:
     def read(self, offset: int, length: int) -> bytes:
         return self.store.read(offset, length)
 
-    def write(self, offset: int, data: bytes) -> int:
+    def seal_ahead(self, offset: int, data: bytes) -> SealedSectors | None:
+        return self.store.seal_ahead(offset, data)
+
+    def write(self, offset: int, data: bytes, sealed: SealedSectors | None = None) -> int:
+        if sealed is not None and self.store.write_sealed(sealed):
+            return len(data)
         return self.store.write(offset, data)
 
     def discard(self, offset: int, length: int) -> None:
