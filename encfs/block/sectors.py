@@ -269,7 +269,7 @@ class SectorStore:
         assert count * SECTOR_SIZE == len(data)
         for extent in range(first // EXTENT_SECTORS, (first + max(count, 1) - 1) // EXTENT_SECTORS + 1):
             self._map(extent)  # load (and authenticate) the maps first
-        self._write_sealed(self._seal_sectors(first, data))
+        self._write_sealed(self._seal_sectors(first, data, self._generation))
 
     def seal_ahead(self, offset: int, data: bytes) -> SealedSectors | None:
         """Seal a write of whole sectors while changing nothing and taking no lock, so that a
@@ -286,9 +286,7 @@ class SectorStore:
         generation = self._generation  # read before the maps: see flush()
         if any(e not in self._maps for e in range(first // EXTENT_SECTORS, last // EXTENT_SECTORS + 1)):
             return None
-        sealed = self._seal_sectors(first, data)
-        sealed.generation = generation
-        return sealed
+        return self._seal_sectors(first, data, generation)
 
     def write_sealed(self, sealed: SealedSectors) -> bool:
         """Write what seal_ahead() sealed if no flush has run since; False (nothing written) if one has."""
@@ -297,8 +295,9 @@ class SectorStore:
         self._write_sealed(sealed)
         return True
 
-    def _seal_sectors(self, first: int, data: bytes | memoryview) -> SealedSectors:
-        """Each sector sealed for the slot a write of it goes to, in runs contiguous in the image."""
+    def _seal_sectors(self, first: int, data: bytes | memoryview, generation: int) -> SealedSectors:
+        """Each sector sealed for the slot a write of it goes to, in runs contiguous in the image;
+        ``generation`` is the number the caller read before the maps."""
         count = len(data) // SECTOR_SIZE
         slots = [self._next_slot(s) for s in range(first, first + count)]
         placed = [(s, sector_offset(s, slot)) for s, slot in zip(range(first, first + count), slots)]
@@ -308,7 +307,7 @@ class SectorStore:
             runs.append((start, run, self._data.seal_blocks(
                 [(sector_block_number(s, slots[s - first]), view[(s - first) * SECTOR_SIZE:(s - first + 1) * SECTOR_SIZE])
                  for s in run])))
-        return SealedSectors(first, slots, runs, self._generation)
+        return SealedSectors(first, slots, runs, generation)
 
     def _write_sealed(self, sealed: SealedSectors) -> None:
         for start, run, blob in sealed.runs:
