@@ -192,18 +192,17 @@ class BlockCipher:
         """
         mv, out = memoryview(sealed), memoryview(out).cast("B")
         self.check_run(block_numbers, len(mv), len(out))
-        step, decrypt_into, scope, pack = self.sealed_block, self._aead.decrypt_into, self._scope, _U64.pack
-        pos = opos = 0
+        step, size = self.sealed_block, self.block_size
+        decrypt_into, scope, pack = self._aead.decrypt_into, self._scope, _U64.pack
+        # Slices past the end stop at it, so the last (possibly short) block needs no special case.
         with self._turn:
-            for block_no in block_numbers:
-                block = mv[pos:pos + step]
-                end = opos + len(block) - OVERHEAD
+            for block_no, pos, opos in zip(block_numbers, range(0, len(mv), step), range(0, len(out), size)):
                 try:
-                    decrypt_into(block[:NONCE_LEN], block[NONCE_LEN:], scope + pack(block_no), out[opos:end])
+                    decrypt_into(mv[pos:pos + NONCE_LEN], mv[pos + NONCE_LEN:pos + step], scope + pack(block_no),
+                                 out[opos:opos + size])
                 except InvalidTag:
-                    out[opos:end] = bytes(end - opos)
+                    out[opos:opos + size] = bytes(len(out[opos:opos + size]))
                     raise BlockAuthError(block_no) from None
-                pos, opos = pos + step, end
 
     def open_run(self, first_block: int, sealed: bytes | memoryview) -> bytearray:
         """Open consecutive sealed blocks (as written by seal_run)."""

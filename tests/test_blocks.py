@@ -137,6 +137,14 @@ def test_open_into_takes_any_block_numbering_and_leaves_no_unauthenticated_bytes
     assert out[:2 * PLAIN_BLOCK] == data[:2 * PLAIN_BLOCK]  # authenticated before the bad block
     assert out[2 * PLAIN_BLOCK:3 * PLAIN_BLOCK] == bytes(PLAIN_BLOCK)  # the bad block's bytes are gone
 
+    short = bytearray(bc.seal_run(0, data[:PLAIN_BLOCK + 100]))  # the last block is short
+    short[-1] ^= 1
+    out = bytearray(b"\xee" * (PLAIN_BLOCK + 100))
+    with pytest.raises(BlockAuthError) as info:
+        bc.open_into(range(2), short, out)
+    assert info.value.block_no == 1
+    assert out == data[:PLAIN_BLOCK] + bytes(100)
+
     with pytest.raises(ValueError):  # the buffer does not fit the run
         bc.open_into(numbers, sealed, bytearray(len(data) - 1))
     with pytest.raises(ValueError):  # more sealed bytes than blocks
