@@ -159,13 +159,14 @@ def stop_proc(proc: subprocess.Popen | None, timeout: float = 30) -> None:
 
 
 def losetup(image: Path, sector: int = 4096, direct_io: bool = False) -> str:
-    """Attach a loop device with the read-ahead `encfs volume attach` gives its own: a loop
-    device otherwise keeps whatever its number was last given, which depends on what ran before."""
-    from encfs.block.attach import set_read_ahead
+    """Attach a loop device with the queue settings `encfs volume attach` gives its own (read-ahead,
+    largest request): a loop device otherwise keeps whatever its number was last given, which
+    depends on what ran before."""
+    from encfs.block.attach import tune_loop
 
     dio = ["--direct-io=on"] if direct_io else []
     dev = run(["losetup", "--find", "--show", "--sector-size", str(sector), *dio, str(image)]).stdout.decode().strip()
-    set_read_ahead(dev)
+    tune_loop(dev)
     return dev
 
 

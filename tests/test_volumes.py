@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from conftest import run_encfs
 
-from encfs.block.attach import LOOP_READ_AHEAD_KIB
+from encfs.block.attach import LOOP_MAX_REQUEST_KIB, LOOP_READ_AHEAD_KIB
 from encfs.block.layout import (
     EXTENT_SECTORS,
     HEADER_SLOT,
@@ -443,12 +443,15 @@ def test_lifecycle_create_info_attach_ext4_detach_reattach(rig: Rig) -> None:
     assert rig.listed() == []
     rig.assert_nothing_attached()
 
-    # The loop device gets encfs's read-ahead, not what its number was last given.
+    # The loop device gets encfs's read-ahead and largest request, not what its number was last given.
     free = sh("losetup", "--find", timeout=30).stdout.strip()
-    Path(f"/sys/block/{Path(free).name}/queue/read_ahead_kb").write_text("128\n")
+    queue = Path(f"/sys/block/{Path(free).name}/queue")
+    (queue / "read_ahead_kb").write_text("128\n")
+    (queue / "max_sectors_kb").write_text("512\n")
     loop2 = rig.attach(image)
     assert loop2 == free
     assert int(sh("blockdev", "--getra", loop2).stdout) * 512 == LOOP_READ_AHEAD_KIB * 1024
+    assert int((queue / "max_sectors_kb").read_text()) == LOOP_MAX_REQUEST_KIB == 1024
     rig.fsck_clean(loop2)
     mnt = rig.mount(loop2)
     assert shas(mnt, sorted(written)) == {Path(k).name: v for k, v in written.items()}

@@ -29,6 +29,7 @@ from pathlib import Path
 from encfs.block.fuseserver import RESIZE_XATTR, VolumeServer, fuse_mount, fuse_unmount
 from encfs.block.volume import VolumeError, open_volume, read_volume_header
 from encfs.daemon import Readiness, spawn
+from encfs.fuseproto import MAX_WRITE
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
 
@@ -41,6 +42,11 @@ PR_SET_IO_FLUSHER = 57
 # image file on this disk). Measured on a 1 GiB cold read: 128 KiB 0.8, 8 MiB 0.92 of
 # the null-cipher volume's rate.
 LOOP_READ_AHEAD_KIB = 8192
+# Largest request the loop device sends: FUSE's largest (fuseproto.MAX_WRITE). A loop
+# device allows 1280 KiB, which FUSE cuts into 1 MiB + 256 KiB, and such requests straddle
+# the image's 1 MiB slot chunks. Measured on a 1 GiB cold read: 1,665 -> 1,024 requests and
+# 2,221 -> 1,112 image reads; daemon CPU 1.17-1.26 -> 1.01-1.07 s; 1,065-1,071 -> 1,209-1,247 MB/s.
+LOOP_MAX_REQUEST_KIB = MAX_WRITE // 1024
 log = logging.getLogger("encfs.block")
 
 
@@ -128,14 +134,20 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def set_read_ahead(loop: str, kib: int = LOOP_READ_AHEAD_KIB) -> bool:
-    """Give block device ``loop`` (/dev/loopN) a read-ahead of ``kib`` KiB; False if sysfs refuses."""
+def tune_loop(loop: str) -> bool:
+    """Give block device ``loop`` (/dev/loopN) encfs's read-ahead (LOOP_READ_AHEAD_KIB) and
+    largest request (LOOP_MAX_REQUEST_KIB, or the device's own limit if lower); False if
+    sysfs refuses either (the device then works as it is, only slower)."""
+    queue = f"/sys/block/{os.path.basename(loop)}/queue"
     try:
-        with open(f"/sys/block/{os.path.basename(loop)}/queue/read_ahead_kb", "w", encoding="ascii") as f:
-            f.write(f"{kib}\n")
+        with open(f"{queue}/max_hw_sectors_kb", encoding="ascii") as f:
+            max_kib = min(LOOP_MAX_REQUEST_KIB, int(f.read()))
+        for name, kib in (("read_ahead_kb", LOOP_READ_AHEAD_KIB), ("max_sectors_kb", max_kib)):
+            with open(f"{queue}/{name}", "w", encoding="ascii") as f:
+                f.write(f"{kib}\n")
         return True
-    except OSError as e:
-        log.warning("read-ahead of %s left as it is: %s", loop, e.strerror)
+    except (OSError, ValueError) as e:
+        log.warning("queue settings of %s left as they are: %s", loop, getattr(e, "strerror", None) or e)
         return False
 
 
@@ -171,7 +183,7 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
         _forget(a)
         raise VolumeError(f"no loop device could be attached: {_last_line(proc.stderr)}")
     a.loop = proc.stdout.strip()
-    set_read_ahead(a.loop)
+    tune_loop(a.loop)
     _save(a)
     return a
 
