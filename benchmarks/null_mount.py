@@ -18,7 +18,6 @@ encfs mount (blocks do not authenticate): use a throwaway CIPHERDIR.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from encfs.blocks import NONCE_LEN, OVERHEAD, TAG_LEN, BlockAuthError, BlockCipher
@@ -43,13 +42,16 @@ class NullBlockCipher(BlockCipher):
             raise BlockAuthError(block_no)
         return bytes(sealed[NONCE_LEN:len(sealed) - TAG_LEN])
 
-    def seal_blocks(self, blocks: Sequence[tuple[int, bytes | memoryview]]) -> bytes:
-        out: list[bytes | memoryview] = []
-        for block_no, plaintext in blocks:
-            if not 0 < len(plaintext) <= self.block_size:
-                raise ValueError(f"a block holds 1 to {self.block_size} bytes, not {len(plaintext)}")
-            out += (_NONCE, plaintext, _TAG)
-        return b"".join(out)
+    def seal_range(self, block_numbers: range, plaintext: bytes | memoryview) -> bytes:  # type: ignore[override]
+        pt = memoryview(plaintext).cast("B")
+        self.check_run(block_numbers, len(pt) + len(block_numbers) * OVERHEAD, len(pt))
+        parts: list[bytes | memoryview] = []
+        for ipos in range(0, len(pt), self.block_size):
+            parts += (_NONCE, pt[ipos:ipos + self.block_size], _TAG)
+        return b"".join(parts)
+
+    def seal_into(self, block_numbers: range, plaintext: bytes | memoryview, out: memoryview | bytearray) -> None:
+        memoryview(out).cast("B")[:] = self.seal_range(block_numbers, plaintext)
 
     def open_into(self, block_numbers: range, sealed: bytes | memoryview, out: memoryview | bytearray) -> None:
         mv, out = memoryview(sealed), memoryview(out).cast("B")

@@ -25,7 +25,6 @@ import contextlib
 import os
 import struct
 import threading
-from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -136,38 +135,41 @@ class BlockCipher:
         except InvalidTag:
             raise BlockAuthError(block_no) from None
 
-    def seal_blocks(self, blocks: Sequence[tuple[int, bytes | memoryview]]) -> bytearray:
-        """Seal (block number, plaintext) pairs and concatenate the results.
+    def seal_into(self, block_numbers: range, plaintext: bytes | memoryview, out: memoryview | bytearray) -> None:
+        """Seal ``plaintext`` as consecutive blocks laid end to end in ``out``, block i under
+        number ``block_numbers[i]``. Every block but the last is full; ``out`` is exactly
+        ``len(plaintext) + len(block_numbers) * OVERHEAD`` bytes (ValueError otherwise).
 
-        One getrandom(2) supplies every nonce of the batch: large writes make
-        no system call per block. Blocks are sealed in place into the result.
+        One getrandom(2) supplies every nonce of the run: large writes make no system call
+        per block. Blocks are sealed in place into ``out``.
         """
-        limit = self.block_size
-        for _block_no, plaintext in blocks:
-            if not 0 < len(plaintext) <= limit:
-                raise ValueError(f"a block holds 1 to {limit} bytes, not {len(plaintext)}")
-        nonces = os.urandom(NONCE_LEN * len(blocks))
-        out = bytearray(sum(len(plaintext) for _n, plaintext in blocks) + len(blocks) * OVERHEAD)
-        view = memoryview(out)
+        pt, out = memoryview(plaintext).cast("B"), memoryview(out).cast("B")
+        count, step, size = len(block_numbers), self.sealed_block, self.block_size
+        if count and not (count - 1) * size < len(pt) <= count * size:
+            raise ValueError(f"{len(pt)} bytes are not {count} blocks of {size} bytes")
+        self.check_run(block_numbers, len(out), len(pt))
+        nonces = memoryview(os.urandom(NONCE_LEN * count))
         encrypt_into, scope, pack = self._aead.encrypt_into, self._scope, _U64.pack
-        pos = 0
+        # Slices past the end stop at it, so the last (possibly short) block needs no special case.
         with self._turn:
-            for i, (block_no, plaintext) in enumerate(blocks):
-                end = pos + NONCE_LEN + len(plaintext) + TAG_LEN
-                view[pos:pos + NONCE_LEN] = nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN]
-                encrypt_into(view[pos:pos + NONCE_LEN], plaintext, scope + pack(block_no),
-                             view[pos + NONCE_LEN:end])
-                pos = end
+            for block_no, pos, ipos, npos in zip(block_numbers, range(0, len(out), step), range(0, len(pt), size),
+                                                 range(0, len(nonces), NONCE_LEN)):
+                nonce = nonces[npos:npos + NONCE_LEN]
+                out[pos:pos + NONCE_LEN] = nonce
+                encrypt_into(nonce, pt[ipos:ipos + size], scope + pack(block_no), out[pos + NONCE_LEN:pos + step])
+
+    def seal_range(self, block_numbers: range, plaintext: bytes | memoryview) -> bytearray:
+        """seal_into a new buffer of the right size."""
+        out = bytearray(len(plaintext) + len(block_numbers) * OVERHEAD)
+        self.seal_into(block_numbers, plaintext, out)
         return out
 
     def seal_run(self, first_block: int, plaintext: bytes | memoryview) -> bytearray:
-        """Seal consecutive blocks; only the last may be short."""
-        mv, step = memoryview(plaintext), self.block_size
-        return self.seal_blocks([(first_block + i, mv[off:off + step])
-                                 for i, off in enumerate(range(0, len(mv), step))])
+        """Seal consecutive blocks numbered from ``first_block``; only the last may be short."""
+        return self.seal_range(range(first_block, first_block - (-len(plaintext) // self.block_size)), plaintext)
 
     def check_run(self, block_numbers: range, sealed_len: int, out_len: int) -> None:
-        """What open_into needs of its arguments: ValueError if ``sealed_len`` bytes cannot
+        """What open_into and seal_into need of their arguments: ValueError if ``sealed_len`` bytes cannot
         be ``len(block_numbers)`` blocks of plaintext ``out_len``; BlockAuthError if the
         last block is a fragment too short to be sealed."""
         count = len(block_numbers)

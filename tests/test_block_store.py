@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from encfs.block.header import VolumeFormatError, VolumeHeader, new_header, read_header, write_header
-from encfs.block.layout import EXTENT_SECTORS, SECTOR_SIZE, SLOT_A, SLOT_B, image_size, sector_offset
+from encfs.block.layout import EXTENT_SECTORS, GROUP_SECTORS, SECTOR_SIZE, SLOT_A, SLOT_B, image_size, sector_offset
 from encfs.block.sectors import SectorStore
 from encfs.blocks import SEALED_BLOCK, BlockAuthError
 
@@ -82,6 +82,22 @@ def test_reads_across_mixed_slots_groups_and_extents(image: int) -> None:
     runs = list(s._slot_runs(first, 540))
     assert sum(n for _s, n, _state in runs) == 540
     assert all(s._state(start + k) == state for start, n, state in runs for k in range(n))
+
+
+def test_a_write_contiguous_in_the_image_across_two_slots(image: int) -> None:
+    """A group's slot-B chunk ends where the next group's slot-A chunk starts, so one contiguous
+    run in the image can hold sectors of both slots: each must be sealed under its own slot's
+    block number."""
+    s = store(image)
+    last = GROUP_SECTORS - 1  # the last sector of group 0
+    s.write(last * SECTOR_SIZE, b"a" * SECTOR_SIZE)
+    s.flush()  # persisted in slot A: its next write goes to slot B, sector GROUP_SECTORS to slot A
+    assert sector_offset(last, SLOT_B) + SEALED_BLOCK == sector_offset(GROUP_SECTORS, SLOT_A)
+    data = os.urandom(2 * SECTOR_SIZE)
+    s.write(last * SECTOR_SIZE, data)
+    assert s.read(last * SECTOR_SIZE, 2 * SECTOR_SIZE) == data
+    s.flush()
+    assert store(image).read(last * SECTOR_SIZE, 2 * SECTOR_SIZE) == data
 
 
 def test_unflushed_writes_roll_back_to_old_contents(image: int) -> None:

@@ -120,7 +120,8 @@ def test_open_into_takes_any_block_numbering_and_leaves_no_unauthenticated_bytes
     bc = BlockCipher(KEY, b"vol")
     data = os.urandom(4 * PLAIN_BLOCK)
     numbers = range(11, 19, 2)  # a volume's slot numbering: every other block number
-    sealed = bc.seal_blocks([(n, data[i * PLAIN_BLOCK:(i + 1) * PLAIN_BLOCK]) for i, n in enumerate(numbers)])
+    sealed = bytearray(len(data) + len(numbers) * OVERHEAD)
+    bc.seal_into(numbers, data, sealed)
     out = bytearray(len(data))
     bc.open_into(numbers, sealed, memoryview(out))
     assert out == data
@@ -186,3 +187,19 @@ def test_block_size_limits() -> None:
         bc.seal(0, bytes(PLAIN_BLOCK + 1))
     with pytest.raises(ValueError):
         BlockCipher(bytes(16), b"f")
+
+
+def test_seal_into_needs_exactly_the_sealed_size() -> None:
+    bc = BlockCipher(KEY, b"vol")
+    data = os.urandom(2 * PLAIN_BLOCK + 5)  # two full blocks and a short one
+    numbers = range(4, 10, 2)
+    out = bytearray(len(data) + 3 * OVERHEAD)
+    bc.seal_into(numbers, data, out)
+    opened = bytearray(len(data))
+    bc.open_into(numbers, out, opened)
+    assert opened == data
+    for wrong_out in (len(out) - 1, len(out) + 1):
+        with pytest.raises(ValueError):
+            bc.seal_into(numbers, data, bytearray(wrong_out))
+    with pytest.raises(ValueError):  # three block numbers for two blocks of plaintext
+        bc.seal_into(numbers, data[:2 * PLAIN_BLOCK], bytearray(2 * PLAIN_BLOCK + 3 * OVERHEAD))

@@ -303,11 +303,26 @@ class SectorStore:
         placed = [(s, sector_offset(s, slot)) for s, slot in zip(range(first, first + count), slots)]
         view = memoryview(data)
         runs = []
-        for start, run in self._runs(placed):
-            runs.append((start, run, self._data.seal_blocks(
-                [(sector_block_number(s, slots[s - first]), view[(s - first) * SECTOR_SIZE:(s - first + 1) * SECTOR_SIZE])
-                 for s in run])))
+        for _start, contiguous in self._runs(placed):
+            for run in self._one_slot_parts(contiguous, slots, first):
+                slot = slots[run[0] - first]
+                bn = sector_block_number(run[0], slot)
+                runs.append((sector_offset(run[0], slot), run, self._data.seal_range(
+                    range(bn, bn + 2 * len(run), 2),
+                    view[(run[0] - first) * SECTOR_SIZE:(run[-1] - first + 1) * SECTOR_SIZE])))
         return SealedSectors(first, slots, runs, generation)
+
+    @staticmethod
+    def _one_slot_parts(run: list[int], slots: list[int], first: int) -> list[list[int]]:
+        """Split a run contiguous in the image into runs of consecutive sectors in one slot.
+
+        A run is one slot's consecutive sectors except where a group's slot-B chunk meets the
+        next group's slot-A chunk, which are adjacent in the image: there the slot changes,
+        and with it every sector's block number."""
+        if slots[run[0] - first] == slots[run[-1] - first]:  # the slot changes at most once (B to A)
+            return [run]
+        split = next(k for k, sector in enumerate(run) if slots[sector - first] != slots[run[0] - first])
+        return [run[:split], run[split:]]
 
     def _write_sealed(self, sealed: SealedSectors) -> None:
         for start, run, blob in sealed.runs:
