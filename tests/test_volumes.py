@@ -165,6 +165,21 @@ def running(pid: int) -> bool:
     return proc_state(pid) not in (None, "Z", "X")
 
 
+def children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+                found.append(int(entry))
+    return found
+
+
 def dd_read(dev: str, offset: int, length: int, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
     """Read [offset, offset+length) of a block device with O_DIRECT (4 KiB aligned)."""
     p = subprocess.Popen(["dd", f"if={dev}", "bs=4096", f"skip={offset // 4096}", f"count={length // 4096}",
@@ -326,11 +341,14 @@ class Rig:
         [row] = [r for r in self.listed() if r["loop"] == loop]
         pid = row["pid"]
         assert running(pid)
+        workers = children(pid)
+        assert len(workers) == 1, workers  # the daemon's sealing worker (encfs.block.sealworker)
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while running(pid) and time.monotonic() < deadline:
+        while (running(pid) or any(running(w) for w in workers)) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not running(pid)
+        assert not any(running(w) for w in workers), "the sealing worker outlived its daemon"
         return pid
 
     # cleanup
@@ -439,9 +457,12 @@ def test_lifecycle_create_info_attach_ext4_detach_reattach(rig: Rig) -> None:
     small.write_text("hello volume\n")
     written["small.txt"] = hashlib.sha256(b"hello volume\n").hexdigest()
     rig.umount(mnt)
+    workers = children(row["pid"])
+    assert len(workers) == 1  # the sealing worker
     rig.detach(loop)
     assert rig.listed() == []
     rig.assert_nothing_attached()
+    assert not any(running(w) for w in workers), "the sealing worker outlived a detach"
 
     # The loop device gets encfs's read-ahead and largest request, not what its number was last given.
     free = sh("losetup", "--find", timeout=30).stdout.strip()

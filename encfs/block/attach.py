@@ -192,7 +192,7 @@ def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, rea
     """The daemon: unlock the volume, mount its FUSE file, serve until unmounted or SIGTERM."""
     ctypes.CDLL(None).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
     with KeyService.open(home, hsm, provision=False) as ks:
-        vol = open_volume(image, ks)
+        vol = open_volume(image, ks, seal_worker=True)
     try:
         server = VolumeServer(fuse_mount(mountpoint, f"encfs:{image}"), vol)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())

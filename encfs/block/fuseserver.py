@@ -141,7 +141,7 @@ class VolumeServer(FuseServer):
         sealed = None
         if opcode == WRITE:  # sealed before the lock, while another request is being written
             _fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(body)
-            data = bytes(body[WRITE_IN.size:WRITE_IN.size + size])
+            data = body[WRITE_IN.size:WRITE_IN.size + size]  # this thread's buffer: valid until it reads again
             sealed = self.volume.seal_ahead(offset, data)
         self.lock.acquire_exclusive()
         try:

@@ -87,6 +87,8 @@ class OpenVolume(StoreFile):
         return self.header.size  # what both header copies say, even if a grow failed half-way
 
     def close(self) -> None:
+        if self.store.seal_worker is not None:
+            self.store.seal_worker.close()
         os.close(self.fd)
 
     def grow(self, new_size: int) -> None:
@@ -151,8 +153,9 @@ def _read_header(fd: int, path: Path) -> tuple[VolumeHeader, list[str]]:
         raise VolumeError(f"cannot read volume {path}: {e.strerror}") from None
 
 
-def open_volume(path: Path, ks: KeyService) -> OpenVolume:
-    """Open and unlock an image (the CMK must be Enabled)."""
+def open_volume(path: Path, ks: KeyService, seal_worker: bool = False) -> OpenVolume:
+    """Open and unlock an image (the CMK must be Enabled). ``seal_worker``: large writes are
+    sealed in a helper process (encfs.block.sealworker), for a daemon that serves the volume."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -167,6 +170,8 @@ def open_volume(path: Path, ks: KeyService) -> OpenVolume:
             raise VolumeError(f"volume {path} is truncated: the image is shorter than its header says")
         key = ks.decrypt(header.wrapped_key, header.context()).plaintext
         store = SectorStore(fd, key, header.volume_id, header.sectors)
+        if seal_worker:
+            store.start_seal_worker(key)
         return OpenVolume(path, fd, header, store, warnings)
     except BaseException:
         os.close(fd)

@@ -1,0 +1,123 @@
+"""The sealing worker (encfs.block.sealworker) behind a SectorStore, on a plain image file.
+
+A real helper process: what it seals opens in process, a dead worker loses no write,
+and it ends with its owner, also when the owner is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from encfs.block.layout import SECTOR_SIZE, image_size
+from encfs.block.sectors import SEAL_WORKER_MIN_SECTORS, SectorStore
+
+KEY = bytes(range(32))
+VID = bytes(range(16))
+SECTORS = 4096  # 16 MiB
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Iterator[int]:
+    fd = os.open(tmp_path / "vol.img", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, image_size(SECTORS))
+    SectorStore(fd, KEY, VID, SECTORS).format_maps()
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def worker_store(image: int) -> Iterator[SectorStore]:
+    store = SectorStore(image, KEY, VID, SECTORS)
+    store.start_seal_worker(KEY)
+    store.read(0, 1)  # loads the first extent's map: seal_ahead() needs it
+    yield store
+    assert store.seal_worker is not None
+    store.seal_worker.close()
+
+
+def test_what_the_worker_seals_opens_in_process(image: int, worker_store: SectorStore) -> None:
+    big = os.urandom(256 * SECTOR_SIZE)
+    sealed = worker_store.seal_ahead(SECTOR_SIZE, big)
+    assert sealed is not None and all(isinstance(blob, memoryview) for _o, _r, blob in sealed.runs)  # the worker's
+    assert worker_store.write_sealed(sealed)
+    small = os.urandom((SEAL_WORKER_MIN_SECTORS - 1) * SECTOR_SIZE)
+    small_sealed = worker_store.seal_ahead(300 * SECTOR_SIZE, small)
+    assert small_sealed is not None and all(isinstance(b, bytearray) for _o, _r, b in small_sealed.runs)
+    assert worker_store.write_sealed(small_sealed)
+    worker_store.write(600 * SECTOR_SIZE + 7, big[:100_000])  # unaligned: read, merge, seal
+    worker_store.flush()
+    fresh = SectorStore(image, KEY, VID, SECTORS)  # no worker: opens in this process
+    assert fresh.read(SECTOR_SIZE, len(big)) == big
+    assert fresh.read(300 * SECTOR_SIZE, len(small)) == small
+    assert fresh.read(600 * SECTOR_SIZE + 7, 100_000) == big[:100_000]
+
+
+def test_the_key_is_not_on_the_worker_command_line(worker_store: SectorStore) -> None:
+    assert worker_store.seal_worker is not None
+    cmdline, deadline = b"", time.monotonic() + 5
+    while not cmdline and time.monotonic() < deadline:  # empty while the worker is still in execve
+        cmdline = Path(f"/proc/{worker_store.seal_worker.pid}/cmdline").read_bytes()
+    assert b"encfs.block.sealworker" in cmdline
+    assert KEY not in cmdline and KEY.hex().encode() not in cmdline
+
+
+def test_a_dead_worker_loses_no_write(image: int, worker_store: SectorStore) -> None:
+    assert worker_store.seal_worker is not None
+    os.kill(worker_store.seal_worker.pid, signal.SIGKILL)
+    assert _gone(worker_store.seal_worker.pid)
+    data = os.urandom(64 * SECTOR_SIZE)
+    sealed = worker_store.seal_ahead(0, data)
+    assert sealed is not None and worker_store.write_sealed(sealed)  # sealed in process instead
+    worker_store.write(64 * SECTOR_SIZE, data)
+    worker_store.flush()
+    assert SectorStore(image, KEY, VID, SECTORS).read(0, 2 * len(data)) == data + data
+
+
+def test_close_ends_the_worker(image: int) -> None:
+    store = SectorStore(image, KEY, VID, SECTORS)
+    store.start_seal_worker(KEY)
+    assert store.seal_worker is not None
+    pid = store.seal_worker.pid
+    store.seal_worker.close()
+    assert _gone(pid, timeout=0.1)
+
+
+def test_the_worker_dies_with_a_killed_owner(tmp_path: Path, image: int) -> None:
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\n"
+         "from encfs.block.sectors import SectorStore\n"
+         f"s = SectorStore(os.open({str(tmp_path / 'vol.img')!r}, os.O_RDWR), {KEY!r}, {VID!r}, {SECTORS})\n"
+         f"s.start_seal_worker({KEY!r})\n"
+         "print(s.seal_worker.pid, flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        worker_pid = int(owner.stdout.readline())
+        assert not _gone(worker_pid, timeout=0.2)
+        owner.kill()
+        owner.wait(timeout=10)
+        assert _gone(worker_pid)
+    finally:
+        owner.kill()
+        owner.wait()
