@@ -818,7 +818,7 @@ class EncryptedFS:
                 raise FuseError(errno.EIO) from None
 
     @fuse_op
-    def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
         f = self._files[fh]
         if f.content is None:
             raise FuseError(errno.EBADF)
