@@ -455,7 +455,7 @@ class FuseServer:
             threading.Thread(target=self._loop, args=(False,), daemon=True, name="fuse-worker").start()
         self._loop(True)
 
-    def _next_request(self, buf: bytearray, poller: select.poll) -> int:
+    def _next_request(self, buf: memoryview, poller: select.poll) -> int:
         """Read one request into ``buf`` (the caller leads). Polls for SPIN_SECONDS first: a thread
         asleep in read(2) takes long to wake on a virtual machine, and the next request of a
         process working through many small operations usually comes within that time (measured:
@@ -466,9 +466,14 @@ class FuseServer:
                 pass
         return os.readv(self.fd, [buf])
 
+    def request_buffer(self) -> memoryview:
+        """Where one serving thread reads its requests: BUFFER_SIZE writable bytes, reused for
+        each request once the previous one is answered. A subclass may place it in memory it
+        shares with a helper process, so that request bodies reach the helper uncopied."""
+        return memoryview(bytearray(BUFFER_SIZE))
+
     def _loop(self, main: bool) -> None:
-        buf = bytearray(BUFFER_SIZE)
-        view = memoryview(buf)
+        buf = view = self.request_buffer()
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         leading = False

@@ -72,6 +72,33 @@ def test_what_the_worker_seals_opens_in_process(image: int, worker_store: Sector
     assert fresh.read(600 * SECTOR_SIZE + 7, 100_000) == big[:100_000]
 
 
+def test_a_write_in_the_request_buffer_is_sealed_where_it_lies(image: int, worker_store: SectorStore) -> None:
+    """A WRITE body read into the thread's request buffer (in the arena) reaches the worker
+    uncopied: the slot's copy-in area stays untouched, and what is sealed opens to the body."""
+    from encfs.block.sealworker import MAX_PLAIN, REQUEST_BYTES, SLOT_BYTES
+    worker = worker_store.seal_worker
+    assert worker is not None
+    buf = worker.request_buffer()
+    assert buf is not None and len(buf) == REQUEST_BYTES
+    copy_in_at = worker._arena_offset(buf) + REQUEST_BYTES  # this slot's plaintext copy-in area
+    assert copy_in_at % SLOT_BYTES == REQUEST_BYTES
+    copy_in = worker._arena[copy_in_at:copy_in_at + MAX_PLAIN]
+    copy_in[:] = bytes(MAX_PLAIN)
+    body = os.urandom(256 * SECTOR_SIZE)
+    buf[80:80 + len(body)] = body  # where a WRITE's data follows its two headers
+    sealed = worker_store.seal_ahead(8 * SECTOR_SIZE, buf[80:80 + len(body)])
+    assert sealed is not None and worker_store.write_sealed(sealed)
+    assert copy_in == bytes(MAX_PLAIN)
+    elsewhere = os.urandom(256 * SECTOR_SIZE)  # plaintext outside the arena is copied in
+    sealed = worker_store.seal_ahead(600 * SECTOR_SIZE, elsewhere)
+    assert sealed is not None and worker_store.write_sealed(sealed)
+    assert copy_in[:len(elsewhere)] == elsewhere
+    worker_store.flush()
+    fresh = SectorStore(image, KEY, VID, SECTORS)
+    assert fresh.read(8 * SECTOR_SIZE, len(body)) == body
+    assert fresh.read(600 * SECTOR_SIZE, len(elsewhere)) == elsewhere
+
+
 def test_the_key_is_not_on_the_worker_command_line(worker_store: SectorStore) -> None:
     assert worker_store.seal_worker is not None
     cmdline, deadline = b"", time.monotonic() + 5

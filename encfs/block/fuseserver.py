@@ -58,6 +58,7 @@ class VolumeFile:
 
     def read(self, offset: int, length: int) -> bytes: ...
     def seal_ahead(self, offset: int, data: bytes) -> object | None: ...
+    def request_buffer(self) -> memoryview | None: ...
     def write(self, offset: int, data: bytes, sealed: Any = None) -> int: ...
     def discard(self, offset: int, length: int) -> None: ...
     def flush(self) -> None: ...
@@ -108,6 +109,11 @@ class VolumeServer(FuseServer):
         self.reply(unique)
         # The kernel caches the file's size: tell it to ask again.
         self.notify(NOTIFY_INVAL_INODE, INVAL_INODE.pack(FILE_ID, 0, -1))
+
+    def request_buffer(self) -> memoryview:
+        """The volume's buffer for this thread if it offers one (its sealing worker's arena)."""
+        buf = self.volume.request_buffer()
+        return super().request_buffer() if buf is None else buf
 
     def serve(self, threads: int = 4) -> None:
         """Handle requests until unmounted or stopped; then flush the store."""

@@ -11,6 +11,8 @@ Invariants:
   nonces drawn in the worker) and does nothing else: no files, no token.
 - Plaintext and sealed bytes pass through one shared memory arena (a memfd), one slot
   per server thread; a slot's sealed bytes stay valid until that thread's next seal().
+  A slot also holds the thread's FUSE request buffer (request_buffer()), so a WRITE
+  body is sealed where the kernel put it; plaintext from anywhere else is copied in.
 - The worker ends with its parent (PR_SET_PDEATHSIG, and end-of-file on its sockets);
   close() ends it and waits for it. If it is gone or fails, seal() returns None and the
   caller seals in its own process: a worker never loses a write.
@@ -32,12 +34,14 @@ import threading
 from collections.abc import Sequence
 
 from encfs.blocks import OVERHEAD, BlockCipher
+from encfs.fuseproto import BUFFER_SIZE
 
 log = logging.getLogger("encfs.block")
 
 MAX_PLAIN = 1 << 20  # FUSE's largest write
 MAX_SEALED = MAX_PLAIN + (MAX_PLAIN // 4096) * OVERHEAD
-SLOT_BYTES = MAX_PLAIN + MAX_SEALED
+REQUEST_BYTES = -(-BUFFER_SIZE // mmap.PAGESIZE) * mmap.PAGESIZE
+SLOT_BYTES = REQUEST_BYTES + MAX_PLAIN + MAX_SEALED  # request buffer, plaintext copied in, sealed
 SLOTS = 8
 REPLY_TIMEOUT = 30.0  # seconds; a worker this slow is treated as gone
 _COUNT = struct.Struct("<I")
@@ -55,7 +59,9 @@ class SealWorker:
     def __init__(self, key: bytes, scope: bytes, block_size: int = 4096) -> None:
         self._fd = os.memfd_create("encfs-seal-arena", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, SLOTS * SLOT_BYTES)
-        self._arena = memoryview(mmap.mmap(self._fd, SLOTS * SLOT_BYTES))
+        self._map = mmap.mmap(self._fd, SLOTS * SLOT_BYTES)
+        self._arena = memoryview(self._map)
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         ours, theirs = zip(*(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(SLOTS)))
         self._socks: list[socket.socket] = list(ours)
         for s in self._socks:
@@ -88,6 +94,18 @@ class SealWorker:
             self._local.slot = slot
         return slot
 
+    def request_buffer(self) -> memoryview | None:
+        """This thread's request buffer (REQUEST_BYTES) in the arena; None if no slot is free."""
+        slot = self._slot()
+        return None if slot is None else self._arena[slot * SLOT_BYTES:slot * SLOT_BYTES + REQUEST_BYTES]
+
+    def _arena_offset(self, data: memoryview | bytes) -> int | None:
+        """Where ``data`` lies in the arena, if it is a view of it (a request buffer's bytes)."""
+        if not isinstance(data, memoryview) or data.obj is not self._map or data.readonly \
+                or not data.c_contiguous:
+            return None
+        return ctypes.addressof(ctypes.c_char.from_buffer(data)) - self._address
+
     def seal(self, jobs: Sequence[Job]) -> list[memoryview] | None:
         """Each (block numbers, plaintext) sealed as BlockCipher.seal_range would; None if the
         worker cannot do it (gone, busy slots, more than MAX_PLAIN bytes): seal in process then."""
@@ -102,15 +120,19 @@ class SealWorker:
         slot = self._slot()
         if slot is None:
             return None
-        base = slot * SLOT_BYTES
+        base = slot * SLOT_BYTES + REQUEST_BYTES
         message, results = [_COUNT.pack(len(jobs))], []
         plain_at, sealed_at = base, base + MAX_PLAIN
         for numbers, plaintext in jobs:
-            self._arena[plain_at:plain_at + len(plaintext)] = plaintext
+            at = self._arena_offset(plaintext)
+            if at is None:
+                at = plain_at
+                self._arena[at:at + len(plaintext)] = plaintext
+                plain_at += len(plaintext)
             sealed_len = len(plaintext) + len(numbers) * OVERHEAD
-            message.append(_JOB.pack(plain_at, len(plaintext), sealed_at, numbers.start, numbers.stop, numbers.step))
+            message.append(_JOB.pack(at, len(plaintext), sealed_at, numbers.start, numbers.stop, numbers.step))
             results.append(self._arena[sealed_at:sealed_at + sealed_len])
-            plain_at, sealed_at = plain_at + len(plaintext), sealed_at + sealed_len
+            sealed_at += sealed_len
         try:
             self._socks[slot].sendall(b"".join(message))
         except OSError:

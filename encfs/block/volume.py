@@ -60,6 +60,11 @@ class StoreFile:
     def seal_ahead(self, offset: int, data: bytes) -> SealedSectors | None:
         return self.store.seal_ahead(offset, data)
 
+    def request_buffer(self) -> memoryview | None:
+        """A FUSE request buffer the sealing worker reads plaintext from uncopied, if one runs."""
+        worker = self.store.seal_worker
+        return None if worker is None else worker.request_buffer()
+
     def write(self, offset: int, data: bytes, sealed: SealedSectors | None = None) -> int:
         if sealed is not None and self.store.write_sealed(sealed):
             return len(data)
