@@ -473,7 +473,7 @@ class FuseServer:
         return memoryview(bytearray(BUFFER_SIZE))
 
     def _loop(self, main: bool) -> None:
-        buf = view = self.request_buffer()
+        buf = self.request_buffer()
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         leading = False
@@ -505,7 +505,7 @@ class FuseServer:
                     break
                 header = IN_HEADER.unpack_from(buf)
                 opcode, unique, node = header[1], header[2], header[3]
-                body = view[IN_HEADER.size:n]
+                body = buf[IN_HEADER.size:n]
                 overlapping = self.overlaps(opcode, header[0], body)
                 if overlapping:
                     with self._overlapping_lock:
