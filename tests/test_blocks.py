@@ -203,3 +203,17 @@ def test_seal_into_needs_exactly_the_sealed_size() -> None:
             bc.seal_into(numbers, data, bytearray(wrong_out))
     with pytest.raises(ValueError):  # three block numbers for two blocks of plaintext
         bc.seal_into(numbers, data[:2 * PLAIN_BLOCK], bytearray(2 * PLAIN_BLOCK + 3 * OVERHEAD))
+
+
+_pages = st.integers(0, 1024).map(lambda n: n * 4096)  # aligned to 4 KiB, and to 32 KiB one time in 8
+
+
+@given(_pages | st.integers(0, 1 << 22), _pages | st.integers(0, 1 << 22), st.sampled_from([4096, 32768]))
+def test_whole_blocks_are_the_blocks_a_write_replaces_entirely(offset: int, length: int, block: int) -> None:
+    from encfs.fuse.content import whole_blocks
+    blocks = whole_blocks(offset, length, block)
+    touched = blocks_touched(offset, length, block)
+    keeps_old_bytes = length == 0 or offset > touched.start * block or offset + length < touched.stop * block
+    assert (blocks is None) == keeps_old_bytes
+    if blocks is not None:
+        assert blocks == touched

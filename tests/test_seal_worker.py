@@ -1,4 +1,4 @@
-"""The sealing worker (encfs.block.sealworker) behind a SectorStore, on a plain image file.
+"""The sealing worker (encfs.sealworker) behind a SectorStore, on a plain image file.
 
 A real helper process: what it seals opens in process, a dead worker loses no write,
 and it ends with its owner, also when the owner is killed."""
@@ -75,7 +75,7 @@ def test_what_the_worker_seals_opens_in_process(image: int, worker_store: Sector
 def test_a_write_in_the_request_buffer_is_sealed_where_it_lies(image: int, worker_store: SectorStore) -> None:
     """A WRITE body read into the thread's request buffer (in the arena) reaches the worker
     uncopied: the slot's copy-in area stays untouched, and what is sealed opens to the body."""
-    from encfs.block.sealworker import MAX_PLAIN, REQUEST_BYTES, SLOT_BYTES
+    from encfs.sealworker import MAX_PLAIN, REQUEST_BYTES, SLOT_BYTES
     worker = worker_store.seal_worker
     assert worker is not None
     buf = worker.request_buffer()
@@ -104,7 +104,7 @@ def test_the_key_is_not_on_the_worker_command_line(worker_store: SectorStore) ->
     cmdline, deadline = b"", time.monotonic() + 5
     while not cmdline and time.monotonic() < deadline:  # empty while the worker is still in execve
         cmdline = Path(f"/proc/{worker_store.seal_worker.pid}/cmdline").read_bytes()
-    assert b"encfs.block.sealworker" in cmdline
+    assert b"encfs.sealworker" in cmdline
     assert KEY not in cmdline and KEY.hex().encode() not in cmdline
 
 
@@ -148,3 +148,29 @@ def test_the_worker_dies_with_a_killed_owner(tmp_path: Path, image: int) -> None
     finally:
         owner.kill()
         owner.wait()
+
+
+def test_each_key_seals_under_its_own_key_and_a_dropped_key_seals_nothing() -> None:
+    """One worker serves many files: a job is sealed under the key its id names, and a job
+    under a dropped id fails (the caller then seals in process) rather than use another key."""
+    from encfs.blocks import BlockAuthError, BlockCipher
+    from encfs.sealworker import SealWorker
+    block = 32768
+    keys = [(os.urandom(32), os.urandom(16)) for _ in range(2)]
+    worker = SealWorker(block)
+    try:
+        ids = [worker.add_key(*k) for k in keys]
+        assert None not in ids and ids[0] != ids[1]
+        plain = os.urandom(8 * block)
+        numbers = range(4, 12)
+        for key_id, (key, scope), other in zip(ids, keys, reversed(keys)):
+            sealed = worker.seal(key_id, [(numbers, memoryview(plain))])
+            assert sealed is not None
+            assert BlockCipher(key, scope, block).open_run(4, sealed[0]) == plain
+            with pytest.raises(BlockAuthError):
+                BlockCipher(*other, block).open_run(4, sealed[0])
+        worker.drop_key(ids[0])
+        assert worker.seal(ids[0], [(numbers, memoryview(plain))]) is None
+        assert not worker.alive  # a failed job takes the worker out of use: writes are sealed in process
+    finally:
+        worker.close()

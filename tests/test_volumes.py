@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import run_encfs
+from procs import children, running
 
 from encfs.block.attach import LOOP_MAX_REQUEST_KIB, LOOP_READ_AHEAD_KIB
 from encfs.block.layout import (
@@ -152,32 +153,6 @@ def mounted_at(path: str | Path) -> bool:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def proc_state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def running(pid: int) -> bool:
-    return proc_state(pid) not in (None, "Z", "X")
-
-
-def children(pid: int) -> list[int]:
-    """Live processes whose parent is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-                found.append(int(entry))
-    return found
 
 
 def dd_read(dev: str, offset: int, length: int, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
@@ -342,7 +317,7 @@ class Rig:
         pid = row["pid"]
         assert running(pid)
         workers = children(pid)
-        assert len(workers) == 1, workers  # the daemon's sealing worker (encfs.block.sealworker)
+        assert len(workers) == 1, workers  # the daemon's sealing worker (encfs.sealworker)
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while (running(pid) or any(running(w) for w in workers)) and time.monotonic() < deadline:

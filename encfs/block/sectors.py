@@ -46,7 +46,7 @@ from encfs.block.layout import (
     sector_block_number,
     sector_offset,
 )
-from encfs.block.sealworker import SealWorker
+from encfs.sealworker import SealWorker
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
 
 _SEQ = struct.Struct(">Q")
@@ -144,10 +144,12 @@ class SectorStore:
         self._on_auth_error = on_auth_error
         # Set by a serving daemon (open_volume(..., seal_worker=True)); see sealworker.py.
         self.seal_worker: SealWorker | None = None
+        self._seal_key_id: int | None = None  # the data key's id in the worker
 
     def start_seal_worker(self, key: bytes) -> None:
         """Seal large writes in a helper process from now on (``key``: this store's key)."""
-        self.seal_worker = SealWorker(key, self._volume_id + SECTOR_SCOPE)
+        self.seal_worker = SealWorker(SECTOR_SIZE)
+        self._seal_key_id = self.seal_worker.add_key(key, self._volume_id + SECTOR_SCOPE)
 
     # -- sector maps ----------------------------------------------------------------
 
@@ -324,8 +326,8 @@ class SectorStore:
                 parts.append((sector_offset(run[0], slot), run, range(bn, bn + 2 * len(run), 2),
                               view[(run[0] - first) * SECTOR_SIZE:(run[-1] - first + 1) * SECTOR_SIZE]))
         sealed = None
-        if self.seal_worker is not None and count >= SEAL_WORKER_MIN_SECTORS:
-            sealed = self.seal_worker.seal([(numbers, plain) for _o, _r, numbers, plain in parts])
+        if self.seal_worker is not None and self._seal_key_id is not None and count >= SEAL_WORKER_MIN_SECTORS:
+            sealed = self.seal_worker.seal(self._seal_key_id, [(numbers, plain) for _o, _r, numbers, plain in parts])
         if sealed is None:
             sealed = [self._data.seal_range(numbers, plain) for _o, _r, numbers, plain in parts]
         return SealedSectors(first, slots, [(offset, run, blob) for (offset, run, _n, _p), blob in zip(parts, sealed)],

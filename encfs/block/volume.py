@@ -160,7 +160,7 @@ def _read_header(fd: int, path: Path) -> tuple[VolumeHeader, list[str]]:
 
 def open_volume(path: Path, ks: KeyService, seal_worker: bool = False) -> OpenVolume:
     """Open and unlock an image (the CMK must be Enabled). ``seal_worker``: large writes are
-    sealed in a helper process (encfs.block.sealworker), for a daemon that serves the volume."""
+    sealed in a helper process (encfs.sealworker), for a daemon that serves the volume."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:

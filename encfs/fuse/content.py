@@ -76,6 +76,15 @@ class FileHeader:
         return cls(file_id, bytes(data[_FIXED.size:_FIXED.size + n]))
 
 
+def whole_blocks(offset: int, length: int, block: int) -> range | None:
+    """The blocks a write of [offset, offset+length) replaces entirely, if it keeps no old byte
+    of any block it touches (aligned at both ends); None otherwise. Such a write can be sealed
+    before the file's state is known: nothing it seals depends on what the file holds."""
+    if length <= 0 or offset % block or length % block:
+        return None
+    return range(offset // block, (offset + length) // block)
+
+
 def plain_file_size(backing_size: int, block: int) -> int:
     """Plaintext size of a backing file of ``backing_size`` bytes (0 if no header yet)."""
     if backing_size <= HEADER_LEN:
@@ -157,6 +166,15 @@ class FileContent:
         sealed = self.cipher.seal_run(blocks.start, plain)
         os.pwrite(self.fd, sealed, sealed_offset(blocks.start, HEADER_LEN, block))
         return len(data)
+
+    def write_sealed(self, offset: int, length: int, sealed: bytes | memoryview) -> int:
+        """Write ``sealed``: the whole_blocks(offset, length) sealed under this file's cipher
+        (by a sealing worker, before the caller serialised this write)."""
+        size = self.size()
+        if offset > size:
+            self._extend(size, offset)
+        os.pwrite(self.fd, sealed, sealed_offset(offset // self.block, HEADER_LEN, self.block))
+        return length
 
     def _extend(self, size: int, new_size: int) -> None:
         """Write sealed zeros from ``size`` to ``new_size``, at most 1 MiB at a time."""

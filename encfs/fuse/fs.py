@@ -18,6 +18,10 @@ Design:
   of the config's block size); names, symlink targets and xattrs through names.NameCipher.
 - Anything that fails authentication is logged with its path and answered
   with EIO; wrong bytes are never returned.
+- With a sealing worker (start_seal_worker, a serving daemon), large writes of
+  whole blocks are sealed in it before the server serialises them (seal_ahead):
+  a handle's data key goes to the worker at its first large write and is dropped
+  at release.
 """
 
 from __future__ import annotations
@@ -37,7 +41,15 @@ from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.errors import EncfsError
 from encfs.fuseproto import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
-from encfs.fuse.content import HEADER_LEN, FILE_ID_LEN, FileContent, FileHeader, HeaderError, plain_file_size
+from encfs.fuse.content import (
+    FILE_ID_LEN,
+    HEADER_LEN,
+    FileContent,
+    FileHeader,
+    HeaderError,
+    plain_file_size,
+    whole_blocks,
+)
 from encfs.fuse.fsconfig import FsConfig, FsKeys
 from encfs.fuse.names import (
     DIRID_FILE,
@@ -58,6 +70,7 @@ from encfs.fuse.names import (
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.pool import DataKeyPool
 from encfs.keys.service import KeyService
+from encfs.sealworker import SealWorker
 
 log = logging.getLogger("encfs.fuse")
 
@@ -68,6 +81,9 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 CAPABILITY_XATTR = b"security.capability"
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
+# Writes of this many bytes or more go to the sealing worker (as the volume's do: its round trip
+# adds about 95 us, which only large writes repay). The kernel's writeback sends up to 1 MiB.
+SEAL_WORKER_MIN_BYTES = 256 * 1024
 
 
 def _renameat2(old: bytes, new: bytes, flags: int) -> None:
@@ -128,6 +144,8 @@ class OpenFile:
     content: FileContent | None  # None for O_PATH-like opens of empty headerless files
     writable: bool
     path: bytes
+    data_key: tuple[bytes, bytes] | None = None  # (key, file id) while a sealing worker may need it
+    seal_key_id: int | None = None  # the key's id in the sealing worker, from its first large write
 
 
 @dataclass
@@ -147,6 +165,7 @@ class EncryptedFS:
     # The content cipher's class. Benchmark hook only (benchmarks/null_mount.py swaps in a
     # null cipher to measure what encryption costs); no command or mount option reaches it.
     cipher_class: Callable[[bytes, bytes, int], BlockCipher] = BlockCipher
+    seal_worker: SealWorker | None = None
 
     def __init__(self, cipherdir: bytes, config: FsConfig, keys: FsKeys, ks: KeyService,
                  read_only: bool = False) -> None:
@@ -353,34 +372,37 @@ class EncryptedFS:
         file_id = os.urandom(FILE_ID_LEN)
         return file_id, self.config.file_context(file_id)
 
-    def _new_file_header(self) -> tuple[bytes, BlockCipher]:
+    def _new_file_header(self) -> tuple[bytes, tuple[bytes, bytes]]:
+        """(header, (data key, file id)) for a new file."""
         file_id, dk = self.new_keys.take()
         assert dk.plaintext is not None
-        header = FileHeader(file_id, dk.ciphertext_blob).pack()
-        return header, self.cipher_class(dk.plaintext, file_id, self.block_size)
+        return FileHeader(file_id, dk.ciphertext_blob).pack(), (dk.plaintext, file_id)
 
-    def _cipher_for(self, fd: int, path: bytes) -> BlockCipher | None:
-        """The BlockCipher of an existing file, or None if it has no header yet."""
+    def _data_key(self, fd: int) -> tuple[bytes, bytes] | None:
+        """(data key, file id) of an existing file, or None if it has no header yet."""
         raw = os.pread(fd, HEADER_LEN, 0)
         if not raw:
             return None
         header = FileHeader.parse(raw)
         key = self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
                               key=self.config.key_id, cache=self.key_cache).plaintext
-        return self.cipher_class(key, header.file_id, self.block_size)
+        return key, header.file_id
 
-    def _content(self, fd: int, path: bytes, create_header: bool, known_empty: bool = False) -> FileContent | None:
-        cipher = None if known_empty else self._cipher_for(fd, path)
-        if cipher is None:
+    def _content(self, fd: int, path: bytes, create_header: bool,
+                 known_empty: bool = False) -> tuple[FileContent | None, tuple[bytes, bytes] | None]:
+        """(content, (data key, file id)) of an open backing file; (None, None) if it has no
+        header and none is to be created."""
+        data_key = None if known_empty else self._data_key(fd)
+        if data_key is None:
             if not create_header:
-                return None
-            header, cipher = self._new_file_header()
+                return None, None
+            header, data_key = self._new_file_header()
             os.pwrite(fd, header, 0)
 
         def report(block_no: int) -> None:
             log.error("%r: block %d failed authentication", path, block_no)
 
-        return FileContent(fd, cipher, report)
+        return FileContent(fd, self.cipher_class(*data_key, self.block_size), report), data_key
 
     # -- lookups and attributes ---------------------------------------------------------
 
@@ -426,7 +448,7 @@ class EncryptedFS:
             else:
                 fd = self._open_backing(target, writable=True, noatime=True)
                 try:
-                    content = self._content(fd, self._describe(target), create_header=attr.st_size > 0)
+                    content, _key = self._content(fd, self._describe(target), create_header=attr.st_size > 0)
                     if content is not None:
                         content.truncate(attr.st_size)
                 finally:
@@ -738,9 +760,10 @@ class EncryptedFS:
     # -- files --------------------------------------------------------------------------------
 
     def _open_handle(self, inode: int, path: bytes, fd: int, content: FileContent | None,
-                     writable: bool) -> int:
+                     writable: bool, data_key: tuple[bytes, bytes] | None) -> int:
         fh = self._next_handle()
-        self._files[fh] = OpenFile(inode, fd, content, writable, path)
+        keep = data_key if writable and self.seal_worker is not None else None
+        self._files[fh] = OpenFile(inode, fd, content, writable, path, keep)
         return fh
 
     @fuse_op
@@ -763,14 +786,14 @@ class EncryptedFS:
                 os.fchown(fd, uid, gid)
             if stat_m.S_IMODE(mode) & (self._umask | 0o7000):  # the daemon's umask must not apply
                 os.fchmod(fd, stat_m.S_IMODE(mode))
-            content = self._content(fd, path, create_header=True, known_empty=True)
+            content, data_key = self._content(fd, path, create_header=True, known_empty=True)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             self._remove_side(path, side)
             raise
         attrs = self._entry(path)
-        fh = self._open_handle(attrs.st_ino, path, fd, content, True)
+        fh = self._open_handle(attrs.st_ino, path, fd, content, True, data_key)
         self._no_capability.add(attrs.st_ino)
         return fh, attrs
 
@@ -784,13 +807,13 @@ class EncryptedFS:
         path = self._describe(target)
         fd = self._open_backing(target, writable, noatime=accmode == os.O_WRONLY)
         try:
-            content = self._content(fd, path, create_header=writable)
+            content, data_key = self._content(fd, path, create_header=writable)
             if flags & os.O_TRUNC and content is not None:
                 content.truncate(0)
         except BaseException:
             os.close(fd)
             raise
-        return self._open_handle(inode, path, fd, content, writable)
+        return self._open_handle(inode, path, fd, content, writable, data_key)
 
     @fuse_op
     def reader(self, fh: int) -> OpenFile | None:
@@ -800,7 +823,7 @@ class EncryptedFS:
         its lock shared while it decrypts."""
         f = self._files[fh]
         if f.content is None:  # opened while empty and headerless; another handle may have written since
-            f.content = self._content(f.fd, f.path, create_header=False)
+            f.content, _key = self._content(f.fd, f.path, create_header=False)  # a read-only handle
             if f.content is None:
                 return None
         return f
@@ -817,11 +840,49 @@ class EncryptedFS:
                 log.error("%r: read at %d failed authentication", f.path, off)
                 raise FuseError(errno.EIO) from None
 
+    def start_seal_worker(self) -> None:
+        """Seal large writes of whole blocks in a helper process (encfs.sealworker) from now on.
+
+        Only with BlockCipher, which is what the worker seals with: another cipher class
+        (the benchmark's null cipher) keeps sealing in this process."""
+        if self.cipher_class is BlockCipher and not self.read_only and self.seal_worker is None:
+            self.seal_worker = SealWorker(self.block_size)
+
+    def stop_seal_worker(self) -> None:
+        if self.seal_worker is not None:
+            self.seal_worker.close()
+            self.seal_worker = None
+
+    def seal_ahead(self, fh: int, off: int, buf: memoryview) -> memoryview | None:
+        """``buf`` sealed for a write at ``off`` by the sealing worker, or None (then write()
+        seals it). Changes nothing, so it runs without the server's lock: the kernel keeps a
+        handle open while a write on it is in flight, and a handle's cipher never changes.
+
+        Only writes of whole blocks (content.whole_blocks) qualify: what they seal does not
+        depend on what the file holds. The result stays valid until this thread seals again."""
+        worker = self.seal_worker
+        if worker is None or len(buf) < SEAL_WORKER_MIN_BYTES:
+            return None
+        f = self._files.get(fh)
+        blocks = whole_blocks(off, len(buf), self.block_size)
+        if f is None or f.seal_key_id is None or blocks is None:
+            return None
+        sealed = worker.seal(f.seal_key_id, [(blocks, buf)])
+        return None if sealed is None else sealed[0]
+
     @fuse_op
-    def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
+    def write(self, fh: int, off: int, buf: bytes | memoryview, sealed: memoryview | None = None) -> int:
+        """Write ``buf`` at ``off``; ``sealed``: what seal_ahead() returned for this write."""
         f = self._files[fh]
         if f.content is None:
             raise FuseError(errno.EBADF)
+        if sealed is not None:
+            return f.content.write_sealed(off, len(buf), sealed)
+        if f.seal_key_id is None and f.data_key is not None and len(buf) >= SEAL_WORKER_MIN_BYTES \
+                and self.seal_worker is not None:
+            # From the next large write on, this handle's writes are sealed ahead in the worker.
+            f.seal_key_id = self.seal_worker.add_key(*f.data_key)
+            f.data_key = None  # one try: a worker that is gone stays gone
         return f.content.write(off, buf)
 
     @fuse_op
@@ -834,6 +895,8 @@ class EncryptedFS:
         f = self._files.pop(fh, None)
         if f is not None:
             os.close(f.fd)
+            if f.seal_key_id is not None and self.seal_worker is not None:
+                self.seal_worker.drop_key(f.seal_key_id)
 
     # -- xattrs ---------------------------------------------------------------------------------
 

@@ -138,6 +138,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     except OSError as e:
         ks.close()
         raise MountError(f"FUSE refused to mount {mountpoint}: {e.strerror}") from None
+    fs.start_seal_worker()  # before the server: its threads' request buffers live in the worker's arena
     server = FsServer(fd, fs, where)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.stop())
@@ -150,6 +151,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
             for f in list(fs._files.values()):
                 os.close(f.fd)
             fs._files.clear()
+        fs.stop_seal_worker()
         fs.new_keys.clear()
         if not server.unmounted:
             try:

@@ -6,6 +6,9 @@ Invariants:
   hold it shared: they run alongside each other but never alongside another
   operation. Reads overlap the
   backing pread and the reply's copy (no GIL) with decryption (GIL held).
+- A WRITE of whole blocks is sealed before the lock (EncryptedFS.seal_ahead, in the
+  sealing worker, from the request buffer it lies in), so sealing one request overlaps
+  writing another; only the pwrite runs under the lock.
 - Replies carry the kernel's cache lifetimes from EntryAttributes; files are
   opened with FOPEN_KEEP_CACHE and the writeback cache is negotiated.
 - READDIRPLUS counts an entry as looked up only if it went into the reply.
@@ -76,7 +79,7 @@ class FsServer(FuseServer):
             LOOKUP: self._lookup, GETATTR: self._getattr, SETATTR: self._setattr, READLINK: self._readlink,
             SYMLINK: self._symlink, MKNOD: self._mknod, MKDIR: self._mkdir, UNLINK: self._unlink,
             RMDIR: self._rmdir, RENAME: self._rename, RENAME2: self._rename2, LINK: self._link,
-            OPEN: self._open, WRITE: self._write, STATFS: self._statfs,
+            OPEN: self._open, STATFS: self._statfs,
             RELEASE: self._release, FSYNC: self._fsync, SETXATTR: self._setxattr, GETXATTR: self._getxattr,
             LISTXATTR: self._listxattr, REMOVEXATTR: self._removexattr,
             OPENDIR: self._opendir, READDIR: self._readdir, READDIRPLUS: self._readdirplus,
@@ -84,9 +87,18 @@ class FsServer(FuseServer):
             FORGET: self._forget, BATCH_FORGET: self._batch_forget,
         }
 
+    def request_buffer(self) -> memoryview:
+        """A slot of the sealing worker's arena if one runs, so WRITE bodies reach it uncopied."""
+        worker = self.fs.seal_worker
+        buf = None if worker is None else worker.request_buffer()
+        return super().request_buffer() if buf is None else buf
+
     def dispatch(self, opcode: int, unique: int, node: int, header: tuple[int, ...], body: memoryview) -> bool:
         if opcode == READ:
             self._read_shared(unique, body)
+            return True
+        if opcode == WRITE:
+            self._write(unique, body)
             return True
         handler = self._handlers.get(opcode)
         if handler is not None:
@@ -220,9 +232,15 @@ class FsServer(FuseServer):
         flags, _open_flags = OPEN_IN.unpack_from(body)
         self.reply(unique, OPEN_OUT.pack(self.fs.open(node, flags, ctx), FOPEN_KEEP_CACHE, 0))
 
-    def _write(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+    def _write(self, unique: int, body: memoryview) -> None:
         fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(body)
-        written = self.fs.write(fh, offset, body[WRITE_IN.size:WRITE_IN.size + size])
+        data = body[WRITE_IN.size:WRITE_IN.size + size]  # this thread's buffer: valid until it reads again
+        sealed = self.fs.seal_ahead(fh, offset, data)
+        self.lock.acquire_exclusive()
+        try:
+            written = self.fs.write(fh, offset, data, sealed)
+        finally:
+            self.lock.release_exclusive()
         self.reply(unique, WRITE_OUT.pack(written, 0))
 
     def _release(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:

@@ -1,14 +1,17 @@
-"""A helper process that seals a volume's writes, so that encryption runs on a second core.
+"""A helper process that seals large writes, so that encryption runs on a second core.
 
-Why: every 4 KiB sector is one AES-GCM call, and in one process those calls share the
-GIL with the rest of the volume server. Writing 1 GiB and fsyncing it kept the daemon at
-one core (1.42 s of CPU in 1.55 s) while the other core waited on I/O. In a worker
-process the same calls run beside the server instead of taking turns with it.
+Why: cryptography's AES-GCM calls share the GIL with the rest of a server. In one process,
+two threads sealing 1 MiB each took 3.6 times as long as one thread sealing one (they fight
+over the GIL), and a volume's daemon writing 1 GiB stayed at one core (1.42 s of CPU in
+1.55 s) while the other core waited on I/O. Two processes sealing side by side each run at
+full speed. The volume daemon and the filesystem daemon each start one worker.
 
 Invariants:
-- The worker gets the volume key through a pipe at start (never argv or the
-  environment), seals with encfs.blocks.BlockCipher (the one framing; fresh random
-  nonces drawn in the worker) and does nothing else: no files, no token.
+- Keys reach the worker over a private socket (never argv or the environment): add_key()
+  sends a data key and its scope and returns a key id; ids are never reused, so a job under
+  a dropped id fails instead of sealing under another key. The worker seals with
+  encfs.blocks.BlockCipher (the one framing; fresh random nonces drawn in the worker) and
+  does nothing else: no files, no token.
 - Plaintext and sealed bytes pass through one shared memory arena (a memfd), one slot
   per server thread; a slot's sealed bytes stay valid until that thread's next seal().
   A slot also holds the thread's FUSE request buffer (request_buffer()), so a WRITE
@@ -36,16 +39,19 @@ from collections.abc import Sequence
 from encfs.blocks import OVERHEAD, BlockCipher
 from encfs.fuseproto import BUFFER_SIZE
 
-log = logging.getLogger("encfs.block")
+log = logging.getLogger("encfs.seal")
 
 MAX_PLAIN = 1 << 20  # FUSE's largest write
-MAX_SEALED = MAX_PLAIN + (MAX_PLAIN // 4096) * OVERHEAD
+MAX_SEALED = MAX_PLAIN + (MAX_PLAIN // 4096) * OVERHEAD  # 4 KiB blocks have the most overhead
 REQUEST_BYTES = -(-BUFFER_SIZE // mmap.PAGESIZE) * mmap.PAGESIZE
 SLOT_BYTES = REQUEST_BYTES + MAX_PLAIN + MAX_SEALED  # request buffer, plaintext copied in, sealed
 SLOTS = 8
 REPLY_TIMEOUT = 30.0  # seconds; a worker this slow is treated as gone
-_COUNT = struct.Struct("<I")
+_SEAL = struct.Struct("<II")  # key id, number of jobs
 _JOB = struct.Struct("<QQQqqq")  # plaintext offset and length, sealed offset; block numbers start, stop, step
+_ADD, _DROP = b"a", b"d"  # control messages: _ADD + u32 key id + key (32) + scope; _DROP + u32 key id
+_KEY_ID = struct.Struct("<I")
+_KEY_LEN = 32
 _OK, _FAILED = b"\0", b"\1"
 _PR_SET_PDEATHSIG = 1
 _PR_SET_IO_FLUSHER = 57
@@ -54,35 +60,64 @@ Job = tuple[range, memoryview]
 
 
 class SealWorker:
-    """A running worker for one key and scope; thread-safe (one arena slot per thread)."""
+    """A running worker for one block size; thread-safe (one arena slot per thread)."""
 
-    def __init__(self, key: bytes, scope: bytes, block_size: int = 4096) -> None:
+    def __init__(self, block_size: int = 4096) -> None:
         self._fd = os.memfd_create("encfs-seal-arena", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, SLOTS * SLOT_BYTES)
         self._map = mmap.mmap(self._fd, SLOTS * SLOT_BYTES)
         self._arena = memoryview(self._map)
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        ours, theirs = zip(*(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(SLOTS)))
-        self._socks: list[socket.socket] = list(ours)
-        for s in self._socks:
+        ours, theirs = zip(*(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(SLOTS + 1)))
+        self._control, *socks = ours  # the control socket carries keys; one socket per slot carries jobs
+        self._socks: list[socket.socket] = socks
+        for s in ours:
             s.settimeout(REPLY_TIMEOUT)
         fds = [s.fileno() for s in theirs]
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "encfs.block.sealworker", str(self._fd), str(block_size), *map(str, fds)],
-            stdin=subprocess.PIPE, pass_fds=[self._fd, *fds], close_fds=True)
+            [sys.executable, "-m", "encfs.sealworker", str(self._fd), str(block_size), *map(str, fds)],
+            stdin=subprocess.DEVNULL, pass_fds=[self._fd, *fds], close_fds=True)
         for s in theirs:
             s.close()
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(key + scope)
-        self._proc.stdin.close()
         self._free = list(range(SLOTS))
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the free slots, the control socket and the key ids
         self._local = threading.local()
+        self._next_key_id = 1
         self._alive = True
 
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def add_key(self, key: bytes, scope: bytes) -> int | None:
+        """A key id for sealing under (key, scope), or None if the worker is gone."""
+        if len(key) != _KEY_LEN:
+            raise ValueError("a data key is 32 bytes")
+        with self._lock:
+            key_id, self._next_key_id = self._next_key_id, self._next_key_id + 1
+            ok = self._alive and self._control_call(_ADD + _KEY_ID.pack(key_id) + key + scope)
+        return key_id if ok else None
+
+    def drop_key(self, key_id: int) -> None:
+        """Forget a key (its file is closed); its id is never given out again."""
+        with self._lock:
+            if self._alive:
+                self._control_call(_DROP + _KEY_ID.pack(key_id))
+
+    def _control_call(self, message: bytes) -> bool:
+        try:
+            self._control.sendall(message)
+            answer = self._control.recv(1)
+        except OSError:
+            answer = b""
+        if answer == _OK:
+            return True
+        self._gone()
+        return False
 
     def _slot(self) -> int | None:
         slot: int | None = getattr(self._local, "slot", None)
@@ -106,13 +141,14 @@ class SealWorker:
             return None
         return ctypes.addressof(ctypes.c_char.from_buffer(data)) - self._address
 
-    def seal(self, jobs: Sequence[Job]) -> list[memoryview] | None:
-        """Each (block numbers, plaintext) sealed as BlockCipher.seal_range would; None if the
-        worker cannot do it (gone, busy slots, more than MAX_PLAIN bytes): seal in process then."""
-        pending = self.submit(jobs)
+    def seal(self, key_id: int, jobs: Sequence[Job]) -> list[memoryview] | None:
+        """Each (block numbers, plaintext) sealed under ``key_id`` as BlockCipher.seal_range
+        would; None if the worker cannot do it (gone, busy slots, more than MAX_PLAIN bytes):
+        seal in process then."""
+        pending = self.submit(key_id, jobs)
         return pending if pending is not None and self.wait() else None
 
-    def submit(self, jobs: Sequence[Job]) -> list[memoryview] | None:
+    def submit(self, key_id: int, jobs: Sequence[Job]) -> list[memoryview] | None:
         """Start sealing ``jobs``; wait() says whether the returned buffers hold the result.
         None if the worker cannot take them (then nothing is pending)."""
         if not self._alive or sum(len(p) for _n, p in jobs) > MAX_PLAIN:
@@ -121,7 +157,7 @@ class SealWorker:
         if slot is None:
             return None
         base = slot * SLOT_BYTES + REQUEST_BYTES
-        message, results = [_COUNT.pack(len(jobs))], []
+        message, results = [_SEAL.pack(key_id, len(jobs))], []
         plain_at, sealed_at = base, base + MAX_PLAIN
         for numbers, plaintext in jobs:
             at = self._arena_offset(plaintext)
@@ -160,6 +196,7 @@ class SealWorker:
     def close(self) -> None:
         """End the worker and wait for it."""
         self._alive = False
+        self._control.close()
         for s in self._socks:
             s.close()
         try:
@@ -175,16 +212,15 @@ def _worker(arena_fd: int, block_size: int, fds: list[int]) -> int:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the parent died before the line above took effect
         return 0
-    libc.prctl(_PR_SET_IO_FLUSHER, 1, 0, 0, 0)  # it serves the volume's writeback, as the daemon does
-    secret = sys.stdin.buffer.read()
-    cipher = BlockCipher(secret[:32], secret[32:], block_size)
-    del secret
+    libc.prctl(_PR_SET_IO_FLUSHER, 1, 0, 0, 0)  # it serves the writeback of its daemon's mount
+    ciphers: dict[int, BlockCipher] = {}
     arena = memoryview(mmap.mmap(arena_fd, 0))
+    control_fd = fds[0]
     socks = {fd: socket.socket(fileno=fd) for fd in fds}
     poller = select.poll()
     for fd in socks:
         poller.register(fd, select.POLLIN)
-    while socks:
+    while control_fd in socks:
         for fd, _events in poller.poll():
             sock = socks[fd]
             message = sock.recv(4096)
@@ -194,16 +230,26 @@ def _worker(arena_fd: int, block_size: int, fds: list[int]) -> int:
                 del socks[fd]
                 continue
             try:
-                (count,) = _COUNT.unpack_from(message)
-                for k in range(count):
-                    p_at, p_len, s_at, start, stop, step = _JOB.unpack_from(message, _COUNT.size + k * _JOB.size)
-                    numbers = range(start, stop, step)
-                    cipher.seal_into(numbers, arena[p_at:p_at + p_len],
-                                     arena[s_at:s_at + p_len + len(numbers) * OVERHEAD])
+                if fd == control_fd:
+                    (key_id,) = _KEY_ID.unpack_from(message, 1)
+                    if message[:1] == _ADD:
+                        at = 1 + _KEY_ID.size
+                        ciphers[key_id] = BlockCipher(message[at:at + _KEY_LEN], message[at + _KEY_LEN:], block_size)
+                    else:
+                        del ciphers[key_id]
+                else:
+                    key_id, count = _SEAL.unpack_from(message)
+                    cipher = ciphers[key_id]
+                    for k in range(count):
+                        p_at, p_len, s_at, start, stop, step = _JOB.unpack_from(message, _SEAL.size + k * _JOB.size)
+                        numbers = range(start, stop, step)
+                        cipher.seal_into(numbers, arena[p_at:p_at + p_len],
+                                         arena[s_at:s_at + p_len + len(numbers) * OVERHEAD])
             except Exception:  # noqa: BLE001 - the server seals this request itself
                 sock.send(_FAILED)
             else:
                 sock.send(_OK)
+            del message
     return 0
 
 
