@@ -111,7 +111,15 @@ class SealWorker:
     def _control_call(self, message: bytes) -> bool:
         try:
             self._control.sendall(message)
-            answer = self._control.recv(1)
+        except OSError:
+            self._gone()
+            return False
+        return self._answered(self._control)
+
+    def _answered(self, sock: socket.socket) -> bool:
+        """True if the worker answers OK on ``sock``; otherwise it is taken out of use."""
+        try:
+            answer = sock.recv(1)
         except OSError:
             answer = b""
         if answer == _OK:
@@ -178,14 +186,7 @@ class SealWorker:
 
     def wait(self) -> bool:
         """True once this thread's submitted jobs are sealed; False if the worker failed them."""
-        try:
-            answer = self._socks[self._local.slot].recv(1)
-        except OSError:
-            answer = b""
-        if answer == _OK:
-            return True
-        self._gone()
-        return False
+        return self._answered(self._socks[self._local.slot])
 
     def _gone(self) -> None:
         if self._alive:
