@@ -1,4 +1,5 @@
-"""A helper process that seals large writes, so that encryption runs on a second core.
+"""A helper process that seals large writes and opens large reads, so that AES-GCM runs on a
+second core.
 
 Why: cryptography's AES-GCM calls share the GIL with the rest of a server. In one process,
 two threads sealing 1 MiB each took 3.6 times as long as one thread sealing one (they fight
@@ -13,9 +14,12 @@ Invariants:
   encfs.blocks.BlockCipher (the one framing; fresh random nonces drawn in the worker) and
   does nothing else: no files, no token.
 - Plaintext and sealed bytes pass through one shared memory arena (a memfd), one slot
-  per server thread; a slot's sealed bytes stay valid until that thread's next seal().
-  A slot also holds the thread's FUSE request buffer (request_buffer()), so a WRITE
-  body is sealed where the kernel put it; plaintext from anywhere else is copied in.
+  per server thread; what a slot holds stays valid until that thread's next seal() or
+  open(). A slot also holds the thread's FUSE request buffer (request_buffer()), so a WRITE
+  body is sealed where the kernel put it; plaintext from anywhere else is copied in. A
+  read is read from the backing file into the slot (areas()) and opened there.
+- A block that fails authentication in the worker raises BlockAuthError in the caller,
+  exactly as BlockCipher.open_into would (that block's plaintext zeroed).
 - The worker ends with its parent (PR_SET_PDEATHSIG, and end-of-file on its sockets);
   close() ends it and waits for it. If it is gone or fails, seal() returns None and the
   caller seals in its own process: a worker never loses a write.
@@ -36,7 +40,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from encfs.blocks import OVERHEAD, BlockCipher
+from encfs.blocks import OVERHEAD, BlockAuthError, BlockCipher
 from encfs.fuseproto import BUFFER_SIZE
 
 log = logging.getLogger("encfs.seal")
@@ -47,12 +51,14 @@ REQUEST_BYTES = -(-BUFFER_SIZE // mmap.PAGESIZE) * mmap.PAGESIZE
 SLOT_BYTES = REQUEST_BYTES + MAX_PLAIN + MAX_SEALED  # request buffer, plaintext copied in, sealed
 SLOTS = 8
 REPLY_TIMEOUT = 30.0  # seconds; a worker this slow is treated as gone
-_SEAL = struct.Struct("<II")  # key id, number of jobs
-_JOB = struct.Struct("<QQQqqq")  # plaintext offset and length, sealed offset; block numbers start, stop, step
+_HEAD = struct.Struct("<cII")  # _SEAL or _OPEN, key id, number of jobs
+_JOB = struct.Struct("<QQQqqq")  # source offset and length, destination offset; block numbers start, stop, step
+_SEAL, _OPEN = b"s", b"o"
 _ADD, _DROP = b"a", b"d"  # control messages: _ADD + u32 key id + key (32) + scope; _DROP + u32 key id
 _KEY_ID = struct.Struct("<I")
 _KEY_LEN = 32
-_OK, _FAILED = b"\0", b"\1"
+_OK, _FAILED, _AUTH = b"\0", b"\1", b"\2"  # answers; _AUTH is followed by the block number
+_BLOCK_NO = struct.Struct("<q")
 _PR_SET_PDEATHSIG = 1
 _PR_SET_IO_FLUSHER = 57
 
@@ -117,13 +123,16 @@ class SealWorker:
         return self._answered(self._control)
 
     def _answered(self, sock: socket.socket) -> bool:
-        """True if the worker answers OK on ``sock``; otherwise it is taken out of use."""
+        """True if the worker answers OK on ``sock``; BlockAuthError if a block it opened did
+        not authenticate; otherwise False, and the worker is taken out of use."""
         try:
-            answer = sock.recv(1)
+            answer = sock.recv(1 + _BLOCK_NO.size)
         except OSError:
             answer = b""
         if answer == _OK:
             return True
+        if answer[:1] == _AUTH and len(answer) == 1 + _BLOCK_NO.size:
+            raise BlockAuthError(_BLOCK_NO.unpack_from(answer, 1)[0])
         self._gone()
         return False
 
@@ -141,6 +150,37 @@ class SealWorker:
         """This thread's request buffer (REQUEST_BYTES) in the arena; None if no slot is free."""
         slot = self._slot()
         return None if slot is None else self._arena[slot * SLOT_BYTES:slot * SLOT_BYTES + REQUEST_BYTES]
+
+    def areas(self) -> tuple[memoryview, memoryview] | None:
+        """This thread's plaintext area (MAX_PLAIN bytes) and sealed area (MAX_SEALED) for open();
+        None if no slot is free."""
+        slot = self._slot()
+        if slot is None:
+            return None
+        plain_at = slot * SLOT_BYTES + REQUEST_BYTES
+        return self._arena[plain_at:plain_at + MAX_PLAIN], self._arena[plain_at + MAX_PLAIN:(slot + 1) * SLOT_BYTES]
+
+    def open(self, key_id: int, jobs: Sequence[tuple[range, memoryview, memoryview]]) -> bool:
+        """Open each (block numbers, sealed, out) as BlockCipher.open_into would, with ``sealed``
+        and ``out`` parts of this thread's areas(). True once done; False if the worker cannot
+        (then open them in process: ``sealed`` is unchanged); BlockAuthError as open_into."""
+        if not self._alive:
+            return False
+        slot = self._slot()
+        if slot is None:
+            return False
+        message = [_HEAD.pack(_OPEN, key_id, len(jobs))]
+        for numbers, sealed, out in jobs:
+            at, out_at = self._arena_offset(sealed), self._arena_offset(out)
+            if at is None or out_at is None:
+                raise ValueError("open() takes views of this thread's areas()")
+            message.append(_JOB.pack(at, len(sealed), out_at, numbers.start, numbers.stop, numbers.step))
+        try:
+            self._socks[slot].sendall(b"".join(message))
+        except OSError:
+            self._gone()
+            return False
+        return self._answered(self._socks[slot])
 
     def _arena_offset(self, data: memoryview | bytes) -> int | None:
         """Where ``data`` lies in the arena, if it is a view of it (a request buffer's bytes)."""
@@ -165,7 +205,7 @@ class SealWorker:
         if slot is None:
             return None
         base = slot * SLOT_BYTES + REQUEST_BYTES
-        message, results = [_SEAL.pack(key_id, len(jobs))], []
+        message, results = [_HEAD.pack(_SEAL, key_id, len(jobs))], []
         plain_at, sealed_at = base, base + MAX_PLAIN
         for numbers, plaintext in jobs:
             at = self._arena_offset(plaintext)
@@ -239,14 +279,20 @@ def _worker(arena_fd: int, block_size: int, fds: list[int]) -> int:
                     else:
                         del ciphers[key_id]
                 else:
-                    key_id, count = _SEAL.unpack_from(message)
+                    op, key_id, count = _HEAD.unpack_from(message)
                     cipher = ciphers[key_id]
                     for k in range(count):
-                        p_at, p_len, s_at, start, stop, step = _JOB.unpack_from(message, _SEAL.size + k * _JOB.size)
+                        at, length, out_at, start, stop, step = _JOB.unpack_from(message, _HEAD.size + k * _JOB.size)
                         numbers = range(start, stop, step)
-                        cipher.seal_into(numbers, arena[p_at:p_at + p_len],
-                                         arena[s_at:s_at + p_len + len(numbers) * OVERHEAD])
-            except Exception:  # noqa: BLE001 - the server seals this request itself
+                        if op == _SEAL:
+                            cipher.seal_into(numbers, arena[at:at + length],
+                                             arena[out_at:out_at + length + len(numbers) * OVERHEAD])
+                        else:
+                            cipher.open_into(numbers, arena[at:at + length],
+                                             arena[out_at:out_at + length - len(numbers) * OVERHEAD])
+            except BlockAuthError as e:
+                sock.send(_AUTH + _BLOCK_NO.pack(e.block_no))
+            except Exception:  # noqa: BLE001 - the server does this request itself
                 sock.send(_FAILED)
             else:
                 sock.send(_OK)

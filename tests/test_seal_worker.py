@@ -174,3 +174,58 @@ def test_each_key_seals_under_its_own_key_and_a_dropped_key_seals_nothing() -> N
         assert not worker.alive  # a failed job takes the worker out of use: writes are sealed in process
     finally:
         worker.close()
+
+
+def test_a_large_read_is_opened_by_the_worker_in_its_arena(image: int, worker_store: SectorStore) -> None:
+    """read_view() of 256 KiB or more comes back as a view of the thread's arena slot, opened
+    there by the worker: written sectors as written, unwritten ones as zeros (whatever the
+    slot held before); smaller reads are opened in process."""
+    worker = worker_store.seal_worker
+    assert worker is not None
+    writer = SectorStore(image, KEY, VID, SECTORS)  # in process, no worker
+    data = os.urandom(240 * SECTOR_SIZE)
+    writer.write_sectors(10, data[:100 * SECTOR_SIZE])
+    writer.write_sectors(160, data[150 * SECTOR_SIZE:])  # sectors 110-159 stay unwritten
+    writer.flush()
+    expected = data[:100 * SECTOR_SIZE] + bytes(50 * SECTOR_SIZE) + data[150 * SECTOR_SIZE:]
+    fresh = SectorStore(image, KEY, VID, SECTORS)
+    fresh.start_seal_worker(KEY)
+    assert fresh.seal_worker is not None
+    try:
+        areas = fresh.seal_worker.areas()
+        assert areas is not None
+        areas[0][:] = b"\xee" * len(areas[0])  # what an earlier request left in the slot
+        got = fresh.read_view(10 * SECTOR_SIZE + 5, 240 * SECTOR_SIZE - 5)  # 240 sectors: within 1 MiB
+        assert isinstance(got, memoryview) and got.obj is areas[0].obj  # the worker's arena
+        assert bytes(got) == expected[5:]
+        small = fresh.read_view(12 * SECTOR_SIZE, 8 * SECTOR_SIZE)
+        assert isinstance(small, bytearray) and small == data[2 * SECTOR_SIZE:10 * SECTOR_SIZE]
+    finally:
+        fresh.seal_worker.close()
+
+
+def test_a_tampered_sector_in_a_large_read_is_an_error(image: int, worker_store: SectorStore) -> None:
+    from encfs.block.layout import SLOT_A, sector_offset
+    from encfs.blocks import SEALED_BLOCK, BlockAuthError
+    writer = SectorStore(image, KEY, VID, SECTORS)
+    writer.write_sectors(0, os.urandom(128 * SECTOR_SIZE))  # a fresh image's first write goes to slot A
+    writer.flush()
+    at = sector_offset(77, SLOT_A) + SEALED_BLOCK // 2
+    os.pwrite(image, bytes(b ^ 1 for b in os.pread(image, 1, at)), at)
+    reported: list[int] = []
+    reader = SectorStore(image, KEY, VID, SECTORS, on_auth_error=reported.append)
+    reader.start_seal_worker(KEY)
+    assert reader.seal_worker is not None
+    try:
+        with pytest.raises(BlockAuthError):
+            reader.read_view(0, 128 * SECTOR_SIZE)
+        assert reported == [77]
+        assert reader.seal_worker.alive  # a bad block is the data's fault, not the worker's
+        os.kill(reader.seal_worker.pid, signal.SIGKILL)
+        assert _gone(reader.seal_worker.pid)
+        with pytest.raises(BlockAuthError):  # opened in process once the worker is gone
+            reader.read_view(0, 128 * SECTOR_SIZE)
+        assert reported == [77, 77]
+        assert bytes(reader.read_view(0, 77 * SECTOR_SIZE)) == bytes(writer.read(0, 77 * SECTOR_SIZE))
+    finally:
+        reader.seal_worker.close()

@@ -54,8 +54,9 @@ class StoreFile:
     def size(self) -> int:
         return self.store.sectors * SECTOR_SIZE
 
-    def read(self, offset: int, length: int) -> bytes:
-        return self.store.read(offset, length)
+    def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Valid until this thread's next read or write (see SectorStore.read_view)."""
+        return self.store.read_view(offset, length)
 
     def seal_ahead(self, offset: int, data: bytes) -> SealedSectors | None:
         return self.store.seal_ahead(offset, data)
