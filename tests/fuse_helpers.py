@@ -7,12 +7,15 @@ Every wait is bounded.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from encfs.fuse.mount import is_mounted
 
@@ -79,3 +82,32 @@ class Mount:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def expect_errno(code: int, fn, *args, **kwargs) -> OSError:
+    with pytest.raises(OSError) as ei:
+        fn(*args, **kwargs)
+    assert ei.value.errno == code, f"expected {errno.errorcode[code]}, got {ei.value!r}"
+    return ei.value
+
+
+def cold_read(path: Path) -> bytes:
+    """Whole-file read that the daemon has to serve."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        out = []
+        while chunk := os.read(fd, 1 << 20):
+            out.append(chunk)
+        return b"".join(out)
+    finally:
+        os.close(fd)
+
+
+def cold_pread(path: Path, length: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)

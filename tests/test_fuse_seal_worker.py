@@ -5,11 +5,12 @@ seals must read back through a fresh mount, and the worker must end with its dae
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
 
-from fuse_helpers import Mount
+from fuse_helpers import Mount, cold_pread, cold_read, expect_errno
 from procs import children, running, voluntary_switches
 
 MiB = 1 << 20
@@ -50,7 +51,10 @@ def test_large_writes_are_sealed_by_the_worker_and_read_back(encfs_mount: Mount)
         expected[offset:offset + len(data)] = data
     m.stop()
     with Mount(m.cipherdir, m.mountpoint, m.home) as again:
-        assert (again.mountpoint / "big.bin").read_bytes() == bytes(expected)
+        worker = _worker_of(again)
+        before = voluntary_switches(worker)
+        assert cold_read(again.mountpoint / "big.bin") == bytes(expected)
+        assert voluntary_switches(worker) - before >= 8  # large reads are opened by the worker
 
 
 def test_the_worker_ends_with_its_daemon(encfs_mount: Mount) -> None:
@@ -74,3 +78,45 @@ def test_a_read_only_mount_has_no_worker(encfs_mount: Mount) -> None:
     encfs_mount.stop()
     with Mount(encfs_mount.cipherdir, encfs_mount.mountpoint, encfs_mount.home, "--read-only") as ro:
         assert children(ro.pid) == []
+
+
+def _good_prefix_or_eio(path: Path, length: int, offset: int, body: bytes, bad_from: int) -> None:
+    """A read that reaches a bad block fails with EIO, or (the kernel's fallback after a failed
+    read-ahead) returns fewer bytes, all of them right and all before the bad block."""
+    try:
+        got = cold_pread(path, length, offset)
+    except OSError as e:
+        assert e.errno == errno.EIO, e
+        return
+    assert offset + len(got) <= bad_from and got == body[offset:offset + len(got)]
+
+
+def test_a_tampered_block_in_a_large_read_is_eio(encfs_mount: Mount) -> None:
+    """Blocks opened by the worker fail as those opened in process do: EIO for the reads that
+    reach a flipped byte or a torn last block, the right bytes elsewhere, the worker still in use."""
+    m = encfs_mount
+    before = {p.name for p in m.cipherdir.iterdir()}
+    body = os.urandom(4 * MiB + 1000)
+    _write(m.mountpoint / "victim", [(0, body)])
+    [backing] = [p for p in m.cipherdir.iterdir() if p.name not in before and "." not in p.name]
+    m.stop()
+    block, header = 32768, 128
+    raw = bytearray(backing.read_bytes())
+    raw[header + 40 * (block + 28) + 500] ^= 1  # in block 40, inside the second MiB
+    del raw[len(raw) - 600:]  # tears the last block (block 128: 1000 bytes of plaintext)
+    backing.write_bytes(raw)
+    with Mount(m.cipherdir, m.mountpoint, m.home) as again:
+        p = again.mountpoint / "victim"
+        _good_prefix_or_eio(p, MiB, MiB, body, 40 * block)
+        expect_errno(errno.EIO, cold_pread, p, MiB, 40 * block)
+        _good_prefix_or_eio(p, MiB, 4 * MiB - MiB // 2, body, 4 * MiB)
+        expect_errno(errno.EIO, cold_pread, p, MiB, 4 * MiB)
+        expect_errno(errno.EIO, cold_read, p)
+        failed = [line for line in again.log.read_text().splitlines() if "failed authentication" in line]
+        assert failed, "no failed read in the daemon's log"
+        worker = _worker_of(again)
+        before_reads = voluntary_switches(worker)
+        assert cold_pread(p, MiB, 0) == body[:MiB]
+        assert cold_pread(p, 2 * MiB, 2 * MiB) == body[2 * MiB:4 * MiB]
+        assert voluntary_switches(worker) > before_reads  # the worker opened them: still in use
+        assert again.proc.poll() is None

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_encfs
-from fuse_helpers import Mount
+from fuse_helpers import Mount, cold_pread, cold_read, expect_errno
 
 BLOCK_SIZES = (4096, 32768)  # every content block size a filesystem can have (FORMAT.md 6.4)
 BLOCK = 32768  # the default, for tests that do not depend on it
@@ -38,35 +38,6 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
     if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), ctypes.c_uint(flags)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), str(old))
-
-
-def expect_errno(code: int, fn, *args, **kwargs) -> OSError:
-    with pytest.raises(OSError) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.errno == code, f"expected {errno.errorcode[code]}, got {ei.value!r}"
-    return ei.value
-
-
-def cold_read(path: Path) -> bytes:
-    """Whole-file read that the daemon has to serve."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        out = []
-        while chunk := os.read(fd, 1 << 20):
-            out.append(chunk)
-        return b"".join(out)
-    finally:
-        os.close(fd)
-
-
-def cold_pread(path: Path, length: int, offset: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
 
 
 def new_mount(base: Path, home: Path, *extra: str, block: int | None = None) -> Mount:

@@ -19,9 +19,9 @@ Design:
 - Anything that fails authentication is logged with its path and answered
   with EIO; wrong bytes are never returned.
 - With a sealing worker (start_seal_worker, a serving daemon), large writes of
-  whole blocks are sealed in it before the server serialises them (seal_ahead):
-  a handle's data key goes to the worker at its first large write and is dropped
-  at release.
+  whole blocks are sealed in it before the server serialises them (seal_ahead),
+  and large reads are opened in it: a handle's data key goes to the worker at its
+  first large read or write and is dropped at release.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import functools
 import logging
 import os
 import stat as stat_m
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from encfs.fuseproto import ROOT_ID, EntryAttributes, FuseError, RequestContext,
 from encfs.fuse.content import (
     FILE_ID_LEN,
     HEADER_LEN,
+    WORKER_MIN_BYTES,
     FileContent,
     FileHeader,
     HeaderError,
@@ -81,9 +83,6 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 CAPABILITY_XATTR = b"security.capability"
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
-# Writes of this many bytes or more go to the sealing worker (as the volume's do: its round trip
-# adds about 95 us, which only large writes repay). The kernel's writeback sends up to 1 MiB.
-SEAL_WORKER_MIN_BYTES = 256 * 1024
 
 
 def _renameat2(old: bytes, new: bytes, flags: int) -> None:
@@ -145,7 +144,7 @@ class OpenFile:
     writable: bool
     path: bytes
     data_key: tuple[bytes, bytes] | None = None  # (key, file id) while a sealing worker may need it
-    seal_key_id: int | None = None  # the key's id in the sealing worker, from its first large write
+    seal_key_id: int | None = None  # the key's id in the sealing worker, from its first large read or write
 
 
 @dataclass
@@ -188,6 +187,7 @@ class EncryptedFS:
         self._umask = os.umask(0o022)
         os.umask(self._umask)
         self._files: dict[int, OpenFile] = {}
+        self._worker_keys = threading.Lock()  # reads (under the server's shared lock) register keys too
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
 
@@ -762,7 +762,7 @@ class EncryptedFS:
     def _open_handle(self, inode: int, path: bytes, fd: int, content: FileContent | None,
                      writable: bool, data_key: tuple[bytes, bytes] | None) -> int:
         fh = self._next_handle()
-        keep = data_key if writable and self.seal_worker is not None else None
+        keep = data_key if self.seal_worker is not None else None
         self._files[fh] = OpenFile(inode, fd, content, writable, path, keep)
         return fh
 
@@ -823,19 +823,23 @@ class EncryptedFS:
         its lock shared while it decrypts."""
         f = self._files[fh]
         if f.content is None:  # opened while empty and headerless; another handle may have written since
-            f.content, _key = self._content(f.fd, f.path, create_header=False)  # a read-only handle
+            f.content, data_key = self._content(f.fd, f.path, create_header=False)  # a read-only handle
             if f.content is None:
                 return None
+            if self.seal_worker is not None:
+                f.data_key = data_key
         return f
 
-    @staticmethod
-    def read_open(f: OpenFile, off: int, size: int) -> bytes:
+    def read_open(self, f: OpenFile, off: int, size: int) -> bytes | bytearray | memoryview:
         """Read from a file that reader() returned. Safe to run alongside other reads, but not
-        alongside operations that change the file or close it."""
+        alongside operations that change the file or close it. A large read may come back as a
+        view of the sealing worker's arena: valid until this thread's next request."""
         assert f.content is not None
         with failures_as_errno("read"):
             try:
-                return f.content.read(off, size)
+                if size < WORKER_MIN_BYTES:
+                    return f.content.read(off, size)
+                return f.content.read(off, size, self.seal_worker, self._worker_key(f))
             except BlockAuthError:
                 log.error("%r: read at %d failed authentication", f.path, off)
                 raise FuseError(errno.EIO) from None
@@ -853,6 +857,15 @@ class EncryptedFS:
             self.seal_worker.close()
             self.seal_worker = None
 
+    def _worker_key(self, f: OpenFile) -> int | None:
+        """The id of ``f``'s data key in the sealing worker; sent there on first use."""
+        if f.seal_key_id is None and f.data_key is not None and self.seal_worker is not None:
+            with self._worker_keys:
+                if f.data_key is not None:  # not sent meanwhile by another reader
+                    f.seal_key_id = self.seal_worker.add_key(*f.data_key)
+                    f.data_key = None  # one try: a worker that is gone stays gone
+        return f.seal_key_id
+
     def seal_ahead(self, fh: int, off: int, buf: memoryview) -> memoryview | None:
         """``buf`` sealed for a write at ``off`` by the sealing worker, or None (then write()
         seals it). Changes nothing, so it runs without the server's lock: the kernel keeps a
@@ -861,7 +874,7 @@ class EncryptedFS:
         Only writes of whole blocks (content.whole_blocks) qualify: what they seal does not
         depend on what the file holds. The result stays valid until this thread seals again."""
         worker = self.seal_worker
-        if worker is None or len(buf) < SEAL_WORKER_MIN_BYTES:
+        if worker is None or len(buf) < WORKER_MIN_BYTES:
             return None
         f = self._files.get(fh)
         blocks = whole_blocks(off, len(buf), self.block_size)
@@ -878,11 +891,8 @@ class EncryptedFS:
             raise FuseError(errno.EBADF)
         if sealed is not None:
             return f.content.write_sealed(off, len(buf), sealed)
-        if f.seal_key_id is None and f.data_key is not None and len(buf) >= SEAL_WORKER_MIN_BYTES \
-                and self.seal_worker is not None:
-            # From the next large write on, this handle's writes are sealed ahead in the worker.
-            f.seal_key_id = self.seal_worker.add_key(*f.data_key)
-            f.data_key = None  # one try: a worker that is gone stays gone
+        if len(buf) >= WORKER_MIN_BYTES:
+            self._worker_key(f)  # from the next large write on, this handle's are sealed ahead
         return f.content.write(off, buf)
 
     @fuse_op
