@@ -46,15 +46,12 @@ from encfs.block.layout import (
     sector_block_number,
     sector_offset,
 )
-from encfs.sealworker import MAX_PLAIN, MAX_SEALED, SealWorker
+from encfs.sealworker import MAX_PLAIN, MAX_SEALED, WORKER_MIN_BYTES, SealWorker
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
 
 _SEQ = struct.Struct(">Q")
 SECTOR_SCOPE = b"sector"  # sectors are sealed under scope volume id || SECTOR_SCOPE
-# Writes of this many sectors or more are sealed by the worker. Its round trip adds about 95 us
-# of latency (measured: 16 sectors 123 us against 22 in place; 64 sectors 174 against 82;
-# 256 sectors 552 against 326), which only large writes repay, in GIL time given back.
-SEAL_WORKER_MIN_SECTORS = 64
+SEAL_WORKER_MIN_SECTORS = WORKER_MIN_BYTES // SECTOR_SIZE  # reads and writes this large go to the worker
 _ZEROS = bytes(MAX_PLAIN)  # what unwritten sectors read as
 # A group's worth of map bytes whose four sectors each are all in one state.
 _FILLED = {UNWRITTEN: bytes(GROUP_SECTORS // 4), SLOT_A: b"\x55" * (GROUP_SECTORS // 4),

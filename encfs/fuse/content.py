@@ -28,8 +28,6 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from encfs.sealworker import MAX_PLAIN, MAX_SEALED, SealWorker
-
 from encfs.blocks import (
     OVERHEAD,
     BlockAuthError,
@@ -39,6 +37,7 @@ from encfs.blocks import (
     sealed_offset,
     sealed_size,
 )
+from encfs.sealworker import MAX_PLAIN, MAX_SEALED, WORKER_MIN_BYTES, SealWorker
 
 MAGIC = b"ENCF"
 CONTENT_VERSION = 1
@@ -46,9 +45,6 @@ HEADER_LEN = 128
 FILE_ID_LEN = 16
 _FIXED = struct.Struct(">4sBB16sH")
 _ZERO_CHUNK = 1 << 20  # fill gaps 1 MiB at a time (at least one block)
-# Reads and writes of this many bytes or more go to a sealing worker, when one is given (as the
-# volume's do: its round trip adds about 95 us, which only large requests repay).
-WORKER_MIN_BYTES = 256 * 1024
 
 
 class HeaderError(Exception):

@@ -45,7 +45,6 @@ from encfs.fuseproto import ROOT_ID, EntryAttributes, FuseError, RequestContext,
 from encfs.fuse.content import (
     FILE_ID_LEN,
     HEADER_LEN,
-    WORKER_MIN_BYTES,
     FileContent,
     FileHeader,
     HeaderError,
@@ -72,7 +71,7 @@ from encfs.fuse.names import (
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.pool import DataKeyPool
 from encfs.keys.service import KeyService
-from encfs.sealworker import SealWorker
+from encfs.sealworker import WORKER_MIN_BYTES, SealWorker
 
 log = logging.getLogger("encfs.fuse")
 
