@@ -98,6 +98,17 @@ def plain_size(sealed_len: int, header_len: int = 0, block: int = PLAIN_BLOCK) -
     return full * block + rest - OVERHEAD
 
 
+def run_blocks(first_block: int, sealed_len: int, block: int = PLAIN_BLOCK) -> tuple[range, int]:
+    """The block numbers and the plaintext length of ``sealed_len`` sealed bytes laid end to
+    end from block ``first_block`` (every block full but the last); BlockAuthError if they end
+    in a fragment too short to be a sealed block (a torn write or a truncated file)."""
+    full, rest = divmod(sealed_len, block + OVERHEAD)
+    if 0 < rest <= OVERHEAD:
+        raise BlockAuthError(first_block + full)
+    count = full + (1 if rest else 0)
+    return range(first_block, first_block + count), sealed_len - count * OVERHEAD
+
+
 class BlockCipher:
     """Seals and opens blocks of one owner. One instance per data key (reuse it).
 
@@ -208,10 +219,7 @@ class BlockCipher:
 
     def open_run(self, first_block: int, sealed: bytes | memoryview) -> bytearray:
         """Open consecutive sealed blocks (as written by seal_run)."""
-        full, rest = divmod(len(sealed), self.sealed_block)
-        if 0 < rest <= OVERHEAD:
-            raise BlockAuthError(first_block + full)
-        count = full + (1 if rest else 0)
-        out = bytearray(len(sealed) - count * OVERHEAD)
-        self.open_into(range(first_block, first_block + count), sealed, out)
+        numbers, plain_len = run_blocks(first_block, len(sealed), self.block_size)
+        out = bytearray(plain_len)
+        self.open_into(numbers, sealed, out)
         return out

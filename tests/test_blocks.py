@@ -16,6 +16,7 @@ from encfs.blocks import (
     BlockCipher,
     blocks_touched,
     plain_size,
+    run_blocks,
     sealed_offset,
     sealed_size,
 )
@@ -43,6 +44,19 @@ def test_sealed_size_round_trips(size: int, header: int, block: int) -> None:
     assert sealed_size(size, header, block) >= size + header
     full = size // block
     assert sealed_offset(full, header, block) == sealed_size(full * block, header, block)
+
+
+@given(st.integers(0, 10**6), st.integers(0, 10**7), block_sizes)
+def test_run_blocks_inverts_sealed_size(first: int, sealed_len: int, block: int) -> None:
+    full, rest = divmod(sealed_len, block + OVERHEAD)
+    if 0 < rest <= OVERHEAD:  # no plaintext seals to this length: a torn last block
+        with pytest.raises(BlockAuthError) as e:
+            run_blocks(first, sealed_len, block)
+        assert e.value.block_no == first + full
+        return
+    numbers, plain_len = run_blocks(first, sealed_len, block)
+    assert sealed_size(plain_len, 0, block) == sealed_len
+    assert numbers == blocks_touched(first * block, plain_len, block)
 
 
 def test_sealed_layout_numbers() -> None:

@@ -34,6 +34,7 @@ from encfs.blocks import (
     BlockCipher,
     blocks_touched,
     plain_size,
+    run_blocks,
     sealed_offset,
     sealed_size,
 )
@@ -158,14 +159,10 @@ class FileContent:
         """Blocks from ``first`` on, ``want`` sealed bytes at ``start``, opened by the worker."""
         plain_area, sealed_area = areas
         sealed = sealed_area[:os.preadv(self.fd, [sealed_area[:want]], start)]
-        full, rest = divmod(len(sealed), self.cipher.sealed_block)
-        count = full + (1 if rest else 0)
-        out = plain_area[:max(0, len(sealed) - count * OVERHEAD)]
-        numbers = range(first, first + count)
         try:
-            if 0 < rest <= OVERHEAD:  # a torn last block
-                raise BlockAuthError(first + full)
-            if count and not worker.open(key_id, [(numbers, sealed, out)]):  # the worker is gone: open here
+            numbers, plain_len = run_blocks(first, len(sealed), self.block)
+            out = plain_area[:plain_len]
+            if numbers and not worker.open(key_id, [(numbers, sealed, out)]):  # the worker is gone: open here
                 self.cipher.open_into(numbers, sealed, out)
         except BlockAuthError as e:
             if self._on_auth_error:
