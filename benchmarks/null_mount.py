@@ -5,9 +5,9 @@ Usage (the harness runs it; it is not an `encfs` command and never a mount optio
     ENCFS_HOME=... python benchmarks/null_mount.py CIPHERDIR MOUNTPOINT
 
 It runs the very same ``encfs.fuse.mount.serve()`` path as ``encfs mount --foreground``, with one
-difference: ``EncryptedFS.cipher_class`` is replaced, in this process only, by ``NullBlockCipher``,
-which keeps BlockCipher's framing (nonce 12 + data + tag 16, all-zero nonce and tag) but does no
-AES-GCM. Everything else stays: per-file data keys are still generated and unwrapped through the
+difference: ``EncryptedFS.cipher_class`` is replaced, in this process and its sealing worker
+only, by ``NullBlockCipher``, which keeps BlockCipher's framing (nonce 12 + data + tag 16,
+all-zero nonce and tag) but does no AES-GCM. Everything else stays: per-file data keys are still generated and unwrapped through the
 key service, names, symlinks and xattrs are still encrypted, headers are still written. The
 difference between this target and encfs is therefore what the content encryption itself costs.
 

@@ -6,8 +6,8 @@ Usage (the harness runs it; it is not an `encfs` command and never an option):
 
 It creates a fresh IMAGE with encfs's volume layout (two-slot sectors, sector maps) and serves it
 with the same raw /dev/fuse server (encfs.block.fuseserver.VolumeServer) as `encfs volume attach`,
-with one difference: ``SectorStore.cipher_class`` is replaced, in this process only, by
-``NullBlockCipher`` (same framing, no AES-GCM). The harness attaches a loop device to
+with one difference: ``SectorStore.cipher_class`` is replaced, in this process and its sealing
+worker only, by ``NullBlockCipher`` (same framing, no AES-GCM). The harness attaches a loop device to
 MOUNTPOINT/volume. So "encfs volume / this" is what encryption costs on the volume path.
 The image holds PLAINTEXT: use a throwaway path.
 """
@@ -53,12 +53,17 @@ def main(argv: list[str]) -> int:
     os.ftruncate(fd, image_size(sectors))
     store = NullSectorStore(fd, bytes(32), bytes(16), sectors)
     store.format_maps()
-    server = VolumeServer(fuse_mount(mountpoint, "encfs-null-volume"), NullVolume(store))
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    store.start_seal_worker(bytes(32))  # as `encfs volume attach` does: the null cipher runs in it
     try:
-        server.serve()
+        server = VolumeServer(fuse_mount(mountpoint, "encfs-null-volume"), NullVolume(store))
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        try:
+            server.serve()
+        finally:
+            store.flush()
     finally:
-        store.flush()
+        if store.seal_worker is not None:
+            store.seal_worker.close()
         os.close(fd)
     return 0
 

@@ -10,9 +10,11 @@ full speed. The volume daemon and the filesystem daemon each start one worker.
 Invariants:
 - Keys reach the worker over a private socket (never argv or the environment): add_key()
   sends a data key and its scope and returns a key id; ids are never reused, so a job under
-  a dropped id fails instead of sealing under another key. The worker seals with
-  encfs.blocks.BlockCipher (the one framing; fresh random nonces drawn in the worker) and
-  does nothing else: no files, no token.
+  a dropped id fails instead of sealing under another key. The worker seals with its
+  server's cipher class: encfs.blocks.BlockCipher (the one framing; fresh random nonces
+  drawn in the worker), or in the benchmark's null-cipher daemons their null cipher, so
+  that they take the same path with only the encryption left out. It does nothing else:
+  no files, no token.
 - Plaintext and sealed bytes pass through one shared memory arena (a memfd), one slot
   per server thread; what a slot holds stays valid until that thread's next seal() or
   open(). A slot also holds the thread's FUSE request buffer (request_buffer()), so a WRITE
@@ -28,6 +30,8 @@ Invariants:
 from __future__ import annotations
 
 import ctypes
+import importlib
+import importlib.util
 import logging
 import mmap
 import os
@@ -73,7 +77,7 @@ Job = tuple[range, memoryview]
 class SealWorker:
     """A running worker for one block size; thread-safe (one arena slot per thread)."""
 
-    def __init__(self, block_size: int = 4096) -> None:
+    def __init__(self, block_size: int = 4096, cipher_class: type[BlockCipher] = BlockCipher) -> None:
         self._fd = os.memfd_create("encfs-seal-arena", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, SLOTS * SLOT_BYTES)
         self._map = mmap.mmap(self._fd, SLOTS * SLOT_BYTES)
@@ -86,7 +90,8 @@ class SealWorker:
             s.settimeout(REPLY_TIMEOUT)
         fds = [s.fileno() for s in theirs]
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "encfs.sealworker", str(self._fd), str(block_size), *map(str, fds)],
+            [sys.executable, "-m", "encfs.sealworker", str(self._fd), str(block_size), class_spec(cipher_class),
+             *map(str, fds)],
             stdin=subprocess.DEVNULL, pass_fds=[self._fd, *fds], close_fds=True)
         for s in theirs:
             s.close()
@@ -253,7 +258,38 @@ class SealWorker:
         os.close(self._fd)
 
 
-def _worker(arena_fd: int, block_size: int, fds: list[int]) -> int:
+def class_spec(cls: type[BlockCipher]) -> str:
+    """How the worker finds ``cls``: "module:name" for a class of an importable module, or
+    "path/to/file.py:name" for one defined in a script (the benchmark's null cipher)."""
+    name = cls.__module__
+    if name == "encfs" or name.startswith("encfs."):
+        return f"{name}:{cls.__qualname__}"
+    path = getattr(sys.modules[name], "__file__", None)
+    if not path:
+        raise ValueError(f"the sealing worker cannot load {cls!r}: its module has no file")
+    return f"{os.path.abspath(path)}:{cls.__qualname__}"
+
+
+def load_class(spec: str) -> type[BlockCipher]:
+    """The BlockCipher subclass that class_spec() named."""
+    where, _, qualname = spec.rpartition(":")
+    if where.endswith(".py"):
+        module_spec = importlib.util.spec_from_file_location("_encfs_sealworker_cipher", where)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"cannot load {where}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    cls = module
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    if not (isinstance(cls, type) and issubclass(cls, BlockCipher)):
+        raise TypeError(f"{spec} is not a BlockCipher")
+    return cls
+
+
+def _worker(arena_fd: int, block_size: int, cipher_class: type[BlockCipher], fds: list[int]) -> int:
     libc = ctypes.CDLL(None)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the parent died before the line above took effect
@@ -280,7 +316,8 @@ def _worker(arena_fd: int, block_size: int, fds: list[int]) -> int:
                     (key_id,) = _KEY_ID.unpack_from(message, 1)
                     if message[:1] == _ADD:
                         at = 1 + _KEY_ID.size
-                        ciphers[key_id] = BlockCipher(message[at:at + _KEY_LEN], message[at + _KEY_LEN:], block_size)
+                        ciphers[key_id] = cipher_class(message[at:at + _KEY_LEN], message[at + _KEY_LEN:],
+                                                         block_size)
                     else:
                         del ciphers[key_id]
                 else:
@@ -306,4 +343,4 @@ def _worker(arena_fd: int, block_size: int, fds: list[int]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_worker(int(sys.argv[1]), int(sys.argv[2]), [int(a) for a in sys.argv[3:]]))
+    sys.exit(_worker(int(sys.argv[1]), int(sys.argv[2]), load_class(sys.argv[3]), [int(a) for a in sys.argv[4:]]))

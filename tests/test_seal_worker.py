@@ -176,6 +176,49 @@ def test_each_key_seals_under_its_own_key_and_a_dropped_key_seals_nothing() -> N
         worker.close()
 
 
+def test_the_worker_runs_its_servers_cipher_class() -> None:
+    """The benchmark's null-cipher daemons take the worker path too, with the null cipher in the
+    worker: a class from a script is found by its file, one of encfs by its module."""
+    import importlib.util
+
+    from encfs.blocks import NONCE_LEN, BlockCipher
+    from encfs.sealworker import SealWorker, class_spec, load_class
+    assert class_spec(BlockCipher) == "encfs.blocks:BlockCipher"
+    assert load_class(class_spec(BlockCipher)) is BlockCipher
+    with pytest.raises(TypeError):
+        load_class("encfs.blocks:BlockAuthError")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "null_mount.py"
+    spec = importlib.util.spec_from_file_location("null_mount_for_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        null_cipher = module.NullBlockCipher
+        assert class_spec(null_cipher) == f"{path}:NullBlockCipher"
+        block = 32768
+        worker = SealWorker(block, null_cipher)
+        try:
+            key_id = worker.add_key(KEY, VID)
+            assert key_id is not None
+            plain = os.urandom(8 * block)
+            sealed = worker.seal(key_id, [(range(8), memoryview(plain))])
+            assert sealed is not None and worker.alive
+            assert bytes(sealed[0]) == bytes(null_cipher(KEY, VID, block).seal_range(range(8), plain))
+            assert bytes(sealed[0][NONCE_LEN:NONCE_LEN + block]) == plain[:block]  # not encrypted
+            areas = worker.areas()
+            assert areas is not None
+            plain_area, sealed_area = areas
+            sealed_area[:len(sealed[0])] = BlockCipher(KEY, VID, block).seal_run(0, plain)  # real ciphertext
+            out = plain_area[:len(plain)]
+            assert worker.open(key_id, [(range(8), sealed_area[:len(sealed[0])], out)])
+            assert bytes(out) != plain  # the null cipher does not decrypt: it is not AES-GCM in the worker
+        finally:
+            worker.close()
+    finally:
+        del sys.modules[spec.name]
+
+
 def test_a_large_read_is_opened_by_the_worker_in_its_arena(image: int, worker_store: SectorStore) -> None:
     """read_view() of 256 KiB or more comes back as a view of the thread's arena slot, opened
     there by the worker: written sectors as written, unwritten ones as zeros (whatever the

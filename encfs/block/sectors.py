@@ -146,7 +146,7 @@ class SectorStore:
 
     def start_seal_worker(self, key: bytes) -> None:
         """Seal large writes in a helper process from now on (``key``: this store's key)."""
-        self.seal_worker = SealWorker(SECTOR_SIZE)
+        self.seal_worker = SealWorker(SECTOR_SIZE, self.cipher_class)
         self._seal_key_id = self.seal_worker.add_key(key, self._volume_id + SECTOR_SCOPE)
 
     # -- sector maps ----------------------------------------------------------------

@@ -162,7 +162,7 @@ class EncryptedFS:
 
     # The content cipher's class. Benchmark hook only (benchmarks/null_mount.py swaps in a
     # null cipher to measure what encryption costs); no command or mount option reaches it.
-    cipher_class: Callable[[bytes, bytes, int], BlockCipher] = BlockCipher
+    cipher_class: type[BlockCipher] = BlockCipher
     seal_worker: SealWorker | None = None
 
     def __init__(self, cipherdir: bytes, config: FsConfig, keys: FsKeys, ks: KeyService,
@@ -844,12 +844,10 @@ class EncryptedFS:
                 raise FuseError(errno.EIO) from None
 
     def start_seal_worker(self) -> None:
-        """Seal large writes of whole blocks in a helper process (encfs.sealworker) from now on.
-
-        Only with BlockCipher, which is what the worker seals with: another cipher class
-        (the benchmark's null cipher) keeps sealing in this process."""
-        if self.cipher_class is BlockCipher and not self.read_only and self.seal_worker is None:
-            self.seal_worker = SealWorker(self.block_size)
+        """Seal large writes of whole blocks and open large reads in a helper process
+        (encfs.sealworker, with this filesystem's cipher_class) from now on."""
+        if not self.read_only and self.seal_worker is None:
+            self.seal_worker = SealWorker(self.block_size, self.cipher_class)
 
     def stop_seal_worker(self) -> None:
         if self.seal_worker is not None:
