@@ -125,10 +125,12 @@ class FileContent:
             raise
 
     def read(self, offset: int, length: int, worker: SealWorker | None = None,
-             key_id: int | None = None) -> bytes | bytearray | memoryview:
-        """Plaintext [offset, offset+length) clipped to the file's size. With a sealing worker and
-        this file's key id in it, a large read is read into this thread's slot of the worker's
-        arena and opened there: the view stays valid until this thread's next job for the worker."""
+             worker_key: Callable[[], int | None] | None = None) -> bytes | bytearray | memoryview:
+        """Plaintext [offset, offset+length) clipped to the file's size. With a sealing worker, a
+        read of WORKER_MIN_BYTES or more is read into this thread's slot of the worker's arena and
+        opened there under the key id that ``worker_key()`` gives (asked only for such a read, so
+        a file read in small pieces never sends its key to the worker); the view stays valid
+        until this thread's next job for the worker."""
         size = self.size()
         if offset >= size or length <= 0:
             return b""
@@ -137,10 +139,11 @@ class FileContent:
         blocks = blocks_touched(offset, length, block)
         start = sealed_offset(blocks.start, HEADER_LEN, block)
         want = sealed_offset(blocks.stop, HEADER_LEN, block) - start
-        areas = None
-        if worker is not None and key_id is not None and WORKER_MIN_BYTES <= len(blocks) * block <= MAX_PLAIN \
+        key_id = areas = None
+        if worker is not None and worker_key is not None and WORKER_MIN_BYTES <= len(blocks) * block <= MAX_PLAIN \
                 and want <= MAX_SEALED:
-            areas = worker.areas()
+            key_id = worker_key()
+            areas = None if key_id is None else worker.areas()
         if areas is None:
             plain: bytes | bytearray | memoryview = self._open_blocks(blocks.start, os.pread(self.fd, want, start))
         else:

@@ -836,9 +836,7 @@ class EncryptedFS:
         assert f.content is not None
         with failures_as_errno("read"):
             try:
-                if size < WORKER_MIN_BYTES:
-                    return f.content.read(off, size)
-                return f.content.read(off, size, self.seal_worker, self._worker_key(f))
+                return f.content.read(off, size, self.seal_worker, functools.partial(self._worker_key, f))
             except BlockAuthError:
                 log.error("%r: read at %d failed authentication", f.path, off)
                 raise FuseError(errno.EIO) from None
