@@ -7,9 +7,11 @@ Usage (the harness runs it; it is not an `encfs` command and never a mount optio
 It runs the very same ``encfs.fuse.mount.serve()`` path as ``encfs mount --foreground``, with one
 difference: ``EncryptedFS.cipher_class`` is replaced, in this process and its sealing worker
 only, by ``NullBlockCipher``, which keeps BlockCipher's framing (nonce 12 + data + tag 16,
-all-zero nonce and tag) but does no AES-GCM. Everything else stays: per-file data keys are still generated and unwrapped through the
-key service, names, symlinks and xattrs are still encrypted, headers are still written. The
-difference between this target and encfs is therefore what the content encryption itself costs.
+all-zero nonce and tag) but does no AES-GCM. Everything else stays: per-file data keys are
+still generated and unwrapped through the key service, names, symlinks and xattrs are still
+encrypted, headers are still written, large reads and writes still go through the sealing
+worker. The difference between this target and encfs is therefore what the content encryption
+itself costs.
 
 A filesystem written through this launcher holds PLAINTEXT contents and is not readable by a real
 encfs mount (blocks do not authenticate): use a throwaway CIPHERDIR.

@@ -7,8 +7,8 @@ Usage (the harness runs it; it is not an `encfs` command and never an option):
 It creates a fresh IMAGE with encfs's volume layout (two-slot sectors, sector maps) and serves it
 with the same raw /dev/fuse server (encfs.block.fuseserver.VolumeServer) as `encfs volume attach`,
 with one difference: ``SectorStore.cipher_class`` is replaced, in this process and its sealing
-worker only, by ``NullBlockCipher`` (same framing, no AES-GCM). The harness attaches a loop device to
-MOUNTPOINT/volume. So "encfs volume / this" is what encryption costs on the volume path.
+worker only, by ``NullBlockCipher`` (same framing, no AES-GCM). The harness attaches a loop
+device to MOUNTPOINT/volume. So "encfs volume / this" is what encryption costs on the volume path.
 The image holds PLAINTEXT: use a throwaway path.
 """
 
