@@ -74,6 +74,12 @@ _PR_SET_IO_FLUSHER = 57
 Job = tuple[range, memoryview]
 
 
+def worth_the_worker(plain_len: int, sealed_len: int) -> bool:
+    """Whether a read of ``plain_len`` plaintext bytes, ``sealed_len`` sealed, goes to the worker:
+    large enough to repay the round trip, small enough for a slot's areas()."""
+    return WORKER_MIN_BYTES <= plain_len <= MAX_PLAIN and sealed_len <= MAX_SEALED
+
+
 class SealWorker:
     """A running worker for one block size; thread-safe (one arena slot per thread)."""
 
@@ -185,12 +191,16 @@ class SealWorker:
             if at is None or out_at is None:
                 raise ValueError("open() takes views of this thread's areas()")
             message.append(_JOB.pack(at, len(sealed), out_at, numbers.start, numbers.stop, numbers.step))
+        return self._send(slot, message) and self._answered(self._socks[slot])
+
+    def _send(self, slot: int, message: list[bytes]) -> bool:
+        """Send a job message on ``slot``'s socket; False, and the worker out of use, if it cannot."""
         try:
             self._socks[slot].sendall(b"".join(message))
         except OSError:
             self._gone()
             return False
-        return self._answered(self._socks[slot])
+        return True
 
     def _arena_offset(self, data: memoryview | bytes) -> int | None:
         """Where ``data`` lies in the arena, if it is a view of it (a request buffer's bytes)."""
@@ -227,12 +237,7 @@ class SealWorker:
             message.append(_JOB.pack(at, len(plaintext), sealed_at, numbers.start, numbers.stop, numbers.step))
             results.append(self._arena[sealed_at:sealed_at + sealed_len])
             sealed_at += sealed_len
-        try:
-            self._socks[slot].sendall(b"".join(message))
-        except OSError:
-            self._gone()
-            return None
-        return results
+        return results if self._send(slot, message) else None
 
     def wait(self) -> bool:
         """True once this thread's submitted jobs are sealed; False if the worker failed them."""

@@ -46,7 +46,7 @@ from encfs.block.layout import (
     sector_block_number,
     sector_offset,
 )
-from encfs.sealworker import MAX_PLAIN, MAX_SEALED, WORKER_MIN_BYTES, SealWorker
+from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
 
 _SEQ = struct.Struct(">Q")
@@ -264,8 +264,8 @@ class SectorStore:
         until this thread's next read_view() or write: a server replies with it at once."""
         worker, count = self.seal_worker, -(-(offset % SECTOR_SIZE + length) // SECTOR_SIZE)
         areas = None
-        if worker is not None and self._seal_key_id is not None and count >= SEAL_WORKER_MIN_SECTORS \
-                and count * SEALED_BLOCK <= MAX_SEALED:
+        if worker is not None and self._seal_key_id is not None \
+                and worth_the_worker(count * SECTOR_SIZE, count * SEALED_BLOCK):
             areas = worker.areas()
         if areas is None:
             return self.read(offset, length)

@@ -38,7 +38,7 @@ from encfs.blocks import (
     sealed_offset,
     sealed_size,
 )
-from encfs.sealworker import MAX_PLAIN, MAX_SEALED, WORKER_MIN_BYTES, SealWorker
+from encfs.sealworker import SealWorker, worth_the_worker
 
 MAGIC = b"ENCF"
 CONTENT_VERSION = 1
@@ -127,7 +127,7 @@ class FileContent:
     def read(self, offset: int, length: int, worker: SealWorker | None = None,
              worker_key: Callable[[], int | None] | None = None) -> bytes | bytearray | memoryview:
         """Plaintext [offset, offset+length) clipped to the file's size. With a sealing worker, a
-        read of WORKER_MIN_BYTES or more is read into this thread's slot of the worker's arena and
+        read worth_the_worker() is read into this thread's slot of the worker's arena and
         opened there under the key id that ``worker_key()`` gives (asked only for such a read, so
         a file read in small pieces never sends its key to the worker); the view stays valid
         until this thread's next job for the worker."""
@@ -140,8 +140,7 @@ class FileContent:
         start = sealed_offset(blocks.start, HEADER_LEN, block)
         want = sealed_offset(blocks.stop, HEADER_LEN, block) - start
         key_id = areas = None
-        if worker is not None and worker_key is not None and WORKER_MIN_BYTES <= len(blocks) * block <= MAX_PLAIN \
-                and want <= MAX_SEALED:
+        if worker is not None and worker_key is not None and worth_the_worker(len(blocks) * block, want):
             key_id = worker_key()
             areas = None if key_id is None else worker.areas()
         if areas is None:
