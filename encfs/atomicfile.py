@@ -2,13 +2,16 @@
 
 Invariant: a reader (or a crash, power loss included) sees either the whole
 old file or the whole new one, never an empty or partial file. That is the
-gocryptfs failure encfs avoids for its per-directory and config files.
+gocryptfs failure encfs avoids for its per-directory and config files. A write
+that the disk cannot take (ENOSPC) raises and leaves the old file in place.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from encfs.diskio import fsync_dir, pwrite_all
 
 PathLike = str | bytes | Path
 
@@ -20,7 +23,7 @@ def write_atomic(path: PathLike, data: bytes, mode: int = 0o600, *, sync_dir: bo
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         try:
-            os.write(fd, data)
+            pwrite_all(fd, data, 0)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -32,8 +35,4 @@ def write_atomic(path: PathLike, data: bytes, mode: int = 0o600, *, sync_dir: bo
             pass
         raise
     if sync_dir:
-        dfd = os.open(os.path.dirname(target) or b".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(os.path.dirname(target) or b".")

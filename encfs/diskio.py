@@ -1,0 +1,51 @@
+"""Checked writes to backing files, shared by the filesystem and the volumes.
+
+Invariant: a write either completes or raises. ``os.pwrite`` may write less than it was
+given (the backing filesystem filling up is how ENOSPC first shows), and a short write that
+goes unnoticed leaves a torn block behind while the caller reports success. Every write of
+encfs data to a backing file goes through ``pwrite_all``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``; a short write is retried from where it stopped, so
+    this returns only once everything is written, or raises (ENOSPC when the disk is full)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
+
+
+def pwritev_all(fd: int, parts: Sequence[bytes | bytearray | memoryview], offset: int) -> int:
+    """``pwrite_all`` of the concatenation of ``parts`` (without building it); returns its length."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    total = sum(len(v) for v in views)
+    done = 0
+    while views:
+        n = os.pwritev(fd, views, offset + done)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+    return total
+
+
+def fsync_dir(path: bytes | str) -> None:
+    """Make the entries of directory ``path`` (a create, rename or unlink in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
