@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from test_vectors import DOC, hexbytes, parse_vectors
 
 from encfs.blocks import BlockAuthError, BlockCipher, sealed_offset, sealed_size
-from encfs.fuse.content import HEADER_LEN, FileContent, FileHeader, plain_file_size
+from encfs.fuse.content import FileContent, plain_file_size
+from encfs.fuse.fileheader import HEADER_LEN, V2, FileHeader
 from encfs.fuse.fsconfig import derive_fs_keys
 from encfs.fuse.names import NAME_MAX, NameAuthError, NameCipher, b64d
 
@@ -76,8 +77,8 @@ def test_content_layout_vectors(name: str, tmp_path: Path) -> None:
     key, file_id, data = bytes(range(32)), bytes(16), os.urandom(plain)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        os.write(fd, bytes(HEADER_LEN))
-        content = FileContent(fd, BlockCipher(key, file_id, block))
+        header = FileHeader(file_id, bytes(93), V2)
+        content = FileContent.create(fd, header, BlockCipher(key, file_id, block), os.fsencode(tmp_path), set())
         content.write(0, data)
         assert os.fstat(fd).st_size == backing
         sealed = os.pread(fd, block + 28, offset)

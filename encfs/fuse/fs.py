@@ -14,14 +14,18 @@ Design:
 - A file that is open but has lost every name (unlinked while open) is
   reached through the backing fd of an open handle (_target), so fstat,
   ftruncate, fchmod, f*xattr and reopening via /proc/self/fd keep working.
-- Contents go through content.FileContent (per-file data key, sealed blocks
-  of the config's block size); names, symlink targets and xattrs through names.NameCipher.
+- Contents go through content.FileContent, one per open inode (openfiles.OpenFiles:
+  per-file data key, sealed blocks of the config's block size, journaled overwrites);
+  names, symlink targets and xattrs through names.NameCipher.
+- The size the kernel may cache for a regular file is remembered (_sizes): a backing
+  file found shorter than that when it is next opened reads EIO past its end, never
+  zeros (it was cut behind encfs's back).
 - Anything that fails authentication is logged with its path and answered
   with EIO; wrong bytes are never returned.
 - With a sealing worker (start_seal_worker, a serving daemon), large writes of
   whole blocks are sealed in it before the server serialises them (seal_ahead),
-  and large reads are opened in it: a handle's data key goes to the worker at its
-  first large read or write and is dropped at release.
+  and large reads are opened in it: a file's data key goes to the worker at its
+  first large read or write and is dropped when its content closes.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import functools
 import logging
 import os
 import stat as stat_m
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,15 +45,9 @@ from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.errors import EncfsError
 from encfs.fuseproto import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
-from encfs.fuse.content import (
-    FILE_ID_LEN,
-    HEADER_LEN,
-    FileContent,
-    FileHeader,
-    HeaderError,
-    plain_file_size,
-    whole_blocks,
-)
+from encfs.fuse.content import FileContent, plain_file_size, whole_blocks
+from encfs.fuse.fileheader import HeaderError
+from encfs.fuse.journal import JournalDamaged
 from encfs.fuse.fsconfig import FsConfig, FsKeys
 from encfs.fuse.names import (
     DIRID_FILE,
@@ -68,8 +65,7 @@ from encfs.fuse.names import (
     is_longname_entry,
     longname_side_file,
 )
-from encfs.keys.cache import DataKeyCache
-from encfs.keys.pool import DataKeyPool
+from encfs.fuse.openfiles import OpenFile, OpenFiles
 from encfs.keys.service import KeyService
 from encfs.sealworker import WORKER_MIN_BYTES, SealWorker
 
@@ -97,7 +93,7 @@ def _as_fuse_error(op: str, e: Exception) -> FuseError | None:
         return e
     if isinstance(e, OSError):
         return FuseError(e.errno or errno.EIO)
-    if isinstance(e, (BlockAuthError, NameAuthError, HeaderError)):
+    if isinstance(e, (BlockAuthError, NameAuthError, HeaderError, JournalDamaged)):
         log.error("%s: integrity failure: %s", op, e)
         return FuseError(errno.EIO)
     if isinstance(e, EncfsError):
@@ -136,17 +132,6 @@ def fuse_op(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @dataclass
-class OpenFile:
-    inode: int
-    fd: int
-    content: FileContent | None  # None for O_PATH-like opens of empty headerless files
-    writable: bool
-    path: bytes
-    data_key: tuple[bytes, bytes] | None = None  # (key, file id) while a sealing worker may need it
-    seal_key_id: int | None = None  # the key's id in the sealing worker, from its first large read or write
-
-
-@dataclass
 class DirHandle:
     inode: int
     entries: list[bytes] | None = None  # backing entries, listed by readdir at offset 0
@@ -166,16 +151,15 @@ class EncryptedFS:
     seal_worker: SealWorker | None = None
 
     def __init__(self, cipherdir: bytes, config: FsConfig, keys: FsKeys, ks: KeyService,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, recovering: bool = False) -> None:
         self.root = os.path.abspath(cipherdir)
         self.config = config
         self.block_size = config.block_size
         self.names = NameCipher(keys.name_key, keys.meta_key)
         self.ks = ks
         self.read_only = read_only
-        self.key_cache = DataKeyCache(max_age=3600, max_entries=65536)
-        # New files' keys come in batches: one pass through the key service per batch.
-        self.new_keys = DataKeyPool(ks, config.key_id, self._new_file_id, cache=self.key_cache)
+        self.files = OpenFiles(self.root, config, ks, self.cipher_class, read_only, lambda: self.seal_worker,
+                               recovering)
         self._root_ino = os.lstat(self.root).st_ino
         self._paths: dict[int, set[bytes]] = {ROOT_ID: {self.root}}
         self._lookups: dict[int, int] = {ROOT_ID: 1}
@@ -185,8 +169,7 @@ class EncryptedFS:
         self._euid, self._egid = os.geteuid(), os.getegid()
         self._umask = os.umask(0o022)
         os.umask(self._umask)
-        self._files: dict[int, OpenFile] = {}
-        self._worker_keys = threading.Lock()  # reads (under the server's shared lock) register keys too
+        self._sizes: dict[int, int] = {}  # regular files' sizes as last reported to the kernel
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
 
@@ -210,10 +193,10 @@ class EncryptedFS:
         paths = self._paths.get(inode)
         if paths:
             return next(iter(paths))
-        for f in self._files.values():
-            if f.inode == inode:
-                return f.fd
-        raise FuseError(errno.ENOENT)
+        fd = self.files.fd_of(inode)
+        if fd is None:
+            raise FuseError(errno.ENOENT)
+        return fd
 
     def _remember(self, inode: int, path: bytes, count: bool = True) -> None:
         self._paths.setdefault(inode, set()).add(path)
@@ -347,7 +330,14 @@ class EncryptedFS:
         e.st_gid = st.st_gid
         e.st_rdev = st.st_rdev
         if stat_m.S_ISREG(st.st_mode):
-            e.st_size = plain_file_size(st.st_size, self.block_size)
+            content = self.files.contents.get(e.st_ino)
+            if content is not None:
+                e.st_size = content.size
+            elif path is not None:
+                e.st_size = self.files.size_for_lookup(e.st_ino, path, st.st_size)
+            else:
+                e.st_size = plain_file_size(st.st_size, self.block_size)
+            self._sizes[e.st_ino] = e.st_size
         elif stat_m.S_ISLNK(st.st_mode):
             e.st_size = self.names.symlink_size(os.readlink(path)) if path is not None else 0
         else:
@@ -364,44 +354,6 @@ class EncryptedFS:
         inode = self._ino(st)
         self._remember(inode, path, count)
         return self._attrs(st, inode, path)
-
-    # -- per-file keys --------------------------------------------------------------
-
-    def _new_file_id(self) -> tuple[bytes, dict[str, str]]:
-        file_id = os.urandom(FILE_ID_LEN)
-        return file_id, self.config.file_context(file_id)
-
-    def _new_file_header(self) -> tuple[bytes, tuple[bytes, bytes]]:
-        """(header, (data key, file id)) for a new file."""
-        file_id, dk = self.new_keys.take()
-        assert dk.plaintext is not None
-        return FileHeader(file_id, dk.ciphertext_blob).pack(), (dk.plaintext, file_id)
-
-    def _data_key(self, fd: int) -> tuple[bytes, bytes] | None:
-        """(data key, file id) of an existing file, or None if it has no header yet."""
-        raw = os.pread(fd, HEADER_LEN, 0)
-        if not raw:
-            return None
-        header = FileHeader.parse(raw)
-        key = self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
-                              key=self.config.key_id, cache=self.key_cache).plaintext
-        return key, header.file_id
-
-    def _content(self, fd: int, path: bytes, create_header: bool,
-                 known_empty: bool = False) -> tuple[FileContent | None, tuple[bytes, bytes] | None]:
-        """(content, (data key, file id)) of an open backing file; (None, None) if it has no
-        header and none is to be created."""
-        data_key = None if known_empty else self._data_key(fd)
-        if data_key is None:
-            if not create_header:
-                return None, None
-            header, data_key = self._new_file_header()
-            os.pwrite(fd, header, 0)
-
-        def report(block_no: int) -> None:
-            log.error("%r: block %d failed authentication", path, block_no)
-
-        return FileContent(fd, self.cipher_class(*data_key, self.block_size), report), data_key
 
     # -- lookups and attributes ---------------------------------------------------------
 
@@ -422,7 +374,8 @@ class EncryptedFS:
                 continue
             self._lookups.pop(inode, None)
             self._no_capability.discard(inode)
-            if not any(f.inode == inode for f in self._files.values()):
+            self._sizes.pop(inode, None)
+            if not self.files.is_open(inode):
                 self._paths.pop(inode, None)
                 self._dirids.pop(inode, None)
 
@@ -441,17 +394,7 @@ class EncryptedFS:
         # paths are not followed (the entry itself may be a symlink); an fd is the file itself
         nofollow: dict[str, bool] = {"follow_symlinks": False} if isinstance(target, bytes) else {}
         if fields.update_size:
-            f = self._files.get(fh) if fh is not None else None
-            if f is not None and f.writable and f.content is not None:
-                f.content.truncate(attr.st_size)
-            else:
-                fd = self._open_backing(target, writable=True, noatime=True)
-                try:
-                    content, _key = self._content(fd, self._describe(target), create_header=attr.st_size > 0)
-                    if content is not None:
-                        content.truncate(attr.st_size)
-                finally:
-                    os.close(fd)
+            self._truncate(inode, target, attr.st_size, self.files.get(fh) if fh is not None else None)
         if fields.update_mode:
             if not stat_m.S_ISLNK(os.stat(target, **nofollow).st_mode):
                 os.chmod(target, stat_m.S_IMODE(attr.st_mode))
@@ -619,6 +562,8 @@ class EncryptedFS:
             self._generations[inode] = self._generations.get(inode, 0) + 1
             self._dirids.pop(inode, None)
             self._no_capability.discard(inode)
+            if stat_m.S_ISREG(st.st_mode):
+                self.files.unlinked(inode, path)
 
     def _remove_internal(self, dir_path: bytes) -> None:
         for n in os.listdir(dir_path):
@@ -758,13 +703,6 @@ class EncryptedFS:
 
     # -- files --------------------------------------------------------------------------------
 
-    def _open_handle(self, inode: int, path: bytes, fd: int, content: FileContent | None,
-                     writable: bool, data_key: tuple[bytes, bytes] | None) -> int:
-        fh = self._next_handle()
-        keep = data_key if self.seal_worker is not None else None
-        self._files[fh] = OpenFile(inode, fd, content, writable, path, keep)
-        return fh
-
     @fuse_op
     def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                ctx: RequestContext) -> tuple[int, EntryAttributes]:
@@ -779,20 +717,25 @@ class EncryptedFS:
             if not os.path.lexists(path):
                 self._remove_side(path, side)
             raise
+        fh = None
         try:
             uid, gid, sgid = self._owner(path, ctx)
             if uid != self._euid or not (sgid or gid == self._egid):  # else open() gave it that owner
                 os.fchown(fd, uid, gid)
             if stat_m.S_IMODE(mode) & (self._umask | 0o7000):  # the daemon's umask must not apply
                 os.fchmod(fd, stat_m.S_IMODE(mode))
-            content, data_key = self._content(fd, path, create_header=True, known_empty=True)
+            inode = self._ino(os.fstat(fd))
+            fh = self.files.add(OpenFile(inode, fd, True, path))
+            self.files.renew(self.files[fh])
         except BaseException:
-            os.close(fd)
+            if fh is not None:
+                self.files.release(fh)
+            else:
+                os.close(fd)
             os.unlink(path)
             self._remove_side(path, side)
             raise
         attrs = self._entry(path)
-        fh = self._open_handle(attrs.st_ino, path, fd, content, True, data_key)
         self._no_capability.add(attrs.st_ino)
         return fh, attrs
 
@@ -803,40 +746,53 @@ class EncryptedFS:
         if writable or flags & os.O_TRUNC:
             self._check_writable()
         target = self._target(inode)
-        path = self._describe(target)
         fd = self._open_backing(target, writable, noatime=accmode == os.O_WRONLY)
+        fh = self.files.add(OpenFile(inode, fd, writable, self._describe(target)))
         try:
-            content, data_key = self._content(fd, path, create_header=writable)
-            if flags & os.O_TRUNC and content is not None:
-                content.truncate(0)
+            if flags & os.O_TRUNC:
+                self.files.drop(inode, fd, self._describe(target))
+            else:  # load now: a damaged header, key or journal fails the open, not a later read
+                self.files.content(self.files[fh], self._sizes.get(inode))
         except BaseException:
-            os.close(fd)
+            self.files.release(fh)
             raise
-        return self._open_handle(inode, path, fd, content, writable, data_key)
+        return fh
+
+    def _truncate(self, inode: int, target: bytes | int, size: int, f: OpenFile | None) -> None:
+        """Truncate through handle ``f`` if it is writable, else through a backing fd of our own."""
+        if f is None or not f.writable:
+            fd = self._open_backing(target, writable=True, noatime=True)
+            f = OpenFile(inode, fd, True, self._describe(target))
+            fh = self.files.add(f)
+        else:
+            fh = None
+        try:
+            if size == 0:
+                self.files.drop(inode, f.fd, f.path)
+            else:
+                self.files.writable_content(f).truncate(size)
+        finally:
+            if fh is not None:
+                self.files.release(fh)
 
     @fuse_op
-    def reader(self, fh: int) -> OpenFile | None:
-        """The open file behind ``fh`` with its content ready to read, or None if it has none yet.
+    def reader(self, fh: int) -> tuple[OpenFile, FileContent] | None:
+        """The open file behind ``fh`` and its content, ready to read; None if it has none yet.
 
         Reading is split in two (reader, then read_open) so that the server can hold
         its lock shared while it decrypts."""
-        f = self._files[fh]
-        if f.content is None:  # opened while empty and headerless; another handle may have written since
-            f.content, data_key = self._content(f.fd, f.path, create_header=False)  # a read-only handle
-            if f.content is None:
-                return None
-            if self.seal_worker is not None:
-                f.data_key = data_key
-        return f
+        f = self.files[fh]
+        content = self.files.content(f, self._sizes.get(f.inode))
+        return None if content is None else (f, content)
 
-    def read_open(self, f: OpenFile, off: int, size: int) -> bytes | bytearray | memoryview:
+    def read_open(self, opened: tuple[OpenFile, FileContent], off: int, size: int) -> bytes | bytearray | memoryview:
         """Read from a file that reader() returned. Safe to run alongside other reads, but not
         alongside operations that change the file or close it. A large read may come back as a
         view of the sealing worker's arena: valid until this thread's next request."""
-        assert f.content is not None
+        f, content = opened
         with failures_as_errno("read"):
             try:
-                return f.content.read(off, size, self.seal_worker, functools.partial(self._worker_key, f))
+                return content.read(off, size, self.seal_worker, functools.partial(self.files.worker_key, content))
             except BlockAuthError:
                 log.error("%r: read at %d failed authentication", f.path, off)
                 raise FuseError(errno.EIO) from None
@@ -852,56 +808,57 @@ class EncryptedFS:
             self.seal_worker.close()
             self.seal_worker = None
 
-    def _worker_key(self, f: OpenFile) -> int | None:
-        """The id of ``f``'s data key in the sealing worker; sent there on first use."""
-        if f.seal_key_id is None and f.data_key is not None and self.seal_worker is not None:
-            with self._worker_keys:
-                if f.data_key is not None:  # not sent meanwhile by another reader
-                    f.seal_key_id = self.seal_worker.add_key(*f.data_key)
-                    f.data_key = None  # one try: a worker that is gone stays gone
-        return f.seal_key_id
-
-    def seal_ahead(self, fh: int, off: int, buf: memoryview) -> memoryview | None:
-        """``buf`` sealed for a write at ``off`` by the sealing worker, or None (then write()
-        seals it). Changes nothing, so it runs without the server's lock: the kernel keeps a
-        handle open while a write on it is in flight, and a handle's cipher never changes.
+    def seal_ahead(self, fh: int, off: int, buf: memoryview) -> tuple[int, memoryview] | None:
+        """``buf`` sealed for a write at ``off`` by the sealing worker, as (the key id it was
+        sealed under, the sealed bytes), or None (then write() seals it). Changes nothing, so
+        it runs without the server's lock: the kernel keeps a handle open while a write on
+        it is in flight; write() uses the result only if the file's key is still that one.
 
         Only writes of whole blocks (content.whole_blocks) qualify: what they seal does not
         depend on what the file holds. The result stays valid until this thread seals again."""
         worker = self.seal_worker
         if worker is None or len(buf) < WORKER_MIN_BYTES:
             return None
-        f = self._files.get(fh)
+        f = self.files.get(fh)
+        content = None if f is None else self.files.contents.get(f.inode)
         blocks = whole_blocks(off, len(buf), self.block_size)
-        if f is None or f.seal_key_id is None or blocks is None:
+        key_id = None if content is None else content.seal_key_id
+        if key_id is None or blocks is None:
             return None
-        sealed = worker.seal(f.seal_key_id, [(blocks, buf)])
-        return None if sealed is None else sealed[0]
+        sealed = worker.seal(key_id, [(blocks, buf)])
+        return None if sealed is None else (key_id, sealed[0])
 
     @fuse_op
-    def write(self, fh: int, off: int, buf: bytes | memoryview, sealed: memoryview | None = None) -> int:
+    def write(self, fh: int, off: int, buf: bytes | memoryview,
+              sealed: tuple[int, memoryview] | None = None) -> int:
         """Write ``buf`` at ``off``; ``sealed``: what seal_ahead() returned for this write."""
-        f = self._files[fh]
-        if f.content is None:
+        f = self.files[fh]
+        if not f.writable:
             raise FuseError(errno.EBADF)
-        if sealed is not None:
-            return f.content.write_sealed(off, len(buf), sealed)
+        content = self.files.writable_content(f)
+        if sealed is not None and sealed[0] == content.seal_key_id:
+            return content.write_sealed(off, len(buf), sealed[1])
         if len(buf) >= WORKER_MIN_BYTES:
-            self._worker_key(f)  # from the next large write on, this handle's are sealed ahead
-        return f.content.write(off, buf)
+            self.files.worker_key(content)  # from the next large write on, this file's are sealed ahead
+        return content.write(off, buf)
 
     @fuse_op
     def fsync(self, fh: int, datasync: bool) -> None:
-        f = self._files[fh]
-        (os.fdatasync if datasync else os.fsync)(f.fd)
+        f = self.files[fh]
+        content = self.files.contents.get(f.inode)
+        if content is not None:
+            content.fsync(datasync)
+        else:
+            (os.fdatasync if datasync else os.fsync)(f.fd)
 
     @fuse_op
     def release(self, fh: int) -> None:
-        f = self._files.pop(fh, None)
-        if f is not None:
-            os.close(f.fd)
-            if f.seal_key_id is not None and self.seal_worker is not None:
-                self.seal_worker.drop_key(f.seal_key_id)
+        self.files.release(fh)
+
+    def close_all(self) -> None:
+        """Close every open file (unmount): journals are checkpointed."""
+        self.files.close_all()
+        self.files.new_keys.clear()
 
     # -- xattrs ---------------------------------------------------------------------------------
 

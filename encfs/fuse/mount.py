@@ -131,7 +131,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     if warnings and not opts.read_only:
         for name in repair_config(cipherdir, config):
             log.warning("%s: restored %s from the good copy", cipherdir, name)
-    fs = EncryptedFS(os.fsencode(cipherdir), config, keys, ks, read_only=opts.read_only)
+    fs = EncryptedFS(os.fsencode(cipherdir), config, keys, ks, read_only=opts.read_only,
+                     recovering=bool(os.environ.get("ENCFS_RECOVERING")))  # TEMPORARY until the mount lock
     where = os.path.realpath(mountpoint)  # as mountinfo names it; never resolved once mounted
     try:
         fd = mount_fusermount(str(mountpoint), _fuse_options(cipherdir, opts))
@@ -148,11 +149,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         server.serve(threads=SERVER_THREADS)
     finally:
         with server.lock.exclusive():  # a worker may still be inside an operation
-            for f in list(fs._files.values()):
-                os.close(f.fd)
-            fs._files.clear()
+            fs.close_all()
         fs.stop_seal_worker()
-        fs.new_keys.clear()
         if not server.unmounted:
             try:
                 unmount_fusermount(str(mountpoint), lazy=True)

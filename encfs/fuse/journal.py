@@ -1,0 +1,204 @@
+"""The per-file write-ahead journal that makes block overwrites atomic (docs/FORMAT.md §6.5).
+
+A block that already exists in a backing file is never overwritten in place by a write:
+the sealed new version is appended to the file's journal, ``encfs.journal/<file id hex>``
+in the CIPHERDIR root, and reads take it from there. A checkpoint later copies the
+journaled blocks into place. Layout::
+
+    journal header (32 bytes): b"ENCJ" | u8 version 1 | 3 zero bytes | file id (16) | 8 zero bytes
+    records, end to end:
+      run:  b"EJRN" | u32 count | u64 first block | u32 sealed length | u32 0 | sealed run
+      sync: b"EJSY" | 20 zero bytes
+
+A run is ``count`` consecutive blocks sealed exactly as they go in place (every block full
+but the last), so a checkpoint copies bytes and never reseals.
+
+Invariants:
+- Nothing in the backing file is overwritten before the journal that holds its new version
+  is durable: a checkpoint runs fdatasync(journal), then the in-place writes, then
+  fdatasync(backing file), and only then removes the journal (unlink, fsync of the journal
+  directory). A crash at any point leaves either the old blocks in place, or a journal
+  whose replay (idempotent) gives the new ones.
+- A journal is removed durably before any new one for the same file is created, so a
+  journal found on disk is never older than the data in place.
+- A sync record is appended after every fdatasync of the journal: records before the last
+  sync record were durable, so one of them failing authentication is damage
+  (JournalDamaged, never ignored); a failure after it is a write torn by a crash that was
+  never acknowledged, and the journal is cut there.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from dataclasses import dataclass
+
+from encfs.blocks import BlockAuthError, BlockCipher, run_blocks
+from encfs.diskio import fsync_dir, pwritev_all
+
+JOURNAL_DIR = b"encfs.journal"
+_HEAD = struct.Struct(">4sB3s16s8s")
+_RECORD = struct.Struct(">4sIQII")
+RUN, SYNC = b"EJRN", b"EJSY"
+SYNC_RECORD = _RECORD.pack(SYNC, 0, 0, 0, 0)
+HEAD_LEN = _HEAD.size
+
+
+class JournalDamaged(Exception):
+    """A journal record that was durable does not authenticate (or cannot be parsed)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    first: int  # first block number
+    count: int
+    offset: int  # where its sealed bytes start in the journal
+    length: int  # sealed bytes
+
+
+def journal_path(root: bytes, file_id: bytes) -> bytes:
+    return os.path.join(root, JOURNAL_DIR, file_id.hex().encode())
+
+
+class Journal:
+    """One file's journal: appends runs, syncs, is scanned on recovery and removed after a
+    checkpoint. Not thread-safe (its FileContent serialises writes)."""
+
+    def __init__(self, root: bytes, file_id: bytes) -> None:
+        self.path = journal_path(root, file_id)
+        self.file_id = file_id
+        self.fd: int | None = None
+        self.length = 0
+        self.unsynced = False  # records appended since the last sync
+        self.new = False  # created since the journal directory was last synced
+
+    def open_existing(self) -> bool:
+        """Open the journal if one is on disk; False if none is. A read-only CIPHERDIR's
+        journal is opened read-only (it is then only read, never changed)."""
+        for mode in (os.O_RDWR, os.O_RDONLY):
+            try:
+                self.fd = os.open(self.path, mode | os.O_CLOEXEC | os.O_NOFOLLOW)
+                break
+            except FileNotFoundError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EROFS, errno.EACCES) or mode == os.O_RDONLY:
+                    raise
+        self.length = os.fstat(self.fd).st_size
+        return True
+
+    def _create(self) -> None:
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            pwritev_all(fd, [_HEAD.pack(b"ENCJ", 1, bytes(3), self.file_id, bytes(8))], 0)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.path)
+            raise
+        self.fd, self.length, self.new = fd, HEAD_LEN, True
+
+    def append(self, first: int, count: int, sealed: bytes | bytearray | memoryview) -> int:
+        """Append a run; returns where its sealed bytes start. On failure (ENOSPC) the journal
+        is cut back to what it was, so a failed write leaves no record behind."""
+        if self.fd is None:
+            self._create()
+        assert self.fd is not None
+        start = self.length
+        try:
+            pwritev_all(self.fd, [_RECORD.pack(RUN, count, first, len(sealed), 0), sealed], start)
+        except BaseException:
+            os.ftruncate(self.fd, start)
+            raise
+        self.length = start + _RECORD.size + len(sealed)
+        self.unsynced = True
+        return start + _RECORD.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        assert self.fd is not None
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise OSError(errno.EIO, "journal shorter than its index")
+        return data
+
+    def sync(self) -> None:
+        """Make every record appended so far durable (and the journal's name, if new)."""
+        if self.fd is None or not (self.unsynced or self.new):
+            return
+        os.fdatasync(self.fd)
+        if self.new:
+            fsync_dir(os.path.dirname(self.path))
+            self.new = False
+        if self.unsynced:
+            # Not synced itself: if a crash loses it, the records before it are only
+            # treated as unsynced (cut off if they fail, which a durable record cannot).
+            pwritev_all(self.fd, [SYNC_RECORD], self.length)
+            self.length += len(SYNC_RECORD)
+            self.unsynced = False
+
+    def remove(self) -> None:
+        """Delete the journal durably (its records are in place and durable)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return
+        fsync_dir(os.path.dirname(self.path))
+        self.length, self.unsynced, self.new = 0, False, False
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def cut(self, length: int) -> None:
+        """Drop everything from ``length`` on (a torn tail that scan() ignored), before appending."""
+        assert self.fd is not None
+        os.ftruncate(self.fd, length)
+        self.length = length
+
+    def scan(self, cipher: BlockCipher) -> tuple[list[Run], int, list[str]]:
+        """The journal's valid runs in order (each block checked), where its valid part ends,
+        and a note for a torn tail after it. JournalDamaged if a durable record is bad."""
+        assert self.fd is not None
+        data = os.pread(self.fd, self.length, 0)
+        if len(data) < HEAD_LEN:
+            return self._torn(0, data, [], "journal header torn")
+        magic, version, zeros, file_id, zeros2 = _HEAD.unpack_from(data)
+        if magic != b"ENCJ" or version != 1 or any(zeros) or any(zeros2) or file_id != self.file_id:
+            raise JournalDamaged(f"journal {self.path!r} has a bad header")
+        runs: list[Run] = []
+        pos = HEAD_LEN
+        block = cipher.block_size
+        while pos < len(data):
+            if pos + _RECORD.size > len(data):
+                return self._torn(pos, data, runs, "record header torn")
+            kind, count, first, length, zero = _RECORD.unpack_from(data, pos)
+            body = pos + _RECORD.size
+            if kind == SYNC and not (count or first or length or zero):
+                pos = body
+                continue
+            if kind != RUN or zero or not count or body + length > len(data):
+                return self._torn(pos, data, runs, "record torn or unreadable")
+            try:
+                numbers, _plain = run_blocks(first, length, block)
+                if len(numbers) != count:
+                    raise BlockAuthError(first)
+                cipher.open_run(first, memoryview(data)[body:body + length])
+            except BlockAuthError:
+                return self._torn(pos, data, runs, f"run of blocks {first}-{first + count - 1} fails authentication")
+            runs.append(Run(first, count, body, length))
+            pos = body + length
+        return runs, pos, []
+
+    def _torn(self, pos: int, data: bytes, runs: list[Run], why: str) -> tuple[list[Run], int, list[str]]:
+        """The journal stops being valid at ``pos``: a write torn by a crash (ignore the rest),
+        unless a sync record follows, which makes it damage to something that was durable."""
+        if data.find(SYNC_RECORD, pos + 1) >= 0:
+            raise JournalDamaged(f"journal {self.path!r}: {why} at byte {pos}, before a durable record")
+        return runs, pos, [f"journal {self.path!r}: {why} at byte {pos}: a write torn by a crash "
+                      f"(never acknowledged by fsync) was dropped"]

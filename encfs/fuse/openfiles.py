@@ -1,0 +1,307 @@
+"""Open files: the handles the kernel holds, and the per-inode contents they share.
+
+Invariants:
+- One FileContent per inode while any handle of it is open: every handle reads and writes
+  through it, so a block journaled through one handle is read back through another, and
+  the plaintext size is one number.
+- A content is closed (checkpointed: see content.py) when the last handle of its inode is
+  released, or dropped when the file is truncated to 0: the header goes first, and the
+  next write gives the file a new header and data key (never the old key of a file that
+  was emptied, nor a header someone copied in: header poisoning). A content whose
+  checkpoint fails (a full disk) stays loaded without handles ("pinned"), so that its
+  journaled blocks and size keep being served; the next release or unmount tries again.
+- With the writeback cache the kernel trusts the size it learnt at lookup for as long as
+  it caches the inode, so a crash recovery that changes a file's size must run before
+  the kernel first sees the file: size_for_lookup() recovers a file at its first lookup
+  when a recovery may be due (``recovering``: the last mount did not end cleanly; or the
+  file has a journal on disk).
+- A handle keeps its own backing fd: the backing open() checked the caller's access, and a
+  file with no name left is still reached through it. A content has its own fd, a
+  duplicate of a handle's, replaced by a writable one when a writable handle writes.
+- Contents are loaded under ``load_lock``: reads load them too, and reads run side by side.
+- A data key reaches the sealing worker at its file's first large read or write and is
+  dropped when the content closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from encfs.blocks import BlockCipher
+from encfs.fuse.content import FileContent, plain_file_size
+from encfs.fuse.fileheader import FILE_ID_LEN, HEADER_LEN, V1, V2, FileHeader
+from encfs.fuse.fsconfig import FsConfig
+from encfs.fuse.journal import JOURNAL_DIR
+from encfs.keys.cache import DataKeyCache
+from encfs.keys.pool import DataKeyPool
+from encfs.keys.service import KeyService
+from encfs.sealworker import SealWorker
+
+log = logging.getLogger("encfs.fuse")
+
+
+@dataclass
+class OpenFile:
+    inode: int
+    fd: int
+    writable: bool
+    path: bytes
+
+
+class OpenFiles:
+    """Handles by number, and each open inode's content."""
+
+    def __init__(self, root: bytes, config: FsConfig, ks: KeyService, cipher_class: type[BlockCipher],
+                 read_only: bool, worker: Callable[[], SealWorker | None], recovering: bool = True) -> None:
+        self.root = root
+        self.config = config
+        self.block_size = config.block_size
+        self.ks = ks
+        self.cipher_class = cipher_class
+        self.read_only = read_only
+        self._worker = worker
+        self.key_cache = DataKeyCache(max_age=3600, max_entries=65536)
+        # New files' keys come in batches: one pass through the key service per batch.
+        self.new_keys = DataKeyPool(ks, config.key_id, self._new_file_id, cache=self.key_cache)
+        self._handles: dict[int, OpenFile] = {}
+        self._per_inode: dict[int, int] = {}
+        self.contents: dict[int, FileContent] = {}
+        self.load_lock = threading.Lock()
+        self.recovering = recovering
+        self.checked: set[int] = set()  # inodes whose recovery was done (or not due) in this mount
+        self._worker_keys = threading.Lock()  # reads (under the server's shared lock) send keys too
+        self._next = 1
+        try:  # files whose journal a crash left behind: recovered when next loaded
+            self.journals = {bytes.fromhex(n) for n in os.listdir(os.path.join(root, JOURNAL_DIR).decode())
+                             if len(n) == 2 * FILE_ID_LEN}
+        except (FileNotFoundError, ValueError):
+            self.journals = set()
+        # Files of a format-1 filesystem stay version 1 (format-1 encfs cannot read version 2).
+        self.version = V2 if config.format >= 2 or os.environ.get("ENCFS_V2") else V1
+
+    # -- handles ----------------------------------------------------------------------
+
+    def add(self, f: OpenFile) -> int:
+        fh, self._next = self._next, self._next + 1
+        self._handles[fh] = f
+        self._per_inode[f.inode] = self._per_inode.get(f.inode, 0) + 1
+        return fh
+
+    def __getitem__(self, fh: int) -> OpenFile:
+        return self._handles[fh]
+
+    def get(self, fh: int) -> OpenFile | None:
+        return self._handles.get(fh)
+
+    def is_open(self, inode: int) -> bool:
+        return inode in self._per_inode
+
+    def fd_of(self, inode: int) -> int | None:
+        """A backing fd of ``inode`` from one of its handles."""
+        for f in self._handles.values():
+            if f.inode == inode:
+                return f.fd
+        return None
+
+    def release(self, fh: int) -> None:
+        """Forget handle ``fh``; its inode's content closes with its last handle."""
+        f = self._handles.pop(fh, None)
+        if f is None:
+            return
+        os.close(f.fd)
+        left = self._per_inode[f.inode] - 1
+        if left:
+            self._per_inode[f.inode] = left
+            return
+        del self._per_inode[f.inode]
+        content = self.contents.get(f.inode)
+        if content is not None and self._close(content, f.path):
+            del self.contents[f.inode]
+
+    def _close(self, content: FileContent, path: bytes, unlinked: bool | None = None) -> bool:
+        """Checkpoint and close a content; False (it stays open, pinned) if the checkpoint fails."""
+        try:
+            if unlinked is None:
+                unlinked = os.fstat(content.fd).st_nlink == 0
+            content.close(unlinked)
+        except OSError as e:  # its journal stays on disk: the next load replays it
+            log.error("%r: checkpoint failed (%s); its journal is kept", path, e.strerror)
+            return False
+        if content.seal_key_id is not None and (worker := self._worker()) is not None:
+            worker.drop_key(content.seal_key_id)
+        return True
+
+    def close_all(self) -> None:
+        """Close every content and handle (unmount); a journal that cannot be checkpointed
+        stays on disk for the next mount."""
+        for inode, content in list(self.contents.items()):
+            if not self._close(content, b"<inode %d>" % inode):
+                content.release_fds()
+        for f in self._handles.values():
+            os.close(f.fd)
+        self._handles.clear()
+        self._per_inode.clear()
+        self.contents.clear()
+
+    # -- contents ---------------------------------------------------------------------
+
+    def content(self, f: OpenFile, known_size: int | None = None) -> FileContent | None:
+        """``f``'s content, loaded (and recovered) on first use; None while the file has no
+        header (empty and never written)."""
+        c = self.contents.get(f.inode)
+        if c is not None:
+            return c
+        with self.load_lock:
+            c = self.contents.get(f.inode)
+            if c is None:
+                c = self._load(f, known_size)
+                if c is not None:
+                    self.contents[f.inode] = c
+        return c
+
+    def size_for_lookup(self, inode: int, path: bytes, backing_size: int) -> int:
+        """The plaintext size to report for a regular file (see the invariants)."""
+        c = self.contents.get(inode)
+        if c is not None:
+            return c.size
+        if inode in self.checked or backing_size <= HEADER_LEN or not (self.recovering or self.journals):
+            return plain_file_size(backing_size, self.block_size)
+        try:
+            return self._recover(inode, path)
+        except Exception as e:  # noqa: BLE001 - the open will report it; a lookup shows what is there
+            log.error("%r: cannot check it for crash recovery: %s", path, getattr(e, "message", e))
+            return plain_file_size(backing_size, self.block_size)
+
+    def _recover(self, inode: int, path: bytes) -> int:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            if not self.recovering:  # only a journal is due: is this file's on disk?
+                raw = os.pread(fd, HEADER_LEN, 0)
+                if len(raw) < HEADER_LEN or FileHeader.parse(raw).file_id not in self.journals:
+                    self.checked.add(inode)
+                    return plain_file_size(os.fstat(fd).st_size, self.block_size)
+            with self.load_lock:
+                c = self._load(OpenFile(inode, fd, False, path), None)
+        finally:
+            os.close(fd)
+        self.checked.add(inode)
+        if c is None:
+            return 0
+        if c.journal.fd is not None or not self._close(c, path):
+            self.contents[inode] = c  # a journal it could not checkpoint: pinned
+        return c.size
+
+    def unlinked(self, inode: int, path: bytes) -> None:
+        """The file's last name is gone: a pinned content (no handles) drops its journal and
+        lets the file's space go."""
+        c = self.contents.get(inode)
+        if c is not None and not self.is_open(inode):
+            del self.contents[inode]
+            try:
+                c.close(unlinked=True)
+            except OSError as e:
+                log.error("%r: dropping its journal failed: %s", path, e.strerror)
+
+    def _reporter(self, path: bytes) -> Callable[[int], None]:
+        def report(block_no: int) -> None:
+            log.error("%r: block %d failed authentication", path, block_no)
+        return report
+
+    def _load(self, f: OpenFile, known_size: int | None) -> FileContent | None:
+        raw = os.pread(f.fd, HEADER_LEN, 0)
+        if not raw:
+            return None
+        header = FileHeader.parse(raw)
+        key = self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
+                              key=self.config.key_id, cache=self.key_cache).plaintext
+        fd, writable = self._content_fd(f)
+        try:
+            c = FileContent(fd, header, self.cipher_class(key, header.file_id, self.block_size), self.root,
+                            self.journals, self._reporter(f.path))
+            for note in c.load(writable, known_size, after_crash=self.recovering):
+                log.warning("%r: %s", f.path, note)
+        except BaseException:
+            os.close(fd)
+            raise
+        c.fd_writable = writable
+        c.data_key = (key, header.file_id) if self._worker() is not None else None
+        return c
+
+    def _content_fd(self, f: OpenFile) -> tuple[int, bool]:
+        """A backing fd for a content: read-write where the mount and the file allow it (a
+        recovery may have to write), else a duplicate of the handle's."""
+        if f.writable:
+            return os.dup(f.fd), True
+        if not self.read_only:
+            try:
+                return os.open(f"/proc/self/fd/{f.fd}", os.O_RDWR | os.O_CLOEXEC), True
+            except OSError:
+                pass
+        return os.dup(f.fd), False
+
+    def writable_content(self, f: OpenFile) -> FileContent:
+        """The content a write through ``f`` goes to: a new header and data key if the file
+        has none or is empty and not made by this daemon (see the invariants), a file of
+        this filesystem's content version, and an fd open for writing."""
+        c = self.content(f)
+        if c is None or (c.size == 0 and not c.fresh):
+            return self.renew(f)
+        if c.read_only:
+            raise OSError(errno.EROFS, "its journal could not be recovered read-write")
+        if not c.fd_writable:
+            fd = os.dup(f.fd)
+            os.close(c.fd)
+            c.fd, c.fd_writable = fd, True
+        if c.v1 and self.version == V2:
+            c.upgrade()
+        c.check_key()
+        return c
+
+    def renew(self, f: OpenFile) -> FileContent:
+        """Empty ``f``'s file and give it a new header and data key."""
+        self.drop(f.inode, f.fd, f.path)
+        fd = os.dup(f.fd)
+        try:
+            file_id, dk = self.new_keys.take()
+            assert dk.plaintext is not None
+            header = FileHeader(file_id, dk.ciphertext_blob, self.version)
+            c = FileContent.create(fd, header, self.cipher_class(dk.plaintext, file_id, self.block_size),
+                                   self.root, self.journals, self._reporter(f.path))
+        except BaseException:
+            os.close(fd)
+            raise
+        c.fd_writable = True
+        c.data_key = (dk.plaintext, file_id) if self._worker() is not None else None
+        self.contents[f.inode] = c
+        self.checked.add(f.inode)
+        return c
+
+    def drop(self, inode: int, fd: int, path: bytes) -> None:
+        """Truncate the file to 0 through ``fd``: the header goes first, then its content and
+        journal (a crash in between leaves an empty file and an orphaned journal)."""
+        os.ftruncate(fd, 0)
+        c = self.contents.pop(inode, None)
+        if c is not None:
+            self._close(c, path, unlinked=True)
+
+    def _new_file_id(self) -> tuple[bytes, dict[str, str]]:
+        file_id = os.urandom(FILE_ID_LEN)
+        return file_id, self.config.file_context(file_id)
+
+    def worker_key(self, c: FileContent) -> int | None:
+        """The id of ``c``'s data key in the sealing worker; sent there on first use."""
+        worker = self._worker()
+        if c.seal_key_id is None and c.data_key is not None and worker is not None:
+            with self._worker_keys:
+                if c.data_key is not None:  # not sent meanwhile by another reader
+                    c.seal_key_id = worker.add_key(*c.data_key)
+                    c.data_key = None  # one try: a worker that is gone stays gone
+        return c.seal_key_id
+
+    def handles(self) -> Iterator[OpenFile]:
+        return iter(list(self._handles.values()))
