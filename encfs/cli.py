@@ -7,6 +7,7 @@ and exits non-zero; tracebacks appear only with ENCFS_DEBUG=1.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -35,7 +36,8 @@ def add_hsm_options(parser: argparse.ArgumentParser) -> None:
 
 def hsm_options(args: argparse.Namespace) -> HsmOptions:
     return HsmOptions(uri=args.pkcs11_uri, module=args.pkcs11_module, token=args.token,
-                      pin_file=args.pin_file, pin_env=args.pin_env, config=args.config)
+                      pin_file=args.pin_file, pin_env=args.pin_env, config=args.config,
+                      pin=getattr(args, "handed_pin", None))
 
 
 def home_of(args: argparse.Namespace) -> Path | None:
@@ -81,13 +83,31 @@ def _mount_helper_argv(argv: list[str], commands: set[str]) -> list[str]:
     return argv
 
 
+class _WarningFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"encfs: {record.levelname.lower()}: {record.getMessage()}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. With ``argv`` None (a real process) no PIN stays on its command line or
+    in its environment: see encfs.keys.pin_handoff, which may re-execute this process."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    handler = logging.StreamHandler(sys.stderr)  # warnings of a command: `encfs: warning: ...`
+    handler.setFormatter(_WarningFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    own_process = argv is None
     argv = _mount_helper_argv(list(sys.argv[1:] if argv is None else argv), set(subparsers.choices))
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "prepare", None) is not None:
+            args.prepare(args)
+        if own_process and hasattr(args, "pkcs11_uri"):
+            from encfs.keys.config import default_home
+            from encfs.keys.pin_handoff import scrub
+
+            args.handed_pin = scrub(home_of(args) or default_home(), hsm_options(args), sys.argv[1:]).pin
         return int(args.func(args) or 0)
     except EncfsError as e:
         print(f"encfs: {e.message}", file=sys.stderr)

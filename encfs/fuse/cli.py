@@ -39,16 +39,26 @@ def cmd_init(args: argparse.Namespace) -> int:
 _OWN_OPTIONS = {"home": "home", "config": "config", "pin-file": "pin_file", "log-file": "log_file"}
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
-    from encfs.fuse.mount import MountOptions, mount
+def take_own_options(args: argparse.Namespace) -> None:
+    """Move encfs's own settings out of ``-o`` into ``args`` (the rest stays in ``args.fuse_extra``).
 
-    extra = []
+    The CLI calls this before anything reads the token options (where the PIN comes from)."""
+    if hasattr(args, "fuse_extra"):
+        return
+    args.fuse_extra = []
     for o in (o for opt in (args.o or []) for o in opt.split(",") if o):
         name, eq, value = o.partition("=")
         if eq and name in _OWN_OPTIONS:
             setattr(args, _OWN_OPTIONS[name], value)
         else:
-            extra.append(o)
+            args.fuse_extra.append(o)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from encfs.fuse.mount import MountOptions, mount
+
+    take_own_options(args)
+    extra = args.fuse_extra
     home, hsm = _ks_args(args)
     opts = MountOptions(read_only=args.read_only or "ro" in extra,
                         allow_other=args.allow_other or "allow_other" in extra, extra=extra,
@@ -127,7 +137,7 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
     p.add_argument("-o", action="append", metavar="OPTS", help="extra FUSE mount options")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: none)")
-    p.set_defaults(func=cmd_mount)
+    p.set_defaults(func=cmd_mount, prepare=take_own_options)
 
     p = sub.add_parser("install-mount-helper",
                        help="install /sbin/mount.fuse.encfs so /etc/fstab entries of type fuse.encfs work")

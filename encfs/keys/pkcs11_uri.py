@@ -33,10 +33,26 @@ class Pkcs11Uri:
     pin_value: str | None = None
 
 
+def _is_pin_value(item: str) -> bool:
+    return item.partition("=")[0] == "pin-value"
+
+
+def has_pin_value(uri: str) -> bool:
+    """Whether ``uri`` carries a literal PIN (a ``pin-value`` query attribute)."""
+    return any(_is_pin_value(item) for item in uri.partition("?")[2].split("&"))
+
+
+def without_pin_value(uri: str) -> str:
+    """``uri`` with every ``pin-value`` query attribute removed (everything else as written)."""
+    path, sep, query = uri.partition("?")
+    kept = [item for item in query.split("&") if not _is_pin_value(item)] if sep else []
+    return path + ("?" + "&".join(kept) if any(kept) else "")
+
+
 def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
-    """Parse ``uri``; raise ConfigError naming the offending part."""
+    """Parse ``uri``; raise ConfigError naming the offending part (never the PIN)."""
     if not uri.startswith("pkcs11:"):
-        raise ConfigError(f"not a pkcs11 URI (must start with 'pkcs11:'): {uri!r}")
+        raise ConfigError(f"not a pkcs11 URI (must start with 'pkcs11:'): {without_pin_value(uri)!r}")
     body = uri[len("pkcs11:"):]
     path, _, query = body.partition("?")
     values: dict[str, str] = {}
