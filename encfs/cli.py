@@ -115,12 +115,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("encfs: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug: still one line unless asked for more
-        if os.environ.get("ENCFS_DEBUG"):
-            traceback.print_exc()
-        print(f"encfs: internal error: {type(e).__name__}: {e} (set ENCFS_DEBUG=1 for a traceback)",
-              file=sys.stderr)
-        return 70
+    except OSError as e:
+        if e.filename is None or os.environ.get("ENCFS_DEBUG"):
+            return _internal_error(e)
+        # A file encfs could not use and no code path named: still the file and the cause.
+        print(f"encfs: {os.fsdecode(e.filename)}: {e.strerror or e}", file=sys.stderr)
+        return 74  # EX_IOERR
+    except Exception as e:
+        return _internal_error(e)
+
+
+def _internal_error(e: Exception) -> int:
+    """A bug: still one line unless asked for more."""
+    if os.environ.get("ENCFS_DEBUG"):
+        traceback.print_exc()
+    print(f"encfs: internal error: {type(e).__name__}: {e} (set ENCFS_DEBUG=1 for a traceback)", file=sys.stderr)
+    return 70
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ class ConfigError(EncfsError):
     """A configuration file, URI or PIN source is missing or malformed."""
 
 
+class StateError(EncfsError):
+    """The state directory, or a file encfs keeps in it, cannot be used (owner, mode, damage, disk)."""
+
+
 class TokenError(EncfsError):
     """The PKCS#11 module or token is unavailable or misbehaves."""
 

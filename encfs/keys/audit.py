@@ -3,7 +3,9 @@
 Invariant: records carry ids, versions, contexts and outcomes, never key
 material or plaintext; callers pass only those fields. Each record is written
 with a single ``write(2)`` on an ``O_APPEND`` descriptor, so concurrent
-processes never interleave partial lines.
+processes never interleave partial lines. A record that cannot be written is a
+StateError naming the log (KeyService.open opens it first, so an unwritable log
+refuses a command before it acts).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from encfs.errors import StateError
 
 
 def iso_time(t: float) -> str:
@@ -43,10 +47,18 @@ class AuditLog:
 
     def _descriptor(self) -> int:
         if self._fd is None or self._pid != os.getpid():
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise StateError(f"cannot write the audit log {self.path}: {e.strerror}") from None
             self._pid = os.getpid()
         return self._fd
+
+    def open(self) -> None:
+        """Open the log now: a service that cannot audit refuses before it acts, not after."""
+        with self._lock:
+            self._descriptor()
 
     def record(self, operation: str, **fields: Any) -> None:
         """Append one record; ``fields`` are _line's (outcome, key_id, key_version, context, error,
@@ -96,7 +108,13 @@ class AuditLog:
 
     def _append(self, data: bytes) -> None:
         with self._lock:
-            os.write(self._descriptor(), data)
+            try:
+                written = os.write(self._descriptor(), data)
+            except OSError as e:
+                raise StateError(f"cannot write the audit log {self.path}: {e.strerror}") from None
+            if written != len(data):
+                raise StateError(f"cannot write the audit log {self.path}: short write "
+                                 f"({written} of {len(data)} bytes; is its disk full?)")
 
     def read(self) -> Iterator[dict[str, Any]]:
         try:

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from encfs.errors import ConfigError, UsageError
+from encfs.errors import UsageError
 from encfs.keys.context import parse_context_args
 from encfs.keys.metadata import ORIGIN_EXTERNAL, ORIGIN_TOKEN
 from encfs.keys.service import MAX_ENCRYPT_PLAINTEXT, WRAPPING_ALGORITHMS, KeyService
@@ -68,13 +68,10 @@ def _parse_time(text: str) -> float:
 
 def cmd_hsm_init(args: argparse.Namespace) -> int:
     from encfs.cli import hsm_options, home_of
-    from encfs.keys.config import default_home, resolve_token
+    from encfs.keys.config import default_home, prepare_state_dir, resolve_token
 
     home = home_of(args) or default_home()
-    try:
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        raise ConfigError(f"cannot create state directory {home}: {e.strerror}") from None
+    prepare_state_dir(home)
     _spec, embedded = resolve_token(home, hsm_options(args))
     created = embedded.provision() if embedded is not None else False
     with _service(args) as ks:

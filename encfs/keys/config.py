@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from encfs.errors import ConfigError
+from encfs.errors import ConfigError, StateError
 from encfs.keys.pkcs11_uri import parse_pkcs11_uri
 from encfs.keys.softhsm import EmbeddedSoftHSM
 from encfs.keys.token import PinSource, TokenSpec
@@ -45,16 +45,51 @@ class HsmOptions:
     pin: str | None = field(default=None, repr=False)  # already read (a daemon's parent prompted)
 
 
+def check_state_dir(home: Path) -> None:
+    """StateError in one line if ``home`` exists but this process cannot use it."""
+    try:
+        st = os.stat(home)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StateError(f"cannot use state directory {home}: {e.strerror}") from None
+    if not os.path.isdir(home):
+        raise StateError(f"state directory {home} is not a directory")
+    if not os.access(home, os.R_OK | os.W_OK | os.X_OK, effective_ids=True):
+        raise StateError(f"state directory {home} (owner {_user(st.st_uid)}, mode {st.st_mode & 0o7777:04o}) is "
+                         f"not usable by {_user(os.geteuid())}: give your own with --home or ENCFS_HOME")
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def prepare_state_dir(home: Path) -> None:
+    """Create ``home`` (mode 0700) if needed and check that this process can use it."""
+    check_state_dir(home)
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise StateError(f"cannot create state directory {home}: {e.strerror}") from None
+
+
 def _read_config(home: Path, explicit: str | None) -> dict[str, object]:
     path = Path(explicit) if explicit else home / "config.toml"
-    if not path.exists():
-        if explicit:
-            raise ConfigError(f"config file not found: {path}")
-        return {}
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file not found: {path}") from None
+        return {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     hsm = data.get("hsm", {})
     if not isinstance(hsm, dict):
@@ -67,6 +102,7 @@ def _read_config(home: Path, explicit: str | None) -> dict[str, object]:
 
 def resolve_token(home: Path, opts: HsmOptions) -> tuple[TokenSpec, EmbeddedSoftHSM | None]:
     """Return the token to use and, for the embedded default, its provisioner."""
+    check_state_dir(home)
     conf = _read_config(home, opts.config)
     uri_text = opts.uri or conf.get("uri")
     uri = parse_pkcs11_uri(str(uri_text)) if uri_text else None

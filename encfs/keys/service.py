@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from encfs.errors import (
-    ConfigError,
     ContextMismatch,
     EncfsError,
     InvalidCiphertext,
@@ -44,7 +43,7 @@ from encfs.errors import (
 from encfs.keys.audit import AuditLog, iso_time
 from encfs.keys.blob import ALGORITHMS, NONCE_LEN, BlobHeader, CiphertextBlob
 from encfs.keys.cache import DataKeyCache
-from encfs.keys.config import HsmOptions, default_home, resolve_token
+from encfs.keys.config import HsmOptions, default_home, prepare_state_dir, resolve_token
 from encfs.keys.context import EncryptionContext, context_digest, encode_context
 from encfs.keys.metadata import (
     DISABLED,
@@ -163,10 +162,7 @@ class KeyService:
              clock: Callable[[], float] = time.time, provision: bool = True) -> KeyService:
         """Open the key service of ``home``; provision the embedded token if needed."""
         home = home or default_home()
-        try:
-            home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as e:
-            raise ConfigError(f"cannot create state directory {home}: {e.strerror}") from None
+        prepare_state_dir(home)
         spec, embedded = resolve_token(home, hsm or HsmOptions())
         if embedded is not None:
             if not embedded.provisioned:
@@ -174,7 +170,9 @@ class KeyService:
                     raise TokenError(f"no encfs token in {home}: run `encfs hsm init`")
                 embedded.provision()
             embedded.activate()
-        return cls(home, Token(spec), clock)
+        service = cls(home, Token(spec), clock)
+        service.audit.open()  # an unwritable audit log refuses every call: before, not after, it acts
+        return service
 
     def close(self) -> None:
         self.token.close()

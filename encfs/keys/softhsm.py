@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from encfs.errors import ConfigError, ModuleNotFound, TokenError
+from encfs.errors import ConfigError, ModuleNotFound, StateError, TokenError
 from encfs.keys.token import PinSource, TokenSpec
 
 TOKEN_LABEL = "encfs"
@@ -56,14 +56,49 @@ class EmbeddedSoftHSM:
 
     @property
     def provisioned(self) -> bool:
-        return self.conf.exists()
+        try:
+            os.stat(self.conf)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise StateError(f"cannot use the embedded token in {self.dir}: {e.strerror}") from None
+        return True
+
+    def check_conf(self) -> None:
+        """StateError in one line if softhsm2.conf cannot work: SoftHSM2 itself ignores lines it
+        does not understand (then finds no token in its default directory) and fails to load,
+        with no reason given, when the token directory is missing."""
+        try:
+            text = self.conf.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise StateError(f"cannot read the SoftHSM2 config {self.conf}: "
+                             f"{getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
+        settings = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, eq, value = line.partition("=")
+            if not eq or not name.strip():
+                raise StateError(f"SoftHSM2 config {self.conf} is damaged: line {number} is not 'name = value'")
+            settings[name.strip()] = value.strip()
+        tokendir = settings.get("directories.tokendir")
+        if not tokendir:
+            raise StateError(f"SoftHSM2 config {self.conf} is damaged: it names no token directory "
+                             f"(expected 'directories.tokendir = {self.tokendir}')")
+        if not os.path.isdir(tokendir):
+            raise StateError(f"SoftHSM2 config {self.conf} names token directory {tokendir}, which does not exist")
+        if not os.access(tokendir, os.R_OK | os.W_OK | os.X_OK, effective_ids=True):
+            raise StateError(f"SoftHSM2 config {self.conf} names token directory {tokendir}, which uid "
+                             f"{os.geteuid()} cannot use")
 
     def spec(self) -> TokenSpec:
         return TokenSpec(module=softhsm_module(), label=TOKEN_LABEL,
                          pin=PinSource("file", str(self.user_pin)))
 
     def activate(self) -> None:
-        """Point this process's SoftHSM2 at our config (before it is loaded)."""
+        """Point this process's SoftHSM2 at our config (before it is loaded), once it is checked."""
+        self.check_conf()
         current = os.environ.get("SOFTHSM2_CONF")
         from encfs.keys import token as token_mod
 

@@ -148,7 +148,11 @@ def load_module(path: str) -> Any:
         try:
             lib = pkcs11.lib(path)
         except p11e.PKCS11Error as e:
-            raise ModuleNotFound(f"cannot load PKCS#11 module {path}: {e}") from None
+            # python-pkcs11's exceptions often carry no text: name the error, and SoftHSM2's config,
+            # the usual cause of a failing C_Initialize.
+            conf = os.environ.get("SOFTHSM2_CONF")
+            hint = f" (SOFTHSM2_CONF={conf})" if conf and "softhsm" in os.path.basename(path) else ""
+            raise ModuleNotFound(f"cannot load PKCS#11 module {path}: {str(e) or type(e).__name__}{hint}") from None
         _LIBS[path] = (lib, os.getpid())
         return lib
 
