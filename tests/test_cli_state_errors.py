@@ -3,7 +3,9 @@
 Each case runs the real CLI on a real embedded token: an unwritable audit log, a state
 directory another user owns, a damaged softhsm2.conf, a lost or damaged keys.json. Each
 must print one line ``encfs: <cause>`` naming the path, exit non-zero but not 70 (the
-internal-error code), change nothing, and work again once the damage is undone.
+internal-error code), change nothing, and work again once the damage is undone. A lost
+keys.json comes back from its copy, keys.json.bak, with a warning; with both lost, a
+token that still holds keys refuses instead of listing none.
 
 Cases needing another user run as uid 65534 through setpriv, like test_fuse_unprivileged.py.
 """
@@ -177,3 +179,82 @@ def test_vendor_module_with_broken_softhsm2_conf(tmp_path: Path) -> None:
                      env={"SOFTHSM2_CONF": str(emb.conf)})
     msg = one_line_error(proc, "cannot load PKCS#11 module", f"SOFTHSM2_CONF={emb.conf}")
     assert not msg.rstrip().endswith(":"), msg
+
+
+# -- keys.json -------------------------------------------------------------------------------
+
+
+def test_deleted_keys_json_comes_back_from_its_copy(home: Path) -> None:
+    keys = home / "keys.json"
+    saved = keys.read_bytes()
+    assert (home / "keys.json.bak").read_bytes() == saved  # every metadata write keeps the copy
+    keys.unlink()
+    proc = ok("key", "list", home=home)
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1 and err.startswith("encfs: warning: "), err
+    assert str(keys) in err and "keys.json.bak" in err and "restored" in err
+    assert len(proc.stdout.decode().splitlines()) == 3  # header and both keys
+    assert keys.read_bytes() == saved
+    assert ok("key", "list", home=home).stderr == b""  # repaired: no more warnings
+    still_works(home)
+
+
+def test_damaged_keys_json_comes_back_from_its_copy(home: Path) -> None:
+    keys = home / "keys.json"
+    saved = keys.read_bytes()
+    keys.write_bytes(saved[: len(saved) // 2])  # torn
+    proc = ok("key", "encrypt", "b", home=home, input=b"y")
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1 and "damaged" in err and "keys.json.bak" in err, err
+    assert keys.read_bytes() == saved
+    still_works(home)
+
+
+def test_lost_key_metadata_refuses_while_the_token_holds_keys(home: Path, tmp_path: Path) -> None:
+    keys, bak = home / "keys.json", home / "keys.json.bak"
+    saved = keys.read_bytes()
+    keys.unlink()
+    bak.unlink()
+    objects = token_objects(home)
+    for args in (("key", "list"), ("key", "create", "--alias", "c"), ("key", "create"), ("key", "describe", "a")):
+        one_line_error(run_encfs(*args, home=home), str(keys), "keys.json.bak", "missing", "2 encfs key object")
+    assert token_objects(home) == objects and not keys.exists() and not bak.exists()
+    # A filesystem under one of the keys cannot be mounted either, but says why.
+    keys.write_bytes(saved)
+    cipher, mp = tmp_path / "cipher", tmp_path / "plain"
+    mp.mkdir()
+    ok("init", str(cipher), "--key", "a", home=home)
+    keys.unlink()
+    bak.unlink(missing_ok=True)
+    one_line_error(run_encfs("mount", str(cipher), str(mp), home=home), "keys.json", "missing")
+    assert not is_mounted(mp)
+    keys.write_bytes(saved)  # the user restores it from a backup
+    still_works(home)
+
+
+def test_damaged_keys_json_without_copy_refuses(home: Path) -> None:
+    keys, bak = home / "keys.json", home / "keys.json.bak"
+    saved = keys.read_bytes()
+    bak.unlink()
+    keys.write_text("{not json")
+    one_line_error(run_encfs("key", "list", home=home), str(keys), "damaged", "keys.json.bak is missing")
+    keys.write_bytes(saved)
+    still_works(home)
+
+
+def test_new_home_lists_no_keys_quietly(tmp_path: Path) -> None:
+    proc = ok("key", "list", home=tmp_path / "fresh")
+    assert proc.stderr == b"" and len(proc.stdout.decode().splitlines()) == 1
+
+
+def test_copy_that_cannot_be_written_is_reported_and_the_change_kept(home: Path) -> None:
+    bak = home / "keys.json.bak"
+    bak.unlink()
+    bak.mkdir()  # nothing can be renamed over it (and it cannot be unlinked)
+    proc = ok("key", "create", "--alias", "c", home=home)
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1 and err.startswith("encfs: warning: ") and str(bak) in err, err
+    assert "alias/c" in (home / "keys.json").read_text()  # the change itself is made and kept
+    bak.rmdir()
+    ok("key", "create", "--alias", "d", home=home)  # the next write brings the copy back
+    assert bak.read_bytes() == (home / "keys.json").read_bytes()

@@ -3,28 +3,38 @@
 Key states live here, not in token attributes, because HSMs such as CloudHSM
 offer no SO functions over PKCS#11 to flip them (../shared/notes/pkcs11.md).
 
-Storage: ``$ENCFS_HOME/keys.json``, replaced atomically (write, fsync,
-rename) under an exclusive ``flock`` on ``keys.lock``; readers take no lock
-and see either the old or the new file. Invariant: a key record exists here
-only once its backing key version exists on the token (create writes the
-token first and removes the token object if the metadata write fails).
+Storage: ``$ENCFS_HOME/keys.json`` and its copy ``keys.json.bak``, each
+replaced atomically (write, fsync, rename; keys.json first) under an exclusive
+``flock`` on ``keys.lock``; readers take no lock and see either the old or the
+new file. Invariants:
+- a key record exists here only once its backing key version exists on the
+  token (create writes the token first and removes the token object if the
+  metadata write fails);
+- a missing or damaged keys.json is never read as "no keys": the copy takes
+  its place (with a warning, and keys.json is rewritten from it); with
+  neither file, ``on_missing`` decides (KeyService refuses if the token holds
+  encfs keys, docs/FORMAT.md section 4).
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from encfs.atomicfile import write_atomic
-from encfs.errors import ConfigError, KeyNotFound, UsageError
+from encfs.errors import ConfigError, KeyNotFound, StateError, UsageError
+
+log = logging.getLogger("encfs.keys")
 
 ENABLED = "Enabled"
 DISABLED = "Disabled"
@@ -178,11 +188,17 @@ def normalize_alias(name: str) -> str:
 
 
 class KeyStore:
-    """The metadata file, with atomic replace and cross-process locking."""
+    """The metadata file and its copy, with atomic replace and cross-process locking.
 
-    def __init__(self, home: Path) -> None:
+    ``on_missing`` is called (it may raise) when neither keys.json nor its copy exists,
+    before that is taken as an empty store."""
+
+    def __init__(self, home: Path, on_missing: Callable[[], None] | None = None) -> None:
         self.path = home / "keys.json"
+        self.backup = home / "keys.json.bak"
         self._lock_path = home / "keys.lock"
+        self._on_missing = on_missing
+        self._held = threading.local()
         self._cache: tuple[tuple[int, int, int], KeyDB] | None = None
 
     def _stat_key(self) -> tuple[int, int, int] | None:
@@ -190,30 +206,113 @@ class KeyStore:
             st = os.stat(self.path)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise StateError(f"cannot read key metadata {self.path}: {e.strerror}") from None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    @staticmethod
+    def _read(path: Path) -> KeyDB:
+        """Parse one file; OSError (FileNotFoundError included) and ValueError for damage."""
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            parsed = json.loads(data)
+            if not isinstance(parsed, dict) or "format" not in parsed:
+                raise ValueError("not an encfs key store")
+            if parsed["format"] != STORE_FORMAT:
+                raise ConfigError(f"key metadata {path} has unsupported format {parsed['format']!r}")
+            return KeyDB.from_json(parsed)
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            raise ValueError(str(e) or type(e).__name__) from None
 
     def load(self) -> KeyDB:
         """The current metadata (cached until the file changes). Do not mutate."""
         key = self._stat_key()
-        if key is None:
-            return KeyDB()
-        if self._cache is not None and self._cache[0] == key:
+        if key is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
+        why = "is missing"
+        if key is not None:
+            try:
+                db = self._read(self.path)
+            except FileNotFoundError:
+                pass  # replaced meanwhile by a rename? then the copy is just as new
+            except OSError as e:
+                raise StateError(f"cannot read key metadata {self.path}: {e.strerror}") from None
+            except ValueError as e:
+                why = f"is damaged ({e})"
+            else:
+                self._cache = (key, db)
+                return db
+        return self._from_backup(why)
+
+    def _from_backup(self, why: str) -> KeyDB:
+        """keys.json is missing or damaged: use the copy, and put keys.json back from it."""
         try:
-            with open(self.path, encoding="utf-8") as f:
-                db = KeyDB.from_json(json.load(f))
-        except (OSError, ValueError, TypeError) as e:
-            raise ConfigError(f"key metadata {self.path} is unreadable: {e}") from None
-        self._cache = (key, db)
+            db = self._read(self.backup)
+        except FileNotFoundError:
+            if why != "is missing":
+                raise StateError(f"key metadata {self.path} {why} and its copy {self.backup.name} is missing: "
+                                 f"restore {self.path.name} from a backup") from None
+            if self._on_missing is not None:
+                self._on_missing()
+            return KeyDB()
+        except OSError as e:
+            raise StateError(f"key metadata {self.path} {why}; its copy {self.backup} cannot be read: "
+                             f"{e.strerror}") from None
+        except ValueError as e:
+            raise StateError(f"key metadata {self.path} {why} and its copy {self.backup.name} is damaged "
+                             f"({e}): restore {self.path.name} from a backup") from None
+        restored = self._restore()
+        log.warning("key metadata %s %s: using its copy %s%s", self.path, why, self.backup.name,
+                    f" (and restored {self.path.name} from it)" if restored else
+                    f" ({self.path.name} could not be restored from it)")
         return db
+
+    def _restore(self) -> bool:
+        """Rewrite keys.json from the copy, under the lock, unless a writer has meanwhile."""
+        try:
+            with self._locked():
+                try:
+                    self._read(self.path)
+                    return True  # a writer got there first
+                except (OSError, ValueError):
+                    pass
+                write_atomic(self.path, self.backup.read_bytes(), 0o600, sync_dir=True)
+                self._cache = None
+                return True
+        except (OSError, StateError):
+            return False
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The exclusive lock; a thread that holds it already (a restore inside a transaction)
+        does not take it again (a second flock of this process would wait for the first)."""
+        if getattr(self._held, "depth", 0):
+            self._held.depth += 1
+            try:
+                yield
+            finally:
+                self._held.depth -= 1
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StateError(f"cannot lock key metadata ({self._lock_path}): {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
+        finally:
+            os.close(fd)
 
     @contextmanager
     def transaction(self) -> Iterator[KeyDB]:
         """Yield a private copy of the metadata; save it if the block succeeds."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with self._locked():
             self._cache = None
             db = KeyDB.from_json(self.load().to_json())  # deep copy
             before = db.to_json()
@@ -221,10 +320,22 @@ class KeyStore:
             after = db.to_json()
             if after != before:
                 self._save(after)
-        finally:
-            os.close(fd)
 
     def _save(self, data: dict[str, Any]) -> None:
-        text = json.dumps(data, indent=1, sort_keys=True) + "\n"
-        write_atomic(self.path, text.encode(), 0o600, sync_dir=True)
+        text = (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
         self._cache = None
+        try:
+            write_atomic(self.path, text, 0o600, sync_dir=True)
+        except OSError as e:
+            raise StateError(f"cannot write key metadata {self.path}: {e.strerror}") from None
+        # The change is made (keys.json holds it): a copy that cannot follow must not survive
+        # stale, where a lost keys.json would bring back an older state.
+        try:
+            write_atomic(self.backup, text, 0o600, sync_dir=True)
+        except OSError as e:
+            try:
+                self.backup.unlink(missing_ok=True)
+                outcome = "removed the old copy"
+            except OSError:
+                outcome = "the old copy is stale"
+            log.warning("cannot write the key metadata copy %s: %s (%s)", self.backup, e.strerror, outcome)

@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import struct
@@ -37,6 +38,7 @@ from encfs.errors import (
     InvalidCiphertext,
     KeyImportError,
     KeyStateError,
+    StateError,
     TokenError,
     UsageError,
 )
@@ -69,6 +71,7 @@ IMPORT_PARAMETERS_TTL = 24 * 3600
 WRAPPING_ALGORITHMS = ("RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256")
 _IMPORT_CHECK_AAD = b"encfs import check v1"
 _WRAPPING_PAIR_VERSION = 0xFFFFFFFF
+log = logging.getLogger("encfs.keys")
 
 
 def token_object_id(key_id: str, version: int) -> bytes:
@@ -150,12 +153,17 @@ def key_metadata_json(rec: KeyRecord, db: KeyDB) -> dict[str, Any]:
 class KeyService:
     """Customer master keys on a token, with KMS-style operations."""
 
-    def __init__(self, home: Path, token: Token, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, home: Path, token: Token, clock: Callable[[], float] = time.time,
+                 token_owned: bool | None = None) -> None:
+        """``token_owned``: whether the token belongs to this home alone (the embedded token),
+        for a key store found empty (_no_metadata); None: not checked."""
         self.home = home
         self.token = token
         self.clock = clock
-        self.store = KeyStore(home)
+        self.store = KeyStore(home, on_missing=self._no_metadata)
         self.audit = AuditLog(home / "audit.log")
+        self._token_owned = token_owned
+        self._empty_store_checked = False
 
     @classmethod
     def open(cls, home: Path | None = None, hsm: HsmOptions | None = None,
@@ -170,7 +178,7 @@ class KeyService:
                     raise TokenError(f"no encfs token in {home}: run `encfs hsm init`")
                 embedded.provision()
             embedded.activate()
-        service = cls(home, Token(spec), clock)
+        service = cls(home, Token(spec), clock, token_owned=embedded is not None)
         service.audit.open()  # an unwritable audit log refuses every call: before, not after, it acts
         return service
 
@@ -196,6 +204,27 @@ class KeyService:
             self.audit.record(operation, outcome="failure", error=e.message, now=self.clock(), **info)
             raise
         self.audit.record(operation, now=self.clock(), **info)
+
+    def _no_metadata(self) -> None:
+        """Neither keys.json nor its copy exists: a new key store, or a lost one?
+
+        A token that belongs to this home and holds encfs keys means lost: refuse, rather than
+        list no keys and start a store that can never name them. On a token other homes may
+        share, encfs objects may be theirs: warn once."""
+        if self._token_owned is None or self._empty_store_checked:
+            return
+        count = self.token.count_encfs_objects()
+        if count and self._token_owned:
+            raise StateError(
+                f"key metadata {self.store.path} and its copy {self.store.backup.name} are missing, but the "
+                f"token holds {count} encfs key object(s): restore {self.store.path.name} from a backup "
+                f"(encfs will not start an empty key store over keys it can no longer name)")
+        if count:
+            log.warning("no key metadata in %s (%s, %s), but token %s holds %d encfs key object(s): if they "
+                        "are this home's keys, restore %s from a backup before creating keys", self.home,
+                        self.store.path.name, self.store.backup.name, self.token.spec.describe(), count,
+                        self.store.path.name)
+        self._empty_store_checked = True
 
     def _db(self) -> KeyDB:
         db = self.store.load()
@@ -301,7 +330,7 @@ class KeyService:
             if origin not in (ORIGIN_TOKEN, ORIGIN_EXTERNAL):
                 raise UsageError(f"origin must be {ORIGIN_TOKEN} or {ORIGIN_EXTERNAL}, not {origin!r}")
             alias_name = normalize_alias(alias) if alias else None
-            if alias_name and alias_name in self._db().aliases:
+            if alias_name in self._db().aliases:  # also makes sure the key store is not a lost one
                 raise UsageError(f"alias {alias_name} already exists")
             now = self.clock()
             rec = KeyRecord(key_id=str(uuid.uuid4()), created=now, description=description, origin=origin,

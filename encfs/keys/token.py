@@ -399,6 +399,19 @@ class Token:
             self._handles = {k: v for k, v in self._handles.items() if k[1:] != obj_id}
             return len(objs)
 
+    def count_encfs_objects(self) -> int:
+        """How many token objects carry an encfs label (``encfs-cmk:``, ``encfs-import:``;
+        docs/FORMAT.md section 3): keys some encfs key store made on this token."""
+        with self._locked("C_FindObjects") as session:
+            count = 0
+            for obj in session.get_objects({Attribute.TOKEN: True}):
+                try:
+                    label = obj[Attribute.LABEL]
+                except p11e.PKCS11Error:
+                    continue
+                count += isinstance(label, str) and label.startswith(("encfs-cmk:", "encfs-import:"))
+            return count
+
     def key_attributes(self, obj_id: bytes) -> dict[str, Any]:
         """Non-secret attributes of a secret key, for describe/status."""
         with self._locked("C_GetAttributeValue") as session:
