@@ -73,6 +73,8 @@ def spawn(run: Callable[[Readiness], None], *, name: str, log_file: str | None,
         except BaseException as e:  # noqa: BLE001 - the parent must hear about any failure
             if isinstance(e, EncfsError):
                 ready.fail(e.message)
+            elif isinstance(e, OSError) and e.filename is not None:  # as the CLI reports it
+                ready.fail(f"{os.fsdecode(e.filename)}: {e.strerror or e}")
             else:
                 ready.fail(f"internal error: {type(e).__name__}: {e}")
                 log.exception("%s failed", name)

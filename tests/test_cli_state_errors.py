@@ -258,3 +258,21 @@ def test_copy_that_cannot_be_written_is_reported_and_the_change_kept(home: Path)
     bak.rmdir()
     ok("key", "create", "--alias", "d", home=home)  # the next write brings the copy back
     assert bak.read_bytes() == (home / "keys.json").read_bytes()
+
+
+# -- a file no code path expected ------------------------------------------------------------
+
+
+def test_unexpected_os_error_still_names_its_file(tmp_path: Path, fs_home: Path) -> None:
+    """The last net: an OSError that names a file is that file and its cause, not an internal error."""
+    missing = tmp_path / "no-such-dir"
+    proc = run_encfs("install-mount-helper", "--path", str(missing / "mount.fuse.encfs"), home=fs_home)
+    one_line_error(proc, str(missing), "No such file or directory")
+    assert proc.returncode == 74
+    # The same in a daemon that fails before it is ready: its parent prints the daemon's line.
+    cipher, mp = tmp_path / "cipher", tmp_path / "plain"
+    mp.mkdir()
+    ok("init", str(cipher), "--key", "fs", home=fs_home)
+    proc = run_encfs("mount", str(cipher), str(mp), "--log-file", str(missing / "daemon.log"), home=fs_home)
+    one_line_error(proc, str(missing / "daemon.log"), "No such file or directory")
+    assert not is_mounted(mp)
