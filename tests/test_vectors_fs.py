@@ -16,8 +16,17 @@ from test_vectors import DOC, hexbytes, parse_vectors
 
 from encfs.blocks import BlockAuthError, BlockCipher, sealed_offset, sealed_size
 from encfs.fuse.content import FileContent, plain_file_size
-from encfs.fuse.fileheader import HEADER_LEN, V2, FileHeader
+from encfs.fuse.fileheader import (
+    HEADER_LEN,
+    STATE_BLOCK,
+    V1,
+    V2,
+    FileHeader,
+    FileState,
+    HeaderError,
+)
 from encfs.fuse.fsconfig import derive_fs_keys
+from encfs.fuse.journal import Journal
 from encfs.fuse.names import NAME_MAX, NameAuthError, NameCipher, b64d
 
 FS = {v["vector"]: v for v in parse_vectors(DOC.split("## 6. Filesystem format", 1)[1])}
@@ -25,7 +34,7 @@ FS = {v["vector"]: v for v in parse_vectors(DOC.split("## 6. Filesystem format",
 
 def test_section_has_every_vector() -> None:
     assert set(FS) >= {"fs-keys", "name-short", "name-long", "content-block", "content-layout-32k",
-                       "content-layout-4k", "file-header", "symlink", "xattr"}
+                       "content-layout-4k", "file-header", "symlink", "xattr", "file-state", "journal"}
 
 
 def test_fs_key_derivation() -> None:
@@ -96,7 +105,52 @@ def test_file_header_vector() -> None:
     parsed = FileHeader.parse(header)
     assert parsed.file_id == hexbytes(v["file_id"])
     assert parsed.wrapped_key == hexbytes(v["wrapped_key"])
-    assert parsed.pack() == header
+    assert parsed.version == V1 and parsed.pack() == header
+    v2 = header[:4] + bytes([2]) + header[5:]  # version 2 differs in the version byte only
+    assert FileHeader.parse(v2).version == V2 and FileHeader.parse(v2).pack() == v2
+    for bad in (header[:5] + b"\x01" + header[6:], header[:-1] + b"\x01"):  # reserved, padding
+        with pytest.raises(HeaderError):
+            FileHeader.parse(bad)
+
+
+def test_file_state_vector() -> None:
+    v = FS["file-state"]
+    key, file_id, value = hexbytes(v["data_key"]), hexbytes(v["file_id"]), hexbytes(v["xattr_value"])
+    aad = file_id + struct.pack(">Q", STATE_BLOCK)
+    assert aad == hexbytes(v["aad"]) and value[:12] == hexbytes(v["nonce"]) and len(value) == 52
+    plain = struct.pack(">QQQ", int(v["synced_size"]), int(v["seals"]), 0)
+    assert AESGCM(key).encrypt(value[:12], plain, aad) == value[12:]
+    state = FileState.open(BlockCipher(key, file_id), value)
+    assert state == FileState(int(v["synced_size"]), int(v["seals"]))
+    assert FileState.open(BlockCipher(key, file_id), state.seal(BlockCipher(key, file_id))) == state
+    with pytest.raises(BlockAuthError):
+        FileState.open(BlockCipher(key, bytes(16)), value)  # another file's
+
+
+def test_journal_vector(tmp_path: Path) -> None:
+    v = FS["journal"]
+    key, file_id, block_no = hexbytes(v["data_key"]), hexbytes(v["file_id"]), int(v["block_no"])
+    head, run, sync = hexbytes(v["header"]), hexbytes(v["run"]), hexbytes(v["sync"])
+    sealed = run[24:]
+    assert run[:24] == struct.pack(">4sIQII", b"EJRN", 1, block_no, len(sealed), 0)
+    assert AESGCM(key).decrypt(sealed[:12], sealed[12:], file_id + struct.pack(">Q", block_no)) == \
+        hexbytes(v["plaintext"])
+    # A journal made of these bytes is what encfs's Journal reads, and writes.
+    root = os.fsencode(tmp_path)
+    journal = Journal(root, file_id)
+    os.makedirs(os.path.dirname(journal.path))
+    with open(journal.path, "wb") as f:
+        f.write(head + run + sync)
+    assert journal.open_existing()
+    runs, end, notes = journal.scan(BlockCipher(key, file_id))
+    assert [(r.first, r.count, r.offset, r.length) for r in runs] == [(block_no, 1, 32 + 24, len(sealed))]
+    assert end == len(head + run + sync) and notes == []
+    journal.remove()
+    journal.append(block_no, 1, sealed)
+    journal.sync()
+    with open(journal.path, "rb") as f:
+        assert f.read() == head + run + sync
+    journal.close()
 
 
 def test_symlink_vector() -> None:
