@@ -154,7 +154,7 @@ class FileContent:
         if not self.v1:
             state = read_state(self.fd, self.cipher)
             if state is None:
-                notes.append("its state is missing or fails authentication: nothing counts as synced")
+                notes.append("its state fails authentication: nothing counts as synced")
             self.state = state or FileState()
         if self.header.file_id in self._journals and self.journal.open_existing():
             runs, end, torn = self.journal.scan(self.cipher)
@@ -432,15 +432,15 @@ class FileContent:
         self.checkpoint()
         block = self.block
         last, rest = divmod(new_size, block)
+        if not self.v1:  # first: never a backing file shorter than its durable state says
+            synced = min(self.state.synced_size, last * block if rest else new_size)
+            if synced != self.state.synced_size:
+                self._write_state(synced)
+                os.fsync(self.fd)
         if rest:  # the new last block is an overwrite of an existing block: journaled
             keep = self.read(last * block, rest)
             self._place(last, self.cipher.seal(last, bytes(keep)), size)
             self.journal.sync()
-        if not self.v1:
-            synced = min(self.state.synced_size, last * block if rest else new_size)
-            if synced != self.state.synced_size:
-                self._write_state(synced)
-                os.fsync(self.fd)  # never a backing file shorter than its durable state says
         os.ftruncate(self.fd, sealed_offset(last, HEADER_LEN, block) if rest else sealed_size(new_size, HEADER_LEN, block))
         self.size = new_size
 

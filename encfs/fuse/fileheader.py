@@ -101,12 +101,12 @@ class FileState:
 
 
 def read_state(fd: int, cipher: BlockCipher) -> FileState | None:
-    """The file's state; None if it has none that authenticates."""
+    """The file's state (the initial one if it has none yet); None if it fails authentication."""
     try:
         return FileState.open(cipher, os.getxattr(fd, STATE_XATTR))
     except OSError as e:
         if e.errno in (errno.ENODATA, *NO_XATTRS):
-            return None
+            return FileState()
         raise
     except (BlockAuthError, struct.error):
         return None

@@ -1,0 +1,201 @@
+"""FileContent's crash recovery without a mount: the states a crash can leave (docs/FORMAT.md §6.5),
+made by stopping a content where the daemon's process would have died."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from encfs.blocks import BlockAuthError, BlockCipher
+from encfs.fuse.content import FileContent
+from encfs.fuse.fileheader import V1, V2, FileHeader
+from encfs.fuse.journal import JournalDamaged, journal_path
+
+B = 4096
+STEP = B + 28
+KEY, FILE_ID = bytes(range(32)), bytes(range(16))
+
+
+class Files:
+    def __init__(self, tmp: Path) -> None:
+        self.root = os.fsencode(tmp)
+        self.path = tmp / "f"
+        self.journals: set[bytes] = set()
+
+    def cipher(self) -> BlockCipher:
+        return BlockCipher(KEY, FILE_ID, B)
+
+    def create(self, version: int = V2) -> FileContent:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        return FileContent.create(fd, FileHeader(FILE_ID, bytes(93), version), self.cipher(), self.root, self.journals)
+
+    def load(self, after_crash: bool = True, writable: bool = True) -> tuple[FileContent, list[str]]:
+        fd = os.open(self.path, os.O_RDWR)
+        c = FileContent(fd, FileHeader.parse(os.pread(fd, 128, 0)), self.cipher(), self.root, self.journals)
+        notes = c.load(writable, after_crash=after_crash)
+        return c, notes
+
+    def journal(self) -> Path:
+        return Path(os.fsdecode(journal_path(self.root, FILE_ID)))
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Files:
+    return Files(tmp_path)
+
+
+def crash(c: FileContent) -> None:
+    """The process dies: nothing is checkpointed (the page cache keeps what was written)."""
+    c.release_fds()
+
+
+def test_an_overwrite_is_journaled_and_replayed_after_a_crash(files: Files) -> None:
+    c = files.create()
+    old = os.urandom(3 * B)
+    c.write(0, old)
+    c.fsync(False)
+    c.write(100, b"new" * 1000)  # blocks 0 and 1 exist: into the journal, not in place
+    assert os.pread(c.fd, STEP, 128) == os.pread(c.fd, STEP, 128)  # nothing in place changed...
+    assert c.index and files.journal().exists()
+    before = bytearray(old)
+    before[100:3100] = b"new" * 1000
+    assert c.read(0, 3 * B) == before
+    crash(c)
+    c, notes = files.load()
+    assert any("replaying" in n for n in notes)
+    assert c.read(0, 3 * B) == before and not files.journal().exists()
+    crash(c)
+    c, notes = files.load()  # replaying again changes nothing
+    assert c.read(0, 3 * B) == before and notes == []
+
+
+def test_a_torn_journal_tail_is_dropped_and_old_blocks_stay(files: Files) -> None:
+    c = files.create()
+    old = os.urandom(2 * B)
+    c.write(0, old)
+    c.fsync(False)
+    c.write(0, os.urandom(B))  # journaled, not synced
+    crash(c)
+    with open(files.journal(), "r+b") as f:
+        f.truncate(os.path.getsize(files.journal()) - 100)  # the append the crash cut short
+    c, notes = files.load()
+    assert any("torn by a crash" in n for n in notes)
+    assert c.read(0, 2 * B) == old
+
+
+def test_a_damaged_record_before_a_sync_record_is_damage(files: Files) -> None:
+    c = files.create()
+    c.write(0, os.urandom(2 * B))
+    c.fsync(False)
+    c.write(0, os.urandom(B))
+    c.fsync(False)  # the record is durable: a sync record follows it
+    crash(c)
+    raw = bytearray(files.journal().read_bytes())
+    raw[32 + 24 + 50] ^= 1
+    files.journal().write_bytes(raw)
+    with pytest.raises(JournalDamaged):
+        files.load()
+    assert files.journal().exists(), "a damaged journal must be kept"
+
+
+def test_an_interrupted_truncate_ends_the_file_at_the_journaled_short_block(files: Files) -> None:
+    c = files.create()
+    data = os.urandom(3 * B)
+    c.write(0, data)
+    c.fsync(False)
+    # truncate's first steps: the synced size goes down, the new short last block is journaled
+    # and synced...
+    c._write_state(B)
+    c._place(1, c.cipher.seal(1, data[B:B + 10]), c.size)
+    c.journal.sync()
+    crash(c)  # ...and the crash comes before the backing file is cut
+    c, _notes = files.load()
+    assert c.size == B + 10 and c.read(0, 3 * B) == data[:B + 10]
+
+
+def test_a_torn_append_is_cut_off_after_a_crash(files: Files) -> None:
+    c = files.create()
+    c.write(0, os.urandom(2 * B))
+    c.fsync(False)  # synced size: 2 blocks
+    c.write(2 * B, os.urandom(3 * B))  # past the end: in place
+    crash(c)
+    os.truncate(files.path, 128 + 4 * STEP + 1000)  # the last write was cut short
+    c, notes = files.load()
+    assert c.size == 4 * B and any("torn by a crash" in n for n in notes)
+    assert len(c.read(0, 10 * B)) == 4 * B
+    assert os.path.getsize(files.path) == 128 + 4 * STEP
+
+
+def test_a_torn_looking_block_is_damage_after_a_clean_unmount(files: Files) -> None:
+    c = files.create()
+    c.write(0, os.urandom(3 * B))
+    c.close()
+    os.truncate(files.path, 128 + 2 * STEP + 1000)
+    c, notes = files.load(after_crash=False)
+    assert notes == []
+    with pytest.raises(BlockAuthError):
+        c.read(0, 3 * B)
+
+
+def test_a_block_below_the_synced_size_is_never_cut(files: Files) -> None:
+    c = files.create()
+    c.write(0, os.urandom(3 * B))
+    c.fsync(False)
+    crash(c)
+    os.truncate(files.path, 128 + 2 * STEP + 1000)
+    c, notes = files.load()
+    assert c.size == 3 * B and any("was cut" in n for n in notes)
+    with pytest.raises(BlockAuthError):
+        c.read(2 * B, B)
+
+
+def test_a_last_block_under_another_key_is_not_taken_for_a_torn_append(files: Files) -> None:
+    c = files.create()
+    c.write(0, os.urandom(2 * B + 1000))
+    crash(c)
+    raw = bytearray(files.path.read_bytes())
+    raw[128 + 2 * STEP - 1] ^= 1  # the block before the short last one fails too: not a torn append
+    raw[-1] ^= 1
+    files.path.write_bytes(raw)
+    c, notes = files.load()
+    assert c.size == 2 * B + 1000 and notes == []
+
+
+def test_a_version_1_file_journals_every_write_and_upgrades(files: Files) -> None:
+    c = files.create(V1)
+    c.write(0, os.urandom(B + 10))
+    assert os.path.getsize(files.path) == 128 and c.index  # even the first write is journaled
+    c.close()
+    c, _ = files.load()
+    assert c.v1 and c.upgrade() and not c.v1
+    assert FileHeader.parse(os.pread(c.fd, 128, 0)).version == V2
+    c.write(c.size, os.urandom(B))
+    c.close()
+
+
+def test_a_full_disk_leaves_no_partial_record(files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = files.create()
+    old = os.urandom(2 * B)
+    c.write(0, old)
+    c.fsync(False)
+    real = os.pwritev
+
+    calls = []
+
+    def full(fd: int, buffers: list, offset: int) -> int:
+        if fd != c.journal.fd:
+            return real(fd, buffers, offset)
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(fd, [bytes(memoryview(buffers[0])[:10])], offset)  # a short write first
+
+    c.write(B, os.urandom(B))  # creates the journal
+    length = c.journal.length
+    monkeypatch.setattr(os, "pwritev", full)
+    with pytest.raises(OSError):
+        c.write(0, os.urandom(100))
+    monkeypatch.undo()
+    assert c.journal.length == length == os.path.getsize(files.journal())
