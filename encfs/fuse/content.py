@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 
 from encfs.blocks import (
     OVERHEAD,
@@ -42,8 +43,6 @@ from encfs.blocks import (
     sealed_offset,
     sealed_size,
 )
-from dataclasses import replace
-
 from encfs.diskio import pwrite_all
 from encfs.fuse.fileheader import (
     HEADER_LEN,
