@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 from conftest import run_encfs
+from fsconfig_tool import remac
 from fuse_helpers import Mount
 
+from encfs.fuse.fsconfig import features_for
 from encfs.fuse.mount import is_mounted
 from encfs.fuse.server import READ_AHEAD_KIB
 
@@ -150,11 +152,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, fs_home: Path) -> dict[str, 
     return w
 
 
-def _set_config_field(cipherdir: Path, key: str, update) -> None:
-    for name in ("encfs.conf", "encfs.conf.bak"):
+def _set_config_field(cipherdir: Path, key: str, value, names=("encfs.conf", "encfs.conf.bak")) -> None:
+    """Change a field of config copies WITHOUT computing their MACs again: damage."""
+    for name in names:
         p = cipherdir / name
         d = json.loads(p.read_bytes())
-        d[key] = update(d[key])
+        d[key] = value
         p.write_text(json.dumps(d))
 
 
@@ -170,15 +173,21 @@ def _setup_failure(case: str, w: dict[str, Path], tmp: Path, fs_home: Path):
         cipher.mkdir()
         (cipher / "somefile").write_text("x")
         needles = ["not an encfs filesystem"]
-    elif case == "format-99":
-        _set_config_field(cipher, "format", lambda _: 99)
-        needles = ["format 99"]
+    elif case == "format-99":  # authenticated: written by a newer encfs
+        remac(cipher, fs_home, {"format": 99})
+        needles = ["format 99", "upgrade encfs"]
     elif case == "unknown-feature":
-        _set_config_field(cipher, "features", lambda f: [*f, "time-travel"])
+        remac(cipher, fs_home, {"features": [*features_for(32768), "time-travel"]})
         needles = ["unknown feature", "time-travel"]
     elif case == "two-block-sizes":
-        _set_config_field(cipher, "features", lambda f: [*f, "aes256gcm-4k-blocks"])
+        remac(cipher, fs_home, {"features": [*features_for(32768), "aes256gcm-4k-blocks"]})
         needles = ["exactly one content block size"]
+    elif case == "copies-disagree":  # both copies verify, but their block sizes differ
+        remac(cipher, fs_home, {"features": list(features_for(4096))}, names=("encfs.conf.bak",))
+        needles = ["encfs.conf and encfs.conf.bak", "disagree", "block size (32768 in encfs.conf, 4096 in"]
+    elif case == "format-99-forged":  # not authenticated: damage, in both copies
+        _set_config_field(cipher, "format", 99)
+        needles = ["encfs.conf is damaged (its MAC does not verify)", "encfs.conf.bak is damaged"]
     elif case == "key-disabled":
         home, needles = w["dis_home"], [fs_key, "disabled"]
     elif case == "key-missing":
@@ -207,7 +216,8 @@ def _setup_failure(case: str, w: dict[str, Path], tmp: Path, fs_home: Path):
     return cipher, mp, home, extra, needles
 
 
-FAILURES = ["not-encfs", "format-99", "unknown-feature", "two-block-sizes", "key-disabled", "key-missing", "no-token",
+FAILURES = ["not-encfs", "format-99", "unknown-feature", "two-block-sizes", "copies-disagree", "format-99-forged",
+            "key-disabled", "key-missing", "no-token",
             "hsm-unavailable", "wrong-pin", "mountpoint-missing", "mountpoint-not-dir", "mountpoint-not-empty",
             "mountpoint-busy"]
 
@@ -371,7 +381,7 @@ def test_primary_config_lost_falls_back_to_backup(damage: str, tmp_path: Path, f
             conf.write_bytes({"garbage": os.urandom(300), "json-list": b"[1, 2]", "empty-object": b"{}",
                               "truncated": original[: len(original) // 2]}[damage])
         info = _info(cipher, fs_home)
-        assert info["format"] == 1
+        assert info["format"] == 2
         assert len(info["warnings"]) == 1 and info["warnings"][0].startswith("encfs.conf is "), info["warnings"]
         text = encfs_ok("info", str(cipher), home=fs_home)
         assert "encfs.conf is" in text
@@ -524,7 +534,7 @@ def test_info_reports_format_ids_features_and_counts(tmp_path: Path, fs_home: Pa
             os.symlink("x" * 3000, mp / "d1" / "s2")  # a long target, stored beside the tree
         info = _info(cipher, fs_home)
     conf = json.loads((cipher / "encfs.conf").read_bytes())
-    assert info["format"] == 1
+    assert info["format"] == 2 and info["verified"] is False
     assert info["fs_id"] == conf["fs_id"] and len(info["fs_id"]) == 32
     assert info["key_id"] == key_id
     assert info["features"] == conf["features"]
@@ -536,7 +546,8 @@ def test_info_reports_format_ids_features_and_counts(tmp_path: Path, fs_home: Pa
     assert info["warnings"] == []
     text = encfs_ok("info", str(cipher), home=fs_home)
     assert info["fs_id"] in text and key_id in text and "siv-names" in text
-    assert any(line.split() == ["format", "1"] for line in text.splitlines()), text
+    assert any(line.split() == ["format", "2"] for line in text.splitlines()), text
+    assert any(line.startswith("verified   no ") for line in text.splitlines()), text
     assert_one_line_error(run_encfs("info", str(tmp_path), home=fs_home), "not an encfs filesystem")
 
 

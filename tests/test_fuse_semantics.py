@@ -562,14 +562,13 @@ def test_symlink_long_targets(mnt: Mount, d: Path, length: int) -> None:
 
 def test_long_symlink_targets_need_the_feature_flag(tmp_path: Path, fs_home: Path) -> None:
     """A filesystem created before "long-symlinks" keeps the old limit (its readers lack the feature)."""
-    import json
+    from fsconfig_tool import remac
+
+    from encfs.fuse.fsconfig import features_for
 
     cipher = tmp_path / "cipher"
     assert run_encfs("init", str(cipher), "--key", "fs", home=fs_home).returncode == 0
-    for name in ("encfs.conf", "encfs.conf.bak"):
-        conf = json.loads((cipher / name).read_text())
-        conf["features"].remove("long-symlinks")
-        (cipher / name).write_text(json.dumps(conf))
+    remac(cipher, fs_home, {"features": [f for f in features_for(32768) if f != "long-symlinks"]})
     with new_mount(tmp_path, fs_home) as m:
         os.symlink("y" * 3000, m.mountpoint / "fits")
         assert os.readlink(m.mountpoint / "fits") == "y" * 3000

@@ -1,4 +1,4 @@
-"""docs/FORMAT.md section 6 vectors: the filesystem's keys, names, blocks, header, symlinks, xattrs.
+"""docs/FORMAT.md section 6 vectors: the filesystem's keys, config MAC, names, blocks, header, symlinks, xattrs.
 
 The vectors are read from the document itself and checked against encfs's
 code and, independently, against `cryptography` primitives.
@@ -6,12 +6,17 @@ code and, independently, against `cryptography` primitives.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import struct
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.hmac import HMAC
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from test_vectors import DOC, hexbytes, parse_vectors
 
 from encfs.blocks import BlockAuthError, BlockCipher, sealed_offset, sealed_size
@@ -25,7 +30,7 @@ from encfs.fuse.fileheader import (
     FileState,
     HeaderError,
 )
-from encfs.fuse.fsconfig import derive_fs_keys
+from encfs.fuse.fsconfig import canonical_json, config_mac, config_mac_key, derive_fs_keys
 from encfs.fuse.journal import Journal
 from encfs.fuse.names import NAME_MAX, NameAuthError, NameCipher, b64d
 
@@ -33,7 +38,7 @@ FS = {v["vector"]: v for v in parse_vectors(DOC.split("## 6. Filesystem format",
 
 
 def test_section_has_every_vector() -> None:
-    assert set(FS) >= {"fs-keys", "name-short", "name-long", "content-block", "content-layout-32k",
+    assert set(FS) >= {"fs-keys", "config-mac", "name-short", "name-long", "content-block", "content-layout-32k",
                        "content-layout-4k", "file-header", "symlink", "xattr", "file-state", "journal"}
 
 
@@ -42,6 +47,27 @@ def test_fs_key_derivation() -> None:
     keys = derive_fs_keys(hexbytes(v["fs_secret"]), v["fs_id"])
     assert keys.name_key == hexbytes(v["name_key"])
     assert keys.meta_key == hexbytes(v["meta_key"])
+
+
+def test_config_mac_vector() -> None:
+    v = FS["config-mac"]
+    secret, fs_id = hexbytes(v["fs_secret"]), v["fs_id"]
+    config = json.loads(v["config"])
+    body = {k: val for k, val in config.items() if k != "mac"}
+    assert config_mac_key(secret, fs_id) == hexbytes(v["mac_key"])
+    assert canonical_json(body) == hexbytes(v["canonical"])
+    assert config_mac(secret, config) == hexbytes(v["mac"])  # `mac` itself is left out of what is covered
+    assert base64.b64encode(hexbytes(v["mac"])).decode() == config["mac"]
+    # Independently: HKDF, the canonical JSON and HMAC straight from the documented rules.
+    key = HKDF(hashes.SHA256(), 32, salt=bytes.fromhex(fs_id), info=b"encfs config mac v2").derive(secret)
+    assert key == hexbytes(v["mac_key"])
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert canonical == hexbytes(v["canonical"])
+    h = HMAC(key, hashes.SHA256())
+    h.update(canonical)
+    assert h.finalize() == hexbytes(v["mac"])
+    # any change of a covered field changes the MAC
+    assert config_mac(secret, {**body, "format": 3}) != hexbytes(v["mac"])
 
 
 @pytest.mark.parametrize("name", ["name-short", "name-long"])

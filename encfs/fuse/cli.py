@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from encfs.fuse.fsconfig import BLOCK_FEATURES, CONFIG_NAME, DEFAULT_BLOCK_SIZE, init_filesystem, load_config
+from encfs.fuse.fsconfig import BLOCK_FEATURES, CONFIG_NAME, DEFAULT_BLOCK_SIZE, init_filesystem, peek_config
 from encfs.fuse.names import is_internal, is_longname_entry
 
 
@@ -89,8 +89,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """What the config says without the token (so not verified: a mount verifies both copies)
+    and counts of the backing tree."""
     cipherdir = Path(args.cipherdir)
-    config, warnings = load_config(cipherdir)
+    config, warnings = peek_config(cipherdir)
     counts = {"files": 0, "directories": 0, "symlinks": 0, "other": 0, "long_names": 0, "backing_bytes": 0}
     for dirpath, dirnames, filenames in os.walk(cipherdir):
         for name in dirnames + filenames:
@@ -103,9 +105,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             kind = ("files" if stat_m.S_ISREG(st.st_mode) else "directories" if stat_m.S_ISDIR(st.st_mode)
                     else "symlinks" if stat_m.S_ISLNK(st.st_mode) else "other")
             counts[kind] += 1
-    info = {"cipherdir": str(cipherdir), "config": CONFIG_NAME, "format": config.format,
+    sizes = [BLOCK_FEATURES[f] for f in config.features if f in BLOCK_FEATURES]
+    info = {"cipherdir": str(cipherdir), "config": CONFIG_NAME, "format": config.format, "verified": False,
             "fs_id": config.fs_id, "key_id": config.key_id, "features": list(config.features),
-            "block_size": config.block_size, "counts": counts, "warnings": warnings}
+            "block_size": sizes[0] if len(sizes) == 1 else None,
+            "counts": counts, "warnings": warnings}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -114,6 +118,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 v = ", ".join(f"{name}={n}" for name, n in v.items())
             elif isinstance(v, list):
                 v = ", ".join(v) or "-"
+            elif k == "verified":
+                v = "no (needs the token: a mount verifies both copies)"
             print(f"{k:10} {v}")
     return 0
 

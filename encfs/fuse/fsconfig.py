@@ -3,28 +3,46 @@
 ``encfs.conf`` (JSON) holds the format version, feature flags, filesystem
 id, the CMK's key id and the filesystem secret wrapped by the CMK with the
 encryption context {"encfs:fs": <fs id hex>, "encfs:purpose": "filesystem"}.
-An identical copy, ``encfs.conf.bak``, is written beside it; loading falls
-back to it when the primary is missing or damaged, so losing one small file
-never makes the filesystem unreadable; a read-write mount then rewrites the
-lost copy from the good one. Config files are written with
-write-fsync-rename, never in place.
+An identical copy, ``encfs.conf.bak``, is written beside it. From format 2
+on, each copy carries ``mac``: HMAC-SHA256 over the canonical encoding of
+all its other fields under a key derived from the filesystem secret, so a
+copy is authenticated as a whole (docs/FORMAT.md §6.1).
+
+Invariants:
+- A copy is trusted only once its secret unwraps on the token and (format
+  >= 2) its MAC verifies; a copy that fails either is damaged: ignored,
+  logged and, on a read-write mount, rewritten from the good copy. A claim
+  of a newer format or an unknown feature is believed only from a verified
+  copy (FsVersionError) and such a copy is never overwritten.
+- Two verified copies that disagree refuse the mount; nothing guesses
+  which one is right.
+- Format-1 copies (no MAC) stay readable; the first read-write mount
+  upgrades both copies to format 2, and ``FsConfig.format`` is 2 only once
+  that reached the disk: it always tells what every reader of this
+  CIPHERDIR will see.
+- Config files are written with write-fsync-rename, never in place.
 
 Keys derived from the 32-byte filesystem secret with HKDF-SHA256:
-  info b"encfs names v1"    -> 64 bytes, AES-SIV name key
-  info b"encfs metadata v1" -> 32 bytes, AES-GCM key for symlinks and xattrs
+  info b"encfs names v1"      -> 64 bytes, AES-SIV name key
+  info b"encfs metadata v1"   -> 32 bytes, AES-GCM key for symlinks and xattrs
+  info b"encfs config mac v2" -> 32 bytes, HMAC-SHA256 key of the config copies
 File contents use per-file data keys (see content.py), not these.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hmac
 import json
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from encfs.atomicfile import write_atomic
@@ -33,7 +51,10 @@ from encfs.keys.service import KeyService
 
 CONFIG_NAME = "encfs.conf"
 BACKUP_NAME = "encfs.conf.bak"
-FS_FORMAT = 1
+COPIES = (CONFIG_NAME, BACKUP_NAME)
+FS_FORMAT = 2  # what `encfs init` writes and a read-write mount upgrades format 1 to
+MAC_FROM_FORMAT = 2  # every format from this one on carries `mac`, computed the same way
+MAC_INFO = b"encfs config mac v2"
 # Content block size, one flag per size. 32 KiB is the default since the 4 KiB blocks of the first
 # filesystems made reads CPU-bound (one AES-GCM call per 4 KiB costs more than the AES itself);
 # 4 KiB filesystems stay readable and can still be created (`encfs init --block-size 4096`).
@@ -41,6 +62,7 @@ BLOCK_FEATURES = {"aes256gcm-4k-blocks": 4096, "aes256gcm-32k-blocks": 32768}
 DEFAULT_BLOCK_SIZE = 32768
 COMMON_FEATURES = ("per-file-keys", "siv-names", "long-names", "long-symlinks")
 KNOWN_FEATURES = (*BLOCK_FEATURES, *COMMON_FEATURES)
+_FS_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def features_for(block_size: int) -> tuple[str, ...]:
@@ -60,6 +82,10 @@ class FsVersionError(FsConfigError):
     """The config is intact but written by a newer encfs (format or feature unknown here)."""
 
 
+class _Damaged(Exception):
+    """One copy is unusable; the message says why (never key material)."""
+
+
 @dataclass(frozen=True)
 class FsConfig:
     fs_id: str  # 32 hex chars
@@ -70,7 +96,7 @@ class FsConfig:
 
     @property
     def block_size(self) -> int:
-        """Plaintext bytes per content block (from_json guarantees exactly one block flag)."""
+        """Plaintext bytes per content block (a verified config names exactly one block flag)."""
         return next(BLOCK_FEATURES[f] for f in self.features if f in BLOCK_FEATURES)
 
     def fs_context(self) -> dict[str, str]:
@@ -80,36 +106,291 @@ class FsConfig:
         return {"encfs:fs": self.fs_id, "encfs:file": file_id.hex()}
 
     def to_json(self) -> dict[str, Any]:
+        """Every field but ``mac``."""
         return {"format": self.format, "features": list(self.features), "fs_id": self.fs_id,
                 "key_id": self.key_id, "wrapped_secret": base64.b64encode(self.wrapped_secret).decode()}
 
-    @classmethod
-    def from_json(cls, d: Any) -> FsConfig:
-        """Raises FsVersionError for a newer format or feature, FsConfigError for a malformed config."""
+
+# -- the MAC (FORMAT.md §6.1; the same for every format >= 2) ---------------------------------------
+
+def canonical_json(body: dict[str, Any]) -> bytes:
+    """Sorted keys, no whitespace, UTF-8 (non-ASCII characters as themselves, not \\u escapes)."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def config_mac_key(secret: bytes, fs_id: str) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=bytes.fromhex(fs_id), info=MAC_INFO).derive(secret)
+
+
+def config_mac(secret: bytes, body: dict[str, Any]) -> bytes:
+    """HMAC-SHA256 of a copy's fields other than ``mac``, keyed by its own fs_id and secret."""
+    h = HMAC(config_mac_key(secret, body["fs_id"]), hashes.SHA256())
+    h.update(canonical_json({k: v for k, v in body.items() if k != "mac"}))
+    return h.finalize()
+
+
+def sealed_config_bytes(config: FsConfig, secret: bytes) -> bytes:
+    """A format >= 2 copy as written to disk: the fields, then ``mac``, one per line."""
+    body = config.to_json()
+    body["mac"] = base64.b64encode(config_mac(secret, body)).decode()
+    return (json.dumps(body, indent=1) + "\n").encode()
+
+
+# -- reading one copy --------------------------------------------------------------------------------
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _Damaged("a field appears twice")
+    return d
+
+
+def _b64(d: dict[str, Any], name: str) -> bytes:
+    value = d.get(name)
+    if not isinstance(value, str):
+        raise _Damaged(f"no {name} field")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _Damaged(f"its {name} is not base64") from None
+
+
+@dataclass
+class _Copy:
+    """One copy as read: ``body`` (the parsed JSON) once it has the shape of a config."""
+
+    name: str
+    body: dict[str, Any] | None = None
+    config: FsConfig | None = None  # fields as read; trusted only when ``problem`` is None after checking
+    mac: bytes | None = None
+    problem: str | None = None  # why the copy is missing or damaged
+    missing: bool = False
+    unwrap_error: EncfsError | None = field(default=None, repr=False)
+
+
+def _read_copy(cipherdir: Path, name: str) -> _Copy:
+    """Parse one copy leniently (shape only: format and features are judged later)."""
+    copy = _Copy(name)
+    try:
+        raw = (cipherdir / name).read_bytes()
+    except FileNotFoundError:
+        copy.missing, copy.problem = True, "missing"
+        return copy
+    except OSError as e:
+        copy.problem = f"unreadable ({e.strerror})"
+        return copy
+    try:
+        try:
+            d = json.loads(raw, object_pairs_hook=_no_duplicates)
+        except (ValueError, RecursionError):
+            raise _Damaged("not JSON") from None
         if not isinstance(d, dict):
-            raise FsConfigError(f"filesystem config is a JSON {type(d).__name__}, not an object")
+            raise _Damaged(f"a JSON {type(d).__name__}, not an object")
         fmt, features = d.get("format"), d.get("features")
         if not isinstance(fmt, int) or isinstance(fmt, bool):
-            raise FsConfigError(f"filesystem config has a bad format field {fmt!r}")
+            raise _Damaged(f"bad format field {fmt!r}")
         if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
-            raise FsConfigError("filesystem config has a bad features field")
-        if fmt != FS_FORMAT:
-            raise FsVersionError(f"unsupported encfs filesystem format {fmt!r} (this encfs reads {FS_FORMAT})")
-        unknown = sorted(set(features) - set(KNOWN_FEATURES))
-        if unknown:
-            raise FsVersionError(f"filesystem uses unknown feature {unknown[0]!r}: upgrade encfs")
-        if len([f for f in features if f in BLOCK_FEATURES]) != 1:
+            raise _Damaged("bad features field")
+        fs_id, key_id = d.get("fs_id"), d.get("key_id")
+        if not isinstance(fs_id, str) or not _FS_ID.fullmatch(fs_id):
+            raise _Damaged("bad fs_id field")
+        if not isinstance(key_id, str) or not key_id:
+            raise _Damaged("bad key_id field")
+        wrapped = _b64(d, "wrapped_secret")
+        if fmt >= MAC_FROM_FORMAT:
+            if "mac" not in d:
+                raise _Damaged(f"format {fmt} without a MAC")
+            copy.mac = _b64(d, "mac")
+        copy.body = d
+        copy.config = FsConfig(fs_id=fs_id, key_id=key_id, wrapped_secret=wrapped, features=tuple(features),
+                               format=fmt)
+    except _Damaged as e:
+        copy.problem = f"damaged ({e})"
+    return copy
+
+
+def _check_known(config: FsConfig) -> None:
+    """FsVersionError for a format or feature this encfs does not know (only asked of verified copies)."""
+    if config.format > FS_FORMAT:
+        raise FsVersionError(f"unsupported encfs filesystem format {config.format} (this encfs reads 1 to "
+                             f"{FS_FORMAT}): upgrade encfs")
+    unknown = sorted(set(config.features) - set(KNOWN_FEATURES))
+    if unknown:
+        raise FsVersionError(f"filesystem uses unknown feature {unknown[0]!r}: upgrade encfs")
+
+
+def _one_block_size(config: FsConfig) -> bool:
+    return len([f for f in config.features if f in BLOCK_FEATURES]) == 1
+
+
+def _verify(copy: _Copy, secret: bytes) -> None:
+    """Judge a copy whose secret unwrapped: sets ``copy.problem`` if it is damaged; raises for a
+    verified copy that is newer than this encfs or malformed."""
+    config = copy.config
+    assert config is not None and copy.body is not None
+    if config.format >= MAC_FROM_FORMAT:
+        assert copy.mac is not None
+        if not hmac.compare_digest(config_mac(secret, copy.body), copy.mac):
+            copy.problem = "damaged (its MAC does not verify)"
+            return
+        _check_known(config)  # authenticated: a newer format is really newer
+        if not _one_block_size(config):
             raise FsConfigError("filesystem config must name exactly one content block size")
+        return
+    # Format 1 has no MAC: what the token authenticates (fs_id, key_id, wrapped_secret) is checked by
+    # the unwrap; the rest must be exactly what format 1 allows. No format-1 copy was ever written with
+    # another format number or a feature this encfs does not know, so those are damage, not news.
+    if config.format != 1:
+        copy.problem = f"damaged (format {config.format} never existed)"
+    elif set(config.features) - set(KNOWN_FEATURES):
+        copy.problem = f"damaged (unknown feature {sorted(set(config.features) - set(KNOWN_FEATURES))[0]!r})"
+    elif not _one_block_size(config):
+        copy.problem = "damaged (it does not name exactly one content block size)"
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+def peek_config(cipherdir: Path) -> tuple[FsConfig, list[str]]:
+    """The config as far as it can be read without the token (``encfs info``, checks before forking):
+    the primary copy, or else the backup, NOT verified; a warning for each copy that is missing,
+    unparsable, or differs from the other. Raises if no copy has the shape of a config."""
+    if not cipherdir.is_dir():
+        raise FsConfigError(f"{cipherdir} is not a directory")
+    copies = [_read_copy(cipherdir, name) for name in COPIES]
+    if all(c.missing for c in copies):
+        raise FsConfigError(f"{cipherdir} is not an encfs filesystem (no {CONFIG_NAME})")
+    warnings = [f"{c.name} is {c.problem}" for c in copies if c.problem]
+    found = [c for c in copies if c.config is not None]
+    if not found:
+        raise FsConfigError(f"{cipherdir}: " + "; ".join(warnings))
+    if len(found) == 2 and found[0].body != found[1].body:
+        warnings.append(f"{CONFIG_NAME} and {BACKUP_NAME} differ")
+    config = found[0].config
+    assert config is not None
+    try:
+        _check_known(config)
+    except FsVersionError as e:
+        warnings.append(f"{found[0].name}: {e.message} (or it is damaged: a mount verifies it)")
+    return config, warnings
+
+
+def _disagreement(a: FsConfig, b: FsConfig) -> str:
+    if a.fs_id != b.fs_id:
+        return "fs_id"
+    if a.key_id != b.key_id:
+        return "key_id"
+    if set(a.features) != set(b.features):
+        sizes = [a.block_size, b.block_size]
+        if sizes[0] != sizes[1]:
+            return f"the block size ({sizes[0]} in {CONFIG_NAME}, {sizes[1]} in {BACKUP_NAME})"
+        return "the features"
+    if a.wrapped_secret != b.wrapped_secret:
+        return "the wrapped secret"
+    return "their contents"
+
+
+@dataclass
+class OpenedConfig:
+    """A verified config, the keys it unlocks, and what loading found and did (for the log)."""
+
+    config: FsConfig
+    keys: FsKeys
+    warnings: list[str]
+
+
+def open_config(cipherdir: Path, ks: KeyService, *, writable: bool) -> OpenedConfig:
+    """Verify both copies on the token and pick the config (FORMAT.md §6.1 load rules).
+
+    With ``writable`` (a read-write mount, under the mount lock): a missing or damaged copy is
+    rewritten from the good one, and a format-1 config is upgraded to format 2.
+    """
+    if not cipherdir.is_dir():
+        raise FsConfigError(f"{cipherdir} is not a directory")
+    copies = [_read_copy(cipherdir, name) for name in COPIES]
+    if all(c.missing for c in copies):
+        raise FsConfigError(f"{cipherdir} is not an encfs filesystem (no {CONFIG_NAME})")
+    secrets: dict[tuple[str, str, bytes], bytes | EncfsError] = {}
+    for copy in copies:
+        config = copy.config
+        if config is None:
+            continue
+        ref = (config.fs_id, config.key_id, config.wrapped_secret)
+        if ref not in secrets:
+            try:
+                secrets[ref] = ks.decrypt(config.wrapped_secret, config.fs_context(), key=config.key_id).plaintext
+            except (InvalidCiphertext, KeyNotFound) as e:  # a damaged fs_id, key_id or blob; others propagate
+                secrets[ref] = e
+        secret = secrets[ref]
+        if isinstance(secret, EncfsError):
+            copy.problem, copy.unwrap_error = f"damaged (the filesystem key in it does not unwrap: {secret.message})", secret
+        else:
+            _verify(copy, secret)
+    good = [c for c in copies if c.problem is None]
+    if not good:
+        errors = [c.unwrap_error for c in copies if c.unwrap_error is not None]
+        if len(errors) == 2 and errors[0].message == errors[1].message:
+            raise errors[0]  # one cause for both (a wrong token, a deleted key): not damage to the copies
+        raise FsConfigError(f"{cipherdir}: " + "; ".join(f"{c.name} is {c.problem}" for c in copies))
+    warnings = [f"{c.name} is {c.problem}" for c in copies if c.problem]
+    chosen = good[0]
+    stale: list[str] = []
+    if len(good) == 2 and good[0].body != good[1].body:
+        a, b = (c.config for c in good)
+        assert a is not None and b is not None
+        if (a.fs_id, a.key_id, a.wrapped_secret, set(a.features)) == \
+                (b.fs_id, b.key_id, b.wrapped_secret, set(b.features)) and a.format != b.format:
+            # An upgrade that stopped between the two copies: the newer copy is the config.
+            chosen = max(good, key=lambda c: c.config.format if c.config else 0)
+            older = next(c for c in good if c is not chosen)
+            stale.append(older.name)
+            warnings.append(f"{older.name} is still format {older.config.format if older.config else '?'} "
+                            f"(an interrupted upgrade)")
+        else:
+            raise FsConfigError(f"{cipherdir}: {CONFIG_NAME} and {BACKUP_NAME} are both intact but disagree on "
+                                f"{_disagreement(a, b)}: delete the wrong one and mount again to restore it "
+                                f"from the other")
+    config = chosen.config
+    assert config is not None
+    secret = secrets[(config.fs_id, config.key_id, config.wrapped_secret)]
+    assert isinstance(secret, bytes)
+    opened = OpenedConfig(config, derive_fs_keys(secret, config.fs_id), warnings)
+    if writable:
+        if config.format < FS_FORMAT:
+            _upgrade(cipherdir, opened, secret)
+        else:
+            _restore(cipherdir, opened, secret, [c.name for c in copies if c.problem] + stale)
+    return opened
+
+
+def _restore(cipherdir: Path, opened: OpenedConfig, secret: bytes, names: list[str]) -> None:
+    """Rewrite the copies ``names`` from the verified config (best effort: a read-only CIPHERDIR
+    still mounts from the good copy)."""
+    data = sealed_config_bytes(opened.config, secret)
+    for name in names:
         try:
-            return cls(fs_id=str(d["fs_id"]), key_id=str(d["key_id"]),
-                       wrapped_secret=base64.b64decode(d["wrapped_secret"], validate=True),
-                       features=tuple(d["features"]), format=fmt)
-        except (KeyError, ValueError, TypeError) as e:
-            raise FsConfigError(f"filesystem config is missing or has a bad field: {e}") from None
+            write_atomic(cipherdir / name, data, 0o644, sync_dir=True)
+        except OSError as e:
+            opened.warnings.append(f"cannot restore {name}: {e.strerror}")
+            continue
+        opened.warnings.append(f"restored {name} from the good copy")
 
 
-def _config_bytes(config: FsConfig) -> bytes:
-    return (json.dumps(config.to_json(), indent=1) + "\n").encode()
+def _upgrade(cipherdir: Path, opened: OpenedConfig, secret: bytes) -> None:
+    """Format 1 -> FS_FORMAT: the backup first, then the primary. ``opened.config`` says the new
+    format only once both are on disk; until then every reader still sees format-1 files only."""
+    new = FsConfig(fs_id=opened.config.fs_id, key_id=opened.config.key_id,
+                   wrapped_secret=opened.config.wrapped_secret, features=opened.config.features,
+                   format=FS_FORMAT)
+    data = sealed_config_bytes(new, secret)
+    for name in (BACKUP_NAME, CONFIG_NAME):
+        try:
+            write_atomic(cipherdir / name, data, 0o644, sync_dir=True)
+        except OSError as e:
+            opened.warnings.append(f"cannot upgrade the config to format {FS_FORMAT} ({name}: {e.strerror}); "
+                                   f"it stays format {opened.config.format}")
+            return
+    opened.warnings.append(f"upgraded the config from format {opened.config.format} to {FS_FORMAT}")
+    opened.config = new
 
 
 def init_filesystem(cipherdir: Path, ks: KeyService, key: str,
@@ -126,70 +407,17 @@ def init_filesystem(cipherdir: Path, ks: KeyService, key: str,
     try:
         fs_id = uuid.uuid4().hex
         probe = FsConfig(fs_id=fs_id, key_id="", wrapped_secret=b"")
-        dk = ks.generate_data_key(key, probe.fs_context(), with_plaintext=False)
+        dk = ks.generate_data_key(key, probe.fs_context(), with_plaintext=True)
     except BaseException:
         if created:
             cipherdir.rmdir()  # an unknown or disabled key leaves no empty directory behind
         raise
     config = FsConfig(fs_id=fs_id, key_id=dk.key_id, wrapped_secret=dk.ciphertext_blob, features=features)
-    data = _config_bytes(config)
+    assert dk.plaintext is not None
+    data = sealed_config_bytes(config, dk.plaintext)
     write_atomic(cipherdir / BACKUP_NAME, data, 0o644)
     write_atomic(cipherdir / CONFIG_NAME, data, 0o644, sync_dir=True)
     return config
-
-
-def _read_copy(path: Path) -> FsConfig:
-    return FsConfig.from_json(json.loads(path.read_bytes()))
-
-
-def load_config(cipherdir: Path) -> tuple[FsConfig, list[str]]:
-    """The config, from the primary or else the backup; also a warning for each copy that is lost.
-
-    A copy that is missing, unreadable or malformed is a warning while the other
-    copy is good; a copy of a newer format or with an unknown feature is an error.
-    """
-    if not cipherdir.is_dir():
-        raise FsConfigError(f"{cipherdir} is not a directory")
-    found: list[FsConfig] = []
-    warnings: list[str] = []
-    missing = 0
-    for name in (CONFIG_NAME, BACKUP_NAME):
-        try:
-            found.append(_read_copy(cipherdir / name))
-        except FileNotFoundError:
-            missing += 1
-            warnings.append(f"{name} is missing")
-        except FsVersionError:
-            raise  # intact, but newer than this encfs (or a half-done upgrade): the other copy is no better
-        except FsConfigError as e:
-            warnings.append(f"{name} is damaged ({e.message})")
-        except (OSError, ValueError) as e:
-            warnings.append(f"{name} is damaged ({type(e).__name__})")
-    if found:
-        return found[0], warnings
-    if missing == 2:
-        raise FsConfigError(f"{cipherdir} is not an encfs filesystem (no {CONFIG_NAME})")
-    raise FsConfigError(f"{cipherdir}: " + "; ".join(warnings))
-
-
-def repair_config(cipherdir: Path, config: FsConfig) -> list[str]:
-    """Rewrite each copy of the config that is not ``config`` (missing, damaged, or unparsable) from
-    ``config``, which must be the copy that unlocked; returns the names rewritten."""
-    repaired = []
-    for name in (CONFIG_NAME, BACKUP_NAME):
-        try:
-            if _read_copy(cipherdir / name) == config:
-                continue
-        except FsVersionError:
-            continue  # load_config refuses these; never overwrite a newer config
-        except (EncfsError, OSError, ValueError):
-            pass
-        try:
-            write_atomic(cipherdir / name, _config_bytes(config), 0o644, sync_dir=True)
-        except OSError:
-            continue  # best effort: a read-only CIPHERDIR still mounts from the good copy
-        repaired.append(name)
-    return repaired
 
 
 @dataclass(frozen=True)
@@ -205,33 +433,3 @@ def derive_fs_keys(secret: bytes, fs_id: str) -> FsKeys:
         return HKDF(hashes.SHA256(), n, salt=bytes.fromhex(fs_id), info=info).derive(secret)
 
     return FsKeys(name_key=derive(b"encfs names v1", 64), meta_key=derive(b"encfs metadata v1", 32))
-
-
-def unlock(config: FsConfig, ks: KeyService) -> FsKeys:
-    """Unwrap the filesystem secret on the token and derive the name and metadata keys."""
-    secret = ks.decrypt(config.wrapped_secret, config.fs_context(), key=config.key_id).plaintext
-    return derive_fs_keys(secret, config.fs_id)
-
-
-def unlock_any(cipherdir: Path, config: FsConfig, ks: KeyService,
-               warnings: list[str]) -> tuple[FsConfig, FsKeys]:
-    """``unlock(config)``, or, if the copy it came from is corrupt in a way that still parses (a
-    damaged wrapped secret, fs id or key id), the other copy; appends a warning when it falls back."""
-    try:
-        return config, unlock(config, ks)
-    except (InvalidCiphertext, KeyNotFound) as first:
-        for name in (CONFIG_NAME, BACKUP_NAME):
-            try:
-                other = _read_copy(cipherdir / name)
-            except (EncfsError, OSError, ValueError):
-                continue
-            if other == config:
-                continue
-            try:
-                keys = unlock(other, ks)
-            except (InvalidCiphertext, KeyNotFound):
-                continue
-            bad = BACKUP_NAME if name == CONFIG_NAME else CONFIG_NAME
-            warnings.append(f"{bad} is damaged (the filesystem key in it does not unwrap: {first.message})")
-            return other, keys
-        raise

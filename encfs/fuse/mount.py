@@ -20,7 +20,7 @@ from pathlib import Path
 from encfs.daemon import Readiness, spawn
 from encfs.errors import EncfsError
 from encfs.fuse.fs import EncryptedFS
-from encfs.fuse.fsconfig import load_config, repair_config, unlock_any
+from encfs.fuse.fsconfig import open_config, peek_config
 from encfs.fuse.server import FsServer
 from encfs.fuseproto import escape_option, mount_fusermount, unmount_fusermount
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
@@ -122,17 +122,12 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
           ready: Readiness | None = None) -> None:
     """Mount and serve until unmounted or signalled; ``ready.ok()`` once the mount is usable."""
     check_mountpoint(mountpoint)
-    config, warnings = load_config(cipherdir)
     ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
     log = logging.getLogger("encfs.fuse")
-    config, keys = unlock_any(cipherdir, config, ks, warnings)
-    for w in warnings:
+    opened = open_config(cipherdir, ks, writable=not opts.read_only)
+    for w in opened.warnings:
         log.warning("%s: %s", cipherdir, w)
-    if warnings and not opts.read_only:
-        for name in repair_config(cipherdir, config):
-            log.warning("%s: restored %s from the good copy", cipherdir, name)
-    fs = EncryptedFS(os.fsencode(cipherdir), config, keys, ks, read_only=opts.read_only,
-                     recovering=bool(os.environ.get("ENCFS_RECOVERING")))  # TEMPORARY until the mount lock
+    fs = EncryptedFS(os.fsencode(cipherdir), opened.config, opened.keys, ks, read_only=opts.read_only)
     where = os.path.realpath(mountpoint)  # as mountinfo names it; never resolved once mounted
     try:
         fd = mount_fusermount(str(mountpoint), _fuse_options(cipherdir, opts))
@@ -164,7 +159,7 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
           foreground: bool) -> int:
     """`encfs mount`: returns once the mount is ready (daemonized unless foreground)."""
     cipherdir, mountpoint = cipherdir.absolute(), mountpoint.absolute()
-    load_config(cipherdir)  # fail early, before forking, on an obvious mistake
+    peek_config(cipherdir)  # fail early, before forking, on an obvious mistake
     check_mountpoint(mountpoint)
     check_fuse_device()
     if foreground:
