@@ -73,3 +73,7 @@ class ContextMismatch(InvalidCiphertext):
 
 class KeyImportError(EncfsError):
     """Imported key material was rejected (wrong wrapping, wrong size, mismatch)."""
+
+
+class MountError(EncfsError):
+    """The filesystem cannot be mounted or unmounted."""

@@ -535,6 +535,7 @@ def test_info_reports_format_ids_features_and_counts(tmp_path: Path, fs_home: Pa
         info = _info(cipher, fs_home)
     conf = json.loads((cipher / "encfs.conf").read_bytes())
     assert info["format"] == 2 and info["verified"] is False
+    assert info["lock"] == "not mounted (last unmounted cleanly)"
     assert info["fs_id"] == conf["fs_id"] and len(info["fs_id"]) == 32
     assert info["key_id"] == key_id
     assert info["features"] == conf["features"]

@@ -238,6 +238,7 @@ def test_open_config_of_a_new_filesystem(tmp_path: Path, service) -> None:
     opened = open_config(cipher, service, writable=True)
     assert opened.config.format == FS_FORMAT == 2 and opened.warnings == []
     assert {n: (cipher / n).read_bytes() for n in (CONF, BAK)} == before  # nothing to write
+    assert (cipher / "encfs.lock").exists()
 
 
 @pytest.mark.parametrize("field", ["key_id", "fs_id", "wrapped_secret"])

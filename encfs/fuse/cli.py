@@ -89,8 +89,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """What the config says without the token (so not verified: a mount verifies both copies)
-    and counts of the backing tree."""
+    """What the config says without the token (so not verified: a mount verifies both copies),
+    the mount lock's state, and counts of the backing tree."""
+    from encfs.fuse.mountlock import describe
+
     cipherdir = Path(args.cipherdir)
     config, warnings = peek_config(cipherdir)
     counts = {"files": 0, "directories": 0, "symlinks": 0, "other": 0, "long_names": 0, "backing_bytes": 0}
@@ -108,7 +110,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     sizes = [BLOCK_FEATURES[f] for f in config.features if f in BLOCK_FEATURES]
     info = {"cipherdir": str(cipherdir), "config": CONFIG_NAME, "format": config.format, "verified": False,
             "fs_id": config.fs_id, "key_id": config.key_id, "features": list(config.features),
-            "block_size": sizes[0] if len(sizes) == 1 else None,
+            "block_size": sizes[0] if len(sizes) == 1 else None, "lock": describe(cipherdir),
             "counts": counts, "warnings": warnings}
     if args.json:
         print(json.dumps(info, indent=2))

@@ -35,6 +35,7 @@ import base64
 import binascii
 import hmac
 import json
+import os
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from encfs.atomicfile import write_atomic
 from encfs.errors import EncfsError, InvalidCiphertext, KeyNotFound
+from encfs.fuse.mountlock import LOCK_NAME
 from encfs.keys.service import KeyService
 
 CONFIG_NAME = "encfs.conf"
@@ -417,6 +419,8 @@ def init_filesystem(cipherdir: Path, ks: KeyService, key: str,
     data = sealed_config_bytes(config, dk.plaintext)
     write_atomic(cipherdir / BACKUP_NAME, data, 0o644)
     write_atomic(cipherdir / CONFIG_NAME, data, 0o644, sync_dir=True)
+    # The mount lock's file (mountlock.py), so that a read-only mount never has to create it.
+    os.close(os.open(cipherdir / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
     return config
 
 

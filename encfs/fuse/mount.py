@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encfs.daemon import Readiness, spawn
-from encfs.errors import EncfsError
+from encfs.errors import MountError
+from encfs.fuse import mountlock
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import open_config, peek_config
+from encfs.fuse.mountlock import MountLock
 from encfs.fuse.server import FsServer
 from encfs.fuseproto import escape_option, mount_fusermount, unmount_fusermount
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
@@ -33,10 +35,6 @@ from encfs.keys.service import KeyService
 # with the default 5 ms on cold reads (1.1-1.2 vs 1.0-1.1 GB/s) and sequential writes (590 vs
 # 200-420 MB/s); 4 threads with the default interval halved sequential writes.
 SERVER_THREADS = 4
-
-
-class MountError(EncfsError):
-    """The filesystem cannot be mounted or unmounted."""
 
 
 @dataclass
@@ -120,28 +118,40 @@ def _fuse_options(cipherdir: Path, opts: MountOptions) -> list[str]:
 
 def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions, opts: MountOptions,
           ready: Readiness | None = None) -> None:
-    """Mount and serve until unmounted or signalled; ``ready.ok()`` once the mount is usable."""
+    """Mount and serve until unmounted or signalled; ``ready.ok()`` once the mount is usable.
+
+    The mount lock (mountlock.py) is taken before the config is verified or repaired, and held
+    until every backing file is closed.
+    """
     check_mountpoint(mountpoint)
-    ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
-    log = logging.getLogger("encfs.fuse")
-    opened = open_config(cipherdir, ks, writable=not opts.read_only)
-    for w in opened.warnings:
-        log.warning("%s: %s", cipherdir, w)
-    fs = EncryptedFS(os.fsencode(cipherdir), opened.config, opened.keys, ks, read_only=opts.read_only)
-    where = os.path.realpath(mountpoint)  # as mountinfo names it; never resolved once mounted
+    peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
+    lock = MountLock.acquire(cipherdir, mountpoint, read_only=opts.read_only)
     try:
-        fd = mount_fusermount(str(mountpoint), _fuse_options(cipherdir, opts))
-    except OSError as e:
-        ks.close()
-        raise MountError(f"FUSE refused to mount {mountpoint}: {e.strerror}") from None
+        ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
+        log = logging.getLogger("encfs.fuse")
+        opened = open_config(cipherdir, ks, writable=not opts.read_only)
+        for w in opened.warnings:
+            log.warning("%s: %s", cipherdir, w)
+        fs = EncryptedFS(os.fsencode(cipherdir), opened.config, opened.keys, ks, read_only=opts.read_only)
+        where = os.path.realpath(mountpoint)  # as mountinfo names it; never resolved once mounted
+        try:
+            fd = mount_fusermount(str(mountpoint), _fuse_options(cipherdir, opts))
+        except OSError as e:
+            ks.close()
+            raise MountError(f"FUSE refused to mount {mountpoint}: {e.strerror}") from None
+    except BaseException:
+        lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
+        raise
     fs.start_seal_worker()  # before the server: its threads' request buffers live in the worker's arena
     server = FsServer(fd, fs, where)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.stop())
+    served = False
     try:
         if ready is not None:
             ready.ok()
         server.serve(threads=SERVER_THREADS)
+        served = True
     finally:
         with server.lock.exclusive():  # a worker may still be inside an operation
             fs.close_all()
@@ -153,6 +163,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
                 log.warning("%s: %s", mountpoint, e.strerror)
         os.close(fd)
         ks.close()
+        lock.release(clean=served)  # after every backing file is closed
 
 
 def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions, opts: MountOptions,
@@ -161,6 +172,7 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     cipherdir, mountpoint = cipherdir.absolute(), mountpoint.absolute()
     peek_config(cipherdir)  # fail early, before forking, on an obvious mistake
     check_mountpoint(mountpoint)
+    mountlock.check(cipherdir, read_only=opts.read_only)  # the daemon takes the lock itself
     check_fuse_device()
     if foreground:
         serve(cipherdir, mountpoint, home, hsm, opts)
