@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import run_encfs
 from fuse_helpers import Mount, cold_read
 
@@ -122,9 +121,7 @@ def check_overwrite_round(base: bytes, actual: bytes, writes: list[tuple[int, by
         assert piece in candidates, f"bytes {a}-{b} hold neither their synced nor any later contents"
 
 
-def test_kill_9_during_overwrites_tears_no_block(tmp_path: Path, fs_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ENCFS_RECOVERING", "1")
-    monkeypatch.setenv("ENCFS_V2", "1")
+def test_kill_9_during_overwrites_tears_no_block(tmp_path: Path, fs_home: Path) -> None:
     cipher, plain = tmp_path / "cipher", tmp_path / "plain"
     plain.mkdir()
     assert run_encfs("init", str(cipher), "--key", "fs", home=fs_home).returncode == 0
@@ -150,10 +147,7 @@ def test_kill_9_during_overwrites_tears_no_block(tmp_path: Path, fs_home: Path, 
         content = actual
 
 
-def test_kill_9_during_streams_of_new_files_leaves_every_file_readable(tmp_path: Path, fs_home: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ENCFS_RECOVERING", "1")
-    monkeypatch.setenv("ENCFS_V2", "1")
+def test_kill_9_during_streams_of_new_files_leaves_every_file_readable(tmp_path: Path, fs_home: Path) -> None:
     cipher, plain = tmp_path / "cipher", tmp_path / "plain"
     plain.mkdir()
     assert run_encfs("init", str(cipher), "--key", "fs", home=fs_home).returncode == 0

@@ -855,6 +855,28 @@ class EncryptedFS:
     def release(self, fh: int) -> None:
         self.files.release(fh)
 
+    def recover_all(self, exclusive: Callable[[], contextlib.AbstractContextManager[object]]) -> int:
+        """After an unclean shutdown: check every regular file for crash recovery now, each one
+        under ``exclusive()`` (the server's lock), so that a file nobody looks up during this
+        mount is not left for a later one. Returns the number of files checked."""
+        checked = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not is_internal(d)]
+            for name in filenames:
+                if is_internal(name):
+                    continue
+                path = os.path.join(dirpath, name)
+                with exclusive():
+                    try:
+                        st = os.lstat(path)
+                    except FileNotFoundError:
+                        continue
+                    if stat_m.S_ISREG(st.st_mode):
+                        self.files.size_for_lookup(self._ino(st), path, st.st_size)
+                        checked += 1
+        self.files.recovering = False
+        return checked
+
     def close_all(self) -> None:
         """Close every open file (unmount): journals are checkpointed."""
         self.files.close_all()

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,7 +133,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         opened = open_config(cipherdir, ks, writable=not opts.read_only)
         for w in opened.warnings:
             log.warning("%s: %s", cipherdir, w)
-        fs = EncryptedFS(os.fsencode(cipherdir), opened.config, opened.keys, ks, read_only=opts.read_only)
+        fs = EncryptedFS(os.fsencode(cipherdir), opened.config, opened.keys, ks, read_only=opts.read_only,
+                         recovering=lock.recovering)
         where = os.path.realpath(mountpoint)  # as mountinfo names it; never resolved once mounted
         try:
             fd = mount_fusermount(str(mountpoint), _fuse_options(cipherdir, opts))
@@ -147,9 +149,15 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.stop())
     served = False
+    recovered = threading.Event()
+    if not lock.recovering or opts.read_only:
+        recovered.set()
     try:
         if ready is not None:
             ready.ok()
+        if not recovered.is_set():
+            threading.Thread(target=_recover_all, args=(fs, server, recovered), daemon=True,
+                             name="crash-recovery").start()
         server.serve(threads=SERVER_THREADS)
         served = True
     finally:
@@ -163,7 +171,22 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
                 log.warning("%s: %s", mountpoint, e.strerror)
         os.close(fd)
         ks.close()
-        lock.release(clean=served)  # after every backing file is closed
+        # After every backing file is closed; a crash recovery that did not finish leaves the
+        # record "mounted", so that the next mount recovers too.
+        lock.release(clean=served and recovered.is_set())
+
+
+def _recover_all(fs: EncryptedFS, server: FsServer, done: threading.Event) -> None:
+    """The last mount did not end cleanly: check every file now (each one also recovers at its
+    first lookup), then let the lock record say so."""
+    log = logging.getLogger("encfs.fuse")
+    try:
+        count = fs.recover_all(server.lock.exclusive)
+    except Exception:  # noqa: BLE001 - the next mount recovers again
+        log.exception("crash recovery scan failed; the next mount runs it again")
+        return
+    log.warning("crash recovery finished: %d files checked", count)
+    done.set()
 
 
 def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions, opts: MountOptions,

@@ -82,7 +82,7 @@ class OpenFiles:
         except (FileNotFoundError, ValueError):
             self.journals = set()
         # Files of a format-1 filesystem stay version 1 (format-1 encfs cannot read version 2).
-        self.version = V2 if config.format >= 2 or os.environ.get("ENCFS_V2") else V1
+        self.version = V2 if config.format >= 2 else V1
 
     # -- handles ----------------------------------------------------------------------
 
