@@ -726,7 +726,7 @@ class EncryptedFS:
                 os.fchmod(fd, stat_m.S_IMODE(mode))
             inode = self._ino(os.fstat(fd))
             fh = self.files.add(OpenFile(inode, fd, True, path))
-            self.files.renew(self.files[fh])
+            self.files.renew(self.files[fh], new_file=True)
         except BaseException:
             if fh is not None:
                 self.files.release(fh)

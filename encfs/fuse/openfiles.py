@@ -126,7 +126,9 @@ class OpenFiles:
     def _close(self, content: FileContent, path: bytes, unlinked: bool | None = None) -> bool:
         """Checkpoint and close a content; False (it stays open, pinned) if the checkpoint fails."""
         try:
-            if unlinked is None:
+            if unlinked is None and content.journal.fd is None and not content.index:
+                unlinked = False  # nothing to checkpoint or drop: no need to ask
+            elif unlinked is None:
                 unlinked = os.fstat(content.fd).st_nlink == 0
             content.close(unlinked)
         except OSError as e:  # its journal stays on disk: the next load replays it
@@ -262,9 +264,11 @@ class OpenFiles:
         c.check_key()
         return c
 
-    def renew(self, f: OpenFile) -> FileContent:
-        """Empty ``f``'s file and give it a new header and data key."""
-        self.drop(f.inode, f.fd, f.path)
+    def renew(self, f: OpenFile, new_file: bool = False) -> FileContent:
+        """Empty ``f``'s file and give it a new header and data key (``new_file``: it was just
+        created, and is empty)."""
+        if not new_file:
+            self.drop(f.inode, f.fd, f.path)
         fd = os.dup(f.fd)
         try:
             file_id, dk = self.new_keys.take()
