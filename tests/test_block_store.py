@@ -9,9 +9,19 @@ from pathlib import Path
 import pytest
 
 from encfs.block.header import VolumeFormatError, VolumeHeader, new_header, read_header, write_header
-from encfs.block.layout import EXTENT_SECTORS, GROUP_SECTORS, SECTOR_SIZE, SLOT_A, SLOT_B, image_size, sector_offset
+from encfs.block.layout import (
+    EXTENT_SECTORS,
+    GROUP_SECTORS,
+    SECTOR_SIZE,
+    SLOT_A,
+    SLOT_B,
+    image_size,
+    map_block_number,
+    map_offset,
+    sector_offset,
+)
 from encfs.block.sectors import SectorStore
-from encfs.blocks import SEALED_BLOCK, BlockAuthError
+from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
 
 KEY = bytes(range(32))
 VID = bytes(range(16))
@@ -146,18 +156,136 @@ def test_torn_write_of_the_inflight_slot_is_harmless(image: int) -> None:
     assert store(image).read(SECTOR_SIZE, 4) == b"old!"
 
 
-def test_torn_map_write_falls_back_to_the_older_map(image: int) -> None:
-    s = store(image)
-    s.write(0, b"1" * SECTOR_SIZE)
-    s.flush()
-    s.write(0, b"2" * SECTOR_SIZE)
-    s.flush()
-    from encfs.block.layout import map_offset
+class Crash(BaseException):
+    """The process dies here (kill -9, power loss): nothing after it runs."""
 
-    newest = s._maps[0].slot
-    os.pwrite(image, b"\xff" * 100, map_offset(0, newest) + 50)  # tear the newest map
-    # the older map names the older slot, whose contents were never overwritten since
-    assert store(image).read(0, 1) == b"1"
+
+def _crash_at_map_write(monkeypatch: pytest.MonkeyPatch, image: int, slot: int, torn: bool) -> None:
+    """The next pwrite to map slot ``slot`` of extent 0 writes half its bytes (``torn``) or none, then the
+    process dies."""
+    real = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if fd == image and offset == map_offset(0, slot):
+            if torn:
+                real(fd, bytes(data)[:len(data) // 2], offset)
+            raise Crash
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+def _seq(fd: int, extent: int, slot: int) -> int | None:
+    """The sequence number in a map slot, None if it fails authentication."""
+    try:
+        plain = BlockCipher(KEY, VID + b"map").open(map_block_number(extent, slot),
+                                                    os.pread(fd, SEALED_BLOCK, map_offset(extent, slot)))
+    except BlockAuthError:
+        return None
+    return int.from_bytes(plain[:8], "big")
+
+
+def _write_old_then_new(image: int) -> SectorStore:
+    s = store(image)
+    s.write(0, b"O" * SECTOR_SIZE)
+    s.flush()
+    s.write(0, b"N" * SECTOR_SIZE)
+    s.flush()
+    return s
+
+
+def test_flush_commits_to_one_map_slot_and_mirrors_into_the_other(image: int) -> None:
+    s = _write_old_then_new(image)
+    assert _seq(image, 0, 0) == _seq(image, 0, 1) == s._maps[0].seq  # at rest: two copies of the newest
+    committed = s._maps[0].slot
+    s.write(0, b"3" * SECTOR_SIZE)
+    s.flush()
+    assert s._maps[0].slot == 1 - committed  # each flush commits to the slot the last one mirrored into
+    assert _seq(image, 0, 0) == _seq(image, 0, 1)
+
+
+@pytest.mark.parametrize("torn", [True, False], ids=["torn", "unwritten"])
+def test_crash_during_the_commit_write_falls_back_to_the_acknowledged_map(
+        image: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, torn: bool) -> None:
+    s = _write_old_then_new(image)  # the flush of N was acknowledged
+    s.write(0, b"X" * SECTOR_SIZE)
+    _crash_at_map_write(monkeypatch, image, 1 - s._maps[0].slot, torn)
+    with pytest.raises(Crash):
+        s.flush()  # never acknowledged
+    monkeypatch.undo()
+    assert store(image).read(0, 1) == b"N"
+    if torn:  # the torn slot fails authentication: logged, then rewritten from the other
+        assert "damaged in slot" in caplog.text
+        assert _seq(image, 0, 0) == _seq(image, 0, 1)
+
+
+def test_crash_before_the_mirror_write_keeps_the_committed_map(
+        image: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = _write_old_then_new(image)
+    s.write(0, b"X" * SECTOR_SIZE)
+    committed = 1 - s._maps[0].slot
+    _crash_at_map_write(monkeypatch, image, 1 - committed, torn=True)
+    with pytest.raises(Crash):
+        s.flush()  # the commit's fsync returned: acknowledged by the time a mirror write runs
+    monkeypatch.undo()
+    assert _seq(image, 0, 1 - committed) is None
+    assert store(image).read(0, 1) == b"X"
+
+
+DAMAGE = {
+    "bit flip in slot 0": (0, lambda b: b[:700] + bytes([b[700] ^ 0x08]) + b[701:]),
+    "bit flip in slot 1": (1, lambda b: b[:3000] + bytes([b[3000] ^ 0x01]) + b[3001:]),
+    "zeroed slot 0": (0, lambda b: bytes(len(b))),
+    "zeroed slot 1": (1, lambda b: bytes(len(b))),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_map_slot_loses_nothing_is_logged_and_repaired(
+        image: int, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    """At rest both map slots hold the newest map: either one damaged, NEW still reads back."""
+    s = _write_old_then_new(image)
+    seq = s._maps[0].seq
+    slot, how = DAMAGE[damage]
+    off = map_offset(0, slot)
+    bad = how(os.pread(image, SEALED_BLOCK, off))
+    os.pwrite(image, bad, off)
+    assert _seq(image, 0, slot) is None
+    s2 = store(image)
+    assert s2.read(0, SECTOR_SIZE) == b"N" * SECTOR_SIZE
+    assert f"sector map of extent 0 (plaintext bytes 0-{EXTENT_SECTORS * SECTOR_SIZE - 1}) is damaged in " \
+           f"slot {slot}" in caplog.text
+    assert _seq(image, 0, slot) == seq  # repaired from the other slot
+    os.pwrite(image, bytes(SEALED_BLOCK), map_offset(0, 1 - slot))  # so the repaired copy alone now serves
+    assert store(image).read(0, SECTOR_SIZE) == b"N" * SECTOR_SIZE
+    assert store(image).read(EXTENT_SECTORS * SECTOR_SIZE, 1) == b"\0"  # the other extent was never involved
+
+
+def test_both_map_slots_damaged_make_only_that_extent_eio(image: int) -> None:
+    s = store(image)
+    s.write(0, b"a" * SECTOR_SIZE)
+    s.write(EXTENT_SECTORS * SECTOR_SIZE, b"b" * SECTOR_SIZE)
+    s.flush()
+    for slot in (0, 1):
+        off = map_offset(0, slot) + 500
+        os.pwrite(image, bytes([os.pread(image, 1, off)[0] ^ 0x10]), off)
+    s2 = store(image)
+    with pytest.raises(BlockAuthError):
+        s2.read(0, 1)
+    with pytest.raises(BlockAuthError):
+        s2.read((EXTENT_SECTORS - 1) * SECTOR_SIZE, 1)
+    assert s2.read(EXTENT_SECTORS * SECTOR_SIZE, 1) == b"b"
+
+
+def test_a_read_only_image_is_read_but_not_repaired(image: int) -> None:
+    _write_old_then_new(image)
+    os.pwrite(image, bytes(SEALED_BLOCK), map_offset(0, 0))
+    ro = os.open(f"/proc/self/fd/{image}", os.O_RDONLY)
+    try:
+        assert store(ro).read(0, 1) == b"N"
+    finally:
+        os.close(ro)
+    assert _seq(image, 0, 0) is None
 
 
 def test_tampering_is_an_error_never_wrong_bytes(image: int) -> None:
@@ -182,8 +310,6 @@ def test_tampering_is_an_error_never_wrong_bytes(image: int) -> None:
 
 
 def test_zeroed_map_is_an_error_not_zeros(image: int) -> None:
-    from encfs.block.layout import map_offset
-
     s = store(image)
     s.write(0, b"z" * SECTOR_SIZE)
     s.flush()

@@ -602,6 +602,61 @@ def test_tampered_or_swapped_sectors_read_as_io_errors(rig: Rig) -> None:
     rig.detach(loop)
 
 
+def _damage_map(image: Path, extent: int, slot: int, how: str) -> bytes:
+    """Flip one bit in, or zero, one sector-map slot of a detached volume; returns the damaged bytes."""
+    with open(image, "r+b") as f:
+        f.seek(map_offset(extent, slot))
+        sealed = bytearray(f.read(SEALED_BLOCK))
+        if how == "bit flip":
+            sealed[700 + 1000 * slot] ^= 0x10
+        else:
+            sealed[:] = bytes(SEALED_BLOCK)
+        f.seek(map_offset(extent, slot))
+        f.write(sealed)
+    return bytes(sealed)
+
+
+def _map_slot(image: Path, extent: int, slot: int) -> bytes:
+    with open(image, "rb") as f:
+        f.seek(map_offset(extent, slot))
+        return f.read(SEALED_BLOCK)
+
+
+def test_a_damaged_map_slot_loses_nothing_and_is_repaired(rig: Rig) -> None:
+    """Both map slots hold the newest map at rest: a bit flip in either, or either zeroed, still reads
+    back what was fsync'd last, and the daemon logs the damage and rewrites the slot."""
+    image = rig.create()
+    loop = rig.attach(image)
+    s = EXTENT_SECTORS + 1000  # in extent 1
+    dd_write(loop, s * 4096, pattern(s, 1), rig.tmp)
+    dd_write(loop, s * 4096, pattern(s, 2), rig.tmp)
+    dd_write(loop, 10 * 4096, pattern(10, 1), rig.tmp)
+    rig.detach(loop)
+    log = rig.tmp / "daemon.log"
+    extent_1 = f"extent 1 (plaintext bytes {EXTENT_SECTORS * 4096}-{2 * EXTENT_SECTORS * 4096 - 1})"
+    # Each round damages one slot and relies on the other, which the round before repaired.
+    for how, slot in (("bit flip", 1), ("bit flip", 0), ("zeroed", 1), ("zeroed", 0)):
+        seen = log.read_text() if log.exists() else ""
+        damaged = _damage_map(image, 1, slot, how)
+        loop = rig.attach(image)
+        assert read_ok(loop, s * 4096, 4096) == pattern(s, 2), f"{how} in map slot {slot} rolled sector {s} back"
+        rig.detach(loop)
+        logged = log.read_text()[len(seen):]
+        assert f"sector map of {extent_1} is damaged in slot {slot}" in logged, logged
+        assert f"rewriting slot {slot}" in logged
+        assert _map_slot(image, 1, slot) != damaged, f"map slot {slot} was not repaired"
+    # both slots damaged: that extent's sectors are EIO, the other extent's read fine
+    for slot in (0, 1):
+        _damage_map(image, 1, slot, "bit flip")
+    loop = rig.attach(image)
+    for sector in (s, EXTENT_SECTORS, 2 * EXTENT_SECTORS - 1):
+        r = dd_read(loop, sector * 4096, 4096)
+        assert r.returncode != 0 and b"Input/output error" in r.stderr, f"sector {sector} read despite its map"
+    assert read_ok(loop, 10 * 4096, 4096) == pattern(10, 1)
+    assert read_ok(loop, (EXTENT_SECTORS - 1) * 4096, 4096) == bytes(4096)
+    rig.detach(loop)
+
+
 # -- 5. crash safety ------------------------------------------------------------------------------
 
 

@@ -2,7 +2,8 @@
 
 Every sector has two slots (layout.py). The sector map of each extent says
 which slot is current, or that the sector was never written (it reads as
-zeros and its slots are holes). Invariants:
+zeros and its slots are holes). Each extent has two map slots, kept as
+mirrors: at rest both hold the newest map. Invariants:
 
 - A write never touches the slot that the *persisted* map names: it goes to
   the other slot, so until the next flush persists the map, the persisted
@@ -11,9 +12,19 @@ zeros and its slots are holes). Invariants:
   either its old contents (persisted map) or, after a flush, its new ones.
 - The map names a new slot only after the slot is fully written: a failed
   write (e.g. ENOSPC on the image's disk) never loses intact sectors.
-- flush() = fsync the data, then write each dirty map to its older map slot
-  with a higher sequence number, then fsync. A reader takes the valid map
-  slot with the highest sequence number, so a torn map write is harmless.
+- flush() = fdatasync the data; write each dirty map (sequence + 1) to the
+  map slot its previous flush mirrored into (never the slot that flush
+  committed to); fsync: the commit, after which the flush is acknowledged;
+  then write the same map to the other slot, unsynced (the next flush's
+  fdatasync, or sync_mirrors(), makes it durable). So a torn commit write
+  leaves the other slot holding the previous map, whose flush was the last
+  acknowledged one; a torn mirror write leaves the committed map; and
+  damage to one slot at rest loses nothing.
+- Loading an extent's map takes the slot that authenticates with the higher
+  sequence (equal sequences are the mirrored state). One failing slot is
+  logged as a warning and, on a writable image, rewritten from the other;
+  an older sequence in the other slot is brought up to date the same way.
+  Both failing: the extent's sectors are EIO (BlockAuthError).
 - Every map slot of the volume is written at creation, so a zeroed or
   hole-punched map fails authentication instead of reading as "unwritten".
 - Sectors are sealed with encfs.blocks (AES-256-GCM, fresh nonce per write)
@@ -27,6 +38,8 @@ zeros and its slots are holes). Invariants:
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import logging
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -49,6 +62,7 @@ from encfs.block.layout import (
 from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
 
+log = logging.getLogger("encfs.block")
 _SEQ = struct.Struct(">Q")
 SECTOR_SCOPE = b"sector"  # sectors are sealed under scope volume id || SECTOR_SCOPE
 SEAL_WORKER_MIN_SECTORS = WORKER_MIN_BYTES // SECTOR_SIZE  # reads and writes this large go to the worker
@@ -93,6 +107,12 @@ def _set(m: bytearray, i: int, v: int) -> None:
     m[i >> 2] = (m[i >> 2] & ~(3 << shift) & 0xFF) | (v << shift)
 
 
+def extent_bytes(extent: int, sectors: int) -> str:
+    """The plaintext byte range an extent's map covers, for messages: "first-last"."""
+    first = extent * EXTENT_SECTORS * SECTOR_SIZE
+    return f"{first}-{min(first + EXTENT_SECTORS * SECTOR_SIZE, sectors * SECTOR_SIZE) - 1}"
+
+
 class _ExtentMap:
     __slots__ = ("persisted", "current", "seq", "slot")
 
@@ -100,7 +120,7 @@ class _ExtentMap:
         self.persisted = persisted
         self.current = bytearray(persisted)
         self.seq = seq  # sequence number of the persisted map
-        self.slot = slot  # map slot holding it; the next write goes to the other
+        self.slot = slot  # map slot that holds it durably; the next flush commits to the other
 
 
 class SealedSectors:
@@ -140,6 +160,8 @@ class SectorStore:
         self._dirty: set[int] = set()
         self._punch_later: list[tuple[int, int]] = []
         self._on_auth_error = on_auth_error
+        self._writable = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_WRONLY | os.O_RDWR) != 0
+        self._unsynced = False  # map writes since the last fsync: see sync_mirrors()
         # Set by a serving daemon (open_volume(..., seal_worker=True)); see sealworker.py.
         self.seal_worker: SealWorker | None = None
         self._seal_key_id: int | None = None  # the data key's id in the worker
@@ -155,13 +177,13 @@ class SectorStore:
         """Write fresh (all-unwritten) maps to both slots of every extent from
         ``first_extent`` up to the extent holding sector ``sectors`` - 1 (default: the end)."""
         fresh = {}
+        plain = _map_record(0, bytes(MAP_BYTES))
         for extent in range(first_extent, extents_for(self.sectors if sectors is None else sectors)):
             for slot in (0, 1):
-                plain = _map_record(slot, bytes(MAP_BYTES))
-                _pwrite_all(self.fd, self._maps_cipher.seal(map_block_number(extent, slot), plain),
-                            map_offset(extent, slot))
-            fresh[extent] = _ExtentMap(bytearray(MAP_BYTES), 1, 1)
+                self._write_map(extent, slot, plain)
+            fresh[extent] = _ExtentMap(bytearray(MAP_BYTES), 0, 1)
         os.fsync(self.fd)
+        self._unsynced = False
         self._maps.update(fresh)
         self._generation += 1
 
@@ -175,29 +197,74 @@ class SectorStore:
         self.format_maps(first_extent=extents_for(self.sectors), sectors=new_sectors)
         self.sectors = new_sectors
 
+    def _write_map(self, extent: int, slot: int, plain: bytes) -> None:
+        _pwrite_all(self.fd, self._maps_cipher.seal(map_block_number(extent, slot), plain), map_offset(extent, slot))
+
+    def _read_map(self, extent: int, slot: int) -> bytes | None:
+        """The map record in one slot of ``extent``, or None if it fails authentication."""
+        sealed = os.pread(self.fd, SEALED_BLOCK, map_offset(extent, slot))
+        try:
+            plain = self._maps_cipher.open(map_block_number(extent, slot), sealed)
+        except BlockAuthError:
+            return None
+        return plain if len(plain) == SECTOR_SIZE else None
+
     def _map(self, extent: int) -> _ExtentMap:
         m = self._maps.get(extent)
-        if m is not None:
-            return m
-        best: tuple[int, int, bytes] | None = None
-        for slot in (0, 1):
-            sealed = os.pread(self.fd, SEALED_BLOCK, map_offset(extent, slot))
-            try:
-                plain = self._maps_cipher.open(map_block_number(extent, slot), sealed)
-            except BlockAuthError:
-                continue  # a torn map write, or tampering: the other slot decides
-            if len(plain) != SECTOR_SIZE:
-                continue
-            seq = _SEQ.unpack_from(plain)[0]
-            if best is None or seq > best[0]:
-                best = (seq, slot, plain[_SEQ.size:_SEQ.size + MAP_BYTES])
-        if best is None:
+        if m is None:
+            m = self._maps[extent] = self._load(extent)
+        return m
+
+    def _load(self, extent: int) -> _ExtentMap:
+        """Read ``extent``'s map by the module's rules, bringing its other slot up to date."""
+        records = [self._read_map(extent, slot) for slot in (0, 1)]
+        valid = [(_SEQ.unpack_from(plain)[0], slot) for slot, plain in enumerate(records) if plain is not None]
+        if not valid:
             if self._on_auth_error:
                 self._on_auth_error(extent * EXTENT_SECTORS)
             raise BlockAuthError(map_block_number(extent, 0))
-        m = _ExtentMap(bytearray(best[2]), best[0], best[1])
-        self._maps[extent] = m
-        return m
+        seq, slot = max(valid)  # equal sequences (mirrors): slot 1, and the next flush commits to slot 0
+        plain, other = records[slot], records[1 - slot]
+        assert plain is not None
+        if other is None:
+            log.warning("sector map of extent %d (plaintext bytes %s) is damaged in slot %d; using the copy "
+                        "in slot %d (sequence %d)%s", extent, extent_bytes(extent, self.sectors), 1 - slot, slot,
+                        seq, f" and rewriting slot {1 - slot} from it" if self._writable else "")
+        if self._writable and (other is None or _SEQ.unpack_from(other)[0] != seq):
+            try:
+                self._write_map(extent, 1 - slot, plain)
+                self._unsynced = True
+            except OSError as e:  # the copy in ``slot`` still serves; the next flush commits over the other
+                log.warning("sector map of extent %d: slot %d could not be rewritten: %s", extent, 1 - slot,
+                            e.strerror)
+        return _ExtentMap(bytearray(plain[_SEQ.size:_SEQ.size + MAP_BYTES]), seq, slot)
+
+    def half_damaged_maps(self) -> list[tuple[int, int]]:
+        """(extent, slot) for each extent one of whose two map slots fails authentication
+        while the other does not: reads every map, writes nothing."""
+        out = []
+        for extent in range(extents_for(self.sectors)):
+            failing = [slot for slot in (0, 1) if self._read_map(extent, slot) is None]
+            if len(failing) == 1:
+                out.append((extent, failing[0]))
+        return out
+
+    def mirror_maps(self) -> None:
+        """Bring both map slots of every extent to its newest map (_load) and fsync; an extent
+        whose map slots both fail stays as it is (EIO). Maps not loaded before stay unloaded."""
+        for extent in range(extents_for(self.sectors)):
+            if extent not in self._maps:
+                try:
+                    self._load(extent)
+                except BlockAuthError:
+                    continue
+        self.sync_mirrors()
+
+    def sync_mirrors(self) -> None:
+        """fsync map writes not yet synced: a flush's mirror writes and repairs."""
+        if self._unsynced:
+            os.fsync(self.fd)
+            self._unsynced = False
 
     def _state(self, sector: int) -> int:
         extent, i = divmod(sector, EXTENT_SECTORS)
@@ -457,20 +524,27 @@ class SectorStore:
         """Make everything written so far durable; see the module invariants."""
         if not self._dirty:
             os.fsync(self.fd)
+            self._unsynced = False
             return
-        os.fdatasync(self.fd)
+        os.fdatasync(self.fd)  # the sectors, and the previous flush's mirror writes
+        records = []
         for extent in sorted(self._dirty):
             m = self._maps[extent]
-            slot = 1 - m.slot
             plain = _map_record(m.seq + 1, bytes(m.current))
-            os.pwrite(self.fd, self._maps_cipher.seal(map_block_number(extent, slot), plain),
-                      map_offset(extent, slot))
-        os.fsync(self.fd)
-        for extent in self._dirty:
+            self._write_map(extent, 1 - m.slot, plain)
+            records.append((extent, plain))
+        os.fsync(self.fd)  # the commit
+        for extent, _plain in records:
             m = self._maps[extent]
             m.seq, m.slot = m.seq + 1, 1 - m.slot
             m.persisted = bytearray(m.current)
         self._generation += 1  # after the maps: a seal_ahead() that read the old number is refused
         self._dirty.clear()
+        self._unsynced = True
+        try:
+            for extent, plain in records:  # the mirrors: the next flush commits to these slots
+                self._write_map(extent, 1 - self._maps[extent].slot, plain)
+        except OSError as e:  # the flush is durable; the damaged mirror is what the next one overwrites
+            log.warning("sector map mirror write failed (the flush itself is durable): %s", e.strerror)
         self._punch([(s, slot) for s, slot in self._punch_later if self._state(s) != slot])
         self._punch_later.clear()

@@ -13,6 +13,7 @@ sector maps. The lock dies with the process, so kill -9 leaves none behind.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -26,6 +27,7 @@ from encfs.keys.service import KeyService
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MIN_SIZE = 1 << 20
+log = logging.getLogger("encfs.block")
 
 
 class VolumeError(EncfsError):
@@ -95,6 +97,10 @@ class OpenVolume(StoreFile):
     def close(self) -> None:
         if self.store.seal_worker is not None:
             self.store.seal_worker.close()
+        try:
+            self.store.sync_mirrors()  # at rest, both map slots hold the newest map
+        except OSError as e:
+            log.warning("%s: sector map mirrors not synced: %s", self.path, e.strerror)
         os.close(self.fd)
 
     def grow(self, new_size: int) -> None:
