@@ -6,10 +6,11 @@ import hashlib
 import os
 import struct
 
+import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from test_vectors import DOC, hexbytes, parse_vectors
 
-from encfs.block.header import VolumeHeader
+from encfs.block.header import MAPS_MIRRORED, VolumeFormatError, VolumeHeader
 from encfs.block.layout import (
     SLOT_A,
     SLOT_B,
@@ -26,7 +27,9 @@ VOL = {v["vector"]: v for v in parse_vectors(DOC.split("## 7. Volume format", 1)
 
 def test_header_record_vector() -> None:
     v = VOL["volume-header"]
-    h = VolumeHeader(hexbytes(v["volume_id"]), int(v["size"]), hexbytes(v["wrapped_key"]), seq=int(v["seq"]))
+    h = VolumeHeader(hexbytes(v["volume_id"]), int(v["size"]), hexbytes(v["wrapped_key"]), seq=int(v["seq"]),
+                     flags=int(v["flags"], 16))
+    assert h.maps_mirrored and h.flags == MAPS_MIRRORED
     record = h.pack()
     assert len(record) == 4096
     assert hashlib.sha256(record).hexdigest() == v["record_sha256"]
@@ -35,6 +38,24 @@ def test_header_record_vector() -> None:
     assert VolumeHeader.parse(record) == h
     # the trailing 32 bytes are SHA-256 of the first 4064, as documented
     assert record[4064:] == hashlib.sha256(record[:4064]).digest()
+
+
+def _with_flags(record: bytes, flags: int) -> bytes:
+    body = record[:5] + bytes([flags]) + record[6:4064]
+    return body + hashlib.sha256(body).digest()
+
+
+def test_header_flag_byte() -> None:
+    """Byte 5 was reserved (0) before the maps were mirrored: such a header still parses, unmirrored;
+    a flag bit this encfs does not know is refused."""
+    v = VOL["volume-header"]
+    h = VolumeHeader(hexbytes(v["volume_id"]), int(v["size"]), hexbytes(v["wrapped_key"]), seq=int(v["seq"]),
+                     flags=int(v["flags"], 16))
+    old = VolumeHeader.parse(_with_flags(h.pack(), 0))
+    assert not old.maps_mirrored and old.seq == h.seq and old.volume_id == h.volume_id
+    for unknown in (0x02, 0x81):
+        with pytest.raises(VolumeFormatError, match="unknown feature flags"):
+            VolumeHeader.parse(_with_flags(h.pack(), unknown))
 
 
 def test_sector_vector() -> None:

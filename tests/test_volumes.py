@@ -622,10 +622,23 @@ def _map_slot(image: Path, extent: int, slot: int) -> bytes:
         return f.read(SEALED_BLOCK)
 
 
+def _clear_mirrored_flag(image: Path) -> None:
+    """Make the header what the first release wrote: flag byte 5 = 0 (checksum recomputed), in both copies."""
+    with open(image, "r+b") as f:
+        for copy in (0, 1):
+            f.seek(copy * HEADER_SLOT)
+            record = bytearray(f.read(4096))
+            record[5] = 0
+            record[4064:] = hashlib.sha256(record[:4064]).digest()
+            f.seek(copy * HEADER_SLOT)
+            f.write(record)
+
+
 def test_a_damaged_map_slot_loses_nothing_and_is_repaired(rig: Rig) -> None:
     """Both map slots hold the newest map at rest: a bit flip in either, or either zeroed, still reads
     back what was fsync'd last, and the daemon logs the damage and rewrites the slot."""
     image = rig.create()
+    assert rig.info(image)["maps_mirrored"] is True
     loop = rig.attach(image)
     s = EXTENT_SECTORS + 1000  # in extent 1
     dd_write(loop, s * 4096, pattern(s, 1), rig.tmp)
@@ -654,6 +667,52 @@ def test_a_damaged_map_slot_loses_nothing_and_is_repaired(rig: Rig) -> None:
         assert r.returncode != 0 and b"Input/output error" in r.stderr, f"sector {sector} read despite its map"
     assert read_ok(loop, 10 * 4096, 4096) == pattern(10, 1)
     assert read_ok(loop, (EXTENT_SECTORS - 1) * 4096, 4096) == bytes(4096)
+    rig.detach(loop)
+
+
+def test_an_old_style_volume_with_a_damaged_newest_map_refuses_to_attach(rig: Rig) -> None:
+    """A volume made before mirrored maps holds the newest and the previous map: a damaged newest is
+    refused in one line naming the extent and --accept-rollback, which then attaches with the older map."""
+    image = rig.create()
+    loop = rig.attach(image)
+    s = EXTENT_SECTORS + 1000
+    dd_write(loop, s * 4096, pattern(s, 1), rig.tmp)
+    rig.detach(loop)
+    previous = _map_slot(image, 1, 0)  # the map naming pattern 1 (both slots hold it)
+    loop = rig.attach(image)
+    dd_write(loop, s * 4096, pattern(s, 2), rig.tmp)
+    rig.detach(loop)
+
+    def make_old_style() -> None:  # slot 0 the previous map, slot 1 the newest, flag byte 0
+        with open(image, "r+b") as f:
+            f.seek(map_offset(1, 0))
+            f.write(previous)
+        _clear_mirrored_flag(image)
+        assert rig.info(image)["maps_mirrored"] is False
+
+    make_old_style()  # intact: attaches as it is, and is upgraded
+    loop = rig.attach(image)
+    assert read_ok(loop, s * 4096, 4096) == pattern(s, 2)
+    rig.detach(loop)
+    assert rig.info(image)["maps_mirrored"] is True and rig.info(image)["warnings"] == []
+
+    make_old_style()
+    _damage_map(image, 1, 1, "bit flip")
+    msg = rig.fails("volume", "attach", image)
+    assert f"extent 1 (plaintext bytes {EXTENT_SECTORS * 4096}-{2 * EXTENT_SECTORS * 4096 - 1}) " \
+           "is damaged in slot 1" in msg, msg
+    assert f"encfs volume attach --accept-rollback {image}" in msg, msg
+    rig.assert_nothing_attached()
+    assert rig.info(image)["maps_mirrored"] is False
+
+    log = rig.tmp / "rollback.log"
+    loop = rig.ok("volume", "attach", "--accept-rollback", image, "--log-file", log).strip()
+    assert read_ok(loop, s * 4096, 4096) == pattern(s, 1)  # the rollback, as accepted
+    rig.detach(loop)
+    assert "map slot 1 is damaged; using the map in slot 0, which may be older" in log.read_text()
+    assert rig.info(image)["maps_mirrored"] is True
+    loop = rig.attach(image)  # upgraded: attaches without the option from now on
+    assert read_ok(loop, s * 4096, 4096) == pattern(s, 1)
     rig.detach(loop)
 
 

@@ -151,7 +151,8 @@ def tune_loop(loop: str) -> bool:
         return False
 
 
-def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None = None) -> Attachment:
+def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None = None,
+           accept_rollback: bool = False) -> Attachment:
     if os.geteuid() != 0:
         raise VolumeError("attaching a volume needs root (loop devices)")
     image = image.absolute()
@@ -168,8 +169,8 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
         fuse_unmount(mountpoint, lazy=True)
     hsm = prompt_before_fork(home or default_home(), hsm)
     try:
-        pid = spawn(lambda ready: _serve(image, mountpoint, home, hsm, ready), name="encfs-volume",
-                    log_file=log_file, error=VolumeError)
+        pid = spawn(lambda ready: _serve(image, mountpoint, home, hsm, ready, accept_rollback),
+                    name="encfs-volume", log_file=log_file, error=VolumeError)
     except VolumeError:
         _forget(Attachment(vid, str(image), 0, mountpoint, ""))
         raise
@@ -188,11 +189,12 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     return a
 
 
-def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, ready: Readiness) -> None:
+def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, ready: Readiness,
+           accept_rollback: bool = False) -> None:
     """The daemon: unlock the volume, mount its FUSE file, serve until unmounted or SIGTERM."""
     ctypes.CDLL(None).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
     with KeyService.open(home, hsm, provision=False) as ks:
-        vol = open_volume(image, ks, seal_worker=True)
+        vol = open_volume(image, ks, seal_worker=True, accept_rollback=accept_rollback)
     try:
         server = VolumeServer(fuse_mount(mountpoint, f"encfs:{image}"), vol)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())

@@ -37,7 +37,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     home, hsm = _ks(args)
-    a = attach(Path(args.volume), home, hsm, args.log_file)
+    a = attach(Path(args.volume), home, hsm, args.log_file, accept_rollback=args.accept_rollback)
     print(a.loop)
     return 0
 
@@ -54,7 +54,8 @@ def _info(path: Path) -> dict[str, Any]:
     st = os.stat(path)
     return {"image": str(path.absolute()), "volume_id": header.volume_id.hex(), "size": header.size,
             "sector_size": header.sector_size, "key_id": header.key_id, "header_seq": header.seq,
-            "image_nominal_bytes": image_size(header.sectors), "image_allocated_bytes": st.st_blocks * 512,
+            "maps_mirrored": header.maps_mirrored, "image_nominal_bytes": image_size(header.sectors),
+            "image_allocated_bytes": st.st_blocks * 512,
             "attached": a.loop if a and a.daemon_alive() else None, "warnings": warnings}
 
 
@@ -115,6 +116,9 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p = cmd("attach", cmd_attach, "attach VOL as a plaintext loop device; prints /dev/loopN")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: none)")
+    p.add_argument("--accept-rollback", action="store_true",
+                   help="attach a volume made by an older encfs even where a damaged sector map slot leaves "
+                        "only the other, possibly older map (those sectors may roll back to it; logged)")
     p = cmd("detach", cmd_detach, "detach VOL or /dev/loopN (flushes everything first)", hsm=False)
     p.add_argument("target", metavar="VOL|/dev/loopN")
     p = cmd("list", cmd_list, "attached volumes", hsm=False)

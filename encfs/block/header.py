@@ -4,7 +4,9 @@ Each copy is one 4096-byte record (docs/FORMAT.md section 7)::
 
     0     4   magic b"ENCV"
     4     1   format version (1)
-    5     3   reserved (0)
+    5     1   feature flags: bit 0 (MAPS_MIRRORED) = every extent's two sector-map
+              slots are kept as mirrors (sectors.py); other bits are refused
+    6     2   reserved (0)
     8     8   u64 sequence number
     16    16  volume id
     32    8   u64 size in bytes (a multiple of the sector size)
@@ -18,6 +20,10 @@ Each copy is one 4096-byte record (docs/FORMAT.md section 7)::
 An update writes copy 0, syncs, writes copy 1, syncs, each with the next
 sequence number. A reader takes the valid copy with the highest sequence
 number, so a torn header write never loses the volume.
+
+Byte 5 was reserved (0) in the first release, which ignores it: a volume
+made before MAPS_MIRRORED reads with flags 0 and is upgraded by the first
+open_volume() (volume.py); an older encfs still reads a flagged volume.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ MAGIC = b"ENCV"
 VOLUME_FORMAT = 1
 RECORD = 4096
 _BODY = RECORD - 32
-_FIXED = struct.Struct(">4sB3sQ16sQIH")
+_FIXED = struct.Struct(">4sBB2sQ16sQIH")
+MAPS_MIRRORED = 0x01  # feature flag: both map slots of every extent hold the newest map at rest
+KNOWN_FLAGS = MAPS_MIRRORED
 
 
 class VolumeFormatError(EncfsError):
@@ -50,6 +58,11 @@ class VolumeHeader:
     wrapped_key: bytes
     seq: int = 0
     sector_size: int = SECTOR_SIZE
+    flags: int = 0
+
+    @property
+    def maps_mirrored(self) -> bool:
+        return bool(self.flags & MAPS_MIRRORED)
 
     @property
     def sectors(self) -> int:
@@ -63,7 +76,7 @@ class VolumeHeader:
         return {"encfs:volume": self.volume_id.hex()}
 
     def pack(self) -> bytes:
-        fixed = _FIXED.pack(MAGIC, VOLUME_FORMAT, b"\0\0\0", self.seq, self.volume_id, self.size,
+        fixed = _FIXED.pack(MAGIC, VOLUME_FORMAT, self.flags, b"\0\0", self.seq, self.volume_id, self.size,
                             self.sector_size, len(self.wrapped_key))
         body = (fixed + self.wrapped_key).ljust(_BODY, b"\0")
         if len(body) != _BODY:
@@ -75,20 +88,23 @@ class VolumeHeader:
         if len(record) < RECORD:
             raise VolumeFormatError("volume header is truncated")
         body, digest = record[:_BODY], record[_BODY:RECORD]
-        magic, version, _r, seq, vid, size, sector_size, n = _FIXED.unpack_from(body)
+        magic, version, flags, _r, seq, vid, size, sector_size, n = _FIXED.unpack_from(body)
         if magic != MAGIC:
             raise VolumeFormatError("not an encfs volume (bad magic)")
         if hashlib.sha256(body).digest() != digest:
             raise VolumeFormatError("volume header checksum mismatch")
         if version != VOLUME_FORMAT:
             raise VolumeFormatError(f"unsupported volume format version {version}")
+        if flags & ~KNOWN_FLAGS:
+            raise VolumeFormatError(f"volume header has unknown feature flags 0x{flags:02x} "
+                                    "(made by a newer encfs?)")
         if sector_size != SECTOR_SIZE or size % sector_size or _FIXED.size + n > _BODY:
             raise VolumeFormatError("volume header has impossible geometry")
-        return cls(vid, size, bytes(body[_FIXED.size:_FIXED.size + n]), seq, sector_size)
+        return cls(vid, size, bytes(body[_FIXED.size:_FIXED.size + n]), seq, sector_size, flags)
 
 
 def new_header(size: int, wrapped_key: bytes, volume_id: bytes | None = None) -> VolumeHeader:
-    return VolumeHeader(volume_id or uuid.uuid4().bytes, size, wrapped_key)
+    return VolumeHeader(volume_id or uuid.uuid4().bytes, size, wrapped_key, flags=MAPS_MIRRORED)
 
 
 def read_header(fd: int) -> tuple[VolumeHeader, list[str]]:

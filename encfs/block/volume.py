@@ -8,6 +8,13 @@ An open volume holds an exclusive flock on its image for as long as it is
 open: one attach daemon (or one resize) at a time, whatever registry each
 one uses, since two SectorStores on one image would overwrite each other's
 sector maps. The lock dies with the process, so kill -9 leaves none behind.
+
+A volume made before the sector maps were mirrored (header flag
+MAPS_MIRRORED clear) is upgraded by its first open: its map slots hold the
+newest and the previous map, so a failing slot cannot be told from a
+damaged newest map, and open refuses (VolumeError, naming the extent) unless
+the caller accepts the rollback. Otherwise every extent's newest map is
+copied into its other slot and synced before the flag is set in the header.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from encfs.block.header import VolumeHeader, new_header, read_header, write_header
+from encfs.block.header import MAPS_MIRRORED, VolumeHeader, new_header, read_header, write_header
 from encfs.block.layout import SECTOR_SIZE, image_size
-from encfs.block.sectors import SealedSectors, SectorStore
+from encfs.block.sectors import SealedSectors, SectorStore, extent_bytes
 from encfs.errors import EncfsError, UsageError
 from encfs.keys.service import KeyService
 
@@ -165,9 +172,12 @@ def _read_header(fd: int, path: Path) -> tuple[VolumeHeader, list[str]]:
         raise VolumeError(f"cannot read volume {path}: {e.strerror}") from None
 
 
-def open_volume(path: Path, ks: KeyService, seal_worker: bool = False) -> OpenVolume:
+def open_volume(path: Path, ks: KeyService, seal_worker: bool = False,
+                accept_rollback: bool = False) -> OpenVolume:
     """Open and unlock an image (the CMK must be Enabled). ``seal_worker``: large writes are
-    sealed in a helper process (encfs.sealworker), for a daemon that serves the volume."""
+    sealed in a helper process (encfs.sealworker), for a daemon that serves the volume.
+    ``accept_rollback``: upgrade a volume made before mirrored maps even where a damaged map
+    slot leaves only an older map (see the module docstring)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -182,12 +192,40 @@ def open_volume(path: Path, ks: KeyService, seal_worker: bool = False) -> OpenVo
             raise VolumeError(f"volume {path} is truncated: the image is shorter than its header says")
         key = ks.decrypt(header.wrapped_key, header.context()).plaintext
         store = SectorStore(fd, key, header.volume_id, header.sectors)
+        if not header.maps_mirrored:
+            header = _mirror_maps(path, fd, header, store, accept_rollback)
         if seal_worker:
             store.start_seal_worker(key)
         return OpenVolume(path, fd, header, store, warnings)
     except BaseException:
         os.close(fd)
         raise
+
+
+def _mirror_maps(path: Path, fd: int, header: VolumeHeader, store: SectorStore,
+                 accept_rollback: bool) -> VolumeHeader:
+    """Upgrade a volume made before mirrored maps: mirror every extent's newest map, then set the flag."""
+    try:
+        damaged = store.half_damaged_maps()
+        if damaged and not accept_rollback:
+            extent, slot = damaged[0]
+            n = len(damaged) - 1
+            more = f" (as in {n} more extent{'s' if n > 1 else ''})" if n else ""
+            raise VolumeError(
+                f"volume {path}: the sector map of extent {extent} (plaintext bytes "
+                f"{extent_bytes(extent, header.sectors)}) is damaged in slot {slot}{more}, and the other slot may "
+                f"hold an older map (the volume predates mirrored maps, so lost acknowledged writes cannot be told "
+                f"from a torn flush); `encfs volume attach --accept-rollback {path}` uses the other slot")
+        for extent, slot in damaged:
+            log.warning("%s: extent %d (plaintext bytes %s): map slot %d is damaged; using the map in slot %d, "
+                        "which may be older: a rollback accepted by --accept-rollback", path, extent,
+                        extent_bytes(extent, header.sectors), slot, 1 - slot)
+        store.mirror_maps()
+        header = write_header(fd, replace(header, flags=header.flags | MAPS_MIRRORED))
+    except OSError as e:
+        raise VolumeError(f"cannot upgrade the sector maps of {path}: {e.strerror}") from None
+    log.info("%s: sector maps mirrored (volume upgraded)", path)
+    return header
 
 
 def grow_volume(path: Path, new_size: int, ks: KeyService) -> VolumeHeader:
