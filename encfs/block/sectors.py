@@ -61,6 +61,7 @@ from encfs.block.layout import (
 )
 from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
+from encfs.diskio import pwrite_all
 
 log = logging.getLogger("encfs.block")
 _SEQ = struct.Struct(">Q")
@@ -80,17 +81,6 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """pwrite all of ``data``: a short write (e.g. the image's disk filling up) is retried,
-    so it either completes or raises (ENOSPC)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(28, os.strerror(28))
-        view, offset = view[n:], offset + n
 
 
 def _map_record(seq: int, bitmap: bytes) -> bytes:
@@ -198,7 +188,7 @@ class SectorStore:
         self.sectors = new_sectors
 
     def _write_map(self, extent: int, slot: int, plain: bytes) -> None:
-        _pwrite_all(self.fd, self._maps_cipher.seal(map_block_number(extent, slot), plain), map_offset(extent, slot))
+        pwrite_all(self.fd, self._maps_cipher.seal(map_block_number(extent, slot), plain), map_offset(extent, slot))
 
     def _read_map(self, extent: int, slot: int) -> bytes | None:
         """The map record in one slot of ``extent``, or None if it fails authentication."""
@@ -454,7 +444,7 @@ class SectorStore:
 
     def _write_sealed(self, sealed: SealedSectors) -> None:
         for start, run, blob in sealed.runs:
-            _pwrite_all(self.fd, blob, start)
+            pwrite_all(self.fd, blob, start)
             for s in run:
                 extent, i = divmod(s, EXTENT_SECTORS)
                 _set(self._maps[extent].current, i, sealed.slots[s - sealed.first])
