@@ -8,9 +8,12 @@ encfs data to a backing file goes through ``pwrite_all``.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from collections.abc import Sequence
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -47,5 +50,16 @@ def fsync_dir(path: bytes | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def syncfs(path: bytes | str) -> None:
+    """Make everything written to the filesystem holding ``path`` durable (syncfs(2))."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
     finally:
         os.close(fd)

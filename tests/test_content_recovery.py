@@ -128,6 +128,23 @@ def test_a_torn_append_is_cut_off_after_a_crash(files: Files) -> None:
     assert os.path.getsize(files.path) == 128 + 4 * STEP
 
 
+def test_a_torn_append_after_an_unaligned_end_is_cut_off(files: Files) -> None:
+    """The block before the torn one was a short last block, extended through the journal: its
+    newest version is there, and only there (in place: the old short block, then a hole)."""
+    c = files.create()
+    first = os.urandom(B + 1000)
+    c.write(0, first)
+    c.fsync(False)
+    more = os.urandom(2 * B)
+    c.write(B + 1000, more)  # block 1 grows (journaled), blocks 2-3 go in place
+    assert 1 in c.index and 2 not in c.index
+    crash(c)
+    os.truncate(files.path, 128 + 2 * STEP + 100)  # the write was cut short inside block 2
+    c, notes = files.load()
+    assert any("torn by a crash" in n for n in notes), notes
+    assert c.size == 2 * B and c.read(0, 3 * B) == (first + more)[:2 * B]
+
+
 def test_a_torn_looking_block_is_damage_after_a_clean_unmount(files: Files) -> None:
     c = files.create()
     c.write(0, os.urandom(3 * B))

@@ -105,3 +105,20 @@ def test_a_header_copied_onto_a_written_file_refuses_writes(fs: tuple[Path, Path
                 os.fsync(f.fileno())
         assert info.value.errno == errno.EIO
     assert b_backing.read_bytes() == bytes(b_raw), "a block was sealed under another file's key"
+
+
+def test_a_file_emptied_and_rewritten_starts_a_fresh_state(fs: tuple[Path, Path], fs_home: Path, tmp_path: Path) -> None:
+    """`>` (O_TRUNC) drops the header and its state: the next load must not meet a state sealed
+    under the old key (it would be logged as damage, and the synced size lost)."""
+    cipher, plain = fs
+    log = tmp_path / "daemon.log"
+    with Mount(cipher, plain, fs_home, log=log):
+        with open(plain / "f", "wb") as f:
+            f.write(os.urandom(50_000))
+            os.fsync(f.fileno())
+        with open(plain / "f", "wb") as f:  # O_TRUNC
+            f.write(b"again")
+            os.fsync(f.fileno())
+    with Mount(cipher, plain, fs_home, log=log):
+        assert cold_read(plain / "f") == b"again"
+    assert "fails authentication" not in log.read_text()

@@ -107,6 +107,8 @@ class FileContent:
         self.verified = False  # its key opened one of its blocks (see check_key)
         self.read_only = False  # recovered in memory only: nothing may be written
         self.fd_writable = True  # else ``fd`` is read-only (the caller swaps in a writable one)
+        self.recovered_in_memory = False  # load() could not write what recovery changed
+        self.dirty = False  # the backing file was written since its last fsync
         self._on_auth_error = on_auth_error
         # The sealing worker's id for this file's key, and the key until it is sent there.
         self.data_key: tuple[bytes, bytes] | None = None
@@ -121,7 +123,7 @@ class FileContent:
         missing state is "nothing synced", which is what a new file has)."""
         c = cls(fd, header, cipher, root, journals, on_auth_error)
         pwrite_all(fd, header.pack(), 0)
-        c.fresh = c.verified = True
+        c.fresh = c.verified = c.dirty = True
         return c
 
     def upgrade(self) -> bool:
@@ -136,6 +138,7 @@ class FileContent:
                 return False
             raise
         pwrite_all(self.fd, bytes([V2]), VERSION_OFFSET)
+        os.fdatasync(self.fd)  # the version byte before any block written in place on its word
         self.header, self.v1 = replace(self.header, version=V2), False
         return True
 
@@ -158,8 +161,13 @@ class FileContent:
         if self.header.file_id in self._journals and self.journal.open_existing():
             runs, end, torn = self.journal.scan(self.cipher)
             notes += torn
-            if torn and writable and end >= HEAD_LEN:
-                self.journal.cut(end)
+            if writable:
+                if torn and end >= HEAD_LEN:
+                    self.journal.cut(end)
+                # A crash may have left the journal (even its name) in the page cache only:
+                # it must be durable before recovery changes the backing file on its word.
+                self.journal.unsynced = self.journal.new = True
+                self.journal.sync()
             self._index_runs(runs)
             if runs:
                 notes.append(f"replaying {len(self.index)} journaled blocks after a crash")
@@ -179,6 +187,7 @@ class FileContent:
                 notes += self._try_checkpoint()
             else:
                 self.read_only = True
+        self.recovered_in_memory = not writable and (self.read_only or self.size != plain_file_size(backing, self.block))
         return notes
 
     def _try_checkpoint(self) -> list[str]:
@@ -235,13 +244,14 @@ class FileContent:
             return []
         except BlockAuthError:
             pass
-        if last:  # the key must be the file's own: the block before opens
+        if last:  # the key must be the file's own: the block before opens (its newest version)
             try:
-                self.cipher.open(last - 1, os.pread(self.fd, step, at - step))
+                self.cipher.open(last - 1, self._sealed_block(last - 1, last * block))
             except BlockAuthError:
                 return []
         if writable:
             os.ftruncate(self.fd, at)
+            self.dirty = True
         self.size = last * block
         return [f"its last block ({backing - at} bytes, past the last fsync) was torn by a crash "
                 f"and is cut off: size now {self.size}"]
@@ -391,8 +401,11 @@ class FileContent:
         if split < first + count:
             old_len = os.fstat(self.fd).st_size
             try:
-                if self.journal.unsynced:
-                    self.journal.sync()  # see the invariants: journaled blocks reach the disk first
+                if self.journal.unsynced and split - 1 in self.index:
+                    # See the invariants: the journaled version of the block these follow reaches
+                    # the disk first (its old version in place may be shorter than a full block).
+                    self.journal.sync()
+                self.dirty = True
                 pwrite_all(self.fd, sealed[journaled:], sealed_offset(split, HEADER_LEN, self.block))
             except BaseException:
                 os.ftruncate(self.fd, old_len)
@@ -406,6 +419,8 @@ class FileContent:
 
     def _undo_journal(self, length: int, old: dict[int, tuple[int, int] | None]) -> None:
         self.journal.cut(length)
+        if self.journal.fd is not None:
+            os.fdatasync(self.journal.fd)  # what replaces the cut records must not meet a stale sync record
         for k, v in old.items():
             if v is None:
                 self.index.pop(k, None)
@@ -441,15 +456,18 @@ class FileContent:
             self._place(last, self.cipher.seal(last, bytes(keep)), size)
             self.journal.sync()
         os.ftruncate(self.fd, sealed_offset(last, HEADER_LEN, block) if rest else sealed_size(new_size, HEADER_LEN, block))
-        self.size = new_size
+        self.size, self.dirty = new_size, True
 
     # -- durability ----------------------------------------------------------------------
 
     def fsync(self, datasync: bool) -> None:
-        """Make everything written so far durable."""
+        """Make everything written so far durable. An fdatasync of a file whose writes all went
+        to the journal syncs only the journal (its blocks in place did not change)."""
         self.journal.sync()
-        (os.fdatasync if datasync else os.fsync)(self.fd)
-        if not self.v1 and self.size != self.state.synced_size and not self.read_only:
+        if self.dirty or not datasync:
+            (os.fdatasync if datasync else os.fsync)(self.fd)
+            self.dirty = False
+        if not self.v1 and self.size != self.state.synced_size and not self.read_only and self.verified:
             # Not synced itself: if a crash loses it, the previous (smaller) synced size stays.
             self._write_state(self.size)
 
@@ -470,6 +488,7 @@ class FileContent:
             offset, length = self.index[k]
             pwrite_all(self.fd, self.journal.read(offset, length), sealed_offset(k, HEADER_LEN, block))
         os.fdatasync(self.fd)
+        self.dirty = False
         if not self.v1 and self.size != self.state.synced_size:
             self._write_state(self.size)
         self.journal.remove()

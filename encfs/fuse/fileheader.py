@@ -26,7 +26,7 @@ Invariants:
   crash recovery may treat as damage; it never makes data unreadable.
 - The state's ``synced_size`` only ever names a size whose blocks were durable (written,
   then fdatasync'd) when the state was written: what lies past it was never acknowledged
-  by an fsync.
+  by an fsync. (A file found cut below that size keeps it: the missing range reads EIO.)
 """
 
 from __future__ import annotations

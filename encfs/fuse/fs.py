@@ -45,7 +45,7 @@ from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.errors import EncfsError
 from encfs.fuseproto import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
-from encfs.fuse.content import FileContent, plain_file_size, whole_blocks
+from encfs.fuse.content import FileContent, whole_blocks
 from encfs.fuse.fileheader import HeaderError
 from encfs.fuse.journal import JournalDamaged
 from encfs.fuse.fsconfig import FsConfig, FsKeys
@@ -330,13 +330,7 @@ class EncryptedFS:
         e.st_gid = st.st_gid
         e.st_rdev = st.st_rdev
         if stat_m.S_ISREG(st.st_mode):
-            content = self.files.contents.get(e.st_ino)
-            if content is not None:
-                e.st_size = content.size
-            elif path is not None:
-                e.st_size = self.files.size_for_lookup(e.st_ino, path, st.st_size)
-            else:
-                e.st_size = plain_file_size(st.st_size, self.block_size)
+            e.st_size = self.files.size_for_lookup(e.st_ino, path, st.st_size)
             self._sizes[e.st_ino] = e.st_size
         elif stat_m.S_ISLNK(st.st_mode):
             e.st_size = self.names.symlink_size(os.readlink(path)) if path is not None else 0
@@ -855,10 +849,12 @@ class EncryptedFS:
     def release(self, fh: int) -> None:
         self.files.release(fh)
 
-    def recover_all(self, exclusive: Callable[[], contextlib.AbstractContextManager[object]]) -> int:
+    def recover_all(self, exclusive: Callable[[], contextlib.AbstractContextManager[object]]) -> tuple[int, list[bytes]]:
         """After an unclean shutdown: check every regular file for crash recovery now, each one
         under ``exclusive()`` (the server's lock), so that a file nobody looks up during this
-        mount is not left for a later one. Returns the number of files checked."""
+        mount is not left for a later one; then remove the journals of files that are gone.
+        Returns the number of files checked and those whose recovery failed or could only be
+        made in memory (the next mount tries them again)."""
         checked = 0
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if not is_internal(d)]
@@ -874,8 +870,11 @@ class EncryptedFS:
                     if stat_m.S_ISREG(st.st_mode):
                         self.files.size_for_lookup(self._ino(st), path, st.st_size)
                         checked += 1
-        self.files.recovering = False
-        return checked
+        with exclusive():
+            for file_id in self.files.remove_orphan_journals():
+                log.warning("removed the journal of a file that no longer exists (%s)", file_id.hex())
+            self.files.recovering = False
+        return checked, self.files.unrecovered
 
     def close_all(self) -> None:
         """Close every open file (unmount): journals are checkpointed."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encfs.daemon import Readiness, spawn
+from encfs.diskio import syncfs
 from encfs.errors import MountError
 from encfs.fuse import mountlock
 from encfs.fuse.fs import EncryptedFS
@@ -173,7 +174,10 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         ks.close()
         # After every backing file is closed; a crash recovery that did not finish leaves the
         # record "mounted", so that the next mount recovers too.
-        lock.release(clean=served and recovered.is_set())
+        clean = served and recovered.is_set()
+        if clean:  # the record says "clean" only once what it vouches for is on disk
+            syncfs(os.fsencode(cipherdir))
+        lock.release(clean=clean)
 
 
 def _recover_all(fs: EncryptedFS, server: FsServer, done: threading.Event) -> None:
@@ -181,9 +185,13 @@ def _recover_all(fs: EncryptedFS, server: FsServer, done: threading.Event) -> No
     first lookup), then let the lock record say so."""
     log = logging.getLogger("encfs.fuse")
     try:
-        count = fs.recover_all(server.lock.exclusive)
+        count, failed = fs.recover_all(server.lock.exclusive)
     except Exception:  # noqa: BLE001 - the next mount recovers again
         log.exception("crash recovery scan failed; the next mount runs it again")
+        return
+    if failed:
+        log.error("crash recovery: %d of %d files could not be recovered on disk (first: %r); the next "
+                  "mount tries again", len(failed), count, failed[0])
         return
     log.warning("crash recovery finished: %d files checked", count)
     done.set()

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 from encfs.blocks import BlockCipher
 from encfs.fuse.content import FileContent, plain_file_size
-from encfs.fuse.fileheader import FILE_ID_LEN, HEADER_LEN, V1, V2, FileHeader
+from encfs.fuse.fileheader import FILE_ID_LEN, HEADER_LEN, STATE_XATTR, V1, V2, FileHeader
 from encfs.fuse.fsconfig import FsConfig
-from encfs.fuse.journal import JOURNAL_DIR
+from encfs.fuse.journal import JOURNAL_DIR, journal_path
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.pool import DataKeyPool
 from encfs.keys.service import KeyService
@@ -74,6 +74,9 @@ class OpenFiles:
         self.load_lock = threading.Lock()
         self.recovering = recovering
         self.checked: set[int] = set()  # inodes whose recovery was done (or not due) in this mount
+        self.unrecovered: list[bytes] = []  # files whose recovery failed or stayed in memory
+        self.seen_ids: set[bytes] = set()  # file ids met by recoveries (journals of others are orphans)
+        self._xattrs = True  # False once the backing store refused the file state
         self._worker_keys = threading.Lock()  # reads (under the server's shared lock) send keys too
         self._next = 1
         try:  # files whose journal a crash left behind: recovered when next loaded
@@ -166,17 +169,20 @@ class OpenFiles:
                     self.contents[f.inode] = c
         return c
 
-    def size_for_lookup(self, inode: int, path: bytes, backing_size: int) -> int:
-        """The plaintext size to report for a regular file (see the invariants)."""
+    def size_for_lookup(self, inode: int, path: bytes | None, backing_size: int) -> int:
+        """The plaintext size to report for a regular file (see the invariants); ``path`` is
+        None for a file reached through a handle's fd (its content is loaded)."""
         c = self.contents.get(inode)
         if c is not None:
             return c.size
-        if inode in self.checked or backing_size <= HEADER_LEN or not (self.recovering or self.journals):
+        if path is None or inode in self.checked or backing_size <= HEADER_LEN \
+                or not (self.recovering or self.journals):
             return plain_file_size(backing_size, self.block_size)
         try:
             return self._recover(inode, path)
         except Exception as e:  # noqa: BLE001 - the open will report it; a lookup shows what is there
             log.error("%r: cannot check it for crash recovery: %s", path, getattr(e, "message", e))
+            self.unrecovered.append(path)
             return plain_file_size(backing_size, self.block_size)
 
     def _recover(self, inode: int, path: bytes) -> int:
@@ -194,6 +200,9 @@ class OpenFiles:
         self.checked.add(inode)
         if c is None:
             return 0
+        self.seen_ids.add(c.header.file_id)
+        if c.recovered_in_memory:
+            self.unrecovered.append(path)
         if c.journal.fd is not None or not self._close(c, path):
             self.contents[inode] = c  # a journal it could not checkpoint: pinned
         return c.size
@@ -208,6 +217,19 @@ class OpenFiles:
                 c.close(unlinked=True)
             except OSError as e:
                 log.error("%r: dropping its journal failed: %s", path, e.strerror)
+
+    def remove_orphan_journals(self) -> list[bytes]:
+        """After a recovery scan met every file: journals whose file no scan met and no loaded
+        content owns belong to files that are gone (unlinked while open, then a crash)."""
+        owned = self.seen_ids | {c.header.file_id for c in self.contents.values()}
+        orphans = [i for i in self.journals if i not in owned]
+        for file_id in orphans:
+            try:
+                os.unlink(journal_path(self.root, file_id))
+            except FileNotFoundError:
+                pass
+            self.journals.discard(file_id)
+        return orphans
 
     def _reporter(self, path: bytes) -> Callable[[int], None]:
         def report(block_no: int) -> None:
@@ -259,9 +281,9 @@ class OpenFiles:
             fd = os.dup(f.fd)
             os.close(c.fd)
             c.fd, c.fd_writable = fd, True
-        if c.v1 and self.version == V2:
-            c.upgrade()
-        c.check_key()
+        c.check_key()  # before anything is written under the key
+        if c.v1 and self.version == V2 and self._xattrs:
+            self._xattrs = c.upgrade()
         return c
 
     def renew(self, f: OpenFile, new_file: bool = False) -> FileContent:
@@ -286,11 +308,18 @@ class OpenFiles:
         return c
 
     def drop(self, inode: int, fd: int, path: bytes) -> None:
-        """Truncate the file to 0 through ``fd``: the header goes first, then its content and
-        journal (a crash in between leaves an empty file and an orphaned journal)."""
+        """Truncate the file to 0 through ``fd``: the header goes first, durably if a journal
+        holds blocks of it, then its content and journal (a crash in between leaves an empty
+        file and an orphaned journal, never the old blocks without their journaled versions)."""
         os.ftruncate(fd, 0)
+        try:
+            os.removexattr(fd, STATE_XATTR)  # sealed under the old key: the next one starts afresh
+        except OSError:
+            pass
         c = self.contents.pop(inode, None)
         if c is not None:
+            if c.journal.fd is not None:
+                os.fsync(fd)
             self._close(c, path, unlinked=True)
 
     def _new_file_id(self) -> tuple[bytes, dict[str, str]]:
