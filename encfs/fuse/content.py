@@ -13,8 +13,9 @@ Invariants:
   old version to lose. A crash may tear the last of them; recovery (load()) cuts off
   blocks past the state's synced size that fail authentication, and logs it. Blocks
   below the synced size never get that treatment: one that fails is damage (EIO).
-  Before a direct write, journal records are made durable, so the new block never
-  reaches the disk ahead of the journaled version of the block it follows.
+  Before a direct write that follows a block with an unsynced journaled version, the
+  journal is made durable, so the new block never reaches the disk ahead of it (the old
+  version in place may be a short last block, followed by a hole until the checkpoint).
 - Version-1 files (no synced size) send every write through the journal; a filesystem of
   format 2 turns them into version 2 at their first write (upgrade()).
 - Every write to a backing file is checked (diskio.pwrite_all): a full disk fails the
