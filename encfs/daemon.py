@@ -24,6 +24,24 @@ from encfs.errors import EncfsError
 log = logging.getLogger("encfs.daemon")
 
 
+def proc_start(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a running process; None if it is gone or a zombie.
+
+    A daemon is an orphan once the CLI that started it exits, and nothing may reap it
+    (a container's PID 1 often does not): a killed daemon then stays a zombie, which
+    kill(pid, 0) still reports as existing. Comparing start times also tells a reused
+    pid from the daemon.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in (b"Z", b"X", b"x"):
+        return None
+    return int(fields[19])
+
+
 class Readiness:
     """The child's end of the status pipe."""
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from encfs.block.fuseserver import RESIZE_XATTR, VolumeServer, fuse_mount, fuse_unmount
 from encfs.block.volume import VolumeError, open_volume, read_volume_header
-from encfs.daemon import Readiness, spawn
+from encfs.daemon import Readiness, proc_start, spawn
 from encfs.fuseproto import MAX_WRITE
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
@@ -50,23 +50,6 @@ LOOP_MAX_REQUEST_KIB = MAX_WRITE // 1024
 log = logging.getLogger("encfs.block")
 
 
-def _proc_start(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a running process; None if it is gone or a zombie.
-
-    The daemon is an orphan once the attaching CLI exits, and nothing may reap it
-    (a container's PID 1 often does not): a killed daemon then stays a zombie,
-    which kill(pid, 0) still reports as existing.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] in (b"Z", b"X", b"x"):
-        return None
-    return int(fields[19])
-
-
 @dataclass
 class Attachment:
     volume_id: str
@@ -81,7 +64,7 @@ class Attachment:
         return REGISTRY / f"{self.volume_id}.json"
 
     def daemon_alive(self) -> bool:
-        start = _proc_start(self.pid)
+        start = proc_start(self.pid)
         return start is not None and (not self.started or start == self.started)
 
 
@@ -174,7 +157,7 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     except VolumeError:
         _forget(Attachment(vid, str(image), 0, mountpoint, ""))
         raise
-    a = Attachment(vid, str(image), pid, mountpoint, "", _proc_start(pid) or 0)
+    a = Attachment(vid, str(image), pid, mountpoint, "", proc_start(pid) or 0)
     # Direct I/O: the loop device keeps several requests in flight (the server reads them in
     # parallel), and the volume's plaintext is cached once, above the loop device.
     proc = _run(["losetup", "--find", "--show", "--sector-size", "4096", "--direct-io=on",

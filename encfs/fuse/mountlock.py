@@ -56,6 +56,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from encfs.daemon import proc_start
 from encfs.errors import MountError
 
 LOCK_NAME = "encfs.lock"
@@ -82,18 +83,6 @@ def _boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def _proc_start(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a running process; None if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] in (b"Z", b"X", b"x"):
-        return None
-    return int(fields[19])
 
 
 def _flock(kind: int) -> bytes:
@@ -153,7 +142,7 @@ def _judge(cipherdir: Path, rec: dict[str, Any] | str | None, now: float) -> tup
     if rec.get("host") == host and rec.get("boot_id") == boot:
         pid = rec.get("pid")
         if isinstance(pid, int) and pid > 0:
-            start = _proc_start(pid)
+            start = proc_start(pid)
             if start is not None and start == rec.get("pid_start"):  # that very process, still running
                 raise MountBusy(f"{cipherdir} is already mounted {_who(rec)}")
         return True, f"the mount {_who(rec)} ended without unmounting"
@@ -300,7 +289,7 @@ class MountLock:
         host, boot = _this_host()
         now = time.time()
         self._record = {"version": RECORD_VERSION, "state": "mounted", "mode": "rw", "host": host,
-                        "boot_id": boot, "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+                        "boot_id": boot, "pid": os.getpid(), "pid_start": proc_start(os.getpid()),
                         "owner": uuid.uuid4().hex, "mountpoint": mountpoint, "mounted_at": round(now, 3),
                         "heartbeat": round(now, 3)}
         try:
