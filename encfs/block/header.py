@@ -35,6 +35,7 @@ import uuid
 from dataclasses import dataclass, replace
 
 from encfs.block.layout import SECTOR_SIZE, header_offset
+from encfs.diskio import pwrite_all
 from encfs.errors import EncfsError
 from encfs.keys.blob import CiphertextBlob
 
@@ -130,6 +131,6 @@ def write_header(fd: int, header: VolumeHeader) -> VolumeHeader:
     new = replace(header, seq=header.seq + 1)
     record = new.pack()
     for copy in (0, 1):
-        os.pwrite(fd, record, header_offset(copy))
+        pwrite_all(fd, record, header_offset(copy))
         os.fsync(fd)
     return new

@@ -43,6 +43,7 @@ from typing import Any
 
 from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
+from encfs.diskio import fsync_dir
 from encfs.errors import EncfsError
 from encfs.fuseproto import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
 from encfs.fuse.content import FileContent, whole_blocks
@@ -493,11 +494,7 @@ class EncryptedFS:
 
     @fuse_op
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        fd = os.open(self._path(self._dirs[fh].inode), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self._path(self._dirs[fh].inode))
 
     @fuse_op
     def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext) -> EntryAttributes:

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from encfs.daemon import proc_start
+from encfs.diskio import pwrite_all
 from encfs.errors import MountError
 
 LOCK_NAME = "encfs.lock"
@@ -306,7 +307,7 @@ class MountLock:
         if truncate:
             self._size = -(-(len(data) + 64) // _RECORD_UNIT) * _RECORD_UNIT
         data = data.ljust(max(self._size, len(data)), b" ")
-        os.pwrite(self._fd, data, 0)
+        pwrite_all(self._fd, data, 0)
         if truncate:
             os.ftruncate(self._fd, len(data))
         os.fdatasync(self._fd)
