@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import NoReturn
 from dataclasses import replace
 
 from encfs.blocks import (
@@ -272,8 +273,7 @@ class FileContent:
         length = min(length, size - offset)
         block = self.block
         blocks = blocks_touched(offset, length, block)
-        start = sealed_offset(blocks.start, HEADER_LEN, block)
-        want = sealed_size(min(blocks.stop * block, size), HEADER_LEN, block) - start
+        start, want = self._span(blocks, size)
         if self.index and any(b in self.index for b in blocks):
             plain: bytes | bytearray | memoryview = self._read_journaled(blocks, size)
         else:
@@ -292,7 +292,13 @@ class FileContent:
         skip = offset - blocks.start * block
         return plain if skip == 0 and len(plain) == length else plain[skip:skip + length]
 
-    def _failed(self, block_no: int) -> None:
+    def _span(self, blocks: range, size: int) -> tuple[int, int]:
+        """Where ``blocks`` start in the backing file and how many sealed bytes they take, for
+        a file of ``size`` plaintext bytes (only its last block may be short)."""
+        start = sealed_offset(blocks.start, HEADER_LEN, self.block)
+        return start, sealed_size(min(blocks.stop * self.block, size), HEADER_LEN, self.block) - start
+
+    def _failed(self, block_no: int) -> NoReturn:
         if self._on_auth_error:
             self._on_auth_error(block_no)
         raise BlockAuthError(block_no)
@@ -302,8 +308,8 @@ class FileContent:
         if k in self.index:
             offset, length = self.index[k]
             return self.journal.read(offset, length)
-        want = sealed_size(min((k + 1) * self.block, size), HEADER_LEN, self.block) - sealed_offset(k, HEADER_LEN, self.block)
-        sealed = os.pread(self.fd, want, sealed_offset(k, HEADER_LEN, self.block))
+        start, want = self._span(range(k, k + 1), size)
+        sealed = os.pread(self.fd, want, start)
         if len(sealed) != want:
             self._failed(k)
         return sealed
@@ -322,7 +328,6 @@ class FileContent:
             return self.cipher.open_run(first, sealed)
         except BlockAuthError as e:
             self._failed(e.block_no)
-            raise
 
     def _open_in_worker(self, worker: SealWorker, key_id: int, first: int, start: int, want: int,
                         areas: tuple[memoryview, memoryview]) -> memoryview:
