@@ -25,6 +25,10 @@ Invariants:
   zeros. A version-2 file's synced size also catches a cut made while it was closed.
 - Holes are never left in the backing file: extending a file writes sealed zero blocks,
   so an attacker who zeroes or punches a range of ciphertext gets EIO.
+- ``seals`` counts every seal under the data key (blocks, the state) and reaches the
+  state at least every SEALS_PERSIST_EVERY seals: a crash can lose only that much of the
+  count. The caller gives the file a fresh key (rekeyfile.py) before it reaches the
+  data key's budget (docs/FORMAT.md §6.4).
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import NoReturn
 from dataclasses import replace
+from typing import NoReturn
 
 from encfs.blocks import (
     OVERHEAD,
@@ -49,6 +53,8 @@ from encfs.diskio import pwrite_all
 from encfs.fuse.fileheader import (
     HEADER_LEN,
     NO_XATTRS,
+    REKEY_AT,
+    SPENT,
     V1,
     V2,
     VERSION_OFFSET,
@@ -65,6 +71,9 @@ _ZERO_CHUNK = 1 << 20  # fill gaps 1 MiB at a time (at least one block)
 # A journal this long is checkpointed at once: it bounds the journal's disk space and the
 # work a recovery replays, and a checkpoint costs two fdatasyncs (0.13 ms each here).
 JOURNAL_MAX = 16 << 20
+# The seal count is written to the state at least this often, so a crash (which loses what
+# the state did not get) costs the count at most this many seals; one setxattr per 2^16 seals.
+SEALS_PERSIST_EVERY = 1 << 16
 
 
 def whole_blocks(offset: int, length: int, block: int) -> range | None:
@@ -105,6 +114,8 @@ class FileContent:
         self.index: dict[int, tuple[int, int]] = {}  # block -> (journal offset, sealed length)
         self.size = 0
         self.state = FileState()
+        self.seals = 0  # seals under the data key, this session's included (>= state.seals)
+        self.rekey_at = REKEY_AT  # the seal count at which the next write first re-keys the file
         self.fresh = False  # made by this daemon: its key cannot belong to another file
         self.verified = False  # its key opened one of its blocks (see check_key)
         self.read_only = False  # recovered in memory only: nothing may be written
@@ -158,8 +169,10 @@ class FileContent:
         if not self.v1:
             state = read_state(self.fd, self.cipher)
             if state is None:
-                notes.append("its state fails authentication: nothing counts as synced")
-            self.state = state or FileState()
+                notes.append("its state fails authentication: nothing counts as synced, and its "
+                             "data key's budget as spent (its next write gives it a fresh key)")
+            self.state = state or SPENT
+            self.seals = self.state.seals
         if self.header.file_id in self._journals and self.journal.open_existing():
             runs, end, torn = self.journal.scan(self.cipher)
             notes += torn
@@ -378,6 +391,7 @@ class FileContent:
         # Whole-block writes (all of a sequential stream) are sealed straight from the request
         # buffer: a copy of each 1 MiB WRITE cost 32 us, a quarter of its sealing.
         plain = b"".join((head, data, tail)) if head or tail else data
+        self.count_seals(len(blocks))
         self._place(blocks.start, self.cipher.seal_run(blocks.start, plain), max(size, end))
         return len(data)
 
@@ -386,8 +400,16 @@ class FileContent:
         (by a sealing worker, before the caller serialised this write)."""
         if offset > self.size:
             self._extend(offset)
+        self.count_seals(-(-length // self.block))
         self._place(offset // self.block, sealed, max(self.size, offset + length))
         return length
+
+    def count_seals(self, n: int) -> None:
+        """Count ``n`` seals under the data key; the state gets the count when it lags by
+        SEALS_PERSIST_EVERY (a version-1 file has no state: its count lives in memory only)."""
+        self.seals += n
+        if self.seals - self.state.seals >= SEALS_PERSIST_EVERY and not self.v1 and self.verified:
+            self._write_state(self.state.synced_size)
 
     def _place(self, first: int, sealed: bytes | bytearray | memoryview, new_size: int) -> None:
         """Put the sealed run of blocks from ``first`` on where it belongs: blocks that exist go
@@ -459,6 +481,7 @@ class FileContent:
                 os.fsync(self.fd)
         if rest:  # the new last block is an overwrite of an existing block: journaled
             keep = self.read(last * block, rest)
+            self.count_seals(1)
             self._place(last, self.cipher.seal(last, bytes(keep)), size)
             self.journal.sync()
         os.ftruncate(self.fd, sealed_offset(last, HEADER_LEN, block) if rest else sealed_size(new_size, HEADER_LEN, block))
@@ -478,7 +501,8 @@ class FileContent:
             self._write_state(self.size)
 
     def _write_state(self, synced_size: int) -> None:
-        state = replace(self.state, synced_size=synced_size)
+        self.seals += 1  # the state is sealed under the data key too
+        state = FileState(synced_size, self.seals)
         write_state(self.fd, self.cipher, state)
         self.state = state
 
@@ -495,7 +519,7 @@ class FileContent:
             pwrite_all(self.fd, self.journal.read(offset, length), sealed_offset(k, HEADER_LEN, block))
         os.fdatasync(self.fd)
         self.dirty = False
-        if not self.v1 and self.size != self.state.synced_size:
+        if not self.v1 and (self.size != self.state.synced_size or self.seals != self.state.seals):
             self._write_state(self.size)
         self.journal.remove()
         self._journals.discard(self.header.file_id)
@@ -510,6 +534,10 @@ class FileContent:
             self._journals.discard(self.header.file_id)
         else:
             self.checkpoint()
+            if self.seals != self.state.seals and not (self.v1 or self.fresh or self.read_only):
+                # Each session's count must reach the state, or sessions could add up uncounted
+                # (a file made by this session has no count to lose but this one, < 2^16).
+                self._write_state(self.state.synced_size)
         self.release_fds()
 
     def release_fds(self) -> None:

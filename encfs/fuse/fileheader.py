@@ -47,6 +47,13 @@ STATE_XATTR = "user.encfs.state"
 STATE_BLOCK = (1 << 64) - 1
 _FIXED = struct.Struct(">4sBB16sH")
 _STATE = struct.Struct(">QQQ")  # synced size, seals counted, reserved (0)
+# A data key's nonce budget (docs/FORMAT.md §6.4): blocks draw random 96-bit GCM nonces, and
+# NIST SP 800-38D §8.3 allows 2^32 such seals per key. A file gets a fresh data key at its first
+# write past REKEY_AT seals (rekeyfile.py); past SEAL_LIMIT (only if that keeps failing, e.g. on
+# a full disk) writes are refused. The margin covers the count a crash may lose (content.py).
+SEAL_BUDGET = 1 << 32
+REKEY_AT = 1 << 31
+SEAL_LIMIT = SEAL_BUDGET - (1 << 24)
 NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
@@ -86,7 +93,7 @@ class FileState:
     """What a version-2 file records about itself besides its blocks."""
 
     synced_size: int = 0  # plaintext bytes durable when this state was written
-    seals: int = 0  # reserved for the data key's nonce budget (issue #19); 0 until counted
+    seals: int = 0  # seals under the data key when this state was written (itself included)
 
     def seal(self, cipher: BlockCipher) -> bytes:
         return bytes(cipher.seal(STATE_BLOCK, _STATE.pack(self.synced_size, self.seals, 0)))
@@ -100,8 +107,12 @@ class FileState:
         return cls(synced, seals)
 
 
+SPENT = FileState(0, REKEY_AT)  # what a state that fails authentication counts as
+
+
 def read_state(fd: int, cipher: BlockCipher) -> FileState | None:
-    """The file's state (the initial one if it has none yet); None if it fails authentication."""
+    """The file's state (the initial one if it has none yet); None if it fails authentication
+    (the caller then counts the key's budget as spent: SPENT)."""
     try:
         return FileState.open(cipher, os.getxattr(fd, STATE_XATTR))
     except OSError as e:

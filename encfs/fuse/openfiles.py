@@ -20,7 +20,10 @@ Invariants:
   duplicate of a handle's, replaced by a writable one when a writable handle writes.
 - Contents are loaded under ``load_lock``: reads load them too, and reads run side by side.
 - A data key reaches the sealing worker at its file's first large read or write and is
-  dropped when the content closes.
+  dropped when the content closes (or the file gets a fresh key).
+- No write seals under a data key past fileheader.REKEY_AT seals: the file first gets a
+  fresh one (rekeyfile.py); if that fails, writes go on under the old key until SEAL_LIMIT,
+  then fail. A re-key a crash interrupted is finished before its file is first read.
 """
 
 from __future__ import annotations
@@ -33,8 +36,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from encfs.blocks import BlockCipher
+from encfs.fuse import rekeyfile
 from encfs.fuse.content import FileContent, plain_file_size
-from encfs.fuse.fileheader import FILE_ID_LEN, HEADER_LEN, STATE_XATTR, V1, V2, FileHeader
+from encfs.fuse.fileheader import (
+    FILE_ID_LEN,
+    HEADER_LEN,
+    SEAL_LIMIT,
+    STATE_XATTR,
+    V1,
+    V2,
+    FileHeader,
+)
 from encfs.fuse.fsconfig import FsConfig
 from encfs.fuse.journal import JOURNAL_DIR, journal_path
 from encfs.keys.cache import DataKeyCache
@@ -43,6 +55,7 @@ from encfs.keys.service import KeyService
 from encfs.sealworker import SealWorker
 
 log = logging.getLogger("encfs.fuse")
+REKEY_RETRY = 1 << 20  # seals between tries to re-key a file that could not be (a full disk)
 
 
 @dataclass
@@ -84,6 +97,7 @@ class OpenFiles:
                              if len(n) == 2 * FILE_ID_LEN}
         except (FileNotFoundError, ValueError):
             self.journals = set()
+        self.rekeys = rekeyfile.pending(root, read_only)  # files whose re-key a crash interrupted
         # Files of a format-1 filesystem stay version 1 (format-1 encfs cannot read version 2).
         self.version = V2 if config.format >= 2 else V1
 
@@ -176,7 +190,7 @@ class OpenFiles:
         if c is not None:
             return c.size
         if path is None or inode in self.checked or backing_size <= HEADER_LEN \
-                or not (self.recovering or self.journals):
+                or not (self.recovering or self.journals or self.rekeys):
             return plain_file_size(backing_size, self.block_size)
         try:
             return self._recover(inode, path)
@@ -190,7 +204,7 @@ class OpenFiles:
         try:
             if not self.recovering:  # only a journal is due: is this file's on disk?
                 raw = os.pread(fd, HEADER_LEN, 0)
-                if len(raw) < HEADER_LEN or FileHeader.parse(raw).file_id not in self.journals:
+                if len(raw) < HEADER_LEN or FileHeader.parse(raw).file_id not in self.journals | self.rekeys:
                     self.checked.add(inode)
                     return plain_file_size(os.fstat(fd).st_size, self.block_size)
             with self.load_lock:
@@ -222,13 +236,15 @@ class OpenFiles:
         """After a recovery scan met every file: journals whose file no scan met and no loaded
         content owns belong to files that are gone (unlinked while open, then a crash)."""
         owned = self.seen_ids | {c.header.file_id for c in self.contents.values()}
-        orphans = [i for i in self.journals if i not in owned]
+        orphans = [i for i in self.journals | self.rekeys if i not in owned]
         for file_id in orphans:
-            try:
-                os.unlink(journal_path(self.root, file_id))
-            except FileNotFoundError:
-                pass
+            for path in (journal_path(self.root, file_id), rekeyfile.side_file(self.root, file_id)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
             self.journals.discard(file_id)
+            self.rekeys.discard(file_id)
         return orphans
 
     def _reporter(self, path: bytes) -> Callable[[int], None]:
@@ -241,10 +257,12 @@ class OpenFiles:
         if not raw:
             return None
         header = FileHeader.parse(raw)
-        key = self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
-                              key=self.config.key_id, cache=self.key_cache).plaintext
         fd, writable = self._content_fd(f)
         try:
+            if header.file_id in self.rekeys:
+                fd, header = self._finish_rekey(fd, writable, header, f.path)
+            key = self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
+                                  key=self.config.key_id, cache=self.key_cache).plaintext
             c = FileContent(fd, header, self.cipher_class(key, header.file_id, self.block_size), self.root,
                             self.journals, self._reporter(f.path))
             for note in c.load(writable, known_size, after_crash=self.recovering):
@@ -255,6 +273,22 @@ class OpenFiles:
         c.fd_writable = writable
         c.data_key = (key, header.file_id) if self._worker() is not None else None
         return c
+
+    def _finish_rekey(self, fd: int, writable: bool, header: FileHeader, path: bytes) -> tuple[int, FileHeader]:
+        """A file whose re-key a crash interrupted: finish it (or, read-only, read its side
+        file instead). Returns the fd and header to load the file from."""
+        old = header.file_id
+        if writable:
+            rekeyfile.complete(self.root, old, fd)
+            self.rekeys.discard(old)
+            log.warning("%r: finished giving it a fresh data key (interrupted by a crash)", path)
+        else:
+            side = rekeyfile.open_side_file(self.root, old)
+            os.close(fd)
+            fd = side
+            log.warning("%r: its re-key was interrupted by a crash: read from its side file "
+                        "until a read-write mount finishes it", path)
+        return fd, FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
 
     def _content_fd(self, f: OpenFile) -> tuple[int, bool]:
         """A backing fd for a content: read-write where the mount and the file allow it (a
@@ -284,7 +318,33 @@ class OpenFiles:
         c.check_key()  # before anything is written under the key
         if c.v1 and self.version == V2 and self._xattrs:
             self._xattrs = c.upgrade()
+        if c.seals >= c.rekey_at or c.seals >= SEAL_LIMIT:
+            self.rekey(c, f.path)
         return c
+
+    def rekey(self, c: FileContent, path: bytes) -> None:
+        """Give ``c``'s file a fresh file id and data key (see the invariants)."""
+        file_id, dk = self.new_keys.take()
+        assert dk.plaintext is not None
+        old_seal_key, seals = c.seal_key_id, c.seals
+        try:
+            rekeyfile.rekey(c, FileHeader(file_id, dk.ciphertext_blob, c.header.version),
+                            self.cipher_class(dk.plaintext, file_id, self.block_size))
+        except OSError as e:
+            if c.read_only or c.seals >= SEAL_LIMIT:
+                log.error("%r: its data key's budget is spent and it cannot get a fresh one (%s): "
+                          "writes fail", path, e.strerror)
+                raise OSError(e.errno if e.errno == errno.ENOSPC else errno.EIO, e.strerror) from None
+            c.rekey_at = c.seals + REKEY_RETRY
+            log.error("%r: cannot give it a fresh data key yet (%s); tried again after %d more seals",
+                      path, e.strerror, REKEY_RETRY)
+            return
+        log.warning("%r: gave it a fresh data key after %d seals under the old one", path, seals)
+        worker = self._worker()
+        if old_seal_key is not None and worker is not None:
+            worker.drop_key(old_seal_key)
+        c.seal_key_id = None
+        c.data_key = (dk.plaintext, file_id) if worker is not None else None
 
     def renew(self, f: OpenFile, new_file: bool = False) -> FileContent:
         """Empty ``f``'s file and give it a new header and data key (``new_file``: it was just

@@ -1,0 +1,193 @@
+"""Giving a file a fresh data key when its key's nonce budget is spent (docs/FORMAT.md §6.4).
+
+A file's blocks draw random GCM nonces under its data key, so the key may seal only so
+many blocks (fileheader.REKEY_AT). The file then gets a new file id and data key, and
+every block is re-sealed under them, in place, so its inode, hard links and xattrs stay:
+
+1. A complete image of the re-keyed backing file (new header, every block re-sealed, the
+   new state as its xattr) is written to ``encfs.journal/<old file id hex>.rekey.tmp``,
+   fsync'd, and renamed to ``<old file id hex>.rekey`` (then the directory is fsync'd):
+   from here on the side file is what the file holds.
+2. Its blocks are copied over the backing file, which is cut to its length and
+   fdatasync'd; then its header (the file id and key switch) and its state; fsync.
+3. The side file is removed (unlink, fsync of the directory).
+
+Invariants:
+- After a crash at any moment the file reads back whole, under its old key (no complete
+  side file: the backing file was not touched) or its new one: a complete side file
+  names the file by its old id, whose header stays in place until every block under the
+  new key is durable, and loading such a file first finishes step 2 from the side file
+  (complete()); a read-only mount reads the side file instead.
+- A block that fails authentication under the old key is copied as it is: it stays
+  damaged (EIO) under the new key, and nothing that opened before fails after.
+- A ``.rekey.tmp`` file is never read: it is removed when found.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from encfs.blocks import OVERHEAD, BlockAuthError, BlockCipher
+from encfs.diskio import fsync_dir, pwrite_all
+from encfs.fuse.content import FileContent
+from encfs.fuse.fileheader import (
+    HEADER_LEN,
+    NO_XATTRS,
+    REKEY_AT,
+    STATE_XATTR,
+    FileHeader,
+    FileState,
+    read_state,
+    write_state,
+)
+from encfs.fuse.journal import JOURNAL_DIR, Journal
+
+SUFFIX = b".rekey"
+TMP_SUFFIX = SUFFIX + b".tmp"
+_CHUNK_BLOCKS = 32  # blocks re-sealed per pass (1 MiB of 32 KiB blocks)
+_COPY = 1 << 20
+
+
+def side_file(root: bytes, file_id: bytes) -> bytes:
+    return os.path.join(root, JOURNAL_DIR, file_id.hex().encode() + SUFFIX)
+
+
+def pending(root: bytes, read_only: bool) -> set[bytes]:
+    """File ids with a complete side file (a re-key a crash interrupted); unfinished
+    ``.rekey.tmp`` files are removed (unless ``read_only``)."""
+    directory = os.path.join(root, JOURNAL_DIR)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return set()
+    found = set()
+    for name in names:
+        if name.endswith(TMP_SUFFIX) and not read_only:
+            os.unlink(os.path.join(directory, name))
+        elif name.endswith(SUFFIX):
+            try:
+                found.add(bytes.fromhex(name[:-len(SUFFIX)].decode()))
+            except ValueError:
+                pass
+    return found
+
+
+def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
+    """Re-seal ``c``'s file under ``cipher`` with ``header`` (a new file id and data key), as
+    the module docstring says; ``c`` then serves the file under them. OSError if the side file
+    cannot be written (the file is then untouched and ``c`` unchanged); a failure after the
+    side file is complete leaves ``c`` reading from it, read-only, until the next load."""
+    c.checkpoint()
+    old_id = c.header.file_id
+    final = side_file(os.path.dirname(os.path.dirname(c.journal.path)), old_id)
+    tmp = final[:-len(SUFFIX)] + TMP_SUFFIX
+    os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            pwrite_all(fd, header.pack(), 0)
+            sealed = _reseal(c, cipher, fd)
+            if not c.v1:
+                write_state(fd, cipher, FileState(c.size, sealed + 1))
+            os.fsync(fd)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        os.rename(tmp, final)
+        fsync_dir(os.path.dirname(final))
+        try:
+            _copy_back(fd, c.fd)
+        except OSError:
+            _serve_side_file(c, final, header, cipher)
+            raise
+    finally:
+        os.close(fd)
+    os.unlink(final)
+    fsync_dir(os.path.dirname(final))
+    c._journals.discard(old_id)
+    c.header, c.cipher = header, cipher
+    c.journal = Journal(os.path.dirname(os.path.dirname(c.journal.path)), header.file_id)
+    c.state = (read_state(c.fd, cipher) or FileState()) if not c.v1 else FileState()
+    c.seals = c.state.seals
+    c.fresh = c.verified = True
+    c.dirty = False
+    c.rekey_at = REKEY_AT
+
+
+def complete(root: bytes, file_id: bytes, fd: int) -> None:
+    """Finish the re-key of the file open (writable) as ``fd`` whose header names ``file_id``
+    and whose side file is complete: copy it in, then remove it."""
+    final = side_file(root, file_id)
+    src = os.open(final, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        _copy_back(src, fd)
+    finally:
+        os.close(src)
+    os.unlink(final)
+    fsync_dir(os.path.dirname(final))
+
+
+def open_side_file(root: bytes, file_id: bytes) -> int:
+    """A read-only fd of the complete side file of ``file_id`` (for a read-only mount)."""
+    return os.open(side_file(root, file_id), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+
+def _reseal(c: FileContent, cipher: BlockCipher, out: int) -> int:
+    """Every block of ``c``'s backing file, re-sealed under ``cipher`` into ``out`` at the same
+    offsets (blocks that fail authentication are copied as they are). Returns the seals made."""
+    step = c.block + OVERHEAD
+    length = os.fstat(c.fd).st_size
+    made = 0
+    for start in range(HEADER_LEN, length, _CHUNK_BLOCKS * step):
+        raw = os.pread(c.fd, min(_CHUNK_BLOCKS * step, length - start), start)
+        first = (start - HEADER_LEN) // step
+        try:
+            new = cipher.seal_run(first, c.cipher.open_run(first, raw))
+            made += -(-len(raw) // step)
+        except BlockAuthError:
+            parts = []
+            for i in range(0, len(raw), step):
+                one = raw[i:i + step]
+                try:
+                    parts.append(bytes(cipher.seal(first + i // step, bytes(c.cipher.open(first + i // step, one)))))
+                    made += 1
+                except BlockAuthError:
+                    parts.append(bytes(one))
+            new = b"".join(parts)
+        pwrite_all(out, new, start)
+    return made
+
+
+def _copy_back(src: int, dst: int) -> None:
+    """Steps 2 of the module docstring: blocks, length, fdatasync, then header and state, fsync."""
+    length = os.fstat(src).st_size
+    for at in range(HEADER_LEN, length, _COPY):
+        pwrite_all(dst, os.pread(src, min(_COPY, length - at), at), at)
+    os.ftruncate(dst, length)
+    os.fdatasync(dst)
+    pwrite_all(dst, os.pread(src, HEADER_LEN, 0), 0)
+    try:
+        state = os.getxattr(src, STATE_XATTR)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, *NO_XATTRS):
+            raise
+        state = None
+    if state is not None:
+        os.setxattr(dst, STATE_XATTR, state)
+    else:
+        try:
+            os.removexattr(dst, STATE_XATTR)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, *NO_XATTRS):
+                raise
+    os.fsync(dst)
+
+
+def _serve_side_file(c: FileContent, final: bytes, header: FileHeader, cipher: BlockCipher) -> None:
+    """After a failed copy-back: ``c`` reads the complete side file, read-only (the next load
+    finishes the job)."""
+    fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    os.close(c.fd)
+    c.fd, c.fd_writable, c.read_only = fd, False, True
+    c.header, c.cipher = header, cipher

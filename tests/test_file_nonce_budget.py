@@ -1,0 +1,202 @@
+"""A file's data-key nonce budget without a mount (docs/FORMAT.md §6.4): seals are counted
+and reach the state, and a file past its budget is re-sealed under a fresh key, crash-safely
+(encfs/fuse/rekeyfile.py). The mounted path is in test_fuse_rekey.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from encfs.blocks import BlockAuthError, BlockCipher
+from encfs.fuse import content as content_mod
+from encfs.fuse import rekeyfile
+from encfs.fuse.content import FileContent
+from encfs.fuse.fileheader import REKEY_AT, STATE_XATTR, FileHeader, read_state
+
+B = 4096
+STEP = B + 28
+OLD_KEY, OLD_ID = bytes(range(32)), bytes(range(16))
+NEW_KEY, NEW_ID = bytes(range(1, 33)), bytes(range(1, 17))
+
+
+class Files:
+    def __init__(self, tmp: Path) -> None:
+        self.root = os.fsencode(tmp)
+        self.path = tmp / "f"
+        self.journals: set[bytes] = set()
+
+    def create(self) -> FileContent:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        return FileContent.create(fd, FileHeader(OLD_ID, bytes(93)), BlockCipher(OLD_KEY, OLD_ID, B), self.root,
+                                  self.journals)
+
+    def load(self, key: bytes = OLD_KEY) -> FileContent:
+        fd = os.open(self.path, os.O_RDWR)
+        header = FileHeader.parse(os.pread(fd, 128, 0))
+        c = FileContent(fd, header, BlockCipher(key, header.file_id, B), self.root, self.journals)
+        c.load(True)
+        return c
+
+    def side(self) -> Path:
+        return Path(os.fsdecode(rekeyfile.side_file(self.root, OLD_ID)))
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Files:
+    return Files(tmp_path)
+
+
+def test_seals_are_counted_and_reach_the_state_when_a_session_ends(files: Files) -> None:
+    c = files.create()
+    c.write(0, os.urandom(5 * B))  # 5 blocks
+    c.fsync(False)  # + the state
+    assert c.seals == 6 and c.state.seals == 6
+    c.close()
+    c = files.load()
+    assert c.seals == 6
+    c.write(100, b"x")  # one block re-sealed, into the journal
+    c.write(3 * B, b"y" * B)
+    c.close()  # the checkpoint writes the state: 6 + 2 + 1
+    assert files.load().seals == 9
+    c = files.load()
+    c.write(6 * B, b"z")  # appends in place (block 5 of zeros, block 6), no journal: close counts them
+    c.close()
+    assert files.load().seals == 12
+
+
+def test_a_crash_loses_at_most_seals_persist_every_of_the_count(files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(content_mod, "SEALS_PERSIST_EVERY", 8)
+    c = files.create()
+    c.write(0, os.urandom(B))
+    c.close()
+    c = files.load()
+    c.check_key()  # as writable_content() does before a loaded file's first write
+    for i in range(20):
+        c.write(i * B, os.urandom(B))
+    counted = c.seals
+    c.release_fds()  # kill -9: no close
+    assert counted - files.load().seals < 8
+
+
+def test_a_state_that_fails_authentication_counts_as_a_spent_budget(files: Files) -> None:
+    c = files.create()
+    c.write(0, os.urandom(2 * B))
+    c.fsync(False)
+    c.close()
+    sealed = bytearray(os.getxattr(files.path, STATE_XATTR))
+    sealed[20] ^= 1
+    os.setxattr(files.path, STATE_XATTR, bytes(sealed))
+    assert files.load().seals >= REKEY_AT
+
+
+def rekeyed(files: Files) -> tuple[FileHeader, BlockCipher]:
+    return FileHeader(NEW_ID, bytes(95)), BlockCipher(NEW_KEY, NEW_ID, B)
+
+
+def test_rekey_reseals_every_block_under_the_new_key_in_place(files: Files) -> None:
+    c = files.create()
+    data = bytearray(os.urandom(7 * B + 123))
+    c.write(0, data)
+    c.fsync(False)
+    c.write(B + 5, b"journaled")  # the rekey checkpoints first
+    data[B + 5:B + 14] = b"journaled"
+    ino, nlink_path = os.stat(files.path).st_ino, files.path.with_name("link")
+    os.link(files.path, nlink_path)
+    c.seals = REKEY_AT
+    rekeyfile.rekey(c, *rekeyed(files))
+    assert c.header.file_id == NEW_ID and c.seals == c.state.seals < 20
+    assert c.read(0, len(data)) == data
+    c.write(2 * B, b"after")
+    data[2 * B:2 * B + 5] = b"after"
+    c.close()
+    assert os.stat(nlink_path).st_ino == ino and not files.side().exists()
+    assert not any(files.side().parent.iterdir())
+    c = files.load(NEW_KEY)
+    assert c.read(0, len(data)) == data and c.header.file_id == NEW_ID
+    with pytest.raises(BlockAuthError):  # nothing is left under the old key
+        BlockCipher(OLD_KEY, OLD_ID, B).open(0, os.pread(c.fd, STEP, 128))
+
+
+def test_a_damaged_block_stays_damaged_and_the_rest_moves(files: Files) -> None:
+    c = files.create()
+    data = os.urandom(4 * B)
+    c.write(0, data)
+    c.close()
+    with open(files.path, "r+b") as f:
+        f.seek(128 + 2 * STEP + 40)
+        f.write(b"\xff")
+    c = files.load()
+    rekeyfile.rekey(c, *rekeyed(files))
+    assert c.read(0, 2 * B) == data[:2 * B] and c.read(3 * B, B) == data[3 * B:]
+    with pytest.raises(BlockAuthError):
+        c.read(2 * B, 1)
+
+
+class Died(BaseException):
+    """The daemon's process dies here."""
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 2, 3])
+def test_a_rekey_cut_short_by_a_crash_is_finished_from_the_side_file(files: Files, monkeypatch: pytest.MonkeyPatch,
+                                                                   stop_after: int) -> None:
+    """The crash comes after the side file is complete, with ``stop_after`` chunks of the copy
+    back done (3: the header too); loading the file then finishes the job."""
+    c = files.create()
+    data = os.urandom(40 * B + 7)
+    c.write(0, data)
+    c.close()
+    c = files.load()
+    real = os.pread
+    calls = []
+
+    def copy_back(src: int, dst: int) -> None:
+        length = os.fstat(src).st_size
+        chunk = 16 * STEP
+        for i, at in enumerate(range(128, length, chunk)):
+            if i == stop_after:
+                raise Died
+            os.pwrite(dst, real(src, min(chunk, length - at), at), at)
+        os.pwrite(dst, real(src, 128, 0), 0)
+        calls.append(1)
+        raise Died
+
+    monkeypatch.setattr(rekeyfile, "_copy_back", copy_back)
+    with pytest.raises(Died):
+        rekeyfile.rekey(c, *rekeyed(files))
+    c.release_fds()
+    monkeypatch.undo()
+    assert files.side().exists()
+    fd = os.open(files.path, os.O_RDWR)
+    header = FileHeader.parse(os.pread(fd, 128, 0))
+    assert rekeyfile.pending(files.root, read_only=False) == {OLD_ID}
+    assert header.file_id == (NEW_ID if calls else OLD_ID)
+    if not calls:  # the header still names the old id: that is what finds the side file
+        rekeyfile.complete(files.root, OLD_ID, fd)
+    os.close(fd)
+    c = files.load(NEW_KEY)
+    assert c.read(0, len(data)) == data
+    assert read_state(c.fd, c.cipher) is not None
+
+
+def test_a_side_file_still_being_written_is_dropped_and_the_file_is_untouched(files: Files,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    c = files.create()
+    data = os.urandom(10 * B)
+    c.write(0, data)
+    c.close()
+    c = files.load()
+
+    def died(*_a: object) -> int:
+        raise Died
+
+    monkeypatch.setattr(rekeyfile.os, "rename", died)
+    with pytest.raises(Died):
+        rekeyfile.rekey(c, *rekeyed(files))
+    c.release_fds()
+    monkeypatch.undo()
+    tmp = files.side().with_name(files.side().name + ".tmp")
+    assert tmp.exists()
+    assert rekeyfile.pending(files.root, read_only=False) == set() and not tmp.exists()
+    assert files.load().read(0, len(data)) == data
