@@ -57,6 +57,7 @@ class KeyVersion:
     version: int
     created: float
     token_id: str
+    sealed: int = 0  # blobs sealed (or reserved) under it: its nonce budget (budget.py)
 
 
 @dataclass

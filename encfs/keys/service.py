@@ -44,6 +44,7 @@ from encfs.errors import (
 )
 from encfs.keys.audit import AuditLog, iso_time
 from encfs.keys.blob import ALGORITHMS, NONCE_LEN, BlobHeader, CiphertextBlob
+from encfs.keys.budget import SealBudget
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.config import HsmOptions, default_home, prepare_state_dir, resolve_token
 from encfs.keys.context import EncryptionContext, context_digest, encode_context
@@ -161,6 +162,7 @@ class KeyService:
         self.token = token
         self.clock = clock
         self.store = KeyStore(home, on_missing=self._no_metadata)
+        self.budget = SealBudget(self.store)
         self.audit = AuditLog(home / "audit.log")
         self._token_owned = token_owned
         self._empty_store_checked = False
@@ -183,6 +185,7 @@ class KeyService:
         return service
 
     def close(self) -> None:
+        self.budget.give_back()
         self.token.close()
         self.audit.close()
 
@@ -286,6 +289,19 @@ class KeyService:
     def _require(rec: KeyRecord, operation: str) -> None:
         if rec.state != ENABLED:
             raise _state_error(rec, operation)
+
+    def _spend(self, rec: KeyRecord, n: int, operation: str) -> KeyRecord:
+        """Reserve ``n`` seals under ``rec``'s current backing key (budget.py); the record to
+        seal with (a newer version if the budget rotated the key)."""
+        def rotate(fresh: KeyRecord) -> int:
+            return self._add_version(fresh, self.clock())
+
+        def audit_rotation(fresh: KeyRecord, version: int) -> None:
+            self.audit.record("RotateKey", key_id=fresh.key_id, key_version=version, now=self.clock(),
+                              trigger="nonce budget")
+        def ready() -> bool:
+            return self.token.has_object(bytes.fromhex(rec.current.token_id))
+        return self.budget.spend(rec, n, ready, rotate, lambda fresh: self._require(fresh, operation), audit_rotation)
 
     def _seal(self, rec: KeyRecord, plaintext: bytes, encoded_context: bytes) -> bytes:
         version = rec.current
@@ -491,6 +507,7 @@ class KeyService:
             rec = self._db().resolve(key)
             info["key_id"] = rec.key_id
             self._require(rec, op)
+            rec = self._spend(rec, 1, op)
             info["key_version"] = rec.current.version
             plaintext = self.token.random(number_of_bytes)
             blob = self._seal(rec, plaintext, encoded)
@@ -515,6 +532,7 @@ class KeyService:
             rec = self._db().resolve(key)
             info["key_id"] = rec.key_id
             self._require(rec, "GenerateDataKey")
+            rec = self._spend(rec, len(contexts), "GenerateDataKey")
             version = rec.current
             info["key_version"] = version.version
             material = self.token.random(number_of_bytes * len(contexts))
@@ -554,6 +572,7 @@ class KeyService:
             rec = self._db().resolve(key)
             info["key_id"] = rec.key_id
             self._require(rec, "Encrypt")
+            rec = self._spend(rec, 1, "Encrypt")
             info["key_version"] = rec.current.version
             return self._seal(rec, plaintext, encoded)
 
@@ -592,6 +611,7 @@ class KeyService:
             dest = db.resolve(dest_key)
             info["destination_key_id"] = dest.key_id
             self._require(dest, "ReEncrypt")
+            dest = self._spend(dest, 1, "ReEncrypt")
             info["destination_key_version"] = dest.current.version
             return self._seal(dest, plaintext, encode_context(dest_context))
 
