@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pkcs11 import Attribute
 
-from encfs.errors import KeyStateError, TokenError, UsageError
+from encfs.errors import KeyStateError, UsageError
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.context import encode_context
 from encfs.keys.pool import DataKeyPool
@@ -123,5 +123,5 @@ def test_batches_wrap_under_a_sensitive_session_copy_that_goes_with_the_key(serv
     assert len(_session_copies(token, tid)) == 1  # one per key version and session
     assert token.has_object(tid) and token.destroy(tid) == 1  # its own CKA_ID: never counted as the key
     assert _session_copies(token, tid) == []  # destroyed with the key
-    with pytest.raises(TokenError, match="missing"):
+    with pytest.raises(KeyStateError, match="no key material on the token"):
         service.generate_data_keys(key_id, contexts)

@@ -7,6 +7,11 @@ Invariants:
   is deleted, so every blob ever produced still decrypts.
 - Every cryptographic operation requires the key to be Enabled, checked
   against fresh metadata (also on data-key cache hits).
+- Disabled and PendingDeletion are also recorded on the token (encfs.keys.tokenstate),
+  which then refuses the key itself: a keys.json restored from an older copy cannot
+  bring such a key, or one whose material was destroyed, back into use. A token call
+  that fails on a key keys.json calls Enabled is reported as a rollback (one line,
+  audited with ``rollback_detected``).
 - Every call that reaches the token, and every management call, is audited
   (success or failure) with ids, versions and contexts; never with key
   material or plaintext. Data-key cache hits are not audited (as with the
@@ -62,6 +67,7 @@ from encfs.keys.metadata import (
     KeyVersion,
     normalize_alias,
 )
+from encfs.keys import tokenstate
 from encfs.keys.token import TagMismatch, Token, rsa_spki_pem
 
 MAX_ENCRYPT_PLAINTEXT = 4096
@@ -255,7 +261,11 @@ class KeyService:
                     # scheduled rotation so the schedule does not drift with usage.
                     period = (rec.rotation_period_days or 0) * 86400
                     due = nxt + (now - nxt) // period * period
-                    version = self._add_version(rec, due)
+                    try:
+                        version = self._add_version(rec, due)
+                    except KeyStateError as e:  # a rolled-back keys.json: every use reports it
+                        log.warning("%s", e.message)
+                        continue
                     rec.last_rotation = due
                     self.audit.record("RotateKey", key_id=rec.key_id, key_version=version, now=now,
                                       trigger="automatic rotation")
@@ -278,12 +288,43 @@ class KeyService:
         if wrapping:
             self.token.destroy(token_object_id(rec.key_id, _WRAPPING_PAIR_VERSION))
 
-    def _add_version(self, rec: KeyRecord, now: float) -> int:
+    def _add_version(self, rec: KeyRecord, now: float, operation: str = "RotateKey") -> int:
+        """Create the next backing-key version; it takes the token record of the current one
+        (tokenstate: a rotation must not make a usable version of a key the token refuses)."""
+        found = tokenstate.read(self.token, rec.current) if rec.versions else None
+        if found is not None and found.state == tokenstate.MISSING:
+            raise tokenstate.rollback_error(rec, rec.current, found, operation)
         number = rec.versions[-1].version + 1 if rec.versions else 1
         tid = token_object_id(rec.key_id, number)
-        self.token.generate_aes_key(tid, f"encfs-cmk:{rec.key_id}:v{number}")
-        rec.versions.append(KeyVersion(number, now, tid.hex()))
+        self.token.generate_aes_key(tid, tokenstate.label(rec.key_id, number))
+        version = KeyVersion(number, now, tid.hex())
+        if found is not None and found.state != ENABLED:
+            try:
+                tokenstate.write(self.token, rec, found.state, found.deletion_date, versions=[version])
+            except BaseException:
+                self.token.destroy(tid)
+                raise
+        rec.versions.append(version)
         return number
+
+    @contextmanager
+    def _token_use(self, rec: KeyRecord, version: KeyVersion, operation: str,
+                   info: dict[str, Any]) -> Iterator[None]:
+        """A token call under ``version`` of ``rec``: if the token fails it, and the token's own
+        record says the key is not usable, report the rollback of keys.json instead."""
+        try:
+            yield
+        except TagMismatch:
+            raise
+        except TokenError as e:
+            try:
+                tokenstate.check(self.token, rec, version, operation)
+            except KeyStateError:
+                info["rollback_detected"] = True
+                raise
+            except TokenError:
+                raise e from None
+            raise
 
     @staticmethod
     def _require(rec: KeyRecord, operation: str) -> None:
@@ -299,16 +340,19 @@ class KeyService:
         def audit_rotation(fresh: KeyRecord, version: int) -> None:
             self.audit.record("RotateKey", key_id=fresh.key_id, key_version=version, now=self.clock(),
                               trigger="nonce budget")
+
         def ready() -> bool:
             return self.token.has_object(bytes.fromhex(rec.current.token_id))
         return self.budget.spend(rec, n, ready, rotate, lambda fresh: self._require(fresh, operation), audit_rotation)
 
-    def _seal(self, rec: KeyRecord, plaintext: bytes, encoded_context: bytes) -> bytes:
+    def _seal(self, rec: KeyRecord, plaintext: bytes, encoded_context: bytes, operation: str,
+              info: dict[str, Any]) -> bytes:
         version = rec.current
         header = BlobHeader(uuid.UUID(rec.key_id), version.version,
                             context_digest(encoded_context), os.urandom(NONCE_LEN))
-        sealed = self.token.encrypt_gcm(bytes.fromhex(version.token_id), header.nonce,
-                                        header.pack() + encoded_context, plaintext)
+        with self._token_use(rec, version, operation, info):
+            sealed = self.token.encrypt_gcm(bytes.fromhex(version.token_id), header.nonce,
+                                            header.pack() + encoded_context, plaintext)
         return CiphertextBlob(header, sealed).pack()
 
     def _open_blob(self, db: KeyDB, blob: CiphertextBlob, encoded_context: bytes,
@@ -329,8 +373,9 @@ class KeyService:
             raise InvalidCiphertext(
                 f"ciphertext blob names version {blob.header.key_version} of key {key_id}, which does not exist")
         try:
-            return self.token.decrypt_gcm(bytes.fromhex(version.token_id), blob.header.nonce,
-                                          blob.aad(encoded_context), blob.sealed)
+            with self._token_use(rec, version, operation, info):
+                return self.token.decrypt_gcm(bytes.fromhex(version.token_id), blob.header.nonce,
+                                              blob.aad(encoded_context), blob.sealed)
         except TagMismatch:
             if blob.header.context_digest != context_digest(encoded_context):
                 raise ContextMismatch(
@@ -381,7 +426,10 @@ class KeyService:
             info["key_id"] = rec.key_id
             out = key_metadata_json(rec, db)
             if rec.versions and rec.state != PENDING_IMPORT:
-                out["TokenAttributes"] = self.token.key_attributes(bytes.fromhex(rec.current.token_id))
+                found = tokenstate.read(self.token, rec.current)
+                out["TokenState"] = found.state  # differs from KeyState after a rollback of keys.json
+                if found.state != tokenstate.MISSING:
+                    out["TokenAttributes"] = self.token.key_attributes(bytes.fromhex(rec.current.token_id))
             return out
 
     def list_aliases(self) -> dict[str, str]:
@@ -417,10 +465,19 @@ class KeyService:
                 change(rec, self.clock())
                 return key_metadata_json(rec, db)
 
+    def _token_says(self, rec: KeyRecord) -> tokenstate.TokenState | None:
+        """The token's record of the current backing key (None: no material was ever made)."""
+        return tokenstate.read(self.token, rec.current) if rec.versions else None
+
     def enable_key(self, key: str) -> dict[str, Any]:
         def change(rec: KeyRecord, now: float) -> None:
             if rec.state not in (ENABLED, DISABLED):
                 raise _state_error(rec, "EnableKey")
+            found = self._token_says(rec)
+            if found is not None and found.state == PENDING_DELETION:
+                raise KeyStateError(f"key {rec.key_id} {found.describe()}, but keys.json says {rec.state}: keys.json "
+                                    f"was restored from an older copy; run `encfs key cancel-deletion` first")
+            tokenstate.write(self.token, rec, ENABLED)
             rec.state = ENABLED
         return self._transition("EnableKey", key, change)
 
@@ -428,6 +485,10 @@ class KeyService:
         def change(rec: KeyRecord, now: float) -> None:
             if rec.state not in (ENABLED, DISABLED):
                 raise KeyStateError(f"key {rec.key_id} is {rec.state}: only Enabled keys can be disabled")
+            found = self._token_says(rec)
+            if found is not None and found.state == PENDING_DELETION:
+                raise tokenstate.rollback_error(rec, rec.current, found, "DisableKey")
+            tokenstate.write(self.token, rec, DISABLED)
             rec.state = DISABLED
         return self._transition("DisableKey", key, change)
 
@@ -439,17 +500,27 @@ class KeyService:
                 raise UsageError(f"deletion waiting period must be {lo} to {hi} days, not {days}")
             if rec.state == PENDING_DELETION:
                 raise KeyStateError(f"key {rec.key_id} is already pending deletion")
+            found = self._token_says(rec)
+            if found is not None and found.state == PENDING_DELETION:
+                raise tokenstate.rollback_error(rec, rec.current, found, "ScheduleKeyDeletion")
+            deletion_date = now + days * 86400
+            tokenstate.write(self.token, rec, PENDING_DELETION, deletion_date)
             rec.pre_deletion_state = rec.state
             rec.state = PENDING_DELETION
-            rec.deletion_date = now + days * 86400
+            rec.deletion_date = deletion_date
         return self._transition("ScheduleKeyDeletion", key, change)
 
     def cancel_key_deletion(self, key: str) -> dict[str, Any]:
         def change(rec: KeyRecord, now: float) -> None:
-            if rec.state != PENDING_DELETION:
+            found = self._token_says(rec)
+            rolled_back = rec.state != PENDING_DELETION and found is not None and found.state == PENDING_DELETION
+            if rec.state != PENDING_DELETION and not rolled_back:
                 raise KeyStateError(f"key {rec.key_id} is {rec.state}, not pending deletion")
             # As in AWS KMS: a key whose deletion is cancelled comes back Disabled
             # (or PendingImport if it has no key material).
+            if rolled_back:  # keys.json lost the deletion, the token did not: it says what was before
+                rec.pre_deletion_state = PENDING_IMPORT if rec.state == PENDING_IMPORT else DISABLED
+            tokenstate.write(self.token, rec, DISABLED)
             rec.state = PENDING_IMPORT if rec.pre_deletion_state == PENDING_IMPORT else DISABLED
             rec.deletion_date = rec.pre_deletion_state = None
         return self._transition("CancelKeyDeletion", key, change)
@@ -466,7 +537,11 @@ class KeyService:
                 self._require(rec, "RotateKeyOnDemand")
                 if rec.origin == ORIGIN_EXTERNAL:
                     raise KeyStateError(f"key {rec.key_id} has imported key material and cannot be rotated")
-                info["key_version"] = self._add_version(rec, self.clock())
+                found = self._token_says(rec)
+                if found is not None and found.state != ENABLED:
+                    info["rollback_detected"] = True
+                    raise tokenstate.rollback_error(rec, rec.current, found, "RotateKeyOnDemand")
+                info["key_version"] = self._add_version(rec, self.clock(), "RotateKeyOnDemand")
                 return key_metadata_json(rec, db)
 
     def enable_key_rotation(self, key: str, period_days: int = 365) -> dict[str, Any]:
@@ -510,7 +585,7 @@ class KeyService:
             rec = self._spend(rec, 1, op)
             info["key_version"] = rec.current.version
             plaintext = self.token.random(number_of_bytes)
-            blob = self._seal(rec, plaintext, encoded)
+            blob = self._seal(rec, plaintext, encoded, op, info)
             if cache is not None and with_plaintext:
                 cache.put(blob, encoded, plaintext, rec.key_id, rec.current.version)
             return DataKey(rec.key_id, rec.current.version, plaintext if with_plaintext else None, blob)
@@ -541,8 +616,9 @@ class KeyService:
             nonces = os.urandom(NONCE_LEN * len(encoded))
             headers = [BlobHeader(key_uuid, version.version, context_digest(e),
                                   nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN]) for i, e in enumerate(encoded)]
-            sealed = self.token.encrypt_gcm_many(bytes.fromhex(version.token_id), [
-                (h.nonce, h.pack() + e, p) for h, e, p in zip(headers, encoded, plaintexts)])
+            with self._token_use(rec, version, "GenerateDataKey", info):
+                sealed = self.token.encrypt_gcm_many(bytes.fromhex(version.token_id), [
+                    (h.nonce, h.pack() + e, p) for h, e, p in zip(headers, encoded, plaintexts)])
         except EncfsError as e:
             self.audit.record_many("GenerateDataKey", contexts, outcome="failure", error=e.message,
                                    now=self.clock(), **info)
@@ -574,7 +650,7 @@ class KeyService:
             self._require(rec, "Encrypt")
             rec = self._spend(rec, 1, "Encrypt")
             info["key_version"] = rec.current.version
-            return self._seal(rec, plaintext, encoded)
+            return self._seal(rec, plaintext, encoded, "Encrypt", info)
 
     def decrypt(self, blob: bytes, context: EncryptionContext | None = None, key: str | None = None,
                 cache: DataKeyCache | None = None) -> Decrypted:
@@ -613,7 +689,7 @@ class KeyService:
             self._require(dest, "ReEncrypt")
             dest = self._spend(dest, 1, "ReEncrypt")
             info["destination_key_version"] = dest.current.version
-            return self._seal(dest, plaintext, encode_context(dest_context))
+            return self._seal(dest, plaintext, encode_context(dest_context), "ReEncrypt", info)
 
     # -- imported key material (BYOK) ---------------------------------------
 

@@ -212,6 +212,11 @@ def _p11_name(e: BaseException) -> str:
     return type(e).__name__
 
 
+def _refused(operation: str, obj_id: bytes) -> TokenError:
+    return TokenError(f"token refuses to {operation} under key object {obj_id.hex()} "
+                      f"(CKA_{operation.upper()} is false)")
+
+
 class Token:
     """A logged-in connection to one token. Thread-safe; one session per process.
 
@@ -347,6 +352,21 @@ class Token:
         self._handles[cache_id] = key
         return key
 
+    def _capable_key(self, session: Any, obj_id: bytes, operation: str) -> Any:
+        """The secret key ``obj_id``, if it may ``operation`` ("encrypt"/"decrypt").
+
+        python-pkcs11 gives a key object those methods only if CKA_ENCRYPT/CKA_DECRYPT were
+        set when it was found, and encfs.keys.tokenstate clears them on a key that is not
+        usable: a cached handle without the method is looked up again (the key may have been
+        enabled since, by another process), a fresh one without it is refused."""
+        key = self._key(session, obj_id)
+        if not hasattr(key, operation):
+            self._handles.pop(bytes([int(ObjectClass.SECRET_KEY)]) + obj_id, None)
+            key = self._key(session, obj_id)
+            if not hasattr(key, operation):
+                raise _refused(operation, obj_id)
+        return key
+
     def has_object(self, obj_id: bytes) -> bool:
         with self._locked("find") as session:
             if any(True for _ in session.get_objects({Attribute.ID: obj_id})):
@@ -399,6 +419,52 @@ class Token:
             self._handles = {k: v for k, v in self._handles.items() if k[1:] != obj_id}
             return len(objs)
 
+    def key_record(self, obj_id: bytes) -> tuple[str, bool] | None:
+        """The state a secret key carries on the token: (CKA_LABEL, whether both CKA_ENCRYPT and
+        CKA_DECRYPT are set); None when no such object exists."""
+        with self._locked("C_GetAttributeValue") as session:
+            try:
+                key = self._key(session, obj_id)
+            except TokenError:
+                if self.has_object(obj_id):
+                    raise
+                return None
+            label = key[Attribute.LABEL]
+            usable = bool(key[Attribute.ENCRYPT]) and bool(key[Attribute.DECRYPT])
+            return (label if isinstance(label, str) else ""), usable
+
+    def set_key_record(self, obj_id: bytes, label: str, usable: bool) -> bool:
+        """Record a key's state on the token: relabel it and set CKA_ENCRYPT/CKA_DECRYPT to
+        ``usable`` (so the token itself refuses a key that is not usable). This process's
+        session copy of the key (_working_copy) is destroyed: it kept the old attributes.
+        Returns False if the token refuses to modify the attributes (CKA_MODIFIABLE false, or
+        a token without C_SetAttributeValue); TokenError if the object is missing."""
+        with self._locked("C_SetAttributeValue", exclusive=True) as session:
+            copy = self._handles.pop(_COPY_PREFIX + obj_id, None)
+            key = self._key(session, obj_id)
+            if copy is not None and copy is not key:
+                try:
+                    copy.destroy()
+                except p11e.PKCS11Error:
+                    pass
+            try:
+                # Usable last when enabling, first when disabling: an interrupted change leaves
+                # the key refused, never usable under a label that says otherwise.
+                if usable:
+                    key[Attribute.LABEL] = label
+                key[Attribute.ENCRYPT] = usable
+                key[Attribute.DECRYPT] = usable
+                if not usable:
+                    key[Attribute.LABEL] = label
+            except (p11e.AttributeReadOnly, p11e.FunctionNotSupported, p11e.AttributeValueInvalid,
+                    p11e.TemplateInconsistent, p11e.TokenWriteProtected):
+                return False
+            return True
+
+    def usable_for_encrypt(self, session: Any, obj_id: bytes) -> bool:
+        """Whether the token object (not this session's copy of it) still allows encryption."""
+        return bool(self._key(session, obj_id)[Attribute.ENCRYPT])
+
     def count_encfs_objects(self) -> int:
         """How many token objects carry an encfs label (``encfs-cmk:``, ``encfs-import:``;
         docs/FORMAT.md section 3): keys some encfs key store made on this token."""
@@ -436,7 +502,7 @@ class Token:
     def encrypt_gcm(self, obj_id: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
         """AES-GCM under a token key; returns ciphertext || 16-byte tag."""
         with self._locked("C_Encrypt") as session:
-            key = self._key(session, obj_id)
+            key = self._capable_key(session, obj_id, "encrypt")
             return bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
                                      mechanism_param=GCMParams(nonce, aad, 128)))
 
@@ -444,7 +510,15 @@ class Token:
         """encrypt_gcm for each (nonce, aad, plaintext), in one hold of the token, under this
         session's working copy of the key (_working_copy): the same key, so the same results."""
         with self._locked("C_Encrypt") as session:
+            if not self.usable_for_encrypt(session, obj_id):
+                # The copy would still encrypt: it kept the attributes the key had when copied.
+                copy = self._handles.pop(_COPY_PREFIX + obj_id, None)
+                if copy is not None and copy is not self._key(session, obj_id):
+                    copy.destroy()
+                raise _refused("encrypt", obj_id)
             key = self._working_copy(session, obj_id)
+            if not hasattr(key, "encrypt"):
+                raise _refused("encrypt", obj_id)
             try:
                 return [bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
                                           mechanism_param=GCMParams(nonce, aad, 128)))
@@ -456,7 +530,7 @@ class Token:
     def decrypt_gcm(self, obj_id: bytes, nonce: bytes, aad: bytes, sealed: bytes) -> bytes:
         """Inverse of encrypt_gcm; raise TagMismatch when authentication fails."""
         with self._locked("C_Decrypt") as session:
-            key = self._key(session, obj_id)
+            key = self._capable_key(session, obj_id, "decrypt")
             try:
                 return bytes(key.decrypt(sealed, mechanism=Mechanism.AES_GCM,
                                          mechanism_param=GCMParams(nonce, aad, 128)))

@@ -1,0 +1,160 @@
+"""Key states recorded on the token (encfs.keys.tokenstate): restoring an older keys.json must
+not bring a Disabled key, a key pending deletion or destroyed key material back into use.
+
+Each test takes a copy of keys.json (and its .bak), changes the key's state, puts the copy
+back, and checks that every use of the key is refused with one line naming the rollback, and
+that the refusal is audited.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from encfs.errors import KeyStateError
+from encfs.keys.service import KeyService, token_object_id
+from encfs.keys.token import Token
+from tests.conftest import run_encfs
+from tests.test_keys_service import CTX, crypto_ops, import_material, new_key
+
+
+def backup(home: Path) -> dict[str, bytes]:
+    return {name: (home / name).read_bytes() for name in ("keys.json", "keys.json.bak")
+            if (home / name).exists()}
+
+
+def restore(home: Path, saved: dict[str, bytes]) -> None:
+    for name, data in saved.items():
+        (home / name).write_bytes(data)
+
+
+def assert_refused_as_rollback(service: KeyService, key_id: str, blob: bytes, other: str, what: str) -> None:
+    assert service.describe_key(key_id)["KeyState"] == "Enabled"  # what the restored keys.json says
+    for name, op in crypto_ops(service, key_id, blob, other).items():
+        with pytest.raises(KeyStateError, match="rollback detected") as exc:
+            op()
+        message = str(exc.value)
+        assert "\n" not in message and key_id in message and what in message, (name, message)
+    with pytest.raises(KeyStateError, match="rollback detected"):
+        service.generate_data_keys(key_id, [CTX, CTX])
+    with pytest.raises(KeyStateError, match="rollback detected"):
+        service.re_encrypt(service.encrypt(other, b"x", CTX), CTX, key_id)
+    flagged = [r for r in service.audit.read() if r.get("rollback_detected")]
+    assert flagged and all(r["outcome"] == "failure" and key_id in (r["key_id"], r.get("destination_key_id"))
+                           for r in flagged)
+    assert {r["operation"] for r in flagged} >= {"Encrypt", "Decrypt", "GenerateDataKey", "ReEncrypt"}
+
+
+def test_restored_keys_json_does_not_undo_disable(service: KeyService, token: Token) -> None:
+    key_id, other = new_key(service), new_key(service)
+    service.rotate_key(key_id)  # every version is marked, not only the current one
+    old_blob = service.encrypt(key_id, b"payload", CTX)
+    saved = backup(service.home)
+    service.disable_key(key_id)
+    label, usable = token.key_record(token_object_id(key_id, 1)) or ("", True)
+    assert label == f"encfs-cmk:{key_id}:v1:Disabled" and not usable
+    restore(service.home, saved)
+    assert_refused_as_rollback(service, key_id, old_blob, other, "is Disabled on the token")
+    assert service.describe_key(key_id)["TokenState"] == "Disabled"
+    # an explicit enable is a deliberate decision, and brings the key back
+    service.enable_key(key_id)
+    assert token.key_record(token_object_id(key_id, 2)) == (f"encfs-cmk:{key_id}:v2", True)
+    assert service.decrypt(old_blob, CTX).plaintext == b"payload"
+
+
+def test_restored_keys_json_does_not_undo_scheduled_deletion(service: KeyService, clock: Any) -> None:
+    key_id, other = new_key(service), new_key(service)
+    blob = service.encrypt(key_id, b"payload", CTX)
+    saved = backup(service.home)
+    service.schedule_key_deletion(key_id, days=7)
+    restore(service.home, saved)
+    assert_refused_as_rollback(service, key_id, blob, other, "pending deletion on the token")
+    with pytest.raises(KeyStateError, match="cancel-deletion"):
+        service.enable_key(key_id)  # enabling would silently cancel the deletion
+    with pytest.raises(KeyStateError, match="rollback"):
+        service.disable_key(key_id)
+    # cancelling works from the token's record, and the key comes back Disabled as in AWS KMS
+    assert service.cancel_key_deletion(key_id)["KeyState"] == "Disabled"
+    service.enable_key(key_id)
+    assert service.decrypt(blob, CTX).plaintext == b"payload"
+
+
+def test_restored_keys_json_does_not_bring_back_deleted_material(service: KeyService, token: Token,
+                                                                  clock: Any) -> None:
+    key_id, other = new_key(service), new_key(service)
+    blob = service.encrypt(key_id, b"payload", CTX)
+    saved = backup(service.home)
+    service.schedule_key_deletion(key_id, days=7)
+    clock.advance(days=8)
+    service.list_keys()  # applies the deletion: the material is destroyed
+    assert not token.has_object(token_object_id(key_id, 1))
+    restore(service.home, saved)
+    assert_refused_as_rollback(service, key_id, blob, other, "no key material on the token")
+    assert service.describe_key(key_id)["TokenState"] == "Destroyed"
+
+
+def test_restored_keys_json_does_not_bring_back_deleted_imported_material(service: KeyService) -> None:
+    key_id, other = new_key(service, origin="EXTERNAL"), new_key(service)
+    import_material(service, key_id, os.urandom(32))
+    blob = service.encrypt(key_id, b"payload", CTX)
+    saved = backup(service.home)
+    service.delete_imported_key_material(key_id)
+    restore(service.home, saved)
+    ops = crypto_ops(service, key_id, blob, other)
+    del ops["rotate"]  # imported keys never rotate
+    for name, op in ops.items():
+        with pytest.raises(KeyStateError, match="no key material on the token.*rollback detected"):
+            op()
+
+
+def test_rotation_of_a_rolled_back_key_makes_no_usable_version(service: KeyService, token: Token,
+                                                               clock: Any) -> None:
+    """An automatic rotation due in the restored keys.json creates a version the token refuses too."""
+    key_id = new_key(service)
+    service.enable_key_rotation(key_id, period_days=90)
+    saved = backup(service.home)
+    service.disable_key(key_id)
+    restore(service.home, saved)
+    clock.advance(days=91)
+    with pytest.raises(KeyStateError, match="rollback detected"):
+        service.encrypt(key_id, b"x", CTX)
+    assert service.describe_key(key_id)["CurrentKeyVersion"] == 2  # the rotation ran...
+    label, usable = token.key_record(token_object_id(key_id, 2)) or ("", True)
+    assert not usable and label.endswith(":Disabled")  # ...but made no usable version
+
+
+def test_disable_by_another_process_reaches_a_session_copy(service: KeyService, softhsm: Any,
+                                                            clock: Any) -> None:
+    """generate_data_keys seals under a session copy of the key; a Disable by another connection,
+    followed by a restored keys.json, must still stop it (the copy keeps the old attributes)."""
+    key_id = new_key(service)
+    service.generate_data_keys(key_id, [CTX] * 4)  # makes this connection's copy
+    saved = backup(service.home)
+    other_token = Token(softhsm.spec())
+    other = KeyService(service.home, other_token, clock=clock)
+    try:
+        other.disable_key(key_id)
+    finally:
+        other.audit.close()
+        other_token.close()
+    restore(service.home, saved)
+    with pytest.raises(KeyStateError, match="rollback detected"):
+        service.generate_data_keys(key_id, [CTX] * 4)
+
+
+def test_cli_rollback_is_one_line(cli_home: Path) -> None:
+    r = run_encfs("key", "create", "--alias", "app", home=cli_home)
+    assert r.returncode == 0, r.stderr
+    blob = run_encfs("key", "encrypt", "app", input=b"secret", home=cli_home).stdout
+    saved = backup(cli_home)
+    assert run_encfs("key", "disable", "app", home=cli_home).returncode == 0
+    shutil.copy(cli_home / "keys.json", cli_home / "disabled.json")
+    restore(cli_home, saved)
+    r = run_encfs("key", "decrypt", input=blob, home=cli_home)
+    assert r.returncode != 0 and r.stdout == b""
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("encfs: key ") and "rollback detected" in lines[0], lines
