@@ -32,12 +32,14 @@ def add_hsm_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pkcs11-uri", metavar="URI", help="RFC 7512 pkcs11: URI naming module and token")
     g.add_argument("--pin-file", metavar="FILE", help="read the user PIN from FILE")
     g.add_argument("--pin-env", metavar="VAR", help="read the user PIN from environment variable VAR")
+    g.add_argument("--passphrase-file", metavar="FILE",
+                   help="passphrase of the embedded token's sealed PINs (default: ask on the terminal)")
 
 
 def hsm_options(args: argparse.Namespace) -> HsmOptions:
     return HsmOptions(uri=args.pkcs11_uri, module=args.pkcs11_module, token=args.token,
                       pin_file=args.pin_file, pin_env=args.pin_env, config=args.config,
-                      pin=getattr(args, "handed_pin", None))
+                      pin=getattr(args, "handed_pin", None), passphrase_file=getattr(args, "passphrase_file", None))
 
 
 def home_of(args: argparse.Namespace) -> Path | None:

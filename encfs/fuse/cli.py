@@ -35,8 +35,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-# encfs's own settings inside -o (fstab): home=DIR, config=FILE, pin-file=FILE, log-file=FILE
-_OWN_OPTIONS = {"home": "home", "config": "config", "pin-file": "pin_file", "log-file": "log_file"}
+# encfs's own settings inside -o (fstab): home=DIR, config=FILE, pin-file=FILE, passphrase-file=FILE,
+# log-file=FILE
+_OWN_OPTIONS = {"home": "home", "config": "config", "pin-file": "pin_file", "passphrase-file": "passphrase_file",
+                "log-file": "log_file"}
 
 
 def take_own_options(args: argparse.Namespace) -> None:

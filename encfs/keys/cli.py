@@ -73,13 +73,68 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     home = home_of(args) or default_home()
     prepare_state_dir(home)
     _spec, embedded = resolve_token(home, hsm_options(args))
+    if args.protect_pin and embedded is None:
+        raise UsageError("--protect-pin applies to the embedded SoftHSM2 token only")
     created = embedded.provision() if embedded is not None else False
     with _service(args) as ks:
         status = ks.token_status()  # also proves the login works
     verb = "created" if created else "already initialised" if embedded else "reachable"
     print(f"token {status['token']!r} ({status['model']}, serial {status['serial']}) {verb}")
     if embedded is not None:
-        print(f"state directory: {home}  (PINs in {embedded.dir}, mode 0600)")
+        if args.protect_pin and not embedded.protected:
+            embedded.protect(_new_passphrase(args.passphrase_file))
+        where = (f"sealed under a passphrase in {embedded.sealed_pins}" if embedded.protected
+                 else f"in {embedded.dir}, mode 0600; `encfs hsm protect-pin` seals them under a passphrase")
+        print(f"state directory: {home}  (PINs {where})")
+    return 0
+
+
+def _new_passphrase(passphrase_file: str | None) -> str:
+    from encfs.keys.pinseal import read_passphrase
+
+    return read_passphrase(passphrase_file, "new passphrase for the token PINs", confirm=True)
+
+
+def _embedded(args: argparse.Namespace, command: str) -> Any:
+    from encfs.cli import hsm_options, home_of
+    from encfs.keys.config import default_home, resolve_token
+
+    home = home_of(args) or default_home()
+    _spec, embedded = resolve_token(home, hsm_options(args))
+    if embedded is None:
+        raise UsageError(f"{command} applies to the embedded SoftHSM2 token; the PIN of a PKCS#11 module "
+                         f"is kept where --pin-file or the config says")
+    if not embedded.provisioned:
+        raise UsageError(f"no encfs token in {home}: run `encfs hsm init`")
+    return embedded
+
+
+def cmd_hsm_protect_pin(args: argparse.Namespace) -> int:
+    from encfs.keys.pinseal import read_passphrase
+
+    embedded = _embedded(args, "protect-pin")
+    if embedded.protected:  # change the passphrase
+        old = read_passphrase(args.passphrase_file, "current passphrase for the token PINs")
+        embedded.unseal(old)  # a wrong passphrase stops here, before the new one is asked for
+        embedded.protect(_new_passphrase(args.new_passphrase_file), old)
+        print(f"passphrase of {embedded.sealed_pins} changed")
+    else:
+        if args.new_passphrase_file:
+            raise UsageError("--new-passphrase-file changes the passphrase of sealed PINs; "
+                             "to seal them, give the passphrase with --passphrase-file")
+        embedded.protect(_new_passphrase(args.passphrase_file))
+        print(f"PINs sealed under a passphrase in {embedded.sealed_pins}; user.pin and so.pin removed")
+    return 0
+
+
+def cmd_hsm_unprotect_pin(args: argparse.Namespace) -> int:
+    from encfs.keys.pinseal import read_passphrase
+
+    embedded = _embedded(args, "unprotect-pin")
+    if not embedded.protected:
+        raise UsageError(f"the PINs in {embedded.dir} are not sealed under a passphrase")
+    embedded.unprotect(read_passphrase(args.passphrase_file, "passphrase for the token PINs"))
+    print(f"PINs written to {embedded.user_pin} and {embedded.so_pin} (mode 0600); {embedded.sealed_pins.name} removed")
     return 0
 
 
@@ -301,7 +356,14 @@ def register(sub: Any, add_hsm_options: AddHsmOptions) -> None:
 
     hsm = sub.add_parser("hsm", help="the PKCS#11 token").add_subparsers(dest="hsm_command", required=True,
                                                                         metavar="COMMAND")
-    cmd(hsm, "init", cmd_hsm_init, "provision the embedded SoftHSM2 token (or check a real HSM login)")
+    p = cmd(hsm, "init", cmd_hsm_init, "provision the embedded SoftHSM2 token (or check a real HSM login)")
+    p.add_argument("--protect-pin", action="store_true",
+                   help="seal the embedded token's PINs under a passphrase (asked twice, or --passphrase-file)")
+    cmd(hsm, "protect-pin", cmd_hsm_protect_pin,
+        "seal the embedded token's PINs under a passphrase (or change that passphrase)").add_argument(
+        "--new-passphrase-file", metavar="FILE", help="the new passphrase, when changing it")
+    cmd(hsm, "unprotect-pin", cmd_hsm_unprotect_pin,
+        "store the embedded token's PINs in plain files again (mode 0600)")
     cmd(hsm, "status", cmd_hsm_status, "module, token, slot, free space and mechanisms", json_flag=True)
 
     key = sub.add_parser("key", help="customer master keys and data keys").add_subparsers(

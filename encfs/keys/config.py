@@ -43,6 +43,7 @@ class HsmOptions:
     pin_env: str | None = None
     config: str | None = None
     pin: str | None = field(default=None, repr=False)  # already read (a daemon's parent prompted)
+    passphrase_file: str | None = None  # opens the embedded token's sealed PINs (encfs.keys.pinseal)
 
 
 def check_state_dir(home: Path) -> None:
@@ -112,7 +113,10 @@ def resolve_token(home: Path, opts: HsmOptions) -> tuple[TokenSpec, EmbeddedSoft
             raise ConfigError("--token, --pin-file, --pin-env and pkcs11 URIs need a PKCS#11 module "
                               "(--pkcs11-module or module-path in the URI)")
         embedded = EmbeddedSoftHSM(home)
-        return embedded.spec(), embedded
+        return embedded.spec(opts.pin, opts.passphrase_file), embedded
+    if opts.passphrase_file:
+        raise ConfigError("--passphrase-file opens the embedded token's sealed PINs; "
+                          "a PKCS#11 module takes --pin-file")
     label = opts.token or (uri.token if uri else None) or conf.get("token")
     if opts.pin is not None:
         pin = PinSource("value", opts.pin)
@@ -143,8 +147,10 @@ def resolve_token(home: Path, opts: HsmOptions) -> tuple[TokenSpec, EmbeddedSoft
 
 
 def prompt_before_fork(home: Path, opts: HsmOptions) -> HsmOptions:
-    """Ask for the PIN now if the token needs a prompt: a daemon has no terminal after fork."""
+    """Ask for the PIN (or the passphrase of the embedded token's sealed PINs) now if the token
+    needs one: a daemon has no terminal after fork. The daemon gets the PIN in ``pin``, in the
+    memory it inherits, and never asks again."""
     spec, embedded = resolve_token(home, opts)
-    if embedded is None and spec.pin.kind == "prompt":
+    if (embedded is None and spec.pin.kind == "prompt") or spec.pin.kind == "sealed":
         return replace(opts, pin=spec.pin.resolve(spec.label or "the token"))
     return opts

@@ -43,8 +43,12 @@ from encfs.errors import (
     InvalidCiphertext,
     KeyImportError,
     KeyStateError,
+    ModuleNotFound,
+    PinIncorrect,
+    PinLocked,
     StateError,
     TokenError,
+    TokenNotFound,
     UsageError,
 )
 from encfs.keys.audit import AuditLog, iso_time
@@ -317,6 +321,8 @@ class KeyService:
         except TagMismatch:
             raise
         except TokenError as e:
+            if isinstance(e, (PinIncorrect, PinLocked, TokenNotFound, ModuleNotFound)) or not self.token.logged_in:
+                raise  # never logged in: nothing to ask the token (and no second passphrase prompt)
             try:
                 tokenstate.check(self.token, rec, version, operation)
             except KeyStateError:

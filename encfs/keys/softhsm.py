@@ -2,9 +2,10 @@
 
 Layout of ``$ENCFS_HOME/softhsm/``: ``softhsm2.conf`` (written last, so its
 presence means provisioning finished), ``tokens/`` (SoftHSM2's object store),
-``user.pin`` and ``so.pin`` (mode 0600, random). Provisioning runs C_InitToken
-in a child process so that this process loads SoftHSM2 only once the token
-exists and no PIN ever appears on a command line.
+``user.pin`` and ``so.pin`` (mode 0600, random), or instead of those two
+``pins.sealed`` (both PINs sealed under a passphrase: encfs.keys.pinseal).
+Provisioning runs C_InitToken in a child process so that this process loads
+SoftHSM2 only once the token exists and no PIN ever appears on a command line.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from encfs.errors import ConfigError, ModuleNotFound, StateError, TokenError
+from encfs.errors import ConfigError, ModuleNotFound, StateError, TokenError, UsageError
+from encfs.keys import pinseal
 from encfs.keys.token import PinSource, TokenSpec
 
 TOKEN_LABEL = "encfs"
@@ -53,6 +55,7 @@ class EmbeddedSoftHSM:
         self.tokendir = self.dir / "tokens"
         self.user_pin = self.dir / "user.pin"
         self.so_pin = self.dir / "so.pin"
+        self.sealed_pins = self.dir / "pins.sealed"
 
     @property
     def provisioned(self) -> bool:
@@ -92,9 +95,58 @@ class EmbeddedSoftHSM:
             raise StateError(f"SoftHSM2 config {self.conf} names token directory {tokendir}, which uid "
                              f"{os.geteuid()} cannot use")
 
-    def spec(self) -> TokenSpec:
-        return TokenSpec(module=softhsm_module(), label=TOKEN_LABEL,
-                         pin=PinSource("file", str(self.user_pin)))
+    def spec(self, pin: str | None = None, passphrase_file: str | None = None) -> TokenSpec:
+        """How to log in: ``pin`` if given (already unsealed, e.g. by a daemon's parent), else
+        the sealed PINs if there are any (asking for the passphrase), else ``user.pin``."""
+        if pin is not None:
+            source = PinSource("value", pin)
+        elif self.protected:
+            source = PinSource("sealed", str(self.sealed_pins), passphrase_file)
+        else:
+            source = PinSource("file", str(self.user_pin))
+        return TokenSpec(module=softhsm_module(), label=TOKEN_LABEL, pin=source)
+
+    @property
+    def protected(self) -> bool:
+        """Whether the PINs are sealed under a passphrase (pins.sealed exists)."""
+        return self.sealed_pins.exists()
+
+    def _plain_pins(self) -> dict[str, str]:
+        try:
+            return {"so": self.so_pin.read_text(encoding="utf-8").strip("\r\n"),
+                    "user": self.user_pin.read_text(encoding="utf-8").strip("\r\n")}
+        except (OSError, UnicodeDecodeError) as e:
+            raise StateError(f"cannot read the PIN files in {self.dir}: "
+                             f"{getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
+
+    def unseal(self, passphrase: str) -> dict[str, str]:
+        try:
+            data = self.sealed_pins.read_bytes()
+        except OSError as e:
+            raise StateError(f"cannot read {self.sealed_pins}: {e.strerror}") from None
+        return pinseal.unseal(data, passphrase, self.sealed_pins)
+
+    def protect(self, passphrase: str, old_passphrase: str | None = None) -> None:
+        """Seal the PINs under ``passphrase`` and remove the plain PIN files; with the PINs
+        already sealed, re-seal them (``old_passphrase`` opens them first)."""
+        if self.protected:
+            if old_passphrase is None:
+                raise UsageError("the PINs are sealed already: give the current passphrase to change it")
+            pins = self.unseal(old_passphrase)
+        else:
+            pins = self._plain_pins()
+        pinseal.write_private_atomic(self.sealed_pins, pinseal.seal(pins, passphrase))
+        for path in (self.user_pin, self.so_pin):  # a file system may keep the old blocks: see secrets.md
+            path.unlink(missing_ok=True)
+
+    def unprotect(self, passphrase: str) -> None:
+        """Write the PINs back to user.pin and so.pin (mode 0600) and remove the sealed file."""
+        if not self.protected:
+            raise UsageError(f"the PINs in {self.dir} are not sealed under a passphrase")
+        pins = self.unseal(passphrase)
+        pinseal.write_private_atomic(self.so_pin, (pins["so"]).encode())
+        pinseal.write_private_atomic(self.user_pin, (pins["user"]).encode())
+        self.sealed_pins.unlink()
 
     def activate(self) -> None:
         """Point this process's SoftHSM2 at our config (before it is loaded), once it is checked."""
@@ -119,7 +171,7 @@ class EmbeddedSoftHSM:
         os.chmod(self.dir, 0o700)
         # Leftovers of an interrupted provisioning are ours to replace.
         shutil.rmtree(self.tokendir, ignore_errors=True)
-        for p in (self.user_pin, self.so_pin):
+        for p in (self.user_pin, self.so_pin, self.sealed_pins):
             p.unlink(missing_ok=True)
         tmp_conf = self.dir / "softhsm2.conf.tmp"
         try:

@@ -74,10 +74,12 @@ class TagMismatch(InvalidCiphertext):
 
 @dataclass(frozen=True)
 class PinSource:
-    """Where a PIN comes from: a literal, a file, an environment variable, or a prompt."""
+    """Where a PIN comes from: a literal, a file, an environment variable, a prompt, or the
+    embedded token's passphrase-sealed PIN file (encfs.keys.pinseal)."""
 
-    kind: str  # "value" | "file" | "env" | "prompt"
+    kind: str  # "value" | "file" | "env" | "prompt" | "sealed"
     where: str = ""
+    passphrase_file: str | None = None  # "sealed": where the passphrase comes from (None: prompt)
 
     @classmethod
     def parse(cls, spec: str) -> PinSource:
@@ -95,6 +97,18 @@ class PinSource:
     def resolve(self, token_label: str) -> str:
         if self.kind == "value":
             return self.where
+        if self.kind == "sealed":
+            from pathlib import Path
+
+            from encfs.keys import pinseal
+
+            path = Path(self.where)
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise ConfigError(f"cannot read sealed PIN file {path}: {e.strerror}") from None
+            passphrase = pinseal.read_passphrase(self.passphrase_file, f"passphrase for token {token_label!r}")
+            return pinseal.unseal(data, passphrase, path)["user"]
         if self.kind == "file":
             try:
                 with open(self.where, encoding="utf-8") as f:
@@ -231,8 +245,14 @@ class Token:
         self._slot: Any = None
         self._handles: dict[bytes, Any] = {}
         self._epoch = 0
+        self._pin: str | None = None  # a PIN that was asked for, once logged in
 
     # -- connection ---------------------------------------------------------
+
+    @property
+    def logged_in(self) -> bool:
+        """Whether this process holds a session (a failed call got past the login)."""
+        return self._session is not None and self._pid == os.getpid()
 
     def _find_token(self, lib: Any) -> tuple[Any, Any]:
         spec = self.spec
@@ -270,7 +290,7 @@ class Token:
             lib = load_module(self.spec.module)
             self._handles.clear()
             self._slot, self._token = self._find_token(lib)
-        pin = self.spec.pin.resolve(self._token.label)
+        pin = self._pin if self._pin is not None else self.spec.pin.resolve(self._token.label)
         try:
             with _store_lock(self.spec.module, exclusive=True):
                 self._session = self._token.open(rw=True, user_pin=pin)
@@ -286,6 +306,8 @@ class Token:
                 self._session = self._token.open(rw=True)
         except p11e.PKCS11Error as e:
             raise TokenError(f"cannot log in to token {self._token.label!r}: {_p11_name(e)}") from None
+        if self.spec.pin.kind in ("prompt", "sealed"):
+            self._pin = pin  # a reconnection (_reload) must not ask again
         self._pid = os.getpid()
         self._epoch = _MODULE_EPOCH.get(self.spec.module, 0)
         return self._session
