@@ -138,7 +138,7 @@ def create_volume(path: Path, size: int, ks: KeyService, key: str) -> VolumeHead
     try:
         volume_id = os.urandom(16)
         probe = VolumeHeader(volume_id, size, b"")
-        dk = ks.generate_data_key(key, probe.context())
+        dk = ks.generate_data_key(key, probe.context(), encfs_internal=True)
         assert dk.plaintext is not None
         header = new_header(size, dk.ciphertext_blob, volume_id)
         os.ftruncate(fd, image_size(header.sectors))

@@ -409,7 +409,7 @@ def init_filesystem(cipherdir: Path, ks: KeyService, key: str,
     try:
         fs_id = uuid.uuid4().hex
         probe = FsConfig(fs_id=fs_id, key_id="", wrapped_secret=b"")
-        dk = ks.generate_data_key(key, probe.fs_context(), with_plaintext=True)
+        dk = ks.generate_data_key(key, probe.fs_context(), with_plaintext=True, encfs_internal=True)
     except BaseException:
         if created:
             cipherdir.rmdir()  # an unknown or disabled key leaves no empty directory behind

@@ -72,7 +72,8 @@ class DataKeyPool(Generic[Label]):
     def _generate(self) -> list[tuple[float, Label, DataKey]]:
         labels = [self._new_label() for _ in range(self.batch)]
         # With the cache seeded, the object's first open needs no token call.
-        keys = self.service.generate_data_keys(self.key, [context for _, context in labels], cache=self._cache)
+        keys = self.service.generate_data_keys(self.key, [context for _, context in labels], cache=self._cache,
+                                              encfs_internal=True)
         born = self._clock()
         return [(born, label, dk) for (label, _context), dk in zip(labels, keys)]
 

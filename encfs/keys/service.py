@@ -17,6 +17,11 @@ Invariants:
   material or plaintext. Data-key cache hits are not audited (as with the
   AWS Encryption SDK's cache, no KMS call happens); the key's state is still
   checked on every hit.
+- Encryption-context keys starting with ``encfs:`` are encfs's own (file headers,
+  filesystem secrets, volume keys): encrypt, generate_data_key(s) and the destination of
+  re_encrypt refuse them unless the caller is encfs itself (``encfs_internal=True``), so
+  that `encfs key ...` cannot mint a blob a filesystem or volume would accept. Decrypt
+  accepts them (opening is not minting, as AWS KMS does for ``aws:``).
 - Time-driven transitions (deletion after the waiting period, automatic
   rotation, expiry of imported material) run lazily: the first call that
   finds one due applies it under the metadata lock.
@@ -82,6 +87,7 @@ IMPORT_PARAMETERS_TTL = 24 * 3600
 WRAPPING_ALGORITHMS = ("RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256")
 _IMPORT_CHECK_AAD = b"encfs import check v1"
 _WRAPPING_PAIR_VERSION = 0xFFFFFFFF
+RESERVED_CONTEXT_PREFIX = "encfs:"
 log = logging.getLogger("encfs.keys")
 
 
@@ -123,6 +129,16 @@ def _state_error(rec: KeyRecord, operation: str) -> KeyStateError:
         PENDING_IMPORT: "is pending import (it has no key material)",
     }.get(rec.state, f"is in state {rec.state}")
     return KeyStateError(f"key {rec.key_id} {detail}: {operation} needs an Enabled key")
+
+
+def _check_context(context: EncryptionContext, encfs_internal: bool, what: str = "encryption context") -> None:
+    """Refuse the reserved ``encfs:`` keys unless encfs itself is the caller."""
+    if encfs_internal:
+        return
+    for name in context:
+        if name.startswith(RESERVED_CONTEXT_PREFIX):
+            raise UsageError(f"{what} key {name!r}: keys starting with {RESERVED_CONTEXT_PREFIX!r} are reserved "
+                             f"for encfs's own file headers and volume keys")
 
 
 def _names_key(db: KeyDB, ref: str, key_id: str) -> bool:
@@ -573,7 +589,7 @@ class KeyService:
 
     def generate_data_key(self, key: str, context: EncryptionContext | None = None,
                           number_of_bytes: int = 32, with_plaintext: bool = True,
-                          cache: DataKeyCache | None = None) -> DataKey:
+                          cache: DataKeyCache | None = None, encfs_internal: bool = False) -> DataKey:
         """A fresh random data key, returned in plaintext (optionally) and sealed under ``key``.
 
         With ``cache``, the new key is entered as if just decrypted, so the
@@ -584,6 +600,7 @@ class KeyService:
         with self._audited(op, context=context) as info:
             if not 1 <= number_of_bytes <= MAX_DATA_KEY_BYTES:
                 raise UsageError(f"data key size must be 1 to {MAX_DATA_KEY_BYTES} bytes")
+            _check_context(context, encfs_internal)
             encoded = encode_context(context)
             rec = self._db().resolve(key)
             info["key_id"] = rec.key_id
@@ -597,7 +614,8 @@ class KeyService:
             return DataKey(rec.key_id, rec.current.version, plaintext if with_plaintext else None, blob)
 
     def generate_data_keys(self, key: str, contexts: Sequence[EncryptionContext],
-                           number_of_bytes: int = 32, cache: DataKeyCache | None = None) -> list[DataKey]:
+                           number_of_bytes: int = 32, cache: DataKeyCache | None = None,
+                           encfs_internal: bool = False) -> list[DataKey]:
         """generate_data_key for each context (with plaintext), in one pass.
 
         One metadata check, one request to the token's RNG and one hold of the
@@ -610,6 +628,8 @@ class KeyService:
         try:
             if not 1 <= number_of_bytes <= MAX_DATA_KEY_BYTES:
                 raise UsageError(f"data key size must be 1 to {MAX_DATA_KEY_BYTES} bytes")
+            for c in contexts:
+                _check_context(c, encfs_internal)
             rec = self._db().resolve(key)
             info["key_id"] = rec.key_id
             self._require(rec, "GenerateDataKey")
@@ -644,9 +664,11 @@ class KeyService:
         rec = self._db().keys.get(key_id)
         return rec is not None and rec.state == ENABLED and rec.current.version == key_version
 
-    def encrypt(self, key: str, plaintext: bytes, context: EncryptionContext | None = None) -> bytes:
+    def encrypt(self, key: str, plaintext: bytes, context: EncryptionContext | None = None,
+                encfs_internal: bool = False) -> bytes:
         context = dict(context or {})
         with self._audited("Encrypt", context=context) as info:
+            _check_context(context, encfs_internal)
             if len(plaintext) > MAX_ENCRYPT_PLAINTEXT:
                 raise UsageError(f"plaintext is {len(plaintext)} bytes; encrypt takes at most "
                                  f"{MAX_ENCRYPT_PLAINTEXT} (encrypt larger data under a data key)")
@@ -682,11 +704,12 @@ class KeyService:
         return result
 
     def re_encrypt(self, blob: bytes, context: EncryptionContext | None, dest_key: str,
-                   dest_context: EncryptionContext | None = None) -> bytes:
+                   dest_context: EncryptionContext | None = None, encfs_internal: bool = False) -> bytes:
         """Move a blob under ``dest_key`` without the plaintext leaving the service."""
         context = dict(context or {})
         dest_context = dict(context if dest_context is None else dest_context)
         with self._audited("ReEncrypt", context=context, destination_context=dest_context) as info:
+            _check_context(dest_context, encfs_internal, "destination encryption context")
             parsed = CiphertextBlob.parse(blob)
             db = self._db()
             plaintext = self._open_blob(db, parsed, encode_context(context), "ReEncrypt", info, None)
