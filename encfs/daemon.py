@@ -8,12 +8,19 @@ logging and runs ``run(ready)``. It sends the parent one line on a pipe:
 "ok" when ``ready.ok()`` is called, or the one-line cause of the failure.
 The parent waits a bounded time; on anything but "ok" it reaps (or kills)
 the child and raises the caller's error type with that line.
+
+Every process that holds key material (the daemons, a foreground mount, the
+sealing worker) calls ``keep_secrets_in_memory`` first: Python cannot wipe the
+keys and PINs it held, so they must not reach a core file, and processes of
+the same uid must not read them with ptrace or /proc/PID/mem.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import resource
 import select
 import signal
 import sys
@@ -22,6 +29,16 @@ from collections.abc import Callable
 from encfs.errors import EncfsError
 
 log = logging.getLogger("encfs.daemon")
+PR_SET_DUMPABLE = 4
+
+
+def keep_secrets_in_memory() -> None:
+    """No core dumps (RLIMIT_CORE 0, hard limit too) and not dumpable (PR_SET_DUMPABLE 0: no core
+    file even if a limit is raised, no ptrace or /proc/PID/mem by same-uid processes, /proc/PID
+    files owned by root). Inherited by forked children; a new program (exec) resets dumpable."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("cannot mark process %d non-dumpable: %s", os.getpid(), os.strerror(ctypes.get_errno()))
 
 
 def proc_start(pid: int) -> int | None:
@@ -85,6 +102,7 @@ def spawn(run: Callable[[Readiness], None], *, name: str, log_file: str | None,
         code = 0
         try:
             os.setsid()
+            keep_secrets_in_memory()
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
             _detach_stdio(log_file, name)
             run(ready)

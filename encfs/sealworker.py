@@ -22,6 +22,7 @@ Invariants:
   read is read from the backing file into the slot (areas()) and opened there.
 - A block that fails authentication in the worker raises BlockAuthError in the caller,
   exactly as BlockCipher.open_into would (that block's plaintext zeroed).
+- The worker is not dumpable and has no core limit (encfs.daemon.keep_secrets_in_memory).
 - The worker ends with its parent (PR_SET_PDEATHSIG, and end-of-file on its sockets);
   close() ends it and waits for it. If it is gone or fails, seal() returns None and the
   caller seals in its own process: a worker never loses a write.
@@ -45,6 +46,7 @@ import threading
 from collections.abc import Sequence
 
 from encfs.blocks import OVERHEAD, BlockAuthError, BlockCipher
+from encfs.daemon import keep_secrets_in_memory
 from encfs.fuseproto import BUFFER_SIZE
 
 log = logging.getLogger("encfs.seal")
@@ -300,6 +302,7 @@ def _worker(arena_fd: int, block_size: int, cipher_class: type[BlockCipher], fds
     if os.getppid() == 1:  # the parent died before the line above took effect
         return 0
     libc.prctl(_PR_SET_IO_FLUSHER, 1, 0, 0, 0)  # it serves the writeback of its daemon's mount
+    keep_secrets_in_memory()  # before the first key arrives; an exec'd program starts dumpable
     ciphers: dict[int, BlockCipher] = {}
     arena = memoryview(mmap.mmap(arena_fd, 0))
     control_fd = fds[0]

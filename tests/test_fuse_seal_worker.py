@@ -120,3 +120,45 @@ def test_a_tampered_block_in_a_large_read_is_eio(encfs_mount: Mount) -> None:
         assert cold_pread(p, 2 * MiB, 2 * MiB) == body[2 * MiB:4 * MiB]
         assert voluntary_switches(worker) > before_reads  # the worker opened them: still in use
         assert again.proc.poll() is None
+
+
+def _core_limit(pid: int) -> list[str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            return line.split()[4:6]
+    raise AssertionError(f"no core limit for {pid}")
+
+
+def test_the_daemon_and_its_worker_dump_no_core(encfs_mount: Mount) -> None:
+    """Key material in Python memory cannot be wiped: no core files (soft and hard limit 0) and
+    not dumpable (encfs.daemon.keep_secrets_in_memory), in the daemon and in its worker."""
+    assert _core_limit(encfs_mount.pid) == ["0", "0"]
+    assert _core_limit(_worker_of(encfs_mount)) == ["0", "0"]
+
+
+def test_keep_secrets_in_memory_makes_the_process_undumpable() -> None:
+    """In a forked child (as the daemons are): PR_GET_DUMPABLE reads 0 afterwards, and the
+    core limit is 0, soft and hard."""
+    import ctypes
+    import resource
+
+    from encfs.daemon import keep_secrets_in_memory
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            before = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+            keep_secrets_in_memory()
+            after = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)
+            limits = b"0" if resource.getrlimit(resource.RLIMIT_CORE) == (0, 0) else b"1"
+            os.write(wfd, bytes([before, after]) + limits)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    try:
+        report = os.read(rfd, 3)
+    finally:
+        os.close(rfd)
+        os.waitpid(pid, 0)
+    assert report == bytes([1, 0]) + b"0", report

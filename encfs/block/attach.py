@@ -28,7 +28,7 @@ from pathlib import Path
 
 from encfs.block.fuseserver import RESIZE_XATTR, VolumeServer, fuse_mount, fuse_unmount
 from encfs.block.volume import VolumeError, open_volume, read_volume_header
-from encfs.daemon import Readiness, proc_start, spawn
+from encfs.daemon import Readiness, keep_secrets_in_memory, proc_start, spawn
 from encfs.fuseproto import MAX_WRITE
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
@@ -175,6 +175,7 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
 def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, ready: Readiness,
            accept_rollback: bool = False) -> None:
     """The daemon: unlock the volume, mount its FUSE file, serve until unmounted or SIGTERM."""
+    keep_secrets_in_memory()
     ctypes.CDLL(None).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
     with KeyService.open(home, hsm, provision=False) as ks:
         vol = open_volume(image, ks, seal_worker=True, accept_rollback=accept_rollback)

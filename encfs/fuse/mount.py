@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encfs.daemon import Readiness, spawn
+from encfs.daemon import Readiness, keep_secrets_in_memory, spawn
 from encfs.diskio import syncfs
 from encfs.errors import MountError
 from encfs.fuse import mountlock
@@ -125,6 +125,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     The mount lock (mountlock.py) is taken before the config is verified or repaired, and held
     until every backing file is closed.
     """
+    keep_secrets_in_memory()  # also a foreground mount, which is the CLI process
     check_mountpoint(mountpoint)
     peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
     lock = MountLock.acquire(cipherdir, mountpoint, read_only=opts.read_only)
