@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -130,3 +131,19 @@ def test_cache_limits_uses_age_and_size() -> None:
     assert cache.get(bytes([0]), b"c") is None  # least recently used evicted
     with pytest.raises(ValueError):
         DataKeyCache(max_uses=0)
+
+
+def test_data_key_cache_lifetime_is_the_documented_five_minutes(service: Any) -> None:
+    """The filesystem's cache of file data keys uses the documented default lifetime (it was an
+    hour): an entry outlives what only the token knows (docs: README, "Data-key cache")."""
+    from types import SimpleNamespace
+
+    from encfs.blocks import BlockCipher
+    from encfs.fuse.openfiles import OpenFiles
+    from encfs.keys.cache import MAX_AGE, DataKeyCache
+
+    assert MAX_AGE == 300.0 and DataKeyCache().max_age == MAX_AGE
+    config = SimpleNamespace(block_size=4096, key_id="alias/none", format=2)
+    files = OpenFiles(b"/nonexistent", config, service, BlockCipher, read_only=True,  # type: ignore[arg-type]
+                      worker=lambda: None)
+    assert files.key_cache.max_age == MAX_AGE

@@ -78,7 +78,7 @@ class OpenFiles:
         self.cipher_class = cipher_class
         self.read_only = read_only
         self._worker = worker
-        self.key_cache = DataKeyCache(max_age=3600, max_entries=65536)
+        self.key_cache = DataKeyCache(max_entries=65536)  # the default lifetime (cache.MAX_AGE, 5 minutes)
         # New files' keys come in batches: one pass through the key service per batch.
         self.new_keys = DataKeyPool(ks, config.key_id, self._new_file_id, cache=self.key_cache)
         self._handles: dict[int, OpenFile] = {}

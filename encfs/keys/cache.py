@@ -5,6 +5,13 @@ An entry is keyed by (blob bytes, encoded context) and is served at most
 unwrapped; then the next lookup unwraps again on the token. The key service
 still checks the CMK's state on every hit, so disabling a key takes effect at
 once even for cached data keys. Thread-safe.
+
+``MAX_AGE`` (300 s) is the default lifetime, also of the filesystem's cache of
+file data keys (it was one hour). An entry outlives what the token alone
+knows: a key disabled on the token while keys.json was rolled back
+(encfs.keys.tokenstate), or whose material was destroyed, keeps serving cached
+entries until they expire. A miss costs one token decrypt (about 30 us on
+SoftHSM2) and one audit record, so five minutes costs nothing measurable.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ class _Entry:
     uses: int = 0
 
 
+MAX_AGE = 300.0
+
+
 class DataKeyCache:
     """LRU cache of unwrapped data keys bounded by age, uses and entry count."""
 
-    def __init__(self, max_age: float = 300.0, max_uses: int = 2**32, max_entries: int = 4096,
+    def __init__(self, max_age: float = MAX_AGE, max_uses: int = 2**32, max_entries: int = 4096,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_age <= 0 or max_uses <= 0 or max_entries <= 0:
             raise ValueError("cache limits must be positive")
