@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from encfs.block.header import VolumeFormatError, VolumeHeader, new_header, read_header, write_header
+from encfs.block.header import VolumeFormatError, new_header, read_header, write_header
 from encfs.block.layout import (
     EXTENT_SECTORS,
     GROUP_SECTORS,
@@ -22,6 +24,7 @@ from encfs.block.layout import (
 )
 from encfs.block.sectors import SectorStore
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
+from encfs.keys.blob import BlobHeader, CiphertextBlob
 
 KEY = bytes(range(32))
 VID = bytes(range(16))
@@ -345,8 +348,10 @@ def test_header_two_copies_newest_valid_wins(tmp_path: Path) -> None:
     try:
         with pytest.raises(VolumeFormatError, match="not an encfs volume"):
             read_header(fd)
-        h = write_header(fd, new_header(1 << 30, b"wrapped-key-blob" * 5, VID))
-        h2 = write_header(fd, VolumeHeader(h.volume_id, 2 << 30, h.wrapped_key, h.seq))
+        blob = CiphertextBlob(BlobHeader(uuid.uuid4(), 1, bytes(8), bytes(12)), bytes(48)).pack()
+        mac_key = bytes(32)  # read_header() checks no MAC: any key will do
+        h = write_header(fd, new_header(1 << 30, blob, VID), mac_key)
+        h2 = write_header(fd, replace(h, size=2 << 30), mac_key)
         got, warnings = read_header(fd)
         assert (got.size, got.seq, warnings) == (2 << 30, h2.seq, [])
         os.pwrite(fd, b"\xff" * 10, 100)  # tear copy 0

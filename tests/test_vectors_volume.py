@@ -1,16 +1,22 @@
-"""docs/FORMAT.md section 7 vectors: volume header record, sealed sectors, sealed sector maps."""
+"""docs/FORMAT.md section 7 vectors: volume header records (flags 01 and the authenticated flags 03), sealed
+sectors, sealed sector maps."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
+import uuid
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hmac import HMAC
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from test_vectors import DOC, hexbytes, parse_vectors
 
-from encfs.block.header import MAPS_MIRRORED, VolumeFormatError, VolumeHeader
+from encfs.block.header import HEADER_MAC, MAPS_MIRRORED, VolumeFormatError, VolumeHeader, header_mac_key
 from encfs.block.layout import (
     SLOT_A,
     SLOT_B,
@@ -21,6 +27,7 @@ from encfs.block.layout import (
 )
 from encfs.block.sectors import SectorStore, _get
 from encfs.blocks import BlockCipher
+from encfs.keys.context import encode_context
 
 VOL = {v["vector"]: v for v in parse_vectors(DOC.split("## 7. Volume format", 1)[1])}
 
@@ -40,9 +47,12 @@ def test_header_record_vector() -> None:
     assert record[4064:] == hashlib.sha256(record[:4064]).digest()
 
 
+def _rechecksum(record: bytes | bytearray) -> bytes:
+    return bytes(record[:4064]) + hashlib.sha256(bytes(record[:4064])).digest()
+
+
 def _with_flags(record: bytes, flags: int) -> bytes:
-    body = record[:5] + bytes([flags]) + record[6:4064]
-    return body + hashlib.sha256(body).digest()
+    return _rechecksum(record[:5] + bytes([flags]) + record[6:4064])
 
 
 def test_header_flag_byte() -> None:
@@ -53,9 +63,69 @@ def test_header_flag_byte() -> None:
                      flags=int(v["flags"], 16))
     old = VolumeHeader.parse(_with_flags(h.pack(), 0))
     assert not old.maps_mirrored and old.seq == h.seq and old.volume_id == h.volume_id
-    for unknown in (0x02, 0x81):
+    for unknown in (0x04, 0x81):
         with pytest.raises(VolumeFormatError, match="unknown feature flags"):
             VolumeHeader.parse(_with_flags(h.pack(), unknown))
+
+
+def _mac_vector() -> tuple[dict[str, str], VolumeHeader, bytes]:
+    v = VOL["volume-header-mac"]
+    h = VolumeHeader(hexbytes(v["volume_id"]), int(v["size"]), hexbytes(v["wrapped_key"]), seq=int(v["seq"]),
+                     flags=int(v["flags"], 16), seals_reserved=int(v["seals_reserved"]))
+    return v, h, hexbytes(v["data_key"])
+
+
+def test_authenticated_header_vector() -> None:
+    v, h, data_key = _mac_vector()
+    assert h.flags == MAPS_MIRRORED | HEADER_MAC and h.authenticated
+    vid = h.volume_id
+    # the wrapped key: a ciphertext blob (§2) of the data key under the vector CMK, marked context
+    context = json.loads(v["context"])
+    assert h.context() == context
+    blob = hexbytes(v["wrapped_key"])
+    encoded = encode_context(context)
+    assert AESGCM(hexbytes(v["cmk"])).decrypt(blob[33:45], blob[45:], blob[:45] + encoded) == data_key
+    assert h.key_id == v["key_id"]
+    # the MAC key: HKDF-SHA256(data key, salt = volume id, info), computed with cryptography directly
+    mac_key = HKDF(hashes.SHA256(), 32, salt=vid, info=v["mac_info"].encode()).derive(data_key)
+    assert mac_key.hex() == v["mac_key"] == header_mac_key(data_key, vid).hex()
+    record = h.pack(mac_key)
+    assert len(record) == 4096
+    assert hashlib.sha256(record).hexdigest() == v["record_sha256"]
+    assert record.startswith(hexbytes(v["record_prefix"]))
+    assert record.endswith(hexbytes(v["record_suffix"]))
+    assert record[4008:4024] == uuid.UUID(v["key_id"]).bytes
+    assert struct.unpack(">Q", record[4024:4032])[0] == h.seals_reserved
+    mac = HMAC(mac_key, hashes.SHA256())
+    mac.update(record[:4032])
+    assert record[4032:4064] == mac.finalize() == hexbytes(v["mac"])
+    assert record[4064:] == hashlib.sha256(record[:4064]).digest()
+    assert not any(record[46 + len(blob):4008])
+    parsed = VolumeHeader.parse(record)
+    assert parsed == h and parsed.verify(mac_key) and not parsed.verify(bytes(32))
+    with pytest.raises(ValueError, match="MAC key"):
+        h.pack()
+
+
+@pytest.mark.parametrize("offset,value,error", [
+    (6, b"\x01", "nonzero reserved bytes"),
+    (7, b"\x80", "nonzero reserved bytes"),
+    (46 + 93, b"\x01", "nonzero reserved bytes"),  # the padding after the wrapped key
+    (4007, b"\x01", "nonzero reserved bytes"),
+    (4008, b"\xff", "names a CMK other than the one its wrapped key is under"),
+    (44, b"\x0f\xa0", "impossible geometry"),  # a wrapped key reaching into the key id
+])
+def test_authenticated_header_refuses_nonzero_reserved_bytes(offset: int, value: bytes, error: str) -> None:
+    """Under HEADER_MAC every byte means something or must be zero, whatever its checksum says."""
+    _v, h, data_key = _mac_vector()
+    record = bytearray(h.pack(header_mac_key(data_key, h.volume_id)))
+    record[offset:offset + len(value)] = value
+    with pytest.raises(VolumeFormatError, match=error):
+        VolumeHeader.parse(_rechecksum(record))
+    # without HEADER_MAC (the first release's format) reserved bytes and padding are not checked
+    if offset in (6, 7) or 46 + 93 <= offset < 4032:
+        record[5] = MAPS_MIRRORED
+        assert VolumeHeader.parse(_rechecksum(record)).flags == MAPS_MIRRORED
 
 
 def test_sector_vector() -> None:

@@ -6,12 +6,11 @@ accepted."""
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from encfs.block.header import MAPS_MIRRORED, read_header, write_header
+from encfs.block.header import HEADER_MAC, MAPS_MIRRORED, read_header
 from encfs.block.layout import EXTENT_SECTORS, SECTOR_SIZE, map_block_number, map_offset
 from encfs.block.volume import VolumeError, create_volume, open_volume
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
@@ -37,7 +36,7 @@ def _seq(path: Path, ks: KeyService, extent: int, slot: int) -> int | None:
 def old_style_volume(path: Path, ks: KeyService) -> int:
     """A 64 MiB volume as the first release left it at rest: sector SECTOR written OLD, flushed, then
     NEW, flushed; map slot (returned) of extent 1 holds the newest map, the other slot the previous one,
-    and the header's flag byte is 0."""
+    and the header's flag byte is 0 (no mirrored maps, no header MAC)."""
     create_volume(path, 64 << 20, ks, ks.create_key()["KeyId"])
     vol = open_volume(path, ks)
     try:
@@ -50,7 +49,10 @@ def old_style_volume(path: Path, ks: KeyService) -> int:
         newest = vol.store._maps[1].slot
         older = 1 - newest  # the first release's next flush would write its map here
         os.pwrite(vol.fd, previous[older * SEALED_BLOCK:(older + 1) * SEALED_BLOCK], map_offset(1, older))
-        vol.header = write_header(vol.fd, replace(vol.header, flags=0))
+        # ... and a header without HEADER_MAC, whose key is wrapped with the first release's context
+        h = vol.header
+        wrapped = ks.re_encrypt(h.wrapped_key, h.context(), h.key_id, {"encfs:volume": h.volume_id.hex()})
+        vol.headers.update(flags=0, wrapped_key=wrapped, seals_reserved=0)
     finally:
         vol.close()
     assert _seq(path, ks, 1, newest) == _seq(path, ks, 1, older) + 1
@@ -60,7 +62,7 @@ def old_style_volume(path: Path, ks: KeyService) -> int:
 def test_a_new_volume_is_flagged_mirrored(tmp_path: Path, service: KeyService) -> None:
     create_volume(tmp_path / "v.img", 64 << 20, service, service.create_key()["KeyId"])
     with open(tmp_path / "v.img", "rb") as f:
-        assert read_header(f.fileno())[0].flags == MAPS_MIRRORED
+        assert read_header(f.fileno())[0].flags == MAPS_MIRRORED | HEADER_MAC
     for extent in (0, 1):
         assert _seq(tmp_path / "v.img", service, extent, 0) == _seq(tmp_path / "v.img", service, extent, 1)
 

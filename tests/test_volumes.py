@@ -10,6 +10,7 @@ scripts) with bounded waits, so a stuck device fails a test instead of hanging t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from conftest import run_encfs
 from procs import children, running
 
 from encfs.block.attach import LOOP_MAX_REQUEST_KIB, LOOP_READ_AHEAD_KIB
+from encfs.block.header import read_header, write_header
 from encfs.block.layout import (
     EXTENT_SECTORS,
     HEADER_SLOT,
@@ -37,6 +39,7 @@ from encfs.block.layout import (
     sector_offset,
 )
 from encfs.blocks import SEALED_BLOCK
+from encfs.keys.service import KeyService
 
 STRESS = os.environ.get("ENCFS_STRESS") == "1"
 MiB = 1 << 20
@@ -233,6 +236,12 @@ class Rig:
 
     def attach(self, image: Path, home: Path | None = None) -> str:
         out = self.ok("volume", "attach", image, "--log-file", self.tmp / "daemon.log", home=home)
+        loop = out.strip()
+        assert re.fullmatch(r"/dev/loop\d+", loop), out
+        return loop
+
+    def attach_with(self, image: Path, *options: str, home: Path | None = None) -> str:
+        out = self.ok("volume", "attach", image, *options, "--log-file", self.tmp / "daemon.log", home=home)
         loop = out.strip()
         assert re.fullmatch(r"/dev/loop\d+", loop), out
         return loop
@@ -622,16 +631,13 @@ def _map_slot(image: Path, extent: int, slot: int) -> bytes:
         return f.read(SEALED_BLOCK)
 
 
-def _clear_mirrored_flag(image: Path) -> None:
-    """Make the header what the first release wrote: flag byte 5 = 0 (checksum recomputed), in both copies."""
-    with open(image, "r+b") as f:
-        for copy in (0, 1):
-            f.seek(copy * HEADER_SLOT)
-            record = bytearray(f.read(4096))
-            record[5] = 0
-            record[4064:] = hashlib.sha256(record[:4064]).digest()
-            f.seek(copy * HEADER_SLOT)
-            f.write(record)
+def _clear_mirrored_flag(image: Path, home: Path) -> None:
+    """Make the header what the first release wrote: flag byte 5 = 0 (no mirrored maps, no header MAC)
+    and the volume key wrapped with that release's context, in both copies."""
+    with KeyService.open(home) as ks, open(image, "r+b") as f:
+        h, _w = read_header(f.fileno())
+        wrapped = ks.re_encrypt(h.wrapped_key, h.context(), h.key_id, {"encfs:volume": h.volume_id.hex()})
+        write_header(f.fileno(), dataclasses.replace(h, flags=0, wrapped_key=wrapped))
 
 
 def test_a_damaged_map_slot_loses_nothing_and_is_repaired(rig: Rig) -> None:
@@ -687,7 +693,7 @@ def test_an_old_style_volume_with_a_damaged_newest_map_refuses_to_attach(rig: Ri
         with open(image, "r+b") as f:
             f.seek(map_offset(1, 0))
             f.write(previous)
-        _clear_mirrored_flag(image)
+        _clear_mirrored_flag(image, rig.home)
         assert rig.info(image)["maps_mirrored"] is False
 
     make_old_style()  # intact: attaches as it is, and is upgraded
@@ -985,6 +991,25 @@ def test_attach_with_disabled_cmk_fails_cleanly(rig: Rig) -> None:
     rig.assert_nothing_attached()
     rig.ok("key", "enable", "vk", home=home)
     loop = rig.attach(image, home=home)
+    rig.detach(loop)
+
+
+def test_attach_with_another_expected_key_is_refused_in_one_line(rig: Rig) -> None:
+    """--key pins the CMK (as the filesystem pins its own): a volume under another key is refused
+    before anything is attached; the right key, by alias or id, attaches."""
+    home = rig.new_home("pin")
+    image = rig.create(home=home, key="pin")
+    other = rig.ok("key", "create", "--alias", "other", home=home).strip()
+    key_id = rig.info(image)["key_id"]
+    msg = rig.fails("volume", "attach", image, "--key", "other", home=home)
+    assert f"is encrypted under key {key_id}, not other" in msg, msg
+    rig.assert_nothing_attached()
+    assert f"not {other}" in rig.fails("volume", "info", image, "--key", other, home=home)
+    assert rig.fails("volume", "resize", image, "--size", "128M", "--key", "other", home=home)
+    assert rig.info(image)["size"] == 64 * MiB
+    loop = rig.attach_with(image, "--key", "pin", home=home)
+    rig.detach(loop)
+    loop = rig.attach_with(image, "--key", key_id, home=home)
     rig.detach(loop)
 
 

@@ -135,7 +135,7 @@ def tune_loop(loop: str) -> bool:
 
 
 def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None = None,
-           accept_rollback: bool = False) -> Attachment:
+           accept_rollback: bool = False, expected_key: str | None = None) -> Attachment:
     if os.geteuid() != 0:
         raise VolumeError("attaching a volume needs root (loop devices)")
     image = image.absolute()
@@ -152,7 +152,7 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
         fuse_unmount(mountpoint, lazy=True)
     hsm = prompt_before_fork(home or default_home(), hsm)
     try:
-        pid = spawn(lambda ready: _serve(image, mountpoint, home, hsm, ready, accept_rollback),
+        pid = spawn(lambda ready: _serve(image, mountpoint, home, hsm, ready, accept_rollback, expected_key),
                     name="encfs-volume", log_file=log_file, error=VolumeError)
     except VolumeError:
         _forget(Attachment(vid, str(image), 0, mountpoint, ""))
@@ -173,12 +173,12 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
 
 
 def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, ready: Readiness,
-           accept_rollback: bool = False) -> None:
+           accept_rollback: bool = False, expected_key: str | None = None) -> None:
     """The daemon: unlock the volume, mount its FUSE file, serve until unmounted or SIGTERM."""
     keep_secrets_in_memory()
     ctypes.CDLL(None).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
     with KeyService.open(home, hsm, provision=False) as ks:
-        vol = open_volume(image, ks, seal_worker=True, accept_rollback=accept_rollback)
+        vol = open_volume(image, ks, seal_worker=True, accept_rollback=accept_rollback, expected_key=expected_key)
     try:
         server = VolumeServer(fuse_mount(mountpoint, f"encfs:{image}"), vol)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())

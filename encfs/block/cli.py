@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from encfs.block import budget
 from encfs.block.attach import attach, attachments, detach, find_attachment, grow_attached
 from encfs.block.layout import image_size
 from encfs.block.volume import create_volume, grow_volume, parse_size, read_volume_header
@@ -37,7 +38,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     home, hsm = _ks(args)
-    a = attach(Path(args.volume), home, hsm, args.log_file, accept_rollback=args.accept_rollback)
+    a = attach(Path(args.volume), home, hsm, args.log_file, accept_rollback=args.accept_rollback,
+               expected_key=args.key)
     print(a.loop)
     return 0
 
@@ -48,19 +50,29 @@ def cmd_detach(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(path: Path) -> dict[str, Any]:
-    header, warnings = read_volume_header(path)
+def _info(path: Path, ks: Any = None, key: str | None = None) -> dict[str, Any]:
+    """Without ``ks`` the header is read without a key: nothing in it is authenticated."""
+    header, warnings = read_volume_header(path, ks, key)
     a = find_attachment(header.volume_id.hex())
     st = os.stat(path)
+    seals = header.seals_reserved if header.authenticated else None
+    if seals is not None and seals >= budget.SEAL_WARN:
+        warnings.append(f"the volume key has made up to {seals} seals, past 2^30 of its 2^32 budget; "
+                        f"writes stop at {budget.SEAL_REFUSE}: copy the data to a new volume")
     return {"image": str(path.absolute()), "volume_id": header.volume_id.hex(), "size": header.size,
             "sector_size": header.sector_size, "key_id": header.key_id, "header_seq": header.seq,
-            "maps_mirrored": header.maps_mirrored, "image_nominal_bytes": image_size(header.sectors),
-            "image_allocated_bytes": st.st_blocks * 512,
+            "maps_mirrored": header.maps_mirrored, "header_mac": header.authenticated,
+            "header_verified": ks is not None, "seals_reserved": seals,
+            "image_nominal_bytes": image_size(header.sectors), "image_allocated_bytes": st.st_blocks * 512,
             "attached": a.loop if a and a.daemon_alive() else None, "warnings": warnings}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = _info(Path(args.volume))
+    if args.key is None:
+        info = _info(Path(args.volume))
+    else:
+        with _service(args) as ks:
+            info = _info(Path(args.volume), ks, args.key)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -89,13 +101,21 @@ def cmd_resize(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
     a = find_attachment(header.volume_id.hex())
     if a is not None and a.daemon_alive():
+        if args.key is not None:  # the daemon verified the header it serves; pin the key it names
+            with _service(args) as ks:
+                read_volume_header(path, ks, args.key)
         grow_attached(a, size)
         print(f"{path}: {size} bytes (online; {a.loop} resized)")
         return 0
     with _service(args) as ks:
-        new = grow_volume(path, size, ks)
+        new = grow_volume(path, size, ks, expected_key=args.key)
     print(f"{path}: {new.size} bytes")
     return 0
+
+
+def _expected_key(p: argparse.ArgumentParser, more: str = "") -> None:
+    p.add_argument("--key", metavar="KEY", help="refuse unless the volume key is wrapped by this CMK (id or alias)"
+                   + more)
 
 
 def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -119,13 +139,16 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--accept-rollback", action="store_true",
                    help="attach a volume made by an older encfs even where a damaged sector map slot leaves "
                         "only the other, possibly older map (those sectors may roll back to it; logged)")
+    _expected_key(p)
     p = cmd("detach", cmd_detach, "detach VOL or /dev/loopN (flushes everything first)", hsm=False)
     p.add_argument("target", metavar="VOL|/dev/loopN")
     p = cmd("list", cmd_list, "attached volumes", hsm=False)
     p.add_argument("--json", action="store_true")
-    p = cmd("info", cmd_info, "a volume's header and state", hsm=False)
+    p = cmd("info", cmd_info, "a volume's header and state (authenticated only with --key)")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--json", action="store_true")
+    _expected_key(p, "; with it the header is read with the key and authenticated")
     p = cmd("resize", cmd_resize, "grow a detached volume to SIZE")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--size", required=True)
+    _expected_key(p)

@@ -33,6 +33,8 @@ mirrors: at rest both hold the newest map. Invariants:
   moved or swapped ciphertext fails authentication: BlockAuthError.
 - Discard marks sectors unwritten and punches the non-persisted slot at
   once; the previously persisted slot is punched after the next flush.
+- With a budget (budget.py), every seal is accounted for before it is made;
+  a refusal (OSError) leaves nothing sealed or written.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 
+from encfs.block.budget import SealBudget
 from encfs.block.layout import (
     EXTENT_SECTORS,
     GROUP_SECTORS,
@@ -135,8 +138,9 @@ class SectorStore:
     cipher_class: type[BlockCipher] = BlockCipher
 
     def __init__(self, fd: int, key: bytes, volume_id: bytes, sectors: int,
-                 on_auth_error: Callable[[int], None] | None = None) -> None:
+                 on_auth_error: Callable[[int], None] | None = None, budget: SealBudget | None = None) -> None:
         self.fd = fd
+        self.budget = budget  # counts the seals under ``key`` (None: not counted, e.g. a test's store)
         self.sectors = sectors
         # No kernel read-ahead on the image: reads come as whole runs of one slot, and
         # read-ahead past a run only pulled in the other slot's chunk (mostly holes, so
@@ -187,7 +191,12 @@ class SectorStore:
         self.format_maps(first_extent=extents_for(self.sectors), sectors=new_sectors)
         self.sectors = new_sectors
 
+    def _spend(self, n: int, sectors: bool = True) -> None:
+        if self.budget is not None:
+            self.budget.spend(n, sectors)
+
     def _write_map(self, extent: int, slot: int, plain: bytes) -> None:
+        self._spend(1, sectors=False)
         pwrite_all(self.fd, self._maps_cipher.seal(map_block_number(extent, slot), plain), map_offset(extent, slot))
 
     def _read_map(self, extent: int, slot: int) -> bytes | None:
@@ -412,6 +421,7 @@ class SectorStore:
         """Each sector sealed for the slot a write of it goes to, in runs contiguous in the image;
         ``generation`` is the number the caller read before the maps."""
         count = len(data) // SECTOR_SIZE
+        self._spend(count)
         slots = [self._next_slot(s) for s in range(first, first + count)]
         placed = [(s, sector_offset(s, slot)) for s, slot in zip(range(first, first + count), slots)]
         view = memoryview(data)

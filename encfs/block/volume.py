@@ -15,6 +15,16 @@ newest and the previous map, so a failing slot cannot be told from a
 damaged newest map, and open refuses (VolumeError, naming the extent) unless
 the caller accepts the rollback. Otherwise every extent's newest map is
 copied into its other slot and synced before the flag is set in the header.
+
+A volume whose header is not authenticated (flag HEADER_MAC clear, made
+before it) is upgraded by its first open too: its data key is re-wrapped
+with the context {"encfs:volume": id, "encfs:header": "mac-v1"}, so that a
+header whose flag was cleared again no longer unwraps, and the header is
+written with HEADER_MAC, the CMK's key id, the seal count and its MAC.
+
+Every seal under the volume key is counted (budget.py); the header's seal
+reservation is written only through the open volume's _Header, which
+serialises header writes (sealing threads reserve while a grow publishes).
 """
 
 from __future__ import annotations
@@ -23,12 +33,26 @@ import fcntl
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from encfs.block.header import MAPS_MIRRORED, VolumeHeader, new_header, read_header, write_header
+from encfs.block.budget import SealBudget
+from encfs.block.header import (
+    HEADER_MAC,
+    MAPS_MIRRORED,
+    VolumeHeader,
+    VolumeKeyMismatch,
+    header_mac_key,
+    new_header,
+    read_header,
+    read_verified,
+    write_header,
+)
 from encfs.block.layout import SECTOR_SIZE, image_size
 from encfs.block.sectors import SealedSectors, SectorStore, extent_bytes
+from encfs.blocks import SEALED_BLOCK
 from encfs.errors import EncfsError, UsageError
 from encfs.keys.service import KeyService
 
@@ -87,19 +111,49 @@ class StoreFile:
         self.store.flush()
 
 
+class _Header:
+    """An open volume's header and the one way to change it: one header write at a time."""
+
+    def __init__(self, fd: int, header: VolumeHeader, mac_key: bytes | None) -> None:
+        self.fd, self.current, self.mac_key = fd, header, mac_key
+        self._lock = threading.Lock()
+
+    def update(self, mac_key: bytes | None = None, **changes: Any) -> VolumeHeader:
+        with self._lock:
+            self.mac_key = mac_key or self.mac_key
+            self.current = write_header(self.fd, replace(self.current, **changes), self.mac_key)
+            return self.current
+
+    def reserve(self, seals: int) -> None:
+        """SealBudget's persist: write the reservation (an unauthenticated header, being upgraded by
+        open_volume, gets it with HEADER_MAC)."""
+        if self.current.authenticated:
+            self.update(seals_reserved=seals)
+
+
 @dataclass
 class OpenVolume(StoreFile):
     """An open image: its fd, header and sector store (the data key is unwrapped)."""
 
     path: Path
     fd: int
-    header: VolumeHeader
+    headers: _Header
     store: SectorStore
     warnings: list[str]
+    budget: SealBudget
+
+    @property
+    def header(self) -> VolumeHeader:
+        return self.headers.current
 
     @property
     def size(self) -> int:
         return self.header.size  # what both header copies say, even if a grow failed half-way
+
+    @property
+    def seals(self) -> int:
+        """Seals made under the volume key so far (an upper bound: see budget.py)."""
+        return self.budget.used
 
     def close(self) -> None:
         if self.store.seal_worker is not None:
@@ -108,6 +162,10 @@ class OpenVolume(StoreFile):
             self.store.sync_mirrors()  # at rest, both map slots hold the newest map
         except OSError as e:
             log.warning("%s: sector map mirrors not synced: %s", self.path, e.strerror)
+        try:
+            self.budget.settle()  # a clean close gives the unused reservation back
+        except OSError as e:
+            log.warning("%s: seal count not settled (the reservation stands): %s", self.path, e.strerror)
         os.close(self.fd)
 
     def grow(self, new_size: int) -> None:
@@ -122,7 +180,7 @@ class OpenVolume(StoreFile):
             return
         try:
             self.store.grow(new_size // SECTOR_SIZE)
-            self.header = write_header(self.fd, replace(self.header, size=new_size))
+            self.headers.update(size=new_size)
         except OSError as e:
             raise VolumeError(f"cannot grow {self.path}: {e.strerror}") from None
 
@@ -137,14 +195,15 @@ def create_volume(path: Path, size: int, ks: KeyService, key: str) -> VolumeHead
         raise VolumeError(f"cannot create {path}: {e.strerror}") from None
     try:
         volume_id = os.urandom(16)
-        probe = VolumeHeader(volume_id, size, b"")
+        probe = VolumeHeader(volume_id, size, b"", flags=HEADER_MAC)
         dk = ks.generate_data_key(key, probe.context(), encfs_internal=True)
         assert dk.plaintext is not None
         header = new_header(size, dk.ciphertext_blob, volume_id)
         os.ftruncate(fd, image_size(header.sectors))
-        SectorStore(fd, dk.plaintext, volume_id, header.sectors).format_maps()
-        header = write_header(fd, header)
-        return header
+        budget = SealBudget(0, lambda _n: None, str(path))  # counted exactly: the header is written after
+        SectorStore(fd, dk.plaintext, volume_id, header.sectors, budget=budget).format_maps()
+        return write_header(fd, replace(header, seals_reserved=budget.used),
+                            header_mac_key(dk.plaintext, volume_id))
     except BaseException as e:
         os.unlink(path)
         if isinstance(e, OSError):
@@ -154,13 +213,19 @@ def create_volume(path: Path, size: int, ks: KeyService, key: str) -> VolumeHead
         os.close(fd)
 
 
-def read_volume_header(path: Path) -> tuple[VolumeHeader, list[str]]:
+def read_volume_header(path: Path, ks: KeyService | None = None,
+                       expected_key: str | None = None) -> tuple[VolumeHeader, list[str]]:
+    """The header; without ``ks`` nothing is authenticated (no key), with it the copies are verified
+    as open_volume() verifies them (``expected_key`` pins the CMK). Writes nothing."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise VolumeError(f"cannot open volume {path}: {e.strerror}") from None
     try:
-        return _read_header(fd, path)
+        if ks is None:
+            return _read_header(fd, path)
+        header, _key, warnings = _read_verified(fd, path, ks, expected_key)
+        return header, warnings
     finally:
         os.close(fd)
 
@@ -172,12 +237,36 @@ def _read_header(fd: int, path: Path) -> tuple[VolumeHeader, list[str]]:
         raise VolumeError(f"cannot read volume {path}: {e.strerror}") from None
 
 
-def open_volume(path: Path, ks: KeyService, seal_worker: bool = False,
-                accept_rollback: bool = False) -> OpenVolume:
+def _read_verified(fd: int, path: Path, ks: KeyService,
+                   expected_key: str | None) -> tuple[VolumeHeader, bytes, list[str]]:
+    """header.read_verified(), unwrapping under the CMK the copy names (pinned as the filesystem
+    pins its CMK), which must be ``expected_key`` if given."""
+    want = None if expected_key is None else str(ks.describe_key(expected_key)["KeyId"])
+
+    def unwrap(h: VolumeHeader) -> bytes:
+        if want is not None and h.key_id != want:
+            raise VolumeKeyMismatch(f"volume {path} is encrypted under key {h.key_id}, not {expected_key}")
+        return ks.decrypt(h.wrapped_key, h.context(), key=h.key_id).plaintext
+
+    try:
+        return read_verified(fd, unwrap)
+    except OSError as e:
+        raise VolumeError(f"cannot read volume {path}: {e.strerror}") from None
+
+
+def _estimate_seals(fd: int) -> int:
+    """For a volume made before seals were counted: its allocated bytes / sealed block size, at least
+    the number of sealed blocks it holds (the seals made before are unknown; FORMAT.md §7.5)."""
+    return os.fstat(fd).st_blocks * 512 // SEALED_BLOCK
+
+
+def open_volume(path: Path, ks: KeyService, seal_worker: bool = False, accept_rollback: bool = False,
+                expected_key: str | None = None) -> OpenVolume:
     """Open and unlock an image (the CMK must be Enabled). ``seal_worker``: large writes are
     sealed in a helper process (encfs.sealworker), for a daemon that serves the volume.
     ``accept_rollback``: upgrade a volume made before mirrored maps even where a damaged map
-    slot leaves only an older map (see the module docstring)."""
+    slot leaves only an older map (see the module docstring). ``expected_key``: refuse a volume
+    whose CMK is another key (VolumeKeyMismatch)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
@@ -187,24 +276,45 @@ def open_volume(path: Path, ks: KeyService, seal_worker: bool = False,
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise VolumeError(f"volume {path} is in use by another encfs process (attached or being resized)") from None
-        header, warnings = _read_header(fd, path)
+        header, key, warnings = _read_verified(fd, path, ks, expected_key)
+        for w in warnings:
+            log.warning("%s: %s", path, w)
         if os.fstat(fd).st_size < image_size(header.sectors):
             raise VolumeError(f"volume {path} is truncated: the image is shorter than its header says")
-        key = ks.decrypt(header.wrapped_key, header.context()).plaintext
-        store = SectorStore(fd, key, header.volume_id, header.sectors)
+        mac_key = header_mac_key(key, header.volume_id) if header.authenticated else None
+        headers = _Header(fd, header, mac_key)
+        budget = SealBudget(header.seals_reserved if header.authenticated else _estimate_seals(fd),
+                            headers.reserve, str(path))
+        store = SectorStore(fd, key, header.volume_id, header.sectors, budget=budget)
         if not header.maps_mirrored:
-            header = _mirror_maps(path, fd, header, store, accept_rollback)
+            _mirror_maps(path, headers, store, accept_rollback)
+        if not header.authenticated:
+            _authenticate(path, headers, key, ks, budget)
         if seal_worker:
             store.start_seal_worker(key)
-        return OpenVolume(path, fd, header, store, warnings)
+        return OpenVolume(path, fd, headers, store, warnings, budget)
     except BaseException:
         os.close(fd)
         raise
 
 
-def _mirror_maps(path: Path, fd: int, header: VolumeHeader, store: SectorStore,
-                 accept_rollback: bool) -> VolumeHeader:
+def _authenticate(path: Path, headers: _Header, key: bytes, ks: KeyService, budget: SealBudget) -> None:
+    """Upgrade a volume made before HEADER_MAC: re-wrap its key with the marked context, then write
+    the header with HEADER_MAC, its seal count and its MAC (see the module docstring)."""
+    old = headers.current
+    marked = replace(old, flags=old.flags | HEADER_MAC)
+    wrapped = ks.re_encrypt(old.wrapped_key, old.context(), old.key_id, marked.context(), encfs_internal=True)
+    try:
+        headers.update(header_mac_key(key, old.volume_id), flags=marked.flags, wrapped_key=wrapped,
+                       seals_reserved=budget.reserved)
+    except OSError as e:
+        raise VolumeError(f"cannot upgrade the header of {path}: {e.strerror}") from None
+    log.info("%s: header authenticated (volume upgraded; seal count estimated at %d)", path, budget.used)
+
+
+def _mirror_maps(path: Path, headers: _Header, store: SectorStore, accept_rollback: bool) -> None:
     """Upgrade a volume made before mirrored maps: mirror every extent's newest map, then set the flag."""
+    header = headers.current
     try:
         damaged = store.half_damaged_maps()
         if damaged and not accept_rollback:
@@ -221,16 +331,15 @@ def _mirror_maps(path: Path, fd: int, header: VolumeHeader, store: SectorStore,
                         "which may be older: a rollback accepted by --accept-rollback", path, extent,
                         extent_bytes(extent, header.sectors), slot, 1 - slot)
         store.mirror_maps()
-        header = write_header(fd, replace(header, flags=header.flags | MAPS_MIRRORED))
+        headers.update(flags=header.flags | MAPS_MIRRORED)
     except OSError as e:
         raise VolumeError(f"cannot upgrade the sector maps of {path}: {e.strerror}") from None
     log.info("%s: sector maps mirrored (volume upgraded)", path)
-    return header
 
 
-def grow_volume(path: Path, new_size: int, ks: KeyService) -> VolumeHeader:
+def grow_volume(path: Path, new_size: int, ks: KeyService, expected_key: str | None = None) -> VolumeHeader:
     """Grow a detached volume: format the new extents' maps, then publish the new size."""
-    vol = open_volume(path, ks)
+    vol = open_volume(path, ks, expected_key=expected_key)
     try:
         vol.grow(new_size)
         return vol.header
