@@ -10,7 +10,6 @@ scripts) with bounded waits, so a stuck device fails a test instead of hanging t
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +28,6 @@ from conftest import run_encfs
 from procs import children, running
 
 from encfs.block.attach import LOOP_MAX_REQUEST_KIB, LOOP_READ_AHEAD_KIB
-from encfs.block.header import read_header, write_header
 from encfs.block.layout import (
     EXTENT_SECTORS,
     HEADER_SLOT,
@@ -39,7 +37,6 @@ from encfs.block.layout import (
     sector_offset,
 )
 from encfs.blocks import SEALED_BLOCK
-from encfs.keys.service import KeyService
 
 STRESS = os.environ.get("ENCFS_STRESS") == "1"
 MiB = 1 << 20
@@ -631,13 +628,23 @@ def _map_slot(image: Path, extent: int, slot: int) -> bytes:
         return f.read(SEALED_BLOCK)
 
 
+# Makes a volume's header what the first release wrote: flag byte 5 = 0 (no mirrored maps, no header
+# MAC) and the volume key wrapped with that release's context, in both copies. A subprocess: SoftHSM2
+# takes one token directory per process, and this one may have loaded another.
+CLEAR_FLAGS = r"""
+import dataclasses, sys
+from pathlib import Path
+from encfs.block.header import read_header, write_header
+from encfs.keys.service import KeyService
+with KeyService.open(Path(sys.argv[1])) as ks, open(sys.argv[2], "r+b") as f:
+    h, _w = read_header(f.fileno())
+    wrapped = ks.re_encrypt(h.wrapped_key, h.context(), h.key_id, {"encfs:volume": h.volume_id.hex()})
+    write_header(f.fileno(), dataclasses.replace(h, flags=0, wrapped_key=wrapped))
+"""
+
+
 def _clear_mirrored_flag(image: Path, home: Path) -> None:
-    """Make the header what the first release wrote: flag byte 5 = 0 (no mirrored maps, no header MAC)
-    and the volume key wrapped with that release's context, in both copies."""
-    with KeyService.open(home) as ks, open(image, "r+b") as f:
-        h, _w = read_header(f.fileno())
-        wrapped = ks.re_encrypt(h.wrapped_key, h.context(), h.key_id, {"encfs:volume": h.volume_id.hex()})
-        write_header(f.fileno(), dataclasses.replace(h, flags=0, wrapped_key=wrapped))
+    py(CLEAR_FLAGS, home, image)
 
 
 def test_a_damaged_map_slot_loses_nothing_and_is_repaired(rig: Rig) -> None:
