@@ -51,7 +51,8 @@ def old_style_volume(path: Path, ks: KeyService) -> int:
         os.pwrite(vol.fd, previous[older * SEALED_BLOCK:(older + 1) * SEALED_BLOCK], map_offset(1, older))
         # ... and a header without HEADER_MAC, whose key is wrapped with the first release's context
         h = vol.header
-        wrapped = ks.re_encrypt(h.wrapped_key, h.context(), h.key_id, {"encfs:volume": h.volume_id.hex()})
+        wrapped = ks.re_encrypt(h.wrapped_key, h.context(), h.key_id, {"encfs:volume": h.volume_id.hex()},
+                            encfs_internal=True)
         vol.headers.update(flags=0, wrapped_key=wrapped, seals_reserved=0)
     finally:
         vol.close()

@@ -638,7 +638,8 @@ from encfs.block.header import read_header, write_header
 from encfs.keys.service import KeyService
 with KeyService.open(Path(sys.argv[1])) as ks, open(sys.argv[2], "r+b") as f:
     h, _w = read_header(f.fileno())
-    wrapped = ks.re_encrypt(h.wrapped_key, h.context(), h.key_id, {"encfs:volume": h.volume_id.hex()})
+    wrapped = ks.re_encrypt(h.wrapped_key, h.context(), h.key_id, {"encfs:volume": h.volume_id.hex()},
+                        encfs_internal=True)
     write_header(f.fileno(), dataclasses.replace(h, flags=0, wrapped_key=wrapped))
 """
 
