@@ -62,8 +62,14 @@ MAC_INFO = b"encfs config mac v2"
 # 4 KiB filesystems stay readable and can still be created (`encfs init --block-size 4096`).
 BLOCK_FEATURES = {"aes256gcm-4k-blocks": 4096, "aes256gcm-32k-blocks": 32768}
 DEFAULT_BLOCK_SIZE = 32768
-COMMON_FEATURES = ("per-file-keys", "siv-names", "long-names", "long-symlinks")
-KNOWN_FEATURES = (*BLOCK_FEATURES, *COMMON_FEATURES)
+# Directory ids and symlink targets bound to their place, xattr names padded (FORMAT.md §6.3).
+# New filesystems have them; an older one gets them from its first read-write mount (binding.py),
+# which sets BINDING_UPGRADE while it reseals, so that an encfs that knows neither refuses the
+# half-upgraded filesystem instead of failing on its first sealed directory id.
+BINDING_FEATURES = ("bound-dirids", "bound-symlinks", "padded-xattr-names")
+BINDING_UPGRADE = "binding-upgrade"
+COMMON_FEATURES = ("per-file-keys", "siv-names", "long-names", "long-symlinks", *BINDING_FEATURES)
+KNOWN_FEATURES = (*BLOCK_FEATURES, *COMMON_FEATURES, BINDING_UPGRADE)
 _FS_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -221,6 +227,31 @@ def _check_known(config: FsConfig) -> None:
         raise FsVersionError(f"filesystem uses unknown feature {unknown[0]!r}: upgrade encfs")
 
 
+def _binding_stage(features: set[str]) -> int:
+    """How far the binding upgrade got: 0 before it, 1 while resealing, 2 done (-1: no stage)."""
+    stages = [set(), {BINDING_UPGRADE}, set(BINDING_FEATURES)]
+    own = features & {BINDING_UPGRADE, *BINDING_FEATURES}
+    return stages.index(own) if own in stages else -1
+
+
+def _newer_of(a: FsConfig, b: FsConfig) -> FsConfig | None:
+    """Of two verified copies that differ, the one an interrupted upgrade (format 1 -> 2, or a
+    binding stage, written backup first) left newer; None if they differ otherwise."""
+    if (a.fs_id, a.key_id, a.wrapped_secret) != (b.fs_id, b.key_id, b.wrapped_secret):
+        return None
+    rest_a, rest_b = (set(c.features) - {BINDING_UPGRADE, *BINDING_FEATURES} for c in (a, b))
+    sa, sb = _binding_stage(set(a.features)), _binding_stage(set(b.features))
+    if rest_a != rest_b or sa < 0 or sb < 0:
+        return None
+    if (a.format, sa) == (b.format, sb):
+        return None
+    if a.format >= b.format and sa >= sb:
+        return a
+    if b.format >= a.format and sb >= sa:
+        return b
+    return None
+
+
 def _one_block_size(config: FsConfig) -> bool:
     return len([f for f in config.features if f in BLOCK_FEATURES]) == 1
 
@@ -298,6 +329,7 @@ class OpenedConfig:
     config: FsConfig
     keys: FsKeys
     warnings: list[str]
+    secret: bytes = field(default=b"", repr=False)  # for rewriting the copies (set_features)
 
 
 def open_config(cipherdir: Path, ks: KeyService, *, writable: bool) -> OpenedConfig:
@@ -339,14 +371,16 @@ def open_config(cipherdir: Path, ks: KeyService, *, writable: bool) -> OpenedCon
     if len(good) == 2 and good[0].body != good[1].body:
         a, b = (c.config for c in good)
         assert a is not None and b is not None
-        if (a.fs_id, a.key_id, a.wrapped_secret, set(a.features)) == \
-                (b.fs_id, b.key_id, b.wrapped_secret, set(b.features)) and a.format != b.format:
+        newer = _newer_of(a, b)
+        if newer is not None:
             # An upgrade that stopped between the two copies: the newer copy is the config.
-            chosen = max(good, key=lambda c: c.config.format if c.config else 0)
+            chosen = next(c for c in good if c.config is newer)
             older = next(c for c in good if c is not chosen)
             stale.append(older.name)
-            warnings.append(f"{older.name} is still format {older.config.format if older.config else '?'} "
-                            f"(an interrupted upgrade)")
+            assert older.config is not None
+            what = (f"format {older.config.format}" if older.config.format != newer.format
+                    else f"without the features {sorted(set(newer.features) - set(older.config.features))}")
+            warnings.append(f"{older.name} is still {what} (an interrupted upgrade)")
         else:
             raise FsConfigError(f"{cipherdir}: {CONFIG_NAME} and {BACKUP_NAME} are both intact but disagree on "
                                 f"{_disagreement(a, b)}: delete the wrong one and mount again to restore it "
@@ -355,7 +389,7 @@ def open_config(cipherdir: Path, ks: KeyService, *, writable: bool) -> OpenedCon
     assert config is not None
     secret = secrets[(config.fs_id, config.key_id, config.wrapped_secret)]
     assert isinstance(secret, bytes)
-    opened = OpenedConfig(config, derive_fs_keys(secret, config.fs_id), warnings)
+    opened = OpenedConfig(config, derive_fs_keys(secret, config.fs_id), warnings, secret)
     if writable:
         if config.format < FS_FORMAT:
             _upgrade(cipherdir, opened, secret)
@@ -392,6 +426,18 @@ def _upgrade(cipherdir: Path, opened: OpenedConfig, secret: bytes) -> None:
                                    f"it stays format {opened.config.format}")
             return
     opened.warnings.append(f"upgraded the config from format {opened.config.format} to {FS_FORMAT}")
+    opened.config = new
+
+
+def set_features(cipherdir: Path, opened: OpenedConfig, features: tuple[str, ...]) -> None:
+    """Write both copies with ``features`` (the backup first: open_config takes the newer copy of
+    an interrupted change, _newer_of); ``opened.config`` changes once both are on disk. OSError
+    if a copy cannot be written."""
+    new = FsConfig(fs_id=opened.config.fs_id, key_id=opened.config.key_id,
+                   wrapped_secret=opened.config.wrapped_secret, features=features, format=opened.config.format)
+    data = sealed_config_bytes(new, opened.secret)
+    for name in (BACKUP_NAME, CONFIG_NAME):
+        write_atomic(cipherdir / name, data, 0o644, sync_dir=True)
     opened.config = new
 
 

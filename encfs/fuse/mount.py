@@ -21,7 +21,7 @@ from pathlib import Path
 from encfs.daemon import Readiness, keep_secrets_in_memory, spawn
 from encfs.diskio import syncfs
 from encfs.errors import MountError
-from encfs.fuse import mountlock
+from encfs.fuse import binding, mountlock
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import open_config, peek_config
 from encfs.fuse.mountlock import MountLock
@@ -133,6 +133,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
         log = logging.getLogger("encfs.fuse")
         opened = open_config(cipherdir, ks, writable=not opts.read_only)
+        if not opts.read_only:
+            binding.upgrade(cipherdir, opened)
         for w in opened.warnings:
             log.warning("%s: %s", cipherdir, w)
         fs = EncryptedFS(os.fsencode(cipherdir), opened.config, opened.keys, ks, read_only=opts.read_only,

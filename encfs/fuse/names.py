@@ -17,6 +17,13 @@
   '.' marks it as encfs's own) and the sealed target, with the reference in
   its AAD, is the file LONGLINK_DIR/<reference> in the CIPHERDIR root; it
   lives until the symlink's last hard link is removed.
+- Bound forms (filesystem features "bound-dirids", "bound-symlinks",
+  "padded-xattr-names"; docs/FORMAT.md §6.3): directory ids and symlink
+  targets are sealed for their place, AAD = parent directory id || backing
+  entry name, so neither can be moved to another directory or link; xattr
+  names are padded like file names. Every bound value is sealed under its
+  own key, HKDF-SHA256(metadata key, salt = 16 random bytes stored with the
+  value, info = purpose), so the metadata key has no nonce budget to spend.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import hashlib
 import os
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 NAME_MAX = 255
 DIRID_FILE = b"encfs.dirid"
@@ -37,11 +46,23 @@ XATTR_PREFIX = b"user.encfs.x."
 XATTR_LONG_PREFIX = b"user.encfs.xl."
 SYMLINK_MAX = 4095  # PATH_MAX - 1: the longest target a symlink may have
 LONGLINK_PREFIX = b"encfs.lt."
+BOUND_LONGLINK_PREFIX = b"encfs.lt2."  # a long target bound to its link
+BOUND_LINK_PREFIX = b"2."  # an inline target bound to its link ('.' is not base64url)
+PADDED_XATTR_PREFIX = b"user.encfs.xp."
+PADDED_XATTR_LONG_PREFIX = b"user.encfs.xq."
 LONGLINK_DIR = b"encfs.longlinks"
 DIRID_LEN = 16
 _NAME_AD = b"encfs-name-v1"
 _SYMLINK_AAD = b"encfs-symlink-v1"
 _XATTR_AAD = b"encfs-xattr-v1"
+_PADDED_XATTR_AD = b"encfs-xattr-v2"
+# Bound values: salt(16) || nonce(12) || AES-256-GCM(HKDF(meta key, salt, info), ...)
+SALT_LEN = 16
+BOUND_OVERHEAD = SALT_LEN + 12 + 16
+SEALED_DIRID_LEN = DIRID_LEN + BOUND_OVERHEAD
+INFO_DIRID = b"encfs dirid v2"
+INFO_SYMLINK = b"encfs symlink v2"
+INFO_XATTR = b"encfs xattr v2"
 
 
 class NameAuthError(Exception):
@@ -67,7 +88,24 @@ def is_longname_entry(backing_name: bytes) -> bool:
 
 def is_long_symlink(stored: bytes) -> bool:
     """True if a backing symlink's target is a long-target reference, not the sealed target."""
-    return stored.startswith(LONGLINK_PREFIX)
+    return stored.startswith(LONGLINK_PREFIX) or stored.startswith(BOUND_LONGLINK_PREFIX)
+
+
+def is_bound_symlink(stored: bytes) -> bool:
+    """True if a backing symlink's target (inline or reference) is in the bound form."""
+    return stored.startswith(BOUND_LINK_PREFIX) or stored.startswith(BOUND_LONGLINK_PREFIX)
+
+
+def pad16(data: bytes) -> bytes:
+    pad = 16 - len(data) % 16
+    return data + bytes([pad]) * pad
+
+
+def unpad16(padded: bytes) -> bytes:
+    pad = padded[-1] if padded else 0
+    if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
+        raise NameAuthError("name has bad padding")
+    return padded[:-pad]
 
 
 def longname_side_file(entry: bytes) -> bytes:
@@ -80,6 +118,7 @@ class NameCipher:
     def __init__(self, name_key: bytes, meta_key: bytes) -> None:
         self._siv = AESSIV(name_key)
         self._gcm = AESGCM(meta_key)
+        self._meta_key = meta_key
 
     # -- names --------------------------------------------------------------
 
@@ -89,18 +128,14 @@ class NameCipher:
         Names are padded (PKCS#7) to a multiple of 16 bytes first, so the backing
         name reveals the length only to 16 bytes, as with gocryptfs.
         """
-        pad = 16 - len(name) % 16
-        return b64e(self._siv.encrypt(name + bytes([pad]) * pad, [_NAME_AD, dirid]))
+        return b64e(self._siv.encrypt(pad16(name), [_NAME_AD, dirid]))
 
     def decrypt_name(self, encoded: bytes, dirid: bytes) -> bytes:
         try:
             padded = self._siv.decrypt(b64d(encoded), [_NAME_AD, dirid])
         except (InvalidTag, ValueError) as e:
             raise NameAuthError("name failed authentication") from e
-        pad = padded[-1] if padded else 0
-        if not 1 <= pad <= 16 or padded[-pad:] != bytes([pad]) * pad:
-            raise NameAuthError("name has bad padding")
-        return padded[:-pad]
+        return unpad16(padded)
 
     @staticmethod
     def backing_entry(encoded: bytes) -> tuple[bytes, bytes | None]:
@@ -149,36 +184,116 @@ class NameCipher:
                 return int(stored.split(b".")[2])
             except (IndexError, ValueError):
                 return 0
+        if stored.startswith(BOUND_LINK_PREFIX):
+            return max(0, (len(stored) - len(BOUND_LINK_PREFIX)) * 3 // 4 - BOUND_OVERHEAD)
         return max(0, len(stored) * 3 // 4 - 28)
 
-    def xattr_name(self, name: bytes) -> bytes:
+    # -- bound values: one HKDF-derived key per seal ----------------------------------
+
+    def _seal_bound(self, info: bytes, data: bytes, aad: bytes) -> bytes:
+        salt, nonce = os.urandom(SALT_LEN), os.urandom(12)
+        key = HKDF(hashes.SHA256(), 32, salt=salt, info=info).derive(self._meta_key)
+        return salt + nonce + AESGCM(key).encrypt(nonce, data, aad)
+
+    def _open_bound(self, info: bytes, sealed: bytes, aad: bytes) -> bytes:
+        if len(sealed) < BOUND_OVERHEAD:
+            raise NameAuthError("sealed value is truncated")
+        key = HKDF(hashes.SHA256(), 32, salt=sealed[:SALT_LEN], info=info).derive(self._meta_key)
+        try:
+            return AESGCM(key).decrypt(sealed[SALT_LEN:SALT_LEN + 12], sealed[SALT_LEN + 12:], aad)
+        except InvalidTag as e:
+            raise NameAuthError("value failed authentication (or belongs to another place)") from e
+
+    @staticmethod
+    def place(parent_dirid: bytes, entry: bytes) -> bytes:
+        """The AAD that binds a value to a backing entry: parent directory id (16 bytes) || entry name."""
+        assert len(parent_dirid) == DIRID_LEN and b"/" not in entry
+        return parent_dirid + entry
+
+    def seal_dirid(self, dirid: bytes, parent_dirid: bytes, entry: bytes) -> bytes:
+        return self._seal_bound(INFO_DIRID, dirid, self.place(parent_dirid, entry))
+
+    def open_dirid(self, stored: bytes, parent_dirid: bytes, entry: bytes) -> bytes:
+        if len(stored) != SEALED_DIRID_LEN:
+            raise NameAuthError("sealed directory id has the wrong length")
+        return self._open_bound(INFO_DIRID, stored, self.place(parent_dirid, entry))
+
+    def seal_symlink(self, target: bytes, parent_dirid: bytes, entry: bytes) -> bytes:
+        """The inline bound form stored in a backing symlink (may exceed SYMLINK_MAX)."""
+        return BOUND_LINK_PREFIX + b64e(self._seal_bound(INFO_SYMLINK, target, self.place(parent_dirid, entry)))
+
+    def new_bound_long_symlink(self, target: bytes, parent_dirid: bytes, entry: bytes) -> tuple[bytes, bytes]:
+        """(reference for the backing symlink, sealed target for LONGLINK_DIR/<reference>)."""
+        ref = BOUND_LONGLINK_PREFIX + str(len(target)).encode() + b"." + b64e(os.urandom(18))
+        return ref, self._seal_bound(INFO_SYMLINK, target, self.place(parent_dirid, entry) + b"/" + ref)
+
+    def open_symlink(self, stored: bytes, parent_dirid: bytes, entry: bytes,
+                     long_sealed: bytes | None = None) -> bytes:
+        """The target of a bound backing symlink ``stored`` at (parent_dirid, entry); for a
+        long one, ``long_sealed`` is its side file's content."""
+        aad = self.place(parent_dirid, entry)
+        if stored.startswith(BOUND_LONGLINK_PREFIX):
+            if long_sealed is None:
+                raise NameAuthError("long symlink target is missing")
+            return self._open_bound(INFO_SYMLINK, long_sealed, aad + b"/" + stored)
+        if not stored.startswith(BOUND_LINK_PREFIX):
+            raise NameAuthError("symlink target is not in the bound form")
+        try:
+            raw = b64d(stored[len(BOUND_LINK_PREFIX):])
+        except ValueError as e:
+            raise NameAuthError("symlink target is not encfs-encoded") from e
+        return self._open_bound(INFO_SYMLINK, raw, aad)
+
+    # -- xattrs ---------------------------------------------------------------------------
+
+    def xattr_name(self, name: bytes, padded: bool = False) -> bytes:
         """Backing xattr name for a plaintext xattr name (deterministic).
 
-        When ``user.encfs.x.<encoded>`` would exceed XATTR_NAME_MAX, the backing
-        name is ``user.encfs.xl.<base64url(SHA-256(encoded))>`` and the stored
-        value starts with the encoded name (see encrypt_xattr_value).
+        ``padded`` (feature "padded-xattr-names"): the name is padded as file names are
+        (PKCS#7 to 16 bytes), so the backing name shows its length only to 16 bytes.
+        When ``<prefix><encoded>`` would exceed XATTR_NAME_MAX, the backing name is
+        ``<long prefix><base64url(SHA-256(encoded))>`` and the stored value starts with
+        the encoded name (see encrypt_xattr_value).
         """
-        encoded = self._xattr_encoded(name)
-        short = XATTR_PREFIX + encoded
+        encoded = self._xattr_encoded(name, padded)
+        prefix, long_prefix = ((PADDED_XATTR_PREFIX, PADDED_XATTR_LONG_PREFIX) if padded
+                               else (XATTR_PREFIX, XATTR_LONG_PREFIX))
+        short = prefix + encoded
         if len(short) <= NAME_MAX:
             return short
-        return XATTR_LONG_PREFIX + b64e(hashlib.sha256(encoded).digest())
+        return long_prefix + b64e(hashlib.sha256(encoded).digest())
 
-    def _xattr_encoded(self, name: bytes) -> bytes:
+    def _xattr_encoded(self, name: bytes, padded: bool) -> bytes:
+        if padded:
+            return b64e(self._siv.encrypt(pad16(name), [_PADDED_XATTR_AD]))
         return b64e(self._siv.encrypt(name, [_XATTR_AAD]))
+
+    @staticmethod
+    def is_xattr(backing: bytes) -> bool:
+        return backing.startswith((XATTR_PREFIX, XATTR_LONG_PREFIX, PADDED_XATTR_PREFIX, PADDED_XATTR_LONG_PREFIX))
+
+    @staticmethod
+    def is_long_xattr(backing: bytes) -> bool:
+        return backing.startswith((XATTR_LONG_PREFIX, PADDED_XATTR_LONG_PREFIX))
+
+    @staticmethod
+    def is_padded_xattr(backing: bytes) -> bool:
+        return backing.startswith((PADDED_XATTR_PREFIX, PADDED_XATTR_LONG_PREFIX))
 
     def xattr_plain_name(self, backing: bytes, stored: bytes | None = None) -> bytes:
         """Plaintext name of a backing xattr; long names need the ``stored`` value."""
-        if backing.startswith(XATTR_PREFIX):
-            encoded = backing[len(XATTR_PREFIX):]
-        elif backing.startswith(XATTR_LONG_PREFIX) and stored is not None:
+        padded = self.is_padded_xattr(backing)
+        if backing.startswith((XATTR_PREFIX, PADDED_XATTR_PREFIX)):
+            encoded = backing[len(XATTR_PREFIX if not padded else PADDED_XATTR_PREFIX):]
+        elif self.is_long_xattr(backing) and stored is not None:
             encoded = self._split_long(backing, stored)[0]
         else:
             raise NameAuthError("not an encfs xattr")
         try:
-            return self._siv.decrypt(b64d(encoded), [_XATTR_AAD])
+            plain = self._siv.decrypt(b64d(encoded), [_PADDED_XATTR_AD if padded else _XATTR_AAD])
         except (InvalidTag, ValueError) as e:
             raise NameAuthError("xattr name failed authentication") from e
+        return unpad16(plain) if padded else plain
 
     @staticmethod
     def _split_long(backing: bytes, stored: bytes) -> tuple[bytes, bytes]:
@@ -187,21 +302,29 @@ class NameCipher:
             raise NameAuthError("long xattr value is truncated")
         n = int.from_bytes(stored[:2], "big")
         encoded = stored[2:2 + n]
-        if len(encoded) != n or XATTR_LONG_PREFIX + b64e(hashlib.sha256(encoded).digest()) != backing:
+        prefix = PADDED_XATTR_LONG_PREFIX if backing.startswith(PADDED_XATTR_LONG_PREFIX) else XATTR_LONG_PREFIX
+        if len(encoded) != n or prefix + b64e(hashlib.sha256(encoded).digest()) != backing:
             raise NameAuthError("long xattr name does not match its hash")
         return encoded, stored[2 + n:]
 
     def encrypt_xattr_value(self, backing_name: bytes, value: bytes, name: bytes | None = None) -> bytes:
         """What to store under ``backing_name``: the sealed value (preceded, for a long
-        name, by u16 length and the encoded name, which readers check against the hash)."""
-        sealed = self._seal(value, _XATTR_AAD + backing_name)
-        if not backing_name.startswith(XATTR_LONG_PREFIX):
+        name, by u16 length and the encoded name, which readers check against the hash).
+        A padded name's value is sealed under a key of its own (info INFO_XATTR)."""
+        padded = self.is_padded_xattr(backing_name)
+        if padded:
+            sealed = self._seal_bound(INFO_XATTR, value, backing_name)
+        else:
+            sealed = self._seal(value, _XATTR_AAD + backing_name)
+        if not self.is_long_xattr(backing_name):
             return sealed
         assert name is not None, "a long xattr name must be given to store it"
-        encoded = self._xattr_encoded(name)
+        encoded = self._xattr_encoded(name, padded)
         return len(encoded).to_bytes(2, "big") + encoded + sealed
 
     def decrypt_xattr_value(self, backing_name: bytes, stored: bytes) -> bytes:
-        if backing_name.startswith(XATTR_LONG_PREFIX):
+        if self.is_long_xattr(backing_name):
             stored = self._split_long(backing_name, stored)[1]
+        if self.is_padded_xattr(backing_name):
+            return self._open_bound(INFO_XATTR, stored, backing_name)
         return self._open(stored, _XATTR_AAD + backing_name)

@@ -1,0 +1,199 @@
+"""Directory ids on the backing store: two copies, sealed for the directory's place.
+
+Every directory but the root has a 16-byte id (names.py puts it in the AD of its entries'
+names). It is kept twice: the file ``encfs.dirid`` in the backing directory (mode 0444,
+written with write-fsync-rename) and the backing directory's xattr ``user.encfs.dirid``
+(where the backing filesystem has no user xattrs: the file ``encfs.dirid.next``).
+
+Forms (docs/FORMAT.md §6.3):
+- legacy: the 16 plain bytes, in both copies (filesystems without "bound-dirids");
+- sealed: 60 bytes, names.NameCipher.seal_dirid, AAD = parent directory id || backing
+  entry name. A copy authenticates only where it was sealed for.
+
+Invariants:
+- A rename moves a directory through the two copies one at a time: the second copy is
+  sealed for the new place before the backing rename, the file copy after it. At every
+  instant one copy authenticates for the directory's current place; the reader takes
+  that one and rewrites the other ("the copy that authenticates wins").
+- Two copies that authenticate for the place but disagree on the id, or none that
+  authenticates (with bound ids), are tampering: EIO, logged, never a guess. The one
+  exception is a directory that is empty in plaintext (an interrupted mkdir): it gets
+  a new id.
+- Legacy copies are accepted only while the filesystem lacks "bound-dirids".
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from encfs.atomicfile import write_atomic
+from encfs.fuseproto import FuseError
+from encfs.fuse.names import (
+    DIRID_FILE,
+    DIRID_LEN,
+    DIRID_XATTR,
+    SEALED_DIRID_LEN,
+    NameAuthError,
+    NameCipher,
+    is_internal,
+    is_longname_entry,
+)
+
+log = logging.getLogger("encfs.fuse")
+
+DIRID_NEXT = DIRID_FILE + b".next"  # the second copy where the backing filesystem has no user xattrs
+
+
+class DirIds:
+    """Reads, repairs and writes the id copies of backing directories."""
+
+    def __init__(self, names: NameCipher, *, accept_legacy: bool, write_sealed: bool, read_only: bool) -> None:
+        self.names = names
+        self.accept_legacy = accept_legacy
+        self.write_sealed = write_sealed
+        self.read_only = read_only
+
+    # -- the copies ---------------------------------------------------------------------
+
+    @staticmethod
+    def _read_file(path: bytes) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read(SEALED_DIRID_LEN + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            return b""
+
+    def _copies(self, path: bytes) -> list[tuple[str, bytes]]:
+        try:
+            xattr = os.getxattr(path, DIRID_XATTR)
+        except OSError:
+            xattr = b""
+        return [("file", self._read_file(os.path.join(path, DIRID_FILE))), ("xattr", xattr),
+                ("next", self._read_file(os.path.join(path, DIRID_NEXT)))]
+
+    def _write_file(self, path: bytes, stored: bytes) -> None:
+        write_atomic(os.path.join(path, DIRID_FILE), stored, 0o444)
+
+    def _write_second(self, path: bytes, stored: bytes) -> None:
+        """The xattr copy, or (no user xattrs here) the file ``encfs.dirid.next``."""
+        try:
+            os.setxattr(path, DIRID_XATTR, stored)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            write_atomic(os.path.join(path, DIRID_NEXT), stored, 0o444)
+
+    def _drop_next(self, path: bytes) -> None:
+        try:
+            os.unlink(os.path.join(path, DIRID_NEXT))
+        except FileNotFoundError:
+            pass
+
+    def _stored(self, dirid: bytes, parent_dirid: bytes, entry: bytes) -> bytes:
+        return self.names.seal_dirid(dirid, parent_dirid, entry) if self.write_sealed else dirid
+
+    # -- reading ------------------------------------------------------------------------
+
+    def read(self, path: bytes, parent_dirid: bytes) -> bytes:
+        """The id of the backing directory ``path`` whose parent has ``parent_dirid``; repairs
+        (read-write) a copy that does not authenticate here, or a legacy one once ids are sealed."""
+        entry = os.path.basename(path)
+        copies = self._copies(path)
+        sealed: dict[str, bytes] = {}
+        for which, stored in copies:
+            if len(stored) == SEALED_DIRID_LEN:
+                try:
+                    sealed[which] = self.names.open_dirid(stored, parent_dirid, entry)
+                except NameAuthError:
+                    pass
+        if len(set(sealed.values())) > 1:
+            log.error("directory %r: its id copies authenticate but disagree (%s): refused", path,
+                      ", ".join(sorted(sealed)))
+            raise FuseError(errno.EIO)
+        if sealed:
+            dirid = next(iter(sealed.values()))
+            good = set(sealed)
+        elif self.accept_legacy:
+            legacy = {which: stored for which, stored in copies if len(stored) == DIRID_LEN}
+            if len(set(legacy.values())) > 1:  # as before sealed ids: the file copy is the id
+                legacy = {"file": legacy["file"]} if "file" in legacy else legacy
+            if not legacy:
+                return self._lost(path, parent_dirid)
+            dirid = next(iter(legacy.values()))
+            good = set(legacy) if not self.write_sealed else set()
+        else:
+            if any(len(stored) == DIRID_LEN for _, stored in copies):
+                log.error("directory %r: its id is in the legacy (unbound) form on a filesystem whose ids "
+                          "are bound to their place: refused as tampering", path)
+            else:
+                log.error("directory %r: no copy of its id authenticates for this place (moved or copied "
+                          "from elsewhere?): refused", path)
+            if self._plain_empty(path):
+                return self._lost(path, parent_dirid)
+            raise FuseError(errno.EIO)
+        if not self.read_only and ("file" not in good or ("xattr" not in good and "next" not in good)):
+            self._repair(path, dirid, parent_dirid, entry, good)
+        return dirid
+
+    def _repair(self, path: bytes, dirid: bytes, parent_dirid: bytes, entry: bytes, good: set[str]) -> None:
+        stored = self._stored(dirid, parent_dirid, entry)
+        if "file" not in good:
+            log.warning("directory %r: rewriting %r from its other id copy", path, DIRID_FILE)
+            self._write_file(path, stored)
+        if "xattr" not in good and "next" not in good:
+            self._write_second(path, stored)
+        if "next" in good or os.path.lexists(os.path.join(path, DIRID_NEXT)):
+            if "xattr" in good or self._xattr_ok(path, stored):
+                self._drop_next(path)
+
+    @staticmethod
+    def _xattr_ok(path: bytes, stored: bytes) -> bool:
+        try:
+            return os.getxattr(path, DIRID_XATTR) == stored
+        except OSError:
+            return False
+
+    @staticmethod
+    def _plain_empty(path: bytes) -> bool:
+        return all(is_internal(n) and not is_longname_entry(n) for n in os.listdir(path))
+
+    def _lost(self, path: bytes, parent_dirid: bytes) -> bytes:
+        if not self._plain_empty(path):
+            log.error("directory %r lost its id: its entries cannot be decrypted", path)
+            raise FuseError(errno.EIO)
+        if self.read_only:
+            return os.urandom(DIRID_LEN)  # it has no entries to decrypt; a read-write mount gives it one
+        return self.create(path, parent_dirid)  # an empty directory from an interrupted mkdir
+
+    # -- writing ------------------------------------------------------------------------
+
+    def create(self, path: bytes, parent_dirid: bytes, dirid: bytes | None = None) -> bytes:
+        """Give the backing directory ``path`` an id (a new random one unless ``dirid``)."""
+        dirid = dirid or os.urandom(DIRID_LEN)
+        stored = self._stored(dirid, parent_dirid, os.path.basename(path))
+        self._write_file(path, stored)
+        try:
+            self._write_second(path, stored)
+        except OSError:
+            if self.write_sealed:
+                raise
+            # legacy: the file copy suffices where xattrs are unsupported
+        return dirid
+
+    def before_move(self, path: bytes, dirid: bytes, new_parent_dirid: bytes, new_entry: bytes) -> None:
+        """Before the backing rename of ``path`` to ``new_entry`` in the directory ``new_parent_dirid``:
+        the second copy is sealed for the new place (the file copy still authenticates here)."""
+        if self.write_sealed:
+            self._write_second(path, self.names.seal_dirid(dirid, new_parent_dirid, new_entry))
+
+    def after_move(self, path: bytes, dirid: bytes, parent_dirid: bytes) -> None:
+        """After the backing rename (``path`` is the new place), or after it failed (the old one):
+        both copies sealed for ``path``."""
+        if self.write_sealed:
+            stored = self.names.seal_dirid(dirid, parent_dirid, os.path.basename(path))
+            self._write_second(path, stored)  # already right after a rename; not after a failed one
+            self._write_file(path, stored)
+            if os.path.lexists(os.path.join(path, DIRID_NEXT)) and self._xattr_ok(path, stored):
+                self._drop_next(path)
