@@ -115,6 +115,7 @@ class DirIds:
         if sealed:
             dirid = next(iter(sealed.values()))
             good = set(sealed)
+            stored = next(stored for which, stored in copies if which in good)
         elif self.accept_legacy:
             legacy = {which: stored for which, stored in copies if len(stored) == DIRID_LEN}
             if len(set(legacy.values())) > 1:  # as before sealed ids: the file copy is the id
@@ -123,6 +124,7 @@ class DirIds:
                 return self._lost(path, parent_dirid)
             dirid = next(iter(legacy.values()))
             good = set(legacy) if not self.write_sealed else set()
+            stored = self._stored(dirid, parent_dirid, entry)
         else:
             if any(len(stored) == DIRID_LEN for _, stored in copies):
                 log.error("directory %r: its id is in the legacy (unbound) form on a filesystem whose ids "
@@ -134,11 +136,11 @@ class DirIds:
                 return self._lost(path, parent_dirid)
             raise FuseError(errno.EIO)
         if not self.read_only and ("file" not in good or ("xattr" not in good and "next" not in good)):
-            self._repair(path, dirid, parent_dirid, entry, good)
+            self._repair(path, stored, good)
         return dirid
 
-    def _repair(self, path: bytes, dirid: bytes, parent_dirid: bytes, entry: bytes, good: set[str]) -> None:
-        stored = self._stored(dirid, parent_dirid, entry)
+    def _repair(self, path: bytes, stored: bytes, good: set[str]) -> None:
+        """Rewrite the copies not in ``good`` with ``stored`` (a good copy's bytes: no new seal)."""
         if "file" not in good:
             log.warning("directory %r: rewriting %r from its other id copy", path, DIRID_FILE)
             self._write_file(path, stored)
