@@ -39,7 +39,8 @@ FS = {v["vector"]: v for v in parse_vectors(DOC.split("## 6. Filesystem format",
 
 def test_section_has_every_vector() -> None:
     assert set(FS) >= {"fs-keys", "config-mac", "name-short", "name-long", "content-block", "content-layout-32k",
-                       "content-layout-4k", "file-header", "symlink", "xattr", "file-state", "journal"}
+                       "content-layout-4k", "file-header", "symlink", "xattr", "file-state", "journal",
+                       "dirid-bound", "symlink-bound", "xattr-padded"}
 
 
 def test_fs_key_derivation() -> None:
@@ -196,3 +197,56 @@ def test_xattr_vector() -> None:
     assert nc.decrypt_xattr_value(backing, hexbytes(v["sealed"])) == hexbytes(v["value"])
     with pytest.raises(NameAuthError):
         nc.decrypt_xattr_value(backing + b"x", hexbytes(v["sealed"]))
+
+
+def _seal_key(meta_key: bytes, salt: bytes, info: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=salt, info=info).derive(meta_key)
+
+
+def test_bound_dirid_vector() -> None:
+    v = FS["dirid-bound"]
+    meta_key, parent, entry = hexbytes(v["meta_key"]), hexbytes(v["parent_dirid"]), hexbytes(v["entry"])
+    stored = hexbytes(v["stored"])
+    nc = NameCipher(bytes(64), meta_key)
+    assert nc.open_dirid(stored, parent, entry) == hexbytes(v["dirid"])
+    # Independently: HKDF with the stored salt, then AES-GCM with AAD = parent id || entry.
+    key = _seal_key(meta_key, hexbytes(v["salt"]), b"encfs dirid v2")
+    assert key == hexbytes(v["seal_key"])
+    assert stored[:28] == hexbytes(v["salt"]) + hexbytes(v["nonce"])
+    assert AESGCM(key).decrypt(stored[16:28], stored[28:], parent + entry) == hexbytes(v["dirid"])
+    assert len(nc.seal_dirid(hexbytes(v["dirid"]), parent, entry)) == len(stored) == 60
+    for other_parent, other_entry in ((bytes(16), entry), (parent, entry + b"x")):  # another place
+        with pytest.raises(NameAuthError):
+            nc.open_dirid(stored, other_parent, other_entry)
+
+
+def test_bound_symlink_vector() -> None:
+    v = FS["symlink-bound"]
+    meta_key, parent, entry = hexbytes(v["meta_key"]), hexbytes(v["parent_dirid"]), hexbytes(v["entry"])
+    stored = hexbytes(v["stored"])
+    nc = NameCipher(bytes(64), meta_key)
+    assert nc.open_symlink(stored, parent, entry) == hexbytes(v["target"])
+    assert NameCipher.symlink_size(stored) == len(hexbytes(v["target"]))
+    assert stored.startswith(b"2.")
+    raw = b64d(stored[2:])
+    key = _seal_key(meta_key, raw[:16], b"encfs symlink v2")
+    assert key == hexbytes(v["seal_key"]) and raw[16:28] == hexbytes(v["nonce"])
+    assert AESGCM(key).decrypt(raw[16:28], raw[28:], parent + entry) == hexbytes(v["target"])
+    with pytest.raises(NameAuthError):
+        nc.open_symlink(stored, parent, entry[:-1])  # another link
+
+
+def test_padded_xattr_vector() -> None:
+    v = FS["xattr-padded"]
+    name_key, meta_key, name = hexbytes(v["name_key"]), hexbytes(v["meta_key"]), hexbytes(v["name"])
+    nc = NameCipher(name_key, meta_key)
+    backing, sealed = hexbytes(v["backing_name"]), hexbytes(v["sealed"])
+    assert nc.xattr_name(name, padded=True) == backing
+    assert nc.xattr_plain_name(backing) == name
+    assert nc.decrypt_xattr_value(backing, sealed) == hexbytes(v["value"])
+    pad = 16 - len(name) % 16
+    raw = AESSIV(name_key).encrypt(name + bytes([pad]) * pad, [b"encfs-xattr-v2"])
+    assert backing == b"user.encfs.xp." + base64.urlsafe_b64encode(raw).rstrip(b"=")
+    key = _seal_key(meta_key, sealed[:16], b"encfs xattr v2")
+    assert key == hexbytes(v["seal_key"])
+    assert AESGCM(key).decrypt(sealed[16:28], sealed[28:], backing) == hexbytes(v["value"])
