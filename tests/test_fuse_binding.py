@@ -318,3 +318,28 @@ def test_an_interrupted_upgrade_is_read_and_finished(v2, tmp_path: Path) -> None
     with Mount(cipher, mp, home):
         _check_v2_tree(mp)
     assert _features(cipher) == _features(cipher, "encfs.conf.bak") == final
+
+
+def _exchange(a: Path, b: Path) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, bytes(a), -100, bytes(b), ctypes.c_uint(2)) != 0:  # RENAME_EXCHANGE
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def test_rename_exchange_reseals_directory_ids_and_refuses_symlinks(fs, fs_home: Path) -> None:
+    cipher, plain = fs
+    with Mount(cipher, plain, fs_home):
+        (plain / "p" / "x").mkdir(parents=True)
+        (plain / "p" / "x" / "fx").write_bytes(b"x")
+        (plain / "y").mkdir()
+        (plain / "y" / "fy").write_bytes(b"y")
+        os.symlink("t", plain / "ln")
+        _exchange(plain / "p" / "x", plain / "y")
+        assert os.listdir(plain / "y") == ["fx"] and os.listdir(plain / "p" / "x") == ["fy"]
+        expect_errno(errno.EINVAL, _exchange, plain / "ln", plain / "y")
+    with Mount(cipher, plain, fs_home):
+        assert cold_read(plain / "y" / "fx") == b"x" and cold_read(plain / "p" / "x" / "fy") == b"y"
+        assert os.readlink(plain / "ln") == "t"

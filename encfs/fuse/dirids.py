@@ -125,6 +125,8 @@ class DirIds:
             dirid = next(iter(legacy.values()))
             good = set(legacy) if not self.write_sealed else set()
             stored = self._stored(dirid, parent_dirid, entry)
+        elif self._plain_empty(path):
+            return self._lost(path, parent_dirid)  # an interrupted mkdir, or nothing left to protect
         else:
             if any(len(stored) == DIRID_LEN for _, stored in copies):
                 log.error("directory %r: its id is in the legacy (unbound) form on a filesystem whose ids "
@@ -132,8 +134,6 @@ class DirIds:
             else:
                 log.error("directory %r: no copy of its id authenticates for this place (moved or copied "
                           "from elsewhere?): refused", path)
-            if self._plain_empty(path):
-                return self._lost(path, parent_dirid)
             raise FuseError(errno.EIO)
         if not self.read_only and ("file" not in good or ("xattr" not in good and "next" not in good)):
             self._repair(path, stored, good)

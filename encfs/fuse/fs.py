@@ -22,6 +22,10 @@ Design:
   zeros (it was cut behind encfs's back).
 - Anything that fails authentication is logged with its path and answered
   with EIO; wrong bytes are never returned.
+- Directory ids (dirids.py) and symlink targets (symlinks.py) are bound to
+  their place once the filesystem has the features (FORMAT.md §6.3): a rename
+  reseals them. A renamed symlink is a new backing inode; the kernel keeps the
+  old number for it until its next lookup (_aliases).
 - With a sealing worker (start_seal_worker, a serving daemon), large writes of
   whole blocks are sealed in it before the server serialises them (seal_ahead),
   and large reads are opened in it: a file's data key goes to the worker at its
@@ -649,7 +653,7 @@ class EncryptedFS:
         if stat_m.S_ISDIR(st_old.st_mode) and (new + b"/").startswith(old + b"/"):
             raise FuseError(errno.EINVAL)
         replaced_target = self._last_link_target(new, replaced) if replaced is not None else None
-        old_dirid = self._dirid(self._ino(st_old)) if stat_m.S_ISDIR(st_old.st_mode) else None
+        old_dirid = self._dirid_at(old) if stat_m.S_ISDIR(st_old.st_mode) else None
         new_parent_dirid = self._dirid(parent_inode_new)
         moved_link = stat_m.S_ISLNK(st_old.st_mode) and self.links.write_bound
         link_target = self.links.read(old, self._dirid(parent_inode_old)) if moved_link else None
@@ -712,9 +716,9 @@ class EncryptedFS:
         parent_old_id, parent_new_id = self._dirid(parent_old), self._dirid(parent_new)
         moves = []  # (path before, path after, dirid, parent id before, parent id after)
         if stat_m.S_ISDIR(st_old.st_mode):
-            moves.append((old, new, self._dirid(self._ino(st_old)), parent_old_id, parent_new_id))
+            moves.append((old, new, self._dirid_at(old), parent_old_id, parent_new_id))
         if stat_m.S_ISDIR(st_new.st_mode):
-            moves.append((new, old, self._dirid(self._ino(st_new)), parent_new_id, parent_old_id))
+            moves.append((new, old, self._dirid_at(new), parent_new_id, parent_old_id))
         for before, after, dirid, _, to_parent in moves:
             self.dirids.before_move(before, dirid, to_parent, os.path.basename(after))
         try:
