@@ -299,11 +299,25 @@ def test_the_previous_release_s_filesystem_is_upgraded_in_place(v2, tmp_path: Pa
 
 
 def test_an_interrupted_upgrade_is_read_and_finished(v2, tmp_path: Path) -> None:
-    """Stopped after step 1 (both copies say binding-upgrade) with one directory already resealed, and
-    again between the two copies of step 3: every mount reads the tree; a read-write one finishes."""
+    """Stopped in step 2 (both copies say binding-upgrade; one directory id copy and one symlink already
+    resealed), and again between the two copies of step 3: every mount reads the tree; a read-write one
+    finishes."""
     cipher, home, mp = v2["cipher"], v2["home"], tmp_path / "plain"
     mp.mkdir()
     base = _features(cipher)
+    # What a walk stopped halfway leaves: some ids and symlinks sealed (taken from a finished upgrade
+    # of a copy of this filesystem: same keys, same places), the rest legacy.
+    done = tmp_path / "done"
+    shutil.copytree(cipher, done, symlinks=True)  # xattrs included (copystat)
+    with Mount(done, mp, home):
+        pass
+    a = next(p for p in user_entries(cipher) if p.is_dir())
+    (a / DIRID_FILE).chmod(0o644)
+    (a / DIRID_FILE).write_bytes((done / a.name / DIRID_FILE).read_bytes())  # the xattr stays legacy
+    link = next(p for p in user_entries(cipher) if p.is_symlink() and os.lstat(p).st_nlink == 1)
+    link.unlink()
+    os.symlink(os.readlink(done / link.name), link)
+    assert len((a / DIRID_FILE).read_bytes()) == SEALED_DIRID_LEN and os.readlink(link).startswith("2.")
     remac(cipher, home, {"features": base + [BINDING_UPGRADE]})
     with Mount(cipher, mp, home, "--read-only"):
         _check_v2_tree(mp)
