@@ -8,8 +8,9 @@
 - Long names: when the encoded name exceeds 255 bytes, the directory entry
   is ``encfs.ln.<base64url(SHA-256(encoded))>`` and a side file
   ``encfs.ln.<hash>.name`` holds the encoded name (as gocryptfs does).
-- Symlink targets and xattr values: AES-256-GCM under the metadata key with
-  a fresh nonce; AAD names the purpose (and, for xattrs, the encrypted name).
+- Legacy symlink targets and xattr values: AES-256-GCM under the metadata key
+  with a fresh nonce; AAD names the purpose (and, for xattrs, the encrypted
+  name). Read always; written only by filesystems without the bound forms.
 - Long symlink targets: a target up to SYMLINK_MAX (4095) bytes is allowed, as
   on a local filesystem, but its encoding no longer fits a backing symlink
   once it exceeds 4095 bytes. Then (filesystem feature "long-symlinks") the
