@@ -369,6 +369,7 @@ class EncryptedFS:
                 self._lookups[inode] = max(left, 1 if inode == ROOT_ID else left)
                 continue
             self._lookups.pop(inode, None)
+            self._aliases.discard(inode)
             self._no_capability.discard(inode)
             self._sizes.pop(inode, None)
             if not self.files.is_open(inode):
