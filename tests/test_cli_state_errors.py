@@ -12,6 +12,7 @@ Cases needing another user run as uid 65534 through setpriv, like test_fuse_unpr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -206,8 +207,22 @@ def test_damaged_keys_json_comes_back_from_its_copy(home: Path) -> None:
     proc = ok("key", "encrypt", "b", home=home, input=b"y")
     err = proc.stderr.decode()
     assert err.count("\n") == 1 and "damaged" in err and "keys.json.bak" in err, err
-    assert keys.read_bytes() == saved
+    # What the copy held, and the encrypt itself counted (a backing key's nonce budget, FORMAT.md §2).
+    assert uncounted(keys.read_bytes()) == uncounted(saved)
+    assert blobs(keys.read_bytes()) == blobs(saved) + 1
     still_works(home)
+
+
+def uncounted(raw: bytes) -> dict:
+    doc = json.loads(raw)
+    for rec in doc["keys"].values():
+        for v in rec["versions"]:
+            v.pop("sealed", None)
+    return doc
+
+
+def blobs(raw: bytes) -> int:
+    return sum(v.get("sealed", 0) for rec in json.loads(raw)["keys"].values() for v in rec["versions"])
 
 
 def test_lost_key_metadata_refuses_while_the_token_holds_keys(home: Path, tmp_path: Path) -> None:
