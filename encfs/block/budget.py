@@ -52,7 +52,7 @@ class SealBudget:
         if not self._warned and self.used >= SEAL_WARN:
             self._warned = True
             log.warning("%s: the volume key has made %d seals, past 2^30 of its 2^32 budget (random nonces, "
-                        "NIST SP 800-38D); writes stop at %d: copy the data to a new volume before then",
+                        "NIST SP 800-38D); writes stop at %d: detach it and run `encfs volume rekey` before then",
                         self._name, self.used, SEAL_REFUSE)
 
     def spend(self, n: int, sectors: bool = True) -> None:
@@ -65,7 +65,7 @@ class SealBudget:
                 if not self._refused:
                     self._refused = True
                     log.error("%s: writes refused: the volume key's budget of random-nonce seals is spent "
-                              "(%d made, NIST SP 800-38D allows 2^32); copy the data to a new volume",
+                              "(%d made, NIST SP 800-38D allows 2^32); detach it and run `encfs volume rekey`",
                               self._name, self.used)
                 raise OSError(errno.ENOSPC, "the volume key's seal budget is spent")
             if self.used + n > self.reserved:

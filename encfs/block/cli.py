@@ -1,4 +1,4 @@
-"""``encfs volume create|attach|detach|list|info|resize``."""
+"""``encfs volume create|attach|detach|list|info|rekey|resize``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 from encfs.block import budget
 from encfs.block.attach import attach, attachments, detach, find_attachment, grow_attached
 from encfs.block.layout import image_size
-from encfs.block.volume import create_volume, grow_volume, parse_size, read_volume_header
+from encfs.block.volume import VolumeError, create_volume, grow_volume, parse_size, read_volume_header
 
 
 def _ks(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -58,7 +58,7 @@ def _info(path: Path, ks: Any = None, key: str | None = None) -> dict[str, Any]:
     seals = header.seals_reserved if header.authenticated else None
     if seals is not None and seals >= budget.SEAL_WARN:
         warnings.append(f"the volume key has made up to {seals} seals, past 2^30 of its 2^32 budget; "
-                        f"writes stop at {budget.SEAL_REFUSE}: copy the data to a new volume")
+                        f"writes stop at {budget.SEAL_REFUSE}: `encfs volume rekey` gives it a fresh key")
     return {"image": str(path.absolute()), "volume_id": header.volume_id.hex(), "size": header.size,
             "sector_size": header.sector_size, "key_id": header.key_id, "header_seq": header.seq,
             "maps_mirrored": header.maps_mirrored, "header_mac": header.authenticated,
@@ -113,6 +113,22 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rekey(args: argparse.Namespace) -> int:
+    from encfs.block.rekey import rekey_volume
+
+    path = Path(args.volume)
+    header, _w = read_volume_header(path)
+    a = find_attachment(header.volume_id.hex())
+    if a is not None and a.daemon_alive():
+        raise VolumeError(f"{path} is attached at {a.loop}: detach it first (`encfs volume detach {a.loop}`)")
+    with _service(args) as ks:
+        done = rekey_volume(path, ks, args.key, expected_key=args.expect_key)
+    mib = done.sectors * 4096 / (1 << 20)
+    print(f"{path}: re-keyed as volume {done.volume_id} under key {done.key_id} "
+          f"({mib:.1f} MiB of written sectors copied in {done.seconds:.1f} s)")
+    return 0
+
+
 def _expected_key(p: argparse.ArgumentParser, more: str = "") -> None:
     p.add_argument("--key", metavar="KEY", help="refuse unless the volume key is wrapped by this CMK (id or alias)"
                    + more)
@@ -148,6 +164,12 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--json", action="store_true")
     _expected_key(p, "; with it the header is read with the key and authenticated")
+    p = cmd("rekey", cmd_rekey, "copy a detached volume under a fresh volume key (its nonce budget starts "
+                                 "again), in place; needs free space for the copy")
+    p.add_argument("volume", metavar="VOL")
+    p.add_argument("--key", metavar="KEY", help="CMK (id or alias) to wrap the new volume key (default: VOL's), "
+                                                "as for create")
+    p.add_argument("--expect-key", metavar="KEY", help="refuse unless VOL's key is wrapped by this CMK")
     p = cmd("resize", cmd_resize, "grow a detached volume to SIZE")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--size", required=True)

@@ -317,6 +317,13 @@ class SectorStore:
             yield run, stop - run, state
             s = stop
 
+    def written_runs(self) -> Iterator[tuple[int, int]]:
+        """(first sector, count) of every run of written sectors, in order (unwritten and
+        discarded sectors read as zeros and take no space)."""
+        for first, count, state in self._slot_runs(0, self.sectors):
+            if state:
+                yield first, count
+
     def read_sectors(self, first: int, count: int) -> bytearray:
         """Plaintext of sectors [first, first + count); unwritten sectors read as zeros.
         BlockAuthError (after on_auth_error) if a written sector does not authenticate."""
