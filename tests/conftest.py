@@ -89,6 +89,15 @@ def fs_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def fs(tmp_path: Path, fs_home: Path) -> tuple[Path, Path]:
+    """A freshly initialised CIPHERDIR (not mounted) and an empty mountpoint for it."""
+    cipher, plain = tmp_path / "cipher", tmp_path / "plain"
+    plain.mkdir()
+    assert run_encfs("init", str(cipher), "--key", "fs", home=fs_home).returncode == 0
+    return cipher, plain
+
+
+@pytest.fixture
 def encfs_mount(tmp_path: Path, fs_home: Path) -> Iterator[Any]:
     """A freshly initialised CIPHERDIR mounted at a fresh mountpoint (unmounted afterwards)."""
     from fuse_helpers import Mount

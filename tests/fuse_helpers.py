@@ -8,6 +8,7 @@ Every wait is bounded.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 import os
 import signal
 import subprocess
@@ -82,6 +83,24 @@ class Mount:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def crash_during(m: Mount, script: str, *args: str, when: Callable[[], object]) -> str:
+    """Run ``script`` (Python source) with ``args`` in a process working through the mount,
+    kill -9 the daemon of ``m`` once ``when()`` returns, then end the process (before the dead
+    mount goes: its paths would then name the bare mountpoint) and remove the dead mount.
+    Returns what the process printed."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        when()
+        m.proc.kill()
+        m.proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        out, _ = proc.communicate(timeout=30)
+        m.kill9()
+    return out or ""
 
 
 def expect_errno(code: int, fn, *args, **kwargs) -> OSError:

@@ -1,8 +1,12 @@
-"""Processes seen through /proc: what tests check about daemons and their helpers."""
+"""Processes seen through /proc: what tests check about daemons and their helpers; and a
+command run on a terminal (pty), answering its prompts."""
 
 from __future__ import annotations
 
 import os
+import pty
+import select
+import time
 from pathlib import Path
 
 
@@ -38,3 +42,33 @@ def voluntary_switches(pid: int) -> int:
         if line.startswith("voluntary_ctxt_switches:"):
             return int(line.split()[1])
     raise AssertionError(f"no voluntary_ctxt_switches for {pid}")
+
+
+def run_on_terminal(cmd: list[str], env: dict[str, str], answers: dict[bytes, str],
+                    timeout: float = 90) -> tuple[int, bytes, int]:
+    """Run ``cmd`` on a pty, answering each prompt; return (exit code, output, prompts seen)."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe(cmd[0], cmd, env)
+    out, prompts = b"", 0
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 1000)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+            for prompt, answer in answers.items():
+                while sum(out.count(p) for p in answers) > prompts and out.count(prompt) > 0:
+                    prompts += 1
+                    os.write(fd, answer.encode() + b"\n")
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), out, prompts
+    finally:
+        os.close(fd)

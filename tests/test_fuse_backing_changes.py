@@ -9,19 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import run_encfs
 from fuse_helpers import Mount, cold_read
 
 HEADER = 128
 BLOCK = 32768
-
-
-@pytest.fixture
-def fs(tmp_path: Path, fs_home: Path) -> tuple[Path, Path]:
-    cipher, plain = tmp_path / "cipher", tmp_path / "plain"
-    plain.mkdir()
-    assert run_encfs("init", str(cipher), "--key", "fs", home=fs_home).returncode == 0
-    return cipher, plain
 
 
 def backing_file(cipher: Path) -> Path:

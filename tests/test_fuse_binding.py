@@ -14,16 +14,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import run_encfs
 from fsconfig_tool import remac
-from fuse_helpers import Mount, cold_read, expect_errno
+from fuse_helpers import Mount, cold_read, crash_during, expect_errno
 
 from encfs.fuse.dirids import DirIds
 from encfs.fuse.fsconfig import BINDING_FEATURES, BINDING_UPGRADE
@@ -32,14 +29,6 @@ from encfs.fuse.names import DIRID_XATTR, SEALED_DIRID_LEN, NameCipher
 DATA = Path(__file__).parent / "data"
 LONG = "L" * 200
 DIRID_FILE = "encfs.dirid"
-
-
-@pytest.fixture
-def fs(tmp_path: Path, fs_home: Path) -> tuple[Path, Path]:
-    cipher, plain = tmp_path / "cipher", tmp_path / "plain"
-    plain.mkdir()
-    assert run_encfs("init", str(cipher), "--key", "fs", home=fs_home).returncode == 0
-    return cipher, plain
 
 
 def user_entries(d: Path) -> list[Path]:
@@ -195,16 +184,7 @@ def test_kill_9_during_renames_leaves_every_directory_and_symlink_readable(fs, f
     for rnd in range(8):
         m = Mount(cipher, plain, fs_home)
         try:
-            proc = subprocess.Popen([sys.executable, "-c", RENAMER, str(plain)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, text=True)
-            try:
-                time.sleep(rng.uniform(0.2, 1.0))
-                m.proc.kill()
-                m.proc.wait(timeout=30)
-            finally:
-                proc.kill()
-                proc.communicate(timeout=30)
-                m.kill9()
+            crash_during(m, RENAMER, str(plain), when=lambda: time.sleep(rng.uniform(0.2, 1.0)))
         finally:
             m.stop()
         with Mount(cipher, plain, fs_home):

@@ -26,6 +26,7 @@ import pytest
 from conftest import run_encfs
 from fsconfig_tool import remac
 from fuse_helpers import Mount
+from procs import run_on_terminal
 
 from encfs.fuse.fsconfig import features_for
 from encfs.fuse.mount import is_mounted
@@ -725,9 +726,6 @@ def test_init_errors_leave_no_half_initialised_directory(world, tmp_path: Path, 
 
 def test_daemonized_mount_prompts_for_the_pin_before_forking(tmp_path: Path) -> None:
     """A vendor token with no PIN source: the parent asks on the terminal, the daemon uses it."""
-    import pty
-    import select
-
     from encfs.keys.softhsm import EmbeddedSoftHSM
 
     emb = EmbeddedSoftHSM(tmp_path / "vendor")
@@ -742,33 +740,14 @@ def test_daemonized_mount_prompts_for_the_pin_before_forking(tmp_path: Path) -> 
         assert r.returncode == 0, r.stderr
     mnt = tmp_path / "m"
     mnt.mkdir()
-    pid, fd = pty.fork()
-    if pid == 0:  # the child runs encfs on a terminal
-        os.execvpe(cmd[0], cmd + ["mount", str(tmp_path / "c"), str(mnt)] + flags, env)
-    out, answered = b"", False
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(fd, 1000)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-            if b"PIN for token" in out and not answered:
-                os.write(fd, pin.encode() + b"\n")
-                answered = True
-        _, status = os.waitpid(pid, 0)
-        assert answered, out
-        assert os.waitstatus_to_exitcode(status) == 0, out
+        code, out, prompts = run_on_terminal(cmd + ["mount", str(tmp_path / "c"), str(mnt)] + flags, env,
+                                             {b"PIN for token": pin}, timeout=60)
+        assert prompts == 1, out
+        assert code == 0, out
         (mnt / "x").write_text("hello")
         assert (mnt / "x").read_text() == "hello"
     finally:
-        os.close(fd)
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
         if is_mounted(mnt):

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from conftest import run_encfs
-from fuse_helpers import Mount, cold_read
+from fuse_helpers import Mount, cold_read, crash_during
 
 STRESS = bool(os.environ.get("ENCFS_STRESS"))
 OVERWRITE_ROUNDS = 60 if STRESS else 20
@@ -85,16 +83,7 @@ def streamed(seed: int, count: int) -> dict[str, bytes]:
 
 def run_and_kill(m: Mount, script: str, *args: str, seconds: float) -> list[list[str]]:
     """Run a writer through the mount, kill -9 the daemon after ``seconds``, return its reports."""
-    writer = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    try:
-        time.sleep(seconds)
-        m.proc.kill()
-        m.proc.wait(timeout=30)
-    finally:
-        writer.kill()  # before the dead mount goes: its paths would then name the bare mountpoint
-        out, _ = writer.communicate(timeout=30)
-        m.kill9()
+    out = crash_during(m, script, *args, when=lambda: time.sleep(seconds))
     assert not os.listdir(m.mountpoint), "the writer wrote past the mount"
     return [line.split() for line in out.splitlines() if line.strip()]
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from conftest import run_encfs
 from filestate_tool import set_seals
-from fuse_helpers import Mount, cold_read
+from fuse_helpers import Mount, cold_read, crash_during
 
 from encfs.fuse.fileheader import REKEY_AT, FileHeader
 
@@ -110,18 +108,12 @@ def test_kill_9_during_a_rekey_loses_nothing(tmp_path: Path, fs_home: Path) -> N
         set_seals(cipherdir, fs_home, backing, REKEY_AT)
         offset = rng.randrange(len(base) - 10)
         m = Mount(cipherdir, plain, fs_home)
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(plain / "f"), str(offset)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            complete = bool(round_no % 2)
+        complete = bool(round_no % 2)
+
+        def inside_a_rekey() -> None:
             if wait_for_side_file(cipherdir, complete, time.monotonic() + 30):
                 time.sleep(rng.uniform(0, 0.01 if complete else 0.1))
-            m.proc.kill()
-            m.proc.wait(timeout=30)
-        finally:
-            writer.kill()
-            out, _ = writer.communicate(timeout=30)
-            m.kill9()
+        out = crash_during(m, WRITER, str(plain / "f"), str(offset), when=inside_a_rekey)
         for name in side_files(cipherdir):
             phases["tmp" if name.endswith(".tmp") else "complete"] += 1
         new = bytearray(expected)
@@ -142,16 +134,8 @@ def test_a_read_only_mount_reads_an_interrupted_rekey_from_its_side_file(tmp_pat
     for _attempt in range(5):  # until a kill lands while the side file is copied back
         set_seals(cipherdir, fs_home, backing, REKEY_AT)
         m = Mount(cipherdir, plain, fs_home)
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(plain / "f"), "0"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            wait_for_side_file(cipherdir, True, time.monotonic() + 30)
-            m.proc.kill()
-            m.proc.wait(timeout=30)
-        finally:
-            writer.kill()
-            writer.communicate(timeout=30)
-            m.kill9()
+        crash_during(m, WRITER, str(plain / "f"), "0",
+                     when=lambda: wait_for_side_file(cipherdir, True, time.monotonic() + 30))
         if any(n.endswith(".rekey") for n in side_files(cipherdir)):
             break
         with Mount(cipherdir, plain, fs_home):

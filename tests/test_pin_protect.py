@@ -6,16 +6,14 @@ for the daemon."""
 from __future__ import annotations
 
 import os
-import pty
-import select
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from encfs.fuse.mount import is_mounted
 from tests.conftest import run_encfs
+from tests.procs import run_on_terminal
 from tests.test_fuse_cli import assert_one_line_error, guard
 
 PASS = "correct horse battery staple"
@@ -94,35 +92,6 @@ def test_init_protect_pin_and_passphrase_rules(tmp_path: Path, cli_home: Path) -
                                     "/usr/lib/softhsm/libsofthsm2.so", home=cli_home), "--passphrase-file")
 
 
-def _on_terminal(cmd: list[str], env: dict[str, str], answers: dict[bytes, str]) -> tuple[int, bytes, int]:
-    """Run ``cmd`` on a pty, answering each prompt; return (exit code, output, prompts seen)."""
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execvpe(cmd[0], cmd, env)
-    out, prompts = b"", 0
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(fd, 1000)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-            for prompt, answer in answers.items():
-                while sum(out.count(p) for p in answers) > prompts and out.count(prompt) > 0:
-                    prompts += 1
-                    os.write(fd, answer.encode() + b"\n")
-        _, status = os.waitpid(pid, 0)
-        return os.waitstatus_to_exitcode(status), out, prompts
-    finally:
-        os.close(fd)
-
-
 def test_daemonized_mount_asks_once_on_the_terminal(tmp_path: Path, cli_home: Path) -> None:
     """The parent asks for the passphrase before forking; the daemon logs in with the PIN it
     inherited in memory and never asks (it has no terminal)."""
@@ -135,7 +104,7 @@ def test_daemonized_mount_asks_once_on_the_terminal(tmp_path: Path, cli_home: Pa
     env = dict(os.environ, ENCFS_HOME=str(cli_home))
     env.pop("SOFTHSM2_CONF", None)
     with guard(cipher, mnt):
-        code, out, prompts = _on_terminal([sys.executable, "-m", "encfs", "mount", str(cipher), str(mnt)], env,
+        code, out, prompts = run_on_terminal([sys.executable, "-m", "encfs", "mount", str(cipher), str(mnt)], env,
                                           {b"passphrase for token": PASS})
         assert code == 0 and prompts == 1, out
         assert is_mounted(mnt)

@@ -31,7 +31,6 @@ from encfs.block.header import (
     VolumeFormatError,
     VolumeHeader,
     VolumeKeyMismatch,
-    header_mac_key,
 )
 from encfs.block.layout import SECTOR_SIZE, header_offset
 from encfs.block.volume import create_volume, open_volume
