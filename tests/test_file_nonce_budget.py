@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +15,8 @@ from encfs.fuse import content as content_mod
 from encfs.fuse import rekeyfile
 from encfs.fuse.content import FileContent
 from encfs.fuse.fileheader import REKEY_AT, STATE_XATTR, FileHeader, read_state
+from encfs.fuse.openfiles import OpenFile, OpenFiles
+from encfs.keys.service import KeyService
 
 B = 4096
 STEP = B + 28
@@ -200,3 +203,49 @@ def test_a_side_file_still_being_written_is_dropped_and_the_file_is_untouched(fi
     assert tmp.exists()
     assert rekeyfile.pending(files.root, read_only=False) == set() and not tmp.exists()
     assert files.load().read(0, len(data)) == data
+
+
+def test_a_failed_copy_back_is_finished_by_the_next_load(tmp_path: Path, service: KeyService,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copying the complete side file in fails (EIO) half-way: the content reads the side file,
+    writes fail, and the next load of the file in the same mount finishes the re-key."""
+    key = service.create_key()["KeyId"]
+    fs_id = os.urandom(16).hex()
+    config = SimpleNamespace(block_size=B, key_id=key, format=2,
+                             file_context=lambda fid: {"encfs:fs": fs_id, "encfs:file": fid.hex()})
+    files = OpenFiles(os.fsencode(tmp_path), config, service, BlockCipher, False,  # type: ignore[arg-type]
+                      lambda: None, recovering=False)
+    path = os.fsencode(tmp_path / "f")
+
+    def opened() -> tuple[OpenFile, int]:
+        f = OpenFile(7, os.open(path, os.O_RDWR | os.O_CREAT, 0o600), True, path)
+        return f, files.add(f)
+
+    f, fh = opened()
+    data = bytearray(os.urandom(300 * B))
+    c = files.renew(f, new_file=True)
+    c.write(0, data)
+    c.fsync(False)
+    c.seals = REKEY_AT
+    real = rekeyfile._copy_back
+
+    def fails_half_way(src: int, dst: int) -> None:
+        os.pwrite(dst, os.pread(src, 1 << 20, 128), 128)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(rekeyfile, "_copy_back", fails_half_way)
+    with pytest.raises(OSError):
+        files.writable_content(f)
+    assert c.read_only and c.read(0, len(data)) == data  # from the side file, under the new key
+    files.release(fh)
+    monkeypatch.setattr(rekeyfile, "_copy_back", real)
+    f, fh = opened()
+    c = files.writable_content(f)  # the load finishes the re-key from the side file
+    assert c.read(0, len(data)) == data and not c.read_only
+    c.write(5, b"after")
+    data[5:10] = b"after"
+    files.release(fh)
+    assert not os.listdir(tmp_path / "encfs.journal")
+    f, fh = opened()
+    assert files.content(f).read(0, len(data)) == data  # type: ignore[union-attr]
+    files.release(fh)

@@ -47,7 +47,9 @@ def volume(tmp_path: Path, service: KeyService) -> tuple[Path, str, bytes]:
 def test_rekey_copies_every_sector_under_a_fresh_key(volume: tuple[Path, str, bytes], service: KeyService) -> None:
     path, key, before = volume
     _data, old_id, _k, _seals = contents(path, service)
+    os.chmod(path, 0o640)
     done = rekey_mod.rekey_volume(path, service)
+    assert os.stat(path).st_mode & 0o777 == 0o640  # the copy keeps the image's mode
     data, new_id, key_id, seals = contents(path, service)
     assert data == before and new_id == done.volume_id != old_id and key_id == key
     assert done.sectors == 5000 + 3 and seals < 2 * (5000 + 3) + 100  # the count starts again

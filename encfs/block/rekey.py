@@ -10,10 +10,13 @@ before 2^32. A fresh key cannot be mixed into a format-1 image, so the way out i
    holes; it is flushed and closed (fsync);
 3. it is renamed over VOL, and the directory is fsync'd.
 
+The copy gets VOL's mode and owner before it replaces it.
+
 Invariants:
-- VOL is not changed until the rename (it stays open and locked, so nothing attaches it
-  meanwhile): a crash or a failure (a full disk, a sector that fails authentication) leaves
-  VOL as it was, and at most a ``.rekey.tmp`` that the next run removes.
+- VOL's contents are not changed until the rename (it stays open and locked, so nothing
+  attaches it meanwhile; opening it may upgrade its header and maps as any open does): a
+  crash or a failure (a full disk, a sector that fails authentication) leaves VOL as it was,
+  and at most a ``.rekey.tmp`` that the next run removes.
 - Nothing is lost: a sector that fails authentication stops the copy (VolumeError naming
   it), since the copy could only turn it into something else.
 """
@@ -71,8 +74,11 @@ def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_ke
             new.flush()
         finally:
             new.close()
+        st = os.stat(path)
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, st.st_mode & 0o7777)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -85,7 +91,7 @@ def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_ke
         tmp.unlink(missing_ok=True)
         old.close()
         raise
-    old.close()  # the replaced image's lock goes last: nothing attached VOL in between
+    old.close()  # the replaced image (its lock too; the copy is complete and synced before the rename)
     try:
         fsync_dir(path.parent)
     except OSError as e:

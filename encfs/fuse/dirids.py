@@ -136,7 +136,10 @@ class DirIds:
                           "from elsewhere?): refused", path)
             raise FuseError(errno.EIO)
         if not self.read_only and ("file" not in good or ("xattr" not in good and "next" not in good)):
-            self._repair(path, stored, good)
+            try:
+                self._repair(path, stored, good)
+            except OSError as e:  # a good copy was read: the directory works; the next read tries again
+                log.warning("directory %r: its other id copy could not be rewritten (%s)", path, e.strerror)
         return dirid
 
     def _repair(self, path: bytes, stored: bytes, good: set[str]) -> None:
@@ -193,9 +196,16 @@ class DirIds:
     def after_move(self, path: bytes, dirid: bytes, parent_dirid: bytes) -> None:
         """After the backing rename (``path`` is the new place), or after it failed (the old one):
         both copies sealed for ``path``."""
-        if self.write_sealed:
-            stored = self.names.seal_dirid(dirid, parent_dirid, os.path.basename(path))
+        if not self.write_sealed:
+            return
+        stored = self.names.seal_dirid(dirid, parent_dirid, os.path.basename(path))
+        try:
             self._write_second(path, stored)  # already right after a rename; not after a failed one
             self._write_file(path, stored)
             if os.path.lexists(os.path.join(path, DIRID_NEXT)) and self._xattr_ok(path, stored):
                 self._drop_next(path)
+        except OSError as e:
+            # The rename itself is done (or undone): one copy authenticates for ``path``, and the
+            # next read of the id rewrites the other one from it.
+            log.warning("directory %r: an id copy could not be resealed for its place (%s); its next "
+                        "read repairs it", path, e.strerror)

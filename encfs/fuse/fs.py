@@ -970,17 +970,15 @@ class EncryptedFS:
             self._remove_xattr(inode, old)
 
     def _has_xattr(self, inode: int, backing: bytes) -> bool:
-        try:
-            self._xattr_call(os.getxattr, inode, backing)
-        except OSError as e:
-            if e.errno == errno.ENODATA:
-                return False
-            raise
-        return True
+        return self._xattr_if_present(os.getxattr, inode, backing)
 
     def _remove_xattr(self, inode: int, backing: bytes) -> bool:
+        return self._xattr_if_present(os.removexattr, inode, backing)
+
+    def _xattr_if_present(self, call: Callable[..., object], inode: int, backing: bytes) -> bool:
+        """``call`` on the backing xattr ``backing``; False if it does not exist."""
         try:
-            self._xattr_call(os.removexattr, inode, backing)
+            self._xattr_call(call, inode, backing)
         except OSError as e:
             if e.errno == errno.ENODATA:
                 return False

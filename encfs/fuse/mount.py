@@ -154,7 +154,9 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         signal.signal(sig, lambda *_: server.stop())
     served = False
     recovered = threading.Event()
-    if not lock.recovering or opts.read_only:
+    # A side file of an unfinished re-key (rekeyfile.py) is finished, or removed with its gone
+    # file, by the same scan as a crash's leftovers.
+    if not (lock.recovering or fs.files.rekeys) or opts.read_only:
         recovered.set()
     try:
         if ready is not None:

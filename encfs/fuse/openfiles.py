@@ -326,11 +326,14 @@ class OpenFiles:
         """Give ``c``'s file a fresh file id and data key (see the invariants)."""
         file_id, dk = self.new_keys.take()
         assert dk.plaintext is not None
-        old_seal_key, seals = c.seal_key_id, c.seals
+        old_id, old_seal_key, seals = c.header.file_id, c.seal_key_id, c.seals
         try:
             rekeyfile.rekey(c, FileHeader(file_id, dk.ciphertext_blob, c.header.version),
                             self.cipher_class(dk.plaintext, file_id, self.block_size))
         except OSError as e:
+            if isinstance(e, rekeyfile.SideFilePending):  # ``c`` is under the new key, read-only
+                self.rekeys.add(old_id)  # a later load of the file finishes the job
+                self._new_worker_key(c, old_seal_key, dk.plaintext, file_id)
             if c.read_only or c.seals >= SEAL_LIMIT:
                 log.error("%r: its data key's budget is spent and it cannot get a fresh one (%s): "
                           "writes fail", path, e.strerror)
@@ -340,11 +343,16 @@ class OpenFiles:
                       path, e.strerror, REKEY_RETRY)
             return
         log.warning("%r: gave it a fresh data key after %d seals under the old one", path, seals)
+        self._new_worker_key(c, old_seal_key, dk.plaintext, file_id)
+
+    def _new_worker_key(self, c: FileContent, old_seal_key: int | None, key: bytes, file_id: bytes) -> None:
+        """``c`` changed its data key: the sealing worker forgets the old one, and gets the new
+        one at the next large read or write."""
         worker = self._worker()
         if old_seal_key is not None and worker is not None:
             worker.drop_key(old_seal_key)
         c.seal_key_id = None
-        c.data_key = (dk.plaintext, file_id) if worker is not None else None
+        c.data_key = (key, file_id) if worker is not None else None
 
     def renew(self, f: OpenFile, new_file: bool = False) -> FileContent:
         """Empty ``f``'s file and give it a new header and data key (``new_file``: it was just

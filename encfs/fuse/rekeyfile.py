@@ -26,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 
 from encfs.blocks import OVERHEAD, BlockAuthError, BlockCipher
@@ -43,10 +44,16 @@ from encfs.fuse.fileheader import (
 )
 from encfs.fuse.journal import JOURNAL_DIR, Journal
 
+log = logging.getLogger("encfs.fuse")
 SUFFIX = b".rekey"
 TMP_SUFFIX = SUFFIX + b".tmp"
 _CHUNK_BLOCKS = 32  # blocks re-sealed per pass (1 MiB of 32 KiB blocks)
 _COPY = 1 << 20
+
+
+class SideFilePending(OSError):
+    """The side file is complete but copying it in failed: the file is read from the side file
+    (read-only) until a load finishes the re-key."""
 
 
 def side_file(root: bytes, file_id: bytes) -> bytes:
@@ -76,8 +83,8 @@ def pending(root: bytes, read_only: bool) -> set[bytes]:
 def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
     """Re-seal ``c``'s file under ``cipher`` with ``header`` (a new file id and data key), as
     the module docstring says; ``c`` then serves the file under them. OSError if the side file
-    cannot be written (the file is then untouched and ``c`` unchanged); a failure after the
-    side file is complete leaves ``c`` reading from it, read-only, until the next load."""
+    cannot be written (the file is then untouched and ``c`` unchanged); SideFilePending if copying
+    the complete side file in fails (``c`` then reads from it, read-only, under the new key)."""
     c.checkpoint()
     old_id = c.header.file_id
     final = side_file(os.path.dirname(os.path.dirname(c.journal.path)), old_id)
@@ -98,13 +105,12 @@ def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
         fsync_dir(os.path.dirname(final))
         try:
             _copy_back(fd, c.fd)
-        except OSError:
+        except OSError as e:
             _serve_side_file(c, final, header, cipher)
-            raise
+            raise SideFilePending(e.errno, e.strerror) from None
     finally:
         os.close(fd)
-    os.unlink(final)
-    fsync_dir(os.path.dirname(final))
+    # The backing file is under the new key from here on: ``c`` follows it before anything else.
     c._journals.discard(old_id)
     c.header, c.cipher = header, cipher
     c.journal = Journal(os.path.dirname(os.path.dirname(c.journal.path)), header.file_id)
@@ -113,6 +119,11 @@ def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
     c.fresh = c.verified = True
     c.dirty = False
     c.rekey_at = REKEY_AT
+    try:
+        os.unlink(final)
+        fsync_dir(os.path.dirname(final))
+    except OSError as e:  # its old id is in no header now: a recovery scan removes it as an orphan
+        log.warning("%r: re-keyed, but its side file stays (%s)", final, e.strerror)
 
 
 def complete(root: bytes, file_id: bytes, fd: int) -> None:

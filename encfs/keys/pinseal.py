@@ -39,7 +39,7 @@ from encfs.errors import ConfigError, PinIncorrect, StateError, UsageError
 
 FORMAT = 1
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
-_MAX_LOG2_N = 22  # 4 GiB of memory at r = 8: a file asking for more is damaged, not stronger
+_MAX_MEMORY = 4 << 30  # scrypt needs 128 r N p bytes: a file asking for more is damaged, not stronger
 _AAD = b"encfs pins v1"
 MIN_PASSPHRASE = 8
 
@@ -66,7 +66,7 @@ def unseal(data: bytes, passphrase: str, where: Path) -> dict[str, str]:
         if doc.get("format") != FORMAT or doc.get("kdf") != "scrypt":
             raise ValueError
         n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
-        if n < 2 or n & (n - 1) or n > 2**_MAX_LOG2_N or not 1 <= r <= 32 or not 1 <= p <= 16:
+        if n < 2 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16 or 128 * r * n * p > _MAX_MEMORY:
             raise ValueError
         salt, nonce, sealed = (base64.b64decode(doc[k], validate=True) for k in ("salt", "nonce", "sealed"))
         if len(nonce) != 12:
@@ -102,23 +102,3 @@ def read_passphrase(passphrase_file: str | None, what: str, confirm: bool = Fals
     if confirm and len(passphrase) < MIN_PASSPHRASE:
         raise UsageError(f"passphrase is shorter than {MIN_PASSPHRASE} characters; nothing changed")
     return passphrase
-
-
-def write_private_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` (mode 0600): temporary file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from encfs.atomicfile import write_atomic
 from encfs.errors import ConfigError, ModuleNotFound, StateError, TokenError, UsageError
 from encfs.keys import pinseal
 from encfs.keys.token import PinSource, TokenSpec
@@ -135,7 +136,7 @@ class EmbeddedSoftHSM:
             pins = self.unseal(old_passphrase)
         else:
             pins = self._plain_pins()
-        pinseal.write_private_atomic(self.sealed_pins, pinseal.seal(pins, passphrase))
+        write_atomic(self.sealed_pins, pinseal.seal(pins, passphrase), 0o600, sync_dir=True)
         for path in (self.user_pin, self.so_pin):  # a file system may keep the old blocks: see secrets.md
             path.unlink(missing_ok=True)
 
@@ -144,8 +145,8 @@ class EmbeddedSoftHSM:
         if not self.protected:
             raise UsageError(f"the PINs in {self.dir} are not sealed under a passphrase")
         pins = self.unseal(passphrase)
-        pinseal.write_private_atomic(self.so_pin, (pins["so"]).encode())
-        pinseal.write_private_atomic(self.user_pin, (pins["user"]).encode())
+        write_atomic(self.so_pin, pins["so"].encode(), 0o600, sync_dir=True)
+        write_atomic(self.user_pin, pins["user"].encode(), 0o600, sync_dir=True)
         self.sealed_pins.unlink()
 
     def activate(self) -> None:
