@@ -2,7 +2,8 @@
 
 ``set_seals(cipherdir, home, backing, seals)`` runs this file in a subprocess (SoftHSM2 is
 loaded once per process): it unwraps the file's data key on the real token of ``home`` and
-rewrites the state (docs/FORMAT.md §6.4) with the same synced size and ``seals``, so a test
+rewrites the state (docs/FORMAT.md §6.4: its xattr, or its state file on a backing store without
+user xattrs) with the same synced size and ``seals``, so a test
 can bring a file to the edge of its data key's nonce budget without 2^31 writes.
 """
 
@@ -25,7 +26,14 @@ def set_seals(cipherdir: Path, home: Path, backing: Path, seals: int) -> None:
 
 def main(argv: list[str]) -> None:
     from encfs.blocks import BlockCipher
-    from encfs.fuse.fileheader import FileHeader, FileState, read_state, write_state
+    from encfs.fuse.fileheader import (
+        FileHeader,
+        FileState,
+        read_state,
+        state_file,
+        user_xattrs_supported,
+        write_state,
+    )
     from encfs.keys.service import KeyService
 
     cipherdir, backing, seals = Path(argv[0]), Path(argv[1]), int(argv[2])
@@ -38,9 +46,11 @@ def main(argv: list[str]) -> None:
         with KeyService.open(Path(os.environ["ENCFS_HOME"]), provision=False) as ks:
             key = ks.decrypt(header.wrapped_key, context, key=config["key_id"]).plaintext
         cipher = BlockCipher(key, header.file_id, block)
-        state = read_state(fd, cipher)
+        side = None if user_xattrs_supported(os.fsencode(cipherdir)) else state_file(os.fsencode(cipherdir),
+                                                                                      header.file_id)
+        state = read_state(fd, cipher, side)
         assert state is not None, "the file's state does not authenticate"
-        write_state(fd, cipher, FileState(state.synced_size, seals))
+        write_state(fd, cipher, FileState(state.synced_size, seals), side)
     finally:
         os.close(fd)
 

@@ -61,6 +61,7 @@ from encfs.fuse.fileheader import (
     FileHeader,
     FileState,
     read_state,
+    state_file,
     write_state,
 )
 from encfs.fuse.journal import HEAD_LEN, Journal, Run
@@ -103,13 +104,16 @@ class FileContent:
     BlockAuthError propagates."""
 
     def __init__(self, fd: int, header: FileHeader, cipher: BlockCipher, root: bytes,
-                 journals: set[bytes], on_auth_error: Callable[[int], None] | None = None) -> None:
+                 journals: set[bytes], on_auth_error: Callable[[int], None] | None = None,
+                 state_in_file: bool = False) -> None:
         self.fd = fd
         self.header = header
         self.cipher = cipher
         self.block = cipher.block_size
         self.v1 = header.version == V1
         self.journal = Journal(root, header.file_id)
+        self.root = root
+        self.state_in_file = state_in_file  # the backing store keeps no user xattrs: see state_file
         self._journals = journals  # file ids with a journal on disk (shared by the filesystem)
         self.index: dict[int, tuple[int, int]] = {}  # block -> (journal offset, sealed length)
         self.size = 0
@@ -129,23 +133,29 @@ class FileContent:
 
     # -- loading and recovery --------------------------------------------------------------
 
+    @property
+    def state_file(self) -> bytes | None:
+        """Where the state lives if the backing store keeps no user xattrs (else None: the xattr)."""
+        return state_file(self.root, self.header.file_id) if self.state_in_file else None
+
     @classmethod
     def create(cls, fd: int, header: FileHeader, cipher: BlockCipher, root: bytes, journals: set[bytes],
-               on_auth_error: Callable[[int], None] | None = None) -> FileContent:
+               on_auth_error: Callable[[int], None] | None = None, state_in_file: bool = False) -> FileContent:
         """A new, empty file: write its header to the empty backing file (no state yet: a
         missing state is "nothing synced", which is what a new file has)."""
-        c = cls(fd, header, cipher, root, journals, on_auth_error)
+        c = cls(fd, header, cipher, root, journals, on_auth_error, state_in_file)
         pwrite_all(fd, header.pack(), 0)
         c.fresh = c.verified = c.dirty = True
         return c
 
     def upgrade(self) -> bool:
         """Make a version-1 file version 2 (state first, then the version byte); False if the
-        backing store keeps no xattrs (the file then stays version 1)."""
+        state cannot be written for lack of xattrs (the file then stays version 1; a store known
+        to lack them keeps the state in a file instead: state_file)."""
         if not self.v1:
             return True
         try:
-            write_state(self.fd, self.cipher, FileState())
+            write_state(self.fd, self.cipher, FileState(), self.state_file)
         except OSError as e:
             if e.errno in NO_XATTRS:
                 return False
@@ -167,7 +177,7 @@ class FileContent:
         notes: list[str] = []
         backing = os.fstat(self.fd).st_size
         if not self.v1:
-            state = read_state(self.fd, self.cipher)
+            state = read_state(self.fd, self.cipher, self.state_file)
             if state is None:
                 notes.append("its state fails authentication: nothing counts as synced, and its "
                              "data key's budget as spent (its next write gives it a fresh key)")
@@ -503,7 +513,7 @@ class FileContent:
     def _write_state(self, synced_size: int) -> None:
         self.seals += 1  # the state is sealed under the data key too
         state = FileState(synced_size, self.seals)
-        write_state(self.fd, self.cipher, state)
+        write_state(self.fd, self.cipher, state, self.state_file)
         self.state = state
 
     def checkpoint(self) -> None:

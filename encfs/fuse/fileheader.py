@@ -12,9 +12,10 @@ Header (128 bytes, then blocks)::
     24+n    zero padding to 128 bytes
 
 Version 2 differs from version 1 only in what it promises: the backing file carries its
-state (FileState) in the xattr ``user.encfs.state``, so that blocks past the end may be
-written in place (content.py). A version-1 file becomes version 2 in place, by writing its
-state and then its version byte.
+state (FileState) in the xattr ``user.encfs.state`` (on a backing store without user xattrs,
+in the file ``encfs.journal/<file id hex>.state``: state_file()), so that blocks past the end
+may be written in place (content.py). A version-1 file becomes version 2 in place, by writing
+its state and then its version byte.
 
 Invariants:
 - The header is written once, when the file gets its data key; later only the version
@@ -36,6 +37,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
 
 MAGIC = b"ENCF"
@@ -44,6 +46,10 @@ HEADER_LEN = 128
 VERSION_OFFSET = 4
 FILE_ID_LEN = 16
 STATE_XATTR = "user.encfs.state"
+STATE_SUFFIX = b".state"  # encfs.journal/<file id hex>.state: the state where xattrs are not kept
+JOURNAL_DIR = b"encfs.journal"
+_PROBE = "user.encfs.probe"
+_SEALED_STATE = 12 + 24 + 16
 STATE_BLOCK = (1 << 64) - 1
 _FIXED = struct.Struct(">4sBB16sH")
 _STATE = struct.Struct(">QQQ")  # synced size, seals counted, reserved (0)
@@ -110,19 +116,59 @@ class FileState:
 SPENT = FileState(0, REKEY_AT)  # what a state that fails authentication counts as
 
 
-def read_state(fd: int, cipher: BlockCipher) -> FileState | None:
+def read_state(fd: int, cipher: BlockCipher, side: bytes | None = None) -> FileState | None:
     """The file's state (the initial one if it has none yet); None if it fails authentication
-    (the caller then counts the key's budget as spent: SPENT)."""
+    (the caller then counts the key's budget as spent: SPENT). ``side``: the state's file, on a
+    backing store without user xattrs (state_file())."""
     try:
-        return FileState.open(cipher, os.getxattr(fd, STATE_XATTR))
+        if side is None:
+            sealed = os.getxattr(fd, STATE_XATTR)
+        else:
+            with open(side, "rb") as f:
+                sealed = f.read(_SEALED_STATE + 1)
+        return FileState.open(cipher, sealed)
+    except FileNotFoundError:
+        return FileState()
     except OSError as e:
         if e.errno in (errno.ENODATA, *NO_XATTRS):
             return FileState()
         raise
-    except (BlockAuthError, struct.error):
+    except (BlockAuthError, struct.error, ValueError):
         return None
 
 
-def write_state(fd: int, cipher: BlockCipher, state: FileState) -> None:
-    """Replace the file's state (setxattr replaces the whole value atomically)."""
-    os.setxattr(fd, STATE_XATTR, state.seal(cipher))
+def write_state(fd: int, cipher: BlockCipher, state: FileState, side: bytes | None = None) -> None:
+    """Replace the file's state: setxattr, or the ``side`` file, each replaced as a whole."""
+    if side is None:
+        os.setxattr(fd, STATE_XATTR, state.seal(cipher))
+        return
+    os.makedirs(os.path.dirname(side), mode=0o700, exist_ok=True)
+    write_atomic(side, state.seal(cipher), 0o600)
+
+
+def remove_state(fd: int, side: bytes | None = None) -> None:
+    """Drop the file's state (a file emptied or gone: its key goes with it)."""
+    try:
+        if side is None:
+            os.removexattr(fd, STATE_XATTR)
+        else:
+            os.unlink(side)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, errno.ENOENT, *NO_XATTRS):
+            raise
+
+
+def state_file(root: bytes, file_id: bytes) -> bytes:
+    """Where a file's state lives on a backing store without user xattrs."""
+    return os.path.join(root, JOURNAL_DIR, file_id.hex().encode() + STATE_SUFFIX)
+
+
+def user_xattrs_supported(path: bytes) -> bool:
+    """Whether the backing store at ``path`` keeps user xattrs (probed with a set and a remove);
+    an answer other than "not supported" (a read-only store, no permission) counts as yes."""
+    try:
+        os.setxattr(path, _PROBE, b"")
+        os.removexattr(path, _PROBE)
+    except OSError as e:
+        return e.errno not in NO_XATTRS
+    return True

@@ -555,7 +555,11 @@ class EncryptedFS:
         if stat_m.S_ISDIR(st.st_mode):
             raise FuseError(errno.EISDIR)
         last_target = self._last_link_target(path, st)
+        state = self._last_link_state_file(path, st)
         os.unlink(path)
+        if state is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(state)
         self._remove_side(path, side)
         self.links.drop(last_target)
         self._removed(st, path)
@@ -694,6 +698,19 @@ class EncryptedFS:
             self.links.drop(replaced_target)
             self._removed(replaced, new)
         self._rename_paths(old, new)
+
+    def _last_link_state_file(self, path: bytes, st: os.stat_result) -> bytes | None:
+        """On a backing store without user xattrs: the state file of the regular file ``path``
+        if this is its last link and no handle holds it (else the file lives on: an open file's
+        state file goes with the next recovery scan's orphans)."""
+        if not (self.files.state_in_file and stat_m.S_ISREG(st.st_mode) and st.st_nlink == 1) \
+                or self.files.is_open(self._ino(st)):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            return self.files.state_file_of(fd)
+        finally:
+            os.close(fd)
 
     def _moved_link(self, st: os.stat_result) -> None:
         """A rename replaced the symlink ``st`` with a new backing symlink: the kernel keeps its

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 from encfs.blocks import BlockAuthError, BlockCipher, run_blocks
 from encfs.diskio import fsync_dir, pwritev_all
+from encfs.fuse.fileheader import JOURNAL_DIR
 
-JOURNAL_DIR = b"encfs.journal"
 _HEAD = struct.Struct(">4sB3s16s8s")
 _RECORD = struct.Struct(">4sIQII")
 RUN, SYNC = b"EJRN", b"EJSY"

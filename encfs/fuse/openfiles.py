@@ -42,10 +42,14 @@ from encfs.fuse.fileheader import (
     FILE_ID_LEN,
     HEADER_LEN,
     SEAL_LIMIT,
-    STATE_XATTR,
+    STATE_SUFFIX,
     V1,
     V2,
     FileHeader,
+    HeaderError,
+    remove_state,
+    state_file,
+    user_xattrs_supported,
 )
 from encfs.fuse.fsconfig import FsConfig
 from encfs.fuse.journal import JOURNAL_DIR, journal_path
@@ -90,6 +94,8 @@ class OpenFiles:
         self.unrecovered: list[bytes] = []  # files whose recovery failed or stayed in memory
         self.seen_ids: set[bytes] = set()  # file ids met by recoveries (journals of others are orphans)
         self._xattrs = True  # False once the backing store refused the file state
+        # A backing store without user xattrs keeps each file's state in a file (fileheader.py).
+        self.state_in_file = not read_only and not user_xattrs_supported(root)
         self._worker_keys = threading.Lock()  # reads (under the server's shared lock) send keys too
         self._next = 1
         try:  # files whose journal a crash left behind: recovered when next loaded
@@ -236,9 +242,10 @@ class OpenFiles:
         """After a recovery scan met every file: journals whose file no scan met and no loaded
         content owns belong to files that are gone (unlinked while open, then a crash)."""
         owned = self.seen_ids | {c.header.file_id for c in self.contents.values()}
-        orphans = [i for i in self.journals | self.rekeys if i not in owned]
+        orphans = [i for i in self.journals | self.rekeys | self._state_files() if i not in owned]
         for file_id in orphans:
-            for path in (journal_path(self.root, file_id), rekeyfile.side_file(self.root, file_id)):
+            for path in (journal_path(self.root, file_id), rekeyfile.side_file(self.root, file_id),
+                         state_file(self.root, file_id)):
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
@@ -246,6 +253,23 @@ class OpenFiles:
             self.journals.discard(file_id)
             self.rekeys.discard(file_id)
         return orphans
+
+    def _state_files(self) -> set[bytes]:
+        """File ids with a state file (a backing store without user xattrs)."""
+        if not self.state_in_file:
+            return set()
+        try:
+            names = os.listdir(os.path.join(self.root, JOURNAL_DIR))
+        except FileNotFoundError:
+            return set()
+        found = set()
+        for name in names:
+            if name.endswith(STATE_SUFFIX):
+                try:
+                    found.add(bytes.fromhex(name[:-len(STATE_SUFFIX)].decode()))
+                except ValueError:
+                    pass
+        return found
 
     def _reporter(self, path: bytes) -> Callable[[int], None]:
         def report(block_no: int) -> None:
@@ -264,7 +288,7 @@ class OpenFiles:
             key = self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
                                   key=self.config.key_id, cache=self.key_cache).plaintext
             c = FileContent(fd, header, self.cipher_class(key, header.file_id, self.block_size), self.root,
-                            self.journals, self._reporter(f.path))
+                            self.journals, self._reporter(f.path), self.state_in_file)
             for note in c.load(writable, known_size, after_crash=self.recovering):
                 log.warning("%r: %s", f.path, note)
         except BaseException:
@@ -365,7 +389,7 @@ class OpenFiles:
             assert dk.plaintext is not None
             header = FileHeader(file_id, dk.ciphertext_blob, self.version)
             c = FileContent.create(fd, header, self.cipher_class(dk.plaintext, file_id, self.block_size),
-                                   self.root, self.journals, self._reporter(f.path))
+                                   self.root, self.journals, self._reporter(f.path), self.state_in_file)
         except BaseException:
             os.close(fd)
             raise
@@ -379,9 +403,10 @@ class OpenFiles:
         """Truncate the file to 0 through ``fd``: the header goes first, durably if a journal
         holds blocks of it, then its content and journal (a crash in between leaves an empty
         file and an orphaned journal, never the old blocks without their journaled versions)."""
+        side = self.state_file_of(fd)
         os.ftruncate(fd, 0)
         try:
-            os.removexattr(fd, STATE_XATTR)  # sealed under the old key: the next one starts afresh
+            remove_state(fd, side)  # sealed under the old key: the next one starts afresh
         except OSError:
             pass
         c = self.contents.pop(inode, None)
@@ -389,6 +414,15 @@ class OpenFiles:
             if c.journal.fd is not None:
                 os.fsync(fd)
             self._close(c, path, unlinked=True)
+
+    def state_file_of(self, fd: int) -> bytes | None:
+        """The state file of the backing file open as ``fd``, on a store without user xattrs."""
+        if not self.state_in_file:
+            return None
+        try:
+            return state_file(self.root, FileHeader.parse(os.pread(fd, HEADER_LEN, 0)).file_id)
+        except HeaderError:
+            return None
 
     def _new_file_id(self) -> tuple[bytes, dict[str, str]]:
         file_id = os.urandom(FILE_ID_LEN)

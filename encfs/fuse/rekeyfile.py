@@ -40,6 +40,8 @@ from encfs.fuse.fileheader import (
     FileHeader,
     FileState,
     read_state,
+    remove_state,
+    state_file,
     write_state,
 )
 from encfs.fuse.journal import JOURNAL_DIR, Journal
@@ -87,7 +89,9 @@ def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
     the complete side file in fails (``c`` then reads from it, read-only, under the new key)."""
     c.checkpoint()
     old_id = c.header.file_id
-    final = side_file(os.path.dirname(os.path.dirname(c.journal.path)), old_id)
+    root = os.path.dirname(os.path.dirname(c.journal.path))
+    final = side_file(root, old_id)
+    new_state = state_file(root, header.file_id) if c.state_in_file else None
     tmp = final[:-len(SUFFIX)] + TMP_SUFFIX
     os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -95,11 +99,13 @@ def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
         try:
             pwrite_all(fd, header.pack(), 0)
             sealed = _reseal(c, cipher, fd)
-            if not c.v1:
-                write_state(fd, cipher, FileState(c.size, sealed + 1))
+            if not c.v1:  # with the side file (its xattr, or the new id's state file beside it)
+                write_state(fd, cipher, FileState(c.size, sealed + 1), new_state)
             os.fsync(fd)
         except BaseException:
             os.unlink(tmp)
+            if new_state is not None:
+                remove_state(fd, new_state)
             raise
         os.rename(tmp, final)
         fsync_dir(os.path.dirname(final))
@@ -112,14 +118,17 @@ def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
         os.close(fd)
     # The backing file is under the new key from here on: ``c`` follows it before anything else.
     c._journals.discard(old_id)
+    old_state = c.state_file
     c.header, c.cipher = header, cipher
     c.journal = Journal(os.path.dirname(os.path.dirname(c.journal.path)), header.file_id)
-    c.state = (read_state(c.fd, cipher) or FileState()) if not c.v1 else FileState()
+    c.state = (read_state(c.fd, cipher, c.state_file) or FileState()) if not c.v1 else FileState()
     c.seals = c.state.seals
     c.fresh = c.verified = True
     c.dirty = False
     c.rekey_at = REKEY_AT
     try:
+        if old_state is not None:
+            remove_state(c.fd, old_state)
         os.unlink(final)
         fsync_dir(os.path.dirname(final))
     except OSError as e:  # its old id is in no header now: a recovery scan removes it as an orphan
