@@ -158,9 +158,15 @@ def remove_state(fd: int, side: bytes | None = None) -> None:
             raise
 
 
+def journal_dir_entry(root: bytes, file_id: bytes, suffix: bytes = b"") -> bytes:
+    """``encfs.journal/<file id hex><suffix>``: the journal directory names a file's journal,
+    state file and re-key side file by its id."""
+    return os.path.join(root, JOURNAL_DIR, file_id.hex().encode() + suffix)
+
+
 def state_file(root: bytes, file_id: bytes) -> bytes:
     """Where a file's state lives on a backing store without user xattrs."""
-    return os.path.join(root, JOURNAL_DIR, file_id.hex().encode() + STATE_SUFFIX)
+    return journal_dir_entry(root, file_id, STATE_SUFFIX)
 
 
 def user_xattrs_supported(path: bytes) -> bool:

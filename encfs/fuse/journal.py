@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from encfs.blocks import BlockAuthError, BlockCipher, run_blocks
 from encfs.diskio import fsync_dir, pwritev_all
-from encfs.fuse.fileheader import JOURNAL_DIR
+from encfs.fuse.fileheader import FILE_ID_LEN, JOURNAL_DIR, journal_dir_entry
 
 _HEAD = struct.Struct(">4sB3s16s8s")
 _RECORD = struct.Struct(">4sIQII")
@@ -57,8 +57,26 @@ class Run:
     length: int  # sealed bytes
 
 
+def file_ids(root: bytes, suffix: bytes = b"") -> set[bytes]:
+    """The file ids named by entries ``<file id hex><suffix>`` of the journal directory (journals,
+    re-key side files, state files: each names its file by id)."""
+    try:
+        names = os.listdir(os.path.join(root, JOURNAL_DIR))
+    except FileNotFoundError:
+        return set()
+    found = set()
+    for name in names:
+        stem = name[:len(name) - len(suffix)]
+        if name.endswith(suffix) and len(stem) == 2 * FILE_ID_LEN:
+            try:
+                found.add(bytes.fromhex(stem.decode()))
+            except ValueError:
+                pass
+    return found
+
+
 def journal_path(root: bytes, file_id: bytes) -> bytes:
-    return os.path.join(root, JOURNAL_DIR, file_id.hex().encode())
+    return journal_dir_entry(root, file_id)
 
 
 class Journal:

@@ -52,7 +52,7 @@ from encfs.fuse.fileheader import (
     user_xattrs_supported,
 )
 from encfs.fuse.fsconfig import FsConfig
-from encfs.fuse.journal import JOURNAL_DIR, journal_path
+from encfs.fuse.journal import file_ids, journal_path
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.pool import DataKeyPool
 from encfs.keys.service import KeyService
@@ -98,11 +98,7 @@ class OpenFiles:
         self.state_in_file = not read_only and not user_xattrs_supported(root)
         self._worker_keys = threading.Lock()  # reads (under the server's shared lock) send keys too
         self._next = 1
-        try:  # files whose journal a crash left behind: recovered when next loaded
-            self.journals = {bytes.fromhex(n) for n in os.listdir(os.path.join(root, JOURNAL_DIR).decode())
-                             if len(n) == 2 * FILE_ID_LEN}
-        except (FileNotFoundError, ValueError):
-            self.journals = set()
+        self.journals = file_ids(root)  # files whose journal a crash left behind: recovered when next loaded
         self.rekeys = rekeyfile.pending(root, read_only)  # files whose re-key a crash interrupted
         # Files of a format-1 filesystem stay version 1 (format-1 encfs cannot read version 2).
         self.version = V2 if config.format >= 2 else V1
@@ -242,7 +238,8 @@ class OpenFiles:
         """After a recovery scan met every file: journals whose file no scan met and no loaded
         content owns belong to files that are gone (unlinked while open, then a crash)."""
         owned = self.seen_ids | {c.header.file_id for c in self.contents.values()}
-        orphans = [i for i in self.journals | self.rekeys | self._state_files() if i not in owned]
+        states = file_ids(self.root, STATE_SUFFIX) if self.state_in_file else set()
+        orphans = [i for i in self.journals | self.rekeys | states if i not in owned]
         for file_id in orphans:
             for path in (journal_path(self.root, file_id), rekeyfile.side_file(self.root, file_id),
                          state_file(self.root, file_id)):
@@ -253,23 +250,6 @@ class OpenFiles:
             self.journals.discard(file_id)
             self.rekeys.discard(file_id)
         return orphans
-
-    def _state_files(self) -> set[bytes]:
-        """File ids with a state file (a backing store without user xattrs)."""
-        if not self.state_in_file:
-            return set()
-        try:
-            names = os.listdir(os.path.join(self.root, JOURNAL_DIR))
-        except FileNotFoundError:
-            return set()
-        found = set()
-        for name in names:
-            if name.endswith(STATE_SUFFIX):
-                try:
-                    found.add(bytes.fromhex(name[:-len(STATE_SUFFIX)].decode()))
-                except ValueError:
-                    pass
-        return found
 
     def _reporter(self, path: bytes) -> Callable[[int], None]:
         def report(block_no: int) -> None:

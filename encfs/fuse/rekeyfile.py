@@ -41,10 +41,11 @@ from encfs.fuse.fileheader import (
     FileState,
     read_state,
     remove_state,
+    journal_dir_entry,
     state_file,
     write_state,
 )
-from encfs.fuse.journal import JOURNAL_DIR, Journal
+from encfs.fuse.journal import Journal, file_ids
 
 log = logging.getLogger("encfs.fuse")
 SUFFIX = b".rekey"
@@ -58,28 +59,17 @@ class SideFilePending(OSError):
     (read-only) until a load finishes the re-key."""
 
 
-def side_file(root: bytes, file_id: bytes) -> bytes:
-    return os.path.join(root, JOURNAL_DIR, file_id.hex().encode() + SUFFIX)
+def side_file(root: bytes, file_id: bytes, suffix: bytes = SUFFIX) -> bytes:
+    return journal_dir_entry(root, file_id, suffix)
 
 
 def pending(root: bytes, read_only: bool) -> set[bytes]:
     """File ids with a complete side file (a re-key a crash interrupted); unfinished
     ``.rekey.tmp`` files are removed (unless ``read_only``)."""
-    directory = os.path.join(root, JOURNAL_DIR)
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return set()
-    found = set()
-    for name in names:
-        if name.endswith(TMP_SUFFIX) and not read_only:
-            os.unlink(os.path.join(directory, name))
-        elif name.endswith(SUFFIX):
-            try:
-                found.add(bytes.fromhex(name[:-len(SUFFIX)].decode()))
-            except ValueError:
-                pass
-    return found
+    if not read_only:
+        for file_id in file_ids(root, TMP_SUFFIX):
+            os.unlink(side_file(root, file_id, TMP_SUFFIX))
+    return file_ids(root, SUFFIX)
 
 
 def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
@@ -89,10 +79,10 @@ def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
     the complete side file in fails (``c`` then reads from it, read-only, under the new key)."""
     c.checkpoint()
     old_id = c.header.file_id
-    root = os.path.dirname(os.path.dirname(c.journal.path))
+    root = c.root
     final = side_file(root, old_id)
     new_state = state_file(root, header.file_id) if c.state_in_file else None
-    tmp = final[:-len(SUFFIX)] + TMP_SUFFIX
+    tmp = side_file(root, old_id, TMP_SUFFIX)
     os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
@@ -120,7 +110,7 @@ def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
     c._journals.discard(old_id)
     old_state = c.state_file
     c.header, c.cipher = header, cipher
-    c.journal = Journal(os.path.dirname(os.path.dirname(c.journal.path)), header.file_id)
+    c.journal = Journal(c.root, header.file_id)
     c.state = (read_state(c.fd, cipher, c.state_file) or FileState()) if not c.v1 else FileState()
     c.seals = c.state.seals
     c.fresh = c.verified = True
