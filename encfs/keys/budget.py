@@ -32,27 +32,30 @@ log = logging.getLogger("encfs.keys")
 class SealBudget:
     """This process's reservations of seals, per (key id, backing-key version)."""
 
-    def __init__(self, store: KeyStore) -> None:
+    def __init__(self, store: KeyStore, ready: Callable[[KeyRecord], object],
+                 check: Callable[[KeyRecord, str], None], rotate: Callable[[KeyRecord], int],
+                 audit_rotation: Callable[[KeyRecord, int], None]) -> None:
+        """The key service's part: ``ready`` reaches the token for a record's current backing key;
+        ``check`` refuses a record whose state does not allow an operation; ``rotate`` adds a
+        backing-key version to a record (returns its number); ``audit_rotation`` records one."""
         self.store = store
+        self._ready, self._check, self._rotate, self._audit_rotation = ready, check, rotate, audit_rotation
         self._left: dict[tuple[str, int], int] = {}
         self._chunk: dict[str, int] = {}
 
-    def spend(self, rec: KeyRecord, n: int, ready: Callable[[], object], rotate: Callable[[KeyRecord], int],
-              check: Callable[[KeyRecord], None], audit_rotation: Callable[[KeyRecord, int], None]) -> KeyRecord:
-        """Take ``n`` seals under ``rec``'s current version; returns the record to seal with
-        (a newer one if this reservation rotated the key). ``ready`` reaches the token before a
-        reservation; ``check`` re-checks the key's state under the metadata lock; ``rotate`` adds
-        a backing-key version to a record."""
+    def spend(self, rec: KeyRecord, n: int, operation: str) -> KeyRecord:
+        """Take ``n`` seals under ``rec``'s current version for ``operation``; returns the record
+        to seal with (a newer one if this reservation rotated the key)."""
         slot = (rec.key_id, rec.current.version)
         if self._left.get(slot, 0) >= n:
             self._left[slot] -= n
             return rec
         chunk = max(n, min(MAX_CHUNK, 2 * self._chunk.get(rec.key_id, 0)))
-        ready()  # the token must answer (a wrong PIN) before the count changes
+        self._ready(rec)  # the token must answer (a wrong PIN) before the count changes
         rotated = None
         with self.store.transaction() as db:
             fresh = db.resolve(rec.key_id)
-            check(fresh)
+            self._check(fresh, operation)
             if fresh.current.sealed + chunk > ROTATE_AT:
                 if fresh.origin == ORIGIN_EXTERNAL:
                     if fresh.current.sealed + chunk > SEAL_LIMIT:
@@ -60,10 +63,10 @@ class SealBudget:
                                             f"imported material, the most one key may (its nonce budget): import "
                                             f"new material under a new key")
                 else:
-                    rotated = rotate(fresh)
+                    rotated = self._rotate(fresh)
             fresh.current.sealed += chunk
         if rotated is not None:
-            audit_rotation(fresh, rotated)
+            self._audit_rotation(fresh, rotated)
         self._chunk[rec.key_id] = chunk
         now = (fresh.key_id, fresh.current.version)  # ``slot`` unless this rotated the key
         self._left[now] = self._left.get(now, 0) + chunk - n

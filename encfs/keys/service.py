@@ -188,7 +188,13 @@ class KeyService:
         self.token = token
         self.clock = clock
         self.store = KeyStore(home, on_missing=self._no_metadata)
-        self.budget = SealBudget(self.store)
+        self.budget = SealBudget(
+            self.store,
+            ready=lambda rec: self.token.has_object(bytes.fromhex(rec.current.token_id)),
+            check=self._require,
+            rotate=lambda rec: self._add_version(rec, self.clock()),
+            audit_rotation=lambda rec, version: self.audit.record(
+                "RotateKey", key_id=rec.key_id, key_version=version, now=self.clock(), trigger="nonce budget"))
         self.audit = AuditLog(home / "audit.log")
         self._token_owned = token_owned
         self._empty_store_checked = False
@@ -352,20 +358,6 @@ class KeyService:
     def _require(rec: KeyRecord, operation: str) -> None:
         if rec.state != ENABLED:
             raise _state_error(rec, operation)
-
-    def _spend(self, rec: KeyRecord, n: int, operation: str) -> KeyRecord:
-        """Reserve ``n`` seals under ``rec``'s current backing key (budget.py); the record to
-        seal with (a newer version if the budget rotated the key)."""
-        def rotate(fresh: KeyRecord) -> int:
-            return self._add_version(fresh, self.clock())
-
-        def audit_rotation(fresh: KeyRecord, version: int) -> None:
-            self.audit.record("RotateKey", key_id=fresh.key_id, key_version=version, now=self.clock(),
-                              trigger="nonce budget")
-
-        def ready() -> bool:
-            return self.token.has_object(bytes.fromhex(rec.current.token_id))
-        return self.budget.spend(rec, n, ready, rotate, lambda fresh: self._require(fresh, operation), audit_rotation)
 
     def _seal(self, rec: KeyRecord, plaintext: bytes, encoded_context: bytes, operation: str,
               info: dict[str, Any]) -> bytes:
@@ -605,7 +597,7 @@ class KeyService:
             rec = self._db().resolve(key)
             info["key_id"] = rec.key_id
             self._require(rec, op)
-            rec = self._spend(rec, 1, op)
+            rec = self.budget.spend(rec, 1, op)
             info["key_version"] = rec.current.version
             plaintext = self.token.random(number_of_bytes)
             blob = self._seal(rec, plaintext, encoded, op, info)
@@ -633,7 +625,7 @@ class KeyService:
             rec = self._db().resolve(key)
             info["key_id"] = rec.key_id
             self._require(rec, "GenerateDataKey")
-            rec = self._spend(rec, len(contexts), "GenerateDataKey")
+            rec = self.budget.spend(rec, len(contexts), "GenerateDataKey")
             version = rec.current
             info["key_version"] = version.version
             material = self.token.random(number_of_bytes * len(contexts))
@@ -676,7 +668,7 @@ class KeyService:
             rec = self._db().resolve(key)
             info["key_id"] = rec.key_id
             self._require(rec, "Encrypt")
-            rec = self._spend(rec, 1, "Encrypt")
+            rec = self.budget.spend(rec, 1, "Encrypt")
             info["key_version"] = rec.current.version
             return self._seal(rec, plaintext, encoded, "Encrypt", info)
 
@@ -716,7 +708,7 @@ class KeyService:
             dest = db.resolve(dest_key)
             info["destination_key_id"] = dest.key_id
             self._require(dest, "ReEncrypt")
-            dest = self._spend(dest, 1, "ReEncrypt")
+            dest = self.budget.spend(dest, 1, "ReEncrypt")
             info["destination_key_version"] = dest.current.version
             return self._seal(dest, plaintext, encode_context(dest_context), "ReEncrypt", info)
 
