@@ -10,9 +10,23 @@ filesystem records 4 KiB or 32 KiB in its config. Every size shares this framing
 
 ``scope`` names the owner (a file id, a volume id), so a block cannot be
 moved to another position or another owner without failing authentication.
-Every seal draws a fresh random 96-bit nonce, so rewriting a block never
-reuses a (key, nonce) pair; callers keep the number of seals per data key
-well under 2**32 (NIST SP 800-38D, random nonces).
+
+A seal takes its nonce in one of two ways; a reader needs neither (it reads
+the nonce from the block):
+
+- random (the default): every seal draws a fresh random 96-bit nonce;
+  callers keep the number of seals per data key well under 2**32 (the
+  budget of NIST SP 800-38D 8.3, random construction: the chance of any
+  repeated nonce stays below 2**-32);
+- counter (``counter=`` on a cipher made with a ``nonce_prefix``): nonce =
+  prefix (4 bytes) || u64 counter, big-endian, and a run of blocks takes
+  consecutive counter values: the deterministic construction of SP 800-38D
+  8.2.1, fixed field = the prefix, invocation field = the 64-bit counter.
+  Nonces are unique by construction, with no budget but the counter's range.
+  The caller owns the counter and must never hand out a value twice under
+  one key. (Sealing the very same block again, same number and plaintext,
+  under the same counter gives the same bytes and so reveals nothing: a
+  retry may reuse its counters.)
 
 The offset arithmetic is pure and lives in module-level functions so that
 callers (FUSE read/write, volume I/O) and tests share one definition; each
@@ -22,6 +36,7 @@ takes the plaintext block size (default PLAIN_BLOCK, 4 KiB).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
 import threading
@@ -35,6 +50,7 @@ NONCE_LEN = 12
 TAG_LEN = 16
 OVERHEAD = NONCE_LEN + TAG_LEN
 SEALED_BLOCK = PLAIN_BLOCK + OVERHEAD
+NONCE_PREFIX_LEN = 4  # counter nonces: prefix || u64 counter
 
 _U64 = struct.Struct(">Q")
 
@@ -48,6 +64,38 @@ _U64 = struct.Struct(">Q")
 AEAD_TURN = threading.Lock()
 TURN_BELOW = 16 * 1024
 _NO_TURN = contextlib.nullcontext()
+
+
+_COUNTER_LIMIT = 1 << 64
+_CACHED_RUNS = 256  # a 1 MiB write of 4 KiB blocks
+_FIELD = 1 << 8 * NONCE_LEN
+
+
+@functools.lru_cache(maxsize=64)
+def _ramp(count: int) -> int:
+    """0, 1, ..., count - 1 in the 96-bit fields of one integer, the first one most significant:
+    sum of (count-1-j) * F**j for F = 2**96 is (sum of F**j, minus count) / (F - 1)."""
+    return ((_FIELD ** count - 1) // (_FIELD - 1) - count) // (_FIELD - 1)
+
+
+def counter_nonces(prefix: bytes, first: int, count: int) -> bytes:
+    """``count`` nonces laid end to end, nonce i = prefix (4 bytes) || u64 big-endian (first + i);
+    ValueError if the prefix is not 4 bytes or a counter would fall outside 0 .. 2**64 - 1.
+
+    Every nonce of the run is first written with counter ``first``, and i is added to nonce i
+    with one addition of big integers (no counter reaches 2**64, so nothing carries into a
+    prefix). Measured for 256 nonces: 4.7 us, against 10 us with one struct.pack of a repeated
+    format and 24 us joining per-nonce bytes (os.urandom of the same length: 8 us).
+    """
+    if len(prefix) != NONCE_PREFIX_LEN:
+        raise ValueError(f"a nonce prefix is {NONCE_PREFIX_LEN} bytes, not {len(prefix)}")
+    if first < 0 or count < 0 or first + count > _COUNTER_LIMIT:
+        raise ValueError(f"counters {first} to {first + count - 1} are not all in 0 to 2**64 - 1")
+    if not count:
+        return b""
+    ramp = _ramp(count) if count <= _CACHED_RUNS else _ramp.__wrapped__(count)
+    same = int.from_bytes((bytes(prefix) + _U64.pack(first)) * count, "big")
+    return (same + ramp).to_bytes(NONCE_LEN * count, "big")
 
 
 class BlockAuthError(Exception):
@@ -113,16 +161,21 @@ class BlockCipher:
     """Seals and opens blocks of one owner. One instance per data key (reuse it).
 
     ``block_size`` is the plaintext block size; a sealed block is at most
-    ``block_size + OVERHEAD`` bytes.
+    ``block_size + OVERHEAD`` bytes. ``nonce_prefix`` (4 bytes) lets the seal methods take a
+    ``counter`` (counter nonces, see the module docstring); without one they only draw random nonces.
     """
 
-    __slots__ = ("_aead", "_scope", "_turn", "block_size", "sealed_block")
+    __slots__ = ("_aead", "_scope", "_turn", "block_size", "nonce_prefix", "sealed_block")
 
-    def __init__(self, key: bytes, scope: bytes, block_size: int = PLAIN_BLOCK) -> None:
+    def __init__(self, key: bytes, scope: bytes, block_size: int = PLAIN_BLOCK,
+                 nonce_prefix: bytes | None = None) -> None:
         if len(key) != 32:
             raise ValueError("BlockCipher needs a 256-bit key")
+        if nonce_prefix is not None and len(nonce_prefix) != NONCE_PREFIX_LEN:
+            raise ValueError(f"a nonce prefix is {NONCE_PREFIX_LEN} bytes, not {len(nonce_prefix)}")
         self._aead = AESGCM(key)
         self._scope = bytes(scope)
+        self.nonce_prefix = None if nonce_prefix is None else bytes(nonce_prefix)
         self.block_size = check_block_size(block_size)
         self.sealed_block = block_size + OVERHEAD
         self._turn: contextlib.AbstractContextManager[object] = AEAD_TURN if block_size < TURN_BELOW else _NO_TURN
@@ -130,11 +183,22 @@ class BlockCipher:
     def aad(self, block_no: int) -> bytes:
         return self._scope + _U64.pack(block_no)
 
-    def seal(self, block_no: int, plaintext: bytes) -> bytes:
-        """nonce || ciphertext || tag for ``plaintext`` (at most block_size bytes)."""
+    def nonces(self, count: int, counter: int | None = None) -> bytes:
+        """The nonces of a run of ``count`` blocks, laid end to end: random (one getrandom(2)
+        for the run) or, from ``counter`` on, counter nonces under this cipher's prefix
+        (ValueError if it has none)."""
+        if counter is None:
+            return os.urandom(NONCE_LEN * count)
+        if self.nonce_prefix is None:
+            raise ValueError("counter nonces need a cipher made with a nonce prefix")
+        return counter_nonces(self.nonce_prefix, counter, count)
+
+    def seal(self, block_no: int, plaintext: bytes, counter: int | None = None) -> bytes:
+        """nonce || ciphertext || tag for ``plaintext`` (at most block_size bytes); the nonce is
+        random, or the counter nonce of ``counter``."""
         if not 0 < len(plaintext) <= self.block_size:
             raise ValueError(f"a block holds 1 to {self.block_size} bytes, not {len(plaintext)}")
-        nonce = os.urandom(NONCE_LEN)
+        nonce = self.nonces(1, counter)
         return nonce + self._aead.encrypt(nonce, plaintext, self.aad(block_no))
 
     def open(self, block_no: int, sealed: bytes | memoryview) -> bytes:
@@ -146,20 +210,22 @@ class BlockCipher:
         except InvalidTag:
             raise BlockAuthError(block_no) from None
 
-    def seal_into(self, block_numbers: range, plaintext: bytes | memoryview, out: memoryview | bytearray) -> None:
+    def seal_into(self, block_numbers: range, plaintext: bytes | memoryview, out: memoryview | bytearray,
+                  counter: int | None = None) -> None:
         """Seal ``plaintext`` as consecutive blocks laid end to end in ``out``, block i under
         number ``block_numbers[i]``. Every block but the last is full; ``out`` is exactly
         ``len(plaintext) + len(block_numbers) * OVERHEAD`` bytes (ValueError otherwise).
 
-        One getrandom(2) supplies every nonce of the run: large writes make no system call
-        per block. Blocks are sealed in place into ``out``.
+        Without ``counter``, one getrandom(2) supplies every nonce of the run: large writes make
+        no system call per block. With it, block i takes the counter nonce of ``counter + i``
+        (ValueError if the cipher has no nonce prefix). Blocks are sealed in place into ``out``.
         """
         pt, out = memoryview(plaintext).cast("B"), memoryview(out).cast("B")
         count, step, size = len(block_numbers), self.sealed_block, self.block_size
         if count and not (count - 1) * size < len(pt) <= count * size:
             raise ValueError(f"{len(pt)} bytes are not {count} blocks of {size} bytes")
         self.check_run(block_numbers, len(out), len(pt))
-        nonces = memoryview(os.urandom(NONCE_LEN * count))
+        nonces = memoryview(self.nonces(count, counter))
         encrypt_into, scope, pack = self._aead.encrypt_into, self._scope, _U64.pack
         # Slices past the end stop at it, so the last (possibly short) block needs no special case.
         with self._turn:
@@ -169,15 +235,17 @@ class BlockCipher:
                 out[pos:pos + NONCE_LEN] = nonce
                 encrypt_into(nonce, pt[ipos:ipos + size], scope + pack(block_no), out[pos + NONCE_LEN:pos + step])
 
-    def seal_range(self, block_numbers: range, plaintext: bytes | memoryview) -> bytearray:
+    def seal_range(self, block_numbers: range, plaintext: bytes | memoryview,
+                   counter: int | None = None) -> bytearray:
         """seal_into a new buffer of the right size."""
         out = bytearray(len(plaintext) + len(block_numbers) * OVERHEAD)
-        self.seal_into(block_numbers, plaintext, out)
+        self.seal_into(block_numbers, plaintext, out, counter)
         return out
 
-    def seal_run(self, first_block: int, plaintext: bytes | memoryview) -> bytearray:
+    def seal_run(self, first_block: int, plaintext: bytes | memoryview, counter: int | None = None) -> bytearray:
         """Seal consecutive blocks numbered from ``first_block``; only the last may be short."""
-        return self.seal_range(range(first_block, first_block - (-len(plaintext) // self.block_size)), plaintext)
+        return self.seal_range(range(first_block, first_block - (-len(plaintext) // self.block_size)), plaintext,
+                               counter)
 
     def check_run(self, block_numbers: range, sealed_len: int, out_len: int) -> None:
         """What open_into and seal_into need of their arguments: ValueError if ``sealed_len`` bytes cannot

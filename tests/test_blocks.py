@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from encfs.blocks import (
+    NONCE_LEN,
+    NONCE_PREFIX_LEN,
     OVERHEAD,
     PLAIN_BLOCK,
     SEALED_BLOCK,
     BlockAuthError,
     BlockCipher,
     blocks_touched,
+    counter_nonces,
     plain_size,
     run_blocks,
     sealed_offset,
@@ -80,6 +84,108 @@ def test_seal_open_round_trip_and_fresh_nonces() -> None:
     assert a != b  # a fresh nonce on every write
     assert bc.open(0, a) == bc.open(0, b) == data
     assert len(a) == SEALED_BLOCK
+
+
+PREFIX = bytes.fromhex("9f3c01d7")
+
+
+def reference_nonces(prefix: bytes, first: int, count: int) -> bytes:
+    return b"".join(prefix + struct.pack(">Q", first + i) for i in range(count))
+
+
+@given(st.binary(min_size=4, max_size=4), st.integers(0, 2**64) | st.integers(2**64 - 400, 2**64),
+       st.integers(0, 300))
+def test_counter_nonces_are_the_prefix_and_consecutive_counters(prefix: bytes, first: int, count: int) -> None:
+    if first + count > 2**64:
+        with pytest.raises(ValueError):
+            counter_nonces(prefix, first, count)
+        return
+    nonces = counter_nonces(prefix, first, count)
+    assert nonces == reference_nonces(prefix, first, count)
+    assert len(nonces) == NONCE_LEN * count
+
+
+def test_counter_nonces_bounds() -> None:
+    assert NONCE_PREFIX_LEN == 4
+    assert counter_nonces(PREFIX, 2**64 - 1, 1) == PREFIX + b"\xff" * 8  # the last counter value
+    assert counter_nonces(PREFIX, 2**64 - 256, 256)[-12:] == PREFIX + b"\xff" * 8
+    assert counter_nonces(PREFIX, 2**32 - 1, 2) == PREFIX + bytes.fromhex("00000000ffffffff") \
+        + PREFIX + bytes.fromhex("0000000100000000")  # a carry stays inside the counter
+    assert counter_nonces(PREFIX, 0, 0) == b""
+    assert counter_nonces(PREFIX, 2**64, 0) == b""
+    for first, count in ((2**64, 1), (2**64 - 1, 2), (2**64 - 255, 256), (-1, 1), (-1, 0), (0, -1)):
+        with pytest.raises(ValueError):
+            counter_nonces(PREFIX, first, count)
+    for prefix in (b"", PREFIX[:3], PREFIX + b"\0", bytes(12)):
+        with pytest.raises(ValueError):
+            counter_nonces(prefix, 0, 1)
+
+
+def test_counter_mode_seals_with_counter_nonces_and_is_deterministic() -> None:
+    bc = BlockCipher(KEY, b"vol", nonce_prefix=PREFIX)
+    assert bc.nonce_prefix == PREFIX
+    data = os.urandom(3 * PLAIN_BLOCK + 100)
+    counter = 2**32 + 7
+    sealed = bc.seal_run(5, data, counter=counter)
+    assert len(sealed) == sealed_size(len(data))
+    got = [bytes(sealed[i * SEALED_BLOCK:i * SEALED_BLOCK + NONCE_LEN]) for i in range(4)]
+    assert got == [PREFIX + struct.pack(">Q", counter + i) for i in range(4)]
+    assert bc.open_run(5, sealed) == data
+    assert BlockCipher(KEY, b"vol").open_run(5, sealed) == data  # a reader needs no prefix
+    # same key, scope, prefix, counter and plaintext: the same bytes; anything else differs
+    assert BlockCipher(KEY, b"vol", nonce_prefix=PREFIX).seal_run(5, data, counter=counter) == sealed
+    assert bc.seal_run(5, data, counter=counter + 1) != sealed
+    assert BlockCipher(KEY, b"vol", nonce_prefix=bytes(4)).seal_run(5, data, counter=counter) != sealed
+
+    one = bc.seal(9, b"hello", counter=counter)
+    assert one[:NONCE_LEN] == PREFIX + struct.pack(">Q", counter)
+    assert bc.open(9, one) == b"hello"
+    assert bc.seal(9, b"hello", counter=counter) == one
+
+    numbers = range(11, 19, 2)  # any block numbering: the counters still follow the run's order
+    four = os.urandom(4 * PLAIN_BLOCK)
+    out = bytearray(4 * SEALED_BLOCK)
+    bc.seal_into(numbers, four, out, counter=0)
+    assert [bytes(out[i * SEALED_BLOCK:i * SEALED_BLOCK + NONCE_LEN]) for i in range(4)] \
+        == [PREFIX + struct.pack(">Q", i) for i in range(4)]
+    assert bc.seal_range(numbers, four, counter=0) == out
+    opened = bytearray(4 * PLAIN_BLOCK)
+    bc.open_into(numbers, out, opened)
+    assert opened == four
+
+
+def test_counter_mode_needs_a_prefix_and_counters_in_range() -> None:
+    plain = BlockCipher(KEY, b"f")
+    assert plain.nonce_prefix is None
+    with pytest.raises(ValueError):
+        plain.seal(0, b"x", counter=0)
+    with pytest.raises(ValueError):
+        plain.seal_run(0, bytes(PLAIN_BLOCK), counter=0)
+    with pytest.raises(ValueError):
+        plain.seal_range(range(1), bytes(PLAIN_BLOCK), counter=0)
+    out = bytearray(SEALED_BLOCK)
+    with pytest.raises(ValueError):
+        plain.seal_into(range(1), bytes(PLAIN_BLOCK), out, counter=0)
+    assert out == bytes(SEALED_BLOCK)  # nothing sealed
+    for prefix in (b"", bytes(3), bytes(5)):
+        with pytest.raises(ValueError):
+            BlockCipher(KEY, b"f", nonce_prefix=prefix)
+    bc = BlockCipher(KEY, b"f", nonce_prefix=PREFIX)
+    assert bc.seal_run(0, bytes(2 * PLAIN_BLOCK), counter=2**64 - 2)[SEALED_BLOCK:SEALED_BLOCK + NONCE_LEN] \
+        == PREFIX + b"\xff" * 8
+    with pytest.raises(ValueError):  # the third block would need counter 2**64
+        bc.seal_run(0, bytes(3 * PLAIN_BLOCK), counter=2**64 - 2)
+    with pytest.raises(ValueError):
+        bc.seal(0, b"x", counter=-1)
+
+
+def test_a_cipher_with_a_prefix_still_draws_random_nonces_without_a_counter() -> None:
+    bc = BlockCipher(KEY, b"f", nonce_prefix=PREFIX)
+    a, b = bc.seal_run(0, bytes(2 * PLAIN_BLOCK)), bc.seal_run(0, bytes(2 * PLAIN_BLOCK))
+    assert a != b
+    nonces = {bytes(s[i:i + NONCE_LEN]) for s in (a, b) for i in (0, SEALED_BLOCK)}
+    assert len(nonces) == 4
+    assert bc.open_run(0, a) == bc.open_run(0, b) == bytes(2 * PLAIN_BLOCK)
 
 
 def test_position_owner_and_key_are_authenticated() -> None:
