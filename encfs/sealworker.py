@@ -64,6 +64,10 @@ WORKER_MIN_BYTES = 256 * 1024
 REPLY_TIMEOUT = 30.0  # seconds; a worker this slow is treated as gone
 _HEAD = struct.Struct("<cII")  # _SEAL or _OPEN, key id, number of jobs
 _JOB = struct.Struct("<QQQqqq")  # source offset and length, destination offset; block numbers start, stop, step
+# Jobs in one request: a 1 MiB write of 4 KiB blocks could be one job per block. The worker reads a
+# request in one recv() of this size (a longer one would be cut short and fail), so more are refused.
+MAX_JOBS = MAX_PLAIN // 4096
+_REQUEST_MAX = _HEAD.size + MAX_JOBS * _JOB.size
 _SEAL, _OPEN = b"s", b"o"
 _ADD, _DROP = b"a", b"d"  # control messages: _ADD + u32 key id + key (32) + scope; _DROP + u32 key id
 _KEY_ID = struct.Struct("<I")
@@ -182,7 +186,7 @@ class SealWorker:
         """Open each (block numbers, sealed, out) as BlockCipher.open_into would, with ``sealed``
         and ``out`` parts of this thread's areas(). True once done; False if the worker cannot
         (then open them in process: ``sealed`` is unchanged); BlockAuthError as open_into."""
-        if not self._alive:
+        if not self._alive or len(jobs) > MAX_JOBS:
             return False
         slot = self._slot()
         if slot is None:
@@ -213,15 +217,15 @@ class SealWorker:
 
     def seal(self, key_id: int, jobs: Sequence[Job]) -> list[memoryview] | None:
         """Each (block numbers, plaintext) sealed under ``key_id`` as BlockCipher.seal_range
-        would; None if the worker cannot do it (gone, busy slots, more than MAX_PLAIN bytes):
-        seal in process then."""
+        would; None if the worker cannot do it (gone, busy slots, more than MAX_PLAIN bytes or
+        MAX_JOBS jobs): seal in process then."""
         pending = self.submit(key_id, jobs)
         return pending if pending is not None and self.wait() else None
 
     def submit(self, key_id: int, jobs: Sequence[Job]) -> list[memoryview] | None:
         """Start sealing ``jobs``; wait() says whether the returned buffers hold the result.
         None if the worker cannot take them (then nothing is pending)."""
-        if not self._alive or sum(len(p) for _n, p in jobs) > MAX_PLAIN:
+        if not self._alive or len(jobs) > MAX_JOBS or sum(len(p) for _n, p in jobs) > MAX_PLAIN:
             return None
         slot = self._slot()
         if slot is None:
@@ -313,7 +317,7 @@ def _worker(arena_fd: int, block_size: int, cipher_class: type[BlockCipher], fds
     while control_fd in socks:
         for fd, _events in poller.poll():
             sock = socks[fd]
-            message = sock.recv(4096)
+            message = sock.recv(_REQUEST_MAX)
             if not message:  # the server closed its end
                 poller.unregister(fd)
                 sock.close()

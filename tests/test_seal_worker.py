@@ -272,3 +272,52 @@ def test_a_tampered_sector_in_a_large_read_is_an_error(image: int, worker_store:
         assert bytes(reader.read_view(0, 77 * SECTOR_SIZE)) == bytes(writer.read(0, 77 * SECTOR_SIZE))
     finally:
         reader.seal_worker.close()
+
+
+def test_a_write_over_alternating_slots_is_sealed_by_the_worker(image: int, worker_store: SectorStore) -> None:
+    """Sectors whose current slots alternate make a 1 MiB write 256 runs, one job each: the worker
+    takes them all in one request (it used to read 85 at most, fail, and go out of use)."""
+    for s in range(0, 256, 2):
+        worker_store.write_sectors(s, os.urandom(SECTOR_SIZE))
+    worker_store.flush()
+    data = os.urandom(256 * SECTOR_SIZE)
+    sealed = worker_store.seal_ahead(0, data)
+    assert sealed is not None and len(sealed.runs) == 256
+    assert all(isinstance(blob, memoryview) for _o, _r, blob in sealed.runs)  # the worker's
+    assert worker_store.seal_worker is not None and worker_store.seal_worker.alive
+    assert worker_store.write_sealed(sealed)
+    worker_store.flush()
+    assert SectorStore(image, KEY, VID, SECTORS).read(0, len(data)) == data
+
+
+def test_a_request_of_many_jobs_is_sealed_and_one_of_too_many_is_refused() -> None:
+    """A write can be many runs (one per block at worst): up to MAX_JOBS jobs go to the worker
+    in one request; more are refused (sealed in process) without taking the worker out of use."""
+    from encfs.blocks import OVERHEAD, BlockCipher
+    from encfs.sealworker import MAX_JOBS, SealWorker
+    block = 4096
+    worker = SealWorker(block)
+    try:
+        key_id = worker.add_key(KEY, VID)
+        assert key_id is not None
+        plain = os.urandom(MAX_JOBS * block)
+        jobs = [(range(2 * i, 2 * i + 1), memoryview(plain)[i * block:(i + 1) * block]) for i in range(MAX_JOBS)]
+        sealed = worker.seal(key_id, jobs)
+        assert sealed is not None and len(sealed) == MAX_JOBS
+        cipher = BlockCipher(KEY, VID, block)
+        assert all(cipher.open(2 * i, blob) == plain[i * block:(i + 1) * block] for i, blob in enumerate(sealed))
+        areas = worker.areas()
+        assert areas is not None
+        plain_area, sealed_area = areas
+        for i, blob in enumerate(sealed):  # open them back in the worker, as many jobs
+            sealed_area[i * len(blob):(i + 1) * len(blob)] = blob
+        step = block + OVERHEAD
+        opened = [(range(2 * i, 2 * i + 1), sealed_area[i * step:(i + 1) * step],
+                   plain_area[i * block:(i + 1) * block]) for i in range(MAX_JOBS)]
+        assert worker.open(key_id, opened) and bytes(plain_area[:len(plain)]) == plain
+        too_many = [(range(i, i + 1), memoryview(plain)[i * 16:(i + 1) * 16]) for i in range(MAX_JOBS + 1)]
+        assert worker.seal(key_id, too_many) is None
+        assert not worker.open(key_id, opened + opened[:1])
+        assert worker.alive  # refused up front, not failed in the worker
+    finally:
+        worker.close()
