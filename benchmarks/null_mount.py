@@ -7,7 +7,7 @@ Usage (the harness runs it; it is not an `encfs` command and never a mount optio
 It runs the very same ``encfs.fuse.mount.serve()`` path as ``encfs mount --foreground``, with one
 difference: ``EncryptedFS.cipher_class`` is replaced, in this process and its sealing worker
 only, by ``NullBlockCipher``, which keeps BlockCipher's framing (nonce 12 + data + tag 16,
-all-zero nonce and tag) but does no AES-GCM. Everything else stays: per-file data keys are
+all-zero tag, all-zero nonce unless sealed with counter nonces) but does no AES-GCM. Everything else stays: per-file data keys are
 still generated and unwrapped through the key service, names, symlinks and xattrs are still
 encrypted, headers are still written, large reads and writes still go through the sealing
 worker. The difference between this target and encfs is therefore what the content encryption
@@ -30,30 +30,36 @@ _TAG = bytes(TAG_LEN)
 
 class NullBlockCipher(BlockCipher):
     """BlockCipher's framing and sizes with no encryption work: no AES-GCM, no nonces drawn,
-    no AAD built (benchmark only). Sealed blocks carry an all-zero nonce and tag."""
+    no AAD built (benchmark only). Sealed blocks carry an all-zero tag and an all-zero nonce,
+    or, sealed with a ``counter``, the counter nonces BlockCipher would use (they cost no system
+    call, and a caller that reads its counters back from the blocks sees the real ones)."""
 
     __slots__ = ()
 
-    def seal(self, block_no: int, plaintext: bytes) -> bytes:
+    def seal(self, block_no: int, plaintext: bytes, counter: int | None = None) -> bytes:
         if not 0 < len(plaintext) <= self.block_size:
             raise ValueError(f"a block holds 1 to {self.block_size} bytes, not {len(plaintext)}")
-        return _NONCE + bytes(plaintext) + _TAG
+        return (_NONCE if counter is None else self.nonces(1, counter)) + bytes(plaintext) + _TAG
 
     def open(self, block_no: int, sealed: bytes | memoryview) -> bytes:
         if not OVERHEAD < len(sealed) <= self.sealed_block:
             raise BlockAuthError(block_no)
         return bytes(sealed[NONCE_LEN:len(sealed) - TAG_LEN])
 
-    def seal_range(self, block_numbers: range, plaintext: bytes | memoryview) -> bytes:  # type: ignore[override]
+    def seal_range(self, block_numbers: range, plaintext: bytes | memoryview,  # type: ignore[override]
+                   counter: int | None = None) -> bytes:
         pt = memoryview(plaintext).cast("B")
         self.check_run(block_numbers, len(pt) + len(block_numbers) * OVERHEAD, len(pt))
+        nonces = None if counter is None else self.nonces(len(block_numbers), counter)
         parts: list[bytes | memoryview] = []
-        for ipos in range(0, len(pt), self.block_size):
-            parts += (_NONCE, pt[ipos:ipos + self.block_size], _TAG)
+        for npos, ipos in zip(range(0, NONCE_LEN * len(block_numbers), NONCE_LEN), range(0, len(pt), self.block_size)):
+            parts += (_NONCE if nonces is None else nonces[npos:npos + NONCE_LEN], pt[ipos:ipos + self.block_size],
+                      _TAG)
         return b"".join(parts)
 
-    def seal_into(self, block_numbers: range, plaintext: bytes | memoryview, out: memoryview | bytearray) -> None:
-        memoryview(out).cast("B")[:] = self.seal_range(block_numbers, plaintext)
+    def seal_into(self, block_numbers: range, plaintext: bytes | memoryview, out: memoryview | bytearray,
+                  counter: int | None = None) -> None:
+        memoryview(out).cast("B")[:] = self.seal_range(block_numbers, plaintext, counter)
 
     def open_into(self, block_numbers: range, sealed: bytes | memoryview, out: memoryview | bytearray) -> None:
         mv, out = memoryview(sealed), memoryview(out).cast("B")

@@ -9,12 +9,18 @@ full speed. The volume daemon and the filesystem daemon each start one worker.
 
 Invariants:
 - Keys reach the worker over a private socket (never argv or the environment): add_key()
-  sends a data key and its scope and returns a key id; ids are never reused, so a job under
-  a dropped id fails instead of sealing under another key. The worker seals with its
-  server's cipher class: encfs.blocks.BlockCipher (the one framing; fresh random nonces
-  drawn in the worker), or in the benchmark's null-cipher daemons their null cipher, so
-  that they take the same path with only the encryption left out. It does nothing else:
-  no files, no token.
+  sends a data key, its scope and its nonce prefix if it has one, and returns a key id; ids
+  are never reused, so a job under a dropped id fails instead of sealing under another key.
+  The worker seals with its server's cipher class: encfs.blocks.BlockCipher (the one
+  framing), or in the benchmark's null-cipher daemons their null cipher, so that they take
+  the same path with only the encryption left out. It does nothing else: no files, no token.
+- Nonces: without counters, fresh random nonces drawn in the worker. With counters (a key
+  added with a nonce prefix), job k's blocks take counter nonces from counters[k] on,
+  exactly as BlockCipher.seal_range(..., counter=counters[k]) in the server would; the
+  worker keeps no counter of its own, so the caller's counter stays the only one. Counters
+  sent to the worker are spent even if seal() returns None (it may have sealed some blocks):
+  the caller seals those same jobs in process with the same counters (counter mode is
+  deterministic: the same bytes, no nonce on other data) or uses fresh counters.
 - Plaintext and sealed bytes pass through one shared memory arena (a memfd), one slot
   per server thread; what a slot holds stays valid until that thread's next seal() or
   open(). A slot also holds the thread's FUSE request buffer (request_buffer()), so a WRITE
@@ -45,7 +51,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from encfs.blocks import OVERHEAD, BlockAuthError, BlockCipher
+from encfs.blocks import NONCE_PREFIX_LEN, OVERHEAD, BlockAuthError, BlockCipher
 from encfs.daemon import keep_secrets_in_memory
 from encfs.fuseproto import BUFFER_SIZE
 
@@ -62,15 +68,20 @@ SLOTS = 8
 # given back.
 WORKER_MIN_BYTES = 256 * 1024
 REPLY_TIMEOUT = 30.0  # seconds; a worker this slow is treated as gone
-_HEAD = struct.Struct("<cII")  # _SEAL or _OPEN, key id, number of jobs
-_JOB = struct.Struct("<QQQqqq")  # source offset and length, destination offset; block numbers start, stop, step
+_HEAD = struct.Struct("<cII")  # _SEAL, _SEAL_COUNTED or _OPEN, key id, number of jobs
+# source offset and length, destination offset; block numbers start, stop, step; the job's first
+# counter (u64: every value is a counter, so the request's op, not the field, says whether it is used)
+_JOB = struct.Struct("<QQQqqqQ")
 # Jobs in one request: a 1 MiB write of 4 KiB blocks could be one job per block. The worker reads a
 # request in one recv() of this size (a longer one would be cut short and fail), so more are refused.
 MAX_JOBS = MAX_PLAIN // 4096
 _REQUEST_MAX = _HEAD.size + MAX_JOBS * _JOB.size
-_SEAL, _OPEN = b"s", b"o"
-_ADD, _DROP = b"a", b"d"  # control messages: _ADD + u32 key id + key (32) + scope; _DROP + u32 key id
+_SEAL, _SEAL_COUNTED, _OPEN = b"s", b"c", b"o"  # seal with random nonces, seal with counter nonces, open
+# control messages: _ADD + u32 key id + key (32) + u8 prefix length (0 or 4) + nonce prefix + scope;
+# _DROP + u32 key id
+_ADD, _DROP = b"a", b"d"
 _KEY_ID = struct.Struct("<I")
+_COUNTER_LIMIT = 1 << 64
 _KEY_LEN = 32
 _OK, _FAILED, _AUTH = b"\0", b"\1", b"\2"  # answers; _AUTH is followed by the block number
 _BLOCK_NO = struct.Struct("<q")
@@ -111,6 +122,7 @@ class SealWorker:
         self._lock = threading.Lock()  # guards the free slots, the control socket and the key ids
         self._local = threading.local()
         self._next_key_id = 1
+        self._prefixed: dict[int, bool] = {}  # the live key ids: whether each has a nonce prefix
         self._alive = True
 
     @property
@@ -121,18 +133,26 @@ class SealWorker:
     def alive(self) -> bool:
         return self._alive
 
-    def add_key(self, key: bytes, scope: bytes) -> int | None:
-        """A key id for sealing under (key, scope), or None if the worker is gone."""
+    def add_key(self, key: bytes, scope: bytes, nonce_prefix: bytes | None = None) -> int | None:
+        """A key id for sealing under (key, scope), or None if the worker is gone. With
+        ``nonce_prefix`` (4 bytes) its jobs may be sealed with counter nonces (seal's counters)."""
         if len(key) != _KEY_LEN:
             raise ValueError("a data key is 32 bytes")
+        prefix = b"" if nonce_prefix is None else bytes(nonce_prefix)
+        if nonce_prefix is not None and len(prefix) != NONCE_PREFIX_LEN:
+            raise ValueError(f"a nonce prefix is {NONCE_PREFIX_LEN} bytes, not {len(prefix)}")
         with self._lock:
             key_id, self._next_key_id = self._next_key_id, self._next_key_id + 1
-            ok = self._alive and self._control_call(_ADD + _KEY_ID.pack(key_id) + key + scope)
+            ok = self._alive and self._control_call(_ADD + _KEY_ID.pack(key_id) + key + bytes([len(prefix)])
+                                                    + prefix + scope)
+            if ok:
+                self._prefixed[key_id] = nonce_prefix is not None
         return key_id if ok else None
 
     def drop_key(self, key_id: int) -> None:
         """Forget a key (its file is closed); its id is never given out again."""
         with self._lock:
+            self._prefixed.pop(key_id, None)
             if self._alive:
                 self._control_call(_DROP + _KEY_ID.pack(key_id))
 
@@ -196,7 +216,7 @@ class SealWorker:
             at, out_at = self._arena_offset(sealed), self._arena_offset(out)
             if at is None or out_at is None:
                 raise ValueError("open() takes views of this thread's areas()")
-            message.append(_JOB.pack(at, len(sealed), out_at, numbers.start, numbers.stop, numbers.step))
+            message.append(_JOB.pack(at, len(sealed), out_at, numbers.start, numbers.stop, numbers.step, 0))
         return self._send(slot, message) and self._answered(self._socks[slot])
 
     def _send(self, slot: int, message: list[bytes]) -> bool:
@@ -215,35 +235,53 @@ class SealWorker:
             return None
         return ctypes.addressof(ctypes.c_char.from_buffer(data)) - self._address
 
-    def seal(self, key_id: int, jobs: Sequence[Job]) -> list[memoryview] | None:
+    def seal(self, key_id: int, jobs: Sequence[Job], counters: Sequence[int] | None = None) -> list[memoryview] | None:
         """Each (block numbers, plaintext) sealed under ``key_id`` as BlockCipher.seal_range
-        would; None if the worker cannot do it (gone, busy slots, more than MAX_PLAIN bytes or
-        MAX_JOBS jobs): seal in process then."""
-        pending = self.submit(key_id, jobs)
+        would, job k with ``counter=counters[k]`` if counters are given (its blocks take
+        consecutive counter values from it), else with random nonces; None if the worker cannot
+        do it (gone, busy slots, more than MAX_PLAIN bytes or MAX_JOBS jobs): seal in process
+        then, with the same counters or fresh ones (see the module docstring). ValueError, with
+        counters, if the key has no nonce prefix or a counter is out of range."""
+        pending = self.submit(key_id, jobs, counters)
         return pending if pending is not None and self.wait() else None
 
-    def submit(self, key_id: int, jobs: Sequence[Job]) -> list[memoryview] | None:
-        """Start sealing ``jobs``; wait() says whether the returned buffers hold the result.
-        None if the worker cannot take them (then nothing is pending)."""
+    def submit(self, key_id: int, jobs: Sequence[Job], counters: Sequence[int] | None = None) \
+            -> list[memoryview] | None:
+        """Start sealing ``jobs`` (as seal()); wait() says whether the returned buffers hold the
+        result. None if the worker cannot take them (then nothing is pending)."""
+        if counters is not None:
+            self._check_counters(key_id, jobs, counters)
         if not self._alive or len(jobs) > MAX_JOBS or sum(len(p) for _n, p in jobs) > MAX_PLAIN:
             return None
         slot = self._slot()
         if slot is None:
             return None
         base = slot * SLOT_BYTES + REQUEST_BYTES
-        message, results = [_HEAD.pack(_SEAL, key_id, len(jobs))], []
+        message, results = [_HEAD.pack(_SEAL if counters is None else _SEAL_COUNTED, key_id, len(jobs))], []
         plain_at, sealed_at = base, base + MAX_PLAIN
-        for numbers, plaintext in jobs:
+        for k, (numbers, plaintext) in enumerate(jobs):
             at = self._arena_offset(plaintext)
             if at is None:
                 at = plain_at
                 self._arena[at:at + len(plaintext)] = plaintext
                 plain_at += len(plaintext)
             sealed_len = len(plaintext) + len(numbers) * OVERHEAD
-            message.append(_JOB.pack(at, len(plaintext), sealed_at, numbers.start, numbers.stop, numbers.step))
+            message.append(_JOB.pack(at, len(plaintext), sealed_at, numbers.start, numbers.stop, numbers.step,
+                                     0 if counters is None else counters[k]))
             results.append(self._arena[sealed_at:sealed_at + sealed_len])
             sealed_at += sealed_len
         return results if self._send(slot, message) else None
+
+    def _check_counters(self, key_id: int, jobs: Sequence[Job], counters: Sequence[int]) -> None:
+        """ValueError where BlockCipher would refuse these counters, before the worker sees them
+        (a request the worker fails takes it out of use)."""
+        if len(counters) != len(jobs):
+            raise ValueError(f"{len(counters)} counters for {len(jobs)} jobs")
+        if self._prefixed.get(key_id) is False:
+            raise ValueError("counter nonces need a key added with a nonce prefix")
+        for (numbers, _p), counter in zip(jobs, counters):
+            if not 0 <= counter <= _COUNTER_LIMIT - len(numbers):
+                raise ValueError(f"counters {counter} to {counter + len(numbers) - 1} are not all in 0 to 2**64 - 1")
 
     def wait(self) -> bool:
         """True once this thread's submitted jobs are sealed; False if the worker failed them."""
@@ -328,19 +366,25 @@ def _worker(arena_fd: int, block_size: int, cipher_class: type[BlockCipher], fds
                     (key_id,) = _KEY_ID.unpack_from(message, 1)
                     if message[:1] == _ADD:
                         at = 1 + _KEY_ID.size
-                        ciphers[key_id] = cipher_class(message[at:at + _KEY_LEN], message[at + _KEY_LEN:],
-                                                         block_size)
+                        key, prefix_len = message[at:at + _KEY_LEN], message[at + _KEY_LEN]
+                        at += _KEY_LEN + 1
+                        prefix, scope = message[at:at + prefix_len], message[at + prefix_len:]
+                        ciphers[key_id] = cipher_class(key, scope, block_size, nonce_prefix=prefix or None)
                     else:
                         del ciphers[key_id]
                 else:
                     op, key_id, count = _HEAD.unpack_from(message)
+                    if op not in (_SEAL, _SEAL_COUNTED, _OPEN):
+                        raise ValueError(f"unknown request {op!r}")
                     cipher = ciphers[key_id]
                     for k in range(count):
-                        at, length, out_at, start, stop, step = _JOB.unpack_from(message, _HEAD.size + k * _JOB.size)
+                        at, length, out_at, start, stop, step, counter = _JOB.unpack_from(
+                            message, _HEAD.size + k * _JOB.size)
                         numbers = range(start, stop, step)
-                        if op == _SEAL:
+                        if op != _OPEN:
                             cipher.seal_into(numbers, arena[at:at + length],
-                                             arena[out_at:out_at + length + len(numbers) * OVERHEAD])
+                                             arena[out_at:out_at + length + len(numbers) * OVERHEAD],
+                                             counter if op == _SEAL_COUNTED else None)
                         else:
                             cipher.open_into(numbers, arena[at:at + length],
                                              arena[out_at:out_at + length - len(numbers) * OVERHEAD])

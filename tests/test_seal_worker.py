@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from encfs.block.sectors import SEAL_WORKER_MIN_SECTORS, SectorStore
 
 KEY = bytes(range(32))
 VID = bytes(range(16))
+PREFIX = bytes.fromhex("9f3c01d7")
 SECTORS = 4096  # 16 MiB
 
 
@@ -170,6 +172,7 @@ def test_each_key_seals_under_its_own_key_and_a_dropped_key_seals_nothing() -> N
             with pytest.raises(BlockAuthError):
                 BlockCipher(*other, block).open_run(4, sealed[0])
         worker.drop_key(ids[0])
+        assert ids[0] not in worker._prefixed  # a long-lived server's closed files leave nothing behind
         assert worker.seal(ids[0], [(numbers, memoryview(plain))]) is None
         assert not worker.alive  # a failed job takes the worker out of use: writes are sealed in process
     finally:
@@ -181,7 +184,7 @@ def test_the_worker_runs_its_servers_cipher_class() -> None:
     worker: a class from a script is found by its file, one of encfs by its module."""
     import importlib.util
 
-    from encfs.blocks import NONCE_LEN, BlockCipher
+    from encfs.blocks import NONCE_LEN, OVERHEAD, BlockCipher
     from encfs.sealworker import SealWorker, class_spec, load_class
     assert class_spec(BlockCipher) == "encfs.blocks:BlockCipher"
     assert load_class(class_spec(BlockCipher)) is BlockCipher
@@ -206,6 +209,12 @@ def test_the_worker_runs_its_servers_cipher_class() -> None:
             assert sealed is not None and worker.alive
             assert bytes(sealed[0]) == bytes(null_cipher(KEY, VID, block).seal_range(range(8), plain))
             assert bytes(sealed[0][NONCE_LEN:NONCE_LEN + block]) == plain[:block]  # not encrypted
+            counted_id = worker.add_key(KEY, VID, PREFIX)  # counter nonces pass through the null cipher too
+            assert counted_id is not None
+            counted = worker.seal(counted_id, [(range(8), memoryview(plain))], [3])
+            assert counted is not None and worker.alive
+            assert bytes(counted[0]) == bytes(null_cipher(KEY, VID, block, PREFIX).seal_range(range(8), plain, 3))
+            assert bytes(counted[0][block + OVERHEAD:block + OVERHEAD + NONCE_LEN]) == PREFIX + struct.pack(">Q", 4)
             areas = worker.areas()
             assert areas is not None
             plain_area, sealed_area = areas
@@ -272,6 +281,73 @@ def test_a_tampered_sector_in_a_large_read_is_an_error(image: int, worker_store:
         assert bytes(reader.read_view(0, 77 * SECTOR_SIZE)) == bytes(writer.read(0, 77 * SECTOR_SIZE))
     finally:
         reader.seal_worker.close()
+
+
+@pytest.mark.parametrize("block", [4096, 32768])
+def test_counter_nonces_in_the_worker_are_those_of_in_process_sealing(block: int) -> None:
+    """Counter mode is deterministic: what the worker seals under a prefixed key with counters is
+    byte for byte what BlockCipher.seal_range seals in process, job k's blocks taking counters
+    from counters[k] on; without counters the same key draws random nonces."""
+    from encfs.blocks import NONCE_LEN, OVERHEAD, BlockCipher
+    from encfs.sealworker import SealWorker
+    worker = SealWorker(block)
+    try:
+        key_id = worker.add_key(KEY, VID, PREFIX)
+        assert key_id is not None
+        plain = os.urandom(24 * block)
+        jobs = [(range(4, 12), memoryview(plain)[:8 * block]),  # 8 full blocks
+                (range(101, 117, 2), memoryview(plain)[8 * block:16 * block - 100]),  # a short last block
+                (range(0, 3), memoryview(plain)[16 * block:19 * block])]
+        counters = [5, 2**40 + 3, 2**64 - 3]  # the last job ends at the last counter value
+        sealed = worker.seal(key_id, jobs, counters)
+        assert sealed is not None and worker.alive
+        cipher = BlockCipher(KEY, VID, block, nonce_prefix=PREFIX)
+        for (numbers, part), counter, blob in zip(jobs, counters, sealed):
+            assert bytes(blob) == bytes(cipher.seal_range(numbers, part, counter=counter))
+            step = block + OVERHEAD
+            assert [bytes(blob[i * step:i * step + NONCE_LEN]) for i in range(len(numbers))] \
+                == [PREFIX + struct.pack(">Q", counter + i) for i in range(len(numbers))]
+            opened = bytearray(len(part))
+            BlockCipher(KEY, VID, block).open_into(numbers, blob, opened)
+            assert opened == part
+        again = worker.seal(key_id, jobs, counters)  # the same counters again: the same bytes
+        assert again is not None and [bytes(b) for b in again] == [bytes(cipher.seal_range(n, p, counter=c))
+                                                                   for (n, p), c in zip(jobs, counters)]
+        randomly = worker.seal(key_id, jobs[:1])  # no counters: random nonces, as before
+        assert randomly is not None
+        first_nonce = bytes(randomly[0][:NONCE_LEN])
+        assert first_nonce != PREFIX + struct.pack(">Q", 5)
+        assert BlockCipher(KEY, VID, block).open_run(4, randomly[0]) == plain[:8 * block]
+        again = worker.seal(key_id, jobs[:1])
+        assert again is not None and bytes(again[0][:NONCE_LEN]) != first_nonce
+    finally:
+        worker.close()
+
+
+def test_the_worker_refuses_counters_it_could_not_use() -> None:
+    """Counters for a key without a prefix, out of range, or not one per job are refused with
+    ValueError in the caller (as BlockCipher would), and the worker stays in use."""
+    from encfs.sealworker import SealWorker
+    block = 4096
+    worker = SealWorker(block)
+    try:
+        for bad in (b"", bytes(3), bytes(5)):
+            with pytest.raises(ValueError):
+                worker.add_key(KEY, VID, bad)
+        plain_id, counted_id = worker.add_key(KEY, VID), worker.add_key(KEY, VID, PREFIX)
+        assert plain_id is not None and counted_id is not None
+        jobs = [(range(0, 4), memoryview(os.urandom(4 * block)))]
+        with pytest.raises(ValueError):
+            worker.seal(plain_id, jobs, [0])
+        for counters in ([-1], [2**64 - 3], [2**64], [0, 4], []):
+            with pytest.raises(ValueError):
+                worker.seal(counted_id, jobs, counters)
+        assert worker.alive
+        sealed = worker.seal(counted_id, jobs, [2**64 - 4])
+        assert sealed is not None and worker.alive
+        assert worker.seal(plain_id, jobs) is not None
+    finally:
+        worker.close()
 
 
 def test_a_write_over_alternating_slots_is_sealed_by_the_worker(image: int, worker_store: SectorStore) -> None:
