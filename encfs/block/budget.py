@@ -34,13 +34,20 @@ SEAL_WARN = 1 << 30  # one warning when the count passes this, and in `encfs vol
 # even at 1.2 GB/s one header update (measured: median 1.6 ms, worst 6.5 ms) per 3.5 s, under 0.2%;
 # a crash wastes at most 2^20 seals, 1/4096 of the budget.
 RESERVE_STEP = 1 << 20
+# Format 2 (cow.py) draws each nonce from this count, so it is a 64-bit counter, not a random-nonce
+# budget: its values never repeat by construction. What bounds the key is then the data under it:
+# each seal is 256 AES blocks, and the GCM bound (the birthday bound of AES as a PRF) after 2^40
+# seals (4 PiB) is 2^-33; encfs warns there and refuses at 2^48 (1 EiB), unreachable in practice.
+COUNTER_WARN = 1 << 40
+COUNTER_REFUSE = 1 << 48
 
 
 class SealBudget:
     """Counts the seals under one volume key; thread-safe (a server seals in several threads)."""
 
-    def __init__(self, used: int, persist: Callable[[int], None], name: str) -> None:
+    def __init__(self, used: int, persist: Callable[[int], None], name: str, counter: bool = False) -> None:
         self.used = self.reserved = used
+        self.counter = counter  # format 2: the count is the nonce counter (see COUNTER_WARN)
         self._persist = persist  # writes a header whose seals_reserved is the argument; raises OSError
         self._name = name
         self._lock = threading.Lock()
@@ -48,19 +55,28 @@ class SealBudget:
         self._refused = False
         self._warn_if_past()
 
+    def limits(self) -> tuple[int, int, int]:
+        """(warn, refuse sector seals, refuse every seal), read at call time."""
+        if self.counter:
+            return COUNTER_WARN, COUNTER_REFUSE, COUNTER_REFUSE + (1 << 24)
+        return SEAL_WARN, SEAL_REFUSE, SEAL_MAX
+
     def _warn_if_past(self) -> None:
-        if not self._warned and self.used >= SEAL_WARN:
+        if not self._warned and self.used >= self.limits()[0]:
             self._warned = True
             log.warning("%s: the volume key has made %d seals, past 2^30 of its 2^32 budget (random nonces, "
                         "NIST SP 800-38D); writes stop at %d: detach it and run `encfs volume rekey` before then",
                         self._name, self.used, SEAL_REFUSE)
 
-    def spend(self, n: int, sectors: bool = True) -> None:
-        """Account for ``n`` seals about to be made (sector seals unless ``sectors`` is false);
-        OSError(ENOSPC) if the budget cannot take them, OSError from the header write if a new
-        reservation cannot be persisted. Either way nothing may be sealed."""
+    def spend(self, n: int, sectors: bool = True) -> int:
+        """Account for ``n`` seals about to be made (sector seals unless ``sectors`` is false) and
+        return the count before them: a counter-nonce format seals them with counters
+        [returned, returned + n), each handed out once. OSError(ENOSPC) if the budget cannot take
+        them, OSError from the header write if a new reservation cannot be persisted. Either way
+        nothing may be sealed."""
         with self._lock:
-            limit = SEAL_REFUSE if sectors else SEAL_MAX
+            _warn, refuse, last = self.limits()
+            limit = refuse if sectors else last
             if self.used + n > limit:
                 if not self._refused:
                     self._refused = True
@@ -72,8 +88,10 @@ class SealBudget:
                 new = min(max(self.reserved + RESERVE_STEP, self.used + n), SEAL_MAX)
                 self._persist(new)
                 self.reserved = new
+            first = self.used
             self.used += n
             self._warn_if_past()
+            return first
 
     def settle(self) -> None:
         """Persist the exact count (a clean close): the unused reservation is given back."""

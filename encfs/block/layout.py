@@ -75,3 +75,58 @@ def sector_block_number(sector: int, slot: int) -> int:
 def map_block_number(extent: int, slot: int) -> int:
     """AEAD block number of a sector-map slot (a separate scope from sectors)."""
     return extent * 2 + slot
+
+
+# -- Format 2: copy-on-write (cow.py; docs/FORMAT.md section 7.7) ----------------------------
+#
+#     [0, 128 KiB)        the two header copies, as in format 1
+#     [128 KiB, 192 KiB)  commit slot 0 (one sealed block)
+#     [192 KiB, 256 KiB)  commit slot 1
+#     [256 KiB, ...)      the page pool: page p (p >= 1) is one sealed block, a data sector or a
+#                         map node or a snapshot-table page; page number 0 means "none"
+
+COMMIT_START = DATA_START
+POOL_START = DATA_START + 2 * HEADER_SLOT
+FANOUT = 1024  # u32 page numbers per map node (one 4 KiB page)
+MAX_PAGES = (1 << 32) - 1  # page numbers are u32: the pool holds at most this many pages (~16 TiB)
+
+
+def commit_offset(slot: int) -> int:
+    return COMMIT_START + slot * HEADER_SLOT
+
+
+def page_offset(page: int) -> int:
+    """Where page ``page`` (>= 1) of the pool starts."""
+    return POOL_START + (page - 1) * SEALED_BLOCK
+
+
+def node_block_number(level: int, index: int) -> int:
+    """AEAD block number of map node ``index`` of ``level`` (0: the leaves): binds its place."""
+    return level << 56 | index
+
+
+def depth_for(sectors: int) -> int:
+    """Levels of a map tree covering ``sectors`` sectors (at least 1: a lone leaf)."""
+    depth, reach = 1, FANOUT
+    while reach < sectors:
+        depth, reach = depth + 1, reach * FANOUT
+    return depth
+
+
+def map_pages(sectors: int) -> int:
+    """Map nodes of a fully written tree over ``sectors`` sectors."""
+    total, level = 0, -(-sectors // FANOUT)
+    while True:
+        total += level
+        if level == 1:
+            return total
+        level = -(-level // FANOUT)
+
+
+def cow_image_bound(sectors: int, slack_pages: int) -> int:
+    """The most bytes a format-2 image without snapshots allocates for ``sectors`` sectors: every
+    sector written, its map written twice over (the committed and the next), ``slack_pages``
+    pages freed by overwrites awaiting the next commit (cow.py commits before more pile up),
+    and the snapshot table."""
+    pages = sectors + 2 * map_pages(sectors) + slack_pages + 2
+    return POOL_START + pages * SEALED_BLOCK

@@ -1,0 +1,728 @@
+"""Plaintext sector I/O over a format-2 (copy-on-write) volume image, with snapshots.
+
+Sealed sectors go to free pages of the image's pool; the sector map
+(maptree.py) says which page holds each sector's current contents; a commit
+record, sealed in one of two slots, names the map's root and the snapshot
+table. Writing a commit record at flush is the commit (the design of LVM thin
+pools, qcow2 and ZFS). Invariants:
+
+- Copy-on-write: a write never touches a page that the last commit, or a
+  snapshot, reaches. A crash at any moment leaves the last commit's map and
+  every page it reaches intact, so every sector reads its old contents or,
+  after a flush, its new ones; a write that fails (ENOSPC) changes no map.
+- flush() writes the changed map nodes and the snapshot table to fresh
+  pages, fdatasyncs (sectors and nodes), writes the commit record with the
+  next transaction number to the slot the previous commit mirrored into,
+  and fdatasyncs: the commit. Then the same record goes to the other slot,
+  unsynced (the next flush's first fdatasync makes it durable): at rest both
+  slots hold the newest commit, so damage to one loses nothing, and a torn
+  commit write leaves the other slot's previous commit.
+- Opening takes the newest commit that authenticates (equal numbers: the
+  mirrored state) and, if writable, repairs the other slot.
+- Page accounting is rebuilt at open by walking every tree (snapshots, the
+  live map): a page no tree reaches is free (and reused), and an open for
+  writing cuts off pages past the committed pool, so a crash leaks no space. A page the live map stops
+  reaching is free once the next commit is durable, unless a snapshot holds
+  it: one does exactly when the page was born in a transaction at or before
+  the newest snapshot's (ZFS's birth-time rule; snapshots are taken of
+  committed states only). Snapshot-table pages are never held.
+- Freed pages are reused before the pool grows. At most ``pending_limit``
+  freed pages wait for a commit: past it a write commits first, so the
+  image stays within layout.cow_image_bound() without snapshots.
+- Nonces are unique by construction: every seal under the volume key
+  (sectors, nodes, table pages, commit records) takes the next values of a
+  64-bit counter (budget.SealBudget, reserved in the header before use, so
+  a crash skips values and never repeats one) behind a 4-byte prefix drawn
+  at random for each open. AAD binds each page to its place: sectors to
+  (volume id, "data", sector), nodes to (level, index), table pages to the
+  commit that wrote them, commit records to their slot.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import struct
+from array import array
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from encfs.block.budget import SealBudget
+from encfs.block.layout import (
+    FANOUT,
+    MAX_PAGES,
+    SECTOR_SIZE,
+    commit_offset,
+    node_block_number,
+    page_offset,
+)
+from encfs.block.maptree import MapTree, node_from_bytes
+from encfs.block.sectors import punch_hole
+from encfs.blocks import NONCE_PREFIX_LEN, SEALED_BLOCK, BlockAuthError, BlockCipher
+from encfs.diskio import pwrite_all
+from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
+
+log = logging.getLogger("encfs.block")
+
+DATA_SCOPE, NODE_SCOPE, TABLE_SCOPE, COMMIT_SCOPE = b"data", b"node", b"snapshots", b"commit"
+COMMIT_MAGIC = b"ENCVCOMM"
+_COMMIT = struct.Struct("<8sQQIB3xIH")  # magic, txg, table txg, root page, depth, pages, table pages
+MAX_TABLE_PAGES = (SECTOR_SIZE - _COMMIT.size) // 4
+FREE, USED, NEW = 0, 1, 2  # page states; USED: reached by the last commit or a snapshot
+NEVER_HELD = 0xFFFFFFFF  # birth of snapshot-table pages: no snapshot holds them
+_ZEROS = bytes(MAX_PLAIN)
+SEAL_WORKER_MIN_SECTORS = WORKER_MIN_BYTES // SECTOR_SIZE
+
+
+class VolumeTruncated(Exception):
+    """The image is shorter than its newest commit says."""
+
+
+class StoreFailed(OSError):
+    """A commit's fdatasync failed: what is on disk is unknown, so the store takes no more writes."""
+
+
+@dataclass
+class Snapshot:
+    id: str
+    root: int
+    depth: int
+    size: int  # bytes
+    created: float
+    txg: int  # the committed transaction it froze
+    description: str = ""
+
+
+@dataclass
+class Commit:
+    txg: int
+    table_txg: int
+    root: int
+    depth: int
+    pages: int
+    table: list[int]
+
+    def pack(self) -> bytes:
+        body = _COMMIT.pack(COMMIT_MAGIC, self.txg, self.table_txg, self.root, self.depth, self.pages,
+                            len(self.table))
+        return (body + array("I", self.table).tobytes()).ljust(SECTOR_SIZE, b"\0")
+
+    @classmethod
+    def parse(cls, plain: bytes) -> Commit | None:
+        if len(plain) != SECTOR_SIZE:
+            return None
+        magic, txg, table_txg, root, depth, pages, n = _COMMIT.unpack_from(plain)
+        if magic != COMMIT_MAGIC or n > MAX_TABLE_PAGES or not 1 <= depth <= 4:
+            return None
+        table = array("I")
+        table.frombytes(plain[_COMMIT.size:_COMMIT.size + 4 * n])
+        return cls(txg, table_txg, root, depth, pages, list(table))
+
+
+class CowSealed:
+    """Sectors sealed by seal_ahead(): written by write_sealed() wherever free pages are."""
+
+    __slots__ = ("first", "count", "blob")
+
+    def __init__(self, first: int, count: int, blob: bytes | bytearray | memoryview) -> None:
+        self.first, self.count, self.blob = first, count, blob
+
+
+class CowStore:
+    """Sector-granular plaintext access to one format-2 image. Reads may run alongside each
+    other and alongside seal_ahead(); everything else runs alone (the server's lock)."""
+
+    cipher_class: type[BlockCipher] = BlockCipher  # benchmarks/null_volume.py swaps in a null cipher
+
+    def __init__(self, fd: int, key: bytes, volume_id: bytes, sectors: int, budget: SealBudget,
+                 pending_limit: int | None = None) -> None:
+        self.fd, self.sectors, self.budget = fd, sectors, budget
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        prefix = os.urandom(NONCE_PREFIX_LEN)
+        self._prefix = prefix
+        cipher = self.cipher_class
+        self._data = cipher(key, volume_id + DATA_SCOPE, nonce_prefix=prefix)
+        self._nodes = cipher(key, volume_id + NODE_SCOPE, nonce_prefix=prefix)
+        self._table_cipher = cipher(key, volume_id + TABLE_SCOPE, nonce_prefix=prefix)
+        self._commits = cipher(key, volume_id + COMMIT_SCOPE, nonce_prefix=prefix)
+        self._volume_id = volume_id
+        self._writable = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_WRONLY | os.O_RDWR) != 0
+        self.pending_limit = self.default_pending_limit(sectors) if pending_limit is None else pending_limit
+        self.seal_worker: SealWorker | None = None
+        self._seal_key_id: int | None = None
+        self.tree = MapTree()
+        self.snapshots: list[Snapshot] = []
+        self.txg = 1  # the open transaction
+        self._table: list[int] = []  # the committed snapshot table's pages
+        self._table_txg = 0
+        self._table_dirty = False
+        self._root_changed = False
+        self._slot = 0  # the slot the next commit goes to
+        self._unsynced = False
+        self._failed = False
+        self._state = bytearray(1)
+        self._birth = array("I", [0])
+        self._free = 0
+        self._cursor = 1
+        self._new: list[int] = []
+        self._pending: list[tuple[int, bool]] = []  # (page, punch): freed at the next commit
+        self._latest_snapshot = 0  # the txg of the newest snapshot (see the birth-time rule)
+
+    @staticmethod
+    def default_pending_limit(sectors: int) -> int:
+        """Freed pages allowed to wait for a commit: 1/32 of the volume (at least 1 MiB), so
+        that the image stays within 1.15 times the volume's data from 32 MiB up."""
+        return max(256, sectors // 32)
+
+    def start_seal_worker(self, key: bytes) -> None:
+        self.seal_worker = SealWorker(SECTOR_SIZE, self.cipher_class)
+        self._seal_key_id = self.seal_worker.add_key(key, self._volume_id + DATA_SCOPE, nonce_prefix=self._prefix)
+
+    # -- commit records ----------------------------------------------------------------
+
+    def _seal_page(self, cipher: BlockCipher, block_no: int, plain: bytes, sectors: bool = False) -> bytes:
+        return bytes(cipher.seal_range(range(block_no, block_no + 1), plain,
+                                       counter=self.budget.spend(1, sectors=sectors)))
+
+    def _write_commit(self, slot: int, commit: Commit) -> None:
+        pwrite_all(self.fd, self._seal_page(self._commits, slot, commit.pack()), commit_offset(slot))
+
+    def _read_commit(self, slot: int) -> Commit | None:
+        sealed = os.pread(self.fd, SEALED_BLOCK, commit_offset(slot))
+        try:
+            return Commit.parse(self._commits.open(slot, sealed))
+        except BlockAuthError:
+            return None
+
+    def format(self) -> None:
+        """A new, empty volume: the first commit in both slots, synced."""
+        commit = Commit(1, 0, 0, 1, 0, [])
+        for slot in (0, 1):
+            self._write_commit(slot, commit)
+        os.ftruncate(self.fd, page_offset(1))
+        os.fsync(self.fd)
+        self.txg = 2
+
+    def load(self, live: bool = True) -> None:
+        """Read the newest commit, its map and snapshot table; rebuild the page accounting.
+        Without ``live``, only the snapshot table (for a reader beside the serving daemon: the
+        pages of snapshots do not change while they exist, the live map's do)."""
+        found = [(c.txg, slot, c) for slot in (0, 1) if (c := self._read_commit(slot)) is not None]
+        if not found:
+            raise BlockAuthError(node_block_number(0, 0))
+        txg, slot, commit = max(found, key=lambda f: (f[0], f[1]))
+        if len(found) < 2:
+            log.warning("volume commit slot %d is damaged; using slot %d (transaction %d)", 1 - slot, slot, txg)
+        self.txg, self._slot = txg + 1, 1 - slot
+        if os.fstat(self.fd).st_size < page_offset(commit.pages + 1):
+            raise VolumeTruncated(f"the image ends before its last page ({commit.pages})")
+        self._table, self._table_txg = commit.table, commit.table_txg
+        self.snapshots = self._read_table(commit)
+        if not live:
+            return
+        self.tree = MapTree.load(commit.root, commit.depth, self._read_node)
+        self._rebuild(commit.pages, punch=False)  # free pages are reused; deletions punch
+        end = page_offset(commit.pages + 1)
+        if self._writable and os.fstat(self.fd).st_size > end:
+            os.ftruncate(self.fd, end)  # pages a crash left past the committed pool: never reached
+        if self._writable and (len(found) < 2 or found[0][0] != found[-1][0]):
+            try:
+                self._write_commit(1 - slot, commit)
+                self._unsynced = True
+            except OSError as e:
+                log.warning("volume commit slot %d could not be repaired: %s", 1 - slot, e.strerror)
+
+    def _read_node(self, level: int, index: int, page: int) -> array:
+        sealed = os.pread(self.fd, SEALED_BLOCK, page_offset(page))
+        return node_from_bytes(self._nodes.open(node_block_number(level, index), sealed))
+
+    def snapshot_tree(self, snapshot: Snapshot) -> MapTree:
+        return MapTree.load(snapshot.root, snapshot.depth, self._read_node)
+
+    def read_tree(self, tree: MapTree, first: int, count: int) -> bytearray:
+        """Sectors [first, first + count) as ``tree`` (a snapshot's) has them."""
+        out = bytearray(count * SECTOR_SIZE)
+        read_tree_into(self.fd, self._data, tree, first, count, memoryview(out))
+        return out
+
+    def _read_table(self, commit: Commit) -> list[Snapshot]:
+        data = bytearray()
+        for i, page in enumerate(commit.table):
+            sealed = os.pread(self.fd, SEALED_BLOCK, page_offset(page))
+            data += self._table_cipher.open(commit.table_txg << 10 | i, sealed)
+        if not data:
+            return []
+        n = int.from_bytes(data[:4], "little")
+        return [Snapshot(**s) for s in json.loads(data[4:4 + n])]
+
+    # -- page accounting ---------------------------------------------------------------
+
+    def _rebuild(self, pages: int, punch: bool) -> None:
+        """Page states from the trees (see the module invariants); with ``punch``, free runs are
+        punched so that space a crash or a deletion left behind is given back."""
+        state = bytearray(pages + 1)
+        birth = array("I", bytes(4 * (pages + 1)))
+        state[0] = USED  # page 0 is "none", never allocated
+        seen: set[int] = set()
+        for snap in self.snapshots:
+            self._mark_tree(snap.root, snap.depth, state, seen)
+        for key, page in self.tree.pages.items():
+            if not state[page]:
+                state[page] = USED
+                birth[page] = self.txg
+        for page in self.tree.data_pages():
+            if not state[page]:
+                state[page] = USED
+                birth[page] = self.txg
+        for page in self._table:
+            state[page] = USED
+            birth[page] = NEVER_HELD
+        self._state, self._birth = state, birth
+        self._free = state.count(FREE)
+        self._latest_snapshot = self.txg - 1
+        self._new, self._pending = [], []
+        if punch and self._free:
+            self._punch_free()
+
+    def _mark_tree(self, root: int, depth: int, state: bytearray, seen: set[int]) -> None:
+        """Mark every page a snapshot's tree reaches USED (birth 0: held), each shared node once."""
+        stack = [(depth - 1, 0, root)] if root else []
+        while stack:
+            level, index, page = stack.pop()
+            if page in seen:
+                continue
+            seen.add(page)
+            state[page] = USED
+            try:
+                node = self._read_node(level, index, page)
+            except BlockAuthError:  # its sectors read as EIO in that snapshot; what it named may be reused
+                log.warning("a snapshot's map node %d of level %d fails authentication", index, level)
+                continue
+            if level:
+                stack.extend((level - 1, (index << 10) + i, c) for i, c in enumerate(node) if c)
+            else:
+                for p in node:
+                    if p:
+                        state[p] = USED
+
+    def _punch_free(self) -> None:
+        state, p, end = self._state, 1, len(self._state)
+        while True:
+            p = state.find(FREE, p)
+            if p < 0:
+                return
+            q = p + 1
+            while q < end and state[q] == FREE:
+                q += 1
+            try:
+                punch_hole(self.fd, page_offset(p), (q - p) * SEALED_BLOCK)
+            except OSError as e:
+                log.warning("free pages %d-%d not punched: %s", p, q - 1, e.strerror)
+                return
+            p = q
+
+    def _alloc(self, n: int) -> list[tuple[int, int]]:
+        """Runs (first page, count) of ``n`` free pages, marked NEW: one run if one fits, the
+        pool grown only when fewer than ``n`` pages are free."""
+        state, runs = self._state, []
+        p = state.find(bytes(n), self._cursor)
+        if p < 0 and self._cursor > 1:
+            p = state.find(bytes(n), 1)
+        if p >= 0:
+            runs.append((p, n))
+        else:
+            need, pos = n, 1
+            while need and self._free - (n - need) > 0:
+                p = state.find(FREE, pos)
+                if p < 0:
+                    break
+                q = p + 1
+                while q < len(state) and q - p < need and state[q] == FREE:
+                    q += 1
+                runs.append((p, q - p))
+                need, pos = need - (q - p), q
+            if need:
+                tail = len(state)
+                if tail - 1 + need > MAX_PAGES:
+                    raise OSError(errno.ENOSPC, "the volume image has reached its largest size")
+                state.extend(bytes(need))
+                self._birth.extend(array("I", bytes(4 * need)))
+                self._free += need
+                runs.append((tail, need))
+        for p, k in runs:
+            state[p:p + k] = bytes([NEW]) * k
+            self._birth[p:p + k] = array("I", [self.txg]) * k
+            self._new.extend(range(p, p + k))
+        self._free -= n
+        self._cursor = runs[-1][0] + runs[-1][1]
+        return runs
+
+    def _unalloc(self, runs: list[tuple[int, int]]) -> None:
+        """Give back pages _alloc() handed out for a write that failed."""
+        for p, k in runs:
+            self._state[p:p + k] = bytes(k)
+            self._free += k
+
+    def _drop(self, page: int, punch: list[int] | None = None) -> None:
+        """The live map no longer reaches ``page``; with ``punch``, its space is to be given back
+        (the page joins that list once free, for _punch_pages())."""
+        if not page:
+            return
+        if self._state[page] == NEW:  # never committed: garbage at once
+            self._state[page] = FREE
+            self._free += 1
+            if punch is not None:
+                punch.append(page)
+        else:
+            self._pending.append((page, punch is not None))
+
+    def _release(self, page: int, punch: list[int] | None = None) -> None:
+        """After a commit: free a page the live map dropped, unless a snapshot holds it."""
+        birth = self._birth[page]
+        if birth != NEVER_HELD and birth <= self._latest_snapshot:
+            return
+        self._state[page] = FREE
+        self._free += 1
+        if punch is not None:
+            punch.append(page)
+
+    def _punch_pages(self, pages: list[int]) -> None:
+        """Punch free pages, merged into runs: a page is 4124 bytes, so only a run frees whole
+        filesystem blocks. A failure is logged: the pages stay free and are reused."""
+        pages.sort()
+        i = 0
+        while i < len(pages):
+            j = i + 1
+            while j < len(pages) and pages[j] == pages[j - 1] + 1:
+                j += 1
+            try:
+                punch_hole(self.fd, page_offset(pages[i]), (j - i) * SEALED_BLOCK)
+            except OSError as e:
+                log.warning("free pages %d-%d not punched: %s", pages[i], pages[j - 1], e.strerror)
+                return
+            i = j
+
+    @property
+    def pages(self) -> int:
+        return len(self._state) - 1
+
+    # -- I/O --------------------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.sectors * SECTOR_SIZE:
+            raise OSError(28 if offset + length > self.sectors * SECTOR_SIZE else 22,
+                          "I/O beyond the end of the volume")
+
+    def written_runs(self) -> Iterator[tuple[int, int]]:
+        return self.tree.written_runs(self.sectors)
+
+    def read_sectors(self, first: int, count: int) -> bytearray:
+        out = bytearray(count * SECTOR_SIZE)
+        read_tree_into(self.fd, self._data, self.tree, first, count, memoryview(out))
+        return out
+
+    def read(self, offset: int, length: int) -> bytearray:
+        self._check_range(offset, length)
+        if length == 0:
+            return bytearray()
+        first, last = offset // SECTOR_SIZE, (offset + length - 1) // SECTOR_SIZE
+        data = self.read_sectors(first, last - first + 1)
+        skip = offset - first * SECTOR_SIZE
+        return data if skip == 0 and len(data) == length else data[skip:skip + length]
+
+    def read_view(self, offset: int, length: int) -> memoryview | bytearray:
+        """As read(); a large read goes through the sealing worker's arena (valid until this
+        thread's next read or write), as SectorStore.read_view does."""
+        worker, count = self.seal_worker, -(-(offset % SECTOR_SIZE + length) // SECTOR_SIZE)
+        areas = None
+        if worker is not None and self._seal_key_id is not None \
+                and worth_the_worker(count * SECTOR_SIZE, count * SEALED_BLOCK):
+            areas = worker.areas()
+        if areas is None:
+            return self.read(offset, length)
+        self._check_range(offset, length)
+        plain, sealed_area = areas
+        first = offset // SECTOR_SIZE
+        jobs: list[tuple[range, memoryview, memoryview]] = []
+        at = 0
+        self.tree.check(first, count)
+        for s, n, page in self.tree.page_runs(first, count):
+            part = plain[(s - first) * SECTOR_SIZE:(s - first + n) * SECTOR_SIZE]
+            if not page:
+                part[:] = _ZEROS[:len(part)]
+                continue
+            sealed = sealed_area[at:at + n * SEALED_BLOCK]
+            at += n * SEALED_BLOCK
+            if os.preadv(self.fd, [sealed], page_offset(page)) != n * SEALED_BLOCK:
+                raise BlockAuthError(s)
+            jobs.append((range(s, s + n), sealed, part))
+        if jobs and not (self.seal_worker is not None and self._seal_key_id is not None
+                         and self.seal_worker.open(self._seal_key_id, jobs)):
+            for blocks, sealed, part in jobs:
+                self._data.open_into(blocks, sealed, part)
+        skip = offset - first * SECTOR_SIZE
+        return plain[skip:skip + length]
+
+    def _seal(self, first: int, data: bytes | memoryview) -> CowSealed:
+        count = len(data) // SECTOR_SIZE
+        if self._failed:
+            raise StoreFailed(errno.EIO, "the volume store failed a commit; detach and re-attach it")
+        counter = self.budget.spend(count)
+        blocks = range(first, first + count)
+        sealed = None
+        if self.seal_worker is not None and self._seal_key_id is not None and count >= SEAL_WORKER_MIN_SECTORS:
+            done = self.seal_worker.seal(self._seal_key_id, [(blocks, memoryview(data))], counters=[counter])
+            sealed = None if done is None else done[0]
+        if sealed is None:
+            sealed = self._data.seal_range(blocks, data, counter=counter)
+        return CowSealed(first, count, sealed)
+
+    def seal_ahead(self, offset: int, data: bytes) -> CowSealed | None:
+        """Seal a write of whole sectors, changing nothing: sealing depends only on the sectors'
+        numbers, so write_sealed() always takes it."""
+        if offset < 0 or offset % SECTOR_SIZE or len(data) % SECTOR_SIZE or not data \
+                or offset + len(data) > self.sectors * SECTOR_SIZE:
+            return None
+        return self._seal(offset // SECTOR_SIZE, data)
+
+    def write_sealed(self, sealed: CowSealed) -> bool:
+        self._place(sealed)
+        return True
+
+    def write_sectors(self, first: int, data: bytes | memoryview) -> None:
+        self._place(self._seal(first, data))
+
+    def _place(self, sealed: CowSealed) -> None:
+        """Write sealed sectors to free pages, then point the map at them (module invariants)."""
+        self.tree.check(sealed.first, sealed.count)
+        if len(self._pending) >= self.pending_limit:
+            self.flush()
+        runs = self._alloc(sealed.count)
+        blob = memoryview(sealed.blob)
+        try:
+            at = 0
+            for page, k in runs:
+                pwrite_all(self.fd, blob[at * SEALED_BLOCK:(at + k) * SEALED_BLOCK], page_offset(page))
+                at += k
+        except OSError:
+            self._unalloc(runs)
+            raise
+        s = sealed.first
+        for page, k in runs:
+            for p in range(page, page + k):
+                self._drop(self.tree.set(s, p))
+                s += 1
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Write plaintext at any alignment (partial sectors are read, merged, rewritten)."""
+        self._check_range(offset, len(data))
+        if not data:
+            return 0
+        first, last = offset // SECTOR_SIZE, (offset + len(data) - 1) // SECTOR_SIZE
+        head = offset - first * SECTOR_SIZE
+        tail = (last + 1) * SECTOR_SIZE - (offset + len(data))
+        if head or tail:
+            merged = self.read_sectors(first, last - first + 1)
+            merged[head:head + len(data)] = data
+            data = bytes(merged)
+        self.write_sectors(first, data)
+        return len(data) - head - tail
+
+    def discard(self, offset: int, length: int) -> None:
+        """Forget whole sectors (they read as zeros, their pages are punched once free); partial
+        sectors are zeroed."""
+        self._check_range(offset, length)
+        first = -(-offset // SECTOR_SIZE)
+        end = (offset + length) // SECTOR_SIZE
+        if first * SECTOR_SIZE > offset:
+            self.write(offset, bytes(min(first * SECTOR_SIZE, offset + length) - offset))
+        if end * SECTOR_SIZE < offset + length and end >= first:
+            self.write(end * SECTOR_SIZE, bytes(offset + length - end * SECTOR_SIZE))
+        now: list[int] = []
+        self.tree.check(first, max(0, end - first))
+        for s in range(first, end):
+            if self.tree.leaf(s) is None:
+                continue
+            self._drop(self.tree.set(s, 0), now)
+        self._punch_pages(now)
+
+    def grow(self, new_sectors: int) -> None:
+        self.sectors = new_sectors  # the map grows a level when a write needs it
+
+    # -- commit ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make everything written so far durable: the commit (see the module invariants)."""
+        if self._failed:
+            raise StoreFailed(errno.EIO, "the volume store failed a commit; detach and re-attach it")
+        tree = self.tree
+        if not (tree.dirty or self._table_dirty or self._pending or self._root_changed):
+            self.sync_mirrors()
+            return
+        allocated: list[tuple[int, int]] = []
+        written: list[tuple[tuple[int, int], int]] = []
+        try:
+            for key in tree.commit_order():
+                (page, _k), = runs = self._alloc(1)
+                allocated += runs
+                pwrite_all(self.fd, self._seal_page(self._nodes, node_block_number(*key),
+                                                    tree.nodes[key].tobytes()), page_offset(page))
+                tree.set_child(key, page)
+                written.append((key, page))
+            table, table_txg = self._table, self._table_txg
+            if self._table_dirty:
+                table, table_txg = self._write_table(allocated), self.txg
+            root = dict(written).get(tree.root_key, tree.root_page)
+            commit = Commit(self.txg, table_txg, root, tree.depth, self.pages, table)
+            if os.fstat(self.fd).st_size < page_offset(self.pages + 1):  # a pool grown by a failed write
+                os.ftruncate(self.fd, page_offset(self.pages + 1))
+            os.fdatasync(self.fd)
+            self._write_commit(self._slot, commit)
+        except OSError:
+            self._unalloc(allocated)
+            raise
+        try:
+            os.fdatasync(self.fd)  # the commit
+        except OSError as e:
+            self._failed = True
+            raise StoreFailed(e.errno or errno.EIO, f"volume commit not known to be durable: {e.strerror}") from None
+        self._committed(commit, written)
+
+    def _committed(self, commit: Commit, written: list[tuple[tuple[int, int], int]]) -> None:
+        """After a durable commit: the new pages are USED, the dropped ones freed; mirror it."""
+        tree = self.tree
+        for key, page in written:
+            old = tree.pages.get(key, 0)
+            tree.pages[key] = page
+            if old:
+                self._release(old)
+        tree.dirty.clear()
+        punch: list[int] = []
+        if self._table_dirty:
+            for page in self._table:
+                self._release(page, punch)
+            self._table, self._table_txg, self._table_dirty = commit.table, commit.table_txg, False
+        for page in self._new:
+            if self._state[page] == NEW:
+                self._state[page] = USED
+        for page, discarded in self._pending:
+            self._release(page, punch if discarded else None)
+        self._new, self._pending = [], []
+        self._punch_pages(punch)
+        self._root_changed = False
+        self.txg += 1
+        slot, self._slot = self._slot, 1 - self._slot
+        try:
+            self._write_commit(1 - slot, commit)
+            self._unsynced = True
+        except OSError as e:  # the commit is durable; the damaged mirror is what the next one overwrites
+            log.warning("volume commit mirror write failed (the flush itself is durable): %s", e.strerror)
+
+    def _write_table(self, allocated: list[tuple[int, int]]) -> list[int]:
+        data = json.dumps([asdict(s) for s in self.snapshots], separators=(",", ":")).encode()
+        data = len(data).to_bytes(4, "little") + data
+        count = -(-len(data) // SECTOR_SIZE)
+        if count > MAX_TABLE_PAGES:
+            raise OSError(errno.ENOSPC, "the snapshot table is full")
+        pages = []
+        for i in range(count):
+            (page, _k), = runs = self._alloc(1)
+            allocated += runs
+            self._birth[page] = NEVER_HELD
+            chunk = data[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE].ljust(SECTOR_SIZE, b"\0")
+            pwrite_all(self.fd, self._seal_page(self._table_cipher, self.txg << 10 | i, chunk), page_offset(page))
+            pages.append(page)
+        return pages
+
+    def sync_mirrors(self) -> None:
+        if self._unsynced:
+            os.fsync(self.fd)
+            self._unsynced = False
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    def snapshot(self, snapshot_id: str, description: str, created: float) -> Snapshot:
+        """Freeze the map: commit, then record the committed root in the table and commit again.
+        Copies nothing: the time depends on what awaits the first commit, not on the data."""
+        self.flush()
+        snap = Snapshot(snapshot_id, self.tree.root_page, self.tree.depth, self.sectors * SECTOR_SIZE, created,
+                        self.txg - 1, description)
+        self.snapshots.append(snap)
+        self._table_dirty = True
+        latest = self._latest_snapshot
+        self._latest_snapshot = snap.txg
+        try:
+            self.flush()
+        except BaseException:
+            self.snapshots.remove(snap)
+            self._latest_snapshot = latest
+            raise
+        return snap
+
+    def delete_snapshot(self, snapshot_id: str) -> Snapshot:
+        snap = self.find_snapshot(snapshot_id)
+        self.snapshots.remove(snap)
+        self._table_dirty = True
+        try:
+            self.flush()
+        except BaseException:
+            self.snapshots.append(snap)
+            raise
+        self._rebuild(self.pages, punch=True)  # frees what only it held
+        return snap
+
+    def rollback(self, snapshot_id: str) -> Snapshot:
+        """Make the live map the snapshot's (the caller makes sure nothing serves the volume)."""
+        snap = self.find_snapshot(snapshot_id)
+        self.flush()
+        self.tree = self.snapshot_tree(snap)
+        self.sectors = max(self.sectors, snap.size // SECTOR_SIZE)
+        self._root_changed = True
+        self.flush()
+        self._rebuild(self.pages, punch=True)
+        return snap
+
+    def find_snapshot(self, snapshot_id: str) -> Snapshot:
+        for snap in self.snapshots:
+            if snap.id == snapshot_id:
+                return snap
+        raise KeyError(snapshot_id)
+
+    def snapshot_rows(self) -> list[dict[str, object]]:
+        """Each snapshot with its exclusive and shared bytes (see space()), oldest first."""
+        space = self.space()
+        return [dict(asdict(s), **space[s.id]) for s in self.snapshots]
+
+    def space(self) -> dict[str, dict[str, int]]:
+        """For each snapshot id (and "live"): bytes of pages only it reaches ("exclusive") and
+        pages it shares with another tree ("shared"). Walks every tree."""
+        owners: dict[int, int] = {}
+        trees = [("live", self.tree)] + [(s.id, self.snapshot_tree(s)) for s in self.snapshots]
+        reach: dict[str, set[int]] = {}
+        for name, tree in trees:
+            pages = set(tree.data_pages()) | set(tree.pages.values())
+            reach[name] = pages
+            for p in pages:
+                owners[p] = owners.get(p, 0) + 1
+        return {name: {"exclusive": sum(1 for p in pages if owners[p] == 1) * SEALED_BLOCK,
+                       "shared": sum(1 for p in pages if owners[p] > 1) * SEALED_BLOCK}
+                for name, pages in reach.items()}
+
+
+def read_tree_into(fd: int, cipher: BlockCipher, tree: MapTree, first: int, count: int, out: memoryview) -> None:
+    """Sectors [first, first + count) of ``tree`` opened into ``out`` (unwritten ones left as
+    they are); BlockAuthError naming the sector that fails."""
+    tree.check(first, count)
+    for s, n, page in tree.page_runs(first, count):
+        if not page:
+            continue
+        sealed = os.pread(fd, n * SEALED_BLOCK, page_offset(page))
+        if len(sealed) != n * SEALED_BLOCK:
+            raise BlockAuthError(s + len(sealed) // SEALED_BLOCK)
+        cipher.open_into(range(s, s + n), sealed, out[(s - first) * SECTOR_SIZE:(s - first + n) * SECTOR_SIZE])
+
+
+__all__ = ["CowStore", "Snapshot", "CowSealed", "StoreFailed", "VolumeTruncated", "read_tree_into", "FANOUT"]
