@@ -137,7 +137,7 @@ def _info_json(root: Path, *options: str) -> dict:
 @pytest.fixture
 def volume(tmp_path: Path, service: KeyService) -> Path:
     path = tmp_path / "v.img"
-    create_volume(path, 64 << 20, service, service.create_key()["KeyId"])
+    create_volume(path, 64 << 20, service, service.create_key()["KeyId"], version=1)  # format 1: its budget
     return path
 
 

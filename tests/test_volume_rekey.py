@@ -35,11 +35,11 @@ def contents(path: Path, ks: KeyService) -> tuple[bytes, str, str, int]:
         vol.close()
 
 
-@pytest.fixture
-def volume(tmp_path: Path, service: KeyService) -> tuple[Path, str, bytes]:
+@pytest.fixture(params=[1, 2], ids=["format1", "format2"])
+def volume(tmp_path: Path, service: KeyService, request: pytest.FixtureRequest) -> tuple[Path, str, bytes]:
     key = service.create_key()["KeyId"]
     path = tmp_path / "vol.img"
-    create_volume(path, 64 * MiB, service, key)
+    create_volume(path, 64 * MiB, service, key, version=request.param)
     written(path, service, {0: os.urandom(5000 * 4096), 40 * MiB + 8192: b"x" * 4096 * 3})
     return path, key, contents(path, service)[0]
 
@@ -77,14 +77,14 @@ def test_a_failed_copy_leaves_the_volume_unchanged_and_a_rerun_finishes(
     def full_disk_on_the_copy(p: Path, ks: KeyService, **kw: object):  # type: ignore[no-untyped-def]
         vol = real(p, ks, **kw)
         if p.name.endswith(".rekey.tmp"):
-            write = vol.store.write
+            write = vol.store.write_sectors
 
-            def failing(offset: int, data: bytes) -> int:
-                calls.append(offset)
+            def failing(first: int, data: bytes) -> None:
+                calls.append(first)
                 if len(calls) > 2:
                     raise OSError(28, "No space left on device")
-                return write(offset, data)
-            vol.store.write = failing  # type: ignore[method-assign]
+                write(first, data)
+            vol.store.write_sectors = failing  # type: ignore[method-assign]
         return vol
 
     monkeypatch.setattr(rekey_mod, "open_volume", full_disk_on_the_copy)
@@ -100,10 +100,12 @@ def test_a_failed_copy_leaves_the_volume_unchanged_and_a_rerun_finishes(
 def test_a_damaged_sector_stops_the_rekey(volume: tuple[Path, str, bytes], service: KeyService) -> None:
     path, _key, _before = volume
     vol = open_volume(path, service)
-    try:  # find sector 1's slot in the image and flip a byte there
-        from encfs.block.layout import sector_offset
-        state = vol.store._state(1)
-        at = sector_offset(1, state) + 50
+    try:  # find sector 1's place in the image and flip a byte there
+        from encfs.block.layout import page_offset, sector_offset
+        if vol.header.copy_on_write:
+            at = page_offset(vol.store.tree.get(1)) + 50
+        else:
+            at = sector_offset(1, vol.store._state(1)) + 50
     finally:
         vol.close()
     with open(path, "r+b") as f:

@@ -37,7 +37,7 @@ def old_style_volume(path: Path, ks: KeyService) -> int:
     """A 64 MiB volume as the first release left it at rest: sector SECTOR written OLD, flushed, then
     NEW, flushed; map slot (returned) of extent 1 holds the newest map, the other slot the previous one,
     and the header's flag byte is 0 (no mirrored maps, no header MAC)."""
-    create_volume(path, 64 << 20, ks, ks.create_key()["KeyId"])
+    create_volume(path, 64 << 20, ks, ks.create_key()["KeyId"], version=1)
     vol = open_volume(path, ks)
     try:
         vol.write(SECTOR * SECTOR_SIZE, OLD)
@@ -61,7 +61,7 @@ def old_style_volume(path: Path, ks: KeyService) -> int:
 
 
 def test_a_new_volume_is_flagged_mirrored(tmp_path: Path, service: KeyService) -> None:
-    create_volume(tmp_path / "v.img", 64 << 20, service, service.create_key()["KeyId"])
+    create_volume(tmp_path / "v.img", 64 << 20, service, service.create_key()["KeyId"], version=1)
     with open(tmp_path / "v.img", "rb") as f:
         assert read_header(f.fileno())[0].flags == MAPS_MIRRORED | HEADER_MAC
     for extent in (0, 1):

@@ -1,4 +1,4 @@
-"""``encfs volume create|attach|detach|list|info|rekey|resize``."""
+"""``encfs volume create|attach|detach|list|info|rekey|upgrade|resize``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from typing import Any
 from encfs.block import budget
 from encfs.block.attach import attach, attachments, detach, find_attachment, grow_attached
 from encfs.block.layout import image_size
-from encfs.block.volume import VolumeError, create_volume, grow_volume, parse_size, read_volume_header
+from encfs.block.volume import (
+    VolumeError,
+    check_space,
+    create_volume,
+    grow_volume,
+    parse_size,
+    read_volume_header,
+)
 
 
 def _ks(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -30,8 +37,10 @@ def _service(args: argparse.Namespace) -> Any:
 
 def cmd_create(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
+    if not args.sparse and args.format == 2:
+        check_space(Path(args.volume), size)
     with _service(args) as ks:
-        header = create_volume(Path(args.volume), size, ks, args.key)
+        header = create_volume(Path(args.volume), size, ks, args.key, version=args.format)
     print(f"volume {header.volume_id.hex()} created in {args.volume}: {size} bytes under key {header.key_id}")
     return 0
 
@@ -56,14 +65,15 @@ def _info(path: Path, ks: Any = None, key: str | None = None) -> dict[str, Any]:
     a = find_attachment(header.volume_id.hex())
     st = os.stat(path)
     seals = header.seals_reserved if header.authenticated else None
-    if seals is not None and seals >= budget.SEAL_WARN:
+    if seals is not None and not header.copy_on_write and seals >= budget.SEAL_WARN:
         warnings.append(f"the volume key has made up to {seals} seals, past 2^30 of its 2^32 budget; "
                         f"writes stop at {budget.SEAL_REFUSE}: `encfs volume rekey` gives it a fresh key")
-    return {"image": str(path.absolute()), "volume_id": header.volume_id.hex(), "size": header.size,
-            "sector_size": header.sector_size, "key_id": header.key_id, "header_seq": header.seq,
-            "maps_mirrored": header.maps_mirrored, "header_mac": header.authenticated,
-            "header_verified": ks is not None, "seals_reserved": seals,
-            "image_nominal_bytes": image_size(header.sectors), "image_allocated_bytes": st.st_blocks * 512,
+    nominal = st.st_size if header.copy_on_write else image_size(header.sectors)
+    return {"image": str(path.absolute()), "volume_id": header.volume_id.hex(), "format": header.version,
+            "size": header.size, "sector_size": header.sector_size, "key_id": header.key_id,
+            "header_seq": header.seq, "maps_mirrored": header.maps_mirrored or header.copy_on_write,
+            "header_mac": header.authenticated, "header_verified": ks is not None, "seals_reserved": seals,
+            "image_nominal_bytes": nominal, "image_allocated_bytes": st.st_blocks * 512,
             "attached": a.loop if a and a.daemon_alive() else None, "warnings": warnings}
 
 
@@ -99,6 +109,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     path = Path(args.volume)
     header, _w = read_volume_header(path)
     size = parse_size(args.size)
+    if header.copy_on_write and not args.sparse:
+        check_space(path, size, "grow")
     a = find_attachment(header.volume_id.hex())
     if a is not None and a.daemon_alive():
         if args.key is not None:  # the daemon verified the header it serves; pin the key it names
@@ -118,15 +130,36 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
     path = Path(args.volume)
     header, _w = read_volume_header(path)
-    a = find_attachment(header.volume_id.hex())
-    if a is not None and a.daemon_alive():
-        raise VolumeError(f"{path} is attached at {a.loop}: detach it first (`encfs volume detach {a.loop}`)")
+    _refuse_attached(path, header.volume_id.hex())
     with _service(args) as ks:
         done = rekey_volume(path, ks, args.key, expected_key=args.expect_key)
     mib = done.sectors * 4096 / (1 << 20)
     print(f"{path}: re-keyed as volume {done.volume_id} under key {done.key_id} "
           f"({mib:.1f} MiB of written sectors copied in {done.seconds:.1f} s)")
     return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from encfs.block.header import COW_FORMAT
+    from encfs.block.rekey import rekey_volume
+
+    path = Path(args.volume)
+    header, _w = read_volume_header(path)
+    if header.copy_on_write:
+        print(f"{path} already has format {COW_FORMAT}")
+        return 0
+    _refuse_attached(path, header.volume_id.hex())
+    with _service(args) as ks:
+        done = rekey_volume(path, ks, expected_key=args.key, version=COW_FORMAT)
+    print(f"{path}: upgraded to format {COW_FORMAT} as volume {done.volume_id} under key {done.key_id} "
+          f"({done.sectors * 4096 / (1 << 20):.1f} MiB of written sectors copied in {done.seconds:.1f} s)")
+    return 0
+
+
+def _refuse_attached(path: Path, volume_id: str) -> None:
+    a = find_attachment(volume_id)
+    if a is not None and a.daemon_alive():
+        raise VolumeError(f"{path} is attached at {a.loop}: detach it first (`encfs volume detach {a.loop}`)")
 
 
 def _expected_key(p: argparse.ArgumentParser, more: str = "") -> None:
@@ -149,6 +182,10 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--size", required=True, help="e.g. 512M, 10G")
     p.add_argument("--key", required=True, metavar="KEY", help="CMK (id or alias) that wraps the volume key")
+    p.add_argument("--format", type=int, choices=(1, 2), default=2,
+                   help="2 (default): copy-on-write, with snapshots; 1: the older format, for encfs before 0.2")
+    p.add_argument("--sparse", action="store_true",
+                   help="create it even if the disk cannot hold it once full (writes then fail with ENOSPC)")
     p = cmd("attach", cmd_attach, "attach VOL as a plaintext loop device; prints /dev/loopN")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: none)")
@@ -170,7 +207,12 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--key", metavar="KEY", help="CMK (id or alias) to wrap the new volume key (default: VOL's), "
                                                 "as for create")
     p.add_argument("--expect-key", metavar="KEY", help="refuse unless VOL's key is wrapped by this CMK")
-    p = cmd("resize", cmd_resize, "grow a detached volume to SIZE")
+    p = cmd("upgrade", cmd_upgrade, "convert a detached format-1 volume to format 2 (copy-on-write, snapshots), "
+                                     "by a copy under a fresh volume key; needs free space for the copy")
+    p.add_argument("volume", metavar="VOL")
+    _expected_key(p)
+    p = cmd("resize", cmd_resize, "grow a volume to SIZE (attached or detached)")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--size", required=True)
+    p.add_argument("--sparse", action="store_true", help="grow it even if the disk cannot hold it once full")
     _expected_key(p)

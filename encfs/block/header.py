@@ -3,7 +3,8 @@
 Each copy is one 4096-byte record (docs/FORMAT.md section 7.2)::
 
     0     4   magic b"ENCV"
-    4     1   format version (1)
+    4     1   format version: 1 (two slots per sector) or 2 (copy-on-write,
+              cow.py; HEADER_MAC is required)
     5     1   feature flags: bit 0 (MAPS_MIRRORED) = every extent's two sector-map
               slots are kept as mirrors (sectors.py); bit 1 (HEADER_MAC) = the
               record is authenticated and holds the fields marked (M) below;
@@ -63,6 +64,7 @@ from encfs.keys.blob import CiphertextBlob
 
 MAGIC = b"ENCV"
 VOLUME_FORMAT = 1
+COW_FORMAT = 2  # copy-on-write sectors, a versioned map and snapshots (cow.py)
 RECORD = 4096
 _BODY = RECORD - 32  # covered by the SHA-256
 _MACED = _BODY - 32  # covered by the HMAC (HEADER_MAC)
@@ -100,8 +102,13 @@ class VolumeHeader:
     seq: int = 0
     sector_size: int = SECTOR_SIZE
     flags: int = 0
-    seals_reserved: int = 0  # stored with HEADER_MAC only
+    seals_reserved: int = 0  # stored with HEADER_MAC only; format 2: the nonce counter's reservation
     mac: bytes = field(default=b"", compare=False, repr=False)  # as read, checked by verify()
+    version: int = VOLUME_FORMAT
+
+    @property
+    def copy_on_write(self) -> bool:
+        return self.version == COW_FORMAT
 
     @property
     def maps_mirrored(self) -> bool:
@@ -128,7 +135,7 @@ class VolumeHeader:
 
     def _maced(self) -> bytes:
         """The bytes before the MAC (before the SHA-256 without HEADER_MAC)."""
-        fixed = _FIXED.pack(MAGIC, VOLUME_FORMAT, self.flags, b"\0\0", self.seq, self.volume_id, self.size,
+        fixed = _FIXED.pack(MAGIC, self.version, self.flags, b"\0\0", self.seq, self.volume_id, self.size,
                             self.sector_size, len(self.wrapped_key))
         end = _PAD_END if self.authenticated else _BODY
         body = (fixed + self.wrapped_key).ljust(end, b"\0")
@@ -161,8 +168,10 @@ class VolumeHeader:
             raise VolumeFormatError("not an encfs volume (bad magic)")
         if hashlib.sha256(body).digest() != digest:
             raise VolumeFormatError("volume header checksum mismatch")
-        if version != VOLUME_FORMAT:
-            raise VolumeFormatError(f"unsupported volume format version {version}")
+        if version not in (VOLUME_FORMAT, COW_FORMAT):
+            raise VolumeFormatError(f"unsupported volume format version {version} (made by a newer encfs?)")
+        if version == COW_FORMAT and not flags & HEADER_MAC:
+            raise VolumeFormatError("volume header of format 2 without its MAC")
         if flags & ~KNOWN_FLAGS:
             raise VolumeFormatError(f"volume header has unknown feature flags 0x{flags:02x} "
                                     "(made by a newer encfs?)")
@@ -171,7 +180,7 @@ class VolumeHeader:
             raise VolumeFormatError("volume header has impossible geometry")
         wrapped = bytes(body[_FIXED.size:_FIXED.size + n])
         if not flags & HEADER_MAC:
-            return cls(vid, size, wrapped, seq, sector_size, flags)
+            return cls(vid, size, wrapped, seq, sector_size, flags, version=version)
         if reserved != b"\0\0" or any(body[_FIXED.size + n:end]):
             raise VolumeFormatError("volume header has nonzero reserved bytes")
         key_id, seals = _TRAILER.unpack_from(body, _PAD_END)
@@ -181,12 +190,14 @@ class VolumeHeader:
             raise VolumeFormatError("volume header holds a malformed wrapped key") from None
         if named != key_id:
             raise VolumeFormatError("volume header names a CMK other than the one its wrapped key is under")
-        return cls(vid, size, wrapped, seq, sector_size, flags, seals, bytes(body[_MACED:_BODY]))
+        return cls(vid, size, wrapped, seq, sector_size, flags, seals, bytes(body[_MACED:_BODY]), version)
 
 
-def new_header(size: int, wrapped_key: bytes, volume_id: bytes | None = None, seals: int = 0) -> VolumeHeader:
-    return VolumeHeader(volume_id or uuid.uuid4().bytes, size, wrapped_key, flags=MAPS_MIRRORED | HEADER_MAC,
-                        seals_reserved=seals)
+def new_header(size: int, wrapped_key: bytes, volume_id: bytes | None = None, seals: int = 0,
+               version: int = COW_FORMAT) -> VolumeHeader:
+    flags = HEADER_MAC if version == COW_FORMAT else MAPS_MIRRORED | HEADER_MAC
+    return VolumeHeader(volume_id or uuid.uuid4().bytes, size, wrapped_key, flags=flags, seals_reserved=seals,
+                        version=version)
 
 
 def _copies(fd: int) -> tuple[list[tuple[int, VolumeHeader]], list[str]]:

@@ -1,4 +1,5 @@
-"""``encfs volume rekey``: move a detached volume to a fresh volume key, by a copy.
+"""``encfs volume rekey`` and ``encfs volume upgrade``: copy a detached volume to a fresh volume
+key, in the same format (rekey) or in format 2 (upgrade).
 
 Every sector of a format-1 volume is sealed under one volume key with a random nonce, so the
 key may make only so many seals (docs/FORMAT.md §7.5); past 2^30 encfs warns, and writes stop
@@ -10,7 +11,8 @@ before 2^32. A fresh key cannot be mixed into a format-1 image, so the way out i
    holes; it is flushed and closed (fsync);
 3. it is renamed over VOL, and the directory is fsync'd.
 
-The copy gets VOL's mode and owner before it replaces it.
+The copy gets VOL's mode and owner before it replaces it. A format-2 volume with snapshots is
+refused: the copy holds the live contents only (`encfs snapshot copy` re-keys a snapshot).
 
 Invariants:
 - VOL's contents are not changed until the rename (it stays open and locked, so nothing
@@ -25,14 +27,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from encfs.block.cow import CowStore
+from encfs.block.header import COW_FORMAT
 from encfs.block.layout import SECTOR_SIZE
-from encfs.block.volume import VolumeError, create_volume, open_volume
+from encfs.block.volume import OpenVolume, VolumeError, create_volume, open_volume
 from encfs.blocks import BlockAuthError
 from encfs.diskio import fsync_dir
 from encfs.keys.service import KeyService
+from encfs.progress import progress
 
 _CHUNK = 256  # sectors per copy step (1 MiB)
 
@@ -45,33 +51,55 @@ class Rekeyed:
     seconds: float
 
 
-def tmp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".rekey.tmp")
+def tmp_path(path: Path, what: str = "rekey") -> Path:
+    return path.with_name(f"{path.name}.{what}.tmp")
 
 
-def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_key: str | None = None) -> Rekeyed:
+def copy_sectors(read: Callable[[int, int], bytearray], runs: Iterable[tuple[int, int]], new: OpenVolume,
+                 total: int, desc: str, failed: Callable[[int], str]) -> int:
+    """Copy the written runs through ``read(first, count)`` into ``new``, with a progress bar of
+    ``total`` bytes; a sector that fails authentication stops it (VolumeError ``failed(sector)``)."""
+    copied = 0
+    with progress(total, desc) as bar:
+        for first, count in runs:
+            for at in range(first, first + count, _CHUNK):
+                n = min(_CHUNK, first + count - at)
+                try:
+                    data = read(at, n)
+                except BlockAuthError as e:
+                    raise VolumeError(failed(e.block_no)) from None
+                new.store.write_sectors(at, bytes(data))
+                copied += n
+                bar.update(n * SECTOR_SIZE)
+    new.flush()
+    return copied
+
+
+def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_key: str | None = None,
+                 version: int | None = None) -> Rekeyed:
     """Copy the volume at ``path`` (not attached) under a fresh data key wrapped by ``key``
-    (default: its current CMK), in place of the original (see the module docstring)."""
+    (default: its current CMK), in format ``version`` (default: its own), in place of the
+    original (see the module docstring)."""
     start = time.monotonic()
     old = open_volume(path, ks, expected_key=expected_key)
-    tmp = tmp_path(path)
+    what = "rekey" if version is None else "upgrade"
+    tmp = tmp_path(path, what)
+    if isinstance(old.store, CowStore) and old.store.snapshots:
+        n = len(old.store.snapshots)
+        old.close()
+        raise VolumeError(f"{path} has {n} snapshot(s), which a copy would lose: delete them first "
+                          "(`encfs snapshot copy` makes a re-keyed volume from one)")
     try:
         tmp.unlink(missing_ok=True)  # an interrupted run's: VOL is locked, so no other run owns it
-        header = create_volume(tmp, old.size, ks, key or old.header.key_id)
+        header = create_volume(tmp, old.size, ks, key or old.header.key_id, version=version or old.header.version)
         new = open_volume(tmp, ks)
-        copied = 0
+        scale = 1 if old.header.copy_on_write else 2  # format 1 numbers two blocks per sector
         try:
-            for first, count in old.store.written_runs():
-                for at in range(first, first + count, _CHUNK):
-                    n = min(_CHUNK, first + count - at)
-                    try:
-                        data = old.store.read_sectors(at, n)
-                    except BlockAuthError as e:
-                        raise VolumeError(f"{path}: sector {e.block_no // 2} fails authentication; not re-keyed "
-                                          f"(the volume is unchanged)") from None
-                    new.store.write(at * SECTOR_SIZE, bytes(data))
-                    copied += n
-            new.flush()
+            runs = list(old.store.written_runs())
+            copied = copy_sectors(old.store.read_sectors, runs, new, sum(n for _f, n in runs) * SECTOR_SIZE,
+                                  f"{what} {path.name}",
+                                  lambda b: f"{path}: sector {b // scale} fails authentication; not copied "
+                                            f"(the volume is unchanged)")
         finally:
             new.close()
         st = os.stat(path)

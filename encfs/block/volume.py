@@ -29,7 +29,9 @@ serialises header writes (sealing threads reserve while a grow publishes).
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import logging
 import os
 import re
@@ -39,7 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from encfs.block.budget import SealBudget
+from encfs.block.cow import CowStore, VolumeTruncated
 from encfs.block.header import (
+    COW_FORMAT,
     HEADER_MAC,
     MAPS_MIRRORED,
     VolumeHeader,
@@ -50,9 +54,9 @@ from encfs.block.header import (
     read_verified,
     write_header,
 )
-from encfs.block.layout import SECTOR_SIZE, image_size
+from encfs.block.layout import SECTOR_SIZE, cow_image_bound, image_size
 from encfs.block.sectors import SealedSectors, SectorStore, extent_bytes
-from encfs.blocks import SEALED_BLOCK
+from encfs.blocks import SEALED_BLOCK, BlockAuthError
 from encfs.errors import EncfsError, UsageError
 from encfs.keys.service import KeyService
 
@@ -81,7 +85,7 @@ def parse_size(text: str) -> int:
 class StoreFile:
     """The FUSE server's VolumeFile I/O, delegated to a SectorStore (``self.store``)."""
 
-    store: SectorStore
+    store: SectorStore | CowStore
 
     @property
     def size(self) -> int:
@@ -109,6 +113,32 @@ class StoreFile:
 
     def flush(self) -> None:
         self.store.flush()
+
+    def _cow(self) -> CowStore:
+        if not isinstance(self.store, CowStore):
+            raise OSError(errno.EOPNOTSUPP, "format 1 has no snapshots")
+        return self.store
+
+    def control(self, name: bytes, value: bytes) -> None:
+        """The daemon's side of snapshot create and delete (fuseserver.CONTROL_*)."""
+        from encfs.block.fuseserver import CONTROL_CREATE
+
+        store = self._cow()
+        try:
+            if name == CONTROL_CREATE:
+                req = json.loads(value)
+                snap = store.snapshot(str(req["id"]), str(req.get("description", "")), float(req["created"]))
+                log.info("snapshot %s created (transaction %d)", snap.id, snap.txg)
+            else:
+                store.delete_snapshot(value.decode())
+                log.info("snapshot %s deleted", value.decode())
+        except KeyError:
+            raise OSError(errno.ENOENT, "no such snapshot") from None
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise OSError(errno.EINVAL, "malformed snapshot request") from None
+
+    def query(self, _name: bytes) -> bytes:
+        return json.dumps(self._cow().snapshot_rows()).encode()
 
 
 class _Header:
@@ -138,7 +168,7 @@ class OpenVolume(StoreFile):
     path: Path
     fd: int
     headers: _Header
-    store: SectorStore
+    store: SectorStore | CowStore
     warnings: list[str]
     budget: SealBudget
 
@@ -185,8 +215,24 @@ class OpenVolume(StoreFile):
             raise VolumeError(f"cannot grow {self.path}: {e.strerror}") from None
 
 
-def create_volume(path: Path, size: int, ks: KeyService, key: str) -> VolumeHeader:
-    """A new image at ``path`` (which must not exist); nothing is left behind on failure."""
+def check_space(path: Path, size: int, verb: str = "create") -> None:
+    """Refuse a format-2 volume of ``size`` bytes that the filesystem holding ``path`` cannot hold
+    once full (``--sparse`` skips this: the image grows as it is written). For a resize, the
+    image's current allocation counts as available."""
+    st = os.statvfs(path.absolute().parent)
+    sectors = size // SECTOR_SIZE
+    need = cow_image_bound(sectors, CowStore.default_pending_limit(sectors))
+    have = st.f_bavail * st.f_frsize + (os.stat(path).st_blocks * 512 if path.exists() else 0)
+    if need > have:
+        raise VolumeError(f"cannot {verb} {path}: {path.absolute().parent} has {have >> 20} MiB free, and a full "
+                          f"{size >> 20} MiB volume needs up to {need >> 20} MiB: free space, choose a smaller "
+                          f"size, or give --sparse to {verb} it anyway (writes then fail with ENOSPC when the "
+                          "disk fills)")
+
+
+def create_volume(path: Path, size: int, ks: KeyService, key: str, version: int = COW_FORMAT) -> VolumeHeader:
+    """A new image at ``path`` (which must not exist); nothing is left behind on failure.
+    ``version`` 1 makes the older format (kept for tests and for `encfs volume upgrade`'s)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
@@ -198,10 +244,14 @@ def create_volume(path: Path, size: int, ks: KeyService, key: str) -> VolumeHead
         probe = VolumeHeader(volume_id, size, b"", flags=HEADER_MAC)
         dk = ks.generate_data_key(key, probe.context(), encfs_internal=True)
         assert dk.plaintext is not None
-        header = new_header(size, dk.ciphertext_blob, volume_id)
-        os.ftruncate(fd, image_size(header.sectors))
-        budget = SealBudget(0, lambda _n: None, str(path))  # counted exactly: the header is written after
-        SectorStore(fd, dk.plaintext, volume_id, header.sectors, budget=budget).format_maps()
+        header = new_header(size, dk.ciphertext_blob, volume_id, version=version)
+        # Counted exactly: the header is written after.
+        budget = SealBudget(0, lambda _n: None, str(path), counter=header.copy_on_write)
+        if header.copy_on_write:
+            CowStore(fd, dk.plaintext, volume_id, header.sectors, budget).format()
+        else:
+            os.ftruncate(fd, image_size(header.sectors))
+            SectorStore(fd, dk.plaintext, volume_id, header.sectors, budget=budget).format_maps()
         return write_header(fd, replace(header, seals_reserved=budget.used),
                             header_mac_key(dk.plaintext, volume_id))
     except BaseException as e:
@@ -260,6 +310,31 @@ def _estimate_seals(fd: int) -> int:
     return os.fstat(fd).st_blocks * 512 // SEALED_BLOCK
 
 
+def _no_seals(_n: int) -> None:
+    raise OSError(30, "the volume is open read-only")
+
+
+def open_snapshots(path: Path, ks: KeyService, expected_key: str | None = None) -> OpenVolume:
+    """Open a format-2 image read-only, without its lock, for its snapshots only: a reader beside
+    the daemon serving it (snapshot pages do not change while the snapshot exists)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise VolumeError(f"cannot open volume {path}: {e.strerror}") from None
+    try:
+        header, key, warnings = _read_verified(fd, path, ks, expected_key)
+        if not header.copy_on_write:
+            raise VolumeError(f"volume {path} has format 1, which has no snapshots: "
+                              f"`encfs volume upgrade {path}` converts it")
+        budget = SealBudget(header.seals_reserved, _no_seals, str(path), counter=True)
+        store = CowStore(fd, key, header.volume_id, header.sectors, budget)
+        store.load(live=False)
+        return OpenVolume(path, fd, _Header(fd, header, None), store, warnings, budget)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_volume(path: Path, ks: KeyService, seal_worker: bool = False, accept_rollback: bool = False,
                 expected_key: str | None = None) -> OpenVolume:
     """Open and unlock an image (the CMK must be Enabled). ``seal_worker``: large writes are
@@ -279,10 +354,26 @@ def open_volume(path: Path, ks: KeyService, seal_worker: bool = False, accept_ro
         header, key, warnings = _read_verified(fd, path, ks, expected_key)
         for w in warnings:
             log.warning("%s: %s", path, w)
-        if os.fstat(fd).st_size < image_size(header.sectors):
-            raise VolumeError(f"volume {path} is truncated: the image is shorter than its header says")
         mac_key = header_mac_key(key, header.volume_id) if header.authenticated else None
         headers = _Header(fd, header, mac_key)
+        if header.copy_on_write:
+            budget = SealBudget(header.seals_reserved, headers.reserve, str(path), counter=True)
+            cow = CowStore(fd, key, header.volume_id, header.sectors, budget)
+            try:
+                cow.load()
+            except BlockAuthError:
+                raise VolumeError(f"volume {path}: both commit records, or the snapshot table, fail "
+                                  "authentication (tampered or damaged)") from None
+            except VolumeTruncated as e:
+                raise VolumeError(f"volume {path} is truncated: {e}") from None
+            for level, index in sorted(cow.tree.damaged):
+                log.error("%s: sector map node %d of level %d fails authentication: its sectors read as I/O "
+                          "errors", path, index, level)
+            if seal_worker:
+                cow.start_seal_worker(key)
+            return OpenVolume(path, fd, headers, cow, warnings, budget)
+        if os.fstat(fd).st_size < image_size(header.sectors):
+            raise VolumeError(f"volume {path} is truncated: the image is shorter than its header says")
         budget = SealBudget(header.seals_reserved if header.authenticated else _estimate_seals(fd),
                             headers.reserve, str(path))
         store = SectorStore(fd, key, header.volume_id, header.sectors, budget=budget)
