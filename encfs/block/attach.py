@@ -248,7 +248,7 @@ def _forget(a: Attachment) -> None:
             pass
 
 
-def _mounts_of(device: str) -> list[str]:
+def mounts_of(device: str) -> list[str]:
     with open("/proc/self/mounts", encoding="utf-8") as f:
         return [p[1] for p in (line.split() for line in f) if len(p) > 1 and p[0] == device]
 
@@ -293,7 +293,7 @@ def detach(ref: str) -> Attachment:
     a = find_attachment(ref)
     if a is None:
         raise VolumeError(f"{ref} is not an attached encfs volume")
-    users = _mounts_of(a.loop)
+    users = mounts_of(a.loop)
     if users:
         raise VolumeError(f"{a.loop} is in use (mounted on {users[0]}): unmount it first")
     holders = _openers(a.loop) if a.loop else []

@@ -33,7 +33,8 @@ from encfs.blocks import BlockAuthError
 from encfs.errors import EncfsError
 from encfs.fuseproto import (
     ACCESS, ATTR, ATTR_HEAD, BATCH_FORGET, DESTROY, ENTRY_HEAD, FALLOCATE, FALLOCATE_IN, FLUSH,
-    FOPEN_DIRECT_IO, FORGET, FSYNC, FSYNCDIR, FUSE_ASYNC_DIO, FUSE_BIG_WRITES, FUSE_MAX_PAGES, GETATTR, GETXATTR, INIT,
+    FOPEN_DIRECT_IO, FORGET, FSYNC, FSYNCDIR, FUSE_ASYNC_DIO, FUSE_BIG_WRITES, FUSE_MAX_PAGES, GETATTR, GETXATTR,
+    GETXATTR_IN, GETXATTR_OUT, INIT,
     INTERRUPT, INVAL_INODE, LISTXATTR, LOOKUP, NOTIFY_INVAL_INODE, OPEN, OPEN_OUT, OPENDIR, READ, READ_IN,
     READDIR, RELEASE, RELEASEDIR, ROOT_ID, SETATTR, SETXATTR, SETXATTR_IN, STATFS, STATFS_OUT, SYNCFS,
     WRITE, WRITE_IN, WRITE_OUT, FuseServer, SharedExclusiveLock, StopServing, mount_direct, pack_dirent,
@@ -48,7 +49,11 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 RESIZE_XATTR = b"user.encfs.resize"
-__all__ = ["RESIZE_XATTR", "StopServing", "VolumeFile", "VolumeServer", "fuse_mount", "fuse_unmount"]
+# Snapshot control on an attached volume (snapshots.py): the daemon does them under its lock.
+CONTROL_CREATE = b"user.encfs.snapshot.create"  # setxattr, value JSON {"id", "description", "created"}
+CONTROL_DELETE = b"user.encfs.snapshot.delete"  # setxattr, value the snapshot id; ENOENT if none
+CONTROL_LIST = b"user.encfs.snapshots"  # getxattr: JSON list of the snapshots with their space
+__all__ = ["CONTROL_CREATE", "CONTROL_DELETE", "CONTROL_LIST", "RESIZE_XATTR", "StopServing", "VolumeFile", "VolumeServer", "fuse_mount", "fuse_unmount"]
 
 
 class VolumeFile:
@@ -63,6 +68,8 @@ class VolumeFile:
     def discard(self, offset: int, length: int) -> None: ...
     def flush(self) -> None: ...
     def grow(self, new_size: int) -> None: ...
+    def control(self, name: bytes, value: bytes) -> None: ...  # snapshot create/delete; OSError
+    def query(self, name: bytes) -> bytes: ...  # the snapshot list; OSError
 
 
 def fuse_mount(mountpoint: str, fsname: str) -> int:
@@ -207,11 +214,28 @@ class VolumeServer(FuseServer):
         elif opcode == SETXATTR:
             size_len, _flags = SETXATTR_IN.unpack_from(body)
             name, _, rest = bytes(body[SETXATTR_IN.size:]).partition(b"\0")
+            if node == FILE_ID and name in (CONTROL_CREATE, CONTROL_DELETE):
+                self.volume.control(name, rest[:size_len])  # an OSError answers its errno
+                self.reply(unique)
+                return True
             if node != FILE_ID or name != RESIZE_XATTR:
                 self.reply_error(unique, errno.EOPNOTSUPP)
                 return True
             self._resize(unique, rest[:size_len])
-        elif opcode in (GETXATTR, LISTXATTR):
+        elif opcode == GETXATTR:
+            size, _pad = GETXATTR_IN.unpack_from(body)
+            name = bytes(body[GETXATTR_IN.size:]).split(b"\0", 1)[0]
+            if node != FILE_ID or name != CONTROL_LIST:
+                self.reply_error(unique, errno.ENODATA)
+                return True
+            value = self.volume.query(name)
+            if size == 0:
+                self.reply(unique, GETXATTR_OUT.pack(len(value), 0))
+            elif size < len(value):
+                self.reply_error(unique, errno.ERANGE)
+            else:
+                self.reply(unique, value)
+        elif opcode == LISTXATTR:
             self.reply_error(unique, errno.EOPNOTSUPP)
         elif opcode in (RELEASE, RELEASEDIR, ACCESS):
             self.reply(unique)

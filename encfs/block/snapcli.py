@@ -1,0 +1,289 @@
+"""``encfs snapshot create|list|info|delete|restore|rollback|copy|export|import``.
+
+SNAP is ``VOL@snap-…`` or a snapshot id this machine has seen (snapshots.py). Output follows the
+AWS CLI's habits: one line per action, ``--json`` for scripts, sizes in bytes in JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from encfs.block import snapshots
+from encfs.block.rekey import copy_sectors, tmp_path
+from encfs.block.volume import OpenVolume, VolumeError, create_volume, open_volume
+from encfs.diskio import fsync_dir
+from encfs.keys.config import default_home
+from encfs.keys.service import KeyService
+
+
+def _home(args: argparse.Namespace) -> Path:
+    from encfs.cli import home_of
+
+    return home_of(args) or default_home()
+
+
+def _service(args: argparse.Namespace) -> Any:
+    from encfs.cli import hsm_options, home_of
+
+    return KeyService.open(home_of(args), hsm_options(args))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _row(r: dict[str, Any]) -> dict[str, Any]:
+    return {"SnapshotId": r["id"], "Volume": r.get("volume"), "Description": r["description"],
+            "StartTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["created"])),
+            "VolumeSize": r["size"], "ExclusiveBytes": r["exclusive"], "SharedBytes": r["shared"]}
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    image = Path(args.volume)
+    if image.is_block_device() or str(image).startswith("/dev/"):
+        image = _image_of_loop(str(image))
+    start = time.monotonic()
+    with _service(args) as ks:
+        snap = snapshots.create(image, ks, args.description or "", _home(args))
+    took = time.monotonic() - start
+    if args.json:
+        print(json.dumps({"SnapshotId": snap.id, "Volume": str(image.absolute()), "Seconds": round(took, 3)}))
+    else:
+        print(f"{snap.id} created from {image} in {took:.2f} s")
+    return 0
+
+
+def _image_of_loop(device: str) -> Path:
+    from encfs.block.attach import attachments
+
+    real = os.path.realpath(device)
+    for a in attachments():
+        if os.path.realpath(a.loop) == real and a.daemon_alive():
+            return Path(a.image)
+    raise VolumeError(f"{device} is not an attached encfs volume")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    home = _home(args)
+    if args.volume:
+        images = [Path(args.volume)]
+    else:
+        images = sorted({Path(e["image"]) for e in snapshots.catalog(home).values()})
+    rows: list[dict[str, Any]] = []
+    problems = []
+    with _service(args) as ks:
+        for image in images:
+            try:
+                rows += snapshots.list_snapshots(image, ks, home)
+            except VolumeError as e:
+                if args.volume:
+                    raise
+                problems.append(e.message)
+    if args.json:
+        print(json.dumps({"Snapshots": [_row(r) for r in rows]}, indent=2))
+    else:
+        print(f"{'SNAPSHOT':22} {'CREATED (UTC)':20} {'SIZE':>10} {'EXCLUSIVE':>10} {'SHARED':>10}  VOLUME / DESCRIPTION")
+        for r in rows:
+            x = _row(r)
+            print(f"{x['SnapshotId']:22} {x['StartTime'][:19].replace('T', ' '):20} {_size(r['size']):>10} "
+                  f"{_size(r['exclusive']):>10} {_size(r['shared']):>10}  {r['volume']}"
+                  + (f"  {r['description']}" if r["description"] else ""))
+    for p in problems:
+        print(f"encfs: warning: {p}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    home = _home(args)
+    image, sid = snapshots.resolve(args.snapshot, home)
+    with _service(args) as ks:
+        rows = snapshots.list_snapshots(image, ks, home)
+    row = next((r for r in rows if r["id"] == sid), None)
+    if row is None:
+        raise VolumeError(f"{image} has no snapshot {sid}")
+    info = _row(row)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:16} {v}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    home = _home(args)
+    image, sid = snapshots.resolve(args.snapshot, home)
+    with _service(args) as ks:
+        snapshots.delete(image, sid, ks, home)
+    print(f"{sid} deleted")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    home = _home(args)
+    image, sid = snapshots.resolve(args.snapshot if "@" in args.snapshot else f"{args.volume}@{args.snapshot}", home)
+    if os.path.realpath(image) != os.path.realpath(args.volume):
+        raise VolumeError(f"{sid} is a snapshot of {image}, not of {args.volume}")
+    with _service(args) as ks:
+        snapshots.rollback(image, sid, ks)
+    print(f"{image} rolled back to {sid}")
+    return 0
+
+
+def _build(target: Path, size: int, ks: KeyService, key: str, what: str, fill: Callable[[OpenVolume], int]) -> float:
+    """Make a new volume at ``target`` under ``key`` and ``fill`` it: built as ``target.<what>.tmp``
+    and renamed into place once complete and synced, so a killed run leaves no half volume."""
+    if target.exists():
+        raise VolumeError(f"{target} already exists")
+    start = time.monotonic()
+    tmp = tmp_path(target, what)
+    tmp.unlink(missing_ok=True)
+    try:
+        create_volume(tmp, size, ks, key)
+        vol = open_volume(tmp, ks)
+        try:
+            fill(vol)
+            vol.flush()
+        finally:
+            vol.close()
+        os.rename(tmp, target)
+        fsync_dir(target.absolute().parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise VolumeError(f"cannot make {target}: {e.strerror}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return time.monotonic() - start
+
+
+def _copier(src: snapshots.SnapshotSource, what: str) -> Callable[[OpenVolume], int]:
+    def fill(vol: OpenVolume) -> int:
+        runs = list(src.written_runs())
+        return copy_sectors(src.read_sectors, runs, vol, sum(n for _f, n in runs) * 4096, f"{what} {src.snapshot_id}",
+                            lambda s: f"{src.snapshot_id}: sector {s} fails authentication; nothing was made")
+    return fill
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    image, sid = snapshots.resolve(args.snapshot, _home(args))
+    with _service(args) as ks:
+        src = snapshots.open_source(image, sid, ks)
+        try:
+            took = _build(Path(args.new_volume), src.size, ks, args.key or src.key_id, "restore", _copier(src, "restore"))
+            written = src.written_bytes()
+        finally:
+            src.close()
+    print(f"{args.new_volume}: restored from {sid} ({_size(written)} in {took:.1f} s)")
+    return 0
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    home = _home(args)
+    image, sid = snapshots.resolve(args.snapshot, home)
+    made: list[str] = []
+    with _service(args) as ks:
+        src = snapshots.open_source(image, sid, ks)
+        copy = _copier(src, "copy")
+
+        def fill(vol: OpenVolume) -> int:
+            n = copy(vol)
+            made.append(snapshots.cow_store(vol).snapshot(snapshots.new_snapshot_id(), src.description,
+                                                           src.created).id)
+            return n
+        try:
+            took = _build(Path(args.new_volume), src.size, ks, args.key, "copy", fill)
+            written = src.written_bytes()
+        finally:
+            src.close()
+    snapshots.remember(home, Path(args.new_volume), snapshots.volume_id_of(Path(args.new_volume)), made)
+    print(f"{made[0]} in {args.new_volume}: a copy of {sid} under key {args.key} "
+          f"({_size(written)} in {took:.1f} s)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from encfs.block.export import export_snapshot
+
+    image, sid = snapshots.resolve(args.snapshot, _home(args))
+    with _service(args) as ks:
+        src = snapshots.open_source(image, sid, ks)
+        try:
+            stats = export_snapshot(src, Path(args.directory), ks)
+        finally:
+            src.close()
+    print(f"{sid} exported to {args.directory}: {stats.objects_written} objects written, "
+          f"{stats.objects_reused} already there ({_size(stats.bytes_written)} in {stats.seconds:.1f} s)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from encfs.block.export import import_snapshot, read_manifest
+
+    target, directory = Path(args.new_volume), Path(args.directory)
+    with _service(args) as ks:
+        manifest = read_manifest(directory, ks, args.snapshot)
+        key = args.key or manifest.key_id
+
+        def fill(vol: OpenVolume) -> int:
+            import_snapshot(directory, ks, manifest, snapshots.VolumeTarget(vol))
+            return 0
+        took = _build(target, manifest.size, ks, key, "import", fill)
+    print(f"{target}: imported {manifest.snapshot_id} from {directory} in {took:.1f} s")
+    return 0
+
+
+def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    snap = sub.add_parser("snapshot", help="volume snapshots: instant, incremental, encrypted").add_subparsers(
+        dest="snapshot_command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = snap.add_parser(name, help=help, description=help)
+        add_hsm_options(p)
+        p.set_defaults(func=func)
+        return p
+
+    ref = "VOL@snap-ID, or a snapshot id seen on this machine"
+    p = cmd("create", cmd_create, "snapshot VOL (an image, or its /dev/loopN while attached): point in time, "
+                                  "crash-consistent, copies no data")
+    p.add_argument("volume", metavar="VOL")
+    p.add_argument("--description", metavar="TEXT")
+    p.add_argument("--json", action="store_true")
+    p = cmd("list", cmd_list, "snapshots of VOL (default: of every volume this machine has seen)")
+    p.add_argument("volume", metavar="VOL", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p = cmd("info", cmd_info, "one snapshot, with its exclusive and shared size")
+    p.add_argument("snapshot", metavar="SNAP", help=ref)
+    p.add_argument("--json", action="store_true")
+    p = cmd("delete", cmd_delete, "delete a snapshot; frees what nothing else uses")
+    p.add_argument("snapshot", metavar="SNAP", help=ref)
+    p = cmd("restore", cmd_restore, "make a new, independent volume NEWIMG from a snapshot")
+    p.add_argument("snapshot", metavar="SNAP", help=ref)
+    p.add_argument("new_volume", metavar="NEWIMG")
+    p.add_argument("--key", metavar="KEY", help="CMK for NEWIMG's volume key (default: the snapshot's)")
+    p = cmd("rollback", cmd_rollback, "make a detached volume's contents a snapshot's again")
+    p.add_argument("volume", metavar="VOL")
+    p.add_argument("snapshot", metavar="SNAP", help="snap-ID of VOL")
+    p = cmd("copy", cmd_copy, "copy a snapshot into a new volume NEWIMG under another CMK, with a fresh volume "
+                              "key (NEWIMG holds the copy as its snapshot and as its contents)")
+    p.add_argument("snapshot", metavar="SNAP", help=ref)
+    p.add_argument("new_volume", metavar="NEWIMG")
+    p.add_argument("--key", required=True, metavar="KEY", help="CMK (id or alias) for the copy")
+    p = cmd("export", cmd_export, "write a snapshot to DIR as encrypted, content-named objects (incremental)")
+    p.add_argument("snapshot", metavar="SNAP", help=ref)
+    p.add_argument("directory", metavar="DIR")
+    p = cmd("import", cmd_import, "make a new volume NEWIMG from an exported snapshot in DIR")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("new_volume", metavar="NEWIMG")
+    p.add_argument("--snapshot", metavar="ID", help="which snapshot in DIR (default: the newest)")
+    p.add_argument("--key", metavar="KEY", help="CMK for NEWIMG's volume key (default: the export's)")

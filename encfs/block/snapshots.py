@@ -1,0 +1,333 @@
+"""Volume snapshots: create, list, delete and roll back, attached or detached; and a snapshot's
+contents as a read-only source for restore, copy and export.
+
+A snapshot is referred to as ``VOL@ID`` or, once this machine has seen it, by its id alone
+(``snap-`` and 16 hex digits, as EBS names them): the catalog ``<ENCFS_HOME>/snapshots.json``
+maps ids to images. The catalog is only an index: the image's snapshot table is the truth,
+and a stale entry (an image moved or a snapshot deleted elsewhere) is reported, never trusted.
+
+Invariants:
+- An attached volume's snapshots are created, listed and deleted by its daemon (extended
+  attributes on its private FUSE file, fuseserver.CONTROL_*), which takes the server's
+  exclusive lock: the snapshot is the state after every write acknowledged before it, as a
+  crash at that moment would leave it. A filesystem mounted from the loop device is frozen
+  around it (FIFREEZE, as LVM does), so that it is also clean: a snapshot of a frozen ext4
+  passes e2fsck -fn with no journal recovery. A detached volume is opened (and locked) instead.
+- Reading a snapshot's sectors (restore, copy, export) needs no lock: its pages do not change
+  while it exists, so it is read beside a running daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from encfs.atomicfile import write_atomic
+from encfs.block.attach import Attachment, find_attachment, mounts_of
+from encfs.block.cow import CowStore, Snapshot
+from encfs.block.fuseserver import CONTROL_CREATE, CONTROL_DELETE, CONTROL_LIST
+from encfs.block.layout import SECTOR_SIZE
+from encfs.block.maptree import MapTree
+from encfs.block.volume import OpenVolume, VolumeError, open_snapshots, open_volume, read_volume_header
+from encfs.keys.service import KeyService
+
+_ID = re.compile(r"snap-[0-9a-f]{16}")
+FIFREEZE, FITHAW = 0xC0045877, 0xC0045878  # linux/fs.h
+
+
+def new_snapshot_id() -> str:
+    return "snap-" + os.urandom(8).hex()
+
+
+def check_id(text: str) -> str:
+    if not _ID.fullmatch(text):
+        raise VolumeError(f"{text!r} is not a snapshot id (snap- and 16 hex digits)")
+    return text
+
+
+# -- the catalog ---------------------------------------------------------------------------
+
+def _catalog_path(home: Path) -> Path:
+    return home / "snapshots.json"
+
+
+def catalog(home: Path) -> dict[str, dict[str, str]]:
+    try:
+        data = json.loads(_catalog_path(home).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return {}  # an index only: rebuilt as snapshots are seen
+    return data if isinstance(data, dict) else {}
+
+
+def remember(home: Path, image: Path, volume_id: str, ids: list[str], forget: list[str] = ()) -> None:
+    cat = catalog(home)
+    for i in ids:
+        cat[i] = {"image": str(image.absolute()), "volume_id": volume_id}
+    for i in forget:
+        cat.pop(i, None)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        write_atomic(_catalog_path(home), json.dumps(cat, indent=1, sort_keys=True).encode())
+    except OSError:
+        pass  # the catalog is a convenience; VOL@ID always works
+
+
+def resolve(ref: str, home: Path) -> tuple[Path, str]:
+    """``VOL@ID`` or ``ID`` -> (image, snapshot id)."""
+    if "@" in ref:
+        image, _, sid = ref.rpartition("@")
+        return Path(image), check_id(sid)
+    sid = check_id(ref)
+    entry = catalog(home).get(sid)
+    if entry is None:
+        raise VolumeError(f"snapshot {sid} is not known on this machine: name it as VOL@{sid}")
+    return Path(entry["image"]), sid
+
+
+# -- operations --------------------------------------------------------------------------
+
+def _attachment(image: Path) -> Attachment | None:
+    header, _w = read_volume_header(image)
+    a = find_attachment(header.volume_id.hex())
+    return a if a is not None and a.daemon_alive() else None
+
+
+def _attached_control(image: Path) -> str | None:
+    """The daemon's private file of an attached volume, or None if it is detached."""
+    a = _attachment(image)
+    return None if a is None else f"{a.mountpoint}/volume"
+
+
+@contextmanager
+def frozen(device: str) -> Iterator[list[str]]:
+    """Freeze the filesystems mounted from ``device`` (FIFREEZE, as LVM does for its snapshots)
+    and thaw them after, also on an error: a frozen ext4 has flushed its journal and marked
+    itself clean, so a snapshot of it needs no journal recovery. Yields the mountpoints."""
+    done: list[tuple[str, int]] = []
+    try:
+        for mountpoint in mounts_of(device):
+            fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, FIFREEZE, 0)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                    continue  # a filesystem that cannot freeze: the snapshot is crash-consistent only
+                raise VolumeError(f"cannot freeze {mountpoint} for the snapshot: {e.strerror}") from None
+            done.append((mountpoint, fd))
+        yield [m for m, _fd in done]
+    finally:
+        for mountpoint, fd in reversed(done):
+            try:
+                fcntl.ioctl(fd, FITHAW, 0)
+            except OSError as e:
+                print(f"encfs: warning: {mountpoint} could not be thawed ({e.strerror}): run `fsfreeze -u "
+                      f"{mountpoint}`", file=sys.stderr)
+            os.close(fd)
+
+
+def _control_error(image: Path, what: str, e: OSError) -> VolumeError:
+    if e.errno == errno.ENOENT:
+        return VolumeError(f"{image}: no such snapshot")
+    if e.errno == errno.EOPNOTSUPP:
+        return VolumeError(f"{image} is served by an encfs daemon without snapshots: detach and attach it again")
+    return VolumeError(f"{image}: {what} failed: {e.strerror} (see the daemon log)")
+
+
+def create(image: Path, ks: KeyService, description: str, home: Path) -> Snapshot:
+    sid, created = new_snapshot_id(), time.time()
+    a = _attachment(image)
+    if a is not None:
+        control = f"{a.mountpoint}/volume"
+        request = json.dumps({"id": sid, "description": description, "created": created}).encode()
+        with frozen(a.loop):
+            try:
+                os.setxattr(control, CONTROL_CREATE, request)
+            except OSError as e:
+                raise _control_error(image, "snapshot", e) from None
+        snap = next(s for s in list_attached(control) if s["id"] == sid)
+        result = Snapshot(**{k: snap[k] for k in Snapshot.__dataclass_fields__})
+    else:
+        vol = _open_cow(image, ks)
+        try:
+            result = cow_store(vol).snapshot(sid, description, created)
+        except OSError as e:
+            raise VolumeError(f"cannot snapshot {image}: {e.strerror}") from None
+        finally:
+            vol.close()
+    remember(home, image, read_volume_header(image)[0].volume_id.hex(), [sid])
+    return result
+
+
+def _open_cow(image: Path, ks: KeyService) -> OpenVolume:
+    vol = open_volume(image, ks)
+    if not isinstance(vol.store, CowStore):
+        vol.close()
+        raise VolumeError(f"volume {image} has format 1, which has no snapshots: "
+                          f"`encfs volume upgrade {image}` converts it")
+    return vol
+
+
+def cow_store(vol: OpenVolume) -> CowStore:
+    assert isinstance(vol.store, CowStore)
+    return vol.store
+
+
+def list_attached(control: str) -> list[dict[str, Any]]:
+    for _ in range(5):  # the list may grow between the two calls
+        try:
+            return json.loads(os.getxattr(control, CONTROL_LIST))
+        except OSError as e:
+            if e.errno != errno.ERANGE:
+                raise VolumeError(f"listing the snapshots failed: {e.strerror}") from None
+    raise VolumeError("listing the snapshots failed: the list kept changing")
+
+
+def list_snapshots(image: Path, ks: KeyService, home: Path) -> list[dict[str, Any]]:
+    control = _attached_control(image)
+    if control is not None:
+        rows = list_attached(control)
+    else:
+        vol = _open_cow(image, ks)
+        try:
+            rows = cow_store(vol).snapshot_rows()
+        finally:
+            vol.close()
+    header, _w = read_volume_header(image)
+    for r in rows:
+        r["volume"] = str(image.absolute())
+    remember(home, image, header.volume_id.hex(), [r["id"] for r in rows])
+    return rows
+
+
+def delete(image: Path, sid: str, ks: KeyService, home: Path) -> None:
+    """Delete a snapshot; a snapshot already gone (a deletion killed after its commit) is
+    only forgotten, so running the same command again completes."""
+    control = _attached_control(image)
+    header, _w = read_volume_header(image)
+    if control is not None:
+        try:
+            os.setxattr(control, CONTROL_DELETE, sid.encode())
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise _control_error(image, "snapshot delete", e) from None
+            _gone(image, sid, home, header.volume_id.hex())
+    else:
+        vol = _open_cow(image, ks)
+        try:
+            cow_store(vol).delete_snapshot(sid)
+        except KeyError:
+            _gone(image, sid, home, header.volume_id.hex())
+        except OSError as e:
+            raise VolumeError(f"cannot delete {sid}: {e.strerror}") from None
+        finally:
+            vol.close()
+    remember(home, image, header.volume_id.hex(), [], forget=[sid])
+
+
+def _gone(image: Path, sid: str, home: Path, volume_id: str) -> None:
+    if sid not in catalog(home):
+        raise VolumeError(f"{image} has no snapshot {sid}")
+    remember(home, image, volume_id, [], forget=[sid])
+
+
+def rollback(image: Path, sid: str, ks: KeyService) -> Snapshot:
+    if _attached_control(image) is not None:
+        raise VolumeError(f"{image} is attached: detach it first (`encfs volume detach {image}`)")
+    vol = _open_cow(image, ks)
+    try:
+        return cow_store(vol).rollback(sid)
+    except KeyError:
+        raise VolumeError(f"{image} has no snapshot {sid}") from None
+    except OSError as e:
+        raise VolumeError(f"cannot roll {image} back: {e.strerror}") from None
+    finally:
+        vol.close()
+
+
+@dataclass
+class SnapshotSource:
+    """A snapshot's contents, read-only (export.SnapshotSource; restore and copy read it too)."""
+
+    volume: OpenVolume
+    snapshot: Snapshot
+    tree: MapTree
+
+    @property
+    def volume_id(self) -> bytes:
+        return self.volume.header.volume_id
+
+    @property
+    def snapshot_id(self) -> str:
+        return self.snapshot.id
+
+    @property
+    def size(self) -> int:
+        return self.snapshot.size
+
+    @property
+    def description(self) -> str:
+        return self.snapshot.description
+
+    @property
+    def created(self) -> float:
+        return self.snapshot.created
+
+    @property
+    def key_id(self) -> str:
+        return self.volume.header.key_id
+
+    def written_runs(self) -> Iterator[tuple[int, int]]:
+        return self.tree.written_runs(self.size // SECTOR_SIZE)
+
+    def written_bytes(self) -> int:
+        return sum(n for _s, n in self.written_runs()) * SECTOR_SIZE
+
+    def read_sectors(self, first: int, count: int) -> bytearray:
+        return cow_store(self.volume).read_tree(self.tree, first, count)
+
+    def close(self) -> None:
+        self.volume.close()
+
+
+@dataclass
+class VolumeTarget:
+    """export.ImportTarget over a new volume."""
+
+    volume: OpenVolume
+
+    def write_sectors(self, first: int, data: bytes) -> None:
+        self.volume.store.write_sectors(first, data)
+
+    def flush(self) -> None:
+        self.volume.flush()
+
+
+def volume_id_of(image: Path) -> str:
+    return read_volume_header(image)[0].volume_id.hex()
+
+
+def open_source(image: Path, sid: str, ks: KeyService) -> SnapshotSource:
+    vol = open_snapshots(image, ks)
+    try:
+        store = cow_store(vol)
+        snap = store.find_snapshot(sid)
+        return SnapshotSource(vol, snap, store.snapshot_tree(snap))
+    except KeyError:
+        vol.close()
+        raise VolumeError(f"{image} has no snapshot {sid}") from None
+    except BaseException:
+        vol.close()
+        raise
