@@ -26,7 +26,9 @@ the nonce from the block):
   The caller owns the counter and must never hand out a value twice under
   one key. (Sealing the very same block again, same number and plaintext,
   under the same counter gives the same bytes and so reveals nothing: a
-  retry may reuse its counters.)
+  retry may reuse its counters.) A key sealed with counter nonces is not
+  also used with random ones, which would bring back the chance of a
+  repeated nonce that the counters remove.
 
 The offset arithmetic is pure and lives in module-level functions so that
 callers (FUSE read/write, volume I/O) and tests share one definition; each

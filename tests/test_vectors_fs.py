@@ -1,4 +1,5 @@
-"""docs/FORMAT.md section 6 vectors: the filesystem's keys, config MAC, names, blocks, header, symlinks, xattrs.
+"""docs/FORMAT.md section 6 vectors: the filesystem's keys, config MAC, names, blocks (and the block framing's
+counter nonces), header, symlinks, xattrs.
 
 The vectors are read from the document itself and checked against encfs's
 code and, independently, against `cryptography` primitives.
@@ -7,6 +8,7 @@ code and, independently, against `cryptography` primitives.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import struct
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from test_vectors import DOC, hexbytes, parse_vectors
 
-from encfs.blocks import BlockAuthError, BlockCipher, sealed_offset, sealed_size
+from encfs.blocks import BlockAuthError, BlockCipher, counter_nonces, sealed_offset, sealed_size
 from encfs.fuse.content import FileContent, plain_file_size
 from encfs.fuse.fileheader import (
     HEADER_LEN,
@@ -40,7 +42,7 @@ FS = {v["vector"]: v for v in parse_vectors(DOC.split("## 6. Filesystem format",
 def test_section_has_every_vector() -> None:
     assert set(FS) >= {"fs-keys", "config-mac", "name-short", "name-long", "content-block", "content-layout-32k",
                        "content-layout-4k", "file-header", "symlink", "xattr", "file-state", "journal",
-                       "dirid-bound", "symlink-bound", "xattr-padded"}
+                       "dirid-bound", "symlink-bound", "xattr-padded", "block-counter-nonce"}
 
 
 def test_fs_key_derivation() -> None:
@@ -97,6 +99,25 @@ def test_content_block_vector() -> None:
     assert AESGCM(key).encrypt(nonce, plain, file_id + struct.pack(">Q", block_no)) == sealed[12:]
     bc = BlockCipher(key, file_id)
     assert bc.open(block_no, sealed) == plain
+    with pytest.raises(BlockAuthError):
+        bc.open(block_no + 1, sealed)
+
+
+def test_block_counter_nonce_vector() -> None:
+    v = FS["block-counter-nonce"]
+    key, scope, prefix = hexbytes(v["data_key"]), hexbytes(v["scope"]), hexbytes(v["nonce_prefix"])
+    counter, block_no = int(v["counter"]), int(v["block_no"])
+    nonce, plain, sealed = hexbytes(v["nonce"]), hexbytes(v["plaintext"]), hexbytes(v["sealed"])
+    assert key == hashlib.sha256(b"encfs FORMAT.md test vector counter nonces").digest()
+    assert scope == hashlib.sha256(b"encfs FORMAT.md test vector counter nonces scope").digest()[:16]
+    # the documented construction, independently: prefix || u64 counter, then plain AES-GCM
+    assert nonce == prefix + struct.pack(">Q", counter) == counter_nonces(prefix, counter, 1)
+    assert sealed == nonce + AESGCM(key).encrypt(nonce, plain, scope + struct.pack(">Q", block_no))
+    # encfs seals exactly these bytes (counter mode is deterministic) and opens them without the prefix
+    bc = BlockCipher(key, scope, nonce_prefix=prefix)
+    assert bc.seal(block_no, plain, counter=counter) == sealed
+    assert bc.seal_run(block_no, plain, counter=counter) == sealed
+    assert BlockCipher(key, scope).open(block_no, sealed) == plain
     with pytest.raises(BlockAuthError):
         bc.open(block_no + 1, sealed)
 
