@@ -13,6 +13,7 @@ from encfs.block import cow as cow_mod
 from encfs.block.budget import SealBudget
 from encfs.block.cow import CowStore
 from encfs.block.layout import SECTOR_SIZE, commit_offset, cow_image_bound, page_offset
+from encfs.block.pages import FREE
 from encfs.blocks import NONCE_LEN, SEALED_BLOCK, BlockAuthError
 
 KEY, VID = bytes(range(32)), bytes(range(16))
@@ -174,7 +175,7 @@ def test_every_seal_takes_a_nonce_never_used_before_also_across_a_crash(image: I
         s.write_sectors(100 + i, sector(i))
     s.flush()
     nonces = [os.pread(image.fd, NONCE_LEN, page_offset(p)) for p in range(1, s.pages + 1)
-              if s._state[p] != cow_mod.FREE]
+              if s.pool.state[p] != FREE]
     nonces += [os.pread(image.fd, NONCE_LEN, commit_offset(slot)) for slot in (0, 1)]
     assert len(set(nonces)) == len(nonces)
     after = [int.from_bytes(n[4:], "big") for n in nonces if n[:4] == s._prefix]
@@ -209,7 +210,7 @@ def test_without_commits_the_freed_pages_are_capped_by_an_early_commit(tmp_path:
     for _pass in range(3):
         for first in range(0, SECTORS, 256):
             s.write_sectors(first, os.urandom(256 * SECTOR_SIZE))  # never flushed by the caller
-    assert len(s._pending) < s.pending_limit
+    assert len(s.pool.pending) < s.pending_limit
     assert img.allocated() <= SECTORS * SECTOR_SIZE * 1.15
     os.close(img.fd)
 

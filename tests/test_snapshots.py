@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_encfs
-from encfs.block.volume import open_volume
-from encfs.keys.config import HsmOptions
-from encfs.keys.service import KeyService
 
 MiB = 1 << 20
 
@@ -31,24 +29,23 @@ def fails(*args: str | Path, home: Path) -> str:
     return lines[0]
 
 
+TOOL = Path(__file__).with_name("volume_tool.py")
+
+
+def _tool(home: Path, *args: str | Path, data: bytes = b"") -> bytes:
+    p = subprocess.run([sys.executable, str(TOOL), *map(str, args)], input=data, capture_output=True,
+                       env=dict(os.environ, ENCFS_HOME=str(home)), timeout=120, check=False)
+    assert p.returncode == 0, p.stderr.decode()
+    return p.stdout
+
+
 def write(image: Path, home: Path, chunks: dict[int, bytes]) -> None:
-    with KeyService.open(home, HsmOptions()) as ks:
-        vol = open_volume(image, ks)
-        try:
-            for offset, data in chunks.items():
-                vol.write(offset, data)
-            vol.flush()
-        finally:
-            vol.close()
+    for offset, data in chunks.items():
+        _tool(home, "write", image, offset, data=data)
 
 
 def contents(image: Path, home: Path) -> bytes:
-    with KeyService.open(home, HsmOptions()) as ks:
-        vol = open_volume(image, ks)
-        try:
-            return bytes(vol.read(0, vol.size))
-        finally:
-            vol.close()
+    return _tool(home, "read", image)
 
 
 def snap(image: Path, home: Path, description: str = "") -> str:

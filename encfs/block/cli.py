@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from encfs.block import budget
-from encfs.block.attach import attach, attachments, detach, find_attachment, grow_attached
+from encfs.block.attach import (
+    attach,
+    attachments,
+    detach,
+    find_attachment,
+    grow_attached,
+)
 from encfs.block.layout import image_size
 from encfs.block.volume import (
     VolumeError,
@@ -23,7 +29,7 @@ from encfs.block.volume import (
 
 
 def _ks(args: argparse.Namespace) -> tuple[Any, Any]:
-    from encfs.cli import hsm_options, home_of
+    from encfs.cli import home_of, hsm_options
 
     return home_of(args), hsm_options(args)
 

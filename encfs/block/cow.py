@@ -42,25 +42,29 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
-import struct
 from array import array
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from encfs.block.budget import SealBudget
 from encfs.block.layout import (
     FANOUT,
-    MAX_PAGES,
     SECTOR_SIZE,
     commit_offset,
     node_block_number,
     page_offset,
 )
 from encfs.block.maptree import MapTree, node_from_bytes
-from encfs.block.sectors import punch_hole
+from encfs.block.pages import NEVER_HELD, PagePool
+from encfs.block.records import (
+    MAX_TABLE_PAGES,
+    Commit,
+    Snapshot,
+    pack_table,
+    parse_table,
+)
 from encfs.blocks import NONCE_PREFIX_LEN, SEALED_BLOCK, BlockAuthError, BlockCipher
 from encfs.diskio import pwrite_all
 from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
@@ -68,11 +72,6 @@ from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_
 log = logging.getLogger("encfs.block")
 
 DATA_SCOPE, NODE_SCOPE, TABLE_SCOPE, COMMIT_SCOPE = b"data", b"node", b"snapshots", b"commit"
-COMMIT_MAGIC = b"ENCVCOMM"
-_COMMIT = struct.Struct("<8sQQIB3xIH")  # magic, txg, table txg, root page, depth, pages, table pages
-MAX_TABLE_PAGES = (SECTOR_SIZE - _COMMIT.size) // 4
-FREE, USED, NEW = 0, 1, 2  # page states; USED: reached by the last commit or a snapshot
-NEVER_HELD = 0xFFFFFFFF  # birth of snapshot-table pages: no snapshot holds them
 _ZEROS = bytes(MAX_PLAIN)
 SEAL_WORKER_MIN_SECTORS = WORKER_MIN_BYTES // SECTOR_SIZE
 
@@ -85,47 +84,10 @@ class StoreFailed(OSError):
     """A commit's fdatasync failed: what is on disk is unknown, so the store takes no more writes."""
 
 
-@dataclass
-class Snapshot:
-    id: str
-    root: int
-    depth: int
-    size: int  # bytes
-    created: float
-    txg: int  # the committed transaction it froze
-    description: str = ""
-
-
-@dataclass
-class Commit:
-    txg: int
-    table_txg: int
-    root: int
-    depth: int
-    pages: int
-    table: list[int]
-
-    def pack(self) -> bytes:
-        body = _COMMIT.pack(COMMIT_MAGIC, self.txg, self.table_txg, self.root, self.depth, self.pages,
-                            len(self.table))
-        return (body + array("I", self.table).tobytes()).ljust(SECTOR_SIZE, b"\0")
-
-    @classmethod
-    def parse(cls, plain: bytes) -> Commit | None:
-        if len(plain) != SECTOR_SIZE:
-            return None
-        magic, txg, table_txg, root, depth, pages, n = _COMMIT.unpack_from(plain)
-        if magic != COMMIT_MAGIC or n > MAX_TABLE_PAGES or not 1 <= depth <= 4:
-            return None
-        table = array("I")
-        table.frombytes(plain[_COMMIT.size:_COMMIT.size + 4 * n])
-        return cls(txg, table_txg, root, depth, pages, list(table))
-
-
 class CowSealed:
     """Sectors sealed by seal_ahead(): written by write_sealed() wherever free pages are."""
 
-    __slots__ = ("first", "count", "blob")
+    __slots__ = ("blob", "count", "first")
 
     def __init__(self, first: int, count: int, blob: bytes | bytearray | memoryview) -> None:
         self.first, self.count, self.blob = first, count, blob
@@ -163,13 +125,7 @@ class CowStore:
         self._slot = 0  # the slot the next commit goes to
         self._unsynced = False
         self._failed = False
-        self._state = bytearray(1)
-        self._birth = array("I", [0])
-        self._free = 0
-        self._cursor = 1
-        self._new: list[int] = []
-        self._pending: list[tuple[int, bool]] = []  # (page, punch): freed at the next commit
-        self._latest_snapshot = 0  # the txg of the newest snapshot (see the birth-time rule)
+        self.pool = PagePool(fd)
 
     @staticmethod
     def default_pending_limit(sectors: int) -> int:
@@ -253,49 +209,26 @@ class CowStore:
         for i, page in enumerate(commit.table):
             sealed = os.pread(self.fd, SEALED_BLOCK, page_offset(page))
             data += self._table_cipher.open(commit.table_txg << 10 | i, sealed)
-        if not data:
-            return []
-        n = int.from_bytes(data[:4], "little")
-        return [Snapshot(**s) for s in json.loads(data[4:4 + n])]
+        return parse_table(data)
 
-    # -- page accounting ---------------------------------------------------------------
+    # -- page accounting (pages.py) --------------------------------------------------
 
     def _rebuild(self, pages: int, punch: bool) -> None:
-        """Page states from the trees (see the module invariants); with ``punch``, free runs are
-        punched so that space a crash or a deletion left behind is given back."""
-        state = bytearray(pages + 1)
-        birth = array("I", bytes(4 * (pages + 1)))
-        state[0] = USED  # page 0 is "none", never allocated
+        """Page states of a pool of ``pages`` from the trees: see pages.py."""
         seen: set[int] = set()
-        for snap in self.snapshots:
-            self._mark_tree(snap.root, snap.depth, state, seen)
-        for key, page in self.tree.pages.items():
-            if not state[page]:
-                state[page] = USED
-                birth[page] = self.txg
-        for page in self.tree.data_pages():
-            if not state[page]:
-                state[page] = USED
-                birth[page] = self.txg
-        for page in self._table:
-            state[page] = USED
-            birth[page] = NEVER_HELD
-        self._state, self._birth = state, birth
-        self._free = state.count(FREE)
-        self._latest_snapshot = self.txg - 1
-        self._new, self._pending = [], []
-        if punch and self._free:
-            self._punch_free()
+        held = [p for snap in self.snapshots for p in self._tree_pages(snap.root, snap.depth, seen)]
+        live = list(self.tree.pages.values()) + list(self.tree.data_pages())
+        self.pool.rebuild(pages, self.txg, held, live, self._table, punch)
 
-    def _mark_tree(self, root: int, depth: int, state: bytearray, seen: set[int]) -> None:
-        """Mark every page a snapshot's tree reaches USED (birth 0: held), each shared node once."""
+    def _tree_pages(self, root: int, depth: int, seen: set[int]) -> Iterator[int]:
+        """Every page a snapshot's tree reaches, each shared node (and what is under it) once."""
         stack = [(depth - 1, 0, root)] if root else []
         while stack:
             level, index, page = stack.pop()
             if page in seen:
                 continue
             seen.add(page)
-            state[page] = USED
+            yield page
             try:
                 node = self._read_node(level, index, page)
             except BlockAuthError:  # its sectors read as EIO in that snapshot; what it named may be reused
@@ -304,110 +237,11 @@ class CowStore:
             if level:
                 stack.extend((level - 1, (index << 10) + i, c) for i, c in enumerate(node) if c)
             else:
-                for p in node:
-                    if p:
-                        state[p] = USED
-
-    def _punch_free(self) -> None:
-        state, p, end = self._state, 1, len(self._state)
-        while True:
-            p = state.find(FREE, p)
-            if p < 0:
-                return
-            q = p + 1
-            while q < end and state[q] == FREE:
-                q += 1
-            try:
-                punch_hole(self.fd, page_offset(p), (q - p) * SEALED_BLOCK)
-            except OSError as e:
-                log.warning("free pages %d-%d not punched: %s", p, q - 1, e.strerror)
-                return
-            p = q
-
-    def _alloc(self, n: int) -> list[tuple[int, int]]:
-        """Runs (first page, count) of ``n`` free pages, marked NEW: one run if one fits, the
-        pool grown only when fewer than ``n`` pages are free."""
-        state, runs = self._state, []
-        p = state.find(bytes(n), self._cursor)
-        if p < 0 and self._cursor > 1:
-            p = state.find(bytes(n), 1)
-        if p >= 0:
-            runs.append((p, n))
-        else:
-            need, pos = n, 1
-            while need and self._free - (n - need) > 0:
-                p = state.find(FREE, pos)
-                if p < 0:
-                    break
-                q = p + 1
-                while q < len(state) and q - p < need and state[q] == FREE:
-                    q += 1
-                runs.append((p, q - p))
-                need, pos = need - (q - p), q
-            if need:
-                tail = len(state)
-                if tail - 1 + need > MAX_PAGES:
-                    raise OSError(errno.ENOSPC, "the volume image has reached its largest size")
-                state.extend(bytes(need))
-                self._birth.extend(array("I", bytes(4 * need)))
-                self._free += need
-                runs.append((tail, need))
-        for p, k in runs:
-            state[p:p + k] = bytes([NEW]) * k
-            self._birth[p:p + k] = array("I", [self.txg]) * k
-            self._new.extend(range(p, p + k))
-        self._free -= n
-        self._cursor = runs[-1][0] + runs[-1][1]
-        return runs
-
-    def _unalloc(self, runs: list[tuple[int, int]]) -> None:
-        """Give back pages _alloc() handed out for a write that failed."""
-        for p, k in runs:
-            self._state[p:p + k] = bytes(k)
-            self._free += k
-
-    def _drop(self, page: int, punch: list[int] | None = None) -> None:
-        """The live map no longer reaches ``page``; with ``punch``, its space is to be given back
-        (the page joins that list once free, for _punch_pages())."""
-        if not page:
-            return
-        if self._state[page] == NEW:  # never committed: garbage at once
-            self._state[page] = FREE
-            self._free += 1
-            if punch is not None:
-                punch.append(page)
-        else:
-            self._pending.append((page, punch is not None))
-
-    def _release(self, page: int, punch: list[int] | None = None) -> None:
-        """After a commit: free a page the live map dropped, unless a snapshot holds it."""
-        birth = self._birth[page]
-        if birth != NEVER_HELD and birth <= self._latest_snapshot:
-            return
-        self._state[page] = FREE
-        self._free += 1
-        if punch is not None:
-            punch.append(page)
-
-    def _punch_pages(self, pages: list[int]) -> None:
-        """Punch free pages, merged into runs: a page is 4124 bytes, so only a run frees whole
-        filesystem blocks. A failure is logged: the pages stay free and are reused."""
-        pages.sort()
-        i = 0
-        while i < len(pages):
-            j = i + 1
-            while j < len(pages) and pages[j] == pages[j - 1] + 1:
-                j += 1
-            try:
-                punch_hole(self.fd, page_offset(pages[i]), (j - i) * SEALED_BLOCK)
-            except OSError as e:
-                log.warning("free pages %d-%d not punched: %s", pages[i], pages[j - 1], e.strerror)
-                return
-            i = j
+                yield from (p for p in node if p)
 
     @property
     def pages(self) -> int:
-        return len(self._state) - 1
+        return self.pool.pages
 
     # -- I/O --------------------------------------------------------------------------
 
@@ -472,7 +306,7 @@ class CowStore:
             raise StoreFailed(errno.EIO, "the volume store failed a commit; detach and re-attach it")
         counter = self.budget.spend(count)
         blocks = range(first, first + count)
-        sealed = None
+        sealed: bytes | bytearray | memoryview | None = None
         if self.seal_worker is not None and self._seal_key_id is not None and count >= SEAL_WORKER_MIN_SECTORS:
             done = self.seal_worker.seal(self._seal_key_id, [(blocks, memoryview(data))], counters=[counter])
             sealed = None if done is None else done[0]
@@ -498,9 +332,9 @@ class CowStore:
     def _place(self, sealed: CowSealed) -> None:
         """Write sealed sectors to free pages, then point the map at them (module invariants)."""
         self.tree.check(sealed.first, sealed.count)
-        if len(self._pending) >= self.pending_limit:
+        if len(self.pool.pending) >= self.pending_limit:
             self.flush()
-        runs = self._alloc(sealed.count)
+        runs = self.pool.alloc(sealed.count, self.txg)
         blob = memoryview(sealed.blob)
         try:
             at = 0
@@ -508,12 +342,12 @@ class CowStore:
                 pwrite_all(self.fd, blob[at * SEALED_BLOCK:(at + k) * SEALED_BLOCK], page_offset(page))
                 at += k
         except OSError:
-            self._unalloc(runs)
+            self.pool.unalloc(runs)
             raise
         s = sealed.first
         for page, k in runs:
             for p in range(page, page + k):
-                self._drop(self.tree.set(s, p))
+                self.pool.drop(self.tree.set(s, p))
                 s += 1
 
     def write(self, offset: int, data: bytes) -> int:
@@ -546,8 +380,8 @@ class CowStore:
         for s in range(first, end):
             if self.tree.leaf(s) is None:
                 continue
-            self._drop(self.tree.set(s, 0), now)
-        self._punch_pages(now)
+            self.pool.drop(self.tree.set(s, 0), now)
+        self.pool.punch_pages(now)
 
     def grow(self, new_sectors: int) -> None:
         self.sectors = new_sectors  # the map grows a level when a write needs it
@@ -559,14 +393,14 @@ class CowStore:
         if self._failed:
             raise StoreFailed(errno.EIO, "the volume store failed a commit; detach and re-attach it")
         tree = self.tree
-        if not (tree.dirty or self._table_dirty or self._pending or self._root_changed):
+        if not (tree.dirty or self._table_dirty or self.pool.pending or self._root_changed):
             self.sync_mirrors()
             return
         allocated: list[tuple[int, int]] = []
         written: list[tuple[tuple[int, int], int]] = []
         try:
             for key in tree.commit_order():
-                (page, _k), = runs = self._alloc(1)
+                (page, _k), = runs = self.pool.alloc(1, self.txg)
                 allocated += runs
                 pwrite_all(self.fd, self._seal_page(self._nodes, node_block_number(*key),
                                                     tree.nodes[key].tobytes()), page_offset(page))
@@ -582,7 +416,7 @@ class CowStore:
             os.fdatasync(self.fd)
             self._write_commit(self._slot, commit)
         except OSError:
-            self._unalloc(allocated)
+            self.pool.unalloc(allocated)
             raise
         try:
             os.fdatasync(self.fd)  # the commit
@@ -598,20 +432,14 @@ class CowStore:
             old = tree.pages.get(key, 0)
             tree.pages[key] = page
             if old:
-                self._release(old)
+                self.pool.release(old)
         tree.dirty.clear()
         punch: list[int] = []
         if self._table_dirty:
             for page in self._table:
-                self._release(page, punch)
+                self.pool.release(page, punch)
             self._table, self._table_txg, self._table_dirty = commit.table, commit.table_txg, False
-        for page in self._new:
-            if self._state[page] == NEW:
-                self._state[page] = USED
-        for page, discarded in self._pending:
-            self._release(page, punch if discarded else None)
-        self._new, self._pending = [], []
-        self._punch_pages(punch)
+        self.pool.committed(punch)
         self._root_changed = False
         self.txg += 1
         slot, self._slot = self._slot, 1 - self._slot
@@ -622,16 +450,15 @@ class CowStore:
             log.warning("volume commit mirror write failed (the flush itself is durable): %s", e.strerror)
 
     def _write_table(self, allocated: list[tuple[int, int]]) -> list[int]:
-        data = json.dumps([asdict(s) for s in self.snapshots], separators=(",", ":")).encode()
-        data = len(data).to_bytes(4, "little") + data
+        data = pack_table(self.snapshots)
         count = -(-len(data) // SECTOR_SIZE)
         if count > MAX_TABLE_PAGES:
             raise OSError(errno.ENOSPC, "the snapshot table is full")
         pages = []
         for i in range(count):
-            (page, _k), = runs = self._alloc(1)
+            (page, _k), = runs = self.pool.alloc(1, self.txg)
             allocated += runs
-            self._birth[page] = NEVER_HELD
+            self.pool.birth[page] = NEVER_HELD
             chunk = data[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE].ljust(SECTOR_SIZE, b"\0")
             pwrite_all(self.fd, self._seal_page(self._table_cipher, self.txg << 10 | i, chunk), page_offset(page))
             pages.append(page)
@@ -652,13 +479,13 @@ class CowStore:
                         self.txg - 1, description)
         self.snapshots.append(snap)
         self._table_dirty = True
-        latest = self._latest_snapshot
-        self._latest_snapshot = snap.txg
+        latest = self.pool.latest_snapshot
+        self.pool.latest_snapshot = snap.txg
         try:
             self.flush()
         except BaseException:
             self.snapshots.remove(snap)
-            self._latest_snapshot = latest
+            self.pool.latest_snapshot = latest
             raise
         return snap
 
@@ -725,4 +552,4 @@ def read_tree_into(fd: int, cipher: BlockCipher, tree: MapTree, first: int, coun
         cipher.open_into(range(s, s + n), sealed, out[(s - first) * SECTOR_SIZE:(s - first + n) * SECTOR_SIZE])
 
 
-__all__ = ["CowStore", "Snapshot", "CowSealed", "StoreFailed", "VolumeTruncated", "read_tree_into", "FANOUT"]
+__all__ = ["FANOUT", "CowSealed", "CowStore", "Snapshot", "StoreFailed", "VolumeTruncated", "read_tree_into"]

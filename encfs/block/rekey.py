@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from encfs.block.cow import CowStore
-from encfs.block.header import COW_FORMAT
 from encfs.block.layout import SECTOR_SIZE
 from encfs.block.volume import OpenVolume, VolumeError, create_volume, open_volume
 from encfs.blocks import BlockAuthError

@@ -62,9 +62,9 @@ from encfs.block.layout import (
     sector_block_number,
     sector_offset,
 )
-from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
 from encfs.diskio import pwrite_all
+from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
 
 log = logging.getLogger("encfs.block")
 _SEQ = struct.Struct(">Q")
@@ -107,7 +107,7 @@ def extent_bytes(extent: int, sectors: int) -> str:
 
 
 class _ExtentMap:
-    __slots__ = ("persisted", "current", "seq", "slot")
+    __slots__ = ("current", "persisted", "seq", "slot")
 
     def __init__(self, persisted: bytearray, seq: int, slot: int) -> None:
         self.persisted = persisted
@@ -119,7 +119,7 @@ class _ExtentMap:
 class SealedSectors:
     """Sectors sealed for the slots they go to: what write_sealed() writes."""
 
-    __slots__ = ("first", "slots", "runs", "generation")
+    __slots__ = ("first", "generation", "runs", "slots")
 
     def __init__(self, first: int, slots: list[int], runs: list[tuple[int, list[int], bytes | memoryview]],
                  generation: int) -> None:

@@ -29,12 +29,12 @@ def _home(args: argparse.Namespace) -> Path:
 
 
 def _service(args: argparse.Namespace) -> Any:
-    from encfs.cli import hsm_options, home_of
+    from encfs.cli import home_of, hsm_options
 
     return KeyService.open(home_of(args), hsm_options(args))
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -157,7 +157,7 @@ def _build(target: Path, size: int, ks: KeyService, key: str, what: str, fill: C
         finally:
             vol.close()
         os.rename(tmp, target)
-        fsync_dir(target.absolute().parent)
+        fsync_dir(str(target.absolute().parent))
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise VolumeError(f"cannot make {target}: {e.strerror}") from None

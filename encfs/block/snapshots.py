@@ -38,7 +38,13 @@ from encfs.block.cow import CowStore, Snapshot
 from encfs.block.fuseserver import CONTROL_CREATE, CONTROL_DELETE, CONTROL_LIST
 from encfs.block.layout import SECTOR_SIZE
 from encfs.block.maptree import MapTree
-from encfs.block.volume import OpenVolume, VolumeError, open_snapshots, open_volume, read_volume_header
+from encfs.block.volume import (
+    OpenVolume,
+    VolumeError,
+    open_snapshots,
+    open_volume,
+    read_volume_header,
+)
 from encfs.keys.service import KeyService
 
 _ID = re.compile(r"snap-[0-9a-f]{16}")
@@ -71,7 +77,7 @@ def catalog(home: Path) -> dict[str, dict[str, str]]:
     return data if isinstance(data, dict) else {}
 
 
-def remember(home: Path, image: Path, volume_id: str, ids: list[str], forget: list[str] = ()) -> None:
+def remember(home: Path, image: Path, volume_id: str, ids: list[str], forget: tuple[str, ...] | list[str] = ()) -> None:
     cat = catalog(home)
     for i in ids:
         cat[i] = {"image": str(image.absolute()), "volume_id": volume_id}

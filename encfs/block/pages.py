@@ -1,0 +1,171 @@
+"""Which pages of a format-2 image's pool are free: the page accounting of cow.py.
+
+Every page is FREE, USED (reached by the last commit's live map or by a
+snapshot) or NEW (written in the open transaction, reached only by the map
+in memory). Invariants:
+
+- The accounting is never stored: rebuild() derives it from the trees at
+  open and after a snapshot is deleted or rolled back to, so a crash can
+  neither leak a page nor free one still reached.
+- A NEW page the live map drops is free at once (no commit reached it); a
+  USED one waits in ``pending`` for the next durable commit, then is freed
+  unless a snapshot holds it. A snapshot holds a page exactly when the page
+  was born in a transaction at or before the newest snapshot's (ZFS's
+  birth-time rule: snapshots are taken of committed states, and a page
+  born later cannot be in one). Pages born NEVER_HELD (the snapshot table)
+  are never held.
+- alloc() takes free pages before it grows the pool: one run when one
+  fits (searched from where the last allocation ended, so sequential
+  writes stay sequential), else scattered ones; the pool grows only by
+  what is missing.
+- Pages are 4124 bytes, so only runs of them free whole filesystem blocks:
+  punch_pages() merges before punching; a failed punch loses nothing (the
+  pages stay free and are reused).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from array import array
+from collections.abc import Iterable
+
+from encfs.block.layout import MAX_PAGES, page_offset
+from encfs.block.sectors import punch_hole
+from encfs.blocks import SEALED_BLOCK
+
+log = logging.getLogger("encfs.block")
+
+FREE, USED, NEW = 0, 1, 2
+NEVER_HELD = 0xFFFFFFFF  # the birth of snapshot-table pages: no snapshot holds them
+
+
+class PagePool:
+    """The page states of one open image. Not thread-safe (cow.py calls it under the server's lock)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.state = bytearray(1)
+        self.birth = array("I", [0])
+        self.free = 0
+        self._cursor = 1
+        self.new: list[int] = []
+        self.pending: list[tuple[int, bool]] = []  # (page, punch once free): freed at the next commit
+        self.latest_snapshot = 0  # the transaction of the newest snapshot
+
+    @property
+    def pages(self) -> int:
+        return len(self.state) - 1
+
+    def rebuild(self, pages: int, txg: int, held: Iterable[int], live: Iterable[int], never_held: Iterable[int],
+                punch: bool) -> None:
+        """States for a pool of ``pages`` at the start of transaction ``txg``: ``held`` pages are
+        reached by snapshots, ``live`` by the committed live map, ``never_held`` by the snapshot
+        table; the rest are free (and, with ``punch``, punched)."""
+        state = bytearray(pages + 1)
+        birth = array("I", bytes(4 * (pages + 1)))
+        state[0] = USED  # page 0 is "none", never allocated
+        for page in held:
+            state[page] = USED  # birth 0: at or before any snapshot
+        for page in live:
+            if not state[page]:
+                state[page] = USED
+                birth[page] = txg
+        for page in never_held:
+            state[page] = USED
+            birth[page] = NEVER_HELD
+        self.state, self.birth = state, birth
+        self.free = state.count(FREE)
+        self.latest_snapshot = txg - 1
+        self.new, self.pending = [], []
+        if punch and self.free:
+            self.punch_pages([p for p in range(1, pages + 1) if state[p] == FREE])
+
+    def alloc(self, n: int, txg: int) -> list[tuple[int, int]]:
+        """Runs (first page, count) of ``n`` free pages, marked NEW, born ``txg``."""
+        state, runs = self.state, []
+        p = state.find(bytes(n), self._cursor)
+        if p < 0 and self._cursor > 1:
+            p = state.find(bytes(n), 1)
+        if p >= 0:
+            runs.append((p, n))
+        else:
+            need, pos = n, 1
+            while need and self.free - (n - need) > 0:
+                p = state.find(FREE, pos)
+                if p < 0:
+                    break
+                q = p + 1
+                while q < len(state) and q - p < need and state[q] == FREE:
+                    q += 1
+                runs.append((p, q - p))
+                need, pos = need - (q - p), q
+            if need:
+                tail = len(state)
+                if tail - 1 + need > MAX_PAGES:
+                    raise OSError(errno.ENOSPC, "the volume image has reached its largest size")
+                state.extend(bytes(need))
+                self.birth.extend(array("I", bytes(4 * need)))
+                self.free += need
+                runs.append((tail, need))
+        for p, k in runs:
+            state[p:p + k] = bytes([NEW]) * k
+            self.birth[p:p + k] = array("I", [txg]) * k
+            self.new.extend(range(p, p + k))
+        self.free -= n
+        self._cursor = runs[-1][0] + runs[-1][1]
+        return runs
+
+    def unalloc(self, runs: list[tuple[int, int]]) -> None:
+        """Give back pages alloc() handed out for a write that failed."""
+        for p, k in runs:
+            self.state[p:p + k] = bytes(k)
+            self.free += k
+
+    def drop(self, page: int, punch: list[int] | None = None) -> None:
+        """The live map no longer reaches ``page``; with ``punch``, its space is to be given back
+        (the page joins that list once it is free, for punch_pages())."""
+        if not page:
+            return
+        if self.state[page] == NEW:  # never committed: garbage at once
+            self.state[page] = FREE
+            self.free += 1
+            if punch is not None:
+                punch.append(page)
+        else:
+            self.pending.append((page, punch is not None))
+
+    def release(self, page: int, punch: list[int] | None = None) -> None:
+        """After a commit: free a page the live map dropped, unless a snapshot holds it."""
+        birth = self.birth[page]
+        if birth != NEVER_HELD and birth <= self.latest_snapshot:
+            return
+        self.state[page] = FREE
+        self.free += 1
+        if punch is not None:
+            punch.append(page)
+
+    def committed(self, punch: list[int]) -> None:
+        """A commit is durable: NEW pages are USED, pending ones released; punch what is to be."""
+        for page in self.new:
+            if self.state[page] == NEW:
+                self.state[page] = USED
+        for page, discarded in self.pending:
+            self.release(page, punch if discarded else None)
+        self.new, self.pending = [], []
+        self.punch_pages(punch)
+
+    def punch_pages(self, pages: list[int]) -> None:
+        """Punch free pages, merged into runs (see the module invariants)."""
+        pages.sort()
+        i = 0
+        while i < len(pages):
+            j = i + 1
+            while j < len(pages) and pages[j] == pages[j - 1] + 1:
+                j += 1
+            try:
+                punch_hole(self.fd, page_offset(pages[i]), (j - i) * SEALED_BLOCK)
+            except OSError as e:
+                log.warning("free pages %d-%d not punched: %s", pages[i], pages[j - 1], e.strerror)
+                return
+            i = j
