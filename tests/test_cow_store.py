@@ -292,3 +292,15 @@ def test_the_map_grows_a_level_for_a_grown_volume(tmp_path: Path) -> None:
     s = img.reopen()
     assert s.tree.depth == 2 and s.read_sectors(1023, 1) == sector(1) and s.read_sectors(3000, 1) == sector(2)
     os.close(img.fd)
+
+
+def test_the_counter_goes_past_2_to_the_32_and_stops_at_its_own_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    from encfs.block import budget
+
+    persisted = []
+    b = SealBudget((1 << 32) - 5, persisted.append, "t", counter=True)
+    assert b.spend(10) == (1 << 32) - 5  # no random-nonce cap on a counter
+    assert persisted[-1] > 1 << 32
+    monkeypatch.setattr(budget, "COUNTER_REFUSE", (1 << 32) + 20)
+    with pytest.raises(OSError, match="seal budget"):
+        b.spend(20)

@@ -296,7 +296,7 @@ def test_the_budget_warns_then_refuses_sector_writes(volume: Path, service: KeyS
     try:
         data = os.urandom(36 * SECTOR_SIZE)
         vol.write(0, data)  # 4 + 36 = 40: the warning
-        assert caplog.text.count("past 2^30") == 1
+        assert caplog.text.count("past 40 of 2^32 random-nonce seals") == 1
         vol.write(36 * SECTOR_SIZE, data[:18 * SECTOR_SIZE])  # 58
         vol.flush()  # 60
         with pytest.raises(OSError) as e:
@@ -304,7 +304,7 @@ def test_the_budget_warns_then_refuses_sector_writes(volume: Path, service: KeyS
         assert e.value.errno == errno.ENOSPC
         with pytest.raises(OSError):
             vol.write(0, data[:SECTOR_SIZE])
-        assert caplog.text.count("writes refused: the volume key's budget of random-nonce seals is spent") == 1
+        assert caplog.text.count("writes refused: the volume key has made 60 seals, the most it may make") == 1
         vol.flush()  # nothing dirty: a flush still works
     finally:
         vol.close()

@@ -61,12 +61,16 @@ class SealBudget:
             return COUNTER_WARN, COUNTER_REFUSE, COUNTER_REFUSE + (1 << 24)
         return SEAL_WARN, SEAL_REFUSE, SEAL_MAX
 
+    def _bound(self) -> str:
+        return ("the data one key should seal (GCM's bound, docs/FORMAT.md section 8)" if self.counter else
+                "2^32 random-nonce seals (NIST SP 800-38D)")
+
     def _warn_if_past(self) -> None:
-        if not self._warned and self.used >= self.limits()[0]:
+        warn, refuse, _last = self.limits()
+        if not self._warned and self.used >= warn:
             self._warned = True
-            log.warning("%s: the volume key has made %d seals, past 2^30 of its 2^32 budget (random nonces, "
-                        "NIST SP 800-38D); writes stop at %d: detach it and run `encfs volume rekey` before then",
-                        self._name, self.used, SEAL_REFUSE)
+            log.warning("%s: the volume key has made %d seals, past %d of %s; writes stop at %d: detach it and "
+                        "run `encfs volume rekey` before then", self._name, self.used, warn, self._bound(), refuse)
 
     def spend(self, n: int, sectors: bool = True) -> int:
         """Account for ``n`` seals about to be made (sector seals unless ``sectors`` is false) and
@@ -80,12 +84,11 @@ class SealBudget:
             if self.used + n > limit:
                 if not self._refused:
                     self._refused = True
-                    log.error("%s: writes refused: the volume key's budget of random-nonce seals is spent "
-                              "(%d made, NIST SP 800-38D allows 2^32); detach it and run `encfs volume rekey`",
-                              self._name, self.used)
+                    log.error("%s: writes refused: the volume key has made %d seals, the most it may make "
+                              "(%s); detach it and run `encfs volume rekey`", self._name, self.used, self._bound())
                 raise OSError(errno.ENOSPC, "the volume key's seal budget is spent")
             if self.used + n > self.reserved:
-                new = min(max(self.reserved + RESERVE_STEP, self.used + n), SEAL_MAX)
+                new = min(max(self.reserved + RESERVE_STEP, self.used + n), last)
                 self._persist(new)
                 self.reserved = new
             first = self.used
