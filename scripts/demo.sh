@@ -63,7 +63,7 @@ VOL="$ENCFS_HOME/disk.img"; EXT="$ENCFS_HOME/ext4"; LOOP=""
 mkdir -p "$EXT"
 cleanup_volume() {
     mountpoint -q "$EXT" && umount "$EXT"
-    [ -n "$LOOP" ] && "$ENCFS" volume detach "$VOL" >/dev/null 2>&1
+    [ -n "$LOOP" ] && "$ENCFS" volume detach "$LOOP" >/dev/null 2>&1
     true
 }
 trap 'cleanup_volume; cleanup_mount; [ "${KEEP:-0}" = 1 ] || rm -rf "$ENCFS_HOME"' EXIT
@@ -80,8 +80,26 @@ sync
 df -h "$EXT" | tail -1
 cat "$EXT/ledger.txt"
 run volume list
+echo; echo "== a snapshot: instant, while attached and mounted"
+SNAP=$("$ENCFS" snapshot create "$LOOP" --description "before the mistake" --json |
+       python3 -c 'import json, sys; print(json.load(sys.stdin)["SnapshotId"])')
+echo "\$ encfs snapshot create $LOOP --description 'before the mistake'"
+echo "$SNAP"
+echo "\$ echo 'account 42: balance 0' > $EXT/ledger.txt   (the mistake)"
+echo "account 42: balance 0" > "$EXT/ledger.txt"
+sync
+run snapshot list "$VOL"
 umount "$EXT"
 run volume detach "$VOL"
+LOOP=""
+RESTORED="$ENCFS_HOME/restored.img"
+run snapshot restore "$SNAP" "$RESTORED"
+LOOP=$("$ENCFS" volume attach "$RESTORED")
+mount "$LOOP" "$EXT"
+echo "\$ cat ledger.txt   (in the volume restored from $SNAP)"
+cat "$EXT/ledger.txt"
+umount "$EXT"
+"$ENCFS" volume detach "$LOOP" >/dev/null
 LOOP=""
 echo; echo "\$ grep -c 'balance 1,000,000' $VOL   (the image holds only ciphertext)"
 if grep -aq 'balance 1,000,000' "$VOL"; then echo "BUG: plaintext found in the volume image" >&2; exit 1; fi
