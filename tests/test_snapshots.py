@@ -127,3 +127,32 @@ def test_upgrade_converts_a_format_1_volume_and_keeps_its_contents(fs_home: Path
     assert contents(old, fs_home) == before
     assert "already has format 2" in ok("volume", "upgrade", old, home=fs_home)
     snap(old, fs_home)
+
+
+def test_export_import_round_trip_incremental_and_refusals(volume: Path, fs_home: Path, tmp_path: Path) -> None:
+    write(volume, fs_home, {0: os.urandom(3 * MiB), 17 * MiB: os.urandom(MiB)})
+    first = snap(volume, fs_home)
+    out = tmp_path / "export"
+    assert "4 objects written, 0 already there" in ok("snapshot", "export", first, out, home=fs_home)
+    write(volume, fs_home, {0: os.urandom(4096)})
+    second = snap(volume, fs_home)
+    assert "1 object written, 3 already there" in ok("snapshot", "export", second, out, home=fs_home)
+    for sid, name in ((first, "a.img"), (second, "b.img")):
+        restored, imported = tmp_path / f"r-{name}", tmp_path / name
+        ok("snapshot", "restore", sid, restored, home=fs_home)
+        ok("snapshot", "import", out, imported, "--snapshot", sid, home=fs_home)
+        assert contents(imported, fs_home) == contents(restored, fs_home)
+    objects = sorted(p for p in (out / "objects").rglob("*") if p.is_file())
+    assert len(objects) == 5
+    victim = objects[0]
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 1
+    victim.write_bytes(bytes(data))
+    line = fails("snapshot", "import", out, tmp_path / "t.img", "--snapshot", first, home=fs_home)
+    line2 = fails("snapshot", "import", out, tmp_path / "t.img", "--snapshot", second, home=fs_home)
+    assert victim.name in line + line2 and "fails authentication" in line + line2
+    victim.unlink()
+    line = fails("snapshot", "import", out, tmp_path / "t.img", "--snapshot", first, home=fs_home)
+    line2 = fails("snapshot", "import", out, tmp_path / "t.img", "--snapshot", second, home=fs_home)
+    assert victim.name in line + line2 and "missing" in line + line2
+    assert not list(tmp_path.glob("t.img*"))

@@ -222,7 +222,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             stats = export_snapshot(src, Path(args.directory), ks)
         finally:
             src.close()
-    print(f"{sid} exported to {args.directory}: {stats.objects_written} objects written, "
+    n = stats.objects_written
+    print(f"{sid} exported to {args.directory}: {n} object{'' if n == 1 else 's'} written, "
           f"{stats.objects_reused} already there ({_size(stats.bytes_written)} in {stats.seconds:.1f} s)")
     return 0
 
@@ -233,7 +234,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     target, directory = Path(args.new_volume), Path(args.directory)
     with _service(args) as ks:
         manifest = read_manifest(directory, ks, args.snapshot)
-        key = args.key or manifest.key_id
+        key = args.key or _export_cmk(directory)
 
         def fill(vol: OpenVolume) -> int:
             import_snapshot(directory, ks, manifest, snapshots.VolumeTarget(vol))
@@ -241,6 +242,15 @@ def cmd_import(args: argparse.Namespace) -> int:
         took = _build(target, manifest.size, ks, key, "import", fill)
     print(f"{target}: imported {manifest.snapshot_id} from {directory} in {took:.1f} s")
     return 0
+
+
+def _export_cmk(directory: Path) -> str:
+    """The CMK that wraps an export directory's key (read_manifest() has checked the file)."""
+    from encfs.block.exportformat import KeyFile
+    from encfs.keys.blob import CiphertextBlob
+
+    kf = KeyFile.parse((directory / "key").read_bytes(), str(directory / "key"))
+    return str(CiphertextBlob.parse(kf.wrapped_key).header.key_id)
 
 
 def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None]) -> None:
