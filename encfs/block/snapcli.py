@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +100,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                   f"{_size(r['exclusive']):>10} {_size(r['shared']):>10}  {r['volume']}"
                   + (f"  {r['description']}" if r["description"] else ""))
     for p in problems:
-        print(f"encfs: warning: {p}")
+        print(f"encfs: warning: {p}", file=sys.stderr)
     return 0
 
 

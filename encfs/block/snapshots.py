@@ -223,6 +223,8 @@ def delete(image: Path, sid: str, ks: KeyService, home: Path) -> None:
     only forgotten, so running the same command again completes."""
     control = _attached_control(image)
     header, _w = read_volume_header(image)
+    # Catalogued first: a rerun after a deletion killed past its commit finds it and completes.
+    remember(home, image, header.volume_id.hex(), [sid])
     if control is not None:
         try:
             os.setxattr(control, CONTROL_DELETE, sid.encode())

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -328,7 +329,15 @@ def open_snapshots(path: Path, ks: KeyService, expected_key: str | None = None) 
                               f"`encfs volume upgrade {path}` converts it")
         budget = SealBudget(header.seals_reserved, _no_seals, str(path), counter=True)
         store = CowStore(fd, key, header.volume_id, header.sectors, budget)
-        store.load(live=False)
+        for attempt in range(3):  # a daemon may replace the snapshot table as it is read
+            try:
+                store.load(live=False)
+                break
+            except BlockAuthError:
+                if attempt == 2:
+                    raise VolumeError(f"volume {path}: its commit records or snapshot table fail "
+                                      "authentication (tampered or damaged)") from None
+                time.sleep(0.05)
         return OpenVolume(path, fd, _Header(fd, header, None), store, warnings, budget)
     except BaseException:
         os.close(fd)
