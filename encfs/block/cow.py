@@ -65,6 +65,7 @@ from encfs.block.records import (
     pack_table,
     parse_table,
 )
+from encfs.block.sectorio import SectorIO
 from encfs.blocks import NONCE_PREFIX_LEN, SEALED_BLOCK, BlockAuthError, BlockCipher
 from encfs.diskio import pwrite_all
 from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
@@ -93,7 +94,7 @@ class CowSealed:
         self.first, self.count, self.blob = first, count, blob
 
 
-class CowStore:
+class CowStore(SectorIO):
     """Sector-granular plaintext access to one format-2 image. Reads may run alongside each
     other and alongside seal_ahead(); everything else runs alone (the server's lock)."""
 
@@ -245,11 +246,6 @@ class CowStore:
 
     # -- I/O --------------------------------------------------------------------------
 
-    def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.sectors * SECTOR_SIZE:
-            raise OSError(28 if offset + length > self.sectors * SECTOR_SIZE else 22,
-                          "I/O beyond the end of the volume")
-
     def written_runs(self) -> Iterator[tuple[int, int]]:
         return self.tree.written_runs(self.sectors)
 
@@ -257,15 +253,6 @@ class CowStore:
         out = bytearray(count * SECTOR_SIZE)
         read_tree_into(self.fd, self._data, self.tree, first, count, memoryview(out))
         return out
-
-    def read(self, offset: int, length: int) -> bytearray:
-        self._check_range(offset, length)
-        if length == 0:
-            return bytearray()
-        first, last = offset // SECTOR_SIZE, (offset + length - 1) // SECTOR_SIZE
-        data = self.read_sectors(first, last - first + 1)
-        skip = offset - first * SECTOR_SIZE
-        return data if skip == 0 and len(data) == length else data[skip:skip + length]
 
     def read_view(self, offset: int, length: int) -> memoryview | bytearray:
         """As read(); a large read goes through the sealing worker's arena (valid until this
@@ -350,31 +337,8 @@ class CowStore:
                 self.pool.drop(self.tree.set(s, p))
                 s += 1
 
-    def write(self, offset: int, data: bytes) -> int:
-        """Write plaintext at any alignment (partial sectors are read, merged, rewritten)."""
-        self._check_range(offset, len(data))
-        if not data:
-            return 0
-        first, last = offset // SECTOR_SIZE, (offset + len(data) - 1) // SECTOR_SIZE
-        head = offset - first * SECTOR_SIZE
-        tail = (last + 1) * SECTOR_SIZE - (offset + len(data))
-        if head or tail:
-            merged = self.read_sectors(first, last - first + 1)
-            merged[head:head + len(data)] = data
-            data = bytes(merged)
-        self.write_sectors(first, data)
-        return len(data) - head - tail
-
-    def discard(self, offset: int, length: int) -> None:
-        """Forget whole sectors (they read as zeros, their pages are punched once free); partial
-        sectors are zeroed."""
-        self._check_range(offset, length)
-        first = -(-offset // SECTOR_SIZE)
-        end = (offset + length) // SECTOR_SIZE
-        if first * SECTOR_SIZE > offset:
-            self.write(offset, bytes(min(first * SECTOR_SIZE, offset + length) - offset))
-        if end * SECTOR_SIZE < offset + length and end >= first:
-            self.write(end * SECTOR_SIZE, bytes(offset + length - end * SECTOR_SIZE))
+    def forget_sectors(self, first: int, end: int) -> None:
+        """Discard whole sectors [first, end) (SectorIO.discard): see the module invariants."""
         now: list[int] = []
         self.tree.check(first, max(0, end - first))
         for s in range(first, end):

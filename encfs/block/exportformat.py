@@ -90,7 +90,7 @@ def _hkdf(key: bytes, info: bytes) -> bytes:
 class ExportKeys:
     """The keys derived from one export key, and the object and manifest sealing under them."""
 
-    __slots__ = ("_key", "_names", "_manifest", "volume_id")
+    __slots__ = ("_key", "_manifest", "_names", "volume_id")
 
     def __init__(self, export_key: bytes, volume_id: bytes) -> None:
         if len(export_key) != 32 or len(volume_id) != 16:

@@ -62,6 +62,7 @@ from encfs.block.layout import (
     sector_block_number,
     sector_offset,
 )
+from encfs.block.sectorio import SectorIO
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
 from encfs.diskio import pwrite_all
 from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
@@ -130,7 +131,7 @@ class SealedSectors:
         self.generation = generation  # SectorStore._generation the slots were picked under
 
 
-class SectorStore:
+class SectorStore(SectorIO):
     """Sector-granular plaintext access to one volume image. Not thread-safe."""
 
     # Benchmark hook (benchmarks/null_volume.py swaps in a null cipher in its own
@@ -270,11 +271,6 @@ class SectorStore:
         return _get(self._map(extent).current, i)
 
     # -- I/O ----------------------------------------------------------------------------
-
-    def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.sectors * SECTOR_SIZE:
-            raise OSError(28 if offset + length > self.sectors * SECTOR_SIZE else 22,
-                          "I/O beyond the end of the volume")
 
     @staticmethod
     def _runs(items: list[tuple[int, int]]) -> Iterator[tuple[int, list[int]]]:
@@ -472,40 +468,8 @@ class SectorStore:
         extent, i = divmod(sector, EXTENT_SECTORS)
         return SLOT_B if _get(self._maps[extent].persisted, i) == SLOT_A else SLOT_A
 
-    def read(self, offset: int, length: int) -> bytearray:
-        """Plaintext bytes [offset, offset+length), any alignment."""
-        self._check_range(offset, length)
-        if length == 0:
-            return bytearray()
-        first, last = offset // SECTOR_SIZE, (offset + length - 1) // SECTOR_SIZE
-        data = self.read_sectors(first, last - first + 1)
-        skip = offset - first * SECTOR_SIZE
-        return data if skip == 0 and len(data) == length else data[skip:skip + length]
-
-    def write(self, offset: int, data: bytes) -> int:
-        """Write plaintext at any alignment (partial sectors are read, merged, rewritten)."""
-        self._check_range(offset, len(data))
-        if not data:
-            return 0
-        first, last = offset // SECTOR_SIZE, (offset + len(data) - 1) // SECTOR_SIZE
-        head = offset - first * SECTOR_SIZE
-        tail = (last + 1) * SECTOR_SIZE - (offset + len(data))
-        if head or tail:
-            merged = self.read_sectors(first, last - first + 1)
-            merged[head:head + len(data)] = data
-            data = bytes(merged)
-        self.write_sectors(first, data)
-        return len(data) - head - tail
-
-    def discard(self, offset: int, length: int) -> None:
-        """Forget whole sectors in the range (they read as zeros); partial sectors are zeroed."""
-        self._check_range(offset, length)
-        first = -(-offset // SECTOR_SIZE)
-        end = (offset + length) // SECTOR_SIZE
-        if first * SECTOR_SIZE > offset:
-            self.write(offset, bytes(min(first * SECTOR_SIZE, offset + length) - offset))
-        if end * SECTOR_SIZE < offset + length and end >= first:
-            self.write(end * SECTOR_SIZE, bytes(offset + length - end * SECTOR_SIZE))
+    def forget_sectors(self, first: int, end: int) -> None:
+        """Discard whole sectors [first, end) (SectorIO.discard): see the module invariants."""
         now = []
         for s in range(first, end):
             extent, i = divmod(s, EXTENT_SECTORS)

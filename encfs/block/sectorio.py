@@ -1,0 +1,75 @@
+"""Plaintext I/O at any alignment over a store of 4 KiB sectors: the part both volume formats
+share (sectors.py for format 1, cow.py for format 2).
+
+Invariants:
+- A write of part of a sector reads the sector, merges and writes it whole, so every sector
+  write below is of whole sectors (and atomic in both formats).
+- A discard forgets whole sectors (they read as zeros and give their space back) and zeroes
+  the parts of sectors at its ends.
+- I/O past the end of the volume fails: ENOSPC for a write or a read that reaches past it,
+  EINVAL for a negative offset or length.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from encfs.block.layout import SECTOR_SIZE
+
+
+class SectorIO:
+    """What a store supplies: ``sectors`` and the three whole-sector operations."""
+
+    sectors: int
+
+    def read_sectors(self, first: int, count: int) -> bytearray:
+        raise NotImplementedError
+
+    def write_sectors(self, first: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def forget_sectors(self, first: int, end: int) -> None:
+        """Discard whole sectors [first, end)."""
+        raise NotImplementedError
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.sectors * SECTOR_SIZE:
+            raise OSError(errno.ENOSPC if offset + length > self.sectors * SECTOR_SIZE else errno.EINVAL,
+                          "I/O beyond the end of the volume")
+
+    def read(self, offset: int, length: int) -> bytearray:
+        """Plaintext bytes [offset, offset+length), any alignment."""
+        self._check_range(offset, length)
+        if length == 0:
+            return bytearray()
+        first, last = offset // SECTOR_SIZE, (offset + length - 1) // SECTOR_SIZE
+        data = self.read_sectors(first, last - first + 1)
+        skip = offset - first * SECTOR_SIZE
+        return data if skip == 0 and len(data) == length else data[skip:skip + length]
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Write plaintext at any alignment (partial sectors are read, merged, rewritten)."""
+        self._check_range(offset, len(data))
+        if not data:
+            return 0
+        first, last = offset // SECTOR_SIZE, (offset + len(data) - 1) // SECTOR_SIZE
+        head = offset - first * SECTOR_SIZE
+        tail = (last + 1) * SECTOR_SIZE - (offset + len(data))
+        if head or tail:
+            merged = self.read_sectors(first, last - first + 1)
+            merged[head:head + len(data)] = data
+            data = bytes(merged)
+        self.write_sectors(first, data)
+        return len(data) - head - tail
+
+    def discard(self, offset: int, length: int) -> None:
+        """Forget whole sectors in the range (they read as zeros); partial sectors are zeroed."""
+        self._check_range(offset, length)
+        first = -(-offset // SECTOR_SIZE)
+        end = (offset + length) // SECTOR_SIZE
+        if first * SECTOR_SIZE > offset:
+            self.write(offset, bytes(min(first * SECTOR_SIZE, offset + length) - offset))
+        if end * SECTOR_SIZE < offset + length and end >= first:
+            self.write(end * SECTOR_SIZE, bytes(offset + length - end * SECTOR_SIZE))
+        if end > first:
+            self.forget_sectors(first, end)
