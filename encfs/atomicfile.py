@@ -16,10 +16,14 @@ from encfs.diskio import fsync_dir, pwrite_all
 PathLike = str | bytes | Path
 
 
-def write_atomic(path: PathLike, data: bytes, mode: int = 0o600, *, sync_dir: bool = False) -> None:
-    """Replace ``path`` with ``data``; with ``sync_dir`` also make the rename durable."""
+def write_atomic(path: PathLike, data: bytes, mode: int = 0o600, *, sync_dir: bool = False,
+                 tmp_dir: PathLike | None = None) -> None:
+    """Replace ``path`` with ``data``; with ``sync_dir`` also make the rename durable. The
+    temporary file is ``path``.tmp.<pid>, or in ``tmp_dir`` (same filesystem) if given."""
     target = os.fsencode(path)
     tmp = target + b".tmp.%d" % os.getpid()
+    if tmp_dir is not None:
+        tmp = os.path.join(os.fsencode(tmp_dir), os.path.basename(tmp))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         try:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from encfs.atomicfile import write_atomic
 from encfs.block.exportformat import (
     CHUNK_SECTORS,
     KEY_FILE,
@@ -62,7 +63,7 @@ from encfs.block.exportformat import (
     export_context,
 )
 from encfs.blocks import BlockAuthError
-from encfs.diskio import fsync_dir, pwrite_all
+from encfs.diskio import fsync_dir
 from encfs.errors import InvalidCiphertext
 from encfs.keys.service import KeyService
 from encfs.progress import progress
@@ -188,18 +189,7 @@ class _ExportDir:
 
     def _publish(self, data: bytes, final: Path) -> None:
         """Write ``data`` to DIR/tmp, fsync it and rename it to ``final`` (whose directory is fsynced later)."""
-        tmp = self.path / TMP / f"{final.name}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                pwrite_all(fd, data, 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(final, data, tmp_dir=self.path / TMP)
         self.bytes_written += len(data)
         self._unsynced.add(final.parent)
 
