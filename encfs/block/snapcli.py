@@ -77,7 +77,7 @@ def _image_of_loop(device: str) -> Path:
 def cmd_list(args: argparse.Namespace) -> int:
     home = _home(args)
     if args.volume:
-        images = [Path(args.volume)]
+        images = [_image_of_loop(args.volume) if args.volume.startswith("/dev/") else Path(args.volume)]
     else:
         images = sorted({Path(e["image"]) for e in snapshots.catalog(home).values()})
     rows: list[dict[str, Any]] = []
@@ -192,6 +192,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_copy(args: argparse.Namespace) -> int:
     home = _home(args)
     image, sid = snapshots.resolve(args.snapshot, home)
+    # Default: beside the source image, named after the snapshot (EBS's copy-snapshot takes no name).
+    target = Path(args.new_volume) if args.new_volume else image.with_name(f"{image.stem}-{sid}-copy{image.suffix}")
     made: list[str] = []
     with _service(args) as ks:
         src = snapshots.open_source(image, sid, ks)
@@ -203,12 +205,12 @@ def cmd_copy(args: argparse.Namespace) -> int:
                                                            src.created).id)
             return n
         try:
-            took = _build(Path(args.new_volume), src.size, ks, args.key, "copy", fill)
+            took = _build(target, src.size, ks, args.key, "copy", fill)
             written = src.written_bytes()
         finally:
             src.close()
-    snapshots.remember(home, Path(args.new_volume), snapshots.volume_id_of(Path(args.new_volume)), made)
-    print(f"{made[0]} in {args.new_volume}: a copy of {sid} under key {args.key} "
+    snapshots.remember(home, target, snapshots.volume_id_of(target), made)
+    print(f"{made[0]} in {target}: a copy of {sid} under key {args.key} "
           f"({_size(written)} in {took:.1f} s)")
     return 0
 
@@ -288,7 +290,8 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p = cmd("copy", cmd_copy, "copy a snapshot into a new volume NEWIMG under another CMK, with a fresh volume "
                               "key (NEWIMG holds the copy as its snapshot and as its contents)")
     p.add_argument("snapshot", metavar="SNAP", help=ref)
-    p.add_argument("new_volume", metavar="NEWIMG")
+    p.add_argument("new_volume", metavar="NEWIMG", nargs="?",
+                   help="default: VOL-SNAP-copy.img beside the snapshot's volume")
     p.add_argument("--key", required=True, metavar="KEY", help="CMK (id or alias) for the copy")
     p = cmd("export", cmd_export, "write a snapshot to DIR as encrypted, content-named objects (incremental)")
     p.add_argument("snapshot", metavar="SNAP", help=ref)
