@@ -77,7 +77,7 @@ def map_block_number(extent: int, slot: int) -> int:
     return extent * 2 + slot
 
 
-# -- Format 2: copy-on-write (cow.py; docs/FORMAT.md section 7.7) ----------------------------
+# -- Format 2: copy-on-write (cow.py; docs/FORMAT.md section 7.6) ----------------------------
 #
 #     [0, 128 KiB)        the two header copies, as in format 1
 #     [128 KiB, 192 KiB)  commit slot 0 (one sealed block)
