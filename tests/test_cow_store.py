@@ -304,3 +304,17 @@ def test_the_counter_goes_past_2_to_the_32_and_stops_at_its_own_bound(monkeypatc
     monkeypatch.setattr(budget, "COUNTER_REFUSE", (1 << 32) + 20)
     with pytest.raises(OSError, match="seal budget"):
         b.spend(20)
+
+
+def test_a_snapshot_taken_right_after_an_open_holds_the_pages_it_shares(image: Image) -> None:
+    s = image.store
+    s.write_sectors(0, sector(1) * 64)
+    s.flush()
+    s = image.reopen()  # nothing is committed after this open before the snapshot
+    snap = s.snapshot("snap-0000000000000001", "", 1.0)
+    for i in range(3):
+        s.write_sectors(0, sector(10 + i) * 64)  # overwrites free what the live map drops
+        s.flush()
+    assert s.read_tree(s.snapshot_tree(snap), 0, 64) == sector(1) * 64
+    s = image.reopen()
+    assert s.read_tree(s.snapshot_tree(s.find_snapshot(snap.id)), 0, 64) == sector(1) * 64

@@ -219,7 +219,8 @@ class CowStore(SectorIO):
         seen: set[int] = set()
         held = [p for snap in self.snapshots for p in self._tree_pages(snap.root, snap.depth, seen)]
         live = list(self.tree.pages.values()) + list(self.tree.data_pages())
-        self.pool.rebuild(pages, self.txg, held, live, self._table, punch)
+        latest = max((snap.txg for snap in self.snapshots), default=0)
+        self.pool.rebuild(pages, self.txg, latest, held, live, self._table, punch)
 
     def _tree_pages(self, root: int, depth: int, seen: set[int]) -> Iterator[int]:
         """Every page a snapshot's tree reaches, each shared node (and what is under it) once."""

@@ -57,11 +57,13 @@ class PagePool:
     def pages(self) -> int:
         return len(self.state) - 1
 
-    def rebuild(self, pages: int, txg: int, held: Iterable[int], live: Iterable[int], never_held: Iterable[int],
-                punch: bool) -> None:
+    def rebuild(self, pages: int, txg: int, latest_snapshot: int, held: Iterable[int], live: Iterable[int],
+                never_held: Iterable[int], punch: bool) -> None:
         """States for a pool of ``pages`` at the start of transaction ``txg``: ``held`` pages are
-        reached by snapshots, ``live`` by the committed live map, ``never_held`` by the snapshot
-        table; the rest are free (and, with ``punch``, punched)."""
+        reached by snapshots (the newest of which froze ``latest_snapshot``), ``live`` by the
+        committed live map, ``never_held`` by the snapshot table; the rest are free (and, with
+        ``punch``, punched). A live page gets birth txg - 1, the committed state it is in: a
+        snapshot taken before the next commit freezes that state, and must hold it."""
         state = bytearray(pages + 1)
         birth = array("I", bytes(4 * (pages + 1)))
         state[0] = USED  # page 0 is "none", never allocated
@@ -70,13 +72,13 @@ class PagePool:
         for page in live:
             if not state[page]:
                 state[page] = USED
-                birth[page] = txg
+                birth[page] = txg - 1
         for page in never_held:
             state[page] = USED
             birth[page] = NEVER_HELD
         self.state, self.birth = state, birth
         self.free = state.count(FREE)
-        self.latest_snapshot = txg - 1
+        self.latest_snapshot = latest_snapshot  # below txg - 1: a snapshot's table is committed after it
         self.new, self.pending = [], []
         if punch and self.free:
             self.punch_pages([p for p in range(1, pages + 1) if state[p] == FREE])
