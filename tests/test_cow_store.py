@@ -15,6 +15,7 @@ from encfs.block.cow import CowStore
 from encfs.block.layout import SECTOR_SIZE, commit_offset, cow_image_bound, page_offset
 from encfs.block.pages import FREE
 from encfs.blocks import NONCE_LEN, SEALED_BLOCK, BlockAuthError
+from encfs.keys.service import KeyService
 
 KEY, VID = bytes(range(32)), bytes(range(16))
 SECTORS = 16384  # 64 MiB
@@ -318,3 +319,27 @@ def test_a_snapshot_taken_right_after_an_open_holds_the_pages_it_shares(image: I
     assert s.read_tree(s.snapshot_tree(snap), 0, 64) == sector(1) * 64
     s = image.reopen()
     assert s.read_tree(s.snapshot_tree(s.find_snapshot(snap.id)), 0, 64) == sector(1) * 64
+
+
+def test_a_volume_larger_than_the_map_reaches_is_refused(tmp_path: Path, service: KeyService) -> None:
+    from encfs.block.layout import MAX_COW_SIZE
+    from encfs.block.volume import VolumeError, create_volume, open_volume
+
+    key = service.create_key()["KeyId"]
+    with pytest.raises(VolumeError, match="at most 4 PiB"):
+        create_volume(tmp_path / "huge.img", MAX_COW_SIZE + SECTOR_SIZE, service, key)
+    assert not (tmp_path / "huge.img").exists()
+    create_volume(tmp_path / "v.img", MAX_COW_SIZE, service, key)  # sparse: the largest is fine
+    vol = open_volume(tmp_path / "v.img", service)
+    try:
+        vol.write(MAX_COW_SIZE - SECTOR_SIZE, sector(7))  # the last sector: a map four levels deep
+        vol.flush()
+        with pytest.raises(VolumeError, match="at most 4 PiB"):
+            vol.grow(MAX_COW_SIZE + SECTOR_SIZE)
+    finally:
+        vol.close()
+    vol = open_volume(tmp_path / "v.img", service)
+    try:
+        assert vol.read(MAX_COW_SIZE - SECTOR_SIZE, SECTOR_SIZE) == sector(7)
+    finally:
+        vol.close()

@@ -310,7 +310,7 @@ def test_the_budget_warns_then_refuses_sector_writes(volume: Path, service: KeyS
         vol.close()
     assert _headers(volume)[0].seals_reserved == 60
     info = _info(volume)
-    assert info["seals_reserved"] == 60 and any("past 2^30" in w for w in info["warnings"])
+    assert info["seals_reserved"] == 60 and any("past 40; writes stop at 60" in w for w in info["warnings"])
     vol = open_volume(volume, service)  # the refusal holds across opens; what was written reads back
     try:
         assert vol.read(0, 36 * SECTOR_SIZE) == data

@@ -1,7 +1,9 @@
-"""The volume key's nonce budget: every seal under it is counted (docs/FORMAT.md §7.5).
+"""The volume key's seal count: every seal under it is counted (docs/FORMAT.md §7.5, §7.6).
 
-Sectors and sector maps are sealed with AES-256-GCM and a random 96-bit
-nonce, so NIST SP 800-38D §8.3 caps the volume key at 2^32 seals. The count
+Format 1 seals with random 96-bit nonces, so NIST SP 800-38D §8.3 caps its
+volume key at 2^32 seals. Format 2 (``counter``) takes each seal's nonce from
+the count itself: seal number n uses counter n, so no value is handed out
+twice, and what bounds the key is the data under it (COUNTER_WARN). The count
 is persisted as a reservation in the header (``seals_reserved``), not at
 every flush (that would cost two header fsyncs per flush). Invariants:
 
@@ -9,9 +11,11 @@ every flush (that would cost two header fsyncs per flush). Invariants:
   both header copies hold (a reservation is written, copy 0 + fsync, copy 1
   + fsync, before the seal it allows). An open starts from used = reserved,
   so a crash can only over-count: the budget of a seal is never reused.
-- Sector seals stop at SEAL_REFUSE, map seals at SEAL_MAX: a flush after the
-  refusal can still commit what was written before it, and no seal ever
-  goes past 2^32. A refusal is OSError(ENOSPC) with one log line.
+- Sector seals stop at the format's refusal (SEAL_REFUSE, COUNTER_REFUSE),
+  map and commit seals 2^24 later: a flush after the refusal can still commit
+  what was written before it. A refusal is OSError(ENOSPC) with one log line.
+- An open starting from the reservation is what makes format 2's counter
+  skip, never repeat, the values a crashed session may have used.
 - A clean close settles the reservation down to the count (one header
   write), so only a crash loses the unused part of a reservation.
 

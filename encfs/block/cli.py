@@ -71,9 +71,11 @@ def _info(path: Path, ks: Any = None, key: str | None = None) -> dict[str, Any]:
     a = find_attachment(header.volume_id.hex())
     st = os.stat(path)
     seals = header.seals_reserved if header.authenticated else None
-    if seals is not None and not header.copy_on_write and seals >= budget.SEAL_WARN:
-        warnings.append(f"the volume key has made up to {seals} seals, past 2^30 of its 2^32 budget; "
-                        f"writes stop at {budget.SEAL_REFUSE}: `encfs volume rekey` gives it a fresh key")
+    warn, refuse = ((budget.COUNTER_WARN, budget.COUNTER_REFUSE) if header.copy_on_write
+                    else (budget.SEAL_WARN, budget.SEAL_REFUSE))
+    if seals is not None and seals >= warn:
+        warnings.append(f"the volume key has made up to {seals} seals, past {warn}; writes stop at {refuse}: "
+                        "`encfs volume rekey` gives it a fresh key")
     nominal = st.st_size if header.copy_on_write else image_size(header.sectors)
     return {"image": str(path.absolute()), "volume_id": header.volume_id.hex(), "format": header.version,
             "size": header.size, "sector_size": header.sector_size, "key_id": header.key_id,

@@ -89,6 +89,8 @@ COMMIT_START = DATA_START
 POOL_START = DATA_START + 2 * HEADER_SLOT
 FANOUT = 1024  # u32 page numbers per map node (one 4 KiB page)
 MAX_PAGES = (1 << 32) - 1  # page numbers are u32: the pool holds at most this many pages (~16 TiB)
+MAX_DEPTH = 4  # map levels a commit record may name
+MAX_COW_SIZE = FANOUT ** MAX_DEPTH * SECTOR_SIZE  # 4 PiB: the most sectors a map of MAX_DEPTH levels reaches
 
 
 def commit_offset(slot: int) -> int:

@@ -23,11 +23,12 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import sys
 from array import array
 from collections.abc import Callable, Iterator
 
-from encfs.block.layout import FANOUT
+from encfs.block.layout import FANOUT, MAX_DEPTH
 from encfs.blocks import BlockAuthError
 
 assert sys.byteorder == "little", "map nodes are stored as little-endian u32 arrays"
@@ -114,6 +115,8 @@ class MapTree:
             if not page:
                 return 0
             while sector >= FANOUT ** self.depth:
+                if self.depth >= MAX_DEPTH:
+                    raise OSError(errno.ENOSPC, "sector beyond what a format-2 map reaches")
                 self._grow()
             leaf = self.nodes[key] = empty_node()
         i = sector & (FANOUT - 1)

@@ -15,12 +15,11 @@ import struct
 from array import array
 from dataclasses import asdict, dataclass
 
-from encfs.block.layout import SECTOR_SIZE
+from encfs.block.layout import MAX_DEPTH, SECTOR_SIZE
 
 COMMIT_MAGIC = b"ENCVCOMM"
 COMMIT_FORMAT = struct.Struct("<8sQQIB3xIH")  # magic, txg, table txg, root page, depth, pages, table pages
 MAX_TABLE_PAGES = (SECTOR_SIZE - COMMIT_FORMAT.size) // 4
-MAX_DEPTH = 4  # 1024^4 sectors: beyond any u32 pool
 
 
 @dataclass

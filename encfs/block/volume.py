@@ -55,7 +55,7 @@ from encfs.block.header import (
     read_verified,
     write_header,
 )
-from encfs.block.layout import SECTOR_SIZE, cow_image_bound, image_size
+from encfs.block.layout import MAX_COW_SIZE, SECTOR_SIZE, cow_image_bound, image_size
 from encfs.block.sectors import SealedSectors, SectorStore, extent_bytes
 from encfs.blocks import SEALED_BLOCK, BlockAuthError
 from encfs.errors import EncfsError, UsageError
@@ -209,6 +209,7 @@ class OpenVolume(StoreFile):
             raise VolumeError("shrinking a volume is not supported (it would cut off data)")
         if new_size == self.header.size:
             return
+        _check_cow_size(self.header.copy_on_write, new_size)
         try:
             self.store.grow(new_size // SECTOR_SIZE)
             self.headers.update(size=new_size)
@@ -231,9 +232,15 @@ def check_space(path: Path, size: int, verb: str = "create") -> None:
                           "disk fills)")
 
 
+def _check_cow_size(copy_on_write: bool, size: int) -> None:
+    if copy_on_write and size > MAX_COW_SIZE:
+        raise VolumeError(f"a format-2 volume holds at most {MAX_COW_SIZE >> 50} PiB (its map's four levels)")
+
+
 def create_volume(path: Path, size: int, ks: KeyService, key: str, version: int = COW_FORMAT) -> VolumeHeader:
     """A new image at ``path`` (which must not exist); nothing is left behind on failure.
     ``version`` 1 makes the older format (kept for tests and for `encfs volume upgrade`'s)."""
+    _check_cow_size(version == COW_FORMAT, size)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
