@@ -55,12 +55,12 @@ def cmd_create(args: argparse.Namespace) -> int:
         image = _image_of_loop(str(image))
     start = time.monotonic()
     with _service(args) as ks:
-        snap = snapshots.create(image, ks, args.description or "", _home(args))
+        sid = snapshots.create(image, ks, args.description or "", _home(args))
     took = time.monotonic() - start
     if args.json:
-        print(json.dumps({"SnapshotId": snap.id, "Volume": str(image.absolute()), "Seconds": round(took, 3)}))
+        print(json.dumps({"SnapshotId": sid, "Volume": str(image.absolute()), "Seconds": round(took, 3)}))
     else:
-        print(f"{snap.id} created from {image} in {took:.2f} s")
+        print(f"{sid} created from {image} in {took:.2f} s")
     return 0
 
 
