@@ -37,7 +37,7 @@ from encfs.blocks import SEALED_BLOCK
 log = logging.getLogger("encfs.block")
 
 FREE, USED, NEW = 0, 1, 2
-NEVER_HELD = 0xFFFFFFFF  # the birth of snapshot-table pages: no snapshot holds them
+NEVER_HELD = (1 << 64) - 1  # the birth of snapshot-table pages: no snapshot holds them
 
 
 class PagePool:
@@ -46,7 +46,7 @@ class PagePool:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.state = bytearray(1)
-        self.birth = array("I", [0])
+        self.birth = array("Q", [0])
         self.free = 0
         self._cursor = 1
         self.new: list[int] = []
@@ -65,7 +65,7 @@ class PagePool:
         ``punch``, punched). A live page gets birth txg - 1, the committed state it is in: a
         snapshot taken before the next commit freezes that state, and must hold it."""
         state = bytearray(pages + 1)
-        birth = array("I", bytes(4 * (pages + 1)))
+        birth = array("Q", bytes(8 * (pages + 1)))
         state[0] = USED  # page 0 is "none", never allocated
         for page in held:
             state[page] = USED  # birth 0: at or before any snapshot
@@ -107,12 +107,12 @@ class PagePool:
                 if tail - 1 + need > MAX_PAGES:
                     raise OSError(errno.ENOSPC, "the volume image has reached its largest size")
                 state.extend(bytes(need))
-                self.birth.extend(array("I", bytes(4 * need)))
+                self.birth.extend(array("Q", bytes(8 * need)))
                 self.free += need
                 runs.append((tail, need))
         for p, k in runs:
             state[p:p + k] = bytes([NEW]) * k
-            self.birth[p:p + k] = array("I", [txg]) * k
+            self.birth[p:p + k] = array("Q", [txg]) * k
             self.new.extend(range(p, p + k))
         self.free -= n
         self._cursor = runs[-1][0] + runs[-1][1]
