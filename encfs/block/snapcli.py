@@ -79,7 +79,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.volume:
         images = [_image_of_loop(args.volume) if args.volume.startswith("/dev/") else Path(args.volume)]
     else:
-        images = sorted({Path(e["image"]) for e in snapshots.catalog(home).values()})
+        images = sorted({Path(e["image"]) for e in snapshots.catalog(home).values() if not e.get("deleted")})
     rows: list[dict[str, Any]] = []
     problems = []
     with _service(args) as ks:

@@ -5,6 +5,9 @@ A snapshot is referred to as ``VOL@ID`` or, once this machine has seen it, by it
 (``snap-`` and 16 hex digits, as EBS names them): the catalog ``<ENCFS_HOME>/snapshots.json``
 maps ids to images. The catalog is only an index: the image's snapshot table is the truth,
 and a stale entry (an image moved or a snapshot deleted elsewhere) is reported, never trusted.
+It also keeps the ids of the last KEEP_DELETED snapshots deleted here, marked "deleted", so
+that deleting one again says it is deleted: a deletion killed at any point, even after it
+committed and forgot the snapshot, completes when the same command runs again.
 
 Invariants:
 - An attached volume's snapshots are created, listed and deleted by its daemon (extended
@@ -67,7 +70,11 @@ def _catalog_path(home: Path) -> Path:
     return home / "snapshots.json"
 
 
-def catalog(home: Path) -> dict[str, dict[str, str]]:
+KEEP_DELETED = 256  # deleted ids the catalog keeps (each a line of JSON)
+
+
+def catalog(home: Path) -> dict[str, dict[str, Any]]:
+    """Snapshot id -> {"image", "volume_id"}, and "deleted" (a time) for a deleted snapshot."""
     try:
         data = json.loads(_catalog_path(home).read_text())
     except FileNotFoundError:
@@ -78,11 +85,16 @@ def catalog(home: Path) -> dict[str, dict[str, str]]:
 
 
 def remember(home: Path, image: Path, volume_id: str, ids: list[str], forget: tuple[str, ...] | list[str] = ()) -> None:
+    """Record ``ids`` as snapshots of ``image``, and ``forget`` as deleted ones."""
     cat = catalog(home)
     for i in ids:
         cat[i] = {"image": str(image.absolute()), "volume_id": volume_id}
+    now = time.time()
     for i in forget:
-        cat.pop(i, None)
+        cat[i] = {"image": str(image.absolute()), "volume_id": volume_id, "deleted": now}
+    deleted = sorted((e["deleted"], i) for i, e in cat.items() if e.get("deleted"))
+    for _t, i in deleted[:max(0, len(deleted) - KEEP_DELETED)]:
+        del cat[i]
     try:
         home.mkdir(parents=True, exist_ok=True)
         write_atomic(_catalog_path(home), json.dumps(cat, indent=1, sort_keys=True).encode())
@@ -91,7 +103,8 @@ def remember(home: Path, image: Path, volume_id: str, ids: list[str], forget: tu
 
 
 def resolve(ref: str, home: Path) -> tuple[Path, str]:
-    """``VOL@ID`` or ``ID`` -> (image, snapshot id)."""
+    """``VOL@ID`` or ``ID`` -> (image, snapshot id); a deleted snapshot's id gives its image
+    (where it is not found)."""
     if "@" in ref:
         image, _, sid = ref.rpartition("@")
         return Path(image), check_id(sid)
@@ -246,9 +259,11 @@ def delete(image: Path, sid: str, ks: KeyService, home: Path) -> None:
 
 
 def _gone(image: Path, sid: str, home: Path, volume_id: str) -> None:
-    if sid not in catalog(home):
+    """``sid`` is not in ``image``'s table: fine if the catalog knew it as one of its snapshots
+    (deleted by a run that was killed, or deleted already); an error otherwise."""
+    entry = catalog(home).get(sid)
+    if entry is None or entry.get("volume_id") != volume_id:
         raise VolumeError(f"{image} has no snapshot {sid}")
-    remember(home, image, volume_id, [], forget=[sid])
 
 
 def rollback(image: Path, sid: str, ks: KeyService) -> Snapshot:
