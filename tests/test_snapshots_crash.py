@@ -1,9 +1,9 @@
 """kill -9 during `encfs snapshot delete`: running the same command again completes.
 
 Random delays rarely hit the short windows of a deletion, so a CLI that SIGKILLs itself at a
-chosen point (a monkeypatched encfs in a subprocess) is killed there: right after the catalog
-has forgotten the snapshot. The image is examined with volume_tool.py (encfs's own reads, in a
-subprocess).
+chosen point (a monkeypatched encfs in a subprocess) is killed there: right after the commit,
+before the freed pages are given back, and right after the catalog has forgotten the snapshot.
+The image is examined with volume_tool.py (encfs's own reads, in a subprocess).
 """
 
 from __future__ import annotations
@@ -77,10 +77,12 @@ def home(tmp_path: Path) -> Path:
 # -- kills at chosen points of a deletion ------------------------------------------------------
 
 # Runs `encfs ARGS` with SIGKILL sent to itself at POINT: "forgotten", right after the deletion
-# has been committed and the catalog has forgotten the snapshot (so only the exit was left).
+# has been committed and the catalog has forgotten the snapshot (so only the exit was left);
+# "committed", right after the commit, before the freed pages are given back (punched).
 KILLED_AT = r"""
 import os, signal, sys
 from encfs.block import snapshots
+from encfs.block.cow import CowStore
 from encfs.cli import main
 
 def die():
@@ -94,11 +96,18 @@ if point == "forgotten":
         if forget:
             die()
     snapshots.remember = forgotten
+else:
+    rebuild = CowStore._rebuild
+    def committed(self, pages, punch):
+        if punch:
+            die()
+        rebuild(self, pages, punch)
+    CowStore._rebuild = committed
 raise SystemExit(main())
 """
 
 
-@pytest.mark.parametrize(("point", "ref"), [("forgotten", "{sid}")])
+@pytest.mark.parametrize(("point", "ref"), [("forgotten", "{sid}"), ("committed", "{image}@{sid}")])
 def test_a_delete_killed_after_its_commit_completes_when_run_again(tmp_path: Path, home: Path, point: str,
                                                                    ref: str) -> None:
     lab = Lab(tmp_path, home)

@@ -466,6 +466,10 @@ class CowStore(SectorIO):
         self._rebuild(self.pages, punch=True)  # frees what only it held
         return snap
 
+    def punch_free(self) -> None:
+        """Give back the space of every free page (a deletion killed before it punched)."""
+        self.pool.punch_free()
+
     def rollback(self, snapshot_id: str) -> Snapshot:
         """Make the live map the snapshot's (the caller makes sure nothing serves the volume)."""
         snap = self.find_snapshot(snapshot_id)

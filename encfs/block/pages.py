@@ -80,8 +80,15 @@ class PagePool:
         self.free = state.count(FREE)
         self.latest_snapshot = latest_snapshot  # below txg - 1: a snapshot's table is committed after it
         self.new, self.pending = [], []
-        if punch and self.free:
-            self.punch_pages([p for p in range(1, pages + 1) if state[p] == FREE])
+        if punch:
+            self.punch_free()
+
+    def punch_free(self) -> None:
+        """Punch every free page (merged into runs): the space of a deletion whose process died
+        between its commit and its punch is given back by the next deletion of the same snapshot."""
+        if self.free:
+            state = self.state
+            self.punch_pages([p for p in range(1, len(state)) if state[p] == FREE])
 
     def alloc(self, n: int, txg: int) -> list[tuple[int, int]]:
         """Runs (first page, count) of ``n`` free pages, marked NEW, born ``txg``."""

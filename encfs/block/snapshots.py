@@ -233,7 +233,7 @@ def list_snapshots(image: Path, ks: KeyService, home: Path) -> list[dict[str, An
 
 def delete(image: Path, sid: str, ks: KeyService, home: Path) -> None:
     """Delete a snapshot; a snapshot already gone (a deletion killed after its commit) is
-    only forgotten, so running the same command again completes."""
+    only forgotten and its space given back, so running the same command again completes."""
     control = _attached_control(image)
     header, _w = read_volume_header(image)
     # Catalogued first: a rerun after a deletion killed past its commit finds it and completes.
@@ -251,6 +251,7 @@ def delete(image: Path, sid: str, ks: KeyService, home: Path) -> None:
             cow_store(vol).delete_snapshot(sid)
         except KeyError:
             _gone(image, sid, home, header.volume_id.hex())
+            cow_store(vol).punch_free()  # the killed run may have committed but not given the space back
         except OSError as e:
             raise VolumeError(f"cannot delete {sid}: {e.strerror}") from None
         finally:

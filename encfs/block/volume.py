@@ -134,6 +134,8 @@ class StoreFile:
                 store.delete_snapshot(value.decode())
                 log.info("snapshot %s deleted", value.decode())
         except KeyError:
+            if name != CONTROL_CREATE:  # deleted already, maybe by a run killed before it punched
+                store.punch_free()
             raise OSError(errno.ENOENT, "no such snapshot") from None
         except (ValueError, TypeError, UnicodeDecodeError):
             raise OSError(errno.EINVAL, "malformed snapshot request") from None
