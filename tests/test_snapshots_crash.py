@@ -2,8 +2,9 @@
 
 Random delays rarely hit the short windows of a deletion, so a CLI that SIGKILLs itself at a
 chosen point (a monkeypatched encfs in a subprocess) is killed there: right after the commit,
-before the freed pages are given back, and right after the catalog has forgotten the snapshot.
-The image is examined with volume_tool.py (encfs's own reads, in a subprocess).
+before the freed pages are given back, and right after the catalog has forgotten the snapshot;
+and the temporary catalog a run killed while writing it leaves is swept by the next. The
+image is examined with volume_tool.py (encfs's own reads, in a subprocess).
 """
 
 from __future__ import annotations
@@ -131,3 +132,18 @@ def test_a_delete_killed_after_its_commit_completes_when_run_again(tmp_path: Pat
     assert freed > 7 * MiB, f"the rerun gave back {freed} bytes of the 8 MiB only the snapshot held"
     assert lab.ok(*args).strip() == f"{sid} deleted"  # and says so whenever asked again
     assert "no snapshot" in lab.run("snapshot", "info", sid).stderr
+
+
+def test_a_catalog_left_half_written_by_a_killed_run_is_swept(tmp_path: Path, home: Path) -> None:
+    lab = Lab(tmp_path, home)
+    lab.ok("volume", "create", lab.image, "--size", str(SIZE), "--key", "fs")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead = home / f"snapshots.json.tmp.{int(gone.stdout)}"  # as write_atomic names it; its writer is dead
+    dead.write_text('{"snap-')
+    live = home / f"snapshots.json.tmp.{os.getpid()}"  # a live writer's: not ours to remove
+    live.write_text("{}")
+    lab.ok("snapshot", "create", lab.image)
+    assert not dead.exists() and live.exists()
+    live.unlink()
+    lab.no_tmp_left()

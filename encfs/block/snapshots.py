@@ -97,9 +97,29 @@ def remember(home: Path, image: Path, volume_id: str, ids: list[str], forget: tu
         del cat[i]
     try:
         home.mkdir(parents=True, exist_ok=True)
+        _sweep(home)
         write_atomic(_catalog_path(home), json.dumps(cat, indent=1, sort_keys=True).encode())
     except OSError:
         pass  # the catalog is a convenience; VOL@ID always works
+
+
+def _sweep(home: Path) -> None:
+    """Remove the temporary catalogs (write_atomic's ``.tmp.PID``) of processes that died before
+    renaming them, as a command killed at that moment leaves."""
+    for tmp in home.glob(f"{_catalog_path(home).name}.tmp.*"):
+        pid = tmp.name.rpartition(".")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True
 
 
 def resolve(ref: str, home: Path) -> tuple[Path, str]:
