@@ -134,6 +134,26 @@ def test_a_delete_killed_after_its_commit_completes_when_run_again(tmp_path: Pat
     assert "no snapshot" in lab.run("snapshot", "info", sid).stderr
 
 
+def test_delete_refuses_an_id_the_volume_never_had_and_completes_one_it_had(tmp_path: Path, home: Path) -> None:
+    lab = Lab(tmp_path, home)
+    lab.ok("volume", "create", lab.image, "--size", str(SIZE), "--key", "fs")
+    bogus = f"snap-{os.urandom(8).hex()}"
+    for _ in range(2):  # and again: the refused run catalogued nothing
+        p = lab.run("snapshot", "delete", f"{lab.image}@{bogus}")
+        assert p.returncode != 0 and p.stderr == f"encfs: {lab.image} has no snapshot {bogus}\n", p.stderr
+    assert "not known on this machine" in lab.run("snapshot", "info", bogus).stderr
+    # a snapshot this machine never catalogued (the catalog is lost, or it was made elsewhere),
+    # deleted by VOL@ID by a run killed after the commit: the rerun completes
+    sid = json.loads(lab.ok("snapshot", "create", lab.image, "--json"))["SnapshotId"]
+    (home / "snapshots.json").unlink()
+    args = ("snapshot", "delete", f"{lab.image}@{sid}")
+    p = subprocess.run([sys.executable, "-c", KILLED_AT, "committed", *args], env=lab.env, capture_output=True,
+                       timeout=60)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()
+    assert lab.digests()["snapshots"] == {}
+    assert lab.ok(*args).strip() == f"{sid} deleted"
+
+
 def test_a_catalog_left_half_written_by_a_killed_run_is_swept(tmp_path: Path, home: Path) -> None:
     lab = Lab(tmp_path, home)
     lab.ok("volume", "create", lab.image, "--size", str(SIZE), "--key", "fs")

@@ -95,6 +95,20 @@ def remember(home: Path, image: Path, volume_id: str, ids: list[str], forget: tu
     deleted = sorted((e["deleted"], i) for i, e in cat.items() if e.get("deleted"))
     for _t, i in deleted[:max(0, len(deleted) - KEEP_DELETED)]:
         del cat[i]
+    _save(home, cat)
+
+
+def _put_back(home: Path, sid: str, entry: dict[str, Any] | None) -> None:
+    """Make ``sid``'s catalog entry ``entry`` again (None: no entry)."""
+    cat = catalog(home)
+    if entry is None:
+        cat.pop(sid, None)
+    else:
+        cat[sid] = entry
+    _save(home, cat)
+
+
+def _save(home: Path, cat: dict[str, dict[str, Any]]) -> None:
     try:
         home.mkdir(parents=True, exist_ok=True)
         _sweep(home)
@@ -256,6 +270,7 @@ def delete(image: Path, sid: str, ks: KeyService, home: Path) -> None:
     only forgotten and its space given back, so running the same command again completes."""
     control = _attached_control(image)
     header, _w = read_volume_header(image)
+    known = catalog(home).get(sid)  # as this run found it: what a killed run catalogued counts
     # Catalogued first: a rerun after a deletion killed past its commit finds it and completes.
     remember(home, image, header.volume_id.hex(), [sid])
     if control is not None:
@@ -264,13 +279,13 @@ def delete(image: Path, sid: str, ks: KeyService, home: Path) -> None:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise _control_error(image, "snapshot delete", e) from None
-            _gone(image, sid, home, header.volume_id.hex())
+            _gone(image, sid, home, header.volume_id.hex(), known)
     else:
         vol = _open_cow(image, ks)
         try:
             cow_store(vol).delete_snapshot(sid)
         except KeyError:
-            _gone(image, sid, home, header.volume_id.hex())
+            _gone(image, sid, home, header.volume_id.hex(), known)
             cow_store(vol).punch_free()  # the killed run may have committed but not given the space back
         except OSError as e:
             raise VolumeError(f"cannot delete {sid}: {e.strerror}") from None
@@ -279,11 +294,12 @@ def delete(image: Path, sid: str, ks: KeyService, home: Path) -> None:
     remember(home, image, header.volume_id.hex(), [], forget=[sid])
 
 
-def _gone(image: Path, sid: str, home: Path, volume_id: str) -> None:
+def _gone(image: Path, sid: str, home: Path, volume_id: str, known: dict[str, Any] | None) -> None:
     """``sid`` is not in ``image``'s table: fine if the catalog knew it as one of its snapshots
-    (deleted by a run that was killed, or deleted already); an error otherwise."""
-    entry = catalog(home).get(sid)
-    if entry is None or entry.get("volume_id") != volume_id:
+    before this run (deleted by a run that was killed, or deleted already); otherwise an error,
+    and the entry this run made goes (an id the volume never had is not catalogued)."""
+    if known is None or known.get("volume_id") != volume_id:
+        _put_back(home, sid, known)
         raise VolumeError(f"{image} has no snapshot {sid}")
 
 
