@@ -378,7 +378,13 @@ class CowStore(SectorIO):
             commit = Commit(self.txg, table_txg, root, tree.depth, self.pages, table)
             if os.fstat(self.fd).st_size < page_offset(self.pages + 1):  # a pool grown by a failed write
                 os.ftruncate(self.fd, page_offset(self.pages + 1))
-            os.fdatasync(self.fd)
+            try:
+                os.fdatasync(self.fd)
+            except OSError:
+                # Linux reports a lost write once and marks its pages clean: a retry would succeed
+                # and commit a map naming sectors that never reached the disk.
+                self._failed = True
+                raise
             self._write_commit(self._slot, commit)
         except OSError:
             self.pool.unalloc(allocated)
