@@ -132,8 +132,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     home = _home(args)
-    image, sid = snapshots.resolve(args.snapshot if "@" in args.snapshot else f"{args.volume}@{args.snapshot}", home)
-    if os.path.realpath(image) != os.path.realpath(args.volume):
+    # A loop device is an attached volume: its image, so that the refusal says "detach it first".
+    volume = str(_image_of_loop(args.volume)) if args.volume.startswith("/dev/") else args.volume
+    image, sid = snapshots.resolve(args.snapshot if "@" in args.snapshot else f"{volume}@{args.snapshot}", home)
+    if os.path.realpath(image) != os.path.realpath(volume):
         raise VolumeError(f"{sid} is a snapshot of {image}, not of {args.volume}")
     with _service(args) as ks:
         snapshots.rollback(image, sid, ks)

@@ -1,0 +1,24 @@
+"""`encfs snapshot` refusals found in review of issue #20, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_snapshots import fails, ok, snap, volume  # noqa: F401  (the fixture)
+from test_volumes import Rig, rig  # noqa: F401  (the fixture)
+
+
+def test_deleting_a_snapshot_the_volume_never_had_is_an_error(volume: Path, fs_home: Path) -> None:  # noqa: F811
+    snap(volume, fs_home)
+    typo = "snap-0123456789abcdef"
+    assert "has no snapshot" in fails("snapshot", "delete", f"{volume}@{typo}", home=fs_home)
+    assert typo not in ok("snapshot", "list", home=fs_home)
+
+
+def test_rollback_of_an_attached_volume_named_by_its_loop_device_says_detach_first(rig: Rig) -> None:  # noqa: F811
+    image = rig.create(size="16M")
+    loop = rig.attach(image)
+    sid = json.loads(rig.ok("snapshot", "create", loop, "--json"))["SnapshotId"]
+    assert "detach it first" in rig.fails("snapshot", "rollback", loop, sid)
+    rig.detach(image)
