@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from test_snapshots import fails, ok, snap, volume  # noqa: F401  (the fixture)
 from test_volumes import Rig, rig  # noqa: F401  (the fixture)
+
+from encfs.blocks import SEALED_BLOCK
 
 
 def test_deleting_a_snapshot_the_volume_never_had_is_an_error(volume: Path, fs_home: Path) -> None:  # noqa: F811
@@ -22,3 +25,10 @@ def test_rollback_of_an_attached_volume_named_by_its_loop_device_says_detach_fir
     sid = json.loads(rig.ok("snapshot", "create", loop, "--json"))["SnapshotId"]
     assert "detach it first" in rig.fails("snapshot", "rollback", loop, sid)
     rig.detach(image)
+
+
+def test_restoring_from_a_truncated_image_is_one_line(volume: Path, fs_home: Path, tmp_path: Path) -> None:  # noqa: F811
+    sid = snap(volume, fs_home)
+    os.truncate(volume, os.path.getsize(volume) - 3 * SEALED_BLOCK)  # a copy cut short
+    assert "truncated" in fails("snapshot", "restore", sid, tmp_path / "r.img", home=fs_home)
+    assert "truncated" in fails("snapshot", "export", sid, tmp_path / "ex", home=fs_home)

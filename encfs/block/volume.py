@@ -347,6 +347,8 @@ def open_snapshots(path: Path, ks: KeyService, expected_key: str | None = None) 
                     raise VolumeError(f"volume {path}: its commit records or snapshot table fail "
                                       "authentication (tampered or damaged)") from None
                 time.sleep(0.05)
+            except VolumeTruncated as e:
+                raise VolumeError(f"volume {path} is truncated: {e}") from None
         return OpenVolume(path, fd, _Header(fd, header, None), store, warnings, budget)
     except BaseException:
         os.close(fd)
