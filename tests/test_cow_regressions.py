@@ -5,15 +5,19 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cow_store import Image, sector  # noqa: E402
+from test_cow_store import KEY, SECTORS, VID, Image, sector  # noqa: E402
 
 from encfs.block import cow as cow_mod  # noqa: E402
-from encfs.block.cow import StoreFailed  # noqa: E402
+from encfs.block.budget import SealBudget  # noqa: E402
+from encfs.block.cow import CowStore, StoreFailed  # noqa: E402
+from encfs.block.snapshots import SnapshotSource  # noqa: E402
+from encfs.block.volume import VolumeError, _no_seals  # noqa: E402
 
 
 @pytest.fixture
@@ -64,3 +68,29 @@ def test_a_failed_data_fdatasync_fails_the_store_as_a_failed_commit_does(image: 
         s.flush()
     with pytest.raises(StoreFailed):
         s.write_sectors(1, sector(2))
+
+
+def test_a_snapshot_deleted_while_it_is_read_is_an_error_never_the_live_bytes(image: Image) -> None:
+    """restore, copy and export read a snapshot beside the daemon (open_snapshots, no lock). If the
+    daemon deletes it meanwhile, its pages are reused: a page reused for the same sector opens
+    (AAD = the sector number) to the live contents, which must not pass as the snapshot's."""
+    s = image.store
+    s.write_sectors(0, sector(1) * 8)
+    snap = s.snapshot("snap-0000000000000001", "", 1.0)
+    fd = os.open(image.path, os.O_RDONLY)
+    try:
+        reader = CowStore(fd, KEY, VID, SECTORS, SealBudget(image.persisted, _no_seals, "r", counter=True))
+        reader.load(live=False)
+        src = SnapshotSource(SimpleNamespace(store=reader), reader.find_snapshot(snap.id),  # type: ignore[arg-type]
+                             reader.snapshot_tree(reader.find_snapshot(snap.id)))
+        assert src.read_sectors(0, 8) == sector(1) * 8
+        s.delete_snapshot(snap.id)
+        for i in range(3):  # the freed pages go to new versions of the same sectors
+            s.write_sectors(0, sector(10 + i) * 8)
+            s.flush()
+        # the pages were reused: what a read gets without checking that the snapshot is still there
+        assert reader.read_tree(src.tree, 0, 8) in [sector(10 + i) * 8 for i in range(3)]
+        with pytest.raises(VolumeError, match="deleted"):
+            src.read_sectors(0, 8)
+    finally:
+        os.close(fd)

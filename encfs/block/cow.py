@@ -487,6 +487,15 @@ class CowStore(SectorIO):
         self._rebuild(self.pages, punch=True)
         return snap
 
+    def has_snapshot(self, snapshot_id: str) -> bool:
+        """Whether the newest commit on disk still lists the snapshot: for a reader beside the
+        daemon (load(live=False)), which reads the table again only if a commit replaced it.
+        BlockAuthError as load()."""
+        found = [c for slot in (0, 1) if (c := self._read_commit(slot)) is not None]
+        if not found or max(found, key=lambda c: c.txg).table_txg != self._table_txg:
+            self.load(live=False)
+        return any(s.id == snapshot_id for s in self.snapshots)
+
     def find_snapshot(self, snapshot_id: str) -> Snapshot:
         for snap in self.snapshots:
             if snap.id == snapshot_id:

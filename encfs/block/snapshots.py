@@ -17,7 +17,8 @@ Invariants:
   around it (FIFREEZE, as LVM does), so that it is also clean: a snapshot of a frozen ext4
   passes e2fsck -fn with no journal recovery. A detached volume is opened (and locked) instead.
 - Reading a snapshot's sectors (restore, copy, export) needs no lock: its pages do not change
-  while it exists, so it is read beside a running daemon.
+  while it exists, so it is read beside a running daemon; each read is checked afterwards
+  against the table on disk, so a snapshot deleted meanwhile is an error, never other bytes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from encfs.block.cow import CowStore, Snapshot
 from encfs.block.fuseserver import CONTROL_CREATE, CONTROL_DELETE, CONTROL_LIST
 from encfs.block.layout import SECTOR_SIZE
 from encfs.block.maptree import MapTree
+from encfs.blocks import BlockAuthError
 from encfs.block.volume import (
     OpenVolume,
     VolumeError,
@@ -356,7 +358,20 @@ class SnapshotSource:
         return sum(n for _s, n in self.written_runs()) * SECTOR_SIZE
 
     def read_sectors(self, first: int, count: int) -> bytearray:
-        return cow_store(self.volume).read_tree(self.tree, first, count)
+        """Its sectors; VolumeError if it was deleted meanwhile (the daemon may reuse a deleted
+        snapshot's pages at once, and a page reused for the same sector authenticates). Ids are
+        never reused, so a snapshot still in the table after the read was there throughout it."""
+        store = cow_store(self.volume)
+        data = store.read_tree(self.tree, first, count)
+        for attempt in range(3):  # as open_snapshots(): the daemon may replace the table as it is read
+            try:
+                if store.has_snapshot(self.snapshot.id):
+                    return data
+                raise VolumeError(f"snapshot {self.snapshot.id} was deleted while it was read")
+            except BlockAuthError:
+                time.sleep(0.05)
+        raise VolumeError(f"snapshot {self.snapshot.id}: the volume's commit records or snapshot table fail "
+                          "authentication (tampered or damaged)")
 
     def close(self) -> None:
         self.volume.close()
