@@ -13,6 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cow_store import KEY, SECTORS, VID, Image, sector  # noqa: E402
 
+from encfs.block.layout import commit_offset  # noqa: E402
+
 from encfs.block import cow as cow_mod  # noqa: E402
 from encfs.block.budget import SealBudget  # noqa: E402
 from encfs.block.cow import CowStore, StoreFailed  # noqa: E402
@@ -94,3 +96,27 @@ def test_a_snapshot_deleted_while_it_is_read_is_an_error_never_the_live_bytes(im
             src.read_sectors(0, 8)
     finally:
         os.close(fd)
+
+
+def test_a_rollback_the_disk_refuses_changes_nothing(image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As snapshot() and delete_snapshot() do, a failed rollback leaves the store as it was: not
+    the snapshot's map in memory over the old commit on disk, for the next flush to commit."""
+    s = image.store
+    s.write_sectors(0, sector(1))
+    snap = s.snapshot("snap-0000000000000001", "", 1.0)
+    s.write_sectors(0, sector(2))
+    s.flush()
+    real = cow_mod.pwrite_all
+
+    def full_at_commit(fd: int, data: bytes, offset: int) -> None:
+        if offset in (commit_offset(0), commit_offset(1)):
+            raise OSError(28, "No space left on device")
+        real(fd, data, offset)
+    monkeypatch.setattr(cow_mod, "pwrite_all", full_at_commit)
+    with pytest.raises(OSError, match="No space"):
+        s.rollback(snap.id)
+    monkeypatch.undo()
+    assert s.read_sectors(0, 1) == sector(2)
+    s.write_sectors(1, sector(3))
+    s.flush()
+    assert image.reopen().read_sectors(0, 2) == sector(2) + sector(3)

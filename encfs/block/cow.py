@@ -480,10 +480,15 @@ class CowStore(SectorIO):
         """Make the live map the snapshot's (the caller makes sure nothing serves the volume)."""
         snap = self.find_snapshot(snapshot_id)
         self.flush()
+        before = self.tree, self.sectors
         self.tree = self.snapshot_tree(snap)
         self.sectors = max(self.sectors, snap.size // SECTOR_SIZE)
         self._root_changed = True
-        self.flush()
+        try:
+            self.flush()
+        except BaseException:  # the last commit is the live map's: so is the store's
+            (self.tree, self.sectors), self._root_changed = before, False
+            raise
         self._rebuild(self.pages, punch=True)
         return snap
 
