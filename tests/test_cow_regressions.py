@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_cow_store import KEY, SECTORS, VID, Image, sector  # noqa: E402
 
 from encfs.block.layout import commit_offset  # noqa: E402
+from encfs.blocks import SEALED_BLOCK  # noqa: E402
 
 from encfs.block import cow as cow_mod  # noqa: E402
 from encfs.block.budget import SealBudget  # noqa: E402
@@ -120,3 +121,41 @@ def test_a_rollback_the_disk_refuses_changes_nothing(image: Image, monkeypatch: 
     s.write_sectors(1, sector(3))
     s.flush()
     assert image.reopen().read_sectors(0, 2) == sector(2) + sector(3)
+
+
+@pytest.mark.parametrize("fault", ["mirror write", "mirror sync"])
+def test_a_failed_mirror_is_written_again_before_the_volume_is_at_rest(
+        image: Image, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """At rest both commit slots hold the newest commit, so damage to one loses nothing. When the
+    mirror's write (ENOSPC, EIO) or its sync fails, the other slot keeps the previous commit, whose
+    freed pages are already being reused: the close must write the mirror again."""
+    s = image.store
+    s.write_sectors(0, sector(1))
+    s.flush()
+    s.write_sectors(0, sector(2))  # the commit below frees sector(1)'s page
+    real_write, real_fsync, writes = cow_mod.pwrite_all, os.fsync, []
+
+    def mirror_refused(fd: int, data: bytes, offset: int) -> None:
+        if offset in (commit_offset(0), commit_offset(1)):
+            writes.append(offset)
+            if len(writes) == 2:  # the commit's own record goes first, then its mirror
+                raise OSError(28, "No space left on device")
+        real_write(fd, data, offset)
+
+    def lost(fd: int) -> None:  # Linux drops the mirror's write and reports it once
+        os.pwrite(fd, bytes(SEALED_BLOCK), commit_offset(s._slot))  # the slot the mirror went to
+        raise OSError(5, "Input/output error")
+    if fault == "mirror write":
+        monkeypatch.setattr(cow_mod, "pwrite_all", mirror_refused)
+        s.flush()
+    else:
+        s.flush()
+        monkeypatch.setattr(os, "fsync", lost)
+        with pytest.raises(OSError):
+            s.sync_mirrors()
+    monkeypatch.undo()
+    s.write_sectors(0, sector(3))  # not flushed: may take sector(1)'s old page
+    s.sync_mirrors()  # at rest (a clean close)
+    newest = 1 - s._slot
+    os.pwrite(image.fd, b"\xff" * 64, commit_offset(newest) + 100)  # damage to the newest's slot
+    assert image.reopen().read_sectors(0, 1) == sector(2)

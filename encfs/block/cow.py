@@ -14,7 +14,8 @@ pools, qcow2 and ZFS). Invariants:
   pages, fdatasyncs (sectors and nodes), writes the commit record with the
   next transaction number to the slot the previous commit mirrored into,
   and fdatasyncs: the commit. Then the same record goes to the other slot,
-  unsynced (the next flush's first fdatasync makes it durable): at rest both
+  unsynced (the next flush's first fdatasync makes it durable; a mirror whose
+  write or sync failed is written again by sync_mirrors()): at rest both
   slots hold the newest commit, so damage to one loses nothing, and a torn
   commit write leaves the other slot's previous commit.
 - Opening takes the newest commit that authenticates (equal numbers: the
@@ -125,6 +126,8 @@ class CowStore(SectorIO):
         self._root_changed = False
         self._slot = 0  # the slot the next commit goes to
         self._unsynced = False
+        self._mirror: Commit | None = None  # the newest commit, until its mirror is synced
+        self._mirror_written = False
         self._failed = False
         self.pool = PagePool(fd)
 
@@ -413,11 +416,18 @@ class CowStore(SectorIO):
         self.pool.committed(punch)
         self._root_changed = False
         self.txg += 1
-        slot, self._slot = self._slot, 1 - self._slot
+        self._slot = 1 - self._slot
+        self._mirror = commit
+        self._write_mirror()
+
+    def _write_mirror(self) -> None:
+        """Write the newest commit into the other slot (``_slot``, where the next commit goes)."""
+        assert self._mirror is not None
         try:
-            self._write_commit(1 - slot, commit)
-            self._unsynced = True
-        except OSError as e:  # the commit is durable; the damaged mirror is what the next one overwrites
+            self._write_commit(self._slot, self._mirror)
+            self._unsynced = self._mirror_written = True
+        except OSError as e:  # the commit is durable; sync_mirrors() writes the mirror again
+            self._mirror_written = False
             log.warning("volume commit mirror write failed (the flush itself is durable): %s", e.strerror)
 
     def _write_table(self, allocated: list[tuple[int, int]]) -> list[int]:
@@ -436,9 +446,20 @@ class CowStore(SectorIO):
         return pages
 
     def sync_mirrors(self) -> None:
+        """Make the newest commit's mirror durable (at rest both slots hold it). A mirror whose
+        write or sync failed is written again: until then the other slot holds the previous
+        commit, whose freed pages are already reused."""
+        if self._mirror is not None and not self._mirror_written:
+            self._write_mirror()
         if self._unsynced:
-            os.fsync(self.fd)
+            try:
+                os.fsync(self.fd)
+            except OSError:
+                self._mirror_written = False  # Linux reports a lost write once: write it again next time
+                raise
             self._unsynced = False
+            if self._mirror_written:
+                self._mirror = None
 
     # -- snapshots ---------------------------------------------------------------------
 
