@@ -1,26 +1,26 @@
-"""Regressions found in review of format 2 (issue #20): page reuse, commit failures, nonces."""
+"""Regressions found in review of format 2 (issue #20): page reuse, failed commits and mirrors,
+rollback, snapshots read while deleted, transaction numbers."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Iterator
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cow_store import KEY, SECTORS, VID, Image, sector  # noqa: E402
 
-from encfs.block.layout import commit_offset  # noqa: E402
-from encfs.blocks import SEALED_BLOCK  # noqa: E402
-
 from encfs.block import cow as cow_mod  # noqa: E402
 from encfs.block.budget import SealBudget  # noqa: E402
 from encfs.block.cow import CowStore, StoreFailed  # noqa: E402
+from encfs.block.layout import commit_offset  # noqa: E402
 from encfs.block.snapshots import SnapshotSource  # noqa: E402
 from encfs.block.volume import VolumeError, _no_seals  # noqa: E402
+from encfs.blocks import SEALED_BLOCK  # noqa: E402
 
 
 @pytest.fixture
