@@ -12,15 +12,15 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cow_store import KEY, SECTORS, VID, Image, sector  # noqa: E402
+from test_cow_store import KEY, SECTORS, VID, Image, sector
 
-from encfs.block import cow as cow_mod  # noqa: E402
-from encfs.block.budget import SealBudget  # noqa: E402
-from encfs.block.cow import CowStore, StoreFailed  # noqa: E402
-from encfs.block.layout import commit_offset  # noqa: E402
-from encfs.block.snapshots import SnapshotSource  # noqa: E402
-from encfs.block.volume import VolumeError, _no_seals  # noqa: E402
-from encfs.blocks import SEALED_BLOCK  # noqa: E402
+from encfs.block import cow as cow_mod
+from encfs.block.budget import SealBudget
+from encfs.block.cow import CowStore, StoreFailed
+from encfs.block.layout import commit_offset
+from encfs.block.snapshots import SnapshotSource
+from encfs.block.volume import VolumeError, _no_seals
+from encfs.blocks import SEALED_BLOCK
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def test_a_failed_mirror_is_written_again_before_the_volume_is_at_rest(
     s.write_sectors(0, sector(1))
     s.flush()
     s.write_sectors(0, sector(2))  # the commit below frees sector(1)'s page
-    real_write, real_fsync, writes = cow_mod.pwrite_all, os.fsync, []
+    real_write, writes = cow_mod.pwrite_all, []
 
     def mirror_refused(fd: int, data: bytes, offset: int) -> None:
         if offset in (commit_offset(0), commit_offset(1)):

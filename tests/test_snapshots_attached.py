@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import volume_tool
 from test_snapshots_crash import KILLED_AT
 from test_volumes import (  # noqa: F401 - rig and fio are fixtures
@@ -34,7 +33,6 @@ from test_volumes import (  # noqa: F401 - rig and fio are fixtures
     _fio,
     allocated,
     dd_read,
-    dd_write as dd_write_synced,
     fio,
     flip,
     pattern,
@@ -45,6 +43,9 @@ from test_volumes import (  # noqa: F401 - rig and fio are fixtures
     sh,
     shas,
     write_files,
+)
+from test_volumes import (
+    dd_write as dd_write_synced,
 )
 
 from encfs.block.fuseserver import CONTROL_LIST

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import volume_tool
 from conftest import run_encfs
 

@@ -42,7 +42,6 @@ from encfs.block.cow import CowStore, Snapshot
 from encfs.block.fuseserver import CONTROL_CREATE, CONTROL_DELETE, CONTROL_LIST
 from encfs.block.layout import SECTOR_SIZE
 from encfs.block.maptree import MapTree
-from encfs.blocks import BlockAuthError
 from encfs.block.volume import (
     OpenVolume,
     VolumeError,
@@ -50,6 +49,7 @@ from encfs.block.volume import (
     open_volume,
     read_volume_header,
 )
+from encfs.blocks import BlockAuthError
 from encfs.keys.service import KeyService
 
 _ID = re.compile(r"snap-[0-9a-f]{16}")
