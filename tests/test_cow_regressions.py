@@ -159,3 +159,29 @@ def test_a_failed_mirror_is_written_again_before_the_volume_is_at_rest(
     newest = 1 - s._slot
     os.pwrite(image.fd, b"\xff" * 64, commit_offset(newest) + 100)  # damage to the newest's slot
     assert image.reopen().read_sectors(0, 1) == sector(2)
+
+
+def test_a_retried_commit_seals_its_snapshot_table_under_a_new_transaction(
+        image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Table pages are bound to the transaction that wrote them (AAD); a failed commit's table pages
+    stay on disk, so the retry must not reuse its number, or they could be mixed into the retry's."""
+    s = image.store
+    s.write_sectors(0, sector(1))
+    s.flush()
+    real = cow_mod.CowStore._write_commit
+    failing = {"left": 1}
+
+    committed: list[int] = []
+
+    def refuse_once(self: CowStore, slot: int, commit: cow_mod.Commit) -> None:
+        if failing["left"] and commit.table:
+            failing["left"] -= 1
+            failing["txg"] = commit.table_txg
+            raise OSError(28, "No space left on device")
+        real(self, slot, commit)
+        committed.append(commit.table_txg)
+    monkeypatch.setattr(cow_mod.CowStore, "_write_commit", refuse_once)
+    with pytest.raises(OSError):
+        s.snapshot("snap-0000000000000001", "", 1.0)
+    s.snapshot("snap-0000000000000002", "", 2.0)
+    assert committed and failing["txg"] not in committed

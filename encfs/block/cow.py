@@ -391,6 +391,9 @@ class CowStore(SectorIO):
             self._write_commit(self._slot, commit)
         except OSError:
             self.pool.unalloc(allocated)
+            # A retry seals the table afresh: under the next number, so that no page of this
+            # attempt's table (bound to its transaction) can be mixed into the retry's.
+            self.txg += 1
             raise
         try:
             os.fdatasync(self.fd)  # the commit
