@@ -88,6 +88,8 @@ RATIOS = [  # (label, numerator target, denominator target)
     ("encfs / gocryptfs", "encfs", "gocryptfs"),
     ("encfs 4 KiB blocks / encfs", "encfs-4k", "encfs"),
     ("encfs volume / null-cipher volume", "encfs-volume", "encfs-volume-null"),
+    ("volume format 2 / format 1", "encfs-volume", "encfs-volume-v1"),
+    ("format-1 volume / its null cipher", "encfs-volume-v1", "encfs-volume-null-v1"),
     ("encfs volume / plain loop", "encfs-volume", "loop-plain"),
     ("encfs volume / userspace LUKS", "encfs-volume", "luks-nbdkit"),
 ]
@@ -304,17 +306,25 @@ class EncfsNull(EncfsFuse):
 class EncfsVolume(Target):
     name = "encfs-volume"
     kind = "volume"
-    description = "ext4 on an encfs volume (raw /dev/fuse server + loop device)"
+    description = ("ext4 on an encfs volume of format 2, the default (copy-on-write; raw /dev/fuse server + "
+                   "loop device)")
+    create_extra: list[str] = []
 
     def setup(self) -> Path:
+        _image, dev = self.attach(self.ctx.scale.volume_mib)
+        assert self.base is not None
+        return self.ext4_on(dev, self.base / "mnt")
+
+    def attach(self, mib: int) -> tuple[Path, str]:
+        """A fresh volume of ``mib`` MiB, attached: (image, loop device)."""
         base = self.fresh()
         env = encfs_env(self.ctx)
         self.image = base / "vol.img"
         run([sys.executable, "-m", "encfs", "volume", "create", str(self.image), "--size",
-             f"{self.ctx.scale.volume_mib}M", "--key", "bench"], env=env)
+             f"{mib}M", "--key", "bench", *self.create_extra], env=env)
         self.attached = True
         dev = run([sys.executable, "-m", "encfs", "volume", "attach", str(self.image)], env=env).stdout.decode().strip()
-        return self.ext4_on(dev, base / "mnt")
+        return self.image, dev
 
     def _teardown_extra(self) -> None:
         if getattr(self, "attached", False):
@@ -325,18 +335,25 @@ class EncfsVolume(Target):
                 raise RuntimeError(f"encfs volume detach: {proc.stderr.decode(errors='replace').strip()}")
 
 
+class EncfsVolumeV1(EncfsVolume):
+    name = "encfs-volume-v1"
+    description = "ext4 on an encfs volume of format 1 (`encfs volume create --format 1`: two-slot sectors)"
+    create_extra = ["--format", "1"]
+
+
 class EncfsVolumeNull(Target):
     name = "encfs-volume-null"
     kind = "volume"
-    description = ("ext4 on the same volume server and loop setup with the sector cipher replaced by a "
-                   "null cipher (benchmarks/null_volume.py; benchmark only)")
+    description = ("ext4 on the same volume server and loop setup, format 2, with the sector cipher replaced "
+                   "by a null cipher (benchmarks/null_volume.py; benchmark only)")
+    volume_format = 2
 
     def setup(self) -> Path:
         base = self.fresh()
         fuse_mnt = base / "fuse"
         fuse_mnt.mkdir()
         self.daemon([sys.executable, str(HERE / "null_volume.py"), str(base / "vol.img"), str(fuse_mnt),
-                     str(self.ctx.scale.volume_mib)], fuse_mnt, env=encfs_env(self.ctx))
+                     str(self.ctx.scale.volume_mib), str(self.volume_format)], fuse_mnt, env=encfs_env(self.ctx))
         # The FUSE mount can go only after the loop device lets go of its file: _teardown_extra.
         self.mounts.remove(fuse_mnt)
         self.fuse_mnt = fuse_mnt
@@ -349,6 +366,12 @@ class EncfsVolumeNull(Target):
         if mnt is not None:
             self.fuse_mnt = None
             unmount(mnt)
+
+
+class EncfsVolumeNullV1(EncfsVolumeNull):
+    name = "encfs-volume-null-v1"
+    description = "the null-cipher volume in format 1 (benchmarks/null_volume.py; benchmark only)"
+    volume_format = 1
 
 
 class LoopPlain(Target):
@@ -499,7 +522,8 @@ class Fscrypt(Target):
         return data
 
 
-ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsFuse4k, EncfsVolume, EncfsVolumeNull, LoopPlain, Gocryptfs, Securefs, Cryfs, LuksNbdkit, Fscrypt]
+ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsFuse4k, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
+               EncfsVolumeNullV1, LoopPlain, Gocryptfs, Securefs, Cryfs, LuksNbdkit, Fscrypt]
 
 
 # -- workloads --------------------------------------------------------------------------------------
@@ -922,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
                               "reason": str(e)}
     if args.list:
         for name, s in status.items():
-            print(f"{name:14} {s['status']:12} {s['reason'] or s['description']}")
+            print(f"{name:20} {s['status']:12} {s['reason'] or s['description']}")
         shutil.rmtree(workdir, ignore_errors=True)
         return 0
 

@@ -105,3 +105,27 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "n/a" in table and "encfs / null cipher" in table
     assert "| workload |" in proc.stdout
     assert "free page reporting to the hypervisor: " in table
+
+
+@needs_root
+@pytest.mark.timeout(180)
+def test_bench_volumes_smoke(tmp_path: Path) -> None:
+    """Both volume formats beside their null-cipher volumes."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ)
+    env.pop("SOFTHSM2_CONF", None)
+    targets = ["encfs-volume", "encfs-volume-v1", "encfs-volume-null", "encfs-volume-null-v1"]
+    proc = subprocess.run([sys.executable, "-m", "encfs", "bench", "--scale", "smoke", "--targets", ",".join(targets),
+                           "--no-keys", "--out", str(out), "--workdir", str(work)],
+                          capture_output=True, text=True, timeout=170, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _mounted_under(tmp_path) == []
+    assert list(work.iterdir()) == []
+
+    result = json.loads((out / "results.json").read_text())
+    assert {t: s["status"] for t, s in result["targets"].items()} == dict.fromkeys(targets, "ok"), result["targets"]
+    for label in ("encfs volume / null-cipher volume", "volume format 2 / format 1",
+                  "format-1 volume / its null cipher"):
+        assert result["ratios"][label]["seq_write"] > 0, label
+
