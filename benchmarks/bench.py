@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
+import importlib.util
 import json
 import os
 import platform
@@ -57,12 +58,13 @@ class Scale:
     key_seconds: float
     repeats: int
     volume_mib: int
+    snapshot_mib: int  # the snapshot rows' volume (filled to a quarter, then in full)
 
 
 SCALES = {
-    "full": Scale("full", 1024, 512, 20, 10_000, 10_000, 1000, 2.0, 3, 3072),
-    "quick": Scale("quick", 64, 32, 2, 300, 300, 60, 0.5, 1, 512),
-    "smoke": Scale("smoke", 8, 8, 1, 50, 50, 10, 0.2, 1, 256),
+    "full": Scale("full", 1024, 512, 20, 10_000, 10_000, 1000, 2.0, 3, 3072, 1024),
+    "quick": Scale("quick", 64, 32, 2, 300, 300, 60, 0.5, 1, 512, 256),
+    "smoke": Scale("smoke", 8, 8, 1, 50, 50, 10, 0.2, 1, 256, 16),
 }
 
 # metric key -> (label, unit)
@@ -736,6 +738,28 @@ def key_service(ctx: Context) -> dict[str, float]:
     return {r["operation"]: r["median"] for r in res if r["operation"] in KEY_METRICS}
 
 
+def _sibling(name: str) -> Any:
+    """benchmarks/<name>.py as a module (this file is itself loaded by path, not as a package)."""
+    spec = importlib.util.spec_from_file_location(f"encfs_bench_{name}", HERE / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def snapshot_rows(ctx: Context) -> dict[str, float]:
+    """Snapshot create times and export/import rates (benchmarks/snapshot_bench.py), 1 repetition."""
+    @contextlib.contextmanager
+    def volume(mib: int):  # type: ignore[no-untyped-def]
+        vol = EncfsVolume(ctx)
+        try:
+            yield vol.attach(mib)
+        finally:
+            vol.teardown()
+
+    return ctx.snapshot_bench.measure(ctx.scale.snapshot_mib, volume, ctx.workdir / "run", encfs_env(ctx), ctx.note)
+
+
 # -- the run ----------------------------------------------------------------------------------------
 
 class Context:
@@ -748,6 +772,7 @@ class Context:
         self.notes: list[str] = []
         self.extra: dict[str, Any] = {}
         self.current = ""
+        self.snapshot_bench = _sibling("snapshot_bench")
 
     def note(self, msg: str) -> None:
         if msg not in self.notes:
@@ -857,6 +882,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if reasons:
         lines += [""] + [f"- n/a `{t}`: {r}" for t, r in reasons.items()]
+    snaps = result.get("snapshots") or {}
+    if snaps:
+        lines += ["", f"Snapshots of a format-2 volume of {result['scale']['snapshot_mib']} MiB (no filesystem; "
+                      "benchmarks/snapshot_bench.py), median of the repetitions (min-max); times in seconds, "
+                      "lower is better:", "", "| measure | unit | median | min-max |", "|---|---|---:|---:|"]
+        for s in snaps.values():
+            f = (lambda v: f"{v:.3f}") if s["unit"] == "s" else fmt
+            lines.append(f"| {s['label']} | {s['unit']} | {f(s['median'])} | {f(s['min'])}-{f(s['max'])} |")
     other = [(t, v) for t, v in result["targets"].items() if v["status"] != "ok"]
     if other:
         lines += ["", "Targets not measured: " + "; ".join(f"`{t}` ({v['reason']})" for t, v in other)]
@@ -915,6 +948,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, help="repetitions (default 3 for full, 1 otherwise)")
     ap.add_argument("--targets", help="comma-separated subset of: " + ",".join(t.name for t in ALL_TARGETS))
     ap.add_argument("--no-keys", action="store_true", help="skip the key-service measurement")
+    ap.add_argument("--no-snapshots", action="store_true",
+                    help="skip the snapshot rows (run with the encfs-volume target otherwise)")
     ap.add_argument("--workdir", help="where backing stores and images go (default: a temp dir in /var/tmp)")
     ap.add_argument("--out", help="output directory (default: benchmarks/results/<UTC time> for a full run, "
                                   "/tmp/encfs-bench-<UTC time>-<scale> otherwise)")
@@ -967,6 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     samples: dict[str, dict[str, list[float]]] = {}
     key_samples: dict[str, list[float]] = {}
+    snap_samples: dict[str, list[float]] = {}
+    snapshots = not args.no_snapshots and status.get("encfs-volume", {}).get("status") == "ok"
     try:
         if any(status[t.name]["status"] == "ok" and t.name.startswith("encfs") for t in targets):
             env = encfs_env(ctx)
@@ -994,6 +1031,13 @@ def main(argv: list[str] | None = None) -> int:
                         t.teardown()
                     except Exception as e:
                         ctx.note(f"{t.name}: teardown: {e}")
+            if snapshots:
+                log(f"[rep {rep}/{repeats}] snapshots ...")
+                try:
+                    for k, v in snapshot_rows(ctx).items():
+                        snap_samples.setdefault(k, []).append(v)
+                except Exception as e:
+                    ctx.note(f"snapshot benchmark failed: {type(e).__name__}: {e}")
             if not args.no_keys:
                 log(f"[rep {rep}/{repeats}] key service ...")
                 try:
@@ -1020,6 +1064,8 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": {k: {"label": v[0], "unit": v[1]} for k, v in {**METRICS, **KEY_METRICS}.items()},
         "results": {t: {k: summarize(v) for k, v in m.items()} for t, m in samples.items()},
         "key_service": {k: summarize(v) for k, v in key_samples.items()},
+        "snapshots": {k: dict(summarize(v), label=ctx.snapshot_bench.label(k)[0], unit=ctx.snapshot_bench.label(k)[1])
+                      for k, v in sorted(snap_samples.items(), key=lambda kv: ctx.snapshot_bench.order(kv[0]))},
         "ratios": {}, "notes": ctx.notes, "extra": ctx.extra,
     }
     for label, a, b in RATIOS:

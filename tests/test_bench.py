@@ -109,8 +109,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
 @needs_root
 @pytest.mark.timeout(180)
-def test_bench_volumes_smoke(tmp_path: Path) -> None:
-    """Both volume formats beside their null-cipher volumes."""
+def test_bench_volumes_and_snapshots_smoke(tmp_path: Path) -> None:
+    """Both volume formats beside their null-cipher volumes, and the snapshot rows."""
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir()
     env = dict(os.environ)
@@ -129,3 +129,14 @@ def test_bench_volumes_smoke(tmp_path: Path) -> None:
                   "format-1 volume / its null cipher"):
         assert result["ratios"][label]["seq_write"] > 0, label
 
+    snaps = result["snapshots"]
+    quarter, full = result["scale"]["snapshot_mib"] // 4, result["scale"]["snapshot_mib"]
+    for name in ("fill", "create_cli", "create_reported", "create_daemon"):
+        for fill in (quarter, full):
+            s = snaps[f"{name}_{fill}"]
+            assert s["samples"] and all(v > 0 for v in s["samples"]), (name, fill, s)
+            assert s["unit"] in ("s", "MB/s") and f"{fill} MiB" in s["label"]
+    assert snaps[f"create_daemon_{full}"]["median"] < snaps[f"create_cli_{full}"]["median"]
+    assert not any("snapshot benchmark failed" in n for n in result["notes"]), result["notes"]
+    table = (out / "results.md").read_text()
+    assert "| `encfs snapshot create` (whole command), " in table
