@@ -9,6 +9,9 @@ volume (`encfs volume create` + `attach`, no filesystem), FILL MiB written throu
   itself reports it (``Seconds``: from after the key service is open);
 - the daemon's part alone: one setxattr(user.encfs.snapshot.create) on the volume's private FUSE
   file, as the command makes it (the daemon commits, records the snapshot, commits again);
+- the snapshot list that the command reads back (getxattr(user.encfs.snapshots), two snapshots by
+  then): the daemon works out every snapshot's exclusive and shared space, so this part walks the
+  maps and grows with the data;
 - once, on the full volume, if this encfs has `encfs snapshot export|import`: the snapshot exported
   to a fresh directory, then imported into a new volume, as MB/s of the snapshot's data.
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 MiB = 1 << 20
 CONTROL_CREATE = "user.encfs.snapshot.create"  # encfs.block.fuseserver.CONTROL_CREATE
+CONTROL_LIST = "user.encfs.snapshots"  # encfs.block.fuseserver.CONTROL_LIST
 
 # metric key -> (label, unit); "{fill}" is the MiB written. Times: lower is better.
 METRICS = {
@@ -35,6 +39,7 @@ METRICS = {
     "create_cli": ("`encfs snapshot create` (whole command), {fill} MiB written", "s"),
     "create_reported": ("`encfs snapshot create`, as it reports (`Seconds`), {fill} MiB written", "s"),
     "create_daemon": ("daemon's part (the setxattr), {fill} MiB written", "s"),
+    "list": ("snapshot list read back (the getxattr; 2 snapshots), {fill} MiB written", "s"),
     "export": ("`encfs snapshot export` of {fill} MiB", "MB/s"),
     "import": ("`encfs snapshot import` of {fill} MiB into a new volume", "MB/s"),
 }
@@ -106,6 +111,14 @@ def create_daemon(control: str) -> float:
     return time.perf_counter() - t0
 
 
+def list_daemon(control: str) -> float:
+    """Seconds of the getxattr that lists the snapshots with their space (what `encfs snapshot
+    create` and `list` read back); the size probe and the read, as os.getxattr makes them."""
+    t0 = time.perf_counter()
+    json.loads(os.getxattr(control, CONTROL_LIST))
+    return time.perf_counter() - t0
+
+
 def create_cli(dev: str, env: dict[str, str]) -> tuple[float, float, str]:
     """(seconds around the command, seconds it reports, snapshot id)."""
     t0 = time.perf_counter()
@@ -153,7 +166,9 @@ def measure(volume_mib: int, volume: VolumeFactory, run_dir: Path, env: dict[str
             wall, reported, sid = create_cli(dev, env)
             out[metric_key("create_cli", n)] = wall
             out[metric_key("create_reported", n)] = reported
-            out[metric_key("create_daemon", n)] = create_daemon(control_file(run_dir, dev))
+            control = control_file(run_dir, dev)
+            out[metric_key("create_daemon", n)] = create_daemon(control)
+            out[metric_key("list", n)] = list_daemon(control)
             if n == levels[-1]:
                 if not has_export():
                     note("snapshot export/import rows skipped: this encfs has no encfs.block.export")
