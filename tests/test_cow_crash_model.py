@@ -260,7 +260,7 @@ def run(seed: int, ops: int, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None
     os.close(img.fd)
 
 
-@pytest.mark.parametrize("seed", [0, 2, 6, 12, 181, 188, 1001, 1002])
+@pytest.mark.parametrize("seed", [0, 2, 6, 10, 12, 181, 188, 1001, 1002])
 def test_every_crash_leaves_a_committed_state_and_every_snapshot_intact(
         seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run(seed, 300, tmp_path, monkeypatch)

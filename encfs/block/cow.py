@@ -189,11 +189,10 @@ class CowStore(SectorIO):
         if self._writable and os.fstat(self.fd).st_size > end:
             os.ftruncate(self.fd, end)  # pages a crash left past the committed pool: never reached
         if self._writable and (len(found) < 2 or found[0][0] != found[-1][0]):
-            try:
-                self._write_commit(1 - slot, commit)
-                self._unsynced = True
-            except OSError as e:
-                log.warning("volume commit slot %d could not be repaired: %s", 1 - slot, e.strerror)
+            # The repair is the newest commit's mirror: if its write or its sync fails,
+            # sync_mirrors() writes it again, as after a commit.
+            self._mirror = commit
+            self._write_mirror()
 
     def _read_node(self, level: int, index: int, page: int) -> array:
         sealed = os.pread(self.fd, SEALED_BLOCK, page_offset(page))
