@@ -130,6 +130,7 @@ class CowStore(SectorIO):
         self._mirror_written = False
         self._failed = False
         self.pool = PagePool(fd)
+        self.pool.slack = self.pending_limit
 
     @staticmethod
     def default_pending_limit(sectors: int) -> int:

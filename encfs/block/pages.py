@@ -14,10 +14,14 @@ in memory). Invariants:
   birth-time rule: snapshots are taken of committed states, and a page
   born later cannot be in one). Pages born NEVER_HELD (the snapshot table)
   are never held.
-- alloc() takes free pages before it grows the pool: one run when one
+- alloc() keeps a write's pages in one run where it can: a free run that
   fits (searched from where the last allocation ended, so sequential
-  writes stay sequential), else scattered ones; the pool grows only by
-  what is missing.
+  writes stay sequential), else the pool's end, as long as at most
+  ``slack`` pages lie free elsewhere (cow.py sets it to its pending limit);
+  past that it takes scattered free pages, so the free pages never exceed
+  slack plus one write and the image stays within its bound. Filling
+  scattered pages first broke 1 MiB writes into ~10 image writes each once
+  a volume had been overwritten at random.
 - Pages are 4124 bytes, so only runs of them free whole filesystem blocks:
   punch_pages() merges before punching; a failed punch loses nothing (the
   pages stay free and are reused).
@@ -52,6 +56,7 @@ class PagePool:
         self.new: list[int] = []
         self.pending: list[tuple[int, bool]] = []  # (page, punch once free): freed at the next commit
         self.latest_snapshot = 0  # the transaction of the newest snapshot
+        self.slack = 0  # free pages alloc() leaves scattered rather than break a write into pieces
 
     @property
     def pages(self) -> int:
@@ -91,7 +96,9 @@ class PagePool:
             self.punch_pages([p for p in range(1, len(state)) if state[p] == FREE])
 
     def alloc(self, n: int, txg: int) -> list[tuple[int, int]]:
-        """Runs (first page, count) of ``n`` free pages, marked NEW, born ``txg``."""
+        """Runs (first page, count) of ``n`` free pages, marked NEW, born ``txg``: one run if a free
+        run that long exists; else the pool grows, from its free tail, while at most ``slack``
+        pages lie free elsewhere; past that, scattered free pages are taken (module invariants)."""
         state, runs = self.state, []
         p = state.find(bytes(n), self._cursor)
         if p < 0 and self._cursor > 1:
@@ -99,24 +106,26 @@ class PagePool:
         if p >= 0:
             runs.append((p, n))
         else:
+            tail = len(state)
+            trailing = tail - 1 - max(state.rfind(USED), state.rfind(NEW))  # free pages ending the pool
             need, pos = n, 1
-            while need and self.free - (n - need) > 0:
+            while need > trailing and self.free - trailing - (n - need) > self.slack:
                 p = state.find(FREE, pos)
-                if p < 0:
+                if p < 0 or p >= tail - trailing:
                     break
                 q = p + 1
-                while q < len(state) and q - p < need and state[q] == FREE:
+                while q < tail - trailing and q - p < need and state[q] == FREE:
                     q += 1
                 runs.append((p, q - p))
                 need, pos = need - (q - p), q
-            if need:
-                tail = len(state)
-                if tail - 1 + need > MAX_PAGES:
+            if need:  # the free tail, grown by what it lacks
+                grow = max(0, need - trailing)
+                if tail - 1 + grow > MAX_PAGES:
                     raise OSError(errno.ENOSPC, "the volume image has reached its largest size")
-                state.extend(bytes(need))
-                self.birth.extend(array("Q", bytes(8 * need)))
-                self.free += need
-                runs.append((tail, need))
+                state.extend(bytes(grow))
+                self.birth.extend(array("Q", bytes(8 * grow)))
+                self.free += grow
+                runs.append((tail - trailing, need))
         for p, k in runs:
             state[p:p + k] = bytes([NEW]) * k
             self.birth[p:p + k] = array("Q", [txg]) * k
