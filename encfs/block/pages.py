@@ -49,7 +49,7 @@ class PagePool:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.state = bytearray(1)
+        self.state = bytearray([USED])  # page 0 is "none", never allocated
         self.birth = array("Q", [0])
         self.free = 0
         self._cursor = 1
