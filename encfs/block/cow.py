@@ -69,7 +69,7 @@ from encfs.block.records import (
 from encfs.block.sectorio import SectorIO
 from encfs.blocks import NONCE_PREFIX_LEN, SEALED_BLOCK, BlockAuthError, BlockCipher
 from encfs.diskio import pwrite_all
-from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
+from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker
 
 log = logging.getLogger("encfs.block")
 
@@ -258,19 +258,7 @@ class CowStore(SectorIO):
         read_tree_into(self.fd, self._data, self.tree, first, count, memoryview(out))
         return out
 
-    def read_view(self, offset: int, length: int) -> memoryview | bytearray:
-        """As read(); a large read goes through the sealing worker's arena (valid until this
-        thread's next read or write), as SectorStore.read_view does."""
-        worker, count = self.seal_worker, -(-(offset % SECTOR_SIZE + length) // SECTOR_SIZE)
-        areas = None
-        if worker is not None and self._seal_key_id is not None \
-                and worth_the_worker(count * SECTOR_SIZE, count * SEALED_BLOCK):
-            areas = worker.areas()
-        if areas is None:
-            return self.read(offset, length)
-        self._check_range(offset, length)
-        plain, sealed_area = areas
-        first = offset // SECTOR_SIZE
+    def _open_in_arena(self, first: int, count: int, plain: memoryview, sealed_area: memoryview) -> None:
         jobs: list[tuple[range, memoryview, memoryview]] = []
         at = 0
         self.tree.check(first, count)
@@ -288,8 +276,6 @@ class CowStore(SectorIO):
                          and self.seal_worker.open(self._seal_key_id, jobs)):
             for blocks, sealed, part in jobs:
                 self._data.open_into(blocks, sealed, part)
-        skip = offset - first * SECTOR_SIZE
-        return plain[skip:skip + length]
 
     def _seal(self, first: int, data: bytes | memoryview) -> CowSealed:
         count = len(data) // SECTOR_SIZE

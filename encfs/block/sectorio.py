@@ -15,12 +15,16 @@ from __future__ import annotations
 import errno
 
 from encfs.block.layout import SECTOR_SIZE
+from encfs.blocks import SEALED_BLOCK
+from encfs.sealworker import SealWorker, worth_the_worker
 
 
 class SectorIO:
     """What a store supplies: ``sectors`` and the three whole-sector operations."""
 
     sectors: int
+    seal_worker: SealWorker | None
+    _seal_key_id: int | None
 
     def read_sectors(self, first: int, count: int) -> bytearray:
         raise NotImplementedError
@@ -31,6 +35,29 @@ class SectorIO:
     def forget_sectors(self, first: int, end: int) -> None:
         """Discard whole sectors [first, end)."""
         raise NotImplementedError
+
+    def _open_in_arena(self, first: int, count: int, plain: memoryview, sealed: memoryview) -> None:
+        """Sectors [first, first + count) into ``plain`` (unwritten ones as zeros), their sealed
+        bytes read into ``sealed`` and opened there by the sealing worker (see read_view)."""
+        raise NotImplementedError
+
+    def read_view(self, offset: int, length: int) -> memoryview | bytearray:
+        """As read(); with a sealing worker, a large read is read into this thread's slot of
+        its arena and opened there by the worker, off this process's GIL. The view stays valid
+        until this thread's next read_view() or write: a server replies with it at once."""
+        worker, count = self.seal_worker, -(-(offset % SECTOR_SIZE + length) // SECTOR_SIZE)
+        areas = None
+        if worker is not None and self._seal_key_id is not None \
+                and worth_the_worker(count * SECTOR_SIZE, count * SEALED_BLOCK):
+            areas = worker.areas()
+        if areas is None:
+            return self.read(offset, length)
+        self._check_range(offset, length)
+        plain, sealed = areas
+        first = offset // SECTOR_SIZE
+        self._open_in_arena(first, count, plain[:count * SECTOR_SIZE], sealed)
+        skip = offset - first * SECTOR_SIZE
+        return plain[skip:skip + length]
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.sectors * SECTOR_SIZE:

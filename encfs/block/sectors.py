@@ -65,7 +65,7 @@ from encfs.block.layout import (
 from encfs.block.sectorio import SectorIO
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
 from encfs.diskio import pwrite_all
-from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
+from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker
 
 log = logging.getLogger("encfs.block")
 _SEQ = struct.Struct(">Q")
@@ -327,23 +327,8 @@ class SectorStore(SectorIO):
         self._read_into(first, count, memoryview(out), None)
         return out
 
-    def read_view(self, offset: int, length: int) -> memoryview | bytearray:
-        """As read(); with a sealing worker, a large read is read into this thread's slot of
-        its arena and opened there by the worker, off this process's GIL. The view stays valid
-        until this thread's next read_view() or write: a server replies with it at once."""
-        worker, count = self.seal_worker, -(-(offset % SECTOR_SIZE + length) // SECTOR_SIZE)
-        areas = None
-        if worker is not None and self._seal_key_id is not None \
-                and worth_the_worker(count * SECTOR_SIZE, count * SEALED_BLOCK):
-            areas = worker.areas()
-        if areas is None:
-            return self.read(offset, length)
-        self._check_range(offset, length)
-        plain, sealed = areas
-        first = offset // SECTOR_SIZE
-        self._read_into(first, count, plain[:count * SECTOR_SIZE], sealed, zero=True)
-        skip = offset - first * SECTOR_SIZE
-        return plain[skip:skip + length]
+    def _open_in_arena(self, first: int, count: int, plain: memoryview, sealed: memoryview) -> None:
+        self._read_into(first, count, plain, sealed, zero=True)
 
     def _read_into(self, first: int, count: int, out: memoryview, sealed_area: memoryview | None,
                    zero: bool = False) -> None:
