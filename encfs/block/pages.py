@@ -100,14 +100,18 @@ class PagePool:
         run that long exists; else the pool grows, from its free tail, while at most ``slack``
         pages lie free elsewhere; past that, scattered free pages are taken (module invariants)."""
         state, runs = self.state, []
-        p = state.find(bytes(n), self._cursor)
-        if p < 0 and self._cursor > 1:
-            p = state.find(bytes(n), 1)
+        p = -1
+        if self.free >= n:  # a filling pool has none: no search of the whole pool per write
+            p = state.find(bytes(n), self._cursor)
+            if p < 0 and self._cursor > 1:
+                p = state.find(bytes(n), 1)
         if p >= 0:
             runs.append((p, n))
         else:
             tail = len(state)
-            trailing = tail - 1 - max(state.rfind(USED), state.rfind(NEW))  # free pages ending the pool
+            trailing = 0  # free pages ending the pool
+            if self.free:
+                trailing = tail - 1 - max(state.rfind(USED), state.rfind(NEW))
             need, pos = n, 1
             while need > trailing and self.free - trailing - (n - need) > self.slack:
                 p = state.find(FREE, pos)
