@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cow_store import KEY, SECTORS, VID, Image, sector
+from test_cow_store import KEY, SECTORS, VID, Image, image, sector  # noqa: F401  (image: the fixture)
 
 from encfs.block import cow as cow_mod
 from encfs.block.budget import SealBudget
@@ -21,14 +20,6 @@ from encfs.block.layout import commit_offset
 from encfs.block.snapshots import SnapshotSource
 from encfs.block.volume import VolumeError, _no_seals
 from encfs.blocks import SEALED_BLOCK
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Iterator[Image]:
-    img = Image(tmp_path / "img")
-    img.store.load()
-    yield img
-    os.close(img.fd)
 
 
 @pytest.mark.parametrize("before", ["open", "delete"])
