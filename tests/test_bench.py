@@ -57,6 +57,22 @@ def test_free_page_reporting_state(tmp_path: Path) -> None:
     assert detect(tmp_path / "empty") is None
 
 
+def test_refault_memory_touches_the_free_memory_it_is_asked_to() -> None:
+    """The warm-up before a run with page reporting off: every page of the span is written once
+    (its peak resident size grows by that much), leaving ``margin`` of free memory untouched."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench\n"
+            "free = next(int(ln.split()[1]) * 1024 for ln in open('/proc/meminfo') if ln.startswith('MemFree:'))\n"
+            "before = next(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM:'))\n"
+            "bench.refault_memory(margin=free - (256 << 20))\n"
+            "after = next(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM:'))\n"
+            "print((after - before) // 1024)\n"
+            "print(bench.refault_memory(margin=free * 2))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent.parent / "benchmarks")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert 200 <= int(out[0]) <= 300, out  # MiB newly resident: about the 256 asked for
+    assert out[1] == "0.0", out  # nothing to touch once the margin is all that is free
+
+
 def _mounted_under(path: Path) -> list[str]:
     with open("/proc/self/mounts", encoding="utf-8") as f:
         return [ln.split()[1] for ln in f if ln.split()[1].startswith(str(path))]
