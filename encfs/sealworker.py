@@ -30,12 +30,14 @@ Invariants:
   exactly as BlockCipher.open_into would (that block's plaintext zeroed).
 - The worker is not dumpable and has no core limit (encfs.daemon.keep_secrets_in_memory).
 - The worker ends with its parent (PR_SET_PDEATHSIG, and end-of-file on its sockets);
-  close() ends it and waits for it. If it is gone or fails, seal() returns None and the
+  close() ends it and waits for it. One that fails a request or leaves it unanswered for
+  REPLY_TIMEOUT is killed at once. If it is gone or fails, seal() returns None and the
   caller seals in its own process: a worker never loses a write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import importlib.util
@@ -292,6 +294,10 @@ class SealWorker:
             self._alive = False
             log.warning("the sealing worker (pid %d) is gone or failed; sealing in the server process",
                         self._proc.pid)
+            # One that stopped answering (REPLY_TIMEOUT) may still run, holding keys: end it.
+            # It writes nothing but the arena, whose jobs the caller now does itself.
+            with contextlib.suppress(OSError):
+                self._proc.kill()
 
     def close(self) -> None:
         """End the worker and wait for it."""

@@ -5,6 +5,7 @@ and it ends with its owner, also when the owner is killed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import struct
@@ -120,6 +121,31 @@ def test_a_dead_worker_loses_no_write(image: int, worker_store: SectorStore) -> 
     worker_store.write(64 * SECTOR_SIZE, data)
     worker_store.flush()
     assert SectorStore(image, KEY, VID, SECTORS).read(0, 2 * len(data)) == data + data
+
+
+def test_a_worker_that_stops_answering_is_killed_and_loses_no_write(
+        image: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung worker (here: stopped) is given up after REPLY_TIMEOUT and killed, so that it does not
+    linger holding the key; the write it was given is sealed in process."""
+    from encfs import sealworker
+    monkeypatch.setattr(sealworker, "REPLY_TIMEOUT", 0.5)
+    store = SectorStore(image, KEY, VID, SECTORS)
+    store.start_seal_worker(KEY)
+    assert store.seal_worker is not None
+    pid = store.seal_worker.pid
+    try:
+        store.read(0, 1)
+        os.kill(pid, signal.SIGSTOP)
+        data = os.urandom(SEAL_WORKER_MIN_SECTORS * SECTOR_SIZE)
+        store.write(0, data)
+        store.flush()
+        assert not store.seal_worker.alive
+        assert _gone(pid, timeout=2)
+        assert SectorStore(image, KEY, VID, SECTORS).read(0, len(data)) == data
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        store.seal_worker.close()
 
 
 def test_close_ends_the_worker(image: int) -> None:
