@@ -88,6 +88,20 @@ def find_attachment(ref: str) -> Attachment | None:
     return None
 
 
+def live_attachment(volume_id: str) -> Attachment | None:
+    """The attachment of volume ``volume_id`` if its daemon is alive (a record a killed
+    daemon left is not one: the image is free)."""
+    a = find_attachment(volume_id)
+    return a if a is not None and a.daemon_alive() else None
+
+
+def refuse_attached(image: Path, volume_id: str) -> None:
+    """VolumeError, in one line, if the volume is attached: what needs it detached."""
+    a = live_attachment(volume_id)
+    if a is not None:
+        raise VolumeError(f"{image} is attached at {a.loop}: detach it first (`encfs volume detach {a.loop}`)")
+
+
 def _registry() -> Path:
     """The registry directory, created root-only (it also holds the private mountpoints)."""
     REGISTRY.mkdir(parents=True, exist_ok=True, mode=0o700)

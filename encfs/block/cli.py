@@ -16,10 +16,11 @@ from encfs.block.attach import (
     detach,
     find_attachment,
     grow_attached,
+    live_attachment,
+    refuse_attached,
 )
 from encfs.block.layout import image_size
 from encfs.block.volume import (
-    VolumeError,
     check_space,
     create_volume,
     grow_volume,
@@ -119,8 +120,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
     if header.copy_on_write and not args.sparse:
         check_space(path, size, "grow")
-    a = find_attachment(header.volume_id.hex())
-    if a is not None and a.daemon_alive():
+    a = live_attachment(header.volume_id.hex())
+    if a is not None:
         if args.key is not None:  # the daemon verified the header it serves; pin the key it names
             with _service(args) as ks:
                 read_volume_header(path, ks, args.key)
@@ -138,7 +139,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
     path = Path(args.volume)
     header, _w = read_volume_header(path)
-    _refuse_attached(path, header.volume_id.hex())
+    refuse_attached(path, header.volume_id.hex())
     with _service(args) as ks:
         done = rekey_volume(path, ks, args.key, expected_key=args.expect_key)
     mib = done.sectors * 4096 / (1 << 20)
@@ -156,18 +157,12 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     if header.copy_on_write:
         print(f"{path} already has format {COW_FORMAT}")
         return 0
-    _refuse_attached(path, header.volume_id.hex())
+    refuse_attached(path, header.volume_id.hex())
     with _service(args) as ks:
         done = rekey_volume(path, ks, expected_key=args.key, version=COW_FORMAT)
     print(f"{path}: upgraded to format {COW_FORMAT} as volume {done.volume_id} under key {done.key_id} "
           f"({done.sectors * 4096 / (1 << 20):.1f} MiB of written sectors copied in {done.seconds:.1f} s)")
     return 0
-
-
-def _refuse_attached(path: Path, volume_id: str) -> None:
-    a = find_attachment(volume_id)
-    if a is not None and a.daemon_alive():
-        raise VolumeError(f"{path} is attached at {a.loop}: detach it first (`encfs volume detach {a.loop}`)")
 
 
 def _expected_key(p: argparse.ArgumentParser, more: str = "") -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from encfs.atomicfile import write_atomic
-from encfs.block.attach import Attachment, find_attachment, mounts_of
+from encfs.block.attach import Attachment, live_attachment, mounts_of, refuse_attached
 from encfs.block.cow import CowStore, Snapshot
 from encfs.block.fuseserver import CONTROL_CREATE, CONTROL_DELETE, CONTROL_LIST
 from encfs.block.layout import SECTOR_SIZE
@@ -155,8 +155,7 @@ def resolve(ref: str, home: Path) -> tuple[Path, str]:
 
 def _attachment(image: Path) -> Attachment | None:
     header, _w = read_volume_header(image)
-    a = find_attachment(header.volume_id.hex())
-    return a if a is not None and a.daemon_alive() else None
+    return live_attachment(header.volume_id.hex())
 
 
 def _attached_control(image: Path) -> str | None:
@@ -306,8 +305,7 @@ def _gone(image: Path, sid: str, home: Path, volume_id: str, known: dict[str, An
 
 
 def rollback(image: Path, sid: str, ks: KeyService) -> Snapshot:
-    if _attached_control(image) is not None:
-        raise VolumeError(f"{image} is attached: detach it first (`encfs volume detach {image}`)")
+    refuse_attached(image, read_volume_header(image)[0].volume_id.hex())
     vol = _open_cow(image, ks)
     try:
         return cow_store(vol).rollback(sid)
