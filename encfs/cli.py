@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from encfs import __version__
-from encfs.errors import EncfsError
+from encfs import rekeycli as rekey_cli
 from encfs.block import cli as block_cli
 from encfs.block import snapcli as snap_cli
+from encfs.errors import EncfsError
 from encfs.fuse import cli as fuse_cli
 from encfs.keys import cli as keys_cli
 from encfs.keys.config import HsmOptions
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuse_cli.register(sub, add_hsm_options)
     block_cli.register(sub, add_hsm_options)
     snap_cli.register(sub, add_hsm_options)
+    rekey_cli.register(sub, add_hsm_options)
     bench = sub.add_parser("bench", add_help=False, prefix_chars="\0",
                            help="benchmark encfs against the native directory, a null cipher and peers "
                                 "(`encfs bench --help`)")

@@ -1,0 +1,117 @@
+"""``encfs rekey`` without ``--full`` for volumes and snapshot exports: the wrapped key moves to
+another CMK, or to its CMK's newest backing-key version, and no sector or object is rewritten.
+
+Envelope encryption is what makes this cheap: a volume's sectors (and every snapshot inside a
+format-2 volume) are sealed under one volume key, which the header holds wrapped by the CMK;
+an export directory's objects are sealed under keys derived from one export key, which
+DIR/key holds wrapped. Re-wrapping is one ReEncrypt in the key service (the plaintext key
+never leaves it) and one crash-safe rewrite of what holds the blob.
+
+Invariants:
+- A volume's header is rewritten the one way headers change (volume._Header.update: copy 0,
+  fsync, copy 1, fsync, the next sequence number): after a crash either copy may be the
+  newer, and each unwraps (the old one while the old CMK is usable). The volume's lock is
+  held throughout, and an attached volume is refused.
+- DIR/key is replaced by write-fsync-rename (atomicfile.write_atomic): it is old or new.
+- Nothing is written when the blob is already under the destination CMK's newest version,
+  or with ``dry_run``.
+- The re-wrapped copy is read back and unwrapped before the command reports success.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from encfs.atomicfile import write_atomic
+from encfs.block.attach import refuse_attached
+from encfs.block.exportformat import KEY_FILE, TMP, KeyFile, export_context
+from encfs.block.header import header_mac_key
+from encfs.block.volume import VolumeError, _Header, _read_verified, open_volume, read_volume_header
+from encfs.keys.blob import CiphertextBlob
+from encfs.keys.service import KeyService
+
+
+@dataclass(frozen=True)
+class Rewrapped:
+    """What a re-wrap did (or, with dry_run, would do)."""
+
+    target: Path
+    kind: str  # "volume" or "export"
+    from_key: str
+    from_version: int
+    to_key: str
+    to_version: int
+    seconds: float
+
+    @property
+    def changed(self) -> bool:
+        return (self.from_key, self.from_version) != (self.to_key, self.to_version)
+
+
+def _where(blob: bytes) -> tuple[str, int]:
+    header = CiphertextBlob.parse(blob).header
+    return str(header.key_id), header.key_version
+
+
+def destination(ks: KeyService, blob: bytes, dest_key: str | None) -> tuple[str, int]:
+    """The CMK and backing-key version ``blob`` moves to: ``dest_key``'s newest version, or
+    without it the newest version of the CMK the blob names."""
+    described = ks.describe_key(dest_key if dest_key is not None else _where(blob)[0])
+    return str(described["KeyId"]), int(described["CurrentKeyVersion"])
+
+
+def rewrap_volume(path: Path, ks: KeyService, dest_key: str | None, dry_run: bool = False) -> Rewrapped:
+    start = time.monotonic()
+    refuse_attached(path, read_volume_header(path)[0].volume_id.hex())
+    try:
+        fd = os.open(path, (os.O_RDONLY if dry_run else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as e:
+        raise VolumeError(f"cannot open volume {path}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VolumeError(f"volume {path} is in use by another encfs process (attached or being resized)") \
+                from None
+        header, key, _warnings = _read_verified(fd, path, ks, None)
+        old, new = _where(header.wrapped_key), destination(ks, header.wrapped_key, dest_key)
+        if old == new or dry_run:
+            return Rewrapped(path, "volume", *old, *new, time.monotonic() - start)
+        if not header.authenticated:  # a volume from before HEADER_MAC: its first open upgrades it
+            os.close(fd)
+            fd = -1
+            open_volume(path, ks).close()
+            return rewrap_volume(path, ks, dest_key)
+        wrapped = ks.re_encrypt(header.wrapped_key, header.context(), new[0], encfs_internal=True)
+        _Header(fd, header, header_mac_key(key, header.volume_id)).update(wrapped_key=wrapped)
+        written, _key, _w = _read_verified(fd, path, ks, None)
+        if _where(written.wrapped_key) != new:
+            raise VolumeError(f"volume {path}: the re-wrapped header did not read back")
+        return Rewrapped(path, "volume", *old, *new, time.monotonic() - start)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def rewrap_export(directory: Path, ks: KeyService, dest_key: str | None, dry_run: bool = False) -> Rewrapped:
+    from encfs.block.export import unwrap_key
+
+    start = time.monotonic()
+    keys = unwrap_key(directory, ks)  # ExportError / ExportDamaged in one line if it does not
+    where = directory / KEY_FILE
+    kf = KeyFile.parse(where.read_bytes(), str(where))
+    old, new = _where(kf.wrapped_key), destination(ks, kf.wrapped_key, dest_key)
+    if old != new and not dry_run:
+        context = export_context(kf.volume_id)
+        wrapped = ks.re_encrypt(kf.wrapped_key, context, new[0], encfs_internal=True)
+        tmp = directory / TMP  # where exports keep their temporary files (cleared by the next export)
+        write_atomic(where, KeyFile(kf.volume_id, wrapped).pack(), mode=0o600, sync_dir=True,
+                     tmp_dir=tmp if tmp.is_dir() else None)
+        probe = b"encfs rekey read-back"
+        if unwrap_key(directory, ks).object_name(probe) != keys.object_name(probe):
+            raise VolumeError(f"{where}: the re-wrapped key did not read back")
+    return Rewrapped(directory, "export", *old, *new, time.monotonic() - start)

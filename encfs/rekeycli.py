@@ -1,0 +1,125 @@
+"""``encfs rekey TARGET``: move a volume, a snapshot export or a filesystem to another CMK.
+
+TARGET is a volume image, an export directory (``encfs snapshot export``) or a CIPHERDIR; the
+kind is read from what is there. As with ``cryptsetup luksChangeKey`` and AWS KMS's
+ReEncrypt, the default is a re-wrap: every wrapped key moves under ``--key`` (or, without it,
+under its own CMK's newest backing-key version, after ``encfs key rotate``), and no content
+is rewritten, so the old CMK can then be disabled or deleted. ``--full`` gives fresh data
+keys and re-encrypts every byte, as ``cryptsetup reencrypt`` does. The target must not be
+attached or mounted.
+
+Snapshots inside a format-2 volume are sealed under the volume's key: ``encfs rekey VOL``
+moves them with it, and ``VOL@snap-…`` is refused with that advice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from encfs.block.volume import read_volume_header
+from encfs.errors import UsageError
+from encfs.keys.service import KeyService
+
+CONFIG_NAMES = ("encfs.conf", "encfs.conf.bak")
+
+
+def kind_of(target: Path) -> str:
+    """"volume", "export" or "filesystem"; UsageError in one line for anything else."""
+    if "@" in target.name and not target.exists():
+        raise UsageError(f"{target}: a snapshot inside a volume is sealed under the volume's key: "
+                         f"`encfs rekey {str(target).rsplit('@', 1)[0]}` moves it with its volume")
+    if target.is_dir():
+        if any((target / n).exists() for n in CONFIG_NAMES):
+            return "filesystem"
+        if (target / "key").is_file() and (target / "manifests").is_dir():
+            return "export"
+        raise UsageError(f"{target} is neither a CIPHERDIR nor an encfs export directory")
+    if not target.exists():
+        raise UsageError(f"{target}: no such file or directory")
+    read_volume_header(target)  # VolumeError in one line unless it is a volume image
+    return "volume"
+
+
+def _service(args: argparse.Namespace) -> Any:
+    from encfs.cli import home_of, hsm_options
+
+    return KeyService.open(home_of(args), hsm_options(args))
+
+
+def _version(key: str, version: int) -> str:
+    return f"key {key} (version {version})"
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    from encfs.block.rewrap import rewrap_export, rewrap_volume
+
+    target = Path(args.target)
+    kind = kind_of(target)
+    if kind == "filesystem":
+        raise UsageError(f"{target}: re-keying a filesystem (CIPHERDIR) is not supported yet")
+    if args.full:
+        return _full(args, target, kind)
+    with _service(args) as ks:
+        done = (rewrap_volume if kind == "volume" else rewrap_export)(target, ks, args.key, dry_run=args.dry_run)
+    what = "volume key" if kind == "volume" else "export key"
+    if args.json:
+        print(json.dumps({"Target": str(target), "Kind": kind, "Changed": done.changed, "DryRun": args.dry_run,
+                          "SourceKeyId": done.from_key, "SourceKeyVersion": done.from_version,
+                          "KeyId": done.to_key, "KeyVersion": done.to_version,
+                          "WrappedKeys": int(done.changed), "Seconds": round(done.seconds, 3)}))
+    elif not done.changed:
+        print(f"{target}: the {what} is already under {_version(done.to_key, done.to_version)}: nothing to do")
+    elif args.dry_run:
+        print(f"{target}: would re-wrap the {what} from {_version(done.from_key, done.from_version)} "
+              f"to {_version(done.to_key, done.to_version)} (no content is rewritten)")
+    else:
+        print(f"{target}: re-wrapped the {what} from {_version(done.from_key, done.from_version)} "
+              f"to {_version(done.to_key, done.to_version)} in {done.seconds:.2f} s (no content rewritten)")
+    return 0
+
+
+def _full(args: argparse.Namespace, target: Path, kind: str) -> int:
+    from encfs.block.attach import refuse_attached
+    from encfs.block.rekey import rekey_volume
+
+    if kind != "volume":
+        raise UsageError(f"{target}: an export's objects are re-keyed by exporting again into a new directory "
+                         "(`encfs snapshot export SNAP DIR`); `encfs rekey DIR` re-wraps its key")
+    header, _w = read_volume_header(target)
+    refuse_attached(target, header.volume_id.hex())
+    if args.dry_run:
+        print(f"{target}: would copy every written sector under a fresh volume key"
+              + (f" wrapped by {args.key}" if args.key else "") + " (needs free space for the copy)")
+        return 0
+    with _service(args) as ks:
+        done = rekey_volume(target, ks, args.key)
+    mib = done.sectors * 4096 / (1 << 20)
+    if args.json:
+        print(json.dumps({"Target": str(target), "Kind": kind, "Full": True, "VolumeId": done.volume_id,
+                          "KeyId": done.key_id, "CopiedBytes": done.sectors * 4096,
+                          "Seconds": round(done.seconds, 3)}))
+    else:
+        print(f"{target}: re-keyed as volume {done.volume_id} under key {done.key_id} "
+              f"({mib:.1f} MiB of written sectors re-encrypted in {done.seconds:.1f} s)")
+    return 0
+
+
+def register(sub: Any, add_hsm_options: Any) -> None:
+    p = sub.add_parser("rekey", help="move a volume, export or filesystem to another CMK (re-wrap, or --full)",
+                       description="move a volume, a snapshot export or a filesystem to another CMK: by default every wrapped "
+                       "key is re-wrapped and no content is rewritten; --full re-encrypts every byte")
+    p.add_argument("target", metavar="TARGET", help="a volume image, an export directory or a CIPHERDIR")
+    p.add_argument("--key", metavar="KEY", help="destination CMK (id or alias); default: the target's own "
+                                                "CMK, at its newest backing-key version")
+    p.add_argument("--full", action="store_true",
+                   help="fresh data keys and every byte re-encrypted (default: re-wrap the keys only)")
+    p.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_hsm_options(p)
+    p.set_defaults(func=cmd_rekey)
+
+
+__all__ = ["cmd_rekey", "kind_of", "register"]

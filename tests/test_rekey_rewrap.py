@@ -1,0 +1,146 @@
+"""`encfs rekey` of volumes and snapshot exports (issue #21), through the real CLI: a re-wrap moves
+the wrapped key and rewrites no content, after which the old CMK can be disabled or scheduled
+for deletion and every byte (and every snapshot) still reads back; --full re-encrypts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import run_encfs
+from test_volumes import Rig, rig  # noqa: F401  (the fixture)
+from volume_tool import contents, digests, write
+
+MiB = 1 << 20
+
+
+def ok(home: Path, *args: str | Path) -> str:
+    p = run_encfs(*map(str, args), home=home)
+    assert p.returncode == 0, p.stderr.decode()
+    assert b"Traceback" not in p.stderr
+    return p.stdout.decode()
+
+
+def fails(home: Path, *args: str | Path) -> str:
+    p = run_encfs(*map(str, args), home=home)
+    assert p.returncode != 0, p.stdout.decode()
+    lines = p.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("encfs: "), p.stderr.decode()
+    return lines[0]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A home of its own (its keys get disabled): CMKs 'a' and 'b'."""
+    h = tmp_path / "home"
+    for alias in ("a", "b"):
+        ok(h, "key", "create", "--alias", alias)
+    return h
+
+
+def key_id(home: Path, alias: str) -> str:
+    return str(json.loads(ok(home, "key", "describe", alias, "--json"))["KeyId"])
+
+
+def header_bytes(image: Path) -> bytes:
+    with open(image, "rb") as f:
+        return f.read(2 * 4096 + 8192)
+
+
+@pytest.mark.parametrize("fmt", ["1", "2"])
+def test_a_rewrapped_volume_reads_back_whole_with_its_old_cmk_disabled(
+        home: Path, tmp_path: Path, fmt: str) -> None:
+    image = tmp_path / "vol.img"
+    ok(home, "volume", "create", image, "--size", "24M", "--key", "a", "--format", fmt)
+    write(image, home, {0: os.urandom(3 * MiB), 17 * MiB + 5: os.urandom(100_000)}, tmp_path)
+    if fmt == "2":
+        ok(home, "snapshot", "create", image)
+        write(image, home, {MiB: os.urandom(MiB)}, tmp_path)
+    before = digests(image, home)
+    size = os.path.getsize(image)
+    out = json.loads(ok(home, "rekey", image, "--key", "b", "--json"))
+    assert out["Changed"] and out["SourceKeyId"] == key_id(home, "a") and out["KeyId"] == key_id(home, "b")
+    assert os.path.getsize(image) == size  # no content rewritten: nothing grew or moved
+    ok(home, "key", "disable", "a")
+    assert digests(image, home) == before  # the live volume and every snapshot
+    info = ok(home, "volume", "info", image, "--json")
+    assert key_id(home, "b") in info and key_id(home, "a") not in info
+
+
+def test_without_key_a_rewrap_moves_to_the_newest_backing_version_then_does_nothing(
+        home: Path, tmp_path: Path) -> None:
+    image = tmp_path / "vol.img"
+    ok(home, "volume", "create", image, "--size", "8M", "--key", "a")
+    write(image, home, {0: b"kept" * 1024}, tmp_path)
+    assert "nothing to do" in ok(home, "rekey", image)
+    ok(home, "key", "rotate", "a")
+    dry = ok(home, "rekey", image, "--dry-run")
+    assert "would re-wrap" in dry and "(version 1)" in dry and "(version 2)" in dry
+    moved = json.loads(ok(home, "rekey", image, "--json"))
+    assert (moved["SourceKeyVersion"], moved["KeyVersion"], moved["Changed"]) == (1, 2, True)
+    again = json.loads(ok(home, "rekey", image, "--json"))
+    assert (again["Changed"], again["WrappedKeys"]) == (False, 0)
+    assert contents(image, home)[:4096] == b"kept" * 1024
+
+
+def test_a_dry_run_changes_nothing(home: Path, tmp_path: Path) -> None:
+    image = tmp_path / "vol.img"
+    ok(home, "volume", "create", image, "--size", "8M", "--key", "a")
+    before = header_bytes(image)
+    assert "would re-wrap" in ok(home, "rekey", image, "--key", "b", "--dry-run")
+    assert header_bytes(image) == before
+    assert "would copy every written sector" in ok(home, "rekey", image, "--full", "--dry-run")
+    assert header_bytes(image) == before
+
+
+def test_a_rewrapped_export_imports_with_its_old_cmk_scheduled_for_deletion(home: Path, tmp_path: Path) -> None:
+    image, exported = tmp_path / "vol.img", tmp_path / "export"
+    ok(home, "volume", "create", image, "--size", "8M", "--key", "a")
+    write(image, home, {123: os.urandom(2 * MiB)}, tmp_path)
+    sid = json.loads(ok(home, "snapshot", "create", image, "--json"))["SnapshotId"]
+    ok(home, "snapshot", "restore", f"{image}@{sid}", tmp_path / "expected.img")
+    expected = contents(tmp_path / "expected.img", home)
+    ok(home, "snapshot", "export", f"{image}@{sid}", exported)
+    objects = sorted((p.name, p.stat().st_size) for p in (exported / "objects").rglob("*") if p.is_file())
+    assert "re-wrapped the export key" in ok(home, "rekey", exported, "--key", "b")
+    assert sorted((p.name, p.stat().st_size) for p in (exported / "objects").rglob("*") if p.is_file()) == objects
+    ok(home, "key", "schedule-deletion", "a", "--days", "7")
+    ok(home, "snapshot", "import", exported, tmp_path / "restored.img", "--snapshot", sid, "--key", "b")
+    assert contents(tmp_path / "restored.img", home) == expected
+
+
+def test_a_full_rekey_reencrypts_under_a_fresh_volume_key(home: Path, tmp_path: Path) -> None:
+    image = tmp_path / "vol.img"
+    ok(home, "volume", "create", image, "--size", "8M", "--key", "a")
+    write(image, home, {4096: os.urandom(3 * MiB)}, tmp_path)
+    before = contents(image, home)
+    old_id = json.loads(ok(home, "volume", "info", image, "--json"))["volume_id"]
+    done = json.loads(ok(home, "rekey", image, "--full", "--key", "b", "--json"))
+    assert done["VolumeId"] != old_id and done["KeyId"] == key_id(home, "b")
+    ok(home, "key", "disable", "a")
+    assert contents(image, home) == before
+
+
+def test_refusals_are_one_line(home: Path, tmp_path: Path) -> None:
+    image = tmp_path / "vol.img"
+    ok(home, "volume", "create", image, "--size", "8M", "--key", "a")
+    assert "moves it with its volume" in fails(home, "rekey", f"{image}@snap-0123456789abcdef")
+    assert "no such file" in fails(home, "rekey", tmp_path / "missing.img")
+    (tmp_path / "plain").write_bytes(os.urandom(8192))
+    assert "volume" in fails(home, "rekey", tmp_path / "plain")
+    (tmp_path / "somedir").mkdir()
+    assert "neither a CIPHERDIR nor" in fails(home, "rekey", tmp_path / "somedir")
+    assert "b2" in fails(home, "rekey", image, "--key", "b2")  # no such CMK
+    ok(home, "key", "disable", "b")
+    assert "b" in fails(home, "rekey", image, "--key", "b")  # a disabled destination
+
+
+def test_an_attached_volume_is_refused(rig: Rig) -> None:  # noqa: F811
+    image = rig.create(size="16M")
+    rig.attach(image)
+    try:
+        assert "detach it first" in rig.fails("rekey", image, "--key", "fs")
+    finally:
+        rig.detach(image)
