@@ -69,15 +69,19 @@ def cmd_rekey(args: argparse.Namespace) -> int:
         print(json.dumps({"Target": str(target), "Kind": kind, "Changed": done.changed, "DryRun": args.dry_run,
                           "SourceKeyId": done.from_key, "SourceKeyVersion": done.from_version,
                           "KeyId": done.to_key, "KeyVersion": done.to_version,
-                          "WrappedKeys": int(done.changed), "Seconds": round(done.seconds, 3)}))
-    elif not done.changed:
-        print(f"{target}: the {what} is already under {_version(done.to_key, done.to_version)}: nothing to do")
-    elif args.dry_run:
-        print(f"{target}: would re-wrap the {what} from {_version(done.from_key, done.from_version)} "
-              f"to {_version(done.to_key, done.to_version)} (no content is rewritten)")
+                          "WrappedKeys": int(done.changed), "Repaired": done.repaired,
+                          "Seconds": round(done.seconds, 3)}))
     else:
-        print(f"{target}: re-wrapped the {what} from {_version(done.from_key, done.from_version)} "
-              f"to {_version(done.to_key, done.to_version)} in {done.seconds:.2f} s (no content rewritten)")
+        would = "would " if args.dry_run else ""
+        if done.changed:
+            print(f"{target}: {would}re-wrap{'' if would else 'ped'} the {what} from "
+                  f"{_version(done.from_key, done.from_version)} to {_version(done.to_key, done.to_version)}"
+                  + ("" if would else f" in {done.seconds:.2f} s") + " (no content is rewritten)")
+        elif done.repaired:
+            print(f"{target}: the {what} is under {_version(done.to_key, done.to_version)}; "
+                  f"{would}rewr{'ite' if would else 'ote'} the header copies ({done.repaired[0]})")
+        else:
+            print(f"{target}: the {what} is already under {_version(done.to_key, done.to_version)}: nothing to do")
     return 0
 
 

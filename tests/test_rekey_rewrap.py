@@ -95,6 +95,32 @@ def test_a_dry_run_changes_nothing(home: Path, tmp_path: Path) -> None:
     assert header_bytes(image) == before
 
 
+def test_a_rewrap_cut_between_the_header_copies_reads_with_the_old_cmk_disabled_and_finishes(
+        home: Path, tmp_path: Path) -> None:
+    """A crash between the two header writes leaves copy 0 under the new CMK and copy 1 under the
+    old one. With the old CMK then disabled the volume still opens (the newer copy), and running
+    the command again rewrites the other copy."""
+    from encfs.block.layout import header_offset
+    image = tmp_path / "vol.img"
+    ok(home, "volume", "create", image, "--size", "8M", "--key", "a")
+    data = os.urandom(MiB)
+    write(image, home, {0: data}, tmp_path)
+    with open(image, "rb") as f:
+        f.seek(header_offset(1))
+        old_copy = f.read(4096)
+    ok(home, "rekey", image, "--key", "b")
+    with open(image, "r+b") as f:  # copy 1 as it was: the crash came before its write
+        f.seek(header_offset(1))
+        f.write(old_copy)
+    ok(home, "key", "disable", "a")
+    assert contents(image, home)[:MiB] == data
+    out = json.loads(ok(home, "rekey", image, "--key", "b", "--json"))
+    assert not out["Changed"] and out["Repaired"] and "cannot be used" in out["Repaired"][0]
+    p = run_encfs("volume", "info", image, "--key", "b", home=home)
+    assert p.returncode == 0 and b"warning" not in p.stderr, p.stderr  # both copies good again
+    assert "nothing to do" in ok(home, "rekey", image, "--key", "b")
+
+
 def test_a_rewrapped_export_imports_with_its_old_cmk_scheduled_for_deletion(home: Path, tmp_path: Path) -> None:
     image, exported = tmp_path / "vol.img", tmp_path / "export"
     ok(home, "volume", "create", image, "--size", "8M", "--key", "a")

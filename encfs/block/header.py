@@ -37,6 +37,9 @@ Invariants:
   other copy is damaged (a warning) and the other copy wins. Once a copy
   with HEADER_MAC passes its checksum, a copy without HEADER_MAC is
   ignored: it can only be an older header (HEADER_MAC is never cleared).
+  A copy whose CMK the key service cannot use (disabled, pending deletion)
+  is passed over, with a warning, only if a newer copy verifies (a re-wrap
+  cut between the copies by a crash); otherwise that error is raised.
 - An authenticated header is never packed without its MAC key.
 
 Byte 5 was reserved (0) in the first release, which ignores it; the release
@@ -245,6 +248,7 @@ def read_verified(fd: int, unwrap: Callable[[VolumeHeader], bytes]) -> tuple[Vol
     keys: dict[tuple[bytes, bool], bytes | EncfsError] = {}
     good: list[tuple[int, VolumeHeader]] = []
     errors: list[EncfsError] = []
+    unusable: list[tuple[int, VolumeHeader, EncfsError]] = []  # the key service could not say
     for copy, h in found:
         ref = (h.wrapped_key, h.authenticated)
         if ref not in keys:
@@ -252,6 +256,9 @@ def read_verified(fd: int, unwrap: Callable[[VolumeHeader], bytes]) -> tuple[Vol
                 keys[ref] = unwrap(h)
             except (InvalidCiphertext, VolumeKeyMismatch) as e:
                 keys[ref] = e
+            except EncfsError as e:  # its CMK is disabled, pending deletion, missing, ...
+                unusable.append((copy, h, e))
+                continue
         key = keys[ref]
         if isinstance(key, EncfsError):
             errors.append(key)
@@ -261,12 +268,21 @@ def read_verified(fd: int, unwrap: Callable[[VolumeHeader], bytes]) -> tuple[Vol
         else:
             good.append((copy, h))
     if not good:
+        if unusable:
+            raise unusable[0][2]
         if len(errors) == len(found) and len({e.message for e in errors}) == 1:
             raise errors[0]
         raise VolumeFormatError("no volume header copy authenticates: " + "; ".join(problems))
     # A copy with HEADER_MAC that passes its checksum but not its MAC was tampered with (damage fails
     # the checksum): it still rules out the copies without HEADER_MAC, which can only be older.
     header = _newest(good, problems, any(h.authenticated for _c, h in found))
+    for copy, h, e in unusable:
+        # Only an older copy may be passed over (a re-wrap a crash cut between the two copies,
+        # then the old CMK disabled); never the newest: that would roll the header back.
+        if h.seq >= header.seq:
+            raise e
+        problems.append(f"header copy {copy}: an older header under a CMK that cannot be used ({e.message}); "
+                        "ignored")
     key = keys[(header.wrapped_key, header.authenticated)]
     assert isinstance(key, bytes)
     return header, key, problems

@@ -23,14 +23,20 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from encfs.atomicfile import write_atomic
 from encfs.block.attach import refuse_attached
 from encfs.block.exportformat import KEY_FILE, TMP, KeyFile, export_context
 from encfs.block.header import header_mac_key
-from encfs.block.volume import VolumeError, _Header, _read_verified, open_volume, read_volume_header
+from encfs.block.volume import (
+    VolumeError,
+    _Header,
+    _read_verified,
+    open_volume,
+    read_volume_header,
+)
 from encfs.keys.blob import CiphertextBlob
 from encfs.keys.service import KeyService
 
@@ -46,6 +52,7 @@ class Rewrapped:
     to_key: str
     to_version: int
     seconds: float
+    repaired: list[str] = field(default_factory=list)  # header copies rewritten from the good one
 
     @property
     def changed(self) -> bool:
@@ -77,21 +84,26 @@ def rewrap_volume(path: Path, ks: KeyService, dest_key: str | None, dry_run: boo
         except BlockingIOError:
             raise VolumeError(f"volume {path} is in use by another encfs process (attached or being resized)") \
                 from None
-        header, key, _warnings = _read_verified(fd, path, ks, None)
+        header, key, warnings = _read_verified(fd, path, ks, None)
         old, new = _where(header.wrapped_key), destination(ks, header.wrapped_key, dest_key)
-        if old == new or dry_run:
-            return Rewrapped(path, "volume", *old, *new, time.monotonic() - start)
+        # A damaged copy, or one a crash left under the old CMK, is rewritten even when the
+        # newest copy needs nothing: running the command again finishes the job.
+        if (old == new and not warnings) or dry_run:
+            return Rewrapped(path, "volume", *old, *new, time.monotonic() - start, warnings if dry_run else [])
         if not header.authenticated:  # a volume from before HEADER_MAC: its first open upgrades it
             os.close(fd)
             fd = -1
             open_volume(path, ks).close()
             return rewrap_volume(path, ks, dest_key)
-        wrapped = ks.re_encrypt(header.wrapped_key, header.context(), new[0], encfs_internal=True)
+        wrapped = header.wrapped_key
+        if old != new:
+            wrapped = ks.re_encrypt(header.wrapped_key, header.context(), new[0], encfs_internal=True)
         _Header(fd, header, header_mac_key(key, header.volume_id)).update(wrapped_key=wrapped)
-        written, _key, _w = _read_verified(fd, path, ks, None)
-        if _where(written.wrapped_key) != new:
-            raise VolumeError(f"volume {path}: the re-wrapped header did not read back")
-        return Rewrapped(path, "volume", *old, *new, time.monotonic() - start)
+        written, _key, left = _read_verified(fd, path, ks, None)
+        if _where(written.wrapped_key) != new or left:
+            raise VolumeError(f"volume {path}: the re-wrapped header did not read back"
+                              + (f" ({left[0]})" if left else ""))
+        return Rewrapped(path, "volume", *old, *new, time.monotonic() - start, warnings)
     finally:
         if fd >= 0:
             os.close(fd)
