@@ -42,6 +42,7 @@ log = logging.getLogger("encfs.block")
 
 FREE, USED, NEW = 0, 1, 2
 NEVER_HELD = (1 << 64) - 1  # the birth of snapshot-table pages: no snapshot holds them
+_NEW_TO_USED = bytes(USED if b == NEW else b for b in range(256))
 
 
 class PagePool:
@@ -53,7 +54,7 @@ class PagePool:
         self.birth = array("Q", [0])
         self.free = 0
         self._cursor = 1
-        self.new: list[int] = []
+        self.new: list[tuple[int, int]] = []  # runs (first page, count) allocated since the last commit
         self.pending: list[tuple[int, bool]] = []  # (page, punch once free): freed at the next commit
         self.latest_snapshot = 0  # the transaction of the newest snapshot
         self.slack = 0  # free pages alloc() leaves scattered rather than break a write into pieces
@@ -133,7 +134,7 @@ class PagePool:
         for p, k in runs:
             state[p:p + k] = bytes([NEW]) * k
             self.birth[p:p + k] = array("Q", [txg]) * k
-            self.new.extend(range(p, p + k))
+            self.new.append((p, k))
         self.free -= n
         self._cursor = runs[-1][0] + runs[-1][1]
         return runs
@@ -169,9 +170,9 @@ class PagePool:
 
     def committed(self, punch: list[int]) -> None:
         """A commit is durable: NEW pages are USED, pending ones released; punch what is to be."""
-        for page in self.new:
-            if self.state[page] == NEW:
-                self.state[page] = USED
+        state = self.state
+        for p, k in self.new:  # a run's pages dropped meanwhile are FREE: translate leaves them
+            state[p:p + k] = state[p:p + k].translate(_NEW_TO_USED)
         for page, discarded in self.pending:
             self.release(page, punch if discarded else None)
         self.new, self.pending = [], []
