@@ -761,6 +761,45 @@ def snapshot_rows(ctx: Context) -> dict[str, float]:
     return ctx.snapshot_bench.measure(ctx.scale.snapshot_mib, volume, ctx.workdir / "run", encfs_env(ctx), ctx.note)
 
 
+def _rows(module: Any, samples: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """A sibling module's samples, summarized and labelled, in its order."""
+    return {k: dict(summarize(v), label=module.label(k)[0], unit=module.label(k)[1])
+            for k, v in sorted(samples.items(), key=lambda kv: module.order(kv[0]))}
+
+
+def rekey_rows(ctx: Context) -> dict[str, float]:
+    """Re-wrap, full re-key and fsck rates (benchmarks/rekey_bench.py), 1 repetition."""
+    @contextlib.contextmanager
+    def volume(mib: int):  # type: ignore[no-untyped-def]
+        vol = EncfsVolume(ctx)
+        try:
+            image, dev = vol.attach(mib)
+            rate = ctx.snapshot_bench.fill(dev, mib)
+            vol._teardown_extra()  # detached: re-keys and checks refuse an attached volume
+            yield image, rate
+        finally:
+            vol.teardown()
+
+    @contextlib.contextmanager
+    def filesystem():  # type: ignore[no-untyped-def]
+        fs = EncfsFuse(ctx)
+        try:
+            mnt = fs.setup()
+            with tarfile.open(ctx.tree_tar) as tar:
+                tar.extractall(mnt, filter="tar")
+            unmount(mnt)
+            fs.mounts.remove(mnt)
+            for proc in fs.procs:
+                stop_proc(proc)
+            fs.procs = []
+            assert fs.base is not None
+            yield fs.base / "cipher", ctx.tree_entries
+        finally:
+            fs.teardown()
+
+    return ctx.rekey_bench.measure(ctx.scale.snapshot_mib, volume, filesystem, encfs_env(ctx), ctx.note)
+
+
 # -- the run ----------------------------------------------------------------------------------------
 
 class Context:
@@ -774,6 +813,7 @@ class Context:
         self.extra: dict[str, Any] = {}
         self.current = ""
         self.snapshot_bench = _sibling("snapshot_bench")
+        self.rekey_bench = _sibling("rekey_bench")
 
     def note(self, msg: str) -> None:
         if msg not in self.notes:
@@ -813,8 +853,10 @@ def free_page_reporting(sys_root: Path = Path("/sys")) -> str | None:
     return f"{'off' if order >= NO_REPORTING_ORDER else 'on'} (order {order})"
 
 
-def refault_memory(margin: int = 1 << 30) -> float:
-    """Touch all free RAM once (leaving ``margin``), then free it; returns the seconds taken.
+def refault_memory(margin: int | None = None) -> float:
+    """Touch the free RAM once but ``margin`` (default: a quarter of the RAM, at least 1 GiB, so
+    that other processes' allocations meanwhile do not wake the OOM killer), then free it;
+    returns the seconds taken.
 
     Pages the guest reported free are gone from the host until touched again, and the first run
     that fills the page cache pays the host's faults: measured here, the first 1 GiB sequential
@@ -822,12 +864,14 @@ def refault_memory(margin: int = 1 << 30) -> float:
     (67 s when all of it had been reported), 710 and 718. Touching 6 GiB was not enough (585):
     the page cache does not take the freed pages first. With reporting off, the pages touched
     here stay backed for the timed runs."""
-    free = 0
+    info = {}
     with open("/proc/meminfo") as f:
         for ln in f:
-            if ln.startswith("MemFree:"):
-                free = int(ln.split()[1]) * 1024
-    size = (free - margin) // MiB * MiB
+            name, value = ln.split(":", 1)
+            info[name] = int(value.split()[0]) * 1024
+    if margin is None:
+        margin = max(1 << 30, info.get("MemTotal", 0) // 4)
+    size = (info.get("MemFree", 0) - margin) // MiB * MiB
     if size <= 0:
         return 0.0
     t0 = time.perf_counter()
@@ -908,14 +952,18 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if reasons:
         lines += [""] + [f"- n/a `{t}`: {r}" for t, r in reasons.items()]
-    snaps = result.get("snapshots") or {}
-    if snaps:
-        lines += ["", f"Snapshots of a format-2 volume of {result['scale']['snapshot_mib']} MiB (no filesystem; "
-                      "benchmarks/snapshot_bench.py), median of the repetitions (min-max); times in seconds, "
-                      "lower is better:", "", "| measure | unit | median | min-max |", "|---|---|---:|---:|"]
-        for s in snaps.values():
-            f = (lambda v: f"{v:.3f}") if s["unit"] == "s" else fmt
-            lines.append(f"| {s['label']} | {s['unit']} | {f(s['median'])} | {f(s['min'])}-{f(s['max'])} |")
+    mib = result["scale"]["snapshot_mib"]
+    for key, intro in (("snapshots", f"Snapshots of a format-2 volume of {mib} MiB (no filesystem; "
+                                     "benchmarks/snapshot_bench.py)"),
+                       ("rekey", f"Re-key and check of a format-2 volume of {mib} MiB and of a CIPHERDIR "
+                                 "holding the source tree (benchmarks/rekey_bench.py)")):
+        rows = result.get(key) or {}
+        if rows:
+            lines += ["", f"{intro}, median of the repetitions (min-max); times in seconds, lower is better:", "",
+                      "| measure | unit | median | min-max |", "|---|---|---:|---:|"]
+            for s in rows.values():
+                f = (lambda v: f"{v:.3f}") if s["unit"] == "s" else fmt
+                lines.append(f"| {s['label']} | {s['unit']} | {f(s['median'])} | {f(s['min'])}-{f(s['max'])} |")
     other = [(t, v) for t, v in result["targets"].items() if v["status"] != "ok"]
     if other:
         lines += ["", "Targets not measured: " + "; ".join(f"`{t}` ({v['reason']})" for t, v in other)]
@@ -976,6 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-keys", action="store_true", help="skip the key-service measurement")
     ap.add_argument("--no-snapshots", action="store_true",
                     help="skip the snapshot rows (run with the encfs-volume target otherwise)")
+    ap.add_argument("--no-rekey", action="store_true",
+                    help="skip the re-key and fsck rows (run with the encfs-volume target otherwise)")
     ap.add_argument("--workdir", help="where backing stores and images go (default: a temp dir in /var/tmp)")
     ap.add_argument("--out", help="output directory (default: benchmarks/results/<UTC time> for a full run, "
                                   "/tmp/encfs-bench-<UTC time>-<scale> otherwise)")
@@ -1025,7 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
                  "refaults the page cache; for steadier numbers run with "
                  f"`echo {NO_REPORTING_ORDER} > /sys/module/page_reporting/parameters/page_reporting_order` "
                  "and restore the old value afterwards")
-    if reporting and reporting.startswith("off"):
+    if reporting and reporting.startswith("off") and scale.name == "full":
         log("touching free memory once (pages the host took back are slow to refill) ...")
         log(f"  {refault_memory():.1f} s")
     started = time.perf_counter()
@@ -1033,6 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
     key_samples: dict[str, list[float]] = {}
     snap_samples: dict[str, list[float]] = {}
     snapshots = not args.no_snapshots and status.get("encfs-volume", {}).get("status") == "ok"
+    rekey_samples: dict[str, list[float]] = {}
+    rekeys = not args.no_rekey and status.get("encfs-volume", {}).get("status") == "ok"
     try:
         if any(status[t.name]["status"] == "ok" and t.name.startswith("encfs") for t in targets):
             env = encfs_env(ctx)
@@ -1067,6 +1119,13 @@ def main(argv: list[str] | None = None) -> int:
                         snap_samples.setdefault(k, []).append(v)
                 except Exception as e:
                     ctx.note(f"snapshot benchmark failed: {type(e).__name__}: {e}")
+            if rekeys:
+                log(f"[rep {rep}/{repeats}] re-key and check ...")
+                try:
+                    for k, v in rekey_rows(ctx).items():
+                        rekey_samples.setdefault(k, []).append(v)
+                except Exception as e:
+                    ctx.note(f"re-key benchmark failed: {type(e).__name__}: {e}")
             if not args.no_keys:
                 log(f"[rep {rep}/{repeats}] key service ...")
                 try:
@@ -1093,8 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": {k: {"label": v[0], "unit": v[1]} for k, v in {**METRICS, **KEY_METRICS}.items()},
         "results": {t: {k: summarize(v) for k, v in m.items()} for t, m in samples.items()},
         "key_service": {k: summarize(v) for k, v in key_samples.items()},
-        "snapshots": {k: dict(summarize(v), label=ctx.snapshot_bench.label(k)[0], unit=ctx.snapshot_bench.label(k)[1])
-                      for k, v in sorted(snap_samples.items(), key=lambda kv: ctx.snapshot_bench.order(kv[0]))},
+        "snapshots": _rows(ctx.snapshot_bench, snap_samples),
+        "rekey": _rows(ctx.rekey_bench, rekey_samples),
         "ratios": {}, "notes": ctx.notes, "extra": ctx.extra,
     }
     for label, a, b in RATIOS:
