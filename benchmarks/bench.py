@@ -1112,20 +1112,16 @@ def main(argv: list[str] | None = None) -> int:
                         t.teardown()
                     except Exception as e:
                         ctx.note(f"{t.name}: teardown: {e}")
-            if snapshots:
-                log(f"[rep {rep}/{repeats}] snapshots ...")
+            for wanted, what, rows, section in ((snapshots, "snapshot", snapshot_rows, snap_samples),
+                                                (rekeys, "re-key", rekey_rows, rekey_samples)):
+                if not wanted:
+                    continue
+                log(f"[rep {rep}/{repeats}] {what} rows ...")
                 try:
-                    for k, v in snapshot_rows(ctx).items():
-                        snap_samples.setdefault(k, []).append(v)
+                    for k, v in rows(ctx).items():
+                        section.setdefault(k, []).append(v)
                 except Exception as e:
-                    ctx.note(f"snapshot benchmark failed: {type(e).__name__}: {e}")
-            if rekeys:
-                log(f"[rep {rep}/{repeats}] re-key and check ...")
-                try:
-                    for k, v in rekey_rows(ctx).items():
-                        rekey_samples.setdefault(k, []).append(v)
-                except Exception as e:
-                    ctx.note(f"re-key benchmark failed: {type(e).__name__}: {e}")
+                    ctx.note(f"{what} benchmark failed: {type(e).__name__}: {e}")
             if not args.no_keys:
                 log(f"[rep {rep}/{repeats}] key service ...")
                 try:

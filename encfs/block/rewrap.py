@@ -20,7 +20,6 @@ Invariants:
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from encfs.block.volume import (
     VolumeError,
     _Header,
     _read_verified,
+    open_locked,
     open_volume,
     read_volume_header,
 )
@@ -74,16 +74,8 @@ def destination(ks: KeyService, blob: bytes, dest_key: str | None) -> tuple[str,
 def rewrap_volume(path: Path, ks: KeyService, dest_key: str | None, dry_run: bool = False) -> Rewrapped:
     start = time.monotonic()
     refuse_attached(path, read_volume_header(path)[0].volume_id.hex())
+    fd = open_locked(path, writable=not dry_run)
     try:
-        fd = os.open(path, (os.O_RDONLY if dry_run else os.O_RDWR) | os.O_CLOEXEC)
-    except OSError as e:
-        raise VolumeError(f"cannot open volume {path}: {e.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VolumeError(f"volume {path} is in use by another encfs process (attached or being resized)") \
-                from None
         header, key, warnings = _read_verified(fd, path, ks, None)
         old, new = _where(header.wrapped_key), destination(ks, header.wrapped_key, dest_key)
         # A damaged copy, or one a crash left under the old CMK, is rewritten even when the

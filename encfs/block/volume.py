@@ -355,6 +355,21 @@ def open_snapshots(path: Path, ks: KeyService, expected_key: str | None = None) 
         raise
 
 
+def open_locked(path: Path, writable: bool = True) -> int:
+    """The image's fd, under the lock that one opener holds at a time (the serving daemon, a
+    resize, a re-key); VolumeError in one line if it cannot be opened or another holds it."""
+    try:
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+    except OSError as e:
+        raise VolumeError(f"cannot open volume {path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise VolumeError(f"volume {path} is in use by another encfs process (attached or being resized)") from None
+    return fd
+
+
 def open_volume(path: Path, ks: KeyService, seal_worker: bool = False, accept_rollback: bool = False,
                 expected_key: str | None = None) -> OpenVolume:
     """Open and unlock an image (the CMK must be Enabled). ``seal_worker``: large writes are
@@ -362,15 +377,8 @@ def open_volume(path: Path, ks: KeyService, seal_worker: bool = False, accept_ro
     ``accept_rollback``: upgrade a volume made before mirrored maps even where a damaged map
     slot leaves only an older map (see the module docstring). ``expected_key``: refuse a volume
     whose CMK is another key (VolumeKeyMismatch)."""
+    fd = open_locked(path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        raise VolumeError(f"cannot open volume {path}: {e.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VolumeError(f"volume {path} is in use by another encfs process (attached or being resized)") from None
         header, key, warnings = _read_verified(fd, path, ks, expected_key)
         for w in warnings:
             log.warning("%s: %s", path, w)
