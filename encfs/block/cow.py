@@ -331,10 +331,16 @@ class CowStore(SectorIO):
         """Discard whole sectors [first, end) (SectorIO.discard): see the module invariants."""
         now: list[int] = []
         self.tree.check(first, max(0, end - first))
-        for s in range(first, end):
-            if self.tree.leaf(s) is None:
-                continue
-            self.pool.drop(self.tree.set(s, 0), now)
+        s = first
+        while s < end:  # a leaf at a time: mkfs discards whole volumes, mostly never written
+            stop = min(end, (s | (FANOUT - 1)) + 1)
+            leaf = self.tree.leaf(s)
+            if leaf is not None:
+                base = s & ~(FANOUT - 1)
+                for i in range(s - base, stop - base):
+                    if leaf[i]:
+                        self.pool.drop(self.tree.set(base + i, 0), now)
+            s = stop
         self.pool.punch_pages(now)
 
     def grow(self, new_sectors: int) -> None:
