@@ -531,16 +531,16 @@ class CowStore(SectorIO):
     def space(self) -> dict[str, dict[str, int]]:
         """For each snapshot id (and "live"): bytes of pages only it reaches ("exclusive") and
         pages it shares with another tree ("shared"). Walks every tree."""
-        owners: dict[int, int] = {}
         trees = [("live", self.tree)] + [(s.id, self.snapshot_tree(s)) for s in self.snapshots]
         reach: dict[str, set[int]] = {}
+        seen: set[int] = set()
+        shared: set[int] = set()  # reached by two trees or more; set operations, not a loop per page
         for name, tree in trees:
-            pages = set(tree.data_pages()) | set(tree.pages.values())
-            reach[name] = pages
-            for p in pages:
-                owners[p] = owners.get(p, 0) + 1
-        return {name: {"exclusive": sum(1 for p in pages if owners[p] == 1) * SEALED_BLOCK,
-                       "shared": sum(1 for p in pages if owners[p] > 1) * SEALED_BLOCK}
+            pages = reach[name] = tree.page_set()
+            shared |= seen & pages
+            seen |= pages
+        return {name: {"exclusive": (len(pages) - len(pages & shared)) * SEALED_BLOCK,
+                       "shared": len(pages & shared) * SEALED_BLOCK}
                 for name, pages in reach.items()}
 
 

@@ -156,6 +156,15 @@ class MapTree:
             if level == 0:
                 yield from (p for p in node if p)
 
+    def page_set(self) -> set[int]:
+        """Every page the tree reaches: its nodes' and its sectors' (built by set.update, in C)."""
+        pages = set(self.pages.values())
+        for (level, _i), node in self.nodes.items():
+            if level == 0:
+                pages.update(node)
+        pages.discard(0)
+        return pages
+
     def page_runs(self, first: int, count: int) -> Iterator[tuple[int, int, int]]:
         """(first sector, sector count, first page) for the runs making up [first, first + count):
         consecutive sectors on consecutive pages, or unwritten (page 0). No run crosses a leaf."""
