@@ -48,7 +48,7 @@ from test_volumes import (
     dd_write as dd_write_synced,
 )
 
-from encfs.block.fuseserver import CONTROL_LIST
+from encfs.block.fuseserver import CONTROL_CREATE, CONTROL_LIST
 from encfs.block.layout import page_offset
 from encfs.blocks import SEALED_BLOCK
 
@@ -151,6 +151,29 @@ def test_attached_chain_restores_what_the_loop_device_read_at_each_snapshot(rig:
     assert_same(volume_tool.contents(image, rig.home), live, "the live volume after detach")
     # detached now: the same snapshots, opened by the CLI itself
     assert [s["SnapshotId"] for s in snap_list(rig, image)] == [ids[0], ids[2]]
+
+
+def test_the_list_of_an_attached_volume_with_more_snapshots_than_an_xattr_holds(rig: Rig) -> None:
+    """An xattr value holds at most 64 KiB, ~350 snapshots' rows: the list is read in pages, and
+    `encfs snapshot list` shows every snapshot (the whole-list attribute itself refuses: E2BIG)."""
+    image = rig.create(size="16M")
+    loop = rig.attach(image)
+    control = control_file(rig, image)
+    dd_write(loop, 0, os.urandom(MiB), rig.tmp)
+    ids = []
+    for i in range(420):  # the daemon's part of `snapshot create` (the command's own start-up is slower)
+        sid = f"snap-{i:016x}"
+        os.setxattr(control, CONTROL_CREATE, json.dumps({"id": sid, "description": "x" * 40,
+                                                         "created": time.time()}).encode())
+        ids.append(sid)
+    try:
+        os.getxattr(control, CONTROL_LIST)
+        raise AssertionError("the whole list fit in one xattr: make more snapshots for this test")
+    except OSError:
+        pass
+    listed = snap_list(rig, image)
+    assert [s["SnapshotId"] for s in listed] == ids
+    rig.detach(image)
 
 
 def test_a_deletion_killed_after_its_commit_is_completed_through_the_daemon(rig: Rig) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -96,7 +97,11 @@ RESIZE_XATTR = b"user.encfs.resize"
 CONTROL_CREATE = b"user.encfs.snapshot.create"  # setxattr, value JSON {"id", "description", "created"}
 CONTROL_DELETE = b"user.encfs.snapshot.delete"  # setxattr, value the snapshot id; ENOENT if none
 CONTROL_LIST = b"user.encfs.snapshots"  # getxattr: JSON list of the snapshots with their space
-__all__ = ["CONTROL_CREATE", "CONTROL_DELETE", "CONTROL_LIST", "RESIZE_XATTR", "StopServing", "VolumeFile", "VolumeServer", "fuse_mount", "fuse_unmount"]
+# getxattr of CONTROL_LIST + b".N": page N of that list, for lists past an xattr's 64 KiB (volume.py)
+CONTROL_LIST_PAGE = CONTROL_LIST + b"."
+LIST_PAGE = 60_000  # bytes of the list per page: with its head, under XATTR_SIZE_MAX
+LIST_PAGE_HEAD = struct.Struct(">II")  # (pages, generation) in front of each page
+__all__ = ["CONTROL_CREATE", "CONTROL_DELETE", "CONTROL_LIST", "CONTROL_LIST_PAGE", "LIST_PAGE", "LIST_PAGE_HEAD", "RESIZE_XATTR", "StopServing", "VolumeFile", "VolumeServer", "fuse_mount", "fuse_unmount"]
 
 
 class VolumeFile:
@@ -268,7 +273,7 @@ class VolumeServer(FuseServer):
         elif opcode == GETXATTR:
             size, _pad = GETXATTR_IN.unpack_from(body)
             name = bytes(body[GETXATTR_IN.size:]).split(b"\0", 1)[0]
-            if node != FILE_ID or name != CONTROL_LIST:
+            if node != FILE_ID or not (name == CONTROL_LIST or name.startswith(CONTROL_LIST_PAGE)):
                 self.reply_error(unique, errno.ENODATA)
                 return True
             value = self.volume.query(name)

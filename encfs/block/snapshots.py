@@ -39,7 +39,12 @@ from typing import Any
 from encfs.atomicfile import write_atomic
 from encfs.block.attach import Attachment, live_attachment, mounts_of, refuse_attached
 from encfs.block.cow import CowStore, Snapshot
-from encfs.block.fuseserver import CONTROL_CREATE, CONTROL_DELETE, CONTROL_LIST
+from encfs.block.fuseserver import (
+    CONTROL_CREATE,
+    CONTROL_DELETE,
+    CONTROL_LIST_PAGE,
+    LIST_PAGE_HEAD,
+)
 from encfs.block.layout import SECTOR_SIZE
 from encfs.block.maptree import MapTree
 from encfs.block.volume import (
@@ -240,11 +245,23 @@ def cow_store(vol: OpenVolume) -> CowStore:
 
 
 def list_attached(control: str) -> list[dict[str, Any]]:
-    for _ in range(5):  # the list may grow between the two calls
+    """The daemon's snapshot list, read in pages (an xattr holds at most 64 KiB, ~350 snapshots):
+    page 0 makes it, the others are cut from the same list; another generation means another
+    reader's page 0 came in between, so the read starts again."""
+    for _ in range(5):
         try:
-            return json.loads(os.getxattr(control, CONTROL_LIST))
+            parts, pages, generation = [], 1, None
+            while len(parts) < pages:
+                value = os.getxattr(control, CONTROL_LIST_PAGE + str(len(parts)).encode())
+                pages, gen = LIST_PAGE_HEAD.unpack_from(value)
+                if generation not in (None, gen):
+                    break
+                generation = gen
+                parts.append(value[LIST_PAGE_HEAD.size:])
+            else:
+                return json.loads(b"".join(parts))
         except OSError as e:
-            if e.errno != errno.ERANGE:
+            if e.errno not in (errno.ERANGE, errno.ENODATA):  # the list changed between calls
                 raise VolumeError(f"listing the snapshots failed: {e.strerror}") from None
     raise VolumeError("listing the snapshots failed: the list kept changing")
 

@@ -87,6 +87,7 @@ class StoreFile:
     """The FUSE server's VolumeFile I/O, delegated to a SectorStore (``self.store``)."""
 
     store: SectorStore | CowStore
+    _listing: tuple[int, list[bytes]] = (0, [])  # the snapshot list query() cut into pages, its generation
 
     @property
     def size(self) -> int:
@@ -140,8 +141,26 @@ class StoreFile:
         except (ValueError, TypeError, UnicodeDecodeError):
             raise OSError(errno.EINVAL, "malformed snapshot request") from None
 
-    def query(self, _name: bytes) -> bytes:
-        return json.dumps(self._cow().snapshot_rows()).encode()
+    def query(self, name: bytes) -> bytes:
+        """The snapshot list (fuseserver.CONTROL_LIST), whole or in pages of LIST_PAGE bytes: page 0
+        makes the list and keeps it, pages 1.. are cut from what page 0 kept. Each page starts
+        with (pages, generation); a reader that sees another generation starts again."""
+        from encfs.block.fuseserver import CONTROL_LIST, LIST_PAGE, LIST_PAGE_HEAD
+
+        if name == CONTROL_LIST:  # whole (what encfs before paging asks; fails past 64 KiB)
+            return json.dumps(self._cow().snapshot_rows()).encode()
+        try:
+            page = int(name.rpartition(b".")[2])
+        except ValueError:
+            raise OSError(errno.ENODATA, "no such attribute") from None
+        if page == 0:
+            blob = json.dumps(self._cow().snapshot_rows()).encode()
+            self._listing = (self._listing[0] + 1,
+                             [blob[i:i + LIST_PAGE] for i in range(0, len(blob), LIST_PAGE)] or [b""])
+        generation, pages = self._listing
+        if not 0 <= page < len(pages):
+            raise OSError(errno.ENODATA, "no such page of the snapshot list (read page 0 again)")
+        return LIST_PAGE_HEAD.pack(len(pages), generation) + pages[page]
 
 
 class _Header:
