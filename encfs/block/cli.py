@@ -27,6 +27,7 @@ from encfs.block.volume import (
     parse_size,
     read_volume_header,
 )
+from encfs.output import print_record
 
 
 def _ks(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -92,11 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         with _service(args) as ks:
             info = _info(Path(args.volume), ks, args.key)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for k, v in info.items():
-            print(f"{k:22} {', '.join(v) if isinstance(v, list) else v}")
+    print_record(info, args.json, width=22)
     return 0
 
 

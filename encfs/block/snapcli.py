@@ -21,6 +21,7 @@ from encfs.block.volume import OpenVolume, VolumeError, create_volume, open_volu
 from encfs.diskio import fsync_dir
 from encfs.keys.config import default_home
 from encfs.keys.service import KeyService
+from encfs.output import print_record
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -112,12 +113,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     row = next((r for r in rows if r["id"] == sid), None)
     if row is None:
         raise VolumeError(f"{image} has no snapshot {sid}")
-    info = _row(row)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for k, v in info.items():
-            print(f"{k:16} {v}")
+    print_record(_row(row), args.json, width=16)
     return 0
 
 

@@ -21,12 +21,13 @@ from encfs.errors import UsageError
 from encfs.keys.context import parse_context_args
 from encfs.keys.metadata import ORIGIN_EXTERNAL, ORIGIN_TOKEN
 from encfs.keys.service import MAX_ENCRYPT_PLAINTEXT, WRAPPING_ALGORITHMS, KeyService
+from encfs.output import print_record
 
 AddHsmOptions = Callable[[argparse.ArgumentParser], None]
 
 
 def _service(args: argparse.Namespace, provision: bool = True) -> KeyService:
-    from encfs.cli import hsm_options, home_of
+    from encfs.cli import home_of, hsm_options
 
     return KeyService.open(home_of(args), hsm_options(args), provision=provision)
 
@@ -67,7 +68,7 @@ def _parse_time(text: str) -> float:
 # -- hsm -----------------------------------------------------------------------
 
 def cmd_hsm_init(args: argparse.Namespace) -> int:
-    from encfs.cli import hsm_options, home_of
+    from encfs.cli import home_of, hsm_options
     from encfs.keys.config import default_home, prepare_state_dir, resolve_token
 
     home = home_of(args) or default_home()
@@ -96,7 +97,7 @@ def _new_passphrase(passphrase_file: str | None) -> str:
 
 
 def _embedded(args: argparse.Namespace, command: str) -> Any:
-    from encfs.cli import hsm_options, home_of
+    from encfs.cli import home_of, hsm_options
     from encfs.keys.config import default_home, resolve_token
 
     home = home_of(args) or default_home()
@@ -161,12 +162,8 @@ def cmd_hsm_status(args: argparse.Namespace) -> int:
 # -- key management ---------------------------------------------------------------
 
 def _describe_text(meta: dict[str, Any]) -> None:
-    for name, value in meta.items():
-        if name == "KeyVersions":
-            value = ", ".join(f"v{v['Version']} ({v['CreationDate']})" for v in value)
-        elif isinstance(value, (list, dict)):
-            value = json.dumps(value)
-        print(f"{name:20} {value}")
+    versions = ", ".join(f"v{v['Version']} ({v['CreationDate']})" for v in meta.get("KeyVersions", []))
+    print_record({**meta, **({"KeyVersions": versions} if "KeyVersions" in meta else {})}, False)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
