@@ -117,6 +117,16 @@ def _disk_error(what: str, e: OSError) -> ExportError:
     return ExportError(f"cannot {what}: {e.strerror or e}")
 
 
+def _read(path: Path, missing: ExportError) -> bytes:
+    """The file's bytes; ``missing`` if it is not there, another ExportError if it cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise missing from None
+    except OSError as e:
+        raise _disk_error(f"read {path}", e) from None
+
+
 def _chunk_runs(src: SnapshotSource) -> dict[int, list[tuple[int, int]]]:
     """The source's written runs cut at chunk boundaries, by chunk (ascending)."""
     sectors, last_end = src.size // SECTOR, 0
@@ -227,12 +237,7 @@ class _ExportDir:
 def unwrap_key(directory: Path, ks: KeyService, volume_id: bytes | None = None) -> ExportKeys:
     """The keys of the export in ``directory``; ``volume_id``: the volume it must belong to."""
     where = directory / KEY_FILE
-    try:
-        data = where.read_bytes()
-    except FileNotFoundError:
-        raise ExportError(f"{directory} is not an encfs export directory (it has no key file)") from None
-    except OSError as e:
-        raise _disk_error(f"read {where}", e) from None
+    data = _read(where, ExportError(f"{directory} is not an encfs export directory (it has no key file)"))
     kf = KeyFile.parse(data, str(where))
     if volume_id is not None and kf.volume_id != volume_id:
         raise ExportError(f"{directory} holds the export of volume {kf.volume_id.hex()}, not of volume "
@@ -317,12 +322,7 @@ def read_manifest(directory: Path, ks: KeyService, snapshot_id: str | None = Non
             raise ExportError(f"{directory} holds no complete snapshot export")
     manifests = []
     for sid in ids:
-        try:
-            sealed = (mdir / sid).read_bytes()
-        except FileNotFoundError:
-            raise ExportError(f"{directory} holds no export of snapshot {sid}") from None
-        except OSError as e:
-            raise _disk_error(f"read {mdir / sid}", e) from None
+        sealed = _read(mdir / sid, ExportError(f"{directory} holds no export of snapshot {sid}"))
         try:
             manifests.append(keys.open_manifest(check_snapshot_id(sid), sealed))
         except ExportError as e:
@@ -347,12 +347,7 @@ def import_snapshot(directory: Path, ks: KeyService, manifest: Manifest, target:
             path = directory / OBJECTS / name[:2] / name
             where = (f"object {name} (chunk {index}, plaintext bytes {index * manifest.chunk_size}-"
                      f"{index * manifest.chunk_size + length - 1} of snapshot {manifest.snapshot_id})")
-            try:
-                sealed = path.read_bytes()
-            except FileNotFoundError:
-                raise ExportDamaged(f"{where} is missing from {directory}") from None
-            except OSError as e:
-                raise _disk_error(f"read {path}", e) from None
+            sealed = _read(path, ExportDamaged(f"{where} is missing from {directory}"))
             plaintext = keys.open_object(name, sealed, length, where)
             read += 1
             written += _write_nonzero(target, index * CHUNK_SECTORS, plaintext)
