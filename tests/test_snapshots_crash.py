@@ -39,6 +39,11 @@ STRESS = os.environ.get("ENCFS_STRESS") == "1"
 MiB = 1 << 20
 SIZE = 16 * MiB
 CI_ROUNDS, STRESS_ROUNDS = 5, 60
+# The CI run and, with ENCFS_STRESS=1, the long one (marked slow) of each crash loop below.
+ROUNDS = pytest.mark.parametrize("rounds", [
+    pytest.param(CI_ROUNDS, id="ci"),
+    pytest.param(STRESS_ROUNDS, id="stress", marks=[pytest.mark.slow, pytest.mark.skipif(
+        not STRESS, reason="long crash loop; set ENCFS_STRESS=1 to run it")])])
 
 
 class Lab:
@@ -270,14 +275,9 @@ def _crash_create(tmp: Path, home: Path, n: int) -> None:
     lab.report("snapshot create")
 
 
-def test_kill_9_during_snapshot_create(tmp_path: Path, home: Path) -> None:
-    _crash_create(tmp_path, home, CI_ROUNDS)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not STRESS, reason="long crash loop; set ENCFS_STRESS=1 to run it")
-def test_kill_9_during_snapshot_create_stress(tmp_path: Path, home: Path) -> None:
-    _crash_create(tmp_path, home, STRESS_ROUNDS)
+@ROUNDS
+def test_kill_9_during_snapshot_create(tmp_path: Path, home: Path, rounds: int) -> None:
+    _crash_create(tmp_path, home, rounds)
 
 
 # -- snapshot delete ---------------------------------------------------------------------------
@@ -313,14 +313,9 @@ def _crash_delete(tmp: Path, home: Path, n: int) -> None:
     lab.report("snapshot delete")
 
 
-def test_kill_9_during_snapshot_delete(tmp_path: Path, home: Path) -> None:
-    _crash_delete(tmp_path, home, CI_ROUNDS)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not STRESS, reason="long crash loop; set ENCFS_STRESS=1 to run it")
-def test_kill_9_during_snapshot_delete_stress(tmp_path: Path, home: Path) -> None:
-    _crash_delete(tmp_path, home, STRESS_ROUNDS)
+@ROUNDS
+def test_kill_9_during_snapshot_delete(tmp_path: Path, home: Path, rounds: int) -> None:
+    _crash_delete(tmp_path, home, rounds)
 
 
 # -- volume upgrade ----------------------------------------------------------------------------
@@ -355,11 +350,6 @@ def _crash_upgrade(tmp: Path, home: Path, n: int) -> None:
     lab.report("volume upgrade")
 
 
-def test_kill_9_during_volume_upgrade(tmp_path: Path, home: Path) -> None:
-    _crash_upgrade(tmp_path, home, CI_ROUNDS)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not STRESS, reason="long crash loop; set ENCFS_STRESS=1 to run it")
-def test_kill_9_during_volume_upgrade_stress(tmp_path: Path, home: Path) -> None:
-    _crash_upgrade(tmp_path, home, STRESS_ROUNDS)
+@ROUNDS
+def test_kill_9_during_volume_upgrade(tmp_path: Path, home: Path, rounds: int) -> None:
+    _crash_upgrade(tmp_path, home, rounds)
