@@ -544,16 +544,24 @@ class CowStore(SectorIO):
                 for name, pages in reach.items()}
 
 
-def read_tree_into(fd: int, cipher: BlockCipher, tree: MapTree, first: int, count: int, out: memoryview) -> None:
+def read_tree_into(fd: int, cipher: BlockCipher, tree: MapTree, first: int, count: int, out: memoryview,
+                   sealed_area: memoryview | None = None) -> None:
     """Sectors [first, first + count) of ``tree`` opened into ``out`` (unwritten ones left as
-    they are); BlockAuthError naming the sector that fails."""
+    they are); BlockAuthError naming the sector that fails. ``sealed_area`` (room for a leaf's
+    1024 sealed sectors) is read into instead of a new buffer per run: fresh buffers of 4 MiB
+    cost a page fault per 4 KiB, 0.5 s per GiB read."""
     tree.check(first, count)
     for s, n, page in tree.page_runs(first, count):
         if not page:
             continue
-        sealed = os.pread(fd, n * SEALED_BLOCK, page_offset(page))
-        if len(sealed) != n * SEALED_BLOCK:
-            raise BlockAuthError(s + len(sealed) // SEALED_BLOCK)
+        if sealed_area is None:
+            sealed: bytes | memoryview = os.pread(fd, n * SEALED_BLOCK, page_offset(page))
+            got = len(sealed)
+        else:
+            sealed = sealed_area[:n * SEALED_BLOCK]
+            got = os.preadv(fd, [sealed], page_offset(page))
+        if got != n * SEALED_BLOCK:
+            raise BlockAuthError(s + got // SEALED_BLOCK)
         cipher.open_into(range(s, s + n), sealed, out[(s - first) * SECTOR_SIZE:(s - first + n) * SECTOR_SIZE])
 
 

@@ -12,8 +12,8 @@ What is checked, reading the image only:
   map reaches, then each snapshot's pages that no tree checked before it reaches (trees share
   pages: each page is opened once); and the pages no tree reaches (free space).
 - Sectors are read in runs of up to CHUNK sectors through the stores' own read paths
-  (SectorStore's slot runs, cow.read_tree_into), the next run asked of the kernel ahead
-  (POSIX_FADV_WILLNEED) while this one is opened, so reading and opening overlap.
+  (SectorStore's slot runs, cow.read_tree_into), while a thread has the kernel read the next
+  runs' image ranges (POSIX_FADV_WILLNEED), so that the disk reads ahead while sectors are opened.
 
 What ``--repair`` does (it opens the volume as an attach does, open_volume(), which takes the
 image's lock, so it may also upgrade a volume made by an older encfs, as any attach would):
@@ -41,7 +41,9 @@ import fcntl
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,7 +65,8 @@ from encfs.fsckreport import WARNING, Finding, Report, sector_runs
 from encfs.keys.service import KeyService
 from encfs.progress import Progress, progress
 
-CHUNK = 2048  # sectors per read (8 MiB): large runs, and the next one prefetched meanwhile
+CHUNK = 2048  # sectors per read (8 MiB): large runs
+AHEAD = 2  # chunks read into the page cache ahead of the one being opened
 log = logging.getLogger("encfs.block")
 
 
@@ -209,7 +212,7 @@ def _check_v1(fd: int, header: VolumeHeader, key: bytes, report: Report, data: b
     if data:
         total = sum(n for _f, n in runs)
         with progress(total * SECTOR_SIZE, f"fsck {Path(report.target).name}") as bar:
-            bad = verify(runs, store.read_into, lambda e: e.block_no // 2, _v1_prefetch(fd), bar)
+            bad = verify(fd, runs, store.read_into, lambda e: e.block_no // 2, _v1_ranges, bar)
         report.counts["sectors_checked"] = total
         for first, n in sector_runs(bad):
             report.add(sector_finding(None, first, n))
@@ -223,38 +226,52 @@ def sector_finding(snapshot: str | None, first: int, n: int) -> Finding:
                              "errors; not repairable)", snapshot=snapshot, sector=first, count=n)
 
 
-def _v1_prefetch(fd: int) -> Callable[[int, int], None]:
-    def prefetch(first: int, count: int) -> None:
-        """Both slots' chunks of the groups [first, first + count) lie in one span of the image."""
-        start, end = sector_offset(first, SLOT_A), sector_offset(first + count - 1, SLOT_B) + SEALED_BLOCK
-        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-    return prefetch
+def _v1_ranges(first: int, count: int) -> list[tuple[int, int]]:
+    """Both slots' chunks of the groups [first, first + count) lie in one span of the image (the
+    other slot's chunk is mostly holes, which cost no disk reads)."""
+    start, end = sector_offset(first, SLOT_A), sector_offset(first + count - 1, SLOT_B) + SEALED_BLOCK
+    return [(start, end - start)]
 
 
-def verify(runs: Iterable[tuple[int, int]], read_into: Callable[[int, int, memoryview], None],
-           sector_of: Callable[[BlockAuthError], int], prefetch: Callable[[int, int], None],
+def _read_ahead(fd: int, ranges: list[tuple[int, int]]) -> None:
+    """Have the kernel read ``ranges`` of the image into the page cache. POSIX_FADV_WILLNEED
+    blocks while it queues the reads (0.18 s per GiB), so it runs on its own thread."""
+    for offset, length in ranges:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
+def verify(fd: int, runs: Iterable[tuple[int, int]], read_into: Callable[[int, int, memoryview], None],
+           sector_of: Callable[[BlockAuthError], int], ranges: Callable[[int, int], list[tuple[int, int]]],
            bar: Progress) -> list[int]:
     """Open every sector of ``runs`` with ``read_into(first, count, out)``, CHUNK sectors at a
-    time, the next chunk prefetched; the sectors that fail authentication."""
+    time; the sectors that fail authentication. A thread has the kernel read the image
+    ``ranges(first, count)`` of the next AHEAD chunks meanwhile, so that the disk reads ahead
+    while this thread opens sectors (1 GiB, cold: 1.3-1.6 GB/s with it, 0.75 without; a thread
+    reading the ranges itself: 0.9-1.3)."""
     chunks = [(at, min(CHUNK, first + n - at)) for first, n in runs for at in range(first, first + n, CHUNK)]
     buf = memoryview(bytearray(CHUNK * SECTOR_SIZE))
     bad: list[int] = []
-    for i, (first, n) in enumerate(chunks):
-        if i + 1 < len(chunks):
-            prefetch(*chunks[i + 1])
-        at, end = first, first + n
-        while at < end:
-            try:
-                read_into(at, end - at, buf[:(end - at) * SECTOR_SIZE])
-                bar.update((end - at) * SECTOR_SIZE)
-                at = end
-            except BlockAuthError as e:  # the sectors before it opened; go on after it
-                s = sector_of(e)
-                if not at <= s < end:
-                    raise
-                bad.append(s)
-                bar.update((s + 1 - at) * SECTOR_SIZE)
-                at = s + 1
+    with ThreadPoolExecutor(1, thread_name_prefix="fsck-read") as pool:
+        ahead: deque[Future[None]] = deque()
+        submitted = 0
+        for first, n in chunks:
+            while submitted < len(chunks) and len(ahead) <= AHEAD:
+                ahead.append(pool.submit(_read_ahead, fd, ranges(*chunks[submitted])))
+                submitted += 1
+            ahead.popleft().result()  # this chunk's reads are queued
+            at, end = first, first + n
+            while at < end:
+                try:
+                    read_into(at, end - at, buf[:(end - at) * SECTOR_SIZE])
+                    bar.update((end - at) * SECTOR_SIZE)
+                    at = end
+                except BlockAuthError as e:  # the sectors before it opened; go on after it
+                    s = sector_of(e)
+                    if not at <= s < end:
+                        raise
+                    bad.append(s)
+                    bar.update((s + 1 - at) * SECTOR_SIZE)
+                    at = s + 1
     return bad
 
 

@@ -25,7 +25,7 @@ from encfs.block.budget import SealBudget
 from encfs.block.cow import CowStore, read_tree_into
 from encfs.block.fsck import sector_finding, verify
 from encfs.block.header import VolumeHeader
-from encfs.block.layout import SECTOR_SIZE, page_offset
+from encfs.block.layout import FANOUT, SECTOR_SIZE, page_offset
 from encfs.block.maptree import MapTree
 from encfs.block.records import Commit, Snapshot
 from encfs.blocks import SEALED_BLOCK, BlockAuthError
@@ -42,6 +42,8 @@ def _no_seals(_n: int) -> None:
 class _Cow(CowStore):
     """A format-2 store with the records fsck reads one by one."""
 
+    _sealed: memoryview | None = None
+
     def commit_slots(self) -> list[Commit | None]:
         return [self._read_commit(slot) for slot in (0, 1)]
 
@@ -52,7 +54,9 @@ class _Cow(CowStore):
         return self._read_node(level, index, page)
 
     def read_into(self, tree: MapTree, first: int, count: int, out: memoryview) -> None:
-        read_tree_into(self.fd, self._data, tree, first, count, out)
+        if self._sealed is None:
+            self._sealed = memoryview(bytearray(FANOUT * SEALED_BLOCK))  # a run never crosses a leaf
+        read_tree_into(self.fd, self._data, tree, first, count, out, self._sealed)
 
 
 def check_cow(fd: int, path: Path, header: VolumeHeader, key: bytes, report: Report, data: bool) -> None:
@@ -158,15 +162,13 @@ def _check_pages(store: _Cow, trees: list[tuple[str | None, MapTree, int]], repo
     damaged: dict[int, int] = {}  # page -> its sector
     with progress(total * SECTOR_SIZE, f"fsck {Path(report.target).name}") as bar:
         for part, runs in work:
-            def prefetch(first: int, count: int, part: MapTree = part) -> None:
-                for _s, n, page in part.page_runs(first, count):
-                    if page:
-                        os.posix_fadvise(store.fd, page_offset(page), n * SEALED_BLOCK, os.POSIX_FADV_WILLNEED)
+            def ranges(first: int, count: int, part: MapTree = part) -> list[tuple[int, int]]:
+                return [(page_offset(page), n * SEALED_BLOCK) for _s, n, page in part.page_runs(first, count) if page]
 
             def read_into(first: int, count: int, out: memoryview, part: MapTree = part) -> None:
                 store.read_into(part, first, count, out)
 
-            for s in verify(runs, read_into, lambda e: e.block_no, prefetch, bar):
+            for s in verify(store.fd, runs, read_into, lambda e: e.block_no, ranges, bar):
                 damaged[part.get(s)] = s
     report.counts["sectors_checked"] = total
     if not damaged:
