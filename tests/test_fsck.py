@@ -1,0 +1,245 @@
+"""`encfs fsck` on volume images of both formats and their snapshots, through the real CLI (a real
+SoftHSM2 token; volumes written by tests/volume_tool.py in a subprocess, never attached, except
+for the refusal of an attached volume). Damage is made by flipping bits at offsets found from the
+layout and the maps; fsck must find exactly it, repair what has a good mirror, and leave every
+sector that reads as it read before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import volume_tool
+from conftest import run_encfs
+from test_snapshots_crash import KILLED_AT
+from test_volumes import Rig, flip, pytestmark as needs_loop_devices, rig  # noqa: F401 (rig: a fixture)
+
+from encfs.block.layout import SLOT_A, commit_offset, header_offset, map_offset, page_offset, sector_offset
+
+MiB = 1 << 20
+
+
+def fsck(image: Path, home: Path, *options: str) -> tuple[int, dict[str, Any]]:
+    p = run_encfs("fsck", str(image), "--json", *options, home=home)
+    assert p.returncode in (0, 1, 4), p.stderr.decode()
+    assert b"Traceback" not in p.stderr
+    report = json.loads(p.stdout)
+    assert report["exit_code"] == p.returncode and report["kind"] == "volume"
+    return p.returncode, report
+
+
+def found(report: dict[str, Any]) -> set[tuple[Any, ...]]:
+    """(kind, snapshot, first sector, count) of each finding (sector and count only for sectors)."""
+    return {(d["kind"], d.get("snapshot"), d.get("sector"), d.get("count")) if d["kind"] == "sector"
+            else (d["kind"],) for d in report["damage"]}
+
+
+def fails(target: Path | str, home: Path, *options: str) -> str:
+    """fsck's operational error: exit 8, one line, no traceback."""
+    p = run_encfs("fsck", str(target), *options, home=home)
+    lines = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 8, (p.returncode, p.stdout, p.stderr)
+    assert len(lines) == 1 and lines[0].startswith("encfs: ") and "Traceback" not in lines[0], p.stderr.decode()
+    assert p.stdout == b""
+    return lines[0]
+
+
+def create(home: Path, image: Path, size: str = "32M", fmt: int = 2) -> Path:
+    p = run_encfs("volume", "create", str(image), "--size", size, "--key", "fs", "--format", str(fmt), home=home)
+    assert p.returncode == 0, p.stderr.decode()
+    return image
+
+
+def snapshot(image: Path, home: Path) -> str:
+    p = run_encfs("snapshot", "create", str(image), "--json", home=home)
+    assert p.returncode == 0, p.stderr.decode()
+    return str(json.loads(p.stdout)["SnapshotId"])
+
+
+def still_reads(before: dict[str, Any], after: dict[str, Any], damaged: dict[str | None, set[int]]) -> None:
+    """Every sector reads as before except the damaged ones, which fail (None)."""
+    trees = [(None, before["live"], after["live"])]
+    trees += [(sid, tree, after["snapshots"][sid]) for sid, tree in before["snapshots"].items()]
+    assert set(after["snapshots"]) == set(before["snapshots"])
+    for sid, old, new in trees:
+        bad = {s for s, h in enumerate(new["sha"]) if h is None}
+        assert bad == damaged.get(sid, set()), sid
+        assert [h for s, h in enumerate(old["sha"]) if s not in bad] == \
+               [h for s, h in enumerate(new["sha"]) if s not in bad], sid
+
+
+# -- clean volumes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_a_clean_volume_with_data_and_snapshots_is_clean(fs_home: Path, tmp_path: Path, fmt: int) -> None:
+    image = create(fs_home, tmp_path / "vol.img", fmt=fmt)
+    volume_tool.write(image, fs_home, {5: os.urandom(3 * MiB), 20 * MiB + 7: os.urandom(MiB)}, tmp_path)
+    snaps = 0
+    if fmt == 2:
+        volume_tool.make_snapshots(image, fs_home, 2)  # each over fresh overwrites: pages of their own
+        snaps = 2
+    code, report = fsck(image, fs_home)
+    assert (code, report["damage"], report["format"]) == (0, [], fmt)
+    counts = report["counts"]
+    assert counts["errors"] == counts["warnings"] == counts["damaged_sectors"] == 0
+    assert counts["sectors_checked"] >= 4 * MiB // 4096 and counts.get("snapshots", 0) == snaps
+    p = run_encfs("fsck", str(image), home=fs_home)
+    assert p.returncode == 0 and p.stdout.decode().count("\n") == 1 and "clean (exit 0)" in p.stdout.decode()
+    assert fsck(image, fs_home, "--repair")[0] == 0  # nothing to repair: nothing changed
+
+
+# -- damage -------------------------------------------------------------------------------------
+
+def test_format_2_damage_is_found_exactly_and_repaired_where_a_mirror_holds_it(fs_home: Path,
+                                                                               tmp_path: Path) -> None:
+    image = create(fs_home, tmp_path / "vol.img")
+    volume_tool.write(image, fs_home, {0: os.urandom(2 * MiB), 8 * MiB: os.urandom(MiB)}, tmp_path)
+    sid = snapshot(image, fs_home)
+    volume_tool.write(image, fs_home, {0: os.urandom(MiB)}, tmp_path)  # sectors 0-255: new pages live
+    before = volume_tool.sectors(image, fs_home)
+    live, snap = before["live"]["at"], before["snapshots"][sid]["at"]
+    assert live[10] != snap[10] and live[2100] == snap[2100] and live[300] == snap[300]
+    # live-only pages (10, 11), a page both reach (2100), a snapshot-only page (100)
+    for page in (live[10], live[11], live[2100], snap[100]):
+        flip(image, page_offset(page) + 100)
+    flip(image, header_offset(1) + 200)
+    flip(image, commit_offset(0) + 100)
+    expected = {("header-copy",), ("commit-slot",), ("sector", None, 10, 2), ("sector", None, 2100, 1),
+                ("sector", sid, 100, 1), ("sector", sid, 2100, 1)}
+    code, report = fsck(image, fs_home)
+    assert code == 4 and found(report) == expected
+    assert report["counts"]["snapshots"] == 1 and report["counts"]["damaged_sectors"] == 5
+
+    code, report = fsck(image, fs_home, "--repair")
+    assert code == 4 and found(report) == expected
+    assert {d["kind"] for d in report["damage"] if d["repaired"]} == {"header-copy", "commit-slot"}
+    code, report = fsck(image, fs_home)
+    assert code == 4 and found(report) == expected - {("header-copy",), ("commit-slot",)}
+    still_reads(before, volume_tool.sectors(image, fs_home), {None: {10, 11, 2100}, sid: {100, 2100}})
+
+
+def test_format_1_damage_is_found_exactly_and_repaired_where_a_mirror_holds_it(fs_home: Path,
+                                                                               tmp_path: Path) -> None:
+    image = create(fs_home, tmp_path / "vol.img", size="64M", fmt=1)  # two extents
+    volume_tool.write(image, fs_home, {0: os.urandom(MiB), 9000 * 4096: os.urandom(64 * 1024)}, tmp_path)
+    before = volume_tool.sectors(image, fs_home)
+    assert before["live"]["at"][3] == SLOT_A  # written once: in slot A
+    for sector in (3, 4, 200, 9001):
+        flip(image, sector_offset(sector, SLOT_A) + 100)
+    flip(image, header_offset(0) + 300)
+    flip(image, map_offset(1, 1) + 100)  # extent 1 (sectors 8192-16383), map slot 1
+    expected = {("header-copy",), ("map-slot",), ("sector", None, 3, 2), ("sector", None, 200, 1),
+                ("sector", None, 9001, 1)}
+    code, report = fsck(image, fs_home)
+    assert code == 4 and found(report) == expected
+    [slot] = [d["message"] for d in report["damage"] if d["kind"] == "map-slot"]
+    assert "extent 1 " in slot and "slot 1 " in slot
+
+    code, report = fsck(image, fs_home, "--repair")
+    assert code == 4 and {d["kind"] for d in report["damage"] if d["repaired"]} == {"header-copy", "map-slot"}
+    code, report = fsck(image, fs_home)
+    assert code == 4 and found(report) == expected - {("header-copy",), ("map-slot",)}
+    still_reads(before, volume_tool.sectors(image, fs_home), {None: {3, 4, 200, 9001}})
+
+
+@pytest.mark.parametrize(("fmt", "where"), [(2, header_offset(0) + 10), (2, commit_offset(1) + 10),
+                                           (1, header_offset(1) + 10), (1, map_offset(0, 0) + 10)])
+def test_repairable_damage_alone_ends_in_exit_1_then_0(fs_home: Path, tmp_path: Path, fmt: int, where: int) -> None:
+    image = create(fs_home, tmp_path / "vol.img", fmt=fmt)
+    volume_tool.write(image, fs_home, {0: os.urandom(MiB)}, tmp_path)
+    before = volume_tool.sectors(image, fs_home)
+    flip(image, where)
+    code, report = fsck(image, fs_home)
+    assert code == 4 and len(report["damage"]) == 1 and report["damage"][0]["repairable"]
+    code, report = fsck(image, fs_home, "--repair")
+    assert code == 1 and len(report["damage"]) == 1 and report["damage"][0]["repaired"]
+    code, report = fsck(image, fs_home)
+    assert code == 0 and report["damage"] == []
+    still_reads(before, volume_tool.sectors(image, fs_home), {})
+
+
+# -- leaked space -------------------------------------------------------------------------------
+
+def test_pages_past_the_last_commit_are_a_warning_cut_off_by_repair(fs_home: Path, tmp_path: Path) -> None:
+    image = create(fs_home, tmp_path / "vol.img")
+    volume_tool.write(image, fs_home, {0: os.urandom(MiB)}, tmp_path)
+    before, size = volume_tool.sectors(image, fs_home), os.path.getsize(image)
+    with open(image, "ab") as f:
+        f.write(os.urandom(3 * 4124))  # what a writer killed before its commit leaves
+    code, report = fsck(image, fs_home)
+    assert code == 0 and [(d["kind"], d["severity"]) for d in report["damage"]] == [("tail-pages", "warning")]
+    assert fsck(image, fs_home, "--repair")[0] == 1
+    assert os.path.getsize(image) == size
+    assert fsck(image, fs_home)[1]["damage"] == []
+    still_reads(before, volume_tool.sectors(image, fs_home), {})
+
+
+def test_free_pages_a_killed_deletion_left_are_given_back_by_repair(fs_home: Path, tmp_path: Path) -> None:
+    image = create(fs_home, tmp_path / "vol.img")
+    volume_tool.write(image, fs_home, {0: os.urandom(8 * MiB)}, tmp_path)
+    sid = snapshot(image, fs_home)
+    volume_tool.write(image, fs_home, {0: os.urandom(8 * MiB)}, tmp_path)  # the snapshot alone holds 8 MiB
+    env = dict(os.environ, ENCFS_HOME=str(fs_home))
+    env.pop("SOFTHSM2_CONF", None)
+    p = subprocess.run([sys.executable, "-c", KILLED_AT, "committed", "snapshot", "delete", f"{image}@{sid}"],
+                       env=env, capture_output=True, timeout=60)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()
+    before, held = volume_tool.sectors(image, fs_home), os.stat(image).st_blocks * 512
+    assert before["snapshots"] == {}
+    code, report = fsck(image, fs_home)
+    assert code == 0 and [(d["kind"], d["severity"]) for d in report["damage"]] == [("free-pages", "warning")]
+    assert report["counts"]["free_bytes_held"] > 7 * MiB
+    assert fsck(image, fs_home, "--repair")[0] == 1
+    assert held - os.stat(image).st_blocks * 512 > 7 * MiB
+    code, report = fsck(image, fs_home)
+    assert code == 0 and report["damage"] == [] and report["counts"]["free_bytes_held"] < MiB
+    still_reads(before, volume_tool.sectors(image, fs_home), {})
+
+
+# -- what fsck cannot check: one line, exit 8 ---------------------------------------------------
+
+def test_bad_targets_are_one_line_and_exit_8(fs_home: Path, tmp_path: Path, fs: tuple[Path, Path]) -> None:
+    assert "no such file" in fails(tmp_path / "missing.img", fs_home)
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(300 * 1024))
+    assert "neither an encfs volume image nor a CIPHERDIR" in fails(junk, fs_home)
+    assert fails(fs[0], fs_home) == "encfs: checking a filesystem (CIPHERDIR) is not supported yet"
+    image = create(fs_home, tmp_path / "vol.img")
+    for copy in (0, 1):  # both header copies gone: damage, but nothing can be checked
+        flip(image, header_offset(copy) + 100)
+    code, report = fsck(image, fs_home)
+    assert code == 4 and found(report) == {("header",)}
+
+
+def test_a_wrong_pin_or_a_disabled_key_is_one_line_and_exit_8(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert run_encfs("key", "create", "--alias", "fs", home=home).returncode == 0
+    image = create(home, tmp_path / "vol.img")
+    assert run_encfs("key", "disable", "fs", home=home).returncode == 0
+    assert "disabled" in fails(image, home).lower()
+    assert run_encfs("key", "enable", "fs", home=home).returncode == 0
+    pin = home / "softhsm" / "user.pin"
+    good = pin.read_text()
+    pin.write_text("not-the-pin")
+    assert "wrong PIN" in fails(image, home)
+    pin.write_text(good)
+    assert fsck(image, home)[0] == 0
+
+
+@needs_loop_devices[0]
+@needs_loop_devices[1]
+def test_an_attached_volume_is_refused_in_one_line(rig: Rig) -> None:  # noqa: F811
+    image = rig.create(size="16M")
+    loop = rig.attach(image)
+    p = rig.encfs("fsck", image)
+    assert p.returncode == 8 and p.stderr.strip() == f"encfs: {image} is attached at {loop}: detach it first " \
+                                                      f"(`encfs volume detach {loop}`)", p.stderr
+    rig.detach(image)
+    assert rig.encfs("fsck", image).returncode == 0
