@@ -1,8 +1,10 @@
-"""``encfs fsck TARGET [--repair] [--json]``: check (and repair) a volume image and its snapshots.
+"""``encfs fsck TARGET [--repair] [--json]``: check (and repair) a volume image and its snapshots,
+or a snapshot export directory.
 
-TARGET's kind is found first (KINDS: a volume image by its header's magic, a CIPHERDIR by its
-config file), then the checker of that kind runs: encfs/block/fsck.py for volumes. A filesystem
-checker plugs in as one more entry of KINDS; until then a CIPHERDIR is an operational error.
+TARGET's kind is found first (KINDS: a volume image by its header's magic, an export by its key
+file, a CIPHERDIR by its config file), then the checker of that kind runs: encfs/block/fsck.py
+for volumes, encfs/block/fsckexport.py for exports. A filesystem checker plugs in as its entry
+of KINDS; until then a CIPHERDIR is an operational error.
 
 Invariants:
 - Exit codes are fsck(8)'s (encfs/fsckreport.py): 0 clean, 1 errors corrected, 4 errors left
@@ -47,6 +49,20 @@ def _is_cipherdir(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in COPIES)
 
 
+def _is_export(path: Path) -> bool:
+    from encfs.block.exportformat import KEY_FILE, MANIFESTS, OBJECTS
+
+    return path.is_dir() and (path / KEY_FILE).is_file() and any((path / d).is_dir() for d in (MANIFESTS, OBJECTS))
+
+
+def _check_export(args: argparse.Namespace, path: Path) -> Report:
+    from encfs.block.fsckexport import check_export
+    from encfs.block.snapcli import _service
+
+    with _service(args) as ks:
+        return check_export(path, ks, repair=args.repair)
+
+
 def _check_volume(args: argparse.Namespace, path: Path) -> Report:
     from encfs.block.attach import refuse_attached
     from encfs.block.fsck import check_volume
@@ -74,6 +90,7 @@ def _no_filesystems(_args: argparse.Namespace, _path: Path) -> Report:
 # (kind, whether TARGET is one, its checker), tried in order.
 KINDS: list[tuple[str, Callable[[Path], bool], Callable[[argparse.Namespace, Path], Report]]] = [
     ("volume", _is_volume, _check_volume),
+    ("export", _is_export, _check_export),
     ("filesystem", _is_cipherdir, _no_filesystems),
 ]
 
@@ -85,7 +102,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             raise FsckError(f"{path}: no such file or directory")
         checker = next((check for _kind, test, check in KINDS if test(path)), None)
         if checker is None:
-            raise FsckError(f"{path} is neither an encfs volume image nor a CIPHERDIR")
+            raise FsckError(f"{path} is not an encfs volume image, snapshot export or CIPHERDIR")
         report = checker(args, path)
     except EncfsError as e:
         if e.exit_code == EXIT_OPERATIONAL:
@@ -122,12 +139,12 @@ def _print(report: Report) -> None:
 
 
 def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None]) -> None:
-    help = "check a volume image (and its snapshots) for damage; exit codes as fsck(8)"
+    help = "check a volume image (and its snapshots) or a snapshot export for damage; exit codes as fsck(8)"
     p = sub.add_parser("fsck", help=help, description=help)
     add_hsm_options(p)
-    p.add_argument("target", metavar="TARGET", help="a volume image (detached)")
+    p.add_argument("target", metavar="TARGET", help="a volume image (detached) or a snapshot export directory")
     p.add_argument("--repair", action="store_true",
                    help="rewrite damaged header copies, commit and map slots from their good mirror and give back "
-                        "leaked space; damaged sectors are listed, never changed")
+                        "leaked space (an export: remove unnamed objects); damaged sectors are listed, never changed")
     p.add_argument("--json", action="store_true", help="one JSON object: the counts and every finding")
     p.set_defaults(func=cmd_fsck)

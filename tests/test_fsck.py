@@ -31,7 +31,7 @@ def fsck(image: Path, home: Path, *options: str) -> tuple[int, dict[str, Any]]:
     assert p.returncode in (0, 1, 4), p.stderr.decode()
     assert b"Traceback" not in p.stderr
     report = json.loads(p.stdout)
-    assert report["exit_code"] == p.returncode and report["kind"] == "volume"
+    assert report["exit_code"] == p.returncode and report["kind"] in ("volume", "export")
     return p.returncode, report
 
 
@@ -203,13 +203,63 @@ def test_free_pages_a_killed_deletion_left_are_given_back_by_repair(fs_home: Pat
     still_reads(before, volume_tool.sectors(image, fs_home), {})
 
 
+# -- snapshot exports ---------------------------------------------------------------------------
+
+def test_an_export_is_checked_object_by_object(fs_home: Path, tmp_path: Path) -> None:
+    image = create(fs_home, tmp_path / "vol.img")
+    volume_tool.write(image, fs_home, {0: os.urandom(3 * MiB)}, tmp_path)
+    first = snapshot(image, fs_home)
+    volume_tool.write(image, fs_home, {8 * MiB: os.urandom(2 * MiB)}, tmp_path)
+    second = snapshot(image, fs_home)
+    out = tmp_path / "export"
+    for sid in (first, second):
+        assert run_encfs("snapshot", "export", f"{image}@{sid}", str(out), home=fs_home).returncode == 0
+    code, report = fsck(out, fs_home)
+    assert (code, report["damage"], report["counts"]["snapshots"], report["counts"]["objects"]) == (0, [], 2, 5)
+    objects = out / "objects"
+    shared, only_second = _object_of(out, fs_home, first, 1), _object_of(out, fs_home, second, 8)
+    flip(objects / shared[:2] / shared, 100)  # a chunk both snapshots name
+    (objects / only_second[:2] / only_second).unlink()
+    (objects / "ab").mkdir(exist_ok=True)
+    (objects / "ab" / ("ab" + "0" * 62)).write_bytes(b"x" * 1000)  # an object no manifest names
+    (out / "tmp" / "left").write_bytes(b"y")
+    expected = {("sector", first, 256, 256), ("sector", second, 256, 256), ("sector", second, 2048, 256),
+                ("unnamed-objects",), ("tmp-files",)}
+    code, report = fsck(out, fs_home)
+    assert code == 4 and {(d["kind"], *_where(d)) for d in report["damage"]} == \
+        {("object", *w[1:]) if w[0] == "sector" else w for w in expected}
+    code, report = fsck(out, fs_home, "--repair")
+    assert code == 4 and {d["kind"] for d in report["damage"] if d["repaired"]} == {"unnamed-objects", "tmp-files"}
+    assert not (objects / "ab").exists() or not any((objects / "ab").iterdir())
+    assert not any((out / "tmp").iterdir())
+    code, report = fsck(out, fs_home)
+    assert code == 4 and {d["kind"] for d in report["damage"]} == {"object"} and len(report["damage"]) == 3
+
+
+def _where(d: dict[str, Any]) -> tuple[Any, ...]:
+    return (d["snapshot"], d["sector"], d["count"]) if "sector" in d else ()
+
+
+def _object_of(out: Path, home: Path, sid: str, chunk: int) -> str:
+    """The object name of ``chunk`` in ``sid``'s manifest (opened in a subprocess: its own token)."""
+    code = ("import sys; from pathlib import Path; from encfs.keys.service import KeyService; "
+            "from encfs.block.export import read_manifest; "
+            "ks = KeyService.open(); print(read_manifest(Path(sys.argv[1]), ks, sys.argv[2]).chunks[int(sys.argv[3])])")
+    env = dict(os.environ, ENCFS_HOME=str(home))
+    env.pop("SOFTHSM2_CONF", None)
+    p = subprocess.run([sys.executable, "-c", code, str(out), sid, str(chunk)], env=env, capture_output=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr.decode()
+    return p.stdout.decode().strip()
+
+
 # -- what fsck cannot check: one line, exit 8 ---------------------------------------------------
 
 def test_bad_targets_are_one_line_and_exit_8(fs_home: Path, tmp_path: Path, fs: tuple[Path, Path]) -> None:
     assert "no such file" in fails(tmp_path / "missing.img", fs_home)
     junk = tmp_path / "junk.img"
     junk.write_bytes(os.urandom(300 * 1024))
-    assert "neither an encfs volume image nor a CIPHERDIR" in fails(junk, fs_home)
+    assert "not an encfs volume image, snapshot export or CIPHERDIR" in fails(junk, fs_home)
     assert fails(fs[0], fs_home) == "encfs: checking a filesystem (CIPHERDIR) is not supported yet"
     image = create(fs_home, tmp_path / "vol.img")
     for copy in (0, 1):  # both header copies gone: damage, but nothing can be checked
