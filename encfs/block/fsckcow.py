@@ -153,11 +153,12 @@ def _check_pages(store: _Cow, trees: list[tuple[str | None, MapTree, int]], repo
     checked_leaves: set[int] = set()
     work = []
     for _sid, tree, sectors in trees:
-        part = tree if not checked_pages else _residual(tree, checked_pages, checked_leaves)
+        part = tree if not work else _residual(tree, checked_pages, checked_leaves)
         runs = list(part.written_runs(sectors))
         work.append((part, runs))
-        checked_pages.update(part.data_pages())
-        checked_leaves.update(p for (level, _i), p in tree.pages.items() if level == 0)
+        if len(trees) > 1:  # what the trees after this one can skip
+            checked_pages.update(part.data_pages())
+            checked_leaves.update(p for (level, _i), p in tree.pages.items() if level == 0)
     total = sum(n for _t, runs in work for _f, n in runs)
     damaged: dict[int, int] = {}  # page -> its sector
     with progress(total * SECTOR_SIZE, f"fsck {Path(report.target).name}") as bar:
