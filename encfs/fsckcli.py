@@ -83,6 +83,18 @@ def _check_volume(args: argparse.Namespace, path: Path) -> Report:
         return check_volume(path, ks, repair=args.repair)
 
 
+def _is_device(path: Path) -> bool:
+    return path.is_block_device()
+
+
+def _attached_device(_args: argparse.Namespace, path: Path) -> Report:
+    from encfs.block.snapcli import _image_of_loop
+
+    image = _image_of_loop(str(path))  # VolumeError unless it is an attached encfs volume
+    raise FsckError(f"{path} is the attached volume {image}: detach it first (`encfs volume detach {path}`), "
+                    f"then check {image}")
+
+
 def _no_filesystems(_args: argparse.Namespace, _path: Path) -> Report:
     raise FsckError("checking a filesystem (CIPHERDIR) is not supported yet")
 
@@ -91,6 +103,7 @@ def _no_filesystems(_args: argparse.Namespace, _path: Path) -> Report:
 KINDS: list[tuple[str, Callable[[Path], bool], Callable[[argparse.Namespace, Path], Report]]] = [
     ("volume", _is_volume, _check_volume),
     ("export", _is_export, _check_export),
+    ("device", _is_device, _attached_device),
     ("filesystem", _is_cipherdir, _no_filesystems),
 ]
 

@@ -291,5 +291,18 @@ def test_an_attached_volume_is_refused_in_one_line(rig: Rig) -> None:  # noqa: F
     p = rig.encfs("fsck", image)
     assert p.returncode == 8 and p.stderr.strip() == f"encfs: {image} is attached at {loop}: detach it first " \
                                                       f"(`encfs volume detach {loop}`)", p.stderr
+    p = rig.encfs("fsck", loop)
+    assert p.returncode == 8 and p.stderr.strip() == f"encfs: {loop} is the attached volume {image}: detach it " \
+                                                      f"first (`encfs volume detach {loop}`), then check {image}"
     rig.detach(image)
     assert rig.encfs("fsck", image).returncode == 0
+    assert "not an attached encfs volume" in rig.fails("fsck", loop)
+
+
+def test_the_progress_bar_is_on_stderr_and_only_when_asked_for(fs_home: Path, tmp_path: Path) -> None:
+    image = create(fs_home, tmp_path / "vol.img")
+    volume_tool.write(image, fs_home, {0: os.urandom(4 * MiB)}, tmp_path)
+    p = run_encfs("fsck", str(image), "--json", home=fs_home, env={"ENCFS_PROGRESS": "1"})
+    assert p.returncode == 0 and json.loads(p.stdout)["damage"] == [] and b"fsck vol.img" in p.stderr
+    p = run_encfs("fsck", str(image), home=fs_home)  # stderr is no terminal here: no bar
+    assert p.returncode == 0 and p.stderr == b""
