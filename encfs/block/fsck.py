@@ -51,8 +51,6 @@ from encfs.block.header import RECORD, VolumeFormatError, VolumeHeader, header_m
 from encfs.block.layout import (
     EXTENT_SECTORS,
     SECTOR_SIZE,
-    SLOT_A,
-    SLOT_B,
     extents_for,
     header_offset,
     image_size,
@@ -66,7 +64,7 @@ from encfs.keys.service import KeyService
 from encfs.progress import Progress, progress
 
 CHUNK = 2048  # sectors per read (8 MiB): large runs
-AHEAD = 2  # chunks read into the page cache ahead of the one being opened
+AHEAD = 4  # chunks read into the page cache ahead of the one being opened
 log = logging.getLogger("encfs.block")
 
 
@@ -177,6 +175,11 @@ class _Sectors(SectorStore):
     def read_into(self, first: int, count: int, out: memoryview) -> None:
         self._read_into(first, count, out, None)
 
+    def ranges(self, first: int, count: int) -> list[tuple[int, int]]:
+        """Where the slots that [first, first + count) read from lie in the image (only those: the
+        page cache would fill the other slots' holes with zeros)."""
+        return [(sector_offset(s, state), n * SEALED_BLOCK) for s, n, state in self._slot_runs(first, count) if state]
+
 
 def _check_v1(fd: int, header: VolumeHeader, key: bytes, report: Report, data: bool) -> None:
     store = _Sectors(fd, key, header.volume_id, header.sectors)
@@ -212,7 +215,7 @@ def _check_v1(fd: int, header: VolumeHeader, key: bytes, report: Report, data: b
     if data:
         total = sum(n for _f, n in runs)
         with progress(total * SECTOR_SIZE, f"fsck {Path(report.target).name}") as bar:
-            bad = verify(fd, runs, store.read_into, lambda e: e.block_no // 2, _v1_ranges, bar)
+            bad = verify(fd, runs, store.read_into, lambda e: e.block_no // 2, store.ranges, bar)
         report.counts["sectors_checked"] = total
         for first, n in sector_runs(bad):
             report.add(sector_finding(None, first, n))
@@ -224,13 +227,6 @@ def sector_finding(snapshot: str | None, first: int, n: int) -> Finding:
     owner = f"snapshot {snapshot}: " if snapshot else ""
     return Finding("sector", f"{owner}{what} {where} fail{'s' if n == 1 else ''} authentication (read as I/O "
                              "errors; not repairable)", snapshot=snapshot, sector=first, count=n)
-
-
-def _v1_ranges(first: int, count: int) -> list[tuple[int, int]]:
-    """Both slots' chunks of the groups [first, first + count) lie in one span of the image (the
-    other slot's chunk is mostly holes, which cost no disk reads)."""
-    start, end = sector_offset(first, SLOT_A), sector_offset(first + count - 1, SLOT_B) + SEALED_BLOCK
-    return [(start, end - start)]
 
 
 def _read_ahead(fd: int, ranges: list[tuple[int, int]]) -> None:
