@@ -155,7 +155,7 @@ def test_bench_volumes_and_snapshots_smoke(tmp_path: Path) -> None:
     assert snaps[f"create_daemon_{full}"]["median"] < snaps[f"create_cli_{full}"]["median"]
     assert not any("snapshot benchmark failed" in n for n in result["notes"]), result["notes"]
     rekey = result["rekey"]
-    for name in ("fill", "rewrap_volume", "full_volume"):
+    for name in ("fill", "rewrap_volume", "full_volume", "fsck_volume"):
         s = rekey[f"{name}_{full}"]
         assert s["samples"] and all(v > 0 for v in s["samples"]), (name, s)
     assert not any("re-key benchmark failed" in n for n in result["notes"]), result["notes"]
