@@ -37,7 +37,6 @@ Invariants:
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import time
@@ -57,7 +56,7 @@ from encfs.block.layout import (
     sector_offset,
 )
 from encfs.block.sectors import SectorStore
-from encfs.block.volume import VolumeError, _read_verified, open_volume
+from encfs.block.volume import VolumeError, _read_verified, open_locked, open_volume
 from encfs.blocks import SEALED_BLOCK, BlockAuthError
 from encfs.fsckreport import WARNING, Finding, Report, sector_runs
 from encfs.keys.service import KeyService
@@ -97,21 +96,8 @@ def _quiet() -> Iterator[None]:
         log.setLevel(before)
 
 
-def _open(path: Path) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise VolumeError(f"cannot open volume {path}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise VolumeError(f"volume {path} is in use by another encfs process (attached or being changed)") from None
-    return fd
-
-
 def _check(path: Path, ks: KeyService, data: bool) -> Report:
-    fd = _open(path)
+    fd = open_locked(path, writable=False, shared=True)
     try:
         try:
             header, key, problems = _read_verified(fd, path, ks, None)

@@ -374,18 +374,20 @@ def open_snapshots(path: Path, ks: KeyService, expected_key: str | None = None) 
         raise
 
 
-def open_locked(path: Path, writable: bool = True) -> int:
+def open_locked(path: Path, writable: bool = True, shared: bool = False) -> int:
     """The image's fd, under the lock that one opener holds at a time (the serving daemon, a
-    resize, a re-key); VolumeError in one line if it cannot be opened or another holds it."""
+    resize, a re-key), or with ``shared`` beside other readers (a check); VolumeError in one line
+    if it cannot be opened or another holds the lock."""
     try:
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
     except OSError as e:
         raise VolumeError(f"cannot open volume {path}: {e.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise VolumeError(f"volume {path} is in use by another encfs process (attached or being resized)") from None
+        raise VolumeError(f"volume {path} is in use by another encfs process (attached, or being changed)") \
+            from None
     return fd
 
 
