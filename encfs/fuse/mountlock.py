@@ -14,6 +14,8 @@ bookkeeping, never a user entry) carries:
   id, pid and its start time, a random owner id, mountpoint, mount time,
   heartbeat time, mode, and ``state``: "mounted" while mounted, "clean" after
   a clean unmount. A heartbeat thread rewrites it every HEARTBEAT seconds.
+  ``encfs rekey`` (rewrap.py) holds the lock the same way, with mode "rekey",
+  so that nothing mounts while it runs.
 
 Taking the lock (``MountLock.acquire``):
 - the fcntl lock is held by someone else: refused, naming the holder;
@@ -67,6 +69,7 @@ LOCK_NAME = "encfs.lock"
 LEASE = 30.0
 HEARTBEAT = LEASE / 3
 RECORD_VERSION = 1
+REKEY_MODE = "rekey"  # the record's mode while `encfs rekey` holds the lock (encfs/fuse/rewrap.py)
 _RECORD_UNIT = 512  # one sector: the record is written in one piece
 _UNLOCKABLE = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 _READONLY_MEDIA = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -127,7 +130,15 @@ def _num(rec: dict[str, Any], key: str) -> float:
 
 
 def _who(rec: dict[str, Any]) -> str:
+    if rec.get("mode") == REKEY_MODE:
+        return f"by `encfs rekey` (pid {rec.get('pid', '?')} on host {rec.get('host', '?')})"
     return f"at {rec.get('mountpoint', '?')} by pid {rec.get('pid', '?')} on host {rec.get('host', '?')}"
+
+
+def _held(cipherdir: Path, rec: dict[str, Any]) -> str:
+    if rec.get("mode") == REKEY_MODE:
+        return f"{cipherdir} is being re-keyed {_who(rec)}"
+    return f"{cipherdir} is already mounted {_who(rec)}"
 
 
 def _judge(cipherdir: Path, rec: dict[str, Any] | str | None, now: float) -> tuple[bool, str | None]:
@@ -145,12 +156,12 @@ def _judge(cipherdir: Path, rec: dict[str, Any] | str | None, now: float) -> tup
         if isinstance(pid, int) and pid > 0:
             start = proc_start(pid)
             if start is not None and start == rec.get("pid_start"):  # that very process, still running
-                raise MountBusy(f"{cipherdir} is already mounted {_who(rec)}")
+                raise MountBusy(_held(cipherdir, rec))
         return True, f"the mount {_who(rec)} ended without unmounting"
     age = now - _num(rec, "heartbeat")
     if age < LEASE:
         wait = max(1, int(LEASE - age + 1))
-        raise MountBusy(f"{cipherdir} is already mounted {_who(rec)} (heartbeat {max(0, int(age))} s ago; "
+        raise MountBusy(f"{_held(cipherdir, rec)} (heartbeat {max(0, int(age))} s ago; "
                         f"if that host crashed, retry in {wait} s)")
     return True, f"the mount {_who(rec)} stopped its heartbeat {int(age)} s ago: presumed crashed"
 
@@ -159,7 +170,7 @@ def _busy(cipherdir: Path, fd: int, held: tuple[int, int] | None) -> MountBusy:
     """The refusal when the fcntl lock is held: named from the record if a read-write mount holds it."""
     rec = _read_record(fd)
     if isinstance(rec, dict) and rec.get("state") == "mounted" and (held is None or held[0] == fcntl.F_WRLCK):
-        return MountBusy(f"{cipherdir} is already mounted {_who(rec)}")
+        return MountBusy(_held(cipherdir, rec))
     pid = f" (pid {held[1]})" if held and held[1] > 0 else ""
     if held and held[0] == fcntl.F_RDLCK:
         return MountBusy(f"{cipherdir} is already mounted read-only{pid}: a read-write mount needs it alone")
@@ -251,8 +262,10 @@ class MountLock:
         self._size = 0
 
     @classmethod
-    def acquire(cls, cipherdir: Path, mountpoint: Path | str, *, read_only: bool) -> MountLock:
-        """Take the lock for a mount at ``mountpoint``; MountBusy if the CIPHERDIR is mounted."""
+    def acquire(cls, cipherdir: Path, mountpoint: Path | str, *, read_only: bool,
+                mode: str = "rw") -> MountLock:
+        """Take the lock for a mount at ``mountpoint``; MountBusy if the CIPHERDIR is mounted.
+        ``mode``: what a read-write holder records (REKEY_MODE: `encfs rekey`, no mountpoint)."""
         path = cipherdir / LOCK_NAME
         fd = _open(path, read_only)
         if fd is None:
@@ -280,16 +293,16 @@ class MountLock:
                 log.warning("%s: the last read-write mount did not end cleanly: %s%s", cipherdir, why,
                             "" if read_only else "; taking over")
             if not read_only:
-                lock._start(os.path.realpath(mountpoint))
+                lock._start(os.path.realpath(mountpoint) if mode == "rw" else str(mountpoint), mode)
             return lock
         except BaseException:
             os.close(fd)
             raise
 
-    def _start(self, mountpoint: str) -> None:
+    def _start(self, mountpoint: str, mode: str = "rw") -> None:
         host, boot = _this_host()
         now = time.time()
-        self._record = {"version": RECORD_VERSION, "state": "mounted", "mode": "rw", "host": host,
+        self._record = {"version": RECORD_VERSION, "state": "mounted", "mode": mode, "host": host,
                         "boot_id": boot, "pid": os.getpid(), "pid_start": proc_start(os.getpid()),
                         "owner": uuid.uuid4().hex, "mountpoint": mountpoint, "mounted_at": round(now, 3),
                         "heartbeat": round(now, 3)}
