@@ -15,7 +15,10 @@ Invariants:
   of a newer format or an unknown feature is believed only from a verified
   copy (FsVersionError) and such a copy is never overwritten.
 - Two verified copies that disagree refuse the mount; nothing guesses
-  which one is right.
+  which one is right. The one exception is an interrupted ``encfs rekey``
+  (rewrap.py, which refuses mounts meanwhile): copies that hold the same
+  secret and differ only in key_id and wrapped secret are then its move, and
+  either is the config (``open_config(rewrap_to=...)``).
 - Format-1 copies (no MAC) stay readable; the first read-write mount
   upgrades both copies to format 2, and ``FsConfig.format`` is 2 only once
   that reached the disk: it always tells what every reader of this
@@ -252,6 +255,11 @@ def _newer_of(a: FsConfig, b: FsConfig) -> FsConfig | None:
     return None
 
 
+def _same_but_wrapping(a: FsConfig, b: FsConfig) -> bool:
+    """Whether two copies differ only in the CMK that wraps the secret (an interrupted re-wrap)."""
+    return (a.fs_id, a.features, a.format) == (b.fs_id, b.features, b.format)
+
+
 def _one_block_size(config: FsConfig) -> bool:
     return len([f for f in config.features if f in BLOCK_FEATURES]) == 1
 
@@ -332,11 +340,15 @@ class OpenedConfig:
     secret: bytes = field(default=b"", repr=False)  # for rewriting the copies (set_features)
 
 
-def open_config(cipherdir: Path, ks: KeyService, *, writable: bool) -> OpenedConfig:
+def open_config(cipherdir: Path, ks: KeyService, *, writable: bool,
+                rewrap_to: str | None = None) -> OpenedConfig:
     """Verify both copies on the token and pick the config (FORMAT.md §6.1 load rules).
 
     With ``writable`` (a read-write mount, under the mount lock): a missing or damaged copy is
-    rewritten from the good one, and a format-1 config is upgraded to format 2.
+    rewritten from the good one, and a format-1 config is upgraded to format 2. ``rewrap_to``:
+    the CMK an interrupted ``encfs rekey`` moves the filesystem to (its marker, rewrap.py);
+    two copies that differ only by that move are not a disagreement, and the one under
+    ``rewrap_to`` is taken (FORMAT.md §6.8).
     """
     if not cipherdir.is_dir():
         raise FsConfigError(f"{cipherdir} is not a directory")
@@ -372,7 +384,13 @@ def open_config(cipherdir: Path, ks: KeyService, *, writable: bool) -> OpenedCon
         a, b = (c.config for c in good)
         assert a is not None and b is not None
         newer = _newer_of(a, b)
-        if newer is not None:
+        moved = rewrap_to is not None and _same_but_wrapping(a, b) and \
+            secrets[(a.fs_id, a.key_id, a.wrapped_secret)] == secrets[(b.fs_id, b.key_id, b.wrapped_secret)]
+        if moved:
+            chosen = next((c for c in good if c.config is not None and c.config.key_id == rewrap_to), good[0])
+            stale.append(next(c for c in good if c is not chosen).name)
+            warnings.append(f"{stale[-1]} is still under the CMK an interrupted `encfs rekey` moves from")
+        elif newer is not None:
             # An upgrade that stopped between the two copies: the newer copy is the config.
             chosen = next(c for c in good if c.config is newer)
             older = next(c for c in good if c is not chosen)
