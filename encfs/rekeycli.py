@@ -59,7 +59,9 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     target = Path(args.target)
     kind = kind_of(target)
     if kind == "filesystem":
-        raise UsageError(f"{target}: re-keying a filesystem (CIPHERDIR) is not supported yet")
+        if args.full:
+            raise UsageError(f"{target}: --full for a filesystem is not supported yet")
+        return _filesystem(args, target)
     if args.full:
         return _full(args, target, kind)
     with _service(args) as ks:
@@ -82,6 +84,34 @@ def cmd_rekey(args: argparse.Namespace) -> int:
                   f"{would}rewr{'ite' if would else 'ote'} the header copies ({done.repaired[0]})")
         else:
             print(f"{target}: the {what} is already under {_version(done.to_key, done.to_version)}: nothing to do")
+    return 0
+
+
+def _filesystem(args: argparse.Namespace, target: Path) -> int:
+    from encfs.fuse.rewrap import RewrapError, rewrap_filesystem
+
+    with _service(args) as ks:
+        done = rewrap_filesystem(target, ks, args.key, dry_run=args.dry_run)
+    src, dst = _version(done.from_key, done.from_version), _version(done.to_key, done.to_version)
+    what = f"{done.files} file key{'s' if done.files != 1 else ''}" + (" and the filesystem key" if done.config else "")
+    if args.json:
+        print(json.dumps({"Target": str(target), "Kind": "filesystem", "Changed": done.changed, "DryRun": args.dry_run,
+                          "Resumed": done.resumed, "SourceKeyId": done.from_key, "SourceKeyVersion": done.from_version,
+                          "KeyId": done.to_key, "KeyVersion": done.to_version, "Files": done.files,
+                          "WrappedKeys": done.wrapped_keys, "Damaged": done.damaged,
+                          "Seconds": round(done.seconds, 3)}))
+    elif not done.changed:
+        print(f"{target}: every wrapped key is already under {dst}: nothing to do")
+    elif args.dry_run:
+        print(f"{target}: would re-wrap {what} from {src} to {dst}"
+              + (" and finish an interrupted re-key" if done.resumed else "") + " (no content is rewritten)")
+    else:
+        print(f"{target}: re-wrapped {what} from {src} to {dst}"
+              + (", finishing an interrupted re-key," if done.resumed else "")
+              + f" in {done.seconds:.2f} s (no content rewritten)")
+    if done.damaged:
+        raise RewrapError(f"{target}: {len(done.damaged)} file header(s) are damaged and stay as they were "
+                          f"(first: {done.damaged[0]}): their files could not be read before either")
     return 0
 
 

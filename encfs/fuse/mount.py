@@ -21,7 +21,7 @@ from pathlib import Path
 from encfs.daemon import Readiness, keep_secrets_in_memory, spawn
 from encfs.diskio import syncfs
 from encfs.errors import MountError
-from encfs.fuse import binding, mountlock
+from encfs.fuse import binding, mountlock, rewrap
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import open_config, peek_config
 from encfs.fuse.mountlock import MountLock
@@ -130,6 +130,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
     lock = MountLock.acquire(cipherdir, mountpoint, read_only=opts.read_only)
     try:
+        rewrap.refuse_if_interrupted(cipherdir)
         ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
         log = logging.getLogger("encfs.fuse")
         opened = open_config(cipherdir, ks, writable=not opts.read_only)
@@ -209,6 +210,7 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     peek_config(cipherdir)  # fail early, before forking, on an obvious mistake
     check_mountpoint(mountpoint)
     mountlock.check(cipherdir, read_only=opts.read_only)  # the daemon takes the lock itself
+    rewrap.refuse_if_interrupted(cipherdir)  # and checks again under it
     check_fuse_device()
     if foreground:
         serve(cipherdir, mountpoint, home, hsm, opts)

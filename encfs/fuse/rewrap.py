@@ -1,0 +1,384 @@
+"""``encfs rekey CIPHERDIR`` without ``--full``: every wrapped key of a filesystem moves to
+another CMK (or to its CMK's newest backing-key version), and no content block is rewritten.
+
+What is wrapped by the CMK: each regular file's data key, in its 128-byte header
+(fileheader.py; context ``config.file_context(file id)``), the same in the header of a
+complete re-key side file ``encfs.journal/<id>.rekey`` (a later mount copies it in,
+rekeyfile.py), and the filesystem secret in both config copies. Names, symlink targets,
+xattrs and directory ids are sealed under keys derived from the secret, which stays the
+same. Each blob moves by ReEncrypt in the key service: no data key leaves it.
+
+A run, under the mount lock for its whole length (mode "rekey": nothing mounts meanwhile,
+and a mounted CIPHERDIR is refused), docs/FORMAT.md §6.8:
+
+1. A marker ``encfs.rekey`` found from an interrupted run: its redo log is replayed first.
+2. Scan: every header not under the destination is to move.
+3. Per batch of up to BATCH headers: re-wrap them; write the marker (once, before the first
+   header changes); write the batch's new headers to ``encfs.rekey.redo``
+   (write-fsync-rename); write them in place; syncfs (one flush for the whole batch, not
+   an fsync per file: the cost grows with the number of files, not their bytes).
+4. The config copies, the backup first, each by write-fsync-rename.
+5. ``encfs.rekey.redo`` and then ``encfs.rekey`` are removed (fsync of the directory).
+
+A mount that finds the marker refuses, in one line that says to run ``encfs rekey
+CIPHERDIR`` again (refuse_if_interrupted, also for read-only mounts): the filesystem is
+not served while its headers may be under two CMKs. Running the command again (with or
+without ``--key``: without, it goes on to the CMK the marker names) finishes the job.
+
+Invariants:
+- Every header on disk is whole and unwraps under the CMK it was under before, or under
+  the destination: a header is written in place only once its new version is durable in
+  the redo log, and a resumed run replays the log before reading any header. A header and
+  its re-wrapped version share their first 22 bytes (magic, version, reserved, file id), so
+  a torn 128-byte write is recognised by them and completed; a file whose header no longer
+  starts that way (gone, or replaced) is left alone.
+- A redo log is replaced by the next batch's only after syncfs made its batch durable.
+- The config copies change after every header, and only while the marker exists; two
+  copies of an interrupted run hold the same secret under two CMKs, and
+  ``open_config(rewrap_to=...)`` takes the one under the marker's CMK.
+- The marker goes last: while it exists, a run resumes. A run that fails before changing
+  anything (an unknown or disabled key) writes no marker.
+- Nothing is written with ``dry_run``, nor when every blob is under the destination already.
+- A header that cannot be parsed or unwrapped (damaged: its file was unreadable before) is
+  left as it is and reported; the others move and the run ends non-zero.
+- The mount lock's record keeps saying "mounted" if the last mount before the first run did
+  not end cleanly (the marker remembers it), so that the next mount still runs its crash
+  recovery.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import stat as stat_m
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from encfs.atomicfile import write_atomic
+from encfs.block.rewrap import destination
+from encfs.diskio import fsync_dir, pwrite_all, syncfs
+from encfs.errors import ContextMismatch, EncfsError, InvalidCiphertext, KeyNotFound, MountError
+from encfs.fuse import rekeyfile
+from encfs.fuse.fileheader import HEADER_LEN, JOURNAL_DIR, FileHeader, HeaderError
+from encfs.fuse.fsconfig import BACKUP_NAME, CONFIG_NAME, FS_FORMAT, FsConfig, open_config, peek_config, \
+    sealed_config_bytes
+from encfs.fuse.mountlock import REKEY_MODE, MountLock
+from encfs.fuse.names import is_internal
+from encfs.keys.blob import CiphertextBlob
+from encfs.keys.service import KeyService
+from encfs.progress import progress
+
+MARKER = "encfs.rekey"
+REDO = "encfs.rekey.redo"
+MARKER_VERSION = 1
+REDO_MAGIC, REDO_VERSION = b"ENCW", 1
+_REDO_HEAD = struct.Struct(">4sB3xI")  # magic, version, 3 zero bytes, record count
+_PATH_LEN = struct.Struct(">H")
+_DIGEST = 32  # SHA-256 of everything before it
+PREFIX = 22  # magic, version, reserved, file id: the same before and after a re-wrap
+BATCH = 2048  # headers per redo log (one write-fsync-rename and one syncfs each)
+_LEFTOVER = re.compile(rb"(encfs\.rekey(\.redo)?|encfs\.conf(\.bak)?)\.tmp\.[0-9]+")
+
+
+class RewrapError(EncfsError):
+    """A filesystem re-wrap failed or left damaged headers as they were."""
+
+
+@dataclass
+class FsRewrapped:
+    """What a re-wrap of a filesystem did (or, with dry_run, would do)."""
+
+    target: Path
+    from_key: str
+    from_version: int
+    to_key: str
+    to_version: int
+    files: int = 0  # file headers moved (or that would move)
+    config: bool = False  # the filesystem secret moved (both copies)
+    resumed: bool = False  # an interrupted run was found (and, unless dry_run, finished)
+    damaged: list[str] = field(default_factory=list)  # headers left as they were
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.files or self.config or self.resumed)
+
+    @property
+    def wrapped_keys(self) -> int:
+        return self.files + int(self.config)
+
+
+def refuse_if_interrupted(cipherdir: Path) -> None:
+    """MountError in one line if a re-wrap of ``cipherdir`` was interrupted (its marker exists)."""
+    if os.path.lexists(cipherdir / MARKER):
+        raise MountError(f"{cipherdir}: a re-key (`encfs rekey`) was interrupted and its headers may be under two "
+                         f"CMKs: run `encfs rekey {cipherdir}` again to finish it, then mount")
+
+
+# -- the redo log and the marker (FORMAT.md §6.8) -----------------------------------------------------
+
+def pack_redo(entries: list[tuple[bytes, bytes]]) -> bytes:
+    """The redo log of ``entries`` (backing path relative to CIPHERDIR, new 128-byte header)."""
+    parts = [_REDO_HEAD.pack(REDO_MAGIC, REDO_VERSION, len(entries))]
+    for rel, header in entries:
+        assert len(header) == HEADER_LEN and not os.path.isabs(rel)
+        parts += [_PATH_LEN.pack(len(rel)), rel, header]
+    body = b"".join(parts)
+    return body + hashlib.sha256(body).digest()
+
+
+def parse_redo(data: bytes, where: str) -> list[tuple[bytes, bytes]]:
+    """RewrapError if the log is not whole (it is written by rename: damage, not a torn write)."""
+    body, digest = data[:-_DIGEST], data[-_DIGEST:]
+    if len(data) < _REDO_HEAD.size + _DIGEST or hashlib.sha256(body).digest() != digest:
+        raise RewrapError(f"{where} is damaged (its digest does not match): restore it from a backup")
+    magic, version, count = _REDO_HEAD.unpack_from(body)
+    if magic != REDO_MAGIC or version != REDO_VERSION:
+        raise RewrapError(f"{where} is not an encfs re-key redo log of version {REDO_VERSION}: upgrade encfs")
+    entries, pos = [], _REDO_HEAD.size
+    for _ in range(count):
+        (n,) = _PATH_LEN.unpack_from(body, pos)
+        rel, header = body[pos + 2:pos + 2 + n], body[pos + 2 + n:pos + 2 + n + HEADER_LEN]
+        entries.append((rel, header))
+        pos += 2 + n + HEADER_LEN
+    if pos != len(body) or any(len(h) != HEADER_LEN or os.path.isabs(r) or b".." in r.split(b"/")
+                               for r, h in entries):
+        raise RewrapError(f"{where} is damaged (its records do not add up)")
+    return entries
+
+
+def _read_marker(cipherdir: Path) -> dict[str, Any] | None:
+    try:
+        raw = (cipherdir / MARKER).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        marker = json.loads(raw)
+    except ValueError:
+        marker = None
+    if not isinstance(marker, dict) or not isinstance(marker.get("key_id"), str):
+        raise RewrapError(f"{cipherdir / MARKER} is damaged: restore it from a backup")
+    if marker.get("version") != MARKER_VERSION:
+        raise RewrapError(f"{cipherdir / MARKER} is of version {marker.get('version')!r}, unknown here: upgrade encfs")
+    return marker
+
+
+def _write_marker(cipherdir: Path, key_id: str, recovering: bool) -> None:
+    body = {"version": MARKER_VERSION, "operation": "rewrap", "key_id": key_id, "recovering": recovering}
+    write_atomic(cipherdir / MARKER, (json.dumps(body) + "\n").encode(), 0o644, sync_dir=True)
+
+
+def replay(cipherdir: Path) -> int:
+    """Complete the headers of the redo log left by an interrupted run (then drop the log);
+    returns how many were (re)written."""
+    root = os.fsencode(cipherdir)
+    try:
+        data = (cipherdir / REDO).read_bytes()
+    except FileNotFoundError:
+        return 0
+    written = 0
+    for rel, new in parse_redo(data, str(cipherdir / REDO)):
+        try:
+            fd = os.open(os.path.join(root, rel), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            now = os.pread(fd, HEADER_LEN, 0)
+            if now[:PREFIX] == new[:PREFIX] and now != new:
+                pwrite_all(fd, new, 0)
+                written += 1
+        finally:
+            os.close(fd)
+    syncfs(root)
+    os.unlink(cipherdir / REDO)
+    fsync_dir(root)
+    return written
+
+
+# -- the scan ------------------------------------------------------------------------------------------
+
+def backing_files(root: bytes) -> Iterator[bytes]:
+    """Paths (relative to ``root``) of every regular backing file with a header, each inode once,
+    then the complete re-key side files."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not is_internal(d)]
+        for name in filenames:
+            if is_internal(name):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat_m.S_ISREG(st.st_mode) and st.st_size and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                yield os.path.relpath(path, root)
+
+
+def _read_header(root: bytes, rel: bytes) -> FileHeader:
+    """HeaderError if it is not a header (or too short to be one)."""
+    fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        return FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
+    finally:
+        os.close(fd)
+
+
+def where(blob: bytes) -> tuple[str, int]:
+    """The CMK and backing-key version a blob is under (ValueError if it is not a blob)."""
+    header = CiphertextBlob.parse(blob).header
+    return str(header.key_id), header.key_version
+
+
+def _to_move(root: bytes, dest: tuple[str, int], read_only: bool,
+             damaged: list[str]) -> list[bytes]:
+    side_files = [os.path.relpath(rekeyfile.side_file(root, i), root) for i in rekeyfile.pending(root, read_only)]
+    moving = []
+    for rel in [*backing_files(root), *side_files]:
+        try:
+            if where(_read_header(root, rel).wrapped_key) != dest:
+                moving.append(rel)
+        except (HeaderError, ValueError, EncfsError):
+            damaged.append(os.fsdecode(rel))
+    return moving
+
+
+# -- the run -------------------------------------------------------------------------------------------
+
+def rewrap_filesystem(cipherdir: Path, ks: KeyService, dest_key: str | None, dry_run: bool = False) -> FsRewrapped:
+    """Move every wrapped key of ``cipherdir`` under ``dest_key`` (None: the CMK of the config,
+    or of an interrupted run's marker, at its newest version); see the module docstring."""
+    start = time.monotonic()
+    peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
+    lock = MountLock.acquire(cipherdir, "-", read_only=dry_run, mode=REKEY_MODE)
+    recovering = lock.recovering  # for a read-write lock: a crash recovery is due at the next mount
+    try:
+        marker = _read_marker(cipherdir)
+        if marker is not None:  # this run's own kill made the lock say "recovering": the marker knows
+            recovering = bool(marker.get("recovering", True))
+        done = _run(cipherdir, ks, dest_key, marker, recovering, dry_run)
+    finally:
+        lock.release(clean=not recovering)
+    done.seconds = time.monotonic() - start
+    return done
+
+
+def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str, Any] | None,
+         recovering: bool, dry_run: bool) -> FsRewrapped:
+    root = os.fsencode(cipherdir)
+    resumed = marker is not None
+    try:
+        if not dry_run:
+            for name in os.listdir(root):
+                if _LEFTOVER.fullmatch(name):  # of a write-fsync-rename a crash interrupted
+                    os.unlink(os.path.join(root, name))
+            if resumed:
+                replay(cipherdir)
+        opened = open_config(cipherdir, ks, writable=not dry_run,
+                             rewrap_to=marker["key_id"] if marker is not None else None)
+        config = opened.config
+        if config.format < FS_FORMAT and not dry_run:
+            raise RewrapError(f"{cipherdir}: its config is still format {config.format}: mount it read-write once "
+                              f"(which upgrades it), then re-key it")
+        dest = destination(ks, config.wrapped_secret,
+                           dest_key if dest_key is not None else marker["key_id"] if marker else None)
+        done = FsRewrapped(cipherdir, *where(config.wrapped_secret), *dest, resumed=resumed)
+        moving = _to_move(root, dest, dry_run, done.damaged)
+        done.config = where(config.wrapped_secret) != dest or config.key_id != dest[0]
+        if dry_run or not (moving or done.config or resumed):
+            done.files = len(moving)
+            return done
+    except OSError as e:
+        raise RewrapError(f"{cipherdir}: {_what(e)}" + (_AGAIN.format(cipherdir) if resumed else "")) from None
+    state = {"marked": marker is not None and marker["key_id"] == dest[0]}
+    try:
+        done.files = _move_headers(cipherdir, ks, config, dest, moving, recovering, state, done.damaged)
+        if done.config:
+            _move_config(cipherdir, ks, opened.secret, config, dest, recovering, state)
+        if state["marked"] or marker is not None:
+            for name in (REDO, MARKER):
+                try:
+                    os.unlink(cipherdir / name)
+                except FileNotFoundError:
+                    pass
+            fsync_dir(root)
+    except (EncfsError, OSError) as e:
+        cause = e.message if isinstance(e, EncfsError) else f"{cipherdir}: {_what(e)}"
+        if state["marked"]:
+            raise RewrapError(cause + _AGAIN.format(cipherdir)) from None
+        raise
+    check = open_config(cipherdir, ks, writable=False)
+    if where(check.config.wrapped_secret) != dest or check.config.key_id != dest[0]:
+        raise RewrapError(f"{cipherdir}: the re-wrapped config did not read back under key {dest[0]}")
+    return done
+
+
+_AGAIN = ("; the re-key stopped part way (mounts are refused until it is finished): "
+          "fix that and run `encfs rekey {}` again")
+
+
+def _what(e: OSError) -> str:
+    name = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+    return f"{name}{e.strerror or errno.errorcode.get(e.errno or 0, str(e))}"
+
+
+def _mark(cipherdir: Path, dest: tuple[str, int], recovering: bool, state: dict[str, bool]) -> None:
+    """The marker, before the first change (an unusable destination fails before it)."""
+    if not state["marked"]:
+        _write_marker(cipherdir, dest[0], recovering)
+        state["marked"] = True
+
+
+def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple[str, int], moving: list[bytes],
+                  recovering: bool, state: dict[str, bool], damaged: list[str]) -> int:
+    root = os.fsencode(cipherdir)
+    moved = 0
+    with progress(len(moving), f"rekey {cipherdir.name}", unit="files") as bar:
+        for at in range(0, len(moving), BATCH):
+            batch = []
+            for rel in moving[at:at + BATCH]:
+                header = _read_header(root, rel)
+                try:
+                    blob = ks.re_encrypt(header.wrapped_key, config.file_context(header.file_id), dest[0],
+                                         encfs_internal=True)
+                except (InvalidCiphertext, ContextMismatch, KeyNotFound):
+                    damaged.append(os.fsdecode(rel))  # a damaged blob (or one of another key store)
+                    continue
+                batch.append((rel, FileHeader(header.file_id, blob, header.version).pack()))
+            if batch:
+                _mark(cipherdir, dest, recovering, state)
+                write_atomic(cipherdir / REDO, pack_redo(batch), 0o600, sync_dir=True)
+                for rel, new in batch:
+                    fd = os.open(os.path.join(root, rel), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                    try:
+                        pwrite_all(fd, new, 0)
+                    finally:
+                        os.close(fd)
+                syncfs(root)  # this batch is durable: the next redo log may replace its own
+                moved += len(batch)
+            bar.update(len(moving[at:at + BATCH]))
+    return moved
+
+
+def _move_config(cipherdir: Path, ks: KeyService, secret: bytes, config: FsConfig, dest: tuple[str, int],
+                 recovering: bool, state: dict[str, bool]) -> None:
+    """Both copies under ``dest``, the backup first (an interrupted pair: open_config(rewrap_to))."""
+    blob = config.wrapped_secret
+    if where(blob) != dest:
+        blob = ks.re_encrypt(blob, config.fs_context(), dest[0], encfs_internal=True)
+    _mark(cipherdir, dest, recovering, state)
+    data = sealed_config_bytes(replace(config, key_id=dest[0], wrapped_secret=blob), secret)
+    for name in (BACKUP_NAME, CONFIG_NAME):
+        write_atomic(cipherdir / name, data, 0o644, sync_dir=True)
+
+
+__all__ = ["BATCH", "MARKER", "REDO", "FsRewrapped", "RewrapError", "pack_redo", "parse_redo",
+           "refuse_if_interrupted", "replay", "rewrap_filesystem"]
