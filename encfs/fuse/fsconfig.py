@@ -348,7 +348,7 @@ def open_config(cipherdir: Path, ks: KeyService, *, writable: bool,
     rewritten from the good one, and a format-1 config is upgraded to format 2. ``rewrap_to``:
     the CMK an interrupted ``encfs rekey`` moves the filesystem to (its marker, rewrap.py);
     two copies that differ only by that move are not a disagreement, and the one under
-    ``rewrap_to`` is taken (FORMAT.md §6.8).
+    ``rewrap_to`` is taken (FORMAT.md §6.9).
     """
     if not cipherdir.is_dir():
         raise FsConfigError(f"{cipherdir} is not a directory")

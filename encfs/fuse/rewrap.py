@@ -9,7 +9,7 @@ xattrs and directory ids are sealed under keys derived from the secret, which st
 same. Each blob moves by ReEncrypt in the key service: no data key leaves it.
 
 A run, under the mount lock for its whole length (mode "rekey": nothing mounts meanwhile,
-and a mounted CIPHERDIR is refused), docs/FORMAT.md §6.8:
+and a mounted CIPHERDIR is refused), docs/FORMAT.md §6.9:
 
 1. A marker ``encfs.rekey`` found from an interrupted run: its redo log is replayed first.
 2. Scan: every header not under the destination is to move.
@@ -122,7 +122,7 @@ def refuse_if_interrupted(cipherdir: Path) -> None:
                          f"CMKs: run `encfs rekey {cipherdir}` again to finish it, then mount")
 
 
-# -- the redo log and the marker (FORMAT.md §6.8) -----------------------------------------------------
+# -- the redo log and the marker (FORMAT.md §6.9) -----------------------------------------------------
 
 def pack_redo(entries: list[tuple[bytes, bytes]]) -> bytes:
     """The redo log of ``entries`` (backing path relative to CIPHERDIR, new 128-byte header)."""
