@@ -59,8 +59,6 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     target = Path(args.target)
     kind = kind_of(target)
     if kind == "filesystem":
-        if args.full:
-            raise UsageError(f"{target}: --full for a filesystem is not supported yet")
         return _filesystem(args, target)
     if args.full:
         return _full(args, target, kind)
@@ -91,10 +89,26 @@ def _filesystem(args: argparse.Namespace, target: Path) -> int:
     from encfs.fuse.rewrap import RewrapError, rewrap_filesystem
 
     with _service(args) as ks:
-        done = rewrap_filesystem(target, ks, args.key, dry_run=args.dry_run)
+        done = rewrap_filesystem(target, ks, args.key, dry_run=args.dry_run, full=args.full)
     src, dst = _version(done.from_key, done.from_version), _version(done.to_key, done.to_version)
     what = f"{done.files} file key{'s' if done.files != 1 else ''}" + (" and the filesystem key" if done.config else "")
-    if args.json:
+    if done.full:
+        mib = done.resealed / (1 << 20)
+        if args.json:
+            print(json.dumps({"Target": str(target), "Kind": "filesystem", "Full": True, "DryRun": args.dry_run,
+                              "Resumed": done.resumed, "SourceKeyId": done.from_key,
+                              "SourceKeyVersion": done.from_version, "KeyId": done.to_key,
+                              "KeyVersion": done.to_version, "Files": done.fresh, "WrappedKeys": done.wrapped_keys,
+                              "CopiedBytes": done.resealed, "Damaged": done.damaged,
+                              "Seconds": round(done.seconds, 3)}))
+        elif args.dry_run:
+            print(f"{target}: would give {done.fresh} files fresh data keys under {dst} and re-encrypt "
+                  f"{mib:.1f} MiB (one file at a time: needs free space for the largest file)")
+        else:
+            print(f"{target}: gave {done.fresh} files fresh data keys under {dst}"
+                  + (", finishing an interrupted re-key," if done.resumed else "")
+                  + f" ({mib:.1f} MiB re-encrypted in {done.seconds:.1f} s)")
+    elif args.json:
         print(json.dumps({"Target": str(target), "Kind": "filesystem", "Changed": done.changed, "DryRun": args.dry_run,
                           "Resumed": done.resumed, "SourceKeyId": done.from_key, "SourceKeyVersion": done.from_version,
                           "KeyId": done.to_key, "KeyVersion": done.to_version, "Files": done.files,

@@ -20,6 +20,9 @@ and a mounted CIPHERDIR is refused), docs/FORMAT.md §6.9:
 4. The config copies, the backup first, each by write-fsync-rename.
 5. ``encfs.rekey.redo`` and then ``encfs.rekey`` are removed (fsync of the directory).
 
+With ``--full`` (operation "full" in the marker), every file then gets a fresh data key,
+one file at a time (fullrekey.py); the marker stays until the last one is done.
+
 A mount that finds the marker refuses, in one line that says to run ``encfs rekey
 CIPHERDIR`` again (refuse_if_interrupted, also for read-only mounts): the filesystem is
 not served while its headers may be under two CMKs. Running the command again (with or
@@ -78,13 +81,14 @@ from encfs.progress import progress
 MARKER = "encfs.rekey"
 REDO = "encfs.rekey.redo"
 MARKER_VERSION = 1
+REWRAP, FULL = "rewrap", "full"  # the marker's ``operation``
 REDO_MAGIC, REDO_VERSION = b"ENCW", 1
 _REDO_HEAD = struct.Struct(">4sB3xI")  # magic, version, 3 zero bytes, record count
 _PATH_LEN = struct.Struct(">H")
 _DIGEST = 32  # SHA-256 of everything before it
 PREFIX = 22  # magic, version, reserved, file id: the same before and after a re-wrap
 BATCH = 2048  # headers per redo log (one write-fsync-rename and one syncfs each)
-_LEFTOVER = re.compile(rb"(encfs\.rekey(\.redo)?|encfs\.conf(\.bak)?)\.tmp\.[0-9]+")
+_LEFTOVER = re.compile(rb"(encfs\.rekey(\.redo)?|encfs\.conf(\.bak)?)\.tmp\.[0-9]+")  # write_atomic's
 
 
 class RewrapError(EncfsError):
@@ -105,6 +109,9 @@ class FsRewrapped:
     resumed: bool = False  # an interrupted run was found (and, unless dry_run, finished)
     damaged: list[str] = field(default_factory=list)  # headers left as they were
     seconds: float = 0.0
+    full: bool = False  # --full: fresh data keys (fullrekey.py)
+    fresh: int = 0  # files given a fresh data key (or that would be)
+    resealed: int = 0  # their backing bytes
 
     @property
     def changed(self) -> bool:
@@ -116,10 +123,15 @@ class FsRewrapped:
 
 
 def refuse_if_interrupted(cipherdir: Path) -> None:
-    """MountError in one line if a re-wrap of ``cipherdir`` was interrupted (its marker exists)."""
+    """MountError in one line if a re-key of ``cipherdir`` was interrupted (its marker exists)."""
     if os.path.lexists(cipherdir / MARKER):
+        try:
+            full = json.loads((cipherdir / MARKER).read_bytes()).get("operation") == FULL
+        except (OSError, ValueError, AttributeError):
+            full = False
+        command = f"encfs rekey{' --full' if full else ''} {cipherdir}"
         raise MountError(f"{cipherdir}: a re-key (`encfs rekey`) was interrupted and its headers may be under two "
-                         f"CMKs: run `encfs rekey {cipherdir}` again to finish it, then mount")
+                         f"CMKs: run `{command}` again to finish it, then mount")
 
 
 # -- the redo log and the marker (FORMAT.md §6.9) -----------------------------------------------------
@@ -165,13 +177,13 @@ def _read_marker(cipherdir: Path) -> dict[str, Any] | None:
         marker = None
     if not isinstance(marker, dict) or not isinstance(marker.get("key_id"), str):
         raise RewrapError(f"{cipherdir / MARKER} is damaged: restore it from a backup")
-    if marker.get("version") != MARKER_VERSION:
+    if marker.get("version") != MARKER_VERSION or marker.get("operation") not in (REWRAP, FULL):
         raise RewrapError(f"{cipherdir / MARKER} is of version {marker.get('version')!r}, unknown here: upgrade encfs")
     return marker
 
 
-def _write_marker(cipherdir: Path, key_id: str, recovering: bool) -> None:
-    body = {"version": MARKER_VERSION, "operation": "rewrap", "key_id": key_id, "recovering": recovering}
+def _write_marker(cipherdir: Path, operation: str, key_id: str, recovering: bool) -> None:
+    body = {"version": MARKER_VERSION, "operation": operation, "key_id": key_id, "recovering": recovering}
     write_atomic(cipherdir / MARKER, (json.dumps(body) + "\n").encode(), 0o644, sync_dir=True)
 
 
@@ -253,9 +265,11 @@ def _to_move(root: bytes, dest: tuple[str, int], read_only: bool,
 
 # -- the run -------------------------------------------------------------------------------------------
 
-def rewrap_filesystem(cipherdir: Path, ks: KeyService, dest_key: str | None, dry_run: bool = False) -> FsRewrapped:
+def rewrap_filesystem(cipherdir: Path, ks: KeyService, dest_key: str | None, dry_run: bool = False,
+                      full: bool = False) -> FsRewrapped:
     """Move every wrapped key of ``cipherdir`` under ``dest_key`` (None: the CMK of the config,
-    or of an interrupted run's marker, at its newest version); see the module docstring."""
+    or of an interrupted run's marker, at its newest version); see the module docstring.
+    ``full``: then give every file a fresh data key (fullrekey.py)."""
     start = time.monotonic()
     peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
     lock = MountLock.acquire(cipherdir, "-", read_only=dry_run, mode=REKEY_MODE)
@@ -264,17 +278,46 @@ def rewrap_filesystem(cipherdir: Path, ks: KeyService, dest_key: str | None, dry
         marker = _read_marker(cipherdir)
         if marker is not None:  # this run's own kill made the lock say "recovering": the marker knows
             recovering = bool(marker.get("recovering", True))
-        done = _run(cipherdir, ks, dest_key, marker, recovering, dry_run)
+            if marker["operation"] == FULL and not full:
+                raise RewrapError(f"{cipherdir}: an interrupted `encfs rekey --full` is finished by running "
+                                  f"`encfs rekey --full {cipherdir}` again")
+        done = _run(cipherdir, ks, dest_key, marker, recovering, dry_run, FULL if full else REWRAP)
+        if full:
+            _full(cipherdir, ks, done, recovering, dry_run)
     finally:
         lock.release(clean=not recovering)
     done.seconds = time.monotonic() - start
     return done
 
 
+def _full(cipherdir: Path, ks: KeyService, done: FsRewrapped, recovering: bool, dry_run: bool) -> None:
+    from encfs.fuse.fullrekey import DONE, fresh_keys
+
+    root = os.fsencode(cipherdir)
+    files = list(backing_files(root))
+    done.full = True
+    if dry_run:
+        done.fresh = len(files)
+        done.resealed = sum(os.lstat(os.path.join(root, rel)).st_size for rel in files)
+        return
+    try:
+        done.fresh, done.resealed = fresh_keys(cipherdir, ks, recovering, files)
+        for name in (DONE, REDO, MARKER):
+            try:
+                os.unlink(cipherdir / name)
+            except FileNotFoundError:
+                pass
+        fsync_dir(root)
+    except (EncfsError, OSError) as e:
+        cause = e.message if isinstance(e, EncfsError) else f"{cipherdir}: {_what(e)}"
+        raise RewrapError(cause + _AGAIN.format("--full " + str(cipherdir))) from None
+
+
 def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str, Any] | None,
-         recovering: bool, dry_run: bool) -> FsRewrapped:
+         recovering: bool, dry_run: bool, operation: str = REWRAP) -> FsRewrapped:
     root = os.fsencode(cipherdir)
     resumed = marker is not None
+    again = ("--full " if operation == FULL else "") + str(cipherdir)  # the command that finishes the job
     try:
         if not dry_run:
             for name in os.listdir(root):
@@ -293,18 +336,20 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
         done = FsRewrapped(cipherdir, *where(config.wrapped_secret), *dest, resumed=resumed)
         moving = _to_move(root, dest, dry_run, done.damaged)
         done.config = where(config.wrapped_secret) != dest or config.key_id != dest[0]
-        if dry_run or not (moving or done.config or resumed):
+        if dry_run or (operation == REWRAP and not (moving or done.config or resumed)):
             done.files = len(moving)
             return done
     except OSError as e:
-        raise RewrapError(f"{cipherdir}: {_what(e)}" + (_AGAIN.format(cipherdir) if resumed else "")) from None
-    state = {"marked": marker is not None and marker["key_id"] == dest[0]}
+        raise RewrapError(f"{cipherdir}: {_what(e)}" + (_AGAIN.format(again) if resumed else "")) from None
+    state = {"marked": marker is not None and marker["key_id"] == dest[0] and marker["operation"] == operation}
     try:
-        done.files = _move_headers(cipherdir, ks, config, dest, moving, recovering, state, done.damaged)
+        done.files = _move_headers(cipherdir, ks, config, dest, moving, recovering, state, done.damaged, operation)
         if done.config:
-            _move_config(cipherdir, ks, opened.secret, config, dest, recovering, state)
+            _move_config(cipherdir, ks, opened.secret, config, dest, recovering, state, operation)
+        if operation == FULL:  # before the first file gets a fresh key (fullrekey.py)
+            _mark(cipherdir, operation, dest, recovering, state)
         if state["marked"] or marker is not None:
-            for name in (REDO, MARKER):
+            for name in (REDO, MARKER) if operation == REWRAP else (REDO,):  # --full: the marker stays
                 try:
                     os.unlink(cipherdir / name)
                 except FileNotFoundError:
@@ -313,7 +358,7 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
     except (EncfsError, OSError) as e:
         cause = e.message if isinstance(e, EncfsError) else f"{cipherdir}: {_what(e)}"
         if state["marked"]:
-            raise RewrapError(cause + _AGAIN.format(cipherdir)) from None
+            raise RewrapError(cause + _AGAIN.format(again)) from None
         raise
     check = open_config(cipherdir, ks, writable=False)
     if where(check.config.wrapped_secret) != dest or check.config.key_id != dest[0]:
@@ -330,15 +375,15 @@ def _what(e: OSError) -> str:
     return f"{name}{e.strerror or errno.errorcode.get(e.errno or 0, str(e))}"
 
 
-def _mark(cipherdir: Path, dest: tuple[str, int], recovering: bool, state: dict[str, bool]) -> None:
+def _mark(cipherdir: Path, operation: str, dest: tuple[str, int], recovering: bool, state: dict[str, bool]) -> None:
     """The marker, before the first change (an unusable destination fails before it)."""
     if not state["marked"]:
-        _write_marker(cipherdir, dest[0], recovering)
+        _write_marker(cipherdir, operation, dest[0], recovering)
         state["marked"] = True
 
 
 def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple[str, int], moving: list[bytes],
-                  recovering: bool, state: dict[str, bool], damaged: list[str]) -> int:
+                  recovering: bool, state: dict[str, bool], damaged: list[str], operation: str) -> int:
     root = os.fsencode(cipherdir)
     moved = 0
     with progress(len(moving), f"rekey {cipherdir.name}", unit="files") as bar:
@@ -354,7 +399,7 @@ def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple
                     continue
                 batch.append((rel, FileHeader(header.file_id, blob, header.version).pack()))
             if batch:
-                _mark(cipherdir, dest, recovering, state)
+                _mark(cipherdir, operation, dest, recovering, state)
                 write_atomic(cipherdir / REDO, pack_redo(batch), 0o600, sync_dir=True)
                 for rel, new in batch:
                     fd = os.open(os.path.join(root, rel), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -369,12 +414,12 @@ def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple
 
 
 def _move_config(cipherdir: Path, ks: KeyService, secret: bytes, config: FsConfig, dest: tuple[str, int],
-                 recovering: bool, state: dict[str, bool]) -> None:
+                 recovering: bool, state: dict[str, bool], operation: str) -> None:
     """Both copies under ``dest``, the backup first (an interrupted pair: open_config(rewrap_to))."""
     blob = config.wrapped_secret
     if where(blob) != dest:
         blob = ks.re_encrypt(blob, config.fs_context(), dest[0], encfs_internal=True)
-    _mark(cipherdir, dest, recovering, state)
+    _mark(cipherdir, operation, dest, recovering, state)
     data = sealed_config_bytes(replace(config, key_id=dest[0], wrapped_secret=blob), secret)
     for name in (BACKUP_NAME, CONFIG_NAME):
         write_atomic(cipherdir / name, data, 0o644, sync_dir=True)

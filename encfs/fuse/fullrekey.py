@@ -1,0 +1,109 @@
+"""``encfs rekey --full CIPHERDIR``: every file gets a fresh file id and data key, and every
+block is re-sealed under it (docs/FORMAT.md §6.9, "--full").
+
+It runs after the re-wrap of rewrap.py, under the same mount lock and marker (``operation``
+"full"): by then every header and the config are under the destination CMK, so each file is
+loaded exactly as a mount loads it (openfiles.OpenFiles: its journal replayed, an interrupted
+re-key finished) and re-keyed by rekeyfile.rekey, the crash-safe per-file re-key a mount uses
+when a key's nonce budget is spent, with a new data key generated under the destination CMK.
+
+Each file re-keyed is recorded by its new file id in ``encfs.rekey.done`` (appended, then
+fdatasync'd), so a run killed part way and run again skips the files already done.
+
+Invariants:
+- A file is never without a whole, readable version: rekeyfile.rekey's side file guarantees
+  that for one file, and only one file is re-keyed at a time.
+- A file id in the done log names a file whose re-key was durable when it was written: the
+  record is appended only after rekeyfile.rekey returned (its side file removed).
+- The filesystem secret stays: names, symlinks, xattrs and directory ids are sealed under
+  keys derived from it, and re-sealing them would mean renaming every entry.
+- Mounts are refused until the marker goes, which is only after every file is done.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as stat_m
+from pathlib import Path
+
+from encfs.blocks import BlockCipher
+from encfs.diskio import fsync_dir
+from encfs.fuse import rekeyfile
+from encfs.fuse.fileheader import FILE_ID_LEN, HEADER_LEN, FileHeader
+from encfs.fuse.fsconfig import open_config
+from encfs.fuse.openfiles import OpenFile, OpenFiles
+from encfs.keys.service import KeyService
+from encfs.progress import progress
+
+DONE = "encfs.rekey.done"
+
+
+def done_ids(cipherdir: Path) -> set[bytes]:
+    """The new file ids of files already re-keyed by an interrupted run (a torn last record,
+    never fdatasync'd, is ignored)."""
+    try:
+        data = (cipherdir / DONE).read_bytes()
+    except FileNotFoundError:
+        return set()
+    return {data[i:i + FILE_ID_LEN] for i in range(0, len(data) - FILE_ID_LEN + 1, FILE_ID_LEN)}
+
+
+def fresh_keys(cipherdir: Path, ks: KeyService, recovering: bool, files: list[bytes]) -> tuple[int, int]:
+    """Re-key every file of ``files`` (paths relative to CIPHERDIR, each inode once) not in the
+    done log; returns (files re-keyed, backing bytes re-sealed). OSError or EncfsError if one
+    fails (the files before it are done and recorded)."""
+    root = os.fsencode(cipherdir)
+    config = open_config(cipherdir, ks, writable=False).config  # under the destination by now
+    done = done_ids(cipherdir)
+    opened = OpenFiles(root, config, ks, BlockCipher, read_only=False, worker=lambda: None, recovering=recovering)
+    log_fd = os.open(cipherdir / DONE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    count = size = 0
+    try:
+        fsync_dir(root)
+        total = sum(os.lstat(os.path.join(root, rel)).st_size for rel in files)
+        with progress(total, f"rekey --full {cipherdir.name}") as bar:
+            for rel in files:
+                path = os.path.join(root, rel)
+                n = _one(opened, path, done)
+                if n is not None:
+                    new_id = FileHeader.parse(_head(path)).file_id
+                    os.write(log_fd, new_id)
+                    os.fdatasync(log_fd)
+                    count, size = count + 1, size + n
+                bar.update(os.lstat(path).st_size)
+    finally:
+        os.close(log_fd)
+        opened.close_all()
+        opened.new_keys.clear()
+    return count, size
+
+
+def _head(path: bytes) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        return os.pread(fd, HEADER_LEN, 0)
+    finally:
+        os.close(fd)
+
+
+def _one(opened: OpenFiles, path: bytes, done: set[bytes]) -> int | None:
+    """Re-key one file unless it is done; its backing size, or None if it was skipped."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    st = os.fstat(fd)
+    if not stat_m.S_ISREG(st.st_mode) or FileHeader.parse(os.pread(fd, HEADER_LEN, 0)).file_id in done:
+        os.close(fd)
+        return None
+    fh = opened.add(OpenFile(st.st_ino, fd, True, path))  # closed by release (or close_all)
+    c = opened.content(opened[fh])  # loaded as a mount loads it: journal, interrupted re-key
+    if c is None:
+        opened.release(fh)
+        return None
+    c.check_key()  # its key opens its last block (header poisoning, as before any write)
+    file_id, dk = opened.new_keys.take()
+    assert dk.plaintext is not None
+    rekeyfile.rekey(c, FileHeader(file_id, dk.ciphertext_blob, c.header.version),
+                    BlockCipher(dk.plaintext, file_id, opened.block_size))
+    opened.release(fh)
+    if st.st_ino in opened.contents:  # its checkpoint failed: the content stayed pinned
+        raise OSError(5, "cannot checkpoint it after the re-key", os.fsdecode(path))
+    return st.st_size
