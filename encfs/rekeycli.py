@@ -1,7 +1,8 @@
 """``encfs rekey TARGET``: move a volume, a snapshot export or a filesystem to another CMK.
 
 TARGET is a volume image, an export directory (``encfs snapshot export``) or a CIPHERDIR; the
-kind is read from what is there. As with ``cryptsetup luksChangeKey`` and AWS KMS's
+kind is read from what is there (a CIPHERDIR's re-wrap and ``--full``: encfs/fuse/rewrap.py and
+fullrekey.py). As with ``cryptsetup luksChangeKey`` and AWS KMS's
 ReEncrypt, the default is a re-wrap: every wrapped key moves under ``--key`` (or, without it,
 under its own CMK's newest backing-key version, after ``encfs key rotate``), and no content
 is rewritten, so the old CMK can then be disabled or deleted. ``--full`` gives fresh data
@@ -94,6 +95,7 @@ def _filesystem(args: argparse.Namespace, target: Path) -> int:
     what = f"{done.files} file key{'s' if done.files != 1 else ''}" + (" and the filesystem key" if done.config else "")
     if done.full:
         mib = done.resealed / (1 << 20)
+        files = f"{done.fresh} file{'s' if done.fresh != 1 else ''}"
         if args.json:
             print(json.dumps({"Target": str(target), "Kind": "filesystem", "Full": True, "DryRun": args.dry_run,
                               "Resumed": done.resumed, "SourceKeyId": done.from_key,
@@ -102,10 +104,10 @@ def _filesystem(args: argparse.Namespace, target: Path) -> int:
                               "CopiedBytes": done.resealed, "Damaged": done.damaged,
                               "Seconds": round(done.seconds, 3)}))
         elif args.dry_run:
-            print(f"{target}: would give {done.fresh} files fresh data keys under {dst} and re-encrypt "
+            print(f"{target}: would give {files} fresh data keys under {dst} and re-encrypt "
                   f"{mib:.1f} MiB (one file at a time: needs free space for the largest file)")
         else:
-            print(f"{target}: gave {done.fresh} files fresh data keys under {dst}"
+            print(f"{target}: gave {files} fresh data keys under {dst}"
                   + (", finishing an interrupted re-key," if done.resumed else "")
                   + f" ({mib:.1f} MiB re-encrypted in {done.seconds:.1f} s)")
     elif args.json:

@@ -166,7 +166,9 @@ def parse_redo(data: bytes, where: str) -> list[tuple[bytes, bytes]]:
     return entries
 
 
-def _read_marker(cipherdir: Path) -> dict[str, Any] | None:
+def _read_marker(cipherdir: Path, dest_key: str | None, operation: str) -> dict[str, Any] | None:
+    """The marker of an interrupted run, if any. A damaged one stands for a run to ``dest_key``
+    (which must then be given: the CMK the interrupted run moved to)."""
     try:
         raw = (cipherdir / MARKER).read_bytes()
     except FileNotFoundError:
@@ -176,7 +178,10 @@ def _read_marker(cipherdir: Path) -> dict[str, Any] | None:
     except ValueError:
         marker = None
     if not isinstance(marker, dict) or not isinstance(marker.get("key_id"), str):
-        raise RewrapError(f"{cipherdir / MARKER} is damaged: restore it from a backup")
+        if dest_key is None:
+            raise RewrapError(f"{cipherdir / MARKER} (an interrupted re-key's marker) is damaged: run `encfs rekey "
+                              f"--key KEY {cipherdir}` with the CMK that re-key moved to")
+        return {"version": MARKER_VERSION, "operation": operation, "key_id": dest_key, "recovering": True}
     if marker.get("version") != MARKER_VERSION or marker.get("operation") not in (REWRAP, FULL):
         raise RewrapError(f"{cipherdir / MARKER} is of version {marker.get('version')!r}, unknown here: upgrade encfs")
     return marker
@@ -275,7 +280,8 @@ def rewrap_filesystem(cipherdir: Path, ks: KeyService, dest_key: str | None, dry
     lock = MountLock.acquire(cipherdir, "-", read_only=dry_run, mode=REKEY_MODE)
     recovering = lock.recovering  # for a read-write lock: a crash recovery is due at the next mount
     try:
-        marker = _read_marker(cipherdir)
+        wanted = str(ks.describe_key(dest_key)["KeyId"]) if dest_key is not None else None  # not an alias
+        marker = _read_marker(cipherdir, wanted, FULL if full else REWRAP)
         if marker is not None:  # this run's own kill made the lock say "recovering": the marker knows
             recovering = bool(marker.get("recovering", True))
             if marker["operation"] == FULL and not full:
