@@ -7,14 +7,16 @@ loaded exactly as a mount loads it (openfiles.OpenFiles: its journal replayed, a
 re-key finished) and re-keyed by rekeyfile.rekey, the crash-safe per-file re-key a mount uses
 when a key's nonce budget is spent, with a new data key generated under the destination CMK.
 
-Each file re-keyed is recorded by its new file id in ``encfs.rekey.done`` (appended, then
-fdatasync'd), so a run killed part way and run again skips the files already done.
+Each file re-keyed is recorded by its new file id in ``encfs.rekey.done`` (appended, not
+synced: a record a power cut loses only means that file is re-keyed again), so a run killed
+part way and run again skips the files already done.
 
 Invariants:
 - A file is never without a whole, readable version: rekeyfile.rekey's side file guarantees
   that for one file, and only one file is re-keyed at a time.
-- A file id in the done log names a file whose re-key was durable when it was written: the
-  record is appended only after rekeyfile.rekey returned (its side file removed).
+- A file id in the done log names a file whose re-key was durable before the record was
+  written: it is appended only after rekeyfile.rekey returned (its fsyncs done, its side file
+  removed).
 - The filesystem secret stays: names, symlinks, xattrs and directory ids are sealed under
   keys derived from it, and re-sealing them would mean renaming every entry.
 - Mounts are refused until the marker goes, which is only after every file is done.
@@ -67,8 +69,7 @@ def fresh_keys(cipherdir: Path, ks: KeyService, recovering: bool, files: list[by
                 n = _one(opened, path, done)
                 if n is not None:
                     new_id = FileHeader.parse(_head(path)).file_id
-                    os.write(log_fd, new_id)
-                    os.fdatasync(log_fd)
+                    os.write(log_fd, new_id)  # no fdatasync: a record lost to a power cut costs a re-key
                     count, size = count + 1, size + n
                 bar.update(os.lstat(path).st_size)
     finally:
