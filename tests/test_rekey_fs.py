@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from conftest import run_encfs
 from fuse_helpers import Mount
 
-from encfs.fuse.fileheader import HEADER_LEN
+from encfs.fuse.fileheader import HEADER_LEN, FileHeader
 from encfs.fuse.mount import is_mounted
 from encfs.fuse.names import is_internal
 from encfs.fuse.rewrap import MARKER, REDO, pack_redo
@@ -294,3 +295,20 @@ def test_kill_9_at_random_moments_then_rerun_finishes(tmp_path: Path, home: Path
     ok(home, "key", "disable", "a" if _dest(rounds - 1) == "b" else "b")
     with Mount(cipher, plain, home):
         verify(plain, tree, {})
+
+
+def test_the_side_file_of_an_interrupted_file_rekey_moves_too(tmp_path: Path, home: Path) -> None:
+    """A complete side file encfs.journal/<id>.rekey (a file's fresh-key re-seal a crash cut short,
+    FORMAT.md §6.4) holds a header that the next mount copies in: it is re-wrapped with the rest."""
+    cipher, plain, tree, xattrs = make(tmp_path, home, files=6)
+    name = next(k for k, v in regular(backing(cipher)).items() if len(v) > HEADER_LEN)
+    file_id = FileHeader.parse((cipher / name).read_bytes()[:HEADER_LEN]).file_id
+    (cipher / "encfs.journal").mkdir(exist_ok=True)
+    side = cipher / "encfs.journal" / f"{file_id.hex()}.rekey"
+    shutil.copy2(cipher / name, side)  # the shape of a complete side file: header, blocks, state
+    out = json.loads(ok(home, "rekey", cipher, "--key", "b", "--json"))
+    assert out["Files"] == inodes(cipher, regular(backing(cipher))) + 1
+    ok(home, "key", "disable", "a")
+    with Mount(cipher, plain, home) as m:
+        verify(plain, tree, xattrs)
+    assert not side.exists() and "finished giving it a fresh data key" in m.log.read_text()
