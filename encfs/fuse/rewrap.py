@@ -1,5 +1,6 @@
-"""``encfs rekey CIPHERDIR`` without ``--full``: every wrapped key of a filesystem moves to
-another CMK (or to its CMK's newest backing-key version), and no content block is rewritten.
+"""``encfs rekey CIPHERDIR``: every wrapped key of a filesystem moves to another CMK (or to
+its CMK's newest backing-key version), and no content block is rewritten (``--full``: then
+fresh data keys as well, fullrekey.py).
 
 What is wrapped by the CMK: each regular file's data key, in its 128-byte header
 (fileheader.py; context ``config.file_context(file id)``), the same in the header of a
@@ -26,7 +27,8 @@ one file at a time (fullrekey.py); the marker stays until the last one is done.
 A mount that finds the marker refuses, in one line that says to run ``encfs rekey
 CIPHERDIR`` again (refuse_if_interrupted, also for read-only mounts): the filesystem is
 not served while its headers may be under two CMKs. Running the command again (with or
-without ``--key``: without, it goes on to the CMK the marker names) finishes the job.
+without ``--key``: without, it goes on to the CMK the marker names; ``--full`` if the marker
+says "full") finishes the job.
 
 Invariants:
 - Every header on disk is whole and unwraps under the CMK it was under before, or under
@@ -39,9 +41,12 @@ Invariants:
 - The config copies change after every header, and only while the marker exists; two
   copies of an interrupted run hold the same secret under two CMKs, and
   ``open_config(rewrap_to=...)`` takes the one under the marker's CMK.
-- The marker goes last: while it exists, a run resumes. A run that fails before changing
-  anything (an unknown or disabled key) writes no marker.
-- Nothing is written with ``dry_run``, nor when every blob is under the destination already.
+- The marker goes last (with ``--full``, after the last file's fresh key): while it exists, a
+  run resumes. A run that fails before changing anything (an unknown or disabled key)
+  writes no marker.
+- Nothing is written with ``dry_run``. When every blob is under the destination already,
+  nothing is written but what a read-write mount would repair too (a damaged or missing
+  config copy, a format-1 config's upgrade; leftover temporary files are removed).
 - A header that cannot be parsed or unwrapped (damaged: its file was unreadable before) is
   left as it is and reported; the others move and the run ends non-zero.
 - The mount lock's record keeps saying "mounted" if the last mount before the first run did
@@ -69,7 +74,7 @@ from encfs.block.rewrap import destination
 from encfs.diskio import fsync_dir, pwrite_all, syncfs
 from encfs.errors import ContextMismatch, EncfsError, InvalidCiphertext, KeyNotFound, MountError
 from encfs.fuse import rekeyfile
-from encfs.fuse.fileheader import HEADER_LEN, JOURNAL_DIR, FileHeader, HeaderError
+from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError
 from encfs.fuse.fsconfig import BACKUP_NAME, CONFIG_NAME, FS_FORMAT, FsConfig, open_config, peek_config, \
     sealed_config_bytes
 from encfs.fuse.mountlock import REKEY_MODE, MountLock
