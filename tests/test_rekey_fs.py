@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_encfs
 from fuse_helpers import Mount
+from test_rekey_rewrap import fails, ok
 
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader
 from encfs.fuse.mount import is_mounted
@@ -29,21 +29,6 @@ from encfs.fuse.rewrap import MARKER, REDO, pack_redo
 STRESS = bool(os.environ.get("ENCFS_STRESS"))
 KILL_FILES = 10_000 if STRESS else 2_500
 KILLS_WANTED = 10 if STRESS else 3  # rounds whose kill left the re-key unfinished
-
-
-def ok(home: Path, *args: str | Path) -> str:
-    p = run_encfs(*map(str, args), home=home)
-    assert p.returncode == 0, p.stderr.decode()
-    assert b"Traceback" not in p.stderr
-    return p.stdout.decode()
-
-
-def fails(home: Path, *args: str | Path) -> str:
-    p = run_encfs(*map(str, args), home=home)
-    assert p.returncode != 0, p.stdout.decode()
-    lines = p.stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("encfs: "), p.stderr.decode()
-    return lines[0]
 
 
 def mount_refused(home: Path, cipher: Path, plain: Path) -> str:

@@ -72,11 +72,24 @@ from typing import Any
 from encfs.atomicfile import write_atomic
 from encfs.block.rewrap import destination
 from encfs.diskio import fsync_dir, pwrite_all, syncfs
-from encfs.errors import ContextMismatch, EncfsError, InvalidCiphertext, KeyNotFound, MountError
+from encfs.errors import (
+    ContextMismatch,
+    EncfsError,
+    InvalidCiphertext,
+    KeyNotFound,
+    MountError,
+)
 from encfs.fuse import rekeyfile
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError
-from encfs.fuse.fsconfig import BACKUP_NAME, CONFIG_NAME, FS_FORMAT, FsConfig, open_config, peek_config, \
-    sealed_config_bytes
+from encfs.fuse.fsconfig import (
+    BACKUP_NAME,
+    CONFIG_NAME,
+    FS_FORMAT,
+    FsConfig,
+    open_config,
+    peek_config,
+    sealed_config_bytes,
+)
 from encfs.fuse.mountlock import REKEY_MODE, MountLock
 from encfs.fuse.names import is_internal
 from encfs.keys.blob import CiphertextBlob
@@ -313,12 +326,7 @@ def _full(cipherdir: Path, ks: KeyService, done: FsRewrapped, recovering: bool, 
         return
     try:
         done.fresh, done.resealed = fresh_keys(cipherdir, ks, recovering, files)
-        for name in (DONE, REDO, MARKER):
-            try:
-                os.unlink(cipherdir / name)
-            except FileNotFoundError:
-                pass
-        fsync_dir(root)
+        _remove(cipherdir, root, (DONE, REDO, MARKER))
     except (EncfsError, OSError) as e:
         cause = e.message if isinstance(e, EncfsError) else f"{cipherdir}: {_what(e)}"
         raise RewrapError(cause + _AGAIN.format("--full " + str(cipherdir))) from None
@@ -360,12 +368,7 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
         if operation == FULL:  # before the first file gets a fresh key (fullrekey.py)
             _mark(cipherdir, operation, dest, recovering, state)
         if state["marked"] or marker is not None:
-            for name in (REDO, MARKER) if operation == REWRAP else (REDO,):  # --full: the marker stays
-                try:
-                    os.unlink(cipherdir / name)
-                except FileNotFoundError:
-                    pass
-            fsync_dir(root)
+            _remove(cipherdir, root, (REDO, MARKER) if operation == REWRAP else (REDO,))  # --full: the marker stays
     except (EncfsError, OSError) as e:
         cause = e.message if isinstance(e, EncfsError) else f"{cipherdir}: {_what(e)}"
         if state["marked"]:
@@ -379,6 +382,16 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
 
 _AGAIN = ("; the re-key stopped part way (mounts are refused until it is finished): "
           "fix that and run `encfs rekey {}` again")
+
+
+def _remove(cipherdir: Path, root: str | bytes, names: tuple[str, ...]) -> None:
+    """Remove these bookkeeping files (those that exist), then make that durable."""
+    for name in names:
+        try:
+            os.unlink(cipherdir / name)
+        except FileNotFoundError:
+            pass
+    fsync_dir(root)
 
 
 def _what(e: OSError) -> str:
