@@ -105,4 +105,16 @@ echo; echo "\$ grep -c 'balance 1,000,000' $VOL   (the image holds only cipherte
 if grep -aq 'balance 1,000,000' "$VOL"; then echo "BUG: plaintext found in the volume image" >&2; exit 1; fi
 echo 0
 run volume info "$VOL"
+
+echo; echo "== moving both to another CMK (no content rewritten), retiring the first, checking"
+"$ENCFS" key create --alias demo-2 --description "second master key" >/dev/null
+echo; echo "\$ encfs key create --alias demo-2 --description 'second master key'"
+run rekey "$VOL" --key demo-2
+run rekey "$CIPHER" --key demo-2
+run key disable demo
+run fsck "$VOL"
+run mount "$CIPHER" "$PLAIN"
+echo "\$ cat $PLAIN/plans.txt   (under demo-2, with demo disabled)"
+cat "$PLAIN/plans.txt"
+run umount "$PLAIN"
 echo; echo "demo finished"
