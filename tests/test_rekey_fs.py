@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from fuse_helpers import Mount
-from test_rekey_rewrap import fails, ok
+from test_rekey_rewrap import fails, home, key_id, ok  # noqa: F401  (home: the fixture)
 
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader
 from encfs.fuse.mount import is_mounted
@@ -40,21 +39,10 @@ def mount_refused(home: Path, cipher: Path, plain: Path) -> str:
             subprocess.run(["fusermount3", "-u", str(plain)], capture_output=True, timeout=30)
 
 
-def key_id(home: Path, alias: str) -> str:
-    return str(json.loads(ok(home, "key", "describe", alias, "--json"))["KeyId"])
-
 
 def config_key(cipher: Path) -> list[str]:
     return [json.loads((cipher / n).read_text())["key_id"] for n in ("encfs.conf", "encfs.conf.bak")]
 
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    """A home of its own (its keys get disabled): CMKs 'a' and 'b'."""
-    h = tmp_path / "home"
-    for alias in ("a", "b"):
-        ok(h, "key", "create", "--alias", alias)
-    return h
 
 
 Tree = dict[str, tuple[str, bytes]]  # plaintext path -> ("file" | "link" | "dir", content or target)
