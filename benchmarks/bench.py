@@ -1113,7 +1113,8 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as e:
                         ctx.note(f"{t.name}: teardown: {e}")
             for wanted, what, rows, section in ((snapshots, "snapshot", snapshot_rows, snap_samples),
-                                                (rekeys, "re-key", rekey_rows, rekey_samples)):
+                                                (rekeys, "re-key", rekey_rows, rekey_samples),
+                                                (not args.no_keys, "key service", key_service, key_samples)):
                 if not wanted:
                     continue
                 log(f"[rep {rep}/{repeats}] {what} rows ...")
@@ -1122,13 +1123,6 @@ def main(argv: list[str] | None = None) -> int:
                         section.setdefault(k, []).append(v)
                 except Exception as e:
                     ctx.note(f"{what} benchmark failed: {type(e).__name__}: {e}")
-            if not args.no_keys:
-                log(f"[rep {rep}/{repeats}] key service ...")
-                try:
-                    for k, v in key_service(ctx).items():
-                        key_samples.setdefault(k, []).append(v)
-                except Exception as e:
-                    ctx.note(f"key service benchmark failed: {e}")
     except BaseException:
         with contextlib.suppress(OSError):
             out.rmdir()  # an interrupted run leaves no empty results directory (rmdir: only if empty)
