@@ -146,6 +146,8 @@ def _full(args: argparse.Namespace, target: Path, kind: str) -> int:
         return 0
     with _service(args) as ks:
         done = rekey_volume(target, ks, args.key)
+        if done.volume_id != header.volume_id.hex():  # the copy is a new volume: the old id has no blobs left
+            ks.usage.forget(f"volume:{header.volume_id.hex()}", None)
     mib = done.sectors * 4096 / (1 << 20)
     if args.json:
         print(json.dumps({"Target": str(target), "Kind": kind, "Full": True, "VolumeId": done.volume_id,

@@ -207,7 +207,8 @@ def test_damaged_keys_json_comes_back_from_its_copy(home: Path) -> None:
     proc = ok("key", "encrypt", "b", home=home, input=b"y")
     err = proc.stderr.decode()
     assert err.count("\n") == 1 and "damaged" in err and "keys.json.bak" in err, err
-    # What the copy held, and the encrypt itself counted (a backing key's nonce budget, FORMAT.md §2).
+    # What the copy held, and the encrypt itself counted (a backing key's nonce budget, FORMAT.md §2,
+    # and its use by "other", §4).
     assert uncounted(keys.read_bytes()) == uncounted(saved)
     assert blobs(keys.read_bytes()) == blobs(saved) + 1
     still_works(home)
@@ -218,6 +219,7 @@ def uncounted(raw: bytes) -> dict:
     for rec in doc["keys"].values():
         for v in rec["versions"]:
             v.pop("sealed", None)
+            v.pop("used_by", None)
     return doc
 
 

@@ -80,8 +80,11 @@ def rewrap_volume(path: Path, ks: KeyService, dest_key: str | None, dry_run: boo
         old, new = _where(header.wrapped_key), destination(ks, header.wrapped_key, dest_key)
         # A damaged copy, or one a crash left under the old CMK, is rewritten even when the
         # newest copy needs nothing: running the command again finishes the job.
-        if (old == new and not warnings) or dry_run:
-            return Rewrapped(path, "volume", *old, *new, time.monotonic() - start, warnings if dry_run else [])
+        if dry_run:
+            return Rewrapped(path, "volume", *old, *new, time.monotonic() - start, warnings)
+        if old == new and not warnings:
+            ks.usage.forget(f"volume:{header.volume_id.hex()}", new)  # a run after a crash may end here
+            return Rewrapped(path, "volume", *old, *new, time.monotonic() - start, [])
         if not header.authenticated:  # a volume from before HEADER_MAC: its first open upgrades it
             os.close(fd)
             fd = -1
@@ -95,6 +98,7 @@ def rewrap_volume(path: Path, ks: KeyService, dest_key: str | None, dry_run: boo
         if _where(written.wrapped_key) != new or left:
             raise VolumeError(f"volume {path}: the re-wrapped header did not read back"
                               + (f" ({left[0]})" if left else ""))
+        ks.usage.forget(f"volume:{header.volume_id.hex()}", new)
         return Rewrapped(path, "volume", *old, *new, time.monotonic() - start, warnings)
     finally:
         if fd >= 0:

@@ -128,6 +128,7 @@ class FsRewrapped:
     damaged: list[str] = field(default_factory=list)  # headers left as they were
     seconds: float = 0.0
     full: bool = False  # --full: fresh data keys (fullrekey.py)
+    fs_id: str = ""
     fresh: int = 0  # files given a fresh data key (or that would be)
     resealed: int = 0  # their backing bytes
 
@@ -308,6 +309,8 @@ def rewrap_filesystem(cipherdir: Path, ks: KeyService, dest_key: str | None, dry
         done = _run(cipherdir, ks, dest_key, marker, recovering, dry_run, FULL if full else REWRAP)
         if full:
             _full(cipherdir, ks, done, recovering, dry_run)
+        if not dry_run and not done.damaged:  # every blob of the filesystem is under the destination
+            ks.usage.forget(f"fs:{done.fs_id}", (done.to_key, done.to_version))
     finally:
         lock.release(clean=not recovering)
     done.seconds = time.monotonic() - start
@@ -352,7 +355,7 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
                               f"(which upgrades it), then re-key it")
         dest = destination(ks, config.wrapped_secret,
                            dest_key if dest_key is not None else marker["key_id"] if marker else None)
-        done = FsRewrapped(cipherdir, *where(config.wrapped_secret), *dest, resumed=resumed)
+        done = FsRewrapped(cipherdir, *where(config.wrapped_secret), *dest, resumed=resumed, fs_id=config.fs_id)
         moving = _to_move(root, dest, dry_run, done.damaged)
         done.config = where(config.wrapped_secret) != dest or config.key_id != dest[0]
         if dry_run or (operation == REWRAP and not (moving or done.config or resumed)):

@@ -161,8 +161,17 @@ def cmd_hsm_status(args: argparse.Namespace) -> int:
 
 # -- key management ---------------------------------------------------------------
 
+def _version_use(v: dict[str, Any]) -> str:
+    state = v.get("KeyVersionState", "")
+    if state == "Retired":
+        return f"retired {v['RetiredDate']}"
+    used = v.get("UsedBy")
+    holders = "use unknown" if used == "unknown" else (f"used by {', '.join(used)}" if used else "no known blobs")
+    return f"{state.lower()}, {holders}" if state in ("Current",) else holders
+
+
 def _describe_text(meta: dict[str, Any]) -> None:
-    versions = ", ".join(f"v{v['Version']} ({v['CreationDate']})" for v in meta.get("KeyVersions", []))
+    versions = "; ".join(f"v{v['Version']} ({v['CreationDate']}, {_version_use(v)})" for v in meta.get("KeyVersions", []))
     print_record({**meta, **({"KeyVersions": versions} if "KeyVersions" in meta else {})}, False)
 
 
@@ -234,6 +243,14 @@ def _state_cmd(method: str, describe: Callable[[dict[str, Any]], str]) -> Callab
         _print_json(meta) if args.json else print(describe(meta))
         return 0
     return run
+
+
+def cmd_retire_version(args: argparse.Namespace) -> int:
+    with _service(args) as ks:
+        meta = ks.retire_key_version(args.key, args.version)
+    _print_json(meta) if args.json else print(f"{meta['KeyId']}: version {args.version} retired "
+                                              "(its backing key is destroyed)")
+    return 0
 
 
 # -- cryptographic operations -------------------------------------------------------
@@ -397,6 +414,11 @@ def register(sub: Any, add_hsm_options: AddHsmOptions) -> None:
     ):
         p = cmd(key, name, _state_cmd(method, msg), text, json_flag=True)
         p.add_argument("key", metavar="KEY")
+
+    p = cmd(key, "retire-version", cmd_retire_version,
+            "destroy an old backing-key version that no known blob is under (after `encfs rekey`)", json_flag=True)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("version", metavar="VERSION", type=int)
 
     p = cmd(key, "schedule-deletion", _state_cmd(
         "schedule_key_deletion", lambda m: f"{m['KeyId']}: {m['KeyState']}, material destroyed after {m['DeletionDate']}"),

@@ -58,6 +58,10 @@ class KeyVersion:
     created: float
     token_id: str
     sealed: int = 0  # blobs sealed (or reserved) under it: its nonce budget (budget.py)
+    # Who holds blobs sealed under it (usage.py): targets such as "fs:<id>", "volume:<id>",
+    # "export:<id>", or "other"; None: not known (a version from before usage was recorded).
+    used_by: list[str] | None = None
+    retired: float | None = None  # when its token object was destroyed (`encfs key retire-version`)
 
 
 @dataclass
