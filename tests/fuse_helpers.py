@@ -1,6 +1,6 @@
 """Real FUSE mounts for tests: start `encfs mount --foreground` by PID, always clean up.
 
-Cleanup order (../shared/notes/testing.md): unmount with fusermount3 -u, wait
+Cleanup order (docs/dev/testing.md): unmount with fusermount3 -u, wait
 for the daemon, kill it by PID if it lingers, lazy-unmount as a last resort.
 Every wait is bounded.
 """

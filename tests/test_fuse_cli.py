@@ -4,7 +4,7 @@ Every test that mounts something runs inside ``guard(cipherdir, mountpoint)``:
 on the way out it unmounts (fusermount3 -u), waits a bounded time for the
 daemons serving that CIPHERDIR (found by PID with `pgrep -f` on the unique
 cipherdir path), kills only those PIDs if they linger, and lazy-unmounts as
-a last resort (../shared/notes/testing.md). Every wait is bounded.
+a last resort (docs/dev/testing.md). Every wait is bounded.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Invariants:
   requests are in flight at once.
 - The file is opened with FOPEN_DIRECT_IO: the page cache never holds
   volume data, so a loop device on top does not cache it twice (the
-  deadlock hazard in ../shared/notes/block.md) and every flush from the
+  deadlock hazard in docs/dev/block-layer.md) and every flush from the
   loop device reaches SectorStore.flush().
 - An authentication failure answers EIO for that request only.
 - DESTROY, a vanished mount (ENODEV) or stop() flushes the store and ends serve().

@@ -1,7 +1,7 @@
 """Key metadata: states, versions, aliases; kept outside the token.
 
 Key states live here, not in token attributes, because HSMs such as CloudHSM
-offer no SO functions over PKCS#11 to flip them (../shared/notes/pkcs11.md).
+offer no SO functions over PKCS#11 to flip them (docs/dev/pkcs11.md).
 
 Storage: ``$ENCFS_HOME/keys.json`` and its copy ``keys.json.bak``, each
 replaced atomically (write, fsync, rename; keys.json first) under an exclusive

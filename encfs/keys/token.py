@@ -4,7 +4,7 @@ Invariants:
 - Every call into a PKCS#11 module happens under ``_P11_LOCK``. python-pkcs11
   initialises modules without CKF_OS_LOCKING_OK, so SoftHSM2 runs without its
   own mutexes while python-pkcs11 releases the GIL around C_* calls; unlocked
-  concurrent calls corrupt its heap (see ../shared/notes/pkcs11.md).
+  concurrent calls corrupt its heap (see docs/dev/pkcs11.md).
 - A module is loaded (C_Initialize) once per process and re-initialised in a
   forked child before use, as PKCS#11 requires.
 - Customer master keys are created sensitive, non-extractable token objects
