@@ -77,7 +77,8 @@ _FIELD = 1 << 8 * NONCE_LEN
 def _ramp(count: int) -> int:
     """0, 1, ..., count - 1 in the 96-bit fields of one integer, the first one most significant:
     sum of (count-1-j) * F**j for F = 2**96 is (sum of F**j, minus count) / (F - 1)."""
-    return ((_FIELD ** count - 1) // (_FIELD - 1) - count) // (_FIELD - 1)
+    ramp: int = ((_FIELD ** count - 1) // (_FIELD - 1) - count) // (_FIELD - 1)
+    return ramp
 
 
 def counter_nonces(prefix: bytes, first: int, count: int) -> bytes:
@@ -203,7 +204,7 @@ class BlockCipher:
         nonce = self.nonces(1, counter)
         return nonce + self._aead.encrypt(nonce, plaintext, self.aad(block_no))
 
-    def open(self, block_no: int, sealed: bytes | memoryview) -> bytes:
+    def open(self, block_no: int, sealed: bytes | bytearray | memoryview) -> bytes:
         """Plaintext of a sealed block; BlockAuthError if it does not authenticate."""
         if not OVERHEAD < len(sealed) <= self.sealed_block:
             raise BlockAuthError(block_no)
@@ -212,7 +213,7 @@ class BlockCipher:
         except InvalidTag:
             raise BlockAuthError(block_no) from None
 
-    def seal_into(self, block_numbers: range, plaintext: bytes | memoryview, out: memoryview | bytearray,
+    def seal_into(self, block_numbers: range, plaintext: bytes | bytearray | memoryview, out: memoryview | bytearray,
                   counter: int | None = None) -> None:
         """Seal ``plaintext`` as consecutive blocks laid end to end in ``out``, block i under
         number ``block_numbers[i]``. Every block but the last is full; ``out`` is exactly
@@ -237,14 +238,14 @@ class BlockCipher:
                 out[pos:pos + NONCE_LEN] = nonce
                 encrypt_into(nonce, pt[ipos:ipos + size], scope + pack(block_no), out[pos + NONCE_LEN:pos + step])
 
-    def seal_range(self, block_numbers: range, plaintext: bytes | memoryview,
+    def seal_range(self, block_numbers: range, plaintext: bytes | bytearray | memoryview,
                    counter: int | None = None) -> bytearray:
         """seal_into a new buffer of the right size."""
         out = bytearray(len(plaintext) + len(block_numbers) * OVERHEAD)
         self.seal_into(block_numbers, plaintext, out, counter)
         return out
 
-    def seal_run(self, first_block: int, plaintext: bytes | memoryview, counter: int | None = None) -> bytearray:
+    def seal_run(self, first_block: int, plaintext: bytes | bytearray | memoryview, counter: int | None = None) -> bytearray:
         """Seal consecutive blocks numbered from ``first_block``; only the last may be short."""
         return self.seal_range(range(first_block, first_block - (-len(plaintext) // self.block_size)), plaintext,
                                counter)
@@ -264,7 +265,7 @@ class BlockCipher:
         if last <= OVERHEAD:
             raise BlockAuthError(block_numbers[-1])
 
-    def open_into(self, block_numbers: range, sealed: bytes | memoryview, out: memoryview | bytearray) -> None:
+    def open_into(self, block_numbers: range, sealed: bytes | bytearray | memoryview, out: memoryview | bytearray) -> None:
         """Open the sealed blocks laid end to end in ``sealed`` into ``out``, block i under number
         ``block_numbers[i]``. Every block but the last is full; ``out`` is exactly as long as
         their plaintext (ValueError otherwise).
@@ -287,7 +288,7 @@ class BlockCipher:
                     out[opos:opos + size] = bytes(len(out[opos:opos + size]))
                     raise BlockAuthError(block_no) from None
 
-    def open_run(self, first_block: int, sealed: bytes | memoryview) -> bytearray:
+    def open_run(self, first_block: int, sealed: bytes | bytearray | memoryview) -> bytearray:
         """Open consecutive sealed blocks (as written by seal_run)."""
         numbers, plain_len = run_blocks(first_block, len(sealed), self.block_size)
         out = bytearray(plain_len)

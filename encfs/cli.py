@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A file encfs could not use and no code path named: still the file and the cause.
         print(f"encfs: {os.fsdecode(e.filename)}: {e.strerror or e}", file=sys.stderr)
         return 74  # EX_IOERR
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a bug still gets one line, never a traceback
         return _internal_error(e)
 
 

@@ -106,7 +106,7 @@ def spawn(run: Callable[[Readiness], None], *, name: str, log_file: str | None,
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
             _detach_stdio(log_file, name)
             run(ready)
-        except BaseException as e:  # noqa: BLE001 - the parent must hear about any failure
+        except BaseException as e:  # the parent must hear about any failure
             if isinstance(e, EncfsError):
                 ready.fail(e.message)
             elif isinstance(e, OSError) and e.filename is not None:  # as the CLI reports it

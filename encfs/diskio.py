@@ -45,7 +45,7 @@ def pwritev_all(fd: int, parts: Sequence[bytes | bytearray | memoryview], offset
     return total
 
 
-def fsync_dir(path: bytes | str) -> None:
+def fsync_dir(path: bytes | str | os.PathLike[str]) -> None:
     """Make the entries of directory ``path`` (a create, rename or unlink in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

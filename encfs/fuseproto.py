@@ -311,7 +311,7 @@ def unmount_direct(mountpoint: str, lazy: bool = False) -> None:
 
 def unmount_fusermount(mountpoint: str, lazy: bool = False) -> None:
     args = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", mountpoint]
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         raise OSError(errno.EBUSY, lines[-1] if lines else f"fusermount3 -u exited with {proc.returncode}")
@@ -392,7 +392,7 @@ class FuseServer:
         self._overlapping_lock = threading.Lock()
         self.unmounted = False  # the kernel ended the connection (ENODEV)
 
-    def reply(self, unique: int, *payload: bytes) -> None:
+    def reply(self, unique: int, *payload: bytes | bytearray | memoryview) -> None:
         length = OUT_HEADER.size + sum(len(p) for p in payload)
         self._send([OUT_HEADER.pack(length, 0, unique), *payload])
 
@@ -402,7 +402,7 @@ class FuseServer:
     def notify(self, code: int, payload: bytes) -> None:
         self._send([OUT_HEADER.pack(OUT_HEADER.size + len(payload), code, 0), payload])
 
-    def _send(self, parts: list[bytes]) -> None:
+    def _send(self, parts: list[bytes | bytearray | memoryview]) -> None:
         try:
             os.writev(self.fd, parts)
         except OSError as e:
@@ -438,7 +438,8 @@ class FuseServer:
         """Whether a request is worth running alongside the next one: reads and writes of at least
         OVERLAP_BYTES (handing the device to another thread costs a thread wake-up)."""
         if opcode == READ:
-            return READ_IN.unpack_from(body)[2] >= OVERLAP_BYTES
+            size: int = READ_IN.unpack_from(body)[2]
+            return size >= OVERLAP_BYTES
         return opcode == WRITE and length >= OVERLAP_BYTES
 
     def serve(self, threads: int = 1) -> None:

@@ -204,7 +204,7 @@ class SealWorker:
         plain_at = slot * SLOT_BYTES + REQUEST_BYTES
         return self._arena[plain_at:plain_at + MAX_PLAIN], self._arena[plain_at + MAX_PLAIN:(slot + 1) * SLOT_BYTES]
 
-    def open(self, key_id: int, jobs: Sequence[tuple[range, memoryview, memoryview]]) -> bool:
+    def open(self, key_id: int, jobs: Sequence[tuple[range, bytes | bytearray | memoryview, memoryview]]) -> bool:
         """Open each (block numbers, sealed, out) as BlockCipher.open_into would, with ``sealed``
         and ``out`` parts of this thread's areas(). True once done; False if the worker cannot
         (then open them in process: ``sealed`` is unchanged); BlockAuthError as open_into."""
@@ -230,7 +230,7 @@ class SealWorker:
             return False
         return True
 
-    def _arena_offset(self, data: memoryview | bytes) -> int | None:
+    def _arena_offset(self, data: bytes | bytearray | memoryview) -> int | None:
         """Where ``data`` lies in the arena, if it is a view of it (a request buffer's bytes)."""
         if not isinstance(data, memoryview) or data.obj is not self._map or data.readonly \
                 or not data.c_contiguous:

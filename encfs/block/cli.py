@@ -172,7 +172,7 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
         dest="volume_command", required=True, metavar="COMMAND")
 
     def cmd(name: str, func: Callable[[argparse.Namespace], int], help: str, hsm: bool = True) -> argparse.ArgumentParser:
-        p = vol.add_parser(name, help=help, description=help)
+        p: argparse.ArgumentParser = vol.add_parser(name, help=help, description=help)
         if hsm:
             add_hsm_options(p)
         p.set_defaults(func=func)

@@ -195,7 +195,7 @@ class CowStore(SectorIO):
             self._mirror = commit
             self._write_mirror()
 
-    def _read_node(self, level: int, index: int, page: int) -> array:
+    def _read_node(self, level: int, index: int, page: int) -> array[int]:
         sealed = os.pread(self.fd, SEALED_BLOCK, page_offset(page))
         return node_from_bytes(self._nodes.open(node_block_number(level, index), sealed))
 
@@ -277,7 +277,7 @@ class CowStore(SectorIO):
             for blocks, sealed, part in jobs:
                 self._data.open_into(blocks, sealed, part)
 
-    def _seal(self, first: int, data: bytes | memoryview) -> CowSealed:
+    def _seal(self, first: int, data: bytes | bytearray | memoryview) -> CowSealed:
         count = len(data) // SECTOR_SIZE
         if self._failed:
             raise StoreFailed(errno.EIO, "the volume store failed a commit; detach and re-attach it")
@@ -291,7 +291,7 @@ class CowStore(SectorIO):
             sealed = self._data.seal_range(blocks, data, counter=counter)
         return CowSealed(first, count, sealed)
 
-    def seal_ahead(self, offset: int, data: bytes) -> CowSealed | None:
+    def seal_ahead(self, offset: int, data: bytes | bytearray | memoryview) -> CowSealed | None:
         """Seal a write of whole sectors, changing nothing: sealing depends only on the sectors'
         numbers, so write_sealed() always takes it."""
         if offset < 0 or offset % SECTOR_SIZE or len(data) % SECTOR_SIZE or not data \
@@ -303,7 +303,7 @@ class CowStore(SectorIO):
         self._place(sealed)
         return True
 
-    def write_sectors(self, first: int, data: bytes | memoryview) -> None:
+    def write_sectors(self, first: int, data: bytes | bytearray | memoryview) -> None:
         self._place(self._seal(first, data))
 
     def _place(self, sealed: CowSealed) -> None:
@@ -555,7 +555,7 @@ def read_tree_into(fd: int, cipher: BlockCipher, tree: MapTree, first: int, coun
         if not page:
             continue
         if sealed_area is None:
-            sealed: bytes | memoryview = os.pread(fd, n * SEALED_BLOCK, page_offset(page))
+            sealed: bytes | bytearray | memoryview = os.pread(fd, n * SEALED_BLOCK, page_offset(page))
             got = len(sealed)
         else:
             sealed = sealed_area[:n * SEALED_BLOCK]

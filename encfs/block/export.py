@@ -76,12 +76,18 @@ _ZERO_SECTOR = bytes(SECTOR)
 
 
 class SnapshotSource(Protocol):
-    volume_id: bytes  # 16 bytes
-    snapshot_id: str
-    size: int  # plaintext bytes, a multiple of 4096
-    description: str
-    created: float  # unix time
-    key_id: str  # the CMK the volume's key is wrapped under
+    @property
+    def volume_id(self) -> bytes: ...  # 16 bytes
+    @property
+    def snapshot_id(self) -> str: ...
+    @property
+    def size(self) -> int: ...  # plaintext bytes, a multiple of 4096
+    @property
+    def description(self) -> str: ...
+    @property
+    def created(self) -> float: ...  # unix time
+    @property
+    def key_id(self) -> str: ...  # the CMK the volume's key is wrapped under
 
     def written_runs(self) -> Iterator[tuple[int, int]]:
         """(first sector, count) of the sectors holding data, ascending; others read as zeros."""

@@ -192,7 +192,7 @@ def _check_v1(fd: int, header: VolumeHeader, key: bytes, report: Report, data: b
                                                "other may hold an older map (the volume predates mirrored maps): "
                                                "`encfs volume attach --accept-rollback` uses it",
                                    place=f"{extent}/{slot}"))
-            elif other is not None and seqs[slot] < other and header.maps_mirrored:
+            elif other is not None and (seqs[slot] or 0) < other and header.maps_mirrored:
                 report.add(Finding("map-slot", f"{where}: sector-map slot {slot} holds an older map (sequence "
                                                f"{seqs[slot]}; the newest is {other}): the last flush's mirror was "
                                                "not written", repairable=True, place=f"{extent}/{slot}"))

@@ -50,7 +50,7 @@ class _Cow(CowStore):
     def table(self, commit: Commit) -> list[Snapshot]:
         return self._read_table(commit)
 
-    def node(self, level: int, index: int, page: int) -> array:
+    def node(self, level: int, index: int, page: int) -> array[int]:
         return self._read_node(level, index, page)
 
     def read_into(self, tree: MapTree, first: int, count: int, out: memoryview) -> None:
@@ -82,9 +82,9 @@ def check_cow(fd: int, path: Path, header: VolumeHeader, key: bytes, report: Rep
         table_ok = False
         report.add(Finding("snapshot-table", "the snapshot table fails authentication: the snapshots cannot be "
                                              "found or checked (not repairable)"))
-    nodes: dict[tuple[int, int, int], array | None] = {}
+    nodes: dict[tuple[int, int, int], array[int] | None] = {}
 
-    def read_node(level: int, index: int, page: int) -> array:
+    def read_node(level: int, index: int, page: int) -> array[int]:
         if (level, index, page) not in nodes:
             try:
                 nodes[(level, index, page)] = store.node(level, index, page)
@@ -95,7 +95,8 @@ def check_cow(fd: int, path: Path, header: VolumeHeader, key: bytes, report: Rep
             raise BlockAuthError(index)
         return node
 
-    trees = [(None, MapTree.load(commit.root, commit.depth, read_node), header.sectors)]
+    trees: list[tuple[str | None, MapTree, int]] = [(None, MapTree.load(commit.root, commit.depth, read_node),
+                                                     header.sectors)]
     trees += [(s.id, MapTree.load(s.root, s.depth, read_node), s.size // SECTOR_SIZE) for s in snaps]
     report.counts.update(snapshots=len(snaps), map_nodes=len(nodes))
     for sid, tree, sectors in trees:
@@ -151,7 +152,7 @@ def _residual(tree: MapTree, checked_pages: set[int], checked_leaves: set[int]) 
 def _check_pages(store: _Cow, trees: list[tuple[str | None, MapTree, int]], report: Report) -> None:
     checked_pages: set[int] = set()
     checked_leaves: set[int] = set()
-    work = []
+    work: list[tuple[MapTree, list[tuple[int, int]]]] = []
     for _sid, tree, sectors in trees:
         part = tree if not work else _residual(tree, checked_pages, checked_leaves)
         runs = list(part.written_runs(sectors))

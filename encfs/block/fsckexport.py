@@ -23,6 +23,7 @@ import os
 import time
 from pathlib import Path
 
+from encfs.block.export import unwrap_key
 from encfs.block.exportformat import (
     CHUNK_SECTORS,
     EXPORT_FORMAT,
@@ -35,7 +36,6 @@ from encfs.block.exportformat import (
     Manifest,
     check_snapshot_id,
 )
-from encfs.block.export import unwrap_key
 from encfs.fsckreport import WARNING, Finding, Report
 from encfs.keys.service import KeyService
 from encfs.progress import progress

@@ -28,7 +28,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from encfs.blocks import BlockAuthError
 from encfs.errors import EncfsError
@@ -104,15 +104,15 @@ LIST_PAGE_HEAD = struct.Struct(">II")  # (pages, generation) in front of each pa
 __all__ = ["CONTROL_CREATE", "CONTROL_DELETE", "CONTROL_LIST", "CONTROL_LIST_PAGE", "LIST_PAGE", "LIST_PAGE_HEAD", "RESIZE_XATTR", "StopServing", "VolumeFile", "VolumeServer", "fuse_mount", "fuse_unmount"]
 
 
-class VolumeFile:
+class VolumeFile(Protocol):
     """What the server needs from the volume: size, I/O and durability."""
 
-    size: int
-
+    @property
+    def size(self) -> int: ...
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
-    def seal_ahead(self, offset: int, data: bytes) -> object | None: ...
+    def seal_ahead(self, offset: int, data: bytes | bytearray | memoryview) -> Any: ...
     def request_buffer(self) -> memoryview | None: ...
-    def write(self, offset: int, data: bytes, sealed: Any = None) -> int: ...
+    def write(self, offset: int, data: bytes | bytearray | memoryview, sealed: Any = None) -> int: ...
     def discard(self, offset: int, length: int) -> None: ...
     def flush(self) -> None: ...
     def grow(self, new_size: int) -> None: ...
@@ -213,7 +213,7 @@ class VolumeServer(FuseServer):
         finally:
             self.lock.release_exclusive()
 
-    def _write(self, unique: int, offset: int, data: bytes, sealed: object | None) -> None:
+    def _write(self, unique: int, offset: int, data: bytes | bytearray | memoryview, sealed: object | None) -> None:
         if offset + len(data) > self.volume.size:
             self.reply_error(unique, errno.ENOSPC)
         else:

@@ -276,12 +276,12 @@ def read_verified(fd: int, unwrap: Callable[[VolumeHeader], bytes]) -> tuple[Vol
     # A copy with HEADER_MAC that passes its checksum but not its MAC was tampered with (damage fails
     # the checksum): it still rules out the copies without HEADER_MAC, which can only be older.
     header = _newest(good, problems, any(h.authenticated for _c, h in found))
-    for copy, h, e in unusable:
+    for copy, h, refused in unusable:
         # Only an older copy may be passed over (a re-wrap a crash cut between the two copies,
         # then the old CMK disabled); never the newest: that would roll the header back.
         if h.seq >= header.seq:
-            raise e
-        problems.append(f"header copy {copy}: an older header under a CMK that cannot be used ({e.message}); "
+            raise refused
+        problems.append(f"header copy {copy}: an older header under a CMK that cannot be used ({refused.message}); "
                         "ignored")
     key = keys[(header.wrapped_key, header.authenticated)]
     assert isinstance(key, bytes)

@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import builtins
 import errno
 import sys
 from array import array
@@ -38,11 +39,11 @@ _SHIFT = 10  # log2(FANOUT)
 _EMPTY = bytes(4 * FANOUT)
 
 
-def empty_node() -> array:
+def empty_node() -> array[int]:
     return array("I", _EMPTY)
 
 
-def node_from_bytes(data: bytes | bytearray) -> array:
+def node_from_bytes(data: bytes | bytearray) -> array[int]:
     node = array("I")
     node.frombytes(bytes(data))
     if len(node) != FANOUT:
@@ -55,13 +56,13 @@ class MapTree:
 
     def __init__(self, depth: int = 1) -> None:
         self.depth = depth
-        self.nodes: dict[NodeKey, array] = {}
+        self.nodes: dict[NodeKey, array[int]] = {}
         self.pages: dict[NodeKey, int] = {}
         self.dirty: set[NodeKey] = set()
         self.damaged: set[NodeKey] = set()  # nodes that failed authentication: their sectors are EIO
 
     @classmethod
-    def load(cls, root: int, depth: int, read_node: Callable[[int, int, int], array]) -> MapTree:
+    def load(cls, root: int, depth: int, read_node: Callable[[int, int, int], array[int]]) -> MapTree:
         """The tree under ``root`` (0: empty); ``read_node(level, index, page)`` reads and
         authenticates one node, raising BlockAuthError if it fails: that node is ``damaged``
         (kept at its page, so that its page is never reused and its parent keeps naming it)."""
@@ -100,7 +101,7 @@ class MapTree:
         """The root's committed page (0: the committed tree is empty)."""
         return self.pages.get(self.root_key, 0)
 
-    def leaf(self, sector: int) -> array | None:
+    def leaf(self, sector: int) -> array[int] | None:
         return self.nodes.get((0, sector >> _SHIFT))
 
     def get(self, sector: int) -> int:
@@ -156,7 +157,7 @@ class MapTree:
             if level == 0:
                 yield from (p for p in node if p)
 
-    def page_set(self) -> set[int]:
+    def page_set(self) -> builtins.set[int]:
         """Every page the tree reaches: its nodes' and its sectors' (built by set.update, in C)."""
         pages = set(self.pages.values())
         for (level, _i), node in self.nodes.items():

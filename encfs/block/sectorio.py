@@ -29,7 +29,7 @@ class SectorIO:
     def read_sectors(self, first: int, count: int) -> bytearray:
         raise NotImplementedError
 
-    def write_sectors(self, first: int, data: bytes) -> None:
+    def write_sectors(self, first: int, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
 
     def forget_sectors(self, first: int, end: int) -> None:
@@ -74,7 +74,7 @@ class SectorIO:
         skip = offset - first * SECTOR_SIZE
         return data if skip == 0 and len(data) == length else data[skip:skip + length]
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write plaintext at any alignment (partial sectors are read, merged, rewritten)."""
         self._check_range(offset, len(data))
         if not data:

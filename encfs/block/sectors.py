@@ -44,7 +44,7 @@ import fcntl
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from encfs.block.budget import SealBudget
 from encfs.block.layout import (
@@ -122,7 +122,7 @@ class SealedSectors:
 
     __slots__ = ("first", "generation", "runs", "slots")
 
-    def __init__(self, first: int, slots: list[int], runs: list[tuple[int, list[int], bytes | memoryview]],
+    def __init__(self, first: int, slots: list[int], runs: list[tuple[int, list[int], bytes | bytearray | memoryview]],
                  generation: int) -> None:
         self.first = first
         self.slots = slots  # the slot of sector first + k
@@ -335,7 +335,7 @@ class SectorStore(SectorIO):
         """Sectors [first, first + count) opened into ``out``; unwritten ones are left as they are
         unless ``zero``. With ``sealed_area`` (the worker's areas()), the sealed runs are read into
         it and the worker opens them all in one job."""
-        jobs: list[tuple[range, memoryview, memoryview]] = []
+        jobs: list[tuple[range, bytes | bytearray | memoryview, memoryview]] = []
         at = 0
         try:
             for s, n, state in self._slot_runs(first, count):
@@ -346,7 +346,7 @@ class SectorStore(SectorIO):
                     continue
                 blocks = range(sector_block_number(s, state), sector_block_number(s + n, state), 2)
                 if sealed_area is None:
-                    sealed: bytes | memoryview = os.pread(self.fd, n * SEALED_BLOCK, sector_offset(s, state))
+                    sealed: bytes | bytearray | memoryview = os.pread(self.fd, n * SEALED_BLOCK, sector_offset(s, state))
                     got = len(sealed)
                 else:
                     sealed = sealed_area[at:at + n * SEALED_BLOCK]
@@ -367,7 +367,7 @@ class SectorStore(SectorIO):
                 self._on_auth_error(e.block_no // 2)
             raise
 
-    def write_sectors(self, first: int, data: bytes) -> None:
+    def write_sectors(self, first: int, data: bytes | bytearray | memoryview) -> None:
         """Seal and write whole sectors; the map names a new slot only once it is fully written.
 
         If the image cannot take the write (ENOSPC, EIO, ...), the map keeps
@@ -381,7 +381,7 @@ class SectorStore(SectorIO):
             self._map(extent)  # load (and authenticate) the maps first
         self._write_sealed(self._seal_sectors(first, data, self._generation))
 
-    def seal_ahead(self, offset: int, data: bytes) -> SealedSectors | None:
+    def seal_ahead(self, offset: int, data: bytes | bytearray | memoryview) -> SealedSectors | None:
         """Seal a write of whole sectors while changing nothing and taking no lock, so that a
         server can seal one request while another is being written; None if that cannot be
         done ahead (not whole sectors, out of range, or a map not loaded yet).
@@ -405,7 +405,7 @@ class SectorStore(SectorIO):
         self._write_sealed(sealed)
         return True
 
-    def _seal_sectors(self, first: int, data: bytes | memoryview, generation: int) -> SealedSectors:
+    def _seal_sectors(self, first: int, data: bytes | bytearray | memoryview, generation: int) -> SealedSectors:
         """Each sector sealed for the slot a write of it goes to, in runs contiguous in the image;
         ``generation`` is the number the caller read before the maps."""
         count = len(data) // SECTOR_SIZE
@@ -420,7 +420,7 @@ class SectorStore(SectorIO):
                 bn = sector_block_number(run[0], slot)
                 parts.append((sector_offset(run[0], slot), run, range(bn, bn + 2 * len(run), 2),
                               view[(run[0] - first) * SECTOR_SIZE:(run[-1] - first + 1) * SECTOR_SIZE]))
-        sealed = None
+        sealed: Sequence[bytes | bytearray | memoryview] | None = None
         if self.seal_worker is not None and self._seal_key_id is not None and count >= SEAL_WORKER_MIN_SECTORS:
             sealed = self.seal_worker.seal(self._seal_key_id, [(numbers, plain) for _o, _r, numbers, plain in parts])
         if sealed is None:

@@ -259,7 +259,7 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
         dest="snapshot_command", required=True, metavar="COMMAND")
 
     def cmd(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = snap.add_parser(name, help=help, description=help)
+        p: argparse.ArgumentParser = snap.add_parser(name, help=help, description=help)
         add_hsm_options(p)
         p.set_defaults(func=func)
         return p

@@ -250,7 +250,8 @@ def list_attached(control: str) -> list[dict[str, Any]]:
     reader's page 0 came in between, so the read starts again."""
     for _ in range(5):
         try:
-            parts, pages, generation = [], 1, None
+            parts: list[bytes] = []
+            pages, generation = 1, None
             while len(parts) < pages:
                 value = os.getxattr(control, CONTROL_LIST_PAGE + str(len(parts)).encode())
                 pages, gen = LIST_PAGE_HEAD.unpack_from(value)
@@ -259,7 +260,8 @@ def list_attached(control: str) -> list[dict[str, Any]]:
                 generation = gen
                 parts.append(value[LIST_PAGE_HEAD.size:])
             else:
-                return json.loads(b"".join(parts))
+                listed: list[dict[str, Any]] = json.loads(b"".join(parts))
+                return listed
         except OSError as e:
             if e.errno not in (errno.ERANGE, errno.ENODATA):  # the list changed between calls
                 raise VolumeError(f"listing the snapshots failed: {e.strerror}") from None

@@ -97,7 +97,7 @@ class StoreFile:
         """Valid until this thread's next read or write (see SectorStore.read_view)."""
         return self.store.read_view(offset, length)
 
-    def seal_ahead(self, offset: int, data: bytes) -> SealedSectors | CowSealed | None:
+    def seal_ahead(self, offset: int, data: bytes | bytearray | memoryview) -> SealedSectors | CowSealed | None:
         return self.store.seal_ahead(offset, data)
 
     def request_buffer(self) -> memoryview | None:
@@ -105,7 +105,8 @@ class StoreFile:
         worker = self.store.seal_worker
         return None if worker is None else worker.request_buffer()
 
-    def write(self, offset: int, data: bytes, sealed: SealedSectors | CowSealed | None = None) -> int:
+    def write(self, offset: int, data: bytes | bytearray | memoryview,
+              sealed: SealedSectors | CowSealed | None = None) -> int:
         if sealed is not None and self.store.write_sealed(sealed):  # type: ignore[arg-type]  # its own kind
             return len(data)
         return self.store.write(offset, data)

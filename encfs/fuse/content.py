@@ -278,8 +278,8 @@ class FileContent:
             os.ftruncate(self.fd, at)
             self.dirty = True
         self.size = last * block
-        return [f"its last block ({backing - at} bytes, past the last fsync) was torn by a crash "
-                f"and is cut off: size now {self.size}"]
+        return [(f"its last block ({backing - at} bytes, past the last fsync) was torn by a crash "
+                 f"and is cut off: size now {self.size}")]
 
     # -- reading -------------------------------------------------------------------------
 
@@ -381,7 +381,7 @@ class FileContent:
         self.read(last * self.block, 1)
         self.verified = True
 
-    def write(self, offset: int, data: bytes | memoryview) -> int:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         if offset > self.size:
             self._extend(offset)
         if not data:
@@ -405,7 +405,7 @@ class FileContent:
         self._place(blocks.start, self.cipher.seal_run(blocks.start, plain), max(size, end))
         return len(data)
 
-    def write_sealed(self, offset: int, length: int, sealed: bytes | memoryview) -> int:
+    def write_sealed(self, offset: int, length: int, sealed: bytes | bytearray | memoryview) -> int:
         """Write ``sealed``: the whole_blocks(offset, length) sealed under this file's cipher
         (by a sealing worker, before the caller serialised this write)."""
         if offset > self.size:

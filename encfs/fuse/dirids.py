@@ -29,7 +29,6 @@ import logging
 import os
 
 from encfs.atomicfile import write_atomic
-from encfs.fuseproto import FuseError
 from encfs.fuse.names import (
     DIRID_FILE,
     DIRID_LEN,
@@ -40,6 +39,7 @@ from encfs.fuse.names import (
     is_internal,
     is_longname_entry,
 )
+from encfs.fuseproto import FuseError
 
 log = logging.getLogger("encfs.fuse")
 
@@ -149,9 +149,9 @@ class DirIds:
             self._write_file(path, stored)
         if "xattr" not in good and "next" not in good:
             self._write_second(path, stored)
-        if "next" in good or os.path.lexists(os.path.join(path, DIRID_NEXT)):
-            if "xattr" in good or self._xattr_ok(path, stored):
-                self._drop_next(path)
+        if ("next" in good or os.path.lexists(os.path.join(path, DIRID_NEXT))) \
+                and ("xattr" in good or self._xattr_ok(path, stored)):
+            self._drop_next(path)
 
     @staticmethod
     def _xattr_ok(path: bytes, stored: bytes) -> bool:

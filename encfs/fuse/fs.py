@@ -41,7 +41,7 @@ import functools
 import logging
 import os
 import stat as stat_m
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +49,11 @@ from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.diskio import fsync_dir
 from encfs.errors import EncfsError
-from encfs.fuseproto import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
 from encfs.fuse.content import FileContent, whole_blocks
-from encfs.fuse.fileheader import HeaderError
-from encfs.fuse.journal import JournalDamaged
 from encfs.fuse.dirids import DirIds
+from encfs.fuse.fileheader import HeaderError
 from encfs.fuse.fsconfig import BINDING_UPGRADE, FsConfig, FsKeys
+from encfs.fuse.journal import JournalDamaged
 from encfs.fuse.names import (
     DIRID_LEN,
     NAME_MAX,
@@ -65,8 +64,9 @@ from encfs.fuse.names import (
     is_longname_entry,
     longname_side_file,
 )
-from encfs.fuse.symlinks import Symlinks
 from encfs.fuse.openfiles import OpenFile, OpenFiles
+from encfs.fuse.symlinks import Symlinks
+from encfs.fuseproto import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
 from encfs.keys.service import KeyService
 from encfs.sealworker import WORKER_MIN_BYTES, SealWorker
 
@@ -389,12 +389,11 @@ class EncryptedFS:
         self._check_writable()
         target = self._target(inode)
         # paths are not followed (the entry itself may be a symlink); an fd is the file itself
-        nofollow: dict[str, bool] = {"follow_symlinks": False} if isinstance(target, bytes) else {}
+        nofollow: dict[str, Any] = {"follow_symlinks": False} if isinstance(target, bytes) else {}
         if fields.update_size:
             self._truncate(inode, target, attr.st_size, self.files.get(fh) if fh is not None else None)
-        if fields.update_mode:
-            if not stat_m.S_ISLNK(os.stat(target, **nofollow).st_mode):
-                os.chmod(target, stat_m.S_IMODE(attr.st_mode))
+        if fields.update_mode and not stat_m.S_ISLNK(os.stat(target, **nofollow).st_mode):
+            os.chmod(target, stat_m.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             os.chown(target, attr.st_uid if fields.update_uid else -1,
                      attr.st_gid if fields.update_gid else -1, **nofollow)
@@ -425,7 +424,7 @@ class EncryptedFS:
         the daemon runs as that user and the backing entry has the plaintext mode and owner."""
         target = self._target(inode)
         by_fd = isinstance(target, int)  # a file with no name left: through its open handle's fd
-        path = f"/proc/self/fd/{target}" if by_fd else target
+        path = f"/proc/self/fd/{target}" if isinstance(target, int) else target
         if not os.access(path, mask & (os.R_OK | os.W_OK | os.X_OK), effective_ids=True, follow_symlinks=by_fd):
             raise FuseError(errno.EACCES)
 
@@ -444,7 +443,7 @@ class EncryptedFS:
         self._dirs[fh] = DirHandle(inode)
         return fh
 
-    def readdir(self, fh: int, start_id: int, plus: bool) -> Iterator[tuple[bytes, EntryAttributes, int]]:
+    def readdir(self, fh: int, start_id: int, plus: bool) -> Generator[tuple[bytes, EntryAttributes, int]]:
         """(name, attributes, offset of the next entry) from offset ``start_id`` on.
 
         The consumer stops iterating once its reply is full. An entry counts as
@@ -884,7 +883,7 @@ class EncryptedFS:
         return None if sealed is None else (key_id, sealed[0])
 
     @fuse_op
-    def write(self, fh: int, off: int, buf: bytes | memoryview,
+    def write(self, fh: int, off: int, buf: bytes | bytearray | memoryview,
               sealed: tuple[int, memoryview] | None = None) -> int:
         """Write ``buf`` at ``off``; ``sealed``: what seal_ahead() returned for this write."""
         f = self.files[fh]

@@ -284,7 +284,7 @@ def _verify(copy: _Copy, secret: bytes) -> None:
     if config.format != 1:
         copy.problem = f"damaged (format {config.format} never existed)"
     elif set(config.features) - set(KNOWN_FEATURES):
-        copy.problem = f"damaged (unknown feature {sorted(set(config.features) - set(KNOWN_FEATURES))[0]!r})"
+        copy.problem = f"damaged (unknown feature {min(set(config.features) - set(KNOWN_FEATURES))!r})"
     elif not _one_block_size(config):
         copy.problem = "damaged (it does not name exactly one content block size)"
 

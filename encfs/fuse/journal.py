@@ -96,14 +96,15 @@ class Journal:
         journal is opened read-only (it is then only read, never changed)."""
         for mode in (os.O_RDWR, os.O_RDONLY):
             try:
-                self.fd = os.open(self.path, mode | os.O_CLOEXEC | os.O_NOFOLLOW)
+                fd = os.open(self.path, mode | os.O_CLOEXEC | os.O_NOFOLLOW)
                 break
             except FileNotFoundError:
                 return False
             except OSError as e:
                 if e.errno not in (errno.EROFS, errno.EACCES) or mode == os.O_RDONLY:
                     raise
-        self.length = os.fstat(self.fd).st_size
+        self.fd = fd
+        self.length = os.fstat(fd).st_size
         return True
 
     def _create(self) -> None:
@@ -218,5 +219,5 @@ class Journal:
         unless a sync record follows, which makes it damage to something that was durable."""
         if data.find(SYNC_RECORD, pos + 1) >= 0:
             raise JournalDamaged(f"journal {self.path!r}: {why} at byte {pos}, before a durable record")
-        return runs, pos, [f"journal {self.path!r}: {why} at byte {pos}: a write torn by a crash "
-                      f"(never acknowledged by fsync) was dropped"]
+        return runs, pos, [(f"journal {self.path!r}: {why} at byte {pos}: a write torn by a crash "
+                            f"(never acknowledged by fsync) was dropped")]

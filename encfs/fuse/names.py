@@ -89,12 +89,12 @@ def is_longname_entry(backing_name: bytes) -> bool:
 
 def is_long_symlink(stored: bytes) -> bool:
     """True if a backing symlink's target is a long-target reference, not the sealed target."""
-    return stored.startswith(LONGLINK_PREFIX) or stored.startswith(BOUND_LONGLINK_PREFIX)
+    return stored.startswith((LONGLINK_PREFIX, BOUND_LONGLINK_PREFIX))
 
 
 def is_bound_symlink(stored: bytes) -> bool:
     """True if a backing symlink's target (inline or reference) is in the bound form."""
-    return stored.startswith(BOUND_LINK_PREFIX) or stored.startswith(BOUND_LONGLINK_PREFIX)
+    return stored.startswith((BOUND_LINK_PREFIX, BOUND_LONGLINK_PREFIX))
 
 
 def pad16(data: bytes) -> bytes:

@@ -39,9 +39,9 @@ from encfs.fuse.fileheader import (
     STATE_XATTR,
     FileHeader,
     FileState,
+    journal_dir_entry,
     read_state,
     remove_state,
-    journal_dir_entry,
     state_file,
     write_state,
 )
@@ -156,7 +156,7 @@ def _reseal(c: FileContent, cipher: BlockCipher, out: int) -> int:
             new = cipher.seal_run(first, c.cipher.open_run(first, raw))
             made += -(-len(raw) // step)
         except BlockAuthError:
-            parts = []
+            parts: list[bytes] = []
             for i in range(0, len(raw), step):
                 one = raw[i:i + step]
                 try:
@@ -164,7 +164,7 @@ def _reseal(c: FileContent, cipher: BlockCipher, out: int) -> int:
                     made += 1
                 except BlockAuthError:
                     parts.append(bytes(one))
-            new = b"".join(parts)
+            new = bytearray(b"".join(parts))
         pwrite_all(out, new, start)
     return made
 

@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +57,11 @@ def _write_out(data: bytes, as_base64: bool) -> None:
 
 def _parse_time(text: str) -> float:
     try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        t = datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(f"not an ISO 8601 time: {text!r}") from None
     if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
+        t = t.replace(tzinfo=UTC)
     return t.timestamp()
 
 
@@ -361,7 +361,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def register(sub: Any, add_hsm_options: AddHsmOptions) -> None:
     def cmd(group: Any, name: str, func: Callable[[argparse.Namespace], int], help: str,
             json_flag: bool = False) -> argparse.ArgumentParser:
-        p = group.add_parser(name, help=help, description=help)
+        p: argparse.ArgumentParser = group.add_parser(name, help=help, description=help)
         add_hsm_options(p)
         if json_flag:
             p.add_argument("--json", action="store_true", help="print JSON")

@@ -97,7 +97,7 @@ def _read_config(home: Path, explicit: str | None) -> dict[str, object]:
         raise ConfigError(f"config file {path}: [hsm] must be a table")
     unknown = set(hsm) - {"uri", "module", "token", "pin-file", "pin-env"}
     if unknown:
-        raise ConfigError(f"config file {path}: unknown [hsm] setting {sorted(unknown)[0]!r}")
+        raise ConfigError(f"config file {path}: unknown [hsm] setting {min(unknown)!r}")
     return hsm
 
 

@@ -53,7 +53,10 @@ def seal(pins: dict[str, str], passphrase: str, n: int = SCRYPT_N) -> bytes:
     salt, nonce = os.urandom(16), os.urandom(12)
     key = _kdf(passphrase, salt, n, SCRYPT_R, SCRYPT_P)
     sealed = AESGCM(key).encrypt(nonce, json.dumps(pins, sort_keys=True).encode(), _AAD)
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+
+    def b64(b: bytes) -> str:
+        return base64.b64encode(b).decode()
+
     doc = {"format": FORMAT, "kdf": "scrypt", "n": n, "r": SCRYPT_R, "p": SCRYPT_P,
            "salt": b64(salt), "nonce": b64(nonce), "sealed": b64(sealed)}
     return (json.dumps(doc, sort_keys=True) + "\n").encode()

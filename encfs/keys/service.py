@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from encfs.errors import (
     ContextMismatch,
@@ -58,6 +58,7 @@ from encfs.errors import (
     TokenNotFound,
     UsageError,
 )
+from encfs.keys import tokenstate
 from encfs.keys.audit import AuditLog, iso_time
 from encfs.keys.blob import ALGORITHMS, NONCE_LEN, BlobHeader, CiphertextBlob
 from encfs.keys.budget import SealBudget
@@ -78,7 +79,6 @@ from encfs.keys.metadata import (
     KeyVersion,
     normalize_alias,
 )
-from encfs.keys import tokenstate
 from encfs.keys.token import TagMismatch, Token, rsa_spki_pem
 from encfs.keys.usage import UsageLedger, still_used
 
@@ -235,7 +235,7 @@ class KeyService:
         self.token.close()
         self.audit.close()
 
-    def __enter__(self) -> KeyService:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -689,8 +689,8 @@ class KeyService:
         keys = [DataKey(rec.key_id, version.version, p, CiphertextBlob(h, s).pack())
                 for p, h, s in zip(plaintexts, headers, sealed)]
         if cache is not None:
-            for dk, e in zip(keys, encoded):
-                cache.put(dk.ciphertext_blob, e, dk.plaintext, dk.key_id, dk.key_version)  # type: ignore[arg-type]
+            for dk, enc in zip(keys, encoded):
+                cache.put(dk.ciphertext_blob, enc, dk.plaintext, dk.key_id, dk.key_version)  # type: ignore[arg-type]
         return keys
 
     def data_key_usable(self, key_id: str, key_version: int) -> bool:

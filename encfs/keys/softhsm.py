@@ -193,7 +193,7 @@ class EmbeddedSoftHSM:
             proc = subprocess.run(
                 [sys.executable, "-m", "encfs.keys.softhsm_init", module, TOKEN_LABEL],
                 input=f"{self.so_pin.read_text()}\n{self.user_pin.read_text()}\n",
-                env=env, capture_output=True, text=True, timeout=60,
+                env=env, capture_output=True, text=True, timeout=60, check=False,
             )
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]

@@ -34,7 +34,7 @@ from typing import Any
 import pkcs11
 import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
-from pkcs11.mechanisms import GCMParams, MGF
+from pkcs11.mechanisms import MGF, GCMParams
 from pkcs11.util.rsa import encode_rsa_public_key
 
 from encfs.errors import (
@@ -119,10 +119,10 @@ class PinSource:
                 raise ConfigError(f"PIN file {self.where} is empty")
             return pin
         if self.kind == "env":
-            pin = os.environ.get(self.where)
-            if not pin:
+            env_pin = os.environ.get(self.where)
+            if not env_pin:
                 raise ConfigError(f"PIN environment variable {self.where} is not set")
-            return pin
+            return env_pin
         if not sys.stdin.isatty():
             raise ConfigError(
                 f"no PIN for token {token_label!r}: give --pin-file, --pin-env or a pin-source"
