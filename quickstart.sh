@@ -2,6 +2,7 @@
 # encfs quick start, for a fresh Debian 12 machine as root:
 #   bash quickstart.sh demo   # install everything, then run the demo on the embedded SoftHSM2 token
 #   bash quickstart.sh test   # install everything, then run the whole test suite
+#   bash quickstart.sh lint   # install everything, then ruff and mypy (strict) on encfs/
 # Extra arguments after `test` go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,8 +41,15 @@ case "$cmd" in
         shift
         exec .venv/bin/python -m pytest "$@"
         ;;
+    lint)
+        setup
+        echo "== ruff check encfs"
+        .venv/bin/ruff check encfs
+        echo "== mypy encfs (strict: pyproject.toml)"
+        exec .venv/bin/mypy encfs
+        ;;
     *)
-        echo "usage: bash quickstart.sh demo|test" >&2
+        echo "usage: bash quickstart.sh demo|test|lint" >&2
         exit 2
         ;;
 esac
