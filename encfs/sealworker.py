@@ -55,7 +55,7 @@ from collections.abc import Sequence
 
 from encfs.blocks import NONCE_PREFIX_LEN, OVERHEAD, BlockAuthError, BlockCipher
 from encfs.daemon import keep_secrets_in_memory
-from encfs.fuseproto import BUFFER_SIZE
+from encfs.fuseproto.wire import BUFFER_SIZE
 
 log = logging.getLogger("encfs.seal")
 

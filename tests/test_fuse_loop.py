@@ -14,22 +14,23 @@ from collections.abc import Iterator
 
 import pytest
 
-from encfs import fuseproto
-from encfs.fuseproto import GETATTR, IN_HEADER, OUT_HEADER, READ, READ_IN, FuseServer
+from encfs.fuseproto import server as fuseserver
+from encfs.fuseproto.server import OVERLAP_BYTES, FuseServer
+from encfs.fuseproto.wire import GETATTR, IN_HEADER, OUT_HEADER, READ, READ_IN, Request
 
 
 class GatedServer(FuseServer):
-    """Answers every request with an empty reply; request 1 waits for ``gate`` first."""
+    """Answers READ and GETATTR with an empty reply; request 1 waits for ``gate`` first."""
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
         self.gate = threading.Event()
+        self.handlers = {READ: self._answer, GETATTR: self._answer}
 
-    def dispatch(self, opcode: int, unique: int, node: int, header: tuple[int, ...], body: memoryview) -> bool:
-        if unique == 1 and not self.gate.wait(30):
+    def _answer(self, req: Request) -> None:
+        if req.unique == 1 and not self.gate.wait(30):
             raise AssertionError("gate never opened")
-        self.reply(unique)
-        return True
+        self.reply(req.unique)
 
 
 def _request(opcode: int, unique: int, body: bytes) -> bytes:
@@ -42,7 +43,7 @@ def _read(size: int) -> bytes:
 
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[GatedServer, socket.socket]]:
-    monkeypatch.setattr(fuseproto, "keep_freed_memory", lambda: False)  # not in the test process
+    monkeypatch.setattr(fuseserver, "keep_freed_memory", lambda: False)  # not in the test process
     interval = sys.getswitchinterval()
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server = GatedServer(ours.fileno())
@@ -73,7 +74,7 @@ def _replied(kernel: socket.socket, timeout: float) -> int | None:
 
 def test_a_large_read_runs_alongside_the_next_request(served: tuple[GatedServer, socket.socket]) -> None:
     server, kernel = served
-    kernel.send(_request(READ, 1, _read(fuseproto.OVERLAP_BYTES)))
+    kernel.send(_request(READ, 1, _read(OVERLAP_BYTES)))
     kernel.send(_request(GETATTR, 2, bytes(16)))
     assert _replied(kernel, 10) == 2  # answered while the read still waits
     server.gate.set()
@@ -82,7 +83,7 @@ def test_a_large_read_runs_alongside_the_next_request(served: tuple[GatedServer,
 
 def test_a_small_read_is_handled_by_the_reading_thread_in_order(served: tuple[GatedServer, socket.socket]) -> None:
     server, kernel = served
-    kernel.send(_request(READ, 1, _read(fuseproto.OVERLAP_BYTES - 4096)))
+    kernel.send(_request(READ, 1, _read(OVERLAP_BYTES - 4096)))
     kernel.send(_request(GETATTR, 2, bytes(16)))
     assert _replied(kernel, 0.5) is None  # nobody else reads while the reading thread is busy
     server.gate.set()

@@ -29,7 +29,7 @@ from pathlib import Path
 from encfs.block.fuseserver import RESIZE_XATTR, VolumeServer, fuse_mount, fuse_unmount
 from encfs.block.volume import VolumeError, open_volume, read_volume_header
 from encfs.daemon import Readiness, keep_secrets_in_memory, proc_start, spawn
-from encfs.fuseproto import MAX_WRITE
+from encfs.fuseproto.wire import MAX_WRITE
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
 

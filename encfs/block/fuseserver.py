@@ -32,18 +32,19 @@ from typing import Any, Protocol
 
 from encfs.blocks import BlockAuthError
 from encfs.errors import EncfsError
-from encfs.fuseproto import (
+from encfs.fuseproto.mounting import mount_direct, unmount_direct
+from encfs.fuseproto.rwlock import SharedExclusiveLock
+from encfs.fuseproto.server import FuseServer, Handler, StopServing
+from encfs.fuseproto.wire import (
     ACCESS,
     ATTR,
     ATTR_HEAD,
-    BATCH_FORGET,
     DESTROY,
     ENTRY_HEAD,
     FALLOCATE,
     FALLOCATE_IN,
     FLUSH,
     FOPEN_DIRECT_IO,
-    FORGET,
     FSYNC,
     FSYNCDIR,
     FUSE_ASYNC_DIO,
@@ -54,7 +55,6 @@ from encfs.fuseproto import (
     GETXATTR_IN,
     GETXATTR_OUT,
     INIT,
-    INTERRUPT,
     INVAL_INODE,
     LISTXATTR,
     LOOKUP,
@@ -77,12 +77,9 @@ from encfs.fuseproto import (
     WRITE,
     WRITE_IN,
     WRITE_OUT,
-    FuseServer,
-    SharedExclusiveLock,
-    StopServing,
-    mount_direct,
+    FuseError,
+    Request,
     pack_dirent,
-    unmount_direct,
 )
 
 log = logging.getLogger("encfs.block")
@@ -132,12 +129,14 @@ def fuse_unmount(mountpoint: str, lazy: bool = False) -> None:
 class VolumeServer(FuseServer):
     """Serves ``volume`` from one VolumeFile over an open /dev/fuse descriptor."""
 
-    def __init__(self, fd: int, volume: VolumeFile, on_error: Callable[[str], None] | None = None) -> None:
-        super().__init__(fd)
+    def __init__(self, fd: int, volume: VolumeFile, on_error: Callable[[str], None] | None = None,
+                 trace: bool = False) -> None:
+        super().__init__(fd, trace)
         self.volume = volume
         self.started = time.time()
         self._on_error = on_error
         self.lock = SharedExclusiveLock()
+        self.handlers = self._build_handlers()
 
     def _attr(self, node: int) -> bytes:
         t = int(self.started)
@@ -176,126 +175,134 @@ class VolumeServer(FuseServer):
         with self.lock.exclusive():
             self.volume.flush()
 
-    def on_failure(self, opcode: int, unique: int, exc: Exception) -> None:
+    def on_failure(self, req: Request, exc: Exception) -> None:
         if isinstance(exc, BlockAuthError):
             log.error("volume sector failed authentication: %s", exc)
             if self._on_error:
                 self._on_error(str(exc))
-            self.reply_error(unique, errno.EIO)
+            self.reply_error(req.unique, errno.EIO)
         elif isinstance(exc, OSError):
             log.error("volume I/O error: %s", exc)
-            self.reply_error(unique, exc.errno or errno.EIO)
+            self.reply_error(req.unique, exc.errno or errno.EIO)
         else:
-            super().on_failure(opcode, unique, exc)
+            super().on_failure(req, exc)
 
-    def dispatch(self, opcode: int, unique: int, node: int, header: tuple[int, ...], body: memoryview) -> bool:
-        if opcode == READ:  # alongside other reads, never alongside anything else
-            _fh, offset, size, _flags = READ_IN.unpack_from(body)
-            self.lock.acquire_shared()
+    def _build_handlers(self) -> dict[int, Handler]:
+        """Reads run alongside each other; a write is sealed before it takes the lock; every
+        other request runs alone."""
+        alone: dict[int, Handler] = {
+            INIT: lambda req: self.init_reply(req, FUSE_BIG_WRITES | FUSE_MAX_PAGES | FUSE_ASYNC_DIO),
+            FSYNC: self._sync, FSYNCDIR: self._sync, SYNCFS: self._sync, FLUSH: self._ok,
+            FALLOCATE: self._fallocate, GETATTR: self._getattr, SETATTR: self._getattr, LOOKUP: self._lookup,
+            OPEN: lambda req: self.reply(req.unique, OPEN_OUT.pack(0, FOPEN_DIRECT_IO, 0)),
+            OPENDIR: lambda req: self.reply(req.unique, OPEN_OUT.pack(0, 0, 0)),
+            READDIR: self._readdir, SETXATTR: self._setxattr, GETXATTR: self._getxattr,
+            LISTXATTR: self._unsupported, RELEASE: self._ok, RELEASEDIR: self._ok, ACCESS: self._ok,
+            STATFS: self._statfs, DESTROY: self._destroy,
+        }
+        handlers = {opcode: self._exclusive(handler) for opcode, handler in alone.items()}
+        handlers.update({READ: self._read, WRITE: self._write})
+        return handlers
+
+    def _exclusive(self, handler: Handler) -> Handler:
+        def run(req: Request) -> bool | None:
+            self.lock.acquire_exclusive()
             try:
-                end = min(offset + size, self.volume.size)
-                data = self.volume.read(offset, max(0, end - offset)) if offset < end else b""
+                return handler(req)
             finally:
-                self.lock.release_shared()
-            self.reply(unique, data)
-            return True
-        sealed = None
-        if opcode == WRITE:  # sealed before the lock, while another request is being written
-            _fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(body)
-            data = body[WRITE_IN.size:WRITE_IN.size + size]  # this thread's buffer: valid until it reads again
-            sealed = self.volume.seal_ahead(offset, data)
+                self.lock.release_exclusive()
+        return run
+
+    def _read(self, req: Request) -> None:
+        _fh, offset, size, _flags = READ_IN.unpack_from(req.body)
+        self.lock.acquire_shared()
+        try:
+            end = min(offset + size, self.volume.size)
+            data = self.volume.read(offset, max(0, end - offset)) if offset < end else b""
+        finally:
+            self.lock.release_shared()
+        self.reply(req.unique, data)
+
+    def _write(self, req: Request) -> None:
+        _fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(req.body)
+        data = req.body[WRITE_IN.size:WRITE_IN.size + size]  # this thread's buffer: valid until it reads again
+        sealed = self.volume.seal_ahead(offset, data)  # before the lock, while another write is written
         self.lock.acquire_exclusive()
         try:
-            if opcode == WRITE:
-                self._write(unique, offset, data, sealed)
-                return True
-            return self._dispatch_exclusive(opcode, unique, node, body)
+            if offset + len(data) > self.volume.size:
+                raise FuseError(errno.ENOSPC)
+            self.reply(req.unique, WRITE_OUT.pack(self.volume.write(offset, data, sealed), 0))
         finally:
             self.lock.release_exclusive()
 
-    def _write(self, unique: int, offset: int, data: bytes | bytearray | memoryview, sealed: object | None) -> None:
-        if offset + len(data) > self.volume.size:
-            self.reply_error(unique, errno.ENOSPC)
-        else:
-            self.reply(unique, WRITE_OUT.pack(self.volume.write(offset, data, sealed), 0))
+    def _ok(self, req: Request) -> None:
+        self.reply(req.unique)
 
-    def _dispatch_exclusive(self, opcode: int, unique: int, node: int, body: memoryview) -> bool:
-        if opcode == INIT:
-            return self.init_reply(unique, body, FUSE_BIG_WRITES | FUSE_MAX_PAGES | FUSE_ASYNC_DIO)
-        elif opcode in (FSYNC, FLUSH, FSYNCDIR, SYNCFS):
-            if opcode != FLUSH:
-                self.volume.flush()
-            self.reply(unique)
-        elif opcode == FALLOCATE:
-            _fh, offset, length, mode = FALLOCATE_IN.unpack_from(body)
-            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and offset < self.volume.size:
-                self.volume.discard(offset, min(length, self.volume.size - offset))
-                self.reply(unique)
-            elif mode == 0 and offset + length <= self.volume.size:
-                self.reply(unique)  # preallocation inside the volume: nothing to do
-            else:
-                self.reply_error(unique, errno.EOPNOTSUPP)
-        elif opcode == GETATTR or opcode == SETATTR:
-            # SETATTR: the volume's size and modes are fixed; report them unchanged.
-            self.reply(unique, ATTR_HEAD.pack(3600, 0, 0), self._attr(node))
-        elif opcode == LOOKUP:
-            name = bytes(body).split(b"\0", 1)[0]
-            if node == ROOT_ID and name == FILE_NAME:
-                self.reply(unique, ENTRY_HEAD.pack(FILE_ID, 0, 3600, 3600, 0, 0), self._attr(FILE_ID))
-            else:
-                self.reply_error(unique, errno.ENOENT)
-        elif opcode == OPEN:
-            self.reply(unique, OPEN_OUT.pack(0, FOPEN_DIRECT_IO, 0))
-        elif opcode == OPENDIR:
-            self.reply(unique, OPEN_OUT.pack(0, 0, 0))
-        elif opcode == READDIR:
-            _fh, offset, size, _flags = READ_IN.unpack_from(body)
-            entries = [(ROOT_ID, b".", stat.S_IFDIR), (ROOT_ID, b"..", stat.S_IFDIR),
-                       (FILE_ID, FILE_NAME, stat.S_IFREG)]
-            out = bytearray()
-            for i, (ino, name, kind) in enumerate(entries[offset:], start=offset + 1):
-                rec = pack_dirent(ino, i, name, kind)
-                if len(out) + len(rec) > size:
-                    break
-                out += rec
-            self.reply(unique, bytes(out))
-        elif opcode == SETXATTR:
-            size_len, _flags = SETXATTR_IN.unpack_from(body)
-            name, _, rest = bytes(body[SETXATTR_IN.size:]).partition(b"\0")
-            if node == FILE_ID and name in (CONTROL_CREATE, CONTROL_DELETE):
-                self.volume.control(name, rest[:size_len])  # an OSError answers its errno
-                self.reply(unique)
-                return True
-            if node != FILE_ID or name != RESIZE_XATTR:
-                self.reply_error(unique, errno.EOPNOTSUPP)
-                return True
-            self._resize(unique, rest[:size_len])
-        elif opcode == GETXATTR:
-            size, _pad = GETXATTR_IN.unpack_from(body)
-            name = bytes(body[GETXATTR_IN.size:]).split(b"\0", 1)[0]
-            if node != FILE_ID or not (name == CONTROL_LIST or name.startswith(CONTROL_LIST_PAGE)):
-                self.reply_error(unique, errno.ENODATA)
-                return True
-            value = self.volume.query(name)
-            if size == 0:
-                self.reply(unique, GETXATTR_OUT.pack(len(value), 0))
-            elif size < len(value):
-                self.reply_error(unique, errno.ERANGE)
-            else:
-                self.reply(unique, value)
-        elif opcode == LISTXATTR:
-            self.reply_error(unique, errno.EOPNOTSUPP)
-        elif opcode in (RELEASE, RELEASEDIR, ACCESS):
-            self.reply(unique)
-        elif opcode == STATFS:
-            blocks = self.volume.size // 4096
-            self.reply(unique, STATFS_OUT.pack(blocks, 0, 0, 1, 0, 4096, 255, 4096, 0))
-        elif opcode in (FORGET, BATCH_FORGET, INTERRUPT):
-            pass  # no reply expected
-        elif opcode == DESTROY:
-            self.volume.flush()
-            self.reply(unique)
-            return False
+    def _unsupported(self, req: Request) -> None:
+        raise FuseError(errno.EOPNOTSUPP)
+
+    def _sync(self, req: Request) -> None:
+        self.volume.flush()
+        self.reply(req.unique)
+
+    def _fallocate(self, req: Request) -> None:
+        _fh, offset, length, mode = FALLOCATE_IN.unpack_from(req.body)
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and offset < self.volume.size:
+            self.volume.discard(offset, min(length, self.volume.size - offset))
+        elif not (mode == 0 and offset + length <= self.volume.size):  # preallocation inside: nothing to do
+            raise FuseError(errno.EOPNOTSUPP)
+        self.reply(req.unique)
+
+    def _getattr(self, req: Request) -> None:
+        # SETATTR too: the volume's size and modes are fixed; report them unchanged.
+        self.reply(req.unique, ATTR_HEAD.pack(3600, 0, 0), self._attr(req.node))
+
+    def _lookup(self, req: Request) -> None:
+        name = bytes(req.body).split(b"\0", 1)[0]
+        if req.node != ROOT_ID or name != FILE_NAME:
+            raise FuseError(errno.ENOENT)
+        self.reply(req.unique, ENTRY_HEAD.pack(FILE_ID, 0, 3600, 3600, 0, 0), self._attr(FILE_ID))
+
+    def _readdir(self, req: Request) -> None:
+        _fh, offset, size, _flags = READ_IN.unpack_from(req.body)
+        entries = [(ROOT_ID, b".", stat.S_IFDIR), (ROOT_ID, b"..", stat.S_IFDIR), (FILE_ID, FILE_NAME, stat.S_IFREG)]
+        out = bytearray()
+        for i, (ino, name, kind) in enumerate(entries[offset:], start=offset + 1):
+            rec = pack_dirent(ino, i, name, kind)
+            if len(out) + len(rec) > size:
+                break
+            out += rec
+        self.reply(req.unique, bytes(out))
+
+    def _setxattr(self, req: Request) -> None:
+        size_len, _flags = SETXATTR_IN.unpack_from(req.body)
+        name, _, rest = bytes(req.body[SETXATTR_IN.size:]).partition(b"\0")
+        if req.node == FILE_ID and name in (CONTROL_CREATE, CONTROL_DELETE):
+            self.volume.control(name, rest[:size_len])  # an OSError answers its errno
+            self.reply(req.unique)
+        elif req.node == FILE_ID and name == RESIZE_XATTR:
+            self._resize(req.unique, rest[:size_len])
         else:
-            self.reply_error(unique, errno.ENOSYS)
-        return True
+            raise FuseError(errno.EOPNOTSUPP)
+
+    def _getxattr(self, req: Request) -> None:
+        size, _pad = GETXATTR_IN.unpack_from(req.body)
+        name = bytes(req.body[GETXATTR_IN.size:]).split(b"\0", 1)[0]
+        if req.node != FILE_ID or not (name == CONTROL_LIST or name.startswith(CONTROL_LIST_PAGE)):
+            raise FuseError(errno.ENODATA)
+        value = self.volume.query(name)
+        if size == 0:
+            self.reply(req.unique, GETXATTR_OUT.pack(len(value), 0))
+        elif size < len(value):
+            raise FuseError(errno.ERANGE)
+        else:
+            self.reply(req.unique, value)
+
+    def _statfs(self, req: Request) -> None:
+        blocks = self.volume.size // 4096
+        self.reply(req.unique, STATFS_OUT.pack(blocks, 0, 0, 1, 0, 4096, 255, 4096, 0))
+
+    def _destroy(self, req: Request) -> bool:
+        self.volume.flush()
+        self.reply(req.unique)
+        return False

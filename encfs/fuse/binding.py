@@ -28,7 +28,7 @@ from encfs.fuse.dirids import DirIds
 from encfs.fuse.fsconfig import BINDING_FEATURES, BINDING_UPGRADE, FS_FORMAT, OpenedConfig, set_features
 from encfs.fuse.names import DIRID_LEN, NameAuthError, NameCipher, is_internal
 from encfs.fuse.symlinks import TMP_PREFIX, Symlinks
-from encfs.fuseproto import FuseError
+from encfs.fuseproto.wire import FuseError
 
 log = logging.getLogger("encfs.fuse")
 

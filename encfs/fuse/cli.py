@@ -60,11 +60,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from encfs.fuse.mount import MountOptions, mount
 
     take_own_options(args)
-    extra = args.fuse_extra
+    extra = [o for o in args.fuse_extra if o != "debug"]  # libfuse's spelling of --debug
     home, hsm = _ks_args(args)
     opts = MountOptions(read_only=args.read_only or "ro" in extra,
                         allow_other=args.allow_other or "allow_other" in extra, extra=extra,
-                        log_file=args.log_file)
+                        log_file=args.log_file, debug=args.debug or "debug" in args.fuse_extra)
     return mount(Path(args.cipherdir), Path(args.mountpoint), home, hsm, opts, args.foreground)
 
 
@@ -147,6 +147,8 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
     p.add_argument("-o", action="append", metavar="OPTS", help="extra FUSE mount options")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: none)")
+    p.add_argument("--debug", "-d", action="store_true",
+                   help="log every FUSE request and error reply by opcode name (to --log-file, or stderr with -f)")
     p.set_defaults(func=cmd_mount, prepare=take_own_options)
 
     p = sub.add_parser("install-mount-helper",

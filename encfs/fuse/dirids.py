@@ -39,7 +39,7 @@ from encfs.fuse.names import (
     is_internal,
     is_longname_entry,
 )
-from encfs.fuseproto import FuseError
+from encfs.fuseproto.wire import FuseError
 
 log = logging.getLogger("encfs.fuse")
 

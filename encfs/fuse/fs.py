@@ -66,7 +66,7 @@ from encfs.fuse.names import (
 )
 from encfs.fuse.openfiles import OpenFile, OpenFiles
 from encfs.fuse.symlinks import Symlinks
-from encfs.fuseproto import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
+from encfs.fuseproto.wire import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
 from encfs.keys.service import KeyService
 from encfs.sealworker import WORKER_MIN_BYTES, SealWorker
 

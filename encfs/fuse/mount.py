@@ -26,7 +26,7 @@ from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import open_config, peek_config
 from encfs.fuse.mountlock import MountLock
 from encfs.fuse.server import FsServer
-from encfs.fuseproto import escape_option, mount_fusermount, unmount_fusermount
+from encfs.fuseproto.mounting import escape_option, mount_fusermount, unmount_fusermount
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
 
@@ -44,6 +44,7 @@ class MountOptions:
     allow_other: bool = False
     extra: list[str] = field(default_factory=list)
     log_file: str | None = None
+    debug: bool = False  # trace every FUSE request by opcode name (fuseproto.server)
 
 
 def _unescape_mount_field(field: bytes) -> bytes:
@@ -149,7 +150,9 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
         raise
     fs.start_seal_worker()  # before the server: its threads' request buffers live in the worker's arena
-    server = FsServer(fd, fs, where)
+    server = FsServer(fd, fs, where, trace=opts.debug)
+    if opts.debug:
+        logging.getLogger("encfs.fuse.trace").setLevel(logging.DEBUG)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.stop())
     served = False

@@ -26,7 +26,10 @@ from collections.abc import Callable
 
 from encfs.fuse.fs import EncryptedFS, failures_as_errno
 from encfs.fuse.names import NAME_MAX
-from encfs.fuseproto import (
+from encfs.fuseproto.mounting import set_read_ahead
+from encfs.fuseproto.rwlock import SharedExclusiveLock
+from encfs.fuseproto.server import FuseServer, Handler
+from encfs.fuseproto.wire import (
     ACCESS,
     ACCESS_IN,
     BATCH_FORGET,
@@ -43,6 +46,7 @@ from encfs.fuseproto import (
     FATTR_MTIME_NOW,
     FATTR_SIZE,
     FATTR_UID,
+    FLUSH,
     FOPEN_KEEP_CACHE,
     FORGET,
     FORGET_IN,
@@ -105,12 +109,11 @@ from encfs.fuseproto import (
     WRITE_IN,
     WRITE_OUT,
     EntryAttributes,
-    FuseServer,
+    FuseError,
+    Request,
     RequestContext,
     SetattrFields,
-    SharedExclusiveLock,
     pack_dirent,
-    set_read_ahead,
 )
 
 log = logging.getLogger("encfs.fuse")
@@ -127,7 +130,7 @@ WANTED_FLAGS = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_A
                 | FUSE_DO_READDIRPLUS | FUSE_ASYNC_DIO | FUSE_WRITEBACK_CACHE | FUSE_PARALLEL_DIROPS
                 | FUSE_MAX_PAGES | FUSE_CACHE_SYMLINKS)
 
-Handler = Callable[[int, int, RequestContext, memoryview], None]
+Operation = Callable[[int, int, RequestContext, memoryview], None]  # (unique, node, caller, body)
 
 
 def _names(body: memoryview, count: int) -> list[bytes]:
@@ -147,12 +150,12 @@ def _xattr_reply(data: bytes, size: int) -> tuple[bytes, int]:
 class FsServer(FuseServer):
     """Serves one EncryptedFS over an open /dev/fuse descriptor."""
 
-    def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None) -> None:
-        super().__init__(fd)
+    def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False) -> None:
+        super().__init__(fd, trace)
         self.fs = fs
         self.mountpoint = mountpoint
         self.lock = SharedExclusiveLock()
-        self._handlers: dict[int, Handler] = {
+        operations: dict[int, Operation] = {
             LOOKUP: self._lookup, GETATTR: self._getattr, SETATTR: self._setattr, READLINK: self._readlink,
             SYMLINK: self._symlink, MKNOD: self._mknod, MKDIR: self._mkdir, UNLINK: self._unlink,
             RMDIR: self._rmdir, RENAME: self._rename, RENAME2: self._rename2, LINK: self._link,
@@ -163,6 +166,20 @@ class FsServer(FuseServer):
             RELEASEDIR: self._releasedir, FSYNCDIR: self._fsyncdir, ACCESS: self._access, CREATE: self._create,
             FORGET: self._forget, BATCH_FORGET: self._batch_forget,
         }
+        self.handlers = {opcode: self._exclusive(operation) for opcode, operation in operations.items()}
+        # Reads run alongside each other, and a write is sealed before it takes the lock.
+        self.handlers.update({READ: self._read_shared, WRITE: self._write, INIT: self._init,
+                              DESTROY: self._destroy, INTERRUPT: self._interrupt, FLUSH: self._flush})
+
+    def _exclusive(self, operation: Operation) -> Handler:
+        def run(req: Request) -> None:
+            ctx = RequestContext(req.uid, req.gid, req.pid)
+            self.lock.acquire_exclusive()
+            try:
+                operation(req.unique, req.node, ctx, req.body)
+            finally:
+                self.lock.release_exclusive()
+        return run
 
     def request_buffer(self) -> memoryview:
         """A slot of the sealing worker's arena if one runs, so WRITE bodies reach it uncopied."""
@@ -170,45 +187,34 @@ class FsServer(FuseServer):
         buf = None if worker is None else worker.request_buffer()
         return super().request_buffer() if buf is None else buf
 
-    def dispatch(self, opcode: int, unique: int, node: int, header: tuple[int, ...], body: memoryview) -> bool:
-        if opcode == READ:
-            self._read_shared(unique, body)
-            return True
-        if opcode == WRITE:
-            self._write(unique, body)
-            return True
-        handler = self._handlers.get(opcode)
-        if handler is not None:
-            ctx = RequestContext(header[4], header[5], header[6])
-            self.lock.acquire_exclusive()
-            try:
-                handler(unique, node, ctx, body)
-            finally:
-                self.lock.release_exclusive()
-        elif opcode == INIT:
-            if not self.init_reply(unique, body, WANTED_FLAGS):
-                return False
-            if self.mountpoint is not None and not set_read_ahead(self.mountpoint, READ_AHEAD_KIB):
-                log.debug("%s: read-ahead left at the kernel's default (not root?)", self.mountpoint)
-            return True
-        elif opcode == DESTROY:
-            self.reply(unique)
+    def _init(self, req: Request) -> bool:
+        if not self.init_reply(req, WANTED_FLAGS):
             return False
-        elif opcode != INTERRUPT:  # requests are answered quickly; an interrupt needs no action
-            # Includes FLUSH: close(2) has nothing to flush here (writes reach the backing file
-            # as they arrive, and fsync is separate), and ENOSYS makes the kernel stop sending it.
-            self.reply_error(unique, errno.ENOSYS)
+        if self.mountpoint is not None and not set_read_ahead(self.mountpoint, READ_AHEAD_KIB):
+            log.debug("%s: read-ahead left at the kernel's default (not root?)", self.mountpoint)
         return True
 
-    def _read_shared(self, unique: int, body: memoryview) -> None:
-        fh, offset, size, _flags = READ_IN.unpack_from(body)
+    def _destroy(self, req: Request) -> bool:
+        self.reply(req.unique)
+        return False
+
+    def _interrupt(self, req: Request) -> None:
+        """Requests are answered quickly; an interrupt needs no action."""
+
+    def _flush(self, req: Request) -> None:
+        """close(2) has nothing to flush here (writes reach the backing file as they arrive, and
+        fsync is separate), and ENOSYS makes the kernel stop sending FLUSH."""
+        raise FuseError(errno.ENOSYS)
+
+    def _read_shared(self, req: Request) -> None:
+        fh, offset, size, _flags = READ_IN.unpack_from(req.body)
         self.lock.acquire_shared()
         try:
             f = self.fs.reader(fh)
             data = b"" if f is None else self.fs.read_open(f, offset, size)
         finally:
             self.lock.release_shared()
-        self.reply(unique, data)
+        self.reply(req.unique, data)
 
     # -- entries -----------------------------------------------------------------------
 
@@ -309,16 +315,16 @@ class FsServer(FuseServer):
         flags, _open_flags = OPEN_IN.unpack_from(body)
         self.reply(unique, OPEN_OUT.pack(self.fs.open(node, flags, ctx), FOPEN_KEEP_CACHE, 0))
 
-    def _write(self, unique: int, body: memoryview) -> None:
-        fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(body)
-        data = body[WRITE_IN.size:WRITE_IN.size + size]  # this thread's buffer: valid until it reads again
+    def _write(self, req: Request) -> None:
+        fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(req.body)
+        data = req.body[WRITE_IN.size:WRITE_IN.size + size]  # this thread's buffer: valid until it reads again
         sealed = self.fs.seal_ahead(fh, offset, data)
         self.lock.acquire_exclusive()
         try:
             written = self.fs.write(fh, offset, data, sealed)
         finally:
             self.lock.release_exclusive()
-        self.reply(unique, WRITE_OUT.pack(written, 0))
+        self.reply(req.unique, WRITE_OUT.pack(written, 0))
 
     def _release(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         fh, _flags, _rflags, _owner = RELEASE_IN.unpack_from(body)

@@ -1,0 +1,113 @@
+"""Mounting a FUSE filesystem: mount(2) as root, fusermount3 otherwise, and the mount's
+read-ahead.
+
+Invariants:
+- Every mount is nosuid, nodev and noexec when encfs mounts it directly (mount_direct).
+- A failure is an OSError whose message is one line (fusermount3's own complaint, or strerror).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import subprocess
+from collections.abc import Sequence
+
+from encfs.fuseproto.wire import MAX_WRITE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MNT_DETACH = 2
+
+
+def mount_direct(mountpoint: str, fsname: str, fstype: str) -> int:
+    """Open /dev/fuse and mount it at ``mountpoint`` with mount(2) (root only); return the fd."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,max_read={MAX_WRITE}".encode()
+    if _libc.mount(fsname.encode(), mountpoint.encode(), fstype.encode(),
+                   MS_NOSUID | MS_NODEV | MS_NOEXEC, opts) != 0:
+        e = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(e, f"mount of {mountpoint}: {os.strerror(e)}")
+    return fd
+
+
+def _mountinfo_path(path: str) -> str:
+    """``path`` as /proc/self/mountinfo spells it (octal escapes, as the kernel's seq_file does)."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+def set_read_ahead(mountpoint: str, kib: int) -> bool:
+    """Give the FUSE mount at ``mountpoint`` a read-ahead of ``kib`` KiB (its backing device
+    info in sysfs); False if that is not ours to change (not root) or not there.
+
+    Call it only after INIT is answered: the kernel lowers the read-ahead to the INIT
+    reply's max_readahead. The device number comes from mountinfo, never from a stat of
+    the mountpoint, which the serving daemon would have to answer itself.
+    """
+    wanted, device = _mountinfo_path(mountpoint), None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split(" ", 5)
+                if len(fields) > 4 and fields[4] == wanted:
+                    device = fields[2]  # the last match is the mount on top
+        if device is None:
+            return False
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w", encoding="ascii") as f:
+            f.write(f"{kib}\n")
+        return True
+    except OSError:
+        return False
+
+
+def escape_option(value: str) -> str:
+    """Escape a value for a comma-separated mount option list (as libfuse does)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def mount_fusermount(mountpoint: str, options: Sequence[str]) -> int:
+    """Mount through fusermount3 (any user); return the /dev/fuse fd it passes back.
+
+    fusermount3 opens the device and mounts with its own privileges, then
+    sends the descriptor over the socket named by _FUSE_COMMFD, exactly as
+    libfuse's fallback path does. Its own one-line complaint becomes the
+    OSError's message.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        proc = subprocess.Popen(["fusermount3", "-o", ",".join(options), "--", mountpoint],
+                                env=env, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        theirs.close()
+        _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
+        _out, err = proc.communicate()
+    finally:
+        ours.close()
+        theirs.close()
+    if proc.returncode != 0 or not fds:
+        for fd in fds:
+            os.close(fd)
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise OSError(errno.EIO, lines[-1] if lines else f"fusermount3 exited with {proc.returncode}")
+    os.set_inheritable(fds[0], False)
+    return fds[0]
+
+
+def unmount_direct(mountpoint: str, lazy: bool = False) -> None:
+    if _libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"unmount of {mountpoint}: {os.strerror(e)}")
+
+
+def unmount_fusermount(mountpoint: str, lazy: bool = False) -> None:
+    args = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", mountpoint]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise OSError(errno.EBUSY, lines[-1] if lines else f"fusermount3 -u exited with {proc.returncode}")
