@@ -46,6 +46,8 @@ import threading
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from encfs.errors import IntegrityError
+
 PLAIN_BLOCK = 4096
 MAX_BLOCK = 1 << 20
 NONCE_LEN = 12
@@ -101,7 +103,7 @@ def counter_nonces(prefix: bytes, first: int, count: int) -> bytes:
     return (same + ramp).to_bytes(NONCE_LEN * count, "big")
 
 
-class BlockAuthError(Exception):
+class BlockAuthError(IntegrityError):
     """A sealed block failed authentication (tampered, moved, truncated or wrong key)."""
 
     def __init__(self, block_no: int) -> None:

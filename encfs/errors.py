@@ -8,6 +8,12 @@ and exits with ``exit_code``.
 from __future__ import annotations
 
 
+class IntegrityError(Exception):
+    """Stored data failed authentication or cannot be parsed: tampering or damage. The FUSE
+    servers answer EIO for it (and log it), never the bytes; not an EncfsError, since it is
+    caught and reported where it happens, by path, block or sector."""
+
+
 class EncfsError(Exception):
     """Base class for every error encfs reports to a user."""
 

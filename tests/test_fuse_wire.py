@@ -191,3 +191,41 @@ def test_a_waiting_exclusive_holder_goes_before_later_shared_holders() -> None:
     w.join(10)
     r.join(10)
     assert order == ["exclusive", "shared"]
+
+
+class FakeVolume:
+    """A VolumeFile whose grow fails as a volume does: a shrink, or a full disk."""
+
+    size = 1 << 20
+
+    def grow(self, new_size: int) -> None:
+        from encfs.block.volume import ShrinkRefused, VolumeError
+
+        if new_size < self.size:
+            raise ShrinkRefused()
+        raise VolumeError("cannot grow /x: No space left on device")
+
+    def flush(self) -> None:
+        pass
+
+    def request_buffer(self) -> None:
+        return None
+
+
+def test_the_volume_server_maps_a_refused_resize_by_its_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    from encfs.block.fuseserver import FILE_ID, RESIZE_XATTR, VolumeServer
+
+    monkeypatch.setattr(fuseserver, "keep_freed_memory", lambda: False)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = VolumeServer(ours.fileno(), FakeVolume())  # type: ignore[arg-type]
+    loop = threading.Thread(target=server.serve, args=(1,), daemon=True)
+    loop.start()
+    try:
+        for unique, size in ((1, b"4096"), (2, b"%d" % (4 << 20))):
+            body = SETXATTR_IN.pack(len(size), 0) + RESIZE_XATTR + b"\0" + size
+            theirs.send(IN_HEADER.pack(IN_HEADER.size + len(body), SETXATTR, unique, FILE_ID, 0, 0, 0, 0, 0) + body)
+        assert [answer(theirs), answer(theirs)] == [(1, errno.EINVAL, b""), (2, errno.ENOSPC, b"")]
+    finally:
+        theirs.close()
+        loop.join(10)
+        ours.close()

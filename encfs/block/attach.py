@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from encfs.block.fuseserver import RESIZE_XATTR, VolumeServer, fuse_mount, fuse_unmount
-from encfs.block.volume import VolumeError, open_volume, read_volume_header
+from encfs.block.volume import ShrinkRefused, VolumeError, open_volume, read_volume_header
 from encfs.daemon import Readiness, keep_secrets_in_memory, proc_start, spawn
 from encfs.fuseproto.wire import MAX_WRITE
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
@@ -334,7 +334,7 @@ def grow_attached(a: Attachment, new_size: int) -> None:
     """Online grow: the daemon grows the image and header, then the loop device learns the size."""
     header, _w = read_volume_header(Path(a.image))
     if new_size < header.size:
-        raise VolumeError("shrinking a volume is not supported (it would cut off data)")
+        raise ShrinkRefused()
     try:
         os.setxattr(f"{a.mountpoint}/volume", RESIZE_XATTR, str(new_size).encode())
     except OSError as e:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from encfs.block.volume import ShrinkRefused
 from encfs.blocks import BlockAuthError
 from encfs.errors import EncfsError
 from encfs.fuseproto.mounting import mount_direct, unmount_direct
@@ -158,7 +159,7 @@ class VolumeServer(FuseServer):
             self.volume.grow(new_size)
         except EncfsError as e:
             log.error("online resize to %d failed: %s", new_size, e.message)
-            self.reply_error(unique, errno.EINVAL if "shrink" in e.message else errno.ENOSPC)
+            self.reply_error(unique, errno.EINVAL if isinstance(e, ShrinkRefused) else errno.ENOSPC)
             return
         self.reply(unique)
         # The kernel caches the file's size: tell it to ask again.

@@ -70,6 +70,13 @@ class VolumeError(EncfsError):
     """A volume cannot be created, opened, attached or changed."""
 
 
+class ShrinkRefused(VolumeError):
+    """A resize to a smaller size (it would cut off data)."""
+
+    def __init__(self) -> None:
+        super().__init__("shrinking a volume is not supported (it would cut off data)")
+
+
 def parse_size(text: str) -> int:
     """'512M', '2G', '1048576' -> bytes; a multiple of the sector size, at least 1 MiB."""
     m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text.upper())
@@ -228,7 +235,7 @@ class OpenVolume(StoreFile):
         keeps its old size: no header copy names the new size before its maps exist.
         """
         if new_size < self.header.size:
-            raise VolumeError("shrinking a volume is not supported (it would cut off data)")
+            raise ShrinkRefused()
         if new_size == self.header.size:
             return
         _check_cow_size(self.header.copy_on_write, new_size)

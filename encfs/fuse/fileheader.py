@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
+from encfs.errors import IntegrityError
 
 MAGIC = b"ENCF"
 V1, V2 = 1, 2
@@ -63,7 +64,7 @@ SEAL_LIMIT = SEAL_BUDGET - (1 << 24)
 NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
-class HeaderError(Exception):
+class HeaderError(IntegrityError):
     """The file header is missing, truncated or malformed."""
 
 

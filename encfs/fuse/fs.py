@@ -48,12 +48,10 @@ from typing import Any
 from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.diskio import fsync_dir
-from encfs.errors import EncfsError
+from encfs.errors import EncfsError, IntegrityError
 from encfs.fuse.content import FileContent, whole_blocks
 from encfs.fuse.dirids import DirIds
-from encfs.fuse.fileheader import HeaderError
 from encfs.fuse.fsconfig import BINDING_UPGRADE, FsConfig, FsKeys
-from encfs.fuse.journal import JournalDamaged
 from encfs.fuse.names import (
     DIRID_LEN,
     NAME_MAX,
@@ -94,7 +92,7 @@ def _as_fuse_error(op: str, e: Exception) -> FuseError | None:
         return e
     if isinstance(e, OSError):
         return FuseError(e.errno or errno.EIO)
-    if isinstance(e, (BlockAuthError, NameAuthError, HeaderError, JournalDamaged)):
+    if isinstance(e, IntegrityError):
         log.error("%s: integrity failure: %s", op, e)
         return FuseError(errno.EIO)
     if isinstance(e, EncfsError):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from encfs.blocks import BlockAuthError, BlockCipher, run_blocks
 from encfs.diskio import fsync_dir, pwritev_all
+from encfs.errors import IntegrityError
 from encfs.fuse.fileheader import FILE_ID_LEN, JOURNAL_DIR, journal_dir_entry
 
 _HEAD = struct.Struct(">4sB3s16s8s")
@@ -45,7 +46,7 @@ SYNC_RECORD = _RECORD.pack(SYNC, 0, 0, 0, 0)
 HEAD_LEN = _HEAD.size
 
 
-class JournalDamaged(Exception):
+class JournalDamaged(IntegrityError):
     """A journal record that was durable does not authenticate (or cannot be parsed)."""
 
 

@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from encfs.errors import IntegrityError
+
 NAME_MAX = 255
 DIRID_FILE = b"encfs.dirid"
 DIRID_XATTR = "user.encfs.dirid"
@@ -66,7 +68,7 @@ INFO_SYMLINK = b"encfs symlink v2"
 INFO_XATTR = b"encfs xattr v2"
 
 
-class NameAuthError(Exception):
+class NameAuthError(IntegrityError):
     """A backing name, symlink target or xattr failed authentication."""
 
 
