@@ -61,10 +61,10 @@ _U64 = struct.Struct(">Q")
 # Held while a run of small blocks is sealed or opened. Each AES-GCM call releases the GIL
 # while it runs; for a 4 KiB block that is a fraction of a microsecond, and server threads
 # working through runs side by side handed the GIL back and forth at every block (a
-# volume's 1 GiB read: 58,000 futex calls against 4,700 without encryption). Taking turns
+# volume's 1 GiB read made twelve times the futex calls of the null cipher). Taking turns
 # per run costs one hand-over per run. From TURN_BELOW up, a block keeps the GIL released
-# long enough for threads to decrypt in parallel on separate cores (measured, 2 threads,
-# 32 KiB blocks: 0.60x the time of one thread; 4 KiB: 1.36x), so those runs do not take turns.
+# long enough for threads to decrypt in parallel on separate cores, so those runs do not take
+# turns (benchmarks/HISTORY.md, a9e0ad8).
 AEAD_TURN = threading.Lock()
 TURN_BELOW = 16 * 1024
 _NO_TURN = contextlib.nullcontext()
@@ -89,8 +89,7 @@ def counter_nonces(prefix: bytes, first: int, count: int) -> bytes:
 
     Every nonce of the run is first written with counter ``first``, and i is added to nonce i
     with one addition of big integers (no counter reaches 2**64, so nothing carries into a
-    prefix). Measured for 256 nonces: 4.7 us, against 10 us with one struct.pack of a repeated
-    format and 24 us joining per-nonce bytes (os.urandom of the same length: 8 us).
+    prefix): half the time of one struct.pack of a repeated format (benchmarks/HISTORY.md, 35c516d).
     """
     if len(prefix) != NONCE_PREFIX_LEN:
         raise ValueError(f"a nonce prefix is {NONCE_PREFIX_LEN} bytes, not {len(prefix)}")

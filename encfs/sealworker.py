@@ -64,10 +64,8 @@ MAX_SEALED = MAX_PLAIN + (MAX_PLAIN // 4096) * OVERHEAD  # 4 KiB blocks have the
 REQUEST_BYTES = -(-BUFFER_SIZE // mmap.PAGESIZE) * mmap.PAGESIZE
 SLOT_BYTES = REQUEST_BYTES + MAX_PLAIN + MAX_SEALED  # request buffer, plaintext copied in, sealed
 SLOTS = 8
-# Requests of this many bytes or more are worth sending to the worker. Its round trip adds about
-# 95 us of latency (measured on volume writes: 16 sectors 123 us against 22 in place; 64 sectors
-# 174 against 82; 256 sectors 552 against 326), which only large requests repay, in GIL time
-# given back.
+# Requests of this many bytes or more are worth sending to the worker: its round trip adds
+# latency that only large requests repay, in GIL time given back (benchmarks/HISTORY.md, fa5f9c0).
 WORKER_MIN_BYTES = 256 * 1024
 REPLY_TIMEOUT = 30.0  # seconds; a worker this slow is treated as gone
 _HEAD = struct.Struct("<cII")  # _SEAL, _SEAL_COUNTED or _OPEN, key id, number of jobs

@@ -39,13 +39,11 @@ PR_SET_IO_FLUSHER = 57
 # flight as 1 MiB requests that the server handles side by side, so the decryption of
 # one overlaps the image reads of the next. The kernel would otherwise keep whatever the
 # device number was last given (128 KiB over a FUSE file; 2560 KiB if it last served an
-# image file on this disk). Measured on a 1 GiB cold read: 128 KiB 0.8, 8 MiB 0.92 of
-# the null-cipher volume's rate.
+# image file on this disk); benchmarks/HISTORY.md, ac84bb2.
 LOOP_READ_AHEAD_KIB = 8192
 # Largest request the loop device sends: FUSE's largest (fuseproto.MAX_WRITE). A loop
 # device allows 1280 KiB, which FUSE cuts into 1 MiB + 256 KiB, and such requests straddle
-# the image's 1 MiB slot chunks. Measured on a 1 GiB cold read: 1,665 -> 1,024 requests and
-# 2,221 -> 1,112 image reads; daemon CPU 1.17-1.26 -> 1.01-1.07 s; 1,065-1,071 -> 1,209-1,247 MB/s.
+# the image's 1 MiB slot chunks, doubling requests and image reads (benchmarks/HISTORY.md, a4a3a50).
 LOOP_MAX_REQUEST_KIB = MAX_WRITE // 1024
 log = logging.getLogger("encfs.block")
 

@@ -35,7 +35,7 @@ SEAL_MAX = 1 << 32  # NIST SP 800-38D §8.3: random 96-bit nonces, at most 2^32 
 SEAL_REFUSE = SEAL_MAX - (1 << 24)  # sector writes stop here; map seals (flushes) may use the rest
 SEAL_WARN = 1 << 30  # one warning when the count passes this, and in `encfs volume info`
 # Seals allowed per header write. Each sector seal is 4 KiB written, so a reservation covers 4 GiB:
-# even at 1.2 GB/s one header update (measured: median 1.6 ms, worst 6.5 ms) per 3.5 s, under 0.2%;
+# even at 1.2 GB/s one header update per 3.5 s, under 0.2% (benchmarks/HISTORY.md, 1835929);
 # a crash wastes at most 2^20 seals, 1/4096 of the budget.
 RESERVE_STEP = 1 << 20
 # Format 2 (cow.py) draws each nonce from this count, so it is a 64-bit counter, not a random-nonce

@@ -228,8 +228,7 @@ def verify(fd: int, runs: Iterable[tuple[int, int]], read_into: Callable[[int, i
     """Open every sector of ``runs`` with ``read_into(first, count, out)``, CHUNK sectors at a
     time; the sectors that fail authentication. A thread has the kernel read the image
     ``ranges(first, count)`` of the next AHEAD chunks meanwhile, so that the disk reads ahead
-    while this thread opens sectors (1 GiB, cold: 1.3-1.6 GB/s with it, 0.75 without; a thread
-    reading the ranges itself: 0.9-1.3)."""
+    while this thread opens sectors (twice as fast cold; benchmarks/HISTORY.md, 41e7eff)."""
     chunks = [(at, min(CHUNK, first + n - at)) for first, n in runs for at in range(first, first + n, CHUNK)]
     buf = memoryview(bytearray(CHUNK * SECTOR_SIZE))
     bad: list[int] = []

@@ -70,7 +70,7 @@ from encfs.sealworker import SealWorker, worth_the_worker
 log = logging.getLogger("encfs.fuse")
 _ZERO_CHUNK = 1 << 20  # fill gaps 1 MiB at a time (at least one block)
 # A journal this long is checkpointed at once: it bounds the journal's disk space and the
-# work a recovery replays, and a checkpoint costs two fdatasyncs (0.13 ms each here).
+# work a recovery replays, and a checkpoint costs only two fdatasyncs (benchmarks/HISTORY.md, dfabbb4).
 JOURNAL_MAX = 16 << 20
 # The seal count is written to the state at least this often, so a crash (which loses what
 # the state did not get) costs the count at most this many seals; one setxattr per 2^16 seals.
@@ -399,7 +399,7 @@ class FileContent:
             head = self.read(first_start, offset - first_start) if offset > first_start else b""
             tail = self.read(end, last_end - end) if last_end > end else b""
         # Whole-block writes (all of a sequential stream) are sealed straight from the request
-        # buffer: a copy of each 1 MiB WRITE cost 32 us, a quarter of its sealing.
+        # buffer: a copy of each 1 MiB WRITE cost a quarter of its sealing (benchmarks/HISTORY.md, 8deaee7).
         plain = b"".join((head, data, tail)) if head or tail else data
         self.count_seals(len(blocks))
         self._place(blocks.start, self.cipher.seal_run(blocks.start, plain), max(size, end))

@@ -30,11 +30,9 @@ from encfs.fuseproto.mounting import escape_option, mount_fusermount, unmount_fu
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
 
-# Threads for large reads and writes running alongside the next request (FuseServer._loop). Measured
-# here when every thread read the device (interleaved A/B runs, 1 GiB sequential, 5,000 small
-# files): 4 threads with a 0.2 ms GIL switch interval (fuseproto.GIL_SWITCH_INTERVAL) beat 2 threads
-# with the default 5 ms on cold reads (1.1-1.2 vs 1.0-1.1 GB/s) and sequential writes (590 vs
-# 200-420 MB/s); 4 threads with the default interval halved sequential writes.
+# Threads for large reads and writes running alongside the next request (FuseServer._loop); with
+# the short GIL switch interval (fuseproto.server.GIL_SWITCH_INTERVAL) 4 beat 2, and 4 without it
+# lost (benchmarks/HISTORY.md, 481d43a).
 SERVER_THREADS = 4
 
 

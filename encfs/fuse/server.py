@@ -119,11 +119,9 @@ from encfs.fuseproto.wire import (
 log = logging.getLogger("encfs.fuse")
 # Read-ahead of the mount (root mounts only: sysfs). The kernel's 128 KiB default cuts a
 # sequential read into 128 KiB requests, one or two in flight, each waiting on its own
-# decryption; 1 MiB (the largest request, FUSE_MAX_PAGES) measured 1.4 -> 2.3 GB/s on a
-# cold 1 GiB read here, for the null-cipher path as well. 2 MiB keeps two 1 MiB requests in
-# flight, so one is opened in the sealing worker while the next is read from disk: 1,619 ->
-# 1,663 and 1,753 MB/s in two rigs of 8 cold 1 GiB reads (the null cipher: 1,712 -> 1,690 and
-# 1,656 -> 1,699). 4 MiB was slower for both (1,630 and 1,609 against 1,747 and 1,790 at 1 MiB).
+# decryption. 2 MiB keeps two 1 MiB requests (the largest, FUSE_MAX_PAGES) in flight, so one is
+# opened in the sealing worker while the next is read from disk; 4 MiB was slower
+# (benchmarks/HISTORY.md, f64f31f and ff7bc78).
 READ_AHEAD_KIB = 2048
 
 WANTED_FLAGS = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_AUTO_INVAL_DATA

@@ -16,8 +16,8 @@ def keep_freed_memory() -> bool:
     dynamic thresholds hand such memory back to the kernel (munmap, or trimming the
     arena with madvise) as soon as it is freed, and the next request takes every page
     back as a fresh zeroed fault. Fixed thresholds keep up to MALLOC_TRIM_THRESHOLD
-    free per arena. Measured on a 1 GiB dd + fsync through the filesystem: 190 -> 80
-    CPU ticks in the daemon, 420 -> 720 MB/s. Not glibc: nothing to do, False.
+    free per arena: less daemon CPU and faster large writes (benchmarks/HISTORY.md, e8c4e1f).
+    Not glibc: nothing to do, False.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -175,8 +175,8 @@ class FuseServer:
     def _next_request(self, buf: memoryview, poller: select.poll) -> int:
         """Read one request into ``buf`` (the caller leads). Polls for SPIN_SECONDS first: a thread
         asleep in read(2) takes long to wake on a virtual machine, and the next request of a
-        process working through many small operations usually comes within that time (measured:
-        creating 4 KiB files, 2,500 -> 3,900 files/s)."""
+        process working through many small operations usually comes within that time
+        (benchmarks/HISTORY.md, 481d43a)."""
         if not self._overlapping and not poller.poll(0):
             deadline = time.perf_counter() + SPIN_SECONDS
             while not poller.poll(0) and time.perf_counter() < deadline:
