@@ -1,1 +1,3 @@
-"""Encrypted block volumes served through FUSE + loop (issue #4). Not implemented yet."""
+"""Encrypted block volumes: an image file served as one FUSE file under a loop device, in format 1
+(two-slot sectors) or format 2 (copy-on-write pages with snapshots); README's Layout lists every
+module."""

@@ -1,1 +1,2 @@
-"""Encrypted FUSE filesystem (issue #3). Not implemented yet."""
+"""The encrypted filesystem: a CIPHERDIR served through FUSE (fs.py holds the POSIX operations,
+server.py turns kernel requests into them; README's Layout lists every module)."""
