@@ -716,6 +716,23 @@ def test_utimens_and_mtime_on_write(d: Path) -> None:
     assert os.stat(d).st_mtime_ns > m0  # creating an entry changes the directory's mtime
 
 
+def test_times_before_1970_and_after_2038_round_trip(tmp_path: Path, fs_home: Path) -> None:
+    """fuse_attr and fuse_setattr_in carry times the kernel reads as signed: a pre-1970 touch
+    was EIO. Checked after a remount, so the times come from the backing store."""
+    # 1960, and 2242 (an ext4 backing store's times end in 2446)
+    times = {"old": (-315_619_200 * 10**9 + 5, -1), "far": (2**33 * 10**9, 2**33 * 10**9 + 999_999_999)}
+    with new_mount(tmp_path, fs_home) as m:
+        for name, ns in times.items():
+            (m.mountpoint / name).touch()
+            os.utime(m.mountpoint / name, ns=ns)
+            st = os.stat(m.mountpoint / name)
+            assert (st.st_atime_ns, st.st_mtime_ns) == ns
+    with new_mount(tmp_path, fs_home) as m:
+        for name, ns in times.items():
+            st = os.stat(m.mountpoint / name)
+            assert (st.st_atime_ns, st.st_mtime_ns) == ns, name
+
+
 def test_statfs(d: Path) -> None:
     sv = os.statvfs(d)
     assert sv.f_namemax == 255

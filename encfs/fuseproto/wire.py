@@ -57,7 +57,8 @@ NOTIFY_INVAL_INODE = 2
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, pad
 OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
-ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr (88 bytes)
+# Times are signed (the kernel reads them as time64_t): before 1970 they are negative.
+ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # fuse_attr (88 bytes)
 INIT_IN = struct.Struct("<IIII")  # major, minor, max_readahead, flags
 INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # fuse_init_out (64 bytes)
 ENTRY_HEAD = struct.Struct("<QQQQII")  # nodeid, generation, entry_valid, attr_valid, their nsecs
@@ -75,7 +76,7 @@ WRITE_IN = struct.Struct("<QQIIQII")  # fh, offset, size, write_flags, lock_owne
 WRITE_OUT = struct.Struct("<II")
 RELEASE_IN = struct.Struct("<QIIQ")  # fh, flags, release_flags, lock_owner
 FSYNC_IN = struct.Struct("<QII")  # fh, fsync_flags, padding
-SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")  # fuse_setattr_in (88 bytes)
+SETATTR_IN = struct.Struct("<IIQQQqqqIIIIIIII")  # fuse_setattr_in (88 bytes); signed times as in ATTR
 GETXATTR_IN = struct.Struct("<II")  # size, padding
 ACCESS_IN = struct.Struct("<II")  # mask (R_OK | W_OK | X_OK, or 0 for existence), padding
 GETXATTR_OUT = struct.Struct("<II")
