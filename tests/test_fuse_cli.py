@@ -28,6 +28,7 @@ from fsconfig_tool import remac
 from fuse_helpers import Mount
 from procs import run_on_terminal
 
+from encfs.fuse import mountlock
 from encfs.fuse.fsconfig import features_for
 from encfs.fuse.mount import is_mounted
 from encfs.fuse.server import READ_AHEAD_KIB
@@ -685,6 +686,49 @@ def test_mount_helper_mounts_from_mount_8_and_fstab(mount_helper: Path, tmp_path
             assert proc.returncode == 0, proc.stderr
             assert not is_mounted(mp)
             assert wait_gone(pids, 30)
+
+
+def test_remount_ro_and_rw_through_mount_8(mount_helper: Path, tmp_path: Path, fs_home: Path) -> None:
+    """mount -o remount,ro|rw reaches `encfs CIPHERDIR MOUNTPOINT -o remount,...` through the helper:
+    the kernel flag flips and the daemon goes on; a read-only daemon is not made writable."""
+    cipher, mp = new_fs(tmp_path, fs_home)
+    with guard(cipher, mp):
+        encfs_ok("mount", str(cipher), str(mp), home=fs_home)
+        (mp / "before").write_text("rw")
+        proc = _system_mount("mount", "-o", "remount,ro", str(mp))
+        assert proc.returncode == 0, proc.stderr
+        expect_errno(errno.EROFS, (mp / "new").write_text, "x")
+        assert (mp / "before").read_text() == "rw"
+        assert "nosuid" in _options(mp) and "nodev" in _options(mp)  # the remount kept them
+        proc = _system_mount("mount", "-o", "remount,rw", str(mp))
+        assert proc.returncode == 0, proc.stderr
+        (mp / "after").write_text("rw again")
+        encfs_ok("umount", str(mp), home=fs_home)
+        encfs_ok("mount", "--read-only", str(cipher), str(mp), home=fs_home)
+        proc = _system_mount("mount", "-o", "remount,rw", str(mp))
+        assert proc.returncode != 0 and "mounted read-only" in proc.stderr, proc.stderr
+        expect_errno(errno.EROFS, (mp / "new").write_text, "x")
+        assert (mp / "after").read_text() == "rw again"
+        encfs_ok("umount", str(mp), home=fs_home)
+
+
+def _options(mp: Path) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return next(line.split()[3].split(",") for line in f if line.split()[1] == str(mp))
+
+
+def test_a_mount_right_after_umount_finds_the_cipherdir_free(tmp_path: Path, fs_home: Path) -> None:
+    """`encfs umount` returns once the daemon has let go of the CIPHERDIR's lock."""
+    cipher, mp = new_fs(tmp_path, fs_home)
+    with guard(cipher, mp):
+        for i in range(5):
+            encfs_ok("mount", str(cipher), str(mp), home=fs_home)
+            (mp / f"f{i}").write_text(str(i))
+            encfs_ok("umount", str(mp), home=fs_home)
+            assert not mountlock.serves_read_write(cipher, str(mp))  # at once: the daemon has let go
+            encfs_ok("mount", "--read-only", str(cipher), str(mp), home=fs_home)
+            assert sorted(p.name for p in mp.iterdir()) == [f"f{j}" for j in range(i + 1)]
+            encfs_ok("umount", str(mp), home=fs_home)
 
 
 def test_mount_helper_failure_is_one_line(mount_helper: Path, tmp_path: Path, fs_home: Path) -> None:

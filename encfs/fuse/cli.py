@@ -60,6 +60,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from encfs.fuse.mount import MountOptions, mount
 
     take_own_options(args)
+    if "remount" in args.fuse_extra:  # mount -o remount,ro|rw, through mount.fuse3
+        from encfs.fuse.mount import remount
+
+        return remount(Path(args.cipherdir), Path(args.mountpoint), read_only="ro" in args.fuse_extra)
     extra = [o for o in args.fuse_extra if o != "debug"]  # libfuse's spelling of --debug
     home, hsm = _ks_args(args)
     opts = MountOptions(read_only=args.read_only or "ro" in extra,

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import open_config, peek_config
 from encfs.fuse.mountlock import MountLock
 from encfs.fuse.server import FsServer
-from encfs.fuseproto.mounting import escape_option, mount_fusermount, unmount_fusermount
+from encfs.fuseproto.mounting import escape_option, mount_fusermount, remount_direct, unmount_fusermount
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
 
@@ -34,6 +35,8 @@ from encfs.keys.service import KeyService
 # the short GIL switch interval (fuseproto.server.GIL_SWITCH_INTERVAL) 4 beat 2, and 4 without it
 # lost (benchmarks/HISTORY.md, 481d43a).
 SERVER_THREADS = 4
+UNMOUNT_WAIT = 30  # seconds `encfs umount` waits for the daemon to finish after the unmount
+log = logging.getLogger("encfs.fuse")
 
 
 @dataclass
@@ -50,16 +53,22 @@ def _unescape_mount_field(field: bytes) -> bytes:
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
 
 
-def mount_type(path: Path) -> str | None:
-    """The filesystem type mounted at ``path`` (the topmost one), or None if nothing is."""
+def _mount_entry(path: Path) -> tuple[str, str] | None:
+    """(source, type) of the topmost mount at ``path``, or None if nothing is mounted there."""
     target = os.fsencode(os.path.realpath(path))
     found = None
     with open("/proc/self/mounts", "rb") as f:
         for line in f:
             parts = line.split()
             if len(parts) > 2 and _unescape_mount_field(parts[1]) == target:
-                found = os.fsdecode(parts[2])
+                found = os.fsdecode(_unescape_mount_field(parts[0])), os.fsdecode(parts[2])
     return found
+
+
+def mount_type(path: Path) -> str | None:
+    """The filesystem type mounted at ``path`` (the topmost one), or None if nothing is."""
+    entry = _mount_entry(path)
+    return None if entry is None else entry[1]
 
 
 def is_mounted(path: Path) -> bool:
@@ -130,7 +139,6 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     try:
         rewrap.refuse_if_interrupted(cipherdir)
         ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
-        log = logging.getLogger("encfs.fuse")
         opened = open_config(cipherdir, ks, writable=not opts.read_only)
         if not opts.read_only:
             binding.upgrade(cipherdir, opened)
@@ -189,7 +197,6 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
 def _recover_all(fs: EncryptedFS, server: FsServer, done: threading.Event) -> None:
     """The last mount did not end cleanly: check every file now (each one also recovers at its
     first lookup), then let the lock record say so."""
-    log = logging.getLogger("encfs.fuse")
     try:
         count, failed = fs.recover_all(server.lock.exclusive)
     except Exception:  # the next mount recovers again
@@ -221,6 +228,22 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     return 0
 
 
+def remount(cipherdir: Path, mountpoint: Path, read_only: bool) -> int:
+    """``mount -o remount,ro|rw`` (mount.fuse3 runs ``encfs CIPHERDIR MOUNTPOINT -o remount,...``):
+    the kernel flips the mount's read-only flag and the daemon goes on as it is. A daemon that
+    serves read-only never writes, so remount,rw of it is refused. Root only (mount(2))."""
+    cipherdir, mountpoint = cipherdir.absolute(), mountpoint.absolute()
+    if mount_type(mountpoint) != "fuse.encfs":
+        raise MountError(f"{mountpoint} is not an encfs mount: nothing to remount")
+    if not read_only and not mountlock.serves_read_write(cipherdir, str(mountpoint)):
+        raise MountError(f"{mountpoint} was mounted read-only: unmount it and mount it again to write")
+    try:
+        remount_direct(str(mountpoint), read_only)
+    except OSError as e:
+        raise MountError(f"cannot remount {mountpoint}: {e.strerror}") from None
+    return 0
+
+
 def umount(mountpoint: Path) -> None:
     mountpoint = mountpoint.absolute()
     fstype = mount_type(mountpoint)
@@ -228,7 +251,16 @@ def umount(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint} is not mounted")
     if fstype != "fuse.encfs":  # as root, fusermount3 -u would unmount anything
         raise MountError(f"{mountpoint} is a {fstype} mount, not an encfs one")
+    source = (_mount_entry(mountpoint) or ("", ""))[0]  # the CIPHERDIR (fsname)
     proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
         raise MountError(f"cannot unmount {mountpoint}: {last}")
+    # The daemon still closes its files and marks the lock clean: return once it has, so that
+    # a mount right after this (or a shutdown) finds the CIPHERDIR free and consistent.
+    deadline = time.monotonic() + UNMOUNT_WAIT
+    while source and mountlock.serves_read_write(Path(source), str(mountpoint)):
+        if time.monotonic() > deadline:
+            log.warning("%s is unmounted, but its daemon is still finishing after %d s", mountpoint, UNMOUNT_WAIT)
+            break
+        time.sleep(0.02)

@@ -215,6 +215,23 @@ def check(cipherdir: Path, *, read_only: bool) -> None:
         os.close(fd)
 
 
+def serves_read_write(cipherdir: Path, mountpoint: str) -> bool:
+    """Whether a live read-write mount of ``cipherdir`` at ``mountpoint`` holds the lock (takes none)."""
+    try:
+        fd = os.open(cipherdir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        rec = _read_record(fd)
+        held = _conflict(fd, fcntl.F_RDLCK)  # only an exclusive (read-write) holder conflicts with a reader
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return held is not None and isinstance(rec, dict) and rec.get("state") == "mounted" \
+        and rec.get("mode") == "rw" and rec.get("mountpoint") == mountpoint
+
+
 def describe(cipherdir: Path) -> str:
     """The lock's state in one line, for `encfs info` (takes no lock)."""
     path = cipherdir / LOCK_NAME

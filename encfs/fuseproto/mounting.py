@@ -20,7 +20,11 @@ from encfs.fuseproto.wire import MAX_WRITE
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+# statvfs f_flag bits (ST_*) that a remount must restate, with the mount(2) flag of each
+_KEPT_FLAGS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+               (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME))
 MNT_DETACH = 2
 
 
@@ -97,6 +101,19 @@ def mount_fusermount(mountpoint: str, options: Sequence[str]) -> int:
         raise OSError(errno.EIO, lines[-1] if lines else f"fusermount3 exited with {proc.returncode}")
     os.set_inheritable(fds[0], False)
     return fds[0]
+
+
+def remount_direct(mountpoint: str, read_only: bool) -> None:
+    """Flip a mount's read-only flag with mount(2) MS_REMOUNT (root only), keeping its other flags
+    (a remount clears the flags it does not name)."""
+    kept = os.statvfs(mountpoint).f_flag
+    flags = MS_REMOUNT | (MS_RDONLY if read_only else 0)
+    for st, ms in _KEPT_FLAGS:
+        if kept & st:
+            flags |= ms
+    if _libc.mount(None, mountpoint.encode(), None, flags, None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"remount of {mountpoint}: {os.strerror(e)}")
 
 
 def unmount_direct(mountpoint: str, lazy: bool = False) -> None:
