@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -715,6 +716,20 @@ def test_remount_ro_and_rw_through_mount_8(mount_helper: Path, tmp_path: Path, f
 def _options(mp: Path) -> list[str]:
     with open("/proc/self/mounts") as f:
         return next(line.split()[3].split(",") for line in f if line.split()[1] == str(mp))
+
+
+def test_a_root_mount_is_nodev_nosuid_unless_asked(tmp_path: Path, fs_home: Path) -> None:
+    cipher, mp = new_fs(tmp_path, fs_home)
+    with guard(cipher, mp):
+        encfs_ok("mount", str(cipher), str(mp), home=fs_home)
+        os.mknod(mp / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        assert {"nodev", "nosuid"} <= set(_options(mp))
+        expect_errno(errno.EACCES, (mp / "null").write_bytes, b"x")  # nodev: device nodes do not open
+        encfs_ok("umount", str(mp), home=fs_home)
+        encfs_ok("mount", "-o", "dev,suid", str(cipher), str(mp), home=fs_home)
+        assert not {"nodev", "nosuid"} & set(_options(mp))
+        (mp / "null").write_bytes(b"x")  # /dev/null's device: the write vanishes
+        encfs_ok("umount", str(mp), home=fs_home)
 
 
 def test_a_mount_right_after_umount_finds_the_cipherdir_free(tmp_path: Path, fs_home: Path) -> None:
