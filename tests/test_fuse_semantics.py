@@ -29,7 +29,7 @@ from fuse_helpers import Mount, cold_pread, cold_read, expect_errno
 BLOCK_SIZES = (4096, 32768)  # every content block size a filesystem can have (FORMAT.md 6.4)
 BLOCK = 32768  # the default, for tests that do not depend on it
 HEADER = 128
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -477,6 +477,50 @@ def test_renameat2_noreplace_and_exchange(d: Path) -> None:
         assert os.listdir(d / "other") == [long]
     finally:
         os.close(fd)
+
+
+def _is_whiteout(p: Path) -> bool:
+    st = os.lstat(p)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def test_renameat2_whiteout_leaves_a_whiteout_under_the_old_name(tmp_path: Path, fs_home: Path) -> None:
+    """RENAME_WHITEOUT (what overlayfs asks of its upper layer) was taken for a plain rename."""
+    names = [("f", "g"), ("L" * 255, "M" * 255)]  # a long name keeps its side file for the whiteout
+    with new_mount(tmp_path, fs_home) as m:
+        for old, new in names:
+            (m.mountpoint / old).write_bytes(old.encode())
+            renameat2(m.mountpoint / old, m.mountpoint / new, RENAME_WHITEOUT)
+        os.symlink("target", m.mountpoint / "link")
+        renameat2(m.mountpoint / "link", m.mountpoint / "link2", RENAME_WHITEOUT)
+    with new_mount(tmp_path, fs_home) as m:
+        for old, new in names:
+            assert _is_whiteout(m.mountpoint / old) and cold_read(m.mountpoint / new) == old.encode()
+        assert _is_whiteout(m.mountpoint / "link") and os.readlink(m.mountpoint / "link2") == "target"
+        assert sorted(os.listdir(m.mountpoint)) == sorted(["link", "link2", *(n for pair in names for n in pair)])
+
+
+def test_overlayfs_runs_with_its_upper_layer_on_encfs(tmp_path: Path, fs_home: Path) -> None:
+    lower, merged = tmp_path / "lower", tmp_path / "merged"
+    lower.mkdir()
+    merged.mkdir()
+    (lower / "gone").write_bytes(b"lower")
+    (lower / "kept").write_bytes(b"lower")
+    with new_mount(tmp_path, fs_home) as m:
+        upper, work = m.mountpoint / "upper", m.mountpoint / "work"
+        upper.mkdir()
+        work.mkdir()
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)], check=True, timeout=30)
+        try:
+            (merged / "gone").unlink()
+            (merged / "new").write_bytes(b"upper")
+            os.rename(merged / "kept", merged / "moved")  # copied up, the old name whited out
+            assert sorted(os.listdir(merged)) == ["moved", "new"]
+        finally:
+            subprocess.run(["umount", str(merged)], check=True, timeout=30)
+        assert _is_whiteout(upper / "gone") and _is_whiteout(upper / "kept")
+        assert (upper / "moved").read_bytes() == b"lower" and (upper / "new").read_bytes() == b"upper"
 
 
 def test_hard_links(d: Path) -> None:

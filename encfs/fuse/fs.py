@@ -71,7 +71,7 @@ from encfs.sealworker import WORKER_MIN_BYTES, SealWorker
 log = logging.getLogger("encfs.fuse")
 
 ATTR_TIMEOUT = 1.0
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 # The kernel asks for this on every write(2), to drop file capabilities; inodes known not to
 # have it are answered from memory.
 CAPABILITY_XATTR = b"security.capability"
@@ -666,18 +666,25 @@ class EncryptedFS:
         if old_dirid is not None:  # its second id copy is sealed for the new place first (dirids.py)
             self.dirids.before_move(old, old_dirid, new_parent_dirid, os.path.basename(new))
 
-        def backing_rename(src: bytes, dest: bytes) -> None:
-            if flags & RENAME_NOREPLACE:
-                _renameat2(src, dest, flags)
+        def backing_rename(src: bytes, dest: bytes, whiteout: int = 0) -> None:
+            if flags & RENAME_NOREPLACE or whiteout:
+                _renameat2(src, dest, (flags & RENAME_NOREPLACE) | whiteout)
             else:
                 os.rename(src, dest)
 
+        # RENAME_WHITEOUT (overlayfs): the backing rename leaves the whiteout, a 0/0 character
+        # device, under the old backing name, which the old plaintext name (and side file) names.
+        whiteout = flags & RENAME_WHITEOUT
         try:
             if link_target is not None:  # a new backing symlink sealed for the new place (symlinks.py)
                 self.links.place_copy(link_target, new, new_parent_dirid, st_old, backing_rename)
-                os.unlink(old)
+                if whiteout:
+                    os.mknod(old + b".wh.tmp", stat_m.S_IFCHR, 0)
+                    os.rename(old + b".wh.tmp", old)
+                else:
+                    os.unlink(old)
             else:
-                backing_rename(old, new)
+                backing_rename(old, new, whiteout)
         except BaseException:
             if replaced is not None and stat_m.S_ISDIR(replaced.st_mode) and os.path.isdir(new):
                 self.dirids.create(new, new_parent_dirid)
@@ -686,7 +693,8 @@ class EncryptedFS:
             raise
         if old_dirid is not None:
             self.dirids.after_move(new, old_dirid, new_parent_dirid)
-        self._remove_side(old, old_side)
+        if not whiteout:  # else the whiteout keeps the old name
+            self._remove_side(old, old_side)
         if link_target is not None:
             if st_old.st_nlink <= 1:
                 self.links.drop(old_stored)
