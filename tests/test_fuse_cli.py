@@ -10,6 +10,7 @@ a last resort (docs/dev/testing.md). Every wait is bounded.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -598,6 +599,36 @@ def test_allow_other_lets_the_kernel_check_modes(public_dir: Path, fs_home: Path
         assert "default_permissions" not in _mount_options(mp)  # the mounting user alone: the daemon checks
 
 
+def test_locks_hold_between_processes_of_different_users(public_dir: Path, fs_home: Path) -> None:
+    """fcntl and flock locks taken through an --allow-other mount hold against another user's
+    process (the kernel keeps them: the daemon answers no lock requests)."""
+    cipher, mp = new_fs(public_dir, fs_home)
+    with guard(cipher, mp):
+        encfs_ok("mount", "--allow-other", str(cipher), str(mp), home=fs_home)
+        os.chmod(mp, 0o755)
+        target = mp / "locked"
+        target.write_text("x")
+        target.chmod(0o666)
+        probe = ("import fcntl, sys\nf = open(sys.argv[1], 'r+')\n"
+                 "for take in (lambda: fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB),\n"
+                 "             lambda: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)):\n"
+                 "    try:\n        take(); print('got')\n    except BlockingIOError:\n        print('blocked')\n")
+
+        def other_user() -> list[str]:
+            proc = subprocess.run([*NOBODY, sys.executable, "-c", probe, str(target)], capture_output=True,
+                                  text=True, timeout=30)
+            assert proc.returncode == 0, proc.stderr
+            return proc.stdout.split()
+
+        assert other_user() == ["got", "got"]  # free: the probe takes both and lets go on exit
+        with open(target, "r+") as posix, open(target, "r+") as whole:
+            fcntl.lockf(posix, fcntl.LOCK_EX)
+            fcntl.flock(whole, fcntl.LOCK_EX)
+            assert other_user() == ["blocked", "blocked"]
+        assert other_user() == ["got", "got"]
+        encfs_ok("umount", str(mp), home=fs_home)
+
+
 def _mount_options(mp: Path) -> list[str]:
     with open("/proc/self/mounts") as f:
         return next(line.split()[3] for line in f if line.split()[1] == str(mp)).split(",")
@@ -700,7 +731,7 @@ def test_remount_ro_and_rw_through_mount_8(mount_helper: Path, tmp_path: Path, f
         assert proc.returncode == 0, proc.stderr
         expect_errno(errno.EROFS, (mp / "new").write_text, "x")
         assert (mp / "before").read_text() == "rw"
-        assert "nosuid" in _options(mp) and "nodev" in _options(mp)  # the remount kept them
+        assert "nosuid" in _mount_options(mp) and "nodev" in _mount_options(mp)  # the remount kept them
         proc = _system_mount("mount", "-o", "remount,rw", str(mp))
         assert proc.returncode == 0, proc.stderr
         (mp / "after").write_text("rw again")
@@ -713,21 +744,16 @@ def test_remount_ro_and_rw_through_mount_8(mount_helper: Path, tmp_path: Path, f
         encfs_ok("umount", str(mp), home=fs_home)
 
 
-def _options(mp: Path) -> list[str]:
-    with open("/proc/self/mounts") as f:
-        return next(line.split()[3].split(",") for line in f if line.split()[1] == str(mp))
-
-
 def test_a_root_mount_is_nodev_nosuid_unless_asked(tmp_path: Path, fs_home: Path) -> None:
     cipher, mp = new_fs(tmp_path, fs_home)
     with guard(cipher, mp):
         encfs_ok("mount", str(cipher), str(mp), home=fs_home)
         os.mknod(mp / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-        assert {"nodev", "nosuid"} <= set(_options(mp))
+        assert {"nodev", "nosuid"} <= set(_mount_options(mp))
         expect_errno(errno.EACCES, (mp / "null").write_bytes, b"x")  # nodev: device nodes do not open
         encfs_ok("umount", str(mp), home=fs_home)
         encfs_ok("mount", "-o", "dev,suid", str(cipher), str(mp), home=fs_home)
-        assert not {"nodev", "nosuid"} & set(_options(mp))
+        assert not {"nodev", "nosuid"} & set(_mount_options(mp))
         (mp / "null").write_bytes(b"x")  # /dev/null's device: the write vanishes
         encfs_ok("umount", str(mp), home=fs_home)
 
