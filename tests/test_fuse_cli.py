@@ -744,6 +744,20 @@ def test_remount_ro_and_rw_through_mount_8(mount_helper: Path, tmp_path: Path, f
         encfs_ok("umount", str(mp), home=fs_home)
 
 
+@pytest.mark.parametrize("engine, direct", [("libaio", 1), ("io_uring", 0), ("mmap", 0)])
+def test_umount_after_heavy_fio_never_finds_the_mount_busy(engine: str, direct: int, tmp_path: Path,
+                                                            fs_home: Path) -> None:
+    cipher, mp = new_fs(tmp_path, fs_home)
+    with guard(cipher, mp):
+        encfs_ok("mount", str(cipher), str(mp), home=fs_home)
+        proc = subprocess.run(["fio", "--name=t", f"--directory={mp}", "--rw=randrw", "--bs=4k", "--size=16m",
+                               "--numjobs=2", f"--ioengine={engine}", "--iodepth=16", f"--direct={direct}",
+                               "--runtime=2", "--time_based"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        encfs_ok("umount", str(mp), home=fs_home)  # at once, not EBUSY
+        assert not is_mounted(mp)
+
+
 def test_a_root_mount_is_nodev_nosuid_unless_asked(tmp_path: Path, fs_home: Path) -> None:
     cipher, mp = new_fs(tmp_path, fs_home)
     with guard(cipher, mp):
