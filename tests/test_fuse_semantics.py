@@ -523,6 +523,32 @@ def test_overlayfs_runs_with_its_upper_layer_on_encfs(tmp_path: Path, fs_home: P
         assert (upper / "moved").read_bytes() == b"lower" and (upper / "new").read_bytes() == b"upper"
 
 
+def test_o_direct_behaves_as_on_ext4_and_buffered_readers_see_its_writes(d: Path) -> None:
+    p = d / "f"
+    p.write_bytes(b"a" * 3 * 4096)
+    reader = os.open(p, os.O_RDONLY)
+    try:
+        assert os.pread(reader, 3 * 4096, 0) == b"a" * 3 * 4096  # now in the page cache
+        buf = mmap.mmap(-1, 2 * 4096)  # O_DIRECT wants aligned memory
+        buf.write(b"b" * 2 * 4096)
+        direct = os.open(p, os.O_RDWR | os.O_DIRECT)
+        try:
+            assert os.pwrite(direct, buf, 4096) == 2 * 4096
+            back = mmap.mmap(-1, 4096)
+            assert os.preadv(direct, [back], 8192) == 4096 and back[:] == b"b" * 4096
+        finally:
+            os.close(direct)
+        assert os.pread(reader, 3 * 4096, 0) == b"a" * 4096 + b"b" * 2 * 4096  # not the cached pages
+        # asynchronous direct writes (libaio) under the same cached reader
+        subprocess.run(["fio", "--name=t", f"--filename={p}", "--rw=write", "--bs=4k", "--size=12k",
+                        "--ioengine=libaio", "--iodepth=4", "--direct=1", "--buffer_pattern=0x63"],
+                       check=True, capture_output=True, timeout=60)
+        assert os.pread(reader, 3 * 4096, 0) == b"c" * 3 * 4096
+    finally:
+        os.close(reader)
+    assert cold_read(p) == b"c" * 3 * 4096
+
+
 def test_hard_links(d: Path) -> None:
     a, b, c = d / "a", d / "b", d / "c"
     a.write_bytes(b"shared" * 1000)
