@@ -141,21 +141,30 @@ def _full(args: argparse.Namespace, target: Path, kind: str) -> int:
     header, _w = read_volume_header(target)
     refuse_attached(target, header.volume_id.hex())
     if args.dry_run:
-        print(f"{target}: would copy every written sector under a fresh volume key"
+        print(f"{target}: would copy every written sector"
+              + (" and every snapshot" if header.copy_on_write else "") + " under a fresh volume key"
               + (f" wrapped by {args.key}" if args.key else "") + " (needs free space for the copy)")
         return 0
     with _service(args) as ks:
         done = rekey_volume(target, ks, args.key)
         if done.volume_id != header.volume_id.hex():  # the copy is a new volume: the old id has no blobs left
             ks.usage.forget(f"volume:{header.volume_id.hex()}", None)
+    if done.snapshots:  # the catalog names each snapshot's volume id: the copy's is new
+        from encfs.block.snapcli import _home
+        from encfs.block.snapshots import remember
+
+        remember(_home(args), target, done.volume_id, done.snapshots)
     mib = done.sectors * 4096 / (1 << 20)
     if args.json:
         print(json.dumps({"Target": str(target), "Kind": kind, "Full": True, "VolumeId": done.volume_id,
-                          "KeyId": done.key_id, "CopiedBytes": done.sectors * 4096,
-                          "Seconds": round(done.seconds, 3)}))
+                          "KeyId": done.key_id, "CopiedBytes": done.sectors * 4096, "Snapshots": done.snapshots,
+                          "Resumed": done.resumed, "Seconds": round(done.seconds, 3)}))
     else:
-        print(f"{target}: re-keyed as volume {done.volume_id} under key {done.key_id} "
-              f"({mib:.1f} MiB of written sectors re-encrypted in {done.seconds:.1f} s)")
+        n = len(done.snapshots)
+        snaps = f" with its {n} snapshot{'s' if n != 1 else ''}" if n else ""
+        print(f"{target}: re-keyed{snaps} as volume {done.volume_id} under key {done.key_id}"
+              + (", finishing an interrupted re-key," if done.resumed else "")
+              + f" ({mib:.1f} MiB of written sectors re-encrypted in {done.seconds:.1f} s)")
     return 0
 
 

@@ -458,12 +458,13 @@ class CowStore(SectorIO):
 
     # -- snapshots ---------------------------------------------------------------------
 
-    def snapshot(self, snapshot_id: str, description: str, created: float) -> Snapshot:
+    def snapshot(self, snapshot_id: str, description: str, created: float, size: int | None = None) -> Snapshot:
         """Freeze the map: commit, then record the committed root in the table and commit again.
-        Copies nothing: the time depends on what awaits the first commit, not on the data."""
+        Copies nothing: the time depends on what awaits the first commit, not on the data.
+        ``size`` (default: the volume's): a re-key replaying a snapshot taken before a grow."""
         self.flush()
-        snap = Snapshot(snapshot_id, self.tree.root_page, self.tree.depth, self.sectors * SECTOR_SIZE, created,
-                        self.txg - 1, description)
+        snap = Snapshot(snapshot_id, self.tree.root_page, self.tree.depth,
+                        self.sectors * SECTOR_SIZE if size is None else size, created, self.txg - 1, description)
         self.snapshots.append(snap)
         self._table_dirty = True
         latest = self.pool.latest_snapshot

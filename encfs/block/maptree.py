@@ -206,3 +206,32 @@ class MapTree:
                     run_start, run_end = s, s + n
         if run_start >= 0:
             yield run_start, run_end - run_start
+
+    def diff_runs(self, other: MapTree) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """How ``other`` differs from this tree, as (first sector, count) runs in order: the
+        sectors ``other`` maps to another page (to copy from it), and the sectors only this tree
+        maps (to discard). A leaf at the same committed page in both is skipped unread: pages are
+        never rewritten while a tree reaches them, so the same page means the same contents."""
+        copy: list[tuple[int, int]] = []
+        drop: list[tuple[int, int]] = []
+
+        def add(runs: list[tuple[int, int]], first: int, count: int) -> None:
+            if runs and runs[-1][0] + runs[-1][1] == first:
+                runs[-1] = (runs[-1][0], runs[-1][1] + count)
+            else:
+                runs.append((first, count))
+
+        leaves = sorted({i for (level, i) in self.nodes if level == 0}
+                        | {i for (level, i) in other.nodes if level == 0})
+        for i in leaves:
+            key = (0, i)
+            page = self.pages.get(key)
+            if page and page == other.pages.get(key) and key not in self.dirty and key not in other.dirty:
+                continue
+            a, b = self.nodes.get(key), other.nodes.get(key)
+            base = i << _SHIFT
+            for j in range(FANOUT):
+                was, now = (a[j] if a is not None else 0), (b[j] if b is not None else 0)
+                if was != now:
+                    add(copy if now else drop, base + j, 1)
+        return copy, drop

@@ -5,20 +5,26 @@ Every sector of a format-1 volume is sealed under one volume key with a random n
 key may make only so many seals (docs/FORMAT.md §7.5); past 2^30 encfs warns, and writes stop
 before 2^32. A fresh key cannot be mixed into a format-1 image, so the way out is a copy:
 
-1. ``VOL.rekey.tmp`` (left by an interrupted run: removed) is created as a new volume of the
-   same size with a fresh volume id and data key, wrapped by KEY (default: VOL's own CMK);
+1. ``VOL.rekey.tmp`` (left by an interrupted run: removed, unless it can be carried on, below)
+   is created as a new volume of the same size with a fresh volume id and data key, wrapped by
+   KEY (default: VOL's own CMK);
 2. every written sector of VOL is read (authenticated) and written to it, unwritten ones stay
    holes; it is flushed and closed (fsync);
 3. it is renamed over VOL, and the directory is fsync'd.
 
 The copy gets VOL's mode and owner before it replaces it. A format-2 volume with snapshots is
-refused: the copy holds the live contents only (`encfs snapshot copy` re-keys a snapshot).
+copied snapshot by snapshot, oldest first, each step writing only what changed since the one
+before and then taking the snapshot again, with the same id and metadata (rekeysnap.py); a
+copy an interrupted run left with some of the snapshots taken is carried on from there, any
+other is started again. The catalog (snapshots.json) then names the new volume id
+(rekeycli.py).
 
 Invariants:
 - VOL's contents are not changed until the rename (it stays open and locked, so nothing
   attaches it meanwhile; opening it may upgrade its header and maps as any open does): a
   crash or a failure (a full disk, a sector that fails authentication) leaves VOL as it was,
-  and at most a ``.rekey.tmp`` that the next run removes.
+  and at most a ``.rekey.tmp`` that the next run removes or carries on. A failure that is
+  reported (not a kill) removes the ``.rekey.tmp``.
 - Nothing is lost: a sector that fails authentication stops the copy (VolumeError naming
   it), since the copy could only turn it into something else.
 """
@@ -31,7 +37,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from encfs.block.cow import CowStore
@@ -52,6 +58,8 @@ class Rekeyed:
     key_id: str
     sectors: int  # written sectors copied
     seconds: float
+    snapshots: list[str] = field(default_factory=list)  # the ids of the snapshots copied with it
+    resumed: bool = False  # an interrupted run's copy was carried on
 
 
 def tmp_path(path: Path, what: str = "rekey") -> Path:
@@ -113,29 +121,38 @@ def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_ke
                  version: int | None = None) -> Rekeyed:
     """Copy the volume at ``path`` (not attached) under a fresh data key wrapped by ``key``
     (default: its current CMK), in format ``version`` (default: its own), in place of the
-    original (see the module docstring)."""
+    original, snapshots and all (see the module docstring)."""
+    from encfs.block.rekeysnap import replay, resumable
+
     start = time.monotonic()
     old = open_volume(path, ks, seal_worker=True, expected_key=expected_key)
     what = "rekey" if version is None else "upgrade"
     tmp = tmp_path(path, what)
-    if isinstance(old.store, CowStore) and old.store.snapshots:
-        n = len(old.store.snapshots)
-        old.close()
-        raise VolumeError(f"{path} has {n} snapshot(s), which a copy would lose: delete them first "
-                          "(`encfs snapshot copy` makes a re-keyed volume from one)")
     # The copy reads the image in order: let the kernel read ahead (stores open it for random I/O).
     os.posix_fadvise(old.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    snapshots = old.store.snapshots if isinstance(old.store, CowStore) else []
     try:
-        tmp.unlink(missing_ok=True)  # an interrupted run's: VOL is locked, so no other run owns it
-        header = create_volume(tmp, old.size, ks, key or old.header.key_id, version=version or old.header.version)
-        new = open_volume(tmp, ks, seal_worker=True)
+        dest = str(ks.describe_key(key)["KeyId"]) if key else old.header.key_id
+        new = resumable(tmp, ks, dest, old.size, snapshots) if snapshots else None
+        resumed = new is not None
+        if new is None:
+            tmp.unlink(missing_ok=True)  # an interrupted run's: VOL is locked, so no other run owns it
+            create_volume(tmp, old.size, ks, dest, version=version or old.header.version)
+            new = open_volume(tmp, ks, seal_worker=True)
+        header = new.header
         scale = 1 if old.header.copy_on_write else 2  # format 1 numbers two blocks per sector
+
+        def failed(b: int) -> str:
+            return f"{path}: sector {b // scale} fails authentication; not copied (the volume is unchanged)"
+
         try:
-            runs = list(old.store.written_runs())
-            copied = copy_sectors(lambda at, n: old.store.read_view(at * SECTOR_SIZE, n * SECTOR_SIZE), runs, new, sum(n for _f, n in runs) * SECTOR_SIZE,
-                                  f"{what} {path.name}",
-                                  lambda b: f"{path}: sector {b // scale} fails authentication; not copied "
-                                            f"(the volume is unchanged)")
+            if snapshots:
+                assert isinstance(old.store, CowStore)
+                copied = replay(old.store, new, f"{what} {path.name}", failed)
+            else:
+                runs = list(old.store.written_runs())
+                copied = copy_sectors(lambda at, n: old.store.read_view(at * SECTOR_SIZE, n * SECTOR_SIZE), runs,
+                                      new, sum(n for _f, n in runs) * SECTOR_SIZE, f"{what} {path.name}", failed)
         finally:
             new.close()
         st = os.stat(path)
@@ -160,4 +177,5 @@ def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_ke
         fsync_dir(path.parent)
     except OSError as e:
         raise VolumeError(f"{path} was re-keyed, but its directory could not be synced: {e.strerror}") from None
-    return Rekeyed(header.volume_id.hex(), header.key_id, copied, time.monotonic() - start)
+    return Rekeyed(header.volume_id.hex(), header.key_id, copied, time.monotonic() - start,
+                   [s.id for s in snapshots], resumed)
