@@ -2,11 +2,14 @@
 ENCFS_HOME is loaded there, not in pytest's process: SoftHSM2 serves one config per process).
 
     python volume_tool.py write IMAGE OFFSET < data     write at OFFSET, flush
+    python volume_tool.py discard IMAGE OFFSET LENGTH   discard the range (as the loop device's TRIM), flush
     python volume_tool.py read IMAGE > data             the whole plaintext
     python volume_tool.py digests IMAGE                 JSON: sha256 of the live contents and of
                                                         each snapshot's (read as restore reads it)
     python volume_tool.py write-files IMAGE OFFSET FILE [OFFSET FILE ...]
                                                         write each FILE at its OFFSET, flush; then digests
+    python volume_tool.py snapshots IMAGE               JSON: the snapshot table's rows (id, size, created,
+                                                        description, ...), oldest first
     python volume_tool.py pages IMAGE                   JSON: a format-2 image's live map (sector -> page,
                                                         and the map nodes' pages)
     python volume_tool.py make-snapshots IMAGE N        N times: write random data, flush, snapshot; then
@@ -27,6 +30,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +142,9 @@ def main(argv: list[str]) -> None:
             if argv[0] == "write":
                 vol.write(int(argv[2]), sys.stdin.buffer.read())
                 vol.flush()
+            elif argv[0] == "discard":
+                vol.discard(int(argv[2]), int(argv[3]))
+                vol.flush()
             elif argv[0] == "write-files":
                 for offset, path in zip(argv[2::2], argv[3::2]):
                     vol.write(int(offset), Path(path).read_bytes())
@@ -153,6 +160,9 @@ def main(argv: list[str]) -> None:
                 json.dump(_digests(vol), sys.stdout)
             elif argv[0] == "sectors":
                 json.dump(_all_sectors(vol), sys.stdout)
+            elif argv[0] == "snapshots":
+                assert isinstance(vol.store, CowStore)
+                json.dump([asdict(s) for s in vol.store.snapshots], sys.stdout)
             elif argv[0] == "digests":
                 json.dump(_digests(vol), sys.stdout)
             elif argv[0] == "pages":
