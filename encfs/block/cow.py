@@ -69,7 +69,7 @@ from encfs.block.records import (
 from encfs.block.sectorio import SectorIO
 from encfs.blocks import NONCE_PREFIX_LEN, SEALED_BLOCK, BlockAuthError, BlockCipher
 from encfs.diskio import pwrite_all
-from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker
+from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
 
 log = logging.getLogger("encfs.block")
 
@@ -258,11 +258,27 @@ class CowStore(SectorIO):
         read_tree_into(self.fd, self._data, self.tree, first, count, memoryview(out))
         return out
 
-    def _open_in_arena(self, first: int, count: int, plain: memoryview, sealed_area: memoryview) -> None:
+    def read_tree_view(self, tree: MapTree, first: int, count: int) -> memoryview | bytearray:
+        """Sectors [first, first + count) as ``tree`` has them, opened as read_view() opens the live
+        map's: with a sealing worker, in this thread's slot of its arena, valid until this thread's
+        next read. A re-key copying snapshots ran at 140 MB/s opening them in its reading thread."""
+        worker = self.seal_worker
+        if worker is not None and self._seal_key_id is not None \
+                and worth_the_worker(count * SECTOR_SIZE, count * SEALED_BLOCK):
+            areas = worker.areas()
+            if areas is not None:
+                plain = areas[0][:count * SECTOR_SIZE]
+                self._open_in_arena(first, count, plain, areas[1], tree)
+                return plain
+        return self.read_tree(tree, first, count)
+
+    def _open_in_arena(self, first: int, count: int, plain: memoryview, sealed_area: memoryview,
+                       tree: MapTree | None = None) -> None:
         jobs: list[tuple[range, memoryview, memoryview]] = []
         at = 0
-        self.tree.check(first, count)
-        for s, n, page in self.tree.page_runs(first, count):
+        tree = self.tree if tree is None else tree
+        tree.check(first, count)
+        for s, n, page in tree.page_runs(first, count):
             part = plain[(s - first) * SECTOR_SIZE:(s - first + n) * SECTOR_SIZE]
             if not page:
                 part[:] = _ZEROS[:len(part)]

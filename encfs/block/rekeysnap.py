@@ -81,7 +81,7 @@ def replay(old: CowStore, new: OpenVolume, desc: str, failed: Callable[[int], st
         copy, drop = prev.diff_runs(tree)
         for first, count in drop:
             store.forget_sectors(first, first + count)
-        copied += copy_sectors(lambda at, n, t=tree: old.read_tree(t, at, n), copy, new,  # type: ignore[misc]
+        copied += copy_sectors(lambda at, n, t=tree: old.read_tree_view(t, at, n), copy, new,  # type: ignore[misc]
                                sum(n for _f, n in copy) * 4096, f"{desc} {snap.id if snap else 'live'}", failed)
         if snap is not None:
             store.snapshot(snap.id, snap.description, snap.created, size=snap.size)
