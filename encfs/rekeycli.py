@@ -136,8 +136,7 @@ def _full(args: argparse.Namespace, target: Path, kind: str) -> int:
     from encfs.block.rekey import rekey_volume
 
     if kind != "volume":
-        raise UsageError(f"{target}: an export's objects are re-keyed by exporting again into a new directory "
-                         "(`encfs snapshot export SNAP DIR`); `encfs rekey DIR` re-wraps its key")
+        return _full_export(args, target)
     header, _w = read_volume_header(target)
     refuse_attached(target, header.volume_id.hex())
     if args.dry_run:
@@ -165,6 +164,30 @@ def _full(args: argparse.Namespace, target: Path, kind: str) -> int:
         print(f"{target}: re-keyed{snaps} as volume {done.volume_id} under key {done.key_id}"
               + (", finishing an interrupted re-key," if done.resumed else "")
               + f" ({mib:.1f} MiB of written sectors re-encrypted in {done.seconds:.1f} s)")
+    return 0
+
+
+def _full_export(args: argparse.Namespace, target: Path) -> int:
+    from encfs.block.exportrekey import rekey_export
+
+    with _service(args) as ks:
+        done = rekey_export(target, ks, args.key, dry_run=args.dry_run)
+    mib = done.bytes_read / (1 << 20)
+    n = len(done.snapshots)
+    snaps = f"{n} snapshot{'s' if n != 1 else ''}"
+    if args.json:
+        print(json.dumps({"Target": str(target), "Kind": "export", "Full": True, "DryRun": args.dry_run,
+                          "Resumed": done.resumed, "KeyId": done.key_id, "Snapshots": done.snapshots,
+                          "ObjectsWritten": done.objects_written, "ReadBytes": done.bytes_read,
+                          "Seconds": round(done.seconds, 3)}))
+    elif args.dry_run:
+        print(f"{target}: would re-encrypt {done.objects_written} objects ({mib:.1f} MiB read) of {snaps} under a "
+              f"fresh export key wrapped by key {done.key_id} (needs free space for a "
+              "copy of the directory)")
+    else:
+        print(f"{target}: re-encrypted {snaps} under a fresh export key wrapped by key {done.key_id}"
+              + (", finishing an interrupted re-key," if done.resumed else "")
+              + f" ({done.objects_written} objects written, {mib:.1f} MiB read, in {done.seconds:.1f} s)")
     return 0
 
 
