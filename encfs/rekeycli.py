@@ -6,8 +6,10 @@ fullrekey.py). As with ``cryptsetup luksChangeKey`` and AWS KMS's
 ReEncrypt, the default is a re-wrap: every wrapped key moves under ``--key`` (or, without it,
 under its own CMK's newest backing-key version, after ``encfs key rotate``), and no content
 is rewritten, so the old CMK can then be disabled or deleted. ``--full`` gives fresh data
-keys and re-encrypts every byte, as ``cryptsetup reencrypt`` does. The target must not be
-attached or mounted.
+keys and re-encrypts every byte, as ``cryptsetup reencrypt`` does: a volume is copied and
+swapped in, snapshots and all (block/rekey.py, rekeysnap.py), an export directory rebuilt
+beside itself and exchanged with it (block/exportrekey.py); a killed run is finished by the
+same command. The target must not be attached or mounted.
 
 Snapshots inside a format-2 volume are sealed under the volume's key: ``encfs rekey VOL``
 moves them with it, and ``VOL@snap-…`` is refused with that advice.
