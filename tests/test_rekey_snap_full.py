@@ -75,9 +75,21 @@ def test_full_keeps_every_snapshot_under_a_fresh_key_and_the_old_cmk_can_go(home
     assert os.path.getsize(image) <= 1.1 * size
     ok(home, "key", "disable", "a")
     assert digests(image, home) == before
-    sid = rows[1][0]
-    ok(home, "snapshot", "delete", sid)  # by its id alone: the catalog names the new volume
+    catalog = json.loads((home / "snapshots.json").read_text())
+    assert all(catalog[r[0]]["volume_id"] == new["volume_id"] for r in rows)  # the index names the copy
+    ok(home, "snapshot", "delete", rows[1][0])  # by its id alone
     assert [r[0] for r in snapshot_rows(home, image)] == [rows[0][0], rows[2][0]]
+
+
+def test_volume_rekey_keeps_the_snapshots_too(home: Path, tmp_path: Path) -> None:
+    image = tmp_path / "vol.img"
+    history(home, image, tmp_path)
+    before, rows = digests(image, home), snapshot_rows(home, image)
+    assert "re-keyed as volume" in ok(home, "volume", "rekey", image, "--key", "b")
+    assert snapshot_rows(home, image) == rows and digests(image, home) == before
+    vid = info(home, image)["volume_id"]
+    catalog = json.loads((home / "snapshots.json").read_text())
+    assert all(catalog[r[0]]["volume_id"] == vid for r in rows)
 
 
 def test_a_copy_of_snapshots_sharing_most_pages_is_about_the_original_size(home: Path, tmp_path: Path) -> None:

@@ -139,6 +139,11 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     refuse_attached(path, header.volume_id.hex())
     with _service(args) as ks:
         done = rekey_volume(path, ks, args.key, expected_key=args.expect_key)
+    if done.snapshots:  # the catalog names each snapshot's volume id: the copy's is new
+        from encfs.block.snapcli import _home
+        from encfs.block.snapshots import remember
+
+        remember(_home(args), path, done.volume_id, done.snapshots)
     mib = done.sectors * 4096 / (1 << 20)
     print(f"{path}: re-keyed as volume {done.volume_id} under key {done.key_id} "
           f"({mib:.1f} MiB of written sectors copied in {done.seconds:.1f} s)")
@@ -201,8 +206,8 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--json", action="store_true")
     _expected_key(p, "; with it the header is read with the key and authenticated")
-    p = cmd("rekey", cmd_rekey, "copy a detached volume under a fresh volume key (its nonce budget starts "
-                                 "again), in place; needs free space for the copy")
+    p = cmd("rekey", cmd_rekey, "copy a detached volume, snapshots and all, under a fresh volume key (its "
+                                 "nonce budget starts again), in place; needs free space for the copy")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--key", metavar="KEY", help="CMK (id or alias) to wrap the new volume key (default: VOL's), "
                                                 "as for create")
