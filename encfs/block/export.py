@@ -14,7 +14,8 @@ Export:
    id hex}. A DIR of another volume, or a non-empty directory that is not an export, is refused.
 3. Each chunk with a written sector is read; an all-zero chunk is null in the manifest, any
    other is named; an object already there (with the right size) is reused, else it is
-   written to DIR/tmp, fsynced and renamed into DIR/objects/<2 hex>/.
+   written to DIR/tmp, fsynced and renamed into DIR/objects/<2 hex>/ (by a few threads at
+   once: the fsyncs overlap; step 4 waits for all of them).
 4. The object directories written to or reused from are fsynced, then the manifest is written
    (tmp, fsync, rename, fsync of DIR/manifests).
 
@@ -37,8 +38,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -73,6 +77,9 @@ __all__ = ["ExportDamaged", "ExportError", "ExportStats", "ImportStats", "Import
 
 log = logging.getLogger("encfs.block")
 _ZERO_SECTOR = bytes(SECTOR)
+# Objects written (each fsynced) at once. Per 1 MiB object the crypto took 2 ms and the write and
+# fsync 11 ms, one after the other: 66 MB/s for 1 GiB, on a disk that takes 327 MB/s.
+_WRITERS = 4
 
 
 class SnapshotSource(Protocol):
@@ -156,6 +163,7 @@ class _ExportDir:
     def __init__(self, directory: Path) -> None:
         self.path = directory
         self.bytes_written = 0
+        self._lock = threading.Lock()
         self._unsynced: set[Path] = set()
         try:
             directory.mkdir(mode=0o700, exist_ok=True)
@@ -206,8 +214,9 @@ class _ExportDir:
     def _publish(self, data: bytes, final: Path) -> None:
         """Write ``data`` to DIR/tmp, fsync it and rename it to ``final`` (whose directory is fsynced later)."""
         write_atomic(final, data, tmp_dir=self.path / TMP)
-        self.bytes_written += len(data)
-        self._unsynced.add(final.parent)
+        with self._lock:  # objects are written by several threads
+            self.bytes_written += len(data)
+            self._unsynced.add(final.parent)
 
     def has_object(self, name: str, sealed_len: int) -> bool:
         """Whether the object is there, whole. Its directory is fsynced before the manifest all the same:
@@ -218,14 +227,16 @@ class _ExportDir:
                 return False
         except FileNotFoundError:
             return False
-        self._unsynced.update((sub, sub.parent))
+        with self._lock:
+            self._unsynced.update((sub, sub.parent))
         return True
 
     def write_object(self, name: str, sealed: bytes) -> None:
         sub = self.path / OBJECTS / name[:2]
         if not sub.is_dir():
             sub.mkdir(mode=0o700, exist_ok=True)
-            self._unsynced.add(sub.parent)
+            with self._lock:
+                self._unsynced.add(sub.parent)
         self._publish(sealed, sub / name)
 
     def write_manifest(self, snapshot_id: str, sealed: bytes) -> None:
@@ -268,18 +279,26 @@ def export_snapshot(src: SnapshotSource, directory: Path, ks: KeyService) -> Exp
         keys = d.open_key(src, ks)
         chunks: list[str | None] = [None] * chunk_count(src.size)
         written = reused = 0
-        with progress(sum(chunk_length(src.size, i) for i in runs), f"export {src.snapshot_id}") as bar:
+        submitted: set[str] = set()
+        with progress(sum(chunk_length(src.size, i) for i in runs), f"export {src.snapshot_id}") as bar, \
+                ThreadPoolExecutor(_WRITERS, thread_name_prefix="encfs-export") as pool:
+            pending: deque[Future[None]] = deque()
             for index, chunk_runs in runs.items():
                 data = _read_chunk(src, index, chunk_runs)
                 if data != bytes(len(data)):  # an all-zero chunk is null: import leaves zeros there
                     name = keys.object_name(data)
                     chunks[index] = name.hex()
-                    if d.has_object(name.hex(), len(data) + TAG_LEN):
+                    if name.hex() in submitted or d.has_object(name.hex(), len(data) + TAG_LEN):
                         reused += 1
                     else:
-                        d.write_object(name.hex(), keys.seal_object(name, data))
+                        pending.append(pool.submit(d.write_object, name.hex(), keys.seal_object(name, data)))
+                        submitted.add(name.hex())
                         written += 1
+                        while len(pending) > 2 * _WRITERS:
+                            pending.popleft().result()  # raises a write's OSError here
                 bar.update(len(data))
+            while pending:
+                pending.popleft().result()
         d.sync()
         manifest = Manifest(src.volume_id, src.snapshot_id, src.size, src.description, src.created, tuple(chunks))
         d.write_manifest(src.snapshot_id, keys.seal_manifest(manifest))
