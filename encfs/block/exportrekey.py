@@ -40,6 +40,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ from encfs.keys.blob import CiphertextBlob
 from encfs.keys.service import KeyService
 
 RENAME_EXCHANGE = 2  # linux/fs.h
+_AHEAD = 4  # objects read ahead of the one being re-sealed
 _AT_FDCWD = -100
 
 
@@ -86,11 +88,34 @@ class ExportedSnapshot:
     """export.SnapshotSource over a snapshot in an export directory: each object is verified as
     it is read (ExportDamaged naming it, as import does)."""
 
-    def __init__(self, directory: Path, keys: ExportKeys, manifest: Manifest, key_id: str) -> None:
+    def __init__(self, directory: Path, keys: ExportKeys, manifest: Manifest, key_id: str,
+                 pool: ThreadPoolExecutor) -> None:
         self.directory, self.keys, self.manifest, self.key_id = directory, keys, manifest, key_id
         self.volume_id, self.snapshot_id = manifest.volume_id, manifest.snapshot_id
         self.size, self.description, self.created = manifest.size, manifest.description, manifest.created
         self.bytes_read = 0
+        self._pool = pool
+        self._order = [i for i, name in enumerate(manifest.chunks) if name is not None]
+        self._ahead: dict[int, Future[bytes | None]] = {}
+        self._next = 0  # the next place in _order to read ahead
+
+    def _read_object(self, index: int) -> bytes | None:
+        name = self.manifest.chunks[index]
+        assert name is not None
+        try:
+            return (self.directory / OBJECTS / name[:2] / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _sealed(self, index: int) -> bytes | None:
+        """Object ``index``'s bytes, read by the pool a few objects ahead (the reads wait for the
+        disk while this thread opens, names and seals the one before)."""
+        while self._next < len(self._order) and len(self._ahead) < _AHEAD:
+            i = self._order[self._next]
+            self._ahead[i] = self._pool.submit(self._read_object, i)
+            self._next += 1
+        future = self._ahead.pop(index, None)
+        return future.result() if future is not None else self._read_object(index)
 
     def written_runs(self) -> Iterator[tuple[int, int]]:
         for index, name in enumerate(self.manifest.chunks):
@@ -103,10 +128,9 @@ class ExportedSnapshot:
         assert name is not None and first == index * CHUNK_SECTORS
         length = self.manifest.chunk_length(index)
         where = f"object {name} (chunk {index} of snapshot {self.snapshot_id}) in {self.directory}"
-        try:
-            sealed = (self.directory / OBJECTS / name[:2] / name).read_bytes()
-        except FileNotFoundError:
-            raise ExportError(f"{where} is missing; nothing was changed") from None
+        sealed = self._sealed(index)
+        if sealed is None:
+            raise ExportError(f"{where} is missing; nothing was changed")
         plain = self.keys.open_object(name, sealed, length, where)
         self.bytes_read += len(plain)
         return bytearray(plain[:count * SECTOR])
@@ -224,8 +248,9 @@ def _rebuild(directory: Path, new: Path, ks: KeyService, keys: ExportKeys, manif
                 continue  # exported by the interrupted run: its objects are durable
             except (FileNotFoundError, ExportError):
                 pass
-        src = ExportedSnapshot(directory, keys, m, dest)
-        stats = export_snapshot(src, new, ks)  # ExportDamaged from src for an object that fails
+        with ThreadPoolExecutor(2, thread_name_prefix="encfs-rekey-read") as pool:
+            src = ExportedSnapshot(directory, keys, m, dest, pool)
+            stats = export_snapshot(src, new, ks)  # ExportDamaged from src for an object that fails
         written += stats.objects_written
         read += src.bytes_read
         new_keys = new_keys or unwrap_key(new, ks)
