@@ -99,6 +99,17 @@ def test_a_damaged_object_stops_it_and_changes_nothing(home: Path, tmp_path: Pat
     assert not new_path(directory).exists() and not swap_path(directory).exists()
 
 
+def test_an_export_without_a_complete_snapshot_is_refused_in_one_line(home: Path, tmp_path: Path) -> None:
+    directory, _expected = exported(home, tmp_path)
+    for m in (directory / "manifests").iterdir():  # as a first export killed before its manifest leaves it
+        m.unlink()
+    p = subprocess.run([sys.executable, "-m", "encfs", "rekey", str(directory), "--full"],
+                       env=dict(os.environ, ENCFS_HOME=str(home)), capture_output=True)
+    assert p.returncode != 0 and p.stderr.decode() == f"encfs: {directory} holds no complete snapshot export: " \
+                                                      "nothing to re-key\n", p.stderr
+    assert not new_path(directory).exists() and not swap_path(directory).exists()
+
+
 _DIES = textwrap.dedent("""
     # `encfs rekey --full DIR` that dies as a kill -9 would (os._exit: no cleanup) at a chosen point.
     import os, sys

@@ -185,6 +185,8 @@ def rekey_export(directory: Path, ks: KeyService, key: str | None = None, dry_ru
             if not dry_run:
                 _finish(directory, new, swap)
             return ExportRekeyed(_cmk(directory / KEY_FILE), ids, 0, 0, time.monotonic() - start, True)
+        if not ids:
+            raise ExportError(f"{directory} holds no complete snapshot export: nothing to re-key")
         manifests = [read_manifest(directory, ks, sid) for sid in ids]  # each verified
         dest = str(ks.describe_key(key)["KeyId"]) if key else _cmk(directory / KEY_FILE)
         if dry_run:
@@ -211,8 +213,12 @@ def rekey_export(directory: Path, ks: KeyService, key: str | None = None, dry_ru
             swap.unlink(missing_ok=True)
             shutil.rmtree(new, ignore_errors=True)
             raise
-        fsync_dir(directory.parent)
-        _finish(directory, new, swap)
+        try:
+            fsync_dir(directory.parent)
+            _finish(directory, new, swap)
+        except OSError as e:
+            raise ExportError(f"{directory} was re-keyed, but the old export at {new} could not be removed "
+                              f"({e.strerror or e}): run the same command again") from None
         return ExportRekeyed(dest, ids, written, read, time.monotonic() - start, resumed)
     except OSError as e:
         raise ExportError(f"cannot re-key {directory}: {e.strerror or e}") from None
