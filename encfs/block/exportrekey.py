@@ -33,7 +33,6 @@ Invariants:
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import hashlib
 import os
