@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import run_encfs
 from test_volumes import Rig, rig  # noqa: F401  (the fixture)
-from volume_tool import contents, digests, write
+from volume_tool import contents, digests, live_pages, write
 
 MiB = 1 << 20
 
@@ -147,6 +147,44 @@ def test_a_full_rekey_reencrypts_under_a_fresh_volume_key(home: Path, tmp_path: 
     assert done["VolumeId"] != old_id and done["KeyId"] == key_id(home, "b")
     ok(home, "key", "disable", "a")
     assert contents(image, home) == before
+
+
+def test_a_full_rekey_refuses_a_volume_whose_map_node_fails_authentication(home: Path, tmp_path: Path) -> None:
+    """A map leaf that fails authentication hides which of its sectors are written: a copy that
+    skipped them would turn I/O errors into zeros. The copy is refused; nothing changes."""
+    from encfs.block.layout import page_offset
+    from test_volumes import flip
+
+    image = tmp_path / "vol.img"
+    ok(home, "volume", "create", image, "--size", "16M", "--key", "a")
+    write(image, home, {0: os.urandom(MiB), 2048 * 4096: os.urandom(MiB)}, tmp_path)
+    leaf = next(p for level, index, p in live_pages(image, home)["nodes"] if (level, index) == (0, 2))
+    flip(image, page_offset(leaf) + 100)
+    before = image.read_bytes()
+    p = run_encfs("rekey", str(image), "--full", home=home)  # the open also logs the damaged node
+    assert p.returncode != 0 and b"Traceback" not in p.stderr
+    assert "sector 2048 fails authentication" in p.stderr.decode().strip().splitlines()[-1]
+    assert image.read_bytes() == before and not list(tmp_path.glob("vol.img.*"))
+
+
+def test_export_and_restore_refuse_a_snapshot_whose_map_node_fails_authentication(
+        home: Path, tmp_path: Path) -> None:
+    """The same for a snapshot: its export or restore would have left out the node's sectors."""
+    from encfs.block.layout import page_offset
+    from test_volumes import flip
+
+    image = tmp_path / "vol.img"
+    ok(home, "volume", "create", image, "--size", "16M", "--key", "a")
+    write(image, home, {0: os.urandom(MiB), 2048 * 4096: os.urandom(MiB)}, tmp_path)
+    sid = json.loads(ok(home, "snapshot", "create", image, "--json"))["SnapshotId"]
+    leaf = next(p for level, index, p in live_pages(image, home)["nodes"] if (level, index) == (0, 2))
+    flip(image, page_offset(leaf) + 100)  # the live map and the snapshot's share this leaf
+    for args in (("snapshot", "export", f"{image}@{sid}", tmp_path / "exported"),
+                 ("snapshot", "restore", f"{image}@{sid}", tmp_path / "restored.img")):
+        p = run_encfs(*map(str, args), home=home)
+        assert p.returncode != 0 and b"Traceback" not in p.stderr, p.stdout
+        assert "fails authentication at sector 2048" in p.stderr.decode().strip().splitlines()[-1]
+    assert not (tmp_path / "restored.img").exists()
 
 
 def test_refusals_are_one_line(home: Path, tmp_path: Path) -> None:

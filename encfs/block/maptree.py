@@ -188,6 +188,14 @@ class MapTree:
             yield base + start, j - start, page
             s = stop
 
+    def first_damaged(self) -> int | None:
+        """The first sector under a node that failed authentication (None: none did). Such a
+        node's written sectors cannot be listed: a copy of the tree must refuse, not skip them."""
+        if not self.damaged:
+            return None
+        level, index = min(self.damaged)
+        return index << (_SHIFT * (level + 1))
+
     def written_runs(self, sectors: int) -> Iterator[tuple[int, int]]:
         """(first sector, count) of the runs of written sectors below ``sectors``, in order."""
         run_start, run_end = -1, -1

@@ -122,7 +122,7 @@ def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_ke
     """Copy the volume at ``path`` (not attached) under a fresh data key wrapped by ``key``
     (default: its current CMK), in format ``version`` (default: its own), in place of the
     original, snapshots and all (see the module docstring)."""
-    from encfs.block.rekeysnap import replay, resumable
+    from encfs.block.rekeysnap import refuse_damaged, replay, resumable
 
     start = time.monotonic()
     old = open_volume(path, ks, seal_worker=True, expected_key=expected_key)
@@ -150,6 +150,8 @@ def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_ke
                 assert isinstance(old.store, CowStore)
                 copied = replay(old.store, new, f"{what} {path.name}", failed)
             else:
+                if isinstance(old.store, CowStore):
+                    refuse_damaged(old.store.tree, failed)
                 runs = list(old.store.written_runs())
                 copied = copy_sectors(lambda at, n: old.store.read_view(at * SECTOR_SIZE, n * SECTOR_SIZE), runs,
                                       new, sum(n for _f, n in runs) * SECTOR_SIZE, f"{what} {path.name}", failed)

@@ -59,10 +59,12 @@ def resumable(tmp: Path, ks: KeyService, key_id: str, size: int, snapshots: list
     return vol
 
 
-def _check(tree: MapTree, failed: Callable[[int], str]) -> None:
-    if tree.damaged:
-        level, index = min(tree.damaged)
-        raise VolumeError(failed(index << (10 * (level + 1))))
+def refuse_damaged(tree: MapTree, failed: Callable[[int], str]) -> None:
+    """VolumeError naming the first sector under a map node that fails authentication: its
+    written sectors cannot be listed, and a copy without them would read zeros, not errors."""
+    sector = tree.first_damaged()
+    if sector is not None:
+        raise VolumeError(failed(sector))
 
 
 def replay(old: CowStore, new: OpenVolume, desc: str, failed: Callable[[int], str]) -> int:
@@ -77,7 +79,7 @@ def replay(old: CowStore, new: OpenVolume, desc: str, failed: Callable[[int], st
     copied = 0
     for snap in [*old.snapshots[done:], None]:
         tree = old.tree if snap is None else old.snapshot_tree(snap)
-        _check(tree, failed)
+        refuse_damaged(tree, failed)
         copy, drop = prev.diff_runs(tree)
         for first, count in drop:
             store.forget_sectors(first, first + count)

@@ -369,6 +369,12 @@ class SnapshotSource:
         return self.volume.header.key_id
 
     def written_runs(self) -> Iterator[tuple[int, int]]:
+        """VolumeError if a node of its map fails authentication: the sectors under it cannot be
+        listed, and a copy, restore or export without them would read zeros, not errors."""
+        sector = self.tree.first_damaged()
+        if sector is not None:
+            raise VolumeError(f"snapshot {self.snapshot.id}: its map fails authentication at sector {sector}, "
+                              f"so its sectors there cannot be listed (`encfs fsck` the volume)")
         return self.tree.written_runs(self.size // SECTOR_SIZE)
 
     def written_bytes(self) -> int:
