@@ -19,33 +19,10 @@ from encfs import __version__, fsckcli
 from encfs import rekeycli as rekey_cli
 from encfs.block import cli as block_cli
 from encfs.block import snapcli as snap_cli
+from encfs.cliargs import add_hsm_options, home_of, hsm_options
 from encfs.errors import EncfsError
 from encfs.fuse import cli as fuse_cli
 from encfs.keys import cli as keys_cli
-from encfs.keys.config import HsmOptions
-
-
-def add_hsm_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("token selection (default: the embedded SoftHSM2 token)")
-    g.add_argument("--home", help="state directory (default $ENCFS_HOME or ~/.local/share/encfs)")
-    g.add_argument("--config", help="config file (default $ENCFS_HOME/config.toml)")
-    g.add_argument("--pkcs11-module", metavar="PATH", help="PKCS#11 module of a real HSM")
-    g.add_argument("--token", metavar="LABEL", help="token label on that module")
-    g.add_argument("--pkcs11-uri", metavar="URI", help="RFC 7512 pkcs11: URI naming module and token")
-    g.add_argument("--pin-file", metavar="FILE", help="read the user PIN from FILE")
-    g.add_argument("--pin-env", metavar="VAR", help="read the user PIN from environment variable VAR")
-    g.add_argument("--passphrase-file", metavar="FILE",
-                   help="passphrase of the embedded token's sealed PINs (default: ask on the terminal)")
-
-
-def hsm_options(args: argparse.Namespace) -> HsmOptions:
-    return HsmOptions(uri=args.pkcs11_uri, module=args.pkcs11_module, token=args.token,
-                      pin_file=args.pin_file, pin_env=args.pin_env, config=args.config,
-                      pin=getattr(args, "handed_pin", None), passphrase_file=getattr(args, "passphrase_file", None))
-
-
-def home_of(args: argparse.Namespace) -> Path | None:
-    return Path(args.home).expanduser().absolute() if args.home else None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

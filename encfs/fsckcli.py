@@ -57,9 +57,9 @@ def _is_export(path: Path) -> bool:
 
 def _check_export(args: argparse.Namespace, path: Path) -> Report:
     from encfs.block.fsckexport import check_export
-    from encfs.block.snapcli import _service
+    from encfs.cliargs import open_key_service
 
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         return check_export(path, ks, repair=args.repair)
 
 
@@ -67,7 +67,7 @@ def _check_volume(args: argparse.Namespace, path: Path) -> Report:
     from encfs.block.attach import refuse_attached
     from encfs.block.fsck import check_volume
     from encfs.block.header import read_header
-    from encfs.block.snapcli import _service
+    from encfs.cliargs import open_key_service
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -79,7 +79,7 @@ def _check_volume(args: argparse.Namespace, path: Path) -> Report:
         header = None  # no copy parses: the check reports it (both copies damaged)
     if header is not None:
         refuse_attached(path, header.volume_id.hex())
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         return check_volume(path, ks, repair=args.repair)
 
 

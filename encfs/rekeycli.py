@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from encfs.block.volume import read_volume_header
+from encfs.cliargs import open_key_service, state_dir
 from encfs.errors import UsageError
-from encfs.keys.service import KeyService
 
 CONFIG_NAMES = ("encfs.conf", "encfs.conf.bak")
 
@@ -46,12 +46,6 @@ def kind_of(target: Path) -> str:
     return "volume"
 
 
-def _service(args: argparse.Namespace) -> Any:
-    from encfs.cli import home_of, hsm_options
-
-    return KeyService.open(home_of(args), hsm_options(args))
-
-
 def _version(key: str, version: int) -> str:
     return f"key {key} (version {version})"
 
@@ -65,7 +59,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
         return _filesystem(args, target)
     if args.full:
         return _full(args, target, kind)
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         done = (rewrap_volume if kind == "volume" else rewrap_export)(target, ks, args.key, dry_run=args.dry_run)
     what = "volume key" if kind == "volume" else "export key"
     if args.json:
@@ -91,7 +85,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 def _filesystem(args: argparse.Namespace, target: Path) -> int:
     from encfs.fuse.rewrap import RewrapError, rewrap_filesystem
 
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         done = rewrap_filesystem(target, ks, args.key, dry_run=args.dry_run, full=args.full)
     src, dst = _version(done.from_key, done.from_version), _version(done.to_key, done.to_version)
     what = f"{done.files} file key{'s' if done.files != 1 else ''}" + (" and the filesystem key" if done.config else "")
@@ -146,15 +140,14 @@ def _full(args: argparse.Namespace, target: Path, kind: str) -> int:
               + (" and every snapshot" if header.copy_on_write else "") + " under a fresh volume key"
               + (f" wrapped by {args.key}" if args.key else "") + " (needs free space for the copy)")
         return 0
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         done = rekey_volume(target, ks, args.key)
         if done.volume_id != header.volume_id.hex():  # the copy is a new volume: the old id has no blobs left
             ks.usage.forget(f"volume:{header.volume_id.hex()}", None)
     if done.snapshots:  # the catalog names each snapshot's volume id: the copy's is new
-        from encfs.block.snapcli import _home
         from encfs.block.snapshots import remember
 
-        remember(_home(args), target, done.volume_id, done.snapshots)
+        remember(state_dir(args), target, done.volume_id, done.snapshots)
     mib = done.sectors * 4096 / (1 << 20)
     if args.json:
         print(json.dumps({"Target": str(target), "Kind": kind, "Full": True, "VolumeId": done.volume_id,
@@ -172,7 +165,7 @@ def _full(args: argparse.Namespace, target: Path, kind: str) -> int:
 def _full_export(args: argparse.Namespace, target: Path) -> int:
     from encfs.block.exportrekey import rekey_export
 
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         done = rekey_export(target, ks, args.key, dry_run=args.dry_run)
     mib = done.bytes_read / (1 << 20)
     n = len(done.snapshots)

@@ -27,27 +27,19 @@ from encfs.block.volume import (
     parse_size,
     read_volume_header,
 )
+from encfs.cliargs import home_of, hsm_options, open_key_service, state_dir
 from encfs.output import print_record
 
 
 def _ks(args: argparse.Namespace) -> tuple[Any, Any]:
-    from encfs.cli import home_of, hsm_options
-
     return home_of(args), hsm_options(args)
-
-
-def _service(args: argparse.Namespace) -> Any:
-    from encfs.keys.service import KeyService
-
-    home, hsm = _ks(args)
-    return KeyService.open(home, hsm)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
     if not args.sparse and args.format == 2:
         check_space(Path(args.volume), size)
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         header = create_volume(Path(args.volume), size, ks, args.key, version=args.format)
     print(f"volume {header.volume_id.hex()} created in {args.volume}: {size} bytes under key {header.key_id}")
     return 0
@@ -91,7 +83,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.key is None:
         info = _info(Path(args.volume))
     else:
-        with _service(args) as ks:
+        with open_key_service(args) as ks:
             info = _info(Path(args.volume), ks, args.key)
     print_record(info, args.json, width=22)
     return 0
@@ -120,12 +112,12 @@ def cmd_resize(args: argparse.Namespace) -> int:
     a = live_attachment(header.volume_id.hex())
     if a is not None:
         if args.key is not None:  # the daemon verified the header it serves; pin the key it names
-            with _service(args) as ks:
+            with open_key_service(args) as ks:
                 read_volume_header(path, ks, args.key)
         grow_attached(a, size)
         print(f"{path}: {size} bytes (online; {a.loop} resized)")
         return 0
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         new = grow_volume(path, size, ks, expected_key=args.key)
     print(f"{path}: {new.size} bytes")
     return 0
@@ -137,13 +129,12 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     path = Path(args.volume)
     header, _w = read_volume_header(path)
     refuse_attached(path, header.volume_id.hex())
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         done = rekey_volume(path, ks, args.key, expected_key=args.expect_key)
     if done.snapshots:  # the catalog names each snapshot's volume id: the copy's is new
-        from encfs.block.snapcli import _home
         from encfs.block.snapshots import remember
 
-        remember(_home(args), path, done.volume_id, done.snapshots)
+        remember(state_dir(args), path, done.volume_id, done.snapshots)
     mib = done.sectors * 4096 / (1 << 20)
     print(f"{path}: re-keyed as volume {done.volume_id} under key {done.key_id} "
           f"({mib:.1f} MiB of written sectors copied in {done.seconds:.1f} s)")
@@ -160,7 +151,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         print(f"{path} already has format {COW_FORMAT}")
         return 0
     refuse_attached(path, header.volume_id.hex())
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         done = rekey_volume(path, ks, expected_key=args.key, version=COW_FORMAT)
     print(f"{path}: upgraded to format {COW_FORMAT} as volume {done.volume_id} under key {done.key_id} "
           f"({done.sectors * 4096 / (1 << 20):.1f} MiB of written sectors copied in {done.seconds:.1f} s)")

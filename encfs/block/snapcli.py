@@ -18,22 +18,10 @@ from typing import Any
 from encfs.block import snapshots
 from encfs.block.rekey import copy_sectors, tmp_path
 from encfs.block.volume import OpenVolume, VolumeError, create_volume, open_volume
+from encfs.cliargs import open_key_service, state_dir
 from encfs.diskio import fsync_dir
-from encfs.keys.config import default_home
 from encfs.keys.service import KeyService
 from encfs.output import print_record
-
-
-def _home(args: argparse.Namespace) -> Path:
-    from encfs.cli import home_of
-
-    return home_of(args) or default_home()
-
-
-def _service(args: argparse.Namespace) -> Any:
-    from encfs.cli import home_of, hsm_options
-
-    return KeyService.open(home_of(args), hsm_options(args))
 
 
 def _size(n: float) -> str:
@@ -55,8 +43,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     if image.is_block_device() or str(image).startswith("/dev/"):
         image = _image_of_loop(str(image))
     start = time.monotonic()
-    with _service(args) as ks:
-        sid = snapshots.create(image, ks, args.description or "", _home(args))
+    with open_key_service(args) as ks:
+        sid = snapshots.create(image, ks, args.description or "", state_dir(args))
     took = time.monotonic() - start
     if args.json:
         print(json.dumps({"SnapshotId": sid, "Volume": str(image.absolute()), "Seconds": round(took, 3)}))
@@ -76,14 +64,14 @@ def _image_of_loop(device: str) -> Path:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = state_dir(args)
     if args.volume:
         images = [_image_of_loop(args.volume) if args.volume.startswith("/dev/") else Path(args.volume)]
     else:
         images = sorted({Path(e["image"]) for e in snapshots.catalog(home).values() if not e.get("deleted")})
     rows: list[dict[str, Any]] = []
     problems = []
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         for image in images:
             try:
                 rows += snapshots.list_snapshots(image, ks, home)
@@ -106,9 +94,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = state_dir(args)
     image, sid = snapshots.resolve(args.snapshot, home)
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         rows = snapshots.list_snapshots(image, ks, home)
     row = next((r for r in rows if r["id"] == sid), None)
     if row is None:
@@ -118,22 +106,22 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = state_dir(args)
     image, sid = snapshots.resolve(args.snapshot, home)
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         snapshots.delete(image, sid, ks, home)
     print(f"{sid} deleted")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = state_dir(args)
     # A loop device is an attached volume: its image, so that the refusal says "detach it first".
     volume = str(_image_of_loop(args.volume)) if args.volume.startswith("/dev/") else args.volume
     image, sid = snapshots.resolve(args.snapshot if "@" in args.snapshot else f"{volume}@{args.snapshot}", home)
     if os.path.realpath(image) != os.path.realpath(volume):
         raise VolumeError(f"{sid} is a snapshot of {image}, not of {args.volume}")
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         snapshots.rollback(image, sid, ks)
     print(f"{image} rolled back to {sid}")
     return 0
@@ -175,8 +163,8 @@ def _copier(src: snapshots.SnapshotSource, what: str) -> Callable[[OpenVolume], 
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    image, sid = snapshots.resolve(args.snapshot, _home(args))
-    with _service(args) as ks:
+    image, sid = snapshots.resolve(args.snapshot, state_dir(args))
+    with open_key_service(args) as ks:
         src = snapshots.open_source(image, sid, ks)
         try:
             took = _build(Path(args.new_volume), src.size, ks, args.key or src.key_id, "restore", _copier(src, "restore"))
@@ -188,12 +176,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = state_dir(args)
     image, sid = snapshots.resolve(args.snapshot, home)
     # Default: beside the source image, named after the snapshot (EBS's copy-snapshot takes no name).
     target = Path(args.new_volume) if args.new_volume else image.with_name(f"{image.stem}-{sid}-copy{image.suffix}")
     made: list[str] = []
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         src = snapshots.open_source(image, sid, ks)
         copy = _copier(src, "copy")
 
@@ -216,8 +204,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from encfs.block.export import export_snapshot
 
-    image, sid = snapshots.resolve(args.snapshot, _home(args))
-    with _service(args) as ks:
+    image, sid = snapshots.resolve(args.snapshot, state_dir(args))
+    with open_key_service(args) as ks:
         src = snapshots.open_source(image, sid, ks)
         try:
             stats = export_snapshot(src, Path(args.directory), ks)
@@ -233,7 +221,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from encfs.block.export import import_snapshot, read_manifest
 
     target, directory = Path(args.new_volume), Path(args.directory)
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         manifest = read_manifest(directory, ks, args.snapshot)
         key = args.key or _export_cmk(directory)
 

@@ -19,7 +19,7 @@ from encfs.fuse.names import is_internal, is_longname_entry
 
 
 def _ks_args(args: argparse.Namespace) -> tuple[Any, Any]:
-    from encfs.cli import home_of, hsm_options
+    from encfs.cliargs import home_of, hsm_options
 
     return home_of(args), hsm_options(args)
 

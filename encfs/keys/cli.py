@@ -17,19 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from encfs.cliargs import open_key_service
 from encfs.errors import UsageError
 from encfs.keys.context import parse_context_args
 from encfs.keys.metadata import ORIGIN_EXTERNAL, ORIGIN_TOKEN
-from encfs.keys.service import MAX_ENCRYPT_PLAINTEXT, WRAPPING_ALGORITHMS, KeyService
+from encfs.keys.service import MAX_ENCRYPT_PLAINTEXT, WRAPPING_ALGORITHMS
 from encfs.output import print_record
 
 AddHsmOptions = Callable[[argparse.ArgumentParser], None]
-
-
-def _service(args: argparse.Namespace, provision: bool = True) -> KeyService:
-    from encfs.cli import home_of, hsm_options
-
-    return KeyService.open(home_of(args), hsm_options(args), provision=provision)
 
 
 def _print_json(data: Any) -> None:
@@ -68,7 +63,7 @@ def _parse_time(text: str) -> float:
 # -- hsm -----------------------------------------------------------------------
 
 def cmd_hsm_init(args: argparse.Namespace) -> int:
-    from encfs.cli import home_of, hsm_options
+    from encfs.cliargs import home_of, hsm_options
     from encfs.keys.config import default_home, prepare_state_dir, resolve_token
 
     home = home_of(args) or default_home()
@@ -77,7 +72,7 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     if args.protect_pin and embedded is None:
         raise UsageError("--protect-pin applies to the embedded SoftHSM2 token only")
     created = embedded.provision() if embedded is not None else False
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         status = ks.token_status()  # also proves the login works
     verb = "created" if created else "already initialised" if embedded else "reachable"
     print(f"token {status['token']!r} ({status['model']}, serial {status['serial']}) {verb}")
@@ -97,7 +92,7 @@ def _new_passphrase(passphrase_file: str | None) -> str:
 
 
 def _embedded(args: argparse.Namespace, command: str) -> Any:
-    from encfs.cli import home_of, hsm_options
+    from encfs.cliargs import home_of, hsm_options
     from encfs.keys.config import default_home, resolve_token
 
     home = home_of(args) or default_home()
@@ -140,7 +135,7 @@ def cmd_hsm_unprotect_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_hsm_status(args: argparse.Namespace) -> int:
-    with _service(args, provision=False) as ks:
+    with open_key_service(args, provision=False) as ks:
         status = ks.token_status()
         tokendir = ks.home / "softhsm" / "tokens"
         if tokendir.exists():
@@ -177,7 +172,7 @@ def _describe_text(meta: dict[str, Any]) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     origin = ORIGIN_EXTERNAL if args.origin == "external" else ORIGIN_TOKEN
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         meta = ks.create_key(args.description or "", alias=args.alias, origin=origin)
     if args.json:
         _print_json(meta)
@@ -187,7 +182,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         keys = ks.list_keys()
     if args.json:
         _print_json({"Keys": keys})
@@ -201,14 +196,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         meta = ks.describe_key(args.key)
     _print_json(meta) if args.json else _describe_text(meta)
     return 0
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         if args.delete:
             ks.delete_alias(args.name)
             print(f"deleted alias {args.name}")
@@ -221,7 +216,7 @@ def cmd_alias(args: argparse.Namespace) -> int:
 
 
 def cmd_aliases(args: argparse.Namespace) -> int:
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         aliases = ks.list_aliases()
     if args.json:
         _print_json({"Aliases": [{"AliasName": a, "TargetKeyId": k} for a, k in sorted(aliases.items())]})
@@ -238,7 +233,7 @@ def _state_cmd(method: str, describe: Callable[[dict[str, Any]], str]) -> Callab
             extra["days"] = args.days
         if getattr(args, "period_days", None) is not None:
             extra["period_days"] = args.period_days
-        with _service(args) as ks:
+        with open_key_service(args) as ks:
             meta = getattr(ks, method)(args.key, **extra)
         _print_json(meta) if args.json else print(describe(meta))
         return 0
@@ -246,7 +241,7 @@ def _state_cmd(method: str, describe: Callable[[dict[str, Any]], str]) -> Callab
 
 
 def cmd_retire_version(args: argparse.Namespace) -> int:
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         meta = ks.retire_key_version(args.key, args.version)
     _print_json(meta) if args.json else print(f"{meta['KeyId']}: version {args.version} retired "
                                               "(its backing key is destroyed)")
@@ -257,7 +252,7 @@ def cmd_retire_version(args: argparse.Namespace) -> int:
 
 def cmd_generate_data_key(args: argparse.Namespace) -> int:
     context = parse_context_args(args.context)
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         dk = ks.generate_data_key(args.key, context, args.number_of_bytes, not args.without_plaintext)
     out: dict[str, Any] = {"KeyId": dk.key_id, "KeyVersion": dk.key_version,
                            "CiphertextBlob": base64.b64encode(dk.ciphertext_blob).decode()}
@@ -270,7 +265,7 @@ def cmd_generate_data_key(args: argparse.Namespace) -> int:
 def cmd_encrypt(args: argparse.Namespace) -> int:
     context = parse_context_args(args.context)
     plaintext = _read_stdin(MAX_ENCRYPT_PLAINTEXT, "plaintext")
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         blob = ks.encrypt(args.key, plaintext, context)
     _write_out(blob, args.base64)
     return 0
@@ -284,7 +279,7 @@ def _read_blob(args: argparse.Namespace) -> bytes:
 def cmd_decrypt(args: argparse.Namespace) -> int:
     context = parse_context_args(args.context)
     blob = _read_blob(args)
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         result = ks.decrypt(blob, context, key=args.key)
     _write_out(result.plaintext, args.base64_out)
     return 0
@@ -294,7 +289,7 @@ def cmd_re_encrypt(args: argparse.Namespace) -> int:
     context = parse_context_args(args.context)
     dest_context = parse_context_args(args.to_context) if args.to_context else None
     blob = _read_blob(args)
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         new_blob = ks.re_encrypt(blob, context, args.to, dest_context)
     _write_out(new_blob, args.base64_out)
     return 0
@@ -306,7 +301,7 @@ def cmd_get_import_params(args: argparse.Namespace) -> int:
     out = Path(args.public_key_out)
     if not out.parent.is_dir():  # check before new import parameters replace the old ones
         raise UsageError(f"cannot write {out}: no such directory {out.parent}")
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         params = ks.get_parameters_for_import(args.key, args.wrapping_algorithm)
     try:
         out.write_bytes(params.public_key_pem)
@@ -326,7 +321,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UsageError(f"cannot read {args.wrapped_material}: {e.strerror}") from None
     valid_to = _parse_time(args.valid_to) if args.valid_to else None
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         meta = ks.import_key_material(args.key, wrapped, args.import_token, valid_to)
     _print_json(meta) if args.json else print(f"imported key material into {meta['KeyId']}: {meta['KeyState']}")
     return 0
@@ -335,7 +330,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 # -- audit ---------------------------------------------------------------------------------
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         key_id = ks.describe_key(args.key)["KeyId"] if args.key else None
         records = [r for r in ks.audit.read() if key_id is None or key_id in
                    (r.get("key_id"), r.get("destination_key_id"))]
