@@ -43,6 +43,8 @@ class Finding:
     sector: int | None = None  # the first damaged sector, for damage to sectors
     count: int = 0  # sectors from ``sector`` on
     place: str = ""  # what tells two findings of one kind apart (a copy, a slot): matches a re-check's
+    path: str | None = None  # a filesystem's plaintext path, for damage to a file's blocks
+    block: int | None = None  # the first damaged block of ``path`` (``count`` blocks from it on)
 
     @property
     def key(self) -> tuple[str, str | None, int | None, str]:
@@ -55,13 +57,17 @@ class Finding:
             out["snapshot"] = self.snapshot
         if self.sector is not None:
             out["sector"], out["count"] = self.sector, self.count
+        if self.path is not None:
+            out["path"] = self.path
+        if self.block is not None:
+            out["block"], out["count"] = self.block, self.count
         return out
 
 
 @dataclass
 class Report:
     target: str
-    kind: str  # "volume" (later also "filesystem")
+    kind: str  # "volume", "export" or "filesystem"
     format: int | None = None
     findings: list[Finding] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)

@@ -15,7 +15,7 @@ bookkeeping, never a user entry) carries:
   heartbeat time, mode, and ``state``: "mounted" while mounted, "clean" after
   a clean unmount. A heartbeat thread rewrites it every HEARTBEAT seconds.
   ``encfs rekey`` (rewrap.py) holds the lock the same way, with mode "rekey",
-  so that nothing mounts while it runs.
+  and ``encfs fsck`` (fsck.py) with mode "fsck", so that nothing mounts while they run.
 
 Taking the lock (``MountLock.acquire``):
 - the fcntl lock is held by someone else: refused, naming the holder;
@@ -70,6 +70,7 @@ LEASE = 30.0
 HEARTBEAT = LEASE / 3
 RECORD_VERSION = 1
 REKEY_MODE = "rekey"  # the record's mode while `encfs rekey` holds the lock (encfs/fuse/rewrap.py)
+FSCK_MODE = "fsck"  # the record's mode while `encfs fsck` holds the lock (encfs/fuse/fsck.py)
 _RECORD_UNIT = 512  # one sector: the record is written in one piece
 _UNLOCKABLE = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 _READONLY_MEDIA = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -130,14 +131,16 @@ def _num(rec: dict[str, Any], key: str) -> float:
 
 
 def _who(rec: dict[str, Any]) -> str:
-    if rec.get("mode") == REKEY_MODE:
-        return f"by `encfs rekey` (pid {rec.get('pid', '?')} on host {rec.get('host', '?')})"
+    if rec.get("mode") in (REKEY_MODE, FSCK_MODE):
+        return f"by `encfs {rec['mode']}` (pid {rec.get('pid', '?')} on host {rec.get('host', '?')})"
     return f"at {rec.get('mountpoint', '?')} by pid {rec.get('pid', '?')} on host {rec.get('host', '?')}"
 
 
 def _held(cipherdir: Path, rec: dict[str, Any]) -> str:
     if rec.get("mode") == REKEY_MODE:
         return f"{cipherdir} is being re-keyed {_who(rec)}"
+    if rec.get("mode") == FSCK_MODE:
+        return f"{cipherdir} is being checked {_who(rec)}"
     return f"{cipherdir} is already mounted {_who(rec)}"
 
 
