@@ -3,13 +3,13 @@ or a snapshot export directory.
 
 TARGET's kind is found first (KINDS: a volume image by its header's magic, an export by its key
 file, a CIPHERDIR by its config file), then the checker of that kind runs: encfs/block/fsck.py
-for volumes, encfs/block/fsckexport.py for exports. A filesystem checker plugs in as its entry
-of KINDS; until then a CIPHERDIR is an operational error.
+for volumes, encfs/block/fsckexport.py for exports, encfs/fuse/fsck.py for filesystems.
 
 Invariants:
 - Exit codes are fsck(8)'s (encfs/fsckreport.py): 0 clean, 1 errors corrected, 4 errors left
   uncorrected, 8 operational error. Any error that keeps the check from running (a missing
-  target, a wrong PIN, a disabled key, an attached volume) is one line ``encfs: ...`` and 8.
+  target, a wrong PIN, a disabled key, an attached volume, a mounted CIPHERDIR) is one line
+  ``encfs: ...`` and 8.
 - ``--json`` prints exactly one JSON object on stdout; without it, one line per finding (at
   most MAX_LINES, the rest counted) and a summary line. A progress bar only on a terminal.
 """
@@ -95,8 +95,12 @@ def _attached_device(_args: argparse.Namespace, path: Path) -> Report:
                     f"then check {image}")
 
 
-def _no_filesystems(_args: argparse.Namespace, _path: Path) -> Report:
-    raise FsckError("checking a filesystem (CIPHERDIR) is not supported yet")
+def _check_filesystem(args: argparse.Namespace, path: Path) -> Report:
+    from encfs.block.snapcli import _service
+    from encfs.fuse.fsck import check_filesystem
+
+    with _service(args) as ks:
+        return check_filesystem(path, ks, repair=args.repair)
 
 
 # (kind, whether TARGET is one, its checker), tried in order.
@@ -104,7 +108,7 @@ KINDS: list[tuple[str, Callable[[Path], bool], Callable[[argparse.Namespace, Pat
     ("volume", _is_volume, _check_volume),
     ("export", _is_export, _check_export),
     ("device", _is_device, _attached_device),
-    ("filesystem", _is_cipherdir, _no_filesystems),
+    ("filesystem", _is_cipherdir, _check_filesystem),
 ]
 
 
@@ -138,26 +142,48 @@ def _print(report: Report) -> None:
     if len(report.findings) > MAX_LINES:
         print(f"{report.target}: ... and {len(report.findings) - MAX_LINES} more (--json lists them all)")
     c = report.counts
+    if report.kind == "filesystem":
+        print(_filesystem_summary(report))
+        return
     checked = c.get("sectors_checked", 0) * 4096
     rate = f", {checked / report.seconds / 1e6:.0f} MB/s" if report.seconds > 0 and checked else ""
     snaps = f", {c['snapshots']} snapshot{'' if c['snapshots'] == 1 else 's'}" if "snapshots" in c else ""
-    errors, warnings = report.errors, report.warnings
-    repaired = sum(f.repaired for f in report.findings)
-    verdict = "clean" if not errors and not warnings else (
-        f"{len(errors)} error{'' if len(errors) == 1 else 's'}, {len(warnings)} warning"
-        f"{'' if len(warnings) == 1 else 's'}" + (f" ({repaired} repaired)" if repaired else ""))
+    verdict = _verdict(report)
     fmt = f"format-{report.format} " if report.format else ""
     print(f"{report.target}: {fmt}{report.kind}{snaps}: {c.get('sectors_checked', 0)} sectors checked "
           f"({checked / (1 << 20):.1f} MiB in {report.seconds:.1f} s{rate}): {verdict} (exit {report.exit_code()})")
 
 
+def _verdict(report: Report) -> str:
+    errors, warnings = report.errors, report.warnings
+    repaired = sum(f.repaired for f in report.findings)
+    if not errors and not warnings:
+        return "clean"
+    return (f"{len(errors)} error{'' if len(errors) == 1 else 's'}, {len(warnings)} warning"
+            f"{'' if len(warnings) == 1 else 's'}" + (f" ({repaired} repaired)" if repaired else ""))
+
+
+def _filesystem_summary(report: Report) -> str:
+    c = report.counts
+    checked = c.get("bytes_checked", 0)
+    rate = f", {checked / report.seconds / 1e6:.0f} MB/s" if report.seconds > 0 and checked else ""
+    return (f"{report.target}: format-{report.format} filesystem: {c.get('files', 0)} files, "
+            f"{c.get('directories', 0)} directories, {c.get('symlinks', 0)} symlinks, {c.get('xattrs', 0)} xattrs "
+            f"checked ({checked / (1 << 20):.1f} MiB in {report.seconds:.1f} s{rate}): {_verdict(report)} "
+            f"(exit {report.exit_code()})")
+
+
 def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None]) -> None:
-    help = "check a volume image (and its snapshots) or a snapshot export for damage; exit codes as fsck(8)"
+    help = ("check a volume image (and its snapshots), a snapshot export or a filesystem (CIPHERDIR) for damage; "
+            "exit codes as fsck(8)")
     p = sub.add_parser("fsck", help=help, description=help)
     add_hsm_options(p)
-    p.add_argument("target", metavar="TARGET", help="a volume image (detached) or a snapshot export directory")
+    p.add_argument("target", metavar="TARGET", help="a volume image (detached), a snapshot export directory or a CIPHERDIR (not mounted)")
     p.add_argument("--repair", action="store_true",
                    help="rewrite damaged header copies, commit and map slots from their good mirror and give back "
-                        "leaked space (an export: remove unnamed objects); damaged sectors are listed, never changed")
+                        "leaked space (an export: remove unnamed objects); damaged sectors are listed, never changed. "
+                        "A CIPHERDIR: rewrite damaged config and directory-id copies, drop orphaned bookkeeping, "
+                        "move files with damaged blocks (readable blocks kept, damaged ones zeros) or names to "
+                        "lost+found")
     p.add_argument("--json", action="store_true", help="one JSON object: the counts and every finding")
     p.set_defaults(func=cmd_fsck)

@@ -1,0 +1,558 @@
+"""``encfs fsck CIPHERDIR``: check a filesystem offline, under its mount lock; repair what can be
+repaired without losing anything readable (fsckrepair.py).
+
+What is checked, reading the CIPHERDIR only (the filesystem core's own readers: open_config,
+NameCipher, DirIds, Symlinks, FileHeader, FileContent.load and BlockCipher):
+- both config copies (open_config: a copy that is missing, damaged or stale);
+- a walk from the root: every entry's name (long names: the side file and its hash), every
+  directory's id copies (each must authenticate for its place, docs/FORMAT.md §6.3), every
+  symlink target, every encfs xattr (name and value) and, for each regular file (each inode
+  once: hard links share it), its header, its wrapped data key (unwrapped by the key service),
+  its state, its journal (scanned as a recovery would) and every block tag, the journaled
+  version of a block where the journal has one;
+- the bookkeeping beside the tree: journals, re-key side files and state files whose file no
+  header names, long-name side files with no entry, long symlink targets no symlink refers to,
+  temporary entries of interrupted renames and write-fsync-renames.
+
+Blocks are read in runs of up to CHUNK_BLOCKS and opened with BlockCipher.open_into, while a
+thread has the kernel read the next files ahead (POSIX_FADV_WILLNEED), as block/fsck.py does.
+
+Invariants:
+- Without ``repair`` nothing in the CIPHERDIR is written but the lock's owner record (the lock is
+  taken exclusively, in mode "fsck": no mount, read-only or not, runs meanwhile).
+- A finding names the plaintext path (and block numbers) of what is damaged, or the backing
+  entry's name under its plaintext parent where the name itself does not decrypt; never key
+  material or file contents.
+- Bookkeeping is reported as orphaned (and dropped by a repair) only when provably not needed:
+  the walk reached every directory and parsed every file header, so no file it missed can own it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as stat_m
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from encfs.blocks import OVERHEAD, BlockAuthError, BlockCipher
+from encfs.errors import ContextMismatch, InvalidCiphertext, KeyNotFound
+from encfs.fsckreport import WARNING, Finding, Report
+from encfs.fuse import rekeyfile
+from encfs.fuse.content import FileContent
+from encfs.fuse.dirids import DIRID_NEXT
+from encfs.fuse.fileheader import HEADER_LEN, JOURNAL_DIR, STATE_SUFFIX, FileHeader, HeaderError
+from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fsconfig import COPIES, OpenedConfig, open_config
+from encfs.fuse.journal import JournalDamaged, file_ids
+from encfs.fuse.names import (
+    DIRID_FILE,
+    DIRID_LEN,
+    LONGLINK_DIR,
+    LONGNAME_PREFIX,
+    LONGNAME_SUFFIX,
+    SEALED_DIRID_LEN,
+    NameAuthError,
+    NameCipher,
+    is_internal,
+    is_long_symlink,
+    is_longname_entry,
+)
+from encfs.fuse.symlinks import TMP_PREFIX
+from encfs.fuseproto import FuseError
+from encfs.keys.service import KeyService
+
+CHUNK_BLOCKS = 256  # blocks per read: 8 MiB of 32 KiB blocks
+AHEAD = 8  # files the kernel is asked to read ahead of the one being checked
+LOST_FOUND = b"lost+found"
+# Bookkeeping in the root that the walk leaves to others: the config (checked first), the lock,
+# the journal directory and long targets (checked after the walk), a re-key's files (refused).
+ROOT_ENTRIES = {os.fsencode(n) for n in (*COPIES, "encfs.lock", "encfs.rekey", "encfs.rekey.redo",
+                                         "encfs.rekey.done")} | {JOURNAL_DIR, LONGLINK_DIR}
+log = logging.getLogger("encfs.fuse")
+
+
+def is_atomic_leftover(name: bytes) -> bool:
+    """A write-fsync-rename's temporary file (atomicfile: ``<name>.tmp.<pid>``) a crash left."""
+    stem, _, pid = name.rpartition(b".tmp.")
+    return bool(stem) and pid.isdigit() and is_internal(name)
+
+
+@dataclass
+class Link:
+    """One backing name of a regular file."""
+
+    path: bytes  # backing path
+    plain: str  # plaintext path ("/..."), or the entry under its parent for a name that does not decrypt
+
+
+@dataclass
+class FileCheck:
+    """What the walk found about one regular file (one inode)."""
+
+    links: list[Link]
+    st: os.stat_result
+    size: int = 0  # plaintext size
+    bad: list[int] = field(default_factory=list)  # blocks that fail authentication
+    name_damaged: bool = False
+    rescued: bool = False  # its readable blocks are in lost+found (fsckrepair.rescue)
+
+
+Action = Callable[["object"], None]  # a repair, given the fsckrepair.Repairer
+
+
+@dataclass
+class Walk:
+    """One check of a CIPHERDIR: the report, and a repair action per repairable finding."""
+
+    root: bytes
+    opened: OpenedConfig
+    ks: KeyService
+    recovering: bool
+    data: bool  # check block tags (a re-check after a repair skips them)
+    report: Report
+    actions: list[tuple[Finding, Action]] = field(default_factory=list)
+    complete: bool = True  # every directory walked and every header parsed
+    seen_ids: set[bytes] = field(default_factory=set)
+    longrefs: set[bytes] = field(default_factory=set)
+    files: dict[tuple[int, int], FileCheck] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        config = self.opened.config
+        self.fs = EncryptedFS(self.root, config, self.opened.keys, self.ks, read_only=True,
+                              recovering=self.recovering)
+        self.names: NameCipher = self.fs.names
+        self.bound_dirids = "bound-dirids" in config.features
+        self.journals = file_ids(self.root)
+        self.rekeys = file_ids(self.root, rekeyfile.SUFFIX)
+        self.states = file_ids(self.root, STATE_SUFFIX)
+
+    def add(self, finding: Finding, action: Action | None = None) -> None:
+        self.report.add(finding)
+        if action is not None:
+            finding.repairable = True
+            self.actions.append((finding, action))
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.report.counts[what] = self.report.counts.get(what, 0) + n
+
+    # -- the tree ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        pending: list[tuple[bytes, FileCheck]] = []
+        self._dir(self.root, "/", bytes.fromhex(self.opened.config.fs_id)[:DIRID_LEN], pending)
+        self._contents(pending)
+        self._journal_dir()
+        self._longlinks()
+
+    def _dir(self, path: bytes, plain: str, dirid: bytes, pending: list[tuple[bytes, FileCheck]]) -> None:
+        self.count("directories")
+        try:
+            entries = sorted(os.listdir(path))
+        except OSError as e:
+            self.complete = False
+            self.add(Finding("directory", f"{plain}: cannot be listed ({e.strerror})", place=_rel(self.root, path)))
+            return
+        present = set(entries)
+        for entry in entries:
+            child = os.path.join(path, entry)
+            if (path == self.root and entry in ROOT_ENTRIES) or entry in (DIRID_FILE, DIRID_NEXT):
+                continue
+            if is_atomic_leftover(entry) or entry.startswith(TMP_PREFIX):
+                self._orphan(child, f"{plain}: leftover temporary entry {os.fsdecode(entry)} of an "
+                                    "interrupted write or rename", "temporary")
+                continue
+            if entry.startswith(LONGNAME_PREFIX) and entry.endswith(LONGNAME_SUFFIX):
+                if entry[:-len(LONGNAME_SUFFIX)] not in present:
+                    self._orphan(child, f"{plain}: long-name side file {os.fsdecode(entry)} has no entry",
+                                 "long-name")
+                continue
+            if is_internal(entry) and not is_longname_entry(entry):
+                self.add(Finding("unknown", f"{plain}: unknown bookkeeping entry {os.fsdecode(entry)} (left as it is)",
+                                 WARNING, place=_rel(self.root, child)))
+                continue
+            try:
+                st = os.lstat(child)
+            except FileNotFoundError:
+                continue
+            try:
+                name = os.fsdecode(self.fs._plain_name(path, dirid, entry))
+                where = plain.rstrip("/") + "/" + name
+                damaged_name = False
+            except (NameAuthError, OSError, ValueError):
+                where, damaged_name = f"{plain.rstrip('/')}/<{os.fsdecode(entry)}>", True
+                self._bad_name(child, plain, entry, st)
+            key = (st.st_dev, st.st_ino)
+            if not (stat_m.S_ISREG(st.st_mode) and key in self.files):  # a hard link's xattrs: once
+                self._xattrs(child, where)
+            if stat_m.S_ISDIR(st.st_mode):
+                if damaged_name:  # its id is sealed for its name: nothing under it can be opened
+                    self.complete = False
+                    continue
+                child_id = self._dirid(child, where, dirid, entry)
+                if child_id is not None:
+                    self._dir(child, where, child_id, pending)
+            elif stat_m.S_ISLNK(st.st_mode):
+                self.count("symlinks")
+                self._symlink(child, where, dirid, damaged_name)
+            elif stat_m.S_ISREG(st.st_mode):
+                known = self.files.get(key)
+                if known is not None:
+                    known.links.append(Link(child, where))
+                    known.name_damaged |= damaged_name
+                    continue
+                self.count("files")
+                check = self.files[key] = FileCheck([Link(child, where)], st, name_damaged=damaged_name)
+                pending.append((child, check))
+            else:
+                self.count("special")
+
+    def _bad_name(self, child: bytes, plain: str, entry: bytes, st: os.stat_result) -> None:
+        what = "file" if stat_m.S_ISREG(st.st_mode) else "directory" if stat_m.S_ISDIR(st.st_mode) else "entry"
+        finding = Finding("name", f"{plain}: {what} {os.fsdecode(entry)}: its name does not decrypt",
+                          place=_rel(self.root, child))
+        if stat_m.S_ISREG(st.st_mode):  # its contents do not depend on its name: lost+found gets them
+            from encfs.fuse.fsckrepair import rescue_named
+
+            finding.message += " (repair: to lost+found)"
+            self.add(finding, lambda r: rescue_named(r, child, st))
+        else:
+            finding.message += (" (its id is sealed for its name: what is under it cannot be opened)"
+                                if stat_m.S_ISDIR(st.st_mode) else "")
+            self.add(finding)
+
+    def _dirid(self, path: bytes, where: str, parent_dirid: bytes, entry: bytes) -> bytes | None:
+        """The id of the directory ``path``; a finding for each copy that does not authenticate."""
+        if not self.bound_dirids:
+            try:
+                return self.fs.dirids.read(path, parent_dirid)  # legacy forms: read-only, repairs nothing
+            except FuseError:
+                self.complete = False
+                self.add(Finding("dirid", f"{where}: its directory id is lost: its entries cannot be decrypted",
+                                 place=_rel(self.root, path)))
+                return None
+        copies = self.fs.dirids._copies(path)
+        good: dict[str, bytes] = {}
+        for which, stored in copies:
+            if len(stored) == SEALED_DIRID_LEN:
+                try:
+                    good[which] = self.names.open_dirid(stored, parent_dirid, entry)
+                except NameAuthError:
+                    pass
+        ids = set(good.values())
+        rel = _rel(self.root, path)
+        if len(ids) > 1:
+            self.complete = False
+            self.add(Finding("dirid", f"{where}: its directory id copies authenticate but disagree ({', '.join(good)}): "
+                                      "tampering; its entries are not checked", place=rel))
+            return None
+        if not ids:
+            if self.fs.dirids._plain_empty(path):
+                self.add(Finding("dirid", f"{where}: empty directory without an id (an interrupted mkdir): "
+                                          "it gets a new one", WARNING, place=rel),
+                         lambda r: r.dirid(path, parent_dirid))
+                return None
+            self.complete = False
+            self.add(Finding("dirid", f"{where}: no copy of its directory id authenticates here: its entries "
+                                      "cannot be decrypted", place=rel))
+            return None
+        missing = [n for n, ok in (("encfs.dirid", "file" in good),
+                                   ("the xattr copy", "xattr" in good or "next" in good)) if not ok]
+        if missing:
+            self.add(Finding("dirid-copy", f"{where}: directory id copy {missing[0]} is missing or damaged "
+                                           "(the other copy is good)", place=rel),
+                     lambda r: r.dirid(path, parent_dirid))
+        return ids.pop()
+
+    def _symlink(self, path: bytes, where: str, dirid: bytes, damaged_name: bool) -> None:
+        stored = os.readlink(path)
+        if is_long_symlink(stored) and b"/" not in stored:
+            self.longrefs.add(stored)
+        if damaged_name:
+            return  # its target is bound to its name: _bad_name reported it
+        try:
+            self.fs.links.read(path, dirid)
+        except (NameAuthError, OSError, ValueError):
+            self.add(Finding("symlink", f"{where}: its symlink target does not decrypt", place=_rel(self.root, path)))
+
+    def _xattrs(self, path: bytes, where: str) -> None:
+        try:
+            backing = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return
+        for name in backing:
+            raw = os.fsencode(name)
+            if not NameCipher.is_xattr(raw):
+                continue
+            self.count("xattrs")
+            try:
+                value = os.getxattr(path, name, follow_symlinks=False)
+                self.names.xattr_plain_name(raw, value)
+                self.names.decrypt_xattr_value(raw, value)
+            except (NameAuthError, OSError, ValueError):
+                self.add(Finding("xattr", f"{where}: xattr {name} does not decrypt",
+                                 place=f"{_rel(self.root, path)}#{name}"))
+
+    # -- file contents ---------------------------------------------------------------------------
+
+    def _contents(self, pending: list[tuple[bytes, FileCheck]]) -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="fsck-read") as pool:
+            ahead: list[Future[None]] = []
+            for i, (path, check) in enumerate(pending):
+                while len(ahead) < min(len(pending), i + AHEAD):
+                    p, c = pending[len(ahead)]
+                    ahead.append(pool.submit(_read_ahead, p, c.st.st_size) if self.data else _done())
+                ahead[i].result()
+                self._file(path, check)
+
+    def _file(self, path: bytes, check: FileCheck) -> None:
+        where, rel = check.links[0].plain, _rel(self.root, path)
+        size = check.st.st_size
+        self.count("bytes_checked", size)
+        if size == 0:
+            return  # an empty file whose header was never written
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            self.add(Finding("file", f"{where}: cannot be opened ({e.strerror})", place=rel))
+            return
+        side = None
+        try:
+            try:
+                header = FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
+            except HeaderError as e:
+                self.complete = False  # a journal or side file may be this file's
+                torn = " (torn: shorter than a header)" if size < HEADER_LEN else ""
+                self.add(Finding("header", f"{where}: its header is damaged{torn}: {e}; its contents cannot be read",
+                                 place=rel))
+                return
+            self.seen_ids.add(header.file_id)
+            if header.file_id in self.rekeys:  # an interrupted re-key: the side file is the file now
+                side = rekeyfile.open_side_file(self.root, header.file_id)
+                header = FileHeader.parse(os.pread(side, HEADER_LEN, 0))
+                self.seen_ids.add(header.file_id)
+                self.add(Finding("rekey", f"{where}: a re-key of it was interrupted by a crash: the next "
+                                          "read-write mount finishes it", WARNING, place=rel))
+            config = self.opened.config
+            try:
+                key = self.ks.decrypt(header.wrapped_key, config.file_context(header.file_id),
+                                      key=config.key_id).plaintext
+            except (InvalidCiphertext, ContextMismatch, KeyNotFound) as e:
+                self.add(Finding("wrapped-key", f"{where}: its wrapped data key does not unwrap ({e.message}): "
+                                                "its contents cannot be read", place=rel))
+                return
+            cipher = BlockCipher(key, header.file_id, config.block_size)
+            self._blocks(side if side is not None else fd, header, cipher, check, where, rel)
+        finally:
+            os.close(fd)
+            if side is not None:
+                os.close(side)
+
+    def _blocks(self, fd: int, header: FileHeader, cipher: BlockCipher, check: FileCheck, where: str,
+                rel: str) -> None:
+        c = FileContent(fd, header, cipher, self.root, self.journals,
+                        state_in_file=header.file_id in self.states)
+        try:
+            try:
+                notes = c.load(writable=False, after_crash=self.recovering)
+            except JournalDamaged as e:
+                self.add(Finding("journal", f"{where}: its journal is damaged ({e}): the file reads as I/O errors",
+                                 place=rel))
+                return
+            for note in notes:
+                if "state fails authentication" in note:
+                    self.add(Finding("state", f"{where}: {note}", WARNING, place=rel))
+                elif "torn" in note or "cut off" in note:
+                    self.add(Finding("torn", f"{where}: {note} (the next mount does the same)", WARNING,
+                                     place=f"{rel}#{note}"))
+            check.size = c.size
+            if self.data:
+                check.bad = list(read_blocks(c, None))
+                self.count("blocks_checked", -(-c.size // c.block))
+            for first, n in _runs(check.bad):
+                what = f"block {first}" if n == 1 else f"blocks {first}-{first + n - 1}"
+                self.add(Finding("block", f"{where}: {what}: tag mismatch", path=where, block=first, count=n,
+                                 place=f"{rel}#{first}"), _rescue(check))
+        finally:
+            c.journal.close()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _orphan(self, path: bytes, message: str, kind: str) -> None:
+        self.add(Finding("orphan", f"{message}: not needed (repair: removed)", WARNING,
+                         place=_rel(self.root, path)), lambda r: r.drop(path))
+
+    def _journal_dir(self) -> None:
+        jdir = os.path.join(self.root, JOURNAL_DIR)
+        kinds = ((b"", "journal", self.journals), (rekeyfile.SUFFIX, "re-key side file", self.rekeys),
+                 (STATE_SUFFIX, "state file", self.states))
+        for suffix, what, ids in kinds:
+            for file_id in sorted(ids - self.seen_ids):
+                path = os.path.join(jdir, file_id.hex().encode() + suffix)
+                message = f"/: {what} {os.fsdecode(_rel(self.root, path))} belongs to no file"
+                if self.complete:
+                    self._orphan(path, message, what)
+                else:
+                    self.add(Finding("orphan", f"{message} that was checked (kept: a file that could not be "
+                                               "checked may own it)", WARNING, place=_rel(self.root, path)))
+        for file_id in sorted(file_ids(self.root, rekeyfile.TMP_SUFFIX)):  # a mount removes them unread
+            path = rekeyfile.side_file(self.root, file_id, rekeyfile.TMP_SUFFIX)
+            self._orphan(path, f"/: unfinished re-key side file {_rel(self.root, path)}", "re-key")
+
+    def _longlinks(self) -> None:
+        try:
+            refs = sorted(os.listdir(os.path.join(self.root, LONGLINK_DIR)))
+        except FileNotFoundError:
+            return
+        for ref in refs:
+            if ref in self.longrefs:
+                continue
+            path = os.path.join(self.root, LONGLINK_DIR, ref)
+            if self.complete:
+                self._orphan(path, f"/: long symlink target {_rel(self.root, path)} has no symlink", "long target")
+            else:
+                self.add(Finding("orphan", f"/: long symlink target {_rel(self.root, path)} has no symlink that was "
+                                           "checked (kept)", WARNING, place=_rel(self.root, path)))
+
+
+def _rescue(check: FileCheck) -> Action:
+    from encfs.fuse.fsckrepair import rescue
+
+    return lambda r: rescue(r, check)
+
+
+def read_blocks(c: FileContent, sink: Callable[[int, memoryview], None] | None) -> Iterator[int]:
+    """Open every block of ``c`` (its journaled version where the journal has one); yields the
+    numbers of those that fail authentication (or are missing: a cut backing file). ``sink(first,
+    plaintext)`` gets the plaintext of every run of blocks that opened."""
+    block, step, size = c.block, c.block + OVERHEAD, c.size
+    count = -(-size // block)
+    out = memoryview(bytearray(CHUNK_BLOCKS * block))
+    b = 0
+    while b < count:
+        if b in c.index:
+            offset, length = c.index[b]
+            try:
+                plain = c.cipher.open(b, c.journal.read(offset, length))
+                if sink is not None:
+                    sink(b, memoryview(plain))
+            except (BlockAuthError, OSError):
+                yield b
+            b += 1
+            continue
+        end = b + 1
+        while end < min(count, b + CHUNK_BLOCKS) and end not in c.index:
+            end += 1
+        plain_len = min(size, end * block) - b * block
+        data = memoryview(os.pread(c.fd, plain_len + (end - b) * OVERHEAD, HEADER_LEN + b * step))
+        at = b
+        while at < end:
+            stop = end
+            sealed_end = plain_len + (end - b) * OVERHEAD  # where the run's sealed bytes end
+            if len(data) < sealed_end:  # cut short: the blocks not wholly there fail
+                stop = b + len(data) // step
+                if stop <= at:
+                    yield from range(at, end)
+                    break
+            lo, hi = (at - b) * step, min((stop - b) * step, sealed_end)
+            want = out[:(hi - lo) - (stop - at) * OVERHEAD]
+            try:
+                c.cipher.open_into(range(at, stop), data[lo:hi], want)
+                if sink is not None:
+                    sink(at, want)
+                at = stop
+            except BlockAuthError as e:
+                if e.block_no > at and sink is not None:
+                    sink(at, out[:(e.block_no - at) * block])
+                yield e.block_no
+                at = e.block_no + 1
+        b = end
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    from encfs.fsckreport import sector_runs
+
+    return sector_runs(blocks)
+
+
+def _rel(root: bytes, path: bytes) -> str:
+    return os.fsdecode(os.path.relpath(path, root))
+
+
+def _read_ahead(path: bytes, size: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
+def _done() -> Future[None]:
+    f: Future[None] = Future()
+    f.set_result(None)
+    return f
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """The core logs what it finds damaged as it reads; fsck reports it itself."""
+    before = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
+def check(cipherdir: Path, ks: KeyService, recovering: bool, data: bool = True) -> Walk:
+    """One pass over ``cipherdir`` (the caller holds the mount lock)."""
+    opened = open_config(cipherdir, ks, writable=False)
+    report = Report(str(cipherdir), "filesystem", opened.config.format,
+                    counts={"files": 0, "directories": 0, "symlinks": 0, "xattrs": 0, "bytes_checked": 0,
+                            "blocks_checked": 0})
+    walk = Walk(os.fsencode(os.path.abspath(cipherdir)), opened, ks, recovering, data, report)
+    for warning in opened.warnings:
+        name = warning.split(" ", 1)[0]
+        walk.add(Finding("config-copy", f"config: {warning} (the other copy is good)", place=name),
+                 lambda r: r.config())
+    walk.run()
+    return walk
+
+
+def check_filesystem(cipherdir: Path, ks: KeyService, repair: bool = False) -> Report:
+    """Check the CIPHERDIR (not mounted) and, with ``repair``, repair what is repairable."""
+    from encfs.fuse.fsckrepair import repair_walk
+    from encfs.fuse.mountlock import FSCK_MODE, MountLock
+    from encfs.fuse.rewrap import refuse_if_interrupted
+
+    start = time.monotonic()
+    lock = MountLock.acquire(cipherdir, "-", read_only=False, mode=FSCK_MODE)
+    recovering = lock.recovering
+    try:
+        refuse_if_interrupted(cipherdir)
+        with quiet():
+            walk = check(cipherdir, ks, recovering)
+            report = walk.report
+            if repair and walk.actions:
+                repair_walk(cipherdir, walk)
+                again = check(cipherdir, ks, recovering, data=False).report
+                still = {f.key for f in again.findings}
+                known = {f.key for f in report.findings}
+                for f in report.findings:
+                    f.repaired = f.repaired or (f.repairable and f.key not in still and f.kind != "repair")
+                report.findings += [f for f in again.findings if f.key not in known]
+    finally:
+        lock.release(clean=not recovering)
+    report.repair = repair
+    report.seconds = time.monotonic() - start
+    return report
+
+
+__all__ = ["CHUNK_BLOCKS", "LOST_FOUND", "Walk", "check", "check_filesystem", "read_blocks"]

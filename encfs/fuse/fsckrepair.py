@@ -1,0 +1,194 @@
+"""``encfs fsck --repair CIPHERDIR``: the repairs of the findings fsck.py made, each through the
+filesystem core's own writers (open_config, DirIds, EncryptedFS), under the mount lock.
+
+- A missing, damaged or stale config copy: rewritten from the good one (open_config, writable).
+- A directory id copy that is missing or does not authenticate: rewritten with the bytes of the
+  copy that does (DirIds.read, writable); an empty directory without an id gets a new one.
+- Orphaned bookkeeping (fsck.py says when it is provably not needed): removed.
+- A regular file with blocks that fail authentication: a new file ``lost+found/<name>`` (the
+  directory is made at the root by EncryptedFS.mkdir, so it is encrypted like any other) gets
+  every block that opens, and zeros for each damaged block; ``lost+found/<name>.fsck`` lists the
+  file's old path, its size and the damaged byte ranges; then every backing name of the old file
+  is removed, with its journal and state file. A file whose name does not decrypt (its contents
+  do not depend on its name) is renamed, as its backing file, to ``lost+found/#<inode>``.
+
+Invariants:
+- Nothing readable is lost: a damaged file is removed only after its copy in lost+found and
+  the report beside it were written and fsync'd; a block that fails is never written anywhere
+  as anything but zeros listed in the report.
+- A repair that fails is a finding of kind "repair" (exit 4), never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat as stat_m
+from pathlib import Path
+
+from encfs.errors import EncfsError
+from encfs.fsckreport import Finding
+from encfs.fuse import fsck
+from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError, state_file
+from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fsconfig import open_config
+from encfs.fuse.journal import journal_path
+from encfs.fuse.names import longname_side_file
+from encfs.fuseproto import ROOT_ID, FuseError, RequestContext
+
+class Repairer:
+    """The writable side of a repair: one EncryptedFS over the CIPHERDIR, made on first use."""
+
+    def __init__(self, cipherdir: Path, walk: fsck.Walk) -> None:
+        self.cipherdir = cipherdir
+        self.walk = walk
+        self.root = walk.root
+        self._fs: EncryptedFS | None = None
+        self._lost: int | None = None
+
+    @property
+    def fs(self) -> EncryptedFS:
+        if self._fs is None:
+            opened = self.walk.opened
+            self._fs = EncryptedFS(self.root, opened.config, opened.keys, self.walk.ks, read_only=False,
+                                   recovering=self.walk.recovering)
+        return self._fs
+
+    def close(self) -> None:
+        if self._fs is not None:
+            self._fs.close_all()
+
+    def config(self) -> None:
+        open_config(self.cipherdir, self.walk.ks, writable=True)  # rewrites a bad copy from the good one
+
+    def dirid(self, path: bytes, parent_dirid: bytes) -> None:
+        self.fs.dirids.read(path, parent_dirid)  # writable: rewrites the copies that do not authenticate
+
+    def drop(self, path: bytes) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def lost_found(self, ctx: RequestContext) -> int:
+        """The inode of ``lost+found`` at the root, made now if missing."""
+        if self._lost is None:
+            try:
+                self._lost = self.fs.lookup(ROOT_ID, fsck.LOST_FOUND, ctx).st_ino
+            except FuseError:
+                self._lost = self.fs.mkdir(ROOT_ID, fsck.LOST_FOUND, 0o700, ctx).st_ino
+        return self._lost
+
+    def free_name(self, parent: int, want: bytes, ctx: RequestContext) -> bytes:
+        name, n = want[:200], 1
+        while True:
+            for candidate in (name, name + b".fsck"):
+                try:
+                    self.fs.lookup(parent, candidate, ctx)
+                    break
+                except FuseError:
+                    continue
+            else:
+                return name
+            n += 1
+            name = want[:200] + b"~%d" % n
+
+
+def _ctx(st: os.stat_result) -> RequestContext:
+    return RequestContext(uid=st.st_uid, gid=st.st_gid, pid=os.getpid())
+
+
+def _write_new(r: Repairer, parent: int, name: bytes, mode: int, ctx: RequestContext,
+               fill: object) -> None:
+    """A new file ``name`` in ``parent``, written by ``fill(write)`` and fsync'd."""
+    fh, _attrs = r.fs.create(parent, name, mode, os.O_WRONLY, ctx)
+    try:
+        fill(lambda off, data: r.fs.write(fh, off, data))  # type: ignore[operator]
+        r.fs.fsync(fh, False)
+    finally:
+        r.fs.release(fh)
+
+
+def rescue(r: Repairer, check: fsck.FileCheck) -> None:
+    """Copy what opens of a damaged file to lost+found (zeros for its damaged blocks), with a
+    report beside it, then remove the file (every backing name, its journal and state)."""
+    if check.rescued:
+        return  # one action per damaged run: the first does the file
+    path = check.links[0].path
+    ctx = _ctx(check.st)
+    lost = r.lost_found(ctx)
+    base = os.fsencode(check.links[0].plain.rsplit("/", 1)[-1])
+    name = r.free_name(lost, b"#%d" % check.st.st_ino if check.name_damaged else base, ctx)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        header = FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
+        config = r.walk.opened.config
+        key = r.walk.ks.decrypt(header.wrapped_key, config.file_context(header.file_id), key=config.key_id).plaintext
+        from encfs.blocks import BlockCipher
+        from encfs.fuse.content import FileContent
+
+        c = FileContent(fd, header, BlockCipher(key, header.file_id, config.block_size), r.root, r.walk.journals,
+                        state_in_file=header.file_id in r.walk.states)
+        c.load(writable=False, after_crash=r.walk.recovering)
+        bad: list[int] = []
+
+        def fill(write: object) -> None:
+            def sink(first: int, plain: memoryview) -> None:
+                write(first * c.block, plain)  # type: ignore[operator]
+            for b in fsck.read_blocks(c, sink):
+                bad.append(b)
+                write(b * c.block, bytes(min(c.block, c.size - b * c.block)))  # type: ignore[operator]
+
+        _write_new(r, lost, name, stat_m.S_IMODE(check.st.st_mode), ctx, fill)
+        c.journal.close()
+    finally:
+        os.close(fd)
+    ranges = "\n".join(f"  block {b}: bytes {b * c.block}-{min(c.size, (b + 1) * c.block) - 1} are zeros "
+                       "(they failed authentication)" for b in bad)
+    names = "\n".join(f"  {link.plain}" for link in check.links)
+    text = (f"encfs fsck --repair moved this file here: the blocks below could not be read.\n"
+            f"was:\n{names}\nsize: {c.size} bytes\ndamaged:\n{ranges}\n").encode()
+    _write_new(r, lost, name + b".fsck", 0o600, ctx, lambda write: write(0, text))  # type: ignore[operator]
+    for link in check.links:
+        _remove_backing(link.path)
+    for p in (journal_path(r.root, header.file_id), state_file(r.root, header.file_id)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+    check.rescued = True
+
+
+def rescue_named(r: Repairer, path: bytes, st: os.stat_result) -> None:
+    """A regular file whose name does not decrypt: its backing file is renamed into lost+found as
+    ``#<inode>`` (its contents are bound to its file id, not to its name or place)."""
+    if r.walk.files[(st.st_dev, st.st_ino)].bad:
+        return  # its blocks are damaged too: rescue() copies what opens
+    ctx = _ctx(st)
+    lost = r.lost_found(ctx)
+    name = r.free_name(lost, b"#%d" % st.st_ino, ctx)
+    dest, side = r.fs._child(lost, name)
+    r.fs._write_side(dest, side)
+    os.rename(path, dest)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(longname_side_file(path))
+
+
+def _remove_backing(path: bytes) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(longname_side_file(path))
+
+
+def repair_walk(cipherdir: Path, walk: fsck.Walk) -> None:
+    """Run every repair action of ``walk``; a failure is a "repair" finding."""
+    r = Repairer(cipherdir, walk)
+    try:
+        # Orphans last: a rescue removes a file's journal itself.
+        for finding, action in sorted(walk.actions, key=lambda fa: fa[0].kind == "orphan"):
+            try:
+                action(r)
+            except (EncfsError, OSError, FuseError, HeaderError) as e:
+                why = e.message if isinstance(e, EncfsError) else getattr(e, "strerror", None) or str(e)
+                walk.report.add(Finding("repair", f"not repaired: {finding.message}: {why}",
+                                        place=f"{finding.kind}#{finding.place}"))
+                finding.repairable = False
+    finally:
+        r.close()

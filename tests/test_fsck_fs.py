@@ -1,0 +1,297 @@
+"""`encfs fsck CIPHERDIR` (issue #21, the filesystem part), through the real CLI in subprocesses
+(a real SoftHSM2 token; trees written through real FUSE mounts). A clean tree of every kind of
+object is clean; each kind of damage made by hand (a flipped bit in a block, a damaged name, a
+lost directory-id copy, a damaged config copy, orphaned side files, a damaged header) is found
+exactly; ``--repair`` keeps every readable byte (compared with what was written), and a second
+fsck is clean; a mounted CIPHERDIR and a disabled key are refused in one line (exit 8)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import run_encfs
+from fuse_helpers import Mount
+from test_rekey_fs import Tree, populate, verify
+from test_rekey_rewrap import ok
+
+from encfs.blocks import OVERHEAD
+from encfs.fuse.fileheader import HEADER_LEN
+from encfs.fuse.names import DIRID_XATTR
+
+BLOCK = 32768
+STEP = BLOCK + OVERHEAD
+
+
+def fsck(cipher: Path, home: Path, *options: str) -> tuple[int, dict[str, Any]]:
+    p = run_encfs("fsck", str(cipher), "--json", *options, home=home)
+    assert p.returncode in (0, 1, 4), (p.returncode, p.stderr.decode())
+    assert b"Traceback" not in p.stderr, p.stderr.decode()
+    report = json.loads(p.stdout)
+    assert report["exit_code"] == p.returncode and report["kind"] == "filesystem"
+    return p.returncode, report
+
+
+def kinds(report: dict[str, Any]) -> list[str]:
+    return sorted(d["kind"] for d in report["damage"])
+
+
+def fails(target: Path, home: Path) -> str:
+    p = run_encfs("fsck", str(target), home=home)
+    lines = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 8 and p.stdout == b"", (p.returncode, p.stdout, p.stderr)
+    assert len(lines) == 1 and lines[0].startswith("encfs: ") and "Traceback" not in p.stderr.decode()
+    return lines[0]
+
+
+class Built:
+    """A CIPHERDIR written through a mount: its tree, xattrs and each plaintext path's backing path."""
+
+    def __init__(self, home: Path, cipher: Path, tree: Tree, xattrs: dict[str, dict[str, bytes]],
+                 backing: dict[str, str]) -> None:
+        self.home, self.cipher, self.tree, self.xattrs, self.backing = home, cipher, tree, xattrs, backing
+
+    def copy(self, tmp_path: Path) -> tuple[Path, Path]:
+        """A copy of the CIPHERDIR (hard links and xattrs kept) and an empty mountpoint."""
+        cipher, plain = tmp_path / "cipher", tmp_path / "plain"
+        subprocess.run(["cp", "-a", str(self.cipher), str(cipher)], check=True)
+        plain.mkdir()
+        return cipher, plain
+
+
+def build(home: Path, where: Path, extra: int = 0) -> Built:
+    cipher, plain = where / "cipher", where / "plain"
+    plain.mkdir(parents=True)
+    ok(home, "init", cipher, "--key", "a")
+    with Mount(cipher, plain, home):
+        tree, xattrs = populate(plain, 40)
+        for rel, size in (("big", 7 * BLOCK + 1000), ("exact", 2 * BLOCK), ("empty2", 0)):
+            data = os.urandom(size)
+            (plain / rel).write_bytes(data)
+            tree[rel] = ("file", data)
+        (plain / "emptydir").mkdir()
+        tree["emptydir"] = ("dir", b"")
+        os.setxattr(plain / "big", "user." + "x" * 200, b"long xattr name", follow_symlinks=False)
+        xattrs["big"] = {"user." + "x" * 200: b"long xattr name"}
+        for i in range(extra):
+            d = plain / f"many{i // 200}"
+            d.mkdir(exist_ok=True)
+            data = os.urandom(i % 700)
+            (d / f"m{i}").write_bytes(data)
+            tree[f"many{i // 200}"] = ("dir", b"")
+            tree[f"many{i // 200}/m{i}"] = ("file", data)
+        inodes: dict[int, list[str]] = {}
+        for rel in tree:
+            inodes.setdefault(os.lstat(plain / rel).st_ino, []).append(rel)
+    backing = {}
+    for dirpath, dirs, files in os.walk(cipher):
+        for n in dirs + files:
+            p = Path(dirpath) / n
+            for rel in inodes.get(p.lstat().st_ino, []):
+                backing.setdefault(rel, str(p.relative_to(cipher)))
+    return Built(home, cipher, tree, xattrs, backing)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    where = tmp_path_factory.mktemp("fsckfs")
+    home = where / "home"
+    ok(home, "key", "create", "--alias", "a")
+    return build(home, where)
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def mounted_tree(cipher: Path, plain: Path, home: Path, tree: Tree, xattrs: dict[str, dict[str, bytes]]) -> None:
+    with Mount(cipher, plain, home):
+        verify(plain, tree, xattrs)
+
+
+# -- clean trees ------------------------------------------------------------------------------------
+
+def test_a_clean_tree_of_every_kind_of_object_is_clean(built: Built, tmp_path: Path) -> None:
+    cipher, _plain = built.copy(tmp_path)
+    code, report = fsck(cipher, built.home)
+    assert (code, report["damage"]) == (0, [])
+    files = {built.backing[rel] for rel, (kind, data) in built.tree.items() if kind == "file"}
+    inodes = {(cipher / b).stat().st_ino for b in files}
+    c = report["counts"]
+    assert c["files"] == len(inodes) and c["symlinks"] == 2 and c["xattrs"] == 4
+    assert c["directories"] == 1 + sum(kind == "dir" for kind, _ in built.tree.values())
+    assert c["blocks_checked"] == sum(-(-len(data) // BLOCK) for rel, (kind, data) in built.tree.items()
+                                      if kind == "file" and rel != "sub/hardlink")
+    text = run_encfs("fsck", str(cipher), home=built.home)
+    assert text.returncode == 0 and b": clean (exit 0)" in text.stdout, text.stdout
+
+
+def test_a_clean_tree_of_2000_files_has_no_findings(built: Built, tmp_path: Path) -> None:
+    big = build(built.home, tmp_path / "big", extra=2000)
+    code, report = fsck(big.cipher, built.home)
+    assert (code, report["damage"]) == (0, [])
+    assert report["counts"]["files"] >= 2000
+
+
+def test_a_file_left_mid_journal_by_a_crash_is_clean_and_recovers(built: Built, tmp_path: Path) -> None:
+    cipher, plain = built.copy(tmp_path)
+    m = Mount(cipher, plain, built.home)
+    try:
+        new = os.urandom(5000)
+        fd = os.open(plain / "big", os.O_RDWR)
+        os.pwrite(fd, new, BLOCK + 10)  # an overwrite: journaled
+        os.fsync(fd)
+        journals = os.listdir(cipher / "encfs.journal")
+        assert journals, "the overwrite was not journaled"
+        m.kill9()  # with the file open: the journal stays
+        with contextlib.suppress(OSError):
+            os.close(fd)  # ENOTCONN: the mount is gone
+    finally:
+        m.stop()
+    code, report = fsck(cipher, built.home)
+    assert code == 0 and not [d for d in report["damage"] if d["severity"] == "error"], report["damage"]
+    data = bytearray(built.tree["big"][1])
+    data[BLOCK + 10:BLOCK + 10 + 5000] = new
+    mounted_tree(cipher, plain, built.home, {**built.tree, "big": ("file", bytes(data))}, built.xattrs)
+
+
+# -- damage ---------------------------------------------------------------------------------------
+
+def test_a_flipped_bit_in_a_block_is_reported_by_path_and_block_and_repair_keeps_the_rest(
+        built: Built, tmp_path: Path) -> None:
+    cipher, plain = built.copy(tmp_path)
+    flip(cipher / built.backing["big"], HEADER_LEN + 3 * STEP + 100)
+    code, report = fsck(cipher, built.home)
+    assert code == 4 and kinds(report) == ["block"], report["damage"]
+    d = report["damage"][0]
+    assert (d["path"], d["block"], d["count"], d["repairable"]) == ("/big", 3, 1, True)
+    assert d["message"] == "/big: block 3: tag mismatch"
+    code, report = fsck(cipher, built.home, "--repair")
+    assert code == 1 and [d["repaired"] for d in report["damage"]] == [True], report["damage"]
+    assert fsck(cipher, built.home)[1]["damage"] == []
+    original = built.tree["big"][1]
+    expect = original[:3 * BLOCK] + bytes(BLOCK) + original[4 * BLOCK:]
+    tree = {k: v for k, v in built.tree.items() if k != "big"}
+    with Mount(cipher, plain, built.home):
+        assert (plain / "lost+found/big").read_bytes() == expect
+        note = (plain / "lost+found/big.fsck").read_text()
+        assert "/big" in note and f"block 3: bytes {3 * BLOCK}-{4 * BLOCK - 1}" in note
+        tree.update({"lost+found": ("dir", b""), "lost+found/big": ("file", expect),
+                     "lost+found/big.fsck": ("file", note.encode())})
+        verify(plain, tree, {k: v for k, v in built.xattrs.items() if k != "big"})
+
+
+def test_a_damaged_name_is_reported_under_its_parent_and_repair_moves_the_file_to_lost_found(
+        built: Built, tmp_path: Path) -> None:
+    cipher, plain = built.copy(tmp_path)
+    old = cipher / built.backing["sub/f1"]
+    damaged = old.with_name(("A" if old.name[0] != "A" else "B") + old.name[1:])
+    old.rename(damaged)
+    code, report = fsck(cipher, built.home)
+    assert code == 4 and kinds(report) == ["name"], report["damage"]
+    assert report["damage"][0]["message"].startswith(f"/sub: file {damaged.name}: its name does not decrypt")
+    code, report = fsck(cipher, built.home, "--repair")
+    assert code == 1 and all(d["repaired"] for d in report["damage"]), report["damage"]
+    assert fsck(cipher, built.home)[0] == 0
+    with Mount(cipher, plain, built.home):
+        (moved,) = os.listdir(plain / "lost+found")
+        assert moved == f"#{damaged.stat().st_ino if damaged.exists() else moved[1:]}"
+        assert (plain / "lost+found" / moved).read_bytes() == built.tree["sub/f1"][1]
+        tree = {k: v for k, v in built.tree.items() if k != "sub/f1"}
+        tree.update({"lost+found": ("dir", b""), f"lost+found/{moved}": built.tree["sub/f1"]})
+        verify(plain, tree, built.xattrs)
+
+
+@pytest.mark.parametrize("copy", ["file", "xattr"])
+def test_a_lost_directory_id_copy_is_rebuilt_from_the_other(built: Built, tmp_path: Path, copy: str) -> None:
+    cipher, plain = built.copy(tmp_path)
+    sub = cipher / built.backing["sub"]
+    if copy == "file":
+        (sub / "encfs.dirid").unlink()
+    else:
+        os.removexattr(sub, DIRID_XATTR)
+    code, report = fsck(cipher, built.home)
+    assert code == 4 and kinds(report) == ["dirid-copy"], report["damage"]
+    assert report["damage"][0]["message"].startswith("/sub: directory id copy")
+    code, report = fsck(cipher, built.home, "--repair")
+    assert code == 1 and all(d["repaired"] for d in report["damage"]), report["damage"]
+    assert (sub / "encfs.dirid").exists() and os.getxattr(sub, DIRID_XATTR)
+    assert fsck(cipher, built.home)[0] == 0
+    mounted_tree(cipher, plain, built.home, built.tree, built.xattrs)
+
+
+def test_a_damaged_config_copy_is_rewritten_from_the_good_one(built: Built, tmp_path: Path) -> None:
+    cipher, plain = built.copy(tmp_path)
+    good = (cipher / "encfs.conf").read_bytes()
+    text = (cipher / "encfs.conf.bak").read_text()
+    (cipher / "encfs.conf.bak").write_text(text.replace('"format": 2', '"format": 3'))
+    code, report = fsck(cipher, built.home)
+    assert code == 4 and kinds(report) == ["config-copy"], report["damage"]
+    assert "encfs.conf.bak" in report["damage"][0]["message"]
+    assert fsck(cipher, built.home, "--repair")[0] == 1
+    assert (cipher / "encfs.conf.bak").read_bytes() == good
+    assert fsck(cipher, built.home)[1]["damage"] == []
+    mounted_tree(cipher, plain, built.home, built.tree, built.xattrs)
+
+
+def test_orphaned_side_files_are_dropped_and_nothing_else(built: Built, tmp_path: Path) -> None:
+    cipher, plain = built.copy(tmp_path)
+    sub = cipher / built.backing["sub"]
+    (sub / ("encfs.ln." + "Q" * 43 + ".name")).write_bytes(b"nobody's name")
+    (cipher / "encfs.journal").mkdir(exist_ok=True)
+    orphan_journal = cipher / "encfs.journal" / ("ab" * 16)
+    orphan_journal.write_bytes(b"ENCJ")
+    (cipher / "encfs.longlinks").mkdir(exist_ok=True)
+    (cipher / "encfs.longlinks" / "encfs.lt2.5000.AAAAAAAAAAAAAAAAAAAAAAAA").write_bytes(b"x")
+    code, report = fsck(cipher, built.home)
+    assert code == 0 and kinds(report) == ["orphan"] * 3, report["damage"]
+    assert all(d["severity"] == "warning" and d["repairable"] for d in report["damage"])
+    before = {p for p in cipher.rglob("*")}
+    code, report = fsck(cipher, built.home, "--repair")
+    assert code == 1 and all(d["repaired"] for d in report["damage"]), report["damage"]
+    gone = before - {p for p in cipher.rglob("*")}
+    assert {p.name for p in gone} == {"encfs.ln." + "Q" * 43 + ".name", "ab" * 16,
+                                      "encfs.lt2.5000.AAAAAAAAAAAAAAAAAAAAAAAA"}
+    assert fsck(cipher, built.home)[1]["damage"] == []
+    mounted_tree(cipher, plain, built.home, built.tree, built.xattrs)
+
+
+def test_a_damaged_header_is_reported_and_left_and_the_rest_reads(built: Built, tmp_path: Path) -> None:
+    cipher, plain = built.copy(tmp_path)
+    flip(cipher / built.backing["f9"], 40)  # inside the wrapped data key
+    flip(cipher / built.backing["sub/f7"], 0)  # the magic
+    code, report = fsck(cipher, built.home)
+    assert code == 4 and kinds(report) == ["header", "wrapped-key"], report["damage"]
+    assert {d["message"].split(":")[0] for d in report["damage"]} == {"/f9", "/sub/f7"}
+    code, again = fsck(cipher, built.home, "--repair")
+    assert code == 4 and kinds(again) == kinds(report) and not any(d["repaired"] for d in again["damage"])
+    tree = {k: v for k, v in built.tree.items() if k not in ("f9", "sub/f7")}
+    with Mount(cipher, plain, built.home):
+        verify(plain, tree, built.xattrs, sample=len(tree))
+
+
+# -- refusals ---------------------------------------------------------------------------------------
+
+def test_a_mounted_cipherdir_a_missing_one_and_a_disabled_key_are_refused_in_one_line(
+        built: Built, tmp_path: Path) -> None:
+    cipher, plain = built.copy(tmp_path)
+    with Mount(cipher, plain, built.home, "-o", "ro"):
+        assert "mounted" in fails(cipher, built.home)
+    with Mount(cipher, plain, built.home):
+        assert "already mounted" in fails(cipher, built.home)
+    assert "no such file" in fails(tmp_path / "nothing", built.home)
+    home = tmp_path / "home2"  # a token of its own: its key gets disabled
+    ok(home, "key", "create", "--alias", "a")
+    ok(home, "init", tmp_path / "other", "--key", "a")
+    ok(home, "key", "disable", "a")
+    assert "disabled" in fails(tmp_path / "other", home).lower()
+    assert fsck(cipher, built.home)[0] == 0  # the lock was released each time
