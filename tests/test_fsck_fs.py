@@ -158,7 +158,7 @@ def test_a_file_left_mid_journal_by_a_crash_is_clean_and_recovers(built: Built, 
     finally:
         m.stop()
     code, report = fsck(cipher, built.home)
-    assert code == 0 and not [d for d in report["damage"] if d["severity"] == "error"], report["damage"]
+    assert (code, report["damage"]) == (0, [])  # a journal a crash left is a legal state at rest
     data = bytearray(built.tree["big"][1])
     data[BLOCK + 10:BLOCK + 10 + 5000] = new
     mounted_tree(cipher, plain, built.home, {**built.tree, "big": ("file", bytes(data))}, built.xattrs)

