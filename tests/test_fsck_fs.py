@@ -18,6 +18,8 @@ import pytest
 from conftest import run_encfs
 from fuse_helpers import Mount
 from test_rekey_fs import Tree, populate, verify
+from test_fuse_binding import v2  # noqa: F401  (a fixture)
+from test_fuse_config import v1  # noqa: F401  (a fixture)
 from test_rekey_rewrap import ok
 
 from encfs.blocks import OVERHEAD
@@ -243,6 +245,15 @@ def test_a_damaged_config_copy_is_rewritten_from_the_good_one(built: Built, tmp_
     mounted_tree(cipher, plain, built.home, built.tree, built.xattrs)
 
 
+def test_both_config_copies_damaged_is_damage_that_stops_the_check(built: Built, tmp_path: Path) -> None:
+    cipher, _plain = built.copy(tmp_path)
+    for name in ("encfs.conf", "encfs.conf.bak"):
+        text = (cipher / name).read_text()
+        (cipher / name).write_text(text.replace('"format": 2', '"format": 3'))
+    code, report = fsck(cipher, built.home, "--repair")
+    assert code == 4 and kinds(report) == ["config"] and "nothing else can be checked" in report["damage"][0]["message"]
+
+
 def test_orphaned_side_files_are_dropped_and_nothing_else(built: Built, tmp_path: Path) -> None:
     cipher, plain = built.copy(tmp_path)
     sub = cipher / built.backing["sub"]
@@ -295,3 +306,12 @@ def test_a_mounted_cipherdir_a_missing_one_and_a_disabled_key_are_refused_in_one
     ok(home, "key", "disable", "a")
     assert "disabled" in fails(tmp_path / "other", home).lower()
     assert fsck(cipher, built.home)[0] == 0  # the lock was released each time
+
+
+def test_filesystems_of_earlier_releases_are_clean(v1: dict[str, Path], v2: dict[str, Path]) -> None:  # noqa: F811
+    """Legacy forms (format-1 config, plain directory ids, legacy symlinks and xattrs) are no damage."""
+    for home, cipher, files in ((v1["home"], v1["cipher"], 4), (v1["home"], v1["cipher-4k"], 4),
+                                (v2["home"], v2["cipher"], 3)):
+        code, report = fsck(cipher, home)
+        assert (code, report["damage"]) == (0, []), (cipher, report["damage"])
+        assert report["counts"]["files"] == files

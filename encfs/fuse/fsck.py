@@ -14,8 +14,13 @@ NameCipher, DirIds, Symlinks, FileHeader, FileContent.load and BlockCipher):
   header names, long-name side files with no entry, long symlink targets no symlink refers to,
   temporary entries of interrupted renames and write-fsync-renames.
 
-Blocks are read in runs of up to CHUNK_BLOCKS and opened with BlockCipher.open_into, while a
-thread has the kernel read the next files ahead (POSIX_FADV_WILLNEED), as block/fsck.py does.
+File contents are checked by fsckcontent.py: blocks are read in runs of up to CHUNK_BLOCKS and
+opened with BlockCipher.open_into, while a thread has the kernel read the next files ahead
+(POSIX_FADV_WILLNEED), as block/fsck.py does.
+
+Both config copies damaged (or intact but disagreeing) is a finding, exit 4: nothing else can be
+checked. What keeps the check from running is one line, exit 8: a mount (the lock), an interrupted
+`encfs rekey` (its marker), a config of a newer format, a wrong PIN or a disabled key.
 
 Invariants:
 - Without ``repair`` nothing in the CIPHERDIR is written but the lock's owner record (the lock is
@@ -34,21 +39,18 @@ import os
 import stat as stat_m
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encfs.blocks import OVERHEAD, BlockAuthError, BlockCipher
-from encfs.errors import ContextMismatch, InvalidCiphertext, KeyNotFound
 from encfs.fsckreport import WARNING, Finding, Report
 from encfs.fuse import rekeyfile
-from encfs.fuse.content import FileContent
 from encfs.fuse.dirids import DIRID_NEXT
-from encfs.fuse.fileheader import HEADER_LEN, JOURNAL_DIR, STATE_SUFFIX, FileHeader, HeaderError
+from encfs.fuse.fsckcontent import FileCheck, Link, _rel, check_contents
+from encfs.fuse.fileheader import JOURNAL_DIR, STATE_SUFFIX
 from encfs.fuse.fs import EncryptedFS
-from encfs.fuse.fsconfig import COPIES, OpenedConfig, open_config
-from encfs.fuse.journal import JournalDamaged, file_ids
+from encfs.fuse.fsconfig import COPIES, FsConfigError, FsVersionError, OpenedConfig, open_config
+from encfs.fuse.journal import file_ids
 from encfs.fuse.names import (
     DIRID_FILE,
     DIRID_LEN,
@@ -66,8 +68,6 @@ from encfs.fuse.symlinks import TMP_PREFIX
 from encfs.fuseproto import FuseError
 from encfs.keys.service import KeyService
 
-CHUNK_BLOCKS = 256  # blocks per read: 8 MiB of 32 KiB blocks
-AHEAD = 8  # files the kernel is asked to read ahead of the one being checked
 LOST_FOUND = b"lost+found"
 # Bookkeeping in the root that the walk leaves to others: the config (checked first), the lock,
 # the journal directory and long targets (checked after the walk), a re-key's files (refused).
@@ -82,26 +82,6 @@ def is_atomic_leftover(name: bytes) -> bool:
     return bool(stem) and pid.isdigit() and is_internal(name)
 
 
-@dataclass
-class Link:
-    """One backing name of a regular file."""
-
-    path: bytes  # backing path
-    plain: str  # plaintext path ("/..."), or the entry under its parent for a name that does not decrypt
-
-
-@dataclass
-class FileCheck:
-    """What the walk found about one regular file (one inode)."""
-
-    links: list[Link]
-    st: os.stat_result
-    size: int = 0  # plaintext size
-    bad: list[int] = field(default_factory=list)  # blocks that fail authentication
-    name_damaged: bool = False
-    rescued: bool = False  # its readable blocks are in lost+found (fsckrepair.rescue)
-
-
 Action = Callable[["object"], None]  # a repair, given the fsckrepair.Repairer
 
 
@@ -110,7 +90,7 @@ class Walk:
     """One check of a CIPHERDIR: the report, and a repair action per repairable finding."""
 
     root: bytes
-    opened: OpenedConfig
+    opened: OpenedConfig | None  # None: no config opened (a "config" finding; nothing was walked)
     ks: KeyService
     recovering: bool
     data: bool  # check block tags (a re-check after a repair skips them)
@@ -122,6 +102,8 @@ class Walk:
     files: dict[tuple[int, int], FileCheck] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.opened is None:
+            return
         config = self.opened.config
         self.fs = EncryptedFS(self.root, config, self.opened.keys, self.ks, read_only=True,
                               recovering=self.recovering)
@@ -145,7 +127,7 @@ class Walk:
     def run(self) -> None:
         pending: list[tuple[bytes, FileCheck]] = []
         self._dir(self.root, "/", bytes.fromhex(self.opened.config.fs_id)[:DIRID_LEN], pending)
-        self._contents(pending)
+        check_contents(self, pending)
         self._journal_dir()
         self._longlinks()
 
@@ -297,89 +279,6 @@ class Walk:
                 self.add(Finding("xattr", f"{where}: xattr {name} does not decrypt",
                                  place=f"{_rel(self.root, path)}#{name}"))
 
-    # -- file contents ---------------------------------------------------------------------------
-
-    def _contents(self, pending: list[tuple[bytes, FileCheck]]) -> None:
-        with ThreadPoolExecutor(1, thread_name_prefix="fsck-read") as pool:
-            ahead: list[Future[None]] = []
-            for i, (path, check) in enumerate(pending):
-                while len(ahead) < min(len(pending), i + AHEAD):
-                    p, c = pending[len(ahead)]
-                    ahead.append(pool.submit(_read_ahead, p, c.st.st_size) if self.data else _done())
-                ahead[i].result()
-                self._file(path, check)
-
-    def _file(self, path: bytes, check: FileCheck) -> None:
-        where, rel = check.links[0].plain, _rel(self.root, path)
-        size = check.st.st_size
-        self.count("bytes_checked", size)
-        if size == 0:
-            return  # an empty file whose header was never written
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError as e:
-            self.add(Finding("file", f"{where}: cannot be opened ({e.strerror})", place=rel))
-            return
-        side = None
-        try:
-            try:
-                header = FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
-            except HeaderError as e:
-                self.complete = False  # a journal or side file may be this file's
-                torn = " (torn: shorter than a header)" if size < HEADER_LEN else ""
-                self.add(Finding("header", f"{where}: its header is damaged{torn}: {e}; its contents cannot be read",
-                                 place=rel))
-                return
-            self.seen_ids.add(header.file_id)
-            if header.file_id in self.rekeys:  # an interrupted re-key: the side file is the file now
-                side = rekeyfile.open_side_file(self.root, header.file_id)
-                header = FileHeader.parse(os.pread(side, HEADER_LEN, 0))
-                self.seen_ids.add(header.file_id)
-                self.add(Finding("rekey", f"{where}: a re-key of it was interrupted by a crash: the next "
-                                          "read-write mount finishes it", WARNING, place=rel))
-            config = self.opened.config
-            try:
-                key = self.ks.decrypt(header.wrapped_key, config.file_context(header.file_id),
-                                      key=config.key_id).plaintext
-            except (InvalidCiphertext, ContextMismatch, KeyNotFound) as e:
-                self.add(Finding("wrapped-key", f"{where}: its wrapped data key does not unwrap ({e.message}): "
-                                                "its contents cannot be read", place=rel))
-                return
-            cipher = BlockCipher(key, header.file_id, config.block_size)
-            self._blocks(side if side is not None else fd, header, cipher, check, where, rel)
-        finally:
-            os.close(fd)
-            if side is not None:
-                os.close(side)
-
-    def _blocks(self, fd: int, header: FileHeader, cipher: BlockCipher, check: FileCheck, where: str,
-                rel: str) -> None:
-        c = FileContent(fd, header, cipher, self.root, self.journals,
-                        state_in_file=header.file_id in self.states)
-        try:
-            try:
-                notes = c.load(writable=False, after_crash=self.recovering)
-            except JournalDamaged as e:
-                self.add(Finding("journal", f"{where}: its journal is damaged ({e}): the file reads as I/O errors",
-                                 place=rel))
-                return
-            for note in notes:
-                if "state fails authentication" in note:
-                    self.add(Finding("state", f"{where}: {note}", WARNING, place=rel))
-                elif "torn" in note or "cut off" in note:
-                    self.add(Finding("torn", f"{where}: {note} (the next mount does the same)", WARNING,
-                                     place=f"{rel}#{note}"))
-            check.size = c.size
-            if self.data:
-                check.bad = list(read_blocks(c, None))
-                self.count("blocks_checked", -(-c.size // c.block))
-            for first, n in _runs(check.bad):
-                what = f"block {first}" if n == 1 else f"blocks {first}-{first + n - 1}"
-                self.add(Finding("block", f"{where}: {what}: tag mismatch", path=where, block=first, count=n,
-                                 place=f"{rel}#{first}"), _rescue(check))
-        finally:
-            c.journal.close()
-
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def _orphan(self, path: bytes, message: str, kind: str) -> None:
@@ -419,88 +318,6 @@ class Walk:
                                            "checked (kept)", WARNING, place=_rel(self.root, path)))
 
 
-def _rescue(check: FileCheck) -> Action:
-    from encfs.fuse.fsckrepair import rescue
-
-    return lambda r: rescue(r, check)
-
-
-def read_blocks(c: FileContent, sink: Callable[[int, memoryview], None] | None) -> Iterator[int]:
-    """Open every block of ``c`` (its journaled version where the journal has one); yields the
-    numbers of those that fail authentication (or are missing: a cut backing file). ``sink(first,
-    plaintext)`` gets the plaintext of every run of blocks that opened."""
-    block, step, size = c.block, c.block + OVERHEAD, c.size
-    count = -(-size // block)
-    # Sized for the file: a fresh 8 MiB buffer per small file cost 0.16 ms each (1.6 s per 10,000).
-    out = memoryview(bytearray(min(count, CHUNK_BLOCKS) * block))
-    b = 0
-    while b < count:
-        if b in c.index:
-            offset, length = c.index[b]
-            try:
-                plain = c.cipher.open(b, c.journal.read(offset, length))
-                if sink is not None:
-                    sink(b, memoryview(plain))
-            except (BlockAuthError, OSError):
-                yield b
-            b += 1
-            continue
-        end = b + 1
-        while end < min(count, b + CHUNK_BLOCKS) and end not in c.index:
-            end += 1
-        plain_len = min(size, end * block) - b * block
-        data = memoryview(os.pread(c.fd, plain_len + (end - b) * OVERHEAD, HEADER_LEN + b * step))
-        at = b
-        while at < end:
-            stop = end
-            sealed_end = plain_len + (end - b) * OVERHEAD  # where the run's sealed bytes end
-            if len(data) < sealed_end:  # cut short: the blocks not wholly there fail
-                stop = b + len(data) // step
-                if stop <= at:
-                    yield from range(at, end)
-                    break
-            lo, hi = (at - b) * step, min((stop - b) * step, sealed_end)
-            want = out[:(hi - lo) - (stop - at) * OVERHEAD]
-            try:
-                c.cipher.open_into(range(at, stop), data[lo:hi], want)
-                if sink is not None:
-                    sink(at, want)
-                at = stop
-            except BlockAuthError as e:
-                if e.block_no > at and sink is not None:
-                    sink(at, out[:(e.block_no - at) * block])
-                yield e.block_no
-                at = e.block_no + 1
-        b = end
-
-
-def _runs(blocks: list[int]) -> list[tuple[int, int]]:
-    from encfs.fsckreport import sector_runs
-
-    return sector_runs(blocks)
-
-
-def _rel(root: bytes, path: bytes) -> str:
-    return os.fsdecode(os.path.relpath(path, root))
-
-
-def _read_ahead(path: bytes, size: int) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
-
-
-def _done() -> Future[None]:
-    f: Future[None] = Future()
-    f.set_result(None)
-    return f
-
-
 @contextmanager
 def quiet() -> Iterator[None]:
     """The core logs what it finds damaged as it reads; fsck reports it itself."""
@@ -514,7 +331,14 @@ def quiet() -> Iterator[None]:
 
 def check(cipherdir: Path, ks: KeyService, recovering: bool, data: bool = True) -> Walk:
     """One pass over ``cipherdir`` (the caller holds the mount lock)."""
-    opened = open_config(cipherdir, ks, writable=False)
+    try:
+        opened = open_config(cipherdir, ks, writable=False)
+    except FsVersionError:
+        raise  # newer than this encfs: not damage
+    except FsConfigError as e:  # both copies damaged, or both intact and disagreeing
+        report = Report(str(cipherdir), "filesystem")
+        report.add(Finding("config", f"config: {e.message}; nothing else can be checked"))
+        return Walk(os.fsencode(os.path.abspath(cipherdir)), None, ks, recovering, data, report)
     report = Report(str(cipherdir), "filesystem", opened.config.format,
                     counts={"files": 0, "directories": 0, "symlinks": 0, "xattrs": 0, "bytes_checked": 0,
                             "blocks_checked": 0})
@@ -556,4 +380,4 @@ def check_filesystem(cipherdir: Path, ks: KeyService, repair: bool = False) -> R
     return report
 
 
-__all__ = ["CHUNK_BLOCKS", "LOST_FOUND", "Walk", "check", "check_filesystem", "read_blocks"]
+__all__ = ["LOST_FOUND", "Walk", "check", "check_filesystem"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from encfs.errors import EncfsError
 from encfs.fsckreport import Finding
 from encfs.fuse import fsck
+from encfs.fuse.fsckcontent import FileCheck, read_blocks
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError, state_file
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import open_config
@@ -107,7 +108,7 @@ def _write_new(r: Repairer, parent: int, name: bytes, mode: int, ctx: RequestCon
         r.fs.release(fh)
 
 
-def rescue(r: Repairer, check: fsck.FileCheck) -> None:
+def rescue(r: Repairer, check: FileCheck) -> None:
     """Copy what opens of a damaged file to lost+found (zeros for its damaged blocks), with a
     report beside it, then remove the file (every backing name, its journal and state)."""
     if check.rescued:
@@ -133,7 +134,7 @@ def rescue(r: Repairer, check: fsck.FileCheck) -> None:
         def fill(write: object) -> None:
             def sink(first: int, plain: memoryview) -> None:
                 write(first * c.block, plain)  # type: ignore[operator]
-            for b in fsck.read_blocks(c, sink):
+            for b in read_blocks(c, sink):
                 bad.append(b)
                 write(b * c.block, bytes(min(c.block, c.size - b * c.block)))  # type: ignore[operator]
 
