@@ -290,6 +290,22 @@ def test_a_damaged_header_is_reported_and_left_and_the_rest_reads(built: Built, 
         verify(plain, tree, built.xattrs, sample=len(tree))
 
 
+def test_a_damaged_symlink_target_and_xattr_value_are_reported_by_path(built: Built, tmp_path: Path) -> None:
+    cipher, _plain = built.copy(tmp_path)
+    link = cipher / built.backing["short"]
+    stored = os.readlink(link)
+    link.unlink()
+    os.symlink(stored[:-3] + ("AAA" if stored[-3:] != "AAA" else "BBB"), link)
+    f3 = cipher / built.backing["f3"]
+    (name,) = [n for n in os.listxattr(f3) if n.startswith("user.encfs.x")]
+    value = bytearray(os.getxattr(f3, name))
+    value[-1] ^= 1
+    os.setxattr(f3, name, bytes(value))
+    code, report = fsck(cipher, built.home, "--repair")
+    assert code == 4 and kinds(report) == ["symlink", "xattr"], report["damage"]
+    assert sorted(d["message"].split(":")[0] for d in report["damage"]) in (["/f3", "/short"], ["/short", "/sub/hardlink"])
+
+
 # -- refusals ---------------------------------------------------------------------------------------
 
 def test_a_mounted_cipherdir_a_missing_one_and_a_disabled_key_are_refused_in_one_line(

@@ -24,6 +24,7 @@ from encfs.fuse import rekeyfile
 from encfs.fuse.content import FileContent
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError
 from encfs.fuse.journal import JournalDamaged
+from encfs.progress import progress
 
 if TYPE_CHECKING:
     from encfs.fuse.fsck import Action, Walk
@@ -54,14 +55,19 @@ class FileCheck:
 
 def check_contents(self: Walk, pending: list[tuple[bytes, FileCheck]]) -> None:
     """Check the contents of every file of ``pending`` (the walk's regular files, each inode once)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="fsck-read") as pool:
+    total = sum(check.st.st_size for _path, check in pending)
+    with ThreadPoolExecutor(1, thread_name_prefix="fsck-read") as pool, \
+            progress(total, f"fsck {os.path.basename(self.root).decode(errors='replace')}") as bar:
         ahead: list[Future[None]] = []
         for i, (path, check) in enumerate(pending):
             while len(ahead) < min(len(pending), i + AHEAD):
                 p, c = pending[len(ahead)]
                 ahead.append(pool.submit(_read_ahead, p, c.st.st_size) if self.data else _done())
             ahead[i].result()
+            ahead[i] = _DONE  # the futures of files checked are not kept
             _file(self, path, check)
+            bar.update(check.st.st_size)
+
 
 def _file(self: Walk, path: bytes, check: FileCheck) -> None:
     where, rel = check.links[0].plain, _rel(self.root, path)
@@ -205,6 +211,9 @@ def _done() -> Future[None]:
     f: Future[None] = Future()
     f.set_result(None)
     return f
+
+
+_DONE = _done()
 
 
 def _rel(root: bytes, path: bytes) -> str:
