@@ -261,16 +261,18 @@ def test_orphaned_side_files_are_dropped_and_nothing_else(built: Built, tmp_path
     (cipher / "encfs.journal").mkdir(exist_ok=True)
     orphan_journal = cipher / "encfs.journal" / ("ab" * 16)
     orphan_journal.write_bytes(b"ENCJ")
+    (sub / ("encfs.ln." + "R" * 43 + ".name.tmp.4242")).write_bytes(b"a side file a crash cut short")
     (cipher / "encfs.longlinks").mkdir(exist_ok=True)
     (cipher / "encfs.longlinks" / "encfs.lt2.5000.AAAAAAAAAAAAAAAAAAAAAAAA").write_bytes(b"x")
     code, report = fsck(cipher, built.home)
-    assert code == 0 and kinds(report) == ["orphan"] * 3, report["damage"]
+    assert code == 0 and kinds(report) == ["orphan"] * 4, report["damage"]
     assert all(d["severity"] == "warning" and d["repairable"] for d in report["damage"])
     before = {p for p in cipher.rglob("*")}
     code, report = fsck(cipher, built.home, "--repair")
     assert code == 1 and all(d["repaired"] for d in report["damage"]), report["damage"]
     gone = before - {p for p in cipher.rglob("*")}
     assert {p.name for p in gone} == {"encfs.ln." + "Q" * 43 + ".name", "ab" * 16,
+                                      "encfs.ln." + "R" * 43 + ".name.tmp.4242",
                                       "encfs.lt2.5000.AAAAAAAAAAAAAAAAAAAAAAAA"}
     assert fsck(cipher, built.home)[1]["damage"] == []
     mounted_tree(cipher, plain, built.home, built.tree, built.xattrs)

@@ -77,9 +77,11 @@ log = logging.getLogger("encfs.fuse")
 
 
 def is_atomic_leftover(name: bytes) -> bool:
-    """A write-fsync-rename's temporary file (atomicfile: ``<name>.tmp.<pid>``) a crash left."""
+    """A write-fsync-rename's temporary file (atomicfile: ``<name>.tmp.<pid>``) a crash left: ours,
+    as every backing name with a '.' is (a long name's side file's too, ``encfs.ln.<hash>.name.tmp.N``,
+    which is_internal takes for a long-name entry)."""
     stem, _, pid = name.rpartition(b".tmp.")
-    return bool(stem) and pid.isdigit() and is_internal(name)
+    return bool(stem) and pid.isdigit()
 
 
 Action = Callable[["object"], None]  # a repair, given the fsckrepair.Repairer
@@ -126,6 +128,7 @@ class Walk:
 
     def run(self) -> None:
         pending: list[tuple[bytes, FileCheck]] = []
+        self._xattrs(self.root, "/")
         self._dir(self.root, "/", bytes.fromhex(self.opened.config.fs_id)[:DIRID_LEN], pending)
         check_contents(self, pending)
         self._journal_dir()
