@@ -192,6 +192,24 @@ def test_a_flipped_bit_in_a_block_is_reported_by_path_and_block_and_repair_keeps
         verify(plain, tree, {k: v for k, v in built.xattrs.items() if k != "big"})
 
 
+def test_a_damaged_hard_linked_file_leaves_every_name_for_one_copy_with_its_xattrs(
+        built: Built, tmp_path: Path) -> None:
+    cipher, plain = built.copy(tmp_path)
+    flip(cipher / built.backing["f3"], HEADER_LEN + STEP + 5)  # block 1 of 2
+    code, report = fsck(cipher, built.home)
+    assert code == 4 and kinds(report) == ["block"] and report["damage"][0]["path"] in ("/f3", "/sub/hardlink")
+    assert fsck(cipher, built.home, "--repair")[0] == 1
+    assert fsck(cipher, built.home)[1]["damage"] == []
+    original = built.tree["f3"][1]
+    with Mount(cipher, plain, built.home):
+        assert not (plain / "f3").exists() and not (plain / "sub/hardlink").exists()
+        (copy,) = [n for n in os.listdir(plain / "lost+found") if not n.endswith(".fsck")]
+        assert (plain / "lost+found" / copy).read_bytes() == original[:BLOCK] + bytes(len(original) - BLOCK)
+        assert os.getxattr(plain / "lost+found" / copy, "user.note") == built.xattrs["f3"]["user.note"]
+        note = (plain / "lost+found" / f"{copy}.fsck").read_text()
+        assert "/f3" in note and "/sub/hardlink" in note and f"block 1: bytes {BLOCK}-{len(original) - 1}" in note
+
+
 def test_a_damaged_name_is_reported_under_its_parent_and_repair_moves_the_file_to_lost_found(
         built: Built, tmp_path: Path) -> None:
     cipher, plain = built.copy(tmp_path)

@@ -7,8 +7,8 @@ filesystem core's own writers (open_config, DirIds, EncryptedFS), under the moun
 - Orphaned bookkeeping (fsck.py says when it is provably not needed): removed.
 - A regular file with blocks that fail authentication: a new file ``lost+found/<name>`` (the
   directory is made at the root by EncryptedFS.mkdir, so it is encrypted like any other) gets
-  every block that opens, and zeros for each damaged block; ``lost+found/<name>.fsck`` lists the
-  file's old path, its size and the damaged byte ranges; then every backing name of the old file
+  every block that opens, and zeros for each damaged block, and every xattr that decrypts;
+  ``lost+found/<name>.fsck`` lists the file's old paths, its size and the damaged byte ranges; then every backing name of the old file
   is removed, with its journal and state file. A file whose name does not decrypt (its contents
   do not depend on its name) is renamed, as its backing file, to ``lost+found/#<inode>``.
 
@@ -34,7 +34,7 @@ from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError, state_fil
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import open_config
 from encfs.fuse.journal import journal_path
-from encfs.fuse.names import longname_side_file
+from encfs.fuse.names import NameAuthError, longname_side_file
 from encfs.fuseproto import ROOT_ID, FuseError, RequestContext
 
 class Repairer:
@@ -98,14 +98,32 @@ def _ctx(st: os.stat_result) -> RequestContext:
 
 
 def _write_new(r: Repairer, parent: int, name: bytes, mode: int, ctx: RequestContext,
-               fill: object) -> None:
-    """A new file ``name`` in ``parent``, written by ``fill(write)`` and fsync'd."""
-    fh, _attrs = r.fs.create(parent, name, mode, os.O_WRONLY, ctx)
+               fill: object) -> int:
+    """A new file ``name`` in ``parent``, written by ``fill(write)`` and fsync'd; its inode."""
+    fh, attrs = r.fs.create(parent, name, mode, os.O_WRONLY, ctx)
     try:
         fill(lambda off, data: r.fs.write(fh, off, data))  # type: ignore[operator]
         r.fs.fsync(fh, False)
     finally:
         r.fs.release(fh)
+    return attrs.st_ino
+
+
+def _copy_xattrs(r: Repairer, path: bytes, inode: int, ctx: RequestContext) -> None:
+    """The xattrs of the backing file ``path`` that decrypt, set on ``inode`` through the core (one
+    that does not decrypt was reported; nothing readable is left behind)."""
+    names = r.fs.names
+    for backing in os.listxattr(path, follow_symlinks=False):
+        raw = os.fsencode(backing)
+        if not names.is_xattr(raw):
+            continue
+        try:
+            stored = os.getxattr(path, backing, follow_symlinks=False)
+            plain = names.xattr_plain_name(raw, stored)
+            value = names.decrypt_xattr_value(raw, stored)
+        except (NameAuthError, OSError, ValueError):
+            continue
+        r.fs.setxattr(inode, plain, value, ctx)
 
 
 def rescue(r: Repairer, check: FileCheck) -> None:
@@ -138,8 +156,9 @@ def rescue(r: Repairer, check: FileCheck) -> None:
                 bad.append(b)
                 write(b * c.block, bytes(min(c.block, c.size - b * c.block)))  # type: ignore[operator]
 
-        _write_new(r, lost, name, stat_m.S_IMODE(check.st.st_mode), ctx, fill)
+        inode = _write_new(r, lost, name, stat_m.S_IMODE(check.st.st_mode), ctx, fill)
         c.journal.close()
+        _copy_xattrs(r, path, inode, ctx)
     finally:
         os.close(fd)
     ranges = "\n".join(f"  block {b}: bytes {b * c.block}-{min(c.size, (b + 1) * c.block) - 1} are zeros "
