@@ -178,7 +178,8 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
             "exit codes as fsck(8)")
     p = sub.add_parser("fsck", help=help, description=help)
     add_hsm_options(p)
-    p.add_argument("target", metavar="TARGET", help="a volume image (detached), a snapshot export directory or a CIPHERDIR (not mounted)")
+    p.add_argument("target", metavar="TARGET",
+                   help="a volume image (detached), a snapshot export directory or a CIPHERDIR (not mounted)")
     p.add_argument("--repair", action="store_true",
                    help="rewrite damaged header copies, commit and map slots from their good mirror and give back "
                         "leaked space (an export: remove unnamed objects); damaged sectors are listed, never changed. "

@@ -323,7 +323,19 @@ def test_a_damaged_symlink_target_and_xattr_value_are_reported_by_path(built: Bu
     os.setxattr(f3, name, bytes(value))
     code, report = fsck(cipher, built.home, "--repair")
     assert code == 4 and kinds(report) == ["symlink", "xattr"], report["damage"]
-    assert sorted(d["message"].split(":")[0] for d in report["damage"]) in (["/f3", "/short"], ["/short", "/sub/hardlink"])
+    paths = sorted(d["message"].split(":")[0] for d in report["damage"])
+    assert paths in (["/f3", "/short"], ["/short", "/sub/hardlink"])  # f3's xattr: under either link
+
+
+def test_a_torn_header_with_no_blocks_becomes_the_empty_file_it_shows_as(built: Built, tmp_path: Path) -> None:
+    cipher, plain = built.copy(tmp_path)
+    os.truncate(cipher / built.backing["f12"], 60)
+    code, report = fsck(cipher, built.home)
+    assert code == 4 and kinds(report) == ["header"]
+    assert report["damage"][0]["message"].startswith("/f12: its header is torn (60 of 128 bytes)")
+    assert fsck(cipher, built.home, "--repair")[0] == 1
+    assert fsck(cipher, built.home)[1]["damage"] == []
+    mounted_tree(cipher, plain, built.home, {**built.tree, "f12": ("file", b"")}, built.xattrs)
 
 
 # -- refusals ---------------------------------------------------------------------------------------

@@ -232,7 +232,8 @@ class Walk:
         rel = _rel(self.root, path)
         if len(ids) > 1:
             self.complete = False
-            self.add(Finding("dirid", f"{where}: its directory id copies authenticate but disagree ({', '.join(good)}): "
+            self.add(Finding("dirid", f"{where}: its directory id copies authenticate but disagree "
+                                      f"({', '.join(good)}): "
                                       "tampering; its entries are not checked", place=rel))
             return None
         if not ids:

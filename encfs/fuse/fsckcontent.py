@@ -86,8 +86,12 @@ def _file(self: Walk, path: bytes, check: FileCheck) -> None:
             header = FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
         except HeaderError as e:
             self.complete = False  # a journal or side file may be this file's
-            torn = " (torn: shorter than a header)" if size < HEADER_LEN else ""
-            self.add(Finding("header", f"{where}: its header is damaged{torn}: {e}; its contents cannot be read",
+            if size < HEADER_LEN:  # no block: it reads as an empty file that fails (EIO)
+                self.add(Finding("header", f"{where}: its header is torn ({size} of {HEADER_LEN} bytes) and it has "
+                                           "no blocks (repair: it becomes the empty file it shows as)", place=rel),
+                         lambda r: r.empty(path))
+                return
+            self.add(Finding("header", f"{where}: its header is damaged: {e}; its contents cannot be read",
                              place=rel))
             return
         self.seen_ids.add(header.file_id)
@@ -111,6 +115,7 @@ def _file(self: Walk, path: bytes, check: FileCheck) -> None:
         os.close(fd)
         if side is not None:
             os.close(side)
+
 
 def _blocks(self: Walk, fd: int, header: FileHeader, cipher: BlockCipher, check: FileCheck, where: str,
             rel: str, rekeying: bool = False) -> None:

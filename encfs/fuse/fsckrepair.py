@@ -5,12 +5,14 @@ filesystem core's own writers (open_config, DirIds, EncryptedFS), under the moun
 - A directory id copy that is missing or does not authenticate: rewritten with the bytes of the
   copy that does (DirIds.read, writable); an empty directory without an id gets a new one.
 - Orphaned bookkeeping (fsck.py says when it is provably not needed): removed.
+- A file whose torn header is all it has (1 to 127 bytes: it shows as empty, and reads fail): emptied.
 - A regular file with blocks that fail authentication: a new file ``lost+found/<name>`` (the
   directory is made at the root by EncryptedFS.mkdir, so it is encrypted like any other) gets
   every block that opens, and zeros for each damaged block, and every xattr that decrypts;
-  ``lost+found/<name>.fsck`` lists the file's old paths, its size and the damaged byte ranges; then every backing name of the old file
-  is removed, with its journal and state file. A file whose name does not decrypt (its contents
-  do not depend on its name) is renamed, as its backing file, to ``lost+found/#<inode>``.
+  ``lost+found/<name>.fsck`` lists the file's old paths, its size and the damaged byte ranges; then
+  every backing name of the old file is removed, with its journal and state file. A file whose name
+  does not decrypt (its contents do not depend on its name) is renamed, as its backing file, to
+  ``lost+found/#<inode>``.
 
 Invariants:
 - Nothing readable is lost: a damaged file is removed only after its copy in lost+found and
@@ -64,6 +66,16 @@ class Repairer:
 
     def dirid(self, path: bytes, parent_dirid: bytes) -> None:
         self.fs.dirids.read(path, parent_dirid)  # writable: rewrites the copies that do not authenticate
+
+    def empty(self, path: bytes) -> None:
+        """A file whose torn header is all it has (plaintext size 0) becomes an empty file."""
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            if os.fstat(fd).st_size < HEADER_LEN:
+                os.ftruncate(fd, 0)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def drop(self, path: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
