@@ -96,10 +96,10 @@ def _attached_device(_args: argparse.Namespace, path: Path) -> Report:
 
 
 def _check_filesystem(args: argparse.Namespace, path: Path) -> Report:
-    from encfs.block.snapcli import _service
+    from encfs.cliargs import open_key_service
     from encfs.fuse.fsck import check_filesystem
 
-    with _service(args) as ks:
+    with open_key_service(args) as ks:
         return check_filesystem(path, ks, repair=args.repair)
 
 

@@ -42,13 +42,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from encfs.fsckreport import WARNING, Finding, Report
 from encfs.fuse import rekeyfile
 from encfs.fuse.dirids import DIRID_NEXT
-from encfs.fuse.fsckcontent import FileCheck, Link, _rel, check_contents
 from encfs.fuse.fileheader import JOURNAL_DIR, STATE_SUFFIX
 from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fsckcontent import FileCheck, Link, _rel, check_contents
 from encfs.fuse.fsconfig import COPIES, FsConfigError, FsVersionError, OpenedConfig, open_config
 from encfs.fuse.journal import file_ids
 from encfs.fuse.names import (
@@ -65,8 +66,11 @@ from encfs.fuse.names import (
     is_longname_entry,
 )
 from encfs.fuse.symlinks import TMP_PREFIX
-from encfs.fuseproto import FuseError
+from encfs.fuseproto.wire import FuseError
 from encfs.keys.service import KeyService
+
+if TYPE_CHECKING:
+    from encfs.fuse.fsckrepair import Repairer
 
 LOST_FOUND = b"lost+found"
 # Bookkeeping in the root that the walk leaves to others: the config (checked first), the lock,
@@ -84,7 +88,7 @@ def is_atomic_leftover(name: bytes) -> bool:
     return bool(stem) and pid.isdigit()
 
 
-Action = Callable[["object"], None]  # a repair, given the fsckrepair.Repairer
+Action = Callable[["Repairer"], None]  # a repair, given the fsckrepair.Repairer
 
 
 @dataclass
@@ -128,6 +132,7 @@ class Walk:
 
     def run(self) -> None:
         pending: list[tuple[bytes, FileCheck]] = []
+        assert self.opened is not None  # (a walk runs only once a config opened)
         self._xattrs(self.root, "/")
         self._dir(self.root, "/", bytes.fromhex(self.opened.config.fs_id)[:DIRID_LEN], pending)
         check_contents(self, pending)

@@ -101,6 +101,7 @@ def _file(self: Walk, path: bytes, check: FileCheck) -> None:
             self.seen_ids.add(header.file_id)
             self.add(Finding("rekey", f"{where}: a re-key of it was interrupted by a crash: the next "
                                       "read-write mount finishes it", WARNING, place=rel))
+        assert self.opened is not None
         config = self.opened.config
         try:
             key = self.ks.decrypt(header.wrapped_key, config.file_context(header.file_id),

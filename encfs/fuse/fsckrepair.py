@@ -26,18 +26,20 @@ from __future__ import annotations
 import contextlib
 import os
 import stat as stat_m
+from collections.abc import Callable
 from pathlib import Path
 
 from encfs.errors import EncfsError
 from encfs.fsckreport import Finding
 from encfs.fuse import fsck
-from encfs.fuse.fsckcontent import FileCheck, read_blocks
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError, state_file
 from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fsckcontent import FileCheck, read_blocks
 from encfs.fuse.fsconfig import open_config
 from encfs.fuse.journal import journal_path
 from encfs.fuse.names import NameAuthError, longname_side_file
-from encfs.fuseproto import ROOT_ID, FuseError, RequestContext
+from encfs.fuseproto.wire import ROOT_ID, FuseError, RequestContext
+
 
 class Repairer:
     """The writable side of a repair: one EncryptedFS over the CIPHERDIR, made on first use."""
@@ -53,6 +55,7 @@ class Repairer:
     def fs(self) -> EncryptedFS:
         if self._fs is None:
             opened = self.walk.opened
+            assert opened is not None
             self._fs = EncryptedFS(self.root, opened.config, opened.keys, self.walk.ks, read_only=False,
                                    recovering=self.walk.recovering)
         return self._fs
@@ -109,16 +112,20 @@ def _ctx(st: os.stat_result) -> RequestContext:
     return RequestContext(uid=st.st_uid, gid=st.st_gid, pid=os.getpid())
 
 
+Writer = Callable[[int, bytes], object]  # write(offset, data)
+
+
 def _write_new(r: Repairer, parent: int, name: bytes, mode: int, ctx: RequestContext,
-               fill: object) -> int:
+               fill: Callable[[Writer], object]) -> int:
     """A new file ``name`` in ``parent``, written by ``fill(write)`` and fsync'd; its inode."""
     fh, attrs = r.fs.create(parent, name, mode, os.O_WRONLY, ctx)
     try:
-        fill(lambda off, data: r.fs.write(fh, off, data))  # type: ignore[operator]
+        fill(lambda off, data: r.fs.write(fh, off, data))
         r.fs.fsync(fh, False)
     finally:
         r.fs.release(fh)
-    return attrs.st_ino
+    inode: int = attrs.st_ino
+    return inode
 
 
 def _copy_xattrs(r: Repairer, path: bytes, inode: int, ctx: RequestContext) -> None:
@@ -151,6 +158,7 @@ def rescue(r: Repairer, check: FileCheck) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         header = FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
+        assert r.walk.opened is not None
         config = r.walk.opened.config
         key = r.walk.ks.decrypt(header.wrapped_key, config.file_context(header.file_id), key=config.key_id).plaintext
         from encfs.blocks import BlockCipher
@@ -178,7 +186,7 @@ def rescue(r: Repairer, check: FileCheck) -> None:
     names = "\n".join(f"  {link.plain}" for link in check.links)
     text = (f"encfs fsck --repair moved this file here: the blocks below could not be read.\n"
             f"was:\n{names}\nsize: {c.size} bytes\ndamaged:\n{ranges}\n").encode()
-    _write_new(r, lost, name + b".fsck", 0o600, ctx, lambda write: write(0, text))  # type: ignore[operator]
+    _write_new(r, lost, name + b".fsck", 0o600, ctx, lambda write: write(0, text))
     for link in check.links:
         _remove_backing(link.path)
     for p in (journal_path(r.root, header.file_id), state_file(r.root, header.file_id)):
