@@ -36,9 +36,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 # encfs's own settings inside -o (fstab): home=DIR, config=FILE, pin-file=FILE, passphrase-file=FILE,
-# log-file=FILE
+# log-file=FILE, server=NAME
 _OWN_OPTIONS = {"home": "home", "config": "config", "pin-file": "pin_file", "passphrase-file": "passphrase_file",
-                "log-file": "log_file"}
+                "log-file": "log_file", "server": "server"}
 
 
 def take_own_options(args: argparse.Namespace) -> None:
@@ -68,7 +68,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     home, hsm = _ks_args(args)
     opts = MountOptions(read_only=args.read_only or "ro" in extra,
                         allow_other=args.allow_other or "allow_other" in extra, extra=extra,
-                        log_file=args.log_file, debug=args.debug or "debug" in args.fuse_extra)
+                        log_file=args.log_file, debug=args.debug or "debug" in args.fuse_extra,
+                        server=getattr(args, "server", None) or "encfs")
     return mount(Path(args.cipherdir), Path(args.mountpoint), home, hsm, opts, args.foreground)
 
 
@@ -153,6 +154,9 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: none)")
     p.add_argument("--debug", "-d", action="store_true",
                    help="log every FUSE request and error reply by opcode name (to --log-file, or stderr with -f)")
+    p.add_argument("--server", metavar="NAME",
+                   help="FUSE server: encfs (default, the project's own protocol server) or pyfuse3 "
+                   "(libfuse 3 through pyfuse3 on trio); fstab: -o server=NAME")
     p.set_defaults(func=cmd_mount, prepare=take_own_options)
 
     p = sub.add_parser("install-mount-helper",

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from encfs.daemon import Readiness, keep_secrets_in_memory, spawn
 from encfs.diskio import syncfs
@@ -31,12 +32,19 @@ from encfs.fuseproto.mounting import escape_option, mount_fusermount, remount_di
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
 
+if TYPE_CHECKING:
+    from encfs.fuse.pyfuse3server import Pyfuse3Server
+
 # Threads for large reads and writes running alongside the next request (FuseServer._loop); with
 # the short GIL switch interval (fuseproto.server.GIL_SWITCH_INTERVAL) 4 beat 2, and 4 without it
 # lost (benchmarks/HISTORY.md, 481d43a).
 SERVER_THREADS = 4
 UNMOUNT_WAIT = 30  # seconds `encfs umount` waits for the daemon to finish after the unmount
 log = logging.getLogger("encfs.fuse")
+# `encfs mount --server`: our own /dev/fuse protocol server (encfs.fuse.server, the default: faster
+# on every workload measured, README "Two FUSE servers") or libfuse through pyfuse3 on trio
+# (encfs.fuse.pyfuse3server). Both serve the same EncryptedFS behind the same serve().
+SERVERS = ("encfs", "pyfuse3")
 
 
 @dataclass
@@ -46,6 +54,7 @@ class MountOptions:
     extra: list[str] = field(default_factory=list)
     log_file: str | None = None
     debug: bool = False  # trace every FUSE request by opcode name (fuseproto.server)
+    server: str = "encfs"  # one of SERVERS
 
 
 def _unescape_mount_field(field: bytes) -> bytes:
@@ -156,7 +165,13 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
         raise
     fs.start_seal_worker()  # before the server: its threads' request buffers live in the worker's arena
-    server = FsServer(fd, fs, where, trace=opts.debug)
+    server: FsServer | Pyfuse3Server
+    if opts.server == "pyfuse3":
+        from encfs.fuse.pyfuse3server import Pyfuse3Server
+
+        server = Pyfuse3Server(fd, fs, where, trace=opts.debug)
+    else:
+        server = FsServer(fd, fs, where, trace=opts.debug)
     if opts.debug:
         logging.getLogger("encfs.fuse.trace").setLevel(logging.DEBUG)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -194,7 +209,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         lock.release(clean=clean)
 
 
-def _recover_all(fs: EncryptedFS, server: FsServer, done: threading.Event) -> None:
+def _recover_all(fs: EncryptedFS, server: FsServer | Pyfuse3Server, done: threading.Event) -> None:
     """The last mount did not end cleanly: check every file now (each one also recovers at its
     first lookup), then let the lock record say so."""
     try:
@@ -210,6 +225,19 @@ def _recover_all(fs: EncryptedFS, server: FsServer, done: threading.Event) -> No
     done.set()
 
 
+def check_server(name: str) -> None:
+    """The server ``name`` exists and, for pyfuse3, its packages can be imported."""
+    if name not in SERVERS:
+        raise MountError(f"unknown server {name!r} (one of: {', '.join(SERVERS)})")
+    if name == "pyfuse3":
+        try:
+            import pyfuse3  # noqa: F401
+            import trio  # noqa: F401
+        except ImportError as e:
+            raise MountError(f"--server pyfuse3 needs the pyfuse3 and trio packages ({e.msg}); they build "
+                             "against libfuse3-dev (apt install libfuse3-dev pkg-config)") from None
+
+
 def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions, opts: MountOptions,
           foreground: bool) -> int:
     """`encfs mount`: returns once the mount is ready (daemonized unless foreground)."""
@@ -219,6 +247,7 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     mountlock.check(cipherdir, read_only=opts.read_only)  # the daemon takes the lock itself
     rewrap.refuse_if_interrupted(cipherdir)  # and checks again under it
     check_fuse_device()
+    check_server(opts.server)
     if foreground:
         serve(cipherdir, mountpoint, home, hsm, opts)
         return 0
