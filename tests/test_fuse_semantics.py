@@ -1,7 +1,8 @@
 """POSIX semantics of a real encfs mount, checked the way a local-filesystem conformance suite would.
 
 Most tests share one module-wide mount and work in their own fresh subdirectory;
-remount, read-only and tamper tests start their own mounts. Reads that must reach
+remount, read-only and tamper tests start their own mounts. The whole module runs once per
+FUSE server (``encfs mount --server``): our own protocol server, the default, and pyfuse3. Reads that must reach
 the daemon (not the kernel page cache) go through a fresh open() (FUSE drops the
 file's cached pages on open) after POSIX_FADV_DONTNEED.
 """
@@ -40,6 +41,26 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
         raise OSError(e, os.strerror(e), str(old))
 
 
+SERVERS = ("encfs", "pyfuse3")
+_server = SERVERS[0]  # the server every mount of the tests now running uses (the ``server`` fixture)
+
+
+@pytest.fixture(scope="module", params=SERVERS, autouse=True)
+def server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the module once per server: module-scoped, so the tests are grouped by it."""
+    global _server
+    _server = request.param
+    try:
+        yield request.param
+    finally:
+        _server = SERVERS[0]
+
+
+def serve(cipher: Path, plain: Path, home: Path, *extra: str) -> Mount:
+    """``encfs mount --foreground`` with the server under test."""
+    return Mount(cipher, plain, home, "--server", _server, *extra)
+
+
 def new_mount(base: Path, home: Path, *extra: str, block: int | None = None) -> Mount:
     cipher, plain = base / "cipher", base / "plain"
     plain.mkdir(parents=True, exist_ok=True)
@@ -47,11 +68,11 @@ def new_mount(base: Path, home: Path, *extra: str, block: int | None = None) -> 
         size = ["--block-size", str(block)] if block else []
         proc = run_encfs("init", str(cipher), "--key", "fs", *size, home=home)
         assert proc.returncode == 0, proc.stderr
-    return Mount(cipher, plain, home, *extra)
+    return serve(cipher, plain, home, *extra)
 
 
 @pytest.fixture(scope="module")
-def mnt(tmp_path_factory: pytest.TempPathFactory, fs_home: Path) -> Iterator[Mount]:
+def mnt(server: str, tmp_path_factory: pytest.TempPathFactory, fs_home: Path) -> Iterator[Mount]:
     m = new_mount(tmp_path_factory.mktemp("sem"), fs_home)
     try:
         yield m
@@ -73,7 +94,7 @@ def d(mnt: Mount, request: pytest.FixtureRequest) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module", params=BLOCK_SIZES, ids=lambda b: f"{b // 1024}k")
-def block_mnt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+def block_mnt(server: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
               fs_home: Path) -> Iterator[tuple[Mount, int]]:
     m = new_mount(tmp_path_factory.mktemp(f"sem{request.param}"), fs_home, block=request.param)
     try:
@@ -1258,7 +1279,7 @@ def tamper_setup(request: pytest.FixtureRequest, tmp_path: Path, fs_home: Path):
         m.stop()
 
     def remount() -> Mount:
-        return Mount(m.cipherdir, m.mountpoint, fs_home)
+        return serve(m.cipherdir, m.mountpoint, fs_home)
 
     def healthy(m2: Mount, *more: str) -> None:
         assert m2.proc.poll() is None, "daemon died"
