@@ -57,8 +57,13 @@ def server(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def serve(cipher: Path, plain: Path, home: Path, *extra: str) -> Mount:
-    """``encfs mount --foreground`` with the server under test."""
-    return Mount(cipher, plain, home, "--server", _server, *extra)
+    """``encfs mount --foreground`` with the server under test (only pyfuse3 loads libfuse)."""
+    m = Mount(cipher, plain, home, "--server", _server, *extra)
+    with open(f"/proc/{m.pid}/maps") as f:
+        if ("libfuse3.so" in f.read()) != (_server == "pyfuse3"):
+            m.stop()
+            raise AssertionError(f"the daemon does not serve with {_server}")
+    return m
 
 
 def new_mount(base: Path, home: Path, *extra: str, block: int | None = None) -> Mount:

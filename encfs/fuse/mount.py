@@ -9,6 +9,7 @@ every backing file and unmounts.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -143,6 +144,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     """
     keep_secrets_in_memory()  # also a foreground mount, which is the CLI process
     check_mountpoint(mountpoint)
+    server_class = _server_class(opts.server)
     peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
     lock = MountLock.acquire(cipherdir, mountpoint, read_only=opts.read_only)
     try:
@@ -165,13 +167,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
         raise
     fs.start_seal_worker()  # before the server: its threads' request buffers live in the worker's arena
-    server: FsServer | Pyfuse3Server
-    if opts.server == "pyfuse3":
-        from encfs.fuse.pyfuse3server import Pyfuse3Server
-
-        server = Pyfuse3Server(fd, fs, where, trace=opts.debug)
-    else:
-        server = FsServer(fd, fs, where, trace=opts.debug)
+    server = server_class(fd, fs, where, trace=opts.debug)
     if opts.debug:
         logging.getLogger("encfs.fuse.trace").setLevel(logging.DEBUG)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -225,17 +221,30 @@ def _recover_all(fs: EncryptedFS, server: FsServer | Pyfuse3Server, done: thread
     done.set()
 
 
+_NEEDS_PACKAGES = ("--server pyfuse3 needs the pyfuse3 and trio packages ({}); pyfuse3 builds against "
+                   "libfuse3-dev (apt install libfuse3-dev pkg-config)")
+
+
 def check_server(name: str) -> None:
-    """The server ``name`` exists and, for pyfuse3, its packages can be imported."""
+    """The server ``name`` exists and, for pyfuse3, its packages are installed (found, not
+    imported: the CLI process loads no libfuse; the daemon imports them in _server_class)."""
     if name not in SERVERS:
         raise MountError(f"unknown server {name!r} (one of: {', '.join(SERVERS)})")
     if name == "pyfuse3":
+        missing = [p for p in ("pyfuse3", "trio") if importlib.util.find_spec(p) is None]
+        if missing:
+            raise MountError(_NEEDS_PACKAGES.format("missing: " + ", ".join(missing)))
+
+
+def _server_class(name: str) -> type[FsServer | Pyfuse3Server]:
+    check_server(name)
+    if name == "pyfuse3":
         try:
-            import pyfuse3  # noqa: F401
-            import trio  # noqa: F401
+            from encfs.fuse.pyfuse3server import Pyfuse3Server
         except ImportError as e:
-            raise MountError(f"--server pyfuse3 needs the pyfuse3 and trio packages ({e.msg}); they build "
-                             "against libfuse3-dev (apt install libfuse3-dev pkg-config)") from None
+            raise MountError(_NEEDS_PACKAGES.format(e.msg)) from None
+        return Pyfuse3Server
+    return FsServer
 
 
 def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions, opts: MountOptions,
