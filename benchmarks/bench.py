@@ -88,6 +88,8 @@ KEY_METRICS = {
 
 RATIOS = [  # (label, numerator target, denominator target)
     ("encfs / null cipher", "encfs", "encfs-null"),
+    ("pyfuse3 server / encfs server", "encfs-pyfuse3", "encfs"),
+    ("pyfuse3 server / encfs server, null cipher", "encfs-pyfuse3-null", "encfs-null"),
     ("encfs / gocryptfs", "encfs", "gocryptfs"),
     ("encfs 4 KiB blocks / encfs", "encfs-4k", "encfs"),
     ("encfs volume / null-cipher volume", "encfs-volume", "encfs-volume-null"),
@@ -304,6 +306,29 @@ class EncfsNull(EncfsFuse):
     name = "encfs-null"
     description = "the same encfs FUSE path with the content cipher replaced by a null cipher (benchmark only)"
     launcher = [sys.executable, str(HERE / "null_mount.py")]
+
+
+def _check_pyfuse3() -> None:
+    import importlib.util
+
+    missing = [p for p in ("pyfuse3", "trio") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise Unavailable(f"not installed: {', '.join(missing)}")
+
+
+class EncfsPyfuse3(EncfsFuse):
+    name = "encfs-pyfuse3"
+    description = "encfs FUSE mount served through pyfuse3 on trio (`encfs mount --server pyfuse3`)"
+    launcher = [*EncfsFuse.launcher, "--server", "pyfuse3"]
+
+    def check(self) -> None:
+        _check_pyfuse3()
+
+
+class EncfsPyfuse3Null(EncfsPyfuse3):
+    name = "encfs-pyfuse3-null"
+    description = "encfs-null served through pyfuse3 on trio (benchmark only)"
+    launcher = [sys.executable, str(HERE / "null_mount.py"), "--server", "pyfuse3"]
 
 
 class EncfsVolume(Target):
@@ -525,7 +550,7 @@ class Fscrypt(Target):
         return data
 
 
-ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsFuse4k, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
+ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsFuse4k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
                EncfsVolumeNullV1, LoopPlain, Gocryptfs, Securefs, Cryfs, LuksNbdkit, Fscrypt]
 
 

@@ -2,7 +2,9 @@
 """Benchmark-only launcher: serve an encfs CIPHERDIR with the content cipher switched off.
 
 Usage (the harness runs it; it is not an `encfs` command and never a mount option):
-    ENCFS_HOME=... python benchmarks/null_mount.py CIPHERDIR MOUNTPOINT
+    ENCFS_HOME=... python benchmarks/null_mount.py [--server NAME] CIPHERDIR MOUNTPOINT
+
+(``--server`` as in ``encfs mount``: encfs, the default, or pyfuse3.)
 
 It runs the very same ``encfs.fuse.mount.serve()`` path as ``encfs mount --foreground``, with one
 difference: ``EncryptedFS.cipher_class`` is replaced, in this process and its sealing worker
@@ -72,6 +74,9 @@ class NullBlockCipher(BlockCipher):
 
 
 def main(argv: list[str]) -> int:
+    server = "encfs"
+    if argv[:1] == ["--server"] and len(argv) > 1:
+        server, argv = argv[1], argv[2:]
     if len(argv) != 2:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
@@ -85,7 +90,7 @@ def main(argv: list[str]) -> int:
     mount_mod.EncryptedFS = NullCipherFS  # this process only
     cipherdir, mountpoint = Path(argv[0]).absolute(), Path(argv[1]).absolute()
     mount_mod.serve(cipherdir, mountpoint, None, HsmOptions(),
-                    mount_mod.MountOptions())
+                    mount_mod.MountOptions(server=server))
     return 0
 
 
