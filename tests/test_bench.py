@@ -163,3 +163,24 @@ def test_bench_volumes_and_snapshots_smoke(tmp_path: Path) -> None:
     table = (out / "results.md").read_text()
     assert "| `encfs snapshot create` (whole command), " in table
     assert "| `encfs rekey VOL --full` (every sector re-encrypted), " in table
+
+
+@needs_root
+@pytest.mark.timeout(120)
+def test_bench_pyfuse3_targets_smoke(tmp_path: Path) -> None:
+    """The second server's targets run and fill their ratio columns against our server's."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ)
+    env.pop("SOFTHSM2_CONF", None)
+    targets = ["encfs-null", "encfs-pyfuse3-null"]
+    proc = subprocess.run([sys.executable, "-m", "encfs", "bench", "--scale", "smoke", "--targets", ",".join(targets),
+                           "--no-keys", "--out", str(out), "--workdir", str(work)],
+                          capture_output=True, text=True, timeout=110, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _mounted_under(tmp_path) == []
+    result = json.loads((out / "results.json").read_text())
+    assert {t: s["status"] for t, s in result["targets"].items()} == dict.fromkeys(targets, "ok"), result["targets"]
+    ratios = result["ratios"]["pyfuse3 server / encfs server, null cipher"]
+    assert ratios["seq_write"] is not None and ratios["seq_write"] > 0, ratios
+    assert "encfs-pyfuse3" in proc.stdout
