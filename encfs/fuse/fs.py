@@ -1,6 +1,7 @@
 """The filesystem operations: a plaintext view of a CIPHERDIR.
 
-encfs.fuse.server decodes kernel requests into calls of these methods.
+encfs.fuse.server (the default) or encfs.fuse.pyfuse3server (``--server pyfuse3``) turns kernel
+requests into calls of these methods.
 
 Design:
 - FUSE inode numbers are the backing inode numbers (the backing root's
@@ -9,8 +10,9 @@ Design:
   backing filesystem reuses the number of an inode we free (last unlink,
   rmdir, rename over it) while the kernel may still hold the old one (an
   open fd, a cwd), so each freed number gets a new FUSE generation.
-- The server serialises calls, except that reads (reader + read_open) run
-  alongside each other: no operation interleaves with one that changes a file.
+- The server serialises calls, except that reads (reader + read_open) may run
+  alongside each other (FsServer's do; pyfuse3's run one at a time too): no
+  operation interleaves with one that changes a file.
 - A file that is open but has lost every name (unlinked while open) is
   reached through the backing fd of an open handle (_target), so fstat,
   ftruncate, fchmod, f*xattr and reopening via /proc/self/fd keep working.
