@@ -52,7 +52,7 @@ def test_sigterm_to_foreground_pyfuse3_daemon_unmounts_cleanly(tmp_path: Path, f
     cipher, mp = new_fs(tmp_path, fs_home)
     data = os.urandom(3 << 20)
     with guard(cipher, mp):
-        m = Mount(cipher, mp, fs_home, "--server", "pyfuse3")
+        m = Mount(cipher, mp, fs_home, "--server", "pyfuse3", log=tmp_path / "daemon.log")  # this daemon's alone
         try:
             assert _serves_with_libfuse(m.pid)
             (mp / "big").write_bytes(data)
