@@ -229,3 +229,29 @@ def test_the_volume_server_maps_a_refused_resize_by_its_type(monkeypatch: pytest
         theirs.close()
         loop.join(10)
         ours.close()
+
+
+def test_a_thread_that_finds_the_device_closed_after_serving_ended_ends_quietly() -> None:
+    """serve() returns (DESTROY, unmount) and its caller closes the device: a serving thread that
+    reads it next gets EBADF, which is the end, not a failure (it printed a traceback)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        server = RecordingServer(ours.fileno())
+
+        def closed_meanwhile(buf: memoryview, poller: object) -> int:
+            server._running = False  # serving ended in another thread ...
+            raise OSError(errno.EBADF, "Bad file descriptor")  # ... and the device was closed
+
+        server._next_request = closed_meanwhile  # type: ignore[method-assign]
+        server._loop(False)  # returns, and raises nothing
+
+        def closed_while_serving(buf: memoryview, poller: object) -> int:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+        server._running = True
+        server._next_request = closed_while_serving  # type: ignore[method-assign]
+        with pytest.raises(OSError):  # while serving, EBADF is still a failure
+            server._loop(False)
+    finally:
+        ours.close()
+        theirs.close()

@@ -216,6 +216,8 @@ class FuseServer:
                         self.unmounted = True
                         self._running = False
                         break
+                    if e.errno == errno.EBADF and not self._running:  # serve() ended and closed the device
+                        break
                     raise
                 if n < IN_HEADER.size:  # never from a live /dev/fuse: the other end is gone
                     self._running = False
