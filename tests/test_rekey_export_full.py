@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from rekey_kills import kill_and_rerun
 from test_rekey_rewrap import home, key_id, ok  # noqa: F401  (the fixture)
 from volume_tool import contents, write
 
@@ -158,42 +156,20 @@ def test_a_run_killed_at_each_step_is_finished_by_running_it_again(home: Path, t
 
 def test_full_killed_at_random_moments_is_finished_by_running_it_again(home: Path, tmp_path: Path) -> None:
     directory, expected = exported(home, tmp_path, mib=24)
-    env = dict(os.environ, ENCFS_HOME=str(home))
-    env.pop("SOFTHSM2_CONF", None)
     new = new_path(directory)
 
-    def start(dest: str) -> tuple[subprocess.Popen[bytes], float]:
-        cmd = [sys.executable, "-m", "encfs", "rekey", str(directory), "--full", "--key", dest]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 60
-        while not new.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-        return proc, time.monotonic()
+    def after_kill(dest: str) -> None:
+        assert manifests(directory) == sorted(expected)  # DIR is a whole export, old or new
+        ok(home, "fsck", directory)
 
-    proc, started = start("a")  # a whole run: how long the copy lives
-    assert proc.wait(timeout=300) == 0
-    span = time.monotonic() - started
-    rng = random.Random()
-    interrupted = round_no = 0
-    dest = "a"
-    while interrupted < KILLS_WANTED:
-        assert round_no < 3 * KILLS_WANTED, f"only {interrupted} of {round_no} kills interrupted a re-key"
-        dest = "b" if round_no % 2 == 0 else "a"
-        proc, _ = start(dest)
-        try:
-            time.sleep(rng.uniform(0, 0.9 * span))
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        round_no += 1
-        if new.exists() or swap_path(directory).exists():
-            interrupted += 1
-            assert manifests(directory) == sorted(expected)  # DIR is a whole export, old or new
-            ok(home, "fsck", directory)
+    def after_rerun(dest: str) -> None:
         out = json.loads(ok(home, "rekey", directory, "--full", "--key", dest, "--json"))
         assert not new.exists() and not swap_path(directory).exists()
         assert out["KeyId"] == export_cmk(directory) == key_id(home, dest)
         assert manifests(directory) == sorted(expected)
         ok(home, "fsck", directory)  # every object and manifest verifies
+
+    _rounds, dest = kill_and_rerun(directory, home, KILLS_WANTED,
+                                   lambda: new.exists() or swap_path(directory).exists(), after_kill, after_rerun)
     ok(home, "key", "disable", "b" if dest == "a" else "a")
     imports(home, directory, expected, tmp_path, dest)

@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from fuse_helpers import Mount
+from rekey_kills import kill_and_rerun
 from test_rekey_fs import (  # noqa: F401  (the fixture)
     Tree,
     backing,
@@ -76,41 +72,18 @@ def test_full_killed_at_random_moments_is_finished_by_running_it_again(tmp_path:
             f.write(b"x" * 5)
             os.fsync(f.fileno())
         tree["f1"] = ("file", b"x" * 5 + tree["f1"][1][5:])
-    env = dict(os.environ, ENCFS_HOME=str(home))
-    env.pop("SOFTHSM2_CONF", None)
 
-    def start(dest: str) -> tuple[subprocess.Popen[bytes], float]:
-        """The command, and when its marker appeared (bounded poll)."""
-        cmd = [sys.executable, "-m", "encfs", "rekey", str(cipher), "--full", "--key", dest]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 60
-        while not (cipher / MARKER).exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-        return proc, time.monotonic()
+    def after_kill(dest: str) -> None:
+        line = mount_refused(home, cipher, plain)
+        assert f"run `encfs rekey --full {cipher}` again" in line, line
 
-    proc, marked = start("a")  # a whole run (to the CMK it is under): how long the marker lives
-    assert proc.wait(timeout=300) == 0
-    span = time.monotonic() - marked
-    rng = random.Random()
-    interrupted = round_no = 0
-    while interrupted < KILLS_WANTED:
-        assert round_no < 3 * KILLS_WANTED, f"only {interrupted} of {round_no} kills interrupted a re-key"
-        dest = "b" if round_no % 2 == 0 else "a"
-        proc, _ = start(dest)
-        try:
-            time.sleep(rng.uniform(0, 0.9 * span))
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        round_no += 1
-        if (cipher / MARKER).exists():
-            interrupted += 1
-            line = mount_refused(home, cipher, plain)
-            assert f"run `encfs rekey --full {cipher}` again" in line, line
+    def after_rerun(dest: str) -> None:
         out = json.loads(ok(home, "rekey", cipher, "--full", "--key", dest, "--json"))
         assert out["KeyId"] == key_id(home, dest) and out["Damaged"] == [] and not (cipher / MARKER).exists()
         with Mount(cipher, plain, home, "-o", "ro"):
             verify(plain, tree, {}, sample=8)
+
+    _rounds, dest = kill_and_rerun(cipher, home, KILLS_WANTED, (cipher / MARKER).exists, after_kill, after_rerun)
     ok(home, "key", "disable", "b" if dest == "a" else "a")
     with Mount(cipher, plain, home):
         verify(plain, tree, {})

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
+from rekey_kills import kill_and_rerun
 from test_rekey_rewrap import fails, home, key_id, ok  # noqa: F401  (the fixture)
 from volume_tool import _run, digests, make_snapshots, run, write
 
@@ -159,42 +157,20 @@ def test_full_killed_at_random_moments_is_finished_by_running_it_again(home: Pat
         ok(home, "snapshot", "create", image, "--description", f"step {i}")
         write(image, home, {(4 + 9 * i) * MiB: os.urandom(6 * MiB)}, tmp_path)
     before, rows = digests(image, home), snapshot_rows(home, image)
-    env = dict(os.environ, ENCFS_HOME=str(home))
-    env.pop("SOFTHSM2_CONF", None)
     tmp = copy_of(image)
+    resumed = 0
 
-    def start(dest: str) -> tuple[subprocess.Popen[bytes], float]:
-        """The command, and when its copy appeared (bounded poll)."""
-        cmd = [sys.executable, "-m", "encfs", "rekey", str(image), "--full", "--key", dest]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 60
-        while not tmp.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-        return proc, time.monotonic()
+    def after_kill(dest: str) -> None:
+        assert digests(image, home) == before  # the original stays whole until the rename
 
-    proc, started = start("a")  # a whole run: how long the copy lives
-    assert proc.wait(timeout=300) == 0
-    span = time.monotonic() - started
-    rng = random.Random()
-    interrupted = round_no = resumed = 0
-    dest = "a"
-    while interrupted < KILLS_WANTED:
-        assert round_no < 3 * KILLS_WANTED, f"only {interrupted} of {round_no} kills interrupted a re-key"
-        dest = "b" if round_no % 2 == 0 else "a"
-        proc, _ = start(dest)
-        try:
-            time.sleep(rng.uniform(0, 0.9 * span))
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        round_no += 1
-        if tmp.exists():
-            interrupted += 1
-            assert digests(image, home) == before  # the original stays whole until the rename
+    def after_rerun(dest: str) -> None:
+        nonlocal resumed
         out = json.loads(ok(home, "rekey", image, "--full", "--key", dest, "--json"))
         resumed += out["Resumed"]
         assert out["KeyId"] == key_id(home, dest) and not tmp.exists()
         assert snapshot_rows(home, image) == rows and digests(image, home) == before
+
+    round_no, dest = kill_and_rerun(image, home, KILLS_WANTED, tmp.exists, after_kill, after_rerun)
     ok(home, "key", "disable", "b" if dest == "a" else "a")
     assert digests(image, home) == before
-    print(f"{interrupted} of {round_no} kills interrupted a re-key; {resumed} re-runs carried a copy on")
+    print(f"{KILLS_WANTED} of {round_no} kills interrupted a re-key; {resumed} re-runs carried a copy on")

@@ -1,0 +1,59 @@
+"""`encfs rekey --full` killed with -9 at random moments, then run again: the loop that the filesystem,
+volume and export tests share (issue #21: "killed at 10 random points, resumed each time, every byte
+verified"). Each test says what marks a run in progress and what to check after each kill and re-run.
+
+The moments are calibrated on one whole run: from when the run's mark appears on disk to its end,
+so that most kills land inside the copy however fast the machine is."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+Check = Callable[[str], None]  # given the destination CMK of the round
+
+
+def _start(target: Path, dest: str, home: Path, marked: Callable[[], bool]) -> tuple[subprocess.Popen[bytes], float]:
+    """`encfs rekey TARGET --full --key DEST`, and when ``marked()`` became true (bounded poll)."""
+    env = dict(os.environ, ENCFS_HOME=str(home))
+    env.pop("SOFTHSM2_CONF", None)
+    cmd = [sys.executable, "-m", "encfs", "rekey", str(target), "--full", "--key", dest]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 60
+    while not marked() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return proc, time.monotonic()
+
+
+def kill_and_rerun(target: Path, home: Path, wanted: int, marked: Callable[[], bool],
+                   after_kill: Check, after_rerun: Check) -> tuple[int, str]:
+    """Kill runs (alternating destination CMKs "b" and "a") until ``wanted`` kills interrupted one
+    (``marked()`` after the kill); ``after_kill`` checks such a moment, ``after_rerun`` the state
+    after the command ran again to the end. Returns (rounds, the last destination)."""
+    proc, started = _start(target, "a", home, marked)  # a whole run: how long its mark lives
+    assert proc.wait(timeout=300) == 0
+    span = time.monotonic() - started
+    rng = random.Random()
+    interrupted = round_no = 0
+    dest = "a"
+    while interrupted < wanted:
+        assert round_no < 3 * wanted, f"only {interrupted} of {round_no} kills interrupted a re-key"
+        dest = "b" if round_no % 2 == 0 else "a"
+        proc, _ = _start(target, dest, home, marked)
+        try:
+            time.sleep(rng.uniform(0, 0.9 * span))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        round_no += 1
+        if marked():
+            interrupted += 1
+            after_kill(dest)
+        after_rerun(dest)
+    return round_no, dest
