@@ -17,6 +17,9 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,3 +110,16 @@ def sector_runs(sectors: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((s, 1))
     return runs
+
+
+@contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """The stores and the filesystem core log what they find damaged (or repair) as they read;
+    a checker reports it itself, once, as a finding."""
+    log = logging.getLogger(logger)
+    before = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(before)

@@ -37,13 +37,11 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 from encfs.block.header import RECORD, VolumeFormatError, VolumeHeader, header_mac_key
@@ -58,19 +56,18 @@ from encfs.block.layout import (
 from encfs.block.sectors import SectorStore
 from encfs.block.volume import VolumeError, _read_verified, open_locked, open_volume
 from encfs.blocks import SEALED_BLOCK, BlockAuthError
-from encfs.fsckreport import WARNING, Finding, Report, sector_runs
+from encfs.fsckreport import WARNING, Finding, Report, quiet, sector_runs
 from encfs.keys.service import KeyService
 from encfs.progress import Progress, progress
 
 CHUNK = 2048  # sectors per read (8 MiB): large runs
 AHEAD = 4  # chunks read into the page cache ahead of the one being opened
-log = logging.getLogger("encfs.block")
 
 
 def check_volume(path: Path, ks: KeyService, repair: bool = False) -> Report:
     """Check the volume at ``path`` (detached) and, with ``repair``, repair what is repairable."""
     start = time.monotonic()
-    with _quiet():
+    with quiet("encfs.block"):
         report = _check(path, ks, data=True)
         if repair and any(f.repairable for f in report.findings):
             _repair(path, ks, report)
@@ -83,17 +80,6 @@ def check_volume(path: Path, ks: KeyService, repair: bool = False) -> Report:
     report.repair = repair
     report.seconds = time.monotonic() - start
     return report
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """The stores log what they repair or find damaged as they open; fsck reports it itself."""
-    before = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        log.setLevel(before)
 
 
 def _check(path: Path, ks: KeyService, data: bool) -> Report:

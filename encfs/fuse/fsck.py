@@ -34,17 +34,15 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
 import os
 import stat as stat_m
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from encfs.fsckreport import WARNING, Finding, Report
+from encfs.fsckreport import WARNING, Finding, Report, quiet
 from encfs.fuse import rekeyfile
 from encfs.fuse.dirids import DIRID_NEXT
 from encfs.fuse.fileheader import JOURNAL_DIR, STATE_SUFFIX
@@ -77,7 +75,6 @@ LOST_FOUND = b"lost+found"
 # the journal directory and long targets (checked after the walk), a re-key's files (refused).
 ROOT_ENTRIES = {os.fsencode(n) for n in (*COPIES, "encfs.lock", "encfs.rekey", "encfs.rekey.redo",
                                          "encfs.rekey.done")} | {JOURNAL_DIR, LONGLINK_DIR}
-log = logging.getLogger("encfs.fuse")
 
 
 def is_atomic_leftover(name: bytes) -> bool:
@@ -327,17 +324,6 @@ class Walk:
                                            "checked (kept)", WARNING, place=_rel(self.root, path)))
 
 
-@contextmanager
-def quiet() -> Iterator[None]:
-    """The core logs what it finds damaged as it reads; fsck reports it itself."""
-    before = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        log.setLevel(before)
-
-
 def check(cipherdir: Path, ks: KeyService, recovering: bool, data: bool = True) -> Walk:
     """One pass over ``cipherdir`` (the caller holds the mount lock)."""
     try:
@@ -371,7 +357,7 @@ def check_filesystem(cipherdir: Path, ks: KeyService, repair: bool = False) -> R
     recovering = lock.recovering
     try:
         refuse_if_interrupted(cipherdir)
-        with quiet():
+        with quiet("encfs.fuse"):
             walk = check(cipherdir, ks, recovering)
             report = walk.report
             if repair and walk.actions:
