@@ -27,7 +27,7 @@ Design:
 - Directory ids (dirids.py) and symlink targets (symlinks.py) are bound to
   their place once the filesystem has the features (FORMAT.md §6.3): a rename
   reseals them. A renamed symlink is a new backing inode; the kernel keeps the
-  old number for it until its next lookup (_aliases).
+  old number for it until its next lookup (an alias, inomap.py).
 - With a sealing worker (start_seal_worker, a serving daemon), large writes of
   whole blocks are sealed in it before the server serialises them (seal_ahead),
   and large reads are opened in it: a file's data key goes to the worker at its
@@ -54,6 +54,7 @@ from encfs.errors import EncfsError, IntegrityError
 from encfs.fuse.content import FileContent, whole_blocks
 from encfs.fuse.dirids import DirIds
 from encfs.fuse.fsconfig import BINDING_UPGRADE, FsConfig, FsKeys
+from encfs.fuse.inomap import InodeMap
 from encfs.fuse.names import (
     DIRID_LEN,
     NAME_MAX,
@@ -170,14 +171,8 @@ class EncryptedFS:
         self.read_only = read_only
         self.files = OpenFiles(self.root, config, ks, self.cipher_class, read_only, lambda: self.seal_worker,
                                recovering)
-        self._root_ino = os.lstat(self.root).st_ino
-        self._paths: dict[int, set[bytes]] = {ROOT_ID: {self.root}}
-        self._lookups: dict[int, int] = {ROOT_ID: 1}
+        self.inodes = InodeMap(self.root)
         self._dirids: dict[int, bytes] = {ROOT_ID: bytes.fromhex(config.fs_id)[:DIRID_LEN]}
-        self._generations: dict[int, int] = {}  # inode number -> times it was freed
-        # Inode numbers the kernel still holds for a symlink that a rename replaced with a new
-        # backing symlink (bound targets): they name the new one's path until looked up afresh.
-        self._aliases: set[int] = set()
         self._no_capability: set[int] = set()  # inodes known to lack CAPABILITY_XATTR
         self._euid, self._egid = os.geteuid(), os.getegid()
         self._umask = os.umask(0o022)
@@ -189,51 +184,20 @@ class EncryptedFS:
     # -- inode and path bookkeeping ---------------------------------------------
 
     def _ino(self, st: os.stat_result) -> int:
-        if st.st_ino == self._root_ino:
-            return ROOT_ID
-        if st.st_ino == ROOT_ID:
-            return self._root_ino
-        return st.st_ino
+        return self.inodes.ino(st)
 
     def _path(self, inode: int) -> bytes:
-        paths = self._paths.get(inode)
-        if not paths:
-            raise FuseError(errno.ENOENT)
-        return next(iter(paths))
+        return self.inodes.path(inode)
 
     def _target(self, inode: int) -> bytes | int:
         """A backing path of ``inode`` or, once it has no name left, an open handle's backing fd."""
-        paths = self._paths.get(inode)
-        if paths:
-            return next(iter(paths))
+        path = self.inodes.any_path(inode)
+        if path is not None:
+            return path
         fd = self.files.fd_of(inode)
         if fd is None:
             raise FuseError(errno.ENOENT)
         return fd
-
-    def _remember(self, inode: int, path: bytes, count: bool = True) -> None:
-        if inode in self._aliases:  # the number names a backing inode again: the alias is over
-            self._aliases.discard(inode)
-            self._paths[inode] = set()
-        self._paths.setdefault(inode, set()).add(path)
-        if count:
-            self._lookups[inode] = self._lookups.get(inode, 0) + 1
-
-    def _forget_path(self, inode: int, path: bytes) -> None:
-        paths = self._paths.get(inode)
-        if paths is not None:
-            paths.discard(path)
-
-    def _rename_paths(self, old: bytes, new: bytes) -> None:
-        prefix = old + b"/"
-        for paths in self._paths.values():
-            for p in list(paths):
-                if p == old:
-                    paths.discard(p)
-                    paths.add(new)
-                elif p.startswith(prefix):
-                    paths.discard(p)
-                    paths.add(new + p[len(old):])
 
     def _next_handle(self) -> int:
         fh = self._next_fh
@@ -282,7 +246,7 @@ class EncryptedFS:
         if dirid is not None:
             return dirid
         dirid = self.dirids.read(path, self._dirid_at(os.path.dirname(path)))
-        if ino in self._paths:  # known to the kernel: forgotten (and dropped) with it
+        if self.inodes.known(ino):  # known to the kernel: forgotten (and dropped) with it
             self._dirids[ino] = dirid
         return dirid
 
@@ -323,7 +287,7 @@ class EncryptedFS:
         """Plaintext attributes; symlinks need their backing ``path`` for the target length."""
         e = EntryAttributes()
         e.st_ino = inode if inode is not None else self._ino(st)
-        e.generation = self._generations.get(e.st_ino, 0)
+        e.generation = self.inodes.generation(e.st_ino)
         e.entry_timeout = ATTR_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = st.st_mode
@@ -348,7 +312,7 @@ class EncryptedFS:
     def _entry(self, path: bytes, count: bool = True) -> EntryAttributes:
         st = os.lstat(path)
         inode = self._ino(st)
-        self._remember(inode, path, count)
+        self.inodes.remember(inode, path, count)
         return self._attrs(st, inode, path)
 
     # -- lookups and attributes ---------------------------------------------------------
@@ -364,16 +328,12 @@ class EncryptedFS:
     @fuse_op
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, nlookup in inode_list:
-            left = self._lookups.get(inode, 0) - nlookup
-            if left > 0 or inode == ROOT_ID:
-                self._lookups[inode] = max(left, 1 if inode == ROOT_ID else left)
+            if not self.inodes.forget(inode, nlookup):
                 continue
-            self._lookups.pop(inode, None)
-            self._aliases.discard(inode)
             self._no_capability.discard(inode)
             self._sizes.pop(inode, None)
             if not self.files.is_open(inode):
-                self._paths.pop(inode, None)
+                self.inodes.drop_paths(inode)
                 self._dirids.pop(inode, None)
 
     @fuse_op
@@ -469,7 +429,7 @@ class EncryptedFS:
                 continue
             inode = self._ino(st)
             yield name, self._attrs(st, inode, child), i + 1
-            self._remember(inode, child, count=plus)
+            self.inodes.remember(inode, child, count=plus)
 
     @fuse_op
     def releasedir(self, fh: int) -> None:
@@ -529,11 +489,11 @@ class EncryptedFS:
     def _removed(self, st: os.stat_result, path: bytes) -> None:
         """Bookkeeping after the backing entry ``path`` (stat ``st``) was removed or replaced."""
         inode = self._ino(st)
-        self._forget_path(inode, path)
+        self.inodes.forget_path(inode, path)
         if stat_m.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
             # The backing inode is freed (or will be, at its last close) and its number may be
             # reused: a new generation tells the kernel the number now names a new inode.
-            self._generations[inode] = self._generations.get(inode, 0) + 1
+            self.inodes.new_generation(inode)
             self._dirids.pop(inode, None)
             self._no_capability.discard(inode)
             if stat_m.S_ISREG(st.st_mode):
@@ -704,7 +664,7 @@ class EncryptedFS:
         if replaced is not None:
             self.links.drop(replaced_target)
             self._removed(replaced, new)
-        self._rename_paths(old, new)
+        self.inodes.rename_paths(old, new)
 
     def _last_link_state_file(self, path: bytes, st: os.stat_result) -> bytes | None:
         """On a backing store without user xattrs: the state file of the regular file ``path``
@@ -721,11 +681,9 @@ class EncryptedFS:
 
     def _moved_link(self, st: os.stat_result) -> None:
         """A rename replaced the symlink ``st`` with a new backing symlink: the kernel keeps its
-        old number for the new name until it looks the name up again (an alias, see _remember);
+        old number for the new name until it looks the name up again (an alias, inomap.py);
         the backing filesystem may reuse the number, hence a new generation."""
-        inode = self._ino(st)
-        self._generations[inode] = self._generations.get(inode, 0) + 1
-        self._aliases.add(inode)
+        self.inodes.alias(self._ino(st))
 
     def _exchange(self, old: bytes, new: bytes, st_old: os.stat_result, parent_old: int, parent_new: int,
                   flags: int) -> None:
@@ -754,14 +712,7 @@ class EncryptedFS:
             raise
         for _, after, dirid, _, to_parent in moves:
             self.dirids.after_move(after, dirid, to_parent)
-        self._swap_paths(self._ino(st_old), self._ino(st_new), old, new)
-
-    def _swap_paths(self, ino_a: int, ino_b: int, a: bytes, b: bytes) -> None:
-        tmp = b"\0swap"
-        self._rename_paths(a, tmp)
-        self._rename_paths(b, a)
-        self._rename_paths(tmp, b)
-        del ino_a, ino_b
+        self.inodes.swap_paths(old, new)
 
     # -- files --------------------------------------------------------------------------------
 
