@@ -46,6 +46,11 @@ log = logging.getLogger("encfs.fuse")
 DIRID_NEXT = DIRID_FILE + b".next"  # the second copy where the backing filesystem has no user xattrs
 
 
+def plain_empty(path: bytes) -> bool:
+    """Whether the backing directory ``path`` holds no plaintext entry, only encfs's bookkeeping."""
+    return all(is_internal(n) and not is_longname_entry(n) for n in os.listdir(path))
+
+
 class DirIds:
     """Reads, repairs and writes the id copies of backing directories."""
 
@@ -96,18 +101,25 @@ class DirIds:
 
     # -- reading ------------------------------------------------------------------------
 
-    def read(self, path: bytes, parent_dirid: bytes) -> bytes:
-        """The id of the backing directory ``path`` whose parent has ``parent_dirid``; repairs
-        (read-write) a copy that does not authenticate here, or a legacy one once ids are sealed."""
+    def sealed_copies(self, path: bytes, parent_dirid: bytes,
+                      copies: list[tuple[str, bytes]] | None = None) -> dict[str, bytes]:
+        """{copy: id} of the sealed copies of ``path``'s id that authenticate for its place."""
         entry = os.path.basename(path)
-        copies = self._copies(path)
         sealed: dict[str, bytes] = {}
-        for which, stored in copies:
+        for which, stored in self._copies(path) if copies is None else copies:
             if len(stored) == SEALED_DIRID_LEN:
                 try:
                     sealed[which] = self.names.open_dirid(stored, parent_dirid, entry)
                 except NameAuthError:
                     pass
+        return sealed
+
+    def read(self, path: bytes, parent_dirid: bytes) -> bytes:
+        """The id of the backing directory ``path`` whose parent has ``parent_dirid``; repairs
+        (read-write) a copy that does not authenticate here, or a legacy one once ids are sealed."""
+        entry = os.path.basename(path)
+        copies = self._copies(path)
+        sealed = self.sealed_copies(path, parent_dirid, copies)
         if len(set(sealed.values())) > 1:
             log.error("directory %r: its id copies authenticate but disagree (%s): refused", path,
                       ", ".join(sorted(sealed)))
@@ -125,7 +137,7 @@ class DirIds:
             dirid = next(iter(legacy.values()))
             good = set(legacy) if not self.write_sealed else set()
             stored = self._stored(dirid, parent_dirid, entry)
-        elif self._plain_empty(path):
+        elif plain_empty(path):
             return self._lost(path, parent_dirid)  # an interrupted mkdir, or nothing left to protect
         else:
             if any(len(stored) == DIRID_LEN for _, stored in copies):
@@ -160,12 +172,8 @@ class DirIds:
         except OSError:
             return False
 
-    @staticmethod
-    def _plain_empty(path: bytes) -> bool:
-        return all(is_internal(n) and not is_longname_entry(n) for n in os.listdir(path))
-
     def _lost(self, path: bytes, parent_dirid: bytes) -> bytes:
-        if not self._plain_empty(path):
+        if not plain_empty(path):
             log.error("directory %r lost its id: its entries cannot be decrypted", path)
             raise FuseError(errno.EIO)
         if self.read_only:

@@ -52,7 +52,7 @@ from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.diskio import fsync_dir
 from encfs.errors import EncfsError, IntegrityError
 from encfs.fuse.content import FileContent, whole_blocks
-from encfs.fuse.dirids import DirIds
+from encfs.fuse.dirids import DirIds, plain_empty
 from encfs.fuse.fsconfig import BINDING_UPGRADE, FsConfig, FsKeys
 from encfs.fuse.inomap import InodeMap
 from encfs.fuse.names import (
@@ -469,9 +469,6 @@ class EncryptedFS:
             return ctx.uid, parent.st_gid, stat_m.S_ISGID
         return ctx.uid, ctx.gid, 0
 
-    def _is_plain_empty(self, path: bytes) -> bool:
-        return all(is_internal(n) and not is_longname_entry(n) for n in os.listdir(path))
-
     @fuse_op
     def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         self._check_writable()
@@ -479,7 +476,7 @@ class EncryptedFS:
         st = os.lstat(path)
         if not stat_m.S_ISDIR(st.st_mode):
             raise FuseError(errno.ENOTDIR)
-        if not self._is_plain_empty(path):
+        if not plain_empty(path):
             raise FuseError(errno.ENOTEMPTY)
         self._remove_internal(path)
         os.rmdir(path)
@@ -610,7 +607,7 @@ class EncryptedFS:
             if stat_m.S_ISDIR(replaced.st_mode):
                 if not stat_m.S_ISDIR(st_old.st_mode):
                     raise FuseError(errno.EISDIR)
-                if not self._is_plain_empty(new):
+                if not plain_empty(new):
                     raise FuseError(errno.ENOTEMPTY)
             elif stat_m.S_ISDIR(st_old.st_mode):
                 raise FuseError(errno.ENOTDIR)

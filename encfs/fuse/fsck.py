@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 from encfs.fsckreport import WARNING, Finding, Report, quiet
 from encfs.fuse import rekeyfile
-from encfs.fuse.dirids import DIRID_NEXT
+from encfs.fuse.dirids import DIRID_NEXT, plain_empty
 from encfs.fuse.fileheader import JOURNAL_DIR, STATE_SUFFIX
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsckcontent import FileCheck, Link, _rel, check_contents
@@ -56,7 +56,6 @@ from encfs.fuse.names import (
     LONGLINK_DIR,
     LONGNAME_PREFIX,
     LONGNAME_SUFFIX,
-    SEALED_DIRID_LEN,
     NameAuthError,
     NameCipher,
     is_internal,
@@ -222,14 +221,7 @@ class Walk:
                 self.add(Finding("dirid", f"{where}: its directory id is lost: its entries cannot be decrypted",
                                  place=_rel(self.root, path)))
                 return None
-        copies = self.fs.dirids._copies(path)
-        good: dict[str, bytes] = {}
-        for which, stored in copies:
-            if len(stored) == SEALED_DIRID_LEN:
-                try:
-                    good[which] = self.names.open_dirid(stored, parent_dirid, entry)
-                except NameAuthError:
-                    pass
+        good = self.fs.dirids.sealed_copies(path, parent_dirid)
         ids = set(good.values())
         rel = _rel(self.root, path)
         if len(ids) > 1:
@@ -239,7 +231,7 @@ class Walk:
                                       "tampering; its entries are not checked", place=rel))
             return None
         if not ids:
-            if self.fs.dirids._plain_empty(path):
+            if plain_empty(path):
                 self.add(Finding("dirid", f"{where}: empty directory without an id (an interrupted mkdir): "
                                           "it gets a new one", WARNING, place=rel),
                          lambda r: r.dirid(path, parent_dirid))
