@@ -284,12 +284,12 @@ def remount(cipherdir: Path, mountpoint: Path, read_only: bool) -> int:
 
 def umount(mountpoint: Path) -> None:
     mountpoint = mountpoint.absolute()
-    fstype = mount_type(mountpoint)
-    if fstype is None:
+    entry = _mount_entry(mountpoint)
+    if entry is None:
         raise MountError(f"{mountpoint} is not mounted")
+    source, fstype = entry  # source: the CIPHERDIR (fsname)
     if fstype != "fuse.encfs":  # as root, fusermount3 -u would unmount anything
         raise MountError(f"{mountpoint} is a {fstype} mount, not an encfs one")
-    source = (_mount_entry(mountpoint) or ("", ""))[0]  # the CIPHERDIR (fsname)
     proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
