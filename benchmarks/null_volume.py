@@ -77,8 +77,7 @@ def main(argv: list[str]) -> int:
         finally:
             store.flush()
     finally:
-        if store.seal_worker is not None:
-            store.seal_worker.close()
+        store.stop_seal_worker()
         os.close(fd)
     return 0
 

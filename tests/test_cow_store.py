@@ -39,8 +39,7 @@ class Image:
 
     def reopen(self) -> CowStore:
         """Drop the store without flushing or closing (a crash), open it again."""
-        if self.store.seal_worker is not None:
-            self.store.seal_worker.close()
+        self.store.stop_seal_worker()
         os.close(self.fd)
         self.fd = os.open(self.path, os.O_RDWR)
         self.store = self._store()

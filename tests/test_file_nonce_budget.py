@@ -17,6 +17,7 @@ from encfs.fuse.content import FileContent
 from encfs.fuse.fileheader import REKEY_AT, STATE_XATTR, FileHeader, read_state
 from encfs.fuse.openfiles import OpenFile, OpenFiles
 from encfs.keys.service import KeyService
+from encfs.sealing import Sealers
 
 B = 4096
 STEP = B + 28
@@ -214,7 +215,7 @@ def test_a_failed_copy_back_is_finished_by_the_next_load(tmp_path: Path, service
     config = SimpleNamespace(block_size=B, key_id=key, format=2,
                              file_context=lambda fid: {"encfs:fs": fs_id, "encfs:file": fid.hex()})
     files = OpenFiles(os.fsencode(tmp_path), config, service, BlockCipher, False,  # type: ignore[arg-type]
-                      lambda: None, recovering=False)
+                      Sealers(B), recovering=False)
     path = os.fsencode(tmp_path / "f")
 
     def opened() -> tuple[OpenFile, int]:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from encfs.block.layout import SECTOR_SIZE, image_size
-from encfs.block.sectors import SEAL_WORKER_MIN_SECTORS, SectorStore
+from encfs.block.sectors import SectorStore
+from encfs.sealworker import WORKER_MIN_BYTES
 
 KEY = bytes(range(32))
 VID = bytes(range(16))
@@ -63,7 +64,7 @@ def test_what_the_worker_seals_opens_in_process(image: int, worker_store: Sector
     sealed = worker_store.seal_ahead(SECTOR_SIZE, big)
     assert sealed is not None and all(isinstance(blob, memoryview) for _o, _r, blob in sealed.runs)  # the worker's
     assert worker_store.write_sealed(sealed)
-    small = os.urandom((SEAL_WORKER_MIN_SECTORS - 1) * SECTOR_SIZE)
+    small = os.urandom(((WORKER_MIN_BYTES // SECTOR_SIZE) - 1) * SECTOR_SIZE)
     small_sealed = worker_store.seal_ahead(300 * SECTOR_SIZE, small)
     assert small_sealed is not None and all(isinstance(b, bytearray) for _o, _r, b in small_sealed.runs)
     assert worker_store.write_sealed(small_sealed)
@@ -136,7 +137,7 @@ def test_a_worker_that_stops_answering_is_killed_and_loses_no_write(
     try:
         store.read(0, 1)
         os.kill(pid, signal.SIGSTOP)
-        data = os.urandom(SEAL_WORKER_MIN_SECTORS * SECTOR_SIZE)
+        data = os.urandom((WORKER_MIN_BYTES // SECTOR_SIZE) * SECTOR_SIZE)
         store.write(0, data)
         store.flush()
         assert not store.seal_worker.alive

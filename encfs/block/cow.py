@@ -69,13 +69,13 @@ from encfs.block.records import (
 from encfs.block.sectorio import SectorIO
 from encfs.blocks import NONCE_PREFIX_LEN, SEALED_BLOCK, BlockAuthError, BlockCipher
 from encfs.diskio import pwrite_all
-from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker, worth_the_worker
+from encfs.sealing import Sealer
+from encfs.sealworker import MAX_PLAIN
 
 log = logging.getLogger("encfs.block")
 
 DATA_SCOPE, NODE_SCOPE, TABLE_SCOPE, COMMIT_SCOPE = b"data", b"node", b"snapshots", b"commit"
 _ZEROS = bytes(MAX_PLAIN)
-SEAL_WORKER_MIN_SECTORS = WORKER_MIN_BYTES // SECTOR_SIZE
 
 
 class VolumeTruncated(Exception):
@@ -115,8 +115,7 @@ class CowStore(SectorIO):
         self._volume_id = volume_id
         self._writable = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_WRONLY | os.O_RDWR) != 0
         self.pending_limit = self.default_pending_limit(sectors) if pending_limit is None else pending_limit
-        self.seal_worker: SealWorker | None = None
-        self._seal_key_id: int | None = None
+        self.sealer = Sealer(self._data)
         self.tree = MapTree()
         self.snapshots: list[Snapshot] = []
         self.txg = 1  # the open transaction
@@ -139,8 +138,8 @@ class CowStore(SectorIO):
         return max(256, sectors // 32)
 
     def start_seal_worker(self, key: bytes) -> None:
-        self.seal_worker = SealWorker(SECTOR_SIZE, self.cipher_class)
-        self._seal_key_id = self.seal_worker.add_key(key, self._volume_id + DATA_SCOPE, nonce_prefix=self._prefix)
+        """Called by a serving daemon (open_volume(..., seal_worker=True)): see sectorio.py."""
+        self._start_sealing(key, self._volume_id + DATA_SCOPE, self._prefix)
 
     # -- commit records ----------------------------------------------------------------
 
@@ -262,14 +261,11 @@ class CowStore(SectorIO):
         """Sectors [first, first + count) as ``tree`` has them, opened as read_view() opens the live
         map's: with a sealing worker, in this thread's slot of its arena, valid until this thread's
         next read. A re-key copying snapshots ran at 140 MB/s opening them in its reading thread."""
-        worker = self.seal_worker
-        if worker is not None and self._seal_key_id is not None \
-                and worth_the_worker(count * SECTOR_SIZE, count * SEALED_BLOCK):
-            areas = worker.areas()
-            if areas is not None:
-                plain = areas[0][:count * SECTOR_SIZE]
-                self._open_in_arena(first, count, plain, areas[1], tree)
-                return plain
+        areas = self.sealer.arena(count * SECTOR_SIZE, count * SEALED_BLOCK)
+        if areas is not None:
+            plain = areas[0][:count * SECTOR_SIZE]
+            self._open_in_arena(first, count, plain, areas[1], tree)
+            return plain
         return self.read_tree(tree, first, count)
 
     def _open_in_arena(self, first: int, count: int, plain: memoryview, sealed_area: memoryview,
@@ -288,10 +284,7 @@ class CowStore(SectorIO):
             if os.preadv(self.fd, [sealed], page_offset(page)) != n * SEALED_BLOCK:
                 raise BlockAuthError(s)
             jobs.append((range(s, s + n), sealed, part))
-        if jobs and not (self.seal_worker is not None and self._seal_key_id is not None
-                         and self.seal_worker.open(self._seal_key_id, jobs)):
-            for blocks, sealed, part in jobs:
-                self._data.open_into(blocks, sealed, part)
+        self.sealer.open_jobs(jobs)
 
     def _seal(self, first: int, data: bytes | bytearray | memoryview) -> CowSealed:
         count = len(data) // SECTOR_SIZE
@@ -299,13 +292,7 @@ class CowStore(SectorIO):
             raise StoreFailed(errno.EIO, "the volume store failed a commit; detach and re-attach it")
         counter = self.budget.spend(count)
         blocks = range(first, first + count)
-        sealed: bytes | bytearray | memoryview | None = None
-        if self.seal_worker is not None and self._seal_key_id is not None and count >= SEAL_WORKER_MIN_SECTORS:
-            done = self.seal_worker.seal(self._seal_key_id, [(blocks, memoryview(data))], counters=[counter])
-            sealed = None if done is None else done[0]
-        if sealed is None:
-            sealed = self._data.seal_range(blocks, data, counter=counter)
-        return CowSealed(first, count, sealed)
+        return CowSealed(first, count, self.sealer.seal_jobs([(blocks, data)], counters=[counter])[0])
 
     def seal_ahead(self, offset: int, data: bytes | bytearray | memoryview) -> CowSealed | None:
         """Seal a write of whole sectors, changing nothing: sealing depends only on the sectors'

@@ -15,16 +15,35 @@ from __future__ import annotations
 import errno
 
 from encfs.block.layout import SECTOR_SIZE
-from encfs.blocks import SEALED_BLOCK
-from encfs.sealworker import SealWorker, worth_the_worker
+from encfs.blocks import SEALED_BLOCK, BlockCipher
+from encfs.sealing import Sealer, Sealers
+from encfs.sealworker import SealWorker
 
 
 class SectorIO:
-    """What a store supplies: ``sectors`` and the three whole-sector operations."""
+    """What a store supplies: ``sectors`` and the three whole-sector operations; and what it
+    gets: the sealing of its data sectors (``sealer``: in process, or in a sealing worker from
+    start_seal_worker() on)."""
 
     sectors: int
-    seal_worker: SealWorker | None
-    _seal_key_id: int | None
+    sealer: Sealer
+    cipher_class: type[BlockCipher]
+    _sealing: Sealers | None = None
+
+    def _start_sealing(self, key: bytes, scope: bytes, nonce_prefix: bytes | None = None) -> None:
+        """Seal large writes and open large reads of data sectors in a sealing worker from now on
+        (``key``, ``scope`` and ``nonce_prefix``: what ``sealer``'s cipher was made with)."""
+        self._sealing = Sealers(SECTOR_SIZE, self.cipher_class)
+        self._sealing.start()
+        self.sealer = self._sealing.sealer(self.sealer.cipher, key, scope, nonce_prefix)
+
+    def stop_seal_worker(self) -> None:
+        if self._sealing is not None:
+            self._sealing.stop()
+
+    @property
+    def seal_worker(self) -> SealWorker | None:
+        return self.sealer.worker
 
     def read_sectors(self, first: int, count: int) -> bytearray:
         raise NotImplementedError
@@ -45,11 +64,8 @@ class SectorIO:
         """As read(); with a sealing worker, a large read is read into this thread's slot of
         its arena and opened there by the worker, off this process's GIL. The view stays valid
         until this thread's next read_view() or write: a server replies with it at once."""
-        worker, count = self.seal_worker, -(-(offset % SECTOR_SIZE + length) // SECTOR_SIZE)
-        areas = None
-        if worker is not None and self._seal_key_id is not None \
-                and worth_the_worker(count * SECTOR_SIZE, count * SEALED_BLOCK):
-            areas = worker.areas()
+        count = -(-(offset % SECTOR_SIZE + length) // SECTOR_SIZE)
+        areas = self.sealer.arena(count * SECTOR_SIZE, count * SEALED_BLOCK)
         if areas is None:
             return self.read(offset, length)
         self._check_range(offset, length)

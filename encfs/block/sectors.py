@@ -44,7 +44,7 @@ import fcntl
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 from encfs.block.budget import SealBudget
 from encfs.block.layout import (
@@ -65,12 +65,12 @@ from encfs.block.layout import (
 from encfs.block.sectorio import SectorIO
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher
 from encfs.diskio import pwrite_all
-from encfs.sealworker import MAX_PLAIN, WORKER_MIN_BYTES, SealWorker
+from encfs.sealing import Sealer
+from encfs.sealworker import MAX_PLAIN
 
 log = logging.getLogger("encfs.block")
 _SEQ = struct.Struct(">Q")
 SECTOR_SCOPE = b"sector"  # sectors are sealed under scope volume id || SECTOR_SCOPE
-SEAL_WORKER_MIN_SECTORS = WORKER_MIN_BYTES // SECTOR_SIZE  # reads and writes this large go to the worker
 _ZEROS = bytes(MAX_PLAIN)  # what unwritten sectors read as
 # A group's worth of map bytes whose four sectors each are all in one state.
 _FILLED = {UNWRITTEN: bytes(GROUP_SECTORS // 4), SLOT_A: b"\x55" * (GROUP_SECTORS // 4),
@@ -148,7 +148,7 @@ class SectorStore(SectorIO):
         # zero-filled pages): 3.9 s of kernel time in a fresh volume's first 1 GiB read.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         self._volume_id = volume_id
-        self._data = self.cipher_class(key, volume_id + SECTOR_SCOPE)
+        self.sealer = Sealer(self.cipher_class(key, volume_id + SECTOR_SCOPE))
         self._maps_cipher = self.cipher_class(key, volume_id + b"map")
         self._maps: dict[int, _ExtentMap] = {}
         self._generation = 0  # bumped after every change of a persisted map: see seal_ahead()
@@ -157,14 +157,10 @@ class SectorStore(SectorIO):
         self._on_auth_error = on_auth_error
         self._writable = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_WRONLY | os.O_RDWR) != 0
         self._unsynced = False  # map writes since the last fsync: see sync_mirrors()
-        # Set by a serving daemon (open_volume(..., seal_worker=True)); see sealworker.py.
-        self.seal_worker: SealWorker | None = None
-        self._seal_key_id: int | None = None  # the data key's id in the worker
 
     def start_seal_worker(self, key: bytes) -> None:
-        """Seal large writes in a helper process from now on (``key``: this store's key)."""
-        self.seal_worker = SealWorker(SECTOR_SIZE, self.cipher_class)
-        self._seal_key_id = self.seal_worker.add_key(key, self._volume_id + SECTOR_SCOPE)
+        """Called by a serving daemon (open_volume(..., seal_worker=True)): see sectorio.py."""
+        self._start_sealing(key, self._volume_id + SECTOR_SCOPE)
 
     # -- sector maps ----------------------------------------------------------------
 
@@ -355,13 +351,10 @@ class SectorStore(SectorIO):
                 if got != n * SEALED_BLOCK:  # the image ends before sectors its map names
                     raise BlockAuthError(blocks[got // SEALED_BLOCK])
                 if sealed_area is None:
-                    self._data.open_into(blocks, sealed, part)
+                    self.sealer.cipher.open_into(blocks, sealed, part)
                 else:
                     jobs.append((blocks, sealed, part))
-            if jobs and not (self.seal_worker is not None and self._seal_key_id is not None
-                             and self.seal_worker.open(self._seal_key_id, jobs)):
-                for blocks, sealed, part in jobs:  # the worker is gone: open them here
-                    self._data.open_into(blocks, sealed, part)
+            self.sealer.open_jobs(jobs)
         except BlockAuthError as e:
             if self._on_auth_error:
                 self._on_auth_error(e.block_no // 2)
@@ -420,11 +413,7 @@ class SectorStore(SectorIO):
                 bn = sector_block_number(run[0], slot)
                 parts.append((sector_offset(run[0], slot), run, range(bn, bn + 2 * len(run), 2),
                               view[(run[0] - first) * SECTOR_SIZE:(run[-1] - first + 1) * SECTOR_SIZE]))
-        sealed: Sequence[bytes | bytearray | memoryview] | None = None
-        if self.seal_worker is not None and self._seal_key_id is not None and count >= SEAL_WORKER_MIN_SECTORS:
-            sealed = self.seal_worker.seal(self._seal_key_id, [(numbers, plain) for _o, _r, numbers, plain in parts])
-        if sealed is None:
-            sealed = [self._data.seal_range(numbers, plain) for _o, _r, numbers, plain in parts]
+        sealed = self.sealer.seal_jobs([(numbers, plain) for _o, _r, numbers, plain in parts])
         return SealedSectors(first, slots, [(offset, run, blob) for (offset, run, _n, _p), blob in zip(parts, sealed)],
                              generation)
 

@@ -216,8 +216,7 @@ class OpenVolume(StoreFile):
         return self.budget.used
 
     def close(self) -> None:
-        if self.store.seal_worker is not None:
-            self.store.seal_worker.close()
+        self.store.stop_seal_worker()
         try:
             self.store.sync_mirrors()  # at rest, both map slots hold the newest map
         except OSError as e:

@@ -65,7 +65,7 @@ from encfs.fuse.fileheader import (
     write_state,
 )
 from encfs.fuse.journal import HEAD_LEN, Journal, Run
-from encfs.sealworker import SealWorker, worth_the_worker
+from encfs.sealing import Sealer
 
 log = logging.getLogger("encfs.fuse")
 _ZERO_CHUNK = 1 << 20  # fill gaps 1 MiB at a time (at least one block)
@@ -108,7 +108,7 @@ class FileContent:
                  state_in_file: bool = False) -> None:
         self.fd = fd
         self.header = header
-        self.cipher = cipher
+        self.sealer = Sealer(cipher)  # in process; the owner swaps in one that may use the worker
         self.block = cipher.block_size
         self.v1 = header.version == V1
         self.journal = Journal(root, header.file_id)
@@ -127,9 +127,16 @@ class FileContent:
         self.recovered_in_memory = False  # load() could not write what recovery changed
         self.dirty = False  # the backing file was written since its last fsync
         self._on_auth_error = on_auth_error
-        # The sealing worker's id for this file's key, and the key until it is sent there.
-        self.data_key: tuple[bytes, bytes] | None = None
-        self.seal_key_id: int | None = None
+
+    @property
+    def cipher(self) -> BlockCipher:
+        return self.sealer.cipher
+
+    @cipher.setter
+    def cipher(self, cipher: BlockCipher) -> None:
+        """A new data key (a re-key): sealed in process until the owner gives it a worker's sealer."""
+        self.sealer.close()
+        self.sealer = Sealer(cipher)
 
     # -- loading and recovery --------------------------------------------------------------
 
@@ -283,13 +290,10 @@ class FileContent:
 
     # -- reading -------------------------------------------------------------------------
 
-    def read(self, offset: int, length: int, worker: SealWorker | None = None,
-             worker_key: Callable[[], int | None] | None = None) -> bytes | bytearray | memoryview:
-        """Plaintext [offset, offset+length) clipped to the file's size. With a sealing worker, a
-        read worth_the_worker() is read into this thread's slot of the worker's arena and
-        opened there under the key id that ``worker_key()`` gives (asked only for such a read, so
-        a file read in small pieces never sends its key to the worker); the view stays valid
-        until this thread's next job for the worker."""
+    def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Plaintext [offset, offset+length) clipped to the file's size. A read the sealer
+        opens in the worker (Sealer.arena) comes back as a view of this thread's slot of the
+        worker's arena, valid until this thread's next job for the worker."""
         size = self.size
         if offset >= size or length <= 0:
             return b""
@@ -300,18 +304,14 @@ class FileContent:
         if self.index and any(b in self.index for b in blocks):
             plain: bytes | bytearray | memoryview = self._read_journaled(blocks, size)
         else:
-            key_id = areas = None
-            if worker is not None and worker_key is not None and worth_the_worker(len(blocks) * block, want):
-                key_id = worker_key()
-                areas = None if key_id is None else worker.areas()
+            areas = self.sealer.arena(len(blocks) * block, want)
             if areas is None:
                 sealed = os.pread(self.fd, want, start)
                 if len(sealed) != want:
                     self._failed(blocks.start + (len(sealed) // (block + OVERHEAD)))
                 plain = self._open_blocks(blocks.start, sealed)
             else:
-                assert worker is not None and key_id is not None
-                plain = self._open_in_worker(worker, key_id, blocks.start, start, want, areas)
+                plain = self._open_in_arena(blocks.start, start, want, areas)
         skip = offset - blocks.start * block
         return plain if skip == 0 and len(plain) == length else plain[skip:skip + length]
 
@@ -352,9 +352,9 @@ class FileContent:
         except BlockAuthError as e:
             self._failed(e.block_no)
 
-    def _open_in_worker(self, worker: SealWorker, key_id: int, first: int, start: int, want: int,
-                        areas: tuple[memoryview, memoryview]) -> memoryview:
-        """Blocks from ``first`` on, ``want`` sealed bytes at ``start``, opened by the worker."""
+    def _open_in_arena(self, first: int, start: int, want: int, areas: tuple[memoryview, memoryview]) -> memoryview:
+        """Blocks from ``first`` on, ``want`` sealed bytes at ``start``, read into the sealer's
+        arena and opened there."""
         plain_area, sealed_area = areas
         sealed = sealed_area[:os.preadv(self.fd, [sealed_area[:want]], start)]
         if len(sealed) != want:
@@ -362,8 +362,8 @@ class FileContent:
         try:
             numbers, plain_len = run_blocks(first, len(sealed), self.block)
             out = plain_area[:plain_len]
-            if numbers and not worker.open(key_id, [(numbers, sealed, out)]):  # the worker is gone: open here
-                self.cipher.open_into(numbers, sealed, out)
+            if numbers:
+                self.sealer.open_jobs([(numbers, sealed, out)])
         except BlockAuthError as e:
             self._failed(e.block_no)
         return out
@@ -402,7 +402,7 @@ class FileContent:
         # buffer: a copy of each 1 MiB WRITE cost a quarter of its sealing (benchmarks/HISTORY.md, 8deaee7).
         plain = b"".join((head, data, tail)) if head or tail else data
         self.count_seals(len(blocks))
-        self._place(blocks.start, self.cipher.seal_run(blocks.start, plain), max(size, end))
+        self._place(blocks.start, self.sealer.seal_run(blocks.start, plain), max(size, end))
         return len(data)
 
     def write_sealed(self, offset: int, length: int, sealed: bytes | bytearray | memoryview) -> int:

@@ -28,10 +28,11 @@ Design:
   their place once the filesystem has the features (FORMAT.md §6.3): a rename
   reseals them. A renamed symlink is a new backing inode; the kernel keeps the
   old number for it until its next lookup (an alias, inomap.py).
-- With a sealing worker (start_seal_worker, a serving daemon), large writes of
-  whole blocks are sealed in it before the server serialises them (seal_ahead),
-  and large reads are opened in it: a file's data key goes to the worker at its
-  first large read or write and is dropped when its content closes.
+- Contents seal and open through a sealing.Sealer each (in process, or in the
+  sealing worker once ``sealing`` started it): large writes of whole blocks are
+  sealed before the server serialises them (seal_ahead), and large reads are
+  opened in the worker; a file's data key goes there at its first large read or
+  write and is dropped when its content closes.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ from encfs.fuse.openfiles import OpenFile, OpenFiles
 from encfs.fuse.symlinks import Symlinks
 from encfs.fuseproto.wire import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
 from encfs.keys.service import KeyService
-from encfs.sealworker import WORKER_MIN_BYTES, SealWorker
+from encfs.sealing import Sealer, Sealers
+from encfs.sealworker import WORKER_MIN_BYTES
 
 log = logging.getLogger("encfs.fuse")
 
@@ -150,7 +152,6 @@ class EncryptedFS:
     # The content cipher's class. Benchmark hook only (benchmarks/null_mount.py swaps in a
     # null cipher to measure what encryption costs); no command or mount option reaches it.
     cipher_class: type[BlockCipher] = BlockCipher
-    seal_worker: SealWorker | None = None
 
     def __init__(self, cipherdir: bytes, config: FsConfig, keys: FsKeys, ks: KeyService,
                  read_only: bool = False, recovering: bool = False) -> None:
@@ -169,8 +170,10 @@ class EncryptedFS:
         self.padded_xattrs = "padded-xattr-names" in config.features
         self.ks = ks
         self.read_only = read_only
-        self.files = OpenFiles(self.root, config, ks, self.cipher_class, read_only, lambda: self.seal_worker,
-                               recovering)
+        # With a sealing worker (sealing.start(): a serving daemon, read-write), large writes of whole
+        # blocks are sealed ahead of the server's lock (seal_ahead) and large reads opened there.
+        self.sealing = Sealers(self.block_size, self.cipher_class)
+        self.files = OpenFiles(self.root, config, ks, self.cipher_class, read_only, self.sealing, recovering)
         self.inodes = InodeMap(self.root)
         self._dirids: dict[int, bytes] = {ROOT_ID: bytes.fromhex(config.fs_id)[:DIRID_LEN]}
         self._no_capability: set[int] = set()  # inodes known to lack CAPABILITY_XATTR
@@ -802,54 +805,41 @@ class EncryptedFS:
         f, content = opened
         with failures_as_errno("read"):
             try:
-                return content.read(off, size, self.seal_worker, functools.partial(self.files.worker_key, content))
+                return content.read(off, size)
             except BlockAuthError:
                 log.error("%r: read at %d failed authentication", f.path, off)
                 raise FuseError(errno.EIO) from None
 
-    def start_seal_worker(self) -> None:
-        """Seal large writes of whole blocks and open large reads in a helper process
-        (encfs.sealworker, with this filesystem's cipher_class) from now on."""
-        if not self.read_only and self.seal_worker is None:
-            self.seal_worker = SealWorker(self.block_size, self.cipher_class)
+    def seal_ahead(self, fh: int, off: int, buf: memoryview) -> tuple[Sealer, memoryview] | None:
+        """``buf`` sealed for a write at ``off`` by the sealing worker, as (the file's sealer,
+        the sealed bytes), or None (then write() seals it). Changes nothing, so it runs
+        without the server's lock: the kernel keeps a handle open while a write on it is in
+        flight; write() uses the result only if the file's sealer is still that one.
 
-    def stop_seal_worker(self) -> None:
-        if self.seal_worker is not None:
-            self.seal_worker.close()
-            self.seal_worker = None
-
-    def seal_ahead(self, fh: int, off: int, buf: memoryview) -> tuple[int, memoryview] | None:
-        """``buf`` sealed for a write at ``off`` by the sealing worker, as (the key id it was
-        sealed under, the sealed bytes), or None (then write() seals it). Changes nothing, so
-        it runs without the server's lock: the kernel keeps a handle open while a write on
-        it is in flight; write() uses the result only if the file's key is still that one.
-
-        Only writes of whole blocks (content.whole_blocks) qualify: what they seal does not
-        depend on what the file holds. The result stays valid until this thread seals again."""
-        worker = self.seal_worker
-        if worker is None or len(buf) < WORKER_MIN_BYTES:
-            return None
+        Only writes of whole blocks (content.whole_blocks) of a file whose key the worker
+        holds qualify: what they seal does not depend on what the file holds. The result
+        stays valid until this thread seals again."""
         f = self.files.get(fh)
         content = None if f is None else self.files.contents.get(f.inode)
         blocks = whole_blocks(off, len(buf), self.block_size)
-        key_id = None if content is None else content.seal_key_id
-        if key_id is None or blocks is None:
+        if content is None or blocks is None:
             return None
-        sealed = worker.seal(key_id, [(blocks, buf)])
-        return None if sealed is None else (key_id, sealed[0])
+        sealer = content.sealer
+        sealed = sealer.seal_in_worker([(blocks, buf)])
+        return None if sealed is None else (sealer, sealed[0])
 
     @fuse_op
     def write(self, fh: int, off: int, buf: bytes | bytearray | memoryview,
-              sealed: tuple[int, memoryview] | None = None) -> int:
+              sealed: tuple[Sealer, memoryview] | None = None) -> int:
         """Write ``buf`` at ``off``; ``sealed``: what seal_ahead() returned for this write."""
         f = self.files[fh]
         if not f.writable:
             raise FuseError(errno.EBADF)
         content = self.files.writable_content(f)
-        if sealed is not None and sealed[0] == content.seal_key_id:
+        if sealed is not None and sealed[0] is content.sealer:
             return content.write_sealed(off, len(buf), sealed[1])
         if len(buf) >= WORKER_MIN_BYTES:
-            self.files.worker_key(content)  # from the next large write on, this file's are sealed ahead
+            content.sealer.send_key()  # from the next large write on, this file's are sealed ahead
         return content.write(off, buf)
 
     @fuse_op

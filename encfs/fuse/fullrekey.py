@@ -36,6 +36,7 @@ from encfs.fuse.fsconfig import open_config
 from encfs.fuse.openfiles import OpenFile, OpenFiles
 from encfs.keys.service import KeyService
 from encfs.progress import progress
+from encfs.sealing import Sealers
 
 DONE = "encfs.rekey.done"
 
@@ -57,7 +58,8 @@ def fresh_keys(cipherdir: Path, ks: KeyService, recovering: bool, files: list[by
     root = os.fsencode(cipherdir)
     config = open_config(cipherdir, ks, writable=False).config  # under the destination by now
     done = done_ids(cipherdir)
-    opened = OpenFiles(root, config, ks, BlockCipher, read_only=False, worker=lambda: None, recovering=recovering)
+    opened = OpenFiles(root, config, ks, BlockCipher, read_only=False,
+                       sealers=Sealers(config.block_size), recovering=recovering)
     log_fd = os.open(cipherdir / DONE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     count = size = 0
     try:

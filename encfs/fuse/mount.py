@@ -166,7 +166,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     except BaseException:
         lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
         raise
-    fs.start_seal_worker()  # before the server: its threads' request buffers live in the worker's arena
+    if not fs.read_only:
+        fs.sealing.start()  # before the server: its threads' request buffers live in the worker's arena
     server = server_class(fd, fs, where, trace=opts.debug)
     if opts.debug:
         logging.getLogger("encfs.fuse.trace").setLevel(logging.DEBUG)
@@ -189,7 +190,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     finally:
         with server.lock.exclusive():  # a worker may still be inside an operation
             fs.close_all()
-        fs.stop_seal_worker()
+        fs.sealing.stop()
         if not server.unmounted:
             try:
                 unmount_fusermount(str(mountpoint), lazy=True)

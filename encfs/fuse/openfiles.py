@@ -56,7 +56,7 @@ from encfs.fuse.journal import file_ids, journal_path
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.pool import DataKeyPool
 from encfs.keys.service import KeyService
-from encfs.sealworker import SealWorker
+from encfs.sealing import Sealers
 
 log = logging.getLogger("encfs.fuse")
 REKEY_RETRY = 1 << 20  # seals between tries to re-key a file that could not be (a full disk)
@@ -74,14 +74,14 @@ class OpenFiles:
     """Handles by number, and each open inode's content."""
 
     def __init__(self, root: bytes, config: FsConfig, ks: KeyService, cipher_class: type[BlockCipher],
-                 read_only: bool, worker: Callable[[], SealWorker | None], recovering: bool = True) -> None:
+                 read_only: bool, sealers: Sealers, recovering: bool = True) -> None:
         self.root = root
         self.config = config
         self.block_size = config.block_size
         self.ks = ks
         self.cipher_class = cipher_class
         self.read_only = read_only
-        self._worker = worker
+        self.sealers = sealers
         self.key_cache = DataKeyCache(max_entries=65536)  # the default lifetime (cache.MAX_AGE, 5 minutes)
         # New files' keys come in batches: one pass through the key service per batch.
         self.new_keys = DataKeyPool(ks, config.key_id, self._new_file_id, cache=self.key_cache)
@@ -96,7 +96,6 @@ class OpenFiles:
         self._xattrs = True  # False once the backing store refused the file state
         # A backing store without user xattrs keeps each file's state in a file (fileheader.py).
         self.state_in_file = not read_only and not user_xattrs_supported(root)
-        self._worker_keys = threading.Lock()  # reads (under the server's shared lock) send keys too
         self._next = 1
         self.journals = file_ids(root)  # files whose journal a crash left behind: recovered when next loaded
         self.rekeys = rekeyfile.pending(root, read_only)  # files whose re-key a crash interrupted
@@ -153,8 +152,7 @@ class OpenFiles:
         except OSError as e:  # its journal stays on disk: the next load replays it
             log.error("%r: checkpoint failed (%s); its journal is kept", path, e.strerror)
             return False
-        if content.seal_key_id is not None and (worker := self._worker()) is not None:
-            worker.drop_key(content.seal_key_id)
+        content.sealer.close()
         return True
 
     def close_all(self) -> None:
@@ -275,7 +273,7 @@ class OpenFiles:
             os.close(fd)
             raise
         c.fd_writable = writable
-        c.data_key = (key, header.file_id) if self._worker() is not None else None
+        c.sealer = self.sealers.sealer(c.cipher, key, header.file_id)
         return c
 
     def _finish_rekey(self, fd: int, writable: bool, header: FileHeader, path: bytes) -> tuple[int, FileHeader]:
@@ -330,14 +328,14 @@ class OpenFiles:
         """Give ``c``'s file a fresh file id and data key (see the invariants)."""
         file_id, dk = self.new_keys.take()
         assert dk.plaintext is not None
-        old_id, old_seal_key, seals = c.header.file_id, c.seal_key_id, c.seals
+        old_id, seals = c.header.file_id, c.seals
         try:
             rekeyfile.rekey(c, FileHeader(file_id, dk.ciphertext_blob, c.header.version),
                             self.cipher_class(dk.plaintext, file_id, self.block_size))
         except OSError as e:
             if isinstance(e, rekeyfile.SideFilePending):  # ``c`` is under the new key, read-only
                 self.rekeys.add(old_id)  # a later load of the file finishes the job
-                self._new_worker_key(c, old_seal_key, dk.plaintext, file_id)
+                c.sealer = self.sealers.sealer(c.cipher, dk.plaintext, file_id)
             if c.read_only or c.seals >= SEAL_LIMIT:
                 log.error("%r: its data key's budget is spent and it cannot get a fresh one (%s): "
                           "writes fail", path, e.strerror)
@@ -347,16 +345,7 @@ class OpenFiles:
                       path, e.strerror, REKEY_RETRY)
             return
         log.warning("%r: gave it a fresh data key after %d seals under the old one", path, seals)
-        self._new_worker_key(c, old_seal_key, dk.plaintext, file_id)
-
-    def _new_worker_key(self, c: FileContent, old_seal_key: int | None, key: bytes, file_id: bytes) -> None:
-        """``c`` changed its data key: the sealing worker forgets the old one, and gets the new
-        one at the next large read or write."""
-        worker = self._worker()
-        if old_seal_key is not None and worker is not None:
-            worker.drop_key(old_seal_key)
-        c.seal_key_id = None
-        c.data_key = (key, file_id) if worker is not None else None
+        c.sealer = self.sealers.sealer(c.cipher, dk.plaintext, file_id)  # the old one was closed with its cipher
 
     def renew(self, f: OpenFile, new_file: bool = False) -> FileContent:
         """Empty ``f``'s file and give it a new header and data key (``new_file``: it was just
@@ -374,7 +363,7 @@ class OpenFiles:
             os.close(fd)
             raise
         c.fd_writable = True
-        c.data_key = (dk.plaintext, file_id) if self._worker() is not None else None
+        c.sealer = self.sealers.sealer(c.cipher, dk.plaintext, file_id)
         self.contents[f.inode] = c
         self.checked.add(f.inode)
         return c
@@ -407,16 +396,6 @@ class OpenFiles:
     def _new_file_id(self) -> tuple[bytes, dict[str, str]]:
         file_id = os.urandom(FILE_ID_LEN)
         return file_id, self.config.file_context(file_id)
-
-    def worker_key(self, c: FileContent) -> int | None:
-        """The id of ``c``'s data key in the sealing worker; sent there on first use."""
-        worker = self._worker()
-        if c.seal_key_id is None and c.data_key is not None and worker is not None:
-            with self._worker_keys:
-                if c.data_key is not None:  # not sent meanwhile by another reader
-                    c.seal_key_id = worker.add_key(*c.data_key)
-                    c.data_key = None  # one try: a worker that is gone stays gone
-        return c.seal_key_id
 
     def handles(self) -> Iterator[OpenFile]:
         return iter(list(self._handles.values()))

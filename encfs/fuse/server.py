@@ -181,8 +181,7 @@ class FsServer(FuseServer):
 
     def request_buffer(self) -> memoryview:
         """A slot of the sealing worker's arena if one runs, so WRITE bodies reach it uncopied."""
-        worker = self.fs.seal_worker
-        buf = None if worker is None else worker.request_buffer()
+        buf = self.fs.sealing.request_buffer()
         return super().request_buffer() if buf is None else buf
 
     def _init(self, req: Request) -> bool:
