@@ -377,6 +377,10 @@ def test_rename_over_existing_file(d: Path) -> None:
         assert sorted(os.listdir(d)) == ["b"]
         assert cold_read(d / "b") == b"AAA" and os.stat(d / "b").st_size == 3
         assert os.pread(fd_b, 10, 0) == b"BBBBBB"  # the replaced file lives on while open
+        assert os.fstat(fd_b).st_size == 6  # and answers fstat, though it has no name left
+        os.fchmod(fd_b, 0o640)
+        assert stat.S_IMODE(os.fstat(fd_b).st_mode) == 0o640
+        assert os.stat(d / "b").st_ino != os.fstat(fd_b).st_ino
     finally:
         os.close(fd_b)
     # rename onto a hard link of itself does nothing
