@@ -1113,6 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if any(status[t.name]["status"] == "ok" and t.name.startswith("encfs") for t in targets):
             env = encfs_env(ctx)
+            run([sys.executable, "-m", "encfs", "hsm", "init"], env=env)
             run([sys.executable, "-m", "encfs", "key", "create", "--alias", "bench"], env=env)
         log(f"generating the {scale.tree_entries}-entry source tree ...")
         ctx.tree_entries = make_tree_tar(ctx.tree_tar, scale.tree_entries)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(tempfile.mkdtemp(prefix="encfs-bench-"))
     try:
         t0 = time.perf_counter()
-        ks = KeyService.open(home / "home")
+        ks = KeyService.open(home / "home", provision=True)
         key = ks.create_key(description="benchmark")["KeyId"]
         setup_seconds = time.perf_counter() - t0
         token_info = ks.token.info()

@@ -46,8 +46,10 @@ def state_dir(args: argparse.Namespace) -> Path:
     return home_of(args) or default_home()
 
 
-def open_key_service(args: argparse.Namespace, provision: bool = True) -> KeyService:
-    """The key service for the home and token the arguments name (a context manager)."""
+def open_key_service(args: argparse.Namespace, provision: bool = False) -> KeyService:
+    """The key service for the home and token the arguments name (a context manager). Only
+    `encfs hsm init` passes ``provision``: any other command on a home without the embedded
+    token fails with NoKeyStore."""
     from encfs.keys.service import KeyService
 
     return KeyService.open(home_of(args), hsm_options(args), provision=provision)

@@ -41,6 +41,16 @@ class StateError(EncfsError):
     """The state directory, or a file encfs keeps in it, cannot be used (owner, mode, damage, disk)."""
 
 
+class NoKeyStore(StateError):
+    """The state directory holds no embedded token: a mistyped --home or ENCFS_HOME, or a store not
+    created yet. Only `encfs hsm init` creates one; exit code 66 (EX_NOINPUT) so scripts can tell."""
+
+    exit_code = 66
+
+    def __init__(self, home: object) -> None:
+        super().__init__(f"no key store at {home} (run 'encfs hsm init' to create one)")
+
+
 class TokenError(EncfsError):
     """The PKCS#11 module or token is unavailable or misbehaves."""
 

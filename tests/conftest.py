@@ -74,6 +74,13 @@ def run_encfs(*args: str, home: Path, input: bytes = b"", env: dict[str, str] | 
                           env=full_env, timeout=timeout)
 
 
+def init_home(home: Path, env: dict[str, str] | None = None) -> Path:
+    """`encfs hsm init` in ``home``: the only command that creates a key store (issue #23)."""
+    proc = run_encfs("hsm", "init", home=home, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return home
+
+
 @pytest.fixture
 def cli_home(tmp_path: Path) -> Path:
     return tmp_path / "cli-home"
@@ -82,7 +89,7 @@ def cli_home(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def fs_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ENCFS_HOME with a provisioned embedded token and a CMK aliased 'fs'."""
-    home = tmp_path_factory.mktemp("fs-home")
+    home = init_home(tmp_path_factory.mktemp("fs-home"))
     proc = run_encfs("key", "create", "--alias", "fs", home=home)
     assert proc.returncode == 0, proc.stderr
     return home

@@ -173,10 +173,23 @@ def test_hsm_status_without_token_fails_and_provisions_nothing(tmp_path: Path) -
     assert not (home / "softhsm").exists()
 
 
-def test_key_command_auto_provisions(tmp_path: Path) -> None:
-    home = tmp_path / "home"
+def test_missing_store_is_refused_and_nothing_created(tmp_path: Path) -> None:
+    """A mistyped --home: every command but `hsm init` names the path it looked at, creates nothing."""
+    home, empty = tmp_path / "mistyped-home", tmp_path / "empty-home"
+    empty.mkdir()
+    commands: list[tuple[str, ...]] = [
+        ("key", "create", "--alias", "first"), ("key", "list"), ("key", "describe", "first"),
+        ("key", "decrypt"), ("hsm", "status"), ("hsm", "protect-pin"),
+        ("init", str(tmp_path / "cipher"), "--key", "first")]
+    for args in commands:
+        msg = fail(*args, home=home, input=b"x", exit_code=66)
+        assert msg == f"no key store at {home} (run 'encfs hsm init' to create one)", (args, msg)
+    msg = fail("key", "create", home=empty, exit_code=66)  # an existing directory without a token
+    assert msg == f"no key store at {empty} (run 'encfs hsm init' to create one)"
+    assert not home.exists() and list(empty.iterdir()) == []
+    assert not (tmp_path / "cipher").exists()
+    ok("hsm", "init", home=home)
     key = create_key(home, "--alias", "first")
-    assert (home / "softhsm" / "softhsm2.conf").exists()
     assert stat.S_IMODE((home / "softhsm" / "user.pin").stat().st_mode) == 0o600
     assert len(token_objects(home / "softhsm" / "tokens")) == 1
     roundtrip(home, key)
@@ -184,6 +197,7 @@ def test_key_command_auto_provisions(tmp_path: Path) -> None:
 
 def test_embedded_wrong_pin(tmp_path: Path) -> None:
     home = tmp_path / "home"
+    ok("hsm", "init", home=home)
     key = create_key(home)
     blob = ok("key", "encrypt", key, home=home, input=b"x")
     pin = home / "softhsm" / "user.pin"
@@ -450,6 +464,7 @@ def test_unknown_key_or_alias(shared_home: Path) -> None:
     fail("key", "audit", "--key", "nosuchalias", home=shared_home, needles=("nosuchalias",))
     # A well-formed blob naming a key this home never had.
     other = shared_home.parent / "other"
+    ok("hsm", "init", home=other)
     blob = ok("key", "encrypt", create_key(other), home=other, input=b"elsewhere")
     fail("key", "decrypt", home=shared_home, input=blob, needles=("does not exist",))
     assert state(shared_home) == before

@@ -55,6 +55,7 @@ def token_objects(home: Path) -> list[str]:
 def home(tmp_path: Path) -> Path:
     """An embedded token holding two keys ('a' and 'b'); tmp_path/blob is SECRET under 'a'."""
     home = tmp_path / "home"
+    ok("hsm", "init", home=home)
     ok("key", "create", "--alias", "a", home=home)
     ok("key", "create", "--alias", "b", home=home)
     (tmp_path / "blob").write_bytes(ok("key", "encrypt", "a", home=home, input=SECRET).stdout)
@@ -117,7 +118,8 @@ def run_as_nobody(world: Path, home: Path, *args: str) -> subprocess.CompletedPr
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 def test_state_directory_of_another_user(nobody_world: Path) -> None:
     home = nobody_world / "root-home"
-    ok("key", "create", "--alias", "a", home=home)  # root's home, mode 0700
+    ok("hsm", "init", home=home)  # root's home, mode 0700
+    ok("key", "create", "--alias", "a", home=home)
     before = sorted(p.name for p in home.iterdir())
     for args in (("key", "list"), ("key", "create", "--alias", "mine"), ("hsm", "init"),
                  ("init", str(nobody_world / "c"), "--key", "a")):
@@ -134,6 +136,7 @@ def test_audit_log_of_another_user(nobody_world: Path) -> None:
     home = nobody_world / "home"
     home.mkdir(mode=0o700)
     os.chown(home, NOBODY, NOBODY)
+    assert run_as_nobody(nobody_world, home, "hsm", "init").returncode == 0
     proc = run_as_nobody(nobody_world, home, "key", "create", "--alias", "a")
     assert proc.returncode == 0, proc.stderr
     log = home / "audit.log"
@@ -260,6 +263,7 @@ def test_damaged_keys_json_without_copy_refuses(home: Path) -> None:
 
 
 def test_new_home_lists_no_keys_quietly(tmp_path: Path) -> None:
+    ok("hsm", "init", home=tmp_path / "fresh")
     proc = ok("key", "list", home=tmp_path / "fresh")
     assert proc.stderr == b"" and len(proc.stdout.decode().splitlines()) == 1
 

@@ -271,6 +271,7 @@ def test_bad_targets_are_one_line_and_exit_8(fs_home: Path, tmp_path: Path, fs: 
 
 def test_a_wrong_pin_or_a_disabled_key_is_one_line_and_exit_8(tmp_path: Path) -> None:
     home = tmp_path / "home"
+    assert run_encfs("hsm", "init", home=home).returncode == 0
     assert run_encfs("key", "create", "--alias", "fs", home=home).returncode == 0
     image = create(home, tmp_path / "vol.img")
     assert run_encfs("key", "disable", "fs", home=home).returncode == 0

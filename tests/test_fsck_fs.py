@@ -103,6 +103,7 @@ def build(home: Path, where: Path, extra: int = 0) -> Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     where = tmp_path_factory.mktemp("fsckfs")
     home = where / "home"
+    ok(home, "hsm", "init")
     ok(home, "key", "create", "--alias", "a")
     return build(home, where)
 
@@ -349,6 +350,7 @@ def test_a_mounted_cipherdir_a_missing_one_and_a_disabled_key_are_refused_in_one
         assert "already mounted" in fails(cipher, built.home)
     assert "no such file" in fails(tmp_path / "nothing", built.home)
     home = tmp_path / "home2"  # a token of its own: its key gets disabled
+    ok(home, "hsm", "init")
     ok(home, "key", "create", "--alias", "a")
     ok(home, "init", tmp_path / "other", "--key", "a")
     ok(home, "key", "disable", "a")

@@ -144,10 +144,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, fs_home: Path) -> dict[str, 
     w: dict[str, Path] = {"base": base}
     w["template"], _ = new_fs(base, fs_home, name="template")
     w["dis_home"] = base / "dis-home"
+    encfs_ok("hsm", "init", home=w["dis_home"])
     encfs_ok("key", "create", "--alias", "dis", home=w["dis_home"])
     w["dis_template"], _ = new_fs(base, w["dis_home"], key="dis", name="dis-template")
     encfs_ok("key", "disable", "dis", home=w["dis_home"])
     w["other_home"] = base / "other-home"  # a provisioned token with a different key
+    encfs_ok("hsm", "init", home=w["other_home"])
     encfs_ok("key", "create", "--alias", "fs", home=w["other_home"])
     w["pin_home"] = base / "pin-home"
     shutil.copytree(fs_home, w["pin_home"])
@@ -197,7 +199,7 @@ def _setup_failure(case: str, w: dict[str, Path], tmp: Path, fs_home: Path):
     elif case == "key-missing":
         home, needles = w["other_home"], [fs_key]
     elif case == "no-token":  # a mistyped home: nothing there, and mount must not provision a token in it
-        home, needles = tmp / "empty-home", ["no encfs token"]
+        home, needles = tmp / "empty-home", ["no key store", "hsm init"]
     elif case == "hsm-unavailable":
         extra = ["--pkcs11-module", "/nonexistent.so", "--token", "x", "--pin-file", str(w["base"] / "bad.pin")]
         needles = ["/nonexistent.so"]
@@ -793,7 +795,7 @@ def test_mount_helper_failure_is_one_line(mount_helper: Path, tmp_path: Path, fs
                              str(mp))
         assert proc.returncode != 0
         assert "Traceback" not in proc.stderr
-        assert "encfs: no encfs token" in proc.stderr, proc.stderr
+        assert "encfs: no key store at " in proc.stderr, proc.stderr
         assert not is_mounted(mp)
         assert daemon_pids(cipher) == []
 

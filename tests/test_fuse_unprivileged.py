@@ -76,6 +76,7 @@ def test_unprivileged_user_mounts_with_fusermount3(world: Path, fuse_device_for_
                               text=True, timeout=120)
 
     cipher, plain = home / "cipher", home / "plain"
+    assert encfs("hsm", "init").returncode == 0
     assert encfs("key", "create", "--alias", "mine").returncode == 0
     r = encfs("init", str(cipher), "--key", "mine")
     assert r.returncode == 0, r.stderr

@@ -37,6 +37,7 @@ def test_service_refuses_reserved_context_keys(service: KeyService) -> None:
 
 
 def test_cli_cannot_mint_a_volume_key(cli_home: Path) -> None:
+    assert run_encfs("hsm", "init", home=cli_home).returncode == 0
     assert run_encfs("key", "create", "--alias", "k", home=cli_home).returncode == 0
     for args, stdin in ((["key", "generate-data-key", "k", "--context", "encfs:volume=00"], b""),
                         (["key", "encrypt", "k", "--context", "encfs:fs=00", "--context", "encfs:purpose=filesystem"],

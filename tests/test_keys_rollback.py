@@ -147,6 +147,7 @@ def test_disable_by_another_process_reaches_a_session_copy(service: KeyService, 
 
 
 def test_cli_rollback_is_one_line(cli_home: Path) -> None:
+    assert run_encfs("hsm", "init", home=cli_home).returncode == 0
     r = run_encfs("key", "create", "--alias", "app", home=cli_home)
     assert r.returncode == 0, r.stderr
     blob = run_encfs("key", "encrypt", "app", input=b"secret", home=cli_home).stdout

@@ -39,6 +39,7 @@ def secret_file(tmp_path: Path, name: str, text: str) -> str:
 def test_protect_unprotect_and_change_passphrase(tmp_path: Path, cli_home: Path) -> None:
     good, bad = secret_file(tmp_path, "good", PASS), secret_file(tmp_path, "bad", "not the passphrase")
     new = secret_file(tmp_path, "new", "another long passphrase")
+    ok("hsm", "init", home=cli_home)
     ok("key", "create", "--alias", "app", home=cli_home)
     blob = ok("key", "encrypt", "app", "--base64", home=cli_home)
     d = cli_home / "softhsm"

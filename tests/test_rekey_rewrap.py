@@ -35,6 +35,7 @@ def fails(home: Path, *args: str | Path) -> str:
 def home(tmp_path: Path) -> Path:
     """A home of its own (its keys get disabled): CMKs 'a' and 'b'."""
     h = tmp_path / "home"
+    ok(h, "hsm", "init")
     for alias in ("a", "b"):
         ok(h, "key", "create", "--alias", alias)
     return h

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import volume_tool
-from conftest import run_encfs
+from conftest import init_home, run_encfs
 
 from encfs.block.header import COW_FORMAT
 
@@ -123,7 +123,7 @@ class Lab:
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     """A home of its own (token, catalog, audit log) with a CMK aliased 'fs'."""
-    home = tmp_path / "home"
+    home = init_home(tmp_path / "home")
     p = run_encfs("key", "create", "--alias", "fs", home=home)
     assert p.returncode == 0, p.stderr.decode()
     return home

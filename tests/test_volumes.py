@@ -315,6 +315,7 @@ class Rig:
 
     def new_home(self, alias: str) -> Path:
         home = self.tmp / f"home-{alias}"
+        self.ok("hsm", "init", home=home)
         self.ok("key", "create", "--alias", alias, home=home)
         self.homes.append(home)
         return home

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from encfs.cliargs import open_key_service
-from encfs.errors import UsageError
+from encfs.errors import NoKeyStore, UsageError
 from encfs.keys.context import parse_context_args
 from encfs.keys.metadata import ORIGIN_EXTERNAL, ORIGIN_TOKEN
 from encfs.keys.service import MAX_ENCRYPT_PLAINTEXT, WRAPPING_ALGORITHMS
@@ -72,7 +72,7 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     if args.protect_pin and embedded is None:
         raise UsageError("--protect-pin applies to the embedded SoftHSM2 token only")
     created = embedded.provision() if embedded is not None else False
-    with open_key_service(args) as ks:
+    with open_key_service(args, provision=True) as ks:
         status = ks.token_status()  # also proves the login works
     verb = "created" if created else "already initialised" if embedded else "reachable"
     print(f"token {status['token']!r} ({status['model']}, serial {status['serial']}) {verb}")
@@ -101,7 +101,7 @@ def _embedded(args: argparse.Namespace, command: str) -> Any:
         raise UsageError(f"{command} applies to the embedded SoftHSM2 token; the PIN of a PKCS#11 module "
                          f"is kept where --pin-file or the config says")
     if not embedded.provisioned:
-        raise UsageError(f"no encfs token in {home}: run `encfs hsm init`")
+        raise NoKeyStore(home)
     return embedded
 
 
@@ -135,7 +135,7 @@ def cmd_hsm_unprotect_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_hsm_status(args: argparse.Namespace) -> int:
-    with open_key_service(args, provision=False) as ks:
+    with open_key_service(args) as ks:
         status = ks.token_status()
         tokendir = ks.home / "softhsm" / "tokens"
         if tokendir.exists():

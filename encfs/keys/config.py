@@ -8,7 +8,7 @@ Config file (``$ENCFS_HOME/config.toml`` or ``--config FILE``)::
     pin-file = "/etc/encfs/hsm.pin"      # or pin-env = "HSM_PIN"; default: prompt
 
 Precedence for every setting: command line > URI > config file. With no
-module anywhere, encfs uses (and provisions) its embedded SoftHSM2 token.
+module anywhere, encfs uses its embedded SoftHSM2 token (created by `encfs hsm init` only).
 """
 
 from __future__ import annotations

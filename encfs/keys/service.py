@@ -51,6 +51,7 @@ from encfs.errors import (
     KeyImportError,
     KeyStateError,
     ModuleNotFound,
+    NoKeyStore,
     PinIncorrect,
     PinLocked,
     StateError,
@@ -215,15 +216,18 @@ class KeyService:
 
     @classmethod
     def open(cls, home: Path | None = None, hsm: HsmOptions | None = None,
-             clock: Callable[[], float] = time.time, provision: bool = True) -> KeyService:
-        """Open the key service of ``home``; provision the embedded token if needed."""
+             clock: Callable[[], float] = time.time, provision: bool = False) -> KeyService:
+        """Open the key service of ``home``. With the embedded token, a home without one is
+        NoKeyStore, and nothing is created there (not even the directory): a mistyped --home
+        must not start an empty key store in silence. ``provision`` (`encfs hsm init` only)
+        creates the token instead."""
         home = home or default_home()
-        prepare_state_dir(home)
         spec, embedded = resolve_token(home, hsm or HsmOptions())
+        if embedded is not None and not embedded.provisioned and not provision:
+            raise NoKeyStore(home)
+        prepare_state_dir(home)
         if embedded is not None:
             if not embedded.provisioned:
-                if not provision:
-                    raise TokenError(f"no encfs token in {home}: run `encfs hsm init`")
                 embedded.provision()
             embedded.activate()
         service = cls(home, Token(spec), clock, token_owned=embedded is not None)
