@@ -51,6 +51,18 @@ class NoKeyStore(StateError):
         super().__init__(f"no key store at {home} (run 'encfs hsm init' to create one)")
 
 
+class WrongPassphrase(EncfsError):
+    """The passphrase or recovery key does not open a key store backup."""
+
+    exit_code = 77  # EX_NOPERM
+
+
+class ArchiveDamaged(EncfsError):
+    """A key store backup is not one, is truncated, or failed authentication (tampering, damage)."""
+
+    exit_code = 65  # EX_DATAERR
+
+
 class TokenError(EncfsError):
     """The PKCS#11 module or token is unavailable or misbehaves."""
 

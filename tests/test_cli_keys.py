@@ -179,7 +179,7 @@ def test_missing_store_is_refused_and_nothing_created(tmp_path: Path) -> None:
     empty.mkdir()
     commands: list[tuple[str, ...]] = [
         ("key", "create", "--alias", "first"), ("key", "list"), ("key", "describe", "first"),
-        ("key", "decrypt"), ("hsm", "status"), ("hsm", "protect-pin"),
+        ("key", "decrypt"), ("hsm", "status"), ("hsm", "protect-pin"), ("hsm", "backup", str(tmp_path / "b.bk")),
         ("init", str(tmp_path / "cipher"), "--key", "first")]
     for args in commands:
         msg = fail(*args, home=home, input=b"x", exit_code=66)
@@ -187,7 +187,7 @@ def test_missing_store_is_refused_and_nothing_created(tmp_path: Path) -> None:
     msg = fail("key", "create", home=empty, exit_code=66)  # an existing directory without a token
     assert msg == f"no key store at {empty} (run 'encfs hsm init' to create one)"
     assert not home.exists() and list(empty.iterdir()) == []
-    assert not (tmp_path / "cipher").exists()
+    assert not (tmp_path / "cipher").exists() and not (tmp_path / "b.bk").exists()
     ok("hsm", "init", home=home)
     key = create_key(home, "--alias", "first")
     assert stat.S_IMODE((home / "softhsm" / "user.pin").stat().st_mode) == 0o600

@@ -18,7 +18,7 @@ from encfs.block.exportformat import ExportDamaged, ExportKeys, KeyFile, Manifes
 from encfs.keys.blob import CiphertextBlob
 from encfs.keys.context import context_digest, encode_context
 
-EXP = {v["vector"]: v for v in parse_vectors(DOC.split("## 9. Snapshot exports", 1)[1])}
+EXP = {v["vector"]: v for v in parse_vectors(DOC.split("## 9. Snapshot exports", 1)[1].split("## 10. ", 1)[0])}
 PLAINTEXT = (b"encfs export vector " * 410)[:8192]
 
 

@@ -374,6 +374,9 @@ def register(sub: Any, add_hsm_options: AddHsmOptions) -> None:
     cmd(hsm, "unprotect-pin", cmd_hsm_unprotect_pin,
         "store the embedded token's PINs in plain files again (mode 0600)")
     cmd(hsm, "status", cmd_hsm_status, "module, token, slot, free space and mechanisms", json_flag=True)
+    from encfs.keys import backupcli
+
+    backupcli.register(hsm)
 
     key = sub.add_parser("key", help="customer master keys and data keys").add_subparsers(
         dest="key_command", required=True, metavar="COMMAND")

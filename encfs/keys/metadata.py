@@ -26,7 +26,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,6 +313,10 @@ class KeyStore:
                 self._held.depth = 0
         finally:
             os.close(fd)
+
+    def locked(self) -> AbstractContextManager[None]:
+        """The lock every writer of keys.json takes (a backup copies the store under it)."""
+        return self._locked()
 
     @contextmanager
     def transaction(self) -> Iterator[KeyDB]:

@@ -47,6 +47,15 @@ def _write_private(path: Path, data: str) -> None:
         os.fsync(f.fileno())
 
 
+def conf_text(tokendir: Path) -> str:
+    """softhsm2.conf for the token in ``tokendir`` (absolute: SoftHSM2 resolves no relative paths)."""
+    return ("# encfs embedded token; written by `encfs hsm init`\n"
+            f"directories.tokendir = {tokendir}\n"
+            "objectstore.backend = file\n"
+            "log.level = ERROR\n"
+            "slots.removable = false\n")
+
+
 class EmbeddedSoftHSM:
     """The SoftHSM2 token that encfs provisions for itself."""
 
@@ -180,13 +189,7 @@ class EmbeddedSoftHSM:
             _write_private(self.user_pin, secrets.token_urlsafe(24))
             _write_private(self.so_pin, secrets.token_urlsafe(24))
             tmp_conf.unlink(missing_ok=True)
-            _write_private(tmp_conf, (
-                "# encfs embedded token; written by `encfs hsm init`\n"
-                f"directories.tokendir = {self.tokendir}\n"
-                "objectstore.backend = file\n"
-                "log.level = ERROR\n"
-                "slots.removable = false\n"
-            ))
+            _write_private(tmp_conf, conf_text(self.tokendir))
             pkg_root = str(Path(__file__).resolve().parents[2])
             pythonpath = os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))
             env = dict(os.environ, SOFTHSM2_CONF=str(tmp_conf), PYTHONPATH=pythonpath)
