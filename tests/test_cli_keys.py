@@ -188,10 +188,14 @@ def test_missing_store_is_refused_and_nothing_created(tmp_path: Path) -> None:
     assert msg == f"no key store at {empty} (run 'encfs hsm init' to create one)"
     assert not home.exists() and list(empty.iterdir()) == []
     assert not (tmp_path / "cipher").exists() and not (tmp_path / "b.bk").exists()
-    ok("hsm", "init", home=home)
+    out = ok("hsm", "init", home=home).decode()
     key = create_key(home, "--alias", "first")
     assert stat.S_IMODE((home / "softhsm" / "user.pin").stat().st_mode) == 0o600
     assert len(token_objects(home / "softhsm" / "tokens")) == 1
+    assert f"back up the state directory {home}" in out
+    proc = run_encfs("key", "create", "--alias", "second", home=home)  # each new key: one line
+    assert proc.returncode == 0 and proc.stderr.decode() == f"encfs: note: back up the state directory {home}: " \
+        "it holds the only copy of the token's keys (`encfs hsm backup FILE`)\n"
     roundtrip(home, key)
 
 

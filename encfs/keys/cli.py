@@ -82,7 +82,16 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
         where = (f"sealed under a passphrase in {embedded.sealed_pins}" if embedded.protected
                  else f"in {embedded.dir}, mode 0600; `encfs hsm protect-pin` seals them under a passphrase")
         print(f"state directory: {home}  (PINs {where})")
+        if created:
+            print(BACKUP_REMINDER.format(home=home))
     return 0
+
+
+# One line, on `hsm init` (when it creates the token) and on every `key create` with the embedded
+# token: each new key's backing key exists only in this directory, so a backup made before it
+# cannot open data under it.
+BACKUP_REMINDER = ("back up the state directory {home}: it holds the only copy of the token's keys "
+                   "(`encfs hsm backup FILE`)")
 
 
 def _new_passphrase(passphrase_file: str | None) -> str:
@@ -174,6 +183,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     origin = ORIGIN_EXTERNAL if args.origin == "external" else ORIGIN_TOKEN
     with open_key_service(args) as ks:
         meta = ks.create_key(args.description or "", alias=args.alias, origin=origin)
+        if ks.embedded:
+            print(f"encfs: note: {BACKUP_REMINDER.format(home=ks.home)}", file=sys.stderr)
     if args.json:
         _print_json(meta)
     else:

@@ -234,6 +234,11 @@ class KeyService:
         service.audit.open()  # an unwritable audit log refuses every call: before, not after, it acts
         return service
 
+    @property
+    def embedded(self) -> bool:
+        """Whether the token is the embedded SoftHSM2 token of this home (its only copy is here)."""
+        return bool(self._token_owned)
+
     def close(self) -> None:
         self.budget.give_back()
         self.token.close()
