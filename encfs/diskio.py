@@ -45,6 +45,16 @@ def pwritev_all(fd: int, parts: Sequence[bytes | bytearray | memoryview], offset
     return total
 
 
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with ``mode`` (KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE ...); OSError on failure."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def fsync_dir(path: bytes | str | os.PathLike[str]) -> None:
     """Make the entries of directory ``path`` (a create, rename or unlink in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

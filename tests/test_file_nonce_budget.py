@@ -212,7 +212,7 @@ def test_a_failed_copy_back_is_finished_by_the_next_load(tmp_path: Path, service
     writes fail, and the next load of the file in the same mount finishes the re-key."""
     key = service.create_key()["KeyId"]
     fs_id = os.urandom(16).hex()
-    config = SimpleNamespace(block_size=B, key_id=key, format=2,
+    config = SimpleNamespace(block_size=B, key_id=key, format=2, features=(),
                              file_context=lambda fid: {"encfs:fs": fs_id, "encfs:file": fid.hex()})
     files = OpenFiles(os.fsencode(tmp_path), config, service, BlockCipher, False,  # type: ignore[arg-type]
                       Sealers(B), recovering=False)

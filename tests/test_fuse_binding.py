@@ -23,7 +23,7 @@ from fsconfig_tool import remac
 from fuse_helpers import Mount, cold_read, crash_during, expect_errno
 
 from encfs.fuse.dirids import DirIds
-from encfs.fuse.fsconfig import BINDING_FEATURES, BINDING_UPGRADE
+from encfs.fuse.fsconfig import BINDING_FEATURES, BINDING_UPGRADE, SPARSE_FEATURE
 from encfs.fuse.names import DIRID_XATTR, SEALED_DIRID_LEN, NameCipher
 
 DATA = Path(__file__).parent / "data"
@@ -304,7 +304,7 @@ def test_an_interrupted_upgrade_is_read_and_finished(v2, tmp_path: Path) -> None
     with Mount(cipher, mp, home):
         _check_v2_tree(mp)
     final = _features(cipher)
-    assert set(final) == set(base) | set(BINDING_FEATURES)
+    assert set(final) == set(base) | set(BINDING_FEATURES) | {SPARSE_FEATURE}
     remac(cipher, home, {"features": base + [BINDING_UPGRADE]}, names=("encfs.conf",))  # backup: final
     with Mount(cipher, mp, home, "--read-only", log=tmp_path / "ro.log"):
         _check_v2_tree(mp)

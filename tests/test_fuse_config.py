@@ -23,7 +23,7 @@ from fuse_helpers import Mount
 from test_fuse_cli import assert_one_line_error, encfs_ok, guard, new_fs
 
 from encfs.errors import InvalidCiphertext
-from encfs.fuse.fsconfig import BINDING_FEATURES, FS_FORMAT, features_for, init_filesystem, open_config
+from encfs.fuse.fsconfig import BINDING_FEATURES, FS_FORMAT, SPARSE_FEATURE, features_for, init_filesystem, open_config
 from encfs.fuse.mount import is_mounted
 from encfs.keys.service import KeyService
 
@@ -96,7 +96,7 @@ def test_format_1_filesystem_mounts_and_its_first_read_write_mount_upgrades_it(f
         assert {k: primary[k] for k in old if k not in ("format", "features")} == \
             {k: v for k, v in old.items() if k not in ("format", "features")}
         # the same mount bound directory ids and symlink targets to their place (binding.py)
-        assert primary["features"] == old["features"] + list(BINDING_FEATURES)
+        assert primary["features"] == old["features"] + list(BINDING_FEATURES) + [SPARSE_FEATURE]
         assert "directory ids and symlink targets are bound" in (tmp_path / "rw.log").read_text()
         assert _info(cipher, home)["format"] == 2
         with Mount(cipher, mp, home, log=tmp_path / "again.log"):

@@ -144,7 +144,7 @@ def test_data_key_cache_lifetime_is_the_documented_five_minutes(service: Any) ->
     from encfs.sealing import Sealers
 
     assert MAX_AGE == 300.0 and DataKeyCache().max_age == MAX_AGE
-    config = SimpleNamespace(block_size=4096, key_id="alias/none", format=2)
+    config = SimpleNamespace(block_size=4096, key_id="alias/none", format=2, features=())
     files = OpenFiles(b"/nonexistent", config, service, BlockCipher, read_only=True,  # type: ignore[arg-type]
                       sealers=Sealers(4096))
     assert files.key_cache.max_age == MAX_AGE

@@ -42,7 +42,8 @@ FS = {v["vector"]: v for v in parse_vectors(DOC.split("## 6. Filesystem format",
 def test_section_has_every_vector() -> None:
     assert set(FS) >= {"fs-keys", "config-mac", "name-short", "name-long", "content-block", "content-layout-32k",
                        "content-layout-4k", "file-header", "symlink", "xattr", "file-state", "journal",
-                       "dirid-bound", "symlink-bound", "xattr-padded", "block-counter-nonce"}
+                       "dirid-bound", "symlink-bound", "xattr-padded", "block-counter-nonce",
+                       "file-state-holes"}
 
 
 def test_fs_key_derivation() -> None:
@@ -173,6 +174,27 @@ def test_file_state_vector() -> None:
     assert FileState.open(BlockCipher(key, file_id), state.seal(BlockCipher(key, file_id))) == state
     with pytest.raises(BlockAuthError):
         FileState.open(BlockCipher(key, bytes(16)), value)  # another file's
+
+
+def test_file_state_holes_vector() -> None:
+    v = FS["file-state-holes"]
+    key, file_id, value = hexbytes(v["data_key"]), hexbytes(v["file_id"]), hexbytes(v["xattr_value"])
+    holes = tuple(tuple(int(x) for x in e.split("+")) for e in v["holes"].split(", "))
+    # Independently: the documented layout, then plain AES-GCM with the state's AAD.
+    plain = struct.pack(">QQQ", int(v["synced_size"]), int(v["seals"]), len(holes)) + \
+        b"".join(struct.pack(">QQ", a, n) for a, n in holes)
+    assert plain == hexbytes(v["plaintext"]) and len(value) == 52 + 16 * len(holes)
+    assert value[:12] == hexbytes(v["nonce"])
+    assert AESGCM(key).encrypt(value[:12], plain, file_id + struct.pack(">Q", STATE_BLOCK)) == value[12:]
+    state = FileState.open(BlockCipher(key, file_id), value)
+    assert state == FileState(int(v["synced_size"]), int(v["seals"]), holes)  # type: ignore[arg-type]
+    # A malformed list fails like a damaged state (touching extents must have been merged).
+    nonce = value[:12]
+    for bad in ([(1, 62), (63, 1)], [(5, 1), (1, 1)], [(1, 0)]):
+        body = struct.pack(">QQQ", 1, 1, len(bad)) + b"".join(struct.pack(">QQ", a, n) for a, n in bad)
+        sealed = nonce + AESGCM(key).encrypt(nonce, body, file_id + struct.pack(">Q", STATE_BLOCK))
+        with pytest.raises(BlockAuthError):
+            FileState.open(BlockCipher(key, file_id), sealed)
 
 
 def test_journal_vector(tmp_path: Path) -> None:

@@ -23,8 +23,15 @@ Invariants:
 - The plaintext size is kept in memory while the content is loaded; a backing file that
   is shorter than that (cut behind encfs's back) reads EIO for what is missing, never
   zeros. A version-2 file's synced size also catches a cut made while it was closed.
-- Holes are never left in the backing file: extending a file writes sealed zero blocks,
-  so an attacker who zeroes or punches a range of ciphertext gets EIO.
+- A block reads as zeros without being opened only if the file's holes (holes.py, kept in
+  its authenticated state) name it; any other block that is zeroed or punched reads EIO.
+  On a filesystem with "sparse-files" a truncate up, and a write that leaves a gap of
+  HOLE_MIN or more, leave holes (sparse.py); without it they write sealed zero blocks.
+- The durable state never names as data a block that is not durable, nor as a hole a
+  block whose durable version someone relies on. A write into a hole goes in place and
+  the state calling it data follows an fdatasync (fsync(), checkpoint()); a new hole
+  (extend, punch) is in a durable state before the backing file changes (commit_holes).
+- A hole never consumes a seal: only sealed blocks and states are counted.
 - ``seals`` counts every seal under the data key (blocks, the state) and reaches the
   state at least every SEALS_PERSIST_EVERY seals: a crash can lose only that much of the
   count. The caller gives the file a fresh key (rekeyfile.py) before it reaches the
@@ -33,6 +40,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -64,6 +72,7 @@ from encfs.fuse.fileheader import (
     state_file,
     write_state,
 )
+from encfs.fuse.holes import HOLES_MAX, Holes
 from encfs.fuse.journal import HEAD_LEN, Journal, Run
 from encfs.sealing import Sealer
 
@@ -75,6 +84,23 @@ JOURNAL_MAX = 16 << 20
 # The seal count is written to the state at least this often, so a crash (which loses what
 # the state did not get) costs the count at most this many seals; one setxattr per 2^16 seals.
 SEALS_PERSIST_EVERY = 1 << 16
+# A write past the end leaves a hole only if the gap is this long: a smaller gap (writeback out
+# of order, a record appended with padding) is cheaper filled with sealed zeros than with a
+# durable state (two syncs) and an extent out of HOLES_MAX.
+HOLE_MIN = 1 << 20
+_MAX_BACKING = (1 << 63) - 1  # offsets are signed 64-bit (off_t, FUSE, lseek)
+
+
+def max_file_size(block: int) -> int:
+    """The largest plaintext size whose backing file still ends below 2^63 bytes (FORMAT.md §6.4)."""
+    full, rest = divmod(_MAX_BACKING - HEADER_LEN, block + OVERHEAD)
+    return full * block + max(0, rest - OVERHEAD)
+
+
+def too_big(end: int, block: int) -> None:
+    """EFBIG if a file of ``end`` bytes is past what the format supports."""
+    if end > max_file_size(block):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
 
 
 def whole_blocks(offset: int, length: int, block: int) -> range | None:
@@ -118,6 +144,8 @@ class FileContent:
         self.index: dict[int, tuple[int, int]] = {}  # block -> (journal offset, sealed length)
         self.size = 0
         self.state = FileState()
+        self.holes = Holes()  # blocks with no sealed version: they read as zeros (this session's truth)
+        self.sparse = False  # holes may be made (the filesystem has "sparse-files", the file a state)
         self.seals = 0  # seals under the data key, this session's included (>= state.seals)
         self.rekey_at = REKEY_AT  # the seal count at which the next write first re-keys the file
         self.fresh = False  # made by this daemon: its key cannot belong to another file
@@ -190,6 +218,7 @@ class FileContent:
                              "data key's budget as spent (its next write gives it a fresh key)")
             self.state = state or SPENT
             self.seals = self.state.seals
+            self.holes = Holes(self.state.holes)
         if self.header.file_id in self._journals and self.journal.open_existing():
             runs, end, torn = self.journal.scan(self.cipher)
             notes += torn
@@ -201,6 +230,8 @@ class FileContent:
                 self.journal.unsynced = self.journal.new = True
                 self.journal.sync()
             self._index_runs(runs)
+            for k in [k for k in self.index if k in self.holes]:
+                del self.index[k]  # written before the state that made it a hole (see punch)
             if runs:
                 notes.append(f"replaying {len(self.index)} journaled blocks after a crash")
             backing = self._journal_end(backing, writable)
@@ -209,6 +240,7 @@ class FileContent:
         if after_crash and not self.v1 and self.size > floor:
             notes += self._cut_torn_tail(backing, floor, writable)
         self.size = max(self.size, self._index_end())
+        self.holes.clip(-(-self.size // self.block))
         expected = max(self.state.synced_size, known_size or 0)
         if self.size < expected:
             notes.append(f"backing file holds {self.size} of the file's {expected} bytes: "
@@ -269,7 +301,7 @@ class FileContent:
         block, step = self.block, self.block + OVERHEAD
         last = (backing - HEADER_LEN - 1) // step
         at = sealed_offset(last, HEADER_LEN, block)
-        if backing - at == step or last * block < floor:
+        if backing - at == step or last * block < floor or last in self.holes:
             return []
         try:
             self.cipher.open(last, os.pread(self.fd, backing - at, at))
@@ -300,6 +332,26 @@ class FileContent:
         length = min(length, size - offset)
         block = self.block
         blocks = blocks_touched(offset, length, block)
+        if self.holes and self.holes.overlaps(blocks.start, blocks.stop):
+            plain: bytes | bytearray | memoryview = self._read_with_holes(blocks, size)
+        else:
+            plain = self._read_blocks(blocks, size)
+        skip = offset - blocks.start * block
+        return plain if skip == 0 and len(plain) == length else plain[skip:skip + length]
+
+    def _read_with_holes(self, blocks: range, size: int) -> bytearray:
+        """The plaintext of ``blocks``, holes as zeros (never opened)."""
+        out = bytearray()
+        for a, b, hole in self.holes.segments(blocks.start, blocks.stop):
+            if hole:
+                out += bytes(min(b * self.block, size) - a * self.block)
+            else:
+                out += self._read_blocks(range(a, b), size)  # copied at once: the arena is reused
+        return out
+
+    def _read_blocks(self, blocks: range, size: int) -> bytes | bytearray | memoryview:
+        """The plaintext of ``blocks`` (none of them a hole)."""
+        block = self.block
         start, want = self._span(blocks, size)
         if self.index and any(b in self.index for b in blocks):
             plain: bytes | bytearray | memoryview = self._read_journaled(blocks, size)
@@ -312,8 +364,7 @@ class FileContent:
                 plain = self._open_blocks(blocks.start, sealed)
             else:
                 plain = self._open_in_arena(blocks.start, start, want, areas)
-        skip = offset - blocks.start * block
-        return plain if skip == 0 and len(plain) == length else plain[skip:skip + length]
+        return plain
 
     def _span(self, blocks: range, size: int) -> tuple[int, int]:
         """Where ``blocks`` start in the backing file and how many sealed bytes they take, for
@@ -377,13 +428,15 @@ class FileContent:
         if self.verified or self.size == 0:
             self.verified = True
             return
-        last = (self.size - 1) // self.block
-        self.read(last * self.block, 1)
+        last = self.holes.last_data_before(-(-self.size // self.block))
+        if last is not None:  # else every block is a hole: the state naming them opened under the key
+            self.read(last * self.block, 1)
         self.verified = True
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        too_big(offset + len(data), self.block)
         if offset > self.size:
-            self._extend(offset)
+            self._extend(offset, gap_hole=True)
         if not data:
             return 0
         block, size = self.block, self.size
@@ -408,8 +461,9 @@ class FileContent:
     def write_sealed(self, offset: int, length: int, sealed: bytes | bytearray | memoryview) -> int:
         """Write ``sealed``: the whole_blocks(offset, length) sealed under this file's cipher
         (by a sealing worker, before the caller serialised this write)."""
+        too_big(offset + length, self.block)
         if offset > self.size:
-            self._extend(offset)
+            self._extend(offset, gap_hole=True)
         self.count_seals(-(-length // self.block))
         self._place(offset // self.block, sealed, max(self.size, offset + length))
         return length
@@ -423,37 +477,59 @@ class FileContent:
 
     def _place(self, first: int, sealed: bytes | bytearray | memoryview, new_size: int) -> None:
         """Put the sealed run of blocks from ``first`` on where it belongs: blocks that exist go
-        to the journal, blocks past the end (version 2) in place; the size becomes ``new_size``."""
+        to the journal, blocks past the end (version 2) and holes in place; the size becomes
+        ``new_size``."""
         step = self.block + OVERHEAD
         count = -(-len(sealed) // step)
         existing = -(-self.size // self.block)
-        split = first + count if self.v1 else max(first, min(first + count, existing))
-        journaled = (split - first) * step
+        if self.v1:
+            pieces = [(first, first + count, False)]
+        else:
+            pieces = self._pieces(first, min(first + count, existing))
+            if first + count > existing:
+                pieces.append((max(first, existing), first + count, True))
         undo = None
-        if split > first:
-            undo = (self.journal.length, {k: self.index.get(k) for k in range(first, split)})
-            at = self.journal.append(first, split - first, sealed[:journaled])
-            self._journals.add(self.header.file_id)
-            for k in range(first, split):
-                self.index[k] = (at + (k - first) * step, min(step, len(sealed) - (k - first) * step))
-        if split < first + count:
-            old_len = os.fstat(self.fd).st_size
-            try:
-                if self.journal.unsynced and split - 1 in self.index:
+        old_len = None
+        try:
+            for a, b, direct in pieces:
+                part = sealed[(a - first) * step:(b - first) * step]
+                if not direct:
+                    if undo is None:
+                        undo = (self.journal.length, {k: self.index.get(k) for k in range(first, first + count)})
+                    at = self.journal.append(a, b - a, part)
+                    self._journals.add(self.header.file_id)
+                    for k in range(a, b):
+                        self.index[k] = (at + (k - a) * step, min(step, len(sealed) - (k - first) * step))
+                    continue
+                if old_len is None:
+                    old_len = os.fstat(self.fd).st_size
+                if self.journal.unsynced and a - 1 in self.index:
                     # See the invariants: the journaled version of the block these follow reaches
                     # the disk first (its old version in place may be shorter than a full block).
                     self.journal.sync()
                 self.dirty = True
-                pwrite_all(self.fd, sealed[journaled:], sealed_offset(split, HEADER_LEN, self.block))
-            except BaseException:
+                pwrite_all(self.fd, part, sealed_offset(a, HEADER_LEN, self.block))
+        except BaseException:
+            if old_len is not None and os.fstat(self.fd).st_size > old_len:
                 os.ftruncate(self.fd, old_len)
-                if undo is not None:
-                    self._undo_journal(*undo)
-                raise
+            if undo is not None:
+                self._undo_journal(*undo)
+            raise
+        self.holes.remove(first, first + count)  # in memory only: the state follows an fdatasync
         self.size = new_size
         if self.journal.length > JOURNAL_MAX:
             for note in self._try_checkpoint():  # the write itself is done: it is in the journal
                 log.warning("%s", note)
+
+    def _pieces(self, first: int, stop: int) -> list[tuple[int, int, bool]]:
+        """Blocks [first, stop) of the file cut into (a, b, in place): holes go in place, the
+        rest to the journal. A hole with a journaled version (load() drops those) would have
+        it checkpointed first, so that no stale record outlives the block written in place."""
+        if not self.holes or not self.holes.overlaps(first, stop):
+            return [(first, stop, False)] if stop > first else []
+        if any(k in self.holes for k in self.index):
+            self.checkpoint()
+        return list(self.holes.segments(first, stop))
 
     def _undo_journal(self, length: int, old: dict[int, tuple[int, int] | None]) -> None:
         self.journal.cut(length)
@@ -465,7 +541,35 @@ class FileContent:
             else:
                 self.index[k] = v
 
-    def _extend(self, new_size: int) -> None:
+    def _extend(self, new_size: int, gap_hole: bool = False) -> None:
+        """Grow the file to ``new_size``: the whole blocks past the end become holes (when it may
+        have them and, for the gap before a write (``gap_hole``), at least HOLE_MIN of them);
+        otherwise, and for the rest of a short last block, sealed zeros are written."""
+        block, size = self.block, self.size
+        first_new, stop_new = -(-size // block), -(-new_size // block)
+        sparse = self.sparse and not self.v1 and (not gap_hole or (stop_new - first_new) * block >= HOLE_MIN)
+        if not sparse:
+            self._fill_zeros(new_size)
+            return
+        if size % block and first_new - 1 not in self.holes:
+            self.write(size, bytes(min(new_size, first_new * block) - size))  # the short last block
+        if stop_new > first_new:
+            holes = self.holes.copy()
+            holes.add(first_new, stop_new)
+            if not self.commit_holes(holes, first_new, stop_new):
+                self._fill_zeros(new_size)
+                return
+        old_len = os.fstat(self.fd).st_size
+        try:  # a backing store that refuses the size (ext4: EFBIG past 16 TiB) changes nothing
+            os.ftruncate(self.fd, max(old_len, sealed_size(new_size, HEADER_LEN, block)))
+        except OSError:
+            self.holes.clip(first_new)  # the durable state's extra holes lie past the end: unused
+            if self.size != size:  # the short last block was padded: the file keeps its size
+                self.truncate(size)
+            raise
+        self.size, self.dirty = new_size, True
+
+    def _fill_zeros(self, new_size: int) -> None:
         """Write sealed zeros from the end to ``new_size``, at most 1 MiB at a time."""
         pos, block = self.size, self.block
         chunk = max(_ZERO_CHUNK, block)
@@ -475,8 +579,32 @@ class FileContent:
             self.write(pos, bytes(stop - pos))
             pos = stop
 
+    def commit_holes(self, holes: Holes, first: int, stop: int) -> bool:
+        """Make ``holes`` (this file's holes plus [first, stop)) its holes, durably, before the
+        caller touches the backing file. Past HOLES_MAX extents the smallest others are written
+        as sealed zeros first; False (nothing changed) if [first, stop) is itself the smallest:
+        the caller then writes zeros instead of making it a hole."""
+        while len(holes) > HOLES_MAX:
+            a, b = holes.smallest()
+            if a < stop and b > first:
+                return False
+            holes.remove(a, b)
+            end = min(b * self.block, self.size)
+            for at in range(a * self.block, end, _ZERO_CHUNK):  # holes in memory: written in place
+                self.write(at, bytes(min(_ZERO_CHUNK, end - at)))
+        self.journal.sync()
+        if self.dirty:  # blocks the new state calls data (filled holes) are durable first
+            os.fdatasync(self.fd)
+            self.dirty = False
+        self.holes = holes
+        self._write_state(self.state.synced_size, holes)
+        if self.state_file is None:
+            os.fsync(self.fd)  # the xattr (a state file is written durably: write_atomic)
+        return True
+
     def truncate(self, new_size: int) -> None:
         """Change the size to ``new_size`` > 0 (truncating to 0 drops the header: the caller's job)."""
+        too_big(new_size, self.block)
         size = self.size
         if new_size >= size:
             self._extend(new_size)
@@ -484,10 +612,14 @@ class FileContent:
         self.checkpoint()
         block = self.block
         last, rest = divmod(new_size, block)
+        if rest and last in self.holes:
+            rest = 0  # a hole stays a hole, only shorter
         if not self.v1:  # first: never a backing file shorter than its durable state says
             synced = min(self.state.synced_size, last * block if rest else new_size)
-            if synced != self.state.synced_size:
-                self._write_state(synced)
+            holes = Holes(self.state.holes)
+            holes.clip(-(-new_size // block))
+            if synced != self.state.synced_size or holes.extents() != self.state.holes:
+                self._write_state(synced, holes)
                 os.fsync(self.fd)
         if rest:  # the new last block is an overwrite of an existing block: journaled
             keep = self.read(last * block, rest)
@@ -495,6 +627,7 @@ class FileContent:
             self._place(last, self.cipher.seal(last, bytes(keep)), size)
             self.journal.sync()
         os.ftruncate(self.fd, sealed_offset(last, HEADER_LEN, block) if rest else sealed_size(new_size, HEADER_LEN, block))
+        self.holes.clip(-(-new_size // block))
         self.size, self.dirty = new_size, True
 
     # -- durability ----------------------------------------------------------------------
@@ -506,19 +639,28 @@ class FileContent:
         if self.dirty or not datasync:
             (os.fdatasync if datasync else os.fsync)(self.fd)
             self.dirty = False
-        if not self.v1 and self.size != self.state.synced_size and not self.read_only and self.verified:
-            # Not synced itself: if a crash loses it, the previous (smaller) synced size stays.
-            self._write_state(self.size)
+        if not self.v1 and not self.read_only and self.verified and \
+                (self.size != self.state.synced_size or self.holes.extents() != self.state.holes):
+            # Not synced itself: if a crash loses it, the previous (smaller) synced size stays, and
+            # blocks written into holes since read as the zeros they held before.
+            self._write_state(self.size, self.holes)
 
-    def _write_state(self, synced_size: int) -> None:
+    def _write_state(self, synced_size: int, holes: Holes | None = None) -> None:
+        """Seal and write the state; ``holes`` default to the durable state's (whatever was
+        written into them since is not known to be durable)."""
         self.seals += 1  # the state is sealed under the data key too
-        state = FileState(synced_size, self.seals)
+        state = FileState(synced_size, self.seals, self.state.holes if holes is None else holes.extents())
         write_state(self.fd, self.cipher, state, self.state_file)
         self.state = state
 
     def checkpoint(self) -> None:
         """Copy the journaled blocks into place and remove the journal (see journal.py)."""
         if self.journal.fd is None and not self.index:
+            if self.holes.extents() != self.state.holes and self.fd_writable and not (self.v1 or self.read_only):
+                # holes written into in place: durable before the state that calls them data
+                os.fdatasync(self.fd)
+                self.dirty = False
+                self._write_state(self.size, self.holes)
             return
         if self.read_only:
             return
@@ -529,8 +671,9 @@ class FileContent:
             pwrite_all(self.fd, self.journal.read(offset, length), sealed_offset(k, HEADER_LEN, block))
         os.fdatasync(self.fd)
         self.dirty = False
-        if not self.v1 and (self.size != self.state.synced_size or self.seals != self.state.seals):
-            self._write_state(self.size)
+        if not self.v1 and (self.size != self.state.synced_size or self.seals != self.state.seals
+                            or self.holes.extents() != self.state.holes):
+            self._write_state(self.size, self.holes)
         self.journal.remove()
         self._journals.discard(self.header.file_id)
         self.index.clear()

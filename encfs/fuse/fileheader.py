@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.errors import IntegrityError
+from encfs.fuse.holes import EXTENT, HOLES_MAX, pack_extents, unpack_extents
 
 MAGIC = b"ENCF"
 V1, V2 = 1, 2
@@ -50,10 +51,10 @@ STATE_XATTR = "user.encfs.state"
 STATE_SUFFIX = b".state"  # encfs.journal/<file id hex>.state: the state where xattrs are not kept
 JOURNAL_DIR = b"encfs.journal"
 _PROBE = "user.encfs.probe"
-_SEALED_STATE = 12 + 24 + 16
+_SEALED_STATE = 12 + 24 + 16  # without holes; each hole extent adds 16 (holes.py)
 STATE_BLOCK = (1 << 64) - 1
 _FIXED = struct.Struct(">4sBB16sH")
-_STATE = struct.Struct(">QQQ")  # synced size, seals counted, reserved (0)
+_STATE = struct.Struct(">QQQ")  # synced size, seals counted, hole extents that follow (0 before sparse files)
 # A data key's nonce budget (docs/FORMAT.md §6.4): blocks draw random 96-bit GCM nonces, and
 # NIST SP 800-38D §8.3 allows 2^32 such seals per key. A file gets a fresh data key at its first
 # write past REKEY_AT seals (rekeyfile.py); past SEAL_LIMIT (only if that keeps failing, e.g. on
@@ -101,17 +102,23 @@ class FileState:
 
     synced_size: int = 0  # plaintext bytes durable when this state was written
     seals: int = 0  # seals under the data key when this state was written (itself included)
+    holes: tuple[tuple[int, int], ...] = ()  # (first block, count): blocks with no sealed version (holes.py)
 
     def seal(self, cipher: BlockCipher) -> bytes:
-        return bytes(cipher.seal(STATE_BLOCK, _STATE.pack(self.synced_size, self.seals, 0)))
+        body = _STATE.pack(self.synced_size, self.seals, len(self.holes)) + pack_extents(self.holes)
+        return bytes(cipher.seal(STATE_BLOCK, body))
 
     @classmethod
     def open(cls, cipher: BlockCipher, sealed: bytes) -> FileState:
-        """BlockAuthError if it does not authenticate (damaged, or another file's)."""
-        synced, seals, reserved = _STATE.unpack(cipher.open(STATE_BLOCK, sealed))
-        if reserved:
-            raise BlockAuthError(STATE_BLOCK)
-        return cls(synced, seals)
+        """BlockAuthError if it does not authenticate (damaged, or another file's) or its hole
+        list is malformed."""
+        plain = cipher.open(STATE_BLOCK, sealed)
+        synced, seals, count = _STATE.unpack_from(plain)
+        try:
+            holes = unpack_extents(plain[_STATE.size:], count)
+        except ValueError:
+            raise BlockAuthError(STATE_BLOCK) from None
+        return cls(synced, seals, holes)
 
 
 SPENT = FileState(0, REKEY_AT)  # what a state that fails authentication counts as
@@ -126,7 +133,7 @@ def read_state(fd: int, cipher: BlockCipher, side: bytes | None = None) -> FileS
             sealed = os.getxattr(fd, STATE_XATTR)
         else:
             with open(side, "rb") as f:
-                sealed = f.read(_SEALED_STATE + 1)
+                sealed = f.read(_SEALED_STATE + HOLES_MAX * EXTENT.size + 1)
         return FileState.open(cipher, sealed)
     except FileNotFoundError:
         return FileState()

@@ -159,7 +159,7 @@ def _rescue(check: FileCheck) -> Action:
 
 
 def read_blocks(c: FileContent, sink: Callable[[int, memoryview], None] | None) -> Iterator[int]:
-    """Open every block of ``c`` (its journaled version where the journal has one); yields the
+    """Open every block of ``c`` but its holes (its journaled version where the journal has one); yields the
     numbers of those that fail authentication (or are missing: a cut backing file). ``sink(first,
     plaintext)`` gets the plaintext of every run of blocks that opened."""
     block, step, size = c.block, c.block + OVERHEAD, c.size
@@ -168,6 +168,9 @@ def read_blocks(c: FileContent, sink: Callable[[int, memoryview], None] | None) 
     out = memoryview(bytearray(min(count, CHUNK_BLOCKS) * block))
     b = 0
     while b < count:
+        if b in c.holes:  # named by the authenticated state: nothing to open (it reads zeros)
+            b = c.holes.next_data(b)
+            continue
         if b in c.index:
             offset, length = c.index[b]
             try:
@@ -179,7 +182,7 @@ def read_blocks(c: FileContent, sink: Callable[[int, memoryview], None] | None) 
             b += 1
             continue
         end = b + 1
-        while end < min(count, b + CHUNK_BLOCKS) and end not in c.index:
+        while end < min(count, b + CHUNK_BLOCKS) and end not in c.index and end not in c.holes:
             end += 1
         plain_len = min(size, end * block) - b * block
         data = memoryview(os.pread(c.fd, plain_len + (end - b) * OVERHEAD, HEADER_LEN + b * step))

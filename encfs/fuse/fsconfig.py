@@ -71,7 +71,11 @@ DEFAULT_BLOCK_SIZE = 32768
 # half-upgraded filesystem instead of failing on its first sealed directory id.
 BINDING_FEATURES = ("bound-dirids", "bound-symlinks", "padded-xattr-names")
 BINDING_UPGRADE = "binding-upgrade"
-COMMON_FEATURES = ("per-file-keys", "siv-names", "long-names", "long-symlinks", *BINDING_FEATURES)
+# Files may have holes, recorded in their authenticated state (FORMAT.md §6.4). New filesystems have
+# it; an older one gets it at its first read-write mount (add_sparse): from then on an encfs that
+# does not know it refuses the filesystem rather than read holes as EIO.
+SPARSE_FEATURE = "sparse-files"
+COMMON_FEATURES = ("per-file-keys", "siv-names", "long-names", "long-symlinks", *BINDING_FEATURES, SPARSE_FEATURE)
 KNOWN_FEATURES = (*BLOCK_FEATURES, *COMMON_FEATURES, BINDING_UPGRADE)
 _FS_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -238,19 +242,18 @@ def _binding_stage(features: set[str]) -> int:
 
 
 def _newer_of(a: FsConfig, b: FsConfig) -> FsConfig | None:
-    """Of two verified copies that differ, the one an interrupted upgrade (format 1 -> 2, or a
-    binding stage, written backup first) left newer; None if they differ otherwise."""
+    """Of two verified copies that differ, the one an interrupted upgrade (format 1 -> 2, a
+    binding stage, or sparse files; each written backup first) left newer; None if they differ
+    otherwise."""
     if (a.fs_id, a.key_id, a.wrapped_secret) != (b.fs_id, b.key_id, b.wrapped_secret):
         return None
-    rest_a, rest_b = (set(c.features) - {BINDING_UPGRADE, *BINDING_FEATURES} for c in (a, b))
-    sa, sb = _binding_stage(set(a.features)), _binding_stage(set(b.features))
-    if rest_a != rest_b or sa < 0 or sb < 0:
+    rest_a, rest_b = (set(c.features) - {BINDING_UPGRADE, *BINDING_FEATURES, SPARSE_FEATURE} for c in (a, b))
+    ka, kb = ((c.format, _binding_stage(set(c.features)), SPARSE_FEATURE in c.features) for c in (a, b))
+    if rest_a != rest_b or ka[1] < 0 or kb[1] < 0 or ka == kb:
         return None
-    if (a.format, sa) == (b.format, sb):
-        return None
-    if a.format >= b.format and sa >= sb:
+    if all(x >= y for x, y in zip(ka, kb, strict=True)):
         return a
-    if b.format >= a.format and sb >= sa:
+    if all(y >= x for x, y in zip(ka, kb, strict=True)):
         return b
     return None
 
@@ -501,3 +504,18 @@ def derive_fs_keys(secret: bytes, fs_id: str) -> FsKeys:
         return HKDF(hashes.SHA256(), n, salt=bytes.fromhex(fs_id), info=info).derive(secret)
 
     return FsKeys(name_key=derive(b"encfs names v1", 64), meta_key=derive(b"encfs metadata v1", 32))
+
+
+def add_sparse(cipherdir: Path, opened: OpenedConfig) -> None:
+    """Give a format-2 filesystem SPARSE_FEATURE (a read-write mount, under the mount lock).
+    Nothing else changes: files without holes read the same. A failure leaves it without
+    (files are then extended with sealed zeros, as before) and is a warning."""
+    config = opened.config
+    if SPARSE_FEATURE in config.features or config.format < FS_FORMAT:
+        return
+    try:
+        set_features(cipherdir, opened, (*config.features, SPARSE_FEATURE))
+    except OSError as e:
+        opened.warnings.append(f"cannot enable sparse files ({e.strerror}); the next read-write mount tries again")
+        return
+    opened.warnings.append("upgraded: files may have holes (sparse-files)")

@@ -26,7 +26,7 @@ from encfs.diskio import syncfs
 from encfs.errors import MountError
 from encfs.fuse import binding, mountlock, rewrap
 from encfs.fuse.fs import EncryptedFS
-from encfs.fuse.fsconfig import open_config, peek_config
+from encfs.fuse.fsconfig import add_sparse, open_config, peek_config
 from encfs.fuse.mountlock import MountLock
 from encfs.fuse.server import FsServer
 from encfs.fuseproto.mounting import escape_option, mount_fusermount, remount_direct, unmount_fusermount
@@ -153,6 +153,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         opened = open_config(cipherdir, ks, writable=not opts.read_only)
         if not opts.read_only:
             binding.upgrade(cipherdir, opened)
+            add_sparse(cipherdir, opened)
         for w in opened.warnings:
             log.warning("%s: %s", cipherdir, w)
         fs = EncryptedFS(os.fsencode(cipherdir), opened.config, opened.keys, ks, read_only=opts.read_only,

@@ -51,7 +51,7 @@ from encfs.fuse.fileheader import (
     state_file,
     user_xattrs_supported,
 )
-from encfs.fuse.fsconfig import FsConfig
+from encfs.fuse.fsconfig import SPARSE_FEATURE, FsConfig
 from encfs.fuse.journal import file_ids, journal_path
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.pool import DataKeyPool
@@ -101,6 +101,8 @@ class OpenFiles:
         self.rekeys = rekeyfile.pending(root, read_only)  # files whose re-key a crash interrupted
         # Files of a format-1 filesystem stay version 1 (format-1 encfs cannot read version 2).
         self.version = V2 if config.format >= 2 else V1
+        # Holes are recorded only once every encfs that may open the filesystem knows them.
+        self.sparse = SPARSE_FEATURE in config.features and not read_only
 
     # -- handles ----------------------------------------------------------------------
 
@@ -274,6 +276,7 @@ class OpenFiles:
             raise
         c.fd_writable = writable
         c.sealer = self.sealers.sealer(c.cipher, key, header.file_id)
+        c.sparse = self.sparse
         return c
 
     def _finish_rekey(self, fd: int, writable: bool, header: FileHeader, path: bytes) -> tuple[int, FileHeader]:
@@ -364,6 +367,7 @@ class OpenFiles:
             raise
         c.fd_writable = True
         c.sealer = self.sealers.sealer(c.cipher, dk.plaintext, file_id)
+        c.sparse = self.sparse
         self.contents[f.inode] = c
         self.checked.add(f.inode)
         return c

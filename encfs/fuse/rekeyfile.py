@@ -90,7 +90,7 @@ def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
             pwrite_all(fd, header.pack(), 0)
             sealed = _reseal(c, cipher, fd)
             if not c.v1:  # with the side file (its xattr, or the new id's state file beside it)
-                write_state(fd, cipher, FileState(c.size, sealed + 1), new_state)
+                write_state(fd, cipher, FileState(c.size, sealed + 1, c.holes.extents()), new_state)
             os.fsync(fd)
         except BaseException:
             os.unlink(tmp)
@@ -145,11 +145,28 @@ def open_side_file(root: bytes, file_id: bytes) -> int:
 
 def _reseal(c: FileContent, cipher: BlockCipher, out: int) -> int:
     """Every block of ``c``'s backing file, re-sealed under ``cipher`` into ``out`` at the same
-    offsets (blocks that fail authentication are copied as they are). Returns the seals made."""
-    step = c.block + OVERHEAD
+    offsets (blocks that fail authentication are copied as they are; holes stay holes: the side
+    file is sparse there, and its state names them). Returns the seals made."""
     length = os.fstat(c.fd).st_size
     made = 0
-    for start in range(HEADER_LEN, length, _CHUNK_BLOCKS * step):
+    for begin, stop in _data_ranges(c, length):
+        made += _reseal_range(c, cipher, out, begin, stop)
+    os.ftruncate(out, length)
+    return made
+
+
+def _data_ranges(c: FileContent, length: int) -> list[tuple[int, int]]:
+    """The backing byte ranges of ``c``'s blocks that are not holes."""
+    step = c.block + OVERHEAD
+    count = -(-(length - HEADER_LEN) // step)
+    return [(HEADER_LEN + a * step, min(length, HEADER_LEN + b * step))
+            for a, b, hole in c.holes.segments(0, count) if not hole]
+
+
+def _reseal_range(c: FileContent, cipher: BlockCipher, out: int, begin: int, length: int) -> int:
+    step = c.block + OVERHEAD
+    made = 0
+    for start in range(begin, length, _CHUNK_BLOCKS * step):
         raw = os.pread(c.fd, min(_CHUNK_BLOCKS * step, length - start), start)
         first = (start - HEADER_LEN) // step
         try:
@@ -170,10 +187,13 @@ def _reseal(c: FileContent, cipher: BlockCipher, out: int) -> int:
 
 
 def _copy_back(src: int, dst: int) -> None:
-    """Steps 2 of the module docstring: blocks, length, fdatasync, then header and state, fsync."""
+    """Steps 2 of the module docstring: blocks, length, fdatasync, then header and state, fsync.
+    Only the side file's data is copied: its holes are the file's holes (the old state names
+    them too), whatever ``dst`` holds there is never opened."""
     length = os.fstat(src).st_size
-    for at in range(HEADER_LEN, length, _COPY):
-        pwrite_all(dst, os.pread(src, min(_COPY, length - at), at), at)
+    for begin, end in _backing_data(src, length):
+        for at in range(begin, end, _COPY):
+            pwrite_all(dst, os.pread(src, min(_COPY, end - at), at), at)
     os.ftruncate(dst, length)
     os.fdatasync(dst)
     pwrite_all(dst, os.pread(src, HEADER_LEN, 0), 0)
@@ -201,3 +221,20 @@ def _serve_side_file(c: FileContent, final: bytes, header: FileHeader, cipher: B
     os.close(c.fd)
     c.fd, c.fd_writable, c.read_only = fd, False, True
     c.header, c.cipher = header, cipher
+
+
+def _backing_data(fd: int, length: int) -> list[tuple[int, int]]:
+    """The data ranges of a (sparse) file past its header, by SEEK_DATA/SEEK_HOLE (all of it
+    where the store cannot tell)."""
+    out, pos = [], HEADER_LEN
+    while pos < length:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            return [(pos, length)]
+        out.append((start, min(end, length)))
+        pos = end
+    return out
