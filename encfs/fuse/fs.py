@@ -52,6 +52,7 @@ from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.diskio import fsync_dir
 from encfs.errors import EncfsError, IntegrityError
+from encfs.fuse import sparse
 from encfs.fuse.content import FileContent, whole_blocks
 from encfs.fuse.dirids import DirIds, plain_empty
 from encfs.fuse.fsconfig import BINDING_UPGRADE, FsConfig, FsKeys
@@ -841,6 +842,20 @@ class EncryptedFS:
         if len(buf) >= WORKER_MIN_BYTES:
             content.sealer.send_key()  # from the next large write on, this file's are sealed ahead
         return content.write(off, buf)
+
+    @fuse_op
+    def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        """fallocate(2) through a writable handle (sparse.py)."""
+        f = self.files[fh]
+        if not f.writable:
+            raise FuseError(errno.EBADF)
+        sparse.fallocate_content(self.files.writable_content(f), mode, offset, length)
+
+    @fuse_op
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE (sparse.py)."""
+        f = self.files[fh]
+        return sparse.seek(self.files.content(f, self._sizes.get(f.inode)), offset, whence)
 
     @fuse_op
     def fsync(self, fh: int, datasync: bool) -> None:

@@ -37,6 +37,8 @@ from encfs.fuseproto.wire import (
     CREATE,
     CREATE_IN,
     DESTROY,
+    FALLOCATE,
+    FALLOCATE_IN,
     FATTR_ATIME,
     FATTR_ATIME_NOW,
     FATTR_FH,
@@ -75,6 +77,9 @@ from encfs.fuseproto.wire import (
     LINK_IN,
     LISTXATTR,
     LOOKUP,
+    LSEEK,
+    LSEEK_IN,
+    LSEEK_OUT,
     MKDIR,
     MKDIR_IN,
     MKNOD,
@@ -162,7 +167,7 @@ class FsServer(FuseServer):
             LISTXATTR: self._listxattr, REMOVEXATTR: self._removexattr,
             OPENDIR: self._opendir, READDIR: self._readdir, READDIRPLUS: self._readdirplus,
             RELEASEDIR: self._releasedir, FSYNCDIR: self._fsyncdir, ACCESS: self._access, CREATE: self._create,
-            FORGET: self._forget, BATCH_FORGET: self._batch_forget,
+            FORGET: self._forget, BATCH_FORGET: self._batch_forget, FALLOCATE: self._fallocate, LSEEK: self._lseek,
         }
         self.handlers = {opcode: self._exclusive(operation) for opcode, operation in operations.items()}
         # Reads run alongside each other, and a write is sealed before it takes the lock.
@@ -332,6 +337,15 @@ class FsServer(FuseServer):
         fh, flags, _pad = FSYNC_IN.unpack_from(body)
         self.fs.fsync(fh, bool(flags & FSYNC_FDATASYNC))
         self.reply(unique)
+
+    def _fallocate(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        fh, offset, length, mode = FALLOCATE_IN.unpack_from(body)
+        self.fs.fallocate(fh, offset, length, mode)
+        self.reply(unique)
+
+    def _lseek(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        fh, offset, whence = LSEEK_IN.unpack_from(body)
+        self.reply(unique, LSEEK_OUT.pack(self.fs.lseek(fh, offset, whence)))
 
     # -- directories ----------------------------------------------------------------------
 

@@ -90,6 +90,7 @@ DIRENT = struct.Struct("<QQII")  # ino, off, namelen, type
 INVAL_INODE = struct.Struct("<Qqq")  # ino, off, len
 SYNCFS_IN = struct.Struct("<Q")  # padding
 LSEEK_IN = struct.Struct("<QQI4x")  # fh, offset, whence
+LSEEK_OUT = struct.Struct("<Q")  # offset
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,226 @@
+"""Sparse files on a real mount (issue #22 part 2): truncate and far writes leave holes in the
+backing file, EFBIG past the largest file, fallocate in every mode the kernel passes through,
+SEEK_DATA/SEEK_HOLE, and a kill -9 around a punch. Our own server only: pyfuse3 has no
+fallocate or lseek operation (README, "pyfuse3")."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_encfs
+from fuse_helpers import Mount, cold_pread, cold_read, expect_errno
+
+from encfs.fuse.content import max_file_size
+
+B = 32768
+GIB = 1 << 30
+KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE, INSERT_RANGE = 0x01, 0x02, 0x08, 0x10, 0x20
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _mount(base: Path, home: Path) -> Mount:
+    cipher, plain = base / "cipher", base / "plain"
+    plain.mkdir(parents=True, exist_ok=True)
+    if not cipher.exists():
+        proc = run_encfs("init", str(cipher), "--key", "fs", home=home)
+        assert proc.returncode == 0, proc.stderr
+    return Mount(cipher, plain, home)
+
+
+@pytest.fixture(scope="module")
+def mnt(tmp_path_factory: pytest.TempPathFactory, fs_home: Path) -> Iterator[Mount]:
+    m = _mount(tmp_path_factory.mktemp("sparse"), fs_home)
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture
+def d(mnt: Mount, request: pytest.FixtureRequest) -> Iterator[Path]:
+    p = mnt.mountpoint / request.node.name.replace("[", "-").replace("]", "")
+    p.mkdir()
+    yield p
+    assert mnt.proc.poll() is None, "the encfs daemon died"
+
+
+def backing(m: Mount, plain: Path) -> Path:
+    """The backing file of the only file in ``plain``'s directory whose size matches."""
+    want = os.stat(plain).st_ino
+    for root, _dirs, files in os.walk(m.cipherdir):
+        for name in files:
+            p = Path(root) / name
+            if os.stat(p).st_ino == want:
+                return p
+    raise AssertionError(f"no backing file for {plain}")
+
+
+def allocated(p: Path) -> int:
+    return os.stat(p).st_blocks * 512
+
+
+def test_truncate_2g_and_a_write_at_1g_stay_sparse(mnt: Mount, d: Path) -> None:
+    p, q = d / "t", d / "w"
+    p.write_bytes(b"head")
+    start = time.monotonic()
+    os.truncate(p, 2 * GIB)
+    with open(q, "wb") as f:
+        f.seek(GIB)
+        f.write(b"tail")
+    assert time.monotonic() - start < 5
+    assert os.path.getsize(p) == 2 * GIB and os.path.getsize(q) == GIB + 4
+    assert allocated(backing(mnt, p)) < 1 << 20 and allocated(backing(mnt, q)) < 1 << 20
+    assert cold_pread(p, 8, 0) == b"head" + bytes(4) and cold_pread(p, 5, 2 * GIB - 5) == bytes(5)
+    assert cold_pread(q, 8, GIB - 4) == bytes(4) + b"tail" and cold_pread(q, 3, 12345) == bytes(3)
+
+
+def test_truncate_past_the_largest_file_is_efbig_at_once(d: Path) -> None:
+    p = d / "f"
+    p.write_bytes(b"x")
+    start = time.monotonic()
+    expect_errno(errno.EFBIG, os.truncate, p, (1 << 63) - 1)
+    expect_errno(errno.EFBIG, os.truncate, p, max_file_size(B) + 1)
+    # 1 PiB: the format takes it, ext4 (16 TiB per file) does not: EFBIG from the backing store
+    expect_errno(errno.EFBIG, os.truncate, p, 1 << 50)
+    assert time.monotonic() - start < 5 and os.path.getsize(p) == 1 and p.read_bytes() == b"x"
+
+
+def _far_write(fd: int, src: int, how: str, off: int) -> str:
+    """Where a write at ``off`` failed: "write" or "fsync" (with EFBIG), or "ok"."""
+    try:
+        if how == "pwrite":
+            os.pwrite(fd, b"far", off)
+        else:
+            os.copy_file_range(src, fd, 3, 0, off)
+    except OSError as e:
+        assert e.errno == errno.EFBIG, e
+        return "write"
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        assert e.errno == errno.EFBIG, e
+        return "fsync"
+    return "ok"
+
+
+@pytest.mark.parametrize(("how", "off"), [("pwrite", 16 << 40), ("pwrite", (1 << 63) - 100),
+                                          ("copy_file_range", (1 << 63) - 10)])
+def test_far_writes_return_at_once_with_efbig(mnt: Mount, d: Path, how: str, off: int) -> None:
+    """On ext4 (16 TiB per file) each fails with EFBIG at once, and nothing fills the disk. The
+    kernel's writeback cache takes a buffered write first: the EFBIG then comes from fsync (the
+    kernel keeps the size it cached; FUSE has no way to tell it the largest file)."""
+    p, q = d / "src", d / "dst"
+    p.write_bytes(b"src")
+    fd = os.open(q, os.O_RDWR | os.O_CREAT, 0o644)
+    src = os.open(p, os.O_RDONLY)
+    try:
+        start = time.monotonic()
+        assert _far_write(fd, src, how, off) in ("write", "fsync")
+        assert time.monotonic() - start < 5
+    finally:
+        os.close(src)
+        os.close(fd)
+    assert allocated(backing(mnt, q)) < 1 << 20
+
+
+def test_fallocate_modes(mnt: Mount, d: Path) -> None:
+    p = d / "f"
+    data = os.urandom(8 * B)
+    p.write_bytes(data)
+    b = backing(mnt, p)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        full = allocated(b)
+        fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 100, 5 * B)  # edges rewritten, blocks 1-4 punched
+        os.fsync(fd)
+        want = data[:100] + bytes(5 * B) + data[100 + 5 * B:]
+        assert os.fstat(fd).st_size == 8 * B and allocated(b) <= full - 3 * B  # 4 blocks, but for the 4 KiB pages they share
+        fallocate(fd, ZERO_RANGE, 7 * B, 3 * B)  # extends the size
+        want = want[:7 * B] + bytes(3 * B)
+        assert os.fstat(fd).st_size == 10 * B
+        fallocate(fd, KEEP_SIZE, 0, 20 * B)
+        assert os.fstat(fd).st_size == 10 * B
+        fallocate(fd, 0, 0, 12 * B)
+        want += bytes(2 * B)
+        assert os.fstat(fd).st_size == 12 * B
+        for mode in (COLLAPSE_RANGE, INSERT_RANGE):
+            expect_errno(errno.EOPNOTSUPP, fallocate, fd, mode, 0, B)
+    finally:
+        os.close(fd)
+    assert cold_read(p) == want
+
+
+def test_seek_data_and_seek_hole(d: Path) -> None:
+    p = d / "f"
+    with open(p, "wb") as f:
+        f.write(b"x" * 2 * B)
+        f.truncate(10 * B)
+        f.seek(6 * B + 5)
+        f.write(b"y")
+        f.truncate(10 * B + 7)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0 and os.lseek(fd, 0, os.SEEK_HOLE) == 2 * B
+        assert os.lseek(fd, 2 * B + 3, os.SEEK_DATA) == 6 * B
+        assert os.lseek(fd, 6 * B + 1, os.SEEK_HOLE) == 7 * B
+        expect_errno(errno.ENXIO, os.lseek, fd, 7 * B, os.SEEK_DATA)
+        expect_errno(errno.ENXIO, os.lseek, fd, 10 * B + 7, os.SEEK_HOLE)
+    finally:
+        os.close(fd)
+
+
+def test_truncate_1p_on_tmpfs_is_quick_and_sparse(fs_home: Path) -> None:
+    base = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="encfs-sparse-"))
+    try:
+        with _mount(base, fs_home) as m:
+            p = m.mountpoint / "f"
+            p.write_bytes(b"x")
+            start = time.monotonic()
+            os.truncate(p, 1 << 50)
+            with open(p, "r+b") as f:
+                f.seek(16 << 40)
+                f.write(b"far")
+                f.flush()
+                os.fsync(f.fileno())
+            assert time.monotonic() - start < 5
+            assert os.path.getsize(p) == 1 << 50 and allocated(backing(m, p)) < 1 << 20
+            assert cold_pread(p, 4, (16 << 40) - 1) == b"\0far"
+            os.truncate(p, 1)
+    finally:
+        shutil.rmtree(base)
+
+
+def test_kill_9_around_a_punch_never_reads_eio(tmp_path: Path, fs_home: Path) -> None:
+    """A punch killed at any moment leaves the range reading its old contents or zeros."""
+    data = os.urandom(64 * B)
+    m = _mount(tmp_path, fs_home)
+    try:
+        (m.mountpoint / "f").write_bytes(data)
+        fd = os.open(m.mountpoint / "f", os.O_RDWR)
+        os.fsync(fd)
+        for i in range(8):
+            fallocate(fd, PUNCH_HOLE | KEEP_SIZE, (8 * i + 1) * B, 6 * B)
+        os.close(fd)
+    finally:
+        m.kill9()
+    with Mount(m.cipherdir, m.mountpoint, fs_home) as m2:
+        got = cold_read(m2.mountpoint / "f")
+    assert len(got) == len(data)
+    for k in range(64):
+        block = got[k * B:(k + 1) * B]
+        assert block in (data[k * B:(k + 1) * B], bytes(B))
