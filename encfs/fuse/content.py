@@ -494,9 +494,9 @@ class FileContent:
             for a, b, direct in pieces:
                 part = sealed[(a - first) * step:(b - first) * step]
                 if not direct:
-                    if undo is None:
-                        undo = (self.journal.length, {k: self.index.get(k) for k in range(first, first + count)})
-                    at = self.journal.append(a, b - a, part)
+                    before = (self.journal.length, {k: self.index.get(k) for k in range(first, first + count)})
+                    at = self.journal.append(a, b - a, part)  # a failed append leaves nothing behind
+                    undo = undo or before
                     self._journals.add(self.header.file_id)
                     for k in range(a, b):
                         self.index[k] = (at + (k - a) * step, min(step, len(sealed) - (k - first) * step))
