@@ -24,7 +24,11 @@ Invariants:
 - The state is sealed under the file's data key with the block framing, as block number
   STATE_BLOCK, which no content block can have: it is bound to its file. A missing or
   damaged state reads as "nothing synced" (synced size 0), which only weakens what a
-  crash recovery may treat as damage; it never makes data unreadable.
+  crash recovery may treat as damage; it never makes a sealed block unreadable (the
+  file's holes, which only the state names, then read EIO).
+- The state's hole list (holes.py) names only blocks that read as zeros: a block enters
+  it before its backing bytes are punched, and leaves it only after the block written
+  into it is durable (content.py).
 - The state's ``synced_size`` only ever names a size whose blocks were durable (written,
   then fdatasync'd) when the state was written: what lies past it was never acknowledged
   by an fsync. (A file found cut below that size keeps it: the missing range reads EIO.)
