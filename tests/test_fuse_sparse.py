@@ -294,3 +294,30 @@ def test_the_previous_release_s_filesystem_gets_sparse_files(v2: dict[str, Path]
         assert cold_pread(mp / "a" / "f.txt", 4, 0) == b"f\n\0\0" and cold_pread(mp / "a" / "f.txt", 3, GIB - 3) == bytes(3)
         os.truncate(mp / "a" / "f.txt", 2)
         _check_v2_tree(mp)
+
+
+def test_fsck_skips_holes_and_its_rescue_keeps_them(tmp_path: Path, fs_home: Path) -> None:
+    """A sparse file is clean; with a damaged data block, --repair's copy in lost+found has the
+    file's size (its trailing hole included) and zeros only where the damage was."""
+    m = _mount(tmp_path, fs_home)
+    try:
+        data = os.urandom(3 * B)
+        (m.mountpoint / "f").write_bytes(data)
+        os.truncate(m.mountpoint / "f", GIB)
+        b = backing(m, m.mountpoint / "f")
+    finally:
+        m.stop()
+    p = run_encfs("fsck", str(m.cipherdir), home=fs_home)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with open(b, "r+b") as f:
+        f.seek(128 + (B + 28) + 100)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    p = run_encfs("fsck", str(m.cipherdir), "--repair", home=fs_home)
+    assert p.returncode == 1, p.stdout + p.stderr
+    with Mount(m.cipherdir, m.mountpoint, fs_home):
+        copy = m.mountpoint / "lost+found" / "f"
+        assert os.path.getsize(copy) == GIB
+        assert cold_pread(copy, 3 * B, 0) == data[:B] + bytes(B) + data[2 * B:]
+        assert cold_pread(copy, 10, GIB - 10) == bytes(10)

@@ -175,6 +175,9 @@ def rescue(r: Repairer, check: FileCheck) -> None:
             for b in read_blocks(c, sink):
                 bad.append(b)
                 write(b * c.block, bytes(min(c.block, c.size - b * c.block)))  # type: ignore[operator]
+            last = -(-c.size // c.block) - 1
+            if c.size and last in c.holes:  # nothing wrote the end: the copy gets its holes' size too
+                write(c.size - 1, b"\0")  # type: ignore[operator]
 
         inode = _write_new(r, lost, name, stat_m.S_IMODE(check.st.st_mode), ctx, fill)
         c.journal.close()
