@@ -596,10 +596,10 @@ class FileContent:
         if self.dirty:  # blocks the new state calls data (filled holes) are durable first
             os.fdatasync(self.fd)
             self.dirty = False
-        self.holes = holes
         self._write_state(self.state.synced_size, holes)
         if self.state_file is None:
             os.fsync(self.fd)  # the xattr (a state file is written durably: write_atomic)
+        self.holes = holes  # only now: a state that could not be made durable changes nothing
         return True
 
     def truncate(self, new_size: int) -> None:
