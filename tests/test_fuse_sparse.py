@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from encfs.fuse.fsconfig import SPARSE_FEATURE
 
 B = 32768
 GIB = 1 << 30
+DATA = Path(__file__).parent / "data"
 KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE, INSERT_RANGE = 0x01, 0x02, 0x08, 0x10, 0x20
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -322,3 +324,54 @@ def test_fsck_skips_holes_and_its_rescue_keeps_them(tmp_path: Path, fs_home: Pat
         assert os.path.getsize(copy) == GIB
         assert cold_pread(copy, 3 * B, 0) == data[:B] + bytes(B) + data[2 * B:]
         assert cold_pread(copy, 10, GIB - 10) == bytes(10)
+
+
+@pytest.fixture
+def v3(tmp_path: Path) -> dict[str, Path]:
+    """The ENCFS_HOME and CIPHERDIR that the release before sparse files made (tests/data/README.md)."""
+    root = tmp_path / "v3"
+    with tarfile.open(DATA / "fs-v3.tar.gz") as tar:
+        tar.extractall(root, filter="tar")
+        for member in tar.getmembers():
+            for key, value in member.pax_headers.items():
+                if key.startswith("SCHILY.xattr."):
+                    os.setxattr(root / member.name, key[len("SCHILY.xattr."):],
+                                value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
+    conf = root / "home" / "softhsm" / "softhsm2.conf"
+    conf.write_text("".join(f"directories.tokendir = {root / 'home' / 'softhsm' / 'tokens'}\n"
+                            if line.startswith("directories.tokendir") else line
+                            for line in conf.read_text().splitlines(keepends=True)))
+    return {"home": root / "home", "cipher": root / "cipher"}
+
+
+V3_BLOCKS = bytes((7 * i + 3) % 251 for i in range(100000))
+V3_HELLO = b"hello from encfs before sparse files\n"
+
+
+def test_the_current_release_s_files_get_holes_and_keep_their_bytes(v3: dict[str, Path], tmp_path: Path) -> None:
+    """fs-v3.tar.gz: files written before sparse files (content version 2, a state without holes)
+    read the same; after the first read-write mount adds "sparse-files" they take holes: a truncate
+    up, a punch inside, and a far write, all read back after a remount."""
+    cipher, home, mp = v3["cipher"], v3["home"], tmp_path / "plain"
+    mp.mkdir()
+    assert SPARSE_FEATURE not in _features(cipher)
+    with Mount(cipher, mp, home, "--read-only"):
+        assert cold_read(mp / "d" / "blocks.bin") == V3_BLOCKS and cold_read(mp / "hello.txt") == V3_HELLO
+    with Mount(cipher, mp, home) as m:
+        assert SPARSE_FEATURE in _features(cipher)
+        f = mp / "d" / "blocks.bin"
+        fd = os.open(f, os.O_RDWR)
+        try:
+            fallocate(fd, PUNCH_HOLE | KEEP_SIZE, B, B)  # block 1 of 4 (the last one short)
+            os.ftruncate(fd, GIB)
+            os.pwrite(fd, b"far", 2 * GIB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert allocated(backing(m, f)) < 1 << 20
+    want = V3_BLOCKS[:B] + bytes(B) + V3_BLOCKS[2 * B:]
+    with Mount(cipher, mp, home):
+        f = mp / "d" / "blocks.bin"
+        assert cold_pread(f, len(want) + 10, 0) == want + bytes(10)
+        assert cold_pread(f, 5, 2 * GIB - 2) == b"\0\0far" and os.path.getsize(f) == 2 * GIB + 3
+        assert cold_read(mp / "hello.txt") == V3_HELLO
