@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from encfs.fuse import fs as fs_mod
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import init_filesystem, open_config
 from encfs.fuseproto.wire import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
@@ -102,10 +101,10 @@ def test_fsync_and_fsyncdir_reach_the_backing_store(fs: EncryptedFS, monkeypatch
     """The kernel turns an ENOSYS answer to FSYNC into success, so a mount cannot tell; here the
     backing calls are seen."""
     synced: list[str] = []
-    real_fsync, real_fdatasync, real_dir = os.fsync, os.fdatasync, fs_mod.fsync_dir
+    real_fsync, real_fdatasync, real_dir = os.fsync, os.fdatasync, fs.bd.fsync_dir
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append("fsync"), real_fsync(fd))[1])
     monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append("fdatasync"), real_fdatasync(fd))[1])
-    monkeypatch.setattr(fs_mod, "fsync_dir", lambda path: (synced.append("dir"), real_dir(path))[1])
+    monkeypatch.setattr(fs.bd, "fsync_dir", lambda path: (synced.append("dir"), real_dir(path))[1])
     fh, _attrs = fs.create(ROOT_ID, b"f", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
     fs.write(fh, 0, b"durable")
     synced.clear()

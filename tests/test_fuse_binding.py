@@ -22,6 +22,7 @@ import pytest
 from fsconfig_tool import remac
 from fuse_helpers import Mount, cold_read, crash_during, expect_errno
 
+from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.dirids import DirIds
 from encfs.fuse.fsconfig import BINDING_FEATURES, BINDING_UPGRADE, SPARSE_FEATURE
 from encfs.fuse.names import DIRID_XATTR, SEALED_DIRID_LEN, NameCipher
@@ -139,7 +140,7 @@ def test_renamed_directories_and_symlinks_stay_readable(fs, fs_home: Path) -> No
 def test_every_crash_point_of_a_directory_rename_leaves_it_readable(tmp_path: Path) -> None:
     """dirids.py's two steps around the backing rename, stopped after each one (as kill -9 would)."""
     names = NameCipher(os.urandom(64), os.urandom(32))
-    ids = DirIds(names, accept_legacy=False, write_sealed=True, read_only=False)
+    ids = DirIds(names, accept_legacy=False, write_sealed=True, read_only=False, backing=BackingDirs(b"/"))
     parent_a, parent_b = os.urandom(16), os.urandom(16)
     for stop in ("before", "renamed", "done"):
         root = tmp_path / stop

@@ -24,6 +24,7 @@ import os
 import stat as stat_m
 from pathlib import Path
 
+from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.dirids import DirIds
 from encfs.fuse.fsconfig import BINDING_FEATURES, BINDING_UPGRADE, FS_FORMAT, OpenedConfig, set_features
 from encfs.fuse.names import DIRID_LEN, NameAuthError, NameCipher, is_internal
@@ -61,31 +62,37 @@ def upgrade(cipherdir: Path, opened: OpenedConfig) -> None:
 
 def reseal_tree(root: bytes, opened: OpenedConfig) -> tuple[int, int, int]:
     """Step 2: (directories, symlinks resealed, damaged entries skipped). OSError stops it."""
+    with BackingDirs(root) as bd:  # through directory fds: backing paths past PATH_MAX
+        return _reseal_tree(bd, opened)
+
+
+def _reseal_tree(bd: BackingDirs, opened: OpenedConfig) -> tuple[int, int, int]:
+    root = bd.root
     names = NameCipher(opened.keys.name_key, opened.keys.meta_key)
-    dirids = DirIds(names, accept_legacy=True, write_sealed=True, read_only=False)
-    symlinks = Symlinks(names, root, long_targets="long-symlinks" in opened.config.features,
+    dirids = DirIds(names, accept_legacy=True, write_sealed=True, read_only=False, backing=bd)
+    symlinks = Symlinks(names, bd, long_targets="long-symlinks" in opened.config.features,
                         accept_legacy=True, write_bound=True)
     dirs = links = skipped = 0
     stack = [(root, bytes.fromhex(opened.config.fs_id)[:DIRID_LEN])]
     while stack:
         path, dirid = stack.pop()
-        for entry in sorted(os.listdir(path)):
+        for entry in sorted(bd.listdir(path)):
             child = os.path.join(path, entry)
             if entry.startswith(TMP_PREFIX):  # a symlink move that a crash interrupted (symlinks.py)
-                os.unlink(child)
+                bd.unlink(child)
                 continue
             if is_internal(entry):
                 continue
-            st = os.lstat(child)
+            st = bd.lstat(child)
             try:
                 if stat_m.S_ISDIR(st.st_mode):
                     stack.append((child, dirids.read(child, dirid)))
                     dirs += 1
                 elif stat_m.S_ISLNK(st.st_mode):
-                    stored = os.readlink(child)
+                    stored = bd.readlink(child)
                     if symlinks.needs_reseal(stored):
                         target = symlinks.read(child, dirid)
-                        symlinks.place_copy(target, child, dirid, st, os.replace)
+                        symlinks.place_copy(target, child, dirid, st, bd.rename)
                         if st.st_nlink <= 1:
                             symlinks.drop(stored)
                         links += 1

@@ -27,8 +27,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Iterable
 
-from encfs.atomicfile import write_atomic
+from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.names import (
     DIRID_FILE,
     DIRID_LEN,
@@ -46,53 +47,53 @@ log = logging.getLogger("encfs.fuse")
 DIRID_NEXT = DIRID_FILE + b".next"  # the second copy where the backing filesystem has no user xattrs
 
 
-def plain_empty(path: bytes) -> bool:
-    """Whether the backing directory ``path`` holds no plaintext entry, only encfs's bookkeeping."""
-    return all(is_internal(n) and not is_longname_entry(n) for n in os.listdir(path))
+def plain_empty(entries: Iterable[bytes]) -> bool:
+    """Whether a backing directory's ``entries`` hold no plaintext entry, only encfs's bookkeeping."""
+    return all(is_internal(n) and not is_longname_entry(n) for n in entries)
 
 
 class DirIds:
     """Reads, repairs and writes the id copies of backing directories."""
 
-    def __init__(self, names: NameCipher, *, accept_legacy: bool, write_sealed: bool, read_only: bool) -> None:
+    def __init__(self, names: NameCipher, *, accept_legacy: bool, write_sealed: bool, read_only: bool,
+                 backing: BackingDirs) -> None:
         self.names = names
+        self.bd = backing  # paths past PATH_MAX: every call through a directory fd
         self.accept_legacy = accept_legacy
         self.write_sealed = write_sealed
         self.read_only = read_only
 
     # -- the copies ---------------------------------------------------------------------
 
-    @staticmethod
-    def _read_file(path: bytes) -> bytes:
+    def _read_file(self, path: bytes) -> bytes:
         try:
-            with open(path, "rb") as f:
-                return f.read(SEALED_DIRID_LEN + 1)
+            return self.bd.read_file(path, SEALED_DIRID_LEN + 1)
         except (FileNotFoundError, NotADirectoryError):
             return b""
 
     def _copies(self, path: bytes) -> list[tuple[str, bytes]]:
         try:
-            xattr = os.getxattr(path, DIRID_XATTR)
+            xattr = self.bd.getxattr(path, DIRID_XATTR)
         except OSError:
             xattr = b""
         return [("file", self._read_file(os.path.join(path, DIRID_FILE))), ("xattr", xattr),
                 ("next", self._read_file(os.path.join(path, DIRID_NEXT)))]
 
     def _write_file(self, path: bytes, stored: bytes) -> None:
-        write_atomic(os.path.join(path, DIRID_FILE), stored, 0o444)
+        self.bd.write_atomic(os.path.join(path, DIRID_FILE), stored, 0o444)
 
     def _write_second(self, path: bytes, stored: bytes) -> None:
         """The xattr copy, or (no user xattrs here) the file ``encfs.dirid.next``."""
         try:
-            os.setxattr(path, DIRID_XATTR, stored)
+            self.bd.setxattr(path, DIRID_XATTR, stored)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                 raise
-            write_atomic(os.path.join(path, DIRID_NEXT), stored, 0o444)
+            self.bd.write_atomic(os.path.join(path, DIRID_NEXT), stored, 0o444)
 
     def _drop_next(self, path: bytes) -> None:
         try:
-            os.unlink(os.path.join(path, DIRID_NEXT))
+            self.bd.unlink(os.path.join(path, DIRID_NEXT))
         except FileNotFoundError:
             pass
 
@@ -137,7 +138,7 @@ class DirIds:
             dirid = next(iter(legacy.values()))
             good = set(legacy) if not self.write_sealed else set()
             stored = self._stored(dirid, parent_dirid, entry)
-        elif plain_empty(path):
+        elif plain_empty(self.bd.listdir(path)):
             return self._lost(path, parent_dirid)  # an interrupted mkdir, or nothing left to protect
         else:
             if any(len(stored) == DIRID_LEN for _, stored in copies):
@@ -161,19 +162,18 @@ class DirIds:
             self._write_file(path, stored)
         if "xattr" not in good and "next" not in good:
             self._write_second(path, stored)
-        if ("next" in good or os.path.lexists(os.path.join(path, DIRID_NEXT))) \
+        if ("next" in good or self.bd.lexists(os.path.join(path, DIRID_NEXT))) \
                 and ("xattr" in good or self._xattr_ok(path, stored)):
             self._drop_next(path)
 
-    @staticmethod
-    def _xattr_ok(path: bytes, stored: bytes) -> bool:
+    def _xattr_ok(self, path: bytes, stored: bytes) -> bool:
         try:
-            return os.getxattr(path, DIRID_XATTR) == stored
+            return self.bd.getxattr(path, DIRID_XATTR) == stored
         except OSError:
             return False
 
     def _lost(self, path: bytes, parent_dirid: bytes) -> bytes:
-        if not plain_empty(path):
+        if not plain_empty(self.bd.listdir(path)):
             log.error("directory %r lost its id: its entries cannot be decrypted", path)
             raise FuseError(errno.EIO)
         if self.read_only:
@@ -210,7 +210,7 @@ class DirIds:
         try:
             self._write_second(path, stored)  # already right after a rename; not after a failed one
             self._write_file(path, stored)
-            if os.path.lexists(os.path.join(path, DIRID_NEXT)) and self._xattr_ok(path, stored):
+            if self.bd.lexists(os.path.join(path, DIRID_NEXT)) and self._xattr_ok(path, stored):
                 self._drop_next(path)
         except OSError as e:
             # The rename itself is done (or undone): one copy authenticates for ``path``, and the

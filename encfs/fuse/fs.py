@@ -13,6 +13,9 @@ Design:
 - The server serialises calls, except that reads (reader + read_open) may run
   alongside each other (FsServer's do; pyfuse3's run one at a time too): no
   operation interleaves with one that changes a file.
+- Backing paths (inomap.py) are never given to an os call: backingdirs.BackingDirs makes every
+  call through the fd of the entry's backing directory, as gocryptfs does, since a plaintext path
+  of up to PATH_MAX has a backing path far past it.
 - A file that is open but has lost every name (unlinked while open) is
   reached through the backing fd of an open handle (_target), so fstat,
   ftruncate, fchmod, f*xattr and reopening via /proc/self/fd keep working.
@@ -38,7 +41,6 @@ Design:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import logging
@@ -48,11 +50,10 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from encfs.atomicfile import write_atomic
 from encfs.blocks import BlockAuthError, BlockCipher
-from encfs.diskio import fsync_dir
 from encfs.errors import EncfsError, IntegrityError
 from encfs.fuse import sparse
+from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.content import FileContent, whole_blocks
 from encfs.fuse.dirids import DirIds, plain_empty
 from encfs.fuse.fsconfig import BINDING_UPGRADE, FsConfig, FsKeys
@@ -81,14 +82,6 @@ RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 # The kernel asks for this on every write(2), to drop file capabilities; inodes known not to
 # have it are answered from memory.
 CAPABILITY_XATTR = b"security.capability"
-_libc = ctypes.CDLL(None, use_errno=True)
-_AT_FDCWD = -100
-
-
-def _renameat2(old: bytes, new: bytes, flags: int) -> None:
-    if _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, ctypes.c_uint(flags)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def _as_fuse_error(op: str, e: Exception) -> FuseError | None:
@@ -160,12 +153,14 @@ class EncryptedFS:
         self.config = config
         self.block_size = config.block_size
         self.names = NameCipher(keys.name_key, keys.meta_key)
+        self.bd = BackingDirs(self.root)  # every backing call goes through it: paths past PATH_MAX
         # Bound metadata (FORMAT.md §6.3): legacy forms are read until the filesystem has the flags;
         # the upgrade (binding.py) writes bound forms while BINDING_UPGRADE is set.
         upgrading = BINDING_UPGRADE in config.features
         self.dirids = DirIds(self.names, accept_legacy="bound-dirids" not in config.features,
-                             write_sealed=upgrading or "bound-dirids" in config.features, read_only=read_only)
-        self.links = Symlinks(self.names, self.root, long_targets="long-symlinks" in config.features,
+                             write_sealed=upgrading or "bound-dirids" in config.features, read_only=read_only,
+                             backing=self.bd)
+        self.links = Symlinks(self.names, self.bd, long_targets="long-symlinks" in config.features,
                               accept_legacy="bound-symlinks" not in config.features,
                               write_bound=upgrading or "bound-symlinks" in config.features)
         self.padded_xattrs = "padded-xattr-names" in config.features
@@ -174,7 +169,8 @@ class EncryptedFS:
         # With a sealing worker (sealing.start(): a serving daemon, read-write), large writes of whole
         # blocks are sealed ahead of the server's lock (seal_ahead) and large reads opened there.
         self.sealing = Sealers(self.block_size, self.cipher_class)
-        self.files = OpenFiles(self.root, config, ks, self.cipher_class, read_only, self.sealing, recovering)
+        self.files = OpenFiles(self.root, config, ks, self.cipher_class, read_only, self.sealing, recovering,
+                               open_path=self.bd.open)
         self.inodes = InodeMap(self.root)
         self._dirids: dict[int, bytes] = {ROOT_ID: bytes.fromhex(config.fs_id)[:DIRID_LEN]}
         self._no_capability: set[int] = set()  # inodes known to lack CAPABILITY_XATTR
@@ -212,8 +208,7 @@ class EncryptedFS:
         if self.read_only:
             raise FuseError(errno.EROFS)
 
-    @staticmethod
-    def _open_backing(target: bytes | int, writable: bool, noatime: bool, extra: int = 0,
+    def _open_backing(self, target: bytes | int, writable: bool, noatime: bool, extra: int = 0,
                       mode: int = 0o600) -> int:
         """Open a backing file (a path, or the fd of a handle whose file has no name left).
 
@@ -222,16 +217,14 @@ class EncryptedFS:
         write-only access) keeps those internal reads from updating atime.
         """
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | extra
-        if isinstance(target, int):
-            path = f"/proc/self/fd/{target}".encode()
-        else:
-            path, flags = target, flags | os.O_NOFOLLOW
+        if isinstance(target, bytes):
+            flags |= os.O_NOFOLLOW
         if noatime:
             try:
-                return os.open(path, flags | os.O_NOATIME, mode)
+                return self.bd.open(target, flags | os.O_NOATIME, mode)
             except PermissionError:
                 pass  # O_NOATIME needs ownership or CAP_FOWNER
-        return os.open(path, flags, mode)
+        return self.bd.open(target, flags, mode)
 
     # -- names --------------------------------------------------------------------
 
@@ -245,7 +238,7 @@ class EncryptedFS:
         """The id of the backing directory ``path``, checked against its place (dirids.py)."""
         if path == self.root:
             return self._dirids[ROOT_ID]
-        ino = self._ino(os.lstat(path))
+        ino = self._ino(self.bd.lstat(path))
         dirid = self._dirids.get(ino)
         if dirid is not None:
             return dirid
@@ -266,20 +259,19 @@ class EncryptedFS:
 
     def _write_side(self, path: bytes, side: bytes | None) -> None:
         if side is not None:
-            self._write_file_atomic(longname_side_file(path), side)
+            self.bd.write_atomic(longname_side_file(path), side, 0o444)
 
     def _remove_side(self, path: bytes, side: bytes | None) -> None:
         if side is not None:
             try:
-                os.unlink(longname_side_file(path))
+                self.bd.unlink(longname_side_file(path))
             except FileNotFoundError:
                 pass
 
     def _plain_name(self, dir_path: bytes, dirid: bytes, entry: bytes) -> bytes:
         encoded = entry
         if is_longname_entry(entry):
-            with open(longname_side_file(os.path.join(dir_path, entry)), "rb") as f:
-                encoded = f.read()
+            encoded = self.bd.read_file(longname_side_file(os.path.join(dir_path, entry)))
             if self.names.backing_entry(encoded)[0] != entry:
                 raise NameAuthError("its long-name side file does not match the entry's hash")
         return self.names.decrypt_name(encoded, dirid)
@@ -303,7 +295,7 @@ class EncryptedFS:
             e.st_size = self.files.size_for_lookup(e.st_ino, path, st.st_size)
             self._sizes[e.st_ino] = e.st_size
         elif stat_m.S_ISLNK(st.st_mode):
-            e.st_size = self.names.symlink_size(os.readlink(path)) if path is not None else 0
+            e.st_size = self.names.symlink_size(self.bd.readlink(path)) if path is not None else 0
         else:
             e.st_size = st.st_size
         e.st_blksize = 4096  # FUSE makes this the inode's i_blkbits: above the page size, writes got slower here
@@ -314,7 +306,7 @@ class EncryptedFS:
         return e
 
     def _entry(self, path: bytes, count: bool = True) -> EntryAttributes:
-        st = os.lstat(path)
+        st = self.bd.lstat(path)
         inode = self._ino(st)
         self.inodes.remember(inode, path, count)
         return self._attrs(st, inode, path)
@@ -343,30 +335,26 @@ class EncryptedFS:
     @fuse_op
     def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
         target = self._target(inode)
-        if isinstance(target, int):
-            return self._attrs(os.fstat(target), inode)
-        return self._attrs(os.lstat(target), inode, target)
+        return self._attrs(self.bd.lstat(target), inode, target if isinstance(target, bytes) else None)
 
     @fuse_op
     def setattr(self, inode: int, attr: EntryAttributes, fields: SetattrFields,
                 fh: int | None, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
-        target = self._target(inode)
-        # paths are not followed (the entry itself may be a symlink); an fd is the file itself
-        nofollow: dict[str, Any] = {"follow_symlinks": False} if isinstance(target, bytes) else {}
+        target = self._target(inode)  # a path is not followed (it may be a symlink); an fd is the file
         if fields.update_size:
             self._truncate(inode, target, attr.st_size, self.files.get(fh) if fh is not None else None)
-        if fields.update_mode and not stat_m.S_ISLNK(os.stat(target, **nofollow).st_mode):
-            os.chmod(target, stat_m.S_IMODE(attr.st_mode))
+        if fields.update_mode and not stat_m.S_ISLNK(self.bd.lstat(target).st_mode):
+            self.bd.chmod(target, stat_m.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
-            os.chown(target, attr.st_uid if fields.update_uid else -1,
-                     attr.st_gid if fields.update_gid else -1, **nofollow)
+            self.bd.chown(target, attr.st_uid if fields.update_uid else -1,
+                          attr.st_gid if fields.update_gid else -1)
         if fields.update_atime or fields.update_mtime:
-            st = os.stat(target, **nofollow)
+            st = self.bd.lstat(target)
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-            os.utime(target, ns=(atime, mtime), **nofollow)
-        return self._attrs(os.stat(target, **nofollow), inode, target if isinstance(target, bytes) else None)
+            self.bd.utime(target, (atime, mtime))
+        return self._attrs(self.bd.lstat(target), inode, target if isinstance(target, bytes) else None)
 
     def _describe(self, target: bytes | int) -> bytes:
         return target if isinstance(target, bytes) else b"<unlinked fd %d>" % target
@@ -379,17 +367,17 @@ class EncryptedFS:
     def _last_link_target(self, path: bytes, st: os.stat_result) -> bytes | None:
         """The backing target of ``path`` if it is the last link of a symlink."""
         if stat_m.S_ISLNK(st.st_mode) and st.st_nlink == 1:
-            return os.readlink(path)
+            return self.bd.readlink(path)
         return None
 
     @fuse_op
     def access(self, inode: int, mask: int, ctx: RequestContext) -> None:
         """access(2) for the mounting user (the only one let in without default_permissions):
         the daemon runs as that user and the backing entry has the plaintext mode and owner."""
-        target = self._target(inode)
-        by_fd = isinstance(target, int)  # a file with no name left: through its open handle's fd
-        path = f"/proc/self/fd/{target}" if isinstance(target, int) else target
-        if not os.access(path, mask & (os.R_OK | os.W_OK | os.X_OK), effective_ids=True, follow_symlinks=by_fd):
+        target, mode = self._target(inode), mask & (os.R_OK | os.W_OK | os.X_OK)
+        # a file with no name left: through its open handle's fd
+        if not (os.access(f"/proc/self/fd/{target}", mode, effective_ids=True) if isinstance(target, int)
+                else self.bd.access(target, mode)):
             raise FuseError(errno.EACCES)
 
     @fuse_op
@@ -418,14 +406,14 @@ class EncryptedFS:
         path = self._path(d.inode)  # the directory may have been renamed since opendir
         dirid = self._dirid(d.inode)
         if start_id == 0 or d.entries is None:  # first read or rewinddir: list afresh
-            d.entries = sorted(n for n in os.listdir(path) if not is_internal(n))
+            d.entries = sorted(n for n in self.bd.listdir(path) if not is_internal(n))
         # offsets index this snapshot, so entries added or removed meanwhile shift nothing
         for i in range(start_id, len(d.entries)):
             entry = d.entries[i]
             child = os.path.join(path, entry)
             try:
                 name = self._plain_name(path, dirid, entry)
-                st = os.lstat(child)
+                st = self.bd.lstat(child)
             except FileNotFoundError:
                 continue  # removed since opendir
             except (NameAuthError, OSError) as e:
@@ -441,34 +429,33 @@ class EncryptedFS:
 
     @fuse_op
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        fsync_dir(self._path(self._dirs[fh].inode))
+        self.bd.fsync_dir(self._path(self._dirs[fh].inode))
 
     @fuse_op
     def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
         path, side = self._child(parent_inode, name)
-        if os.path.lexists(path):
+        if self.bd.lexists(path):
             raise FuseError(errno.EEXIST)
         self._write_side(path, side)
         try:
-            os.mkdir(path, stat_m.S_IMODE(mode))
+            self.bd.mkdir(path, stat_m.S_IMODE(mode))
         except BaseException:
             self._remove_side(path, side)
             raise
         dirid = self.dirids.create(path, self._dirid(parent_inode))
         uid, gid, sgid = self._owner(path, ctx)
-        os.chown(path, uid, gid)
-        os.chmod(path, stat_m.S_IMODE(mode) | sgid)
+        self.bd.chown(path, uid, gid)
+        self.bd.chmod(path, stat_m.S_IMODE(mode) | sgid)
         attrs = self._entry(path)
         self._dirids[attrs.st_ino] = dirid  # replaces whatever a freed inode of that number left
         return attrs
 
-    @staticmethod
-    def _owner(path: bytes, ctx: RequestContext) -> tuple[int, int, int]:
+    def _owner(self, path: bytes, ctx: RequestContext) -> tuple[int, int, int]:
         """(uid, gid, extra directory mode bits) for the new entry ``path``: the caller's, but in a
         set-group-ID directory the directory's group (and S_ISGID for a new directory), as on a
         local filesystem."""
-        parent = os.lstat(os.path.dirname(path))
+        parent = self.bd.lstat(os.path.dirname(path))
         if parent.st_mode & stat_m.S_ISGID:
             return ctx.uid, parent.st_gid, stat_m.S_ISGID
         return ctx.uid, ctx.gid, 0
@@ -477,13 +464,13 @@ class EncryptedFS:
     def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         self._check_writable()
         path, side = self._child(parent_inode, name)
-        st = os.lstat(path)
+        st = self.bd.lstat(path)
         if not stat_m.S_ISDIR(st.st_mode):
             raise FuseError(errno.ENOTDIR)
-        if not plain_empty(path):
+        if not plain_empty(self.bd.listdir(path)):
             raise FuseError(errno.ENOTEMPTY)
         self._remove_internal(path)
-        os.rmdir(path)
+        self.bd.rmdir(path)
         self._remove_side(path, side)
         self._removed(st, path)
 
@@ -501,9 +488,9 @@ class EncryptedFS:
                 self.files.unlinked(inode, path)
 
     def _remove_internal(self, dir_path: bytes) -> None:
-        for n in os.listdir(dir_path):
+        for n in self.bd.listdir(dir_path):
             if is_internal(n) and not is_longname_entry(n):
-                os.unlink(os.path.join(dir_path, n))
+                self.bd.unlink(os.path.join(dir_path, n))
 
     # -- entries ------------------------------------------------------------------------------
 
@@ -511,12 +498,12 @@ class EncryptedFS:
     def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         self._check_writable()
         path, side = self._child(parent_inode, name)
-        st = os.lstat(path)
+        st = self.bd.lstat(path)
         if stat_m.S_ISDIR(st.st_mode):
             raise FuseError(errno.EISDIR)
         last_target = self._last_link_target(path, st)
         state = self._last_link_state_file(path, st)
-        os.unlink(path)
+        self.bd.unlink(path)
         if state is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(state)
@@ -533,28 +520,24 @@ class EncryptedFS:
         stored = self.links.seal(target, self._dirid(parent_inode), os.path.basename(path))
         self._write_side(path, side)
         try:
-            os.symlink(stored, path)
+            self.bd.symlink(stored, path)
         except BaseException:
-            if not os.path.lexists(path):
+            if not self.bd.lexists(path):
                 self._remove_side(path, side)
             self.links.drop(stored)
             raise
         uid, gid, _ = self._owner(path, ctx)
-        os.chown(path, uid, gid, follow_symlinks=False)
+        self.bd.chown(path, uid, gid)
         return self._entry(path)
-
-    @staticmethod
-    def _write_file_atomic(path: bytes, data: bytes) -> None:
-        write_atomic(path, data, 0o444)
 
     @fuse_op
     def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
         path, side = self._child(new_parent_inode, new_name)
         src = self._path(inode)
-        st = os.lstat(src)
+        st = self.bd.lstat(src)
         bound_link = stat_m.S_ISLNK(st.st_mode) and self.links.write_bound
-        if bound_link and os.path.lexists(path):
+        if bound_link and self.bd.lexists(path):
             raise FuseError(errno.EEXIST)
         self._write_side(path, side)
         try:
@@ -563,11 +546,11 @@ class EncryptedFS:
                 # its own (FORMAT.md §6.3), with the same target, owner and times.
                 target = self.links.read(src, self._dirid_at(os.path.dirname(src)))
                 self.links.place_copy(target, path, self._dirid(new_parent_inode), st,
-                                      lambda tmp, dest: _renameat2(tmp, dest, RENAME_NOREPLACE))
+                                      lambda tmp, dest: self.bd.rename(tmp, dest, RENAME_NOREPLACE))
             else:
-                os.link(src, path, follow_symlinks=False)
+                self.bd.link(src, path)
         except BaseException:
-            if not os.path.lexists(path):
+            if not self.bd.lexists(path):
                 self._remove_side(path, side)
             raise
         return self._entry(path)
@@ -578,14 +561,14 @@ class EncryptedFS:
         path, side = self._child(parent_inode, name)
         self._write_side(path, side)
         try:
-            os.mknod(path, mode, rdev)
+            self.bd.mknod(path, mode, rdev)
         except BaseException:
-            if not os.path.lexists(path):
+            if not self.bd.lexists(path):
                 self._remove_side(path, side)
             raise
         uid, gid, _ = self._owner(path, ctx)
-        os.chown(path, uid, gid, follow_symlinks=False)
-        os.chmod(path, stat_m.S_IMODE(mode))  # the daemon's umask must not apply
+        self.bd.chown(path, uid, gid)
+        self.bd.chmod(path, stat_m.S_IMODE(mode))  # the daemon's umask must not apply
         return self._entry(path)
 
     @fuse_op
@@ -594,7 +577,7 @@ class EncryptedFS:
         self._check_writable()
         old, old_side = self._child(parent_inode_old, name_old)
         new, new_side = self._child(parent_inode_new, name_new)
-        st_old = os.lstat(old)
+        st_old = self.bd.lstat(old)
         if flags & RENAME_EXCHANGE:
             self._exchange(old, new, st_old, parent_inode_old, parent_inode_new, flags)
             return
@@ -602,7 +585,7 @@ class EncryptedFS:
             return
         replaced: os.stat_result | None = None
         try:
-            replaced = os.lstat(new)
+            replaced = self.bd.lstat(new)
         except FileNotFoundError:
             pass
         if replaced is not None:
@@ -611,7 +594,7 @@ class EncryptedFS:
             if stat_m.S_ISDIR(replaced.st_mode):
                 if not stat_m.S_ISDIR(st_old.st_mode):
                     raise FuseError(errno.EISDIR)
-                if not plain_empty(new):
+                if not plain_empty(self.bd.listdir(new)):
                     raise FuseError(errno.ENOTEMPTY)
             elif stat_m.S_ISDIR(st_old.st_mode):
                 raise FuseError(errno.ENOTDIR)
@@ -622,7 +605,7 @@ class EncryptedFS:
         new_parent_dirid = self._dirid(parent_inode_new)
         moved_link = stat_m.S_ISLNK(st_old.st_mode) and self.links.write_bound
         link_target = self.links.read(old, self._dirid(parent_inode_old)) if moved_link else None
-        old_stored = os.readlink(old) if moved_link else None
+        old_stored = self.bd.readlink(old) if moved_link else None
         self._write_side(new, new_side)
         if replaced is not None and stat_m.S_ISDIR(replaced.st_mode):
             self._remove_internal(new)  # the target is empty in plaintext: drop its bookkeeping
@@ -630,10 +613,7 @@ class EncryptedFS:
             self.dirids.before_move(old, old_dirid, new_parent_dirid, os.path.basename(new))
 
         def backing_rename(src: bytes, dest: bytes, whiteout: int = 0) -> None:
-            if flags & RENAME_NOREPLACE or whiteout:
-                _renameat2(src, dest, (flags & RENAME_NOREPLACE) | whiteout)
-            else:
-                os.rename(src, dest)
+            self.bd.rename(src, dest, (flags & RENAME_NOREPLACE) | whiteout)
 
         # RENAME_WHITEOUT (overlayfs): the backing rename leaves the whiteout, a 0/0 character
         # device, under the old backing name, which the old plaintext name (and side file) names.
@@ -642,16 +622,16 @@ class EncryptedFS:
             if link_target is not None:  # a new backing symlink sealed for the new place (symlinks.py)
                 self.links.place_copy(link_target, new, new_parent_dirid, st_old, backing_rename)
                 if whiteout:
-                    os.mknod(old + b".wh.tmp", stat_m.S_IFCHR, 0)
-                    os.rename(old + b".wh.tmp", old)
+                    self.bd.mknod(old + b".wh.tmp", stat_m.S_IFCHR, 0)
+                    self.bd.rename(old + b".wh.tmp", old)
                 else:
-                    os.unlink(old)
+                    self.bd.unlink(old)
             else:
                 backing_rename(old, new, whiteout)
         except BaseException:
-            if replaced is not None and stat_m.S_ISDIR(replaced.st_mode) and os.path.isdir(new):
+            if replaced is not None and stat_m.S_ISDIR(replaced.st_mode) and self.bd.isdir(new):
                 self.dirids.create(new, new_parent_dirid)
-            if old_dirid is not None and os.path.isdir(old):
+            if old_dirid is not None and self.bd.isdir(old):
                 self.dirids.after_move(old, old_dirid, self._dirid(parent_inode_old))
             raise
         if old_dirid is not None:
@@ -674,7 +654,7 @@ class EncryptedFS:
         if not (self.files.state_in_file and stat_m.S_ISREG(st.st_mode) and st.st_nlink == 1) \
                 or self.files.is_open(self._ino(st)):
             return None
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = self.bd.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             return self.files.state_file_of(fd)
         finally:
@@ -692,7 +672,7 @@ class EncryptedFS:
         resealed around the exchange as for a rename. A bound symlink cannot move atomically with
         another entry (it is a new backing symlink at its new place): EINVAL, as a filesystem
         without RENAME_EXCHANGE answers, so callers fall back to a plain rename."""
-        st_new = os.lstat(new)
+        st_new = self.bd.lstat(new)
         if self.links.write_bound and (stat_m.S_ISLNK(st_old.st_mode) or stat_m.S_ISLNK(st_new.st_mode)):
             raise FuseError(errno.EINVAL)
         if old == new:
@@ -706,7 +686,7 @@ class EncryptedFS:
         for before, after, dirid, _, to_parent in moves:
             self.dirids.before_move(before, dirid, to_parent, os.path.basename(after))
         try:
-            _renameat2(old, new, flags)
+            self.bd.rename(old, new, flags)
         except BaseException:
             for before, _, dirid, from_parent, _ in moves:
                 self.dirids.after_move(before, dirid, from_parent)
@@ -728,7 +708,7 @@ class EncryptedFS:
             fd = self._open_backing(path, writable=True, noatime=flags & os.O_ACCMODE == os.O_WRONLY,
                                     extra=os.O_CREAT | os.O_EXCL, mode=stat_m.S_IMODE(mode))
         except BaseException:
-            if not os.path.lexists(path):
+            if not self.bd.lexists(path):
                 self._remove_side(path, side)
             raise
         fh = None
@@ -746,7 +726,7 @@ class EncryptedFS:
                 self.files.release(fh)
             else:
                 os.close(fd)
-            os.unlink(path)
+            self.bd.unlink(path)
             self._remove_side(path, side)
             raise
         attrs = self._entry(path)
@@ -877,7 +857,7 @@ class EncryptedFS:
         Returns the number of files checked and those whose recovery failed or could only be
         made in memory (the next mount tries them again)."""
         checked = 0
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        for dirpath, dirnames, filenames, dir_fd in os.fwalk(self.root):  # by dir fds: paths past PATH_MAX
             dirnames[:] = [d for d in dirnames if not is_internal(d)]
             for name in filenames:
                 if is_internal(name):
@@ -885,7 +865,7 @@ class EncryptedFS:
                 path = os.path.join(dirpath, name)
                 with exclusive():
                     try:
-                        st = os.lstat(path)
+                        st = os.lstat(name, dir_fd=dir_fd)
                     except FileNotFoundError:
                         continue
                     if stat_m.S_ISREG(st.st_mode):
@@ -901,6 +881,7 @@ class EncryptedFS:
         """Close every open file (unmount): journals are checkpointed."""
         self.files.close_all()
         self.files.new_keys.clear()
+        self.bd.close()
 
     # -- xattrs ---------------------------------------------------------------------------------
 
@@ -917,7 +898,7 @@ class EncryptedFS:
             raise FuseError(errno.ENODATA)
         for backing in self._xattr_names(name):
             try:
-                sealed = self._xattr_call(os.getxattr, inode, backing)
+                sealed = self._xattr_call(self.bd.getxattr, inode, backing)
             except OSError as e:
                 if e.errno == errno.ENODATA:
                     continue
@@ -941,16 +922,16 @@ class EncryptedFS:
             if flags & os.XATTR_REPLACE and not exists:
                 raise FuseError(errno.ENODATA)
             flags = 0
-        self._xattr_call(os.setxattr, inode, backing, self.names.encrypt_xattr_value(backing, value, name),
+        self._xattr_call(self.bd.setxattr, inode, backing, self.names.encrypt_xattr_value(backing, value, name),
                          flags)
         for old in legacy:  # after the new one is stored: a crash leaves both, and the new one is read
             self._remove_xattr(inode, old)
 
     def _has_xattr(self, inode: int, backing: bytes) -> bool:
-        return self._xattr_if_present(os.getxattr, inode, backing)
+        return self._xattr_if_present(self.bd.getxattr, inode, backing)
 
     def _remove_xattr(self, inode: int, backing: bytes) -> bool:
-        return self._xattr_if_present(os.removexattr, inode, backing)
+        return self._xattr_if_present(self.bd.removexattr, inode, backing)
 
     def _xattr_if_present(self, call: Callable[..., object], inode: int, backing: bytes) -> bool:
         """``call`` on the backing xattr ``backing``; False if it does not exist."""
@@ -965,12 +946,12 @@ class EncryptedFS:
     @fuse_op
     def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
         out = []
-        for n in self._xattr_call(os.listxattr, inode):
+        for n in self._xattr_call(self.bd.listxattr, inode):
             raw = n.encode()
             if not self.names.is_xattr(raw):
                 continue
             try:
-                stored = self._xattr_call(os.getxattr, inode, raw) if self.names.is_long_xattr(raw) else None
+                stored = self._xattr_call(self.bd.getxattr, inode, raw) if self.names.is_long_xattr(raw) else None
                 plain = self.names.xattr_plain_name(raw, stored)
             except NameAuthError:
                 log.error("inode %d: undecryptable xattr name skipped", inode)
@@ -988,7 +969,4 @@ class EncryptedFS:
             raise FuseError(errno.ENODATA)
 
     def _xattr_call(self, func: Callable[..., Any], inode: int, *args: Any) -> Any:
-        target = self._target(inode)
-        if isinstance(target, int):
-            return func(target, *args)
-        return func(target, *args, follow_symlinks=False)
+        return func(self._target(inode), *args)  # BackingDirs: a path is not followed, an fd is the file

@@ -231,7 +231,7 @@ class Walk:
                                       "tampering; its entries are not checked", place=rel))
             return None
         if not ids:
-            if plain_empty(path):
+            if plain_empty(os.listdir(path)):
                 self.add(Finding("dirid", f"{where}: empty directory without an id (an interrupted mkdir): "
                                           "it gets a new one", WARNING, place=rel),
                          lambda r: r.dirid(path, parent_dirid))

@@ -74,8 +74,10 @@ class OpenFiles:
     """Handles by number, and each open inode's content."""
 
     def __init__(self, root: bytes, config: FsConfig, ks: KeyService, cipher_class: type[BlockCipher],
-                 read_only: bool, sealers: Sealers, recovering: bool = True) -> None:
+                 read_only: bool, sealers: Sealers, recovering: bool = True,
+                 open_path: Callable[[bytes, int], int] = os.open) -> None:
         self.root = root
+        self._open_path = open_path  # fs.py's: through directory fds, for backing paths past PATH_MAX
         self.config = config
         self.block_size = config.block_size
         self.ks = ks
@@ -202,7 +204,7 @@ class OpenFiles:
             return plain_file_size(backing_size, self.block_size)
 
     def _recover(self, inode: int, path: bytes) -> int:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = self._open_path(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             if not self.recovering:  # only a journal is due: is this file's on disk?
                 raw = os.pread(fd, HEADER_LEN, 0)

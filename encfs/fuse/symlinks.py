@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable
 
 from encfs.atomicfile import write_atomic
+from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.names import (
     LONGLINK_DIR,
     SYMLINK_MAX,
@@ -36,10 +37,11 @@ TMP_PREFIX = b"encfs.tmp."
 
 
 class Symlinks:
-    def __init__(self, names: NameCipher, root: bytes, *, long_targets: bool, accept_legacy: bool,
+    def __init__(self, names: NameCipher, backing: BackingDirs, *, long_targets: bool, accept_legacy: bool,
                  write_bound: bool) -> None:
         self.names = names
-        self.root = root
+        self.bd = backing  # symlinks themselves through directory fds (paths past PATH_MAX)
+        self.root = backing.root
         self.long_targets = long_targets
         self.accept_legacy = accept_legacy
         self.write_bound = write_bound
@@ -49,7 +51,7 @@ class Symlinks:
 
     def read(self, path: bytes, parent_dirid: bytes) -> bytes:
         """The plaintext target of the backing symlink ``path`` in the directory ``parent_dirid``."""
-        stored = os.readlink(path)
+        stored = self.bd.readlink(path)
         sealed = None
         if is_long_symlink(stored):
             if b"/" in stored:
@@ -102,13 +104,13 @@ class Symlinks:
         stored = self.seal(target, parent_dirid, os.path.basename(dest))
         tmp = os.path.join(os.path.dirname(dest), TMP_PREFIX + os.urandom(8).hex().encode())
         try:
-            os.symlink(stored, tmp)
-            os.chown(tmp, like.st_uid, like.st_gid, follow_symlinks=False)
-            os.utime(tmp, ns=(like.st_atime_ns, like.st_mtime_ns), follow_symlinks=False)
+            self.bd.symlink(stored, tmp)
+            self.bd.chown(tmp, like.st_uid, like.st_gid)
+            self.bd.utime(tmp, (like.st_atime_ns, like.st_mtime_ns))
             rename(tmp, dest)
         except BaseException:
             try:
-                os.unlink(tmp)
+                self.bd.unlink(tmp)
             except FileNotFoundError:
                 pass
             self.drop(stored)
