@@ -5,10 +5,11 @@ real SoftHSM2 token. No kernel, no FUSE: what the kernel would cache or check is
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,110 @@ def test_fsync_and_fsyncdir_reach_the_backing_store(fs: EncryptedFS, monkeypatch
     fs.fsyncdir(dh, False)
     fs.releasedir(dh)
     assert synced[:1] == ["dir"]  # (fsync_dir itself then fsyncs the directory)
+
+
+# -- paths up to PATH_MAX (issue #22): backing paths far past it ----------------------------------
+
+# 159-byte names have the longest backing names kept inline (235 bytes): 24 of them make a 3,840-byte
+# plaintext path whose backing path passes 5,600 bytes. A 255-byte leaf brings the plaintext to 4,095.
+DEEP = [b"%03d" % i + b"d" * 156 for i in range(24)]
+LEAF = b"f" * (4095 - sum(len(n) + 1 for n in DEEP))
+
+
+def deep_dir(fs: EncryptedFS, parent: int = ROOT_ID) -> int:
+    for n in DEEP:
+        parent = fs.mkdir(parent, n, 0o755, CTX).st_ino
+    assert len(fs.inodes.path(parent)) > 5600  # well past PATH_MAX: no single backing call could take it
+    return parent
+
+
+def walk(fs: EncryptedFS, names: list[bytes], parent: int = ROOT_ID) -> int:
+    for n in names:
+        parent = fs.lookup(parent, n, CTX).st_ino
+    return parent
+
+
+def fuse_errno(call: Callable[[], object]) -> int:
+    with pytest.raises(FuseError) as e:
+        call()
+    return e.value.errno
+
+
+def test_every_operation_works_at_a_4095_byte_plaintext_path(fs: EncryptedFS) -> None:
+    assert len(LEAF) == 255
+    deep = deep_dir(fs)
+    fh, attrs = fs.create(deep, LEAF, stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    fs.write(fh, 0, b"deep data")
+    fs.release(fh)
+    ino = attrs.st_ino
+    assert fs.lookup(deep, LEAF, CTX).st_ino == ino and read(fs, ino) == b"deep data"
+    assert names(fs, deep) == [LEAF] and fs.getattr(ino, CTX).st_size == 9
+    fields = SetattrFields(update_mode=True, update_uid=True, update_gid=True, update_size=True)
+    a = fs.setattr(ino, EntryAttributes(st_mode=0o600, st_uid=1, st_gid=2, st_size=4), fields, None, CTX)
+    assert (stat.S_IMODE(a.st_mode), a.st_uid, a.st_gid, a.st_size) == (0o600, 1, 2, 4)
+    assert read(fs, ino) == b"deep"
+    fs.setxattr(ino, b"user.k", b"v", CTX)
+    assert fs.getxattr(ino, b"user.k", CTX) == b"v" and fs.listxattr(ino, CTX) == [b"user.k"]
+    fs.removexattr(ino, b"user.k", CTX)
+    assert fs.listxattr(ino, CTX) == []
+    fs.access(ino, os.R_OK | os.W_OK, CTX)
+    fs.mkdir(deep, b"s" * 255, 0o700, CTX)
+    fs.rmdir(deep, b"s" * 255, CTX)
+    fs.link(ino, ROOT_ID, b"top", CTX)  # a deep source
+    fs.link(ino, deep, b"h" * 255, CTX)  # a deep destination
+    assert fs.getattr(ino, CTX).st_nlink == 3
+    fs.rename(deep, LEAF, ROOT_ID, b"moved", 0, CTX)
+    fs.rename(ROOT_ID, b"moved", deep, LEAF, 0, CTX)
+    target = b"/" + b"t" * 4094  # SYMLINK_MAX
+    link = fs.symlink(deep, b"l" * 255, target, CTX)
+    assert fs.readlink(link.st_ino, CTX) == target and link.st_size == 4095
+    assert stat.S_ISFIFO(fs.mknod(deep, b"p" * 255, stat.S_IFIFO | 0o644, 0, CTX).st_mode)
+    assert names(fs, deep) == sorted([LEAF, b"h" * 255, b"l" * 255, b"p" * 255])
+    for n in (LEAF, b"h" * 255, b"l" * 255, b"p" * 255):
+        fs.unlink(deep, n, CTX)
+    fs.unlink(ROOT_ID, b"top", CTX)
+    assert names(fs, deep) == [] and names(fs) == [DEEP[0]]
+
+
+def test_past_the_limits_is_enametoolong_at_any_depth(fs: EncryptedFS) -> None:
+    deep = deep_dir(fs)
+    ino = create(fs, b"f", parent=deep)
+    long = b"n" * 256
+    assert fuse_errno(lambda: fs.create(deep, long, stat.S_IFREG | 0o644, os.O_RDWR, CTX)) == errno.ENAMETOOLONG
+    assert fuse_errno(lambda: fs.mkdir(deep, long, 0o755, CTX)) == errno.ENAMETOOLONG
+    assert fuse_errno(lambda: fs.mknod(deep, long, stat.S_IFIFO | 0o644, 0, CTX)) == errno.ENAMETOOLONG
+    assert fuse_errno(lambda: fs.symlink(deep, long, b"t", CTX)) == errno.ENAMETOOLONG
+    assert fuse_errno(lambda: fs.link(ino, deep, long, CTX)) == errno.ENAMETOOLONG
+    assert fuse_errno(lambda: fs.rename(deep, b"f", deep, long, 0, CTX)) == errno.ENAMETOOLONG
+    assert fuse_errno(lambda: fs.lookup(deep, long, CTX)) == errno.ENAMETOOLONG
+    assert fuse_errno(lambda: fs.symlink(deep, b"l", b"t" * 4096, CTX)) == errno.ENAMETOOLONG
+    assert names(fs, deep) == [b"f"]
+
+
+def test_a_renamed_deep_tree_stays_usable_and_survives_remount(fs: EncryptedFS, service: KeyService) -> None:
+    deep = deep_dir(fs)
+    ino = create(fs, LEAF, b"leaf", parent=deep)
+    fs.setxattr(ino, b"user.k", b"v", CTX)
+    fs.symlink(deep, b"l" * 200, b"t" * 4000, CTX)
+    fs.rename(ROOT_ID, DEEP[0], ROOT_ID, b"R" * 159, 0, CTX)  # the top of the tree, renamed
+    mid = walk(fs, [b"R" * 159, *DEEP[1:12]])
+    fs.rename(mid, DEEP[12], ROOT_ID, b"M" * 159, 0, CTX)  # its middle, moved up (directory ids reseal)
+    path = [b"M" * 159, *DEEP[13:]]
+    assert read(fs, walk(fs, path + [LEAF])) == b"leaf"
+    create(fs, b"new", b"after the renames", parent=walk(fs, path))
+    fs.close_all()
+    cipher = Path(os.fsdecode(fs.root))
+    opened = open_config(cipher, service, writable=True)
+    again = EncryptedFS(os.fsencode(cipher), opened.config, opened.keys, service, recovering=True)
+    try:
+        checked, unrecovered = again.recover_all(contextlib.nullcontext)
+        assert checked == 2 and unrecovered == []
+        deep = walk(again, path)
+        assert names(again, deep) == sorted([LEAF, b"l" * 200, b"new"])
+        leaf = walk(again, [LEAF], deep)
+        assert read(again, leaf) == b"leaf" and again.getxattr(leaf, b"user.k", CTX) == b"v"
+        assert read(again, walk(again, [b"new"], deep)) == b"after the renames"
+        assert again.readlink(walk(again, [b"l" * 200], deep), CTX) == b"t" * 4000
+        assert names(again, walk(again, [b"R" * 159, *DEEP[1:12]])) == []
+    finally:
+        again.close_all()

@@ -1087,6 +1087,123 @@ def test_listing_hides_internal_entries(mnt: Mount, d: Path) -> None:
     assert sorted(os.listdir(d)) == sorted(["a", "sub", "L" * 200, "encfs.dirid"])
 
 
+# -- paths up to PATH_MAX (issue #22) ---------------------------------------------------------------
+
+# 159-byte names have the longest backing names kept inline (235 bytes): 24 levels of them are a
+# 3,840-byte plaintext path whose backing path passes 5,600 bytes; a 255-byte leaf makes 4,095.
+DEEP_NAMES = ["%03d" % i + "d" * 156 for i in range(24)]
+DEEP = "".join(n + "/" for n in DEEP_NAMES)
+LEAF = DEEP + "f" * (4095 - len(DEEP))
+
+
+def _make_deep(top: int) -> None:
+    for i in range(1, len(DEEP_NAMES) + 1):
+        os.mkdir("/".join(DEEP_NAMES[:i]), 0o755, dir_fd=top)
+
+
+def _read_at(top: int, rel: str) -> bytes:
+    fd = os.open(rel, os.O_RDONLY, dir_fd=top)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
+def _write_at(top: int, rel: str, data: bytes) -> None:
+    fd = os.open(rel, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644, dir_fd=top)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def test_every_operation_at_a_4095_byte_path(d: Path) -> None:
+    """Paths are given relative to a directory fd (the kernel takes at most 4,095 bytes per call);
+    calls without a dir_fd form go through /proc/self/fd/<fd of the deep directory>."""
+    assert len(LEAF.encode()) == 4095
+    top = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    deep = -1
+    try:
+        _make_deep(top)
+        deep = os.open(DEEP, os.O_RDONLY | os.O_DIRECTORY, dir_fd=top)
+        here = f"/proc/self/fd/{deep}/"
+        leaf = os.path.basename(LEAF)
+        _write_at(top, LEAF, b"deep data")
+        assert _read_at(top, LEAF) == b"deep data"
+        os.truncate(here + leaf, 4)
+        os.chmod(LEAF, 0o600, dir_fd=top)
+        os.chown(LEAF, 1, 2, dir_fd=top)
+        st = os.stat(LEAF, dir_fd=top)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size) == (0o600, 1, 2, 4)
+        assert _read_at(top, LEAF) == b"deep"
+        os.setxattr(here + leaf, "user.k", b"v")
+        assert os.getxattr(here + leaf, "user.k") == b"v" and os.listxattr(here + leaf) == ["user.k"]
+        os.removexattr(here + leaf, "user.k")
+        assert os.listxattr(here + leaf) == []
+        os.mkdir(DEEP + "s" * 255, dir_fd=top)
+        os.rmdir(DEEP + "s" * 255, dir_fd=top)
+        os.link(LEAF, "top", src_dir_fd=top, dst_dir_fd=top)  # a deep source
+        os.link("top", DEEP + "h" * 255, src_dir_fd=top, dst_dir_fd=top)  # a deep destination
+        assert os.stat(LEAF, dir_fd=top).st_nlink == 3
+        os.rename(LEAF, "moved", src_dir_fd=top, dst_dir_fd=top)
+        os.rename("moved", LEAF, src_dir_fd=top, dst_dir_fd=top)
+        target = "/" + "t" * 4094
+        os.symlink(target, DEEP + "l" * 255, dir_fd=top)
+        assert os.readlink(DEEP + "l" * 255, dir_fd=top) == target
+        expect_errno(errno.ENAMETOOLONG, os.symlink, target + "t", "l", dir_fd=top)
+        os.mkfifo(DEEP + "p" * 255, dir_fd=top)
+        os.mknod(DEEP + "n" * 255, stat.S_IFREG | 0o644, dir_fd=top)
+        assert stat.S_ISFIFO(os.stat(DEEP + "p" * 255, dir_fd=top).st_mode)
+        # exactly past the limits: a 256-byte name (the daemon's answer), a 4,096-byte path (the kernel's)
+        expect_errno(errno.ENAMETOOLONG, os.open, DEEP + "x" * 256, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=top)
+        os.mkdir(DEEP + "a" * 100, dir_fd=top)
+        _write_at(top, DEEP + "a" * 100 + "/" + "b" * 154, b"4095")
+        expect_errno(errno.ENAMETOOLONG, _write_at, top, DEEP + "a" * 100 + "/" + "b" * 155, b"")
+        assert sorted(os.listdir(deep)) == sorted([leaf, "h" * 255, "l" * 255, "p" * 255, "n" * 255, "a" * 100])
+        # a rename at the top keeps the subtree usable, by a fresh path and by the fd held on it
+        os.rename(DEEP_NAMES[0], "R" * 159, src_dir_fd=top, dst_dir_fd=top)
+        renamed = "R" * 159 + LEAF[len(DEEP_NAMES[0]):]
+        assert _read_at(top, renamed) == b"deep" and os.readlink(here + "l" * 255) == target
+        for n in (leaf, "h" * 255, "l" * 255, "p" * 255, "n" * 255, "a" * 100 + "/" + "b" * 154):
+            os.unlink(here + n)
+        os.rmdir(here + "a" * 100)
+        os.unlink("top", dir_fd=top)
+        names = ["R" * 159, *DEEP_NAMES[1:]]
+        for i in range(len(names), 0, -1):
+            os.rmdir("/".join(names[:i]), dir_fd=top)
+        assert os.listdir(d) == []
+    finally:
+        if deep >= 0:
+            os.close(deep)
+        os.close(top)
+
+
+def test_a_deep_tree_survives_remount(tmp_path: Path, fs_home: Path) -> None:
+    with new_mount(tmp_path, fs_home) as m:
+        top = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _make_deep(top)
+            _write_at(top, LEAF, b"leaf")
+            os.symlink("t" * 4000, DEEP + "l" * 200, dir_fd=top)
+            os.rename("/".join(DEEP_NAMES[:13]), "M" * 159, src_dir_fd=top, dst_dir_fd=top)  # moved up
+        finally:
+            os.close(top)
+    moved = "M" * 159 + "/" + LEAF[len("/".join(DEEP_NAMES[:13])) + 1:]
+    with new_mount(tmp_path, fs_home) as m:
+        top = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert _read_at(top, moved) == b"leaf"
+            assert os.readlink(os.path.dirname(moved) + "/" + "l" * 200, dir_fd=top) == "t" * 4000
+            left = os.open("/".join(DEEP_NAMES[:12]), os.O_RDONLY | os.O_DIRECTORY, dir_fd=top)
+            try:
+                assert os.listdir(left) == []
+            finally:
+                os.close(left)
+        finally:
+            os.close(top)
+
+
 def _check_big_directory(d: Path, n: int) -> None:
     names = []
     for i in range(n):
