@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fsck import check_filesystem
 from encfs.fuse.fsconfig import init_filesystem, open_config
 from encfs.fuseproto.wire import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
 from encfs.keys.service import KeyService
@@ -224,3 +225,15 @@ def test_a_renamed_deep_tree_stays_usable_and_survives_remount(fs: EncryptedFS, 
         assert names(again, walk(again, [b"R" * 159, *DEEP[1:12]])) == []
     finally:
         again.close_all()
+
+
+def test_fsck_checks_a_tree_past_path_max(fs: EncryptedFS, service: KeyService) -> None:
+    deep = deep_dir(fs)
+    ino = create(fs, LEAF, b"leaf", parent=deep)
+    fs.setxattr(ino, b"user.k", b"v", CTX)
+    fs.symlink(deep, b"l" * 200, b"t" * 4000, CTX)
+    fs.close_all()
+    report = check_filesystem(Path(os.fsdecode(fs.root)), service)
+    assert report.findings == []
+    assert (report.counts["files"], report.counts["symlinks"], report.counts["xattrs"]) == (1, 1, 1)
+    assert report.counts["directories"] == len(DEEP) + 1

@@ -124,6 +124,11 @@ class Walk:
     def count(self, what: str, n: int = 1) -> None:
         self.report.counts[what] = self.report.counts.get(what, 0) + n
 
+    def close(self) -> None:
+        """Release the backing root fd the walk's filesystem holds (backingdirs.py)."""
+        if self.opened is not None:
+            self.fs.bd.close()
+
     # -- the tree ------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -138,7 +143,7 @@ class Walk:
     def _dir(self, path: bytes, plain: str, dirid: bytes, pending: list[tuple[bytes, FileCheck]]) -> None:
         self.count("directories")
         try:
-            entries = sorted(os.listdir(path))
+            entries = sorted(self.fs.bd.listdir(path))
         except OSError as e:
             self.complete = False
             self.add(Finding("directory", f"{plain}: cannot be listed ({e.strerror})", place=_rel(self.root, path)))
@@ -162,7 +167,7 @@ class Walk:
                                  WARNING, place=_rel(self.root, child)))
                 continue
             try:
-                st = os.lstat(child)
+                st = self.fs.bd.lstat(child)
             except FileNotFoundError:
                 continue
             try:
@@ -231,7 +236,7 @@ class Walk:
                                       "tampering; its entries are not checked", place=rel))
             return None
         if not ids:
-            if plain_empty(os.listdir(path)):
+            if plain_empty(self.fs.bd.listdir(path)):
                 self.add(Finding("dirid", f"{where}: empty directory without an id (an interrupted mkdir): "
                                           "it gets a new one", WARNING, place=rel),
                          lambda r: r.dirid(path, parent_dirid))
@@ -249,7 +254,7 @@ class Walk:
         return ids.pop()
 
     def _symlink(self, path: bytes, where: str, dirid: bytes, damaged_name: bool) -> None:
-        stored = os.readlink(path)
+        stored = self.fs.bd.readlink(path)
         if is_long_symlink(stored) and b"/" not in stored:
             self.longrefs.add(stored)
         if damaged_name:
@@ -261,7 +266,7 @@ class Walk:
 
     def _xattrs(self, path: bytes, where: str) -> None:
         try:
-            backing = os.listxattr(path, follow_symlinks=False)
+            backing = self.fs.bd.listxattr(path)
         except OSError:
             return
         for name in backing:
@@ -270,7 +275,7 @@ class Walk:
                 continue
             self.count("xattrs")
             try:
-                value = os.getxattr(path, name, follow_symlinks=False)
+                value = self.fs.bd.getxattr(path, name)
                 self.names.xattr_plain_name(raw, value)
                 self.names.decrypt_xattr_value(raw, value)
             except (NameAuthError, OSError, ValueError):
@@ -354,12 +359,15 @@ def check_filesystem(cipherdir: Path, ks: KeyService, repair: bool = False) -> R
             report = walk.report
             if repair and walk.actions:
                 repair_walk(cipherdir, walk)
-                again = check(cipherdir, ks, recovering, data=False).report
+                second = check(cipherdir, ks, recovering, data=False)
+                again = second.report
+                second.close()
                 still = {f.key for f in again.findings}
                 known = {f.key for f in report.findings}
                 for f in report.findings:
                     f.repaired = f.repaired or (f.repairable and f.key not in still and f.kind != "repair")
                 report.findings += [f for f in again.findings if f.key not in known]
+            walk.close()
     finally:
         lock.release(clean=not recovering)
     report.repair = repair

@@ -21,6 +21,7 @@ from encfs.blocks import OVERHEAD, BlockAuthError, BlockCipher
 from encfs.errors import ContextMismatch, InvalidCiphertext, KeyNotFound
 from encfs.fsckreport import WARNING, Finding, sector_runs
 from encfs.fuse import rekeyfile
+from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.content import FileContent
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError
 from encfs.fuse.journal import JournalDamaged
@@ -62,7 +63,7 @@ def check_contents(self: Walk, pending: list[tuple[bytes, FileCheck]]) -> None:
         for i, (path, check) in enumerate(pending):
             while len(ahead) < min(len(pending), i + AHEAD):
                 p, c = pending[len(ahead)]
-                ahead.append(pool.submit(_read_ahead, p, c.st.st_size) if self.data else _done())
+                ahead.append(pool.submit(_read_ahead, self.fs.bd, p, c.st.st_size) if self.data else _done())
             ahead[i].result()
             ahead[i] = _DONE  # the futures of files checked are not kept
             _file(self, path, check)
@@ -76,7 +77,7 @@ def _file(self: Walk, path: bytes, check: FileCheck) -> None:
     if size == 0:
         return  # an empty file whose header was never written
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = self.fs.bd.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as e:
         self.add(Finding("file", f"{where}: cannot be opened ({e.strerror})", place=rel))
         return
@@ -210,9 +211,9 @@ def read_blocks(c: FileContent, sink: Callable[[int, memoryview], None] | None) 
         b = end
 
 
-def _read_ahead(path: bytes, size: int) -> None:
+def _read_ahead(bd: BackingDirs, path: bytes, size: int) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = bd.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return
     try:

@@ -32,6 +32,7 @@ from pathlib import Path
 from encfs.errors import EncfsError
 from encfs.fsckreport import Finding
 from encfs.fuse import fsck
+from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError, state_file
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsckcontent import FileCheck, read_blocks
@@ -72,7 +73,7 @@ class Repairer:
 
     def empty(self, path: bytes) -> None:
         """A file whose torn header is all it has (plaintext size 0) becomes an empty file."""
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = self.walk.fs.bd.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             if os.fstat(fd).st_size < HEADER_LEN:
                 os.ftruncate(fd, 0)
@@ -82,7 +83,7 @@ class Repairer:
 
     def drop(self, path: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            self.walk.fs.bd.unlink(path)
 
     def lost_found(self, ctx: RequestContext) -> int:
         """The inode of ``lost+found`` at the root, made now if missing."""
@@ -132,12 +133,12 @@ def _copy_xattrs(r: Repairer, path: bytes, inode: int, ctx: RequestContext) -> N
     """The xattrs of the backing file ``path`` that decrypt, set on ``inode`` through the core (one
     that does not decrypt was reported; nothing readable is left behind)."""
     names = r.fs.names
-    for backing in os.listxattr(path, follow_symlinks=False):
+    for backing in r.walk.fs.bd.listxattr(path):
         raw = os.fsencode(backing)
         if not names.is_xattr(raw):
             continue
         try:
-            stored = os.getxattr(path, backing, follow_symlinks=False)
+            stored = r.walk.fs.bd.getxattr(path, backing)
             plain = names.xattr_plain_name(raw, stored)
             value = names.decrypt_xattr_value(raw, stored)
         except (NameAuthError, OSError, ValueError):
@@ -155,7 +156,7 @@ def rescue(r: Repairer, check: FileCheck) -> None:
     lost = r.lost_found(ctx)
     base = os.fsencode(check.links[0].plain.rsplit("/", 1)[-1])
     name = r.free_name(lost, b"#%d" % check.st.st_ino if check.name_damaged else base, ctx)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    fd = r.walk.fs.bd.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         header = FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
         assert r.walk.opened is not None
@@ -191,7 +192,7 @@ def rescue(r: Repairer, check: FileCheck) -> None:
             f"was:\n{names}\nsize: {c.size} bytes\ndamaged:\n{ranges}\n").encode()
     _write_new(r, lost, name + b".fsck", 0o600, ctx, lambda write: write(0, text))
     for link in check.links:
-        _remove_backing(link.path)
+        _remove_backing(r.walk.fs.bd, link.path)
     for p in (journal_path(r.root, header.file_id), state_file(r.root, header.file_id)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
@@ -208,16 +209,16 @@ def rescue_named(r: Repairer, path: bytes, st: os.stat_result) -> None:
     name = r.free_name(lost, b"#%d" % st.st_ino, ctx)
     dest, side = r.fs._child(lost, name)
     r.fs._write_side(dest, side)
-    os.rename(path, dest)
+    r.fs.bd.rename(path, dest)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(longname_side_file(path))
+        r.fs.bd.unlink(longname_side_file(path))
 
 
-def _remove_backing(path: bytes) -> None:
+def _remove_backing(bd: BackingDirs, path: bytes) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        bd.unlink(path)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(longname_side_file(path))
+        bd.unlink(longname_side_file(path))
 
 
 def repair_walk(cipherdir: Path, walk: fsck.Walk) -> None:
