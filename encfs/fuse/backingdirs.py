@@ -1,8 +1,8 @@
 """The backing store reached through directory fds and the ``*at()`` calls (as gocryptfs does).
 
 A plaintext path of up to PATH_MAX - 1 (4,095) bytes made of 255-byte components can have
-a backing path far longer than that: an encrypted name is up to 255 bytes for a 160-byte
-plaintext one. The kernel refuses a path of PATH_MAX bytes or more in any one call
+a backing path far longer than that: a 159-byte name has a 235-byte backing name (longer
+ones are hashed, names.py). The kernel refuses a path of PATH_MAX bytes or more in any one call
 (ENAMETOOLONG), so no call here is given a full backing path: each one opens the backing
 directory that holds its entry, walking down from the CIPHERDIR's root fd with
 openat(O_PATH | O_DIRECTORY) a chunk of at most ``CHUNK`` bytes of whole components at a
@@ -15,11 +15,14 @@ the one place that turns them into calls.
 
 Invariants:
 - No os call here is given more than ``CHUNK`` bytes of path, except the CIPHERDIR's own
-  absolute path (its length is the user's choice, checked at mount like any path).
-- A directory fd lives for one call only, so a rename or rmdir of the directory, by encfs
-  or behind its back, is seen by the next call exactly as a path lookup would see it; the
-  CIPHERDIR's root fd lives as long as the filesystem (RLIMIT_NOFILE: one fd, plus one for
-  each call in flight).
+  absolute path, opened once (its length is the user's choice).
+- Directory fds are cached by backing path (as gocryptfs's dirCache): at most ``CACHE_SIZE``
+  of them, each for at most ``CACHE_TTL`` seconds (the kernel's own entry timeout), so a
+  rename behind encfs's back is seen as late as the kernel sees it anyway. A rename or rmdir
+  made here drops every cached fd at or under the paths it changed before it returns, and a
+  fd opened while such a change ran is used for its one call but not cached. A cached fd is
+  closed only once no call is using it (RLIMIT_NOFILE: CACHE_SIZE + 1 fds, plus one for each
+  call in flight).
 - A target given as an int is the open backing fd of a file that may have lost every name
   (fs.py's _target): attribute and xattr calls go to it directly.
 """
@@ -29,6 +32,9 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Self, TypeVar
 
@@ -41,8 +47,19 @@ T = TypeVar("T")
 CHUNK = 4000
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
+# Without the cache every call opened its directory: getattr 8 levels down ran at 0.62 of its
+# former rate in the daemon, 0.89 with it (benchmarks/HISTORY.md). 1 s is fs.py's ATTR_TIMEOUT.
+CACHE_SIZE = 64
+CACHE_TTL = 1.0
 
 Target = bytes | int
+
+
+class _Cached:
+    __slots__ = ("born", "fd", "retired", "users")
+
+    def __init__(self, fd: int, born: float) -> None:
+        self.fd, self.born, self.users, self.retired = fd, born, 1, False
 
 
 class BackingDirs:
@@ -53,8 +70,15 @@ class BackingDirs:
         self.root = root
         self._prefix = root.rstrip(b"/") + b"/"
         self.root_fd = os.open(root, _DIR_FLAGS)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[bytes, _Cached] = OrderedDict()  # relative directory path -> its fd
+        self._changes = 0  # renames and rmdirs begun: a fd opened across one is not cached
 
     def close(self) -> None:
+        with self._lock:
+            for entry in self._cache.values():
+                self._retire(entry)
+            self._cache.clear()
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1  # a later call fails with EBADF, never on a reused number
@@ -87,24 +111,64 @@ class BackingDirs:
             raise
         return fd
 
-    def _parent(self, path: bytes) -> tuple[int, bytes]:
-        """(fd of the directory holding ``path``, ``path``'s name in it). The root itself is
+    def _borrow(self, head: bytes) -> _Cached:
+        """The fd of the backing directory ``head`` (relative, non-empty), cached; _give_back it."""
+        now = time.monotonic()
+        with self._lock:
+            entry = self._cache.get(head)
+            if entry is not None and now - entry.born < CACHE_TTL:
+                entry.users += 1
+                self._cache.move_to_end(head)
+                return entry
+            changes = self._changes
+        entry = _Cached(self._open_dir(head), now)
+        with self._lock:
+            if changes != self._changes:  # a rename or rmdir ran meanwhile: this fd may be stale
+                entry.retired = True
+                return entry
+            old = self._cache.pop(head, None)
+            if old is not None:
+                self._retire(old)
+            self._cache[head] = entry
+            while len(self._cache) > CACHE_SIZE:
+                self._retire(self._cache.popitem(last=False)[1])
+        return entry
+
+    def _give_back(self, entry: _Cached) -> None:
+        with self._lock:
+            entry.users -= 1
+            if entry.retired and entry.users == 0:
+                os.close(entry.fd)
+
+    def _retire(self, entry: _Cached) -> None:
+        """(under the lock) Out of the cache: closed now, or by the last call that uses it."""
+        entry.retired = True
+        if entry.users == 0:
+            os.close(entry.fd)
+
+    def _changed(self, *paths: bytes) -> None:
+        """Drop the cached fds at or under ``paths`` (a rename or rmdir of them is under way)."""
+        rels = [p[len(self._prefix):] for p in paths if p.startswith(self._prefix)]
+        with self._lock:
+            self._changes += 1
+            for key in [k for k in self._cache if any(k == r or k.startswith(r + b"/") for r in rels)]:
+                self._retire(self._cache.pop(key))
+
+    def at(self, path: bytes, call: Callable[[int, bytes], T]) -> T:
+        """``call(directory fd, name)`` for the backing entry ``path``; the root itself is
         (root fd, its absolute path), which the ``*at()`` calls take as is."""
         if not path.startswith(self._prefix):
             if path.rstrip(b"/") + b"/" == self._prefix:
-                return self.root_fd, self.root
+                return call(self.root_fd, self.root)
             raise ValueError(f"{path!r} is not under the backing root")
         head, _, name = path[len(self._prefix):].rpartition(b"/")
-        return (self._open_dir(head) if head else self.root_fd), name
-
-    def at(self, path: bytes, call: Callable[[int, bytes], T]) -> T:
-        """``call(directory fd, name)`` for the backing entry ``path``."""
-        fd, name = self._parent(path)
+        if not head:
+            return call(self.root_fd, name)
+        entry = self._borrow(head)
         try:
-            return call(fd, name)
+            return call(entry.fd, name)
         finally:
-            if fd != self.root_fd:
-                os.close(fd)
+            self._give_back(entry)
 
     def open_dir(self, path: bytes) -> int:
         """An O_PATH fd of the backing directory ``path``; the caller closes it."""
@@ -149,7 +213,11 @@ class BackingDirs:
         self.at(path, lambda d, n: os.mkdir(n, mode, dir_fd=d))
 
     def rmdir(self, path: bytes) -> None:
-        self.at(path, lambda d, n: os.rmdir(n, dir_fd=d))
+        self._changed(path)
+        try:
+            self.at(path, lambda d, n: os.rmdir(n, dir_fd=d))
+        finally:
+            self._changed(path)
 
     def unlink(self, path: bytes) -> None:
         self.at(path, lambda d, n: os.unlink(n, dir_fd=d))
@@ -210,7 +278,11 @@ class BackingDirs:
                     e = ctypes.get_errno()
                     raise OSError(e, os.strerror(e))
             self.at(new, dst)
-        self.at(old, src)
+        self._changed(old, new)  # before and after: a call running alongside may cache an fd meanwhile
+        try:
+            self.at(old, src)
+        finally:
+            self._changed(old, new)
 
     def link(self, src: bytes, path: bytes) -> None:
         def outer(d_src: int, n_src: bytes) -> None:
