@@ -5,8 +5,10 @@ real SoftHSM2 token. No kernel, no FUSE: what the kernel would cache or check is
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
+import json
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -14,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from encfs.fuse.cli import cmd_info
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsck import check_filesystem
+from encfs.fuse.rewrap import rewrap_filesystem
 from encfs.fuse.fsconfig import init_filesystem, open_config
 from encfs.fuseproto.wire import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
 from encfs.keys.service import KeyService
@@ -237,3 +241,29 @@ def test_fsck_checks_a_tree_past_path_max(fs: EncryptedFS, service: KeyService) 
     assert report.findings == []
     assert (report.counts["files"], report.counts["symlinks"], report.counts["xattrs"]) == (1, 1, 1)
     assert report.counts["directories"] == len(DEEP) + 1
+
+
+def test_rekey_reaches_files_past_path_max(fs: EncryptedFS, service: KeyService) -> None:
+    """The re-key scan once walked by full paths, and os.walk skips what it cannot list: the deep
+    file kept its old wrapped key without a word."""
+    create(fs, LEAF, b"deep", parent=deep_dir(fs))
+    create(fs, b"top", b"top")
+    fs.close_all()
+    cipher = Path(os.fsdecode(fs.root))
+    done = rewrap_filesystem(cipher, service, service.create_key()["KeyId"])
+    assert (done.files, done.damaged) == (2, [])
+    assert rewrap_filesystem(cipher, service, None, full=True).fresh == 2
+    opened = open_config(cipher, service, writable=False)
+    again = EncryptedFS(os.fsencode(cipher), opened.config, opened.keys, service, read_only=True)
+    try:
+        assert read(again, walk(again, [*DEEP, LEAF])) == b"deep"
+    finally:
+        again.close_all()
+
+
+def test_info_counts_entries_past_path_max(fs: EncryptedFS, capsys: pytest.CaptureFixture[str]) -> None:
+    create(fs, LEAF, b"x", parent=deep_dir(fs))
+    fs.close_all()
+    assert cmd_info(argparse.Namespace(cipherdir=os.fsdecode(fs.root), json=True)) == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert (counts["files"], counts["directories"], counts["long_names"]) == (1, len(DEEP), 1)

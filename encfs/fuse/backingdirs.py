@@ -55,6 +55,13 @@ CACHE_TTL = 1.0
 Target = bytes | int
 
 
+def open_under(root: bytes, path: bytes, flags: int, mode: int = 0o777) -> int:
+    """open(2) of the backing entry ``path`` under ``root`` through directory fds, for the tools
+    that open files one at a time by path (rekey)."""
+    with BackingDirs(root) as bd:
+        return bd.open(path, flags, mode)
+
+
 class _Cached:
     __slots__ = ("born", "fd", "retired", "users")
 

@@ -103,13 +103,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     cipherdir = Path(args.cipherdir)
     config, warnings = peek_config(cipherdir)
     counts = {"files": 0, "directories": 0, "symlinks": 0, "other": 0, "long_names": 0, "backing_bytes": 0}
-    for dirpath, dirnames, filenames in os.walk(cipherdir):
+    for _dirpath, dirnames, filenames, dir_fd in os.fwalk(cipherdir):  # by dir fds: paths past PATH_MAX
         for name in dirnames + filenames:
             raw = os.fsencode(name)
             if is_internal(raw):
                 continue
             counts["long_names"] += is_longname_entry(raw)
-            st = os.lstat(os.path.join(dirpath, name))
+            st = os.lstat(name, dir_fd=dir_fd)
             counts["backing_bytes"] += st.st_size
             kind = ("files" if stat_m.S_ISREG(st.st_mode) else "directories" if stat_m.S_ISDIR(st.st_mode)
                     else "symlinks" if stat_m.S_ISLNK(st.st_mode) else "other")

@@ -31,6 +31,7 @@ from pathlib import Path
 from encfs.blocks import BlockCipher
 from encfs.diskio import fsync_dir
 from encfs.fuse import rekeyfile
+from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.fileheader import FILE_ID_LEN, HEADER_LEN, FileHeader
 from encfs.fuse.fsconfig import open_config
 from encfs.fuse.openfiles import OpenFile, OpenFiles
@@ -64,16 +65,17 @@ def fresh_keys(cipherdir: Path, ks: KeyService, recovering: bool, files: list[by
     count = size = 0
     try:
         fsync_dir(root)
-        total = sum(os.lstat(os.path.join(root, rel)).st_size for rel in files)
-        with progress(total, f"rekey --full {cipherdir.name}") as bar:
-            for rel in files:
-                path = os.path.join(root, rel)
-                n = _one(opened, path, done)
-                if n is not None:
-                    new_id = FileHeader.parse(_head(path)).file_id
-                    os.write(log_fd, new_id)  # no fdatasync: a record lost to a power cut costs a re-key
-                    count, size = count + 1, size + n
-                bar.update(os.lstat(path).st_size)
+        with BackingDirs(root) as bd:  # by directory fds: backing paths past PATH_MAX
+            total = sum(bd.lstat(os.path.join(root, rel)).st_size for rel in files)
+            with progress(total, f"rekey --full {cipherdir.name}") as bar:
+                for rel in files:
+                    path = os.path.join(root, rel)
+                    n = _one(bd, opened, path, done)
+                    if n is not None:
+                        new_id = FileHeader.parse(_head(bd, path)).file_id
+                        os.write(log_fd, new_id)  # no fdatasync: a record lost to a power cut costs a re-key
+                        count, size = count + 1, size + n
+                    bar.update(bd.lstat(path).st_size)
     finally:
         os.close(log_fd)
         opened.close_all()
@@ -81,17 +83,17 @@ def fresh_keys(cipherdir: Path, ks: KeyService, recovering: bool, files: list[by
     return count, size
 
 
-def _head(path: bytes) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+def _head(bd: BackingDirs, path: bytes) -> bytes:
+    fd = bd.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         return os.pread(fd, HEADER_LEN, 0)
     finally:
         os.close(fd)
 
 
-def _one(opened: OpenFiles, path: bytes, done: set[bytes]) -> int | None:
+def _one(bd: BackingDirs, opened: OpenFiles, path: bytes, done: set[bytes]) -> int | None:
     """Re-key one file unless it is done; its backing size, or None if it was skipped."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    fd = bd.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     st = os.fstat(fd)
     if not stat_m.S_ISREG(st.st_mode) or FileHeader.parse(os.pread(fd, HEADER_LEN, 0)).file_id in done:
         os.close(fd)

@@ -80,6 +80,7 @@ from encfs.errors import (
     MountError,
 )
 from encfs.fuse import rekeyfile
+from encfs.fuse.backingdirs import BackingDirs, open_under
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError
 from encfs.fuse.fsconfig import (
     BACKUP_NAME,
@@ -222,7 +223,7 @@ def replay(cipherdir: Path) -> int:
     written = 0
     for rel, new in parse_redo(data, str(cipherdir / REDO)):
         try:
-            fd = os.open(os.path.join(root, rel), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = open_under(root, os.path.join(root, rel), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError):
             continue
         try:
@@ -244,14 +245,14 @@ def backing_files(root: bytes) -> Iterator[bytes]:
     """Paths (relative to ``root``) of every regular backing file with a header, each inode once,
     then the complete re-key side files."""
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames, dir_fd in os.fwalk(root):  # by dir fds: paths past PATH_MAX
         dirnames[:] = [d for d in dirnames if not is_internal(d)]
         for name in filenames:
             if is_internal(name):
                 continue
             path = os.path.join(dirpath, name)
             try:
-                st = os.lstat(path)
+                st = os.lstat(name, dir_fd=dir_fd)
             except FileNotFoundError:
                 continue
             if stat_m.S_ISREG(st.st_mode) and st.st_size and (st.st_dev, st.st_ino) not in seen:
@@ -261,7 +262,7 @@ def backing_files(root: bytes) -> Iterator[bytes]:
 
 def _read_header(root: bytes, rel: bytes) -> FileHeader:
     """HeaderError if it is not a header (or too short to be one)."""
-    fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    fd = open_under(root, os.path.join(root, rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         return FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
     finally:
@@ -325,7 +326,8 @@ def _full(cipherdir: Path, ks: KeyService, done: FsRewrapped, recovering: bool, 
     done.full = True
     if dry_run:
         done.fresh = len(files)
-        done.resealed = sum(os.lstat(os.path.join(root, rel)).st_size for rel in files)
+        with BackingDirs(root) as bd:
+            done.resealed = sum(bd.lstat(os.path.join(root, rel)).st_size for rel in files)
         return
     try:
         done.fresh, done.resealed = fresh_keys(cipherdir, ks, recovering, files)
@@ -429,7 +431,7 @@ def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple
                 _mark(cipherdir, operation, dest, recovering, state)
                 write_atomic(cipherdir / REDO, pack_redo(batch), 0o600, sync_dir=True)
                 for rel, new in batch:
-                    fd = os.open(os.path.join(root, rel), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                    fd = open_under(root, os.path.join(root, rel), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                     try:
                         pwrite_all(fd, new, 0)
                     finally:
