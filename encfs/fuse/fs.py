@@ -10,9 +10,14 @@ Design:
   backing filesystem reuses the number of an inode we free (last unlink,
   rmdir, rename over it) while the kernel may still hold the old one (an
   open fd, a cwd), so each freed number gets a new FUSE generation.
-- The server serialises calls, except that reads (reader + read_open) may run
-  alongside each other (FsServer's do; pyfuse3's run one at a time too): no
-  operation interleaves with one that changes a file.
+- Calls that change or walk the tree run alone; calls on one inode's data or
+  attributes (server.DATA_OPS: read, write, fsync, setattr, getattr, getxattr,
+  open, release) may run alongside calls on other inodes, and reads (reader +
+  read_open) alongside reads of the same inode; never alongside a change to
+  their own inode (FsServer's locks; pyfuse3's server runs one call at a time).
+  So what such calls share across inodes is locked (OpenFiles' handle table,
+  BackingDirs' fd cache, each Sealer, the sealing worker) or a single dict/set
+  update per inode (_sizes, _no_capability).
 - Backing paths (inomap.py) are never given to an os call: backingdirs.BackingDirs makes every
   call through the fd of the entry's backing directory, as gocryptfs does, since a plaintext path
   of up to PATH_MAX has a backing path far past it.
@@ -33,7 +38,7 @@ Design:
   old number for it until its next lookup (an alias, inomap.py).
 - Contents seal and open through a sealing.Sealer each (in process, or in the
   sealing worker once ``sealing`` started it): large writes of whole blocks are
-  sealed before the server serialises them (seal_ahead), and large reads are
+  sealed before the server takes the file's lock (seal_ahead), and large reads are
   opened in the worker; a file's data key goes there at its first large read or
   write and is dropped when its content closes.
 """
@@ -167,7 +172,7 @@ class EncryptedFS:
         self.ks = ks
         self.read_only = read_only
         # With a sealing worker (sealing.start(): a serving daemon, read-write), large writes of whole
-        # blocks are sealed ahead of the server's lock (seal_ahead) and large reads opened there.
+        # blocks are sealed ahead of the file's lock (seal_ahead) and large reads opened there.
         self.sealing = Sealers(self.block_size, self.cipher_class)
         self.files = OpenFiles(self.root, config, ks, self.cipher_class, read_only, self.sealing, recovering,
                                open_path=self.bd.open)
@@ -794,7 +799,7 @@ class EncryptedFS:
     def seal_ahead(self, fh: int, off: int, buf: memoryview) -> tuple[Sealer, memoryview] | None:
         """``buf`` sealed for a write at ``off`` by the sealing worker, as (the file's sealer,
         the sealed bytes), or None (then write() seals it). Changes nothing, so it runs
-        without the server's lock: the kernel keeps a handle open while a write on it is in
+        without the server's locks: the kernel keeps a handle open while a write on it is in
         flight; write() uses the result only if the file's sealer is still that one.
 
         Only writes of whole blocks (content.whole_blocks) of a file whose key the worker

@@ -15,6 +15,9 @@ Invariants:
   kernel takes a reuse of the number for a new inode.
 - An alias is a number the kernel still holds for a symlink that a rename replaced with a
   new backing symlink (bound targets): it names the new one's path until looked up afresh.
+- Only operations that hold FsServer's namespace lock exclusively (lookups, tree changes,
+  FORGET) change the map; operations on one inode (namespace lock shared) only read it, so it
+  needs no lock of its own (server.py's lock order).
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ Invariants:
 - A handle keeps its own backing fd: the backing open() checked the caller's access, and a
   file with no name left is still reached through it. A content has its own fd, a
   duplicate of a handle's, replaced by a writable one when a writable handle writes.
+- The server runs operations on different inodes side by side (server.py's lock order), one
+  inode's changes one at a time: so the handle table (handles, their count per inode, the
+  next number) is changed and walked under ``_table``, held for that alone; a content is used
+  only under its inode's lock.
 - Contents are loaded under ``load_lock``: reads load them too, and reads run side by side.
 - A data key reaches the sealing worker at its file's first large read or write and is
   dropped when the content closes (or the file gets a fresh key).
@@ -89,6 +93,7 @@ class OpenFiles:
         self.new_keys = DataKeyPool(ks, config.key_id, self._new_file_id, cache=self.key_cache)
         self._handles: dict[int, OpenFile] = {}
         self._per_inode: dict[int, int] = {}
+        self._table = threading.Lock()  # guards _handles, _per_inode and _next (see the invariants)
         self.contents: dict[int, FileContent] = {}
         self.load_lock = threading.Lock()
         self.recovering = recovering
@@ -109,9 +114,10 @@ class OpenFiles:
     # -- handles ----------------------------------------------------------------------
 
     def add(self, f: OpenFile) -> int:
-        fh, self._next = self._next, self._next + 1
-        self._handles[fh] = f
-        self._per_inode[f.inode] = self._per_inode.get(f.inode, 0) + 1
+        with self._table:
+            fh, self._next = self._next, self._next + 1
+            self._handles[fh] = f
+            self._per_inode[f.inode] = self._per_inode.get(f.inode, 0) + 1
         return fh
 
     def __getitem__(self, fh: int) -> OpenFile:
@@ -125,22 +131,26 @@ class OpenFiles:
 
     def fd_of(self, inode: int) -> int | None:
         """A backing fd of ``inode`` from one of its handles."""
-        for f in self._handles.values():
-            if f.inode == inode:
-                return f.fd
+        with self._table:
+            for f in self._handles.values():
+                if f.inode == inode:
+                    return f.fd
         return None
 
     def release(self, fh: int) -> None:
         """Forget handle ``fh``; its inode's content closes with its last handle."""
-        f = self._handles.pop(fh, None)
-        if f is None:
-            return
+        with self._table:
+            f = self._handles.pop(fh, None)
+            if f is None:
+                return
+            left = self._per_inode[f.inode] - 1
+            if left:
+                self._per_inode[f.inode] = left
+            else:
+                del self._per_inode[f.inode]
         os.close(f.fd)
-        left = self._per_inode[f.inode] - 1
         if left:
-            self._per_inode[f.inode] = left
             return
-        del self._per_inode[f.inode]
         content = self.contents.get(f.inode)
         if content is not None and self._close(content, f.path):
             del self.contents[f.inode]
@@ -165,10 +175,11 @@ class OpenFiles:
         for inode, content in list(self.contents.items()):
             if not self._close(content, b"<inode %d>" % inode):
                 content.release_fds()
-        for f in self._handles.values():
-            os.close(f.fd)
-        self._handles.clear()
-        self._per_inode.clear()
+        with self._table:
+            for f in self._handles.values():
+                os.close(f.fd)
+            self._handles.clear()
+            self._per_inode.clear()
         self.contents.clear()
 
     # -- contents ---------------------------------------------------------------------
@@ -404,4 +415,5 @@ class OpenFiles:
         return file_id, self.config.file_context(file_id)
 
     def handles(self) -> Iterator[OpenFile]:
-        return iter(list(self._handles.values()))
+        with self._table:
+            return iter(list(self._handles.values()))

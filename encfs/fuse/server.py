@@ -1,14 +1,25 @@
 """The filesystem's FUSE server: kernel requests decoded into EncryptedFS calls.
 
 Invariants:
-- Operations run one at a time (``FsServer.lock`` held exclusively), so
-  EncryptedFS needs no locking of its own; the one exception is reads, which
-  hold it shared: they run alongside each other but never alongside another
-  operation. Reads overlap the
-  backing pread and the reply's copy (no GIL) with decryption (GIL held).
-- A WRITE of whole blocks is sealed before the lock (EncryptedFS.seal_ahead, in the
+- Locks (encfs.fuseproto.rwlock.FsLocks): an operation that changes the tree, or
+  reads it in a way a change could tear (LOOKUP, READDIR, FORGET, ...), holds the
+  namespace lock exclusively and runs alone. An operation on the data or attributes
+  of one inode (DATA_OPS: READ, WRITE, FSYNC, SETATTR, GETATTR, GETXATTR, OPEN,
+  RELEASE) holds the namespace lock shared and then that inode's lock: exclusively,
+  or shared for READ. So operations on different files run side by side, and a file
+  is never read while it changes. The inode is the request's node: the kernel sends a
+  handle's requests with the node it opened.
+- Lock order: the namespace lock, then at most one inode lock; nothing takes a lock
+  while it holds an inode lock (FsLocks raises LockOrderError instead of deadlocking).
+  EncryptedFS's own tables that data operations on different inodes share (OpenFiles'
+  handle table, each Sealer's key hand-off, the sealing worker's slots and keys) have
+  locks of their own, taken last and held only for the table update; the inode map
+  is only read by them (inomap.py).
+- Reads overlap the backing pread and the reply's copy (no GIL) with decryption
+  (GIL held).
+- A WRITE of whole blocks is sealed before the locks (EncryptedFS.seal_ahead, in the
   sealing worker, from the request buffer it lies in), so sealing one request overlaps
-  writing another; only the pwrite runs under the lock.
+  writing another; only the pwrite runs under the locks.
 - Replies carry the kernel's cache lifetimes from EntryAttributes; files are
   opened with FOPEN_KEEP_CACHE and the writeback cache is negotiated.
 - READDIRPLUS counts an entry as looked up only if it went into the reply.
@@ -27,7 +38,7 @@ from collections.abc import Callable
 from encfs.fuse.fs import EncryptedFS, failures_as_errno
 from encfs.fuse.names import NAME_MAX
 from encfs.fuseproto.mounting import set_read_ahead
-from encfs.fuseproto.rwlock import SharedExclusiveLock
+from encfs.fuseproto.rwlock import FsLocks
 from encfs.fuseproto.server import FuseServer, Handler
 from encfs.fuseproto.wire import (
     ACCESS,
@@ -134,6 +145,10 @@ WANTED_FLAGS = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_A
                 | FUSE_MAX_PAGES | FUSE_CACHE_SYMLINKS)
 
 Operation = Callable[[int, int, RequestContext, memoryview], None]  # (unique, node, caller, body)
+# Operations on one inode's data or attributes: they hold the namespace lock shared and the inode's
+# lock exclusively (READ: shared; see the invariants). Every other operation holds the namespace
+# lock exclusively.
+DATA_OPS = frozenset({READ, WRITE, FSYNC, SETATTR, GETATTR, GETXATTR, OPEN, RELEASE})
 
 
 def _names(body: memoryview, count: int) -> list[bytes]:
@@ -157,7 +172,8 @@ class FsServer(FuseServer):
         super().__init__(fd, trace)
         self.fs = fs
         self.mountpoint = mountpoint
-        self.lock = SharedExclusiveLock()
+        self.locks = FsLocks()
+        self.lock = self.locks.namespace  # held exclusively: nothing else runs (mount.py's shutdown, recovery)
         operations: dict[int, Operation] = {
             LOOKUP: self._lookup, GETATTR: self._getattr, SETATTR: self._setattr, READLINK: self._readlink,
             SYMLINK: self._symlink, MKNOD: self._mknod, MKDIR: self._mkdir, UNLINK: self._unlink,
@@ -169,19 +185,24 @@ class FsServer(FuseServer):
             RELEASEDIR: self._releasedir, FSYNCDIR: self._fsyncdir, ACCESS: self._access, CREATE: self._create,
             FORGET: self._forget, BATCH_FORGET: self._batch_forget, FALLOCATE: self._fallocate, LSEEK: self._lseek,
         }
-        self.handlers = {opcode: self._exclusive(operation) for opcode, operation in operations.items()}
-        # Reads run alongside each other, and a write is sealed before it takes the lock.
+        self.handlers = {opcode: self._on_inode(operation) if opcode in DATA_OPS else self._exclusive(operation)
+                         for opcode, operation in operations.items()}
+        # Reads run alongside each other, and a write is sealed before it takes the locks.
         self.handlers.update({READ: self._read_shared, WRITE: self._write, INIT: self._init,
                               DESTROY: self._destroy, INTERRUPT: self._interrupt, FLUSH: self._flush})
 
     def _exclusive(self, operation: Operation) -> Handler:
         def run(req: Request) -> None:
             ctx = RequestContext(req.uid, req.gid, req.pid)
-            self.lock.acquire_exclusive()
-            try:
+            with self.locks.tree():
                 operation(req.unique, req.node, ctx, req.body)
-            finally:
-                self.lock.release_exclusive()
+        return run
+
+    def _on_inode(self, operation: Operation) -> Handler:
+        def run(req: Request) -> None:
+            ctx = RequestContext(req.uid, req.gid, req.pid)
+            with self.locks.inode(req.node):
+                operation(req.unique, req.node, ctx, req.body)
         return run
 
     def request_buffer(self) -> memoryview:
@@ -210,12 +231,9 @@ class FsServer(FuseServer):
 
     def _read_shared(self, req: Request) -> None:
         fh, offset, size, _flags = READ_IN.unpack_from(req.body)
-        self.lock.acquire_shared()
-        try:
+        with self.locks.inode(req.node, exclusive=False):
             f = self.fs.reader(fh)
             data = b"" if f is None else self.fs.read_open(f, offset, size)
-        finally:
-            self.lock.release_shared()
         self.reply(req.unique, data)
 
     # -- entries -----------------------------------------------------------------------
@@ -321,11 +339,8 @@ class FsServer(FuseServer):
         fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(req.body)
         data = req.body[WRITE_IN.size:WRITE_IN.size + size]  # this thread's buffer: valid until it reads again
         sealed = self.fs.seal_ahead(fh, offset, data)
-        self.lock.acquire_exclusive()
-        try:
+        with self.locks.inode(req.node):
             written = self.fs.write(fh, offset, data, sealed)
-        finally:
-            self.lock.release_exclusive()
         self.reply(req.unique, WRITE_OUT.pack(written, 0))
 
     def _release(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:

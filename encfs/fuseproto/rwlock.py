@@ -1,4 +1,4 @@
-"""The servers' reader-writer lock."""
+"""The servers' locks: a reader-writer lock, and the filesystem server's namespace and inode locks."""
 
 from __future__ import annotations
 
@@ -55,3 +55,96 @@ class SharedExclusiveLock:
             yield
         finally:
             self.release_exclusive()
+
+
+class LockOrderError(RuntimeError):
+    """A thread asked for a lock of FsLocks while holding one (see FsLocks' lock order)."""
+
+
+class _InodeLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = SharedExclusiveLock()
+        self.users = 0  # threads holding or waiting for it
+
+
+class FsLocks:
+    """The filesystem server's locks: one namespace lock, and one lock per inode in use.
+
+    An operation that changes the tree (create, unlink, rename, ...) holds the namespace
+    lock exclusively (``tree()``): it runs alone. An operation on one inode's data or
+    attributes (``inode(n)``) holds the namespace lock shared, then that inode's lock,
+    exclusively to change the inode or shared to read it: operations on different inodes
+    run side by side.
+
+    Lock order: the namespace lock, then at most one inode lock; a thread holds one
+    ``tree()`` or one ``inode()`` at a time. A thread that asks for a second one gets
+    LockOrderError at once, before it waits (so a wrong nesting fails loudly instead of
+    deadlocking). An inode's lock exists only while some thread holds or waits for it.
+    """
+
+    def __init__(self) -> None:
+        self.namespace = SharedExclusiveLock()
+        self._inodes: dict[int, _InodeLock] = {}
+        self._table = threading.Lock()  # guards _inodes and the users counts
+        self._held = threading.local()
+
+    def _enter(self, what: str) -> None:
+        held = getattr(self._held, "what", None)
+        if held is not None:
+            raise LockOrderError(f"{what} asked for while holding {held}")
+        self._held.what = what
+
+    def _leave(self) -> None:
+        self._held.what = None
+
+    @contextlib.contextmanager
+    def tree(self) -> Iterator[None]:
+        """The namespace lock, exclusively: no other operation runs meanwhile."""
+        self._enter("the namespace lock")
+        try:
+            with self.namespace.exclusive():
+                yield
+        finally:
+            self._leave()
+
+    @contextlib.contextmanager
+    def inode(self, inode: int, exclusive: bool = True) -> Iterator[None]:
+        """The namespace lock shared, then ``inode``'s lock (exclusive or shared)."""
+        self._enter(f"the lock of inode {inode}")
+        try:
+            self.namespace.acquire_shared()
+            try:
+                with self._table:
+                    entry = self._inodes.get(inode)
+                    if entry is None:
+                        entry = self._inodes[inode] = _InodeLock()
+                    entry.users += 1
+                try:
+                    if exclusive:
+                        entry.lock.acquire_exclusive()
+                        try:
+                            yield
+                        finally:
+                            entry.lock.release_exclusive()
+                    else:
+                        entry.lock.acquire_shared()
+                        try:
+                            yield
+                        finally:
+                            entry.lock.release_shared()
+                finally:
+                    with self._table:
+                        entry.users -= 1
+                        if not entry.users:
+                            del self._inodes[inode]
+            finally:
+                self.namespace.release_shared()
+        finally:
+            self._leave()
+
+    def inodes_in_use(self) -> int:
+        """How many inodes have a lock now (held or waited for)."""
+        with self._table:
+            return len(self._inodes)
