@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -72,6 +73,7 @@ SCALES = {
 METRICS = {
     "seq_write": ("sequential write + fsync", "MB/s"),
     "seq_read_cold": ("sequential read, cold cache", "MB/s"),
+    "two_writers": ("two writers, two files, + fsync (aggregate)", "MB/s"),
     "rand_read_4k": ("fio 4 KiB random read, QD16", "IOPS"),
     "rand_write_4k": ("fio 4 KiB random write, QD16", "IOPS"),
     "small_create": ("small files: create+write (+sync)", "files/s"),
@@ -594,6 +596,42 @@ def w_seq(ctx: Context, d: Path) -> dict[str, float]:
     return {"seq_write": n * MiB / wt / 1e6, "seq_read_cold": n * MiB / rt / 1e6}
 
 
+def w_two_writers(ctx: Context, d: Path) -> dict[str, float]:
+    """Two threads each write a file of their own (1 MiB writes, then fsync) at once: the
+    aggregate rate, to set against seq_write's one writer (issue #22 part 4)."""
+    n = ctx.scale.fio_mib
+    buf = os.urandom(MiB)
+    paths = [d / "two-1.bin", d / "two-2.bin"]
+    errors: list[OSError] = []
+
+    def write(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                for _ in range(n):
+                    os.write(fd, buf)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in paths]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    for p in paths:
+        if p.stat().st_size != n * MiB:
+            raise RuntimeError(f"{p.name} has {p.stat().st_size} bytes, wrote {n * MiB}")
+        p.unlink()
+    return {"two_writers": 2 * n * MiB / elapsed / 1e6}
+
+
 def direct_ok(d: Path) -> bool:
     p = d / ".direct-probe"
     try:
@@ -750,7 +788,7 @@ def w_sqlite(ctx: Context, d: Path) -> dict[str, float]:
     return {"sqlite": n / t}
 
 
-WORKLOADS = [w_seq, w_fio, w_small, w_untar, w_sqlite]
+WORKLOADS = [w_seq, w_two_writers, w_fio, w_small, w_untar, w_sqlite]
 
 
 def key_service(ctx: Context) -> dict[str, float]:

@@ -96,7 +96,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert result["scale"]["name"] == "smoke" and result["repeats"] == 1
     assert set(result["targets"]) == {"native", "encfs"}
     assert all(t["status"] == "ok" for t in result["targets"].values()), result["targets"]
-    expected = {"seq_write", "seq_read_cold", "small_create", "small_stat", "small_read", "small_delete",
+    expected = {"seq_write", "seq_read_cold", "two_writers", "small_create", "small_stat", "small_read", "small_delete",
                 "untar", "sqlite"}
     import shutil
     if shutil.which("fio"):
