@@ -199,10 +199,15 @@ class FsServer(FuseServer):
         return run
 
     def _on_inode(self, operation: Operation) -> Handler:
+        locks = self.locks
+
         def run(req: Request) -> None:
             ctx = RequestContext(req.uid, req.gid, req.pid)
-            with self.locks.inode(req.node):
+            held = locks.acquire_inode(req.node)
+            try:
                 operation(req.unique, req.node, ctx, req.body)
+            finally:
+                locks.release_inode(req.node, held)
         return run
 
     def request_buffer(self) -> memoryview:
@@ -231,9 +236,12 @@ class FsServer(FuseServer):
 
     def _read_shared(self, req: Request) -> None:
         fh, offset, size, _flags = READ_IN.unpack_from(req.body)
-        with self.locks.inode(req.node, exclusive=False):
+        held = self.locks.acquire_inode(req.node, exclusive=False)
+        try:
             f = self.fs.reader(fh)
             data = b"" if f is None else self.fs.read_open(f, offset, size)
+        finally:
+            self.locks.release_inode(req.node, held, exclusive=False)
         self.reply(req.unique, data)
 
     # -- entries -----------------------------------------------------------------------
@@ -339,8 +347,11 @@ class FsServer(FuseServer):
         fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(req.body)
         data = req.body[WRITE_IN.size:WRITE_IN.size + size]  # this thread's buffer: valid until it reads again
         sealed = self.fs.seal_ahead(fh, offset, data)
-        with self.locks.inode(req.node):
+        held = self.locks.acquire_inode(req.node)
+        try:
             written = self.fs.write(fh, offset, data, sealed)
+        finally:
+            self.locks.release_inode(req.node, held)
         self.reply(req.unique, WRITE_OUT.pack(written, 0))
 
     def _release(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
