@@ -12,7 +12,7 @@ Design:
   open fd, a cwd), so each freed number gets a new FUSE generation.
 - Calls that change or walk the tree run alone; calls on one inode's data or
   attributes (server.DATA_OPS: read, write, fsync, setattr, getattr, getxattr,
-  open, release) may run alongside calls on other inodes, and reads (reader +
+  open, release, fallocate, lseek) may run alongside calls on other inodes, and reads (reader +
   read_open) alongside reads of the same inode; never alongside a change to
   their own inode (FsServer's locks; pyfuse3's server runs one call at a time).
   So what such calls share across inodes is locked (OpenFiles' handle table,

@@ -5,7 +5,7 @@ Invariants:
   reads it in a way a change could tear (LOOKUP, READDIR, FORGET, ...), holds the
   namespace lock exclusively and runs alone. An operation on the data or attributes
   of one inode (DATA_OPS: READ, WRITE, FSYNC, SETATTR, GETATTR, GETXATTR, OPEN,
-  RELEASE) holds the namespace lock shared and then that inode's lock: exclusively,
+  RELEASE, FALLOCATE, LSEEK) holds the namespace lock shared and then that inode's lock: exclusively,
   or shared for READ. So operations on different files run side by side, and a file
   is never read while it changes. The inode is the request's node: the kernel sends a
   handle's requests with the node it opened.
@@ -148,7 +148,7 @@ Operation = Callable[[int, int, RequestContext, memoryview], None]  # (unique, n
 # Operations on one inode's data or attributes: they hold the namespace lock shared and the inode's
 # lock exclusively (READ: shared; see the invariants). Every other operation holds the namespace
 # lock exclusively.
-DATA_OPS = frozenset({READ, WRITE, FSYNC, SETATTR, GETATTR, GETXATTR, OPEN, RELEASE})
+DATA_OPS = frozenset({READ, WRITE, FSYNC, SETATTR, GETATTR, GETXATTR, OPEN, RELEASE, FALLOCATE, LSEEK})
 
 
 def _names(body: memoryview, count: int) -> list[bytes]:
