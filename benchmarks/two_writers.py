@@ -87,6 +87,7 @@ def main() -> int:
     env.pop("SOFTHSM2_CONF", None)
     mounts: list[tuple[Path, subprocess.Popen[bytes]]] = []
     try:
+        bench.run([sys.executable, "-m", "encfs", "hsm", "init"], env=env)
         bench.run([sys.executable, "-m", "encfs", "key", "create", "--alias", "bench"], env=env)
         for i, tree in enumerate(trees):
             cipher, mnt = base / f"cipher{i}", base / f"plain{i}"
