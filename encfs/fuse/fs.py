@@ -52,7 +52,6 @@ import logging
 import os
 import stat as stat_m
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from encfs.blocks import BlockAuthError, BlockCipher
@@ -60,6 +59,7 @@ from encfs.errors import EncfsError, IntegrityError
 from encfs.fuse import sparse
 from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.content import FileContent, whole_blocks
+from encfs.fuse.dirhandles import DirHandles
 from encfs.fuse.dirids import DirIds, plain_empty
 from encfs.fuse.fsconfig import BINDING_UPGRADE, FsConfig, FsKeys
 from encfs.fuse.inomap import InodeMap
@@ -134,12 +134,6 @@ def fuse_op(func: Callable[..., Any]) -> Callable[..., Any]:
     return handler
 
 
-@dataclass
-class DirHandle:
-    inode: int
-    entries: list[bytes] | None = None  # backing entries, listed by readdir at offset 0
-
-
 class EncryptedFS:
     """The operations of an encfs mount over its CIPHERDIR.
 
@@ -183,8 +177,7 @@ class EncryptedFS:
         self._umask = os.umask(0o022)
         os.umask(self._umask)
         self._sizes: dict[int, int] = {}  # regular files' sizes as last reported to the kernel
-        self._dirs: dict[int, DirHandle] = {}
-        self._next_fh = 1
+        self._dirs = DirHandles()
 
     # -- inode and path bookkeeping ---------------------------------------------
 
@@ -203,11 +196,6 @@ class EncryptedFS:
         if fd is None:
             raise FuseError(errno.ENOENT)
         return fd
-
-    def _next_handle(self) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        return fh
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -396,9 +384,7 @@ class EncryptedFS:
     def opendir(self, inode: int, ctx: RequestContext) -> int:
         self._path(inode)
         self._dirid(inode)
-        fh = self._next_handle()
-        self._dirs[fh] = DirHandle(inode)
-        return fh
+        return self._dirs.open(inode)
 
     def readdir(self, fh: int, start_id: int, plus: bool) -> Generator[tuple[bytes, EntryAttributes, int]]:
         """(name, attributes, offset of the next entry) from offset ``start_id`` on.
@@ -410,11 +396,9 @@ class EncryptedFS:
         d = self._dirs[fh]
         path = self._path(d.inode)  # the directory may have been renamed since opendir
         dirid = self._dirid(d.inode)
-        if start_id == 0 or d.entries is None:  # first read or rewinddir: list afresh
-            d.entries = sorted(n for n in self.bd.listdir(path) if not is_internal(n))
-        # offsets index this snapshot, so entries added or removed meanwhile shift nothing
-        for i in range(start_id, len(d.entries)):
-            entry = d.entries[i]
+        entries = d.listing(start_id, lambda: self.bd.listdir(path))  # see dirhandles.py
+        for i in range(start_id, len(entries)):
+            entry = entries[i]
             child = os.path.join(path, entry)
             try:
                 name = self._plain_name(path, dirid, entry)
@@ -430,7 +414,7 @@ class EncryptedFS:
 
     @fuse_op
     def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        self._dirs.release(fh)
 
     @fuse_op
     def fsyncdir(self, fh: int, datasync: bool) -> None:
