@@ -74,3 +74,28 @@ def test_the_cache_holds_a_bounded_number_of_fds_and_close_releases_them(tmp_pat
     assert _fds() == before
     with pytest.raises(OSError):
         bd.lstat(root + b"/0")
+
+
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "per-component"])
+def test_a_backing_directory_turned_symlink_is_not_followed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            openat2: bool) -> None:
+    """Whoever can write the backing store must not steer the daemon (root, often) out of the
+    CIPHERDIR by replacing a backing directory with a symlink: every call under it is refused."""
+    monkeypatch.setattr(backingdirs, "_openat2_works", openat2, raising=False)
+    cipher, outside = tmp_path / "cipher", tmp_path / "outside"
+    (cipher / "d" / "sub").mkdir(parents=True)
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "secret").write_bytes(b"outside")
+    root = os.fsencode(cipher)
+    with BackingDirs(root) as bd:
+        assert bd.listdir(root + b"/d/sub") == []
+    (cipher / "d" / "sub").rmdir()
+    (cipher / "d").rmdir()
+    (cipher / "d").symlink_to(outside)
+    with BackingDirs(root) as bd:
+        for call in (lambda: bd.read_file(root + b"/d/sub/secret"), lambda: bd.listdir(root + b"/d/sub"),
+                     lambda: bd.write_atomic(root + b"/d/sub/planted", b"x", 0o600)):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno in (40, 20)  # ELOOP (openat2), ENOTDIR (O_DIRECTORY | O_NOFOLLOW on a link)
+    assert sorted(os.listdir(outside / "sub")) == ["secret"]

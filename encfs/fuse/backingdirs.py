@@ -23,6 +23,9 @@ Invariants:
   fd opened while such a change ran is used for its one call but not cached. A cached fd is
   closed only once no call is using it (RLIMIT_NOFILE: CACHE_SIZE + 1 fds, plus one for each
   call in flight).
+- The walk follows no symlink and never leaves the CIPHERDIR (openat2 RESOLVE_NO_SYMLINKS |
+  RESOLVE_BENEATH; O_NOFOLLOW per component on kernels before 5.6): a backing directory
+  replaced by a symlink is refused, not followed.
 - A target given as an int is the open backing fd of a file that may have lost every name
   (fs.py's _target): attribute and xattr calls go to it directly.
 """
@@ -30,6 +33,7 @@ Invariants:
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 import threading
@@ -53,6 +57,50 @@ CACHE_SIZE = 64
 CACHE_TTL = 1.0
 
 Target = bytes | int
+
+# openat2(2): RESOLVE_NO_SYMLINKS refuses a symlink anywhere in the walk (ELOOP), RESOLVE_BENEATH
+# any ".." or absolute path out of the directory. A backing store the attacker can write to
+# (FORMAT.md §6.6) must not steer the daemon, which may run as root, out of the CIPHERDIR by
+# turning a backing directory into a symlink, as gocryptfs's audit found (CVE-2020-26222 class).
+_SYS_OPENAT2 = 437  # x86-64 and aarch64 alike (the unified syscall table)
+_RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x04, 0x08
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_HOW = _OpenHow(_DIR_FLAGS, 0, _RESOLVE_NO_SYMLINKS | _RESOLVE_BENEATH)
+_openat2_works = True
+
+
+def _open_beneath(dir_fd: int, rel: bytes) -> int:
+    """An O_PATH fd of the directory ``rel`` below ``dir_fd``, following no symlink on the way
+    (ELOOP if one is met, ENOTDIR if the last component is not a directory)."""
+    global _openat2_works
+    if _openat2_works:
+        fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(dir_fd), ctypes.c_char_p(rel),
+                           ctypes.byref(_HOW), ctypes.c_long(ctypes.sizeof(_HOW)))
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err), rel)
+        _openat2_works = False  # a kernel before 5.6: one component at a time, each O_NOFOLLOW
+    fd = dir_fd
+    try:
+        for part in rel.split(b"/"):
+            if part in (b"", b".", b".."):
+                raise OSError(errno.EXDEV, "not a plain relative backing path", rel)
+            next_fd = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            if fd != dir_fd:
+                os.close(fd)
+            fd = next_fd
+    except BaseException:
+        if fd != dir_fd:
+            os.close(fd)
+        raise
+    return fd
 
 
 def open_under(root: bytes, path: bytes, flags: int, mode: int = 0o777) -> int:
@@ -108,7 +156,7 @@ class BackingDirs:
                 else:
                     cut = rel.rfind(b"/", 0, CHUNK + 1)
                     chunk, rel = rel[:cut], rel[cut + 1:]
-                next_fd = os.open(chunk, _DIR_FLAGS, dir_fd=fd)
+                next_fd = _open_beneath(fd, chunk)
                 if fd != self.root_fd:
                     os.close(fd)
                 fd = next_fd
