@@ -47,21 +47,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import stat as stat_m
-from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from collections.abc import Callable, Generator
 
 from encfs.blocks import BlockAuthError, BlockCipher
-from encfs.errors import EncfsError, IntegrityError
 from encfs.fuse import sparse
 from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.content import FileContent, whole_blocks
 from encfs.fuse.dirhandles import DirHandles
 from encfs.fuse.dirids import DirIds, plain_empty
 from encfs.fuse.fsconfig import BINDING_UPGRADE, FsConfig, FsKeys
+from encfs.fuse.fuseerrors import failures_as_errno, fuse_op
 from encfs.fuse.inomap import InodeMap
 from encfs.fuse.names import (
     DIRID_LEN,
@@ -75,6 +73,7 @@ from encfs.fuse.names import (
 )
 from encfs.fuse.openfiles import OpenFile, OpenFiles
 from encfs.fuse.symlinks import Symlinks
+from encfs.fuse.xattrops import XattrOps
 from encfs.fuseproto.wire import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
 from encfs.keys.service import KeyService
 from encfs.sealing import Sealer, Sealers
@@ -84,57 +83,11 @@ log = logging.getLogger("encfs.fuse")
 
 ATTR_TIMEOUT = 1.0
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
-# The kernel asks for this on every write(2), to drop file capabilities; inodes known not to
-# have it are answered from memory.
-CAPABILITY_XATTR = b"security.capability"
 
 
-def _as_fuse_error(op: str, e: Exception) -> FuseError | None:
-    """The FuseError to answer for a failure inside operation ``op``, without leaking details:
-    integrity failures and key-service errors are logged and become EIO. None: not ours to map."""
-    if isinstance(e, FuseError):
-        return e
-    if isinstance(e, OSError):
-        return FuseError(e.errno or errno.EIO)
-    if isinstance(e, IntegrityError):
-        log.error("%s: integrity failure: %s", op, e)
-        return FuseError(errno.EIO)
-    if isinstance(e, EncfsError):
-        log.error("%s: %s", op, e.message)
-        return FuseError(errno.EIO)
-    return None
 
 
-@contextlib.contextmanager
-def failures_as_errno(op: str) -> Iterator[None]:
-    """Failures inside the block reach the kernel as errno (see _as_fuse_error)."""
-    try:
-        yield
-    except Exception as e:
-        mapped = _as_fuse_error(op, e)
-        if mapped is None or mapped is e:
-            raise
-        raise mapped from None
-
-
-def fuse_op(func: Callable[..., Any]) -> Callable[..., Any]:
-    """An operation whose failures reach the kernel as errno (see _as_fuse_error)."""
-    name = func.__name__
-
-    @functools.wraps(func)
-    def handler(self: EncryptedFS, *args: Any) -> Any:
-        try:
-            return func(self, *args)
-        except Exception as e:
-            mapped = _as_fuse_error(name, e)
-            if mapped is None or mapped is e:
-                raise
-            raise mapped from None
-
-    return handler
-
-
-class EncryptedFS:
+class EncryptedFS(XattrOps):
     """The operations of an encfs mount over its CIPHERDIR.
 
     The server opens every file with keep_cache and negotiates the kernel's
@@ -871,91 +824,3 @@ class EncryptedFS:
         self.files.close_all()
         self.files.new_keys.clear()
         self.bd.close()
-
-    # -- xattrs ---------------------------------------------------------------------------------
-
-    def _xattr_names(self, name: bytes) -> list[bytes]:
-        """Backing names ``name`` may be stored under: the form this filesystem writes first,
-        then (padded-xattr-names) the legacy unpadded one, still read (FORMAT.md §6.3)."""
-        if self.padded_xattrs:
-            return [self.names.xattr_name(name, padded=True), self.names.xattr_name(name)]
-        return [self.names.xattr_name(name)]
-
-    @fuse_op
-    def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
-        if name == CAPABILITY_XATTR and inode in self._no_capability:
-            raise FuseError(errno.ENODATA)
-        for backing in self._xattr_names(name):
-            try:
-                sealed = self._xattr_call(self.bd.getxattr, inode, backing)
-            except OSError as e:
-                if e.errno == errno.ENODATA:
-                    continue
-                raise
-            return self.names.decrypt_xattr_value(backing, sealed)
-        if name == CAPABILITY_XATTR:
-            self._no_capability.add(inode)
-        raise FuseError(errno.ENODATA)
-
-    @fuse_op
-    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext, flags: int = 0) -> None:
-        """``flags``: XATTR_CREATE or XATTR_REPLACE, applied to the plaintext name (either of its
-        backing forms); a legacy entry is replaced by the padded one."""
-        self._check_writable()
-        backing, *legacy = self._xattr_names(name)
-        self._no_capability.discard(inode)
-        if legacy and flags:
-            exists = any(self._has_xattr(inode, b) for b in (backing, *legacy))
-            if flags & os.XATTR_CREATE and exists:
-                raise FuseError(errno.EEXIST)
-            if flags & os.XATTR_REPLACE and not exists:
-                raise FuseError(errno.ENODATA)
-            flags = 0
-        self._xattr_call(self.bd.setxattr, inode, backing, self.names.encrypt_xattr_value(backing, value, name),
-                         flags)
-        for old in legacy:  # after the new one is stored: a crash leaves both, and the new one is read
-            self._remove_xattr(inode, old)
-
-    def _has_xattr(self, inode: int, backing: bytes) -> bool:
-        return self._xattr_if_present(self.bd.getxattr, inode, backing)
-
-    def _remove_xattr(self, inode: int, backing: bytes) -> bool:
-        return self._xattr_if_present(self.bd.removexattr, inode, backing)
-
-    def _xattr_if_present(self, call: Callable[..., object], inode: int, backing: bytes) -> bool:
-        """``call`` on the backing xattr ``backing``; False if it does not exist."""
-        try:
-            self._xattr_call(call, inode, backing)
-        except OSError as e:
-            if e.errno == errno.ENODATA:
-                return False
-            raise
-        return True
-
-    @fuse_op
-    def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
-        out = []
-        for n in self._xattr_call(self.bd.listxattr, inode):
-            raw = n.encode()
-            if not self.names.is_xattr(raw):
-                continue
-            try:
-                stored = self._xattr_call(self.bd.getxattr, inode, raw) if self.names.is_long_xattr(raw) else None
-                plain = self.names.xattr_plain_name(raw, stored)
-            except NameAuthError:
-                log.error("inode %d: undecryptable xattr name skipped", inode)
-                continue
-            if plain not in out:  # a set interrupted before the legacy entry was removed: listed once
-                out.append(plain)
-        return out
-
-    @fuse_op
-    def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
-        self._check_writable()
-        self._no_capability.discard(inode)
-        removed = [self._remove_xattr(inode, b) for b in self._xattr_names(name)]
-        if not any(removed):
-            raise FuseError(errno.ENODATA)
-
-    def _xattr_call(self, func: Callable[..., Any], inode: int, *args: Any) -> Any:
-        return func(self._target(inode), *args)  # BackingDirs: a path is not followed, an fd is the file

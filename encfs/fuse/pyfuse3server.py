@@ -36,7 +36,8 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from encfs.fuse.fs import EncryptedFS, failures_as_errno
+from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fuseerrors import failures_as_errno
 from encfs.fuse.names import NAME_MAX
 from encfs.fuse.server import READ_AHEAD_KIB
 from encfs.fuseproto.mounting import set_read_ahead

@@ -35,7 +35,8 @@ import stat
 import time
 from collections.abc import Callable
 
-from encfs.fuse.fs import EncryptedFS, failures_as_errno
+from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fuseerrors import failures_as_errno
 from encfs.fuse.names import NAME_MAX
 from encfs.fuseproto.mounting import set_read_ahead
 from encfs.fuseproto.rwlock import FsLocks
