@@ -17,24 +17,27 @@ PathLike = str | bytes | Path
 
 
 def write_atomic(path: PathLike, data: bytes, mode: int = 0o600, *, sync_dir: bool = False,
-                 tmp_dir: PathLike | None = None) -> None:
+                 tmp_dir: PathLike | None = None, dir_fd: int | None = None) -> None:
     """Replace ``path`` with ``data``; with ``sync_dir`` also make the rename durable. The
-    temporary file is ``path``.tmp.<pid>, or in ``tmp_dir`` (same filesystem) if given."""
+    temporary file is ``path``.tmp.<pid>, or in ``tmp_dir`` (same filesystem) if given.
+    With ``dir_fd``, ``path`` is a name in that directory (backingdirs.py's *at() calls)."""
+    if dir_fd is not None and (sync_dir or tmp_dir is not None):
+        raise ValueError("dir_fd takes neither sync_dir nor tmp_dir")
     target = os.fsencode(path)
     tmp = target + b".tmp.%d" % os.getpid()
     if tmp_dir is not None:
         tmp = os.path.join(os.fsencode(tmp_dir), os.path.basename(tmp))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         try:
             pwrite_all(fd, data, 0)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
+        os.replace(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
         raise

@@ -42,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Self, TypeVar
 
-from encfs.diskio import pwrite_all
+from encfs.atomicfile import write_atomic
 
 T = TypeVar("T")
 
@@ -346,23 +346,7 @@ class BackingDirs:
 
     def write_atomic(self, path: bytes, data: bytes, mode: int) -> None:
         """atomicfile.write_atomic, in the backing directory of ``path``."""
-        def write(d: int, n: bytes) -> None:
-            tmp = n + b".tmp.%d" % os.getpid()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode, dir_fd=d)
-            try:
-                try:
-                    pwrite_all(fd, data, 0)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, n, src_dir_fd=d, dst_dir_fd=d)
-            except BaseException:
-                try:
-                    os.unlink(tmp, dir_fd=d)
-                except FileNotFoundError:
-                    pass
-                raise
-        self.at(path, write)
+        self.at(path, lambda d, n: write_atomic(n, data, mode, dir_fd=d))
 
     # -- xattrs (no *at() form: through /proc/self/fd/<dir fd>/<name>, not following a symlink) --
 
