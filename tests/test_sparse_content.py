@@ -368,3 +368,23 @@ def test_a_write_into_a_hole_survives_a_clean_close_without_fsync(files: Files) 
     c = files.load(after_crash=False)
     assert bytes(c.read(10 * B, 4)) == b"kept" and 10 not in c.holes
     c.close()
+
+
+def test_scattered_writes_into_a_hole_keep_the_state_within_holes_max(files: Files) -> None:
+    """Writes into the middle of a hole split it: the state sealed at close must still load
+    (more than HOLES_MAX extents fail like a damaged state, and every hole then reads EIO)."""
+    c = files.create()
+    c.write(0, b"H" * 100)
+    c.truncate(1000 * B)  # `truncate -s`: one extent
+    for i in range(70):  # scattered small writes (mkfs, a VM image)
+        c.write((10 + 10 * i) * B + 5, b"data")
+    assert len(c.holes) <= HOLES_MAX
+    c.close()
+    assert len(c.state.holes) <= HOLES_MAX
+    c = files.load(after_crash=False)
+    assert len(c.holes) == HOLES_MAX
+    for i in range(70):
+        assert bytes(c.read((10 + 10 * i) * B, 10)) == bytes(5) + b"data" + bytes(1)
+        assert bytes(c.read((11 + 10 * i) * B, 10)) == bytes(10)  # a hole or written zeros
+    assert bytes(c.read(0, 101)) == b"H" * 100 + bytes(1) and c.size == 1000 * B
+    c.close()

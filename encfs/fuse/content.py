@@ -31,6 +31,8 @@ Invariants:
   block whose durable version someone relies on. A write into a hole goes in place and
   the state calling it data follows an fdatasync (fsync(), checkpoint()); a new hole
   (extend, punch) is in a durable state before the backing file changes (commit_holes).
+- The holes in memory never exceed HOLES_MAX extents, so every state sealed from them
+  loads again: a write that splits a hole past it writes the smallest as sealed zeros.
 - A hole never consumes a seal: only sealed blocks and states are counted.
 - ``seals`` counts every seal under the data key (blocks, the state) and reaches the
   state at least every SEALS_PERSIST_EVERY seals: a crash can lose only that much of the
@@ -155,6 +157,7 @@ class FileContent:
         self.recovered_in_memory = False  # load() could not write what recovery changed
         self.dirty = False  # the backing file was written since its last fsync
         self._on_auth_error = on_auth_error
+        self._bounding = False  # _bound_holes is writing zeros (its writes must not recurse into it)
 
     @property
     def cipher(self) -> BlockCipher:
@@ -517,9 +520,28 @@ class FileContent:
             raise
         self.holes.remove(first, first + count)  # in memory only: the state follows an fdatasync
         self.size = new_size
+        if len(self.holes) > HOLES_MAX:  # a write into the middle of a hole split it
+            self._bound_holes()
         if self.journal.length > JOURNAL_MAX:
             for note in self._try_checkpoint():  # the write itself is done: it is in the journal
                 log.warning("%s", note)
+
+    def _bound_holes(self) -> None:
+        """Bring the holes in memory back to HOLES_MAX extents, the most a state may seal (each
+        state written from them, at fsync, checkpoint or re-key, must load again): the smallest
+        extents are written as sealed zeros, in place like any write into a hole, so they are
+        durable (fdatasync) before a state that calls them data."""
+        if self._bounding:
+            return
+        self._bounding = True
+        try:
+            while len(self.holes) > HOLES_MAX:
+                a, b = self.holes.smallest()
+                end = min(b * self.block, self.size)
+                for at in range(a * self.block, end, _ZERO_CHUNK):
+                    self.write(at, bytes(min(_ZERO_CHUNK, end - at)))
+        finally:
+            self._bounding = False
 
     def _pieces(self, first: int, stop: int) -> list[tuple[int, int, bool]]:
         """Blocks [first, stop) of the file cut into (a, b, in place): holes go in place, the
@@ -635,6 +657,7 @@ class FileContent:
     def fsync(self, datasync: bool) -> None:
         """Make everything written so far durable. An fdatasync of a file whose writes all went
         to the journal syncs only the journal (its blocks in place did not change)."""
+        self._bound_holes()  # again if a write's own bounding failed (ENOSPC): before the state
         self.journal.sync()
         if self.dirty or not datasync:
             (os.fdatasync if datasync else os.fsync)(self.fd)
@@ -655,6 +678,8 @@ class FileContent:
 
     def checkpoint(self) -> None:
         """Copy the journaled blocks into place and remove the journal (see journal.py)."""
+        if not self.read_only:
+            self._bound_holes()
         if self.journal.fd is None and not self.index:
             if self.holes.extents() != self.state.holes and self.fd_writable and not (self.v1 or self.read_only):
                 # holes written into in place: durable before the state that calls them data
