@@ -388,3 +388,38 @@ def test_scattered_writes_into_a_hole_keep_the_state_within_holes_max(files: Fil
         assert bytes(c.read((11 + 10 * i) * B, 10)) == bytes(10)  # a hole or written zeros
     assert bytes(c.read(0, 101)) == b"H" * 100 + bytes(1) and c.size == 1000 * B
     c.close()
+
+
+def _power_loss_keeps_fsynced_xattr(monkeypatch: pytest.MonkeyPatch) -> dict[int, bytes]:
+    """Record the state xattr at each fsync of a file: what a power loss keeps (an fdatasync
+    need not write an xattr, and nothing else does)."""
+    durable: dict[int, bytes] = {}
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        real(fd)
+        try:
+            durable[fd] = os.getxattr(fd, STATE_XATTR)
+        except OSError:
+            pass
+    monkeypatch.setattr(os, "fsync", fsync)
+    return durable
+
+
+def test_a_write_into_a_hole_that_fsync_acknowledged_survives_a_power_loss(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = files.create()
+    c.write(0, b"A" * B)
+    c.truncate(10 * B)
+    c.fsync(False)
+    durable = _power_loss_keeps_fsynced_xattr(monkeypatch)
+    c.write(5 * B, b"Z" * 100)  # fills a hole, in place
+    c.fsync(False)  # acknowledged
+    c.write(5 * B, b"Y" * 10)  # an overwrite of it: journaled
+    c.fsync(True)  # acknowledged (only the journal is synced)
+    os.setxattr(c.fd, STATE_XATTR, durable[c.fd])  # the power loss
+    crash(c)
+    c = files.load()
+    assert bytes(c.read(5 * B, 101)) == b"Y" * 10 + b"Z" * 90 + bytes(1)
+    assert 5 not in c.holes and bytes(c.read(4 * B, 10)) == bytes(10)
+    c.close()

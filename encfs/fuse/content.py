@@ -29,8 +29,9 @@ Invariants:
   HOLE_MIN or more, leave holes (sparse.py); without it they write sealed zero blocks.
 - The durable state never names as data a block that is not durable, nor as a hole a
   block whose durable version someone relies on. A write into a hole goes in place and
-  the state calling it data follows an fdatasync (fsync(), checkpoint()); a new hole
-  (extend, punch) is in a durable state before the backing file changes (commit_holes).
+  the state calling it data follows an fdatasync and is durable before fsync() or
+  checkpoint() returns; a new hole (extend, punch) is in a durable state before the
+  backing file changes (commit_holes).
 - The holes in memory never exceed HOLES_MAX extents, so every state sealed from them
   loads again: a write that splits a hole past it writes the smallest as sealed zeros.
 - A hole never consumes a seal: only sealed blocks and states are counted.
@@ -664,9 +665,13 @@ class FileContent:
             self.dirty = False
         if not self.v1 and not self.read_only and self.verified and \
                 (self.size != self.state.synced_size or self.holes.extents() != self.state.holes):
-            # Not synced itself: if a crash loses it, the previous (smaller) synced size stays, and
-            # blocks written into holes since read as the zeros they held before.
-            self._write_state(self.size, self.holes)
+            if self.holes.extents() != self.state.holes:
+                # Blocks written into holes were just acknowledged: the durable state must call them
+                # data, or a crash reads them as zeros (and load() drops their journaled versions).
+                self._write_state_durably(self.size, self.holes)
+            else:
+                # Not synced itself: if a crash loses it, the previous (smaller) synced size stays.
+                self._write_state(self.size, self.holes)
 
     def _write_state(self, synced_size: int, holes: Holes | None = None) -> None:
         """Seal and write the state; ``holes`` default to the durable state's (whatever was
@@ -675,6 +680,12 @@ class FileContent:
         state = FileState(synced_size, self.seals, self.state.holes if holes is None else holes.extents())
         write_state(self.fd, self.cipher, state, self.state_file)
         self.state = state
+
+    def _write_state_durably(self, synced_size: int, holes: Holes) -> None:
+        """_write_state, then fsync for the xattr (a state file is written durably: write_atomic)."""
+        self._write_state(synced_size, holes)
+        if self.state_file is None:
+            os.fsync(self.fd)
 
     def checkpoint(self) -> None:
         """Copy the journaled blocks into place and remove the journal (see journal.py)."""
@@ -685,7 +696,7 @@ class FileContent:
                 # holes written into in place: durable before the state that calls them data
                 os.fdatasync(self.fd)
                 self.dirty = False
-                self._write_state(self.size, self.holes)
+                self._write_state_durably(self.size, self.holes)
             return
         if self.read_only:
             return
@@ -696,8 +707,9 @@ class FileContent:
             pwrite_all(self.fd, self.journal.read(offset, length), sealed_offset(k, HEADER_LEN, block))
         os.fdatasync(self.fd)
         self.dirty = False
-        if not self.v1 and (self.size != self.state.synced_size or self.seals != self.state.seals
-                            or self.holes.extents() != self.state.holes):
+        if not self.v1 and self.holes.extents() != self.state.holes:
+            self._write_state_durably(self.size, self.holes)  # filled holes: as in fsync()
+        elif not self.v1 and (self.size != self.state.synced_size or self.seals != self.state.seals):
             self._write_state(self.size, self.holes)
         self.journal.remove()
         self._journals.discard(self.header.file_id)
