@@ -423,3 +423,27 @@ def test_a_write_into_a_hole_that_fsync_acknowledged_survives_a_power_loss(
     assert bytes(c.read(5 * B, 101)) == b"Y" * 10 + b"Z" * 90 + bytes(1)
     assert 5 not in c.holes and bytes(c.read(4 * B, 10)) == bytes(10)
     c.close()
+
+
+def test_a_crash_inside_a_truncate_down_keeps_the_old_tails_holes(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = files.create()
+    c.write(0, b"A" * B)
+    c.truncate(40 * B)  # holes 1..39
+    c.write(39 * B, b"T" * B)  # a data block at the end
+    c.fsync(False)
+
+    def die(fd: int, length: int) -> None:
+        raise KeyboardInterrupt("killed before the ftruncate")
+    monkeypatch.setattr(os, "ftruncate", die)
+    with pytest.raises(KeyboardInterrupt):
+        c.truncate(2 * B)
+    monkeypatch.undo()
+    crash(c)
+    c = files.load()  # the old length: its holes read zeros, its data its old contents
+    assert c.size == 40 * B and bytes(c.read(10 * B, 10)) == bytes(10)
+    assert bytes(c.read(39 * B - 1, 3)) == b"\0TT"
+    c.truncate(2 * B)  # and the truncate, done again, drops them
+    c.fsync(False)
+    assert read_state(c.fd, c.cipher).holes == ((1, 1),)  # type: ignore[union-attr]
+    c.close()

@@ -638,11 +638,11 @@ class FileContent:
         if rest and last in self.holes:
             rest = 0  # a hole stays a hole, only shorter
         if not self.v1:  # first: never a backing file shorter than its durable state says
+            # The holes past the new end stay in it (load() clips them): a crash before the
+            # ftruncate keeps the old length, whose holes must still read zeros, not EIO.
             synced = min(self.state.synced_size, last * block if rest else new_size)
-            holes = Holes(self.state.holes)
-            holes.clip(-(-new_size // block))
-            if synced != self.state.synced_size or holes.extents() != self.state.holes:
-                self._write_state(synced, holes)
+            if synced != self.state.synced_size:
+                self._write_state(synced)
                 os.fsync(self.fd)
         if rest:  # the new last block is an overwrite of an existing block: journaled
             keep = self.read(last * block, rest)
