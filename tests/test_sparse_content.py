@@ -447,3 +447,40 @@ def test_a_crash_inside_a_truncate_down_keeps_the_old_tails_holes(
     c.fsync(False)
     assert read_state(c.fd, c.cipher).holes == ((1, 1),)  # type: ignore[union-attr]
     c.close()
+
+
+def test_a_rekey_killed_before_its_new_state_keeps_a_sparse_files_holes(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 inside step 2 of a re-key: the header keeps the old id until the new state is
+    durable, so the side file stays pending and the next load copies it back again (a new
+    header over the old state lost the state, and the holes read EIO for good)."""
+    c = files.create()
+    c.write(0, b"A" * B)
+    c.truncate(10 * B)
+    c.write(9 * B, b"B" * B)
+    c.fsync(False)
+    new_id, new_key = bytes(range(16, 32)), bytes(range(32, 64))
+    target = c.fd
+    real_setxattr = os.setxattr
+
+    def setxattr(fd: int, name: str, value: bytes, *a: int) -> None:
+        if fd == target:
+            raise KeyboardInterrupt("killed before the state")
+        real_setxattr(fd, name, value, *a)
+    monkeypatch.setattr(os, "setxattr", setxattr)
+    with pytest.raises(KeyboardInterrupt):
+        rekeyfile.rekey(c, FileHeader(new_id, bytes(93), V2), BlockCipher(new_key, new_id, B))
+    monkeypatch.undo()
+    crash(c)
+    fd = os.open(files.path, os.O_RDWR)
+    assert FileHeader.parse(os.pread(fd, 128, 0)).file_id == FILE_ID  # the old id: still pending
+    assert rekeyfile.pending(files.root, False) == {FILE_ID}
+    rekeyfile.complete(files.root, FILE_ID, fd)  # what the next load does (openfiles._finish_rekey)
+    h = FileHeader.parse(os.pread(fd, 128, 0))
+    assert h.file_id == new_id
+    c = FileContent(fd, h, BlockCipher(new_key, new_id, B), files.root, files.journals)
+    assert c.load(True, after_crash=True) == []
+    assert c.holes.extents() == ((1, 8),)
+    assert bytes(c.read(0, 2)) == b"AA" and bytes(c.read(3 * B, 4)) == bytes(4)
+    assert bytes(c.read(9 * B, 2)) == b"BB"
+    c.close()

@@ -8,16 +8,18 @@ every block is re-sealed under them, in place, so its inode, hard links and xatt
    new state as its xattr) is written to ``encfs.journal/<old file id hex>.rekey.tmp``,
    fsync'd, and renamed to ``<old file id hex>.rekey`` (then the directory is fsync'd):
    from here on the side file is what the file holds.
-2. Its blocks are copied over the backing file, which is cut to its length and
-   fdatasync'd; then its header (the file id and key switch) and its state; fsync.
+2. Its blocks are copied over the backing file, which is cut to its length, and its state;
+   fsync; then its header (the file id and key switch); fsync.
 3. The side file is removed (unlink, fsync of the directory).
 
 Invariants:
 - After a crash at any moment the file reads back whole, under its old key (no complete
   side file: the backing file was not touched) or its new one: a complete side file
-  names the file by its old id, whose header stays in place until every block under the
-  new key is durable, and loading such a file first finishes step 2 from the side file
-  (complete()); a read-only mount reads the side file instead.
+  names the file by its old id, whose header stays in place until every block and the
+  state under the new key are durable (a new header over the old state would lose the
+  state, and with it the file's holes, for good), and loading such a file first
+  finishes step 2 from the side file (complete()); a read-only mount reads the side
+  file instead.
 - A block that fails authentication under the old key is copied as it is: it stays
   damaged (EIO) under the new key, and nothing that opened before fails after.
 - A ``.rekey.tmp`` file is never read: it is removed when found.
@@ -187,16 +189,23 @@ def _reseal_range(c: FileContent, cipher: BlockCipher, out: int, begin: int, len
 
 
 def _copy_back(src: int, dst: int) -> None:
-    """Steps 2 of the module docstring: blocks, length, fdatasync, then header and state, fsync.
-    Only the side file's data is copied: its holes are the file's holes (the old state names
-    them too), whatever ``dst`` holds there is never opened."""
+    """Steps 2 of the module docstring: blocks, length, state, fsync, then header, fsync. Only the side file's data is copied: its holes are the file's holes (the old state
+    names them too), whatever ``dst`` holds there is never opened. The header goes last: until
+    it is durable the file still has its old id, so a crash anywhere here leaves the side file
+    pending and the next load copies it back again."""
     length = os.fstat(src).st_size
     for begin, end in _backing_data(src, length):
         for at in range(begin, end, _COPY):
             pwrite_all(dst, os.pread(src, min(_COPY, end - at), at), at)
     os.ftruncate(dst, length)
-    os.fdatasync(dst)
+    _copy_state(src, dst)
+    os.fsync(dst)  # blocks and state: under the old header neither is read (the side file is)
     pwrite_all(dst, os.pread(src, HEADER_LEN, 0), 0)
+    os.fsync(dst)
+
+
+def _copy_state(src: int, dst: int) -> None:
+    """The side file's state xattr onto ``dst`` (removed there if the side file has none)."""
     try:
         state = os.getxattr(src, STATE_XATTR)
     except OSError as e:
@@ -211,7 +220,6 @@ def _copy_back(src: int, dst: int) -> None:
         except OSError as e:
             if e.errno not in (errno.ENODATA, *NO_XATTRS):
                 raise
-    os.fsync(dst)
 
 
 def _serve_side_file(c: FileContent, final: bytes, header: FileHeader, cipher: BlockCipher) -> None:
