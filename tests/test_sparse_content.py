@@ -484,3 +484,19 @@ def test_a_rekey_killed_before_its_new_state_keeps_a_sparse_files_holes(
     assert bytes(c.read(0, 2)) == b"AA" and bytes(c.read(3 * B, 4)) == bytes(4)
     assert bytes(c.read(9 * B, 2)) == b"BB"
     c.close()
+
+
+def test_recovery_cuts_off_a_torn_append_that_follows_a_hole(files: Files) -> None:
+    c = files.create()
+    c.write(0, b"A" * B)
+    c.fsync(False)
+    c.write(64 * B, b"X" * 100)  # a 2 MiB gap: holes 1..63, block 64 in place
+    assert c.holes.extents() == ((1, 63),)
+    os.pwrite(c.fd, bytes(128), sealed_offset(64, 128, B))  # torn by a power loss: the size got there
+    crash(c)
+    c = files.load()
+    assert c.size == 64 * B and bytes(c.read(63 * B, 10)) == bytes(10)
+    assert os.path.getsize(files.path) == sealed_offset(64, 128, B)
+    c.write(c.size, b"more")  # and the file takes appends again
+    assert bytes(c.read(64 * B - 2, 10)) == bytes(2) + b"more"
+    c.close()

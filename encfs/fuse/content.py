@@ -299,9 +299,9 @@ class FileContent:
 
     def _cut_torn_tail(self, backing: int, floor: int, writable: bool) -> list[str]:
         """A last block past ``floor`` (never acknowledged by an fsync) that is shorter than a
-        full block and fails authentication, while the block before it opens, is what a crash
-        tore from an append (a write cut short ends the file early): cut it off. Anything else
-        that fails is damage, left to read EIO."""
+        full block and fails authentication, while the block before it opens or is a hole, is
+        what a crash tore from an append (a write cut short ends the file early): cut it off.
+        Anything else that fails is damage, left to read EIO."""
         block, step = self.block, self.block + OVERHEAD
         last = (backing - HEADER_LEN - 1) // step
         at = sealed_offset(last, HEADER_LEN, block)
@@ -312,7 +312,9 @@ class FileContent:
             return []
         except BlockAuthError:
             pass
-        if last:  # the key must be the file's own: the block before opens (its newest version)
+        # The key must be the file's own: the block before opens (its newest version), or is a
+        # hole, named by a state that opened under this key (a hole never opens: it has no seal).
+        if last and last - 1 not in self.holes:
             try:
                 self.cipher.open(last - 1, self._sealed_block(last - 1, last * block))
             except BlockAuthError:
