@@ -1239,6 +1239,19 @@ def test_resize_grows_detached_volume_and_refuses_shrink(rig: Rig) -> None:
     assert "shrink" in rig.fails("volume", "resize", image, "--size", "64M")
 
 
+def test_sizes_read_as_coreutils_reads_them_and_resize_takes_plus(rig: Rig) -> None:
+    """10G and 10GiB are binary, 10GB decimal (rounded up to 4 KiB sectors), +SIZE grows by it."""
+    image = rig.create(size="64MiB")
+    assert rig.info(image)["size"] == 64 * MiB
+    rig.ok("volume", "resize", image, "--size", "+8M")
+    assert rig.info(image)["size"] == 72 * MiB
+    rig.ok("volume", "resize", image, "--size", "100MB")
+    assert rig.info(image)["size"] == -(-100_000_000 // 4096) * 4096
+    assert "only for resize" in rig.fails("volume", "create", rig.tmp / "b.img", "--size", "+2G", "--key", "fs")
+    assert "10GB" in rig.fails("volume", "resize", image, "--size", "1.5G")
+    assert not (rig.tmp / "b.img").exists()
+
+
 def test_online_resize_grows_an_attached_volume(rig: Rig) -> None:
     """The daemon grows the image and header; the loop device takes the new size at once."""
     image = rig.create(size="64M")

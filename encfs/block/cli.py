@@ -106,7 +106,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_resize(args: argparse.Namespace) -> int:
     path = Path(args.volume)
     header, _w = read_volume_header(path)
-    size = parse_size(args.size)
+    size = parse_size(args.size, current=header.size)
     if header.copy_on_write and not args.sparse:
         check_space(path, size, "grow")
     a = live_attachment(header.volume_id.hex())
@@ -176,7 +176,7 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
 
     p = cmd("create", cmd_create, "create an encrypted volume image VOL")
     p.add_argument("volume", metavar="VOL")
-    p.add_argument("--size", required=True, help="e.g. 512M, 10G")
+    p.add_argument("--size", required=True, help="e.g. 512M, 10G (= 10GiB), 10GB (decimal, rounded up to 4 KiB)")
     p.add_argument("--key", required=True, metavar="KEY", help="CMK (id or alias) that wraps the volume key")
     p.add_argument("--format", type=int, choices=(1, 2), default=2,
                    help="2 (default): copy-on-write, with snapshots; 1: the older format, for encfs before 0.2")
@@ -209,6 +209,6 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     _expected_key(p)
     p = cmd("resize", cmd_resize, "grow a volume to SIZE (attached or detached)")
     p.add_argument("volume", metavar="VOL")
-    p.add_argument("--size", required=True)
+    p.add_argument("--size", required=True, help="the new size (10G, 10GiB, 10GB) or +SIZE to add (+2G)")
     p.add_argument("--sparse", action="store_true", help="grow it even if the disk cannot hold it once full")
     _expected_key(p)

@@ -77,14 +77,26 @@ class ShrinkRefused(VolumeError):
         super().__init__("shrinking a volume is not supported (it would cut off data)")
 
 
-def parse_size(text: str) -> int:
-    """'512M', '2G', '1048576' -> bytes; a multiple of the sector size, at least 1 MiB."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text.upper())
+def parse_size(text: str, current: int | None = None) -> int:
+    """A volume size in bytes, as coreutils (truncate, dd) read sizes: '512M', '10G' and '10GiB' are
+    binary (2^30), '10GB' decimal (10^9), a bare number is bytes; '+2G' (only where ``current``,
+    the present size, is given: resize) adds to it. A decimal size is rounded up to whole 4 KiB
+    sectors; any other size must be a multiple of them. At least 1 MiB."""
+    m = re.fullmatch(r"\s*(\+?)\s*(\d+)\s*(?:([KMGT])(I?B)?|(B))?\s*", text.upper())
     if not m:
-        raise UsageError(f"size must look like 512M, 10G or a byte count, not {text!r}")
-    size = int(m.group(1)) * _UNITS[m.group(2)]
+        raise UsageError(f"size must look like 512M, 10G, 10GiB, 10GB or a byte count, not {text!r}")
+    plus, number, unit, suffix = m.group(1), int(m.group(2)), m.group(3) or "", m.group(4)
+    if plus and current is None:
+        raise UsageError(f"a relative size ({text.strip()!r}) is only for resize")
+    decimal = suffix == "B"
+    size = number * (1000 ** " KMGT".index(unit or " ") if decimal else _UNITS[unit])
+    if decimal:
+        size = -(-size // SECTOR_SIZE) * SECTOR_SIZE
     if size % SECTOR_SIZE:
         raise UsageError(f"size must be a multiple of {SECTOR_SIZE} bytes")
+    if plus:
+        assert current is not None
+        size += current
     if size < MIN_SIZE:
         raise UsageError("a volume must be at least 1 MiB")
     return size
