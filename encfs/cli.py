@@ -42,7 +42,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="encfs", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="encfs", description=__doc__.splitlines()[0] if __doc__ else None,
+        epilog="The token options (--home, --config, --pkcs11-module, --token, --pkcs11-uri, --pin-file, "
+               "--pin-env, --passphrase-file) and --json may come before the command as well as after it.")
     parser.add_argument("--version", action="version", version=f"encfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keys_cli.register(sub, add_hsm_options)
@@ -67,6 +70,38 @@ def _mount_helper_argv(argv: list[str], commands: set[str]) -> list[str]:
     return argv
 
 
+# Options every command that has them takes after its (sub)command; given before the command, as
+# `encfs --home DIR key list` or `aws --profile P kms ...`, they are moved after it (issue #23).
+GLOBAL_OPTIONS = {"--home": True, "--config": True, "--pkcs11-module": True, "--token": True,
+                  "--pkcs11-uri": True, "--pin-file": True, "--pin-env": True, "--passphrase-file": True,
+                  "--json": False}  # name -> takes a value
+
+
+def _globals_after_command(argv: list[str]) -> list[str]:
+    """Global options before the command moved to the end of the command line (before a ``--``),
+    where the command's own parser reads them; one it does not take is refused there as usual."""
+    moved: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i].startswith("--") and argv[i] != "--":
+        name, eq, _value = argv[i].partition("=")
+        takes_value = GLOBAL_OPTIONS.get(name)
+        if takes_value is None:
+            break  # --version, --help, or a typo: the top-level parser answers
+        if takes_value and not eq:
+            if i + 1 >= len(argv):
+                break
+            moved += argv[i:i + 2]
+            i += 2
+        else:
+            moved.append(argv[i])
+            i += 1
+    if not moved:
+        return argv
+    rest = argv[i:]
+    end = rest.index("--") if "--" in rest else len(rest)
+    return [*rest[:end], *moved, *rest[end:]]
+
+
 class _WarningFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"encfs: {record.levelname.lower()}: {record.getMessage()}"
@@ -82,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     own_process = argv is None
-    argv = _mount_helper_argv(list(sys.argv[1:] if argv is None else argv), set(subparsers.choices))
+    argv = _globals_after_command(_mount_helper_argv(list(sys.argv[1:] if argv is None else argv),
+                                                     set(subparsers.choices)))
     args = parser.parse_args(argv)
     try:
         if getattr(args, "prepare", None) is not None:

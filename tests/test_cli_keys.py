@@ -173,6 +173,19 @@ def test_hsm_status_without_token_fails_and_provisions_nothing(tmp_path: Path) -
     assert not (home / "softhsm").exists()
 
 
+def test_global_options_before_the_command(shared_home: Path, tmp_path: Path) -> None:
+    """`encfs --home H --json key describe K` as `aws --profile P kms ...`: the same as after it."""
+    nowhere = tmp_path / "not-a-home"  # ENCFS_HOME points here: only --home can find the store
+    ok("key", "create", "--alias", "global-opts", home=shared_home)
+    after = ok_json("key", "describe", "global-opts", "--home", str(shared_home), "--json", home=nowhere)
+    before = ok_json("--home", str(shared_home), "--json", "key", "describe", "global-opts", home=nowhere)
+    equals = ok_json(f"--home={shared_home}", "key", "describe", "global-opts", "--json", home=nowhere)
+    assert before == after == equals and before["KeyId"]
+    proc = run_encfs("--json", "init", str(tmp_path / "c"), "--key", "global-opts", home=shared_home)
+    assert proc.returncode == 2 and b"unrecognized arguments: --json" in proc.stderr  # as if it came after
+    assert not (tmp_path / "c").exists()
+
+
 def test_missing_store_is_refused_and_nothing_created(tmp_path: Path) -> None:
     """A mistyped --home: every command but `hsm init` names the path it looked at, creates nothing."""
     home, empty = tmp_path / "mistyped-home", tmp_path / "empty-home"
