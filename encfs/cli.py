@@ -20,7 +20,7 @@ from encfs import rekeycli as rekey_cli
 from encfs.block import cli as block_cli
 from encfs.block import snapcli as snap_cli
 from encfs.cliargs import add_hsm_options, home_of, hsm_options
-from encfs.errors import EncfsError
+from encfs.errors import EXIT_CODES, EncfsError
 from encfs.fuse import cli as fuse_cli
 from encfs.keys import cli as keys_cli
 
@@ -42,10 +42,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    codes = "\n".join(f"  {code:3}  {meaning}" for code, meaning in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
         prog="encfs", description=__doc__.splitlines()[0] if __doc__ else None,
-        epilog="The token options (--home, --config, --pkcs11-module, --token, --pkcs11-uri, --pin-file, "
-               "--pin-env, --passphrase-file) and --json may come before the command as well as after it.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="The token options (--home, --config, --pkcs11-module, --token, --pkcs11-uri, --pin-file,\n"
+               "--pin-env, --passphrase-file) and --json may come before the command as well as after it.\n\n"
+               f"exit codes:\n{codes}")
     parser.add_argument("--version", action="version", version=f"encfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keys_cli.register(sub, add_hsm_options)

@@ -5,9 +5,11 @@ The parent forks before touching the token (PKCS#11 sessions do not survive
 fork). The child starts a new session, ignores SIGPIPE, sends its stdio to
 /dev/null or a log file (a closed terminal must not kill it), sets up
 logging and runs ``run(ready)``. It sends the parent one line on a pipe:
-"ok" when ``ready.ok()`` is called, or the one-line cause of the failure.
-The parent waits a bounded time; on anything but "ok" it reaps (or kills)
-the child and raises the caller's error type with that line.
+"ok" when ``ready.ok()`` is called, or the one-line cause of the failure
+(after "E<exit code> " for an EncfsError, so the parent exits as the child's
+error would have: a busy CIPHERDIR is 75 either way). The parent waits a
+bounded time; on anything but "ok" it reaps (or kills) the child and raises
+the caller's error type with that line.
 
 Every process that holds key material (the daemons, a foreground mount, the
 sealing worker) calls ``keep_secrets_in_memory`` first: Python cannot wipe the
@@ -108,7 +110,7 @@ def spawn(run: Callable[[Readiness], None], *, name: str, log_file: str | None,
             run(ready)
         except BaseException as e:  # the parent must hear about any failure
             if isinstance(e, EncfsError):
-                ready.fail(e.message)
+                ready.fail(f"E{e.exit_code} {e.message}")
             elif isinstance(e, OSError) and e.filename is not None:  # as the CLI reports it
                 ready.fail(f"{os.fsdecode(e.filename)}: {e.strerror or e}")
             else:
@@ -129,4 +131,8 @@ def spawn(run: Callable[[Readiness], None], *, name: str, log_file: str | None,
     os.waitpid(pid, 0)
     if status is None:
         raise error(f"{name} did not become ready within {timeout:.0f} s")
-    raise error(status or f"{name} died before it was ready")
+    tag, _, message = status.partition(" ") if status.startswith("E") else ("", "", status)
+    failure = error(message or f"{name} died before it was ready")
+    if tag[1:].isdigit():
+        failure.exit_code = int(tag[1:])  # the child's own error's code (errors.EXIT_CODES)
+    raise failure

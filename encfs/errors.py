@@ -2,10 +2,26 @@
 
 Invariant: every ``EncfsError`` message is one line that names the cause and
 never contains key material, PINs or plaintext. The CLI prints ``encfs: <msg>``
-and exits with ``exit_code``.
+and exits with ``exit_code``, one per kind of failure (EXIT_CODES, README "Exit codes"),
+taken from sysexits(3) where one fits.
 """
 
 from __future__ import annotations
+
+# What each exit code means, for `encfs --help` and the README (the classes below carry them).
+EXIT_CODES = {
+    0: "success",
+    1: "any other failure (fsck: fsck(8)'s codes instead)",
+    2: "usage: a malformed command line or argument",
+    65: "integrity failure: tampered or damaged data, blob or archive (EX_DATAERR)",
+    66: "not found: key, alias, key store, token or PKCS#11 module (EX_NOINPUT)",
+    69: "token unreachable or failing (EX_UNAVAILABLE)",
+    70: "internal error: a bug; one line, and ENCFS_DEBUG=1 for a traceback (EX_SOFTWARE)",
+    74: "I/O error on a file the message names (EX_IOERR)",
+    75: "busy: mounted, attached, in use, or the mountpoint taken (EX_TEMPFAIL)",
+    77: "wrong PIN, token locked, or wrong passphrase (EX_NOPERM)",
+    78: "key state forbids it: disabled, pending deletion, wrong usage (EX_CONFIG)",
+}
 
 
 class IntegrityError(Exception):
@@ -31,6 +47,12 @@ class UsageError(EncfsError):
     """The caller asked for something malformed (bad argument, oversize input)."""
 
     exit_code = 2
+
+
+class Busy(EncfsError):
+    """What the command needs is in use: a mounted CIPHERDIR, an attached volume, a busy mountpoint."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again once it is free
 
 
 class ConfigError(EncfsError):
@@ -66,33 +88,49 @@ class ArchiveDamaged(EncfsError):
 class TokenError(EncfsError):
     """The PKCS#11 module or token is unavailable or misbehaves."""
 
+    exit_code = 69  # EX_UNAVAILABLE
+
 
 class ModuleNotFound(TokenError):
     """The PKCS#11 module (shared library) cannot be loaded."""
+
+    exit_code = 66
 
 
 class TokenNotFound(TokenError):
     """No token with the requested label/serial is present."""
 
+    exit_code = 66
+
 
 class PinIncorrect(TokenError):
     """C_Login rejected the PIN."""
+
+    exit_code = 77
 
 
 class PinLocked(TokenError):
     """The token refuses logins after too many wrong PINs."""
 
+    exit_code = 77
+
 
 class KeyNotFound(EncfsError):
     """No key with that id or alias exists (or it was deleted)."""
+
+    exit_code = 66
 
 
 class KeyStateError(EncfsError):
     """The key exists but its state forbids the operation (not Enabled, ...)."""
 
+    exit_code = 78
+
 
 class InvalidCiphertext(EncfsError):
     """A ciphertext blob is truncated, malformed, tampered or under another key."""
+
+    exit_code = 65
 
 
 class ContextMismatch(InvalidCiphertext):
@@ -105,3 +143,7 @@ class KeyImportError(EncfsError):
 
 class MountError(EncfsError):
     """The filesystem cannot be mounted or unmounted."""
+
+
+class MountpointBusy(MountError, Busy):
+    """Something is already mounted on the mountpoint."""

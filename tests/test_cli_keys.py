@@ -173,6 +173,19 @@ def test_hsm_status_without_token_fails_and_provisions_nothing(tmp_path: Path) -
     assert not (home / "softhsm").exists()
 
 
+def test_exit_codes_tell_the_kinds_of_failure_apart(shared_home: Path) -> None:
+    """README "Exit codes": not found 66, key state 78, integrity 65, usage 2 (wrong PIN 77: above)."""
+    key = create_key(shared_home)
+    blob = bytearray(ok("key", "encrypt", key, home=shared_home, input=b"x"))
+    fail("key", "describe", "no-such-key", home=shared_home, exit_code=66)
+    blob[-1] ^= 1
+    fail("key", "decrypt", home=shared_home, input=bytes(blob), exit_code=65)
+    ok("key", "disable", key, home=shared_home)
+    fail("key", "encrypt", key, home=shared_home, input=b"x", exit_code=78)
+    proc = run_encfs("key", "create", "--no-such-flag", home=shared_home)
+    assert proc.returncode == 2
+
+
 def test_global_options_before_the_command(shared_home: Path, tmp_path: Path) -> None:
     """`encfs --home H --json key describe K` as `aws --profile P kms ...`: the same as after it."""
     nowhere = tmp_path / "not-a-home"  # ENCFS_HOME points here: only --home can find the store
@@ -221,8 +234,8 @@ def test_embedded_wrong_pin(tmp_path: Path) -> None:
     good = pin.read_text()
     pin.write_text("not-the-pin")
     before = state(home)
-    fail("key", "decrypt", home=home, input=blob, needles=("wrong PIN", "encfs"))
-    fail("key", "create", "--alias", "nope", home=home, needles=("wrong PIN",))
+    fail("key", "decrypt", home=home, input=blob, needles=("wrong PIN", "encfs"), exit_code=77)
+    fail("key", "create", "--alias", "nope", home=home, needles=("wrong PIN",), exit_code=77)
     assert state(home) == before
     pin.write_text(good)
     assert ok("key", "decrypt", home=home, input=blob) == b"x"

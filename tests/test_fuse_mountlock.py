@@ -67,8 +67,10 @@ def test_second_mount_is_refused_and_the_first_keeps_working(foreground: bool, t
         with Mount(cipher, mp1, fs_home, log=tmp_path / "m1.log") as m1:
             (mp1 / "f").write_bytes(b"first " * 1000)
             fg = ["--foreground"] if foreground else []
-            line = assert_one_line_error(_mount_cli(cipher, mp2, fs_home, *fg), str(cipher), "already mounted",
+            refused = _mount_cli(cipher, mp2, fs_home, *fg)
+            line = assert_one_line_error(refused, str(cipher), "already mounted",
                                          f"at {mp1.resolve()}", f"pid {m1.pid}", f"host {socket.gethostname()}")
+            assert refused.returncode == 75  # busy (README "Exit codes"), daemon or not
             assert "Traceback" not in line
             assert not is_mounted(mp2)
             assert daemon_pids(cipher) == [m1.pid], "the refused mount left a daemon"

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from encfs.block.fuseserver import RESIZE_XATTR, VolumeServer, fuse_mount, fuse_unmount
-from encfs.block.volume import ShrinkRefused, VolumeError, open_volume, read_volume_header
+from encfs.block.volume import ShrinkRefused, VolumeBusy, VolumeError, open_volume, read_volume_header
 from encfs.daemon import Readiness, keep_secrets_in_memory, proc_start, spawn
 from encfs.fuseproto.wire import MAX_WRITE
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
@@ -97,7 +97,7 @@ def refuse_attached(image: Path, volume_id: str) -> None:
     """VolumeError, in one line, if the volume is attached: what needs it detached."""
     a = live_attachment(volume_id)
     if a is not None:
-        raise VolumeError(f"{image} is attached at {a.loop}: detach it first (`encfs volume detach {a.loop}`)")
+        raise VolumeBusy(f"{image} is attached at {a.loop}: detach it first (`encfs volume detach {a.loop}`)")
 
 
 def _registry() -> Path:
@@ -307,14 +307,14 @@ def detach(ref: str) -> Attachment:
         raise VolumeError(f"{ref} is not an attached encfs volume")
     users = mounts_of(a.loop)
     if users:
-        raise VolumeError(f"{a.loop} is in use (mounted on {users[0]}): unmount it first")
+        raise VolumeBusy(f"{a.loop} is in use (mounted on {users[0]}): unmount it first")
     holders = _openers(a.loop) if a.loop else []
     deadline = time.monotonic() + 2
     while holders and time.monotonic() < deadline:  # e.g. udev probing the device for a moment
         time.sleep(0.1)
         holders = _openers(a.loop)
     if holders:
-        raise VolumeError(f"{a.loop} is in use (open by {holders[0]}): close it first")
+        raise VolumeBusy(f"{a.loop} is in use (open by {holders[0]}): close it first")
     if _loop_backing(a.loop) == f"{a.mountpoint}/volume":
         proc = _run(["losetup", "-d", a.loop])
         if proc.returncode != 0:

@@ -56,6 +56,7 @@ from encfs.block.exportformat import (
     SECTOR,
     TAG_LEN,
     TMP,
+    ExportBusy,
     ExportDamaged,
     ExportError,
     ExportKeys,
@@ -174,7 +175,7 @@ class _ExportDir:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise ExportError(f"{directory} is in use by another encfs export") from None
+            raise ExportBusy(f"{directory} is in use by another encfs export") from None
 
     def close(self) -> None:
         os.close(self.fd)  # releases the lock

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import constant_time, hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from encfs.errors import EncfsError
+from encfs.errors import Busy, EncfsError
 
 EXPORT_FORMAT = 1
 SECTOR = 4096
@@ -56,6 +56,10 @@ _NAME = re.compile(r"[0-9a-f]{64}")
 
 class ExportError(EncfsError):
     """A snapshot cannot be exported or imported (bad directory, source failure, disk error)."""
+
+
+class ExportBusy(ExportError, Busy):
+    """Another encfs process holds the export directory."""
 
 
 class ExportDamaged(ExportError):

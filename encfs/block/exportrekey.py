@@ -51,6 +51,7 @@ from encfs.block.exportformat import (
     MANIFESTS,
     OBJECTS,
     SECTOR,
+    ExportBusy,
     ExportError,
     ExportKeys,
     KeyFile,
@@ -176,7 +177,7 @@ def rekey_export(directory: Path, ks: KeyService, key: str | None = None, dry_ru
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ExportError(f"{directory} is in use by another encfs export") from None
+            raise ExportBusy(f"{directory} is in use by another encfs export") from None
         keys = unwrap_key(directory, ks)
         ids = _manifest_ids(directory)
         marked = swap.read_text().strip() if swap.exists() else None

@@ -30,6 +30,7 @@ from encfs.block.exportformat import (
     MANIFESTS,
     OBJECTS,
     TMP,
+    ExportBusy,
     ExportDamaged,
     ExportError,
     ExportKeys,
@@ -48,7 +49,7 @@ def check_export(directory: Path, ks: KeyService, repair: bool = False) -> Repor
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if repair else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ExportError(f"{directory} is in use by an encfs export") from None
+            raise ExportBusy(f"{directory} is in use by an encfs export") from None
         report = Report(str(directory), "export", EXPORT_FORMAT, repair=repair)
         _check(directory, ks, report, repair)
     finally:

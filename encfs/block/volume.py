@@ -58,7 +58,7 @@ from encfs.block.header import (
 from encfs.block.layout import MAX_COW_SIZE, SECTOR_SIZE, cow_image_bound, image_size
 from encfs.block.sectors import SealedSectors, SectorStore, extent_bytes
 from encfs.blocks import SEALED_BLOCK, BlockAuthError
-from encfs.errors import EncfsError, UsageError
+from encfs.errors import Busy, EncfsError, UsageError
 from encfs.keys.service import KeyService
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -68,6 +68,10 @@ log = logging.getLogger("encfs.block")
 
 class VolumeError(EncfsError):
     """A volume cannot be created, opened, attached or changed."""
+
+
+class VolumeBusy(VolumeError, Busy):
+    """The volume (or its loop device) is attached, mounted, open or being changed by another process."""
 
 
 class ShrinkRefused(VolumeError):
@@ -405,7 +409,7 @@ def open_locked(path: Path, writable: bool = True, shared: bool = False) -> int:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise VolumeError(f"volume {path} is in use by another encfs process (attached, or being changed)") \
+        raise VolumeBusy(f"volume {path} is in use by another encfs process (attached, or being changed)") \
             from None
     return fd
 

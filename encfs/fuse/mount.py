@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from encfs.daemon import Readiness, keep_secrets_in_memory, spawn
 from encfs.diskio import syncfs
-from encfs.errors import MountError
+from encfs.errors import MountError, MountpointBusy
 from encfs.fuse import binding, mountlock, rewrap
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import add_sparse, open_config, peek_config
@@ -101,7 +101,7 @@ def check_mountpoint(mountpoint: Path) -> None:
     if not mountpoint.is_dir():
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if is_mounted(mountpoint):
-        raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+        raise MountpointBusy(f"mountpoint {mountpoint} is busy: something is already mounted there")
     if any(mountpoint.iterdir()):
         raise MountError(f"mountpoint {mountpoint} is not empty")
 

@@ -60,7 +60,7 @@ from typing import Any
 
 from encfs.daemon import proc_start
 from encfs.diskio import pwrite_all
-from encfs.errors import MountError
+from encfs.errors import Busy, MountError
 
 LOCK_NAME = "encfs.lock"
 # A read-write mount rewrites its heartbeat every HEARTBEAT seconds. On storage that shares no locks
@@ -78,7 +78,7 @@ _READONLY_MEDIA = (errno.EROFS, errno.EACCES, errno.EPERM)
 log = logging.getLogger("encfs.fuse")
 
 
-class MountBusy(MountError):
+class MountBusy(MountError, Busy):
     """The CIPHERDIR is mounted by another process or host."""
 
 
