@@ -4,7 +4,8 @@
 The parent forks before touching the token (PKCS#11 sessions do not survive
 fork). The child starts a new session, ignores SIGPIPE, sends its stdio to
 /dev/null or a log file (a closed terminal must not kill it), sets up
-logging and runs ``run(ready)``. It sends the parent one line on a pipe:
+logging (encfs.daemonlog: syslog or a file in the state directory,
+rate-limited) and runs ``run(ready)``. It sends the parent one line on a pipe:
 "ok" when ``ready.ok()`` is called, or the one-line cause of the failure
 (after "E<exit code> " for an EncfsError, so the parent exits as the child's
 error would have: a busy CIPHERDIR is 75 either way). The parent waits a
@@ -25,9 +26,10 @@ import os
 import resource
 import select
 import signal
-import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from encfs import daemonlog
 from encfs.errors import EncfsError
 
 log = logging.getLogger("encfs.daemon")
@@ -84,17 +86,16 @@ class Readiness:
         self._send(message)
 
 
-def _detach_stdio(log_file: str | None, name: str) -> None:
+def _detach_stdio(log_file: str | None, name: str, state_dir: Path, log_id: str) -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else devnull
     for fd, target in ((devnull, 0), (out, 1), (out, 2)):
         os.dup2(fd, target)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
+    daemonlog.configure(log_file, state_dir, log_id, name)
 
 
 def spawn(run: Callable[[Readiness], None], *, name: str, log_file: str | None,
-          error: type[EncfsError], timeout: float = 120.0) -> int:
+          error: type[EncfsError], state_dir: Path, log_id: str, timeout: float = 120.0) -> int:
     """Fork a daemon running ``run``; return its pid once it reported ready."""
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -106,7 +107,7 @@ def spawn(run: Callable[[Readiness], None], *, name: str, log_file: str | None,
             os.setsid()
             keep_secrets_in_memory()
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-            _detach_stdio(log_file, name)
+            _detach_stdio(log_file, name, state_dir, log_id)
             run(ready)
         except BaseException as e:  # the parent must hear about any failure
             if isinstance(e, EncfsError):

@@ -165,7 +165,8 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     hsm = prompt_before_fork(home or default_home(), hsm)
     try:
         pid = spawn(lambda ready: _serve(image, mountpoint, home, hsm, ready, accept_rollback, expected_key),
-                    name="encfs-volume", log_file=log_file, error=VolumeError)
+                    name="encfs-volume", log_file=log_file, error=VolumeError,
+                    state_dir=home or default_home(), log_id=f"volume-{vid}")
     except VolumeError:
         _forget(Attachment(vid, str(image), 0, mountpoint, ""))
         raise
@@ -192,7 +193,7 @@ def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, rea
     with KeyService.open(home, hsm, provision=False) as ks:
         vol = open_volume(image, ks, seal_worker=True, accept_rollback=accept_rollback, expected_key=expected_key)
     try:
-        server = VolumeServer(fuse_mount(mountpoint, f"encfs:{image}"), vol)
+        server = VolumeServer(fuse_mount(mountpoint, f"encfs:{image}"), vol, name=str(image))
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         ready.ok()
         server.serve()

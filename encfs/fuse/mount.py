@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from encfs import daemonlog
 from encfs.daemon import Readiness, keep_secrets_in_memory, spawn
 from encfs.diskio import syncfs
 from encfs.errors import MountError, MountpointBusy
@@ -259,12 +260,15 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     rewrap.refuse_if_interrupted(cipherdir)  # and checks again under it
     check_fuse_device()
     check_server(opts.server)
-    if foreground:
+    if foreground:  # the log's destination, and stderr (the CLI's handler: warnings and errors)
+        daemonlog.configure(opts.log_file, home or default_home(), daemonlog.log_id(mountpoint), "encfs",
+                            keep=logging.getLogger().handlers[:])
         serve(cipherdir, mountpoint, home, hsm, opts)
         return 0
     hsm = prompt_before_fork(home or default_home(), hsm)
     spawn(lambda ready: serve(cipherdir, mountpoint, home, hsm, opts, ready=ready), name="encfs",
-          log_file=opts.log_file, error=MountError)
+          log_file=opts.log_file, error=MountError, state_dir=home or default_home(),
+          log_id=daemonlog.log_id(mountpoint))
     return 0
 
 
