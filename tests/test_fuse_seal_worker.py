@@ -112,7 +112,7 @@ def test_a_tampered_block_in_a_large_read_is_eio(encfs_mount: Mount) -> None:
         _good_prefix_or_eio(p, MiB, 4 * MiB - MiB // 2, body, 4 * MiB)
         expect_errno(errno.EIO, cold_pread, p, MiB, 4 * MiB)
         expect_errno(errno.EIO, cold_read, p)
-        failed = [line for line in again.log.read_text().splitlines() if "failed authentication" in line]
+        failed = [line for line in again.log.read_text().splitlines() if "integrity failure (tampered)" in line]
         assert failed, "no failed read in the daemon's log"
         worker = _worker_of(again)
         before_reads = voluntary_switches(worker)

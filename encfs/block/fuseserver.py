@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from encfs import daemonlog
 from encfs.block.volume import ShrinkRefused
 from encfs.blocks import BlockAuthError
 from encfs.errors import EncfsError
@@ -131,9 +132,9 @@ class VolumeServer(FuseServer):
     """Serves ``volume`` from one VolumeFile over an open /dev/fuse descriptor."""
 
     def __init__(self, fd: int, volume: VolumeFile, on_error: Callable[[str], None] | None = None,
-                 trace: bool = False) -> None:
+                 trace: bool = False, name: str = "volume") -> None:
         super().__init__(fd, trace)
-        self.volume = volume
+        self.volume, self.name = volume, name  # name: the image, in log lines
         self.started = time.time()
         self._on_error = on_error
         self.lock = SharedExclusiveLock()
@@ -178,7 +179,7 @@ class VolumeServer(FuseServer):
 
     def on_failure(self, req: Request, exc: Exception) -> None:
         if isinstance(exc, BlockAuthError):
-            log.error("volume sector failed authentication: %s", exc)
+            daemonlog.report_integrity(log, self.name, f"block {exc.block_no}", exc)
             if self._on_error:
                 self._on_error(str(exc))
             self.reply_error(req.unique, errno.EIO)

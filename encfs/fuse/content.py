@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import NoReturn
 
+from encfs import daemonlog
 from encfs.blocks import (
     OVERHEAD,
     BlockAuthError,
@@ -379,9 +380,11 @@ class FileContent:
         return start, sealed_size(min(blocks.stop * self.block, size), HEADER_LEN, self.block) - start
 
     def _failed(self, block_no: int) -> NoReturn:
+        e = BlockAuthError(block_no)
         if self._on_auth_error:
-            self._on_auth_error(block_no)
-        raise BlockAuthError(block_no)
+            self._on_auth_error(block_no)  # the one log line, with the path
+            daemonlog.mark_reported(e)
+        raise e
 
     def _sealed_block(self, k: int, size: int) -> bytes:
         """Block ``k``'s sealed bytes, from the journal if it holds the newest version."""

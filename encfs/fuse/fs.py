@@ -52,6 +52,7 @@ import os
 import stat as stat_m
 from collections.abc import Callable, Generator
 
+from encfs import daemonlog
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.fuse import sparse
 from encfs.fuse.backingdirs import BackingDirs
@@ -123,6 +124,7 @@ class EncryptedFS(XattrOps):
         self.sealing = Sealers(self.block_size, self.cipher_class)
         self.files = OpenFiles(self.root, config, ks, self.cipher_class, read_only, self.sealing, recovering,
                                open_path=self.bd.open)
+        self.files.describe = self.plain_path  # log lines name the plaintext path
         self.inodes = InodeMap(self.root)
         self._dirids: dict[int, bytes] = {ROOT_ID: bytes.fromhex(config.fs_id)[:DIRID_LEN]}
         self._no_capability: set[int] = set()  # inodes known to lack CAPABILITY_XATTR
@@ -213,6 +215,21 @@ class EncryptedFS(XattrOps):
                 self.bd.unlink(longname_side_file(path))
             except FileNotFoundError:
                 pass
+
+    def plain_path(self, backing: bytes) -> str:
+        """The plaintext path of a backing path, for log lines. Best effort: if a name cannot
+        be read (damage, a racing rename) the backing path, relative to the cipherdir."""
+        rel = os.path.relpath(backing, self.root)
+        if not backing.startswith(self.root) or rel.startswith(b".."):
+            return os.fsdecode(backing)  # "<unlinked fd N>"
+        try:
+            cur, plain = self.root, []
+            for entry in [] if rel == b"." else rel.split(b"/"):
+                plain.append(self._plain_name(cur, self._dirid_at(cur), entry))
+                cur = os.path.join(cur, entry)
+            return os.fsdecode(b"/" + b"/".join(plain))
+        except Exception:  # noqa: BLE001 - a log line must not fail the operation it reports
+            return f"<cipherdir>/{os.fsdecode(rel)}"
 
     def _plain_name(self, dir_path: bytes, dirid: bytes, entry: bytes) -> bytes:
         encoded = entry
@@ -729,8 +746,9 @@ class EncryptedFS(XattrOps):
         with failures_as_errno("read"):
             try:
                 return content.read(off, size)
-            except BlockAuthError:
-                log.error("%r: read at %d failed authentication", f.path, off)
+            except BlockAuthError as e:
+                if not daemonlog.reported(e):
+                    daemonlog.report_integrity(log, self.plain_path(f.path), f"read at {off}", e)
                 raise FuseError(errno.EIO) from None
 
     def seal_ahead(self, fh: int, off: int, buf: memoryview) -> tuple[Sealer, memoryview] | None:

@@ -5,6 +5,7 @@ Invariants:
 - Integrity failures (errors.IntegrityError: a block, name, header or journal that fails
   authentication) and key-service errors are logged with the operation's name and answered
   with EIO: wrong bytes are never returned, and nothing about the key leaks into the reply.
+  One already reported with its path (daemonlog.report_integrity) is not logged again.
 - Anything else propagates: the server logs it and answers EIO (fuseproto/server.py).
 """
 
@@ -17,6 +18,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from encfs import daemonlog
 from encfs.errors import EncfsError, IntegrityError
 from encfs.fuseproto.wire import FuseError
 
@@ -30,6 +32,8 @@ def _as_fuse_error(op: str, e: Exception) -> FuseError | None:
         return e
     if isinstance(e, OSError):
         return FuseError(e.errno or errno.EIO)
+    if daemonlog.reported(e):  # logged once already, with the path (encfs.daemonlog)
+        return FuseError(errno.EIO)
     if isinstance(e, IntegrityError):
         log.error("%s: integrity failure: %s", op, e)
         return FuseError(errno.EIO)

@@ -39,7 +39,9 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from encfs.blocks import BlockCipher
+from encfs import daemonlog
+from encfs.blocks import BlockAuthError, BlockCipher
+from encfs.errors import InvalidCiphertext, KeyNotFound, KeyStateError, TokenError
 from encfs.fuse import rekeyfile
 from encfs.fuse.content import FileContent, plain_file_size
 from encfs.fuse.fileheader import (
@@ -82,6 +84,7 @@ class OpenFiles:
                  open_path: Callable[[bytes, int], int] = os.open) -> None:
         self.root = root
         self._open_path = open_path  # fs.py's: through directory fds, for backing paths past PATH_MAX
+        self.describe: Callable[[bytes], str] = os.fsdecode  # a backing path's plaintext path (fs.py's)
         self.config = config
         self.block_size = config.block_size
         self.ks = ks
@@ -266,7 +269,7 @@ class OpenFiles:
 
     def _reporter(self, path: bytes) -> Callable[[int], None]:
         def report(block_no: int) -> None:
-            log.error("%r: block %d failed authentication", path, block_no)
+            daemonlog.report_integrity(log, self.describe(path), f"block {block_no}", BlockAuthError(block_no))
         return report
 
     def _load(self, f: OpenFile, known_size: int | None) -> FileContent | None:
@@ -278,8 +281,12 @@ class OpenFiles:
         try:
             if header.file_id in self.rekeys:
                 fd, header = self._finish_rekey(fd, writable, header, f.path)
-            key = self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
-                                  key=self.config.key_id, cache=self.key_cache).plaintext
+            try:
+                key = self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
+                                      key=self.config.key_id, cache=self.key_cache).plaintext
+            except (KeyStateError, KeyNotFound, TokenError, InvalidCiphertext) as e:
+                daemonlog.report_integrity(log, self.describe(f.path), "file key", e)
+                raise
             c = FileContent(fd, header, self.cipher_class(key, header.file_id, self.block_size), self.root,
                             self.journals, self._reporter(f.path), self.state_in_file)
             for note in c.load(writable, known_size, after_crash=self.recovering):
