@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from conftest import run_encfs
 from fuse_helpers import Mount, cold_pread, expect_errno
 
 from encfs import daemonlog
+from encfs.fuse.mount import is_mounted
 
 BLOCK, HEADER, OVERHEAD = 32768, 128, 28
 
@@ -67,3 +69,27 @@ def test_a_disabled_key_is_logged_when_a_file_is_opened(tmp_path: Path, fs_home:
         failures = _lines(m, "integrity failure")
         assert failures and all("'/later': file key: integrity failure (key disabled)" in f for f in failures), failures
         assert "key" in failures[0] and "PIN" not in _default_log(m).read_text()
+
+
+def test_a_daemonized_mount_logs_to_the_default_file(tmp_path: Path, fs_home: Path) -> None:
+    """Without --foreground and --log-file the daemon's stdio is /dev/null: the log file is its only voice."""
+    cipherdir, mountpoint = tmp_path / "cipher", tmp_path / "plain"
+    mountpoint.mkdir()
+    assert run_encfs("init", str(cipherdir), "--key", "fs", home=fs_home).returncode == 0
+    with Mount(cipherdir, mountpoint, fs_home) as m:
+        (m.mountpoint / "d").mkdir()
+        (m.mountpoint / "d" / "f").write_bytes(os.urandom(2 * BLOCK))
+    [backing] = [p for p in cipherdir.rglob("*") if p.is_file() and p.stat().st_size == HEADER + 2 * (BLOCK + OVERHEAD)]
+    raw = bytearray(backing.read_bytes())
+    raw[HEADER + 10] ^= 1  # in block 0
+    backing.write_bytes(raw)
+    proc = run_encfs("mount", str(cipherdir), str(mountpoint), home=fs_home)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        expect_errno(errno.EIO, cold_pread, mountpoint / "d" / "f", 100, 0)
+    finally:
+        run_encfs("umount", str(mountpoint), home=fs_home)  # waits for the daemon
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False, capture_output=True, timeout=30)
+    log = daemonlog.default_log_file(fs_home, daemonlog.log_id(mountpoint))
+    assert "'/d/f': block 0: integrity failure (tampered)" in log.read_text()
