@@ -118,6 +118,7 @@ def spawn(run: Callable[[Readiness], None], *, name: str, log_file: str | None,
                 ready.fail(f"internal error: {type(e).__name__}: {e}")
                 log.exception("%s failed", name)
             code = 1
+        daemonlog.flush_pending()  # os._exit skips logging's shutdown
         os._exit(code)
     os.close(wfd)
     try:

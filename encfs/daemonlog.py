@@ -8,7 +8,7 @@ Invariants:
   renames it: WatchedFileHandler).
 - Every handler it installs is rate-limited (RateLimit): the same message (format string and
   the text of its arguments) passes once per window; the repeats become one "repeated N times"
-  line when the window has ended. At most ``max_keys`` distinct messages are tracked, so
+  line once the window has ended (seen at the next message) or the daemon exits. At most ``max_keys`` distinct messages are tracked, so
   memory and log volume stay bounded.
 - An integrity failure is one line: the plaintext path, the block or sector, and a cause in
   CAUSES, chosen from the exception's type, never from its text. No key material or PIN.
@@ -99,6 +99,14 @@ class RateLimit(logging.Filter):
         self.handler.handle(summary)
 
 
+def flush_pending() -> None:
+    """Every root handler's pending "repeated" lines, now: a daemon calls it as it exits."""
+    for h in logging.getLogger().handlers:
+        for f in h.filters:
+            if isinstance(f, RateLimit):
+                f.flush_pending()
+
+
 def integrity_cause(e: BaseException) -> str:
     """One of CAUSES for an exception met while opening stored data."""
     if isinstance(e, KeyStateError | KeyNotFound):
@@ -159,7 +167,7 @@ def destination(log_file: str | None, state_dir: Path, ident: str, name: str) ->
     if sock is not None:
         handler = logging.handlers.SysLogHandler(sock, logging.handlers.SysLogHandler.LOG_DAEMON,
                                                  socktype=socket.SOCK_DGRAM)
-        handler.ident = f"{name}[{os.getpid()}]: "
+        handler.ident = f"encfs[{os.getpid()}]: "  # the volume daemon too: one ident to filter on
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     else:
         path = Path(log_file) if log_file else default_log_file(state_dir, ident)

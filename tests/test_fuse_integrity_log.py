@@ -48,6 +48,10 @@ def test_a_tampered_block_is_logged_once_with_path_block_and_cause(encfs_mount: 
         assert len([line for line in failures if "repeated" in line]) <= 1
         assert str(again.cipherdir) not in failures[0] and backing.name not in failures[0]
         assert stat_mode(_default_log(again)) == 0o600
+    # the daemon's exit brings out the count of the repeats its window held back
+    [repeated] = _lines(again, "repeated")
+    assert "'/victim': block 1: integrity failure (tampered) (repeated" in repeated
+    assert int(repeated.split("(repeated ")[1].split()[0]) >= 100
 
 
 def stat_mode(path: Path) -> int:

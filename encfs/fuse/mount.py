@@ -263,7 +263,10 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     if foreground:  # the log's destination, and stderr (the CLI's handler: warnings and errors)
         daemonlog.configure(opts.log_file, home or default_home(), daemonlog.log_id(mountpoint), "encfs",
                             keep=logging.getLogger().handlers[:])
-        serve(cipherdir, mountpoint, home, hsm, opts)
+        try:
+            serve(cipherdir, mountpoint, home, hsm, opts)
+        finally:
+            daemonlog.flush_pending()
         return 0
     hsm = prompt_before_fork(home or default_home(), hsm)
     spawn(lambda ready: serve(cipherdir, mountpoint, home, hsm, opts, ready=ready), name="encfs",
