@@ -587,6 +587,10 @@ def test_tampered_or_swapped_sectors_read_as_io_errors(rig: Rig) -> None:
         if sector != 1000:
             assert read_ok(loop, sector * 4096, 4096) == pattern(sector, 1)
     assert read_ok(loop, 3000 * 4096, 4096) == bytes(4096)
+    # each failure is logged with the image and the cause, once (issue #23)
+    failures = [line for line in (rig.tmp / "daemon.log").read_text().splitlines() if "integrity failure" in line]
+    assert failures and all(f"{str(image)!r}: block " in f and "(tampered)" in f for f in failures), failures
+    assert len(failures) == len({f.split(" ERROR ")[1] for f in failures}), failures
     # a multi-sector read over the damage fails: never wrong bytes
     r = dd_read(loop, 996 * 4096, 8 * 4096)
     assert r.returncode != 0, "a read covering a tampered sector succeeded"
