@@ -118,8 +118,10 @@ def spawn(run: Callable[[Readiness], None], *, name: str, log_file: str | None,
                 ready.fail(f"internal error: {type(e).__name__}: {e}")
                 log.exception("%s failed", name)
             code = 1
-        daemonlog.flush_pending()  # os._exit skips logging's shutdown
-        os._exit(code)
+        try:
+            daemonlog.flush_pending()  # os._exit skips logging's shutdown
+        finally:
+            os._exit(code)  # whatever happens, the forked child never returns into the caller
     os.close(wfd)
     try:
         readable, _, _ = select.select([rfd], [], [], timeout)
