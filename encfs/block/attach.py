@@ -3,7 +3,9 @@ and a loop device is attached to it.
 
 Registry: ``/run/encfs/volumes/<volume id>.json`` (root only) records the
 image, daemon pid, private mountpoint and loop device of each attached
-volume. Invariants:
+volume. ``--name NAME`` adds a stable link ``/dev/encfs/NAME`` (ENCFS_DEV_DIR) to the
+loop device; ``--read-only`` opens the image O_RDONLY and the loop device
+read-only. Invariants:
 - attach either ends with a loop device on a running daemon and a registry
   entry, or leaves nothing behind (no mount, no loop device, no entry);
 - the daemon never touches the token before it has forked (PKCS#11
@@ -11,7 +13,10 @@ volume. Invariants:
   writeback of the loop device) and flushes the store when it ends;
 - detach refuses while the loop device is mounted or open; it removes the
   loop device first, then the FUSE mount (the daemon then flushes and
-  exits), then the entry; every wait is bounded.
+  exits), then the entry; every wait is bounded;
+- a name link exists only while its attachment's loop device does: it is made
+  after the loop device is ready, and removed with the entry (detach, or the
+  cleanup of a dead daemon's entry), and only if it still points at that loop.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -34,6 +40,8 @@ from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
 
 REGISTRY = Path(os.environ.get("ENCFS_RUN_DIR", "/run/encfs")) / "volumes"
+LINK_DIR = Path(os.environ.get("ENCFS_DEV_DIR", "/dev/encfs"))
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PR_SET_IO_FLUSHER = 57
 # Read-ahead of a volume's loop device. A sequential read keeps about this much in
 # flight as 1 MiB requests that the server handles side by side, so the decryption of
@@ -56,10 +64,16 @@ class Attachment:
     mountpoint: str
     loop: str
     started: int = 0  # the daemon's start time: a reused pid is not the daemon
+    name: str = ""  # /dev/encfs/<name>, if attached with --name
+    read_only: bool = False
 
     @property
     def entry(self) -> Path:
         return REGISTRY / f"{self.volume_id}.json"
+
+    @property
+    def link(self) -> Path | None:
+        return LINK_DIR / self.name if self.name else None
 
     def daemon_alive(self) -> bool:
         start = proc_start(self.pid)
@@ -78,10 +92,11 @@ def attachments() -> list[Attachment]:
 
 
 def find_attachment(ref: str) -> Attachment | None:
-    """By image path, loop device or volume id."""
+    """By image path, loop device, volume id, name or name link."""
     real = os.path.realpath(ref)
     for a in attachments():
-        if ref in (a.volume_id, a.loop) or real == os.path.realpath(a.image):
+        if ref in (a.volume_id, a.loop) or real == os.path.realpath(a.image) \
+                or (a.name and ref in (a.name, str(a.link))):
             return a
     return None
 
@@ -98,6 +113,33 @@ def refuse_attached(image: Path, volume_id: str) -> None:
     a = live_attachment(volume_id)
     if a is not None:
         raise VolumeBusy(f"{image} is attached at {a.loop}: detach it first (`encfs volume detach {a.loop}`)")
+
+
+def check_name(name: str) -> str:
+    """VolumeError unless ``name`` can name a link in /dev/encfs."""
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise VolumeError(f"bad volume name {name!r}: use 1 to 64 of A-Z a-z 0-9 . _ - (no slash)")
+    return name
+
+
+def _make_link(a: Attachment) -> None:
+    """Point /dev/encfs/<name> at the loop device (atomically: a stale link is replaced)."""
+    if a.link is None:
+        return
+    LINK_DIR.mkdir(parents=True, exist_ok=True, mode=0o755)
+    tmp = LINK_DIR / f".{a.name}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(a.loop, tmp)
+    tmp.replace(a.link)
+
+
+def _remove_link(a: Attachment) -> None:
+    if a.link is not None and a.loop:
+        try:
+            if os.readlink(a.link) == a.loop:  # not a link a later attachment made
+                a.link.unlink()
+        except OSError:
+            pass
 
 
 def _registry() -> Path:
@@ -147,9 +189,12 @@ def tune_loop(loop: str) -> bool:
 
 
 def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None = None,
-           accept_rollback: bool = False, expected_key: str | None = None) -> Attachment:
+           accept_rollback: bool = False, expected_key: str | None = None, name: str = "",
+           read_only: bool = False) -> Attachment:
     if os.geteuid() != 0:
         raise VolumeError("attaching a volume needs root (loop devices)")
+    if name:
+        check_name(name)
     image = image.absolute()
     header, _warnings = read_volume_header(image)  # fail fast on a bad image, before forking
     vid = header.volume_id.hex()
@@ -158,40 +203,52 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
         if existing.daemon_alive():
             raise VolumeError(f"volume {image} is already attached as {existing.loop}")
         _cleanup(existing)  # a crashed daemon left its entry behind
+    for other in attachments() if name else []:
+        if other.name == name:
+            if other.daemon_alive():
+                raise VolumeError(f"volume name {name} is in use by {other.image} ({other.loop})")
+            _cleanup(other)
     mountpoint = str(_registry() / vid)
     os.makedirs(mountpoint, mode=0o700, exist_ok=True)
     if _is_mounted(mountpoint):
         fuse_unmount(mountpoint, lazy=True)
     hsm = prompt_before_fork(home or default_home(), hsm)
     try:
-        pid = spawn(lambda ready: _serve(image, mountpoint, home, hsm, ready, accept_rollback, expected_key),
+        pid = spawn(lambda ready: _serve(image, mountpoint, home, hsm, ready, accept_rollback, expected_key,
+                                         read_only),
                     name="encfs-volume", log_file=log_file, error=VolumeError,
                     state_dir=home or default_home(), log_id=f"volume-{vid}")
     except VolumeError:
         _forget(Attachment(vid, str(image), 0, mountpoint, ""))
         raise
-    a = Attachment(vid, str(image), pid, mountpoint, "", proc_start(pid) or 0)
+    a = Attachment(vid, str(image), pid, mountpoint, "", proc_start(pid) or 0, name, read_only)
     # Direct I/O: the loop device keeps several requests in flight (the server reads them in
     # parallel), and the volume's plaintext is cached once, above the loop device.
     proc = _run(["losetup", "--find", "--show", "--sector-size", "4096", "--direct-io=on",
-                 f"{mountpoint}/volume"])
+                 *(["--read-only"] if read_only else []), f"{mountpoint}/volume"])
     if proc.returncode != 0:
         _stop_daemon(a)
         _forget(a)
         raise VolumeError(f"no loop device could be attached: {_last_line(proc.stderr)}")
     a.loop = proc.stdout.strip()
     tune_loop(a.loop)
+    try:
+        _make_link(a)
+    except OSError as e:
+        _cleanup(a)
+        raise VolumeError(f"cannot make {a.link}: {e.strerror}") from None
     _save(a)
     return a
 
 
 def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, ready: Readiness,
-           accept_rollback: bool = False, expected_key: str | None = None) -> None:
+           accept_rollback: bool = False, expected_key: str | None = None, read_only: bool = False) -> None:
     """The daemon: unlock the volume, mount its FUSE file, serve until unmounted or SIGTERM."""
     keep_secrets_in_memory()
     ctypes.CDLL(None).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
     with KeyService.open(home, hsm, provision=False) as ks:
-        vol = open_volume(image, ks, seal_worker=True, accept_rollback=accept_rollback, expected_key=expected_key)
+        vol = open_volume(image, ks, seal_worker=not read_only, accept_rollback=accept_rollback,
+                          expected_key=expected_key, read_only=read_only)
     try:
         server = VolumeServer(fuse_mount(mountpoint, f"encfs:{image}"), vol, name=str(image))
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
@@ -252,7 +309,8 @@ def _cleanup(a: Attachment) -> None:
 
 
 def _forget(a: Attachment) -> None:
-    """Remove the registry entry and the (unmounted) private mountpoint."""
+    """Remove the name link, the registry entry and the (unmounted) private mountpoint."""
+    _remove_link(a)
     a.entry.unlink(missing_ok=True)
     if not _is_mounted(a.mountpoint):
         try:

@@ -48,7 +48,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_attach(args: argparse.Namespace) -> int:
     home, hsm = _ks(args)
     a = attach(Path(args.volume), home, hsm, args.log_file, accept_rollback=args.accept_rollback,
-               expected_key=args.key)
+               expected_key=args.key, name=args.name or "", read_only=args.read_only)
     print(a.loop)
     return 0
 
@@ -90,8 +90,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    rows = [{"volume_id": a.volume_id, "image": a.image, "loop": a.loop, "pid": a.pid,
-             "state": "attached" if a.daemon_alive() else "dead"} for a in attachments()]
+    rows = [{"volume_id": a.volume_id, "image": a.image, "loop": a.loop, "pid": a.pid, "name": a.name,
+             "read_only": a.read_only, "state": "attached" if a.daemon_alive() else "dead"}
+            for a in attachments()]
     if args.json:
         print(json.dumps({"Volumes": rows}, indent=2))
         return 0
@@ -185,12 +186,16 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p = cmd("attach", cmd_attach, "attach VOL as a plaintext loop device; prints /dev/loopN")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: none)")
+    p.add_argument("--name", metavar="NAME", help="also link /dev/encfs/NAME to the loop device (A-Z a-z 0-9 . _ -)")
+    p.add_argument("--read-only", "--ro", action="store_true",
+                   help="open the image read-only (read-only media) and attach a read-only loop device")
     p.add_argument("--accept-rollback", action="store_true",
                    help="attach a volume made by an older encfs even where a damaged sector map slot leaves "
                         "only the other, possibly older map (those sectors may roll back to it; logged)")
     _expected_key(p)
-    p = cmd("detach", cmd_detach, "detach VOL or /dev/loopN (flushes everything first)", hsm=False)
-    p.add_argument("target", metavar="VOL|/dev/loopN")
+    p = cmd("detach", cmd_detach, "detach VOL, /dev/loopN or NAME (flushes everything first)",
+            hsm=False)
+    p.add_argument("target", metavar="VOL|/dev/loopN|NAME")
     p = cmd("list", cmd_list, "attached volumes", hsm=False)
     p.add_argument("--json", action="store_true")
     p = cmd("info", cmd_info, "a volume's header and state (authenticated only with --key)")

@@ -415,13 +415,14 @@ def open_locked(path: Path, writable: bool = True, shared: bool = False) -> int:
 
 
 def open_volume(path: Path, ks: KeyService, seal_worker: bool = False, accept_rollback: bool = False,
-                expected_key: str | None = None) -> OpenVolume:
+                expected_key: str | None = None, read_only: bool = False) -> OpenVolume:
     """Open and unlock an image (the CMK must be Enabled). ``seal_worker``: large writes are
     sealed in a helper process (encfs.sealworker), for a daemon that serves the volume.
     ``accept_rollback``: upgrade a volume made before mirrored maps even where a damaged map
     slot leaves only an older map (see the module docstring). ``expected_key``: refuse a volume
-    whose CMK is another key (VolumeKeyMismatch)."""
-    fd = open_locked(path)
+    whose CMK is another key (VolumeKeyMismatch). ``read_only``: the image is opened O_RDONLY
+    (read-only media); a format-1 volume that still needs an upgrade is refused."""
+    fd = open_locked(path, writable=not read_only)
     try:
         header, key, warnings = _read_verified(fd, path, ks, expected_key)
         for w in warnings:
@@ -449,6 +450,8 @@ def open_volume(path: Path, ks: KeyService, seal_worker: bool = False, accept_ro
         budget = SealBudget(header.seals_reserved if header.authenticated else _estimate_seals(fd),
                             headers.reserve, str(path))
         store = SectorStore(fd, key, header.volume_id, header.sectors, budget=budget)
+        if read_only and not (header.maps_mirrored and header.authenticated):
+            raise VolumeError(f"volume {path} needs a one-time upgrade that writes it: attach it read-write once")
         if not header.maps_mirrored:
             _mirror_maps(path, headers, store, accept_rollback)
         if not header.authenticated:
