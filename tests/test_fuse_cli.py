@@ -558,6 +558,18 @@ def test_info_reports_format_ids_features_and_counts(tmp_path: Path, fs_home: Pa
     assert_one_line_error(run_encfs("info", str(tmp_path), home=fs_home), "not an encfs filesystem")
 
 
+def test_info_of_a_mountpoint_is_info_of_its_cipherdir(tmp_path: Path, fs_home: Path) -> None:
+    cipher, mp = new_fs(tmp_path, fs_home)
+    with guard(cipher, mp):
+        with Mount(cipher, mp, fs_home):
+            by_mp, by_dir = _info(mp, fs_home), _info(cipher, fs_home)
+            text = encfs_ok("info", str(mp), home=fs_home)
+        assert by_mp["cipherdir"] == str(cipher) and by_mp["mountpoint"] == str(mp)
+        assert by_mp["fs_id"] == by_dir["fs_id"] and by_mp["lock"].startswith("mounted read-write")
+        assert any(line.split() == ["mountpoint", str(mp)] for line in text.splitlines()), text
+        assert_one_line_error(run_encfs("info", str(mp), home=fs_home), "not an encfs filesystem")
+
+
 # -- 6. --allow-other ----------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -97,10 +97,15 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """What the config says without the token (so not verified: a mount verifies both copies),
-    the mount lock's state, and counts of the backing tree."""
+    the mount lock's state, and counts of the backing tree. A mountpoint of an encfs mount names
+    its CIPHERDIR (the mount's source)."""
     from encfs.fuse.mountlock import describe
+    from encfs.fuse.mounttable import mount_at
 
     cipherdir = Path(args.cipherdir)
+    mounted = mount_at(cipherdir)
+    if mounted is not None:
+        cipherdir = Path(mounted.source)
     config, warnings = peek_config(cipherdir)
     counts = {"files": 0, "directories": 0, "symlinks": 0, "other": 0, "long_names": 0, "backing_bytes": 0}
     for _dirpath, dirnames, filenames, dir_fd in os.fwalk(cipherdir):  # by dir fds: paths past PATH_MAX
@@ -115,7 +120,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                     else "symlinks" if stat_m.S_ISLNK(st.st_mode) else "other")
             counts[kind] += 1
     sizes = [BLOCK_FEATURES[f] for f in config.features if f in BLOCK_FEATURES]
-    info = {"cipherdir": str(cipherdir), "config": CONFIG_NAME, "format": config.format, "verified": False,
+    info = {"cipherdir": str(cipherdir), "mountpoint": mounted.mountpoint if mounted else None,
+            "config": CONFIG_NAME, "format": config.format, "verified": False,
             "fs_id": config.fs_id, "key_id": config.key_id, "features": list(config.features),
             "block_size": sizes[0] if len(sizes) == 1 else None, "lock": describe(cipherdir),
             "counts": counts, "warnings": warnings}
@@ -127,6 +133,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 v = ", ".join(f"{name}={n}" for name, n in v.items())
             elif isinstance(v, list):
                 v = ", ".join(v) or "-"
+            elif v is None:
+                v = "-"
             elif k == "verified":
                 v = "no (needs the token: a mount verifies both copies)"
             print(f"{k:10} {v}")
@@ -169,6 +177,6 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.set_defaults(func=cmd_umount)
 
     p = sub.add_parser("info", help="format version, key id, feature flags, counts")
-    p.add_argument("cipherdir", metavar="CIPHERDIR")
+    p.add_argument("cipherdir", metavar="CIPHERDIR|MOUNTPOINT")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
