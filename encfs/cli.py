@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from encfs import __version__, fsckcli
+from encfs import __version__, fsckcli, statuscli
 from encfs import rekeycli as rekey_cli
 from encfs.block import cli as block_cli
 from encfs.block import snapcli as snap_cli
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     snap_cli.register(sub, add_hsm_options)
     rekey_cli.register(sub, add_hsm_options)
     fsckcli.register(sub, add_hsm_options)
+    statuscli.register(sub, add_hsm_options)
     bench = sub.add_parser("bench", add_help=False, prefix_chars="\0",
                            help="benchmark encfs against the native directory, a null cipher and peers "
                                 "(`encfs bench --help`)")

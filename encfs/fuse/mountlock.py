@@ -235,6 +235,20 @@ def serves_read_write(cipherdir: Path, mountpoint: str) -> bool:
         and rec.get("mode") == "rw" and rec.get("mountpoint") == mountpoint
 
 
+def owner_record(cipherdir: Path) -> dict[str, Any] | None:
+    """The owner record a read-write mount wrote (takes no lock), for `encfs status`; None if
+    there is none or it cannot be read."""
+    try:
+        fd = os.open(cipherdir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        rec = _read_record(fd)
+    finally:
+        os.close(fd)
+    return rec if isinstance(rec, dict) else None
+
+
 def describe(cipherdir: Path) -> str:
     """The lock's state in one line, for `encfs info` (takes no lock)."""
     path = cipherdir / LOCK_NAME
