@@ -6,7 +6,9 @@ registry. Key ids are read without the token (the config, the volume header: not
 key states come from the key service if it can be opened, else "unknown". Nothing here
 stat()s a mounted filesystem, so a hung daemon does not hang `status`.
 
-Errors since start: the daemons keep no error count yet, so ``Errors`` is null ("unknown").
+Errors since start: a volume daemon publishes its count (requests answered with an error)
+beside its registry entry, at most once a second; a filesystem mount keeps none yet, so its
+``Errors`` is null ("unknown"), as for a volume daemon of an older encfs.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _volume_rows() -> list[dict[str, Any]]:
             key_id = None
         rows.append({"Type": "volume", "Source": a.image, "Target": a.loop, "Name": a.name or None,
                      "ReadOnly": a.read_only, "KeyId": key_id, "KeyState": UNKNOWN, "Pid": a.pid,
-                     "DaemonAlive": a.daemon_alive(), "Errors": None})
+                     "DaemonAlive": a.daemon_alive(), "Errors": a.errors()})
     return rows
 
 

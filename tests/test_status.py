@@ -5,12 +5,15 @@ Other engineers' mounts may be listed too: the test looks only at its own rows."
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from fuse_helpers import Mount
 from test_fuse_cli import guard, new_fs
-from test_volumes import Rig, pytestmark, rig  # noqa: F401
+from test_volumes import Rig, dd_read, dd_write, flip, patterns, pytestmark, rig  # noqa: F401
+
+from encfs.block.layout import SLOT_A, SLOT_B, sector_offset
 
 
 def _status(rig: Rig) -> dict[str, Any]:  # noqa: F811
@@ -42,3 +45,26 @@ def test_status_lists_a_mount_and_a_named_volume(rig: Rig) -> None:  # noqa: F81
         assert (vol["Pid"], vol["DaemonAlive"]) == (pid, False)
         rig.detach("stvol")
     assert [r for r in _status(rig)["Mounts"] if r["Target"] == str(mp)] == []
+
+
+def test_status_counts_a_volume_daemons_errors(rig: Rig) -> None:  # noqa: F811
+    image = rig.create("err.img", "16M", fmt=1)  # format 1: a sector's slots are at fixed offsets
+    loop = rig.attach(image)
+    dd_write(loop, 10 * 4096, patterns(10, 1, 1), rig.tmp)
+    rig.detach(loop)
+    for slot in (SLOT_A, SLOT_B):
+        flip(image, sector_offset(10, slot) + 100)
+    loop = rig.attach(image)
+    [vol] = _status(rig)["Volumes"]
+    assert vol["Errors"] == 0
+    for _ in range(2):
+        r = dd_read(loop, 10 * 4096, 4096)
+        assert r.returncode != 0 and b"Input/output error" in r.stderr, r.stderr
+    deadline = time.monotonic() + 10  # the daemon publishes its count at most once a second
+    while (errors := _status(rig)["Volumes"][0]["Errors"]) == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert errors >= 1  # the kernel may retry a failed read: at least one failed request
+    assert any(line.split()[0] == "volume" and line.split()[-1] == str(errors)
+               for line in rig.ok("status").splitlines())
+    rig.detach(loop)
+    rig.assert_nothing_attached()

@@ -3,7 +3,8 @@ and a loop device is attached to it.
 
 Registry: ``/run/encfs/volumes/<volume id>.json`` (root only) records the
 image, daemon pid, private mountpoint and loop device of each attached
-volume. ``--name NAME`` adds a stable link ``/dev/encfs/NAME`` (ENCFS_DEV_DIR) to the
+volume; its daemon keeps ``<volume id>.errors`` beside it, the count of requests
+it answered with an error (for `encfs status`). ``--name NAME`` adds a stable link ``/dev/encfs/NAME`` (ENCFS_DEV_DIR) to the
 loop device; ``--read-only`` opens the image O_RDONLY and the loop device
 read-only. Invariants:
 - attach either ends with a loop device on a running daemon and a registry
@@ -28,6 +29,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +76,18 @@ class Attachment:
     @property
     def link(self) -> Path | None:
         return LINK_DIR / self.name if self.name else None
+
+    @property
+    def errors_file(self) -> Path:
+        return Path(f"{self.mountpoint}.errors")
+
+    def errors(self) -> int | None:
+        """Requests the daemon answered with an error since it started (it writes the count at
+        most once a second); None if it keeps none (a daemon of an older encfs)."""
+        try:
+            return int(self.errors_file.read_text())
+        except (OSError, ValueError):
+            return None
 
     def daemon_alive(self) -> bool:
         start = proc_start(self.pid)
@@ -252,14 +266,36 @@ def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, rea
     try:
         server = VolumeServer(fuse_mount(mountpoint, f"encfs:{image}"), vol, name=str(image))
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        stop = threading.Event()
+        threading.Thread(target=_publish_errors, args=(server, Path(f"{mountpoint}.errors"), stop), daemon=True,
+                         name="encfs-errors").start()
         ready.ok()
-        server.serve()
+        try:
+            server.serve()
+        finally:
+            stop.set()
     finally:
         try:
             vol.flush()
         except OSError:
             log.exception("final flush failed")
         vol.close()
+
+
+def _publish_errors(server: VolumeServer, path: Path, stop: threading.Event) -> None:
+    """Keep ``path`` holding the server's error count, rewritten at most once a second."""
+    written = None
+    while True:
+        if server.errors != written:
+            written = server.errors
+            try:
+                tmp = path.with_suffix(".errors.tmp")
+                tmp.write_text(f"{written}\n")
+                tmp.replace(path)
+            except OSError as e:
+                log.warning("cannot publish the error count in %s: %s", path, e.strerror)
+        if stop.wait(1):
+            return
 
 
 def _wait_gone(a: Attachment, timeout: float) -> bool:
@@ -311,6 +347,7 @@ def _cleanup(a: Attachment) -> None:
 def _forget(a: Attachment) -> None:
     """Remove the name link, the registry entry and the (unmounted) private mountpoint."""
     _remove_link(a)
+    a.errors_file.unlink(missing_ok=True)
     a.entry.unlink(missing_ok=True)
     if not _is_mounted(a.mountpoint):
         try:
