@@ -3,10 +3,11 @@ and a loop device is attached to it.
 
 Registry: ``/run/encfs/volumes/<volume id>.json`` (root only) records the
 image, daemon pid, private mountpoint and loop device of each attached
-volume; its daemon keeps ``<volume id>.errors`` beside it, the count of requests
-it answered with an error (for `encfs status`). ``--name NAME`` adds a stable link ``/dev/encfs/NAME`` (ENCFS_DEV_DIR) to the
-loop device; ``--read-only`` opens the image O_RDONLY and the loop device
-read-only. Invariants:
+volume; its daemon keeps ``<volume id>.errors`` beside it, the count of
+requests it answered with an error (for `encfs status`). ``--name NAME`` adds
+a stable link ``/dev/encfs/NAME`` (ENCFS_DEV_DIR) to the loop device;
+``--read-only`` opens the image O_RDONLY and the loop device read-only.
+Invariants:
 - attach either ends with a loop device on a running daemon and a registry
   entry, or leaves nothing behind (no mount, no loop device, no entry);
 - the daemon never touches the token before it has forked (PKCS#11
