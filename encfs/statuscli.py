@@ -6,9 +6,10 @@ registry. Key ids are read without the token (the config, the volume header: not
 key states come from the key service if it can be opened, else "unknown". Nothing here
 stat()s a mounted filesystem, so a hung daemon does not hang `status`.
 
-Errors since start: a volume daemon publishes its count (requests answered with an error)
-beside its registry entry, at most once a second; a filesystem mount keeps none yet, so its
-``Errors`` is null ("unknown"), as for a volume daemon of an older encfs.
+Errors since start: requests a daemon answered EIO. A volume daemon publishes its count
+beside its registry entry, a read-write filesystem mount in its owner record, each at most
+once a second. A read-only mount writes no record (pid and errors null, "unknown"), nor does a
+daemon of an older encfs keep a count.
 """
 
 from __future__ import annotations
@@ -38,16 +39,17 @@ def _mount_rows() -> list[dict[str, Any]]:
         except (EncfsError, OSError):
             key_id = None
         rec = owner_record(cipherdir)
-        pid = alive = None
+        pid = alive = errors = None
         # Only a read-write mount writes a record; it is this mount's if it names this mountpoint.
         if rec is not None and rec.get("state") == "mounted" and rec.get("mountpoint") == m.mountpoint \
                 and isinstance(rec.get("pid"), int):
             pid = rec["pid"]
             start = proc_start(pid)
             alive = start is not None and start == rec.get("pid_start")
+            errors = rec.get("errors") if isinstance(rec.get("errors"), int) else None
         rows.append({"Type": "filesystem", "Source": m.source, "Target": m.mountpoint, "Name": None,
                      "ReadOnly": m.read_only, "KeyId": key_id, "KeyState": UNKNOWN, "Pid": pid,
-                     "DaemonAlive": alive, "Errors": None})
+                     "DaemonAlive": alive, "Errors": errors})
     return rows
 
 

@@ -4,6 +4,7 @@ Other engineers' mounts may be listed too: the test looks only at its own rows."
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ def test_status_lists_a_mount_and_a_named_volume(rig: Rig) -> None:  # noqa: F81
         [fs] = [r for r in st["Mounts"] if r["Target"] == str(mp)]
         assert fs == {"Type": "filesystem", "Source": str(cipher), "Target": str(mp), "Name": None,
                       "ReadOnly": False, "KeyId": key_id, "KeyState": "Enabled", "Pid": m.pid,
-                      "DaemonAlive": True, "Errors": None}
+                      "DaemonAlive": True, "Errors": 0}
         [vol] = st["Volumes"]
         assert {k: vol[k] for k in ("Source", "Target", "Name", "KeyId", "KeyState", "DaemonAlive")} == \
             {"Source": str(image), "Target": loop, "Name": "stvol", "KeyId": key_id, "KeyState": "Enabled",
@@ -68,3 +69,28 @@ def test_status_counts_a_volume_daemons_errors(rig: Rig) -> None:  # noqa: F811
                for line in rig.ok("status").splitlines())
     rig.detach(loop)
     rig.assert_nothing_attached()
+
+
+def test_status_counts_a_filesystem_daemons_errors(rig: Rig) -> None:  # noqa: F811
+    cipher, mp = new_fs(rig.tmp, rig.home)
+    with guard(cipher, mp):
+        with Mount(cipher, mp, rig.home):
+            (mp / "f").write_bytes(b"x" * 100_000)
+        backing = max((p for p in cipher.rglob("*") if p.is_file() and "." not in p.name),
+                      key=lambda p: p.stat().st_size)
+        flip(backing, backing.stat().st_size // 2)
+        with Mount(cipher, mp, rig.home):
+            [fs] = [r for r in _status(rig)["Mounts"] if r["Target"] == str(mp)]
+            assert fs["Errors"] == 0
+            try:
+                (mp / "f").read_bytes()
+                raise AssertionError("a tampered block was read")
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+            deadline = time.monotonic() + 10  # the record is rewritten within a second of a change
+            while time.monotonic() < deadline:
+                [fs] = [r for r in _status(rig)["Mounts"] if r["Target"] == str(mp)]
+                if fs["Errors"]:
+                    break
+                time.sleep(0.2)
+            assert fs["Errors"] >= 1

@@ -4,7 +4,7 @@ and a loop device is attached to it.
 Registry: ``/run/encfs/volumes/<volume id>.json`` (root only) records the
 image, daemon pid, private mountpoint and loop device of each attached
 volume; its daemon keeps ``<volume id>.errors`` beside it, the count of
-requests it answered with an error (for `encfs status`). ``--name NAME`` adds
+requests it answered EIO (for `encfs status`). ``--name NAME`` adds
 a stable link ``/dev/encfs/NAME`` (ENCFS_DEV_DIR) to the loop device;
 ``--read-only`` opens the image O_RDONLY and the loop device read-only.
 Invariants:
@@ -83,7 +83,7 @@ class Attachment:
         return Path(f"{self.mountpoint}.errors")
 
     def errors(self) -> int | None:
-        """Requests the daemon answered with an error since it started (it writes the count at
+        """Requests the daemon answered EIO since it started (it writes the count at
         most once a second); None if it keeps none (a daemon of an older encfs)."""
         try:
             return int(self.errors_file.read_text())
@@ -287,8 +287,8 @@ def _publish_errors(server: VolumeServer, path: Path, stop: threading.Event) -> 
     """Keep ``path`` holding the server's error count, rewritten at most once a second."""
     written = None
     while True:
-        if server.errors != written:
-            written = server.errors
+        if server.io_errors != written:
+            written = server.io_errors
             try:
                 tmp = path.with_suffix(".errors.tmp")
                 tmp.write_text(f"{written}\n")

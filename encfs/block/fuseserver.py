@@ -26,7 +26,6 @@ import errno
 import logging
 import stat
 import struct
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -137,8 +136,6 @@ class VolumeServer(FuseServer):
         super().__init__(fd, trace)
         self.volume, self.name = volume, name  # name: the image, in log lines
         self.started = time.time()
-        self.errors = 0  # requests answered with an error from the volume (`encfs status`)
-        self._errors_lock = threading.Lock()  # failures of requests served side by side
         self._on_error = on_error
         self.lock = SharedExclusiveLock()
         self.handlers = self._build_handlers()
@@ -181,8 +178,6 @@ class VolumeServer(FuseServer):
             self.volume.flush()
 
     def on_failure(self, req: Request, exc: Exception) -> None:
-        with self._errors_lock:
-            self.errors += 1
         if isinstance(exc, BlockAuthError):
             daemonlog.report_integrity(log, self.name, f"block {exc.block_no}", exc)
             if self._on_error:

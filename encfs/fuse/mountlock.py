@@ -12,7 +12,8 @@ bookkeeping, never a user entry) carries:
   to a multiple of 512 bytes, rewritten in place through the locked
   descriptor (never renamed: the lock belongs to the inode): host name, boot
   id, pid and its start time, a random owner id, mountpoint, mount time,
-  heartbeat time, mode, and ``state``: "mounted" while mounted, "clean" after
+  heartbeat time, mode, ``errors`` (the daemon's count of requests answered EIO,
+  rewritten at most once a second when it changes, for `encfs status`), and ``state``: "mounted" while mounted, "clean" after
   a clean unmount. A heartbeat thread rewrites it every HEARTBEAT seconds.
   ``encfs rekey`` (rewrap.py) holds the lock the same way, with mode "rekey",
   and ``encfs fsck`` (fsck.py) with mode "fsck", so that nothing mounts while they run.
@@ -55,6 +56,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +296,7 @@ class MountLock:
         self._thread: threading.Thread | None = None
         self._record: dict[str, Any] = {}
         self._size = 0
+        self.error_count: Callable[[], int] = lambda: 0  # requests answered EIO (set by serve)
 
     @classmethod
     def acquire(cls, cipherdir: Path, mountpoint: Path | str, *, read_only: bool,
@@ -339,7 +342,7 @@ class MountLock:
         self._record = {"version": RECORD_VERSION, "state": "mounted", "mode": mode, "host": host,
                         "boot_id": boot, "pid": os.getpid(), "pid_start": proc_start(os.getpid()),
                         "owner": uuid.uuid4().hex, "mountpoint": mountpoint, "mounted_at": round(now, 3),
-                        "heartbeat": round(now, 3)}
+                        "heartbeat": round(now, 3), "errors": 0}
         try:
             self._write(truncate=True)
         except OSError as e:
@@ -361,7 +364,12 @@ class MountLock:
 
     def _beat(self) -> None:
         failing = False
-        while not self._stop.wait(HEARTBEAT):
+        due = time.monotonic() + HEARTBEAT
+        while not self._stop.wait(min(1.0, HEARTBEAT)):  # a changed error count is written within 1 s
+            errors = self.error_count()
+            if time.monotonic() < due and errors == self._record.get("errors"):
+                continue
+            due = time.monotonic() + HEARTBEAT
             with self._mutex:
                 if self._fd is None:
                     return
@@ -372,6 +380,7 @@ class MountLock:
                               self.path.parent, _who(rec))
                     return
                 self._record["heartbeat"] = round(time.time(), 3)
+                self._record["errors"] = errors
                 try:
                     self._write()
                     failing = False

@@ -94,12 +94,17 @@ class FuseServer:
         self._overlapping = 0  # handed-over requests still running
         self._overlapping_lock = threading.Lock()
         self.unmounted = False  # the kernel ended the connection (ENODEV)
+        self.io_errors = 0  # requests answered EIO since start (`encfs status`: "errors since start")
+        self._io_errors_lock = threading.Lock()
 
     def reply(self, unique: int, *payload: bytes | bytearray | memoryview) -> None:
         length = OUT_HEADER.size + sum(len(p) for p in payload)
         self._send([OUT_HEADER.pack(length, 0, unique), *payload])
 
     def reply_error(self, unique: int, error: int) -> None:
+        if error == errno.EIO:  # damaged or unauthenticated data, failing storage, a bug
+            with self._io_errors_lock:
+                self.io_errors += 1
         if self.trace:
             trace.debug("  unique=%d -> %s", unique, errno.errorcode.get(error, error))
         self._send([OUT_HEADER.pack(OUT_HEADER.size, -error, unique)])
