@@ -21,6 +21,7 @@ from encfs.block.attach import (
 )
 from encfs.block.layout import image_size
 from encfs.block.volume import (
+    VolumeError,
     check_space,
     create_volume,
     grow_volume,
@@ -50,6 +51,34 @@ def cmd_attach(args: argparse.Namespace) -> int:
     a = attach(Path(args.volume), home, hsm, args.log_file, accept_rollback=args.accept_rollback,
                expected_key=args.key, name=args.name or "", read_only=args.read_only)
     print(a.loop)
+    return 0
+
+
+def cmd_attach_all(args: argparse.Namespace) -> int:
+    """Attach every ``auto`` volume of the table that is not attached yet; go on past a failure,
+    then fail naming how many did."""
+    from encfs.block import voltab
+    from encfs.errors import EncfsError
+
+    home, hsm = _ks(args)
+    table = Path(args.table) if args.table else voltab.VOLTAB
+    failed = []
+    for v in voltab.read(table):
+        if not v.auto:
+            continue
+        live = next((a for a in attachments() if a.name == v.name and a.daemon_alive()), None)
+        if live is not None:
+            print(f"{v.name}: already attached at {live.loop}")
+            continue
+        try:
+            a = attach(v.image, home, hsm, v.log_file, expected_key=v.key, name=v.name, read_only=v.read_only)
+        except EncfsError as e:
+            print(f"{v.name}: not attached: {e.message}")
+            failed.append(v.name)
+            continue
+        print(f"{v.name}: {a.loop}")
+    if failed:
+        raise VolumeError(f"{len(failed)} volume(s) of {table} not attached: {', '.join(failed)}")
     return 0
 
 
@@ -193,6 +222,9 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
                    help="attach a volume made by an older encfs even where a damaged sector map slot leaves "
                         "only the other, possibly older map (those sectors may roll back to it; logged)")
     _expected_key(p)
+    p = cmd("attach-all", cmd_attach_all, "attach every volume of /etc/encfs/volumes (NAME IMAGE [ro,key=KEY,"
+                                          "log-file=FILE,noauto]) not attached yet; at boot")
+    p.add_argument("--table", metavar="FILE", help="the volume table (default /etc/encfs/volumes)")
     p = cmd("detach", cmd_detach, "detach VOL, /dev/loopN or NAME (flushes everything first)",
             hsm=False)
     p.add_argument("target", metavar="VOL|/dev/loopN|NAME")
