@@ -59,6 +59,8 @@ def test_read_only_attach_on_a_read_only_bind_mount(rig: Rig) -> None:  # noqa: 
            check=False)
     assert r.returncode != 0 and ("Read-only" in r.stderr or "not permitted" in r.stderr), r.stderr
     assert [r["read_only"] for r in rig.listed()] == [True]
+    assert rig.fails("volume", "resize", ro / "ro.img", "--size", "32M") == \
+        f"encfs: {ro / 'ro.img'} is attached read-only at {loop}: detach it to resize it"
     rig.detach(loop)
     rig.assert_nothing_attached()
     assert sha256(image) == before

@@ -140,6 +140,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     if header.copy_on_write and not args.sparse:
         check_space(path, size, "grow")
     a = live_attachment(header.volume_id.hex())
+    if a is not None and a.read_only:
+        raise VolumeError(f"{path} is attached read-only at {a.loop}: detach it to resize it")
     if a is not None:
         if args.key is not None:  # the daemon verified the header it serves; pin the key it names
             with open_key_service(args) as ks:
