@@ -28,6 +28,7 @@ def test_named_attach_link_detach_by_name_and_dead_daemon_cleanup(rig: Rig) -> N
     assert [r["name"] for r in rig.listed()] == ["data"]
     assert rig.fails("volume", "attach", other, "--name", "data") == \
         f"encfs: volume name data is in use by {image} ({loop})"
+    assert rig.encfs("volume", "attach", other, "--name", "data").returncode == 75  # busy (EX_TEMPFAIL)
     rig.detach("data")
     assert not (dev / "data").exists() and not (dev / "data").is_symlink()
     rig.assert_nothing_attached()

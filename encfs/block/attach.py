@@ -221,7 +221,7 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     for other in attachments() if name else []:
         if other.name == name:
             if other.daemon_alive():
-                raise VolumeError(f"volume name {name} is in use by {other.image} ({other.loop})")
+                raise VolumeBusy(f"volume name {name} is in use by {other.image} ({other.loop})")
             _cleanup(other)
     mountpoint = str(_registry() / vid)
     os.makedirs(mountpoint, mode=0o700, exist_ok=True)

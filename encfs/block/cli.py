@@ -21,6 +21,7 @@ from encfs.block.attach import (
 )
 from encfs.block.layout import image_size
 from encfs.block.volume import (
+    VolumeBusy,
     VolumeError,
     check_space,
     create_volume,
@@ -141,7 +142,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
         check_space(path, size, "grow")
     a = live_attachment(header.volume_id.hex())
     if a is not None and a.read_only:
-        raise VolumeError(f"{path} is attached read-only at {a.loop}: detach it to resize it")
+        raise VolumeBusy(f"{path} is attached read-only at {a.loop}: detach it to resize it")
     if a is not None:
         if args.key is not None:  # the daemon verified the header it serves; pin the key it names
             with open_key_service(args) as ks:
