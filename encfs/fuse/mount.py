@@ -171,7 +171,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     if not fs.read_only:
         fs.sealing.start()  # before the server: its threads' request buffers live in the worker's arena
     server = server_class(fd, fs, where, trace=opts.debug)
-    lock.error_count = lambda: getattr(server, "io_errors", 0)  # in the owner record (`encfs status`)
+    # In the owner record (`encfs status`); pyfuse3's server keeps no count: unknown (null).
+    lock.error_count = (lambda: server.io_errors) if isinstance(server, FsServer) else (lambda: None)
     if opts.debug:
         logging.getLogger("encfs.fuse.trace").setLevel(logging.DEBUG)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -296,7 +296,7 @@ class MountLock:
         self._thread: threading.Thread | None = None
         self._record: dict[str, Any] = {}
         self._size = 0
-        self.error_count: Callable[[], int] = lambda: 0  # requests answered EIO (set by serve)
+        self.error_count: Callable[[], int | None] = lambda: 0  # requests answered EIO (set by serve)
 
     @classmethod
     def acquire(cls, cipherdir: Path, mountpoint: Path | str, *, read_only: bool,
