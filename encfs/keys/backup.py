@@ -60,7 +60,6 @@ HEADER = struct.Struct(">8sBBBBB16s12s16s")  # magic version kind log2_n r p sal
 SCRYPT_LOG2N, SCRYPT_R, SCRYPT_P = 17, 8, 1  # as pins.sealed: 128 MiB, 0.35 s on the 2-core VM
 _MAX_MEMORY = 4 << 30
 MAX_ARCHIVE = 1 << 30
-RECOVERY_KEY_BYTES = 32
 # Paths an archive may hold, relative to the state directory (nothing else is ever written).
 _PATH = re.compile(r"keys\.json(\.bak)?|softhsm/(user\.pin|so\.pin|pins\.sealed)"
                    r"|softhsm/tokens/[A-Za-z0-9_-][A-Za-z0-9._-]*/[A-Za-z0-9_-][A-Za-z0-9._-]*")

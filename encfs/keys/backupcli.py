@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from encfs.errors import ConfigError, NoKeyStore, StateError, UsageError
 from encfs.keys import backup
 from encfs.keys.audit import AuditLog
 from encfs.keys.backup import KIND_PASSPHRASE, KIND_RECOVERY_KEY, Secret
+from encfs.recoverykey import new_recovery_key, read_recovery_key
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -31,39 +31,6 @@ def _home(args: argparse.Namespace) -> Path:
         raise UsageError(f"{home}/config.toml names a PKCS#11 module: `encfs hsm backup` and `restore` apply to "
                          f"the embedded SoftHSM2 token (back up a real HSM with its vendor's tools)")
     return home
-
-
-def read_recovery_key(path: str) -> bytes:
-    """A recovery key file: 64 hex digits (and a newline), as --new-recovery-key writes, or 32 raw bytes."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(1024)
-    except OSError as e:
-        raise ConfigError(f"cannot read recovery key file {path}: {e.strerror}") from None
-    if len(data) == backup.RECOVERY_KEY_BYTES:
-        return data
-    try:
-        key = bytes.fromhex(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        key = b""
-    if len(key) != backup.RECOVERY_KEY_BYTES:
-        raise ConfigError(f"recovery key file {path} holds no recovery key (64 hex digits or 32 bytes)")
-    return key
-
-
-def _new_recovery_key(path: str) -> bytes:
-    key = secrets.token_bytes(backup.RECOVERY_KEY_BYTES)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise UsageError(f"{path} exists: --new-recovery-key never replaces a file") from None
-    except OSError as e:
-        raise ConfigError(f"cannot create recovery key file {path}: {e.strerror}") from None
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(key.hex() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return key
 
 
 def _passphrase(args: argparse.Namespace, confirm: bool) -> Secret:
@@ -94,7 +61,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     log = _audit(home)
     try:
         if args.new_recovery_key:
-            secret = Secret(KIND_RECOVERY_KEY, _new_recovery_key(args.new_recovery_key))
+            secret = Secret(KIND_RECOVERY_KEY, new_recovery_key(args.new_recovery_key))
         elif args.recovery_key:
             secret = Secret(KIND_RECOVERY_KEY, read_recovery_key(args.recovery_key))
         else:
