@@ -14,20 +14,19 @@ import json
 import os
 import random
 import shutil
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 from fsconfig_tool import remac
 from fuse_helpers import Mount, cold_read, crash_during, expect_errno
+from releases import extract_release
 
 from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.dirids import DirIds
 from encfs.fuse.fsconfig import BINDING_FEATURES, BINDING_UPGRADE, SPARSE_FEATURE
 from encfs.fuse.names import DIRID_XATTR, SEALED_DIRID_LEN, NameCipher
 
-DATA = Path(__file__).parent / "data"
 LONG = "L" * 200
 DIRID_FILE = "encfs.dirid"
 
@@ -209,17 +208,7 @@ V2_LINKS = {"link": "a/f.txt", "a/longlink": "y" * 3100, "hard1": "a/b/deep.txt"
 def v2(tmp_path: Path) -> dict[str, Path]:
     """The ENCFS_HOME and CIPHERDIR that the release before the bound forms made, xattrs included."""
     root = tmp_path / "v2"
-    with tarfile.open(DATA / "fs-v2.tar.gz") as tar:
-        tar.extractall(root, filter="tar")
-        for member in tar.getmembers():
-            for key, value in member.pax_headers.items():
-                if key.startswith("SCHILY.xattr."):
-                    os.setxattr(root / member.name, key[len("SCHILY.xattr."):],
-                                value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
-    conf = root / "home" / "softhsm" / "softhsm2.conf"
-    conf.write_text("".join(f"directories.tokendir = {root / 'home' / 'softhsm' / 'tokens'}\n"
-                            if line.startswith("directories.tokendir") else line
-                            for line in conf.read_text().splitlines(keepends=True)))
+    extract_release("fs-v2.tar.gz", root)
     return {"home": root / "home", "cipher": root / "cipher"}
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
 from conftest import run_encfs
 from fsconfig_tool import remac
 from fuse_helpers import Mount
+from releases import extract_release
 from test_fuse_cli import assert_one_line_error, encfs_ok, guard, new_fs
 
 from encfs.errors import InvalidCiphertext
@@ -27,7 +27,6 @@ from encfs.fuse.fsconfig import BINDING_FEATURES, FS_FORMAT, SPARSE_FEATURE, fea
 from encfs.fuse.mount import is_mounted
 from encfs.keys.service import KeyService
 
-DATA = Path(__file__).parent / "data"
 CONF, BAK = "encfs.conf", "encfs.conf.bak"
 # What tests/data/fs-v1.tar.gz holds in each of its two filesystems (see tests/data/README.md).
 V1_FILES = {"hello.txt": b"hello from encfs format 1\n",
@@ -47,12 +46,7 @@ def _check_v1_tree(mp: Path) -> None:
 def v1(tmp_path: Path) -> dict[str, Path]:
     """The ENCFS_HOME and the two CIPHERDIRs (32 KiB and 4 KiB blocks) the previous release made."""
     root = tmp_path / "v1"
-    with tarfile.open(DATA / "fs-v1.tar.gz") as tar:
-        tar.extractall(root, filter="tar")
-    conf = root / "home" / "softhsm" / "softhsm2.conf"  # provisioning wrote its absolute token path
-    conf.write_text("".join(f"directories.tokendir = {root / 'home' / 'softhsm' / 'tokens'}\n"
-                            if line.startswith("directories.tokendir") else line
-                            for line in conf.read_text().splitlines(keepends=True)))
+    extract_release("fs-v1.tar.gz", root)
     return {"home": root / "home", "cipher": root / "cipher", "cipher-4k": root / "cipher-4k"}
 
 

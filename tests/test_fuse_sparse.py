@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import run_encfs
 from fuse_helpers import Mount, cold_pread, cold_read, crash_during, expect_errno
+from releases import extract_release
 from test_fuse_binding import _check_v2_tree, _features, v2  # noqa: F401  (v2: a fixture)
 
 from encfs import daemonlog
@@ -28,7 +28,6 @@ from encfs.fuse.fsconfig import SPARSE_FEATURE
 
 B = 32768
 GIB = 1 << 30
-DATA = Path(__file__).parent / "data"
 KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE, INSERT_RANGE = 0x01, 0x02, 0x08, 0x10, 0x20
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -332,17 +331,7 @@ def test_fsck_skips_holes_and_its_rescue_keeps_them(tmp_path: Path, fs_home: Pat
 def v3(tmp_path: Path) -> dict[str, Path]:
     """The ENCFS_HOME and CIPHERDIR that the release before sparse files made (tests/data/README.md)."""
     root = tmp_path / "v3"
-    with tarfile.open(DATA / "fs-v3.tar.gz") as tar:
-        tar.extractall(root, filter="tar")
-        for member in tar.getmembers():
-            for key, value in member.pax_headers.items():
-                if key.startswith("SCHILY.xattr."):
-                    os.setxattr(root / member.name, key[len("SCHILY.xattr."):],
-                                value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
-    conf = root / "home" / "softhsm" / "softhsm2.conf"
-    conf.write_text("".join(f"directories.tokendir = {root / 'home' / 'softhsm' / 'tokens'}\n"
-                            if line.startswith("directories.tokendir") else line
-                            for line in conf.read_text().splitlines(keepends=True)))
+    extract_release("fs-v3.tar.gz", root)
     return {"home": root / "home", "cipher": root / "cipher"}
 
 

@@ -16,11 +16,11 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 from conftest import run_encfs
+from releases import extract_release
 
 from encfs.block import budget
 from encfs.block.cli import _info
@@ -37,7 +37,6 @@ from encfs.block.volume import create_volume, open_volume
 from encfs.errors import InvalidCiphertext
 from encfs.keys.service import KeyService
 
-DATA = Path(__file__).parent / "data"
 PATTERN = bytes((7 * i + 3) % 251 for i in range(12288))
 HELLO = b"hello from encfs volume format 1\n"
 
@@ -76,12 +75,7 @@ def v1(tmp_path: Path) -> Path:
     before header MACs made. Its token is used in subprocesses only: SoftHSM2 takes one token
     directory per process, and this process has the test token."""
     root = tmp_path / "v1"
-    with tarfile.open(DATA / "vol-v1.tar.gz") as tar:
-        tar.extractall(root, filter="tar")
-    conf = root / "home" / "softhsm" / "softhsm2.conf"
-    conf.write_text("".join(f"directories.tokendir = {root / 'home' / 'softhsm' / 'tokens'}\n"
-                            if line.startswith("directories.tokendir") else line
-                            for line in conf.read_text().splitlines(keepends=True)))
+    extract_release("vol-v1.tar.gz", root)
     return root
 
 
