@@ -7,35 +7,23 @@ import os
 from pathlib import Path
 
 import pytest
+from content_files import FILE_ID, BackingFile
 
-from encfs.blocks import BlockAuthError, BlockCipher
+from encfs.blocks import BlockAuthError
 from encfs.fuse.content import FileContent
 from encfs.fuse.fileheader import V1, V2, FileHeader
 from encfs.fuse.journal import JournalDamaged, journal_path
 
 B = 4096
 STEP = B + 28
-KEY, FILE_ID = bytes(range(32)), bytes(range(16))
 
 
-class Files:
+class Files(BackingFile):
     def __init__(self, tmp: Path) -> None:
-        self.root = os.fsencode(tmp)
-        self.path = tmp / "f"
-        self.journals: set[bytes] = set()
-
-    def cipher(self) -> BlockCipher:
-        return BlockCipher(KEY, FILE_ID, B)
-
-    def create(self, version: int = V2) -> FileContent:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        return FileContent.create(fd, FileHeader(FILE_ID, bytes(93), version), self.cipher(), self.root, self.journals)
+        super().__init__(tmp, B)
 
     def load(self, after_crash: bool = True, writable: bool = True) -> tuple[FileContent, list[str]]:
-        fd = os.open(self.path, os.O_RDWR)
-        c = FileContent(fd, FileHeader.parse(os.pread(fd, 128, 0)), self.cipher(), self.root, self.journals)
-        notes = c.load(writable, after_crash=after_crash)
-        return c, notes
+        return self.open(after_crash=after_crash, writable=writable)
 
     def journal(self) -> Path:
         return Path(os.fsdecode(journal_path(self.root, FILE_ID)))

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from content_files import FILE_ID, KEY, BackingFile
 
 from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.fuse import content as content_mod
@@ -21,27 +22,16 @@ from encfs.sealing import Sealers
 
 B = 4096
 STEP = B + 28
-OLD_KEY, OLD_ID = bytes(range(32)), bytes(range(16))
+OLD_KEY, OLD_ID = KEY, FILE_ID
 NEW_KEY, NEW_ID = bytes(range(1, 33)), bytes(range(1, 17))
 
 
-class Files:
+class Files(BackingFile):
     def __init__(self, tmp: Path) -> None:
-        self.root = os.fsencode(tmp)
-        self.path = tmp / "f"
-        self.journals: set[bytes] = set()
-
-    def create(self) -> FileContent:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        return FileContent.create(fd, FileHeader(OLD_ID, bytes(93)), BlockCipher(OLD_KEY, OLD_ID, B), self.root,
-                                  self.journals)
+        super().__init__(tmp, B)
 
     def load(self, key: bytes = OLD_KEY) -> FileContent:
-        fd = os.open(self.path, os.O_RDWR)
-        header = FileHeader.parse(os.pread(fd, 128, 0))
-        c = FileContent(fd, header, BlockCipher(key, header.file_id, B), self.root, self.journals)
-        c.load(True)
-        return c
+        return self.open(key, after_crash=False)[0]
 
     def side(self) -> Path:
         return Path(os.fsdecode(rekeyfile.side_file(self.root, OLD_ID)))

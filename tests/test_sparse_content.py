@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from content_files import FILE_ID, BackingFile
 
 from encfs.blocks import BlockAuthError, BlockCipher, sealed_offset, sealed_size
 from encfs.diskio import fallocate
@@ -25,37 +26,19 @@ from encfs.fuse.holes import HOLES_MAX, Holes
 
 B = 32768
 STEP = B + 28
-KEY, FILE_ID = bytes(range(32)), bytes(range(16))
 GIB = 1 << 30
 PUNCH_KEEP = sparse.FALLOC_FL_PUNCH_HOLE | sparse.FALLOC_FL_KEEP_SIZE
 
 
-class Files:
+class Files(BackingFile):
     def __init__(self, tmp: Path) -> None:
-        self.root = os.fsencode(tmp)
-        self.path = tmp / "f"
-        self.journals: set[bytes] = set()
-
-    def cipher(self) -> BlockCipher:
-        return BlockCipher(KEY, FILE_ID, B)
-
-    def create(self) -> FileContent:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        c = FileContent.create(fd, FileHeader(FILE_ID, bytes(93), V2), self.cipher(), self.root, self.journals)
-        c.sparse = True
-        return c
+        super().__init__(tmp, B, sparse=True)
 
     def load(self, after_crash: bool = True, check_key: bool = True) -> FileContent:
-        fd = os.open(self.path, os.O_RDWR)
-        c = FileContent(fd, FileHeader.parse(os.pread(fd, 128, 0)), self.cipher(), self.root, self.journals)
-        c.load(True, after_crash=after_crash)
-        c.sparse = True
+        c, _notes = self.open(after_crash=after_crash)
         if check_key:
             c.check_key()  # as the daemon does before a write (openfiles.writable_content)
         return c
-
-    def allocated(self) -> int:
-        return os.stat(self.path).st_blocks * 512
 
 
 @pytest.fixture
