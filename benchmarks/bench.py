@@ -196,6 +196,7 @@ class Target:
     name = "?"
     kind = "fs"  # or "volume"
     description = ""
+    program = ""  # a peer's command: the target is unavailable without it on PATH
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -206,6 +207,8 @@ class Target:
 
     def check(self) -> None:
         """Raise Unavailable(reason) if this target cannot run here."""
+        if self.program and not shutil.which(self.program):
+            raise Unavailable(f"{self.program} not installed")
 
     def setup(self) -> Path:
         raise NotImplementedError
@@ -241,6 +244,11 @@ class Target:
     def fresh(self) -> Path:
         self.base = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self.ctx.workdir))
         return self.base
+
+    def fresh_fs_dirs(self) -> tuple[Path, Path, Path]:
+        """A fresh base with an empty ``cipher`` and ``plain`` (the mountpoint) below it."""
+        base, cipher, mnt = self.fresh_fs_dirs()
+        return base, cipher, mnt
 
     def daemon(self, cmd: list[str], mountpoint: Path, *, env: dict[str, str] | None = None,
                stdin: bytes | None = None) -> subprocess.Popen:
@@ -421,17 +429,12 @@ class LoopPlain(Target):
 
 class Gocryptfs(Target):
     name = "gocryptfs"
+    program = "gocryptfs"
     description = "gocryptfs (Go, FUSE, AES-256-GCM)"
 
-    def check(self) -> None:
-        if not shutil.which("gocryptfs"):
-            raise Unavailable("gocryptfs not installed")
-
     def setup(self) -> Path:
-        base = self.fresh()
-        cipher, mnt, pw = base / "cipher", base / "plain", base / "pw"
-        cipher.mkdir()
-        mnt.mkdir()
+        base, cipher, mnt = self.fresh_fs_dirs()
+        pw = base / "pw"
         pw.write_text("benchmark\n")
         run(["gocryptfs", "-init", "-q", "-passfile", str(pw), "-scryptn", "10", str(cipher)])
         self.daemon(["gocryptfs", "-fg", "-q", "-passfile", str(pw), str(cipher), str(mnt)], mnt)
@@ -440,17 +443,11 @@ class Gocryptfs(Target):
 
 class Securefs(Target):
     name = "securefs"
+    program = "securefs"
     description = "securefs (C++, FUSE)"
 
-    def check(self) -> None:
-        if not shutil.which("securefs"):
-            raise Unavailable("securefs not installed")
-
     def setup(self) -> Path:
-        base = self.fresh()
-        cipher, mnt = base / "cipher", base / "plain"
-        cipher.mkdir()
-        mnt.mkdir()
+        _base, cipher, mnt = self.fresh_fs_dirs()
         run(["securefs", "create", "--pass", "benchmark", "--rounds", "1", str(cipher)])
         self.daemon(["securefs", "mount", "--pass", "benchmark", str(cipher), str(mnt)], mnt)
         return mnt
@@ -458,17 +455,11 @@ class Securefs(Target):
 
 class Cryfs(Target):
     name = "cryfs"
+    program = "cryfs"
     description = "CryFS (C++, FUSE, fixed-size encrypted blocks)"
 
-    def check(self) -> None:
-        if not shutil.which("cryfs"):
-            raise Unavailable("cryfs not installed")
-
     def setup(self) -> Path:
-        base = self.fresh()
-        cipher, mnt = base / "cipher", base / "plain"
-        cipher.mkdir()
-        mnt.mkdir()
+        base, cipher, mnt = self.fresh_fs_dirs()
         env = dict(os.environ, CRYFS_FRONTEND="noninteractive", CRYFS_NO_UPDATE_CHECK="true",
                    CRYFS_LOCAL_STATE_DIR=str(base / "state"))
         self.daemon(["cryfs", "-f", "--cipher", "aes-256-gcm", str(cipher), str(mnt)], mnt, env=env,
@@ -567,18 +558,23 @@ def drop_caches(ctx: Context) -> None:
         ctx.note(f"caches not dropped ({e}): cold reads may be warm")
 
 
+def write_fsync(path: Path, buf: bytes, count: int) -> None:
+    """``count`` writes of ``buf`` into a new ``path``, then fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(count):
+            os.write(fd, buf)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def w_seq(ctx: Context, d: Path) -> dict[str, float]:
     n = ctx.scale.seq_mib
     buf = os.urandom(MiB)
     path = d / "seq.bin"
     t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _ in range(n):
-            os.write(fd, buf)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_fsync(path, buf, n)
     wt = time.perf_counter() - t0
     drop_caches(ctx)
     t0 = time.perf_counter()
@@ -606,13 +602,7 @@ def w_two_writers(ctx: Context, d: Path) -> dict[str, float]:
 
     def write(path: Path) -> None:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                for _ in range(n):
-                    os.write(fd, buf)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_fsync(path, buf, n)
         except OSError as e:
             errors.append(e)
 
