@@ -171,9 +171,8 @@ def _judge(cipherdir: Path, rec: dict[str, Any] | str | None, now: float) -> tup
     return True, f"the mount {_who(rec)} stopped its heartbeat {int(age)} s ago: presumed crashed"
 
 
-def _busy(cipherdir: Path, fd: int, held: tuple[int, int] | None) -> MountBusy:
+def _busy(cipherdir: Path, rec: dict[str, Any] | str | None, held: tuple[int, int] | None) -> MountBusy:
     """The refusal when the fcntl lock is held: named from the record if a read-write mount holds it."""
-    rec = _read_record(fd)
     if isinstance(rec, dict) and rec.get("state") == "mounted" and (held is None or held[0] == fcntl.F_WRLCK):
         return MountBusy(_held(cipherdir, rec))
     pid = f" (pid {held[1]})" if held and held[1] > 0 else ""
@@ -201,38 +200,41 @@ def _open(path: Path, read_only: bool) -> int | None:
         raise MountError(f"cannot open the mount lock {path}: {e.strerror}") from None
 
 
-def check(cipherdir: Path, *, read_only: bool) -> None:
-    """Fail fast (before forking the daemon) if the CIPHERDIR is mounted; takes no lock."""
-    path = cipherdir / LOCK_NAME
+def _peek(cipherdir: Path, conflicting_with: int | None = None
+          ) -> tuple[tuple[int, int] | None, dict[str, Any] | str | None]:
+    """Taking no lock: the lock that would block one of kind ``conflicting_with`` (None if there is
+    none, none was asked for, or F_GETLK failed), and the owner record. OSError if the lock file
+    cannot be opened."""
+    fd = os.open(cipherdir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return  # nothing to look at: the daemon decides
-    try:
-        try:
-            held = _conflict(fd, fcntl.F_RDLCK if read_only else fcntl.F_WRLCK)
-        except OSError:
-            held = None
-        if held is not None:
-            raise _busy(cipherdir, fd, held)
-        _judge(cipherdir, _read_record(fd), time.time())
+        held = None
+        if conflicting_with is not None:
+            try:
+                held = _conflict(fd, conflicting_with)
+            except OSError:
+                pass
+        return held, _read_record(fd)
     finally:
         os.close(fd)
+
+
+def check(cipherdir: Path, *, read_only: bool) -> None:
+    """Fail fast (before forking the daemon) if the CIPHERDIR is mounted; takes no lock."""
+    try:
+        held, rec = _peek(cipherdir, fcntl.F_RDLCK if read_only else fcntl.F_WRLCK)
+    except OSError:
+        return  # nothing to look at: the daemon decides
+    if held is not None:
+        raise _busy(cipherdir, rec, held)
+    _judge(cipherdir, rec, time.time())
 
 
 def serves_read_write(cipherdir: Path, mountpoint: str) -> bool:
     """Whether a live read-write mount of ``cipherdir`` at ``mountpoint`` holds the lock (takes none)."""
     try:
-        fd = os.open(cipherdir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        held, rec = _peek(cipherdir, fcntl.F_RDLCK)  # only an exclusive (read-write) holder conflicts with a reader
     except OSError:
         return False
-    try:
-        rec = _read_record(fd)
-        held = _conflict(fd, fcntl.F_RDLCK)  # only an exclusive (read-write) holder conflicts with a reader
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
     return held is not None and isinstance(rec, dict) and rec.get("state") == "mounted" \
         and rec.get("mode") == "rw" and rec.get("mountpoint") == mountpoint
 
@@ -241,33 +243,20 @@ def owner_record(cipherdir: Path) -> dict[str, Any] | None:
     """The owner record a read-write mount wrote (takes no lock), for `encfs status`; None if
     there is none or it cannot be read."""
     try:
-        fd = os.open(cipherdir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        _held_by, rec = _peek(cipherdir)
     except OSError:
         return None
-    try:
-        rec = _read_record(fd)
-    finally:
-        os.close(fd)
     return rec if isinstance(rec, dict) else None
 
 
 def describe(cipherdir: Path) -> str:
     """The lock's state in one line, for `encfs info` (takes no lock)."""
-    path = cipherdir / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        held, rec = _peek(cipherdir, fcntl.F_WRLCK)
     except FileNotFoundError:
         return "never mounted read-write since the lock was introduced"
     except OSError as e:
         return f"unknown ({e.strerror})"
-    try:
-        try:
-            held = _conflict(fd, fcntl.F_WRLCK)
-        except OSError:
-            held = None
-        rec = _read_record(fd)
-    finally:
-        os.close(fd)
     if held is not None and held[0] == fcntl.F_RDLCK:
         return "mounted read-only"
     if isinstance(rec, str):
@@ -318,7 +307,7 @@ class MountLock:
                         held = _conflict(fd, fcntl.F_RDLCK if read_only else fcntl.F_WRLCK)
                     except OSError:
                         held = None
-                    raise _busy(cipherdir, fd, held) from None
+                    raise _busy(cipherdir, _read_record(fd), held) from None
                 if e.errno not in _UNLOCKABLE:
                     raise MountError(f"cannot lock {path}: {e.strerror}") from None
                 log.warning("%s: the storage does not support locks (%s): only the owner record guards "
