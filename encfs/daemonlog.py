@@ -180,8 +180,9 @@ def destination(log_file: str | None, state_dir: Path, ident: str, name: str) ->
 
 
 def configure(log_file: str | None, state_dir: Path, ident: str, name: str,
-              keep: list[logging.Handler] | None = None) -> None:
-    """Send the process's log (INFO and up) to the destination, plus ``keep`` (a -f daemon's stderr)."""
+              keep: list[logging.Handler] | None = None, debug: bool = False) -> None:
+    """Send the process's log (INFO and up) to the destination, plus ``keep`` (a -f daemon's stderr:
+    warnings and errors, or with ``debug`` everything, the request trace included)."""
     keep = keep or []
     root = logging.getLogger()
     for h in root.handlers[:]:
@@ -189,7 +190,9 @@ def configure(log_file: str | None, state_dir: Path, ident: str, name: str,
             root.removeHandler(h)
             h.close()
     for h in keep:
-        if h.level == logging.NOTSET:  # as before: the CLI's stderr showed warnings and errors
+        if debug:
+            h.setLevel(logging.DEBUG)
+        elif h.level == logging.NOTSET:  # as before: the CLI's stderr showed warnings and errors
             h.setLevel(logging.WARNING)
         if not any(isinstance(f, RateLimit) for f in h.filters):
             RateLimit(h)

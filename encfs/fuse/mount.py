@@ -265,10 +265,7 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     if foreground:  # the log's destination, and stderr (the CLI's handler: warnings and errors)
         stderr = logging.getLogger().handlers[:]
         daemonlog.configure(opts.log_file, home or default_home(), daemonlog.log_id(mountpoint), "encfs",
-                            keep=stderr)
-        if opts.debug:  # --debug with -f: the request trace on stderr too, as `encfs mount --help` says
-            for h in stderr:
-                h.setLevel(logging.DEBUG)
+                            keep=stderr, debug=opts.debug)  # --debug -f: the trace on stderr, as --help says
         try:
             serve(cipherdir, mountpoint, home, hsm, opts)
         finally:
