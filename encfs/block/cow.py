@@ -108,14 +108,15 @@ class CowStore(SectorIO):
         prefix = os.urandom(NONCE_PREFIX_LEN)
         self._prefix = prefix
         cipher = self.cipher_class
-        self._data = cipher(key, volume_id + DATA_SCOPE, nonce_prefix=prefix)
         self._nodes = cipher(key, volume_id + NODE_SCOPE, nonce_prefix=prefix)
         self._table_cipher = cipher(key, volume_id + TABLE_SCOPE, nonce_prefix=prefix)
         self._commits = cipher(key, volume_id + COMMIT_SCOPE, nonce_prefix=prefix)
         self._volume_id = volume_id
         self._writable = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_WRONLY | os.O_RDWR) != 0
         self.pending_limit = self.default_pending_limit(sectors) if pending_limit is None else pending_limit
-        self.sealer = Sealer(self._data)
+        # Sectors: the sealer's cipher is the one reads open them with (sectorio swaps in a sealer
+        # that may use the worker, around the same cipher).
+        self.sealer = Sealer(cipher(key, volume_id + DATA_SCOPE, nonce_prefix=prefix))
         self.tree = MapTree()
         self.snapshots: list[Snapshot] = []
         self.txg = 1  # the open transaction
@@ -204,7 +205,7 @@ class CowStore(SectorIO):
     def read_tree(self, tree: MapTree, first: int, count: int) -> bytearray:
         """Sectors [first, first + count) as ``tree`` (a snapshot's) has them."""
         out = bytearray(count * SECTOR_SIZE)
-        read_tree_into(self.fd, self._data, tree, first, count, memoryview(out))
+        read_tree_into(self.fd, self.sealer.cipher, tree, first, count, memoryview(out))
         return out
 
     def _read_table(self, commit: Commit) -> list[Snapshot]:
@@ -254,7 +255,7 @@ class CowStore(SectorIO):
 
     def read_sectors(self, first: int, count: int) -> bytearray:
         out = bytearray(count * SECTOR_SIZE)
-        read_tree_into(self.fd, self._data, self.tree, first, count, memoryview(out))
+        read_tree_into(self.fd, self.sealer.cipher, self.tree, first, count, memoryview(out))
         return out
 
     def read_tree_view(self, tree: MapTree, first: int, count: int) -> memoryview | bytearray:

@@ -56,7 +56,7 @@ class _Cow(CowStore):
     def read_into(self, tree: MapTree, first: int, count: int, out: memoryview) -> None:
         if self._sealed is None:
             self._sealed = memoryview(bytearray(FANOUT * SEALED_BLOCK))  # a run never crosses a leaf
-        read_tree_into(self.fd, self._data, tree, first, count, out, self._sealed)
+        read_tree_into(self.fd, self.sealer.cipher, tree, first, count, out, self._sealed)
 
 
 def check_cow(fd: int, path: Path, header: VolumeHeader, key: bytes, report: Report, data: bool) -> None:
