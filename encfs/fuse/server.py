@@ -6,7 +6,8 @@ Invariants:
   namespace lock exclusively and runs alone. An operation on the data or attributes
   of one inode (DATA_OPS: READ, WRITE, FSYNC, SETATTR, GETATTR, GETXATTR, OPEN,
   RELEASE, FALLOCATE, LSEEK) holds the namespace lock shared and then that inode's lock: exclusively,
-  or shared for READ. So operations on different files run side by side, and a file
+  or shared for READ and LSEEK (SHARED_OPS: they only read the content, which OpenFiles loads
+  under a lock of its own). So operations on different files run side by side, and a file
   is never read while it changes. The inode is the request's node: the kernel sends a
   handle's requests with the node it opened.
 - Lock order: the namespace lock, then at most one inode lock; nothing takes a lock
@@ -150,6 +151,7 @@ Operation = Callable[[int, int, RequestContext, memoryview], None]  # (unique, n
 # lock exclusively (READ: shared; see the invariants). Every other operation holds the namespace
 # lock exclusively.
 DATA_OPS = frozenset({READ, WRITE, FSYNC, SETATTR, GETATTR, GETXATTR, OPEN, RELEASE, FALLOCATE, LSEEK})
+SHARED_OPS = frozenset({LSEEK})  # READ too, by its own handler (_read_shared)
 
 
 def _names(body: memoryview, count: int) -> list[bytes]:
@@ -186,7 +188,8 @@ class FsServer(FuseServer):
             RELEASEDIR: self._releasedir, FSYNCDIR: self._fsyncdir, ACCESS: self._access, CREATE: self._create,
             FORGET: self._forget, BATCH_FORGET: self._batch_forget, FALLOCATE: self._fallocate, LSEEK: self._lseek,
         }
-        self.handlers = {opcode: self._on_inode(operation) if opcode in DATA_OPS else self._exclusive(operation)
+        self.handlers = {opcode: self._on_inode(operation, exclusive=opcode not in SHARED_OPS)
+                         if opcode in DATA_OPS else self._exclusive(operation)
                          for opcode, operation in operations.items()}
         # Reads run alongside each other, and a write is sealed before it takes the locks.
         self.handlers.update({READ: self._read_shared, WRITE: self._write, INIT: self._init,
@@ -199,16 +202,16 @@ class FsServer(FuseServer):
                 operation(req.unique, req.node, ctx, req.body)
         return run
 
-    def _on_inode(self, operation: Operation) -> Handler:
+    def _on_inode(self, operation: Operation, exclusive: bool = True) -> Handler:
         locks = self.locks
 
         def run(req: Request) -> None:
             ctx = RequestContext(req.uid, req.gid, req.pid)
-            held = locks.acquire_inode(req.node)
+            held = locks.acquire_inode(req.node, exclusive)
             try:
                 operation(req.unique, req.node, ctx, req.body)
             finally:
-                locks.release_inode(req.node, held)
+                locks.release_inode(req.node, held, exclusive)
         return run
 
     def request_buffer(self) -> memoryview:
