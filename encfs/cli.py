@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from encfs import __version__, fsckcli, statuscli
@@ -23,6 +23,7 @@ from encfs.cliargs import add_hsm_options, home_of, hsm_options
 from encfs.errors import EXIT_CODES, EncfsError
 from encfs.fuse import cli as fuse_cli
 from encfs.keys import cli as keys_cli
+from encfs.output import add_json_flag
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -63,7 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(`encfs bench --help`)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+    for path, command in iter_commands(parser):
+        if path != ("bench",):  # bench passes its arguments to benchmarks/bench.py untouched
+            add_json_flag(command)  # issue #23: every command takes --json (docs/dev/cli.md)
     return parser
+
+
+def iter_commands(parser: argparse.ArgumentParser,
+                  path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every command's parser (``("key", "list")``, ...), depth first, in registration order."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from iter_commands(child, (*path, name))
 
 
 def _mount_helper_argv(argv: list[str], commands: set[str]) -> list[str]:

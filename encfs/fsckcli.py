@@ -17,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 from encfs.errors import EncfsError
 from encfs.fsckreport import EXIT_OPERATIONAL, FsckError, Report
+from encfs.output import print_json
 
 MAX_LINES = 50  # findings listed without --json
 
@@ -129,7 +129,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
         raise FsckError(f"{where}{e.strerror or e}") from None
     if args.json:
-        print(json.dumps(report.as_json(), indent=2))
+        print_json(report.as_json())  # PascalCase: Target, Kind, Counts, Damage, ExitCode...
     else:
         _print(report)
     return report.exit_code()

@@ -18,13 +18,13 @@ moves them with it, and ``VOL@snap-…`` is refused with that advice.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from encfs.block.volume import read_volume_header
 from encfs.cliargs import open_key_service, state_dir
 from encfs.errors import UsageError
+from encfs.output import print_json, report
 
 CONFIG_NAMES = ("encfs.conf", "encfs.conf.bak")
 
@@ -63,11 +63,11 @@ def cmd_rekey(args: argparse.Namespace) -> int:
         done = (rewrap_volume if kind == "volume" else rewrap_export)(target, ks, args.key, dry_run=args.dry_run)
     what = "volume key" if kind == "volume" else "export key"
     if args.json:
-        print(json.dumps({"Target": str(target), "Kind": kind, "Changed": done.changed, "DryRun": args.dry_run,
+        print_json({"Target": str(target), "Kind": kind, "Changed": done.changed, "DryRun": args.dry_run,
                           "SourceKeyId": done.from_key, "SourceKeyVersion": done.from_version,
                           "KeyId": done.to_key, "KeyVersion": done.to_version,
                           "WrappedKeys": int(done.changed), "Repaired": done.repaired,
-                          "Seconds": round(done.seconds, 3)}))
+                          "Seconds": round(done.seconds, 3)})
     else:
         would = "would " if args.dry_run else ""
         if done.changed:
@@ -93,12 +93,12 @@ def _filesystem(args: argparse.Namespace, target: Path) -> int:
         mib = done.resealed / (1 << 20)
         files = f"{done.fresh} file{'s' if done.fresh != 1 else ''}"
         if args.json:
-            print(json.dumps({"Target": str(target), "Kind": "filesystem", "Full": True, "DryRun": args.dry_run,
+            print_json({"Target": str(target), "Kind": "filesystem", "Full": True, "DryRun": args.dry_run,
                               "Resumed": done.resumed, "SourceKeyId": done.from_key,
                               "SourceKeyVersion": done.from_version, "KeyId": done.to_key,
                               "KeyVersion": done.to_version, "Files": done.fresh, "WrappedKeys": done.wrapped_keys,
                               "CopiedBytes": done.resealed, "Damaged": done.damaged,
-                              "Seconds": round(done.seconds, 3)}))
+                              "Seconds": round(done.seconds, 3)})
         elif args.dry_run:
             print(f"{target}: would give {files} fresh data keys under {dst} and re-encrypt "
                   f"{mib:.1f} MiB (one file at a time: needs free space for the largest file)")
@@ -107,11 +107,11 @@ def _filesystem(args: argparse.Namespace, target: Path) -> int:
                   + (", finishing an interrupted re-key," if done.resumed else "")
                   + f" ({mib:.1f} MiB re-encrypted in {done.seconds:.1f} s)")
     elif args.json:
-        print(json.dumps({"Target": str(target), "Kind": "filesystem", "Changed": done.changed, "DryRun": args.dry_run,
+        print_json({"Target": str(target), "Kind": "filesystem", "Changed": done.changed, "DryRun": args.dry_run,
                           "Resumed": done.resumed, "SourceKeyId": done.from_key, "SourceKeyVersion": done.from_version,
                           "KeyId": done.to_key, "KeyVersion": done.to_version, "Files": done.files,
                           "WrappedKeys": done.wrapped_keys, "Damaged": done.damaged,
-                          "Seconds": round(done.seconds, 3)}))
+                          "Seconds": round(done.seconds, 3)})
     elif not done.changed:
         print(f"{target}: every wrapped key is already under {dst}: nothing to do")
     elif args.dry_run:
@@ -136,9 +136,11 @@ def _full(args: argparse.Namespace, target: Path, kind: str) -> int:
     header, _w = read_volume_header(target)
     refuse_attached(target, header.volume_id.hex())
     if args.dry_run:
-        print(f"{target}: would copy every written sector"
-              + (" and every snapshot" if header.copy_on_write else "") + " under a fresh volume key"
-              + (f" wrapped by {args.key}" if args.key else "") + " (needs free space for the copy)")
+        report(args, {"Target": str(target), "Kind": kind, "Full": True, "DryRun": True,
+                      "VolumeId": header.volume_id.hex(), "KeyId": args.key or header.key_id},
+               f"{target}: would copy every written sector"
+               + (" and every snapshot" if header.copy_on_write else "") + " under a fresh volume key"
+               + (f" wrapped by {args.key}" if args.key else "") + " (needs free space for the copy)")
         return 0
     with open_key_service(args) as ks:
         done = rekey_volume(target, ks, args.key)
@@ -150,9 +152,9 @@ def _full(args: argparse.Namespace, target: Path, kind: str) -> int:
         remember(state_dir(args), target, done.volume_id, done.snapshots)
     mib = done.sectors * 4096 / (1 << 20)
     if args.json:
-        print(json.dumps({"Target": str(target), "Kind": kind, "Full": True, "VolumeId": done.volume_id,
+        print_json({"Target": str(target), "Kind": kind, "Full": True, "VolumeId": done.volume_id,
                           "KeyId": done.key_id, "CopiedBytes": done.sectors * 4096, "Snapshots": done.snapshots,
-                          "Resumed": done.resumed, "Seconds": round(done.seconds, 3)}))
+                          "Resumed": done.resumed, "Seconds": round(done.seconds, 3)})
     else:
         n = len(done.snapshots)
         snaps = f" with its {n} snapshot{'s' if n != 1 else ''}" if n else ""
@@ -171,10 +173,10 @@ def _full_export(args: argparse.Namespace, target: Path) -> int:
     n = len(done.snapshots)
     snaps = f"{n} snapshot{'s' if n != 1 else ''}"
     if args.json:
-        print(json.dumps({"Target": str(target), "Kind": "export", "Full": True, "DryRun": args.dry_run,
+        print_json({"Target": str(target), "Kind": "export", "Full": True, "DryRun": args.dry_run,
                           "Resumed": done.resumed, "KeyId": done.key_id, "Snapshots": done.snapshots,
                           "ObjectsWritten": done.objects_written, "ReadBytes": done.bytes_read,
-                          "Seconds": round(done.seconds, 3)}))
+                          "Seconds": round(done.seconds, 3)})
     elif args.dry_run:
         print(f"{target}: would re-encrypt {done.objects_written} objects ({mib:.1f} MiB read) of {snaps} under a "
               f"fresh export key wrapped by key {done.key_id} (needs free space for a "

@@ -15,12 +15,12 @@ daemon of an older encfs keep a count.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from encfs.errors import EncfsError
+from encfs.output import print_json
 
 UNKNOWN = "unknown"
 
@@ -102,7 +102,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     mounts, volumes = _mount_rows(), _volume_rows()
     _key_states(args, mounts + volumes)
     if args.json:
-        print(json.dumps({"Mounts": mounts, "Volumes": volumes}, indent=2))
+        print_json({"Mounts": mounts, "Volumes": volumes})
         return 0
     rows = mounts + volumes
     if not rows:

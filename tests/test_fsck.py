@@ -31,14 +31,14 @@ def fsck(image: Path, home: Path, *options: str) -> tuple[int, dict[str, Any]]:
     assert p.returncode in (0, 1, 4), p.stderr.decode()
     assert b"Traceback" not in p.stderr
     report = json.loads(p.stdout)
-    assert report["exit_code"] == p.returncode and report["kind"] in ("volume", "export")
+    assert report["ExitCode"] == p.returncode and report["Kind"] in ("volume", "export")
     return p.returncode, report
 
 
 def found(report: dict[str, Any]) -> set[tuple[Any, ...]]:
     """(kind, snapshot, first sector, count) of each finding (sector and count only for sectors)."""
-    return {(d["kind"], d.get("snapshot"), d.get("sector"), d.get("count")) if d["kind"] == "sector"
-            else (d["kind"],) for d in report["damage"]}
+    return {(d["Kind"], d.get("Snapshot"), d.get("Sector"), d.get("Count")) if d["Kind"] == "sector"
+            else (d["Kind"],) for d in report["Damage"]}
 
 
 def fails(target: Path | str, home: Path, *options: str) -> str:
@@ -86,10 +86,10 @@ def test_a_clean_volume_with_data_and_snapshots_is_clean(fs_home: Path, tmp_path
         volume_tool.make_snapshots(image, fs_home, 2)  # each over fresh overwrites: pages of their own
         snaps = 2
     code, report = fsck(image, fs_home)
-    assert (code, report["damage"], report["format"]) == (0, [], fmt)
-    counts = report["counts"]
-    assert counts["errors"] == counts["warnings"] == counts["damaged_sectors"] == 0
-    assert counts["sectors_checked"] >= 4 * MiB // 4096 and counts.get("snapshots", 0) == snaps
+    assert (code, report["Damage"], report["Format"]) == (0, [], fmt)
+    counts = report["Counts"]
+    assert counts["Errors"] == counts["Warnings"] == counts["DamagedSectors"] == 0
+    assert counts["SectorsChecked"] >= 4 * MiB // 4096 and counts.get("Snapshots", 0) == snaps
     p = run_encfs("fsck", str(image), home=fs_home)
     assert p.returncode == 0 and p.stdout.decode().count("\n") == 1 and "clean (exit 0)" in p.stdout.decode()
     assert fsck(image, fs_home, "--repair")[0] == 0  # nothing to repair: nothing changed
@@ -115,11 +115,11 @@ def test_format_2_damage_is_found_exactly_and_repaired_where_a_mirror_holds_it(f
                 ("sector", sid, 100, 1), ("sector", sid, 2100, 1)}
     code, report = fsck(image, fs_home)
     assert code == 4 and found(report) == expected
-    assert report["counts"]["snapshots"] == 1 and report["counts"]["damaged_sectors"] == 5
+    assert report["Counts"]["Snapshots"] == 1 and report["Counts"]["DamagedSectors"] == 5
 
     code, report = fsck(image, fs_home, "--repair")
     assert code == 4 and found(report) == expected
-    assert {d["kind"] for d in report["damage"] if d["repaired"]} == {"header-copy", "commit-slot"}
+    assert {d["Kind"] for d in report["Damage"] if d["Repaired"]} == {"header-copy", "commit-slot"}
     code, report = fsck(image, fs_home)
     assert code == 4 and found(report) == expected - {("header-copy",), ("commit-slot",)}
     still_reads(before, volume_tool.sectors(image, fs_home), {None: {10, 11, 2100}, sid: {100, 2100}})
@@ -139,11 +139,11 @@ def test_format_1_damage_is_found_exactly_and_repaired_where_a_mirror_holds_it(f
                 ("sector", None, 9001, 1)}
     code, report = fsck(image, fs_home)
     assert code == 4 and found(report) == expected
-    [slot] = [d["message"] for d in report["damage"] if d["kind"] == "map-slot"]
+    [slot] = [d["Message"] for d in report["Damage"] if d["Kind"] == "map-slot"]
     assert "extent 1 " in slot and "slot 1 " in slot
 
     code, report = fsck(image, fs_home, "--repair")
-    assert code == 4 and {d["kind"] for d in report["damage"] if d["repaired"]} == {"header-copy", "map-slot"}
+    assert code == 4 and {d["Kind"] for d in report["Damage"] if d["Repaired"]} == {"header-copy", "map-slot"}
     code, report = fsck(image, fs_home)
     assert code == 4 and found(report) == expected - {("header-copy",), ("map-slot",)}
     still_reads(before, volume_tool.sectors(image, fs_home), {None: {3, 4, 200, 9001}})
@@ -157,11 +157,11 @@ def test_repairable_damage_alone_ends_in_exit_1_then_0(fs_home: Path, tmp_path: 
     before = volume_tool.sectors(image, fs_home)
     flip(image, where)
     code, report = fsck(image, fs_home)
-    assert code == 4 and len(report["damage"]) == 1 and report["damage"][0]["repairable"]
+    assert code == 4 and len(report["Damage"]) == 1 and report["Damage"][0]["Repairable"]
     code, report = fsck(image, fs_home, "--repair")
-    assert code == 1 and len(report["damage"]) == 1 and report["damage"][0]["repaired"]
+    assert code == 1 and len(report["Damage"]) == 1 and report["Damage"][0]["Repaired"]
     code, report = fsck(image, fs_home)
-    assert code == 0 and report["damage"] == []
+    assert code == 0 and report["Damage"] == []
     still_reads(before, volume_tool.sectors(image, fs_home), {})
 
 
@@ -174,10 +174,10 @@ def test_pages_past_the_last_commit_are_a_warning_cut_off_by_repair(fs_home: Pat
     with open(image, "ab") as f:
         f.write(os.urandom(3 * 4124))  # what a writer killed before its commit leaves
     code, report = fsck(image, fs_home)
-    assert code == 0 and [(d["kind"], d["severity"]) for d in report["damage"]] == [("tail-pages", "warning")]
+    assert code == 0 and [(d["Kind"], d["Severity"]) for d in report["Damage"]] == [("tail-pages", "warning")]
     assert fsck(image, fs_home, "--repair")[0] == 1
     assert os.path.getsize(image) == size
-    assert fsck(image, fs_home)[1]["damage"] == []
+    assert fsck(image, fs_home)[1]["Damage"] == []
     still_reads(before, volume_tool.sectors(image, fs_home), {})
 
 
@@ -194,12 +194,12 @@ def test_free_pages_a_killed_deletion_left_are_given_back_by_repair(fs_home: Pat
     before, held = volume_tool.sectors(image, fs_home), os.stat(image).st_blocks * 512
     assert before["snapshots"] == {}
     code, report = fsck(image, fs_home)
-    assert code == 0 and [(d["kind"], d["severity"]) for d in report["damage"]] == [("free-pages", "warning")]
-    assert report["counts"]["free_bytes_held"] > 7 * MiB
+    assert code == 0 and [(d["Kind"], d["Severity"]) for d in report["Damage"]] == [("free-pages", "warning")]
+    assert report["Counts"]["FreeBytesHeld"] > 7 * MiB
     assert fsck(image, fs_home, "--repair")[0] == 1
     assert held - os.stat(image).st_blocks * 512 > 7 * MiB
     code, report = fsck(image, fs_home)
-    assert code == 0 and report["damage"] == [] and report["counts"]["free_bytes_held"] < MiB
+    assert code == 0 and report["Damage"] == [] and report["Counts"]["FreeBytesHeld"] < MiB
     still_reads(before, volume_tool.sectors(image, fs_home), {})
 
 
@@ -215,7 +215,7 @@ def test_an_export_is_checked_object_by_object(fs_home: Path, tmp_path: Path) ->
     for sid in (first, second):
         assert run_encfs("snapshot", "export", f"{image}@{sid}", str(out), home=fs_home).returncode == 0
     code, report = fsck(out, fs_home)
-    assert (code, report["damage"], report["counts"]["snapshots"], report["counts"]["objects"]) == (0, [], 2, 5)
+    assert (code, report["Damage"], report["Counts"]["Snapshots"], report["Counts"]["Objects"]) == (0, [], 2, 5)
     objects = out / "objects"
     shared, only_second = _object_of(out, fs_home, first, 1), _object_of(out, fs_home, second, 8)
     flip(objects / shared[:2] / shared, 100)  # a chunk both snapshots name
@@ -226,18 +226,18 @@ def test_an_export_is_checked_object_by_object(fs_home: Path, tmp_path: Path) ->
     expected = {("sector", first, 256, 256), ("sector", second, 256, 256), ("sector", second, 2048, 256),
                 ("unnamed-objects",), ("tmp-files",)}
     code, report = fsck(out, fs_home)
-    assert code == 4 and {(d["kind"], *_where(d)) for d in report["damage"]} == \
+    assert code == 4 and {(d["Kind"], *_where(d)) for d in report["Damage"]} == \
         {("object", *w[1:]) if w[0] == "sector" else w for w in expected}
     code, report = fsck(out, fs_home, "--repair")
-    assert code == 4 and {d["kind"] for d in report["damage"] if d["repaired"]} == {"unnamed-objects", "tmp-files"}
+    assert code == 4 and {d["Kind"] for d in report["Damage"] if d["Repaired"]} == {"unnamed-objects", "tmp-files"}
     assert not (objects / "ab").exists() or not any((objects / "ab").iterdir())
     assert not any((out / "tmp").iterdir())
     code, report = fsck(out, fs_home)
-    assert code == 4 and {d["kind"] for d in report["damage"]} == {"object"} and len(report["damage"]) == 3
+    assert code == 4 and {d["Kind"] for d in report["Damage"]} == {"object"} and len(report["Damage"]) == 3
 
 
 def _where(d: dict[str, Any]) -> tuple[Any, ...]:
-    return (d["snapshot"], d["sector"], d["count"]) if "sector" in d else ()
+    return (d["Snapshot"], d["Sector"], d["Count"]) if "Sector" in d else ()
 
 
 def _object_of(out: Path, home: Path, sid: str, chunk: int) -> str:
@@ -305,6 +305,6 @@ def test_the_progress_bar_is_on_stderr_and_only_when_asked_for(fs_home: Path, tm
     image = create(fs_home, tmp_path / "vol.img")
     volume_tool.write(image, fs_home, {0: os.urandom(4 * MiB)}, tmp_path)
     p = run_encfs("fsck", str(image), "--json", home=fs_home, env={"ENCFS_PROGRESS": "1"})
-    assert p.returncode == 0 and json.loads(p.stdout)["damage"] == [] and b"fsck vol.img" in p.stderr
+    assert p.returncode == 0 and json.loads(p.stdout)["Damage"] == [] and b"fsck vol.img" in p.stderr
     p = run_encfs("fsck", str(image), home=fs_home)  # stderr is no terminal here: no bar
     assert p.returncode == 0 and p.stderr == b""

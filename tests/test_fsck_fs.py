@@ -35,12 +35,12 @@ def fsck(cipher: Path, home: Path, *options: str) -> tuple[int, dict[str, Any]]:
     assert p.returncode in (0, 1, 4), (p.returncode, p.stderr.decode())
     assert b"Traceback" not in p.stderr, p.stderr.decode()
     report = json.loads(p.stdout)
-    assert report["exit_code"] == p.returncode and report["kind"] == "filesystem"
+    assert report["ExitCode"] == p.returncode and report["Kind"] == "filesystem"
     return p.returncode, report
 
 
 def kinds(report: dict[str, Any]) -> list[str]:
-    return sorted(d["kind"] for d in report["damage"])
+    return sorted(d["Kind"] for d in report["Damage"])
 
 
 def fails(target: Path, home: Path) -> str:
@@ -126,13 +126,13 @@ def mounted_tree(cipher: Path, plain: Path, home: Path, tree: Tree, xattrs: dict
 def test_a_clean_tree_of_every_kind_of_object_is_clean(built: Built, tmp_path: Path) -> None:
     cipher, _plain = built.copy(tmp_path)
     code, report = fsck(cipher, built.home)
-    assert (code, report["damage"]) == (0, [])
+    assert (code, report["Damage"]) == (0, [])
     files = {built.backing[rel] for rel, (kind, data) in built.tree.items() if kind == "file"}
     inodes = {(cipher / b).stat().st_ino for b in files}
-    c = report["counts"]
-    assert c["files"] == len(inodes) and c["symlinks"] == 2 and c["xattrs"] == 4
-    assert c["directories"] == 1 + sum(kind == "dir" for kind, _ in built.tree.values())
-    assert c["blocks_checked"] == sum(-(-len(data) // BLOCK) for rel, (kind, data) in built.tree.items()
+    c = report["Counts"]
+    assert c["Files"] == len(inodes) and c["Symlinks"] == 2 and c["Xattrs"] == 4
+    assert c["Directories"] == 1 + sum(kind == "dir" for kind, _ in built.tree.values())
+    assert c["BlocksChecked"] == sum(-(-len(data) // BLOCK) for rel, (kind, data) in built.tree.items()
                                       if kind == "file" and rel != "sub/hardlink")
     text = run_encfs("fsck", str(cipher), home=built.home)
     assert text.returncode == 0 and b": clean (exit 0)" in text.stdout, text.stdout
@@ -141,8 +141,8 @@ def test_a_clean_tree_of_every_kind_of_object_is_clean(built: Built, tmp_path: P
 def test_a_clean_tree_of_2000_files_has_no_findings(built: Built, tmp_path: Path) -> None:
     big = build(built.home, tmp_path / "big", extra=2000)
     code, report = fsck(big.cipher, built.home)
-    assert (code, report["damage"]) == (0, [])
-    assert report["counts"]["files"] >= 2000
+    assert (code, report["Damage"]) == (0, [])
+    assert report["Counts"]["Files"] >= 2000
 
 
 def test_a_file_left_mid_journal_by_a_crash_is_clean_and_recovers(built: Built, tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_a_file_left_mid_journal_by_a_crash_is_clean_and_recovers(built: Built, 
     finally:
         m.stop()
     code, report = fsck(cipher, built.home)
-    assert (code, report["damage"]) == (0, [])  # a journal a crash left is a legal state at rest
+    assert (code, report["Damage"]) == (0, [])  # a journal a crash left is a legal state at rest
     data = bytearray(built.tree["big"][1])
     data[BLOCK + 10:BLOCK + 10 + 5000] = new
     mounted_tree(cipher, plain, built.home, {**built.tree, "big": ("file", bytes(data))}, built.xattrs)
@@ -174,13 +174,13 @@ def test_a_flipped_bit_in_a_block_is_reported_by_path_and_block_and_repair_keeps
     cipher, plain = built.copy(tmp_path)
     flip(cipher / built.backing["big"], HEADER_LEN + 3 * STEP + 100)
     code, report = fsck(cipher, built.home)
-    assert code == 4 and kinds(report) == ["block"], report["damage"]
-    d = report["damage"][0]
-    assert (d["path"], d["block"], d["count"], d["repairable"]) == ("/big", 3, 1, True)
-    assert d["message"] == "/big: block 3: tag mismatch"
+    assert code == 4 and kinds(report) == ["block"], report["Damage"]
+    d = report["Damage"][0]
+    assert (d["Path"], d["Block"], d["Count"], d["Repairable"]) == ("/big", 3, 1, True)
+    assert d["Message"] == "/big: block 3: tag mismatch"
     code, report = fsck(cipher, built.home, "--repair")
-    assert code == 1 and [d["repaired"] for d in report["damage"]] == [True], report["damage"]
-    assert fsck(cipher, built.home)[1]["damage"] == []
+    assert code == 1 and [d["Repaired"] for d in report["Damage"]] == [True], report["Damage"]
+    assert fsck(cipher, built.home)[1]["Damage"] == []
     original = built.tree["big"][1]
     expect = original[:3 * BLOCK] + bytes(BLOCK) + original[4 * BLOCK:]
     tree = {k: v for k, v in built.tree.items() if k != "big"}
@@ -198,9 +198,9 @@ def test_a_damaged_hard_linked_file_leaves_every_name_for_one_copy_with_its_xatt
     cipher, plain = built.copy(tmp_path)
     flip(cipher / built.backing["f3"], HEADER_LEN + STEP + 5)  # block 1 of 2
     code, report = fsck(cipher, built.home)
-    assert code == 4 and kinds(report) == ["block"] and report["damage"][0]["path"] in ("/f3", "/sub/hardlink")
+    assert code == 4 and kinds(report) == ["block"] and report["Damage"][0]["Path"] in ("/f3", "/sub/hardlink")
     assert fsck(cipher, built.home, "--repair")[0] == 1
-    assert fsck(cipher, built.home)[1]["damage"] == []
+    assert fsck(cipher, built.home)[1]["Damage"] == []
     original = built.tree["f3"][1]
     with Mount(cipher, plain, built.home):
         assert not (plain / "f3").exists() and not (plain / "sub/hardlink").exists()
@@ -218,10 +218,10 @@ def test_a_damaged_name_is_reported_under_its_parent_and_repair_moves_the_file_t
     damaged = old.with_name(("A" if old.name[0] != "A" else "B") + old.name[1:])
     old.rename(damaged)
     code, report = fsck(cipher, built.home)
-    assert code == 4 and kinds(report) == ["name"], report["damage"]
-    assert report["damage"][0]["message"].startswith(f"/sub: file {damaged.name}: its name does not decrypt")
+    assert code == 4 and kinds(report) == ["name"], report["Damage"]
+    assert report["Damage"][0]["Message"].startswith(f"/sub: file {damaged.name}: its name does not decrypt")
     code, report = fsck(cipher, built.home, "--repair")
-    assert code == 1 and all(d["repaired"] for d in report["damage"]), report["damage"]
+    assert code == 1 and all(d["Repaired"] for d in report["Damage"]), report["Damage"]
     assert fsck(cipher, built.home)[0] == 0
     with Mount(cipher, plain, built.home):
         (moved,) = os.listdir(plain / "lost+found")
@@ -241,10 +241,10 @@ def test_a_lost_directory_id_copy_is_rebuilt_from_the_other(built: Built, tmp_pa
     else:
         os.removexattr(sub, DIRID_XATTR)
     code, report = fsck(cipher, built.home)
-    assert code == 4 and kinds(report) == ["dirid-copy"], report["damage"]
-    assert report["damage"][0]["message"].startswith("/sub: directory id copy")
+    assert code == 4 and kinds(report) == ["dirid-copy"], report["Damage"]
+    assert report["Damage"][0]["Message"].startswith("/sub: directory id copy")
     code, report = fsck(cipher, built.home, "--repair")
-    assert code == 1 and all(d["repaired"] for d in report["damage"]), report["damage"]
+    assert code == 1 and all(d["Repaired"] for d in report["Damage"]), report["Damage"]
     assert (sub / "encfs.dirid").exists() and os.getxattr(sub, DIRID_XATTR)
     assert fsck(cipher, built.home)[0] == 0
     mounted_tree(cipher, plain, built.home, built.tree, built.xattrs)
@@ -256,11 +256,11 @@ def test_a_damaged_config_copy_is_rewritten_from_the_good_one(built: Built, tmp_
     text = (cipher / "encfs.conf.bak").read_text()
     (cipher / "encfs.conf.bak").write_text(text.replace('"format": 2', '"format": 3'))
     code, report = fsck(cipher, built.home)
-    assert code == 4 and kinds(report) == ["config-copy"], report["damage"]
-    assert "encfs.conf.bak" in report["damage"][0]["message"]
+    assert code == 4 and kinds(report) == ["config-copy"], report["Damage"]
+    assert "encfs.conf.bak" in report["Damage"][0]["Message"]
     assert fsck(cipher, built.home, "--repair")[0] == 1
     assert (cipher / "encfs.conf.bak").read_bytes() == good
-    assert fsck(cipher, built.home)[1]["damage"] == []
+    assert fsck(cipher, built.home)[1]["Damage"] == []
     mounted_tree(cipher, plain, built.home, built.tree, built.xattrs)
 
 
@@ -270,7 +270,7 @@ def test_both_config_copies_damaged_is_damage_that_stops_the_check(built: Built,
         text = (cipher / name).read_text()
         (cipher / name).write_text(text.replace('"format": 2', '"format": 3'))
     code, report = fsck(cipher, built.home, "--repair")
-    assert code == 4 and kinds(report) == ["config"] and "nothing else can be checked" in report["damage"][0]["message"]
+    assert code == 4 and kinds(report) == ["config"] and "nothing else can be checked" in report["Damage"][0]["Message"]
 
 
 def test_orphaned_side_files_are_dropped_and_nothing_else(built: Built, tmp_path: Path) -> None:
@@ -284,16 +284,16 @@ def test_orphaned_side_files_are_dropped_and_nothing_else(built: Built, tmp_path
     (cipher / "encfs.longlinks").mkdir(exist_ok=True)
     (cipher / "encfs.longlinks" / "encfs.lt2.5000.AAAAAAAAAAAAAAAAAAAAAAAA").write_bytes(b"x")
     code, report = fsck(cipher, built.home)
-    assert code == 0 and kinds(report) == ["orphan"] * 4, report["damage"]
-    assert all(d["severity"] == "warning" and d["repairable"] for d in report["damage"])
+    assert code == 0 and kinds(report) == ["orphan"] * 4, report["Damage"]
+    assert all(d["Severity"] == "warning" and d["Repairable"] for d in report["Damage"])
     before = {p for p in cipher.rglob("*")}
     code, report = fsck(cipher, built.home, "--repair")
-    assert code == 1 and all(d["repaired"] for d in report["damage"]), report["damage"]
+    assert code == 1 and all(d["Repaired"] for d in report["Damage"]), report["Damage"]
     gone = before - {p for p in cipher.rglob("*")}
     assert {p.name for p in gone} == {"encfs.ln." + "Q" * 43 + ".name", "ab" * 16,
                                       "encfs.ln." + "R" * 43 + ".name.tmp.4242",
                                       "encfs.lt2.5000.AAAAAAAAAAAAAAAAAAAAAAAA"}
-    assert fsck(cipher, built.home)[1]["damage"] == []
+    assert fsck(cipher, built.home)[1]["Damage"] == []
     mounted_tree(cipher, plain, built.home, built.tree, built.xattrs)
 
 
@@ -302,10 +302,10 @@ def test_a_damaged_header_is_reported_and_left_and_the_rest_reads(built: Built, 
     flip(cipher / built.backing["f9"], 40)  # inside the wrapped data key
     flip(cipher / built.backing["sub/f7"], 0)  # the magic
     code, report = fsck(cipher, built.home)
-    assert code == 4 and kinds(report) == ["header", "wrapped-key"], report["damage"]
-    assert {d["message"].split(":")[0] for d in report["damage"]} == {"/f9", "/sub/f7"}
+    assert code == 4 and kinds(report) == ["header", "wrapped-key"], report["Damage"]
+    assert {d["Message"].split(":")[0] for d in report["Damage"]} == {"/f9", "/sub/f7"}
     code, again = fsck(cipher, built.home, "--repair")
-    assert code == 4 and kinds(again) == kinds(report) and not any(d["repaired"] for d in again["damage"])
+    assert code == 4 and kinds(again) == kinds(report) and not any(d["Repaired"] for d in again["Damage"])
     tree = {k: v for k, v in built.tree.items() if k not in ("f9", "sub/f7")}
     with Mount(cipher, plain, built.home):
         verify(plain, tree, built.xattrs, sample=len(tree))
@@ -323,8 +323,8 @@ def test_a_damaged_symlink_target_and_xattr_value_are_reported_by_path(built: Bu
     value[-1] ^= 1
     os.setxattr(f3, name, bytes(value))
     code, report = fsck(cipher, built.home, "--repair")
-    assert code == 4 and kinds(report) == ["symlink", "xattr"], report["damage"]
-    paths = sorted(d["message"].split(":")[0] for d in report["damage"])
+    assert code == 4 and kinds(report) == ["symlink", "xattr"], report["Damage"]
+    paths = sorted(d["Message"].split(":")[0] for d in report["Damage"])
     assert paths in (["/f3", "/short"], ["/short", "/sub/hardlink"])  # f3's xattr: under either link
 
 
@@ -333,9 +333,9 @@ def test_a_torn_header_with_no_blocks_becomes_the_empty_file_it_shows_as(built: 
     os.truncate(cipher / built.backing["f12"], 60)
     code, report = fsck(cipher, built.home)
     assert code == 4 and kinds(report) == ["header"]
-    assert report["damage"][0]["message"].startswith("/f12: its header is torn (60 of 128 bytes)")
+    assert report["Damage"][0]["Message"].startswith("/f12: its header is torn (60 of 128 bytes)")
     assert fsck(cipher, built.home, "--repair")[0] == 1
-    assert fsck(cipher, built.home)[1]["damage"] == []
+    assert fsck(cipher, built.home)[1]["Damage"] == []
     mounted_tree(cipher, plain, built.home, {**built.tree, "f12": ("file", b"")}, built.xattrs)
 
 
@@ -363,5 +363,5 @@ def test_filesystems_of_earlier_releases_are_clean(v1: dict[str, Path], v2: dict
     for home, cipher, files in ((v1["home"], v1["cipher"], 4), (v1["home"], v1["cipher-4k"], 4),
                                 (v2["home"], v2["cipher"], 3)):
         code, report = fsck(cipher, home)
-        assert (code, report["damage"]) == (0, []), (cipher, report["damage"])
-        assert report["counts"]["files"] == files
+        assert (code, report["Damage"]) == (0, []), (cipher, report["Damage"])
+        assert report["Counts"]["Files"] == files

@@ -387,15 +387,15 @@ def test_primary_config_lost_falls_back_to_backup(damage: str, tmp_path: Path, f
             conf.write_bytes({"garbage": os.urandom(300), "json-list": b"[1, 2]", "empty-object": b"{}",
                               "truncated": original[: len(original) // 2]}[damage])
         info = _info(cipher, fs_home)
-        assert info["format"] == 2
-        assert len(info["warnings"]) == 1 and info["warnings"][0].startswith("encfs.conf is "), info["warnings"]
+        assert info["Format"] == 2
+        assert len(info["Warnings"]) == 1 and info["Warnings"][0].startswith("encfs.conf is "), info["Warnings"]
         text = encfs_ok("info", str(cipher), home=fs_home)
         assert "encfs.conf is" in text
         with Mount(cipher, mp, fs_home):
             assert (mp / "f").read_text() == "survives"
         # a read-write mount restored the lost copy from the good one
         assert json.loads(conf.read_bytes()) == json.loads(original)
-        assert _info(cipher, fs_home)["warnings"] == []
+        assert _info(cipher, fs_home)["Warnings"] == []
 
 
 @pytest.mark.parametrize("field", ["wrapped_secret", "fs_id"])
@@ -423,13 +423,13 @@ def test_backup_config_lost_is_reported_and_restored(tmp_path: Path, fs_home: Pa
     cipher, mp = new_fs(tmp_path, fs_home)
     with guard(cipher, mp):
         (cipher / "encfs.conf.bak").unlink()
-        assert _info(cipher, fs_home)["warnings"] == ["encfs.conf.bak is missing"]
+        assert _info(cipher, fs_home)["Warnings"] == ["encfs.conf.bak is missing"]
         with Mount(cipher, mp, fs_home, "--read-only"):
             pass
         assert not (cipher / "encfs.conf.bak").exists(), "a read-only mount wrote to the CIPHERDIR"
         with Mount(cipher, mp, fs_home):
             pass
-        assert _info(cipher, fs_home)["warnings"] == []
+        assert _info(cipher, fs_home)["Warnings"] == []
 
 
 def test_both_config_copies_damaged_is_one_line(tmp_path: Path, fs_home: Path) -> None:
@@ -540,19 +540,19 @@ def test_info_reports_format_ids_features_and_counts(tmp_path: Path, fs_home: Pa
             os.symlink("x" * 3000, mp / "d1" / "s2")  # a long target, stored beside the tree
         info = _info(cipher, fs_home)
     conf = json.loads((cipher / "encfs.conf").read_bytes())
-    assert info["format"] == 2 and info["verified"] is False
-    assert info["lock"] == "not mounted (last unmounted cleanly)"
-    assert info["fs_id"] == conf["fs_id"] and len(info["fs_id"]) == 32
-    assert info["key_id"] == key_id
-    assert info["features"] == conf["features"]
-    assert {"aes256gcm-32k-blocks", "per-file-keys", "siv-names", "long-names"} <= set(info["features"])
-    assert "aes256gcm-4k-blocks" not in info["features"] and info["block_size"] == 32768
-    counts = info["counts"]
-    assert (counts["files"], counts["directories"], counts["symlinks"]) == (3, 2, 2), counts
-    assert counts["long_names"] == 1
-    assert info["warnings"] == []
+    assert info["Format"] == 2 and info["Verified"] is False
+    assert info["Lock"] == "not mounted (last unmounted cleanly)"
+    assert info["FileSystemId"] == conf["fs_id"] and len(info["FileSystemId"]) == 32
+    assert info["KeyId"] == key_id
+    assert info["Features"] == conf["features"]
+    assert {"aes256gcm-32k-blocks", "per-file-keys", "siv-names", "long-names"} <= set(info["Features"])
+    assert "aes256gcm-4k-blocks" not in info["Features"] and info["BlockSize"] == 32768
+    counts = info["Counts"]
+    assert (counts["Files"], counts["Directories"], counts["Symlinks"]) == (3, 2, 2), counts
+    assert counts["LongNames"] == 1
+    assert info["Warnings"] == []
     text = encfs_ok("info", str(cipher), home=fs_home)
-    assert info["fs_id"] in text and key_id in text and "siv-names" in text
+    assert info["FileSystemId"] in text and key_id in text and "siv-names" in text
     assert any(line.split() == ["format", "2"] for line in text.splitlines()), text
     assert any(line.startswith("verified   no ") for line in text.splitlines()), text
     assert_one_line_error(run_encfs("info", str(tmp_path), home=fs_home), "not an encfs filesystem")
@@ -564,8 +564,8 @@ def test_info_of_a_mountpoint_is_info_of_its_cipherdir(tmp_path: Path, fs_home: 
         with Mount(cipher, mp, fs_home):
             by_mp, by_dir = _info(mp, fs_home), _info(cipher, fs_home)
             text = encfs_ok("info", str(mp), home=fs_home)
-        assert by_mp["cipherdir"] == str(cipher) and by_mp["mountpoint"] == str(mp)
-        assert by_mp["fs_id"] == by_dir["fs_id"] and by_mp["lock"].startswith("mounted read-write")
+        assert by_mp["CipherDir"] == str(cipher) and by_mp["MountPoint"] == str(mp)
+        assert by_mp["FileSystemId"] == by_dir["FileSystemId"] and by_mp["Lock"].startswith("mounted read-write")
         assert any(line.split() == ["mountpoint", str(mp)] for line in text.splitlines()), text
         assert_one_line_error(run_encfs("info", str(mp), home=fs_home), "not an encfs filesystem")
 
@@ -883,8 +883,8 @@ def test_init_block_size_4096_and_32768(tmp_path: Path, fs_home: Path) -> None:
             with Mount(cipher, mp, fs_home):
                 assert (mp / "f").read_bytes() == data
         info = _info(cipher, fs_home)
-        assert info["block_size"] == block
-        assert f"aes256gcm-{block // 1024}k-blocks" in info["features"]
+        assert info["BlockSize"] == block
+        assert f"aes256gcm-{block // 1024}k-blocks" in info["Features"]
         backing = [p for p in cipher.iterdir() if "." not in p.name]
         full, rest = divmod(len(data), block)
         assert [p.stat().st_size for p in backing] == [128 + full * (block + 28) + rest + 28]

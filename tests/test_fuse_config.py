@@ -74,7 +74,7 @@ def test_format_1_filesystem_mounts_and_its_first_read_write_mount_upgrades_it(f
     mp.mkdir()
     original = {n: (cipher / n).read_bytes() for n in (CONF, BAK)}
     assert _copy(cipher, CONF)["format"] == 1 and "mac" not in _copy(cipher, CONF)
-    assert _info(cipher, home)["format"] == 1
+    assert _info(cipher, home)["Format"] == 1
     with guard(cipher, mp):
         with Mount(cipher, mp, home, "--read-only", log=tmp_path / "ro.log"):
             _check_v1_tree(mp)
@@ -92,7 +92,7 @@ def test_format_1_filesystem_mounts_and_its_first_read_write_mount_upgrades_it(f
         # the same mount bound directory ids and symlink targets to their place (binding.py)
         assert primary["features"] == old["features"] + list(BINDING_FEATURES) + [SPARSE_FEATURE]
         assert "directory ids and symlink targets are bound" in (tmp_path / "rw.log").read_text()
-        assert _info(cipher, home)["format"] == 2
+        assert _info(cipher, home)["Format"] == 2
         with Mount(cipher, mp, home, log=tmp_path / "again.log"):
             for name, data in V1_FILES.items():
                 assert (mp / name).read_bytes() == data
@@ -171,7 +171,7 @@ def test_damaged_copy_is_ignored_logged_and_restored(copy: str, damage: str, tmp
         log = (tmp_path / "rw.log").read_text()
         assert f"{copy} is damaged ({cause})" in log and f"restored {copy} from the good copy" in log, log
         assert (cipher / copy).read_bytes() == good and (cipher / other).read_bytes() == good
-        assert _info(cipher, fs_home)["warnings"] == []
+        assert _info(cipher, fs_home)["Warnings"] == []
 
 
 def test_copies_that_disagree_on_the_block_size_refuse_the_mount(tmp_path: Path, fs_home: Path) -> None:
@@ -211,12 +211,12 @@ def test_info_reads_without_verifying(tmp_path: Path, fs_home: Path) -> None:
     cipher, _ = new_fs(tmp_path, fs_home)
     _flip(cipher / BAK, b'"format": 2', 10, 0)
     info = _info(cipher, fs_home)
-    assert info["verified"] is False and info["format"] == 2
-    assert info["warnings"] == ["encfs.conf and encfs.conf.bak differ"]
+    assert info["Verified"] is False and info["Format"] == 2
+    assert info["Warnings"] == ["encfs.conf and encfs.conf.bak differ"]
     (cipher / CONF).unlink()
     info = _info(cipher, fs_home)
-    assert info["format"] == 3
-    assert info["warnings"] == ["encfs.conf is missing",
+    assert info["Format"] == 3
+    assert info["Warnings"] == ["encfs.conf is missing",
                                 "encfs.conf.bak: unsupported encfs filesystem format 3 (this encfs reads 1 to 2): "
                                 "upgrade encfs (or it is damaged: a mount verifies it)"]
 

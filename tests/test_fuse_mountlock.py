@@ -117,13 +117,13 @@ def test_kill9_leaves_no_stuck_lock_and_the_next_mount_recovers(tmp_path: Path, 
         finally:
             m.kill9()
         info = json.loads(encfs_ok("info", "--json", str(cipher), home=fs_home))
-        assert info["lock"].startswith(f"not unmounted cleanly: last mounted read-write at {mp.resolve()} "
-                                       f"by pid {m.pid}"), info["lock"]
+        assert info["Lock"].startswith(f"not unmounted cleanly: last mounted read-write at {mp.resolve()} "
+                                       f"by pid {m.pid}"), info["Lock"]
         with Mount(cipher, mp, fs_home, log=tmp_path / "m2.log") as m2:
             assert (mp / "f").read_bytes() == b"saved"
             rec = _record(cipher)
             assert rec["pid"] == m2.pid and rec["state"] == "mounted"
-            assert "mounted read-write" in json.loads(encfs_ok("info", "--json", str(cipher), home=fs_home))["lock"]
+            assert "mounted read-write" in json.loads(encfs_ok("info", "--json", str(cipher), home=fs_home))["Lock"]
         log2 = (tmp_path / "m2.log").read_text()
         assert UNCLEAN in log2 and f"pid {m.pid}" in log2 and "ended without unmounting" in log2, log2
         with Mount(cipher, mp, fs_home, log=tmp_path / "m3.log"):
@@ -160,7 +160,7 @@ def test_read_only_mounts_coexist_and_exclude_read_write(tmp_path: Path, fs_home
             for fg in ([], ["--foreground"]):
                 assert_one_line_error(_mount_cli(cipher, mp3, fs_home, *fg), "already mounted read-only")
             assert not is_mounted(mp3)
-            assert json.loads(encfs_ok("info", "--json", str(cipher), home=fs_home))["lock"] == "mounted read-only"
+            assert json.loads(encfs_ok("info", "--json", str(cipher), home=fs_home))["Lock"] == "mounted read-only"
         assert (cipher / LOCK_NAME).read_bytes() == before, "a read-only mount wrote the owner record"
         with Mount(cipher, mp3, fs_home) as rw:
             for fg in ([], ["--foreground"]):

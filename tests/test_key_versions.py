@@ -95,7 +95,7 @@ def test_rotate_rekey_retire_a_volume_end_to_end(home: Path, tmp_path: Path) -> 
     ok(home, "volume", "create", image, "--size", "8M", "--key", "a")
     data = os.urandom(MiB)
     write(image, home, {0: data}, tmp_path)
-    vid = json.loads(ok(home, "volume", "info", image, "--json"))["volume_id"]
+    vid = json.loads(ok(home, "volume", "info", image, "--json"))["VolumeId"]
     ok(home, "key", "rotate", "a")
     assert f"used by volume:{vid}" in ok(home, "key", "describe", "a")
     assert f"volume:{vid}" in fails(home, "key", "retire-version", "a", "1")
@@ -125,7 +125,7 @@ def test_rotate_rekey_retire_a_filesystem_end_to_end(home: Path, tmp_path: Path)
 def test_a_full_rekey_into_a_new_volume_id_forgets_the_old_one(home: Path, tmp_path: Path) -> None:
     image = tmp_path / "vol.img"
     ok(home, "volume", "create", image, "--size", "8M", "--key", "a")
-    old = json.loads(ok(home, "volume", "info", image, "--json"))["volume_id"]
+    old = json.loads(ok(home, "volume", "info", image, "--json"))["VolumeId"]
     ok(home, "key", "rotate", "a")
     new = json.loads(ok(home, "rekey", image, "--full", "--json"))["VolumeId"]
     used = [v["UsedBy"] for v in json.loads(ok(home, "key", "describe", "a", "--json"))["KeyVersions"]]

@@ -277,9 +277,9 @@ def test_volume_attach_shows_no_pin(how: str, vendor: dict[str, Any], tmp_path: 
         proc = run_encfs("volume", "attach", str(image), *opts, home=vendor["home"], env={**rig.env, **env})
         assert proc.returncode == 0, proc.stderr
         [row] = json.loads(rig.ok("volume", "list", "--json"))["Volumes"]
-        pids = [row["pid"], *children(row["pid"])]
+        pids = [row["Pid"], *children(row["Pid"])]
         assert len(pids) == 2, pids  # the daemon and its sealing worker
-        with open(row["loop"], "r+b") as dev:  # the unlocked volume serves its loop device
+        with open(row["Device"], "r+b") as dev:  # the unlocked volume serves its loop device
             dev.write(b"z" * 4096)
             dev.flush()
             os.fsync(dev.fileno())

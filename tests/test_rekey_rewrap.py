@@ -143,7 +143,7 @@ def test_a_full_rekey_reencrypts_under_a_fresh_volume_key(home: Path, tmp_path: 
     ok(home, "volume", "create", image, "--size", "8M", "--key", "a")
     write(image, home, {4096: os.urandom(3 * MiB)}, tmp_path)
     before = contents(image, home)
-    old_id = json.loads(ok(home, "volume", "info", image, "--json"))["volume_id"]
+    old_id = json.loads(ok(home, "volume", "info", image, "--json"))["VolumeId"]
     done = json.loads(ok(home, "rekey", image, "--full", "--key", "b", "--json"))
     assert done["VolumeId"] != old_id and done["KeyId"] == key_id(home, "b")
     ok(home, "key", "disable", "a")

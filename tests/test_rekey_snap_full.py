@@ -65,8 +65,8 @@ def test_full_keeps_every_snapshot_under_a_fresh_key_and_the_old_cmk_can_go(home
     out = json.loads(ok(home, "rekey", image, "--full", "--key", "b", "--json"))
     assert out["Snapshots"] == [r[0] for r in rows] and not out["Resumed"]
     new = info(home, image)
-    assert out["VolumeId"] == new["volume_id"] != old["volume_id"]  # a fresh volume and data key
-    assert out["KeyId"] == key_id(home, "b") == new["key_id"] and wrapped_key(image) != old_key
+    assert out["VolumeId"] == new["VolumeId"] != old["VolumeId"]  # a fresh volume and data key
+    assert out["KeyId"] == key_id(home, "b") == new["KeyId"] and wrapped_key(image) != old_key
     assert not copy_of(image).exists()
     assert snapshot_rows(home, image) == rows  # ids, creation times, descriptions, sizes
     assert digests(image, home) == before  # the live volume and every snapshot, byte for byte
@@ -74,7 +74,7 @@ def test_full_keeps_every_snapshot_under_a_fresh_key_and_the_old_cmk_can_go(home
     ok(home, "key", "disable", "a")
     assert digests(image, home) == before
     catalog = json.loads((home / "snapshots.json").read_text())
-    assert all(catalog[r[0]]["volume_id"] == new["volume_id"] for r in rows)  # the index names the copy
+    assert all(catalog[r[0]]["volume_id"] == new["VolumeId"] for r in rows)  # the index names the copy
     ok(home, "snapshot", "delete", rows[1][0])  # by its id alone
     assert [r[0] for r in snapshot_rows(home, image)] == [rows[0][0], rows[2][0]]
 
@@ -85,7 +85,7 @@ def test_volume_rekey_keeps_the_snapshots_too(home: Path, tmp_path: Path) -> Non
     before, rows = digests(image, home), snapshot_rows(home, image)
     assert "re-keyed as volume" in ok(home, "volume", "rekey", image, "--key", "b")
     assert snapshot_rows(home, image) == rows and digests(image, home) == before
-    vid = info(home, image)["volume_id"]
+    vid = info(home, image)["VolumeId"]
     catalog = json.loads((home / "snapshots.json").read_text())
     assert all(catalog[r[0]]["volume_id"] == vid for r in rows)
 

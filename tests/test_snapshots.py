@@ -102,7 +102,7 @@ def test_rollback_and_copy_under_another_key(volume: Path, fs_home: Path, tmp_pa
     line = ok("snapshot", "copy", first, out, "--key", other, home=fs_home)
     assert contents(out, fs_home) == before
     info = json.loads(ok("volume", "info", out, "--json", home=fs_home))
-    assert info["key_id"] in other or other in info["key_id"]
+    assert info["KeyId"] in other or other in info["KeyId"]
     copied = line.split()[0]
     assert json.loads(ok("snapshot", "info", copied, "--json", home=fs_home))["Volume"] == str(out)
 
@@ -123,7 +123,7 @@ def test_upgrade_converts_a_format_1_volume_and_keeps_its_contents(fs_home: Path
     write(old, fs_home, {5 * MiB: os.urandom(3 * MiB)})
     before = contents(old, fs_home)
     ok("volume", "upgrade", old, home=fs_home)
-    assert json.loads(ok("volume", "info", old, "--json", home=fs_home))["format"] == 2
+    assert json.loads(ok("volume", "info", old, "--json", home=fs_home))["Format"] == 2
     assert contents(old, fs_home) == before
     assert "already has format 2" in ok("volume", "upgrade", old, home=fs_home)
     snap(old, fs_home)

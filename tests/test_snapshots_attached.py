@@ -373,7 +373,7 @@ def test_a_tampered_data_page_reads_as_eio_and_a_rewrite_heals_it(rig: Rig) -> N
     assert r.returncode != 0, "a read covering a tampered sector succeeded"
     assert r.stdout == patterns(996, 4, 1)[:len(r.stdout)]
     [row] = rig.listed()
-    assert row["state"] == "attached"  # the daemon survives authentication failures
+    assert row["State"] == "attached"  # the daemon survives authentication failures
     dd_write(loop, 1000 * 4096, pattern(1000, 2), rig.tmp)  # a rewrite heals a data page
     assert read_ok(loop, 1000 * 4096, 4096) == pattern(1000, 2)
     rig.detach(loop)

@@ -50,8 +50,8 @@ def test_attach_all_attaches_the_table_once_and_reports_failures(rig: Rig) -> No
     table.write_text(f"one {image} ro\nlater {rig.tmp}/later.img noauto\n")
     out = rig.ok("volume", "attach-all", "--table", table)
     [row] = rig.listed()
-    assert out == f"one: {row['loop']}\n" and row["read_only"] and os.readlink(dev / "one") == row["loop"]
-    assert rig.ok("volume", "attach-all", "--table", table) == f"one: already attached at {row['loop']}\n"
+    assert out == f"one: {row['Device']}\n" and row["ReadOnly"] and os.readlink(dev / "one") == row["Device"]
+    assert rig.ok("volume", "attach-all", "--table", table) == f"one: already attached at {row['Device']}\n"
     table.write_text(f"one {image} ro\ngone {rig.tmp}/gone.img\n")
     assert rig.fails("volume", "attach-all", "--table", table) == \
         f"encfs: 1 volume(s) of {table} not attached: gone"

@@ -143,7 +143,7 @@ def test_a_volume_of_the_previous_release_is_upgraded_by_its_first_open(v1: Path
     before = _headers(path)
     assert [h.flags for h in before] == [MAPS_MIRRORED] * 2 and before[0] == before[1]
     info = _info_json(v1)
-    assert (info["header_mac"], info["header_verified"], info["seals_reserved"]) == (False, False, None)
+    assert (info["HeaderMac"], info["HeaderVerified"], info["SealsReserved"]) == (False, False, None)
 
     out, log = _open_v1(v1)
     assert out["pattern"] and out["hello"] == HELLO.decode() and out["warnings"] == []
@@ -157,8 +157,8 @@ def test_a_volume_of_the_previous_release_is_upgraded_by_its_first_open(v1: Path
     after = _headers(path)
     assert after[0].context() == {"encfs:volume": before[0].volume_id.hex(), "encfs:header": "mac-v1"}
     info = _info_json(v1, "--key", "vol")
-    assert (info["header_mac"], info["header_verified"], info["seals_reserved"]) == (True, True, estimate)
-    assert info["warnings"] == []
+    assert (info["HeaderMac"], info["HeaderVerified"], info["SealsReserved"]) == (True, True, estimate)
+    assert info["Warnings"] == []
 
     out, log = _open_v1(v1, write=True)  # a second open upgrades nothing; one sector + its map's 2 seals
     assert out["pattern"] and "upgraded" not in log
@@ -171,7 +171,7 @@ def test_an_upgrade_interrupted_between_the_copies_opens_from_the_upgraded_copy(
     _open_v1(v1)
     _put(path, 1, old)  # the crash: copy 0 written and synced, copy 1 not yet
     info = _info_json(v1)
-    assert info["header_mac"] is True and "older header without a MAC" in info["warnings"][0], info
+    assert info["HeaderMac"] is True and "older header without a MAC" in info["Warnings"][0], info
     out, _log = _open_v1(v1, write=True)  # the write's reservation writes both copies again
     assert out["pattern"] and len(out["warnings"]) == 1 and "header copy 1" in out["warnings"][0]
     assert [c[0] for c in out["copies"]] == [MAPS_MIRRORED | HEADER_MAC] * 2 and out["copies"][1][3]

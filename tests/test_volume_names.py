@@ -25,7 +25,7 @@ def test_named_attach_link_detach_by_name_and_dead_daemon_cleanup(rig: Rig) -> N
     assert "bad volume name" in rig.fails("volume", "attach", image, "--name", "x/y")
     loop = rig.attach_with(image, "--name", "data")
     assert os.readlink(dev / "data") == loop
-    assert [r["name"] for r in rig.listed()] == ["data"]
+    assert [r["Name"] for r in rig.listed()] == ["data"]
     assert rig.fails("volume", "attach", other, "--name", "data") == \
         f"encfs: volume name data is in use by {image} ({loop})"
     assert rig.encfs("volume", "attach", other, "--name", "data").returncode == 75  # busy (EX_TEMPFAIL)
@@ -59,7 +59,7 @@ def test_read_only_attach_on_a_read_only_bind_mount(rig: Rig) -> None:  # noqa: 
     r = sh("dd", "of=" + loop, "bs=4096", "count=1", "oflag=direct", "conv=fsync", input=b"\0" * 4096,
            check=False)
     assert r.returncode != 0 and ("Read-only" in r.stderr or "not permitted" in r.stderr), r.stderr
-    assert [r["read_only"] for r in rig.listed()] == [True]
+    assert [r["ReadOnly"] for r in rig.listed()] == [True]
     assert rig.fails("volume", "resize", ro / "ro.img", "--size", "32M") == \
         f"encfs: {ro / 'ro.img'} is attached read-only at {loop}: detach it to resize it"
     rig.detach(loop)

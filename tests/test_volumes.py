@@ -321,8 +321,8 @@ class Rig:
         return home
 
     def kill_daemon(self, loop: str) -> int:
-        [row] = [r for r in self.listed() if r["loop"] == loop]
-        pid = row["pid"]
+        [row] = [r for r in self.listed() if r["Device"] == loop]
+        pid = row["Pid"]
         assert running(pid)
         workers = children(pid)
         assert len(workers) == 1, workers  # the daemon's sealing worker (encfs.sealworker)
@@ -416,19 +416,19 @@ def test_lifecycle_create_info_attach_ext4_detach_reattach(rig: Rig) -> None:
     key_id = re.search(r"under key (\S+)", out).group(1)
 
     info = rig.info(image)
-    assert info["size"] == 64 * MiB
-    assert info["key_id"] == key_id
-    assert info["attached"] is None
-    assert info["warnings"] == []
+    assert info["Size"] == 64 * MiB
+    assert info["KeyId"] == key_id
+    assert info["Attached"] is None
+    assert info["Warnings"] == []
     text = rig.ok("volume", "info", image)
     assert str(64 * MiB) in text and key_id in text
 
     loop = rig.attach(image)
     [row] = rig.listed()
-    assert row["loop"] == loop and row["state"] == "attached" and row["image"] == str(image)
-    assert row["volume_id"] == info["volume_id"]
+    assert row["Device"] == loop and row["State"] == "attached" and row["Image"] == str(image)
+    assert row["VolumeId"] == info["VolumeId"]
     assert loop in rig.ok("volume", "list")
-    assert rig.info(image)["attached"] == loop
+    assert rig.info(image)["Attached"] == loop
     assert int(sh("blockdev", "--getsize64", loop).stdout) == 64 * MiB
 
     rig.mkfs(loop)
@@ -440,7 +440,7 @@ def test_lifecycle_create_info_attach_ext4_detach_reattach(rig: Rig) -> None:
     small.write_text("hello volume\n")
     written["small.txt"] = hashlib.sha256(b"hello volume\n").hexdigest()
     rig.umount(mnt)
-    workers = children(row["pid"])
+    workers = children(row["Pid"])
     assert len(workers) == 1  # the sealing worker
     rig.detach(loop)
     assert rig.listed() == []
@@ -463,7 +463,7 @@ def test_lifecycle_create_info_attach_ext4_detach_reattach(rig: Rig) -> None:
     rig.fsck_clean(loop2)
     rig.detach(image)  # by image path this time
     assert rig.listed() == []
-    assert rig.info(image)["attached"] is None
+    assert rig.info(image)["Attached"] is None
     rig.assert_nothing_attached()
     assert list((rig.run_dir / "volumes").iterdir()) == []  # no stale private mountpoints either
     assert (rig.run_dir / "volumes").stat().st_mode & 0o777 == 0o700
@@ -506,7 +506,7 @@ def allocated(image: Path) -> int:
 def test_sparse_image_and_discard_frees_space(rig: Rig) -> None:
     image = rig.create()
     assert allocated(image) < 512 * 1024, "a fresh image holds only headers and sector maps"
-    assert rig.info(image)["image_allocated_bytes"] == allocated(image)
+    assert rig.info(image)["ImageAllocatedBytes"] == allocated(image)
     loop = rig.attach(image)
 
     # never-written sectors read as zeros
@@ -597,7 +597,7 @@ def test_tampered_or_swapped_sectors_read_as_io_errors(rig: Rig) -> None:
     assert r.stdout == b"" or r.stdout == good[6 * 4096:6 * 4096 + len(r.stdout)]
     # the daemon survives authentication failures, and a rewrite heals the sector
     [row] = rig.listed()
-    assert row["state"] == "attached"
+    assert row["State"] == "attached"
     dd_write(loop, 1000 * 4096, pattern(1000, 2), rig.tmp)
     assert read_ok(loop, 1000 * 4096, 4096) == pattern(1000, 2)
     rig.detach(loop)
@@ -658,7 +658,7 @@ def test_a_damaged_map_slot_loses_nothing_and_is_repaired(rig: Rig) -> None:
     """Both map slots hold the newest map at rest: a bit flip in either, or either zeroed, still reads
     back what was fsync'd last, and the daemon logs the damage and rewrites the slot."""
     image = rig.create(fmt=1)
-    assert rig.info(image)["maps_mirrored"] is True
+    assert rig.info(image)["MapsMirrored"] is True
     loop = rig.attach(image)
     s = EXTENT_SECTORS + 1000  # in extent 1
     dd_write(loop, s * 4096, pattern(s, 1), rig.tmp)
@@ -708,13 +708,13 @@ def test_an_old_style_volume_with_a_damaged_newest_map_refuses_to_attach(rig: Ri
             f.seek(map_offset(1, 0))
             f.write(previous)
         _clear_mirrored_flag(image, rig.home)
-        assert rig.info(image)["maps_mirrored"] is False
+        assert rig.info(image)["MapsMirrored"] is False
 
     make_old_style()  # intact: attaches as it is, and is upgraded
     loop = rig.attach(image)
     assert read_ok(loop, s * 4096, 4096) == pattern(s, 2)
     rig.detach(loop)
-    assert rig.info(image)["maps_mirrored"] is True and rig.info(image)["warnings"] == []
+    assert rig.info(image)["MapsMirrored"] is True and rig.info(image)["Warnings"] == []
 
     make_old_style()
     _damage_map(image, 1, 1, "bit flip")
@@ -723,14 +723,14 @@ def test_an_old_style_volume_with_a_damaged_newest_map_refuses_to_attach(rig: Ri
            "is damaged in slot 1" in msg, msg
     assert f"encfs volume attach --accept-rollback {image}" in msg, msg
     rig.assert_nothing_attached()
-    assert rig.info(image)["maps_mirrored"] is False
+    assert rig.info(image)["MapsMirrored"] is False
 
     log = rig.tmp / "rollback.log"
     loop = rig.ok("volume", "attach", "--accept-rollback", image, "--log-file", log).strip()
     assert read_ok(loop, s * 4096, 4096) == pattern(s, 1)  # the rollback, as accepted
     rig.detach(loop)
     assert "map slot 1 is damaged; using the map in slot 0, which may be older" in log.read_text()
-    assert rig.info(image)["maps_mirrored"] is True
+    assert rig.info(image)["MapsMirrored"] is True
     loop = rig.attach(image)  # upgraded: attaches without the option from now on
     assert read_ok(loop, s * 4096, 4096) == pattern(s, 1)
     rig.detach(loop)
@@ -744,8 +744,8 @@ def _after_crash_reattach(rig: Rig, image: Path, old_loop: str, mnt: Path | None
     r = dd_read(old_loop, 0, 4096, timeout=30)
     assert r.returncode != 0, "a loop device over a dead FUSE daemon must not return data"
     [row] = rig.listed()
-    assert row["state"] == "dead"
-    assert rig.info(image)["attached"] is None
+    assert row["State"] == "dead"
+    assert rig.info(image)["Attached"] is None
     if mnt is not None and mounted_at(mnt):
         rig.umount(mnt, lazy_fallback=True)
     if how == "detach":
@@ -956,7 +956,7 @@ def test_fio_concurrent_random_read_write_with_verify(rig: Rig, fio: str) -> Non
     neg = _fio(fio, loop, rig.tmp, "--name=neg", "--rw=read", "--offset=0", "--size=4M", "--do_verify=1")
     assert neg["returncode"] != 0 or any(j["error"] for j in neg["jobs"])
     [row] = rig.listed()
-    assert row["state"] == "attached"
+    assert row["State"] == "attached"
     rig.detach(loop)
 
 
@@ -985,11 +985,11 @@ def test_one_image_is_served_by_one_daemon_whatever_the_registry(rig: Rig) -> No
         assert "in use" in msg, msg
         other.assert_nothing_attached()
         assert "in use" in other.fails("volume", "resize", image, "--size", "128M")
-        assert rig.info(image)["size"] == 64 * MiB
+        assert rig.info(image)["Size"] == 64 * MiB
     finally:
         other.cleanup()
     [row] = rig.listed()
-    assert row["loop"] == loop and row["state"] == "attached"
+    assert row["Device"] == loop and row["State"] == "attached"
     rig.detach(loop)
     loop = other.attach(image)  # free again once detached
     other.detach(loop)
@@ -1014,13 +1014,13 @@ def test_attach_with_another_expected_key_is_refused_in_one_line(rig: Rig) -> No
     home = rig.new_home("pin")
     image = rig.create(home=home, key="pin")
     other = rig.ok("key", "create", "--alias", "other", home=home).strip()
-    key_id = rig.info(image)["key_id"]
+    key_id = rig.info(image)["KeyId"]
     msg = rig.fails("volume", "attach", image, "--key", "other", home=home)
     assert f"is encrypted under key {key_id}, not other" in msg, msg
     rig.assert_nothing_attached()
     assert f"not {other}" in rig.fails("volume", "info", image, "--key", other, home=home)
     assert rig.fails("volume", "resize", image, "--size", "128M", "--key", "other", home=home)
-    assert rig.info(image)["size"] == 64 * MiB
+    assert rig.info(image)["Size"] == 64 * MiB
     loop = rig.attach_with(image, "--key", "pin", home=home)
     rig.detach(loop)
     loop = rig.attach_with(image, "--key", key_id, home=home)
@@ -1060,13 +1060,13 @@ def test_one_damaged_header_copy_still_attaches_with_a_warning(rig: Rig) -> None
     for copy in (0, 1):
         flip(image, copy * HEADER_SLOT + 50)
         info = rig.info(image)
-        assert len(info["warnings"]) == 1 and f"header copy {copy}" in info["warnings"][0], info
+        assert len(info["Warnings"]) == 1 and f"header copy {copy}" in info["Warnings"][0], info
         assert f"header copy {copy}" in rig.ok("volume", "info", image)
         loop = rig.attach(image)
         assert read_ok(loop, 0, 16 * 4096) == patterns(0, 16, 7)
         rig.detach(loop)
         flip(image, copy * HEADER_SLOT + 50)  # undo
-        assert rig.info(image)["warnings"] == []
+        assert rig.info(image)["Warnings"] == []
 
 
 def test_attach_non_volume_files_fails_cleanly(rig: Rig) -> None:
@@ -1096,7 +1096,7 @@ def test_detach_errors(rig: Rig) -> None:
     assert "in use" in rig.fails("volume", "detach", image)
     assert (mnt / "f").read_bytes() == b"still here"
     [row] = rig.listed()
-    assert row["state"] == "attached"
+    assert row["State"] == "attached"
     rig.umount(mnt)
     # open but not mounted: refused too, quickly, instead of killing the daemon under the opener
     with open(loop, "rb") as dev:
@@ -1106,7 +1106,7 @@ def test_detach_errors(rig: Rig) -> None:
         msg = rig.fails("volume", "detach", loop)
         assert "in use" in msg and f"pid {holder.pid}" in msg, msg
         assert time.monotonic() - t0 < 20
-        assert running(rig.listed()[0]["pid"])
+        assert running(rig.listed()[0]["Pid"])
     finally:
         holder.kill()
         holder.wait(timeout=10)
@@ -1142,7 +1142,7 @@ def test_full_backing_disk_gives_enospc_and_keeps_fsynced_data(rig: Rig) -> None
            "status=none", timeout=120, check=False)
     assert r.returncode != 0
     assert "No space left on device" in r.stderr or "Input/output error" in r.stderr, r.stderr
-    assert running(row["pid"]), "the daemon must survive ENOSPC"
+    assert running(row["Pid"]), "the daemon must survive ENOSPC"
     # overwriting fsync'd data while the disk is full fails, and must not damage it
     src = rig.tmp / "over"
     src.write_bytes(patterns(0, 256, 2))
@@ -1157,7 +1157,7 @@ def test_full_backing_disk_gives_enospc_and_keeps_fsynced_data(rig: Rig) -> None
         got = after[s * 4096:(s + 1) * 4096]
         assert got == synced[s * 4096:(s + 1) * 4096] or (s < 256 and got == new[s * 4096:(s + 1) * 4096]), s
     [row2] = rig.listed()
-    assert row2["state"] == "attached" and running(row["pid"])
+    assert row2["State"] == "attached" and running(row["Pid"])
 
     # give space back: detach flushes, re-attach, what was read is intact and writes work again
     filler.unlink()
@@ -1171,7 +1171,7 @@ def test_full_backing_disk_gives_enospc_and_keeps_fsynced_data(rig: Rig) -> None
     # growing on a full disk fails in one line and leaves the volume as it was
     sh("dd", "if=/dev/zero", f"of={filler}", "bs=64k", "status=none", check=False, timeout=60)
     assert "cannot grow" in rig.fails("volume", "resize", image, "--size", "2G")
-    assert rig.info(image)["size"] == 64 * MiB
+    assert rig.info(image)["Size"] == 64 * MiB
     filler.unlink()
     loop = rig.attach(image)
     assert int(sh("blockdev", "--getsize64", loop).stdout) == 64 * MiB
@@ -1192,7 +1192,7 @@ def test_full_backing_disk_under_ext4(rig: Rig) -> None:
     r = py(WRITE_FILES, mnt, "fill", "60", str(1 * MiB), rig.tmp / "fill.log", timeout=180, check=False)
     assert r.returncode != 0, "40 MiB of disk cannot hold 60 MiB of data"
     assert "No space left on device" in r.stderr or "Input/output error" in r.stderr, r.stderr
-    assert running(row["pid"]), "the daemon must survive ENOSPC"
+    assert running(row["Pid"]), "the daemon must survive ENOSPC"
     rig.umount(mnt, lazy_fallback=True)
     filler.unlink()
     for p in disk.iterdir():
@@ -1221,9 +1221,9 @@ def test_resize_grows_detached_volume_and_refuses_shrink(rig: Rig) -> None:
     rig.detach(loop)
 
     assert "shrink" in rig.fails("volume", "resize", image, "--size", "32M")
-    assert rig.info(image)["size"] == 64 * MiB
+    assert rig.info(image)["Size"] == 64 * MiB
     rig.ok("volume", "resize", image, "--size", "128M")
-    assert rig.info(image)["size"] == 128 * MiB
+    assert rig.info(image)["Size"] == 128 * MiB
     loop = rig.attach(image)
     assert int(sh("blockdev", "--getsize64", loop).stdout) == 128 * MiB
     # the added space reads as zeros
@@ -1246,11 +1246,11 @@ def test_resize_grows_detached_volume_and_refuses_shrink(rig: Rig) -> None:
 def test_sizes_read_as_coreutils_reads_them_and_resize_takes_plus(rig: Rig) -> None:
     """10G and 10GiB are binary, 10GB decimal (rounded up to 4 KiB sectors), +SIZE grows by it."""
     image = rig.create(size="64MiB")
-    assert rig.info(image)["size"] == 64 * MiB
+    assert rig.info(image)["Size"] == 64 * MiB
     rig.ok("volume", "resize", image, "--size", "+8M")
-    assert rig.info(image)["size"] == 72 * MiB
+    assert rig.info(image)["Size"] == 72 * MiB
     rig.ok("volume", "resize", image, "--size", "100MB")
-    assert rig.info(image)["size"] == -(-100_000_000 // 4096) * 4096
+    assert rig.info(image)["Size"] == -(-100_000_000 // 4096) * 4096
     assert "only for resize" in rig.fails("volume", "create", rig.tmp / "b.img", "--size", "+2G", "--key", "fs")
     assert "10GB" in rig.fails("volume", "resize", image, "--size", "1.5G")
     assert not (rig.tmp / "b.img").exists()
@@ -1270,7 +1270,7 @@ def test_online_resize_grows_an_attached_volume(rig: Rig) -> None:
     assert "shrink" in rig.fails("volume", "resize", image, "--size", "32M")
     rig.ok("volume", "resize", image, "--size", "160M")
     assert int(sh("blockdev", "--getsize64", loop).stdout) == 160 * MiB
-    assert rig.info(image)["size"] == 160 * MiB
+    assert rig.info(image)["Size"] == 160 * MiB
     tail = os.urandom(MiB)
     fd = os.open(loop, os.O_WRONLY)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from encfs.block.volume import (
     read_volume_header,
 )
 from encfs.cliargs import home_of, hsm_options, open_key_service, state_dir
-from encfs.output import print_record
+from encfs.output import print_json, print_record, report, wants_json
 
 
 def _ks(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -43,7 +42,9 @@ def cmd_create(args: argparse.Namespace) -> int:
         check_space(Path(args.volume), size)
     with open_key_service(args) as ks:
         header = create_volume(Path(args.volume), size, ks, args.key, version=args.format)
-    print(f"volume {header.volume_id.hex()} created in {args.volume}: {size} bytes under key {header.key_id}")
+    report(args, {"Image": str(Path(args.volume).absolute()), "VolumeId": header.volume_id.hex(), "Size": size,
+                  "KeyId": header.key_id, "Format": args.format},
+           f"volume {header.volume_id.hex()} created in {args.volume}: {size} bytes under key {header.key_id}")
     return 0
 
 
@@ -51,7 +52,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
     home, hsm = _ks(args)
     a = attach(Path(args.volume), home, hsm, args.log_file, accept_rollback=args.accept_rollback,
                expected_key=args.key, name=args.name or "", read_only=args.read_only)
-    print(a.loop)
+    report(args, {"Image": str(Path(args.volume).absolute()), "Device": a.loop, "Name": args.name or None,
+                  "ReadOnly": args.read_only}, a.loop)
     return 0
 
 
@@ -64,28 +66,41 @@ def cmd_attach_all(args: argparse.Namespace) -> int:
     home, hsm = _ks(args)
     table = Path(args.table) if args.table else voltab.VOLTAB
     failed = []
+    rows: list[dict[str, Any]] = []  # --json: {"Volumes": rows}
     for v in voltab.read(table):
         if not v.auto:
             continue
         live = next((a for a in attachments() if a.name == v.name and a.daemon_alive()), None)
         if live is not None:
-            print(f"{v.name}: already attached at {live.loop}")
+            rows.append({"Name": v.name, "Image": str(v.image), "Device": live.loop, "State": "already-attached"})
+            _say(args, f"{v.name}: already attached at {live.loop}")
             continue
         try:
             a = attach(v.image, home, hsm, v.log_file, expected_key=v.key, name=v.name, read_only=v.read_only)
         except EncfsError as e:
-            print(f"{v.name}: not attached: {e.message}")
+            rows.append({"Name": v.name, "Image": str(v.image), "Device": None, "State": "failed", "Error": e.message})
+            _say(args, f"{v.name}: not attached: {e.message}")
             failed.append(v.name)
             continue
-        print(f"{v.name}: {a.loop}")
+        rows.append({"Name": v.name, "Image": str(v.image), "Device": a.loop, "State": "attached"})
+        _say(args, f"{v.name}: {a.loop}")
+    if wants_json(args):  # printed before a failure's exit code: the object says which volumes failed
+        print_json({"Volumes": rows})
     if failed:
         raise VolumeError(f"{len(failed)} volume(s) of {table} not attached: {', '.join(failed)}")
     return 0
 
 
+def _say(args: argparse.Namespace, line: str) -> None:
+    """One line of a command's progress: stdout without --json (where it always went)."""
+    if not wants_json(args):
+        print(line, flush=True)
+
+
 def cmd_detach(args: argparse.Namespace) -> int:
     a = detach(args.target)
-    print(f"detached {a.image} from {a.loop}")
+    report(args, {"Image": a.image, "Device": a.loop, "Name": a.name or None, "Detached": True},
+           f"detached {a.image} from {a.loop}")
     return 0
 
 
@@ -124,7 +139,7 @@ def cmd_list(args: argparse.Namespace) -> int:
              "read_only": a.read_only, "state": "attached" if a.daemon_alive() else "dead"}
             for a in attachments()]
     if args.json:
-        print(json.dumps({"Volumes": rows}, indent=2))
+        print_json({"Volumes": rows})  # PascalCase: VolumeId, Image, Device (AWS: Device), Pid...
         return 0
     print(f"{'LOOP':12} {'STATE':9} {'VOLUME ID':32} IMAGE")
     for r in rows:
@@ -148,11 +163,13 @@ def cmd_resize(args: argparse.Namespace) -> int:
             with open_key_service(args) as ks:
                 read_volume_header(path, ks, args.key)
         grow_attached(a, size)
-        print(f"{path}: {size} bytes (online; {a.loop} resized)")
+        report(args, {"Image": str(path.absolute()), "Size": size, "Device": a.loop, "Online": True},
+               f"{path}: {size} bytes (online; {a.loop} resized)")
         return 0
     with open_key_service(args) as ks:
         new = grow_volume(path, size, ks, expected_key=args.key)
-    print(f"{path}: {new.size} bytes")
+    report(args, {"Image": str(path.absolute()), "Size": new.size, "Device": None, "Online": False},
+           f"{path}: {new.size} bytes")
     return 0
 
 
@@ -169,8 +186,8 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
         remember(state_dir(args), path, done.volume_id, done.snapshots)
     mib = done.sectors * 4096 / (1 << 20)
-    print(f"{path}: re-keyed as volume {done.volume_id} under key {done.key_id} "
-          f"({mib:.1f} MiB of written sectors copied in {done.seconds:.1f} s)")
+    report(args, _copied(path, done), f"{path}: re-keyed as volume {done.volume_id} under key {done.key_id} "
+           f"({mib:.1f} MiB of written sectors copied in {done.seconds:.1f} s)")
     return 0
 
 
@@ -181,14 +198,23 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     path = Path(args.volume)
     header, _w = read_volume_header(path)
     if header.copy_on_write:
-        print(f"{path} already has format {COW_FORMAT}")
+        report(args, {"Image": str(path.absolute()), "Format": COW_FORMAT, "Changed": False,
+                      "VolumeId": header.volume_id.hex(), "KeyId": header.key_id},
+               f"{path} already has format {COW_FORMAT}")
         return 0
     refuse_attached(path, header.volume_id.hex())
     with open_key_service(args) as ks:
         done = rekey_volume(path, ks, expected_key=args.key, version=COW_FORMAT)
-    print(f"{path}: upgraded to format {COW_FORMAT} as volume {done.volume_id} under key {done.key_id} "
-          f"({done.sectors * 4096 / (1 << 20):.1f} MiB of written sectors copied in {done.seconds:.1f} s)")
+    report(args, {**_copied(path, done), "Format": COW_FORMAT, "Changed": True},
+           f"{path}: upgraded to format {COW_FORMAT} as volume {done.volume_id} under key {done.key_id} "
+           f"({done.sectors * 4096 / (1 << 20):.1f} MiB of written sectors copied in {done.seconds:.1f} s)")
     return 0
+
+
+def _copied(path: Path, done: Any) -> dict[str, Any]:
+    """What `volume rekey` and `upgrade` made (encfs.block.rekey's result)."""
+    return {"Image": str(path.absolute()), "VolumeId": done.volume_id, "KeyId": done.key_id,
+            "CopiedBytes": done.sectors * 4096, "Snapshots": list(done.snapshots), "Seconds": round(done.seconds, 3)}
 
 
 def _expected_key(p: argparse.ArgumentParser, more: str = "") -> None:

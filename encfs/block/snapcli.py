@@ -7,7 +7,6 @@ AWS CLI's habits: one line per action, ``--json`` for scripts, sizes in bytes in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ from encfs.block.volume import OpenVolume, VolumeError, create_volume, open_volu
 from encfs.cliargs import open_key_service, state_dir
 from encfs.diskio import fsync_dir
 from encfs.keys.service import KeyService
-from encfs.output import print_record
+from encfs.output import print_json, print_record, report
 
 
 def _size(n: float) -> str:
@@ -46,10 +45,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     with open_key_service(args) as ks:
         sid = snapshots.create(image, ks, args.description or "", state_dir(args))
     took = time.monotonic() - start
-    if args.json:
-        print(json.dumps({"SnapshotId": sid, "Volume": str(image.absolute()), "Seconds": round(took, 3)}))
-    else:
-        print(f"{sid} created from {image} in {took:.2f} s")
+    report(args, {"SnapshotId": sid, "Volume": str(image.absolute()), "Seconds": round(took, 3)},
+           f"{sid} created from {image} in {took:.2f} s")
     return 0
 
 
@@ -80,7 +77,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                     raise
                 problems.append(e.message)
     if args.json:
-        print(json.dumps({"Snapshots": [_row(r) for r in rows]}, indent=2))
+        print_json({"Snapshots": [_row(r) for r in rows]})
     else:
         print(f"{'SNAPSHOT':22} {'CREATED (UTC)':20} {'SIZE':>10} {'EXCLUSIVE':>10} {'SHARED':>10}  VOLUME / DESCRIPTION")
         for r in rows:
@@ -110,7 +107,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     image, sid = snapshots.resolve(args.snapshot, home)
     with open_key_service(args) as ks:
         snapshots.delete(image, sid, ks, home)
-    print(f"{sid} deleted")
+    report(args, {"SnapshotId": sid, "Volume": str(image.absolute()), "Deleted": True}, f"{sid} deleted")
     return 0
 
 
@@ -123,7 +120,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         raise VolumeError(f"{sid} is a snapshot of {image}, not of {args.volume}")
     with open_key_service(args) as ks:
         snapshots.rollback(image, sid, ks)
-    print(f"{image} rolled back to {sid}")
+    report(args, {"SnapshotId": sid, "Volume": str(Path(image).absolute())}, f"{image} rolled back to {sid}")
     return 0
 
 
@@ -171,7 +168,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
             written = src.written_bytes()
         finally:
             src.close()
-    print(f"{args.new_volume}: restored from {sid} ({_size(written)} in {took:.1f} s)")
+    report(args, {"SnapshotId": sid, "Volume": str(Path(args.new_volume).absolute()), "SourceVolume": str(image.absolute()),
+                  "WrittenBytes": written, "Seconds": round(took, 3)},
+           f"{args.new_volume}: restored from {sid} ({_size(written)} in {took:.1f} s)")
     return 0
 
 
@@ -196,8 +195,10 @@ def cmd_copy(args: argparse.Namespace) -> int:
         finally:
             src.close()
     snapshots.remember(home, target, snapshots.volume_id_of(target), made)
-    print(f"{made[0]} in {target}: a copy of {sid} under key {args.key} "
-          f"({_size(written)} in {took:.1f} s)")
+    report(args, {"SnapshotId": made[0], "Volume": str(target.absolute()), "SourceSnapshotId": sid,
+                  "SourceVolume": str(image.absolute()), "KeyId": args.key, "WrittenBytes": written,
+                  "Seconds": round(took, 3)},
+           f"{made[0]} in {target}: a copy of {sid} under key {args.key} ({_size(written)} in {took:.1f} s)")
     return 0
 
 
@@ -212,8 +213,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         finally:
             src.close()
     n = stats.objects_written
-    print(f"{sid} exported to {args.directory}: {n} object{'' if n == 1 else 's'} written, "
-          f"{stats.objects_reused} already there ({_size(stats.bytes_written)} in {stats.seconds:.1f} s)")
+    report(args, {"SnapshotId": sid, "Volume": str(image.absolute()), "Directory": str(Path(args.directory).absolute()),
+                  "ObjectsWritten": n, "ObjectsReused": stats.objects_reused, "WrittenBytes": stats.bytes_written,
+                  "Seconds": round(stats.seconds, 3)},
+           f"{sid} exported to {args.directory}: {n} object{'' if n == 1 else 's'} written, "
+           f"{stats.objects_reused} already there ({_size(stats.bytes_written)} in {stats.seconds:.1f} s)")
     return 0
 
 
@@ -229,7 +233,9 @@ def cmd_import(args: argparse.Namespace) -> int:
             import_snapshot(directory, ks, manifest, snapshots.VolumeTarget(vol))
             return 0
         took = _build(target, manifest.size, ks, key, "import", fill)
-    print(f"{target}: imported {manifest.snapshot_id} from {directory} in {took:.1f} s")
+    report(args, {"SnapshotId": manifest.snapshot_id, "Volume": str(target.absolute()),
+                  "Directory": str(directory.absolute()), "KeyId": key, "Seconds": round(took, 3)},
+           f"{target}: imported {manifest.snapshot_id} from {directory} in {took:.1f} s")
     return 0
 
 

@@ -7,7 +7,6 @@ command pays for the imports of the modules its parser registers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import stat as stat_m
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import Any
 
 from encfs.fuse.fsconfig import BLOCK_FEATURES, CONFIG_NAME, DEFAULT_BLOCK_SIZE, init_filesystem, peek_config
 from encfs.fuse.names import is_internal, is_longname_entry
+from encfs.output import print_json, report
 
 
 def _ks_args(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -30,8 +30,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     home, hsm = _ks_args(args)
     with KeyService.open(home, hsm) as ks:
         config = init_filesystem(Path(args.cipherdir), ks, args.key, block_size=args.block_size)
-    print(f"encrypted filesystem {config.fs_id} created in {args.cipherdir} under key {config.key_id}"
-          f" ({config.block_size // 1024} KiB blocks)")
+    report(args, {"CipherDir": str(Path(args.cipherdir).absolute()), "FileSystemId": config.fs_id,
+                  "KeyId": config.key_id, "BlockSize": config.block_size},
+           f"encrypted filesystem {config.fs_id} created in {args.cipherdir} under key {config.key_id}"
+           f" ({config.block_size // 1024} KiB blocks)")
     return 0
 
 
@@ -63,14 +65,25 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if "remount" in args.fuse_extra:  # mount -o remount,ro|rw, through mount.fuse3
         from encfs.fuse.mount import remount
 
-        return remount(Path(args.cipherdir), Path(args.mountpoint), read_only="ro" in args.fuse_extra)
+        code = remount(Path(args.cipherdir), Path(args.mountpoint), read_only="ro" in args.fuse_extra)
+        _mounted(args, "ro" in args.fuse_extra)
+        return code
     extra = [o for o in args.fuse_extra if o != "debug"]  # libfuse's spelling of --debug
     home, hsm = _ks_args(args)
     opts = MountOptions(read_only=args.read_only or "ro" in extra,
                         allow_other=args.allow_other or "allow_other" in extra, extra=extra,
                         log_file=args.log_file, debug=args.debug or "debug" in args.fuse_extra,
                         server=getattr(args, "server", None) or "encfs")
-    return mount(Path(args.cipherdir), Path(args.mountpoint), home, hsm, opts, args.foreground)
+    code = mount(Path(args.cipherdir), Path(args.mountpoint), home, hsm, opts, args.foreground)
+    if not args.foreground:  # in the foreground the command is the daemon: it returns once unmounted
+        _mounted(args, opts.read_only, opts.server)
+    return code
+
+
+def _mounted(args: argparse.Namespace, read_only: bool, server: str | None = None) -> None:
+    """A mount prints nothing, as mount(8); with --json, what it mounted."""
+    report(args, {"CipherDir": str(Path(args.cipherdir).absolute()), "MountPoint": str(Path(args.mountpoint).absolute()),
+                  "ReadOnly": read_only, **({"Server": server} if server else {})}, None)
 
 
 def cmd_install_mount_helper(args: argparse.Namespace) -> int:
@@ -84,7 +97,7 @@ def cmd_install_mount_helper(args: argparse.Namespace) -> int:
     tmp.write_text(script)
     tmp.chmod(0o755)
     tmp.replace(path)
-    print(f"installed {path}: fstab lines like `CIPHERDIR MOUNTPOINT fuse.encfs defaults,home=/root/.local/share/encfs 0 0` now mount")
+    report(args, {"Path": str(path)}, f"installed {path}: fstab lines like `CIPHERDIR MOUNTPOINT fuse.encfs defaults,home=/root/.local/share/encfs 0 0` now mount")
     return 0
 
 
@@ -92,6 +105,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from encfs.fuse.mount import umount
 
     umount(Path(args.mountpoint))
+    report(args, {"MountPoint": str(Path(args.mountpoint).absolute()), "Unmounted": True}, None)  # silent as umount(8)
     return 0
 
 
@@ -126,7 +140,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "block_size": sizes[0] if len(sizes) == 1 else None, "lock": describe(cipherdir),
             "counts": counts, "warnings": warnings}
     if args.json:
-        print(json.dumps(info, indent=2))
+        print_json(info)  # PascalCase: CipherDir, FileSystemId, KeyId, Counts.LongNames...
     else:
         for k, v in info.items():
             if isinstance(v, dict):
