@@ -158,11 +158,11 @@ def test_hsm_init_creates_private_token_and_is_idempotent(tmp_path: Path) -> Non
 
 def test_hsm_status_json(shared_home: Path) -> None:
     status = ok_json("hsm", "status", "--json", home=shared_home)
-    assert status["module"] == MODULE
-    assert status["token"] == "encfs"
-    assert status["mechanisms"]["CKM_AES_GCM"] is True
-    assert all(status["mechanisms"].values()), status["mechanisms"]
-    assert status["state_directory"] == str(shared_home)
+    assert status["Module"] == MODULE
+    assert status["Token"] == "encfs"
+    assert status["Mechanisms"]["CKM_AES_GCM"] is True
+    assert all(status["Mechanisms"].values()), status["Mechanisms"]
+    assert status["StateDirectory"] == str(shared_home)
     text = ok("hsm", "status", home=shared_home).decode()
     assert "CKM_AES_GCM: offered" in text
 
@@ -194,9 +194,10 @@ def test_global_options_before_the_command(shared_home: Path, tmp_path: Path) ->
     before = ok_json("--home", str(shared_home), "--json", "key", "describe", "global-opts", home=nowhere)
     equals = ok_json(f"--home={shared_home}", "key", "describe", "global-opts", "--json", home=nowhere)
     assert before == after == equals and before["KeyId"]
-    proc = run_encfs("--json", "init", str(tmp_path / "c"), "--key", "global-opts", home=shared_home)
-    assert proc.returncode == 2 and b"unrecognized arguments: --json" in proc.stderr  # as if it came after
-    assert not (tmp_path / "c").exists()
+    made = ok_json("--json", "init", str(tmp_path / "c"), "--key", "global-opts", home=shared_home)
+    assert made["KeyId"] == before["KeyId"] and made["CipherDir"] == str(tmp_path / "c")  # every command: --json
+    proc = run_encfs("--pin-file", str(tmp_path / "pin"), "umount", str(tmp_path / "c"), home=shared_home)
+    assert proc.returncode == 2 and b"unrecognized arguments: --pin-file" in proc.stderr  # as if it came after
 
 
 def test_missing_store_is_refused_and_nothing_created(tmp_path: Path) -> None:
@@ -268,8 +269,8 @@ def test_create_list_describe(shared_home: Path) -> None:
 
     desc = ok_json("key", "describe", "cld", "--json", home=shared_home)
     assert desc["KeyId"] == key
-    assert desc["TokenAttributes"]["sensitive"] is True
-    assert desc["TokenAttributes"]["extractable"] is False
+    assert desc["TokenAttributes"]["Sensitive"] is True  # PascalCase at every depth (docs/dev/cli.md)
+    assert desc["TokenAttributes"]["Extractable"] is False
     assert ok_json("key", "describe", "alias/cld", "--json", home=shared_home)["KeyId"] == key
     text = ok("key", "describe", key, home=shared_home).decode()
     assert "KeyState" in text and "Enabled" in text and "my first key" in text
@@ -454,21 +455,21 @@ def test_audit_trail(shared_home: Path) -> None:
        input=dk["CiphertextBlob"].encode())
     fail("key", "decrypt", "--base64", home=shared_home, input=dk["CiphertextBlob"].encode())
 
-    records = ok_json("key", "audit", "--json", "--key", key, home=shared_home)
-    assert records and all(key in (r.get("key_id"), r.get("destination_key_id")) for r in records)
-    ops = [(r["operation"], r["outcome"]) for r in records]
+    records = ok_json("key", "audit", "--json", "--key", key, home=shared_home)["Records"]
+    assert records and all(key in (r.get("KeyId"), r.get("DestinationKeyId")) for r in records)
+    ops = [(r["Operation"], r["Outcome"]) for r in records]
     assert ops[0] == ("CreateKey", "success")
     assert ("GenerateDataKey", "success") in ops
     assert ("Decrypt", "success") in ops and ("Decrypt", "failure") in ops
-    gdk = next(r for r in records if r["operation"] == "GenerateDataKey")
-    assert gdk["encryption_context"] == {"who": "audit"} and gdk["key_version"] == 1
-    assert gdk["principal"]["uid"] == os.getuid()
-    failure = next(r for r in records if r["outcome"] == "failure")
-    assert "context" in failure["error"]
+    gdk = next(r for r in records if r["Operation"] == "GenerateDataKey")
+    assert gdk["EncryptionContext"] == {"who": "audit"} and gdk["KeyVersion"] == 1
+    assert gdk["Principal"]["Uid"] == os.getuid()
+    failure = next(r for r in records if r["Outcome"] == "failure")
+    assert "context" in failure["Error"]
 
     text = ok("key", "audit", "--key", key, home=shared_home).decode()
     assert "GenerateDataKey" in text and "who=audit" in text
-    assert len(ok_json("key", "audit", "--json", "--tail", "2", home=shared_home)) == 2
+    assert len(ok_json("key", "audit", "--json", "--tail", "2", home=shared_home)["Records"]) == 2
     # Never the data key: not raw, not base64, not hex, neither in output nor in the log file.
     raw_log = (shared_home / "audit.log").read_bytes()
     for haystack in (raw_log, text.encode(), json.dumps(records).encode()):
@@ -621,8 +622,8 @@ def test_byok_import(shared_home: Path, tmp_path: Path) -> None:
     fail("key", "import", key, "--wrapped-material", str(wrapped), "--import-token", params["ImportToken"],
          home=shared_home, needles=("import",))
     fail("key", "rotate", key, home=shared_home, needles=("imported",))
-    audit = ok_json("key", "audit", "--json", "--key", key, home=shared_home)
-    ops = {r["operation"] for r in audit}
+    audit = ok_json("key", "audit", "--json", "--key", key, home=shared_home)["Records"]
+    ops = {r["Operation"] for r in audit}
     assert {"CreateKey", "GetParametersForImport", "ImportKeyMaterial", "Encrypt", "Decrypt"} <= ops
     raw_log = (shared_home / "audit.log").read_bytes()
     assert material not in raw_log and material.hex().encode() not in raw_log
@@ -649,7 +650,7 @@ def test_vendor_module_pin_file(tmp_path: Path, vendor: dict[str, Any]) -> None:
     home = tmp_path / "home"
     _vendor_roundtrip(home, vendor, *vendor_args(vendor))
     status = ok_json("hsm", "status", "--json", *vendor_args(vendor), home=home, env=vendor["env"])
-    assert status["module"] == MODULE and status["token"] == "encfs"
+    assert status["Module"] == MODULE and status["Token"] == "encfs"
     assert "reachable" in ok("hsm", "init", *vendor_args(vendor), home=home, env=vendor["env"]).decode()
     assert not (home / "softhsm").exists()
 
@@ -670,7 +671,7 @@ def test_vendor_pkcs11_uri(tmp_path: Path, vendor: dict[str, Any]) -> None:
     _vendor_roundtrip(home, vendor, "--pkcs11-uri", uri)
     # A bare path as pin-source means a file (RFC 7512); percent-encoding is decoded.
     uri2 = f"pkcs11:token=%65ncfs?module-path={MODULE}&pin-source={vendor['pin_file']}"
-    assert ok_json("hsm", "status", "--json", "--pkcs11-uri", uri2, home=home, env=vendor["env"])["token"] == "encfs"
+    assert ok_json("hsm", "status", "--json", "--pkcs11-uri", uri2, home=home, env=vendor["env"])["Token"] == "encfs"
 
 
 def test_vendor_config_file_in_home(tmp_path: Path, vendor: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from encfs.errors import ConfigError, NoKeyStore, StateError, UsageError
 from encfs.keys import backup
 from encfs.keys.audit import AuditLog
 from encfs.keys.backup import KIND_PASSPHRASE, KIND_RECOVERY_KEY, Secret
+from encfs.output import report
 from encfs.recoverykey import new_recovery_key, read_recovery_key
 
 
@@ -73,7 +74,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
         log.record("BackupKeyStore", archive=str(out), files=len(files), sealed_with=sealed.split(" ", 1)[1])
     finally:
         log.close()
-    print(f"key store {home} backed up to {out} ({len(files)} files, {len(data)} bytes, sealed under {sealed})")
+    report(args, {"StateDirectory": str(home), "Archive": str(out), "Files": len(files), "Bytes": len(data),
+                  "SealedWith": sealed.split(" ", 1)[1]},
+           f"key store {home} backed up to {out} ({len(files)} files, {len(data)} bytes, sealed under {sealed})")
     return 0
 
 
@@ -108,8 +111,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         log.close()
     pins = ("its PINs are sealed: commands ask for that passphrase" if "softhsm/pins.sealed" in files
             else "its PINs are in plain files, mode 0600")
-    print(f"key store restored into {home} from {path} (backed up {meta.get('created')} from "
-          f"{meta.get('source')}{'; the previous store was replaced' if replaced else ''}); {pins}")
+    report(args, {"StateDirectory": str(home), "Archive": str(path.absolute()), "BackupCreated": meta.get("created"),
+                  "BackupSource": meta.get("source"), "ReplacedExisting": bool(replaced),
+                  "PinsSealed": "softhsm/pins.sealed" in files},
+           f"key store restored into {home} from {path} (backed up {meta.get('created')} from "
+           f"{meta.get('source')}{'; the previous store was replaced' if replaced else ''}); {pins}")
     return 0
 
 

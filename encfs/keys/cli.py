@@ -1,7 +1,9 @@
 """``encfs hsm ...`` and ``encfs key ...``: the key service on the command line.
 
-Vocabulary and JSON field names follow the AWS KMS CLI. Binary blobs travel
-raw on stdin/stdout (``--base64`` for text); listings take ``--json``.
+Vocabulary, flag names and JSON field names follow the AWS KMS CLI (docs/dev/cli.md). Binary
+data travels raw on stdin/stdout: ``--base64`` makes every ciphertext blob a command reads or
+writes base64 text, ``--base64-in``/``--base64-out`` make stdin/stdout base64 whatever they hold;
+``--json`` prints AWS's response object instead.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import json
 import shutil
 import sys
 from collections.abc import Callable
@@ -22,13 +23,13 @@ from encfs.errors import NoKeyStore, UsageError
 from encfs.keys.context import parse_context_args
 from encfs.keys.metadata import ORIGIN_EXTERNAL, ORIGIN_TOKEN
 from encfs.keys.service import MAX_ENCRYPT_PLAINTEXT, WRAPPING_ALGORITHMS
-from encfs.output import print_record
+from encfs.output import print_json, print_record, report, wants_json
 
 AddHsmOptions = Callable[[argparse.ArgumentParser], None]
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=False))
+    print_json(data)
 
 
 def _read_stdin(limit: int | None, what: str) -> bytes:
@@ -48,6 +49,29 @@ def _decode_b64(data: bytes, what: str) -> bytes:
 def _write_out(data: bytes, as_base64: bool) -> None:
     sys.stdout.buffer.write(base64.b64encode(data) + b"\n" if as_base64 else data)
     sys.stdout.buffer.flush()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _blob_key(blob: bytes) -> tuple[str, int]:
+    """The CMK id and version a (valid) ciphertext blob names."""
+    from encfs.keys.blob import CiphertextBlob
+
+    header = CiphertextBlob.parse(blob).header
+    return str(header.key_id), header.key_version
+
+
+def _key(args: argparse.Namespace) -> str:
+    """KEY, given as the positional argument or as AWS's --key-id (one of them, once)."""
+    positional, option = getattr(args, "key", None), getattr(args, "key_id_option", None)
+    if positional is not None and option is not None and positional != option:
+        raise UsageError(f"KEY given twice ({positional} and --key-id {option}): give one")
+    key = positional if positional is not None else option
+    if key is None:
+        raise UsageError("a key is needed: give KEY or --key-id KEY (a key id, alias/NAME or NAME)")
+    return str(key)
 
 
 def _parse_time(text: str) -> float:
@@ -75,15 +99,21 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     with open_key_service(args, provision=True) as ks:
         status = ks.token_status()  # also proves the login works
     verb = "created" if created else "already initialised" if embedded else "reachable"
-    print(f"token {status['token']!r} ({status['model']}, serial {status['serial']}) {verb}")
+    out = {"Token": status["token"], "Model": status["model"], "Serial": status["serial"], "Created": created,
+           "Embedded": embedded is not None}
+    text = [f"token {status['token']!r} ({status['model']}, serial {status['serial']}) {verb}"]
     if embedded is not None:
         if args.protect_pin and not embedded.protected:
             embedded.protect(_new_passphrase(args.passphrase_file))
         where = (f"sealed under a passphrase in {embedded.sealed_pins}" if embedded.protected
                  else f"in {embedded.dir}, mode 0600; `encfs hsm protect-pin` seals them under a passphrase")
-        print(f"state directory: {home}  (PINs {where})")
+        text.append(f"state directory: {home}  (PINs {where})")
+        out.update(StateDirectory=str(home), PinsSealed=embedded.protected)
         if created:
-            print(BACKUP_REMINDER.format(home=home))
+            text.append(BACKUP_REMINDER.format(home=home))
+            if wants_json(args):  # the reminder is for people: on stderr, as `key create` gives it
+                print(f"encfs: note: {BACKUP_REMINDER.format(home=home)}", file=sys.stderr)
+    report(args, out, "\n".join(text))
     return 0
 
 
@@ -122,13 +152,15 @@ def cmd_hsm_protect_pin(args: argparse.Namespace) -> int:
         old = read_passphrase(args.passphrase_file, "current passphrase for the token PINs")
         embedded.unseal(old)  # a wrong passphrase stops here, before the new one is asked for
         embedded.protect(_new_passphrase(args.new_passphrase_file), old)
-        print(f"passphrase of {embedded.sealed_pins} changed")
+        report(args, {"SealedPins": str(embedded.sealed_pins), "PassphraseChanged": True},
+               f"passphrase of {embedded.sealed_pins} changed")
     else:
         if args.new_passphrase_file:
             raise UsageError("--new-passphrase-file changes the passphrase of sealed PINs; "
                              "to seal them, give the passphrase with --passphrase-file")
         embedded.protect(_new_passphrase(args.passphrase_file))
-        print(f"PINs sealed under a passphrase in {embedded.sealed_pins}; user.pin and so.pin removed")
+        report(args, {"SealedPins": str(embedded.sealed_pins), "PassphraseChanged": False},
+               f"PINs sealed under a passphrase in {embedded.sealed_pins}; user.pin and so.pin removed")
     return 0
 
 
@@ -139,7 +171,9 @@ def cmd_hsm_unprotect_pin(args: argparse.Namespace) -> int:
     if not embedded.protected:
         raise UsageError(f"the PINs in {embedded.dir} are not sealed under a passphrase")
     embedded.unprotect(read_passphrase(args.passphrase_file, "passphrase for the token PINs"))
-    print(f"PINs written to {embedded.user_pin} and {embedded.so_pin} (mode 0600); {embedded.sealed_pins.name} removed")
+    report(args, {"UserPinFile": str(embedded.user_pin), "SoPinFile": str(embedded.so_pin)},
+           f"PINs written to {embedded.user_pin} and {embedded.so_pin} (mode 0600); "
+           f"{embedded.sealed_pins.name} removed")
     return 0
 
 
@@ -208,21 +242,22 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     with open_key_service(args) as ks:
-        meta = ks.describe_key(args.key)
+        meta = ks.describe_key(_key(args))
     _print_json(meta) if args.json else _describe_text(meta)
     return 0
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
+    name = f"alias/{args.name.removeprefix('alias/')}"
     with open_key_service(args) as ks:
         if args.delete:
             ks.delete_alias(args.name)
-            print(f"deleted alias {args.name}")
+            report(args, {"AliasName": name, "Deleted": True}, f"deleted alias {args.name}")
             return 0
         if not args.key:
             raise UsageError("alias needs NAME and KEY (or --delete NAME)")
         key_id = ks.update_alias(args.name, args.key)
-    print(f"alias/{args.name.removeprefix('alias/')} -> {key_id}")
+    report(args, {"AliasName": name, "TargetKeyId": key_id}, f"{name} -> {key_id}")
     return 0
 
 
@@ -240,12 +275,12 @@ def cmd_aliases(args: argparse.Namespace) -> int:
 def _state_cmd(method: str, describe: Callable[[dict[str, Any]], str]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         extra = {}
-        if getattr(args, "days", None) is not None:
+        if getattr(args, "days", None) is not None:  # --pending-window-in-days
             extra["days"] = args.days
-        if getattr(args, "period_days", None) is not None:
+        if getattr(args, "period_days", None) is not None:  # --rotation-period-in-days
             extra["period_days"] = args.period_days
         with open_key_service(args) as ks:
-            meta = getattr(ks, method)(args.key, **extra)
+            meta = getattr(ks, method)(_key(args), **extra)
         _print_json(meta) if args.json else print(describe(meta))
         return 0
     return run
@@ -253,7 +288,7 @@ def _state_cmd(method: str, describe: Callable[[dict[str, Any]], str]) -> Callab
 
 def cmd_retire_version(args: argparse.Namespace) -> int:
     with open_key_service(args) as ks:
-        meta = ks.retire_key_version(args.key, args.version)
+        meta = ks.retire_key_version(_key(args), args.version)
     _print_json(meta) if args.json else print(f"{meta['KeyId']}: version {args.version} retired "
                                               "(its backing key is destroyed)")
     return 0
@@ -264,27 +299,57 @@ def cmd_retire_version(args: argparse.Namespace) -> int:
 def cmd_generate_data_key(args: argparse.Namespace) -> int:
     context = parse_context_args(args.context)
     with open_key_service(args) as ks:
-        dk = ks.generate_data_key(args.key, context, args.number_of_bytes, not args.without_plaintext)
-    out: dict[str, Any] = {"KeyId": dk.key_id, "KeyVersion": dk.key_version,
-                           "CiphertextBlob": base64.b64encode(dk.ciphertext_blob).decode()}
+        dk = ks.generate_data_key(_key(args), context, _number_of_bytes(args), not args.without_plaintext)
+    out: dict[str, Any] = {"KeyId": dk.key_id, "KeyVersion": dk.key_version, "CiphertextBlob": _b64(dk.ciphertext_blob)}
     if dk.plaintext is not None:
-        out["Plaintext"] = base64.b64encode(dk.plaintext).decode()
-    _print_json(out)
+        out["Plaintext"] = _b64(dk.plaintext)
+    _print_json(out)  # with or without --json: binary fields base64, as AWS's response
     return 0
+
+
+def _number_of_bytes(args: argparse.Namespace) -> int:
+    spec = {"AES_256": 32, "AES_128": 16}.get(args.key_spec) if args.key_spec else None
+    if spec is not None and args.number_of_bytes is not None and args.number_of_bytes != spec:
+        raise UsageError(f"--key-spec {args.key_spec} is {spec} bytes, --number-of-bytes says "
+                         f"{args.number_of_bytes}: give one")
+    return spec if spec is not None else 32 if args.number_of_bytes is None else int(args.number_of_bytes)
+
+
+# --base64 (docs/dev/cli.md): every ciphertext blob the command reads or writes on stdin/stdout is
+# base64 text; --base64-in / --base64-out: stdin / stdout is base64 text, whatever it carries.
+def _stdin_b64(args: argparse.Namespace, blob: bool) -> bool:
+    return bool(args.base64_in or (blob and args.base64))
+
+
+def _stdout_b64(args: argparse.Namespace, blob: bool) -> bool:
+    return bool(args.base64_out or (blob and args.base64))
+
+
+def _read_in(args: argparse.Namespace, limit: int, what: str, blob: bool) -> bytes:
+    data = _read_stdin(None if _stdin_b64(args, blob) else limit, what)
+    if _stdin_b64(args, blob):
+        data = _decode_b64(data, f"{what} on stdin")
+        if len(data) > limit:
+            raise UsageError(f"{what} on stdin is over {limit} bytes")
+    return data
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
     context = parse_context_args(args.context)
-    plaintext = _read_stdin(MAX_ENCRYPT_PLAINTEXT, "plaintext")
+    plaintext = _read_in(args, MAX_ENCRYPT_PLAINTEXT, "plaintext", blob=False)
     with open_key_service(args) as ks:
-        blob = ks.encrypt(args.key, plaintext, context)
-    _write_out(blob, args.base64)
+        blob = ks.encrypt(_key(args), plaintext, context)
+    if wants_json(args):
+        key_id, version = _blob_key(blob)
+        _print_json({"CiphertextBlob": _b64(blob), "KeyId": key_id, "KeyVersion": version,
+                     "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"})
+    else:
+        _write_out(blob, _stdout_b64(args, blob=True))
     return 0
 
 
 def _read_blob(args: argparse.Namespace) -> bytes:
-    data = _read_stdin(1 << 20, "ciphertext blob")
-    return _decode_b64(data, "ciphertext blob on stdin") if args.base64 else data
+    return _read_in(args, 1 << 20, "ciphertext blob", blob=True)
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
@@ -292,7 +357,11 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     blob = _read_blob(args)
     with open_key_service(args) as ks:
         result = ks.decrypt(blob, context, key=args.key)
-    _write_out(result.plaintext, args.base64_out)
+    if wants_json(args):
+        _print_json({"KeyId": result.key_id, "KeyVersion": result.key_version, "Plaintext": _b64(result.plaintext),
+                     "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"})
+    else:
+        _write_out(result.plaintext, _stdout_b64(args, blob=False))
     return 0
 
 
@@ -302,7 +371,14 @@ def cmd_re_encrypt(args: argparse.Namespace) -> int:
     blob = _read_blob(args)
     with open_key_service(args) as ks:
         new_blob = ks.re_encrypt(blob, context, args.to, dest_context)
-    _write_out(new_blob, args.base64_out)
+    if wants_json(args):
+        (source, source_version), (key_id, version) = _blob_key(blob), _blob_key(new_blob)
+        _print_json({"CiphertextBlob": _b64(new_blob), "SourceKeyId": source, "SourceKeyVersion": source_version,
+                     "KeyId": key_id, "KeyVersion": version,
+                     "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                     "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT"})
+    else:
+        _write_out(new_blob, _stdout_b64(args, blob=True))
     return 0
 
 
@@ -313,7 +389,7 @@ def cmd_get_import_params(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():  # check before new import parameters replace the old ones
         raise UsageError(f"cannot write {out}: no such directory {out.parent}")
     with open_key_service(args) as ks:
-        params = ks.get_parameters_for_import(args.key, args.wrapping_algorithm)
+        params = ks.get_parameters_for_import(_key(args), args.wrapping_algorithm)
     try:
         out.write_bytes(params.public_key_pem)
     except OSError as e:
@@ -331,9 +407,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         wrapped = Path(args.wrapped_material).read_bytes()
     except OSError as e:
         raise UsageError(f"cannot read {args.wrapped_material}: {e.strerror}") from None
+    if args.base64:  # the wrapped material is a blob: base64 text with --base64
+        wrapped = _decode_b64(wrapped, f"{args.wrapped_material}")
     valid_to = _parse_time(args.valid_to) if args.valid_to else None
     with open_key_service(args) as ks:
-        meta = ks.import_key_material(args.key, wrapped, args.import_token, valid_to)
+        meta = ks.import_key_material(_key(args), wrapped, args.import_token, valid_to)
     _print_json(meta) if args.json else print(f"imported key material into {meta['KeyId']}: {meta['KeyState']}")
     return 0
 
@@ -347,8 +425,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                    (r.get("key_id"), r.get("destination_key_id"))]
     if args.tail:
         records = records[-args.tail:]
-    if args.json:
-        _print_json(records)
+    if args.json:  # CloudTrail's shape: {"Records": [...]}, PascalCase (the log itself stays as FORMAT.md §5)
+        _print_json({"Records": records})
         return 0
     for r in records:
         ctx = r.get("encryption_context")
@@ -373,6 +451,20 @@ def register(sub: Any, add_hsm_options: AddHsmOptions) -> None:
             p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=func)
         return p
+
+    def key_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("key", metavar="KEY", nargs="?", help="key id, alias/NAME or NAME")
+        p.add_argument("--key-id", dest="key_id_option", metavar="KEY", help="KEY, as AWS spells it")
+
+    def context_arg(p: argparse.ArgumentParser, help: str = "encryption context") -> None:
+        p.add_argument("--encryption-context", "--context", dest="context", action="append", default=[],
+                       metavar="K=V[,K=V]|JSON", help=f"{help}: K=V pairs or a JSON object (repeatable)")
+
+    def base64_args(p: argparse.ArgumentParser, blob: str) -> None:
+        g = p.add_argument_group("binary data on stdin/stdout (default: raw bytes)")
+        g.add_argument("--base64", action="store_true", help=f"the ciphertext blob is base64 text ({blob})")
+        g.add_argument("--base64-in", action="store_true", help="stdin is base64 text, whatever it holds")
+        g.add_argument("--base64-out", action="store_true", help="stdout is base64 text, whatever it holds")
 
     hsm = sub.add_parser("hsm", help="the PKCS#11 token").add_subparsers(dest="hsm_command", required=True,
                                                                         metavar="COMMAND")
@@ -400,7 +492,7 @@ def register(sub: Any, add_hsm_options: AddHsmOptions) -> None:
 
     cmd(key, "list", cmd_list, "list keys", json_flag=True)
     p = cmd(key, "describe", cmd_describe, "show a key's metadata", json_flag=True)
-    p.add_argument("key", metavar="KEY")
+    key_arg(p)
 
     p = cmd(key, "alias", cmd_alias, "point alias NAME at KEY (creates or moves it)")
     p.add_argument("name", metavar="NAME")
@@ -422,63 +514,71 @@ def register(sub: Any, add_hsm_options: AddHsmOptions) -> None:
          lambda m: f"{m['KeyId']}: {m['KeyState']}"),
     ):
         p = cmd(key, name, _state_cmd(method, msg), text, json_flag=True)
-        p.add_argument("key", metavar="KEY")
+        key_arg(p)
 
     p = cmd(key, "retire-version", cmd_retire_version,
             "destroy an old backing-key version that no known blob is under (after `encfs rekey`)", json_flag=True)
-    p.add_argument("key", metavar="KEY")
+    key_arg(p)
     p.add_argument("version", metavar="VERSION", type=int)
 
     p = cmd(key, "schedule-deletion", _state_cmd(
         "schedule_key_deletion", lambda m: f"{m['KeyId']}: {m['KeyState']}, material destroyed after {m['DeletionDate']}"),
         "schedule deletion after a waiting period of 7 to 30 days", json_flag=True)
-    p.add_argument("key", metavar="KEY")
-    p.add_argument("--days", type=int, default=30, help="waiting period in days (7-30, default 30)")
+    key_arg(p)
+    p.add_argument("--pending-window-in-days", "--days", dest="days", type=int, default=30, metavar="DAYS",
+                   help="waiting period in days (7-30, default 30)")
 
     p = cmd(key, "enable-rotation", _state_cmd(
         "enable_key_rotation", lambda m: f"{m['KeyId']}: rotates every {m['RotationPeriodInDays']} days, "
                                          f"next {m['NextRotationDate']}"),
         "rotate automatically every PERIOD days", json_flag=True)
-    p.add_argument("key", metavar="KEY")
-    p.add_argument("--period-days", type=int, default=365, help="90-2560, default 365")
+    key_arg(p)
+    p.add_argument("--rotation-period-in-days", "--period-days", dest="period_days", type=int, default=365,
+                   metavar="DAYS", help="90-2560, default 365")
 
     p = cmd(key, "generate-data-key", cmd_generate_data_key,
-            "new data key: JSON with base64 Plaintext and CiphertextBlob")
-    p.add_argument("key", metavar="KEY")
-    p.add_argument("--context", action="append", default=[], metavar="K=V", help="encryption context pair")
+            "new data key: JSON with base64 Plaintext and CiphertextBlob (with or without --json)")
+    key_arg(p)
+    context_arg(p)
     p.add_argument("--without-plaintext", action="store_true", help="return only the CiphertextBlob")
-    p.add_argument("--number-of-bytes", type=int, default=32)
+    p.add_argument("--number-of-bytes", type=int, help="1-1024 (default 32)")
+    p.add_argument("--key-spec", choices=("AES_256", "AES_128"), help="AES_256: 32 bytes, AES_128: 16")
+    g = p.add_argument_group("binary data")
+    g.add_argument("--base64", "--base64-out", action="store_true",
+                   help="accepted as on every command: the JSON always carries the blob and the key as base64")
 
     p = cmd(key, "encrypt", cmd_encrypt, f"encrypt stdin (at most {MAX_ENCRYPT_PLAINTEXT} bytes) to a blob on stdout")
-    p.add_argument("key", metavar="KEY")
-    p.add_argument("--context", action="append", default=[], metavar="K=V")
-    p.add_argument("--base64", action="store_true", help="write the blob as base64")
+    key_arg(p)
+    context_arg(p)
+    base64_args(p, "written")
 
     p = cmd(key, "decrypt", cmd_decrypt, "decrypt a blob on stdin; the key comes from the blob")
-    p.add_argument("--context", action="append", default=[], metavar="K=V")
-    p.add_argument("--key", help="fail unless the blob is under this key")
-    p.add_argument("--base64", action="store_true", help="the blob on stdin is base64")
-    p.add_argument("--base64-out", action="store_true", help="write the plaintext as base64")
+    context_arg(p)
+    p.add_argument("--key-id", "--key", dest="key", metavar="KEY", help="fail unless the blob is under this key")
+    base64_args(p, "read; the plaintext written stays raw unless --base64-out")
 
     p = cmd(key, "re-encrypt", cmd_re_encrypt, "move a blob on stdin under another key (plaintext never output)")
-    p.add_argument("--to", required=True, metavar="KEY")
-    p.add_argument("--context", action="append", default=[], metavar="K=V", help="the blob's current context")
-    p.add_argument("--to-context", action="append", metavar="K=V", help="new context (default: unchanged)")
-    p.add_argument("--base64", action="store_true", help="the blob on stdin is base64")
-    p.add_argument("--base64-out", action="store_true", help="write the new blob as base64")
+    p.add_argument("--destination-key-id", "--to", dest="to", required=True, metavar="KEY")
+    context_arg(p, "the blob's current context")
+    p.add_argument("--destination-encryption-context", "--to-context", dest="to_context", action="append",
+                   metavar="K=V[,K=V]|JSON", help="new context (default: unchanged)")
+    base64_args(p, "read and written")
 
     p = cmd(key, "get-parameters-for-import", cmd_get_import_params,
-            "RSA public key and import token for wrapping your key material")
-    p.add_argument("key", metavar="KEY")
+            "RSA public key and import token for wrapping your key material (JSON, with or without --json)")
+    key_arg(p)
     p.add_argument("--wrapping-algorithm", choices=WRAPPING_ALGORITHMS, default="RSAES_OAEP_SHA_1")
     p.add_argument("--public-key-out", required=True, metavar="FILE", help="write the PEM public key here")
 
     p = cmd(key, "import", cmd_import, "import 32 bytes of key material wrapped with the public key", json_flag=True)
-    p.add_argument("key", metavar="KEY")
-    p.add_argument("--wrapped-material", required=True, metavar="FILE")
+    key_arg(p)
+    p.add_argument("--encrypted-key-material", "--wrapped-material", dest="wrapped_material", required=True,
+                   metavar="FILE", help="the wrapped key material (raw bytes; base64 text with --base64)")
+    p.add_argument("--base64", "--base64-in", dest="base64", action="store_true",
+                   help="FILE holds the wrapped key material as base64 text")
     p.add_argument("--import-token", required=True)
     p.add_argument("--valid-to", metavar="TIME", help="ISO 8601 expiry; the key returns to PendingImport then")
 
     p = cmd(key, "audit", cmd_audit, "the audit trail", json_flag=True)
-    p.add_argument("--key", metavar="KEY", help="only records about KEY")
+    p.add_argument("--key-id", "--key", dest="key", metavar="KEY", help="only records about KEY")
     p.add_argument("--tail", type=int, metavar="N", help="only the last N records")

@@ -13,6 +13,7 @@ does not matter), injective (length-prefixed), and the empty map encodes to
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections.abc import Iterable, Mapping
 
@@ -52,14 +53,37 @@ def context_digest(encoded: bytes) -> bytes:
     return hashlib.sha256(encoded).digest()[:CONTEXT_DIGEST_LEN]
 
 
-def parse_context_args(pairs: Iterable[str]) -> dict[str, str]:
-    """Parse CLI ``k=v`` arguments into a context; a repeated key is an error."""
+def _pairs(arg: str) -> list[tuple[str, str]]:
+    """One ``--encryption-context`` argument: a JSON object, or AWS shorthand ``k=v,k2=v2``.
+
+    A comma starts a new pair only where the text after it has an ``=`` before the next comma:
+    ``a=x,y`` stays one pair (``a`` = ``x,y``), as it was before the shorthand was accepted."""
+    if arg.lstrip().startswith("{"):
+        try:
+            obj = json.loads(arg)
+        except ValueError:
+            raise UsageError(f"encryption context is not a JSON object: {arg!r}") from None
+        if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
+            raise UsageError(f"encryption context JSON must map strings to strings, got {arg!r}")
+        return list(obj.items())
+    pairs: list[tuple[str, str]] = []
+    for part in arg.split(","):
+        key, sep, value = part.partition("=")
+        if pairs and (not sep or not key):
+            pairs[-1] = (pairs[-1][0], f"{pairs[-1][1]},{part}")
+        elif not sep or not key:
+            raise UsageError(f"encryption context must be KEY=VALUE[,KEY=VALUE] or a JSON object, got {arg!r}")
+        else:
+            pairs.append((key, value))
+    return pairs
+
+
+def parse_context_args(args: Iterable[str]) -> dict[str, str]:
+    """Parse CLI ``--encryption-context`` arguments into a context; a repeated key is an error."""
     context: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"encryption context must be KEY=VALUE, got {pair!r}")
-        if key in context:
-            raise UsageError(f"encryption context key {key!r} given twice")
-        context[key] = value
+    for arg in args:
+        for key, value in _pairs(arg):
+            if key in context:
+                raise UsageError(f"encryption context key {key!r} given twice")
+            context[key] = value
     return context
