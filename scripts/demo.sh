@@ -18,22 +18,22 @@ run hsm status
 KEY=$("$ENCFS" key create --alias demo --description "demo master key")
 echo; echo "\$ encfs key create --alias demo --description 'demo master key'"; echo "$KEY"
 run key list
-echo; echo "\$ encfs key generate-data-key demo --context purpose=demo --context volume=vol-1"
-"$ENCFS" key generate-data-key demo --context purpose=demo --context volume=vol-1 > "$ENCFS_HOME/dk.json"
+echo; echo "\$ encfs key generate-data-key demo --encryption-context purpose=demo,volume=vol-1"
+"$ENCFS" key generate-data-key demo --encryption-context purpose=demo,volume=vol-1 > "$ENCFS_HOME/dk.json"
 cat "$ENCFS_HOME/dk.json"
 BLOB=$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["CiphertextBlob"])' "$ENCFS_HOME/dk.json")
 PLAIN=$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["Plaintext"])' "$ENCFS_HOME/dk.json")
-echo; echo "\$ encfs key decrypt --base64 --base64-out --context purpose=demo --context volume=vol-1 <<< \$BLOB"
-GOT=$(echo "$BLOB" | "$ENCFS" key decrypt --base64 --base64-out --context purpose=demo --context volume=vol-1)
+echo; echo "\$ encfs key decrypt --base64 --base64-out --encryption-context purpose=demo,volume=vol-1 <<< \$BLOB"
+GOT=$(echo "$BLOB" | "$ENCFS" key decrypt --base64 --base64-out --encryption-context purpose=demo,volume=vol-1)
 echo "$GOT"
 [ "$GOT" = "$PLAIN" ] && echo "-> the decrypted data key equals the generated one"
-echo; echo "\$ encfs key decrypt ... --context purpose=other   (wrong context must fail)"
-if echo "$BLOB" | "$ENCFS" key decrypt --base64 --context purpose=other >/dev/null; then
+echo; echo "\$ encfs key decrypt ... --encryption-context purpose=other   (wrong context must fail)"
+if echo "$BLOB" | "$ENCFS" key decrypt --base64 --encryption-context purpose=other >/dev/null; then
     echo "BUG: decrypt with the wrong context succeeded" >&2; exit 1
 fi
 run key rotate demo
 echo; echo "\$ encfs key decrypt ...   (the old blob still decrypts after rotation)"
-echo "$BLOB" | "$ENCFS" key decrypt --base64 --base64-out --context purpose=demo --context volume=vol-1
+echo "$BLOB" | "$ENCFS" key decrypt --base64 --base64-out --encryption-context purpose=demo,volume=vol-1
 run key audit --tail 8
 
 echo; echo "== the encrypted filesystem"
