@@ -667,34 +667,50 @@ class KeyService:
         record per key, with its context, exactly as separate calls would give.
         With ``cache``, each key is entered as if just decrypted (as generate_data_key does).
         """
+        return self._seal_many("GenerateDataKey", key, contexts, None, number_of_bytes, cache, encfs_internal)
+
+    def encrypt_many(self, key: str, plaintexts: Sequence[bytes], contexts: Sequence[EncryptionContext],
+                     cache: DataKeyCache | None = None, encfs_internal: bool = False) -> list[DataKey]:
+        """encrypt of each plaintext (a key the caller derived) under its context, in one pass as
+        generate_data_keys does: one Encrypt audit record per plaintext. Returned as DataKeys,
+        and with ``cache`` entered as if just decrypted."""
+        assert len(plaintexts) == len(contexts)
+        return self._seal_many("Encrypt", key, contexts, list(plaintexts), 0, cache, encfs_internal)
+
+    def _seal_many(self, op: str, key: str, contexts: Sequence[EncryptionContext], given: list[bytes] | None,
+                   number_of_bytes: int, cache: DataKeyCache | None, encfs_internal: bool) -> list[DataKey]:
         encoded = [encode_context(dict(c)) for c in contexts]
         info: dict[str, Any] = {}
         try:
-            if not 1 <= number_of_bytes <= MAX_DATA_KEY_BYTES:
+            if given is None and not 1 <= number_of_bytes <= MAX_DATA_KEY_BYTES:
                 raise UsageError(f"data key size must be 1 to {MAX_DATA_KEY_BYTES} bytes")
             for c in contexts:
                 _check_context(c, encfs_internal)
+            if given is not None and any(len(p) > MAX_ENCRYPT_PLAINTEXT for p in given):
+                raise UsageError(f"encrypt takes at most {MAX_ENCRYPT_PLAINTEXT} bytes per plaintext")
             rec = self._db().resolve(key)
             info["key_id"] = rec.key_id
-            self._require(rec, "GenerateDataKey")
-            rec = self.budget.spend(rec, len(contexts), "GenerateDataKey")
+            self._require(rec, op)
+            rec = self.budget.spend(rec, len(contexts), op)
             self.usage.note(rec, contexts)
             version = rec.current
             info["key_version"] = version.version
-            material = self.token.random(number_of_bytes * len(contexts))
-            plaintexts = [material[i * number_of_bytes:(i + 1) * number_of_bytes] for i in range(len(contexts))]
+            if given is None:
+                material = self.token.random(number_of_bytes * len(contexts))
+                plaintexts = [material[i * number_of_bytes:(i + 1) * number_of_bytes] for i in range(len(contexts))]
+            else:
+                plaintexts = given
             key_uuid = uuid.UUID(rec.key_id)
             nonces = os.urandom(NONCE_LEN * len(encoded))
             headers = [BlobHeader(key_uuid, version.version, context_digest(e),
                                   nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN]) for i, e in enumerate(encoded)]
-            with self._token_use(rec, version, "GenerateDataKey", info):
+            with self._token_use(rec, version, op, info):
                 sealed = self.token.encrypt_gcm_many(bytes.fromhex(version.token_id), [
                     (h.nonce, h.pack() + e, p) for h, e, p in zip(headers, encoded, plaintexts)])
         except EncfsError as e:
-            self.audit.record_many("GenerateDataKey", contexts, outcome="failure", error=e.message,
-                                   now=self.clock(), **info)
+            self.audit.record_many(op, contexts, outcome="failure", error=e.message, now=self.clock(), **info)
             raise
-        self.audit.record_many("GenerateDataKey", contexts, now=self.clock(), **info)
+        self.audit.record_many(op, contexts, now=self.clock(), **info)
         keys = [DataKey(rec.key_id, version.version, p, CiphertextBlob(h, s).pack())
                 for p, h, s in zip(plaintexts, headers, sealed)]
         if cache is not None:
