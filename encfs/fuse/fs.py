@@ -100,8 +100,8 @@ class EncryptedFS(XattrOps):
     # null cipher to measure what encryption costs); no command or mount option reaches it.
     cipher_class: type[BlockCipher] = BlockCipher
 
-    def __init__(self, cipherdir: bytes, config: FsConfig, keys: FsKeys, ks: KeyService,
-                 read_only: bool = False, recovering: bool = False) -> None:
+    def __init__(self, cipherdir: bytes, config: FsConfig, keys: FsKeys, ks: KeyService | None,
+                 read_only: bool = False, recovering: bool = False, recovery_root: bytes | None = None) -> None:
         self.root = os.path.abspath(cipherdir)
         self.config = config
         self.block_size = config.block_size
@@ -123,7 +123,7 @@ class EncryptedFS(XattrOps):
         # blocks are sealed ahead of the file's lock (seal_ahead) and large reads opened there.
         self.sealing = Sealers(self.block_size, self.cipher_class)
         self.files = OpenFiles(self.root, config, ks, self.cipher_class, read_only, self.sealing, recovering,
-                               open_path=self.bd.open)
+                               open_path=self.bd.open, recovery_root=recovery_root)
         self.files.describe = self.plain_path  # log lines name the plaintext path
         self.inodes = InodeMap(self.root)
         self._dirids: dict[int, bytes] = {ROOT_ID: bytes.fromhex(config.fs_id)[:DIRID_LEN]}
@@ -840,5 +840,6 @@ class EncryptedFS(XattrOps):
     def close_all(self) -> None:
         """Close every open file (unmount): journals are checkpointed."""
         self.files.close_all()
-        self.files.new_keys.clear()
+        if self.files.new_keys is not None:
+            self.files.new_keys.clear()
         self.bd.close()

@@ -58,7 +58,7 @@ class Repairer:
             opened = self.walk.opened
             assert opened is not None
             self._fs = EncryptedFS(self.root, opened.config, opened.keys, self.walk.ks, read_only=False,
-                                   recovering=self.walk.recovering)
+                                   recovering=self.walk.recovering, recovery_root=opened.root)
         return self._fs
 
     def close(self) -> None:

@@ -24,6 +24,10 @@ Invariants:
   that reached the disk: it always tells what every reader of this
   CIPHERDIR will see.
 - Config files are written with write-fsync-rename, never in place.
+- With RECOVERY_FEATURE a verified copy has its recovery root (``wrapped_recovery_root``,
+  unwrapped into ``OpenedConfig.root`` at load) and, while a recovery key is set, the recovery
+  wrapping; without it, neither. Two verified copies that differ only there are an interrupted
+  ``encfs recovery-key`` change, written backup first: the backup is the config.
 
 Keys derived from the 32-byte filesystem secret with HKDF-SHA256:
   info b"encfs names v1"      -> 64 bytes, AES-SIV name key
@@ -41,7 +45,8 @@ import json
 import os
 import re
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from encfs.atomicfile import write_atomic
 from encfs.errors import EncfsError, InvalidCiphertext, KeyNotFound
 from encfs.fuse.mountlock import LOCK_NAME
+from encfs.fuse.recoverykeys import seal_keys
 from encfs.keys.service import KeyService
 
 CONFIG_NAME = "encfs.conf"
@@ -75,9 +81,13 @@ BINDING_UPGRADE = "binding-upgrade"
 # it; an older one gets it at its first read-write mount (add_sparse): from then on an encfs that
 # does not know it refuses the filesystem rather than read holes as EIO.
 SPARSE_FEATURE = "sparse-files"
+# New files' data keys are derived from a recovery root, which a recovery key also wraps (recovery.py,
+# FORMAT.md §6.10): off by default, set by `encfs init --recovery-key` or `encfs recovery-key add`.
+RECOVERY_FEATURE = "recovery-key"
 COMMON_FEATURES = ("per-file-keys", "siv-names", "long-names", "long-symlinks", *BINDING_FEATURES, SPARSE_FEATURE)
-KNOWN_FEATURES = (*BLOCK_FEATURES, *COMMON_FEATURES, BINDING_UPGRADE)
+KNOWN_FEATURES = (*BLOCK_FEATURES, *COMMON_FEATURES, BINDING_UPGRADE, RECOVERY_FEATURE)
 _FS_ID = re.compile(r"[0-9a-f]{32}")
+ROOT_FIELD, RECOVERY_FIELD = "wrapped_recovery_root", "recovery_wrapped_keys"
 
 
 def features_for(block_size: int) -> tuple[str, ...]:
@@ -108,6 +118,10 @@ class FsConfig:
     wrapped_secret: bytes
     features: tuple[str, ...] = features_for(DEFAULT_BLOCK_SIZE)
     format: int = FS_FORMAT
+    # With RECOVERY_FEATURE (recovery.py): the recovery root wrapped by the CMK, and the secret and
+    # root sealed under the recovery key's KEK (None once that key is removed).
+    wrapped_root: bytes | None = None
+    recovery: bytes | None = None
 
     @property
     def block_size(self) -> int:
@@ -120,10 +134,18 @@ class FsConfig:
     def file_context(self, file_id: bytes) -> dict[str, str]:
         return {"encfs:fs": self.fs_id, "encfs:file": file_id.hex()}
 
+    def root_context(self) -> dict[str, str]:
+        return {"encfs:fs": self.fs_id, "encfs:purpose": "recovery root"}
+
     def to_json(self) -> dict[str, Any]:
-        """Every field but ``mac``."""
-        return {"format": self.format, "features": list(self.features), "fs_id": self.fs_id,
-                "key_id": self.key_id, "wrapped_secret": base64.b64encode(self.wrapped_secret).decode()}
+        """Every field but ``mac`` (the recovery fields only when set)."""
+        body: dict[str, Any] = {"format": self.format, "features": list(self.features), "fs_id": self.fs_id,
+                                "key_id": self.key_id, "wrapped_secret": base64.b64encode(self.wrapped_secret).decode()}
+        if self.wrapped_root is not None:
+            body[ROOT_FIELD] = base64.b64encode(self.wrapped_root).decode()
+        if self.recovery is not None:
+            body[RECOVERY_FIELD] = base64.b64encode(self.recovery).decode()
+        return body
 
 
 # -- the MAC (FORMAT.md §6.1; the same for every format >= 2) ---------------------------------------
@@ -216,9 +238,11 @@ def _read_copy(cipherdir: Path, name: str) -> _Copy:
             if "mac" not in d:
                 raise _Damaged(f"format {fmt} without a MAC")
             copy.mac = _b64(d, "mac")
+        root = _b64(d, ROOT_FIELD) if ROOT_FIELD in d else None
+        recovery = _b64(d, RECOVERY_FIELD) if RECOVERY_FIELD in d else None
         copy.body = d
         copy.config = FsConfig(fs_id=fs_id, key_id=key_id, wrapped_secret=wrapped, features=tuple(features),
-                               format=fmt)
+                               format=fmt, wrapped_root=root, recovery=recovery)
     except _Damaged as e:
         copy.problem = f"damaged ({e})"
     return copy
@@ -258,6 +282,14 @@ def _newer_of(a: FsConfig, b: FsConfig) -> FsConfig | None:
     return None
 
 
+def _recovery_change(a: FsConfig, b: FsConfig) -> bool:
+    """Whether two copies differ only in the recovery key (an interrupted `encfs recovery-key add`
+    or `remove`, which writes the backup first: the backup is then the config)."""
+    return replace(a, features=(), wrapped_root=None, recovery=None) == \
+        replace(b, features=(), wrapped_root=None, recovery=None) and \
+        set(a.features) - {RECOVERY_FEATURE} == set(b.features) - {RECOVERY_FEATURE}
+
+
 def _same_but_wrapping(a: FsConfig, b: FsConfig) -> bool:
     """Whether two copies differ only in the CMK that wraps the secret (an interrupted re-wrap)."""
     return (a.fs_id, a.features, a.format) == (b.fs_id, b.features, b.format)
@@ -280,6 +312,10 @@ def _verify(copy: _Copy, secret: bytes) -> None:
         _check_known(config)  # authenticated: a newer format is really newer
         if not _one_block_size(config):
             raise FsConfigError("filesystem config must name exactly one content block size")
+        if (RECOVERY_FEATURE in config.features) != (config.wrapped_root is not None) or \
+                (config.recovery is not None and config.wrapped_root is None):
+            raise FsConfigError(f"filesystem config has {RECOVERY_FEATURE!r} without its recovery root, or the "
+                                f"other way round")
         return
     # Format 1 has no MAC: what the token authenticates (fs_id, key_id, wrapped_secret) is checked by
     # the unwrap; the rest must be exactly what format 1 allows. No format-1 copy was ever written with
@@ -341,6 +377,7 @@ class OpenedConfig:
     keys: FsKeys
     warnings: list[str]
     secret: bytes = field(default=b"", repr=False)  # for rewriting the copies (set_features)
+    root: bytes | None = field(default=None, repr=False)  # the recovery root (RECOVERY_FEATURE)
 
 
 def open_config(cipherdir: Path, ks: KeyService, *, writable: bool,
@@ -393,6 +430,10 @@ def open_config(cipherdir: Path, ks: KeyService, *, writable: bool,
             chosen = next((c for c in good if c.config is not None and c.config.key_id == rewrap_to), good[0])
             stale.append(next(c for c in good if c is not chosen).name)
             warnings.append(f"{stale[-1]} is still under the CMK an interrupted `encfs rekey` moves from")
+        elif _recovery_change(a, b):
+            chosen = next(c for c in good if c.name == BACKUP_NAME)
+            stale.append(next(c for c in good if c is not chosen).name)
+            warnings.append(f"{stale[-1]} is from before an interrupted `encfs recovery-key` change")
         elif newer is not None:
             # An upgrade that stopped between the two copies: the newer copy is the config.
             chosen = next(c for c in good if c.config is newer)
@@ -411,6 +452,11 @@ def open_config(cipherdir: Path, ks: KeyService, *, writable: bool,
     secret = secrets[(config.fs_id, config.key_id, config.wrapped_secret)]
     assert isinstance(secret, bytes)
     opened = OpenedConfig(config, derive_fs_keys(secret, config.fs_id), warnings, secret)
+    if config.wrapped_root is not None:
+        try:
+            opened.root = ks.decrypt(config.wrapped_root, config.root_context(), key=config.key_id).plaintext
+        except (InvalidCiphertext, KeyNotFound) as e:
+            raise FsConfigError(f"{cipherdir}: its recovery root does not unwrap ({e.message})") from None
     if writable:
         if config.format < FS_FORMAT:
             _upgrade(cipherdir, opened, secret)
@@ -435,9 +481,7 @@ def _restore(cipherdir: Path, opened: OpenedConfig, secret: bytes, names: list[s
 def _upgrade(cipherdir: Path, opened: OpenedConfig, secret: bytes) -> None:
     """Format 1 -> FS_FORMAT: the backup first, then the primary. ``opened.config`` says the new
     format only once both are on disk; until then every reader still sees format-1 files only."""
-    new = FsConfig(fs_id=opened.config.fs_id, key_id=opened.config.key_id,
-                   wrapped_secret=opened.config.wrapped_secret, features=opened.config.features,
-                   format=FS_FORMAT)
+    new = replace(opened.config, format=FS_FORMAT)
     data = sealed_config_bytes(new, secret)
     for name in (BACKUP_NAME, CONFIG_NAME):
         try:
@@ -454,17 +498,23 @@ def set_features(cipherdir: Path, opened: OpenedConfig, features: tuple[str, ...
     """Write both copies with ``features`` (the backup first: open_config takes the newer copy of
     an interrupted change, _newer_of); ``opened.config`` changes once both are on disk. OSError
     if a copy cannot be written."""
-    new = FsConfig(fs_id=opened.config.fs_id, key_id=opened.config.key_id,
-                   wrapped_secret=opened.config.wrapped_secret, features=features, format=opened.config.format)
+    write_config(cipherdir, opened, replace(opened.config, features=features))
+
+
+def write_config(cipherdir: Path, opened: OpenedConfig, new: FsConfig) -> None:
+    """Write both copies as ``new`` (sealed with ``opened.secret``), the backup first;
+    ``opened.config`` changes once both are on disk. OSError if a copy cannot be written."""
     data = sealed_config_bytes(new, opened.secret)
     for name in (BACKUP_NAME, CONFIG_NAME):
         write_atomic(cipherdir / name, data, 0o644, sync_dir=True)
     opened.config = new
 
 
-def init_filesystem(cipherdir: Path, ks: KeyService, key: str,
-                    block_size: int = DEFAULT_BLOCK_SIZE) -> FsConfig:
-    """Create a new filesystem in an empty (or new) directory; on failure leave no trace of it."""
+def init_filesystem(cipherdir: Path, ks: KeyService, key: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                    recovery_key: Callable[[], bytes] | None = None) -> FsConfig:
+    """Create a new filesystem in an empty (or new) directory; on failure leave no trace of it.
+    ``recovery_key``: called once the CMK has wrapped the keys, gives the filesystem a recovery
+    key (RECOVERY_FEATURE; recoverykeys.py)."""
     features = features_for(block_size)
     created = not cipherdir.exists()
     try:
@@ -477,12 +527,17 @@ def init_filesystem(cipherdir: Path, ks: KeyService, key: str,
         fs_id = uuid.uuid4().hex
         probe = FsConfig(fs_id=fs_id, key_id="", wrapped_secret=b"")
         dk = ks.generate_data_key(key, probe.fs_context(), with_plaintext=True, encfs_internal=True)
+        config = FsConfig(fs_id=fs_id, key_id=dk.key_id, wrapped_secret=dk.ciphertext_blob, features=features)
+        assert dk.plaintext is not None
+        if recovery_key is not None:
+            root = ks.generate_data_key(dk.key_id, probe.root_context(), with_plaintext=True, encfs_internal=True)
+            assert root.plaintext is not None
+            config = replace(config, features=(*features, RECOVERY_FEATURE), wrapped_root=root.ciphertext_blob,
+                             recovery=seal_keys(recovery_key(), fs_id, dk.plaintext, root.plaintext))
     except BaseException:
         if created:
             cipherdir.rmdir()  # an unknown or disabled key leaves no empty directory behind
         raise
-    config = FsConfig(fs_id=fs_id, key_id=dk.key_id, wrapped_secret=dk.ciphertext_blob, features=features)
-    assert dk.plaintext is not None
     data = sealed_config_bytes(config, dk.plaintext)
     write_atomic(cipherdir / BACKUP_NAME, data, 0o644)
     write_atomic(cipherdir / CONFIG_NAME, data, 0o644, sync_dir=True)

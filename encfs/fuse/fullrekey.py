@@ -57,10 +57,13 @@ def fresh_keys(cipherdir: Path, ks: KeyService, recovering: bool, files: list[by
     done log; returns (files re-keyed, backing bytes re-sealed). OSError or EncfsError if one
     fails (the files before it are done and recorded)."""
     root = os.fsencode(cipherdir)
-    config = open_config(cipherdir, ks, writable=False).config  # under the destination by now
+    loaded = open_config(cipherdir, ks, writable=False)  # under the destination by now
+    config = loaded.config
     done = done_ids(cipherdir)
+    # With a recovery root, the fresh keys are derived from it (recoverykeys.py): this is how
+    # `encfs recovery-key add` makes every file recoverable.
     opened = OpenFiles(root, config, ks, BlockCipher, read_only=False,
-                       sealers=Sealers(config.block_size), recovering=recovering)
+                       sealers=Sealers(config.block_size), recovering=recovering, recovery_root=loaded.root)
     log_fd = os.open(cipherdir / DONE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     count = size = 0
     try:
@@ -79,7 +82,6 @@ def fresh_keys(cipherdir: Path, ks: KeyService, recovering: bool, files: list[by
     finally:
         os.close(log_fd)
         opened.close_all()
-        opened.new_keys.clear()
     return count, size
 
 
@@ -104,7 +106,7 @@ def _one(bd: BackingDirs, opened: OpenFiles, path: bytes, done: set[bytes]) -> i
         opened.release(fh)
         return None
     c.check_key()  # its key opens its last block (header poisoning, as before any write)
-    file_id, dk = opened.new_keys.take()
+    file_id, dk = opened.take_key()
     assert dk.plaintext is not None
     rekeyfile.rekey(c, FileHeader(file_id, dk.ciphertext_blob, c.header.version),
                     BlockCipher(dk.plaintext, file_id, opened.block_size))

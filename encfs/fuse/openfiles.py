@@ -23,6 +23,9 @@ Invariants:
   next number) is changed and walked under ``_table``, held for that alone; a content is used
   only under its inode's lock.
 - Contents are loaded under ``load_lock``: reads load them too, and reads run side by side.
+- With a recovery root every new data key is derived from it and the new file id
+  (recoverykeys.py); without a key service (a mount by the recovery key) the mount is
+  read-only, every key is derived, and none is ever new.
 - A data key reaches the sealing worker at its file's first large read or write and is
   dropped when the content closes (or the file gets a fresh key).
 - No write seals under a data key past fileheader.REKEY_AT seals: the file first gets a
@@ -59,9 +62,10 @@ from encfs.fuse.fileheader import (
 )
 from encfs.fuse.fsconfig import SPARSE_FEATURE, FsConfig
 from encfs.fuse.journal import file_ids, journal_path
+from encfs.fuse.recoverykeys import DerivedKeyPool, file_key
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.pool import DataKeyPool
-from encfs.keys.service import KeyService
+from encfs.keys.service import DataKey, KeyService
 from encfs.sealing import Sealers
 
 log = logging.getLogger("encfs.fuse")
@@ -79,9 +83,9 @@ class OpenFile:
 class OpenFiles:
     """Handles by number, and each open inode's content."""
 
-    def __init__(self, root: bytes, config: FsConfig, ks: KeyService, cipher_class: type[BlockCipher],
+    def __init__(self, root: bytes, config: FsConfig, ks: KeyService | None, cipher_class: type[BlockCipher],
                  read_only: bool, sealers: Sealers, recovering: bool = True,
-                 open_path: Callable[[bytes, int], int] = os.open) -> None:
+                 open_path: Callable[[bytes, int], int] = os.open, recovery_root: bytes | None = None) -> None:
         self.root = root
         self._open_path = open_path  # fs.py's: through directory fds, for backing paths past PATH_MAX
         self.describe: Callable[[bytes], str] = os.fsdecode  # a backing path's plaintext path (fs.py's)
@@ -92,8 +96,16 @@ class OpenFiles:
         self.read_only = read_only
         self.sealers = sealers
         self.key_cache = DataKeyCache(max_entries=65536)  # the default lifetime (cache.MAX_AGE, 5 minutes)
-        # New files' keys come in batches: one pass through the key service per batch.
-        self.new_keys = DataKeyPool(ks, config.key_id, self._new_file_id, cache=self.key_cache)
+        # New files' keys come in batches: one pass through the key service per batch. With a
+        # recovery root they are derived from it (recoverykeys.py); without a key service (a mount
+        # by the recovery key, read-only) every file key is derived and none is ever new.
+        self.recovery_root = recovery_root
+        self.new_keys: DataKeyPool[bytes] | None = None
+        if ks is not None and recovery_root is not None:
+            self.new_keys = DerivedKeyPool(ks, config.key_id, self._new_file_id, root=recovery_root,
+                                           fs_id=config.fs_id, cache=self.key_cache)
+        elif ks is not None:
+            self.new_keys = DataKeyPool(ks, config.key_id, self._new_file_id, cache=self.key_cache)
         self._handles: dict[int, OpenFile] = {}
         self._per_inode: dict[int, int] = {}
         self._table = threading.Lock()  # guards _handles, _per_inode and _next (see the invariants)
@@ -282,8 +294,7 @@ class OpenFiles:
             if header.file_id in self.rekeys:
                 fd, header = self._finish_rekey(fd, writable, header, f.path)
             try:
-                key = self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
-                                      key=self.config.key_id, cache=self.key_cache).plaintext
+                key = self.file_key(header)
             except (KeyStateError, KeyNotFound, TokenError, InvalidCiphertext) as e:
                 daemonlog.report_integrity(log, self.describe(f.path), "file key", e)
                 raise
@@ -298,6 +309,21 @@ class OpenFiles:
         c.sealer = self.sealers.sealer(c.cipher, key, header.file_id)
         c.sparse = self.sparse
         return c
+
+    def file_key(self, header: FileHeader) -> bytes:
+        """The file's data key: unwrapped by the CMK, or without a key service derived from the
+        recovery root (a file whose key was not derived then fails at its first block: EIO)."""
+        if self.ks is None:
+            assert self.recovery_root is not None
+            return file_key(self.recovery_root, self.config.fs_id, header.file_id)
+        return self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
+                               key=self.config.key_id, cache=self.key_cache).plaintext
+
+    def take_key(self) -> tuple[bytes, DataKey]:
+        """A new file id and its data key (OSError EROFS without a key service)."""
+        if self.new_keys is None:
+            raise OSError(errno.EROFS, "mounted by its recovery key: no new data keys")
+        return self.new_keys.take()
 
     def _finish_rekey(self, fd: int, writable: bool, header: FileHeader, path: bytes) -> tuple[int, FileHeader]:
         """A file whose re-key a crash interrupted: finish it (or, read-only, read its side
@@ -349,7 +375,7 @@ class OpenFiles:
 
     def rekey(self, c: FileContent, path: bytes) -> None:
         """Give ``c``'s file a fresh file id and data key (see the invariants)."""
-        file_id, dk = self.new_keys.take()
+        file_id, dk = self.take_key()
         assert dk.plaintext is not None
         old_id, seals = c.header.file_id, c.seals
         try:
@@ -377,7 +403,7 @@ class OpenFiles:
             self.drop(f.inode, f.fd, f.path)
         fd = os.dup(f.fd)
         try:
-            file_id, dk = self.new_keys.take()
+            file_id, dk = self.take_key()
             assert dk.plaintext is not None
             header = FileHeader(file_id, dk.ciphertext_blob, self.version)
             c = FileContent.create(fd, header, self.cipher_class(dk.plaintext, file_id, self.block_size),
