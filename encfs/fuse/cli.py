@@ -25,15 +25,20 @@ def _ks_args(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from encfs.fuse.recovery import init_recovery_key
     from encfs.keys.service import KeyService
 
     home, hsm = _ks_args(args)
+    recovery_key = init_recovery_key(args)
     with KeyService.open(home, hsm) as ks:
-        config = init_filesystem(Path(args.cipherdir), ks, args.key, block_size=args.block_size)
+        config = init_filesystem(Path(args.cipherdir), ks, args.key, block_size=args.block_size,
+                                 recovery_key=recovery_key)
     report(args, {"CipherDir": str(Path(args.cipherdir).absolute()), "FileSystemId": config.fs_id,
-                  "KeyId": config.key_id, "BlockSize": config.block_size},
+                  "KeyId": config.key_id, "BlockSize": config.block_size, "RecoveryKey": recovery_key is not None},
            f"encrypted filesystem {config.fs_id} created in {args.cipherdir} under key {config.key_id}"
-           f" ({config.block_size // 1024} KiB blocks)")
+           f" ({config.block_size // 1024} KiB blocks)"
+           + (f"; recovery key {args.new_recovery_key or args.recovery_key} opens it without the HSM: keep it apart"
+              if recovery_key else ""))
     return 0
 
 
@@ -70,7 +75,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return code
     extra = [o for o in args.fuse_extra if o != "debug"]  # libfuse's spelling of --debug
     home, hsm = _ks_args(args)
-    opts = MountOptions(read_only=args.read_only or "ro" in extra,
+    recovery_key = None
+    if args.recovery_key:  # read-only: new files would need the CMK (recovery.py)
+        from encfs.recoverykey import read_recovery_key
+
+        recovery_key = read_recovery_key(args.recovery_key)
+    opts = MountOptions(read_only=args.read_only or "ro" in extra or recovery_key is not None,
+                        recovery_key=recovery_key, recovery_key_file=args.recovery_key,
                         allow_other=args.allow_other or "allow_other" in extra, extra=extra,
                         log_file=args.log_file, debug=args.debug or "debug" in args.fuse_extra,
                         server=getattr(args, "server", None) or "encfs")
@@ -137,7 +148,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {"cipherdir": str(cipherdir), "mountpoint": mounted.mountpoint if mounted else None,
             "config": CONFIG_NAME, "format": config.format, "verified": False,
             "fs_id": config.fs_id, "key_id": config.key_id, "features": list(config.features),
-            "block_size": sizes[0] if len(sizes) == 1 else None, "lock": describe(cipherdir),
+            "block_size": sizes[0] if len(sizes) == 1 else None, "recovery": config.recovery is not None,
+            "lock": describe(cipherdir),
             "counts": counts, "warnings": warnings}
     if args.json:
         print_json(info)  # PascalCase: CipherDir, FileSystemId, KeyId, Counts.LongNames...
@@ -151,6 +163,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 v = "-"
             elif k == "verified":
                 v = "no (needs the token: a mount verifies both copies)"
+            elif k == "recovery":
+                v = "yes (its file opens every file without the HSM)" if v else "no"
             print(f"{k:10} {v}")
     return 0
 
@@ -163,6 +177,9 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--block-size", type=int, choices=sorted(BLOCK_FEATURES.values()), default=DEFAULT_BLOCK_SIZE,
                    metavar="BYTES", help=f"plaintext bytes per AES-GCM content block (default {DEFAULT_BLOCK_SIZE}: "
                    "faster sequential reads; 4096: faster small random reads)")
+    from encfs.fuse.recovery import add_key_options
+
+    add_key_options(p, required=False)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("mount", help="mount CIPHERDIR as plaintext at MOUNTPOINT")
@@ -179,6 +196,8 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--server", metavar="NAME",
                    help="FUSE server: encfs (default, the project's own protocol server) or pyfuse3 "
                    "(libfuse 3 through pyfuse3 on trio); fstab: -o server=NAME")
+    p.add_argument("--recovery-key", metavar="FILE",
+                   help="open it by its recovery key, without the token (no PIN; always read-only)")
     p.set_defaults(func=cmd_mount, prepare=take_own_options)
 
     p = sub.add_parser("install-mount-helper",

@@ -29,6 +29,7 @@ from encfs.fuse import binding, mountlock, rewrap
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import add_sparse, open_config, peek_config
 from encfs.fuse.mountlock import MountLock
+from encfs.fuse.recovery import open_by_recovery_key
 from encfs.fuse.server import FsServer
 from encfs.fuseproto.mounting import escape_option, mount_fusermount, remount_direct, unmount_fusermount
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
@@ -57,6 +58,9 @@ class MountOptions:
     log_file: str | None = None
     debug: bool = False  # trace every FUSE request by opcode name (fuseproto.server)
     server: str = "encfs"  # one of SERVERS
+    # Mount by the recovery key, without the token (recovery.py): read-only, every file key derived.
+    recovery_key: bytes | None = field(default=None, repr=False)
+    recovery_key_file: str | None = None
 
 
 def _unescape_mount_field(field: bytes) -> bytes:
@@ -150,20 +154,25 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     lock = MountLock.acquire(cipherdir, mountpoint, read_only=opts.read_only)
     try:
         rewrap.refuse_if_interrupted(cipherdir)
-        ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
-        opened = open_config(cipherdir, ks, writable=not opts.read_only)
+        ks: KeyService | None = None
+        if opts.recovery_key is not None:  # no token, no PKCS#11 module: read-only (cmd_mount)
+            opened = open_by_recovery_key(cipherdir, opts.recovery_key, opts.recovery_key_file or "the recovery key")
+        else:
+            ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
+            opened = open_config(cipherdir, ks, writable=not opts.read_only)
         if not opts.read_only:
             binding.upgrade(cipherdir, opened)
             add_sparse(cipherdir, opened)
         for w in opened.warnings:
             log.warning("%s: %s", cipherdir, w)
         fs = EncryptedFS(os.fsencode(cipherdir), opened.config, opened.keys, ks, read_only=opts.read_only,
-                         recovering=lock.recovering)
+                         recovering=lock.recovering, recovery_root=opened.root)
         where = os.path.realpath(mountpoint)  # as mountinfo names it; never resolved once mounted
         try:
             fd = mount_fusermount(str(mountpoint), _fuse_options(cipherdir, opts))
         except OSError as e:
-            ks.close()
+            if ks is not None:
+                ks.close()
             raise MountError(f"FUSE refused to mount {mountpoint}: {e.strerror}") from None
     except BaseException:
         lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
@@ -201,7 +210,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
             except OSError as e:
                 log.warning("%s: %s", mountpoint, e.strerror)
         os.close(fd)
-        ks.close()
+        if ks is not None:
+            ks.close()
         # After every backing file is closed; a crash recovery that did not finish leaves the
         # record "mounted", so that the next mount recovers too.
         clean = served and recovered.is_set()
@@ -260,6 +270,8 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     check_mountpoint(mountpoint)
     mountlock.check(cipherdir, read_only=opts.read_only)  # the daemon takes the lock itself
     rewrap.refuse_if_interrupted(cipherdir)  # and checks again under it
+    if opts.recovery_key is not None:  # a wrong key is told here, in one line (exit 77), not by the daemon
+        open_by_recovery_key(cipherdir, opts.recovery_key, opts.recovery_key_file or "the recovery key")
     check_fuse_device()
     check_server(opts.server)
     if foreground:  # the log's destination, and stderr (the CLI's handler: warnings and errors)
@@ -271,7 +283,8 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         finally:
             daemonlog.flush_pending()
         return 0
-    hsm = prompt_before_fork(home or default_home(), hsm)
+    if opts.recovery_key is None:  # by the recovery key no PIN is needed
+        hsm = prompt_before_fork(home or default_home(), hsm)
     spawn(lambda ready: serve(cipherdir, mountpoint, home, hsm, opts, ready=ready), name="encfs",
           log_file=opts.log_file, error=MountError, state_dir=home or default_home(),
           log_id=daemonlog.log_id(mountpoint))
