@@ -57,6 +57,8 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     kind = kind_of(target)
     if kind == "filesystem":
         return _filesystem(args, target)
+    if args.recovery_key:
+        raise UsageError(f"{target}: --recovery-key moves a CIPHERDIR (a filesystem's recovery key) only")
     if args.full:
         return _full(args, target, kind)
     with open_key_service(args) as ks:
@@ -85,8 +87,16 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 def _filesystem(args: argparse.Namespace, target: Path) -> int:
     from encfs.fuse.rewrap import RewrapError, rewrap_filesystem
 
+    recovery_key = None
+    if args.recovery_key:  # the old CMK is lost: the recovery key opens the keys (encfs/fuse/recovery.py)
+        from encfs.recoverykey import read_recovery_key
+
+        if not args.key:
+            raise UsageError("--recovery-key needs --key NEWCMK: the CMK to move the filesystem to")
+        recovery_key = (read_recovery_key(args.recovery_key), args.recovery_key)
     with open_key_service(args) as ks:
-        done = rewrap_filesystem(target, ks, args.key, dry_run=args.dry_run, full=args.full)
+        done = rewrap_filesystem(target, ks, args.key, dry_run=args.dry_run, full=args.full,
+                                 recovery_key=recovery_key)
     src, dst = _version(done.from_key, done.from_version), _version(done.to_key, done.to_version)
     what = f"{done.files} file key{'s' if done.files != 1 else ''}" + (" and the filesystem key" if done.config else "")
     if done.full:
@@ -197,6 +207,9 @@ def register(sub: Any, add_hsm_options: Any) -> None:
                                                 "CMK, at its newest backing-key version")
     p.add_argument("--full", action="store_true",
                    help="fresh data keys and every byte re-encrypted (default: re-wrap the keys only)")
+    p.add_argument("--recovery-key", metavar="FILE",
+                   help="a CIPHERDIR whose CMK is lost: open its keys with its recovery key instead, and move "
+                   "them under --key (not with --full)")
     p.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_hsm_options(p)

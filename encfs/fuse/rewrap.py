@@ -5,7 +5,7 @@ fresh data keys as well, fullrekey.py).
 What is wrapped by the CMK: each regular file's data key, in its 128-byte header
 (fileheader.py; context ``config.file_context(file id)``), the same in the header of a
 complete re-key side file ``encfs.journal/<id>.rekey`` (a later mount copies it in,
-rekeyfile.py), and the filesystem secret in both config copies. Names, symlink targets,
+rekeyfile.py), and the filesystem secret (and a recovery root, recoverykeys.py) in both config copies. Names, symlink targets,
 xattrs and directory ids are sealed under keys derived from the secret, which stays the
 same. Each blob moves by ReEncrypt in the key service: no data key leaves it.
 
@@ -78,6 +78,7 @@ from encfs.errors import (
     InvalidCiphertext,
     KeyNotFound,
     MountError,
+    UsageError,
 )
 from encfs.fuse import rekeyfile
 from encfs.fuse.backingdirs import BackingDirs, open_under
@@ -87,12 +88,14 @@ from encfs.fuse.fsconfig import (
     CONFIG_NAME,
     FS_FORMAT,
     FsConfig,
+    OpenedConfig,
     open_config,
     peek_config,
     sealed_config_bytes,
 )
 from encfs.fuse.mountlock import REKEY_MODE, MountLock
 from encfs.fuse.names import is_internal
+from encfs.fuse.recoverykeys import file_key, key_opens_file
 from encfs.keys.blob import CiphertextBlob
 from encfs.keys.service import KeyService
 from encfs.progress import progress
@@ -291,10 +294,15 @@ def _to_move(root: bytes, dest: tuple[str, int], read_only: bool,
 # -- the run -------------------------------------------------------------------------------------------
 
 def rewrap_filesystem(cipherdir: Path, ks: KeyService, dest_key: str | None, dry_run: bool = False,
-                      full: bool = False) -> FsRewrapped:
+                      full: bool = False, recovery_key: tuple[bytes, str] | None = None) -> FsRewrapped:
     """Move every wrapped key of ``cipherdir`` under ``dest_key`` (None: the CMK of the config,
     or of an interrupted run's marker, at its newest version); see the module docstring.
-    ``full``: then give every file a fresh data key (fullrekey.py)."""
+    ``full``: then give every file a fresh data key (fullrekey.py). ``recovery_key`` (the key
+    and its file's name): the old CMK is not asked at all; the secret and recovery root come
+    from the recovery wrapping and every file key is derived (recoverykeys.py), then encrypted
+    under ``dest_key``, which must be given (recovery.py)."""
+    if recovery_key is not None and (dest_key is None or full):
+        raise UsageError("--recovery-key moves the filesystem to the CMK of --key, without --full")
     start = time.monotonic()
     peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
     lock = MountLock.acquire(cipherdir, "-", read_only=dry_run, mode=REKEY_MODE)
@@ -307,7 +315,7 @@ def rewrap_filesystem(cipherdir: Path, ks: KeyService, dest_key: str | None, dry
             if marker["operation"] == FULL and not full:
                 raise RewrapError(f"{cipherdir}: an interrupted `encfs rekey --full` is finished by running "
                                   f"`encfs rekey --full {cipherdir}` again")
-        done = _run(cipherdir, ks, dest_key, marker, recovering, dry_run, FULL if full else REWRAP)
+        done = _run(cipherdir, ks, dest_key, marker, recovering, dry_run, FULL if full else REWRAP, recovery_key)
         if full:
             _full(cipherdir, ks, done, recovering, dry_run)
         if not dry_run and not done.damaged:  # every blob of the filesystem is under the destination
@@ -338,10 +346,15 @@ def _full(cipherdir: Path, ks: KeyService, done: FsRewrapped, recovering: bool, 
 
 
 def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str, Any] | None,
-         recovering: bool, dry_run: bool, operation: str = REWRAP) -> FsRewrapped:
+         recovering: bool, dry_run: bool, operation: str = REWRAP,
+         recovery_key: tuple[bytes, str] | None = None) -> FsRewrapped:
+    from encfs.fuse.recovery import open_by_recovery_key
+
     root = os.fsencode(cipherdir)
     resumed = marker is not None
     again = ("--full " if operation == FULL else "") + str(cipherdir)  # the command that finishes the job
+    if recovery_key is not None:
+        again = f"--key {dest_key} --recovery-key {recovery_key[1]} {cipherdir}"
     try:
         if not dry_run:
             for name in os.listdir(root):
@@ -349,8 +362,9 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
                     os.unlink(os.path.join(root, name))
             if resumed:
                 replay(cipherdir)
-        opened = open_config(cipherdir, ks, writable=not dry_run,
-                             rewrap_to=marker["key_id"] if marker is not None else None)
+        opened = open_by_recovery_key(cipherdir, *recovery_key) if recovery_key is not None else \
+            open_config(cipherdir, ks, writable=not dry_run, rewrap_to=marker["key_id"] if marker is not None else None)
+        by_recovery = opened if recovery_key is not None else None
         config = opened.config
         if config.format < FS_FORMAT and not dry_run:
             raise RewrapError(f"{cipherdir}: its config is still format {config.format}: mount it read-write once "
@@ -359,7 +373,8 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
                            dest_key if dest_key is not None else marker["key_id"] if marker else None)
         done = FsRewrapped(cipherdir, *where(config.wrapped_secret), *dest, resumed=resumed, fs_id=config.fs_id)
         moving = _to_move(root, dest, dry_run, done.damaged)
-        done.config = where(config.wrapped_secret) != dest or config.key_id != dest[0]
+        done.config = where(config.wrapped_secret) != dest or config.key_id != dest[0] or \
+            (config.wrapped_root is not None and where(config.wrapped_root) != dest)
         if dry_run or (operation == REWRAP and not (moving or done.config or resumed)):
             done.files = len(moving)
             return done
@@ -367,9 +382,10 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
         raise RewrapError(f"{cipherdir}: {_what(e)}" + (_AGAIN.format(again) if resumed else "")) from None
     state = {"marked": marker is not None and marker["key_id"] == dest[0] and marker["operation"] == operation}
     try:
-        done.files = _move_headers(cipherdir, ks, config, dest, moving, recovering, state, done.damaged, operation)
+        done.files = _move_headers(cipherdir, ks, config, dest, moving, recovering, state, done.damaged, operation,
+                                   by_recovery)
         if done.config:
-            _move_config(cipherdir, ks, opened.secret, config, dest, recovering, state, operation)
+            _move_config(cipherdir, ks, opened, dest, recovering, state, operation, by_recovery is not None)
         if operation == FULL:  # before the first file gets a fresh key (fullrekey.py)
             _mark(cipherdir, operation, dest, recovering, state)
         if state["marked"] or marker is not None:
@@ -412,7 +428,8 @@ def _mark(cipherdir: Path, operation: str, dest: tuple[str, int], recovering: bo
 
 
 def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple[str, int], moving: list[bytes],
-                  recovering: bool, state: dict[str, bool], damaged: list[str], operation: str) -> int:
+                  recovering: bool, state: dict[str, bool], damaged: list[str], operation: str,
+                  by_recovery: OpenedConfig | None = None) -> int:
     root = os.fsencode(cipherdir)
     moved = 0
     with progress(len(moving), f"rekey {cipherdir.name}", unit="files") as bar:
@@ -421,8 +438,11 @@ def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple
             for rel in moving[at:at + BATCH]:
                 header = _read_header(root, rel)
                 try:
-                    blob = ks.re_encrypt(header.wrapped_key, config.file_context(header.file_id), dest[0],
-                                         encfs_internal=True)
+                    if by_recovery is not None:
+                        blob = _derived_blob(ks, root, rel, header, by_recovery, dest)
+                    else:
+                        blob = ks.re_encrypt(header.wrapped_key, config.file_context(header.file_id), dest[0],
+                                             encfs_internal=True)
                 except (InvalidCiphertext, ContextMismatch, KeyNotFound):
                     damaged.append(os.fsdecode(rel))  # a damaged blob (or one of another key store)
                     continue
@@ -442,14 +462,38 @@ def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple
     return moved
 
 
-def _move_config(cipherdir: Path, ks: KeyService, secret: bytes, config: FsConfig, dest: tuple[str, int],
-                 recovering: bool, state: dict[str, bool], operation: str) -> None:
-    """Both copies under ``dest``, the backup first (an interrupted pair: open_config(rewrap_to))."""
-    blob = config.wrapped_secret
+def _derived_blob(ks: KeyService, root: bytes, rel: bytes, header: FileHeader, by_recovery: OpenedConfig,
+                  dest: tuple[str, int]) -> bytes:
+    """The file's key derived from the recovery root, encrypted under ``dest`` (InvalidCiphertext
+    if it is not the file's key: a random key from before the recovery key, left as it is)."""
+    config = by_recovery.config
+    assert by_recovery.root is not None
+    key = file_key(by_recovery.root, config.fs_id, header.file_id)
+    fd = open_under(root, os.path.join(root, rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        if not key_opens_file(fd, root, header, key, config.block_size):
+            raise InvalidCiphertext("its key is not derived from the recovery root")
+    finally:
+        os.close(fd)
+    return ks.encrypt(dest[0], key, config.file_context(header.file_id), encfs_internal=True)
+
+
+def _move_config(cipherdir: Path, ks: KeyService, opened: OpenedConfig, dest: tuple[str, int],
+                 recovering: bool, state: dict[str, bool], operation: str, by_recovery: bool) -> None:
+    """Both copies under ``dest``, the backup first (an interrupted pair: open_config(rewrap_to)).
+    ``by_recovery``: the old CMK is not asked; the secret and root are encrypted anew."""
+    config, secret = opened.config, opened.secret
+    blob, root = config.wrapped_secret, config.wrapped_root
+    if by_recovery:
+        assert opened.root is not None
+        blob = ks.encrypt(dest[0], secret, config.fs_context(), encfs_internal=True)
+        root = ks.encrypt(dest[0], opened.root, config.root_context(), encfs_internal=True)
     if where(blob) != dest:
         blob = ks.re_encrypt(blob, config.fs_context(), dest[0], encfs_internal=True)
+    if root is not None and where(root) != dest:  # the recovery root (recoverykeys.py) moves with it
+        root = ks.re_encrypt(root, config.root_context(), dest[0], encfs_internal=True)
     _mark(cipherdir, operation, dest, recovering, state)
-    data = sealed_config_bytes(replace(config, key_id=dest[0], wrapped_secret=blob), secret)
+    data = sealed_config_bytes(replace(config, key_id=dest[0], wrapped_secret=blob, wrapped_root=root), secret)
     for name in (BACKUP_NAME, CONFIG_NAME):
         write_atomic(cipherdir / name, data, 0o644, sync_dir=True)
 
