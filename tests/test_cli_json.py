@@ -177,6 +177,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         cli.json("info", cipher)
         cli.json("fsck", cipher)
         cli.json("rekey", cipher, "--key", "b")
+        assert cli.json("recovery-key", "add", cipher, "--new-recovery-key", tmp / "fs.rk")["RecoveryKey"] is True
+        assert cli.json("recovery-key", "remove", cipher)["Removed"] is True
 
         vol = tmp / "vol.img"
         cli.json("volume", "create", vol, "--size", "4M", "--key", "a")

@@ -1,0 +1,141 @@
+"""A filesystem's recovery key (issue #23, docs/FORMAT.md §6.10), through the real CLI, a real
+token and real FUSE mounts: set at init or added later (every file re-keyed so that the key
+opens it), a read-only mount by the recovery key alone with the CMK disabled and no token at
+all, a wrong key refused in one line (exit 77), `encfs info`, and removal."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import init_home, run_encfs
+from fuse_helpers import Mount
+
+BIG = os.urandom((1 << 20) + 12345)  # several 32 KiB blocks and a short last one
+
+
+def ok(*args: str, home: Path) -> str:
+    proc = run_encfs(*args, home=home)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def new_key(home: Path) -> str:
+    """A CMK of this test alone (it gets disabled)."""
+    return str(json.loads(ok("key", "create", "--json", home=home))["KeyId"])
+
+
+def fill(cipherdir: Path, plain: Path, home: Path, name: str = "big") -> None:
+    with Mount(cipherdir, plain, home):
+        (plain / name).write_bytes(BIG)
+        (plain / "d").mkdir(exist_ok=True)
+        (plain / "d" / f"{name}-small").write_bytes(b"small " + name.encode())
+        os.symlink(f"d/{name}-small", plain / f"{name}-link")
+        os.setxattr(plain / name, "user.note", b"kept")
+
+
+def check(plain: Path, name: str = "big") -> None:
+    assert (plain / name).read_bytes() == BIG
+    assert (plain / "d" / f"{name}-small").read_bytes() == b"small " + name.encode()
+    assert os.readlink(plain / f"{name}-link") == f"d/{name}-small"
+    assert os.getxattr(plain / name, "user.note") == b"kept"
+
+
+def recovery_mount(cipherdir: Path, plain: Path, key_file: Path, no_token: Path) -> Mount:
+    """A mount by the recovery key from a home with no key store at all."""
+    return Mount(cipherdir, plain, no_token, "--recovery-key", str(key_file))
+
+
+def info(cipherdir: Path, home: Path) -> dict[str, object]:
+    result: dict[str, object] = json.loads(ok("info", str(cipherdir), "--json", home=home))
+    return result
+
+
+def test_init_with_a_recovery_key_mounts_read_only_without_the_token(tmp_path: Path, fs_home: Path) -> None:
+    cipherdir, plain, no_token = tmp_path / "cipher", tmp_path / "plain", tmp_path / "no-token"
+    plain.mkdir()
+    key, rk = new_key(fs_home), tmp_path / "fs.rk"
+    out = ok("init", str(cipherdir), "--key", key, "--new-recovery-key", str(rk), home=fs_home)
+    assert "recovery key" in out and oct(rk.stat().st_mode & 0o777) == "0o600"
+    assert len(rk.read_text().strip()) == 64
+    fill(cipherdir, plain, fs_home)
+    assert info(cipherdir, fs_home)["Recovery"] is True
+
+    ok("key", "disable", key, home=fs_home)  # the HSM no longer opens it...
+    proc = run_encfs("mount", str(cipherdir), str(plain), home=fs_home)
+    assert proc.returncode != 0 and b"disabled" in proc.stderr
+    m = recovery_mount(cipherdir, plain, rk, no_token)  # ...the recovery key does, without a token
+    try:
+        check(plain)
+        with pytest.raises(OSError) as e:
+            (plain / "new").write_bytes(b"x")
+        assert e.value.errno == errno.EROFS
+        with open(f"/proc/{m.pid}/maps") as maps:  # no PKCS#11 module was loaded
+            assert "softhsm" not in maps.read().lower()
+    finally:
+        m.stop()
+    assert not (no_token / "softhsm").exists()
+
+    wrong = tmp_path / "wrong.rk"
+    wrong.write_text(os.urandom(32).hex() + "\n")
+    proc = run_encfs("mount", str(cipherdir), str(plain), "--recovery-key", str(wrong), home=no_token)
+    lines = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 77 and len(lines) == 1 and "wrong recovery key" in lines[0], proc.stderr
+    assert lines[0].startswith("encfs: ") and rk.read_text().strip() not in proc.stderr.decode()
+
+    # The HSM is lost for good: a new key store and CMK take the filesystem over by the recovery key.
+    new_home = init_home(tmp_path / "new-home")
+    new_cmk = new_key(new_home)
+    moved = json.loads(ok("rekey", str(cipherdir), "--key", new_cmk, "--recovery-key", str(rk), "--json",
+                          home=new_home))
+    assert moved["Files"] == 2 and moved["KeyId"] == new_cmk and moved["Damaged"] == []
+    with Mount(cipherdir, plain, new_home):  # read-write, under the new CMK
+        check(plain)
+        (plain / "new").write_bytes(b"written under the new CMK")
+        assert (plain / "new").read_bytes() == b"written under the new CMK"
+
+
+def test_add_converts_every_file_and_remove_drops_it(tmp_path: Path, fs_home: Path) -> None:
+    cipherdir, plain, no_token = tmp_path / "cipher", tmp_path / "plain", tmp_path / "no-token"
+    plain.mkdir()
+    key, rk = new_key(fs_home), tmp_path / "fs.rk"
+    ok("init", str(cipherdir), "--key", key, home=fs_home)
+    fill(cipherdir, plain, fs_home)  # random file keys: no recovery key could open them
+
+    out = json.loads(ok("recovery-key", "add", str(cipherdir), "--new-recovery-key", str(rk), "--json",
+                        home=fs_home))
+    assert out["Files"] == 2 and out["RecoveryKey"] is True  # big and d/big-small, each given a derived key
+    assert not (cipherdir / "encfs.rekey").exists()
+    assert json.loads(ok("recovery-key", "add", str(cipherdir), "--recovery-key", str(rk), "--json",
+                         home=fs_home))["AlreadySet"] is True
+    # A run killed after the config changed leaves the re-key marker: mounts wait, `add` finishes it.
+    marker = {"version": 1, "operation": "full", "key_id": key, "recovering": False}
+    (cipherdir / "encfs.rekey").write_text(json.dumps(marker) + "\n")
+    proc = run_encfs("mount", str(cipherdir), str(plain), "--recovery-key", str(rk), home=no_token)
+    assert proc.returncode != 0 and b"interrupted" in proc.stderr
+    again = json.loads(ok("recovery-key", "add", str(cipherdir), "--recovery-key", str(rk), "--json", home=fs_home))
+    assert again["Resumed"] is True and again["Files"] == 2 and not (cipherdir / "encfs.rekey").exists()
+    fill(cipherdir, plain, fs_home, "after")  # new files get derived keys from the start
+
+    shutil.move(fs_home / "softhsm", tmp_path / "token-away")  # the token directory is gone
+    try:
+        m = recovery_mount(cipherdir, plain, rk, fs_home)
+        try:
+            check(plain)
+            check(plain, "after")
+        finally:
+            m.stop()
+    finally:
+        shutil.move(tmp_path / "token-away", fs_home / "softhsm")
+
+    assert "removed" in ok("recovery-key", "remove", str(cipherdir), home=fs_home)
+    assert info(cipherdir, fs_home)["Recovery"] is False
+    proc = run_encfs("mount", str(cipherdir), str(plain), "--recovery-key", str(rk), home=no_token)
+    assert proc.returncode == 1 and b"has no recovery key" in proc.stderr
+    with Mount(cipherdir, plain, fs_home):  # the HSM still opens everything
+        check(plain)
+        check(plain, "after")
