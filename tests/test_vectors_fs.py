@@ -35,6 +35,7 @@ from encfs.fuse.fileheader import (
 from encfs.fuse.fsconfig import canonical_json, config_mac, config_mac_key, derive_fs_keys
 from encfs.fuse.journal import Journal
 from encfs.fuse.names import NAME_MAX, NameAuthError, NameCipher, b64d
+from encfs.fuse.recoverykeys import WrongKey, file_key, open_keys, recovery_kek, seal_keys
 
 FS = {v["vector"]: v for v in parse_vectors(DOC.split("## 6. Filesystem format", 1)[1])}
 
@@ -43,7 +44,7 @@ def test_section_has_every_vector() -> None:
     assert set(FS) >= {"fs-keys", "config-mac", "name-short", "name-long", "content-block", "content-layout-32k",
                        "content-layout-4k", "file-header", "symlink", "xattr", "file-state", "journal",
                        "dirid-bound", "symlink-bound", "xattr-padded", "block-counter-nonce",
-                       "file-state-holes"}
+                       "file-state-holes", "fs-recovery"}
 
 
 def test_fs_key_derivation() -> None:
@@ -293,3 +294,23 @@ def test_padded_xattr_vector() -> None:
     key = _seal_key(meta_key, sealed[:16], b"encfs xattr v2")
     assert key == hexbytes(v["seal_key"])
     assert AESGCM(key).decrypt(sealed[16:28], sealed[28:], backing) == hexbytes(v["value"])
+
+
+def test_fs_recovery_vector() -> None:
+    v = FS["fs-recovery"]
+    rk, fs_id = hexbytes(v["recovery_key"]), v["fs_id"]
+    secret, root, wrapped = hexbytes(v["fs_secret"]), hexbytes(v["recovery_root"]), hexbytes(v["wrapped"])
+    assert recovery_kek(rk, fs_id) == hexbytes(v["kek"])
+    assert seal_keys(rk, fs_id, secret, root, hexbytes(v["nonce"])) == wrapped
+    assert open_keys(rk, fs_id, wrapped) == (secret, root)
+    assert file_key(root, fs_id, hexbytes(v["file_id"])) == hexbytes(v["file_key"])
+    # Independently, with `cryptography` alone.
+    kek = HKDF(hashes.SHA256(), 32, salt=bytes.fromhex(fs_id), info=b"encfs fs recovery v1").derive(rk)
+    aad = b"encfs fs recovery v1" + bytes.fromhex(fs_id)
+    assert AESGCM(kek).decrypt(wrapped[:12], wrapped[12:], aad) == secret + root
+    info = b"encfs file key v1" + hexbytes(v["file_id"])
+    assert HKDF(hashes.SHA256(), 32, salt=bytes.fromhex(fs_id), info=info).derive(root) == hexbytes(v["file_key"])
+    with pytest.raises(WrongKey):  # another key, or the wrapping of another filesystem
+        open_keys(bytes(32), fs_id, wrapped)
+    with pytest.raises(WrongKey):
+        open_keys(rk, "0" * 32, wrapped)
