@@ -105,6 +105,7 @@ def test_add_converts_every_file_and_remove_drops_it(tmp_path: Path, fs_home: Pa
     key, rk = new_key(fs_home), tmp_path / "fs.rk"
     ok("init", str(cipherdir), "--key", key, home=fs_home)
     fill(cipherdir, plain, fs_home)  # random file keys: no recovery key could open them
+    before = (cipherdir / "encfs.conf").read_bytes()
 
     out = json.loads(ok("recovery-key", "add", str(cipherdir), "--new-recovery-key", str(rk), "--json",
                         home=fs_home))
@@ -112,13 +113,16 @@ def test_add_converts_every_file_and_remove_drops_it(tmp_path: Path, fs_home: Pa
     assert not (cipherdir / "encfs.rekey").exists()
     assert json.loads(ok("recovery-key", "add", str(cipherdir), "--recovery-key", str(rk), "--json",
                          home=fs_home))["AlreadySet"] is True
-    # A run killed after the config changed leaves the re-key marker: mounts wait, `add` finishes it.
+    # A run killed between the two config copies (the backup is written first) leaves the re-key
+    # marker and a primary copy without the recovery key: mounts wait, and `add` finishes the job.
     marker = {"version": 1, "operation": "full", "key_id": key, "recovering": False}
     (cipherdir / "encfs.rekey").write_text(json.dumps(marker) + "\n")
+    (cipherdir / "encfs.conf").write_bytes(before)
     proc = run_encfs("mount", str(cipherdir), str(plain), "--recovery-key", str(rk), home=no_token)
     assert proc.returncode != 0 and b"interrupted" in proc.stderr
     again = json.loads(ok("recovery-key", "add", str(cipherdir), "--recovery-key", str(rk), "--json", home=fs_home))
     assert again["Resumed"] is True and again["Files"] == 2 and not (cipherdir / "encfs.rekey").exists()
+    assert (cipherdir / "encfs.conf").read_bytes() == (cipherdir / "encfs.conf.bak").read_bytes()
     fill(cipherdir, plain, fs_home, "after")  # new files get derived keys from the start
 
     shutil.move(fs_home / "softhsm", tmp_path / "token-away")  # the token directory is gone
