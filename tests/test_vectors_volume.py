@@ -1,6 +1,7 @@
 """docs/FORMAT.md section 7 vectors: volume header records (flags 01 and the authenticated flags 03), sealed
 sectors, sealed sector maps; format 2 (§7.7): its header, a sealed sector, map nodes, a snapshot table page
-and a commit record, and the image a real CowStore writes from the same inputs."""
+and a commit record, and the image a real CowStore writes from the same inputs; §7.8: a header with a
+recovery record."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from encfs.block.header import (
     COW_FORMAT,
     HEADER_MAC,
     MAPS_MIRRORED,
+    RECOVERY_KEY,
     VolumeFormatError,
     VolumeHeader,
     header_mac_key,
@@ -54,6 +56,7 @@ from encfs.block.layout import (
     sector_offset,
 )
 from encfs.block.maptree import node_from_bytes
+from encfs.block.recovery import WrongRecoveryKey, open_record, recovery_kek, seal_record
 from encfs.block.sectors import SectorStore, _get
 from encfs.blocks import SEALED_BLOCK, BlockAuthError, BlockCipher, counter_nonces
 from encfs.keys.context import encode_context
@@ -92,7 +95,7 @@ def test_header_flag_byte() -> None:
                      flags=int(v["flags"], 16))
     old = VolumeHeader.parse(_with_flags(h.pack(), 0))
     assert not old.maps_mirrored and old.seq == h.seq and old.volume_id == h.volume_id
-    for unknown in (0x04, 0x81):
+    for unknown in (0x08, 0x81):
         with pytest.raises(VolumeFormatError, match="unknown feature flags"):
             VolumeHeader.parse(_with_flags(h.pack(), unknown))
 
@@ -409,3 +412,63 @@ def test_format2_image_through_the_store(tmp_path, monkeypatch: pytest.MonkeyPat
         assert store.txg == int(c["txg"]) + 1
     finally:
         os.close(fd)
+
+
+# -- recovery key (FORMAT.md §7.8) ----------------------------------------------------------------
+
+
+def _recovery_vector() -> tuple[dict[str, str], VolumeHeader, bytes]:
+    v = VOL["volume-recovery"]
+    h = VolumeHeader(hexbytes(v["volume_id"]), int(v["size"]), hexbytes(VOL["volume2-header"]["wrapped_key"]),
+                     seq=int(v["seq"]), flags=int(v["flags"], 16), seals_reserved=int(v["seals_reserved"]),
+                     version=int(v["version"]), recovery=hexbytes(v["record"]))
+    return v, h, hexbytes(v["data_key"])
+
+
+def test_recovery_record_vector() -> None:
+    v, h, data_key = _recovery_vector()
+    vid, rk, nonce = h.volume_id, hexbytes(v["recovery_key"]), hexbytes(v["nonce"])
+    assert rk == hashlib.sha256(b"encfs FORMAT.md test vector volume recovery key").digest()
+    assert h.flags == HEADER_MAC | RECOVERY_KEY and h.has_recovery_key and h.copy_on_write
+    # KEK and the record, computed with cryptography directly from §7.8's words
+    kek = HKDF(hashes.SHA256(), 32, salt=vid, info=v["recovery_info"].encode()).derive(rk)
+    assert kek.hex() == v["kek"] == recovery_kek(rk, vid).hex()
+    aad = b"ENCV" + bytes([2]) + vid
+    assert aad.hex() == v["aad"]
+    record = nonce + AESGCM(kek).encrypt(nonce, data_key, aad)
+    assert record == hexbytes(v["record"]) and len(record) == 60
+    assert seal_record(data_key, h, rk, nonce) == record
+    assert open_record(h, rk, "vector") == data_key
+    with pytest.raises(WrongRecoveryKey):
+        open_record(h, bytes(32), "vector")
+    # the header: the record at [3948, 4008), under the MAC
+    mac_key = header_mac_key(data_key, vid)
+    packed = h.pack(mac_key)
+    assert hashlib.sha256(packed).hexdigest() == v["record_sha256"]
+    assert packed.startswith(hexbytes(v["record_prefix"])) and packed[3948:] == hexbytes(v["record_suffix"])
+    assert packed[3948:4008] == record and packed[5] == 0x06
+    assert not any(packed[46 + len(h.wrapped_key):3948])
+    mac = HMAC(mac_key, hashes.SHA256())
+    mac.update(packed[:4032])
+    assert packed[4032:4064] == mac.finalize() == hexbytes(v["mac"])
+    parsed = VolumeHeader.parse(packed)
+    assert parsed == h and parsed.verify(mac_key) and parsed.recovery == record
+    # without the record (and flag) it is the header of volume2-header, at that sequence number
+    plain = replace(h, flags=HEADER_MAC, recovery=b"", seq=int(VOL["volume2-header"]["seq"]))
+    assert hashlib.sha256(plain.pack(mac_key)).hexdigest() == VOL["volume2-header"]["record_sha256"]
+
+
+def test_recovery_record_is_authenticated_and_format_2_only() -> None:
+    _v, h, data_key = _recovery_vector()
+    mac_key = header_mac_key(data_key, h.volume_id)
+    packed = h.pack(mac_key)
+    # any change to the record (or dropping it with its flag) fails the MAC
+    for changed in (packed[:3960] + bytes([packed[3960] ^ 1]) + packed[3961:4064],
+                    packed[:5] + b"\x02" + packed[6:3948] + bytes(60) + packed[4008:4064]):
+        assert not VolumeHeader.parse(_rechecksum(changed)).verify(mac_key)
+    # format 1 has no recovery record
+    with pytest.raises(VolumeFormatError, match="format 1 with a recovery key"):
+        VolumeHeader.parse(_rechecksum(packed[:4] + b"\x01\x07" + packed[6:4064]))
+    # without the flag the record's bytes are padding, which must be zero
+    with pytest.raises(VolumeFormatError, match="nonzero reserved bytes"):
+        VolumeHeader.parse(_rechecksum(packed[:5] + b"\x02" + packed[6:4064]))

@@ -8,7 +8,8 @@ Each copy is one 4096-byte record (docs/FORMAT.md section 7.2)::
     5     1   feature flags: bit 0 (MAPS_MIRRORED) = every extent's two sector-map
               slots are kept as mirrors (sectors.py); bit 1 (HEADER_MAC) = the
               record is authenticated and holds the fields marked (M) below;
-              other bits are refused
+              bit 2 (RECOVERY_KEY, format 2 only) = the recovery record (R) is
+              set (recovery.py); other bits are refused
     6     2   reserved (0)
     8     8   u64 sequence number
     16    16  volume id
@@ -18,7 +19,9 @@ Each copy is one 4096-byte record (docs/FORMAT.md section 7.2)::
     46    n   the volume's data key as a key-service ciphertext blob, context
               {"encfs:volume": <volume id hex>}, with HEADER_MAC also
               "encfs:header": "mac-v1"
-    46+n      zero padding to 4008 (to 4064 without HEADER_MAC)
+    46+n      zero padding to 4008 (to 4064 without HEADER_MAC; to 3948 with
+              RECOVERY_KEY)
+    3948  60  (R) RECOVERY_KEY only: the recovery record (recovery.py)
     4008  16  (M) the CMK's key id (UUID bytes), the one the blob names
     4024  8   (M) u64 seals reserved (budget.py)
     4032  32  (M) HMAC-SHA256 of bytes [0, 4032), keyed by header_mac_key()
@@ -29,11 +32,14 @@ Invariants:
   sequence number; a reader takes the newest copy it accepts, so a torn
   header write never loses the volume.
 - With HEADER_MAC, parse() refuses nonzero reserved bytes (6-7 and the
-  padding) and a key id that differs from the blob's, so the MAC covers
-  every byte that means anything.
+  padding, which ends where the recovery record starts if there is one)
+  and a key id that differs from the blob's, so the MAC covers every byte
+  that means anything (the recovery record too: only a holder of the
+  volume key can add, change or remove it).
 - read_verified() accepts a copy only if its volume key unwraps under the
   CMK it names (with the context above, so a copy whose HEADER_MAC was
-  cleared does not unwrap) and, with HEADER_MAC, its MAC verifies; any
+  cleared does not unwrap), or from its recovery record when the caller
+  opens with a recovery key, and, with HEADER_MAC, its MAC verifies; any
   other copy is damaged (a warning) and the other copy wins. Once a copy
   with HEADER_MAC passes its checksum, a copy without HEADER_MAC is
   ignored: it can only be an older header (HEADER_MAC is never cleared).
@@ -43,8 +49,8 @@ Invariants:
 - An authenticated header is never packed without its MAC key.
 
 Byte 5 was reserved (0) in the first release, which ignores it; the release
-before HEADER_MAC refuses bit 1. A volume with bit 0 or bit 1 clear is
-upgraded by the first open_volume() (volume.py).
+before HEADER_MAC refuses bit 1, the release before recovery keys bit 2.
+A volume with bit 0 or bit 1 clear is upgraded by the first open_volume() (volume.py).
 """
 
 from __future__ import annotations
@@ -76,7 +82,10 @@ _PAD_END = _MACED - _TRAILER.size  # 4008: where the padding of an authenticated
 _FIXED = struct.Struct(">4sBB2sQ16sQIH")
 MAPS_MIRRORED = 0x01  # feature flag: both map slots of every extent hold the newest map at rest
 HEADER_MAC = 0x02  # feature flag: the record carries the key id, the seal reservation and an HMAC
-KNOWN_FLAGS = MAPS_MIRRORED | HEADER_MAC
+RECOVERY_KEY = 0x04  # feature flag: a recovery record before the trailer (format 2 with HEADER_MAC only)
+KNOWN_FLAGS = MAPS_MIRRORED | HEADER_MAC | RECOVERY_KEY
+RECOVERY_RECORD = 60  # nonce, AES-256-GCM of the 32-byte volume key, tag
+_RECOVERY_AT = _PAD_END - RECOVERY_RECORD  # 3948
 MAC_INFO = b"encfs volume header mac v1"
 HEADER_MARK = "mac-v1"  # in the wrapped key's context once the header is authenticated
 
@@ -108,6 +117,7 @@ class VolumeHeader:
     seals_reserved: int = 0  # stored with HEADER_MAC only; format 2: the nonce counter's reservation
     mac: bytes = field(default=b"", compare=False, repr=False)  # as read, checked by verify()
     version: int = VOLUME_FORMAT
+    recovery: bytes = b""  # RECOVERY_KEY: the recovery record (recovery.py)
 
     @property
     def copy_on_write(self) -> bool:
@@ -121,6 +131,10 @@ class VolumeHeader:
     def authenticated(self) -> bool:
         """Whether the format has the MAC (HEADER_MAC); verify() tells whether it holds."""
         return bool(self.flags & HEADER_MAC)
+
+    @property
+    def has_recovery_key(self) -> bool:
+        return bool(self.flags & RECOVERY_KEY)
 
     @property
     def sectors(self) -> int:
@@ -141,9 +155,14 @@ class VolumeHeader:
         fixed = _FIXED.pack(MAGIC, self.version, self.flags, b"\0\0", self.seq, self.volume_id, self.size,
                             self.sector_size, len(self.wrapped_key))
         end = _PAD_END if self.authenticated else _BODY
+        if self.has_recovery_key:
+            if len(self.recovery) != RECOVERY_RECORD or not self.authenticated:
+                raise ValueError("a recovery record is 60 bytes, in an authenticated header")
+            end = _RECOVERY_AT
         body = (fixed + self.wrapped_key).ljust(end, b"\0")
         if len(body) != end:
             raise ValueError("wrapped key does not fit the volume header")
+        body += self.recovery if self.has_recovery_key else b""
         if self.authenticated:
             body += _TRAILER.pack(uuid.UUID(self.key_id).bytes, self.seals_reserved)
         return body
@@ -178,7 +197,9 @@ class VolumeHeader:
         if flags & ~KNOWN_FLAGS:
             raise VolumeFormatError(f"volume header has unknown feature flags 0x{flags:02x} "
                                     "(made by a newer encfs?)")
-        end = _PAD_END if flags & HEADER_MAC else _BODY
+        if flags & RECOVERY_KEY and version != COW_FORMAT:
+            raise VolumeFormatError(f"volume header of format {version} with a recovery key")
+        end = _RECOVERY_AT if flags & RECOVERY_KEY else _PAD_END if flags & HEADER_MAC else _BODY
         if sector_size != SECTOR_SIZE or size % sector_size or _FIXED.size + n > end:
             raise VolumeFormatError("volume header has impossible geometry")
         wrapped = bytes(body[_FIXED.size:_FIXED.size + n])
@@ -193,7 +214,8 @@ class VolumeHeader:
             raise VolumeFormatError("volume header holds a malformed wrapped key") from None
         if named != key_id:
             raise VolumeFormatError("volume header names a CMK other than the one its wrapped key is under")
-        return cls(vid, size, wrapped, seq, sector_size, flags, seals, bytes(body[_MACED:_BODY]), version)
+        recovery = bytes(body[_RECOVERY_AT:_PAD_END]) if flags & RECOVERY_KEY else b""
+        return cls(vid, size, wrapped, seq, sector_size, flags, seals, bytes(body[_MACED:_BODY]), version, recovery)
 
 
 def new_header(size: int, wrapped_key: bytes, volume_id: bytes | None = None, seals: int = 0,
@@ -245,12 +267,12 @@ def read_verified(fd: int, unwrap: Callable[[VolumeHeader], bytes]) -> tuple[Vol
     warning per copy that fails. ``unwrap`` raises InvalidCiphertext (damage) or VolumeKeyMismatch for
     a copy; another error, or the same one for both copies, is raised: it is no damage to a copy."""
     found, problems = _copies(fd)
-    keys: dict[tuple[bytes, bool], bytes | EncfsError] = {}
+    keys: dict[tuple[bytes, bool, bytes], bytes | EncfsError] = {}
     good: list[tuple[int, VolumeHeader]] = []
     errors: list[EncfsError] = []
     unusable: list[tuple[int, VolumeHeader, EncfsError]] = []  # the key service could not say
     for copy, h in found:
-        ref = (h.wrapped_key, h.authenticated)
+        ref = (h.wrapped_key, h.authenticated, h.recovery)  # a recovery unwrap reads the record
         if ref not in keys:
             try:
                 keys[ref] = unwrap(h)
@@ -283,7 +305,7 @@ def read_verified(fd: int, unwrap: Callable[[VolumeHeader], bytes]) -> tuple[Vol
             raise refused
         problems.append(f"header copy {copy}: an older header under a CMK that cannot be used ({refused.message}); "
                         "ignored")
-    key = keys[(header.wrapped_key, header.authenticated)]
+    key = keys[(header.wrapped_key, header.authenticated, header.recovery)]
     assert isinstance(key, bytes)
     return header, key, problems
 

@@ -22,6 +22,9 @@ with the context {"encfs:volume": id, "encfs:header": "mac-v1"}, so that a
 header whose flag was cleared again no longer unwraps, and the header is
 written with HEADER_MAC, the CMK's key id, the seal count and its MAC.
 
+A volume may have a recovery key (recovery.py): open_volume() with ``recovery_key``
+takes the volume key from the header's recovery record and uses no key service.
+
 Every seal under the volume key is counted (budget.py); the header's seal
 reservation is written only through the open volume's _Header, which
 serialises header writes (sealing threads reserve while a grow publishes).
@@ -37,6 +40,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +60,7 @@ from encfs.block.header import (
     write_header,
 )
 from encfs.block.layout import MAX_COW_SIZE, SECTOR_SIZE, cow_image_bound, image_size
+from encfs.block.recovery import with_record
 from encfs.block.sectors import SealedSectors, SectorStore, extent_bytes
 from encfs.blocks import SEALED_BLOCK, BlockAuthError
 from encfs.errors import Busy, EncfsError, UsageError
@@ -281,10 +286,14 @@ def _check_cow_size(copy_on_write: bool, size: int) -> None:
         raise VolumeError(f"a format-2 volume holds at most {MAX_COW_SIZE >> 50} PiB (its map's four levels)")
 
 
-def create_volume(path: Path, size: int, ks: KeyService, key: str, version: int = COW_FORMAT) -> VolumeHeader:
+def create_volume(path: Path, size: int, ks: KeyService, key: str, version: int = COW_FORMAT,
+                  recovery_key: bytes | None = None) -> VolumeHeader:
     """A new image at ``path`` (which must not exist); nothing is left behind on failure.
-    ``version`` 1 makes the older format (kept for tests and for `encfs volume upgrade`'s)."""
+    ``version`` 1 makes the older format (kept for tests and for `encfs volume upgrade`'s).
+    ``recovery_key``: the header gets a recovery record under it (recovery.py; format 2 only)."""
     _check_cow_size(version == COW_FORMAT, size)
+    if recovery_key is not None and version != COW_FORMAT:
+        raise UsageError("a format-1 volume cannot have a recovery key")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
@@ -296,7 +305,8 @@ def create_volume(path: Path, size: int, ks: KeyService, key: str, version: int 
         probe = VolumeHeader(volume_id, size, b"", flags=HEADER_MAC)
         dk = ks.generate_data_key(key, probe.context(), encfs_internal=True)
         assert dk.plaintext is not None
-        header = new_header(size, dk.ciphertext_blob, volume_id, version=version)
+        header = with_record(new_header(size, dk.ciphertext_blob, volume_id, version=version), dk.plaintext,
+                             recovery_key)
         # Counted exactly: the header is written after.
         budget = SealBudget(0, lambda _n: None, str(path), counter=header.copy_on_write)
         if header.copy_on_write:
@@ -315,18 +325,18 @@ def create_volume(path: Path, size: int, ks: KeyService, key: str, version: int 
         os.close(fd)
 
 
-def read_volume_header(path: Path, ks: KeyService | None = None,
-                       expected_key: str | None = None) -> tuple[VolumeHeader, list[str]]:
-    """The header; without ``ks`` nothing is authenticated (no key), with it the copies are verified
-    as open_volume() verifies them (``expected_key`` pins the CMK). Writes nothing."""
+def read_volume_header(path: Path, ks: KeyService | None = None, expected_key: str | None = None,
+                       recovery_key: bytes | None = None) -> tuple[VolumeHeader, list[str]]:
+    """The header; without ``ks`` (or ``recovery_key``) nothing is authenticated (no key), with it the
+    copies are verified as open_volume() verifies them (``expected_key`` pins the CMK). Writes nothing."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise VolumeError(f"cannot open volume {path}: {e.strerror}") from None
     try:
-        if ks is None:
+        if ks is None and recovery_key is None:
             return _read_header(fd, path)
-        header, _key, warnings = _read_verified(fd, path, ks, expected_key)
+        header, _key, warnings = _read_verified(fd, path, ks, expected_key, recovery_key)
         return header, warnings
     finally:
         os.close(fd)
@@ -339,17 +349,27 @@ def _read_header(fd: int, path: Path) -> tuple[VolumeHeader, list[str]]:
         raise VolumeError(f"cannot read volume {path}: {e.strerror}") from None
 
 
-def _read_verified(fd: int, path: Path, ks: KeyService,
-                   expected_key: str | None) -> tuple[VolumeHeader, bytes, list[str]]:
+def _read_verified(fd: int, path: Path, ks: KeyService | None, expected_key: str | None,
+                   recovery_key: bytes | None = None) -> tuple[VolumeHeader, bytes, list[str]]:
     """header.read_verified(), unwrapping under the CMK the copy names (pinned as the filesystem
-    pins its CMK), which must be ``expected_key`` if given."""
+    pins its CMK), which must be ``expected_key`` if given; with ``recovery_key``, from the copy's
+    recovery record instead, without the key service (recovery.py)."""
+    if recovery_key is not None:
+        from encfs.block.recovery import open_record
+
+        rk = recovery_key
+        return _verify(fd, path, lambda h: open_record(h, rk, path))
+    assert ks is not None
     want = None if expected_key is None else str(ks.describe_key(expected_key)["KeyId"])
 
     def unwrap(h: VolumeHeader) -> bytes:
         if want is not None and h.key_id != want:
             raise VolumeKeyMismatch(f"volume {path} is encrypted under key {h.key_id}, not {expected_key}")
         return ks.decrypt(h.wrapped_key, h.context(), key=h.key_id).plaintext
+    return _verify(fd, path, unwrap)
 
+
+def _verify(fd: int, path: Path, unwrap: Callable[[VolumeHeader], bytes]) -> tuple[VolumeHeader, bytes, list[str]]:
     try:
         return read_verified(fd, unwrap)
     except OSError as e:
@@ -414,17 +434,19 @@ def open_locked(path: Path, writable: bool = True, shared: bool = False) -> int:
     return fd
 
 
-def open_volume(path: Path, ks: KeyService, seal_worker: bool = False, accept_rollback: bool = False,
-                expected_key: str | None = None, read_only: bool = False) -> OpenVolume:
+def open_volume(path: Path, ks: KeyService | None, seal_worker: bool = False, accept_rollback: bool = False,
+                expected_key: str | None = None, read_only: bool = False,
+                recovery_key: bytes | None = None) -> OpenVolume:
     """Open and unlock an image (the CMK must be Enabled). ``seal_worker``: large writes are
     sealed in a helper process (encfs.sealworker), for a daemon that serves the volume.
     ``accept_rollback``: upgrade a volume made before mirrored maps even where a damaged map
     slot leaves only an older map (see the module docstring). ``expected_key``: refuse a volume
     whose CMK is another key (VolumeKeyMismatch). ``read_only``: the image is opened O_RDONLY
-    (read-only media); a format-1 volume that still needs an upgrade is refused."""
+    (read-only media); a format-1 volume that still needs an upgrade is refused. ``recovery_key``:
+    the volume key comes from the header's recovery record, and ``ks`` is not used (recovery.py)."""
     fd = open_locked(path, writable=not read_only)
     try:
-        header, key, warnings = _read_verified(fd, path, ks, expected_key)
+        header, key, warnings = _read_verified(fd, path, ks, expected_key, recovery_key)
         for w in warnings:
             log.warning("%s: %s", path, w)
         mac_key = header_mac_key(key, header.volume_id) if header.authenticated else None
@@ -455,6 +477,7 @@ def open_volume(path: Path, ks: KeyService, seal_worker: bool = False, accept_ro
         if not header.maps_mirrored:
             _mirror_maps(path, headers, store, accept_rollback)
         if not header.authenticated:
+            assert ks is not None  # a header with a recovery record is authenticated
             _authenticate(path, headers, key, ks, budget)
         if seal_worker:
             store.start_seal_worker(key)
