@@ -57,12 +57,14 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     kind = kind_of(target)
     if kind == "filesystem":
         return _filesystem(args, target)
-    if args.recovery_key:
-        raise UsageError(f"{target}: --recovery-key moves a CIPHERDIR (a filesystem's recovery key) only")
+    rk = _volume_recovery_key(args, kind)
     if args.full:
-        return _full(args, target, kind)
+        return _full(args, target, kind, rk)
     with open_key_service(args) as ks:
-        done = (rewrap_volume if kind == "volume" else rewrap_export)(target, ks, args.key, dry_run=args.dry_run)
+        if kind == "volume":
+            done = rewrap_volume(target, ks, args.key, dry_run=args.dry_run, recovery_key=rk)
+        else:
+            done = rewrap_export(target, ks, args.key, dry_run=args.dry_run)
     what = "volume key" if kind == "volume" else "export key"
     if args.json:
         print_json({"Target": str(target), "Kind": kind, "Changed": done.changed, "DryRun": args.dry_run,
@@ -137,7 +139,18 @@ def _filesystem(args: argparse.Namespace, target: Path) -> int:
     return 0
 
 
-def _full(args: argparse.Namespace, target: Path, kind: str) -> int:
+def _volume_recovery_key(args: argparse.Namespace, kind: str) -> bytes | None:
+    """A volume's recovery key (--recovery-key FILE): it opens the volume instead of its CMK."""
+    if not args.recovery_key:
+        return None
+    if kind != "volume":  # an export's key is wrapped under the CMK only
+        raise UsageError(f"{args.target}: --recovery-key moves a volume or a CIPHERDIR, not an export directory")
+    from encfs.recoverykey import read_recovery_key
+
+    return read_recovery_key(args.recovery_key)
+
+
+def _full(args: argparse.Namespace, target: Path, kind: str, rk: bytes | None = None) -> int:
     from encfs.block.attach import refuse_attached
     from encfs.block.rekey import rekey_volume
 
@@ -153,7 +166,7 @@ def _full(args: argparse.Namespace, target: Path, kind: str) -> int:
                + (f" wrapped by {args.key}" if args.key else "") + " (needs free space for the copy)")
         return 0
     with open_key_service(args) as ks:
-        done = rekey_volume(target, ks, args.key)
+        done = rekey_volume(target, ks, args.key, recovery_key=rk)
         if done.volume_id != header.volume_id.hex():  # the copy is a new volume: the old id has no blobs left
             ks.usage.forget(f"volume:{header.volume_id.hex()}", None)
     if done.snapshots:  # the catalog names each snapshot's volume id: the copy's is new
@@ -208,8 +221,9 @@ def register(sub: Any, add_hsm_options: Any) -> None:
     p.add_argument("--full", action="store_true",
                    help="fresh data keys and every byte re-encrypted (default: re-wrap the keys only)")
     p.add_argument("--recovery-key", metavar="FILE",
-                   help="a CIPHERDIR whose CMK is lost: open its keys with its recovery key instead, and move "
-                   "them under --key (not with --full)")
+                   help="a CIPHERDIR or volume whose CMK is lost: open its keys with its recovery key instead, and "
+                   "move them under --key (a CIPHERDIR: not with --full); a volume's --full needs it too, and wraps "
+                   "the new volume key under it")
     p.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_hsm_options(p)

@@ -183,6 +183,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         vol = tmp / "vol.img"
         cli.json("volume", "create", vol, "--size", "4M", "--key", "a")
         cli.json("volume", "info", vol)
+        assert cli.json("volume", "add-recovery-key", vol, "--new-recovery-key", tmp / "vol.rk")["RecoveryKey"] is True
+        assert cli.json("volume", "remove-recovery-key", vol)["Changed"] is True
         cli.json("volume", "resize", vol, "--size", "8M")
         sid = cli.json("snapshot", "create", vol)["SnapshotId"]
         cli.json("snapshot", "list", vol)

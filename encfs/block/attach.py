@@ -205,7 +205,8 @@ def tune_loop(loop: str) -> bool:
 
 def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None = None,
            accept_rollback: bool = False, expected_key: str | None = None, name: str = "",
-           read_only: bool = False) -> Attachment:
+           read_only: bool = False, recovery_key: bytes | None = None) -> Attachment:
+    """``recovery_key``: the daemon opens the volume with it, without the token (recovery.py)."""
     if os.geteuid() != 0:
         raise VolumeError("attaching a volume needs root (loop devices)")
     if name:
@@ -227,10 +228,11 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     os.makedirs(mountpoint, mode=0o700, exist_ok=True)
     if _is_mounted(mountpoint):
         fuse_unmount(mountpoint, lazy=True)
-    hsm = prompt_before_fork(home or default_home(), hsm)
+    if recovery_key is None:  # no PIN to ask for: the token is not used
+        hsm = prompt_before_fork(home or default_home(), hsm)
     try:
         pid = spawn(lambda ready: _serve(image, mountpoint, home, hsm, ready, accept_rollback, expected_key,
-                                         read_only),
+                                         read_only, recovery_key),
                     name="encfs-volume", log_file=log_file, error=VolumeError,
                     state_dir=home or default_home(), log_id=f"volume-{vid}")
     except VolumeError:
@@ -257,13 +259,18 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
 
 
 def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, ready: Readiness,
-           accept_rollback: bool = False, expected_key: str | None = None, read_only: bool = False) -> None:
+           accept_rollback: bool = False, expected_key: str | None = None, read_only: bool = False,
+           recovery_key: bytes | None = None) -> None:
     """The daemon: unlock the volume, mount its FUSE file, serve until unmounted or SIGTERM."""
     keep_secrets_in_memory()
     ctypes.CDLL(None).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
-    with KeyService.open(home, hsm, provision=False) as ks:
-        vol = open_volume(image, ks, seal_worker=not read_only, accept_rollback=accept_rollback,
-                          expected_key=expected_key, read_only=read_only)
+    if recovery_key is not None:  # no token, no PKCS#11 module: the recovery record holds the key
+        vol = open_volume(image, None, seal_worker=not read_only, accept_rollback=accept_rollback,
+                          read_only=read_only, recovery_key=recovery_key)
+    else:
+        with KeyService.open(home, hsm, provision=False) as ks:
+            vol = open_volume(image, ks, seal_worker=not read_only, accept_rollback=accept_rollback,
+                              expected_key=expected_key, read_only=read_only)
     try:
         server = VolumeServer(fuse_mount(mountpoint, f"encfs:{image}"), vol, name=str(image))
         signal.signal(signal.SIGTERM, lambda *_: server.stop())

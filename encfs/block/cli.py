@@ -1,4 +1,8 @@
-"""``encfs volume create|attach|detach|list|info|rekey|upgrade|resize``."""
+"""``encfs volume create|attach|detach|list|info|rekey|upgrade|resize|add-recovery-key|remove-recovery-key``.
+
+Recovery keys (recovery.py) follow ``encfs hsm backup``: ``--new-recovery-key FILE`` makes a new
+key in a new file (never replacing one), ``--recovery-key FILE`` reads an existing one.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from encfs.block.volume import (
     read_volume_header,
 )
 from encfs.cliargs import home_of, hsm_options, open_key_service, state_dir
+from encfs.errors import UsageError
 from encfs.output import print_json, print_record, report, wants_json
 
 
@@ -36,24 +41,54 @@ def _ks(args: argparse.Namespace) -> tuple[Any, Any]:
     return home_of(args), hsm_options(args)
 
 
+def _with_recovery_key(args: argparse.Namespace, make: Callable[[bytes | None], Any]) -> tuple[Any, str]:
+    """``make(recovery key)`` with the key --recovery-key names, or a new one in the file
+    --new-recovery-key names (made first, removed again if ``make`` fails); and a note for the user."""
+    from encfs.recoverykey import new_recovery_key, read_recovery_key
+
+    if getattr(args, "recovery_key", None):
+        return make(read_recovery_key(args.recovery_key)), f"; recovery key {args.recovery_key} opens it too"
+    if not getattr(args, "new_recovery_key", None):
+        return make(None), ""
+    rk = new_recovery_key(args.new_recovery_key)
+    try:
+        done = make(rk)
+    except BaseException:
+        os.unlink(args.new_recovery_key)
+        raise
+    return done, (f"; new recovery key in {args.new_recovery_key} (it opens the volume without the HSM: "
+                  "keep it apart from the image)")
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
+    if args.format != 2 and (args.recovery_key or args.new_recovery_key):
+        raise UsageError("a recovery key needs format 2 (the default)")
     if not args.sparse and args.format == 2:
         check_space(Path(args.volume), size)
     with open_key_service(args) as ks:
-        header = create_volume(Path(args.volume), size, ks, args.key, version=args.format)
+        header, note = _with_recovery_key(args, lambda rk: create_volume(Path(args.volume), size, ks, args.key,
+                                                                          version=args.format, recovery_key=rk))
     report(args, {"Image": str(Path(args.volume).absolute()), "VolumeId": header.volume_id.hex(), "Size": size,
-                  "KeyId": header.key_id, "Format": args.format},
-           f"volume {header.volume_id.hex()} created in {args.volume}: {size} bytes under key {header.key_id}")
+                  "KeyId": header.key_id, "Format": args.format, "RecoveryKey": header.has_recovery_key},
+           f"volume {header.volume_id.hex()} created in {args.volume}: {size} bytes under key {header.key_id}"
+           + note)
     return 0
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
     home, hsm = _ks(args)
+    rk = None
+    if args.recovery_key:
+        from encfs.recoverykey import read_recovery_key
+
+        if args.key:
+            raise UsageError("--key names the CMK, which --recovery-key does not use: give one of them")
+        rk = read_recovery_key(args.recovery_key)
     a = attach(Path(args.volume), home, hsm, args.log_file, accept_rollback=args.accept_rollback,
-               expected_key=args.key, name=args.name or "", read_only=args.read_only)
+               expected_key=args.key, name=args.name or "", read_only=args.read_only, recovery_key=rk)
     report(args, {"Image": str(Path(args.volume).absolute()), "Device": a.loop, "Name": args.name or None,
-                  "ReadOnly": args.read_only}, a.loop)
+                  "ReadOnly": args.read_only, "RecoveryKey": rk is not None}, a.loop)
     return 0
 
 
@@ -119,7 +154,8 @@ def _info(path: Path, ks: Any = None, key: str | None = None) -> dict[str, Any]:
     return {"image": str(path.absolute()), "volume_id": header.volume_id.hex(), "format": header.version,
             "size": header.size, "sector_size": header.sector_size, "key_id": header.key_id,
             "header_seq": header.seq, "maps_mirrored": header.maps_mirrored or header.copy_on_write,
-            "header_mac": header.authenticated, "header_verified": ks is not None, "seals_reserved": seals,
+            "header_mac": header.authenticated, "header_verified": ks is not None,
+            "recovery_key": header.has_recovery_key, "seals_reserved": seals,
             "image_nominal_bytes": nominal, "image_allocated_bytes": st.st_blocks * 512,
             "attached": a.loop if a and a.daemon_alive() else None, "warnings": warnings}
 
@@ -179,8 +215,9 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     path = Path(args.volume)
     header, _w = read_volume_header(path)
     refuse_attached(path, header.volume_id.hex())
+    rk = _recovery_for_rekey(args)
     with open_key_service(args) as ks:
-        done = rekey_volume(path, ks, args.key, expected_key=args.expect_key)
+        done = rekey_volume(path, ks, args.key, expected_key=args.expect_key, recovery_key=rk)
     if done.snapshots:  # the catalog names each snapshot's volume id: the copy's is new
         from encfs.block.snapshots import remember
 
@@ -188,6 +225,58 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     mib = done.sectors * 4096 / (1 << 20)
     report(args, _copied(path, done), f"{path}: re-keyed as volume {done.volume_id} under key {done.key_id} "
            f"({mib:.1f} MiB of written sectors copied in {done.seconds:.1f} s)")
+    return 0
+
+
+def _recovery_for_rekey(args: argparse.Namespace) -> bytes | None:
+    from encfs.recoverykey import read_recovery_key
+
+    if not args.recovery_key:
+        return None
+    if getattr(args, "expect_key", None):
+        raise UsageError("--expect-key names the CMK, which --recovery-key does not use: give one of them")
+    return read_recovery_key(args.recovery_key)
+
+
+def cmd_add_recovery_key(args: argparse.Namespace) -> int:
+    from encfs.block.recovery import set_recovery_key
+
+    path = Path(args.volume)
+    header, _w = read_volume_header(path)
+    if header.has_recovery_key:
+        raise UsageError(f"{path} already has a recovery key: remove it first "
+                         f"(`encfs volume remove-recovery-key {path}`)")
+    if not header.copy_on_write:
+        raise UsageError(f"{path} has format 1, which cannot have a recovery key: `encfs volume upgrade {path}` "
+                         "first")
+    refuse_attached(path, header.volume_id.hex())
+    with open_key_service(args) as ks:
+        new, note = _with_recovery_key(args, lambda rk: set_recovery_key(path, rk, ks=ks))
+    report(args, {"Image": str(path.absolute()), "VolumeId": new.volume_id.hex(), "RecoveryKey": True,
+                  "RecoveryKeyFile": str(Path(args.new_recovery_key or args.recovery_key).absolute()),
+                  "Changed": True},
+           f"{path}: recovery key added{note}")
+    return 0
+
+
+def cmd_remove_recovery_key(args: argparse.Namespace) -> int:
+    from encfs.block.recovery import set_recovery_key
+    from encfs.recoverykey import read_recovery_key
+
+    path = Path(args.volume)
+    header, _w = read_volume_header(path)
+    result = {"Image": str(path.absolute()), "VolumeId": header.volume_id.hex(), "RecoveryKey": False}
+    if not header.has_recovery_key:
+        report(args, {**result, "Changed": False}, f"{path} has no recovery key: nothing to do")
+        return 0
+    refuse_attached(path, header.volume_id.hex())
+    if args.recovery_key:  # opened with the recovery key itself: no token
+        set_recovery_key(path, None, opened_with=read_recovery_key(args.recovery_key))
+    else:
+        with open_key_service(args) as ks:
+            set_recovery_key(path, None, ks=ks)
+    report(args, {**result, "Changed": True},
+           f"{path}: recovery key removed (copies of the image made before keep theirs: they open with it)")
     return 0
 
 
@@ -217,6 +306,14 @@ def _copied(path: Path, done: Any) -> dict[str, Any]:
             "CopiedBytes": done.sectors * 4096, "Snapshots": list(done.snapshots), "Seconds": round(done.seconds, 3)}
 
 
+def _recovery_options(p: argparse.ArgumentParser, required: bool = False) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--new-recovery-key", metavar="FILE",
+                   help="also wrap the volume key under a new recovery key, written to FILE (which must not "
+                        "exist): it opens the volume without the HSM")
+    g.add_argument("--recovery-key", metavar="FILE", help="as --new-recovery-key, with the existing key in FILE")
+
+
 def _expected_key(p: argparse.ArgumentParser, more: str = "") -> None:
     p.add_argument("--key", metavar="KEY", help="refuse unless the volume key is wrapped by this CMK (id or alias)"
                    + more)
@@ -241,6 +338,7 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
                    help="2 (default): copy-on-write, with snapshots; 1: the older format, for encfs before 0.2")
     p.add_argument("--sparse", action="store_true",
                    help="create it even if the disk cannot hold it once full (writes then fail with ENOSPC)")
+    _recovery_options(p)
     p = cmd("attach", cmd_attach, "attach VOL as a plaintext loop device; prints /dev/loopN")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: none)")
@@ -251,6 +349,8 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
                    help="attach a volume made by an older encfs even where a damaged sector map slot leaves "
                         "only the other, possibly older map (those sectors may roll back to it; logged)")
     _expected_key(p)
+    p.add_argument("--recovery-key", metavar="FILE",
+                   help="open VOL with its recovery key file instead of the HSM (no token, no PIN)")
     p = cmd("attach-all", cmd_attach_all, "attach every volume of /etc/encfs/volumes (NAME IMAGE [ro,key=KEY,"
                                           "log-file=FILE,noauto]) not attached yet; at boot")
     p.add_argument("--table", metavar="FILE", help="the volume table (default /etc/encfs/volumes)")
@@ -269,10 +369,21 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--key", metavar="KEY", help="CMK (id or alias) to wrap the new volume key (default: VOL's), "
                                                 "as for create")
     p.add_argument("--expect-key", metavar="KEY", help="refuse unless VOL's key is wrapped by this CMK")
+    p.add_argument("--recovery-key", metavar="FILE",
+                   help="VOL's recovery key file: VOL is opened with it (its CMK is not needed) and the new "
+                        "volume key is wrapped under it too (required if VOL has a recovery key)")
     p = cmd("upgrade", cmd_upgrade, "convert a detached format-1 volume to format 2 (copy-on-write, snapshots), "
                                      "by a copy under a fresh volume key; needs free space for the copy")
     p.add_argument("volume", metavar="VOL")
     _expected_key(p)
+    p = cmd("add-recovery-key", cmd_add_recovery_key, "wrap a detached VOL's volume key under a recovery key "
+                                                      "too (needs the HSM): it then opens VOL without the HSM")
+    p.add_argument("volume", metavar="VOL")
+    _recovery_options(p, required=True)
+    p = cmd("remove-recovery-key", cmd_remove_recovery_key, "remove a detached VOL's recovery key (older copies "
+                                                            "of the image keep theirs)")
+    p.add_argument("volume", metavar="VOL")
+    p.add_argument("--recovery-key", metavar="FILE", help="open VOL with its recovery key instead of the HSM")
     p = cmd("resize", cmd_resize, "grow a volume to SIZE (attached or detached)")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--size", required=True, help="the new size (10G, 10GiB, 10GB) or +SIZE to add (+2G)")

@@ -24,9 +24,11 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -43,8 +45,12 @@ from encfs.block.header import (
 )
 from encfs.errors import UsageError
 
+if TYPE_CHECKING:
+    from encfs.keys.service import KeyService
+
 RECOVERY_INFO = b"encfs volume recovery v1"
 _NONCE = 12
+log = logging.getLogger("encfs.block")
 
 
 class WrongRecoveryKey(VolumeKeyMismatch):
@@ -96,20 +102,20 @@ def with_record(header: VolumeHeader, volume_key: bytes, recovery_key: bytes | N
     return replace(header, flags=header.flags | RECOVERY_KEY, recovery=seal_record(volume_key, header, recovery_key))
 
 
-def set_recovery_key(path: Path, volume_key_source: object, recovery_key: bytes | None) -> VolumeHeader:
-    """Add (or with None remove) the recovery record of the detached volume at ``path``, opened
-    with ``volume_key_source`` (a KeyService, or the current recovery key as bytes)."""
+def set_recovery_key(path: Path, recovery_key: bytes | None, ks: KeyService | None = None,
+                     opened_with: bytes | None = None) -> VolumeHeader:
+    """Add (or with None remove) the recovery record of the detached volume at ``path``, whose
+    volume key comes from ``ks`` or, without the token, from the current recovery key ``opened_with``."""
     from encfs.block.attach import refuse_attached
     from encfs.block.header import header_mac_key
     from encfs.block.volume import VolumeError, _Header, _read_verified, open_locked, read_volume_header
-    from encfs.keys.service import KeyService
 
     refuse_attached(path, read_volume_header(path)[0].volume_id.hex())
-    fd = open_locked(path)
+    fd = open_locked(path)  # the lock an attach takes: its daemon would write its own header over ours
     try:
-        ks = volume_key_source if isinstance(volume_key_source, KeyService) else None
-        rk = volume_key_source if isinstance(volume_key_source, bytes) else None
-        header, key, _warnings = _read_verified(fd, path, ks, None, rk)
+        header, key, warnings = _read_verified(fd, path, ks, None, opened_with)
+        for w in warnings:  # the header write below replaces the damaged copy
+            log.warning("%s: %s", path, w)
         if not header.authenticated:
             raise VolumeError(f"volume {path} predates the header MAC: attach it once (which upgrades it) first")
         new = with_record(header, key, recovery_key)

@@ -19,6 +19,11 @@ copy an interrupted run left with some of the snapshots taken is carried on from
 other is started again. The catalog (snapshots.json) then names the new volume id
 (rekeycli.py).
 
+A volume with a recovery key (recovery.py) is re-keyed only with its recovery key file: VOL is
+then opened with it (so a volume whose CMK is lost can be moved to a new one) and the copy's
+new volume key is wrapped under the same recovery key. Without the file it is refused: the
+record would go on opening only the old key.
+
 Invariants:
 - VOL's contents are not changed until the rename (it stays open and locked, so nothing
   attaches it meanwhile; opening it may upgrade its header and maps as any open does): a
@@ -45,6 +50,7 @@ from encfs.block.layout import SECTOR_SIZE
 from encfs.block.volume import OpenVolume, VolumeError, create_volume, open_volume
 from encfs.blocks import BlockAuthError
 from encfs.diskio import fsync_dir
+from encfs.errors import EncfsError
 from encfs.keys.service import KeyService
 from encfs.progress import progress
 
@@ -117,15 +123,36 @@ def copy_sectors(read: Callable[[int, int], bytes | bytearray | memoryview], run
     return copied
 
 
+def _same_recovery(vol: OpenVolume, recovery_key: bytes | None) -> bool:
+    """Whether an interrupted run's copy has the recovery record this run gives it."""
+    from encfs.block.recovery import open_record
+
+    if recovery_key is None or not vol.header.has_recovery_key:
+        return recovery_key is None and not vol.header.has_recovery_key
+    try:
+        open_record(vol.header, recovery_key, vol.path)
+        return True
+    except EncfsError:
+        return False
+
+
 def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_key: str | None = None,
-                 version: int | None = None) -> Rekeyed:
+                 version: int | None = None, recovery_key: bytes | None = None) -> Rekeyed:
     """Copy the volume at ``path`` (not attached) under a fresh data key wrapped by ``key``
     (default: its current CMK), in format ``version`` (default: its own), in place of the
-    original, snapshots and all (see the module docstring)."""
+    original, snapshots and all (see the module docstring). ``recovery_key``: VOL is opened with
+    it (its CMK is not needed) and the copy's new key is wrapped under it too; a volume with a
+    recovery key is refused without it (the record would open only the old key)."""
     from encfs.block.rekeysnap import refuse_damaged, replay, resumable
 
     start = time.monotonic()
-    old = open_volume(path, ks, seal_worker=True, expected_key=expected_key)
+    old = open_volume(path, ks if recovery_key is None else None, seal_worker=True, expected_key=expected_key,
+                      recovery_key=recovery_key)
+    if old.header.has_recovery_key and recovery_key is None:
+        old.close()
+        raise VolumeError(f"{path} has a recovery key, which can open only its current volume key: give "
+                          "--recovery-key FILE to wrap the new volume key under it too, or remove it first "
+                          f"(`encfs volume remove-recovery-key {path}`)")
     what = "rekey" if version is None else "upgrade"
     tmp = tmp_path(path, what)
     # The copy reads the image in order: let the kernel read ahead (stores open it for random I/O).
@@ -134,10 +161,13 @@ def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_ke
     try:
         dest = str(ks.describe_key(key)["KeyId"]) if key else old.header.key_id
         new = resumable(tmp, ks, dest, old.size, snapshots) if snapshots else None
+        if new is not None and not _same_recovery(new, recovery_key):
+            new.close()
+            new = None
         resumed = new is not None
         if new is None:
             tmp.unlink(missing_ok=True)  # an interrupted run's: VOL is locked, so no other run owns it
-            create_volume(tmp, old.size, ks, dest, version=version or old.header.version)
+            create_volume(tmp, old.size, ks, dest, version=version or old.header.version, recovery_key=recovery_key)
             new = open_volume(tmp, ks, seal_worker=True)
         header = new.header
         scale = 1 if old.header.copy_on_write else 2  # format 1 numbers two blocks per sector

@@ -16,6 +16,8 @@ Invariants:
 - Nothing is written when the blob is already under the destination CMK's newest version,
   or with ``dry_run``.
 - The re-wrapped copy is read back and unwrapped before the command reports success.
+- A volume's recovery record (recovery.py) wraps the volume key, which a re-wrap keeps: it
+  stays valid. With its recovery key file, a volume whose CMK is lost is moved to another.
 """
 
 from __future__ import annotations
@@ -71,12 +73,16 @@ def destination(ks: KeyService, blob: bytes, dest_key: str | None) -> tuple[str,
     return str(described["KeyId"]), int(described["CurrentKeyVersion"])
 
 
-def rewrap_volume(path: Path, ks: KeyService, dest_key: str | None, dry_run: bool = False) -> Rewrapped:
+def rewrap_volume(path: Path, ks: KeyService, dest_key: str | None, dry_run: bool = False,
+                  recovery_key: bytes | None = None) -> Rewrapped:
+    """``recovery_key``: the volume key is taken from the header's recovery record and wrapped
+    afresh (Encrypt) under the destination CMK, so that a volume whose CMK is lost (deleted,
+    another token) moves to a new one; the recovery record stays valid (same volume key)."""
     start = time.monotonic()
     refuse_attached(path, read_volume_header(path)[0].volume_id.hex())
     fd = open_locked(path, writable=not dry_run)
     try:
-        header, key, warnings = _read_verified(fd, path, ks, None)
+        header, key, warnings = _read_verified(fd, path, ks, None, recovery_key)
         old, new = _where(header.wrapped_key), destination(ks, header.wrapped_key, dest_key)
         # A damaged copy, or one a crash left under the old CMK, is rewritten even when the
         # newest copy needs nothing: running the command again finishes the job.
@@ -91,7 +97,9 @@ def rewrap_volume(path: Path, ks: KeyService, dest_key: str | None, dry_run: boo
             open_volume(path, ks).close()
             return rewrap_volume(path, ks, dest_key)
         wrapped = header.wrapped_key
-        if old != new:
+        if old != new and recovery_key is not None:  # the old CMK may be gone: wrap the key itself
+            wrapped = ks.encrypt(new[0], key, header.context(), encfs_internal=True)
+        elif old != new:
             wrapped = ks.re_encrypt(header.wrapped_key, header.context(), new[0], encfs_internal=True)
         _Header(fd, header, header_mac_key(key, header.volume_id)).update(wrapped_key=wrapped)
         written, _key, left = _read_verified(fd, path, ks, None)

@@ -169,9 +169,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
         finally:
             src.close()
     report(args, {"SnapshotId": sid, "Volume": str(Path(args.new_volume).absolute()), "SourceVolume": str(image.absolute()),
-                  "WrittenBytes": written, "Seconds": round(took, 3)},
-           f"{args.new_volume}: restored from {sid} ({_size(written)} in {took:.1f} s)")
+                  "WrittenBytes": written, "Seconds": round(took, 3), "RecoveryKey": False},
+           f"{args.new_volume}: restored from {sid} ({_size(written)} in {took:.1f} s)"
+           + _no_recovery(image, args.new_volume))
     return 0
+
+
+def _no_recovery(image: Path, new: object) -> str:
+    """A note if ``image`` has a recovery key: a new volume (restore, copy) has a fresh volume key,
+    which that recovery key does not open."""
+    from encfs.block.volume import read_volume_header
+
+    if not read_volume_header(image)[0].has_recovery_key:
+        return ""
+    return (f"; {image}'s recovery key does not open it (a fresh volume key): "
+            f"`encfs volume add-recovery-key {new}` gives it one")
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
@@ -197,8 +209,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
     snapshots.remember(home, target, snapshots.volume_id_of(target), made)
     report(args, {"SnapshotId": made[0], "Volume": str(target.absolute()), "SourceSnapshotId": sid,
                   "SourceVolume": str(image.absolute()), "KeyId": args.key, "WrittenBytes": written,
-                  "Seconds": round(took, 3)},
-           f"{made[0]} in {target}: a copy of {sid} under key {args.key} ({_size(written)} in {took:.1f} s)")
+                  "Seconds": round(took, 3), "RecoveryKey": False},
+           f"{made[0]} in {target}: a copy of {sid} under key {args.key} ({_size(written)} in {took:.1f} s)"
+           + _no_recovery(image, target))
     return 0
 
 
