@@ -19,7 +19,7 @@ EXIT_CODES = {
     70: "internal error: a bug; one line, and ENCFS_DEBUG=1 for a traceback (EX_SOFTWARE)",
     74: "I/O error on a file the message names (EX_IOERR)",
     75: "busy: mounted, attached, in use, or the mountpoint taken (EX_TEMPFAIL)",
-    77: "wrong PIN, token locked, or wrong passphrase (EX_NOPERM)",
+    77: "wrong PIN, token locked, or wrong passphrase or recovery key (EX_NOPERM)",
     78: "key state forbids it: disabled, pending deletion, wrong usage (EX_CONFIG)",
 }
 
