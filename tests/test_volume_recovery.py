@@ -49,6 +49,8 @@ def test_create_with_a_recovery_key_attaches_without_the_token(rig: Rig) -> None
     image = _create(rig, "vol.img", "--new-recovery-key", rk)
     assert os.stat(rk).st_mode & 0o777 == 0o600 and len(bytes.fromhex(rk.read_text().strip())) == 32
     assert rig.info(image)["RecoveryKey"] is True  # read without the token
+    checked = json.loads(rig.ok("volume", "info", image, "--recovery-key", rk, "--json", home=_no_token(rig)))
+    assert checked["HeaderVerified"] is True and checked["RecoveryKey"] is True
     # An existing file is never replaced, and nothing is created then.
     before = rk.read_bytes()
     assert "never replaces" in rig.fails("volume", "create", rig.tmp / "b.img", "--size", "8M", "--key", "fs",

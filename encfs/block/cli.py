@@ -139,9 +139,9 @@ def cmd_detach(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(path: Path, ks: Any = None, key: str | None = None) -> dict[str, Any]:
-    """Without ``ks`` the header is read without a key: nothing in it is authenticated."""
-    header, warnings = read_volume_header(path, ks, key)
+def _info(path: Path, ks: Any = None, key: str | None = None, recovery_key: bytes | None = None) -> dict[str, Any]:
+    """Without ``ks`` (or ``recovery_key``) the header is read without a key: nothing in it is authenticated."""
+    header, warnings = read_volume_header(path, ks, key, recovery_key)
     a = find_attachment(header.volume_id.hex())
     st = os.stat(path)
     seals = header.seals_reserved if header.authenticated else None
@@ -154,14 +154,20 @@ def _info(path: Path, ks: Any = None, key: str | None = None) -> dict[str, Any]:
     return {"image": str(path.absolute()), "volume_id": header.volume_id.hex(), "format": header.version,
             "size": header.size, "sector_size": header.sector_size, "key_id": header.key_id,
             "header_seq": header.seq, "maps_mirrored": header.maps_mirrored or header.copy_on_write,
-            "header_mac": header.authenticated, "header_verified": ks is not None,
+            "header_mac": header.authenticated, "header_verified": ks is not None or recovery_key is not None,
             "recovery_key": header.has_recovery_key, "seals_reserved": seals,
             "image_nominal_bytes": nominal, "image_allocated_bytes": st.st_blocks * 512,
             "attached": a.loop if a and a.daemon_alive() else None, "warnings": warnings}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    if args.key is None:
+    if args.recovery_key:  # checks the file opens the volume, as `cryptsetup open --test-passphrase`
+        from encfs.recoverykey import read_recovery_key
+
+        if args.key:
+            raise UsageError("--key names the CMK, which --recovery-key does not use: give one of them")
+        info = _info(Path(args.volume), recovery_key=read_recovery_key(args.recovery_key))
+    elif args.key is None:
         info = _info(Path(args.volume))
     else:
         with open_key_service(args) as ks:
@@ -363,6 +369,8 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--json", action="store_true")
     _expected_key(p, "; with it the header is read with the key and authenticated")
+    p.add_argument("--recovery-key", metavar="FILE",
+                   help="authenticate the header with VOL's recovery key file instead (no token): checks the file")
     p = cmd("rekey", cmd_rekey, "copy a detached volume, snapshots and all, under a fresh volume key (its "
                                  "nonce budget starts again), in place; needs free space for the copy")
     p.add_argument("volume", metavar="VOL")
