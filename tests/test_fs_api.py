@@ -265,5 +265,5 @@ def test_info_counts_entries_past_path_max(fs: EncryptedFS, capsys: pytest.Captu
     create(fs, LEAF, b"x", parent=deep_dir(fs))
     fs.close_all()
     assert cmd_info(argparse.Namespace(cipherdir=os.fsdecode(fs.root), json=True)) == 0
-    counts = json.loads(capsys.readouterr().out)["counts"]
-    assert (counts["files"], counts["directories"], counts["long_names"]) == (1, len(DEEP), 1)
+    counts = json.loads(capsys.readouterr().out)["Counts"]
+    assert (counts["Files"], counts["Directories"], counts["LongNames"]) == (1, len(DEEP), 1)
