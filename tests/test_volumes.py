@@ -448,12 +448,15 @@ def test_lifecycle_create_info_attach_ext4_detach_reattach(rig: Rig) -> None:
     assert not any(running(w) for w in workers), "the sealing worker outlived a detach"
 
     # The loop device gets encfs's read-ahead and largest request, not what its number was last given.
-    free = sh("losetup", "--find", timeout=30).stdout.strip()
-    queue = Path(f"/sys/block/{Path(free).name}/queue")
-    (queue / "read_ahead_kb").write_text("128\n")
-    (queue / "max_sectors_kb").write_text("512\n")
+    # Every unbound loop device gets other values first: the attach may take any of them (other
+    # processes on the machine attach loop devices too).
+    sh("losetup", "--find", timeout=30)  # at least one free device exists
+    for dev in Path("/sys/block").glob("loop*"):
+        if not (dev / "loop").exists():  # unbound ("loop/" holds a bound device's backing file)
+            (dev / "queue" / "read_ahead_kb").write_text("128\n")
+            (dev / "queue" / "max_sectors_kb").write_text("512\n")
     loop2 = rig.attach(image)
-    assert loop2 == free
+    queue = Path(f"/sys/block/{Path(loop2).name}/queue")
     assert int(sh("blockdev", "--getra", loop2).stdout) * 512 == LOOP_READ_AHEAD_KIB * 1024
     assert int((queue / "max_sectors_kb").read_text()) == LOOP_MAX_REQUEST_KIB == 1024
     rig.fsck_clean(loop2)
