@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config softhsm2 python3 python3-venv python3-dev gcc
-              e2fsprogs util-linux attr fio)
+              e2fsprogs util-linux attr fio logrotate)
 
 setup() {
     local missing=()

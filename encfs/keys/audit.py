@@ -6,14 +6,26 @@ with a single ``write(2)`` on an ``O_APPEND`` descriptor, so concurrent
 processes never interleave partial lines. A record that cannot be written is a
 StateError naming the log (KeyService.open opens it first, so an unwritable log
 refuses a command before it acts).
+
+Rotation (docs/FORMAT.md section 5): before each append the path is compared
+with the open descriptor (st_dev, st_ino, as logging.handlers.WatchedFileHandler
+does); once the log was renamed or removed the next record goes to a new
+``audit.log``, never to the rotated file. A record appended while the rename
+happens may land at the end of the rotated file (kept: rotation renames, it
+never truncates). Records do not chain, so each file reads on its own;
+``read_all`` reads the rotated files (``audit.log.N``, ``audit.log.N.gz``)
+oldest first, then ``audit.log``.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import json
+import logging
 import os
 import pwd
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,6 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from encfs.errors import StateError
+
+log = logging.getLogger(__name__)
+
+# logrotate's numbered names (contrib/logrotate/encfs): audit.log.1, audit.log.2.gz, ...
+_ROTATED = re.compile(r"\.(\d+)(\.gz)?")
 
 
 def iso_time(t: float) -> str:
@@ -46,6 +63,9 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def _descriptor(self) -> int:
+        if self._fd is not None and self._pid == os.getpid() and self._rotated(self._fd):
+            os.close(self._fd)
+            self._fd = None
         if self._fd is None or self._pid != os.getpid():
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -54,6 +74,17 @@ class AuditLog:
                 raise StateError(f"cannot write the audit log {self.path}: {e.strerror}") from None
             self._pid = os.getpid()
         return self._fd
+
+    def _rotated(self, fd: int) -> bool:
+        """Whether the path no longer names the open file (renamed or removed by a rotation)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # keep the open file: the path's trouble is reported when it is reopened
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino)
 
     def open(self) -> None:
         """Open the log now: a service that cannot audit refuses before it acts, not after."""
@@ -117,16 +148,59 @@ class AuditLog:
                                  f"({written} of {len(data)} bytes; is its disk full?)")
 
     def read(self) -> Iterator[dict[str, Any]]:
+        """The records of ``audit.log`` itself."""
+        return _read_file(self.path)
+
+    def rotated_files(self) -> list[Path]:
+        """The rotated logs beside ``audit.log``, oldest (highest number) first."""
+        found: list[tuple[int, Path]] = []
         try:
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield json.loads(line)
+            names = os.listdir(self.path.parent)
         except FileNotFoundError:
-            return
+            return []
+        except OSError as e:
+            raise StateError(f"cannot read the audit log directory {self.path.parent}: {e.strerror}") from None
+        for name in names:
+            m = _ROTATED.fullmatch(name[len(self.path.name):]) if name.startswith(self.path.name) else None
+            if m:
+                found.append((int(m.group(1)), self.path.parent / name))
+        return [p for _n, p in sorted(found, key=lambda f: (-f[0], f[1].name))]
+
+    def read_all(self) -> Iterator[dict[str, Any]]:
+        """Every record, the rotated files' first (oldest first), in the order they were written.
+
+        A rotation during the read may move a file between listing and opening it: its
+        records can then be missed or read twice (run it again)."""
+        for path in self.rotated_files():
+            yield from _read_file(path)
+        yield from self.read()
 
     def close(self) -> None:
         with self._lock:
             if self._fd is not None and self._pid == os.getpid():
                 os.close(self._fd)
             self._fd = None
+
+
+def _read_file(path: Path) -> Iterator[dict[str, Any]]:
+    """One log's records; a line that is not a record is reported (a warning naming the file and
+    line) and skipped, so the rest of the trail stays readable."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if isinstance(record, dict):
+                    yield record
+                else:
+                    log.warning("audit log %s: line %d is not a record (skipped)", path, number)
+    except FileNotFoundError:
+        return
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        log.warning("audit log %s cannot be read to its end: %s", path, getattr(e, "strerror", None) or e)
+

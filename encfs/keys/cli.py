@@ -421,7 +421,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     with open_key_service(args) as ks:
         key_id = ks.describe_key(args.key)["KeyId"] if args.key else None
-        records = [r for r in ks.audit.read() if key_id is None or key_id in
+        records = [r for r in ks.audit.read_all() if key_id is None or key_id in  # rotated files too
                    (r.get("key_id"), r.get("destination_key_id"))]
     if args.tail:
         records = records[-args.tail:]
