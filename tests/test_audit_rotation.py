@@ -3,7 +3,8 @@
 A long-lived key service in a subprocess (the way a mount or volume daemon holds one) keeps
 writing while the real ``logrotate`` rotates ``audit.log`` with contrib/logrotate/encfs: every
 record after a rotation lands in the new ``audit.log``, and ``encfs key audit`` reads the rotated
-files (``audit.log.1``, ``audit.log.2.gz``) and the current one in order.
+files (``audit.log.1``, ``audit.log.2.gz``) and the current one in order. ``encfs key audit --key``
+still shows the history of a key after it was deleted, by its id or its former alias.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import shutil
 import stat
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import init_home, run_encfs
@@ -33,6 +36,15 @@ with KeyService.open(Path(sys.argv[1])) as ks:
     for line in sys.stdin:
         ks.generate_data_key("alias/rot", {"n": line.strip()})
         print(line.strip(), flush=True)
+"""
+
+# Opens the key service eight days from now: a deletion scheduled for seven days is due and done.
+LATER = """
+import sys, time
+from pathlib import Path
+from encfs.keys.service import KeyService
+with KeyService.open(Path(sys.argv[1]), clock=lambda: time.time() + 8 * 86400) as ks:
+    ks.list_keys()
 """
 
 
@@ -116,3 +128,29 @@ def test_logrotate_while_a_key_service_writes(writer: tuple[Path, subprocess.Pop
     text = ok("key", "audit", home=home).decode()
     assert "n=1" in text and "n=8" in text
 
+
+def test_audit_of_a_deleted_key(tmp_path: Path) -> None:
+    home = init_home(tmp_path / "home")
+    key = json.loads(ok("key", "create", "--alias", "gone", "--json", home=home))["KeyId"]
+    ok("key", "create", "--alias", "stays", home=home)
+    ok("key", "encrypt", "gone", "--context", "app=x", home=home, input=b"secret")
+    ok("key", "encrypt", "stays", home=home, input=b"other")
+    ok("key", "schedule-deletion", "gone", "--days", "7", home=home)
+    later = subprocess.run([sys.executable, "-c", LATER, str(home)], check=False, capture_output=True,
+                           text=True, env=python_env(home), timeout=120)
+    assert later.returncode == 0, later.stderr
+    proc = run_encfs("key", "describe", key, home=home)
+    assert proc.returncode == 66 and b"was deleted" in proc.stderr
+
+    for ref in (key, "gone", "alias/gone"):
+        records: list[dict[str, Any]] = json.loads(ok("key", "audit", "--json", "--key", ref, home=home))["Records"]
+        assert [(r["Operation"], r["KeyId"]) for r in records] == [
+            ("CreateKey", key), ("Encrypt", key), ("ScheduleKeyDeletion", key), ("DeleteKey", key)], ref
+        assert records[0]["Alias"] == "alias/gone" and records[-1]["Trigger"] == "deletion window ended"
+    text = ok("key", "audit", "--key", "gone", home=home).decode()
+    assert "Encrypt" in text and "app=x" in text and "DeleteKey" in text
+
+    for ref in ("never-was", str(uuid.uuid4())):  # what the trail never named is still not found
+        proc = run_encfs("key", "audit", "--key", ref, home=home)
+        err = proc.stderr.decode()
+        assert proc.returncode == 66 and err.count("\n") == 1 and err.startswith("encfs: ") and ref in err, err

@@ -204,3 +204,15 @@ def _read_file(path: Path) -> Iterator[dict[str, Any]]:
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         log.warning("audit log %s cannot be read to its end: %s", path, getattr(e, "strerror", None) or e)
 
+
+def former_key_ids(records: Sequence[Mapping[str, Any]], ref: str) -> set[str]:
+    """The keys ``ref`` (a key id, or an alias) named in ``records``: how `encfs key audit --key`
+    finds the history of a deleted key, or of an alias since deleted or moved (the key ids it
+    named, each record carries its own)."""
+    from encfs.keys.metadata import is_key_id, normalize_alias
+
+    if is_key_id(ref):
+        wanted = ref.lower()
+        return {wanted} if any(wanted in (r.get("key_id"), r.get("destination_key_id")) for r in records) else set()
+    alias = normalize_alias(ref)
+    return {str(r["key_id"]) for r in records if r.get("alias") == alias and r.get("key_id")}

@@ -419,10 +419,26 @@ def cmd_import(args: argparse.Namespace) -> int:
 # -- audit ---------------------------------------------------------------------------------
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from encfs.errors import KeyNotFound
+    from encfs.keys.audit import former_key_ids
+
     with open_key_service(args) as ks:
-        key_id = ks.describe_key(args.key)["KeyId"] if args.key else None
-        records = [r for r in ks.audit.read_all() if key_id is None or key_id in  # rotated files too
-                   (r.get("key_id"), r.get("destination_key_id"))]
+        key_ids: set[str] = set()
+        gone: KeyNotFound | None = None
+        if args.key:
+            try:
+                key_ids = {ks.describe_key(args.key)["KeyId"]}
+            except KeyNotFound as e:
+                gone = e
+        records = list(ks.audit.read_all())  # the rotated files too, oldest first
+        if gone is not None:
+            # Deleted (or an alias since deleted): its history stays, as CloudTrail keeps a
+            # deleted key's events; what the trail never named is still not found.
+            key_ids = former_key_ids(records, args.key)
+            if not key_ids:
+                raise gone
+        if args.key:
+            records = [r for r in records if key_ids & {r.get("key_id"), r.get("destination_key_id")}]
     if args.tail:
         records = records[-args.tail:]
     if args.json:  # CloudTrail's shape: {"Records": [...]}, PascalCase (the log itself stays as FORMAT.md §5)

@@ -182,6 +182,9 @@ def _is_uuid(s: str) -> bool:
         return False
 
 
+is_key_id = _is_uuid  # a key id rather than an alias (the audit trail's lookup of deleted keys)
+
+
 def normalize_alias(name: str) -> str:
     """``name`` or ``alias/name`` -> ``alias/name``; UsageError if malformed."""
     alias = name if name.startswith(ALIAS_PREFIX) else ALIAS_PREFIX + name

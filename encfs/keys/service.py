@@ -431,6 +431,8 @@ class KeyService:
             if origin not in (ORIGIN_TOKEN, ORIGIN_EXTERNAL):
                 raise UsageError(f"origin must be {ORIGIN_TOKEN} or {ORIGIN_EXTERNAL}, not {origin!r}")
             alias_name = normalize_alias(alias) if alias else None
+            if alias_name:
+                info["alias"] = alias_name  # the trail finds a deleted key by its former alias too
             if alias_name in self._db().aliases:  # also makes sure the key store is not a lost one
                 raise UsageError(f"alias {alias_name} already exists")
             now = self.clock()
