@@ -636,6 +636,7 @@ def test_byok_import(shared_home: Path, tmp_path: Path) -> None:
 def _vendor_roundtrip(home: Path, v: dict[str, Any], *sel: str, env: dict[str, str] | None = None) -> None:
     env = {**v["env"], **(env or {})}
     objects_before = token_objects(v["tokendir"])
+    ok("hsm", "init", *sel, home=home, env=env)  # a module's key store (keys.json) is made here only
     key = create_key(home, "--alias", "vendor", *sel, env=env)
     assert len(token_objects(v["tokendir"])) == len(objects_before) + 1  # the CMK is on the vendor token
     assert not (home / "softhsm").exists()  # and the embedded token was never provisioned
@@ -696,8 +697,15 @@ def test_vendor_config_file_explicit(tmp_path: Path, vendor: dict[str, Any]) -> 
     fail("key", "list", "--config", str(bad), home=home, needles=("bad.toml",))
 
 
-def test_vendor_wrong_pin_changes_nothing(tmp_path: Path, vendor: dict[str, Any]) -> None:
+def vendor_home(tmp_path: Path, v: dict[str, Any]) -> Path:
+    """A home whose key store lives on the vendor token (`encfs hsm init` made its keys.json)."""
     home = tmp_path / "home"
+    assert "created" in ok("hsm", "init", *vendor_args(v), home=home, env=v["env"]).decode()
+    return home
+
+
+def test_vendor_wrong_pin_changes_nothing(tmp_path: Path, vendor: dict[str, Any]) -> None:
+    home = vendor_home(tmp_path, vendor)
     sel = vendor_args(vendor)
     key = create_key(home, "--alias", "v", *sel, env=vendor["env"])
     blob = ok("key", "encrypt", key, *sel, home=home, input=b"vendor secret", env=vendor["env"])
@@ -717,32 +725,43 @@ def test_vendor_wrong_pin_changes_nothing(tmp_path: Path, vendor: dict[str, Any]
 
 
 def test_vendor_missing_module(tmp_path: Path, vendor: dict[str, Any]) -> None:
-    home = tmp_path / "home"
+    """A module that is gone (README "Exit codes": a PKCS#11 module not found is 66)."""
+    home = vendor_home(tmp_path, vendor)
+    before = state(home, vendor["tokendir"])
     missing = str(tmp_path / "libvendor-pkcs11.so")
     fail("key", "create", "--pkcs11-module", missing, "--token", "encfs", "--pin-file", vendor["pin_file"],
-         home=home, env=vendor["env"], needles=("PKCS#11 module not found", missing))
+         home=home, env=vendor["env"], needles=("PKCS#11 module not found", missing), exit_code=66)
     fail("key", "create", "--pkcs11-uri", f"pkcs11:token=encfs?module-path={missing}",
-         "--pin-file", vendor["pin_file"], home=home, env=vendor["env"], needles=("PKCS#11 module not found",))
+         "--pin-file", vendor["pin_file"], home=home, env=vendor["env"], needles=("PKCS#11 module not found",),
+         exit_code=66)
     notlib = tmp_path / "notalib.so"
     notlib.write_bytes(b"this is not an ELF file")
     fail("key", "create", "--pkcs11-module", str(notlib), "--pin-file", vendor["pin_file"],
          home=home, env=vendor["env"], needles=("notalib.so",))
-    assert not (home / "keys.json").exists() and not (home / "softhsm").exists()
+    # `hsm init` makes nothing either when the module cannot be loaded.
+    fail("hsm", "init", "--pkcs11-module", missing, "--pin-file", vendor["pin_file"], home=tmp_path / "new",
+         env=vendor["env"], needles=(missing,), exit_code=66)
+    assert state(home, vendor["tokendir"]) == before and not (home / "softhsm").exists()
+    assert not (tmp_path / "new" / "keys.json").exists()
 
 
 def test_vendor_unknown_token_label(tmp_path: Path, vendor: dict[str, Any]) -> None:
-    home = tmp_path / "home"
-    before = token_objects(vendor["tokendir"])
+    """A label no token has (README "Exit codes": a token not found is 66)."""
+    home = vendor_home(tmp_path, vendor)
+    before = state(home, vendor["tokendir"])
     fail("key", "create", "--pkcs11-module", MODULE, "--token", "prod-hsm-7", "--pin-file", vendor["pin_file"],
-         home=home, env=vendor["env"], needles=("prod-hsm-7",))
+         home=home, env=vendor["env"], needles=("prod-hsm-7",), exit_code=66)
     fail("hsm", "status", "--pkcs11-uri", f"pkcs11:token=nope;serial=1?module-path={MODULE}",
-         "--pin-file", vendor["pin_file"], home=home, env=vendor["env"], needles=("nope",))
-    assert token_objects(vendor["tokendir"]) == before
-    assert not (home / "keys.json").exists()
+         "--pin-file", vendor["pin_file"], home=home, env=vendor["env"], needles=("nope",), exit_code=66)
+    fail("hsm", "init", "--pkcs11-module", MODULE, "--token", "prod-hsm-7", "--pin-file", vendor["pin_file"],
+         home=tmp_path / "new", env=vendor["env"], needles=("prod-hsm-7",), exit_code=66)
+    assert state(home, vendor["tokendir"]) == before
+    assert not (tmp_path / "new" / "keys.json").exists()
 
 
 def test_vendor_bad_uris(tmp_path: Path, vendor: dict[str, Any]) -> None:
-    home = tmp_path / "home"
+    home = vendor_home(tmp_path, vendor)
+    before = state(home, vendor["tokendir"])
     cases = {
         "token=encfs": "pkcs11:",
         f"pkcs11:token=encfs?module-path={MODULE}&color=blue": "color",
@@ -757,15 +776,16 @@ def test_vendor_bad_uris(tmp_path: Path, vendor: dict[str, Any]) -> None:
         fail("key", "create", "--pkcs11-uri", uri, home=home, env=vendor["env"], needles=(needle,))
     fail("key", "create", "--token", "encfs", "--pin-file", vendor["pin_file"], home=home, env=vendor["env"],
          needles=("--pkcs11-module",))
-    assert not (home / "keys.json").exists() and not (home / "softhsm").exists()
+    assert state(home, vendor["tokendir"]) == before and not (home / "softhsm").exists()
 
 
 def test_vendor_no_pin_source_without_tty(tmp_path: Path, vendor: dict[str, Any]) -> None:
-    home = tmp_path / "home"
+    home = vendor_home(tmp_path, vendor)
+    keys = (home / "keys.json").read_bytes()
     before = token_objects(vendor["tokendir"])
     fail("key", "create", "--pkcs11-module", MODULE, "--token", "encfs", home=home, env=vendor["env"],
          needles=("--pin-file", "'encfs'"))
     fail("key", "create", "--pkcs11-uri", f"pkcs11:token=encfs?module-path={MODULE}", home=home,
          env=vendor["env"], needles=("--pin-file",))
     assert token_objects(vendor["tokendir"]) == before
-    assert not (home / "keys.json").exists()
+    assert (home / "keys.json").read_bytes() == keys

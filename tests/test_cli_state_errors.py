@@ -177,10 +177,11 @@ def test_vendor_module_with_broken_softhsm2_conf(tmp_path: Path) -> None:
     """Not encfs's own token: the module's failure is named, with the config that caused it."""
     emb = EmbeddedSoftHSM(tmp_path / "vendor")
     emb.provision()
+    sel = ("--pkcs11-module", softhsm_module(), "--token", "encfs", "--pin-file", str(emb.user_pin))
+    ok_env = {"SOFTHSM2_CONF": str(emb.conf)}
+    assert run_encfs("hsm", "init", *sel, home=tmp_path / "home", env=ok_env).returncode == 0
     emb.conf.write_text(f"directories.tokendir = {tmp_path / 'gone'}\n")
-    proc = run_encfs("hsm", "status", "--pkcs11-module", softhsm_module(), "--token", "encfs",
-                     "--pin-file", str(emb.user_pin), home=tmp_path / "home",
-                     env={"SOFTHSM2_CONF": str(emb.conf)})
+    proc = run_encfs("hsm", "status", *sel, home=tmp_path / "home", env=ok_env)
     msg = one_line_error(proc, "cannot load PKCS#11 module", f"SOFTHSM2_CONF={emb.conf}")
     assert not msg.rstrip().endswith(":"), msg
 

@@ -847,7 +847,7 @@ def test_daemonized_mount_prompts_for_the_pin_before_forking(tmp_path: Path) -> 
     env = dict(os.environ, SOFTHSM2_CONF=str(emb.conf), ENCFS_HOME=str(tmp_path / "home"))
     flags = ["--pkcs11-module", "/usr/lib/softhsm/libsofthsm2.so", "--token", "encfs"]
     cmd = [sys.executable, "-m", "encfs"]
-    for args in (["key", "create", "--alias", "v"], ["init", str(tmp_path / "c"), "--key", "v"]):
+    for args in (["hsm", "init"], ["key", "create", "--alias", "v"], ["init", str(tmp_path / "c"), "--key", "v"]):
         r = subprocess.run(cmd + args + flags + ["--pin-file", str(emb.user_pin)], env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr

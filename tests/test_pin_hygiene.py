@@ -81,7 +81,7 @@ def vendor(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     v: dict[str, Any] = {"base": base, "pin": emb.user_pin.read_text().strip(), "pin_file": str(emb.user_pin),
                          "env": {"SOFTHSM2_CONF": str(emb.conf)}, "home": base / "home"}
     sel = ("--pkcs11-module", MODULE, "--token", "encfs", "--pin-file", v["pin_file"])
-    for args in (("key", "create", "--alias", "v", *sel), ("init", str(base / "cipher"), "--key", "v", *sel)):
+    for args in (("hsm", "init", *sel), ("key", "create", "--alias", "v", *sel), ("init", str(base / "cipher"), "--key", "v", *sel)):
         proc = run_encfs(*args, home=v["home"], env=v["env"])
         assert proc.returncode == 0, proc.stderr
     v["cipher"] = base / "cipher"

@@ -98,10 +98,16 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     created = embedded.provision() if embedded is not None else False
     with open_key_service(args, provision=True) as ks:
         status = ks.token_status()  # also proves the login works
+        # A PKCS#11 module's store is its metadata: made here only, once the login works, as a
+        # CloudHSM key store is created and connected before its first key.
+        made = ks.store.create() if embedded is None else False
     verb = "created" if created else "already initialised" if embedded else "reachable"
     out = {"Token": status["token"], "Model": status["model"], "Serial": status["serial"], "Created": created,
            "Embedded": embedded is not None}
     text = [f"token {status['token']!r} ({status['model']}, serial {status['serial']}) {verb}"]
+    if embedded is None:
+        text.append(f"key metadata {ks.store.path} {'created' if made else 'already there'}")
+        out.update(MetadataFile=str(ks.store.path), MetadataCreated=made)
     if embedded is not None:
         if args.protect_pin and not embedded.protected:
             embedded.protect(_new_passphrase(args.passphrase_file))

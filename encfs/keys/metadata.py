@@ -13,7 +13,9 @@ new file. Invariants:
 - a missing or damaged keys.json is never read as "no keys": the copy takes
   its place (with a warning, and keys.json is rewritten from it); with
   neither file, ``on_missing`` decides (KeyService refuses if the token holds
-  encfs keys, docs/FORMAT.md section 4).
+  encfs keys, docs/FORMAT.md section 4);
+- with a PKCS#11 module, these files are the key store: ``create`` (only
+  `encfs hsm init`) writes the first, empty one.
 """
 
 from __future__ import annotations
@@ -208,6 +210,19 @@ class KeyStore:
         self._on_missing = on_missing
         self._held = threading.local()
         self._cache: tuple[tuple[int, int, int], KeyDB] | None = None
+
+    def exists(self) -> bool:
+        """Whether keys.json or its copy is there (with a PKCS#11 module, the key store itself)."""
+        return self.path.exists() or self.backup.exists()
+
+    def create(self) -> bool:
+        """Start an empty store unless one exists (`encfs hsm init` with a PKCS#11 module);
+        ``on_missing`` checks first. Returns whether it was created."""
+        with self._locked():
+            if self.exists():
+                return False
+            self._save(self.load().to_json())
+            return True
 
     def _stat_key(self) -> tuple[int, int, int] | None:
         try:

@@ -27,6 +27,9 @@ Invariants:
 - Time-driven transitions (deletion after the waiting period, automatic
   rotation, expiry of imported material) run lazily: the first call that
   finds one due applies it under the metadata lock.
+- Only `encfs hsm init` (``provision``) starts a key store: the embedded token, or
+  with a PKCS#11 module the key metadata (keys.json); any other open of a home
+  without one is NoKeyStore and creates nothing there.
 """
 
 from __future__ import annotations
@@ -219,12 +222,15 @@ class KeyService:
              clock: Callable[[], float] = time.time, provision: bool = False) -> KeyService:
         """Open the key service of ``home``. With the embedded token, a home without one is
         NoKeyStore, and nothing is created there (not even the directory): a mistyped --home
-        must not start an empty key store in silence. ``provision`` (`encfs hsm init` only)
-        creates the token instead."""
+        must not start an empty key store in silence. With a PKCS#11 module the store is the
+        key metadata (keys.json or its copy), refused the same way when missing. ``provision``
+        (`encfs hsm init` only) allows creating either (the caller creates the metadata)."""
         home = home or default_home()
         spec, embedded = resolve_token(home, hsm or HsmOptions())
         if embedded is not None and not embedded.provisioned and not provision:
             raise NoKeyStore(home)
+        if embedded is None and not provision and not KeyStore(home).exists():
+            raise NoKeyStore(home)  # a PKCS#11 module: the store is keys.json, made by `encfs hsm init`
         prepare_state_dir(home)
         if embedded is not None:
             if not embedded.provisioned:
