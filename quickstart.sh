@@ -39,7 +39,10 @@ case "$cmd" in
     test)
         setup
         shift
-        exec .venv/bin/python -m pytest "$@"
+        # Two workers (pytest-xdist; ENCFS_TEST_WORKERS=0 runs in one process): most tests wait on
+        # mounts, daemons and the disk, so two run in about half the time on the 2-core VM
+        # (docs/dev/testing.md, "Running the suite").
+        exec .venv/bin/python -m pytest -n "${ENCFS_TEST_WORKERS:-2}" --dist worksteal "$@"
         ;;
     lint)
         setup
