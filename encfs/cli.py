@@ -15,14 +15,13 @@ import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from encfs import __version__, fsckcli, statuscli
+from encfs import __version__, fsckcli, recoverycli, statuscli
 from encfs import rekeycli as rekey_cli
 from encfs.block import cli as block_cli
 from encfs.block import snapcli as snap_cli
 from encfs.cliargs import add_hsm_options, home_of, hsm_options
 from encfs.errors import EXIT_CODES, EncfsError
 from encfs.fuse import cli as fuse_cli
-from encfs.fuse import recovery as recovery_cli
 from encfs.keys import cli as keys_cli
 from encfs.output import add_json_flag
 
@@ -55,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keys_cli.register(sub, add_hsm_options)
     fuse_cli.register(sub, add_hsm_options)
-    recovery_cli.register(sub, add_hsm_options)
+    recoverycli.register(sub, add_hsm_options)
     block_cli.register(sub, add_hsm_options)
     snap_cli.register(sub, add_hsm_options)
     rekey_cli.register(sub, add_hsm_options)

@@ -178,13 +178,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         cli.json("fsck", cipher)
         cli.json("rekey", cipher, "--key", "b")
         assert cli.json("recovery-key", "add", cipher, "--new-recovery-key", tmp / "fs.rk")["RecoveryKey"] is True
-        assert cli.json("recovery-key", "remove", cipher)["Removed"] is True
+        assert cli.json("recovery-key", "remove", cipher)["Changed"] is True
 
         vol = tmp / "vol.img"
         cli.json("volume", "create", vol, "--size", "4M", "--key", "a")
         cli.json("volume", "info", vol)
-        assert cli.json("volume", "add-recovery-key", vol, "--new-recovery-key", tmp / "vol.rk")["RecoveryKey"] is True
-        assert cli.json("volume", "remove-recovery-key", vol)["Changed"] is True
+        assert cli.json("recovery-key", "add", vol, "--new-recovery-key", tmp / "vol.rk")["RecoveryKey"] is True
+        assert cli.json("recovery-key", "remove", vol)["Changed"] is True
         cli.json("volume", "resize", vol, "--size", "8M")
         sid = cli.json("snapshot", "create", vol)["SnapshotId"]
         cli.json("snapshot", "list", vol)

@@ -143,3 +143,17 @@ def test_add_converts_every_file_and_remove_drops_it(tmp_path: Path, fs_home: Pa
     with Mount(cipherdir, plain, fs_home):  # the HSM still opens everything
         check(plain)
         check(plain, "after")
+
+
+def test_recovery_key_names_a_cipherdir_or_an_image_and_nothing_else(tmp_path: Path, fs_home: Path) -> None:
+    """`encfs recovery-key` takes a CIPHERDIR or a volume image: anything else, and removing a
+    filesystem's key by the key itself (a volume's only), are one line each."""
+    missing = run_encfs("recovery-key", "add", str(tmp_path / "nothing"), "--new-recovery-key",
+                        str(tmp_path / "rk"), home=fs_home)
+    assert missing.returncode == 1 and missing.stderr.decode().strip() == \
+        f"encfs: {tmp_path / 'nothing'}: no such CIPHERDIR or volume image", missing.stderr
+    assert not (tmp_path / "rk").exists()
+    cipherdir = tmp_path / "c"
+    ok("init", str(cipherdir), "--key", "fs", home=fs_home)
+    by_key = run_encfs("recovery-key", "remove", str(cipherdir), "--recovery-key", str(tmp_path / "rk"), home=fs_home)
+    assert by_key.returncode == 2 and by_key.stderr.count(b"\n") == 1 and b"with the HSM" in by_key.stderr, by_key.stderr

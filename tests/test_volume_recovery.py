@@ -1,8 +1,8 @@
 """Volume recovery keys (issue #23) through the real CLI: a second wrapping of the volume key, in the
 header's recovery record, that attaches the volume without the HSM (real token, loop devices, FUSE).
 
-The ways in: `volume create --new-recovery-key|--recovery-key`, `volume add-recovery-key`,
-`volume remove-recovery-key`, `volume attach --recovery-key` (no token: a home without one),
+The ways in: `volume create --new-recovery-key|--recovery-key`, `recovery-key add`,
+`recovery-key remove`, `volume attach --recovery-key` (no token: a home without one),
 `encfs rekey VOL --key NEW --recovery-key FILE` (off a lost CMK), `volume rekey` (full: refused
 without the file, re-wrapped with it), `snapshot restore` (the new volume has none). Few CLI calls
 and 8 MiB sparse volumes: the three tests take about 15 s.
@@ -105,9 +105,9 @@ def test_add_remove_and_restore(rig: Rig) -> None:  # noqa: F811
     image = _create(rig, "vol.img")
     rk = rig.tmp / "vol.rk"
     assert rig.info(image)["RecoveryKey"] is False
-    rig.ok("volume", "add-recovery-key", image, "--new-recovery-key", rk)
+    rig.ok("recovery-key", "add", image, "--new-recovery-key", rk)
     assert rig.info(image)["RecoveryKey"] is True
-    assert "already has a recovery key" in rig.fails("volume", "add-recovery-key", image, "--recovery-key", rk)
+    assert "already has a recovery key" in rig.fails("recovery-key", "add", image, "--recovery-key", rk)
     with_key = _records(image)
 
     # The record is under the header MAC: stripping it (flag and record, checksum recomputed) is
@@ -126,16 +126,16 @@ def test_add_remove_and_restore(rig: Rig) -> None:  # noqa: F811
     sid = json.loads(rig.ok("snapshot", "create", image, "--json"))["SnapshotId"]
     new = rig.tmp / "restored.img"
     out = rig.ok("snapshot", "restore", f"{image}@{sid}", new)
-    assert "recovery key does not open it" in out and "add-recovery-key" in out
+    assert "recovery key does not open it" in out and "recovery-key add" in out
     assert rig.info(new)["RecoveryKey"] is False
 
-    rig.ok("volume", "remove-recovery-key", image)
+    rig.ok("recovery-key", "remove", image)
     assert rig.info(image)["RecoveryKey"] is False
     line = rig.fails("volume", "attach", image, "--recovery-key", rk, home=_no_token(rig))
     assert line == f"encfs: volume {image.absolute()} has no recovery key"
     # An existing key file can be given again; and removal with the recovery key alone (no token).
-    rig.ok("volume", "add-recovery-key", image, "--recovery-key", rk)
-    rig.ok("volume", "remove-recovery-key", image, "--recovery-key", rk, home=_no_token(rig))
+    rig.ok("recovery-key", "add", image, "--recovery-key", rk)
+    rig.ok("recovery-key", "remove", image, "--recovery-key", rk, home=_no_token(rig))
     assert rig.info(image)["RecoveryKey"] is False
     # Removing it does not revoke a copy of the image taken before (documented): it still verifies.
     _write_records(image, with_key)

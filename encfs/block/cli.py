@@ -1,4 +1,5 @@
-"""``encfs volume create|attach|detach|list|info|rekey|upgrade|resize|add-recovery-key|remove-recovery-key``.
+"""``encfs volume create|attach|detach|list|info|rekey|upgrade|resize`` (a volume's recovery key:
+encfs.recoverycli).
 
 Recovery keys (recovery.py) follow ``encfs hsm backup``: ``--new-recovery-key FILE`` makes a new
 key in a new file (never replacing one), ``--recovery-key FILE`` reads an existing one.
@@ -35,6 +36,7 @@ from encfs.block.volume import (
 from encfs.cliargs import home_of, hsm_options, open_key_service, state_dir
 from encfs.errors import UsageError
 from encfs.output import print_json, print_record, report, wants_json
+from encfs.recoverycli import add_key_options as add_recovery_key_options
 
 
 def _ks(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -251,7 +253,7 @@ def cmd_add_recovery_key(args: argparse.Namespace) -> int:
     header, _w = read_volume_header(path)
     if header.has_recovery_key:
         raise UsageError(f"{path} already has a recovery key: remove it first "
-                         f"(`encfs volume remove-recovery-key {path}`)")
+                         f"(`encfs recovery-key remove {path}`)")
     if not header.copy_on_write:
         raise UsageError(f"{path} has format 1, which cannot have a recovery key: `encfs volume upgrade {path}` "
                          "first")
@@ -312,14 +314,6 @@ def _copied(path: Path, done: Any) -> dict[str, Any]:
             "CopiedBytes": done.sectors * 4096, "Snapshots": list(done.snapshots), "Seconds": round(done.seconds, 3)}
 
 
-def _recovery_options(p: argparse.ArgumentParser, required: bool = False) -> None:
-    g = p.add_mutually_exclusive_group(required=required)
-    g.add_argument("--new-recovery-key", metavar="FILE",
-                   help="also wrap the volume key under a new recovery key, written to FILE (which must not "
-                        "exist): it opens the volume without the HSM")
-    g.add_argument("--recovery-key", metavar="FILE", help="as --new-recovery-key, with the existing key in FILE")
-
-
 def _expected_key(p: argparse.ArgumentParser, more: str = "") -> None:
     p.add_argument("--key", metavar="KEY", help="refuse unless the volume key is wrapped by this CMK (id or alias)"
                    + more)
@@ -344,7 +338,7 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
                    help="2 (default): copy-on-write, with snapshots; 1: the older format, for encfs before 0.2")
     p.add_argument("--sparse", action="store_true",
                    help="create it even if the disk cannot hold it once full (writes then fail with ENOSPC)")
-    _recovery_options(p)
+    add_recovery_key_options(p, required=False)
     p = cmd("attach", cmd_attach, "attach VOL as a plaintext loop device; prints /dev/loopN")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: none)")
@@ -384,14 +378,6 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
                                      "by a copy under a fresh volume key; needs free space for the copy")
     p.add_argument("volume", metavar="VOL")
     _expected_key(p)
-    p = cmd("add-recovery-key", cmd_add_recovery_key, "wrap a detached VOL's volume key under a recovery key "
-                                                      "too (needs the HSM): it then opens VOL without the HSM")
-    p.add_argument("volume", metavar="VOL")
-    _recovery_options(p, required=True)
-    p = cmd("remove-recovery-key", cmd_remove_recovery_key, "remove a detached VOL's recovery key (older copies "
-                                                            "of the image keep theirs)")
-    p.add_argument("volume", metavar="VOL")
-    p.add_argument("--recovery-key", metavar="FILE", help="open VOL with its recovery key instead of the HSM")
     p = cmd("resize", cmd_resize, "grow a volume to SIZE (attached or detached)")
     p.add_argument("volume", metavar="VOL")
     p.add_argument("--size", required=True, help="the new size (10G, 10GiB, 10GB) or +SIZE to add (+2G)")

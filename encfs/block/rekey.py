@@ -152,7 +152,7 @@ def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_ke
         old.close()
         raise VolumeError(f"{path} has a recovery key, which can open only its current volume key: give "
                           "--recovery-key FILE to wrap the new volume key under it too, or remove it first "
-                          f"(`encfs volume remove-recovery-key {path}`)")
+                          f"(`encfs recovery-key remove {path}`)")
     what = "rekey" if version is None else "upgrade"
     tmp = tmp_path(path, what)
     # The copy reads the image in order: let the kernel read ahead (stores open it for random I/O).

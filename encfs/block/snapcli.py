@@ -183,7 +183,7 @@ def _no_recovery(image: Path, new: object) -> str:
     if not read_volume_header(image)[0].has_recovery_key:
         return ""
     return (f"; {image}'s recovery key does not open it (a fresh volume key): "
-            f"`encfs volume add-recovery-key {new}` gives it one")
+            f"`encfs recovery-key add {new}` gives it one")
 
 
 def cmd_copy(args: argparse.Namespace) -> int:

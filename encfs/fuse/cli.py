@@ -177,7 +177,7 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--block-size", type=int, choices=sorted(BLOCK_FEATURES.values()), default=DEFAULT_BLOCK_SIZE,
                    metavar="BYTES", help=f"plaintext bytes per AES-GCM content block (default {DEFAULT_BLOCK_SIZE}: "
                    "faster sequential reads; 4096: faster small random reads)")
-    from encfs.fuse.recovery import add_key_options
+    from encfs.recoverycli import add_key_options
 
     add_key_options(p, required=False)
     p.set_defaults(func=cmd_init)

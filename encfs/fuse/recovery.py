@@ -25,7 +25,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from encfs.errors import UsageError, WrongPassphrase
 from encfs.fuse.fsconfig import (
@@ -45,7 +44,7 @@ from encfs.fuse.fsconfig import (
 from encfs.fuse.mountlock import REKEY_MODE, MountLock
 from encfs.fuse.recoverykeys import WrongKey, open_keys, seal_keys
 from encfs.keys.service import KeyService
-from encfs.output import JSON_HELP, report
+from encfs.output import report
 from encfs.recoverykey import new_recovery_key, read_recovery_key
 
 
@@ -176,7 +175,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     with open_key_service(args) as ks:
         done = add_recovery_key(cipherdir, ks, key_file, create=bool(args.new_recovery_key))
     record = {"CipherDir": str(cipherdir.absolute()), "FileSystemId": done.fs_id, "RecoveryKey": True,
-              "AlreadySet": done.already, "Resumed": done.resumed, "Files": done.files, "CopiedBytes": done.resealed}
+              "Changed": not done.already, "AlreadySet": done.already, "Resumed": done.resumed, "Files": done.files, "CopiedBytes": done.resealed}
     if done.already:
         text = f"{cipherdir}: this recovery key is set already: nothing to do"
     else:
@@ -194,33 +193,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
     cipherdir = Path(args.cipherdir)
     with open_key_service(args) as ks:
         removed = remove_recovery_key(cipherdir, ks)
-    report(args, {"CipherDir": str(cipherdir.absolute()), "Removed": removed},
+    report(args, {"CipherDir": str(cipherdir.absolute()), "RecoveryKey": False, "Changed": removed},
            f"{cipherdir}: recovery key removed (copies of the config from before, and backups, still open "
            f"with it; `encfs rekey --full` gives every file a key it does not derive)" if removed
            else f"{cipherdir}: has no recovery key: nothing to do")
     return 0
-
-
-def add_key_options(p: argparse.ArgumentParser, required: bool) -> None:
-    g = p.add_mutually_exclusive_group(required=required)
-    g.add_argument("--new-recovery-key", metavar="FILE",
-                   help="create a random recovery key in FILE (mode 0600; never replaces a file; keep it apart)")
-    g.add_argument("--recovery-key", metavar="FILE", help="use the recovery key in FILE (64 hex digits)")
-
-
-def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None]) -> None:
-    p = sub.add_parser("recovery-key", help="add or remove a filesystem's recovery key (opens it without the HSM)",
-                       description="a recovery key opens a filesystem without the HSM, like a LUKS recovery "
-                       "keyslot: anyone with its file and the CIPHERDIR reads every file")
-    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    a = actions.add_parser("add", help="set a recovery key, then re-key every file so that it opens every file")
-    a.add_argument("cipherdir", metavar="CIPHERDIR")
-    add_key_options(a, required=True)
-    a.add_argument("--json", action="store_true", help=JSON_HELP)
-    add_hsm_options(a)
-    a.set_defaults(func=cmd_add)
-    r = actions.add_parser("remove", help="drop the recovery key from the config")
-    r.add_argument("cipherdir", metavar="CIPHERDIR")
-    r.add_argument("--json", action="store_true", help=JSON_HELP)
-    add_hsm_options(r)
-    r.set_defaults(func=cmd_remove)
