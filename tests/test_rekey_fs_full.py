@@ -38,6 +38,9 @@ def file_ids(files: dict[str, bytes]) -> dict[str, bytes]:
 def test_full_gives_every_file_a_fresh_key_and_the_old_cmk_can_go(tmp_path: Path, home: Path) -> None:
     cipher, plain, tree, xattrs = make(tmp_path, home, files=30)
     before = regular(backing(cipher))
+    for i, name in enumerate(before):  # mtimes a re-key must keep (not "now")
+        os.utime(cipher / name, ns=(1_700_000_000_000_000_000 + i, 1_700_000_000_000_000_000 - 86_400 * 10**9 + i))
+    times = {name: (cipher / name).stat().st_mtime_ns for name in before}
     dry = json.loads(ok(home, "rekey", cipher, "--full", "--key", "b", "--dry-run", "--json"))
     assert dry["Full"] and dry["DryRun"] and regular(backing(cipher)) == before
     out = json.loads(ok(home, "rekey", cipher, "--full", "--key", "b", "--json"))
@@ -45,6 +48,9 @@ def test_full_gives_every_file_a_fresh_key_and_the_old_cmk_can_go(tmp_path: Path
     assert out["Files"] == dry["Files"] == len({(cipher / k).stat().st_ino for k in before})
     after = regular(backing(cipher))
     assert after.keys() == before.keys()
+    # The plaintext's mtime is the backing file's, and a re-key changes no content (the atime is an
+    # access time: reading a file to re-seal it may move it, as any reader does under relatime).
+    assert {name: (cipher / name).stat().st_mtime_ns for name in before} == times
     old_ids, new_ids = file_ids(before), file_ids(after)
     for name, data in before.items():
         assert new_ids[name] != old_ids[name]  # a fresh file id and data key

@@ -113,4 +113,7 @@ def _one(bd: BackingDirs, opened: OpenFiles, path: bytes, done: set[bytes]) -> i
     opened.release(fh)
     if st.st_ino in opened.contents:  # its checkpoint failed: the content stayed pinned
         raise OSError(5, "cannot checkpoint it after the re-key", os.fsdecode(path))
+    # The plaintext's times are the backing file's: a re-key changes no content, so it keeps them
+    # (as `cp -p`; backup tools and make read them). A kill before this line leaves the re-key's time.
+    bd.utime(path, (st.st_atime_ns, st.st_mtime_ns))
     return st.st_size

@@ -453,7 +453,11 @@ def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple
                 for rel, new in batch:
                     fd = open_under(root, os.path.join(root, rel), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                     try:
+                        st = os.fstat(fd)
                         pwrite_all(fd, new, 0)
+                        # The plaintext's times are the backing file's, and a re-wrap changes no
+                        # content: they stay (a kill before this leaves the re-wrap's time).
+                        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
                     finally:
                         os.close(fd)
                 syncfs(root)  # this batch is durable: the next redo log may replace its own
