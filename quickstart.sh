@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config softhsm2 python3 python3-venv python3-dev gcc
-              e2fsprogs util-linux attr fio logrotate)
+              e2fsprogs util-linux attr fio logrotate
+              zsh mandoc groff-base man-db)  # the last four: tests of `encfs completion` and `encfs man`
 
 setup() {
     local missing=()

@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from encfs import __version__, fsckcli, recoverycli, statuscli
+from encfs import __version__, fsckcli, helpcli, recoverycli, statuscli
 from encfs import rekeycli as rekey_cli
 from encfs.block import cli as block_cli
 from encfs.block import snapcli as snap_cli
@@ -45,7 +45,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code:3}  {meaning}" for code, meaning in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
-        prog="encfs", description=__doc__.splitlines()[0] if __doc__ else None,
+        prog="encfs", description=helpcli.MAN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="The token options (--home, --config, --pkcs11-module, --token, --pkcs11-uri, --pin-file,\n"
                "--pin-env, --passphrase-file) and --json may come before the command as well as after it.\n\n"
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     rekey_cli.register(sub, add_hsm_options)
     fsckcli.register(sub, add_hsm_options)
     statuscli.register(sub, add_hsm_options)
+    helpcli.register(sub, add_hsm_options)
     bench = sub.add_parser("bench", add_help=False, prefix_chars="\0",
                            help="benchmark encfs against the native directory, a null cipher and peers "
                                 "(`encfs bench --help`)")

@@ -1,0 +1,105 @@
+"""Operations tooling of the `encfs` CLI (issue #23): shell completion and the man page generated
+from the parser, an internal error's log, and `install-mount-helper` next to files it did not write.
+
+Every test drives the real CLI in a subprocess; the shells, groff and mandoc are the real ones
+(quickstart.sh installs zsh and mandoc).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from conftest import run_encfs
+
+
+def ok(*args: str, home: Path, env: dict[str, str] | None = None) -> str:
+    proc = run_encfs(*args, home=home, env=env)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return proc.stdout.decode()
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is not installed: bash quickstart.sh installs it"
+    return path
+
+
+# -- completion -------------------------------------------------------------------------------
+
+def _bash_complete(script: Path, *words: str) -> list[str]:
+    """What bash's completion function offers for the command line ``words`` (the last one is
+    being completed), exactly as readline would call it."""
+    line = " ".join(words)
+    program = (f'source {script}\n'
+               f'COMP_WORDS=({" ".join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}\n'
+               f'COMP_LINE={line!r}; COMP_POINT={len(line)}\n'
+               f'_shtab_encfs encfs {words[-1]!r} {words[-2]!r}\n'
+               'printf "%s\\n" "${COMPREPLY[@]}"\n')
+    proc = subprocess.run([tool("bash"), "--norc", "--noprofile", "-c", program], capture_output=True,
+                          text=True, timeout=30, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_bash_completion_names_commands_and_nested_options(tmp_path: Path) -> None:
+    script = tmp_path / "encfs.bash"
+    script.write_text(ok("completion", "bash", home=tmp_path / "home"))
+    proc = subprocess.run([tool("bash"), "--norc", "--noprofile", "-c", f"source {script}; complete -p encfs"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(" encfs"), (proc.stdout, proc.stderr)
+    assert "-F _shtab_encfs" in proc.stdout
+
+    assert {"key", "volume", "mount", "completion", "man"} <= set(_bash_complete(script, "encfs", ""))
+    assert _bash_complete(script, "encfs", "vol") == ["volume"]
+    assert _bash_complete(script, "encfs", "key", "create", "--al") == ["--alias"]
+    assert {"--read-only", "--name", "--log-file"} <= set(_bash_complete(script, "encfs", "volume", "attach", "--"))
+    assert _bash_complete(script, "encfs", "key", "create", "--origin", "") == ["token", "external"]
+    # a CIPHERDIR completes as a directory
+    (tmp_path / "cipher-dir").mkdir()
+    (tmp_path / "cipher-file").write_text("")
+    assert _bash_complete(script, "encfs", "mount", f"{tmp_path}/cipher-") == [f"{tmp_path}/cipher-dir"]
+
+
+def test_zsh_completion_is_valid_zsh_with_nested_options(tmp_path: Path) -> None:
+    text = ok("completion", "zsh", home=tmp_path / "home")
+    assert text.startswith("#compdef encfs")
+    script = tmp_path / "_encfs"
+    script.write_text(text)
+    proc = subprocess.run([tool("zsh"), "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "_shtab_encfs_key_create" in text and "--alias" in text
+    assert "_shtab_encfs_volume_attach" in text and "--read-only" in text
+    # `eval "$(encfs completion zsh)"` (README) registers it with zsh's completion system
+    proc = subprocess.run([tool("zsh"), "-f", "-c", f'autoload -Uz compinit && compinit -u -D && eval "$(<{script})" '
+                           "&& print -r -- ${_comps[encfs]}"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip() == "_shtab_encfs", (proc.stdout, proc.stderr)
+
+
+# -- man page ---------------------------------------------------------------------------------
+
+def test_man_page_is_clean_roff_naming_nested_commands(tmp_path: Path) -> None:
+    page = tmp_path / "encfs.1"
+    page.write_text(ok("man", home=tmp_path / "home", env={"SOURCE_DATE_EPOCH": "1764892800"}))
+    text = page.read_text()
+    assert text.startswith('.TH ENCFS "1" "December 5, 2025" "encfs ')
+    for needle in ("encfs key create", "\\-\\-alias", "encfs volume attach", "\\-\\-read\\-only",
+                   "encfs install\\-mount\\-helper", "ENCFS_HOME"):
+        assert needle in text, needle
+    groff = subprocess.run([tool("groff"), "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True,
+                           text=True, timeout=60, env=dict(os.environ, LC_ALL="C.UTF-8"))
+    assert groff.returncode == 0 and groff.stderr == "", groff.stderr
+    lint = subprocess.run([tool("mandoc"), "-T", "lint", "-W", "warning", str(page)], capture_output=True,
+                          text=True, timeout=60)
+    assert lint.returncode == 0 and lint.stdout + lint.stderr == "", lint.stdout + lint.stderr
+    rendered = subprocess.run([tool("man"), "-l", str(page)], capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, MANPAGER="cat", PAGER="cat", MANWIDTH="100"))
+    assert rendered.returncode == 0 and "encfs volume attach" in rendered.stdout, rendered.stderr
+
+
+def test_bad_source_date_epoch_is_one_line(tmp_path: Path) -> None:
+    proc = run_encfs("man", home=tmp_path / "home", env={"SOURCE_DATE_EPOCH": "soon"})
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.count("\n") == 1 and err.startswith("encfs: SOURCE_DATE_EPOCH="), err
