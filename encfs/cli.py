@@ -1,7 +1,12 @@
 """The ``encfs`` command: argument parsing and error reporting.
 
-Invariant: a failure prints exactly one line, ``encfs: <cause>``, on stderr
-and exits non-zero; tracebacks appear only with ENCFS_DEBUG=1.
+Invariants:
+- A failure prints exactly one line, ``encfs: <cause>``, on stderr and exits non-zero;
+  tracebacks appear on stderr only with ENCFS_DEBUG=1.
+- An internal error (a bug: exit 70) appends its traceback to ``<state dir>/log/encfs-cli.log``
+  (directory 0700, file 0600, the daemons' rule: encfs.daemonlog) and its one line ends
+  ``(details: <path>)``, or says why the log could not be written. The log gets the command's
+  name, never its arguments, and Python tracebacks show no local variables: no PIN reaches it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from encfs.cliargs import add_hsm_options, home_of, hsm_options
 from encfs.errors import EXIT_CODES, EncfsError
 from encfs.fuse import cli as fuse_cli
 from encfs.keys import cli as keys_cli
+from encfs.keys.config import default_home
 from encfs.output import add_json_flag
 
 
@@ -145,10 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "prepare", None) is not None:
             args.prepare(args)
         if own_process and hasattr(args, "pkcs11_uri"):
-            from encfs.keys.config import default_home
             from encfs.keys.pin_handoff import scrub
 
             args.handed_pin = scrub(home_of(args) or default_home(), hsm_options(args), sys.argv[1:]).pin
+        if os.environ.get(TEST_INTERNAL_ERROR):
+            raise RuntimeError(os.environ[TEST_INTERNAL_ERROR])
         return int(args.func(args) or 0)
     except EncfsError as e:
         print(f"encfs: {e.message}", file=sys.stderr)
@@ -158,19 +165,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except OSError as e:
         if e.filename is None or os.environ.get("ENCFS_DEBUG"):
-            return _internal_error(e)
+            return _internal_error(e, args)
         # A file encfs could not use and no code path named: still the file and the cause.
         print(f"encfs: {os.fsdecode(e.filename)}: {e.strerror or e}", file=sys.stderr)
         return 74  # EX_IOERR
     except Exception as e:  # noqa: BLE001 - a bug still gets one line, never a traceback
-        return _internal_error(e)
+        return _internal_error(e, args)
 
 
-def _internal_error(e: Exception) -> int:
-    """A bug: still one line unless asked for more."""
+# Test-only: set to a message, any command fails with an internal error (RuntimeError) just before
+# it runs (after its arguments and PIN handoff), so tests reach _internal_error through the real CLI.
+TEST_INTERNAL_ERROR = "ENCFS_TEST_INTERNAL_ERROR"
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """``key create``: the (sub)command words, never an argument (which may name a secret file)."""
+    return " ".join([str(args.command)] + [str(v) for k, v in vars(args).items()  # dest="key_command", ...
+                                           if k.endswith("_command") and isinstance(v, str)])
+
+
+def _log_internal_error(e: Exception, args: argparse.Namespace) -> str:
+    """Append the traceback to the CLI's log; the path, or why it could not be written."""
+    from datetime import datetime
+
+    from encfs.cliargs import state_dir
+    from encfs.daemonlog import default_log_file
+
+    try:
+        path = default_log_file(state_dir(args) if hasattr(args, "home") else default_home(), "cli")
+    except Exception as le:  # noqa: BLE001 - the state dir itself is part of what may be broken
+        return f"not logged: no state directory: {type(le).__name__}: {le}"
+    entry = (f"{datetime.now().astimezone():%Y-%m-%d %H:%M:%S%z} encfs-cli[{os.getpid()}] internal error in "
+             f"`encfs {_command_name(args)}` (encfs {__version__}):\n{traceback.format_exc()}\n")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, entry.encode("utf-8", "backslashreplace"))
+        finally:
+            os.close(fd)
+    except OSError as le:
+        return f"not logged: {os.fsdecode(le.filename) if le.filename else path}: {le.strerror or le}"
+    return f"details: {path}"
+
+
+def _internal_error(e: Exception, args: argparse.Namespace) -> int:
+    """A bug: one line that points to its traceback in the log (see the Invariants)."""
     if os.environ.get("ENCFS_DEBUG"):
         traceback.print_exc()
-    print(f"encfs: internal error: {type(e).__name__}: {e} (set ENCFS_DEBUG=1 for a traceback)", file=sys.stderr)
+    where = _log_internal_error(e, args)
+    message = " ".join(f"{type(e).__name__}: {e}".split())
+    print(f"encfs: internal error: {message} ({where})", file=sys.stderr)
     return 70
 
 

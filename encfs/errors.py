@@ -16,7 +16,7 @@ EXIT_CODES = {
     65: "integrity failure: tampered or damaged data, blob or archive (EX_DATAERR)",
     66: "not found: key, alias, key store, token or PKCS#11 module (EX_NOINPUT)",
     69: "token unreachable or failing (EX_UNAVAILABLE)",
-    70: "internal error: a bug; one line, and ENCFS_DEBUG=1 for a traceback (EX_SOFTWARE)",
+    70: "internal error: a bug; one line naming its traceback's log, <state dir>/log/encfs-cli.log (EX_SOFTWARE)",
     74: "I/O error on a file the message names (EX_IOERR)",
     75: "busy: mounted, attached, in use, or the mountpoint taken (EX_TEMPFAIL)",
     77: "wrong PIN, token locked, or wrong passphrase or recovery key (EX_NOPERM)",

@@ -108,7 +108,8 @@ _SEE_ALSO = """.SH ENVIRONMENT
 state directory (default ~/.local/share/encfs)
 .TP
 \\fBENCFS_DEBUG\\fR
-set to 1: an internal error prints its traceback on stderr too
+set to 1: an internal error prints its traceback on stderr too (it is always
+appended to \\fI<state dir>/log/encfs\\-cli.log\\fR)
 .SH SEE ALSO
 \\fBmount\\fR(8), \\fBfstab\\fR(5), \\fBmount.fuse3\\fR(8), \\fBfusermount3\\fR(1)
 """

@@ -103,3 +103,51 @@ def test_bad_source_date_epoch_is_one_line(tmp_path: Path) -> None:
     proc = run_encfs("man", home=tmp_path / "home", env={"SOURCE_DATE_EPOCH": "soon"})
     err = proc.stderr.decode()
     assert proc.returncode == 1 and err.count("\n") == 1 and err.startswith("encfs: SOURCE_DATE_EPOCH="), err
+
+
+# -- internal errors ----------------------------------------------------------------------------
+
+BUG = {"ENCFS_TEST_INTERNAL_ERROR": "injected bug\nsecond line"}  # test-only hook (encfs/cli.py)
+
+
+def internal_error_line(proc: subprocess.CompletedProcess[bytes]) -> str:
+    err = proc.stderr.decode()
+    assert proc.returncode == 70, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("encfs: internal error: RuntimeError: injected bug second line ("), err
+    return err.strip()
+
+
+def test_internal_error_is_one_line_pointing_to_its_traceback(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    pin = "pin-4711-never-logged"
+    proc = run_encfs("key", "list", "--pin-env", "THE_PIN", home=home, env={**BUG, "THE_PIN": pin})
+    log = home / "log" / "encfs-cli.log"
+    assert internal_error_line(proc).endswith(f"(details: {log})")
+    assert (log.parent.stat().st_mode & 0o777, log.stat().st_mode & 0o777) == (0o700, 0o600)
+    text = log.read_text()
+    assert "internal error in `encfs key list`" in text and "Traceback (most recent call last):" in text
+    assert text.rstrip().endswith("RuntimeError: injected bug\nsecond line"), text
+    assert pin not in text and "THE_PIN" not in text  # neither the PIN nor the arguments
+    # the next one is appended, with --home naming the state directory
+    other = tmp_path / "other-home"
+    proc = run_encfs("key", "aliases", "--home", str(other), home=home, env=BUG)
+    assert internal_error_line(proc).endswith(f"(details: {other / 'log' / 'encfs-cli.log'})")
+    assert "`encfs key aliases`" in (other / "log" / "encfs-cli.log").read_text()
+    assert log.read_text() == text
+
+
+def test_internal_error_says_when_its_log_cannot_be_written(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "log").write_text("not a directory")
+    line = internal_error_line(run_encfs("man", home=home, env=BUG))
+    assert line.endswith(f"(not logged: {home / 'log'}: File exists)"), line
+    assert (home / "log").read_text() == "not a directory"
+
+
+def test_internal_error_with_encfs_debug_prints_the_traceback_too(tmp_path: Path) -> None:
+    proc = run_encfs("man", home=tmp_path / "home", env={**BUG, "ENCFS_DEBUG": "1"})
+    err = proc.stderr.decode()
+    assert proc.returncode == 70 and err.startswith("Traceback (most recent call last):"), err
+    assert err.splitlines()[-1].endswith(f"(details: {tmp_path / 'home' / 'log' / 'encfs-cli.log'})")
