@@ -90,10 +90,13 @@ def iter_commands(parser: argparse.ArgumentParser,
 
 
 def _mount_helper_argv(argv: list[str], commands: set[str]) -> list[str]:
-    """mount.fuse3 (fstab type ``fuse.encfs``) runs ``encfs CIPHERDIR MOUNTPOINT -o OPTS``."""
+    """mount(8), through /sbin/mount.fuse.encfs or mount.fuse3 (fstab type ``fuse.encfs``), runs
+    ``encfs CIPHERDIR MOUNTPOINT [-sfnv] -o OPTS``: mount(8)'s conventions (-f is fake there)."""
     if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-") \
             and not argv[1].startswith("-"):
-        return ["mount", *argv]
+        from encfs.fuse.mounthelper import translate_helper_args
+
+        return ["mount", *argv[:2], *translate_helper_args(argv[2:])]
     return argv
 
 

@@ -7,6 +7,7 @@ command pays for the imports of the modules its parser registers.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import stat as stat_m
 from collections.abc import Callable
@@ -14,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from encfs.fuse.fsconfig import BLOCK_FEATURES, CONFIG_NAME, DEFAULT_BLOCK_SIZE, init_filesystem, peek_config
+from encfs.fuse.mounthelper import add_mount8_options
 from encfs.fuse.names import is_internal, is_longname_entry
 from encfs.output import print_json, report
+
+log = logging.getLogger("encfs.fuse")
 
 
 def _ks_args(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -64,15 +68,26 @@ def take_own_options(args: argparse.Namespace) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from encfs.fuse import mounthelper
     from encfs.fuse.mount import MountOptions, mount
 
     take_own_options(args)
+    if args.sloppy:
+        args.fuse_extra, dropped = mounthelper.sloppy_filter(args.fuse_extra)
+        if dropped and args.verbose and not args.json:  # --json: stdout is the one object
+            print(f"encfs: ignored (sloppy): {','.join(dropped)}")
+    cipherdir, mountpoint = Path(args.cipherdir), Path(args.mountpoint)
     if "remount" in args.fuse_extra:  # mount -o remount,ro|rw, through mount.fuse3
         from encfs.fuse.mount import remount
 
-        code = remount(Path(args.cipherdir), Path(args.mountpoint), read_only="ro" in args.fuse_extra)
-        _mounted(args, "ro" in args.fuse_extra)
+        code = remount(cipherdir, mountpoint, read_only="ro" in args.fuse_extra, fake=args.fake)
+        _mounted(args, "ro" in args.fuse_extra, fake=args.fake)
         return code
+    if "nofail" in args.fuse_extra and (missing := mounthelper.missing_under_nofail(cipherdir, mountpoint)):
+        log.warning("%s: not mounted (nofail)", missing)
+        report(args, {"CipherDir": str(cipherdir.absolute()), "MountPoint": str(mountpoint.absolute()),
+                      "Mounted": False}, None)
+        return 0
     extra = [o for o in args.fuse_extra if o != "debug"]  # libfuse's spelling of --debug
     home, hsm = _ks_args(args)
     recovery_key = None
@@ -85,16 +100,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
                         allow_other=args.allow_other or "allow_other" in extra, extra=extra,
                         log_file=args.log_file, debug=args.debug or "debug" in args.fuse_extra,
                         server=getattr(args, "server", None) or "encfs")
-    code = mount(Path(args.cipherdir), Path(args.mountpoint), home, hsm, opts, args.foreground)
-    if not args.foreground:  # in the foreground the command is the daemon: it returns once unmounted
-        _mounted(args, opts.read_only, opts.server)
+    code = mount(cipherdir, mountpoint, home, hsm, opts, args.foreground, fake=args.fake)
+    if not args.foreground or args.fake:  # in the foreground the command is the daemon: it returns once unmounted
+        _mounted(args, opts.read_only, opts.server, fake=args.fake)
     return code
 
 
-def _mounted(args: argparse.Namespace, read_only: bool, server: str | None = None) -> None:
-    """A mount prints nothing, as mount(8); with --json, what it mounted."""
-    report(args, {"CipherDir": str(Path(args.cipherdir).absolute()), "MountPoint": str(Path(args.mountpoint).absolute()),
-                  "ReadOnly": read_only, **({"Server": server} if server else {})}, None)
+def _mounted(args: argparse.Namespace, read_only: bool, server: str | None = None, fake: bool = False) -> None:
+    """A mount prints nothing, as mount(8); with --json, what it mounted; with --verbose (mount -v), a line."""
+    cipherdir, mountpoint = Path(args.cipherdir).absolute(), Path(args.mountpoint).absolute()
+    text = (f"encfs: {cipherdir} {'would be' if fake else 'is'} mounted on {mountpoint}{' (fake)' if fake else ''}"
+            if args.verbose else None)
+    report(args, {"CipherDir": str(cipherdir), "MountPoint": str(mountpoint), "ReadOnly": read_only,
+                  **({"Server": server} if server else {}), **({"Mounted": False} if fake else {})}, text)
 
 
 def cmd_install_mount_helper(args: argparse.Namespace) -> int:
@@ -198,6 +216,7 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
                    "(libfuse 3 through pyfuse3 on trio); fstab: -o server=NAME")
     p.add_argument("--recovery-key", metavar="FILE",
                    help="open it by its recovery key, without the token (no PIN; always read-only)")
+    add_mount8_options(p)
     p.set_defaults(func=cmd_mount, prepare=take_own_options)
 
     p = sub.add_parser("install-mount-helper",

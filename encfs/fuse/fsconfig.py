@@ -63,6 +63,8 @@ from encfs.keys.service import KeyService
 CONFIG_NAME = "encfs.conf"
 BACKUP_NAME = "encfs.conf.bak"
 COPIES = (CONFIG_NAME, BACKUP_NAME)
+# What a legacy EncFS (vgough/encfs, Debian's `encfs` package) keeps in its root directory
+LEGACY_ENCFS_CONFIGS = (".encfs6.xml", ".encfs5", ".encfs4")
 FS_FORMAT = 2  # what `encfs init` writes and a read-write mount upgrades format 1 to
 MAC_FROM_FORMAT = 2  # every format from this one on carries `mac`, computed the same way
 MAC_INFO = b"encfs config mac v2"
@@ -338,6 +340,10 @@ def peek_config(cipherdir: Path) -> tuple[FsConfig, list[str]]:
         raise FsConfigError(f"{cipherdir} is not a directory")
     copies = [_read_copy(cipherdir, name) for name in COPIES]
     if all(c.missing for c in copies):
+        legacy = next((n for n in LEGACY_ENCFS_CONFIGS if os.path.lexists(cipherdir / n)), None)
+        if legacy is not None:  # same fstab type, fuse.encfs: the helper may be handed one
+            raise FsConfigError(f"{cipherdir} is a legacy EncFS directory ({legacy}), not an encfs filesystem: "
+                                f"mount it with the legacy encfs (/usr/bin/encfs)")
         raise FsConfigError(f"{cipherdir} is not an encfs filesystem (no {CONFIG_NAME})")
     warnings = [f"{c.name} is {c.problem}" for c in copies if c.problem]
     found = [c for c in copies if c.config is not None]
@@ -394,6 +400,10 @@ def open_config(cipherdir: Path, ks: KeyService, *, writable: bool,
         raise FsConfigError(f"{cipherdir} is not a directory")
     copies = [_read_copy(cipherdir, name) for name in COPIES]
     if all(c.missing for c in copies):
+        legacy = next((n for n in LEGACY_ENCFS_CONFIGS if os.path.lexists(cipherdir / n)), None)
+        if legacy is not None:  # same fstab type, fuse.encfs: the helper may be handed one
+            raise FsConfigError(f"{cipherdir} is a legacy EncFS directory ({legacy}), not an encfs filesystem: "
+                                f"mount it with the legacy encfs (/usr/bin/encfs)")
         raise FsConfigError(f"{cipherdir} is not an encfs filesystem (no {CONFIG_NAME})")
     secrets: dict[tuple[str, str, bytes], bytes | EncfsError] = {}
     for copy in copies:

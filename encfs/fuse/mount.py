@@ -28,6 +28,7 @@ from encfs.errors import MountError, MountpointBusy
 from encfs.fuse import binding, mountlock, rewrap
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import add_sparse, open_config, peek_config
+from encfs.fuse.mounthelper import is_mount8_option
 from encfs.fuse.mountlock import MountLock
 from encfs.fuse.recovery import open_by_recovery_key
 from encfs.fuse.server import FsServer
@@ -133,8 +134,7 @@ def _fuse_options(cipherdir: Path, opts: MountOptions) -> list[str]:
     if opts.read_only:
         options.append("ro")
     for o in opts.extra:
-        options.extend(x for x in o.split(",") if x and x not in options and x not in (
-            "defaults", "rw", "auto", "noauto", "user", "nouser", "_netdev", "nofail"))
+        options.extend(x for x in o.split(",") if x and x not in options and not is_mount8_option(x))
     if any(o in options for o in _OTHERS_ALLOWED) and "default_permissions" not in options:
         options.insert(0, "default_permissions")
     return options
@@ -263,8 +263,9 @@ def _server_class(name: str) -> type[FsServer | Pyfuse3Server]:
 
 
 def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions, opts: MountOptions,
-          foreground: bool) -> int:
-    """`encfs mount`: returns once the mount is ready (daemonized unless foreground)."""
+          foreground: bool, fake: bool = False) -> int:
+    """`encfs mount`: returns once the mount is ready (daemonized unless foreground). ``fake``
+    (mount(8)'s -f): every check below, then return without mounting."""
     cipherdir, mountpoint = cipherdir.absolute(), mountpoint.absolute()
     peek_config(cipherdir)  # fail early, before forking, on an obvious mistake
     check_mountpoint(mountpoint)
@@ -274,6 +275,8 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         open_by_recovery_key(cipherdir, opts.recovery_key, opts.recovery_key_file or "the recovery key")
     check_fuse_device()
     check_server(opts.server)
+    if fake:
+        return 0
     if foreground:  # the log's destination, and stderr (the CLI's handler: warnings and errors)
         stderr = logging.getLogger().handlers[:]
         daemonlog.configure(opts.log_file, home or default_home(), daemonlog.log_id(mountpoint), "encfs",
@@ -291,7 +294,7 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     return 0
 
 
-def remount(cipherdir: Path, mountpoint: Path, read_only: bool) -> int:
+def remount(cipherdir: Path, mountpoint: Path, read_only: bool, fake: bool = False) -> int:
     """``mount -o remount,ro|rw`` (mount.fuse3 runs ``encfs CIPHERDIR MOUNTPOINT -o remount,...``):
     the kernel flips the mount's read-only flag and the daemon goes on as it is. A daemon that
     serves read-only never writes, so remount,rw of it is refused. Root only (mount(2))."""
@@ -300,6 +303,8 @@ def remount(cipherdir: Path, mountpoint: Path, read_only: bool) -> int:
         raise MountError(f"{mountpoint} is not an encfs mount: nothing to remount")
     if not read_only and not mountlock.serves_read_write(cipherdir, str(mountpoint)):
         raise MountError(f"{mountpoint} was mounted read-only: unmount it and mount it again to write")
+    if fake:
+        return 0
     try:
         remount_direct(str(mountpoint), read_only)
     except OSError as e:
