@@ -18,7 +18,7 @@ EXIT_CODES = {
     69: "token unreachable or failing (EX_UNAVAILABLE)",
     70: "internal error: a bug; one line naming its traceback's log, <state dir>/log/encfs-cli.log (EX_SOFTWARE)",
     74: "I/O error on a file the message names (EX_IOERR)",
-    75: "busy: mounted, attached, in use, or the mountpoint taken (EX_TEMPFAIL)",
+    75: "busy: mounted, attached, in use, the mountpoint taken, or a file encfs did not install in the way (EX_TEMPFAIL)",
     77: "wrong PIN, token locked, or wrong passphrase or recovery key (EX_NOPERM)",
     78: "key state forbids it: disabled, pending deletion, wrong usage (EX_CONFIG)",
 }

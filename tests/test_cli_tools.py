@@ -151,3 +151,35 @@ def test_internal_error_with_encfs_debug_prints_the_traceback_too(tmp_path: Path
     err = proc.stderr.decode()
     assert proc.returncode == 70 and err.startswith("Traceback (most recent call last):"), err
     assert err.splitlines()[-1].endswith(f"(details: {tmp_path / 'home' / 'log' / 'encfs-cli.log'})")
+
+
+# -- install-mount-helper next to another package's files -------------------------------------------
+
+MARKER = "# installed by `encfs install-mount-helper`"
+
+
+def test_install_mount_helper_keeps_a_helper_it_did_not_install(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    helper = tmp_path / "mount.fuse.encfs"
+    foreign = b"#!/bin/sh\n# a legacy EncFS setup's helper\nexec /usr/bin/encfs \"$@\"\n"
+    helper.write_bytes(foreign)
+    helper.chmod(0o700)
+    proc = run_encfs("install-mount-helper", "--path", str(helper), home=home)
+    err = proc.stderr.decode()
+    assert proc.returncode == 75 and err.count("\n") == 1, err
+    assert err.startswith(f"encfs: {helper} exists and was not installed by encfs") and "--force" in err, err
+    assert helper.read_bytes() == foreign and helper.stat().st_mode & 0o777 == 0o700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mount.fuse.encfs"]  # no temporary file left
+
+    # its own is replaced (an older one: another python); --force replaces a foreign one
+    helper.write_text(f"#!/bin/sh\n{MARKER}\nexec /old/python -m encfs \"$@\"\n")
+    ok("install-mount-helper", "--path", str(helper), home=home)
+    assert helper.read_text().splitlines()[1] == MARKER and "/old/python" not in helper.read_text()
+    helper.write_bytes(foreign)
+    ok("install-mount-helper", "--force", "--path", str(helper), home=home)
+    assert helper.read_text().splitlines()[1] == MARKER and helper.stat().st_mode & 0o777 == 0o755
+
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    proc = run_encfs("install-mount-helper", "--path", str(directory), home=home)
+    assert proc.returncode == 75 and proc.stderr.decode() == f"encfs: {directory} is a directory: not replaced\n"

@@ -667,7 +667,8 @@ def test_kernel_checks_modes_whenever_other_users_get_in(allow: bool, extra: lis
 def mount_helper(fs_home: Path) -> Iterator[Path]:
     saved = HELPER.read_bytes() if HELPER.exists() else None
     try:
-        encfs_ok("install-mount-helper", "--path", str(HELPER), home=fs_home)
+        # --force: a helper of another checkout may be there; it is put back below
+        encfs_ok("install-mount-helper", "--force", "--path", str(HELPER), home=fs_home)
         assert os.access(HELPER, os.X_OK)
         yield HELPER
     finally:

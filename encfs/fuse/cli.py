@@ -117,15 +117,10 @@ def _mounted(args: argparse.Namespace, read_only: bool, server: str | None = Non
 
 def cmd_install_mount_helper(args: argparse.Namespace) -> int:
     """mount(8) runs /sbin/mount.fuse.encfs CIPHERDIR MOUNTPOINT -o OPTS with a sanitised PATH."""
-    import shlex
-    import sys
+    from encfs.fuse import mounthelper
 
-    script = f"#!/bin/sh\n# installed by `encfs install-mount-helper`\nexec {shlex.quote(sys.executable)} -m encfs \"$@\"\n"
     path = Path(args.path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(script)
-    tmp.chmod(0o755)
-    tmp.replace(path)
+    mounthelper.install(path, force=args.force)
     report(args, {"Path": str(path)}, f"installed {path}: fstab lines like `CIPHERDIR MOUNTPOINT fuse.encfs defaults,home=/root/.local/share/encfs 0 0` now mount")
     return 0
 
@@ -221,7 +216,9 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
 
     p = sub.add_parser("install-mount-helper",
                        help="install /sbin/mount.fuse.encfs so /etc/fstab entries of type fuse.encfs work")
-    p.add_argument("--path", default="/sbin/mount.fuse.encfs")
+    p.add_argument("--path", default="/sbin/mount.fuse.encfs", help="where (default /sbin/mount.fuse.encfs)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a file at --path that encfs did not install (by default it is kept)")
     p.set_defaults(func=cmd_install_mount_helper)
 
     p = sub.add_parser("umount", help="flush and unmount")

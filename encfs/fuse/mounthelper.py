@@ -1,4 +1,4 @@
-"""The fstab side of ``encfs mount``: mount(8)'s helper conventions.
+"""The fstab side of ``encfs mount``: mount(8)'s helper conventions and ``encfs install-mount-helper``.
 
 mount(8) runs ``/sbin/mount.fuse.encfs CIPHERDIR MOUNTPOINT [-sfnv] [-o OPTS]`` (util-linux's
 "external helpers"); that script runs ``encfs CIPHERDIR MOUNTPOINT ...``, which encfs.cli turns
@@ -12,13 +12,21 @@ Invariants:
   ``_netdev``, ...) and ``x-*``/``comment=`` are accepted and never passed to FUSE. ``nofail``:
   a CIPHERDIR or MOUNTPOINT that does not exist (a disk or network share not there) is one
   warning line and exit 0; every other failure still fails.
+- ``install-mount-helper`` replaces only a file that carries MARKER (one it wrote), unless
+  ``--force``: a helper of another package, such as a legacy EncFS setup's, is kept byte for byte.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 from pathlib import Path
+
+from encfs.errors import Busy
+
+MARKER = "# installed by `encfs install-mount-helper`"
 
 # mount(8)'s and systemd's options, meaningless to FUSE: mount(8) or systemd act on them
 # (mount.fuse3 drops the same ones). `user`/`users` let users mount the fstab entry; mount(8)
@@ -76,6 +84,28 @@ def missing_under_nofail(cipherdir: Path, mountpoint: Path) -> str | None:
         if not os.path.lexists(path):
             return f"{what} {path} does not exist"
     return None
+
+
+def helper_script() -> str:
+    return f'#!/bin/sh\n{MARKER}\nexec {shlex.quote(sys.executable)} -m encfs "$@"\n'
+
+
+def install(path: Path, force: bool) -> None:
+    """Write the helper at ``path`` atomically; a file there that is not ours is refused (Busy)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except FileNotFoundError:
+        head = None
+    except IsADirectoryError:
+        raise Busy(f"{path} is a directory: not replaced") from None
+    if head is not None and MARKER.encode() not in head.splitlines() and not force:
+        raise Busy(f"{path} exists and was not installed by encfs (another package's mount helper?): "
+                   f"not replaced; remove it or pass --force")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(helper_script())
+    tmp.chmod(0o755)
+    tmp.replace(path)
 
 
 def add_mount8_options(p: argparse.ArgumentParser) -> None:
