@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from encfs.errors import EncfsError
+from encfs.output import print_json, wants_json
 
 SHELLS = ("bash", "zsh")
 
@@ -116,12 +117,20 @@ appended to \\fI<state dir>/log/encfs\\-cli.log\\fR)
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    sys.stdout.write(completion_script(args.shell))
+    script = completion_script(args.shell)
+    if wants_json(args):  # every command takes --json (docs/dev/cli.md): the script as a string
+        print_json({"Shell": args.shell, "Script": script})
+    else:
+        sys.stdout.write(script)
     return 0
 
 
 def cmd_man(args: argparse.Namespace) -> int:
-    sys.stdout.write(man_page())
+    page = man_page()
+    if wants_json(args):
+        print_json({"Format": "roff", "Section": 1, "Page": page})
+    else:
+        sys.stdout.write(page)
     return 0
 
 
