@@ -38,6 +38,7 @@ from encfs.fuse.server import READ_AHEAD_KIB
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 MINIMAL_ENV = ["env", "-i", "PATH=/usr/bin:/bin"]
 HELPER = Path("/sbin/mount.fuse.encfs")
+HELPER_LOCK = "/run/lock/encfs-test-mount-helper.lock"
 
 
 # -- process and mount bookkeeping ------------------------------------------------------------
@@ -665,6 +666,17 @@ def test_kernel_checks_modes_whenever_other_users_get_in(allow: bool, extra: lis
 
 @pytest.fixture
 def mount_helper(fs_home: Path) -> Iterator[Path]:
+    # One test at a time holds /sbin/mount.fuse.encfs (xdist workers share it): otherwise one
+    # worker puts back the file it saved while another's test still runs mount(8) through it.
+    lock = os.open(HELPER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            assert time.monotonic() < deadline, f"{HELPER_LOCK} held for 240 s"
+            time.sleep(0.1)
     saved = HELPER.read_bytes() if HELPER.exists() else None
     try:
         # --force: a helper of another checkout may be there; it is put back below
@@ -676,6 +688,7 @@ def mount_helper(fs_home: Path) -> Iterator[Path]:
             HELPER.unlink(missing_ok=True)
         else:
             HELPER.write_bytes(saved)
+        os.close(lock)  # releases the flock
 
 
 @contextmanager
