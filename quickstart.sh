@@ -9,7 +9,8 @@ cd "$(dirname "$0")"
 
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config softhsm2 python3 python3-venv python3-dev gcc
               e2fsprogs util-linux attr fio logrotate
-              zsh mandoc groff-base man-db)  # the last four: tests of `encfs completion` and `encfs man`
+              zsh mandoc groff-base man-db  # tests of `encfs completion` and `encfs man`
+              systemd)  # systemd-analyze verify checks contrib/systemd's units (PID 1 need not be systemd)
 
 setup() {
     local missing=()
