@@ -253,16 +253,28 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_of(positional: str | None, option: str | None, what: str, flag: str) -> str | None:
+    if positional is not None and option is not None and positional != option:
+        raise UsageError(f"{what} given twice ({positional} and {flag} {option}): give one")
+    return positional if positional is not None else option
+
+
 def cmd_alias(args: argparse.Namespace) -> int:
-    name = f"alias/{args.name.removeprefix('alias/')}"
+    """NAME and KEY as arguments, or as AWS's --alias-name and --target-key-id (create-alias and
+    update-alias in one: an alias is created or moved)."""
+    given = _one_of(args.name, args.alias_name, "NAME", "--alias-name")
+    key = _one_of(args.key, args.target_key_id, "KEY", "--target-key-id")
+    if given is None:
+        raise UsageError("alias needs NAME (or --alias-name NAME)")
+    name = f"alias/{given.removeprefix('alias/')}"
     with open_key_service(args) as ks:
         if args.delete:
-            ks.delete_alias(args.name)
-            report(args, {"AliasName": name, "Deleted": True}, f"deleted alias {args.name}")
+            ks.delete_alias(given)
+            report(args, {"AliasName": name, "Deleted": True}, f"deleted alias {given}")
             return 0
-        if not args.key:
-            raise UsageError("alias needs NAME and KEY (or --delete NAME)")
-        key_id = ks.update_alias(args.name, args.key)
+        if not key:
+            raise UsageError("alias needs NAME and KEY (or --target-key-id KEY; or --delete NAME)")
+        key_id = ks.update_alias(given, key)
     report(args, {"AliasName": name, "TargetKeyId": key_id}, f"{name} -> {key_id}")
     return 0
 
@@ -517,8 +529,10 @@ def register(sub: Any, add_hsm_options: AddHsmOptions) -> None:
     key_arg(p)
 
     p = cmd(key, "alias", cmd_alias, "point alias NAME at KEY (creates or moves it)")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("key", metavar="KEY", nargs="?")
+    p.add_argument("--alias-name", metavar="NAME", help="NAME, as AWS spells it (alias/NAME or NAME)")
+    p.add_argument("--target-key-id", metavar="KEY", help="KEY, as AWS spells it")
     p.add_argument("--delete", action="store_true", help="delete alias NAME")
     cmd(key, "aliases", cmd_aliases, "list aliases", json_flag=True)
 
