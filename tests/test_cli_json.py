@@ -124,7 +124,7 @@ def encfs_json(cli: Cli, *argv: str | Path) -> dict[str, Any]:
 
 
 def wrap_for_import(params: dict[str, Any], material: bytes) -> bytes:
-    pub = serialization.load_pem_public_key(Path(params["PublicKeyFile"]).read_bytes())
+    pub = serialization.load_der_public_key(base64.b64decode(params["PublicKey"]))  # as AWS returns it
     return pub.encrypt(material, padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(),  # type: ignore[union-attr]
                                               label=None))
 
@@ -167,7 +167,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         cli.json("key", "rotate", "r")
         cli.json("key", "retire-version", "r", "1")
         cli.json("key", "create", "--alias", "ext", "--origin", "external")
-        params = cli.json("key", "get-parameters-for-import", "ext", "--public-key-out", tmp / "pub.pem")
+        params = cli.json("key", "get-parameters-for-import", "ext")  # no --public-key-out: PublicKey alone
         (tmp / "wrapped").write_bytes(base64.b64encode(wrap_for_import(params, os.urandom(32))))
         assert cli.json("key", "import", "ext", "--encrypted-key-material", tmp / "wrapped", "--base64",
                         "--import-token", params["ImportToken"])["KeyState"] == "Enabled"  # base64: a blob

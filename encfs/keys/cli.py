@@ -403,20 +403,30 @@ def cmd_re_encrypt(args: argparse.Namespace) -> int:
 # -- imported key material ------------------------------------------------------------
 
 def cmd_get_import_params(args: argparse.Namespace) -> int:
-    out = Path(args.public_key_out)
-    if not out.parent.is_dir():  # check before new import parameters replace the old ones
+    """AWS's GetParametersForImport: the wrapping public key as base64 DER (``PublicKey``) in the
+    output, and as PEM in --public-key-out FILE if given (what openssl pkeyutl takes)."""
+    from cryptography.hazmat.primitives import serialization
+
+    out = Path(args.public_key_out) if args.public_key_out else None
+    if out is not None and not out.parent.is_dir():  # check before new import parameters replace the old ones
         raise UsageError(f"cannot write {out}: no such directory {out.parent}")
     with open_key_service(args) as ks:
         params = ks.get_parameters_for_import(_key(args), args.wrapping_algorithm)
-    try:
-        out.write_bytes(params.public_key_pem)
-    except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror}") from None
+    if out is not None:
+        try:
+            out.write_bytes(params.public_key_pem)
+        except OSError as e:
+            raise UsageError(f"cannot write {out}: {e.strerror}") from None
     from encfs.keys.audit import iso_time
 
-    _print_json({"KeyId": params.key_id, "WrappingAlgorithm": params.wrapping_algorithm,
-                 "ImportToken": params.import_token, "PublicKeyFile": args.public_key_out,
-                 "ParametersValidTo": iso_time(params.valid_to)})
+    der = serialization.load_pem_public_key(params.public_key_pem).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    record = {"KeyId": params.key_id, "WrappingAlgorithm": params.wrapping_algorithm,
+              "ImportToken": params.import_token, "PublicKey": _b64(der),
+              "ParametersValidTo": iso_time(params.valid_to)}
+    if out is not None:
+        record["PublicKeyFile"] = args.public_key_out
+    _print_json(record)
     return 0
 
 
@@ -604,7 +614,8 @@ def register(sub: Any, add_hsm_options: AddHsmOptions) -> None:
             "RSA public key and import token for wrapping your key material (JSON, with or without --json)")
     key_arg(p)
     p.add_argument("--wrapping-algorithm", choices=WRAPPING_ALGORITHMS, default="RSAES_OAEP_SHA_1")
-    p.add_argument("--public-key-out", required=True, metavar="FILE", help="write the PEM public key here")
+    p.add_argument("--public-key-out", metavar="FILE",
+                   help="also write the public key here as PEM (the output's PublicKey is base64 DER, as AWS's)")
 
     p = cmd(key, "import", cmd_import, "import 32 bytes of key material wrapped with the public key", json_flag=True)
     key_arg(p)
