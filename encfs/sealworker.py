@@ -113,7 +113,7 @@ class SealWorker:
             s.settimeout(REPLY_TIMEOUT)
         fds = [s.fileno() for s in theirs]
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "encfs.sealworker", str(self._fd), str(block_size), class_spec(cipher_class),
+            [sys.executable, "-P", "-m", "encfs.sealworker", str(self._fd), str(block_size), class_spec(cipher_class),
              *map(str, fds)],
             stdin=subprocess.DEVNULL, pass_fds=[self._fd, *fds], close_fds=True)
         for s in theirs:

@@ -183,3 +183,18 @@ def test_install_mount_helper_keeps_a_helper_it_did_not_install(tmp_path: Path) 
     directory.mkdir()
     proc = run_encfs("install-mount-helper", "--path", str(directory), home=home)
     assert proc.returncode == 75 and proc.stderr.decode() == f"encfs: {directory} is a directory: not replaced\n"
+
+
+def test_the_mount_helper_never_runs_an_encfs_planted_in_the_current_directory(tmp_path: Path) -> None:
+    """mount(8) runs the helper as root from root's current directory: a package named encfs there
+    (a user's /tmp/encfs/) must not be what runs (`python -m` would import it first without -P)."""
+    helper = tmp_path / "mount.fuse.encfs"
+    ok("install-mount-helper", "--path", str(helper), home=tmp_path / "home")
+    cwd = tmp_path / "cwd"
+    (cwd / "encfs").mkdir(parents=True)
+    (cwd / "encfs" / "__init__.py").write_text("")
+    (cwd / "encfs" / "__main__.py").write_text("open('PLANTED-RAN', 'w').close()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    proc = subprocess.run([str(helper), "--version"], cwd=cwd, env=env, capture_output=True, timeout=60)
+    assert not (cwd / "PLANTED-RAN").exists(), "the planted package ran"
+    assert proc.returncode == 0 and proc.stdout.startswith(b"encfs "), proc.stdout + proc.stderr

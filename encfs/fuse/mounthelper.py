@@ -87,7 +87,9 @@ def missing_under_nofail(cipherdir: Path, mountpoint: Path) -> str | None:
 
 
 def helper_script() -> str:
-    return f'#!/bin/sh\n{MARKER}\nexec {shlex.quote(sys.executable)} -m encfs "$@"\n'
+    # -P: mount(8) runs this as root from whatever directory root is in; without it, `python -m`
+    # would import an `encfs` package planted there (Python >= 3.11).
+    return f'#!/bin/sh\n{MARKER}\nexec {shlex.quote(sys.executable)} -P -m encfs "$@"\n'
 
 
 def install(path: Path, force: bool) -> None:

@@ -60,7 +60,7 @@ def _interpreter_argv() -> list[str]:
     orig = list(getattr(sys, "orig_argv", []))
     if orig and tail >= 0 and len(orig) > tail and orig[len(orig) - tail:] == sys.argv[1:]:
         return [sys.executable, *orig[1:len(orig) - tail]]
-    return [sys.executable, "-m", "encfs"]
+    return [sys.executable, "-P", "-m", "encfs"]  # -P: never the current directory's "encfs"
 
 
 def _scrub_argv(argv: Sequence[str], uri: str) -> list[str]:

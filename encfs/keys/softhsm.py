@@ -194,7 +194,7 @@ class EmbeddedSoftHSM:
             pythonpath = os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))
             env = dict(os.environ, SOFTHSM2_CONF=str(tmp_conf), PYTHONPATH=pythonpath)
             proc = subprocess.run(
-                [sys.executable, "-m", "encfs.keys.softhsm_init", module, TOKEN_LABEL],
+                [sys.executable, "-P", "-m", "encfs.keys.softhsm_init", module, TOKEN_LABEL],
                 input=f"{self.so_pin.read_text()}\n{self.user_pin.read_text()}\n",
                 env=env, capture_output=True, text=True, timeout=60, check=False,
             )
