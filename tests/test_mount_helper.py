@@ -32,7 +32,7 @@ def test_fake_verbose_and_no_mtab_flags(mount_helper: Path, tmp_path: Path, fs_h
         assert proc.returncode != 0 and "no-such-option" in proc.stderr and not is_mounted(mp), proc.stderr
         proc = _system_mount("mount", "-s", "-v", "-t", "fuse.encfs", "-o", opts, str(cipher), str(mp))
         assert proc.returncode == 0, proc.stderr
-        assert "ignored (sloppy): no-such-option" in proc.stdout and f"is mounted on {mp}" in proc.stdout
+        assert "ignored (sloppy): no-such-option" in proc.stderr and f"is mounted on {mp}" in proc.stdout
         assert {"noexec", "nosuid", "nodev"} <= set(_mount_options(mp))
         (mp / "f").write_text("sloppy")
         pids = daemon_pids(cipher)
@@ -57,3 +57,15 @@ def test_nofail_forgives_only_what_is_missing(mount_helper: Path, tmp_path: Path
         assert proc.returncode != 0 and not is_mounted(mp)
         assert proc.stderr.strip() == (f"encfs: {legacy} is a legacy EncFS directory (.encfs6.xml), not an encfs "
                                        "filesystem: mount it with the legacy encfs (/usr/bin/encfs)"), proc.stderr
+
+
+def test_mount8_s_own_options_are_told_from_fuse_s() -> None:
+    """What mount(8) and systemd hand a helper for themselves (`user=NAME` comes with a non-root
+    user's mount of a `user`/`users` line) never reaches FUSE; FUSE's options do."""
+    from encfs.fuse.mounthelper import is_mount8_option
+
+    for option in ("user", "users", "user=alice", "noauto", "nofail", "_netdev", "x-systemd.requires=a",
+                   "comment=x"):
+        assert is_mount8_option(option), option
+    for option in ("ro", "allow_other", "default_permissions", "username=x"):
+        assert not is_mount8_option(option), option

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import stat as stat_m
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.sloppy:
         args.fuse_extra, dropped = mounthelper.sloppy_filter(args.fuse_extra)
         if dropped and args.verbose and not args.json:  # --json: stdout is the one object
-            print(f"encfs: ignored (sloppy): {','.join(dropped)}")
+            print(f"encfs: ignored (sloppy): {','.join(dropped)}", file=sys.stderr)
     cipherdir, mountpoint = Path(args.cipherdir), Path(args.mountpoint)
     if "remount" in args.fuse_extra:  # mount -o remount,ro|rw, through mount.fuse3
         from encfs.fuse.mount import remount

@@ -47,7 +47,9 @@ _FLAGS = {"f": "--fake", "n": None, "v": "--verbose", "s": "--sloppy"}
 
 
 def is_mount8_option(option: str) -> bool:
-    return option in MOUNT8_OPTIONS or option.startswith(("x-", "comment="))
+    # mount(8) passes `user=NAME` (the mounting user) to a helper when a non-root user mounts a
+    # `user`/`users` line: it is mount(8)'s, not FUSE's.
+    return option in MOUNT8_OPTIONS or option.startswith(("x-", "comment=", "user="))
 
 
 def translate_helper_args(rest: list[str]) -> list[str]:
