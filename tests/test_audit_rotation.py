@@ -154,3 +154,18 @@ def test_audit_of_a_deleted_key(tmp_path: Path) -> None:
         proc = run_encfs("key", "audit", "--key", ref, home=home)
         err = proc.stderr.decode()
         assert proc.returncode == 66 and err.count("\n") == 1 and err.startswith("encfs: ") and ref in err, err
+
+
+def test_damaged_rotated_logs_are_one_warning_each_never_a_crash(tmp_path: Path) -> None:
+    """A rotated file whose compressed data is damaged, and a line that is an object without a
+    record's fields, are warned about or shown with "?": `key audit` still lists the rest."""
+    home = init_home(tmp_path / "home")
+    ok("key", "create", "--alias", "k", home=home)
+    good = gzip.compress(b'{"time": "2026-01-01T00:00:00Z", "operation": "Old", "outcome": "ok"}\n' * 50)
+    (home / "audit.log.2.gz").write_bytes(good[:20] + bytes(b ^ 0xFF for b in good[20:60]) + good[60:])
+    (home / "audit.log.1").write_text('{"time": "x"}\n')
+    proc = run_encfs("key", "audit", home=home)
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "audit.log.2.gz cannot be read to its end" in err and "Traceback" not in err, err
+    assert "CreateKey" in out and any(line.startswith("x ") for line in out.splitlines()), out

@@ -28,6 +28,7 @@ import pwd
 import re
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,7 +202,7 @@ def _read_file(path: Path) -> Iterator[dict[str, Any]]:
                     log.warning("audit log %s: line %d is not a record (skipped)", path, number)
     except FileNotFoundError:
         return
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; damaged data is zlib's
         log.warning("audit log %s cannot be read to its end: %s", path, getattr(e, "strerror", None) or e)
 
 

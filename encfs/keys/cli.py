@@ -474,10 +474,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 0
     for r in records:
         ctx = r.get("encryption_context")
-        ctx_text = ",".join(f"{k}={v}" for k, v in ctx.items()) if ctx else "-"
+        ctx_text = ",".join(f"{k}={v}" for k, v in ctx.items()) if isinstance(ctx, dict) and ctx else "-"
         ver = f"v{r['key_version']}" if r.get("key_version") else "-"
-        who = f"{r['principal']['user']}({r['principal']['uid']})/{r['principal']['pid']}"
-        line = f"{r['time']}  {who:18}  {r['operation']:32} {r.get('key_id') or '-':36} {ver:4} {ctx_text}  {r['outcome']}"
+        principal = r.get("principal")
+        p = principal if isinstance(principal, dict) else {}  # a record's fields, or "?"
+        who = f"{p.get('user', '?')}({p.get('uid', '?')})/{p.get('pid', '?')}"
+        line = (f"{r.get('time', '?')}  {who:18}  {r.get('operation', '?'):32} {r.get('key_id') or '-':36} {ver:4} "
+                f"{ctx_text}  {r.get('outcome', '?')}")
         if r.get("error"):
             line += f": {r['error']}"
         print(line)
