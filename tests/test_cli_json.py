@@ -151,6 +151,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         assert cli.json("key", "alias", "c", a) == {"AliasName": "alias/c", "TargetKeyId": a}
         assert cli.json("key", "alias", "--alias-name", "alias/c", "--target-key-id", "b") == \
             {"AliasName": "alias/c", "TargetKeyId": b}  # AWS's update-alias spelling
+        assert cli.json("key", "alias", "--alias-name", "c", a)["TargetKeyId"] == a  # the name by flag, KEY by place
         cli.json("key", "aliases")
         blob = base64.b64decode(cli.json("key", "encrypt", "a", "--encryption-context", "who=me")["CiphertextBlob"])
         assert base64.b64decode(cli.json("key", "decrypt", "--encryption-context", "who=me", stdin=blob)

@@ -262,8 +262,12 @@ def _one_of(positional: str | None, option: str | None, what: str, flag: str) ->
 def cmd_alias(args: argparse.Namespace) -> int:
     """NAME and KEY as arguments, or as AWS's --alias-name and --target-key-id (create-alias and
     update-alias in one: an alias is created or moved)."""
-    given = _one_of(args.name, args.alias_name, "NAME", "--alias-name")
-    key = _one_of(args.key, args.target_key_id, "KEY", "--target-key-id")
+    positional = [a for a in (args.name, args.key) if a is not None]
+    if args.alias_name is not None and len(positional) == 1:  # `alias --alias-name N KEY`
+        positional = [args.alias_name, positional[0]]
+    name_arg, key_arg_ = (positional + [None, None])[:2]
+    given = _one_of(name_arg, args.alias_name, "NAME", "--alias-name")
+    key = _one_of(key_arg_, args.target_key_id, "KEY", "--target-key-id")
     if given is None:
         raise UsageError("alias needs NAME (or --alias-name NAME)")
     name = f"alias/{given.removeprefix('alias/')}"
