@@ -201,7 +201,7 @@ def _log_internal_error(e: Exception, args: argparse.Namespace) -> str:
     entry = (f"{datetime.now().astimezone():%Y-%m-%d %H:%M:%S%z} encfs-cli[{os.getpid()}] internal error in "
              f"`encfs {_command_name(args)}` (encfs {__version__}):\n{traceback.format_exc()}\n")
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)  # in an existing state dir only: a typo creates nothing
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, entry.encode("utf-8", "backslashreplace"))

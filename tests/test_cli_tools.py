@@ -120,6 +120,7 @@ def internal_error_line(proc: subprocess.CompletedProcess[bytes]) -> str:
 
 def test_internal_error_is_one_line_pointing_to_its_traceback(tmp_path: Path) -> None:
     home = tmp_path / "home"
+    home.mkdir()
     pin = "pin-4711-never-logged"
     proc = run_encfs("key", "list", "--pin-env", "THE_PIN", home=home, env={**BUG, "THE_PIN": pin})
     log = home / "log" / "encfs-cli.log"
@@ -131,6 +132,10 @@ def test_internal_error_is_one_line_pointing_to_its_traceback(tmp_path: Path) ->
     assert pin not in text and "THE_PIN" not in text  # neither the PIN nor the arguments
     # the next one is appended, with --home naming the state directory
     other = tmp_path / "other-home"
+    typo = run_encfs("key", "aliases", "--home", str(other), home=home, env=BUG)
+    assert internal_error_line(typo).endswith(f"(not logged: {other / 'log'}: No such file or directory)")
+    assert not other.exists(), "a mistyped --home was created"
+    other.mkdir()
     proc = run_encfs("key", "aliases", "--home", str(other), home=home, env=BUG)
     assert internal_error_line(proc).endswith(f"(details: {other / 'log' / 'encfs-cli.log'})")
     assert "`encfs key aliases`" in (other / "log" / "encfs-cli.log").read_text()
@@ -147,6 +152,7 @@ def test_internal_error_says_when_its_log_cannot_be_written(tmp_path: Path) -> N
 
 
 def test_internal_error_with_encfs_debug_prints_the_traceback_too(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
     proc = run_encfs("man", home=tmp_path / "home", env={**BUG, "ENCFS_DEBUG": "1"})
     err = proc.stderr.decode()
     assert proc.returncode == 70 and err.startswith("Traceback (most recent call last):"), err
