@@ -19,6 +19,7 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from encfs import __version__, fsckcli, helpcli, recoverycli, statuscli
 from encfs import rekeycli as rekey_cli
@@ -48,9 +49,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(module.main(args.bench_args) or 0)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error in one line, as every other failure (exit 2): argparse
+    prints the whole usage first, which for `encfs volume attach` is a dozen lines. The usage stays
+    one `--help` away, and the line says where."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"encfs: {self.prog.removeprefix('encfs ')}: {message} (see `{self.prog} --help`)\n"
+                  if self.prog != "encfs" else f"encfs: {message} (see `encfs --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code:3}  {meaning}" for code, meaning in EXIT_CODES.items())
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="encfs", description=helpcli.MAN_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="The token options (--home, --config, --pkcs11-module, --token, --pkcs11-uri, --pin-file,\n"

@@ -204,3 +204,12 @@ def test_the_mount_helper_never_runs_an_encfs_planted_in_the_current_directory(t
     proc = subprocess.run([str(helper), "--version"], cwd=cwd, env=env, capture_output=True, timeout=60)
     assert not (cwd / "PLANTED-RAN").exists(), "the planted package ran"
     assert proc.returncode == 0 and proc.stdout.startswith(b"encfs "), proc.stdout + proc.stderr
+
+
+def test_a_usage_error_is_one_line_that_names_the_help(tmp_path: Path) -> None:
+    for argv, start in ((["volume", "create", "x"], "encfs: volume create: the following arguments are required"),
+                        (["no-such-command"], "encfs: argument COMMAND: invalid choice: 'no-such-command'")):
+        proc = run_encfs(*argv, home=tmp_path / "home")
+        err = proc.stderr.decode()
+        assert proc.returncode == 2 and err.count("\n") == 1 and err.startswith(start), err
+        assert err.rstrip().endswith(f"(see `encfs{' volume create' if len(argv) == 3 else ''} --help`)"), err
