@@ -125,6 +125,7 @@ def test_logrotate_while_a_key_service_writes(writer: tuple[Path, subprocess.Pop
     assert [int(r["EncryptionContext"]["n"]) for r in records if r["Operation"] == "GenerateDataKey"] == \
         [1, 2, 3, 4, 5, 6, 7, 8]
     assert len(json.loads(ok("key", "audit", "--json", "--tail", "3", home=home))["Records"]) == 3
+    assert json.loads(ok("key", "audit", "--json", "--tail", "0", home=home))["Records"] == []  # as tail -n 0
     text = ok("key", "audit", home=home).decode()
     assert "n=1" in text and "n=8" in text
 

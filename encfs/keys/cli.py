@@ -471,8 +471,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 raise gone
         if args.key:
             records = [r for r in records if key_ids & {r.get("key_id"), r.get("destination_key_id")}]
-    if args.tail:
-        records = records[-args.tail:]
+    if args.tail is not None:
+        if args.tail < 0:
+            raise UsageError(f"--tail {args.tail}: give a number of records, 0 or more")
+        records = records[len(records) - args.tail:] if args.tail < len(records) else records
     if args.json:  # CloudTrail's shape: {"Records": [...]}, PascalCase (the log itself stays as FORMAT.md §5)
         _print_json({"Records": records})
         return 0
