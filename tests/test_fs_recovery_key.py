@@ -115,7 +115,7 @@ def test_add_converts_every_file_and_remove_drops_it(tmp_path: Path, fs_home: Pa
                          home=fs_home))["AlreadySet"] is True
     # A run killed between the two config copies (the backup is written first) leaves the re-key
     # marker and a primary copy without the recovery key: mounts wait, and `add` finishes the job.
-    marker = {"version": 1, "operation": "full", "key_id": key, "recovering": False}
+    marker = {"version": 1, "operation": "full", "key_id": key, "recovering": False, "adding": True}
     (cipherdir / "encfs.rekey").write_text(json.dumps(marker) + "\n")
     (cipherdir / "encfs.conf").write_bytes(before)
     proc = run_encfs("mount", str(cipherdir), str(plain), "--recovery-key", str(rk), home=no_token)

@@ -8,10 +8,12 @@ recovery key could open. ``remove`` drops R and the wrapping; files keep the key
 until the next ``encfs rekey --full``.
 
 Invariants:
-- ``add`` writes the re-key marker (rewrap.py, operation "full") before the config changes, and
-  the marker goes only once every file has a derived key: while a file may still have a random
-  key, mounts are refused and running ``add`` again (or ``encfs rekey --full``) finishes it. A
-  config with a recovery wrapping and no marker means every file's key is derived.
+- ``add`` holds the mount lock (mode "rekey") from its first check to its last file, and writes
+  the re-key marker (rewrap.py, operation "full", ``"adding": true``) before a new key file or
+  the config changes; the marker goes only once every file has a derived key: while a file may
+  still have a random key, read-write mounts are refused and running ``add`` again (or ``encfs
+  rekey --full``) finishes it. A config with a recovery wrapping and no marker means every
+  file's key is derived.
 - Opening by the recovery key needs no token: a copy counts only once its recovery wrapping
   opens under the key and its MAC verifies under the secret it holds (FORMAT.md §6.1).
 - The recovery key is read from a file named on the command line (recoverykey.py) and never
@@ -89,49 +91,64 @@ class Added:
 
 def add_recovery_key(cipherdir: Path, ks: KeyService, key_file: str, create: bool) -> Added:
     """Set the recovery key of ``key_file`` (``create``: a new random one written there) and give
-    every file a key derived from R (see the module docstring)."""
+    every file a key derived from R (see the module docstring). The lock is held from the first
+    check to the last file: a kill anywhere leaves the "adding" marker, and the same command
+    finishes the job (with ``create``, taking the key file the killed run wrote)."""
     from encfs.fuse import rewrap
 
     peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
     lock = MountLock.acquire(cipherdir, "-", read_only=False, mode=REKEY_MODE)
     recovering = lock.recovering
     try:
-        marked = os.path.lexists(cipherdir / rewrap.MARKER)
-        opened = open_config(cipherdir, ks, writable=not marked)
+        marker = rewrap.read_marker(cipherdir, None, rewrap.FULL)
+        if marker is not None:  # a killed run's own record made the lock say "recovering": the marker knows
+            recovering = bool(marker.get("recovering", True))
+        adding = marker is not None and marker.get("adding") is True
+        opened = open_config(cipherdir, ks, writable=marker is None)
         config = opened.config
         result = Added(config.fs_id)
         if config.recovery is not None:  # set already: the same key finishes an interrupted add
-            if create:
+            if create and not (adding and os.path.lexists(key_file)):
                 raise UsageError(f"{cipherdir} has a recovery key already: `encfs recovery-key remove` it first")
             try:
                 open_keys(read_recovery_key(key_file), config.fs_id, config.recovery)
             except WrongKey:
                 raise UsageError(f"{cipherdir} has another recovery key already: `encfs recovery-key remove` "
                                  f"it first") from None
-            if not marked:
+            if marker is None:
                 result.already = True
                 return result
             result.resumed = True
         else:
-            if marked:
+            if marker is not None and not adding:
                 rewrap.refuse_if_interrupted(cipherdir)  # another re-key's: finish it first
             if config.format < FS_FORMAT:
                 raise FsConfigError(f"{cipherdir}: its config is still format {config.format}: mount it "
                                     f"read-write once (which upgrades it), then add a recovery key")
+            recovery_key: bytes | None = None
+            if not create or (adding and os.path.lexists(key_file)):  # a killed run's key: not used yet
+                recovery_key = read_recovery_key(key_file)
+            elif os.path.lexists(key_file):  # before the marker: a refusal leaves nothing behind
+                raise UsageError(f"{key_file} exists: --new-recovery-key never replaces a file")
             root = ks.generate_data_key(config.key_id, config.root_context(), with_plaintext=True,
                                         encfs_internal=True)
             assert root.plaintext is not None
-            recovery_key = new_recovery_key(key_file) if create else read_recovery_key(key_file)
-            # The marker first: from the config's change on, no mount until every key is derived.
-            rewrap._write_marker(cipherdir, rewrap.FULL, config.key_id, recovering)
+            # The marker first: from the key file's creation on, the same command finishes the job,
+            # and from the config's change on, no mount until every key is derived.
+            if marker is None:
+                rewrap._write_marker(cipherdir, rewrap.FULL, config.key_id, recovering, adding=True)
+            else:
+                result.resumed = True
+            if recovery_key is None:
+                recovery_key = new_recovery_key(key_file)
             write_config(cipherdir, opened, replace(
                 config, features=(*config.features, RECOVERY_FEATURE), wrapped_root=root.ciphertext_blob,
                 recovery=seal_keys(recovery_key, config.fs_id, opened.secret, root.plaintext)))
+        done = rewrap.rewrap_filesystem(cipherdir, ks, None, full=True, held=lock)  # resumes from the marker
+        result.files, result.resealed = done.fresh, done.resealed
+        return result
     finally:
         lock.release(clean=not recovering)
-    done = rewrap.rewrap_filesystem(cipherdir, ks, None, full=True)  # resumes from the marker
-    result.files, result.resealed = done.fresh, done.resealed
-    return result
 
 
 def remove_recovery_key(cipherdir: Path, ks: KeyService) -> bool:

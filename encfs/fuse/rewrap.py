@@ -189,7 +189,7 @@ def parse_redo(data: bytes, where: str) -> list[tuple[bytes, bytes]]:
     return entries
 
 
-def _read_marker(cipherdir: Path, dest_key: str | None, operation: str) -> dict[str, Any] | None:
+def read_marker(cipherdir: Path, dest_key: str | None, operation: str) -> dict[str, Any] | None:
     """The marker of an interrupted run, if any. A damaged one stands for a run to ``dest_key``
     (which must then be given: the CMK the interrupted run moved to)."""
     try:
@@ -210,8 +210,13 @@ def _read_marker(cipherdir: Path, dest_key: str | None, operation: str) -> dict[
     return marker
 
 
-def _write_marker(cipherdir: Path, operation: str, key_id: str, recovering: bool) -> None:
-    body = {"version": MARKER_VERSION, "operation": operation, "key_id": key_id, "recovering": recovering}
+def _write_marker(cipherdir: Path, operation: str, key_id: str, recovering: bool, adding: bool = False) -> None:
+    """``adding``: the marker of an `encfs recovery-key add` (FORMAT.md §6.10): files may still have
+    random keys."""
+    body: dict[str, Any] = {"version": MARKER_VERSION, "operation": operation, "key_id": key_id,
+                            "recovering": recovering}
+    if adding:
+        body["adding"] = True
     write_atomic(cipherdir / MARKER, (json.dumps(body) + "\n").encode(), 0o644, sync_dir=True)
 
 
@@ -294,22 +299,25 @@ def _to_move(root: bytes, dest: tuple[str, int], read_only: bool,
 # -- the run -------------------------------------------------------------------------------------------
 
 def rewrap_filesystem(cipherdir: Path, ks: KeyService, dest_key: str | None, dry_run: bool = False,
-                      full: bool = False, recovery_key: tuple[bytes, str] | None = None) -> FsRewrapped:
+                      full: bool = False, recovery_key: tuple[bytes, str] | None = None,
+                      held: MountLock | None = None) -> FsRewrapped:
     """Move every wrapped key of ``cipherdir`` under ``dest_key`` (None: the CMK of the config,
     or of an interrupted run's marker, at its newest version); see the module docstring.
     ``full``: then give every file a fresh data key (fullrekey.py). ``recovery_key`` (the key
     and its file's name): the old CMK is not asked at all; the secret and recovery root come
     from the recovery wrapping and every file key is derived (recoverykeys.py), then encrypted
-    under ``dest_key``, which must be given (recovery.py)."""
+    under ``dest_key``, which must be given (recovery.py). ``held``: the caller's read-write
+    lock (``encfs recovery-key add``), kept across its own change and this run, and released by
+    the caller: taking it again would find its own record "mounted" by a live pid."""
     if recovery_key is not None and (dest_key is None or full):
         raise UsageError("--recovery-key moves the filesystem to the CMK of --key, without --full")
     start = time.monotonic()
     peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
-    lock = MountLock.acquire(cipherdir, "-", read_only=dry_run, mode=REKEY_MODE)
+    lock = held if held is not None else MountLock.acquire(cipherdir, "-", read_only=dry_run, mode=REKEY_MODE)
     recovering = lock.recovering  # for a read-write lock: a crash recovery is due at the next mount
     try:
         wanted = str(ks.describe_key(dest_key)["KeyId"]) if dest_key is not None else None  # not an alias
-        marker = _read_marker(cipherdir, wanted, FULL if full else REWRAP)
+        marker = read_marker(cipherdir, wanted, FULL if full else REWRAP)
         if marker is not None:  # this run's own kill made the lock say "recovering": the marker knows
             recovering = bool(marker.get("recovering", True))
             if marker["operation"] == FULL and not full:
@@ -321,7 +329,8 @@ def rewrap_filesystem(cipherdir: Path, ks: KeyService, dest_key: str | None, dry
         if not dry_run and not done.damaged:  # every blob of the filesystem is under the destination
             ks.usage.forget(f"fs:{done.fs_id}", (done.to_key, done.to_version))
     finally:
-        lock.release(clean=not recovering)
+        if held is None:
+            lock.release(clean=not recovering)
     done.seconds = time.monotonic() - start
     return done
 
@@ -380,7 +389,8 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
             return done
     except OSError as e:
         raise RewrapError(f"{cipherdir}: {_what(e)}" + (_AGAIN.format(again) if resumed else "")) from None
-    state = {"marked": marker is not None and marker["key_id"] == dest[0] and marker["operation"] == operation}
+    state = {"marked": marker is not None and marker["key_id"] == dest[0] and marker["operation"] == operation,
+             "adding": marker is not None and marker.get("adding") is True}  # kept by a marker written anew
     try:
         done.files = _move_headers(cipherdir, ks, config, dest, moving, recovering, state, done.damaged, operation,
                                    by_recovery)
@@ -423,7 +433,7 @@ def _what(e: OSError) -> str:
 def _mark(cipherdir: Path, operation: str, dest: tuple[str, int], recovering: bool, state: dict[str, bool]) -> None:
     """The marker, before the first change (an unusable destination fails before it)."""
     if not state["marked"]:
-        _write_marker(cipherdir, operation, dest[0], recovering)
+        _write_marker(cipherdir, operation, dest[0], recovering, state.get("adding", False))
         state["marked"] = True
 
 

@@ -1,0 +1,117 @@
+"""A filesystem's recovery key across kills and tampering (issue #23 review, docs/FORMAT.md
+§6.10), through the real CLI, a real token and real mounts: a killed `recovery-key add` is
+finished by the same command (a real SIGKILL in its re-key; a kill between its marker and
+its config, with --new-recovery-key)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_encfs
+from fuse_helpers import Mount
+
+
+def ok(*args: str, home: Path) -> str:
+    proc = run_encfs(*args, home=home)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def new_key(home: Path) -> str:
+    return str(json.loads(ok("key", "create", "--json", home=home))["KeyId"])
+
+
+def add_marker(cipherdir: Path, key: str) -> None:
+    """The marker `recovery-key add` writes before its key file and config (rewrap.py)."""
+    marker = {"version": 1, "operation": "full", "key_id": key, "recovering": False, "adding": True}
+    (cipherdir / "encfs.rekey").write_text(json.dumps(marker) + "\n")
+
+
+def test_add_killed_between_its_marker_and_config_is_finished_by_the_same_command(tmp_path: Path,
+                                                                                  fs_home: Path) -> None:
+    """A kill after the marker and the new key file, before the config: the same command (with
+    --new-recovery-key) takes the key file it wrote; without an add's marker an existing file is
+    refused before anything is written."""
+    cipherdir, key, rk = tmp_path / "cipher", new_key(fs_home), tmp_path / "fs.rk"
+    ok("init", str(cipherdir), "--key", key, home=fs_home)
+    rk.write_text("ab" * 32 + "\n")
+    rk.chmod(0o600)
+    refused = run_encfs("recovery-key", "add", str(cipherdir), "--new-recovery-key", str(rk), home=fs_home)
+    assert refused.returncode == 2 and b"exists" in refused.stderr, refused.stderr
+    assert not (cipherdir / "encfs.rekey").exists()
+
+    add_marker(cipherdir, key)  # killed after writing rk, before the config
+    out = json.loads(ok("recovery-key", "add", str(cipherdir), "--new-recovery-key", str(rk), "--json",
+                        home=fs_home))
+    assert out["Resumed"] is True and not (cipherdir / "encfs.rekey").exists()
+    assert rk.read_text() == "ab" * 32 + "\n"  # the key file is the one the config uses
+    again = json.loads(ok("recovery-key", "add", str(cipherdir), "--recovery-key", str(rk), "--json", home=fs_home))
+    assert again["AlreadySet"] is True
+
+
+
+def test_the_first_add_after_a_crashed_mount_finishes_and_keeps_the_crash_recovery_due(tmp_path: Path,
+                                                                                       fs_home: Path) -> None:
+    """The lock record of a killed mount is taken over by add (a crash recovery is due): add
+    finishes in one run, and leaves the record "mounted" so that the next mount still recovers."""
+    cipherdir, plain, key, rk = tmp_path / "cipher", tmp_path / "plain", new_key(fs_home), tmp_path / "fs.rk"
+    plain.mkdir()
+    ok("init", str(cipherdir), "--key", key, home=fs_home)
+    m = Mount(cipherdir, plain, fs_home)
+    try:
+        (plain / "f").write_bytes(b"written before the crash")
+        os.sync()
+    finally:
+        m.kill9()
+    out = json.loads(ok("recovery-key", "add", str(cipherdir), "--new-recovery-key", str(rk), "--json",
+                        home=fs_home))
+    assert out["Files"] == 1 and not (cipherdir / "encfs.rekey").exists()
+    assert json.loads((cipherdir / "encfs.lock").read_bytes())["state"] == "mounted"
+    with Mount(cipherdir, plain, tmp_path / "no-token", "--recovery-key", str(rk)):
+        assert (plain / "f").read_bytes() == b"written before the crash"
+
+def test_add_killed_in_its_rekey_is_finished_by_add(tmp_path: Path, fs_home: Path) -> None:
+    """A real SIGKILL during add's re-key (lock record left "mounted" by the dead add): the same
+    add takes the lock over and finishes the job, and every file reads back by the key."""
+    cipherdir, plain, key, rk = tmp_path / "cipher", tmp_path / "plain", new_key(fs_home), tmp_path / "fs.rk"
+    plain.mkdir()
+    ok("init", str(cipherdir), "--key", key, home=fs_home)
+    data = {f"f{i}": os.urandom(64 << 10) for i in range(150)}
+    with Mount(cipherdir, plain, fs_home):
+        for name, body in data.items():
+            (plain / name).write_bytes(body)
+
+    env = dict(os.environ, ENCFS_HOME=str(fs_home))
+    env.pop("SOFTHSM2_CONF", None)
+    add = subprocess.Popen([sys.executable, "-m", "encfs", "recovery-key", "add", str(cipherdir),
+                            "--new-recovery-key", str(rk)], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    done_log, deadline = cipherdir / "encfs.rekey.done", time.monotonic() + 60
+    try:
+        while add.poll() is None and time.monotonic() < deadline:  # until a file has its derived key
+            if done_log.exists() and done_log.stat().st_size > 0:
+                break
+            time.sleep(0.001)
+    finally:
+        if add.poll() is None:
+            os.killpg(add.pid, signal.SIGKILL)
+        add.wait()
+    if add.returncode == 0 or not (cipherdir / "encfs.rekey").exists():
+        pytest.fail("add finished before it could be killed in its re-key: give it more files")
+
+    no_token = tmp_path / "no-token"
+
+    proc = run_encfs("recovery-key", "add", str(cipherdir), "--new-recovery-key", str(rk), "--json", home=fs_home)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["Resumed"] is True and not (cipherdir / "encfs.rekey").exists()
+    with Mount(cipherdir, plain, no_token, "--recovery-key", str(rk)):
+        for name, body in data.items():
+            assert (plain / name).read_bytes() == body
+
