@@ -1,7 +1,8 @@
 """A filesystem's recovery key across kills and tampering (issue #23 review, docs/FORMAT.md
 §6.10), through the real CLI, a real token and real mounts: a killed `recovery-key add` is
 finished by the same command (a real SIGKILL in its re-key; a kill between its marker and
-its config, with --new-recovery-key)."""
+its config, with --new-recovery-key), a planted older config copy does not bring a removed
+recovery key back."""
 
 from __future__ import annotations
 
@@ -32,6 +33,27 @@ def add_marker(cipherdir: Path, key: str) -> None:
     """The marker `recovery-key add` writes before its key file and config (rewrap.py)."""
     marker = {"version": 1, "operation": "full", "key_id": key, "recovering": False, "adding": True}
     (cipherdir / "encfs.rekey").write_text(json.dumps(marker) + "\n")
+
+
+def test_a_planted_old_copy_does_not_bring_a_removed_recovery_key_back(tmp_path: Path, fs_home: Path) -> None:
+    """Someone who can write the backing store but has no key copies a pre-removal encfs.conf
+    over the backup: the copy without the recovery key wins (and is written back), as it does
+    after a `remove` killed between its two copies; only an add's marker lets the other win."""
+    cipherdir, key, rk = tmp_path / "cipher", new_key(fs_home), tmp_path / "fs.rk"
+    ok("init", str(cipherdir), "--key", key, "--new-recovery-key", str(rk), home=fs_home)
+    with_key = (cipherdir / "encfs.conf").read_bytes()
+    ok("recovery-key", "remove", str(cipherdir), home=fs_home)
+    (cipherdir / "encfs.conf.bak").write_bytes(with_key)  # the whole attack: one file copied back
+
+    out = json.loads(ok("recovery-key", "add", str(cipherdir), "--recovery-key", str(rk), "--json", home=fs_home))
+    assert out["AlreadySet"] is False and out["Resumed"] is False
+
+    ok("recovery-key", "remove", str(cipherdir), home=fs_home)
+    without = (cipherdir / "encfs.conf").read_bytes()
+    (cipherdir / "encfs.conf").write_bytes(with_key)  # a `remove` killed between its copies (backup first)
+    gone = json.loads(ok("recovery-key", "remove", str(cipherdir), "--json", home=fs_home))
+    assert gone["Changed"] is False  # nothing to remove: the copy without is the config...
+    assert (cipherdir / "encfs.conf").read_bytes() == without  # ...and written back over the other
 
 
 def test_add_killed_between_its_marker_and_config_is_finished_by_the_same_command(tmp_path: Path,

@@ -26,8 +26,11 @@ Invariants:
 - Config files are written with write-fsync-rename, never in place.
 - With RECOVERY_FEATURE a verified copy has its recovery root (``wrapped_recovery_root``,
   unwrapped into ``OpenedConfig.root`` at load) and, while a recovery key is set, the recovery
-  wrapping; without it, neither. Two verified copies that differ only there are an interrupted
-  ``encfs recovery-key`` change, written backup first: the backup is the config.
+  wrapping; without it, neither. Two verified copies that differ only there (one with, one
+  without) are an interrupted ``encfs recovery-key`` change: the copy with the recovery key is
+  the config only while an ``add``'s re-key marker exists (``"adding"``, rewrap.py), else the copy
+  without it. Someone who can write the backing store can plant an old copy and a marker (or
+  replace both copies: a full rollback); no config rule can tell that from a real history.
 
 Keys derived from the 32-byte filesystem secret with HKDF-SHA256:
   info b"encfs names v1"      -> 64 bytes, AES-SIV name key
@@ -62,6 +65,7 @@ from encfs.keys.service import KeyService
 
 CONFIG_NAME = "encfs.conf"
 BACKUP_NAME = "encfs.conf.bak"
+REKEY_MARKER = "encfs.rekey"  # rewrap.py's marker of an interrupted re-key (FORMAT.md §6.9)
 COPIES = (CONFIG_NAME, BACKUP_NAME)
 # What a legacy EncFS (vgough/encfs, Debian's `encfs` package) keeps in its root directory
 LEGACY_ENCFS_CONFIGS = (".encfs6.xml", ".encfs5", ".encfs4")
@@ -285,11 +289,23 @@ def _newer_of(a: FsConfig, b: FsConfig) -> FsConfig | None:
 
 
 def _recovery_change(a: FsConfig, b: FsConfig) -> bool:
-    """Whether two copies differ only in the recovery key (an interrupted `encfs recovery-key add`
-    or `remove`, which writes the backup first: the backup is then the config)."""
+    """Whether two copies differ only in the recovery key, one with it and one without (an
+    interrupted `encfs recovery-key add` or `remove`)."""
     return replace(a, features=(), wrapped_root=None, recovery=None) == \
         replace(b, features=(), wrapped_root=None, recovery=None) and \
-        set(a.features) - {RECOVERY_FEATURE} == set(b.features) - {RECOVERY_FEATURE}
+        set(a.features) - {RECOVERY_FEATURE} == set(b.features) - {RECOVERY_FEATURE} and \
+        (a.recovery is None) != (b.recovery is None)
+
+
+def adding_recovery_key(cipherdir: Path) -> bool:
+    """Whether the re-key marker is an `encfs recovery-key add`'s (rewrap.py): only then is a copy
+    with the recovery key newer than one without. Without it the copy without wins, so that a
+    planted older copy cannot bring a removed recovery key back (THREAT_MODEL.md)."""
+    try:
+        marker = json.loads((cipherdir / REKEY_MARKER).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("adding") is True
 
 
 def _same_but_wrapping(a: FsConfig, b: FsConfig) -> bool:
@@ -441,9 +457,11 @@ def open_config(cipherdir: Path, ks: KeyService, *, writable: bool,
             stale.append(next(c for c in good if c is not chosen).name)
             warnings.append(f"{stale[-1]} is still under the CMK an interrupted `encfs rekey` moves from")
         elif _recovery_change(a, b):
-            chosen = next(c for c in good if c.name == BACKUP_NAME)
+            with_key = adding_recovery_key(cipherdir)
+            chosen = next(c for c in good if c.config is not None and (c.config.recovery is not None) == with_key)
             stale.append(next(c for c in good if c is not chosen).name)
-            warnings.append(f"{stale[-1]} is from before an interrupted `encfs recovery-key` change")
+            warnings.append(f"{stale[-1]} is from before an interrupted `encfs recovery-key` change"
+                            if with_key else f"{stale[-1]} has a recovery key the other copy has not: dropped")
         elif newer is not None:
             # An upgrade that stopped between the two copies: the newer copy is the config.
             chosen = next(c for c in good if c.config is newer)

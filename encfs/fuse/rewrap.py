@@ -87,6 +87,7 @@ from encfs.fuse.fsconfig import (
     BACKUP_NAME,
     CONFIG_NAME,
     FS_FORMAT,
+    REKEY_MARKER,
     FsConfig,
     OpenedConfig,
     open_config,
@@ -100,7 +101,7 @@ from encfs.keys.blob import CiphertextBlob
 from encfs.keys.service import KeyService
 from encfs.progress import progress
 
-MARKER = "encfs.rekey"
+MARKER = REKEY_MARKER  # "encfs.rekey"
 REDO = "encfs.rekey.redo"
 MARKER_VERSION = 1
 REWRAP, FULL = "rewrap", "full"  # the marker's ``operation``
@@ -212,7 +213,7 @@ def read_marker(cipherdir: Path, dest_key: str | None, operation: str) -> dict[s
 
 def _write_marker(cipherdir: Path, operation: str, key_id: str, recovering: bool, adding: bool = False) -> None:
     """``adding``: the marker of an `encfs recovery-key add` (FORMAT.md §6.10): files may still have
-    random keys."""
+    random keys, and of two config copies differing only by the recovery key the one with it wins."""
     body: dict[str, Any] = {"version": MARKER_VERSION, "operation": operation, "key_id": key_id,
                             "recovering": recovering}
     if adding:
