@@ -1,11 +1,13 @@
 """A filesystem's recovery key across kills and tampering (issue #23 review, docs/FORMAT.md
 §6.10), through the real CLI, a real token and real mounts: a killed `recovery-key add` is
 finished by the same command (a real SIGKILL in its re-key; a kill between its marker and
-its config, with --new-recovery-key), a planted older config copy does not bring a removed
+its config, with --new-recovery-key), a mount by the recovery key and `rekey --recovery-key`
+work whatever re-key was interrupted, a planted older config copy does not bring a removed
 recovery key back."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_encfs
+from conftest import init_home, run_encfs
 from fuse_helpers import Mount
 
 
@@ -99,9 +101,25 @@ def test_the_first_add_after_a_crashed_mount_finishes_and_keeps_the_crash_recove
     with Mount(cipherdir, plain, tmp_path / "no-token", "--recovery-key", str(rk)):
         assert (plain / "f").read_bytes() == b"written before the crash"
 
-def test_add_killed_in_its_rekey_is_finished_by_add(tmp_path: Path, fs_home: Path) -> None:
-    """A real SIGKILL during add's re-key (lock record left "mounted" by the dead add): the same
-    add takes the lock over and finishes the job, and every file reads back by the key."""
+def test_the_recovery_key_moves_a_filesystem_whose_full_rekey_was_interrupted(tmp_path: Path,
+                                                                              fs_home: Path) -> None:
+    """The HSM is lost on a day an `encfs rekey --full` had been killed: its marker no longer
+    stops `rekey --key NEW --recovery-key` (every file key is derived), which ends it."""
+    cipherdir, key, rk = tmp_path / "cipher", new_key(fs_home), tmp_path / "fs.rk"
+    ok("init", str(cipherdir), "--key", key, "--new-recovery-key", str(rk), home=fs_home)
+    marker = {"version": 1, "operation": "full", "key_id": key, "recovering": False}
+    (cipherdir / "encfs.rekey").write_text(json.dumps(marker) + "\n")
+
+    new_home = init_home(tmp_path / "new-home")
+    moved = json.loads(ok("rekey", str(cipherdir), "--key", new_key(new_home), "--recovery-key", str(rk), "--json",
+                          home=new_home))
+    assert moved["Damaged"] == [] and not (cipherdir / "encfs.rekey").exists()
+
+
+def test_add_killed_in_its_rekey_mounts_by_the_key_and_is_finished_by_add(tmp_path: Path, fs_home: Path) -> None:
+    """A real SIGKILL during add's re-key (lock record left "mounted" by the dead add): a mount
+    by the recovery key serves the files already converted and answers EIO for the others;
+    the same add then finishes the job and every file reads back by the key."""
     cipherdir, plain, key, rk = tmp_path / "cipher", tmp_path / "plain", new_key(fs_home), tmp_path / "fs.rk"
     plain.mkdir()
     ok("init", str(cipherdir), "--key", key, home=fs_home)
@@ -129,6 +147,16 @@ def test_add_killed_in_its_rekey_is_finished_by_add(tmp_path: Path, fs_home: Pat
         pytest.fail("add finished before it could be killed in its re-key: give it more files")
 
     no_token = tmp_path / "no-token"
+    readable = eio = 0
+    with Mount(cipherdir, plain, no_token, "--recovery-key", str(rk)):
+        for name, body in data.items():
+            try:
+                assert (plain / name).read_bytes() == body  # never other bytes
+                readable += 1
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+                eio += 1
+    assert readable and eio, (readable, eio)
 
     proc = run_encfs("recovery-key", "add", str(cipherdir), "--new-recovery-key", str(rk), "--json", home=fs_home)
     assert proc.returncode == 0, proc.stderr.decode()

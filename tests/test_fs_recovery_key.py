@@ -118,7 +118,7 @@ def test_add_converts_every_file_and_remove_drops_it(tmp_path: Path, fs_home: Pa
     marker = {"version": 1, "operation": "full", "key_id": key, "recovering": False, "adding": True}
     (cipherdir / "encfs.rekey").write_text(json.dumps(marker) + "\n")
     (cipherdir / "encfs.conf").write_bytes(before)
-    proc = run_encfs("mount", str(cipherdir), str(plain), "--recovery-key", str(rk), home=no_token)
+    proc = run_encfs("mount", str(cipherdir), str(plain), home=fs_home)
     assert proc.returncode != 0 and b"interrupted" in proc.stderr
     again = json.loads(ok("recovery-key", "add", str(cipherdir), "--recovery-key", str(rk), "--json", home=fs_home))
     assert again["Resumed"] is True and again["Files"] == 2 and not (cipherdir / "encfs.rekey").exists()

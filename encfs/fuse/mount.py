@@ -153,11 +153,15 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
     lock = MountLock.acquire(cipherdir, mountpoint, read_only=opts.read_only)
     try:
-        rewrap.refuse_if_interrupted(cipherdir)
         ks: KeyService | None = None
         if opts.recovery_key is not None:  # no token, no PKCS#11 module: read-only (cmd_mount)
+            # Whatever re-key was interrupted: every key is derived from a file id (recovery.py).
             opened = open_by_recovery_key(cipherdir, opts.recovery_key, opts.recovery_key_file or "the recovery key")
+            if os.path.lexists(cipherdir / rewrap.MARKER):
+                log.warning("%s: a re-key was interrupted: files it had not yet given a derived key (an "
+                            "interrupted `encfs recovery-key add`) answer EIO", cipherdir)
         else:
+            rewrap.refuse_if_interrupted(cipherdir)
             ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
             opened = open_config(cipherdir, ks, writable=not opts.read_only)
         if not opts.read_only:
@@ -270,9 +274,10 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     peek_config(cipherdir)  # fail early, before forking, on an obvious mistake
     check_mountpoint(mountpoint)
     mountlock.check(cipherdir, read_only=opts.read_only)  # the daemon takes the lock itself
-    rewrap.refuse_if_interrupted(cipherdir)  # and checks again under it
     if opts.recovery_key is not None:  # a wrong key is told here, in one line (exit 77), not by the daemon
         open_by_recovery_key(cipherdir, opts.recovery_key, opts.recovery_key_file or "the recovery key")
+    else:
+        rewrap.refuse_if_interrupted(cipherdir)  # and checks again under it
     check_fuse_device()
     check_server(opts.server)
     if fake:

@@ -14,6 +14,9 @@ Invariants:
   still have a random key, read-write mounts are refused and running ``add`` again (or ``encfs
   rekey --full``) finishes it. A config with a recovery wrapping and no marker means every
   file's key is derived.
+- A mount by the recovery key is allowed with any marker (read-only, nothing replayed): every
+  file's key is derived from the file id, which a re-wrap never changes; a file whose key is not
+  (an add's file not yet converted) fails its block's AEAD check: EIO, never other bytes.
 - Opening by the recovery key needs no token: a copy counts only once its recovery wrapping
   opens under the key and its MAC verifies under the secret it holds (FORMAT.md §6.1).
 - The recovery key is read from a file named on the command line (recoverykey.py) and never

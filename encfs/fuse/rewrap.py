@@ -26,7 +26,8 @@ one file at a time (fullrekey.py); the marker stays until the last one is done.
 
 A mount that finds the marker refuses, in one line that says to run ``encfs rekey
 CIPHERDIR`` again (refuse_if_interrupted, also for read-only mounts): the filesystem is
-not served while its headers may be under two CMKs. Running the command again (with or
+not served while its headers may be under two CMKs. A mount by the recovery key is the
+exception (recovery.py): it asks no CMK, and ``--recovery-key`` runs take any marker over. Running the command again (with or
 without ``--key``: without, it goes on to the CMK the marker names; ``--full`` if the marker
 says "full") finishes the job.
 
@@ -103,6 +104,7 @@ from encfs.progress import progress
 
 MARKER = REKEY_MARKER  # "encfs.rekey"
 REDO = "encfs.rekey.redo"
+DONE_LOG = "encfs.rekey.done"  # fullrekey.DONE
 MARKER_VERSION = 1
 REWRAP, FULL = "rewrap", "full"  # the marker's ``operation``
 REDO_MAGIC, REDO_VERSION = b"ENCW", 1
@@ -321,7 +323,7 @@ def rewrap_filesystem(cipherdir: Path, ks: KeyService, dest_key: str | None, dry
         marker = read_marker(cipherdir, wanted, FULL if full else REWRAP)
         if marker is not None:  # this run's own kill made the lock say "recovering": the marker knows
             recovering = bool(marker.get("recovering", True))
-            if marker["operation"] == FULL and not full:
+            if marker["operation"] == FULL and not full and recovery_key is None:  # by the recovery key: see _run
                 raise RewrapError(f"{cipherdir}: an interrupted `encfs rekey --full` is finished by running "
                                   f"`encfs rekey --full {cipherdir}` again")
         done = _run(cipherdir, ks, dest_key, marker, recovering, dry_run, FULL if full else REWRAP, recovery_key)
@@ -400,7 +402,10 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
         if operation == FULL:  # before the first file gets a fresh key (fullrekey.py)
             _mark(cipherdir, operation, dest, recovering, state)
         if state["marked"] or marker is not None:
-            _remove(cipherdir, root, (REDO, MARKER) if operation == REWRAP else (REDO,))  # --full: the marker stays
+            # --full: the marker stays. By the recovery key, an interrupted --full or add is ended here
+            # (its done log with it): every file whose key is derived is under the new CMK, the others
+            # are reported damaged (their CMK is lost).
+            _remove(cipherdir, root, (REDO, DONE_LOG, MARKER) if operation == REWRAP else (REDO,))
     except (EncfsError, OSError) as e:
         cause = e.message if isinstance(e, EncfsError) else f"{cipherdir}: {_what(e)}"
         if state["marked"]:
