@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 
@@ -19,22 +20,31 @@ from encfs.errors import ConfigError, UsageError
 
 RECOVERY_KEY_BYTES = 32
 
+log = logging.getLogger("encfs")
+
 
 def read_recovery_key(path: str) -> bytes:
-    """A recovery key file: 64 hex digits (and a newline), as new_recovery_key writes, or 32 raw bytes."""
+    """A recovery key file: exactly 64 hex digits (and a newline), as new_recovery_key writes, or
+    32 raw bytes that are not all printable ASCII (32 hex characters are half a key typed in, not
+    a key). One warning line if the file is readable by group or others."""
     try:
         with open(path, "rb") as f:
             data = f.read(1024)
+            mode = os.fstat(f.fileno()).st_mode
     except OSError as e:
         raise ConfigError(f"cannot read recovery key file {path}: {e.strerror}") from None
-    if len(data) == RECOVERY_KEY_BYTES:
-        return data
-    try:
-        key = bytes.fromhex(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        key = b""
+    key = b""
+    if len(data) == RECOVERY_KEY_BYTES and not all(0x20 <= c < 0x7F or c in b"\t\r\n" for c in data):
+        key = data
+    else:
+        text = data.strip()
+        if len(text) == 2 * RECOVERY_KEY_BYTES and all(c in b"0123456789abcdefABCDEF" for c in text):
+            key = bytes.fromhex(text.decode("ascii"))
     if len(key) != RECOVERY_KEY_BYTES:
         raise ConfigError(f"recovery key file {path} holds no recovery key (64 hex digits or 32 bytes)")
+    if mode & 0o044:
+        log.warning("recovery key file %s is readable by %s: `chmod 600 %s`", path,
+                    "group and others" if mode & 0o044 == 0o044 else "its group" if mode & 0o040 else "others", path)
     return key
 
 

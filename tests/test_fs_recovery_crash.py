@@ -3,7 +3,7 @@
 finished by the same command (a real SIGKILL in its re-key; a kill between its marker and
 its config, with --new-recovery-key), a mount by the recovery key and `rekey --recovery-key`
 work whatever re-key was interrupted, a planted older config copy does not bring a removed
-recovery key back."""
+recovery key back, and a recovery key file is 64 hex digits."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import init_home, run_encfs
 from fuse_helpers import Mount
+
+from encfs.errors import ConfigError
+from encfs.recoverykey import read_recovery_key
 
 
 def ok(*args: str, home: Path) -> str:
@@ -165,3 +168,20 @@ def test_add_killed_in_its_rekey_mounts_by_the_key_and_is_finished_by_add(tmp_pa
         for name, body in data.items():
             assert (plain / name).read_bytes() == body
 
+
+def test_a_recovery_key_file_is_64_hex_digits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    key = os.urandom(32)
+    good, typed, raw = tmp_path / "good", tmp_path / "typed", tmp_path / "raw"
+    good.write_text(key.hex() + "\n")
+    typed.write_text(key.hex()[:32])  # 32 bytes, all hex characters: half a key, not a raw one
+    raw.write_bytes(key.replace(b"\x00", b"\x01")[:31] + b"\xff")
+    for f in (good, typed, raw):
+        f.chmod(0o600)
+    assert read_recovery_key(str(good)) == key and len(read_recovery_key(str(raw))) == 32
+    with pytest.raises(ConfigError, match="holds no recovery key"):
+        read_recovery_key(str(typed))
+    assert not caplog.records
+    good.chmod(0o644)
+    assert read_recovery_key(str(good)) == key
+    assert len(caplog.records) == 1 and "readable by group and others" in caplog.records[0].getMessage()
+    assert key.hex() not in caplog.text

@@ -82,6 +82,7 @@ def test_init_with_a_recovery_key_mounts_read_only_without_the_token(tmp_path: P
 
     wrong = tmp_path / "wrong.rk"
     wrong.write_text(os.urandom(32).hex() + "\n")
+    wrong.chmod(0o600)  # else a warning line too
     proc = run_encfs("mount", str(cipherdir), str(plain), "--recovery-key", str(wrong), home=no_token)
     lines = proc.stderr.decode().strip().splitlines()
     assert proc.returncode == 77 and len(lines) == 1 and "wrong recovery key" in lines[0], proc.stderr

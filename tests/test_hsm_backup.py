@@ -92,6 +92,7 @@ def test_recovery_key(world: dict[str, Any], tmp_path: Path) -> None:
          needles=("recovery key",), exit_code=2)
     other = tmp_path / "other.key"
     other.write_bytes(os.urandom(32))
+    other.chmod(0o600)  # else a warning line too
     fail("hsm", "restore", str(world["rk_archive"]), "--recovery-key", str(other), home=home,
          needles=("wrong recovery key",), exit_code=77)
     assert not home.exists()

@@ -77,6 +77,7 @@ def test_create_with_a_recovery_key_attaches_without_the_token(rig: Rig) -> None
 
     wrong = rig.tmp / "wrong.rk"
     wrong.write_text(secrets.token_hex(32) + "\n")
+    wrong.chmod(0o600)  # else a warning line too
     p = rig.encfs("volume", "attach", image, "--recovery-key", wrong, home=_no_token(rig))
     assert p.returncode == 77, p.stderr
     assert p.stderr.strip().splitlines() == [
@@ -166,6 +167,7 @@ def test_recovery_key_moves_the_volume_off_a_lost_cmk_and_through_a_full_rekey(r
         assert "has a recovery key" in line and "--recovery-key FILE" in line, line
     wrong = rig.tmp / "wrong.rk"
     wrong.write_text(secrets.token_hex(32) + "\n")
+    wrong.chmod(0o600)  # else a warning line too
     p = rig.encfs("volume", "rekey", image, "--recovery-key", wrong)
     assert p.returncode == 77, p.stderr
     assert rig.info(image)["VolumeId"] == lost["VolumeId"]
