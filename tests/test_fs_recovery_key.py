@@ -158,3 +158,30 @@ def test_recovery_key_names_a_cipherdir_or_an_image_and_nothing_else(tmp_path: P
     ok("init", str(cipherdir), "--key", "fs", home=fs_home)
     by_key = run_encfs("recovery-key", "remove", str(cipherdir), "--recovery-key", str(tmp_path / "rk"), home=fs_home)
     assert by_key.returncode == 2 and by_key.stderr.count(b"\n") == 1 and b"with the HSM" in by_key.stderr, by_key.stderr
+
+
+def test_a_file_the_recovery_key_would_not_open_is_logged_by_a_normal_mount(tmp_path: Path, fs_home: Path) -> None:
+    """A backing file put back from before `recovery-key add` (a random key, wrapped by the CMK) reads
+    as always through the CMK, and the mount logs that the recovery key does not open it."""
+    cipherdir, plain, log = tmp_path / "cipher", tmp_path / "plain", tmp_path / "mount.log"
+    plain.mkdir()
+    ok("init", str(cipherdir), "--key", "fs", home=fs_home)
+    with Mount(cipherdir, plain, fs_home):
+        (plain / "old").write_bytes(b"written before the recovery key")
+        (plain / "new").write_bytes(b"converted by add")
+    [old_backing] = [p for p in cipherdir.iterdir() if p.is_file() and not p.name.startswith("encfs")
+                     and p.stat().st_size == max(q.stat().st_size for q in cipherdir.iterdir()
+                                                 if q.is_file() and not q.name.startswith("encfs"))]
+    saved = tmp_path / "saved"
+    shutil.copy2(old_backing, saved)  # with its state xattr
+    ok("recovery-key", "add", str(cipherdir), "--new-recovery-key", str(tmp_path / "rk"), home=fs_home)
+    shutil.copy2(saved, old_backing)
+    with Mount(cipherdir, plain, fs_home, "--log-file", str(log)):
+        assert (plain / "old").read_bytes() == b"written before the recovery key"
+        assert (plain / "new").read_bytes() == b"converted by add"
+    text = log.read_text()
+    assert "'/old': its data key is not derived from the recovery root" in text, text
+    assert "'/new'" not in text, text
+    report = json.loads(run_encfs("fsck", str(cipherdir), "--json", home=fs_home).stdout)  # and fsck says so
+    found = [f for f in report["Damage"] if f["Kind"] == "recovery"]
+    assert len(found) == 1 and found[0]["Severity"] == "warning" and "/old" in found[0]["Message"], report

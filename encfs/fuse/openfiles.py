@@ -100,6 +100,8 @@ class OpenFiles:
         # recovery root they are derived from it (recoverykeys.py); without a key service (a mount
         # by the recovery key, read-only) every file key is derived and none is ever new.
         self.recovery_root = recovery_root
+        # A mount with a recovery root (fs.py) checks that each file's key is the derived one.
+        self.check_derived = False
         self.new_keys: DataKeyPool[bytes] | None = None
         if ks is not None and recovery_root is not None:
             self.new_keys = DerivedKeyPool(ks, config.key_id, self._new_file_id, root=recovery_root,
@@ -298,6 +300,11 @@ class OpenFiles:
             except (KeyStateError, KeyNotFound, TokenError, InvalidCiphertext) as e:
                 daemonlog.report_integrity(log, self.describe(f.path), "file key", e)
                 raise
+            if self.check_derived and key != file_key(self.recovery_root or b"", self.config.fs_id, header.file_id):
+                # The CMK's key is the file's key; but the recovery key would not open this file (one
+                # restored from a backup made before `encfs recovery-key add`, say).
+                log.warning("%r: its data key is not derived from the recovery root: the recovery key does "
+                            "not open it (`encfs rekey --full` gives it one that is)", self.describe(f.path))
             c = FileContent(fd, header, self.cipher_class(key, header.file_id, self.block_size), self.root,
                             self.journals, self._reporter(f.path), self.state_in_file)
             for note in c.load(writable, known_size, after_crash=self.recovering):
