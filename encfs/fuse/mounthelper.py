@@ -24,6 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from encfs.atomicfile import write_atomic
 from encfs.errors import Busy
 
 MARKER = "# installed by `encfs install-mount-helper`"
@@ -106,10 +107,9 @@ def install(path: Path, force: bool) -> None:
     if head is not None and MARKER.encode() not in head.splitlines() and not force:
         raise Busy(f"{path} exists and was not installed by encfs (another package's mount helper?): "
                    f"not replaced; remove it or pass --force")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(helper_script())
-    tmp.chmod(0o755)
-    tmp.replace(path)
+    # The shared write-fsync-rename: a per-process temporary name, so two installs never collide.
+    write_atomic(path, helper_script().encode(), 0o755, sync_dir=True)
+    os.chmod(path, 0o755)  # whatever the umask took off
 
 
 def add_mount8_options(p: argparse.ArgumentParser) -> None:
