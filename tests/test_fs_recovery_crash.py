@@ -19,19 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import init_home, run_encfs
 from fuse_helpers import Mount
+from test_fs_recovery_key import new_key, ok
 
 from encfs.errors import ConfigError
 from encfs.recoverykey import read_recovery_key
-
-
-def ok(*args: str, home: Path) -> str:
-    proc = run_encfs(*args, home=home)
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
-def new_key(home: Path) -> str:
-    return str(json.loads(ok("key", "create", "--json", home=home))["KeyId"])
 
 
 def add_marker(cipherdir: Path, key: str) -> None:
