@@ -63,12 +63,15 @@ def _blob_key(blob: bytes) -> tuple[str, int]:
     return str(header.key_id), header.key_version
 
 
+def _one_of(positional: str | None, option: str | None, what: str, flag: str) -> str | None:
+    if positional is not None and option is not None and positional != option:
+        raise UsageError(f"{what} given twice ({positional} and {flag} {option}): give one")
+    return positional if positional is not None else option
+
+
 def _key(args: argparse.Namespace) -> str:
     """KEY, given as the positional argument or as AWS's --key-id (one of them, once)."""
-    positional, option = getattr(args, "key", None), getattr(args, "key_id_option", None)
-    if positional is not None and option is not None and positional != option:
-        raise UsageError(f"KEY given twice ({positional} and --key-id {option}): give one")
-    key = positional if positional is not None else option
+    key = _one_of(getattr(args, "key", None), getattr(args, "key_id_option", None), "KEY", "--key-id")
     if key is None:
         raise UsageError("a key is needed: give KEY or --key-id KEY (a key id, alias/NAME or NAME)")
     return str(key)
@@ -251,12 +254,6 @@ def cmd_describe(args: argparse.Namespace) -> int:
         meta = ks.describe_key(_key(args))
     _print_json(meta) if args.json else _describe_text(meta)
     return 0
-
-
-def _one_of(positional: str | None, option: str | None, what: str, flag: str) -> str | None:
-    if positional is not None and option is not None and positional != option:
-        raise UsageError(f"{what} given twice ({positional} and {flag} {option}): give one")
-    return positional if positional is not None else option
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
