@@ -52,6 +52,7 @@ from dataclasses import asdict
 from encfs.block.budget import SealBudget
 from encfs.block.layout import (
     FANOUT,
+    MAX_PAGES,
     SECTOR_SIZE,
     commit_offset,
     node_block_number,
@@ -131,6 +132,8 @@ class CowStore(SectorIO):
         self._failed = False
         self.pool = PagePool(fd)
         self.pool.slack = self.pending_limit
+        self._loaded: Commit | None = None  # the newest commit, as load() found it
+        self._map_read = True  # False after load(live=False): no page accounting, so no writes
 
     @staticmethod
     def default_pending_limit(sectors: int) -> int:
@@ -182,6 +185,7 @@ class CowStore(SectorIO):
             raise VolumeTruncated(f"the image ends before its last page ({commit.pages})")
         self._table, self._table_txg = commit.table, commit.table_txg
         self.snapshots = self._read_table(commit)
+        self._loaded, self._map_read = commit, live
         if not live:
             return
         self.tree = MapTree.load(commit.root, commit.depth, self._read_node)
@@ -287,10 +291,15 @@ class CowStore(SectorIO):
             jobs.append((range(s, s + n), sealed, part))
         self.sealer.open_jobs(jobs)
 
-    def _seal(self, first: int, data: bytes | bytearray | memoryview) -> CowSealed:
-        count = len(data) // SECTOR_SIZE
+    def _check_writable(self) -> None:
+        if not self._map_read:  # a commit would name an empty map; a write, pages in use
+            raise OSError(errno.EROFS, "the volume was opened without its map")
         if self._failed:
             raise StoreFailed(errno.EIO, "the volume store failed a commit; detach and re-attach it")
+
+    def _seal(self, first: int, data: bytes | bytearray | memoryview) -> CowSealed:
+        count = len(data) // SECTOR_SIZE
+        self._check_writable()
         counter = self.budget.spend(count)
         blocks = range(first, first + count)
         return CowSealed(first, count, self.sealer.seal_jobs([(blocks, data)], counters=[counter])[0])
@@ -354,8 +363,7 @@ class CowStore(SectorIO):
 
     def flush(self) -> None:
         """Make everything written so far durable: the commit (see the module invariants)."""
-        if self._failed:
-            raise StoreFailed(errno.EIO, "the volume store failed a commit; detach and re-attach it")
+        self._check_writable()
         tree = self.tree
         if not (tree.dirty or self._table_dirty or self.pool.pending or self._root_changed):
             self.sync_mirrors()
@@ -479,6 +487,36 @@ class CowStore(SectorIO):
             self.snapshots.remove(snap)
             self.pool.latest_snapshot = latest
             raise
+        return snap
+
+    def snapshot_unloaded(self, snapshot_id: str, description: str, created: float) -> Snapshot:
+        """snapshot() of a detached image opened by load(live=False): the committed map is frozen
+        without reading it. The new table goes past the committed pool, where no tree reaches, and
+        the table it replaces is found free by the next load()'s rebuild; so nothing but the
+        commit records and the table is read, however much the volume holds."""
+        commit = self._loaded
+        assert commit is not None and not self.tree.pages and self._writable
+        snap = Snapshot(snapshot_id, commit.root, commit.depth, self.sectors * SECTOR_SIZE, created, commit.txg,
+                        description)
+        data = pack_table(self.snapshots + [snap])
+        count = -(-len(data) // SECTOR_SIZE)
+        if count > MAX_TABLE_PAGES:
+            raise OSError(errno.ENOSPC, "the snapshot table is full")
+        if commit.pages + count > MAX_PAGES:
+            raise OSError(errno.ENOSPC, "the volume image has reached its largest size")
+        table = list(range(commit.pages + 1, commit.pages + 1 + count))
+        for i, page in enumerate(table):
+            chunk = data[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE].ljust(SECTOR_SIZE, b"\0")
+            pwrite_all(self.fd, self._seal_page(self._table_cipher, self.txg << 10 | i, chunk), page_offset(page))
+        os.ftruncate(self.fd, page_offset(table[-1] + 1))  # and no page a crash left past the pool
+        new = Commit(self.txg, self.txg, commit.root, commit.depth, commit.pages + count, table)
+        os.fdatasync(self.fd)
+        self._write_commit(self._slot, new)
+        os.fdatasync(self.fd)  # the commit
+        self.snapshots.append(snap)
+        self._loaded, self._table, self._table_txg = new, table, new.txg
+        self.txg, self._slot, self._mirror = self.txg + 1, 1 - self._slot, new
+        self._write_mirror()
         return snap
 
     def delete_snapshot(self, snapshot_id: str) -> Snapshot:

@@ -206,8 +206,9 @@ def _control_error(image: Path, what: str, e: OSError) -> VolumeError:
 
 
 def create(image: Path, ks: KeyService, description: str, home: Path) -> str:
-    """Snapshot ``image``; its id. Attached, only the daemon's commits take time: nothing is
-    read back (the list walks every tree, which takes time with the data)."""
+    """Snapshot ``image``; its id. Attached, only the daemon's commits take time; detached, the
+    map is not read (CowStore.snapshot_unloaded); nothing is read back (the list walks every
+    tree). Neither grows with the data."""
     sid, created = new_snapshot_id(), time.time()
     a = _attachment(image)
     if a is not None:
@@ -219,9 +220,9 @@ def create(image: Path, ks: KeyService, description: str, home: Path) -> str:
             except OSError as e:
                 raise _control_error(image, "snapshot", e) from None
     else:
-        vol = _open_cow(image, ks)
+        vol = _open_cow(image, ks, map_unread=True)
         try:
-            cow_store(vol).snapshot(sid, description, created)
+            cow_store(vol).snapshot_unloaded(sid, description, created)
         except OSError as e:
             raise VolumeError(f"cannot snapshot {image}: {e.strerror}") from None
         finally:
@@ -230,8 +231,8 @@ def create(image: Path, ks: KeyService, description: str, home: Path) -> str:
     return sid
 
 
-def _open_cow(image: Path, ks: KeyService) -> OpenVolume:
-    vol = open_volume(image, ks)
+def _open_cow(image: Path, ks: KeyService, map_unread: bool = False) -> OpenVolume:
+    vol = open_volume(image, ks, map_unread=map_unread)
     if not isinstance(vol.store, CowStore):
         vol.close()
         raise VolumeError(f"volume {image} has format 1, which has no snapshots: "

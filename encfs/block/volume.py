@@ -436,14 +436,16 @@ def open_locked(path: Path, writable: bool = True, shared: bool = False) -> int:
 
 def open_volume(path: Path, ks: KeyService | None, seal_worker: bool = False, accept_rollback: bool = False,
                 expected_key: str | None = None, read_only: bool = False,
-                recovery_key: bytes | None = None) -> OpenVolume:
+                recovery_key: bytes | None = None, map_unread: bool = False) -> OpenVolume:
     """Open and unlock an image (the CMK must be Enabled). ``seal_worker``: large writes are
     sealed in a helper process (encfs.sealworker), for a daemon that serves the volume.
     ``accept_rollback``: upgrade a volume made before mirrored maps even where a damaged map
     slot leaves only an older map (see the module docstring). ``expected_key``: refuse a volume
     whose CMK is another key (VolumeKeyMismatch). ``read_only``: the image is opened O_RDONLY
     (read-only media); a format-1 volume that still needs an upgrade is refused. ``recovery_key``:
-    the volume key comes from the header's recovery record, and ``ks`` is not used (recovery.py)."""
+    the volume key comes from the header's recovery record, and ``ks`` is not used (recovery.py).
+    ``map_unread``: a format-2 store reads only its commit records and snapshot table, for
+    CowStore.snapshot_unloaded(), whose time must not grow with the data."""
     fd = open_locked(path, writable=not read_only)
     try:
         header, key, warnings = _read_verified(fd, path, ks, expected_key, recovery_key)
@@ -455,7 +457,7 @@ def open_volume(path: Path, ks: KeyService | None, seal_worker: bool = False, ac
             budget = SealBudget(header.seals_reserved, headers.reserve, str(path), counter=True)
             cow = CowStore(fd, key, header.volume_id, header.sectors, budget)
             try:
-                cow.load()
+                cow.load(live=not map_unread)
             except BlockAuthError:
                 raise VolumeError(f"volume {path}: both commit records, or the snapshot table, fail "
                                   "authentication (tampered or damaged)") from None

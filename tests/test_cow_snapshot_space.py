@@ -1,0 +1,110 @@
+"""Format-2 snapshots and space (issue #20), without a kernel mount: a detached `snapshot create`
+reads no map, and deleting snapshots brings the image back within its bound."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cow_store import Image, image, sector  # noqa: F401  (image: the fixture)
+
+from encfs.block.cow import CowStore
+from encfs.keys.service import KeyService
+
+
+def unloaded(img: Image) -> CowStore:
+    """The store as `encfs snapshot create` opens a detached volume: commit records and table only."""
+    img.store.stop_seal_worker()
+    os.close(img.fd)
+    img.fd = os.open(img.path, os.O_RDWR)
+    img.store = img._store()
+    img.store.load(live=False)
+    return img.store
+
+
+def test_a_detached_snapshot_reads_no_map_node_and_holds_what_it_froze(image: Image,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    s = image.store
+    s.write_sectors(0, sector(1) * 2048)  # two leaves and a root
+    a = s.snapshot("snap-000000000000000a", "a", 1.0)
+    s.write_sectors(0, sector(2) * 1024)
+    s.flush()
+    s = unloaded(image)
+    reads: list[int] = []
+    real = CowStore._read_node
+    monkeypatch.setattr(CowStore, "_read_node", lambda self, *a: reads.append(1) or real(self, *a))
+    b = s.snapshot_unloaded("snap-000000000000000b", "b", 2.0)
+    assert reads == []
+    assert [x.id for x in s.snapshots] == [a.id, b.id]
+    monkeypatch.undo()
+    s = image.reopen()
+    assert [(x.id, x.description) for x in s.snapshots] == [(a.id, "a"), (b.id, "b")]
+    for i in range(4):  # overwrites reuse whatever is free: never what b holds
+        s.write_sectors(0, sector(10 + i) * 2048)
+        s.flush()
+    assert s.read_tree(s.snapshot_tree(s.find_snapshot(b.id)), 0, 2048) == sector(2) * 1024 + sector(1) * 1024
+    assert s.read_tree(s.snapshot_tree(s.find_snapshot(a.id)), 0, 2048) == sector(1) * 2048
+    assert s.read_sectors(0, 2048) == sector(13) * 2048
+
+
+def test_a_detached_snapshot_killed_before_its_commit_leaves_the_volume_as_it_was(
+        image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = image.store
+    s.write_sectors(0, sector(1) * 64)
+    s.flush()
+    s = unloaded(image)
+
+    def killed(*_a: object) -> None:
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(s, "_write_commit", killed)
+    with pytest.raises(SystemExit):
+        s.snapshot_unloaded("snap-0000000000000001", "", 1.0)
+    s = image.reopen()
+    assert s.snapshots == [] and s.read_sectors(0, 64) == sector(1) * 64
+    s.write_sectors(0, sector(2) * 64)  # the table pages it wrote are free
+    s.flush()
+    assert image.reopen().read_sectors(0, 64) == sector(2) * 64
+
+
+def test_a_store_opened_without_its_map_takes_no_write(image: Image) -> None:
+    image.store.write_sectors(0, sector(1))
+    image.store.flush()
+    s = unloaded(image)
+    with pytest.raises(OSError, match="without its map"):
+        s.write_sectors(0, sector(2))
+    with pytest.raises(OSError, match="without its map"):
+        s.flush()
+    assert image.reopen().read_sectors(0, 1) == sector(1)
+
+
+def test_snapshot_create_of_a_detached_volume_reads_no_map_node(tmp_path: Path, service: KeyService,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's "the time must not grow with the data": the command's own path, in process."""
+    from encfs.block import snapshots
+    from encfs.block.volume import create_volume, open_volume
+
+    key = service.create_key()["KeyId"]
+    img = tmp_path / "vol.img"
+    create_volume(img, 64 << 20, service, key)
+    vol = open_volume(img, service)
+    vol.store.write_sectors(0, sector(1) * 4096)
+    vol.flush()
+    vol.close()
+    reads: list[int] = []
+    real = CowStore._read_node
+    monkeypatch.setattr(CowStore, "_read_node", lambda self, *a: reads.append(1) or real(self, *a))
+    sid = snapshots.create(img, service, "d", tmp_path / "home")
+    assert reads == []
+    monkeypatch.undo()
+    vol = open_volume(img, service)
+    try:
+        store = vol.store
+        assert isinstance(store, CowStore)
+        assert store.read_tree(store.snapshot_tree(store.find_snapshot(sid)), 0, 4096) == sector(1) * 4096
+    finally:
+        vol.close()
