@@ -59,7 +59,7 @@ from encfs.block.layout import (
     page_offset,
 )
 from encfs.block.maptree import MapTree, node_from_bytes
-from encfs.block.pages import NEVER_HELD, PagePool
+from encfs.block.pages import NEVER_HELD, USED, PagePool
 from encfs.block.records import (
     MAX_TABLE_PAGES,
     Commit,
@@ -528,12 +528,78 @@ class CowStore(SectorIO):
         except BaseException:
             self.snapshots.append(snap)
             raise
-        self._rebuild(self.pages, punch=True)  # frees what only it held
+        self._give_back()  # what only it held
         return snap
 
+    def _give_back(self) -> None:
+        """After a deletion or a rollback: free and punch what no tree reaches now, then compact.
+        The change itself is committed: a compaction that fails leaves the space to a later one."""
+        self._rebuild(self.pages, punch=True)
+        try:
+            self.compact()
+        except OSError as e:
+            log.warning("volume compaction failed (nothing is lost; the space stays in use): %s", e.strerror)
+
+    def compact(self) -> int:
+        """Bring the image back within its bound once more than ``pending_limit`` pages lie free
+        (after a snapshot is deleted or rolled back to, scattered freed pages keep their
+        filesystem blocks: pages are 4124 bytes). Pages only the live map reaches are moved from
+        the pool's end into the lowest free pages, as sealed bytes (a sector's AAD names its
+        sector, not its page) or, for map nodes and the table, rewritten by the commit; then a
+        second commit records the shorter pool and the image is cut. Copy-on-write as any
+        write: a crash keeps the last commit. Stops at the first page a snapshot holds. The
+        number of pages cut."""
+        pool, tree = self.pool, self.tree
+        if pool.free <= self.pending_limit or tree.damaged or self._failed:
+            return 0
+        self.flush()
+        owners = {page: key for key, page in tree.pages.items()}
+        table = set(self._table)
+        state = pool.state
+        end = len(state) - pool.free  # no page at or past it stays once the pool is compact
+        sectors: dict[int, int] = {}
+        for (level, index), node in tree.nodes.items():
+            if level == 0:
+                base = index * FANOUT
+                sectors.update((p, base + i) for i, p in enumerate(node) if p >= end)
+        pool._cursor = 1
+        top, holes = len(state) - 1, pool.free
+        while top > 0:
+            if state[top] != USED:  # FREE, or NEW: a page this loop moved into
+                top -= 1
+                continue
+            if not pool.movable(top) or holes <= len(tree.dirty) * 2 + 2 * tree.depth + len(table) + 2:
+                break
+            if top in sectors:
+                (dst, _k), = pool.alloc(1, self.txg)
+                if dst >= top:
+                    pool.unalloc([(dst, 1)])
+                    break
+                pwrite_all(self.fd, os.pread(self.fd, SEALED_BLOCK, page_offset(top)), page_offset(dst))
+                pool.drop(tree.set(sectors[top], dst))
+            elif top in owners:
+                tree.dirty.add(owners[top])  # the commit writes it to the lowest free page
+            elif top in table:
+                self._table_dirty = True
+            else:
+                break
+            holes -= 1
+            top -= 1
+        pool._cursor = 1
+        self.flush()  # the moves: the pages they left are free now
+        cut = pool.trim()
+        if cut:
+            self._root_changed = True  # a commit of the shorter pool, then the cut
+            self.flush()
+            os.ftruncate(self.fd, page_offset(self.pages + 1))
+        pool.punch_free()
+        return cut
+
     def punch_free(self) -> None:
-        """Give back the space of every free page (a deletion killed before it punched)."""
+        """Give back the space of every free page (a deletion killed before it punched or
+        compacted)."""
         self.pool.punch_free()
+        self.compact()
 
     def rollback(self, snapshot_id: str) -> Snapshot:
         """Make the live map the snapshot's (the caller makes sure nothing serves the volume)."""
@@ -548,7 +614,7 @@ class CowStore(SectorIO):
         except BaseException:  # the last commit is the live map's: so is the store's
             (self.tree, self.sectors), self._root_changed = before, False
             raise
-        self._rebuild(self.pages, punch=True)
+        self._give_back()
         return snap
 
     def has_snapshot(self, snapshot_id: str) -> bool:

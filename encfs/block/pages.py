@@ -139,6 +139,25 @@ class PagePool:
         self._cursor = runs[-1][0] + runs[-1][1]
         return runs
 
+    def movable(self, page: int) -> bool:
+        """Whether only the live map (or the snapshot table) reaches a USED page: no snapshot
+        holds it, so compaction may move it."""
+        birth = self.birth[page]
+        return birth == NEVER_HELD or birth > self.latest_snapshot
+
+    def trim(self) -> int:
+        """Cut the free pages that end the pool (the caller commits the smaller pool, then cuts
+        the image); the number cut."""
+        state = self.state
+        last = max(state.rfind(USED), state.rfind(NEW))
+        cut = len(state) - 1 - last
+        if cut > 0:
+            del state[last + 1:]
+            del self.birth[last + 1:]
+            self.free -= cut
+            self._cursor = min(self._cursor, last + 1)
+        return cut
+
     def unalloc(self, runs: list[tuple[int, int]]) -> None:
         """Give back pages alloc() handed out for a write that failed."""
         for p, k in runs:
