@@ -369,7 +369,7 @@ class EncfsVolume(Target):
             self.attached = False
             proc = run([sys.executable, "-m", "encfs", "volume", "detach", str(self.image)],
                        env=encfs_env(self.ctx), check=False, timeout=120)
-            if proc.returncode != 0 and b"not attached" not in proc.stderr:
+            if proc.returncode != 0 and b"is not an attached" not in proc.stderr:  # detached already
                 raise RuntimeError(f"encfs volume detach: {proc.stderr.decode(errors='replace').strip()}")
 
 

@@ -147,7 +147,7 @@ def test_bench_volumes_and_snapshots_smoke(tmp_path: Path) -> None:
 
     snaps = result["snapshots"]
     quarter, full = result["scale"]["snapshot_mib"] // 4, result["scale"]["snapshot_mib"]
-    for name in ("fill", "create_cli", "create_reported", "create_daemon", "list"):
+    for name in ("fill", "create_cli", "create_reported", "create_detached", "create_daemon", "list"):
         for fill in (quarter, full):
             s = snaps[f"{name}_{fill}"]
             assert s["samples"] and all(v > 0 for v in s["samples"]), (name, fill, s)
