@@ -1,4 +1,5 @@
-"""Plaintext sector I/O over a format-2 (copy-on-write) volume image, with snapshots.
+"""Plaintext sector I/O over a format-2 (copy-on-write) volume image, with snapshots
+(their operations and the compaction after a deletion: cowsnap.py).
 
 Sealed sectors go to free pages of the image's pool; the sector map
 (maptree.py) says which page holds each sector's current contents; a commit
@@ -47,19 +48,18 @@ import logging
 import os
 from array import array
 from collections.abc import Iterator
-from dataclasses import asdict
 
 from encfs.block.budget import SealBudget
+from encfs.block.cowsnap import CowSnapshots
 from encfs.block.layout import (
     FANOUT,
-    MAX_PAGES,
     SECTOR_SIZE,
     commit_offset,
     node_block_number,
     page_offset,
 )
 from encfs.block.maptree import MapTree, node_from_bytes
-from encfs.block.pages import NEVER_HELD, USED, PagePool
+from encfs.block.pages import NEVER_HELD, PagePool
 from encfs.block.records import (
     MAX_TABLE_PAGES,
     Commit,
@@ -96,7 +96,7 @@ class CowSealed:
         self.first, self.count, self.blob = first, count, blob
 
 
-class CowStore(SectorIO):
+class CowStore(CowSnapshots, SectorIO):
     """Sector-granular plaintext access to one format-2 image. Reads may run alongside each
     other and alongside seal_ahead(); everything else runs alone (the server's lock)."""
 
@@ -150,6 +150,9 @@ class CowStore(SectorIO):
     def _seal_page(self, cipher: BlockCipher, block_no: int, plain: bytes, sectors: bool = False) -> bytes:
         return bytes(cipher.seal_range(range(block_no, block_no + 1), plain,
                                        counter=self.budget.spend(1, sectors=sectors)))
+
+    def _write_page(self, data: bytes | bytearray | memoryview, page: int) -> None:
+        pwrite_all(self.fd, data, page_offset(page))
 
     def _write_commit(self, slot: int, commit: Commit) -> None:
         pwrite_all(self.fd, self._seal_page(self._commits, slot, commit.pack()), commit_offset(slot))
@@ -467,190 +470,6 @@ class CowStore(SectorIO):
             self._unsynced = False
             if self._mirror_written:
                 self._mirror = None
-
-    # -- snapshots ---------------------------------------------------------------------
-
-    def snapshot(self, snapshot_id: str, description: str, created: float, size: int | None = None) -> Snapshot:
-        """Freeze the map: commit, then record the committed root in the table and commit again.
-        Copies nothing: the time depends on what awaits the first commit, not on the data.
-        ``size`` (default: the volume's): a re-key replaying a snapshot taken before a grow."""
-        self.flush()
-        snap = Snapshot(snapshot_id, self.tree.root_page, self.tree.depth,
-                        self.sectors * SECTOR_SIZE if size is None else size, created, self.txg - 1, description)
-        self.snapshots.append(snap)
-        self._table_dirty = True
-        latest = self.pool.latest_snapshot
-        self.pool.latest_snapshot = snap.txg
-        try:
-            self.flush()
-        except BaseException:
-            self.snapshots.remove(snap)
-            self.pool.latest_snapshot = latest
-            raise
-        return snap
-
-    def snapshot_unloaded(self, snapshot_id: str, description: str, created: float) -> Snapshot:
-        """snapshot() of a detached image opened by load(live=False): the committed map is frozen
-        without reading it. The new table goes past the committed pool, where no tree reaches, and
-        the table it replaces is found free by the next load()'s rebuild; so nothing but the
-        commit records and the table is read, however much the volume holds."""
-        commit = self._loaded
-        assert commit is not None and not self.tree.pages and self._writable
-        snap = Snapshot(snapshot_id, commit.root, commit.depth, self.sectors * SECTOR_SIZE, created, commit.txg,
-                        description)
-        data = pack_table(self.snapshots + [snap])
-        count = -(-len(data) // SECTOR_SIZE)
-        if count > MAX_TABLE_PAGES:
-            raise OSError(errno.ENOSPC, "the snapshot table is full")
-        if commit.pages + count > MAX_PAGES:
-            raise OSError(errno.ENOSPC, "the volume image has reached its largest size")
-        table = list(range(commit.pages + 1, commit.pages + 1 + count))
-        for i, page in enumerate(table):
-            chunk = data[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE].ljust(SECTOR_SIZE, b"\0")
-            pwrite_all(self.fd, self._seal_page(self._table_cipher, self.txg << 10 | i, chunk), page_offset(page))
-        os.ftruncate(self.fd, page_offset(table[-1] + 1))  # and no page a crash left past the pool
-        new = Commit(self.txg, self.txg, commit.root, commit.depth, commit.pages + count, table)
-        os.fdatasync(self.fd)
-        self._write_commit(self._slot, new)
-        os.fdatasync(self.fd)  # the commit
-        self.snapshots.append(snap)
-        self._loaded, self._table, self._table_txg = new, table, new.txg
-        self.txg, self._slot, self._mirror = self.txg + 1, 1 - self._slot, new
-        self._write_mirror()
-        return snap
-
-    def delete_snapshot(self, snapshot_id: str) -> Snapshot:
-        snap = self.find_snapshot(snapshot_id)
-        self.snapshots.remove(snap)
-        self._table_dirty = True
-        try:
-            self.flush()
-        except BaseException:
-            self.snapshots.append(snap)
-            raise
-        self._give_back()  # what only it held
-        return snap
-
-    def _give_back(self) -> None:
-        """After a deletion or a rollback: free and punch what no tree reaches now, then compact.
-        The change itself is committed: a compaction that fails leaves the space to a later one."""
-        self._rebuild(self.pages, punch=True)
-        try:
-            self.compact()
-        except OSError as e:
-            log.warning("volume compaction failed (nothing is lost; the space stays in use): %s", e.strerror)
-
-    def compact(self) -> int:
-        """Bring the image back within its bound once more than ``pending_limit`` pages lie free
-        (after a snapshot is deleted or rolled back to, scattered freed pages keep their
-        filesystem blocks: pages are 4124 bytes). Pages only the live map reaches are moved from
-        the pool's end into the lowest free pages, as sealed bytes (a sector's AAD names its
-        sector, not its page) or, for map nodes and the table, rewritten by the commit; then a
-        second commit records the shorter pool and the image is cut. Copy-on-write as any
-        write: a crash keeps the last commit. Stops at the first page a snapshot holds. The
-        number of pages cut."""
-        pool, tree = self.pool, self.tree
-        if pool.free <= self.pending_limit or tree.damaged or self._failed:
-            return 0
-        self.flush()
-        owners = {page: key for key, page in tree.pages.items()}
-        table = set(self._table)
-        state = pool.state
-        end = len(state) - pool.free  # no page at or past it stays once the pool is compact
-        sectors: dict[int, int] = {}
-        for (level, index), node in tree.nodes.items():
-            if level == 0:
-                base = index * FANOUT
-                sectors.update((p, base + i) for i, p in enumerate(node) if p >= end)
-        pool._cursor = 1
-        top, holes = len(state) - 1, pool.free
-        while top > 0:
-            if state[top] != USED:  # FREE, or NEW: a page this loop moved into
-                top -= 1
-                continue
-            if not pool.movable(top) or holes <= len(tree.dirty) * 2 + 2 * tree.depth + len(table) + 2:
-                break
-            if top in sectors:
-                (dst, _k), = pool.alloc(1, self.txg)
-                if dst >= top:
-                    pool.unalloc([(dst, 1)])
-                    break
-                pwrite_all(self.fd, os.pread(self.fd, SEALED_BLOCK, page_offset(top)), page_offset(dst))
-                pool.drop(tree.set(sectors[top], dst))
-            elif top in owners:
-                tree.dirty.add(owners[top])  # the commit writes it to the lowest free page
-            elif top in table:
-                self._table_dirty = True
-            else:
-                break
-            holes -= 1
-            top -= 1
-        pool._cursor = 1
-        self.flush()  # the moves: the pages they left are free now
-        cut = pool.trim()
-        if cut:
-            self._root_changed = True  # a commit of the shorter pool, then the cut
-            self.flush()
-            os.ftruncate(self.fd, page_offset(self.pages + 1))
-        pool.punch_free()
-        return cut
-
-    def punch_free(self) -> None:
-        """Give back the space of every free page (a deletion killed before it punched or
-        compacted)."""
-        self.pool.punch_free()
-        self.compact()
-
-    def rollback(self, snapshot_id: str) -> Snapshot:
-        """Make the live map the snapshot's (the caller makes sure nothing serves the volume)."""
-        snap = self.find_snapshot(snapshot_id)
-        self.flush()
-        before = self.tree, self.sectors
-        self.tree = self.snapshot_tree(snap)
-        self.sectors = max(self.sectors, snap.size // SECTOR_SIZE)
-        self._root_changed = True
-        try:
-            self.flush()
-        except BaseException:  # the last commit is the live map's: so is the store's
-            (self.tree, self.sectors), self._root_changed = before, False
-            raise
-        self._give_back()
-        return snap
-
-    def has_snapshot(self, snapshot_id: str) -> bool:
-        """Whether the newest commit on disk still lists the snapshot: for a reader beside the
-        daemon (load(live=False)), which reads the table again only if a commit replaced it.
-        BlockAuthError as load()."""
-        found = [c for slot in (0, 1) if (c := self._read_commit(slot)) is not None]
-        if not found or max(found, key=lambda c: c.txg).table_txg != self._table_txg:
-            self.load(live=False)
-        return any(s.id == snapshot_id for s in self.snapshots)
-
-    def find_snapshot(self, snapshot_id: str) -> Snapshot:
-        for snap in self.snapshots:
-            if snap.id == snapshot_id:
-                return snap
-        raise KeyError(snapshot_id)
-
-    def snapshot_rows(self) -> list[dict[str, object]]:
-        """Each snapshot with its exclusive and shared bytes (see space()), oldest first."""
-        space = self.space()
-        return [dict(asdict(s), **space[s.id]) for s in self.snapshots]
-
-    def space(self) -> dict[str, dict[str, int]]:
-        """For each snapshot id (and "live"): bytes of pages only it reaches ("exclusive") and
-        pages it shares with another tree ("shared"). Walks every tree."""
-        trees = [("live", self.tree)] + [(s.id, self.snapshot_tree(s)) for s in self.snapshots]
-        reach: dict[str, set[int]] = {}
-        seen: set[int] = set()
-        shared: set[int] = set()  # reached by two trees or more; set operations, not a loop per page
-        for name, tree in trees:
-            pages = reach[name] = tree.page_set()
-            shared |= seen & pages
-            seen |= pages
-        return {name: {"exclusive": (len(pages) - len(pages & shared)) * SEALED_BLOCK,
-                       "shared": len(pages & shared) * SEALED_BLOCK}
-                for name, pages in reach.items()}
 
 
 def read_tree_into(fd: int, cipher: BlockCipher, tree: MapTree, first: int, count: int, out: memoryview,
