@@ -151,13 +151,10 @@ if point == "forgotten":
         if forget:
             die()
     snapshots.remember = forgotten
-else:
-    rebuild = CowStore._rebuild
-    def committed(self, pages, punch):
-        if punch:
-            die()
-        rebuild(self, pages, punch)
-    CowStore._rebuild = committed
+else:  # "committed": the deletion's commit is durable; nothing is given back yet
+    def committed(self):
+        die()
+    CowStore.punch_free = committed
 raise SystemExit(main())
 """
 

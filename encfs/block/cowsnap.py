@@ -8,8 +8,8 @@ CowSnapshots; they use its commits. Invariants:
 - A detached create (snapshot_unloaded) reads no map node: the new table goes to pages just
   past the committed pool, which no tree reaches, and the table it replaces is found free by
   the next open's rebuild.
-- Deleting a snapshot or rolling back frees (and punches) what no tree reaches any more, then
-  compacts: pages only the live map reaches move from the pool's end into the lowest free
+- Deleting a snapshot or rolling back frees what no tree reaches any more, compacts, then
+  punches what still lies free. Compaction: pages only the live map reaches move from the pool's end into the lowest free
   pages, each to a free page, and what they leave is freed only by the commit that stops
   reaching it; a second commit records the shorter pool before the image is cut. A crash at
   any point leaves the last commit as it was. A page a snapshot holds is never moved.
@@ -128,13 +128,19 @@ class CowSnapshots:
         return snap
 
     def _give_back(self) -> None:
-        """After a deletion or a rollback: free and punch what no tree reaches now, then compact.
-        The change itself is committed: a compaction that fails leaves the space to a later one."""
-        self._rebuild(self.pages, punch=True)
+        """After a deletion or a rollback: free what no tree reaches now, then give it back."""
+        self._rebuild(self.pages, punch=False)
+        self.punch_free()
+
+    def punch_free(self) -> None:
+        """Give back the space of the free pages: compact, then punch what still lies free (also
+        what a deletion killed before it got here left). The change that freed them is
+        committed: a compaction that fails is logged and leaves the space to a later one."""
         try:
             self.compact()
         except OSError as e:
             log.warning("volume compaction failed (nothing is lost; the space stays in use): %s", e.strerror)
+        self.pool.punch_free()
 
     def compact(self) -> int:
         """Bring the image back within its bound once more than ``pending_limit`` pages lie free
@@ -144,7 +150,7 @@ class CowSnapshots:
         sector, not its page) or, for map nodes and the table, rewritten by the commit; then a
         second commit records the shorter pool and the image is cut. Copy-on-write as any
         write: a crash keeps the last commit. Stops at the first page a snapshot holds. The
-        number of pages cut."""
+        number of pages cut. The caller punches what then lies free (punch_free)."""
         pool, tree = self.pool, self.tree
         if pool.free <= self.pending_limit or tree.damaged or self._failed:
             return 0
@@ -158,7 +164,7 @@ class CowSnapshots:
             if level == 0:
                 base = index * FANOUT
                 sectors.update((p, base + i) for i, p in enumerate(node) if p >= end)
-        pool._cursor = 1
+        pool.rewind()
         top, holes = len(state) - 1, pool.free
         while top > 0:
             if state[top] != USED:  # FREE, or NEW: a page this loop moved into
@@ -181,21 +187,14 @@ class CowSnapshots:
                 break
             holes -= 1
             top -= 1
-        pool._cursor = 1
+        pool.rewind()  # the nodes and the table too
         self.flush()  # the moves: the pages they left are free now
         cut = pool.trim()
         if cut:
             self._root_changed = True  # a commit of the shorter pool, then the cut
             self.flush()
             os.ftruncate(self.fd, page_offset(self.pages + 1))
-        pool.punch_free()
         return cut
-
-    def punch_free(self) -> None:
-        """Give back the space of every free page (a deletion killed before it punched or
-        compacted)."""
-        self.pool.punch_free()
-        self.compact()
 
     def rollback(self, snapshot_id: str) -> Snapshot:
         """Make the live map the snapshot's (the caller makes sure nothing serves the volume)."""

@@ -42,6 +42,7 @@ log = logging.getLogger("encfs.block")
 
 FREE, USED, NEW = 0, 1, 2
 NEVER_HELD = (1 << 64) - 1  # the birth of snapshot-table pages: no snapshot holds them
+FS_BLOCK = 4096  # the image's filesystem block (ext4, xfs, tmpfs here): only whole ones are freed
 _NEW_TO_USED = bytes(USED if b == NEW else b for b in range(256))
 
 
@@ -139,6 +140,10 @@ class PagePool:
         self._cursor = runs[-1][0] + runs[-1][1]
         return runs
 
+    def rewind(self) -> None:
+        """The next allocations search from page 1: compaction fills the lowest free pages."""
+        self._cursor = 1
+
     def movable(self, page: int) -> bool:
         """Whether only the live map (or the snapshot table) reaches a USED page: no snapshot
         holds it, so compaction may move it."""
@@ -198,15 +203,21 @@ class PagePool:
         self.punch_pages(punch)
 
     def punch_pages(self, pages: list[int]) -> None:
-        """Punch free pages, merged into runs (see the module invariants)."""
+        """Punch free pages, merged into runs, each cut to the filesystem blocks it covers whole
+        (see the module invariants): a run covering none is skipped, not zeroed."""
         pages.sort()
         i = 0
         while i < len(pages):
             j = i + 1
             while j < len(pages) and pages[j] == pages[j - 1] + 1:
                 j += 1
+            start = -(-page_offset(pages[i]) // FS_BLOCK) * FS_BLOCK
+            end = (page_offset(pages[j - 1]) + SEALED_BLOCK) // FS_BLOCK * FS_BLOCK
+            if end <= start:
+                i = j
+                continue
             try:
-                punch_hole(self.fd, page_offset(pages[i]), (j - i) * SEALED_BLOCK)
+                punch_hole(self.fd, start, end - start)
             except OSError as e:
                 log.warning("free pages %d-%d not punched: %s", pages[i], pages[j - 1], e.strerror)
                 return
