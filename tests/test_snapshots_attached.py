@@ -306,12 +306,12 @@ def test_deleting_many_snapshots_gives_their_space_back(rig: Rig, fio: str) -> N
     assert_same(read_ok(loop, 0, 32 * MiB), live, "the live volume after the deletions")
     rig.detach(loop)
     freed = allocated(image)
-    # Every block that no live page touches is given back. Pages are 4124 bytes, so a live page
-    # alone between freed ones keeps two blocks: scattered live data keeps up to about 1.3 times
-    # its size (the scattered writes above are a third or more of it).
+    # Every block that no live page touches is given back, and with no snapshot left the image is
+    # within issue #20's bound: pages are 4124 bytes, so without compaction a live page alone
+    # between freed ones kept two blocks and scattered live data kept about 1.3 times its size.
     pinned = blocks_pinned(image, rig.home)
     assert freed <= pinned + 64 * 1024, f"{freed} bytes allocated, only {pinned} reached (was {held})"
-    assert freed <= 1.4 * data, f"{freed} bytes still allocated for {data} bytes of data (was {held})"
+    assert freed <= 1.15 * data, f"{freed} bytes still allocated for {data} bytes of data (was {held})"
     assert_same(volume_tool.contents(image, rig.home), live, "the live volume, detached")
 
 
