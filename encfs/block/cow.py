@@ -28,9 +28,11 @@ pools, qcow2 and ZFS). Invariants:
   it: one does exactly when the page was born in a transaction at or before
   the newest snapshot's (ZFS's birth-time rule; snapshots are taken of
   committed states only). Snapshot-table pages are never held.
-- Freed pages are reused before the pool grows. At most ``pending_limit``
-  freed pages wait for a commit: past it a write commits first, so the
-  image stays within layout.cow_image_bound() without snapshots.
+- Freed pages are reused before the pool grows, those that still hold their
+  bytes before punched ones (pages.py). At most PagePool.allowance() freed
+  pages (1/32 of the pages in use, capped by ``pending_limit``) wait for a
+  commit: past it a write commits first, so the image stays within 1.15
+  times its data without snapshots (and within layout.cow_image_bound()).
 - Nonces are unique by construction: every seal under the volume key
   (sectors, nodes, table pages, commit records) takes the next values of a
   64-bit counter (budget.SealBudget, reserved in the header before use, so
@@ -137,8 +139,9 @@ class CowStore(CowSnapshots, SectorIO):
 
     @staticmethod
     def default_pending_limit(sectors: int) -> int:
-        """Freed pages allowed to wait for a commit: 1/32 of the volume (at least 1 MiB), so
-        that the image stays within 1.15 times the volume's data from 32 MiB up."""
+        """The cap on freed pages waiting for a commit: 1/32 of the volume (at least 1 MiB). The
+        pool's allowance() lowers it to 1/32 of the pages in use, so that the image stays within
+        1.15 times the data however full the volume is."""
         return max(256, sectors // 32)
 
     def start_seal_worker(self, key: bytes) -> None:
@@ -325,7 +328,7 @@ class CowStore(CowSnapshots, SectorIO):
     def _place(self, sealed: CowSealed) -> None:
         """Write sealed sectors to free pages, then point the map at them (module invariants)."""
         self.tree.check(sealed.first, sealed.count)
-        if len(self.pool.pending) >= self.pending_limit:
+        if len(self.pool.pending) >= min(self.pending_limit, self.pool.allowance()):
             self.flush()
         runs = self.pool.alloc(sealed.count, self.txg)
         blob = memoryview(sealed.blob)

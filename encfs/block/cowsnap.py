@@ -152,7 +152,7 @@ class CowSnapshots:
         write: a crash keeps the last commit. Stops at the first page a snapshot holds. The
         number of pages cut. The caller punches what then lies free (punch_free)."""
         pool, tree = self.pool, self.tree
-        if pool.free <= self.pending_limit or tree.damaged or self._failed:
+        if pool.holding <= min(self.pending_limit, pool.allowance()) or tree.damaged or self._failed:
             return 0
         self.flush()
         owners = {page: key for key, page in tree.pages.items()}
@@ -165,12 +165,12 @@ class CowSnapshots:
                 base = index * FANOUT
                 sectors.update((p, base + i) for i, p in enumerate(node) if p >= end)
         pool.rewind()
-        top, holes = len(state) - 1, pool.free
+        top, room = len(state) - 1, pool.free
         while top > 0:
-            if state[top] != USED:  # FREE, or NEW: a page this loop moved into
+            if state[top] != USED:  # free, or NEW: a page this loop moved into
                 top -= 1
                 continue
-            if not pool.movable(top) or holes <= len(tree.dirty) * 2 + 2 * tree.depth + len(table) + 2:
+            if not pool.movable(top) or room <= len(tree.dirty) * 2 + 2 * tree.depth + len(table) + 2:
                 break
             if top in sectors:
                 (dst, _k), = pool.alloc(1, self.txg)
@@ -185,7 +185,7 @@ class CowSnapshots:
                 self._table_dirty = True
             else:
                 break
-            holes -= 1
+            room -= 1
             top -= 1
         pool.rewind()  # the nodes and the table too
         self.flush()  # the moves: the pages they left are free now

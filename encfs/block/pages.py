@@ -1,12 +1,15 @@
 """Which pages of a format-2 image's pool are free: the page accounting of cow.py.
 
-Every page is FREE, USED (reached by the last commit's live map or by a
-snapshot) or NEW (written in the open transaction, reached only by the map
-in memory). Invariants:
+Every page is FREE (free, still holding its bytes), HOLE (free, and punched:
+its whole filesystem blocks were given back), USED (reached by the last
+commit's live map or by a snapshot) or NEW (written in the open transaction,
+reached only by the map in memory). Invariants:
 
 - The accounting is never stored: rebuild() derives it from the trees at
   open and after a snapshot is deleted or rolled back to, so a crash can
-  neither leak a page nor free one still reached.
+  neither leak a page nor free one still reached. Which free pages are
+  HOLE is read from the image (SEEK_HOLE); a page taken for FREE when it
+  is punched costs only a less good choice in alloc().
 - A NEW page the live map drops is free at once (no commit reached it); a
   USED one waits in ``pending`` for the next durable commit, then is freed
   unless a snapshot holds it. A snapshot holds a page exactly when the page
@@ -14,23 +17,28 @@ in memory). Invariants:
   birth-time rule: snapshots are taken of committed states, and a page
   born later cannot be in one). Pages born NEVER_HELD (the snapshot table)
   are never held.
-- alloc() keeps a write's pages in one run where it can: a free run that
-  fits (searched from where the last allocation ended, so sequential
-  writes stay sequential), else the pool's end, as long as at most
-  ``slack`` pages lie free elsewhere (cow.py sets it to its pending limit);
-  past that it takes scattered free pages, so the free pages never exceed
-  slack plus one write and the image stays within its bound. Filling
-  scattered pages first broke 1 MiB writes into ~10 image writes each once
-  a volume had been overwritten at random.
+- The bound: at most allowance() free pages hold their bytes (1/32 of the
+  pages in use, at least SLACK_MIN, at most ``slack``), plus one write.
+  alloc() reuses FREE pages before any other: a FREE run that fits
+  (searched from where the last allocation ended, so sequential writes
+  stay sequential); else, while more than the allowance of FREE pages lie
+  elsewhere, scattered FREE pages; else a HOLE run that fits, else the
+  pool's end. Taking a punched run while freed pages still held their bytes
+  let the image grow without bound once a discard had punched holes
+  (8.2 times the data after eight overwrite passes). Filling scattered
+  pages first, always, broke 1 MiB writes into ~10 image writes each once a
+  volume had been overwritten at random.
 - Pages are 4124 bytes, so only runs of them free whole filesystem blocks:
-  punch_pages() merges before punching; a failed punch loses nothing (the
-  pages stay free and are reused).
+  punch_pages() merges a run with the free pages beside it and punches the
+  whole blocks it covers; a failed punch loses nothing (the pages stay free
+  and are reused).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 from array import array
 from collections.abc import Iterable
 
@@ -40,10 +48,12 @@ from encfs.blocks import SEALED_BLOCK
 
 log = logging.getLogger("encfs.block")
 
-FREE, USED, NEW = 0, 1, 2
+FREE, USED, NEW, HOLE = 0, 1, 2, 3
+SLACK_MIN, SLACK_SHARE = 256, 32  # allowance(): at least 1 MiB of pages, else 1/32 of those in use
 NEVER_HELD = (1 << 64) - 1  # the birth of snapshot-table pages: no snapshot holds them
 FS_BLOCK = 4096  # the image's filesystem block (ext4, xfs, tmpfs here): only whole ones are freed
 _NEW_TO_USED = bytes(USED if b == NEW else b for b in range(256))
+_FREE_TO_HOLE = bytes(HOLE if b == FREE else b for b in range(256))
 
 
 class PagePool:
@@ -53,16 +63,28 @@ class PagePool:
         self.fd = fd
         self.state = bytearray([USED])  # page 0 is "none", never allocated
         self.birth = array("Q", [0])
-        self.free = 0
+        self.free = 0  # FREE and HOLE pages
+        self.holes = 0  # HOLE pages: free, and punched
         self._cursor = 1
         self.new: list[tuple[int, int]] = []  # runs (first page, count) allocated since the last commit
         self.pending: list[tuple[int, bool]] = []  # (page, punch once free): freed at the next commit
         self.latest_snapshot = 0  # the transaction of the newest snapshot
-        self.slack = 0  # free pages alloc() leaves scattered rather than break a write into pieces
+        self.slack = 0  # the most pages allowance() grants, whatever the pool holds (cow.py's pending limit)
 
     @property
     def pages(self) -> int:
         return len(self.state) - 1
+
+    @property
+    def holding(self) -> int:
+        """Free pages that still hold their bytes (FREE, not HOLE)."""
+        return self.free - self.holes
+
+    def allowance(self) -> int:
+        """How many pages may hold their bytes while free, and how many freed pages may wait for
+        a commit: 1/32 of the pages in use (at least SLACK_MIN), at most ``slack``. Relative to
+        the data, not to the volume's size, so that a half-full volume keeps the same bound."""
+        return min(self.slack, max(SLACK_MIN, (len(self.state) - 1 - self.free) // SLACK_SHARE))
 
     def rebuild(self, pages: int, txg: int, latest_snapshot: int, held: Iterable[int], live: Iterable[int],
                 never_held: Iterable[int], punch: bool) -> None:
@@ -84,16 +106,51 @@ class PagePool:
             state[page] = USED
             birth[page] = NEVER_HELD
         self.state, self.birth = state, birth
-        self.free = state.count(FREE)
+        self.free, self.holes = state.count(FREE), 0
         self.latest_snapshot = latest_snapshot  # below txg - 1: a snapshot's table is committed after it
         self.new, self.pending = [], []
         if punch:
             self.punch_free()
+        else:
+            self._find_holes()
+
+    def _find_holes(self) -> None:
+        """Mark HOLE the free pages whose whole filesystem blocks a punch gave back (SEEK_HOLE),
+        so that alloc() reuses the free pages that still hold bytes first."""
+        state, fd = self.state, self.fd
+        size = page_offset(len(state))
+        at = page_offset(1)
+        while at < size:
+            try:
+                hole = os.lseek(fd, at, os.SEEK_HOLE)
+                if hole >= size:
+                    return
+                try:
+                    data = os.lseek(fd, hole, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno != errno.ENXIO:
+                        raise
+                    data = size
+            except OSError as e:  # no SEEK_HOLE here: every free page counts as holding its bytes
+                log.warning("cannot find the image's holes: %s", e.strerror)
+                return
+            self._mark_holes(hole, data)
+            at = data
+
+    def _mark_holes(self, start: int, end: int) -> None:
+        """The FREE pages whose bytes all lie in the punched range [start, end) are HOLE."""
+        state = self.state
+        lo = max(1, -(-(start - page_offset(1)) // SEALED_BLOCK) + 1)
+        hi = min(len(state), (end - page_offset(1)) // SEALED_BLOCK + 1)
+        if lo < hi:
+            self.holes += state.count(FREE, lo, hi)
+            state[lo:hi] = state[lo:hi].translate(_FREE_TO_HOLE)
 
     def punch_free(self) -> None:
-        """Punch every free page (merged into runs): the space of a deletion whose process died
-        between its commit and its punch is given back by the next deletion of the same snapshot."""
-        if self.free:
+        """Punch every free page that holds bytes (merged into runs): the space of a deletion
+        whose process died between its commit and its punch is given back by the next deletion
+        of the same snapshot."""
+        if self.holding:
             state = self.state
             self.punch_pages([p for p in range(1, len(state)) if state[p] == FREE])
 
@@ -103,7 +160,7 @@ class PagePool:
         pages lie free elsewhere; past that, scattered free pages are taken (module invariants)."""
         state, runs = self.state, []
         p = -1
-        if self.free >= n:  # a filling pool has none: no search of the whole pool per write
+        if self.holding >= n:  # a filling pool has none: no search of the whole pool per write
             p = state.find(bytes(n), self._cursor)
             if p < 0 and self._cursor > 1:
                 p = state.find(bytes(n), 1)
@@ -115,7 +172,8 @@ class PagePool:
             if self.free:
                 trailing = tail - 1 - max(state.rfind(USED), state.rfind(NEW))
             need, pos = n, 1
-            while need > trailing and self.free - trailing - (n - need) > self.slack:
+            holding, allowance = self.holding - state.count(FREE, tail - trailing), self.allowance()
+            while need > trailing and holding - (n - need) > allowance:
                 p = state.find(FREE, pos)
                 if p < 0 or p >= tail - trailing:
                     break
@@ -124,6 +182,14 @@ class PagePool:
                     q += 1
                 runs.append((p, q - p))
                 need, pos = need - (q - p), q
+            if need and self.holes >= need:  # a punched run that fits (new blocks either way)
+                hole = bytes([HOLE]) * need
+                p = state.find(hole, self._cursor)
+                if p < 0 and self._cursor > 1:
+                    p = state.find(hole, 1)
+                if 0 <= p < tail - trailing:
+                    runs.append((p, need))
+                    need = 0
             if need:  # the free tail, grown by what it lacks
                 grow = max(0, need - trailing)
                 if tail - 1 + grow > MAX_PAGES:
@@ -133,6 +199,7 @@ class PagePool:
                 self.free += grow
                 runs.append((tail - trailing, need))
         for p, k in runs:
+            self.holes -= state.count(HOLE, p, p + k)
             state[p:p + k] = bytes([NEW]) * k
             self.birth[p:p + k] = array("Q", [txg]) * k
             self.new.append((p, k))
@@ -157,6 +224,7 @@ class PagePool:
         last = max(state.rfind(USED), state.rfind(NEW))
         cut = len(state) - 1 - last
         if cut > 0:
+            self.holes -= state.count(HOLE, last + 1)
             del state[last + 1:]
             del self.birth[last + 1:]
             self.free -= cut
@@ -203,22 +271,36 @@ class PagePool:
         self.punch_pages(punch)
 
     def punch_pages(self, pages: list[int]) -> None:
-        """Punch free pages, merged into runs, each cut to the filesystem blocks it covers whole
-        (see the module invariants): a run covering none is skipped, not zeroed."""
+        """Punch free pages, merged into runs with the free pages beside them, each run cut to
+        the filesystem blocks it covers whole (see the module invariants): a run covering none is
+        skipped, not zeroed. The FREE pages of a punched run become HOLE."""
+        state = self.state
         pages.sort()
         i = 0
         while i < len(pages):
             j = i + 1
             while j < len(pages) and pages[j] == pages[j - 1] + 1:
                 j += 1
-            start = -(-page_offset(pages[i]) // FS_BLOCK) * FS_BLOCK
-            end = (page_offset(pages[j - 1]) + SEALED_BLOCK) // FS_BLOCK * FS_BLOCK
-            if end <= start:
-                i = j
-                continue
-            try:
-                punch_hole(self.fd, start, end - start)
-            except OSError as e:
-                log.warning("free pages %d-%d not punched: %s", pages[i], pages[j - 1], e.strerror)
-                return
+            lo, hi = pages[i], pages[j - 1] + 1
+            while lo > 1 and state[lo - 1] in (FREE, HOLE):
+                lo -= 1
+            while hi < len(state) and state[hi] in (FREE, HOLE):
+                hi += 1
+            start, end = _whole_blocks(lo, hi)
+            if end > start:
+                try:
+                    punch_hole(self.fd, start, end - start)
+                except OSError as e:
+                    log.warning("free pages %d-%d not punched: %s", lo, hi - 1, e.strerror)
+                    return
+                self._mark_holes(start, end)
+            while j < len(pages) and pages[j] < hi:  # pages the merged run took in
+                j += 1
             i = j
+
+
+def _whole_blocks(lo: int, hi: int) -> tuple[int, int]:
+    """The byte range of the filesystem blocks that pages [lo, hi) cover whole (empty: end <= start)."""
+    return (-(-page_offset(lo) // FS_BLOCK) * FS_BLOCK,
+            (page_offset(hi - 1) + SEALED_BLOCK) // FS_BLOCK * FS_BLOCK)
+
