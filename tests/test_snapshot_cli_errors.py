@@ -32,3 +32,13 @@ def test_restoring_from_a_truncated_image_is_one_line(volume: Path, fs_home: Pat
     os.truncate(volume, os.path.getsize(volume) - 3 * SEALED_BLOCK)  # a copy cut short
     assert "truncated" in fails("snapshot", "restore", sid, tmp_path / "r.img", home=fs_home)
     assert "truncated" in fails("snapshot", "export", sid, tmp_path / "ex", home=fs_home)
+
+
+def test_a_description_is_one_line_of_printable_text(volume: Path, fs_home: Path) -> None:  # noqa: F811
+    """A newline in --description broke the list's table (issue #20's audit); EBS caps it at 255."""
+    for bad in ("two\nlines", "tab\there", "x" * 256):
+        assert "--description must be one line" in fails("snapshot", "create", str(volume), "--description", bad,
+                                                          home=fs_home)
+    assert "snap-" not in ok("snapshot", "list", str(volume), home=fs_home)
+    ok("snapshot", "create", str(volume), "--description", "before the upgrade: été", home=fs_home)
+    assert "before the upgrade: été" in ok("snapshot", "list", str(volume), home=fs_home)

@@ -19,6 +19,7 @@ from encfs.block.rekey import copy_sectors, tmp_path
 from encfs.block.volume import OpenVolume, VolumeError, create_volume, open_volume
 from encfs.cliargs import open_key_service, state_dir
 from encfs.diskio import fsync_dir
+from encfs.errors import UsageError
 from encfs.keys.service import KeyService
 from encfs.output import print_json, print_record, report
 
@@ -37,13 +38,30 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
             "VolumeSize": r["size"], "ExclusiveBytes": r["exclusive"], "SharedBytes": r["shared"]}
 
 
+MAX_DESCRIPTION = 255  # as an EBS snapshot's
+
+
+def _description(text: str | None) -> str:
+    """--description: one line of printable text (the list prints it on the snapshot's row)."""
+    text = text or ""
+    if len(text) > MAX_DESCRIPTION or any(not c.isprintable() for c in text):
+        raise UsageError(f"--description must be one line of at most {MAX_DESCRIPTION} printable characters")
+    return text
+
+
+def _one_line(text: str) -> str:
+    """A description made before create checked it, escaped so that it stays on its row."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def cmd_create(args: argparse.Namespace) -> int:
+    description = _description(args.description)
     image = Path(args.volume)
     if image.is_block_device() or str(image).startswith("/dev/"):
         image = _image_of_loop(str(image))
     start = time.monotonic()
     with open_key_service(args) as ks:
-        sid = snapshots.create(image, ks, args.description or "", state_dir(args))
+        sid = snapshots.create(image, ks, description, state_dir(args))
     took = time.monotonic() - start
     report(args, {"SnapshotId": sid, "Volume": str(image.absolute()), "Seconds": round(took, 3)},
            f"{sid} created from {image} in {took:.2f} s")
@@ -84,7 +102,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             x = _row(r)
             print(f"{x['SnapshotId']:22} {x['StartTime'][:19].replace('T', ' '):20} {_size(r['size']):>10} "
                   f"{_size(r['exclusive']):>10} {_size(r['shared']):>10}  {r['volume']}"
-                  + (f"  {r['description']}" if r["description"] else ""))
+                  + (f"  {_one_line(r['description'])}" if r["description"] else ""))
     for p in problems:
         print(f"encfs: warning: {p}", file=sys.stderr)
     return 0
