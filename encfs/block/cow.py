@@ -180,15 +180,20 @@ class CowStore(CowSnapshots, SectorIO):
         """Read the newest commit, its map and snapshot table; rebuild the page accounting.
         Without ``live``, only the snapshot table (for a reader beside the serving daemon: the
         pages of snapshots do not change while they exist, the live map's do)."""
-        found = [(c.txg, slot, c) for slot in (0, 1) if (c := self._read_commit(slot)) is not None]
-        if not found:
-            raise BlockAuthError(node_block_number(0, 0))
-        txg, slot, commit = max(found, key=lambda f: (f[0], f[1]))
+        for attempt in range(3):
+            found = [(c.txg, slot, c) for slot in (0, 1) if (c := self._read_commit(slot)) is not None]
+            if not found:
+                raise BlockAuthError(node_block_number(0, 0))
+            txg, slot, commit = max(found, key=lambda f: (f[0], f[1]))
+            if os.fstat(self.fd).st_size >= page_offset(commit.pages + 1):
+                break
+            if live or attempt == 2:
+                raise VolumeTruncated(f"the image ends before its last page ({commit.pages})")
+            # A reader beside the daemon: a compaction (cowsnap.py) may have committed a shorter
+            # pool and cut the image since the records were read; that commit is durable first.
         if len(found) < 2:
             log.warning("volume commit slot %d is damaged; using slot %d (transaction %d)", 1 - slot, slot, txg)
         self.txg, self._slot = txg + 1, 1 - slot
-        if os.fstat(self.fd).st_size < page_offset(commit.pages + 1):
-            raise VolumeTruncated(f"the image ends before its last page ({commit.pages})")
         self._table, self._table_txg = commit.table, commit.table_txg
         self.snapshots = self._read_table(commit)
         self._loaded, self._map_read = commit, live
