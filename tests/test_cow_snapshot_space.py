@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 import random
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cow_store import SECTORS, Image, image, sector  # noqa: F401  (image: the fixture)
+from test_cow_store import KEY, SECTORS, VID, Image, image, sector  # noqa: F401  (image: the fixture)
 
 from encfs.block import cow as cow_mod
+from encfs.block.budget import SealBudget
 from encfs.block.cow import CowStore
 from encfs.block.layout import SECTOR_SIZE, cow_image_bound
 from encfs.keys.service import KeyService
@@ -246,3 +248,54 @@ def test_a_quarter_full_volume_keeps_the_bound_of_its_data(tmp_path: Path) -> No
         s.flush()
         assert img.allocated() <= 1.15 * data * SECTOR_SIZE, (write, img.allocated(), data * SECTOR_SIZE)
     os.close(img.fd)
+
+
+def test_a_reader_beside_a_compaction_that_cuts_the_image_still_finds_its_snapshot(image: Image) -> None:
+    """A snapshot reader beside the daemon (export, restore: load(live=False), has_snapshot())
+    may read the commit records just before a compaction commits a shorter pool and cuts the
+    image, then find the image shorter than the pool it read. That is the daemon's next commit,
+    not damage: the reader must read the commits again, not fail with VolumeTruncated (which
+    the CLI turns into "internal error", or "is truncated" at open)."""
+    s = image.store
+    s.write_sectors(0, os.urandom(256 * SECTOR_SIZE))
+    keep = s.snapshot("snap-00000000000000aa", "", 0.5)  # its pages lie at the pool's start
+    s.write_sectors(256, os.urandom((SECTORS - 256) * SECTOR_SIZE))
+    s.snapshot("snap-0000000000000001", "", 1.0)
+    rnd = random.Random(3)
+    for first in rnd.sample(range(SECTORS), SECTORS * 3 // 10):
+        s.write_sectors(first, os.urandom(SECTOR_SIZE))
+    s.flush()
+    held = bytes(s.read_tree(s.snapshot_tree(keep), 0, 256))
+    before = os.fstat(image.fd).st_size
+    fd = os.open(image.path, os.O_RDONLY)
+    at_trim, go = threading.Event(), threading.Event()
+    real_trim = s.pool.trim
+
+    def trim() -> int:  # the daemon, between the commit of the moves and that of the shorter pool
+        at_trim.set()
+        go.wait(30)
+        return real_trim()
+    try:
+        reader = CowStore(fd, KEY, VID, SECTORS, SealBudget(0, lambda _n: None, "r", counter=True))
+        reader.load(live=False)
+        daemon = threading.Thread(target=s.delete_snapshot, args=("snap-0000000000000001",))
+        s.pool.trim = trim  # type: ignore[method-assign]
+        daemon.start()
+        assert at_trim.wait(30)
+        real_read, reads = reader._read_commit, [0]
+
+        def racing(slot: int) -> object:
+            commit = real_read(slot)
+            reads[0] += 1
+            if reads[0] == 4:  # has_snapshot's two reads, then load's two: the daemon cuts the image now
+                go.set()
+                daemon.join(30)
+            return commit
+        reader._read_commit = racing  # type: ignore[method-assign]
+        assert reader.has_snapshot(keep.id)
+        assert reads[0] >= 4 and os.fstat(fd).st_size < before  # the race happened: the image was cut
+        assert reader.read_tree(reader.snapshot_tree(reader.find_snapshot(keep.id)), 0, 256) == held
+    finally:
+        go.set()
+        daemon.join(30)
+        os.close(fd)
