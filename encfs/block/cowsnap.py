@@ -177,7 +177,11 @@ class CowSnapshots:
                 if dst >= top:
                     pool.unalloc([(dst, 1)])
                     break
-                self._write_page(os.pread(self.fd, SEALED_BLOCK, page_offset(top)), dst)
+                try:
+                    self._write_page(os.pread(self.fd, SEALED_BLOCK, page_offset(top)), dst)
+                except OSError:  # as a refused write (_place): the page goes back, no tree reaches it
+                    pool.unalloc([(dst, 1)])
+                    raise
                 pool.drop(tree.set(sectors[top], dst))
             elif top in owners:
                 tree.dirty.add(owners[top])  # the commit writes it to the lowest free page
