@@ -3,6 +3,7 @@ reads no map, and deleting snapshots brings the image back within its bound."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import sys
@@ -18,6 +19,7 @@ from encfs.block import cow as cow_mod
 from encfs.block.budget import SealBudget
 from encfs.block.cow import CowStore
 from encfs.block.layout import SECTOR_SIZE, cow_image_bound
+from encfs.block.pages import NEW, USED
 from encfs.keys.service import KeyService
 
 
@@ -299,3 +301,30 @@ def test_a_reader_beside_a_compaction_that_cuts_the_image_still_finds_its_snapsh
         go.set()
         daemon.join(30)
         os.close(fd)
+
+
+def test_a_compaction_whose_copy_fails_leaves_no_page_in_use_that_nothing_reaches(
+        image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move the disk refuses (ENOSPC: the lowest free page may be a punched one, which needs a
+    new block) must give its destination page back as _place() does: else the page is NEW, then
+    USED after the next commit, reached by no tree until the volume is opened again, and the next
+    compaction stops at it."""
+    s, live = fill_then_overwrite_under_a_snapshot(image, 0.3)
+    real, calls = CowStore._write_page, [0]
+
+    def refused(self: CowStore, data: bytes, page: int) -> None:
+        calls[0] += 1
+        if calls[0] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, data, page)
+
+    monkeypatch.setattr(CowStore, "_write_page", refused)
+    s.delete_snapshot("snap-0000000000000001")  # the compaction's failure is logged: nothing is lost
+    monkeypatch.undo()
+    assert calls[0] == 5
+    s.flush()
+    reached = s.tree.page_set() | set(s._table)
+    state = s.pool.state
+    assert [p for p in range(1, len(state)) if state[p] in (USED, NEW) and p not in reached] == []
+    assert s.read_sectors(0, SECTORS) == live
+    assert image.reopen().read_sectors(0, SECTORS) == live
