@@ -37,13 +37,14 @@ class Image:
     def _store(self) -> CowStore:
         return CowStore(self.fd, KEY, VID, self.sectors, SealBudget(self.persisted, self._persist, "t", counter=True))
 
-    def reopen(self) -> CowStore:
-        """Drop the store without flushing or closing (a crash), open it again."""
+    def reopen(self, live: bool = True) -> CowStore:
+        """Drop the store without flushing or closing (a crash), open it again (without ``live``:
+        as `snapshot create` opens a detached volume, commit records and table only)."""
         self.store.stop_seal_worker()
         os.close(self.fd)
         self.fd = os.open(self.path, os.O_RDWR)
         self.store = self._store()
-        self.store.load()
+        self.store.load(live=live)
         return self.store
 
     def allocated(self) -> int:
