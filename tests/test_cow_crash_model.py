@@ -148,6 +148,21 @@ class Model:
         return [self.durable] + self.plan[self.k:self.k + 1]
 
 
+def accounting(s: CowStore, where: str) -> None:
+    """The page accounting (pages.py) agrees with its counters, and no page a tree reaches (the
+    live map in memory, a snapshot, the table) is free: alloc() would hand it out."""
+    if s._failed:
+        return
+    pool, state = s.pool, s.pool.state
+    counted = (state.count(pages_mod.FREE, 1) + state.count(pages_mod.HOLE, 1), state.count(pages_mod.HOLE, 1))
+    assert (pool.free, pool.holes) == counted, f"{where}: free, holes {pool.free, pool.holes} != {counted}"
+    reached = s.tree.page_set() | set(s._table)
+    for snap in s.snapshots:
+        reached |= s.snapshot_tree(snap).page_set()
+    free = [p for p in reached if p >= len(state) or state[p] in (pages_mod.FREE, pages_mod.HOLE)]
+    assert not free, f"{where}: pages {sorted(free)[:5]} are free, and a tree reaches them"
+
+
 def busy(s: CowStore) -> bool:
     """Whether flush() would commit (else snapshot() and rollback() make one commit fewer)."""
     return bool(s.tree.dirty or s._table_dirty or s.pool.pending or s._root_changed)
@@ -170,6 +185,7 @@ def run(seed: int, ops: int, tmp: Path, monkeypatch: pytest.MonkeyPatch, detache
             raise Mismatch(f"{where}: snapshots {sorted(x.id for x in s.snapshots)} != {sorted(snaps)}")
         if not snapshots:
             return
+        accounting(s, where)
         for sid, contents in snaps.items():
             tree = s.snapshot_tree(s.find_snapshot(sid))
             for base in set(contents) | set(hot):
