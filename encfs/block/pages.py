@@ -22,12 +22,15 @@ reached only by the map in memory). Invariants:
   alloc() reuses FREE pages before any other: a FREE run that fits
   (searched from where the last allocation ended, so sequential writes
   stay sequential); else, while more than the allowance of FREE pages lie
-  elsewhere, scattered FREE pages; else a HOLE run that fits, else the
-  pool's end. Taking a punched run while freed pages still held their bytes
-  let the image grow without bound once a discard had punched holes
-  (8.2 times the data after eight overwrite passes). Filling scattered
-  pages first, always, broke 1 MiB writes into ~10 image writes each once a
-  volume had been overwritten at random.
+  elsewhere, scattered FREE pages; else a HOLE run that fits; else, while
+  more than the allowance of free pages lie elsewhere, scattered HOLE
+  pages; else the pool's end. Taking a punched run while freed pages still
+  held their bytes let the image grow without bound once a discard had
+  punched holes (8.2 times the data after eight overwrite passes); growing
+  the pool for a write longer than every punched run did too (4.1 times
+  the data after forty rounds of short discards and 1 MiB writes). Filling
+  scattered pages first, always, broke 1 MiB writes into ~10 image writes
+  each once a volume had been overwritten at random.
 - Pages are 4124 bytes, so only runs of them free whole filesystem blocks:
   punch_pages() merges a run with the free pages beside it and punches the
   whole blocks it covers; a failed punch loses nothing (the pages stay free
@@ -190,6 +193,16 @@ class PagePool:
                 if 0 <= p < tail - trailing:
                     runs.append((p, need))
                     need = 0
+            pos = 1  # else punched pages wherever they are, while more than the allowance lie free
+            while need > trailing and self.free - trailing - (n - need) > allowance:
+                p = state.find(HOLE, pos)
+                if p < 0 or p >= tail - trailing:
+                    break
+                q = p + 1
+                while q < tail - trailing and q - p < need and state[q] == HOLE:
+                    q += 1
+                runs.append((p, q - p))
+                need, pos = need - (q - p), q
             if need:  # the free tail, grown by what it lacks
                 grow = max(0, need - trailing)
                 if tail - 1 + grow > MAX_PAGES:
