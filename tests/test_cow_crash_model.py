@@ -30,7 +30,7 @@ from encfs.block.layout import SECTOR_SIZE, commit_offset  # noqa: E402
 from encfs.blocks import BlockAuthError  # noqa: E402
 
 SECTORS = 8192  # the map grows from one level to two as sectors past 1023 are written
-COMPACTION_COMMITS = 2  # after a deletion or rollback, CowStore.compact(): the moves, the shorter pool
+COMPACTION_COMMITS = 3  # after a deletion or rollback, CowStore.compact(): two passes of moves, the shorter pool
 State = tuple[dict[int, bytes], dict[str, dict[int, bytes]]]  # live sectors, snapshots' sectors
 
 

@@ -10,8 +10,9 @@ CowSnapshots; they use its commits. Invariants:
   the next open's rebuild.
 - Deleting a snapshot or rolling back frees what no tree reaches any more, compacts, then
   punches what still lies free. Compaction: pages only the live map reaches move from the pool's end into the lowest free
-  pages, each to a free page, and what they leave is freed only by the commit that stops
-  reaching it; a second commit records the shorter pool before the image is cut. A crash at
+  pages (punched or not), each to a free page, and what they leave is freed only by the commit
+  that stops reaching it; a second pass moves the nodes and table that commit wrote, and a last
+  commit records the shorter pool before the image is cut. A crash at
   any point leaves the last commit as it was. A page a snapshot holds is never moved.
 """
 
@@ -155,16 +156,37 @@ class CowSnapshots:
         if pool.holding <= min(self.pending_limit, pool.allowance()) or tree.damaged or self._failed:
             return 0
         self.flush()
+        end = len(pool.state) - pool.free  # no page at or past it stays once the pool is compact
+        # Moves, map nodes and the table go to the lowest free pages, punched or not: alloc()
+        # otherwise takes pages that hold bytes first, wherever they lie, and after a punch_free()
+        # (a compaction that failed) those lay up to the pool's end, and so did the moves. The
+        # commit of the moves writes the nodes and the table to the free pages left, which may
+        # be at the end still: a second pass rewrites them into the pages the moves left.
+        pool.lowest_first = True
+        try:
+            for _pass in range(2):
+                self._move_down(end)
+        finally:
+            pool.lowest_first = False
+        cut = pool.trim()
+        if cut:
+            self._root_changed = True  # a commit of the shorter pool, then the cut
+            self.flush()
+            os.ftruncate(self.fd, page_offset(self.pages + 1))
+        return cut
+
+    def _move_down(self, end: int) -> None:
+        """One pass of compact() (the pool takes the lowest free pages first): the moves of the
+        pages from ``end`` on, then their commit."""
+        pool, tree, state = self.pool, self.tree, self.pool.state
+        pool.rewind()
         owners = {page: key for key, page in tree.pages.items()}
         table = set(self._table)
-        state = pool.state
-        end = len(state) - pool.free  # no page at or past it stays once the pool is compact
         sectors: dict[int, int] = {}
         for (level, index), node in tree.nodes.items():
             if level == 0:
                 base = index * FANOUT
                 sectors.update((p, base + i) for i, p in enumerate(node) if p >= end)
-        pool.rewind()
         top, room = len(state) - 1, pool.free
         while top > 0:
             if state[top] != USED:  # free, or NEW: a page this loop moved into
@@ -193,12 +215,6 @@ class CowSnapshots:
             top -= 1
         pool.rewind()  # the nodes and the table too
         self.flush()  # the moves: the pages they left are free now
-        cut = pool.trim()
-        if cut:
-            self._root_changed = True  # a commit of the shorter pool, then the cut
-            self.flush()
-            os.ftruncate(self.fd, page_offset(self.pages + 1))
-        return cut
 
     def rollback(self, snapshot_id: str) -> Snapshot:
         """Make the live map the snapshot's (the caller makes sure nothing serves the volume)."""

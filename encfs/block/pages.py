@@ -73,6 +73,8 @@ class PagePool:
         self.pending: list[tuple[int, bool]] = []  # (page, punch once free): freed at the next commit
         self.latest_snapshot = 0  # the transaction of the newest snapshot
         self.slack = 0  # the most pages allowance() grants, whatever the pool holds (cow.py's pending limit)
+        self.lowest_first = False  # compaction: alloc(1) takes the lowest free page, punched or not
+        self._hints = {FREE: 1, HOLE: 1}  # no page of that kind below (while lowest_first; rewind())
 
     @property
     def pages(self) -> int:
@@ -163,7 +165,9 @@ class PagePool:
         pages lie free elsewhere; past that, scattered free pages are taken (module invariants)."""
         state, runs = self.state, []
         p = -1
-        if self.holding >= n:  # a filling pool has none: no search of the whole pool per write
+        if self.lowest_first and n == 1:
+            p = self._lowest()
+        elif self.holding >= n:  # a filling pool has none: no search of the whole pool per write
             p = state.find(bytes(n), self._cursor)
             if p < 0 and self._cursor > 1:
                 p = state.find(bytes(n), 1)
@@ -220,9 +224,23 @@ class PagePool:
         self._cursor = runs[-1][0] + runs[-1][1]
         return runs
 
+    def _lowest(self) -> int:
+        """The lowest free page (-1: none). Pages are only taken while lowest_first holds (a
+        commit's releases come after its allocations, and rewind() starts again), so each hint
+        only moves up: one search of the pool per compaction pass, not one per page."""
+        state, found = self.state, []
+        for kind in (FREE, HOLE):
+            h = self._hints[kind]
+            if h >= 0:
+                h = self._hints[kind] = state.find(kind, h)
+            if h >= 0:
+                found.append(h)
+        return min(found, default=-1)
+
     def rewind(self) -> None:
         """The next allocations search from page 1: compaction fills the lowest free pages."""
         self._cursor = 1
+        self._hints = {FREE: 1, HOLE: 1}
 
     def movable(self, page: int) -> bool:
         """Whether only the live map (or the snapshot table) reaches a USED page: no snapshot
