@@ -52,7 +52,7 @@ from encfs.blocks import SEALED_BLOCK
 log = logging.getLogger("encfs.block")
 
 FREE, USED, NEW, HOLE = 0, 1, 2, 3
-SLACK_MIN, SLACK_SHARE = 256, 32  # allowance(): at least 1 MiB of pages, else 1/32 of those in use
+SLACK_MIN, SLACK_SHARE = 64, 32  # allowance(): at least 256 KiB of pages, else 1/32 of those in use
 NEVER_HELD = (1 << 64) - 1  # the birth of snapshot-table pages: no snapshot holds them
 FS_BLOCK = 4096  # the image's filesystem block (ext4, xfs, tmpfs here): only whole ones are freed
 _NEW_TO_USED = bytes(USED if b == NEW else b for b in range(256))
