@@ -376,3 +376,25 @@ def test_a_compaction_after_one_that_failed_still_cuts_the_image(image: Image,
     assert os.fstat(image.fd).st_size <= cow_image_bound(SECTORS, s.pending_limit), s.pages
     assert image.allocated() <= 1.15 * SECTORS * SECTOR_SIZE
     assert image.reopen().read_sectors(0, SECTORS) == live
+
+
+def test_compaction_cuts_the_image_only_once_both_commit_slots_name_the_shorter_pool(
+        image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the cut, the slot that held the previous commit (the longer pool) must already hold the
+    mirror of the shorter one on disk: else damage to the newest slot would make the image read as
+    truncated (found in review)."""
+    s, _live = fill_then_overwrite_under_a_snapshot(image, 0.3)
+    at_cut: list[tuple[bool, int | None, int | None]] = []
+    real = os.ftruncate
+
+    def cut(fd: int, length: int) -> None:
+        slots = [s._read_commit(i) for i in (0, 1)]
+        at_cut.append((s._unsynced, *(c.pages if c else None for c in slots)))
+        real(fd, length)
+
+    monkeypatch.setattr(os, "ftruncate", cut)
+    s.delete_snapshot("snap-0000000000000001")
+    monkeypatch.undo()
+    assert at_cut, "the compaction did not cut the image"
+    unsynced, a, b = at_cut[-1]
+    assert not unsynced and a == b == s.pages, at_cut
