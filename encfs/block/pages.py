@@ -312,10 +312,17 @@ class PagePool:
             j = i + 1
             while j < len(pages) and pages[j] == pages[j - 1] + 1:
                 j += 1
+            # Free pages beside the run join it; of punched ones, one on each side is enough to
+            # reach the end of a block the run shares (a page is longer than a block), and a long
+            # punched run beside it is not walked again.
             lo, hi = pages[i], pages[j - 1] + 1
-            while lo > 1 and state[lo - 1] in (FREE, HOLE):
+            while lo > 1 and state[lo - 1] == FREE:
                 lo -= 1
-            while hi < len(state) and state[hi] in (FREE, HOLE):
+            if lo > 1 and state[lo - 1] == HOLE:
+                lo -= 1
+            while hi < len(state) and state[hi] == FREE:
+                hi += 1
+            if hi < len(state) and state[hi] == HOLE:
                 hi += 1
             start, end = _whole_blocks(lo, hi)
             if end > start:
