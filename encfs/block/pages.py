@@ -168,9 +168,7 @@ class PagePool:
         if self.lowest_first and n == 1:
             p = self._lowest()
         elif self.holding >= n:  # a filling pool has none: no search of the whole pool per write
-            p = state.find(bytes(n), self._cursor)
-            if p < 0 and self._cursor > 1:
-                p = state.find(bytes(n), 1)
+            p = self._find(bytes(n))  # FREE is 0
         if p >= 0:
             runs.append((p, n))
         else:
@@ -178,35 +176,16 @@ class PagePool:
             trailing = 0  # free pages ending the pool
             if self.free:
                 trailing = tail - 1 - max(state.rfind(USED), state.rfind(NEW))
-            need, pos = n, 1
-            holding, allowance = self.holding - state.count(FREE, tail - trailing), self.allowance()
-            while need > trailing and holding - (n - need) > allowance:
-                p = state.find(FREE, pos)
-                if p < 0 or p >= tail - trailing:
-                    break
-                q = p + 1
-                while q < tail - trailing and q - p < need and state[q] == FREE:
-                    q += 1
-                runs.append((p, q - p))
-                need, pos = need - (q - p), q
+            allowance = self.allowance()
+            holding = self.holding - state.count(FREE, tail - trailing)
+            need = self._scattered(FREE, n, n, trailing, holding - allowance, runs)
             if need and self.holes >= need:  # a punched run that fits (new blocks either way)
-                hole = bytes([HOLE]) * need
-                p = state.find(hole, self._cursor)
-                if p < 0 and self._cursor > 1:
-                    p = state.find(hole, 1)
+                p = self._find(bytes([HOLE]) * need)
                 if 0 <= p < tail - trailing:
                     runs.append((p, need))
                     need = 0
-            pos = 1  # else punched pages wherever they are, while more than the allowance lie free
-            while need > trailing and self.free - trailing - (n - need) > allowance:
-                p = state.find(HOLE, pos)
-                if p < 0 or p >= tail - trailing:
-                    break
-                q = p + 1
-                while q < tail - trailing and q - p < need and state[q] == HOLE:
-                    q += 1
-                runs.append((p, q - p))
-                need, pos = need - (q - p), q
+            # else punched pages wherever they are, while more than the allowance lie free
+            need = self._scattered(HOLE, n, need, trailing, self.free - trailing - allowance, runs)
             if need:  # the free tail, grown by what it lacks
                 grow = max(0, need - trailing)
                 if tail - 1 + grow > MAX_PAGES:
@@ -223,6 +202,31 @@ class PagePool:
         self.free -= n
         self._cursor = runs[-1][0] + runs[-1][1]
         return runs
+
+    def _find(self, run: bytes) -> int:
+        """Where ``run`` (page states) first appears from where the last allocation ended, then
+        from page 1; -1 if nowhere."""
+        p = self.state.find(run, self._cursor)
+        if p < 0 and self._cursor > 1:
+            p = self.state.find(run, 1)
+        return p
+
+    def _scattered(self, kind: int, n: int, need: int, trailing: int, budget: int,
+                   runs: list[tuple[int, int]]) -> int:
+        """Add to ``runs`` pages of ``kind`` wherever they lie before the ``trailing`` free pages
+        that end the pool, lowest first, while fewer than ``budget`` of the write's ``n`` pages
+        are taken; the pages still needed."""
+        state, end, pos = self.state, len(self.state) - trailing, 1
+        while need > trailing and n - need < budget:
+            p = state.find(kind, pos)
+            if p < 0 or p >= end:
+                break
+            q = p + 1
+            while q < end and q - p < need and state[q] == kind:
+                q += 1
+            runs.append((p, q - p))
+            need, pos = need - (q - p), q
+        return need
 
     def _lowest(self) -> int:
         """The lowest free page (-1: none). Pages are only taken while lowest_first holds (a
