@@ -25,12 +25,7 @@ from encfs.keys.service import KeyService
 
 def unloaded(img: Image) -> CowStore:
     """The store as `encfs snapshot create` opens a detached volume: commit records and table only."""
-    img.store.stop_seal_worker()
-    os.close(img.fd)
-    img.fd = os.open(img.path, os.O_RDWR)
-    img.store = img._store()
-    img.store.load(live=False)
-    return img.store
+    return img.reopen(live=False)
 
 
 def test_a_detached_snapshot_reads_no_map_node_and_holds_what_it_froze(image: Image,
@@ -303,13 +298,9 @@ def test_a_reader_beside_a_compaction_that_cuts_the_image_still_finds_its_snapsh
         os.close(fd)
 
 
-def test_a_compaction_whose_copy_fails_leaves_no_page_in_use_that_nothing_reaches(
-        image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A move the disk refuses (ENOSPC: the lowest free page may be a punched one, which needs a
-    new block) must give its destination page back as _place() does: else the page is NEW, then
-    USED after the next commit, reached by no tree until the volume is opened again, and the next
-    compaction stops at it."""
-    s, live = fill_then_overwrite_under_a_snapshot(image, 0.3)
+def delete_with_a_refused_move(s: CowStore, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Delete the snapshot of fill_then_overwrite_under_a_snapshot() while the disk refuses the
+    compaction's fifth page write (ENOSPC); the page writes tried."""
     real, calls = CowStore._write_page, [0]
 
     def refused(self: CowStore, data: bytes, page: int) -> None:
@@ -319,9 +310,19 @@ def test_a_compaction_whose_copy_fails_leaves_no_page_in_use_that_nothing_reache
         real(self, data, page)
 
     monkeypatch.setattr(CowStore, "_write_page", refused)
-    s.delete_snapshot("snap-0000000000000001")  # the compaction's failure is logged: nothing is lost
+    s.delete_snapshot("snap-0000000000000001")
     monkeypatch.undo()
-    assert calls[0] == 5
+    return calls[0]
+
+
+def test_a_compaction_whose_copy_fails_leaves_no_page_in_use_that_nothing_reaches(
+        image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move the disk refuses (ENOSPC: the lowest free page may be a punched one, which needs a
+    new block) must give its destination page back as _place() does: else the page is NEW, then
+    USED after the next commit, reached by no tree until the volume is opened again, and the next
+    compaction stops at it."""
+    s, live = fill_then_overwrite_under_a_snapshot(image, 0.3)
+    assert delete_with_a_refused_move(s, monkeypatch) == 5  # the failure is logged: nothing is lost
     s.flush()
     reached = s.tree.page_set() | set(s._table)
     state = s.pool.state
@@ -349,7 +350,7 @@ def test_writes_longer_than_the_punched_runs_keep_the_pool_within_its_bound(imag
             s.write_sectors(rnd.randrange(SECTORS // 256) * 256, blob)
         s.flush()
         assert os.fstat(image.fd).st_size <= cow_image_bound(SECTORS, s.pending_limit), (_round, s.pages)
-    data = sum(n for _first, n in s.written_runs()) * SECTOR_SIZE
+    data = live_bytes(s)
     assert image.allocated() <= 1.15 * data, (image.allocated(), data)
 
 
@@ -360,17 +361,7 @@ def test_a_compaction_after_one_that_failed_still_cuts_the_image(image: Image,
     bound: taking the free pages that hold bytes first, wherever they lay, it moved pages within
     the pool's end and wrote the map nodes and the table there (21044 pages for 16384 of data)."""
     s, live = fill_then_overwrite_under_a_snapshot(image, 0.3)
-    real, calls = CowStore._write_page, [0]
-
-    def refused(self: CowStore, data: bytes, page: int) -> None:
-        calls[0] += 1
-        if calls[0] == 5:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(self, data, page)
-
-    monkeypatch.setattr(CowStore, "_write_page", refused)
-    s.delete_snapshot("snap-0000000000000001")
-    monkeypatch.undo()
+    delete_with_a_refused_move(s, monkeypatch)
     s = image.reopen()
     s.punch_free()  # what `snapshot delete` does when the snapshot is gone already
     assert os.fstat(image.fd).st_size <= cow_image_bound(SECTORS, s.pending_limit), s.pages
