@@ -49,7 +49,7 @@ import fcntl
 import logging
 import os
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from encfs.block.budget import SealBudget
 from encfs.block.cowsnap import CowSnapshots
@@ -449,19 +449,28 @@ class CowStore(CowSnapshots, SectorIO):
             log.warning("volume commit mirror write failed (the flush itself is durable): %s", e.strerror)
 
     def _write_table(self, allocated: list[tuple[int, int]]) -> list[int]:
-        data = pack_table(self.snapshots)
+        pages: list[int] = []
+
+        def fresh_page() -> int:
+            (page, _k), = runs = self.pool.alloc(1, self.txg)
+            allocated.extend(runs)
+            self.pool.birth[page] = NEVER_HELD
+            pages.append(page)
+            return page
+
+        self._seal_table(self.snapshots, fresh_page)
+        return pages
+
+    def _seal_table(self, snapshots: list[Snapshot], next_page: Callable[[], int]) -> None:
+        """Write ``snapshots`` as the table of the open transaction, a page at a time to the pages
+        ``next_page()`` gives (ENOSPC past MAX_TABLE_PAGES, before any write)."""
+        data = pack_table(snapshots)
         count = -(-len(data) // SECTOR_SIZE)
         if count > MAX_TABLE_PAGES:
             raise OSError(errno.ENOSPC, "the snapshot table is full")
-        pages = []
         for i in range(count):
-            (page, _k), = runs = self.pool.alloc(1, self.txg)
-            allocated += runs
-            self.pool.birth[page] = NEVER_HELD
             chunk = data[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE].ljust(SECTOR_SIZE, b"\0")
-            pwrite_all(self.fd, self._seal_page(self._table_cipher, self.txg << 10 | i, chunk), page_offset(page))
-            pages.append(page)
-        return pages
+            self._write_page(self._seal_page(self._table_cipher, self.txg << 10 | i, chunk), next_page())
 
     def sync_mirrors(self) -> None:
         """Make the newest commit's mirror durable (at rest both slots hold it). A mirror whose

@@ -21,13 +21,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from encfs.block.layout import FANOUT, MAX_PAGES, SECTOR_SIZE, page_offset
 from encfs.block.maptree import MapTree
 from encfs.block.pages import USED, PagePool
-from encfs.block.records import MAX_TABLE_PAGES, Commit, Snapshot, pack_table
+from encfs.block.records import Commit, Snapshot
 from encfs.blocks import SEALED_BLOCK, BlockCipher
 
 log = logging.getLogger("encfs.block")
@@ -64,6 +65,7 @@ class CowSnapshots:
         def _write_page(self, data: bytes | bytearray | memoryview, page: int) -> None: ...
         def _write_commit(self, slot: int, commit: Commit) -> None: ...
         def _write_mirror(self) -> None: ...
+        def _seal_table(self, snapshots: list[Snapshot], next_page: Callable[[], int]) -> None: ...
         def sync_mirrors(self) -> None: ...
         def _read_commit(self, slot: int) -> Commit | None: ...
         def load(self, live: bool = True) -> None: ...
@@ -96,18 +98,17 @@ class CowSnapshots:
         assert commit is not None and not self.tree.pages and self._writable
         snap = Snapshot(snapshot_id, commit.root, commit.depth, self.sectors * SECTOR_SIZE, created, commit.txg,
                         description)
-        data = pack_table(self.snapshots + [snap])
-        count = -(-len(data) // SECTOR_SIZE)
-        if count > MAX_TABLE_PAGES:
-            raise OSError(errno.ENOSPC, "the snapshot table is full")
-        if commit.pages + count > MAX_PAGES:
-            raise OSError(errno.ENOSPC, "the volume image has reached its largest size")
-        table = list(range(commit.pages + 1, commit.pages + 1 + count))
-        for i, page in enumerate(table):
-            chunk = data[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE].ljust(SECTOR_SIZE, b"\0")
-            self._write_page(self._seal_page(self._table_cipher, self.txg << 10 | i, chunk), page)
+        table: list[int] = []
+
+        def past_the_pool() -> int:  # pages no tree reaches
+            if commit.pages + len(table) + 1 > MAX_PAGES:
+                raise OSError(errno.ENOSPC, "the volume image has reached its largest size")
+            table.append(commit.pages + len(table) + 1)
+            return table[-1]
+
+        self._seal_table(self.snapshots + [snap], past_the_pool)
         os.ftruncate(self.fd, page_offset(table[-1] + 1))  # and no page a crash left past the pool
-        new = Commit(self.txg, self.txg, commit.root, commit.depth, commit.pages + count, table)
+        new = Commit(self.txg, self.txg, commit.root, commit.depth, commit.pages + len(table), table)
         os.fdatasync(self.fd)
         self._write_commit(self._slot, new)
         os.fdatasync(self.fd)  # the commit
