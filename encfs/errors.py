@@ -19,7 +19,7 @@ EXIT_CODES = {
     70: "internal error: a bug; one line naming its traceback's log, <state dir>/log/encfs-cli.log (EX_SOFTWARE)",
     74: "I/O error on a file the message names (EX_IOERR)",
     75: "busy: mounted, attached, in use, the mountpoint taken, or a file encfs did not install in the way (EX_TEMPFAIL)",
-    77: "wrong PIN, token locked, or wrong passphrase or recovery key (EX_NOPERM)",
+    77: "wrong PIN, token locked, wrong passphrase or recovery key, or denied by the key daemon (EX_NOPERM)",
     78: "key state forbids it: disabled, pending deletion, wrong usage (EX_CONFIG)",
 }
 
@@ -113,6 +113,19 @@ class PinLocked(TokenError):
     """The token refuses logins after too many wrong PINs."""
 
     exit_code = 77
+
+
+class AccessDenied(EncfsError):
+    """The key daemon's policies, grants and roles do not allow the caller this action (the message
+    names the action, the principal and the reason; the denial is audited)."""
+
+    exit_code = 77  # EX_NOPERM
+
+
+class KeydUnavailable(EncfsError):
+    """The key daemon named by --keyd or the config cannot be reached, or broke off a request."""
+
+    exit_code = 69  # EX_UNAVAILABLE
 
 
 class KeyNotFound(EncfsError):
