@@ -14,13 +14,13 @@ EXIT_CODES = {
     1: "any other failure (fsck: fsck(8)'s codes instead)",
     2: "usage: a malformed command line or argument",
     65: "integrity failure: tampered or damaged data, blob or archive (EX_DATAERR)",
-    66: "not found: key, alias, key store, token or PKCS#11 module (EX_NOINPUT)",
+    66: "not found: key, alias, secret, key store, token or PKCS#11 module (EX_NOINPUT)",
     69: "token unreachable or failing (EX_UNAVAILABLE)",
     70: "internal error: a bug; one line naming its traceback's log, <state dir>/log/encfs-cli.log (EX_SOFTWARE)",
     74: "I/O error on a file the message names (EX_IOERR)",
     75: "busy: mounted, attached, in use, the mountpoint taken, or a file encfs did not install in the way (EX_TEMPFAIL)",
     77: "wrong PIN, token locked, wrong passphrase or recovery key, or denied by the key daemon (EX_NOPERM)",
-    78: "key state forbids it: disabled, pending deletion, wrong usage (EX_CONFIG)",
+    78: "key or secret state forbids it: disabled, pending deletion, wrong usage (EX_CONFIG)",
 }
 
 
@@ -136,6 +136,18 @@ class KeyNotFound(EncfsError):
 
 class KeyStateError(EncfsError):
     """The key exists but its state forbids the operation (not Enabled, ...)."""
+
+    exit_code = 78
+
+
+class SecretNotFound(EncfsError):
+    """No secret with that name exists (or it was deleted), or it has no such version or stage."""
+
+    exit_code = 66
+
+
+class SecretStateError(EncfsError):
+    """The secret exists but its state forbids the operation (scheduled for deletion, ...)."""
 
     exit_code = 78
 
