@@ -28,6 +28,7 @@ from encfs.block import snapcli as snap_cli
 from encfs.cliargs import add_hsm_options, home_of, hsm_options
 from encfs.errors import EXIT_CODES, EncfsError
 from encfs.fuse import cli as fuse_cli
+from encfs.keyd import secretcli
 from encfs.keys import cli as keys_cli
 from encfs.keys.config import default_home
 from encfs.output import add_json_flag
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"encfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keys_cli.register(sub, add_hsm_options)
+    secretcli.add_parser(sub, add_hsm_options)
     fuse_cli.register(sub, add_hsm_options)
     recoverycli.register(sub, add_hsm_options)
     block_cli.register(sub, add_hsm_options)

@@ -22,7 +22,8 @@ NAMES = {
     "header_mac": "HeaderMac", "state_directory": "StateDirectory",
     "loop": "Device",  # a loop device: Device, as an EBS attachment's
 }
-DATA_MAPS = {"mechanisms", "algorithms"}  # `hsm status`: PKCS#11 mechanism names, blob algorithm ids
+DATA_MAPS = {"mechanisms", "algorithms",  # `hsm status`: PKCS#11 mechanism names, blob algorithm ids
+             "versionidstostages", "secretversionstostages"}  # secrets: version id -> stages
 _SNAKE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
 
 
