@@ -17,7 +17,7 @@ from encfs.errors import ArchiveDamaged, WrongPassphrase
 from encfs.keys import backup
 from encfs.keys.backup import KIND_PASSPHRASE, KIND_RECOVERY_KEY, Secret
 
-BK = {v["vector"]: v for v in parse_vectors(DOC.split("## 10. Key store backups", 1)[1])}
+BK = {v["vector"]: v for v in parse_vectors(DOC.split("## 10. Key store backups", 1)[1].split("## 11. ", 1)[0])}
 
 
 def hkdf(key: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
