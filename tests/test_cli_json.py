@@ -51,14 +51,15 @@ def command_of(argv: list[str]) -> tuple[str, ...]:
 
 
 def non_pascal(value: Any, where: str = "") -> list[str]:
-    """Keys that are not PascalCase, at any depth (an encryption context's, mechanisms' and algorithms'
-    are data)."""
+    """Keys that are not PascalCase, at any depth (an encryption context's, mechanisms', algorithms' and
+    a secret's version ids are data)."""
     bad: list[str] = []
     if isinstance(value, dict):
         for k, v in value.items():
             if not PASCAL.fullmatch(k):
                 bad.append(f"{where}.{k}")
-            if not (k.endswith("Context") or k in ("Mechanisms", "Algorithms")):
+            if not (k.endswith("Context") or k in ("Mechanisms", "Algorithms", "VersionIdsToStages",
+                                                    "SecretVersionsToStages")):
                 bad += non_pascal(v, f"{where}.{k}")
     elif isinstance(value, list):
         for i, v in enumerate(value):
@@ -160,6 +161,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                          stdin=blob)
         assert (moved["SourceKeyId"], moved["KeyId"]) == (a, b)
         cli.json("key", "generate-data-key", "a")
+        assert cli.json("secret", "put", "app/db", "--kms-key-id", "a", stdin=b"one")["KmsKeyId"] == a
+        cli.json("secret", "create", "app/api", "--kms-key-id", "a", stdin=b"two")
+        assert cli.json("secret", "get", "app/db")["SecretString"] == "one"
+        rotated = cli.json("secret", "rotate", "app/db")["VersionId"]
+        assert cli.json("secret", "describe", "app/db")["VersionIdsToStages"][rotated] == ["AWSCURRENT"]
+        assert [s["Name"] for s in cli.json("secret", "list")["SecretList"]] == ["app/api", "app/db"]
+        assert "DeletionDate" in cli.json("secret", "delete", "app/api")
+        assert cli.json("secret", "restore", "app/api") == {"Name": "app/api"}
         cli.ok("key", "create", "--alias", "d")
         for verb in ("disable", "enable", "rotate", "enable-rotation", "disable-rotation", "schedule-deletion",
                      "cancel-deletion"):

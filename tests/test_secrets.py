@@ -172,6 +172,9 @@ def test_create_refuses_an_existing_name_and_values_out_of_bounds(store: SecretS
     with pytest.raises(UsageError, match="1 to 65536 bytes"):
         store.put("s", b"x" * 65537)
     store.put("s", b"x" * 65536)
+    for bad in ([], ["two words"], ["x" * 257], [f"s{i}" for i in range(21)]):
+        with pytest.raises(UsageError, match="stage"):
+            store.put("s", VALUE, bad)
     with pytest.raises(SecretNotFound):
         store.put("missing", VALUE)
 

@@ -50,9 +50,11 @@ def test_sealed_value_vector() -> None:
 def test_the_aad_binds_the_name_and_the_version_id(name: str | None, version_id: str | None) -> None:
     """Even under the right data key, a value opened as another secret's or version's is refused."""
     v = SV["secrets-value"]
+    key = hexbytes(v["data_key"])
+    sealed = secretdoc.seal_value(key, hexbytes(v["nonce"]), v["name"], v["version_id"], b"value")
+    assert secretdoc.open_value(key, sealed, v["name"], v["version_id"]) == b"value"
     with pytest.raises(InvalidCiphertext, match="failed authentication"):
-        secretdoc.open_value(hexbytes(v["data_key"]), hexbytes(v["sealed"]), name or v["name"],
-                             version_id or v["version_id"])
+        secretdoc.open_value(key, sealed, name or v["name"], version_id or v["version_id"])
 
 
 @pytest.mark.parametrize("at", [0, 3, 4, 16, -1])
