@@ -30,6 +30,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,18 @@ class AuditLog:
         self._fd: int | None = None
         self._pid = 0
         self._lock = threading.Lock()
+        self._acting = threading.local()
+
+    @contextmanager
+    def acting_for(self, principal: Mapping[str, Any]) -> Iterator[None]:
+        """Records written by this thread inside the block name ``principal`` (the key daemon's
+        client: Principal.audit_fields) instead of this process."""
+        before = getattr(self._acting, "principal", None)
+        self._acting.principal = dict(principal)
+        try:
+            yield
+        finally:
+            self._acting.principal = before
 
     def _descriptor(self) -> int:
         if self._fd is not None and self._pid == os.getpid() and self._rotated(self._fd):
@@ -97,12 +110,20 @@ class AuditLog:
         now) and any extras."""
         self._append(self._line(operation, **fields))
 
-    def record_many(self, operation: str, contexts: Sequence[Mapping[str, str] | None], **fields: Any) -> None:
+    def record_many(self, operation: str, contexts: Sequence[Mapping[str, str] | None],
+                    principals: Sequence[Mapping[str, Any]] | None = None, **fields: Any) -> None:
         """One record per context (otherwise identical), written together.
 
         Each line is exactly what record() would write; the fields other than the
-        context are encoded once, around a marker that each context replaces."""
+        context are encoded once, around a marker that each context replaces. ``principals``
+        (one per context: the key daemon's batch of several clients' requests) names each
+        record's principal."""
         if not contexts:
+            return
+        if principals is not None:
+            assert len(principals) == len(contexts)
+            self._append(b"".join(self._line(operation, context=c, principal=p, **fields)
+                                  for c, p in zip(contexts, principals)))
             return
         marker = {"\0": "\0"}
         template = self._line(operation, context=marker, **fields).decode()
@@ -121,12 +142,17 @@ class AuditLog:
         context: Mapping[str, str] | None = None,
         error: str | None = None,
         now: float | None = None,
+        principal: Mapping[str, Any] | None = None,
         **extra: Any,
     ) -> bytes:
-        uid = os.getuid()
+        if principal is None:
+            principal = getattr(self._acting, "principal", None)
+        if principal is None:
+            uid = os.getuid()
+            principal = {"uid": uid, "user": _user_name(uid), "pid": os.getpid()}
         entry: dict[str, Any] = {
             "time": iso_time(time.time() if now is None else now),
-            "principal": {"uid": uid, "user": _user_name(uid), "pid": os.getpid()},
+            "principal": dict(principal),
             "operation": operation,
             "key_id": key_id,
             "key_version": key_version,

@@ -667,15 +667,18 @@ class KeyService:
 
     def generate_data_keys(self, key: str, contexts: Sequence[EncryptionContext],
                            number_of_bytes: int = 32, cache: DataKeyCache | None = None,
-                           encfs_internal: bool = False) -> list[DataKey]:
+                           encfs_internal: bool = False,
+                           principals: Sequence[dict[str, Any]] | None = None) -> list[DataKey]:
         """generate_data_key for each context (with plaintext), in one pass.
 
         One metadata check, one request to the token's RNG and one hold of the
         token for all the seals; the audit trail still gets one GenerateDataKey
         record per key, with its context, exactly as separate calls would give.
         With ``cache``, each key is entered as if just decrypted (as generate_data_key does).
+        ``principals`` (the key daemon's batch of several clients' requests) names each record's.
         """
-        return self._seal_many("GenerateDataKey", key, contexts, None, number_of_bytes, cache, encfs_internal)
+        return self._seal_many("GenerateDataKey", key, contexts, None, number_of_bytes, cache, encfs_internal,
+                               principals)
 
     def encrypt_many(self, key: str, plaintexts: Sequence[bytes], contexts: Sequence[EncryptionContext],
                      cache: DataKeyCache | None = None, encfs_internal: bool = False) -> list[DataKey]:
@@ -686,7 +689,8 @@ class KeyService:
         return self._seal_many("Encrypt", key, contexts, list(plaintexts), 0, cache, encfs_internal)
 
     def _seal_many(self, op: str, key: str, contexts: Sequence[EncryptionContext], given: list[bytes] | None,
-                   number_of_bytes: int, cache: DataKeyCache | None, encfs_internal: bool) -> list[DataKey]:
+                   number_of_bytes: int, cache: DataKeyCache | None, encfs_internal: bool,
+                   principals: Sequence[dict[str, Any]] | None = None) -> list[DataKey]:
         encoded = [encode_context(dict(c)) for c in contexts]
         info: dict[str, Any] = {}
         try:
@@ -716,15 +720,26 @@ class KeyService:
                 sealed = self.token.encrypt_gcm_many(bytes.fromhex(version.token_id), [
                     (h.nonce, h.pack() + e, p) for h, e, p in zip(headers, encoded, plaintexts)])
         except EncfsError as e:
-            self.audit.record_many(op, contexts, outcome="failure", error=e.message, now=self.clock(), **info)
+            self.audit.record_many(op, contexts, principals, outcome="failure", error=e.message, now=self.clock(),
+                                   **info)
             raise
-        self.audit.record_many(op, contexts, now=self.clock(), **info)
+        self.audit.record_many(op, contexts, principals, now=self.clock(), **info)
         keys = [DataKey(rec.key_id, version.version, p, CiphertextBlob(h, s).pack())
                 for p, h, s in zip(plaintexts, headers, sealed)]
         if cache is not None:
             for dk, enc in zip(keys, encoded):
                 cache.put(dk.ciphertext_blob, enc, dk.plaintext, dk.key_id, dk.key_version)  # type: ignore[arg-type]
         return keys
+
+    def resolve_key_id(self, ref: str) -> str:
+        """The id of the key ``ref`` (an id or alias) names now; KeyNotFound otherwise. Not audited:
+        the key daemon asks it to decide a policy before the audited call."""
+        return self._db().resolve(ref).key_id
+
+    def key_enabled(self, key_id: str) -> bool:
+        """Whether the key exists and is Enabled (fresh metadata; not audited)."""
+        rec = self._db().keys.get(key_id)
+        return rec is not None and rec.state == ENABLED
 
     def data_key_usable(self, key_id: str, key_version: int) -> bool:
         """Whether a data key generated under (key_id, key_version) may still protect new data:
