@@ -28,6 +28,7 @@ from encfs.block import snapcli as snap_cli
 from encfs.cliargs import add_hsm_options, home_of, hsm_options
 from encfs.errors import EXIT_CODES, EncfsError
 from encfs.fuse import cli as fuse_cli
+from encfs.keyd import cli as keyd_cli
 from encfs.keyd import secretcli
 from encfs.keys import cli as keys_cli
 from encfs.keys.config import default_home
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     fsckcli.register(sub, add_hsm_options)
     statuscli.register(sub, add_hsm_options)
     helpcli.register(sub, add_hsm_options)
+    keyd_cli.register(sub, add_hsm_options)
     bench = sub.add_parser("bench", add_help=False, prefix_chars="\0",
                            help="benchmark encfs against the native directory, a null cipher and peers "
                                 "(`encfs bench --help`)")
@@ -166,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "prepare", None) is not None:
             args.prepare(args)
-        if own_process and hasattr(args, "pkcs11_uri"):
+        if own_process and hasattr(args, "pkcs11_uri") and hsm_options(args).keyd is None:
             from encfs.keys.pin_handoff import scrub
 
             args.handed_pin = scrub(home_of(args) or default_home(), hsm_options(args), sys.argv[1:]).pin

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from encfs.keys.config import HsmOptions, default_home
+from encfs.keys.config import HsmOptions, default_home, keyd_options
 
 if TYPE_CHECKING:
     from encfs.keys.service import KeyService
@@ -28,12 +28,21 @@ def add_hsm_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pin-env", metavar="VAR", help="read the user PIN from environment variable VAR")
     g.add_argument("--passphrase-file", metavar="FILE",
                    help="passphrase of the embedded token's sealed PINs (default: ask on the terminal)")
+    k = parser.add_argument_group("key daemon (instead of a token: `encfs keyd`; or [keyd] in the config)")
+    k.add_argument("--keyd", metavar="SOCKET|HOST:PORT",
+                   help="ask the key daemon at this Unix socket, or TCP address with mutual TLS")
+    k.add_argument("--keyd-ca", metavar="FILE", help="CA certificate that signed the daemon's TLS certificate")
+    k.add_argument("--keyd-cert", metavar="FILE", help="this client's TLS certificate")
+    k.add_argument("--keyd-key", metavar="FILE", help="this client's TLS private key")
 
 
 def hsm_options(args: argparse.Namespace) -> HsmOptions:
+    keyd = keyd_options(state_dir(args), args.config, getattr(args, "keyd", None), getattr(args, "keyd_ca", None),
+                        getattr(args, "keyd_cert", None), getattr(args, "keyd_key", None))
     return HsmOptions(uri=args.pkcs11_uri, module=args.pkcs11_module, token=args.token,
                       pin_file=args.pin_file, pin_env=args.pin_env, config=args.config,
-                      pin=getattr(args, "handed_pin", None), passphrase_file=getattr(args, "passphrase_file", None))
+                      pin=getattr(args, "handed_pin", None), passphrase_file=getattr(args, "passphrase_file", None),
+                      keyd=keyd)
 
 
 def home_of(args: argparse.Namespace) -> Path | None:
@@ -50,6 +59,26 @@ def open_key_service(args: argparse.Namespace, provision: bool = False) -> KeySe
     """The key service for the home and token the arguments name (a context manager). Only
     `encfs hsm init` passes ``provision``: any other command on a home without the embedded
     token fails with NoKeyStore."""
+    return open_service(home_of(args), hsm_options(args), provision=provision)
+
+
+def open_service(home: Path | None, hsm: HsmOptions, provision: bool = False) -> KeyService:
+    """The key service itself (the token), or with ``hsm.keyd`` a RemoteKeyService that asks the
+    key daemon: the same methods and errors (encfs.keyd.client), typed as KeyService for its
+    callers. A command that needs more than those methods (the token's own state) says so."""
+    if hsm.keyd is not None:
+        if provision:
+            from encfs.errors import UsageError
+
+            raise UsageError("`encfs hsm init` provisions a token: run it where the token is, without --keyd")
+        from encfs.keyd.client import connect
+
+        return cast("KeyService", connect(hsm.keyd, home))
     from encfs.keys.service import KeyService
 
-    return KeyService.open(home_of(args), hsm_options(args), provision=provision)
+    return KeyService.open(home, hsm, provision=provision)
+
+
+def is_remote(ks: object) -> bool:
+    """Whether ``ks`` asks a key daemon (encfs.keyd.client.RemoteKeyService) rather than a token."""
+    return bool(getattr(ks, "remote", False))

@@ -37,10 +37,10 @@ from pathlib import Path
 
 from encfs.block.fuseserver import RESIZE_XATTR, VolumeServer, fuse_mount, fuse_unmount
 from encfs.block.volume import ShrinkRefused, VolumeBusy, VolumeError, open_volume, read_volume_header
+from encfs.cliargs import open_service
 from encfs.daemon import Readiness, keep_secrets_in_memory, proc_start, spawn
 from encfs.fuseproto.wire import MAX_WRITE
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
-from encfs.keys.service import KeyService
 
 REGISTRY = Path(os.environ.get("ENCFS_RUN_DIR", "/run/encfs")) / "volumes"
 LINK_DIR = Path(os.environ.get("ENCFS_DEV_DIR", "/dev/encfs"))
@@ -268,7 +268,7 @@ def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, rea
         vol = open_volume(image, None, seal_worker=not read_only, accept_rollback=accept_rollback,
                           read_only=read_only, recovery_key=recovery_key)
     else:
-        with KeyService.open(home, hsm, provision=False) as ks:
+        with open_service(home, hsm) as ks:
             vol = open_volume(image, ks, seal_worker=not read_only, accept_rollback=accept_rollback,
                               expected_key=expected_key, read_only=read_only)
     try:

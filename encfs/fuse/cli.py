@@ -30,12 +30,12 @@ def _ks_args(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from encfs.cliargs import open_service
     from encfs.fuse.recovery import init_recovery_key
-    from encfs.keys.service import KeyService
 
     home, hsm = _ks_args(args)
     recovery_key = init_recovery_key(args)
-    with KeyService.open(home, hsm) as ks:
+    with open_service(home, hsm) as ks:
         config = init_filesystem(Path(args.cipherdir), ks, args.key, block_size=args.block_size,
                                  recovery_key=recovery_key)
     report(args, {"CipherDir": str(Path(args.cipherdir).absolute()), "FileSystemId": config.fs_id,

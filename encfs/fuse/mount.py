@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from encfs import daemonlog
+from encfs.cliargs import open_service
 from encfs.daemon import Readiness, keep_secrets_in_memory, spawn
 from encfs.diskio import syncfs
 from encfs.errors import MountError, MountpointBusy
@@ -162,7 +163,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
                             "interrupted `encfs recovery-key add`) answer EIO", cipherdir)
         else:
             rewrap.refuse_if_interrupted(cipherdir)
-            ks = KeyService.open(home, hsm, provision=False)  # a fresh token cannot hold the filesystem's key
+            ks = open_service(home, hsm)  # a fresh token cannot hold the filesystem's key
             opened = open_config(cipherdir, ks, writable=not opts.read_only)
         if not opts.read_only:
             binding.upgrade(cipherdir, opened)

@@ -29,8 +29,8 @@ KEY_USE = frozenset({
 NO_KEY = frozenset({"kms:CreateKey", "kms:ListKeys", "kms:ListAliases", "kms:DescribeToken",
                     "secretsmanager:ListSecrets"})
 # Reading or writing a secret's value is a data operation (it needs the CMK's data keys).
-SECRET_VALUE = frozenset({"secretsmanager:GetSecretValue", "secretsmanager:PutSecretValue",
-                          "secretsmanager:RotateSecret"})
+SECRET_VALUE = frozenset({"secretsmanager:CreateSecret", "secretsmanager:GetSecretValue",
+                          "secretsmanager:PutSecretValue", "secretsmanager:RotateSecret"})
 SECRET_META = frozenset({"secretsmanager:DescribeSecret", "secretsmanager:DeleteSecret",
                          "secretsmanager:RestoreSecret"})
 READ_AUDIT = "encfs:ReadAudit"

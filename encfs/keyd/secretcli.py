@@ -19,9 +19,9 @@ import getpass
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
-from encfs.cliargs import open_key_service
+from encfs.cliargs import is_remote, open_key_service
 from encfs.errors import SecretNotFound, UsageError
 from encfs.keyd.secretdoc import MAX_VALUE_BYTES
 from encfs.keyd.secretstore import DEFAULT_KEY, RANDOM_PASSWORD_LENGTH, SecretStore
@@ -32,9 +32,15 @@ AddHsmOptions = Callable[[argparse.ArgumentParser], None]
 
 @contextmanager
 def open_secret_store(args: argparse.Namespace) -> Iterator[SecretStore]:
-    """The secret store the arguments name: for now the local key service's state directory."""
+    """The secret store the arguments name: the key daemon's with --keyd (RemoteSecretStore: the same
+    methods, decided by the secret's key policy), else the local key service's state directory."""
     with open_key_service(args) as ks:
-        yield SecretStore(ks.home, ks)
+        if is_remote(ks):
+            from encfs.keyd.secretops import RemoteSecretStore
+
+            yield cast(SecretStore, RemoteSecretStore(ks))
+        else:
+            yield SecretStore(ks.home, ks)
 
 
 def _read_value(args: argparse.Namespace, stdin: bool = True) -> bytes | None:

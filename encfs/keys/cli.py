@@ -16,9 +16,9 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from encfs.cliargs import open_key_service
+from encfs.cliargs import is_remote, open_key_service
 from encfs.errors import NoKeyStore, UsageError
 from encfs.keys.context import parse_context_args
 from encfs.keys.metadata import ORIGIN_EXTERNAL, ORIGIN_TOKEN
@@ -189,11 +189,12 @@ def cmd_hsm_unprotect_pin(args: argparse.Namespace) -> int:
 def cmd_hsm_status(args: argparse.Namespace) -> int:
     with open_key_service(args) as ks:
         status = ks.token_status()
-        tokendir = ks.home / "softhsm" / "tokens"
-        if tokendir.exists():
-            status["token_store"] = str(tokendir)
-            status["free_bytes"] = shutil.disk_usage(tokendir).free
-        status["state_directory"] = str(ks.home)
+        if not is_remote(ks):  # a daemon's token store is on its host
+            tokendir = ks.home / "softhsm" / "tokens"
+            if tokendir.exists():
+                status["token_store"] = str(tokendir)
+                status["free_bytes"] = shutil.disk_usage(tokendir).free
+            status["state_directory"] = str(ks.home)
     if args.json:
         _print_json(status)
         return 0
@@ -459,7 +460,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 key_ids = {ks.describe_key(args.key)["KeyId"]}
             except KeyNotFound as e:
                 gone = e
-        records = list(ks.audit.read_all())  # the rotated files too, oldest first
+        # The rotated files too, oldest first; a key daemon's trail through the daemon (encfs:ReadAudit).
+        records = cast(Any, ks).read_audit() if is_remote(ks) else list(ks.audit.read_all())
         if gone is not None:
             # Deleted (or an alias since deleted): its history stays, as CloudTrail keeps a
             # deleted key's events; what the trail never named is still not found.
@@ -533,6 +535,10 @@ def register(sub: Any, add_hsm_options: AddHsmOptions) -> None:
 
     key = sub.add_parser("key", help="customer master keys and data keys").add_subparsers(
         dest="key_command", required=True, metavar="COMMAND")
+
+    from encfs.keyd import policycli
+
+    policycli.register(key, add_hsm_options)
 
     p = cmd(key, "create", cmd_create, "create a customer master key; prints its id", json_flag=True)
     p.add_argument("--alias")

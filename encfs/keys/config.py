@@ -44,6 +44,17 @@ class HsmOptions:
     config: str | None = None
     pin: str | None = field(default=None, repr=False)  # already read (a daemon's parent prompted)
     passphrase_file: str | None = None  # opens the embedded token's sealed PINs (encfs.keys.pinseal)
+    keyd: KeydOptions | None = None  # use `encfs keyd` instead of a token (--keyd or [keyd] in the config)
+
+
+@dataclass(frozen=True)
+class KeydOptions:
+    """Where a key daemon answers (a Unix socket, or HOST:PORT with mutual TLS and these files)."""
+
+    address: str
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
 
 
 def check_state_dir(home: Path) -> None:
@@ -101,6 +112,39 @@ def _read_config(home: Path, explicit: str | None) -> dict[str, object]:
     return hsm
 
 
+_KEYD_SETTINGS = {"address", "ca", "cert", "key"}
+
+
+def keyd_options(home: Path, config: str | None, address: str | None, ca: str | None = None,
+                 cert: str | None = None, key: str | None = None) -> KeydOptions | None:
+    """The key daemon to use: --keyd (and its TLS files) first, then the config file's ``[keyd]``
+    table (``address = "/run/encfs/keyd.sock"`` or ``"host:7300"``, ``ca``, ``cert``, ``key``);
+    None: no daemon, the token directly."""
+    conf: dict[str, object] = {}
+    path = Path(config) if config else home / "config.toml"
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f).get("keyd", {})
+    except (FileNotFoundError, tomllib.TOMLDecodeError, OSError):
+        table = {}  # reported by _read_config when the token is used; a daemon needs only --keyd
+    if isinstance(table, dict):
+        unknown = set(table) - _KEYD_SETTINGS
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown [keyd] setting {min(unknown)!r}")
+        conf = table
+    found = address or conf.get("address")
+    if not found:
+        return None
+    if not isinstance(found, str):
+        raise ConfigError(f"config file {path}: [keyd] address must be a string")
+
+    def pick(given: str | None, name: str) -> str | None:
+        value = given or conf.get(name)
+        return str(value) if value else None
+
+    return KeydOptions(found, pick(ca, "ca"), pick(cert, "cert"), pick(key, "key"))
+
+
 def resolve_token(home: Path, opts: HsmOptions) -> tuple[TokenSpec, EmbeddedSoftHSM | None]:
     """Return the token to use and, for the embedded default, its provisioner."""
     check_state_dir(home)
@@ -149,7 +193,9 @@ def resolve_token(home: Path, opts: HsmOptions) -> tuple[TokenSpec, EmbeddedSoft
 def prompt_before_fork(home: Path, opts: HsmOptions) -> HsmOptions:
     """Ask for the PIN (or the passphrase of the embedded token's sealed PINs) now if the token
     needs one: a daemon has no terminal after fork. The daemon gets the PIN in ``pin``, in the
-    memory it inherits, and never asks again."""
+    memory it inherits, and never asks again. With a key daemon there is no PIN to ask."""
+    if opts.keyd is not None:
+        return opts
     spec, embedded = resolve_token(home, opts)
     if (embedded is None and spec.pin.kind == "prompt") or spec.pin.kind == "sealed":
         return replace(opts, pin=spec.pin.resolve(spec.label or "the token"))

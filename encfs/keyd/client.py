@@ -1,0 +1,347 @@
+"""RemoteKeyService: the KeyService API, answered by `encfs keyd` (the same methods, the same errors).
+
+Invariants:
+- A method is one request; the daemon's error reply is raised as the same ``encfs.errors`` class
+  with the same message and exit code (protocol.raise_error), so a command behaves alike with a
+  daemon and with a local token.
+- The client holds no PIN and opens no token. A data-key cache stays here (a mount's cache), but a
+  hit is still asked of the daemon (CachedKeyUsable: the key Enabled, the caller's kms:Decrypt
+  allowed) so that a disabled key, a revoked grant or a narrowed policy stops the next use.
+- One connection, one request at a time (a lock): a mount's threads share it. A broken connection
+  is reopened once for the next request; a request cut off in flight is KeydUnavailable, never
+  retried (it may have acted).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Self
+
+from encfs.errors import KeydUnavailable, UsageError
+from encfs.keyd.protocol import HEADER, ProtocolError, b64, decode_payload, encode_frame, frame_length, raise_error
+from encfs.keys.cache import DataKeyCache
+from encfs.keys.config import KeydOptions
+from encfs.keys.context import EncryptionContext, encode_context
+from encfs.keys.service import DataKey, Decrypted, ImportParameters
+
+TIMEOUT_SECONDS = 60.0
+
+
+def _unb64(value: Any) -> bytes:
+    import base64
+
+    return base64.b64decode(value)
+
+
+class KeydAddress:
+    """Where a daemon answers: a Unix socket path, or HOST:PORT with TLS."""
+
+    def __init__(self, spec: str, tls: ssl.SSLContext | None = None) -> None:
+        self.spec = spec
+        self.tls = tls
+        host, sep, port = spec.rpartition(":")
+        self.tcp = bool(sep) and port.isdigit() and "/" not in spec
+        self.host, self.port = (host.strip("[]"), int(port)) if self.tcp else ("", 0)
+
+    def connect(self) -> socket.socket:
+        try:
+            if not self.tcp:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(TIMEOUT_SECONDS)
+                sock.connect(self.spec)
+                return sock
+            if self.tls is None:
+                raise UsageError(f"--keyd {self.spec} is TCP: it needs --keyd-ca, --keyd-cert and --keyd-key (mutual TLS)")
+            raw = socket.create_connection((self.host, self.port), timeout=TIMEOUT_SECONDS)
+            try:
+                return self.tls.wrap_socket(raw, server_hostname=self.host)
+            except BaseException:
+                raw.close()
+                raise
+        except ssl.SSLError as e:
+            raise KeydUnavailable(f"TLS with the key daemon at {self.spec} failed: {e.reason or e}") from None
+        except OSError as e:
+            raise KeydUnavailable(f"cannot reach the key daemon at {self.spec}: {e.strerror or e}") from None
+
+
+class KeydConnection:
+    """Framed requests over one socket, one at a time."""
+
+    def __init__(self, address: KeydAddress) -> None:
+        self.address = address
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._pid = os.getpid()
+
+    def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self._sock is None or self._pid != os.getpid():  # a forked daemon gets its own connection
+                self._sock, self._pid = self.address.connect(), os.getpid()
+            self._next_id += 1
+            rid = self._next_id
+            try:
+                frame = encode_frame({"Id": rid, "Op": op, "Args": args})
+                if isinstance(self._sock, ssl.SSLSocket):
+                    self._sock.sendall(frame)  # encfs's daemons ignore SIGPIPE (daemon.py); a CLI dies with it
+                else:
+                    self._sock.sendall(frame, socket.MSG_NOSIGNAL)  # EPIPE, never SIGPIPE, if the daemon went away
+                reply = self._read()
+            except (OSError, ProtocolError) as e:
+                self.close_locked()
+                why = "it closed the connection" if isinstance(e, ProtocolError) else (e.strerror or str(e))
+                raise KeydUnavailable(f"the key daemon at {self.address.spec} did not answer {op}: {why}") from None
+        if reply.get("Id") != rid:
+            self.close()
+            raise KeydUnavailable(f"the key daemon at {self.address.spec} answered another request")
+        if "Error" in reply:
+            raise_error(reply["Error"])
+        result = reply.get("Result")
+        if not isinstance(result, dict):
+            raise KeydUnavailable(f"the key daemon at {self.address.spec} sent a malformed reply to {op}")
+        return result
+
+    def _exactly(self, n: int) -> bytes:
+        assert self._sock is not None
+        chunks, got = [], 0
+        while got < n:
+            data = self._sock.recv(n - got)
+            if not data:
+                raise ProtocolError("closed")
+            chunks.append(data)
+            got += len(data)
+        return b"".join(chunks)
+
+    def _read(self) -> dict[str, Any]:
+        return decode_payload(self._exactly(frame_length(self._exactly(HEADER.size))))
+
+    def close_locked(self) -> None:
+        if self._sock is not None and self._pid == os.getpid():
+            self._sock.close()
+        self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_locked()
+
+
+def connect(options: KeydOptions, home: Path | None = None) -> RemoteKeyService:
+    """A client of the daemon ``options`` names (nothing is sent until the first call)."""
+    tls = None
+    if options.ca or options.cert or options.key:
+        from encfs.keyd.tls import client_context
+
+        if not (options.ca and options.cert and options.key):
+            raise UsageError("a TLS key daemon needs all of --keyd-ca, --keyd-cert and --keyd-key")
+        tls = client_context(Path(options.ca), Path(options.cert), Path(options.key))
+    return RemoteKeyService(KeydAddress(options.address, tls), home)
+
+
+def _data_key(r: dict[str, Any]) -> DataKey:
+    plaintext = r.get("Plaintext")
+    return DataKey(r["KeyId"], r["KeyVersion"], None if plaintext is None else _unb64(plaintext),
+                   _unb64(r["CiphertextBlob"]))
+
+
+class RemoteUsage:
+    def __init__(self, service: RemoteKeyService) -> None:
+        self.service = service
+
+    def forget(self, target: str, keep: tuple[str, int] | None) -> list[tuple[str, int]]:
+        r = self.service.call("ForgetUsage", Target=target, KeepKeyId=keep[0] if keep else None,
+                              KeepKeyVersion=keep[1] if keep else None)
+        return [(str(k), int(v)) for k, v in r["Left"]]
+
+
+class RemoteKeyService:
+    """The KeyService methods the CLI, mounts and volumes call, answered by a key daemon."""
+
+    embedded = False  # the token is the daemon's, never this process's
+    remote = True
+
+    def __init__(self, address: KeydAddress, home: Path | None = None) -> None:
+        self.conn = KeydConnection(address)
+        self.home = home
+        self.address = address
+
+    @property
+    def usage(self) -> RemoteUsage:
+        """KeyService.usage's ``forget``, asked of the daemon (a re-key's last step)."""
+        return RemoteUsage(self)
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        return self.conn.call(op, args)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- key management --------------------------------------------------------------------
+
+    def create_key(self, description: str = "", alias: str | None = None, origin: str = "ENCFS_TOKEN") -> dict[str, Any]:
+        return self.call("CreateKey", Description=description, Alias=alias, Origin=origin)
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        return list(self.call("ListKeys")["Keys"])
+
+    def list_aliases(self) -> dict[str, str]:
+        return dict(self.call("ListAliases")["Aliases"])
+
+    def describe_key(self, key: str) -> dict[str, Any]:
+        return self.call("DescribeKey", KeyId=key)
+
+    def token_status(self) -> dict[str, Any]:
+        return self.call("DescribeToken")
+
+    def update_alias(self, alias: str, key: str) -> str:
+        return str(self.call("UpdateAlias", AliasName=alias, TargetKeyId=key)["AliasName"])
+
+    def delete_alias(self, alias: str) -> None:
+        self.call("DeleteAlias", AliasName=alias)
+
+    def enable_key(self, key: str) -> dict[str, Any]:
+        return self.call("EnableKey", KeyId=key)
+
+    def disable_key(self, key: str) -> dict[str, Any]:
+        return self.call("DisableKey", KeyId=key)
+
+    def schedule_key_deletion(self, key: str, days: int = 30) -> dict[str, Any]:
+        return self.call("ScheduleKeyDeletion", KeyId=key, PendingWindowInDays=days)
+
+    def cancel_key_deletion(self, key: str) -> dict[str, Any]:
+        return self.call("CancelKeyDeletion", KeyId=key)
+
+    def rotate_key(self, key: str) -> dict[str, Any]:
+        return self.call("RotateKeyOnDemand", KeyId=key)
+
+    def retire_key_version(self, key: str, number: int) -> dict[str, Any]:
+        return self.call("RetireKeyVersion", KeyId=key, KeyVersion=number)
+
+    def enable_key_rotation(self, key: str, period_days: int = 365) -> dict[str, Any]:
+        return self.call("EnableKeyRotation", KeyId=key, RotationPeriodInDays=period_days)
+
+    def disable_key_rotation(self, key: str) -> dict[str, Any]:
+        return self.call("DisableKeyRotation", KeyId=key)
+
+    def get_parameters_for_import(self, key: str, wrapping_algorithm: str = "RSAES_OAEP_SHA_1") -> ImportParameters:
+        r = self.call("GetParametersForImport", KeyId=key, WrappingAlgorithm=wrapping_algorithm)
+        return ImportParameters(r["KeyId"], r["WrappingAlgorithm"], _unb64(r["PublicKey"]), r["ImportToken"],
+                                float(r["ParametersValidTo"]))
+
+    def import_key_material(self, key: str, wrapped: bytes, import_token: str,
+                            valid_to: float | None = None) -> dict[str, Any]:
+        return self.call("ImportKeyMaterial", KeyId=key, EncryptedKeyMaterial=b64(wrapped), ImportToken=import_token,
+                         ValidTo=valid_to)
+
+    def delete_imported_key_material(self, key: str) -> dict[str, Any]:
+        return self.call("DeleteImportedKeyMaterial", KeyId=key)
+
+    # -- policies and grants (the daemon's alone) ------------------------------------------
+
+    def get_key_policy(self, key: str) -> dict[str, Any]:
+        return dict(self.call("GetKeyPolicy", KeyId=key)["Policy"])
+
+    def put_key_policy(self, key: str, policy: dict[str, Any]) -> None:
+        self.call("PutKeyPolicy", KeyId=key, Policy=policy)
+
+    def create_grant(self, key: str, grantee: str, operations: list[str],
+                     constraints: dict[str, dict[str, str]] | None = None, retiring_principal: str | None = None,
+                     name: str | None = None) -> dict[str, Any]:
+        return self.call("CreateGrant", KeyId=key, GranteePrincipal=grantee, Operations=operations,
+                         Constraints=constraints, RetiringPrincipal=retiring_principal, Name=name)
+
+    def list_grants(self, key: str) -> list[dict[str, Any]]:
+        return list(self.call("ListGrants", KeyId=key)["Grants"])
+
+    def retire_grant(self, key: str, grant_id: str) -> None:
+        self.call("RetireGrant", KeyId=key, GrantId=grant_id)
+
+    def revoke_grant(self, key: str, grant_id: str) -> None:
+        self.call("RevokeGrant", KeyId=key, GrantId=grant_id)
+
+    def read_audit(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        start: int | None = 0
+        while start is not None:
+            page = self.call("ReadAudit", StartAt=start, MaxRecords=1000)
+            records.extend(page["Records"])
+            start = page.get("NextStartAt")
+        return records
+
+    # -- cryptographic operations ----------------------------------------------------------
+
+    def generate_data_key(self, key: str, context: EncryptionContext | None = None, number_of_bytes: int = 32,
+                          with_plaintext: bool = True, cache: DataKeyCache | None = None,
+                          encfs_internal: bool = False) -> DataKey:
+        context = dict(context or {})
+        dk = _data_key(self.call("GenerateDataKey", KeyId=key, EncryptionContext=context,
+                                 NumberOfBytes=number_of_bytes, WithPlaintext=with_plaintext,
+                                 EncfsInternal=encfs_internal))
+        if cache is not None and dk.plaintext is not None:
+            cache.put(dk.ciphertext_blob, encode_context(context), dk.plaintext, dk.key_id, dk.key_version)
+        return dk
+
+    def generate_data_keys(self, key: str, contexts: Sequence[EncryptionContext], number_of_bytes: int = 32,
+                           cache: DataKeyCache | None = None, encfs_internal: bool = False) -> list[DataKey]:
+        plain = [dict(c) for c in contexts]
+        r = self.call("GenerateDataKeys", KeyId=key, EncryptionContexts=plain, NumberOfBytes=number_of_bytes,
+                      EncfsInternal=encfs_internal)
+        return self._cached([_data_key(x) for x in r["DataKeys"]], plain, cache)
+
+    def encrypt_many(self, key: str, plaintexts: Sequence[bytes], contexts: Sequence[EncryptionContext],
+                     cache: DataKeyCache | None = None, encfs_internal: bool = False) -> list[DataKey]:
+        plain = [dict(c) for c in contexts]
+        r = self.call("EncryptMany", KeyId=key, Plaintexts=[b64(p) for p in plaintexts], EncryptionContexts=plain,
+                      EncfsInternal=encfs_internal)
+        return self._cached([_data_key(x) for x in r["DataKeys"]], plain, cache)
+
+    @staticmethod
+    def _cached(keys: list[DataKey], contexts: list[dict[str, str]], cache: DataKeyCache | None) -> list[DataKey]:
+        if cache is not None:
+            for dk, c in zip(keys, contexts):
+                if dk.plaintext is not None:
+                    cache.put(dk.ciphertext_blob, encode_context(c), dk.plaintext, dk.key_id, dk.key_version)
+        return keys
+
+    def data_key_usable(self, key_id: str, key_version: int) -> bool:
+        return bool(self.call("DataKeyUsable", KeyId=key_id, KeyVersion=key_version)["Usable"])
+
+    def encrypt(self, key: str, plaintext: bytes, context: EncryptionContext | None = None,
+                encfs_internal: bool = False) -> bytes:
+        return _unb64(self.call("Encrypt", KeyId=key, Plaintext=b64(plaintext), EncryptionContext=dict(context or {}),
+                                EncfsInternal=encfs_internal)["CiphertextBlob"])
+
+    def decrypt(self, blob: bytes, context: EncryptionContext | None = None, key: str | None = None,
+                cache: DataKeyCache | None = None) -> Decrypted:
+        context = dict(context or {})
+        encoded = encode_context(context)
+        if cache is not None:
+            hit = cache.get(blob, encoded)
+            if hit is not None:
+                plaintext, key_id, version = hit
+                if self.call("CachedKeyUsable", KeyId=key_id, EncryptionContext=context, ExpectedKeyId=key)["Usable"]:
+                    return Decrypted(key_id, version, plaintext)
+                cache.clear()  # the key changed state: the audited path decides (as KeyService.decrypt)
+        r = self.call("Decrypt", CiphertextBlob=b64(blob), EncryptionContext=context, KeyId=key)
+        done = Decrypted(r["KeyId"], r["KeyVersion"], _unb64(r["Plaintext"]))
+        if cache is not None:
+            cache.put(blob, encoded, done.plaintext, done.key_id, done.key_version)
+        return done
+
+    def re_encrypt(self, blob: bytes, context: EncryptionContext | None, dest_key: str,
+                   dest_context: EncryptionContext | None = None, encfs_internal: bool = False) -> bytes:
+        args: dict[str, Any] = {"CiphertextBlob": b64(blob), "SourceEncryptionContext": dict(context or {}),
+                                "DestinationKeyId": dest_key, "EncfsInternal": encfs_internal}
+        if dest_context is not None:
+            args["DestinationEncryptionContext"] = dict(dest_context)
+        return _unb64(self.conn.call("ReEncrypt", args)["CiphertextBlob"])

@@ -1,0 +1,124 @@
+"""`encfs keyd` as a process: framing, bad clients, load, and the same errors as a local token (#24)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from keyd_rig import client, home_with_key, keyd, read_frame, send_all
+
+from conftest import run_encfs
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
+    home = tmp_path / "home"
+    home_with_key(home)
+    sock = tmp_path / "keyd.sock"
+    with keyd(home, sock) as proc:
+        made = client(sock, "key", "create", "--alias", "mine", home=home)
+        assert made.returncode == 0, made.stderr
+        yield home, sock, proc
+
+
+def request(rid: int, op: str, **args: object) -> bytes:
+    return json.dumps({"Id": rid, "Op": op, "Args": args}).encode()
+
+
+def test_a_key_created_through_the_daemon_serves_data_keys(daemon) -> None:  # type: ignore[no-untyped-def]
+    home, sock, _ = daemon
+    s = send_all(sock, [request(1, "GenerateDataKey", KeyId="alias/mine", EncryptionContext={"a": "b"})])
+    reply = json.loads(read_frame(s) or b"")
+    s.close()
+    assert reply["Id"] == 1 and len(base64.b64decode(reply["Result"]["Plaintext"])) == 32
+    blob = base64.b64decode(reply["Result"]["CiphertextBlob"])
+    opened = client(sock, "key", "decrypt", "--encryption-context", "a=b", home=home, input=blob)
+    assert opened.returncode == 0, opened.stderr
+    assert opened.stdout == base64.b64decode(reply["Result"]["Plaintext"])
+
+
+def test_errors_are_the_same_lines_and_codes_as_with_a_local_token(daemon) -> None:  # type: ignore[no-untyped-def]
+    home, sock, proc = daemon
+    blob = client(sock, "key", "encrypt", "mine", "--encryption-context", "a=b", home=home, input=b"hello")
+    assert blob.returncode == 0, blob.stderr
+    remote = client(sock, "key", "decrypt", "--encryption-context", "a=c", home=home, input=blob.stdout)
+    missing = client(sock, "key", "describe", "nosuchkey", home=home)
+    proc.terminate()
+    proc.wait(10)
+    local = run_encfs("key", "decrypt", "--encryption-context", "a=c", home=home, input=blob.stdout)
+    local_missing = run_encfs("key", "describe", "nosuchkey", home=home)
+    assert (remote.returncode, remote.stderr) == (local.returncode, local.stderr) == (
+        65, b"encfs: encryption context does not match the one the blob was encrypted with\n")
+    assert (missing.returncode, missing.stderr) == (local_missing.returncode, local_missing.stderr)
+    assert missing.returncode == 66
+
+
+def test_a_daemon_that_is_not_there_is_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc = client(tmp_path / "nothing.sock", "key", "list", home=home)
+    assert proc.returncode == 69
+    assert proc.stderr.decode().startswith("encfs: cannot reach the key daemon at ") and proc.stderr.count(b"\n") == 1
+
+
+def _alive(sock: Path) -> bool:
+    s = send_all(sock, [request(9, "ListKeys")])
+    reply = json.loads(read_frame(s) or b"{}")
+    s.close()
+    return "Result" in reply
+
+
+def test_garbage_closes_that_connection_only(daemon) -> None:  # type: ignore[no-untyped-def]
+    _, sock, proc = daemon
+    s = send_all(sock, [b"{not json"])
+    reply = json.loads(read_frame(s) or b"{}")
+    assert reply["Error"]["Type"] == "UsageError" and "not JSON" in reply["Error"]["Message"]
+    assert read_frame(s) is None  # closed
+    s.close()
+    s = send_all(sock, [request(1, "NoSuchOp"), request(2, "ListKeys")])  # a well-formed unknown op: an error
+    replies = {r["Id"]: r for r in (json.loads(read_frame(s) or b"{}") for _ in range(2))}
+    s.close()
+    assert "no operation 'NoSuchOp'" in replies[1]["Error"]["Message"] and "Result" in replies[2]
+    assert proc.poll() is None and _alive(sock)
+
+
+def test_an_oversized_frame_is_refused_before_it_is_read(daemon) -> None:  # type: ignore[no-untyped-def]
+    _, sock, proc = daemon
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(os.fspath(sock))
+    s.sendall((2 << 20).to_bytes(4, "big") + b"x" * 1000)  # announces 2 MiB; sends a little
+    reply = json.loads(read_frame(s) or b"{}")
+    assert "over the limit" in reply["Error"]["Message"]
+    assert read_frame(s) is None
+    s.close()
+    assert proc.poll() is None and _alive(sock)
+
+
+def test_clients_that_vanish_mid_frame_or_mid_request_harm_nobody(daemon) -> None:  # type: ignore[no-untyped-def]
+    _, sock, proc = daemon
+    for _ in range(20):
+        s = send_all(sock, [])
+        s.sendall((100).to_bytes(4, "big") + b'{"Id": 1')  # half a frame, then gone
+        s.close()
+        s = send_all(sock, [request(i, "GenerateDataKey", KeyId="alias/mine") for i in range(8)])
+        s.close()  # before any reply
+    assert proc.poll() is None and _alive(sock)
+
+
+def test_five_hundred_concurrent_clients_are_all_answered(daemon) -> None:  # type: ignore[no-untyped-def]
+    _, sock, proc = daemon
+    conns = [send_all(sock, [request(i, "GenerateDataKey", KeyId="alias/mine", EncryptionContext={"n": str(i)})])
+             for i in range(500)]
+    try:
+        replies = [json.loads(read_frame(s) or b"{}") for s in conns]
+    finally:
+        for s in conns:
+            s.close()
+    assert [r.get("Id") for r in replies] == list(range(500))
+    assert all("Result" in r for r in replies), [r for r in replies if "Result" not in r][:1]
+    assert len({r["Result"]["CiphertextBlob"] for r in replies}) == 500
+    assert proc.poll() is None
