@@ -131,8 +131,9 @@ def run_as(user: UnixUser, argv: Sequence[str], env: Mapping[str, str] | None = 
            **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` as ``user``; output captured as text, 120 s at most unless told."""
     kwargs.setdefault("timeout", 120)
+    kwargs.setdefault("text", True)
     return subprocess.run([*as_user(user), *argv], env=None if env is None else dict(env), check=False,
-                          capture_output=True, text=True, **kwargs)
+                          capture_output=True, **kwargs)
 
 
 class UserPython(NamedTuple):

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import run_encfs
+from keyd_rig import keyd
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
@@ -44,7 +45,7 @@ def command_of(argv: list[str]) -> tuple[str, ...]:
     """The command path an argv names (global options before it skipped)."""
     names = set(PARSERS)
     words = [a for a in argv if not a.startswith("-")]
-    for n in (2, 1):
+    for n in (3, 2, 1):
         if tuple(words[:n]) in names:
             return tuple(words[:n])
     raise AssertionError(f"no command in {argv}")
@@ -169,6 +170,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         assert [s["Name"] for s in cli.json("secret", "list")["SecretList"]] == ["app/api", "app/db"]
         assert "DeletionDate" in cli.json("secret", "delete", "app/api")
         assert cli.json("secret", "restore", "app/api") == {"Name": "app/api"}
+        with keyd(home, tmp / "keyd.sock", "--json") as daemon_proc:  # policies and grants are the daemon's
+            ready = json.JSONDecoder().raw_decode((tmp / "keyd.log").read_text())[0]  # its first output
+            cli.printed.setdefault(("keyd",), ready)
+            assert ready["Socket"] == str(tmp / "keyd.sock") and daemon_proc.poll() is None
+            by_daemon = ("--keyd", tmp / "keyd.sock")
+            policy = cli.json("key", "get-policy", "a", *by_daemon)["Policy"]  # AWS's: the document as a string
+            assert cli.json("key", "put-policy", "a", *by_daemon, stdin=policy.encode())["KeyId"] == "a"
+            grant = cli.json("key", "grant", "create", "a", "--grantee", "user:nobody", "--operations", "Decrypt",
+                             *by_daemon)["GrantId"]
+            assert [g["GrantId"] for g in cli.json("key", "grant", "list", "a", *by_daemon)["Grants"]] == [grant]
+            assert cli.json("key", "grant", "revoke", "a", "--grant-id", grant, *by_daemon)["Revoked"] is True
+            grant = cli.json("key", "grant", "create", "a", "--grantee", "uid:0", "--operations", "Decrypt,RetireGrant",
+                             *by_daemon)["GrantId"]
+            cli.json("key", "grant", "retire", "a", "--grant-id", grant, *by_daemon)
         cli.ok("key", "create", "--alias", "d")
         for verb in ("disable", "enable", "rotate", "enable-rotation", "disable-rotation", "schedule-deletion",
                      "cancel-deletion"):
