@@ -45,7 +45,8 @@ def keyd(home: Path, sock: Path, *extra: str, env: dict[str, str] | None = None,
                                  *extra], stdout=out, stderr=subprocess.STDOUT, env=full_env)
     try:
         deadline = time.monotonic() + START_SECONDS
-        while not answers(sock):
+        # Ready once it says so (the socket is bound before the token worker has logged in).
+        while not answers(sock) or not log.read_text().strip():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"encfs keyd did not start (exit {proc.poll()}): {log.read_text()}")
             time.sleep(0.05)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,31 @@ def test_five_hundred_concurrent_clients_are_all_answered(daemon) -> None:  # ty
     assert all("Result" in r for r in replies), [r for r in replies if "Result" not in r][:1]
     assert len({r["Result"]["CiphertextBlob"] for r in replies}) == 500
     assert proc.poll() is None
+
+
+def _worker_of(proc) -> int:  # type: ignore[no-untyped-def]
+    kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(kids) == 1, kids
+    return int(kids[0])
+
+
+def test_a_killed_token_worker_ends_the_daemon_in_one_line(daemon) -> None:  # type: ignore[no-untyped-def]
+    _, sock, proc = daemon
+    os.kill(_worker_of(proc), signal.SIGKILL)
+    _alive_or_gone = [json.loads(read_frame(send_all(sock, [request(1, "ListKeys")])) or b"{}")]  # wakes the link
+    assert proc.wait(20) == 69
+    log = sock.with_suffix(".log").read_text().strip().splitlines()
+    assert log[-1] == "encfs: the key daemon's token worker exited", log
+    assert not sock.exists()
+    assert _alive_or_gone[0] == {}  # that request got no answer: the daemon ended instead
+
+
+def test_a_killed_daemon_leaves_no_token_worker(daemon) -> None:  # type: ignore[no-untyped-def]
+    _, _, proc = daemon
+    worker = _worker_of(proc)
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{worker}").exists() and "Z" not in Path(f"/proc/{worker}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the token worker outlived its daemon"
+        time.sleep(0.05)

@@ -46,6 +46,7 @@ class AccessControl:
         self.roles = roles
         self.clock = clock
         self.owner_uid = os.geteuid() if owner_uid is None else owner_uid
+        self._implicit: tuple[Statement, ...] | None = None
         self._grant_lock = threading.Lock()
 
     # -- decisions -----------------------------------------------------------------------------
@@ -134,7 +135,11 @@ class AccessControl:
 
     def _statements(self, key_id: str) -> tuple[Statement, ...]:
         stored = self.store.read(POLICIES, key_id, _parse_stored_policy)
-        return parse_policy(self._implicit_policy()) if stored is None else stored[1]
+        if stored is not None:
+            return stored[1]
+        if self._implicit is None:  # constant: parsed once, not per check
+            self._implicit = parse_policy(self._implicit_policy())
+        return self._implicit
 
     def _implicit_policy(self) -> dict[str, Any]:
         return default_policy(f"uid:{self.owner_uid}", "encfs-implicit")

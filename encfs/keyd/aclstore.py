@@ -44,6 +44,7 @@ class AclStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
         self._cache: dict[Path, tuple[tuple[int, int, int], Any]] = {}
+        self._paths: dict[tuple[str, str], Path] = {}  # (kind, key id) -> its checked path
         self._lock = threading.Lock()
 
     def path(self, kind: str, key_id: str) -> Path:
@@ -51,7 +52,18 @@ class AclStore:
 
     def read(self, kind: str, key_id: str, parse: Callable[[Any, Path], T]) -> T | None:
         """The parsed file (``parse(json, path)``; it raises StateError on a bad shape), None if absent."""
-        path = self.path(kind, key_id)
+        known = self._paths.get((kind, key_id))
+        if known is None:
+            known = self._paths[(kind, key_id)] = self.path(kind, key_id)
+        path = known
+        cached = self._cache.get(path)
+        if cached is not None:  # one stat per check while nothing changed (the daemon's every request)
+            try:
+                st = os.stat(path)
+            except OSError:
+                st = None
+            if st is not None and cached[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
+                return cached[1]  # type: ignore[no-any-return]
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -70,6 +70,7 @@ def wildcard_match(pattern: str, value: str, *, ignore_case: bool = False) -> bo
     return wildcard_regex(pattern, ignore_case).fullmatch(value) is not None
 
 
+@lru_cache(maxsize=1024)  # every policy parse expands the same few patterns (a parse per check was 0.5 ms)
 def expand(pattern: str, within: frozenset[str] = KEY_SCOPED) -> frozenset[str]:
     """The actions of ``within`` that an Action entry (a name or a wildcard) names."""
     return frozenset(a for a in within if wildcard_match(pattern, a, ignore_case=True))

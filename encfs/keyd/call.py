@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from encfs.errors import AccessDenied, UsageError
 from encfs.keyd.principal import Principal
 from encfs.keyd.protocol import b64
-from encfs.keys.blob import CiphertextBlob
+from encfs.keys.blob import key_id_of
 from encfs.keys.service import DataKey, KeyService
 
 Handler = Callable[["Call", dict[str, Any]], dict[str, Any]]
@@ -93,7 +93,7 @@ def str_arg(args: dict[str, Any], name: str, default: str | None = None) -> str:
 
 
 def blob_key_id(blob: bytes) -> str:
-    return str(CiphertextBlob.parse(blob).header.key_id)
+    return key_id_of(blob)
 
 
 def data_key_json(dk: DataKey) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from encfs.errors import UsageError
+from encfs.errors import EncfsError, UsageError
 
 DEFAULT_SOCKET = "/run/encfs/keyd.sock"
 log = logging.getLogger("encfs.keyd")
@@ -48,12 +48,10 @@ def cmd_keyd(args: argparse.Namespace) -> int:
     import trio
 
     from encfs.cliargs import hsm_options, state_dir
-    from encfs.keyd.acl import AccessControl
-    from encfs.keyd.dispatch import Dispatcher
+    from encfs.keyd import worker
     from encfs.keyd.roles import Roles
-    from encfs.keyd.secretstore import SecretStore
     from encfs.keyd.server import KeyDaemon, tcp_listeners, tls_principal, unix_listener, unix_principal
-    from encfs.keys.service import KeyService
+    from encfs.keys.config import prompt_before_fork
     from encfs.output import print_json
 
     if getattr(args, "keyd", None):
@@ -78,13 +76,15 @@ def cmd_keyd(args: argparse.Namespace) -> int:
     socket_path = Path(args.socket or DEFAULT_SOCKET)
     if not inherited:
         socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    with KeyService.open(home, hsm_options(args)) as ks:
-        access = AccessControl(home / "keyd", roles)
-        dispatcher = Dispatcher(ks, access, SecretStore(home, ks))
-        listeners: list[tuple[Any, Any]] = [(unix_listener(socket_path, s), unix_principal) for s in inherited]
-        if not inherited:
-            listeners.append((unix_listener(socket_path), unix_principal))
-        daemon = KeyDaemon(dispatcher)
+    listeners: list[tuple[Any, Any]] = [(unix_listener(socket_path, s), unix_principal) for s in inherited]
+    if not inherited:
+        listeners.append((unix_listener(socket_path), unix_principal))
+    try:
+        # The token worker opens the token in its own process (worker.py); a PIN asked on the
+        # terminal is asked here, before the fork, and handed over in memory.
+        hsm = prompt_before_fork(home, hsm_options(args))
+        worker_sock, worker_pid = worker.start(home, hsm, roles, close_in_child=[lst for lst, _ in listeners])
+        daemon = KeyDaemon(worker_sock)
 
         async def main() -> None:
             if tls is not None:
@@ -107,10 +107,17 @@ def cmd_keyd(args: argparse.Namespace) -> int:
 
         try:
             trio.run(main)
+        except BaseExceptionGroup as group:  # trio's: the one-line error inside it, if there is one
+            found: BaseException | None = group.subgroup(EncfsError)
+            while isinstance(found, BaseExceptionGroup):
+                found = found.exceptions[0]
+            raise found or group from None
         finally:
-            if not inherited:
-                try:
-                    os.unlink(socket_path)
-                except OSError:
-                    pass
+            worker.stop(worker_sock, worker_pid)
+    finally:
+        if not inherited:
+            try:
+                os.unlink(socket_path)
+            except OSError:
+                pass
     return 0

@@ -27,6 +27,7 @@ from encfs.keyd.protocol import HEADER, ProtocolError, b64, decode_payload, enco
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.config import KeydOptions
 from encfs.keys.context import EncryptionContext, encode_context
+from encfs.keys.metadata import ORIGIN_TOKEN
 from encfs.keys.service import DataKey, Decrypted, ImportParameters
 
 TIMEOUT_SECONDS = 60.0
@@ -118,7 +119,19 @@ class KeydConnection:
         return b"".join(chunks)
 
     def _read(self) -> dict[str, Any]:
-        return decode_payload(self._exactly(frame_length(self._exactly(HEADER.size))))
+        """One reply: usually one recv (a reply is small), more only for a long one."""
+        assert self._sock is not None
+        first = self._sock.recv(65536)
+        while len(first) < HEADER.size:
+            more = self._sock.recv(65536)
+            if not more:
+                raise ProtocolError("closed")
+            first += more
+        n = frame_length(first[:HEADER.size])
+        body = first[HEADER.size:]
+        if len(body) > n:  # one request in flight per connection: nothing may follow its reply
+            raise ProtocolError("the key daemon sent more than one reply")
+        return decode_payload(body + self._exactly(n - len(body)) if len(body) < n else body)
 
     def close_locked(self) -> None:
         if self._sock is not None and self._pid == os.getpid():
@@ -188,7 +201,7 @@ class RemoteKeyService:
 
     # -- key management --------------------------------------------------------------------
 
-    def create_key(self, description: str = "", alias: str | None = None, origin: str = "ENCFS_TOKEN") -> dict[str, Any]:
+    def create_key(self, description: str = "", alias: str | None = None, origin: str = ORIGIN_TOKEN) -> dict[str, Any]:
         return self.call("CreateKey", Description=description, Alias=alias, Origin=origin)
 
     def list_keys(self) -> list[dict[str, Any]]:

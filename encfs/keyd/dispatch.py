@@ -59,6 +59,13 @@ class Dispatcher:
     def run_batch(self, requests: Sequence[Request]) -> list[dict[str, Any] | EncfsError]:
         """Every request's reply or error, in order. GenerateDataKey requests for the same key,
         size and flags share one token pass; everything else runs alone."""
+        try:
+            with self.ks.token.held(), self.ks.audit.batched():
+                return self._run_batch(requests)
+        except EncfsError as e:  # the batch's audit records could not be written: no reply goes out
+            return [e] * len(requests)
+
+    def _run_batch(self, requests: Sequence[Request]) -> list[dict[str, Any] | EncfsError]:
         out: list[dict[str, Any] | EncfsError | None] = [None] * len(requests)
         groups: dict[tuple[str, int, bool], list[int]] = {}
         for i, r in enumerate(requests):

@@ -10,6 +10,7 @@ from typing import Any
 from encfs.errors import AccessDenied, EncfsError, UsageError
 from encfs.keyd.call import Call, Handler, blob_key_id, context_arg, contexts_arg, data_key_json, int_arg, str_arg
 from encfs.keyd.protocol import b64, unb64
+from encfs.keys.metadata import ORIGIN_TOKEN
 from encfs.keys.service import KeyService
 
 # -- key management ---------------------------------------------------------------------------
@@ -17,7 +18,10 @@ from encfs.keys.service import KeyService
 
 def create_key(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     c.allow("kms:CreateKey", None)
-    result = c.ks.create_key(str_arg(a, "Description", ""), a.get("Alias"), str_arg(a, "Origin", "ENCFS_TOKEN"))
+    alias = a.get("Alias")
+    if alias is not None and not isinstance(alias, str):
+        raise UsageError("Alias must be a string")
+    result = c.ks.create_key(str_arg(a, "Description", ""), alias, str_arg(a, "Origin", ORIGIN_TOKEN))
     c.access.on_key_created(result["KeyId"], c.principal)
     return result
 

@@ -53,13 +53,19 @@ class Principal:
         return cls(TLS, subject=subject)
 
     def names(self) -> frozenset[str]:
+        cached: frozenset[str] | None = self.__dict__.get("_names")
+        if cached is not None:  # asked on every check of every request
+            return cached
         if self.kind == TLS:
-            return frozenset([self.subject or ""])
-        out = {f"uid:{self.uid}"}
-        if self.user:
-            out.add(f"user:{self.user}")
-        out.update(f"group:{g}" for g in self.groups)
-        return frozenset(out)
+            cached = frozenset([self.subject or ""])
+        else:
+            out = {f"uid:{self.uid}"}
+            if self.user:
+                out.add(f"user:{self.user}")
+            out.update(f"group:{g}" for g in self.groups)
+            cached = frozenset(out)
+        object.__setattr__(self, "_names", cached)
+        return cached
 
     def describe(self) -> str:
         """For one-line errors: ``uid 1001 (alice)`` or ``CN=host1,O=example``."""

@@ -3,9 +3,9 @@
 Invariants:
 - A client's principal comes from the transport (SO_PEERCRED, or the verified certificate's
   subject), read once per connection, before any request is read.
-- Every request goes through one queue to one thread (TokenThread): SoftHSM2 under python-pkcs11
-  must never see two threads (docs/dev/pkcs11.md). Requests that arrive while the thread is busy
-  form the next batch, so concurrent GenerateDataKey calls share token passes.
+- Every request goes through one queue to the token worker process (TokenLink, worker.py), which
+  alone holds the token session, one batch at a time. Requests that arrive while it is busy form
+  the next batch, so concurrent calls share token passes, lock rounds and audit writes.
 - A malformed or oversized frame gets one error reply where it can, then closes that connection
   only; a client that disconnects mid-request loses only its own replies. Nothing a client sends
   can stop the loop, and no reply or log line carries key material beyond the requester's own reply.
@@ -15,72 +15,131 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import pickle
 import socket
 import ssl
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from encfs.errors import EncfsError, StateError, UsageError
-from encfs.keyd.dispatch import Dispatcher, Request
+from encfs.errors import StateError, TokenError, UsageError
+from encfs.keyd.dispatch import Request
 from encfs.keyd.principal import Principal
-from encfs.keyd.protocol import HEADER, ProtocolError, decode_payload, encode_frame, error_body, frame_length
+from encfs.keyd.protocol import (
+    HEADER,
+    MAX_FRAME,
+    ProtocolError,
+    decode_payload,
+    encode_frame,
+    error_body,
+    frame_length,
+)
 
 log = logging.getLogger("encfs.keyd")
 
 MAX_IN_FLIGHT = 32
+BATCHES_IN_FLIGHT = 2
 HANDSHAKE_SECONDS = 10.0
 
 
-@dataclass
-class _Pending:
-    request: Request
-    done: trio.Event = field(default_factory=trio.Event)
-    reply: dict[str, Any] | EncfsError | None = None
+class _Connection:
+    """One client connection: its principal, its replies waiting to be sent (one writer task sends
+    them, several per send when they come together), and how many of its requests are in flight."""
+
+    def __init__(self, stream: trio.abc.Stream, principal: Principal) -> None:
+        self.stream = stream
+        self.principal = principal
+        self.outbox: list[bytes] = []
+        self.mail = trio.Event()
+        self.room = trio.Event()
+        self.in_flight = 0
+
+    def post(self, message: dict[str, Any]) -> None:
+        try:
+            frame = encode_frame(message)
+        except UsageError as e:  # a reply over the frame limit
+            frame = encode_frame({"Id": message.get("Id"), "Error": error_body(e)})
+        self.outbox.append(frame)
+        self.mail.set()
+
+    def answer(self, rid: Any, reply: dict[str, Any]) -> None:
+        self.in_flight -= 1
+        self.room.set()
+        self.post({"Id": rid, **reply})
+
+    async def writer(self) -> None:
+        while True:
+            await self.mail.wait()
+            self.mail = trio.Event()
+            data, self.outbox = b"".join(self.outbox), []
+            if data:
+                await self.stream.send_all(data)
+
+    async def settled(self) -> None:
+        """Until every request of this connection is answered and sent."""
+        while self.in_flight or self.outbox:
+            await trio.sleep(0.001)
 
 
-class TokenThread:
-    """The one thread that runs requests (Dispatcher), fed in batches from the trio loop."""
+class TokenLink:
+    """The trio side of the token worker (worker.py): requests queue here and go to the worker in
+    batches, one batch in flight; the requests that arrive meanwhile form the next. Replies are
+    posted to their connections (no task or event per request: 16 clients doubled their rate)."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
-        self._queue: list[_Pending] = []
+    def __init__(self, sock: socket.socket) -> None:
+        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self._queue: list[tuple[_Connection, Any, Request]] = []
         self._wake = trio.Event()
         self.batches = 0
 
-    async def call(self, request: Request) -> dict[str, Any] | EncfsError:
-        pending = _Pending(request)
-        self._queue.append(pending)
+    def submit(self, conn: _Connection, rid: Any, request: Request) -> None:
+        conn.in_flight += 1
+        self._queue.append((conn, rid, request))
         self._wake.set()
-        await pending.done.wait()
-        assert pending.reply is not None
-        return pending.reply
 
     async def run(self) -> None:
-        limiter = trio.CapacityLimiter(1)
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            batch, self._queue = self._queue, []
-            if not batch:
-                continue
-            self.batches += 1
-            try:
-                replies = await trio.to_thread.run_sync(
-                    self.dispatcher.run_batch, [p.request for p in batch], limiter=limiter, abandon_on_cancel=False)
-            except Exception:
-                log.exception("a batch of %d requests failed", len(batch))
-                replies = [StateError("the key daemon failed on this request (see its log)")] * len(batch)
-            for p, reply in zip(batch, replies):
-                p.reply = reply
-                p.done.set()
+        """Send batches (at most BATCHES_IN_FLIGHT unanswered: the worker finds the next one waiting
+        when it finishes one) and post the replies, which come back in order."""
+        in_flight: collections.deque[list[tuple[_Connection, Any, Request]]] = collections.deque()
+        room = trio.Semaphore(BATCHES_IN_FLIGHT)
+
+        async def receive() -> None:
+            frames = _FrameStream(self.stream)
+            while True:
+                raw = await frames.read_raw(limit=None)
+                if raw is None:
+                    raise TokenError("the key daemon's token worker exited")
+                batch = in_flight.popleft()
+                room.release()
+                for (conn, rid, _), reply in zip(batch, pickle.loads(raw)):  # our own child's, never a client's
+                    conn.answer(rid, reply)
+
+        try:
+            await self._pump(in_flight, room, receive)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise TokenError("the key daemon's token worker exited") from None
+
+    async def _pump(self, in_flight: collections.deque[list[tuple[_Connection, Any, Request]]],
+                    room: trio.Semaphore, receive: Callable[[], Any]) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            while True:
+                await room.acquire()
+                while not self._queue:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                batch, self._queue = self._queue, []
+                self.batches += 1
+                in_flight.append(batch)
+                data = pickle.dumps([r for _, _, r in batch], protocol=pickle.HIGHEST_PROTOCOL)
+                await self.stream.send_all(HEADER.pack(len(data)) + data)
 
 
 class _FrameStream:
@@ -102,19 +161,23 @@ class _FrameStream:
         del self.buffer[:n]
         return out
 
-    async def read(self) -> dict[str, Any] | None:
+    async def read_raw(self, limit: int | None = MAX_FRAME) -> bytes | None:
         header = await self._exactly(HEADER.size)
         if header is None:
             return None
-        payload = await self._exactly(frame_length(header))
+        payload = await self._exactly(frame_length(header) if limit is not None else HEADER.unpack(header)[0])
         if payload is None:
             raise ProtocolError("connection closed in the middle of a frame")
-        return decode_payload(payload)
+        return payload
+
+    async def read(self) -> dict[str, Any] | None:
+        payload = await self.read_raw()
+        return None if payload is None else decode_payload(payload)
 
 
 class KeyDaemon:
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.tokens = TokenThread(dispatcher)
+    def __init__(self, worker: socket.socket) -> None:
+        self.tokens = TokenLink(worker)
         self.connections = 0
 
     async def serve(self, listeners: list[tuple[trio.abc.Listener[Any], Callable[[Any], Any]]],
@@ -155,43 +218,28 @@ class KeyDaemon:
 
     async def _requests(self, stream: trio.abc.Stream, principal: Principal) -> None:
         frames = _FrameStream(stream)
-        send_lock = trio.Lock()
-        slots = trio.Semaphore(MAX_IN_FLIGHT)
-
-        async def send(message: dict[str, Any]) -> None:
-            async with send_lock:
-                await stream.send_all(encode_frame(message))
-
-        async def answer(rid: Any, op: str, args: dict[str, Any]) -> None:
-            try:
-                reply = await self.tokens.call(Request(principal, op, args))
-                message = ({"Id": rid, "Error": error_body(reply)} if isinstance(reply, EncfsError)
-                           else {"Id": rid, "Result": reply})
-                try:
-                    await send(message)
-                except UsageError as e:  # a reply over the frame limit
-                    await send({"Id": rid, "Error": error_body(e)})
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            finally:
-                slots.release()
-
+        conn = _Connection(stream, principal)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.writer)
             try:
                 while True:
-                    await slots.acquire()
+                    while conn.in_flight >= MAX_IN_FLIGHT:
+                        conn.room = trio.Event()
+                        await conn.room.wait()
                     message = await frames.read()
                     if message is None:
                         break
                     rid, op, args = message.get("Id"), message.get("Op"), message.get("Args", {})
                     if not isinstance(op, str) or not isinstance(args, dict):
-                        slots.release()
-                        await send({"Id": rid, "Error": error_body(UsageError("a request needs Op and Args"))})
+                        conn.post({"Id": rid, "Error": error_body(UsageError("a request needs Op and Args"))})
                         continue
-                    nursery.start_soon(answer, rid, op, args)
+                    self.tokens.submit(conn, rid, Request(principal, op, args))
+                await conn.settled()  # the client stopped sending: its answers still go out
             except ProtocolError as e:
-                await send({"Id": None, "Error": error_body(UsageError(str(e)))})
-                await stream.aclose()  # also ends the answers in flight: their client sent garbage
+                conn.post({"Id": None, "Error": error_body(UsageError(str(e)))})
+                while conn.outbox:
+                    await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
 
 
 async def unix_principal(stream: trio.SocketStream) -> Principal:

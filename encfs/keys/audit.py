@@ -76,6 +76,22 @@ class AuditLog:
         finally:
             self._acting.principal = before
 
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """Records written by this thread inside the block are appended together, in one write(2),
+        when it ends (the key daemon's batch of requests; it replies only after). A record that
+        cannot be written fails the block's end, as each record's would."""
+        if getattr(self._acting, "buffer", None) is not None:
+            yield  # nested: the outer block writes
+            return
+        self._acting.buffer = []
+        try:
+            yield
+        finally:
+            data, self._acting.buffer = b"".join(self._acting.buffer), None
+            if data:
+                self._append(data)
+
     def _descriptor(self) -> int:
         if self._fd is not None and self._pid == os.getpid() and self._rotated(self._fd):
             os.close(self._fd)
@@ -165,6 +181,10 @@ class AuditLog:
         return (json.dumps(entry, sort_keys=False, separators=(",", ":")) + "\n").encode()
 
     def _append(self, data: bytes) -> None:
+        buffer = getattr(self._acting, "buffer", None)
+        if buffer is not None:
+            buffer.append(data)
+            return
         with self._lock:
             try:
                 written = os.write(self._descriptor(), data)

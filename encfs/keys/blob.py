@@ -61,6 +61,14 @@ class BlobHeader:
         )
 
 
+def key_id_of(data: bytes) -> str:
+    """The CMK id a blob's header names (the key daemon decides on it before the key service
+    parses and checks the whole blob); InvalidCiphertext if it is not a blob at all."""
+    if len(data) < MIN_BLOB_LEN or data[:3] != MAGIC:
+        CiphertextBlob.parse(data)  # raises the precise one-line error
+    return str(uuid.UUID(bytes=bytes(data[5:21])))
+
+
 @dataclass(frozen=True)
 class CiphertextBlob:
     """A parsed blob: header plus ciphertext-with-tag."""

@@ -328,6 +328,13 @@ class Token:
             return self._open()
 
     @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the token's locks across several calls (the key daemon's batch): one round of
+        _P11_LOCK and the shared store lock per batch instead of per call (both nest)."""
+        with _P11_LOCK, _store_lock(self.spec.module, False):
+            yield
+
+    @contextmanager
     def _locked(self, what: str, exclusive: bool = False) -> Iterator[Any]:
         """Run one PKCS#11 operation; ``exclusive`` if it writes the token store."""
         with _P11_LOCK:
