@@ -814,6 +814,12 @@ def snapshot_rows(ctx: Context) -> dict[str, float]:
     return ctx.snapshot_bench.measure(ctx.scale.snapshot_mib, volume, ctx.workdir / "run", encfs_env(ctx), ctx.note)
 
 
+def keyd_rows(ctx: Context) -> dict[str, float]:
+    """GenerateDataKey and Decrypt through `encfs keyd` at 1, 16 and 256 clients beside the
+    in-process rate, measured in the same repetition (benchmarks/keyd_bench.py)."""
+    return ctx.keyd_bench.rows(ctx.scale.key_seconds, [1, 16, 256], lambda m: log(f"  {m} ..."))
+
+
 def _rows(module: Any, samples: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
     """A sibling module's samples, summarized and labelled, in its order."""
     return {k: dict(summarize(v), label=module.label(k)[0], unit=module.label(k)[1])
@@ -867,6 +873,7 @@ class Context:
         self.current = ""
         self.snapshot_bench = _sibling("snapshot_bench")
         self.rekey_bench = _sibling("rekey_bench")
+        self.keyd_bench = _sibling("keyd_bench")
 
     def note(self, msg: str) -> None:
         if msg not in self.notes:
@@ -1009,13 +1016,18 @@ def markdown(result: dict[str, Any]) -> str:
     for key, intro in (("snapshots", f"Snapshots of a format-2 volume of {mib} MiB (no filesystem; "
                                      "benchmarks/snapshot_bench.py)"),
                        ("rekey", f"Re-key and check of a format-2 volume of {mib} MiB and of a CIPHERDIR "
-                                 "holding the source tree (benchmarks/rekey_bench.py)")):
+                                 "holding the source tree (benchmarks/rekey_bench.py)"),
+                       ("keyd", "The key daemon (`encfs keyd`, a fresh embedded token) beside the key service in "
+                                "process, in the same repetition (benchmarks/keyd_bench.py; #24's goal: a ratio of "
+                                "at least 0.5 at 16 clients)")):
         rows = result.get(key) or {}
         if rows:
-            lines += ["", f"{intro}, median of the repetitions (min-max); times in seconds, lower is better:", "",
+            how = ("rates in operations per second and their ratios, higher is better" if key == "keyd"
+                   else "times in seconds, lower is better")
+            lines += ["", f"{intro}, median of the repetitions (min-max); {how}:", "",
                       "| measure | unit | median | min-max |", "|---|---|---:|---:|"]
             for s in rows.values():
-                f = (lambda v: f"{v:.3f}") if s["unit"] == "s" else fmt
+                f = (lambda v: f"{v:.3f}") if s["unit"] in ("s", "ratio") else fmt
                 lines.append(f"| {s['label']} | {s['unit']} | {f(s['median'])} | {f(s['min'])}-{f(s['max'])} |")
     other = [(t, v) for t, v in result["targets"].items() if v["status"] != "ok"]
     if other:
@@ -1074,7 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", choices=sorted(SCALES), help="workload sizes (default full; --quick = quick)")
     ap.add_argument("--repeats", type=int, help="repetitions (default 3 for full, 1 otherwise)")
     ap.add_argument("--targets", help="comma-separated subset of: " + ",".join(t.name for t in ALL_TARGETS))
-    ap.add_argument("--no-keys", action="store_true", help="skip the key-service measurement")
+    ap.add_argument("--no-keys", action="store_true", help="skip the key-service and key-daemon measurements")
     ap.add_argument("--no-snapshots", action="store_true",
                     help="skip the snapshot rows (run with the encfs-volume target otherwise)")
     ap.add_argument("--no-rekey", action="store_true",
@@ -1137,6 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
     snap_samples: dict[str, list[float]] = {}
     snapshots = not args.no_snapshots and status.get("encfs-volume", {}).get("status") == "ok"
     rekey_samples: dict[str, list[float]] = {}
+    keyd_samples: dict[str, list[float]] = {}
     rekeys = not args.no_rekey and status.get("encfs-volume", {}).get("status") == "ok"
     try:
         if any(status[t.name]["status"] == "ok" and t.name.startswith("encfs") for t in targets):
@@ -1168,7 +1181,8 @@ def main(argv: list[str] | None = None) -> int:
                         ctx.note(f"{t.name}: teardown: {e}")
             for wanted, what, rows, section in ((snapshots, "snapshot", snapshot_rows, snap_samples),
                                                 (rekeys, "re-key", rekey_rows, rekey_samples),
-                                                (not args.no_keys, "key service", key_service, key_samples)):
+                                                (not args.no_keys, "key service", key_service, key_samples),
+                                                (not args.no_keys, "key daemon", keyd_rows, keyd_samples)):
                 if not wanted:
                     continue
                 log(f"[rep {rep}/{repeats}] {what} rows ...")
@@ -1198,6 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
         "key_service": {k: summarize(v) for k, v in key_samples.items()},
         "snapshots": _rows(ctx.snapshot_bench, snap_samples),
         "rekey": _rows(ctx.rekey_bench, rekey_samples),
+        "keyd": _rows(ctx.keyd_bench, keyd_samples),
         "ratios": {}, "notes": ctx.notes, "extra": ctx.extra,
     }
     for label, a, b in RATIOS:

@@ -78,7 +78,7 @@ def _client_process(sock: str, name: str, key: str, blob: bytes, threads: int, s
 def through_daemon(sock: Path, name: str, key: str, blob: bytes, clients: int, seconds: float) -> float:
     procs = min(clients, MAX_PROCESSES)
     share = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")  # "spawn" cannot find a module loaded by path (encfs bench)
     out = ctx.Queue()
     start_at = time.time() + 1.0 + clients * 0.004  # every connection open before the clock starts
     workers = [ctx.Process(target=_client_process, args=(str(sock), name, key, blob, n, start_at, seconds, out))
@@ -164,6 +164,37 @@ def measure(seconds: float, client_counts: list[int], repeats: int, note: Callab
             daemon.wait(30)
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+LABELS = {"generate_data_key": "GenerateDataKey", "decrypt": "Decrypt"}
+
+
+def rows(seconds: float, client_counts: list[int], note: Callable[[str], None]) -> dict[str, float]:
+    """One repetition, flat for `encfs bench`: each operation's in-process rate, its rate through
+    the daemon per client count, and their ratio measured in this same repetition."""
+    out: dict[str, float] = {}
+    for op, r in measure(seconds, client_counts, 1, note).items():
+        base = r["in_process"][0]
+        out[f"{op}_inproc_0"] = base
+        for n, rates in r["clients"].items():
+            out[f"{op}_keyd_{n}"] = rates[0]
+            out[f"{op}_ratio_{n}"] = rates[0] / base
+    return out
+
+
+def label(key: str) -> tuple[str, str]:
+    op, kind, n = key.rsplit("_", 2)
+    name = LABELS[op]
+    if kind == "inproc":
+        return f"{name}, in process (1 thread)", "ops/s"
+    if kind == "keyd":
+        return f"{name}, keyd, {n} client(s)", "ops/s"
+    return f"{name}, keyd at {n} client(s) / in process", "ratio"
+
+
+def order(key: str) -> tuple[int, int, int]:
+    op, kind, n = key.rsplit("_", 2)
+    return list(LABELS).index(op), ["inproc", "keyd", "ratio"].index(kind), int(n)
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -109,6 +109,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert s["min"] <= s["median"] <= s["max"]
     for name in ("generate_data_key", "decrypt"):
         assert result["key_service"][name]["median"] > 0
+        for n in (1, 16, 256):  # the key daemon beside the key service in process
+            assert result["keyd"][f"{name}_keyd_{n}"]["median"] > 0
+            assert result["keyd"][f"{name}_ratio_{n}"]["median"] > 0
     for label in ("encfs / null cipher", "encfs / gocryptfs", "encfs volume / plain loop",
                   "encfs volume / userspace LUKS"):
         assert label in result["ratios"]
