@@ -152,3 +152,18 @@ def test_a_killed_daemon_leaves_no_token_worker(daemon) -> None:  # type: ignore
     while Path(f"/proc/{worker}").exists() and "Z" not in Path(f"/proc/{worker}/stat").read_text().split()[2]:
         assert time.monotonic() < deadline, "the token worker outlived its daemon"
         time.sleep(0.05)
+
+
+def test_the_audit_text_names_a_tls_client_by_its_subject(tmp_path: Path) -> None:
+    from encfs.keys.audit import AuditLog
+
+    home = tmp_path / "home"
+    home_with_key(home)
+    log = AuditLog(home / "audit.log")
+    log.record("Decrypt", outcome="denied", error="CN=host9,O=x may not kms:Decrypt key k: no policy statement "
+               "or grant allows it", principal={"kind": "tls", "subject": "CN=host9,O=x"})
+    log.close()
+    proc = run_encfs("key", "audit", "--tail", "1", home=home)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.decode()
+    assert line.split()[1] == "CN=host9,O=x" and line.rstrip().endswith("no policy statement or grant allows it")

@@ -483,7 +483,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         ver = f"v{r['key_version']}" if r.get("key_version") else "-"
         principal = r.get("principal")
         p = principal if isinstance(principal, dict) else {}  # a record's fields, or "?"
-        who = f"{p.get('user', '?')}({p.get('uid', '?')})/{p.get('pid', '?')}"
+        who = (str(p.get("subject", "?")) if p.get("kind") == "tls"  # a key daemon's TLS client
+               else f"{p.get('user', '?')}({p.get('uid', '?')})/{p.get('pid', '?')}")
         line = (f"{r.get('time', '?')}  {who:18}  {r.get('operation', '?'):32} {r.get('key_id') or '-':36} {ver:4} "
                 f"{ctx_text}  {r.get('outcome', '?')}")
         if r.get("error"):
