@@ -3,8 +3,8 @@ trail of them, through the real CLI (issue #24)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +27,18 @@ class World:
         self.bob = users.create(supplementary=[self.group])
         self.carol = users.create()
         self.dave = users.create()
+
+    def restart(self, roles: str | None = None) -> None:
+        """Stop the daemon (if one runs) and start it again, with ``roles`` as its keyd.toml (None:
+        none); the module's fixture stops the last one."""
+        if getattr(self, "proc", None) is not None:
+            stop(self.proc)
+        toml = self.home / "keyd.toml"
+        if roles is None:
+            toml.unlink(missing_ok=True)
+        else:
+            toml.write_text(roles)
+        self.proc = self.daemons.enter_context(keyd(self.home, self.sock))
 
     def encfs(self, user: UnixUser | None, *args: str, input: bytes = b"") -> Any:
         """`encfs ARGS --keyd SOCK` as ``user`` (None: root); stdout and stderr as bytes."""
@@ -58,11 +70,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, user_python: Any) -> Iterato
     root = Path(tempfile.mkdtemp(prefix="encfs-keyd-", dir="/tmp"))
     root.chmod(0o755)
     try:
-        with temporary_users() as users:
+        with temporary_users() as users, contextlib.ExitStack() as daemons:
             w = World(root, home, users, user_python)
-            with keyd(home, w.sock) as proc:
-                w.proc = proc  # type: ignore[attr-defined]
-                yield w
+            w.daemons = daemons
+            w.restart()
+            yield w
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -165,28 +177,43 @@ def test_roles_officers_manage_auditors_read_and_a_restart_keeps_everything(worl
     blob = w.ok(w.alice, "key", "encrypt", "alice5", input=b"kept")
     w.ok(w.alice, "key", "grant", "create", "alice5", "--grantee", f"user:{w.bob.name}", "--operations", "Decrypt")
     w.ok(w.alice, "secret", "put", "kept", "--kms-key-id", "alice5", input=b"value")
-    stop(w.proc)  # type: ignore[attr-defined]
-    (w.home / "keyd.toml").write_text(
-        f'[roles]\nofficers = ["user:{w.carol.name}"]\nusers = ["user:{w.alice.name}", "user:{w.bob.name}"]\n'
-        f'auditors = ["user:{w.dave.name}"]\n')
+    w.restart(f'[roles]\nofficers = ["user:{w.carol.name}"]\nusers = ["user:{w.alice.name}", "user:{w.bob.name}"]\n'
+              f'auditors = ["user:{w.dave.name}"]\n')
     try:
-        with keyd(w.home, w.sock) as proc:
-            w.proc = proc  # type: ignore[attr-defined]
-            # What was acknowledged before the restart holds after it.
-            assert w.ok(w.bob, "key", "decrypt", input=blob) == b"kept"
-            assert w.ok(w.alice, "secret", "get", "kept") == b"value"
-            # A crypto officer manages any key but never reads data.
-            w.ok(w.carol, "key", "disable", "alice5")
-            assert w.encfs(w.alice, "key", "encrypt", "alice5", input=b"x").returncode == 78  # disabled
-            w.ok(w.carol, "key", "enable", "alice5")
-            w.denied(w.carol, "key", "decrypt", input=blob, why="role crypto-officer has no data operations")
-            w.denied(w.carol, "secret", "get", "kept")
-            w.ok(w.carol, "key", "create", "--alias", "officers")
-            # An auditor reads the trail and nothing else; no role, nothing at all.
-            records = json.loads(w.ok(w.dave, "key", "audit", "--json"))["Records"]
-            assert any(r.get("Principal", {}).get("Uid") == w.carol.uid for r in records)
-            w.denied(w.dave, "key", "list")
-            w.denied(w.alice, "key", "audit")
-            w.denied(None, "key", "list", why="no role")
+        # What was acknowledged before the restart holds after it.
+        assert w.ok(w.bob, "key", "decrypt", input=blob) == b"kept"
+        assert w.ok(w.alice, "secret", "get", "kept") == b"value"
+        # A crypto officer manages any key but never reads data.
+        w.ok(w.carol, "key", "disable", "alice5")
+        assert w.encfs(w.alice, "key", "encrypt", "alice5", input=b"x").returncode == 78  # disabled
+        w.ok(w.carol, "key", "enable", "alice5")
+        w.denied(w.carol, "key", "decrypt", input=blob, why="role crypto-officer has no data operations")
+        w.denied(w.carol, "secret", "get", "kept")
+        w.ok(w.carol, "key", "create", "--alias", "officers")
+        # An auditor reads the trail and nothing else; no role, nothing at all.
+        records = json.loads(w.ok(w.dave, "key", "audit", "--json"))["Records"]
+        assert any(r.get("Principal", {}).get("Uid") == w.carol.uid for r in records)
+        w.denied(w.dave, "key", "list")
+        w.denied(w.alice, "key", "audit")
+        w.denied(None, "key", "list", why="no role")
     finally:
-        (w.home / "keyd.toml").unlink()
+        w.restart()  # no roles again, for the tests that run after this one
+
+
+def test_no_plaintext_key_or_secret_value_reaches_the_daemons_log_or_the_trail(world: World) -> None:
+    w = world
+    w.ok(w.alice, "key", "create", "--alias", "alice6")
+    marker = b"plaintext-marker-4f1d"
+    blob = w.ok(w.alice, "key", "encrypt", "alice6", input=marker)
+    w.ok(w.alice, "key", "decrypt", input=blob)
+    w.ok(w.alice, "secret", "put", "marked", "--kms-key-id", "alice6", input=b"secret-marker-9a7c")
+    w.ok(w.alice, "secret", "get", "marked")
+    data_key = json.loads(w.ok(w.alice, "key", "generate-data-key", "alice6", "--json"))["Plaintext"]
+    w.denied(w.bob, "key", "decrypt", input=blob)  # a denial is logged and audited too
+    import base64
+
+    for path in (w.sock.with_suffix(".log"), w.home / "audit.log"):
+        text = path.read_bytes()
+        for needle in (marker, b"secret-marker-9a7c", data_key.encode(), base64.b64decode(data_key),
+                       base64.b64encode(marker)):
+            assert needle not in text, (path, needle)
