@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 from conftest import run_encfs
-from keyd_rig import keyd
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
+from keyd_rig import keyd
 
 from encfs.cli import build_parser, iter_commands
 

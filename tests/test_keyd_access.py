@@ -47,7 +47,7 @@ class World:
         if user is None:
             import subprocess
 
-            return subprocess.run(argv, input=input, capture_output=True, env=env, timeout=120)
+            return subprocess.run(argv, check=False, input=input, capture_output=True, env=env, timeout=120)
         return run_as(user, argv, env, input=input, text=False)
 
     def ok(self, user: UnixUser | None, *args: str, input: bytes = b"") -> bytes:

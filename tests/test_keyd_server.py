@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from keyd_rig import client, home_with_key, keyd, read_frame, send_all
-
 from conftest import run_encfs
+from keyd_rig import client, home_with_key, keyd, read_frame, send_all
 
 
 @pytest.fixture
