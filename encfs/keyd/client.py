@@ -10,15 +10,19 @@ Invariants:
 - One connection, one request at a time (a lock): a mount's threads share it. A broken connection
   is reopened once for the next request; a request cut off in flight is KeydUnavailable, never
   retried (it may have acted).
+- A daemon that goes away or refuses the TLS client is an error (KeydUnavailable, one line), never
+  SIGPIPE: OpenSSL writes with write(2), so SIGPIPE is blocked in the writing thread around it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -37,6 +41,33 @@ def _unb64(value: Any) -> bytes:
     import base64
 
     return base64.b64decode(value)
+
+
+@contextmanager
+def _no_sigpipe() -> Iterator[None]:
+    """Writes in the block fail with EPIPE rather than raise SIGPIPE (which kills the CLI: its
+    SIGPIPE is SIG_DFL, for `encfs ... | head`). SSLSocket.sendall takes no MSG_NOSIGNAL, and a
+    TLS 1.3 daemon that refused our certificate has closed the connection by our first write.
+    SIGPIPE from a write is sent to the writing thread: blocked there, it stays pending, and is
+    taken off before the mask is restored."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    try:
+        yield
+    finally:
+        if signal.SIGPIPE not in blocked:
+            if signal.SIGPIPE in signal.sigpending():
+                signal.sigtimedwait({signal.SIGPIPE}, 0)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def tls_failure(spec: str, e: ssl.SSLError) -> KeydUnavailable:
+    """One line for a failed TLS exchange; an alert from the daemon is its refusal of this client
+    (another CA, expired, no certificate), named as OpenSSL names the alert."""
+    reason = e.reason or str(e)
+    if "ALERT" in reason:
+        alert = reason.split("ALERT_", 1)[-1].lower().replace("_", " ")
+        return KeydUnavailable(f"TLS with the key daemon at {spec} failed: it refused this client ({alert})")
+    return KeydUnavailable(f"TLS with the key daemon at {spec} failed: {reason}")
 
 
 class KeydAddress:
@@ -60,12 +91,13 @@ class KeydAddress:
                 raise UsageError(f"--keyd {self.spec} is TCP: it needs --keyd-ca, --keyd-cert and --keyd-key (mutual TLS)")
             raw = socket.create_connection((self.host, self.port), timeout=TIMEOUT_SECONDS)
             try:
-                return self.tls.wrap_socket(raw, server_hostname=self.host)
+                with _no_sigpipe():
+                    return self.tls.wrap_socket(raw, server_hostname=self.host)
             except BaseException:
                 raw.close()
                 raise
         except ssl.SSLError as e:
-            raise KeydUnavailable(f"TLS with the key daemon at {self.spec} failed: {e.reason or e}") from None
+            raise tls_failure(self.spec, e) from None
         except OSError as e:
             raise KeydUnavailable(f"cannot reach the key daemon at {self.spec}: {e.strerror or e}") from None
 
@@ -89,10 +121,15 @@ class KeydConnection:
             try:
                 frame = encode_frame({"Id": rid, "Op": op, "Args": args})
                 if isinstance(self._sock, ssl.SSLSocket):
-                    self._sock.sendall(frame)  # encfs's daemons ignore SIGPIPE (daemon.py); a CLI dies with it
+                    with _no_sigpipe():  # OpenSSL may write while reading too (an alert, a key update)
+                        self._sock.sendall(frame)
+                        reply = self._read()
                 else:
                     self._sock.sendall(frame, socket.MSG_NOSIGNAL)  # EPIPE, never SIGPIPE, if the daemon went away
-                reply = self._read()
+                    reply = self._read()
+            except ssl.SSLError as e:
+                self.close_locked()
+                raise tls_failure(self.address.spec, e) from None
             except (OSError, ProtocolError) as e:
                 self.close_locked()
                 why = "it closed the connection" if isinstance(e, ProtocolError) else (e.strerror or str(e))
