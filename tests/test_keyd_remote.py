@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import pytest
 from conftest import run_encfs
 from keyd_rig import client, home_with_key, keyd
 from keyd_tls import CLIENT_SUBJECT, Pair, Pki, make_pki
+
+from encfs.keyd.tls import client_context
 
 
 @dataclass
@@ -112,16 +115,23 @@ def test_a_certificate_the_daemon_does_not_trust_is_one_line(remote: Remote, who
     before = len(records(r))
     proc = r.tls(getattr(r.pki, who), "key", "encrypt", "shared", input=b"x")
     err = one_line(proc)
-    assert proc.returncode == 69 and r.address in err, err
+    assert proc.returncode == 69 and r.address in err and "TLS" in err, err
     # Refused in the handshake: no principal, so no request reached the access checks.
     assert not [x for x in records(r)[before:] if x["Principal"].get("Kind") == "tls"]
 
 
-def test_no_certificate_is_refused_by_the_client(remote: Remote) -> None:
+def test_no_certificate_is_refused_by_the_client_and_by_the_daemon(remote: Remote) -> None:
     r = remote
     for extra in ([], ["--keyd-ca", str(r.pki.ca)]):
         proc = run_encfs("key", "encrypt", "shared", "--keyd", r.address, *extra, home=r.client_home, input=b"x")
         assert proc.returncode == 2 and "--keyd-cert" in one_line(proc)
+    # A client that does not hold back: the daemon ends the handshake, and keeps serving others.
+    host, port = r.address.split(":")
+    with (socket.create_connection((host, int(port)), timeout=10) as raw,
+          client_context(r.pki.ca).wrap_socket(raw, server_hostname=host) as tls,
+          pytest.raises((ssl.SSLError, ConnectionError))):  # TLS 1.3: the alert comes with the first read
+        tls.sendall(b"\0\0\0\2{}")
+        tls.recv(4096)  # a bare EOF (b"") would be a refusal the client cannot tell from a crash
     assert r.tls(r.pki.client, "key", "encrypt", "shared", input=b"x").returncode == 0
 
 
@@ -141,4 +151,4 @@ def test_keyd_table_in_config_toml_works_like_the_flags(remote: Remote, tmp_path
     # A flag overrides its setting: the stranger's certificate through the same table is refused.
     stranger = run_encfs("key", "encrypt", "shared", "--keyd-cert", str(r.pki.stranger.cert), "--keyd-key",
                          str(r.pki.stranger.key), home=home, input=b"x")
-    assert stranger.returncode == 69 and r.address in one_line(stranger)
+    assert stranger.returncode == 69 and "TLS" in one_line(stranger)

@@ -249,14 +249,46 @@ async def unix_principal(stream: trio.SocketStream) -> Principal:
 
 
 async def tls_principal(stream: trio.SSLStream[Any]) -> Principal | None:
+    """The verified client certificate's subject; None (the connection is closed) for a client
+    that fails the handshake, which is logged with the reason and told by TLS's own alert."""
     from encfs.keyd.tls import subject_of
 
     with trio.move_on_after(HANDSHAKE_SECONDS):
-        await stream.do_handshake()
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as e:
+            await _send_alert(stream)
+            cause = e.__cause__
+            why = getattr(cause, "verify_message", None) or getattr(cause, "reason", None) or cause or e
+            log.warning("refused a TLS client from %s: %s", _peer(stream), why)
+            return None
         der = stream.getpeercert(binary_form=True)
         if der:
             return Principal.from_certificate(subject_of(der))
     return None
+
+
+async def _send_alert(stream: trio.SSLStream[Any]) -> None:
+    """Send what OpenSSL wrote when the handshake failed: its alert (unknown CA, expired, no
+    certificate). trio drops it (the SSLStream is broken before it flushes), which would leave the
+    client with a bare EOF; with it, the client can say its certificate was refused. Best effort:
+    the outgoing buffer is trio's private attribute."""
+    outgoing = getattr(stream, "_outgoing", None)
+    pending = outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
+    if pending:
+        with trio.move_on_after(1.0):
+            try:
+                await stream.transport_stream.send_all(pending)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+
+def _peer(stream: trio.SSLStream[Any]) -> str:
+    try:
+        host, port = stream.transport_stream.socket.getpeername()[:2]
+    except (AttributeError, OSError):
+        return "?"
+    return f"{host}:{port}"
 
 
 def unix_listener(path: Path, sock: socket.socket | None = None) -> trio.SocketListener:
