@@ -153,8 +153,11 @@ def user_python_fixture() -> Iterator[UserPython]:
     """An interpreter and PYTHONPATH any uid can use: this checkout and the venv's packages if
     they are readable by all, else a world-readable copy (removed at the end of the session)."""
     nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    for python in (sys.executable, "/usr/bin/python3"):  # the venv's may sit under a private /root
-        if subprocess.run([*nobody, python, "-c", ""], capture_output=True, check=False).returncode == 0:
+    # The venv's may sit under a private /root. Probe a child too: a mount re-executes
+    # sys.executable (its seal worker), which can fail where the first exec did not.
+    spawn = "import subprocess, sys; subprocess.run([sys.executable, '-c', ''], check=True)"
+    for python in (sys.executable, "/usr/bin/python3"):
+        if subprocess.run([*nobody, python, "-c", spawn], capture_output=True, check=False).returncode == 0:
             break
     else:
         pytest.fail("no Python interpreter is executable by other users")
