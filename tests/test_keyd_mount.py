@@ -2,7 +2,8 @@
 
 Root runs the daemon (its home 0700, the PIN inside); test users create a key through the daemon,
 `encfs init` and `encfs mount` with `--keyd` (fusermount3, a real FUSE mount), and a second user
-mounts the same CIPHERDIR only once a grant allows it. Mounts are unmounted and daemons stopped by PID whatever
+mounts the same CIPHERDIR only once a grant allows it. A daemon restart while a mount is live:
+the mount's next key request reconnects. Mounts are unmounted and daemons stopped by PID whatever
 happens.
 """
 
@@ -14,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,3 +156,26 @@ def test_a_user_mounts_through_the_daemon_and_a_grant_lets_another(world: World)
     assert w.encfs(w.bob, "mount", str(cipher / "fs"), str(bobs)).returncode == 77
     mnt = w.mount(w.alice, cipher / "fs", "mnt")
     assert w.sh(w.alice, f"cat {mnt}/b") == "from-bob\n"
+
+
+def test_a_live_mount_reconnects_after_a_daemon_restart(world: World) -> None:
+    w = world
+    w.ok(w.alice, "key", "create", "--alias", "restart")
+    cipher = w.user_home(w.alice) / "cipher"
+    w.ok(w.alice, "init", str(cipher), "--key", "restart")
+    mnt = w.mount(w.alice, cipher, "mnt")
+    w.sh(w.alice, f"echo before > {mnt}/before")
+    assert w.proc is not None
+    stop(w.proc)
+    w.proc = None
+    with keyd(w.home, w.sock) as proc:
+        w.proc = proc
+        time.sleep(0.2)
+        # New files need new data keys (and may find the pool's older ones), the old file its key.
+        out = w.sh(w.alice, f"for i in 1 2 3 4 5 6 7 8; do echo after$i > {mnt}/after$i; done; "
+                            f"cat {mnt}/before {mnt}/after1 {mnt}/after8")
+        assert out == "before\nafter1\nafter8\n"
+        w.ok(w.alice, "umount", str(mnt), keyd=False)
+        mnt = w.mount(w.alice, cipher, "mnt")  # what was written after the restart reads back
+        assert w.sh(w.alice, f"cat {mnt}/after1 {mnt}/after8 {mnt}/before") == "after1\nafter8\nbefore\n"
+        w.ok(w.alice, "umount", str(mnt), keyd=False)

@@ -7,9 +7,9 @@ Invariants:
 - The client holds no PIN and opens no token. A data-key cache stays here (a mount's cache), but a
   hit is still asked of the daemon (CachedKeyUsable: the key Enabled, the caller's kms:Decrypt
   allowed) so that a disabled key, a revoked grant or a narrowed policy stops the next use.
-- One connection, one request at a time (a lock): a mount's threads share it. A broken connection
-  is reopened once for the next request; a request cut off in flight is KeydUnavailable, never
-  retried (it may have acted).
+- One connection, one request at a time (a lock): a mount's threads share it. A connection the
+  daemon closed while it was idle (a restart) is reopened before the next request; a request cut
+  off in flight is KeydUnavailable, never retried (it may have acted).
 - A daemon that goes away or refuses the TLS client is an error (KeydUnavailable, one line), never
   SIGPIPE: OpenSSL writes with write(2), so SIGPIPE is blocked in the writing thread around it.
 """
@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import ssl
@@ -114,6 +115,8 @@ class KeydConnection:
 
     def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
+            if self._sock is not None and self._pid == os.getpid() and self._closed_by_daemon():
+                self.close_locked()  # it was restarted while this connection was idle: nothing was sent
             if self._sock is None or self._pid != os.getpid():  # a forked daemon gets its own connection
                 self._sock, self._pid = self.address.connect(), os.getpid()
             self._next_id += 1
@@ -143,6 +146,32 @@ class KeydConnection:
         if not isinstance(result, dict):
             raise KeydUnavailable(f"the key daemon at {self.address.spec} sent a malformed reply to {op}")
         return result
+
+    def _closed_by_daemon(self) -> bool:
+        """Whether the daemon ended this idle connection (a restart, a stop): its EOF is waiting.
+        Asked before each request, so that a mount's first request after a daemon restart goes to
+        the new daemon instead of failing; a request already sent is never retried. One
+        non-blocking peek at the socket itself (below TLS): nothing waiting is the usual case."""
+        sock = self._sock
+        assert sock is not None
+        waiting = select.poll()
+        waiting.register(sock, select.POLLIN)
+        if not waiting.poll(0):
+            return False
+        sock.settimeout(0)  # with a timeout, Python would wait for data before each recv below
+        try:
+            if not socket.socket.recv(sock, 1, socket.MSG_PEEK):
+                return True  # EOF
+            if not isinstance(sock, ssl.SSLSocket):
+                return True  # bytes no request asked for
+            sock.recv(1)  # TLS: a session ticket is harmless, a close_notify or an alert is not
+            return True
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        except OSError:
+            return True  # ECONNRESET and the like
+        finally:
+            sock.settimeout(TIMEOUT_SECONDS)
 
     def _exactly(self, n: int) -> bytes:
         assert self._sock is not None
