@@ -153,6 +153,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     server_class = _server_class(opts.server)
     peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
     lock = MountLock.acquire(cipherdir, mountpoint, read_only=opts.read_only)
+    fs: EncryptedFS | None = None
     try:
         ks: KeyService | None = None
         if opts.recovery_key is not None:  # no token, no PKCS#11 module: read-only (cmd_mount)
@@ -173,6 +174,10 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         fs = EncryptedFS(os.fsencode(cipherdir), opened.config, opened.keys, ks, read_only=opts.read_only,
                          recovering=lock.recovering, recovery_root=opened.root)
         where = os.path.realpath(mountpoint)  # as mountinfo names it; never resolved once mounted
+        if not fs.read_only:
+            # Before the server (its threads' request buffers live in the worker's arena), and before
+            # the mount: a worker that cannot start leaves nothing mounted.
+            fs.sealing.start()
         try:
             fd = mount_fusermount(str(mountpoint), _fuse_options(cipherdir, opts))
         except OSError as e:
@@ -180,10 +185,10 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
                 ks.close()
             raise MountError(f"FUSE refused to mount {mountpoint}: {e.strerror}") from None
     except BaseException:
+        if fs is not None:
+            fs.sealing.stop()
         lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
         raise
-    if not fs.read_only:
-        fs.sealing.start()  # before the server: its threads' request buffers live in the worker's arena
     server = server_class(fd, fs, where, trace=opts.debug)
     # In the owner record (`encfs status`); pyfuse3's server keeps no count: unknown (null).
     lock.error_count = (lambda: server.io_errors) if isinstance(server, FsServer) else (lambda: None)
