@@ -9,6 +9,8 @@ import os
 import pwd
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from keyd_users import (
@@ -76,6 +78,12 @@ def test_processes_left_running_as_a_user_do_not_keep_it() -> None:
     with temporary_users() as users:
         user = users.create()
         daemon = subprocess.Popen([*as_user(user), "sleep", "600"])
+        # Leave the block (which removes the user) only once setpriv has become the user: before
+        # that, nothing runs as the uid and the sleep would start after the removal (a flaky run).
+        deadline = time.monotonic() + 30
+        while str(user.uid) not in Path(f"/proc/{daemon.pid}/status").read_text().split("Uid:")[1].split()[:1]:
+            assert time.monotonic() < deadline and daemon.poll() is None
+            time.sleep(0.01)
     try:
         assert daemon.wait(timeout=30) == -9  # killed, so that userdel could remove the user
         assert not exists(user.name)
