@@ -67,10 +67,7 @@ def open_service(home: Path | None, hsm: HsmOptions, provision: bool = False) ->
     key daemon: the same methods and errors (encfs.keyd.client), typed as KeyService for its
     callers. A command that needs more than those methods (the token's own state) says so."""
     if hsm.keyd is not None:
-        if provision:
-            from encfs.errors import UsageError
-
-            raise UsageError("`encfs hsm init` provisions a token: run it where the token is, without --keyd")
+        assert not provision, "`encfs hsm init` refuses --keyd before it creates anything"
         from encfs.keyd.client import connect
 
         return cast("KeyService", connect(hsm.keyd, home))

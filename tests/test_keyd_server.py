@@ -169,3 +169,12 @@ def test_the_audit_text_names_a_tls_client_by_its_subject(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.decode()
     assert line.split()[1] == "CN=host9,O=x" and line.rstrip().endswith("no policy statement or grant allows it")
+
+
+def test_commands_on_the_local_token_refuse_a_daemon(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    for argv in (["hsm", "init"], ["hsm", "protect-pin"], ["hsm", "unprotect-pin"]):
+        proc = client(tmp_path / "nothing.sock", *argv, home=home)
+        assert proc.returncode == 2 and b"without --keyd" in proc.stderr and proc.stderr.count(b"\n") == 1, (
+            argv, proc.stderr)
+    assert not home.exists()  # nothing was provisioned or sealed locally

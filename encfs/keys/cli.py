@@ -94,6 +94,8 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     from encfs.keys.config import default_home, prepare_state_dir, resolve_token
 
     home = home_of(args) or default_home()
+    if hsm_options(args).keyd is not None:  # before anything is created here
+        raise UsageError("`encfs hsm init` provisions a token: run it where the token is, without --keyd")
     prepare_state_dir(home)
     _spec, embedded = resolve_token(home, hsm_options(args))
     if args.protect_pin and embedded is None:
@@ -144,7 +146,11 @@ def _embedded(args: argparse.Namespace, command: str) -> Any:
     from encfs.keys.config import default_home, resolve_token
 
     home = home_of(args) or default_home()
-    _spec, embedded = resolve_token(home, hsm_options(args))
+    hsm = hsm_options(args)
+    if hsm.keyd is not None:  # the daemon's PINs are its host's: protect them there
+        raise UsageError(f"`encfs hsm {command}` acts on this state directory's embedded token: run it where "
+                         "the token is, without --keyd")
+    _spec, embedded = resolve_token(home, hsm)
     if embedded is None:
         raise UsageError(f"{command} applies to the embedded SoftHSM2 token; the PIN of a PKCS#11 module "
                          f"is kept where --pin-file or the config says")
