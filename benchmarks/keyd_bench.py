@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -107,20 +106,10 @@ def in_process(ks: Any, name: str, key: str, blob: bytes, seconds: float) -> flo
     return n / (time.perf_counter() - start)
 
 
-def _answers(sock: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(os.fspath(sock))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def measure(seconds: float, client_counts: list[int], repeats: int, note: Callable[[str], None]) -> dict[str, Any]:
     """{operation: {"in_process": [rates], "clients": {n: [rates]}}} on a fresh home and daemon."""
     from encfs.keyd.client import KeydAddress, RemoteKeyService
+    from encfs.keyd.server import answers
     from encfs.keys.service import KeyService
 
     work = Path(tempfile.mkdtemp(prefix="encfs-keyd-bench-"))
@@ -134,7 +123,7 @@ def measure(seconds: float, client_counts: list[int], repeats: int, note: Callab
         daemon = subprocess.Popen([sys.executable, "-m", "encfs", "keyd", "--socket", str(sock)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
-        while not _answers(sock):
+        while not answers(sock):
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("encfs keyd did not start")
             time.sleep(0.05)

@@ -18,18 +18,9 @@ from pathlib import Path
 
 from conftest import init_home, run_encfs
 
+from encfs.keyd.server import answers
+
 START_SECONDS = 30.0
-
-
-def answers(sock: Path) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(os.fspath(sock))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 @contextmanager

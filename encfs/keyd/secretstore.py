@@ -20,15 +20,13 @@ Invariants:
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import string
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +40,7 @@ from encfs.errors import (
     StateError,
     UsageError,
 )
+from encfs.filelock import WriterLock
 from encfs.keyd import secretdoc
 from encfs.keyd.secretdoc import CURRENT, MAX_VALUE_BYTES, PENDING, SecretDoc, SecretVersion
 from encfs.keys.audit import iso_time
@@ -82,38 +81,16 @@ class SecretStore:
         self.dir = Path(state_dir) / "secrets"
         self.keys = keys
         self.clock = clock
-        self._held = threading.local()
+        self._lock = WriterLock(self.dir / ".lock", f"the secrets directory {self.dir}")
 
     # -- plumbing -----------------------------------------------------------
 
     def _path(self, name: str) -> Path:
         return self.dir / secretdoc.file_name(name)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The exclusive lock of every writer; a thread that holds it already does not take it
-        again (a second flock of this process, on another descriptor, would wait for the first)."""
-        if getattr(self._held, "depth", 0):
-            self._held.depth += 1
-            try:
-                yield
-            finally:
-                self._held.depth -= 1
-            return
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise StateError(f"cannot lock the secrets directory {self.dir}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self._held.depth = 1
-            try:
-                yield
-            finally:
-                self._held.depth = 0
-        finally:
-            os.close(fd)
+    def _locked(self) -> AbstractContextManager[None]:
+        """The exclusive lock of every writer (encfs.filelock: re-entrant per thread)."""
+        return self._lock.held()
 
     @contextmanager
     def _audited(self, operation: str, name: str | None, **fields: Any) -> Iterator[dict[str, Any]]:

@@ -308,6 +308,19 @@ def unix_listener(path: Path, sock: socket.socket | None = None) -> trio.SocketL
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
+def answers(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path`` (a daemon, or its
+    listening socket before the daemon is ready)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(os.fspath(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def _refuse_live_socket(path: Path) -> None:
     try:
         st = os.lstat(path)
@@ -315,14 +328,9 @@ def _refuse_live_socket(path: Path) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise StateError(f"{path} exists and is not a socket: remove it or choose another --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(os.fspath(path))
-    except OSError:
+    if not answers(path):
         os.unlink(path)  # nobody answers: a daemon that died without removing it
         return
-    finally:
-        probe.close()
     from encfs.errors import Busy
 
     raise Busy(f"a key daemon already answers on {path}")

@@ -20,12 +20,10 @@ new file. Invariants:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import re
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -35,6 +33,7 @@ from typing import Any
 
 from encfs.atomicfile import write_atomic
 from encfs.errors import ConfigError, KeyNotFound, StateError, UsageError
+from encfs.filelock import WriterLock
 
 log = logging.getLogger("encfs.keys")
 
@@ -206,9 +205,8 @@ class KeyStore:
     def __init__(self, home: Path, on_missing: Callable[[], None] | None = None) -> None:
         self.path = home / "keys.json"
         self.backup = home / "keys.json.bak"
-        self._lock_path = home / "keys.lock"
+        self._lock = WriterLock(home / "keys.lock", "key metadata")
         self._on_missing = on_missing
-        self._held = threading.local()
         self._cache: tuple[tuple[int, int, int], KeyDB] | None = None
 
     def exists(self) -> bool:
@@ -306,31 +304,9 @@ class KeyStore:
         except (OSError, StateError):
             return False
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The exclusive lock; a thread that holds it already (a restore inside a transaction)
-        does not take it again (a second flock of this process would wait for the first)."""
-        if getattr(self._held, "depth", 0):
-            self._held.depth += 1
-            try:
-                yield
-            finally:
-                self._held.depth -= 1
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise StateError(f"cannot lock key metadata ({self._lock_path}): {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self._held.depth = 1
-            try:
-                yield
-            finally:
-                self._held.depth = 0
-        finally:
-            os.close(fd)
+    def _locked(self) -> AbstractContextManager[None]:
+        """The exclusive lock of every writer (encfs.filelock: re-entrant per thread)."""
+        return self._lock.held()
 
     def locked(self) -> AbstractContextManager[None]:
         """The lock every writer of keys.json takes (a backup copies the store under it)."""
