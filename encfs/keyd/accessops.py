@@ -9,6 +9,7 @@ from typing import Any
 
 from encfs.errors import AccessDenied, UsageError
 from encfs.keyd.call import Call, Handler, int_arg, str_arg
+from encfs.keys.usage import TARGET_KINDS
 
 # -- policies and grants ----------------------------------------------------------------------
 
@@ -93,18 +94,31 @@ def read_audit(c: Call, a: dict[str, Any]) -> dict[str, Any]:
 def forget_usage(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     """A re-key moved every blob of a filesystem or volume (``Target``) under one key version
     (UsageLedger.forget): it needs kms:ReEncryptTo on that key, and kms:ReEncryptFrom on every key
-    whose versions it stops naming (so that nobody else's version looks unused)."""
+    with a version it stops naming, that key's own older versions too (so that nobody makes
+    another's version look unused, and a retire destroy it). Both are decided in the target's
+    encryption context (``{"encfs:fs": ID}``), as its blobs were sealed."""
     target = str_arg(a, "Target")
+    context = _target_context(target)
     keep = None
     if a.get("KeepKeyId") is not None:
         keep = (c.key(a, "KeepKeyId"), int_arg(a, "KeepKeyVersion"))
-        c.allow("kms:ReEncryptTo", keep[0])
+        c.allow("kms:ReEncryptTo", keep[0], context)
     for meta in c.ks.list_keys():
-        if meta["KeyId"] != (keep[0] if keep else None) and any(
-                target in (v.get("UsedBy") or []) for v in meta.get("KeyVersions", []) if isinstance(v, dict)):
-            c.allow("kms:ReEncryptFrom", meta["KeyId"])
+        if any(target in (v.get("UsedBy") or []) and (meta["KeyId"], v.get("Version")) != keep
+               for v in meta.get("KeyVersions", []) if isinstance(v, dict)):
+            c.allow("kms:ReEncryptFrom", meta["KeyId"], context)
     left = c.ks.usage.forget(target, keep)
+    c.ks.audit.record("ForgetUsage", key_id=keep[0] if keep else None, key_version=keep[1] if keep else None,
+                      principal=c.principal.audit_fields(), now=time.time(), target=target,
+                      left=[[k, v] for k, v in left])
     return {"Left": [[k, v] for k, v in left]}
+
+
+def _target_context(target: str) -> dict[str, str]:
+    """The encryption context a target's blobs carry (usage.target_of's inverse): ``fs:ID`` ->
+    ``{"encfs:fs": ID}``; an unknown kind has none (the ledger forgets nothing of it)."""
+    kind, _, ident = target.partition(":")
+    return {key: ident for key, k in TARGET_KINDS if k == kind and ident}
 
 
 ACCESS_OPERATIONS: dict[str, Handler] = {

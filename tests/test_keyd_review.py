@@ -1,0 +1,88 @@
+"""The key daemon's dispatcher decided against a real token, kernel-free: the defects a security
+review of `encfs keyd` (#24) found, each pinned by a test that failed before its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from encfs.errors import AccessDenied, EncfsError, UsageError
+from encfs.keyd.acl import AccessControl
+from encfs.keyd.dispatch import Dispatcher
+from encfs.keyd.principal import UNIX, Principal
+from encfs.keyd.roles import Roles
+from encfs.keyd.secretstore import SecretStore
+from encfs.keys.service import KeyService
+
+OWNER = 4999  # the daemon's own uid in these tests (not this process's: nobody here is it)
+ALICE = Principal(UNIX, uid=5001, gid=5001, pid=11, user="alice", groups=("alice",))
+BOB = Principal(UNIX, uid=5002, gid=5002, pid=12, user="bob", groups=("bob",))
+OFFICER = Principal(UNIX, uid=5003, gid=5003, pid=13, user="olga", groups=("olga",))
+
+
+class Daemon:
+    """A Dispatcher as the token worker builds it, with a few shortcuts."""
+
+    def __init__(self, tmp_path: Path, ks: KeyService, roles: Roles, clock: Any) -> None:
+        self.ks = ks
+        self.access = AccessControl(tmp_path / "keyd", roles, clock, owner_uid=OWNER)
+        self.dispatcher = Dispatcher(ks, self.access, SecretStore(ks.home, ks, clock))
+
+    def __call__(self, who: Principal, op: str, **args: Any) -> dict[str, Any]:
+        return self.dispatcher.call(who, op, args)
+
+    def records(self, operation: str) -> list[dict[str, Any]]:
+        return [r for r in self.ks.audit.read_all() if r["operation"] == operation]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, service: KeyService, clock: Any) -> Iterator[Daemon]:
+    yield Daemon(tmp_path, service, Roles(), clock)
+
+
+def _used_by(d: Daemon, key: str) -> dict[int, Any]:
+    return {v["Version"]: v["UsedBy"] for v in d.ks.describe_key(key)["KeyVersions"]}
+
+
+def _key_with_two_versions(d: Daemon) -> str:
+    """Alice's key: version 1 under filesystem x (fs:x), then rotated (version 2 current)."""
+    key = d(ALICE, "CreateKey")["KeyId"]
+    d(ALICE, "GenerateDataKey", KeyId=key, EncryptionContext={"encfs:fs": "x"}, EncfsInternal=True)
+    d(ALICE, "RotateKeyOnDemand", KeyId=key)
+    return key
+
+
+# -- ForgetUsage ------------------------------------------------------------------------------
+
+
+def test_forget_usage_needs_reencrypt_from_on_the_versions_it_stops_naming(daemon: Daemon) -> None:
+    d = daemon
+    key = _key_with_two_versions(d)
+    d(ALICE, "CreateGrant", KeyId=key, GranteePrincipal="user:bob", Operations=["ReEncryptTo"])
+    with pytest.raises(AccessDenied, match="kms:ReEncryptFrom"):
+        d(BOB, "ForgetUsage", Target="fs:x", KeepKeyId=key, KeepKeyVersion=2)
+    assert _used_by(d, key)[1] == ["fs:x"]  # version 1 still counts as used: no retire can destroy it
+
+
+def test_forget_usage_is_decided_in_the_targets_encryption_context(daemon: Daemon) -> None:
+    d = daemon
+    key = _key_with_two_versions(d)
+    d(ALICE, "CreateGrant", KeyId=key, GranteePrincipal="user:bob", Operations=["ReEncryptFrom", "ReEncryptTo"],
+      Constraints={"EncryptionContextEquals": {"encfs:fs": "x"}})
+    assert d(BOB, "ForgetUsage", Target="fs:x", KeepKeyId=key, KeepKeyVersion=2) == {"Left": [[key, 1]]}
+    d(ALICE, "GenerateDataKey", KeyId=key, EncryptionContext={"encfs:fs": "y"}, EncfsInternal=True)
+    d(ALICE, "RotateKeyOnDemand", KeyId=key)
+    with pytest.raises(AccessDenied):  # the grant is filesystem x's only
+        d(BOB, "ForgetUsage", Target="fs:y", KeepKeyId=key, KeepKeyVersion=3)
+    assert "fs:y" in _used_by(d, key)[2]
+
+
+def test_forget_usage_is_audited_with_its_principal(daemon: Daemon) -> None:
+    d = daemon
+    key = _key_with_two_versions(d)
+    d(ALICE, "ForgetUsage", Target="fs:x", KeepKeyId=key, KeepKeyVersion=2)
+    [record] = d.records("ForgetUsage")
+    assert record["principal"]["uid"] == ALICE.uid and record["key_id"] == key and record["target"] == "fs:x"
