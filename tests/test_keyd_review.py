@@ -86,3 +86,32 @@ def test_forget_usage_is_audited_with_its_principal(daemon: Daemon) -> None:
     d(ALICE, "ForgetUsage", Target="fs:x", KeepKeyId=key, KeepKeyVersion=2)
     [record] = d.records("ForgetUsage")
     assert record["principal"]["uid"] == ALICE.uid and record["key_id"] == key and record["target"] == "fs:x"
+
+
+# -- aliases under alias/encfs/ ---------------------------------------------------------------
+
+
+def test_a_user_cannot_take_the_secrets_default_alias(daemon: Daemon) -> None:
+    """Whoever holds alias/encfs/secrets receives every secret created without a key: had bob taken
+    it (and let everyone CreateSecret under his key), alice's next secret would be his to read."""
+    d = daemon
+    with pytest.raises(AccessDenied, match="alias/encfs/"):
+        d(BOB, "CreateKey", Alias="encfs/secrets")
+    mine = d(BOB, "CreateKey", Alias="bob/secrets")["KeyId"]
+    with pytest.raises(AccessDenied, match="alias/encfs/"):
+        d(BOB, "UpdateAlias", AliasName="alias/encfs/secrets", TargetKeyId=mine)
+    with pytest.raises(EncfsError, match="no key or alias"):
+        d.ks.resolve_key_id("alias/encfs/secrets")
+    assert [r["outcome"] for r in d.records("ReservedAlias")] == ["denied", "denied"]
+    daemon_user = Principal(UNIX, uid=OWNER, gid=OWNER, pid=14, user=None, groups=())
+    key = d(daemon_user, "CreateKey", Alias="encfs/secrets")["KeyId"]
+    assert d.ks.resolve_key_id("alias/encfs/secrets") == key
+
+
+def test_with_roles_the_encfs_aliases_are_the_officers(tmp_path: Path, service: KeyService, clock: Any) -> None:
+    d = Daemon(tmp_path, service, Roles(officers=frozenset({"user:olga"}), users=frozenset({"user:bob"})), clock)
+    with pytest.raises(AccessDenied, match="crypto-officer"):
+        d(BOB, "CreateKey", Alias="alias/encfs/secrets")
+    key = d(OFFICER, "CreateKey", Alias="alias/encfs/secrets")["KeyId"]
+    assert d.ks.resolve_key_id("alias/encfs/secrets") == key
+    d(BOB, "CreateKey", Alias="encfsnot/mine")  # only the alias/encfs/ folder is reserved

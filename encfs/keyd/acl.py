@@ -4,7 +4,8 @@ The dispatcher calls ``check`` before every operation and the grant/policy metho
 operations that change them (docs/dev/keyd.md, "Access control"; docs/keyd.md for users).
 
 Invariants:
-- Order of decision: roles first (no role: nothing; auditor: the audit only; crypto officer: key
+- Order of decision: roles first (no role: nothing; auditor: the audit only; aliases under
+  alias/encfs/: officers only, or root and the daemon's user without roles; crypto officer: key
   administration on any key with no policy consulted, never a data operation or a secret value),
   then, for a crypto user, the key policy (an explicit Deny wins over everything), then grants.
 - A denial is one AccessDenied line naming the principal, the action, the key (and secret) and the
@@ -84,6 +85,8 @@ class AccessControl:
             return None, False
         if USER not in roles:
             return f"role {AUDITOR} only reads the audit trail", False
+        if action == actions.RESERVED_ALIAS:
+            return self._reserved_alias_holder(principal, roles), False
         if action in actions.NO_KEY:
             return None, False
         if key_id is None:
@@ -101,6 +104,13 @@ class AccessControl:
         if principal.subject is None and principal.uid in (0, self.owner_uid):
             return None
         return "with no roles configured only root and the daemon's own user read the audit trail"
+
+    def _reserved_alias_holder(self, principal: Principal, roles: frozenset[str]) -> str | None:
+        if self.roles.configured:
+            return None if OFFICER in roles else f"only a {OFFICER} names a key by an alias under alias/encfs/"
+        if principal.subject is None and principal.uid in (0, self.owner_uid):
+            return None
+        return "with no roles configured only root and the daemon's own user name keys under alias/encfs/"
 
     @staticmethod
     def _denial(principal: Principal, action: str, key_id: str | None, ctx: Mapping[str, str],

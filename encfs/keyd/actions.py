@@ -4,7 +4,7 @@ Invariants:
 - Every action the daemon checks is in ALL_ACTIONS; anything else is a bug of the caller
   (``ValueError``) or, in a policy, a malformed document.
 - Classes are disjoint: KEY_ADMIN, KEY_USE, NO_KEY (roles alone decide them), SECRET_VALUE and
-  SECRET_META (checked on the secret's CMK policy), and READ_AUDIT (roles alone).
+  SECRET_META (checked on the secret's CMK policy), and READ_AUDIT and RESERVED_ALIAS (roles alone).
 - DATA_ACTIONS (the use actions and the secret values) are what a crypto officer never gets.
 - Names compare case-insensitively, as AWS compares actions; a wildcard is ``*`` (any run of
   characters) and ``?`` (one character), nothing else (no character classes).
@@ -34,11 +34,17 @@ SECRET_VALUE = frozenset({"secretsmanager:CreateSecret", "secretsmanager:GetSecr
 SECRET_META = frozenset({"secretsmanager:DescribeSecret", "secretsmanager:DeleteSecret",
                          "secretsmanager:RestoreSecret"})
 READ_AUDIT = "encfs:ReadAudit"
+# Naming a key by an alias under alias/encfs/ (encfs's own names, as alias/aws/ is AWS's: the
+# secrets' default key alias/encfs/secrets): whoever holds such an alias receives what others seal
+# to it, so it is not first come, first served.
+RESERVED_ALIAS = "encfs:ReservedAlias"
+RESERVED_ALIAS_PREFIX = "alias/encfs/"
 
 DATA_ACTIONS = KEY_USE | SECRET_VALUE
 # What a key policy statement can allow or deny: the rest is decided by roles alone.
 KEY_SCOPED = KEY_ADMIN | KEY_USE | SECRET_VALUE | SECRET_META
-ALL_ACTIONS = KEY_SCOPED | NO_KEY | {READ_AUDIT}
+ROLE_ONLY = frozenset({READ_AUDIT, RESERVED_ALIAS})  # decided by roles, never by a policy
+ALL_ACTIONS = KEY_SCOPED | NO_KEY | ROLE_ONLY
 
 _CANONICAL = {a.lower(): a for a in ALL_ACTIONS}
 

@@ -8,12 +8,20 @@ from collections.abc import Callable
 from typing import Any
 
 from encfs.errors import AccessDenied, EncfsError, UsageError
+from encfs.keyd import actions
 from encfs.keyd.call import Call, Handler, blob_key_id, context_arg, contexts_arg, data_key_json, int_arg, str_arg
 from encfs.keyd.protocol import b64, unb64
-from encfs.keys.metadata import ORIGIN_TOKEN
+from encfs.keys.metadata import ORIGIN_TOKEN, normalize_alias
 from encfs.keys.service import KeyService
 
 # -- key management ---------------------------------------------------------------------------
+
+
+def _check_reserved_alias(c: Call, alias: str) -> None:
+    """An alias under alias/encfs/ (the secrets' default key's) is the officers' to give: a
+    user who took alias/encfs/secrets first would hold every secret stored without a key."""
+    if normalize_alias(alias).startswith(actions.RESERVED_ALIAS_PREFIX):
+        c.allow(actions.RESERVED_ALIAS, None)
 
 
 def create_key(c: Call, a: dict[str, Any]) -> dict[str, Any]:
@@ -21,6 +29,8 @@ def create_key(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     alias = a.get("Alias")
     if alias is not None and not isinstance(alias, str):
         raise UsageError("Alias must be a string")
+    if alias:
+        _check_reserved_alias(c, alias)
     result = c.ks.create_key(str_arg(a, "Description", ""), alias, str_arg(a, "Origin", ORIGIN_TOKEN))
     c.access.on_key_created(result["KeyId"], c.principal)
     return result
@@ -51,6 +61,7 @@ def update_alias(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     alias = str_arg(a, "AliasName")
     target = c.key(a, "TargetKeyId")
     c.allow("kms:UpdateAlias", target)
+    _check_reserved_alias(c, alias)
     try:
         current = c.ks.resolve_key_id(alias)
     except EncfsError:

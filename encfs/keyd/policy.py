@@ -226,7 +226,7 @@ def _parse_actions(raw: object, where: str) -> frozenset[str]:
     for pattern in patterns:
         named = actions.expand(pattern)
         if not named:
-            if pattern.lower() in (a.lower() for a in actions.NO_KEY | {actions.READ_AUDIT}):
+            if pattern.lower() in (a.lower() for a in actions.NO_KEY | actions.ROLE_ONLY):
                 raise UsageError(f"{where}: {pattern} is not decided by a key policy (roles decide it)")
             raise UsageError(f"{where}: action {pattern!r} is not one encfs knows")
         out |= named
