@@ -115,3 +115,17 @@ def test_with_roles_the_encfs_aliases_are_the_officers(tmp_path: Path, service: 
     key = d(OFFICER, "CreateKey", Alias="alias/encfs/secrets")["KeyId"]
     assert d.ks.resolve_key_id("alias/encfs/secrets") == key
     d(BOB, "CreateKey", Alias="encfsnot/mine")  # only the alias/encfs/ folder is reserved
+
+
+# -- the audit trail --------------------------------------------------------------------------
+
+
+def test_reading_policies_grants_and_the_audit_is_audited(daemon: Daemon) -> None:
+    d = daemon
+    key = d(ALICE, "CreateKey")["KeyId"]
+    d(ALICE, "GetKeyPolicy", KeyId=key)
+    d(ALICE, "ListGrants", KeyId=key)
+    d(Principal(UNIX, uid=0, gid=0, pid=15, user="root", groups=("root",)), "ReadAudit")
+    for op, uid, key_id in (("GetKeyPolicy", ALICE.uid, key), ("ListGrants", ALICE.uid, key), ("ReadAudit", 0, None)):
+        [record] = d.records(op)
+        assert (record["outcome"], record["principal"]["uid"], record["key_id"]) == ("success", uid, key_id)

@@ -11,13 +11,22 @@ from encfs.errors import AccessDenied, UsageError
 from encfs.keyd.call import Call, Handler, int_arg, str_arg
 from encfs.keys.usage import TARGET_KINDS
 
+
+def _record(c: Call, operation: str, key_id: str | None, **extra: Any) -> None:
+    """An allowed request that the key service does not audit itself (it reads only the daemon's
+    state): recorded as its denial would be."""
+    c.ks.audit.record(operation, key_id=key_id, principal=c.principal.audit_fields(), now=time.time(), **extra)
+
+
 # -- policies and grants ----------------------------------------------------------------------
 
 
 def get_key_policy(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     key_id = c.key(a)
     c.allow("kms:GetKeyPolicy", key_id)
-    return {"Policy": c.access.get_policy(key_id)}
+    policy = c.access.get_policy(key_id)
+    _record(c, "GetKeyPolicy", key_id)
+    return {"Policy": policy}
 
 
 def put_key_policy(c: Call, a: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +61,9 @@ def create_grant(c: Call, a: dict[str, Any]) -> dict[str, Any]:
 def list_grants(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     key_id = c.key(a)
     c.allow("kms:ListGrants", key_id)
-    return {"Grants": c.access.list_grants(key_id)}
+    found = c.access.list_grants(key_id)
+    _record(c, "ListGrants", key_id)
+    return {"Grants": found}
 
 
 def retire_grant(c: Call, a: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +93,7 @@ def read_audit(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     ``MaxRecords`` (<= 1000) returned, so every reply stays under the frame limit."""
     c.allow("encfs:ReadAudit", None)
     start, limit = int_arg(a, "StartAt", 0), min(max(int_arg(a, "MaxRecords", 500), 1), 1000)
+    _record(c, "ReadAudit", None, start_at=start)  # before the read: a reader sees its own request
     records: list[dict[str, Any]] = []
     for i, record in enumerate(c.ks.audit.read_all()):
         if i >= start + limit:
