@@ -11,7 +11,7 @@ import pytest
 
 from encfs.errors import AccessDenied, EncfsError, UsageError
 from encfs.keyd.acl import AccessControl
-from encfs.keyd.dispatch import Dispatcher
+from encfs.keyd.dispatch import Dispatcher, Request
 from encfs.keyd.principal import UNIX, Principal
 from encfs.keyd.roles import Roles
 from encfs.keyd.secretstore import SecretStore
@@ -129,3 +129,26 @@ def test_reading_policies_grants_and_the_audit_is_audited(daemon: Daemon) -> Non
     for op, uid, key_id in (("GetKeyPolicy", ALICE.uid, key), ("ListGrants", ALICE.uid, key), ("ReadAudit", 0, None)):
         [record] = d.records(op)
         assert (record["outcome"], record["principal"]["uid"], record["key_id"]) == ("success", uid, key_id)
+
+
+# -- malformed arguments ----------------------------------------------------------------------
+
+
+def test_flags_are_json_booleans_not_truthy_strings(daemon: Daemon) -> None:
+    d = daemon
+    key = d(ALICE, "CreateKey")["KeyId"]
+    d(ALICE, "CreateSecret", SecretId="db", SecretValue="c2VjcmV0", KmsKeyId=key)
+    with pytest.raises(UsageError, match="ForceDeleteWithoutRecovery must be true or false"):
+        d(ALICE, "DeleteSecret", SecretId="db", ForceDeleteWithoutRecovery="false")
+    assert d(ALICE, "GetSecretValue", SecretId="db")["SecretString"] == "secret"  # not deleted for good
+    for flag in ("WithPlaintext", "EncfsInternal"):
+        with pytest.raises(UsageError, match=f"{flag} must be true or false"):
+            d(ALICE, "GenerateDataKey", KeyId=key, **{flag: "false"})
+
+
+def test_a_batch_does_not_take_true_for_a_size(daemon: Daemon) -> None:
+    d = daemon
+    key = d(ALICE, "CreateKey")["KeyId"]
+    requests = [Request(ALICE, "GenerateDataKey", {"KeyId": key, "NumberOfBytes": True}) for _ in range(2)]
+    replies = d.dispatcher.run_batch(requests)
+    assert all(isinstance(r, UsageError) and "NumberOfBytes must be an integer" in r.message for r in replies)

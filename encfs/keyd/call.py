@@ -85,6 +85,16 @@ def int_arg(args: dict[str, Any], name: str, default: int | None = None) -> int:
     return value
 
 
+def bool_arg(args: dict[str, Any], name: str, default: bool = False) -> bool:
+    """A JSON true or false (absent or null: ``default``); never a truthy string such as "false"."""
+    value = args.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} must be true or false")
+    return value
+
+
 def str_arg(args: dict[str, Any], name: str, default: str | None = None) -> str:
     value = args.get(name, default)
     if not isinstance(value, str):

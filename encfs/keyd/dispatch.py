@@ -70,10 +70,10 @@ class Dispatcher:
         groups: dict[tuple[str, int, bool], list[int]] = {}
         for i, r in enumerate(requests):
             a = r.args
-            if (r.op == "GenerateDataKey" and a.get("WithPlaintext", True) is True
-                    and isinstance(a.get("KeyId"), str) and isinstance(a.get("NumberOfBytes", 32), int)):
-                groups.setdefault((a["KeyId"], a.get("NumberOfBytes", 32), bool(a.get("EncfsInternal"))),
-                                  []).append(i)
+            size, internal = a.get("NumberOfBytes", 32), a.get("EncfsInternal", False)
+            if (r.op == "GenerateDataKey" and a.get("WithPlaintext", True) is True and isinstance(a.get("KeyId"), str)
+                    and type(size) is int and type(internal) is bool):  # anything else: alone, to its one-line error
+                groups.setdefault((a["KeyId"], size, internal), []).append(i)
         for (ref, size, internal), members in groups.items():
             if len(members) > 1:
                 self._generate_together(requests, members, ref, size, internal, out)

@@ -9,7 +9,17 @@ from typing import Any
 
 from encfs.errors import AccessDenied, EncfsError, UsageError
 from encfs.keyd import actions
-from encfs.keyd.call import Call, Handler, blob_key_id, context_arg, contexts_arg, data_key_json, int_arg, str_arg
+from encfs.keyd.call import (
+    Call,
+    Handler,
+    blob_key_id,
+    bool_arg,
+    context_arg,
+    contexts_arg,
+    data_key_json,
+    int_arg,
+    str_arg,
+)
 from encfs.keyd.protocol import b64, unb64
 from encfs.keys.metadata import ORIGIN_TOKEN, normalize_alias
 from encfs.keys.service import KeyService
@@ -121,10 +131,10 @@ def import_key_material(c: Call, a: dict[str, Any]) -> dict[str, Any]:
 
 def generate_data_key(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     key_id, context = c.key(a), context_arg(a)
-    with_plaintext = bool(a.get("WithPlaintext", True))
+    with_plaintext = bool_arg(a, "WithPlaintext", True)
     c.allow("kms:GenerateDataKey" if with_plaintext else "kms:GenerateDataKeyWithoutPlaintext", key_id, context)
     return data_key_json(c.ks.generate_data_key(key_id, context, int_arg(a, "NumberOfBytes", 32), with_plaintext,
-                                                encfs_internal=bool(a.get("EncfsInternal"))))
+                                                encfs_internal=bool_arg(a, "EncfsInternal")))
 
 
 def generate_data_keys(c: Call, a: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +142,7 @@ def generate_data_keys(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     for context in contexts:
         c.allow("kms:GenerateDataKey", key_id, context)
     keys = c.ks.generate_data_keys(key_id, contexts, int_arg(a, "NumberOfBytes", 32),
-                                   encfs_internal=bool(a.get("EncfsInternal")))
+                                   encfs_internal=bool_arg(a, "EncfsInternal"))
     return {"DataKeys": [data_key_json(k) for k in keys]}
 
 
@@ -144,7 +154,7 @@ def encrypt_many(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     for context in contexts:
         c.allow("kms:Encrypt", key_id, context)
     keys = c.ks.encrypt_many(key_id, [unb64(p, "Plaintexts") for p in plaintexts], contexts,
-                             encfs_internal=bool(a.get("EncfsInternal")))
+                             encfs_internal=bool_arg(a, "EncfsInternal"))
     return {"DataKeys": [data_key_json(k) for k in keys]}
 
 
@@ -152,7 +162,7 @@ def encrypt(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     key_id, context = c.key(a), context_arg(a)
     c.allow("kms:Encrypt", key_id, context)
     blob = c.ks.encrypt(key_id, unb64(a.get("Plaintext"), "Plaintext"), context,
-                        encfs_internal=bool(a.get("EncfsInternal")))
+                        encfs_internal=bool_arg(a, "EncfsInternal"))
     return {"KeyId": key_id, "CiphertextBlob": b64(blob)}
 
 
@@ -193,7 +203,7 @@ def re_encrypt(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     dest_context = context_arg(a, "DestinationEncryptionContext") if "DestinationEncryptionContext" in a else context
     c.allow("kms:ReEncryptFrom", blob_key_id(blob), context)
     c.allow("kms:ReEncryptTo", dest_key, dest_context)
-    out = c.ks.re_encrypt(blob, context, dest_key, dest_context, encfs_internal=bool(a.get("EncfsInternal")))
+    out = c.ks.re_encrypt(blob, context, dest_key, dest_context, encfs_internal=bool_arg(a, "EncfsInternal"))
     return {"KeyId": dest_key, "CiphertextBlob": b64(out)}
 
 

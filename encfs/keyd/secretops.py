@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from encfs.errors import UsageError
-from encfs.keyd.call import Call, Handler, int_arg, str_arg
+from encfs.keyd.call import Call, Handler, bool_arg, int_arg, str_arg
 from encfs.keyd.protocol import b64, unb64
 
 SECRET_CONTEXT = "encfs:secret"
@@ -89,7 +89,7 @@ def delete_secret(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     window = a.get("RecoveryWindowInDays")
     store = _allow(c, "secretsmanager:DeleteSecret", name)
     return dict(store.delete(name, None if window is None else int_arg(a, "RecoveryWindowInDays"),
-                             bool(a.get("ForceDeleteWithoutRecovery"))))
+                             bool_arg(a, "ForceDeleteWithoutRecovery")))
 
 
 def restore_secret(c: Call, a: dict[str, Any]) -> dict[str, Any]:
