@@ -152,3 +152,21 @@ def test_a_batch_does_not_take_true_for_a_size(daemon: Daemon) -> None:
     requests = [Request(ALICE, "GenerateDataKey", {"KeyId": key, "NumberOfBytes": True}) for _ in range(2)]
     replies = d.dispatcher.run_batch(requests)
     assert all(isinstance(r, UsageError) and "NumberOfBytes must be an integer" in r.message for r in replies)
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def test_a_secret_whose_key_was_deleted_can_still_be_described_and_deleted(daemon: Daemon, clock: Any) -> None:
+    d = daemon
+    key = d(ALICE, "CreateKey")["KeyId"]
+    d(ALICE, "CreateSecret", SecretId="orphan", SecretValue="c2VjcmV0", KmsKeyId=key)
+    d(ALICE, "ScheduleKeyDeletion", KeyId=key, PendingWindowInDays=7)
+    clock.advance(days=8)
+    with pytest.raises(EncfsError, match="was deleted"):
+        d.ks.resolve_key_id(key)
+    assert d(ALICE, "DescribeSecret", SecretId="orphan")["KmsKeyId"] == key
+    with pytest.raises(AccessDenied):
+        d(BOB, "DeleteSecret", SecretId="orphan", ForceDeleteWithoutRecovery=True)
+    d(ALICE, "DeleteSecret", SecretId="orphan", ForceDeleteWithoutRecovery=True)
+    assert d(ALICE, "ListSecrets")["SecretList"] == []

@@ -29,7 +29,9 @@ def _store(c: Call) -> Any:
 
 def _allow(c: Call, action: str, name: str, key_id: str | None = None) -> Any:
     store = _store(c)
-    c.allow(action, key_id if key_id is not None else c.ks.resolve_key_id(store.key_of(name)), {SECRET_CONTEXT: name})
+    # The secret's own CMK id (canonical, as the store wrote it), not resolved: a secret whose key
+    # was deleted is still decided on that key, so its owner or an officer can describe and delete it.
+    c.allow(action, key_id if key_id is not None else store.key_of(name), {SECRET_CONTEXT: name})
     return store
 
 
