@@ -170,3 +170,18 @@ def test_a_secret_whose_key_was_deleted_can_still_be_described_and_deleted(daemo
         d(BOB, "DeleteSecret", SecretId="orphan", ForceDeleteWithoutRecovery=True)
     d(ALICE, "DeleteSecret", SecretId="orphan", ForceDeleteWithoutRecovery=True)
     assert d(ALICE, "ListSecrets")["SecretList"] == []
+
+
+def test_blobs_naming_unknown_keys_do_not_grow_the_daemons_memory(daemon: Daemon) -> None:
+    """Any client can send a blob whose header names a random key id (Decrypt decides on it): each
+    is denied, and the access-control store must not remember a path for each of them."""
+    import uuid
+
+    from encfs.keyd import aclstore
+
+    limit = getattr(aclstore, "MAX_KNOWN_PATHS", 4096)
+    d = daemon
+    for _ in range(limit + 10):
+        with pytest.raises(AccessDenied):
+            d.access.check(BOB, "kms:Decrypt", str(uuid.uuid4()), {})
+    assert len(d.access.store._paths) <= limit

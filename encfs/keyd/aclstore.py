@@ -11,6 +11,7 @@ Invariants:
 - A read is served from a cache only while the file's (inode, mtime, size) is unchanged, and each
   write through this store drops its entry: a change takes effect on the next check.
 - File names are key ids (UUIDs), checked before any path is built: nothing escapes the directory.
+- Memory does not grow with the key ids clients name: at most MAX_KNOWN_PATHS paths are remembered.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from encfs.diskio import fsync_dir
 from encfs.errors import EncfsError, StateError, UsageError
 
 POLICIES, GRANTS = "policies", "grants"
+MAX_KNOWN_PATHS = 4096  # checked paths remembered; more are checked again
 T = TypeVar("T")
 
 
@@ -54,6 +56,8 @@ class AclStore:
         """The parsed file (``parse(json, path)``; it raises StateError on a bad shape), None if absent."""
         known = self._paths.get((kind, key_id))
         if known is None:
+            if len(self._paths) >= MAX_KNOWN_PATHS:  # any client names any key id in a blob's header
+                self._paths.clear()
             known = self._paths[(kind, key_id)] = self.path(kind, key_id)
         path = known
         cached = self._cache.get(path)
