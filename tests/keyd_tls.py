@@ -36,6 +36,7 @@ class Pki:
     stranger: Pair  # signed by other_ca
     expired: Pair  # signed by ca, expired yesterday
     mismatched: Pair  # client's certificate with the stranger's key
+    unnamable: Pair  # signed by ca, but its subject (a newline in it) is no principal name
 
 
 @dataclass(frozen=True)
@@ -120,4 +121,5 @@ def make_pki(root: Path) -> Pki:
                server=issue(root / "server.pem", ca, "CN=keyd", server=True, hosts=("localhost", "127.0.0.1")),
                client=client, stranger=stranger,
                expired=issue(root / "expired.pem", ca, "CN=old,O=example", expired=True),
-               mismatched=mismatched)
+               mismatched=mismatched,
+               unnamable=issue(root / "unnamable.pem", ca, "CN=bad\nname,O=example"))

@@ -137,6 +137,9 @@ class KeydConnection:
                 self.close_locked()
                 why = "it closed the connection" if isinstance(e, ProtocolError) else (e.strerror or str(e))
                 raise KeydUnavailable(f"the key daemon at {self.address.spec} did not answer {op}: {why}") from None
+        if reply.get("Id") is None and "Error" in reply:  # about the connection, not a request: it is closed
+            self.close()
+            raise_error(reply["Error"])
         if reply.get("Id") != rid:
             self.close()
             raise KeydUnavailable(f"the key daemon at {self.address.spec} answered another request")

@@ -29,8 +29,9 @@ from typing import Any
 
 import trio
 
-from encfs.errors import StateError, TokenError, UsageError
+from encfs.errors import AccessDenied, StateError, TokenError, UsageError
 from encfs.keyd.dispatch import Request
+from encfs.keyd.policy import principal_name_error
 from encfs.keyd.principal import Principal
 from encfs.keyd.protocol import (
     HEADER,
@@ -206,7 +207,13 @@ class KeyDaemon:
         principal: Principal | None = None
         try:
             async with stream:
-                principal = await identify(stream)
+                try:
+                    principal = await identify(stream)
+                except AccessDenied as e:  # a peer the transport verified but no policy can name
+                    await stream.send_all(encode_frame({"Id": None, "Error": error_body(e)}))
+                    with trio.move_on_after(1):  # read what it sent: a close with unread bytes is a reset,
+                        await stream.receive_some(65536)  # which could lose the reply above
+                    return
                 if principal is not None:
                     await self._requests(stream, principal)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError, ProtocolError):
@@ -264,7 +271,15 @@ async def tls_principal(stream: trio.SSLStream[Any]) -> Principal | None:
             return None
         der = stream.getpeercert(binary_form=True)
         if der:
-            return Principal.from_certificate(subject_of(der))
+            subject = subject_of(der)
+            why = principal_name_error(subject)
+            if why is None:
+                return Principal.from_certificate(subject)
+            # A subject no policy can name (empty, unprintable) would also make the default policy
+            # of a key it created unparseable: refused here, before any request.
+            log.warning("refused a TLS client from %s: its certificate's subject: %s", _peer(stream), why)
+            raise AccessDenied(f"the key daemon refuses this client certificate: its subject is no principal name "
+                               f"({why})")
     return None
 
 
