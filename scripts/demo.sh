@@ -117,4 +117,21 @@ run mount "$CIPHER" "$PLAIN"
 echo "\$ cat $PLAIN/plans.txt   (under demo-2, with demo disabled)"
 cat "$PLAIN/plans.txt"
 run umount "$PLAIN"
+
+echo; echo "== the key daemon: the token behind a socket, every use decided by key policy"
+SOCK="$ENCFS_HOME/keyd.sock"
+echo "\$ encfs keyd --socket $SOCK &"
+"$ENCFS" keyd --socket "$SOCK" 2>"$ENCFS_HOME/keyd.log" &
+KEYD=$!
+trap 'kill "$KEYD" 2>/dev/null; wait "$KEYD" 2>/dev/null; cleanup_volume; cleanup_mount; [ "${KEEP:-0}" = 1 ] || rm -rf "$ENCFS_HOME"' EXIT
+for _ in $(seq 300); do grep -q serving "$ENCFS_HOME/keyd.log" 2>/dev/null && break; sleep 0.1; done
+cat "$ENCFS_HOME/keyd.log"
+run key create --alias shared --description "created through the daemon" --keyd "$SOCK"
+run key get-policy shared --keyd "$SOCK"
+echo; echo "\$ printf 'db password' | encfs secret put app/db --kms-key-id shared --keyd $SOCK"
+printf 'db password' | "$ENCFS" secret put app/db --kms-key-id shared --keyd "$SOCK"
+echo; echo "\$ encfs secret get app/db --keyd $SOCK"
+"$ENCFS" secret get app/db --keyd "$SOCK"; echo
+run key audit --tail 3 --keyd "$SOCK"
+kill "$KEYD"; wait "$KEYD" || true
 echo; echo "demo finished"
