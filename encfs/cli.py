@@ -168,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "prepare", None) is not None:
             args.prepare(args)
-        if own_process and hasattr(args, "pkcs11_uri") and hsm_options(args).keyd is None:
+        # A client of a key daemon reads no PIN; the daemon itself (`encfs keyd`) does, whatever its
+        # config's [keyd] table names for clients.
+        if own_process and hasattr(args, "pkcs11_uri") and (args.command == "keyd" or hsm_options(args).keyd is None):
             from encfs.keys.pin_handoff import scrub
 
             args.handed_pin = scrub(home_of(args) or default_home(), hsm_options(args), sys.argv[1:]).pin

@@ -322,3 +322,19 @@ def test_errors_about_a_uri_never_show_its_pin(tmp_path: Path) -> None:
     err = proc.stderr.decode()
     assert proc.returncode == 1 and err.startswith("encfs: not a pkcs11 URI") and err.count("\n") == 1, err
     assert "s3cret" not in err
+
+
+@pytest.mark.parametrize("how", ["env", "uri"])
+def test_the_key_daemon_shows_no_pin_whatever_its_config_names(vendor: dict[str, Any], tmp_path: Path,
+                                                                 how: str) -> None:
+    """`encfs keyd` reads the PIN (it is the daemon), also when its state directory's config has a
+    [keyd] table naming a daemon for clients (that once skipped the PIN hand-off)."""
+    from keyd_rig import keyd
+
+    home = tmp_path / "home"
+    shutil.copytree(vendor["home"], home)
+    (home / "config.toml").write_text('[keyd]\naddress = "/nonexistent/keyd.sock"\n')
+    opts, env = pin_options(vendor, how, tmp_path)
+    with keyd(home, tmp_path / "keyd.sock", *opts, env={**vendor["env"], **env}) as proc:
+        workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert_no_pin(vendor["pin"], [proc.pid, *map(int, workers)])

@@ -7,6 +7,7 @@ embedded token's file, or sealed PINs with --passphrase-file), then serves until
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -82,7 +83,9 @@ def cmd_keyd(args: argparse.Namespace) -> int:
     try:
         # The token worker opens the token in its own process (worker.py); a PIN asked on the
         # terminal is asked here, before the fork, and handed over in memory.
-        hsm = prompt_before_fork(home, hsm_options(args))
+        # A [keyd] address in this state directory's config names a daemon for clients: this one
+        # serves the token itself.
+        hsm = prompt_before_fork(home, dataclasses.replace(hsm_options(args), keyd=None))
         worker_sock, worker_pid = worker.start(home, hsm, roles, close_in_child=[lst for lst, _ in listeners])
         daemon = KeyDaemon(worker_sock)
 
