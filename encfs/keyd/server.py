@@ -9,8 +9,9 @@ Invariants:
 - A malformed or oversized frame gets one error reply where it can, then closes that connection
   only; a client that disconnects mid-request loses only its own replies. Nothing a client sends
   can stop the loop, and no reply or log line carries key material beyond the requester's own reply.
-- At most MAX_IN_FLIGHT requests of one connection are queued at a time: a client cannot grow the
-  daemon's memory without bound by sending faster than the token answers.
+- At most MAX_IN_FLIGHT requests of one connection are in flight, a request counting until its reply
+  is sent: a client cannot grow the daemon's memory without bound by sending faster than the token
+  answers or by reading its replies slowly, and one that half-closes gets every reply.
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ HANDSHAKE_SECONDS = 10.0
 
 class _Connection:
     """One client connection: its principal, its replies waiting to be sent (one writer task sends
-    them, several per send when they come together), and how many of its requests are in flight."""
+    them, several per send when they come together), and how many of its requests are in flight.
+
+    A request stays in flight until its reply is *sent*, not merely answered: a client that reads
+    no replies stops being read after MAX_IN_FLIGHT (its replies do not pile up in the daemon), and
+    a client that half-closes gets every reply before its connection is closed."""
 
     def __init__(self, stream: trio.abc.Stream, principal: Principal) -> None:
         self.stream = stream
@@ -60,33 +65,44 @@ class _Connection:
         self.outbox: list[bytes] = []
         self.mail = trio.Event()
         self.room = trio.Event()
-        self.in_flight = 0
+        self.in_flight = 0  # requests read and not yet answered, or answered and not yet sent
+        self.unsent = 0  # frames posted and not yet sent (replies, and errors about the connection)
+        self._replies_in_outbox = 0
 
-    def post(self, message: dict[str, Any]) -> None:
+    def post(self, message: dict[str, Any], *, reply: bool = False) -> None:
         try:
             frame = encode_frame(message)
         except UsageError as e:  # a reply over the frame limit
             frame = encode_frame({"Id": message.get("Id"), "Error": error_body(e)})
         self.outbox.append(frame)
+        self.unsent += 1
+        self._replies_in_outbox += reply
         self.mail.set()
 
     def answer(self, rid: Any, reply: dict[str, Any]) -> None:
-        self.in_flight -= 1
-        self.room.set()
-        self.post({"Id": rid, **reply})
+        self.post({"Id": rid, **reply}, reply=True)
 
     async def writer(self) -> None:
         while True:
             await self.mail.wait()
             self.mail = trio.Event()
-            data, self.outbox = b"".join(self.outbox), []
-            if data:
-                await self.stream.send_all(data)
+            frames, self.outbox = self.outbox, []
+            replies, self._replies_in_outbox = self._replies_in_outbox, 0
+            if frames:
+                await self.stream.send_all(b"".join(frames))
+            self.unsent -= len(frames)
+            self.in_flight -= replies
+            self.room.set()
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        """Wait for ``done()``, checked each time the writer has sent (the reading task's only)."""
+        while not done():
+            self.room = trio.Event()
+            await self.room.wait()
 
     async def settled(self) -> None:
         """Until every request of this connection is answered and sent."""
-        while self.in_flight or self.outbox:
-            await trio.sleep(0.001)
+        await self.until(lambda: not self.in_flight and not self.unsent)
 
 
 class TokenLink:
@@ -230,9 +246,7 @@ class KeyDaemon:
             nursery.start_soon(conn.writer)
             try:
                 while True:
-                    while conn.in_flight >= MAX_IN_FLIGHT:
-                        conn.room = trio.Event()
-                        await conn.room.wait()
+                    await conn.until(lambda: conn.in_flight < MAX_IN_FLIGHT)
                     message = await frames.read()
                     if message is None:
                         break
@@ -244,8 +258,7 @@ class KeyDaemon:
                 await conn.settled()  # the client stopped sending: its answers still go out
             except ProtocolError as e:
                 conn.post({"Id": None, "Error": error_body(UsageError(str(e)))})
-                while conn.outbox:
-                    await trio.sleep(0.001)
+                await conn.until(lambda: not conn.unsent)  # the error goes out before the close
             nursery.cancel_scope.cancel()
 
 

@@ -1,0 +1,70 @@
+"""`encfs keyd`'s transport under clients that misbehave slowly: replies that wait to be sent (#24)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import select
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from keyd_rig import client, frames, home_with_key, keyd, read_frame, send_all
+
+PLAINTEXT = base64.b64encode(os.urandom(4096)).decode()  # KMS's largest: a reply of ~6 KiB
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
+    home = tmp_path / "home"
+    home_with_key(home)
+    sock = tmp_path / "keyd.sock"
+    with keyd(home, sock) as proc:
+        made = client(sock, "key", "create", "--alias", "mine", home=home)
+        assert made.returncode == 0, made.stderr
+        yield home, sock, proc
+
+
+def encrypt(rid: int) -> bytes:
+    return json.dumps({"Id": rid, "Op": "Encrypt", "Args": {"KeyId": "alias/mine", "Plaintext": PLAINTEXT}}).encode()
+
+
+def generate(rid: int) -> bytes:
+    return json.dumps({"Id": rid, "Op": "GenerateDataKey", "Args": {"KeyId": "alias/mine", "NumberOfBytes": 1024}}).encode()
+
+
+def test_a_client_that_half_closes_gets_every_reply_even_when_it_reads_late(daemon) -> None:  # type: ignore[no-untyped-def]
+    _, sock, proc = daemon
+    s = send_all(sock, [generate(i) for i in range(500)])  # 40 kB of requests, 1.5 MB of replies
+    s.shutdown(socket.SHUT_WR)
+    time.sleep(1.5)  # every request is answered meanwhile; the replies wait for this client to read
+    replies = []
+    while (frame := read_frame(s)) is not None:
+        replies.append(json.loads(frame))
+    s.close()
+    assert [r.get("Id") for r in replies] == list(range(500))
+    assert all("Result" in r for r in replies)
+    assert proc.poll() is None
+
+
+def test_a_client_that_never_reads_is_not_read_further(daemon) -> None:  # type: ignore[no-untyped-def]
+    _, sock, proc = daemon
+    data = frames(*[encrypt(i) for i in range(2000)])  # 12 MB of requests, as many of replies
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(os.fspath(sock))
+    s.setblocking(False)
+    sent = 0
+    while sent < len(data):
+        try:
+            sent += s.send(data[sent:sent + 65536])
+        except BlockingIOError:
+            if not select.select([], [s], [], 2.0)[1]:
+                break  # the daemon stopped reading this client
+    assert sent < 4 << 20, f"the daemon read {sent} bytes from a client that reads no reply"
+    s.close()
+    assert proc.poll() is None
+    other = send_all(sock, [encrypt(1)])
+    assert "Result" in json.loads(read_frame(other) or b"{}")
+    other.close()
