@@ -42,6 +42,28 @@ def send_message(sock: socket.socket, message: Any) -> None:
     sock.sendall(_LEN.pack(len(data)) + data)
 
 
+def _send_data(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(_LEN.pack(len(data)) + data)
+
+
+def _pickled_replies(replies: list[dict[str, Any]]) -> bytes:
+    """A batch's replies as one pickle; a reply pickle refuses (a bug's value) becomes an error for
+    its request alone, so that one bad reply neither kills the worker nor fails its batch. Logged
+    without the value or pickle's message: either may hold key material."""
+    try:
+        return pickle.dumps(replies, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - PicklingError, TypeError, AttributeError, RecursionError...
+        out = []
+    for reply in replies:
+        try:
+            pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+            out.append(reply)
+        except Exception:  # noqa: BLE001 - as above
+            log.error("a reply of the key daemon's token worker could not be sent (a bug): its request fails")
+            out.append({"Error": error_body(StateError("the key daemon failed on this request (see its log)"))})
+    return pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def recv_message(sock: socket.socket) -> Any:
     """The next message, or None at EOF."""
     header = _recv_exactly(sock, _LEN.size)
@@ -133,7 +155,7 @@ def _serve(sock: socket.socket, home: Path, hsm: Any, roles: Any) -> None:
             except Exception:  # a bug fails this batch, not the daemon
                 log.exception("a batch of %d requests failed", len(batch))
                 replies = [StateError("the key daemon failed on this request (see its log)")] * len(batch)
-            send_message(sock, [{"Error": error_body(r)} if isinstance(r, EncfsError) else {"Result": r}
-                                for r in replies])
+            _send_data(sock, _pickled_replies([{"Error": error_body(r)} if isinstance(r, EncfsError) else {"Result": r}
+                                               for r in replies]))
     finally:
         ks.close()
