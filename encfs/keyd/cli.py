@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
@@ -16,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from encfs.errors import EncfsError, UsageError
+from encfs.errors import Busy, EncfsError, StateError, UsageError
 
 DEFAULT_SOCKET = "/run/encfs/keyd.sock"
+LOCK_NAME = "keyd.lock"
 log = logging.getLogger("encfs.keyd")
 
 
@@ -65,6 +67,7 @@ def cmd_keyd(args: argparse.Namespace) -> int:
 
         tls = server_context(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca))
     home = state_dir(args)
+    state_lock = _lock_state(home)  # held (and by the token worker, which inherits it) until exit
     if args.roles and not os.path.exists(args.roles):
         raise UsageError(f"--roles {args.roles}: no such file")
     roles = Roles.load(Path(args.roles) if args.roles else home / "keyd.toml")
@@ -123,4 +126,25 @@ def cmd_keyd(args: argparse.Namespace) -> int:
                 os.unlink(socket_path)
             except OSError:
                 pass
+        if state_lock is not None:
+            os.close(state_lock)
     return 0
+
+
+def _lock_state(home: Path) -> int | None:
+    """Refuse to serve a state directory another daemon serves: both would hold the token's
+    session and write the same policies, grants and secrets, each trusting its own cache. An
+    flock on ``<home>/keyd.lock``, inherited by the forked worker, so it lasts as long as either
+    process does. A home that does not exist takes no lock: opening the token refuses it."""
+    try:
+        fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StateError(f"cannot lock {home / LOCK_NAME}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Busy(f"another key daemon serves {home}: stop it first, or give --home another state directory") from None
+    return fd

@@ -1,0 +1,30 @@
+"""`encfs keyd` as a process among others: a second daemon on one state directory (#24)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from keyd_rig import home_with_key, keyd
+
+
+def test_a_second_daemon_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home_with_key(home)
+    with keyd(home, tmp_path / "one.sock") as first:
+        env = dict(os.environ, ENCFS_HOME=str(home))
+        env.pop("SOFTHSM2_CONF", None)
+        second = subprocess.Popen([sys.executable, "-m", "encfs", "keyd", "--home", str(home), "--socket",
+                                   str(tmp_path / "two.sock")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            _, err = second.communicate(timeout=8)
+        except subprocess.TimeoutExpired:
+            second.kill()
+            second.communicate()
+            raise AssertionError("a second key daemon serves the same token, policies and secrets") from None
+        assert second.returncode == 75, err
+        assert err.decode().startswith("encfs: another key daemon serves ") and err.count(b"\n") == 1, err
+        assert not (tmp_path / "two.sock").exists()
+        assert first.poll() is None
