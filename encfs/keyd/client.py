@@ -9,7 +9,8 @@ Invariants:
   allowed) so that a disabled key, a revoked grant or a narrowed policy stops the next use.
 - One connection, one request at a time (a lock): a mount's threads share it. A connection the
   daemon closed while it was idle (a restart) is reopened before the next request; a request cut
-  off in flight is KeydUnavailable, never retried (it may have acted).
+  off in flight is KeydUnavailable, never retried (it may have acted). A forked child opens its own
+  connection with a fresh lock (a parent's thread may have held it at the fork).
 - A daemon that goes away or refuses the TLS client is an error (KeydUnavailable, one line), never
   SIGPIPE: OpenSSL writes with write(2), so SIGPIPE is blocked in the writing thread around it.
 """
@@ -22,6 +23,7 @@ import signal
 import socket
 import ssl
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,6 +114,12 @@ class KeydConnection:
         self._lock = threading.Lock()
         self._next_id = 0
         self._pid = os.getpid()
+        _CONNECTIONS.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A parent's thread may have held the lock at the fork (mid-request): the child has no
+        such thread, so it would wait forever. Its connection is the parent's (left to it)."""
+        self._lock = threading.Lock()
 
     def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
@@ -210,6 +218,17 @@ class KeydConnection:
     def close(self) -> None:
         with self._lock:
             self.close_locked()
+
+
+_CONNECTIONS: weakref.WeakSet[KeydConnection] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for conn in list(_CONNECTIONS):
+        conn._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def connect(options: KeydOptions, home: Path | None = None) -> RemoteKeyService:
