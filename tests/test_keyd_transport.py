@@ -68,3 +68,40 @@ def test_a_client_that_never_reads_is_not_read_further(daemon) -> None:  # type:
     other = send_all(sock, [encrypt(1)])
     assert "Result" in json.loads(read_frame(other) or b"{}")
     other.close()
+
+
+def test_stalled_clients_are_closed_and_idle_ones_kept(tmp_path: Path) -> None:
+    """A frame begun and not finished, or replies never read, hold a connection --stall-timeout
+    seconds at most; a client silent between requests (a mount's idle connection) stays."""
+    home = tmp_path / "home"
+    home_with_key(home)
+    sock = tmp_path / "keyd.sock"
+    with keyd(home, sock, "--stall-timeout", "1") as proc:
+        made = client(sock, "key", "create", "--alias", "mine", home=home)
+        assert made.returncode == 0, made.stderr
+        idle = send_all(sock, [])
+        half = send_all(sock, [])
+        half.sendall((100).to_bytes(4, "big") + b'{"Id": 1')  # and then nothing
+        deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deaf.connect(os.fspath(sock))
+        deaf.setblocking(False)
+        data, sent = frames(*[encrypt(i) for i in range(2000)]), 0
+        deadline = time.monotonic() + 10
+        while sent < len(data) and time.monotonic() < deadline:
+            try:
+                sent += deaf.send(data[sent:sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # closed by the daemon: what this test waits for
+        else:
+            raise AssertionError("the daemon kept a client that read none of its replies")
+        half.settimeout(10)
+        reply = json.loads(read_frame(half) or b"{}")  # told why, then closed
+        assert "not finished within 1 s" in reply["Error"]["Message"] and read_frame(half) is None
+        time.sleep(1.5)
+        idle.sendall(frames(encrypt(7)))  # silent for longer than the timeout: still served
+        assert json.loads(read_frame(idle) or b"{}").get("Id") == 7
+        for s in (idle, half, deaf):
+            s.close()
+        assert proc.poll() is None

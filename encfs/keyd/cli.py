@@ -36,6 +36,9 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
     p.add_argument("--tls-ca", metavar="FILE", help="CA whose certificates clients must present")
     p.add_argument("--json", action="store_true", help="when ready, print {Socket, Inherited, Listen} on stdout")
+    p.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="close a client that leaves a frame unfinished, or reads none of its replies, this long "
+                        "(default 30; an idle client between requests is never closed)")
     p.add_argument("--roles", metavar="FILE", help="roles file (default <state dir>/keyd.toml; docs/keyd.md)")
     p.set_defaults(func=cmd_keyd)
 
@@ -90,7 +93,7 @@ def cmd_keyd(args: argparse.Namespace) -> int:
         # serves the token itself.
         hsm = prompt_before_fork(home, dataclasses.replace(hsm_options(args), keyd=None))
         worker_sock, worker_pid = worker.start(home, hsm, roles, close_in_child=[lst for lst, _ in listeners])
-        daemon = KeyDaemon(worker_sock)
+        daemon = KeyDaemon(worker_sock, args.stall_timeout)
 
         async def main() -> None:
             if tls is not None:

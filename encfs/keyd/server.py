@@ -47,6 +47,7 @@ from encfs.keyd.protocol import (
 log = logging.getLogger("encfs.keyd")
 
 MAX_IN_FLIGHT = 32
+STALL_SECONDS = 30.0  # the rest of a begun frame, or a send of replies, may take this long
 BATCHES_IN_FLIGHT = 2
 HANDSHAKE_SECONDS = 10.0
 
@@ -59,9 +60,10 @@ class _Connection:
     no replies stops being read after MAX_IN_FLIGHT (its replies do not pile up in the daemon), and
     a client that half-closes gets every reply before its connection is closed."""
 
-    def __init__(self, stream: trio.abc.Stream, principal: Principal) -> None:
+    def __init__(self, stream: trio.abc.Stream, principal: Principal, stall_seconds: float = STALL_SECONDS) -> None:
         self.stream = stream
         self.principal = principal
+        self.stall_seconds = stall_seconds
         self.outbox: list[bytes] = []
         self.mail = trio.Event()
         self.room = trio.Event()
@@ -89,7 +91,10 @@ class _Connection:
             frames, self.outbox = self.outbox, []
             replies, self._replies_in_outbox = self._replies_in_outbox, 0
             if frames:
-                await self.stream.send_all(b"".join(frames))
+                with trio.move_on_after(self.stall_seconds) as sending:
+                    await self.stream.send_all(b"".join(frames))
+                if sending.cancelled_caught:  # a client that stopped reading: it holds nothing longer
+                    raise ProtocolError(f"a client read none of its replies for {self.stall_seconds:g} s")
             self.unsent -= len(frames)
             self.in_flight -= replies
             self.room.set()
@@ -162,13 +167,22 @@ class TokenLink:
 class _FrameStream:
     """Reads whole frames from a trio stream (bytes buffered between receives)."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, stall_seconds: float | None = None) -> None:
+        """``stall_seconds``: how long the rest of a begun frame may take (None: no limit). A client
+        may be silent between frames for as long as it likes (a mount's idle connection)."""
         self.stream = stream
         self.buffer = bytearray()
+        self.stall_seconds = stall_seconds
 
-    async def _exactly(self, n: int) -> bytes | None:
+    async def _exactly(self, n: int, begun: bool = False) -> bytes | None:
         while len(self.buffer) < n:
-            data = await self.stream.receive_some(max(65536, n - len(self.buffer)))
+            if (begun or self.buffer) and self.stall_seconds is not None:
+                with trio.move_on_after(self.stall_seconds) as waiting:
+                    data = await self.stream.receive_some(max(65536, n - len(self.buffer)))
+                if waiting.cancelled_caught:
+                    raise ProtocolError(f"a frame was begun and not finished within {self.stall_seconds:g} s")
+            else:
+                data = await self.stream.receive_some(max(65536, n - len(self.buffer)))
             if not data:
                 if self.buffer:
                     raise ProtocolError("connection closed in the middle of a frame")
@@ -182,7 +196,8 @@ class _FrameStream:
         header = await self._exactly(HEADER.size)
         if header is None:
             return None
-        payload = await self._exactly(frame_length(header) if limit is not None else HEADER.unpack(header)[0])
+        payload = await self._exactly(frame_length(header) if limit is not None else HEADER.unpack(header)[0],
+                                      begun=True)
         if payload is None:
             raise ProtocolError("connection closed in the middle of a frame")
         return payload
@@ -193,9 +208,10 @@ class _FrameStream:
 
 
 class KeyDaemon:
-    def __init__(self, worker: socket.socket) -> None:
+    def __init__(self, worker: socket.socket, stall_seconds: float = STALL_SECONDS) -> None:
         self.tokens = TokenLink(worker)
         self.connections = 0
+        self.stall_seconds = stall_seconds
 
     async def serve(self, listeners: list[tuple[trio.abc.Listener[Any], Callable[[Any], Any]]],
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -209,13 +225,20 @@ class KeyDaemon:
 
     async def _accept(self, listener: trio.abc.Listener[Any], identify: Callable[[Any], Any]) -> None:
         async with listener, trio.open_nursery() as nursery:
+            refusing = False  # logged once per episode, not 20 times a second
             while True:
                 try:
                     stream = await listener.accept()
                 except OSError as e:  # EMFILE and the like: refuse this one, keep serving
-                    log.warning("cannot accept a connection: %s", e.strerror)
+                    if not refusing:
+                        log.warning("cannot accept connections (%s, %d open): waiting for some to close",
+                                    e.strerror, self.connections)
+                    refusing = True
                     await trio.sleep(0.05)
                     continue
+                if refusing:
+                    log.warning("accepting connections again (%d open)", self.connections)
+                    refusing = False
                 nursery.start_soon(self._connection, stream, identify)
 
     async def _connection(self, stream: trio.abc.Stream, identify: Callable[[Any], Any]) -> None:
@@ -240,8 +263,8 @@ class KeyDaemon:
             self.connections -= 1
 
     async def _requests(self, stream: trio.abc.Stream, principal: Principal) -> None:
-        frames = _FrameStream(stream)
-        conn = _Connection(stream, principal)
+        frames = _FrameStream(stream, self.stall_seconds)
+        conn = _Connection(stream, principal, self.stall_seconds)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.writer)
             try:
