@@ -166,3 +166,31 @@ def test_archive_reveals_no_pin_and_backup_refusals(world: dict[str, Any], tmp_p
          needles=("shorter",), exit_code=2)
     assert not (tmp_path / "x.bk").exists()
     fail("hsm", "backup", str(tmp_path / "x.bk"), home=home, needles=("--passphrase-file",))  # no terminal
+
+
+def test_secrets_and_the_key_daemons_policies_and_grants_are_in_the_backup(tmp_path: Path) -> None:
+    """A restore that lost them would lose every secret (their values exist nowhere else) and every
+    policy and grant a key daemon decides by."""
+    from encfs.keyd.acl import AccessControl
+    from encfs.keyd.principal import Principal
+    from encfs.keyd.roles import Roles
+
+    home = tmp_path / "home"
+    ok("hsm", "init", home=home)
+    key = ok("key", "create", "--alias", "s", home=home).decode().strip()
+    ok("secret", "put", "db/password", "--kms-key-id", "s", home=home, input=b"hunter2")
+    access = AccessControl(home / "keyd", Roles())
+    access.on_key_created(key, Principal.from_certificate("CN=owner,O=example"))
+    grant = access.create_grant(key, "user:bob", ["Decrypt"], None, None, None,
+                                Principal.from_certificate("CN=owner,O=example"))["GrantId"]
+    (home / "keyd.toml").write_text('[roles]\nofficers = ["user:carol"]\n')
+    passfile = tmp_path / "pass"
+    passfile.write_text(PASS + "\n")
+    ok("hsm", "backup", str(tmp_path / "store.bk"), "--passphrase-file", str(passfile), home=home)
+    target = tmp_path / "restored"
+    ok("hsm", "restore", str(tmp_path / "store.bk"), "--passphrase-file", str(passfile), home=target)
+    assert ok("secret", "get", "db/password", home=target) == b"hunter2"
+    again = AccessControl(target / "keyd", Roles())
+    assert again.get_policy(key) == access.get_policy(key)
+    assert [g["GrantId"] for g in again.list_grants(key)] == [grant]
+    assert (target / "keyd.toml").read_text() == (home / "keyd.toml").read_text()

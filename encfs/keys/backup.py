@@ -62,8 +62,12 @@ _MAX_MEMORY = 4 << 30
 MAX_ARCHIVE = 1 << 30
 # Paths an archive may hold, relative to the state directory (nothing else is ever written).
 _PATH = re.compile(r"keys\.json(\.bak)?|softhsm/(user\.pin|so\.pin|pins\.sealed)"
-                   r"|softhsm/tokens/[A-Za-z0-9_-][A-Za-z0-9._-]*/[A-Za-z0-9_-][A-Za-z0-9._-]*")
-STORE_NAMES = ("keys.json", "keys.json.bak", "softhsm")
+                   r"|softhsm/tokens/[A-Za-z0-9_-][A-Za-z0-9._-]*/[A-Za-z0-9_-][A-Za-z0-9._-]*"
+                   r"|secrets/[0-9a-f]{64}\.json|keyd/(policies|grants)/[0-9a-f-]{36}\.json|keyd\.toml")
+# What a restore replaces; the key daemon's state and the secrets (issue #24) go with the keys they
+# name: a backup without them would lose every secret, and every policy and grant, on a restore.
+STORE_NAMES = ("keys.json", "keys.json.bak", "softhsm", "secrets", "keyd", "keyd.toml")
+_STATE_DIRS = ("secrets", "keyd/policies", "keyd/grants")
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,14 @@ def _read_store(home: Path, emb: EmbeddedSoftHSM) -> dict[str, bytes]:
                 if not obj.is_file(follow_symlinks=False):
                     raise StateError(f"unexpected entry {obj.path} in the token directory")
                 names.append(f"softhsm/tokens/{entry.name}/{obj.name}")
+        names.append("keyd.toml")
+        for directory in _STATE_DIRS:  # secrets and the daemon's policies and grants: their .json files
+            try:
+                found = sorted(e.name for e in os.scandir(home / directory)
+                               if e.name.endswith(".json") and e.is_file(follow_symlinks=False))
+            except FileNotFoundError:
+                continue
+            names.extend(f"{directory}/{n}" for n in found)
         for name in names:
             if not _PATH.fullmatch(name):
                 raise StateError(f"cannot back up {home / name}: the name is not one encfs writes")
@@ -284,7 +296,7 @@ def restore(home: Path, files: dict[str, bytes], force: bool) -> list[str]:
                     os.rename(home / name, old / name)
                     moved.append(name)
             # keys.json before the token directory: until softhsm/ appears there is no store
-            for name in ("keys.json.bak", "keys.json", "softhsm"):
+            for name in ("secrets", "keyd", "keyd.toml", "keys.json.bak", "keys.json", "softhsm"):
                 if (stage / name).exists():
                     os.rename(stage / name, home / name)
                     placed.append(name)
