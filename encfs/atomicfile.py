@@ -43,3 +43,23 @@ def write_atomic(path: PathLike, data: bytes, mode: int = 0o600, *, sync_dir: bo
         raise
     if sync_dir:
         fsync_dir(os.path.dirname(target) or b".")
+
+
+def remove_dead_temporaries(path: Path) -> None:
+    """Remove ``path``'s temporary files (``.tmp.PID``) whose process is gone: a writer killed
+    between its write and its rename leaves one. Call it where only one writer runs (under the
+    file's lock); another user's process counts as alive."""
+    for tmp in path.parent.glob(f"{path.name}.tmp.*"):
+        pid = tmp.name.rpartition(".")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True

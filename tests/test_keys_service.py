@@ -1038,3 +1038,21 @@ def test_generate_data_key_can_seed_the_cache(service: KeyService) -> None:
     service.disable_key(key)
     with pytest.raises(KeyStateError):
         service.decrypt(dk.ciphertext_blob, {"f": "1"}, cache=cache)
+
+
+def test_a_killed_writers_temporary_copy_is_removed_by_the_next_write(service: KeyService) -> None:
+    """A writer killed between writing keys.json.tmp.PID (or the copy's) and renaming it leaves
+    that file; the next writer, under the lock, removes those of dead processes only."""
+    import subprocess
+    import sys
+
+    service.create_key(alias="first")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    home = service.store.path.parent
+    dead = [home / f"keys.json.tmp.{gone}", home / f"keys.json.bak.tmp.{gone}"]
+    live = home / "keys.json.bak.tmp.1"  # pid 1 is alive: its copy is not ours to remove
+    for p in (*dead, live):
+        p.write_bytes(b"{}")
+    service.create_key(alias="second")
+    assert not any(p.exists() for p in dead) and live.exists()

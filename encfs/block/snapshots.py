@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from encfs.atomicfile import write_atomic
+from encfs.atomicfile import remove_dead_temporaries, write_atomic
 from encfs.block.attach import Attachment, live_attachment, mounts_of, refuse_attached
 from encfs.block.cow import CowStore, Snapshot
 from encfs.block.fuseserver import (
@@ -118,29 +118,10 @@ def _put_back(home: Path, sid: str, entry: dict[str, Any] | None) -> None:
 def _save(home: Path, cat: dict[str, dict[str, Any]]) -> None:
     try:
         home.mkdir(parents=True, exist_ok=True)
-        _sweep(home)
+        remove_dead_temporaries(_catalog_path(home))  # the catalogs of commands killed mid-write
         write_atomic(_catalog_path(home), json.dumps(cat, indent=1, sort_keys=True).encode())
     except OSError:
         pass  # the catalog is a convenience; VOL@ID always works
-
-
-def _sweep(home: Path) -> None:
-    """Remove the temporary catalogs (write_atomic's ``.tmp.PID``) of processes that died before
-    renaming them, as a command killed at that moment leaves."""
-    for tmp in home.glob(f"{_catalog_path(home).name}.tmp.*"):
-        pid = tmp.name.rpartition(".")[2]
-        if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process
-    return True
 
 
 def resolve(ref: str, home: Path) -> tuple[Path, str]:

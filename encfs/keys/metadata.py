@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from encfs.atomicfile import write_atomic
+from encfs.atomicfile import remove_dead_temporaries, write_atomic
 from encfs.errors import ConfigError, KeyNotFound, StateError, UsageError
 from encfs.filelock import WriterLock
 
@@ -327,6 +327,8 @@ class KeyStore:
     def _save(self, data: dict[str, Any]) -> None:
         text = (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
         self._cache = None
+        for written in (self.path, self.backup):  # a writer killed mid-write left its copy (we hold the lock)
+            remove_dead_temporaries(written)
         try:
             write_atomic(self.path, text, 0o600, sync_dir=True)
         except OSError as e:
