@@ -123,7 +123,8 @@ SOCK="$ENCFS_HOME/keyd.sock"
 echo "\$ encfs keyd --socket $SOCK &"
 "$ENCFS" keyd --socket "$SOCK" 2>"$ENCFS_HOME/keyd.log" &
 KEYD=$!
-trap 'kill "$KEYD" 2>/dev/null; wait "$KEYD" 2>/dev/null; cleanup_volume; cleanup_mount; [ "${KEEP:-0}" = 1 ] || rm -rf "$ENCFS_HOME"' EXIT
+cleanup_keyd() { [ -z "$KEYD" ] || { kill "$KEYD" 2>/dev/null; wait "$KEYD" 2>/dev/null; }; true; }
+trap 'cleanup_keyd; cleanup_volume; cleanup_mount; [ "${KEEP:-0}" = 1 ] || rm -rf "$ENCFS_HOME"' EXIT
 for _ in $(seq 300); do grep -q serving "$ENCFS_HOME/keyd.log" 2>/dev/null && break; sleep 0.1; done
 cat "$ENCFS_HOME/keyd.log"
 run key create --alias shared --description "created through the daemon" --keyd "$SOCK"
@@ -134,4 +135,5 @@ echo; echo "\$ encfs secret get app/db --keyd $SOCK"
 "$ENCFS" secret get app/db --keyd "$SOCK"; echo
 run key audit --tail 3 --keyd "$SOCK"
 kill "$KEYD"; wait "$KEYD" || true
+KEYD=""
 echo; echo "demo finished"
