@@ -4,19 +4,11 @@ usage ledger's ``forget`` (a re-key's last step). Each is decided on its key lik
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from encfs.errors import AccessDenied, UsageError
 from encfs.keyd.call import Call, Handler, int_arg, str_arg
 from encfs.keys.usage import TARGET_KINDS
-
-
-def _record(c: Call, operation: str, key_id: str | None, **extra: Any) -> None:
-    """An allowed request that the key service does not audit itself (it reads only the daemon's
-    state): recorded as its denial would be."""
-    c.ks.audit.record(operation, key_id=key_id, principal=c.principal.audit_fields(), now=time.time(), **extra)
-
 
 # -- policies and grants ----------------------------------------------------------------------
 
@@ -25,7 +17,7 @@ def get_key_policy(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     key_id = c.key(a)
     c.allow("kms:GetKeyPolicy", key_id)
     policy = c.access.get_policy(key_id)
-    _record(c, "GetKeyPolicy", key_id)
+    c.record("GetKeyPolicy", key_id)
     return {"Policy": policy}
 
 
@@ -36,7 +28,7 @@ def put_key_policy(c: Call, a: dict[str, Any]) -> dict[str, Any]:
         raise UsageError("Policy must be a JSON object")
     c.allow("kms:PutKeyPolicy", key_id)
     c.access.put_policy(key_id, policy)
-    c.ks.audit.record("PutKeyPolicy", key_id=key_id, principal=c.principal.audit_fields(), now=time.time())
+    c.record("PutKeyPolicy", key_id)
     return {}
 
 
@@ -53,8 +45,7 @@ def create_grant(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     out = c.access.create_grant(key_id, str_arg(a, "GranteePrincipal"), ops, constraints,
                                 retiring if isinstance(retiring, str) else None,
                                 name if isinstance(name, str) else None, c.principal)
-    c.ks.audit.record("CreateGrant", key_id=key_id, principal=c.principal.audit_fields(), now=time.time(),
-                      grant_id=out.get("GrantId"), grantee=a.get("GranteePrincipal"), operations=ops)
+    c.record("CreateGrant", key_id, grant_id=out.get("GrantId"), grantee=a.get("GranteePrincipal"), operations=ops)
     return out
 
 
@@ -62,7 +53,7 @@ def list_grants(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     key_id = c.key(a)
     c.allow("kms:ListGrants", key_id)
     found = c.access.list_grants(key_id)
-    _record(c, "ListGrants", key_id)
+    c.record("ListGrants", key_id)
     return {"Grants": found}
 
 
@@ -71,11 +62,9 @@ def retire_grant(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     try:
         c.access.retire_grant(c.principal, key_id, grant_id)
     except AccessDenied as e:
-        c.ks.audit.record("RetireGrant", outcome="denied", key_id=key_id, error=e.message, grant_id=grant_id,
-                          principal=c.principal.audit_fields(), now=time.time())
+        c.record("RetireGrant", key_id, outcome="denied", error=e.message, grant_id=grant_id)
         raise
-    c.ks.audit.record("RetireGrant", key_id=key_id, grant_id=grant_id, principal=c.principal.audit_fields(),
-                      now=time.time())
+    c.record("RetireGrant", key_id, grant_id=grant_id)
     return {}
 
 
@@ -83,8 +72,7 @@ def revoke_grant(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     key_id, grant_id = c.key(a), str_arg(a, "GrantId")
     c.allow("kms:RevokeGrant", key_id)
     c.access.revoke_grant(key_id, grant_id)
-    c.ks.audit.record("RevokeGrant", key_id=key_id, grant_id=grant_id, principal=c.principal.audit_fields(),
-                      now=time.time())
+    c.record("RevokeGrant", key_id, grant_id=grant_id)
     return {}
 
 
@@ -93,7 +81,7 @@ def read_audit(c: Call, a: dict[str, Any]) -> dict[str, Any]:
     ``MaxRecords`` (<= 1000) returned, so every reply stays under the frame limit."""
     c.allow("encfs:ReadAudit", None)
     start, limit = int_arg(a, "StartAt", 0), min(max(int_arg(a, "MaxRecords", 500), 1), 1000)
-    _record(c, "ReadAudit", None, start_at=start)  # before the read: a reader sees its own request
+    c.record("ReadAudit", None, start_at=start)  # before the read: a reader sees its own request
     records: list[dict[str, Any]] = []
     for i, record in enumerate(c.ks.audit.read_all()):
         if i >= start + limit:
@@ -120,9 +108,8 @@ def forget_usage(c: Call, a: dict[str, Any]) -> dict[str, Any]:
                for v in meta.get("KeyVersions", []) if isinstance(v, dict)):
             c.allow("kms:ReEncryptFrom", meta["KeyId"], context)
     left = c.ks.usage.forget(target, keep)
-    c.ks.audit.record("ForgetUsage", key_id=keep[0] if keep else None, key_version=keep[1] if keep else None,
-                      principal=c.principal.audit_fields(), now=time.time(), target=target,
-                      left=[[k, v] for k, v in left])
+    c.record("ForgetUsage", keep[0] if keep else None, key_version=keep[1] if keep else None, target=target,
+             left=[[k, v] for k, v in left])
     return {"Left": [[k, v] for k, v in left]}
 
 

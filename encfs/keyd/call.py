@@ -60,9 +60,14 @@ class Call:
         try:
             self.access.check(self.principal, action, key_id, context)
         except AccessDenied as e:
-            self.ks.audit.record(action.split(":", 1)[1], outcome="denied", key_id=key_id, context=context,
-                                 error=e.message, principal=self.principal.audit_fields(), now=time.time())
+            self.record(action.split(":", 1)[1], key_id, outcome="denied", context=context, error=e.message)
             raise
+
+    def record(self, operation: str, key_id: str | None, **extra: Any) -> None:
+        """One audit record naming this request's principal: a denial, or an allowed request the
+        key service does not audit itself (it reads or changes only the daemon's state)."""
+        self.ks.audit.record(operation, key_id=key_id, principal=self.principal.audit_fields(), now=time.time(),
+                             **extra)
 
     def key(self, args: dict[str, Any], name: str = "KeyId") -> str:
         ref = args.get(name)

@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Any, Self
 
 from encfs.errors import KeydUnavailable, UsageError
-from encfs.keyd.protocol import HEADER, ProtocolError, b64, decode_payload, encode_frame, frame_length, raise_error
+from encfs.keyd.protocol import (
+    HEADER,
+    ProtocolError,
+    b64,
+    decode_payload,
+    encode_frame,
+    frame_length,
+    raise_error,
+    unb64,
+)
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.config import KeydOptions
 from encfs.keys.context import EncryptionContext, encode_context
@@ -38,12 +47,6 @@ from encfs.keys.metadata import ORIGIN_TOKEN
 from encfs.keys.service import DataKey, Decrypted, ImportParameters
 
 TIMEOUT_SECONDS = 60.0
-
-
-def _unb64(value: Any) -> bytes:
-    import base64
-
-    return base64.b64decode(value)
 
 
 @contextmanager
@@ -245,8 +248,8 @@ def connect(options: KeydOptions, home: Path | None = None) -> RemoteKeyService:
 
 def _data_key(r: dict[str, Any]) -> DataKey:
     plaintext = r.get("Plaintext")
-    return DataKey(r["KeyId"], r["KeyVersion"], None if plaintext is None else _unb64(plaintext),
-                   _unb64(r["CiphertextBlob"]))
+    return DataKey(r["KeyId"], r["KeyVersion"], None if plaintext is None else unb64(plaintext, "Plaintext"),
+                   unb64(r["CiphertextBlob"], "CiphertextBlob"))
 
 
 class RemoteUsage:
@@ -336,7 +339,7 @@ class RemoteKeyService:
 
     def get_parameters_for_import(self, key: str, wrapping_algorithm: str = "RSAES_OAEP_SHA_1") -> ImportParameters:
         r = self.call("GetParametersForImport", KeyId=key, WrappingAlgorithm=wrapping_algorithm)
-        return ImportParameters(r["KeyId"], r["WrappingAlgorithm"], _unb64(r["PublicKey"]), r["ImportToken"],
+        return ImportParameters(r["KeyId"], r["WrappingAlgorithm"], unb64(r["PublicKey"], "PublicKey"), r["ImportToken"],
                                 float(r["ParametersValidTo"]))
 
     def import_key_material(self, key: str, wrapped: bytes, import_token: str,
@@ -419,8 +422,8 @@ class RemoteKeyService:
 
     def encrypt(self, key: str, plaintext: bytes, context: EncryptionContext | None = None,
                 encfs_internal: bool = False) -> bytes:
-        return _unb64(self.call("Encrypt", KeyId=key, Plaintext=b64(plaintext), EncryptionContext=dict(context or {}),
-                                EncfsInternal=encfs_internal)["CiphertextBlob"])
+        return unb64(self.call("Encrypt", KeyId=key, Plaintext=b64(plaintext), EncryptionContext=dict(context or {}),
+                               EncfsInternal=encfs_internal)["CiphertextBlob"], "CiphertextBlob")
 
     def decrypt(self, blob: bytes, context: EncryptionContext | None = None, key: str | None = None,
                 cache: DataKeyCache | None = None) -> Decrypted:
@@ -434,7 +437,7 @@ class RemoteKeyService:
                     return Decrypted(key_id, version, plaintext)
                 cache.clear()  # the key changed state: the audited path decides (as KeyService.decrypt)
         r = self.call("Decrypt", CiphertextBlob=b64(blob), EncryptionContext=context, KeyId=key)
-        done = Decrypted(r["KeyId"], r["KeyVersion"], _unb64(r["Plaintext"]))
+        done = Decrypted(r["KeyId"], r["KeyVersion"], unb64(r["Plaintext"], "Plaintext"))
         if cache is not None:
             cache.put(blob, encoded, done.plaintext, done.key_id, done.key_version)
         return done
@@ -445,4 +448,4 @@ class RemoteKeyService:
                                 "DestinationKeyId": dest_key, "EncfsInternal": encfs_internal}
         if dest_context is not None:
             args["DestinationEncryptionContext"] = dict(dest_context)
-        return _unb64(self.conn.call("ReEncrypt", args)["CiphertextBlob"])
+        return unb64(self.conn.call("ReEncrypt", args)["CiphertextBlob"], "CiphertextBlob")

@@ -112,14 +112,13 @@ class _Connection:
 
 class TokenLink:
     """The trio side of the token worker (worker.py): requests queue here and go to the worker in
-    batches, one batch in flight; the requests that arrive meanwhile form the next. Replies are
-    posted to their connections (no task or event per request: 16 clients doubled their rate)."""
+    batches, BATCHES_IN_FLIGHT at a time; the requests that arrive meanwhile form the next. Replies
+    are posted to their connections (no task or event per request)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self._queue: list[tuple[_Connection, Any, Request]] = []
         self._wake = trio.Event()
-        self.batches = 0
 
     def submit(self, conn: _Connection, rid: Any, request: Request) -> None:
         conn.in_flight += 1
@@ -158,7 +157,6 @@ class TokenLink:
                     await self._wake.wait()
                     self._wake = trio.Event()
                 batch, self._queue = self._queue, []
-                self.batches += 1
                 in_flight.append(batch)
                 data = pickle.dumps([r for _, _, r in batch], protocol=pickle.HIGHEST_PROTOCOL)
                 await self.stream.send_all(HEADER.pack(len(data)) + data)
