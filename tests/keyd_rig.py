@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from conftest import init_home, run_encfs
 
 from encfs.keyd.server import answers
@@ -94,3 +95,17 @@ def send_all(sock_path: Path, payloads: Sequence[bytes]) -> socket.socket:
     s.connect(os.fspath(sock_path))
     s.sendall(frames(*payloads))
     return s
+
+
+@pytest.fixture(name="daemon")
+def daemon_fixture(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[bytes]]]:
+    """A daemon on a fresh home, with a key ``alias/mine`` created through it (so the test's user,
+    root, holds its default policy): (home, socket, process). Import it as
+    ``from keyd_rig import daemon_fixture  # noqa: F401`` and ask for ``daemon``."""
+    home = tmp_path / "home"
+    home_with_key(home)
+    sock = tmp_path / "keyd.sock"
+    with keyd(home, sock) as proc:
+        made = client(sock, "key", "create", "--alias", "mine", home=home)
+        assert made.returncode == 0, made.stderr
+        yield home, sock, proc

@@ -10,20 +10,8 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
 from conftest import run_encfs
-from keyd_rig import client, home_with_key, keyd, read_frame, send_all
-
-
-@pytest.fixture
-def daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
-    home = tmp_path / "home"
-    home_with_key(home)
-    sock = tmp_path / "keyd.sock"
-    with keyd(home, sock) as proc:
-        made = client(sock, "key", "create", "--alias", "mine", home=home)
-        assert made.returncode == 0, made.stderr
-        yield home, sock, proc
+from keyd_rig import client, daemon_fixture, home_with_key, keyd, read_frame, send_all  # noqa: F401
 
 
 def request(rid: int, op: str, **args: object) -> bytes:

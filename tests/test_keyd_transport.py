@@ -10,21 +10,9 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
-from keyd_rig import client, frames, home_with_key, keyd, read_frame, send_all
+from keyd_rig import client, daemon_fixture, frames, home_with_key, keyd, read_frame, send_all  # noqa: F401
 
 PLAINTEXT = base64.b64encode(os.urandom(4096)).decode()  # KMS's largest: a reply of ~6 KiB
-
-
-@pytest.fixture
-def daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
-    home = tmp_path / "home"
-    home_with_key(home)
-    sock = tmp_path / "keyd.sock"
-    with keyd(home, sock) as proc:
-        made = client(sock, "key", "create", "--alias", "mine", home=home)
-        assert made.returncode == 0, made.stderr
-        yield home, sock, proc
 
 
 def encrypt(rid: int) -> bytes:
