@@ -574,9 +574,48 @@ def test_o_direct_behaves_as_on_ext4_and_buffered_readers_see_its_writes(d: Path
                         "--ioengine=libaio", "--iodepth=4", "--direct=1", "--buffer_pattern=0x63"],
                        check=True, capture_output=True, timeout=60)
         assert os.pread(reader, 3 * 4096, 0) == b"c" * 3 * 4096
+        # a shared mapping of an O_DIRECT descriptor, as on ext4
+        direct = os.open(p, os.O_RDWR | os.O_DIRECT)
+        try:
+            with mmap.mmap(direct, 4096) as shared:
+                shared[:5] = b"mmap!"
+                shared.flush()
+        finally:
+            os.close(direct)
+        assert os.pread(reader, 6, 0) == b"mmap!c"
     finally:
         os.close(reader)
-    assert cold_read(p) == b"c" * 3 * 4096
+    assert cold_read(p) == b"mmap!" + b"c" * (3 * 4096 - 5)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "o_direct"])
+def test_unprivileged_write_clears_set_id_bits_as_on_ext4(server: str, fs_home: Path, direct: bool) -> None:
+    """write(2) by a caller without CAP_FSETID drops S_ISUID, and S_ISGID with group execute.
+    A buffered write leaves that to the kernel; an O_DIRECT one, served as FOPEN_DIRECT_IO,
+    reaches the daemon with FUSE_WRITE_KILL_SUIDGID, and the mode the kernel caches follows at
+    once."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="encfs-setid-", dir="/tmp"))
+    base.chmod(0o755)  # nobody must reach the mountpoint
+    m = new_mount(base, fs_home, "--allow-other")
+    try:
+        (m.mountpoint).chmod(0o777)
+        flag = ["oflag=direct"] if direct else []
+        for name, mode, kept in (("u", 0o4777, 0o777), ("ug", 0o6777, 0o777), ("g-nox", 0o2767, 0o2767)):
+            p = m.mountpoint / name
+            p.write_bytes(b"x" * 4096)
+            p.chmod(mode)
+            assert stat.S_IMODE(os.stat(p).st_mode) == mode
+            subprocess.run(["dd", "if=/dev/zero", f"of={p}", "bs=4096", "count=1", "conv=notrunc", *flag],
+                           user="nobody", check=True, capture_output=True, timeout=30)
+            assert stat.S_IMODE(os.stat(p).st_mode) == kept, name  # no waiting out the attribute cache
+            assert cold_read(p) == bytes(4096)
+    finally:
+        m.stop()
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_hard_links(d: Path) -> None:

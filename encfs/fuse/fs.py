@@ -785,6 +785,17 @@ class EncryptedFS(XattrOps):
         return content.write(off, buf)
 
     @fuse_op
+    def kill_suidgid(self, fh: int) -> None:
+        """Before a write by a caller who may not keep set-id bits, when the kernel leaves it to us
+        (a direct-I/O write): drop S_ISUID, and S_ISGID with group execute, as write(2) and the
+        kernel's file_remove_privs do. The backing file holds the plaintext mode."""
+        fd = self.files.writable_content(self.files[fh]).fd
+        mode = os.fstat(fd).st_mode
+        kill = stat_m.S_ISUID | (stat_m.S_ISGID if mode & stat_m.S_IXGRP else 0)
+        if mode & kill:
+            os.fchmod(fd, stat_m.S_IMODE(mode) & ~kill)
+
+    @fuse_op
     def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
         """fallocate(2) through a writable handle (sparse.py)."""
         f = self.files[fh]

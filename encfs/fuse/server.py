@@ -22,7 +22,8 @@ Invariants:
   sealing worker, from the request buffer it lies in), so sealing one request overlaps
   writing another; only the pwrite runs under the locks.
 - Replies carry the kernel's cache lifetimes from EntryAttributes; files are
-  opened with FOPEN_KEEP_CACHE and the writeback cache is negotiated.
+  opened with FOPEN_KEEP_CACHE and the writeback cache is negotiated; an O_DIRECT
+  open bypasses the page cache (FOPEN_DIRECT_IO, open_reply_flags).
 - READDIRPLUS counts an entry as looked up only if it went into the reply.
 - Directory offsets 1 and 2 are "." and ".."; offset n > 2 is EncryptedFS's n - 2.
 - Anything unexpected is logged and answered with EIO; the mount stays up.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import stat
 import time
 from collections.abc import Callable
@@ -62,7 +64,9 @@ from encfs.fuseproto.wire import (
     FATTR_SIZE,
     FATTR_UID,
     FLUSH,
+    FOPEN_DIRECT_IO,
     FOPEN_KEEP_CACHE,
+    FOPEN_PARALLEL_DIRECT_WRITES,
     FORGET,
     FORGET_IN,
     FORGET_ONE,
@@ -76,9 +80,11 @@ from encfs.fuseproto.wire import (
     FUSE_AUTO_INVAL_DATA,
     FUSE_BIG_WRITES,
     FUSE_CACHE_SYMLINKS,
+    FUSE_DIRECT_IO_ALLOW_MMAP,
     FUSE_DO_READDIRPLUS,
     FUSE_MAX_PAGES,
     FUSE_PARALLEL_DIROPS,
+    FUSE_WRITE_KILL_SUIDGID,
     FUSE_WRITEBACK_CACHE,
     GETATTR,
     GETXATTR,
@@ -144,7 +150,7 @@ READ_AHEAD_KIB = 2048
 
 WANTED_FLAGS = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_AUTO_INVAL_DATA
                 | FUSE_DO_READDIRPLUS | FUSE_ASYNC_DIO | FUSE_WRITEBACK_CACHE | FUSE_PARALLEL_DIROPS
-                | FUSE_MAX_PAGES | FUSE_CACHE_SYMLINKS)
+                | FUSE_MAX_PAGES | FUSE_CACHE_SYMLINKS | FUSE_DIRECT_IO_ALLOW_MMAP)
 
 Operation = Callable[[int, int, RequestContext, memoryview], None]  # (unique, node, caller, body)
 # Operations on one inode's data or attributes: they hold the namespace lock shared and the inode's
@@ -152,6 +158,19 @@ Operation = Callable[[int, int, RequestContext, memoryview], None]  # (unique, n
 # lock exclusively.
 DATA_OPS = frozenset({READ, WRITE, FSYNC, SETATTR, GETATTR, GETXATTR, OPEN, RELEASE, FALLOCATE, LSEEK})
 SHARED_OPS = frozenset({LSEEK})  # READ too, by its own handler (_read_shared)
+
+
+def open_reply_flags(flags: int) -> int:
+    """OPEN and CREATE reply flags: the page cache is kept across opens; an O_DIRECT open gets
+    FOPEN_DIRECT_IO, as libfuse's passthrough_hp does. The kernel then sends its reads and
+    writes as they come, up to the caller's queue depth, and concurrently
+    (FOPEN_PARALLEL_DIRECT_WRITES), with no GETATTR and GETXATTR(security.capability) before
+    each write as its cached path needs (benchmarks/HISTORY.md, 2026-12-06). Such a write clears set-id bits itself
+    (FUSE_WRITE_KILL_SUIDGID, EncryptedFS.kill_suidgid); shared mmap of it stays allowed
+    (FUSE_DIRECT_IO_ALLOW_MMAP)."""
+    if flags & os.O_DIRECT:
+        return FOPEN_KEEP_CACHE | FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES
+    return FOPEN_KEEP_CACHE
 
 
 def _names(body: memoryview, count: int) -> list[bytes]:
@@ -341,18 +360,20 @@ class FsServer(FuseServer):
         flags, mode, ctx.umask, _open_flags = CREATE_IN.unpack_from(body)
         (name,) = _names(body[CREATE_IN.size:], 1)
         fh, attrs = self.fs.create(node, name, mode, flags, ctx)
-        self.reply(unique, attrs.pack_entry(), OPEN_OUT.pack(fh, FOPEN_KEEP_CACHE, 0))
+        self.reply(unique, attrs.pack_entry(), OPEN_OUT.pack(fh, open_reply_flags(flags), 0))
 
     def _open(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         flags, _open_flags = OPEN_IN.unpack_from(body)
-        self.reply(unique, OPEN_OUT.pack(self.fs.open(node, flags, ctx), FOPEN_KEEP_CACHE, 0))
+        self.reply(unique, OPEN_OUT.pack(self.fs.open(node, flags, ctx), open_reply_flags(flags), 0))
 
     def _write(self, req: Request) -> None:
-        fh, offset, size, _wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(req.body)
+        fh, offset, size, wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(req.body)
         data = req.body[WRITE_IN.size:WRITE_IN.size + size]  # this thread's buffer: valid until it reads again
         sealed = self.fs.seal_ahead(fh, offset, data)
         held = self.locks.acquire_inode(req.node)
         try:
+            if wflags & FUSE_WRITE_KILL_SUIDGID:  # the kernel refetches attributes after such a write
+                self.fs.kill_suidgid(fh)
             written = self.fs.write(fh, offset, data, sealed)
         finally:
             self.locks.release_inode(req.node, held)

@@ -38,8 +38,10 @@ from collections.abc import Callable
 from encfs.fuseproto.memory import keep_freed_memory
 from encfs.fuseproto.wire import (
     BUFFER_SIZE,
+    FUSE_INIT_EXT,
     IN_HEADER,
     INIT_IN,
+    INIT_IN_FLAGS2,
     INIT_OUT,
     MAX_WRITE,
     OPS,
@@ -120,13 +122,19 @@ class FuseServer:
                 raise
 
     def init_reply(self, req: Request, wanted_flags: int) -> bool:
-        """Answer INIT: protocol 7.PROTOCOL_MINOR, the wanted flags the kernel offers, 1 MiB writes."""
+        """Answer INIT: protocol 7.PROTOCOL_MINOR, the wanted flags the kernel offers (64 bits:
+        the upper half travels in flags2 when both sides set FUSE_INIT_EXT), 1 MiB writes."""
         major, minor, max_readahead, flags = INIT_IN.unpack_from(req.body)
         if major != 7:
             self.reply_error(req.unique, errno.EPROTO)
             return False
-        self.reply(req.unique, INIT_OUT.pack(7, min(minor, PROTOCOL_MINOR), max_readahead, flags & wanted_flags,
-                                             16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, 0))
+        if flags & FUSE_INIT_EXT and len(req.body) >= INIT_IN.size + INIT_IN_FLAGS2.size:
+            flags |= INIT_IN_FLAGS2.unpack_from(req.body, INIT_IN.size)[0] << 32
+        agreed = flags & wanted_flags
+        if agreed >> 32:
+            agreed |= FUSE_INIT_EXT
+        self.reply(req.unique, INIT_OUT.pack(7, min(minor, PROTOCOL_MINOR), max_readahead, agreed & 0xFFFFFFFF,
+                                             16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, agreed >> 32))
         return True
 
     def stop(self) -> None:

@@ -42,10 +42,16 @@ FUSE_WRITEBACK_CACHE = 1 << 16
 FUSE_PARALLEL_DIROPS = 1 << 18
 FUSE_MAX_PAGES = 1 << 22
 FUSE_CACHE_SYMLINKS = 1 << 23
+FUSE_INIT_EXT = 1 << 30  # init_in/init_out carry flags2, the flags' upper 32 bits
+FUSE_DIRECT_IO_ALLOW_MMAP = 1 << 36  # shared mmap of a FOPEN_DIRECT_IO file (kernels from 6.6)
 
 # open_out flags
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6  # honoured by kernels from 6.2; older ones ignore it
+
+# write_in.write_flags
+FUSE_WRITE_KILL_SUIDGID = 1 << 2  # the writer lacks CAP_FSETID (sent by the kernel since 7.31)
 
 # setattr_in.valid
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
@@ -60,6 +66,7 @@ OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
 # Times are signed (the kernel reads them as time64_t): before 1970 they are negative.
 ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # fuse_attr (88 bytes)
 INIT_IN = struct.Struct("<IIII")  # major, minor, max_readahead, flags
+INIT_IN_FLAGS2 = struct.Struct("<I")  # flags2, after INIT_IN when flags has FUSE_INIT_EXT
 INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # fuse_init_out (64 bytes)
 ENTRY_HEAD = struct.Struct("<QQQQII")  # nodeid, generation, entry_valid, attr_valid, their nsecs
 ATTR_HEAD = struct.Struct("<QII")  # attr_valid, attr_valid_nsec, dummy
