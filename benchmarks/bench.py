@@ -1086,6 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", choices=sorted(SCALES), help="workload sizes (default full; --quick = quick)")
     ap.add_argument("--repeats", type=int, help="repetitions (default 3 for full, 1 otherwise)")
     ap.add_argument("--targets", help="comma-separated subset of: " + ",".join(t.name for t in ALL_TARGETS))
+    ap.add_argument("--workloads", help="comma-separated subset of: " + ",".join(w.__name__[2:] for w in WORKLOADS))
     ap.add_argument("--no-keys", action="store_true", help="skip the key-service and key-daemon measurements")
     ap.add_argument("--no-snapshots", action="store_true",
                     help="skip the snapshot rows (run with the encfs-volume target otherwise)")
@@ -1106,6 +1107,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.targets.split(",")) - {t.name for t in ALL_TARGETS} if args.targets else set()
     if unknown:
         ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
+
+    workloads = [w for w in WORKLOADS if not args.workloads or w.__name__[2:] in args.workloads.split(",")]
+    unknown = set(args.workloads.split(",")) - {w.__name__[2:] for w in WORKLOADS} if args.workloads else set()
+    if unknown:
+        ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
 
     workdir = Path(tempfile.mkdtemp(prefix="encfs-bench-", dir=args.workdir or "/var/tmp"))
     ctx = Context(scale, workdir)
@@ -1166,7 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[rep {rep}/{repeats}] {t.name} ...")
                 try:
                     d = t.setup()
-                    for w in WORKLOADS:
+                    for w in workloads:
                         for k, v in w(ctx, d).items():
                             samples.setdefault(t.name, {}).setdefault(k, []).append(v)
                 except Unavailable as e:
