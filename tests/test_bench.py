@@ -187,3 +187,27 @@ def test_bench_pyfuse3_targets_smoke(tmp_path: Path) -> None:
     ratios = result["ratios"]["pyfuse3 server / encfs server, null cipher"]
     assert ratios["seq_write"] is not None and ratios["seq_write"] > 0, ratios
     assert "encfs-pyfuse3" in proc.stdout
+
+
+def test_best_peer_ratio_takes_each_rows_fastest_peer() -> None:
+    bench = _harness()
+    def s(median: float) -> dict[str, float]:
+        return {"median": median, "min": median, "max": median}
+
+    res = {"encfs": {"small_create": s(3000.0), "sqlite": s(300.0)},
+           "gocryptfs": {"small_create": s(2000.0), "sqlite": s(400.0)},
+           "securefs": {"small_create": s(4000.0)},
+           "cryfs": {"sqlite": s(1000.0)}}
+    assert bench.denominator(res, bench.PEERS, "small_create") == ("securefs", s(4000.0))
+    assert bench.denominator(res, bench.PEERS, "sqlite") == ("cryfs", s(1000.0))
+    assert bench.denominator(res, bench.PEERS, "seq_write")[1] is None
+    assert bench.denominator(res, "gocryptfs", "sqlite") == ("gocryptfs", s(400.0))
+    ok = {"status": "ok", "kind": "fs", "description": "", "reason": None}
+    result = {"results": res, "targets": dict.fromkeys(res, ok), "repeats": 3,
+              "scale": {"name": "full", "snapshot_mib": 16}, "key_service": {},
+              "snapshots": {}, "rekey": {}, "keyd": {}, "notes": [], "extra": {}}
+    table = bench.markdown(result)
+    row = [line for line in table.splitlines() if line.startswith("| small files: create")][-1]  # ratios
+    header = next(line for line in table.splitlines() if line.startswith("| workload |") and "best peer" in line)
+    column = header.split(" | ").index("encfs / best peer")
+    assert row.split(" | ")[column] == "0.75 (securefs)"
