@@ -264,7 +264,10 @@ class Target:
 
     def fresh_fs_dirs(self) -> tuple[Path, Path, Path]:
         """A fresh base with an empty ``cipher`` and ``plain`` (the mountpoint) below it."""
-        base, cipher, mnt = self.fresh_fs_dirs()
+        base = self.fresh()
+        cipher, mnt = base / "cipher", base / "plain"
+        cipher.mkdir()
+        mnt.mkdir()
         return base, cipher, mnt
 
     def daemon(self, cmd: list[str], mountpoint: Path, *, env: dict[str, str] | None = None,

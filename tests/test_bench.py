@@ -211,3 +211,12 @@ def test_best_peer_ratio_takes_each_rows_fastest_peer() -> None:
     header = next(line for line in table.splitlines() if line.startswith("| workload |") and "best peer" in line)
     column = header.split(" | ").index("encfs / best peer")
     assert row.split(" | ")[column] == "0.75 (securefs)"
+
+
+def test_peer_targets_get_fresh_cipher_and_mount_directories(tmp_path: Path) -> None:
+    """The peers' set-up (gocryptfs, securefs, CryFS), which the suite cannot run without them."""
+    bench = _harness()
+    ctx = bench.Context(bench.SCALES["smoke"], tmp_path)
+    base, cipher, mnt = bench.Gocryptfs(ctx).fresh_fs_dirs()
+    assert base.parent == tmp_path and cipher == base / "cipher" and mnt == base / "plain"
+    assert cipher.is_dir() and mnt.is_dir() and not any(cipher.iterdir())
