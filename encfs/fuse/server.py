@@ -215,10 +215,15 @@ class FsServer(FuseServer):
                               DESTROY: self._destroy, INTERRUPT: self._interrupt, FLUSH: self._flush})
 
     def _exclusive(self, operation: Operation) -> Handler:
+        locks = self.locks
+
         def run(req: Request) -> None:
             ctx = RequestContext(req.uid, req.gid, req.pid)
-            with self.locks.tree():
+            locks.acquire_tree()
+            try:
                 operation(req.unique, req.node, ctx, req.body)
+            finally:
+                locks.release_tree()
         return run
 
     def _on_inode(self, operation: Operation, exclusive: bool = True) -> Handler:

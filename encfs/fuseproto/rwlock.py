@@ -121,12 +121,25 @@ class FsLocks:
     @contextlib.contextmanager
     def tree(self) -> Iterator[None]:
         """The namespace lock, exclusively: no other operation runs meanwhile."""
+        self.acquire_tree()
+        try:
+            yield
+        finally:
+            self.release_tree()
+
+    def acquire_tree(self) -> None:
+        """tree() without a context manager (a server's hot path: every LOOKUP, CREATE, UNLINK);
+        pair it with release_tree()."""
         self._enter(None)
         try:
-            with self.namespace.exclusive():
-                yield
-        finally:
+            self.namespace.acquire_exclusive()
+        except BaseException:
             self._leave()
+            raise
+
+    def release_tree(self) -> None:
+        self.namespace.release_exclusive()
+        self._leave()
 
     @contextlib.contextmanager
     def inode(self, inode: int, exclusive: bool = True) -> Iterator[None]:
