@@ -314,3 +314,20 @@ def test_fs_recovery_vector() -> None:
         open_keys(bytes(32), fs_id, wrapped)
     with pytest.raises(WrongKey):
         open_keys(rk, "0" * 32, wrapped)
+
+
+def test_encoded_names_are_kept_per_directory_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """encrypt_name's cache returns what AES-SIV gives, keyed by name and directory id, and
+    stays within NAME_CACHE entries."""
+    from encfs.fuse import names as names_mod
+
+    monkeypatch.setattr(names_mod, "NAME_CACHE", 8)
+    nc = names_mod.NameCipher(bytes(64), bytes(32))
+    fresh = names_mod.NameCipher(bytes(64), bytes(32))
+    for i in range(20):
+        for dirid in (b"\0" * 16, b"\1" * 16):
+            name = b"file-%d" % (i % 11)
+            assert nc.encrypt_name(name, dirid) == fresh.encrypt_name(name, dirid)
+            assert nc.encrypt_name(name, dirid) == nc.encrypt_name(name, dirid)
+            assert len(nc._encoded) <= 8
+    assert nc.encrypt_name(b"a", b"\0" * 16) != nc.encrypt_name(b"a", b"\1" * 16)

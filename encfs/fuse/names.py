@@ -25,6 +25,9 @@
   names are padded like file names. Every bound value is sealed under its
   own key, HKDF-SHA256(metadata key, salt = 16 random bytes stored with the
   value, info = purpose), so the metadata key has no nonce budget to spend.
+- encrypt_name is deterministic, so the last NAME_CACHE names it encoded are
+  kept: a LOOKUP is mostly followed by a CREATE, MKDIR or UNLINK of the same
+  name, which then costs no AES-SIV.
 """
 
 from __future__ import annotations
@@ -115,6 +118,10 @@ def longname_side_file(entry: bytes) -> bytes:
     return entry + LONGNAME_SUFFIX
 
 
+# Encoded names kept by NameCipher.encrypt_name (emptied when full: no per-call eviction cost).
+NAME_CACHE = 4096
+
+
 class NameCipher:
     """Encrypts names (deterministic) and metadata values (randomized)."""
 
@@ -122,6 +129,7 @@ class NameCipher:
         self._siv = AESSIV(name_key)
         self._gcm = AESGCM(meta_key)
         self._meta_key = meta_key
+        self._encoded: dict[tuple[bytes, bytes], bytes] = {}
 
     # -- names --------------------------------------------------------------
 
@@ -131,7 +139,13 @@ class NameCipher:
         Names are padded (PKCS#7) to a multiple of 16 bytes first, so the backing
         name reveals the length only to 16 bytes, as with gocryptfs.
         """
-        return b64e(self._siv.encrypt(pad16(name), [_NAME_AD, dirid]))
+        encoded = self._encoded.get((name, dirid))
+        if encoded is None:
+            encoded = b64e(self._siv.encrypt(pad16(name), [_NAME_AD, dirid]))
+            if len(self._encoded) >= NAME_CACHE:
+                self._encoded.clear()
+            self._encoded[name, dirid] = encoded
+        return encoded
 
     def decrypt_name(self, encoded: bytes, dirid: bytes) -> bytes:
         try:
