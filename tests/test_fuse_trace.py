@@ -3,7 +3,11 @@ on a real mount."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
+
+import pytest
 
 from fuse_helpers import Mount
 from test_rekey_rewrap import home, ok  # noqa: F401  (home: the fixture)
@@ -17,12 +21,14 @@ def test_debug_logs_each_request_by_opcode_name_and_without_it_nothing(tmp_path:
     with Mount(cipher, plain, home, "--debug", log=traced):
         (plain / "f").write_bytes(b"x")
         assert not (plain / "missing").exists()
+        with pytest.raises(OSError):
+            os.getxattr(plain / "f", "user.missing")
     with Mount(cipher, plain, home, log=quiet):
         assert (plain / "f").read_bytes() == b"x"
     log = traced.read_text()
     for name in ("INIT unique=", "CREATE unique=", "WRITE unique=", "LOOKUP unique="):
         assert name in log, log[-3000:]
-    assert "-> ENOENT" in log  # the lookup of "missing"
+    assert "-> ENODATA" in log  # the getxattr of "user.missing"
     assert "unique=" not in quiet.read_text()
 
 
@@ -58,3 +64,33 @@ def test_fsync_and_fsyncdir_reach_the_daemon_and_succeed(tmp_path: Path, home: P
     assert len(fsyncs) >= 6 and len(dirs) == 2, text[-3000:]
     for unique in fsyncs + dirs:
         assert f"unique={unique} ->" not in text  # no error reply
+
+
+def test_absent_names_are_negative_entries_until_made_through_the_mount(tmp_path: Path, home: Path) -> None:
+    """A LOOKUP of an absent name is answered as a negative entry the kernel keeps (SQLite stats
+    its absent -journal and -wal before every transaction); making the name through the mount,
+    in any way, shows it at once."""
+    cipher, plain = tmp_path / "cipher", tmp_path / "plain"
+    plain.mkdir()
+    ok(home, "init", cipher, "--key", "a")
+    log = tmp_path / "traced.log"
+    makers = {
+        "file": lambda p: p.write_bytes(b"x"),
+        "dir": lambda p: p.mkdir(),
+        "symlink": lambda p: p.symlink_to("file"),
+        "hardlink": lambda p: os.link(plain / "file", p),
+        "renamed": lambda p: os.rename(plain / "spare", p),
+    }
+    with Mount(cipher, plain, home, "--debug", log=log):
+        (plain / "spare").write_bytes(b"s")
+        before = len(re.findall(r"\bLOOKUP unique=", log.read_text()))
+        for _ in range(50):
+            for name in makers:
+                assert not (plain / name).exists()
+        lookups = len(re.findall(r"\bLOOKUP unique=", log.read_text())) - before
+        assert lookups <= 2 * len(makers), lookups  # one each, and one more if a second went by
+        for name, make in makers.items():
+            make(plain / name)
+            assert (plain / name).exists() or (plain / name).is_symlink(), name
+        assert sorted(os.listdir(plain)) == sorted(makers)
+        assert (plain / "renamed").read_bytes() == b"s" and (plain / "hardlink").read_bytes() == b"x"

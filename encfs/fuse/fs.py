@@ -83,6 +83,10 @@ from encfs.sealworker import WORKER_MIN_BYTES
 log = logging.getLogger("encfs.fuse")
 
 ATTR_TIMEOUT = 1.0
+# A LOOKUP of a name that does not exist is answered as a negative entry (node 0) that the
+# kernel keeps for as long as a positive one: SQLite stats its absent -journal and -wal files
+# before every transaction. The kernel drops it when the name is made through the mount.
+NEGATIVE_ENTRY = EntryAttributes(entry_timeout=ATTR_TIMEOUT)
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 
 

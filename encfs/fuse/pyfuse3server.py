@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fs import NEGATIVE_ENTRY, EncryptedFS
 from encfs.fuse.fuseerrors import failures_as_errno
 from encfs.fuse.names import NAME_MAX
 from encfs.fuse.server import READ_AHEAD_KIB
@@ -107,7 +107,12 @@ class _Operations(pyfuse3.Operations):
     # -- entries -----------------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return _to_pyfuse3(self._run("lookup", self.fs.lookup, parent_inode, name, _ctx(ctx)))
+        try:
+            return _to_pyfuse3(self._run("lookup", self.fs.lookup, parent_inode, name, _ctx(ctx)))
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            return _to_pyfuse3(NEGATIVE_ENTRY)  # st_ino 0: libfuse sends it as a negative entry
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:

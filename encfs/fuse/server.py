@@ -24,6 +24,8 @@ Invariants:
 - Replies carry the kernel's cache lifetimes from EntryAttributes; files are
   opened with FOPEN_KEEP_CACHE and the writeback cache is negotiated; an O_DIRECT
   open bypasses the page cache (FOPEN_DIRECT_IO, open_reply_flags).
+- A LOOKUP of an absent name is a negative entry (node 0, fs.NEGATIVE_ENTRY) the kernel
+  caches like a positive one; it drops it when the name is created through the mount.
 - READDIRPLUS counts an entry as looked up only if it went into the reply.
 - Directory offsets 1 and 2 are "." and ".."; offset n > 2 is EncryptedFS's n - 2.
 - Anything unexpected is logged and answered with EIO; the mount stays up.
@@ -38,7 +40,7 @@ import stat
 import time
 from collections.abc import Callable
 
-from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fs import NEGATIVE_ENTRY, EncryptedFS
 from encfs.fuse.fuseerrors import failures_as_errno
 from encfs.fuse.names import NAME_MAX
 from encfs.fuseproto.mounting import set_read_ahead
@@ -276,7 +278,13 @@ class FsServer(FuseServer):
 
     def _lookup(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         (name,) = _names(body, 1)
-        self.reply(unique, self.fs.lookup(node, name, ctx).pack_entry())
+        try:
+            attrs = self.fs.lookup(node, name, ctx)
+        except FuseError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            attrs = NEGATIVE_ENTRY
+        self.reply(unique, attrs.pack_entry())
 
     def _forget(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         (nlookup,) = FORGET_IN.unpack_from(body)
