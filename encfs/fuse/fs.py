@@ -317,6 +317,11 @@ class EncryptedFS(XattrOps):
         if fields.update_uid or fields.update_gid:
             self.bd.chown(target, attr.st_uid if fields.update_uid else -1,
                           attr.st_gid if fields.update_gid else -1)
+        if fields.update_size or fields.update_uid or fields.update_gid:  # as the VFS does (xattrops.py)
+            if fields.kill_suidgid:
+                self._kill_suidgid(target)
+            if stat_m.S_ISREG(self.bd.lstat(target).st_mode):
+                self.drop_capability(inode)
         if fields.update_atime or fields.update_mtime:
             st = self.bd.lstat(target)
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
@@ -698,7 +703,9 @@ class EncryptedFS(XattrOps):
         return fh, attrs
 
     @fuse_op
-    def open(self, inode: int, flags: int, ctx: RequestContext) -> int:
+    def open(self, inode: int, flags: int, ctx: RequestContext, kill_suidgid: bool = False) -> int:
+        """A handle of ``inode``. An O_TRUNC open truncates, and so drops security.capability, and
+        with ``kill_suidgid`` (FUSE_OPEN_KILL_SUIDGID) S_ISUID, and S_ISGID with group execute."""
         accmode = flags & os.O_ACCMODE
         writable = accmode != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
@@ -709,6 +716,9 @@ class EncryptedFS(XattrOps):
         try:
             if flags & os.O_TRUNC:
                 self.files.drop(inode, fd, self._describe(target))
+                if kill_suidgid:
+                    self._kill_suidgid(fd)
+                self.drop_capability(inode)
             else:  # load now: a damaged header, key or journal fails the open, not a later read
                 self.files.content(self.files[fh], self._sizes.get(inode))
         except BaseException:
@@ -789,15 +799,22 @@ class EncryptedFS(XattrOps):
         return content.write(off, buf)
 
     @fuse_op
-    def kill_suidgid(self, fh: int) -> None:
-        """Before a write by a caller who may not keep set-id bits, when the kernel leaves it to us
-        (a direct-I/O write): drop S_ISUID, and S_ISGID with group execute, as write(2) and the
+    def kill_privs(self, fh: int, suidgid: bool) -> None:
+        """Before a write, what the kernel leaves to us (FUSE_HANDLE_KILLPRIV_V2, or a direct-I/O
+        write): security.capability goes (drop_capability), and with ``suidgid`` (a caller who may
+        not keep set-id bits) S_ISUID, and S_ISGID with group execute, as write(2) and the
         kernel's file_remove_privs do. The backing file holds the plaintext mode."""
-        fd = self.files.writable_content(self.files[fh]).fd
-        mode = os.fstat(fd).st_mode
+        f = self.files[fh]
+        self.drop_capability(f.inode)
+        if suidgid:
+            self._kill_suidgid(self.files.writable_content(f).fd)
+
+    def _kill_suidgid(self, target: bytes | int) -> None:
+        """Drop S_ISUID, and S_ISGID with group execute, from a backing file (a symlink has none)."""
+        mode = self.bd.lstat(target).st_mode
         kill = stat_m.S_ISUID | (stat_m.S_ISGID if mode & stat_m.S_IXGRP else 0)
-        if mode & kill:
-            os.fchmod(fd, stat_m.S_IMODE(mode) & ~kill)
+        if mode & kill and not stat_m.S_ISLNK(mode):
+            self.bd.chmod(target, stat_m.S_IMODE(mode) & ~kill)
 
     @fuse_op
     def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:

@@ -27,6 +27,13 @@ Invariants:
 - A LOOKUP of an absent name is a negative entry (node 0, fs.NEGATIVE_ENTRY) the kernel
   caches like a positive one; it drops it when the name is created through the mount.
 - READDIRPLUS counts an entry as looked up only if it went into the reply.
+- FUSE_HANDLE_KILLPRIV_V2 is negotiated, so the kernel stops asking for security.capability
+  before each write(2) of a file it saw without privileges (S_NOSEC), and the daemon keeps the
+  contract (linux/fuse.h) instead: on a WRITE with FUSE_WRITE_KILL_SUIDGID, a SETATTR with
+  FATTR_KILL_SUIDGID (a truncate by a caller without CAP_FSETID, or any chown of a non-directory)
+  and an OPEN with FUSE_OPEN_KILL_SUIDGID (O_TRUNC without CAP_FSETID), S_ISUID goes, and S_ISGID
+  if the file has group execute; security.capability goes on every write, truncate (SETATTR of
+  the size, O_TRUNC open) and chown, root's included (EncryptedFS.kill_privs, xattrops.py).
 - Directory offsets 1 and 2 are "." and ".."; offset n > 2 is EncryptedFS's n - 2.
 - Anything unexpected is logged and answered with EIO; the mount stays up.
 """
@@ -60,6 +67,7 @@ from encfs.fuseproto.wire import (
     FATTR_ATIME_NOW,
     FATTR_FH,
     FATTR_GID,
+    FATTR_KILL_SUIDGID,
     FATTR_MODE,
     FATTR_MTIME,
     FATTR_MTIME_NOW,
@@ -84,7 +92,9 @@ from encfs.fuseproto.wire import (
     FUSE_CACHE_SYMLINKS,
     FUSE_DIRECT_IO_ALLOW_MMAP,
     FUSE_DO_READDIRPLUS,
+    FUSE_HANDLE_KILLPRIV_V2,
     FUSE_MAX_PAGES,
+    FUSE_OPEN_KILL_SUIDGID,
     FUSE_PARALLEL_DIROPS,
     FUSE_WRITE_KILL_SUIDGID,
     FUSE_WRITEBACK_CACHE,
@@ -152,7 +162,7 @@ READ_AHEAD_KIB = 2048
 
 WANTED_FLAGS = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_AUTO_INVAL_DATA
                 | FUSE_DO_READDIRPLUS | FUSE_ASYNC_DIO | FUSE_WRITEBACK_CACHE | FUSE_PARALLEL_DIROPS
-                | FUSE_MAX_PAGES | FUSE_CACHE_SYMLINKS | FUSE_DIRECT_IO_ALLOW_MMAP)
+                | FUSE_MAX_PAGES | FUSE_CACHE_SYMLINKS | FUSE_DIRECT_IO_ALLOW_MMAP | FUSE_HANDLE_KILLPRIV_V2)
 
 Operation = Callable[[int, int, RequestContext, memoryview], None]  # (unique, node, caller, body)
 # Operations on one inode's data or attributes: they hold the namespace lock shared and the inode's
@@ -168,7 +178,7 @@ def open_reply_flags(flags: int) -> int:
     writes as they come, up to the caller's queue depth, and concurrently
     (FOPEN_PARALLEL_DIRECT_WRITES), with no GETATTR and GETXATTR(security.capability) before
     each write as its cached path needs (benchmarks/HISTORY.md, 2026-12-06). Such a write clears set-id bits itself
-    (FUSE_WRITE_KILL_SUIDGID, EncryptedFS.kill_suidgid); shared mmap of it stays allowed
+    (FUSE_WRITE_KILL_SUIDGID, EncryptedFS.kill_privs); shared mmap of it stays allowed
     (FUSE_DIRECT_IO_ALLOW_MMAP)."""
     if flags & os.O_DIRECT:
         return FOPEN_KEEP_CACHE | FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES
@@ -310,7 +320,8 @@ class FsServer(FuseServer):
             update_mode=bool(valid & FATTR_MODE), update_uid=bool(valid & FATTR_UID),
             update_gid=bool(valid & FATTR_GID), update_size=bool(valid & FATTR_SIZE),
             update_atime=bool(valid & (FATTR_ATIME | FATTR_ATIME_NOW)),
-            update_mtime=bool(valid & (FATTR_MTIME | FATTR_MTIME_NOW)))
+            update_mtime=bool(valid & (FATTR_MTIME | FATTR_MTIME_NOW)),
+            kill_suidgid=bool(valid & FATTR_KILL_SUIDGID))
         attrs = self.fs.setattr(node, attr, fields, fh if valid & FATTR_FH else None, ctx)
         self.reply(unique, attrs.pack_attr_out())
 
@@ -376,8 +387,9 @@ class FsServer(FuseServer):
         self.reply(unique, attrs.pack_entry(), OPEN_OUT.pack(fh, open_reply_flags(flags), 0))
 
     def _open(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        flags, _open_flags = OPEN_IN.unpack_from(body)
-        self.reply(unique, OPEN_OUT.pack(self.fs.open(node, flags, ctx), open_reply_flags(flags), 0))
+        flags, open_flags = OPEN_IN.unpack_from(body)
+        fh = self.fs.open(node, flags, ctx, bool(open_flags & FUSE_OPEN_KILL_SUIDGID))
+        self.reply(unique, OPEN_OUT.pack(fh, open_reply_flags(flags), 0))
 
     def _write(self, req: Request) -> None:
         fh, offset, size, wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(req.body)
@@ -385,8 +397,8 @@ class FsServer(FuseServer):
         sealed = self.fs.seal_ahead(fh, offset, data)
         held = self.locks.acquire_inode(req.node)
         try:
-            if wflags & FUSE_WRITE_KILL_SUIDGID:  # the kernel refetches attributes after such a write
-                self.fs.kill_suidgid(fh)
+            # the kernel refetches attributes after a write with FUSE_WRITE_KILL_SUIDGID
+            self.fs.kill_privs(fh, bool(wflags & FUSE_WRITE_KILL_SUIDGID))
             written = self.fs.write(fh, offset, data, sealed)
         finally:
             self.locks.release_inode(req.node, held)

@@ -7,8 +7,13 @@ Invariants:
   ``padded-xattr-names``) and may have a legacy one still read; a set stores the new form
   before it removes the legacy one, so a crash leaves both and the new one is read.
 - XATTR_CREATE / XATTR_REPLACE apply to the plaintext name, whichever form holds it.
-- security.capability, which the kernel asks for on every write(2), is answered from memory
+- security.capability, which the kernel asks for before a write(2), is answered from memory
   for inodes known to lack it (``_no_capability``); any set or removal forgets that.
+- security.capability goes on any write, truncate (a SETATTR of the size or an O_TRUNC open)
+  and chown of a regular file, root's included, as the VFS removes it
+  (cap_inode_need_killpriv): with FUSE_HANDLE_KILLPRIV_V2 (encfs.fuse.server) the kernel stops
+  asking once it saw a file without it (S_NOSEC), so the daemon removes it (``drop_capability``).
+  Only an inode not in ``_no_capability`` costs a backing call; it is in the set afterwards.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from encfs.fuseproto.wire import FuseError, RequestContext
 
 log = logging.getLogger("encfs.fuse")
 
-# The kernel asks for this on every write(2), to drop file capabilities; inodes known not to
+# The kernel asks for this before a write(2), to drop file capabilities; inodes known not to
 # have it are answered from memory.
 CAPABILITY_XATTR = b"security.capability"
 
@@ -102,6 +107,20 @@ class XattrOps:
                 return False
             raise
         return True
+
+    def drop_capability(self, inode: int) -> None:
+        """Remove security.capability (both backing forms) from the regular file ``inode`` before
+        it is written, truncated or chowned; nothing to do for an inode known to lack it. A
+        backing store without xattrs has none to remove."""
+        if inode in self._no_capability:
+            return
+        for backing in self._xattr_names(CAPABILITY_XATTR):
+            try:
+                self._remove_xattr(inode, backing)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+        self._no_capability.add(inode)
 
     @fuse_op
     def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:

@@ -42,6 +42,8 @@ FUSE_WRITEBACK_CACHE = 1 << 16
 FUSE_PARALLEL_DIROPS = 1 << 18
 FUSE_MAX_PAGES = 1 << 22
 FUSE_CACHE_SYMLINKS = 1 << 23
+# The server clears set-id bits and security.capability on write, truncate and chown (encfs.fuse.server)
+FUSE_HANDLE_KILLPRIV_V2 = 1 << 28
 FUSE_INIT_EXT = 1 << 30  # init_in/init_out carry flags2, the flags' upper 32 bits
 FUSE_DIRECT_IO_ALLOW_MMAP = 1 << 36  # shared mmap of a FOPEN_DIRECT_IO file (kernels from 6.6)
 
@@ -53,10 +55,14 @@ FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6  # honoured by kernels from 6.2; older one
 # write_in.write_flags
 FUSE_WRITE_KILL_SUIDGID = 1 << 2  # the writer lacks CAP_FSETID (sent by the kernel since 7.31)
 
+# open_in.open_flags
+FUSE_OPEN_KILL_SUIDGID = 1 << 0  # an O_TRUNC open by a caller without CAP_FSETID (HANDLE_KILLPRIV_V2)
+
 # setattr_in.valid
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
 FATTR_ATIME, FATTR_MTIME, FATTR_FH = 16, 32, 64
 FATTR_ATIME_NOW, FATTR_MTIME_NOW = 128, 256
+FATTR_KILL_SUIDGID = 1 << 11  # truncate without CAP_FSETID, or chown (HANDLE_KILLPRIV_V2)
 
 FSYNC_FDATASYNC = 1
 NOTIFY_INVAL_INODE = 2
@@ -228,6 +234,7 @@ class SetattrFields:
     update_size: bool = False
     update_atime: bool = False
     update_mtime: bool = False
+    kill_suidgid: bool = False  # drop S_ISUID, and S_ISGID with group execute (FATTR_KILL_SUIDGID)
 
 
 def _split_seconds(t: float) -> tuple[int, int]:
