@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from fuse_helpers import Mount
 from test_rekey_rewrap import home, ok  # noqa: F401  (home: the fixture)
 
@@ -94,3 +93,29 @@ def test_absent_names_are_negative_entries_until_made_through_the_mount(tmp_path
             assert (plain / name).exists() or (plain / name).is_symlink(), name
         assert sorted(os.listdir(plain)) == sorted(makers)
         assert (plain / "renamed").read_bytes() == b"s" and (plain / "hardlink").read_bytes() == b"x"
+
+
+def test_writes_to_a_file_ask_for_security_capability_at_most_twice(tmp_path: Path, home: Path) -> None:
+    """With FUSE_HANDLE_KILLPRIV_V2 the kernel marks a written file as having no privileges to
+    drop (S_NOSEC) and stops asking for security.capability before each write(2); without it,
+    every write costs a GETXATTR round trip (20 here). The daemon drops it itself
+    (tests/test_fuse_killpriv.py)."""
+    cipher, plain = tmp_path / "cipher", tmp_path / "plain"
+    plain.mkdir()
+    ok(home, "init", cipher, "--key", "a")
+    log = tmp_path / "traced.log"
+    with Mount(cipher, plain, home, "--debug", log=log):
+        (plain / "f").write_bytes(b"x" * 4096)  # an existing file
+        start = log.stat().st_size
+        fd = os.open(plain / "f", os.O_WRONLY)
+        try:
+            for i in range(20):
+                os.pwrite(fd, b"%02d" % i, i * 100)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with open(log, "rb") as f:
+            f.seek(start)
+            traced = f.read().decode()
+    assert len(re.findall(r"\bWRITE unique=", traced)) >= 1, traced[-3000:]
+    assert len(re.findall(r"\bGETXATTR unique=", traced)) <= 2, traced[-3000:]
