@@ -320,7 +320,7 @@ class EncryptedFS(XattrOps):
         if fields.update_size or fields.update_uid or fields.update_gid:  # as the VFS does (xattrops.py)
             if fields.kill_suidgid:
                 self._kill_suidgid(target)
-            if stat_m.S_ISREG(self.bd.lstat(target).st_mode):
+            if inode not in self._no_capability and stat_m.S_ISREG(self.bd.lstat(target).st_mode):
                 self.drop_capability(inode)
         if fields.update_atime or fields.update_mtime:
             st = self.bd.lstat(target)

@@ -177,9 +177,9 @@ def open_reply_flags(flags: int) -> int:
     FOPEN_DIRECT_IO, as libfuse's passthrough_hp does. The kernel then sends its reads and
     writes as they come, up to the caller's queue depth, and concurrently
     (FOPEN_PARALLEL_DIRECT_WRITES), with no GETATTR and GETXATTR(security.capability) before
-    each write as its cached path needs (benchmarks/HISTORY.md, 2026-12-06). Such a write clears set-id bits itself
-    (FUSE_WRITE_KILL_SUIDGID, EncryptedFS.kill_privs); shared mmap of it stays allowed
-    (FUSE_DIRECT_IO_ALLOW_MMAP)."""
+    each write as its cached path needs (benchmarks/HISTORY.md, 2026-12-06). Such a write
+    clears set-id bits itself (FUSE_WRITE_KILL_SUIDGID, EncryptedFS.kill_privs); shared mmap of
+    it stays allowed (FUSE_DIRECT_IO_ALLOW_MMAP)."""
     if flags & os.O_DIRECT:
         return FOPEN_KEEP_CACHE | FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES
     return FOPEN_KEEP_CACHE
