@@ -98,6 +98,7 @@ RATIOS: list[tuple[str, str, str | tuple[str, ...]]] = [  # (label, numerator, d
     ("pyfuse3 server / encfs server, null cipher", "encfs-pyfuse3-null", "encfs-null"),
     ("encfs / gocryptfs", "encfs", "gocryptfs"),
     ("encfs / best peer", "encfs", PEERS),
+    ("encfs / baseline checkout", "encfs", "encfs-baseline"),
     ("encfs 4 KiB blocks / encfs", "encfs-4k", "encfs"),
     ("encfs volume / null-cipher volume", "encfs-volume", "encfs-volume-null"),
     ("volume format 2 / format 1", "encfs-volume", "encfs-volume-v1"),
@@ -320,10 +321,40 @@ class EncfsFuse(Target):
         base = self.fresh()
         cipher, mnt = base / "cipher", base / "plain"
         mnt.mkdir()
-        env = encfs_env(self.ctx)
+        env = self.env()
         run([sys.executable, "-m", "encfs", "init", str(cipher), "--key", "bench", *self.init_extra], env=env)
         self.daemon([*self.launcher, str(cipher), str(mnt)], mnt, env=env)
         return mnt
+
+    def env(self) -> dict[str, str]:
+        return encfs_env(self.ctx)
+
+
+class EncfsBaseline(EncfsFuse):
+    """encfs as another checkout serves it (``--baseline DIR``), to measure a change before and
+    after in one run, interleaved, rather than across two runs on a noisy VM."""
+    name = "encfs-baseline"
+    description = "encfs FUSE mount served by the checkout given with --baseline (e.g. a git worktree)"
+    launcher = [sys.executable, "-P", "-m", "encfs", "mount", "--foreground"]  # -P: not the cwd's encfs
+
+    def check(self) -> None:
+        if self.ctx.baseline is None:
+            raise Unavailable("no --baseline DIR given")
+        if not (self.ctx.baseline / "encfs" / "__init__.py").is_file():
+            raise Unavailable(f"{self.ctx.baseline} is not an encfs checkout")
+
+    def setup(self) -> Path:
+        base = self.fresh()
+        cipher, mnt = base / "cipher", base / "plain"
+        mnt.mkdir()
+        env = self.env()
+        run([sys.executable, "-P", "-m", "encfs", "init", str(cipher), "--key", "bench"], env=env)
+        self.daemon([*self.launcher, str(cipher), str(mnt)], mnt, env=env)
+        return mnt
+
+    def env(self) -> dict[str, str]:
+        assert self.ctx.baseline is not None
+        return dict(encfs_env(self.ctx), PYTHONPATH=str(self.ctx.baseline))
 
 
 class EncfsFuse4k(EncfsFuse):
@@ -563,7 +594,7 @@ class Fscrypt(Target):
         return data
 
 
-ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsFuse4k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
+ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsBaseline, EncfsFuse4k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
                EncfsVolumeNullV1, LoopPlain, Gocryptfs, Securefs, Cryfs, LuksNbdkit, Fscrypt]
 
 
@@ -885,6 +916,7 @@ class Context:
     def __init__(self, scale: Scale, workdir: Path) -> None:
         self.scale = scale
         self.workdir = workdir
+        self.baseline: Path | None = None  # --baseline: another checkout, served as encfs-baseline
         self.encfs_home = workdir / "encfs-home"
         self.tree_tar = workdir / "tree.tar"
         self.tree_entries = 0
@@ -1113,6 +1145,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the snapshot rows (run with the encfs-volume target otherwise)")
     ap.add_argument("--no-rekey", action="store_true",
                     help="skip the re-key and fsck rows (run with the encfs-volume target otherwise)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="another encfs checkout (e.g. `git worktree add /tmp/base REV`), measured as the "
+                         "target encfs-baseline beside encfs in the same run")
     ap.add_argument("--workdir", help="where backing stores and images go (default: a temp dir in /var/tmp)")
     ap.add_argument("--out", help="output directory (default: benchmarks/results/<UTC time> for a full run, "
                                   "/tmp/encfs-bench-<UTC time>-<scale> otherwise)")
@@ -1124,7 +1159,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeats must be positive")
     if scale.name == "full" and repeats < 3:
         ap.error("a full run needs at least 3 repetitions")
-    wanted = [t for t in ALL_TARGETS if not args.targets or t.name in args.targets.split(",")]
+    wanted = [t for t in ALL_TARGETS if t.name in args.targets.split(",")] if args.targets else \
+        [t for t in ALL_TARGETS if t is not EncfsBaseline or args.baseline]
     unknown = set(args.targets.split(",")) - {t.name for t in ALL_TARGETS} if args.targets else set()
     if unknown:
         ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
@@ -1136,6 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="encfs-bench-", dir=args.workdir or "/var/tmp"))
     ctx = Context(scale, workdir)
+    ctx.baseline = Path(args.baseline).resolve() if args.baseline else None
     targets = [cls(ctx) for cls in wanted]
     status: dict[str, dict[str, Any]] = {}
     for t in targets:

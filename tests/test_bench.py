@@ -220,3 +220,33 @@ def test_peer_targets_get_fresh_cipher_and_mount_directories(tmp_path: Path) -> 
     base, cipher, mnt = bench.Gocryptfs(ctx).fresh_fs_dirs()
     assert base.parent == tmp_path and cipher == base / "cipher" and mnt == base / "plain"
     assert cipher.is_dir() and mnt.is_dir() and not any(cipher.iterdir())
+
+
+@needs_root
+@pytest.mark.timeout(180)
+def test_baseline_checkout_is_measured_beside_encfs_in_one_run(tmp_path: Path) -> None:
+    """--baseline DIR: the target encfs-baseline is served by that checkout's code (here a copy
+    of this one that leaves a mark when imported), and "encfs / baseline checkout" compares it."""
+    import shutil
+
+    repo = Path(__file__).parent.parent
+    base = tmp_path / "base"
+    shutil.copytree(repo / "encfs", base / "encfs", ignore=shutil.ignore_patterns("__pycache__"))
+    mark = base / "imported"
+    with open(base / "encfs" / "__init__.py", "a") as f:
+        f.write(f"\nimport os as _os\nopen({str(mark)!r}, 'a').write(str(_os.getpid()) + '\\n')\n")
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ)
+    env.pop("SOFTHSM2_CONF", None)
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench.py"), "--scale", "smoke",
+                           "--targets", "encfs,encfs-baseline", "--workloads", "small", "--no-keys",
+                           "--baseline", str(base), "--out", str(out), "--workdir", str(work)],
+                          capture_output=True, text=True, timeout=170, env=env, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _mounted_under(tmp_path) == []
+    result = json.loads((out / "results.json").read_text())
+    assert result["targets"]["encfs-baseline"]["status"] == "ok", result["targets"]
+    assert set(result["results"]["encfs-baseline"]) == {"small_create", "small_stat", "small_read", "small_delete"}
+    assert result["ratios"]["encfs / baseline checkout"]["small_create"] > 0
+    assert len(mark.read_text().split()) >= 2  # the baseline's init and its mount daemon, at least
