@@ -1056,3 +1056,23 @@ def test_a_killed_writers_temporary_copy_is_removed_by_the_next_write(service: K
         p.write_bytes(b"{}")
     service.create_key(alias="second")
     assert not any(p.exists() for p in dead) and live.exists()
+
+
+def test_maintenance_due_is_computed_once_per_metadata_version(service: KeyService, clock: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every data-key operation asks when maintenance is next due; the walk over the keys runs once
+    per version of keys.json, and a change (a deletion scheduled) is seen by the next call."""
+    from encfs.keys import metadata
+
+    key, other = new_key(service), new_key(service)
+    blob = service.encrypt(key, b"x")
+    walks = []
+    real = metadata.KeyDB.next_event
+    monkeypatch.setattr(metadata.KeyDB, "next_event", lambda db: walks.append(1) or real(db))
+    for _ in range(20):
+        service.decrypt(blob)
+    assert len(walks) <= 1
+    service.schedule_key_deletion(other, days=7)
+    clock.advance(days=8)
+    service.decrypt(blob)  # the first call after the window ends deletes the other key
+    assert other not in {k["KeyId"] for k in service.list_keys()}

@@ -20,6 +20,7 @@ new file. Invariants:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -176,6 +177,7 @@ class KeyDB:
         return min(times) if times else None
 
 
+@functools.lru_cache(maxsize=1024)  # every decrypt resolves its --key (an id or an alias)
 def _is_uuid(s: str) -> bool:
     try:
         return str(uuid.UUID(s)) == s.lower()
@@ -208,6 +210,7 @@ class KeyStore:
         self._lock = WriterLock(home / "keys.lock", "key metadata")
         self._on_missing = on_missing
         self._cache: tuple[tuple[int, int, int], KeyDB] | None = None
+        self._due: tuple[KeyDB, float | None] | None = None  # load_with_due's memo
 
     def exists(self) -> bool:
         """Whether keys.json or its copy is there (with a PKCS#11 module, the key store itself)."""
@@ -265,6 +268,15 @@ class KeyStore:
                 self._cache = (key, db)
                 return db
         return self._from_backup(why)
+
+    def load_with_due(self) -> tuple[KeyDB, float | None]:
+        """load(), and when its maintenance is next due (KeyDB.next_event), computed once per
+        loaded version: every data-key operation asks (KeyService._db), and the walk over all
+        keys cost as much as the rest of a cached decrypt."""
+        db = self.load()
+        if self._due is None or self._due[0] is not db:  # a loaded KeyDB is never mutated
+            self._due = (db, db.next_event())
+        return db, self._due[1]
 
     def _from_backup(self, why: str) -> KeyDB:
         """keys.json is missing or damaged: use the copy, and put keys.json back from it."""

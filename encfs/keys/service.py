@@ -291,8 +291,7 @@ class KeyService:
         self._empty_store_checked = True
 
     def _db(self) -> KeyDB:
-        db = self.store.load()
-        due = db.next_event()
+        db, due = self.store.load_with_due()
         if due is not None and due <= self.clock():
             self._run_due_transitions()
             db = self.store.load()
