@@ -274,9 +274,10 @@ class KeyStore:
         loaded version: every data-key operation asks (KeyService._db), and the walk over all
         keys cost as much as the rest of a cached decrypt."""
         db = self.load()
-        if self._due is None or self._due[0] is not db:  # a loaded KeyDB is never mutated
-            self._due = (db, db.next_event())
-        return db, self._due[1]
+        memo = self._due  # read once: another thread may replace it meanwhile
+        if memo is None or memo[0] is not db:  # a loaded KeyDB is never mutated
+            memo = self._due = (db, db.next_event())
+        return db, memo[1]
 
     def _from_backup(self, why: str) -> KeyDB:
         """keys.json is missing or damaged: use the copy, and put keys.json back from it."""
