@@ -267,3 +267,25 @@ def test_info_counts_entries_past_path_max(fs: EncryptedFS, capsys: pytest.Captu
     assert cmd_info(argparse.Namespace(cipherdir=os.fsdecode(fs.root), json=True)) == 0
     counts = json.loads(capsys.readouterr().out)["Counts"]
     assert (counts["Files"], counts["Directories"], counts["LongNames"]) == (1, len(DEEP), 1)
+
+
+def test_create_without_o_excl_of_an_existing_name_opens_it(fs: EncryptedFS) -> None:
+    """The kernel sends CREATE for a name it caches as absent (a negative entry) even if the name
+    was made meanwhile: without O_EXCL that opens the file, as open(2) would; with O_EXCL, EEXIST."""
+    ino = create(fs, b"f", b"kept")
+    fh, attrs = fs.create(ROOT_ID, b"f", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, CTX)
+    try:
+        assert attrs.st_ino == ino and attrs.st_size == 4
+    finally:
+        fs.release(fh)
+    assert read(fs, ino) == b"kept"
+    fh, attrs = fs.create(ROOT_ID, b"f", stat.S_IFREG | 0o644, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CTX)
+    fs.release(fh)
+    assert attrs.st_size == 0 and fs.getattr(ino, CTX).st_size == 0
+    with pytest.raises((FuseError, FileExistsError)):
+        fs.create(ROOT_ID, b"f", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT | os.O_EXCL, CTX)
+    d = fs.mkdir(ROOT_ID, b"d", 0o755, CTX).st_ino
+    assert d
+    with pytest.raises(FuseError) as e:
+        fs.create(ROOT_ID, b"d", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, CTX)
+    assert e.value.errno == errno.EISDIR

@@ -151,3 +151,20 @@ def test_file_capability_goes_on_write_truncate_and_chown_even_by_root(dirs: tup
         os.setxattr(p, CAPABILITY, CAP_NET_RAW_EP)  # again, now that the kernel knows it had none
         run_step(step, p, as_nobody=False)
         assert not has_capability(p), d
+
+
+def test_capability_set_after_a_buffered_write_stays_when_the_pages_are_flushed(dirs: tuple[Path, Path]) -> None:
+    """rpm writes a file, sets its capability (cap_set_fd), then closes it: the write-back of the
+    pages written before (FUSE_WRITE_CACHE) must not remove the capability, as on ext4. Only the
+    kernel's check at write(2) decides."""
+    for d in dirs:
+        p = d / "cap-after-write"
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o755)
+        try:
+            os.write(fd, b"x" * 3 * 4096)
+            os.setxattr(fd, CAPABILITY, CAP_NET_RAW_EP)
+        finally:
+            os.close(fd)
+        os.sync()
+        assert os.getxattr(p, CAPABILITY) == CAP_NET_RAW_EP, d
+        assert p.read_bytes() == b"x" * 3 * 4096

@@ -676,6 +676,10 @@ class EncryptedFS(XattrOps):
         try:
             fd = self._open_backing(path, writable=True, noatime=flags & os.O_ACCMODE == os.O_WRONLY,
                                     extra=os.O_CREAT | os.O_EXCL, mode=stat_m.S_IMODE(mode))
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            return self._open_existing(path, flags, ctx)
         except BaseException:
             if not self.bd.lexists(path):
                 self._remove_side(path, side)
@@ -700,6 +704,21 @@ class EncryptedFS(XattrOps):
             raise
         attrs = self._entry(path)
         self._no_capability.add(attrs.st_ino)
+        return fh, attrs
+
+    def _open_existing(self, path: bytes, flags: int, ctx: RequestContext) -> tuple[int, EntryAttributes]:
+        """CREATE without O_EXCL of a name that exists after all (the kernel took it for absent: a
+        negative entry it keeps, and the name made meanwhile behind the mount or by an operation
+        that failed half-way): open(2) opens that file, as on a local filesystem."""
+        attrs = self._entry(path, count=False)
+        if stat_m.S_ISDIR(attrs.st_mode):
+            raise FuseError(errno.EISDIR)
+        if not stat_m.S_ISREG(attrs.st_mode):
+            raise FuseError(errno.EEXIST)
+        fh = self.open(attrs.st_ino, flags & ~os.O_CREAT, ctx)
+        self.inodes.remember(attrs.st_ino, path, True)  # CREATE's reply is a lookup
+        if flags & os.O_TRUNC:
+            attrs = self._entry(path, count=False)
         return fh, attrs
 
     @fuse_op
@@ -799,21 +818,27 @@ class EncryptedFS(XattrOps):
         return content.write(off, buf)
 
     @fuse_op
-    def kill_privs(self, fh: int, suidgid: bool) -> None:
+    def kill_privs(self, fh: int, suidgid: bool, capability: bool = True) -> None:
         """Before a write, what the kernel leaves to us (FUSE_HANDLE_KILLPRIV_V2, or a direct-I/O
-        write): security.capability goes (drop_capability), and with ``suidgid`` (a caller who may
-        not keep set-id bits) S_ISUID, and S_ISGID with group execute, as write(2) and the
-        kernel's file_remove_privs do. The backing file holds the plaintext mode."""
+        write): with ``capability`` security.capability goes (drop_capability), and with
+        ``suidgid`` (a caller who may not keep set-id bits) S_ISUID, and S_ISGID with group
+        execute, as write(2) and the kernel's file_remove_privs do. The backing file holds the
+        plaintext mode. A delayed write of the page cache passes ``capability`` False: the
+        kernel checked at write(2), and a capability set since (rpm: write, then cap_set_fd,
+        then close) must stay."""
         f = self.files[fh]
-        self.drop_capability(f.inode)
+        if not f.writable:
+            raise FuseError(errno.EBADF)
+        if capability:
+            self.drop_capability(f.inode)
         if suidgid:
-            self._kill_suidgid(self.files.writable_content(f).fd)
+            self._kill_suidgid(f.fd)
 
     def _kill_suidgid(self, target: bytes | int) -> None:
         """Drop S_ISUID, and S_ISGID with group execute, from a backing file (a symlink has none)."""
         mode = self.bd.lstat(target).st_mode
         kill = stat_m.S_ISUID | (stat_m.S_ISGID if mode & stat_m.S_IXGRP else 0)
-        if mode & kill and not stat_m.S_ISLNK(mode):
+        if mode & kill and not (stat_m.S_ISLNK(mode) or stat_m.S_ISDIR(mode)):
             self.bd.chmod(target, stat_m.S_IMODE(mode) & ~kill)
 
     @fuse_op

@@ -96,6 +96,7 @@ from encfs.fuseproto.wire import (
     FUSE_MAX_PAGES,
     FUSE_OPEN_KILL_SUIDGID,
     FUSE_PARALLEL_DIROPS,
+    FUSE_WRITE_CACHE,
     FUSE_WRITE_KILL_SUIDGID,
     FUSE_WRITEBACK_CACHE,
     GETATTR,
@@ -172,15 +173,17 @@ DATA_OPS = frozenset({READ, WRITE, FSYNC, SETATTR, GETATTR, GETXATTR, OPEN, RELE
 SHARED_OPS = frozenset({LSEEK})  # READ too, by its own handler (_read_shared)
 
 
-def open_reply_flags(flags: int) -> int:
+def open_reply_flags(flags: int, direct_io: bool = True) -> int:
     """OPEN and CREATE reply flags: the page cache is kept across opens; an O_DIRECT open gets
     FOPEN_DIRECT_IO, as libfuse's passthrough_hp does. The kernel then sends its reads and
     writes as they come, up to the caller's queue depth, and concurrently
     (FOPEN_PARALLEL_DIRECT_WRITES), with no GETATTR and GETXATTR(security.capability) before
     each write as its cached path needs (benchmarks/HISTORY.md, 2026-12-06). Such a write
     clears set-id bits itself (FUSE_WRITE_KILL_SUIDGID, EncryptedFS.kill_privs); shared mmap of
-    it stays allowed (FUSE_DIRECT_IO_ALLOW_MMAP)."""
-    if flags & os.O_DIRECT:
+    it stays allowed (FUSE_DIRECT_IO_ALLOW_MMAP). ``direct_io``: the kernel agreed to that flag;
+    an older one (before 6.6) would not write another handle's dirty pages back before a direct
+    read or write of the same file, so O_DIRECT then keeps the cached path."""
+    if flags & os.O_DIRECT and direct_io:
         return FOPEN_KEEP_CACHE | FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES
     return FOPEN_KEEP_CACHE
 
@@ -254,6 +257,11 @@ class FsServer(FuseServer):
         """A slot of the sealing worker's arena if one runs, so WRITE bodies reach it uncopied."""
         buf = self.fs.sealing.request_buffer()
         return super().request_buffer() if buf is None else buf
+
+    @property
+    def _direct_io(self) -> bool:
+        """Whether O_DIRECT opens get FOPEN_DIRECT_IO (open_reply_flags)."""
+        return bool(self.agreed_flags & FUSE_DIRECT_IO_ALLOW_MMAP)
 
     def _init(self, req: Request) -> bool:
         if not self.init_reply(req, WANTED_FLAGS):
@@ -384,12 +392,12 @@ class FsServer(FuseServer):
         flags, mode, ctx.umask, _open_flags = CREATE_IN.unpack_from(body)
         (name,) = _names(body[CREATE_IN.size:], 1)
         fh, attrs = self.fs.create(node, name, mode, flags, ctx)
-        self.reply(unique, attrs.pack_entry(), OPEN_OUT.pack(fh, open_reply_flags(flags), 0))
+        self.reply(unique, attrs.pack_entry(), OPEN_OUT.pack(fh, open_reply_flags(flags, self._direct_io), 0))
 
     def _open(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         flags, open_flags = OPEN_IN.unpack_from(body)
         fh = self.fs.open(node, flags, ctx, bool(open_flags & FUSE_OPEN_KILL_SUIDGID))
-        self.reply(unique, OPEN_OUT.pack(fh, open_reply_flags(flags), 0))
+        self.reply(unique, OPEN_OUT.pack(fh, open_reply_flags(flags, self._direct_io), 0))
 
     def _write(self, req: Request) -> None:
         fh, offset, size, wflags, _owner, _flags, _pad = WRITE_IN.unpack_from(req.body)
@@ -398,7 +406,7 @@ class FsServer(FuseServer):
         held = self.locks.acquire_inode(req.node)
         try:
             # the kernel refetches attributes after a write with FUSE_WRITE_KILL_SUIDGID
-            self.fs.kill_privs(fh, bool(wflags & FUSE_WRITE_KILL_SUIDGID))
+            self.fs.kill_privs(fh, bool(wflags & FUSE_WRITE_KILL_SUIDGID), not wflags & FUSE_WRITE_CACHE)
             written = self.fs.write(fh, offset, data, sealed)
         finally:
             self.locks.release_inode(req.node, held)

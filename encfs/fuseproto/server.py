@@ -91,6 +91,7 @@ class FuseServer:
         self.trace = trace
         self.uid, self.gid = os.getuid(), os.getgid()
         self._running = True
+        self.agreed_flags = 0  # the INIT flags both sides set (init_reply), 64 bits
         self._idle = False
         self._leader = threading.Lock()  # held by the one thread that reads the device
         self._overlapping = 0  # handed-over requests still running
@@ -133,6 +134,7 @@ class FuseServer:
         agreed = flags & wanted_flags
         if agreed >> 32:
             agreed |= FUSE_INIT_EXT
+        self.agreed_flags = agreed
         self.reply(req.unique, INIT_OUT.pack(7, min(minor, PROTOCOL_MINOR), max_readahead, agreed & 0xFFFFFFFF,
                                              16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, agreed >> 32))
         return True

@@ -53,6 +53,7 @@ FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6  # honoured by kernels from 6.2; older ones ignore it
 
 # write_in.write_flags
+FUSE_WRITE_CACHE = 1 << 0  # a delayed write of the page cache (writeback), not a write(2) in progress
 FUSE_WRITE_KILL_SUIDGID = 1 << 2  # the writer lacks CAP_FSETID (sent by the kernel since 7.31)
 
 # open_in.open_flags
