@@ -129,8 +129,8 @@ class Unavailable(Exception):
 
 
 def run(cmd: list[str], *, timeout: float = 120, check: bool = True, env: dict[str, str] | None = None,
-        input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env, input=input)
+        input: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env, input=input, cwd=cwd)
     if check and proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).decode(errors="replace").strip().splitlines()[-3:]
         raise RuntimeError(f"{' '.join(cmd[:3])}... failed ({proc.returncode}): {' / '.join(tail)}")
@@ -272,12 +272,12 @@ class Target:
         return base, cipher, mnt
 
     def daemon(self, cmd: list[str], mountpoint: Path, *, env: dict[str, str] | None = None,
-               stdin: bytes | None = None) -> subprocess.Popen:
+               stdin: bytes | None = None, cwd: Path | None = None) -> subprocess.Popen:
         assert self.base is not None
         logfile = self.base / f"{self.name}.log"
         with open(logfile, "ab") as lf:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                    stdout=lf, stderr=lf, env=env, start_new_session=True)
+                                    stdout=lf, stderr=lf, env=env, start_new_session=True, cwd=cwd)
         self.procs.append(proc)
         self.mounts.append(mountpoint)
         if stdin is not None:
@@ -348,8 +348,10 @@ class EncfsBaseline(EncfsFuse):
         cipher, mnt = base / "cipher", base / "plain"
         mnt.mkdir()
         env = self.env()
-        run([sys.executable, "-P", "-m", "encfs", "init", str(cipher), "--key", "bench"], env=env)
-        self.daemon([*self.launcher, str(cipher), str(mnt)], mnt, env=env)
+        # In the checkout's directory too: an older one starts its sealing worker without -P.
+        run([sys.executable, "-P", "-m", "encfs", "init", str(cipher), "--key", "bench"], env=env,
+            cwd=self.ctx.baseline)
+        self.daemon([*self.launcher, str(cipher), str(mnt)], mnt, env=env, cwd=self.ctx.baseline)
         return mnt
 
     def env(self) -> dict[str, str]:
@@ -1164,6 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.targets.split(",")) - {t.name for t in ALL_TARGETS} if args.targets else set()
     if unknown:
         ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if args.baseline and EncfsBaseline not in wanted:
+        ap.error("--baseline is measured as the target encfs-baseline: add it to --targets")
 
     workloads = [w for w in WORKLOADS if not args.workloads or w.__name__[2:] in args.workloads.split(",")]
     unknown = set(args.workloads.split(",")) - {w.__name__[2:] for w in WORKLOADS} if args.workloads else set()
