@@ -124,6 +124,24 @@ def test_init_answers_protocol_7_31_with_the_flags_both_sides_have(
     assert (unique, error, major, minor, readahead, flags) == (1, 0, 7, PROTOCOL_MINOR, 1 << 20, 0b0010)
 
 
+@pytest.mark.parametrize(("offered", "body2", "agreed_upper"), [
+    (1 << 30, struct.pack("<I", 1 << 4), 1 << 4),  # FUSE_INIT_EXT: flags2 carries bit 36
+    (0, struct.pack("<I", 1 << 4), 0),  # flags2 without FUSE_INIT_EXT is not read
+    (1 << 30, b"", 0),  # FUSE_INIT_EXT but a body too short for flags2
+], ids=["init_ext", "no_init_ext", "short_body"])
+def test_init_agrees_upper_flags_only_through_flags2_with_init_ext(
+        kernel: tuple[RecordingServer, socket.socket], offered: int, body2: bytes, agreed_upper: int) -> None:
+    server, sock = kernel
+    server.handlers[INIT] = lambda req: server.init_reply(req, WANTED | 1 << 36)
+    sock.send(request(INIT, 1, INIT_IN.pack(7, 40, 1 << 20, 0b0110 | offered) + body2))
+    unique, error, payload = answer(sock) or (0, -1, b"")
+    _major, _minor, _readahead, flags, *rest = INIT_OUT.unpack(payload)
+    flags2 = rest[-1]
+    assert (unique, error, flags2) == (1, 0, agreed_upper)
+    assert flags == 0b0010 | (1 << 30 if agreed_upper else 0)  # FUSE_INIT_EXT answered only with flags2
+    assert server.agreed_flags == 0b0010 | (agreed_upper << 32) | (1 << 30 if agreed_upper else 0)
+
+
 def test_init_of_another_major_version_is_eproto_and_ends_serving(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fuseserver, "keep_freed_memory", lambda: False)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
