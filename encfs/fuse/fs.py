@@ -283,11 +283,19 @@ class EncryptedFS(XattrOps):
 
     @fuse_op
     def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
+        attrs: EntryAttributes = self.lookup_or_absent(parent_inode, name, ctx)
+        if attrs is NEGATIVE_ENTRY:
+            raise FuseError(errno.ENOENT)
+        return attrs
+
+    @fuse_op
+    def lookup_or_absent(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
+        """What the servers answer a LOOKUP with: the entry, or NEGATIVE_ENTRY for an absent name."""
         path, _side = self._child(parent_inode, name)
         try:
             return self._entry(path)
         except FileNotFoundError:
-            raise FuseError(errno.ENOENT) from None
+            return NEGATIVE_ENTRY
 
     @fuse_op
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -805,11 +813,23 @@ class EncryptedFS(XattrOps):
 
     @fuse_op
     def write(self, fh: int, off: int, buf: bytes | bytearray | memoryview,
-              sealed: tuple[Sealer, memoryview] | None = None) -> int:
-        """Write ``buf`` at ``off``; ``sealed``: what seal_ahead() returned for this write."""
+              sealed: tuple[Sealer, memoryview] | None = None, kill_suidgid: bool = False,
+              drop_capability: bool = False) -> int:
+        """Write ``buf`` at ``off``; ``sealed``: what seal_ahead() returned for this write.
+
+        First, what the kernel leaves to us (FUSE_HANDLE_KILLPRIV_V2, or a direct-I/O write):
+        with ``drop_capability`` security.capability goes, and with ``kill_suidgid`` (a caller
+        who may not keep set-id bits) S_ISUID, and S_ISGID with group execute, as write(2) and
+        the kernel's file_remove_privs do. A delayed write of the page cache drops no capability:
+        the kernel checked at write(2), and a capability set since (rpm: write, then
+        cap_set_fd, then close) must stay."""
         f = self.files[fh]
         if not f.writable:
             raise FuseError(errno.EBADF)
+        if drop_capability:
+            self.drop_capability(f.inode)
+        if kill_suidgid:
+            self._kill_suidgid(f.fd)
         content = self.files.writable_content(f)
         if sealed is not None and sealed[0] is content.sealer:
             return content.write_sealed(off, len(buf), sealed[1])
@@ -817,25 +837,9 @@ class EncryptedFS(XattrOps):
             content.sealer.send_key()  # from the next large write on, this file's are sealed ahead
         return content.write(off, buf)
 
-    @fuse_op
-    def kill_privs(self, fh: int, suidgid: bool, capability: bool = True) -> None:
-        """Before a write, what the kernel leaves to us (FUSE_HANDLE_KILLPRIV_V2, or a direct-I/O
-        write): with ``capability`` security.capability goes (drop_capability), and with
-        ``suidgid`` (a caller who may not keep set-id bits) S_ISUID, and S_ISGID with group
-        execute, as write(2) and the kernel's file_remove_privs do. The backing file holds the
-        plaintext mode. A delayed write of the page cache passes ``capability`` False: the
-        kernel checked at write(2), and a capability set since (rpm: write, then cap_set_fd,
-        then close) must stay."""
-        f = self.files[fh]
-        if not f.writable:
-            raise FuseError(errno.EBADF)
-        if capability:
-            self.drop_capability(f.inode)
-        if suidgid:
-            self._kill_suidgid(f.fd)
-
     def _kill_suidgid(self, target: bytes | int) -> None:
-        """Drop S_ISUID, and S_ISGID with group execute, from a backing file (a symlink has none)."""
+        """Drop S_ISUID, and S_ISGID with group execute, from a backing file (a symlink or a
+        directory keeps them); the backing file holds the plaintext mode."""
         mode = self.bd.lstat(target).st_mode
         kill = stat_m.S_ISUID | (stat_m.S_ISGID if mode & stat_m.S_IXGRP else 0)
         if mode & kill and not (stat_m.S_ISLNK(mode) or stat_m.S_ISDIR(mode)):

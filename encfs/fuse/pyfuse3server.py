@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from encfs.fuse.fs import NEGATIVE_ENTRY, EncryptedFS
+from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fuseerrors import failures_as_errno
 from encfs.fuse.names import NAME_MAX
 from encfs.fuse.server import READ_AHEAD_KIB
@@ -107,12 +107,8 @@ class _Operations(pyfuse3.Operations):
     # -- entries -----------------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        try:
-            return _to_pyfuse3(self._run("lookup", self.fs.lookup, parent_inode, name, _ctx(ctx)))
-        except pyfuse3.FUSEError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            return _to_pyfuse3(NEGATIVE_ENTRY)  # st_ino 0: libfuse sends it as a negative entry
+        # an absent name is st_ino 0, which libfuse sends as a negative entry
+        return _to_pyfuse3(self._run("lookup", self.fs.lookup_or_absent, parent_inode, name, _ctx(ctx)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         try:

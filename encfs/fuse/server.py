@@ -24,7 +24,7 @@ Invariants:
 - Replies carry the kernel's cache lifetimes from EntryAttributes; files are
   opened with FOPEN_KEEP_CACHE and the writeback cache is negotiated; an O_DIRECT
   open bypasses the page cache (FOPEN_DIRECT_IO, open_reply_flags).
-- A LOOKUP of an absent name is a negative entry (node 0, fs.NEGATIVE_ENTRY) the kernel
+- A LOOKUP of an absent name is a negative entry (node 0, EncryptedFS.lookup_or_absent) the kernel
   caches like a positive one; it drops it when the name is created through the mount.
 - READDIRPLUS counts an entry as looked up only if it went into the reply.
 - FUSE_HANDLE_KILLPRIV_V2 is negotiated, so the kernel stops asking for security.capability
@@ -33,7 +33,7 @@ Invariants:
   FATTR_KILL_SUIDGID (a truncate by a caller without CAP_FSETID, or any chown of a non-directory)
   and an OPEN with FUSE_OPEN_KILL_SUIDGID (O_TRUNC without CAP_FSETID), S_ISUID goes, and S_ISGID
   if the file has group execute; security.capability goes on every write, truncate (SETATTR of
-  the size, O_TRUNC open) and chown, root's included (EncryptedFS.kill_privs, xattrops.py).
+  the size, O_TRUNC open) and chown, root's included (EncryptedFS.write, xattrops.py).
 - Directory offsets 1 and 2 are "." and ".."; offset n > 2 is EncryptedFS's n - 2.
 - Anything unexpected is logged and answered with EIO; the mount stays up.
 """
@@ -47,7 +47,7 @@ import stat
 import time
 from collections.abc import Callable
 
-from encfs.fuse.fs import NEGATIVE_ENTRY, EncryptedFS
+from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fuseerrors import failures_as_errno
 from encfs.fuse.names import NAME_MAX
 from encfs.fuseproto.mounting import set_read_ahead
@@ -173,13 +173,13 @@ DATA_OPS = frozenset({READ, WRITE, FSYNC, SETATTR, GETATTR, GETXATTR, OPEN, RELE
 SHARED_OPS = frozenset({LSEEK})  # READ too, by its own handler (_read_shared)
 
 
-def open_reply_flags(flags: int, direct_io: bool = True) -> int:
+def open_reply_flags(flags: int, direct_io: bool) -> int:
     """OPEN and CREATE reply flags: the page cache is kept across opens; an O_DIRECT open gets
     FOPEN_DIRECT_IO, as libfuse's passthrough_hp does. The kernel then sends its reads and
     writes as they come, up to the caller's queue depth, and concurrently
     (FOPEN_PARALLEL_DIRECT_WRITES), with no GETATTR and GETXATTR(security.capability) before
     each write as its cached path needs (benchmarks/HISTORY.md, 2026-12-06). Such a write
-    clears set-id bits itself (FUSE_WRITE_KILL_SUIDGID, EncryptedFS.kill_privs); shared mmap of
+    clears set-id bits itself (FUSE_WRITE_KILL_SUIDGID, EncryptedFS.write); shared mmap of
     it stays allowed (FUSE_DIRECT_IO_ALLOW_MMAP). ``direct_io``: the kernel agreed to that flag;
     an older one (before 6.6) would not write another handle's dirty pages back before a direct
     read or write of the same file, so O_DIRECT then keeps the cached path."""
@@ -296,13 +296,7 @@ class FsServer(FuseServer):
 
     def _lookup(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         (name,) = _names(body, 1)
-        try:
-            attrs = self.fs.lookup(node, name, ctx)
-        except FuseError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            attrs = NEGATIVE_ENTRY
-        self.reply(unique, attrs.pack_entry())
+        self.reply(unique, self.fs.lookup_or_absent(node, name, ctx).pack_entry())
 
     def _forget(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         (nlookup,) = FORGET_IN.unpack_from(body)
@@ -405,9 +399,9 @@ class FsServer(FuseServer):
         sealed = self.fs.seal_ahead(fh, offset, data)
         held = self.locks.acquire_inode(req.node)
         try:
-            # the kernel refetches attributes after a write with FUSE_WRITE_KILL_SUIDGID
-            self.fs.kill_privs(fh, bool(wflags & FUSE_WRITE_KILL_SUIDGID), not wflags & FUSE_WRITE_CACHE)
-            written = self.fs.write(fh, offset, data, sealed)
+            # (the kernel refetches attributes after a write with FUSE_WRITE_KILL_SUIDGID)
+            written = self.fs.write(fh, offset, data, sealed, bool(wflags & FUSE_WRITE_KILL_SUIDGID),
+                                    not wflags & FUSE_WRITE_CACHE)
         finally:
             self.locks.release_inode(req.node, held)
         self.reply(req.unique, WRITE_OUT.pack(written, 0))
