@@ -209,8 +209,8 @@ class KeyStore:
         self.backup = home / "keys.json.bak"
         self._lock = WriterLock(home / "keys.lock", "key metadata")
         self._on_missing = on_missing
-        self._cache: tuple[tuple[int, int, int], KeyDB] | None = None
-        self._due: tuple[KeyDB, float | None] | None = None  # load_with_due's memo
+        # (stat of keys.json, its metadata, when its maintenance is next due)
+        self._cache: tuple[tuple[int, int, int], KeyDB, float | None] | None = None
 
     def exists(self) -> bool:
         """Whether keys.json or its copy is there (with a PKCS#11 module, the key store itself)."""
@@ -251,9 +251,16 @@ class KeyStore:
 
     def load(self) -> KeyDB:
         """The current metadata (cached until the file changes). Do not mutate."""
+        return self.load_with_due()[0]
+
+    def load_with_due(self) -> tuple[KeyDB, float | None]:
+        """load(), and when its maintenance is next due (KeyDB.next_event), computed once per
+        version of keys.json: every data-key operation asks (KeyService._db), and the walk over
+        all keys cost as much as the rest of a cached decrypt."""
         key = self._stat_key()
-        if key is not None and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        cached = self._cache  # read once: another thread may replace it meanwhile
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
         why = "is missing"
         if key is not None:
             try:
@@ -265,19 +272,11 @@ class KeyStore:
             except ValueError as e:
                 why = f"is damaged ({e})"
             else:
-                self._cache = (key, db)
-                return db
-        return self._from_backup(why)
-
-    def load_with_due(self) -> tuple[KeyDB, float | None]:
-        """load(), and when its maintenance is next due (KeyDB.next_event), computed once per
-        loaded version: every data-key operation asks (KeyService._db), and the walk over all
-        keys cost as much as the rest of a cached decrypt."""
-        db = self.load()
-        memo = self._due  # read once: another thread may replace it meanwhile
-        if memo is None or memo[0] is not db:  # a loaded KeyDB is never mutated
-            memo = self._due = (db, db.next_event())
-        return db, memo[1]
+                due = db.next_event()
+                self._cache = (key, db, due)
+                return db, due
+        db = self._from_backup(why)
+        return db, db.next_event()
 
     def _from_backup(self, why: str) -> KeyDB:
         """keys.json is missing or damaged: use the copy, and put keys.json back from it."""
