@@ -314,6 +314,7 @@ class Native(Target):
 class EncfsFuse(Target):
     name = "encfs"
     description = "encfs FUSE mount (AES-256-GCM per 32 KiB block, the default)"
+    python: list[str] = [sys.executable]  # how `encfs init` runs
     launcher: list[str] = [sys.executable, "-m", "encfs", "mount", "--foreground"]
     init_extra: list[str] = []
 
@@ -321,13 +322,16 @@ class EncfsFuse(Target):
         base = self.fresh()
         cipher, mnt = base / "cipher", base / "plain"
         mnt.mkdir()
-        env = self.env()
-        run([sys.executable, "-m", "encfs", "init", str(cipher), "--key", "bench", *self.init_extra], env=env)
-        self.daemon([*self.launcher, str(cipher), str(mnt)], mnt, env=env)
+        env, cwd = self.env(), self.cwd()
+        run([*self.python, "-m", "encfs", "init", str(cipher), "--key", "bench", *self.init_extra], env=env, cwd=cwd)
+        self.daemon([*self.launcher, str(cipher), str(mnt)], mnt, env=env, cwd=cwd)
         return mnt
 
     def env(self) -> dict[str, str]:
         return encfs_env(self.ctx)
+
+    def cwd(self) -> Path | None:
+        return None
 
 
 class EncfsBaseline(EncfsFuse):
@@ -335,7 +339,8 @@ class EncfsBaseline(EncfsFuse):
     after in one run, interleaved, rather than across two runs on a noisy VM."""
     name = "encfs-baseline"
     description = "encfs FUSE mount served by the checkout given with --baseline (e.g. a git worktree)"
-    launcher = [sys.executable, "-P", "-m", "encfs", "mount", "--foreground"]  # -P: not the cwd's encfs
+    python = [sys.executable, "-P"]  # -P: not the cwd's encfs
+    launcher = [*python, "-m", "encfs", "mount", "--foreground"]
 
     def check(self) -> None:
         if self.ctx.baseline is None:
@@ -343,20 +348,12 @@ class EncfsBaseline(EncfsFuse):
         if not (self.ctx.baseline / "encfs" / "__init__.py").is_file():
             raise Unavailable(f"{self.ctx.baseline} is not an encfs checkout")
 
-    def setup(self) -> Path:
-        base = self.fresh()
-        cipher, mnt = base / "cipher", base / "plain"
-        mnt.mkdir()
-        env = self.env()
-        # In the checkout's directory too: an older one starts its sealing worker without -P.
-        run([sys.executable, "-P", "-m", "encfs", "init", str(cipher), "--key", "bench"], env=env,
-            cwd=self.ctx.baseline)
-        self.daemon([*self.launcher, str(cipher), str(mnt)], mnt, env=env, cwd=self.ctx.baseline)
-        return mnt
-
     def env(self) -> dict[str, str]:
         assert self.ctx.baseline is not None
         return dict(encfs_env(self.ctx), PYTHONPATH=str(self.ctx.baseline))
+
+    def cwd(self) -> Path | None:
+        return self.ctx.baseline  # an older checkout starts its sealing worker without -P
 
 
 class EncfsFuse4k(EncfsFuse):
