@@ -38,8 +38,7 @@ _LEN = struct.Struct(">I")
 
 
 def send_message(sock: socket.socket, message: Any) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_LEN.pack(len(data)) + data)
+    _send_data(sock, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _send_data(sock: socket.socket, data: bytes) -> None:
