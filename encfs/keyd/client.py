@@ -55,7 +55,11 @@ def _no_sigpipe() -> Iterator[None]:
     SIGPIPE is SIG_DFL, for `encfs ... | head`). SSLSocket.sendall takes no MSG_NOSIGNAL, and a
     TLS 1.3 daemon that refused our certificate has closed the connection by our first write.
     SIGPIPE from a write is sent to the writing thread: blocked there, it stays pending, and is
-    taken off before the mask is restored."""
+    taken off before the mask is restored. Where SIGPIPE is ignored already (the daemons), there
+    is nothing to do: an ignored signal is discarded, never pending."""
+    if signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN:
+        yield
+        return
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
     try:
         yield
