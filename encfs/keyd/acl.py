@@ -86,7 +86,7 @@ class AccessControl:
         if USER not in roles:
             return f"role {AUDITOR} only reads the audit trail", False
         if action == actions.RESERVED_ALIAS:
-            return self._reserved_alias_holder(principal, roles), False
+            return self._reserved_alias_holder(principal), False
         if action in actions.NO_KEY:
             return None, False
         if key_id is None:
@@ -101,16 +101,21 @@ class AccessControl:
     def _audit_reader(self, principal: Principal, roles: frozenset[str]) -> str | None:
         if self.roles.configured:
             return None if roles & {AUDITOR, OFFICER} else f"only an {AUDITOR} or a {OFFICER} reads the audit trail"
-        if principal.subject is None and principal.uid in (0, self.owner_uid):
+        if self._root_or_owner(principal):
             return None
         return "with no roles configured only root and the daemon's own user read the audit trail"
 
-    def _reserved_alias_holder(self, principal: Principal, roles: frozenset[str]) -> str | None:
+    def _reserved_alias_holder(self, principal: Principal) -> str | None:
+        """Officers were decided before (every action but data ones is theirs): anyone else."""
         if self.roles.configured:
-            return None if OFFICER in roles else f"only a {OFFICER} names a key by an alias under alias/encfs/"
-        if principal.subject is None and principal.uid in (0, self.owner_uid):
+            return f"only a {OFFICER} names a key by an alias under alias/encfs/"
+        if self._root_or_owner(principal):
             return None
         return "with no roles configured only root and the daemon's own user name keys under alias/encfs/"
+
+    def _root_or_owner(self, principal: Principal) -> bool:
+        """A local caller that is root or the daemon's own user (no TLS subject)."""
+        return principal.subject is None and principal.uid in (0, self.owner_uid)
 
     @staticmethod
     def _denial(principal: Principal, action: str, key_id: str | None, ctx: Mapping[str, str],

@@ -94,10 +94,10 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     from encfs.keys.config import default_home, prepare_state_dir, resolve_token
 
     home = home_of(args) or default_home()
-    if hsm_options(args).keyd is not None:  # before anything is created here
-        raise UsageError("`encfs hsm init` provisions a token: run it where the token is, without --keyd")
+    hsm = hsm_options(args)
+    _refuse_keyd(hsm, "init")  # before anything is created here
     prepare_state_dir(home)
-    _spec, embedded = resolve_token(home, hsm_options(args))
+    _spec, embedded = resolve_token(home, hsm)
     if args.protect_pin and embedded is None:
         raise UsageError("--protect-pin applies to the embedded SoftHSM2 token only")
     created = embedded.provision() if embedded is not None else False
@@ -141,15 +141,20 @@ def _new_passphrase(passphrase_file: str | None) -> str:
     return read_passphrase(passphrase_file, "new passphrase for the token PINs", confirm=True)
 
 
+def _refuse_keyd(hsm: Any, command: str) -> None:
+    """`encfs hsm init`, `protect-pin` and `unprotect-pin` act on this state directory's own token."""
+    if hsm.keyd is not None:
+        raise UsageError(f"`encfs hsm {command}` acts on this state directory's token: run it where the "
+                         "token is, without --keyd")
+
+
 def _embedded(args: argparse.Namespace, command: str) -> Any:
     from encfs.cliargs import home_of, hsm_options
     from encfs.keys.config import default_home, resolve_token
 
     home = home_of(args) or default_home()
     hsm = hsm_options(args)
-    if hsm.keyd is not None:  # the daemon's PINs are its host's: protect them there
-        raise UsageError(f"`encfs hsm {command}` acts on this state directory's embedded token: run it where "
-                         "the token is, without --keyd")
+    _refuse_keyd(hsm, command)  # the daemon's PINs are its host's: protect them there
     _spec, embedded = resolve_token(home, hsm)
     if embedded is None:
         raise UsageError(f"{command} applies to the embedded SoftHSM2 token; the PIN of a PKCS#11 module "
