@@ -156,6 +156,7 @@ class FileContent:
         self.verified = False  # its key opened one of its blocks (see check_key)
         self.read_only = False  # recovered in memory only: nothing may be written
         self.fd_writable = True  # else ``fd`` is read-only (the caller swaps in a writable one)
+        self.noatime = False  # ``fd`` is O_NOATIME (a write-only handle's): reads through it keep atime
         self.recovered_in_memory = False  # load() could not write what recovery changed
         self.dirty = False  # the backing file was written since its last fsync
         self._on_auth_error = on_auth_error
@@ -725,7 +726,7 @@ class FileContent:
         If the checkpoint fails (OSError), nothing is closed: the content still serves."""
         if unlinked and not self.read_only:
             self.index.clear()
-            self.journal.remove()
+            self.journal.remove(durable=False)
             self._journals.discard(self.header.file_id)
         else:
             self.checkpoint()

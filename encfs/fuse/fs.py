@@ -50,6 +50,7 @@ import errno
 import logging
 import os
 import stat as stat_m
+import time
 from collections.abc import Callable, Generator
 
 from encfs import daemonlog
@@ -786,6 +787,10 @@ class EncryptedFS(XattrOps):
         view of the sealing worker's arena: valid until this thread's next request."""
         f, content = opened
         with failures_as_errno("read"):
+            if content.noatime or content.index:
+                # Served through a write-only handle's O_NOATIME fd or from the journal: a read of
+                # the backing file through this handle gives the file its atime (relatime) as usual.
+                os.pread(f.fd, 1, 0)
             try:
                 return content.read(off, size)
             except BlockAuthError as e:
@@ -871,6 +876,15 @@ class EncryptedFS(XattrOps):
     @fuse_op
     def release(self, fh: int) -> None:
         self.files.release(fh)
+
+    def checkpoint_closed(self, locked: Callable[[int], contextlib.AbstractContextManager[object]]) -> float | None:
+        """Run the deferred checkpoints that are due (openfiles.py), each under ``locked(inode)``
+        (the server's lock of that inode); returns when the next one is due (time.monotonic)."""
+        due, later = self.files.closed_due(time.monotonic())
+        for inode in due:
+            with locked(inode):
+                self.files.checkpoint_closed(inode)
+        return later
 
     def recover_all(self, exclusive: Callable[[], contextlib.AbstractContextManager[object]]) -> tuple[int, list[bytes]]:
         """After an unclean shutdown: check every regular file for crash recovery now, each one

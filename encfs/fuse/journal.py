@@ -158,8 +158,10 @@ class Journal:
             self.length += len(SYNC_RECORD)
             self.unsynced = False
 
-    def remove(self) -> None:
-        """Delete the journal durably (its records are in place and durable)."""
+    def remove(self, durable: bool = True) -> None:
+        """Delete the journal: durably after a checkpoint (its records are in place and durable:
+        one that came back after a crash would be replayed over later writes). The journal of a
+        file with no name left need not be: after a crash it is an orphan the recovery removes."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -167,7 +169,8 @@ class Journal:
             os.unlink(self.path)
         except FileNotFoundError:
             return
-        fsync_dir(os.path.dirname(self.path))
+        if durable:
+            fsync_dir(os.path.dirname(self.path))
         self.length, self.unsynced, self.new = 0, False, False
 
     def close(self) -> None:

@@ -31,6 +31,7 @@ from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import add_sparse, open_config, peek_config
 from encfs.fuse.mounthelper import is_mount8_option
 from encfs.fuse.mountlock import MountLock
+from encfs.fuse.openfiles import CHECKPOINT_DELAY
 from encfs.fuse.recovery import open_by_recovery_key
 from encfs.fuse.server import FsServer
 from encfs.fuseproto.mounting import escape_option, mount_fusermount, remount_direct, unmount_fusermount
@@ -198,6 +199,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         signal.signal(sig, lambda *_: server.stop())
     served = False
     recovered = threading.Event()
+    stopping = threading.Event()
     # A side file of an unfinished re-key (rekeyfile.py) is finished, or removed with its gone
     # file, by the same scan as a crash's leftovers.
     if not (lock.recovering or fs.files.rekeys) or opts.read_only:
@@ -208,9 +210,14 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         if not recovered.is_set():
             threading.Thread(target=_recover_all, args=(fs, server, recovered), daemon=True,
                              name="crash-recovery").start()
+        if not fs.read_only:
+            fs.files.defer_checkpoints = True
+            threading.Thread(target=_checkpoint_closed, args=(fs, server, stopping), daemon=True,
+                             name="checkpoints").start()
         server.serve(threads=SERVER_THREADS)
         served = True
     finally:
+        stopping.set()
         with server.lock.exclusive():  # a worker may still be inside an operation
             fs.close_all()
         fs.sealing.stop()
@@ -228,6 +235,18 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         if clean:  # the record says "clean" only once what it vouches for is on disk
             syncfs(os.fsencode(cipherdir))
         lock.release(clean=clean)
+
+
+def _checkpoint_closed(fs: EncryptedFS, server: FsServer | Pyfuse3Server, stopping: threading.Event) -> None:
+    """Checkpoint closed files when their delay is over (openfiles.py) until unmount, which
+    checkpoints the rest."""
+    while not stopping.is_set():
+        try:
+            due = fs.checkpoint_closed(server.file_lock)
+        except Exception:  # a content that failed stays pinned: the unmount tries again
+            log.exception("a deferred checkpoint failed")
+            due = None
+        stopping.wait(CHECKPOINT_DELAY if due is None else max(due - time.monotonic(), 0.01))
 
 
 def _recover_all(fs: EncryptedFS, server: FsServer | Pyfuse3Server, done: threading.Event) -> None:

@@ -10,6 +10,11 @@ Invariants:
   was emptied, nor a header someone copied in: header poisoning). A content whose
   checkpoint fails (a full disk) stays loaded without handles ("pinned"), so that its
   journaled blocks and size keep being served; the next release or unmount tries again.
+- Where the server runs checkpoint_closed() (``defer_checkpoints``), a content with a journal
+  is checkpointed CHECKPOINT_DELAY after its last handle goes instead (pinned meanwhile, at
+  most DEFERRED_MAX of them): a file unlinked first (SQLite's -journal, a temporary file)
+  needs no checkpoint at all, its journal just goes. A close never made anything durable
+  (fsync does); a crash meanwhile recovers the journal as for a file still open.
 - With the writeback cache the kernel trusts the size it learnt at lookup for as long as
   it caches the inode, so a crash recovery that changes a file's size must run before
   the kernel first sees the file: size_for_lookup() recovers a file at its first lookup
@@ -36,9 +41,11 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -70,6 +77,12 @@ from encfs.sealing import Sealers
 
 log = logging.getLogger("encfs.fuse")
 REKEY_RETRY = 1 << 20  # seals between tries to re-key a file that could not be (a full disk)
+CHECKPOINT_DELAY = 1.0  # seconds from a file's last close to its deferred checkpoint
+DEFERRED_MAX = 64  # closed files waiting for their checkpoint (each keeps two fds open)
+
+
+def _noatime(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NOATIME)
 
 
 @dataclass
@@ -110,8 +123,11 @@ class OpenFiles:
             self.new_keys = DataKeyPool(ks, config.key_id, self._new_file_id, cache=self.key_cache)
         self._handles: dict[int, OpenFile] = {}
         self._per_inode: dict[int, int] = {}
-        self._table = threading.Lock()  # guards _handles, _per_inode and _next (see the invariants)
+        self._table = threading.Lock()  # guards _handles, _per_inode, _next and deferred (see the invariants)
         self.contents: dict[int, FileContent] = {}
+        # Closed files whose checkpoint waits: inode -> (monotonic time it is due, backing path).
+        self.defer_checkpoints = False
+        self.deferred: dict[int, tuple[float, bytes]] = {}
         self.load_lock = threading.Lock()
         self.recovering = recovering
         self.checked: set[int] = set()  # inodes whose recovery was done (or not due) in this mount
@@ -169,8 +185,33 @@ class OpenFiles:
         if left:
             return
         content = self.contents.get(f.inode)
-        if content is not None and self._close(content, f.path):
+        if content is None:
+            return
+        if self.defer_checkpoints and content.journal.fd is not None:
+            with self._table:
+                if len(self.deferred) < DEFERRED_MAX:
+                    self.deferred[f.inode] = (time.monotonic() + CHECKPOINT_DELAY, f.path)
+                    return
+        if self._close(content, f.path):
             del self.contents[f.inode]
+
+    def closed_due(self, now: float) -> tuple[list[int], float | None]:
+        """The closed files whose checkpoint is due at ``now``, and when the next one is (or None)."""
+        with self._table:
+            due = [inode for inode, (when, _) in self.deferred.items() if when <= now]
+            later = min((when for when, _ in self.deferred.values() if when > now), default=None)
+        return due, later
+
+    def checkpoint_closed(self, inode: int) -> None:
+        """The deferred checkpoint of ``inode`` (under its lock): none if it was opened again
+        meanwhile (its next release defers it again), or dropped (unlinked, emptied)."""
+        with self._table:
+            entry = self.deferred.pop(inode, None)
+            if entry is None or inode in self._per_inode:
+                return
+        content = self.contents.get(inode)
+        if content is not None and self._close(content, entry[1]):
+            del self.contents[inode]
 
     def _close(self, content: FileContent, path: bytes, unlinked: bool | None = None) -> bool:
         """Checkpoint and close a content; False (it stays open, pinned) if the checkpoint fails."""
@@ -197,6 +238,7 @@ class OpenFiles:
                 os.close(f.fd)
             self._handles.clear()
             self._per_inode.clear()
+            self.deferred.clear()
         self.contents.clear()
 
     # -- contents ---------------------------------------------------------------------
@@ -256,6 +298,8 @@ class OpenFiles:
     def unlinked(self, inode: int, path: bytes) -> None:
         """The file's last name is gone: a pinned content (no handles) drops its journal and
         lets the file's space go."""
+        with self._table:
+            self.deferred.pop(inode, None)
         c = self.contents.get(inode)
         if c is not None and not self.is_open(inode):
             del self.contents[inode]
@@ -263,6 +307,7 @@ class OpenFiles:
                 c.close(unlinked=True)
             except OSError as e:
                 log.error("%r: dropping its journal failed: %s", path, e.strerror)
+            c.sealer.close()
 
     def remove_orphan_journals(self) -> list[bytes]:
         """After a recovery scan met every file: journals whose file no scan met and no loaded
@@ -312,7 +357,7 @@ class OpenFiles:
         except BaseException:
             os.close(fd)
             raise
-        c.fd_writable = writable
+        c.fd_writable, c.noatime = writable, _noatime(fd)
         c.sealer = self.sealers.sealer(c.cipher, key, header.file_id)
         c.sparse = self.sparse
         return c
@@ -372,7 +417,7 @@ class OpenFiles:
         if not c.fd_writable:
             fd = os.dup(f.fd)
             os.close(c.fd)
-            c.fd, c.fd_writable = fd, True
+            c.fd, c.fd_writable, c.noatime = fd, True, _noatime(fd)
         c.check_key()  # before anything is written under the key
         if c.v1 and self.version == V2 and self._xattrs:
             self._xattrs = c.upgrade()
@@ -418,7 +463,7 @@ class OpenFiles:
         except BaseException:
             os.close(fd)
             raise
-        c.fd_writable = True
+        c.fd_writable, c.noatime = True, _noatime(fd)
         c.sealer = self.sealers.sealer(c.cipher, dk.plaintext, file_id)
         c.sparse = self.sparse
         self.contents[f.inode] = c
@@ -435,6 +480,8 @@ class OpenFiles:
             remove_state(fd, side)  # sealed under the old key: the next one starts afresh
         except OSError:
             pass
+        with self._table:
+            self.deferred.pop(inode, None)
         c = self.contents.pop(inode, None)
         if c is not None:
             if c.journal.fd is not None:

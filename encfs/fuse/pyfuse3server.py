@@ -27,6 +27,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -271,6 +272,11 @@ class Pyfuse3Server:
         self.unmounted = False  # the kernel ended the connection (the loop ended without stop())
         self._stopped = False
         self._token: trio.lowlevel.TrioToken | None = None
+
+    def file_lock(self, inode: int) -> contextlib.AbstractContextManager[None]:
+        """FsServer's: here every operation holds the one lock."""
+        del inode
+        return self.lock.exclusive()
 
     def serve(self, threads: int = 1) -> None:
         """Serve until unmounted or stop(). ``threads`` is FsServer's; requests run in trio's thread."""

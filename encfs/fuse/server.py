@@ -40,6 +40,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -252,6 +253,10 @@ class FsServer(FuseServer):
             finally:
                 locks.release_inode(req.node, held, exclusive)
         return run
+
+    def file_lock(self, inode: int) -> contextlib.AbstractContextManager[None]:
+        """What a data operation on ``inode`` holds (for work outside a request: mount.py)."""
+        return self.locks.inode(inode)
 
     def request_buffer(self) -> memoryview:
         """A slot of the sealing worker's arena if one runs, so WRITE bodies reach it uncopied."""

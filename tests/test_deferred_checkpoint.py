@@ -1,0 +1,225 @@
+"""Checkpoints deferred past a file's last close (issue #25; openfiles.py's invariants).
+
+A closed file's journal is checkpointed CHECKPOINT_DELAY later by the mount's checkpoint
+thread; a file unlinked first (SQLite's -journal) needs none. Kernel-free tests call
+EncryptedFS directly; the mount tests use a real mount and kill -9.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import run_encfs
+from encfs.fuse import openfiles
+from encfs.fuse.content import FileContent
+from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fsconfig import init_filesystem, open_config
+from encfs.fuse.journal import file_ids
+from encfs.fuseproto.wire import ROOT_ID, RequestContext
+from encfs.keys.service import KeyService
+from fuse_helpers import Mount, cold_read, crash_during
+
+CTX = RequestContext(uid=0, gid=0, pid=os.getpid(), umask=0o022)
+BLOCK = 32768
+
+
+@pytest.fixture
+def fs(tmp_path: Path, service: KeyService) -> Iterator[EncryptedFS]:
+    key = service.create_key()["KeyId"]
+    cipher = tmp_path / "cipher"
+    init_filesystem(cipher, service, key)
+    opened = open_config(cipher, service, writable=True)
+    filesystem = EncryptedFS(os.fsencode(cipher), opened.config, opened.keys, service)
+    filesystem.files.defer_checkpoints = True  # as mount.py does
+    yield filesystem
+    filesystem.close_all()
+
+
+def journaled_file(fs: EncryptedFS, name: bytes) -> tuple[int, int]:
+    """A file of two blocks whose first block was overwritten (so it is in the journal),
+    still open: (inode, handle)."""
+    fh, attrs = fs.create(ROOT_ID, name, stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    fs.write(fh, 0, b"a" * 2 * BLOCK)
+    fs.fsync(fh, False)
+    fs.write(fh, 100, b"new")
+    return attrs.st_ino, fh
+
+
+def journals(fs: EncryptedFS) -> set[bytes]:
+    return file_ids(fs.root)
+
+
+def read_all(fs: EncryptedFS, inode: int) -> bytes:
+    fh = fs.open(inode, os.O_RDONLY, CTX)
+    try:
+        opened = fs.reader(fh)
+        return b"" if opened is None else bytes(fs.read_open(opened, 0, 1 << 20))  # None: no header
+    finally:
+        fs.release(fh)
+
+
+def run_due(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch, later: float) -> None:
+    """checkpoint_closed() as the mount's thread runs it, ``later`` seconds from now."""
+    now = time.monotonic() + later
+    with monkeypatch.context() as mp:
+        mp.setattr("encfs.fuse.fs.time.monotonic", lambda: now)
+        fs.checkpoint_closed(lambda inode: contextlib.nullcontext())
+
+
+def spy_checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = FileContent.checkpoint
+
+    def checkpoint(self: FileContent) -> None:
+        calls.append(1)
+        real(self)
+    monkeypatch.setattr(FileContent, "checkpoint", checkpoint)
+    return calls
+
+
+def test_a_file_unlinked_before_its_checkpoint_never_gets_one(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_checkpoints(monkeypatch)
+    inode, fh = journaled_file(fs, b"db-journal")
+    fs.fsync(fh, False)
+    fs.release(fh)
+    assert inode in fs.files.contents and journals(fs), "closed, its checkpoint waits"
+    fs.unlink(ROOT_ID, b"db-journal", CTX)
+    assert not calls, "an unlinked file's journal is dropped, not copied into place"
+    assert not journals(fs) and inode not in fs.files.contents and not fs.files.deferred
+    run_due(fs, monkeypatch, openfiles.CHECKPOINT_DELAY + 1)
+    assert not calls
+
+
+def test_a_closed_file_is_checkpointed_once_its_delay_is_over(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_checkpoints(monkeypatch)
+    inode, fh = journaled_file(fs, b"f")
+    fs.release(fh)
+    run_due(fs, monkeypatch, openfiles.CHECKPOINT_DELAY / 2)
+    assert not calls and journals(fs), "not yet due"
+    run_due(fs, monkeypatch, openfiles.CHECKPOINT_DELAY + 0.01)
+    assert calls == [1] and not journals(fs) and inode not in fs.files.contents
+    expected = b"a" * 100 + b"new" + b"a" * (2 * BLOCK - 103)
+    assert read_all(fs, inode) == expected
+    # and from the backing file alone, as the next mount reads it
+    fs.close_all()
+    opened = open_config(Path(os.fsdecode(fs.root)), fs.files.ks, writable=False)  # type: ignore[arg-type]
+    again = EncryptedFS(fs.root, opened.config, opened.keys, fs.files.ks, read_only=True)
+    try:
+        assert read_all(again, again.lookup(ROOT_ID, b"f", CTX).st_ino) == expected
+    finally:
+        again.close_all()
+
+
+def test_a_file_opened_again_before_its_checkpoint_keeps_its_content(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_checkpoints(monkeypatch)
+    inode, fh = journaled_file(fs, b"f")
+    fs.release(fh)
+    content = fs.files.contents[inode]
+    fh = fs.open(inode, os.O_RDWR, CTX)
+    run_due(fs, monkeypatch, openfiles.CHECKPOINT_DELAY + 1)
+    assert not calls, "open again: no checkpoint under its handle"
+    fs.write(fh, 0, b"x")
+    assert fs.files.contents[inode] is content
+    fs.release(fh)
+    run_due(fs, monkeypatch, openfiles.CHECKPOINT_DELAY + 1)
+    assert calls == [1] and not journals(fs)
+    assert read_all(fs, inode)[:104] == b"x" + b"a" * 99 + b"new" + b"a"
+
+
+def test_truncate_to_zero_of_a_waiting_file_drops_it(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_checkpoints(monkeypatch)
+    inode, fh = journaled_file(fs, b"f")
+    fs.release(fh)
+    fh = fs.open(inode, os.O_RDWR | os.O_TRUNC, CTX)
+    fs.release(fh)
+    assert not fs.files.deferred and not journals(fs) and not calls
+    assert read_all(fs, inode) == b""
+
+
+def test_past_deferred_max_a_close_checkpoints_at_once(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openfiles, "DEFERRED_MAX", 2)
+    calls = spy_checkpoints(monkeypatch)
+    for name in (b"a", b"b", b"c"):
+        _inode, fh = journaled_file(fs, name)
+        fs.release(fh)
+    assert len(fs.files.deferred) == 2 and calls == [1]
+
+
+def test_unmount_checkpoints_what_waits(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_checkpoints(monkeypatch)
+    _inode, fh = journaled_file(fs, b"f")
+    fs.release(fh)
+    fs.close_all()
+    assert calls == [1] and not journals(fs)
+
+
+# -- on a mount --------------------------------------------------------------------------------
+
+def test_the_mount_checkpoints_a_closed_file_after_the_delay(tmp_path: Path, fs_home: Path) -> None:
+    cipher, plain = tmp_path / "cipher", tmp_path / "plain"
+    plain.mkdir()
+    assert run_encfs("init", str(cipher), "--key", "fs", home=fs_home).returncode == 0
+    with Mount(cipher, plain, fs_home):
+        (plain / "f").write_bytes(b"a" * 2 * BLOCK)
+        with open(plain / "f", "r+b") as f:
+            os.fsync(f.fileno())
+            f.seek(100)
+            f.write(b"new")
+        deadline = time.monotonic() + 10 * openfiles.CHECKPOINT_DELAY
+        while os.listdir(cipher / "encfs.journal") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.listdir(cipher / "encfs.journal"), "the checkpoint thread did not run"
+        assert cold_read(plain / "f")[:104] == b"a" * 100 + b"new" + b"a"
+
+
+CLOSER = r"""
+import os, sys
+root, count = sys.argv[1], int(sys.argv[2])
+for i in range(1 << 30):
+    name = os.path.join(root, "f%d" % (i % count))
+    fd = os.open(name, os.O_RDWR)
+    os.pwrite(fd, b"%08d" % i, (i * 4096) % 60000)
+    os.fsync(fd)
+    os.close(fd)
+    print("S", i, flush=True)
+"""
+
+
+def test_kill_9_while_closed_files_wait_keeps_what_was_fsynced(tmp_path: Path, fs_home: Path) -> None:
+    """Overwrites (journaled), each fsync'd and closed: after kill -9 at a random moment, while
+    closed files wait for their checkpoint, every acknowledged write reads back."""
+    cipher, plain = tmp_path / "cipher", tmp_path / "plain"
+    plain.mkdir()
+    assert run_encfs("init", str(cipher), "--key", "fs", home=fs_home).returncode == 0
+    count, size = 8, 64 << 10
+    with Mount(cipher, plain, fs_home):
+        for k in range(count):
+            (plain / f"f{k}").write_bytes(b"." * size)
+    rng = random.Random(25)
+    waiting = []
+    for rnd in range(3):
+        m = Mount(cipher, plain, fs_home)
+        try:
+            out = crash_during(m, CLOSER, str(plain), str(count), when=lambda: time.sleep(rng.uniform(0.4, 1.2)))
+        finally:
+            m.stop()
+        waiting.append(len(os.listdir(cipher / "encfs.journal")))
+        acked = [int(line.split()[1]) for line in out[:out.rfind("\n") + 1].splitlines() if line.startswith("S ")]
+        assert acked, "the writer acknowledged nothing"
+        with Mount(cipher, plain, fs_home):
+            files = {k: cold_read(plain / f"f{k}") for k in range(count)}
+        last: dict[tuple[int, int], int] = {}
+        for i in acked:
+            last[(i % count, (i * 4096) % 60000)] = i
+        for (k, off), i in last.items():
+            assert files[k][off:off + 8] == b"%08d" % i, f"round {rnd}: write {i} to f{k} was fsync'd and lost"
+    # Closed files were waiting for their checkpoint at the kill (one open file has a journal anyway).
+    assert max(waiting) > 1, waiting
