@@ -24,9 +24,10 @@ from test_rekey_rewrap import ok
 
 from encfs.blocks import OVERHEAD
 from encfs.fuse.fileheader import HEADER_LEN
+from encfs.fuse.fsconfig import DEFAULT_BLOCK_SIZE
 from encfs.fuse.names import DIRID_XATTR
 
-BLOCK = 32768
+BLOCK = DEFAULT_BLOCK_SIZE
 STEP = BLOCK + OVERHEAD
 
 
@@ -196,19 +197,20 @@ def test_a_flipped_bit_in_a_block_is_reported_by_path_and_block_and_repair_keeps
 def test_a_damaged_hard_linked_file_leaves_every_name_for_one_copy_with_its_xattrs(
         built: Built, tmp_path: Path) -> None:
     cipher, plain = built.copy(tmp_path)
-    flip(cipher / built.backing["f3"], HEADER_LEN + STEP + 5)  # block 1 of 2
+    flip(cipher / built.backing["f3"], HEADER_LEN + STEP + 5)  # in block 1
     code, report = fsck(cipher, built.home)
     assert code == 4 and kinds(report) == ["block"] and report["Damage"][0]["Path"] in ("/f3", "/sub/hardlink")
     assert fsck(cipher, built.home, "--repair")[0] == 1
     assert fsck(cipher, built.home)[1]["Damage"] == []
     original = built.tree["f3"][1]
+    end = min(2 * BLOCK, len(original))  # where block 1 ends
     with Mount(cipher, plain, built.home):
         assert not (plain / "f3").exists() and not (plain / "sub/hardlink").exists()
         (copy,) = [n for n in os.listdir(plain / "lost+found") if not n.endswith(".fsck")]
-        assert (plain / "lost+found" / copy).read_bytes() == original[:BLOCK] + bytes(len(original) - BLOCK)
+        assert (plain / "lost+found" / copy).read_bytes() == original[:BLOCK] + bytes(end - BLOCK) + original[end:]
         assert os.getxattr(plain / "lost+found" / copy, "user.note") == built.xattrs["f3"]["user.note"]
         note = (plain / "lost+found" / f"{copy}.fsck").read_text()
-        assert "/f3" in note and "/sub/hardlink" in note and f"block 1: bytes {BLOCK}-{len(original) - 1}" in note
+        assert "/f3" in note and "/sub/hardlink" in note and f"block 1: bytes {BLOCK}-{end - 1}" in note
 
 
 def test_a_damaged_name_is_reported_under_its_parent_and_repair_moves_the_file_to_lost_found(

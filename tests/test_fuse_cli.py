@@ -190,8 +190,8 @@ def _setup_failure(case: str, w: dict[str, Path], tmp: Path, fs_home: Path):
         remac(cipher, fs_home, {"features": [*features_for(32768), "aes256gcm-4k-blocks"]})
         needles = ["exactly one content block size"]
     elif case == "copies-disagree":  # both copies verify, but their block sizes differ
-        remac(cipher, fs_home, {"features": list(features_for(4096))}, names=("encfs.conf.bak",))
-        needles = ["encfs.conf and encfs.conf.bak", "disagree", "block size (32768 in encfs.conf, 4096 in"]
+        remac(cipher, fs_home, {"features": list(features_for(32768))}, names=("encfs.conf.bak",))
+        needles = ["encfs.conf and encfs.conf.bak", "disagree", "block size (4096 in encfs.conf, 32768 in"]
     elif case == "format-99-forged":  # not authenticated: damage, in both copies
         _set_config_field(cipher, "format", 99)
         needles = ["encfs.conf is damaged (its MAC does not verify)", "encfs.conf.bak is damaged"]
@@ -546,8 +546,8 @@ def test_info_reports_format_ids_features_and_counts(tmp_path: Path, fs_home: Pa
     assert info["FileSystemId"] == conf["fs_id"] and len(info["FileSystemId"]) == 32
     assert info["KeyId"] == key_id
     assert info["Features"] == conf["features"]
-    assert {"aes256gcm-32k-blocks", "per-file-keys", "siv-names", "long-names"} <= set(info["Features"])
-    assert "aes256gcm-4k-blocks" not in info["Features"] and info["BlockSize"] == 32768
+    assert {"aes256gcm-4k-blocks", "per-file-keys", "siv-names", "long-names"} <= set(info["Features"])
+    assert "aes256gcm-32k-blocks" not in info["Features"] and info["BlockSize"] == 4096
     counts = info["Counts"]
     assert (counts["Files"], counts["Directories"], counts["Symlinks"]) == (3, 2, 2), counts
     assert counts["LongNames"] == 1

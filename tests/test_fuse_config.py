@@ -181,7 +181,7 @@ def test_copies_that_disagree_on_the_block_size_refuse_the_mount(tmp_path: Path,
         with Mount(cipher, mp, fs_home):
             (mp / "f").write_bytes(os.urandom(100_000))
             data = (mp / "f").read_bytes()
-        remac(cipher, fs_home, {"features": list(features_for(4096))}, names=(BAK,))
+        remac(cipher, fs_home, {"features": list(features_for(32768))}, names=(BAK,))
         before = {n: (cipher / n).read_bytes() for n in (CONF, BAK)}
         for extra in ([], ["--foreground"], ["--read-only"]):
             assert_one_line_error(run_encfs("mount", *extra, str(cipher), str(mp), home=fs_home, timeout=60),

@@ -13,9 +13,10 @@ from conftest import run_encfs
 from fuse_helpers import Mount, cold_pread, expect_errno
 
 from encfs import daemonlog
+from encfs.fuse.fsconfig import DEFAULT_BLOCK_SIZE
 from encfs.fuse.mount import is_mounted
 
-BLOCK, HEADER, OVERHEAD = 32768, 128, 28
+BLOCK, HEADER, OVERHEAD = DEFAULT_BLOCK_SIZE, 128, 28
 
 
 def _default_log(m: Mount) -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 from fuse_helpers import Mount, cold_pread, cold_read, expect_errno
 from procs import children, running, voluntary_switches
 
+from encfs.fuse.fsconfig import DEFAULT_BLOCK_SIZE
+
 MiB = 1 << 20
 
 
@@ -100,15 +102,16 @@ def test_a_tampered_block_in_a_large_read_is_eio(encfs_mount: Mount) -> None:
     _write(m.mountpoint / "victim", [(0, body)])
     [backing] = [p for p in m.cipherdir.iterdir() if p.name not in before and "." not in p.name]
     m.stop()
-    block, header = 32768, 128
+    block, header = DEFAULT_BLOCK_SIZE, 128
+    bad = (MiB + MiB // 4) // block  # a block inside the second MiB
     raw = bytearray(backing.read_bytes())
-    raw[header + 40 * (block + 28) + 500] ^= 1  # in block 40, inside the second MiB
-    del raw[len(raw) - 600:]  # tears the last block (block 128: 1000 bytes of plaintext)
+    raw[header + bad * (block + 28) + 500] ^= 1
+    del raw[len(raw) - 600:]  # tears the last block (1000 bytes of plaintext)
     backing.write_bytes(raw)
     with Mount(m.cipherdir, m.mountpoint, m.home) as again:
         p = again.mountpoint / "victim"
-        _good_prefix_or_eio(p, MiB, MiB, body, 40 * block)
-        expect_errno(errno.EIO, cold_pread, p, MiB, 40 * block)
+        _good_prefix_or_eio(p, MiB, MiB, body, bad * block)
+        expect_errno(errno.EIO, cold_pread, p, MiB, bad * block)
         _good_prefix_or_eio(p, MiB, 4 * MiB - MiB // 2, body, 4 * MiB)
         expect_errno(errno.EIO, cold_pread, p, MiB, 4 * MiB)
         expect_errno(errno.EIO, cold_read, p)

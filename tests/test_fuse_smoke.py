@@ -7,6 +7,8 @@ import subprocess
 
 from conftest import run_encfs
 
+from encfs.fuse.fsconfig import DEFAULT_BLOCK_SIZE
+
 
 def _backing_bytes(root) -> bytes:
     out = []
@@ -50,7 +52,7 @@ def test_round_trip_and_no_plaintext_in_cipherdir(encfs_mount) -> None:
 def test_tampered_block_reads_eio(encfs_mount, tmp_path, fs_home) -> None:
     from fuse_helpers import Mount
 
-    block = 32768  # the default content block size
+    block = DEFAULT_BLOCK_SIZE
     m = encfs_mount.mountpoint
     (m / "f").write_bytes(os.urandom(3 * block))
     encfs_mount.stop()

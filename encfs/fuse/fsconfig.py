@@ -76,7 +76,7 @@ MAC_INFO = b"encfs config mac v2"
 # filesystems made reads CPU-bound (one AES-GCM call per 4 KiB costs more than the AES itself);
 # 4 KiB filesystems stay readable and can still be created (`encfs init --block-size 4096`).
 BLOCK_FEATURES = {"aes256gcm-4k-blocks": 4096, "aes256gcm-32k-blocks": 32768}
-DEFAULT_BLOCK_SIZE = 32768
+DEFAULT_BLOCK_SIZE = 4096  # FORMAT.md 6.4: "Why 4 KiB by default"
 # Directory ids and symlink targets bound to their place, xattr names padded (FORMAT.md §6.3).
 # New filesystems have them; an older one gets them from its first read-write mount (binding.py),
 # which sets BINDING_UPGRADE while it reseals, so that an encfs that knows neither refuses the
