@@ -99,7 +99,8 @@ RATIOS: list[tuple[str, str, str | tuple[str, ...]]] = [  # (label, numerator, d
     ("encfs / gocryptfs", "encfs", "gocryptfs"),
     ("encfs / best peer", "encfs", PEERS),
     ("encfs / baseline checkout", "encfs", "encfs-baseline"),
-    ("encfs 4 KiB blocks / encfs", "encfs-4k", "encfs"),
+    ("encfs 32 KiB blocks / encfs", "encfs-32k", "encfs"),
+    ("encfs 32 KiB blocks / its null cipher", "encfs-32k", "encfs-null-32k"),
     ("encfs volume / null-cipher volume", "encfs-volume", "encfs-volume-null"),
     ("volume format 2 / format 1", "encfs-volume", "encfs-volume-v1"),
     ("format-1 volume / its null cipher", "encfs-volume-v1", "encfs-volume-null-v1"),
@@ -313,7 +314,7 @@ class Native(Target):
 
 class EncfsFuse(Target):
     name = "encfs"
-    description = "encfs FUSE mount (AES-256-GCM per 32 KiB block, the default)"
+    description = "encfs FUSE mount (AES-256-GCM per 4 KiB block, the default)"
     python: list[str] = [sys.executable]  # how `encfs init` runs
     launcher: list[str] = [sys.executable, "-m", "encfs", "mount", "--foreground"]
     init_extra: list[str] = []
@@ -356,10 +357,10 @@ class EncfsBaseline(EncfsFuse):
         return self.ctx.baseline  # an older checkout starts its sealing worker without -P
 
 
-class EncfsFuse4k(EncfsFuse):
-    name = "encfs-4k"
-    description = "encfs FUSE mount of a filesystem made with `encfs init --block-size 4096`"
-    init_extra = ["--block-size", "4096"]
+class EncfsFuse32k(EncfsFuse):
+    name = "encfs-32k"
+    description = "encfs FUSE mount of a filesystem made with `encfs init --block-size 32768` (the default before 2026-12-06)"
+    init_extra = ["--block-size", "32768"]
 
 
 class EncfsNull(EncfsFuse):
@@ -374,6 +375,12 @@ def _check_pyfuse3() -> None:
     missing = [p for p in ("pyfuse3", "trio") if importlib.util.find_spec(p) is None]
     if missing:
         raise Unavailable(f"not installed: {', '.join(missing)}")
+
+
+class EncfsNull32k(EncfsNull):
+    name = "encfs-null-32k"
+    description = "encfs-null on a filesystem of 32 KiB blocks (benchmark only)"
+    init_extra = EncfsFuse32k.init_extra
 
 
 class EncfsPyfuse3(EncfsFuse):
@@ -593,7 +600,7 @@ class Fscrypt(Target):
         return data
 
 
-ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsBaseline, EncfsFuse4k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
+ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsBaseline, EncfsFuse32k, EncfsNull32k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
                EncfsVolumeNullV1, LoopPlain, Gocryptfs, Securefs, Cryfs, LuksNbdkit, Fscrypt]
 
 
