@@ -21,14 +21,14 @@ from conftest import run_encfs
 from encfs.fuse import openfiles
 from encfs.fuse.content import FileContent
 from encfs.fuse.fs import EncryptedFS
-from encfs.fuse.fsconfig import init_filesystem, open_config
+from encfs.fuse.fsconfig import DEFAULT_BLOCK_SIZE, init_filesystem, open_config
 from encfs.fuse.journal import file_ids
 from encfs.fuseproto.wire import ROOT_ID, RequestContext
 from encfs.keys.service import KeyService
 from fuse_helpers import Mount, cold_read, crash_during
 
 CTX = RequestContext(uid=0, gid=0, pid=os.getpid(), umask=0o022)
-BLOCK = 32768
+BLOCK = DEFAULT_BLOCK_SIZE
 
 
 @pytest.fixture
@@ -98,6 +98,17 @@ def test_a_file_unlinked_before_its_checkpoint_never_gets_one(fs: EncryptedFS, m
     assert not calls
 
 
+def test_a_file_unlinked_while_open_drops_its_journal_at_its_close(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RELEASE may reach the daemon after the UNLINK of the file's last name (the kernel sends it
+    in the background): nothing waits then, the journal goes at once."""
+    calls = spy_checkpoints(monkeypatch)
+    inode, fh = journaled_file(fs, b"f")
+    fs.unlink(ROOT_ID, b"f", CTX)
+    assert journals(fs)
+    fs.release(fh)
+    assert not fs.files.deferred and not journals(fs) and inode not in fs.files.contents and not calls
+
+
 def test_a_closed_file_is_checkpointed_once_its_delay_is_over(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = spy_checkpoints(monkeypatch)
     inode, fh = journaled_file(fs, b"f")
@@ -157,13 +168,38 @@ def test_unmount_checkpoints_what_waits(fs: EncryptedFS, monkeypatch: pytest.Mon
     calls = spy_checkpoints(monkeypatch)
     _inode, fh = journaled_file(fs, b"f")
     fs.release(fh)
+    assert not calls and journals(fs)
     fs.close_all()
     assert calls == [1] and not journals(fs)
+
+
+def test_a_waiting_file_with_another_name_keeps_its_journal(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_checkpoints(monkeypatch)
+    inode, fh = journaled_file(fs, b"f")
+    fs.release(fh)
+    fs.link(inode, ROOT_ID, b"g", CTX)
+    fs.unlink(ROOT_ID, b"f", CTX)
+    assert journals(fs) and inode in fs.files.deferred, "g still names it: its overwrite must reach its place"
+    run_due(fs, monkeypatch, openfiles.CHECKPOINT_DELAY + 1)
+    assert calls == [1] and not journals(fs)
+    assert read_all(fs, inode)[:104] == b"a" * 100 + b"new" + b"a"
+
+
+def test_a_waiting_file_replaced_by_a_rename_drops_its_journal(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_checkpoints(monkeypatch)
+    inode, fh = journaled_file(fs, b"f")
+    fs.release(fh)
+    fh, _attrs = fs.create(ROOT_ID, b"new", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    fs.release(fh)
+    calls.clear()  # (the close of "new")
+    fs.rename(ROOT_ID, b"new", ROOT_ID, b"f", 0, CTX)
+    assert not journals(fs) and inode not in fs.files.contents and not calls
 
 
 # -- on a mount --------------------------------------------------------------------------------
 
 def test_the_mount_checkpoints_a_closed_file_after_the_delay(tmp_path: Path, fs_home: Path) -> None:
+    """The mount's checkpoint thread runs (that a mount defers at all: the kill -9 test below)."""
     cipher, plain = tmp_path / "cipher", tmp_path / "plain"
     plain.mkdir()
     assert run_encfs("init", str(cipher), "--key", "fs", home=fs_home).returncode == 0
@@ -211,7 +247,7 @@ def test_kill_9_while_closed_files_wait_keeps_what_was_fsynced(tmp_path: Path, f
             out = crash_during(m, CLOSER, str(plain), str(count), when=lambda: time.sleep(rng.uniform(0.4, 1.2)))
         finally:
             m.stop()
-        waiting.append(len(os.listdir(cipher / "encfs.journal")))
+        waiting.append(len(file_ids(os.fsencode(cipher))))
         acked = [int(line.split()[1]) for line in out[:out.rfind("\n") + 1].splitlines() if line.startswith("S ")]
         assert acked, "the writer acknowledged nothing"
         with Mount(cipher, plain, fs_home):

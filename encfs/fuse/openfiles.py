@@ -187,9 +187,10 @@ class OpenFiles:
         content = self.contents.get(f.inode)
         if content is None:
             return
-        if self.defer_checkpoints and content.journal.fd is not None:
+        # (RELEASE may come after the UNLINK of the file's last name: then its journal just goes.)
+        if self.defer_checkpoints and content.journal.fd is not None and os.fstat(content.fd).st_nlink:
             with self._table:
-                if len(self.deferred) < DEFERRED_MAX:
+                if f.inode in self.deferred or len(self.deferred) < DEFERRED_MAX:
                     self.deferred[f.inode] = (time.monotonic() + CHECKPOINT_DELAY, f.path)
                     return
         if self._close(content, f.path):
@@ -303,11 +304,16 @@ class OpenFiles:
         c = self.contents.get(inode)
         if c is not None and not self.is_open(inode):
             del self.contents[inode]
-            try:
-                c.close(unlinked=True)
-            except OSError as e:
-                log.error("%r: dropping its journal failed: %s", path, e.strerror)
-            c.sealer.close()
+            self._discard(c, path)
+
+    def _discard(self, c: FileContent, path: bytes) -> None:
+        """Close a content whose file is gone or emptied: its journal goes, never into place."""
+        try:
+            c.close(unlinked=True)
+        except OSError as e:
+            log.error("%r: dropping its journal failed: %s", path, e.strerror)
+            c.release_fds()
+        c.sealer.close()
 
     def remove_orphan_journals(self) -> list[bytes]:
         """After a recovery scan met every file: journals whose file no scan met and no loaded
@@ -486,7 +492,7 @@ class OpenFiles:
         if c is not None:
             if c.journal.fd is not None:
                 os.fsync(fd)
-            self._close(c, path, unlinked=True)
+            self._discard(c, path)
 
     def state_file_of(self, fd: int) -> bytes | None:
         """The state file of the backing file open as ``fd``, on a store without user xattrs."""
