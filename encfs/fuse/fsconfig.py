@@ -72,9 +72,9 @@ LEGACY_ENCFS_CONFIGS = (".encfs6.xml", ".encfs5", ".encfs4")
 FS_FORMAT = 2  # what `encfs init` writes and a read-write mount upgrades format 1 to
 MAC_FROM_FORMAT = 2  # every format from this one on carries `mac`, computed the same way
 MAC_INFO = b"encfs config mac v2"
-# Content block size, one flag per size. 32 KiB is the default since the 4 KiB blocks of the first
-# filesystems made reads CPU-bound (one AES-GCM call per 4 KiB costs more than the AES itself);
-# 4 KiB filesystems stay readable and can still be created (`encfs init --block-size 4096`).
+# Content block size, one flag per size. 4 KiB again since 2026-12-06 (32 KiB from 2026-11-28, while
+# the daemon's threads opened blocks themselves and convoyed on the GIL); 32 KiB filesystems stay
+# readable and can still be created (`encfs init --block-size 32768`).
 BLOCK_FEATURES = {"aes256gcm-4k-blocks": 4096, "aes256gcm-32k-blocks": 32768}
 DEFAULT_BLOCK_SIZE = 4096  # FORMAT.md 6.4: "Why 4 KiB by default"
 # Directory ids and symlink targets bound to their place, xattr names padded (FORMAT.md §6.3).

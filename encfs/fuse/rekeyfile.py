@@ -52,7 +52,7 @@ from encfs.fuse.journal import Journal, file_ids
 log = logging.getLogger("encfs.fuse")
 SUFFIX = b".rekey"
 TMP_SUFFIX = SUFFIX + b".tmp"
-_CHUNK_BLOCKS = 32  # blocks re-sealed per pass (1 MiB of 32 KiB blocks)
+_CHUNK_BLOCKS = 32  # blocks re-sealed per pass (128 KiB of 4 KiB blocks, 1 MiB of 32 KiB ones)
 _COPY = 1 << 20
 
 
