@@ -21,23 +21,19 @@ from conftest import run_encfs
 from encfs.fuse import openfiles
 from encfs.fuse.content import FileContent
 from encfs.fuse.fs import EncryptedFS
-from encfs.fuse.fsconfig import DEFAULT_BLOCK_SIZE, init_filesystem, open_config
+from encfs.fuse.fsconfig import DEFAULT_BLOCK_SIZE, open_config
 from encfs.fuse.journal import file_ids
-from encfs.fuseproto.wire import ROOT_ID, RequestContext
+from encfs.fuseproto.wire import ROOT_ID
 from encfs.keys.service import KeyService
 from fuse_helpers import Mount, cold_read, crash_during
+from test_fs_api import CTX, new_fs
 
-CTX = RequestContext(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 BLOCK = DEFAULT_BLOCK_SIZE
 
 
 @pytest.fixture
 def fs(tmp_path: Path, service: KeyService) -> Iterator[EncryptedFS]:
-    key = service.create_key()["KeyId"]
-    cipher = tmp_path / "cipher"
-    init_filesystem(cipher, service, key)
-    opened = open_config(cipher, service, writable=True)
-    filesystem = EncryptedFS(os.fsencode(cipher), opened.config, opened.keys, service)
+    filesystem = new_fs(tmp_path, service)
     filesystem.files.defer_checkpoints = True  # as mount.py does
     yield filesystem
     filesystem.close_all()

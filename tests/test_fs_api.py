@@ -27,13 +27,18 @@ from encfs.keys.service import KeyService
 CTX = RequestContext(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 
 
-@pytest.fixture
-def fs(tmp_path: Path, service: KeyService) -> Iterator[EncryptedFS]:
+def new_fs(tmp_path: Path, service: KeyService) -> EncryptedFS:
+    """A new filesystem in ``tmp_path``/cipher, opened read-write without a mount."""
     key = service.create_key()["KeyId"]
     cipher = tmp_path / "cipher"
     init_filesystem(cipher, service, key)
     opened = open_config(cipher, service, writable=True)
-    filesystem = EncryptedFS(os.fsencode(cipher), opened.config, opened.keys, service)
+    return EncryptedFS(os.fsencode(cipher), opened.config, opened.keys, service)
+
+
+@pytest.fixture
+def fs(tmp_path: Path, service: KeyService) -> Iterator[EncryptedFS]:
+    filesystem = new_fs(tmp_path, service)
     yield filesystem
     filesystem.close_all()
 

@@ -44,6 +44,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 from collections.abc import Callable
@@ -173,6 +174,12 @@ class FileContent:
         self.sealer = Sealer(cipher)
 
     # -- loading and recovery --------------------------------------------------------------
+
+    def use_fd(self, fd: int, writable: bool) -> None:
+        """Serve through ``fd`` (the caller closes the one before): whether it may write, and
+        whether it is O_NOATIME (a write-only handle's: reads through it leave atime alone)."""
+        self.fd, self.fd_writable = fd, writable
+        self.noatime = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NOATIME)
 
     @property
     def state_file(self) -> bytes | None:

@@ -41,7 +41,6 @@ Invariants:
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import threading
@@ -79,10 +78,6 @@ log = logging.getLogger("encfs.fuse")
 REKEY_RETRY = 1 << 20  # seals between tries to re-key a file that could not be (a full disk)
 CHECKPOINT_DELAY = 1.0  # seconds from a file's last close to its deferred checkpoint
 DEFERRED_MAX = 64  # closed files waiting for their checkpoint (each keeps two fds open)
-
-
-def _noatime(fd: int) -> bool:
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NOATIME)
 
 
 @dataclass
@@ -363,7 +358,7 @@ class OpenFiles:
         except BaseException:
             os.close(fd)
             raise
-        c.fd_writable, c.noatime = writable, _noatime(fd)
+        c.use_fd(fd, writable)
         c.sealer = self.sealers.sealer(c.cipher, key, header.file_id)
         c.sparse = self.sparse
         return c
@@ -423,7 +418,7 @@ class OpenFiles:
         if not c.fd_writable:
             fd = os.dup(f.fd)
             os.close(c.fd)
-            c.fd, c.fd_writable, c.noatime = fd, True, _noatime(fd)
+            c.use_fd(fd, True)
         c.check_key()  # before anything is written under the key
         if c.v1 and self.version == V2 and self._xattrs:
             self._xattrs = c.upgrade()
@@ -469,7 +464,7 @@ class OpenFiles:
         except BaseException:
             os.close(fd)
             raise
-        c.fd_writable, c.noatime = True, _noatime(fd)
+        c.use_fd(fd, True)
         c.sealer = self.sealers.sealer(c.cipher, dk.plaintext, file_id)
         c.sparse = self.sparse
         self.contents[f.inode] = c

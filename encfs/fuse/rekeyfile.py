@@ -227,7 +227,8 @@ def _serve_side_file(c: FileContent, final: bytes, header: FileHeader, cipher: B
     finishes the job)."""
     fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     os.close(c.fd)
-    c.fd, c.fd_writable, c.read_only = fd, False, True
+    c.use_fd(fd, False)
+    c.read_only = True
     c.header, c.cipher = header, cipher
 
 
