@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from encfs.blocks import NONCE_LEN, OVERHEAD, TAG_LEN, BlockAuthError, BlockCipher
+from encfs.blocks import NONCE_LEN, OVERHEAD, TAG_LEN, BlockAuthError, BlockCipher, RunViews
 
 _NONCE = bytes(NONCE_LEN)
 _TAG = bytes(TAG_LEN)
@@ -71,6 +71,21 @@ class NullBlockCipher(BlockCipher):
             end = opos + min(self.sealed_block, len(mv) - pos) - OVERHEAD
             out[opos:end] = mv[pos + NONCE_LEN:pos + NONCE_LEN + end - opos]
             pos, opos = pos + self.sealed_block, end
+
+
+    def seal_views(self, block_numbers: range, views: RunViews, counter: int | None = None) -> None:
+        views.check(block_numbers, self.block_size)
+        nonces = None if counter is None else memoryview(self.nonces(len(block_numbers), counter))
+        for k, (_, nonce_at, body, plain) in enumerate(zip(block_numbers, views.nonces, views.bodies, views.plains)):
+            nonce_at[:] = _NONCE if nonces is None else nonces[k * NONCE_LEN:(k + 1) * NONCE_LEN]
+            body[:-TAG_LEN] = plain
+            body[-TAG_LEN:] = _TAG
+
+    def open_views(self, block_numbers: range, views: RunViews) -> None:
+        views.check(block_numbers, self.block_size)
+        size = self.block_size
+        for _, body, plain in zip(block_numbers, views.bodies, views.plains):
+            plain[:] = body[:size]
 
 
 def main(argv: list[str]) -> int:

@@ -42,6 +42,7 @@ import functools
 import os
 import struct
 import threading
+from typing import NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -161,6 +162,29 @@ def run_blocks(first_block: int, sealed_len: int, block: int = PLAIN_BLOCK) -> t
     return range(first_block, first_block + count), sealed_len - count * OVERHEAD
 
 
+class RunViews:
+    """Every block's views of one place of a buffer for sealed runs and one for their plaintext,
+    made once and reused by every run laid there: the sealing worker keeps them for the places
+    of its arena that its slots use. Slicing three memoryviews per block took a fifth of the
+    time of opening a 1 MiB run of 4 KiB blocks (benchmarks/HISTORY.md). Runs of full blocks
+    only: block i is sealed in ``nonces[i] + bodies[i]`` (ciphertext and tag), plain in
+    ``plains[i]``."""
+
+    __slots__ = ("bodies", "nonces", "plains")
+
+    def __init__(self, sealed: memoryview, plain: memoryview, block_size: int) -> None:
+        step = block_size + OVERHEAD
+        starts = range(0, min(len(sealed) // step, len(plain) // block_size) * step, step)
+        self.nonces = [sealed[p:p + NONCE_LEN] for p in starts]
+        self.bodies = [sealed[p + NONCE_LEN:p + step] for p in starts]
+        self.plains = [plain[p:p + block_size] for p in range(0, len(starts) * block_size, block_size)]
+
+    def check(self, block_numbers: range, block_size: int) -> None:
+        """ValueError unless a run of ``block_numbers`` fits these views of ``block_size`` blocks."""
+        if len(block_numbers) > len(self.plains) or self.plains and len(self.plains[0]) != block_size:
+            raise ValueError(f"{len(block_numbers)} blocks of {block_size} bytes do not fit these views")
+
+
 class BlockCipher:
     """Seals and opens blocks of one owner. One instance per data key (reuse it).
 
@@ -239,6 +263,19 @@ class BlockCipher:
                 out[pos:pos + NONCE_LEN] = nonce
                 encrypt_into(nonce, pt[ipos:ipos + size], scope + pack(block_no), out[pos + NONCE_LEN:pos + step])
 
+    def seal_views(self, block_numbers: range, views: RunViews, counter: int | None = None) -> None:
+        """seal_into for a run of full blocks whose plaintext lies in ``views.plains``, sealed into
+        the views' nonces and bodies."""
+        views.check(block_numbers, self.block_size)
+        nonces = memoryview(self.nonces(len(block_numbers), counter))
+        encrypt_into, scope, pack = self._aead.encrypt_into, self._scope, _U64.pack
+        with self._turn:
+            for block_no, npos, nonce_at, body, plain in zip(block_numbers, range(0, len(nonces), NONCE_LEN),
+                                                             views.nonces, views.bodies, views.plains):
+                nonce = nonces[npos:npos + NONCE_LEN]
+                nonce_at[:] = nonce
+                encrypt_into(nonce, plain, scope + pack(block_no), body)
+
     def seal_range(self, block_numbers: range, plaintext: bytes | bytearray | memoryview,
                    counter: int | None = None) -> bytearray:
         """seal_into a new buffer of the right size."""
@@ -286,8 +323,19 @@ class BlockCipher:
                     decrypt_into(mv[pos:pos + NONCE_LEN], mv[pos + NONCE_LEN:pos + step], scope + pack(block_no),
                                  out[opos:opos + size])
                 except InvalidTag:
-                    out[opos:opos + size] = bytes(len(out[opos:opos + size]))
-                    raise BlockAuthError(block_no) from None
+                    _unauthentic(block_no, out[opos:opos + size])
+
+    def open_views(self, block_numbers: range, views: RunViews) -> None:
+        """open_into for a run of full blocks sealed in the views' nonces and bodies, opened into
+        ``views.plains``."""
+        views.check(block_numbers, self.block_size)
+        decrypt_into, scope, pack = self._aead.decrypt_into, self._scope, _U64.pack
+        with self._turn:
+            for block_no, nonce, body, plain in zip(block_numbers, views.nonces, views.bodies, views.plains):
+                try:
+                    decrypt_into(nonce, body, scope + pack(block_no), plain)
+                except InvalidTag:
+                    _unauthentic(block_no, plain)
 
     def open_run(self, first_block: int, sealed: bytes | bytearray | memoryview) -> bytearray:
         """Open consecutive sealed blocks (as written by seal_run)."""
@@ -295,3 +343,10 @@ class BlockCipher:
         out = bytearray(plain_len)
         self.open_into(numbers, sealed, out)
         return out
+
+
+def _unauthentic(block_no: int, plain: memoryview) -> NoReturn:
+    """Block ``block_no`` failed authentication: zero what its decryption may have left in
+    ``plain`` (bytes that failed authentication never stay in a caller's buffer) and raise."""
+    plain[:] = bytes(len(plain))
+    raise BlockAuthError(block_no) from None

@@ -17,6 +17,7 @@ from encfs.blocks import (
     SEALED_BLOCK,
     BlockAuthError,
     BlockCipher,
+    RunViews,
     blocks_touched,
     counter_nonces,
     plain_size,
@@ -272,6 +273,38 @@ def test_open_into_takes_any_block_numbering_and_leaves_no_unauthenticated_bytes
         bc.open_into(range(11, 17, 2), sealed, bytearray(3 * PLAIN_BLOCK))
     with pytest.raises(BlockAuthError):  # a torn fragment after the last full block
         bc.open_run(0, bc.seal_run(0, data)[:SEALED_BLOCK + OVERHEAD])
+
+
+@pytest.mark.parametrize("block", [4096, 32768])
+def test_views_kept_for_a_place_seal_and_open_as_the_run_methods(block: int) -> None:
+    """seal_views and open_views through RunViews made once for a place do what seal_into and
+    open_into do there, for runs of other blocks and bytes, shorter runs and a tampered block."""
+    count, step = 5, block + OVERHEAD
+    arena = memoryview(bytearray(count * step + count * block))
+    sealed_area, plain_area = arena[:count * step], arena[count * step:]
+    views = RunViews(sealed_area, plain_area, block)
+    bc = BlockCipher(KEY, b"f", block, nonce_prefix=b"\1\2\3\4")
+    for first in (0, 7):
+        data = os.urandom(count * block)
+        plain_area[:] = data
+        bc.seal_views(range(first, first + count), views, counter=100 + first)
+        assert bytes(sealed_area) == bytes(bc.seal_range(range(first, first + count), data, 100 + first))
+        plain_area[:] = bytes(len(plain_area))
+        bc.open_views(range(first, first + count), views)
+        assert bytes(plain_area) == data
+    bc.seal_views(range(3), views)  # random nonces, a shorter run
+    assert bc.open_run(0, sealed_area[:3 * step]) == data[:3 * block]
+    sealed_area[step + 50] ^= 1
+    plain_area[:] = b"\xee" * len(plain_area)
+    with pytest.raises(BlockAuthError) as info:
+        bc.open_views(range(3), views)
+    assert info.value.block_no == 1
+    assert plain_area[:block] == data[:block]  # authenticated before the bad block
+    assert plain_area[block:2 * block] == bytes(block)  # the bad block's bytes are gone
+    with pytest.raises(ValueError):  # longer than the views
+        bc.open_views(range(count + 1), views)
+    with pytest.raises(ValueError):  # views of another block size
+        BlockCipher(KEY, b"f", 2 * block).seal_views(range(1), views)
 
 
 @pytest.mark.parametrize("block,turns", [(4096, True), (8192, True), (16384, False), (32768, False)])

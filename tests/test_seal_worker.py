@@ -206,26 +206,35 @@ def test_each_key_seals_under_its_own_key_and_a_dropped_key_seals_nothing() -> N
         worker.close()
 
 
+NULL_MOUNT = Path(__file__).resolve().parent.parent / "benchmarks" / "null_mount.py"
+
+
+@contextlib.contextmanager
+def null_cipher_class() -> Iterator[type]:
+    """The benchmark's NullBlockCipher, loaded from its script as the worker loads it."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("null_mount_for_test", NULL_MOUNT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module.NullBlockCipher
+    finally:
+        del sys.modules[spec.name]
+
+
 def test_the_worker_runs_its_servers_cipher_class() -> None:
     """The benchmark's null-cipher daemons take the worker path too, with the null cipher in the
     worker: a class from a script is found by its file, one of encfs by its module."""
-    import importlib.util
-
     from encfs.blocks import NONCE_LEN, OVERHEAD, BlockCipher
     from encfs.sealworker import SealWorker, class_spec, load_class
     assert class_spec(BlockCipher) == "encfs.blocks:BlockCipher"
     assert load_class(class_spec(BlockCipher)) is BlockCipher
     with pytest.raises(TypeError):
         load_class("encfs.blocks:BlockAuthError")
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "null_mount.py"
-    spec = importlib.util.spec_from_file_location("null_mount_for_test", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        null_cipher = module.NullBlockCipher
-        assert class_spec(null_cipher) == f"{path}:NullBlockCipher"
+    with null_cipher_class() as null_cipher:
+        assert class_spec(null_cipher) == f"{NULL_MOUNT}:NullBlockCipher"
         block = 32768
         worker = SealWorker(block, null_cipher)
         try:
@@ -251,8 +260,50 @@ def test_the_worker_runs_its_servers_cipher_class() -> None:
             assert bytes(out) != plain  # the null cipher does not decrypt: it is not AES-GCM in the worker
         finally:
             worker.close()
-    finally:
-        del sys.modules[spec.name]
+
+
+@pytest.mark.parametrize("null", [False, True], ids=["aes-gcm", "null-cipher"])
+def test_runs_at_kept_places_seal_and_open_as_in_process(null: bool) -> None:
+    """The worker keeps per-block views (RunViews) of the places of its arena that long runs
+    use: runs sealed and opened at a place again, at new places, after it forgot them all
+    (more than VIEWS_KEPT places) and shorter than VIEWS_MIN_BLOCKS give in-process results,
+    and a tampered block of a run opened there is an error naming it."""
+    from encfs.blocks import OVERHEAD, BlockAuthError, BlockCipher
+    from encfs.sealworker import VIEWS_KEPT, VIEWS_MIN_BLOCKS, SealWorker
+    block, count = 4096, 2 * VIEWS_MIN_BLOCKS
+    step = block + OVERHEAD
+    with contextlib.ExitStack() as stack:
+        cls: type[BlockCipher] = stack.enter_context(null_cipher_class()) if null else BlockCipher
+        worker = SealWorker(block, cls)
+        stack.callback(worker.close)
+        key_id = worker.add_key(KEY, VID, PREFIX)
+        areas = worker.areas()
+        assert key_id is not None and areas is not None
+        plain_area, sealed_area = areas
+        cipher = cls(KEY, VID, block, PREFIX)
+        places = [*range(VIEWS_KEPT + 2), 0, 1]
+        for n, i in enumerate(places):
+            length = count if n % 3 else VIEWS_MIN_BLOCKS - 1
+            numbers = range(100 * i, 100 * i + length)
+            data = os.urandom(length * block)
+            plain = plain_area[i * block:(i + length) * block]
+            plain[:] = data
+            sealed = worker.seal(key_id, [(numbers, plain)], [1000 * n])
+            assert sealed is not None
+            assert bytes(sealed[0]) == bytes(cipher.seal_range(numbers, data, 1000 * n))
+            at = sealed_area[i * step:(i + length) * step]
+            at[:] = cipher.seal_range(numbers, data)
+            out = plain_area[(i + 1) * block:(i + 1 + length) * block]
+            assert worker.open(key_id, [(numbers, at, out)])
+            assert bytes(out) == data
+        assert worker.alive
+        if not null:
+            at[step + 7] ^= 1
+            with pytest.raises(BlockAuthError) as info:
+                worker.open(key_id, [(numbers, at, out)])
+            assert info.value.block_no == numbers[1]
+            assert bytes(out[block:2 * block]) == bytes(block)
+            assert worker.alive
 
 
 def test_a_large_read_is_opened_by_the_worker_in_its_arena(image: int, worker_store: SectorStore) -> None:
