@@ -65,7 +65,9 @@ _U64 = struct.Struct(">Q")
 # volume's 1 GiB read made twelve times the futex calls of the null cipher). Taking turns
 # per run costs one hand-over per run. From TURN_BELOW up, a block keeps the GIL released
 # long enough for threads to decrypt in parallel on separate cores, so those runs do not take
-# turns (benchmarks/HISTORY.md, a9e0ad8).
+# turns (benchmarks/HISTORY.md, a9e0ad8). Nor does a run of one block (a 4 KiB random read or
+# write): it has no hand-overs to save, and a thread that found the lock taken slept until the
+# holder's AES-GCM call was done: 20% of the random reads' IOPS (benchmarks/HISTORY.md).
 AEAD_TURN = threading.Lock()
 TURN_BELOW = 16 * 1024
 _NO_TURN = contextlib.nullcontext()
@@ -256,7 +258,7 @@ class BlockCipher:
         nonces = memoryview(self.nonces(count, counter))
         encrypt_into, scope, pack = self._aead.encrypt_into, self._scope, _U64.pack
         # Slices past the end stop at it, so the last (possibly short) block needs no special case.
-        with self._turn:
+        with self._turn if count > 1 else _NO_TURN:
             for block_no, pos, ipos, npos in zip(block_numbers, range(0, len(out), step), range(0, len(pt), size),
                                                  range(0, len(nonces), NONCE_LEN)):
                 nonce = nonces[npos:npos + NONCE_LEN]
@@ -317,7 +319,7 @@ class BlockCipher:
         step, size = self.sealed_block, self.block_size
         decrypt_into, scope, pack = self._aead.decrypt_into, self._scope, _U64.pack
         # Slices past the end stop at it, so the last (possibly short) block needs no special case.
-        with self._turn:
+        with self._turn if len(block_numbers) > 1 else _NO_TURN:
             for block_no, pos, opos in zip(block_numbers, range(0, len(mv), step), range(0, len(out), size)):
                 try:
                     decrypt_into(mv[pos:pos + NONCE_LEN], mv[pos + NONCE_LEN:pos + step], scope + pack(block_no),

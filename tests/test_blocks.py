@@ -326,6 +326,23 @@ def test_runs_of_small_blocks_take_turns(block: int, turns: bool) -> None:
     worker.join()
 
 
+def test_a_run_of_one_block_does_not_take_turns() -> None:
+    """A single small block is sealed and opened while another thread holds AEAD_TURN: there
+    is no hand-over in it to save, and waiting for the lock costs a sleep and a wake-up."""
+    import threading
+
+    from encfs.blocks import AEAD_TURN
+
+    bc = BlockCipher(KEY, b"f", 4096)
+    sealed = bc.seal_run(0, bytes(4096))
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (bc.open_run(0, sealed), bc.seal_run(0, b"x"), done.set()))
+    with AEAD_TURN:
+        worker.start()
+        assert done.wait(10)
+    worker.join()
+
+
 @pytest.mark.parametrize("block", [0, 2048, 4095, 8191, 12288, 2 << 20])
 def test_bad_block_sizes_are_refused(block: int) -> None:
     with pytest.raises(ValueError):
