@@ -37,9 +37,13 @@ def test_a_client_that_half_closes_gets_every_reply_even_when_it_reads_late(daem
     assert proc.poll() is None
 
 
-def test_a_client_that_never_reads_is_not_read_further(daemon) -> None:  # type: ignore[no-untyped-def]
-    _, sock, proc = daemon
-    data = frames(*[encrypt(i) for i in range(2000)])  # 12 MB of requests, as many of replies
+def malformed(rid: int) -> bytes:
+    """A frame of JSON that is no request (no Op): an error reply as long as the request (its Id)."""
+    return json.dumps({"Id": f"{rid}:{PLAINTEXT}"}).encode()
+
+
+def _read_from_a_deaf_client(sock: Path, data: bytes) -> int:
+    """How much of ``data`` the daemon reads from a client that reads nothing back."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(os.fspath(sock))
     s.setblocking(False)
@@ -50,8 +54,28 @@ def test_a_client_that_never_reads_is_not_read_further(daemon) -> None:  # type:
         except BlockingIOError:
             if not select.select([], [s], [], 2.0)[1]:
                 break  # the daemon stopped reading this client
-    assert sent < 4 << 20, f"the daemon read {sent} bytes from a client that reads no reply"
     s.close()
+    return sent
+
+
+def test_a_client_that_never_reads_is_not_read_further(daemon) -> None:  # type: ignore[no-untyped-def]
+    _, sock, proc = daemon
+    sent = _read_from_a_deaf_client(sock, frames(*[encrypt(i) for i in range(2000)]))  # 12 MB, as many of replies
+    assert sent < 4 << 20, f"the daemon read {sent} bytes from a client that reads no reply"
+    assert proc.poll() is None
+    other = send_all(sock, [encrypt(1)])
+    assert "Result" in json.loads(read_frame(other) or b"{}")
+    other.close()
+
+
+def test_a_client_that_sends_only_malformed_requests_and_never_reads_is_not_read_further(daemon) -> None:  # type: ignore[no-untyped-def]
+    """Their error replies are in flight like answers: they do not pile up in the daemon either."""
+    _, sock, proc = daemon
+    check = send_all(sock, [malformed(0)])
+    assert "needs Op and Args" in json.loads(read_frame(check) or b"{}")["Error"]["Message"]
+    check.close()
+    sent = _read_from_a_deaf_client(sock, frames(*[malformed(i) for i in range(2000)]))  # 11 MB, as many of errors
+    assert sent < 4 << 20, f"the daemon read {sent} bytes from a client that reads no reply"
     assert proc.poll() is None
     other = send_all(sock, [encrypt(1)])
     assert "Result" in json.loads(read_frame(other) or b"{}")

@@ -9,15 +9,18 @@ Invariants:
 - A malformed or oversized frame gets one error reply where it can, then closes that connection
   only; a client that disconnects mid-request loses only its own replies. Nothing a client sends
   can stop the loop, and no reply or log line carries key material beyond the requester's own reply.
-- At most MAX_IN_FLIGHT requests of one connection are in flight, a request counting until its reply
-  is sent: a client cannot grow the daemon's memory without bound by sending faster than the token
-  answers or by reading its replies slowly, and one that half-closes gets every reply.
+- At most MAX_IN_FLIGHT frames of one connection are in flight (requests not yet answered, and
+  replies or error frames not yet sent), a request counting until its reply is sent: a client
+  cannot grow the daemon's memory without bound by sending faster than the token answers, by
+  reading its replies slowly, or by sending malformed requests whose errors it never reads; one
+  that half-closes gets every reply.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import pickle
 import socket
@@ -53,12 +56,13 @@ HANDSHAKE_SECONDS = 10.0
 
 
 class _Connection:
-    """One client connection: its principal, its replies waiting to be sent (one writer task sends
-    them, several per send when they come together), and how many of its requests are in flight.
+    """One client connection: its principal, its frames waiting to be sent (one writer task sends
+    them, several per send when they come together), and how many of its frames are in flight.
 
-    A request stays in flight until its reply is *sent*, not merely answered: a client that reads
-    no replies stops being read after MAX_IN_FLIGHT (its replies do not pile up in the daemon), and
-    a client that half-closes gets every reply before its connection is closed."""
+    A request stays in flight until its reply is *sent*, not merely answered, and so does the error
+    frame about a malformed request: a client that reads nothing stops being read after
+    MAX_IN_FLIGHT (its replies do not pile up in the daemon), and a client that half-closes gets
+    every reply before its connection is closed."""
 
     def __init__(self, stream: trio.abc.Stream, principal: Principal, stall_seconds: float = STALL_SECONDS) -> None:
         self.stream = stream
@@ -67,36 +71,37 @@ class _Connection:
         self.outbox: list[bytes] = []
         self.mail = trio.Event()
         self.room = trio.Event()
-        self.in_flight = 0  # requests read and not yet answered, or answered and not yet sent
-        self.unsent = 0  # frames posted and not yet sent (replies, and errors about the connection)
-        self._replies_in_outbox = 0
+        self.pending = 0  # requests submitted to the token and not yet answered
+        self.unsent = 0  # frames posted and not yet sent: replies, errors about requests or the connection
 
-    def post(self, message: dict[str, Any], *, reply: bool = False) -> None:
+    @property
+    def in_flight(self) -> int:
+        return self.pending + self.unsent
+
+    def post(self, message: dict[str, Any]) -> None:
         try:
             frame = encode_frame(message)
         except UsageError as e:  # a reply over the frame limit
             frame = encode_frame({"Id": message.get("Id"), "Error": error_body(e)})
         self.outbox.append(frame)
         self.unsent += 1
-        self._replies_in_outbox += reply
         self.mail.set()
 
     def answer(self, rid: Any, reply: dict[str, Any]) -> None:
-        self.post({"Id": rid, **reply}, reply=True)
+        self.pending -= 1  # and unsent += 1: in flight until it is sent
+        self.post({"Id": rid, **reply})
 
     async def writer(self) -> None:
         while True:
             await self.mail.wait()
             self.mail = trio.Event()
             frames, self.outbox = self.outbox, []
-            replies, self._replies_in_outbox = self._replies_in_outbox, 0
             if frames:
                 with trio.move_on_after(self.stall_seconds) as sending:
                     await self.stream.send_all(b"".join(frames))
                 if sending.cancelled_caught:  # a client that stopped reading: it holds nothing longer
                     raise ProtocolError(f"a client read none of its replies for {self.stall_seconds:g} s")
             self.unsent -= len(frames)
-            self.in_flight -= replies
             self.room.set()
 
     async def until(self, done: Callable[[], bool]) -> None:
@@ -107,7 +112,7 @@ class _Connection:
 
     async def settled(self) -> None:
         """Until every request of this connection is answered and sent."""
-        await self.until(lambda: not self.in_flight and not self.unsent)
+        await self.until(lambda: not self.in_flight)
 
 
 class TokenLink:
@@ -121,7 +126,7 @@ class TokenLink:
         self._wake = trio.Event()
 
     def submit(self, conn: _Connection, rid: Any, request: Request) -> None:
-        conn.in_flight += 1
+        conn.pending += 1
         self._queue.append((conn, rid, request))
         self._wake.set()
 
@@ -174,13 +179,11 @@ class _FrameStream:
 
     async def _exactly(self, n: int, begun: bool = False) -> bytes | None:
         while len(self.buffer) < n:
-            if (begun or self.buffer) and self.stall_seconds is not None:
-                with trio.move_on_after(self.stall_seconds) as waiting:
-                    data = await self.stream.receive_some(max(65536, n - len(self.buffer)))
-                if waiting.cancelled_caught:
-                    raise ProtocolError(f"a frame was begun and not finished within {self.stall_seconds:g} s")
-            else:
+            seconds = self.stall_seconds if (begun or self.buffer) and self.stall_seconds is not None else math.inf
+            with trio.move_on_after(seconds) as waiting:  # only a begun frame is timed, not idling
                 data = await self.stream.receive_some(max(65536, n - len(self.buffer)))
+            if waiting.cancelled_caught:
+                raise ProtocolError(f"a frame was begun and not finished within {self.stall_seconds:g} s")
             if not data:
                 if self.buffer:
                     raise ProtocolError("connection closed in the middle of a frame")
