@@ -9,8 +9,9 @@ Invariants:
   allowed) so that a disabled key, a revoked grant or a narrowed policy stops the next use.
 - One connection, one request at a time (a lock): a mount's threads share it. A connection the
   daemon closed while it was idle (a restart) is reopened before the next request; a request cut
-  off in flight is KeydUnavailable, never retried (it may have acted). A forked child opens its own
-  connection with a fresh lock (a parent's thread may have held it at the fork).
+  off in flight is KeydUnavailable, never retried (it may have acted). A forked child drops its copy
+  of the parent's connection and opens its own, with a fresh lock (a parent's thread may have held
+  it at the fork).
 - A daemon that goes away or refuses the TLS client is an error (KeydUnavailable, one line), never
   SIGPIPE: OpenSSL writes with write(2), so SIGPIPE is blocked in the writing thread around it.
 """
@@ -118,22 +119,25 @@ class KeydConnection:
     def __init__(self, address: KeydAddress) -> None:
         self.address = address
         self._sock: socket.socket | None = None
+        self._readable: select.poll | None = None  # polls self._sock for input (_closed_by_daemon)
         self._lock = threading.Lock()
         self._next_id = 0
-        self._pid = os.getpid()
         _CONNECTIONS.add(self)
 
     def _after_fork_in_child(self) -> None:
         """A parent's thread may have held the lock at the fork (mid-request): the child has no
-        such thread, so it would wait forever. Its connection is the parent's (left to it)."""
+        such thread, so it would wait forever. Its connection is the parent's: the child closes its
+        own descriptor of it (the parent's stays open) and connects anew at its first request."""
         self._lock = threading.Lock()
+        self.close_locked()
 
     def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            if self._sock is not None and self._pid == os.getpid() and self._closed_by_daemon():
+            if self._sock is not None and self._closed_by_daemon():
                 self.close_locked()  # it was restarted while this connection was idle: nothing was sent
-            if self._sock is None or self._pid != os.getpid():  # a forked daemon gets its own connection
-                self._sock, self._pid = self.address.connect(), os.getpid()
+            if self._sock is None:
+                self._connect_locked()
+            assert self._sock is not None
             self._next_id += 1
             rid = self._next_id
             try:
@@ -165,16 +169,20 @@ class KeydConnection:
             raise KeydUnavailable(f"the key daemon at {self.address.spec} sent a malformed reply to {op}")
         return result
 
+    def _connect_locked(self) -> None:
+        sock = self.address.connect()
+        readable = select.poll()
+        readable.register(sock, select.POLLIN)
+        self._sock, self._readable = sock, readable
+
     def _closed_by_daemon(self) -> bool:
         """Whether the daemon ended this idle connection (a restart, a stop): its EOF is waiting.
         Asked before each request, so that a mount's first request after a daemon restart goes to
         the new daemon instead of failing; a request already sent is never retried. One
         non-blocking peek at the socket itself (below TLS): nothing waiting is the usual case."""
         sock = self._sock
-        assert sock is not None
-        waiting = select.poll()
-        waiting.register(sock, select.POLLIN)
-        if not waiting.poll(0):
+        assert sock is not None and self._readable is not None
+        if not self._readable.poll(0):
             return False
         sock.settimeout(0)  # with a timeout, Python would wait for data before each recv below
         try:
@@ -218,9 +226,9 @@ class KeydConnection:
         return decode_payload(body + self._exactly(n - len(body)) if len(body) < n else body)
 
     def close_locked(self) -> None:
-        if self._sock is not None and self._pid == os.getpid():
+        if self._sock is not None:
             self._sock.close()
-        self._sock = None
+        self._sock, self._readable = None, None
 
     def close(self) -> None:
         with self._lock:
