@@ -45,13 +45,15 @@ def write_atomic(path: PathLike, data: bytes, mode: int = 0o600, *, sync_dir: bo
         fsync_dir(os.path.dirname(target) or b".")
 
 
-def remove_dead_temporaries(path: Path) -> None:
-    """Remove ``path``'s temporary files (``.tmp.PID``) whose process is gone: a writer killed
-    between its write and its rename leaves one. Call it where only one writer runs (under the
-    file's lock); another user's process counts as alive."""
-    for tmp in path.parent.glob(f"{path.name}.tmp.*"):
-        pid = tmp.name.rpartition(".")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+def remove_dead_temporaries(path: Path, *more: Path) -> None:
+    """Remove the temporary files (``.tmp.PID``) of ``path`` and ``more`` (files of the same
+    directory, which is listed once) whose process is gone: a writer killed between its write and
+    its rename leaves one. Call it where only one writer runs (under the files' lock); another
+    user's process counts as alive. OSError (but ENOENT) escapes, naming the temporary."""
+    prefixes = {f"{p.name}.tmp" for p in (path, *more)}
+    for tmp in path.parent.glob("*.tmp.*"):
+        prefix, _, pid = tmp.name.rpartition(".")
+        if prefix in prefixes and pid.isdigit() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 

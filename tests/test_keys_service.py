@@ -25,6 +25,7 @@ from encfs.errors import (
     KeyImportError,
     KeyNotFound,
     KeyStateError,
+    StateError,
     TokenError,
     UsageError,
 )
@@ -1056,6 +1057,26 @@ def test_a_killed_writers_temporary_copy_is_removed_by_the_next_write(service: K
         p.write_bytes(b"{}")
     service.create_key(alias="second")
     assert not any(p.exists() for p in dead) and live.exists()
+
+
+def test_a_dead_writers_temporary_that_cannot_be_removed_is_a_state_error(service: KeyService) -> None:
+    """A leftover temporary the next writer cannot remove (here a directory in its place) is one
+    line naming it, and no change is made, rather than an OSError escaping the store."""
+    import subprocess
+    import sys
+
+    service.create_key(alias="first")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    stuck = service.store.path.parent / f"keys.json.bak.tmp.{gone}"
+    stuck.mkdir()
+    before = service.store.path.read_bytes()
+    with pytest.raises(StateError) as exc:
+        service.create_key(alias="second")
+    assert str(exc.value) == f"cannot remove a dead writer's temporary key metadata {stuck}: Is a directory"
+    assert service.store.path.read_bytes() == before
+    stuck.rmdir()
+    service.create_key(alias="second")
 
 
 def test_maintenance_due_is_computed_once_per_metadata_version(service: KeyService, clock: Any,

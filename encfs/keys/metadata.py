@@ -339,8 +339,11 @@ class KeyStore:
     def _save(self, data: dict[str, Any]) -> None:
         text = (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
         self._cache = None
-        for written in (self.path, self.backup):  # a writer killed mid-write left its copy (we hold the lock)
-            remove_dead_temporaries(written)
+        try:  # a writer killed mid-write left its temporary (we hold the lock)
+            remove_dead_temporaries(self.path, self.backup)
+        except OSError as e:
+            raise StateError(f"cannot remove a dead writer's temporary key metadata "
+                             f"{e.filename or self.path.parent}: {e.strerror}") from None
         try:
             write_atomic(self.path, text, 0o600, sync_dir=True)
         except OSError as e:
