@@ -168,12 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "prepare", None) is not None:
             args.prepare(args)
-        # A client of a key daemon reads no PIN; the daemon itself (`encfs keyd`) does, whatever its
-        # config's [keyd] table names for clients.
-        if own_process and hasattr(args, "pkcs11_uri") and (args.command == "keyd" or hsm_options(args).keyd is None):
+        # A client of a key daemon reads no PIN; the daemon itself (`encfs keyd`) does (hsm_options).
+        if own_process and hasattr(args, "pkcs11_uri") and (hsm := hsm_options(args)).keyd is None:
             from encfs.keys.pin_handoff import scrub
 
-            args.handed_pin = scrub(home_of(args) or default_home(), hsm_options(args), sys.argv[1:]).pin
+            args.handed_pin = scrub(home_of(args) or default_home(), hsm, sys.argv[1:]).pin
         if os.environ.get(TEST_INTERNAL_ERROR):
             raise RuntimeError(os.environ[TEST_INTERNAL_ERROR])
         return int(args.func(args) or 0)

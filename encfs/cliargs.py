@@ -37,8 +37,13 @@ def add_hsm_options(parser: argparse.ArgumentParser) -> None:
 
 
 def hsm_options(args: argparse.Namespace) -> HsmOptions:
+    """The token options, and the key daemon to ask instead (--keyd, or the config's [keyd]). A
+    command that serves the token itself (``serves_token``: `encfs keyd`) asks no daemon, whatever
+    its config's [keyd] table names for clients (still checked)."""
     keyd = keyd_options(state_dir(args), args.config, getattr(args, "keyd", None), getattr(args, "keyd_ca", None),
                         getattr(args, "keyd_cert", None), getattr(args, "keyd_key", None))
+    if getattr(args, "serves_token", False):
+        keyd = None
     return HsmOptions(uri=args.pkcs11_uri, module=args.pkcs11_module, token=args.token,
                       pin_file=args.pin_file, pin_env=args.pin_env, config=args.config,
                       pin=getattr(args, "handed_pin", None), passphrase_file=getattr(args, "passphrase_file", None),

@@ -7,7 +7,6 @@ embedded token's file, or sealed PINs with --passphrase-file), then serves until
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fcntl
 import logging
 import os
@@ -40,7 +39,7 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
                    help="close a client that leaves a frame unfinished, or reads none of its replies, this long "
                         "(default 30; an idle client between requests is never closed)")
     p.add_argument("--roles", metavar="FILE", help="roles file (default <state dir>/keyd.toml; docs/keyd.md)")
-    p.set_defaults(func=cmd_keyd)
+    p.set_defaults(func=cmd_keyd, serves_token=True)  # hsm_options: its config's [keyd] is for its clients
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -89,9 +88,7 @@ def cmd_keyd(args: argparse.Namespace) -> int:
     try:
         # The token worker opens the token in its own process (worker.py); a PIN asked on the
         # terminal is asked here, before the fork, and handed over in memory.
-        # A [keyd] address in this state directory's config names a daemon for clients: this one
-        # serves the token itself.
-        hsm = prompt_before_fork(home, dataclasses.replace(hsm_options(args), keyd=None))
+        hsm = prompt_before_fork(home, hsm_options(args))
         worker_sock, worker_pid = worker.start(home, hsm, roles, close_in_child=[lst for lst, _ in listeners])
         daemon = KeyDaemon(worker_sock, args.stall_timeout)
 
