@@ -11,7 +11,8 @@ Invariants:
 - A read is served from a cache only while the file's (inode, mtime, size) is unchanged, and each
   write through this store drops its entry: a change takes effect on the next check.
 - File names are key ids (UUIDs), checked before any path is built: nothing escapes the directory.
-- Memory does not grow with the key ids clients name: at most MAX_KNOWN_PATHS paths are remembered.
+- Memory does not grow with the key ids clients name: only files that exist are remembered (any
+  client names any key id in a blob's header; an absent file is looked for again each time).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from encfs.diskio import fsync_dir
 from encfs.errors import EncfsError, StateError, UsageError
 
 POLICIES, GRANTS = "policies", "grants"
-MAX_KNOWN_PATHS = 4096  # checked paths remembered; more are checked again
 T = TypeVar("T")
 
 
@@ -45,8 +45,8 @@ def check_key_id(key_id: str) -> str:
 class AclStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
-        self._cache: dict[Path, tuple[tuple[int, int, int], Any]] = {}
-        self._paths: dict[tuple[str, str], Path] = {}  # (kind, key id) -> its checked path
+        # (kind, key id) of a file that exists -> its path, (inode, mtime, size) and parsed value
+        self._cache: dict[tuple[str, str], tuple[Path, tuple[int, int, int], Any]] = {}
         self._lock = threading.Lock()
 
     def path(self, kind: str, key_id: str) -> Path:
@@ -54,33 +54,31 @@ class AclStore:
 
     def read(self, kind: str, key_id: str, parse: Callable[[Any, Path], T]) -> T | None:
         """The parsed file (``parse(json, path)``; it raises StateError on a bad shape), None if absent."""
-        known = self._paths.get((kind, key_id))
-        if known is None:
-            if len(self._paths) >= MAX_KNOWN_PATHS:  # any client names any key id in a blob's header
-                self._paths.clear()
-            known = self._paths[(kind, key_id)] = self.path(kind, key_id)
-        path = known
-        cached = self._cache.get(path)
+        entry = (kind, key_id)
+        cached = self._cache.get(entry)
         if cached is not None:  # one stat per check while nothing changed (the daemon's every request)
+            path = cached[0]
             try:
                 st = os.stat(path)
             except OSError:
                 st = None
-            if st is not None and cached[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
-                return cached[1]  # type: ignore[no-any-return]
+            if st is not None and cached[1] == (st.st_ino, st.st_mtime_ns, st.st_size):
+                return cached[2]  # type: ignore[no-any-return]
+        else:
+            path = self.path(kind, key_id)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self._cache.pop(path, None)
+            self._cache.pop(entry, None)
             return None
         except OSError as e:
             raise StateError(f"cannot read {path}: {e.strerror}") from None
         try:
             st = os.fstat(fd)
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            cached = self._cache.get(path)
-            if cached is not None and cached[0] == stamp:
-                return cached[1]  # type: ignore[no-any-return]
+            cached = self._cache.get(entry)
+            if cached is not None and cached[1] == stamp:
+                return cached[2]  # type: ignore[no-any-return]
             with os.fdopen(fd, "rb", closefd=False) as f:
                 raw = f.read()
         except OSError as e:
@@ -95,7 +93,7 @@ class AclStore:
             if isinstance(e, StateError):
                 raise
             raise StateError(f"{path} is damaged: {e.message}") from None
-        self._cache[path] = (stamp, value)
+        self._cache[entry] = (path, stamp, value)
         return value
 
     def write(self, kind: str, key_id: str, document: Any) -> None:
@@ -103,7 +101,7 @@ class AclStore:
         data = json.dumps(document, indent=1, sort_keys=True).encode() + b"\n"
         with self._lock:
             self._ensure_dir(path.parent)
-            self._cache.pop(path, None)
+            self._cache.pop((kind, key_id), None)
             try:
                 write_atomic(path, data, 0o600, sync_dir=True)
             except OSError as e:
@@ -112,7 +110,7 @@ class AclStore:
     def remove(self, kind: str, key_id: str) -> None:
         path = self.path(kind, key_id)
         with self._lock:
-            self._cache.pop(path, None)
+            self._cache.pop((kind, key_id), None)
             try:
                 os.unlink(path)
             except FileNotFoundError:
