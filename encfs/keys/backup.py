@@ -66,7 +66,9 @@ _PATH = re.compile(r"keys\.json(\.bak)?|softhsm/(user\.pin|so\.pin|pins\.sealed)
                    r"|secrets/[0-9a-f]{64}\.json|keyd/(policies|grants)/[0-9a-f-]{36}\.json|keyd\.toml")
 # What a restore replaces; the key daemon's state and the secrets (issue #24) go with the keys they
 # name: a backup without them would lose every secret, and every policy and grant, on a restore.
-STORE_NAMES = ("keys.json", "keys.json.bak", "softhsm", "secrets", "keyd", "keyd.toml")
+# In the order a restore places them: the token directory last (until softhsm/ appears, there is
+# no store to open, so none is seen half-placed).
+STORE_NAMES = ("keys.json", "keys.json.bak", "secrets", "keyd", "keyd.toml", "softhsm")
 _STATE_DIRS = ("secrets", "keyd/policies", "keyd/grants")
 
 
@@ -295,8 +297,7 @@ def restore(home: Path, files: dict[str, bytes], force: bool) -> list[str]:
                 for name in replaced:
                     os.rename(home / name, old / name)
                     moved.append(name)
-            # keys.json before the token directory: until softhsm/ appears there is no store
-            for name in ("secrets", "keyd", "keyd.toml", "keys.json.bak", "keys.json", "softhsm"):
+            for name in STORE_NAMES:  # the token directory last: until it appears there is no store
                 if (stage / name).exists():
                     os.rename(stage / name, home / name)
                     placed.append(name)
