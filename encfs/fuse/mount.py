@@ -155,8 +155,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     peek_config(cipherdir)  # an encfs filesystem: only then may its lock file be created
     lock = MountLock.acquire(cipherdir, mountpoint, read_only=opts.read_only)
     fs: EncryptedFS | None = None
+    ks: KeyService | None = None
     try:
-        ks: KeyService | None = None
         if opts.recovery_key is not None:  # no token, no PKCS#11 module: read-only (cmd_mount)
             # Whatever re-key was interrupted: every key is derived from a file id (recovery.py).
             opened = open_by_recovery_key(cipherdir, opts.recovery_key, opts.recovery_key_file or "the recovery key")
@@ -182,12 +182,12 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         try:
             fd = mount_fusermount(str(mountpoint), _fuse_options(cipherdir, opts))
         except OSError as e:
-            if ks is not None:
-                ks.close()
             raise MountError(f"FUSE refused to mount {mountpoint}: {e.strerror}") from None
     except BaseException:
         if fs is not None:
             fs.sealing.stop()
+        if ks is not None:
+            ks.close()
         lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
         raise
     server = server_class(fd, fs, where, trace=opts.debug)
