@@ -37,9 +37,9 @@ Design:
   reseals them. A renamed symlink is a new backing inode; the kernel keeps the
   old number for it until its next lookup (an alias, inomap.py).
 - Contents seal and open through a sealing.Sealer each (in process, or in the
-  sealing worker once ``sealing`` started it): large writes of whole blocks are
-  sealed before the server takes the file's lock (seal_ahead), and large reads are
-  opened in the worker; a file's data key goes there at its first large read or
+  sealing worker once ``sealing`` started it): writes of whole blocks are sealed
+  before the server takes the file's lock (seal_ahead; large ones in the worker), and
+  large reads are opened in the worker; a file's data key goes there at its first large read or
   write and is dropped when its content closes.
 """
 
@@ -800,20 +800,24 @@ class EncryptedFS(XattrOps):
             reraise_as_errno("read", e)
 
     def seal_ahead(self, fh: int, off: int, buf: memoryview) -> tuple[Sealer, memoryview] | None:
-        """``buf`` sealed for a write at ``off`` by the sealing worker, as (the file's sealer,
-        the sealed bytes), or None (then write() seals it). Changes nothing, so it runs
-        without the server's locks: the kernel keeps a handle open while a write on it is in
-        flight; write() uses the result only if the file's sealer is still that one.
+        """``buf`` sealed for a write at ``off``, as (the file's sealer, the sealed bytes), or
+        None (then write() seals it). Changes nothing, so it runs without the server's locks:
+        the kernel keeps a handle open while a write on it is in flight; write() uses the
+        result only if the file's sealer is still that one.
 
-        Only writes of whole blocks (content.whole_blocks) of a file whose key the worker
-        holds qualify: what they seal does not depend on what the file holds. The result
-        stays valid until this thread seals again."""
+        Only writes of whole blocks (content.whole_blocks) qualify: what they seal does not
+        depend on what the file holds. Large ones are sealed by the sealing worker once it
+        holds the file's key (the result stays valid until this thread seals again); small
+        ones here, so that writes to one file wait for its lock only while they are placed
+        (benchmarks/HISTORY.md)."""
         f = self.files.get(fh)
         content = None if f is None else self.files.contents.get(f.inode)
         blocks = whole_blocks(off, len(buf), self.block_size)
         if content is None or blocks is None:
             return None
         sealer = content.sealer
+        if len(buf) < WORKER_MIN_BYTES:
+            return sealer, memoryview(sealer.seal_run(blocks.start, buf))
         sealed = sealer.seal_in_worker([(blocks, buf)])
         return None if sealed is None else (sealer, sealed[0])
 

@@ -18,9 +18,9 @@ Invariants:
   is only read by them (inomap.py).
 - Reads overlap the backing pread and the reply's copy (no GIL) with decryption
   (GIL held).
-- A WRITE of whole blocks is sealed before the locks (EncryptedFS.seal_ahead, in the
-  sealing worker, from the request buffer it lies in), so sealing one request overlaps
-  writing another; only the pwrite runs under the locks.
+- A WRITE of whole blocks is sealed before the locks (EncryptedFS.seal_ahead: a large one
+  in the sealing worker, from the request buffer it lies in; a small one in this thread),
+  so sealing one request overlaps writing another; only placing it runs under the locks.
 - Replies carry the kernel's cache lifetimes from EntryAttributes; files are
   opened with FOPEN_KEEP_CACHE and the writeback cache is negotiated; an O_DIRECT
   open bypasses the page cache (FOPEN_DIRECT_IO, open_reply_flags).
