@@ -257,8 +257,12 @@ class BlockCipher:
         self.check_run(block_numbers, len(out), len(pt))
         nonces = memoryview(self.nonces(count, counter))
         encrypt_into, scope, pack = self._aead.encrypt_into, self._scope, _U64.pack
+        if count == 1:  # a 4 KiB random write: no loop, and no turn to take (AEAD_TURN)
+            out[:NONCE_LEN] = nonces
+            encrypt_into(nonces, pt, scope + pack(block_numbers[0]), out[NONCE_LEN:])
+            return
         # Slices past the end stop at it, so the last (possibly short) block needs no special case.
-        with self._turn if count > 1 else _NO_TURN:
+        with self._turn:
             for block_no, pos, ipos, npos in zip(block_numbers, range(0, len(out), step), range(0, len(pt), size),
                                                  range(0, len(nonces), NONCE_LEN)):
                 nonce = nonces[npos:npos + NONCE_LEN]
@@ -318,8 +322,14 @@ class BlockCipher:
         self.check_run(block_numbers, len(mv), len(out))
         step, size = self.sealed_block, self.block_size
         decrypt_into, scope, pack = self._aead.decrypt_into, self._scope, _U64.pack
+        if len(block_numbers) == 1:  # a 4 KiB random read: no loop, and no turn to take (AEAD_TURN)
+            try:
+                decrypt_into(mv[:NONCE_LEN], mv[NONCE_LEN:], scope + pack(block_numbers[0]), out)
+            except InvalidTag:
+                _unauthentic(block_numbers[0], out)
+            return
         # Slices past the end stop at it, so the last (possibly short) block needs no special case.
-        with self._turn if len(block_numbers) > 1 else _NO_TURN:
+        with self._turn:
             for block_no, pos, opos in zip(block_numbers, range(0, len(mv), step), range(0, len(out), size)):
                 try:
                     decrypt_into(mv[pos:pos + NONCE_LEN], mv[pos + NONCE_LEN:pos + step], scope + pack(block_no),

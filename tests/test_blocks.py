@@ -326,6 +326,23 @@ def test_runs_of_small_blocks_take_turns(block: int, turns: bool) -> None:
     worker.join()
 
 
+@pytest.mark.parametrize("length", [1, 100, PLAIN_BLOCK])
+def test_a_run_of_one_block_round_trips_and_leaves_no_unauthenticated_bytes(length: int) -> None:
+    bc = BlockCipher(KEY, b"f")
+    data = os.urandom(length)
+    sealed = bytearray(bc.seal_run(7, data))
+    assert len(sealed) == length + OVERHEAD and bc.open_run(7, sealed) == data
+    assert bc.open(7, sealed) == data  # the one-block form of both agrees
+    with pytest.raises(BlockAuthError) as info:
+        bc.open_run(8, sealed)  # another place
+    assert info.value.block_no == 8
+    sealed[NONCE_LEN] ^= 1
+    out = bytearray(b"\xee" * length)
+    with pytest.raises(BlockAuthError):
+        bc.open_into(range(7, 8), sealed, out)
+    assert out == bytes(length)
+
+
 def test_a_run_of_one_block_does_not_take_turns() -> None:
     """A single small block is sealed and opened while another thread holds AEAD_TURN: there
     is no hand-over in it to save, and waiting for the lock costs a sleep and a wake-up."""
