@@ -167,7 +167,7 @@ def run_blocks(first_block: int, sealed_len: int, block: int = PLAIN_BLOCK) -> t
 class RunViews:
     """Every block's views of one place of a buffer for sealed runs and one for their plaintext,
     made once and reused by every run laid there: the sealing worker keeps them for the places
-    of its arena that its slots use. Slicing three memoryviews per block took a fifth of the
+    of its arena that its slots use. Slicing three memoryviews per block took a quarter of the
     time of opening a 1 MiB run of 4 KiB blocks (benchmarks/HISTORY.md). Runs of full blocks
     only: block i is sealed in ``nonces[i] + bodies[i]`` (ciphertext and tag), plain in
     ``plains[i]``."""
