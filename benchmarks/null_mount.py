@@ -24,68 +24,48 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from encfs.blocks import NONCE_LEN, OVERHEAD, TAG_LEN, BlockAuthError, BlockCipher, RunViews
+from encfs.blocks import NONCE_LEN, PLAIN_BLOCK, TAG_LEN, BlockCipher
 
-_NONCE = bytes(NONCE_LEN)
 _TAG = bytes(TAG_LEN)
+Buffer = bytes | bytearray | memoryview
 
 
-class NullBlockCipher(BlockCipher):
-    """BlockCipher's framing and sizes with no encryption work: no AES-GCM, no nonces drawn,
-    no AAD built (benchmark only). Sealed blocks carry an all-zero tag and an all-zero nonce,
-    or, sealed with a ``counter``, the counter nonces BlockCipher would use (they cost no system
-    call, and a caller that reads its counters back from the blocks sees the real ones)."""
+class CopyAead:
+    """AESGCM's four methods with the encryption left out: the ciphertext is the plaintext and
+    the tag is 16 zero bytes; nothing is checked (benchmark only)."""
 
     __slots__ = ()
 
-    def seal(self, block_no: int, plaintext: bytes, counter: int | None = None) -> bytes:
-        if not 0 < len(plaintext) <= self.block_size:
-            raise ValueError(f"a block holds 1 to {self.block_size} bytes, not {len(plaintext)}")
-        return (_NONCE if counter is None else self.nonces(1, counter)) + bytes(plaintext) + _TAG
+    def encrypt(self, nonce: Buffer, data: Buffer, associated_data: Buffer) -> bytes:
+        return bytes(data) + _TAG
 
-    def open(self, block_no: int, sealed: bytes | memoryview) -> bytes:
-        if not OVERHEAD < len(sealed) <= self.sealed_block:
-            raise BlockAuthError(block_no)
-        return bytes(sealed[NONCE_LEN:len(sealed) - TAG_LEN])
+    def decrypt(self, nonce: Buffer, data: Buffer, associated_data: Buffer) -> bytes:
+        return bytes(memoryview(data)[:-TAG_LEN])
 
-    def seal_range(self, block_numbers: range, plaintext: bytes | memoryview,  # type: ignore[override]
-                   counter: int | None = None) -> bytes:
-        pt = memoryview(plaintext).cast("B")
-        self.check_run(block_numbers, len(pt) + len(block_numbers) * OVERHEAD, len(pt))
-        nonces = None if counter is None else self.nonces(len(block_numbers), counter)
-        parts: list[bytes | memoryview] = []
-        for npos, ipos in zip(range(0, NONCE_LEN * len(block_numbers), NONCE_LEN), range(0, len(pt), self.block_size)):
-            parts += (_NONCE if nonces is None else nonces[npos:npos + NONCE_LEN], pt[ipos:ipos + self.block_size],
-                      _TAG)
-        return b"".join(parts)
+    def encrypt_into(self, nonce: Buffer, data: Buffer, associated_data: Buffer, buf: memoryview) -> None:
+        buf[:len(data)] = data
+        buf[len(data):] = _TAG
 
-    def seal_into(self, block_numbers: range, plaintext: bytes | memoryview, out: memoryview | bytearray,
-                  counter: int | None = None) -> None:
-        memoryview(out).cast("B")[:] = self.seal_range(block_numbers, plaintext, counter)
-
-    def open_into(self, block_numbers: range, sealed: bytes | memoryview, out: memoryview | bytearray) -> None:
-        mv, out = memoryview(sealed), memoryview(out).cast("B")
-        self.check_run(block_numbers, len(mv), len(out))
-        pos = opos = 0
-        for _ in block_numbers:
-            end = opos + min(self.sealed_block, len(mv) - pos) - OVERHEAD
-            out[opos:end] = mv[pos + NONCE_LEN:pos + NONCE_LEN + end - opos]
-            pos, opos = pos + self.sealed_block, end
+    def decrypt_into(self, nonce: Buffer, data: Buffer, associated_data: Buffer, buf: memoryview) -> None:
+        buf[:] = memoryview(data)[:-TAG_LEN]
 
 
-    def seal_views(self, block_numbers: range, views: RunViews, counter: int | None = None) -> None:
-        views.check(block_numbers, self.block_size)
-        nonces = None if counter is None else memoryview(self.nonces(len(block_numbers), counter))
-        for k, (_, nonce_at, body, plain) in enumerate(zip(block_numbers, views.nonces, views.bodies, views.plains)):
-            nonce_at[:] = _NONCE if nonces is None else nonces[k * NONCE_LEN:(k + 1) * NONCE_LEN]
-            body[:-TAG_LEN] = plain
-            body[-TAG_LEN:] = _TAG
+class NullBlockCipher(BlockCipher):
+    """BlockCipher with its AEAD swapped for CopyAead, and all-zero nonces where it would draw
+    random ones (counter nonces stay: they cost no system call, and a caller that reads its
+    counters back from the blocks sees the real ones). Every seal and open runs BlockCipher's own
+    code (runs, kept views, one-block paths, AAD), so the null cipher cannot drift from it: the
+    difference is AES-GCM and getrandom(2) alone (benchmark only)."""
 
-    def open_views(self, block_numbers: range, views: RunViews) -> None:
-        views.check(block_numbers, self.block_size)
-        size = self.block_size
-        for _, body, plain in zip(block_numbers, views.bodies, views.plains):
-            plain[:] = body[:size]
+    __slots__ = ()
+
+    def __init__(self, key: bytes, scope: bytes, block_size: int = PLAIN_BLOCK,
+                 nonce_prefix: bytes | None = None) -> None:
+        super().__init__(key, scope, block_size, nonce_prefix)
+        self._aead = CopyAead()  # type: ignore[assignment]
+
+    def nonces(self, count: int, counter: int | None = None) -> bytes:
+        return bytes(NONCE_LEN * count) if counter is None else super().nonces(count, counter)
 
 
 def main(argv: list[str]) -> int:
