@@ -294,7 +294,7 @@ def restore(home: Path, files: dict[str, bytes], force: bool) -> list[str]:
         try:
             if replaced:
                 old.mkdir(mode=0o700)
-                for name in replaced:
+                for name in reversed(replaced):  # the token directory first: then there is no store
                     os.rename(home / name, old / name)
                     moved.append(name)
             for name in STORE_NAMES:  # the token directory last: until it appears there is no store
@@ -304,9 +304,9 @@ def restore(home: Path, files: dict[str, bytes], force: bool) -> list[str]:
             fsync_dir(str(home))
         except OSError as e:
             try:  # put the old store back: nothing half-restored survives
-                for name in placed:
+                for name in reversed(placed):  # the token directory first, back last
                     os.rename(home / name, stage / name)
-                for name in moved:
+                for name in reversed(moved):
                     os.rename(old / name, home / name)
                 old.rmdir() if replaced else None
                 where = f"nothing changed; the unpacked copy is in {stage}"
