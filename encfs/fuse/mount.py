@@ -184,11 +184,13 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         except OSError as e:
             raise MountError(f"FUSE refused to mount {mountpoint}: {e.strerror}") from None
     except BaseException:
-        if fs is not None:
-            fs.sealing.stop()
-        if ks is not None:
-            ks.close()
-        lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
+        try:
+            if fs is not None:
+                fs.sealing.stop()
+            if ks is not None:
+                ks.close()
+        finally:
+            lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
         raise
     server = server_class(fd, fs, where, trace=opts.debug)
     # In the owner record (`encfs status`); pyfuse3's server keeps no count: unknown (null).
