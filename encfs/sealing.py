@@ -79,8 +79,9 @@ class Sealer:
         return self.cipher.open_run(first, sealed)
 
     def seal_run(self, first: int, plain: Bytes) -> bytearray:
-        """Consecutive blocks from ``first`` on, sealed here with random nonces: a write that was
-        not sealed ahead (seal_in_worker) is small, or its server holds a lock anyway."""
+        """Consecutive blocks from ``first`` on, sealed here with random nonces: a small write
+        (EncryptedFS.seal_ahead calls it before the file's lock for whole blocks), or one the
+        worker did not seal."""
         return self.cipher.seal_run(first, plain)
 
     def seal_jobs(self, jobs: Sequence[tuple[range, Bytes]], counters: Sequence[int] | None = None) -> list[Bytes]:

@@ -294,3 +294,29 @@ def test_create_without_o_excl_of_an_existing_name_opens_it(fs: EncryptedFS) -> 
     with pytest.raises(FuseError) as e:
         fs.create(ROOT_ID, b"d", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, CTX)
     assert e.value.errno == errno.EISDIR
+
+
+def test_small_whole_block_writes_are_sealed_ahead_and_a_stale_seal_is_not_used(fs: EncryptedFS) -> None:
+    """seal_ahead seals a small whole-block write before the server takes the file's lock;
+    write() uses what it sealed only while the file's sealer is the one that sealed it."""
+    from encfs.blocks import BlockCipher
+    from encfs.sealing import Sealer
+    fh, _attrs = fs.create(ROOT_ID, b"f", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    try:
+        block = fs.block_size
+        data = os.urandom(2 * block)
+        assert fs.write(fh, 0, data) == len(data)
+        new = os.urandom(block)
+        assert fs.seal_ahead(fh, 1, memoryview(new)) is None  # not whole blocks: sealed under the lock
+        ahead = fs.seal_ahead(fh, block, memoryview(new))
+        assert ahead is not None
+        sealer, sealed = ahead
+        assert sealer.cipher.open(1, sealed) == new  # block 1, under the file's key
+        assert fs.write(fh, block, new, ahead) == block
+        other = os.urandom(block)  # sealed by another sealer (as before a re-key): written afresh
+        stale = Sealer(BlockCipher(os.urandom(32), b"elsewhere", block))
+        assert fs.write(fh, 0, other, (stale, memoryview(stale.seal_run(0, other)))) == block
+    finally:
+        fs.release(fh)
+    ino = fs.lookup(ROOT_ID, b"f", CTX).st_ino
+    assert read(fs, ino) == other + new
