@@ -50,6 +50,8 @@ def remove_dead_temporaries(path: Path, *more: Path) -> None:
     directory, which is listed once) whose process is gone: a writer killed between its write and
     its rename leaves one. Call it where only one writer runs (under the files' lock); another
     user's process counts as alive. OSError (but ENOENT) escapes, naming the temporary."""
+    if any(p.parent != path.parent for p in more):
+        raise ValueError("remove_dead_temporaries lists one directory: every path must be in it")
     prefixes = {f"{p.name}.tmp" for p in (path, *more)}
     for tmp in path.parent.glob("*.tmp.*"):
         prefix, _, pid = tmp.name.rpartition(".")
