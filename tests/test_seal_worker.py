@@ -281,9 +281,9 @@ def test_runs_at_kept_places_seal_and_open_as_in_process(null: bool) -> None:
         assert key_id is not None and areas is not None
         plain_area, sealed_area = areas
         cipher = cls(KEY, VID, block, PREFIX)
-        places = [*range(VIEWS_KEPT + 2), 0, 1]
-        for n, i in enumerate(places):
-            length = count if n % 3 else VIEWS_MIN_BLOCKS - 1
+
+        def round_trip(i: int, length: int, n: int) -> tuple[range, memoryview, memoryview]:
+            """A run of ``length`` blocks sealed and opened at place ``i`` of the arena."""
             numbers = range(100 * i, 100 * i + length)
             data = os.urandom(length * block)
             plain = plain_area[i * block:(i + length) * block]
@@ -296,7 +296,14 @@ def test_runs_at_kept_places_seal_and_open_as_in_process(null: bool) -> None:
             out = plain_area[(i + 1) * block:(i + 1 + length) * block]
             assert worker.open(key_id, [(numbers, at, out)])
             assert bytes(out) == data
-        assert worker.alive
+            assert worker.alive  # done in the worker, not refused and redone in process
+            return numbers, at, out
+
+        for n, i in enumerate([*range(VIEWS_KEPT + 2), 0, 1]):
+            round_trip(i, count if n % 3 else VIEWS_MIN_BLOCKS - 1, n)
+        fresh = VIEWS_KEPT + 5
+        round_trip(fresh, VIEWS_MIN_BLOCKS, 100)  # views of that many blocks are kept there
+        numbers, at, out = round_trip(fresh, count, 101)  # a longer run there makes longer ones
         if not null:
             at[step + 7] ^= 1
             with pytest.raises(BlockAuthError) as info:
