@@ -70,10 +70,7 @@ def fuse_op(func: Callable[..., Any]) -> Callable[..., Any]:
     def handler(self: Any, *args: Any) -> Any:
         try:
             return func(self, *args)
-        except Exception as e:
-            mapped = _as_fuse_error(name, e)
-            if mapped is None or mapped is e:
-                raise
-            raise mapped from None
+        except Exception as e:  # noqa: BLE001 - mapped or raised again unchanged
+            reraise_as_errno(name, e)
 
     return handler
