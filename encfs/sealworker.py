@@ -408,13 +408,11 @@ def _worker(arena_fd: int, block_size: int, cipher_class: type[BlockCipher], fds
                             message, _HEAD.size + k * _JOB.size)
                         numbers = range(start, stop, step)
                         if op != _OPEN:
-                            views = full_blocks(out_at, at, length + len(numbers) * OVERHEAD, len(numbers))
-                            if views is not None:
-                                cipher.seal_views(numbers, views, counter if op == _SEAL_COUNTED else None)
+                            sealed_len, first = length + len(numbers) * OVERHEAD, counter if op == _SEAL_COUNTED else None
+                            if (views := full_blocks(out_at, at, sealed_len, len(numbers))) is not None:
+                                cipher.seal_views(numbers, views, first)
                             else:
-                                cipher.seal_into(numbers, arena[at:at + length],
-                                                 arena[out_at:out_at + length + len(numbers) * OVERHEAD],
-                                                 counter if op == _SEAL_COUNTED else None)
+                                cipher.seal_into(numbers, arena[at:at + length], arena[out_at:out_at + sealed_len], first)
                         elif (views := full_blocks(at, out_at, length, len(numbers))) is not None:
                             cipher.open_views(numbers, views)
                         else:

@@ -39,8 +39,8 @@ Design:
 - Contents seal and open through a sealing.Sealer each (in process, or in the
   sealing worker once ``sealing`` started it): writes of whole blocks are sealed
   before the server takes the file's lock (seal_ahead; large ones in the worker), and
-  large reads are opened in the worker; a file's data key goes there at its first large read or
-  write and is dropped when its content closes.
+  large reads are opened in the worker; a file's data key goes there at its first
+  large read or write and is dropped when its content closes.
 """
 
 from __future__ import annotations

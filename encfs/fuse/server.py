@@ -17,7 +17,7 @@ Invariants:
   locks of their own, taken last and held only for the table update; the inode map
   is only read by them (inomap.py).
 - Reads overlap the backing pread and the reply's copy (no GIL) with decryption
-  (GIL held).
+  (whose per-call work holds the GIL; AES-GCM itself releases it).
 - A WRITE of whole blocks is sealed before the locks (EncryptedFS.seal_ahead: a large one
   in the sealing worker, from the request buffer it lies in; a small one in this thread),
   so sealing one request overlaps writing another; only placing it runs under the locks.
