@@ -1025,6 +1025,36 @@ def machine() -> dict[str, Any]:
             "tools": versions, "free_page_reporting": free_page_reporting()}
 
 
+def backing_store(path: Path, proc: Path = Path("/proc")) -> dict[str, Any]:
+    """The filesystem under ``path``: its type, device and, for ext4, whether it has a journal
+    (None when unknown). An ext4 without a journal makes a new inode skip every inode freed in the
+    last 60-300 s, checking each one (fs/ext4/ialloc.c, recently_deleted): measured on this
+    project's VM, one create in a directory after 2,000 deletes took 90-190 us against 4 without
+    them, so each target's small-file creates depend on how many files the targets before it
+    deleted (benchmarks/README.md)."""
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    fstype, source = "", ""
+    try:
+        for line in (proc / "self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if fields[2] == dev:
+                tail = fields[fields.index("-") + 1:]
+                fstype, source = tail[0], tail[1]  # the last match is the mount on top
+    except (OSError, ValueError, IndexError):
+        pass
+    journal = None
+    if fstype == "ext4" and (proc / "fs/jbd2").is_dir():
+        name = Path(source).name
+        journal = any(p.name.rsplit("-", 1)[0] == name for p in (proc / "fs/jbd2").iterdir())
+    return {"fstype": fstype, "source": source, "journal": journal}
+
+
+def describe_backing_store(store: dict[str, Any]) -> str:
+    journal = {True: ", with a journal", False: ", WITHOUT a journal", None: ""}[store["journal"]]
+    return f"{store['fstype'] or 'unknown'} on {store['source'] or 'unknown'}{journal}"
+
+
 def summarize(samples: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
@@ -1066,7 +1096,9 @@ def markdown(result: dict[str, Any]) -> str:
                 cells.append(f"{sa['median'] / sb['median']:.2f}" + ("" if isinstance(b, str) else f" ({bname})"))
             else:
                 missing = next((t for t in (a, bname) if not res.get(t, {}).get(key)), bname)
-                reasons[missing] = result["targets"].get(missing, {}).get("reason") or "not selected (--targets)"
+                reasons[missing] = (result["targets"].get(missing, {}).get("reason")
+                                    or ("no numbers for rows whose workload did not run (--workloads)"
+                                        if res.get(missing) else "not selected (--targets)"))
                 cells.append("n/a")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if reasons:
@@ -1206,6 +1238,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out = Path(tempfile.gettempdir()) / f"encfs-bench-{stamp}-{scale.name}"
     out.mkdir(parents=True, exist_ok=True)
+    store = backing_store(workdir)
+    if store["journal"] is False:
+        ctx.note(f"the backing store ({describe_backing_store(store)}) has no journal: ext4 then scans the "
+                 "inodes freed in the last minutes at every create, so small-file creates and untar depend "
+                 "on what the targets before deleted; give --workdir a journaled filesystem "
+                 "(benchmarks/README.md)")
     reporting = free_page_reporting()
     if reporting and reporting.startswith("on"):
         ctx.note("free page reporting is on: cold-cache reads vary by up to 2x as the host reclaims and "
@@ -1278,7 +1316,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scale": scale.__dict__, "repeats": repeats, "seconds": round(time.perf_counter() - started, 1),
-        "machine": machine(), "targets": status,
+        "machine": {**machine(), "backing_store": store}, "targets": status,
         "metrics": {k: {"label": v[0], "unit": v[1]} for k, v in {**METRICS, **KEY_METRICS}.items()},
         "results": {t: {k: summarize(v) for k, v in m.items()} for t, m in samples.items()},
         "key_service": {k: summarize(v) for k, v in key_samples.items()},
@@ -1296,7 +1334,8 @@ def main(argv: list[str] | None = None) -> int:
     m = result["machine"]
     (out / "results.md").write_text(
         f"# encfs bench, {result['date']}\n\nMachine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory']} RAM, "
-        f"kernel {m['kernel']}, Python {m['python']}; backing store in {args.workdir or '/var/tmp'}; "
+        f"kernel {m['kernel']}, Python {m['python']}; backing store in {args.workdir or '/var/tmp'} "
+        f"({describe_backing_store(store)}); "
         f"free page reporting to the hypervisor: {m['free_page_reporting'] or 'none'}.\n\n"
         f"```\n{m['disks']}\n```\n\nTools: " + ", ".join(f"{k}: {v}" for k, v in m["tools"].items())
         + f"\n\nWall time: {result['seconds']} s.\n\n{table}\n")

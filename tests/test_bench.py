@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,41 @@ def test_free_page_reporting_state(tmp_path: Path) -> None:
     # bit 5 set on a device that is not a balloon (virtio-blk) reports nothing
     assert detect(_sysfs(tmp_path / "d", {"virtio1": ("0x0002", reporting)}, "9")) is None
     assert detect(tmp_path / "empty") is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or any(shutil.which(t) is None for t in ("losetup", "mkfs.ext4", "mount")),
+                    reason="needs root, losetup and mkfs.ext4")
+def test_backing_store_tells_an_ext4_without_a_journal(tmp_path: Path) -> None:
+    """Real ext4 images on loop devices, one made without a journal (as this VM's root filesystem):
+    the harness finds each one's journal, or its lack, from /proc."""
+    store = _harness().backing_store
+    found = {}
+    for name, features in (("journaled", []), ("plain", ["-O", "^has_journal"])):
+        image, mnt = tmp_path / f"{name}.img", tmp_path / name
+        subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", *features, str(image)], check=True)
+        mnt.mkdir()
+        dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        try:
+            subprocess.run(["mount", dev, str(mnt)], check=True)
+            try:
+                (mnt / "d").mkdir()
+                found[name] = store(mnt / "d")
+            finally:
+                subprocess.run(["umount", str(mnt)], check=True)
+        finally:
+            subprocess.run(["losetup", "-d", dev], check=True)
+    assert found["journaled"]["fstype"] == "ext4" and found["journaled"]["journal"] is True
+    assert found["journaled"]["source"].startswith("/dev/loop")
+    assert found["plain"]["fstype"] == "ext4" and found["plain"]["journal"] is False
+    tmpfs = tmp_path / "tmpfs"
+    tmpfs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "bench-test", str(tmpfs)], check=True)
+    try:
+        assert store(tmpfs) == {"fstype": "tmpfs", "source": "bench-test", "journal": None}
+    finally:
+        subprocess.run(["umount", str(tmpfs)], check=True)
 
 
 def test_refault_memory_touches_the_free_memory_it_is_asked_to() -> None:
