@@ -1,4 +1,5 @@
-"""RemoteKeyService's connection in a forked child while a parent's thread is mid-request (#24)."""
+"""RemoteKeyService's connection in a forked child while a parent's thread is mid-request (#24): the
+child closes its copy of the parent's socket and connects anew."""
 
 from __future__ import annotations
 
@@ -54,12 +55,19 @@ def test_a_forked_child_gets_its_own_connection_while_a_parent_thread_holds_one(
     threading.Thread(target=stuck_call, daemon=True).start()
     assert stalled.wait(10)
     time.sleep(0.2)  # the parent's thread now waits for its reply, holding the connection's lock
+    parents_fd = conn._sock.fileno() if conn._sock is not None else -1
+    assert parents_fd >= 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: what a mount's child does
         pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         signal.alarm(10)
         try:
+            try:
+                os.fstat(parents_fd)  # the child's copy of its parent's socket: closed at the fork
+                os._exit(3)
+            except OSError:
+                pass
             os._exit(0 if conn.call("FromChild", {}) == {"Child": True} else 1)
         finally:
             os._exit(2)
@@ -74,4 +82,6 @@ def test_a_forked_child_gets_its_own_connection_while_a_parent_thread_holds_one(
         os.waitpid(pid, 0)
         raise AssertionError("the forked child hung on its parent's connection lock")
     listener.close()
-    assert os.waitstatus_to_exitcode(status) == 0
+    code = os.waitstatus_to_exitcode(status)
+    assert code != 3, "the child kept its own descriptor of the parent's connection open"
+    assert code == 0
