@@ -320,3 +320,8 @@ def test_small_whole_block_writes_are_sealed_ahead_and_a_stale_seal_is_not_used(
         fs.release(fh)
     ino = fs.lookup(ROOT_ID, b"f", CTX).st_ino
     assert read(fs, ino) == other + new
+    ro = fs.open(ino, os.O_RDONLY, CTX)
+    try:  # a handle that may not write gets nothing sealed (write() answers it EBADF)
+        assert fs.seal_ahead(ro, 0, memoryview(new)) is None
+    finally:
+        fs.release(ro)

@@ -811,7 +811,7 @@ class EncryptedFS(XattrOps):
         ones here, so that writes to one file wait for its lock only while they are placed
         (benchmarks/HISTORY.md)."""
         f = self.files.get(fh)
-        content = None if f is None else self.files.contents.get(f.inode)
+        content = None if f is None or not f.writable else self.files.contents.get(f.inode)
         blocks = whole_blocks(off, len(buf), self.block_size)
         if content is None or blocks is None:
             return None
