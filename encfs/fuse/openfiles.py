@@ -183,12 +183,15 @@ class OpenFiles:
         if content is None:
             return
         # (RELEASE may come after the UNLINK of the file's last name: then its journal just goes.)
-        if self.defer_checkpoints and content.journal.fd is not None and os.fstat(content.fd).st_nlink:
-            with self._table:
-                if f.inode in self.deferred or len(self.deferred) < DEFERRED_MAX:
-                    self.deferred[f.inode] = (time.monotonic() + CHECKPOINT_DELAY, f.path)
-                    return
-        if self._close(content, f.path):
+        unlinked = None  # not asked yet: _close asks if it needs to
+        if self.defer_checkpoints and content.journal.fd is not None:
+            unlinked = os.fstat(content.fd).st_nlink == 0
+            if not unlinked:
+                with self._table:
+                    if f.inode in self.deferred or len(self.deferred) < DEFERRED_MAX:
+                        self.deferred[f.inode] = (time.monotonic() + CHECKPOINT_DELAY, f.path)
+                        return
+        if self._close(content, f.path, unlinked):
             del self.contents[f.inode]
 
     def closed_due(self, now: float) -> tuple[list[int], float | None]:
