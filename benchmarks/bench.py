@@ -1025,10 +1025,10 @@ def machine() -> dict[str, Any]:
             "tools": versions, "free_page_reporting": free_page_reporting()}
 
 
-def backing_store(path: Path, proc: Path = Path("/proc")) -> dict[str, Any]:
+def backing_store(path: Path, proc: Path = Path("/proc"), sys_root: Path = Path("/sys")) -> dict[str, Any]:
     """The filesystem under ``path``: its type, device and, for ext4, whether it has a journal
     (None when unknown). An ext4 without a journal makes a new inode skip every inode freed in the
-    last 60-300 s, checking each one (fs/ext4/ialloc.c, recently_deleted): measured on this
+    last 60-360 s, checking each one (fs/ext4/ialloc.c, recently_deleted): measured on this
     project's VM, one create in a directory after 2,000 deletes took 90-190 us against 4 without
     them, so each target's small-file creates depend on how many files the targets before it
     deleted (benchmarks/README.md)."""
@@ -1040,13 +1040,16 @@ def backing_store(path: Path, proc: Path = Path("/proc")) -> dict[str, Any]:
             fields = line.split()
             if fields[2] == dev:
                 tail = fields[fields.index("-") + 1:]
-                fstype, source = tail[0], tail[1]  # the last match is the mount on top
+                fstype, source = tail[0], tail[1]
     except (OSError, ValueError, IndexError):
         pass
     journal = None
-    if fstype == "ext4" and (proc / "fs/jbd2").is_dir():
-        name = Path(source).name
-        journal = any(p.name.rsplit("-", 1)[0] == name for p in (proc / "fs/jbd2").iterdir())
+    # jbd2 names a journal by the kernel's name of the device ("dm-0-8", "loop0-8"), which the mount
+    # source need not be (/dev/mapper/vg-root, /dev/root); a "/" in it is written "!".
+    kernel_name = (sys_root / "dev/block" / dev).resolve().name if (sys_root / "dev/block" / dev).exists() else ""
+    if fstype == "ext4" and kernel_name and (proc / "fs/jbd2").is_dir():
+        journal = any(p.name.rsplit("-", 1)[0].replace("!", "/") == kernel_name
+                      for p in (proc / "fs/jbd2").iterdir())
     return {"fstype": fstype, "source": source, "journal": journal}
 
 
@@ -1097,7 +1100,8 @@ def markdown(result: dict[str, Any]) -> str:
             else:
                 missing = next((t for t in (a, bname) if not res.get(t, {}).get(key)), bname)
                 reasons[missing] = (result["targets"].get(missing, {}).get("reason")
-                                    or ("no numbers for rows whose workload did not run (--workloads)"
+                                    or ("no numbers for rows whose workload did not run or gave none "
+                                        "(--workloads, or see the notes)"
                                         if res.get(missing) else "not selected (--targets)"))
                 cells.append("n/a")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

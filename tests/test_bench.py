@@ -59,7 +59,7 @@ def test_free_page_reporting_state(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or any(shutil.which(t) is None for t in ("losetup", "mkfs.ext4", "mount")),
-                    reason="needs root, losetup and mkfs.ext4")
+                    reason="needs root, losetup, mkfs.ext4 and mount")
 def test_backing_store_tells_an_ext4_without_a_journal(tmp_path: Path) -> None:
     """Real ext4 images on loop devices, one made without a journal (as this VM's root filesystem):
     the harness finds each one's journal, or its lack, from /proc."""
