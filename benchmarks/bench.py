@@ -1032,17 +1032,15 @@ def backing_store(path: Path, proc: Path = Path("/proc"), sys_root: Path = Path(
     project's VM, one create in a directory after 2,000 deletes took 90-190 us against 4 without
     them, so each target's small-file creates depend on how many files the targets before it
     deleted (benchmarks/README.md)."""
+    from encfs.fuse.mounttable import mount_table
+
     st = os.stat(path)
     dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-    fstype, source = "", ""
     try:
-        for line in (proc / "self/mountinfo").read_text().splitlines():
-            fields = line.split()
-            if fields[2] == dev:
-                tail = fields[fields.index("-") + 1:]
-                fstype, source = tail[0], tail[1]
-    except (OSError, ValueError, IndexError):
-        pass
+        fstype, source = next(((m.fstype, m.source) for m in mount_table(proc / "self/mountinfo") if m.device == dev),
+                              ("", ""))
+    except OSError:
+        fstype, source = "", ""
     journal = None
     # jbd2 names a journal by the kernel's name of the device ("dm-0-8", "loop0-8"), which the mount
     # source need not be (/dev/mapper/vg-root, /dev/root); a "/" in it is written "!".

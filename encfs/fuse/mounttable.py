@@ -1,4 +1,5 @@
-"""The encfs mounts on this machine, from /proc/self/mountinfo (no token, no mount machinery).
+"""The mounts on this machine, and the encfs ones, from /proc/self/mountinfo (no token, no mount
+machinery).
 
 An encfs filesystem mount has type ``fuse.encfs`` and its CIPHERDIR as source
 (the daemon mounts with ``fsname=<absolute CIPHERDIR>``); a volume's private
@@ -29,17 +30,34 @@ def _unescape(field: str) -> str:
     return os.fsdecode(raw)
 
 
-def encfs_mounts(table: str = "/proc/self/mountinfo") -> list[MountEntry]:
-    """Every ``fuse.encfs`` mount, in mount order."""
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of mountinfo."""
+
+    device: str  # "major:minor" of the filesystem
+    mountpoint: str
+    fstype: str
+    source: str
+    read_only: bool
+
+
+def mount_table(table: str | os.PathLike[str] = "/proc/self/mountinfo") -> list[MountInfo]:
+    """Every mount, in mount order. OSError if the table cannot be read."""
     out = []
     with open(table, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, sep, right = line.rstrip("\n").partition(" - ")
             fields, tail = left.split(), right.split()
-            if not sep or len(fields) < 6 or len(tail) < 2 or tail[0] != FS_TYPE:
+            if not sep or len(fields) < 6 or len(tail) < 2:
                 continue
-            out.append(MountEntry(_unescape(tail[1]), _unescape(fields[4]), "ro" in fields[5].split(",")))
+            out.append(MountInfo(fields[2], _unescape(fields[4]), tail[0], _unescape(tail[1]),
+                                 "ro" in fields[5].split(",")))
     return out
+
+
+def encfs_mounts(table: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    """Every ``fuse.encfs`` mount, in mount order."""
+    return [MountEntry(m.source, m.mountpoint, m.read_only) for m in mount_table(table) if m.fstype == FS_TYPE]
 
 
 def mount_at(path: Path) -> MountEntry | None:
