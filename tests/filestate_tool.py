@@ -34,6 +34,8 @@ def main(argv: list[str]) -> None:
         user_xattrs_supported,
         write_state,
     )
+    from encfs.fuse.filekeys import FileKeys
+    from encfs.fuse.fsconfig import open_config
     from encfs.keys.service import KeyService
 
     cipherdir, backing, seals = Path(argv[0]), Path(argv[1]), int(argv[2])
@@ -42,9 +44,9 @@ def main(argv: list[str]) -> None:
     fd = os.open(backing, os.O_RDWR)
     try:
         header = FileHeader.parse(os.pread(fd, 128, 0))
-        context = {"encfs:fs": config["fs_id"], "encfs:file": header.file_id.hex()}
         with KeyService.open(Path(os.environ["ENCFS_HOME"]), provision=False) as ks:
-            key = ks.decrypt(header.wrapped_key, context, key=config["key_id"]).plaintext
+            opened = open_config(cipherdir, ks, writable=False)
+            key = FileKeys(opened.config, opened.keys, ks).key(header)  # derived or wrapped
         cipher = BlockCipher(key, header.file_id, block)
         side = None if user_xattrs_supported(os.fsencode(cipherdir)) else state_file(os.fsencode(cipherdir),
                                                                                       header.file_id)

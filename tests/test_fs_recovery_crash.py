@@ -116,7 +116,7 @@ def test_add_killed_in_its_rekey_mounts_by_the_key_and_is_finished_by_add(tmp_pa
     the same add then finishes the job and every file reads back by the key."""
     cipherdir, plain, key, rk = tmp_path / "cipher", tmp_path / "plain", new_key(fs_home), tmp_path / "fs.rk"
     plain.mkdir()
-    ok("init", str(cipherdir), "--key", key, home=fs_home)
+    ok("init", str(cipherdir), "--key", key, "--wrapped-file-keys", home=fs_home)  # random keys for `add`
     data = {f"f{i}": os.urandom(64 << 10) for i in range(150)}
     with Mount(cipherdir, plain, fs_home):
         for name, body in data.items():

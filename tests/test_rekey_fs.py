@@ -118,7 +118,7 @@ def inodes(cipher: Path, files: dict[str, bytes]) -> int:
 def make(tmp_path: Path, home: Path, files: int = 40) -> tuple[Path, Path, Tree, dict[str, dict[str, bytes]]]:
     cipher, plain = tmp_path / "cipher", tmp_path / "plain"
     plain.mkdir()
-    ok(home, "init", cipher, "--key", "a")
+    ok(home, "init", cipher, "--key", "a", "--wrapped-file-keys")  # a header per file to move
     with Mount(cipher, plain, home):
         tree, xattrs = populate(plain, files)
     return cipher, plain, tree, xattrs
@@ -224,7 +224,7 @@ def test_kill_9_at_random_moments_then_rerun_finishes(tmp_path: Path, home: Path
     the end the CMK not used last is disabled and every file reads back."""
     cipher, plain = tmp_path / "cipher", tmp_path / "plain"
     plain.mkdir()
-    ok(home, "init", cipher, "--key", "a")
+    ok(home, "init", cipher, "--key", "a", "--wrapped-file-keys")  # a header per file to move
     tree: Tree = {}
     with Mount(cipher, plain, home):
         for d in range(KILL_FILES // 500):

@@ -44,7 +44,7 @@ def test_section_has_every_vector() -> None:
     assert set(FS) >= {"fs-keys", "config-mac", "name-short", "name-long", "content-block", "content-layout-32k",
                        "content-layout-4k", "file-header", "symlink", "xattr", "file-state", "journal",
                        "dirid-bound", "symlink-bound", "xattr-padded", "block-counter-nonce",
-                       "file-state-holes", "fs-recovery"}
+                       "file-state-holes", "fs-recovery", "fs-derived-file-key"}
 
 
 def test_fs_key_derivation() -> None:
@@ -159,6 +159,24 @@ def test_file_header_vector() -> None:
     v2 = header[:4] + bytes([2]) + header[5:]  # version 2 differs in the version byte only
     assert FileHeader.parse(v2).version == V2 and FileHeader.parse(v2).pack() == v2
     for bad in (header[:5] + b"\x01" + header[6:], header[:-1] + b"\x01"):  # reserved, padding
+        with pytest.raises(HeaderError):
+            FileHeader.parse(bad)
+
+
+def test_derived_file_key_vector() -> None:
+    v = FS["fs-derived-file-key"]
+    secret, fs_id, file_id = hexbytes(v["fs_secret"]), v["fs_id"], hexbytes(v["file_id"])
+    root = HKDF(hashes.SHA256(), 32, salt=bytes.fromhex(fs_id), info=b"encfs file keys v1").derive(secret)
+    assert root == hexbytes(v["file_root"]) == derive_fs_keys(secret, fs_id).file_root
+    key = HKDF(hashes.SHA256(), 32, salt=bytes.fromhex(fs_id), info=b"encfs file key v1" + file_id).derive(root)
+    assert key == hexbytes(v["file_key"]) == file_key(root, fs_id, file_id)
+    header = hexbytes(v["header"])
+    parsed = FileHeader.parse(header)
+    assert parsed.file_id == file_id and parsed.derived and parsed.wrapped_key == b"" and parsed.version == V2
+    assert parsed.pack() == header == FileHeader(file_id, b"").pack()
+    # source 1 with a blob, source 0 without one, and an unknown source are damaged headers
+    for bad in (header[:22] + b"\x00\x01\x01" + header[25:], header[:5] + b"\x00" + header[6:],
+                header[:5] + b"\x02" + header[6:]):
         with pytest.raises(HeaderError):
             FileHeader.parse(bad)
 

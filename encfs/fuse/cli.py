@@ -15,7 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from encfs.fuse.fsconfig import BLOCK_FEATURES, CONFIG_NAME, DEFAULT_BLOCK_SIZE, init_filesystem, peek_config
+from encfs.fuse.fsconfig import (
+    BLOCK_FEATURES,
+    CONFIG_NAME,
+    DEFAULT_BLOCK_SIZE,
+    DERIVED_FEATURE,
+    init_filesystem,
+    peek_config,
+)
 from encfs.fuse.mounthelper import add_mount8_options
 from encfs.fuse.names import is_internal, is_longname_entry
 from encfs.output import print_json, report
@@ -37,9 +44,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     recovery_key = init_recovery_key(args)
     with open_service(home, hsm) as ks:
         config = init_filesystem(Path(args.cipherdir), ks, args.key, block_size=args.block_size,
-                                 recovery_key=recovery_key)
+                                 recovery_key=recovery_key, wrapped_file_keys=args.wrapped_file_keys)
     report(args, {"CipherDir": str(Path(args.cipherdir).absolute()), "FileSystemId": config.fs_id,
-                  "KeyId": config.key_id, "BlockSize": config.block_size, "RecoveryKey": recovery_key is not None},
+                  "KeyId": config.key_id, "BlockSize": config.block_size, "RecoveryKey": recovery_key is not None,
+                  "FileKeys": "derived" if DERIVED_FEATURE in config.features else "wrapped"},
            f"encrypted filesystem {config.fs_id} created in {args.cipherdir} under key {config.key_id}"
            f" ({config.block_size // 1024} KiB blocks)"
            + (f"; recovery key {args.new_recovery_key or args.recovery_key} opens it without the HSM: keep it apart"
@@ -191,6 +199,9 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--block-size", type=int, choices=sorted(BLOCK_FEATURES.values()), default=DEFAULT_BLOCK_SIZE,
                    metavar="BYTES", help=f"plaintext bytes per AES-GCM content block (default {DEFAULT_BLOCK_SIZE}; "
                    "32768: sequential reads a few percent faster, 4 KiB random I/O slower)")
+    p.add_argument("--wrapped-file-keys", action="store_true",
+                   help="wrap every new file's data key by the CMK (one token call and one audit record per "
+                   "file, as S3 without bucket keys) instead of deriving it from the filesystem's secret")
     from encfs.recoverycli import add_key_options
 
     add_key_options(p, required=False)

@@ -4,12 +4,15 @@ Header (128 bytes, then blocks)::
 
     0   4   magic b"ENCF"
     4   1   content version (1 or 2)
-    5   1   reserved (0)
+    5   1   key source: 0 wrapped (the blob follows), 1 derived (no blob: n = 0)
     6   16  file id (random)
     22  2   u16 length n of the wrapped data key blob
     24  n   wrapped data key (key-service ciphertext blob; context
             {"encfs:fs": <fs id hex>, "encfs:file": <file id hex>})
     24+n    zero padding to 128 bytes
+
+A derived key (filesystems with the feature ``derived-file-keys``: filekeys.py) is computed
+from the filesystem's file-key root and the file id, so the header carries no blob.
 
 Version 2 differs from version 1 only in what it promises: the backing file carries its
 state (FileState) in the xattr ``user.encfs.state`` (on a backing store without user xattrs,
@@ -48,6 +51,7 @@ from encfs.fuse.holes import EXTENT, HOLES_MAX, pack_extents, unpack_extents
 
 MAGIC = b"ENCF"
 V1, V2 = 1, 2
+WRAPPED, DERIVED = 0, 1  # the key source byte
 HEADER_LEN = 128
 VERSION_OFFSET = 4
 FILE_ID_LEN = 16
@@ -76,11 +80,17 @@ class HeaderError(IntegrityError):
 @dataclass(frozen=True)
 class FileHeader:
     file_id: bytes
-    wrapped_key: bytes
+    wrapped_key: bytes  # empty for a derived key
     version: int = V2
 
+    @property
+    def derived(self) -> bool:
+        """Whether the file's key is derived from the file-key root (filekeys.py), not wrapped here."""
+        return not self.wrapped_key
+
     def pack(self) -> bytes:
-        fixed = _FIXED.pack(MAGIC, self.version, 0, self.file_id, len(self.wrapped_key))
+        source = DERIVED if self.derived else WRAPPED
+        fixed = _FIXED.pack(MAGIC, self.version, source, self.file_id, len(self.wrapped_key))
         body = fixed + self.wrapped_key
         if len(body) > HEADER_LEN:
             raise ValueError("wrapped data key does not fit the file header")
@@ -90,13 +100,15 @@ class FileHeader:
     def parse(cls, data: bytes) -> FileHeader:
         if len(data) < HEADER_LEN:
             raise HeaderError(f"file header truncated ({len(data)} of {HEADER_LEN} bytes)")
-        magic, version, reserved, file_id, n = _FIXED.unpack_from(data)
+        magic, version, source, file_id, n = _FIXED.unpack_from(data)
         if magic != MAGIC:
             raise HeaderError("not an encfs file (bad magic)")
         if version not in (V1, V2):
             raise HeaderError(f"unsupported file content version {version}")
-        if reserved or _FIXED.size + n > HEADER_LEN or any(data[_FIXED.size + n:HEADER_LEN]):
-            raise HeaderError("file header has nonzero reserved bytes or an oversized key blob")
+        if source not in (WRAPPED, DERIVED) or (source == DERIVED) != (n == 0) or _FIXED.size + n > HEADER_LEN \
+                or any(data[_FIXED.size + n:HEADER_LEN]):
+            raise HeaderError("file header has an unknown key source, a key blob that does not match it, "
+                              "or nonzero padding")
         return cls(file_id, bytes(data[_FIXED.size:_FIXED.size + n]), version)
 
 

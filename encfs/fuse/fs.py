@@ -128,7 +128,7 @@ class EncryptedFS(XattrOps):
         # blocks are sealed ahead of the file's lock (seal_ahead) and large reads opened there.
         self.sealing = Sealers(self.block_size, self.cipher_class)
         self.files = OpenFiles(self.root, config, ks, self.cipher_class, read_only, self.sealing, recovering,
-                               open_path=self.bd.open, recovery_root=recovery_root)
+                               open_path=self.bd.open, recovery_root=recovery_root, fs_keys=keys)
         self.files.describe = self.plain_path  # log lines name the plaintext path
         self.files.check_derived = ks is not None and recovery_root is not None
         self.inodes = InodeMap(self.root)
@@ -921,6 +921,5 @@ class EncryptedFS(XattrOps):
     def close_all(self) -> None:
         """Close every open file (unmount): journals are checkpointed."""
         self.files.close_all()
-        if self.files.new_keys is not None:
-            self.files.new_keys.clear()
+        self.files.keys.clear()
         self.bd.close()

@@ -106,13 +106,16 @@ def _file(self: Walk, path: bytes, check: FileCheck) -> None:
         assert self.opened is not None
         config = self.opened.config
         try:
-            key = self.ks.decrypt(header.wrapped_key, config.file_context(header.file_id),
-                                  key=config.key_id).plaintext
+            key = self.fs.files.keys.key(header)
+        except HeaderError as e:  # a derived key on a filesystem whose keys never are
+            self.add(Finding("header", f"{where}: its header is damaged: {e}; its contents cannot be read",
+                             place=rel))
+            return
         except (InvalidCiphertext, ContextMismatch, KeyNotFound) as e:
             self.add(Finding("wrapped-key", f"{where}: its wrapped data key does not unwrap ({e.message}): "
                                             "its contents cannot be read", place=rel))
             return
-        if self.opened.root is not None and key != file_key(self.opened.root, config.fs_id, header.file_id):
+        if self.opened.root is not None and not header.derived and key != file_key(self.opened.root, config.fs_id, header.file_id):
             self.add(Finding("recovery", f"{where}: its data key is not derived from the recovery root: the "
                                          "recovery key does not open it (`encfs rekey --full` gives it one that is)",
                              WARNING, place=rel))

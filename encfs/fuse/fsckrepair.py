@@ -161,7 +161,7 @@ def rescue(r: Repairer, check: FileCheck) -> None:
         header = FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
         assert r.walk.opened is not None
         config = r.walk.opened.config
-        key = r.walk.ks.decrypt(header.wrapped_key, config.file_context(header.file_id), key=config.key_id).plaintext
+        key = r.walk.fs.files.keys.key(header)
         from encfs.blocks import BlockCipher
         from encfs.fuse.content import FileContent
 

@@ -90,14 +90,19 @@ SPARSE_FEATURE = "sparse-files"
 # New files' data keys are derived from a recovery root, which a recovery key also wraps (recovery.py,
 # FORMAT.md §6.10): off by default, set by `encfs init --recovery-key` or `encfs recovery-key add`.
 RECOVERY_FEATURE = "recovery-key"
+# New files' data keys are derived from the file-key root (FsKeys.file_root; filekeys.py, FORMAT.md
+# §6.4): no token call per file. New filesystems have it unless `encfs init --wrapped-file-keys`;
+# filesystems without it wrap every new file's key by the CMK, as before.
+DERIVED_FEATURE = "derived-file-keys"
 COMMON_FEATURES = ("per-file-keys", "siv-names", "long-names", "long-symlinks", *BINDING_FEATURES, SPARSE_FEATURE)
-KNOWN_FEATURES = (*BLOCK_FEATURES, *COMMON_FEATURES, BINDING_UPGRADE, RECOVERY_FEATURE)
+KNOWN_FEATURES = (*BLOCK_FEATURES, *COMMON_FEATURES, BINDING_UPGRADE, RECOVERY_FEATURE, DERIVED_FEATURE)
 _FS_ID = re.compile(r"[0-9a-f]{32}")
 ROOT_FIELD, RECOVERY_FIELD = "wrapped_recovery_root", "recovery_wrapped_keys"
 
 
 def features_for(block_size: int) -> tuple[str, ...]:
-    """The feature flags of a new filesystem with ``block_size``-byte content blocks."""
+    """The feature flags of a new filesystem with ``block_size``-byte content blocks (and the
+    wrapped file keys of `encfs init --wrapped-file-keys`: init_filesystem adds DERIVED_FEATURE)."""
     for flag, size in BLOCK_FEATURES.items():
         if size == block_size:
             return (flag, *COMMON_FEATURES)
@@ -539,11 +544,12 @@ def write_config(cipherdir: Path, opened: OpenedConfig, new: FsConfig) -> None:
 
 
 def init_filesystem(cipherdir: Path, ks: KeyService, key: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                    recovery_key: Callable[[], bytes] | None = None) -> FsConfig:
+                    recovery_key: Callable[[], bytes] | None = None, wrapped_file_keys: bool = False) -> FsConfig:
     """Create a new filesystem in an empty (or new) directory; on failure leave no trace of it.
     ``recovery_key``: called once the CMK has wrapped the keys, gives the filesystem a recovery
-    key (RECOVERY_FEATURE; recoverykeys.py)."""
-    features = features_for(block_size)
+    key (RECOVERY_FEATURE; recoverykeys.py). ``wrapped_file_keys``: every new file's key is
+    wrapped by the CMK (without DERIVED_FEATURE)."""
+    features = features_for(block_size) + (() if wrapped_file_keys else (DERIVED_FEATURE,))
     created = not cipherdir.exists()
     try:
         cipherdir.mkdir(parents=True, exist_ok=True)
@@ -576,17 +582,19 @@ def init_filesystem(cipherdir: Path, ks: KeyService, key: str, block_size: int =
 
 @dataclass(frozen=True)
 class FsKeys:
-    name_key: bytes
-    meta_key: bytes
+    name_key: bytes = field(repr=False)
+    meta_key: bytes = field(repr=False)
+    file_root: bytes = field(repr=False)  # what derived file keys come from (DERIVED_FEATURE; filekeys.py)
 
 
 def derive_fs_keys(secret: bytes, fs_id: str) -> FsKeys:
-    """HKDF-SHA256(secret, salt = fs id bytes) -> the name and metadata keys."""
+    """HKDF-SHA256(secret, salt = fs id bytes) -> the name and metadata keys, and the file-key root."""
 
     def derive(info: bytes, n: int) -> bytes:
         return HKDF(hashes.SHA256(), n, salt=bytes.fromhex(fs_id), info=info).derive(secret)
 
-    return FsKeys(name_key=derive(b"encfs names v1", 64), meta_key=derive(b"encfs metadata v1", 32))
+    return FsKeys(name_key=derive(b"encfs names v1", 64), meta_key=derive(b"encfs metadata v1", 32),
+                  file_root=derive(b"encfs file keys v1", 32))
 
 
 def add_sparse(cipherdir: Path, opened: OpenedConfig) -> None:

@@ -63,7 +63,8 @@ def fresh_keys(cipherdir: Path, ks: KeyService, recovering: bool, files: list[by
     # With a recovery root, the fresh keys are derived from it (recoverykeys.py): this is how
     # `encfs recovery-key add` makes every file recoverable.
     opened = OpenFiles(root, config, ks, BlockCipher, read_only=False,
-                       sealers=Sealers(config.block_size), recovering=recovering, recovery_root=loaded.root)
+                       sealers=Sealers(config.block_size), recovering=recovering, recovery_root=loaded.root,
+                       fs_keys=loaded.keys)
     log_fd = os.open(cipherdir / DONE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     count = size = 0
     try:
@@ -106,10 +107,9 @@ def _one(bd: BackingDirs, opened: OpenFiles, path: bytes, done: set[bytes]) -> i
         opened.release(fh)
         return None
     c.check_key()  # its key opens its last block (header poisoning, as before any write)
-    file_id, dk = opened.take_key()
-    assert dk.plaintext is not None
-    rekeyfile.rekey(c, FileHeader(file_id, dk.ciphertext_blob, c.header.version),
-                    BlockCipher(dk.plaintext, file_id, opened.block_size))
+    fresh, key = opened.keys.new()
+    rekeyfile.rekey(c, FileHeader(fresh.file_id, fresh.wrapped_key, c.header.version),
+                    BlockCipher(key, fresh.file_id, opened.block_size))
     opened.release(fh)
     if st.st_ino in opened.contents:  # its checkpoint failed: the content stayed pinned
         raise OSError(5, "cannot checkpoint it after the re-key", os.fsdecode(path))

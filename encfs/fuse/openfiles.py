@@ -46,7 +46,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from encfs import daemonlog
 from encfs.blocks import BlockAuthError, BlockCipher
@@ -54,7 +54,6 @@ from encfs.errors import InvalidCiphertext, KeyNotFound, KeyStateError, TokenErr
 from encfs.fuse import rekeyfile
 from encfs.fuse.content import FileContent, plain_file_size
 from encfs.fuse.fileheader import (
-    FILE_ID_LEN,
     HEADER_LEN,
     SEAL_LIMIT,
     STATE_SUFFIX,
@@ -66,12 +65,12 @@ from encfs.fuse.fileheader import (
     state_file,
     user_xattrs_supported,
 )
-from encfs.fuse.fsconfig import SPARSE_FEATURE, FsConfig
+from encfs.fuse.filekeys import FileKeys
+from encfs.fuse.fsconfig import SPARSE_FEATURE, FsConfig, FsKeys
 from encfs.fuse.journal import file_ids, journal_path
-from encfs.fuse.recoverykeys import DerivedKeyPool, file_key
+from encfs.fuse.recoverykeys import file_key
 from encfs.keys.cache import DataKeyCache
-from encfs.keys.pool import DataKeyPool
-from encfs.keys.service import DataKey, KeyService
+from encfs.keys.service import KeyService
 from encfs.sealing import Sealers
 
 log = logging.getLogger("encfs.fuse")
@@ -93,7 +92,8 @@ class OpenFiles:
 
     def __init__(self, root: bytes, config: FsConfig, ks: KeyService | None, cipher_class: type[BlockCipher],
                  read_only: bool, sealers: Sealers, recovering: bool = True,
-                 open_path: Callable[[bytes, int], int] = os.open, recovery_root: bytes | None = None) -> None:
+                 open_path: Callable[[bytes, int], int] = os.open, recovery_root: bytes | None = None,
+                 fs_keys: FsKeys | None = None) -> None:
         self.root = root
         self._open_path = open_path  # fs.py's: through directory fds, for backing paths past PATH_MAX
         self.describe: Callable[[bytes], str] = os.fsdecode  # a backing path's plaintext path (fs.py's)
@@ -104,18 +104,12 @@ class OpenFiles:
         self.read_only = read_only
         self.sealers = sealers
         self.key_cache = DataKeyCache(max_entries=65536)  # the default lifetime (cache.MAX_AGE, 5 minutes)
-        # New files' keys come in batches: one pass through the key service per batch. With a
-        # recovery root they are derived from it (recoverykeys.py); without a key service (a mount
-        # by the recovery key, read-only) every file key is derived and none is ever new.
+        # New files' keys, and the key of each file loaded (filekeys.py): derived, or wrapped by the
+        # CMK (a batch per pass through the key service; with a recovery root derived from it).
         self.recovery_root = recovery_root
-        # A mount with a recovery root (fs.py) checks that each file's key is the derived one.
+        self.keys = FileKeys(config, fs_keys, ks, recovery_root, cache=self.key_cache)
+        # A mount with a recovery root (fs.py) checks that each wrapped key is the derived one.
         self.check_derived = False
-        self.new_keys: DataKeyPool[bytes] | None = None
-        if ks is not None and recovery_root is not None:
-            self.new_keys = DerivedKeyPool(ks, config.key_id, self._new_file_id, root=recovery_root,
-                                           fs_id=config.fs_id, cache=self.key_cache)
-        elif ks is not None:
-            self.new_keys = DataKeyPool(ks, config.key_id, self._new_file_id, cache=self.key_cache)
         self._handles: dict[int, OpenFile] = {}
         self._per_inode: dict[int, int] = {}
         self._table = threading.Lock()  # guards _handles, _per_inode, _next and deferred (see the invariants)
@@ -349,7 +343,7 @@ class OpenFiles:
             except (KeyStateError, KeyNotFound, TokenError, InvalidCiphertext) as e:
                 daemonlog.report_integrity(log, self.describe(f.path), "file key", e)
                 raise
-            if self.check_derived and key != file_key(self.recovery_root or b"", self.config.fs_id, header.file_id):
+            if self.check_derived and not header.derived and key != file_key(self.recovery_root or b"", self.config.fs_id, header.file_id):
                 # The CMK's key is the file's key; but the recovery key would not open this file (one
                 # restored from a backup made before `encfs recovery-key add`, say).
                 log.warning("%r: its data key is not derived from the recovery root: the recovery key does "
@@ -367,19 +361,8 @@ class OpenFiles:
         return c
 
     def file_key(self, header: FileHeader) -> bytes:
-        """The file's data key: unwrapped by the CMK, or without a key service derived from the
-        recovery root (a file whose key was not derived then fails at its first block: EIO)."""
-        if self.ks is None:
-            assert self.recovery_root is not None
-            return file_key(self.recovery_root, self.config.fs_id, header.file_id)
-        return self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
-                               key=self.config.key_id, cache=self.key_cache).plaintext
-
-    def take_key(self) -> tuple[bytes, DataKey]:
-        """A new file id and its data key (OSError EROFS without a key service)."""
-        if self.new_keys is None:
-            raise OSError(errno.EROFS, "mounted by its recovery key: no new data keys")
-        return self.new_keys.take()
+        """The file's data key (FileKeys.key)."""
+        return self.keys.key(header)
 
     def _finish_rekey(self, fd: int, writable: bool, header: FileHeader, path: bytes) -> tuple[int, FileHeader]:
         """A file whose re-key a crash interrupted: finish it (or, read-only, read its side
@@ -431,16 +414,16 @@ class OpenFiles:
 
     def rekey(self, c: FileContent, path: bytes) -> None:
         """Give ``c``'s file a fresh file id and data key (see the invariants)."""
-        file_id, dk = self.take_key()
-        assert dk.plaintext is not None
+        fresh, key = self.keys.new()
+        file_id = fresh.file_id
         old_id, seals = c.header.file_id, c.seals
         try:
-            rekeyfile.rekey(c, FileHeader(file_id, dk.ciphertext_blob, c.header.version),
-                            self.cipher_class(dk.plaintext, file_id, self.block_size))
+            rekeyfile.rekey(c, replace(fresh, version=c.header.version),
+                            self.cipher_class(key, file_id, self.block_size))
         except OSError as e:
             if isinstance(e, rekeyfile.SideFilePending):  # ``c`` is under the new key, read-only
                 self.rekeys.add(old_id)  # a later load of the file finishes the job
-                c.sealer = self.sealers.sealer(c.cipher, dk.plaintext, file_id)
+                c.sealer = self.sealers.sealer(c.cipher, key, file_id)
             if c.read_only or c.seals >= SEAL_LIMIT:
                 log.error("%r: its data key's budget is spent and it cannot get a fresh one (%s): "
                           "writes fail", path, e.strerror)
@@ -450,7 +433,7 @@ class OpenFiles:
                       path, e.strerror, REKEY_RETRY)
             return
         log.warning("%r: gave it a fresh data key after %d seals under the old one", path, seals)
-        c.sealer = self.sealers.sealer(c.cipher, dk.plaintext, file_id)  # the old one was closed with its cipher
+        c.sealer = self.sealers.sealer(c.cipher, key, file_id)  # the old one was closed with its cipher
 
     def renew(self, f: OpenFile, new_file: bool = False) -> FileContent:
         """Empty ``f``'s file and give it a new header and data key (``new_file``: it was just
@@ -459,16 +442,16 @@ class OpenFiles:
             self.drop(f.inode, f.fd, f.path)
         fd = os.dup(f.fd)
         try:
-            file_id, dk = self.take_key()
-            assert dk.plaintext is not None
-            header = FileHeader(file_id, dk.ciphertext_blob, self.version)
-            c = FileContent.create(fd, header, self.cipher_class(dk.plaintext, file_id, self.block_size),
+            fresh, key = self.keys.new()
+            file_id = fresh.file_id
+            header = replace(fresh, version=self.version)
+            c = FileContent.create(fd, header, self.cipher_class(key, file_id, self.block_size),
                                    self.root, self.journals, self._reporter(f.path), self.state_in_file)
         except BaseException:
             os.close(fd)
             raise
         c.use_fd(fd, True)
-        c.sealer = self.sealers.sealer(c.cipher, dk.plaintext, file_id)
+        c.sealer = self.sealers.sealer(c.cipher, key, file_id)
         c.sparse = self.sparse
         self.contents[f.inode] = c
         self.checked.add(f.inode)
@@ -500,10 +483,6 @@ class OpenFiles:
             return state_file(self.root, FileHeader.parse(os.pread(fd, HEADER_LEN, 0)).file_id)
         except HeaderError:
             return None
-
-    def _new_file_id(self) -> tuple[bytes, dict[str, str]]:
-        file_id = os.urandom(FILE_ID_LEN)
-        return file_id, self.config.file_context(file_id)
 
     def handles(self) -> Iterator[OpenFile]:
         with self._table:

@@ -292,7 +292,8 @@ def _to_move(root: bytes, dest: tuple[str, int], read_only: bool,
     moving = []
     for rel in [*backing_files(root), *side_files]:
         try:
-            if where(_read_header(root, rel).wrapped_key) != dest:
+            header = _read_header(root, rel)
+            if not header.derived and where(header.wrapped_key) != dest:  # a derived key moves with the secret
                 moving.append(rel)
         except (HeaderError, ValueError, EncfsError):
             damaged.append(os.fsdecode(rel))

@@ -429,6 +429,10 @@ class RemoteKeyService:
                     cache.put(dk.ciphertext_blob, encode_context(c), dk.plaintext, dk.key_id, dk.key_version)
         return keys
 
+    def key_usable(self, key_id: str, context: EncryptionContext) -> bool:
+        # As a cache hit asks: Decrypt's permission in the context, and the key Enabled.
+        return bool(self.call("CachedKeyUsable", KeyId=key_id, EncryptionContext=dict(context))["Usable"])
+
     def data_key_usable(self, key_id: str, key_version: int) -> bool:
         return bool(self.call("DataKeyUsable", KeyId=key_id, KeyVersion=key_version)["Usable"])
 

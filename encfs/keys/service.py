@@ -740,6 +740,12 @@ class KeyService:
         rec = self._db().keys.get(key_id)
         return rec is not None and rec.state == ENABLED
 
+    def key_usable(self, key_id: str, context: EncryptionContext) -> bool:
+        """Whether data protected under ``key_id`` in ``context`` by keys derived outside the
+        service (a filesystem's derived file keys) may still be used: the key Enabled (fresh
+        metadata; no token call, nothing audited; a key daemon also asks its policy)."""
+        return self.key_enabled(key_id)
+
     def data_key_usable(self, key_id: str, key_version: int) -> bool:
         """Whether a data key generated under (key_id, key_version) may still protect new data:
         the CMK is Enabled and that version is still its current one (checked against fresh

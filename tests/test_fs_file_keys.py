@@ -1,0 +1,191 @@
+"""Derived and wrapped file keys (FORMAT.md §6.4 "Key source"; encfs/fuse/filekeys.py), without a
+mount: EncryptedFS, fsck and the re-keys called directly on a CIPHERDIR with the session's real
+SoftHSM2 token."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from test_fs_api import CTX, create, read
+
+from encfs.errors import KeyStateError
+from encfs.fuse.fileheader import HEADER_LEN, FileHeader
+from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fsck import check_filesystem
+from encfs.fuse.fsconfig import DERIVED_FEATURE, init_filesystem, open_config
+from encfs.fuse.recovery import open_by_recovery_key
+from encfs.fuse.recoverykeys import file_key
+from encfs.fuse.rewrap import rewrap_filesystem
+from encfs.fuseproto.wire import ROOT_ID, FuseError
+from encfs.keys.service import KeyService
+
+
+def open_fs(cipher: Path, service: KeyService | None, read_only: bool = False) -> EncryptedFS:
+    assert service is not None
+    opened = open_config(cipher, service, writable=not read_only)
+    return EncryptedFS(os.fsencode(cipher), opened.config, opened.keys, service, read_only=read_only)
+
+
+def headers(cipher: Path) -> list[FileHeader]:
+    """The header of every backing file of a content (regular, non-internal) file."""
+    found = []
+    for top, dirs, files in os.walk(cipher):
+        dirs[:] = [d for d in dirs if not d.startswith("encfs.")]
+        for name in files:
+            path = Path(top) / name
+            if name.startswith("encfs.") or not stat.S_ISREG(path.lstat().st_mode) or path.stat().st_size < HEADER_LEN:
+                continue
+            found.append(FileHeader.parse(path.read_bytes()[:HEADER_LEN]))
+    return found
+
+
+def audit_ops(service: KeyService) -> list[str]:
+    return [r["operation"] for r in service.audit.read_all()]
+
+
+def new_cipher(tmp_path: Path, service: KeyService, **kw: object) -> tuple[Path, str]:
+    key = service.create_key()["KeyId"]
+    cipher = tmp_path / "cipher"
+    init_filesystem(cipher, service, key, **kw)  # type: ignore[arg-type]
+    return cipher, key
+
+
+def test_new_files_get_derived_keys_with_no_token_call(tmp_path: Path, service: KeyService) -> None:
+    cipher, _key = new_cipher(tmp_path, service)
+    assert DERIVED_FEATURE in open_config(cipher, service, writable=False).config.features
+    fs = open_fs(cipher, service)
+    before = len(audit_ops(service))
+    inodes = [create(fs, b"f%d" % i, b"data %d" % i * 1000) for i in range(40)]
+    assert [read(fs, ino) for ino in inodes] == [b"data %d" % i * 1000 for i in range(40)]
+    assert len(audit_ops(service)) == before  # no GenerateDataKey, no Decrypt per file
+    fs.close_all()
+    found = headers(cipher)
+    assert len(found) == 40 and all(h.derived and h.wrapped_key == b"" for h in found)
+    again = open_fs(cipher, service, read_only=True)  # a new mount derives the same keys
+    try:
+        assert read(again, again.lookup(ROOT_ID, b"f7", CTX).st_ino) == b"data 7" * 1000
+    finally:
+        again.close_all()
+    assert check_filesystem(cipher, service).findings == []
+
+
+def test_wrapped_file_keys_keep_a_token_call_per_file(tmp_path: Path, service: KeyService) -> None:
+    cipher, _key = new_cipher(tmp_path, service, wrapped_file_keys=True)
+    assert DERIVED_FEATURE not in open_config(cipher, service, writable=False).config.features
+    fs = open_fs(cipher, service)
+    create(fs, b"f", b"wrapped")
+    fs.close_all()
+    (header,) = headers(cipher)
+    assert not header.derived and header.wrapped_key
+    assert "GenerateDataKey" in audit_ops(service)[-2:]
+
+
+def test_a_disabled_cmk_stops_creates_and_opens_at_once(tmp_path: Path, service: KeyService) -> None:
+    cipher, key = new_cipher(tmp_path, service)
+    fs = open_fs(cipher, service)
+    try:
+        ino = create(fs, b"f", b"before")
+        service.disable_key(key)
+        with pytest.raises(KeyStateError):
+            fs.files.keys.new()
+        with pytest.raises(FuseError, match="^5$"):
+            create(fs, b"g", b"x")
+        with pytest.raises(FuseError, match="^5$"):
+            read(fs, ino)
+        service.enable_key(key)
+        assert read(fs, ino) == b"before"
+        create(fs, b"g", b"after")
+    finally:
+        fs.close_all()
+
+
+def test_a_derived_header_without_the_feature_is_damaged(tmp_path: Path, service: KeyService) -> None:
+    cipher, _key = new_cipher(tmp_path, service, wrapped_file_keys=True)
+    fs = open_fs(cipher, service)
+    create(fs, b"f", b"wrapped")
+    fs.close_all()
+    (path,) = [p for p in cipher.rglob("*") if p.is_file() and not p.name.startswith("encfs.")]
+    header = FileHeader.parse(path.read_bytes()[:HEADER_LEN])
+    with open(path, "r+b") as f:
+        f.write(FileHeader(header.file_id, b"").pack())
+    fs = open_fs(cipher, service, read_only=True)
+    try:
+        with pytest.raises(FuseError, match="^5$"):
+            read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino)
+    finally:
+        fs.close_all()
+    assert [f.kind for f in check_filesystem(cipher, service).findings] == ["header"]
+
+
+def test_fsck_names_a_wrapped_key_that_does_not_unwrap(tmp_path: Path, service: KeyService) -> None:
+    cipher, _key = new_cipher(tmp_path, service, wrapped_file_keys=True)
+    fs = open_fs(cipher, service)
+    create(fs, b"f", b"wrapped")
+    fs.close_all()
+    (path,) = [p for p in cipher.rglob("*") if p.is_file() and not p.name.startswith("encfs.")]
+    with open(path, "r+b") as f:
+        f.seek(40)  # inside the blob
+        b = f.read(1)
+        f.seek(40)
+        f.write(bytes([b[0] ^ 0x40]))
+    assert [f.kind for f in check_filesystem(cipher, service).findings] == ["wrapped-key"]
+
+
+def test_rewrap_moves_derived_keys_with_the_secret(tmp_path: Path, service: KeyService) -> None:
+    cipher, old = new_cipher(tmp_path, service)
+    fs = open_fs(cipher, service)
+    create(fs, b"f", b"derived")
+    fs.close_all()
+    before = headers(cipher)
+    new = service.create_key()["KeyId"]
+    done = rewrap_filesystem(cipher, service, new)
+    assert (done.files, done.damaged) == (0, [])  # no header to rewrite
+    assert headers(cipher) == before
+    service.disable_key(old)
+    fs = open_fs(cipher, service, read_only=True)
+    try:
+        assert read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino) == b"derived"
+    finally:
+        fs.close_all()
+    assert rewrap_filesystem(cipher, service, None, full=True).fresh == 1
+    (after,) = headers(cipher)
+    assert after.derived and after.file_id != before[0].file_id
+    fs = open_fs(cipher, service, read_only=True)
+    try:
+        assert read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino) == b"derived"
+    finally:
+        fs.close_all()
+
+
+def test_a_mount_by_the_recovery_key_reads_derived_files(tmp_path: Path, service: KeyService) -> None:
+    recovery = os.urandom(32)
+    cipher, old = new_cipher(tmp_path, service, recovery_key=lambda: recovery)
+    fs = open_fs(cipher, service)
+    create(fs, b"f", b"recoverable")
+    fs.close_all()
+    (header,) = headers(cipher)
+    opened = open_config(cipher, service, writable=False)
+    assert header.derived
+    # the key is the file-key root's, not the recovery root's: the recovery key opens the secret
+    assert opened.root is not None and file_key(opened.root, opened.config.fs_id, header.file_id) != \
+        file_key(opened.keys.file_root, opened.config.fs_id, header.file_id)
+    by_key = open_by_recovery_key(cipher, recovery, "test")
+    fs = EncryptedFS(os.fsencode(cipher), by_key.config, by_key.keys, None, read_only=True)
+    try:
+        assert read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino) == b"recoverable"
+    finally:
+        fs.close_all()
+    # The HSM is lost: the recovery key moves the filesystem to a new CMK; the header stays.
+    service.disable_key(old)
+    new = service.create_key()["KeyId"]
+    done = rewrap_filesystem(cipher, service, new, recovery_key=(recovery, "test"))
+    assert (done.files, done.damaged) == (0, []) and headers(cipher) == [header]
+    fs = open_fs(cipher, service)
+    try:
+        assert read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino) == b"recoverable"
+        create(fs, b"g", b"under the new CMK")
+    finally:
+        fs.close_all()
