@@ -118,9 +118,11 @@ def test_a_damaged_block_stays_damaged_and_the_rest_moves(files: Files) -> None:
     data = os.urandom(4 * B)
     c.write(0, data)
     c.close()
-    with open(files.path, "r+b") as f:
+    with open(files.path, "r+b") as f:  # flipped: a written 0xff left one block in 256 intact
         f.seek(128 + 2 * STEP + 40)
-        f.write(b"\xff")
+        byte = f.read(1)[0]
+        f.seek(128 + 2 * STEP + 40)
+        f.write(bytes([byte ^ 0xFF]))
     c = files.load()
     rekeyfile.rekey(c, *rekeyed(files))
     assert c.read(0, 2 * B) == data[:2 * B] and c.read(3 * B, B) == data[3 * B:]
