@@ -13,14 +13,16 @@ from test_fs_api import CTX, create, read
 
 from encfs.errors import KeyStateError
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader
+from encfs.fuse.filekeys import TOKEN_RECHECK, FileKeys
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsck import check_filesystem
 from encfs.fuse.fsconfig import DERIVED_FEATURE, init_filesystem, open_config
-from encfs.fuse.recovery import open_by_recovery_key
+from encfs.fuse.recovery import add_recovery_key, open_by_recovery_key
 from encfs.fuse.recoverykeys import file_key
 from encfs.fuse.rewrap import rewrap_filesystem
 from encfs.fuseproto.wire import ROOT_ID, FuseError
 from encfs.keys.service import KeyService
+from encfs.recoverykey import read_recovery_key
 
 
 def open_fs(cipher: Path, service: KeyService | None, read_only: bool = False) -> EncryptedFS:
@@ -132,6 +134,12 @@ def test_fsck_names_a_wrapped_key_that_does_not_unwrap(tmp_path: Path, service: 
         f.seek(40)
         f.write(bytes([b[0] ^ 0x40]))
     assert [f.kind for f in check_filesystem(cipher, service).findings] == ["wrapped-key"]
+    fs = open_fs(cipher, service, read_only=True)
+    try:
+        with pytest.raises(FuseError, match="^5$"):
+            read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino)
+    finally:
+        fs.close_all()
 
 
 def test_rewrap_moves_derived_keys_with_the_secret(tmp_path: Path, service: KeyService) -> None:
@@ -187,5 +195,50 @@ def test_a_mount_by_the_recovery_key_reads_derived_files(tmp_path: Path, service
     try:
         assert read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino) == b"recoverable"
         create(fs, b"g", b"under the new CMK")
+    finally:
+        fs.close_all()
+
+
+def test_the_token_is_asked_again_after_a_cached_keys_lifetime(tmp_path: Path, service: KeyService) -> None:
+    """keys.json alone says Enabled once an older copy is put back after a disable; the token's key
+    state refuses. Derived keys ask the token again after TOKEN_RECHECK, as a wrapped key's cache
+    entry expires after as long."""
+    cipher, key = new_cipher(tmp_path, service)
+    opened = open_config(cipher, service, writable=False)
+    now = [0.0]
+    keys = FileKeys(opened.config, opened.keys, service, clock=lambda: now[0])
+    header, fresh = keys.new()
+    decrypts = audit_ops(service).count("Decrypt")
+    now[0] = TOKEN_RECHECK - 1
+    assert keys.key(header) == fresh and audit_ops(service).count("Decrypt") == decrypts  # metadata only
+    now[0] = TOKEN_RECHECK
+    assert keys.key(header) == fresh and audit_ops(service).count("Decrypt") == decrypts + 1  # the token
+    saved = {name: (service.home / name).read_bytes() for name in ("keys.json", "keys.json.bak")
+             if (service.home / name).exists()}
+    service.disable_key(key)
+    for name, data in saved.items():
+        (service.home / name).write_bytes(data)
+    assert service.key_usable(key, opened.config.fs_context())  # what the restored keys.json says
+    keys.new()  # within TOKEN_RECHECK of the token's last answer: keys.json decides
+    now[0] = 2 * TOKEN_RECHECK
+    with pytest.raises(KeyStateError, match="rollback detected"):
+        keys.new()
+    with pytest.raises(KeyStateError, match="rollback detected"):
+        keys.key(header)
+
+
+def test_adding_a_recovery_key_to_derived_keys_rekeys_nothing(tmp_path: Path, service: KeyService) -> None:
+    cipher, _key = new_cipher(tmp_path, service)
+    fs = open_fs(cipher, service)
+    create(fs, b"f", b"made before the recovery key")
+    fs.close_all()
+    before = headers(cipher)
+    added = add_recovery_key(cipher, service, str(tmp_path / "rk"), create=True)
+    assert added.derived and added.files == 0 and not (cipher / "encfs.rekey").exists()
+    assert headers(cipher) == before  # no file re-keyed: the wrapping's secret derives their keys
+    by_key = open_by_recovery_key(cipher, read_recovery_key(str(tmp_path / "rk")), "test")
+    fs = EncryptedFS(os.fsencode(cipher), by_key.config, by_key.keys, None, read_only=True)
+    try:
+        assert read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino) == b"made before the recovery key"
     finally:
         fs.close_all()

@@ -81,7 +81,7 @@ def test_the_first_add_after_a_crashed_mount_finishes_and_keeps_the_crash_recove
     finishes in one run, and leaves the record "mounted" so that the next mount still recovers."""
     cipherdir, plain, key, rk = tmp_path / "cipher", tmp_path / "plain", new_key(fs_home), tmp_path / "fs.rk"
     plain.mkdir()
-    ok("init", str(cipherdir), "--key", key, home=fs_home)
+    ok("init", str(cipherdir), "--key", key, "--wrapped-file-keys", home=fs_home)  # a file for add to re-key
     m = Mount(cipherdir, plain, fs_home)
     try:
         (plain / "f").write_bytes(b"written before the crash")

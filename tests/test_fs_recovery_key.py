@@ -106,7 +106,7 @@ def test_add_converts_every_file_and_remove_drops_it(tmp_path: Path, fs_home: Pa
     cipherdir, plain, no_token = tmp_path / "cipher", tmp_path / "plain", tmp_path / "no-token"
     plain.mkdir()
     key, rk = new_key(fs_home), tmp_path / "fs.rk"
-    ok("init", str(cipherdir), "--key", key, home=fs_home)
+    ok("init", str(cipherdir), "--key", key, "--wrapped-file-keys", home=fs_home)
     fill(cipherdir, plain, fs_home)  # random file keys: no recovery key could open them
     before = (cipherdir / "encfs.conf").read_bytes()
 

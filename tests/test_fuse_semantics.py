@@ -1518,7 +1518,7 @@ def test_tamper_truncated_backing_file(tamper_setup, tail: int) -> None:
 def test_tamper_damaged_header_fails_open_or_read(tamper_setup) -> None:
     backing, victim, remount, healthy, block = tamper_setup
     raw = bytearray(backing.read_bytes())
-    raw[40] ^= 0x80  # inside the wrapped data key
+    raw[5] ^= 0x80  # the key source (a derived key; a wrapped one's blob: test_fs_file_keys)
     backing.write_bytes(raw)
     with remount() as m:
         _assert_eio(cold_read, m.mountpoint / "victim")

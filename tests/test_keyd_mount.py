@@ -27,8 +27,9 @@ from keyd_users import UnixUser, UnixUsers, run_as, temporary_users, user_python
 from encfs.fuse.mount import is_mounted
 
 # What a read-write mount asks of its key (docs/keyd.md, "Mounting through the daemon"): Decrypt
-# opens the config and the files, GenerateDataKey gives new files their keys; every context
-# carries encfs:fs, so a grant can be held to one filesystem.
+# opens the config and the files (and lets derived keys be used), GenerateDataKey gives new files
+# of a filesystem with wrapped keys their keys; every context carries encfs:fs, so a grant can
+# be held to one filesystem.
 MOUNT_OPERATIONS = "Decrypt,GenerateDataKey"
 
 

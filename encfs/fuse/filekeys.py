@@ -17,8 +17,11 @@ Invariants:
 - A derived key is handed out or used only while the CMK is usable in the filesystem's
   context (KeyService.key_usable: Enabled, and through a key daemon the caller still allowed to
   decrypt), checked against fresh metadata at every create and every load, as a wrapped key's
-  cache hit is: disabling the CMK stops new files and new opens at once. Nothing is audited per
-  derived key; the audit trail shows the secret's Decrypt at each mount.
+  cache hit is: disabling the CMK stops new files and new opens at once. And at most
+  TOKEN_RECHECK seconds after the token was last asked, the next create or load asks it again
+  (the secret's Decrypt, audited): a wrapped key's cache entry lives as long, so a keys.json
+  put back from before a disable, which the token's own key state refuses, stops derived keys
+  as soon as it stops wrapped ones. Nothing else is audited per derived key.
 - Without a key service (a mount by the recovery key, read-only) no key is ever new, and a
   wrapped key is derived from the recovery root (a file whose key was not fails its first
   block: EIO).
@@ -28,23 +31,30 @@ from __future__ import annotations
 
 import errno
 import os
+import time
+from collections.abc import Callable
 
 from encfs.errors import KeyStateError
 from encfs.fuse.fileheader import FILE_ID_LEN, FileHeader, HeaderError
 from encfs.fuse.fsconfig import DERIVED_FEATURE, FsConfig, FsKeys
 from encfs.fuse.recoverykeys import DerivedKeyPool, file_key
-from encfs.keys.cache import DataKeyCache
+from encfs.keys.cache import MAX_AGE, DataKeyCache
 from encfs.keys.context import EncryptionContext
 from encfs.keys.pool import DataKeyPool
 from encfs.keys.service import KeyService
+
+TOKEN_RECHECK = MAX_AGE  # seconds; see the invariants
 
 
 class FileKeys:
     """The data keys of one filesystem's files: new ones, and the key of a file's header."""
 
     def __init__(self, config: FsConfig, keys: FsKeys | None, ks: KeyService | None,
-                 recovery_root: bytes | None = None, cache: DataKeyCache | None = None) -> None:
+                 recovery_root: bytes | None = None, cache: DataKeyCache | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self._clock = clock
+        self._token_asked = clock()  # the caller has just opened the config: the secret's Decrypt
         self.ks = ks
         self.recovery_root = recovery_root
         self.cache = cache
@@ -67,6 +77,9 @@ class FileKeys:
         if not self.ks.key_usable(self.config.key_id, self.config.fs_context()):
             raise KeyStateError(f"key {self.config.key_id} is not Enabled (or no longer usable here): "
                                 "the filesystem's file keys need it")
+        if self._clock() - self._token_asked >= TOKEN_RECHECK:
+            self.ks.decrypt(self.config.wrapped_secret, self.config.fs_context(), key=self.config.key_id)
+            self._token_asked = self._clock()
 
     def new(self) -> tuple[FileHeader, bytes]:
         """A header (content version 2) for a new file id, and its data key. OSError EROFS

@@ -5,7 +5,9 @@ config by the recovery key alone (``encfs mount --recovery-key``; docs/FORMAT.md
 the secret and R, then re-keys every file (fullrekey.py, through rewrap.py's ``--full`` run)
 so that every file's data key is derived from R: files made before have random keys, which no
 recovery key could open. ``remove`` drops R and the wrapping; files keep the keys they have
-until the next ``encfs rekey --full``.
+until the next ``encfs rekey --full``. On a filesystem with derived file keys (filekeys.py)
+every key comes from the secret, which the wrapping holds: ``add`` re-keys nothing, and
+``remove`` cannot revoke what older config copies open.
 
 Invariants:
 - ``add`` holds the mount lock (mode "rekey") from its first check to its last file, and writes
@@ -35,6 +37,7 @@ from encfs.errors import UsageError, WrongPassphrase
 from encfs.fuse.fsconfig import (
     CONFIG_NAME,
     COPIES,
+    DERIVED_FEATURE,
     FS_FORMAT,
     RECOVERY_FEATURE,
     FsConfigError,
@@ -87,6 +90,7 @@ def open_by_recovery_key(cipherdir: Path, recovery_key: bytes, source: str) -> O
 class Added:
     fs_id: str
     files: int = 0  # files given a derived key
+    derived: bool = False  # DERIVED_FEATURE: every file's key comes from the secret, which the key opens
     resealed: int = 0
     resumed: bool = False  # an interrupted add was finished
     already: bool = False  # this recovery key was set and every file's key derived already
@@ -137,16 +141,20 @@ def add_recovery_key(cipherdir: Path, ks: KeyService, key_file: str, create: boo
                                         encfs_internal=True)
             assert root.plaintext is not None
             # The marker first: from the key file's creation on, the same command finishes the job,
-            # and from the config's change on, no mount until every key is derived.
-            if marker is None:
+            # and from the config's change on, no mount until every key is derived. With derived file
+            # keys every key is derived already (from the secret, which the recovery wrapping holds).
+            result.derived = DERIVED_FEATURE in config.features and marker is None
+            if marker is None and not result.derived:
                 rewrap._write_marker(cipherdir, rewrap.FULL, config.key_id, recovering, adding=True)
-            else:
+            elif marker is not None:
                 result.resumed = True
             if recovery_key is None:
                 recovery_key = new_recovery_key(key_file)
             write_config(cipherdir, opened, replace(
                 config, features=(*config.features, RECOVERY_FEATURE), wrapped_root=root.ciphertext_blob,
                 recovery=seal_keys(recovery_key, config.fs_id, opened.secret, root.plaintext)))
+            if result.derived:
+                return result
         done = rewrap.rewrap_filesystem(cipherdir, ks, None, full=True, held=lock)  # resumes from the marker
         result.files, result.resealed = done.fresh, done.resealed
         return result
@@ -198,6 +206,10 @@ def cmd_add(args: argparse.Namespace) -> int:
               "Changed": not done.already, "AlreadySet": done.already, "Resumed": done.resumed, "Files": done.files, "CopiedBytes": done.resealed}
     if done.already:
         text = f"{cipherdir}: this recovery key is set already: nothing to do"
+    elif done.derived:
+        text = (f"{cipherdir}: recovery key {key_file} set; every file's key derives from the filesystem secret, "
+                f"which it opens. Anyone with {key_file} and the CIPHERDIR reads every file without the HSM: "
+                f"keep it apart")
     else:
         text = (f"{cipherdir}: recovery key {key_file} set" + (", finishing an interrupted add," if done.resumed else "")
                 + f"; {done.files} file{'s' if done.files != 1 else ''} given keys derived from it "
@@ -213,8 +225,13 @@ def cmd_remove(args: argparse.Namespace) -> int:
     cipherdir = Path(args.cipherdir)
     with open_key_service(args) as ks:
         removed = remove_recovery_key(cipherdir, ks)
+    if DERIVED_FEATURE in peek_config(cipherdir)[0].features:  # the keys come from the secret, which old copies hold
+        after = ("copies of the config from before, and backups, still open with it, and so every file, new "
+                 "ones too: only a new filesystem is closed to it")
+    else:
+        after = ("copies of the config from before, and backups, still open with it; `encfs rekey --full` "
+                 "gives every file a key it does not derive")
     report(args, {"CipherDir": str(cipherdir.absolute()), "RecoveryKey": False, "Changed": removed},
-           f"{cipherdir}: recovery key removed (copies of the config from before, and backups, still open "
-           f"with it; `encfs rekey --full` gives every file a key it does not derive)" if removed
+           f"{cipherdir}: recovery key removed ({after})" if removed
            else f"{cipherdir}: has no recovery key: nothing to do")
     return 0

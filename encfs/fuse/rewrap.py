@@ -2,7 +2,8 @@
 its CMK's newest backing-key version), and no content block is rewritten (``--full``: then
 fresh data keys as well, fullrekey.py).
 
-What is wrapped by the CMK: each regular file's data key, in its 128-byte header
+What is wrapped by the CMK: each regular file's data key unless it is derived (filekeys.py:
+it moves with the secret), in its 128-byte header
 (fileheader.py; context ``config.file_context(file id)``), the same in the header of a
 complete re-key side file ``encfs.journal/<id>.rekey`` (a later mount copies it in,
 rekeyfile.py), and the filesystem secret (and a recovery root, recoverykeys.py) in both config copies. Names, symlink targets,
@@ -35,7 +36,7 @@ Invariants:
 - Every header on disk is whole and unwraps under the CMK it was under before, or under
   the destination: a header is written in place only once its new version is durable in
   the redo log, and a resumed run replays the log before reading any header. A header and
-  its re-wrapped version share their first 22 bytes (magic, version, reserved, file id), so
+  its re-wrapped version share their first 22 bytes (magic, version, key source, file id), so
   a torn 128-byte write is recognised by them and completed; a file whose header no longer
   starts that way (gone, or replaced) is left alone.
 - A redo log is replaced by the next batch's only after syncfs made its batch durable.
