@@ -148,14 +148,17 @@ def test_a_user_mounts_through_the_daemon_and_a_grant_lets_another(world: World)
                  "--operations", MOUNT_OPERATIONS, "--context-subset", f"encfs:fs={fs_id}").strip()
     bobs = w.mount(w.bob, cipher / "fs", "mnt")
     assert w.sh(w.bob, f"cat {bobs}/d/a && echo from-bob > {bobs}/b && cat {bobs}/b") == "hello\nfrom-bob\n"
-    w.ok(w.bob, "umount", str(bobs), keyd=False)
     trail = [r for r in w.audit() if r.get("KeyId") == key and r["Principal"].get("Uid") == w.bob.uid]
     # The secret's Decrypt; bob's new file has a derived key (no GenerateDataKey), whose use the
     # daemon allowed unaudited, as a cache hit (CachedKeyUsable).
     assert {r["Operation"] for r in trail if r["Outcome"] == "success"} >= {"Decrypt"}
-    assert not [r for r in trail if r["Outcome"] == "denied" and r["Operation"] != "Decrypt"], trail
-    # Revoked: bob's next mount is refused again, alice's goes on.
+    assert not [r for r in trail if r["Outcome"] == "denied" and r["Operation"] != "Decrypt"], trail  # its first mount
+    # Revoked: bob's live mount makes no new file (each create asks the daemon), his next mount
+    # is refused again, alice's goes on.
     w.ok(w.alice, "key", "grant", "revoke", "alice-fs", "--grant-id", grant)
+    late = run_as(w.bob, ["sh", "-c", f"echo late > {bobs}/late"])
+    assert late.returncode != 0 and "Input/output error" in late.stderr, late
+    w.ok(w.bob, "umount", str(bobs), keyd=False)
     assert w.encfs(w.bob, "mount", str(cipher / "fs"), str(bobs)).returncode == 77
     mnt = w.mount(w.alice, cipher / "fs", "mnt")
     assert w.sh(w.alice, f"cat {mnt}/b") == "from-bob\n"
