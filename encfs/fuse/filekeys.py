@@ -58,7 +58,7 @@ class FileKeys:
         self.ks = ks
         self.recovery_root = recovery_root
         self.cache = cache
-        # DERIVED_FEATURE: new files get derived keys (files made before it keep their wrapped ones).
+        # DERIVED_FEATURE (set only by `encfs init`): every file gets a derived key.
         self.derived_root = keys.file_root if keys is not None and DERIVED_FEATURE in config.features else None
         self._pool: DataKeyPool[bytes] | None = None
         if ks is not None and self.derived_root is None:
