@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -34,7 +33,13 @@ from encfs.fuse.mountlock import MountLock
 from encfs.fuse.openfiles import CHECKPOINT_DELAY
 from encfs.fuse.recovery import open_by_recovery_key
 from encfs.fuse.server import FsServer
-from encfs.fuseproto.mounting import escape_option, mount_fusermount, remount_direct, unmount_fusermount
+from encfs.fuseproto.mounting import (
+    escape_option,
+    mount_fusermount,
+    remount_direct,
+    topmost_mount,
+    unmount_fusermount,
+)
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 from encfs.keys.service import KeyService
 
@@ -66,27 +71,10 @@ class MountOptions:
     recovery_key_file: str | None = None
 
 
-def _unescape_mount_field(field: bytes) -> bytes:
-    """/proc/self/mounts writes space, tab, newline and backslash as 3-digit octal escapes."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
-
-
-def _mount_entry(path: Path) -> tuple[str, str] | None:
-    """(source, type) of the topmost mount at ``path``, or None if nothing is mounted there."""
-    target = os.fsencode(os.path.realpath(path))
-    found = None
-    with open("/proc/self/mounts", "rb") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2 and _unescape_mount_field(parts[1]) == target:
-                found = os.fsdecode(_unescape_mount_field(parts[0])), os.fsdecode(parts[2])
-    return found
-
-
 def mount_type(path: Path) -> str | None:
     """The filesystem type mounted at ``path`` (the topmost one), or None if nothing is."""
-    entry = _mount_entry(path)
-    return None if entry is None else entry[1]
+    entry = topmost_mount(os.path.realpath(path))
+    return None if entry is None else entry.fstype
 
 
 def is_mounted(path: Path) -> bool:
@@ -346,10 +334,10 @@ def remount(cipherdir: Path, mountpoint: Path, read_only: bool, fake: bool = Fal
 
 def umount(mountpoint: Path) -> None:
     mountpoint = mountpoint.absolute()
-    entry = _mount_entry(mountpoint)
+    entry = topmost_mount(os.path.realpath(mountpoint))
     if entry is None:
         raise MountError(f"{mountpoint} is not mounted")
-    source, fstype = entry  # source: the CIPHERDIR (fsname)
+    source, fstype = entry.source, entry.fstype  # source: the CIPHERDIR (fsname)
     if fstype != "fuse.encfs":  # as root, fusermount3 -u would unmount anything
         raise MountError(f"{mountpoint} is a {fstype} mount, not an encfs one")
     proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False)

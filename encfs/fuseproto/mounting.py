@@ -1,9 +1,11 @@
-"""Mounting a FUSE filesystem: mount(2) as root, fusermount3 otherwise, and the mount's
-read-ahead.
+"""Mounting a FUSE filesystem: mount(2) as root, fusermount3 otherwise, the mount's
+read-ahead, and the machine's mount table (the one reader of /proc/self/mountinfo).
 
 Invariants:
 - Every mount is nosuid, nodev and noexec when encfs mounts it directly (mount_direct).
 - A failure is an OSError whose message is one line (fusermount3's own complaint, or strerror).
+- Reading the mount table never touches a mounted filesystem (no stat of a mountpoint: a
+  hung daemon, or the serving daemon itself, would have to answer it).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from encfs.fuseproto.wire import MAX_WRITE
 
@@ -40,9 +44,46 @@ def mount_direct(mountpoint: str, fsname: str, fstype: str) -> int:
     return fd
 
 
-def _mountinfo_path(path: str) -> str:
-    """``path`` as /proc/self/mountinfo spells it (octal escapes, as the kernel's seq_file does)."""
-    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of mountinfo."""
+
+    device: str  # "major:minor" of the filesystem
+    mountpoint: str
+    fstype: str
+    source: str
+    read_only: bool
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as 3-digit octal escapes."""
+    raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), os.fsencode(field))
+    return os.fsdecode(raw)
+
+
+def mount_table(table: str | os.PathLike[str] = "/proc/self/mountinfo") -> list[MountInfo]:
+    """Every mount, in mount order (the last at a mountpoint is the one on top). OSError if the
+    table cannot be read."""
+    out = []
+    with open(table, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, sep, right = line.rstrip("\n").partition(" - ")
+            fields, tail = left.split(), right.split()
+            if not sep or len(fields) < 6 or len(tail) < 2:
+                continue
+            out.append(MountInfo(fields[2], _unescape(fields[4]), tail[0], _unescape(tail[1]),
+                                 "ro" in fields[5].split(",")))
+    return out
+
+
+def topmost_mount(path: str) -> MountInfo | None:
+    """The mount on top at ``path`` (as the kernel names it: an absolute path without symlinks),
+    or None if nothing is mounted there. OSError if the table cannot be read."""
+    found = None
+    for m in mount_table():
+        if m.mountpoint == path:
+            found = m
+    return found
 
 
 def set_read_ahead(mountpoint: str, kib: int) -> bool:
@@ -53,16 +94,11 @@ def set_read_ahead(mountpoint: str, kib: int) -> bool:
     reply's max_readahead. The device number comes from mountinfo, never from a stat of
     the mountpoint, which the serving daemon would have to answer itself.
     """
-    wanted, device = _mountinfo_path(mountpoint), None
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split(" ", 5)
-                if len(fields) > 4 and fields[4] == wanted:
-                    device = fields[2]  # the last match is the mount on top
-        if device is None:
+        mount = topmost_mount(mountpoint)
+        if mount is None:
             return False
-        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w", encoding="ascii") as f:
+        with open(f"/sys/class/bdi/{mount.device}/read_ahead_kb", "w", encoding="ascii") as f:
             f.write(f"{kib}\n")
         return True
     except OSError:
