@@ -55,6 +55,25 @@ def new_cipher(tmp_path: Path, service: KeyService, **kw: object) -> tuple[Path,
     return cipher, key
 
 
+def one_file(tmp_path: Path, service: KeyService, data: bytes, **kw: object) -> tuple[Path, str, Path]:
+    """A new filesystem holding the file /f: its CIPHERDIR, CMK and backing file."""
+    cipher, key = new_cipher(tmp_path, service, **kw)
+    fs = open_fs(cipher, service)
+    create(fs, b"f", data)
+    fs.close_all()
+    (path,) = [p for p in cipher.rglob("*") if p.is_file() and not p.name.startswith("encfs.")]
+    return cipher, key, path
+
+
+def read_f(cipher: Path, service: KeyService) -> bytes:
+    """/f as a new read-only mount reads it (FuseError on failure)."""
+    fs = open_fs(cipher, service, read_only=True)
+    try:
+        return read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino)
+    finally:
+        fs.close_all()
+
+
 def test_new_files_get_derived_keys_with_no_token_call(tmp_path: Path, service: KeyService) -> None:
     cipher, _key = new_cipher(tmp_path, service)
     assert DERIVED_FEATURE in open_config(cipher, service, writable=False).config.features
@@ -105,67 +124,40 @@ def test_a_disabled_cmk_stops_creates_and_opens_at_once(tmp_path: Path, service:
 
 
 def test_a_derived_header_without_the_feature_is_damaged(tmp_path: Path, service: KeyService) -> None:
-    cipher, _key = new_cipher(tmp_path, service, wrapped_file_keys=True)
-    fs = open_fs(cipher, service)
-    create(fs, b"f", b"wrapped")
-    fs.close_all()
-    (path,) = [p for p in cipher.rglob("*") if p.is_file() and not p.name.startswith("encfs.")]
+    cipher, _key, path = one_file(tmp_path, service, b"wrapped", wrapped_file_keys=True)
     header = FileHeader.parse(path.read_bytes()[:HEADER_LEN])
     with open(path, "r+b") as f:
         f.write(FileHeader(header.file_id, b"").pack())
-    fs = open_fs(cipher, service, read_only=True)
-    try:
-        with pytest.raises(FuseError, match="^5$"):
-            read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino)
-    finally:
-        fs.close_all()
+    with pytest.raises(FuseError, match="^5$"):
+        read_f(cipher, service)
     assert [f.kind for f in check_filesystem(cipher, service).findings] == ["header"]
 
 
 def test_fsck_names_a_wrapped_key_that_does_not_unwrap(tmp_path: Path, service: KeyService) -> None:
-    cipher, _key = new_cipher(tmp_path, service, wrapped_file_keys=True)
-    fs = open_fs(cipher, service)
-    create(fs, b"f", b"wrapped")
-    fs.close_all()
-    (path,) = [p for p in cipher.rglob("*") if p.is_file() and not p.name.startswith("encfs.")]
+    cipher, _key, path = one_file(tmp_path, service, b"wrapped", wrapped_file_keys=True)
     with open(path, "r+b") as f:
         f.seek(40)  # inside the blob
         b = f.read(1)
         f.seek(40)
         f.write(bytes([b[0] ^ 0x40]))
     assert [f.kind for f in check_filesystem(cipher, service).findings] == ["wrapped-key"]
-    fs = open_fs(cipher, service, read_only=True)
-    try:
-        with pytest.raises(FuseError, match="^5$"):
-            read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino)
-    finally:
-        fs.close_all()
+    with pytest.raises(FuseError, match="^5$"):
+        read_f(cipher, service)
 
 
 def test_rewrap_moves_derived_keys_with_the_secret(tmp_path: Path, service: KeyService) -> None:
-    cipher, old = new_cipher(tmp_path, service)
-    fs = open_fs(cipher, service)
-    create(fs, b"f", b"derived")
-    fs.close_all()
+    cipher, old, _path = one_file(tmp_path, service, b"derived")
     before = headers(cipher)
     new = service.create_key()["KeyId"]
     done = rewrap_filesystem(cipher, service, new)
     assert (done.files, done.damaged) == (0, [])  # no header to rewrite
     assert headers(cipher) == before
     service.disable_key(old)
-    fs = open_fs(cipher, service, read_only=True)
-    try:
-        assert read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino) == b"derived"
-    finally:
-        fs.close_all()
+    assert read_f(cipher, service) == b"derived"
     assert rewrap_filesystem(cipher, service, None, full=True).fresh == 1
     (after,) = headers(cipher)
     assert after.derived and after.file_id != before[0].file_id
-    fs = open_fs(cipher, service, read_only=True)
-    try:
-        assert read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino) == b"derived"
-    finally:
-        fs.close_all()
+    assert read_f(cipher, service) == b"derived"
 
 
 def test_a_mount_by_the_recovery_key_reads_derived_files(tmp_path: Path, service: KeyService) -> None:
@@ -228,10 +220,7 @@ def test_the_token_is_asked_again_after_a_cached_keys_lifetime(tmp_path: Path, s
 
 
 def test_adding_a_recovery_key_to_derived_keys_rekeys_nothing(tmp_path: Path, service: KeyService) -> None:
-    cipher, _key = new_cipher(tmp_path, service)
-    fs = open_fs(cipher, service)
-    create(fs, b"f", b"made before the recovery key")
-    fs.close_all()
+    cipher, _key, _path = one_file(tmp_path, service, b"made before the recovery key")
     before = headers(cipher)
     added = add_recovery_key(cipher, service, str(tmp_path / "rk"), create=True)
     assert added.derived and added.files == 0 and not (cipher / "encfs.rekey").exists()
