@@ -19,7 +19,7 @@ from encfs.fuse.fsck import check_filesystem
 from encfs.fuse.fsconfig import DERIVED_FEATURE, init_filesystem, open_config
 from encfs.fuse.recovery import add_recovery_key, open_by_recovery_key
 from encfs.fuse.recoverykeys import file_key
-from encfs.fuse.rewrap import rewrap_filesystem
+from encfs.fuse.rewrap import FULL, _write_marker, rewrap_filesystem
 from encfs.fuseproto.wire import ROOT_ID, FuseError
 from encfs.keys.service import KeyService
 from encfs.recoverykey import read_recovery_key
@@ -93,15 +93,18 @@ def test_new_files_get_derived_keys_with_no_token_call(tmp_path: Path, service: 
     assert check_filesystem(cipher, service).findings == []
 
 
-def test_wrapped_file_keys_keep_a_token_call_per_file(tmp_path: Path, service: KeyService) -> None:
+def test_wrapped_file_keys_keep_an_audit_record_per_file(tmp_path: Path, service: KeyService) -> None:
     cipher, _key = new_cipher(tmp_path, service, wrapped_file_keys=True)
     assert DERIVED_FEATURE not in open_config(cipher, service, writable=False).config.features
     fs = open_fs(cipher, service)
-    create(fs, b"f", b"wrapped")
+    before = audit_ops(service).count("GenerateDataKey")
+    for name in (b"f", b"g", b"h"):
+        create(fs, name, b"wrapped")
     fs.close_all()
-    (header,) = headers(cipher)
-    assert not header.derived and header.wrapped_key
-    assert "GenerateDataKey" in audit_ops(service)[-2:]
+    found = headers(cipher)
+    assert len(found) == 3 and all(not h.derived and h.wrapped_key for h in found)
+    # one token pass for a batch of 32 keys, one record per key: the 29 pooled and unused show too
+    assert audit_ops(service).count("GenerateDataKey") - before == 32
 
 
 def test_a_disabled_cmk_stops_creates_and_opens_at_once(tmp_path: Path, service: KeyService) -> None:
@@ -229,5 +232,26 @@ def test_adding_a_recovery_key_to_derived_keys_rekeys_nothing(tmp_path: Path, se
     fs = EncryptedFS(os.fsencode(cipher), by_key.config, by_key.keys, None, read_only=True)
     try:
         assert read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino) == b"made before the recovery key"
+    finally:
+        fs.close_all()
+
+
+def test_an_add_killed_after_its_key_file_is_finished_by_the_same_command(tmp_path: Path,
+                                                                          service: KeyService) -> None:
+    """On a derived filesystem `add` writes its marker too, so a kill between the new key file
+    and the config leaves what `add --new-recovery-key FILE` finishes (taking that file)."""
+    cipher, key, _path = one_file(tmp_path, service, b"kept")
+    before = headers(cipher)
+    rk = tmp_path / "rk"
+    rk.write_text("ab" * 32 + "\n")
+    rk.chmod(0o600)
+    _write_marker(cipher, FULL, key, recovering=False, adding=True)  # the kill: marker and key file, no config
+    added = add_recovery_key(cipher, service, str(rk), create=True)
+    assert added.resumed and added.derived and not (cipher / "encfs.rekey").exists()
+    assert headers(cipher) == before
+    by_key = open_by_recovery_key(cipher, bytes.fromhex("ab" * 32), "test")
+    fs = EncryptedFS(os.fsencode(cipher), by_key.config, by_key.keys, None, read_only=True)
+    try:
+        assert read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino) == b"kept"
     finally:
         fs.close_all()

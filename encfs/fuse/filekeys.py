@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -55,6 +56,7 @@ class FileKeys:
         self.config = config
         self._clock = clock
         self._token_asked = clock()  # the caller has just opened the config: the secret's Decrypt
+        self._token_lock = threading.Lock()  # one re-ask at a time: the others wait for its answer
         self.ks = ks
         self.recovery_root = recovery_root
         self.cache = cache
@@ -78,8 +80,10 @@ class FileKeys:
             raise KeyStateError(f"key {self.config.key_id} is not Enabled (or no longer usable here): "
                                 "the filesystem's file keys need it")
         if self._clock() - self._token_asked >= TOKEN_RECHECK:
-            self.ks.decrypt(self.config.wrapped_secret, self.config.fs_context(), key=self.config.key_id)
-            self._token_asked = self._clock()
+            with self._token_lock:
+                if self._clock() - self._token_asked >= TOKEN_RECHECK:  # not asked meanwhile
+                    self.ks.decrypt(self.config.wrapped_secret, self.config.fs_context(), key=self.config.key_id)
+                    self._token_asked = self._clock()
 
     def new(self) -> tuple[FileHeader, bytes]:
         """A header (content version 2) for a new file id, and its data key. OSError EROFS

@@ -141,20 +141,20 @@ def add_recovery_key(cipherdir: Path, ks: KeyService, key_file: str, create: boo
                                         encfs_internal=True)
             assert root.plaintext is not None
             # The marker first: from the key file's creation on, the same command finishes the job,
-            # and from the config's change on, no mount until every key is derived. With derived file
-            # keys every key is derived already (from the secret, which the recovery wrapping holds).
-            result.derived = DERIVED_FEATURE in config.features and marker is None
-            if marker is None and not result.derived:
+            # and from the config's change on, no mount until every key is derived.
+            if marker is None:
                 rewrap._write_marker(cipherdir, rewrap.FULL, config.key_id, recovering, adding=True)
-            elif marker is not None:
+            else:
                 result.resumed = True
             if recovery_key is None:
                 recovery_key = new_recovery_key(key_file)
             write_config(cipherdir, opened, replace(
                 config, features=(*config.features, RECOVERY_FEATURE), wrapped_root=root.ciphertext_blob,
                 recovery=seal_keys(recovery_key, config.fs_id, opened.secret, root.plaintext)))
-            if result.derived:
-                return result
+        if DERIVED_FEATURE in config.features:  # every key derives from the secret, which the wrapping holds
+            rewrap._remove(cipherdir, os.fsencode(cipherdir), (rewrap.MARKER,))
+            result.derived = True
+            return result
         done = rewrap.rewrap_filesystem(cipherdir, ks, None, full=True, held=lock)  # resumes from the marker
         result.files, result.resealed = done.fresh, done.resealed
         return result
