@@ -139,9 +139,9 @@ def run(cmd: list[str], *, timeout: float = 120, check: bool = True, env: dict[s
 
 
 def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
-        return any(len(p) > 1 and p[1].replace("\\040", " ") == target for p in (ln.split() for ln in f))
+    from encfs.fuseproto.mounting import topmost_mount
+
+    return topmost_mount(path) is not None
 
 
 def wait_for(cond, what: str, timeout: float = 60, proc: subprocess.Popen | None = None,

@@ -266,7 +266,7 @@ def test_mount_failure_is_one_line_and_leaves_nothing(case: str, foreground: boo
 
 def test_daemonized_mount_is_usable_on_return_and_umount_flushes(tmp_path: Path, fs_home: Path) -> None:
     cipher = tmp_path / "cipher"
-    mp = tmp_path / "mnt é x"  # /proc/self/mounts escapes the spaces; the name is not ASCII
+    mp = tmp_path / "mnt é x"  # mountinfo escapes the spaces; the name is not ASCII
     mp.mkdir()
     encfs_ok("init", str(cipher), "--key", "fs", home=fs_home)
     data = os.urandom(300_000)

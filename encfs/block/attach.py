@@ -39,6 +39,7 @@ from encfs.block.fuseserver import RESIZE_XATTR, VolumeServer, fuse_mount, fuse_
 from encfs.block.volume import ShrinkRefused, VolumeBusy, VolumeError, open_volume, read_volume_header
 from encfs.cliargs import open_service
 from encfs.daemon import Readiness, keep_secrets_in_memory, proc_start, spawn
+from encfs.fuseproto.mounting import mount_table
 from encfs.fuseproto.wire import MAX_WRITE
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 
@@ -173,8 +174,7 @@ def _save(a: Attachment) -> None:
 
 
 def _is_mounted(path: str) -> bool:
-    with open("/proc/self/mounts", encoding="utf-8") as f:
-        return any(line.split()[1] == path for line in f if len(line.split()) > 1)
+    return any(m.mountpoint == path for m in mount_table())
 
 
 def _run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -365,8 +365,8 @@ def _forget(a: Attachment) -> None:
 
 
 def mounts_of(device: str) -> list[str]:
-    with open("/proc/self/mounts", encoding="utf-8") as f:
-        return [p[1] for p in (line.split() for line in f) if len(p) > 1 and p[0] == device]
+    """Where ``device`` is mounted (paths as the kernel names them, escapes undone)."""
+    return [m.mountpoint for m in mount_table() if m.source == device]
 
 
 def _openers(device: str) -> list[str]:

@@ -200,8 +200,9 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
                    metavar="BYTES", help=f"plaintext bytes per AES-GCM content block (default {DEFAULT_BLOCK_SIZE}; "
                    "32768: sequential reads a few percent faster, 4 KiB random I/O slower)")
     p.add_argument("--wrapped-file-keys", action="store_true",
-                   help="wrap every new file's data key by the CMK (one token call and one audit record per "
-                   "file, as S3 without bucket keys) instead of deriving it from the filesystem's secret")
+                   help="wrap every new file's data key by the CMK (a pass through the token per 32 new files, an "
+                   "audit record per file, as S3 without bucket keys) instead of deriving it from the "
+                   "filesystem's secret")
     from encfs.recoverycli import add_key_options
 
     add_key_options(p, required=False)

@@ -73,7 +73,7 @@ class MountOptions:
 
 def mount_type(path: Path) -> str | None:
     """The filesystem type mounted at ``path`` (the topmost one), or None if nothing is."""
-    entry = topmost_mount(os.path.realpath(path))
+    entry = topmost_mount(path)
     return None if entry is None else entry.fstype
 
 
@@ -334,7 +334,7 @@ def remount(cipherdir: Path, mountpoint: Path, read_only: bool, fake: bool = Fal
 
 def umount(mountpoint: Path) -> None:
     mountpoint = mountpoint.absolute()
-    entry = topmost_mount(os.path.realpath(mountpoint))
+    entry = topmost_mount(mountpoint)
     if entry is None:
         raise MountError(f"{mountpoint} is not mounted")
     source, fstype = entry.source, entry.fstype  # source: the CIPHERDIR (fsname)

@@ -9,11 +9,10 @@ touches a mounted filesystem (a hung daemon must not hang ``encfs status``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from encfs.fuseproto.mounting import MountInfo, mount_table
+from encfs.fuseproto.mounting import MountInfo, mount_table, topmost_mount
 
 __all__ = ["FS_TYPE", "MountEntry", "MountInfo", "encfs_mounts", "mount_at", "mount_table"]
 
@@ -32,11 +31,8 @@ def encfs_mounts(table: str = "/proc/self/mountinfo") -> list[MountEntry]:
     return [MountEntry(m.source, m.mountpoint, m.read_only) for m in mount_table(table) if m.fstype == FS_TYPE]
 
 
-def mount_at(path: Path) -> MountEntry | None:
-    """The topmost encfs mount at ``path`` (resolved without stat()ing the mount), or None."""
-    where = os.path.realpath(path)
-    found = None
-    for m in encfs_mounts():
-        if m.mountpoint == where:
-            found = m
-    return found
+def mount_at(path: Path, table: str = "/proc/self/mountinfo") -> MountEntry | None:
+    """The encfs mount on top at ``path`` (found without stat()ing the mount), or None: also when
+    another filesystem is mounted over it."""
+    m = topmost_mount(path, table)
+    return MountEntry(m.source, m.mountpoint, m.read_only) if m is not None and m.fstype == FS_TYPE else None

@@ -76,13 +76,25 @@ def mount_table(table: str | os.PathLike[str] = "/proc/self/mountinfo") -> list[
     return out
 
 
-def topmost_mount(path: str) -> MountInfo | None:
-    """The mount on top at ``path`` (as the kernel names it: an absolute path without symlinks),
-    or None if nothing is mounted there. OSError if the table cannot be read."""
+def _on_top(mounts: list[MountInfo], where: str) -> MountInfo | None:
     found = None
-    for m in mount_table():
-        if m.mountpoint == path:
+    for m in mounts:  # the last mount at a mountpoint is the one on top
+        if m.mountpoint == where:
             found = m
+    return found
+
+
+def topmost_mount(path: str | os.PathLike[str],
+                  table: str | os.PathLike[str] = "/proc/self/mountinfo") -> MountInfo | None:
+    """The mount on top at ``path``, or None if nothing is mounted there. OSError if the table
+    cannot be read. Only ``path``'s parent is resolved: a stat of the mountpoint itself would
+    reach the mounted filesystem (a hung daemon hangs it), unless ``path`` names a symlink."""
+    mounts = mount_table(table)
+    head, tail = os.path.split(os.path.abspath(path))
+    where = os.path.join(os.path.realpath(head), tail) if tail else head
+    found = _on_top(mounts, where)
+    if found is None and os.path.islink(where):  # not a mountpoint, so this lstat reaches no mount's root
+        found = _on_top(mounts, os.path.realpath(where))
     return found
 
 
