@@ -24,8 +24,8 @@ def test_escapes_are_undone_and_the_fields_read(tmp_path: Path) -> None:
         "garbage without the separator",
     ])
     root, odd = mount_table(t)
-    assert (root.device, root.mountpoint, root.fstype, root.source, root.read_only) == \
-        ("8:1", "/", "ext4", "/dev/vda", False)
+    assert (root.device, root.mountpoint, root.fstype, root.source, root.read_only, root.mount_id,
+            root.parent_id) == ("8:1", "/", "ext4", "/dev/vda", False, 22, 1)
     assert (odd.device, odd.mountpoint, odd.fstype, odd.source, odd.read_only) == \
         ("0:50", "/m/a b\tc\nd\\e", "fuse.encfs", "/c/x y", True)
 
@@ -43,6 +43,11 @@ def test_the_last_mount_at_a_path_is_on_top(tmp_path: Path) -> None:
     entry = mount_at(mp, str(only))
     assert entry is not None and entry.source == "/cipher" and entry.mountpoint == str(mp)
     assert topmost_mount(tmp_path / "elsewhere", t) is None
+    # Listed by id (Linux 6.8+): a mount moved on top may come first.
+    moved = table(tmp_path, [f"90 101 0:51 / {escaped} rw - tmpfs none rw",
+                             f"101 22 0:50 / {escaped} rw - fuse.encfs /cipher rw"])
+    top = topmost_mount(mp, moved)
+    assert top is not None and top.fstype == "tmpfs" and mount_at(mp, str(moved)) is None
 
 
 def test_a_symlink_to_a_mountpoint_finds_it(tmp_path: Path) -> None:

@@ -53,6 +53,8 @@ class MountInfo:
     fstype: str
     source: str
     read_only: bool
+    mount_id: int = 0
+    parent_id: int = 0
 
 
 def _unescape(field: str) -> str:
@@ -72,16 +74,18 @@ def mount_table(table: str | os.PathLike[str] = "/proc/self/mountinfo") -> list[
             if not sep or len(fields) < 6 or len(tail) < 2:
                 continue
             out.append(MountInfo(fields[2], _unescape(fields[4]), tail[0], _unescape(tail[1]),
-                                 "ro" in fields[5].split(",")))
+                                 "ro" in fields[5].split(","), int(fields[0]), int(fields[1])))
     return out
 
 
 def _on_top(mounts: list[MountInfo], where: str) -> MountInfo | None:
-    found = None
-    for m in mounts:  # the last mount at a mountpoint is the one on top
-        if m.mountpoint == where:
-            found = m
-    return found
+    """Of the mounts at ``where``, the one no other is mounted on. Not simply the last line:
+    since Linux 6.8 mountinfo lists mounts by id, and a moved mount (or one put beneath) may
+    be on top with a lower id."""
+    here = [m for m in mounts if m.mountpoint == where]
+    covered = {m.parent_id for m in here}
+    top = [m for m in here if m.mount_id not in covered] or here
+    return top[-1] if top else None
 
 
 def topmost_mount(path: str | os.PathLike[str],
