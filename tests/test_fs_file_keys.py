@@ -255,3 +255,19 @@ def test_an_add_killed_after_its_key_file_is_finished_by_the_same_command(tmp_pa
         assert read(fs, fs.lookup(ROOT_ID, b"f", CTX).st_ino) == b"kept"
     finally:
         fs.close_all()
+
+
+def test_add_finishes_an_interrupted_full_rekey_on_derived_keys(tmp_path: Path, service: KeyService) -> None:
+    """Only add's own marker is dropped unfinished: another run's (`encfs rekey --full`, killed) is
+    finished by the full re-key, as on any filesystem."""
+    rk = tmp_path / "rk"
+    rk.write_text("cd" * 32 + "\n")
+    rk.chmod(0o600)
+    cipher, key, _path = one_file(tmp_path, service, b"re-keyed", recovery_key=lambda: bytes.fromhex("cd" * 32))
+    before = headers(cipher)
+    _write_marker(cipher, FULL, key, recovering=False)  # a killed `encfs rekey --full`
+    added = add_recovery_key(cipher, service, str(rk), create=False)
+    assert added.resumed and not added.derived and added.files == 1 and not (cipher / "encfs.rekey").exists()
+    (after,) = headers(cipher)
+    assert after.derived and after.file_id != before[0].file_id
+    assert read_f(cipher, service) == b"re-keyed"

@@ -151,7 +151,9 @@ def add_recovery_key(cipherdir: Path, ks: KeyService, key_file: str, create: boo
             write_config(cipherdir, opened, replace(
                 config, features=(*config.features, RECOVERY_FEATURE), wrapped_root=root.ciphertext_blob,
                 recovery=seal_keys(recovery_key, config.fs_id, opened.secret, root.plaintext)))
-        if DERIVED_FEATURE in config.features:  # every key derives from the secret, which the wrapping holds
+        if DERIVED_FEATURE in config.features and (marker is None or adding):
+            # Every key derives from the secret, which the wrapping holds: only add's own marker goes
+            # (another run's, an interrupted `encfs rekey --full`, is finished below as always).
             rewrap._remove(cipherdir, os.fsencode(cipherdir), (rewrap.MARKER,))
             result.derived = True
             return result
