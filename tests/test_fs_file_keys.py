@@ -12,8 +12,9 @@ import pytest
 from test_fs_api import CTX, create, read
 
 from encfs.errors import KeyStateError
+from encfs.fuse import filekeys
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader
-from encfs.fuse.filekeys import TOKEN_RECHECK, FileKeys
+from encfs.fuse.filekeys import DERIVED_TAG, TOKEN_RECHECK, FileKeys
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsck import check_filesystem
 from encfs.fuse.fsconfig import DERIVED_FEATURE, init_filesystem, open_config
@@ -271,3 +272,24 @@ def test_add_finishes_an_interrupted_full_rekey_on_derived_keys(tmp_path: Path, 
     (after,) = headers(cipher)
     assert after.derived and after.file_id != before[0].file_id
     assert read_f(cipher, service) == b"re-keyed"
+
+
+def test_a_derived_key_is_kept_in_the_key_cache_and_checked_on_a_hit(tmp_path: Path, service: KeyService,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    cipher, key = new_cipher(tmp_path, service)
+    fs = open_fs(cipher, service)
+    try:
+        ino = create(fs, b"f", b"cached")
+        (header,) = headers(cipher)
+        assert fs.files.key_cache.get(header.file_id, DERIVED_TAG) is not None  # seeded by the create
+        derived: list[bytes] = []
+        real = filekeys.file_key
+        monkeypatch.setattr(filekeys, "file_key", lambda *a: derived.append(a[2]) or real(*a))
+        assert read(fs, ino) == b"cached" and derived == []  # a hit: no HKDF
+        fs.files.key_cache.clear()
+        assert read(fs, ino) == b"cached" and derived == [header.file_id]
+        service.disable_key(key)
+        with pytest.raises(FuseError, match="^5$"):
+            read(fs, ino)  # the CMK check comes before the cache
+    finally:
+        fs.close_all()
