@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 
 from encfs.errors import KeyStateError
-from encfs.fuse.fileheader import FILE_ID_LEN, FileHeader, HeaderError
+from encfs.fuse.fileheader import FILE_ID_LEN, V2, FileHeader, HeaderError
 from encfs.fuse.fsconfig import DERIVED_FEATURE, FsConfig, FsKeys
 from encfs.fuse.recoverykeys import DerivedKeyPool, file_key
 from encfs.keys.cache import MAX_AGE, DataKeyCache
@@ -67,6 +67,8 @@ class FileKeys:
         self.cache = cache
         # DERIVED_FEATURE (set only by `encfs init`): every file gets a derived key.
         self.derived_root = keys.file_root if keys is not None and DERIVED_FEATURE in config.features else None
+        # The secret's context: what a derived key's CMK check is asked in.
+        self._context = config.fs_context() if self.derived_root is not None else {}
         self._pool: DataKeyPool[bytes] | None = None
         if ks is not None and self.derived_root is None:
             if recovery_root is not None:
@@ -81,17 +83,17 @@ class FileKeys:
 
     def _check_usable(self) -> None:
         assert self.ks is not None
-        if not self.ks.key_usable(self.config.key_id, self.config.fs_context()):
+        if not self.ks.key_usable(self.config.key_id, self._context):
             raise KeyStateError(f"key {self.config.key_id} is not Enabled (or no longer usable here): "
                                 "the filesystem's file keys need it")
         if self._clock() - self._token_asked >= TOKEN_RECHECK:
             with self._token_lock:
                 if self._clock() - self._token_asked >= TOKEN_RECHECK:  # not asked meanwhile
-                    self.ks.decrypt(self.config.wrapped_secret, self.config.fs_context(), key=self.config.key_id)
+                    self.ks.decrypt(self.config.wrapped_secret, self._context, key=self.config.key_id)
                     self._token_asked = self._clock()
 
-    def new(self) -> tuple[FileHeader, bytes]:
-        """A header (content version 2) for a new file id, and its data key. OSError EROFS
+    def new(self, version: int = V2) -> tuple[FileHeader, bytes]:
+        """A header (content ``version``) for a new file id, and its data key. OSError EROFS
         without a key service; KeyStateError (or the key service's errors) if the CMK is not
         usable."""
         if self.ks is None:
@@ -99,11 +101,11 @@ class FileKeys:
         if self.derived_root is not None:
             self._check_usable()
             file_id = os.urandom(FILE_ID_LEN)
-            return FileHeader(file_id, b""), self._derive(file_id)
+            return FileHeader(file_id, b"", version), self._derive(file_id)
         assert self._pool is not None
         file_id, dk = self._pool.take()
         assert dk.plaintext is not None
-        return FileHeader(file_id, dk.ciphertext_blob), dk.plaintext
+        return FileHeader(file_id, dk.ciphertext_blob, version), dk.plaintext
 
     def key(self, header: FileHeader) -> bytes:
         """The data key of the file ``header`` heads (the key service's errors if its wrapped key
@@ -122,6 +124,13 @@ class FileKeys:
             return file_key(self.recovery_root, self.config.fs_id, header.file_id)
         return self.ks.decrypt(header.wrapped_key, self.config.file_context(header.file_id),
                                key=self.config.key_id, cache=self.cache).plaintext
+
+    def recovery_misses(self, header: FileHeader, key: bytes) -> bool:
+        """Whether the recovery key would not open this file although the filesystem has one: a
+        wrapped ``key`` that the recovery root does not derive (a file put back from before
+        `encfs recovery-key add`, say). A derived key it opens through the secret."""
+        return (self.ks is not None and self.recovery_root is not None and not header.derived
+                and key != file_key(self.recovery_root, self.config.fs_id, header.file_id))
 
     def _derive(self, file_id: bytes) -> bytes:
         """The derived key of ``file_id``, through the key cache (seeded by new(), as the pool

@@ -108,7 +108,7 @@ class Walk:
             return
         config = self.opened.config
         self.fs = EncryptedFS(self.root, config, self.opened.keys, self.ks, read_only=True,
-                              recovering=self.recovering)
+                              recovering=self.recovering, recovery_root=self.opened.root)
         self.names: NameCipher = self.fs.names
         self.bound_dirids = "bound-dirids" in config.features
         self.journals = file_ids(self.root)

@@ -25,7 +25,6 @@ from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.content import FileContent
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError
 from encfs.fuse.journal import JournalDamaged
-from encfs.fuse.recoverykeys import file_key
 from encfs.progress import progress
 
 if TYPE_CHECKING:
@@ -115,7 +114,7 @@ def _file(self: Walk, path: bytes, check: FileCheck) -> None:
             self.add(Finding("wrapped-key", f"{where}: its wrapped data key does not unwrap ({e.message}): "
                                             "its contents cannot be read", place=rel))
             return
-        if self.opened.root is not None and not header.derived and key != file_key(self.opened.root, config.fs_id, header.file_id):
+        if self.fs.files.keys.recovery_misses(header, key):
             self.add(Finding("recovery", f"{where}: its data key is not derived from the recovery root: the "
                                          "recovery key does not open it (`encfs rekey --full` gives it one that is)",
                              WARNING, place=rel))

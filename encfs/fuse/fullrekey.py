@@ -107,9 +107,8 @@ def _one(bd: BackingDirs, opened: OpenFiles, path: bytes, done: set[bytes]) -> i
         opened.release(fh)
         return None
     c.check_key()  # its key opens its last block (header poisoning, as before any write)
-    fresh, key = opened.keys.new()
-    rekeyfile.rekey(c, FileHeader(fresh.file_id, fresh.wrapped_key, c.header.version),
-                    BlockCipher(key, fresh.file_id, opened.block_size))
+    fresh, key = opened.keys.new(c.header.version)
+    rekeyfile.rekey(c, fresh, BlockCipher(key, fresh.file_id, opened.block_size))
     opened.release(fh)
     if st.st_ino in opened.contents:  # its checkpoint failed: the content stayed pinned
         raise OSError(5, "cannot checkpoint it after the re-key", os.fsdecode(path))

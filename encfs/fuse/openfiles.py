@@ -46,7 +46,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from encfs import daemonlog
 from encfs.blocks import BlockAuthError, BlockCipher
@@ -68,7 +68,6 @@ from encfs.fuse.fileheader import (
 from encfs.fuse.filekeys import FileKeys
 from encfs.fuse.fsconfig import SPARSE_FEATURE, FsConfig, FsKeys
 from encfs.fuse.journal import file_ids, journal_path
-from encfs.fuse.recoverykeys import file_key
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.service import KeyService
 from encfs.sealing import Sealers
@@ -106,7 +105,6 @@ class OpenFiles:
         self.key_cache = DataKeyCache(max_entries=65536)  # the default lifetime (cache.MAX_AGE, 5 minutes)
         # New files' keys, and the key of each file loaded (filekeys.py): derived, or wrapped by the
         # CMK (a batch per pass through the key service; with a recovery root derived from it).
-        self.recovery_root = recovery_root
         self.keys = FileKeys(config, fs_keys, ks, recovery_root, cache=self.key_cache)
         # A mount with a recovery root (fs.py) checks that each wrapped key is the derived one.
         self.check_derived = False
@@ -339,11 +337,11 @@ class OpenFiles:
             if header.file_id in self.rekeys:
                 fd, header = self._finish_rekey(fd, writable, header, f.path)
             try:
-                key = self.file_key(header)
+                key = self.keys.key(header)
             except (KeyStateError, KeyNotFound, TokenError, InvalidCiphertext) as e:
                 daemonlog.report_integrity(log, self.describe(f.path), "file key", e)
                 raise
-            if self.check_derived and not header.derived and key != file_key(self.recovery_root or b"", self.config.fs_id, header.file_id):
+            if self.check_derived and self.keys.recovery_misses(header, key):
                 # The CMK's key is the file's key; but the recovery key would not open this file (one
                 # restored from a backup made before `encfs recovery-key add`, say).
                 log.warning("%r: its data key is not derived from the recovery root: the recovery key does "
@@ -359,10 +357,6 @@ class OpenFiles:
         c.sealer = self.sealers.sealer(c.cipher, key, header.file_id)
         c.sparse = self.sparse
         return c
-
-    def file_key(self, header: FileHeader) -> bytes:
-        """The file's data key (FileKeys.key)."""
-        return self.keys.key(header)
 
     def _finish_rekey(self, fd: int, writable: bool, header: FileHeader, path: bytes) -> tuple[int, FileHeader]:
         """A file whose re-key a crash interrupted: finish it (or, read-only, read its side
@@ -414,12 +408,11 @@ class OpenFiles:
 
     def rekey(self, c: FileContent, path: bytes) -> None:
         """Give ``c``'s file a fresh file id and data key (see the invariants)."""
-        fresh, key = self.keys.new()
+        fresh, key = self.keys.new(c.header.version)
         file_id = fresh.file_id
         old_id, seals = c.header.file_id, c.seals
         try:
-            rekeyfile.rekey(c, replace(fresh, version=c.header.version),
-                            self.cipher_class(key, file_id, self.block_size))
+            rekeyfile.rekey(c, fresh, self.cipher_class(key, file_id, self.block_size))
         except OSError as e:
             if isinstance(e, rekeyfile.SideFilePending):  # ``c`` is under the new key, read-only
                 self.rekeys.add(old_id)  # a later load of the file finishes the job
@@ -442,9 +435,8 @@ class OpenFiles:
             self.drop(f.inode, f.fd, f.path)
         fd = os.dup(f.fd)
         try:
-            fresh, key = self.keys.new()
-            file_id = fresh.file_id
-            header = replace(fresh, version=self.version)
+            header, key = self.keys.new(self.version)
+            file_id = header.file_id
             c = FileContent.create(fd, header, self.cipher_class(key, file_id, self.block_size),
                                    self.root, self.journals, self._reporter(f.path), self.state_in_file)
         except BaseException:
