@@ -1032,7 +1032,7 @@ def backing_store(path: Path, proc: Path = Path("/proc"), sys_root: Path = Path(
     project's VM, one create in a directory after 2,000 deletes took 90-190 us against 4 without
     them, so each target's small-file creates depend on how many files the targets before it
     deleted (benchmarks/README.md)."""
-    from encfs.fuse.mounttable import mount_table
+    from encfs.fuseproto.mounting import mount_table
 
     st = os.stat(path)
     dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"

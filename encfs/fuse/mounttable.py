@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from encfs.fuseproto.mounting import MountInfo, mount_table, topmost_mount
-
-__all__ = ["FS_TYPE", "MountEntry", "MountInfo", "encfs_mounts", "mount_at", "mount_table"]
+from encfs.fuseproto.mounting import mount_table, topmost_mount
 
 FS_TYPE = "fuse.encfs"
 
