@@ -40,6 +40,7 @@ from encfs.fuse.fsconfig import (
     DERIVED_FEATURE,
     FS_FORMAT,
     RECOVERY_FEATURE,
+    FsConfig,
     FsConfigError,
     OpenedConfig,
     _read_copy,
@@ -164,8 +165,9 @@ def add_recovery_key(cipherdir: Path, ks: KeyService, key_file: str, create: boo
         lock.release(clean=not recovering)
 
 
-def remove_recovery_key(cipherdir: Path, ks: KeyService) -> bool:
-    """Drop the recovery root and wrapping from both copies; False if there was none."""
+def remove_recovery_key(cipherdir: Path, ks: KeyService) -> FsConfig | None:
+    """Drop the recovery root and wrapping from both copies; the config as it is now, or None if
+    there was none to drop."""
     from encfs.fuse import rewrap
 
     peek_config(cipherdir)
@@ -176,11 +178,11 @@ def remove_recovery_key(cipherdir: Path, ks: KeyService) -> bool:
         opened = open_config(cipherdir, ks, writable=True)
         config = opened.config
         if RECOVERY_FEATURE not in config.features:
-            return False
-        write_config(cipherdir, opened, replace(
-            config, features=tuple(f for f in config.features if f != RECOVERY_FEATURE), wrapped_root=None,
-            recovery=None))
-        return True
+            return None
+        without = replace(config, features=tuple(f for f in config.features if f != RECOVERY_FEATURE),
+                          wrapped_root=None, recovery=None)
+        write_config(cipherdir, opened, without)
+        return without
     finally:
         lock.release(clean=not recovering)
 
@@ -227,13 +229,13 @@ def cmd_remove(args: argparse.Namespace) -> int:
     cipherdir = Path(args.cipherdir)
     with open_key_service(args) as ks:
         removed = remove_recovery_key(cipherdir, ks)
-    if DERIVED_FEATURE in peek_config(cipherdir)[0].features:  # the keys come from the secret, which old copies hold
+    if removed is not None and DERIVED_FEATURE in removed.features:  # the keys come from the secret, which old copies hold
         after = ("copies of the config from before, and backups, still open with it, and so every file, new "
                  "ones too: only a new filesystem is closed to it")
     else:
         after = ("copies of the config from before, and backups, still open with it; `encfs rekey --full` "
                  "gives every file a key it does not derive")
-    report(args, {"CipherDir": str(cipherdir.absolute()), "RecoveryKey": False, "Changed": removed},
-           f"{cipherdir}: recovery key removed ({after})" if removed
+    report(args, {"CipherDir": str(cipherdir.absolute()), "RecoveryKey": False, "Changed": removed is not None},
+           f"{cipherdir}: recovery key removed ({after})" if removed is not None
            else f"{cipherdir}: has no recovery key: nothing to do")
     return 0
