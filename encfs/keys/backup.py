@@ -52,6 +52,7 @@ from encfs.errors import ArchiveDamaged, StateError, UsageError, WrongPassphrase
 from encfs.keys.audit import iso_time
 from encfs.keys.metadata import KeyStore
 from encfs.keys.softhsm import EmbeddedSoftHSM, conf_text
+from encfs.keys.token import guard_store
 
 MAGIC = b"ENCFSBAK"
 VERSION = 1
@@ -207,6 +208,9 @@ def snapshot(home: Path) -> dict[str, bytes]:
     """The store's files, consistent: under the metadata lock, read until two reads agree (a
     token object SoftHSM2 writes outside that lock, e.g. a key being created, is re-read)."""
     emb = EmbeddedSoftHSM(home)
+    if emb.provisioned:  # a token file a killed process left empty is put back first (tokenguard.py)
+        emb.activate()
+        guard_store(emb.spec())
     with KeyStore(home).locked():
         files = _read_store(home, emb)
         for _ in range(10):

@@ -2,6 +2,7 @@
 
 Layout of ``$ENCFS_HOME/softhsm/``: ``softhsm2.conf`` (written last, so its
 presence means provisioning finished), ``tokens/`` (SoftHSM2's object store),
+``token-copies/`` (the last finished state of each of its files: tokenguard.py),
 ``user.pin`` and ``so.pin`` (mode 0600, random), or instead of those two
 ``pins.sealed`` (both PINs sealed under a passphrase: encfs.keys.pinseal).
 Provisioning runs C_InitToken in a child process so that this process loads
@@ -21,6 +22,7 @@ from encfs.atomicfile import write_atomic
 from encfs.errors import ConfigError, ModuleNotFound, StateError, TokenError, UsageError
 from encfs.keys import pinseal
 from encfs.keys.token import PinSource, TokenSpec
+from encfs.keys.tokenguard import TokenFileCopies
 
 TOKEN_LABEL = "encfs"
 MODULE_CANDIDATES = (
@@ -66,6 +68,7 @@ class EmbeddedSoftHSM:
         self.user_pin = self.dir / "user.pin"
         self.so_pin = self.dir / "so.pin"
         self.sealed_pins = self.dir / "pins.sealed"
+        self.copies = TokenFileCopies(self.tokendir, self.dir / "token-copies")
 
     @property
     def provisioned(self) -> bool:
@@ -114,7 +117,7 @@ class EmbeddedSoftHSM:
             source = PinSource("sealed", str(self.sealed_pins), passphrase_file)
         else:
             source = PinSource("file", str(self.user_pin))
-        return TokenSpec(module=softhsm_module(), label=TOKEN_LABEL, pin=source)
+        return TokenSpec(module=softhsm_module(), label=TOKEN_LABEL, pin=source, store_guard=self.copies.guard)
 
     @property
     def protected(self) -> bool:

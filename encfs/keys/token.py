@@ -26,9 +26,9 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pkcs11
@@ -139,6 +139,9 @@ class TokenSpec:
     pin: PinSource
     serial: str | None = None
     slot_id: int | None = None
+    # Run under the store's exclusive lock before the module reads the store and after each call
+    # that wrote it (the embedded token's TokenFileCopies.guard).
+    store_guard: Callable[[], object] | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         for name, value in (("token", self.label), ("serial", self.serial), ("slot", self.slot_id)):
@@ -222,6 +225,14 @@ def _store_lock(module: str, exclusive: bool) -> Iterator[None]:
         entry[2] = held
 
 
+def guard_store(spec: TokenSpec) -> None:
+    """Run ``spec``'s store guard under the store's exclusive lock (before a copy of the store
+    is taken: ``encfs hsm backup``)."""
+    if spec.store_guard is not None:
+        with _P11_LOCK, _store_lock(spec.module, exclusive=True):
+            spec.store_guard()
+
+
 def _p11_name(e: BaseException) -> str:
     return type(e).__name__
 
@@ -287,6 +298,7 @@ class Token:
                 and self._epoch == _MODULE_EPOCH.get(self.spec.module, 0)):
             return self._session
         with _store_lock(self.spec.module, exclusive=True):
+            self._guard_store()
             lib = load_module(self.spec.module)
             self._handles.clear()
             self._slot, self._token = self._find_token(lib)
@@ -322,10 +334,16 @@ class Token:
         Returns the new session (the caller's old session is dead).
         """
         with _store_lock(self.spec.module, exclusive=True):
+            self._guard_store()
             load_module(self.spec.module).reinitialize()
             _MODULE_EPOCH[self.spec.module] = _MODULE_EPOCH.get(self.spec.module, 0) + 1
             self._session = None
             return self._open()
+
+    def _guard_store(self) -> None:
+        """Caller holds the store lock exclusively."""
+        if self.spec.store_guard is not None:
+            self.spec.store_guard()
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -342,6 +360,8 @@ class Token:
             with _store_lock(self.spec.module, exclusive):
                 try:
                     yield session
+                    if exclusive:
+                        self._guard_store()
                 except (TagMismatch, TokenError, ConfigError):
                     raise
                 except p11e.PKCS11Error as e:
