@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
+import select
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -87,14 +88,30 @@ def test_an_empty_token_object_without_a_copy_is_named_in_one_line(home_with_blo
     assert b"Traceback" not in proc.stderr
 
 
-def test_an_empty_object_of_a_killed_creation_is_removed(home_with_blob: tuple[Path, bytes]) -> None:
-    home, blob = home_with_blob
-    stray = _token_dir(home) / "0b5e7c0e-0000-4000-8000-000000000000.object"
-    stray.write_bytes(b"")  # a C_GenerateKey killed between creating its file and writing it
-    proc = run_encfs("key", "decrypt", home=home, input=blob)
+def test_an_unwritable_copy_directory_fails_no_call(home_with_blob: tuple[Path, bytes]) -> None:
+    home, _blob = home_with_blob
+    copies = home / "softhsm" / "token-copies"
+    shutil.rmtree(copies)
+    copies.write_bytes(b"")  # mkdir fails (as root, a mode would not)
+    proc = run_encfs("key", "create", "--alias", "k2", home=home)
     assert proc.returncode == 0, proc.stderr
-    assert not stray.exists()
-    assert run_encfs("key", "create", "--alias", "k2", home=home).returncode == 0
+    assert b"cannot keep copies of the token's files" in proc.stderr
+    proc = run_encfs("key", "encrypt", "alias/k2", home=home, input=b"x")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_backup_refuses_an_empty_token_file_it_cannot_repair(home_with_blob: tuple[Path, bytes],
+                                                               tmp_path: Path) -> None:
+    home, _blob = home_with_blob
+    shutil.rmtree(home / "softhsm" / "token-copies")
+    obj = _key_object(home)
+    obj.write_bytes(b"")  # no copy to put back: the archive must not take the empty file
+    passfile = tmp_path / "pass"
+    passfile.write_text("backup passphrase\n")
+    archive = tmp_path / "store.bk"
+    proc = run_encfs("hsm", "backup", str(archive), "--passphrase-file", str(passfile), home=home)
+    assert proc.returncode != 0 and not archive.exists()
+    assert f"{obj} is empty".encode() in proc.stderr, proc.stderr
 
 
 def test_copies_follow_created_and_destroyed_objects(tmp_path: Path) -> None:
@@ -133,26 +150,35 @@ _LOGIN_LOOP = textwrap.dedent("""
 
 
 def test_kill_9_during_logins_never_loses_the_token(home_with_blob: tuple[Path, bytes]) -> None:
-    """Kills at random moments of a loop of logins; after each, the token must still decrypt.
-    Without the copies, some kill leaves token.object empty and every later call fails."""
+    """Kills at random moments of a loop of logins; after each, the next process must log in.
+    Without the copies, about one kill in 20 leaves token.object empty and every later login fails
+    (CI's 120 kills miss it with probability under 0.3%)."""
     home, blob = home_with_blob
-    rng = random.Random(int(os.environ.get("ENCFS_CRASH_SEED", random.randrange(2**32))))
+    seed = int(os.environ.get("ENCFS_CRASH_SEED", random.randrange(2**32)))
+    print(f"ENCFS_CRASH_SEED={seed}")
+    rng = random.Random(seed)
     kills = 600 if STRESS else 120
     emptied = 0
     for _ in range(kills):
         child = subprocess.Popen([sys.executable, "-c", _LOGIN_LOOP, str(home)], stdout=subprocess.PIPE,
                                  env=dict(os.environ, ENCFS_HOME=str(home)))
         try:
-            assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+            assert child.stdout is not None
+            ready, _, _ = select.select([child.stdout], [], [], 60)
+            assert ready and child.stdout.readline() == b"ready\n", f"seed {seed}: the token did not open"
             time.sleep(rng.uniform(0.0, 0.05))
         finally:
-            child.send_signal(signal.SIGKILL)
+            child.kill()
             child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
         emptied += (_token_dir(home) / "token.object").stat().st_size == 0
     proc = run_encfs("key", "decrypt", home=home, input=blob)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"secret"
     print(f"{kills} kills, {emptied} left token.object empty")
+    if STRESS:
+        assert emptied, "no kill hit a rewrite of token.object: the loop no longer exercises the hazard"
 
 
 def test_a_backup_puts_an_emptied_token_object_back_first(home_with_blob: tuple[Path, bytes], tmp_path: Path) -> None:

@@ -48,11 +48,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from encfs.diskio import fsync_dir
-from encfs.errors import ArchiveDamaged, StateError, UsageError, WrongPassphrase
+from encfs.errors import ArchiveDamaged, ConfigError, ModuleNotFound, StateError, UsageError, WrongPassphrase
 from encfs.keys.audit import iso_time
 from encfs.keys.metadata import KeyStore
 from encfs.keys.softhsm import EmbeddedSoftHSM, conf_text
-from encfs.keys.token import guard_store
+from encfs.keys.token import check_store_files
 
 MAGIC = b"ENCFSBAK"
 VERSION = 1
@@ -183,6 +183,9 @@ def _read_store(home: Path, emb: EmbeddedSoftHSM) -> dict[str, bytes]:
             for obj in sorted(os.scandir(entry.path), key=lambda e: e.name):
                 if not obj.is_file(follow_symlinks=False):
                     raise StateError(f"unexpected entry {obj.path} in the token directory")
+                if obj.name.endswith(".object") and obj.stat(follow_symlinks=False).st_size == 0:
+                    raise StateError(f"{obj.path} is empty (a process was killed while SoftHSM2 wrote it) and "
+                                     f"encfs could not put its copy back: a backup would not restore it")
                 names.append(f"softhsm/tokens/{entry.name}/{obj.name}")
         names.append("keyd.toml")
         for directory in _STATE_DIRS:  # secrets and the daemon's policies and grants: their .json files
@@ -209,8 +212,11 @@ def snapshot(home: Path) -> dict[str, bytes]:
     token object SoftHSM2 writes outside that lock, e.g. a key being created, is re-read)."""
     emb = EmbeddedSoftHSM(home)
     if emb.provisioned:  # a token file a killed process left empty is put back first (tokenguard.py)
-        emb.activate()
-        guard_store(emb.spec())
+        try:
+            emb.activate()
+            check_store_files(emb.spec())
+        except (ModuleNotFound, StateError, ConfigError):
+            pass  # no usable SoftHSM2 here: _read_store still refuses an empty object file
     with KeyStore(home).locked():
         files = _read_store(home, emb)
         for _ in range(10):

@@ -117,7 +117,7 @@ class EmbeddedSoftHSM:
             source = PinSource("sealed", str(self.sealed_pins), passphrase_file)
         else:
             source = PinSource("file", str(self.user_pin))
-        return TokenSpec(module=softhsm_module(), label=TOKEN_LABEL, pin=source, store_guard=self.copies.guard)
+        return TokenSpec(module=softhsm_module(), label=TOKEN_LABEL, pin=source, store_copies=self.copies)
 
     @property
     def protected(self) -> bool:
@@ -184,6 +184,7 @@ class EmbeddedSoftHSM:
         os.chmod(self.dir, 0o700)
         # Leftovers of an interrupted provisioning are ours to replace.
         shutil.rmtree(self.tokendir, ignore_errors=True)
+        shutil.rmtree(self.copies.copydir, ignore_errors=True)
         for p in (self.user_pin, self.so_pin, self.sealed_pins):
             p.unlink(missing_ok=True)
         tmp_conf = self.dir / "softhsm2.conf.tmp"

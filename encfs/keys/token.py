@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +46,7 @@ from encfs.errors import (
     TokenError,
     TokenNotFound,
 )
+from encfs.keys.tokenguard import TokenFileCopies
 
 _P11_LOCK = threading.RLock()
 _COPY_PREFIX = b"encfs-session-copy:"  # CKA_ID of a session copy: the prefix, then the key's own id
@@ -139,9 +140,9 @@ class TokenSpec:
     pin: PinSource
     serial: str | None = None
     slot_id: int | None = None
-    # Run under the store's exclusive lock before the module reads the store and after each call
-    # that wrote it (the embedded token's TokenFileCopies.guard).
-    store_guard: Callable[[], object] | None = field(default=None, compare=False)
+    # The embedded token's copies of its files (tokenguard.py): checked under the store's exclusive
+    # lock before the module reads the store, brought up to date after each call that wrote it.
+    store_copies: TokenFileCopies | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         for name, value in (("token", self.label), ("serial", self.serial), ("slot", self.slot_id)):
@@ -179,7 +180,7 @@ _MODULE_EPOCH: dict[str, int] = {}  # module path -> number of reloads (sessions
 
 
 @contextmanager
-def _store_lock(module: str, exclusive: bool) -> Iterator[None]:
+def _store_lock(module: str, exclusive: bool) -> Iterator[bool]:
     """A lock shared by this user's processes using ``module`` (and the same SOFTHSM2_CONF).
 
     SoftHSM2's file store is not safe across processes: C_Login rewrites
@@ -192,7 +193,7 @@ def _store_lock(module: str, exclusive: bool) -> Iterator[None]:
     nesting is allowed (a shared hold is upgraded, then restored).
     The lock file sits next to SOFTHSM2_CONF if that is set and writable (for
     the embedded token: ``$ENCFS_HOME/softhsm/``), else in the temp directory.
-    Best effort: without a usable lock file, calls run unlocked.
+    Best effort: without a usable lock file, calls run unlocked (and it yields False).
     """
     conf = os.environ.get("SOFTHSM2_CONF", "")
     key = f"{module}\0{conf}"
@@ -208,29 +209,36 @@ def _store_lock(module: str, exclusive: bool) -> Iterator[None]:
             except OSError:
                 continue
         else:
-            yield
+            yield False
             return
         entry = _STORE_LOCKS[key] = [fd, os.getpid(), None]
     fd, _pid, held = entry
     want = "ex" if exclusive else "sh"
     if held == "ex" or held == want:
-        yield
+        yield True
         return
     fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
     entry[2] = want
     try:
-        yield
+        yield True
     finally:
         fcntl.flock(fd, fcntl.LOCK_SH if held == "sh" else fcntl.LOCK_UN)
         entry[2] = held
 
 
-def guard_store(spec: TokenSpec) -> None:
-    """Run ``spec``'s store guard under the store's exclusive lock (before a copy of the store
-    is taken: ``encfs hsm backup``)."""
-    if spec.store_guard is not None:
-        with _P11_LOCK, _store_lock(spec.module, exclusive=True):
-            spec.store_guard()
+def check_store_files(spec: TokenSpec) -> None:
+    """Put back token files a killed process left empty and bring their copies up to date
+    (before a copy of the store is taken: ``encfs hsm backup``)."""
+    with _P11_LOCK, _store_lock(spec.module, exclusive=True) as locked:
+        _check_copies(spec, locked)
+
+
+def _check_copies(spec: TokenSpec, locked: bool) -> None:
+    """Caller holds _P11_LOCK and the store lock exclusively if ``locked``."""
+    if spec.store_copies is not None:
+        if locked:  # else a write of another process may be in progress
+            spec.store_copies.restore_emptied()
+        spec.store_copies.record()
 
 
 def _p11_name(e: BaseException) -> str:
@@ -297,8 +305,8 @@ class Token:
         if (self._session is not None and self._pid == os.getpid()
                 and self._epoch == _MODULE_EPOCH.get(self.spec.module, 0)):
             return self._session
-        with _store_lock(self.spec.module, exclusive=True):
-            self._guard_store()
+        with _store_lock(self.spec.module, exclusive=True) as locked:
+            _check_copies(self.spec, locked)
             lib = load_module(self.spec.module)
             self._handles.clear()
             self._slot, self._token = self._find_token(lib)
@@ -333,17 +341,12 @@ class Token:
         re-indexes their objects. Used when an object looked for is not found.
         Returns the new session (the caller's old session is dead).
         """
-        with _store_lock(self.spec.module, exclusive=True):
-            self._guard_store()
+        with _store_lock(self.spec.module, exclusive=True) as locked:
+            _check_copies(self.spec, locked)
             load_module(self.spec.module).reinitialize()
             _MODULE_EPOCH[self.spec.module] = _MODULE_EPOCH.get(self.spec.module, 0) + 1
             self._session = None
             return self._open()
-
-    def _guard_store(self) -> None:
-        """Caller holds the store lock exclusively."""
-        if self.spec.store_guard is not None:
-            self.spec.store_guard()
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -360,8 +363,8 @@ class Token:
             with _store_lock(self.spec.module, exclusive):
                 try:
                     yield session
-                    if exclusive:
-                        self._guard_store()
+                    if exclusive and self.spec.store_copies is not None:
+                        self.spec.store_copies.record()  # never fails the call that succeeded
                 except (TagMismatch, TokenError, ConfigError):
                     raise
                 except p11e.PKCS11Error as e:

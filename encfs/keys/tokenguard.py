@@ -1,36 +1,42 @@
 """Copies of the embedded token's files, so that a killed process cannot lose the token.
 
-SoftHSM2 (2.6, file backend) rewrites an object file in place: ftruncate to
-zero, then one write, with no temporary file and no fsync. C_Login rewrites
-``token.object`` that way every time (it stores the PIN-count flags), and
-C_SetAttributeValue rewrites a key's ``<uuid>.object``. A process killed
-between the two calls leaves the file empty: an empty ``token.object`` makes
-the token vanish (TokenNotFound in every later process, and the token key
-it holds, wrapped under the PINs, is gone), an empty key object loses that
-customer master key. See docs/dev/pkcs11.md.
+SoftHSM2 (2.6, file backend) rewrites an object file in place: lock it
+(fcntl), ftruncate to zero, write, unlock; no temporary file, no fsync.
+C_Login rewrites ``token.object`` that way every time (it stores the
+PIN-count flags), and C_SetAttributeValue rewrites a key's ``<uuid>.object``.
+A process killed between the truncate and the write leaves the file empty:
+an empty ``token.object`` makes the token vanish (TokenNotFound in every later
+process, and the token key it holds, wrapped under the PINs, is gone); an
+empty key object loses that customer master key. See docs/dev/pkcs11.md.
 
 Invariants:
-- ``TokenFileCopies.guard()`` runs under the token store's exclusive lock
-  (token._store_lock), which every encfs call that writes the store holds,
-  so no file it reads is half-written by an encfs process.
-- A copy is taken of every non-empty object file that differs from its copy,
-  before each login and after each call that wrote the store: it always
-  holds the last state an encfs call finished (and so acknowledged).
-- An empty object file is never SoftHSM2's own state: guard() puts the copy
-  back (atomically); an empty file without a copy is a creation that was
-  killed before it finished (nothing was acknowledged) and is removed, except
-  ``token.object``, which is reported (TokenError) since only a backup can
-  bring that token back.
+- Both entry points run under the token store's exclusive lock
+  (token._store_lock), which every encfs call that writes the store holds;
+  ``restore_emptied()`` runs only when that lock is really held, and reads
+  each file under SoftHSM2's own fcntl lock, so no write in progress (by
+  encfs or another PKCS#11 user) is taken for damage.
+- ``record()`` copies every non-empty object file that differs from its copy;
+  it runs before each login and after each call that wrote the store, so a
+  copy holds the last state an encfs call finished (and so acknowledged).
+  It never fails the call: a copy it cannot write is a logged warning.
+- ``restore_emptied()`` puts a copy back (atomically) over an object file
+  found empty. An empty file without a copy is left as it is (a creation
+  that never finished: SoftHSM2 skips it), except ``token.object``, which is
+  reported (TokenError) since only a backup can bring that token back.
 - Copies live beside the token directory (``token-copies/``, mode 0700),
   never in it: SoftHSM2 and ``encfs hsm backup`` own every entry there. They
-  are as sensitive as the token's own files (the same encrypted objects) and
-  are removed with the objects they copy.
+  are as sensitive as the token's own files (the same encrypted objects)
+  and are removed with the objects, and the token directories, they copy.
+- Not covered: a file of more than one write (over 4 KiB, stdio's buffer)
+  that a kill cut short; SoftHSM2 then drops that object as damaged.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from encfs.atomicfile import write_atomic
@@ -40,6 +46,21 @@ from encfs.errors import TokenError
 log = logging.getLogger("encfs.keys")
 
 TOKEN_OBJECT = "token.object"
+
+
+def _read_locked(path: Path) -> bytes | None:
+    """``path``'s bytes under a shared fcntl lock (SoftHSM2 writes under an exclusive one);
+    None if it does not exist. This process holds no other lock on it (_P11_LOCK is held)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH)
+        size = os.fstat(fd).st_size
+        return os.pread(fd, size, 0) if size else b""
+    finally:
+        os.close(fd)  # drops the lock
 
 
 def _read(path: Path) -> bytes | None:
@@ -55,60 +76,83 @@ class TokenFileCopies:
     def __init__(self, tokendir: Path, copydir: Path) -> None:
         self.tokendir, self.copydir = tokendir, copydir
 
-    def guard(self) -> list[str]:
-        """Restore empty object files from their copies, then bring the copies up to date.
-        Returns the files restored or removed (also logged). Caller holds the store lock."""
-        changed: list[str] = []
+    def _tokens(self) -> list[str]:
         try:
-            tokens = sorted(e.name for e in os.scandir(self.tokendir) if e.is_dir(follow_symlinks=False))
+            return sorted(e.name for e in os.scandir(self.tokendir) if e.is_dir(follow_symlinks=False))
         except FileNotFoundError:
-            return changed
-        for token in tokens:
-            changed += self._guard_token(self.tokendir / token, self.copydir / token)
-        return changed
+            return []
 
-    def _guard_token(self, tokdir: Path, copies: Path) -> list[str]:
-        changed: list[str] = []
-        names = {e.name for e in os.scandir(tokdir) if e.name.endswith(".object") and e.is_file(follow_symlinks=False)}
-        copied = set(os.listdir(copies)) if copies.is_dir() else set()
-        synced = False
-        for name in sorted(names):
-            path, copy = tokdir / name, copies / name
-            data = _read(path)
-            if data is None:  # destroyed meanwhile (another module user): its copy goes below
-                continue
-            kept = _read(copy) if name in copied else None
-            if not data:
-                if kept:
-                    write_atomic(path, kept, 0o600, tmp_dir=copies)  # no stray name in the token directory
-                    synced = True
-                    changed.append(f"restored {path} from encfs's copy")
-                    log.warning("%s was empty (a process was killed while SoftHSM2 rewrote it): "
-                                "restored from %s", path, copy)
-                elif name == TOKEN_OBJECT:
-                    raise TokenError(f"{path} is empty (a process was killed while SoftHSM2 rewrote it) and "
-                                     f"encfs has no copy of it: restore the key store with `encfs hsm restore`")
-                else:
-                    path.unlink()
-                    synced = True
-                    changed.append(f"removed {path}")
-                    log.warning("%s was empty (a key creation was killed before it finished): removed", path)
-                continue
-            if data != kept:
+    @staticmethod
+    def _objects(tokdir: Path) -> list[str]:
+        try:
+            return sorted(e.name for e in os.scandir(tokdir)
+                          if e.name.endswith(".object") and e.is_file(follow_symlinks=False))
+        except FileNotFoundError:  # the token was deleted meanwhile
+            return []
+
+    def restore_emptied(self) -> None:
+        """Put the copy back over each object file found empty (see the invariants). TokenError
+        for an empty ``token.object`` without a copy, or a copy that cannot be put back."""
+        for token in self._tokens():
+            tokdir, copies = self.tokendir / token, self.copydir / token
+            restored = False
+            for name in self._objects(tokdir):
+                path = tokdir / name
                 try:
-                    for d in (self.copydir, copies):  # mkdir(parents=True) would give the parent 0755
-                        d.mkdir(mode=0o700, exist_ok=True)
-                    write_atomic(copy, data, 0o600)
-                except OSError as e:  # the token works on; only this guard is missing
-                    log.warning("cannot keep a copy of %s in %s: %s", path, copies, e.strerror)
-                    continue
-                synced = True
-        for name in sorted(copied - names):
-            if name.endswith(".object") or ".tmp." in name:  # a destroyed object's, or a killed guard's
+                    if _read_locked(path) != b"":
+                        continue
+                    kept = _read(copies / name)
+                    if not kept:
+                        if name == TOKEN_OBJECT:
+                            raise TokenError(f"{path} is empty (a process was killed while SoftHSM2 rewrote it) "
+                                             f"and encfs has no copy of it: restore the key store with "
+                                             f"`encfs hsm restore`")
+                        continue
+                    write_atomic(path, kept, 0o600, tmp_dir=copies)  # no stray name in the token directory
+                    restored = True
+                except OSError as e:
+                    raise TokenError(f"{path} is empty (a process was killed while SoftHSM2 rewrote it) and "
+                                     f"encfs's copy cannot be put back: {e.strerror}") from None
+                log.warning("%s was empty (a process was killed while SoftHSM2 rewrote it): restored from %s",
+                            path, copies / name)
+            if restored:
+                fsync_dir(str(tokdir))
+
+    def record(self) -> None:
+        """Bring the copies up to date with the token's files (see the invariants)."""
+        try:
+            self._record()
+        except OSError as e:  # the token works on; only this guard is missing
+            log.warning("cannot keep copies of the token's files in %s: %s: %s", self.copydir,
+                        e.filename, e.strerror)
+
+    def _record(self) -> None:
+        tokens = self._tokens()
+        try:
+            stale = [e.name for e in os.scandir(self.copydir) if e.name not in tokens]
+        except FileNotFoundError:
+            stale = []
+        for name in stale:  # copies of a token directory that is gone (deleted, provisioned again)
+            shutil.rmtree(self.copydir / name)
+        for token in tokens:
+            tokdir, copies = self.tokendir / token, self.copydir / token
+            names = self._objects(tokdir)
+            copied = set(os.listdir(copies)) if copies.is_dir() else set()
+            changed = False
+            present = set()
+            for name in names:
+                data = _read(tokdir / name)
+                if data is None:
+                    continue  # destroyed meanwhile: its copy goes below
+                present.add(name)
+                if not data or (name in copied and _read(copies / name) == data):
+                    continue  # empty (restore_emptied's business: its copy stays), or current
+                for d in (self.copydir, copies):  # mkdir(parents=True) would give the parent 0755
+                    d.mkdir(mode=0o700, exist_ok=True)
+                write_atomic(copies / name, data, 0o600)
+                changed = True
+            for name in sorted(copied - present):  # destroyed objects, a killed copy's temporaries
                 (copies / name).unlink(missing_ok=True)
-                synced = True
-        if synced:
-            for d in (tokdir, copies):
-                if d.is_dir():
-                    fsync_dir(str(d))
-        return changed
+                changed = True
+            if changed:
+                fsync_dir(str(copies))
