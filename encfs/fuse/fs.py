@@ -84,10 +84,15 @@ from encfs.sealworker import WORKER_MIN_BYTES
 log = logging.getLogger("encfs.fuse")
 
 ATTR_TIMEOUT = 1.0
+# Names change only through this mount (the mount lock keeps every other writer out of the
+# backing directory), and the kernel updates its dentries for each change made through it:
+# so the kernel may keep a name as long as it likes (S3QL keeps them 300 s). An unlink, or a
+# stat of a file whose attributes expired, then skips its LOOKUP (benchmarks/HISTORY.md).
+ENTRY_TIMEOUT = 3600.0
 # A LOOKUP of a name that does not exist is answered as a negative entry (node 0) that the
 # kernel keeps for as long as a positive one: SQLite stats its absent -journal and -wal files
 # before every transaction. The kernel drops it when the name is made through the mount.
-NEGATIVE_ENTRY = EntryAttributes(entry_timeout=ATTR_TIMEOUT)
+NEGATIVE_ENTRY = EntryAttributes(entry_timeout=ENTRY_TIMEOUT)
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 
 
@@ -253,7 +258,7 @@ class EncryptedFS(XattrOps):
         e = EntryAttributes()
         e.st_ino = inode if inode is not None else self._ino(st)
         e.generation = self.inodes.generation(e.st_ino)
-        e.entry_timeout = ATTR_TIMEOUT
+        e.entry_timeout = ENTRY_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = st.st_mode
         e.st_nlink = st.st_nlink
