@@ -153,3 +153,30 @@ def test_an_unbounded_writer_gets_enospc_and_the_daemon_does_not_spin(tmp_path: 
     with Mount(cipher, plain, fs_home):
         assert sorted(os.listdir(plain)) == ["after.txt"]
         assert (plain / "after.txt").read_text() == "space again"
+
+
+@pytest.mark.parametrize("server", ["encfs", "pyfuse3"])
+def test_a_mkdir_that_fails_part_way_leaves_the_kernel_no_stale_name(tmp_path: Path, fs_home: Path,
+                                                                    small_backing: Path, cipher: Path,
+                                                                    server: str) -> None:
+    """On a full store the backing mkdir succeeds (tmpfs directories take no pages) and writing
+    the directory's id fails: ENOSPC, with the directory there. The kernel looked the name up
+    first (absent: a negative entry it keeps for an hour), so the daemon has it forget the name,
+    and stat agrees with the backing directory. (No listing before the stat: READDIRPLUS would
+    refresh the entry by itself.)"""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with Mount(cipher, plain, fs_home, "--server", server) as m:
+        entries = len(os.listdir(cipher))
+        fill(small_backing)
+        with pytest.raises(OSError) as info:
+            os.mkdir(plain / "d")
+        assert info.value.errno == errno.ENOSPC, info.value
+        made = len(os.listdir(cipher)) > entries
+        deadline = time.monotonic() + 3  # the invalidation is sent just after the error reply
+        while (plain / "d").exists() != made and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (plain / "d").exists() == made, f"backing directory made: {made}"
+        assert ("d" in os.listdir(plain)) == made
+        free(small_backing)
+        assert m.proc.poll() is None

@@ -17,8 +17,8 @@ Invariants:
 - No os call here is given more than ``CHUNK`` bytes of path, except the CIPHERDIR's own
   absolute path, opened once (its length is the user's choice).
 - Directory fds are cached by backing path (as gocryptfs's dirCache): at most ``CACHE_SIZE``
-  of them, each for at most ``CACHE_TTL`` seconds (the kernel's own entry timeout), so a
-  rename behind encfs's back is seen as late as the kernel sees it anyway. A rename or rmdir
+  of them, each for at most ``CACHE_TTL`` seconds (fs.ATTR_TIMEOUT), so a rename behind
+  encfs's back (a read-only mount beside another host's) is seen within it. A rename or rmdir
   made here drops every cached fd at or under the paths it changed before it returns, and a
   fd opened while such a change ran is used for its one call but not cached. A cached fd is
   closed only once no call is using it (RLIMIT_NOFILE: CACHE_SIZE + 1 fds, plus one for each

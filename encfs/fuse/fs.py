@@ -74,6 +74,7 @@ from encfs.fuse.names import (
     longname_side_file,
 )
 from encfs.fuse.openfiles import OpenFile, OpenFiles
+from encfs.fuse.stalenames import StaleNames, changes_names
 from encfs.fuse.symlinks import Symlinks
 from encfs.fuse.xattrops import XattrOps
 from encfs.fuseproto.wire import ROOT_ID, EntryAttributes, FuseError, RequestContext, SetattrFields
@@ -84,15 +85,13 @@ from encfs.sealworker import WORKER_MIN_BYTES
 log = logging.getLogger("encfs.fuse")
 
 ATTR_TIMEOUT = 1.0
-# Names change only through this mount (the mount lock keeps every other writer out of the
-# backing directory), and the kernel updates its dentries for each change made through it:
-# so the kernel may keep a name as long as it likes (S3QL keeps them 300 s). An unlink, or a
-# stat of a file whose attributes expired, then skips its LOOKUP (benchmarks/HISTORY.md).
+# A read-write mount holds the mount lock, which keeps every other writer (a second mount,
+# `encfs rekey`, `fsck --repair`) out of the backing directory, and the kernel updates its
+# dentries for each change made through the mount: so the kernel may keep a name for long
+# (S3QL keeps them 300 s), and an unlink skips its LOOKUP (benchmarks/HISTORY.md). A change
+# that fails part way has the kernel forget the names (stalenames.py). A read-only mount may
+# run beside another host's read-write one (mountlock.py): it keeps names ATTR_TIMEOUT.
 ENTRY_TIMEOUT = 3600.0
-# A LOOKUP of a name that does not exist is answered as a negative entry (node 0) that the
-# kernel keeps for as long as a positive one: SQLite stats its absent -journal and -wal files
-# before every transaction. The kernel drops it when the name is made through the mount.
-NEGATIVE_ENTRY = EntryAttributes(entry_timeout=ENTRY_TIMEOUT)
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 
 
@@ -144,6 +143,12 @@ class EncryptedFS(XattrOps):
         os.umask(self._umask)
         self._sizes: dict[int, int] = {}  # regular files' sizes as last reported to the kernel
         self._dirs = DirHandles()
+        self.entry_timeout = ATTR_TIMEOUT if read_only else ENTRY_TIMEOUT
+        # A LOOKUP of a name that does not exist is answered as a negative entry (node 0) that the
+        # kernel keeps for as long as a positive one: SQLite stats its absent -journal and -wal
+        # files before every transaction. The kernel drops it when the name is made through the mount.
+        self.negative_entry = EntryAttributes(entry_timeout=self.entry_timeout)
+        self.stale_names = StaleNames()  # names to make the kernel forget (the servers drain it)
 
     # -- inode and path bookkeeping ---------------------------------------------
 
@@ -258,7 +263,7 @@ class EncryptedFS(XattrOps):
         e = EntryAttributes()
         e.st_ino = inode if inode is not None else self._ino(st)
         e.generation = self.inodes.generation(e.st_ino)
-        e.entry_timeout = ENTRY_TIMEOUT
+        e.entry_timeout = self.entry_timeout
         e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = st.st_mode
         e.st_nlink = st.st_nlink
@@ -290,18 +295,18 @@ class EncryptedFS(XattrOps):
     @fuse_op
     def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         attrs: EntryAttributes = self.lookup_or_absent(parent_inode, name, ctx)
-        if attrs is NEGATIVE_ENTRY:
+        if attrs is self.negative_entry:
             raise FuseError(errno.ENOENT)
         return attrs
 
     @fuse_op
     def lookup_or_absent(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
-        """What the servers answer a LOOKUP with: the entry, or NEGATIVE_ENTRY for an absent name."""
+        """What the servers answer a LOOKUP with: the entry, or negative_entry for an absent name."""
         path, _side = self._child(parent_inode, name)
         try:
             return self._entry(path)
         except FileNotFoundError:
-            return NEGATIVE_ENTRY
+            return self.negative_entry
 
     @fuse_op
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -414,6 +419,7 @@ class EncryptedFS(XattrOps):
     def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.bd.fsync_dir(self._path(self._dirs[fh].inode))
 
+    @changes_names((0, 1))
     @fuse_op
     def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
@@ -443,6 +449,7 @@ class EncryptedFS(XattrOps):
             return ctx.uid, parent.st_gid, stat_m.S_ISGID
         return ctx.uid, ctx.gid, 0
 
+    @changes_names((0, 1))
     @fuse_op
     def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         self._check_writable()
@@ -477,6 +484,7 @@ class EncryptedFS(XattrOps):
 
     # -- entries ------------------------------------------------------------------------------
 
+    @changes_names((0, 1))
     @fuse_op
     def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         self._check_writable()
@@ -494,6 +502,7 @@ class EncryptedFS(XattrOps):
         self.links.drop(last_target)
         self._removed(st, path)
 
+    @changes_names((0, 1))
     @fuse_op
     def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
@@ -513,6 +522,7 @@ class EncryptedFS(XattrOps):
         self.bd.chown(path, uid, gid)
         return self._entry(path)
 
+    @changes_names((1, 2))
     @fuse_op
     def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
@@ -538,6 +548,7 @@ class EncryptedFS(XattrOps):
             raise
         return self._entry(path)
 
+    @changes_names((0, 1))
     @fuse_op
     def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext) -> EntryAttributes:
         self._check_writable()
@@ -554,6 +565,7 @@ class EncryptedFS(XattrOps):
         self.bd.chmod(path, stat_m.S_IMODE(mode))  # the daemon's umask must not apply
         return self._entry(path)
 
+    @changes_names((0, 1), (2, 3))
     @fuse_op
     def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                flags: int, ctx: RequestContext) -> None:
@@ -680,6 +692,7 @@ class EncryptedFS(XattrOps):
 
     # -- files --------------------------------------------------------------------------------
 
+    @changes_names((0, 1))
     @fuse_op
     def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                ctx: RequestContext) -> tuple[int, EntryAttributes]:

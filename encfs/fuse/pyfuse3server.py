@@ -75,6 +75,12 @@ class _Operations(pyfuse3.Operations):
         self.fs = server.fs
         self._dir_inodes: dict[int, int] = {}  # directory handle -> its inode, for "." in readdir
 
+    def _forget_stale_names(self) -> None:
+        """Names a failed change left the kernel holding wrongly (stalenames.py): pyfuse3 sends
+        them from its own thread, once the kernel lets go of the directory."""
+        for parent, name in self.fs.stale_names.drain():
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+
     def _run(self, op: str, call: Callable[..., T], *args: Any, shared: bool = False) -> T:
         server = self.server
         if server.trace:
@@ -86,9 +92,11 @@ class _Operations(pyfuse3.Operations):
         except FuseError as e:
             if server.trace:
                 trace.debug("  %s -> %s", op.upper(), errno.errorcode.get(e.errno, e.errno))
+            self._forget_stale_names()
             raise pyfuse3.FUSEError(e.errno) from None
         except Exception:  # one bad request must not end the mount
             log.exception("FUSE request %s failed", op.upper())
+            self._forget_stale_names()
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             (lock.release_shared if shared else lock.release_exclusive)()

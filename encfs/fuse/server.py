@@ -106,6 +106,7 @@ from encfs.fuseproto.wire import (
     GETXATTR_OUT,
     INIT,
     INTERRUPT,
+    INVAL_ENTRY,
     LINK,
     LINK_IN,
     LISTXATTR,
@@ -117,6 +118,7 @@ from encfs.fuseproto.wire import (
     MKDIR_IN,
     MKNOD,
     MKNOD_IN,
+    NOTIFY_INVAL_ENTRY,
     OPEN,
     OPEN_IN,
     OPEN_OUT,
@@ -229,6 +231,16 @@ class FsServer(FuseServer):
         # Reads run alongside each other, and a write is sealed before it takes the locks.
         self.handlers.update({READ: self._read_shared, WRITE: self._write, INIT: self._init,
                               DESTROY: self._destroy, INTERRUPT: self._interrupt, FLUSH: self._flush})
+
+    def reply_error(self, unique: int, error: int) -> None:
+        """The error reply, then the names a failed change left the kernel holding wrongly
+        (stalenames.py): only now, since the kernel holds the directory's lock until the reply."""
+        super().reply_error(unique, error)
+        for parent, name in self.fs.stale_names.drain():
+            try:
+                self.notify(NOTIFY_INVAL_ENTRY, INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0")
+            except OSError as e:  # ENOENT (the kernel had no such entry) is ignored in _send
+                log.warning("could not have the kernel forget a name after a failed change: %s", e.strerror)
 
     def _exclusive(self, operation: Operation) -> Handler:
         locks = self.locks

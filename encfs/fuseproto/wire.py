@@ -67,6 +67,7 @@ FATTR_KILL_SUIDGID = 1 << 11  # truncate without CAP_FSETID, or chown (HANDLE_KI
 
 FSYNC_FDATASYNC = 1
 NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_ENTRY = 3
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, total_extlen, pad
 OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
@@ -102,6 +103,7 @@ FALLOCATE_IN = struct.Struct("<QQQI4x")  # fh, offset, length, mode
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")  # fuse_kstatfs (80 bytes)
 DIRENT = struct.Struct("<QQII")  # ino, off, namelen, type
 INVAL_INODE = struct.Struct("<Qqq")  # ino, off, len
+INVAL_ENTRY = struct.Struct("<QII")  # parent, namelen, flags; then the name and a NUL
 SYNCFS_IN = struct.Struct("<Q")  # padding
 LSEEK_IN = struct.Struct("<QQI4x")  # fh, offset, whence
 LSEEK_OUT = struct.Struct("<Q")  # offset
