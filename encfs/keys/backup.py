@@ -53,6 +53,7 @@ from encfs.keys.audit import iso_time
 from encfs.keys.metadata import KeyStore
 from encfs.keys.softhsm import EmbeddedSoftHSM, conf_text
 from encfs.keys.token import check_store_files
+from encfs.keys.tokenguard import emptied_message
 
 MAGIC = b"ENCFSBAK"
 VERSION = 1
@@ -184,8 +185,8 @@ def _read_store(home: Path, emb: EmbeddedSoftHSM) -> dict[str, bytes]:
                 if not obj.is_file(follow_symlinks=False):
                     raise StateError(f"unexpected entry {obj.path} in the token directory")
                 if obj.name.endswith(".object") and obj.stat(follow_symlinks=False).st_size == 0:
-                    raise StateError(f"{obj.path} is empty (a process was killed while SoftHSM2 wrote it) and "
-                                     f"encfs could not put its copy back: a backup would not restore it")
+                    raise StateError(f"{emptied_message(obj.path)} and encfs could not put its copy back: "
+                                     f"a backup would not restore it")
                 names.append(f"softhsm/tokens/{entry.name}/{obj.name}")
         names.append("keyd.toml")
         for directory in _STATE_DIRS:  # secrets and the daemon's policies and grants: their .json files

@@ -15,6 +15,9 @@ Invariants:
   only as long as this process's session, and destroy() destroys it with
   the token object.
 - Sessions are opened read-write (CloudHSM has no read-only sessions).
+- With the store lock held exclusively, the embedded token's files are checked before the
+  module first reads them (a file a killed process left empty is put back) and copied after
+  each call that wrote them (TokenSpec.store_copies: tokenguard.py).
 """
 
 from __future__ import annotations
@@ -235,9 +238,8 @@ def check_store_files(spec: TokenSpec) -> None:
 
 def _check_copies(spec: TokenSpec, locked: bool) -> None:
     """Caller holds _P11_LOCK and the store lock exclusively if ``locked``."""
-    if spec.store_copies is not None:
-        if locked:  # else a write of another process may be in progress
-            spec.store_copies.restore_emptied()
+    if spec.store_copies is not None and locked:  # else a write of another process may be in progress
+        spec.store_copies.restore_emptied()
         spec.store_copies.record()
 
 
@@ -360,10 +362,10 @@ class Token:
         """Run one PKCS#11 operation; ``exclusive`` if it writes the token store."""
         with _P11_LOCK:
             session = self._open()
-            with _store_lock(self.spec.module, exclusive):
+            with _store_lock(self.spec.module, exclusive) as locked:
                 try:
                     yield session
-                    if exclusive and self.spec.store_copies is not None:
+                    if exclusive and locked and self.spec.store_copies is not None:
                         self.spec.store_copies.record()  # never fails the call that succeeded
                 except (TagMismatch, TokenError, ConfigError):
                     raise

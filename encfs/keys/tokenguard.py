@@ -10,11 +10,11 @@ process, and the token key it holds, wrapped under the PINs, is gone); an
 empty key object loses that customer master key. See docs/dev/pkcs11.md.
 
 Invariants:
-- Both entry points run under the token store's exclusive lock
-  (token._store_lock), which every encfs call that writes the store holds;
-  ``restore_emptied()`` runs only when that lock is really held, and reads
-  each file under SoftHSM2's own fcntl lock, so no write in progress (by
-  encfs or another PKCS#11 user) is taken for damage.
+- Both entry points run only while the token store's exclusive lock
+  (token._store_lock), which every encfs call that writes the store holds,
+  is really held, and read each token file under SoftHSM2's own fcntl lock:
+  no write in progress (by encfs or another PKCS#11 user) is taken for
+  damage or copied half-written.
 - ``record()`` copies every non-empty object file that differs from its copy;
   it runs before each login and after each call that wrote the store, so a
   copy holds the last state an encfs call finished (and so acknowledged).
@@ -46,6 +46,11 @@ from encfs.errors import TokenError
 log = logging.getLogger("encfs.keys")
 
 TOKEN_OBJECT = "token.object"
+
+
+def emptied_message(path: object) -> str:
+    """What an empty object file is, for the messages that name one."""
+    return f"{path} is empty (a process was killed while SoftHSM2 rewrote it)"
 
 
 def _read_locked(path: Path) -> bytes | None:
@@ -104,17 +109,16 @@ class TokenFileCopies:
                     kept = _read(copies / name)
                     if not kept:
                         if name == TOKEN_OBJECT:
-                            raise TokenError(f"{path} is empty (a process was killed while SoftHSM2 rewrote it) "
-                                             f"and encfs has no copy of it: restore the key store with "
-                                             f"`encfs hsm restore`")
+                            raise TokenError(f"{emptied_message(path)} and encfs has no copy of it: restore "
+                                             f"the key store with `encfs hsm restore`")
                         continue
                     write_atomic(path, kept, 0o600, tmp_dir=copies)  # no stray name in the token directory
                     restored = True
                 except OSError as e:
-                    raise TokenError(f"{path} is empty (a process was killed while SoftHSM2 rewrote it) and "
-                                     f"encfs's copy cannot be put back: {e.strerror}") from None
-                log.warning("%s was empty (a process was killed while SoftHSM2 rewrote it): restored from %s",
-                            path, copies / name)
+                    raise TokenError(f"{emptied_message(path)} and encfs's copy cannot be put back: "
+                                     f"{e.strerror}") from None
+                log.warning("%s: restored from %s", emptied_message(path).replace(" is empty", " was empty"),
+                            copies / name)
             if restored:
                 fsync_dir(str(tokdir))
 
@@ -141,7 +145,7 @@ class TokenFileCopies:
             changed = False
             present = set()
             for name in names:
-                data = _read(tokdir / name)
+                data = _read_locked(tokdir / name)
                 if data is None:
                     continue  # destroyed meanwhile: its copy goes below
                 present.add(name)
