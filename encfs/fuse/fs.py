@@ -132,9 +132,9 @@ class EncryptedFS(XattrOps):
         # blocks are sealed ahead of the file's lock (seal_ahead) and large reads opened there.
         self.sealing = Sealers(self.block_size, self.cipher_class)
         self.files = OpenFiles(self.root, config, ks, self.cipher_class, read_only, self.sealing, recovering,
-                               open_path=self.bd.open, recovery_root=recovery_root, fs_keys=keys)
+                               open_path=self.bd.open, recovery_root=recovery_root, fs_keys=keys,
+                               check_derived=ks is not None and recovery_root is not None)
         self.files.describe = self.plain_path  # log lines name the plaintext path
-        self.files.check_derived = ks is not None and recovery_root is not None
         self.inodes = InodeMap(self.root)
         self._dirids: dict[int, bytes] = {ROOT_ID: bytes.fromhex(config.fs_id)[:DIRID_LEN]}
         self._no_capability: set[int] = set()  # inodes known to lack CAPABILITY_XATTR

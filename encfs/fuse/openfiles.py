@@ -92,7 +92,9 @@ class OpenFiles:
     def __init__(self, root: bytes, config: FsConfig, ks: KeyService | None, cipher_class: type[BlockCipher],
                  read_only: bool, sealers: Sealers, recovering: bool = True,
                  open_path: Callable[[bytes, int], int] = os.open, recovery_root: bytes | None = None,
-                 fs_keys: FsKeys | None = None) -> None:
+                 fs_keys: FsKeys | None = None, check_derived: bool = False) -> None:
+        """``check_derived``: warn of each loaded wrapped key that is not the one the recovery root
+        derives (a mount with a recovery root and the key service; not the re-key converting them)."""
         self.root = root
         self._open_path = open_path  # fs.py's: through directory fds, for backing paths past PATH_MAX
         self.describe: Callable[[bytes], str] = os.fsdecode  # a backing path's plaintext path (fs.py's)
@@ -106,8 +108,7 @@ class OpenFiles:
         # New files' keys, and the key of each file loaded (filekeys.py): derived, or wrapped by the
         # CMK (a batch per pass through the key service; with a recovery root derived from it).
         self.keys = FileKeys(config, fs_keys, ks, recovery_root, cache=self.key_cache)
-        # A mount with a recovery root (fs.py) checks that each wrapped key is the derived one.
-        self.check_derived = False
+        self.check_derived = check_derived
         self._handles: dict[int, OpenFile] = {}
         self._per_inode: dict[int, int] = {}
         self._table = threading.Lock()  # guards _handles, _per_inode, _next and deferred (see the invariants)
