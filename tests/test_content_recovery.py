@@ -124,13 +124,57 @@ def test_a_torn_append_after_an_unaligned_end_is_cut_off(files: Files) -> None:
     c.write(0, first)
     c.fsync(False)
     more = os.urandom(2 * B)
-    c.write(B + 1000, more)  # block 1 grows (journaled), blocks 2-3 go in place
+    c.write(B + 1000, more[:B - 1000])  # block 1 grows (journaled)
+    c.journal.sync()  # (an fsync's): with unsynced records in the journal, appends would join it
+    c.write(2 * B, more[B - 1000:])  # blocks 2-3 go in place
     assert 1 in c.index and 2 not in c.index
     crash(c)
     os.truncate(files.path, 128 + 2 * STEP + 100)  # the write was cut short inside block 2
     c, notes = files.load()
     assert any("torn by a crash" in n for n in notes), notes
     assert c.size == 2 * B and c.read(0, 3 * B) == (first + more)[:2 * B]
+
+
+def test_appends_join_an_unsynced_journal_and_come_back_after_a_crash(files: Files) -> None:
+    """An overwrite, then an append, then fsync (SQLite's transaction): the appended blocks go
+    to the journal with the overwrite, the fsync syncs the journal alone, and after a crash the
+    journal brings them back past the backing file's end."""
+    c = files.create()
+    base = os.urandom(2 * B)
+    c.write(0, base)
+    c.fsync(False)
+    new0 = os.urandom(100)
+    c.write(0, new0)  # an overwrite: journaled, not yet synced
+    tail = os.urandom(B + 500)
+    c.write(2 * B, tail)  # past the end: joins the journal
+    assert {0, 2, 3} <= set(c.index) and not c.dirty
+    c.fsync(True)
+    crash(c)
+    assert os.path.getsize(files.path) == 128 + 2 * STEP  # nothing of the append in place
+    c, _notes = files.load()
+    assert c.size == 3 * B + 500
+    assert c.read(0, 5 * B) == new0 + base[100:] + tail
+
+
+def test_appends_stay_in_place_after_unsynced_ones_and_a_power_loss_cuts_them(files: Files) -> None:
+    """Blocks appended in place and not synced, then an overwrite (journaled), then more
+    appended: these go in place too. A power loss may write the journal back and lose the
+    backing file's unsynced tail; journaled blocks past that tail would leave a gap reading EIO."""
+    c = files.create()
+    base = os.urandom(2 * B)
+    c.write(0, base)
+    c.fsync(False)
+    c.write(2 * B, os.urandom(2 * B))  # in place, not synced
+    new0 = os.urandom(100)
+    c.write(0, new0)  # journaled, not synced
+    c.write(4 * B, os.urandom(B))  # past the end: in place, after the unsynced blocks
+    assert 4 not in c.index and 0 in c.index
+    c.journal.sync()  # the journal reached the disk...
+    crash(c)
+    os.truncate(files.path, 128 + 2 * STEP)  # ...the backing file's unsynced tail did not
+    c, _notes = files.load()
+    assert c.size == 2 * B
+    assert c.read(0, 6 * B) == new0 + base[100:]
 
 
 def test_a_torn_looking_block_is_damage_after_a_clean_unmount(files: Files) -> None:

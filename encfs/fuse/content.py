@@ -13,6 +13,13 @@ Invariants:
   old version to lose. A crash may tear the last of them; recovery (load()) cuts off
   blocks past the state's synced size that fail authentication, and logs it. Blocks
   below the synced size never get that treatment: one that fails is damage (EIO).
+  While the journal holds records not yet synced (an overwrite since the last fsync) and
+  nothing written in place is unsynced, blocks past the end go to the journal too, so
+  that the next fsync syncs one file instead of two (SQLite overwrites pages, then
+  appends, then fsyncs); the journal's recovery restores them past the backing file's
+  end as it does for version-1 files. Not while the backing file has unsynced blocks in
+  place: a power loss could keep the journaled blocks and lose those below them, leaving
+  a gap that reads EIO instead of a torn append cut off.
   Before a direct write that follows a block with an unsynced journaled version, the
   journal is made durable, so the new block never reaches the disk ahead of it (the old
   version in place may be a short last block, followed by a hole until the checkpoint).
@@ -494,8 +501,9 @@ class FileContent:
 
     def _place(self, first: int, sealed: bytes | bytearray | memoryview, new_size: int) -> None:
         """Put the sealed run of blocks from ``first`` on where it belongs: blocks that exist go
-        to the journal, blocks past the end (version 2) and holes in place; the size becomes
-        ``new_size``."""
+        to the journal, holes in place, blocks past the end (version 2) in place or, while the
+        journal holds unsynced records and the backing file none, to the journal (see the
+        invariants); the size becomes ``new_size``."""
         step = self.block + OVERHEAD
         count = -(-len(sealed) // step)
         existing = -(-self.size // self.block)
@@ -504,7 +512,11 @@ class FileContent:
         else:
             pieces = self._pieces(first, min(first + count, existing))
             if first + count > existing:
-                pieces.append((max(first, existing), first + count, True))
+                # See the invariants: past the end in place, unless the journal holds records the
+                # next fsync must sync anyway (this write's, or earlier ones) and the backing file
+                # has nothing unsynced in place: then there too.
+                in_place = self.dirty or not (self.journal.unsynced or any(not d for _a, _b, d in pieces))
+                pieces.append((max(first, existing), first + count, in_place))
         undo = None
         old_len = None
         try:
