@@ -239,8 +239,7 @@ def check_store_files(spec: TokenSpec) -> None:
 def _check_copies(spec: TokenSpec, locked: bool) -> None:
     """Caller holds _P11_LOCK and the store lock exclusively if ``locked``."""
     if spec.store_copies is not None and locked:  # else a write of another process may be in progress
-        spec.store_copies.restore_emptied()
-        spec.store_copies.record()
+        spec.store_copies.check()
 
 
 def _p11_name(e: BaseException) -> str:
@@ -302,13 +301,15 @@ class Token:
             raise ConfigError(f"several PKCS#11 tokens match {spec.describe()}: name one by label or serial")
         return matches[0]
 
-    def _open(self) -> Any:
-        """Return a logged-in session (caller holds _P11_LOCK)."""
+    def _open(self, copies_checked: bool = False) -> Any:
+        """Return a logged-in session (caller holds _P11_LOCK; ``copies_checked``: the caller
+        checked the token's files under the store lock it holds: _reload)."""
         if (self._session is not None and self._pid == os.getpid()
                 and self._epoch == _MODULE_EPOCH.get(self.spec.module, 0)):
             return self._session
         with _store_lock(self.spec.module, exclusive=True) as locked:
-            _check_copies(self.spec, locked)
+            if not copies_checked:
+                _check_copies(self.spec, locked)
             lib = load_module(self.spec.module)
             self._handles.clear()
             self._slot, self._token = self._find_token(lib)
@@ -348,7 +349,7 @@ class Token:
             load_module(self.spec.module).reinitialize()
             _MODULE_EPOCH[self.spec.module] = _MODULE_EPOCH.get(self.spec.module, 0) + 1
             self._session = None
-            return self._open()
+            return self._open(copies_checked=True)
 
     @contextmanager
     def held(self) -> Iterator[None]:

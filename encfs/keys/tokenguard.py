@@ -15,12 +15,13 @@ Invariants:
   is really held, and read each token file under SoftHSM2's own fcntl lock:
   no write in progress (by encfs or another PKCS#11 user) is taken for
   damage or copied half-written.
-- ``record()`` copies every non-empty object file that differs from its copy;
-  it runs before each login and after each call that wrote the store, so a
-  copy holds the last state an encfs call finished (and so acknowledged).
-  It never fails the call: a copy it cannot write is a logged warning.
-- ``restore_emptied()`` puts a copy back (atomically) over an object file
-  found empty. An empty file without a copy is left as it is (a creation
+- Every non-empty object file that differs from its copy is copied, before
+  each login (``check()``) and after each call that wrote the store
+  (``record()``), so a copy holds the last state an encfs call finished (and
+  so acknowledged). A copy that cannot be written is a logged warning, never
+  a failed call.
+- ``check()``, in the same pass, puts a copy back (atomically) over an object
+  file found empty. An empty file without a copy is left as it is (a creation
   that never finished: SoftHSM2 skips it), except ``token.object``, which is
   reported (TokenError) since only a backup can bring that token back.
 - Copies live beside the token directory (``token-copies/``, mode 0700),
@@ -95,42 +96,24 @@ class TokenFileCopies:
         except FileNotFoundError:  # the token was deleted meanwhile
             return []
 
-    def restore_emptied(self) -> None:
-        """Put the copy back over each object file found empty (see the invariants). TokenError
-        for an empty ``token.object`` without a copy, or a copy that cannot be put back."""
-        for token in self._tokens():
-            tokdir, copies = self.tokendir / token, self.copydir / token
-            restored = False
-            for name in self._objects(tokdir):
-                path = tokdir / name
-                try:
-                    if _read_locked(path) != b"":
-                        continue
-                    kept = _read(copies / name)
-                    if not kept:
-                        if name == TOKEN_OBJECT:
-                            raise TokenError(f"{emptied_message(path)} and encfs has no copy of it: restore "
-                                             f"the key store with `encfs hsm restore`")
-                        continue
-                    write_atomic(path, kept, 0o600, tmp_dir=copies)  # no stray name in the token directory
-                    restored = True
-                except OSError as e:
-                    raise TokenError(f"{emptied_message(path)} and encfs's copy cannot be put back: "
-                                     f"{e.strerror}") from None
-                log.warning("%s: restored from %s", emptied_message(path).replace(" is empty", " was empty"),
-                            copies / name)
-            if restored:
-                fsync_dir(str(tokdir))
+    def check(self) -> None:
+        """Put the copy back over each object file found empty, then bring the copies up to date
+        (one pass: see the invariants). TokenError for an empty ``token.object`` without a copy,
+        or a copy that cannot be put back."""
+        self._sync(restore=True)
 
     def record(self) -> None:
         """Bring the copies up to date with the token's files (see the invariants)."""
+        self._sync(restore=False)
+
+    def _sync(self, restore: bool) -> None:
         try:
-            self._record()
+            self._sync_all(restore)
         except OSError as e:  # the token works on; only this guard is missing
             log.warning("cannot keep copies of the token's files in %s: %s: %s", self.copydir,
                         e.filename, e.strerror)
 
-    def _record(self) -> None:
+    def _sync_all(self, restore: bool) -> None:
         tokens = self._tokens()
         try:
             stale = [e.name for e in os.scandir(self.copydir) if e.name not in tokens]
@@ -139,24 +122,46 @@ class TokenFileCopies:
         for name in stale:  # copies of a token directory that is gone (deleted, provisioned again)
             shutil.rmtree(self.copydir / name)
         for token in tokens:
-            tokdir, copies = self.tokendir / token, self.copydir / token
-            names = self._objects(tokdir)
-            copied = set(os.listdir(copies)) if copies.is_dir() else set()
-            changed = False
-            present = set()
-            for name in names:
-                data = _read_locked(tokdir / name)
-                if data is None:
-                    continue  # destroyed meanwhile: its copy goes below
-                present.add(name)
-                if not data or (name in copied and _read(copies / name) == data):
-                    continue  # empty (restore_emptied's business: its copy stays), or current
+            self._sync_token(self.tokendir / token, self.copydir / token, restore)
+
+    def _sync_token(self, tokdir: Path, copies: Path, restore: bool) -> None:
+        copied = set(os.listdir(copies)) if copies.is_dir() else set()
+        changed = restored = False
+        present = set()
+        for name in self._objects(tokdir):
+            data = _read_locked(tokdir / name)
+            if data is None:
+                continue  # destroyed meanwhile: its copy goes below
+            present.add(name)
+            kept = _read(copies / name) if name in copied else None
+            if not data:
+                restored |= restore and self._restore(tokdir / name, kept, copies)
+                continue  # its copy stays
+            if data != kept:
                 for d in (self.copydir, copies):  # mkdir(parents=True) would give the parent 0755
                     d.mkdir(mode=0o700, exist_ok=True)
                 write_atomic(copies / name, data, 0o600)
                 changed = True
-            for name in sorted(copied - present):  # destroyed objects, a killed copy's temporaries
-                (copies / name).unlink(missing_ok=True)
-                changed = True
-            if changed:
-                fsync_dir(str(copies))
+        for name in sorted(copied - present):  # destroyed objects, a killed copy's temporaries
+            (copies / name).unlink(missing_ok=True)
+            changed = True
+        if restored:
+            fsync_dir(str(tokdir))
+        if changed:
+            fsync_dir(str(copies))
+
+    @staticmethod
+    def _restore(path: Path, kept: bytes | None, copies: Path) -> bool:
+        """Put ``kept`` back over the empty ``path``; False if there is no copy (see the invariants)."""
+        if not kept:
+            if path.name == TOKEN_OBJECT:
+                raise TokenError(f"{emptied_message(path)} and encfs has no copy of it: restore "
+                                 f"the key store with `encfs hsm restore`")
+            return False
+        try:
+            write_atomic(path, kept, 0o600, tmp_dir=copies)  # no stray name in the token directory
+        except OSError as e:
+            raise TokenError(f"{emptied_message(path)} and encfs's copy cannot be put back: {e.strerror}") from None
+        log.warning("%s: restored from %s", emptied_message(path).replace(" is empty", " was empty"),
+                    copies / path.name)
+        return True
