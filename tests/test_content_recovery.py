@@ -177,6 +177,44 @@ def test_appends_stay_in_place_after_unsynced_ones_and_a_power_loss_cuts_them(fi
     assert c.read(0, 6 * B) == new0 + base[100:]
 
 
+def test_journaled_blocks_past_a_lost_unsynced_tail_are_cut_with_it(files: Files) -> None:
+    """Blocks 2-3 written in place and not synced, then block 3 (which exists) grown through the
+    journal. A power loss that writes the journal back but loses the backing file's tail leaves
+    journaled block 3 past missing block 2: neither was acknowledged, so both are cut as a torn
+    append instead of block 2 reading EIO."""
+    c = files.create()
+    base = os.urandom(2 * B)
+    c.write(0, base)
+    c.fsync(False)
+    c.write(2 * B, os.urandom(B + B // 2))  # blocks 2-3 in place, not synced
+    c.write(3 * B + B // 2, os.urandom(B // 4))  # block 3 exists: journaled
+    assert 3 in c.index and 2 not in c.index
+    c.journal.sync()
+    crash(c)
+    for tail in (2 * STEP, 2 * STEP + 100):  # block 2 lost, or cut short
+        files.path.write_bytes(files.path.read_bytes()[:128 + tail])
+        saved = files.journal().read_bytes()
+        c, notes = files.load()
+        assert c.size == 2 * B, notes
+        assert c.read(0, 6 * B) == base
+        crash(c)
+        files.journal().write_bytes(saved)
+
+
+def test_a_lost_block_below_the_synced_size_is_damage_even_with_a_journal(files: Files) -> None:
+    c = files.create()
+    c.write(0, os.urandom(3 * B + B // 2))
+    c.fsync(False)
+    c.write(3 * B + B // 2, os.urandom(B // 4))  # block 3 exists: journaled
+    c.journal.sync()
+    crash(c)
+    os.truncate(files.path, 128 + 2 * STEP)  # a synced block is gone: damage, not a torn append
+    c, notes = files.load()
+    assert c.size == 3 * B + B // 2 + B // 4
+    with pytest.raises(BlockAuthError):
+        c.read(2 * B, B)
+
+
 def test_a_torn_looking_block_is_damage_after_a_clean_unmount(files: Files) -> None:
     c = files.create()
     c.write(0, os.urandom(3 * B))

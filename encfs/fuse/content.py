@@ -19,7 +19,9 @@ Invariants:
   appends, then fsyncs); the journal's recovery restores them past the backing file's
   end as it does for version-1 files. Not while the backing file has unsynced blocks in
   place: a power loss could keep the journaled blocks and lose those below them, leaving
-  a gap that reads EIO instead of a torn append cut off.
+  a gap that reads EIO instead of a torn append cut off. (Blocks appended in place and then
+  written again go to the journal: if a power loss keeps that journal and loses the blocks
+  in place, recovery drops the journaled ones past the lost block, all unacknowledged.)
   Before a direct write that follows a block with an unsynced journaled version, the
   journal is made durable, so the new block never reaches the disk ahead of it (the old
   version in place may be a short last block, followed by a hole until the checkpoint).
@@ -254,6 +256,8 @@ class FileContent:
                 del self.index[k]  # written before the state that made it a hole (see punch)
             if runs:
                 notes.append(f"replaying {len(self.index)} journaled blocks after a crash")
+            if after_crash and not self.v1 and self.index:
+                notes += self._drop_past_lost_tail(backing)
             backing = self._journal_end(backing, writable)
         floor = max(self.state.synced_size, self._index_end())
         self.size = plain_file_size(backing, self.block)
@@ -305,6 +309,26 @@ class FileContent:
                 os.ftruncate(self.fd, cut)
             return cut
         return backing
+
+    def _drop_past_lost_tail(self, backing: int) -> list[str]:
+        """Journaled blocks above a block at or past the synced size that the backing file
+        lacks (whole or in part) and that is neither journaled nor a hole: an append written in
+        place and never synced, whose tail a power loss lost while the journal, which a later
+        write into the appended blocks grew, reached the disk. Nothing from that block on was
+        acknowledged: drop those journaled blocks, so that the append is cut off as torn
+        instead of leaving a gap that reads EIO. Below the synced size it is damage (EIO)."""
+        whole = max(0, (backing - HEADER_LEN) // (self.block + OVERHEAD))
+        for k in range(whole, max(self.index)):
+            if k in self.index or k in self.holes:
+                continue
+            if k * self.block < self.state.synced_size:
+                return []
+            dropped = [j for j in self.index if j > k]
+            for j in dropped:
+                del self.index[j]
+            return [(f"{len(dropped)} journaled blocks past block {k}, which a crash lost before "
+                     f"any fsync, are cut off with it")]
+        return []
 
     def _index_end(self) -> int:
         """The plaintext end of the highest journaled block (0 if none)."""
