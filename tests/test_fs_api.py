@@ -129,6 +129,39 @@ def test_fsync_and_fsyncdir_reach_the_backing_store(fs: EncryptedFS, monkeypatch
     assert synced[:1] == ["dir"]  # (fsync_dir itself then fsyncs the directory)
 
 
+def test_mkdir_syncs_nothing_and_a_torn_id_file_is_rebuilt_from_the_xattr(fs: EncryptedFS, service: KeyService,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new directory's id file is not synced (its xattr copy, which the backing filesystem
+    orders before the directory's entries, covers a crash); a crash that tears or loses it
+    leaves the directory and its entries readable, and the next read rewrites the file."""
+    synced: list[int] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd))[1])
+    d = fs.mkdir(ROOT_ID, b"d", 0o755, CTX).st_ino
+    assert synced == []
+    monkeypatch.undo()
+    create(fs, b"f", b"inside", parent=d)
+    backing = Path(os.fsdecode(fs.inodes.path(d)))
+    stored = (backing / "encfs.dirid").read_bytes()
+    fs.close_all()
+    cipher = Path(os.fsdecode(fs.root))
+    for tear in (b"", stored[:20], None):  # emptied, cut short, lost
+        if tear is None:
+            (backing / "encfs.dirid").unlink()
+        else:
+            (backing / "encfs.dirid").chmod(0o644)
+            (backing / "encfs.dirid").write_bytes(tear)
+        opened = open_config(cipher, service, writable=True)
+        again = EncryptedFS(os.fsencode(cipher), opened.config, opened.keys, service, recovering=True)
+        try:
+            d = walk(again, [b"d"])
+            assert names(again, d) == [b"f"] and read(again, walk(again, [b"f"], d)) == b"inside"
+        finally:
+            again.close_all()
+        assert (backing / "encfs.dirid").read_bytes() == stored
+
+
 # -- paths up to PATH_MAX (issue #22): backing paths far past it ----------------------------------
 
 # 159-byte names have the longest backing names kept inline (235 bytes): 24 of them make a 3,840-byte

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Any, Self, TypeVar
 
 from encfs.atomicfile import write_atomic
+from encfs.diskio import pwrite_all
 
 T = TypeVar("T")
 
@@ -347,6 +348,15 @@ class BackingDirs:
     def write_atomic(self, path: bytes, data: bytes, mode: int) -> None:
         """atomicfile.write_atomic, in the backing directory of ``path``."""
         self.at(path, lambda d, n: write_atomic(n, data, mode, dir_fd=d))
+
+    def write_new(self, path: bytes, data: bytes, mode: int) -> None:
+        """A new file ``path`` (FileExistsError if there is one) holding ``data``, not synced: for
+        a file whose loss or tear a crash may cause because another copy covers it."""
+        fd = self.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        try:
+            pwrite_all(fd, data, 0)
+        finally:
+            os.close(fd)
 
     # -- xattrs (no *at() form: through /proc/self/fd/<dir fd>/<name>, not following a symlink) --
 

@@ -1,8 +1,7 @@
 """Directory ids on the backing store: two copies, sealed for the directory's place.
 
 Every directory but the root has a 16-byte id (names.py puts it in the AD of its entries'
-names). It is kept twice: the file ``encfs.dirid`` in the backing directory (mode 0444,
-written with write-fsync-rename) and the backing directory's xattr ``user.encfs.dirid``
+names). It is kept twice: the file ``encfs.dirid`` in the backing directory (mode 0444) and the backing directory's xattr ``user.encfs.dirid``
 (where the backing filesystem has no user xattrs: the file ``encfs.dirid.next``).
 
 Forms (docs/FORMAT.md §6.3):
@@ -20,6 +19,14 @@ Invariants:
   exception is a directory that is empty in plaintext (an interrupted mkdir): it gets
   a new id.
 - Legacy copies are accepted only while the filesystem lacks "bound-dirids".
+- A new directory's file copy is written without an fsync (a sync per mkdir cost more than
+  the rest of the mkdir: benchmarks/HISTORY.md). Its second copy, the xattr, is metadata of
+  the directory itself: a journaling backing filesystem commits it before anything created
+  in the directory later, and an fsync of the directory (FSYNCDIR) with the directory's
+  inode. So a crash that keeps an entry of the directory keeps an id copy that reads; the
+  file copy it tore or lost is rewritten from the xattr at the next read (logged). Where the
+  second copy is the file ``encfs.dirid.next`` it is written and synced as before. Every
+  rewrite of an existing copy (a rename, a repair) stays write-fsync-rename.
 """
 
 from __future__ import annotations
@@ -182,11 +189,16 @@ class DirIds:
 
     # -- writing ------------------------------------------------------------------------
 
-    def create(self, path: bytes, parent_dirid: bytes, dirid: bytes | None = None) -> bytes:
-        """Give the backing directory ``path`` an id (a new random one unless ``dirid``)."""
+    def create(self, path: bytes, parent_dirid: bytes, dirid: bytes | None = None, fresh: bool = False) -> bytes:
+        """Give the backing directory ``path`` an id (a new random one unless ``dirid``).
+        ``fresh``: the directory was just made (mkdir) and holds nothing, so its file copy is
+        written in place and not synced (see the invariants)."""
         dirid = dirid or os.urandom(DIRID_LEN)
         stored = self._stored(dirid, parent_dirid, os.path.basename(path))
-        self._write_file(path, stored)
+        if fresh:
+            self.bd.write_new(os.path.join(path, DIRID_FILE), stored, 0o444)
+        else:
+            self._write_file(path, stored)
         try:
             self._write_second(path, stored)
         except OSError:

@@ -432,7 +432,7 @@ class EncryptedFS(XattrOps):
         except BaseException:
             self._remove_side(path, side)
             raise
-        dirid = self.dirids.create(path, self._dirid(parent_inode))
+        dirid = self.dirids.create(path, self._dirid(parent_inode), fresh=True)
         uid, gid, sgid = self._owner(path, ctx)
         self.bd.chown(path, uid, gid)
         self.bd.chmod(path, stat_m.S_IMODE(mode) | sgid)
