@@ -341,7 +341,9 @@ class EncryptedFS(XattrOps):
                 self._kill_suidgid(target)
             if inode not in self._no_capability and stat_m.S_ISREG(self.bd.lstat(target).st_mode):
                 self.drop_capability(inode)
-        if fields.update_atime or fields.update_mtime:
+        if fields.update_atime and fields.update_mtime:
+            self.bd.utime(target, (attr.st_atime_ns, attr.st_mtime_ns))
+        elif fields.update_atime or fields.update_mtime:
             st = self.bd.lstat(target)
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns

@@ -333,7 +333,7 @@ class OpenFiles:
         if not raw:
             return None
         header = FileHeader.parse(raw)
-        fd, writable = self._content_fd(f)
+        fd, writable = self._content_fd(f, header.file_id)
         try:
             if header.file_id in self.rekeys:
                 fd, header = self._finish_rekey(fd, writable, header, f.path)
@@ -375,12 +375,14 @@ class OpenFiles:
                         "until a read-write mount finishes it", path)
         return fd, FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
 
-    def _content_fd(self, f: OpenFile) -> tuple[int, bool]:
-        """A backing fd for a content: read-write where the mount and the file allow it (a
-        recovery may have to write), else a duplicate of the handle's."""
+    def _content_fd(self, f: OpenFile, file_id: bytes) -> tuple[int, bool]:
+        """A backing fd for a content: the handle's duplicated, or, for a read-only handle of a
+        file that a recovery or a re-key may have to write, read-write where the mount and the
+        file allow it. (Reopening through /proc for every cold read-only open cost more than
+        the dup; a later write swaps in a writable fd: writable_content.)"""
         if f.writable:
             return os.dup(f.fd), True
-        if not self.read_only:
+        if not self.read_only and (self.recovering or file_id in self.journals or file_id in self.rekeys):
             try:
                 return os.open(f"/proc/self/fd/{f.fd}", os.O_RDWR | os.O_CLOEXEC), True
             except OSError:
