@@ -215,6 +215,23 @@ def test_a_lost_block_below_the_synced_size_is_damage_even_with_a_journal(files:
         c.read(2 * B, B)
 
 
+def test_a_checkpoint_reads_the_pages_it_writes_into_ahead_all_at_once(files: Files,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sealed block shares pages with its neighbours, so writing it in place reads them first:
+    the checkpoint asks for all of them up front (merged where blocks touch), not one by one."""
+    c = files.create()
+    c.write(0, os.urandom(10 * B))
+    c.fsync(False)
+    for k in (1, 2, 3, 7):
+        c.write(k * B, os.urandom(B))  # journaled
+    asked: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: (
+        asked.append((offset, length)) if advice == os.POSIX_FADV_WILLNEED else None, real(fd, offset, length, advice))[1])
+    c.checkpoint()
+    assert asked == [(128 + 1 * STEP, 3 * STEP), (128 + 7 * STEP, STEP)]
+
+
 def test_a_torn_looking_block_is_damage_after_a_clean_unmount(files: Files) -> None:
     c = files.create()
     c.write(0, os.urandom(3 * B))
