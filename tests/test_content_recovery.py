@@ -3,6 +3,7 @@ made by stopping a content where the daemon's process would have died."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -191,14 +192,60 @@ def test_journaled_blocks_past_a_lost_unsynced_tail_are_cut_with_it(files: Files
     assert 3 in c.index and 2 not in c.index
     c.journal.sync()
     crash(c)
+    backing, journal = files.path.read_bytes(), files.journal().read_bytes()
     for tail in (2 * STEP, 2 * STEP + 100):  # block 2 lost, or cut short
-        files.path.write_bytes(files.path.read_bytes()[:128 + tail])
-        saved = files.journal().read_bytes()
+        files.path.write_bytes(backing[:128 + tail])
+        files.journal().write_bytes(journal)
+        files.journals.add(FILE_ID)  # as a new mount lists it
         c, notes = files.load()
+        assert any("cut off with it" in n for n in notes), notes
         assert c.size == 2 * B, notes
         assert c.read(0, 6 * B) == base
+        assert os.path.getsize(files.path) == 128 + 2 * STEP and not files.journal().exists()
         crash(c)
-        files.journal().write_bytes(saved)
+
+
+def _lost_tail(files: Files) -> bytes:
+    """The state the test above starts from: blocks 2-3 in place and never synced, block 3 grown
+    through the journal, the journal durable, and a power loss that lost block 2 from the backing
+    file. Returns the synced first two blocks."""
+    c = files.create()
+    base = os.urandom(2 * B)
+    c.write(0, base)
+    c.fsync(False)
+    c.write(2 * B, os.urandom(B + B // 2))
+    c.write(3 * B + B // 2, os.urandom(B // 4))
+    c.journal.sync()
+    crash(c)
+    os.truncate(files.path, 128 + 2 * STEP)
+    return base
+
+
+def test_blocks_dropped_from_a_journal_that_stays_keep_the_file_from_writes(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the checkpoint after the drop fails (a full disk), the journal on disk still holds the
+    dropped blocks: a write now could be undone by their replay after the next crash. The file
+    takes no writes this session and counts as recovered in memory only (the next mount again)."""
+    base = _lost_tail(files)
+
+    def full(self: FileContent) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(FileContent, "checkpoint", full)
+    c, notes = files.load()
+    assert any("checkpoint failed" in n for n in notes), notes
+    assert c.read(0, 6 * B) == base and c.read_only and c.recovered_in_memory
+    assert files.journal().exists()
+
+
+def test_no_journaled_block_is_dropped_when_the_state_fails_authentication(files: Files) -> None:
+    """A state that does not open says nothing about what was synced: a gap below journaled
+    blocks is then damage (EIO), never cut."""
+    _lost_tail(files)
+    os.setxattr(files.path, "user.encfs.state", b"x" * 60)
+    c, _notes = files.load()
+    assert c.size == 3 * B + B // 2 + B // 4
+    with pytest.raises(BlockAuthError):
+        c.read(2 * B, B)
 
 
 def test_a_lost_block_below_the_synced_size_is_damage_even_with_a_journal(files: Files) -> None:

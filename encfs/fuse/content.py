@@ -110,15 +110,21 @@ def _prefetch(fd: int, ranges: list[tuple[int, int]]) -> None:
     into the page cache, all at once. A sealed block does not fill whole pages, so writing one
     in place first reads the pages it shares with its neighbours; without this a checkpoint of
     blocks whose pages were not cached read them one at a time (benchmarks/HISTORY.md)."""
+    merged: list[tuple[int, int]] = []
     start = end = -1
     for offset, length in ranges:
         if offset > end:
             if end > start:
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                merged.append((start, end - start))
             start = offset
         end = max(end, offset + length)
     if end > start:
-        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        merged.append((start, end - start))
+    try:
+        for offset, length in merged:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # only advice: the writes read what they need anyway
 
 
 def max_file_size(block: int) -> int:
@@ -249,8 +255,11 @@ class FileContent:
         write that a crash cut short (after a clean unmount it can only be damage: EIO)."""
         notes: list[str] = []
         backing = os.fstat(self.fd).st_size
+        state_opens = True
+        dropped = 0  # journaled blocks left out of the index (recovery in memory until a checkpoint)
         if not self.v1:
             state = read_state(self.fd, self.cipher, self.state_file)
+            state_opens = state is not None
             if state is None:
                 notes.append("its state fails authentication: nothing counts as synced, and its "
                              "data key's budget as spent (its next write gives it a fresh key)")
@@ -270,10 +279,13 @@ class FileContent:
             self._index_runs(runs)
             for k in [k for k in self.index if k in self.holes]:
                 del self.index[k]  # written before the state that made it a hole (see punch)
+                dropped += 1
             if runs:
                 notes.append(f"replaying {len(self.index)} journaled blocks after a crash")
-            if after_crash and not self.v1 and self.index:
+            if after_crash and not self.v1 and state_opens and self.index:
+                before = len(self.index)
                 notes += self._drop_past_lost_tail(backing)
+                dropped += before - len(self.index)
             backing = self._journal_end(backing, writable)
         floor = max(self.state.synced_size, self._index_end())
         self.size = plain_file_size(backing, self.block)
@@ -289,9 +301,15 @@ class FileContent:
         if self.journal.fd is not None:
             if writable:
                 notes += self._try_checkpoint()
+                if dropped and self.journal.fd is not None:
+                    # The journal on disk still holds the blocks dropped from the index: a write now
+                    # could be undone by their replay after the next crash. Nothing is written to
+                    # the file this session, and the next mount recovers it again.
+                    self.read_only = True
             else:
                 self.read_only = True
-        self.recovered_in_memory = not writable and (self.read_only or self.size != plain_file_size(backing, self.block))
+        self.recovered_in_memory = (not writable or self.read_only) and \
+            (self.read_only or self.size != plain_file_size(backing, self.block))
         return notes
 
     def _try_checkpoint(self) -> list[str]:

@@ -19,13 +19,15 @@ Invariants:
   exception is a directory that is empty in plaintext (an interrupted mkdir): it gets
   a new id.
 - Legacy copies are accepted only while the filesystem lacks "bound-dirids".
-- A new directory's file copy is written without an fsync (a sync per mkdir cost more than
-  the rest of the mkdir: benchmarks/HISTORY.md). Its second copy, the xattr, is metadata of
-  the directory itself: a journaling backing filesystem commits it before anything created
-  in the directory later, and an fsync of the directory (FSYNCDIR) with the directory's
-  inode. So a crash that keeps an entry of the directory keeps an id copy that reads; the
-  file copy it tore or lost is rewritten from the xattr at the next read (logged). Where the
-  second copy is the file ``encfs.dirid.next`` it is written and synced as before. Every
+- A new directory's sealed file copy is written without an fsync (a sync per mkdir cost
+  more than the rest of the mkdir: benchmarks/HISTORY.md). A torn sealed copy never
+  authenticates, and the second copy, the xattr, is metadata of the directory itself,
+  which a backing filesystem that journals its metadata in order (ext4 with a journal,
+  XFS) commits before anything created in the directory later; an fsync of the directory
+  (FSYNCDIR) takes it along. So a crash that keeps an entry of the directory keeps an id
+  copy that reads; the file copy it tore or lost is rewritten from the xattr at the next
+  read (logged). Legacy (unsealed) copies, where the file copy wins a disagreement, and a
+  second copy in the file ``encfs.dirid.next`` are written and synced as before. Every
   rewrite of an existing copy (a rename, a repair) stays write-fsync-rename.
 """
 
@@ -191,11 +193,11 @@ class DirIds:
 
     def create(self, path: bytes, parent_dirid: bytes, dirid: bytes | None = None, fresh: bool = False) -> bytes:
         """Give the backing directory ``path`` an id (a new random one unless ``dirid``).
-        ``fresh``: the directory was just made (mkdir) and holds nothing, so its file copy is
-        written in place and not synced (see the invariants)."""
+        ``fresh``: the directory was just made (mkdir) and holds nothing, so a sealed file copy
+        is written in place and not synced (see the invariants)."""
         dirid = dirid or os.urandom(DIRID_LEN)
         stored = self._stored(dirid, parent_dirid, os.path.basename(path))
-        if fresh:
+        if fresh and self.write_sealed:
             self.bd.write_new(os.path.join(path, DIRID_FILE), stored, 0o444)
         else:
             self._write_file(path, stored)
