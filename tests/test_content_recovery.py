@@ -11,7 +11,7 @@ import pytest
 from content_files import FILE_ID, BackingFile
 
 from encfs.blocks import BlockAuthError
-from encfs.fuse.content import FileContent
+from encfs.fuse.content import FileContent, in_place_runs
 from encfs.fuse.fileheader import V1, V2, FileHeader
 from encfs.fuse.journal import JournalDamaged, journal_path
 
@@ -277,6 +277,34 @@ def test_a_checkpoint_reads_the_pages_it_writes_into_ahead_all_at_once(files: Fi
         asked.append((offset, length)) if advice == os.POSIX_FADV_WILLNEED else None, real(fd, offset, length, advice))[1])
     c.checkpoint()
     assert asked == [(128 + 1 * STEP, 3 * STEP), (128 + 7 * STEP, STEP)]
+
+
+def test_a_checkpoint_copies_a_journaled_run_as_one_piece() -> None:
+    """Blocks written together lie end to end in the journal and in place: one read, one write.
+    A record header (another run) or a short block ends a piece."""
+    index = {1: (24, STEP), 2: (24 + STEP, STEP), 3: (24 + 2 * STEP, 100),  # one run, short last block
+             4: (3 * STEP + 48, STEP),  # the next run: after a record header
+             6: (4 * STEP + 48, STEP)}  # not the block after 4
+    assert in_place_runs(index, STEP) == [(1, 24, 2 * STEP + 100), (4, 3 * STEP + 48, STEP),
+                                          (6, 4 * STEP + 48, STEP)]
+
+
+def test_a_checkpoint_of_overwritten_runs_puts_every_block_in_place(files: Files) -> None:
+    c = files.create()
+    old = os.urandom(20 * B)
+    c.write(0, old)
+    c.fsync(False)
+    new = bytearray(old)
+    for at, length in ((B, 5 * B), (9 * B + 7, 3 * B), (2 * B, B), (15 * B, 5 * B - 10)):
+        data = os.urandom(length)
+        c.write(at, data)
+        new[at:at + length] = data
+    assert c.index
+    c.checkpoint()
+    assert not c.index and c.read(0, 20 * B) == new
+    crash(c)
+    c, _notes = files.load(after_crash=False)
+    assert c.read(0, 20 * B) == new
 
 
 def test_a_torn_looking_block_is_damage_after_a_clean_unmount(files: Files) -> None:

@@ -105,6 +105,23 @@ HOLE_MIN = 1 << 20
 _MAX_BACKING = (1 << 63) - 1  # offsets are signed 64-bit (off_t, FUSE, lseek)
 
 
+def in_place_runs(index: dict[int, tuple[int, int]], step: int) -> list[tuple[int, int, int]]:
+    """The journaled blocks of ``index`` (block -> (journal offset, sealed length)) as pieces
+    (first block, journal offset, length) to copy into place, in block order: consecutive
+    blocks whose sealed versions lie end to end in the journal (a run written at once) make
+    one piece, so that a checkpoint copies them with one read and one write."""
+    pieces: list[tuple[int, int, int]] = []
+    for k in sorted(index):
+        offset, length = index[k]
+        if pieces:
+            first, start, total = pieces[-1]
+            if k == first + total // step and total % step == 0 and offset == start + total:
+                pieces[-1] = (first, start, total + length)
+                continue
+        pieces.append((k, offset, length))
+    return pieces
+
+
 def _prefetch(fd: int, ranges: list[tuple[int, int]]) -> None:
     """Start reading the pages of ``ranges`` (sorted (offset, length), merged where they touch)
     into the page cache, all at once. A sealed block does not fill whole pages, so writing one
@@ -785,11 +802,15 @@ class FileContent:
             return
         self.journal.sync()
         block = self.block
-        blocks = sorted(self.index)
-        _prefetch(self.fd, [(sealed_offset(k, HEADER_LEN, block), self.index[k][1]) for k in blocks])
-        for k in blocks:
-            offset, length = self.index[k]
-            pwrite_all(self.fd, self.journal.read(offset, length), sealed_offset(k, HEADER_LEN, block))
+        pieces = in_place_runs(self.index, block + OVERHEAD)
+        _prefetch(self.fd, [(sealed_offset(k, HEADER_LEN, block), length) for k, _, length in pieces])
+        # The journal is read once (it is at most about JOURNAL_MAX: a checkpoint follows when it
+        # reaches that), not once per piece.
+        whole = memoryview(self.journal.read(0, self.journal.length)) \
+            if self.journal.length <= 2 * JOURNAL_MAX else None
+        for k, offset, length in pieces:
+            data = whole[offset:offset + length] if whole is not None else self.journal.read(offset, length)
+            pwrite_all(self.fd, data, sealed_offset(k, HEADER_LEN, block))
         os.fdatasync(self.fd)
         self.dirty = False
         if not self.v1 and self.holes.extents() != self.state.holes:
