@@ -284,9 +284,12 @@ def test_a_checkpoint_copies_a_journaled_run_as_one_piece() -> None:
     A record header (another run) or a short block ends a piece."""
     index = {1: (24, STEP), 2: (24 + STEP, STEP), 3: (24 + 2 * STEP, 100),  # one run, short last block
              4: (3 * STEP + 48, STEP),  # the next run: after a record header
-             6: (4 * STEP + 48, STEP)}  # not the block after 4
+             6: (4 * STEP + 48, STEP),  # not the block after 4
+             7: (5 * STEP + 72, STEP)}  # the block after 6, but another run: a record header between
     assert in_place_runs(index, STEP) == [(1, 24, 2 * STEP + 100), (4, 3 * STEP + 48, STEP),
-                                          (6, 4 * STEP + 48, STEP)]
+                                          (6, 4 * STEP + 48, STEP), (7, 5 * STEP + 72, STEP)]
+    index[7] = (5 * STEP + 48, STEP)  # end to end with 6 (one run): one piece
+    assert in_place_runs(index, STEP)[-1] == (6, 4 * STEP + 48, 2 * STEP)
 
 
 def test_a_checkpoint_of_overwritten_runs_puts_every_block_in_place(files: Files) -> None:

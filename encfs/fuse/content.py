@@ -317,8 +317,9 @@ class FileContent:
             self.size = expected
         if self.journal.fd is not None:
             if writable:
-                notes += self._try_checkpoint()
-                if dropped and self.journal.fd is not None:
+                failed = self._try_checkpoint()
+                notes += failed
+                if dropped and failed:
                     # The journal on disk still holds the blocks dropped from the index: a write now
                     # could be undone by their replay after the next crash. Nothing is written to
                     # the file this session, and the next mount recovers it again.
@@ -804,12 +805,14 @@ class FileContent:
         block = self.block
         pieces = in_place_runs(self.index, block + OVERHEAD)
         _prefetch(self.fd, [(sealed_offset(k, HEADER_LEN, block), length) for k, _, length in pieces])
-        # The journal is read once (it is at most about JOURNAL_MAX: a checkpoint follows when it
-        # reaches that), not once per piece.
-        whole = memoryview(self.journal.read(0, self.journal.length)) \
-            if self.journal.length <= 2 * JOURNAL_MAX else None
+        # The span of the journal that holds them is read once (a checkpoint follows when the
+        # journal passes JOURNAL_MAX, so it is at most about that), not once per piece.
+        start = min((offset for _k, offset, _n in pieces), default=0)
+        end = max((offset + length for _k, offset, length in pieces), default=0)
+        span = memoryview(self.journal.read(start, end - start)) if end - start <= 2 * JOURNAL_MAX else None
         for k, offset, length in pieces:
-            data = whole[offset:offset + length] if whole is not None else self.journal.read(offset, length)
+            data = span[offset - start:offset - start + length] if span is not None \
+                else self.journal.read(offset, length)
             pwrite_all(self.fd, data, sealed_offset(k, HEADER_LEN, block))
         os.fdatasync(self.fd)
         self.dirty = False

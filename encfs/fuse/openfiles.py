@@ -206,7 +206,11 @@ class OpenFiles:
             del self.contents[inode]
 
     def _close(self, content: FileContent, path: bytes, unlinked: bool | None = None) -> bool:
-        """Checkpoint and close a content; False (it stays open, pinned) if the checkpoint fails."""
+        """Checkpoint and close a content; False (it stays open, pinned) if the checkpoint fails,
+        or if the content was recovered in memory only because its journal on disk still holds
+        blocks its load dropped (FileContent.load): reloaded later, it would take them back."""
+        if content.read_only and content.journal.fd is not None and not self.read_only:
+            return False
         try:
             if unlinked is None and content.journal.fd is None and not content.index:
                 unlinked = False  # nothing to checkpoint or drop: no need to ask
