@@ -310,6 +310,27 @@ def test_a_checkpoint_of_overwritten_runs_puts_every_block_in_place(files: Files
     assert c.read(0, 20 * B) == new
 
 
+def test_a_checkpoint_whose_journal_removal_fails_still_reads_its_blocks(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory sync after the journal's unlink fails: the checkpoint reports it, and the
+    blocks it put in place read back from there (the journal's fd is closed by then)."""
+    import encfs.fuse.journal as journal_module
+    c = files.create()
+    c.write(0, os.urandom(3 * B))
+    c.fsync(False)
+    new = os.urandom(B)
+    c.write(B, new)  # journaled
+    assert 1 in c.index
+    c.journal.sync()  # (its name durable: the failing sync below is the removal's)
+
+    def failing(path: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(journal_module, "fsync_dir", failing)
+    with pytest.raises(OSError):
+        c.checkpoint()
+    assert c.read(B, B) == new
+
+
 def test_a_torn_looking_block_is_damage_after_a_clean_unmount(files: Files) -> None:
     c = files.create()
     c.write(0, os.urandom(3 * B))

@@ -820,9 +820,11 @@ class FileContent:
             self._write_state_durably(self.size, self.holes)  # filled holes: as in fsync()
         elif not self.v1 and (self.size != self.state.synced_size or self.seals != self.state.seals):
             self._write_state(self.size, self.holes)
+        # The blocks are in place and durable: reads take them from there even if removing the
+        # journal fails part way (its fd already closed).
+        self.index.clear()
         self.journal.remove()
         self._journals.discard(self.header.file_id)
-        self.index.clear()
 
     def close(self, unlinked: bool = False) -> None:
         """Checkpoint (a file with no name left needs none: its journal just goes) and close.
