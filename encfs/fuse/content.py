@@ -21,7 +21,9 @@ Invariants:
   place: a power loss could keep the journaled blocks and lose those below them, leaving
   a gap that reads EIO instead of a torn append cut off. (Blocks appended in place and then
   written again go to the journal: if a power loss keeps that journal and loses the blocks
-  in place, recovery drops the journaled ones past the lost block, all unacknowledged.)
+  in place, recovery drops the journaled ones past the lost block, all unacknowledged. If
+  the checkpoint after such a drop fails, the journal on disk still holds what was dropped:
+  the file then takes no writes, and stays loaded, until a later mount recovers it again.)
   Before a direct write that follows a block with an unsynced journaled version, the
   journal is made durable, so the new block never reaches the disk ahead of it (the old
   version in place may be a short last block, followed by a hole until the checkpoint).
