@@ -217,6 +217,10 @@ def test_a_file_recovered_in_memory_only_stays_so_until_unmount(fs: EncryptedFS,
             fh = again.open(ino, os.O_RDWR, CTX)
             assert fuse_errno(lambda: again.write(fh, 0, b"x")) == errno.EROFS
             again.release(fh)
+        journals = cipher / "encfs.journal"
+        assert any(len(n) == 32 for n in os.listdir(journals))
+        again.unlink(ROOT_ID, b"f", CTX)  # the file is gone: so is its journal, not left as an orphan
+        assert not any(len(n) == 32 for n in os.listdir(journals))
     finally:
         again.close_all()
 

@@ -831,7 +831,8 @@ class FileContent:
     def close(self, unlinked: bool = False) -> None:
         """Checkpoint (a file with no name left needs none: its journal just goes) and close.
         If the checkpoint fails (OSError), nothing is closed: the content still serves."""
-        if unlinked and not self.read_only:
+        if unlinked and (self.fd_writable or not self.read_only):
+            # (read-only but writable: recovered in memory only, load(); the file is gone now)
             self.index.clear()
             self.journal.remove(durable=False)
             self._journals.discard(self.header.file_id)
