@@ -209,6 +209,9 @@ class FileContent:
         self.fd_writable = True  # else ``fd`` is read-only (the caller swaps in a writable one)
         self.noatime = False  # ``fd`` is O_NOATIME (a write-only handle's): reads through it keep atime
         self.recovered_in_memory = False  # load() could not write what recovery changed
+        # load() dropped journaled blocks and could not checkpoint: the journal on disk still holds
+        # them, so the content must stay loaded (and read-only) until unmount (OpenFiles._close)
+        self.holds_dropped = False
         self.dirty = False  # the backing file was written since its last fsync
         self._on_auth_error = on_auth_error
         self._bounding = False  # _bound_holes is writing zeros (its writes must not recurse into it)
@@ -325,11 +328,11 @@ class FileContent:
                     # The journal on disk still holds the blocks dropped from the index: a write now
                     # could be undone by their replay after the next crash. Nothing is written to
                     # the file this session, and the next mount recovers it again.
-                    self.read_only = True
+                    self.read_only = self.holds_dropped = True
             else:
                 self.read_only = True
-        self.recovered_in_memory = (not writable or self.read_only) and \
-            (self.read_only or self.size != plain_file_size(backing, self.block))
+        self.recovered_in_memory = self.read_only or \
+            (not writable and self.size != plain_file_size(backing, self.block))
         return notes
 
     def _try_checkpoint(self) -> list[str]:
@@ -831,8 +834,7 @@ class FileContent:
     def close(self, unlinked: bool = False) -> None:
         """Checkpoint (a file with no name left needs none: its journal just goes) and close.
         If the checkpoint fails (OSError), nothing is closed: the content still serves."""
-        if unlinked and (self.fd_writable or not self.read_only):
-            # (read-only but writable: recovered in memory only, load(); the file is gone now)
+        if unlinked and (self.holds_dropped or not self.read_only):  # (the file is gone now)
             self.index.clear()
             self.journal.remove(durable=False)
             self._journals.discard(self.header.file_id)

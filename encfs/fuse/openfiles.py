@@ -209,7 +209,7 @@ class OpenFiles:
         """Checkpoint and close a content; False (it stays open, pinned) if the checkpoint fails,
         or if the content was recovered in memory only because its journal on disk still holds
         blocks its load dropped (FileContent.load): reloaded later, it would take them back."""
-        if content.read_only and content.journal.fd is not None and not self.read_only:
+        if content.holds_dropped:
             return False
         try:
             if unlinked is None and content.journal.fd is None and not content.index:
