@@ -236,10 +236,16 @@ def check_store_files(spec: TokenSpec) -> None:
         _check_copies(spec, locked)
 
 
+def _store_copies(spec: TokenSpec, locked: bool) -> TokenFileCopies | None:
+    """The token files' copies, if kept and the caller holds _P11_LOCK and the store lock
+    exclusively (``locked``): else a write of another process may be in progress."""
+    return spec.store_copies if locked else None
+
+
 def _check_copies(spec: TokenSpec, locked: bool) -> None:
-    """Caller holds _P11_LOCK and the store lock exclusively if ``locked``."""
-    if spec.store_copies is not None and locked:  # else a write of another process may be in progress
-        spec.store_copies.check()
+    copies = _store_copies(spec, locked)
+    if copies is not None:
+        copies.check()
 
 
 def _p11_name(e: BaseException) -> str:
@@ -366,8 +372,9 @@ class Token:
             with _store_lock(self.spec.module, exclusive) as locked:
                 try:
                     yield session
-                    if exclusive and locked and self.spec.store_copies is not None:
-                        self.spec.store_copies.record()  # never fails the call that succeeded
+                    copies = _store_copies(self.spec, locked) if exclusive else None
+                    if copies is not None:
+                        copies.record()  # never fails the call that succeeded
                 except (TagMismatch, TokenError, ConfigError):
                     raise
                 except p11e.PKCS11Error as e:

@@ -49,9 +49,9 @@ log = logging.getLogger("encfs.keys")
 TOKEN_OBJECT = "token.object"
 
 
-def emptied_message(path: object) -> str:
-    """What an empty object file is, for the messages that name one."""
-    return f"{path} is empty (a process was killed while SoftHSM2 rewrote it)"
+def emptied_message(path: object, was: bool = False) -> str:
+    """What an empty object file is (or, once restored, ``was``), for the messages that name one."""
+    return f"{path} {'was' if was else 'is'} empty (a process was killed while SoftHSM2 rewrote it)"
 
 
 def _read_locked(path: Path) -> bytes | None:
@@ -64,7 +64,7 @@ def _read_locked(path: Path) -> bytes | None:
     try:
         fcntl.lockf(fd, fcntl.LOCK_SH)
         size = os.fstat(fd).st_size
-        return os.pread(fd, size, 0) if size else b""
+        return os.pread(fd, size, 0)
     finally:
         os.close(fd)  # drops the lock
 
@@ -162,6 +162,6 @@ class TokenFileCopies:
             write_atomic(path, kept, 0o600, tmp_dir=copies)  # no stray name in the token directory
         except OSError as e:
             raise TokenError(f"{emptied_message(path)} and encfs's copy cannot be put back: {e.strerror}") from None
-        log.warning("%s: restored from %s", emptied_message(path).replace(" is empty", " was empty"),
+        log.warning("%s: restored from %s", emptied_message(path, was=True),
                     copies / path.name)
         return True
