@@ -118,3 +118,19 @@ def encfs_mount(tmp_path: Path, fs_home: Path) -> Iterator[Any]:
         yield m
     finally:
         m.stop()
+
+
+@pytest.fixture
+def uring_enabled() -> None:
+    """The fuse module's enable_uring on, so that `encfs mount --io-uring` serves over io_uring
+    (root only). It stays on: two xdist workers would race to put the old value back while the
+    other mounts, and on it only lets a server that asks for io_uring use it (docs/dev/testing.md)."""
+    from encfs.fuseproto import uring
+
+    param = Path(uring.ENABLE_PARAMETER)
+    if not param.exists():
+        pytest.skip("this kernel's fuse module has no io_uring (CONFIG_FUSE_IO_URING)")
+    if os.geteuid() != 0:
+        pytest.skip("turning on enable_uring needs root")
+    if param.read_text().strip() != "Y":
+        param.write_text("Y")

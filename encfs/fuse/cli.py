@@ -97,7 +97,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         report(args, {"CipherDir": str(cipherdir.absolute()), "MountPoint": str(mountpoint.absolute()),
                       "Mounted": False}, None)
         return 0
-    extra = [o for o in args.fuse_extra if o != "debug"]  # libfuse's spelling of --debug
+    extra = [o for o in args.fuse_extra if o not in ("debug", "io_uring")]  # libfuse's spellings of flags below
     home, hsm = _ks_args(args)
     recovery_key = None
     if args.recovery_key:  # read-only: new files would need the CMK (recovery.py)
@@ -108,7 +108,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
                         recovery_key=recovery_key, recovery_key_file=args.recovery_key,
                         allow_other=args.allow_other or "allow_other" in extra, extra=extra,
                         log_file=args.log_file, debug=args.debug or "debug" in args.fuse_extra,
-                        server=getattr(args, "server", None) or "encfs")
+                        server=getattr(args, "server", None) or "encfs",
+                        io_uring=args.io_uring or "io_uring" in args.fuse_extra)
     code = mount(cipherdir, mountpoint, home, hsm, opts, args.foreground, fake=args.fake)
     if not args.foreground or args.fake:  # in the foreground the command is the daemon: it returns once unmounted
         _mounted(args, opts.read_only, opts.server, fake=args.fake)
@@ -222,6 +223,9 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--server", metavar="NAME",
                    help="FUSE server: encfs (default, the project's own protocol server) or pyfuse3 "
                    "(libfuse 3 through pyfuse3 on trio); fstab: -o server=NAME")
+    p.add_argument("--io-uring", action="store_true",
+                   help="serve requests over FUSE io_uring queues, one per CPU, when the kernel offers them "
+                   "(root: echo Y > /sys/module/fuse/parameters/enable_uring); fstab: -o io_uring")
     p.add_argument("--recovery-key", metavar="FILE",
                    help="open it by its recovery key, without the token (no PIN; always read-only)")
     add_mount8_options(p)

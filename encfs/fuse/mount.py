@@ -33,6 +33,7 @@ from encfs.fuse.mountlock import MountLock
 from encfs.fuse.openfiles import CHECKPOINT_DELAY
 from encfs.fuse.recovery import open_by_recovery_key
 from encfs.fuse.server import FsServer
+from encfs.fuseproto import uring
 from encfs.fuseproto.mounting import (
     escape_option,
     mount_fusermount,
@@ -66,6 +67,7 @@ class MountOptions:
     log_file: str | None = None
     debug: bool = False  # trace every FUSE request by opcode name (fuseproto.server)
     server: str = "encfs"  # one of SERVERS
+    io_uring: bool = False  # offer FUSE over io_uring (encfs.fuseproto.uring); the encfs server only
     # Mount by the recovery key, without the token (recovery.py): read-only, every file key derived.
     recovery_key: bytes | None = field(default=None, repr=False)
     recovery_key_file: str | None = None
@@ -180,7 +182,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         finally:
             lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
         raise
-    server = server_class(fd, fs, where, trace=opts.debug)
+    server = (FsServer(fd, fs, where, trace=opts.debug, io_uring=opts.io_uring) if server_class is FsServer
+              else server_class(fd, fs, where, trace=opts.debug))
     # In the owner record (`encfs status`); pyfuse3's server keeps no count: unknown (null).
     lock.error_count = (lambda: server.io_errors) if isinstance(server, FsServer) else (lambda: None)
     if opts.debug:
@@ -295,6 +298,12 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         rewrap.refuse_if_interrupted(cipherdir)  # and checks again under it
     check_fuse_device()
     check_server(opts.server)
+    if opts.io_uring:
+        if opts.server != "encfs":
+            raise MountError("--io-uring needs the encfs server: pyfuse3's libfuse 3.14 has no FUSE over io_uring")
+        if not uring.supported():
+            log.warning("FUSE over io_uring is off here (%s is not Y, or not x86-64): serving through /dev/fuse",
+                        uring.ENABLE_PARAMETER)
     if fake:
         return 0
     if foreground:  # the log's destination, and stderr (the CLI's handler: warnings and errors)

@@ -208,8 +208,9 @@ def _xattr_reply(data: bytes, size: int) -> tuple[bytes, int]:
 class FsServer(FuseServer):
     """Serves one EncryptedFS over an open /dev/fuse descriptor."""
 
-    def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False) -> None:
-        super().__init__(fd, trace)
+    def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False,
+                 io_uring: bool = False) -> None:
+        super().__init__(fd, trace, io_uring=io_uring)
         self.fs = fs
         self.mountpoint = mountpoint
         self.locks = FsLocks()

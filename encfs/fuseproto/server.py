@@ -22,6 +22,12 @@ Invariants:
 - ``FuseServer.serve`` returns on DESTROY, on ENODEV (the mount is gone) or
   after ``stop()``; worker threads are daemon threads that end with the
   connection.
+- With ``io_uring`` and the kernel agreeing at INIT (FUSE_OVER_IO_URING), requests
+  come over one ring per CPU (uring.py) and ``reply``/``reply_error`` put the answer
+  into the request's ring entry; only serve()'s own thread reads /dev/fuse then
+  (FORGET, BATCH_FORGET, INTERRUPT). A notification made while answering a ring's
+  request is sent once that reply is committed, as it would follow a reply written
+  to /dev/fuse.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import time
 from collections.abc import Callable
 
 from encfs.fuseproto.memory import keep_freed_memory
+from encfs.fuseproto.uring import FUSE_OVER_IO_URING, UringQueues
 from encfs.fuseproto.wire import (
     BUFFER_SIZE,
     FUSE_INIT_EXT,
@@ -85,8 +92,11 @@ class FuseServer:
     opcode name to the logger ``encfs.fuse.trace``.
     """
 
-    def __init__(self, fd: int, trace: bool = False) -> None:
+    def __init__(self, fd: int, trace: bool = False, io_uring: bool = False) -> None:
         self.fd = fd
+        self.io_uring = io_uring  # offer FUSE over io_uring when the kernel has it on (uring.py)
+        self.uring: UringQueues | None = None  # the rings, once set up (before INIT)
+        self._threads = 1
         self.handlers: dict[int, Handler] = {}
         self.trace = trace
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -101,6 +111,10 @@ class FuseServer:
         self._io_errors_lock = threading.Lock()
 
     def reply(self, unique: int, *payload: bytes | bytearray | memoryview) -> None:
+        entry = self.uring.current() if self.uring is not None else None
+        if entry is not None and entry.unique == unique:
+            entry.answer(0, payload)
+            return
         length = OUT_HEADER.size + sum(len(p) for p in payload)
         self._send([OUT_HEADER.pack(length, 0, unique), *payload])
 
@@ -110,9 +124,24 @@ class FuseServer:
                 self.io_errors += 1
         if self.trace:
             trace.debug("  unique=%d -> %s", unique, errno.errorcode.get(error, error))
+        entry = self.uring.current() if self.uring is not None else None
+        if entry is not None and entry.unique == unique:
+            entry.answer(-error, ())
+            return
         self._send([OUT_HEADER.pack(OUT_HEADER.size, -error, unique)])
 
     def notify(self, code: int, payload: bytes) -> None:
+        """Send a notification through /dev/fuse. Handling a request that came over a ring, it
+        goes once that request's reply is committed, as a reply written to /dev/fuse is before
+        the handler's notifications (the kernel may hold a lock the notification needs until
+        the reply: stalenames.py)."""
+        entry = self.uring.current() if self.uring is not None else None
+        if entry is not None:
+            entry.notices.append((code, payload))
+            return
+        self.send_notice(code, payload)
+
+    def send_notice(self, code: int, payload: bytes) -> None:
         self._send([OUT_HEADER.pack(OUT_HEADER.size + len(payload), code, 0), payload])
 
     def _send(self, parts: list[bytes | bytearray | memoryview]) -> None:
@@ -131,12 +160,22 @@ class FuseServer:
             return False
         if flags & FUSE_INIT_EXT and len(req.body) >= INIT_IN.size + INIT_IN_FLAGS2.size:
             flags |= INIT_IN_FLAGS2.unpack_from(req.body, INIT_IN.size)[0] << 32
+        if self.uring is not None:
+            wanted_flags |= FUSE_OVER_IO_URING
         agreed = flags & wanted_flags
         if agreed >> 32:
             agreed |= FUSE_INIT_EXT
         self.agreed_flags = agreed
         self.reply(req.unique, INIT_OUT.pack(7, min(minor, PROTOCOL_MINOR), max_readahead, agreed & 0xFFFFFFFF,
                                              16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, agreed >> 32))
+        if self.uring is not None:
+            if agreed & FUSE_OVER_IO_URING:
+                self.uring.start(self._handle)  # the kernel holds new requests until every queue registered
+                log.info("serving FUSE over io_uring, %d queues", len(self.uring.cpus))
+            else:
+                self.uring.abandon()
+                self.uring = None
+                self._start_threads()
         return True
 
     def stop(self) -> None:
@@ -149,8 +188,9 @@ class FuseServer:
     def dispatch(self, req: Request, op: Op) -> bool:
         """Check the request against its opcode and run its handler; False ends serving."""
         if self.trace:
-            trace.debug("%s unique=%d node=%d uid=%d pid=%d len=%d", op.name, req.unique, req.node, req.uid,
-                        req.pid, req.length)
+            entry = self.uring.current() if self.uring is not None else None
+            trace.debug("%s unique=%d node=%d uid=%d pid=%d len=%d%s", op.name, req.unique, req.node, req.uid,
+                        req.pid, req.length, "" if entry is None else f" queue={entry.qid}")
         bad = malformed(op, req.body)
         if bad is not None:
             log.error("malformed FUSE request %d: %s", req.unique, bad)
@@ -183,16 +223,25 @@ class FuseServer:
         keep_freed_memory()
         if threads > 1:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        for _ in range(threads - 1):
-            threading.Thread(target=self._loop, args=(False,), daemon=True, name="fuse-worker").start()
+        if self.io_uring:
+            self.uring = UringQueues.prepare(self.fd, self.request_buffer, self.overlaps, self.send_notice)
+        self._threads = threads
+        if self.uring is None:
+            self._start_threads()
         self._loop(True)
+
+    def _start_threads(self) -> None:
+        """The threads beside serve()'s own that read /dev/fuse (only that one, FORGETs and
+        INTERRUPTs, once FUSE over io_uring carries the requests)."""
+        for _ in range(self._threads - 1):
+            threading.Thread(target=self._loop, args=(False,), daemon=True, name="fuse-worker").start()
 
     def _next_request(self, buf: memoryview, poller: select.poll) -> int:
         """Read one request into ``buf`` (the caller leads). Polls for SPIN_SECONDS first: a thread
         asleep in read(2) takes long to wake on a virtual machine, and the next request of a
         process working through many small operations usually comes within that time
         (benchmarks/HISTORY.md, 481d43a)."""
-        if not self._overlapping and not poller.poll(0):
+        if not self._overlapping and self.uring is None and not poller.poll(0):
             deadline = time.perf_counter() + SPIN_SECONDS
             while not poller.poll(0) and time.perf_counter() < deadline:
                 pass
@@ -203,6 +252,22 @@ class FuseServer:
         each request once the previous one is answered. A subclass may place it in memory it
         shares with a helper process, so that request bodies reach the helper uncopied."""
         return memoryview(bytearray(BUFFER_SIZE))
+
+    def _handle(self, req: Request, op: Op | None = None) -> bool:
+        """Dispatch one request and answer what its handler raised; False ends serving."""
+        if op is None:
+            op = OPS.get(req.opcode, UNKNOWN_OP)
+        try:
+            if not self.dispatch(req, op):
+                self._running = False
+                return False
+        except FuseError as e:
+            if op.reply:
+                self.reply_error(req.unique, e.errno)
+        except Exception as e:  # noqa: BLE001 - one bad request must not end the mount
+            if op.reply:
+                self.on_failure(req, e)
+        return True
 
     def _loop(self, main: bool) -> None:
         buf = self.request_buffer()
@@ -247,15 +312,8 @@ class FuseServer:
                     self._leader.release()  # an idle thread reads the next request meanwhile
                     leading = False
                 try:
-                    if not self.dispatch(req, op):
-                        self._running = False
+                    if not self._handle(req, op):
                         break
-                except FuseError as e:
-                    if op.reply:
-                        self.reply_error(req.unique, e.errno)
-                except Exception as e:  # noqa: BLE001 - one bad request must not end the mount
-                    if op.reply:
-                        self.on_failure(req, e)
                 finally:
                     if overlapping:
                         with self._overlapping_lock:
