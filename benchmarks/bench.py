@@ -99,6 +99,8 @@ RATIOS: list[tuple[str, str, str | tuple[str, ...]]] = [  # (label, numerator, d
     ("encfs / gocryptfs", "encfs", "gocryptfs"),
     ("encfs / best peer", "encfs", PEERS),
     ("encfs / baseline checkout", "encfs", "encfs-baseline"),
+    ("encfs over io_uring / encfs", "encfs-uring", "encfs"),
+    ("encfs over io_uring / gocryptfs", "encfs-uring", "gocryptfs"),
     ("encfs 32 KiB blocks / encfs", "encfs-32k", "encfs"),
     ("encfs 32 KiB blocks / its null cipher", "encfs-32k", "encfs-null-32k"),
     ("encfs volume / null-cipher volume", "encfs-volume", "encfs-volume-null"),
@@ -363,6 +365,18 @@ class EncfsFuse32k(EncfsFuse):
     init_extra = ["--block-size", "32768"]
 
 
+class EncfsUring(EncfsFuse):
+    name = "encfs-uring"
+    description = "encfs FUSE mount served over FUSE io_uring queues (`encfs mount --io-uring`)"
+    launcher = [*EncfsFuse.launcher, "--io-uring"]
+
+    def check(self) -> None:
+        from encfs.fuseproto import uring
+
+        if not uring.supported():
+            raise Unavailable(f"FUSE over io_uring is off ({uring.ENABLE_PARAMETER} is not Y) or not x86-64")
+
+
 class EncfsNull(EncfsFuse):
     name = "encfs-null"
     description = "the same encfs FUSE path with the content cipher replaced by a null cipher (benchmark only)"
@@ -600,7 +614,7 @@ class Fscrypt(Target):
         return data
 
 
-ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsBaseline, EncfsFuse32k, EncfsNull32k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
+ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsUring, EncfsBaseline, EncfsFuse32k, EncfsNull32k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
                EncfsVolumeNullV1, LoopPlain, Gocryptfs, Securefs, Cryfs, LuksNbdkit, Fscrypt]
 
 
