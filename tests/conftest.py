@@ -134,3 +134,5 @@ def uring_enabled() -> None:
         pytest.skip("turning on enable_uring needs root")
     if param.read_text().strip() != "Y":
         param.write_text("Y")
+    if not uring.supported():
+        pytest.skip("FUSE over io_uring is served on x86-64 only (encfs/fuseproto/ioring.py)")

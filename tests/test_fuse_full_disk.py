@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -168,8 +169,10 @@ def test_a_mkdir_that_fails_part_way_leaves_the_kernel_no_stale_name(tmp_path: P
     plain = tmp_path / "plain"
     plain.mkdir()
     name, *extra = server.split()
+    trace = tmp_path / "trace.log"
     if extra:
         request.getfixturevalue("uring_enabled")
+        extra += ["--debug", "--log-file", str(trace)]
     with Mount(cipher, plain, fs_home, "--server", name, *extra) as m:
         entries = len(os.listdir(cipher))
         fill(small_backing)
@@ -184,3 +187,5 @@ def test_a_mkdir_that_fails_part_way_leaves_the_kernel_no_stale_name(tmp_path: P
         assert ("d" in os.listdir(plain)) == made
         free(small_backing)
         assert m.proc.poll() is None
+    if extra:
+        assert re.search(r"MKDIR .* queue=\d", trace.read_text()), "the MKDIR did not come over a ring"

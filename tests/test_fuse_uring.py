@@ -21,7 +21,8 @@ import pytest
 from fuse_helpers import Mount
 from test_fuse_server import test_direct_reads_never_see_a_torn_block_while_writes_go_on as torn_block_race
 
-from encfs.fuseproto import uring
+from encfs.fuse.mount import is_mounted
+from encfs.fuseproto import ioring, uring
 from encfs.fuseproto.wire import IN_HEADER, LOOKUP, OUT_HEADER, WRITE, WRITE_IN
 
 ENT_IN_OUT = struct.Struct("<QQII8x")
@@ -83,7 +84,7 @@ def test_a_reply_goes_into_the_buffers() -> None:
     assert OUT_HEADER.unpack_from(entry.header)[1] == 0
 
 
-def test_an_unanswered_request_is_answered_eio() -> None:
+def test_an_unanswered_request_is_answered_eio_as_a_last_resort() -> None:
     entry = _entry()
     _deliver(entry, LOOKUP, 12, b"", b"a\0")
     entry.request()
@@ -108,7 +109,7 @@ def test_cpu_lists(text: str, cpus: list[int]) -> None:
 def test_a_ring_reads_an_eventfd() -> None:
     """The mechanics shared with the FUSE commands: an SQE filled, submitted and completed."""
     try:
-        ring = uring.Ring(4)
+        ring = ioring.Ring(4)
     except OSError as e:
         pytest.skip(f"no io_uring here: {e}")
     efd = os.eventfd(0, os.EFD_CLOEXEC)
@@ -116,7 +117,7 @@ def test_a_ring_reads_an_eventfd() -> None:
         buf = memoryview(bytearray(8))
         for value in (5, 9):
             os.eventfd_write(efd, value)
-            ring.prepare_read(efd, 1234, uring._address(buf), 8)
+            ring.prepare_read(efd, 1234, ioring.address(buf), 8)
             ring.enter(1)
             assert ring.completions() == [(1234, 8)]
             assert struct.unpack("<Q", buf)[0] == value
@@ -187,6 +188,7 @@ def test_fsynced_data_survives_kill_9_over_the_rings(uring_mount: Mount, fs_home
     fd = os.open(root / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     os.write(fd, synced)
     os.fsync(fd)
+    assert _queues_traced(uring_mount.trace)  # type: ignore[attr-defined]
     os.write(fd, os.urandom(100_000))  # not synced: may or may not survive
     uring_mount.proc.kill()
     uring_mount.proc.wait(timeout=30)
@@ -197,6 +199,19 @@ def test_fsynced_data_survives_kill_9_over_the_rings(uring_mount: Mount, fs_home
     uring_mount.kill9()  # removes the dead mount
     with Mount(uring_mount.cipherdir, uring_mount.mountpoint, fs_home) as again:
         assert (again.mountpoint / "f").read_bytes()[:len(synced)] == synced
+
+
+def test_sigterm_ends_the_daemon_and_keeps_what_was_synced(uring_mount: Mount, fs_home: Path) -> None:
+    """SIGTERM: serve() returns, the queues stop taking requests, the daemon unmounts itself."""
+    data = os.urandom(200_000)
+    with open(uring_mount.mountpoint / "f", "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    uring_mount.proc.send_signal(signal.SIGTERM)
+    assert uring_mount.proc.wait(timeout=60) == 0
+    assert not is_mounted(uring_mount.mountpoint)
+    with Mount(uring_mount.cipherdir, uring_mount.mountpoint, fs_home) as again:
+        assert (again.mountpoint / "f").read_bytes() == data
 
 
 def test_the_daemon_ends_when_unmounted(uring_mount: Mount) -> None:

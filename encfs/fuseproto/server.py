@@ -157,6 +157,9 @@ class FuseServer:
         major, minor, max_readahead, flags = INIT_IN.unpack_from(req.body)
         if major != 7:
             self.reply_error(req.unique, errno.EPROTO)
+            if self.uring is not None:
+                self.uring.abandon()
+                self.uring = None
             return False
         if flags & FUSE_INIT_EXT and len(req.body) >= INIT_IN.size + INIT_IN_FLAGS2.size:
             flags |= INIT_IN_FLAGS2.unpack_from(req.body, INIT_IN.size)[0] << 32
@@ -170,8 +173,8 @@ class FuseServer:
                                              16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, agreed >> 32))
         if self.uring is not None:
             if agreed & FUSE_OVER_IO_URING:
-                self.uring.start(self._handle)  # the kernel holds new requests until every queue registered
-                log.info("serving FUSE over io_uring, %d queues", len(self.uring.cpus))
+                self.uring.start()  # the kernel holds new requests until every queue registered
+                log.info("serving FUSE over io_uring, %d queues", self.uring.count)
             else:
                 self.uring.abandon()
                 self.uring = None
@@ -224,17 +227,26 @@ class FuseServer:
         if threads > 1:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         if self.io_uring:
-            self.uring = UringQueues.prepare(self.fd, self.request_buffer, self.overlaps, self.send_notice)
+            self.uring = UringQueues.prepare(self)
         self._threads = threads
         if self.uring is None:
             self._start_threads()
-        self._loop(True)
+        try:
+            self._loop(True)
+        finally:
+            if self.uring is not None:
+                self.uring.stop()  # no request is answered once serve() returned
 
     def _start_threads(self) -> None:
         """The threads beside serve()'s own that read /dev/fuse (only that one, FORGETs and
         INTERRUPTs, once FUSE over io_uring carries the requests)."""
         for _ in range(self._threads - 1):
             threading.Thread(target=self._loop, args=(False,), daemon=True, name="fuse-worker").start()
+
+    def fall_back(self) -> None:
+        """The kernel refused a ring's registration (uring.py): it sends requests through
+        /dev/fuse again unless the rings were ready already, so /dev/fuse gets its threads."""
+        self._start_threads()
 
     def _next_request(self, buf: memoryview, poller: select.poll) -> int:
         """Read one request into ``buf`` (the caller leads). Polls for SPIN_SECONDS first: a thread
@@ -253,7 +265,7 @@ class FuseServer:
         shares with a helper process, so that request bodies reach the helper uncopied."""
         return memoryview(bytearray(BUFFER_SIZE))
 
-    def _handle(self, req: Request, op: Op | None = None) -> bool:
+    def handle(self, req: Request, op: Op | None = None) -> bool:
         """Dispatch one request and answer what its handler raised; False ends serving."""
         if op is None:
             op = OPS.get(req.opcode, UNKNOWN_OP)
@@ -312,7 +324,7 @@ class FuseServer:
                     self._leader.release()  # an idle thread reads the next request meanwhile
                     leading = False
                 try:
-                    if not self._handle(req, op):
+                    if not self.handle(req, op):
                         break
                 finally:
                     if overlapping:
