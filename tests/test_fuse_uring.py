@@ -254,3 +254,15 @@ def test_kill_9_with_a_request_in_flight_ends_the_callers(uring_mount: Mount) ->
         if caller.poll() is None:
             caller.kill()
         uring_mount.kill9()
+
+
+def test_fstab_io_uring_option_is_encfs_own(fs: tuple[Path, Path], fs_home: Path) -> None:
+    """`-o io_uring` (fstab, as libfuse spells it) is --io-uring, not a kernel mount option: with
+    the pyfuse3 server it is refused as --io-uring is; with --fake the encfs server accepts it."""
+    from conftest import run_encfs
+
+    cipher, plain = fs
+    refused = run_encfs("mount", str(cipher), str(plain), "-o", "io_uring,server=pyfuse3", "--fake", home=fs_home)
+    assert refused.returncode != 0 and b"--io-uring needs the encfs server" in refused.stderr, refused.stderr
+    accepted = run_encfs("mount", str(cipher), str(plain), "-o", "io_uring", "--fake", home=fs_home)
+    assert accepted.returncode == 0, accepted.stderr
