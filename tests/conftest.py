@@ -127,12 +127,14 @@ def uring_enabled() -> None:
     other mounts, and on it only lets a server that asks for io_uring use it (docs/dev/testing.md)."""
     from encfs.fuseproto import uring
 
+    from encfs.fuseproto.ioring import supported_machine
+
     param = Path(uring.ENABLE_PARAMETER)
+    if not supported_machine():
+        pytest.skip("FUSE over io_uring is served on x86-64 only (encfs/fuseproto/ioring.py)")
     if not param.exists():
         pytest.skip("this kernel's fuse module has no io_uring (CONFIG_FUSE_IO_URING)")
     if os.geteuid() != 0:
         pytest.skip("turning on enable_uring needs root")
     if param.read_text().strip() != "Y":
         param.write_text("Y")
-    if not uring.supported():
-        pytest.skip("FUSE over io_uring is served on x86-64 only (encfs/fuseproto/ioring.py)")

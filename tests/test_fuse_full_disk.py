@@ -189,3 +189,4 @@ def test_a_mkdir_that_fails_part_way_leaves_the_kernel_no_stale_name(tmp_path: P
         assert m.proc.poll() is None
     if extra:
         assert re.search(r"MKDIR .* queue=\d", trace.read_text()), "the MKDIR did not come over a ring"
+        assert made, "no backing directory: no invalidation was sent, the case tested nothing"

@@ -92,6 +92,36 @@ def test_an_unanswered_request_is_answered_eio_as_a_last_resort() -> None:
     assert OUT_HEADER.unpack_from(entry.header) == (OUT_HEADER.size, -errno.EIO, 12)
 
 
+class _Server:
+    """What UringQueues asks of a server, recording the errors it answers."""
+
+    fd = -1
+
+    def __init__(self, queues: list[uring.UringQueues]) -> None:
+        self.queues, self.errors = queues, []
+
+    def reply_error(self, unique: int, error: int) -> None:
+        self.errors.append((unique, error))
+        entry = self.queues[0].current()
+        assert entry is not None and entry.unique == unique
+        entry.answer(-error, ())
+
+
+def test_an_unanswered_request_is_answered_through_the_servers_reply_error() -> None:
+    """So that it counts as the server counts errors (io_errors, the trace), as over /dev/fuse."""
+    holder: list[uring.UringQueues] = []
+    server = _Server(holder)
+    queues = uring.UringQueues(server, 1)  # type: ignore[arg-type]
+    holder.append(queues)
+    entry = _entry()
+    _deliver(entry, LOOKUP, 31, b"", b"a\0")
+    entry.request()
+    queues._current.entry = entry
+    queues._answer_unanswered(entry)
+    assert server.errors == [(31, errno.EIO)]
+    assert OUT_HEADER.unpack_from(entry.header) == (OUT_HEADER.size, -errno.EIO, 31)
+
+
 def test_a_reply_larger_than_the_payload_buffer_is_refused() -> None:
     entry = _entry(payload_size=4096)
     _deliver(entry, LOOKUP, 3, b"", b"a\0")
@@ -212,6 +242,29 @@ def test_sigterm_ends_the_daemon_and_keeps_what_was_synced(uring_mount: Mount, f
     assert not is_mounted(uring_mount.mountpoint)
     with Mount(uring_mount.cipherdir, uring_mount.mountpoint, fs_home) as again:
         assert (again.mountpoint / "f").read_bytes() == data
+
+
+def test_sigterm_under_a_stream_of_requests_ends_without_a_hang(uring_mount: Mount) -> None:
+    """SIGTERM while a process keeps the queues busy: the daemon stops taking requests, exits
+    cleanly and unmounts; the process's next request fails (the mount is gone) instead of hanging."""
+    root = uring_mount.mountpoint
+    (root / "f").write_text("x")
+    script = (f"import os, time\nend = time.monotonic() + 60\nwhile time.monotonic() < end:\n"
+              f" try:\n  os.close(os.open({str(root / 'f')!r}, os.O_RDONLY))\n except OSError as e:\n"
+              f"  print(e.errno)\n  break")  # each open is a request
+    caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        assert caller.poll() is None
+        uring_mount.proc.send_signal(signal.SIGTERM)
+        assert uring_mount.proc.wait(timeout=60) == 0
+        out, _ = caller.communicate(timeout=30)
+        # ENOENT: after the unmount; ECANCELED: a request still in a queue when its ring closed
+        ended = (errno.ENOENT, errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED)
+        assert out.strip() in {str(e) for e in ended}, out
+    finally:
+        if caller.poll() is None:
+            caller.kill()
 
 
 def test_the_daemon_ends_when_unmounted(uring_mount: Mount) -> None:

@@ -208,7 +208,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
             threading.Thread(target=_checkpoint_closed, args=(fs, server, stopping), daemon=True,
                              name="checkpoints").start()
         server.serve(threads=SERVER_THREADS)
-        served = True
+        # Not if io_uring queues were still answering when serve() gave up waiting for them.
+        served = not isinstance(server, FsServer) or server.stopped_cleanly
     finally:
         stopping.set()
         with server.lock.exclusive():  # a worker may still be inside an operation

@@ -25,7 +25,7 @@ Invariants:
 - With ``io_uring`` and the kernel agreeing at INIT (FUSE_OVER_IO_URING), requests
   come over one ring per CPU (uring.py) and ``reply``/``reply_error`` put the answer
   into the request's ring entry; only serve()'s own thread reads /dev/fuse then
-  (FORGET, BATCH_FORGET, INTERRUPT). A notification made while answering a ring's
+  (FORGET, BATCH_FORGET, INTERRUPT), unless the kernel refused a ring (``fall_back``). A notification made while answering a ring's
   request is sent once that reply is committed, as it would follow a reply written
   to /dev/fuse.
 """
@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 
 from encfs.fuseproto.memory import keep_freed_memory
-from encfs.fuseproto.uring import FUSE_OVER_IO_URING, UringQueues
+from encfs.fuseproto.uring import FUSE_OVER_IO_URING, STOP_SECONDS, UringQueues, leave_signals_to_the_main_thread
 from encfs.fuseproto.wire import (
     BUFFER_SIZE,
     FUSE_INIT_EXT,
@@ -97,6 +97,8 @@ class FuseServer:
         self.io_uring = io_uring  # offer FUSE over io_uring when the kernel has it on (uring.py)
         self.uring: UringQueues | None = None  # the rings, once set up (before INIT)
         self._threads = 1
+        self._affinity: set[int] | None = None  # serve()'s CPUs, for threads a pinned one starts
+        self.stopped_cleanly = True  # False: serve() returned with requests perhaps still answered
         self.handlers: dict[int, Handler] = {}
         self.trace = trace
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -226,6 +228,7 @@ class FuseServer:
         keep_freed_memory()
         if threads > 1:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        self._affinity = os.sched_getaffinity(0)
         if self.io_uring:
             self.uring = UringQueues.prepare(self)
         self._threads = threads
@@ -234,14 +237,23 @@ class FuseServer:
         try:
             self._loop(True)
         finally:
-            if self.uring is not None:
-                self.uring.stop()  # no request is answered once serve() returned
+            if self.uring is not None and not self.uring.stop():  # no request is answered after
+                log.error("FUSE over io_uring: requests still being answered after %d s", STOP_SECONDS)
+                self.stopped_cleanly = False
 
     def _start_threads(self) -> None:
         """The threads beside serve()'s own that read /dev/fuse (only that one, FORGETs and
         INTERRUPTs, once FUSE over io_uring carries the requests)."""
         for _ in range(self._threads - 1):
             threading.Thread(target=self._loop, args=(False,), daemon=True, name="fuse-worker").start()
+
+    def _unpin(self) -> None:
+        """A thread started by a queue's pinned thread (fall_back) takes serve()'s CPUs back."""
+        if self._affinity is not None:
+            try:
+                os.sched_setaffinity(0, self._affinity)
+            except OSError:
+                pass
 
     def fall_back(self) -> None:
         """The kernel refused a ring's registration (uring.py): it sends requests through
@@ -282,6 +294,9 @@ class FuseServer:
         return True
 
     def _loop(self, main: bool) -> None:
+        if not main:
+            leave_signals_to_the_main_thread()
+            self._unpin()
         buf = self.request_buffer()
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)

@@ -25,7 +25,10 @@ Invariants:
   thread before INIT is answered (any failure: io_uring is not offered). A refused
   registration makes the kernel use /dev/fuse: the server is told (``fall_back``).
 - ``stop`` ends the queues: no request is taken in after it, and it returns once the
-  threads ended (bounded); requests left in the kernel end with the connection.
+  threads ended or STOP_SECONDS passed (then False: serve()'s caller must not call the
+  shutdown clean); requests left in the kernel end with the connection.
+- A queue whose thread fails ends the mount (SIGTERM to this process): its CPU's requests,
+  or before it registered every request, would otherwise wait forever.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ import logging
 import os
 import queue
 import resource
+import signal
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -61,7 +66,8 @@ _ENT_IN_OUT = struct.Struct("<QQII8x")  # flags, commit_id, payload_sz, padding,
 HEADER_SIZE = IN_OUT_SIZE + OP_IN_SIZE + _ENT_IN_OUT.size
 _ENT_AT = IN_OUT_SIZE + OP_IN_SIZE
 # Per queue: threads that answer large reads and writes while the queue's thread takes the next.
-# Two per queue leave two of the sealing worker's eight arena slots free on two CPUs.
+# On two CPUs the queues then take six of the sealing worker's eight arena slots (serve()'s own
+# thread a seventh).
 WORKERS = 2
 COPY_OUTSIDE_GIL = 64 << 10  # reply parts from this size are copied with ctypes.memmove
 STOP_SECONDS = 30  # how long stop() waits for each thread
@@ -98,6 +104,13 @@ def parse_cpu_list(text: str) -> list[int]:
     return cpus
 
 
+def leave_signals_to_the_main_thread() -> None:
+    """Block the stop signals in this thread: the kernel may hand a process-directed signal to
+    any thread that does not block it, and Python runs its handler only in the main thread,
+    which would then stay asleep in read(2) on /dev/fuse instead of being interrupted."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
 def may_leave_idle_policy() -> bool:
     """Whether a thread of this process may go back from SCHED_IDLE to SCHED_OTHER
     (CAP_SYS_NICE, or an RLIMIT_NICE that allows nice 0): sched(7). In a user namespace the
@@ -114,16 +127,22 @@ def may_leave_idle_policy() -> bool:
 
 
 def _idle_policy_works() -> bool:
-    """Switch this thread to SCHED_IDLE and back; False (and SCHED_OTHER) if either fails."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
-        return False
-    try:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    except OSError as e:
-        raise OSError(e.errno, "a thread could not leave SCHED_IDLE") from None
-    return True
+    """Whether a thread can switch to SCHED_IDLE and back, tried in a thread of its own (one that
+    could not leave SCHED_IDLE just ends)."""
+    works: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            works.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, name="fuse-uring-probe")
+    t.start()
+    t.join()
+    return bool(works)
 
 
 class RingEntry:
@@ -220,6 +239,7 @@ class UringQueues:
         self._workers: dict[int, _Workers] = {}
         self._notices: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
         self._notifier: threading.Thread | None = None
+        self._deadline = 0.0  # when stop() stops waiting (monotonic)
         self.threads: list[threading.Thread] = []
 
     @classmethod
@@ -238,6 +258,9 @@ class UringQueues:
                 t = threading.Thread(target=queues._run, args=(qid,), daemon=True, name=f"fuse-uring-{qid}")
                 t.start()
                 queues.threads.append(t)
+            notifier = threading.Thread(target=queues._notify_loop, daemon=True, name="fuse-uring-notify")
+            notifier.start()
+            queues._notifier = notifier
         except RuntimeError as e:  # no more threads (a pids limit)
             queues._failed = e
             for ready in queues._setup[len(queues.threads):]:
@@ -246,49 +269,57 @@ class UringQueues:
             ready.wait()
         if queues._failed is not None:
             log.warning("FUSE over io_uring not used: %s", queues._failed)
-            queues._start.set()  # the threads see that they do not serve, and end
+            queues.abandon()
             return None
         return queues
 
     def start(self) -> None:
-        """INIT agreed on FUSE_OVER_IO_URING: register every entry and serve."""
-        self._notifier = threading.Thread(target=self._notify_loop, daemon=True, name="fuse-uring-notify")
-        self._notifier.start()
+        """INIT agreed on FUSE_OVER_IO_URING: register every entry and serve. Starts nothing
+        (a thread that cannot start here would leave the kernel waiting for the queues)."""
         self._serving = True
         self._start.set()
 
     def abandon(self) -> None:
-        """INIT did not agree: the threads end without registering."""
+        """INIT did not agree (or a setup failed): the threads end without registering."""
         self._start.set()
+        self.stop()
 
-    def stop(self) -> None:
-        """Take no more requests in; wait (STOP_SECONDS each, at most) for the requests being
-        answered and the threads."""
+    def stop(self) -> bool:
+        """Take no more requests in; wait, STOP_SECONDS in all at most, for the requests being
+        answered and the threads. False if a thread had not ended by then."""
         self._stopping = True
         self._start.set()
+        deadline = time.monotonic() + STOP_SECONDS
+        self._deadline = deadline
         for workers in list(self._workers.values()):
             workers.wake()
         for t in self.threads:
-            t.join(STOP_SECONDS)
+            t.join(max(0.0, deadline - time.monotonic()))
         if self._notifier is not None:
             self._notices.put(None)
-            self._notifier.join(STOP_SECONDS)
+            self._notifier.join(max(0.0, deadline - time.monotonic()))
+            if not self._notifier.is_alive():
+                self._notifier = None
+        return not any(t.is_alive() for t in self.threads) and self._notifier is None
 
     def current(self) -> RingEntry | None:
         return getattr(self._current, "entry", None)
 
     def _run(self, qid: int) -> None:
+        leave_signals_to_the_main_thread()  # before it starts workers: they inherit the mask
         ring = workers = None
         try:
             try:
+                yield_cpu = may_leave_idle_policy() and _idle_policy_works()
+                ring = Ring(4 * (1 + WORKERS))
+                entries = [RingEntry(self._server.request_buffer(), qid)]
+                # Made before this thread is pinned: they inherit its CPUs, and large reads and
+                # writes go faster spread over all of them.
+                workers = self._workers[qid] = _Workers(self, entries, WORKERS, qid)
                 try:
                     os.sched_setaffinity(0, {qid})
                 except OSError:
                     pass  # a CPU outside this process's set: served unpinned
-                yield_cpu = may_leave_idle_policy() and _idle_policy_works()
-                ring = Ring(4 * (1 + WORKERS))
-                entries = [RingEntry(self._server.request_buffer(), qid)]
-                workers = self._workers[qid] = _Workers(self, entries, WORKERS, qid)
             except BaseException as e:  # noqa: BLE001 - prepare() reports it; io_uring is then not offered
                 self._failed = e
                 return
@@ -302,11 +333,14 @@ class UringQueues:
                                  _CMD_REQ.pack(0, 0, qid))
             try:
                 self._loop(qid, ring, entries, workers, yield_cpu)
-            except Exception:  # logged; the other queues go on
-                log.exception("FUSE over io_uring queue %d failed: requests from CPU %d wait until unmount", qid, qid)
+            except Exception:
+                # Requests from this CPU (or, before it registered, every request) would wait
+                # forever: end the mount as SIGTERM does (mount.py), rather than hang it.
+                log.exception("FUSE over io_uring queue %d failed: unmounting", qid)
+                os.kill(os.getpid(), signal.SIGTERM)
         finally:
             if workers is not None:
-                workers.stop()
+                workers.stop(self._deadline or time.monotonic() + STOP_SECONDS)
             if ring is not None:
                 ring.close()
 
@@ -400,6 +434,7 @@ class UringQueues:
         self._server.fall_back()
 
     def _notify_loop(self) -> None:
+        leave_signals_to_the_main_thread()
         while (notice := self._notices.get()) is not None:
             try:
                 self._server.send_notice(*notice)
@@ -434,7 +469,7 @@ class _Workers:
             if len(entries) != 1 + count:
                 raise OSError(errno.ENOMEM, "a worker thread could not set up its ring entry")
         except BaseException:
-            self.stop()
+            self.stop(time.monotonic() + STOP_SECONDS)
             raise
 
     def wake(self) -> None:
@@ -442,11 +477,11 @@ class _Workers:
             if not self._closed:
                 os.eventfd_write(self.wake_fd, 1)
 
-    def stop(self) -> None:
+    def stop(self, deadline: float) -> None:
         for _ in self._threads:
             self.jobs.put(None)
         for t in self._threads:
-            t.join(STOP_SECONDS)
+            t.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             if not any(t.is_alive() for t in self._threads):  # else one may yet wake the queue
                 self._closed = True
@@ -468,7 +503,9 @@ class _Workers:
             try:
                 queues._server.handle(req)
             finally:
-                queues._answer_unanswered(entry)
-                current.entry = None
-                self.answered.append(i)
-                self.wake()
+                try:
+                    queues._answer_unanswered(entry)
+                finally:
+                    current.entry = None
+                    self.answered.append(i)  # the queue's thread commits it, whatever happened
+                    self.wake()
