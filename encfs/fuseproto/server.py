@@ -42,7 +42,8 @@ import time
 from collections.abc import Callable
 
 from encfs.fuseproto.memory import keep_freed_memory
-from encfs.fuseproto.uring import FUSE_OVER_IO_URING, STOP_SECONDS, UringQueues, leave_signals_to_the_main_thread
+from encfs.fuseproto.threadpolicy import leave_signals_to_the_main_thread
+from encfs.fuseproto.uring import FUSE_OVER_IO_URING, STOP_SECONDS, UringQueues
 from encfs.fuseproto.wire import (
     BUFFER_SIZE,
     FUSE_INIT_EXT,

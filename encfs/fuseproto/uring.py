@@ -39,7 +39,6 @@ import errno
 import logging
 import os
 import queue
-import resource
 import signal
 import struct
 import threading
@@ -48,6 +47,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from encfs.fuseproto.ioring import Ring, address, supported_machine
+from encfs.fuseproto.threadpolicy import idle_policy_works, leave_signals_to_the_main_thread, may_leave_idle_policy
 from encfs.fuseproto.wire import IN_HEADER, OUT_HEADER, Request
 
 log = logging.getLogger("encfs.fuse")
@@ -73,7 +73,6 @@ COPY_OUTSIDE_GIL = 64 << 10  # reply parts from this size are copied with ctypes
 STOP_SECONDS = 30  # how long stop() waits for each thread
 _WAKE = 1 << 32  # user_data of the eventfd read that wakes a queue's thread
 _CONNECTION_ENDED = (-errno.ENOTCONN, -errno.ECANCELED, -errno.ENODEV, -errno.ECONNABORTED)
-_CAP_SYS_NICE = 23
 
 
 def supported() -> bool:
@@ -102,47 +101,6 @@ def parse_cpu_list(text: str) -> list[int]:
         first, _, last = part.partition("-")
         cpus.extend(range(int(first), int(last or first) + 1))
     return cpus
-
-
-def leave_signals_to_the_main_thread() -> None:
-    """Block the stop signals in this thread: the kernel may hand a process-directed signal to
-    any thread that does not block it, and Python runs its handler only in the main thread,
-    which would then stay asleep in read(2) on /dev/fuse instead of being interrupted."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-
-
-def may_leave_idle_policy() -> bool:
-    """Whether a thread of this process may go back from SCHED_IDLE to SCHED_OTHER
-    (CAP_SYS_NICE, or an RLIMIT_NICE that allows nice 0): sched(7). In a user namespace the
-    capability may not count; the queue's thread tries the switch once before serving."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:") and int(line.split()[1], 16) >> _CAP_SYS_NICE & 1:
-                    return True
-    except (OSError, ValueError):
-        pass
-    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
-    return soft == resource.RLIM_INFINITY or soft >= 20
-
-
-def _idle_policy_works() -> bool:
-    """Whether a thread can switch to SCHED_IDLE and back, tried in a thread of its own (one that
-    could not leave SCHED_IDLE just ends)."""
-    works: list[bool] = []
-
-    def probe() -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-            works.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, name="fuse-uring-probe")
-    t.start()
-    t.join()
-    return bool(works)
 
 
 class RingEntry:
@@ -310,7 +268,7 @@ class UringQueues:
         ring = workers = None
         try:
             try:
-                yield_cpu = may_leave_idle_policy() and _idle_policy_works()
+                yield_cpu = may_leave_idle_policy() and idle_policy_works()
                 ring = Ring(4 * (1 + WORKERS))
                 entries = [RingEntry(self._server.request_buffer(), qid)]
                 # Made before this thread is pinned: they inherit its CPUs, and large reads and
