@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import socket
 import struct
 import sys
@@ -262,6 +263,9 @@ def test_a_thread_that_finds_the_device_closed_after_serving_ended_ends_quietly(
 
         server._next_request = closed_meanwhile  # type: ignore[method-assign]
         server._loop(False)  # returns, and raises nothing
+        # ... and leaves its caller's signals alone: the test process's later children (fio, a
+        # key daemon) inherited a blocked SIGINT/SIGTERM when it did not.
+        assert not {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
         def closed_while_serving(buf: memoryview, poller: object) -> int:
             raise OSError(errno.EBADF, "Bad file descriptor")

@@ -246,15 +246,18 @@ class FuseServer:
         """The threads beside serve()'s own that read /dev/fuse (only that one, FORGETs and
         INTERRUPTs, once FUSE over io_uring carries the requests)."""
         for _ in range(self._threads - 1):
-            threading.Thread(target=self._loop, args=(False,), daemon=True, name="fuse-worker").start()
+            threading.Thread(target=self._worker, daemon=True, name="fuse-worker").start()
 
-    def _unpin(self) -> None:
-        """A thread started by a queue's pinned thread (fall_back) takes serve()'s CPUs back."""
+    def _worker(self) -> None:
+        """A thread beside serve()'s own: it leaves the stop signals to the main thread and, if a
+        queue's pinned thread started it (fall_back), takes serve()'s CPUs back."""
+        leave_signals_to_the_main_thread()
         if self._affinity is not None:
             try:
                 os.sched_setaffinity(0, self._affinity)
             except OSError:
                 pass
+        self._loop(False)
 
     def fall_back(self) -> None:
         """The kernel refused a ring's registration (uring.py): it sends requests through
@@ -295,9 +298,6 @@ class FuseServer:
         return True
 
     def _loop(self, main: bool) -> None:
-        if not main:
-            leave_signals_to_the_main_thread()
-            self._unpin()
         buf = self.request_buffer()
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)

@@ -3,6 +3,8 @@
 Invariants:
 - Only the main thread takes SIGTERM, SIGINT and SIGHUP: every other server thread blocks them
   (``leave_signals_to_the_main_thread``), since Python runs handlers in the main thread only.
+  Only threads the server starts call it, first thing (a caller's mask is not the server's to
+  change), and they start no processes: a child would inherit the blocked signals.
 - A thread takes SCHED_IDLE only where it may take SCHED_OTHER back (``may_leave_idle_policy``
   and ``idle_policy_works``, sched(7)); FUSE over io_uring uses it (uring.py).
 """
