@@ -182,8 +182,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         finally:
             lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
         raise
-    server = (FsServer(fd, fs, where, trace=opts.debug, io_uring=opts.io_uring) if server_class is FsServer
-              else server_class(fd, fs, where, trace=opts.debug))
+    server = server_class(fd, fs, where, trace=opts.debug, io_uring=opts.io_uring)
     # In the owner record (`encfs status`); pyfuse3's server keeps no count: unknown (null).
     lock.error_count = (lambda: server.io_errors) if isinstance(server, FsServer) else (lambda: None)
     if opts.debug:
@@ -209,7 +208,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
                              name="checkpoints").start()
         server.serve(threads=SERVER_THREADS)
         # Not if io_uring queues were still answering when serve() gave up waiting for them.
-        served = not isinstance(server, FsServer) or server.stopped_cleanly
+        served = server.stopped_cleanly
     finally:
         stopping.set()
         with server.lock.exclusive():  # a worker may still be inside an operation

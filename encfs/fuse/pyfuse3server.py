@@ -269,15 +269,20 @@ class _Operations(pyfuse3.Operations):
 class Pyfuse3Server:
     """Serves one EncryptedFS through pyfuse3 over a /dev/fuse descriptor that is already
     mounted; the same interface to encfs.fuse.mount.serve() as FsServer (lock, serve, stop,
-    unmounted)."""
+    unmounted, stopped_cleanly). libfuse 3.14 has no FUSE over io_uring: mount() refuses
+    ``io_uring`` with this server before it gets here."""
 
-    def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False) -> None:
+    def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False,
+                 io_uring: bool = False) -> None:
+        if io_uring:
+            raise ValueError("the pyfuse3 server has no FUSE over io_uring")
         self.fd = fd
         self.fs = fs
         self.mountpoint = mountpoint
         self.trace = trace
         self.lock = SharedExclusiveLock()
         self.unmounted = False  # the kernel ended the connection (the loop ended without stop())
+        self.stopped_cleanly = True  # nothing answers requests once serve() returned
         self._stopped = False
         self._token: trio.lowlevel.TrioToken | None = None
 

@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 from encfs.fuseproto.memory import keep_freed_memory
 from encfs.fuseproto.threadpolicy import leave_signals_to_the_main_thread
-from encfs.fuseproto.uring import FUSE_OVER_IO_URING, STOP_SECONDS, UringQueues
+from encfs.fuseproto.uring import FUSE_OVER_IO_URING, STOP_SECONDS, RingEntry, UringQueues
 from encfs.fuseproto.wire import (
     BUFFER_SIZE,
     FUSE_INIT_EXT,
@@ -113,8 +113,12 @@ class FuseServer:
         self.io_errors = 0  # requests answered EIO since start (`encfs status`: "errors since start")
         self._io_errors_lock = threading.Lock()
 
+    def _ring_entry(self) -> RingEntry | None:
+        """The ring entry whose request this thread is answering (None: not over io_uring)."""
+        return self.uring.current() if self.uring is not None else None
+
     def reply(self, unique: int, *payload: bytes | bytearray | memoryview) -> None:
-        entry = self.uring.current() if self.uring is not None else None
+        entry = self._ring_entry()
         if entry is not None and entry.unique == unique:
             entry.answer(0, payload)
             return
@@ -127,7 +131,7 @@ class FuseServer:
                 self.io_errors += 1
         if self.trace:
             trace.debug("  unique=%d -> %s", unique, errno.errorcode.get(error, error))
-        entry = self.uring.current() if self.uring is not None else None
+        entry = self._ring_entry()
         if entry is not None and entry.unique == unique:
             entry.answer(-error, ())
             return
@@ -138,7 +142,7 @@ class FuseServer:
         goes once that request's reply is committed, as a reply written to /dev/fuse is before
         the handler's notifications (the kernel may hold a lock the notification needs until
         the reply: stalenames.py)."""
-        entry = self.uring.current() if self.uring is not None else None
+        entry = self._ring_entry()
         if entry is not None:
             entry.notices.append((code, payload))
             return
@@ -160,9 +164,7 @@ class FuseServer:
         major, minor, max_readahead, flags = INIT_IN.unpack_from(req.body)
         if major != 7:
             self.reply_error(req.unique, errno.EPROTO)
-            if self.uring is not None:
-                self.uring.abandon()
-                self.uring = None
+            self._abandon_uring()
             return False
         if flags & FUSE_INIT_EXT and len(req.body) >= INIT_IN.size + INIT_IN_FLAGS2.size:
             flags |= INIT_IN_FLAGS2.unpack_from(req.body, INIT_IN.size)[0] << 32
@@ -179,10 +181,15 @@ class FuseServer:
                 self.uring.start()  # the kernel holds new requests until every queue registered
                 log.info("serving FUSE over io_uring, %d queues", self.uring.count)
             else:
-                self.uring.abandon()
-                self.uring = None
+                self._abandon_uring()
                 self._start_threads()
         return True
+
+    def _abandon_uring(self) -> None:
+        """INIT did not agree on FUSE over io_uring: the rings' threads end unregistered."""
+        if self.uring is not None:
+            self.uring.abandon()
+            self.uring = None
 
     def stop(self) -> None:
         """Make serve() return after the current request. Meant for a signal handler:
@@ -194,7 +201,7 @@ class FuseServer:
     def dispatch(self, req: Request, op: Op) -> bool:
         """Check the request against its opcode and run its handler; False ends serving."""
         if self.trace:
-            entry = self.uring.current() if self.uring is not None else None
+            entry = self._ring_entry()
             trace.debug("%s unique=%d node=%d uid=%d pid=%d len=%d%s", op.name, req.unique, req.node, req.uid,
                         req.pid, req.length, "" if entry is None else f" queue={entry.qid}")
         bad = malformed(op, req.body)
