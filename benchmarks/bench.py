@@ -101,6 +101,7 @@ RATIOS: list[tuple[str, str, str | tuple[str, ...]]] = [  # (label, numerator, d
     ("encfs / baseline checkout", "encfs", "encfs-baseline"),
     ("encfs over io_uring / encfs", "encfs-uring", "encfs"),
     ("encfs over io_uring / gocryptfs", "encfs-uring", "gocryptfs"),
+    ("encfs over io_uring / its baseline checkout", "encfs-uring", "encfs-uring-baseline"),
     ("encfs 32 KiB blocks / encfs", "encfs-32k", "encfs"),
     ("encfs 32 KiB blocks / its null cipher", "encfs-32k", "encfs-null-32k"),
     ("encfs volume / null-cipher volume", "encfs-volume", "encfs-volume-null"),
@@ -365,16 +366,31 @@ class EncfsFuse32k(EncfsFuse):
     init_extra = ["--block-size", "32768"]
 
 
+def require_io_uring() -> None:
+    from encfs.fuseproto import uring
+
+    if not uring.supported():
+        raise Unavailable(f"FUSE over io_uring is off ({uring.ENABLE_PARAMETER} is not Y) or not x86-64")
+
+
 class EncfsUring(EncfsFuse):
     name = "encfs-uring"
     description = "encfs FUSE mount served over FUSE io_uring queues (`encfs mount --io-uring`)"
     launcher = [*EncfsFuse.launcher, "--io-uring"]
 
     def check(self) -> None:
-        from encfs.fuseproto import uring
+        require_io_uring()
 
-        if not uring.supported():
-            raise Unavailable(f"FUSE over io_uring is off ({uring.ENABLE_PARAMETER} is not Y) or not x86-64")
+
+class EncfsUringBaseline(EncfsBaseline):
+    """The --baseline checkout over io_uring: the before of a change to the io_uring server."""
+    name = "encfs-uring-baseline"
+    description = "encfs-baseline served over FUSE io_uring queues (`encfs mount --io-uring`)"
+    launcher = [*EncfsBaseline.launcher, "--io-uring"]
+
+    def check(self) -> None:
+        super().check()
+        require_io_uring()
 
 
 class EncfsNull(EncfsFuse):
@@ -614,7 +630,7 @@ class Fscrypt(Target):
         return data
 
 
-ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsUring, EncfsBaseline, EncfsFuse32k, EncfsNull32k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
+ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsUring, EncfsBaseline, EncfsUringBaseline, EncfsFuse32k, EncfsNull32k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
                EncfsVolumeNullV1, LoopPlain, Gocryptfs, Securefs, Cryfs, LuksNbdkit, Fscrypt]
 
 
@@ -1214,12 +1230,12 @@ def main(argv: list[str] | None = None) -> int:
     if scale.name == "full" and repeats < 3:
         ap.error("a full run needs at least 3 repetitions")
     wanted = [t for t in ALL_TARGETS if t.name in args.targets.split(",")] if args.targets else \
-        [t for t in ALL_TARGETS if t is not EncfsBaseline or args.baseline]
+        [t for t in ALL_TARGETS if t not in (EncfsBaseline, EncfsUringBaseline) or args.baseline]
     unknown = set(args.targets.split(",")) - {t.name for t in ALL_TARGETS} if args.targets else set()
     if unknown:
         ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
-    if args.baseline and EncfsBaseline not in wanted:
-        ap.error("--baseline is measured as the target encfs-baseline: add it to --targets")
+    if args.baseline and EncfsBaseline not in wanted and EncfsUringBaseline not in wanted:
+        ap.error("--baseline is measured as the target encfs-baseline (or encfs-uring-baseline): add it to --targets")
 
     workloads = [w for w in WORKLOADS if not args.workloads or w.__name__[2:] in args.workloads.split(",")]
     unknown = set(args.workloads.split(",")) - {w.__name__[2:] for w in WORKLOADS} if args.workloads else set()
