@@ -22,7 +22,7 @@ from fuse_helpers import Mount
 from test_fuse_server import test_direct_reads_never_see_a_torn_block_while_writes_go_on as torn_block_race
 
 from encfs.fuse.mount import is_mounted
-from encfs.fuseproto import ioring, uring
+from encfs.fuseproto import ioring, server, uring
 from encfs.fuseproto.wire import IN_HEADER, LOOKUP, OUT_HEADER, WRITE, WRITE_IN
 
 ENT_IN_OUT = struct.Struct("<QQII8x")
@@ -265,6 +265,28 @@ def test_sigterm_under_a_stream_of_requests_ends_without_a_hang(uring_mount: Mou
     finally:
         if caller.poll() is None:
             caller.kill()
+
+
+def test_forgets_are_read_in_batches_over_the_rings(uring_mount: Mount) -> None:
+    """Each unlink makes the kernel queue a FORGET for /dev/fuse, the rings carrying the rest:
+    serve()'s thread reads that device at most once per FORGET_BATCH_SECONDS, taking what
+    was queued meanwhile as one BATCH_FORGET, rather than once per unlink."""
+    root = uring_mount.mountpoint / "f"
+    root.mkdir()
+    count = 300
+    for i in range(count):
+        (root / f"x{i}").write_bytes(b"")
+    trace = uring_mount.trace  # type: ignore[attr-defined]
+    forget_reads = re.compile(r"\b(BATCH_)?FORGET unique=\d+ .*len=\d+$", re.M)
+    before = len(forget_reads.findall(trace.read_text()))
+    started = time.monotonic()
+    for i in range(count):
+        os.unlink(root / f"x{i}")
+    time.sleep(0.2)  # the last batch
+    elapsed = time.monotonic() - started
+    reads = len(forget_reads.findall(trace.read_text())) - before
+    assert 1 <= reads <= elapsed / server.FORGET_BATCH_SECONDS + 2, (reads, elapsed)
+    assert reads < count / 2, reads
 
 
 def test_the_daemon_ends_when_unmounted(uring_mount: Mount) -> None:

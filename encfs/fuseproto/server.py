@@ -25,7 +25,8 @@ Invariants:
 - With ``io_uring`` and the kernel agreeing at INIT (FUSE_OVER_IO_URING), requests
   come over one ring per CPU (uring.py) and ``reply``/``reply_error`` put the answer
   into the request's ring entry; only serve()'s own thread reads /dev/fuse then
-  (FORGET, BATCH_FORGET, INTERRUPT), unless the kernel refused a ring (``fall_back``). A notification made while answering a ring's
+  (FORGET, BATCH_FORGET, INTERRUPT), at most once per FORGET_BATCH_SECONDS, unless the
+  kernel refused a ring (``fall_back``). A notification made while answering a ring's
   request is sent once that reply is committed, as it would follow a reply written
   to /dev/fuse.
 """
@@ -73,6 +74,11 @@ GIL_SWITCH_INTERVAL = 0.0002  # seconds; see FuseServer.serve
 # the request size from which a read or write is handed to its own thread; see FuseServer._loop.
 SPIN_SECONDS = 100e-6
 OVERLAP_BYTES = 64 << 10
+# Over io_uring, how long serve()'s thread waits before each read of /dev/fuse, which then brings
+# only FORGETs and INTERRUPTs: the kernel sends the forgets queued meanwhile as one BATCH_FORGET.
+# Read one at a time, each unlink's forget woke the thread, whose GIL then held up the queue
+# thread's next request (benchmarks/HISTORY.md, ninth round of #25: deletes 1.4x).
+FORGET_BATCH_SECONDS = 2e-3
 
 
 class StopServing(Exception):
@@ -97,6 +103,7 @@ class FuseServer:
         self.fd = fd
         self.io_uring = io_uring  # offer FUSE over io_uring when the kernel has it on (uring.py)
         self.uring: UringQueues | None = None  # the rings, once set up (before INIT)
+        self._rings_serve = False  # the rings carry the requests: /dev/fuse only forgets, interrupts
         self._threads = 1
         self._affinity: set[int] | None = None  # serve()'s CPUs, for threads a pinned one starts
         self.stopped_cleanly = True  # False: serve() returned with requests perhaps still answered
@@ -178,6 +185,7 @@ class FuseServer:
                                              16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, agreed >> 32))
         if self.uring is not None:
             if agreed & FUSE_OVER_IO_URING:
+                self._rings_serve = True
                 self.uring.start()  # the kernel holds new requests until every queue registered
                 log.info("serving FUSE over io_uring, %d queues", self.uring.count)
             else:
@@ -269,14 +277,18 @@ class FuseServer:
     def fall_back(self) -> None:
         """The kernel refused a ring's registration (uring.py): it sends requests through
         /dev/fuse again unless the rings were ready already, so /dev/fuse gets its threads."""
+        self._rings_serve = False
         self._start_threads()
 
     def _next_request(self, buf: memoryview, poller: select.poll) -> int:
         """Read one request into ``buf`` (the caller leads). Polls for SPIN_SECONDS first: a thread
         asleep in read(2) takes long to wake on a virtual machine, and the next request of a
         process working through many small operations usually comes within that time
-        (benchmarks/HISTORY.md, 481d43a)."""
-        if not self._overlapping and self.uring is None and not poller.poll(0):
+        (benchmarks/HISTORY.md, 481d43a). While the rings carry the requests it waits
+        FORGET_BATCH_SECONDS first instead."""
+        if self._rings_serve:
+            time.sleep(FORGET_BATCH_SECONDS)
+        elif not self._overlapping and self.uring is None and not poller.poll(0):
             deadline = time.perf_counter() + SPIN_SECONDS
             while not poller.poll(0) and time.perf_counter() < deadline:
                 pass
