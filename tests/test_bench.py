@@ -7,7 +7,6 @@ positive. It asserts nothing about timings.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,21 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
+from benchscripts import load_script
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="the harness needs root and /dev/fuse")
 
 
 def _harness() -> ModuleType:
-    script = Path(__file__).parent.parent / "benchmarks" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench_under_test", script)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench")
 
 
 def _sysfs(root: Path, devices: dict[str, tuple[str, str]], order: str | None) -> Path:
@@ -258,11 +253,9 @@ def test_peer_targets_get_fresh_cipher_and_mount_directories(tmp_path: Path) -> 
     assert cipher.is_dir() and mnt.is_dir() and not any(cipher.iterdir())
 
 
-@needs_root
-@pytest.mark.timeout(180)
-def test_baseline_checkout_is_measured_beside_encfs_in_one_run(tmp_path: Path) -> None:
-    """--baseline DIR: the target encfs-baseline is served by that checkout's code (here a copy
-    of this one that leaves a mark when imported), and "encfs / baseline checkout" compares it."""
+def _run_beside_a_baseline(tmp_path: Path, targets: str) -> tuple[dict[str, Any], list[str]]:
+    """A smoke run of ``targets`` with --baseline a copy of this checkout that leaves a mark when
+    imported: (results.json, the command line of every process that imported the copy)."""
     import shutil
 
     repo = Path(__file__).parent.parent
@@ -276,16 +269,33 @@ def test_baseline_checkout_is_measured_beside_encfs_in_one_run(tmp_path: Path) -
     env = dict(os.environ)
     env.pop("SOFTHSM2_CONF", None)
     proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench.py"), "--scale", "smoke",
-                           "--targets", "encfs,encfs-baseline", "--workloads", "small", "--no-keys",
+                           "--targets", targets, "--workloads", "small", "--no-keys",
                            "--baseline", str(base), "--out", str(out), "--workdir", str(work)],
                           capture_output=True, text=True, timeout=170, env=env, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _mounted_under(tmp_path) == []
-    result = json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text()), mark.read_text().splitlines()
+
+
+@needs_root
+@pytest.mark.timeout(180)
+def test_baseline_checkout_is_measured_beside_encfs_in_one_run(tmp_path: Path) -> None:
+    """--baseline DIR: the target encfs-baseline is served by that checkout's code (here a copy
+    of this one that leaves a mark when imported), and "encfs / baseline checkout" compares it."""
+    result, imported = _run_beside_a_baseline(tmp_path, "encfs,encfs-baseline")
     assert result["targets"]["encfs-baseline"]["status"] == "ok", result["targets"]
     assert set(result["results"]["encfs-baseline"]) == {"small_create", "small_stat", "small_read", "small_delete"}
     assert result["ratios"]["encfs / baseline checkout"]["small_create"] > 0
-    imported = mark.read_text().splitlines()  # every process that imported the baseline's encfs
     assert any(" init " in line for line in imported), imported
     assert any(" mount " in line for line in imported), imported
     assert any("encfs.sealworker" in line for line in imported), imported  # the mount's helper too
+
+
+@needs_root
+@pytest.mark.timeout(180)
+def test_baseline_checkout_is_measured_over_io_uring_too(tmp_path: Path, uring_enabled: None) -> None:
+    """encfs-uring-baseline: the --baseline checkout mounted with --io-uring, beside encfs-uring."""
+    result, imported = _run_beside_a_baseline(tmp_path, "encfs-uring,encfs-uring-baseline")
+    assert result["targets"]["encfs-uring-baseline"]["status"] == "ok", result["targets"]
+    assert result["ratios"]["encfs over io_uring / its baseline checkout"]["small_create"] > 0
+    assert any(" mount " in line and "--io-uring" in line for line in imported), imported

@@ -3,7 +3,6 @@ wake-ups (kernel-free, on a trace in tracefs's text format), and one real trace 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -12,17 +11,11 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "fusetrace.py"
+from benchscripts import load_script
 
 
 def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fusetrace_under_test", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fusetrace")
 
 
 # Lines as tracefs prints them (kernel 6.18), connection 46 the mount's, 47 another one's.

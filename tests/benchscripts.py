@@ -1,0 +1,21 @@
+"""The scripts under benchmarks/ (not a package), loaded as modules for their tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def load_script(name: str) -> ModuleType:
+    """benchmarks/``name``.py as a fresh module, registered in sys.modules (dataclasses look
+    their module up there)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHMARKS / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
