@@ -12,10 +12,13 @@ request (its wake-up and its own work). With ``--sched``: how long the caller to
 after the end (on this VM a wake-up on the other vCPU is an interrupt between CPUs, tens of
 microseconds), and on which CPU.
 
-Root only (tracefs). The events are turned off, and the trace clock and buffer size put back,
-whatever COMMAND does. perf and trace-cmd record the same events; what this script adds is the
-join of each request's send and end with its caller's wake-up, which neither summarises
-(docs/dev/fuse-python.md, "Measuring a request in the kernel").
+Root only (tracefs). The trace buffer is emptied first; the events' states, tracing_on, the trace
+clock and the buffer sizes are put back whatever COMMAND does. Exits with COMMAND's status, or 2
+with a one-line error if the mount or its tracepoints cannot be traced. Requests the caller does
+not wait for (RELEASE, read-ahead) count in the per-opcode rows but not in its gaps. perf and
+trace-cmd record the same events; what this script adds is the join of each request's send and end
+with its caller's wake-up, which neither summarises (docs/dev/fuse-python.md, "Measuring a request
+in the kernel").
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ FUSE_EVENTS = ("fuse/fuse_request_send", "fuse/fuse_request_end")
 SCHED_EVENTS = ("sched/sched_wakeup", "sched/sched_switch")
 BUFFER_KIB = 65536  # per CPU: a few hundred thousand events
 
-_LINE = re.compile(r"^\s*(?P<comm>.+?)-(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+\S+\s+(?P<ts>\d+\.\d+): (?P<event>\w+): (?P<rest>.*)$")
+# comm-pid [(tgid)] [cpu] [flags] timestamp: event: fields (tgid with record-tgid; no flags with irq-info off)
+_LINE = re.compile(r"^\s*(?P<comm>.+?)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\]\s+(?:\S+\s+)?"
+                   r"(?P<ts>\d+\.\d+): (?P<event>\w+): (?P<rest>.*)$")
 _SEND = re.compile(r"connection (\d+) req (\d+) opcode \d+ \((\w+)\)")
 _END = re.compile(r"connection (\d+) req (\d+) len \d+ error (-?\d+)")
 _WAKEUP = re.compile(r"pid=(\d+) prio=\d+ target_cpu=(\d+)")
@@ -70,8 +75,16 @@ class Trace:
 
 
 def connection_of(mountpoint: Path) -> int:
-    """The FUSE connection number of a mount: the minor of its device (what /sys/fs/fuse uses)."""
-    return os.minor(os.stat(mountpoint).st_dev)
+    """The FUSE connection number of a mount, as the tracepoints print it (the kernel's dev_t of
+    the connection: the device's minor for a plain FUSE mount, major and minor for fuseblk)."""
+    where = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        types = [line.split(" - ", 1)[1].split()[0] for line in f
+                 if " - " in line and line.split()[4] == where]
+    if not types or not types[-1].startswith("fuse"):
+        raise TraceError(f"{mountpoint} is not a FUSE mount")
+    dev = os.stat(where).st_dev
+    return os.major(dev) << 20 | os.minor(dev)
 
 
 def parse(lines: list[str], connection: int) -> Trace:
@@ -80,10 +93,13 @@ def parse(lines: list[str], connection: int) -> Trace:
     req: Request | None
     pending: dict[int, Request] = {}
     waiting: dict[int, Request] = {}  # caller pid -> its request that ended, before it ran again
+    last_send: dict[int, float] = {}  # caller pid -> when it sent its latest request
+    events = 0
     for line in lines:
         m = _LINE.match(line)
         if m is None:
             continue
+        events += 1
         event, rest, ts, cpu = m["event"], m["rest"], float(m["ts"]) * 1e6, int(m["cpu"])
         if event == "fuse_request_send":
             s = _SEND.match(rest)
@@ -91,11 +107,13 @@ def parse(lines: list[str], connection: int) -> Trace:
                 new = Request(s[3].removeprefix("FUSE_"), int(m["pid"]), ts)
                 pending[int(s[2])] = new
                 trace.requests.append(new)
+                last_send[new.caller] = ts
         elif event == "fuse_request_end":
             e = _END.match(rest)
             if e and int(e[1]) == connection and (req := pending.pop(int(e[2]), None)) is not None:
                 req.end, req.end_cpu, req.error = ts, cpu, int(e[3])
-                waiting[req.caller] = req
+                if last_send[req.caller] == req.send:  # else a background request (RELEASE, read-ahead)
+                    waiting[req.caller] = req
         elif event == "sched_wakeup":
             w = _WAKEUP.search(rest)
             if w and (req := waiting.get(int(w[1]))) is not None and req.woken is None:
@@ -105,6 +123,8 @@ def parse(lines: list[str], connection: int) -> Trace:
             if s2 and (req := waiting.get(int(s2[1]))) is not None and req.woken is not None:
                 req.running = ts
                 del waiting[req.caller]
+    if events == 0 and any(line.strip() and not line.startswith("#") for line in lines):
+        raise TraceError("no line of the trace could be read (a tracefs option changed their format?)")
     return trace
 
 
@@ -129,7 +149,7 @@ def summarise(trace: Trace) -> dict[str, Any]:
         return out
     caller = collections.Counter(r.caller for r in trace.requests).most_common(1)[0][0]
     mine = [r for r in trace.requests if r.caller == caller]
-    gaps = [b.send - a.end for a, b in itertools.pairwise(mine) if a.end is not None]
+    gaps = [b.send - a.end for a, b in itertools.pairwise(mine) if a.end is not None and b.send >= a.end]
     woken = [r for r in mine if r.woken is not None and r.end is not None]
     summary: dict[str, Any] = {"pid": caller, "requests": len(mine)}
     if gaps:
@@ -141,40 +161,66 @@ def summarise(trace: Trace) -> dict[str, Any]:
     return out
 
 
+def _kib(text: str) -> str:
+    """A buffer_size_kb value to write back: "7 (expanded: 1408)" before first use is 1408."""
+    expanded = re.search(r"expanded: (\d+)", text)
+    return expanded[1] if expanded else text.split()[0]
+
+
 @contextlib.contextmanager
 def tracing(sched: bool) -> Iterator[Callable[[], list[str]]]:
-    """The FUSE (and sched) events on, the trace empty; yields ``collect``, which turns them off
-    and returns the trace's lines. Everything is put back afterwards (changing the clock empties
-    the trace, so it is read first)."""
+    """The FUSE (and sched) events on, the trace emptied; yields ``collect``, which turns them
+    off and returns the trace's lines. The events' and tracing_on's states, the trace clock and
+    the per-CPU buffer sizes are put back afterwards, each on its own (changing the clock
+    empties the trace, so it is read first); a tracefs mounted here is unmounted."""
+    mounted_here = False
     if not (TRACEFS / "events").is_dir():
-        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=False, capture_output=True)
-    if not (TRACEFS / "events" / FUSE_EVENTS[0]).is_dir():
-        raise TraceError(f"no {FUSE_EVENTS[0]} event in {TRACEFS} (kernel 6.15 or later, tracefs, root)")
+        mounted_here = subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=False,
+                                      capture_output=True).returncode == 0
     events = FUSE_EVENTS + (SCHED_EVENTS if sched else ())
+    missing = [e for e in events if not (TRACEFS / "events" / e).is_dir()]
+    if missing:
+        if mounted_here:
+            subprocess.run(["umount", str(TRACEFS)], check=False, capture_output=True)
+        raise TraceError(f"no {missing[0]} event in {TRACEFS} (FUSE's need kernel 6.15 or later; tracefs; root)")
+    enables = {e: TRACEFS / "events" / e / "enable" for e in events}
+    was_enabled = {e: path.read_text().strip() for e, path in enables.items()}
+    tracing_on = (TRACEFS / "tracing_on").read_text().strip()
     clock = re.search(r"\[(\w+)\]", (TRACEFS / "trace_clock").read_text())
-    size = (TRACEFS / "buffer_size_kb").read_text().split()[0]
+    sizes = [(path, _kib(path.read_text())) for path in sorted(TRACEFS.glob("per_cpu/cpu*/buffer_size_kb"))]
 
-    def off() -> None:
-        for e in events:
-            (TRACEFS / "events" / e / "enable").write_text("0")
+    def put(path: Path, value: str) -> None:
+        with contextlib.suppress(OSError):
+            path.write_text(value)
 
     def collect() -> list[str]:
-        off()
+        for path in enables.values():
+            put(path, "0")
+        lost = sum(int(m[1]) for stats in TRACEFS.glob("per_cpu/cpu*/stats")
+                   for m in [re.search(r"^overrun: (\d+)", stats.read_text(), re.MULTILINE)] if m)
+        if lost:
+            print(f"fusetrace: {lost} events were lost (the trace buffer overflowed): the counts are low",
+                  file=sys.stderr)
         return (TRACEFS / "trace").read_text().splitlines()
 
     try:
         (TRACEFS / "trace_clock").write_text("mono")
         (TRACEFS / "buffer_size_kb").write_text(str(BUFFER_KIB))
         (TRACEFS / "trace").write_text("")
-        for e in events:
-            (TRACEFS / "events" / e / "enable").write_text("1")
+        for path in enables.values():
+            path.write_text("1")
+        (TRACEFS / "tracing_on").write_text("1")
         yield collect
     finally:
-        off()
+        for e, path in enables.items():
+            put(path, was_enabled[e])
+        put(TRACEFS / "tracing_on", tracing_on)
         if clock:
-            (TRACEFS / "trace_clock").write_text(clock[1])
-        with contextlib.suppress(OSError):
-            (TRACEFS / "buffer_size_kb").write_text(size)
+            put(TRACEFS / "trace_clock", clock[1])
+        for path, kib in sizes:
+            put(path, kib)
+        if mounted_here:
+            subprocess.run(["umount", str(TRACEFS)], check=False, capture_output=True)
 
 
 def _print(summary: dict[str, Any]) -> None:
