@@ -390,6 +390,9 @@ class EncfsUringBaseline(EncfsBaseline):
 
     def check(self) -> None:
         super().check()
+        assert self.ctx.baseline is not None
+        if not (self.ctx.baseline / "encfs" / "fuseproto" / "uring.py").is_file():
+            raise Unavailable(f"{self.ctx.baseline} predates `encfs mount --io-uring`")
         require_io_uring()
 
 
@@ -1217,7 +1220,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the re-key and fsck rows (run with the encfs-volume target otherwise)")
     ap.add_argument("--baseline", metavar="DIR",
                     help="another encfs checkout (e.g. `git worktree add /tmp/base REV`), measured as the "
-                         "target encfs-baseline beside encfs in the same run")
+                         "target encfs-baseline beside encfs in the same run (and, over io_uring, as "
+                         "encfs-uring-baseline beside encfs-uring; without --targets both run)")
     ap.add_argument("--workdir", help="where backing stores and images go (default: a temp dir in /var/tmp)")
     ap.add_argument("--out", help="output directory (default: benchmarks/results/<UTC time> for a full run, "
                                   "/tmp/encfs-bench-<UTC time>-<scale> otherwise)")

@@ -282,11 +282,14 @@ def test_forgets_are_read_in_batches_over_the_rings(uring_mount: Mount) -> None:
     started = time.monotonic()
     for i in range(count):
         os.unlink(root / f"x{i}")
+    loop = time.monotonic() - started
     time.sleep(0.2)  # the last batch
-    elapsed = time.monotonic() - started
     reads = len(forget_reads.findall(trace.read_text())) - before
-    assert 1 <= reads <= elapsed / server.FORGET_BATCH_SECONDS + 2, (reads, elapsed)
-    assert reads < count / 2, reads
+    # One read per 2 ms at most, however fast or slow the unlinks came (one more for the batch
+    # queued while the loop ended); where they came faster than 1 per ms, that is under half.
+    assert 1 <= reads <= loop / server.FORGET_BATCH_SECONDS + 2, (reads, loop)
+    if loop / count < 1e-3:
+        assert reads < count / 2, (reads, loop)
 
 
 def test_the_daemon_ends_when_unmounted(uring_mount: Mount) -> None:

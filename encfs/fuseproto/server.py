@@ -77,7 +77,8 @@ OVERLAP_BYTES = 64 << 10
 # Over io_uring, how long serve()'s thread waits before each read of /dev/fuse, which then brings
 # only FORGETs and INTERRUPTs: the kernel sends the forgets queued meanwhile as one BATCH_FORGET.
 # Read one at a time, each unlink's forget woke the thread, whose GIL then held up the queue
-# thread's next request (benchmarks/HISTORY.md, ninth round of #25: deletes 1.4x).
+# thread's next request (benchmarks/HISTORY.md, ninth round of #25: deletes over io_uring 1.09x
+# in the harness, 1.4x in a loop of 3,000 unlinks).
 FORGET_BATCH_SECONDS = 2e-3
 
 
@@ -103,7 +104,7 @@ class FuseServer:
         self.fd = fd
         self.io_uring = io_uring  # offer FUSE over io_uring when the kernel has it on (uring.py)
         self.uring: UringQueues | None = None  # the rings, once set up (before INIT)
-        self._rings_serve = False  # the rings carry the requests: /dev/fuse only forgets, interrupts
+        self._rings_carry_requests = False  # the rings carry the requests: /dev/fuse only forgets, interrupts
         self._threads = 1
         self._affinity: set[int] | None = None  # serve()'s CPUs, for threads a pinned one starts
         self.stopped_cleanly = True  # False: serve() returned with requests perhaps still answered
@@ -185,7 +186,7 @@ class FuseServer:
                                              16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, agreed >> 32))
         if self.uring is not None:
             if agreed & FUSE_OVER_IO_URING:
-                self._rings_serve = True
+                self._rings_carry_requests = True
                 self.uring.start()  # the kernel holds new requests until every queue registered
                 log.info("serving FUSE over io_uring, %d queues", self.uring.count)
             else:
@@ -276,8 +277,9 @@ class FuseServer:
 
     def fall_back(self) -> None:
         """The kernel refused a ring's registration (uring.py): it sends requests through
-        /dev/fuse again unless the rings were ready already, so /dev/fuse gets its threads."""
-        self._rings_serve = False
+        /dev/fuse again unless the rings were ready already, so /dev/fuse gets its threads (and
+        serve()'s thread reads without waiting: whether the kernel went back cannot be told)."""
+        self._rings_carry_requests = False
         self._start_threads()
 
     def _next_request(self, buf: memoryview, poller: select.poll) -> int:
@@ -286,7 +288,7 @@ class FuseServer:
         process working through many small operations usually comes within that time
         (benchmarks/HISTORY.md, 481d43a). While the rings carry the requests it waits
         FORGET_BATCH_SECONDS first instead."""
-        if self._rings_serve:
+        if self._rings_carry_requests:
             time.sleep(FORGET_BATCH_SECONDS)
         elif not self._overlapping and self.uring is None and not poller.poll(0):
             deadline = time.perf_counter() + SPIN_SECONDS
