@@ -28,7 +28,6 @@ import collections
 import contextlib
 import itertools
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -76,15 +75,15 @@ class Trace:
 
 def connection_of(mountpoint: Path) -> int:
     """The FUSE connection number of a mount, as the tracepoints print it (the kernel's dev_t of
-    the connection: the device's minor for a plain FUSE mount, major and minor for fuseblk)."""
-    where = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        types = [line.split(" - ", 1)[1].split()[0] for line in f
-                 if " - " in line and line.split()[4] == where]
-    if not types or not types[-1].startswith("fuse"):
+    the connection: the device's minor for a plain FUSE mount, major and minor for fuseblk).
+    Read from the mount table, as encfs does, without a stat of the mountpoint."""
+    from encfs.fuseproto.mounting import topmost_mount
+
+    mount = topmost_mount(mountpoint)
+    if mount is None or not mount.fstype.startswith("fuse"):
         raise TraceError(f"{mountpoint} is not a FUSE mount")
-    dev = os.stat(where).st_dev
-    return os.major(dev) << 20 | os.minor(dev)
+    major, minor = (int(n) for n in mount.device.split(":"))
+    return major << 20 | minor
 
 
 def parse(lines: list[str], connection: int) -> Trace:
