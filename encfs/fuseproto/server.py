@@ -104,7 +104,6 @@ class FuseServer:
         self.fd = fd
         self.io_uring = io_uring  # offer FUSE over io_uring when the kernel has it on (uring.py)
         self.uring: UringQueues | None = None  # the rings, once set up (before INIT)
-        self._rings_carry_requests = False  # the rings carry the requests: /dev/fuse only forgets, interrupts
         self._threads = 1
         self._affinity: set[int] | None = None  # serve()'s CPUs, for threads a pinned one starts
         self.stopped_cleanly = True  # False: serve() returned with requests perhaps still answered
@@ -186,7 +185,6 @@ class FuseServer:
                                              16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0, agreed >> 32))
         if self.uring is not None:
             if agreed & FUSE_OVER_IO_URING:
-                self._rings_carry_requests = True
                 self.uring.start()  # the kernel holds new requests until every queue registered
                 log.info("serving FUSE over io_uring, %d queues", self.uring.count)
             else:
@@ -279,7 +277,6 @@ class FuseServer:
         """The kernel refused a ring's registration (uring.py): it sends requests through
         /dev/fuse again unless the rings were ready already, so /dev/fuse gets its threads (and
         serve()'s thread reads without waiting: whether the kernel went back cannot be told)."""
-        self._rings_carry_requests = False
         self._start_threads()
 
     def _next_request(self, buf: memoryview, poller: select.poll) -> int:
@@ -288,7 +285,7 @@ class FuseServer:
         process working through many small operations usually comes within that time
         (benchmarks/HISTORY.md, 481d43a). While the rings carry the requests it waits
         FORGET_BATCH_SECONDS first instead."""
-        if self._rings_carry_requests:
+        if self.uring is not None and self.uring.carry_requests:
             time.sleep(FORGET_BATCH_SECONDS)
         elif not self._overlapping and self.uring is None and not poller.poll(0):
             deadline = time.perf_counter() + SPIN_SECONDS

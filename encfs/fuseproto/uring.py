@@ -237,6 +237,11 @@ class UringQueues:
         self._serving = True
         self._start.set()
 
+    @property
+    def carry_requests(self) -> bool:
+        """The rings carry the requests: started, and no registration was refused (fall_back)."""
+        return self._serving and not self._fell_back
+
     def abandon(self) -> None:
         """INIT did not agree (or a setup failed): the threads end without registering."""
         self._start.set()
@@ -307,24 +312,24 @@ class UringQueues:
 
         Before waiting, the thread takes the SCHED_IDLE policy (``yield_cpu``): a reply wakes its
         caller, and the scheduler puts a woken process on an idle CPU if there is one, here the
-        other, halted vCPU. A CPU running only SCHED_IDLE threads counts as idle, so the caller
-        stays on this one. Not while workers hold entries: woken by one of them, an idle thread
+        other vCPU, a wake-up that costs an interrupt between CPUs. A CPU running only SCHED_IDLE
+        threads counts as idle, so the caller stays on this one. Not while workers hold entries: woken by one of them, an idle thread
         would wait behind the others."""
         current = self._current
         wake_buf = memoryview(bytearray(8))
         wake_address = address(wake_buf)
         ring.prepare_read(workers.wake_fd, _WAKE, wake_address, 8)
-        idle, other = os.sched_param(0), os.sched_param(0)
+        priority = os.sched_param(0)  # the only one SCHED_IDLE and SCHED_OTHER take
         handed = lost = 0  # entries with the workers; entries the kernel gave up
         while True:
             idling = yield_cpu and not handed
             if idling:
-                os.sched_setscheduler(0, os.SCHED_IDLE, idle)
+                os.sched_setscheduler(0, os.SCHED_IDLE, priority)
             try:
                 ring.enter(1)
             finally:
                 if idling:
-                    os.sched_setscheduler(0, os.SCHED_OTHER, other)
+                    os.sched_setscheduler(0, os.SCHED_OTHER, priority)
             for user_data, res in ring.completions():
                 if user_data == _WAKE:
                     answered = workers.answered
