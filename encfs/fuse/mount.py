@@ -68,6 +68,7 @@ class MountOptions:
     debug: bool = False  # trace every FUSE request by opcode name (fuseproto.server)
     server: str = "encfs"  # one of SERVERS
     io_uring: bool = False  # offer FUSE over io_uring (encfs.fuseproto.uring); the encfs server only
+    keep_cpu_awake: bool = False  # run encfs.fuseproto.keepawake's helper; the encfs server only
     # Mount by the recovery key, without the token (recovery.py): read-only, every file key derived.
     recovery_key: bytes | None = field(default=None, repr=False)
     recovery_key_file: str | None = None
@@ -182,7 +183,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         finally:
             lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
         raise
-    server = server_class(fd, fs, where, trace=opts.debug, io_uring=opts.io_uring)
+    server = server_class(fd, fs, where, trace=opts.debug, io_uring=opts.io_uring,
+                          keep_cpu_awake=opts.keep_cpu_awake)
     # In the owner record (`encfs status`); pyfuse3's server keeps no count: unknown (null).
     lock.error_count = (lambda: server.io_errors) if isinstance(server, FsServer) else (lambda: None)
     if opts.debug:
@@ -298,6 +300,8 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         rewrap.refuse_if_interrupted(cipherdir)  # and checks again under it
     check_fuse_device()
     check_server(opts.server)
+    if opts.keep_cpu_awake and opts.server != "encfs":
+        raise MountError("--keep-cpu-awake needs the encfs server: libfuse's loop does not tell its helper of requests")
     if opts.io_uring:
         if opts.server != "encfs":
             raise MountError("--io-uring needs the encfs server: pyfuse3's libfuse 3.14 has no FUSE over io_uring")

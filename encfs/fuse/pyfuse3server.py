@@ -269,13 +269,16 @@ class _Operations(pyfuse3.Operations):
 class Pyfuse3Server:
     """Serves one EncryptedFS through pyfuse3 over a /dev/fuse descriptor that is already
     mounted; the same interface to encfs.fuse.mount.serve() as FsServer (lock, serve, stop,
-    unmounted, stopped_cleanly). libfuse 3.14 has no FUSE over io_uring: mount() refuses
-    ``io_uring`` with this server before it gets here."""
+    unmounted, stopped_cleanly). libfuse 3.14 has no FUSE over io_uring, and libfuse's loop
+    does not tell the keep-awake helper of requests: mount() refuses ``io_uring`` and
+    ``keep_cpu_awake`` with this server before it gets here."""
 
     def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False,
-                 io_uring: bool = False) -> None:
+                 io_uring: bool = False, keep_cpu_awake: bool = False) -> None:
         if io_uring:
             raise ValueError("the pyfuse3 server has no FUSE over io_uring")
+        if keep_cpu_awake:
+            raise ValueError("the pyfuse3 server has no keep-awake helper")
         self.fd = fd
         self.fs = fs
         self.mountpoint = mountpoint

@@ -209,8 +209,8 @@ class FsServer(FuseServer):
     """Serves one EncryptedFS over an open /dev/fuse descriptor."""
 
     def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False,
-                 io_uring: bool = False) -> None:
-        super().__init__(fd, trace, io_uring=io_uring)
+                 io_uring: bool = False, keep_cpu_awake: bool = False) -> None:
+        super().__init__(fd, trace, io_uring=io_uring, keep_cpu_awake=keep_cpu_awake)
         self.fs = fs
         self.mountpoint = mountpoint
         self.locks = FsLocks()

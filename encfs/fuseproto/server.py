@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from encfs.fuseproto.keepawake import KeepAwake
 from encfs.fuseproto.memory import keep_freed_memory
 from encfs.fuseproto.threadpolicy import leave_signals_to_the_main_thread
 from encfs.fuseproto.uring import FUSE_OVER_IO_URING, STOP_SECONDS, RingEntry, UringQueues
@@ -100,9 +101,11 @@ class FuseServer:
     opcode name to the logger ``encfs.fuse.trace``.
     """
 
-    def __init__(self, fd: int, trace: bool = False, io_uring: bool = False) -> None:
+    def __init__(self, fd: int, trace: bool = False, io_uring: bool = False, keep_cpu_awake: bool = False) -> None:
         self.fd = fd
         self.io_uring = io_uring  # offer FUSE over io_uring when the kernel has it on (uring.py)
+        self.keep_cpu_awake = keep_cpu_awake  # run the keepawake.py helper while serving
+        self.awake: KeepAwake | None = None
         self.uring: UringQueues | None = None  # the rings, once set up (before INIT)
         self._threads = 1
         self._affinity: set[int] | None = None  # serve()'s CPUs, for threads a pinned one starts
@@ -247,11 +250,18 @@ class FuseServer:
         if self.io_uring:
             self.uring = UringQueues.prepare(self)
         self._threads = threads
+        if self.keep_cpu_awake:
+            try:
+                self.awake = KeepAwake.start()
+            except OSError as e:
+                log.warning("--keep-cpu-awake: its helper process did not start (%s): serving without it", e.strerror)
         if self.uring is None:
             self._start_threads()
         try:
             self._loop(True)
         finally:
+            if self.awake is not None:
+                self.awake.stop()
             if self.uring is not None and not self.uring.stop():  # no request is answered after
                 log.error("FUSE over io_uring: requests still being answered after %d s", STOP_SECONDS)
                 self.stopped_cleanly = False
@@ -352,6 +362,8 @@ class FuseServer:
                 req = Request(length, opcode, unique, node, uid, gid, pid, extlen, pad, buf[IN_HEADER.size:n])
                 op = OPS.get(req.opcode, UNKNOWN_OP)
                 overlapping = self.overlaps(req)
+                if self.awake is not None and not overlapping:  # a large read or write keeps both CPUs busy
+                    self.awake.note_request()
                 if overlapping:
                     with self._overlapping_lock:
                         self._overlapping += 1
