@@ -102,6 +102,8 @@ RATIOS: list[tuple[str, str, str | tuple[str, ...]]] = [  # (label, numerator, d
     ("encfs over io_uring / encfs", "encfs-uring", "encfs"),
     ("encfs over io_uring / gocryptfs", "encfs-uring", "gocryptfs"),
     ("encfs over io_uring / its baseline checkout", "encfs-uring", "encfs-uring-baseline"),
+    ("encfs --keep-cpu-awake / encfs", "encfs-awake", "encfs"),
+    ("encfs --keep-cpu-awake / gocryptfs", "encfs-awake", "gocryptfs"),
     ("encfs 32 KiB blocks / encfs", "encfs-32k", "encfs"),
     ("encfs 32 KiB blocks / its null cipher", "encfs-32k", "encfs-null-32k"),
     ("encfs volume / null-cipher volume", "encfs-volume", "encfs-volume-null"),
@@ -382,6 +384,12 @@ class EncfsUring(EncfsFuse):
         require_io_uring()
 
 
+class EncfsAwake(EncfsFuse):
+    name = "encfs-awake"
+    description = "encfs FUSE mount with its keep-awake helper (`encfs mount --keep-cpu-awake`)"
+    launcher = [*EncfsFuse.launcher, "--keep-cpu-awake"]
+
+
 class EncfsUringBaseline(EncfsBaseline):
     """The --baseline checkout over io_uring: the before of a change to the io_uring server."""
     name = "encfs-uring-baseline"
@@ -633,7 +641,7 @@ class Fscrypt(Target):
         return data
 
 
-ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsUring, EncfsBaseline, EncfsUringBaseline, EncfsFuse32k, EncfsNull32k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
+ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsAwake, EncfsUring, EncfsBaseline, EncfsUringBaseline, EncfsFuse32k, EncfsNull32k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
                EncfsVolumeNullV1, LoopPlain, Gocryptfs, Securefs, Cryfs, LuksNbdkit, Fscrypt]
 
 
