@@ -116,6 +116,7 @@ class FuseServer:
         self._running = True
         self.agreed_flags = 0  # the INIT flags both sides set (init_reply), 64 bits
         self._idle = False
+        self._awaited = False  # set by _next_request for the leader's latest request
         self._leader = threading.Lock()  # held by the one thread that reads the device
         self._overlapping = 0  # handed-over requests still running
         self._overlapping_lock = threading.Lock()
@@ -294,10 +295,12 @@ class FuseServer:
         asleep in read(2) takes long to wake on a virtual machine, and the next request of a
         process working through many small operations usually comes within that time
         (benchmarks/HISTORY.md, 481d43a). While the rings carry the requests it waits
-        FORGET_BATCH_SECONDS first instead."""
+        FORGET_BATCH_SECONDS first instead. Sets ``_awaited``: whether no request was queued when
+        this one was asked for (its caller waits on each reply: the keep-awake helper's case)."""
+        self._awaited = self.uring is None and not poller.poll(0)
         if self.uring is not None and self.uring.carry_requests:
             time.sleep(FORGET_BATCH_SECONDS)
-        elif not self._overlapping and self.uring is None and not poller.poll(0):
+        elif self._awaited and not self._overlapping:
             deadline = time.perf_counter() + SPIN_SECONDS
             while not poller.poll(0) and time.perf_counter() < deadline:
                 pass
@@ -362,7 +365,8 @@ class FuseServer:
                 req = Request(length, opcode, unique, node, uid, gid, pid, extlen, pad, buf[IN_HEADER.size:n])
                 op = OPS.get(req.opcode, UNKNOWN_OP)
                 overlapping = self.overlaps(req)
-                if self.awake is not None and not overlapping:  # a large read or write keeps both CPUs busy
+                # Not for queued requests, nor large reads and writes: both CPUs have work then.
+                if self.awake is not None and self._awaited and not overlapping:
                     self.awake.note_request()
                 if overlapping:
                     with self._overlapping_lock:
