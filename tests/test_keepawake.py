@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from fuse_helpers import Mount
-from procs import children, running, voluntary_switches
+from procs import children, proc_state, running, voluntary_switches
 
 from encfs.fuseproto.keepawake import KeepAwake
 
@@ -33,7 +33,14 @@ def helper() -> Iterator[KeepAwake]:
     try:
         yield h
     finally:
-        h.stop()
+        h.close()
+
+
+def _blocked(pid: int) -> bool:
+    """Asleep in poll(2), its voluntary switch counted: the same count over 50 ms."""
+    before = voluntary_switches(pid)
+    time.sleep(0.05)
+    return proc_state(pid) == "S" and voluntary_switches(pid) == before
 
 
 def test_the_helper_runs_isolated_at_the_lowest_priority(helper: KeepAwake) -> None:
@@ -42,22 +49,33 @@ def test_the_helper_runs_isolated_at_the_lowest_priority(helper: KeepAwake) -> N
     assert Path(f"/proc/{pid}/environ").read_bytes() == b""
     assert os.getsid(pid) == pid  # a terminal's ^C goes to the daemon, not to it
     assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1] == b"-I"
-    # stdin, stdout, stderr (/dev/null), the eventfd, the pipe and the page's memfd (mmap's own dup)
-    fds = sorted(os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd"))
-    pipes = [f for f in fds if f.startswith("pipe:")]
-    assert fds == sorted(["/dev/null"] * 3 + ["anon_inode:[eventfd]", "/memfd:encfs-keep-awake (deleted)", *pipes])
-    assert len(pipes) == 1
+    # stdin, stdout, stderr (/dev/null), the eventfd, the pipe and the page's memfd (mmap's own dup),
+    # once it closed the pipe it said it was ready on
+
+    def fds() -> list[str]:
+        return sorted(os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd"))
+
+    _until(lambda: sum(f.startswith("pipe:") for f in fds()) == 1)
+    pipes = [f for f in fds() if f.startswith("pipe:")]
+    assert fds() == sorted(["/dev/null"] * 3 + ["anon_inode:[eventfd]", "/memfd:encfs-keep-awake (deleted)", *pipes])
 
 
 def test_it_sleeps_without_requests_and_wakes_for_them(helper: KeepAwake) -> None:
     pid = helper.pid
-    _until(lambda: helper.asleep)
+    _until(lambda: helper.asleep and _blocked(pid))
     switches = voluntary_switches(pid)
     time.sleep(1.0)
     assert helper.asleep and voluntary_switches(pid) == switches, "woken with no request"
     _until(lambda: not helper.asleep, step=helper.note_request)
-    _until(lambda: helper.asleep)  # the requests stopped: asleep again, after SPIN_WINDOW_SECONDS
+    # the requests stopped: asleep again after SPIN_WINDOW_SECONDS, having slept once more
+    _until(lambda: helper.asleep and _blocked(pid))
     assert voluntary_switches(pid) > switches
+
+
+def test_a_helper_that_cannot_start_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(OSError, match="ended, or was not ready"):
+        KeepAwake.start()
 
 
 def test_stop_ends_it(helper: KeepAwake) -> None:
@@ -88,16 +106,24 @@ def test_it_ends_when_the_daemon_is_killed() -> None:
 # -- a real mount ------------------------------------------------------------------------------
 
 def _helpers_of(pid: int) -> list[int]:
-    return [c for c in children(pid) if b"keepawake.py" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    found = []
+    for c in children(pid):
+        try:
+            if b"keepawake.py" in Path(f"/proc/{c}/cmdline").read_bytes():
+                found.append(c)
+        except OSError:  # ended meanwhile
+            pass
+    return found
 
 
-def test_a_mount_runs_the_helper_while_it_serves(fs: tuple[Path, Path], fs_home: Path) -> None:
+@pytest.mark.parametrize("spelling", [["--keep-cpu-awake"], ["-o", "keep_cpu_awake"]])
+def test_a_mount_runs_the_helper_while_it_serves(fs: tuple[Path, Path], fs_home: Path, spelling: list[str]) -> None:
     cipher, plain = fs
-    with Mount(cipher, plain, fs_home, "--keep-cpu-awake") as m:
-        _until(lambda: _helpers_of(m.pid))  # serve() starts it once the mount is up
-        helpers = _helpers_of(m.pid)
+    with Mount(cipher, plain, fs_home, *spelling) as m:
+        helpers = _helpers_of(m.pid)  # started before the mount
         assert len(helpers) == 1, helpers
         helper = helpers[0]
+        _until(lambda: _blocked(helper))  # asleep: the mount's own requests are over
         before = voluntary_switches(helper)
         data = os.urandom(100_000)
         for i in range(50):
@@ -121,3 +147,7 @@ def test_keep_cpu_awake_with_the_pyfuse3_server_is_refused(fs: tuple[Path, Path]
         assert "--keep-cpu-awake needs the encfs server" in err, err
     accepted = run_encfs("mount", str(cipher), str(plain), "-o", "keep_cpu_awake", "--fake", home=fs_home)
     assert accepted.returncode == 0, accepted.stderr
+    # --sloppy (mount -s) drops what neither encfs nor FUSE knows: encfs's own flags are kept
+    sloppy = run_encfs("mount", str(cipher), str(plain), "--sloppy", "-o", "keep_cpu_awake,server=pyfuse3", "--fake",
+                       home=fs_home)
+    assert sloppy.returncode != 0 and b"--keep-cpu-awake needs the encfs server" in sloppy.stderr, sloppy.stderr

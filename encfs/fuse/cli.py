@@ -59,6 +59,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 # log-file=FILE, server=NAME
 _OWN_OPTIONS = {"home": "home", "config": "config", "pin-file": "pin_file", "passphrase-file": "passphrase_file",
                 "log-file": "log_file", "server": "server"}
+# -o flags that are encfs's own: libfuse's spellings of --debug and --io-uring, and --keep-cpu-awake.
+_OWN_FLAGS = {"debug": "debug", "io_uring": "io_uring", "keep_cpu_awake": "keep_cpu_awake"}
 
 
 def take_own_options(args: argparse.Namespace) -> None:
@@ -72,6 +74,8 @@ def take_own_options(args: argparse.Namespace) -> None:
         name, eq, value = o.partition("=")
         if eq and name in _OWN_OPTIONS:
             setattr(args, _OWN_OPTIONS[name], value)
+        elif not eq and name in _OWN_FLAGS:  # never to FUSE, nor dropped by -s
+            setattr(args, _OWN_FLAGS[name], True)
         else:
             args.fuse_extra.append(o)
 
@@ -97,7 +101,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         report(args, {"CipherDir": str(cipherdir.absolute()), "MountPoint": str(mountpoint.absolute()),
                       "Mounted": False}, None)
         return 0
-    extra = [o for o in args.fuse_extra if o not in ("debug", "io_uring", "keep_cpu_awake")]  # libfuse's spellings of flags below
+    extra = args.fuse_extra
     home, hsm = _ks_args(args)
     recovery_key = None
     if args.recovery_key:  # read-only: new files would need the CMK (recovery.py)
@@ -107,10 +111,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     opts = MountOptions(read_only=args.read_only or "ro" in extra or recovery_key is not None,
                         recovery_key=recovery_key, recovery_key_file=args.recovery_key,
                         allow_other=args.allow_other or "allow_other" in extra, extra=extra,
-                        log_file=args.log_file, debug=args.debug or "debug" in args.fuse_extra,
-                        server=getattr(args, "server", None) or "encfs",
-                        io_uring=args.io_uring or "io_uring" in args.fuse_extra,
-                        keep_cpu_awake=args.keep_cpu_awake or "keep_cpu_awake" in args.fuse_extra)
+                        log_file=args.log_file, debug=args.debug, server=getattr(args, "server", None) or "encfs",
+                        io_uring=args.io_uring, keep_cpu_awake=args.keep_cpu_awake)
     code = mount(cipherdir, mountpoint, home, hsm, opts, args.foreground, fake=args.fake)
     if not args.foreground or args.fake:  # in the foreground the command is the daemon: it returns once unmounted
         _mounted(args, opts.read_only, opts.server, fake=args.fake)

@@ -34,6 +34,7 @@ from encfs.fuse.openfiles import CHECKPOINT_DELAY
 from encfs.fuse.recovery import open_by_recovery_key
 from encfs.fuse.server import FsServer
 from encfs.fuseproto import uring
+from encfs.fuseproto.keepawake import KeepAwake
 from encfs.fuseproto.mounting import (
     escape_option,
     mount_fusermount,
@@ -147,6 +148,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     lock = MountLock.acquire(cipherdir, mountpoint, read_only=opts.read_only)
     fs: EncryptedFS | None = None
     ks: KeyService | None = None
+    awake: KeepAwake | None = None
     try:
         if opts.recovery_key is not None:  # no token, no PKCS#11 module: read-only (cmd_mount)
             # Whatever re-key was interrupted: every key is derived from a file id (recovery.py).
@@ -170,12 +172,19 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
             # Before the server (its threads' request buffers live in the worker's arena), and before
             # the mount: a worker that cannot start leaves nothing mounted.
             fs.sealing.start()
+        if opts.keep_cpu_awake:  # before the mount too: a helper that cannot start fails it in one line
+            try:
+                awake = KeepAwake.start()
+            except OSError as e:
+                raise MountError(f"--keep-cpu-awake: its helper process did not start: {e.strerror}") from None
         try:
             fd = mount_fusermount(str(mountpoint), _fuse_options(cipherdir, opts))
         except OSError as e:
             raise MountError(f"FUSE refused to mount {mountpoint}: {e.strerror}") from None
     except BaseException:
         try:
+            if awake is not None:
+                awake.stop()
             if fs is not None:
                 fs.sealing.stop()
             if ks is not None:
@@ -183,8 +192,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         finally:
             lock.release(clean=not lock.recovering)  # nothing was mounted: the record stays as it was found
         raise
-    server = server_class(fd, fs, where, trace=opts.debug, io_uring=opts.io_uring,
-                          keep_cpu_awake=opts.keep_cpu_awake)
+    server = server_class(fd, fs, where, trace=opts.debug, io_uring=opts.io_uring, awake=awake)
     # In the owner record (`encfs status`); pyfuse3's server keeps no count: unknown (null).
     lock.error_count = (lambda: server.io_errors) if isinstance(server, FsServer) else (lambda: None)
     if opts.debug:
@@ -222,6 +230,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
             except OSError as e:
                 log.warning("%s: %s", mountpoint, e.strerror)
         os.close(fd)
+        if awake is not None:  # after the device: a worker may note one last request until then
+            awake.stop()
         if ks is not None:
             ks.close()
         # After every backing file is closed; a crash recovery that did not finish leaves the

@@ -41,6 +41,7 @@ from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fuseerrors import failures_as_errno
 from encfs.fuse.names import NAME_MAX
 from encfs.fuse.server import READ_AHEAD_KIB
+from encfs.fuseproto.keepawake import KeepAwake
 from encfs.fuseproto.mounting import set_read_ahead
 from encfs.fuseproto.rwlock import SharedExclusiveLock
 from encfs.fuseproto.wire import EntryAttributes, FuseError, RequestContext, SetattrFields
@@ -274,10 +275,10 @@ class Pyfuse3Server:
     ``keep_cpu_awake`` with this server before it gets here."""
 
     def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False,
-                 io_uring: bool = False, keep_cpu_awake: bool = False) -> None:
+                 io_uring: bool = False, awake: KeepAwake | None = None) -> None:
         if io_uring:
             raise ValueError("the pyfuse3 server has no FUSE over io_uring")
-        if keep_cpu_awake:
+        if awake is not None:
             raise ValueError("the pyfuse3 server has no keep-awake helper")
         self.fd = fd
         self.fs = fs

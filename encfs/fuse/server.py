@@ -51,6 +51,7 @@ from collections.abc import Callable
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fuseerrors import failures_as_errno
 from encfs.fuse.names import NAME_MAX
+from encfs.fuseproto.keepawake import KeepAwake
 from encfs.fuseproto.mounting import set_read_ahead
 from encfs.fuseproto.rwlock import FsLocks
 from encfs.fuseproto.server import FuseServer, Handler
@@ -209,8 +210,8 @@ class FsServer(FuseServer):
     """Serves one EncryptedFS over an open /dev/fuse descriptor."""
 
     def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False,
-                 io_uring: bool = False, keep_cpu_awake: bool = False) -> None:
-        super().__init__(fd, trace, io_uring=io_uring, keep_cpu_awake=keep_cpu_awake)
+                 io_uring: bool = False, awake: KeepAwake | None = None) -> None:
+        super().__init__(fd, trace, io_uring=io_uring, awake=awake)
         self.fs = fs
         self.mountpoint = mountpoint
         self.locks = FsLocks()

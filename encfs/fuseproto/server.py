@@ -101,11 +101,10 @@ class FuseServer:
     opcode name to the logger ``encfs.fuse.trace``.
     """
 
-    def __init__(self, fd: int, trace: bool = False, io_uring: bool = False, keep_cpu_awake: bool = False) -> None:
+    def __init__(self, fd: int, trace: bool = False, io_uring: bool = False, awake: KeepAwake | None = None) -> None:
         self.fd = fd
         self.io_uring = io_uring  # offer FUSE over io_uring when the kernel has it on (uring.py)
-        self.keep_cpu_awake = keep_cpu_awake  # run the keepawake.py helper while serving
-        self.awake: KeepAwake | None = None
+        self.awake = awake  # told of each request the leader waited for (keepawake.py)
         self.uring: UringQueues | None = None  # the rings, once set up (before INIT)
         self._threads = 1
         self._affinity: set[int] | None = None  # serve()'s CPUs, for threads a pinned one starts
@@ -251,18 +250,11 @@ class FuseServer:
         if self.io_uring:
             self.uring = UringQueues.prepare(self)
         self._threads = threads
-        if self.keep_cpu_awake:
-            try:
-                self.awake = KeepAwake.start()
-            except OSError as e:
-                log.warning("--keep-cpu-awake: its helper process did not start (%s): serving without it", e.strerror)
         if self.uring is None:
             self._start_threads()
         try:
             self._loop(True)
         finally:
-            if self.awake is not None:
-                self.awake.stop()
             if self.uring is not None and not self.uring.stop():  # no request is answered after
                 log.error("FUSE over io_uring: requests still being answered after %d s", STOP_SECONDS)
                 self.stopped_cleanly = False
@@ -297,13 +289,15 @@ class FuseServer:
         (benchmarks/HISTORY.md, 481d43a). While the rings carry the requests it waits
         FORGET_BATCH_SECONDS first instead. Sets ``_awaited``: whether no request was queued when
         this one was asked for (its caller waits on each reply: the keep-awake helper's case)."""
-        self._awaited = self.uring is None and not poller.poll(0)
+        self._awaited = False
         if self.uring is not None and self.uring.carry_requests:
             time.sleep(FORGET_BATCH_SECONDS)
-        elif self._awaited and not self._overlapping:
-            deadline = time.perf_counter() + SPIN_SECONDS
-            while not poller.poll(0) and time.perf_counter() < deadline:
-                pass
+        elif self.uring is None and (self.awake is not None or not self._overlapping):
+            self._awaited = awaited = not poller.poll(0)
+            if awaited and not self._overlapping:
+                deadline = time.perf_counter() + SPIN_SECONDS
+                while not poller.poll(0) and time.perf_counter() < deadline:
+                    pass
         return os.readv(self.fd, [buf])
 
     def request_buffer(self) -> memoryview:
@@ -365,8 +359,9 @@ class FuseServer:
                 req = Request(length, opcode, unique, node, uid, gid, pid, extlen, pad, buf[IN_HEADER.size:n])
                 op = OPS.get(req.opcode, UNKNOWN_OP)
                 overlapping = self.overlaps(req)
-                # Not for queued requests, nor large reads and writes: both CPUs have work then.
-                if self.awake is not None and self._awaited and not overlapping:
+                # Not for queued requests, nor large reads and writes: both CPUs have work then;
+                # nor for FORGETs and INTERRUPTs: nobody waits on them.
+                if self.awake is not None and self._awaited and op.reply and not overlapping:
                     self.awake.note_request()
                 if overlapping:
                     with self._overlapping_lock:
