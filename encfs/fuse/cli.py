@@ -101,16 +101,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
         report(args, {"CipherDir": str(cipherdir.absolute()), "MountPoint": str(mountpoint.absolute()),
                       "Mounted": False}, None)
         return 0
-    extra = args.fuse_extra
     home, hsm = _ks_args(args)
     recovery_key = None
     if args.recovery_key:  # read-only: new files would need the CMK (recovery.py)
         from encfs.recoverykey import read_recovery_key
 
         recovery_key = read_recovery_key(args.recovery_key)
-    opts = MountOptions(read_only=args.read_only or "ro" in extra or recovery_key is not None,
+    opts = MountOptions(read_only=args.read_only or "ro" in args.fuse_extra or recovery_key is not None,
                         recovery_key=recovery_key, recovery_key_file=args.recovery_key,
-                        allow_other=args.allow_other or "allow_other" in extra, extra=extra,
+                        allow_other=args.allow_other or "allow_other" in args.fuse_extra, extra=args.fuse_extra,
                         log_file=args.log_file, debug=args.debug, server=getattr(args, "server", None) or "encfs",
                         io_uring=args.io_uring, keep_cpu_awake=args.keep_cpu_awake)
     code = mount(cipherdir, mountpoint, home, hsm, opts, args.foreground, fake=args.fake)

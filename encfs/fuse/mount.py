@@ -310,14 +310,13 @@ def mount(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         rewrap.refuse_if_interrupted(cipherdir)  # and checks again under it
     check_fuse_device()
     check_server(opts.server)
-    if opts.keep_cpu_awake and opts.server != "encfs":
-        raise MountError("--keep-cpu-awake needs the encfs server: libfuse's loop does not tell its helper of requests")
-    if opts.io_uring:
-        if opts.server != "encfs":
-            raise MountError("--io-uring needs the encfs server: pyfuse3's libfuse 3.14 has no FUSE over io_uring")
-        if not uring.supported():
-            log.warning("FUSE over io_uring is off here (%s is not Y, or not x86-64): serving through /dev/fuse",
-                        uring.ENABLE_PARAMETER)
+    for wanted, flag, why in ((opts.keep_cpu_awake, "--keep-cpu-awake", "libfuse's loop does not tell its helper of requests"),
+                              (opts.io_uring, "--io-uring", "pyfuse3's libfuse 3.14 has no FUSE over io_uring")):
+        if wanted and opts.server != "encfs":
+            raise MountError(f"{flag} needs the encfs server: {why}")
+    if opts.io_uring and not uring.supported():
+        log.warning("FUSE over io_uring is off here (%s is not Y, or not x86-64): serving through /dev/fuse",
+                    uring.ENABLE_PARAMETER)
     if fake:
         return 0
     if foreground:  # the log's destination, and stderr (the CLI's handler: warnings and errors)

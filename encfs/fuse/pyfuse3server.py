@@ -276,10 +276,8 @@ class Pyfuse3Server:
 
     def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False,
                  io_uring: bool = False, awake: KeepAwake | None = None) -> None:
-        if io_uring:
-            raise ValueError("the pyfuse3 server has no FUSE over io_uring")
-        if awake is not None:
-            raise ValueError("the pyfuse3 server has no keep-awake helper")
+        if io_uring or awake is not None:
+            raise ValueError("the pyfuse3 server has neither FUSE over io_uring nor a keep-awake helper")
         self.fd = fd
         self.fs = fs
         self.mountpoint = mountpoint
