@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
         store.format_maps()
     else:  # as create_volume() then open_volume() do; the seal count needs no header here
         budget = SealBudget(0, lambda _n: None, str(image), counter=True)
-        store = NullCowStore(fd, bytes(32), bytes(16), sectors, budget)
+        store = NullCowStore(fd, bytes(32), bytes(16), sectors, budget, one_sync=True)  # as new_header() sets
         store.format()
         store.load()
     store.start_seal_worker(bytes(32))  # as `encfs volume attach` does: the null cipher runs in it

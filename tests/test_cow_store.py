@@ -24,8 +24,8 @@ SECTORS = 16384  # 64 MiB
 class Image:
     """A store over a temp file; reopen() is what a crash (kill -9) and a restart leave."""
 
-    def __init__(self, path: Path, sectors: int = SECTORS) -> None:
-        self.path, self.sectors = path, sectors
+    def __init__(self, path: Path, sectors: int = SECTORS, one_sync: bool = True) -> None:
+        self.path, self.sectors, self.one_sync = path, sectors, one_sync  # one_sync: as new volumes are
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self.persisted = 0  # the header's reservation, as budget.py persists it
         self.store = self._store()
@@ -35,7 +35,8 @@ class Image:
         self.persisted = n
 
     def _store(self) -> CowStore:
-        return CowStore(self.fd, KEY, VID, self.sectors, SealBudget(self.persisted, self._persist, "t", counter=True))
+        return CowStore(self.fd, KEY, VID, self.sectors, SealBudget(self.persisted, self._persist, "t", counter=True),
+                        one_sync=self.one_sync)
 
     def reopen(self, live: bool = True) -> CowStore:
         """Drop the store without flushing or closing (a crash), open it again (without ``live``:

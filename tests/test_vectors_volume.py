@@ -34,6 +34,7 @@ from encfs.block.header import (
     COW_FORMAT,
     HEADER_MAC,
     MAPS_MIRRORED,
+    ONE_SYNC_COMMITS,
     RECOVERY_KEY,
     VolumeFormatError,
     VolumeHeader,
@@ -95,9 +96,11 @@ def test_header_flag_byte() -> None:
                      flags=int(v["flags"], 16))
     old = VolumeHeader.parse(_with_flags(h.pack(), 0))
     assert not old.maps_mirrored and old.seq == h.seq and old.volume_id == h.volume_id
-    for unknown in (0x08, 0x81):
+    for unknown in (0x10, 0x81):
         with pytest.raises(VolumeFormatError, match="unknown feature flags"):
             VolumeHeader.parse(_with_flags(h.pack(), unknown))
+    with pytest.raises(VolumeFormatError, match="format 1 with one-sync commits"):
+        VolumeHeader.parse(_with_flags(h.pack(), 0x08))
 
 
 def _mac_vector() -> tuple[dict[str, str], VolumeHeader, bytes]:
@@ -258,6 +261,9 @@ def _v2_commit_plaintext(v: dict[str, str]) -> bytes:
     record = struct.pack("<8sQQIB3xIH", b"ENCVCOMM", int(v["txg"]), int(v["table_txg"]), int(v["root"]),
                          int(v["depth"]), int(v["pages"]), len(table))
     record += b"".join(struct.pack("<I", p) for p in table)
+    listed = _listed(v)
+    if listed:
+        record += struct.pack("<H", len(listed)) + b"".join(struct.pack("<I", p) + d for p, d in listed)
     assert record == hexbytes(v["plaintext"])
     return record.ljust(SECTOR_SIZE, b"\0")
 
@@ -268,9 +274,11 @@ def test_format2_header_vector() -> None:
     h = VolumeHeader(vid, int(v["size"]), hexbytes(v["wrapped_key"]), seq=int(v["seq"]), flags=int(v["flags"], 16),
                      seals_reserved=int(v["seals_reserved"]), version=int(v["version"]))
     assert h.copy_on_write and h.flags == HEADER_MAC and h.version == COW_FORMAT
-    # what `encfs volume create` makes by default (the sequence number comes from the header writes)
+    # what `encfs volume create` makes by default (the sequence number comes from the header writes),
+    # which since one-sync commits also sets bit 3 (§7.6.7); this vector is a volume made before
     made = new_header(h.size, h.wrapped_key, vid, seals=h.seals_reserved)
-    assert replace(made, seq=h.seq) == h
+    assert made.flags == HEADER_MAC | ONE_SYNC_COMMITS == 0x0A and made.one_sync_commits and not h.one_sync_commits
+    assert replace(made, seq=h.seq, flags=h.flags) == h
     assert h.wrapped_key == hexbytes(VOL["volume-header-mac"]["wrapped_key"])  # the context is the same
     mac_key = header_mac_key(data_key, vid)
     record = h.pack(mac_key)
@@ -339,6 +347,26 @@ def test_format2_commit_vector() -> None:
     assert sealed.startswith(hexbytes(v["sealed_prefix"]))
 
 
+def _listed(v: dict[str, str]) -> list[tuple[int, bytes]]:
+    return [(int(p), bytes.fromhex(d)) for p, d in (e.split(":") for e in v.get("listed", "").split())]
+
+
+def test_format2_listed_commit_vector() -> None:
+    """A one-sync volume's commit record (§7.6.4, §7.6.7): the pages its transaction wrote, each with
+    the first 16 bytes of the SHA-256 of its sealed bytes."""
+    v, table = VOL["volume2-commit-listed"], VOL["volume2-table"]
+    listed = _listed(v)
+    assert listed == [(int(table["page"]), bytes.fromhex(table["sealed_sha256"])[:16])]
+    plain = _v2_commit_plaintext(v)
+    commit = Commit(int(v["txg"]), int(v["table_txg"]), int(v["root"]), int(v["depth"]), int(v["pages"]),
+                    [int(p) for p in v["table"].split()], listed)
+    assert commit.pack() == plain and Commit.parse(plain) == commit
+    assert _v2_seal(v, COMMIT_SCOPE, plain).startswith(hexbytes(v["sealed_prefix"]))
+    assert commit.room() == (4096 - 40 - 4) // 20 == 202
+    too_many = plain[:42] + struct.pack("<H", 203) + plain[44:]
+    assert Commit.parse(too_many) is None  # more than fit: damaged
+
+
 def test_format2_limits_vector() -> None:
     v = VOL["volume2-limits"]
     assert POOL_START == int(v["pool_start"]) and COMMIT_START == int(v["commit_start"])
@@ -354,7 +382,7 @@ def test_format2_limits_vector() -> None:
     assert budget.limits() == (int(v["counter_warn"]), int(v["counter_refuse_sectors"]), int(v["counter_refuse_all"]))
 
 
-def _v2_image(path: str, monkeypatch: pytest.MonkeyPatch) -> bytes:
+def _v2_image(path: str, monkeypatch: pytest.MonkeyPatch, one_sync: bool = False) -> bytes:
     """The image of the §7.7 sequence, written by a real CowStore with the vectors' inputs."""
     sector, table, image = VOL["volume2-sector"], VOL["volume2-table"], VOL["volume2-image"]
     snap = json.loads(table["json"])[0]
@@ -366,7 +394,7 @@ def _v2_image(path: str, monkeypatch: pytest.MonkeyPatch) -> bytes:
             m.setattr(os, "urandom", lambda n: prefix if n == len(prefix) else real_urandom(n))
             budget = SealBudget(int(image["first_counter"]), lambda _n: None, "v", counter=True)
             store = CowStore(fd, hexbytes(image["data_key"]), hexbytes(image["volume_id"]),
-                             snap["size"] // SECTOR_SIZE, budget)
+                             snap["size"] // SECTOR_SIZE, budget, one_sync=one_sync)
         store.format()
         store.write_sectors(int(sector["sector"]), _v2_sector_plaintext(sector))
         store.flush()
@@ -472,3 +500,19 @@ def test_recovery_record_is_authenticated_and_format_2_only() -> None:
     # without the flag the record's bytes are padding, which must be zero
     with pytest.raises(VolumeFormatError, match="nonzero reserved bytes"):
         VolumeHeader.parse(_rechecksum(packed[:5] + b"\x02" + packed[6:4064]))
+
+
+def test_one_sync_image_through_the_store(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The §7.7 sequence on a one-sync volume: every unit as before, and in both slots the listed
+    record of volume2-commit-listed (the mirror sealed for slot 0 with the last counter)."""
+    v, c = VOL["volume2-image"], VOL["volume2-commit-listed"]
+    img = _v2_image(str(tmp_path / "img"), monkeypatch, one_sync=True)
+    old = _v2_image(str(tmp_path / "old"), monkeypatch)
+    pool = slice(COMMIT_START + 2 * 65536, None)
+    assert len(img) == len(old) and img[pool] == old[pool]  # the same pages; only the records differ
+    at = int(c["image_offset"])
+    assert img[at:at + SEALED_BLOCK] == _v2_seal(c, COMMIT_SCOPE, _v2_commit_plaintext(c))
+    mirror = dict(c, slot="0", block_number="0", counter=v["last_counter"],
+                  nonce=(hexbytes(c["nonce_prefix"]) + struct.pack(">Q", int(v["last_counter"]))).hex())
+    mirror["sealed_sha256"] = hashlib.sha256(img[COMMIT_START:COMMIT_START + SEALED_BLOCK]).hexdigest()
+    assert img[COMMIT_START:COMMIT_START + SEALED_BLOCK] == _v2_seal(mirror, COMMIT_SCOPE, _v2_commit_plaintext(c))

@@ -14,13 +14,18 @@ pools, qcow2 and ZFS). Invariants:
 - flush() writes the changed map nodes and the snapshot table to fresh
   pages, fdatasyncs (sectors and nodes), writes the commit record with the
   next transaction number to the slot the previous commit mirrored into,
-  and fdatasyncs: the commit. Then the same record goes to the other slot,
+  and fdatasyncs: the commit. With ``one_sync`` (the header's
+  ONE_SYNC_COMMITS) the record lists the pages the transaction wrote and
+  the first fdatasync is left out when they fit in it (commitcheck.py). Then the same record goes to the other slot,
   unsynced (the next flush's first fdatasync makes it durable; a mirror whose
   write or sync failed is written again by sync_mirrors()): at rest both
   slots hold the newest commit, so damage to one loses nothing, and a torn
   commit write leaves the other slot's previous commit.
 - Opening takes the newest commit that authenticates (equal numbers: the
-  mirrored state) and, if writable, repairs the other slot.
+  mirrored state) unless it is a listed one that did not reach the disk
+  whole (commitcheck.choose_commit), and, if writable, repairs the other
+  slot, after an fdatasync when it took a listed record in one slot only
+  (its pages were read from the page cache).
 - Page accounting is rebuilt at open by walking every tree (snapshots, the
   live map): a page no tree reaches is free (and reused), and an open for
   writing cuts off pages past the committed pool, so a crash leaks no space. A page the live map stops
@@ -52,6 +57,7 @@ from array import array
 from collections.abc import Callable, Iterator
 
 from encfs.block.budget import SealBudget
+from encfs.block.commitcheck import choose_commit, list_new_pages
 from encfs.block.cowsnap import CowSnapshots
 from encfs.block.layout import (
     FANOUT,
@@ -105,8 +111,9 @@ class CowStore(CowSnapshots, SectorIO):
     cipher_class: type[BlockCipher] = BlockCipher  # benchmarks/null_volume.py swaps in a null cipher
 
     def __init__(self, fd: int, key: bytes, volume_id: bytes, sectors: int, budget: SealBudget,
-                 pending_limit: int | None = None) -> None:
+                 pending_limit: int | None = None, one_sync: bool = False) -> None:
         self.fd, self.sectors, self.budget = fd, sectors, budget
+        self.one_sync = one_sync  # the header's ONE_SYNC_COMMITS: listed commits (commitcheck.py)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         prefix = os.urandom(NONCE_PREFIX_LEN)
         self._prefix = prefix
@@ -181,19 +188,21 @@ class CowStore(CowSnapshots, SectorIO):
         Without ``live``, only the snapshot table (for a reader beside the serving daemon: the
         pages of snapshots do not change while they exist, the live map's do)."""
         for attempt in range(3):
-            found = [(c.txg, slot, c) for slot in (0, 1) if (c := self._read_commit(slot)) is not None]
-            if not found:
+            found = choose_commit(self.fd, [self._read_commit(0), self._read_commit(1)])
+            if found is None:
                 raise BlockAuthError(node_block_number(0, 0))
-            txg, slot, commit = max(found, key=lambda f: (f[0], f[1]))
+            choice = found
+            slot, commit = choice.slot, choice.commit
             if os.fstat(self.fd).st_size >= page_offset(commit.pages + 1):
                 break
             if live or attempt == 2:
                 raise VolumeTruncated(f"the image ends before its last page ({commit.pages})")
             # A reader beside the daemon: a compaction (cowsnap.py) may have committed a shorter
             # pool and cut the image since the records were read; that commit is durable first.
-        if len(found) < 2:
-            log.warning("volume commit slot %d is damaged; using slot %d (transaction %d)", 1 - slot, slot, txg)
-        self.txg, self._slot = txg + 1, 1 - slot
+        if choice.note:
+            log.warning("volume %s", choice.note)
+        # Past the newest record even when it is passed over: its table pages are bound to its number.
+        self.txg, self._slot = choice.newest + 1, 1 - slot
         self._table, self._table_txg = commit.table, commit.table_txg
         self.snapshots = self._read_table(commit)
         self._loaded, self._map_read = commit, live
@@ -204,9 +213,12 @@ class CowStore(CowSnapshots, SectorIO):
         end = page_offset(commit.pages + 1)
         if self._writable and os.fstat(self.fd).st_size > end:
             os.ftruncate(self.fd, end)  # pages a crash left past the committed pool: never reached
-        if self._writable and (len(found) < 2 or found[0][0] != found[-1][0]):
+        if self._writable and not choice.mirrored:
             # The repair is the newest commit's mirror: if its write or its sync fails,
-            # sync_mirrors() writes it again, as after a commit.
+            # sync_mirrors() writes it again, as after a commit. A mirror says its commit is on the
+            # disk, and a listed commit's pages were checked in the page cache: sync them first.
+            if commit.written:
+                os.fdatasync(self.fd)
             self._mirror = commit
             self._write_mirror()
 
@@ -269,6 +281,7 @@ class CowStore(CowSnapshots, SectorIO):
         return self.tree.written_runs(self.sectors)
 
     def read_sectors(self, first: int, count: int) -> bytearray:
+        self._check_readable()
         out = bytearray(count * SECTOR_SIZE)
         read_tree_into(self.fd, self.sealer.cipher, self.tree, first, count, memoryview(out))
         return out
@@ -288,7 +301,9 @@ class CowStore(CowSnapshots, SectorIO):
                        tree: MapTree | None = None) -> None:
         jobs: list[tuple[range, memoryview, memoryview]] = []
         at = 0
-        tree = self.tree if tree is None else tree
+        if tree is None:
+            self._check_readable()
+            tree = self.tree
         tree.check(first, count)
         for s, n, page in tree.page_runs(first, count):
             part = plain[(s - first) * SECTOR_SIZE:(s - first + n) * SECTOR_SIZE]
@@ -301,6 +316,13 @@ class CowStore(CowSnapshots, SectorIO):
                 raise BlockAuthError(s)
             jobs.append((range(s, s + n), sealed, part))
         self.sealer.open_jobs(jobs)
+
+    def _check_readable(self) -> None:
+        """After a failed commit sync the pages written since the last commit may be lost from the
+        disk and the page cache both, and such a page may hold an older genuine version of its
+        sector: the live map is not read from until the volume is opened again."""
+        if self._failed:
+            raise StoreFailed(errno.EIO, "the volume store failed a commit; detach and re-attach it")
 
     def _check_writable(self) -> None:
         if not self._map_read:  # a commit would name an empty map; a write, pages in use
@@ -396,13 +418,16 @@ class CowStore(CowSnapshots, SectorIO):
             commit = Commit(self.txg, table_txg, root, tree.depth, self.pages, table)
             if os.fstat(self.fd).st_size < page_offset(self.pages + 1):  # a pool grown by a failed write
                 os.ftruncate(self.fd, page_offset(self.pages + 1))
-            try:
-                os.fdatasync(self.fd)
-            except OSError:
-                # Linux reports a lost write once and marks its pages clean: a retry would succeed
-                # and commit a map naming sectors that never reached the disk.
-                self._failed = True
-                raise
+            if self.one_sync:
+                commit.written = list_new_pages(self.fd, self.pool, commit.room())
+            if not commit.written:
+                try:
+                    os.fdatasync(self.fd)
+                except OSError:
+                    # Linux reports a lost write once and marks its pages clean: a retry would succeed
+                    # and commit a map naming sectors that never reached the disk.
+                    self._failed = True
+                    raise
             self._write_commit(self._slot, commit)
         except OSError:
             self.pool.unalloc(allocated)

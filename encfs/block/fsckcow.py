@@ -22,6 +22,7 @@ from bisect import bisect_right
 from pathlib import Path
 
 from encfs.block.budget import SealBudget
+from encfs.block.commitcheck import choose_commit
 from encfs.block.cow import CowStore, read_tree_into
 from encfs.block.fsck import sector_finding, verify
 from encfs.block.header import VolumeHeader
@@ -115,23 +116,25 @@ def check_cow(fd: int, path: Path, header: VolumeHeader, key: bytes, report: Rep
 
 
 def _commit(store: _Cow, report: Report) -> Commit | None:
-    """The newest commit (as CowStore.load takes it); a finding for a damaged or stale slot."""
+    """The commit CowStore.load takes (commitcheck.choose_commit); a finding for a damaged or stale
+    slot, or for a newest commit that did not reach the disk whole."""
     slots = store.commit_slots()
-    found = [(c.txg, slot, c) for slot, c in enumerate(slots) if c is not None]
-    if not found:
+    choice = choose_commit(store.fd, slots)
+    if choice is None:
         report.add(Finding("commit", "both commit records fail authentication: the volume's map cannot be found "
                                      "(not repairable)"))
         return None
-    txg, slot, commit = max(found, key=lambda f: (f[0], f[1]))
-    other = slots[1 - slot]
-    if other is None:
+    slot, txg, other = choice.slot, choice.commit.txg, slots[1 - choice.slot]
+    if choice.newest != txg:
+        report.add(Finding("commit-slot", choice.note, repairable=True, place=str(1 - slot)))
+    elif other is None:
         report.add(Finding("commit-slot", f"commit slot {1 - slot} fails authentication; slot {slot} holds the "
                                           f"newest commit (transaction {txg})", repairable=True, place=str(1 - slot)))
     elif other.txg != txg:
         report.add(Finding("commit-slot", f"commit slot {1 - slot} holds an older commit (transaction {other.txg}; "
                                           f"the newest is {txg}): the last commit's mirror was not written",
                            repairable=True, place=str(1 - slot)))
-    return commit
+    return choice.commit
 
 
 def _residual(tree: MapTree, checked_pages: set[int], checked_leaves: set[int]) -> MapTree:

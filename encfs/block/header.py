@@ -9,7 +9,10 @@ Each copy is one 4096-byte record (docs/FORMAT.md section 7.2)::
               slots are kept as mirrors (sectors.py); bit 1 (HEADER_MAC) = the
               record is authenticated and holds the fields marked (M) below;
               bit 2 (RECOVERY_KEY, format 2 only) = the recovery record (R) is
-              set (recovery.py); other bits are refused
+              set (recovery.py); bit 3 (ONE_SYNC_COMMITS, format 2 only) = a
+              commit record may list its transaction's pages and be made
+              durable with them by one fdatasync (commitcheck.py); other bits
+              are refused
     6     2   reserved (0)
     8     8   u64 sequence number
     16    16  volume id
@@ -49,7 +52,9 @@ Invariants:
 - An authenticated header is never packed without its MAC key.
 
 Byte 5 was reserved (0) in the first release, which ignores it; the release
-before HEADER_MAC refuses bit 1, the release before recovery keys bit 2.
+before HEADER_MAC refuses bit 1, the release before recovery keys bit 2, the
+release before one-sync commits bit 3 (it would take a listed record without
+checking its pages).
 A volume with bit 0 or bit 1 clear is upgraded by the first open_volume() (volume.py).
 """
 
@@ -83,7 +88,8 @@ _FIXED = struct.Struct(">4sBB2sQ16sQIH")
 MAPS_MIRRORED = 0x01  # feature flag: both map slots of every extent hold the newest map at rest
 HEADER_MAC = 0x02  # feature flag: the record carries the key id, the seal reservation and an HMAC
 RECOVERY_KEY = 0x04  # feature flag: a recovery record before the trailer (format 2 with HEADER_MAC only)
-KNOWN_FLAGS = MAPS_MIRRORED | HEADER_MAC | RECOVERY_KEY
+ONE_SYNC_COMMITS = 0x08  # feature flag (format 2 only): commits may list their pages (commitcheck.py)
+KNOWN_FLAGS = MAPS_MIRRORED | HEADER_MAC | RECOVERY_KEY | ONE_SYNC_COMMITS
 RECOVERY_RECORD = 60  # nonce, AES-256-GCM of the 32-byte volume key, tag
 _RECOVERY_AT = _PAD_END - RECOVERY_RECORD  # 3948
 MAC_INFO = b"encfs volume header mac v1"
@@ -135,6 +141,10 @@ class VolumeHeader:
     @property
     def has_recovery_key(self) -> bool:
         return bool(self.flags & RECOVERY_KEY)
+
+    @property
+    def one_sync_commits(self) -> bool:
+        return bool(self.flags & ONE_SYNC_COMMITS)
 
     @property
     def sectors(self) -> int:
@@ -199,6 +209,8 @@ class VolumeHeader:
                                     "(made by a newer encfs?)")
         if flags & RECOVERY_KEY and version != COW_FORMAT:
             raise VolumeFormatError(f"volume header of format {version} with a recovery key")
+        if flags & ONE_SYNC_COMMITS and version != COW_FORMAT:
+            raise VolumeFormatError(f"volume header of format {version} with one-sync commits")
         end = _RECOVERY_AT if flags & RECOVERY_KEY else _PAD_END if flags & HEADER_MAC else _BODY
         if sector_size != SECTOR_SIZE or size % sector_size or _FIXED.size + n > end:
             raise VolumeFormatError("volume header has impossible geometry")
@@ -220,7 +232,7 @@ class VolumeHeader:
 
 def new_header(size: int, wrapped_key: bytes, volume_id: bytes | None = None, seals: int = 0,
                version: int = COW_FORMAT) -> VolumeHeader:
-    flags = HEADER_MAC if version == COW_FORMAT else MAPS_MIRRORED | HEADER_MAC
+    flags = HEADER_MAC | ONE_SYNC_COMMITS if version == COW_FORMAT else MAPS_MIRRORED | HEADER_MAC
     return VolumeHeader(volume_id or uuid.uuid4().bytes, size, wrapped_key, flags=flags, seals_reserved=seals,
                         version=version)
 

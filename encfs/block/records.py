@@ -3,8 +3,10 @@
 
 Invariants:
 - A commit record is one 4096-byte block: little-endian header (COMMIT_FORMAT) then the snapshot
-  table's page numbers (u32 each), zero padded; parse() returns None for anything else, so
-  a slot that authenticates but does not parse counts as damaged.
+  table's page numbers (u32 each), then the count of listed pages (u16) and each listed page
+  (WRITTEN_ENTRY: u32 page, 16-byte digest; commitcheck.py), zero padded; parse() returns None for
+  anything else, so a slot that authenticates but does not parse counts as damaged. A record
+  without a list has a zero count there, as every record written before lists existed.
 - The snapshot table is u32 length + compact JSON, cut into 4096-byte pages (zero padded).
 """
 
@@ -13,13 +15,15 @@ from __future__ import annotations
 import json
 import struct
 from array import array
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from encfs.block.layout import MAX_DEPTH, SECTOR_SIZE
 
 COMMIT_MAGIC = b"ENCVCOMM"
 COMMIT_FORMAT = struct.Struct("<8sQQIB3xIH")  # magic, txg, table txg, root page, depth, pages, table pages
 MAX_TABLE_PAGES = (SECTOR_SIZE - COMMIT_FORMAT.size) // 4
+WRITTEN_COUNT = struct.Struct("<H")
+WRITTEN_ENTRY = struct.Struct("<I16s")  # a listed page and the digest of its sealed bytes
 
 
 @dataclass
@@ -41,11 +45,21 @@ class Commit:
     depth: int
     pages: int
     table: list[int]
+    written: list[tuple[int, bytes]] = field(default_factory=list)  # (page, digest): commitcheck.py
+
+    def room(self) -> int:
+        """How many pages the record can list beside its table."""
+        return room_for(len(self.table))
 
     def pack(self) -> bytes:
         body = COMMIT_FORMAT.pack(COMMIT_MAGIC, self.txg, self.table_txg, self.root, self.depth, self.pages,
                             len(self.table))
-        return (body + array("I", self.table).tobytes()).ljust(SECTOR_SIZE, b"\0")
+        if len(self.written) > self.room():
+            raise ValueError("more listed pages than a commit record holds")
+        listed = b"".join(WRITTEN_ENTRY.pack(page, digest) for page, digest in self.written)
+        if listed:
+            listed = WRITTEN_COUNT.pack(len(self.written)) + listed
+        return (body + array("I", self.table).tobytes() + listed).ljust(SECTOR_SIZE, b"\0")
 
     @classmethod
     def parse(cls, plain: bytes) -> Commit | None:
@@ -55,8 +69,21 @@ class Commit:
         if magic != COMMIT_MAGIC or n > MAX_TABLE_PAGES or not 1 <= depth <= MAX_DEPTH:
             return None
         table = array("I")
-        table.frombytes(plain[COMMIT_FORMAT.size:COMMIT_FORMAT.size + 4 * n])
-        return cls(txg, table_txg, root, depth, pages, list(table))
+        at = COMMIT_FORMAT.size + 4 * n
+        table.frombytes(plain[COMMIT_FORMAT.size:at])
+        written: list[tuple[int, bytes]] = []
+        if at + WRITTEN_COUNT.size <= SECTOR_SIZE:
+            m, = WRITTEN_COUNT.unpack_from(plain, at)
+            if m > room_for(n):
+                return None
+            at += WRITTEN_COUNT.size
+            written = [WRITTEN_ENTRY.unpack_from(plain, at + i * WRITTEN_ENTRY.size) for i in range(m)]
+        return cls(txg, table_txg, root, depth, pages, list(table), written)
+
+
+def room_for(table_pages: int) -> int:
+    """Listed pages that fit in a commit record beside a table of ``table_pages`` pages."""
+    return max(0, (SECTOR_SIZE - COMMIT_FORMAT.size - 4 * table_pages - WRITTEN_COUNT.size) // WRITTEN_ENTRY.size)
 
 
 

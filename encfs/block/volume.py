@@ -399,7 +399,7 @@ def open_snapshots(path: Path, ks: KeyService, expected_key: str | None = None) 
             raise VolumeError(f"volume {path} has format 1, which has no snapshots: "
                               f"`encfs volume upgrade {path}` converts it")
         budget = SealBudget(header.seals_reserved, _no_seals, str(path), counter=True)
-        store = CowStore(fd, key, header.volume_id, header.sectors, budget)
+        store = CowStore(fd, key, header.volume_id, header.sectors, budget, one_sync=header.one_sync_commits)
         for attempt in range(3):  # a daemon may replace the snapshot table as it is read
             try:
                 store.load(live=False)
@@ -455,7 +455,7 @@ def open_volume(path: Path, ks: KeyService | None, seal_worker: bool = False, ac
         headers = _Header(fd, header, mac_key)
         if header.copy_on_write:
             budget = SealBudget(header.seals_reserved, headers.reserve, str(path), counter=True)
-            cow = CowStore(fd, key, header.volume_id, header.sectors, budget)
+            cow = CowStore(fd, key, header.volume_id, header.sectors, budget, one_sync=header.one_sync_commits)
             try:
                 cow.load(live=not map_unread)
             except BlockAuthError:
