@@ -227,3 +227,15 @@ def test_new_volumes_commit_with_one_sync_and_older_ones_keep_two(
         assert not vol.header.one_sync_commits and vol.read(0, SECTOR_SIZE) == sector(6)
     finally:
         vol.close()
+
+
+def test_with_the_other_slot_damaged_the_one_record_is_taken_and_a_mismatch_named(
+        torn: Torn, caplog: pytest.LogCaptureFixture) -> None:
+    page = torn.commit.written[0][0]
+    torn.leave([page])
+    other = commit_offset(1 - torn.slot)
+    os.pwrite(torn.img.fd, bytes(64), other + 100)  # and the previous record is damaged too
+    with caplog.at_level(logging.WARNING, logger="encfs.block"):
+        s = torn.img.reopen()
+    assert f"did not reach the disk whole (page {page} does not hold what it wrote)" in caplog.text
+    assert s.read_sectors(102, 2) == sector(1) * 2  # what N did not change reads as it was

@@ -15,6 +15,9 @@ Invariants:
   record is taken: the previous commit, whose sync returned before this transaction wrote a page
   (and a page is never written while a durable commit reaches it), so it is whole.
 - A record with no list was written after an fdatasync of everything it reaches: taken as it is.
+- With the other slot damaged there is no previous commit to fall back to: the one record is taken,
+  and if it has a list its pages are checked all the same, so that a mismatch is logged (a crash
+  during that commit together with damage to the other slot, which the commit never writes).
 - The list is read back from the image at the flush (the page cache holds what the sync will write),
   from the pool's NEW pages, not noted by each writer of pages, so no writer can be left out. A
   transaction with more pages than the record holds commits with two syncs.
@@ -83,10 +86,12 @@ def choose_commit(fd: int, slots: list[Commit | None]) -> Choice | None:
     txg, slot, commit = found[0]
     if len(found) == 2 and found[1][0] == txg:
         return Choice(slot, commit, txg, True)
+    why = unwritten(fd, commit) if commit.written else None
     if len(found) < 2:
         return Choice(slot, commit, txg, False, f"commit slot {1 - slot} is damaged; using slot {slot} "
-                                                f"(transaction {txg})")
-    why = unwritten(fd, commit) if commit.written else None
+                                                f"(transaction {txg})" + (f", which did not reach the disk "
+                                                f"whole ({why}): sectors it wrote may read as I/O errors "
+                                                f"or as they were before" if why else ""))
     if why is None:
         return Choice(slot, commit, txg, False)
     other_txg, other_slot, other = found[1]
