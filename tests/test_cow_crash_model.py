@@ -197,7 +197,8 @@ def run(seed: int, ops: int, tmp: Path, monkeypatch: pytest.MonkeyPatch, detache
         disk.disarm()
         if rnd.random() < 0.7:
             disk.lose(0.4)
-        disk.journal.clear()
+        # Without a power loss the writes a kill -9 left unsynced stay in the journal: the page cache
+        # still holds them, and a power loss after the next open can lose them.
         cands = m.candidates()
         m.expect()
         s = img.reopen()

@@ -347,6 +347,21 @@ def test_format2_commit_vector() -> None:
     assert sealed.startswith(hexbytes(v["sealed_prefix"]))
 
 
+def test_format2_one_sync_header_vector() -> None:
+    """What `encfs volume create` makes now: volume2-header with bit 3 set, MAC'd like it."""
+    v, one = VOL["volume2-header"], VOL["volume2-header-one-sync"]
+    vid = hexbytes(v["volume_id"])
+    made = new_header(int(v["size"]), hexbytes(v["wrapped_key"]), vid, seals=int(v["seals_reserved"]))
+    h = replace(made, seq=int(v["seq"]))
+    assert h.flags == int(one["flags"], 16) == HEADER_MAC | ONE_SYNC_COMMITS and h.one_sync_commits
+    mac_key = header_mac_key(hexbytes(v["data_key"]), vid)
+    record = h.pack(mac_key)
+    assert record.startswith(hexbytes(one["record_prefix"])) and record[4032:4064] == hexbytes(one["mac"])
+    assert hashlib.sha256(record).hexdigest() == one["record_sha256"]
+    parsed = VolumeHeader.parse(record)
+    assert parsed == h and parsed.verify(mac_key)
+
+
 def _listed(v: dict[str, str]) -> list[tuple[int, bytes]]:
     return [(int(p), bytes.fromhex(d)) for p, d in (e.split(":") for e in v.get("listed", "").split())]
 

@@ -15,6 +15,9 @@ Invariants:
   record is taken: the previous commit, whose sync returned before this transaction wrote a page
   (and a page is never written while a durable commit reaches it), so it is whole.
 - A record with no list was written after an fdatasync of everything it reaches: taken as it is.
+- The open that chooses syncs first when it may write (cow.py load()), so that a slot that looks
+  mirrored is not a mirror a killed process left unsynced, and reads the slots and the listed pages
+  past the page cache (drop_cached()): after a failed writeback the cache holds bytes the disk lacks.
 - With the other slot damaged there is no previous commit to fall back to: the one record is taken,
   and if it has a list its pages are checked all the same, so that a mismatch is logged (a crash
   during that commit together with damage to the other slot, which the commit never writes).
@@ -46,19 +49,28 @@ def list_new_pages(fd: int, pool: PagePool, room: int) -> list[tuple[int, bytes]
     read back from the image; [] if there are none or more than ``room``."""
     if not 0 < sum(k for _p, k in pool.new) <= 4 * room:  # dropped pages count here: a cheap bound
         return []
-    state = pool.state
-    pages = list(dict.fromkeys(p for first, k in pool.new for p in range(first, first + k) if state[p] == NEW))
+    state, end = pool.state, len(pool.state)
+    pages = list(dict.fromkeys(p for first, k in pool.new for p in range(first, min(first + k, end))
+                               if state[p] == NEW))
     if not pages or len(pages) > room:
         return []
     return [(p, page_digest(os.pread(fd, SEALED_BLOCK, page_offset(p)))) for p in pages]
 
 
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Drop the image's clean cached pages in a range, so that what is read next comes from the disk.
+    After a failed writeback Linux keeps the unwritten bytes in the page cache, clean: a record or a
+    page checked there would pass and be lost once evicted (dirty pages stay: the open syncs first)."""
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
 def unwritten(fd: int, commit: Commit) -> str | None:
-    """Why ``commit`` is not whole on the image (a listed page that does not hold what it wrote, or
+    """Why ``commit`` is not whole on the disk (a listed page that does not hold what it wrote, or
     an image shorter than its pool), or None."""
     if os.fstat(fd).st_size < page_offset(commit.pages + 1):
         return f"the image ends before its last page ({commit.pages})"
     for page, digest in commit.written:
+        drop_cached(fd, page_offset(page), SEALED_BLOCK)
         if page_digest(os.pread(fd, SEALED_BLOCK, page_offset(page))) != digest:
             return f"page {page} does not hold what it wrote"
     return None
@@ -74,6 +86,7 @@ class Choice:
     newest: int
     mirrored: bool  # both slots hold it
     note: str = ""  # why a slot is not the volume's state (damaged, or a commit not written whole)
+    unwritten: str = ""  # why the newest commit is not whole on the disk, if it is not
 
 
 def choose_commit(fd: int, slots: list[Commit | None]) -> Choice | None:
@@ -86,16 +99,16 @@ def choose_commit(fd: int, slots: list[Commit | None]) -> Choice | None:
     txg, slot, commit = found[0]
     if len(found) == 2 and found[1][0] == txg:
         return Choice(slot, commit, txg, True)
-    why = unwritten(fd, commit) if commit.written else None
+    why = (unwritten(fd, commit) if commit.written else None) or ""
     if len(found) < 2:
         return Choice(slot, commit, txg, False, f"commit slot {1 - slot} is damaged; using slot {slot} "
                                                 f"(transaction {txg})" + (f", which did not reach the disk "
                                                 f"whole ({why}): sectors it wrote may read as I/O errors "
-                                                f"or as they were before" if why else ""))
-    if why is None:
+                                                f"or as they were before" if why else ""), why)
+    if not why:
         return Choice(slot, commit, txg, False)
     other_txg, other_slot, other = found[1]
     return Choice(other_slot, other, txg, False,
                   f"commit slot {slot} holds transaction {txg}, which did not reach the disk whole ({why}: "
                   f"a crash during its commit, never acknowledged); using slot {other_slot} (transaction "
-                  f"{other_txg})")
+                  f"{other_txg})", why)

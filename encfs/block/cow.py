@@ -57,10 +57,12 @@ from array import array
 from collections.abc import Callable, Iterator
 
 from encfs.block.budget import SealBudget
-from encfs.block.commitcheck import choose_commit, list_new_pages
+from encfs.block.commitcheck import choose_commit, drop_cached, list_new_pages
 from encfs.block.cowsnap import CowSnapshots
 from encfs.block.layout import (
+    COMMIT_START,
     FANOUT,
+    POOL_START,
     SECTOR_SIZE,
     commit_offset,
     node_block_number,
@@ -187,21 +189,31 @@ class CowStore(CowSnapshots, SectorIO):
         """Read the newest commit, its map and snapshot table; rebuild the page accounting.
         Without ``live``, only the snapshot table (for a reader beside the serving daemon: the
         pages of snapshots do not change while they exist, the live map's do)."""
+        if self._writable:
+            # What a killed daemon left in the page cache reaches the disk before this open builds
+            # on it: a slot that looks mirrored may hold an unsynced mirror, and the next commit
+            # overwrites the other slot (a one-sync commit with no sync before it).
+            os.fdatasync(self.fd)
         for attempt in range(3):
+            drop_cached(self.fd, COMMIT_START, POOL_START - COMMIT_START)  # the records as the disk has them
             found = choose_commit(self.fd, [self._read_commit(0), self._read_commit(1)])
             if found is None:
                 raise BlockAuthError(node_block_number(0, 0))
             choice = found
             slot, commit = choice.slot, choice.commit
-            if os.fstat(self.fd).st_size >= page_offset(commit.pages + 1):
+            whole = os.fstat(self.fd).st_size >= page_offset(commit.pages + 1)
+            if whole and (live or choice.newest == commit.txg):
                 break
             if live or attempt == 2:
+                if whole:
+                    break
                 raise VolumeTruncated(f"the image ends before its last page ({commit.pages})")
             # A reader beside the daemon: a compaction (cowsnap.py) may have committed a shorter
-            # pool and cut the image since the records were read; that commit is durable first.
+            # pool and cut the image since the records were read (that commit is durable first),
+            # or newer commits may have reused the pages of the one it checked: read them again.
         if choice.note:
             log.warning("volume %s", choice.note)
-        # Past the newest record even when it is passed over: its table pages are bound to its number.
+        # Past the newest record even when it is passed over (until the repair below overwrites it).
         self.txg, self._slot = choice.newest + 1, 1 - slot
         self._table, self._table_txg = commit.table, commit.table_txg
         self.snapshots = self._read_table(commit)
@@ -215,10 +227,7 @@ class CowStore(CowSnapshots, SectorIO):
             os.ftruncate(self.fd, end)  # pages a crash left past the committed pool: never reached
         if self._writable and not choice.mirrored:
             # The repair is the newest commit's mirror: if its write or its sync fails,
-            # sync_mirrors() writes it again, as after a commit. A mirror says its commit is on the
-            # disk, and a listed commit's pages were checked in the page cache: sync them first.
-            if commit.written:
-                os.fdatasync(self.fd)
+            # sync_mirrors() writes it again, as after a commit.
             self._mirror = commit
             self._write_mirror()
 

@@ -463,6 +463,8 @@ def open_volume(path: Path, ks: KeyService | None, seal_worker: bool = False, ac
                                   "authentication (tampered or damaged)") from None
             except VolumeTruncated as e:
                 raise VolumeError(f"volume {path} is truncated: {e}") from None
+            except OSError as e:  # the open's sync or a read of the records: the image's disk fails
+                raise VolumeError(f"volume {path} cannot be opened: {e.strerror}") from None
             for level, index in sorted(cow.tree.damaged):
                 log.error("%s: sector map node %d of level %d fails authentication: its sectors read as I/O "
                           "errors", path, index, level)
