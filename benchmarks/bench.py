@@ -1012,10 +1012,10 @@ def free_page_reporting(sys_root: Path = Path("/sys")) -> str | None:
     return f"{'off' if order >= NO_REPORTING_ORDER else 'on'} (order {order})"
 
 
-def refault_memory(margin: int | None = None) -> float:
+def refault_memory(margin: int | None = None) -> tuple[float, int]:
     """Touch the free RAM once but ``margin`` (default: a quarter of the RAM, at least 1 GiB, so
     that other processes' allocations meanwhile do not wake the OOM killer), then free it;
-    returns the seconds taken.
+    returns the seconds taken and the bytes touched.
 
     Pages the guest reported free are gone from the host until touched again, and the first run
     that fills the page cache pays the host's faults: measured here, the first 1 GiB sequential
@@ -1032,13 +1032,13 @@ def refault_memory(margin: int | None = None) -> float:
         margin = max(1 << 30, info.get("MemTotal", 0) // 4)
     size = (info.get("MemFree", 0) - margin) // MiB * MiB
     if size <= 0:
-        return 0.0
+        return 0.0, 0
     t0 = time.perf_counter()
     chunk = bytes(64 * MiB)
     with mmap.mmap(-1, size) as m:
         for off in range(0, size, len(chunk)):
             m[off:off + min(len(chunk), size - off)] = chunk[:min(len(chunk), size - off)]
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, size
 
 
 def machine() -> dict[str, Any]:
@@ -1296,7 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
                  "and restore the old value afterwards")
     if reporting and reporting.startswith("off") and scale.name == "full":
         log("touching free memory once (pages the host took back are slow to refill) ...")
-        log(f"  {refault_memory():.1f} s")
+        log(f"  {refault_memory()[0]:.1f} s")
     started = time.perf_counter()
     samples: dict[str, dict[str, list[float]]] = {}
     key_samples: dict[str, list[float]] = {}
