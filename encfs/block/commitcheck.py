@@ -16,8 +16,10 @@ Invariants:
   (and a page is never written while a durable commit reaches it), so it is whole.
 - A record with no list was written after an fdatasync of everything it reaches: taken as it is.
 - The open that chooses syncs first when it may write (cow.py load()), so that a slot that looks
-  mirrored is not a mirror a killed process left unsynced, and reads the slots and the listed pages
-  past the page cache (drop_cached()): after a failed writeback the cache holds bytes the disk lacks.
+  mirrored is not a mirror a killed process left unsynced, and then drops the image's page cache
+  (drop_cached()): after a failed writeback the cache holds bytes the disk lacks, and a check there
+  would pass. A reader beside a serving daemon drops the slots only (the daemon's cache is the truth
+  while it runs).
 - With the other slot damaged there is no previous commit to fall back to: the one record is taken,
   and if it has a list its pages are checked all the same, so that a mismatch is logged (a crash
   during that commit together with damage to the other slot, which the commit never writes).
@@ -58,9 +60,12 @@ def list_new_pages(fd: int, pool: PagePool, room: int) -> list[tuple[int, bytes]
 
 
 def drop_cached(fd: int, offset: int, length: int) -> None:
-    """Drop the image's clean cached pages in a range, so that what is read next comes from the disk.
-    After a failed writeback Linux keeps the unwritten bytes in the page cache, clean: a record or a
-    page checked there would pass and be lost once evicted (dirty pages stay: the open syncs first)."""
+    """Drop the image's clean cached pages in a range (length 0: to the end), so that what is read
+    next comes from the disk. After a failed writeback Linux keeps the unwritten bytes in the page
+    cache, clean: a record or a page checked there would pass and be lost once evicted (dirty pages
+    stay: a writable open syncs first). Only cached pages (folios: ext4 caches large ones) wholly
+    inside the range are dropped, so a pool page's own range usually drops nothing; on tmpfs
+    nothing is dropped, and there is no writeback to fail."""
     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
@@ -70,7 +75,6 @@ def unwritten(fd: int, commit: Commit) -> str | None:
     if os.fstat(fd).st_size < page_offset(commit.pages + 1):
         return f"the image ends before its last page ({commit.pages})"
     for page, digest in commit.written:
-        drop_cached(fd, page_offset(page), SEALED_BLOCK)
         if page_digest(os.pread(fd, SEALED_BLOCK, page_offset(page))) != digest:
             return f"page {page} does not hold what it wrote"
     return None

@@ -24,8 +24,9 @@ pools, qcow2 and ZFS). Invariants:
 - Opening takes the newest commit that authenticates (equal numbers: the
   mirrored state) unless it is a listed one that did not reach the disk
   whole (commitcheck.choose_commit), and, if writable, repairs the other
-  slot, after an fdatasync when it took a listed record in one slot only
-  (its pages were read from the page cache).
+  slot. An open that serves or writes the image syncs it first (if
+  writable) and drops its page cache, so that it chooses from what is on
+  the disk (commitcheck.py).
 - Page accounting is rebuilt at open by walking every tree (snapshots, the
   live map): a page no tree reaches is free (and reused), and an open for
   writing cuts off pages past the committed pool, so a crash leaks no space. A page the live map stops
@@ -194,8 +195,14 @@ class CowStore(CowSnapshots, SectorIO):
             # on it: a slot that looks mirrored may hold an unsynced mirror, and the next commit
             # overwrites the other slot (a one-sync commit with no sync before it).
             os.fdatasync(self.fd)
+        if self._writable or live:
+            # The whole file: an advice over a range drops only the cached pages wholly inside it,
+            # and a 4124-byte page seldom is one (commitcheck.drop_cached). Not for a reader beside
+            # a serving daemon, whose cache this would empty: it reads the records afresh below.
+            drop_cached(self.fd, 0, 0)
         for attempt in range(3):
-            drop_cached(self.fd, COMMIT_START, POOL_START - COMMIT_START)  # the records as the disk has them
+            if not (self._writable or live):
+                drop_cached(self.fd, COMMIT_START, POOL_START - COMMIT_START)  # slots: whole pages, aligned
             found = choose_commit(self.fd, [self._read_commit(0), self._read_commit(1)])
             if found is None:
                 raise BlockAuthError(node_block_number(0, 0))

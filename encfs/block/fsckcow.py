@@ -22,7 +22,7 @@ from bisect import bisect_right
 from pathlib import Path
 
 from encfs.block.budget import SealBudget
-from encfs.block.commitcheck import choose_commit
+from encfs.block.commitcheck import choose_commit, drop_cached
 from encfs.block.cow import CowStore, read_tree_into
 from encfs.block.fsck import sector_finding, verify
 from encfs.block.header import VolumeHeader
@@ -118,6 +118,7 @@ def check_cow(fd: int, path: Path, header: VolumeHeader, key: bytes, report: Rep
 def _commit(store: _Cow, report: Report) -> Commit | None:
     """The commit CowStore.load takes (commitcheck.choose_commit); a finding for a damaged or stale
     slot, or for a newest commit that did not reach the disk whole."""
+    drop_cached(store.fd, 0, 0)  # check what is on the disk, as the open does
     slots = store.commit_slots()
     choice = choose_commit(store.fd, slots)
     if choice is None:

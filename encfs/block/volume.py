@@ -404,6 +404,8 @@ def open_snapshots(path: Path, ks: KeyService, expected_key: str | None = None) 
             try:
                 store.load(live=False)
                 break
+            except OSError as e:
+                raise VolumeError(f"volume {path} cannot be read: {e.strerror or e}") from None
             except BlockAuthError:
                 if attempt == 2:
                     raise VolumeError(f"volume {path}: its commit records or snapshot table fail "
@@ -464,7 +466,7 @@ def open_volume(path: Path, ks: KeyService | None, seal_worker: bool = False, ac
             except VolumeTruncated as e:
                 raise VolumeError(f"volume {path} is truncated: {e}") from None
             except OSError as e:  # the open's sync or a read of the records: the image's disk fails
-                raise VolumeError(f"volume {path} cannot be opened: {e.strerror}") from None
+                raise VolumeError(f"volume {path} cannot be opened: {e.strerror or e}") from None
             for level, index in sorted(cow.tree.damaged):
                 log.error("%s: sector map node %d of level %d fails authentication: its sectors read as I/O "
                           "errors", path, index, level)
