@@ -23,13 +23,13 @@ from encfs.block.budget import SealBudget
 from encfs.block.cow import (
     COMMIT_SCOPE,
     DATA_SCOPE,
-    MAX_TABLE_PAGES,
     NODE_SCOPE,
     TABLE_SCOPE,
     Commit,
     CowStore,
     Snapshot,
 )
+from encfs.block.records import MAX_TABLE_PAGES
 from encfs.block.header import (
     COW_FORMAT,
     HEADER_MAC,

@@ -1,5 +1,5 @@
-"""Plaintext sector I/O over a format-2 (copy-on-write) volume image, with snapshots
-(their operations and the compaction after a deletion: cowsnap.py).
+"""Plaintext sector I/O over a format-2 (copy-on-write) volume image, with its commits
+(cowcommit.py) and snapshots (their operations and the compaction after a deletion: cowsnap.py).
 
 Sealed sectors go to free pages of the image's pool; the sector map
 (maptree.py) says which page holds each sector's current contents; a commit
@@ -55,10 +55,11 @@ import fcntl
 import logging
 import os
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from encfs.block.budget import SealBudget
-from encfs.block.commitcheck import choose_commit, drop_cached, list_new_pages
+from encfs.block.commitcheck import choose_commit, drop_cached
+from encfs.block.cowcommit import StoreFailed
 from encfs.block.cowsnap import CowSnapshots
 from encfs.block.layout import (
     COMMIT_START,
@@ -70,12 +71,10 @@ from encfs.block.layout import (
     page_offset,
 )
 from encfs.block.maptree import MapTree, node_from_bytes
-from encfs.block.pages import NEVER_HELD, PagePool
+from encfs.block.pages import PagePool
 from encfs.block.records import (
-    MAX_TABLE_PAGES,
     Commit,
     Snapshot,
-    pack_table,
     parse_table,
 )
 from encfs.block.sectorio import SectorIO
@@ -92,10 +91,6 @@ _ZEROS = bytes(MAX_PLAIN)
 
 class VolumeTruncated(Exception):
     """The image is shorter than its newest commit says."""
-
-
-class StoreFailed(OSError):
-    """A commit's fdatasync failed: what is on disk is unknown, so the store takes no more writes."""
 
 
 class CowSealed:
@@ -407,127 +402,6 @@ class CowStore(CowSnapshots, SectorIO):
 
     def grow(self, new_sectors: int) -> None:
         self.sectors = new_sectors  # the map grows a level when a write needs it
-
-    # -- commit ------------------------------------------------------------------------
-
-    def flush(self) -> None:
-        """Make everything written so far durable: the commit (see the module invariants)."""
-        self._check_writable()
-        tree = self.tree
-        if not (tree.dirty or self._table_dirty or self.pool.pending or self._root_changed):
-            self.sync_mirrors()
-            return
-        allocated: list[tuple[int, int]] = []
-        written: list[tuple[tuple[int, int], int]] = []
-        try:
-            for key in tree.commit_order():
-                (page, _k), = runs = self.pool.alloc(1, self.txg)
-                allocated += runs
-                pwrite_all(self.fd, self._seal_page(self._nodes, node_block_number(*key),
-                                                    tree.nodes[key].tobytes()), page_offset(page))
-                tree.set_child(key, page)
-                written.append((key, page))
-            table, table_txg = self._table, self._table_txg
-            if self._table_dirty:
-                table, table_txg = self._write_table(allocated), self.txg
-            root = dict(written).get(tree.root_key, tree.root_page)
-            commit = Commit(self.txg, table_txg, root, tree.depth, self.pages, table)
-            if os.fstat(self.fd).st_size < page_offset(self.pages + 1):  # a pool grown by a failed write
-                os.ftruncate(self.fd, page_offset(self.pages + 1))
-            if self.one_sync:
-                commit.written = list_new_pages(self.fd, self.pool, commit.room())
-            if not commit.written:
-                try:
-                    os.fdatasync(self.fd)
-                except OSError:
-                    # Linux reports a lost write once and marks its pages clean: a retry would succeed
-                    # and commit a map naming sectors that never reached the disk.
-                    self._failed = True
-                    raise
-            self._write_commit(self._slot, commit)
-        except OSError:
-            self.pool.unalloc(allocated)
-            # A retry seals the table afresh: under the next number, so that no page of this
-            # attempt's table (bound to its transaction) can be mixed into the retry's.
-            self.txg += 1
-            raise
-        try:
-            os.fdatasync(self.fd)  # the commit
-        except OSError as e:
-            self._failed = True
-            raise StoreFailed(e.errno or errno.EIO, f"volume commit not known to be durable: {e.strerror}") from None
-        self._committed(commit, written)
-
-    def _committed(self, commit: Commit, written: list[tuple[tuple[int, int], int]]) -> None:
-        """After a durable commit: the new pages are USED, the dropped ones freed; mirror it."""
-        tree = self.tree
-        for key, page in written:
-            old = tree.pages.get(key, 0)
-            tree.pages[key] = page
-            if old:
-                self.pool.release(old)
-        tree.dirty.clear()
-        punch: list[int] = []
-        if self._table_dirty:
-            for page in self._table:
-                self.pool.release(page, punch)
-            self._table, self._table_txg, self._table_dirty = commit.table, commit.table_txg, False
-        self.pool.committed(punch)
-        self._root_changed = False
-        self.txg += 1
-        self._slot = 1 - self._slot
-        self._mirror = commit
-        self._write_mirror()
-
-    def _write_mirror(self) -> None:
-        """Write the newest commit into the other slot (``_slot``, where the next commit goes)."""
-        assert self._mirror is not None
-        try:
-            self._write_commit(self._slot, self._mirror)
-            self._unsynced = self._mirror_written = True
-        except OSError as e:  # the commit is durable; sync_mirrors() writes the mirror again
-            self._mirror_written = False
-            log.warning("volume commit mirror write failed (the flush itself is durable): %s", e.strerror)
-
-    def _write_table(self, allocated: list[tuple[int, int]]) -> list[int]:
-        pages: list[int] = []
-
-        def fresh_page() -> int:
-            (page, _k), = runs = self.pool.alloc(1, self.txg)
-            allocated.extend(runs)
-            self.pool.birth[page] = NEVER_HELD
-            pages.append(page)
-            return page
-
-        self._seal_table(self.snapshots, fresh_page)
-        return pages
-
-    def _seal_table(self, snapshots: list[Snapshot], next_page: Callable[[], int]) -> None:
-        """Write ``snapshots`` as the table of the open transaction, a page at a time to the pages
-        ``next_page()`` gives (ENOSPC past MAX_TABLE_PAGES, before any write)."""
-        data = pack_table(snapshots)
-        count = -(-len(data) // SECTOR_SIZE)
-        if count > MAX_TABLE_PAGES:
-            raise OSError(errno.ENOSPC, "the snapshot table is full")
-        for i in range(count):
-            chunk = data[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE].ljust(SECTOR_SIZE, b"\0")
-            self._write_page(self._seal_page(self._table_cipher, self.txg << 10 | i, chunk), next_page())
-
-    def sync_mirrors(self) -> None:
-        """Make the newest commit's mirror durable (at rest both slots hold it). A mirror whose
-        write or sync failed is written again: until then the other slot holds the previous
-        commit, whose freed pages are already reused."""
-        if self._mirror is not None and not self._mirror_written:
-            self._write_mirror()
-        if self._unsynced:
-            try:
-                os.fsync(self.fd)
-            except OSError:
-                self._mirror_written = False  # Linux reports a lost write once: write it again next time
-                raise
-            self._unsynced = False
-            if self._mirror_written:
-                self._mirror = None
 
 
 def read_tree_into(fd: int, cipher: BlockCipher, tree: MapTree, first: int, count: int, out: memoryview,

@@ -1,6 +1,6 @@
 """Snapshots of a format-2 store (cow.py): create, delete, rollback, their space, and the
 compaction that gives a deletion's scattered pages back. CowStore takes these methods from
-CowSnapshots; they use its commits. Invariants:
+CowSnapshots, which builds on CowCommits (cowcommit.py). Invariants:
 
 - Snapshots are of committed states only: snapshot() commits what is pending first, then
   records the committed root and transaction in the table and commits the table. Nothing is
@@ -21,52 +21,30 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+from encfs.block.cowcommit import CowCommits
 from encfs.block.layout import FANOUT, MAX_PAGES, SECTOR_SIZE, page_offset
 from encfs.block.maptree import MapTree
-from encfs.block.pages import USED, PagePool
+from encfs.block.pages import USED
 from encfs.block.records import Commit, Snapshot
-from encfs.blocks import SEALED_BLOCK, BlockCipher
+from encfs.blocks import SEALED_BLOCK
 
 log = logging.getLogger("encfs.block")
 
 
-class CowSnapshots:
-    """The snapshot operations of cow.CowStore (a mixin: the store's state and commits)."""
+class CowSnapshots(CowCommits):
+    """The snapshot operations of cow.CowStore (a mixin: the store's state, and its commits)."""
 
-    if TYPE_CHECKING:  # defined by CowStore
-        fd: int
+    if TYPE_CHECKING:  # defined by CowStore, besides what CowCommits declares
         sectors: int
-        txg: int
         pending_limit: int
-        tree: MapTree
-        pool: PagePool
-        snapshots: list[Snapshot]
-        _table: list[int]
-        _table_txg: int
-        _table_dirty: bool
-        _table_cipher: BlockCipher
-        _root_changed: bool
-        _slot: int
-        _mirror: Commit | None
-        _failed: bool
         _writable: bool
         _loaded: Commit | None
 
-        @property
-        def pages(self) -> int: ...
-        def flush(self) -> None: ...
         def snapshot_tree(self, snapshot: Snapshot) -> MapTree: ...
         def _rebuild(self, pages: int, punch: bool) -> None: ...
-        def _seal_page(self, cipher: BlockCipher, block_no: int, plain: bytes, sectors: bool = False) -> bytes: ...
-        def _write_page(self, data: bytes | bytearray | memoryview, page: int) -> None: ...
-        def _write_commit(self, slot: int, commit: Commit) -> None: ...
-        def _write_mirror(self) -> None: ...
-        def _seal_table(self, snapshots: list[Snapshot], next_page: Callable[[], int]) -> None: ...
-        def sync_mirrors(self) -> None: ...
         def _read_commit(self, slot: int) -> Commit | None: ...
         def load(self, live: bool = True) -> None: ...
 
