@@ -420,6 +420,7 @@ def test_lifecycle_create_info_attach_ext4_detach_reattach(rig: Rig) -> None:
     assert info["KeyId"] == key_id
     assert info["Attached"] is None
     assert info["Warnings"] == []
+    assert info["OneSyncCommits"] is True  # FORMAT.md §7.6.7: every volume created now
     text = rig.ok("volume", "info", image)
     assert str(64 * MiB) in text and key_id in text
 

@@ -157,7 +157,8 @@ def _info(path: Path, ks: Any = None, key: str | None = None, recovery_key: byte
             "size": header.size, "sector_size": header.sector_size, "key_id": header.key_id,
             "header_seq": header.seq, "maps_mirrored": header.maps_mirrored or header.copy_on_write,
             "header_mac": header.authenticated, "header_verified": ks is not None or recovery_key is not None,
-            "recovery_key": header.has_recovery_key, "seals_reserved": seals,
+            "recovery_key": header.has_recovery_key, "one_sync_commits": header.one_sync_commits,
+            "seals_reserved": seals,
             "image_nominal_bytes": nominal, "image_allocated_bytes": st.st_blocks * 512,
             "attached": a.loop if a and a.daemon_alive() else None, "warnings": warnings}
 
