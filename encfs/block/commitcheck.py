@@ -90,7 +90,6 @@ class Choice:
     newest: int
     mirrored: bool  # both slots hold it
     note: str = ""  # why a slot is not the volume's state (damaged, or a commit not written whole)
-    unwritten: str = ""  # why the newest commit is not whole on the disk, if it is not
 
 
 def choose_commit(fd: int, slots: list[Commit | None]) -> Choice | None:
@@ -108,11 +107,11 @@ def choose_commit(fd: int, slots: list[Commit | None]) -> Choice | None:
         return Choice(slot, commit, txg, False, f"commit slot {1 - slot} is damaged; using slot {slot} "
                                                 f"(transaction {txg})" + (f", which did not reach the disk "
                                                 f"whole ({why}): sectors it wrote may read as I/O errors "
-                                                f"or as they were before" if why else ""), why)
+                                                f"or as they were before" if why else ""))
     if not why:
         return Choice(slot, commit, txg, False)
     other_txg, other_slot, other = found[1]
     return Choice(other_slot, other, txg, False,
                   f"commit slot {slot} holds transaction {txg}, which did not reach the disk whole ({why}: "
                   f"a crash during its commit, never acknowledged); using slot {other_slot} (transaction "
-                  f"{other_txg})", why)
+                  f"{other_txg})")

@@ -190,13 +190,14 @@ class CowStore(CowSnapshots, SectorIO):
             # on it: a slot that looks mirrored may hold an unsynced mirror, and the next commit
             # overwrites the other slot (a one-sync commit with no sync before it).
             os.fdatasync(self.fd)
-        if self._writable or live:
+        beside_daemon = not (self._writable or live)  # a reader beside the daemon serving the image
+        if not beside_daemon:
             # The whole file: an advice over a range drops only the cached pages wholly inside it,
-            # and a 4124-byte page seldom is one (commitcheck.drop_cached). Not for a reader beside
-            # a serving daemon, whose cache this would empty: it reads the records afresh below.
+            # and a 4124-byte page seldom is one (commitcheck.drop_cached). Not beside a serving
+            # daemon, whose cache this would empty: that reader drops the slots, afresh each time.
             drop_cached(self.fd, 0, 0)
         for attempt in range(3):
-            if not (self._writable or live):
+            if beside_daemon:
                 drop_cached(self.fd, COMMIT_START, POOL_START - COMMIT_START)  # slots: whole pages, aligned
             found = choose_commit(self.fd, [self._read_commit(0), self._read_commit(1)])
             if found is None:
@@ -204,11 +205,9 @@ class CowStore(CowSnapshots, SectorIO):
             choice = found
             slot, commit = choice.slot, choice.commit
             whole = os.fstat(self.fd).st_size >= page_offset(commit.pages + 1)
-            if whole and (live or choice.newest == commit.txg):
+            if whole and (live or attempt == 2 or choice.newest == commit.txg):
                 break
             if live or attempt == 2:
-                if whole:
-                    break
                 raise VolumeTruncated(f"the image ends before its last page ({commit.pages})")
             # A reader beside the daemon: a compaction (cowsnap.py) may have committed a shorter
             # pool and cut the image since the records were read (that commit is durable first),

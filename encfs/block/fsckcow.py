@@ -126,14 +126,9 @@ def _commit(store: _Cow, report: Report) -> Commit | None:
                                      "(not repairable)"))
         return None
     slot, txg, other = choice.slot, choice.commit.txg, slots[1 - choice.slot]
-    if choice.newest != txg:
+    if choice.note:  # the other slot damaged, or the newest commit passed over: the open's own words
         report.add(Finding("commit-slot", choice.note, repairable=True, place=str(1 - slot)))
-    elif other is None:
-        whole = f", which did not reach the disk whole ({choice.unwritten})" if choice.unwritten else ""
-        report.add(Finding("commit-slot", f"commit slot {1 - slot} fails authentication; slot {slot} holds the "
-                                          f"newest commit (transaction {txg}){whole}", repairable=True,
-                           place=str(1 - slot)))
-    elif other.txg != txg:
+    elif other is not None and other.txg != txg:
         report.add(Finding("commit-slot", f"commit slot {1 - slot} holds an older commit (transaction {other.txg}; "
                                           f"the newest is {txg}): the last commit's mirror was not written",
                            repairable=True, place=str(1 - slot)))

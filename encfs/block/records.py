@@ -71,13 +71,11 @@ class Commit:
         table = array("I")
         at = COMMIT_FORMAT.size + 4 * n
         table.frombytes(plain[COMMIT_FORMAT.size:at])
-        written: list[tuple[int, bytes]] = []
-        if at + WRITTEN_COUNT.size <= SECTOR_SIZE:
-            m, = WRITTEN_COUNT.unpack_from(plain, at)
-            if m > room_for(n):
-                return None
-            at += WRITTEN_COUNT.size
-            written = [WRITTEN_ENTRY.unpack_from(plain, at + i * WRITTEN_ENTRY.size) for i in range(m)]
+        m, = WRITTEN_COUNT.unpack_from(plain, at)  # in every record: n <= MAX_TABLE_PAGES leaves it room
+        if m > room_for(n):
+            return None
+        at += WRITTEN_COUNT.size
+        written = [WRITTEN_ENTRY.unpack_from(plain, at + i * WRITTEN_ENTRY.size) for i in range(m)]
         return cls(txg, table_txg, root, depth, pages, list(table), written)
 
 
