@@ -30,28 +30,24 @@ Invariants:
 - Only `encfs hsm init` (``provision``) starts a key store: the embedded token, or
   with a PKCS#11 module the key metadata (keys.json); any other open of a home
   without one is NoKeyStore and creates nothing there.
+
+KeyService keeps the plumbing these rest on (the audit wrapper, fresh metadata with the due
+transitions, backing-key versions, the rollback check of a failing token call); its operations
+come from mixins: key administration (keyadmin.py), cryptographic operations (cryptoops.py) and
+imported key material (keyimport.py). What they share about a key is describe.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import secrets
-import struct
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 from encfs.errors import (
-    ContextMismatch,
     EncfsError,
-    InvalidCiphertext,
-    KeyImportError,
     KeyStateError,
     ModuleNotFound,
     NoKeyStore,
@@ -60,141 +56,47 @@ from encfs.errors import (
     StateError,
     TokenError,
     TokenNotFound,
-    UsageError,
 )
 from encfs.keys import tokenstate
-from encfs.keys.audit import AuditLog, iso_time
-from encfs.keys.blob import ALGORITHMS, NONCE_LEN, BlobHeader, CiphertextBlob
+from encfs.keys.audit import AuditLog
+from encfs.keys.blob import ALGORITHMS
 from encfs.keys.budget import SealBudget
-from encfs.keys.cache import DataKeyCache
 from encfs.keys.config import HsmOptions, default_home, prepare_state_dir, resolve_token
-from encfs.keys.context import EncryptionContext, context_digest, encode_context
-from encfs.keys.metadata import (
-    DISABLED,
-    ENABLED,
-    ORIGIN_EXTERNAL,
-    ORIGIN_TOKEN,
-    PENDING_DELETION,
-    PENDING_IMPORT,
-    ImportState,
-    KeyDB,
-    KeyRecord,
-    KeyStore,
-    KeyVersion,
-    normalize_alias,
+from encfs.keys.cryptoops import (
+    MAX_DATA_KEY_BYTES,
+    MAX_ENCRYPT_PLAINTEXT,
+    RESERVED_CONTEXT_PREFIX,
+    CryptographicOperations,
+    DataKey,
+    Decrypted,
+    _check_context,
+    _names_key,
 )
-from encfs.keys.token import TagMismatch, Token, rsa_spki_pem
-from encfs.keys.usage import UsageLedger, still_used
+from encfs.keys.describe import (
+    WRAPPING_PAIR_VERSION,
+    _version_json,
+    key_metadata_json,
+    key_state_error,
+    token_object_id,
+)
+from encfs.keys.describe import WRAPPING_PAIR_VERSION as _WRAPPING_PAIR_VERSION
+from encfs.keys.describe import key_state_error as _state_error
+from encfs.keys.keyadmin import DELETION_WINDOW_DAYS, ROTATION_PERIOD_DAYS, KeyAdministration
+from encfs.keys.keyimport import (
+    _IMPORT_CHECK_AAD,
+    IMPORT_PARAMETERS_TTL,
+    WRAPPING_ALGORITHMS,
+    ImportParameters,
+    KeyMaterialImport,
+)
+from encfs.keys.metadata import ENABLED, PENDING_DELETION, PENDING_IMPORT, KeyDB, KeyRecord, KeyStore, KeyVersion
+from encfs.keys.token import TagMismatch, Token
+from encfs.keys.usage import UsageLedger
 
-MAX_ENCRYPT_PLAINTEXT = 4096
-MAX_DATA_KEY_BYTES = 1024
-DELETION_WINDOW_DAYS = (7, 30)
-ROTATION_PERIOD_DAYS = (90, 2560)
-IMPORT_PARAMETERS_TTL = 24 * 3600
-WRAPPING_ALGORITHMS = ("RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256")
-_IMPORT_CHECK_AAD = b"encfs import check v1"
-_WRAPPING_PAIR_VERSION = 0xFFFFFFFF
-RESERVED_CONTEXT_PREFIX = "encfs:"
 log = logging.getLogger("encfs.keys")
 
 
-def token_object_id(key_id: str, version: int) -> bytes:
-    """CKA_ID of a backing key: 16-byte key UUID || u32 version (0xFFFFFFFF: import pair)."""
-    return uuid.UUID(key_id).bytes + struct.pack(">I", version)
-
-
-@dataclass(frozen=True)
-class DataKey:
-    """Result of generate_data_key; ``plaintext`` is None for the WithoutPlaintext form."""
-
-    key_id: str
-    key_version: int
-    plaintext: bytes | None
-    ciphertext_blob: bytes
-
-
-@dataclass(frozen=True)
-class Decrypted:
-    key_id: str
-    key_version: int
-    plaintext: bytes
-
-
-@dataclass(frozen=True)
-class ImportParameters:
-    key_id: str
-    wrapping_algorithm: str
-    public_key_pem: bytes
-    import_token: str
-    valid_to: float
-
-
-def _state_error(rec: KeyRecord, operation: str) -> KeyStateError:
-    detail = {
-        DISABLED: "is disabled",
-        PENDING_DELETION: f"is pending deletion (scheduled for {iso_time(rec.deletion_date or 0)})",
-        PENDING_IMPORT: "is pending import (it has no key material)",
-    }.get(rec.state, f"is in state {rec.state}")
-    return KeyStateError(f"key {rec.key_id} {detail}: {operation} needs an Enabled key")
-
-
-def _check_context(context: EncryptionContext, encfs_internal: bool, what: str = "encryption context") -> None:
-    """Refuse the reserved ``encfs:`` keys unless encfs itself is the caller."""
-    if encfs_internal:
-        return
-    for name in context:
-        if name.startswith(RESERVED_CONTEXT_PREFIX):
-            raise UsageError(f"{what} key {name!r}: keys starting with {RESERVED_CONTEXT_PREFIX!r} are reserved "
-                             f"for encfs's own file headers and volume keys")
-
-
-def _names_key(db: KeyDB, ref: str, key_id: str) -> bool:
-    """Whether the id or alias ``ref`` currently names ``key_id``."""
-    try:
-        return db.resolve(ref).key_id == key_id
-    except EncfsError:
-        return False
-
-
-def _version_json(rec: KeyRecord, v: KeyVersion) -> dict[str, Any]:
-    out: dict[str, Any] = {"Version": v.version, "CreationDate": iso_time(v.created),
-                           "UsedBy": "unknown" if v.used_by is None else list(v.used_by)}
-    if v.retired is not None:
-        out["KeyVersionState"], out["RetiredDate"] = "Retired", iso_time(v.retired)
-    else:
-        out["KeyVersionState"] = "Current" if v is rec.current else ("InUse" if still_used(v) else "Unused")
-    return out
-
-
-def key_metadata_json(rec: KeyRecord, db: KeyDB) -> dict[str, Any]:
-    """Describe a key in AWS KMS DescribeKey vocabulary."""
-    out: dict[str, Any] = {
-        "KeyId": rec.key_id,
-        "Aliases": db.aliases_of(rec.key_id),
-        "Description": rec.description,
-        "KeyState": rec.state,
-        "Origin": rec.origin,
-        "KeySpec": "SYMMETRIC_DEFAULT",
-        "KeyUsage": "ENCRYPT_DECRYPT",
-        "CreationDate": iso_time(rec.created),
-        "CurrentKeyVersion": rec.versions[-1].version if rec.versions else None,
-        "KeyVersions": [_version_json(rec, v) for v in rec.versions],
-        "KeyRotationEnabled": rec.rotation_period_days is not None,
-    }
-    if rec.rotation_period_days is not None:
-        out["RotationPeriodInDays"] = rec.rotation_period_days
-        out["NextRotationDate"] = iso_time(rec.next_rotation() or 0)
-    if rec.deletion_date is not None:
-        out["DeletionDate"] = iso_time(rec.deletion_date)
-    if rec.imported is not None:
-        out["ExpirationModel"] = ("KEY_MATERIAL_EXPIRES" if rec.imported.valid_to is not None
-                                  else "KEY_MATERIAL_DOES_NOT_EXPIRE")
-        if rec.imported.valid_to is not None:
-            out["ValidTo"] = iso_time(rec.imported.valid_to)
-    return out
-
-
-class KeyService:
+class KeyService(KeyAdministration, CryptographicOperations, KeyMaterialImport):
     """Customer master keys on a token, with KMS-style operations."""
 
     def __init__(self, home: Path, token: Token, clock: Callable[[], float] = time.time,
@@ -340,7 +242,7 @@ class KeyService:
             for v in rec.versions:
                 self.token.destroy(bytes.fromhex(v.token_id))
         if wrapping:
-            self.token.destroy(token_object_id(rec.key_id, _WRAPPING_PAIR_VERSION))
+            self.token.destroy(token_object_id(rec.key_id, WRAPPING_PAIR_VERSION))
 
     def _add_version(self, rec: KeyRecord, now: float, operation: str = "RotateKey") -> int:
         """Create the next backing-key version; it takes the token record of the current one
@@ -385,533 +287,7 @@ class KeyService:
     @staticmethod
     def _require(rec: KeyRecord, operation: str) -> None:
         if rec.state != ENABLED:
-            raise _state_error(rec, operation)
-
-    def _seal(self, rec: KeyRecord, plaintext: bytes, encoded_context: bytes, operation: str,
-              info: dict[str, Any]) -> bytes:
-        version = rec.current
-        header = BlobHeader(uuid.UUID(rec.key_id), version.version,
-                            context_digest(encoded_context), os.urandom(NONCE_LEN))
-        with self._token_use(rec, version, operation, info):
-            sealed = self.token.encrypt_gcm(bytes.fromhex(version.token_id), header.nonce,
-                                            header.pack() + encoded_context, plaintext)
-        return CiphertextBlob(header, sealed).pack()
-
-    def _open_blob(self, db: KeyDB, blob: CiphertextBlob, encoded_context: bytes,
-                   operation: str, info: dict[str, Any], expected_key: str | None) -> bytes:
-        key_id = str(blob.header.key_id)
-        info["key_id"], info["key_version"] = key_id, blob.header.key_version
-        if key_id not in db.keys and key_id not in db.deleted:
-            # Never a key here: a corrupt blob (or one from another key store), not a lookup miss.
-            raise InvalidCiphertext(f"ciphertext blob names key {key_id}, which does not exist")
-        rec = db.resolve(key_id)
-        if expected_key is not None:
-            want = db.resolve(expected_key).key_id
-            if want != key_id:
-                raise InvalidCiphertext(f"ciphertext blob was encrypted under key {key_id}, not {want}")
-        self._require(rec, operation)
-        version = rec.version(blob.header.key_version)
-        if version is None:
-            raise InvalidCiphertext(
-                f"ciphertext blob names version {blob.header.key_version} of key {key_id}, which does not exist")
-        if version.retired is not None:
-            raise KeyStateError(f"ciphertext blob names version {version.version} of key {key_id}, which was "
-                                f"retired on {iso_time(version.retired)} (its backing key is destroyed)")
-        try:
-            with self._token_use(rec, version, operation, info):
-                return self.token.decrypt_gcm(bytes.fromhex(version.token_id), blob.header.nonce,
-                                              blob.aad(encoded_context), blob.sealed)
-        except TagMismatch:
-            if blob.header.context_digest != context_digest(encoded_context):
-                raise ContextMismatch(
-                    "encryption context does not match the one the blob was encrypted with") from None
-            raise InvalidCiphertext("ciphertext blob failed authentication: it is corrupt or was tampered with") from None
-
-    # -- key management -----------------------------------------------------
-
-    def create_key(self, description: str = "", alias: str | None = None,
-                   origin: str = ORIGIN_TOKEN) -> dict[str, Any]:
-        """Create a CMK (on the token, or PendingImport for origin EXTERNAL)."""
-        with self._audited("CreateKey") as info:
-            if origin not in (ORIGIN_TOKEN, ORIGIN_EXTERNAL):
-                raise UsageError(f"origin must be {ORIGIN_TOKEN} or {ORIGIN_EXTERNAL}, not {origin!r}")
-            alias_name = normalize_alias(alias) if alias else None
-            if alias_name:
-                info["alias"] = alias_name  # the trail finds a deleted key by its former alias too
-            if alias_name in self._db().aliases:  # also makes sure the key store is not a lost one
-                raise UsageError(f"alias {alias_name} already exists")
-            now = self.clock()
-            rec = KeyRecord(key_id=str(uuid.uuid4()), created=now, description=description, origin=origin,
-                            state=ENABLED if origin == ORIGIN_TOKEN else PENDING_IMPORT)
-            info["key_id"] = rec.key_id
-            if origin == ORIGIN_TOKEN:
-                info["key_version"] = self._add_version(rec, now)
-            else:
-                rec.imported = ImportState()
-            try:
-                with self.store.transaction() as db:
-                    if alias_name:
-                        if alias_name in db.aliases:
-                            raise UsageError(f"alias {alias_name} already exists")
-                        db.aliases[alias_name] = rec.key_id
-                    db.keys[rec.key_id] = rec
-                    result = key_metadata_json(rec, db)
-            except BaseException:
-                self._destroy_material(rec, versions=True, wrapping=False)
-                raise
-            return result
-
-    def list_keys(self) -> list[dict[str, Any]]:
-        with self._audited("ListKeys"):
-            db = self._db()
-            return [key_metadata_json(r, db) for r in sorted(db.keys.values(), key=lambda r: r.created)]
-
-    def describe_key(self, key: str) -> dict[str, Any]:
-        with self._audited("DescribeKey") as info:
-            db = self._db()
-            rec = db.resolve(key)
-            info["key_id"] = rec.key_id
-            out = key_metadata_json(rec, db)
-            if rec.versions and rec.state != PENDING_IMPORT:
-                found = tokenstate.read(self.token, rec.current)
-                out["TokenState"] = found.state  # differs from KeyState after a rollback of keys.json
-                if found.state != tokenstate.MISSING:
-                    out["TokenAttributes"] = self.token.key_attributes(bytes.fromhex(rec.current.token_id))
-            return out
-
-    def list_aliases(self) -> dict[str, str]:
-        with self._audited("ListAliases"):
-            return dict(self._db().aliases)
-
-    def update_alias(self, alias: str, key: str) -> str:
-        """Point ``alias`` at ``key``, creating the alias if needed. Returns the key id."""
-        with self._audited("UpdateAlias") as info:
-            name = normalize_alias(alias)
-            info["alias"] = name
-            with self.store.transaction() as db:
-                rec = db.resolve(key)
-                info["key_id"] = rec.key_id
-                db.aliases[name] = rec.key_id
-            return rec.key_id
-
-    def delete_alias(self, alias: str) -> None:
-        with self._audited("DeleteAlias") as info:
-            name = normalize_alias(alias)
-            info["alias"] = name
-            with self.store.transaction() as db:
-                if name not in db.aliases:
-                    raise UsageError(f"alias {name} does not exist")
-                info["key_id"] = db.aliases.pop(name)
-
-    def _transition(self, operation: str, key: str, change: Callable[[KeyRecord, float], None]) -> dict[str, Any]:
-        with self._audited(operation) as info:
-            self._db()  # apply anything due first
-            with self.store.transaction() as db:
-                rec = db.resolve(key)
-                info["key_id"] = rec.key_id
-                change(rec, self.clock())
-                return key_metadata_json(rec, db)
-
-    def _token_says(self, rec: KeyRecord) -> tokenstate.TokenState | None:
-        """The token's record of the current backing key (None: no material was ever made)."""
-        return tokenstate.read(self.token, rec.current) if rec.versions else None
-
-    def enable_key(self, key: str) -> dict[str, Any]:
-        def change(rec: KeyRecord, now: float) -> None:
-            if rec.state not in (ENABLED, DISABLED):
-                raise _state_error(rec, "EnableKey")
-            found = self._token_says(rec)
-            if found is not None and found.state == PENDING_DELETION:
-                raise KeyStateError(f"key {rec.key_id} {found.describe()}, but keys.json says {rec.state}: keys.json "
-                                    f"was restored from an older copy; run `encfs key cancel-deletion` first")
-            tokenstate.write(self.token, rec, ENABLED)
-            rec.state = ENABLED
-        return self._transition("EnableKey", key, change)
-
-    def disable_key(self, key: str) -> dict[str, Any]:
-        def change(rec: KeyRecord, now: float) -> None:
-            if rec.state not in (ENABLED, DISABLED):
-                raise KeyStateError(f"key {rec.key_id} is {rec.state}: only Enabled keys can be disabled")
-            found = self._token_says(rec)
-            if found is not None and found.state == PENDING_DELETION:
-                raise tokenstate.rollback_error(rec, rec.current, found, "DisableKey")
-            tokenstate.write(self.token, rec, DISABLED)
-            rec.state = DISABLED
-        return self._transition("DisableKey", key, change)
-
-    def schedule_key_deletion(self, key: str, days: int = 30) -> dict[str, Any]:
-        lo, hi = DELETION_WINDOW_DAYS
-
-        def change(rec: KeyRecord, now: float) -> None:
-            if not lo <= days <= hi:
-                raise UsageError(f"deletion waiting period must be {lo} to {hi} days, not {days}")
-            if rec.state == PENDING_DELETION:
-                raise KeyStateError(f"key {rec.key_id} is already pending deletion")
-            found = self._token_says(rec)
-            if found is not None and found.state == PENDING_DELETION:
-                raise tokenstate.rollback_error(rec, rec.current, found, "ScheduleKeyDeletion")
-            deletion_date = now + days * 86400
-            tokenstate.write(self.token, rec, PENDING_DELETION, deletion_date)
-            rec.pre_deletion_state = rec.state
-            rec.state = PENDING_DELETION
-            rec.deletion_date = deletion_date
-        return self._transition("ScheduleKeyDeletion", key, change)
-
-    def cancel_key_deletion(self, key: str) -> dict[str, Any]:
-        def change(rec: KeyRecord, now: float) -> None:
-            found = self._token_says(rec)
-            rolled_back = rec.state != PENDING_DELETION and found is not None and found.state == PENDING_DELETION
-            if rec.state != PENDING_DELETION and not rolled_back:
-                raise KeyStateError(f"key {rec.key_id} is {rec.state}, not pending deletion")
-            # As in AWS KMS: a key whose deletion is cancelled comes back Disabled
-            # (or PendingImport if it has no key material).
-            if rolled_back:  # keys.json lost the deletion, the token did not: it says what was before
-                rec.pre_deletion_state = PENDING_IMPORT if rec.state == PENDING_IMPORT else DISABLED
-            tokenstate.write(self.token, rec, DISABLED)
-            rec.state = PENDING_IMPORT if rec.pre_deletion_state == PENDING_IMPORT else DISABLED
-            rec.deletion_date = rec.pre_deletion_state = None
-        return self._transition("CancelKeyDeletion", key, change)
-
-    # -- rotation -----------------------------------------------------------
-
-    def rotate_key(self, key: str) -> dict[str, Any]:
-        """On-demand rotation: a new backing-key version becomes current."""
-        with self._audited("RotateKeyOnDemand") as info:
-            self._db()
-            with self.store.transaction() as db:
-                rec = db.resolve(key)
-                info["key_id"] = rec.key_id
-                self._require(rec, "RotateKeyOnDemand")
-                if rec.origin == ORIGIN_EXTERNAL:
-                    raise KeyStateError(f"key {rec.key_id} has imported key material and cannot be rotated")
-                found = self._token_says(rec)
-                if found is not None and found.state != ENABLED:
-                    info["rollback_detected"] = True
-                    raise tokenstate.rollback_error(rec, rec.current, found, "RotateKeyOnDemand")
-                info["key_version"] = self._add_version(rec, self.clock(), "RotateKeyOnDemand")
-                return key_metadata_json(rec, db)
-
-    def retire_key_version(self, key: str, number: int) -> dict[str, Any]:
-        """Destroy an old backing-key version that no known blob needs (usage.py): keys.json
-        marks it retired first, so that nothing unwraps under it even if the token call fails;
-        a second call destroys what is left."""
-        with self._audited("RetireKeyVersion") as info:
-            self._db()
-            with self.store.transaction() as db:
-                rec = db.resolve(key)
-                info["key_id"], info["key_version"] = rec.key_id, number
-                version = rec.version(number)
-                if version is None:
-                    raise UsageError(f"key {rec.key_id} has no version {number}")
-                if version is rec.current:
-                    raise KeyStateError(f"version {number} is key {rec.key_id}'s current version: rotate the key "
-                                        f"(`encfs key rotate`) and move its blobs (`encfs rekey TARGET`) first")
-                if version.retired is None:
-                    why = still_used(version)
-                    if why is not None:
-                        raise KeyStateError(f"version {number} of key {rec.key_id} cannot be retired: {why}; "
-                                            f"`encfs rekey TARGET` moves a target to the current version")
-                    version.retired = self.clock()
-                result = key_metadata_json(rec, db)
-            self.token.destroy(bytes.fromhex(version.token_id))
-            return result
-
-    def enable_key_rotation(self, key: str, period_days: int = 365) -> dict[str, Any]:
-        lo, hi = ROTATION_PERIOD_DAYS
-
-        def change(rec: KeyRecord, now: float) -> None:
-            if not lo <= period_days <= hi:
-                raise UsageError(f"rotation period must be {lo} to {hi} days, not {period_days}")
-            self._require(rec, "EnableKeyRotation")
-            if rec.origin == ORIGIN_EXTERNAL:
-                raise KeyStateError(f"key {rec.key_id} has imported key material and cannot be rotated")
-            rec.rotation_period_days = period_days
-            rec.last_rotation = now
-        return self._transition("EnableKeyRotation", key, change)
-
-    def disable_key_rotation(self, key: str) -> dict[str, Any]:
-        def change(rec: KeyRecord, now: float) -> None:
-            rec.rotation_period_days = None
-            rec.last_rotation = None
-        return self._transition("DisableKeyRotation", key, change)
-
-    # -- cryptographic operations -------------------------------------------
-
-    def generate_data_key(self, key: str, context: EncryptionContext | None = None,
-                          number_of_bytes: int = 32, with_plaintext: bool = True,
-                          cache: DataKeyCache | None = None, encfs_internal: bool = False) -> DataKey:
-        """A fresh random data key, returned in plaintext (optionally) and sealed under ``key``.
-
-        With ``cache``, the new key is entered as if just decrypted, so the
-        caller's next decrypt of this blob (same context) needs no token call.
-        """
-        context = dict(context or {})
-        op = "GenerateDataKey" if with_plaintext else "GenerateDataKeyWithoutPlaintext"
-        with self._audited(op, context=context) as info:
-            if not 1 <= number_of_bytes <= MAX_DATA_KEY_BYTES:
-                raise UsageError(f"data key size must be 1 to {MAX_DATA_KEY_BYTES} bytes")
-            _check_context(context, encfs_internal)
-            encoded = encode_context(context)
-            rec = self._db().resolve(key)
-            info["key_id"] = rec.key_id
-            self._require(rec, op)
-            rec = self.budget.spend(rec, 1, op)
-            self.usage.note(rec, [context])
-            info["key_version"] = rec.current.version
-            plaintext = self.token.random(number_of_bytes)
-            blob = self._seal(rec, plaintext, encoded, op, info)
-            if cache is not None and with_plaintext:
-                cache.put(blob, encoded, plaintext, rec.key_id, rec.current.version)
-            return DataKey(rec.key_id, rec.current.version, plaintext if with_plaintext else None, blob)
-
-    def generate_data_keys(self, key: str, contexts: Sequence[EncryptionContext],
-                           number_of_bytes: int = 32, cache: DataKeyCache | None = None,
-                           encfs_internal: bool = False,
-                           principals: Sequence[dict[str, Any]] | None = None) -> list[DataKey]:
-        """generate_data_key for each context (with plaintext), in one pass.
-
-        One metadata check, one request to the token's RNG and one hold of the
-        token for all the seals; the audit trail still gets one GenerateDataKey
-        record per key, with its context, exactly as separate calls would give.
-        With ``cache``, each key is entered as if just decrypted (as generate_data_key does).
-        ``principals`` (the key daemon's batch of several clients' requests) names each record's.
-        """
-        return self._seal_many("GenerateDataKey", key, contexts, None, number_of_bytes, cache, encfs_internal,
-                               principals)
-
-    def encrypt_many(self, key: str, plaintexts: Sequence[bytes], contexts: Sequence[EncryptionContext],
-                     cache: DataKeyCache | None = None, encfs_internal: bool = False) -> list[DataKey]:
-        """encrypt of each plaintext (a key the caller derived) under its context, in one pass as
-        generate_data_keys does: one Encrypt audit record per plaintext. Returned as DataKeys,
-        and with ``cache`` entered as if just decrypted."""
-        assert len(plaintexts) == len(contexts)
-        return self._seal_many("Encrypt", key, contexts, list(plaintexts), 0, cache, encfs_internal)
-
-    def _seal_many(self, op: str, key: str, contexts: Sequence[EncryptionContext], given: list[bytes] | None,
-                   number_of_bytes: int, cache: DataKeyCache | None, encfs_internal: bool,
-                   principals: Sequence[dict[str, Any]] | None = None) -> list[DataKey]:
-        encoded = [encode_context(dict(c)) for c in contexts]
-        info: dict[str, Any] = {}
-        try:
-            if given is None and not 1 <= number_of_bytes <= MAX_DATA_KEY_BYTES:
-                raise UsageError(f"data key size must be 1 to {MAX_DATA_KEY_BYTES} bytes")
-            for c in contexts:
-                _check_context(c, encfs_internal)
-            if given is not None and any(len(p) > MAX_ENCRYPT_PLAINTEXT for p in given):
-                raise UsageError(f"encrypt takes at most {MAX_ENCRYPT_PLAINTEXT} bytes per plaintext")
-            rec = self._db().resolve(key)
-            info["key_id"] = rec.key_id
-            self._require(rec, op)
-            rec = self.budget.spend(rec, len(contexts), op)
-            self.usage.note(rec, contexts)
-            version = rec.current
-            info["key_version"] = version.version
-            if given is None:
-                material = self.token.random(number_of_bytes * len(contexts))
-                plaintexts = [material[i * number_of_bytes:(i + 1) * number_of_bytes] for i in range(len(contexts))]
-            else:
-                plaintexts = given
-            key_uuid = uuid.UUID(rec.key_id)
-            nonces = os.urandom(NONCE_LEN * len(encoded))
-            headers = [BlobHeader(key_uuid, version.version, context_digest(e),
-                                  nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN]) for i, e in enumerate(encoded)]
-            with self._token_use(rec, version, op, info):
-                sealed = self.token.encrypt_gcm_many(bytes.fromhex(version.token_id), [
-                    (h.nonce, h.pack() + e, p) for h, e, p in zip(headers, encoded, plaintexts)])
-        except EncfsError as e:
-            self.audit.record_many(op, contexts, principals, outcome="failure", error=e.message, now=self.clock(),
-                                   **info)
-            raise
-        self.audit.record_many(op, contexts, principals, now=self.clock(), **info)
-        keys = [DataKey(rec.key_id, version.version, p, CiphertextBlob(h, s).pack())
-                for p, h, s in zip(plaintexts, headers, sealed)]
-        if cache is not None:
-            for dk, enc in zip(keys, encoded):
-                cache.put(dk.ciphertext_blob, enc, dk.plaintext, dk.key_id, dk.key_version)  # type: ignore[arg-type]
-        return keys
-
-    def resolve_key_id(self, ref: str) -> str:
-        """The id of the key ``ref`` (an id or alias) names now; KeyNotFound otherwise. Not audited:
-        the key daemon asks it to decide a policy before the audited call."""
-        return self._db().resolve(ref).key_id
-
-    def key_enabled(self, key_id: str) -> bool:
-        """Whether the key exists and is Enabled (fresh metadata; not audited)."""
-        rec = self._db().keys.get(key_id)
-        return rec is not None and rec.state == ENABLED
-
-    def key_usable(self, key_id: str, context: EncryptionContext) -> bool:
-        """Whether data protected under ``key_id`` in ``context`` by keys derived outside the
-        service (a filesystem's derived file keys) may still be used: the key Enabled (fresh
-        metadata; no token call, nothing audited; a key daemon also asks its policy)."""
-        return self.key_enabled(key_id)
-
-    def data_key_usable(self, key_id: str, key_version: int) -> bool:
-        """Whether a data key generated under (key_id, key_version) may still protect new data:
-        the CMK is Enabled and that version is still its current one (checked against fresh
-        metadata; no token call, nothing audited)."""
-        rec = self._db().keys.get(key_id)
-        return rec is not None and rec.state == ENABLED and rec.current.version == key_version
-
-    def encrypt(self, key: str, plaintext: bytes, context: EncryptionContext | None = None,
-                encfs_internal: bool = False) -> bytes:
-        context = dict(context or {})
-        with self._audited("Encrypt", context=context) as info:
-            _check_context(context, encfs_internal)
-            if len(plaintext) > MAX_ENCRYPT_PLAINTEXT:
-                raise UsageError(f"plaintext is {len(plaintext)} bytes; encrypt takes at most "
-                                 f"{MAX_ENCRYPT_PLAINTEXT} (encrypt larger data under a data key)")
-            encoded = encode_context(context)
-            rec = self._db().resolve(key)
-            info["key_id"] = rec.key_id
-            self._require(rec, "Encrypt")
-            rec = self.budget.spend(rec, 1, "Encrypt")
-            self.usage.note(rec, [context])
-            info["key_version"] = rec.current.version
-            return self._seal(rec, plaintext, encoded, "Encrypt", info)
-
-    def decrypt(self, blob: bytes, context: EncryptionContext | None = None, key: str | None = None,
-                cache: DataKeyCache | None = None) -> Decrypted:
-        """Open a blob. ``key`` (optional) insists on the CMK; ``cache`` skips the token on repeats."""
-        context = dict(context or {})
-        encoded = encode_context(context)
-        if cache is not None:
-            hit = cache.get(blob, encoded)
-            if hit is not None:
-                plaintext, key_id, version = hit
-                db = self._db()
-                rec = db.keys.get(key_id)
-                if rec is not None and rec.state == ENABLED and (key is None or _names_key(db, key, key_id)):
-                    return Decrypted(key_id, version, plaintext)
-                # The key changed state or was deleted (or --key differs): the audited path decides.
-                cache.clear()
-        with self._audited("Decrypt", context=context) as info:
-            parsed = CiphertextBlob.parse(blob)
-            plaintext = self._open_blob(self._db(), parsed, encoded, "Decrypt", info, key)
-            result = Decrypted(str(parsed.header.key_id), parsed.header.key_version, plaintext)
-        if cache is not None:
-            cache.put(blob, encoded, plaintext, result.key_id, result.key_version)
-        return result
-
-    def re_encrypt(self, blob: bytes, context: EncryptionContext | None, dest_key: str,
-                   dest_context: EncryptionContext | None = None, encfs_internal: bool = False) -> bytes:
-        """Move a blob under ``dest_key`` without the plaintext leaving the service."""
-        context = dict(context or {})
-        dest_context = dict(context if dest_context is None else dest_context)
-        with self._audited("ReEncrypt", context=context, destination_context=dest_context) as info:
-            _check_context(dest_context, encfs_internal, "destination encryption context")
-            parsed = CiphertextBlob.parse(blob)
-            db = self._db()
-            plaintext = self._open_blob(db, parsed, encode_context(context), "ReEncrypt", info, None)
-            dest = db.resolve(dest_key)
-            info["destination_key_id"] = dest.key_id
-            self._require(dest, "ReEncrypt")
-            dest = self.budget.spend(dest, 1, "ReEncrypt")
-            self.usage.note(dest, [dest_context])
-            info["destination_key_version"] = dest.current.version
-            return self._seal(dest, plaintext, encode_context(dest_context), "ReEncrypt", info)
-
-    # -- imported key material (BYOK) ---------------------------------------
-
-    def get_parameters_for_import(self, key: str, wrapping_algorithm: str = "RSAES_OAEP_SHA_1") -> ImportParameters:
-        with self._audited("GetParametersForImport", wrapping_algorithm=wrapping_algorithm) as info:
-            if wrapping_algorithm not in WRAPPING_ALGORITHMS:
-                raise UsageError(f"wrapping algorithm must be one of {', '.join(WRAPPING_ALGORITHMS)}")
-            self._db()
-            with self.store.transaction() as db:
-                rec = db.resolve(key)
-                info["key_id"] = rec.key_id
-                if rec.origin != ORIGIN_EXTERNAL or rec.imported is None:
-                    raise KeyStateError(f"key {rec.key_id} has origin {rec.origin}: only EXTERNAL keys import material")
-                if rec.state == PENDING_DELETION:
-                    raise _state_error(rec, "GetParametersForImport")
-                pair_id = token_object_id(rec.key_id, _WRAPPING_PAIR_VERSION)
-                self.token.destroy(pair_id)
-                der = self.token.generate_import_keypair(pair_id, f"encfs-import:{rec.key_id}")
-                now = self.clock()
-                rec.imported.wrapping_algorithm = wrapping_algorithm
-                rec.imported.wrapping_token_id = pair_id.hex()
-                rec.imported.import_token = secrets.token_hex(16)
-                rec.imported.parameters_valid_to = now + IMPORT_PARAMETERS_TTL
-                return ImportParameters(rec.key_id, wrapping_algorithm, rsa_spki_pem(der),
-                                        rec.imported.import_token, rec.imported.parameters_valid_to)
-
-    def import_key_material(self, key: str, wrapped: bytes, import_token: str,
-                            valid_to: float | None = None) -> dict[str, Any]:
-        """Unwrap 256-bit key material into the token as version 1 of an EXTERNAL key."""
-        with self._audited("ImportKeyMaterial") as info:
-            self._db()
-            now = self.clock()
-            if valid_to is not None and valid_to <= now:
-                raise UsageError("--valid-to must be in the future")
-            with self.store.transaction() as db:
-                rec = db.resolve(key)
-                info["key_id"] = rec.key_id
-                imp = rec.imported
-                if rec.origin != ORIGIN_EXTERNAL or imp is None:
-                    raise KeyStateError(f"key {rec.key_id} has origin {rec.origin}: only EXTERNAL keys import material")
-                if rec.state == PENDING_DELETION:
-                    raise _state_error(rec, "ImportKeyMaterial")
-                if imp.import_token is None or imp.wrapping_token_id is None or imp.wrapping_algorithm is None:
-                    raise KeyImportError(f"no import parameters for key {rec.key_id}: run get-parameters-for-import")
-                if not secrets.compare_digest(import_token, imp.import_token):
-                    raise KeyImportError("import token does not match the latest get-parameters-for-import")
-                if imp.parameters_valid_to is None or imp.parameters_valid_to <= now:
-                    raise KeyImportError("import parameters expired: run get-parameters-for-import again")
-                tid = token_object_id(rec.key_id, 1)
-                self.token.destroy(tid)  # material of an earlier (expired or deleted) import
-                hash_name = imp.wrapping_algorithm.removeprefix("RSAES_OAEP_")
-                try:
-                    length = self.token.unwrap_aes_oaep(bytes.fromhex(imp.wrapping_token_id), wrapped, tid,
-                                                        f"encfs-cmk:{rec.key_id}:v1", hash_name)
-                except TagMismatch:
-                    raise KeyImportError(
-                        f"the token could not unwrap the key material with {imp.wrapping_algorithm}") from None
-                try:
-                    if length not in (0, 32):  # 0: the token can tell neither CKA_VALUE_LEN nor measure it
-                        raise KeyImportError(f"key material is {length} bytes; it must be 32 (AES-256)")
-                    self._check_import(rec, tid, now)
-                except BaseException:
-                    self.token.destroy(tid)
-                    raise
-                self.token.destroy(bytes.fromhex(imp.wrapping_token_id))
-                imp.import_token = imp.wrapping_token_id = imp.parameters_valid_to = None
-                imp.valid_to = valid_to
-                rec.versions = [KeyVersion(1, now, tid.hex(), used_by=[])]
-                if rec.state == PENDING_IMPORT:
-                    rec.state = ENABLED
-                info["key_version"] = 1
-                return key_metadata_json(rec, db)
-
-    def _check_import(self, rec: KeyRecord, tid: bytes, now: float) -> None:
-        """First import: record a check blob. Re-import: insist on the same material."""
-        imp = rec.imported
-        assert imp is not None
-        if imp.check_sealed is None:
-            nonce, probe = os.urandom(NONCE_LEN), os.urandom(32)
-            imp.check_nonce = nonce.hex()
-            imp.check_sealed = self.token.encrypt_gcm(tid, nonce, _IMPORT_CHECK_AAD, probe).hex()
-            imp.check_digest = hashlib.sha256(probe).hexdigest()
-            return
-        try:
-            probe = self.token.decrypt_gcm(tid, bytes.fromhex(imp.check_nonce or ""), _IMPORT_CHECK_AAD,
-                                           bytes.fromhex(imp.check_sealed))
-        except TagMismatch:
-            probe = b""
-        if hashlib.sha256(probe).hexdigest() != imp.check_digest:
-            raise KeyImportError(f"key material differs from the material first imported into key {rec.key_id}")
-
-    def delete_imported_key_material(self, key: str) -> dict[str, Any]:
-        def change(rec: KeyRecord, now: float) -> None:
-            if rec.origin != ORIGIN_EXTERNAL or rec.imported is None:
-                raise KeyStateError(f"key {rec.key_id} has origin {rec.origin}, not EXTERNAL")
-            self._destroy_material(rec, versions=True, wrapping=False)
-            rec.imported.valid_to = None
-            if rec.state == PENDING_DELETION:
-                rec.pre_deletion_state = PENDING_IMPORT
-            else:
-                rec.state = PENDING_IMPORT
-        return self._transition("DeleteImportedKeyMaterial", key, change)
+            raise key_state_error(rec, operation)
 
     # -- token --------------------------------------------------------------
 
@@ -920,3 +296,12 @@ class KeyService:
             status = self.token.info()
             status["algorithms"] = {str(k): v for k, v in ALGORITHMS.items()}
             return status
+
+
+# KeyService, and every module-level name this module defined before KeyService's operations
+# moved to the mixin modules: all stay importable from here (the private helpers too, under
+# their names here).
+__all__ = ["DELETION_WINDOW_DAYS", "IMPORT_PARAMETERS_TTL", "MAX_DATA_KEY_BYTES", "MAX_ENCRYPT_PLAINTEXT",
+           "RESERVED_CONTEXT_PREFIX", "ROTATION_PERIOD_DAYS", "WRAPPING_ALGORITHMS", "_IMPORT_CHECK_AAD",
+           "_WRAPPING_PAIR_VERSION", "DataKey", "Decrypted", "ImportParameters", "KeyService", "_check_context",
+           "_names_key", "_state_error", "_version_json", "key_metadata_json", "log", "token_object_id"]
