@@ -18,42 +18,39 @@ Invariants:
 - With the store lock held exclusively, the embedded token's files are checked before the
   module first reads them (a file a killed process left empty is put back) and copied after
   each call that wrote them (TokenSpec.store_copies: tokenguard.py).
+
+What lives where: tokenspec.py (PinSource, TokenSpec), pkcs11_module.py (module loading,
+_P11_LOCK, the store lock), tokencrypto.py (AES-GCM and session copies: the mixin TokenCrypto),
+tokenimport.py (wrapped import: the mixin TokenImport); here, Token's connection, objects and
+introspection. Every name this module defined before is still importable from it.
 """
 
 from __future__ import annotations
 
-import fcntl
-import getpass
-import hashlib
 import os
-import sys
-import tempfile
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import pkcs11
 import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
-from pkcs11.mechanisms import MGF, GCMParams
-from pkcs11.util.rsa import encode_rsa_public_key
 
-from encfs.errors import (
-    ConfigError,
-    InvalidCiphertext,
-    ModuleNotFound,
-    PinIncorrect,
-    PinLocked,
-    TokenError,
-    TokenNotFound,
+from encfs.errors import ConfigError, PinIncorrect, PinLocked, TokenError, TokenNotFound
+from encfs.keys.pkcs11_module import (
+    _LIBS,
+    _MODULE_EPOCH,
+    _P11_LOCK,
+    _STORE_LOCKS,
+    _check_copies,
+    _store_copies,
+    _store_lock,
+    check_store_files,
+    load_module,
 )
-from encfs.keys.tokenguard import TokenFileCopies
-
-_P11_LOCK = threading.RLock()
-_COPY_PREFIX = b"encfs-session-copy:"  # CKA_ID of a session copy: the prefix, then the key's own id
-_LIBS: dict[str, tuple[Any, int]] = {}  # module path -> (pkcs11.lib, pid that initialised it)
+from encfs.keys.tokencrypto import _COPY_PREFIX, TagMismatch, TokenCrypto, _refused
+from encfs.keys.tokenimport import IMPORT_RSA_BITS, OAEP_PARAMS, TokenImport, rsa_spki_pem
+from encfs.keys.tokenspec import PinSource, TokenSpec
 
 # Mechanisms the key service uses; `encfs hsm status` reports whether each is offered.
 MECHANISMS_USED = {
@@ -63,201 +60,12 @@ MECHANISMS_USED = {
     "CKM_RSA_PKCS_OAEP": Mechanism.RSA_PKCS_OAEP,
 }
 
-# RSA-OAEP parameters for wrapped key import (AWS KMS RSAES_OAEP_SHA_1 / _SHA_256).
-# SoftHSM 2.6 accepts only SHA-1 OAEP for C_UnwrapKey (SHA-256 gives ArgumentsBad).
-OAEP_PARAMS = {
-    "SHA_1": (Mechanism.SHA_1, MGF.SHA1, None),
-    "SHA_256": (Mechanism.SHA256, MGF.SHA256, None),
-}
-IMPORT_RSA_BITS = 3072
-
-
-class TagMismatch(InvalidCiphertext):
-    """The token rejected a GCM tag (wrong key, AAD or tampered data)."""
-
-
-@dataclass(frozen=True)
-class PinSource:
-    """Where a PIN comes from: a literal, a file, an environment variable, a prompt, or the
-    embedded token's passphrase-sealed PIN file (encfs.keys.pinseal)."""
-
-    kind: str  # "value" | "file" | "env" | "prompt" | "sealed"
-    where: str = ""
-    passphrase_file: str | None = None  # "sealed": where the passphrase comes from (None: prompt)
-
-    @classmethod
-    def parse(cls, spec: str) -> PinSource:
-        """Parse ``file:PATH``, ``env:VAR`` or ``prompt``."""
-        kind, _, where = spec.partition(":")
-        if kind in ("file", "env") and where:
-            return cls(kind, where)
-        if spec == "prompt":
-            return cls("prompt")
-        raise ConfigError(f"PIN source must be file:PATH, env:VAR or prompt, got {spec!r}")
-
-    def describe(self) -> str:
-        return {"value": "a literal PIN", "prompt": "a prompt"}.get(self.kind, f"{self.kind}:{self.where}")
-
-    def resolve(self, token_label: str) -> str:
-        if self.kind == "value":
-            return self.where
-        if self.kind == "sealed":
-            from pathlib import Path
-
-            from encfs.keys import pinseal
-
-            path = Path(self.where)
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise ConfigError(f"cannot read sealed PIN file {path}: {e.strerror}") from None
-            passphrase = pinseal.read_passphrase(self.passphrase_file, f"passphrase for token {token_label!r}")
-            return pinseal.unseal(data, passphrase, path)["user"]
-        if self.kind == "file":
-            try:
-                with open(self.where, encoding="utf-8") as f:
-                    pin = f.read().strip("\r\n")
-            except OSError as e:
-                raise ConfigError(f"cannot read PIN file {self.where}: {e.strerror}") from None
-            if not pin:
-                raise ConfigError(f"PIN file {self.where} is empty")
-            return pin
-        if self.kind == "env":
-            env_pin = os.environ.get(self.where)
-            if not env_pin:
-                raise ConfigError(f"PIN environment variable {self.where} is not set")
-            return env_pin
-        if not sys.stdin.isatty():
-            raise ConfigError(
-                f"no PIN for token {token_label!r}: give --pin-file, --pin-env or a pin-source"
-            )
-        return getpass.getpass(f"PIN for token {token_label!r}: ")
-
-
-@dataclass(frozen=True)
-class TokenSpec:
-    """Which module and token to use, and how to log in."""
-
-    module: str
-    label: str | None
-    pin: PinSource
-    serial: str | None = None
-    slot_id: int | None = None
-    # The embedded token's copies of its files (tokenguard.py): checked under the store's exclusive
-    # lock before the module reads the store, brought up to date after each call that wrote it.
-    store_copies: TokenFileCopies | None = field(default=None, compare=False)
-
-    def describe(self) -> str:
-        for name, value in (("token", self.label), ("serial", self.serial), ("slot", self.slot_id)):
-            if value is not None:
-                return f"{name} {value!r}"
-        return "the only token"
-
-
-def load_module(path: str) -> Any:
-    """Return the process-wide ``pkcs11.lib`` for ``path``, initialised for this pid."""
-    with _P11_LOCK:
-        entry = _LIBS.get(path)
-        if entry is not None:
-            lib, pid = entry
-            if pid != os.getpid():
-                lib.reinitialize()  # a forked child must C_Initialize again
-                _LIBS[path] = (lib, os.getpid())
-            return lib
-        if not os.path.exists(path):
-            raise ModuleNotFound(f"PKCS#11 module not found: {path}")
-        try:
-            lib = pkcs11.lib(path)
-        except p11e.PKCS11Error as e:
-            # python-pkcs11's exceptions often carry no text: name the error, and SoftHSM2's config,
-            # the usual cause of a failing C_Initialize.
-            conf = os.environ.get("SOFTHSM2_CONF")
-            hint = f" (SOFTHSM2_CONF={conf})" if conf and "softhsm" in os.path.basename(path) else ""
-            raise ModuleNotFound(f"cannot load PKCS#11 module {path}: {str(e) or type(e).__name__}{hint}") from None
-        _LIBS[path] = (lib, os.getpid())
-        return lib
-
-
-_STORE_LOCKS: dict[str, list[Any]] = {}  # module + conf -> [fd, pid that opened it, mode held: None|"sh"|"ex"]
-_MODULE_EPOCH: dict[str, int] = {}  # module path -> number of reloads (sessions of older epochs are dead)
-
-
-@contextmanager
-def _store_lock(module: str, exclusive: bool) -> Iterator[bool]:
-    """A lock shared by this user's processes using ``module`` (and the same SOFTHSM2_CONF).
-
-    SoftHSM2's file store is not safe across processes: C_Login rewrites
-    token.object in place and object creation writes files in several steps,
-    while any call in another process may re-read the store; a process that
-    reads a half-written file loses the token (TokenNotFound, GeneralError on
-    login) or the new object ("missing from the token") until it exits. So
-    calls that write the store (login, create, destroy) hold this lock
-    exclusively and all other calls hold it shared. Caller holds _P11_LOCK;
-    nesting is allowed (a shared hold is upgraded, then restored).
-    The lock file sits next to SOFTHSM2_CONF if that is set and writable (for
-    the embedded token: ``$ENCFS_HOME/softhsm/``), else in the temp directory.
-    Best effort: without a usable lock file, calls run unlocked (and it yields False).
-    """
-    conf = os.environ.get("SOFTHSM2_CONF", "")
-    key = f"{module}\0{conf}"
-    entry = _STORE_LOCKS.get(key)
-    if entry is None or entry[1] != os.getpid():  # a forked child needs its own open file
-        paths = [os.path.join(os.path.dirname(os.path.abspath(conf)), "encfs-token.lock")] if conf else []
-        digest = hashlib.sha256(f"{os.path.realpath(module)}\0{conf}".encode()).hexdigest()[:16]
-        paths.append(os.path.join(tempfile.gettempdir(), f"encfs-pkcs11-{os.getuid()}-{digest}.lock"))
-        for path in paths:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                break
-            except OSError:
-                continue
-        else:
-            yield False
-            return
-        entry = _STORE_LOCKS[key] = [fd, os.getpid(), None]
-    fd, _pid, held = entry
-    want = "ex" if exclusive else "sh"
-    if held == "ex" or held == want:
-        yield True
-        return
-    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-    entry[2] = want
-    try:
-        yield True
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_SH if held == "sh" else fcntl.LOCK_UN)
-        entry[2] = held
-
-
-def check_store_files(spec: TokenSpec) -> None:
-    """Put back token files a killed process left empty and bring their copies up to date
-    (before a copy of the store is taken: ``encfs hsm backup``)."""
-    with _P11_LOCK, _store_lock(spec.module, exclusive=True) as locked:
-        _check_copies(spec, locked)
-
-
-def _store_copies(spec: TokenSpec, locked: bool) -> TokenFileCopies | None:
-    """The token files' copies, if kept and the caller holds _P11_LOCK and the store lock
-    exclusively (``locked``): else a write of another process may be in progress."""
-    return spec.store_copies if locked else None
-
-
-def _check_copies(spec: TokenSpec, locked: bool) -> None:
-    copies = _store_copies(spec, locked)
-    if copies is not None:
-        copies.check()
-
 
 def _p11_name(e: BaseException) -> str:
     return type(e).__name__
 
 
-def _refused(operation: str, obj_id: bytes) -> TokenError:
-    return TokenError(f"token refuses to {operation} under key object {obj_id.hex()} "
-                      f"(CKA_{operation.upper()} is false)")
-
-
-class Token:
+class Token(TokenCrypto, TokenImport):
     """A logged-in connection to one token. Thread-safe; one session per process.
 
     Object ids (CKA_ID) are chosen by the caller and identify objects uniquely.
@@ -414,21 +222,6 @@ class Token:
         self._handles[cache_id] = key
         return key
 
-    def _capable_key(self, session: Any, obj_id: bytes, operation: str) -> Any:
-        """The secret key ``obj_id``, if it may ``operation`` ("encrypt"/"decrypt").
-
-        python-pkcs11 gives a key object those methods only if CKA_ENCRYPT/CKA_DECRYPT were
-        set when it was found, and encfs.keys.tokenstate clears them on a key that is not
-        usable: a cached handle without the method is looked up again (the key may have been
-        enabled since, by another process), a fresh one without it is refused."""
-        key = self._key(session, obj_id)
-        if not hasattr(key, operation):
-            self._handles.pop(bytes([int(ObjectClass.SECRET_KEY)]) + obj_id, None)
-            key = self._key(session, obj_id)
-            if not hasattr(key, operation):
-                raise _refused(operation, obj_id)
-        return key
-
     def has_object(self, obj_id: bytes) -> bool:
         with self._locked("find") as session:
             if any(True for _ in session.get_objects({Attribute.ID: obj_id})):
@@ -445,25 +238,6 @@ class Token:
                 template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
                           Attribute.PRIVATE: True, Attribute.TOKEN: True},
             )
-
-    def _working_copy(self, session: Any, obj_id: bytes) -> Any:
-        """A session-object copy of the secret key ``obj_id``, or the key itself where the token
-        refuses copies (CKA_COPYABLE false, or no C_CopyObject).
-
-        Why: SoftHSM2 re-reads a token object's files under fcntl locks on every use, to
-        notice changes by other processes (two opens per C_EncryptInit); a session object
-        lives in memory. Per data key that halves the cost of a wrap."""
-        cache_id = _COPY_PREFIX + obj_id
-        copy = self._handles.get(cache_id)
-        if copy is None:
-            key = self._key(session, obj_id)
-            try:
-                copy = key.copy({Attribute.TOKEN: False, Attribute.ID: cache_id,
-                                 Attribute.LABEL: "encfs-session-copy"})
-            except p11e.PKCS11Error:
-                copy = key
-            self._handles[cache_id] = copy
-        return copy
 
     def destroy(self, obj_id: bytes) -> int:
         """Destroy every token object whose CKA_ID is ``obj_id`` (and this session's copy of it);
@@ -555,133 +329,6 @@ class Token:
                     out[name] = None
             return out
 
-    # -- crypto -------------------------------------------------------------
-
-    def random(self, nbytes: int) -> bytes:
-        with self._locked("C_GenerateRandom") as session:
-            return bytes(session.generate_random(nbytes * 8))
-
-    def encrypt_gcm(self, obj_id: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
-        """AES-GCM under a token key; returns ciphertext || 16-byte tag."""
-        with self._locked("C_Encrypt") as session:
-            key = self._capable_key(session, obj_id, "encrypt")
-            return bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
-                                     mechanism_param=GCMParams(nonce, aad, 128)))
-
-    def encrypt_gcm_many(self, obj_id: bytes, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
-        """encrypt_gcm for each (nonce, aad, plaintext), in one hold of the token, under this
-        session's working copy of the key (_working_copy): the same key, so the same results."""
-        with self._locked("C_Encrypt") as session:
-            if not self.usable_for_encrypt(session, obj_id):
-                # The copy would still encrypt: it kept the attributes the key had when copied.
-                copy = self._handles.pop(_COPY_PREFIX + obj_id, None)
-                if copy is not None and copy is not self._key(session, obj_id):
-                    copy.destroy()
-                raise _refused("encrypt", obj_id)
-            key = self._working_copy(session, obj_id)
-            if not hasattr(key, "encrypt"):
-                raise _refused("encrypt", obj_id)
-            try:
-                return [bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
-                                          mechanism_param=GCMParams(nonce, aad, 128)))
-                        for nonce, aad, plaintext in items]
-            except p11e.PKCS11Error:
-                self._handles.pop(_COPY_PREFIX + obj_id, None)  # the next run makes a fresh copy
-                raise
-
-    def decrypt_gcm(self, obj_id: bytes, nonce: bytes, aad: bytes, sealed: bytes) -> bytes:
-        """Inverse of encrypt_gcm; raise TagMismatch when authentication fails."""
-        with self._locked("C_Decrypt") as session:
-            key = self._capable_key(session, obj_id, "decrypt")
-            try:
-                return bytes(key.decrypt(sealed, mechanism=Mechanism.AES_GCM,
-                                         mechanism_param=GCMParams(nonce, aad, 128)))
-            except (p11e.GeneralError, p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange,
-                    p11e.FunctionFailed):
-                # SoftHSM2 reports a bad GCM tag as CKR_GENERAL_ERROR.
-                raise TagMismatch("ciphertext failed authentication") from None
-
-    # -- imported key material ---------------------------------------------
-
-    def generate_import_keypair(self, obj_id: bytes, label: str) -> bytes:
-        """Create an RSA key pair for wrapped import; return the public key (PKCS#1 DER)."""
-        with self._locked("C_GenerateKeyPair", exclusive=True) as session:
-            pub, _priv = session.generate_keypair(
-                KeyType.RSA, IMPORT_RSA_BITS, id=obj_id, label=label, store=True,
-                public_template={Attribute.TOKEN: True},
-                private_template={Attribute.TOKEN: True, Attribute.SENSITIVE: True,
-                                  Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True},
-                capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
-                | MechanismFlag.WRAP | MechanismFlag.UNWRAP,
-            )
-            return bytes(encode_rsa_public_key(pub))
-
-    def import_public_key(self, obj_id: bytes) -> bytes:
-        with self._locked("C_GetAttributeValue") as session:
-            return bytes(encode_rsa_public_key(self._key(session, obj_id, ObjectClass.PUBLIC_KEY)))
-
-    def unwrap_aes_oaep(self, wrapping_id: bytes, wrapped: bytes, obj_id: bytes, label: str,
-                        hash_name: str) -> int:
-        """Unwrap RSA-OAEP key material into a non-extractable AES token key.
-
-        ``hash_name`` is ``SHA_1`` or ``SHA_256`` (OAEP digest and MGF1).
-        Returns the key length in bytes as the token reports it or, when it reports 0
-        (SoftHSM2 does for unwrapped keys), as measured by ``_measure_unwrapped``
-        (0 when that is impossible too).
-        Raises TagMismatch when the token cannot unwrap ``wrapped``.
-        """
-        with self._locked("C_UnwrapKey", exclusive=True) as session:
-            priv = self._key(session, wrapping_id, ObjectClass.PRIVATE_KEY)
-            try:
-                key = priv.unwrap_key(
-                    ObjectClass.SECRET_KEY, KeyType.AES, wrapped, id=obj_id, label=label,
-                    store=True, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_PARAMS[hash_name],
-                    capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-                    template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                              Attribute.PRIVATE: True, Attribute.TOKEN: True},
-                )
-            except (p11e.GeneralError, p11e.WrappedKeyInvalid, p11e.WrappedKeyLenRange,
-                    p11e.EncryptedDataInvalid, p11e.FunctionFailed):
-                raise TagMismatch("the token could not unwrap the key material") from None
-            except (p11e.ArgumentsBad, p11e.MechanismParamInvalid, p11e.MechanismInvalid):
-                raise TokenError(f"token {self.spec.describe()} does not support RSA-OAEP with {hash_name} "
-                                 f"for unwrapping; use another wrapping algorithm") from None
-            length = int(key[Attribute.VALUE_LEN])
-            return length or self._measure_unwrapped(self._session, priv, wrapped, hash_name)
-
-    @staticmethod
-    def _measure_unwrapped(session: Any, priv: Any, wrapped: bytes, hash_name: str) -> int:
-        """Length of the key material in ``wrapped``, measured without it leaving the token.
-
-        Unwraps a temporary extractable session copy and wraps that (RFC 5649) under an
-        ephemeral session key: the result is 8 bytes longer than the material rounded up
-        to a multiple of 8 (a length that is not a multiple of 8 is no AES key size, and
-        SoftHSM2 then refuses AES operations with it). Both objects are destroyed.
-        Returns 0 if the token does not support the measurement.
-        """
-        probe = kek = None
-        try:
-            probe = priv.unwrap_key(
-                ObjectClass.SECRET_KEY, KeyType.AES, wrapped, label="encfs-import-probe", store=False,
-                mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_PARAMS[hash_name], capabilities=0,
-                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
-                          Attribute.PRIVATE: True, Attribute.TOKEN: False},
-            )
-            kek = session.generate_key(
-                KeyType.AES, 256, label="encfs-import-probe-kek", store=False, capabilities=MechanismFlag.WRAP,
-                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.TOKEN: False},
-            )
-            return len(kek.wrap_key(probe, mechanism=Mechanism.AES_KEY_WRAP_PAD)) - 8
-        except p11e.PKCS11Error:
-            return 0
-        finally:
-            for obj in (probe, kek):
-                if obj is not None:
-                    try:
-                        obj.destroy()
-                    except p11e.PKCS11Error:
-                        pass
-
     # -- introspection ------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
@@ -706,12 +353,8 @@ class Token:
             }
 
 
-def rsa_spki_pem(pkcs1_der: bytes) -> bytes:
-    """Convert a PKCS#1 RSAPublicKey (as python-pkcs11 encodes it) to SPKI PEM."""
-    from asn1crypto.keys import RSAPublicKey
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
-
-    parsed = RSAPublicKey.load(pkcs1_der)
-    key = RSAPublicNumbers(parsed["public_exponent"].native, parsed["modulus"].native).public_key()
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+# Every name this module defined before the split stays importable here, the private ones too
+# (softhsm.py reads _LIBS).
+__all__ = ["IMPORT_RSA_BITS", "MECHANISMS_USED", "OAEP_PARAMS", "_COPY_PREFIX", "_LIBS", "_MODULE_EPOCH", "_P11_LOCK",
+           "_STORE_LOCKS", "PinSource", "TagMismatch", "Token", "TokenSpec", "_check_copies", "_p11_name", "_refused",
+           "_store_copies", "_store_lock", "check_store_files", "load_module", "rsa_spki_pem"]
