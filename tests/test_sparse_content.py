@@ -18,7 +18,7 @@ from content_files import FILE_ID, BackingFile
 from encfs.blocks import BlockAuthError, BlockCipher, sealed_offset, sealed_size
 from encfs.diskio import fallocate
 from encfs.fuse import content as content_mod
-from encfs.fuse import rekeyfile, sparse
+from encfs.fuse import contentwrite, rekeyfile, sparse
 from encfs.fuse.content import FileContent, max_file_size
 from encfs.fuse.fileheader import STATE_XATTR, V2, FileHeader, read_state
 from encfs.fuse.fsckcontent import read_blocks
@@ -136,7 +136,8 @@ def test_far_writes_and_truncates_return_at_once_on_tmpfs(shm_files: Files, monk
         assert written[0] < 64 << 20, "writes zeros instead of leaving holes"
         real(fd, data, offset)
 
-    monkeypatch.setattr(content_mod, "pwrite_all", bounded)
+    for module in (content_mod, contentwrite):  # the checkpoint's writes, and every block a write places
+        monkeypatch.setattr(module, "pwrite_all", bounded)
     start = time.monotonic()
     c.write(16 << 40, b"far")
     c.truncate(1 << 50)  # 1 PiB

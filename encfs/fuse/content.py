@@ -4,6 +4,10 @@ blocks cannot move between positions or files.
 
 One FileContent serves one inode, shared by all of its open handles.
 
+FileContent takes its reads from contentread.py, its writes and truncation from contentwrite.py
+and load()'s crash recovery from contentrecovery.py (mixins); this module keeps the file's
+header, its state and seal count, and its durability: fsync, the journal's checkpoint, close.
+
 Invariants:
 - No block that exists is ever overwritten in place by a write: its new version goes to
   the file's journal (journal.py) and is read from there until a checkpoint copies it
@@ -54,57 +58,37 @@ Invariants:
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from typing import NoReturn
 
-from encfs import daemonlog
-from encfs.blocks import (
-    OVERHEAD,
-    BlockAuthError,
-    BlockCipher,
-    blocks_touched,
-    plain_size,
-    run_blocks,
-    sealed_offset,
-    sealed_size,
-)
+from encfs.blocks import OVERHEAD, BlockCipher, sealed_offset
 from encfs.diskio import pwrite_all
+from encfs.fuse.contentread import ContentReads
+from encfs.fuse.contentrecovery import ContentRecovery, plain_file_size
+from encfs.fuse.contentwrite import HOLE_MIN, JOURNAL_MAX, ContentWrites, max_file_size, too_big, whole_blocks
 from encfs.fuse.fileheader import (
     HEADER_LEN,
     NO_XATTRS,
     REKEY_AT,
-    SPENT,
     V1,
     V2,
     VERSION_OFFSET,
     FileHeader,
     FileState,
-    read_state,
     state_file,
     write_state,
 )
-from encfs.fuse.holes import HOLES_MAX, Holes
-from encfs.fuse.journal import HEAD_LEN, Journal, Run
+from encfs.fuse.holes import Holes
+from encfs.fuse.journal import Journal
 from encfs.sealing import Sealer
 
 log = logging.getLogger("encfs.fuse")
-_ZERO_CHUNK = 1 << 20  # fill gaps 1 MiB at a time (at least one block)
-# A journal this long is checkpointed at once: it bounds the journal's disk space and the
-# work a recovery replays, and a checkpoint costs only two fdatasyncs (benchmarks/HISTORY.md, dfabbb4).
-JOURNAL_MAX = 16 << 20
 # The seal count is written to the state at least this often, so a crash (which loses what
 # the state did not get) costs the count at most this many seals; one setxattr per 2^16 seals.
 SEALS_PERSIST_EVERY = 1 << 16
-# A write past the end leaves a hole only if the gap is this long: a smaller gap (writeback out
-# of order, a record appended with padding) is cheaper filled with sealed zeros than with a
-# durable state (two syncs) and an extent out of HOLES_MAX.
-HOLE_MIN = 1 << 20
-_MAX_BACKING = (1 << 63) - 1  # offsets are signed 64-bit (off_t, FUSE, lseek)
 
 
 def in_place_runs(index: dict[int, tuple[int, int]], step: int) -> list[tuple[int, int, int]]:
@@ -146,40 +130,7 @@ def _prefetch(fd: int, ranges: list[tuple[int, int]]) -> None:
         pass  # only advice: the writes read what they need anyway
 
 
-def max_file_size(block: int) -> int:
-    """The largest plaintext size whose backing file still ends below 2^63 bytes (FORMAT.md §6.4)."""
-    full, rest = divmod(_MAX_BACKING - HEADER_LEN, block + OVERHEAD)
-    return full * block + max(0, rest - OVERHEAD)
-
-
-def too_big(end: int, block: int) -> None:
-    """EFBIG if a file of ``end`` bytes is past what the format supports."""
-    if end > max_file_size(block):
-        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
-
-
-def whole_blocks(offset: int, length: int, block: int) -> range | None:
-    """The blocks a write of [offset, offset+length) replaces entirely, if it keeps no old byte
-    of any block it touches (aligned at both ends); None otherwise. Such a write can be sealed
-    before the file's state is known: nothing it seals depends on what the file holds."""
-    if length <= 0 or offset % block or length % block:
-        return None
-    return range(offset // block, (offset + length) // block)
-
-
-def plain_file_size(backing_size: int, block: int) -> int:
-    """Plaintext size implied by a backing file of ``backing_size`` bytes (0 if no header yet);
-    a torn last block counts as one byte, so that reading it fails rather than vanishes."""
-    if backing_size <= HEADER_LEN:
-        return 0
-    try:
-        return plain_size(backing_size, HEADER_LEN, block)
-    except ValueError:
-        whole = backing_size - (backing_size - HEADER_LEN) % (block + OVERHEAD)
-        return plain_size(whole, HEADER_LEN, block) + 1
-
-
-class FileContent:
+class FileContent(ContentRecovery, ContentReads, ContentWrites):
     """Plaintext read/write/truncate/fsync of one inode. The caller serialises everything but
     read(), which may run alongside other reads. ``on_auth_error(block_no)`` is called before
     BlockAuthError propagates."""
@@ -226,7 +177,7 @@ class FileContent:
         self.sealer.close()
         self.sealer = Sealer(cipher)
 
-    # -- loading and recovery --------------------------------------------------------------
+    # -- the backing file, its header and state ------------------------------------------
 
     def use_fd(self, fd: int, writable: bool) -> None:
         """Serve through ``fd`` (the caller closes the one before): whether it may write, and
@@ -266,313 +217,6 @@ class FileContent:
         self.header, self.v1 = replace(self.header, version=V2), False
         return True
 
-    def load(self, writable: bool, known_size: int | None = None, after_crash: bool = False) -> list[str]:
-        """Take over an existing backing file: its size, state and journal, recovering from a
-        crash if one happened. Returns notes for the log. JournalDamaged if a durable journal
-        record is bad. ``writable``: recovery may change the backing file and journal (else
-        the journal is only read, and a torn tail is cut off in memory). ``known_size``: a
-        size the kernel may hold for the file; a backing file found shorter than that was cut
-        behind our back, and reads past its end fail rather than return zeros.
-        ``after_crash``: the last mount did not end cleanly, so a torn last block may be a
-        write that a crash cut short (after a clean unmount it can only be damage: EIO)."""
-        notes: list[str] = []
-        backing = os.fstat(self.fd).st_size
-        state_opens = True
-        dropped = 0  # journaled blocks left out of the index (recovery in memory until a checkpoint)
-        if not self.v1:
-            state = read_state(self.fd, self.cipher, self.state_file)
-            state_opens = state is not None
-            if state is None:
-                notes.append("its state fails authentication: nothing counts as synced, and its "
-                             "data key's budget as spent (its next write gives it a fresh key)")
-            self.state = state or SPENT
-            self.seals = self.state.seals
-            self.holes = Holes(self.state.holes)
-        if self.header.file_id in self._journals and self.journal.open_existing():
-            runs, end, torn = self.journal.scan(self.cipher)
-            notes += torn
-            if writable:
-                if torn and end >= HEAD_LEN:
-                    self.journal.cut(end)
-                # A crash may have left the journal (even its name) in the page cache only:
-                # it must be durable before recovery changes the backing file on its word.
-                self.journal.unsynced = self.journal.new = True
-                self.journal.sync()
-            self._index_runs(runs)
-            for k in [k for k in self.index if k in self.holes]:
-                del self.index[k]  # written before the state that made it a hole (see punch)
-                dropped += 1
-            if runs:
-                notes.append(f"replaying {len(self.index)} journaled blocks after a crash")
-            if after_crash and not self.v1 and state_opens and self.index:
-                before = len(self.index)
-                notes += self._drop_past_lost_tail(backing)
-                dropped += before - len(self.index)
-            backing = self._journal_end(backing, writable)
-        floor = max(self.state.synced_size, self._index_end())
-        self.size = plain_file_size(backing, self.block)
-        if after_crash and not self.v1 and self.size > floor:
-            notes += self._cut_torn_tail(backing, floor, writable)
-        self.size = max(self.size, self._index_end())
-        self.holes.clip(-(-self.size // self.block))
-        expected = max(self.state.synced_size, known_size or 0)
-        if self.size < expected:
-            notes.append(f"backing file holds {self.size} of the file's {expected} bytes: "
-                         f"it was cut; reads past its end fail")
-            self.size = expected
-        if self.journal.fd is not None:
-            if writable:
-                failed = self._try_checkpoint()
-                notes += failed
-                if dropped and failed:
-                    # The journal on disk still holds the blocks dropped from the index: a write now
-                    # could be undone by their replay after the next crash. Nothing is written to
-                    # the file this session, and the next mount recovers it again.
-                    self.read_only = self.holds_dropped = True
-            else:
-                self.read_only = True
-        self.recovered_in_memory = self.read_only or \
-            (not writable and self.size != plain_file_size(backing, self.block))
-        return notes
-
-    def _try_checkpoint(self) -> list[str]:
-        """checkpoint(), or a note if the disk cannot take it yet: the journal then stays (it
-        is durable), reads go on taking blocks from it, and the next checkpoint tries again."""
-        try:
-            self.checkpoint()
-        except OSError as e:
-            return [f"journal checkpoint failed ({e.strerror}); the journal is kept"]
-        return []
-
-    def _index_runs(self, runs: list[Run]) -> None:
-        step = self.block + OVERHEAD
-        for run in runs:
-            for k in range(run.count):
-                at = k * step
-                self.index[run.first + k] = (run.offset + at, min(step, run.length - at))
-
-    def _journal_end(self, backing: int, writable: bool) -> int:
-        """If the newest version of the highest journaled block is short, the file ends there (a
-        write that ended in it, or a truncate to inside it): blocks past it in the backing file
-        are what an unfinished truncate left. Returns the backing length that remains."""
-        if not self.index:
-            return backing
-        top = max(self.index)
-        if self.index[top][1] == self.block + OVERHEAD:
-            return backing
-        cut = sealed_offset(top, HEADER_LEN, self.block)
-        if backing > cut:
-            if writable:
-                os.ftruncate(self.fd, cut)
-            return cut
-        return backing
-
-    def _drop_past_lost_tail(self, backing: int) -> list[str]:
-        """Journaled blocks above a block at or past the synced size that the backing file
-        lacks (whole or in part) and that is neither journaled nor a hole: an append written in
-        place and never synced, whose tail a power loss lost while the journal, which a later
-        write into the appended blocks grew, reached the disk. Nothing from that block on was
-        acknowledged: drop those journaled blocks, so that the append is cut off as torn
-        instead of leaving a gap that reads EIO. Below the synced size it is damage (EIO)."""
-        whole = max(0, (backing - HEADER_LEN) // (self.block + OVERHEAD))
-        for k in range(whole, max(self.index)):
-            if k in self.index or k in self.holes:
-                continue
-            if k * self.block < self.state.synced_size:
-                return []
-            dropped = [j for j in self.index if j > k]
-            for j in dropped:
-                del self.index[j]
-            return [(f"{len(dropped)} journaled blocks past block {k}, which a crash lost before "
-                     f"any fsync, are cut off with it")]
-        return []
-
-    def _index_end(self) -> int:
-        """The plaintext end of the highest journaled block (0 if none)."""
-        if not self.index:
-            return 0
-        last = max(self.index)
-        return last * self.block + self.index[last][1] - OVERHEAD
-
-    def _cut_torn_tail(self, backing: int, floor: int, writable: bool) -> list[str]:
-        """A last block past ``floor`` (never acknowledged by an fsync) that is shorter than a
-        full block and fails authentication, while the block before it opens or is a hole, is
-        what a crash tore from an append (a write cut short ends the file early): cut it off.
-        Anything else that fails is damage, left to read EIO."""
-        block, step = self.block, self.block + OVERHEAD
-        last = (backing - HEADER_LEN - 1) // step
-        at = sealed_offset(last, HEADER_LEN, block)
-        if backing - at == step or last * block < floor or last in self.holes:
-            return []
-        try:
-            self.cipher.open(last, os.pread(self.fd, backing - at, at))
-            return []
-        except BlockAuthError:
-            pass
-        # The key must be the file's own: the block before opens (its newest version), or is a
-        # hole, named by a state that opened under this key (a hole never opens: it has no seal).
-        if last and last - 1 not in self.holes:
-            try:
-                self.cipher.open(last - 1, self._sealed_block(last - 1, last * block))
-            except BlockAuthError:
-                return []
-        if writable:
-            os.ftruncate(self.fd, at)
-            self.dirty = True
-        self.size = last * block
-        return [(f"its last block ({backing - at} bytes, past the last fsync) was torn by a crash "
-                 f"and is cut off: size now {self.size}")]
-
-    # -- reading -------------------------------------------------------------------------
-
-    def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        """Plaintext [offset, offset+length) clipped to the file's size. A read the sealer
-        opens in the worker (Sealer.arena) comes back as a view of this thread's slot of the
-        worker's arena, valid until this thread's next job for the worker."""
-        size = self.size
-        if offset >= size or length <= 0:
-            return b""
-        length = min(length, size - offset)
-        block = self.block
-        blocks = blocks_touched(offset, length, block)
-        if self.holes and self.holes.overlaps(blocks.start, blocks.stop):
-            plain: bytes | bytearray | memoryview = self._read_with_holes(blocks, size)
-        else:
-            plain = self._read_blocks(blocks, size)
-        skip = offset - blocks.start * block
-        return plain if skip == 0 and len(plain) == length else plain[skip:skip + length]
-
-    def _read_with_holes(self, blocks: range, size: int) -> bytearray:
-        """The plaintext of ``blocks``, holes as zeros (never opened)."""
-        out = bytearray()
-        for a, b, hole in self.holes.segments(blocks.start, blocks.stop):
-            if hole:
-                out += bytes(min(b * self.block, size) - a * self.block)
-            else:
-                out += self._read_blocks(range(a, b), size)  # copied at once: the arena is reused
-        return out
-
-    def _read_blocks(self, blocks: range, size: int) -> bytes | bytearray | memoryview:
-        """The plaintext of ``blocks`` (none of them a hole)."""
-        block = self.block
-        start, want = self._span(blocks, size)
-        if self.index and any(b in self.index for b in blocks):
-            plain: bytes | bytearray | memoryview = self._read_journaled(blocks, size)
-        else:
-            areas = self.sealer.arena(len(blocks) * block, want)
-            if areas is None:
-                sealed = os.pread(self.fd, want, start)
-                if len(sealed) != want:
-                    self._failed(blocks.start + (len(sealed) // (block + OVERHEAD)))
-                plain = self._open_blocks(blocks.start, sealed)
-            else:
-                plain = self._open_in_arena(blocks.start, start, want, areas)
-        return plain
-
-    def _span(self, blocks: range, size: int) -> tuple[int, int]:
-        """Where ``blocks`` start in the backing file and how many sealed bytes they take, for
-        a file of ``size`` plaintext bytes (only its last block may be short)."""
-        start = sealed_offset(blocks.start, HEADER_LEN, self.block)
-        return start, sealed_size(min(blocks.stop * self.block, size), HEADER_LEN, self.block) - start
-
-    def _failed(self, block_no: int) -> NoReturn:
-        e = BlockAuthError(block_no)
-        if self._on_auth_error:
-            self._on_auth_error(block_no)  # the one log line, with the path
-            daemonlog.mark_reported(e)
-        raise e
-
-    def _sealed_block(self, k: int, size: int) -> bytes:
-        """Block ``k``'s sealed bytes, from the journal if it holds the newest version."""
-        if k in self.index:
-            offset, length = self.index[k]
-            return self.journal.read(offset, length)
-        start, want = self._span(range(k, k + 1), size)
-        sealed = os.pread(self.fd, want, start)
-        if len(sealed) != want:
-            self._failed(k)
-        return sealed
-
-    def _read_journaled(self, blocks: range, size: int) -> bytearray:
-        out = bytearray()
-        for k in blocks:
-            try:
-                out += self.cipher.open(k, self._sealed_block(k, size))
-            except BlockAuthError as e:
-                self._failed(e.block_no)
-        return out
-
-    def _open_blocks(self, first: int, sealed: bytes) -> bytearray:
-        try:
-            return self.cipher.open_run(first, sealed)
-        except BlockAuthError as e:
-            self._failed(e.block_no)
-
-    def _open_in_arena(self, first: int, start: int, want: int, areas: tuple[memoryview, memoryview]) -> memoryview:
-        """Blocks from ``first`` on, ``want`` sealed bytes at ``start``, read into the sealer's
-        arena and opened there."""
-        plain_area, sealed_area = areas
-        sealed = sealed_area[:os.preadv(self.fd, [sealed_area[:want]], start)]
-        if len(sealed) != want:
-            self._failed(first + len(sealed) // (self.block + OVERHEAD))
-        try:
-            numbers, plain_len = run_blocks(first, len(sealed), self.block)
-            out = plain_area[:plain_len]
-            if numbers:
-                self.sealer.open_jobs([(numbers, sealed, out)])
-        except BlockAuthError as e:
-            self._failed(e.block_no)
-        return out
-
-    # -- writing -------------------------------------------------------------------------
-
-    def check_key(self) -> None:
-        """Before the first write to a file this daemon did not make: its key must open one of
-        its blocks, or a header copied from another file would have us seal blocks under that
-        file's key (header poisoning). BlockAuthError if it does not."""
-        if self.verified or self.size == 0:
-            self.verified = True
-            return
-        last = self.holes.last_data_before(-(-self.size // self.block))
-        if last is not None:  # else every block is a hole: the state naming them opened under the key
-            self.read(last * self.block, 1)
-        self.verified = True
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
-        too_big(offset + len(data), self.block)
-        if offset > self.size:
-            self._extend(offset, gap_hole=True)
-        if not data:
-            return 0
-        block, size = self.block, self.size
-        blocks = blocks_touched(offset, len(data), block)
-        first_start = blocks.start * block
-        # Existing plaintext that the first and last touched blocks keep.
-        end = offset + len(data)
-        last_end = min(blocks.stop * block, size)
-        if offset > first_start and last_end > end and len(blocks) == 1:
-            old = self.read(first_start, last_end - first_start)  # open the one block once, not twice
-            head, tail = old[:offset - first_start], old[end - first_start:]
-        else:
-            head = self.read(first_start, offset - first_start) if offset > first_start else b""
-            tail = self.read(end, last_end - end) if last_end > end else b""
-        # Whole-block writes (all of a sequential stream) are sealed straight from the request
-        # buffer: a copy of each 1 MiB WRITE cost a quarter of its sealing (benchmarks/HISTORY.md, 8deaee7).
-        plain = b"".join((head, data, tail)) if head or tail else data
-        self.count_seals(len(blocks))
-        self._place(blocks.start, self.sealer.seal_run(blocks.start, plain), max(size, end))
-        return len(data)
-
-    def write_sealed(self, offset: int, length: int, sealed: bytes | bytearray | memoryview) -> int:
-        """Write ``sealed``: the whole_blocks(offset, length) sealed under this file's cipher
-        (by a sealing worker, before the caller serialised this write)."""
-        too_big(offset + length, self.block)
-        if offset > self.size:
-            self._extend(offset, gap_hole=True)
-        self.count_seals(-(-length // self.block))
-        self._place(offset // self.block, sealed, max(self.size, offset + length))
-        return length
-
     def count_seals(self, n: int) -> None:
         """Count ``n`` seals under the data key; the state gets the count when it lags by
         SEALS_PERSIST_EVERY (a version-1 file has no state: its count lives in memory only)."""
@@ -580,184 +224,19 @@ class FileContent:
         if self.seals - self.state.seals >= SEALS_PERSIST_EVERY and not self.v1 and self.verified:
             self._write_state(self.state.synced_size)
 
-    def _place(self, first: int, sealed: bytes | bytearray | memoryview, new_size: int) -> None:
-        """Put the sealed run of blocks from ``first`` on where it belongs: blocks that exist go
-        to the journal, holes in place, blocks past the end (version 2) in place or, while the
-        journal holds unsynced records and the backing file none, to the journal (see the
-        invariants); the size becomes ``new_size``."""
-        step = self.block + OVERHEAD
-        count = -(-len(sealed) // step)
-        existing = -(-self.size // self.block)
-        if self.v1:
-            pieces = [(first, first + count, False)]
-        else:
-            pieces = self._pieces(first, min(first + count, existing))
-            if first + count > existing:
-                # See the invariants: past the end in place, unless the journal holds records the
-                # next fsync must sync anyway (this write's, or earlier ones) and the backing file
-                # has nothing unsynced in place: then there too.
-                in_place = self.dirty or not (self.journal.unsynced or any(not d for _a, _b, d in pieces))
-                pieces.append((max(first, existing), first + count, in_place))
-        undo = None
-        old_len = None
-        try:
-            for a, b, direct in pieces:
-                part = sealed[(a - first) * step:(b - first) * step]
-                if not direct:
-                    before = (self.journal.length, {k: self.index.get(k) for k in range(first, first + count)})
-                    at = self.journal.append(a, b - a, part)  # a failed append leaves nothing behind
-                    undo = undo or before
-                    self._journals.add(self.header.file_id)
-                    for k in range(a, b):
-                        self.index[k] = (at + (k - a) * step, min(step, len(sealed) - (k - first) * step))
-                    continue
-                if old_len is None:
-                    old_len = os.fstat(self.fd).st_size
-                if self.journal.unsynced and a - 1 in self.index:
-                    # See the invariants: the journaled version of the block these follow reaches
-                    # the disk first (its old version in place may be shorter than a full block).
-                    self.journal.sync()
-                self.dirty = True
-                pwrite_all(self.fd, part, sealed_offset(a, HEADER_LEN, self.block))
-        except BaseException:
-            if old_len is not None and os.fstat(self.fd).st_size > old_len:
-                os.ftruncate(self.fd, old_len)
-            if undo is not None:
-                self._undo_journal(*undo)
-            raise
-        self.holes.remove(first, first + count)  # in memory only: the state follows an fdatasync
-        self.size = new_size
-        if len(self.holes) > HOLES_MAX:  # a write into the middle of a hole split it
-            self._bound_holes()
-        if self.journal.length > JOURNAL_MAX:
-            for note in self._try_checkpoint():  # the write itself is done: it is in the journal
-                log.warning("%s", note)
+    def _write_state(self, synced_size: int, holes: Holes | None = None) -> None:
+        """Seal and write the state; ``holes`` default to the durable state's (whatever was
+        written into them since is not known to be durable)."""
+        self.seals += 1  # the state is sealed under the data key too
+        state = FileState(synced_size, self.seals, self.state.holes if holes is None else holes.extents())
+        write_state(self.fd, self.cipher, state, self.state_file)
+        self.state = state
 
-    def _bound_holes(self) -> None:
-        """Bring the holes in memory back to HOLES_MAX extents, the most a state may seal (each
-        state written from them, at fsync, checkpoint or re-key, must load again): the smallest
-        extents are written as sealed zeros, in place like any write into a hole, so they are
-        durable (fdatasync) before a state that calls them data."""
-        if self._bounding:
-            return
-        self._bounding = True
-        try:
-            while len(self.holes) > HOLES_MAX:
-                a, b = self.holes.smallest()
-                end = min(b * self.block, self.size)
-                for at in range(a * self.block, end, _ZERO_CHUNK):
-                    self.write(at, bytes(min(_ZERO_CHUNK, end - at)))
-        finally:
-            self._bounding = False
-
-    def _pieces(self, first: int, stop: int) -> list[tuple[int, int, bool]]:
-        """Blocks [first, stop) of the file cut into (a, b, in place): holes go in place, the
-        rest to the journal. A hole with a journaled version (load() drops those) would have
-        it checkpointed first, so that no stale record outlives the block written in place."""
-        if not self.holes or not self.holes.overlaps(first, stop):
-            return [(first, stop, False)] if stop > first else []
-        if any(k in self.holes for k in self.index):
-            self.checkpoint()
-        return list(self.holes.segments(first, stop))
-
-    def _undo_journal(self, length: int, old: dict[int, tuple[int, int] | None]) -> None:
-        self.journal.cut(length)
-        if self.journal.fd is not None:
-            os.fdatasync(self.journal.fd)  # what replaces the cut records must not meet a stale sync record
-        for k, v in old.items():
-            if v is None:
-                self.index.pop(k, None)
-            else:
-                self.index[k] = v
-
-    def _extend(self, new_size: int, gap_hole: bool = False) -> None:
-        """Grow the file to ``new_size``: the whole blocks past the end become holes (when it may
-        have them and, for the gap before a write (``gap_hole``), at least HOLE_MIN of them);
-        otherwise, and for the rest of a short last block, sealed zeros are written."""
-        block, size = self.block, self.size
-        first_new, stop_new = -(-size // block), -(-new_size // block)
-        sparse = self.sparse and not self.v1 and (not gap_hole or (stop_new - first_new) * block >= HOLE_MIN)
-        if not sparse:
-            self._fill_zeros(new_size)
-            return
-        if size % block and first_new - 1 not in self.holes:
-            self.write(size, bytes(min(new_size, first_new * block) - size))  # the short last block
-        if stop_new > first_new:
-            holes = self.holes.copy()
-            holes.add(first_new, stop_new)
-            if not self.commit_holes(holes, first_new, stop_new):
-                self._fill_zeros(new_size)
-                return
-        old_len = os.fstat(self.fd).st_size
-        try:  # a backing store that refuses the size (ext4: EFBIG past 16 TiB) changes nothing
-            os.ftruncate(self.fd, max(old_len, sealed_size(new_size, HEADER_LEN, block)))
-        except OSError:
-            self.holes.clip(first_new)  # the durable state's extra holes lie past the end: unused
-            if self.size != size:  # the short last block was padded: the file keeps its size
-                self.truncate(size)
-            raise
-        self.size, self.dirty = new_size, True
-
-    def _fill_zeros(self, new_size: int) -> None:
-        """Write sealed zeros from the end to ``new_size``, at most 1 MiB at a time."""
-        pos, block = self.size, self.block
-        chunk = max(_ZERO_CHUNK, block)
-        while pos < new_size:
-            # Align chunks to block boundaries after the first partial block.
-            stop = min(new_size, (pos // block) * block + chunk)
-            self.write(pos, bytes(stop - pos))
-            pos = stop
-
-    def commit_holes(self, holes: Holes, first: int, stop: int) -> bool:
-        """Make ``holes`` (this file's holes plus [first, stop)) its holes, durably, before the
-        caller touches the backing file. Past HOLES_MAX extents the smallest others are written
-        as sealed zeros first; False (nothing changed) if [first, stop) is itself the smallest:
-        the caller then writes zeros instead of making it a hole."""
-        while len(holes) > HOLES_MAX:
-            a, b = holes.smallest()
-            if a < stop and b > first:
-                return False
-            holes.remove(a, b)
-            end = min(b * self.block, self.size)
-            for at in range(a * self.block, end, _ZERO_CHUNK):  # holes in memory: written in place
-                self.write(at, bytes(min(_ZERO_CHUNK, end - at)))
-        self.journal.sync()
-        if self.dirty:  # blocks the new state calls data (filled holes) are durable first
-            os.fdatasync(self.fd)
-            self.dirty = False
-        self._write_state(self.state.synced_size, holes)
+    def _write_state_durably(self, synced_size: int, holes: Holes) -> None:
+        """_write_state, then fsync for the xattr (a state file is written durably: write_atomic)."""
+        self._write_state(synced_size, holes)
         if self.state_file is None:
-            os.fsync(self.fd)  # the xattr (a state file is written durably: write_atomic)
-        self.holes = holes  # only now: a state that could not be made durable changes nothing
-        return True
-
-    def truncate(self, new_size: int) -> None:
-        """Change the size to ``new_size`` > 0 (truncating to 0 drops the header: the caller's job)."""
-        too_big(new_size, self.block)
-        size = self.size
-        if new_size >= size:
-            self._extend(new_size)
-            return
-        self.checkpoint()
-        block = self.block
-        last, rest = divmod(new_size, block)
-        if rest and last in self.holes:
-            rest = 0  # a hole stays a hole, only shorter
-        if not self.v1:  # first: never a backing file shorter than its durable state says
-            # The holes past the new end stay in it (load() clips them): a crash before the
-            # ftruncate keeps the old length, whose holes must still read zeros, not EIO.
-            synced = min(self.state.synced_size, last * block if rest else new_size)
-            if synced != self.state.synced_size:
-                self._write_state(synced)
-                os.fsync(self.fd)
-        if rest:  # the new last block is an overwrite of an existing block: journaled
-            keep = self.read(last * block, rest)
-            self.count_seals(1)
-            self._place(last, self.cipher.seal(last, bytes(keep)), size)
-            self.journal.sync()
-        os.ftruncate(self.fd, sealed_offset(last, HEADER_LEN, block) if rest else sealed_size(new_size, HEADER_LEN, block))
-        self.holes.clip(-(-new_size // block))
-        self.size, self.dirty = new_size, True
+            os.fsync(self.fd)
 
     # -- durability ----------------------------------------------------------------------
 
@@ -778,20 +257,6 @@ class FileContent:
             else:
                 # Not synced itself: if a crash loses it, the previous (smaller) synced size stays.
                 self._write_state(self.size, self.holes)
-
-    def _write_state(self, synced_size: int, holes: Holes | None = None) -> None:
-        """Seal and write the state; ``holes`` default to the durable state's (whatever was
-        written into them since is not known to be durable)."""
-        self.seals += 1  # the state is sealed under the data key too
-        state = FileState(synced_size, self.seals, self.state.holes if holes is None else holes.extents())
-        write_state(self.fd, self.cipher, state, self.state_file)
-        self.state = state
-
-    def _write_state_durably(self, synced_size: int, holes: Holes) -> None:
-        """_write_state, then fsync for the xattr (a state file is written durably: write_atomic)."""
-        self._write_state(synced_size, holes)
-        if self.state_file is None:
-            os.fsync(self.fd)
 
     def checkpoint(self) -> None:
         """Copy the journaled blocks into place and remove the journal (see journal.py)."""
@@ -831,6 +296,15 @@ class FileContent:
         self.journal.remove()
         self._journals.discard(self.header.file_id)
 
+    def _try_checkpoint(self) -> list[str]:
+        """checkpoint(), or a note if the disk cannot take it yet: the journal then stays (it
+        is durable), reads go on taking blocks from it, and the next checkpoint tries again."""
+        try:
+            self.checkpoint()
+        except OSError as e:
+            return [f"journal checkpoint failed ({e.strerror}); the journal is kept"]
+        return []
+
     def close(self, unlinked: bool = False) -> None:
         """Checkpoint (a file with no name left needs none: its journal just goes) and close.
         If the checkpoint fails (OSError), nothing is closed: the content still serves."""
@@ -849,3 +323,8 @@ class FileContent:
     def release_fds(self) -> None:
         self.journal.close()
         os.close(self.fd)
+
+
+# The helpers and limits that moved to the mixins' modules are still this module's to import.
+__all__ = ["HOLE_MIN", "JOURNAL_MAX", "SEALS_PERSIST_EVERY", "FileContent", "in_place_runs", "max_file_size",
+           "plain_file_size", "too_big", "whole_blocks"]
