@@ -63,11 +63,11 @@ def read_all(fs: EncryptedFS, inode: int) -> bytes:
 
 
 def run_due(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch, later: float) -> None:
-    """checkpoint_closed() as the mount's thread runs it, ``later`` seconds from now."""
+    """run_deferred() as the mount's thread runs it, ``later`` seconds from now."""
     now = time.monotonic() + later
     with monkeypatch.context() as mp:
         mp.setattr("encfs.fuse.fs.time.monotonic", lambda: now)
-        fs.checkpoint_closed(lambda inode: contextlib.nullcontext())
+        fs.run_deferred(lambda inode: contextlib.nullcontext())
 
 
 def spy_checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -164,6 +164,9 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         # them, so the content must stay loaded (and read-only) until unmount (OpenFiles._close)
         self.holds_dropped = False
         self.dirty = False  # the backing file was written since its last fsync
+        # The synced size an fsync(defer_state=True) left for write_pending_state(): durable data,
+        # not yet in the state (which may lag behind the data, never run ahead of it).
+        self.pending_synced_size: int | None = None
         self._on_auth_error = on_auth_error
         self._bounding = False  # _bound_holes is writing zeros (its writes must not recurse into it)
 
@@ -231,6 +234,8 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         state = FileState(synced_size, self.seals, self.state.holes if holes is None else holes.extents())
         write_state(self.fd, self.cipher, state, self.state_file)
         self.state = state
+        if self.pending_synced_size is not None and synced_size >= self.pending_synced_size:
+            self.pending_synced_size = None
 
     def _write_state_durably(self, synced_size: int, holes: Holes) -> None:
         """_write_state, then fsync for the xattr (a state file is written durably: write_atomic)."""
@@ -240,9 +245,13 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
 
     # -- durability ----------------------------------------------------------------------
 
-    def fsync(self, datasync: bool) -> None:
+    def fsync(self, datasync: bool, defer_state: bool = False) -> None:
         """Make everything written so far durable. An fdatasync of a file whose writes all went
-        to the journal syncs only the journal (its blocks in place did not change)."""
+        to the journal syncs only the journal (its blocks in place did not change). With
+        ``defer_state`` a new synced size that needs no sync of its own is left pending for
+        write_pending_state() (the owner's, soon after) instead of written now: an xattr written
+        right after the sync opens a journal transaction on the backing filesystem, which the
+        caller's next directory fsync (SQLite's, after syncing its journal) would have to commit."""
         self._bound_holes()  # again if a write's own bounding failed (ENOSPC): before the state
         self.journal.sync()
         if self.dirty or not datasync:
@@ -254,9 +263,18 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
                 # Blocks written into holes were just acknowledged: the durable state must call them
                 # data, or a crash reads them as zeros (and load() drops their journaled versions).
                 self._write_state_durably(self.size, self.holes)
+            elif defer_state:
+                self.pending_synced_size = self.size
             else:
                 # Not synced itself: if a crash loses it, the previous (smaller) synced size stays.
                 self._write_state(self.size, self.holes)
+
+    def write_pending_state(self) -> None:
+        """Write the synced size an fsync left pending, unsynced as fsync() writes it (a crash
+        that loses it leaves the previous, smaller one). The holes stay the durable state's."""
+        size, self.pending_synced_size = self.pending_synced_size, None
+        if size is not None and size != self.state.synced_size:
+            self._write_state(size)
 
     def checkpoint(self) -> None:
         """Copy the journaled blocks into place and remove the journal (see journal.py)."""
@@ -314,6 +332,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
             self._journals.discard(self.header.file_id)
         else:
             self.checkpoint()
+            self.write_pending_state()  # (a checkpoint of a journal wrote a state already)
             if self.seals != self.state.seals and not (self.v1 or self.fresh or self.read_only):
                 # Each session's count must reach the state, or sessions could add up uncounted
                 # (a file made by this session has no count to lose but this one, < 2^16).

@@ -92,6 +92,7 @@ class ContentWrites:
         def _try_checkpoint(self) -> list[str]: ...
         def count_seals(self, n: int) -> None: ...
         def _write_state(self, synced_size: int, holes: Holes | None = None) -> None: ...
+        def write_pending_state(self) -> None: ...
 
     def check_key(self) -> None:
         """Before the first write to a file this daemon did not make: its key must open one of
@@ -293,6 +294,7 @@ class ContentWrites:
     def truncate(self, new_size: int) -> None:
         """Change the size to ``new_size`` > 0 (truncating to 0 drops the header: the caller's job)."""
         too_big(new_size, self.block)
+        self.write_pending_state()  # a pending synced size past the new end would outlive the cut
         size = self.size
         if new_size >= size:
             self._extend(new_size)

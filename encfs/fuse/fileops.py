@@ -291,7 +291,9 @@ class FileOps:
         f = self.files[fh]
         content = self.files.contents.get(f.inode)
         if content is not None:
-            content.fsync(datasync)
+            content.fsync(datasync, defer_state=self.files.defer_checkpoints)
+            if content.pending_synced_size is not None:
+                self.files.state_pending(f.inode, f.path)
         else:
             (os.fdatasync if datasync else os.fsync)(f.fd)
 

@@ -392,14 +392,20 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
 
     # -- files (their operations: fileops.py) -----------------------------------------------
 
-    def checkpoint_closed(self, locked: Callable[[int], contextlib.AbstractContextManager[object]]) -> float | None:
-        """Run the deferred checkpoints that are due (openfiles.py), each under ``locked(inode)``
-        (the server's lock of that inode); returns when the next one is due (time.monotonic)."""
-        due, later = self.files.closed_due(time.monotonic())
+    def run_deferred(self, locked: Callable[[int], contextlib.AbstractContextManager[object]]) -> float | None:
+        """Write the pending synced sizes and run the deferred checkpoints that are due
+        (openfiles.py), each under ``locked(inode)`` (the server's lock of that inode); returns
+        when the next one is due (time.monotonic)."""
+        now = time.monotonic()
+        states, states_later = self.files.states_due(now)
+        for inode in states:
+            with locked(inode):
+                self.files.write_pending_state(inode)
+        due, later = self.files.closed_due(now)
         for inode in due:
             with locked(inode):
                 self.files.checkpoint_closed(inode)
-        return later
+        return min((t for t in (later, states_later) if t is not None), default=None)
 
     def recover_all(self, exclusive: Callable[[], contextlib.AbstractContextManager[object]]) -> tuple[int, list[bytes]]:
         """After an unclean shutdown: check every regular file for crash recovery now, each one

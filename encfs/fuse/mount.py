@@ -214,8 +214,8 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
                              name="crash-recovery").start()
         if not fs.read_only:
             fs.files.defer_checkpoints = True
-            threading.Thread(target=_checkpoint_closed, args=(fs, server, stopping), daemon=True,
-                             name="checkpoints").start()
+            threading.Thread(target=_run_deferred, args=(fs, server, stopping), daemon=True,
+                             name="deferred-writes").start()
         server.serve(threads=SERVER_THREADS)
         # Not if io_uring queues were still answering when serve() gave up waiting for them.
         served = server.stopped_cleanly
@@ -242,12 +242,12 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         lock.release(clean=clean)
 
 
-def _checkpoint_closed(fs: EncryptedFS, server: FsServer | Pyfuse3Server, stopping: threading.Event) -> None:
-    """Checkpoint closed files when their delay is over (openfiles.py) until unmount, which
-    checkpoints the rest."""
+def _run_deferred(fs: EncryptedFS, server: FsServer | Pyfuse3Server, stopping: threading.Event) -> None:
+    """Write pending synced sizes and checkpoint closed files when their delay is over
+    (openfiles.py) until unmount, which closes (and so writes and checkpoints) the rest."""
     while not stopping.is_set():
         try:
-            due = fs.checkpoint_closed(server.file_lock)
+            due = fs.run_deferred(server.file_lock)
         except Exception:  # a content that failed stays pinned: the unmount tries again
             log.exception("a deferred checkpoint failed")
             due = None

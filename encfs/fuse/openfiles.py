@@ -10,11 +10,15 @@ Invariants:
   was emptied, nor a header someone copied in: header poisoning). A content whose
   checkpoint fails (a full disk) stays loaded without handles ("pinned"), so that its
   journaled blocks and size keep being served; the next release or unmount tries again.
-- Where the server runs checkpoint_closed() (``defer_checkpoints``), a content with a journal
+- Where the server runs run_deferred() (``defer_checkpoints``), a content with a journal
   is checkpointed CHECKPOINT_DELAY after its last handle goes instead (pinned meanwhile, at
   most DEFERRED_MAX of them): a file unlinked first (SQLite's -journal, a temporary file)
   needs no checkpoint at all, its journal just goes. A close never made anything durable
   (fsync does); a crash meanwhile recovers the journal as for a file still open.
+- Where it runs them, an fsync also leaves the new synced size it needs to write (unsynced)
+  pending, and the same thread writes it STATE_DELAY later (a state only ever lags the data;
+  the next fsync, truncate or close writes it sooner): so an fsync leaves no metadata change
+  behind for the caller's next directory fsync to commit (content.py, fsync()).
 - With the writeback cache the kernel trusts the size it learnt at lookup for as long as
   it caches the inode, so a crash recovery that changes a file's size must run before
   the kernel first sees the file: size_for_lookup() recovers a file at its first lookup
@@ -76,6 +80,7 @@ log = logging.getLogger("encfs.fuse")
 REKEY_RETRY = 1 << 20  # seals between tries to re-key a file that could not be (a full disk)
 CHECKPOINT_DELAY = 1.0  # seconds from a file's last close to its deferred checkpoint
 DEFERRED_MAX = 64  # closed files waiting for their checkpoint (each keeps two fds open)
+STATE_DELAY = 1.0  # seconds from an fsync to the write of the synced size it left pending
 
 
 @dataclass
@@ -116,6 +121,8 @@ class OpenFiles:
         # Closed files whose checkpoint waits: inode -> (monotonic time it is due, backing path).
         self.defer_checkpoints = False
         self.deferred: dict[int, tuple[float, bytes]] = {}
+        # Open files whose synced size an fsync left pending: inode -> (when it is written, backing path).
+        self.pending_states: dict[int, tuple[float, bytes]] = {}
         self.load_lock = threading.Lock()
         self.recovering = recovering
         self.checked: set[int] = set()  # inodes whose recovery was done (or not due) in this mount
@@ -193,6 +200,33 @@ class OpenFiles:
             due = [inode for inode, (when, _) in self.deferred.items() if when <= now]
             later = min((when for when, _ in self.deferred.values() if when > now), default=None)
         return due, later
+
+    def state_pending(self, inode: int, path: bytes) -> None:
+        """An fsync of ``inode`` left its synced size pending: written STATE_DELAY from the first
+        such fsync (not the last, or a file synced more often than that would never get it)."""
+        with self._table:
+            self.pending_states.setdefault(inode, (time.monotonic() + STATE_DELAY, path))
+
+    def states_due(self, now: float) -> tuple[list[int], float | None]:
+        """The files whose pending synced size is due at ``now``, and when the next one is."""
+        with self._table:
+            due = [inode for inode, (when, _) in self.pending_states.items() if when <= now]
+            later = min((when for when, _ in self.pending_states.values() if when > now), default=None)
+        return due, later
+
+    def write_pending_state(self, inode: int) -> None:
+        """Write the synced size an fsync of ``inode`` left pending (under its lock), unless a
+        close, truncate or later state wrote it already. A failure is logged, not retried: the
+        state then keeps the older synced size, as after a crash that lost the write."""
+        with self._table:
+            entry = self.pending_states.pop(inode, None)
+        content = self.contents.get(inode)
+        if entry is None or content is None:
+            return
+        try:
+            content.write_pending_state()
+        except OSError as e:
+            log.warning("%r: synced size not written (%s); the state keeps the older one", entry[1], e.strerror)
 
     def checkpoint_closed(self, inode: int) -> None:
         """The deferred checkpoint of ``inode`` (under its lock): none if it was opened again

@@ -79,6 +79,7 @@ def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
     the module docstring says; ``c`` then serves the file under them. OSError if the side file
     cannot be written (the file is then untouched and ``c`` unchanged); SideFilePending if copying
     the complete side file in fails (``c`` then reads from it, read-only, under the new key)."""
+    c.write_pending_state()  # under the old key, as everything of the file so far
     c.checkpoint()
     old_id = c.header.file_id
     root = c.root
