@@ -94,6 +94,26 @@ def test_a_truncate_never_leaves_a_pending_size_past_the_new_end(files: BackingF
     assert synced_on_disk(c) <= B
 
 
+def test_blocks_written_into_holes_get_their_durable_state_at_once(tmp_path: Path) -> None:
+    """Deferral is only for a synced size: a state that must call filled holes data is written
+    and synced by the fsync itself (else a crash reads the acknowledged blocks as zeros)."""
+    files = BackingFile(tmp_path, B, sparse=True)
+    c = files.create()
+    c.write(0, b"a" * B)
+    c.truncate(8 * B)  # blocks 1-7: a hole
+    c.fsync(False, defer_state=True)
+    assert read_state(c.fd, c.cipher, c.state_file).holes == ((1, 7),)  # type: ignore[union-attr]
+    data = os.urandom(B)
+    c.write(3 * B, data)  # into the hole
+    c.fsync(False, defer_state=True)
+    state = read_state(c.fd, c.cipher, c.state_file)
+    assert state is not None and state.holes == ((1, 2), (4, 4)) and state.synced_size == 8 * B
+    assert c.pending_synced_size is None
+    c.release_fds()  # a crash
+    c, _notes = files.open(after_crash=True, writable=True)
+    assert c.read(3 * B, B) == data
+
+
 def test_close_writes_a_pending_synced_size(files: BackingFile) -> None:
     c = files.create()
     c.write(0, os.urandom(2 * B + 7))
@@ -122,17 +142,21 @@ def run_due(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch, later: float) -> N
 
 
 def test_the_mount_thread_writes_a_pending_size_after_its_delay(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [time.monotonic()]
+    monkeypatch.setattr("encfs.fuse.openfiles.time.monotonic", lambda: clock[0])
     fh, attrs = fs.create(ROOT_ID, b"f", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
     c = fs.files.contents[attrs.st_ino]
     fs.write(fh, 0, b"x" * (2 * B))
     fs.fsync(fh, False)
     assert synced_on_disk(c) == 0 and attrs.st_ino in fs.files.pending_states
-    run_due(fs, monkeypatch, openfiles.STATE_DELAY / 2)
+    clock[0] += openfiles.STATE_DELAY / 2
+    fs.run_deferred(lambda inode: contextlib.nullcontext())
     assert synced_on_disk(c) == 0, "not yet due"
     fs.write(fh, 2 * B, b"y" * B)
-    fs.fsync(fh, False)  # a second fsync does not push the first one's due time back
-    run_due(fs, monkeypatch, openfiles.STATE_DELAY + 0.01)
-    assert synced_on_disk(c) == 3 * B and not fs.files.pending_states
+    fs.fsync(fh, False)  # a second fsync does not push the first one's due time back...
+    clock[0] += openfiles.STATE_DELAY / 2 + 0.01
+    fs.run_deferred(lambda inode: contextlib.nullcontext())
+    assert synced_on_disk(c) == 3 * B and not fs.files.pending_states  # ...and its size is the one written
     fs.release(fh)
 
 

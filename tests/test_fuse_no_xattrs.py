@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from conftest import run_encfs
 from filestate_tool import set_seals
 from fuse_helpers import Mount, cold_read
 
+from encfs.fuse import openfiles
 from encfs.fuse.fileheader import REKEY_AT, FileHeader
 
 
@@ -79,6 +81,10 @@ def test_fsync_counts_and_rekeys_without_user_xattrs(ramfs: Path, tmp_path: Path
             f.write(b"x" * 5000)
             f.flush()
             os.fsync(f.fileno())
+        # The fsync's synced size reaches the state about a second later (openfiles.STATE_DELAY)
+        deadline = time.monotonic() + 10 * openfiles.STATE_DELAY
+        while not states(cipher) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(states(cipher)) == 1
         os.unlink(plain / "f")  # and a file's last link takes its state file along
         assert states(cipher) == []

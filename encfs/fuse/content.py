@@ -249,7 +249,8 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         """Make everything written so far durable. An fdatasync of a file whose writes all went
         to the journal syncs only the journal (its blocks in place did not change). With
         ``defer_state`` a new synced size that needs no sync of its own is left pending for
-        write_pending_state() (the owner's, soon after) instead of written now: an xattr written
+        write_pending_state() (the owner's thread, about a second later; a truncate, close or
+        re-key writes it first) instead of written now: an xattr written
         right after the sync opens a journal transaction on the backing filesystem, which the
         caller's next directory fsync (SQLite's, after syncing its journal) would have to commit."""
         self._bound_holes()  # again if a write's own bounding failed (ENOSPC): before the state
@@ -273,7 +274,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         """Write the synced size an fsync left pending, unsynced as fsync() writes it (a crash
         that loses it leaves the previous, smaller one). The holes stay the durable state's."""
         size, self.pending_synced_size = self.pending_synced_size, None
-        if size is not None and size != self.state.synced_size:
+        if size is not None and size > self.state.synced_size:  # (never lowers it)
             self._write_state(size)
 
     def checkpoint(self) -> None:
@@ -332,7 +333,10 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
             self._journals.discard(self.header.file_id)
         else:
             self.checkpoint()
-            self.write_pending_state()  # (a checkpoint of a journal wrote a state already)
+            try:
+                self.write_pending_state()  # (a checkpoint of a journal wrote a state already)
+            except OSError as e:  # the state keeps the older synced size: no reason to stay open
+                log.warning("synced size not written at close (%s); the state keeps the older one", e.strerror)
             if self.seals != self.state.seals and not (self.v1 or self.fresh or self.read_only):
                 # Each session's count must reach the state, or sessions could add up uncounted
                 # (a file made by this session has no count to lose but this one, < 2^16).

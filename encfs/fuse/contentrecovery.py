@@ -209,5 +209,5 @@ class ContentRecovery:
             os.ftruncate(self.fd, at)
             self.dirty = True
         self.size = last * block
-        return [(f"its last block ({backing - at} bytes, past the last fsync) was torn by a crash "
+        return [(f"its last block ({backing - at} bytes, past the synced size) was torn by a crash "
                  f"and is cut off: size now {self.size}")]

@@ -33,8 +33,10 @@ Invariants:
   it before its backing bytes are punched, and leaves it only after the block written
   into it is durable (content.py).
 - The state's ``synced_size`` only ever names a size whose blocks were durable (written,
-  then fdatasync'd) when the state was written: what lies past it was never acknowledged
-  by an fsync. (A file found cut below that size keeps it: the missing range reads EIO.)
+  then fdatasync'd) when the state was written. It may lag: on a mount an fsync's synced
+  size is written about a second later, so what lies past it may have been acknowledged by
+  an fsync just before a crash. (A file found cut below that size keeps it: the missing
+  range reads EIO.)
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ Invariants:
   needs no checkpoint at all, its journal just goes. A close never made anything durable
   (fsync does); a crash meanwhile recovers the journal as for a file still open.
 - Where it runs them, an fsync also leaves the new synced size it needs to write (unsynced)
-  pending, and the same thread writes it STATE_DELAY later (a state only ever lags the data;
-  the next fsync, truncate or close writes it sooner): so an fsync leaves no metadata change
-  behind for the caller's next directory fsync to commit (content.py, fsync()).
+  pending, and the same thread writes it STATE_DELAY after the first such fsync (later only
+  while the file's lock is held; a truncate, close or re-key writes it first; a state only
+  ever lags the data): so an fsync leaves no metadata change behind for the caller's next
+  directory fsync to commit (content.py, fsync()).
 - With the writeback cache the kernel trusts the size it learnt at lookup for as long as
   it caches the inode, so a crash recovery that changes a file's size must run before
   the kernel first sees the file: size_for_lookup() recovers a file at its first lookup
