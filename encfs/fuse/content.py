@@ -250,9 +250,9 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         to the journal syncs only the journal (its blocks in place did not change). With
         ``defer_state`` a new synced size that needs no sync of its own is left pending for
         write_pending_state() (the owner's thread, about a second later; a truncate, close or
-        re-key writes it first) instead of written now: an xattr written
-        right after the sync opens a journal transaction on the backing filesystem, which the
-        caller's next directory fsync (SQLite's, after syncing its journal) would have to commit."""
+        re-key writes it first) instead of written now: an xattr written right after the sync
+        opens a journal transaction on the backing filesystem, which the caller's next directory
+        fsync (SQLite's, after syncing its journal) would have to commit."""
         self._bound_holes()  # again if a write's own bounding failed (ENOSPC): before the state
         self.journal.sync()
         if self.dirty or not datasync:

@@ -249,7 +249,7 @@ def _run_deferred(fs: EncryptedFS, server: FsServer | Pyfuse3Server, stopping: t
         try:
             due = fs.run_deferred(server.file_lock)
         except Exception:  # a content that failed stays pinned: the unmount tries again
-            log.exception("a deferred checkpoint failed")
+            log.exception("a deferred checkpoint or state write failed")
             due = None
         stopping.wait(CHECKPOINT_DELAY if due is None else max(due - time.monotonic(), 0.01))
 
