@@ -5,7 +5,8 @@ blocks cannot move between positions or files.
 One FileContent serves one inode, shared by all of its open handles.
 
 FileContent takes its reads from contentread.py, its writes and truncation from contentwrite.py
-and load()'s crash recovery from contentrecovery.py (mixins); this module keeps the file's
+and load()'s crash recovery from contentrecovery.py (mixins on contentfields.py, which declares
+what they use of one another for the type checker); this module keeps the file's
 header, its state and seal count, and its durability: fsync, the journal's checkpoint, close.
 
 Invariants:

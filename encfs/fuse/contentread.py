@@ -12,40 +12,23 @@ Of content.py's invariants, these are kept here:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from encfs import daemonlog
 from encfs.blocks import (
     OVERHEAD,
     BlockAuthError,
-    BlockCipher,
     blocks_touched,
     run_blocks,
     sealed_offset,
     sealed_size,
 )
+from encfs.fuse.contentfields import ContentFields
 from encfs.fuse.fileheader import HEADER_LEN
-from encfs.fuse.holes import Holes
-from encfs.fuse.journal import Journal
-from encfs.sealing import Sealer
 
 
-class ContentReads:
+class ContentReads(ContentFields):
     """The reads of content.FileContent (a mixin: the content's state)."""
-
-    if TYPE_CHECKING:  # defined by FileContent
-        fd: int
-        block: int
-        size: int
-        holes: Holes
-        index: dict[int, tuple[int, int]]
-        journal: Journal
-        sealer: Sealer
-        _on_auth_error: Callable[[int], None] | None
-
-        @property
-        def cipher(self) -> BlockCipher: ...
 
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Plaintext [offset, offset+length) clipped to the file's size. A read the sealer

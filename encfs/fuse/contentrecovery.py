@@ -18,12 +18,12 @@ Of content.py's invariants, these are kept here:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
-from encfs.blocks import OVERHEAD, BlockAuthError, BlockCipher, plain_size, sealed_offset
-from encfs.fuse.fileheader import HEADER_LEN, SPENT, FileHeader, FileState, read_state
+from encfs.blocks import OVERHEAD, BlockAuthError, plain_size, sealed_offset
+from encfs.fuse.contentfields import ContentFields
+from encfs.fuse.fileheader import HEADER_LEN, SPENT, read_state
 from encfs.fuse.holes import Holes
-from encfs.fuse.journal import HEAD_LEN, Journal, Run
+from encfs.fuse.journal import HEAD_LEN, Run
 
 
 def plain_file_size(backing_size: int, block: int) -> int:
@@ -38,32 +38,8 @@ def plain_file_size(backing_size: int, block: int) -> int:
         return plain_size(whole, HEADER_LEN, block) + 1
 
 
-class ContentRecovery:
+class ContentRecovery(ContentFields):
     """load() and the crash recovery of content.FileContent (a mixin: the content's state)."""
-
-    if TYPE_CHECKING:  # defined by FileContent (_sealed_block by ContentReads)
-        fd: int
-        header: FileHeader
-        block: int
-        v1: bool
-        journal: Journal
-        _journals: set[bytes]
-        index: dict[int, tuple[int, int]]
-        size: int
-        state: FileState
-        holes: Holes
-        seals: int
-        dirty: bool
-        read_only: bool
-        recovered_in_memory: bool
-        holds_dropped: bool
-
-        @property
-        def cipher(self) -> BlockCipher: ...
-        @property
-        def state_file(self) -> bytes | None: ...
-        def _try_checkpoint(self) -> list[str]: ...
-        def _sealed_block(self, k: int, size: int) -> bytes: ...
 
     def load(self, writable: bool, known_size: int | None = None, after_crash: bool = False) -> list[str]:
         """Take over an existing backing file: its size, state and journal, recovering from a

@@ -21,14 +21,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import TYPE_CHECKING
 
-from encfs.blocks import OVERHEAD, BlockCipher, blocks_touched, sealed_offset, sealed_size
+from encfs.blocks import OVERHEAD, blocks_touched, sealed_offset, sealed_size
 from encfs.diskio import pwrite_all
-from encfs.fuse.fileheader import HEADER_LEN, FileHeader, FileState
+from encfs.fuse.contentfields import ContentFields
+from encfs.fuse.fileheader import HEADER_LEN
 from encfs.fuse.holes import HOLES_MAX, Holes
-from encfs.fuse.journal import Journal
-from encfs.sealing import Sealer
 
 log = logging.getLogger("encfs.fuse")
 _ZERO_CHUNK = 1 << 20  # fill gaps 1 MiB at a time (at least one block)
@@ -63,36 +61,8 @@ def whole_blocks(offset: int, length: int, block: int) -> range | None:
     return range(offset // block, (offset + length) // block)
 
 
-class ContentWrites:
+class ContentWrites(ContentFields):
     """The writes and truncation of content.FileContent (a mixin: the content's state)."""
-
-    if TYPE_CHECKING:  # defined by FileContent (read by ContentReads)
-        fd: int
-        header: FileHeader
-        block: int
-        v1: bool
-        journal: Journal
-        _journals: set[bytes]
-        index: dict[int, tuple[int, int]]
-        size: int
-        state: FileState
-        holes: Holes
-        sparse: bool
-        verified: bool
-        dirty: bool
-        sealer: Sealer
-        _bounding: bool
-
-        @property
-        def cipher(self) -> BlockCipher: ...
-        @property
-        def state_file(self) -> bytes | None: ...
-        def read(self, offset: int, length: int) -> bytes | bytearray | memoryview: ...
-        def checkpoint(self) -> None: ...
-        def _try_checkpoint(self) -> list[str]: ...
-        def count_seals(self, n: int) -> None: ...
-        def _write_state(self, synced_size: int, holes: Holes | None = None) -> None: ...
-        def write_pending_state(self) -> None: ...
 
     def check_key(self) -> None:
         """Before the first write to a file this daemon did not make: its key must open one of

@@ -18,24 +18,18 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from encfs.errors import ContextMismatch, EncfsError, InvalidCiphertext, KeyStateError, UsageError
 from encfs.keys.audit import iso_time
 from encfs.keys.blob import NONCE_LEN, BlobHeader, CiphertextBlob
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.context import EncryptionContext, context_digest, encode_context
-from encfs.keys.metadata import ENABLED, KeyDB, KeyRecord, KeyVersion
+from encfs.keys.metadata import ENABLED, KeyDB, KeyRecord
+from encfs.keys.servicefields import ServiceFields
 from encfs.keys.token import TagMismatch
-
-if TYPE_CHECKING:
-    from encfs.keys.audit import AuditLog
-    from encfs.keys.budget import SealBudget
-    from encfs.keys.token import Token
-    from encfs.keys.usage import UsageLedger
 
 MAX_ENCRYPT_PLAINTEXT = 4096
 MAX_DATA_KEY_BYTES = 1024
@@ -77,22 +71,8 @@ def _names_key(db: KeyDB, ref: str, key_id: str) -> bool:
         return False
 
 
-class CryptographicOperations:
+class CryptographicOperations(ServiceFields):
     """The cryptographic operations of service.KeyService (a mixin: the service's state)."""
-
-    if TYPE_CHECKING:  # defined by KeyService
-        token: Token
-        clock: Callable[[], float]
-        audit: AuditLog
-        budget: SealBudget
-        usage: UsageLedger
-
-        def _audited(self, operation: str, **fields: Any) -> AbstractContextManager[dict[str, Any]]: ...
-        def _db(self) -> KeyDB: ...
-        def _token_use(self, rec: KeyRecord, version: KeyVersion, operation: str,
-                       info: dict[str, Any]) -> AbstractContextManager[None]: ...
-        @staticmethod
-        def _require(rec: KeyRecord, operation: str) -> None: ...
 
     # -- sealing and opening one blob ---------------------------------------
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from encfs.errors import KeyStateError, UsageError
 from encfs.keys import tokenstate
@@ -32,34 +31,18 @@ from encfs.keys.metadata import (
     PENDING_DELETION,
     PENDING_IMPORT,
     ImportState,
-    KeyDB,
     KeyRecord,
-    KeyStore,
     normalize_alias,
 )
+from encfs.keys.servicefields import ServiceFields
 from encfs.keys.usage import still_used
-
-if TYPE_CHECKING:
-    from encfs.keys.token import Token
 
 DELETION_WINDOW_DAYS = (7, 30)
 ROTATION_PERIOD_DAYS = (90, 2560)
 
 
-class KeyAdministration:
+class KeyAdministration(ServiceFields):
     """The key-management operations of service.KeyService (a mixin: the service's state)."""
-
-    if TYPE_CHECKING:  # defined by KeyService
-        token: Token
-        clock: Callable[[], float]
-        store: KeyStore
-
-        def _audited(self, operation: str, **fields: Any) -> AbstractContextManager[dict[str, Any]]: ...
-        def _db(self) -> KeyDB: ...
-        def _destroy_material(self, rec: KeyRecord, *, versions: bool, wrapping: bool) -> None: ...
-        def _add_version(self, rec: KeyRecord, now: float, operation: str = "RotateKey") -> int: ...
-        @staticmethod
-        def _require(rec: KeyRecord, operation: str) -> None: ...
 
     def create_key(self, description: str = "", alias: str | None = None,
                    origin: str = ORIGIN_TOKEN) -> dict[str, Any]:

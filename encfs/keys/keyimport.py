@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from encfs.errors import KeyImportError, KeyStateError, UsageError
 from encfs.keys.blob import NONCE_LEN
@@ -30,15 +28,11 @@ from encfs.keys.metadata import (
     ORIGIN_EXTERNAL,
     PENDING_DELETION,
     PENDING_IMPORT,
-    KeyDB,
     KeyRecord,
-    KeyStore,
     KeyVersion,
 )
+from encfs.keys.servicefields import ServiceFields
 from encfs.keys.token import TagMismatch, rsa_spki_pem
-
-if TYPE_CHECKING:
-    from encfs.keys.token import Token
 
 IMPORT_PARAMETERS_TTL = 24 * 3600
 WRAPPING_ALGORITHMS = ("RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256")
@@ -54,19 +48,8 @@ class ImportParameters:
     valid_to: float
 
 
-class KeyMaterialImport:
+class KeyMaterialImport(ServiceFields):
     """The key-material import operations of service.KeyService (a mixin: the service's state)."""
-
-    if TYPE_CHECKING:  # defined by KeyService (_transition: by keyadmin.KeyAdministration)
-        token: Token
-        clock: Callable[[], float]
-        store: KeyStore
-
-        def _audited(self, operation: str, **fields: Any) -> AbstractContextManager[dict[str, Any]]: ...
-        def _db(self) -> KeyDB: ...
-        def _destroy_material(self, rec: KeyRecord, *, versions: bool, wrapping: bool) -> None: ...
-        def _transition(self, operation: str, key: str,
-                        change: Callable[[KeyRecord, float], None]) -> dict[str, Any]: ...
 
     def get_parameters_for_import(self, key: str, wrapping_algorithm: str = "RSAES_OAEP_SHA_1") -> ImportParameters:
         with self._audited("GetParametersForImport", wrapping_algorithm=wrapping_algorithm) as info:

@@ -34,7 +34,8 @@ Invariants:
 KeyService keeps the plumbing these rest on (the audit wrapper, fresh metadata with the due
 transitions, backing-key versions, the rollback check of a failing token call); its operations
 come from mixins: key administration (keyadmin.py), cryptographic operations (cryptoops.py) and
-imported key material (keyimport.py). What they share about a key is describe.py's.
+imported key material (keyimport.py), on servicefields.py (what they use of the service, declared
+for the type checker). What they share about a key is describe.py's.
 """
 
 from __future__ import annotations
