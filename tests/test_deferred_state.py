@@ -16,7 +16,6 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,9 +27,9 @@ from encfs.fuse.content import FileContent
 from encfs.fuse.fileheader import read_state
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuseproto.wire import ROOT_ID
-from encfs.keys.service import KeyService
 from fuse_helpers import Mount, cold_read
-from test_fs_api import CTX, new_fs
+from test_deferred_checkpoint import fs, run_due  # noqa: F401 (fs: the fixture, deferring as a mount does)
+from test_fs_api import CTX
 
 B = 4096
 STEP = B + 28  # a sealed block
@@ -124,22 +123,6 @@ def test_close_writes_a_pending_synced_size(files: BackingFile) -> None:
 
 
 # -- the filesystem: the mount's thread (run_deferred) -----------------------------------------
-
-@pytest.fixture
-def fs(tmp_path: Path, service: KeyService) -> Iterator[EncryptedFS]:
-    filesystem = new_fs(tmp_path, service)
-    filesystem.files.defer_checkpoints = True  # as mount.py does
-    yield filesystem
-    filesystem.close_all()
-
-
-def run_due(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch, later: float) -> None:
-    """run_deferred() as the mount's thread runs it, ``later`` seconds from now."""
-    now = time.monotonic() + later
-    with monkeypatch.context() as mp:
-        mp.setattr("encfs.fuse.fs.time.monotonic", lambda: now)
-        fs.run_deferred(lambda inode: contextlib.nullcontext())
-
 
 def test_the_mount_thread_writes_a_pending_size_after_its_delay(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [time.monotonic()]
