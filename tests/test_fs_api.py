@@ -422,3 +422,27 @@ def test_small_whole_block_writes_are_sealed_ahead_and_a_stale_seal_is_not_used(
         assert fs.seal_ahead(ro, 0, memoryview(new)) is None
     finally:
         fs.release(ro)
+
+
+def test_a_read_only_open_leaves_the_header_to_the_first_read(fs: EncryptedFS) -> None:
+    """A read-only open does not load the file (the disk reads its header meanwhile): a damaged
+    header fails the first read with EIO, as gocryptfs's does, and never returns bytes; a
+    writable open still fails at once."""
+    ino = create(fs, b"f", b"plain" * 1000)
+    fh = fs.open(ino, os.O_RDONLY, CTX)
+    try:
+        assert ino not in fs.files.contents
+        assert read(fs, ino) == b"plain" * 1000
+    finally:
+        fs.release(fh)
+    assert ino not in fs.files.contents
+    backing = fs.inodes.path(ino)
+    with open(backing, "r+b") as f:
+        f.write(b"X")  # the header's magic
+    fh = fs.open(ino, os.O_RDONLY, CTX)
+    try:
+        assert fuse_errno(lambda: fs.reader(fh)) == errno.EIO
+        assert fuse_errno(lambda: fs.lseek(fh, 0, os.SEEK_DATA)) == errno.EIO
+    finally:
+        fs.release(fh)
+    assert fuse_errno(lambda: fs.open(ino, os.O_RDWR, CTX)) == errno.EIO

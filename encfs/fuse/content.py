@@ -109,9 +109,9 @@ def in_place_runs(index: dict[int, tuple[int, int]], step: int) -> list[tuple[in
     return pieces
 
 
-def _prefetch(fd: int, ranges: list[tuple[int, int]]) -> None:
+def prefetch(fd: int, ranges: list[tuple[int, int]]) -> None:
     """Start reading the pages of ``ranges`` (sorted (offset, length), merged where they touch)
-    into the page cache, all at once. A sealed block does not fill whole pages, so writing one
+    into the page cache, all at once, without waiting for them. A sealed block does not fill whole pages, so writing one
     in place first reads the pages it shares with its neighbours; without this a checkpoint of
     blocks whose pages were not cached read them one at a time (benchmarks/HISTORY.md)."""
     merged: list[tuple[int, int]] = []
@@ -294,7 +294,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         self.journal.sync()
         block = self.block
         pieces = in_place_runs(self.index, block + OVERHEAD)
-        _prefetch(self.fd, [(sealed_offset(k, HEADER_LEN, block), length) for k, _, length in pieces])
+        prefetch(self.fd, [(sealed_offset(k, HEADER_LEN, block), length) for k, _, length in pieces])
         # The span of the journal that holds them is read once (a checkpoint follows when the
         # journal passes JOURNAL_MAX, so it is at most about that), not once per piece.
         start = min((offset for _k, offset, _n in pieces), default=0)
