@@ -239,6 +239,8 @@ class BackingDirs:
     def lstat(self, target: Target) -> os.stat_result:
         if isinstance(target, int):
             return os.fstat(target)
+        if target == self.root:  # the parent of every top-level entry: no walk of the absolute path
+            return os.fstat(self.root_fd)
         return self.at(target, lambda d, n: os.stat(n, dir_fd=d, follow_symlinks=False))
 
     def lexists(self, path: bytes) -> bool:

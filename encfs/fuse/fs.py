@@ -262,8 +262,11 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
-    def _entry(self, path: bytes, count: bool = True) -> EntryAttributes:
-        st = self.bd.lstat(path)
+    def _entry(self, path: bytes, count: bool = True, st: os.stat_result | None = None) -> EntryAttributes:
+        """The entry ``path`` (``st``: its stat, when the caller holds it open), remembered for
+        the kernel's lookup count."""
+        if st is None:
+            st = self.bd.lstat(path)
         inode = self._ino(st)
         self.inodes.remember(inode, path, count)
         return self._attrs(st, inode, path)
