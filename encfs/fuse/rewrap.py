@@ -25,20 +25,15 @@ and a mounted CIPHERDIR is refused), docs/FORMAT.md §6.9:
 With ``--full`` (operation "full" in the marker), every file then gets a fresh data key,
 one file at a time (fullrekey.py); the marker stays until the last one is done.
 
-A mount that finds the marker refuses, in one line that says to run ``encfs rekey
-CIPHERDIR`` again (refuse_if_interrupted, also for read-only mounts): the filesystem is
-not served while its headers may be under two CMKs. A mount by the recovery key is the
-exception (recovery.py): it asks no CMK, and ``--recovery-key`` runs take any marker over. Running the command again (with or
-without ``--key``: without, it goes on to the CMK the marker names; ``--full`` if the marker
-says "full") finishes the job.
+The marker and the redo log (their formats, their replay, and the refusal of mounts while
+the marker exists, which running the command again ends) are rewraplog.py's; this module
+decides when they are written and removed.
 
 Invariants:
 - Every header on disk is whole and unwraps under the CMK it was under before, or under
   the destination: a header is written in place only once its new version is durable in
-  the redo log, and a resumed run replays the log before reading any header. A header and
-  its re-wrapped version share their first 22 bytes (magic, version, key source, file id), so
-  a torn 128-byte write is recognised by them and completed; a file whose header no longer
-  starts that way (gone, or replaced) is left alone.
+  the redo log, and a resumed run replays the log (rewraplog.replay, which completes a torn
+  header write) before reading any header.
 - A redo log is replaced by the next batch's only after syncfs made its batch durable.
 - The config copies change after every header, and only while the marker exists; two
   copies of an interrupted run hold the same secret under two CMKs, and
@@ -59,12 +54,9 @@ Invariants:
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import re
 import stat as stat_m
-import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -73,15 +65,8 @@ from typing import Any
 
 from encfs.atomicfile import write_atomic
 from encfs.block.rewrap import destination
-from encfs.diskio import fsync_dir, pwrite_all, syncfs
-from encfs.errors import (
-    ContextMismatch,
-    EncfsError,
-    InvalidCiphertext,
-    KeyNotFound,
-    MountError,
-    UsageError,
-)
+from encfs.diskio import pwrite_all, syncfs
+from encfs.errors import ContextMismatch, EncfsError, InvalidCiphertext, KeyNotFound, UsageError
 from encfs.fuse import rekeyfile
 from encfs.fuse.backingdirs import BackingDirs, open_under
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError
@@ -89,7 +74,6 @@ from encfs.fuse.fsconfig import (
     BACKUP_NAME,
     CONFIG_NAME,
     FS_FORMAT,
-    REKEY_MARKER,
     FsConfig,
     OpenedConfig,
     open_config,
@@ -99,26 +83,31 @@ from encfs.fuse.fsconfig import (
 from encfs.fuse.mountlock import REKEY_MODE, MountLock
 from encfs.fuse.names import is_internal
 from encfs.fuse.recoverykeys import file_key, key_opens_file
+from encfs.fuse.rewraplog import (
+    DONE_LOG,
+    FULL,
+    MARKER,
+    MARKER_VERSION,
+    PREFIX,
+    REDO,
+    REDO_MAGIC,
+    REDO_VERSION,
+    REWRAP,
+    RewrapError,
+    _remove,
+    _write_marker,
+    pack_redo,
+    parse_redo,
+    read_marker,
+    refuse_if_interrupted,
+    replay,
+)
 from encfs.keys.blob import CiphertextBlob
 from encfs.keys.service import KeyService
 from encfs.progress import progress
 
-MARKER = REKEY_MARKER  # "encfs.rekey"
-REDO = "encfs.rekey.redo"
-DONE_LOG = "encfs.rekey.done"  # fullrekey.DONE
-MARKER_VERSION = 1
-REWRAP, FULL = "rewrap", "full"  # the marker's ``operation``
-REDO_MAGIC, REDO_VERSION = b"ENCW", 1
-_REDO_HEAD = struct.Struct(">4sB3xI")  # magic, version, 3 zero bytes, record count
-_PATH_LEN = struct.Struct(">H")
-_DIGEST = 32  # SHA-256 of everything before it
-PREFIX = 22  # magic, version, reserved, file id: the same before and after a re-wrap
 BATCH = 2048  # headers per redo log (one write-fsync-rename and one syncfs each)
 _LEFTOVER = re.compile(rb"(encfs\.rekey(\.redo)?|encfs\.conf(\.bak)?)\.tmp\.[0-9]+")  # write_atomic's
-
-
-class RewrapError(EncfsError):
-    """A filesystem re-wrap failed or left damaged headers as they were."""
 
 
 @dataclass
@@ -147,108 +136,6 @@ class FsRewrapped:
     @property
     def wrapped_keys(self) -> int:
         return self.files + int(self.config)
-
-
-def refuse_if_interrupted(cipherdir: Path) -> None:
-    """MountError in one line if a re-key of ``cipherdir`` was interrupted (its marker exists)."""
-    if os.path.lexists(cipherdir / MARKER):
-        try:
-            full = json.loads((cipherdir / MARKER).read_bytes()).get("operation") == FULL
-        except (OSError, ValueError, AttributeError):
-            full = False
-        command = f"encfs rekey{' --full' if full else ''} {cipherdir}"
-        raise MountError(f"{cipherdir}: a re-key (`encfs rekey`) was interrupted and its headers may be under two "
-                         f"CMKs: run `{command}` again to finish it, then mount")
-
-
-# -- the redo log and the marker (FORMAT.md §6.9) -----------------------------------------------------
-
-def pack_redo(entries: list[tuple[bytes, bytes]]) -> bytes:
-    """The redo log of ``entries`` (backing path relative to CIPHERDIR, new 128-byte header)."""
-    parts = [_REDO_HEAD.pack(REDO_MAGIC, REDO_VERSION, len(entries))]
-    for rel, header in entries:
-        assert len(header) == HEADER_LEN and not os.path.isabs(rel)
-        parts += [_PATH_LEN.pack(len(rel)), rel, header]
-    body = b"".join(parts)
-    return body + hashlib.sha256(body).digest()
-
-
-def parse_redo(data: bytes, where: str) -> list[tuple[bytes, bytes]]:
-    """RewrapError if the log is not whole (it is written by rename: damage, not a torn write)."""
-    body, digest = data[:-_DIGEST], data[-_DIGEST:]
-    if len(data) < _REDO_HEAD.size + _DIGEST or hashlib.sha256(body).digest() != digest:
-        raise RewrapError(f"{where} is damaged (its digest does not match): restore it from a backup")
-    magic, version, count = _REDO_HEAD.unpack_from(body)
-    if magic != REDO_MAGIC or version != REDO_VERSION:
-        raise RewrapError(f"{where} is not an encfs re-key redo log of version {REDO_VERSION}: upgrade encfs")
-    entries, pos = [], _REDO_HEAD.size
-    for _ in range(count):
-        (n,) = _PATH_LEN.unpack_from(body, pos)
-        rel, header = body[pos + 2:pos + 2 + n], body[pos + 2 + n:pos + 2 + n + HEADER_LEN]
-        entries.append((rel, header))
-        pos += 2 + n + HEADER_LEN
-    if pos != len(body) or any(len(h) != HEADER_LEN or os.path.isabs(r) or b".." in r.split(b"/")
-                               for r, h in entries):
-        raise RewrapError(f"{where} is damaged (its records do not add up)")
-    return entries
-
-
-def read_marker(cipherdir: Path, dest_key: str | None, operation: str) -> dict[str, Any] | None:
-    """The marker of an interrupted run, if any. A damaged one stands for a run to ``dest_key``
-    (which must then be given: the CMK the interrupted run moved to)."""
-    try:
-        raw = (cipherdir / MARKER).read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        marker = json.loads(raw)
-    except ValueError:
-        marker = None
-    if not isinstance(marker, dict) or not isinstance(marker.get("key_id"), str):
-        if dest_key is None:
-            raise RewrapError(f"{cipherdir / MARKER} (an interrupted re-key's marker) is damaged: run `encfs rekey "
-                              f"--key KEY {cipherdir}` with the CMK that re-key moved to")
-        return {"version": MARKER_VERSION, "operation": operation, "key_id": dest_key, "recovering": True}
-    if marker.get("version") != MARKER_VERSION or marker.get("operation") not in (REWRAP, FULL):
-        raise RewrapError(f"{cipherdir / MARKER} is of version {marker.get('version')!r}, unknown here: upgrade encfs")
-    return marker
-
-
-def _write_marker(cipherdir: Path, operation: str, key_id: str, recovering: bool, adding: bool = False) -> None:
-    """``adding``: the marker of an `encfs recovery-key add` (FORMAT.md §6.10): files may still have
-    random keys, and of two config copies differing only by the recovery key the one with it wins."""
-    body: dict[str, Any] = {"version": MARKER_VERSION, "operation": operation, "key_id": key_id,
-                            "recovering": recovering}
-    if adding:
-        body["adding"] = True
-    write_atomic(cipherdir / MARKER, (json.dumps(body) + "\n").encode(), 0o644, sync_dir=True)
-
-
-def replay(cipherdir: Path) -> int:
-    """Complete the headers of the redo log left by an interrupted run (then drop the log);
-    returns how many were (re)written."""
-    root = os.fsencode(cipherdir)
-    try:
-        data = (cipherdir / REDO).read_bytes()
-    except FileNotFoundError:
-        return 0
-    written = 0
-    for rel, new in parse_redo(data, str(cipherdir / REDO)):
-        try:
-            fd = open_under(root, os.path.join(root, rel), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        try:
-            now = os.pread(fd, HEADER_LEN, 0)
-            if now[:PREFIX] == new[:PREFIX] and now != new:
-                pwrite_all(fd, new, 0)
-                written += 1
-        finally:
-            os.close(fd)
-    syncfs(root)
-    os.unlink(cipherdir / REDO)
-    fsync_dir(root)
-    return written
 
 
 # -- the scan ------------------------------------------------------------------------------------------
@@ -423,16 +310,6 @@ _AGAIN = ("; the re-key stopped part way (mounts are refused until it is finishe
           "fix that and run `encfs rekey {}` again")
 
 
-def _remove(cipherdir: Path, root: str | bytes, names: tuple[str, ...]) -> None:
-    """Remove these bookkeeping files (those that exist), then make that durable."""
-    for name in names:
-        try:
-            os.unlink(cipherdir / name)
-        except FileNotFoundError:
-            pass
-    fsync_dir(root)
-
-
 def _what(e: OSError) -> str:
     name = f"{os.fsdecode(e.filename)}: " if e.filename else ""
     return f"{name}{e.strerror or errno.errorcode.get(e.errno or 0, str(e))}"
@@ -520,5 +397,7 @@ def _move_config(cipherdir: Path, ks: KeyService, opened: OpenedConfig, dest: tu
         write_atomic(cipherdir / name, data, 0o644, sync_dir=True)
 
 
-__all__ = ["BATCH", "MARKER", "REDO", "FsRewrapped", "RewrapError", "pack_redo", "parse_redo",
-           "refuse_if_interrupted", "replay", "rewrap_filesystem"]
+# with rewraplog.py's names, which mount.py, fsck.py, recovery.py and the tests take from here
+__all__ = ["BATCH", "DONE_LOG", "FULL", "MARKER", "MARKER_VERSION", "PREFIX", "REDO", "REDO_MAGIC", "REDO_VERSION",
+           "REWRAP", "FsRewrapped", "RewrapError", "_remove", "_write_marker", "pack_redo", "parse_redo",
+           "read_marker", "refuse_if_interrupted", "replay", "rewrap_filesystem"]

@@ -1,4 +1,7 @@
-"""The filesystem's FUSE server: kernel requests decoded into EncryptedFS calls.
+"""The filesystem's FUSE server: kernel requests decoded into EncryptedFS calls. The directory
+requests (OPENDIR, READDIR, READDIRPLUS, RELEASEDIR, FSYNCDIR) are serverdirs.py's, a mixin of
+FsServer registered in its handler table with the others; this module keeps the rest, the
+handler table and the locks every request runs under.
 
 Invariants:
 - Locks (encfs.fuseproto.rwlock.FsLocks): an operation that changes the tree, or
@@ -26,7 +29,6 @@ Invariants:
   open bypasses the page cache (FOPEN_DIRECT_IO, open_reply_flags).
 - A LOOKUP of an absent name is a negative entry (node 0, EncryptedFS.lookup_or_absent) the kernel
   caches like a positive one; it drops it when the name is created through the mount.
-- READDIRPLUS counts an entry as looked up only if it went into the reply.
 - FUSE_HANDLE_KILLPRIV_V2 is negotiated, so the kernel stops asking for security.capability
   before each write(2) of a file it saw without privileges (S_NOSEC), and the daemon keeps the
   contract (linux/fuse.h) instead: on a WRITE with FUSE_WRITE_KILL_SUIDGID, a SETATTR with
@@ -34,7 +36,6 @@ Invariants:
   and an OPEN with FUSE_OPEN_KILL_SUIDGID (O_TRUNC without CAP_FSETID), S_ISUID goes, and S_ISGID
   if the file has group execute; security.capability goes on every write, truncate (SETATTR of
   the size, O_TRUNC open) and chown, root's included (EncryptedFS.write, xattrops.py).
-- Directory offsets 1 and 2 are "." and ".."; offset n > 2 is EncryptedFS's n - 2.
 - Anything unexpected is logged and answered with EIO; the mount stays up.
 """
 
@@ -44,13 +45,12 @@ import contextlib
 import errno
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable
 
 from encfs.fuse.fs import EncryptedFS
-from encfs.fuse.fuseerrors import failures_as_errno
 from encfs.fuse.names import NAME_MAX
+from encfs.fuse.serverdirs import DirRequests
 from encfs.fuseproto.keepawake import KeepAwake
 from encfs.fuseproto.mounting import set_read_ahead
 from encfs.fuseproto.rwlock import FsLocks
@@ -154,7 +154,6 @@ from encfs.fuseproto.wire import (
     Request,
     RequestContext,
     SetattrFields,
-    pack_dirent,
 )
 
 log = logging.getLogger("encfs.fuse")
@@ -206,7 +205,7 @@ def _xattr_reply(data: bytes, size: int) -> tuple[bytes, int]:
     return data, 0
 
 
-class FsServer(FuseServer):
+class FsServer(DirRequests, FuseServer):
     """Serves one EncryptedFS over an open /dev/fuse descriptor."""
 
     def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False,
@@ -443,49 +442,6 @@ class FsServer(FuseServer):
     def _lseek(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         fh, offset, whence = LSEEK_IN.unpack_from(body)
         self.reply(unique, LSEEK_OUT.pack(self.fs.lseek(fh, offset, whence)))
-
-    # -- directories ----------------------------------------------------------------------
-
-    def _opendir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        self.reply(unique, OPEN_OUT.pack(self.fs.opendir(node, ctx), 0, 0))
-
-    def _readdir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        self._list(unique, node, body, plus=False)
-
-    def _readdirplus(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        self._list(unique, node, body, plus=True)
-
-    def _list(self, unique: int, node: int, body: memoryview, plus: bool) -> None:
-        fh, offset, size, _flags = READ_IN.unpack_from(body)
-        out = bytearray()
-        # "." and "..": the kernel does not instantiate them from READDIRPLUS (node id 0 here).
-        for i, name in enumerate((b".", b".."), start=1):
-            if offset < i:
-                rec = pack_dirent(node, i, name, stat.S_IFDIR)
-                out += EntryAttributes().pack_entry() + rec if plus else rec
-        with failures_as_errno("readdir"):
-            entries = self.fs.readdir(fh, max(offset - 2, 0), plus)
-            try:
-                for name, attrs, next_offset in entries:
-                    rec = pack_dirent(attrs.st_ino, next_offset + 2, name, attrs.st_mode)
-                    if plus:
-                        rec = attrs.pack_entry() + rec
-                    if len(out) + len(rec) > size:
-                        break
-                    out += rec
-            finally:
-                entries.close()  # entries that did not fit are not counted as looked up
-        self.reply(unique, bytes(out))
-
-    def _releasedir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        fh, _flags, _rflags, _owner = RELEASE_IN.unpack_from(body)
-        self.fs.releasedir(fh)
-        self.reply(unique)
-
-    def _fsyncdir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        fh, flags, _pad = FSYNC_IN.unpack_from(body)
-        self.fs.fsyncdir(fh, bool(flags & FSYNC_FDATASYNC))
-        self.reply(unique)
 
     # -- xattrs -----------------------------------------------------------------------------
 
