@@ -459,7 +459,7 @@ def test_a_rekey_killed_before_its_new_state_keeps_a_sparse_files_holes(
     fd = os.open(files.path, os.O_RDWR)
     assert FileHeader.parse(os.pread(fd, 128, 0)).file_id == FILE_ID  # the old id: still pending
     assert rekeyfile.pending(files.root, False) == {FILE_ID}
-    rekeyfile.complete(files.root, FILE_ID, fd)  # what the next load does (openfiles._finish_rekey)
+    rekeyfile.complete(files.root, FILE_ID, fd)  # what the next load does (openload._finish_rekey)
     h = FileHeader.parse(os.pread(fd, 128, 0))
     assert h.file_id == new_id
     c = FileContent(fd, h, BlockCipher(new_key, new_id, B), files.root, files.journals)

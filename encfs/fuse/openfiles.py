@@ -1,5 +1,10 @@
 """Open files: the handles the kernel holds, and the per-inode contents they share.
 
+OpenFiles takes the loading of contents (and their crash recovery at load, and at a file's
+first lookup) from openload.py's ContentLoading, which keeps the invariants about it, and
+OpenFile from there; this module keeps the handle table, the closing and deferred work of
+contents, and the writes' side: fresh headers and data keys, re-keys, truncation to 0.
+
 Invariants:
 - One FileContent per inode while any handle of it is open: every handle reads and writes
   through it, so a block journaled through one handle is read back through another, and
@@ -20,11 +25,6 @@ Invariants:
   while the file's lock is held; a truncate, close or re-key writes it first; a state only
   ever lags the data): so an fsync leaves no metadata change behind for the caller's next
   directory fsync to commit (content.py, fsync()).
-- With the writeback cache the kernel trusts the size it learnt at lookup for as long as
-  it caches the inode, so a crash recovery that changes a file's size must run before
-  the kernel first sees the file: size_for_lookup() recovers a file at its first lookup
-  when a recovery may be due (``recovering``: the last mount did not end cleanly; or the
-  file has a journal on disk).
 - A handle keeps its own backing fd: the backing open() checked the caller's access, and a
   file with no name left is still reached through it. A content has its own fd, a
   duplicate of a handle's, replaced by a writable one when a writable handle writes.
@@ -32,7 +32,6 @@ Invariants:
   inode's changes one at a time: so the handle table (handles, their count per inode, the
   next number) is changed and walked under ``_table``, held for that alone; a content is used
   only under its inode's lock.
-- Contents are loaded under ``load_lock``: reads load them too, and reads run side by side.
 - With a recovery root every new data key is derived from it and the new file id
   (recoverykeys.py); without a key service (a mount by the recovery key) the mount is
   read-only, every key is derived, and none is ever new.
@@ -40,7 +39,7 @@ Invariants:
   dropped when the content closes (or the file gets a fresh key).
 - No write seals under a data key past fileheader.REKEY_AT seals: the file first gets a
   fresh one (rekeyfile.py); if that fails, writes go on under the old key until SEAL_LIMIT,
-  then fail. A re-key a crash interrupted is finished before its file is first read.
+  then fail. (A re-key a crash interrupted: openload.py.)
 """
 
 from __future__ import annotations
@@ -51,17 +50,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
-from encfs import daemonlog
-from encfs.blocks import BlockAuthError, BlockCipher
-from encfs.errors import InvalidCiphertext, KeyNotFound, KeyStateError, TokenError
+from encfs.blocks import BlockCipher
 from encfs.fuse import rekeyfile
-from encfs.fuse.content import FileContent, plain_file_size
+from encfs.fuse.content import FileContent
 from encfs.fuse.fileheader import (
     HEADER_LEN,
     SEAL_LIMIT,
-    STATE_SUFFIX,
     V1,
     V2,
     FileHeader,
@@ -72,7 +67,8 @@ from encfs.fuse.fileheader import (
 )
 from encfs.fuse.filekeys import FileKeys
 from encfs.fuse.fsconfig import SPARSE_FEATURE, FsConfig, FsKeys
-from encfs.fuse.journal import file_ids, journal_path
+from encfs.fuse.journal import file_ids
+from encfs.fuse.openload import ContentLoading, OpenFile
 from encfs.keys.cache import DataKeyCache
 from encfs.keys.service import KeyService
 from encfs.sealing import Sealers
@@ -84,15 +80,7 @@ DEFERRED_MAX = 64  # closed files waiting for their checkpoint (each keeps two f
 STATE_DELAY = 1.0  # seconds from an fsync to the write of the synced size it left pending
 
 
-@dataclass
-class OpenFile:
-    inode: int
-    fd: int
-    writable: bool
-    path: bytes
-
-
-class OpenFiles:
+class OpenFiles(ContentLoading):
     """Handles by number, and each open inode's content."""
 
     def __init__(self, root: bytes, config: FsConfig, ks: KeyService | None, cipher_class: type[BlockCipher],
@@ -274,58 +262,6 @@ class OpenFiles:
 
     # -- contents ---------------------------------------------------------------------
 
-    def content(self, f: OpenFile, known_size: int | None = None) -> FileContent | None:
-        """``f``'s content, loaded (and recovered) on first use; None while the file has no
-        header (empty and never written)."""
-        c = self.contents.get(f.inode)
-        if c is not None:
-            return c
-        with self.load_lock:
-            c = self.contents.get(f.inode)
-            if c is None:
-                c = self._load(f, known_size)
-                if c is not None:
-                    self.contents[f.inode] = c
-        return c
-
-    def size_for_lookup(self, inode: int, path: bytes | None, backing_size: int) -> int:
-        """The plaintext size to report for a regular file (see the invariants); ``path`` is
-        None for a file reached through a handle's fd (its content is loaded)."""
-        c = self.contents.get(inode)
-        if c is not None:
-            return c.size
-        if path is None or inode in self.checked or backing_size <= HEADER_LEN \
-                or not (self.recovering or self.journals or self.rekeys):
-            return plain_file_size(backing_size, self.block_size)
-        try:
-            return self._recover(inode, path)
-        except Exception as e:  # noqa: BLE001 - the open will report it; a lookup shows what is there
-            log.error("%r: cannot check it for crash recovery: %s", path, getattr(e, "message", e))
-            self.unrecovered.append(path)
-            return plain_file_size(backing_size, self.block_size)
-
-    def _recover(self, inode: int, path: bytes) -> int:
-        fd = self._open_path(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            if not self.recovering:  # only a journal is due: is this file's on disk?
-                raw = os.pread(fd, HEADER_LEN, 0)
-                if len(raw) < HEADER_LEN or FileHeader.parse(raw).file_id not in self.journals | self.rekeys:
-                    self.checked.add(inode)
-                    return plain_file_size(os.fstat(fd).st_size, self.block_size)
-            with self.load_lock:
-                c = self._load(OpenFile(inode, fd, False, path), None)
-        finally:
-            os.close(fd)
-        self.checked.add(inode)
-        if c is None:
-            return 0
-        self.seen_ids.add(c.header.file_id)
-        if c.recovered_in_memory:
-            self.unrecovered.append(path)
-        if c.journal.fd is not None or not self._close(c, path):
-            self.contents[inode] = c  # a journal it could not checkpoint: pinned
-        return c.size
-
     def unlinked(self, inode: int, path: bytes) -> None:
         """The file's last name is gone: a pinned content (no handles) drops its journal and
         lets the file's space go."""
@@ -344,89 +280,6 @@ class OpenFiles:
             log.error("%r: dropping its journal failed: %s", path, e.strerror)
             c.release_fds()
         c.sealer.close()
-
-    def remove_orphan_journals(self) -> list[bytes]:
-        """After a recovery scan met every file: journals whose file no scan met and no loaded
-        content owns belong to files that are gone (unlinked while open, then a crash)."""
-        owned = self.seen_ids | {c.header.file_id for c in self.contents.values()}
-        states = file_ids(self.root, STATE_SUFFIX) if self.state_in_file else set()
-        orphans = [i for i in self.journals | self.rekeys | states if i not in owned]
-        for file_id in orphans:
-            for path in (journal_path(self.root, file_id), rekeyfile.side_file(self.root, file_id),
-                         state_file(self.root, file_id)):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-            self.journals.discard(file_id)
-            self.rekeys.discard(file_id)
-        return orphans
-
-    def _reporter(self, path: bytes) -> Callable[[int], None]:
-        def report(block_no: int) -> None:
-            daemonlog.report_integrity(log, self.describe(path), f"block {block_no}", BlockAuthError(block_no))
-        return report
-
-    def _load(self, f: OpenFile, known_size: int | None) -> FileContent | None:
-        raw = os.pread(f.fd, HEADER_LEN, 0)
-        if not raw:
-            return None
-        header = FileHeader.parse(raw)
-        fd, writable = self._content_fd(f, header.file_id)
-        try:
-            if header.file_id in self.rekeys:
-                fd, header = self._finish_rekey(fd, writable, header, f.path)
-            try:
-                key = self.keys.key(header)
-            except (KeyStateError, KeyNotFound, TokenError, InvalidCiphertext) as e:
-                daemonlog.report_integrity(log, self.describe(f.path), "file key", e)
-                raise
-            if self.check_derived and self.keys.recovery_misses(header, key):
-                # The CMK's key is the file's key; but the recovery key would not open this file (one
-                # restored from a backup made before `encfs recovery-key add`, say).
-                log.warning("%r: its data key is not derived from the recovery root: the recovery key does "
-                            "not open it (`encfs rekey --full` gives it one that is)", self.describe(f.path))
-            c = FileContent(fd, header, self.cipher_class(key, header.file_id, self.block_size), self.root,
-                            self.journals, self._reporter(f.path), self.state_in_file)
-            for note in c.load(writable, known_size, after_crash=self.recovering):
-                log.warning("%r: %s", f.path, note)
-        except BaseException:
-            os.close(fd)
-            raise
-        c.use_fd(fd, writable)
-        c.sealer = self.sealers.sealer(c.cipher, key, header.file_id)
-        c.sparse = self.sparse
-        return c
-
-    def _finish_rekey(self, fd: int, writable: bool, header: FileHeader, path: bytes) -> tuple[int, FileHeader]:
-        """A file whose re-key a crash interrupted: finish it (or, read-only, read its side
-        file instead). Returns the fd and header to load the file from."""
-        old = header.file_id
-        if writable:
-            rekeyfile.complete(self.root, old, fd)
-            self.rekeys.discard(old)
-            log.warning("%r: finished giving it a fresh data key (interrupted by a crash)", path)
-        else:
-            side = rekeyfile.open_side_file(self.root, old)
-            os.close(fd)
-            fd = side
-            log.warning("%r: its re-key was interrupted by a crash: read from its side file "
-                        "until a read-write mount finishes it", path)
-        return fd, FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
-
-    def _content_fd(self, f: OpenFile, file_id: bytes) -> tuple[int, bool]:
-        """A backing fd for a content: the handle's duplicated, or, for a read-only handle of a
-        file that a recovery or a re-key may have to write, read-write where the mount and the
-        file allow it. (Reopening through /proc for every cold read-only open cost more than
-        the dup; a later write swaps in a writable fd: writable_content.)"""
-        if f.writable:
-            return os.dup(f.fd), True
-        if not self.read_only and (self.recovering or file_id in self.journals or file_id in self.rekeys):
-            try:
-                return os.open(f"/proc/self/fd/{f.fd}", os.O_RDWR | os.O_CLOEXEC), True
-            except OSError:
-                pass
-        return os.dup(f.fd), False
 
     def writable_content(self, f: OpenFile) -> FileContent:
         """The content a write through ``f`` goes to: a new header and data key if the file
@@ -521,3 +374,6 @@ class OpenFiles:
     def handles(self) -> Iterator[OpenFile]:
         with self._table:
             return iter(list(self._handles.values()))
+
+
+__all__ = ["CHECKPOINT_DELAY", "DEFERRED_MAX", "REKEY_RETRY", "STATE_DELAY", "OpenFile", "OpenFiles"]

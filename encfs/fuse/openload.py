@@ -1,0 +1,212 @@
+"""Loading the contents of open files (openfiles.py's OpenFiles takes it from ContentLoading):
+a handle's content loaded at its first use, its journal recovered (content.py's load()) and a
+re-key a crash interrupted finished on the way; the size a lookup reports, the file recovered
+first where a recovery may be due; the journals that no file owns after a recovery scan. And
+OpenFile, the handle a content is loaded through (openfiles.py keeps the handle table).
+
+Of openfiles.py's invariants, these are kept here:
+- With the writeback cache the kernel trusts the size it learnt at lookup for as long as
+  it caches the inode, so a crash recovery that changes a file's size must run before
+  the kernel first sees the file: size_for_lookup() recovers a file at its first lookup
+  when a recovery may be due (``recovering``: the last mount did not end cleanly; or the
+  file has a journal on disk).
+- Contents are loaded under ``load_lock``: reads load them too, and reads run side by side.
+- A re-key a crash interrupted is finished before its file is first read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from encfs import daemonlog
+from encfs.blocks import BlockAuthError
+from encfs.errors import InvalidCiphertext, KeyNotFound, KeyStateError, TokenError
+from encfs.fuse import rekeyfile
+from encfs.fuse.content import FileContent, plain_file_size
+from encfs.fuse.fileheader import HEADER_LEN, STATE_SUFFIX, FileHeader, state_file
+from encfs.fuse.journal import file_ids, journal_path
+
+if TYPE_CHECKING:
+    import threading
+
+    from encfs.blocks import BlockCipher
+    from encfs.fuse.filekeys import FileKeys
+    from encfs.sealing import Sealers
+
+log = logging.getLogger("encfs.fuse")
+
+
+@dataclass
+class OpenFile:
+    inode: int
+    fd: int
+    writable: bool
+    path: bytes
+
+
+class ContentLoading:
+    """content, size_for_lookup and remove_orphan_journals of OpenFiles."""
+
+    if TYPE_CHECKING:  # defined by OpenFiles (openfiles.py)
+        root: bytes
+        _open_path: Callable[[bytes, int], int]
+        describe: Callable[[bytes], str]
+        block_size: int
+        cipher_class: type[BlockCipher]
+        read_only: bool
+        sealers: Sealers
+        keys: FileKeys
+        check_derived: bool
+        contents: dict[int, FileContent]
+        load_lock: threading.Lock
+        recovering: bool
+        checked: set[int]
+        unrecovered: list[bytes]
+        seen_ids: set[bytes]
+        state_in_file: bool
+        journals: set[bytes]
+        rekeys: set[bytes]
+        sparse: bool
+
+        def _close(self, content: FileContent, path: bytes, unlinked: bool | None = None) -> bool: ...
+
+    def content(self, f: OpenFile, known_size: int | None = None) -> FileContent | None:
+        """``f``'s content, loaded (and recovered) on first use; None while the file has no
+        header (empty and never written)."""
+        c = self.contents.get(f.inode)
+        if c is not None:
+            return c
+        with self.load_lock:
+            c = self.contents.get(f.inode)
+            if c is None:
+                c = self._load(f, known_size)
+                if c is not None:
+                    self.contents[f.inode] = c
+        return c
+
+    def size_for_lookup(self, inode: int, path: bytes | None, backing_size: int) -> int:
+        """The plaintext size to report for a regular file (see the invariants); ``path`` is
+        None for a file reached through a handle's fd (its content is loaded)."""
+        c = self.contents.get(inode)
+        if c is not None:
+            return c.size
+        if path is None or inode in self.checked or backing_size <= HEADER_LEN \
+                or not (self.recovering or self.journals or self.rekeys):
+            return plain_file_size(backing_size, self.block_size)
+        try:
+            return self._recover(inode, path)
+        except Exception as e:  # noqa: BLE001 - the open will report it; a lookup shows what is there
+            log.error("%r: cannot check it for crash recovery: %s", path, getattr(e, "message", e))
+            self.unrecovered.append(path)
+            return plain_file_size(backing_size, self.block_size)
+
+    def _recover(self, inode: int, path: bytes) -> int:
+        fd = self._open_path(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            if not self.recovering:  # only a journal is due: is this file's on disk?
+                raw = os.pread(fd, HEADER_LEN, 0)
+                if len(raw) < HEADER_LEN or FileHeader.parse(raw).file_id not in self.journals | self.rekeys:
+                    self.checked.add(inode)
+                    return plain_file_size(os.fstat(fd).st_size, self.block_size)
+            with self.load_lock:
+                c = self._load(OpenFile(inode, fd, False, path), None)
+        finally:
+            os.close(fd)
+        self.checked.add(inode)
+        if c is None:
+            return 0
+        self.seen_ids.add(c.header.file_id)
+        if c.recovered_in_memory:
+            self.unrecovered.append(path)
+        if c.journal.fd is not None or not self._close(c, path):
+            self.contents[inode] = c  # a journal it could not checkpoint: pinned
+        return c.size
+
+
+    def remove_orphan_journals(self) -> list[bytes]:
+        """After a recovery scan met every file: journals whose file no scan met and no loaded
+        content owns belong to files that are gone (unlinked while open, then a crash)."""
+        owned = self.seen_ids | {c.header.file_id for c in self.contents.values()}
+        states = file_ids(self.root, STATE_SUFFIX) if self.state_in_file else set()
+        orphans = [i for i in self.journals | self.rekeys | states if i not in owned]
+        for file_id in orphans:
+            for path in (journal_path(self.root, file_id), rekeyfile.side_file(self.root, file_id),
+                         state_file(self.root, file_id)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            self.journals.discard(file_id)
+            self.rekeys.discard(file_id)
+        return orphans
+
+    def _reporter(self, path: bytes) -> Callable[[int], None]:
+        def report(block_no: int) -> None:
+            daemonlog.report_integrity(log, self.describe(path), f"block {block_no}", BlockAuthError(block_no))
+        return report
+
+    def _load(self, f: OpenFile, known_size: int | None) -> FileContent | None:
+        raw = os.pread(f.fd, HEADER_LEN, 0)
+        if not raw:
+            return None
+        header = FileHeader.parse(raw)
+        fd, writable = self._content_fd(f, header.file_id)
+        try:
+            if header.file_id in self.rekeys:
+                fd, header = self._finish_rekey(fd, writable, header, f.path)
+            try:
+                key = self.keys.key(header)
+            except (KeyStateError, KeyNotFound, TokenError, InvalidCiphertext) as e:
+                daemonlog.report_integrity(log, self.describe(f.path), "file key", e)
+                raise
+            if self.check_derived and self.keys.recovery_misses(header, key):
+                # The CMK's key is the file's key; but the recovery key would not open this file (one
+                # restored from a backup made before `encfs recovery-key add`, say).
+                log.warning("%r: its data key is not derived from the recovery root: the recovery key does "
+                            "not open it (`encfs rekey --full` gives it one that is)", self.describe(f.path))
+            c = FileContent(fd, header, self.cipher_class(key, header.file_id, self.block_size), self.root,
+                            self.journals, self._reporter(f.path), self.state_in_file)
+            for note in c.load(writable, known_size, after_crash=self.recovering):
+                log.warning("%r: %s", f.path, note)
+        except BaseException:
+            os.close(fd)
+            raise
+        c.use_fd(fd, writable)
+        c.sealer = self.sealers.sealer(c.cipher, key, header.file_id)
+        c.sparse = self.sparse
+        return c
+
+    def _finish_rekey(self, fd: int, writable: bool, header: FileHeader, path: bytes) -> tuple[int, FileHeader]:
+        """A file whose re-key a crash interrupted: finish it (or, read-only, read its side
+        file instead). Returns the fd and header to load the file from."""
+        old = header.file_id
+        if writable:
+            rekeyfile.complete(self.root, old, fd)
+            self.rekeys.discard(old)
+            log.warning("%r: finished giving it a fresh data key (interrupted by a crash)", path)
+        else:
+            side = rekeyfile.open_side_file(self.root, old)
+            os.close(fd)
+            fd = side
+            log.warning("%r: its re-key was interrupted by a crash: read from its side file "
+                        "until a read-write mount finishes it", path)
+        return fd, FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
+
+    def _content_fd(self, f: OpenFile, file_id: bytes) -> tuple[int, bool]:
+        """A backing fd for a content: the handle's duplicated, or, for a read-only handle of a
+        file that a recovery or a re-key may have to write, read-write where the mount and the
+        file allow it. (Reopening through /proc for every cold read-only open cost more than
+        the dup; a later write swaps in a writable fd: writable_content.)"""
+        if f.writable:
+            return os.dup(f.fd), True
+        if not self.read_only and (self.recovering or file_id in self.journals or file_id in self.rekeys):
+            try:
+                return os.open(f"/proc/self/fd/{f.fd}", os.O_RDWR | os.O_CLOEXEC), True
+            except OSError:
+                pass
+        return os.dup(f.fd), False
+
