@@ -12,6 +12,9 @@ Of openfiles.py's invariants, these are kept here:
   file has a journal on disk).
 - Contents are loaded under ``load_lock``: reads load them too, and reads run side by side.
 - A re-key a crash interrupted is finished before its file is first read.
+- A read-only open does not load its file (fileops.py open(): it only starts the read of the
+  header ahead): the first READ or SEEK_DATA/HOLE does, so a damaged header or an unusable key
+  fails that call with EIO, never returning bytes; a writable open loads at once.
 """
 
 from __future__ import annotations
