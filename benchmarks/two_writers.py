@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench  # the harness's mount helpers
+import bench_util  # the harness's commands and mount helpers
 
 MiB = 1 << 20
 
@@ -87,19 +87,19 @@ def main() -> int:
     env.pop("SOFTHSM2_CONF", None)
     mounts: list[tuple[Path, subprocess.Popen[bytes]]] = []
     try:
-        bench.run([sys.executable, "-m", "encfs", "hsm", "init"], env=env)
-        bench.run([sys.executable, "-m", "encfs", "key", "create", "--alias", "bench"], env=env)
+        bench_util.run([sys.executable, "-m", "encfs", "hsm", "init"], env=env)
+        bench_util.run([sys.executable, "-m", "encfs", "key", "create", "--alias", "bench"], env=env)
         for i, tree in enumerate(trees):
             cipher, mnt = base / f"cipher{i}", base / f"plain{i}"
             mnt.mkdir()
             tree_env = dict(env, PYTHONPATH=os.path.abspath(tree)) if tree else env
-            bench.run([sys.executable, "-m", "encfs", "init", str(cipher), "--key", "bench"], env=tree_env)
+            bench_util.run([sys.executable, "-m", "encfs", "init", str(cipher), "--key", "bench"], env=tree_env)
             with open(base / f"mount{i}.log", "ab") as lf:
                 proc = subprocess.Popen([sys.executable, "-m", "encfs", "mount", "--foreground", "--server",
                                          args.server, str(cipher), str(mnt)],
                                         stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, env=tree_env)
             mounts.append((mnt, proc))
-            bench.wait_for(functools.partial(bench.is_mounted, mnt), "encfs mount", proc=proc,
+            bench_util.wait_for(functools.partial(bench_util.is_mounted, mnt), "encfs mount", proc=proc,
                            logfile=base / f"mount{i}.log")
         rates: dict[tuple[int, int], list[float]] = {(i, n): [] for i in range(len(trees)) for n in (1, 2)}
         for r in range(args.rounds):
@@ -117,8 +117,8 @@ def main() -> int:
                   f"{m2:.0f} MB/s ({m2 / m1:.2f} of one)")
     finally:
         for mnt, proc in mounts:
-            bench.unmount(mnt)
-            bench.stop_proc(proc)
+            bench_util.unmount(mnt)
+            bench_util.stop_proc(proc)
         shutil.rmtree(base, ignore_errors=True)
     return 0
 
