@@ -15,7 +15,7 @@ from encfs.blocks import BlockAuthError, BlockCipher
 from encfs.fuse import content as content_mod
 from encfs.fuse import rekeyfile
 from encfs.fuse.content import FileContent
-from encfs.fuse.fileheader import REKEY_AT, STATE_XATTR, FileHeader, read_state
+from encfs.fuse.fileheader import HEADER_LEN, REKEY_AT, STATE_XATTR, FileHeader, HeaderError, read_state
 from encfs.fuse.openfiles import OpenFile, OpenFiles
 from encfs.keys.service import KeyService
 from encfs.sealing import Sealers
@@ -242,3 +242,48 @@ def test_a_failed_copy_back_is_finished_by_the_next_load(tmp_path: Path, service
     f, fh = opened()
     assert files.content(f).read(0, len(data)) == data  # type: ignore[union-attr]
     files.release(fh)
+
+
+def test_a_damaged_side_file_read_only_leaks_no_fd(tmp_path: Path, service: KeyService,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only load of a file whose re-key was interrupted reads its side file; a side file
+    whose header is damaged fails the load and leaves no fd behind (nor closes one twice)."""
+    key = service.create_key()["KeyId"]
+    fs_id = os.urandom(16).hex()
+    config = SimpleNamespace(block_size=B, key_id=key, format=2, features=(),
+                             file_context=lambda fid: {"encfs:fs": fs_id, "encfs:file": fid.hex()})
+    files = OpenFiles(os.fsencode(tmp_path), config, service, BlockCipher, False,  # type: ignore[arg-type]
+                      Sealers(B), recovering=False)
+    path = os.fsencode(tmp_path / "f")
+    f = OpenFile(7, os.open(path, os.O_RDWR | os.O_CREAT, 0o600), True, path)
+    fh = files.add(f)
+    c = files.renew(f, new_file=True)
+    c.write(0, os.urandom(4 * B))
+    c.fsync(False)
+    c.seals = REKEY_AT
+
+    def fails(src: int, dst: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(rekeyfile, "_copy_back", fails)
+    with pytest.raises(OSError):
+        files.writable_content(f)
+    files.release(fh)
+    files.close_all()
+    root = os.fsencode(tmp_path)
+    with open(path, "rb") as backing:
+        old_id = FileHeader.parse(backing.read(HEADER_LEN)).file_id
+    side = os.fsdecode(rekeyfile.side_file(root, old_id))
+    with open(side, "r+b") as damaged:
+        damaged.write(b"X")  # its header's magic
+    read_only = OpenFiles(root, config, service, BlockCipher, True,  # type: ignore[arg-type]
+                          Sealers(B), recovering=False)
+    assert old_id in read_only.rekeys
+    g = OpenFile(8, os.open(path, os.O_RDONLY), False, path)
+    gh = read_only.add(g)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(HeaderError):
+        read_only.content(g)
+    assert len(os.listdir("/proc/self/fd")) == before
+    os.fstat(g.fd)  # still this handle's
+    read_only.release(gh)

@@ -193,10 +193,15 @@ class ContentLoading:
             log.warning("%r: finished giving it a fresh data key (interrupted by a crash)", path)
         else:
             side = rekeyfile.open_side_file(self.root, old)
+            try:
+                header = FileHeader.parse(os.pread(side, HEADER_LEN, 0))
+            except BaseException:
+                os.close(side)  # the caller closes ``fd``
+                raise
             os.close(fd)
-            fd = side
             log.warning("%r: its re-key was interrupted by a crash: read from its side file "
                         "until a read-write mount finishes it", path)
+            return side, header
         return fd, FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
 
     def _content_fd(self, f: OpenFile, file_id: bytes) -> tuple[int, bool]:
