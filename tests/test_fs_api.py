@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from encfs.fuse.cli import cmd_info
-from encfs.fuse.fileheader import user_xattrs_supported
+from encfs.blocks import SEALED_BLOCK
+from encfs.fuse.fileheader import HEADER_LEN, user_xattrs_supported
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsck import check_filesystem
 from encfs.fuse.rewrap import rewrap_filesystem
@@ -446,3 +447,40 @@ def test_a_read_only_open_leaves_the_header_to_the_first_read(fs: EncryptedFS) -
     finally:
         fs.release(fh)
     assert fuse_errno(lambda: fs.open(ino, os.O_RDWR, CTX)) == errno.EIO
+
+
+def test_a_file_cut_before_its_first_read_reads_eio_past_its_end(fs: EncryptedFS) -> None:
+    """The size the kernel held at a read-only open is kept for the load at the first read: a
+    GETATTR in between learns the shorter backing file, which a writeback-cache kernel ignores,
+    so the bytes past the cut must fail, not read as zeros (or as a short read)."""
+    ino = create(fs, b"f", b"x" * 10_000)
+    fs.lookup(ROOT_ID, b"f", CTX)
+    fh = fs.open(ino, os.O_RDONLY, CTX)
+    try:
+        os.truncate(fs.inodes.path(ino), HEADER_LEN + SEALED_BLOCK)  # one block left
+        fs.getattr(ino, CTX)
+        opened = fs.reader(fh)
+        assert opened is not None
+        assert bytes(fs.read_open(opened, 0, 4096)) == b"x" * 4096
+        assert fuse_errno(lambda: fs.read_open(opened, 4096, 4096)) == errno.EIO
+    finally:
+        fs.release(fh)
+
+
+def test_a_cipherdir_reached_through_a_symlink(tmp_path: Path, service: KeyService) -> None:
+    """Every backing call names the resolved CIPHERDIR: the root's attributes (read through its
+    fd) are the ones its setattr changed."""
+    key = service.create_key()["KeyId"]
+    init_filesystem(tmp_path / "cipher", service, key)
+    (tmp_path / "link").symlink_to(tmp_path / "cipher")
+    opened = open_config(tmp_path / "link", service, writable=True)
+    fs = EncryptedFS(os.fsencode(tmp_path / "link"), opened.config, opened.keys, service)
+    try:
+        assert stat.S_ISDIR(fs.getattr(ROOT_ID, CTX).st_mode)
+        attrs = EntryAttributes()
+        attrs.st_mtime_ns = 1_000_000_000 * 1_000_000
+        after = fs.setattr(ROOT_ID, attrs, SetattrFields(update_mtime=True), None, CTX)
+        assert after.st_mtime_ns == fs.getattr(ROOT_ID, CTX).st_mtime_ns == attrs.st_mtime_ns
+        assert read(fs, create(fs, b"f", b"through the link")) == b"through the link"
+    finally:
+        fs.close_all()

@@ -120,6 +120,10 @@ def test_a_disabled_cmk_stops_creates_and_opens_at_once(tmp_path: Path, service:
             create(fs, b"g", b"x")
         with pytest.raises(FuseError, match="^5$"):
             read(fs, ino)
+        # The open itself fails, not only a read: a new open's reads may all come from the page
+        # cache (FOPEN_KEEP_CACHE), and a read-only open leaves loading the file to its first read.
+        with pytest.raises(FuseError, match="^5$"):
+            fs.open(ino, os.O_RDONLY, CTX)
         service.enable_key(key)
         assert read(fs, ino) == b"before"
         create(fs, b"g", b"after")

@@ -81,7 +81,10 @@ class FileKeys:
         file_id = os.urandom(FILE_ID_LEN)
         return file_id, self.config.file_context(file_id)
 
-    def _check_usable(self) -> None:
+    def check_usable(self) -> None:
+        """KeyStateError (or the key service's errors) unless the CMK may still give this
+        filesystem's derived keys out: Enabled, usable in the secret's context, and the token
+        asked again at least every TOKEN_RECHECK seconds."""
         assert self.ks is not None
         if not self.ks.key_usable(self.config.key_id, self._context):
             raise KeyStateError(f"key {self.config.key_id} is not Enabled (or no longer usable here): "
@@ -99,7 +102,7 @@ class FileKeys:
         if self.ks is None:
             raise OSError(errno.EROFS, "mounted by its recovery key: no new data keys")
         if self.derived_root is not None:
-            self._check_usable()
+            self.check_usable()
             file_id = os.urandom(FILE_ID_LEN)
             return FileHeader(file_id, b"", version), self._derive(file_id)
         assert self._pool is not None
@@ -117,7 +120,7 @@ class FileKeys:
                 raise HeaderError(f"its header says its key is derived, which this filesystem's keys never are "
                                   f"(no {DERIVED_FEATURE!r} feature)")
             if self.ks is not None:
-                self._check_usable()
+                self.check_usable()
             return self._derive(header.file_id)
         if self.ks is None:
             assert self.recovery_root is not None

@@ -7,8 +7,9 @@ Invariants:
 - A backing file is opened read-write for any write access (a partial-block write reads and
   reseals), never through a symlink; one with no name left is reopened through the fd of an
   open handle.
-- An open loads the file's content, so a damaged header, key or journal fails the open, not a
-  later read; an O_TRUNC open drops the content instead.
+- A writable open loads the file's content, so a damaged header, key or journal fails the open;
+  a read-only one checks the CMK and leaves the rest to the first read (openload.py); an O_TRUNC
+  open drops the content instead.
 - A create that fails leaves neither its backing entry nor its long-name side file behind, and
   its name is forgotten by the kernel (``changes_names``, stalenames.py).
 - A read that fails authentication is logged with the plaintext path and answered with EIO.
@@ -165,12 +166,13 @@ class FileOps:
                 if kill_suidgid:
                     self._kill_suidgid(fd)
                 self.drop_capability(inode)
-            elif writable:  # load now: a damaged header, key or journal fails the open
-                self.files.content(self.files[fh], self._sizes.get(inode))
-            elif inode not in self.files.contents:
-                # Loaded at the first read (which reports a damaged header or an unusable key,
-                # as gocryptfs's does); the disk reads its header meanwhile, while the kernel
-                # takes this reply and sends the READ (benchmarks/HISTORY.md, #25 round 13).
+            elif writable or inode in self.files.contents \
+                    or not self.files.defer_load(self.files[fh], self._sizes.get(inode)):
+                self.files.content(self.files[fh], self._sizes.get(inode))  # a damaged file fails the open
+            else:
+                # Loaded at the first read (which reports a damaged header, as gocryptfs's does);
+                # the disk reads the header meanwhile, while the kernel takes this reply and
+                # sends the READ (benchmarks/HISTORY.md, #25 round 13).
                 prefetch(fd, [(0, HEADER_LEN + self.files.block_size + OVERHEAD)])
         except BaseException:
             self.files.release(fh)

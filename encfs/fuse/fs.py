@@ -28,7 +28,7 @@ Design:
   per-file data key, sealed blocks of the config's block size, journaled overwrites);
   names, symlink targets and xattrs through names.NameCipher.
 - The size the kernel may cache for a regular file is remembered (_sizes): a backing
-  file found shorter than that when it is next opened reads EIO past its end, never
+  file found shorter than that when it is next loaded reads EIO past its end, never
   zeros (it was cut behind encfs's back).
 - Anything that fails authentication is logged with its path and answered
   with EIO; wrong bytes are never returned.
@@ -107,7 +107,9 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
 
     def __init__(self, cipherdir: bytes, config: FsConfig, keys: FsKeys, ks: KeyService | None,
                  read_only: bool = False, recovering: bool = False, recovery_root: bytes | None = None) -> None:
-        self.root = os.path.abspath(cipherdir)
+        # Resolved: the root's own lstat goes through its fd (backingdirs.py), which follows a
+        # symlinked CIPHERDIR, and every other call must name the same directory.
+        self.root = os.path.realpath(cipherdir)
         self.config = config
         self.block_size = config.block_size
         self.names = NameCipher(keys.name_key, keys.meta_key)

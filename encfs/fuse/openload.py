@@ -12,9 +12,12 @@ Of openfiles.py's invariants, these are kept here:
   file has a journal on disk).
 - Contents are loaded under ``load_lock``: reads load them too, and reads run side by side.
 - A re-key a crash interrupted is finished before its file is first read.
-- A read-only open does not load its file (fileops.py open(): it only starts the read of the
-  header ahead): the first READ or SEEK_DATA/HOLE does, so a damaged header or an unusable key
-  fails that call with EIO, never returning bytes; a writable open loads at once.
+- A read-only open of a file with a derived key does not load it (fileops.py open(): it checks
+  the CMK, as a load would, and starts the read of the header ahead): the first READ or
+  SEEK_DATA/HOLE does, so a damaged header or journal fails that call with EIO, never returning
+  bytes, and the load takes the larger of the sizes the kernel held at the open and since (a
+  shorter backing file reads EIO past its end). A writable open, or one of a wrapped key, loads
+  at once.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ class OpenFile:
     fd: int
     writable: bool
     path: bytes
+    # The size the kernel held for the file at a read-only open that left the load to the first
+    # read: a GETATTR meanwhile may have learnt a shorter backing file, which the kernel ignores.
+    known_size: int | None = None
 
 
 class ContentLoading:
@@ -83,6 +89,8 @@ class ContentLoading:
         c = self.contents.get(f.inode)
         if c is not None:
             return c
+        if f.known_size is not None:
+            known_size = f.known_size if known_size is None else max(known_size, f.known_size)
         with self.load_lock:
             c = self.contents.get(f.inode)
             if c is None:
@@ -91,9 +99,27 @@ class ContentLoading:
                     self.contents[f.inode] = c
         return c
 
+    def defer_load(self, f: OpenFile, known_size: int | None) -> bool:
+        """Whether read-only ``f`` may be loaded at its first use instead of at its open
+        (fileops.py open()): where its key's CMK can be checked without the file's header, which
+        is done here as a load would (derived keys), so that a disabled CMK or a revoked grant
+        still fails the open, whose data the page cache may hold (FOPEN_KEEP_CACHE). A mount by
+        the recovery key asks no CMK; wrapped keys are checked as they unwrap: loaded now."""
+        if self.keys.ks is not None:
+            if self.keys.derived_root is None:
+                return False
+            try:
+                self.keys.check_usable()
+            except (KeyStateError, KeyNotFound, TokenError, InvalidCiphertext) as e:
+                daemonlog.report_integrity(log, self.describe(f.path), "file key", e)
+                raise
+        f.known_size = known_size
+        return True
+
     def size_for_lookup(self, inode: int, path: bytes | None, backing_size: int) -> int:
         """The plaintext size to report for a regular file (see the invariants); ``path`` is
-        None for a file reached through a handle's fd (its content is loaded)."""
+        None for a file reached through a handle's fd (its content loaded, or its file checked at its
+        first lookup)."""
         c = self.contents.get(inode)
         if c is not None:
             return c.size
@@ -102,7 +128,7 @@ class ContentLoading:
             return plain_file_size(backing_size, self.block_size)
         try:
             return self._recover(inode, path)
-        except Exception as e:  # noqa: BLE001 - the open will report it; a lookup shows what is there
+        except Exception as e:  # noqa: BLE001 - the open or first read reports it; a lookup shows what is there
             log.error("%r: cannot check it for crash recovery: %s", path, getattr(e, "message", e))
             self.unrecovered.append(path)
             return plain_file_size(backing_size, self.block_size)

@@ -10,7 +10,9 @@ Invariants:
   of one inode (DATA_OPS: READ, WRITE, FSYNC, SETATTR, GETATTR, GETXATTR, OPEN,
   RELEASE, FALLOCATE, LSEEK) holds the namespace lock shared and then that inode's lock: exclusively,
   or shared for READ and LSEEK (SHARED_OPS: they only read the content, which OpenFiles loads
-  under a lock of its own). So operations on different files run side by side, and a file
+  under a lock of its own; a read-only handle's load, at its first READ, may write the backing
+  file, a journal's checkpoint or an interrupted re-key's end, while the other readers wait on
+  that lock). So operations on different files run side by side, and a file
   is never read while it changes. The inode is the request's node: the kernel sends a
   handle's requests with the node it opened.
 - Lock order: the namespace lock, then at most one inode lock; nothing takes a lock
