@@ -12,12 +12,12 @@ Of openfiles.py's invariants, these are kept here:
   file has a journal on disk).
 - Contents are loaded under ``load_lock``: reads load them too, and reads run side by side.
 - A re-key a crash interrupted is finished before its file is first read.
-- A read-only open of a file with a derived key does not load it (fileops.py open(): it checks
-  the CMK, as a load would, and starts the read of the header ahead): the first READ or
-  SEEK_DATA/HOLE does, so a damaged header or journal fails that call with EIO, never returning
-  bytes, and the load takes the larger of the sizes the kernel held at the open and since (a
-  shorter backing file reads EIO past its end). A writable open, or one of a wrapped key, loads
-  at once.
+- A read-only open does not load its file where the file keys are derived (or the mount is by
+  the recovery key): fileops.py open() checks the CMK, as a load would, and starts the read of
+  the header ahead; the first READ or SEEK_DATA/HOLE loads it, so a damaged header or journal
+  fails that call with EIO, never returning bytes, and the load takes the larger of the sizes
+  the kernel held at the open and since (a shorter backing file reads EIO past its end). A
+  writable open, or any open where file keys are wrapped, loads at once.
 """
 
 from __future__ import annotations
