@@ -446,12 +446,10 @@ class RemoteKeyService:
         context = dict(context or {})
         encoded = encode_context(context)
         if cache is not None:
-            hit = cache.get(blob, encoded)
+            hit = cache.get_usable(blob, encoded, lambda key_id: bool(self.call(
+                "CachedKeyUsable", KeyId=key_id, EncryptionContext=context, ExpectedKeyId=key)["Usable"]))
             if hit is not None:
-                plaintext, key_id, version = hit
-                if self.call("CachedKeyUsable", KeyId=key_id, EncryptionContext=context, ExpectedKeyId=key)["Usable"]:
-                    return Decrypted(key_id, version, plaintext)
-                cache.clear()  # the key changed state: the audited path decides (as KeyService.decrypt)
+                return Decrypted(hit[1], hit[2], hit[0])
         r = self.call("Decrypt", CiphertextBlob=b64(blob), EncryptionContext=context, KeyId=key)
         done = Decrypted(r["KeyId"], r["KeyVersion"], unb64(r["Plaintext"], "Plaintext"))
         if cache is not None:

@@ -67,6 +67,17 @@ class DataKeyCache:
             self.hits += 1
             return entry.plaintext, entry.key_id, entry.key_version
 
+    def get_usable(self, blob: bytes, encoded_context: bytes,
+                   usable: Callable[[str], bool]) -> tuple[bytes, str, int] | None:
+        """get(), served only while ``usable(key_id)`` says the entry's CMK may still open it (the
+        key service's check on every hit). Otherwise the key changed state: every entry goes,
+        and None sends the caller down the audited path, which decides."""
+        hit = self.get(blob, encoded_context)
+        if hit is None or usable(hit[1]):
+            return hit
+        self.clear()
+        return None
+
     def put(self, blob: bytes, encoded_context: bytes, plaintext: bytes, key_id: str, key_version: int) -> None:
         with self._lock:
             self._entries[(blob, encoded_context)] = _Entry(plaintext, key_id, key_version, self._clock(), 1)

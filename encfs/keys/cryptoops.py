@@ -257,15 +257,15 @@ class CryptographicOperations(ServiceFields):
         context = dict(context or {})
         encoded = encode_context(context)
         if cache is not None:
-            hit = cache.get(blob, encoded)
-            if hit is not None:
-                plaintext, key_id, version = hit
+
+            def usable(key_id: str) -> bool:  # Enabled, not deleted, and the key that ``key`` names
                 db = self._db()
                 rec = db.keys.get(key_id)
-                if rec is not None and rec.state == ENABLED and (key is None or _names_key(db, key, key_id)):
-                    return Decrypted(key_id, version, plaintext)
-                # The key changed state or was deleted (or --key differs): the audited path decides.
-                cache.clear()
+                return rec is not None and rec.state == ENABLED and (key is None or _names_key(db, key, key_id))
+
+            hit = cache.get_usable(blob, encoded, usable)
+            if hit is not None:
+                return Decrypted(hit[1], hit[2], hit[0])
         with self._audited("Decrypt", context=context) as info:
             parsed = CiphertextBlob.parse(blob)
             plaintext = self._open_blob(self._db(), parsed, encoded, "Decrypt", info, key)
