@@ -198,16 +198,25 @@ def test_a_side_file_still_being_written_is_dropped_and_the_file_is_untouched(fi
     assert files.load().read(0, len(data)) == data
 
 
+def fs_config(service: KeyService) -> SimpleNamespace:
+    """What OpenFiles reads of a filesystem's config, under a new CMK."""
+    key = service.create_key()["KeyId"]
+    fs_id = os.urandom(16).hex()
+    return SimpleNamespace(block_size=B, key_id=key, format=2, features=(),
+                           file_context=lambda fid: {"encfs:fs": fs_id, "encfs:file": fid.hex()})
+
+
+def open_files(tmp_path: Path, config: SimpleNamespace, service: KeyService, read_only: bool = False) -> OpenFiles:
+    return OpenFiles(os.fsencode(tmp_path), config, service, BlockCipher, read_only,  # type: ignore[arg-type]
+                     Sealers(B), recovering=False)
+
+
 def test_a_failed_copy_back_is_finished_by_the_next_load(tmp_path: Path, service: KeyService,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Copying the complete side file in fails (EIO) half-way: the content reads the side file,
     writes fail, and the next load of the file in the same mount finishes the re-key."""
-    key = service.create_key()["KeyId"]
-    fs_id = os.urandom(16).hex()
-    config = SimpleNamespace(block_size=B, key_id=key, format=2, features=(),
-                             file_context=lambda fid: {"encfs:fs": fs_id, "encfs:file": fid.hex()})
-    files = OpenFiles(os.fsencode(tmp_path), config, service, BlockCipher, False,  # type: ignore[arg-type]
-                      Sealers(B), recovering=False)
+    config = fs_config(service)
+    files = open_files(tmp_path, config, service)
     path = os.fsencode(tmp_path / "f")
 
     def opened() -> tuple[OpenFile, int]:
@@ -248,12 +257,8 @@ def test_a_damaged_side_file_read_only_leaks_no_fd(tmp_path: Path, service: KeyS
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A read-only load of a file whose re-key was interrupted reads its side file; a side file
     whose header is damaged fails the load and leaves no fd behind (nor closes one twice)."""
-    key = service.create_key()["KeyId"]
-    fs_id = os.urandom(16).hex()
-    config = SimpleNamespace(block_size=B, key_id=key, format=2, features=(),
-                             file_context=lambda fid: {"encfs:fs": fs_id, "encfs:file": fid.hex()})
-    files = OpenFiles(os.fsencode(tmp_path), config, service, BlockCipher, False,  # type: ignore[arg-type]
-                      Sealers(B), recovering=False)
+    config = fs_config(service)
+    files = open_files(tmp_path, config, service)
     path = os.fsencode(tmp_path / "f")
     f = OpenFile(7, os.open(path, os.O_RDWR | os.O_CREAT, 0o600), True, path)
     fh = files.add(f)
@@ -276,8 +281,7 @@ def test_a_damaged_side_file_read_only_leaks_no_fd(tmp_path: Path, service: KeyS
     side = os.fsdecode(rekeyfile.side_file(root, old_id))
     with open(side, "r+b") as damaged:
         damaged.write(b"X")  # its header's magic
-    read_only = OpenFiles(root, config, service, BlockCipher, True,  # type: ignore[arg-type]
-                          Sealers(B), recovering=False)
+    read_only = open_files(tmp_path, config, service, read_only=True)
     assert old_id in read_only.rekeys
     g = OpenFile(8, os.open(path, os.O_RDONLY), False, path)
     gh = read_only.add(g)
