@@ -159,16 +159,16 @@ class FileOps:
             self._check_writable()
         target = self._target(inode)
         fd = self._open_backing(target, writable, noatime=accmode == os.O_WRONLY)
-        fh = self.files.add(OpenFile(inode, fd, writable, self._describe(target)))
+        f = OpenFile(inode, fd, writable, self._describe(target))
+        fh = self.files.add(f)
         try:
             if flags & os.O_TRUNC:
                 self.files.drop(inode, fd, self._describe(target))
                 if kill_suidgid:
                     self._kill_suidgid(fd)
                 self.drop_capability(inode)
-            elif writable or inode in self.files.contents \
-                    or not self.files.defer_load(self.files[fh], self._sizes.get(inode)):
-                self.files.content(self.files[fh], self._sizes.get(inode))  # a damaged file fails the open
+            elif writable or inode in self.files.contents or not self.files.defer_load(f, self._sizes.get(inode)):
+                self.files.content(f, self._sizes.get(inode))  # a damaged file fails the open
             else:
                 # Loaded at the first read (which reports a damaged header, as gocryptfs's does);
                 # the disk reads the header meanwhile, while the kernel takes this reply and

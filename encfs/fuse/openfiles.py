@@ -183,12 +183,16 @@ class OpenFiles(ContentLoading):
         if self._close(content, f.path, unlinked):
             del self.contents[f.inode]
 
+    def _due(self, table: dict[int, tuple[float, bytes]], now: float) -> tuple[list[int], float | None]:
+        """The inodes of ``table`` (inode -> (when, path)) due at ``now``, and when the next one is."""
+        with self._table:
+            due = [inode for inode, (when, _) in table.items() if when <= now]
+            later = min((when for when, _ in table.values() if when > now), default=None)
+        return due, later
+
     def closed_due(self, now: float) -> tuple[list[int], float | None]:
         """The closed files whose checkpoint is due at ``now``, and when the next one is (or None)."""
-        with self._table:
-            due = [inode for inode, (when, _) in self.deferred.items() if when <= now]
-            later = min((when for when, _ in self.deferred.values() if when > now), default=None)
-        return due, later
+        return self._due(self.deferred, now)
 
     def state_pending(self, inode: int, path: bytes) -> None:
         """An fsync of ``inode`` left its synced size pending: written STATE_DELAY from the first
@@ -198,10 +202,7 @@ class OpenFiles(ContentLoading):
 
     def states_due(self, now: float) -> tuple[list[int], float | None]:
         """The files whose pending synced size is due at ``now``, and when the next one is."""
-        with self._table:
-            due = [inode for inode, (when, _) in self.pending_states.items() if when <= now]
-            later = min((when for when, _ in self.pending_states.values() if when > now), default=None)
-        return due, later
+        return self._due(self.pending_states, now)
 
     def write_pending_state(self, inode: int) -> None:
         """Write the synced size an fsync of ``inode`` left pending (under its lock), unless a
