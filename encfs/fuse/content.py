@@ -259,9 +259,9 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         if self.dirty or not datasync:
             (os.fdatasync if datasync else os.fsync)(self.fd)
             self.dirty = False
-        if not self.v1 and not self.read_only and self.verified and \
-                (self.size != self.state.synced_size or self.holes.extents() != self.state.holes):
-            if self.holes.extents() != self.state.holes:
+        holes_changed = self.holes.extents() != self.state.holes
+        if not self.v1 and not self.read_only and self.verified and (self.size != self.state.synced_size or holes_changed):
+            if holes_changed:
                 # Blocks written into holes were just acknowledged: the durable state must call them
                 # data, or a crash reads them as zeros (and load() drops their journaled versions).
                 self._write_state_durably(self.size, self.holes)
