@@ -14,9 +14,10 @@ repetition 2, and so on.
 
 The harness's modules, beside this file: bench_util.py (commands, mounts, loop devices, daemons),
 bench_targets.py (the targets), bench_workloads.py (the workloads run in each target), bench_rows.py
-(the rows measured once per repetition: key service, key daemon, snapshots, re-key), bench_machine.py
-(the machine and backing store), bench_report.py (metrics, ratios, results.json/.md, bench.png). This
-file holds the scales, a run's context and the run itself (main).
+(the rows measured once per repetition: key service, key daemon, snapshots, re-key), bench_durability.py
+(the fsync probe: whether a target's fsync survives its daemon's kill), bench_machine.py (the machine
+and backing store), bench_report.py (metrics, ratios, results.json/.md, bench.png). This file holds the
+scales, a run's context and the run itself (main).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 # The harness's modules (benchmarks/<name>.py), each after those it imports.
-MODULES = ("bench_util", "bench_machine", "bench_report", "bench_targets", "bench_workloads", "bench_rows")
+MODULES = ("bench_util", "bench_machine", "bench_report", "bench_targets", "bench_durability", "bench_workloads",
+           "bench_rows")
 
 
 def _module(name: str) -> ModuleType:
@@ -62,6 +64,7 @@ def _module(name: str) -> ModuleType:
 for _name in MODULES:
     _module(_name)
 
+from bench_durability import fsync_probe
 from bench_machine import (
     NO_REPORTING_ORDER,
     backing_store,
@@ -147,6 +150,19 @@ class Context:
             log(f"note: {msg}")
 
 
+def probe_fsync(ctx: Context, t: Any, status: dict[str, Any]) -> None:
+    """Run the fsync probe (bench_durability.py) on ``t`` and keep its outcome in ``status``."""
+    log(f"fsync probe: {t.name} ...")
+    try:
+        probe = fsync_probe(t)
+    except Exception as e:  # the repetitions still run; their own set-up reports a broken target
+        ctx.note(f"{t.name}: the fsync probe could not run: {type(e).__name__}: {e}")
+        return
+    if probe is not None:
+        status["fsync_probe"] = {"durable": probe[0], "detail": probe[1]}
+        log(f"  {probe[1]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="encfs bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 repetition (smoke check, < 2 min)")
@@ -159,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the snapshot rows (run with the encfs-volume target otherwise)")
     ap.add_argument("--no-rekey", action="store_true",
                     help="skip the re-key and fsck rows (run with the encfs-volume target otherwise)")
+    ap.add_argument("--no-fsync-probe", action="store_true",
+                    help="skip the fsync probe (each daemon killed once after an fsync; a target that loses "
+                         "the file is no 'best peer' on the rows that wait for fsync or sync)")
     ap.add_argument("--baseline", metavar="DIR",
                     help="another encfs checkout (e.g. `git worktree add /tmp/base REV`), measured as the "
                          "target encfs-baseline beside encfs in the same run (and, over io_uring, as "
@@ -245,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             run([sys.executable, "-m", "encfs", "key", "create", "--alias", "bench"], env=env)
         log(f"generating the {scale.tree_entries}-entry source tree ...")
         ctx.tree_entries = make_tree_tar(ctx.tree_tar, scale.tree_entries)
+        for t in targets:
+            if not args.no_fsync_probe and t.kind == "fs" and status[t.name]["status"] == "ok":
+                probe_fsync(ctx, t, status[t.name])
         for rep in range(1, repeats + 1):
             for t in targets:
                 if status[t.name]["status"] != "ok":

@@ -34,6 +34,10 @@ KEY_METRICS = {
 
 # The filesystem peers (issue #25's goal: every row at least the best of them, per row).
 PEERS = ("gocryptfs", "securefs", "cryfs")
+# The rows whose workload waits for fsync or sync (fio's random writes end in one): a target whose
+# fsync did not survive its daemon's kill (bench_durability.py) is no "best peer" on them.
+DURABLE_ROWS = frozenset({"seq_write", "two_writers", "rand_write_4k", "small_create", "small_delete", "untar",
+                          "sqlite"})
 
 RATIOS: list[tuple[str, str, str | tuple[str, ...]]] = [  # (label, numerator, denominator: a target or
     # the best of several on each row)
@@ -58,11 +62,20 @@ RATIOS: list[tuple[str, str, str | tuple[str, ...]]] = [  # (label, numerator, d
 ]
 
 
-def denominator(results: dict[str, dict[str, Any]], b: str | tuple[str, ...], key: str
-                ) -> tuple[str, dict[str, Any] | None]:
+def not_durable(targets: dict[str, dict[str, Any]]) -> frozenset[str]:
+    """The targets whose fsync probe (bench_durability.py) lost the file."""
+    return frozenset(t for t, s in targets.items() if (s.get("fsync_probe") or {}).get("durable") is False)
+
+
+def denominator(results: dict[str, dict[str, Any]], b: str | tuple[str, ...], key: str,
+                lost_fsync: frozenset[str] = frozenset()) -> tuple[str, dict[str, Any] | None]:
     """A ratio's denominator on one row: the target ``b``, or the one of ``b`` with the highest
-    median there (name, summary); the summary is None if no such target measured the row."""
-    names = (b,) if isinstance(b, str) else b
+    median there (name, summary), leaving out on DURABLE_ROWS the targets of ``lost_fsync``; the
+    summary is None if no such target measured the row."""
+    names = (b,) if isinstance(b, str) else tuple(
+        t for t in b if key not in DURABLE_ROWS or t not in lost_fsync)
+    if not names:
+        return b[0], None
     measured = [(results[t][key]["median"], t) for t in names if results.get(t, {}).get(key)]
     if not measured:
         return names[0], None
@@ -108,10 +121,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("| workload | " + " | ".join(r[0] for r in RATIOS) + " |")
     lines.append("|---|" + "---:|" * len(RATIOS))
     reasons = {}
+    lost = not_durable(result["targets"])
     for key, (label, _unit) in METRICS.items():
         cells = []
         for rlabel, a, b in RATIOS:
-            bname, sb = denominator(res, b, key)
+            bname, sb = denominator(res, b, key, lost)
             sa = res.get(a, {}).get(key)
             if sa and sb and sb["median"] > 0:
                 cells.append(f"{sa['median'] / sb['median']:.2f}" + ("" if isinstance(b, str) else f" ({bname})"))
@@ -125,6 +139,16 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if reasons:
         lines += [""] + [f"- n/a `{t}`: {r}" for t, r in reasons.items()]
+    probes = {t: s["fsync_probe"] for t, s in result["targets"].items() if s.get("fsync_probe")}
+    if probes:
+        lines += ["", "fsync probe (a file written and fsync'd, its daemon killed with SIGKILL at once, mounted "
+                      "again; benchmarks/bench_durability.py): "
+                  + ", ".join(f"{t} {p['detail']}" if p["durable"] else f"{t} **{p['detail']}**"
+                              for t, p in probes.items())]
+        if lost:
+            rows = "; ".join(METRICS[k][0] for k in METRICS if k in DURABLE_ROWS)
+            lines.append(f"Not durable, so not a \"best peer\" on the rows that wait for fsync or sync ({rows}): "
+                         + ", ".join(f"`{t}`" for t in sorted(lost)) + ".")
     mib = result["scale"]["snapshot_mib"]
     for key, intro in (("snapshots", f"Snapshots of a format-2 volume of {mib} MiB (no filesystem; "
                                      "benchmarks/snapshot_bench.py)"),
@@ -196,9 +220,10 @@ def charts(result: dict[str, Any], out: Path) -> list[str]:
 def write_results(result: dict[str, Any], out: Path, workdir: str) -> None:
     """Fill in ``result``'s ratios, write results.json, results.md and bench.png into ``out`` and
     print the tables and what was written (``workdir``: where the backing stores were)."""
+    lost = not_durable(result["targets"])
     for label, a, b in RATIOS:
         for key in METRICS:
-            sa, sb = result["results"].get(a, {}).get(key), denominator(result["results"], b, key)[1]
+            sa, sb = result["results"].get(a, {}).get(key), denominator(result["results"], b, key, lost)[1]
             result["ratios"].setdefault(label, {})[key] = (sa["median"] / sb["median"]) if sa and sb else None
     table = markdown(result)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -48,6 +48,7 @@ class Target:
         self.procs: list[subprocess.Popen] = []
         self.mounts: list[Path] = []  # unmounted in reverse order
         self.loops: list[str] = []
+        self.daemon_call: tuple[list[str], Path, dict[str, str] | None, bytes | None, Path | None] | None = None
 
     def check(self) -> None:
         """Raise Unavailable(reason) if this target cannot run here."""
@@ -106,12 +107,21 @@ class Target:
                                     stdout=lf, stderr=lf, env=env, start_new_session=True, cwd=cwd)
         self.procs.append(proc)
         self.mounts.append(mountpoint)
+        self.daemon_call = (cmd, mountpoint, env, stdin, cwd)  # remount() runs it again
         if stdin is not None:
             assert proc.stdin is not None
             proc.stdin.write(stdin)
             proc.stdin.close()
         wait_for(lambda: is_mounted(mountpoint), f"{self.name} mount", proc=proc, logfile=logfile)
         return proc
+
+    def remount(self) -> Path:
+        """The last daemon started again, over the store it served (its mount gone: the fsync probe,
+        bench_durability.py)."""
+        assert self.daemon_call is not None
+        cmd, mountpoint, env, stdin, cwd = self.daemon_call
+        self.daemon(cmd, mountpoint, env=env, stdin=stdin, cwd=cwd)
+        return mountpoint
 
     def ext4_on(self, dev: str, mnt: Path, *mkfs_extra: str) -> Path:
         mkfs_ext4(dev, *mkfs_extra)

@@ -131,6 +131,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert result["scale"]["name"] == "smoke" and result["repeats"] == 1
     assert set(result["targets"]) == {"native", "encfs"}
     assert all(t["status"] == "ok" for t in result["targets"].values()), result["targets"]
+    # encfs's fsync survives its daemon's SIGKILL; the native directory has no daemon to kill
+    assert result["targets"]["encfs"]["fsync_probe"] == {"durable": True, "detail": "read back whole"}
+    assert "fsync_probe" not in result["targets"]["native"]
     expected = {"seq_write", "seq_read_cold", "two_writers", "small_create", "small_stat", "small_read", "small_delete",
                 "untar", "sqlite"}
     import shutil

@@ -1,0 +1,93 @@
+"""The harness's fsync probe (benchmarks/bench_durability.py) and what the report makes of it.
+
+The probe runs against two small filesystems served by a shell "daemon": a tmpfs, which holds the
+file only in memory and loses it when its mount goes, and a bind mount of a directory, which keeps
+it. Real mounts and processes; the peers it is meant for (CryFS, which fails it) are not needed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from benchscripts import load_script
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the probe's test filesystems need mounts (root)")
+
+
+def _harness() -> ModuleType:
+    return load_script("bench")
+
+
+def _probe_target(bench: ModuleType, ctx: Any, keeps_data: bool) -> Any:
+    """A target whose daemon mounts a tmpfs (``keeps_data`` False) or binds a directory of its own
+    base (True) on the mountpoint and runs until that mount goes."""
+    target_class = sys.modules["bench_targets"].Target
+
+    class ShellMount(target_class):  # type: ignore[misc, valid-type]
+        name = "bind" if keeps_data else "tmpfs"
+
+        def setup(self) -> Path:
+            _base, store, mnt = self.fresh_fs_dirs()
+            mount = f"mount --bind {store} {mnt}" if keeps_data else f"mount -t tmpfs -o size=4m probe {mnt}"
+            self.daemon(["sh", "-c", f"{mount} && while mountpoint -q {mnt}; do sleep 0.05; done"], mnt)
+            return mnt
+
+    return ShellMount(ctx)
+
+
+def _mounted_under(path: Path) -> list[str]:
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        return [ln.split()[1] for ln in f if ln.split()[1].startswith(str(path))]
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_fsync_probe_tells_a_store_that_keeps_the_file_from_one_that_loses_it(tmp_path: Path) -> None:
+    bench = _harness()
+    probe = sys.modules["bench_durability"].fsync_probe
+    ctx = bench.Context(bench.SCALES["smoke"], tmp_path)
+    memory, kept = _probe_target(bench, ctx, False), _probe_target(bench, ctx, True)
+    assert probe(memory) == (False, "the file was gone")
+    assert probe(kept) == (True, "read back whole")
+    assert _mounted_under(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []  # each base removed
+    for target in (memory, kept):
+        assert target.procs == [] and target.mounts == []
+
+
+def test_a_target_that_lost_its_fsync_is_no_best_peer_on_the_rows_that_wait_for_one() -> None:
+    bench = _harness()
+    report = sys.modules["bench_report"]
+
+    def s(median: float) -> dict[str, float]:
+        return {"median": median, "min": median, "max": median}
+
+    res = {"encfs": {"small_stat": s(10_000.0), "sqlite": s(300.0)},
+           "gocryptfs": {"small_stat": s(12_000.0), "sqlite": s(400.0)},
+           "cryfs": {"small_stat": s(20_000.0), "sqlite": s(1000.0)}}
+    ok = {"status": "ok", "kind": "fs", "description": "", "reason": None}
+    targets: dict[str, dict[str, Any]] = {t: dict(ok) for t in res}
+    targets["encfs"]["fsync_probe"] = {"durable": True, "detail": "read back whole"}
+    targets["cryfs"]["fsync_probe"] = {"durable": False, "detail": "the file was gone"}
+    lost = report.not_durable(targets)
+    assert lost == {"cryfs"}
+    assert bench.denominator(res, bench.PEERS, "sqlite", lost) == ("gocryptfs", s(400.0))
+    assert bench.denominator(res, bench.PEERS, "small_stat", lost) == ("cryfs", s(20_000.0))  # no fsync there
+    assert bench.denominator(res, bench.PEERS, "sqlite") == ("cryfs", s(1000.0))  # no probe: as before
+    assert bench.denominator(res, ("cryfs",), "sqlite", lost)[1] is None
+
+    result = {"results": res, "targets": targets, "repeats": 3, "ratios": {},
+              "scale": {"name": "full", "snapshot_mib": 16}, "key_service": {},
+              "snapshots": {}, "rekey": {}, "keyd": {}, "notes": [], "extra": {}}
+    table = bench.markdown(result)
+    header = next(line for line in table.splitlines() if line.startswith("| workload |") and "best peer" in line)
+    column = header.split(" | ").index("encfs / best peer")
+    sqlite = [line for line in table.splitlines() if line.startswith("| SQLite")][-1]  # the ratios
+    assert sqlite.split(" | ")[column] == "0.75 (gocryptfs)"
+    assert "encfs read back whole" in table and "cryfs **the file was gone**" in table
+    assert "not a \"best peer\" on the rows that wait for fsync or sync" in table and "`cryfs`" in table
