@@ -425,9 +425,11 @@ def test_small_whole_block_writes_are_sealed_ahead_and_a_stale_seal_is_not_used(
         fs.release(ro)
 
 
-def test_a_read_only_open_leaves_the_header_to_the_first_read(fs: EncryptedFS) -> None:
+def test_a_read_only_open_leaves_the_header_to_the_first_read(fs: EncryptedFS,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     """A read-only open does not load the file (the disk reads its header meanwhile): a damaged
-    header fails the first read with EIO, as gocryptfs's does, and never returns bytes; a
+    header fails the first read with EIO, as gocryptfs's does, and never returns bytes; that
+    handle's later reads fail without loading or logging again, a new open tries afresh; a
     writable open still fails at once."""
     ino = create(fs, b"f", b"plain" * 1000)
     fh = fs.open(ino, os.O_RDONLY, CTX)
@@ -439,13 +441,24 @@ def test_a_read_only_open_leaves_the_header_to_the_first_read(fs: EncryptedFS) -
     assert ino not in fs.files.contents
     backing = fs.inodes.path(ino)
     with open(backing, "r+b") as f:
+        magic = f.read(1)
+        f.seek(0)
         f.write(b"X")  # the header's magic
     fh = fs.open(ino, os.O_RDONLY, CTX)
     try:
         assert fuse_errno(lambda: fs.reader(fh)) == errno.EIO
+        logged = len(caplog.records)
+        assert logged > 0
+        with open(backing, "r+b") as f:
+            f.write(magic)  # mended: this handle still fails, as it did, and says nothing more
+        assert fuse_errno(lambda: fs.reader(fh)) == errno.EIO
         assert fuse_errno(lambda: fs.lseek(fh, 0, os.SEEK_DATA)) == errno.EIO
+        assert len(caplog.records) == logged
     finally:
         fs.release(fh)
+    assert read(fs, ino) == b"plain" * 1000  # a new open loads afresh
+    with open(backing, "r+b") as f:
+        f.write(b"X")
     assert fuse_errno(lambda: fs.open(ino, os.O_RDWR, CTX)) == errno.EIO
 
 

@@ -17,11 +17,14 @@ Of openfiles.py's invariants, these are kept here:
   the header ahead; the first READ or SEEK_DATA/HOLE loads it, so a damaged header or journal
   fails that call with EIO, never returning bytes, and the load takes the larger of the sizes
   the kernel held at the open and since (a shorter backing file reads EIO past its end). A
-  writable open, or any open where file keys are wrapped, loads at once.
+  writable open, or any open where file keys are wrapped, loads at once. A handle whose load
+  failed on a damaged file or an unusable key answers EIO to every later read without loading
+  or logging again (OpenFile.load_failed); an OSError is tried again; a new open tries afresh.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -30,11 +33,12 @@ from typing import TYPE_CHECKING
 
 from encfs import daemonlog
 from encfs.blocks import BlockAuthError
-from encfs.errors import InvalidCiphertext, KeyNotFound, KeyStateError, TokenError
+from encfs.errors import EncfsError, IntegrityError, InvalidCiphertext, KeyNotFound, KeyStateError, TokenError
 from encfs.fuse import rekeyfile
 from encfs.fuse.content import FileContent, plain_file_size
 from encfs.fuse.fileheader import HEADER_LEN, STATE_SUFFIX, FileHeader, state_file
 from encfs.fuse.journal import file_ids, journal_path
+from encfs.fuseproto.wire import FuseError
 
 if TYPE_CHECKING:
     import threading
@@ -55,6 +59,9 @@ class OpenFile:
     # The size the kernel held for the file at a read-only open that left the load to the first
     # read: a GETATTR meanwhile may have learnt a shorter backing file, which the kernel ignores.
     known_size: int | None = None
+    # Its load failed on a damaged file or an unusable key (logged, and audited, then): each later
+    # read through this handle fails the same way without loading or logging again.
+    load_failed: bool = False
 
 
 class ContentLoading:
@@ -89,12 +96,18 @@ class ContentLoading:
         c = self.contents.get(f.inode)
         if c is not None:
             return c
+        if f.load_failed:
+            raise FuseError(errno.EIO)
         if f.known_size is not None:
             known_size = f.known_size if known_size is None else max(known_size, f.known_size)
         with self.load_lock:
             c = self.contents.get(f.inode)
             if c is None:
-                c = self._load(f, known_size)
+                try:
+                    c = self._load(f, known_size)
+                except (IntegrityError, EncfsError):  # not an OSError: the disk may do better next time
+                    f.load_failed = True
+                    raise
                 if c is not None:
                     self.contents[f.inode] = c
         return c
