@@ -1,7 +1,7 @@
 """The filesystem's operations without a mount (issue #22, as S3QL's t3_fs_api.py): EncryptedFS is
 called directly with a caller context, on a CIPHERDIR in a temporary directory and the session's
 real SoftHSM2 token. No kernel, no FUSE: what the kernel would cache or check is not tested here
-(tests/test_fuse_semantics.py does that on real mounts)."""
+(tests/test_fuse_semantics_*.py do that on real mounts)."""
 
 from __future__ import annotations
 

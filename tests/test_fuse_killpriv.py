@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from fuse_helpers import Mount
-from test_fuse_semantics import new_mount, server  # noqa: F401  (server: runs the module once per server)
+from semantics_helpers import new_mount, server_fixture  # noqa: F401  (server: runs the module once per server)
 
 NOBODY = pwd.getpwnam("nobody")
 # (name, mode, group): set-user-ID, both, set-group-ID with and without group execute.
@@ -39,7 +39,7 @@ ATTR_EXPIRED = 1.2  # seconds: past the mount's attribute timeout (encfs.fuse.fs
 
 
 @pytest.fixture(scope="module")
-def dirs(server: str, fs_home: Path) -> Iterator[tuple[Path, Path]]:  # noqa: F811
+def dirs(server: str, fs_home: Path) -> Iterator[tuple[Path, Path]]:
     """(the mountpoint, a local directory): both writable by nobody, who can reach them."""
     base = Path(tempfile.mkdtemp(prefix="encfs-killpriv-", dir="/tmp"))
     base.chmod(0o755)

@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from test_fuse_semantics import cold_read, new_mount
+from fuse_helpers import cold_read
+from semantics_helpers import new_mount
 
 BLOCK = 32768  # the default content block size; 4 KiB boundaries (pages, old filesystems) are drawn too
 PAGE = 4096
