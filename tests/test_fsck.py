@@ -19,7 +19,7 @@ import pytest
 import volume_tool
 from conftest import run_encfs
 from test_snapshots_crash import KILLED_AT
-from test_volumes import Rig, flip, pytestmark as needs_loop_devices, rig  # noqa: F401 (rig: a fixture)
+from volume_helpers import Rig, flip, pytestmark as needs_loop_devices, rig  # noqa: F401 (rig: a fixture)
 
 from encfs.block.layout import SLOT_A, commit_offset, header_offset, map_offset, page_offset, sector_offset
 

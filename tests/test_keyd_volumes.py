@@ -1,7 +1,7 @@
 """Volumes, snapshots and re-keys as root through `encfs keyd` (issue #24): the client's home holds
 no token, so every key operation is the daemon's, and the audit trail shows them.
 
-Uses tests/test_volumes.py's Rig, which undoes loop devices, mounts and volume daemons on failure.
+Uses tests/volume_helpers.py's Rig, which undoes loop devices, mounts and volume daemons on failure.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fuse_helpers import Mount
 from keyd_rig import home_with_key, keyd
-from test_volumes import Rig, pytestmark  # noqa: F401  (root, loop devices, mkfs.ext4)
+from volume_helpers import Rig, pytestmark  # noqa: F401  (root, loop devices, mkfs.ext4)
 
 
 class Remote(Rig):

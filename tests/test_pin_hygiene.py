@@ -10,7 +10,7 @@ each test first finds the daemon and its sealing worker (or the key command, wai
 on its stdin).
 
 The "vendor" token is a SoftHSM2 token encfs did not provision, reached through
-``--pkcs11-module``/``--pkcs11-uri`` as a real HSM would be (as in test_cli_keys.py).
+``--pkcs11-module``/``--pkcs11-uri`` as a real HSM would be (as in test_cli_keys_vendor.py).
 The ``--pin-file`` and embedded cases were never broken; they guard the other paths.
 """
 
@@ -265,7 +265,7 @@ def test_key_command_shows_no_pin(how: str, vendor: dict[str, Any], tmp_path: Pa
                     reason="attaching volumes needs root and loop devices")
 @pytest.mark.parametrize("how", ["uri", "env"])
 def test_volume_attach_shows_no_pin(how: str, vendor: dict[str, Any], tmp_path: Path) -> None:
-    from test_volumes import Rig
+    from volume_helpers import Rig
 
     rig = Rig(tmp_path, vendor["home"])
     rig.env.update(vendor["env"])

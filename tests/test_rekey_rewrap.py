@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_encfs
-from test_volumes import Rig, rig  # noqa: F401  (the fixture)
+from volume_helpers import Rig, rig  # noqa: F401  (the fixture)
 from volume_tool import contents, digests, live_pages, write
 
 MiB = 1 << 20
@@ -153,8 +153,9 @@ def test_a_full_rekey_reencrypts_under_a_fresh_volume_key(home: Path, tmp_path: 
 def test_a_full_rekey_refuses_a_volume_whose_map_node_fails_authentication(home: Path, tmp_path: Path) -> None:
     """A map leaf that fails authentication hides which of its sectors are written: a copy that
     skipped them would turn I/O errors into zeros. The copy is refused; nothing changes."""
+    from volume_helpers import flip
+
     from encfs.block.layout import page_offset
-    from test_volumes import flip
 
     image = tmp_path / "vol.img"
     ok(home, "volume", "create", image, "--size", "16M", "--key", "a")
@@ -171,8 +172,9 @@ def test_a_full_rekey_refuses_a_volume_whose_map_node_fails_authentication(home:
 def test_export_and_restore_refuse_a_snapshot_whose_map_node_fails_authentication(
         home: Path, tmp_path: Path) -> None:
     """The same for a snapshot: its export or restore would have left out the node's sectors."""
+    from volume_helpers import flip
+
     from encfs.block.layout import page_offset
-    from test_volumes import flip
 
     image = tmp_path / "vol.img"
     ok(home, "volume", "create", image, "--size", "16M", "--key", "a")

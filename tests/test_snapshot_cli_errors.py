@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from test_snapshots import fails, ok, snap, volume  # noqa: F401  (the fixture)
-from test_volumes import Rig, rig  # noqa: F401  (the fixture)
+from volume_helpers import Rig, rig  # noqa: F401  (the fixture)
 
 from encfs.blocks import SEALED_BLOCK
 

@@ -10,7 +10,7 @@ deleted (also when a deletion was killed after its commit and is completed by th
 tampered data page or map node reads as EIO through the loop device, and a rewrite heals a page.
 kill -9 of the snapshot commands themselves is in test_snapshots_crash.py.
 
-The ``Rig`` (tests/test_volumes.py) undoes mounts, loop devices and daemons, also on failure.
+The ``Rig`` (tests/volume_helpers.py) undoes mounts, loop devices and daemons, also on failure.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 import volume_tool
 from test_snapshots_crash import KILLED_AT
-from test_volumes import (  # noqa: F401 - rig and fio are fixtures
+from volume_helpers import (  # noqa: F401 - rig and fio are fixtures
     STRESS,
     Rig,
     _fio,
@@ -44,7 +44,7 @@ from test_volumes import (  # noqa: F401 - rig and fio are fixtures
     shas,
     write_files,
 )
-from test_volumes import (
+from volume_helpers import (
     dd_write as dd_write_synced,
 )
 
@@ -75,7 +75,7 @@ def assert_same(got: bytes, want: bytes, what: str) -> None:
 
 
 def dd_write(dev: str, offset: int, data: bytes, tmp: Path, sync: bool = True) -> None:
-    """test_volumes.dd_write (O_DIRECT, then fsync); without ``sync``, no fsync: the daemon has the
+    """volume_helpers.dd_write (O_DIRECT, then fsync); without ``sync``, no fsync: the daemon has the
     write (the loop device's direct I/O waits for its answer), no commit has made it durable."""
     if sync:
         return dd_write_synced(dev, offset, data, tmp)

@@ -12,7 +12,7 @@ from typing import Any
 
 from fuse_helpers import Mount
 from test_fuse_cli import guard, new_fs
-from test_volumes import Rig, dd_read, dd_write, flip, patterns, pytestmark, rig  # noqa: F401
+from volume_helpers import Rig, dd_read, dd_write, flip, patterns, pytestmark, rig  # noqa: F401
 
 from encfs.block.layout import SLOT_A, SLOT_B, sector_offset
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_volumes import Rig, rig  # noqa: F401
+from volume_helpers import Rig, rig  # noqa: F401
 
 from encfs.block.voltab import VolumeLine, parse
 from encfs.block.volume import VolumeError

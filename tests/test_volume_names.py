@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from test_volumes import Rig, dd_write, patterns, pytestmark, read_ok, rig, sh, sha256  # noqa: F401
+from volume_helpers import Rig, dd_write, patterns, pytestmark, read_ok, rig, sh, sha256  # noqa: F401
 
 MiB = 1 << 20
 

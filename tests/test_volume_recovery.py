@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_volumes import Rig, dd_write, patterns, pytestmark, read_ok, rig  # noqa: F401 - rig is a fixture
+from volume_helpers import Rig, dd_write, patterns, pytestmark, read_ok, rig  # noqa: F401 - rig is a fixture
 
 from encfs.block.header import RECORD, RECOVERY_KEY, header_mac_key
 from encfs.block.layout import header_offset
