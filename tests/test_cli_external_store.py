@@ -1,7 +1,7 @@
 """A key store on a PKCS#11 module (issue #23): its metadata is made by `encfs hsm init` only.
 
 With the embedded token, the token is the store; with a module (an external HSM: SoftHSM2 that
-encfs did not provision stands in for one, as in test_cli_keys.py) the store is this home's
+encfs did not provision stands in for one, as in test_cli_keys_vendor.py) the store is this home's
 ``keys.json``. A home without it (a mistyped --home, a config.toml in a new directory, lost
 metadata) is refused in one line naming the path, exit 66, and nothing is created there.
 """

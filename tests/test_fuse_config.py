@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import run_encfs
 from fsconfig_tool import remac
+from fuse_cli_helpers import assert_one_line_error, encfs_ok, guard, new_fs
 from fuse_helpers import Mount
 from releases import extract_release
-from test_fuse_cli import assert_one_line_error, encfs_ok, guard, new_fs
 
 from encfs.errors import InvalidCiphertext
 from encfs.fuse.fsconfig import BINDING_FEATURES, FS_FORMAT, SPARSE_FEATURE, features_for, init_filesystem, open_config

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import run_encfs
+from fuse_cli_helpers import assert_one_line_error, daemon_pids, encfs_ok, guard, new_fs
 from fuse_helpers import Mount
-from test_fuse_cli import assert_one_line_error, daemon_pids, encfs_ok, guard, new_fs
 
 from encfs.fuse import mountlock
 from encfs.fuse.mount import is_mounted

@@ -12,8 +12,7 @@ import subprocess
 from pathlib import Path
 
 from conftest import run_encfs
-from fuse_helpers import Mount
-from test_fuse_cli import (
+from fuse_cli_helpers import (
     NOBODY,
     _mount_options,
     _system_mount,
@@ -27,6 +26,7 @@ from test_fuse_cli import (
     public_dir,  # noqa: F401 - a fixture
     wait_gone,
 )
+from fuse_helpers import Mount
 
 from encfs.fuse.mount import is_mounted
 from encfs.fuse.server import READ_AHEAD_KIB

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import fail, ok, ok_json
 from fuse_helpers import Mount
-from test_cli_keys import fail, ok, ok_json
 
 PASS = "backup passphrase for tests"
 

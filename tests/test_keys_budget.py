@@ -13,7 +13,7 @@ import pytest
 from encfs.errors import KeyStateError
 from encfs.keys import budget
 from encfs.keys.service import KeyService
-from test_keys_service import import_material, new_key, records_for
+from keys_helpers import import_material, new_key, records_for
 
 
 def sealed(service: KeyService, key: str) -> list[int]:

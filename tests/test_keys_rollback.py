@@ -19,7 +19,7 @@ from encfs.errors import KeyStateError
 from encfs.keys.service import KeyService, token_object_id
 from encfs.keys.token import Token
 from tests.conftest import run_encfs
-from tests.test_keys_service import CTX, crypto_ops, import_material, new_key
+from tests.keys_helpers import CTX, crypto_ops, import_material, new_key
 
 
 def backup(home: Path) -> dict[str, bytes]:

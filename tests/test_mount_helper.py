@@ -1,7 +1,7 @@
 """mount(8)'s own flags and options through the real `mount -t fuse.encfs` and /sbin/mount.fuse.encfs
 (issue #23): -f (fake), -n, -v, -s (sloppy); user, users, nofail, _netdev; a legacy EncFS directory.
 
-The helper is installed by test_fuse_cli's ``mount_helper`` fixture (the file put back afterwards);
+The helper is installed by fuse_cli_helpers' ``mount_helper`` fixture (the file put back afterwards);
 every mount runs inside ``guard``, which leaves nothing mounted and no daemon behind.
 """
 
@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_fuse_cli import _mount_options, _system_mount, daemon_pids, guard, is_mounted, mount_helper, new_fs, wait_gone
+from fuse_cli_helpers import (
+    _mount_options,
+    _system_mount,
+    daemon_pids,
+    guard,
+    is_mounted,
+    mount_helper,
+    new_fs,
+    wait_gone,
+)
 
 __all__ = ["mount_helper"]  # the fixture, used by name
 

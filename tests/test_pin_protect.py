@@ -13,8 +13,8 @@ from pathlib import Path
 
 from encfs.fuse.mount import is_mounted
 from tests.conftest import run_encfs
+from tests.fuse_cli_helpers import assert_one_line_error, guard
 from tests.procs import run_on_terminal
-from tests.test_fuse_cli import assert_one_line_error, guard
 
 PASS = "correct horse battery staple"
 

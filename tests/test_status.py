@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fuse_cli_helpers import guard, new_fs
 from fuse_helpers import Mount
-from test_fuse_cli import guard, new_fs
 from volume_helpers import Rig, dd_read, dd_write, flip, patterns, pytestmark, rig  # noqa: F401
 
 from encfs.block.layout import SLOT_A, SLOT_B, sector_offset
