@@ -4,6 +4,7 @@ SoftHSM2 token."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_fs_api import CTX, create, read
 
-from encfs.errors import KeyStateError
+from encfs.errors import KeydUnavailable, KeyStateError
 from encfs.fuse import filekeys
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader
 from encfs.fuse.filekeys import DERIVED_TAG, TOKEN_RECHECK, FileKeys
@@ -127,6 +128,51 @@ def test_a_disabled_cmk_stops_creates_and_opens_at_once(tmp_path: Path, service:
         service.enable_key(key)
         assert read(fs, ino) == b"before"
         create(fs, b"g", b"after")
+    finally:
+        fs.close_all()
+
+
+def test_a_first_read_tries_again_what_may_pass_and_keeps_what_the_key_service_refused(
+        tmp_path: Path, service: KeyService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only handle loads its file at its first read (openload.py). An unreachable key daemon
+    or a failing disk fails that read and the next read tries again; a CMK disabled between the
+    open and the first read fails it, and that handle keeps failing once the CMK is enabled again,
+    while a new open reads."""
+    cipher, key = new_cipher(tmp_path, service)
+    fs = open_fs(cipher, service)
+    try:
+        ino = create(fs, b"f", b"data")
+        real_key = fs.files.keys.key
+        for failure in (KeydUnavailable("cannot reach the key daemon"), OSError(errno.EIO, "disk")):
+            failures = [failure]
+
+            def flaky(header: FileHeader, failures: list[Exception] = failures) -> bytes:
+                if failures:
+                    raise failures.pop()
+                return real_key(header)
+
+            monkeypatch.setattr(fs.files.keys, "key", flaky)
+            assert ino not in fs.files.contents
+            fh = fs.open(ino, os.O_RDONLY, CTX)
+            try:
+                with pytest.raises(FuseError, match="^5$"):
+                    fs.reader(fh)
+                opened = fs.reader(fh)
+                assert opened is not None and bytes(fs.read_open(opened, 0, 100)) == b"data"
+            finally:
+                fs.release(fh)
+        monkeypatch.setattr(fs.files.keys, "key", real_key)
+        fh = fs.open(ino, os.O_RDONLY, CTX)
+        try:
+            service.disable_key(key)
+            with pytest.raises(FuseError, match="^5$"):
+                fs.reader(fh)
+            service.enable_key(key)
+            with pytest.raises(FuseError, match="^5$"):
+                fs.reader(fh)
+            assert read(fs, ino) == b"data"
+        finally:
+            fs.release(fh)
     finally:
         fs.close_all()
 

@@ -18,8 +18,10 @@ Of openfiles.py's invariants, these are kept here:
   fails that call with EIO, never returning bytes, and the load takes the larger of the sizes
   the kernel held at the open and since (a shorter backing file reads EIO past its end). A
   writable open, or any open where file keys are wrapped, loads at once. A handle whose load
-  failed on a damaged file or an unusable key answers EIO to every later read without loading
-  or logging again (OpenFile.load_failed); an OSError is tried again; a new open tries afresh.
+  failed on a damaged file or a key the key service refused answers EIO to its later reads
+  without loading or logging again (OpenFile.load_failed), until the file is loaded through
+  another handle; an OSError, an unreachable key daemon or a failing token is tried again at
+  the next read; a new open tries afresh.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from encfs import daemonlog
 from encfs.blocks import BlockAuthError
-from encfs.errors import EncfsError, IntegrityError, InvalidCiphertext, KeyNotFound, KeyStateError, TokenError
+from encfs.errors import IntegrityError, InvalidCiphertext, KeyNotFound, KeyStateError, TokenError
 from encfs.fuse import rekeyfile
 from encfs.fuse.content import FileContent, plain_file_size
 from encfs.fuse.fileheader import HEADER_LEN, STATE_SUFFIX, FileHeader, state_file
@@ -49,6 +51,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("encfs.fuse")
 
+# What a handle's failed load remembers (OpenFile.load_failed): the file's bytes or the key
+# service's verdict on its key. An OSError, an unreachable key daemon or a failing token may do
+# better at the next read, so those are tried again.
+LASTING_LOAD_FAILURES = (IntegrityError, KeyStateError, KeyNotFound, InvalidCiphertext)
+
 
 @dataclass
 class OpenFile:
@@ -59,8 +66,9 @@ class OpenFile:
     # The size the kernel held for the file at a read-only open that left the load to the first
     # read: a GETATTR meanwhile may have learnt a shorter backing file, which the kernel ignores.
     known_size: int | None = None
-    # Its load failed on a damaged file or an unusable key (logged, and audited, then): each later
-    # read through this handle fails the same way without loading or logging again.
+    # Its load failed on a damaged file or a key the key service refused (logged, and audited,
+    # then): later reads through this handle fail the same way without loading or logging again,
+    # unless another handle has loaded the file meanwhile (LASTING_LOAD_FAILURES).
     load_failed: bool = False
 
 
@@ -103,9 +111,11 @@ class ContentLoading:
         with self.load_lock:
             c = self.contents.get(f.inode)
             if c is None:
+                if f.load_failed:  # a read that waited for the lock while another's load failed
+                    raise FuseError(errno.EIO)
                 try:
                     c = self._load(f, known_size)
-                except (IntegrityError, EncfsError):  # not an OSError: the disk may do better next time
+                except LASTING_LOAD_FAILURES:
                     f.load_failed = True
                     raise
                 if c is not None:
