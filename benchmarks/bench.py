@@ -64,7 +64,7 @@ def _module(name: str) -> ModuleType:
 for _name in MODULES:
     _module(_name)
 
-from bench_durability import fsync_probe
+from bench_durability import ProbeInconclusive, fsync_probe
 from bench_machine import (
     NO_REPORTING_ORDER,
     backing_store,
@@ -151,13 +151,15 @@ class Context:
 
 
 def probe_fsync(ctx: Context, t: Any, status: dict[str, Any]) -> None:
-    """Run the fsync probe (bench_durability.py) on ``t`` and keep its outcome in ``status``."""
+    """Run the fsync probe (bench_durability.py) on ``t`` and keep its outcome in ``status``
+    (durable None: no verdict, and the target counts as a best peer as without the probe)."""
     log(f"fsync probe: {t.name} ...")
     try:
         probe = fsync_probe(t)
+    except ProbeInconclusive as e:
+        probe = (None, f"no verdict ({e})")
     except Exception as e:  # the repetitions still run; their own set-up reports a broken target
-        ctx.note(f"{t.name}: the fsync probe could not run: {type(e).__name__}: {e}")
-        return
+        probe = (None, f"could not run ({type(e).__name__}: {e})")
     if probe is not None:
         status["fsync_probe"] = {"durable": probe[0], "detail": probe[1]}
         log(f"  {probe[1]}")
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the re-key and fsck rows (run with the encfs-volume target otherwise)")
     ap.add_argument("--no-fsync-probe", action="store_true",
                     help="skip the fsync probe (each daemon killed once after an fsync; a target that loses "
-                         "the file is no 'best peer' on the rows that wait for fsync or sync)")
+                         "the file is no 'best peer' on the rows that wait for fsync)")
     ap.add_argument("--baseline", metavar="DIR",
                     help="another encfs checkout (e.g. `git worktree add /tmp/base REV`), measured as the "
                          "target encfs-baseline beside encfs in the same run (and, over io_uring, as "
@@ -265,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"generating the {scale.tree_entries}-entry source tree ...")
         ctx.tree_entries = make_tree_tar(ctx.tree_tar, scale.tree_entries)
         for t in targets:
-            if not args.no_fsync_probe and t.kind == "fs" and status[t.name]["status"] == "ok":
-                probe_fsync(ctx, t, status[t.name])
+            if t.kind == "fs" and status[t.name]["status"] == "ok":
+                if args.no_fsync_probe:
+                    status[t.name]["fsync_probe"] = {"durable": None, "detail": "not run (--no-fsync-probe)"}
+                else:
+                    probe_fsync(ctx, t, status[t.name])
         for rep in range(1, repeats + 1):
             for t in targets:
                 if status[t.name]["status"] != "ok":

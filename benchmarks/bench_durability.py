@@ -1,12 +1,14 @@
 """The fsync probe of `encfs bench` (bench.py): whether a target's fsync(2) survives its daemon.
 
-A daemon that answers fsync from memory runs the rows that wait for fsync or sync (SQLite's commits,
-the writes that end in fsync, the small-file and untar rows that end in sync) faster than one that
-writes to its store first, and loses acknowledged data when it dies: its numbers are not a durable
-rate. So before the repetitions each target served by a daemon is set up once and probed: a file is
-written, fsync'd and its directory fsync'd, the daemon's process group is killed with SIGKILL at
-once, the dead mount is detached, the same daemon is started again over the same store, and the file
-is read back. A store the daemon then refuses to mount fails the probe as well.
+A daemon that answers fsync from memory runs the rows that wait for fsync (SQLite's commits, the
+writes that end in fsync) faster than one that writes to its store first, and loses acknowledged data
+when it dies: its numbers there are not a durable rate. So before the repetitions each target served
+by a daemon is set up once and probed: a file is written, fsync'd and its directory fsync'd (both left
+open), the daemon's process group is killed with SIGKILL at once, the group checked gone and the mount
+checked dead, the dead mount detached, the same daemon started again over the same store, and the
+file read back. A store the daemon then refuses to mount fails the probe as well; what leaves no
+verdict (a daemon that is not in the foreground, a mount that outlives the kill, a slow mount or
+read) raises ProbeInconclusive, and the run records that instead.
 
 What it catches and what not: SIGKILL loses only what the daemon's memory held. A daemon that writes
 its store but never fsyncs it passes (the page cache survives the kill); power loss would catch it,
@@ -21,70 +23,134 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench_util import unmount
+from bench_util import is_mounted, unmount
 
 if TYPE_CHECKING:
     from bench_targets import Target
 
 PROBE_NAME = "fsync-probe"
 PROBE_BYTES = 1 << 20
+GONE_SECONDS = 10  # how long the killed daemon's process group may take to be gone
+READ_SECONDS = 60  # how long the read-back may take (a daemon that mounts and never answers)
 
 
-def write_durably(path: os.PathLike[str], data: bytes) -> None:
-    """``data`` into a new file, fsync'd, and its directory fsync'd: what an application does to
-    make a file durable."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+class ProbeInconclusive(Exception):
+    """No verdict: the probe could not tell whether the fsync'd file survived (the message says why)."""
+
+
+def write_durably(path: os.PathLike[str], data: bytes) -> list[int]:
+    """``data`` into a new file, fsync'd, and its directory fsync'd, as an application makes a
+    file durable; both stay open (their fds returned), as a database's files stay open across its
+    fsyncs: a daemon that writes out only at FLUSH or RELEASE does not pass for it."""
+    fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)]
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dirfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+            view = view[os.write(fds[0], view):]
+        os.fsync(fds[0])
+        fds.append(os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY))
+        os.fsync(fds[1])
+    except BaseException:
+        close_quietly(fds)
+        raise
+    return fds
 
 
-def kill_daemon(proc: subprocess.Popen[bytes]) -> None:
+def close_quietly(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:  # ENOTCONN: the daemon is gone
+            pass
+
+
+def mount_type(mountpoint: Path) -> str:
+    """The filesystem type of what is mounted on ``mountpoint`` ("" if nothing is)."""
+    found = ""
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == str(mountpoint):
+                found = fields[2]  # the last one listed is the topmost
+    return found
+
+
+def kill_daemon(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
     """SIGKILL to the daemon's process group (the targets start each daemon in a session of its
-    own, so its helpers go too), then reap it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    own, so whatever it forked without leaving the group goes too), then make sure it is gone:
+    the group empty and a FUSE mount no longer answering (ProbeInconclusive otherwise: a server
+    that outlived the kill could still write the file out)."""
+    if proc.poll() is not None:
+        raise ProbeInconclusive("its daemon had exited before the kill (it does not run in the foreground)")
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    deadline = time.monotonic() + GONE_SECONDS
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            raise ProbeInconclusive(f"processes of its daemon's group outlived SIGKILL by {GONE_SECONDS} s")
+        time.sleep(0.05)
+    if not mount_type(mountpoint).startswith("fuse"):
+        return  # a kernel filesystem outlives its mounter (the tests' stand-ins)
+    try:  # in a child: a mount still served by a process outside the group could hang us
+        probe = subprocess.run(["stat", "-c", "%i", str(mountpoint)], check=False, capture_output=True,
+                               timeout=10)
+    except subprocess.TimeoutExpired:
+        raise ProbeInconclusive("its mount hung after the kill instead of failing") from None
+    if probe.returncode == 0:
+        raise ProbeInconclusive("its mount still answered after the kill (another process serves it)")
+
+
+def read_back(path: Path) -> bytes | str:
+    """The file's bytes, or what reading it said; in a child, bounded by READ_SECONDS."""
+    try:
+        proc = subprocess.run(["cat", "--", str(path)], check=False, capture_output=True, timeout=READ_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise ProbeInconclusive(f"reading the file back took over {READ_SECONDS} s") from None
+    if proc.returncode == 0:
+        return proc.stdout
+    said = proc.stderr.decode(errors="replace").strip().splitlines()
+    return said[-1] if said else f"cat exited with {proc.returncode}"
 
 
 def fsync_probe(target: Target) -> tuple[bool, str] | None:
     """Probe ``target`` (set up and torn down here): (durable, what was read back), or None if no
-    daemon of its serves it (nothing to kill: the native directory, kernel fscrypt)."""
+    daemon of its serves it (nothing to kill: the native directory, kernel fscrypt). Raises
+    ProbeInconclusive, or the harness's own errors, when it cannot tell."""
     mnt = target.setup()
     try:
-        if not target.procs:
+        if not target.procs or target.daemon_call is None:
             return None
-        data = os.urandom(PROBE_BYTES)
-        write_durably(mnt / PROBE_NAME, data)
+        mountpoint = target.daemon_call[1]
         proc = target.procs[-1]
-        kill_daemon(proc)
-        target.procs.remove(proc)
-        unmount(mnt)
-        target.mounts.remove(mnt)
+        data = os.urandom(PROBE_BYTES)
+        fds = write_durably(mnt / PROBE_NAME, data)
         try:
-            mnt = target.remount()
-        except RuntimeError as e:  # its daemon exited or never mounted: what it left is unreadable
+            kill_daemon(proc, mountpoint)
+        finally:
+            close_quietly(fds)
+        target.procs.remove(proc)
+        unmount(mountpoint)
+        if is_mounted(mountpoint):
+            raise ProbeInconclusive("the dead mount could not be detached")
+        target.mounts.remove(mountpoint)
+        try:
+            target.remount()
+        except RuntimeError as e:
+            if target.procs[-1].poll() is None:  # still starting: slow, not a verdict
+                raise ProbeInconclusive(f"it did not mount again in time ({e})") from None
             errors = [line.strip() for line in str(e).splitlines() if "error" in line.lower()]
             return False, "it would not mount again" + (f" ({errors[-1][:160]})" if errors else "")
-        try:
-            back = (mnt / PROBE_NAME).read_bytes()
-        except FileNotFoundError:
-            return False, "the file was gone"
-        except OSError as e:
-            return False, f"reading it back failed ({e.strerror})"
+        back = read_back(mnt / PROBE_NAME)
+        if isinstance(back, str):
+            return False, "the file was gone" if "No such file" in back else f"reading it back failed ({back})"
         if back != data:
             return False, f"it read back different ({len(back):,} of {len(data):,} bytes)"
         return True, "read back whole"

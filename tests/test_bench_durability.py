@@ -23,18 +23,22 @@ def _harness() -> ModuleType:
     return load_script("bench")
 
 
-def _probe_target(bench: ModuleType, ctx: Any, keeps_data: bool) -> Any:
+def _probe_target(bench: ModuleType, ctx: Any, keeps_data: bool, how: str = "serves") -> Any:
     """A target whose daemon mounts a tmpfs (``keeps_data`` False) or binds a directory of its own
-    base (True) on the mountpoint and runs until that mount goes."""
+    base (True) on the mountpoint and, as ``how`` says, "serves" (runs until that mount goes),
+    "detaches" (exits once mounted, as a daemon that forks into the background) or "once" (serves,
+    but refuses to start a second time)."""
     target_class = sys.modules["bench_targets"].Target
 
     class ShellMount(target_class):  # type: ignore[misc, valid-type]
-        name = "bind" if keeps_data else "tmpfs"
+        name = ("bind" if keeps_data else "tmpfs") + "-" + how
 
         def setup(self) -> Path:
             _base, store, mnt = self.fresh_fs_dirs()
             mount = f"mount --bind {store} {mnt}" if keeps_data else f"mount -t tmpfs -o size=4m probe {mnt}"
-            self.daemon(["sh", "-c", f"{mount} && while mountpoint -q {mnt}; do sleep 0.05; done"], mnt)
+            serve = "true" if how == "detaches" else f"while mountpoint -q {mnt}; do sleep 0.05; done"
+            once = f"[ -e {store}.started ] && exit 3; touch {store}.started; " if how == "once" else ""
+            self.daemon(["sh", "-c", f"{once}{mount} && {serve}"], mnt)
             return mnt
 
     return ShellMount(ctx)
@@ -58,6 +62,12 @@ def test_fsync_probe_tells_a_store_that_keeps_the_file_from_one_that_loses_it(tm
     assert list(tmp_path.iterdir()) == []  # each base removed
     for target in (memory, kept):
         assert target.procs == [] and target.mounts == []
+    refuses = _probe_target(bench, ctx, True, "once")
+    assert probe(refuses) == (False, "it would not mount again")
+    background = _probe_target(bench, ctx, True, "detaches")
+    with pytest.raises(sys.modules["bench_durability"].ProbeInconclusive, match="had exited before the kill"):
+        probe(background)
+    assert _mounted_under(tmp_path) == []
 
 
 def test_a_target_that_lost_its_fsync_is_no_best_peer_on_the_rows_that_wait_for_one() -> None:
@@ -74,6 +84,7 @@ def test_a_target_that_lost_its_fsync_is_no_best_peer_on_the_rows_that_wait_for_
     targets: dict[str, dict[str, Any]] = {t: dict(ok) for t in res}
     targets["encfs"]["fsync_probe"] = {"durable": True, "detail": "read back whole"}
     targets["cryfs"]["fsync_probe"] = {"durable": False, "detail": "the file was gone"}
+    targets["gocryptfs"]["fsync_probe"] = {"durable": None, "detail": "no verdict (a slow mount)"}
     lost = report.not_durable(targets)
     assert lost == {"cryfs"}
     assert bench.denominator(res, bench.PEERS, "sqlite", lost) == ("gocryptfs", s(400.0))
@@ -90,4 +101,5 @@ def test_a_target_that_lost_its_fsync_is_no_best_peer_on_the_rows_that_wait_for_
     sqlite = [line for line in table.splitlines() if line.startswith("| SQLite")][-1]  # the ratios
     assert sqlite.split(" | ")[column] == "0.75 (gocryptfs)"
     assert "encfs read back whole" in table and "cryfs **the file was gone**" in table
-    assert "not a \"best peer\" on the rows that wait for fsync or sync" in table and "`cryfs`" in table
+    assert "gocryptfs no verdict (a slow mount)" in table  # and still the best peer above
+    assert "not a \"best peer\" on the rows that wait for fsync (" in table and "`cryfs`" in table
