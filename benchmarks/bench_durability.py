@@ -3,7 +3,7 @@
 A daemon that answers fsync from memory runs the rows that wait for fsync (SQLite's commits, the
 writes that end in fsync) faster than one that writes to its store first, and loses acknowledged data
 when it dies: its numbers there are not a durable rate. So before the repetitions each target served
-by a daemon is set up once and probed: a file is written, fsync'd and its directory fsync'd (both left
+by a daemon is set up once and probed: a file is written, fsync'd and its directory fsync'd (the file left
 open), the daemon's process group is killed with SIGKILL at once, the group checked gone and the mount
 checked dead, the dead mount detached, the same daemon started again over the same store, and the
 file read back. A store the daemon then refuses to mount fails the probe as well; what leaves no
@@ -20,6 +20,7 @@ bench_report.py leaves a target whose probe failed out of the "best peer" column
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench_util import is_mounted, unmount
+
+from encfs.diskio import fsync_dir, pwrite_all
+from encfs.fuseproto.mounting import topmost_mount
 
 if TYPE_CHECKING:
     from bench_targets import Target
@@ -42,41 +46,19 @@ class ProbeInconclusive(Exception):
     """No verdict: the probe could not tell whether the fsync'd file survived (the message says why)."""
 
 
-def write_durably(path: os.PathLike[str], data: bytes) -> list[int]:
+def write_durably(path: Path, data: bytes) -> int:
     """``data`` into a new file, fsync'd, and its directory fsync'd, as an application makes a
-    file durable; both stay open (their fds returned), as a database's files stay open across its
+    file durable; the file stays open (its fd returned), as a database's stays open across its
     fsyncs: a daemon that writes out only at FLUSH or RELEASE does not pass for it."""
-    fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fds[0], view):]
-        os.fsync(fds[0])
-        fds.append(os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY))
-        os.fsync(fds[1])
+        pwrite_all(fd, data, 0)
+        os.fsync(fd)
+        fsync_dir(path.parent)
     except BaseException:
-        close_quietly(fds)
+        os.close(fd)
         raise
-    return fds
-
-
-def close_quietly(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:  # ENOTCONN: the daemon is gone
-            pass
-
-
-def mount_type(mountpoint: Path) -> str:
-    """The filesystem type of what is mounted on ``mountpoint`` ("" if nothing is)."""
-    found = ""
-    with open("/proc/self/mounts", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if fields[1] == str(mountpoint):
-                found = fields[2]  # the last one listed is the topmost
-    return found
+    return fd
 
 
 def kill_daemon(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
@@ -97,7 +79,8 @@ def kill_daemon(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
         if time.monotonic() > deadline:
             raise ProbeInconclusive(f"processes of its daemon's group outlived SIGKILL by {GONE_SECONDS} s")
         time.sleep(0.05)
-    if not mount_type(mountpoint).startswith("fuse"):
+    mount = topmost_mount(mountpoint)
+    if mount is None or not mount.fstype.startswith("fuse"):
         return  # a kernel filesystem outlives its mounter (the tests' stand-ins)
     try:  # in a child: a mount still served by a process outside the group could hang us
         probe = subprocess.run(["stat", "-c", "%i", str(mountpoint)], check=False, capture_output=True,
@@ -131,11 +114,12 @@ def fsync_probe(target: Target) -> tuple[bool, str] | None:
         mountpoint = target.daemon_call[1]
         proc = target.procs[-1]
         data = os.urandom(PROBE_BYTES)
-        fds = write_durably(mnt / PROBE_NAME, data)
+        fd = write_durably(mnt / PROBE_NAME, data)
         try:
             kill_daemon(proc, mountpoint)
         finally:
-            close_quietly(fds)
+            with contextlib.suppress(OSError):  # ENOTCONN: the daemon is gone
+                os.close(fd)
         target.procs.remove(proc)
         unmount(mountpoint)
         if is_mounted(mountpoint):

@@ -19,3 +19,9 @@ def load_script(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def mounted_under(path: Path) -> list[str]:
+    """The mountpoints below ``path`` (what a run left mounted there)."""
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        return [ln.split()[1] for ln in f if ln.split()[1].startswith(str(path))]

@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from benchscripts import load_script
+from benchscripts import load_script, mounted_under
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="the harness needs root and /dev/fuse")
@@ -108,11 +108,6 @@ def test_refault_memory_touches_the_free_memory_it_is_asked_to() -> None:
     assert out[2] == "0", out  # nothing to touch once the margin is all that is free
 
 
-def _mounted_under(path: Path) -> list[str]:
-    with open("/proc/self/mounts", encoding="utf-8") as f:
-        return [ln.split()[1] for ln in f if ln.split()[1].startswith(str(path))]
-
-
 @needs_root
 @pytest.mark.timeout(120)
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -124,7 +119,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
                            "--out", str(out), "--workdir", str(work)],
                           capture_output=True, text=True, timeout=110, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _mounted_under(tmp_path) == []
+    assert mounted_under(tmp_path) == []
     assert list(work.iterdir()) == []  # the harness removed its working directory
 
     result = json.loads((out / "results.json").read_text())
@@ -177,7 +172,7 @@ def test_bench_volumes_and_snapshots_smoke(tmp_path: Path) -> None:
                            "--no-keys", "--out", str(out), "--workdir", str(work)],
                           capture_output=True, text=True, timeout=170, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _mounted_under(tmp_path) == []
+    assert mounted_under(tmp_path) == []
     assert list(work.iterdir()) == []
 
     result = json.loads((out / "results.json").read_text())
@@ -219,7 +214,7 @@ def test_bench_pyfuse3_targets_smoke(tmp_path: Path) -> None:
                            "--no-keys", "--out", str(out), "--workdir", str(work)],
                           capture_output=True, text=True, timeout=110, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _mounted_under(tmp_path) == []
+    assert mounted_under(tmp_path) == []
     result = json.loads((out / "results.json").read_text())
     assert {t: s["status"] for t, s in result["targets"].items()} == dict.fromkeys(targets, "ok"), result["targets"]
     ratios = result["ratios"]["pyfuse3 server / encfs server, null cipher"]
@@ -280,7 +275,7 @@ def _run_beside_a_baseline(tmp_path: Path, targets: str) -> tuple[dict[str, Any]
                            "--baseline", str(base), "--out", str(out), "--workdir", str(work)],
                           capture_output=True, text=True, timeout=170, env=env, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _mounted_under(tmp_path) == []
+    assert mounted_under(tmp_path) == []
     return json.loads((out / "results.json").read_text()), mark.read_text().splitlines()
 
 

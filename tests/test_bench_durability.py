@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from benchscripts import load_script
+from benchscripts import load_script, mounted_under
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the probe's test filesystems need mounts (root)")
 
@@ -44,10 +44,6 @@ def _probe_target(bench: ModuleType, ctx: Any, keeps_data: bool, how: str = "ser
     return ShellMount(ctx)
 
 
-def _mounted_under(path: Path) -> list[str]:
-    with open("/proc/self/mounts", encoding="utf-8") as f:
-        return [ln.split()[1] for ln in f if ln.split()[1].startswith(str(path))]
-
 
 @needs_root
 @pytest.mark.timeout(60)
@@ -58,7 +54,7 @@ def test_fsync_probe_tells_a_store_that_keeps_the_file_from_one_that_loses_it(tm
     memory, kept = _probe_target(bench, ctx, False), _probe_target(bench, ctx, True)
     assert probe(memory) == (False, "the file was gone")
     assert probe(kept) == (True, "read back whole")
-    assert _mounted_under(tmp_path) == []
+    assert mounted_under(tmp_path) == []
     assert list(tmp_path.iterdir()) == []  # each base removed
     for target in (memory, kept):
         assert target.procs == [] and target.mounts == []
@@ -67,7 +63,7 @@ def test_fsync_probe_tells_a_store_that_keeps_the_file_from_one_that_loses_it(tm
     background = _probe_target(bench, ctx, True, "detaches")
     with pytest.raises(sys.modules["bench_durability"].ProbeInconclusive, match="had exited before the kill"):
         probe(background)
-    assert _mounted_under(tmp_path) == []
+    assert mounted_under(tmp_path) == []
 
 
 def test_a_target_that_lost_its_fsync_is_no_best_peer_on_the_rows_that_wait_for_one() -> None:
