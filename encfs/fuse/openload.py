@@ -104,14 +104,12 @@ class ContentLoading:
         c = self.contents.get(f.inode)
         if c is not None:
             return c
-        if f.load_failed:
-            raise FuseError(errno.EIO)
         if f.known_size is not None:
             known_size = f.known_size if known_size is None else max(known_size, f.known_size)
         with self.load_lock:
             c = self.contents.get(f.inode)
             if c is None:
-                if f.load_failed:  # a read that waited for the lock while another's load failed
+                if f.load_failed:  # under the lock: a read may have waited while another's load failed
                     raise FuseError(errno.EIO)
                 try:
                     c = self._load(f, known_size)
