@@ -130,6 +130,11 @@ def markdown(result: dict[str, Any]) -> str:
             sa = res.get(a, {}).get(key)
             if sa and sb and sb["median"] > 0:
                 cells.append(f"{sa['median'] / sb['median']:.2f}" + ("" if isinstance(b, str) else f" ({bname})"))
+            elif sa and not isinstance(b, str) and key in DURABLE_ROWS and any(
+                    res.get(t, {}).get(key) for t in b if t in lost):
+                reasons[rlabel] = ("where every peer that measured a row lost its fsync'd file in the fsync "
+                                   "probe (below)")
+                cells.append("n/a")
             else:
                 missing = next((t for t in (a, bname) if not res.get(t, {}).get(key)), bname)
                 reasons[missing] = (result["targets"].get(missing, {}).get("reason")

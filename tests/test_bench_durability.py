@@ -73,9 +73,9 @@ def test_a_target_that_lost_its_fsync_is_no_best_peer_on_the_rows_that_wait_for_
     def s(median: float) -> dict[str, float]:
         return {"median": median, "min": median, "max": median}
 
-    res = {"encfs": {"small_stat": s(10_000.0), "sqlite": s(300.0)},
+    res = {"encfs": {"small_stat": s(10_000.0), "sqlite": s(300.0), "rand_write_4k": s(9_000.0)},
            "gocryptfs": {"small_stat": s(12_000.0), "sqlite": s(400.0)},
-           "cryfs": {"small_stat": s(20_000.0), "sqlite": s(1000.0)}}
+           "cryfs": {"small_stat": s(20_000.0), "sqlite": s(1000.0), "rand_write_4k": s(30_000.0)}}
     ok = {"status": "ok", "kind": "fs", "description": "", "reason": None}
     targets: dict[str, dict[str, Any]] = {t: dict(ok) for t in res}
     targets["encfs"]["fsync_probe"] = {"durable": True, "detail": "read back whole"}
@@ -96,6 +96,9 @@ def test_a_target_that_lost_its_fsync_is_no_best_peer_on_the_rows_that_wait_for_
     column = header.split(" | ").index("encfs / best peer")
     sqlite = [line for line in table.splitlines() if line.startswith("| SQLite")][-1]  # the ratios
     assert sqlite.split(" | ")[column] == "0.75 (gocryptfs)"
+    random_write = [line for line in table.splitlines() if line.startswith("| fio 4 KiB random write")][-1]
+    assert random_write.split(" | ")[column] == "n/a"  # its only other measure lost its fsync
+    assert "- n/a `encfs / best peer`: where every peer that measured a row lost its fsync'd file" in table
     assert "encfs read back whole" in table and "cryfs **the file was gone**" in table
     assert "gocryptfs no verdict (a slow mount)" in table  # and still the best peer above
     assert "not a \"best peer\" on the rows that wait for fsync (" in table and "`cryfs`" in table
