@@ -111,7 +111,7 @@ def fsync_probe(target: Target) -> tuple[bool, str] | None:
     try:
         if not target.procs or target.daemon_call is None:
             return None
-        mountpoint = target.daemon_call[1]
+        mountpoint = target.daemon_call.mountpoint
         proc = target.procs[-1]
         data = os.urandom(PROBE_BYTES)
         fd = write_durably(mnt / PROBE_NAME, data)

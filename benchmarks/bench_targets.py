@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from bench_util import (
     HERE,
@@ -34,6 +34,16 @@ if TYPE_CHECKING:
     from bench import Context
 
 
+class DaemonCall(NamedTuple):
+    """How a target's daemon was started; remount() starts it so again."""
+
+    cmd: list[str]
+    mountpoint: Path
+    env: dict[str, str] | None
+    stdin: bytes | None
+    cwd: Path | None
+
+
 class Target:
     """Something to run the workloads in: setup() returns the directory, teardown() undoes it all."""
 
@@ -48,7 +58,7 @@ class Target:
         self.procs: list[subprocess.Popen] = []
         self.mounts: list[Path] = []  # unmounted in reverse order
         self.loops: list[str] = []
-        self.daemon_call: tuple[list[str], Path, dict[str, str] | None, bytes | None, Path | None] | None = None
+        self.daemon_call: DaemonCall | None = None
 
     def check(self) -> None:
         """Raise Unavailable(reason) if this target cannot run here."""
@@ -107,7 +117,7 @@ class Target:
                                     stdout=lf, stderr=lf, env=env, start_new_session=True, cwd=cwd)
         self.procs.append(proc)
         self.mounts.append(mountpoint)
-        self.daemon_call = (cmd, mountpoint, env, stdin, cwd)  # remount() runs it again
+        self.daemon_call = DaemonCall(cmd, mountpoint, env, stdin, cwd)
         if stdin is not None:
             assert proc.stdin is not None
             proc.stdin.write(stdin)
@@ -119,9 +129,9 @@ class Target:
         """The last daemon started again, over the store it served (its mount gone: the fsync probe,
         bench_durability.py)."""
         assert self.daemon_call is not None
-        cmd, mountpoint, env, stdin, cwd = self.daemon_call
-        self.daemon(cmd, mountpoint, env=env, stdin=stdin, cwd=cwd)
-        return mountpoint
+        call = self.daemon_call
+        self.daemon(call.cmd, call.mountpoint, env=call.env, stdin=call.stdin, cwd=call.cwd)
+        return call.mountpoint
 
     def ext4_on(self, dev: str, mnt: Path, *mkfs_extra: str) -> Path:
         mkfs_ext4(dev, *mkfs_extra)
