@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from test_vectors import DOC, hexbytes, parse_vectors
+from volume_helpers import rechecksum, with_flags
 
 from encfs.block.header import (
     HEADER_MAC,
@@ -57,27 +58,19 @@ def test_header_record_vector() -> None:
     assert record[4064:] == hashlib.sha256(record[:4064]).digest()
 
 
-def _rechecksum(record: bytes | bytearray) -> bytes:
-    return bytes(record[:4064]) + hashlib.sha256(bytes(record[:4064])).digest()
-
-
-def _with_flags(record: bytes, flags: int) -> bytes:
-    return _rechecksum(record[:5] + bytes([flags]) + record[6:4064])
-
-
 def test_header_flag_byte() -> None:
     """Byte 5 was reserved (0) before the maps were mirrored: such a header still parses, unmirrored;
     a flag bit this encfs does not know is refused."""
     v = VOL["volume-header"]
     h = VolumeHeader(hexbytes(v["volume_id"]), int(v["size"]), hexbytes(v["wrapped_key"]), seq=int(v["seq"]),
                      flags=int(v["flags"], 16))
-    old = VolumeHeader.parse(_with_flags(h.pack(), 0))
+    old = VolumeHeader.parse(with_flags(h.pack(), 0))
     assert not old.maps_mirrored and old.seq == h.seq and old.volume_id == h.volume_id
     for unknown in (0x10, 0x81):
         with pytest.raises(VolumeFormatError, match="unknown feature flags"):
-            VolumeHeader.parse(_with_flags(h.pack(), unknown))
+            VolumeHeader.parse(with_flags(h.pack(), unknown))
     with pytest.raises(VolumeFormatError, match="format 1 with one-sync commits"):
-        VolumeHeader.parse(_with_flags(h.pack(), 0x08))
+        VolumeHeader.parse(with_flags(h.pack(), 0x08))
 
 
 def _mac_vector() -> tuple[dict[str, str], VolumeHeader, bytes]:
@@ -133,11 +126,11 @@ def test_authenticated_header_refuses_nonzero_reserved_bytes(offset: int, value:
     record = bytearray(h.pack(header_mac_key(data_key, h.volume_id)))
     record[offset:offset + len(value)] = value
     with pytest.raises(VolumeFormatError, match=error):
-        VolumeHeader.parse(_rechecksum(record))
+        VolumeHeader.parse(rechecksum(record))
     # without HEADER_MAC (the first release's format) reserved bytes and padding are not checked
     if offset in (6, 7) or 46 + 93 <= offset < 4032:
         record[5] = MAPS_MIRRORED
-        assert VolumeHeader.parse(_rechecksum(record)).flags == MAPS_MIRRORED
+        assert VolumeHeader.parse(rechecksum(record)).flags == MAPS_MIRRORED
 
 
 def test_sector_vector() -> None:
@@ -233,10 +226,10 @@ def test_recovery_record_is_authenticated_and_format_2_only() -> None:
     # any change to the record (or dropping it with its flag) fails the MAC
     for changed in (packed[:3960] + bytes([packed[3960] ^ 1]) + packed[3961:4064],
                     packed[:5] + b"\x02" + packed[6:3948] + bytes(60) + packed[4008:4064]):
-        assert not VolumeHeader.parse(_rechecksum(changed)).verify(mac_key)
+        assert not VolumeHeader.parse(rechecksum(changed)).verify(mac_key)
     # format 1 has no recovery record
     with pytest.raises(VolumeFormatError, match="format 1 with a recovery key"):
-        VolumeHeader.parse(_rechecksum(packed[:4] + b"\x01\x07" + packed[6:4064]))
+        VolumeHeader.parse(rechecksum(packed[:4] + b"\x01\x07" + packed[6:4064]))
     # without the flag the record's bytes are padding, which must be zero
     with pytest.raises(VolumeFormatError, match="nonzero reserved bytes"):
-        VolumeHeader.parse(_rechecksum(packed[:5] + b"\x02" + packed[6:4064]))
+        VolumeHeader.parse(rechecksum(packed[:5] + b"\x02" + packed[6:4064]))

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hmac import HMAC
 from test_vectors import hexbytes
-from test_vectors_volume import VOL, _rechecksum, _with_flags
+from test_vectors_volume import VOL
+from volume_helpers import rechecksum, with_flags
 
 from encfs.block.budget import SealBudget
 from encfs.block.cow import (
@@ -134,8 +135,8 @@ def test_format2_header_vector() -> None:
     parsed = VolumeHeader.parse(record)
     assert parsed == h and parsed.verify(mac_key)
     with pytest.raises(VolumeFormatError, match="format 2 without its MAC"):
-        VolumeHeader.parse(_with_flags(record, 0))
-    unknown = _rechecksum(record[:4] + b"\x03" + record[5:4064])
+        VolumeHeader.parse(with_flags(record, 0))
+    unknown = rechecksum(record[:4] + b"\x03" + record[5:4064])
     with pytest.raises(VolumeFormatError, match="unsupported volume format version 3"):
         VolumeHeader.parse(unknown)
 

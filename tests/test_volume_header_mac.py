@@ -11,7 +11,6 @@ and 2), through open_volume() on plain image files with a real SoftHSM2 token: n
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import run_encfs
 from releases import extract_release
+from volume_helpers import rechecksum
 
 from encfs.block import budget
 from encfs.block.cli import _info
@@ -54,15 +54,10 @@ def _put(path: Path, copy: int, record: bytes) -> None:
         os.pwrite(f.fileno(), record, header_offset(copy))
 
 
-def _rechecksum(record: bytes | bytearray) -> bytes:
-    """What an attacker without the key can do: edit the record and recompute its SHA-256."""
-    return bytes(record[:4064]) + hashlib.sha256(bytes(record[:4064])).digest()
-
-
 def _edit(path: Path, copy: int, offset: int, value: bytes) -> None:
     record = bytearray(_record(path, copy))
     record[offset:offset + len(value)] = value
-    _put(path, copy, _rechecksum(record))
+    _put(path, copy, rechecksum(record))
 
 
 def _headers(path: Path) -> list[VolumeHeader]:

@@ -40,7 +40,7 @@ from encfs.blocks import SEALED_BLOCK
 
 
 def test_tampered_or_swapped_sectors_read_as_io_errors(rig: Rig) -> None:
-    image = rig.create(fmt=1)  # format 1's slots; test_volumes_cow.py has format 2's
+    image = rig.create(fmt=1)  # format 1's slots; test_cow_store.py has format 2's
     loop = rig.attach(image)
     good = patterns(990, 20, 1)  # sectors 990..1009
     dd_write(loop, 990 * 4096, good, rig.tmp)

@@ -381,6 +381,17 @@ def allocated(image: Path) -> int:
     return os.stat(image).st_blocks * 512
 
 
+def rechecksum(record: bytes | bytearray) -> bytes:
+    """A header record (§7.1) with its SHA-256 recomputed: what an attacker without the key can do
+    after an edit, and how a test sets a field the code would not write."""
+    return bytes(record[:4064]) + hashlib.sha256(bytes(record[:4064])).digest()
+
+
+def with_flags(record: bytes, flags: int) -> bytes:
+    """The header record with its flag byte (byte 5) set to ``flags``, checksum recomputed."""
+    return rechecksum(record[:5] + bytes([flags]) + record[6:4064])
+
+
 def flip(image: Path, offset: int) -> None:
     with open(image, "r+b") as f:
         f.seek(offset)
