@@ -9,7 +9,9 @@ Of openfiles.py's invariants, these are kept here:
   it caches the inode, so a crash recovery that changes a file's size must run before
   the kernel first sees the file: size_for_lookup() recovers a file at its first lookup
   when a recovery may be due (``recovering``: the last mount did not end cleanly; or the
-  file has a journal on disk).
+  file has a journal on disk). So does the scan after an unclean shutdown, for every file
+  with a header, also one of just its header (its blocks may all be in its journal); only
+  then do journals that no file met go as orphans (remove_orphan_journals).
 - Contents are loaded under ``load_lock``: reads load them too, and reads run side by side.
 - A re-key a crash interrupted is finished before its file is first read.
 - A read-only open does not load its file where the file keys are derived (or the mount is by
@@ -144,7 +146,9 @@ class ContentLoading:
         c = self.contents.get(inode)
         if c is not None:
             return c.size
-        if path is None or inode in self.checked or backing_size <= HEADER_LEN \
+        # A backing file of just its header may have every block in its journal (a truncate into
+        # the first block journals it): it is checked too, or its journal would go as an orphan's.
+        if path is None or inode in self.checked or backing_size < HEADER_LEN \
                 or not (self.recovering or self.journals or self.rekeys):
             return plain_file_size(backing_size, self.block_size)
         try:

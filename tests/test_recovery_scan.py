@@ -1,0 +1,86 @@
+"""The crash-recovery scan after an unclean shutdown (EncryptedFS.recover_all), kernel-free.
+
+The scan checks every regular file and then removes the journals no file owns: a file the scan
+passes over without loading loses its journal, fsync'd blocks and all. A mount test with a real
+kill -9 covers the same case end to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import run_encfs
+from encfs.fuse.fileheader import HEADER_LEN
+from encfs.fuse.fs import EncryptedFS
+from encfs.fuse.fsconfig import open_config
+from encfs.fuse.journal import file_ids
+from encfs.fuseproto.wire import ROOT_ID, EntryAttributes, SetattrFields
+from encfs.keys.service import KeyService
+from fuse_helpers import Mount, cold_read
+from test_fs_api import CTX, create, new_fs, read, walk
+
+
+@pytest.fixture
+def fs(tmp_path: Path, service: KeyService) -> Iterator[EncryptedFS]:
+    filesystem = new_fs(tmp_path, service)
+    filesystem.files.defer_checkpoints = True  # as mount.py does
+    yield filesystem
+    filesystem.close_all()
+
+
+def crash_and_scan(fs: EncryptedFS, service: KeyService) -> EncryptedFS:
+    """What kill -9 and the next mount do: every content dropped without a checkpoint, then a
+    filesystem opened with ``recovering`` and the whole scan run."""
+    for content in fs.files.contents.values():
+        content.release_fds()
+    fs.files.contents.clear()
+    cipher = Path(os.fsdecode(fs.root))
+    opened = open_config(cipher, service, writable=True)
+    again = EncryptedFS(os.fsencode(cipher), opened.config, opened.keys, service, recovering=True)
+    again.recover_all(contextlib.nullcontext)
+    return again
+
+
+def test_a_file_whose_blocks_are_all_in_its_journal_keeps_them(fs: EncryptedFS, service: KeyService) -> None:
+    """A truncate into the first block journals that block and cuts the backing file to its header:
+    the scan must still load the file, or its journal goes as an orphan's."""
+    ino = create(fs, b"f", b"A" * 10000)
+    fh = fs.open(ino, os.O_RDWR, CTX)
+    fs.setattr(ino, EntryAttributes(st_size=3000), SetattrFields(update_size=True), fh, CTX)
+    fs.fsync(fh, False)
+    backing = fs.inodes.path(ino)
+    assert os.stat(backing).st_size == HEADER_LEN and file_ids(fs.root)  # the case: all in the journal
+    again = crash_and_scan(fs, service)
+    try:
+        ino = walk(again, [b"f"])
+        assert again.getattr(ino, CTX).st_size == 3000
+        assert read(again, ino) == b"A" * 3000
+    finally:
+        again.close_all()
+
+
+def test_kill_9_keeps_a_file_truncated_into_its_first_block(tmp_path: Path, fs_home: Path) -> None:
+    cipher, plain = tmp_path / "cipher", tmp_path / "plain"
+    plain.mkdir()
+    assert run_encfs("init", str(cipher), "--key", "fs", home=fs_home).returncode == 0
+    with Mount(cipher, plain, fs_home):
+        (plain / "f").write_bytes(b"A" * 10000)
+    m = Mount(cipher, plain, fs_home)
+    try:
+        fd = os.open(plain / "f", os.O_RDWR)
+        try:
+            os.ftruncate(fd, 3000)
+            os.fsync(fd)
+            m.kill9()
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    finally:
+        m.stop()
+    with Mount(cipher, plain, fs_home):
+        assert cold_read(plain / "f") == b"A" * 3000
