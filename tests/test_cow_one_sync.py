@@ -130,6 +130,28 @@ def test_a_commit_with_a_page_missing_gives_way_to_the_one_before(
     assert torn.img.reopen().read_sectors(100, 4) == sector(3) + sector(1) * 3
 
 
+def test_a_commit_passed_over_cannot_come_back_after_a_second_crash(torn: Torn,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The open that passes over N repairs N's slot with N - 1's record and syncs that before it
+    serves anything: else a second power loss could leave N's record there, and an image that the
+    writes after the open made long enough (or pages they did not reuse) could let a later open
+    take N, changing sectors nobody wrote since."""
+    torn.leave([torn.commit.written[0][0]])
+    record = torn.after[commit_offset(torn.slot):commit_offset(torn.slot) + SEALED_BLOCK]
+    durable: list[bytes] = []  # the slot's bytes at each sync: what a power loss keeps
+
+    def sync_of(real: Any) -> Any:
+        def sync(fd: int) -> None:
+            real(fd)
+            durable.append(os.pread(fd, SEALED_BLOCK, commit_offset(torn.slot)))
+        return sync
+    monkeypatch.setattr(os, "fdatasync", sync_of(os.fdatasync))
+    monkeypatch.setattr(os, "fsync", sync_of(os.fsync))
+    s = torn.img.reopen()
+    assert s.read_sectors(100, 4) == sector(1) * 4
+    assert durable and durable[-1] != record
+
+
 def test_a_mirrored_commit_is_never_given_up_for_a_damaged_page(torn: Torn) -> None:
     """Both slots hold N: its sync returned before the mirror was written, so a page that does not
     match is damage (that sector reads EIO), not a commit that never completed."""

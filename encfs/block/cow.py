@@ -231,6 +231,11 @@ class CowStore(CowSnapshots, SectorIO):
             # sync_mirrors() writes it again, as after a commit.
             self._mirror = commit
             self._write_mirror()
+            if choice.newest != commit.txg:
+                # It overwrites a newer record passed over: durable before anything is served, or a
+                # second crash could leave that record, and a later open (the image longer by then,
+                # its pages not reused) take it, changing sectors nobody wrote since.
+                self.sync_mirrors()
 
     def _read_node(self, level: int, index: int, page: int) -> array[int]:
         sealed = os.pread(self.fd, SEALED_BLOCK, page_offset(page))
