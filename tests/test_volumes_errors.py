@@ -20,6 +20,7 @@ from volume_helpers import (
     patterns,
     pytestmark,  # noqa: F401 - root, /dev/fuse, loop devices, the tools
     rig,
+    sh,
     sha256,
 )
 
@@ -59,6 +60,22 @@ def test_one_image_is_served_by_one_daemon_whatever_the_registry(rig: Rig) -> No
     loop = other.attach(image)  # free again once detached
     other.detach(loop)
     other.assert_nothing_attached()
+
+
+def test_a_dead_mount_left_without_an_entry_does_not_block_the_next_attach(rig: Rig) -> None:
+    """A daemon killed during attach, after its FUSE mount and before its registry entry: its dead
+    mount (stat() of it fails: ENOTCONN) is detached by the next attach, which then works."""
+    image = rig.create()
+    loop = rig.attach(image)
+    [entry] = rig.entries()
+    rig.kill_daemon(loop)
+    sh("losetup", "-d", loop)
+    (rig.run_dir / "volumes" / f"{entry['volume_id']}.json").unlink()
+    assert rig.fuse_mounts() == [entry["mountpoint"]]  # dead, and named by no entry
+    loop = rig.attach(image)
+    assert len(rig.fuse_mounts()) == 1
+    rig.detach(loop)
+    rig.assert_nothing_attached()
 
 
 def test_attach_with_disabled_cmk_fails_cleanly(rig: Rig) -> None:

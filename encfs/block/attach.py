@@ -13,6 +13,8 @@ Invariants:
 - the daemon never touches the token before it has forked (PKCS#11
   sessions do not survive fork), marks itself PR_SET_IO_FLUSHER (it serves
   writeback of the loop device) and flushes the store when it ends;
+- a FUSE mount a killed daemon left at the private mountpoint is detached
+  (lazily) before attach uses that mountpoint, also when no entry names it;
 - detach refuses while the loop device is mounted or open; it removes the
   loop device first, then the FUSE mount (the daemon then flushes and
   exits), then the entry; every wait is bounded;
@@ -225,9 +227,9 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
                 raise VolumeBusy(f"volume name {name} is in use by {other.image} ({other.loop})")
             _cleanup(other)
     mountpoint = str(_registry() / vid)
-    os.makedirs(mountpoint, mode=0o700, exist_ok=True)
-    if _is_mounted(mountpoint):
+    if _is_mounted(mountpoint):  # a daemon killed before its entry was saved: its dead mount fails stat()
         fuse_unmount(mountpoint, lazy=True)
+    os.makedirs(mountpoint, mode=0o700, exist_ok=True)
     if recovery_key is None:  # no PIN to ask for: the token is not used
         hsm = prompt_before_fork(home or default_home(), hsm)
     try:
@@ -236,6 +238,8 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
                     name="encfs-volume", log_file=log_file, error=VolumeError,
                     state_dir=home or default_home(), log_id=f"volume-{vid}")
     except VolumeError:
+        if _is_mounted(mountpoint):  # the daemon mounted, then died (spawn has reaped it)
+            fuse_unmount(mountpoint, lazy=True)
         _forget(Attachment(vid, str(image), 0, mountpoint, ""))
         raise
     a = Attachment(vid, str(image), pid, mountpoint, "", proc_start(pid) or 0, name, read_only)
