@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
         try:
             server.serve()
         finally:
-            store.flush()
+            server.final_flush()
     finally:
         store.stop_seal_worker()
         os.close(fd)

@@ -105,3 +105,35 @@ def test_full_backing_disk_under_ext4(rig: Rig) -> None:
     assert shas(mnt, sorted(kept)) == kept
     rig.umount(mnt)
     rig.detach(loop)
+
+
+def test_detach_fails_when_the_final_flush_fails(rig: Rig) -> None:
+    """Writes the loop device took since the last flush are lost when the daemon's final flush
+    fails (a full disk): detach still detaches, but says so in one line and exits non-zero."""
+    disk = rig.tmpfs_mount("small-disk", "12M")
+    image = rig.create(where=disk, sparse=True)
+    loop = rig.attach(image)
+    dd_write(loop, 0, patterns(0, 2048, 1), rig.tmp)  # 8 MiB, fsync'd
+    # no fsync: fill the disk, then single sectors into every leaf's range take the pages left,
+    # so that the map nodes the final flush must write find none
+    sh("dd", "if=/dev/urandom", f"of={loop}", "bs=1M", "seek=8", "count=40", "oflag=direct", "status=none",
+       timeout=120, check=False)
+    py(SINGLE_SECTORS, loop, timeout=120)
+    msg = rig.fails("volume", "detach", loop)
+    assert "final flush failed" in msg and "writes since its last flush are lost" in msg, msg
+    rig.assert_nothing_attached()
+
+
+SINGLE_SECTORS = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 4096)
+buf[:] = b"\x55" * 4096
+for i in range(100000):
+    s = (i * 1031 + 2048) % 16384
+    if s >= 2048:
+        try:
+            os.pwrite(fd, buf, s * 4096)
+        except OSError:
+            break
+"""

@@ -4,7 +4,8 @@ and a loop device is attached to it.
 Registry: ``/run/encfs/volumes/<volume id>.json`` (root only) records the
 image, daemon pid, private mountpoint and loop device of each attached
 volume; its daemon keeps ``<volume id>.errors`` beside it, the count of
-requests it answered EIO (for `encfs status`). ``--name NAME`` adds
+requests it answered EIO (for `encfs status`), and leaves ``<volume id>.flush-failed``
+(one line, why) when its final flush fails, for detach to report. ``--name NAME`` adds
 a stable link ``/dev/encfs/NAME`` (ENCFS_DEV_DIR) to the loop device;
 ``--read-only`` opens the image O_RDONLY and the loop device read-only.
 Invariants:
@@ -17,7 +18,9 @@ Invariants:
   (lazily) before attach uses that mountpoint, also when no entry names it;
 - detach refuses while the loop device is mounted or open; it removes the
   loop device first, then the FUSE mount (the daemon then flushes and
-  exits), then the entry; every wait is bounded;
+  exits), then the entry; every wait is bounded; it fails (after all that)
+  when the daemon's final flush failed or the daemon had to be killed:
+  writes since the volume's last flush are then lost, never silently;
 - a name link exists only while its attachment's loop device does: it is made
   after the loop device is ready, and removed with the entry (detach, or the
   cleanup of a dead daemon's entry), and only if it still points at that loop.
@@ -84,6 +87,10 @@ class Attachment:
     @property
     def errors_file(self) -> Path:
         return Path(f"{self.mountpoint}.errors")
+
+    @property
+    def flush_failed_file(self) -> Path:
+        return Path(f"{self.mountpoint}.flush-failed")
 
     def errors(self) -> int | None:
         """Requests the daemon answered EIO since it started (it writes the count at
@@ -230,6 +237,7 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     if _is_mounted(mountpoint):  # a daemon killed before its entry was saved: its dead mount fails stat()
         fuse_unmount(mountpoint, lazy=True)
     os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+    Path(f"{mountpoint}.flush-failed").unlink(missing_ok=True)
     if recovery_key is None:  # no PIN to ask for: the token is not used
         hsm = prompt_before_fork(home or default_home(), hsm)
     try:
@@ -275,9 +283,10 @@ def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, rea
         with open_service(home, hsm) as ks:
             vol = open_volume(image, ks, seal_worker=not read_only, accept_rollback=accept_rollback,
                               expected_key=expected_key, read_only=read_only)
+    server: VolumeServer | None = None
     try:
         server = VolumeServer(fuse_mount(mountpoint, f"encfs:{image}"), vol, name=str(image))
-        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        signal.signal(signal.SIGTERM, lambda *_: server.stop() if server is not None else None)
         stop = threading.Event()
         threading.Thread(target=_publish_errors, args=(server, Path(f"{mountpoint}.errors"), stop), daemon=True,
                          name="encfs-errors").start()
@@ -288,9 +297,17 @@ def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, rea
             stop.set()
     finally:
         try:
-            vol.flush()
-        except OSError:
-            log.exception("final flush failed")
+            if server is not None:
+                server.final_flush()
+            else:
+                vol.flush()
+        except OSError as e:
+            why = e.strerror or str(e)
+            log.error("final flush failed (%s): writes since the last flush are lost", why)
+            try:
+                Path(f"{mountpoint}.flush-failed").write_text(f"{why}\n")
+            except OSError as e2:
+                log.error("cannot leave the flush failure for detach: %s", e2.strerror)
         vol.close()
 
 
@@ -323,8 +340,9 @@ def _wait_gone(a: Attachment, timeout: float) -> bool:
     return False
 
 
-def _stop_daemon(a: Attachment) -> None:
-    """Unmount the private FUSE mount; the daemon flushes and exits. Escalate if it does not."""
+def _stop_daemon(a: Attachment) -> bool:
+    """Unmount the private FUSE mount; the daemon flushes and exits. Escalate if it does not;
+    False if it had to be killed (SIGKILL: no final flush)."""
     if _is_mounted(a.mountpoint):
         for _ in range(50):
             try:
@@ -337,13 +355,14 @@ def _stop_daemon(a: Attachment) -> None:
     for sig, timeout in ((None, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         if sig is not None:
             if not a.daemon_alive():
-                return
+                return True
             try:
                 os.kill(a.pid, sig)
             except ProcessLookupError:
-                return
+                return True
         if _wait_gone(a, timeout):
-            return
+            return sig != signal.SIGKILL
+    return False
 
 
 def _cleanup(a: Attachment) -> None:
@@ -360,6 +379,7 @@ def _forget(a: Attachment) -> None:
     """Remove the name link, the registry entry and the (unmounted) private mountpoint."""
     _remove_link(a)
     a.errors_file.unlink(missing_ok=True)
+    a.flush_failed_file.unlink(missing_ok=True)
     a.entry.unlink(missing_ok=True)
     if not _is_mounted(a.mountpoint):
         try:
@@ -431,8 +451,15 @@ def detach(ref: str) -> Attachment:
             if _loop_backing(a.loop) != f"{a.mountpoint}/volume":
                 break
             time.sleep(0.05)
-    _stop_daemon(a)
+    flushed = _stop_daemon(a)
+    try:
+        failure = a.flush_failed_file.read_text().strip()
+    except OSError:
+        failure = "" if flushed else "its daemon did not exit and was killed"
     _forget(a)
+    if failure:
+        raise VolumeError(f"{a.loop} is detached, but the volume's final flush failed ({failure}): "
+                          "writes since its last flush are lost")
     return a
 
 

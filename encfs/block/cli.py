@@ -355,7 +355,8 @@ def register(sub: Any, add_hsm_options: Callable[[argparse.ArgumentParser], None
     p = cmd("attach-all", cmd_attach_all, "attach every volume of /etc/encfs/volumes (NAME IMAGE [ro,key=KEY,"
                                           "log-file=FILE,noauto]) not attached yet; at boot")
     p.add_argument("--table", metavar="FILE", help="the volume table (default /etc/encfs/volumes)")
-    p = cmd("detach", cmd_detach, "detach VOL, /dev/loopN or NAME (flushes everything first)",
+    p = cmd("detach", cmd_detach, "detach VOL, /dev/loopN or NAME (flushes everything first; fails if that flush "
+                                  "fails)",
             hsm=False)
     p.add_argument("target", metavar="VOL|/dev/loopN|NAME")
     p = cmd("list", cmd_list, "attached volumes", hsm=False)

@@ -171,9 +171,9 @@ class VolumeServer(FuseServer):
         buf = self.volume.request_buffer()
         return super().request_buffer() if buf is None else buf
 
-    def serve(self, threads: int = 4) -> None:
-        """Handle requests until unmounted or stopped; then flush the store."""
-        super().serve(threads=threads)
+    def final_flush(self) -> None:
+        """Flush the store once serve() has returned, after any request still running (its caller
+        reports a failure: attach.py's daemon leaves it for detach)."""
         with self.lock.exclusive():
             self.volume.flush()
 
