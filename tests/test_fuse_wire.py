@@ -277,3 +277,27 @@ def test_a_thread_that_finds_the_device_closed_after_serving_ended_ends_quietly(
     finally:
         ours.close()
         theirs.close()
+
+
+def test_the_volume_server_reads_with_several_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop device keeps several requests in flight (direct I/O): the volume's server reads
+    them with four threads unless told otherwise."""
+    from encfs.block.fuseserver import VolumeServer
+
+    monkeypatch.setattr(fuseserver, "keep_freed_memory", lambda: False)
+    monkeypatch.setattr(sys, "setswitchinterval", lambda _seconds: None)  # not this test process's
+    workers = lambda: sum(t.name == "fuse-worker" for t in threading.enumerate())  # noqa: E731
+    before = workers()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = VolumeServer(ours.fileno(), FakeVolume())  # type: ignore[arg-type]
+    loop = threading.Thread(target=server.serve, daemon=True)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while workers() < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert workers() == before + 3
+    finally:
+        theirs.close()
+        loop.join(10)
+        ours.close()

@@ -171,6 +171,11 @@ class VolumeServer(FuseServer):
         buf = self.volume.request_buffer()
         return super().request_buffer() if buf is None else buf
 
+    def serve(self, threads: int = 4) -> None:
+        """Handle requests until unmounted or stopped, with ``threads`` threads: the loop device
+        keeps several requests in flight (direct I/O). The caller then runs final_flush()."""
+        super().serve(threads=threads)
+
     def final_flush(self) -> None:
         """Flush the store once serve() has returned, after any request still running (its caller
         reports a failure: attach.py's daemon leaves it for detach)."""
