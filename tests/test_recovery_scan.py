@@ -8,9 +8,11 @@ kill -9 covers the same case end to end.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,28 +35,37 @@ def fs(tmp_path: Path, service: KeyService) -> Iterator[EncryptedFS]:
     filesystem.close_all()
 
 
-def crash_and_scan(fs: EncryptedFS, service: KeyService) -> EncryptedFS:
-    """What kill -9 and the next mount do: every content dropped without a checkpoint, then a
-    filesystem opened with ``recovering`` and the whole scan run."""
+def crash(fs: EncryptedFS, service: KeyService) -> EncryptedFS:
+    """What kill -9 and the next mount's start do: every content dropped without a checkpoint, then
+    a filesystem opened with ``recovering`` (its scan not run yet)."""
     for content in fs.files.contents.values():
         content.release_fds()
     fs.files.contents.clear()
     cipher = Path(os.fsdecode(fs.root))
     opened = open_config(cipher, service, writable=True)
-    again = EncryptedFS(os.fsencode(cipher), opened.config, opened.keys, service, recovering=True)
+    return EncryptedFS(os.fsencode(cipher), opened.config, opened.keys, service, recovering=True)
+
+
+def crash_and_scan(fs: EncryptedFS, service: KeyService) -> EncryptedFS:
+    again = crash(fs, service)
     again.recover_all(contextlib.nullcontext)
     return again
+
+
+def all_in_the_journal(fs: EncryptedFS) -> None:
+    """A file "f" of 3,000 fsync'd bytes, all of them in its journal (its backing file is its
+    header alone), left open."""
+    ino = create(fs, b"f", b"A" * 10000)
+    fh = fs.open(ino, os.O_RDWR, CTX)
+    fs.setattr(ino, EntryAttributes(st_size=3000), SetattrFields(update_size=True), fh, CTX)
+    fs.fsync(fh, False)
+    assert os.stat(fs.inodes.path(ino)).st_size == HEADER_LEN and file_ids(fs.root)
 
 
 def test_a_file_whose_blocks_are_all_in_its_journal_keeps_them(fs: EncryptedFS, service: KeyService) -> None:
     """A truncate into the first block journals that block and cuts the backing file to its header:
     the scan must still load the file, or its journal goes as an orphan's."""
-    ino = create(fs, b"f", b"A" * 10000)
-    fh = fs.open(ino, os.O_RDWR, CTX)
-    fs.setattr(ino, EntryAttributes(st_size=3000), SetattrFields(update_size=True), fh, CTX)
-    fs.fsync(fh, False)
-    backing = fs.inodes.path(ino)
-    assert os.stat(backing).st_size == HEADER_LEN and file_ids(fs.root)  # the case: all in the journal
+    all_in_the_journal(fs)
     again = crash_and_scan(fs, service)
     try:
         ino = walk(again, [b"f"])
@@ -62,6 +73,41 @@ def test_a_file_whose_blocks_are_all_in_its_journal_keeps_them(fs: EncryptedFS, 
         assert read(again, ino) == b"A" * 3000
     finally:
         again.close_all()
+
+
+def test_a_file_the_scan_cannot_check_keeps_its_journal_for_the_next_mount(
+        fs: EncryptedFS, service: KeyService, monkeypatch: pytest.MonkeyPatch) -> None:
+    all_in_the_journal(fs)
+    again = crash(fs, service)
+    with monkeypatch.context() as m:
+        m.setattr(again.files, "_load", lambda *_a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        _checked, unrecovered = again.recover_all(contextlib.nullcontext)
+    assert unrecovered and file_ids(again.root)  # failed, and the journal stays
+    again.close_all()
+    third = crash_and_scan(again, service)
+    try:
+        assert read(third, walk(third, [b"f"])) == b"A" * 3000
+    finally:
+        third.close_all()
+
+
+def test_a_directory_the_scan_cannot_list_leaves_every_journal(
+        fs: EncryptedFS, service: KeyService, monkeypatch: pytest.MonkeyPatch) -> None:
+    all_in_the_journal(fs)
+    again = crash(fs, service)
+    real_fwalk = os.fwalk
+
+    def fwalk(top: Any, *args: Any, onerror: Any = None, **kwargs: Any) -> Any:
+        if onerror is not None:  # a directory below the root that cannot be listed
+            onerror(PermissionError(errno.EACCES, "Permission denied", os.path.join(top, b"d")))
+        return real_fwalk(top, *args, onerror=onerror, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(again.files, "_load", lambda *_a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        m.setattr(again.files, "_keep_journal_of", lambda _path: None, raising=False)  # its id unknown
+        m.setattr(os, "fwalk", fwalk)
+        _checked, unrecovered = again.recover_all(contextlib.nullcontext)
+    assert unrecovered and file_ids(again.root)
+    again.close_all()
 
 
 def test_kill_9_keeps_a_file_truncated_into_its_first_block(tmp_path: Path, fs_home: Path) -> None:

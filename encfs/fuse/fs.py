@@ -419,7 +419,11 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
         Returns the number of files checked and those whose recovery failed or could only be
         made in memory (the next mount tries them again)."""
         checked = 0
-        for dirpath, dirnames, filenames, dir_fd in os.fwalk(self.root):  # by dir fds: paths past PATH_MAX
+
+        def unlisted(e: OSError) -> None:  # its files are not met: their journals must stay
+            log.error("crash recovery cannot list %r: %s", e.filename, e.strerror)
+            self.files.scan_incomplete = True
+        for dirpath, dirnames, filenames, dir_fd in os.fwalk(self.root, onerror=unlisted):  # by fds: past PATH_MAX
             dirnames[:] = [d for d in dirnames if not is_internal(d)]
             for name in filenames:
                 if is_internal(name):
@@ -437,6 +441,8 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
             for file_id in self.files.remove_orphan_journals():
                 log.warning("removed the journal of a file that no longer exists (%s)", file_id.hex())
             self.files.recovering = False
+        if self.files.scan_incomplete and not self.files.unrecovered:
+            self.files.unrecovered.append(self.root)  # the next mount scans again
         return checked, self.files.unrecovered
 
     def close_all(self) -> None:

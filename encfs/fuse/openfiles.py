@@ -117,6 +117,7 @@ class OpenFiles(ContentLoading):
         self.checked: set[int] = set()  # inodes whose recovery was done (or not due) in this mount
         self.unrecovered: list[bytes] = []  # files whose recovery failed or stayed in memory
         self.seen_ids: set[bytes] = set()  # file ids met by recoveries (journals of others are orphans)
+        self.scan_incomplete = False  # a file's id could not be read: no journal is an orphan then
         self._xattrs = True  # False once the backing store refused the file state
         # A backing store without user xattrs keeps each file's state in a file (fileheader.py).
         self.state_in_file = not read_only and not user_xattrs_supported(root)

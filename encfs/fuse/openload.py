@@ -11,7 +11,9 @@ Of openfiles.py's invariants, these are kept here:
   when a recovery may be due (``recovering``: the last mount did not end cleanly; or the
   file has a journal on disk). So does the scan after an unclean shutdown, for every file
   with a header, also one of just its header (its blocks may all be in its journal); only
-  then do journals that no file met go as orphans (remove_orphan_journals).
+  then do journals that no file met go as orphans (remove_orphan_journals), and none if the
+  scan could not read some file's id (a directory it could not list, a header it could not
+  read): a file whose check failed keeps its journal for the next mount.
 - Contents are loaded under ``load_lock``: reads load them too, and reads run side by side.
 - A re-key a crash interrupted is finished before its file is first read.
 - A read-only open does not load its file where the file keys are derived (or the mount is by
@@ -93,6 +95,7 @@ class ContentLoading:
         checked: set[int]
         unrecovered: list[bytes]
         seen_ids: set[bytes]
+        scan_incomplete: bool
         state_in_file: bool
         journals: set[bytes]
         rekeys: set[bytes]
@@ -156,7 +159,21 @@ class ContentLoading:
         except Exception as e:  # noqa: BLE001 - the open or first read reports it; a lookup shows what is there
             log.error("%r: cannot check it for crash recovery: %s", path, getattr(e, "message", e))
             self.unrecovered.append(path)
+            self._keep_journal_of(path)
             return plain_file_size(backing_size, self.block_size)
+
+    def _keep_journal_of(self, path: bytes) -> None:
+        """A file whose check failed still owns its journal: its id counts as met, so that the
+        scan's end does not take the journal for an orphan's (the next mount tries again). A
+        file whose header cannot be read either leaves the scan incomplete: no journal goes."""
+        try:
+            fd = self._open_path(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                self.seen_ids.add(FileHeader.parse(os.pread(fd, HEADER_LEN, 0)).file_id)
+            finally:
+                os.close(fd)
+        except Exception:  # noqa: BLE001 - whatever it is, that file's journal must stay
+            self.scan_incomplete = True
 
     def _recover(self, inode: int, path: bytes) -> int:
         fd = self._open_path(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -183,7 +200,10 @@ class ContentLoading:
 
     def remove_orphan_journals(self) -> list[bytes]:
         """After a recovery scan met every file: journals whose file no scan met and no loaded
-        content owns belong to files that are gone (unlinked while open, then a crash)."""
+        content owns belong to files that are gone (unlinked while open, then a crash). None go
+        when the scan could not tell a file's id (``scan_incomplete``)."""
+        if self.scan_incomplete:
+            return []
         owned = self.seen_ids | {c.header.file_id for c in self.contents.values()}
         states = file_ids(self.root, STATE_SUFFIX) if self.state_in_file else set()
         orphans = [i for i in self.journals | self.rekeys | states if i not in owned]
