@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 
 from procs import running
@@ -76,6 +77,28 @@ def test_a_dead_mount_left_without_an_entry_does_not_block_the_next_attach(rig: 
     assert len(rig.fuse_mounts()) == 1
     rig.detach(loop)
     rig.assert_nothing_attached()
+
+
+def test_two_attaches_of_one_volume_at_once_leave_one_attached(rig: Rig) -> None:
+    """The loser of two simultaneous attaches must not take the winner's mount, not yet registered,
+    for a dead daemon's and detach it, nor remove the winner's entry (attach.py's lock)."""
+    image = rig.create()
+    for _round in range(3):
+        cmd = [sys.executable, "-m", "encfs", "volume", "attach", str(image)]
+        env = dict(os.environ, ENCFS_HOME=str(rig.home), **rig.env)
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+        won = [out.strip() for out, _err, rc in results if rc == 0]
+        lost = [err.strip() for _out, err, rc in results if rc != 0]
+        assert len(won) == 1 and len(lost) == 1, results
+        assert lost[0].startswith("encfs: ") and len(lost[0].splitlines()) == 1, lost
+        [row] = rig.listed()
+        assert row["Device"] == won[0] and row["State"] == "attached"
+        assert len(rig.fuse_mounts()) == 1
+        dd_write(won[0], 0, patterns(0, 16, _round), rig.tmp)  # the winner's device works
+        rig.detach(won[0])
+        rig.assert_nothing_attached()
 
 
 def test_attach_with_disabled_cmk_fails_cleanly(rig: Rig) -> None:

@@ -4,8 +4,9 @@ and a loop device is attached to it.
 Registry: ``/run/encfs/volumes/<volume id>.json`` (root only) records the
 image, daemon pid, private mountpoint and loop device of each attached
 volume; its daemon keeps ``<volume id>.errors`` beside it, the count of
-requests it answered EIO (for `encfs status`), and leaves ``<volume id>.flush-failed``
-(one line, why) when its final flush fails, for detach to report. ``--name NAME`` adds
+requests it answered EIO (for `encfs status`), and ``<volume id>.flush-pending`` from
+its start to a final flush that worked, ``<volume id>.flush-failed`` (one line, why) when
+that flush failed: for detach to report. ``--name NAME`` adds
 a stable link ``/dev/encfs/NAME`` (ENCFS_DEV_DIR) to the loop device;
 ``--read-only`` opens the image O_RDONLY and the loop device read-only.
 Invariants:
@@ -14,13 +15,16 @@ Invariants:
 - the daemon never touches the token before it has forked (PKCS#11
   sessions do not survive fork), marks itself PR_SET_IO_FLUSHER (it serves
   writeback of the loop device) and flushes the store when it ends;
-- a FUSE mount a killed daemon left at the private mountpoint is detached
-  (lazily) before attach uses that mountpoint, also when no entry names it;
+- attaches in one registry run one at a time from their check of the entries
+  to the saved entry (a POSIX lock beside the registry, which the forked
+  daemon does not inherit): so a FUSE mount at the private mountpoint that no
+  entry names is a killed daemon's, and attach detaches it (lazily) first;
 - detach refuses while the loop device is mounted or open; it removes the
   loop device first, then the FUSE mount (the daemon then flushes and
-  exits), then the entry; every wait is bounded; it fails (after all that)
-  when the daemon's final flush failed or the daemon had to be killed:
-  writes since the volume's last flush are then lost, never silently;
+  exits), then the entry; every wait is bounded; it fails (after all that,
+  FlushLost) when the daemon's final flush failed, or when the daemon had to
+  be killed before it: writes since the volume's last flush are then lost,
+  never silently; the cleanup of a dead daemon's entry warns of a failed one;
 - a name link exists only while its attachment's loop device does: it is made
   after the loop device is ready, and removed with the entry (detach, or the
   cleanup of a dead daemon's entry), and only if it still points at that loop.
@@ -28,7 +32,9 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -37,11 +43,19 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from encfs.block.fuseserver import RESIZE_XATTR, VolumeServer, fuse_mount, fuse_unmount
-from encfs.block.volume import ShrinkRefused, VolumeBusy, VolumeError, open_volume, read_volume_header
+from encfs.block.fuseserver import RESIZE_XATTR, VolumeFile, VolumeServer, fuse_mount, fuse_unmount
+from encfs.block.volume import (
+    FlushLost,
+    ShrinkRefused,
+    VolumeBusy,
+    VolumeError,
+    open_volume,
+    read_volume_header,
+)
 from encfs.cliargs import open_service
 from encfs.daemon import Readiness, keep_secrets_in_memory, proc_start, spawn
 from encfs.fuseproto.mounting import mount_table
@@ -91,6 +105,23 @@ class Attachment:
     @property
     def flush_failed_file(self) -> Path:
         return Path(f"{self.mountpoint}.flush-failed")
+
+    @property
+    def flush_pending_file(self) -> Path:
+        return Path(f"{self.mountpoint}.flush-pending")
+
+    def final_flush_failure(self, killed: bool) -> str:
+        """Why the daemon's final flush did not happen ("" if it did, or the daemon left no
+        record: one of an older encfs); ``killed``: detach had to SIGKILL it."""
+        try:
+            return self.flush_failed_file.read_text().strip() or "see the daemon's log"
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            return f"its record is unreadable: {e.strerror}"
+        if killed and self.flush_pending_file.exists():
+            return "its daemon did not exit and was killed"
+        return ""
 
     def errors(self) -> int | None:
         """Requests the daemon answered EIO since it started (it writes the count at
@@ -223,23 +254,54 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     image = image.absolute()
     header, _warnings = read_volume_header(image)  # fail fast on a bad image, before forking
     vid = header.volume_id.hex()
+    _claim(vid, image, name, clean=False)  # refused before a PIN is asked for
+    if recovery_key is None:  # no PIN to ask for: the token is not used
+        hsm = prompt_before_fork(home or default_home(), hsm)
+    with _attach_lock():
+        _claim(vid, image, name, clean=True)
+        return _attach_claimed(image, vid, home, hsm, log_file, accept_rollback, expected_key, name, read_only,
+                               recovery_key)
+
+
+def _claim(vid: str, image: Path, name: str, clean: bool) -> None:
+    """Refuse a volume (or name) attached to a live daemon; with ``clean``, remove what a dead
+    daemon left (its entry, loop device and mount)."""
     existing = find_attachment(vid)
     if existing is not None:
         if existing.daemon_alive():
             raise VolumeError(f"volume {image} is already attached as {existing.loop}")
-        _cleanup(existing)  # a crashed daemon left its entry behind
+        if clean:
+            _cleanup(existing)  # a crashed daemon left its entry behind
     for other in attachments() if name else []:
         if other.name == name:
             if other.daemon_alive():
                 raise VolumeBusy(f"volume name {name} is in use by {other.image} ({other.loop})")
-            _cleanup(other)
+            if clean:
+                _cleanup(other)
+
+
+@contextlib.contextmanager
+def _attach_lock() -> Iterator[None]:
+    """One attach at a time per registry, from its check of the entries to its saved entry: a second
+    attach of a volume then finds the first one's entry, never its mount not yet registered (which it
+    would take for a dead daemon's). A POSIX lock: the forked daemon does not inherit it."""
+    fd = os.open(_registry().parent / "volumes.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _attach_claimed(image: Path, vid: str, home: Path | None, hsm: HsmOptions, log_file: str | None,
+                    accept_rollback: bool, expected_key: str | None, name: str, read_only: bool,
+                    recovery_key: bytes | None) -> Attachment:
     mountpoint = str(_registry() / vid)
     if _is_mounted(mountpoint):  # a daemon killed before its entry was saved: its dead mount fails stat()
-        fuse_unmount(mountpoint, lazy=True)
+        _unmount_lazily(mountpoint)
     os.makedirs(mountpoint, mode=0o700, exist_ok=True)
-    Path(f"{mountpoint}.flush-failed").unlink(missing_ok=True)
-    if recovery_key is None:  # no PIN to ask for: the token is not used
-        hsm = prompt_before_fork(home or default_home(), hsm)
+    for stale in (".flush-failed", ".flush-pending"):
+        Path(mountpoint + stale).unlink(missing_ok=True)
     try:
         pid = spawn(lambda ready: _serve(image, mountpoint, home, hsm, ready, accept_rollback, expected_key,
                                          read_only, recovery_key),
@@ -247,7 +309,8 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
                     state_dir=home or default_home(), log_id=f"volume-{vid}")
     except VolumeError:
         if _is_mounted(mountpoint):  # the daemon mounted, then died (spawn has reaped it)
-            fuse_unmount(mountpoint, lazy=True)
+            with contextlib.suppress(VolumeError):  # its own error is the one to report
+                _unmount_lazily(mountpoint)
         _forget(Attachment(vid, str(image), 0, mountpoint, ""))
         raise
     a = Attachment(vid, str(image), pid, mountpoint, "", proc_start(pid) or 0, name, read_only)
@@ -270,6 +333,13 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     return a
 
 
+def _unmount_lazily(mountpoint: str) -> None:
+    try:
+        fuse_unmount(mountpoint, lazy=True)
+    except OSError as e:
+        raise VolumeError(f"cannot detach the mount a dead daemon left at {mountpoint}: {e.strerror}") from None
+
+
 def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, ready: Readiness,
            accept_rollback: bool = False, expected_key: str | None = None, read_only: bool = False,
            recovery_key: bytes | None = None) -> None:
@@ -290,25 +360,33 @@ def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, rea
         stop = threading.Event()
         threading.Thread(target=_publish_errors, args=(server, Path(f"{mountpoint}.errors"), stop), daemon=True,
                          name="encfs-errors").start()
+        Path(f"{mountpoint}.flush-pending").touch()
         ready.ok()
         try:
             server.serve()
         finally:
             stop.set()
     finally:
-        try:
-            if server is not None:
-                server.final_flush()
-            else:
-                vol.flush()
-        except OSError as e:
-            why = e.strerror or str(e)
-            log.error("final flush failed (%s): writes since the last flush are lost", why)
-            try:
-                Path(f"{mountpoint}.flush-failed").write_text(f"{why}\n")
-            except OSError as e2:
-                log.error("cannot leave the flush failure for detach: %s", e2.strerror)
+        _final_flush(vol, server, mountpoint)
         vol.close()
+
+
+def _final_flush(vol: VolumeFile, server: VolumeServer | None, mountpoint: str) -> None:
+    """The daemon's last flush; its outcome left beside the mountpoint for detach."""
+    try:
+        if server is not None:
+            server.final_flush()
+        else:
+            vol.flush()
+    except Exception as e:  # noqa: BLE001 - whatever it was, detach must learn that it failed
+        why = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+        log.error("final flush failed (%s): writes since the last flush are lost", why)
+        try:
+            Path(f"{mountpoint}.flush-failed").write_text(f"{why}\n")
+        except OSError as e2:  # the pending record stays: detach still learns of a failure
+            log.error("cannot leave the flush failure for detach: %s", e2.strerror)
+        return
+    Path(f"{mountpoint}.flush-pending").unlink(missing_ok=True)
 
 
 def _publish_errors(server: VolumeServer, path: Path, stop: threading.Event) -> None:
@@ -366,6 +444,8 @@ def _stop_daemon(a: Attachment) -> bool:
 
 
 def _cleanup(a: Attachment) -> None:
+    if a.flush_failed_file.exists():  # the entry goes: its record with it, so say it now
+        log.warning("the last daemon of %s could not flush at its end: writes before that were lost", a.image)
     if a.loop and _loop_backing(a.loop) == f"{a.mountpoint}/volume":
         _run(["losetup", "-d", a.loop])
     if a.daemon_alive():
@@ -380,6 +460,7 @@ def _forget(a: Attachment) -> None:
     _remove_link(a)
     a.errors_file.unlink(missing_ok=True)
     a.flush_failed_file.unlink(missing_ok=True)
+    a.flush_pending_file.unlink(missing_ok=True)
     a.entry.unlink(missing_ok=True)
     if not _is_mounted(a.mountpoint):
         try:
@@ -451,15 +532,11 @@ def detach(ref: str) -> Attachment:
             if _loop_backing(a.loop) != f"{a.mountpoint}/volume":
                 break
             time.sleep(0.05)
-    flushed = _stop_daemon(a)
-    try:
-        failure = a.flush_failed_file.read_text().strip()
-    except OSError:
-        failure = "" if flushed else "its daemon did not exit and was killed"
+    failure = a.final_flush_failure(killed=not _stop_daemon(a))
     _forget(a)
     if failure:
-        raise VolumeError(f"{a.loop} is detached, but the volume's final flush failed ({failure}): "
-                          "writes since its last flush are lost")
+        raise FlushLost(f"{a.loop} is detached, but the volume's final flush failed ({failure}): "
+                        "writes since its last flush are lost")
     return a
 
 

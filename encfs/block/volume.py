@@ -83,6 +83,12 @@ class VolumeBusy(VolumeError, Busy):
     """The volume (or its loop device) is attached, mounted, open or being changed by another process."""
 
 
+class FlushLost(VolumeError):
+    """A volume's final flush failed: what it had taken since its last flush is lost."""
+
+    exit_code = 74  # EX_IOERR
+
+
 class ShrinkRefused(VolumeError):
     """A resize to a smaller size (it would cut off data)."""
 
