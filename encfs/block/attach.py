@@ -12,9 +12,8 @@ a stable link ``/dev/encfs/NAME`` (ENCFS_DEV_DIR) to the loop device;
 Invariants:
 - attach either ends with a loop device on a running daemon and a registry
   entry, or leaves nothing behind (no mount, no loop device, no entry);
-- the daemon never touches the token before it has forked (PKCS#11
-  sessions do not survive fork), marks itself PR_SET_IO_FLUSHER (it serves
-  writeback of the loop device) and flushes the store when it ends;
+- the daemon (voldaemon.py) never touches the token before it has forked
+  (PKCS#11 sessions do not survive fork), and flushes the store when it ends;
 - attaches in one registry run one at a time from their check of the entries
   to the saved entry (a POSIX lock beside the registry, which the forked
   daemon does not inherit): so a FUSE mount at the private mountpoint that no
@@ -33,7 +32,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
@@ -41,23 +39,21 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from encfs.block.fuseserver import RESIZE_XATTR, VolumeFile, VolumeServer, fuse_mount, fuse_unmount
+from encfs.block.fuseserver import RESIZE_XATTR, fuse_unmount
+from encfs.block.voldaemon import serve_volume
 from encfs.block.volume import (
     FlushLost,
     ShrinkRefused,
     VolumeBusy,
     VolumeError,
-    open_volume,
     read_volume_header,
 )
-from encfs.cliargs import open_service
-from encfs.daemon import Readiness, keep_secrets_in_memory, proc_start, spawn
+from encfs.daemon import proc_start, spawn
 from encfs.fuseproto.mounting import mount_table
 from encfs.fuseproto.wire import MAX_WRITE
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
@@ -65,7 +61,6 @@ from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
 REGISTRY = Path(os.environ.get("ENCFS_RUN_DIR", "/run/encfs")) / "volumes"
 LINK_DIR = Path(os.environ.get("ENCFS_DEV_DIR", "/dev/encfs"))
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-PR_SET_IO_FLUSHER = 57
 # Read-ahead of a volume's loop device. A sequential read keeps about this much in
 # flight as 1 MiB requests that the server handles side by side, so the decryption of
 # one overlaps the image reads of the next. The kernel would otherwise keep whatever the
@@ -303,8 +298,8 @@ def _attach_claimed(image: Path, vid: str, home: Path | None, hsm: HsmOptions, l
     for stale in (".flush-failed", ".flush-pending"):
         Path(mountpoint + stale).unlink(missing_ok=True)
     try:
-        pid = spawn(lambda ready: _serve(image, mountpoint, home, hsm, ready, accept_rollback, expected_key,
-                                         read_only, recovery_key),
+        pid = spawn(lambda ready: serve_volume(image, mountpoint, home, hsm, ready, accept_rollback,
+                                               expected_key, read_only, recovery_key),
                     name="encfs-volume", log_file=log_file, error=VolumeError,
                     state_dir=home or default_home(), log_id=f"volume-{vid}")
     except VolumeError:
@@ -338,71 +333,6 @@ def _unmount_lazily(mountpoint: str) -> None:
         fuse_unmount(mountpoint, lazy=True)
     except OSError as e:
         raise VolumeError(f"cannot detach the mount a dead daemon left at {mountpoint}: {e.strerror}") from None
-
-
-def _serve(image: Path, mountpoint: str, home: Path | None, hsm: HsmOptions, ready: Readiness,
-           accept_rollback: bool = False, expected_key: str | None = None, read_only: bool = False,
-           recovery_key: bytes | None = None) -> None:
-    """The daemon: unlock the volume, mount its FUSE file, serve until unmounted or SIGTERM."""
-    keep_secrets_in_memory()
-    ctypes.CDLL(None).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
-    if recovery_key is not None:  # no token, no PKCS#11 module: the recovery record holds the key
-        vol = open_volume(image, None, seal_worker=not read_only, accept_rollback=accept_rollback,
-                          read_only=read_only, recovery_key=recovery_key)
-    else:
-        with open_service(home, hsm) as ks:
-            vol = open_volume(image, ks, seal_worker=not read_only, accept_rollback=accept_rollback,
-                              expected_key=expected_key, read_only=read_only)
-    server: VolumeServer | None = None
-    try:
-        server = VolumeServer(fuse_mount(mountpoint, f"encfs:{image}"), vol, name=str(image))
-        signal.signal(signal.SIGTERM, lambda *_: server.stop() if server is not None else None)
-        stop = threading.Event()
-        threading.Thread(target=_publish_errors, args=(server, Path(f"{mountpoint}.errors"), stop), daemon=True,
-                         name="encfs-errors").start()
-        Path(f"{mountpoint}.flush-pending").touch()
-        ready.ok()
-        try:
-            server.serve()
-        finally:
-            stop.set()
-    finally:
-        _final_flush(vol, server, mountpoint)
-        vol.close()
-
-
-def _final_flush(vol: VolumeFile, server: VolumeServer | None, mountpoint: str) -> None:
-    """The daemon's last flush; its outcome left beside the mountpoint for detach."""
-    try:
-        if server is not None:
-            server.final_flush()
-        else:
-            vol.flush()
-    except Exception as e:  # noqa: BLE001 - whatever it was, detach must learn that it failed
-        why = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
-        log.error("final flush failed (%s): writes since the last flush are lost", why)
-        try:
-            Path(f"{mountpoint}.flush-failed").write_text(f"{why}\n")
-        except OSError as e2:  # the pending record stays: detach still learns of a failure
-            log.error("cannot leave the flush failure for detach: %s", e2.strerror)
-        return
-    Path(f"{mountpoint}.flush-pending").unlink(missing_ok=True)
-
-
-def _publish_errors(server: VolumeServer, path: Path, stop: threading.Event) -> None:
-    """Keep ``path`` holding the server's error count, rewritten at most once a second."""
-    written = None
-    while True:
-        if server.io_errors != written:
-            written = server.io_errors
-            try:
-                tmp = path.with_suffix(".errors.tmp")
-                tmp.write_text(f"{written}\n")
-                tmp.replace(path)
-            except OSError as e:
-                log.warning("cannot publish the error count in %s: %s", path, e.strerror)
-        if stop.wait(1):
-            return
 
 
 def _wait_gone(a: Attachment, timeout: float) -> bool:

@@ -178,7 +178,7 @@ class VolumeServer(FuseServer):
 
     def final_flush(self) -> None:
         """Flush the store once serve() has returned, after any request still running (its caller
-        reports a failure: attach.py's daemon leaves it for detach)."""
+        reports a failure: voldaemon.py leaves it for detach)."""
         with self.lock.exclusive():
             self.volume.flush()
 
