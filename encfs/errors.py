@@ -17,7 +17,7 @@ EXIT_CODES = {
     66: "not found: key, alias, secret, key store, token or PKCS#11 module (EX_NOINPUT)",
     69: "token unreachable or failing (EX_UNAVAILABLE)",
     70: "internal error: a bug; one line naming its traceback's log, <state dir>/log/encfs-cli.log (EX_SOFTWARE)",
-    74: "I/O error on a file the message names (EX_IOERR)",
+    74: "I/O error on a file the message names, or a volume detached whose final flush failed (EX_IOERR)",
     75: "busy: mounted, attached, in use, the mountpoint taken, or a file encfs did not install in the way (EX_TEMPFAIL)",
     77: "wrong PIN, token locked, wrong passphrase or recovery key, or denied by the key daemon (EX_NOPERM)",
     78: "key or secret state forbids it: disabled, pending deletion, wrong usage (EX_CONFIG)",
