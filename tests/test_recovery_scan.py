@@ -10,29 +10,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import run_encfs
+from fuse_helpers import Mount, cold_read
+from test_deferred_checkpoint import fs
+from test_fs_api import CTX, create, read, walk
+
 from encfs.fuse.fileheader import HEADER_LEN
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import open_config
 from encfs.fuse.journal import file_ids
-from encfs.fuseproto.wire import ROOT_ID, EntryAttributes, SetattrFields
+from encfs.fuseproto.wire import EntryAttributes, SetattrFields
 from encfs.keys.service import KeyService
-from fuse_helpers import Mount, cold_read
-from test_fs_api import CTX, create, new_fs, read, walk
 
-
-@pytest.fixture
-def fs(tmp_path: Path, service: KeyService) -> Iterator[EncryptedFS]:
-    filesystem = new_fs(tmp_path, service)
-    filesystem.files.defer_checkpoints = True  # as mount.py does
-    yield filesystem
-    filesystem.close_all()
+__all__ = ["fs"]  # the fixture (a kernel-free filesystem as a mount runs it), used by name
 
 
 def crash(fs: EncryptedFS, service: KeyService) -> EncryptedFS:
@@ -62,6 +56,13 @@ def all_in_the_journal(fs: EncryptedFS) -> None:
     assert os.stat(fs.inodes.path(ino)).st_size == HEADER_LEN and file_ids(fs.root)
 
 
+def loads_fail(m: pytest.MonkeyPatch, fs: EncryptedFS) -> None:
+    """Every load of a file's content fails, as on a disk that returns EIO."""
+    def load(*_args: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    m.setattr(fs.files, "_load", load)
+
+
 def test_a_file_whose_blocks_are_all_in_its_journal_keeps_them(fs: EncryptedFS, service: KeyService) -> None:
     """A truncate into the first block journals that block and cuts the backing file to its header:
     the scan must still load the file, or its journal goes as an orphan's."""
@@ -80,7 +81,7 @@ def test_a_file_the_scan_cannot_check_keeps_its_journal_for_the_next_mount(
     all_in_the_journal(fs)
     again = crash(fs, service)
     with monkeypatch.context() as m:
-        m.setattr(again.files, "_load", lambda *_a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        loads_fail(m, again)
         _checked, unrecovered = again.recover_all(contextlib.nullcontext)
     assert unrecovered and file_ids(again.root)  # failed, and the journal stays
     again.close_all()
@@ -102,7 +103,7 @@ def test_a_directory_the_scan_cannot_list_leaves_every_journal(
             onerror(PermissionError(errno.EACCES, "Permission denied", os.path.join(top, b"d")))
         return real_fwalk(top, *args, onerror=onerror, **kwargs)
     with monkeypatch.context() as m:
-        m.setattr(again.files, "_load", lambda *_a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        loads_fail(m, again)
         m.setattr(again.files, "_keep_journal_of", lambda _path: None, raising=False)  # its id unknown
         m.setattr(os, "fwalk", fwalk)
         _checked, unrecovered = again.recover_all(contextlib.nullcontext)
