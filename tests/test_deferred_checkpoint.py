@@ -23,7 +23,7 @@ from encfs.fuse.content import FileContent
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsconfig import DEFAULT_BLOCK_SIZE, open_config
 from encfs.fuse.journal import file_ids
-from encfs.fuseproto.wire import ROOT_ID
+from encfs.fuseproto.wire import ROOT_ID, EntryAttributes, SetattrFields
 from encfs.keys.service import KeyService
 from fuse_helpers import Mount, cold_read, crash_during
 from test_fs_api import CTX, new_fs
@@ -123,6 +123,20 @@ def test_a_closed_file_is_checkpointed_once_its_delay_is_over(fs: EncryptedFS, m
         assert read_all(again, again.lookup(ROOT_ID, b"f", CTX).st_ino) == expected
     finally:
         again.close_all()
+
+
+def test_a_checkpoint_keeps_the_times_the_file_had(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copying journaled blocks into place changes no contents: the mtime the kernel set (as tar
+    and cp -p do, right before the close) is still there after the checkpoint, and after a remount."""
+    inode, fh = journaled_file(fs, b"f")
+    when = 1_600_000_000_123_456_789
+    fs.setattr(inode, EntryAttributes(st_atime_ns=when, st_mtime_ns=when),
+               SetattrFields(update_atime=True, update_mtime=True), fh, CTX)
+    fs.release(fh)
+    run_due(fs, monkeypatch, openfiles.CHECKPOINT_DELAY + 0.01)
+    assert not journals(fs), "checkpointed"
+    assert fs.getattr(inode, CTX).st_mtime_ns == when
+    assert os.stat(fs.inodes.path(inode)).st_mtime_ns == when  # the backing file, as a remount sees it
 
 
 def test_a_file_opened_again_before_its_checkpoint_keeps_its_content(fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
