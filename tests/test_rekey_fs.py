@@ -7,6 +7,7 @@ the real CLI in subprocesses. ENCFS_STRESS=1 runs more files and more kill round
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -184,6 +185,35 @@ def test_a_mounted_cipherdir_is_refused(tmp_path: Path, home: Path) -> None:
         verify(plain, tree, xattrs)
     del before["encfs.lock"]
     assert {k: v for k, v in backing(cipher).items() if k != "encfs.lock"} == before
+
+
+def test_a_full_disk_before_the_marker_is_one_line_and_changes_nothing(tmp_path: Path, home: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        cipher, plain = disk / "cipher", tmp_path / "plain"
+        plain.mkdir()
+        ok(home, "init", cipher, "--key", "a", "--wrapped-file-keys")
+        with Mount(cipher, plain, home):
+            (plain / "f").write_bytes(b"hello")
+        fd = os.open(disk / "fill", os.O_WRONLY | os.O_CREAT, 0o600)
+        with contextlib.suppress(OSError):  # to the last block
+            while True:
+                os.write(fd, bytes(4096))
+        os.close(fd)
+        before = backing(cipher)
+        for args in ((), ("--full",)):
+            line = fails(home, "rekey", cipher, "--key", "b", *args)
+            assert "No space left on device" in line and "internal error" not in line, line
+            after = backing(cipher)
+            assert sorted(after) == sorted(before)
+            assert [k for k in before if after[k] != before[k]] in ([], ["encfs.lock"])  # its record only
+        (disk / "fill").unlink()
+        with Mount(cipher, plain, home):
+            assert (plain / "f").read_bytes() == b"hello"
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_an_interrupted_run_with_torn_headers_and_split_config_is_finished(tmp_path: Path, home: Path) -> None:

@@ -299,6 +299,8 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
         cause = e.message if isinstance(e, EncfsError) else f"{cipherdir}: {_what(e)}"
         if state["marked"]:
             raise RewrapError(cause + _AGAIN.format(again)) from None
+        if isinstance(e, OSError):  # before its marker (a full disk): nothing was changed yet
+            raise RewrapError(cause) from None
         raise
     check = open_config(cipherdir, ks, writable=False)
     if where(check.config.wrapped_secret) != dest or check.config.key_id != dest[0]:
