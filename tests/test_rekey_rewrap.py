@@ -122,6 +122,27 @@ def test_a_rewrap_cut_between_the_header_copies_reads_with_the_old_cmk_disabled_
     assert "nothing to do" in ok(home, "rekey", image, "--key", "b")
 
 
+def test_a_rewrap_cut_between_the_header_copies_is_finished_by_the_next_run(home: Path, tmp_path: Path) -> None:
+    """The same crash with the old CMK still enabled: both copies unwrap, so nothing warns, but copy 1
+    still holds the volume key under the old CMK. The next run must rewrite it, not find nothing to do."""
+    from encfs.block.layout import header_offset
+    image = tmp_path / "vol.img"
+    ok(home, "volume", "create", image, "--size", "8M", "--key", "a")
+    with open(image, "rb") as f:
+        f.seek(header_offset(1))
+        old_copy = f.read(4096)
+    ok(home, "rekey", image, "--key", "b")
+    with open(image, "r+b") as f:
+        f.seek(header_offset(1))
+        f.write(old_copy)
+    assert run_encfs("fsck", image, home=home).returncode != 0  # "holds an older header"
+    ok(home, "rekey", image, "--key", "b")
+    p = run_encfs("fsck", image, home=home)
+    assert p.returncode == 0, p.stdout + p.stderr  # both copies the same header again
+    ok(home, "key", "disable", "a")  # and no copy left under it
+    assert "nothing to do" in ok(home, "rekey", image, "--key", "b")
+
+
 def test_a_rewrapped_export_imports_with_its_old_cmk_scheduled_for_deletion(home: Path, tmp_path: Path) -> None:
     image, exported = tmp_path / "vol.img", tmp_path / "export"
     ok(home, "volume", "create", image, "--size", "8M", "--key", "a")

@@ -322,6 +322,13 @@ def read_verified(fd: int, unwrap: Callable[[VolumeHeader], bytes]) -> tuple[Vol
     return header, key, problems
 
 
+def copies_behind(fd: int, header: VolumeHeader) -> list[int]:
+    """The header copies that parse but hold an older header than ``header`` (a header write a
+    crash cut between the two copies)."""
+    found, _problems = _copies(fd)
+    return [copy for copy, h in found if h.seq < header.seq]
+
+
 def write_header(fd: int, header: VolumeHeader, mac_key: bytes | None = None) -> VolumeHeader:
     """Write ``header`` with the next sequence number to both copies, one at a time."""
     record = replace(header, seq=header.seq + 1).pack(mac_key)

@@ -30,7 +30,7 @@ from pathlib import Path
 from encfs.atomicfile import write_atomic
 from encfs.block.attach import refuse_attached
 from encfs.block.exportformat import KEY_FILE, TMP, KeyFile, export_context
-from encfs.block.header import header_mac_key
+from encfs.block.header import copies_behind, header_mac_key
 from encfs.block.volume import (
     VolumeError,
     _Header,
@@ -88,7 +88,7 @@ def rewrap_volume(path: Path, ks: KeyService, dest_key: str | None, dry_run: boo
         # newest copy needs nothing: running the command again finishes the job.
         if dry_run:
             return Rewrapped(path, "volume", *old, *new, time.monotonic() - start, warnings)
-        if old == new and not warnings:
+        if old == new and not warnings and not copies_behind(fd, header):
             ks.usage.forget(f"volume:{header.volume_id.hex()}", new)  # a run after a crash may end here
             return Rewrapped(path, "volume", *old, *new, time.monotonic() - start, [])
         if not header.authenticated:  # a volume from before HEADER_MAC: its first open upgrades it
