@@ -128,6 +128,13 @@ def test_o_trunc(bd: tuple[Path, int]) -> None:
     with open(p, "wb") as f:  # "wb" is O_TRUNC too
         f.write(b"")
     assert os.stat(p).st_size == 0 and cold_read(p) == b""
+    p.write_bytes(os.urandom(block + 5))
+    fd = os.open(p, os.O_RDONLY | os.O_TRUNC)  # undefined in POSIX; Linux truncates (open(2))
+    try:
+        assert os.fstat(fd).st_size == 0 and os.read(fd, 10) == b""
+    finally:
+        os.close(fd)
+    assert os.stat(p).st_size == 0 and cold_read(p) == b""
 
 
 @pytest.mark.parametrize("via_fd", [False, True])

@@ -158,7 +158,9 @@ class FileOps:
         if writable or flags & os.O_TRUNC:
             self._check_writable()
         target = self._target(inode)
-        fd = self._open_backing(target, writable, noatime=accmode == os.O_WRONLY)
+        # open(O_RDONLY | O_TRUNC) truncates on Linux (the kernel checked write access for it): the
+        # backing file is opened for writing then, the handle stays read-only.
+        fd = self._open_backing(target, writable or bool(flags & os.O_TRUNC), noatime=accmode == os.O_WRONLY)
         f = OpenFile(inode, fd, writable, self._describe(target))
         fh = self.files.add(f)
         try:
