@@ -192,6 +192,29 @@ def test_seek_data_and_seek_hole(d: Path) -> None:
         os.close(fd)
 
 
+def test_seek_data_sees_writes_the_kernel_has_not_sent_yet(d: Path) -> None:
+    """With the writeback cache a written page may still be only in the kernel: SEEK_DATA/SEEK_HOLE
+    must count it as data, or `cp` (which copies sparse files by them) copies zeros in its place."""
+    p = d / "w"
+    fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, b"s" * 3 * B)
+        os.fsync(fd)
+        os.write(fd, b"c" * 3 * B)  # cached: the file stays open, nothing flushes it
+        os.pwrite(fd, b"h", 20 * B)  # past a gap: a hole in between, data again at the end
+        reader = os.open(p, os.O_RDONLY)
+        try:
+            assert os.lseek(reader, 3 * B, os.SEEK_DATA) == 3 * B
+            assert os.lseek(reader, 0, os.SEEK_HOLE) >= 6 * B
+            assert os.lseek(reader, 19 * B, os.SEEK_DATA) <= 20 * B
+        finally:
+            os.close(reader)
+        subprocess.run(["cp", str(p), str(d / "copy")], check=True, timeout=30)
+        assert (d / "copy").read_bytes() == b"s" * 3 * B + b"c" * 3 * B + bytes(14 * B) + b"h"
+    finally:
+        os.close(fd)
+
+
 def test_truncate_1p_on_tmpfs_is_quick_and_sparse(fs_home: Path) -> None:
     base = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="encfs-sparse-"))
     try:

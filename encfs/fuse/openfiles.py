@@ -147,6 +147,12 @@ class OpenFiles(ContentLoading):
     def is_open(self, inode: int) -> bool:
         return inode in self._per_inode
 
+    def open_for_writing(self, inode: int) -> bool:
+        """Whether a writable handle of ``inode`` is open: only then can the kernel hold pages of
+        it that it has not written back (its writeback cache writes them at the close)."""
+        with self._table:
+            return any(f.inode == inode and f.writable for f in self._handles.values())
+
     def fd_of(self, inode: int) -> int | None:
         """A backing fd of ``inode`` from one of its handles."""
         with self._table:

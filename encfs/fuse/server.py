@@ -110,6 +110,7 @@ from encfs.fuseproto.wire import (
     INIT,
     INTERRUPT,
     INVAL_ENTRY,
+    INVAL_INODE,
     LINK,
     LINK_IN,
     LISTXATTR,
@@ -122,6 +123,7 @@ from encfs.fuseproto.wire import (
     MKNOD,
     MKNOD_IN,
     NOTIFY_INVAL_ENTRY,
+    NOTIFY_INVAL_INODE,
     OPEN,
     OPEN_IN,
     OPEN_OUT,
@@ -233,7 +235,30 @@ class FsServer(DirRequests, FuseServer):
                          for opcode, operation in operations.items()}
         # Reads run alongside each other, and a write is sealed before it takes the locks.
         self.handlers.update({READ: self._read_shared, WRITE: self._write, INIT: self._init,
-                              DESTROY: self._destroy, INTERRUPT: self._interrupt, FLUSH: self._flush})
+                              DESTROY: self._destroy, INTERRUPT: self._interrupt, FLUSH: self._flush,
+                              LSEEK: self._seek_written(self.handlers[LSEEK])})
+
+    def overlaps(self, req: Request) -> bool:
+        """LSEEK too (SEEK_DATA/SEEK_HOLE): it may wait for writes the kernel sends meanwhile
+        (_seek_written), which another thread must read."""
+        return super().overlaps(req) or (req.opcode == LSEEK and self.uring is None)
+
+    def _seek_written(self, locked: Handler) -> Handler:
+        """SEEK_DATA and SEEK_HOLE answer from the file's blocks and holes as the daemon knows them;
+        with the writeback cache the kernel may hold written pages it has not sent yet (it sends
+        them at the close, not before an LSEEK), so `cp` of a file still being written would skip
+        them as holes and copy zeros. So while the file is open for writing, the kernel is first
+        told to drop its pages from the offset on (FUSE_NOTIFY_INVAL_INODE), which writes the
+        dirty ones back (WRITEs another thread answers) before the notice returns; then the
+        seek takes the inode's lock. Over io_uring the notice would go only after the reply:
+        not done there (README)."""
+        def run(req: Request) -> None:
+            if (self.uring is None and self.agreed_flags & FUSE_WRITEBACK_CACHE
+                    and self.fs.files.open_for_writing(req.node)):
+                _fh, offset, _whence = LSEEK_IN.unpack_from(req.body)
+                self.notify(NOTIFY_INVAL_INODE, INVAL_INODE.pack(req.node, max(offset, 0), 0))
+            locked(req)
+        return run
 
     def reply_error(self, unique: int, error: int) -> None:
         """The error reply, then the names a failed change left the kernel holding wrongly
