@@ -149,6 +149,20 @@ def test_a_run_killed_after_some_snapshots_is_carried_on_and_one_killed_before_t
     assert snapshot_rows(home, image) == rows and digests(image, home) == before
 
 
+def test_a_run_carried_on_after_the_original_changed_copies_it_as_it_is_now(home: Path, tmp_path: Path) -> None:
+    """Cut in the live step, then the original rolled back to its newest snapshot: the next run
+    carries the copy on, and must not keep what the cut run copied of the live contents before."""
+    image = tmp_path / "vol.img"
+    history(home, image, tmp_path)
+    die_in_step(home, 4, "rekey", image, "--full", "--key", "b")  # every snapshot taken, the live step cut
+    newest = snapshot_rows(home, image)[-1][0]
+    ok(home, "snapshot", "rollback", image, newest)
+    before, rows = digests(image, home), snapshot_rows(home, image)
+    out = json.loads(ok(home, "rekey", image, "--full", "--key", "b", "--json"))
+    assert out["Resumed"]
+    assert snapshot_rows(home, image) == rows and digests(image, home) == before
+
+
 def test_full_killed_at_random_moments_is_finished_by_running_it_again(home: Path, tmp_path: Path) -> None:
     image = tmp_path / "vol.img"
     ok(home, "volume", "create", image, "--size", "64M", "--key", "a")

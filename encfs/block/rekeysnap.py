@@ -13,10 +13,10 @@ of the original's, not the size of every snapshot's contents.
 A run killed at any moment leaves the copy with the snapshots it had taken (each taken by a
 durable commit) and part of the next step. A new run carries on from there (resumable()): the
 copy's snapshots must be the first of the volume's, with the same metadata, in a copy of the
-same size under the requested CMK; else it starts again. The step that was cut is done again
-whole: it writes every sector it changes, and discards every one it unmaps, absolutely, so what
-the cut run did of it is overwritten, and the sectors outside it are as the previous snapshot has
-them.
+same size under the requested CMK; else it starts again. The copy's live map is first rolled back
+to its newest snapshot (the original may have changed since the cut run: a rollback, a discard),
+and the step that was cut is done again whole: it writes every sector it changes, and discards
+every one it unmaps, absolutely, so the sectors outside it are as the previous snapshot has them.
 
 Invariants:
 - The original is only read: it stays as it was, and authoritative, until the rename.
@@ -75,6 +75,11 @@ def replay(old: CowStore, new: OpenVolume, desc: str, failed: Callable[[int], st
     store = new.store
     assert isinstance(store, CowStore)
     done = len(store.snapshots)  # taken by an interrupted run: resumable() checked them
+    if done:
+        # What the cut run wrote after its last snapshot was diffed against the original as it
+        # was then; the original may have changed since (a rollback, a discard): the copy's live
+        # map starts again from that snapshot, so the steps below leave nothing of it.
+        store.rollback(store.snapshots[-1].id)
     prev = old.snapshot_tree(old.snapshots[done - 1]) if done else MapTree()
     copied = 0
     for snap in [*old.snapshots[done:], None]:
