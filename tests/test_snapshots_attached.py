@@ -406,3 +406,22 @@ def test_a_tampered_data_page_reads_as_eio_and_a_rewrite_heals_it(rig: Rig) -> N
     assert dd_read(loop, 3000 * 4096, 4096).returncode != 0
     assert dd_read(loop, 3500 * 4096, 4096).returncode != 0
     rig.detach(loop)
+
+
+def test_a_byte_copy_of_an_attached_image_gets_its_own_snapshots(rig: Rig) -> None:
+    """A copy made with cp has the attached image's volume id: a snapshot created or deleted by the
+    copy's path must be the copy's, not the attached volume's."""
+    image = rig.create(size="16M")
+    loop = rig.attach(image)
+    rig.detach(loop)
+    copy = rig.tmp / "copy.img"
+    sh("cp", "--sparse=always", str(image), str(copy))
+    loop = rig.attach(image)
+    try:
+        sid = snap(rig, copy, "of the copy")
+        assert snap_list(rig, image) == [], "taken in the attached image"
+        assert len(snap_list(rig, copy)) == 1
+        rig.ok("snapshot", "delete", f"{copy}@{sid}")
+        assert snap_list(rig, copy) == []
+    finally:
+        rig.detach(loop)

@@ -140,8 +140,14 @@ def resolve(ref: str, home: Path) -> tuple[Path, str]:
 # -- operations --------------------------------------------------------------------------
 
 def _attachment(image: Path) -> Attachment | None:
+    """The live attachment of ``image`` itself: a byte copy of an attached image has its volume
+    id, and must not have its snapshots taken or deleted in the attached one."""
     header, _w = read_volume_header(image)
-    return live_attachment(header.volume_id.hex())
+    a = live_attachment(header.volume_id.hex())
+    try:
+        return a if a is not None and os.path.samefile(a.image, image) else None
+    except OSError:  # the attached image is gone or unreadable: not this file
+        return None
 
 
 def _attached_control(image: Path) -> str | None:
