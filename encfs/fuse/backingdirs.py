@@ -27,7 +27,8 @@ Invariants:
   RESOLVE_BENEATH; O_NOFOLLOW per component on kernels before 5.6): a backing directory
   replaced by a symlink is refused, not followed.
 - A target given as an int is the open backing fd of a file that may have lost every name
-  (fs.py's _target): attribute and xattr calls go to it directly.
+  (fs.py's _target): attribute and xattr calls go to it directly, or, for an O_PATH fd (which
+  the f*() calls refuse with EBADF), through its /proc/self/fd link, which leads to the file.
 """
 
 from __future__ import annotations
@@ -234,6 +235,17 @@ class BackingDirs:
     def _proc(fd: int, name: bytes) -> bytes:
         return name if name.startswith(b"/") else b"/proc/self/fd/%d/%s" % (fd, name)
 
+    @staticmethod
+    def _on_fd(fd: int, by_fd: Callable[[int], T], by_path: Callable[[str], T]) -> T:
+        """A call on the file behind ``fd``: an O_PATH fd (inomap.py's held fds) is refused by
+        the f*() calls (EBADF), its /proc/self/fd link is not."""
+        try:
+            return by_fd(fd)
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                raise
+        return by_path(f"/proc/self/fd/{fd}")
+
     # -- entries ------------------------------------------------------------------------
 
     def lstat(self, target: Target) -> os.stat_result:
@@ -292,19 +304,19 @@ class BackingDirs:
     def chmod(self, target: Target, mode: int) -> None:
         """chmod of a file or directory (Linux cannot chmod a symlink itself)."""
         if isinstance(target, int):
-            os.fchmod(target, mode)
+            self._on_fd(target, lambda fd: os.fchmod(fd, mode), lambda p: os.chmod(p, mode))
         else:
             self.at(target, lambda d, n: os.chmod(n, mode, dir_fd=d))
 
     def chown(self, target: Target, uid: int, gid: int) -> None:
         if isinstance(target, int):
-            os.fchown(target, uid, gid)
+            self._on_fd(target, lambda fd: os.fchown(fd, uid, gid), lambda p: os.chown(p, uid, gid))
         else:
             self.at(target, lambda d, n: os.chown(n, uid, gid, dir_fd=d, follow_symlinks=False))
 
     def utime(self, target: Target, ns: tuple[int, int]) -> None:
         if isinstance(target, int):
-            os.utime(target, ns=ns)
+            self._on_fd(target, lambda fd: os.utime(fd, ns=ns), lambda p: os.utime(p, ns=ns))
         else:
             self.at(target, lambda d, n: os.utime(n, ns=ns, dir_fd=d, follow_symlinks=False))
 
@@ -319,8 +331,8 @@ class BackingDirs:
         finally:
             os.close(fd)
 
-    def fsync_dir(self, path: bytes) -> None:
-        fd = self.at(path, lambda d, n: os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=d))
+    def fsync_dir(self, target: Target) -> None:
+        fd = self.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
@@ -364,7 +376,7 @@ class BackingDirs:
 
     def _xattr(self, func: Callable[..., Any], target: Target, *args: Any) -> Any:
         if isinstance(target, int):
-            return func(target, *args)
+            return self._on_fd(target, lambda fd: func(fd, *args), lambda p: func(p, *args))
         return self.at(target, lambda d, n: func(self._proc(d, n), *args, follow_symlinks=False))
 
     def getxattr(self, target: Target, name: bytes | str) -> bytes:

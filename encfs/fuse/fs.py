@@ -24,6 +24,10 @@ Design:
 - A file that is open but has lost every name (unlinked while open) is
   reached through the backing fd of an open handle (_target), so fstat,
   ftruncate, fchmod, f*xattr and reopening via /proc/self/fd keep working.
+  A FIFO, socket, device or directory has no such handle (the kernel opens a FIFO
+  itself; a directory may be a cwd): it is reached through the O_PATH fd its removal
+  kept while the kernel holds its number (inomap.py, ``held``), and a removed
+  directory lists empty, as on a local filesystem.
 - Contents go through content.FileContent, one per open inode (openfiles.OpenFiles:
   per-file data key, sealed blocks of the config's block size, journaled overwrites);
   names, symlink targets and xattrs through names.NameCipher.
@@ -157,11 +161,14 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
         return self.inodes.path(inode)
 
     def _target(self, inode: int) -> bytes | int:
-        """A backing path of ``inode`` or, once it has no name left, an open handle's backing fd."""
+        """A backing path of ``inode`` or, once it has no name left, an open handle's backing fd
+        (a regular file) or the O_PATH fd its removal kept (anything else)."""
         path = self.inodes.any_path(inode)
         if path is not None:
             return path
         fd = self.files.fd_of(inode)
+        if fd is None:
+            fd = self.inodes.held_fd(inode)
         if fd is None:
             raise FuseError(errno.ENOENT)
         return fd
@@ -298,6 +305,7 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
                 continue
             self._no_capability.discard(inode)
             self._sizes.pop(inode, None)
+            self.inodes.release_held(inode)
             if not self.files.is_open(inode):
                 self.inodes.drop_paths(inode)
                 self._dirids.pop(inode, None)
@@ -357,8 +365,8 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
 
     @fuse_op
     def opendir(self, inode: int, ctx: RequestContext) -> int:
-        self._path(inode)
-        self._dirid(inode)
+        if isinstance(self._target(inode), bytes):  # else removed (a cwd): it lists empty
+            self._dirid(inode)
         return self._dirs.open(inode)
 
     def readdir(self, fh: int, start_id: int, plus: bool) -> Generator[tuple[bytes, EntryAttributes, int]]:
@@ -369,7 +377,10 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
         asks for the one after it, so entries that did not fit are not counted.
         """
         d = self._dirs[fh]
-        path = self._path(d.inode)  # the directory may have been renamed since opendir
+        path = self.inodes.any_path(d.inode)  # the directory may have been renamed since opendir
+        if path is None:
+            self._target(d.inode)  # ENOENT unless removed while the kernel holds it: then empty
+            return
         dirid = self._dirid(d.inode)
         entries = d.listing(start_id, lambda: self.bd.listdir(path))  # see dirhandles.py
         for i in range(start_id, len(entries)):
@@ -393,7 +404,7 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
 
     @fuse_op
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.bd.fsync_dir(self._path(self._dirs[fh].inode))
+        self.bd.fsync_dir(self._target(self._dirs[fh].inode))
 
     # -- files (their operations: fileops.py) -----------------------------------------------
 
@@ -448,5 +459,6 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
     def close_all(self) -> None:
         """Close every open file (unmount): journals are checkpointed."""
         self.files.close_all()
+        self.inodes.close()
         self.files.keys.clear()
         self.bd.close()

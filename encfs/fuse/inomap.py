@@ -15,6 +15,12 @@ Invariants:
   kernel takes a reuse of the number for a new inode.
 - An alias is a number the kernel still holds for a symlink that a rename replaced with a
   new backing symlink (bound targets): it names the new one's path until looked up afresh.
+- ``held[n]`` is an O_PATH fd of a FIFO, socket, device or directory that lost the last name
+  the kernel knew it by while the kernel still held ``n`` (an fd, a cwd): the kernel asks
+  about it until it forgets ``n`` (fstat of an unlinked FIFO, fchmod of a removed directory),
+  and opens no handle of it that could answer (a FIFO's open is the kernel's own, and a
+  directory may be a cwd). The fd also keeps the backing inode, so its number is not reused
+  meanwhile. It is closed when the kernel forgets ``n`` (or at unmount).
 - Only operations that hold FsServer's namespace lock exclusively (lookups, tree changes,
   FORGET) change the map; operations on one inode (namespace lock shared) only read it, so it
   needs no lock of its own (server.py's lock order).
@@ -37,6 +43,7 @@ class InodeMap:
         self.lookups: dict[int, int] = {ROOT_ID: 1}
         self.generations: dict[int, int] = {}  # inode number -> times it was freed
         self.aliases: set[int] = set()
+        self.held: dict[int, int] = {}  # inode number -> O_PATH fd (see the invariants)
 
     def ino(self, st: os.stat_result) -> int:
         """The number the kernel knows the backing inode ``st`` by."""
@@ -105,6 +112,25 @@ class InodeMap:
 
     def drop_paths(self, inode: int) -> None:
         self.paths.pop(inode, None)
+
+    def hold(self, inode: int, fd: int) -> None:
+        """Keep ``fd`` (O_PATH) to answer for ``inode`` once it has no name (see the invariants)."""
+        old = self.held.pop(inode, None)
+        if old is not None:
+            os.close(old)
+        self.held[inode] = fd
+
+    def held_fd(self, inode: int) -> int | None:
+        return self.held.get(inode)
+
+    def release_held(self, inode: int) -> None:
+        fd = self.held.pop(inode, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for inode in list(self.held):
+            self.release_held(inode)
 
     def generation(self, inode: int) -> int:
         return self.generations.get(inode, 0)
