@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 import subprocess
 import time
@@ -257,3 +258,36 @@ def test_xattr_255_byte_name(d: Path) -> None:
     os.removexattr(p, name)
     assert os.listxattr(p) == ["user.short"]
     expect_errno(errno.ENODATA, os.getxattr, p, name)
+
+
+def test_security_and_trusted_xattrs_on_fifos_sockets_and_devices(d: Path) -> None:
+    """As ext4 lets root: security.* and trusted.* xattrs on special files (their backing entries
+    cannot hold user.* ones, so encfs keeps them in trusted.*); user.* stays refused by the kernel."""
+    os.mkfifo(d / "fifo")
+    os.mknod(d / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    with socket.socket(socket.AF_UNIX) as s:
+        old = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.chdir(d)  # a relative name: the test's path is longer than sun_path
+            s.bind("sock")
+        finally:
+            os.fchdir(old)
+            os.close(old)
+    long_name = "trusted." + "t" * 240
+    for target in (d / "fifo", d / "null", d / "sock"):
+        os.setxattr(target, "trusted.one", b"1")
+        os.setxattr(target, "security.two", b"\0" * 300)
+        os.setxattr(target, long_name, b"long")
+        assert os.getxattr(target, "trusted.one") == b"1"
+        assert os.getxattr(target, "security.two") == b"\0" * 300
+        assert os.getxattr(target, long_name) == b"long"
+        assert sorted(os.listxattr(target)) == sorted(["trusted.one", "security.two", long_name])
+        expect_errno(errno.EEXIST, os.setxattr, target, "trusted.one", b"2", os.XATTR_CREATE)
+        os.setxattr(target, "trusted.one", b"2", os.XATTR_REPLACE)
+        assert os.getxattr(target, "trusted.one") == b"2"
+        os.removexattr(target, "trusted.one")
+        expect_errno(errno.ENODATA, os.getxattr, target, "trusted.one")
+        expect_errno(errno.ENODATA, os.setxattr, target, "trusted.one", b"3", os.XATTR_REPLACE)
+        expect_errno(errno.EPERM, os.setxattr, target, "user.x", b"1")
+    os.rename(d / "fifo", d / "fifo2")  # they follow the inode
+    assert os.getxattr(d / "fifo2", "security.two") == b"\0" * 300

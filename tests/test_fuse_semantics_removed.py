@@ -66,6 +66,8 @@ def test_unlinked_fifo_answers_through_its_fd(mnt: Mount, d: Path) -> None:
             (d / f"new{i}").write_bytes(b"")
         _changes_through_fd(fd, stat.S_IFIFO)
         assert os.read(fd, 1) == b"x"
+        os.setxattr(fd, "trusted.t", b"t")  # kept in trusted.* (xattrops.py), through the O_PATH fd
+        assert os.getxattr(fd, "trusted.t") == b"t" and os.listxattr(fd) == ["trusted.t"]
     finally:
         os.close(fd)
     # The daemon's fd of the backing FIFO goes when the kernel forgets the inode.

@@ -56,6 +56,14 @@ BOUND_LONGLINK_PREFIX = b"encfs.lt2."  # a long target bound to its link
 BOUND_LINK_PREFIX = b"2."  # an inline target bound to its link ('.' is not base64url)
 PADDED_XATTR_PREFIX = b"user.encfs.xp."
 PADDED_XATTR_LONG_PREFIX = b"user.encfs.xq."
+# A FIFO, socket or device cannot hold user.* xattrs on Linux (EPERM): its xattrs (security.*,
+# trusted.*; the kernel refuses user.* on it before asking) are kept in trusted.*, where root
+# may (FORMAT.md §6.3).
+SPECIAL_XATTR_PREFIX = b"trusted.encfs.xp."
+SPECIAL_XATTR_LONG_PREFIX = b"trusted.encfs.xq."
+_SHORT_XATTR_PREFIXES = (XATTR_PREFIX, PADDED_XATTR_PREFIX, SPECIAL_XATTR_PREFIX)
+_LONG_XATTR_PREFIXES = (XATTR_LONG_PREFIX, PADDED_XATTR_LONG_PREFIX, SPECIAL_XATTR_LONG_PREFIX)
+_PADDED_PREFIXES = (PADDED_XATTR_PREFIX, PADDED_XATTR_LONG_PREFIX, SPECIAL_XATTR_PREFIX, SPECIAL_XATTR_LONG_PREFIX)
 LONGLINK_DIR = b"encfs.longlinks"
 DIRID_LEN = 16
 _NAME_AD = b"encfs-name-v1"
@@ -263,17 +271,20 @@ class NameCipher:
 
     # -- xattrs ---------------------------------------------------------------------------
 
-    def xattr_name(self, name: bytes, padded: bool = False) -> bytes:
+    def xattr_name(self, name: bytes, padded: bool = False, special: bool = False) -> bytes:
         """Backing xattr name for a plaintext xattr name (deterministic).
 
         ``padded`` (feature "padded-xattr-names"): the name is padded as file names are
         (PKCS#7 to 16 bytes), so the backing name shows its length only to 16 bytes.
+        ``special``: the padded form in trusted.*, for a FIFO, socket or device.
         When ``<prefix><encoded>`` would exceed XATTR_NAME_MAX, the backing name is
         ``<long prefix><base64url(SHA-256(encoded))>`` and the stored value starts with
         the encoded name (see encrypt_xattr_value).
         """
+        padded = padded or special
         encoded = self._xattr_encoded(name, padded)
-        prefix, long_prefix = ((PADDED_XATTR_PREFIX, PADDED_XATTR_LONG_PREFIX) if padded
+        prefix, long_prefix = ((SPECIAL_XATTR_PREFIX, SPECIAL_XATTR_LONG_PREFIX) if special
+                               else (PADDED_XATTR_PREFIX, PADDED_XATTR_LONG_PREFIX) if padded
                                else (XATTR_PREFIX, XATTR_LONG_PREFIX))
         short = prefix + encoded
         if len(short) <= NAME_MAX:
@@ -287,21 +298,22 @@ class NameCipher:
 
     @staticmethod
     def is_xattr(backing: bytes) -> bool:
-        return backing.startswith((XATTR_PREFIX, XATTR_LONG_PREFIX, PADDED_XATTR_PREFIX, PADDED_XATTR_LONG_PREFIX))
+        return backing.startswith(_SHORT_XATTR_PREFIXES + _LONG_XATTR_PREFIXES)
 
     @staticmethod
     def is_long_xattr(backing: bytes) -> bool:
-        return backing.startswith((XATTR_LONG_PREFIX, PADDED_XATTR_LONG_PREFIX))
+        return backing.startswith(_LONG_XATTR_PREFIXES)
 
     @staticmethod
     def is_padded_xattr(backing: bytes) -> bool:
-        return backing.startswith((PADDED_XATTR_PREFIX, PADDED_XATTR_LONG_PREFIX))
+        return backing.startswith(_PADDED_PREFIXES)
 
     def xattr_plain_name(self, backing: bytes, stored: bytes | None = None) -> bytes:
         """Plaintext name of a backing xattr; long names need the ``stored`` value."""
         padded = self.is_padded_xattr(backing)
-        if backing.startswith((XATTR_PREFIX, PADDED_XATTR_PREFIX)):
-            encoded = backing[len(XATTR_PREFIX if not padded else PADDED_XATTR_PREFIX):]
+        short = next((p for p in _SHORT_XATTR_PREFIXES if backing.startswith(p)), None)
+        if short is not None:
+            encoded = backing[len(short):]
         elif self.is_long_xattr(backing) and stored is not None:
             encoded = self._split_long(backing, stored)[0]
         else:
@@ -319,7 +331,7 @@ class NameCipher:
             raise NameAuthError("long xattr value is truncated")
         n = int.from_bytes(stored[:2], "big")
         encoded = stored[2:2 + n]
-        prefix = PADDED_XATTR_LONG_PREFIX if backing.startswith(PADDED_XATTR_LONG_PREFIX) else XATTR_LONG_PREFIX
+        prefix = next(p for p in _LONG_XATTR_PREFIXES if backing.startswith(p))
         if len(encoded) != n or prefix + b64e(hashlib.sha256(encoded).digest()) != backing:
             raise NameAuthError("long xattr name does not match its hash")
         return encoded, stored[2 + n:]

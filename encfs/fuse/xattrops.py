@@ -14,6 +14,11 @@ Invariants:
   (cap_inode_need_killpriv): with FUSE_HANDLE_KILLPRIV_V2 (encfs.fuse.server) the kernel stops
   asking once it saw a file without it (S_NOSEC), so the daemon removes it (``drop_capability``).
   Only an inode not in ``_no_capability`` costs a backing call; it is in the set afterwards.
+- A FIFO, socket or device keeps its xattrs in the backing trusted.* namespace (names.py): Linux
+  refuses user.* xattrs on it, and the kernel refuses plaintext user.* ones on it before asking,
+  so only security.*, trusted.* and system.* names reach it, and only a root daemon can keep
+  them (as ext4 lets root). A symlink keeps EPERM: a bound symlink is a new backing inode after
+  each rename or link (symlinks.py), which would drop them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat as stat_m
 from collections.abc import Callable
 from typing import Any
 
@@ -50,18 +56,25 @@ class XattrOps:
     def _check_writable(self) -> None:
         raise NotImplementedError
 
-    def _xattr_names(self, name: bytes) -> list[bytes]:
+    def _xattr_names(self, name: bytes, inode: int | None = None) -> list[bytes]:
         """Backing names ``name`` may be stored under: the form this filesystem writes first,
-        then (padded-xattr-names) the legacy unpadded one, still read (FORMAT.md §6.3)."""
+        then (padded-xattr-names) the legacy unpadded one, still read (FORMAT.md §6.3). Given
+        ``inode``, a FIFO, socket or device has its one trusted.* form (see the invariants)."""
+        if inode is not None and not name.startswith(b"user.") and self._special(inode):
+            return [self.names.xattr_name(name, special=True)]
         if self.padded_xattrs:
             return [self.names.xattr_name(name, padded=True), self.names.xattr_name(name)]
         return [self.names.xattr_name(name)]
+
+    def _special(self, inode: int) -> bool:
+        mode = self.bd.lstat(self._target(inode)).st_mode
+        return stat_m.S_ISFIFO(mode) or stat_m.S_ISSOCK(mode) or stat_m.S_ISCHR(mode) or stat_m.S_ISBLK(mode)
 
     @fuse_op
     def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
         if name == CAPABILITY_XATTR and inode in self._no_capability:
             raise FuseError(errno.ENODATA)
-        for backing in self._xattr_names(name):
+        for backing in self._xattr_names(name, inode):
             try:
                 sealed = self._xattr_call(self.bd.getxattr, inode, backing)
             except OSError as e:
@@ -78,7 +91,7 @@ class XattrOps:
         """``flags``: XATTR_CREATE or XATTR_REPLACE, applied to the plaintext name (either of its
         backing forms); a legacy entry is replaced by the padded one."""
         self._check_writable()
-        backing, *legacy = self._xattr_names(name)
+        backing, *legacy = self._xattr_names(name, inode)
         self._no_capability.discard(inode)
         if legacy and flags:
             exists = any(self._has_xattr(inode, b) for b in (backing, *legacy))
@@ -143,7 +156,7 @@ class XattrOps:
     def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
         self._check_writable()
         self._no_capability.discard(inode)
-        removed = [self._remove_xattr(inode, b) for b in self._xattr_names(name)]
+        removed = [self._remove_xattr(inode, b) for b in self._xattr_names(name, inode)]
         if not any(removed):
             raise FuseError(errno.ENODATA)
 
