@@ -45,6 +45,7 @@ from typing import Any, Self, TypeVar
 
 from encfs.atomicfile import write_atomic
 from encfs.diskio import pwrite_all
+from encfs.fuse.backingtimes import open_quiet
 
 T = TypeVar("T")
 
@@ -107,9 +108,10 @@ def _open_beneath(dir_fd: int, rel: bytes) -> int:
 
 def open_under(root: bytes, path: bytes, flags: int, mode: int = 0o777) -> int:
     """open(2) of the backing entry ``path`` under ``root`` through directory fds, for the tools
-    that open files one at a time by path (rekey)."""
+    that open files one at a time by path (rekey): O_NOATIME where allowed, as their reads are
+    not the user's (backingtimes.py)."""
     with BackingDirs(root) as bd:
-        return bd.open(path, flags, mode)
+        return open_quiet(lambda f: bd.open(path, f, mode), flags)
 
 
 class _Cached:

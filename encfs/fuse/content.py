@@ -67,6 +67,7 @@ from dataclasses import replace
 
 from encfs.blocks import OVERHEAD, BlockCipher, sealed_offset
 from encfs.diskio import pwrite_all
+from encfs.fuse.backingtimes import keep_times, times_of
 from encfs.fuse.contentread import ContentReads
 from encfs.fuse.contentrecovery import ContentRecovery, plain_file_size
 from encfs.fuse.contentwrite import HOLE_MIN, JOURNAL_MAX, ContentWrites, max_file_size, too_big, whole_blocks
@@ -300,7 +301,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         start = min((offset for _k, offset, _n in pieces), default=0)
         end = max((offset + length for _k, offset, length in pieces), default=0)
         span = memoryview(self.journal.read(start, end - start)) if end - start <= 2 * JOURNAL_MAX else None
-        times = os.fstat(self.fd)
+        times = times_of(self.fd)
         for k, offset, length in pieces:
             data = span[offset - start:offset - start + length] if span is not None \
                 else self.journal.read(offset, length)
@@ -308,10 +309,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         os.fdatasync(self.fd)
         # Moving blocks into place changes no contents: the file keeps the times its writes and
         # the kernel (SETATTR, the writeback cache) gave it, which are the plaintext's (fs.py).
-        try:
-            os.utime(self.fd, ns=(times.st_atime_ns, times.st_mtime_ns))
-        except OSError as e:
-            log.warning("times of a checkpointed file not kept (%s)", e.strerror)
+        keep_times(self.fd, times, "a checkpointed file")
         self.dirty = False
         if not self.v1 and self.holes.extents() != self.state.holes:
             self._write_state_durably(self.size, self.holes)  # filled holes: as in fsync()

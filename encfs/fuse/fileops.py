@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from encfs import daemonlog
 from encfs.blocks import OVERHEAD, BlockAuthError
 from encfs.fuse import sparse
+from encfs.fuse.backingtimes import open_quiet
 from encfs.fuse.content import FileContent, prefetch, whole_blocks
 from encfs.fuse.fileheader import HEADER_LEN
 from encfs.fuse.fuseerrors import fuse_op, reraise_as_errno
@@ -84,10 +85,7 @@ class FileOps:
         if isinstance(target, bytes):
             flags |= os.O_NOFOLLOW
         if noatime:
-            try:
-                return self.bd.open(target, flags | os.O_NOATIME, mode)
-            except PermissionError:
-                pass  # O_NOATIME needs ownership or CAP_FOWNER
+            return open_quiet(lambda f: self.bd.open(target, f, mode), flags)
         return self.bd.open(target, flags, mode)
 
     def _describe(self, target: bytes | int) -> bytes:

@@ -32,6 +32,7 @@ from encfs.blocks import BlockCipher
 from encfs.diskio import fsync_dir
 from encfs.fuse import rekeyfile
 from encfs.fuse.backingdirs import BackingDirs
+from encfs.fuse.backingtimes import open_quiet
 from encfs.fuse.fileheader import FILE_ID_LEN, HEADER_LEN, FileHeader
 from encfs.fuse.fsconfig import open_config
 from encfs.fuse.openfiles import OpenFile, OpenFiles
@@ -87,7 +88,7 @@ def fresh_keys(cipherdir: Path, ks: KeyService, recovering: bool, files: list[by
 
 
 def _head(bd: BackingDirs, path: bytes) -> bytes:
-    fd = bd.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    fd = open_quiet(lambda f: bd.open(path, f), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         return os.pread(fd, HEADER_LEN, 0)
     finally:
@@ -96,7 +97,8 @@ def _head(bd: BackingDirs, path: bytes) -> bytes:
 
 def _one(bd: BackingDirs, opened: OpenFiles, path: bytes, done: set[bytes]) -> int | None:
     """Re-key one file unless it is done; its backing size, or None if it was skipped."""
-    fd = bd.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    # Its reads (the load, the re-seal) leave its atime alone, and rekeyfile.rekey keeps its times.
+    fd = open_quiet(lambda f: bd.open(path, f), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     st = os.fstat(fd)
     if not stat_m.S_ISREG(st.st_mode) or FileHeader.parse(os.pread(fd, HEADER_LEN, 0)).file_id in done:
         os.close(fd)
@@ -112,7 +114,4 @@ def _one(bd: BackingDirs, opened: OpenFiles, path: bytes, done: set[bytes]) -> i
     opened.release(fh)
     if st.st_ino in opened.contents:  # its checkpoint failed: the content stayed pinned
         raise OSError(5, "cannot checkpoint it after the re-key", os.fsdecode(path))
-    # The plaintext's times are the backing file's: a re-key changes no content, so it keeps them
-    # (as `cp -p`; backup tools and make read them). A kill before this line leaves the re-key's time.
-    bd.utime(path, (st.st_atime_ns, st.st_mtime_ns))
     return st.st_size

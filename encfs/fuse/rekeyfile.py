@@ -33,6 +33,7 @@ import os
 
 from encfs.blocks import OVERHEAD, BlockAuthError, BlockCipher
 from encfs.diskio import fsync_dir, pwrite_all
+from encfs.fuse.backingtimes import keep_times, open_quiet, times_of
 from encfs.fuse.content import FileContent
 from encfs.fuse.fileheader import (
     HEADER_LEN,
@@ -81,19 +82,23 @@ def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
     the complete side file in fails (``c`` then reads from it, read-only, under the new key)."""
     c.write_pending_state()  # under the old key, as everything of the file so far
     c.checkpoint()
+    times = times_of(c.fd)  # a re-key changes no contents: the file keeps them (backingtimes.py)
     old_id = c.header.file_id
     root = c.root
     final = side_file(root, old_id)
     new_state = state_file(root, header.file_id) if c.state_in_file else None
     tmp = side_file(root, old_id, TMP_SUFFIX)
     os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = open_quiet(lambda f: os.open(tmp, f, 0o600), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         try:
             pwrite_all(fd, header.pack(), 0)
             sealed = _reseal(c, cipher, fd)
             if not c.v1:  # with the side file (its xattr, or the new id's state file beside it)
                 write_state(fd, cipher, FileState(c.size, sealed + 1, c.holes.extents()), new_state)
+            # The side file carries the file's times, durable with it: whoever copies it in (below,
+            # or complete() after a crash, whose rerun sees only the side file) gives them back.
+            keep_times(fd, times, tmp)
             os.fsync(fd)
         except BaseException:
             os.unlink(tmp)
@@ -132,7 +137,7 @@ def complete(root: bytes, file_id: bytes, fd: int) -> None:
     """Finish the re-key of the file open (writable) as ``fd`` whose header names ``file_id``
     and whose side file is complete: copy it in, then remove it."""
     final = side_file(root, file_id)
-    src = os.open(final, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    src = open_quiet(lambda f: os.open(final, f), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # its atime is the file's
     try:
         _copy_back(src, fd)
     finally:
@@ -190,10 +195,12 @@ def _reseal_range(c: FileContent, cipher: BlockCipher, out: int, begin: int, len
 
 
 def _copy_back(src: int, dst: int) -> None:
-    """Steps 2 of the module docstring: blocks, length, state, fsync, then header, fsync. Only the side file's data is copied: its holes are the file's holes (the old state
+    """Steps 2 of the module docstring: blocks, length, state, fsync, then header and the side
+    file's times (the file's before its re-key), fsync. Only the side file's data is copied: its holes are the file's holes (the old state
     names them too), whatever ``dst`` holds there is never opened. The header goes last: until
     it is durable the file still has its old id, so a crash anywhere here leaves the side file
     pending and the next load copies it back again."""
+    times = times_of(src)
     length = os.fstat(src).st_size
     for begin, end in _backing_data(src, length):
         for at in range(begin, end, _COPY):
@@ -202,6 +209,7 @@ def _copy_back(src: int, dst: int) -> None:
     _copy_state(src, dst)
     os.fsync(dst)  # blocks and state: under the old header neither is read (the side file is)
     pwrite_all(dst, os.pread(src, HEADER_LEN, 0), 0)
+    keep_times(dst, times, b"a re-keyed file")
     os.fsync(dst)
 
 
