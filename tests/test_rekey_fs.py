@@ -226,7 +226,8 @@ def test_an_interrupted_run_with_torn_headers_and_split_config_is_finished(tmp_p
     new = backing(cipher)
     names = sorted(regular(new))
     batch, later = names[:len(names) // 2], names[len(names) // 2:]
-    (cipher / REDO).write_bytes(pack_redo([(os.fsencode(n), new[n][:HEADER_LEN]) for n in batch]))
+    times = {n: ((cipher / n).stat().st_atime_ns, (cipher / n).stat().st_mtime_ns) for n in batch}
+    (cipher / REDO).write_bytes(pack_redo([(os.fsencode(n), new[n][:HEADER_LEN], times[n]) for n in batch]))
     for i, n in enumerate(batch + later):
         head = old[n][:HEADER_LEN] if i % 2 or n in later else new[n][:64] + old[n][64:HEADER_LEN]
         with open(cipher / n, "r+b") as f:

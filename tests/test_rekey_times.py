@@ -5,8 +5,10 @@ and its times not yet put back. Real token, real CLI processes, real mounts."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from fuse_helpers import Mount
 from test_rekey_rewrap import ok
 
 from encfs.fuse.names import is_internal
-from encfs.fuse.rewrap import MARKER
+from encfs.fuse.rewrap import MARKER, parse_redo
 
 # Runs `encfs ARGS` and kills itself with SIGKILL at the NTH moment of POINT:
 # "rekeyed": a file's re-key (rekeyfile.rekey) has returned, before anything after it;
@@ -114,3 +116,19 @@ def test_recovery_key_add_killed_after_a_files_rekey_keeps_every_files_times(tmp
     assert (cipher / MARKER).exists()
     ok(home, "recovery-key", "add", cipher, "--new-recovery-key", rk)  # takes the key file the kill left
     check(cipher, plain, home, files, times)
+
+
+def test_a_rewrap_killed_mid_batch_keeps_every_files_times(tmp_path: Path, home: Path) -> None:
+    """The kill lands after the third header of the batch was written and before its times were
+    put back; the rerun's replay writes the other headers and must give all of them their times."""
+    cipher, plain, files, times = make(tmp_path, home)
+    killed_at(home, "header", 3, "rekey", cipher, "--key", "b")
+    assert (cipher / MARKER).exists()
+    ok(home, "rekey", cipher, "--key", "b")
+    check(cipher, plain, home, files, times)
+
+
+def test_a_version_1_redo_log_of_an_older_encfs_is_still_read() -> None:
+    """Its records hold no times: the replay keeps the file's own (None here)."""
+    body = struct.pack(">4sB3xI", b"ENCW", 1, 1) + struct.pack(">H", 3) + b"a/b" + bytes(range(128))
+    assert parse_redo(body + hashlib.sha256(body).digest(), "log") == [(b"a/b", bytes(range(128)), None)]

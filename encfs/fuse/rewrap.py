@@ -69,6 +69,7 @@ from encfs.diskio import pwrite_all, syncfs
 from encfs.errors import ContextMismatch, EncfsError, InvalidCiphertext, KeyNotFound, UsageError
 from encfs.fuse import rekeyfile
 from encfs.fuse.backingdirs import BackingDirs, open_under
+from encfs.fuse.backingtimes import keep_times, times_of
 from encfs.fuse.fileheader import HEADER_LEN, FileHeader, HeaderError
 from encfs.fuse.fsconfig import (
     BACKUP_NAME,
@@ -94,6 +95,7 @@ from encfs.fuse.rewraplog import (
     REDO_VERSION,
     REWRAP,
     RewrapError,
+    Times,
     _remove,
     _write_marker,
     pack_redo,
@@ -161,9 +163,14 @@ def backing_files(root: bytes) -> Iterator[bytes]:
 
 def _read_header(root: bytes, rel: bytes) -> FileHeader:
     """HeaderError if it is not a header (or too short to be one)."""
+    return _header_and_times(root, rel)[0]
+
+
+def _header_and_times(root: bytes, rel: bytes) -> tuple[FileHeader, Times]:
+    """The file's header and its (atime, mtime); HeaderError if it is not a header."""
     fd = open_under(root, os.path.join(root, rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
-        return FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
+        return FileHeader.parse(os.pread(fd, HEADER_LEN, 0)), times_of(fd)
     finally:
         os.close(fd)
 
@@ -333,7 +340,7 @@ def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple
         for at in range(0, len(moving), BATCH):
             batch = []
             for rel in moving[at:at + BATCH]:
-                header = _read_header(root, rel)
+                header, times = _header_and_times(root, rel)
                 try:
                     if by_recovery is not None:
                         blob = _derived_blob(ks, root, rel, header, by_recovery, dest)
@@ -343,18 +350,17 @@ def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple
                 except (InvalidCiphertext, ContextMismatch, KeyNotFound):
                     damaged.append(os.fsdecode(rel))  # a damaged blob (or one of another key store)
                     continue
-                batch.append((rel, FileHeader(header.file_id, blob, header.version).pack()))
+                batch.append((rel, FileHeader(header.file_id, blob, header.version).pack(), times))
             if batch:
                 _mark(cipherdir, operation, dest, recovering, state)
                 write_atomic(cipherdir / REDO, pack_redo(batch), 0o600, sync_dir=True)
-                for rel, new in batch:
+                for rel, new, times in batch:
                     fd = open_under(root, os.path.join(root, rel), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                     try:
-                        st = os.fstat(fd)
                         pwrite_all(fd, new, 0)
-                        # The plaintext's times are the backing file's, and a re-wrap changes no
-                        # content: they stay (a kill before this leaves the re-wrap's time).
-                        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                        # A re-wrap changes no contents: the file keeps its times (the plaintext's),
+                        # which its redo record holds for a replay after a kill before this line.
+                        keep_times(fd, times, rel)
                     finally:
                         os.close(fd)
                 syncfs(root)  # this batch is durable: the next redo log may replace its own

@@ -4,7 +4,8 @@
 The marker (JSON: version, operation "rewrap" or "full", the destination CMK, whether a crash
 recovery is due at the next mount, and ``"adding"`` for an `encfs recovery-key add`, recovery.py)
 is written before the first header changes and removed last; the redo log holds one batch's new
-128-byte headers (backing path relative to CIPHERDIR, header), with a SHA-256 digest of the whole.
+128-byte headers (backing path relative to CIPHERDIR, header, the file's atime and mtime from before
+the run), with a SHA-256 digest of the whole.
 Both are written by write-fsync-rename. This module packs, parses, writes, replays and removes
 them; when they are written, and in what order against the headers and config copies, is
 rewrap.py's.
@@ -23,6 +24,8 @@ Invariants:
   file id) are the logged header's: a header and its re-wrapped version share them, so a torn
   128-byte write is recognised by them and completed; a file whose header no longer starts that
   way (gone, or replaced) is left alone. The log goes only after a syncfs made its headers durable.
+- Every file replay completes gets the times its record kept, also one whose header the killed run
+  wrote but had not yet given its times back: a re-wrap changes no contents (backingtimes.py).
 - A damaged marker stands for a run to the CMK given (which must then be given); a marker of
   another version or operation is refused, never taken for one of this version.
 - Removing bookkeeping files ends with an fsync of CIPHERDIR: once _remove returns, they stay gone.
@@ -41,6 +44,7 @@ from encfs.atomicfile import write_atomic
 from encfs.diskio import fsync_dir, pwrite_all, syncfs
 from encfs.errors import EncfsError, MountError
 from encfs.fuse.backingdirs import open_under
+from encfs.fuse.backingtimes import keep_times, times_of
 from encfs.fuse.fileheader import HEADER_LEN
 from encfs.fuse.fsconfig import REKEY_MARKER
 
@@ -49,9 +53,11 @@ REDO = "encfs.rekey.redo"
 DONE_LOG = "encfs.rekey.done"  # fullrekey.DONE
 MARKER_VERSION = 1
 REWRAP, FULL = "rewrap", "full"  # the marker's ``operation``
-REDO_MAGIC, REDO_VERSION = b"ENCW", 1
+REDO_MAGIC, REDO_VERSION = b"ENCW", 2  # version 1 (no times) is still read: a run of an older encfs
 _REDO_HEAD = struct.Struct(">4sB3xI")  # magic, version, 3 zero bytes, record count
 _PATH_LEN = struct.Struct(">H")
+_TIMES = struct.Struct(">qq")  # version 2: atime and mtime in ns (signed: before 1970 too)
+Times = tuple[int, int]  # backingtimes.times_of
 _DIGEST = 32  # SHA-256 of everything before it
 PREFIX = 22  # magic, version, reserved, file id: the same before and after a re-wrap
 
@@ -74,32 +80,39 @@ def refuse_if_interrupted(cipherdir: Path) -> None:
 
 # -- the redo log and the marker (FORMAT.md §6.9) -----------------------------------------------------
 
-def pack_redo(entries: list[tuple[bytes, bytes]]) -> bytes:
-    """The redo log of ``entries`` (backing path relative to CIPHERDIR, new 128-byte header)."""
+def pack_redo(entries: list[tuple[bytes, bytes, Times]]) -> bytes:
+    """The redo log of ``entries`` (backing path relative to CIPHERDIR, new 128-byte header, the
+    file's (atime, mtime) before its header changes)."""
     parts = [_REDO_HEAD.pack(REDO_MAGIC, REDO_VERSION, len(entries))]
-    for rel, header in entries:
+    for rel, header, times in entries:
         assert len(header) == HEADER_LEN and not os.path.isabs(rel)
-        parts += [_PATH_LEN.pack(len(rel)), rel, header]
+        parts += [_PATH_LEN.pack(len(rel)), rel, header, _TIMES.pack(*times)]
     body = b"".join(parts)
     return body + hashlib.sha256(body).digest()
 
 
-def parse_redo(data: bytes, where: str) -> list[tuple[bytes, bytes]]:
-    """RewrapError if the log is not whole (it is written by rename: damage, not a torn write)."""
+def parse_redo(data: bytes, where: str) -> list[tuple[bytes, bytes, Times | None]]:
+    """Its records (the times None in a version-1 log); RewrapError if the log is not whole (it is
+    written by rename: damage, not a torn write)."""
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
     if len(data) < _REDO_HEAD.size + _DIGEST or hashlib.sha256(body).digest() != digest:
         raise RewrapError(f"{where} is damaged (its digest does not match): restore it from a backup")
     magic, version, count = _REDO_HEAD.unpack_from(body)
-    if magic != REDO_MAGIC or version != REDO_VERSION:
+    if magic != REDO_MAGIC or version not in (1, REDO_VERSION):
         raise RewrapError(f"{where} is not an encfs re-key redo log of version {REDO_VERSION}: upgrade encfs")
-    entries, pos = [], _REDO_HEAD.size
+    entries: list[tuple[bytes, bytes, Times | None]] = []
+    pos = _REDO_HEAD.size
     for _ in range(count):
         (n,) = _PATH_LEN.unpack_from(body, pos)
         rel, header = body[pos + 2:pos + 2 + n], body[pos + 2 + n:pos + 2 + n + HEADER_LEN]
-        entries.append((rel, header))
         pos += 2 + n + HEADER_LEN
+        times = None
+        if version > 1 and pos + _TIMES.size <= len(body):
+            times = _TIMES.unpack_from(body, pos)
+            pos += _TIMES.size
+        entries.append((rel, header, times))
     if pos != len(body) or any(len(h) != HEADER_LEN or os.path.isabs(r) or b".." in r.split(b"/")
-                               for r, h in entries):
+                               or (version > 1 and t is None) for r, h, t in entries):
         raise RewrapError(f"{where} is damaged (its records do not add up)")
     return entries
 
@@ -144,16 +157,21 @@ def replay(cipherdir: Path) -> int:
     except FileNotFoundError:
         return 0
     written = 0
-    for rel, new in parse_redo(data, str(cipherdir / REDO)):
+    for rel, new, times in parse_redo(data, str(cipherdir / REDO)):
         try:
             fd = open_under(root, os.path.join(root, rel), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError):
             continue
         try:
             now = os.pread(fd, HEADER_LEN, 0)
-            if now[:PREFIX] == new[:PREFIX] and now != new:
+            if now[:PREFIX] != new[:PREFIX]:
+                continue
+            kept = times if times is not None else times_of(fd)  # a version-1 log kept none
+            if now != new:
                 pwrite_all(fd, new, 0)
                 written += 1
+            if now != new or times is not None:  # the killed run may have written it, not its times
+                keep_times(fd, kept, rel)
         finally:
             os.close(fd)
     syncfs(root)
