@@ -3,7 +3,8 @@ volume and export tests share (issue #21: "killed at 10 random points, resumed e
 verified"). Each test says what marks a run in progress and what to check after each kill and re-run.
 
 The moments are calibrated on one whole run: from when the run's mark appears on disk to its end,
-so that most kills land inside the copy however fast the machine is."""
+so that most kills land inside the copy however fast the machine is. ``killed_at`` kills a run at a
+chosen point instead."""
 
 from __future__ import annotations
 
@@ -59,3 +60,43 @@ def kill_and_rerun(target: Path, home: Path, wanted: int, marked: Callable[[], b
             after_kill(dest)
         after_rerun(dest)
     return round_no, dest
+
+
+# Runs `encfs ARGS` and kills itself with SIGKILL at the NTH moment of POINT:
+# "rekeyed": a file's re-key (rekeyfile.rekey) has returned, before anything after it;
+# "copying": a re-keyed file's blocks and state are copied back, its new header not yet;
+# "header": a re-wrap has written a file's new header in place (mid-batch), nothing after it.
+KILLED_AT = r"""
+import os, signal, sys
+from encfs.cli import main
+from encfs.fuse import rekeyfile, rewrap
+
+point, nth, sys.argv = sys.argv[1], int(sys.argv[2]), ["encfs", *sys.argv[3:]]
+calls = [0]
+
+def after(fn):
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return run
+
+if point == "rekeyed":
+    rekeyfile.rekey = after(rekeyfile.rekey)
+elif point == "copying":
+    rekeyfile._copy_state = after(rekeyfile._copy_state)
+else:
+    rewrap.pwrite_all = after(rewrap.pwrite_all)
+raise SystemExit(main())
+"""
+
+
+def killed_at(home: Path, point: str, nth: int, *args: str | Path) -> None:
+    """`encfs ARGS`, killed at the NTH moment of POINT (KILLED_AT)."""
+    env = dict(os.environ, ENCFS_HOME=str(home))
+    env.pop("SOFTHSM2_CONF", None)
+    p = subprocess.run([sys.executable, "-c", KILLED_AT, point, str(nth), *map(str, args)], env=env,
+                       capture_output=True, timeout=120, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()

@@ -7,60 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import test_rekey_rewrap
 from fuse_helpers import Mount
+from rekey_kills import killed_at
 from test_rekey_rewrap import ok
 
 from encfs.fuse.names import is_internal
 from encfs.fuse.rewrap import MARKER, parse_redo
 
-# Runs `encfs ARGS` and kills itself with SIGKILL at the NTH moment of POINT:
-# "rekeyed": a file's re-key (rekeyfile.rekey) has returned, before anything after it;
-# "copying": a re-keyed file's blocks and state are copied back, its new header not yet;
-# "header": a re-wrap has written a file's new header in place (mid-batch), nothing after it.
-KILLED_AT = r"""
-import os, signal, sys
-from encfs.cli import main
-from encfs.fuse import rekeyfile, rewrap
-
-point, nth, sys.argv = sys.argv[1], int(sys.argv[2]), ["encfs", *sys.argv[3:]]
-calls = [0]
-
-def after(fn):
-    def run(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        calls[0] += 1
-        if calls[0] == nth:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-    return run
-
-if point == "rekeyed":
-    rekeyfile.rekey = after(rekeyfile.rekey)
-elif point == "copying":
-    rekeyfile._copy_state = after(rekeyfile._copy_state)
-else:
-    rewrap.pwrite_all = after(rewrap.pwrite_all)
-raise SystemExit(main())
-"""
-
 home = test_rekey_rewrap.home  # the fixture: a home with CMKs "a" and "b"
 OLD = 1_600_000_000_000_000_000  # 2020: relatime moves an atime this old at any read
-
-
-def killed_at(home: Path, point: str, nth: int, *args: str | Path) -> None:
-    env = dict(os.environ, ENCFS_HOME=str(home))
-    env.pop("SOFTHSM2_CONF", None)
-    p = subprocess.run([sys.executable, "-c", KILLED_AT, point, str(nth), *map(str, args)], env=env,
-                       capture_output=True, timeout=120, check=False)
-    assert p.returncode == -signal.SIGKILL, p.stderr.decode()
 
 
 def backing_times(cipher: Path) -> dict[str, tuple[int, int]]:

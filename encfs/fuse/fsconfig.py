@@ -80,13 +80,12 @@ from encfs.fuse.configcopy import (
     features_for,
     sealed_config_bytes,
 )
-from encfs.fuse.mountlock import LOCK_NAME
+from encfs.fuse.mountlock import LOCK_NAME, REKEY_MARKER
 from encfs.fuse.recoverykeys import seal_keys
 from encfs.keys.service import KeyService
 
 CONFIG_NAME = "encfs.conf"
 BACKUP_NAME = "encfs.conf.bak"
-REKEY_MARKER = "encfs.rekey"  # rewrap.py's marker of an interrupted re-key (FORMAT.md §6.9)
 COPIES = (CONFIG_NAME, BACKUP_NAME)
 # What a legacy EncFS (vgough/encfs, Debian's `encfs` package) keeps in its root directory
 LEGACY_ENCFS_CONFIGS = (".encfs6.xml", ".encfs5", ".encfs4")

@@ -28,7 +28,8 @@ Taking the lock (``MountLock.acquire``):
     locks between hosts and that mount is alive: refused; older: that mount is
     presumed crashed: taken over, with a warning;
   a record taken over (or one that cannot be read) means the last read-write
-  mount did not end cleanly: ``MountLock.recovering`` is True;
+  mount did not end cleanly: ``MountLock.recovering`` is True, and a warning says so
+  (not for a killed `encfs rekey` whose marker stays: the marker's refusal or resumption says it);
 - a read-only mount on storage it cannot write (read-only media, no lock file)
   goes ahead without a lock, with a warning.
 
@@ -72,6 +73,7 @@ LEASE = 30.0
 HEARTBEAT = LEASE / 3
 RECORD_VERSION = 1
 REKEY_MODE = "rekey"  # the record's mode while `encfs rekey` holds the lock (encfs/fuse/rewrap.py)
+REKEY_MARKER = "encfs.rekey"  # rewrap.py's marker of an interrupted re-key (FORMAT.md §6.9)
 FSCK_MODE = "fsck"  # the record's mode while `encfs fsck` holds the lock (encfs/fuse/fsck.py)
 _RECORD_UNIT = 512  # one sector: the record is written in one piece
 _UNLOCKABLE = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -169,6 +171,13 @@ def _judge(cipherdir: Path, rec: dict[str, Any] | str | None, now: float) -> tup
         raise MountBusy(f"{_held(cipherdir, rec)} (heartbeat {max(0, int(age))} s ago; "
                         f"if that host crashed, retry in {wait} s)")
     return True, f"the mount {_who(rec)} stopped its heartbeat {int(age)} s ago: presumed crashed"
+
+
+def _rekey_marked(cipherdir: Path, rec: dict[str, Any] | str | None) -> bool:
+    """Whether the holder that did not end cleanly was a re-key whose marker stays: the marker is
+    the account of it (every command then refuses in one line naming the command that finishes the
+    re-key, or finishes it and says so), so a warning about it would only come first."""
+    return isinstance(rec, dict) and rec.get("mode") == REKEY_MODE and os.path.lexists(cipherdir / REKEY_MARKER)
 
 
 def _busy(cipherdir: Path, rec: dict[str, Any] | str | None, held: tuple[int, int] | None) -> MountBusy:
@@ -315,7 +324,7 @@ class MountLock:
             rec = _read_record(fd)
             recovering, why = _judge(cipherdir, rec, time.time())
             lock = cls(path, fd, read_only, recovering, rec if isinstance(rec, dict) else None)
-            if why:
+            if why and not _rekey_marked(cipherdir, rec):
                 log.warning("%s: the last read-write mount did not end cleanly: %s%s", cipherdir, why,
                             "" if read_only else "; taking over")
             if not read_only:
