@@ -50,3 +50,12 @@ def test_refusals_after_a_killed_full_rekey_are_one_line(tmp_path: Path, home: P
     out = run_encfs("rekey", str(cipher), "--full", "--key", "b", home=home)
     assert out.returncode == 0 and b"did not end cleanly" not in out.stderr, out.stderr
     assert not (cipher / MARKER).exists()
+
+
+def test_a_resumed_rewrap_counts_the_headers_its_replay_wrote(tmp_path: Path, home: Path) -> None:
+    """Killed once the third of the batch's six headers was written: the rerun's replay writes the
+    other three (the config follows), and it says so rather than "re-wrapped 0 file keys"."""
+    cipher = make(tmp_path, home)
+    killed_at(home, "header", 3, "rekey", cipher, "--key", "b")
+    out = ok(home, "rekey", cipher, "--key", "b")
+    assert "re-wrapped 3 file keys and the filesystem key" in out, out

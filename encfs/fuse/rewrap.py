@@ -121,7 +121,7 @@ class FsRewrapped:
     from_version: int
     to_key: str
     to_version: int
-    files: int = 0  # file headers moved (or that would move)
+    files: int = 0  # file headers moved (or that would move), a resumed run's replay included
     config: bool = False  # the filesystem secret moved (both copies)
     resumed: bool = False  # an interrupted run was found (and, unless dry_run, finished)
     damaged: list[str] = field(default_factory=list)  # headers left as they were
@@ -260,6 +260,7 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
 
     root = os.fsencode(cipherdir)
     resumed = marker is not None
+    replayed: set[bytes] = set()  # headers the replay wrote: moved by this run too
     again = ("--full " if operation == FULL else "") + str(cipherdir)  # the command that finishes the job
     if recovery_key is not None:
         again = f"--key {dest_key} --recovery-key {recovery_key[1]} {cipherdir}"
@@ -269,7 +270,7 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
                 if _LEFTOVER.fullmatch(name):  # of a write-fsync-rename a crash interrupted
                     os.unlink(os.path.join(root, name))
             if resumed:
-                replay(cipherdir)
+                replayed = replay(cipherdir)
         opened = open_by_recovery_key(cipherdir, *recovery_key) if recovery_key is not None else \
             open_config(cipherdir, ks, writable=not dry_run, rewrap_to=marker["key_id"] if marker is not None else None)
         by_recovery = opened if recovery_key is not None else None
@@ -291,8 +292,9 @@ def _run(cipherdir: Path, ks: KeyService, dest_key: str | None, marker: dict[str
     state = {"marked": marker is not None and marker["key_id"] == dest[0] and marker["operation"] == operation,
              "adding": marker is not None and marker.get("adding") is True}  # kept by a marker written anew
     try:
-        done.files = _move_headers(cipherdir, ks, config, dest, moving, recovering, state, done.damaged, operation,
-                                   by_recovery)
+        moved = _move_headers(cipherdir, ks, config, dest, moving, recovering, state, done.damaged, operation,
+                              by_recovery)
+        done.files = len(replayed | moved)  # a file replayed to one CMK and moved on to another: once
         if done.config:
             _move_config(cipherdir, ks, opened, dest, recovering, state, operation, by_recovery is not None)
         if operation == FULL:  # before the first file gets a fresh key (fullrekey.py)
@@ -333,9 +335,10 @@ def _mark(cipherdir: Path, operation: str, dest: tuple[str, int], recovering: bo
 
 def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple[str, int], moving: list[bytes],
                   recovering: bool, state: dict[str, bool], damaged: list[str], operation: str,
-                  by_recovery: OpenedConfig | None = None) -> int:
+                  by_recovery: OpenedConfig | None = None) -> set[bytes]:
+    """The paths (relative to CIPHERDIR) of the headers moved."""
     root = os.fsencode(cipherdir)
-    moved = 0
+    moved: set[bytes] = set()
     with progress(len(moving), f"rekey {cipherdir.name}", unit="files") as bar:
         for at in range(0, len(moving), BATCH):
             batch = []
@@ -364,7 +367,7 @@ def _move_headers(cipherdir: Path, ks: KeyService, config: FsConfig, dest: tuple
                     finally:
                         os.close(fd)
                 syncfs(root)  # this batch is durable: the next redo log may replace its own
-                moved += len(batch)
+                moved.update(rel for rel, _new, _times in batch)
             bar.update(len(moving[at:at + BATCH]))
     return moved
 

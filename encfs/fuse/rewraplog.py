@@ -148,15 +148,15 @@ def _write_marker(cipherdir: Path, operation: str, key_id: str, recovering: bool
     write_atomic(cipherdir / MARKER, (json.dumps(body) + "\n").encode(), 0o644, sync_dir=True)
 
 
-def replay(cipherdir: Path) -> int:
+def replay(cipherdir: Path) -> set[bytes]:
     """Complete the headers of the redo log left by an interrupted run (then drop the log);
-    returns how many were (re)written."""
+    returns the paths (relative to CIPHERDIR) of those it (re)wrote."""
     root = os.fsencode(cipherdir)
     try:
         data = (cipherdir / REDO).read_bytes()
     except FileNotFoundError:
-        return 0
-    written = 0
+        return set()
+    written = set()
     for rel, new, times in parse_redo(data, str(cipherdir / REDO)):
         try:
             fd = open_under(root, os.path.join(root, rel), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -169,7 +169,7 @@ def replay(cipherdir: Path) -> int:
             kept = times if times is not None else times_of(fd)  # a version-1 log kept none
             if now != new:
                 pwrite_all(fd, new, 0)
-                written += 1
+                written.add(rel)
             if now != new or times is not None:  # the killed run may have written it, not its times
                 keep_times(fd, kept, rel)
         finally:
