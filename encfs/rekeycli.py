@@ -116,7 +116,7 @@ def _filesystem(args: argparse.Namespace, target: Path) -> int:
                   f"{mib:.1f} MiB (one file at a time: needs free space for the largest file)")
         else:
             print(f"{target}: gave {files} fresh data keys under {dst}"
-                  + (", finishing an interrupted re-key," if done.resumed else "")
+                  + (", finishing an interrupted re-key" if done.resumed else "")
                   + f" ({mib:.1f} MiB re-encrypted in {done.seconds:.1f} s)")
     elif args.json:
         print_json({"Target": str(target), "Kind": "filesystem", "Changed": done.changed, "DryRun": args.dry_run,
@@ -182,7 +182,7 @@ def _full(args: argparse.Namespace, target: Path, kind: str, rk: bytes | None = 
         n = len(done.snapshots)
         snaps = f" with its {n} snapshot{'s' if n != 1 else ''}" if n else ""
         print(f"{target}: re-keyed{snaps} as volume {done.volume_id} under key {done.key_id}"
-              + (", finishing an interrupted re-key," if done.resumed else "")
+              + (", finishing an interrupted re-key" if done.resumed else "")
               + f" ({mib:.1f} MiB of written sectors re-encrypted in {done.seconds:.1f} s)")
     return 0
 
@@ -206,7 +206,7 @@ def _full_export(args: argparse.Namespace, target: Path) -> int:
               "copy of the directory)")
     else:
         print(f"{target}: re-encrypted {snaps} under a fresh export key wrapped by key {done.key_id}"
-              + (", finishing an interrupted re-key," if done.resumed else "")
+              + (", finishing an interrupted re-key" if done.resumed else "")
               + f" ({done.objects_written} objects written, {mib:.1f} MiB read, in {done.seconds:.1f} s)")
     return 0
 

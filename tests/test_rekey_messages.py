@@ -59,3 +59,14 @@ def test_a_resumed_rewrap_counts_the_headers_its_replay_wrote(tmp_path: Path, ho
     killed_at(home, "header", 3, "rekey", cipher, "--key", "b")
     out = ok(home, "rekey", cipher, "--key", "b")
     assert "re-wrapped 3 file keys and the filesystem key" in out, out
+
+
+def test_a_resumed_full_rekey_or_recovery_key_add_says_so_without_a_stray_comma(tmp_path: Path, home: Path) -> None:
+    cipher = make(tmp_path, home)
+    killed_at(home, "rekeyed", 2, "rekey", cipher, "--full", "--key", "b")
+    out = ok(home, "rekey", cipher, "--full", "--key", "b")
+    assert ", finishing an interrupted re-key (" in out, out
+    rk = tmp_path / "fs.rk"
+    killed_at(home, "rekeyed", 2, "recovery-key", "add", cipher, "--new-recovery-key", rk)
+    out = ok(home, "recovery-key", "add", cipher, "--new-recovery-key", rk)
+    assert ", finishing an interrupted add; " in out, out

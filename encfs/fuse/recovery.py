@@ -215,7 +215,7 @@ def cmd_add(args: argparse.Namespace) -> int:
                 f"which it opens. Anyone with {key_file} and the CIPHERDIR reads every file without the HSM: "
                 f"keep it apart")
     else:
-        text = (f"{cipherdir}: recovery key {key_file} set" + (", finishing an interrupted add," if done.resumed else "")
+        text = (f"{cipherdir}: recovery key {key_file} set" + (", finishing an interrupted add" if done.resumed else "")
                 + f"; {done.files} file{'s' if done.files != 1 else ''} given keys derived from it "
                 f"({done.resealed / (1 << 20):.1f} MiB re-encrypted). Anyone with {key_file} and the CIPHERDIR "
                 f"reads every file without the HSM: keep it apart")
