@@ -45,17 +45,20 @@ def write_atomic(path: PathLike, data: bytes, mode: int = 0o600, *, sync_dir: bo
         fsync_dir(os.path.dirname(target) or b".")
 
 
-def remove_dead_temporaries(path: Path, *more: Path) -> None:
+def remove_dead_temporaries(path: Path, *more: Path, locked: bool = False) -> None:
     """Remove the temporary files (``.tmp.PID``) of ``path`` and ``more`` (files of the same
     directory, which is listed once) whose process is gone: a writer killed between its write and
     its rename leaves one. Call it where only one writer runs (under the files' lock); another
-    user's process counts as alive. OSError (but ENOENT) escapes, naming the temporary."""
+    user's process counts as alive. ``locked``: every writer of these files holds a lock that the
+    caller holds now, so the temporary of any other process is stale, even if its pid is alive (a
+    pid is reused). Only regular files are removed. OSError (but ENOENT) escapes, naming the temporary."""
     if any(p.parent != path.parent for p in more):
         raise ValueError("remove_dead_temporaries lists one directory: every path must be in it")
     prefixes = {f"{p.name}.tmp" for p in (path, *more)}
     for tmp in path.parent.glob("*.tmp.*"):
         prefix, _, pid = tmp.name.rpartition(".")
-        if prefix in prefixes and pid.isdigit() and not _alive(int(pid)):
+        if prefix in prefixes and pid.isdigit() and tmp.is_file() and not tmp.is_symlink() \
+                and (int(pid) != os.getpid() if locked else not _alive(int(pid))):
             tmp.unlink(missing_ok=True)
 
 

@@ -18,6 +18,7 @@ from rekey_kills import kill_and_rerun
 from test_rekey_rewrap import home, key_id, ok  # noqa: F401  (the fixture)
 from volume_tool import contents, write
 
+from encfs.atomicfile import remove_dead_temporaries
 from encfs.block.exportformat import KeyFile
 from encfs.block.exportrekey import new_path, swap_path
 from encfs.keys.blob import CiphertextBlob
@@ -114,7 +115,14 @@ _DIES = textwrap.dedent("""
     import encfs.block.exportrekey as er
     from encfs.cli import main
     point = os.environ["DIE_AT"]
-    if point == "second-export":
+    if point == "writing-swap":  # DIR.rekey.swap written and synced under its temporary name, not renamed
+        real_replace = os.replace
+        def replace(src, dst, **kwargs):
+            if ".rekey.swap.tmp." in os.fsdecode(src):
+                os._exit(137)
+            return real_replace(src, dst, **kwargs)
+        os.replace = replace
+    elif point == "second-export":
         real_export, calls = er.export_snapshot, []
         def export_snapshot(src, directory, ks):
             calls.append(1)
@@ -134,7 +142,7 @@ _DIES = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("point", ["second-export", "before-exchange", "after-exchange"])
+@pytest.mark.parametrize("point", ["second-export", "writing-swap", "before-exchange", "after-exchange"])
 def test_a_run_killed_at_each_step_is_finished_by_running_it_again(home: Path, tmp_path: Path, point: str) -> None:
     directory, expected = exported(home, tmp_path)
     total = len(objects(directory))
@@ -149,6 +157,7 @@ def test_a_run_killed_at_each_step_is_finished_by_running_it_again(home: Path, t
     assert out["Resumed"] and out["KeyId"] == key_id(home, "b")
     assert out["ObjectsWritten"] < total  # carried on: what the killed run wrote stays
     assert not new_path(directory).exists() and not swap_path(directory).exists()
+    assert not list(tmp_path.glob("*.tmp.*"))  # the marker's temporary of the killed run: gone
     assert manifests(directory) == sorted(expected) and export_cmk(directory) == key_id(home, "b")
     ok(home, "key", "disable", "a")
     imports(home, directory, expected, tmp_path, "b")
@@ -173,3 +182,22 @@ def test_full_killed_at_random_moments_is_finished_by_running_it_again(home: Pat
                                    lambda: new.exists() or swap_path(directory).exists(), after_kill, after_rerun)
     ok(home, "key", "disable", "b" if dest == "a" else "a")
     imports(home, directory, expected, tmp_path, dest)
+
+
+def test_only_other_processes_regular_temporaries_of_the_marker_are_removed(tmp_path: Path) -> None:
+    """Under DIR's lock no other run writes DIR.rekey.swap: a temporary of any other pid is stale,
+    a live one's too (pids are reused: pid 1 stands for one). This process's own, other files'
+    and anything not a regular file stay."""
+    swap = tmp_path / "export.rekey.swap"
+    stale = [tmp_path / f"export.rekey.swap.tmp.{pid}" for pid in (1, 999_999_999)]
+    kept = [tmp_path / f"export.rekey.swap.tmp.{os.getpid()}", tmp_path / "other.rekey.swap.tmp.1",
+            tmp_path / "export.rekey.swap.tmp.x"]
+    for p in stale + kept:
+        p.write_bytes(b"")
+    (tmp_path / "export.rekey.swap.tmp.2").mkdir()
+    (tmp_path / "target").write_bytes(b"kept")
+    os.symlink(tmp_path / "target", tmp_path / "export.rekey.swap.tmp.3")
+    remove_dead_temporaries(swap, locked=True)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert (tmp_path / "export.rekey.swap.tmp.2").is_dir() and (tmp_path / "export.rekey.swap.tmp.3").is_symlink()
+    assert (tmp_path / "target").read_bytes() == b"kept"

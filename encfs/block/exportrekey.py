@@ -43,7 +43,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from encfs.atomicfile import write_atomic
+from encfs.atomicfile import remove_dead_temporaries, write_atomic
 from encfs.block.export import export_snapshot, read_manifest, unwrap_key
 from encfs.block.exportformat import (
     CHUNK_SECTORS,
@@ -178,6 +178,8 @@ def rekey_export(directory: Path, ks: KeyService, key: str | None = None, dry_ru
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ExportBusy(f"{directory} is in use by another encfs export") from None
+        if not dry_run:  # a run killed while writing the marker left its temporary: no other run writes one now
+            remove_dead_temporaries(swap, locked=True)
         keys = unwrap_key(directory, ks)
         ids = _manifest_ids(directory)
         marked = swap.read_text().strip() if swap.exists() else None
