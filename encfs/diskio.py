@@ -73,3 +73,15 @@ def syncfs(path: bytes | str) -> None:
             raise OSError(e, os.strerror(e))
     finally:
         os.close(fd)
+
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def renameat2(src: bytes | str | os.PathLike[str], dst: bytes | str | os.PathLike[str], flags: int) -> None:
+    """renameat2(2): RENAME_NOREPLACE (EEXIST if ``dst`` exists), RENAME_EXCHANGE (swap the two);
+    OSError on failure (EINVAL where the filesystem does not support ``flags``)."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), os.fsdecode(dst))

@@ -32,7 +32,6 @@ Invariants:
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import os
@@ -57,13 +56,11 @@ from encfs.block.exportformat import (
     KeyFile,
     Manifest,
 )
-from encfs.diskio import fsync_dir
+from encfs.diskio import RENAME_EXCHANGE, fsync_dir, renameat2
 from encfs.keys.blob import CiphertextBlob
 from encfs.keys.service import KeyService
 
-RENAME_EXCHANGE = 2  # linux/fs.h
 _AHEAD = 4  # objects read ahead of the one being re-sealed
-_AT_FDCWD = -100
 
 
 @dataclass(frozen=True)
@@ -144,10 +141,7 @@ def _digest(path: Path) -> str | None:
 
 
 def _exchange(a: Path, b: Path) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
+    renameat2(a, b, RENAME_EXCHANGE)
 
 
 def _finish(directory: Path, new: Path, swap: Path) -> None:

@@ -7,7 +7,10 @@ AWS CLI's habits: one line per action, ``--json`` for scripts, sizes in bytes in
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import os
+import stat as stat_m
 import sys
 import time
 from collections.abc import Callable
@@ -16,9 +19,9 @@ from typing import Any
 
 from encfs.block import snapshots
 from encfs.block.rekey import copy_sectors, tmp_path
-from encfs.block.volume import OpenVolume, VolumeError, create_volume, open_volume
+from encfs.block.volume import OpenVolume, VolumeBusy, VolumeError, format_volume, open_volume
 from encfs.cliargs import open_key_service, state_dir
-from encfs.diskio import fsync_dir
+from encfs.diskio import RENAME_NOREPLACE, fsync_dir, renameat2
 from encfs.errors import UsageError
 from encfs.keys.service import KeyService
 from encfs.output import print_json, print_record, report
@@ -144,29 +147,84 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def _build(target: Path, size: int, ks: KeyService, key: str, what: str, fill: Callable[[OpenVolume], int]) -> float:
     """Make a new volume at ``target`` under ``key`` and ``fill`` it: built as ``target.<what>.tmp``
-    and renamed into place once complete and synced, so a killed run leaves no half volume."""
+    and renamed into place once complete and synced, so a killed run leaves no half volume. The
+    run owns its temporary by an exclusive flock from the moment it has one (_claim) until the
+    rename, which never replaces a file: a second run to the same target is refused (VolumeBusy),
+    and a temporary left by a killed run (whose lock died with it) is taken over."""
     if target.exists():
         raise VolumeError(f"{target} already exists")
     start = time.monotonic()
     tmp = tmp_path(target, what)
-    tmp.unlink(missing_ok=True)
+    fd = _claim(tmp, target)
     try:
-        create_volume(tmp, size, ks, key)
-        vol = open_volume(tmp, ks)
         try:
-            fill(vol)
-            vol.flush()
-        finally:
-            vol.close()
-        os.rename(tmp, target)
-        fsync_dir(str(target.absolute().parent))
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise VolumeError(f"cannot make {target}: {e.strerror}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            format_volume(fd, tmp, size, ks, key)
+            vol = open_volume(tmp, ks, locked_fd=os.dup(fd))  # the same open file: the lock stays this run's
+            try:
+                fill(vol)
+                vol.flush()
+            finally:
+                vol.close()
+            _rename_new(tmp, target)
+            fsync_dir(str(target.absolute().parent))
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise VolumeError(f"cannot make {target}: {e.strerror}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # still this run's: locked
+            raise
+    finally:
+        os.close(fd)
     return time.monotonic() - start
+
+
+def _claim(tmp: Path, target: Path) -> int:
+    """An fd of ``tmp`` under this run's exclusive flock, the file empty and still named ``tmp``.
+    It is created (O_EXCL) or, left by a run that died (no one holds its lock), taken over; a
+    live run's is refused. Whoever locks a file first owns it: one created a moment ago by
+    another run may be taken over before its creator locks it, and the creator then refuses."""
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            fd = os.open(tmp, flags)
+        except FileNotFoundError:  # its run just finished or failed: let this one start over
+            raise VolumeBusy(f"{target} is being made by another encfs run: try again") from None
+        except OSError as e:
+            raise VolumeError(f"cannot make {target}: {tmp}: {e.strerror}") from None
+    except OSError as e:
+        raise VolumeError(f"cannot make {target}: {tmp}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        st, now = os.fstat(fd), os.lstat(tmp)  # still the file named tmp (not removed and made anew)
+        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino) or not stat_m.S_ISREG(st.st_mode):
+            raise BlockingIOError
+        os.ftruncate(fd, 0)  # a killed run's half volume: this run's to make again
+        return fd
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        raise VolumeBusy(f"{target} is being made by another encfs run ({tmp.name} is in use)") from None
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _rename_new(tmp: Path, target: Path) -> None:
+    """``tmp`` to ``target`` unless ``target`` exists (a run to it by another command, or a file
+    made meanwhile): VolumeError then, and ``tmp`` stays for the caller to remove."""
+    try:
+        renameat2(tmp, target, RENAME_NOREPLACE)
+    except FileExistsError:
+        raise VolumeError(f"{target} already exists (made while this run built it)") from None
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        try:  # no RENAME_NOREPLACE on this filesystem: a link fails as well if target exists
+            os.link(tmp, target)
+        except FileExistsError:
+            raise VolumeError(f"{target} already exists (made while this run built it)") from None
+        os.unlink(tmp)
 
 
 def _copier(src: snapshots.SnapshotSource, what: str) -> Callable[[OpenVolume], int]:

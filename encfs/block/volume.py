@@ -176,6 +176,20 @@ def create_volume(path: Path, size: int, ks: KeyService, key: str, version: int 
     except OSError as e:
         raise VolumeError(f"cannot create {path}: {e.strerror}") from None
     try:
+        return format_volume(fd, path, size, ks, key, version, recovery_key)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def format_volume(fd: int, path: Path, size: int, ks: KeyService, key: str, version: int = COW_FORMAT,
+                  recovery_key: bytes | None = None) -> VolumeHeader:
+    """Make a new volume in the empty file open as ``fd`` (create_volume's, or one its caller
+    created and locked: snapcli.py); VolumeError if it fails (the file is then the caller's to remove)."""
+    _check_cow_size(version == COW_FORMAT, size)
+    try:
         volume_id = os.urandom(16)
         probe = VolumeHeader(volume_id, size, b"", flags=HEADER_MAC)
         dk = ks.generate_data_key(key, probe.context(), encfs_internal=True)
@@ -191,13 +205,8 @@ def create_volume(path: Path, size: int, ks: KeyService, key: str, version: int 
             SectorStore(fd, dk.plaintext, volume_id, header.sectors, budget=budget).format_maps()
         return write_header(fd, replace(header, seals_reserved=budget.used),
                             header_mac_key(dk.plaintext, volume_id))
-    except BaseException as e:
-        os.unlink(path)
-        if isinstance(e, OSError):
-            raise VolumeError(f"cannot create {path}: {e.strerror}") from None
-        raise
-    finally:
-        os.close(fd)
+    except OSError as e:
+        raise VolumeError(f"cannot create {path}: {e.strerror}") from None
 
 
 def read_volume_header(path: Path, ks: KeyService | None = None, expected_key: str | None = None,
@@ -313,7 +322,8 @@ def open_locked(path: Path, writable: bool = True, shared: bool = False) -> int:
 
 def open_volume(path: Path, ks: KeyService | None, seal_worker: bool = False, accept_rollback: bool = False,
                 expected_key: str | None = None, read_only: bool = False,
-                recovery_key: bytes | None = None, map_unread: bool = False) -> OpenVolume:
+                recovery_key: bytes | None = None, map_unread: bool = False,
+                locked_fd: int | None = None) -> OpenVolume:
     """Open and unlock an image (the CMK must be Enabled). ``seal_worker``: large writes are
     sealed in a helper process (encfs.sealworker), for a daemon that serves the volume.
     ``accept_rollback``: upgrade a volume made before mirrored maps even where a damaged map
@@ -322,8 +332,10 @@ def open_volume(path: Path, ks: KeyService | None, seal_worker: bool = False, ac
     (read-only media); a format-1 volume that still needs an upgrade is refused. ``recovery_key``:
     the volume key comes from the header's recovery record, and ``ks`` is not used (recovery.py).
     ``map_unread``: a format-2 store reads only its commit records and snapshot table, for
-    CowStore.snapshot_unloaded(), whose time must not grow with the data."""
-    fd = open_locked(path, writable=not read_only)
+    CowStore.snapshot_unloaded(), whose time must not grow with the data. ``locked_fd``: a
+    writable fd of ``path`` whose exclusive flock the caller took (a new volume's builder,
+    snapcli.py: a second open would conflict with it); the volume owns it from here."""
+    fd = locked_fd if locked_fd is not None else open_locked(path, writable=not read_only)
     try:
         header, key, warnings = _read_verified(fd, path, ks, expected_key, recovery_key)
         for w in warnings:
