@@ -12,7 +12,7 @@ Invariants:
   one copy authenticates for its current place.
 - A removed or replaced backing inode gets a new generation (its number may be reused).
 - A FIFO, socket, device or directory that loses the last name the kernel knows it by, while
-  the kernel holds its number, is kept by an O_PATH fd taken before the removal (``_hold``,
+  the kernel holds its number, is kept by an O_PATH fd taken before the removal (``_holding``,
   inomap.py's ``held``); a removal that fails closes it.
 """
 
@@ -122,34 +122,34 @@ class NamespaceOps:
         if not plain_empty(self.bd.listdir(path)):
             raise FuseError(errno.ENOTEMPTY)
         self._remove_internal(path)
-        with self._holding(path, st) as held:
+        with self._holding(path, st):
             self.bd.rmdir(path)
         self._remove_side(path, side)
-        self._removed(st, path, held)
+        self._removed(st, path)
 
     @contextlib.contextmanager
-    def _holding(self, path: bytes, st: os.stat_result) -> Iterator[int | None]:
-        """Around the removal of ``path`` (stat ``st``): the O_PATH fd to hold for it, if it needs
-        one (see the invariants), which _removed keeps; closed if the removal fails."""
+    def _holding(self, path: bytes, st: os.stat_result) -> Iterator[None]:
+        """Around the removal of ``path`` (stat ``st``): takes the O_PATH fd to hold for it, if it
+        needs one (see the invariants), and gives it to the inode map as soon as the removal is
+        done, so that a later step that fails cannot leave it unowned; closed if the removal fails."""
         fd = None
         inode = self._ino(st)
         if (not (stat_m.S_ISREG(st.st_mode) or stat_m.S_ISLNK(st.st_mode)) and self.inodes.lookups.get(inode)
                 and not self.inodes.paths.get(inode, set()) - {path}):
             fd = self.bd.at(path, lambda d, n: os.open(n, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d))
         try:
-            yield fd
+            yield
         except BaseException:
             if fd is not None:
                 os.close(fd)
             raise
+        if fd is not None:
+            self.inodes.hold(inode, fd)
 
-    def _removed(self, st: os.stat_result, path: bytes, held: int | None = None) -> None:
-        """Bookkeeping after the backing entry ``path`` (stat ``st``) was removed or replaced;
-        ``held``: _holding's fd."""
+    def _removed(self, st: os.stat_result, path: bytes) -> None:
+        """Bookkeeping after the backing entry ``path`` (stat ``st``) was removed or replaced."""
         inode = self._ino(st)
         self.inodes.forget_path(inode, path)
-        if held is not None:
-            self.inodes.hold(inode, held)
         if stat_m.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
             # The backing inode is freed (or will be, at its last close) and its number may be
             # reused: a new generation tells the kernel the number now names a new inode.
@@ -176,14 +176,14 @@ class NamespaceOps:
             raise FuseError(errno.EISDIR)
         last_target = self._last_link_target(path, st)
         state = self._last_link_state_file(path, st)
-        with self._holding(path, st) as held:
+        with self._holding(path, st):
             self.bd.unlink(path)
         if state is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(state)
         self._remove_side(path, side)
         self.links.drop(last_target)
-        self._removed(st, path, held)
+        self._removed(st, path)
 
     @changes_names((0, 1))
     @fuse_op
@@ -297,7 +297,7 @@ class NamespaceOps:
         # device, under the old backing name, which the old plaintext name (and side file) names.
         whiteout = flags & RENAME_WHITEOUT
         # the replaced entry is kept while the kernel holds it (_holding)
-        with self._holding(new, replaced) if replaced is not None else contextlib.nullcontext() as held:
+        with self._holding(new, replaced) if replaced is not None else contextlib.nullcontext():
             try:
                 if link_target is not None:  # a new backing symlink sealed for the new place (symlinks.py)
                     self.links.place_copy(link_target, new, new_parent_dirid, st_old, backing_rename)
@@ -324,7 +324,7 @@ class NamespaceOps:
             self._moved_link(st_old)
         if replaced is not None:
             self.links.drop(replaced_target)
-            self._removed(replaced, new, held)
+            self._removed(replaced, new)
         self.inodes.rename_paths(old, new)
 
     def _last_link_state_file(self, path: bytes, st: os.stat_result) -> bytes | None:
