@@ -140,6 +140,9 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
         self.inodes = InodeMap(self.root)
         self._dirids: dict[int, bytes] = {ROOT_ID: bytes.fromhex(config.fs_id)[:DIRID_LEN]}
         self._no_capability: set[int] = set()  # inodes known to lack CAPABILITY_XATTR
+        # FIFOs, sockets and devices among the inodes the kernel holds (their xattrs' form: xattrops.py),
+        # noted from their attributes: the kernel learns every number from an attribute reply first.
+        self._special_inodes: set[int] = set()
         self._euid, self._egid = os.geteuid(), os.getegid()
         self._umask = os.umask(0o022)
         os.umask(self._umask)
@@ -264,6 +267,10 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
             e.st_size = self.names.symlink_size(self.bd.readlink(path)) if path is not None else 0
         else:
             e.st_size = st.st_size
+            if stat_m.S_ISDIR(st.st_mode):
+                self._special_inodes.discard(e.st_ino)
+            else:
+                self._special_inodes.add(e.st_ino)
         e.st_blksize = 4096  # FUSE makes this the inode's i_blkbits: above the page size, writes got slower here
         e.st_blocks = st.st_blocks
         e.st_atime_ns = st.st_atime_ns
@@ -304,6 +311,7 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
             if not self.inodes.forget(inode, nlookup):
                 continue
             self._no_capability.discard(inode)
+            self._special_inodes.discard(inode)
             self._sizes.pop(inode, None)
             self.inodes.release_held(inode)
             if not self.files.is_open(inode):
