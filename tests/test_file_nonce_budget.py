@@ -291,3 +291,42 @@ def test_a_damaged_side_file_read_only_leaks_no_fd(tmp_path: Path, service: KeyS
     assert len(os.listdir("/proc/self/fd")) == before
     os.fstat(g.fd)  # still this handle's
     read_only.release(gh)
+
+
+def test_reading_a_pending_side_file_leaves_its_times(tmp_path: Path, service: KeyService,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The side file keeps the file's times for the copy-in (FORMAT.md §6.4): a read-only load
+    (a read-only mount, fsck) reads it with O_NOATIME, or relatime would move an old atime and
+    the copy-in would give the file the time of that read."""
+    config = fs_config(service)
+    files = open_files(tmp_path, config, service)
+    path = os.fsencode(tmp_path / "f")
+    f = OpenFile(7, os.open(path, os.O_RDWR | os.O_CREAT, 0o600), True, path)
+    fh = files.add(f)
+    c = files.renew(f, new_file=True)
+    data = os.urandom(4 * B)
+    c.write(0, data)
+    c.fsync(False)
+    c.seals = REKEY_AT
+
+    def fails(src: int, dst: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(rekeyfile, "_copy_back", fails)
+    with pytest.raises(OSError):
+        files.writable_content(f)
+    files.release(fh)
+    files.close_all()
+    with open(path, "rb") as backing:
+        old_id = FileHeader.parse(backing.read(HEADER_LEN)).file_id
+    side = rekeyfile.side_file(os.fsencode(tmp_path), old_id)
+    old = (1_600_000_000_000_000_000, 1_500_000_000_000_000_000)  # relatime moves an atime this old
+    os.utime(side, ns=old)
+    read_only = open_files(tmp_path, config, service, read_only=True)
+    g = OpenFile(8, os.open(path, os.O_RDONLY), False, path)
+    gh = read_only.add(g)
+    assert read_only.content(g).read(0, len(data)) == data  # type: ignore[union-attr]
+    read_only.release(gh)
+    read_only.close_all()
+    st = os.stat(side)
+    assert (st.st_atime_ns, st.st_mtime_ns) == old

@@ -147,8 +147,10 @@ def complete(root: bytes, file_id: bytes, fd: int) -> None:
 
 
 def open_side_file(root: bytes, file_id: bytes) -> int:
-    """A read-only fd of the complete side file of ``file_id`` (for a read-only mount)."""
-    return os.open(side_file(root, file_id), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    """A read-only fd of the complete side file of ``file_id`` (for a read-only mount, fsck). Its
+    reads leave its atime, which the copy-in gives the file (open_quiet)."""
+    path = side_file(root, file_id)
+    return open_quiet(lambda flags: os.open(path, flags), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
 
 
 def _reseal(c: FileContent, cipher: BlockCipher, out: int) -> int:
@@ -234,7 +236,7 @@ def _copy_state(src: int, dst: int) -> None:
 def _serve_side_file(c: FileContent, final: bytes, header: FileHeader, cipher: BlockCipher) -> None:
     """After a failed copy-back: ``c`` reads the complete side file, read-only (the next load
     finishes the job)."""
-    fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    fd = open_quiet(lambda flags: os.open(final, flags), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     os.close(c.fd)
     c.use_fd(fd, False)
     c.read_only = True
