@@ -125,3 +125,18 @@ def test_two_restores_started_together_make_one_whole_volume(
         for code, err in results:
             assert code == 0 or (err.count("\n") == 1 and ("being made" in err or "already exists" in err)), err
         assert contents(new, fs_home) == data and not Path(f"{new}.restore.tmp").exists()
+
+
+def test_a_temporary_that_is_another_name_of_a_volume_is_not_truncated(
+        fs_home: Path, tmp_path: Path, snapshot: tuple[str, bytes]) -> None:
+    """A kill between the link and the unlink of the fallback rename (no RENAME_NOREPLACE) leaves
+    NEWIMG.restore.tmp as a second name of the finished volume: a later run to that NEWIMG (the
+    volume renamed away meanwhile) drops that name and makes its own file, never empties the volume."""
+    sid, data = snapshot
+    kept = tmp_path / "kept.img"
+    ok("snapshot", "restore", sid, kept, home=fs_home)
+    new = tmp_path / "new.img"
+    os.link(kept, tmp_path / "new.img.restore.tmp")
+    ok("snapshot", "restore", sid, new, home=fs_home)
+    assert contents(kept, fs_home) == data and contents(new, fs_home) == data
+    assert os.stat(kept).st_nlink == 1 and not (tmp_path / "new.img.restore.tmp").exists()

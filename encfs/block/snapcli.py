@@ -200,14 +200,18 @@ def _claim(tmp: Path, target: Path) -> int:
         st, now = os.fstat(fd), os.lstat(tmp)  # still the file named tmp (not removed and made anew)
         if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino) or not stat_m.S_ISREG(st.st_mode):
             raise BlockingIOError
-        os.ftruncate(fd, 0)  # a killed run's half volume: this run's to make again
-        return fd
+        if st.st_nlink == 1:
+            os.ftruncate(fd, 0)  # a killed run's half volume: this run's to make again
+            return fd
+        os.unlink(tmp)  # also a finished volume's name (a killed fallback rename): drop this one
     except (BlockingIOError, FileNotFoundError):
         os.close(fd)
         raise VolumeBusy(f"{target} is being made by another encfs run ({tmp.name} is in use)") from None
     except BaseException:
         os.close(fd)
         raise
+    os.close(fd)
+    return _claim(tmp, target)
 
 
 def _rename_new(tmp: Path, target: Path) -> None:
