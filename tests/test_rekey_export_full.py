@@ -19,8 +19,10 @@ from test_rekey_rewrap import home, key_id, ok  # noqa: F401  (the fixture)
 from volume_tool import contents, write
 
 from encfs.atomicfile import remove_dead_temporaries
+from encfs.block import exportrekey
 from encfs.block.exportformat import KeyFile
-from encfs.block.exportrekey import new_path, swap_path
+from encfs.block.exportrekey import ExportBusy, new_path, swap_path
+from encfs.diskio import RENAME_EXCHANGE, renameat2
 from encfs.keys.blob import CiphertextBlob
 
 MiB = 1 << 20
@@ -201,3 +203,24 @@ def test_only_other_processes_regular_temporaries_of_the_marker_are_removed(tmp_
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     assert (tmp_path / "export.rekey.swap.tmp.2").is_dir() and (tmp_path / "export.rekey.swap.tmp.3").is_symlink()
     assert (tmp_path / "target").read_bytes() == b"kept"
+
+
+def test_a_run_that_locked_a_directory_exchanged_meanwhile_is_refused(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another run's exchange of DIR with its rebuilt copy comes between this run's open of DIR and
+    its lock: the lock is then on the old inode (now DIR.rekey.new), which guards nothing, and the
+    run must not go on (it would remove the lock holder's temporaries): refused, busy."""
+    directory = tmp_path / "export"
+    directory.mkdir()
+    new_path(directory).mkdir()
+    (tmp_path / "export.rekey.swap.tmp.1").write_bytes(b"the lock holder's")
+    real_flock = exportrekey.fcntl.flock
+
+    def exchanged_first(fd: int, op: int) -> None:
+        renameat2(directory, new_path(directory), RENAME_EXCHANGE)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(exportrekey.fcntl, "flock", exchanged_first)
+    with pytest.raises(ExportBusy):
+        exportrekey.rekey_export(directory, None)  # type: ignore[arg-type]  # refused before any key use
+    assert (tmp_path / "export.rekey.swap.tmp.1").exists()

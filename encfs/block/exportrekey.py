@@ -172,6 +172,9 @@ def rekey_export(directory: Path, ks: KeyService, key: str | None = None, dry_ru
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ExportBusy(f"{directory} is in use by another encfs export") from None
+        st, now = os.fstat(fd), os.stat(directory)
+        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):  # another run's exchange came in between
+            raise ExportBusy(f"{directory} is in use by another encfs export")
         if not dry_run:  # a run killed while writing the marker left its temporary: no other run writes one now
             remove_dead_temporaries(swap, locked=True)
         keys = unwrap_key(directory, ks)
