@@ -1,7 +1,7 @@
 """The filesystem's FUSE server: kernel requests decoded into EncryptedFS calls. The directory
-requests (OPENDIR, READDIR, READDIRPLUS, RELEASEDIR, FSYNCDIR) are serverdirs.py's, a mixin of
-FsServer registered in its handler table with the others; this module keeps the rest, the
-handler table and the locks every request runs under.
+requests (OPENDIR, READDIR, READDIRPLUS, RELEASEDIR, FSYNCDIR) are serverdirs.py's and the xattr
+requests serverxattrs.py's, mixins of FsServer registered in its handler table with the others;
+this module keeps the rest, the handler table and the locks every request runs under.
 
 Invariants:
 - Locks (encfs.fuseproto.rwlock.FsLocks): an operation that changes the tree, or
@@ -53,6 +53,7 @@ from collections.abc import Callable
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.names import NAME_MAX
 from encfs.fuse.serverdirs import DirRequests
+from encfs.fuse.serverxattrs import XattrRequests
 from encfs.fuseproto.keepawake import KeepAwake
 from encfs.fuseproto.mounting import set_read_ahead
 from encfs.fuseproto.rwlock import FsLocks
@@ -105,8 +106,6 @@ from encfs.fuseproto.wire import (
     FUSE_WRITEBACK_CACHE,
     GETATTR,
     GETXATTR,
-    GETXATTR_IN,
-    GETXATTR_OUT,
     INIT,
     INTERRUPT,
     INVAL_ENTRY,
@@ -145,7 +144,6 @@ from encfs.fuseproto.wire import (
     SETATTR,
     SETATTR_IN,
     SETXATTR,
-    SETXATTR_IN,
     STATFS,
     STATFS_OUT,
     SYMLINK,
@@ -158,6 +156,7 @@ from encfs.fuseproto.wire import (
     Request,
     RequestContext,
     SetattrFields,
+    request_names,
 )
 
 log = logging.getLogger("encfs.fuse")
@@ -195,21 +194,7 @@ def open_reply_flags(flags: int, direct_io: bool) -> int:
     return FOPEN_KEEP_CACHE
 
 
-def _names(body: memoryview, count: int) -> list[bytes]:
-    """The first ``count`` NUL-terminated strings of a request body."""
-    return bytes(body).split(b"\0", count)[:count]
-
-
-def _xattr_reply(data: bytes, size: int) -> tuple[bytes, int]:
-    """(payload, errno) for GETXATTR/LISTXATTR: the length if ``size`` is 0, else the data if it fits."""
-    if size == 0:
-        return GETXATTR_OUT.pack(len(data), 0), 0
-    if len(data) > size:
-        return b"", errno.ERANGE
-    return data, 0
-
-
-class FsServer(DirRequests, FuseServer):
+class FsServer(DirRequests, XattrRequests, FuseServer):
     """Serves one EncryptedFS over an open /dev/fuse descriptor."""
 
     def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False,
@@ -340,7 +325,7 @@ class FsServer(DirRequests, FuseServer):
     # -- entries -----------------------------------------------------------------------
 
     def _lookup(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        (name,) = _names(body, 1)
+        (name,) = request_names(body, 1)
         self.reply(unique, self.fs.lookup_or_absent(node, name, ctx).pack_entry())
 
     def _forget(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
@@ -376,42 +361,42 @@ class FsServer(DirRequests, FuseServer):
         self.reply(unique, self.fs.readlink(node, ctx))
 
     def _symlink(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        name, target = _names(body, 2)
+        name, target = request_names(body, 2)
         self.reply(unique, self.fs.symlink(node, name, target, ctx).pack_entry())
 
     def _mknod(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         mode, rdev, ctx.umask, _pad = MKNOD_IN.unpack_from(body)
-        (name,) = _names(body[MKNOD_IN.size:], 1)
+        (name,) = request_names(body[MKNOD_IN.size:], 1)
         self.reply(unique, self.fs.mknod(node, name, mode, rdev, ctx).pack_entry())
 
     def _mkdir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         mode, ctx.umask = MKDIR_IN.unpack_from(body)
-        (name,) = _names(body[MKDIR_IN.size:], 1)
+        (name,) = request_names(body[MKDIR_IN.size:], 1)
         self.reply(unique, self.fs.mkdir(node, name, mode, ctx).pack_entry())
 
     def _unlink(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        self.fs.unlink(node, _names(body, 1)[0], ctx)
+        self.fs.unlink(node, request_names(body, 1)[0], ctx)
         self.reply(unique)
 
     def _rmdir(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        self.fs.rmdir(node, _names(body, 1)[0], ctx)
+        self.fs.rmdir(node, request_names(body, 1)[0], ctx)
         self.reply(unique)
 
     def _rename(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         (newdir,) = RENAME_IN.unpack_from(body)
-        old, new = _names(body[RENAME_IN.size:], 2)
+        old, new = request_names(body[RENAME_IN.size:], 2)
         self.fs.rename(node, old, newdir, new, 0, ctx)
         self.reply(unique)
 
     def _rename2(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         newdir, flags, _pad = RENAME2_IN.unpack_from(body)
-        old, new = _names(body[RENAME2_IN.size:], 2)
+        old, new = request_names(body[RENAME2_IN.size:], 2)
         self.fs.rename(node, old, newdir, new, flags, ctx)
         self.reply(unique)
 
     def _link(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         (old_node,) = LINK_IN.unpack_from(body)
-        (name,) = _names(body[LINK_IN.size:], 1)
+        (name,) = request_names(body[LINK_IN.size:], 1)
         self.reply(unique, self.fs.link(old_node, node, name, ctx).pack_entry())
 
     def _statfs(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
@@ -429,7 +414,7 @@ class FsServer(DirRequests, FuseServer):
 
     def _create(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         flags, mode, ctx.umask, _open_flags = CREATE_IN.unpack_from(body)
-        (name,) = _names(body[CREATE_IN.size:], 1)
+        (name,) = request_names(body[CREATE_IN.size:], 1)
         fh, attrs = self.fs.create(node, name, mode, flags, ctx)
         self.reply(unique, attrs.pack_entry(), OPEN_OUT.pack(fh, open_reply_flags(flags, self._direct_io), 0))
 
@@ -471,29 +456,3 @@ class FsServer(DirRequests, FuseServer):
         self.reply(unique, LSEEK_OUT.pack(self.fs.lseek(fh, offset, whence)))
 
     # -- xattrs -----------------------------------------------------------------------------
-
-    def _setxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        size, flags = SETXATTR_IN.unpack_from(body)
-        name, _, rest = bytes(body[SETXATTR_IN.size:]).partition(b"\0")
-        self.fs.setxattr(node, name, rest[:size], ctx, flags)
-        self.reply(unique)
-
-    def _getxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        size, _pad = GETXATTR_IN.unpack_from(body)
-        (name,) = _names(body[GETXATTR_IN.size:], 1)
-        self._xattr_data(unique, self.fs.getxattr(node, name, ctx), size)
-
-    def _listxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        size, _pad = GETXATTR_IN.unpack_from(body)
-        self._xattr_data(unique, b"".join(n + b"\0" for n in self.fs.listxattr(node, ctx)), size)
-
-    def _xattr_data(self, unique: int, data: bytes, size: int) -> None:
-        payload, error = _xattr_reply(data, size)
-        if error:
-            self.reply_error(unique, error)
-        else:
-            self.reply(unique, payload)
-
-    def _removexattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        self.fs.removexattr(node, _names(body, 1)[0], ctx)
-        self.reply(unique)

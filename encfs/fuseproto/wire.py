@@ -245,6 +245,11 @@ def _split_seconds(t: float) -> tuple[int, int]:
     return s, int((t - s) * 1e9)
 
 
+def request_names(body: memoryview, count: int) -> list[bytes]:
+    """The first ``count`` NUL-terminated strings of a request body."""
+    return bytes(body).split(b"\0", count)[:count]
+
+
 def pack_dirent(ino: int, next_offset: int, name: bytes, mode: int) -> bytes:
     """One fuse_dirent, padded to 8 bytes."""
     rec = DIRENT.pack(ino, next_offset, len(name), (mode & 0o170000) >> 12) + name

@@ -1,0 +1,63 @@
+"""The xattr requests of the filesystem's FUSE server: SETXATTR, GETXATTR, LISTXATTR and
+REMOVEXATTR, decoded into EncryptedFS calls. A mixin of FsServer (server.py, whose invariants hold
+for these too: they are registered in its handler table and run under its locks like the others).
+
+Invariants:
+- GETXATTR and LISTXATTR with size 0 answer the length; with a size too small, ERANGE.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from encfs.fuseproto.wire import GETXATTR_IN, GETXATTR_OUT, SETXATTR_IN, RequestContext, request_names
+
+if TYPE_CHECKING:
+    from encfs.fuse.fs import EncryptedFS
+
+
+def _xattr_reply(data: bytes, size: int) -> tuple[bytes, int]:
+    """(payload, errno) for GETXATTR/LISTXATTR: the length if ``size`` is 0, else the data if it fits."""
+    if size == 0:
+        return GETXATTR_OUT.pack(len(data), 0), 0
+    if len(data) > size:
+        return b"", errno.ERANGE
+    return data, 0
+
+
+class XattrRequests:
+    """SETXATTR, GETXATTR, LISTXATTR and REMOVEXATTR of FsServer."""
+
+    if TYPE_CHECKING:  # defined by FsServer (server.py) and its base, FuseServer
+        fs: EncryptedFS
+
+        def reply(self, unique: int, *payload: bytes | bytearray | memoryview) -> None: ...
+
+        def reply_error(self, unique: int, error: int) -> None: ...
+
+    def _setxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        size, flags = SETXATTR_IN.unpack_from(body)
+        name, _, rest = bytes(body[SETXATTR_IN.size:]).partition(b"\0")
+        self.fs.setxattr(node, name, rest[:size], ctx, flags)
+        self.reply(unique)
+
+    def _getxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        size, _pad = GETXATTR_IN.unpack_from(body)
+        (name,) = request_names(body[GETXATTR_IN.size:], 1)
+        self._xattr_data(unique, self.fs.getxattr(node, name, ctx), size)
+
+    def _listxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        size, _pad = GETXATTR_IN.unpack_from(body)
+        self._xattr_data(unique, b"".join(n + b"\0" for n in self.fs.listxattr(node, ctx)), size)
+
+    def _xattr_data(self, unique: int, data: bytes, size: int) -> None:
+        payload, error = _xattr_reply(data, size)
+        if error:
+            self.reply_error(unique, error)
+        else:
+            self.reply(unique, payload)
+
+    def _removexattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
+        self.fs.removexattr(node, request_names(body, 1)[0], ctx)
+        self.reply(unique)
