@@ -221,7 +221,8 @@ class FsServer(DirRequests, XattrRequests, FuseServer):
         # Reads run alongside each other, and a write is sealed before it takes the locks.
         self.handlers.update({READ: self._read_shared, WRITE: self._write, INIT: self._init,
                               DESTROY: self._destroy, INTERRUPT: self._interrupt, FLUSH: self._flush,
-                              LSEEK: self._seek_written(self.handlers[LSEEK])})
+                              LSEEK: self._seek_written(self.handlers[LSEEK]),
+                              GETXATTR: self._capability_known(self.handlers[GETXATTR])})
 
     def overlaps(self, req: Request) -> bool:
         """LSEEK too (SEEK_DATA/SEEK_HOLE): it may wait for writes the kernel sends meanwhile

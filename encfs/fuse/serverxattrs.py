@@ -3,6 +3,10 @@ REMOVEXATTR, decoded into EncryptedFS calls. A mixin of FsServer (server.py, who
 for these too: they are registered in its handler table and run under its locks like the others).
 
 Invariants:
+- A GETXATTR of security.capability for an inode known to lack it (the kernel's question before
+  a file's first write after each attribute reply) is answered ENODATA from that set before any
+  lock (``_capability_known``): the set changes under the inode's lock, and an answer read beside
+  such a change is one ordered before it.
 - GETXATTR and LISTXATTR with size 0 answer the length; with a size too small, ERANGE.
 """
 
@@ -11,7 +15,9 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from encfs.fuseproto.wire import GETXATTR_IN, GETXATTR_OUT, SETXATTR_IN, RequestContext, request_names
+from encfs.fuse.xattrops import CAPABILITY_XATTR
+from encfs.fuseproto.server import Handler
+from encfs.fuseproto.wire import GETXATTR_IN, GETXATTR_OUT, SETXATTR_IN, Request, RequestContext, request_names
 
 if TYPE_CHECKING:
     from encfs.fuse.fs import EncryptedFS
@@ -41,6 +47,20 @@ class XattrRequests:
         name, _, rest = bytes(body[SETXATTR_IN.size:]).partition(b"\0")
         self.fs.setxattr(node, name, rest[:size], ctx, flags)
         self.reply(unique)
+
+    def _capability_known(self, locked: Handler) -> Handler:
+        """GETXATTR: security.capability of an inode known to lack it is answered without the
+        locks (see the invariants); anything else goes to ``locked``."""
+        lacks = self.fs.lacks_capability
+        asked = CAPABILITY_XATTR + b"\0"
+        start, end = GETXATTR_IN.size, GETXATTR_IN.size + len(asked)
+
+        def run(req: Request) -> bool | None:
+            if lacks(req.node) and req.body[start:end] == asked:
+                self.reply_error(req.unique, errno.ENODATA)
+                return None
+            return locked(req)
+        return run
 
     def _getxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         size, _pad = GETXATTR_IN.unpack_from(body)

@@ -41,6 +41,8 @@ class StaleNames:
         self._queue.append((parent, name))
 
     def drain(self) -> list[tuple[int, bytes]]:
+        if not self._queue:  # after almost every error reply: no exception raised and caught
+            return []
         out = []
         while True:
             try:

@@ -70,6 +70,10 @@ class XattrOps:
         """A FIFO, socket or device: known from its attributes (fs.py), with no backing call."""
         return inode in self._special_inodes
 
+    def lacks_capability(self, inode: int) -> bool:
+        """Whether ``inode`` is known to have no security.capability (answered from memory)."""
+        return inode in self._no_capability
+
     @fuse_op
     def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
         if name == CAPABILITY_XATTR and inode in self._no_capability:
