@@ -201,6 +201,7 @@ class FsServer(DirRequests, XattrRequests, FuseServer):
                  io_uring: bool = False, awake: KeepAwake | None = None) -> None:
         super().__init__(fd, trace, io_uring=io_uring, awake=awake)
         self.fs = fs
+        self._absent = fs.negative_entry.pack_entry()  # the same reply for every absent name
         self.mountpoint = mountpoint
         self.locks = FsLocks()
         self.lock = self.locks.namespace  # held exclusively: nothing else runs (mount.py's shutdown, recovery)
@@ -327,7 +328,8 @@ class FsServer(DirRequests, XattrRequests, FuseServer):
 
     def _lookup(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         (name,) = request_names(body, 1)
-        self.reply(unique, self.fs.lookup_or_absent(node, name, ctx).pack_entry())
+        attrs = self.fs.lookup_or_absent(node, name, ctx)
+        self.reply(unique, self._absent if attrs is self.fs.negative_entry else attrs.pack_entry())
 
     def _forget(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         (nlookup,) = FORGET_IN.unpack_from(body)
