@@ -170,3 +170,26 @@ def test_damaged_rotated_logs_are_one_warning_each_never_a_crash(tmp_path: Path)
     assert proc.returncode == 0, err
     assert "audit.log.2.gz cannot be read to its end" in err and "Traceback" not in err, err
     assert "CreateKey" in out and any(line.startswith("x ") for line in out.splitlines()), out
+
+
+def test_a_short_write_on_a_full_disk_leaves_no_torn_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC first shows as a short write: the part written must go, else the next record (its
+    request answered, plaintext given out) is appended to that torn line and cannot be read."""
+    from encfs.errors import StateError
+    from encfs.keys import audit
+
+    log = audit.AuditLog(tmp_path / "audit.log")
+    log.record("Encrypt", outcome="success", key_id="k1")
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        return real_write(fd, bytes(data)[:40])  # the page left, then the disk is full
+
+    monkeypatch.setattr(audit.os, "write", full)
+    with pytest.raises(StateError, match="short write"):
+        log.record("Decrypt", outcome="success", key_id="k1")
+    monkeypatch.setattr(audit.os, "write", real_write)  # space freed
+    log.record("Decrypt", outcome="success", key_id="k2")
+    log.close()
+    records = list(log.read())
+    assert [(r["operation"], r["key_id"]) for r in records] == [("Encrypt", "k1"), ("Decrypt", "k2")]

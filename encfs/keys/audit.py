@@ -191,8 +191,22 @@ class AuditLog:
             except OSError as e:
                 raise StateError(f"cannot write the audit log {self.path}: {e.strerror}") from None
             if written != len(data):
+                self._cut_torn(written)
                 raise StateError(f"cannot write the audit log {self.path}: short write "
                                  f"({written} of {len(data)} bytes; is its disk full?)")
+
+    def _cut_torn(self, written: int) -> None:
+        """Remove the ``written`` bytes a short write (a full disk) left at the end of the log: the
+        next record would be appended to that torn line and be unreadable with it, although its
+        request was answered. Only while they are still the file's last bytes (another process may
+        have appended since: its record then already shares their line)."""
+        fd = self._descriptor()
+        try:
+            end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: just past this write
+            if os.fstat(fd).st_size == end:
+                os.ftruncate(fd, end - written)
+        except OSError as e:
+            log.warning("audit log %s: cannot remove a torn record: %s", self.path, e.strerror)
 
     def read(self) -> Iterator[dict[str, Any]]:
         """The records of ``audit.log`` itself."""
