@@ -130,3 +130,29 @@ def test_a_full_rekey_into_a_new_volume_id_forgets_the_old_one(home: Path, tmp_p
     new = json.loads(ok(home, "rekey", image, "--full", "--json"))["VolumeId"]
     used = [v["UsedBy"] for v in json.loads(ok(home, "key", "describe", "a", "--json"))["KeyVersions"]]
     assert new != old and used == [[], [f"volume:{new}"]]
+
+
+def test_a_rotation_whose_keys_json_write_failed_leaves_the_next_one_usable(
+        service: KeyService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk fails the keys.json write after the token made the new version's object: the
+    next rotation must reuse that object, not make a second one with the same id (every use of
+    the version then failed: "several token objects share id")."""
+    from encfs.errors import StateError
+    from encfs.keys.metadata import KeyStore
+
+    key = service.create_key()["KeyId"]
+    old = service.encrypt(key, b"before", {"app": "x"})
+    real_save = KeyStore._save
+
+    def full_disk(self: KeyStore, data: dict) -> None:
+        raise StateError(f"cannot write key metadata {self.path}: No space left on device")
+
+    monkeypatch.setattr(KeyStore, "_save", full_disk)
+    for _ in range(2):
+        with pytest.raises(StateError, match="No space left"):
+            service.rotate_key(key)
+    monkeypatch.setattr(KeyStore, "_save", real_save)
+    assert service.rotate_key(key)["CurrentKeyVersion"] == 2
+    blob = service.encrypt(key, b"after", {"app": "x"})
+    assert service.decrypt(blob, {"app": "x"}).plaintext == b"after"
+    assert service.decrypt(old, {"app": "x"}).plaintext == b"before"

@@ -253,13 +253,21 @@ class KeyService(KeyAdministration, CryptographicOperations, KeyMaterialImport):
             raise tokenstate.rollback_error(rec, rec.current, found, operation)
         number = rec.versions[-1].version + 1 if rec.versions else 1
         tid = token_object_id(rec.key_id, number)
-        self.token.generate_aes_key(tid, tokenstate.label(rec.key_id, number))
+        # An object with this id that keys.json does not name: a rotation whose keys.json write
+        # failed (a full disk) or was killed after the token made it, or a keys.json restored from
+        # before this version. It becomes the version (in the second case blobs may be under it):
+        # a second object with its id would make every use of the version fail.
+        adopted = number > 1 and self.token.has_object(tid)  # a new key id has no objects yet
+        if not adopted:
+            self.token.generate_aes_key(tid, tokenstate.label(rec.key_id, number))
         version = KeyVersion(number, now, tid.hex(), used_by=[])
-        if found is not None and found.state != ENABLED:
+        if adopted or (found is not None and found.state != ENABLED):
+            state = found.state if found is not None else ENABLED
             try:
-                tokenstate.write(self.token, rec, found.state, found.deletion_date, versions=[version])
+                tokenstate.write(self.token, rec, state, found.deletion_date if found else None, versions=[version])
             except BaseException:
-                self.token.destroy(tid)
+                if not adopted:
+                    self.token.destroy(tid)
                 raise
         rec.versions.append(version)
         return number
