@@ -28,3 +28,25 @@ def test_a_second_daemon_on_the_same_state_directory_is_refused(tmp_path: Path) 
         assert err.decode().startswith("encfs: another key daemon serves ") and err.count(b"\n") == 1, err
         assert not (tmp_path / "two.sock").exists()
         assert first.poll() is None
+
+
+def test_a_daemon_with_a_wrong_pin_refuses_to_start(tmp_path: Path) -> None:
+    """The worker logs in before the daemon serves: a wrong PIN is one line and exit 77 at start,
+    not a daemon that answers every request "wrong PIN" (each a failed C_Login: a real HSM locks
+    its user PIN after a few)."""
+    home = tmp_path / "home"
+    home_with_key(home)
+    pin = home / "softhsm" / "user.pin"
+    pin.write_text("X" * len(pin.read_text()))
+    env = dict(os.environ, ENCFS_HOME=str(home))
+    env.pop("SOFTHSM2_CONF", None)
+    proc = subprocess.Popen([sys.executable, "-m", "encfs", "keyd", "--home", str(home), "--socket",
+                             str(tmp_path / "k.sock")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("a key daemon with a wrong PIN serves") from None
+    assert proc.returncode == 77, err
+    assert err.decode() == "encfs: wrong PIN for token 'encfs'\n" and not out, (out, err)

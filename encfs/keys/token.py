@@ -88,6 +88,12 @@ class Token(TokenCrypto, TokenImport):
         """Whether this process holds a session (a failed call got past the login)."""
         return self._session is not None and self._pid == os.getpid()
 
+    def login(self) -> None:
+        """Log in now (every call logs in when it first needs to): a long-lived holder of the token
+        (the key daemon) finds a wrong PIN at its start, not in each client's request."""
+        with _P11_LOCK:
+            self._open()
+
     def _find_token(self, lib: Any) -> tuple[Any, Any]:
         spec = self.spec
         try:
