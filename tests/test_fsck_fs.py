@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +194,46 @@ def test_a_flipped_bit_in_a_block_is_reported_by_path_and_block_and_repair_keeps
         tree.update({"lost+found": ("dir", b""), "lost+found/big": ("file", expect),
                      "lost+found/big.fsck": ("file", note.encode())})
         verify(plain, tree, {k: v for k, v in built.xattrs.items() if k != "big"})
+
+
+# Runs `encfs fsck --repair CIPHERDIR` and SIGKILLs itself at the copy's second write (the copy to
+# lost+found is then half written).
+KILLED_MID_COPY = """
+import os, signal, sys
+from encfs.cli import main
+from encfs.fuse.fs import EncryptedFS
+writes = []
+real = EncryptedFS.write
+def write(self, *args, **kwargs):
+    writes.append(1)
+    if len(writes) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *args, **kwargs)
+EncryptedFS.write = write
+sys.exit(main(["fsck", "--repair", sys.argv[1]]))
+"""
+
+
+def test_a_repair_killed_mid_copy_leaves_no_half_copy_in_lost_found(built: Built, tmp_path: Path) -> None:
+    """The copy is written under a temporary name and renamed once it and its report are durable: a
+    repair killed while it writes leaves nothing in lost+found that looks recovered, and the next
+    repair drops the partial copy and makes the one copy."""
+    cipher, plain = built.copy(tmp_path)
+    flip(cipher / built.backing["big"], HEADER_LEN + 3 * STEP + 100)
+    env = dict(os.environ, ENCFS_HOME=str(built.home))
+    env.pop("SOFTHSM2_CONF", None)
+    p = subprocess.run([sys.executable, "-c", KILLED_MID_COPY, str(cipher)], env=env, capture_output=True,
+                       timeout=120, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()
+    with Mount(cipher, plain, built.home, "--read-only"):
+        assert [n for n in os.listdir(plain / "lost+found") if not n.endswith(".fsck-partial")] == []
+    code, report = fsck(cipher, built.home, "--repair")
+    assert code == 1, report["Damage"]
+    assert fsck(cipher, built.home)[1]["Damage"] == []
+    original = built.tree["big"][1]
+    with Mount(cipher, plain, built.home):
+        assert sorted(os.listdir(plain / "lost+found")) == ["big", "big.fsck"]
+        assert (plain / "lost+found/big").read_bytes() == original[:3 * BLOCK] + bytes(BLOCK) + original[4 * BLOCK:]
 
 
 def test_a_damaged_hard_linked_file_leaves_every_name_for_one_copy_with_its_xattrs(

@@ -70,6 +70,8 @@ if TYPE_CHECKING:
     from encfs.fuse.fsckrepair import Repairer
 
 LOST_FOUND = b"lost+found"
+# A copy to lost+found is written under its name with this suffix, then renamed (fsckrepair.rescue).
+PARTIAL_SUFFIX = b".fsck-partial"
 # Bookkeeping in the root that the walk leaves to others: the config (checked first), the lock,
 # the journal directory and long targets (checked after the walk), a re-key's files (refused).
 ROOT_ENTRIES = {os.fsencode(n) for n in (*COPIES, "encfs.lock", "encfs.rekey", "encfs.rekey.redo",
@@ -177,6 +179,10 @@ class Walk:
             except (NameAuthError, OSError, ValueError):
                 where, damaged_name = f"{plain.rstrip('/')}/<{os.fsdecode(entry)}>", True
                 self._bad_name(child, plain, entry, st)
+            if (plain == "/" + os.fsdecode(LOST_FOUND) and not damaged_name and stat_m.S_ISREG(st.st_mode)
+                    and name.endswith(os.fsdecode(PARTIAL_SUFFIX))):
+                self._partial(child, where)
+                continue
             key = (st.st_dev, st.st_ino)
             if not (stat_m.S_ISREG(st.st_mode) and key in self.files):  # a hard link's xattrs: once
                 self._xattrs(child, where)
@@ -201,6 +207,13 @@ class Walk:
                 pending.append((child, check))
             else:
                 self.count("special")
+
+    def _partial(self, child: bytes, where: str) -> None:
+        from encfs.fuse.fsckrepair import drop_partial
+
+        self.add(Finding("orphan", f"{where}: the partial copy of a repair that was interrupted: not needed "
+                                   "(repair: removed)", WARNING, place=_rel(self.root, child)),
+                 lambda r: drop_partial(r, child))
 
     def _bad_name(self, child: bytes, plain: str, entry: bytes, st: os.stat_result) -> None:
         what = "file" if stat_m.S_ISREG(st.st_mode) else "directory" if stat_m.S_ISDIR(st.st_mode) else "entry"

@@ -10,7 +10,10 @@ filesystem core's own writers (open_config, DirIds, EncryptedFS), under the moun
   directory is made at the root by EncryptedFS.mkdir, so it is encrypted like any other) gets
   every block that opens, and zeros for each damaged block, and every xattr that decrypts;
   ``lost+found/<name>.fsck`` lists the file's old paths, its size and the damaged byte ranges; then
-  every backing name of the old file is removed, with its journal and state file. A file whose name
+  every backing name of the old file is removed, with its journal and state file. The copy is
+  written as ``<name>.fsck-partial`` and renamed once it and its report are fsync'd: a repair
+  killed (or failing, a full disk) mid-copy leaves no file under a name of lost+found that looks
+  recovered; the next fsck drops the partial copy. A file whose name
   does not decrypt (its contents do not depend on its name) is renamed, as its backing file, to
   ``lost+found/#<inode>``.
 
@@ -180,7 +183,10 @@ def rescue(r: Repairer, check: FileCheck) -> None:
             if c.size and last in c.holes:  # nothing wrote the end: the copy gets its holes' size too
                 write(c.size - 1, b"\0")  # type: ignore[operator]
 
-        inode = _write_new(r, lost, name, stat_m.S_IMODE(check.st.st_mode), ctx, fill)
+        partial = name + fsck.PARTIAL_SUFFIX
+        with contextlib.suppress(FuseError, FileNotFoundError):
+            r.fs.unlink(lost, partial, ctx)  # a killed repair's (its walk found it, dropped below)
+        inode = _write_new(r, lost, partial, stat_m.S_IMODE(check.st.st_mode), ctx, fill)
         c.journal.close()
         _copy_xattrs(r, path, inode, ctx)
     finally:
@@ -191,6 +197,8 @@ def rescue(r: Repairer, check: FileCheck) -> None:
     text = (f"encfs fsck --repair moved this file here: the blocks below could not be read.\n"
             f"was:\n{names}\nsize: {c.size} bytes\ndamaged:\n{ranges}\n").encode()
     _write_new(r, lost, name + b".fsck", 0o600, ctx, lambda write: write(0, text))
+    r.fs.rename(lost, partial, lost, name, 0, ctx)
+    r.fs.bd.fsync_dir(r.fs._path(lost))  # the copy has its name before the file is removed
     for link in check.links:
         _remove_backing(r.walk.fs.bd, link.path)
     for p in (journal_path(r.root, header.file_id), state_file(r.root, header.file_id)):
@@ -212,6 +220,11 @@ def rescue_named(r: Repairer, path: bytes, st: os.stat_result) -> None:
     r.fs.bd.rename(path, dest)
     with contextlib.suppress(FileNotFoundError):
         r.fs.bd.unlink(longname_side_file(path))
+
+
+def drop_partial(r: Repairer, path: bytes) -> None:
+    """Remove the partial lost+found copy ``path`` an interrupted repair left (and its long name)."""
+    _remove_backing(r.walk.fs.bd, path)
 
 
 def _remove_backing(bd: BackingDirs, path: bytes) -> None:
