@@ -383,6 +383,22 @@ def test_a_torn_header_with_no_blocks_becomes_the_empty_file_it_shows_as(built: 
     mounted_tree(cipher, plain, built.home, {**built.tree, "f12": ("file", b"")}, built.xattrs)
 
 
+def test_a_torn_header_under_a_damaged_name_is_repaired_in_one_run(built: Built, tmp_path: Path) -> None:
+    """Two findings on one file: its name does not decrypt (it moves to lost+found) and its header is
+    torn (it is emptied). The move must come last, or the emptying finds no file and a second repair
+    is needed."""
+    cipher, _plain = built.copy(tmp_path)
+    backing = cipher / built.backing["f12"]
+    os.truncate(backing, 60)
+    name = backing.name
+    backing.rename(backing.with_name(name[:5] + ("A" if name[5] != "A" else "B") + name[6:]))
+    code, report = fsck(cipher, built.home)
+    assert code == 4 and kinds(report) == ["header", "name"], report["Damage"]
+    code, report = fsck(cipher, built.home, "--repair")
+    assert code == 1 and all(d["Repaired"] for d in report["Damage"]), report["Damage"]
+    assert fsck(cipher, built.home)[1]["Damage"] == []
+
+
 # -- refusals ---------------------------------------------------------------------------------------
 
 def test_a_mounted_cipherdir_a_missing_one_and_a_disabled_key_are_refused_in_one_line(

@@ -238,8 +238,10 @@ def repair_walk(cipherdir: Path, walk: fsck.Walk) -> None:
     """Run every repair action of ``walk``; a failure is a "repair" finding."""
     r = Repairer(cipherdir, walk)
     try:
-        # Orphans last: a rescue removes a file's journal itself.
-        for finding, action in sorted(walk.actions, key=lambda fa: fa[0].kind == "orphan"):
+        # Orphans last: a rescue removes a file's journal itself. Before them, files whose names do
+        # not decrypt are moved to lost+found: the other repairs of such a file (a torn header
+        # emptied) name it where the walk found it.
+        for finding, action in sorted(walk.actions, key=lambda fa: (fa[0].kind == "orphan", fa[0].kind == "name")):
             try:
                 action(r)
             except (EncfsError, OSError, FuseError, HeaderError) as e:
