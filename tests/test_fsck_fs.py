@@ -196,33 +196,34 @@ def test_a_flipped_bit_in_a_block_is_reported_by_path_and_block_and_repair_keeps
         verify(plain, tree, {k: v for k, v in built.xattrs.items() if k != "big"})
 
 
-# Runs `encfs fsck --repair CIPHERDIR` and SIGKILLs itself at the copy's second write (the copy to
-# lost+found is then half written).
+# Runs `encfs fsck --repair CIPHERDIR` and SIGKILLs itself at a write to lost+found: the copy's
+# second write, or the report's (the copy is then half written, or whole and the report not).
 KILLED_MID_COPY = """
 import os, signal, sys
 from encfs.cli import main
 from encfs.fuse.fs import EncryptedFS
 writes = []
 real = EncryptedFS.write
-def write(self, *args, **kwargs):
+def write(self, fh, off, buf, *args, **kwargs):
     writes.append(1)
-    if len(writes) == 2:
+    if (len(writes) == 2) if sys.argv[2] == "copy" else bytes(buf).startswith(b"encfs fsck --repair"):
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, *args, **kwargs)
+    return real(self, fh, off, buf, *args, **kwargs)
 EncryptedFS.write = write
 sys.exit(main(["fsck", "--repair", sys.argv[1]]))
 """
 
 
-def test_a_repair_killed_mid_copy_leaves_no_half_copy_in_lost_found(built: Built, tmp_path: Path) -> None:
-    """The copy is written under a temporary name and renamed once it and its report are durable: a
-    repair killed while it writes leaves nothing in lost+found that looks recovered, and the next
-    repair drops the partial copy and makes the one copy."""
+@pytest.mark.parametrize("at", ["copy", "report"])
+def test_a_repair_killed_mid_copy_leaves_no_half_copy_in_lost_found(built: Built, tmp_path: Path, at: str) -> None:
+    """The copy and its report are written under temporary names and renamed once both are durable:
+    a repair killed while it writes leaves nothing in lost+found that looks recovered, and the next
+    repair drops the partial files and makes the one copy."""
     cipher, plain = built.copy(tmp_path)
     flip(cipher / built.backing["big"], HEADER_LEN + 3 * STEP + 100)
     env = dict(os.environ, ENCFS_HOME=str(built.home))
     env.pop("SOFTHSM2_CONF", None)
-    p = subprocess.run([sys.executable, "-c", KILLED_MID_COPY, str(cipher)], env=env, capture_output=True,
+    p = subprocess.run([sys.executable, "-c", KILLED_MID_COPY, str(cipher), at], env=env, capture_output=True,
                        timeout=120, check=False)
     assert p.returncode == -signal.SIGKILL, p.stderr.decode()
     with Mount(cipher, plain, built.home, "--read-only"):

@@ -10,10 +10,11 @@ filesystem core's own writers (open_config, DirIds, EncryptedFS), under the moun
   directory is made at the root by EncryptedFS.mkdir, so it is encrypted like any other) gets
   every block that opens, and zeros for each damaged block, and every xattr that decrypts;
   ``lost+found/<name>.fsck`` lists the file's old paths, its size and the damaged byte ranges; then
-  every backing name of the old file is removed, with its journal and state file. The copy is
-  written as ``<name>.fsck-partial`` and renamed once it and its report are fsync'd: a repair
-  killed (or failing, a full disk) mid-copy leaves no file under a name of lost+found that looks
-  recovered; the next fsck drops the partial copy. A file whose name
+  every backing name of the old file is removed, with its journal and state file. The copy and
+  the report are written as ``<name>.fsck-partial`` and ``<name>.fsck.fsck-partial`` and renamed
+  once both are fsync'd (the report first): a repair killed (or failing, a full disk) mid-copy
+  leaves no file under a name of lost+found that looks recovered; the next fsck drops the partial
+  files. A file whose name
   does not decrypt (its contents do not depend on its name) is renamed, as its backing file, to
   ``lost+found/#<inode>``.
 
@@ -183,9 +184,10 @@ def rescue(r: Repairer, check: FileCheck) -> None:
             if c.size and last in c.holes:  # nothing wrote the end: the copy gets its holes' size too
                 write(c.size - 1, b"\0")  # type: ignore[operator]
 
-        partial = name + fsck.PARTIAL_SUFFIX
-        with contextlib.suppress(FuseError, FileNotFoundError):
-            r.fs.unlink(lost, partial, ctx)  # a killed repair's (its walk found it, dropped below)
+        partial, report = name + fsck.PARTIAL_SUFFIX, name + b".fsck" + fsck.PARTIAL_SUFFIX
+        for leftover in (partial, report):  # a killed repair's (its walk found them, dropped below)
+            with contextlib.suppress(FuseError, FileNotFoundError):
+                r.fs.unlink(lost, leftover, ctx)
         inode = _write_new(r, lost, partial, stat_m.S_IMODE(check.st.st_mode), ctx, fill)
         c.journal.close()
         _copy_xattrs(r, path, inode, ctx)
@@ -196,7 +198,8 @@ def rescue(r: Repairer, check: FileCheck) -> None:
     names = "\n".join(f"  {link.plain}" for link in check.links)
     text = (f"encfs fsck --repair moved this file here: the blocks below could not be read.\n"
             f"was:\n{names}\nsize: {c.size} bytes\ndamaged:\n{ranges}\n").encode()
-    _write_new(r, lost, name + b".fsck", 0o600, ctx, lambda write: write(0, text))
+    _write_new(r, lost, report, 0o600, ctx, lambda write: write(0, text))
+    r.fs.rename(lost, report, lost, name + b".fsck", 0, ctx)
     r.fs.rename(lost, partial, lost, name, 0, ctx)
     r.fs.bd.fsync_dir(r.fs._path(lost))  # the copy has its name before the file is removed
     for link in check.links:
