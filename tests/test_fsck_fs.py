@@ -237,6 +237,40 @@ def test_a_repair_killed_mid_copy_leaves_no_half_copy_in_lost_found(built: Built
         assert (plain / "lost+found/big").read_bytes() == original[:3 * BLOCK] + bytes(BLOCK) + original[4 * BLOCK:]
 
 
+# Runs `encfs fsck CIPHERDIR` (a check) and SIGKILLs itself once the walk starts: the lock's record
+# is left as taken by fsck.
+KILLED_CHECK = """
+import os, signal, sys
+from encfs.cli import main
+from encfs.fuse import fsck
+fsck.check = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(main(["fsck", sys.argv[1]]))
+"""
+
+
+def test_a_killed_fsck_does_not_turn_a_damaged_last_block_into_a_torn_one(built: Built, tmp_path: Path) -> None:
+    """A killed fsck left the lock as a crashed mount leaves it: the next fsck and mount took the
+    damaged only block of a small file for an append a crash tore, and cut the file to 0 bytes
+    (fsck clean, the data gone) instead of reading EIO and moving it to lost+found."""
+    cipher, plain = built.copy(tmp_path)
+    rel = next(r for r, (kind, data) in sorted(built.tree.items())
+               if kind == "file" and 0 < len(data) < BLOCK and r in built.backing and "/" not in r
+               and r != "hardlink")
+    flip(cipher / built.backing[rel], HEADER_LEN + 20)
+    env = dict(os.environ, ENCFS_HOME=str(built.home))
+    env.pop("SOFTHSM2_CONF", None)
+    p = subprocess.run([sys.executable, "-c", KILLED_CHECK, str(cipher)], env=env, capture_output=True,
+                       timeout=120, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()
+    code, report = fsck(cipher, built.home)
+    assert code == 4 and [d["Message"] for d in report["Damage"]] == [f"/{rel}: block 0: tag mismatch"], report
+    assert fsck(cipher, built.home, "--repair")[0] == 1
+    data = built.tree[rel][1]
+    with Mount(cipher, plain, built.home):
+        assert (plain / "lost+found" / rel).read_bytes() == bytes(len(data))
+        assert not (plain / rel).exists()
+
+
 def test_a_damaged_hard_linked_file_leaves_every_name_for_one_copy_with_its_xattrs(
         built: Built, tmp_path: Path) -> None:
     cipher, plain = built.copy(tmp_path)

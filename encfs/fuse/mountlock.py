@@ -157,6 +157,10 @@ def _judge(cipherdir: Path, rec: dict[str, Any] | str | None, now: float) -> tup
         return True, f"its owner record is {rec}"
     if rec.get("state") != "mounted":
         return False, None
+    # A killed `encfs fsck` wrote no file that a crash can tear (its copies to lost+found are renamed
+    # into place whole): only a crash it took over from makes the next holder recover. Treating it
+    # as a crashed mount would cut a damaged last block off as torn (silently shortening the file).
+    crashed = rec.get("mode") != FSCK_MODE or rec.get("after_crash") is True
     host, boot = _this_host()
     if rec.get("host") == host and rec.get("boot_id") == boot:
         pid = rec.get("pid")
@@ -164,12 +168,14 @@ def _judge(cipherdir: Path, rec: dict[str, Any] | str | None, now: float) -> tup
             start = proc_start(pid)
             if start is not None and start == rec.get("pid_start"):  # that very process, still running
                 raise MountBusy(_held(cipherdir, rec))
-        return True, f"the mount {_who(rec)} ended without unmounting"
+        return (True, f"the mount {_who(rec)} ended without unmounting") if crashed else (False, None)
     age = now - _num(rec, "heartbeat")
     if age < LEASE:
         wait = max(1, int(LEASE - age + 1))
         raise MountBusy(f"{_held(cipherdir, rec)} (heartbeat {max(0, int(age))} s ago; "
                         f"if that host crashed, retry in {wait} s)")
+    if not crashed:
+        return False, None
     return True, f"the mount {_who(rec)} stopped its heartbeat {int(age)} s ago: presumed crashed"
 
 
@@ -341,6 +347,8 @@ class MountLock:
                         "boot_id": boot, "pid": os.getpid(), "pid_start": proc_start(os.getpid()),
                         "owner": uuid.uuid4().hex, "mountpoint": mountpoint, "mounted_at": round(now, 3),
                         "heartbeat": round(now, 3), "errors": 0}
+        if mode == FSCK_MODE:  # whether a crash is still to be recovered from, if this fsck is killed
+            self._record["after_crash"] = self.recovering
         try:
             self._write(truncate=True)
         except OSError as e:
