@@ -163,6 +163,11 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
     def _path(self, inode: int) -> bytes:
         return self.inodes.path(inode)
 
+    def unreachable(self, inode: int) -> bool:
+        """Whether ``inode`` has no name, no open handle and no held fd left: _target's ENOENT.
+        Each is one atomic lookup, so it may be asked without the namespace lock (server.py)."""
+        return not self.inodes.paths.get(inode) and not self.files.is_open(inode) and inode not in self.inodes.held
+
     def _target(self, inode: int) -> bytes | int:
         """A backing path of ``inode`` or, once it has no name left, an open handle's backing fd
         (a regular file) or the O_PATH fd its removal kept (anything else)."""

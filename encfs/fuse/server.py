@@ -38,6 +38,10 @@ Invariants:
   and an OPEN with FUSE_OPEN_KILL_SUIDGID (O_TRUNC without CAP_FSETID), S_ISUID goes, and S_ISGID
   if the file has group execute; security.capability goes on every write, truncate (SETATTR of
   the size, O_TRUNC open) and chown, root's included (EncryptedFS.write, xattrops.py).
+- A SETATTR of an inode that has no name, no open handle and no held fd left (the time flush the
+  kernel sends after each unlink, with the writeback cache) is answered ENOENT before any lock,
+  as it would be under them: each of the three is one atomic lookup, and what a concurrent change
+  could give it back is ordered after this answer.
 - Anything unexpected is logged and answered with EIO; the mount stays up.
 """
 
@@ -223,7 +227,8 @@ class FsServer(DirRequests, XattrRequests, FuseServer):
         self.handlers.update({READ: self._read_shared, WRITE: self._write, INIT: self._init,
                               DESTROY: self._destroy, INTERRUPT: self._interrupt, FLUSH: self._flush,
                               LSEEK: self._seek_written(self.handlers[LSEEK]),
-                              GETXATTR: self._capability_known(self.handlers[GETXATTR])})
+                              GETXATTR: self._capability_known(self.handlers[GETXATTR]),
+                              SETATTR: self._gone_first(self.handlers[SETATTR])})
 
     def overlaps(self, req: Request) -> bool:
         """LSEEK too (SEEK_DATA/SEEK_HOLE): it may wait for writes the kernel sends meanwhile
@@ -342,6 +347,18 @@ class FsServer(DirRequests, XattrRequests, FuseServer):
 
     def _getattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         self.reply(unique, self.fs.getattr(node, ctx).pack_attr_out())
+
+    def _gone_first(self, locked: Handler) -> Handler:
+        """SETATTR of an inode with nothing left to reach it by is answered ENOENT without the
+        locks (see the invariants); anything else goes to ``locked``."""
+        unreachable = self.fs.unreachable
+
+        def run(req: Request) -> bool | None:
+            if unreachable(req.node):
+                self.reply_error(req.unique, errno.ENOENT)
+                return None
+            return locked(req)
+        return run
 
     def _setattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         (valid, _pad, fh, size, _owner, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec, mode, _u4,
