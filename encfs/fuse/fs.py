@@ -165,7 +165,8 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
 
     def unreachable(self, inode: int) -> bool:
         """Whether ``inode`` has no name, no open handle and no held fd left: _target's ENOENT.
-        Each is one atomic lookup, so it may be asked without the namespace lock (server.py)."""
+        Each is one atomic lookup; without the namespace lock, see server.py for when the three
+        make one view."""
         return not self.inodes.paths.get(inode) and not self.files.is_open(inode) and inode not in self.inodes.held
 
     def _target(self, inode: int) -> bytes | int:

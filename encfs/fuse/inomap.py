@@ -71,7 +71,7 @@ class InodeMap:
         """The kernel learnt ``inode`` by ``path`` (``count``: a lookup it will forget)."""
         if inode in self.aliases:  # the number names a backing inode again: the alias is over
             self.aliases.discard(inode)
-            self.paths[inode] = set()
+            self.paths[inode] = {path}  # replaced whole: a reader never sees it with no path
         self.paths.setdefault(inode, set()).add(path)
         if count:
             self.lookups[inode] = self.lookups.get(inode, 0) + 1
@@ -86,12 +86,12 @@ class InodeMap:
         prefix = old + b"/"
         for paths in self.paths.values():
             for p in list(paths):
-                if p == old:
-                    paths.discard(p)
+                if p == old:  # the new path first: a reader never sees the set empty meanwhile
                     paths.add(new)
-                elif p.startswith(prefix):
                     paths.discard(p)
+                elif p.startswith(prefix):
                     paths.add(new + p[len(old):])
+                    paths.discard(p)
 
     def swap_paths(self, a: bytes, b: bytes) -> None:
         """RENAME_EXCHANGE: what was under ``a`` is under ``b`` and the other way round."""

@@ -39,9 +39,12 @@ Invariants:
   if the file has group execute; security.capability goes on every write, truncate (SETATTR of
   the size, O_TRUNC open) and chown, root's included (EncryptedFS.write, xattrops.py).
 - A SETATTR of an inode that has no name, no open handle and no held fd left (the time flush the
-  kernel sends after each unlink, with the writeback cache) is answered ENOENT before any lock,
-  as it would be under them: each of the three is one atomic lookup, and what a concurrent change
-  could give it back is ordered after this answer.
+  kernel sends after each unlink, with the writeback cache) is answered ENOENT before any lock, as
+  it would be under them: only operations holding the namespace lock exclusively give an inode a
+  name or a held fd back (a handle needs one of them first), and the answer is given only if no
+  exclusive holder ran while the three were read (SharedExclusiveLock.quiet_mark); else the
+  request takes the locks. Neither answer given before the locks drains the stale names
+  (reply_error's), which belong to the reply of the failed change that left them.
 - Anything unexpected is logged and answered with EIO; the mount stays up.
 """
 
@@ -252,10 +255,13 @@ class FsServer(DirRequests, XattrRequests, FuseServer):
             locked(req)
         return run
 
-    def reply_error(self, unique: int, error: int) -> None:
-        """The error reply, then the names a failed change left the kernel holding wrongly
-        (stalenames.py): only now, since the kernel holds the directory's lock until the reply."""
+    def reply_error(self, unique: int, error: int, drain: bool = True) -> None:
+        """The error reply, then (``drain``) the names a failed change left the kernel holding
+        wrongly (stalenames.py): only now, since the kernel holds the directory's lock until the
+        reply. The answers given before the locks do not drain (see the invariants)."""
         super().reply_error(unique, error)
+        if not drain:
+            return
         for parent, name in self.fs.stale_names.drain():
             try:
                 self.notify(NOTIFY_INVAL_ENTRY, INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0")
@@ -351,11 +357,12 @@ class FsServer(DirRequests, XattrRequests, FuseServer):
     def _gone_first(self, locked: Handler) -> Handler:
         """SETATTR of an inode with nothing left to reach it by is answered ENOENT without the
         locks (see the invariants); anything else goes to ``locked``."""
-        unreachable = self.fs.unreachable
+        unreachable, namespace = self.fs.unreachable, self.locks.namespace
 
         def run(req: Request) -> bool | None:
-            if unreachable(req.node):
-                self.reply_error(req.unique, errno.ENOENT)
+            mark = namespace.quiet_mark()
+            if mark is not None and unreachable(req.node) and namespace.still_quiet(mark):
+                self.reply_error(req.unique, errno.ENOENT, drain=False)
                 return None
             return locked(req)
         return run

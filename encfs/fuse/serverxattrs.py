@@ -40,7 +40,7 @@ class XattrRequests:
 
         def reply(self, unique: int, *payload: bytes | bytearray | memoryview) -> None: ...
 
-        def reply_error(self, unique: int, error: int) -> None: ...
+        def reply_error(self, unique: int, error: int, drain: bool = True) -> None: ...
 
     def _setxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
         size, flags = SETXATTR_IN.unpack_from(body)
@@ -57,7 +57,7 @@ class XattrRequests:
 
         def run(req: Request) -> bool | None:
             if lacks(req.node) and req.body[start:end] == asked:
-                self.reply_error(req.unique, errno.ENODATA)
+                self.reply_error(req.unique, errno.ENODATA, drain=False)  # see server.py's invariants
                 return None
             return locked(req)
         return run

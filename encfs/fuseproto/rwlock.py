@@ -21,9 +21,21 @@ class SharedExclusiveLock:
         self._shared = 0  # shared holders
         self._waiting = 0  # exclusive holders waiting for shared holders to leave
         self._blocked = 0  # shared holders waiting for an exclusive holder to go first
+        self._exclusive_turns = 0  # exclusive holdings begun: see quiet_mark()
+
+    def quiet_mark(self) -> int | None:
+        """For a reader that takes no lock: None while an exclusive holder runs (or the mutex is
+        taken for a moment), else a mark that still_quiet() compares. Between a mark and a True
+        still_quiet() no exclusive holder ran, so what only exclusive holders change was not
+        changed meanwhile (reads of it, each atomic, make one consistent view)."""
+        return None if self._mutex.locked() else self._exclusive_turns
+
+    def still_quiet(self, mark: int) -> bool:
+        return not self._mutex.locked() and self._exclusive_turns == mark
 
     def acquire_exclusive(self) -> None:
         self._cond.acquire()
+        self._exclusive_turns += 1
         if self._shared:
             self._waiting += 1
             while self._shared:
