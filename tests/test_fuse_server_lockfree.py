@@ -132,3 +132,38 @@ def test_a_rename_never_leaves_a_path_set_empty() -> None:
     inodes.swap_paths(b"e/a", b"x")
     assert emptied == [] and inodes.paths[5] == {b"x"} and inodes.paths[6] == {b"e"}
 
+
+def test_a_number_seen_as_a_regular_file_is_no_longer_special(server: tuple[FsServer, int]) -> None:
+    """A read-only mount beside another host's writer may see a FIFO's number come back as a
+    regular file's: its xattrs are then in the user.* form again."""
+    srv, _r = server
+    inode = create(srv.fs, b"file")
+    srv.fs._special_inodes.add(inode)  # as if the number had been a FIFO's
+    srv.fs.getattr(inode, CTX)
+    assert not srv.fs._special(inode)
+
+
+def test_a_setattr_of_a_file_with_a_name_or_a_handle_takes_the_locked_path(server: tuple[FsServer, int]) -> None:
+    srv, r = server
+    named = create(srv.fs, b"named")
+    srv.handle(setattr_ctime(named, 8))
+    assert answer(r) == (8, 0)
+    fh, attrs = srv.fs.create(1, b"open", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    srv.fs.unlink(1, b"open", CTX)  # unlinked while open: still reached through its handle
+    assert not srv.fs.unreachable(attrs.st_ino)
+    srv.handle(setattr_ctime(attrs.st_ino, 9))
+    assert answer(r) == (9, 0)
+    srv.fs.release(fh)
+    assert srv.fs.unreachable(attrs.st_ino)
+
+
+def test_other_names_and_unknown_inodes_take_the_locked_path(server: tuple[FsServer, int]) -> None:
+    srv, r = server
+    inode = create(srv.fs, b"file")
+    srv.fs.setxattr(inode, b"security.capabilityX", b"v", CTX)
+    srv.handle(getxattr(inode, b"security.capabilityX", 8))  # not the capability: read from the backing file
+    assert answer(r) == (8, 0)
+    other = srv.fs.mknod(1, b"fifo", stat.S_IFIFO | 0o600, 0, CTX).st_ino
+    assert not srv.fs.lacks_capability(other)
+    srv.handle(getxattr(other, b"security.capability", 9))  # asked of the backing store, then known
+    assert answer(r) == (9, -errno.ENODATA) and srv.fs.lacks_capability(other)
