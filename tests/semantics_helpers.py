@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
 
 SERVERS = ("encfs", "pyfuse3")
 _server = SERVERS[0]  # the server every mount of the tests now running uses (the ``server`` fixture)
+
+
+def bind_unix_socket(s: socket.socket, directory: Path, name: str) -> None:
+    """Bind ``s`` to ``directory``/``name`` by a relative name: a test's path is longer than
+    sun_path allows."""
+    old = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.chdir(directory)
+        s.bind(name)
+    finally:
+        os.fchdir(old)
+        os.close(old)
 
 
 @pytest.fixture(scope="module", params=SERVERS, autouse=True, name="server")

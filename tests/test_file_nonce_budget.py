@@ -253,17 +253,18 @@ def test_a_failed_copy_back_is_finished_by_the_next_load(tmp_path: Path, service
     files.release(fh)
 
 
-def test_a_damaged_side_file_read_only_leaks_no_fd(tmp_path: Path, service: KeyService,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A read-only load of a file whose re-key was interrupted reads its side file; a side file
-    whose header is damaged fails the load and leaves no fd behind (nor closes one twice)."""
+def interrupted_rekey(tmp_path: Path, service: KeyService,
+                      monkeypatch: pytest.MonkeyPatch) -> tuple[SimpleNamespace, bytes, bytes, bytes]:
+    """A file whose re-key stopped with its side file complete (the copy-back failed), all closed:
+    (config, backing path, the old file id whose side file is pending, the file's data)."""
     config = fs_config(service)
     files = open_files(tmp_path, config, service)
     path = os.fsencode(tmp_path / "f")
     f = OpenFile(7, os.open(path, os.O_RDWR | os.O_CREAT, 0o600), True, path)
     fh = files.add(f)
     c = files.renew(f, new_file=True)
-    c.write(0, os.urandom(4 * B))
+    data = os.urandom(4 * B)
+    c.write(0, data)
     c.fsync(False)
     c.seals = REKEY_AT
 
@@ -273,12 +274,20 @@ def test_a_damaged_side_file_read_only_leaks_no_fd(tmp_path: Path, service: KeyS
     monkeypatch.setattr(rekeyfile, "_copy_back", fails)
     with pytest.raises(OSError):
         files.writable_content(f)
+    monkeypatch.undo()
     files.release(fh)
     files.close_all()
-    root = os.fsencode(tmp_path)
     with open(path, "rb") as backing:
         old_id = FileHeader.parse(backing.read(HEADER_LEN)).file_id
-    side = os.fsdecode(rekeyfile.side_file(root, old_id))
+    return config, path, old_id, data
+
+
+def test_a_damaged_side_file_read_only_leaks_no_fd(tmp_path: Path, service: KeyService,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only load of a file whose re-key was interrupted reads its side file; a side file
+    whose header is damaged fails the load and leaves no fd behind (nor closes one twice)."""
+    config, path, old_id, _data = interrupted_rekey(tmp_path, service, monkeypatch)
+    side = os.fsdecode(rekeyfile.side_file(os.fsencode(tmp_path), old_id))
     with open(side, "r+b") as damaged:
         damaged.write(b"X")  # its header's magic
     read_only = open_files(tmp_path, config, service, read_only=True)
@@ -298,27 +307,7 @@ def test_reading_a_pending_side_file_leaves_its_times(tmp_path: Path, service: K
     """The side file keeps the file's times for the copy-in (FORMAT.md §6.4): a read-only load
     (a read-only mount, fsck) reads it with O_NOATIME, or relatime would move an old atime and
     the copy-in would give the file the time of that read."""
-    config = fs_config(service)
-    files = open_files(tmp_path, config, service)
-    path = os.fsencode(tmp_path / "f")
-    f = OpenFile(7, os.open(path, os.O_RDWR | os.O_CREAT, 0o600), True, path)
-    fh = files.add(f)
-    c = files.renew(f, new_file=True)
-    data = os.urandom(4 * B)
-    c.write(0, data)
-    c.fsync(False)
-    c.seals = REKEY_AT
-
-    def fails(src: int, dst: int) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(rekeyfile, "_copy_back", fails)
-    with pytest.raises(OSError):
-        files.writable_content(f)
-    files.release(fh)
-    files.close_all()
-    with open(path, "rb") as backing:
-        old_id = FileHeader.parse(backing.read(HEADER_LEN)).file_id
+    config, path, old_id, data = interrupted_rekey(tmp_path, service, monkeypatch)
     side = rekeyfile.side_file(os.fsencode(tmp_path), old_id)
     old = (1_600_000_000_000_000_000, 1_500_000_000_000_000_000)  # relatime moves an atime this old
     os.utime(side, ns=old)

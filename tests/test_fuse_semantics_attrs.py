@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from fuse_helpers import cold_read, expect_errno
-from semantics_helpers import d_fixture, mnt_fixture, new_mount, server_fixture  # noqa: F401  (the fixtures)
+from semantics_helpers import bind_unix_socket, d_fixture, mnt_fixture, new_mount, server_fixture  # noqa: F401  (the fixtures)
 
 # -- attributes --------------------------------------------------------------------------------
 
@@ -266,13 +266,7 @@ def test_security_and_trusted_xattrs_on_fifos_sockets_and_devices(d: Path) -> No
     os.mkfifo(d / "fifo")
     os.mknod(d / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
     with socket.socket(socket.AF_UNIX) as s:
-        old = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.chdir(d)  # a relative name: the test's path is longer than sun_path
-            s.bind("sock")
-        finally:
-            os.fchdir(old)
-            os.close(old)
+        bind_unix_socket(s, d, "sock")
     long_name = "trusted." + "t" * 240
     for target in (d / "fifo", d / "null", d / "sock"):
         os.setxattr(target, "trusted.one", b"1")

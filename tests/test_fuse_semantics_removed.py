@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fuse_helpers import Mount
-from semantics_helpers import d_fixture, mnt_fixture, server_fixture  # noqa: F401  (the fixtures)
+from semantics_helpers import bind_unix_socket, d_fixture, mnt_fixture, server_fixture  # noqa: F401  (the fixtures)
 
 
 def _deleted_backing_fds(m: Mount) -> list[str]:
@@ -89,14 +89,8 @@ def test_fifo_replaced_by_a_rename_answers_through_its_fd(d: Path) -> None:
 
 def test_socket_held_by_o_path_answers_fstat_after_unlink(d: Path) -> None:
     p = d / "sock"
-    old = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     with socket.socket(socket.AF_UNIX) as s:
-        try:
-            os.chdir(d)  # a relative name: the test's path is longer than sun_path
-            s.bind("sock")
-        finally:
-            os.fchdir(old)
-            os.close(old)
+        bind_unix_socket(s, d, "sock")
         fd = os.open(p, os.O_PATH)
         try:
             os.unlink(p)
