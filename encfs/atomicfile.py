@@ -51,14 +51,20 @@ def remove_dead_temporaries(path: Path, *more: Path, locked: bool = False) -> No
     its rename leaves one. Call it where only one writer runs (under the files' lock); another
     user's process counts as alive. ``locked``: every writer of these files holds a lock that the
     caller holds now, so the temporary of any other process is stale, even if its pid is alive (a
-    pid is reused). Only regular files are removed. OSError (but ENOENT) escapes, naming the temporary."""
+    pid is reused); then only regular files are removed (a name matched by a directory or symlink
+    is not one of its writers'). OSError (but ENOENT) escapes, naming the temporary."""
     if any(p.parent != path.parent for p in more):
         raise ValueError("remove_dead_temporaries lists one directory: every path must be in it")
     prefixes = {f"{p.name}.tmp" for p in (path, *more)}
     for tmp in path.parent.glob("*.tmp.*"):
         prefix, _, pid = tmp.name.rpartition(".")
-        if prefix in prefixes and pid.isdigit() and tmp.is_file() and not tmp.is_symlink() \
-                and (int(pid) != os.getpid() if locked else not _alive(int(pid))):
+        if not (prefix in prefixes and pid.isdigit()):
+            continue
+        if locked:
+            stale = int(pid) != os.getpid() and tmp.is_file() and not tmp.is_symlink()
+        else:
+            stale = not _alive(int(pid))
+        if stale:
             tmp.unlink(missing_ok=True)
 
 
