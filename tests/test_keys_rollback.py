@@ -159,3 +159,34 @@ def test_cli_rollback_is_one_line(cli_home: Path) -> None:
     assert r.returncode != 0 and r.stdout == b""
     lines = r.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("encfs: key ") and "rollback detected" in lines[0], lines
+
+
+@pytest.mark.parametrize("operation", ["disable", "schedule", "enable", "cancel"])
+def test_a_state_change_keys_json_cannot_record_leaves_the_key_as_it_was(
+        service: KeyService, token: Token, monkeypatch: pytest.MonkeyPatch, operation: str) -> None:
+    """The token is written first; when keys.json then cannot be written (a full disk), the token
+    gets its state back: the command failed, and the key is not left refused as "rolled back"."""
+    from encfs.errors import StateError
+    from encfs.keys import metadata
+
+    key_id = new_key(service)
+    if operation == "enable":
+        service.disable_key(key_id)
+    if operation == "cancel":
+        service.schedule_key_deletion(key_id, 7)
+    before = token.key_record(token_object_id(key_id, 1))
+    state = service.describe_key(key_id)["KeyState"]
+
+    def full(self: object, data: object) -> None:
+        raise StateError("cannot write key metadata keys.json: No space left on device")
+
+    monkeypatch.setattr(metadata.KeyStore, "_save", full)
+    calls = {"disable": lambda: service.disable_key(key_id), "schedule": lambda: service.schedule_key_deletion(key_id, 7),
+             "enable": lambda: service.enable_key(key_id), "cancel": lambda: service.cancel_key_deletion(key_id)}
+    with pytest.raises(StateError, match="No space left"):
+        calls[operation]()
+    monkeypatch.undo()
+    assert token.key_record(token_object_id(key_id, 1)) == before
+    assert service.describe_key(key_id)["KeyState"] == state
+    if state == "Enabled":
+        assert service.decrypt(service.encrypt(key_id, b"x", CTX), CTX).plaintext == b"x"  # not a "rollback"

@@ -8,6 +8,7 @@ methods from KeyAdministration. Of service.py's invariants, these methods keep:
   keys.json record fails to commit has its new material destroyed again.
 - Disabled and PendingDeletion are written to the token (tokenstate) before keys.json records
   them, and a change keys.json allows but the token's record refuses is reported as a rollback.
+  A state change whose keys.json write fails (a full disk) gives the token back its state.
 - Only a version no known blob is under (encfs.keys.usage) is retired, and keys.json marks it
   retired before the token destroys it.
 - Every call is audited (KeyService._audited), success or failure, and a state change first
@@ -16,6 +17,7 @@ methods from KeyAdministration. Of service.py's invariants, these methods keep:
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +38,8 @@ from encfs.keys.metadata import (
 )
 from encfs.keys.servicefields import ServiceFields
 from encfs.keys.usage import still_used
+
+log = logging.getLogger("encfs.keys")
 
 DELETION_WINDOW_DAYS = (7, 30)
 ROTATION_PERIOD_DAYS = (90, 2560)
@@ -119,13 +123,39 @@ class KeyAdministration(ServiceFields):
                 info["key_id"] = db.aliases.pop(name)
 
     def _transition(self, operation: str, key: str, change: Callable[[KeyRecord, float], None]) -> dict[str, Any]:
+        """A key state change: on the token first (a crash before keys.json is written leaves the
+        token the more restrictive, which refuses the key as rolled back), then keys.json. If
+        keys.json cannot be written (a full disk), the token gets back what it said before: the
+        command failed, and the key stays as it was."""
         with self._audited(operation) as info:
             self._db()  # apply anything due first
-            with self.store.transaction() as db:
-                rec = db.resolve(key)
-                info["key_id"] = rec.key_id
-                change(rec, self.clock())
-                return key_metadata_json(rec, db)
+            changed: tuple[KeyRecord, tokenstate.TokenState | None] | None = None
+            try:
+                with self.store.transaction() as db:
+                    rec = db.resolve(key)
+                    info["key_id"] = rec.key_id
+                    before = self._token_says(rec)
+                    change(rec, self.clock())
+                    changed = (rec, before)
+                    return key_metadata_json(rec, db)
+            except Exception:
+                if changed is not None:  # the change is on the token; keys.json was not written
+                    self._put_back(*changed)
+                raise
+
+    def _put_back(self, rec: KeyRecord, before: tokenstate.TokenState | None) -> None:
+        """Give the token back the state ``before`` of ``rec``'s key, unless keys.json holds the
+        change after all (its write failed after the rename: a directory sync)."""
+        if before is None or before.state == tokenstate.MISSING:
+            return
+        try:
+            stored = self.store.load().keys.get(rec.key_id)
+            if stored is not None and stored.state == rec.state:
+                return
+            tokenstate.write(self.token, rec, before.state, before.deletion_date)
+        except Exception as e:  # noqa: BLE001 - the command's own error is the one to report
+            log.warning("key %s: the token keeps the state the failed %s gave it (%s)", rec.key_id,
+                        rec.state, e)
 
     def _token_says(self, rec: KeyRecord) -> tokenstate.TokenState | None:
         """The token's record of the current backing key (None: no material was ever made)."""
