@@ -148,3 +148,16 @@ def test_data_key_cache_lifetime_is_the_documented_five_minutes(service: Any) ->
     files = OpenFiles(b"/nonexistent", config, service, BlockCipher, read_only=True,  # type: ignore[arg-type]
                       sealers=Sealers(4096))
     assert files.key_cache.max_age == MAX_AGE
+
+
+def test_a_pkcs11_error_names_its_token_once(service: Any) -> None:
+    import pkcs11.exceptions as p11e
+
+    from encfs.errors import TokenError
+
+    with pytest.raises(TokenError) as exc:
+        with service.token._locked("probe"):
+            raise p11e.GeneralError()
+    message = str(exc.value)
+    assert message.startswith(f"PKCS#11 probe failed on {service.token.spec.describe()}: "), message
+    assert "token token" not in message

@@ -195,7 +195,7 @@ class Token(TokenCrypto, TokenImport):
                     if isinstance(e, (p11e.SessionHandleInvalid, p11e.SessionClosed, p11e.DeviceRemoved,
                                       p11e.TokenNotPresent, p11e.UserNotLoggedIn)):
                         self._session = None  # reconnect on the next call
-                    raise TokenError(f"PKCS#11 {what} failed on token {self.spec.describe()}: "
+                    raise TokenError(f"PKCS#11 {what} failed on {self.spec.describe()}: "
                                      f"{_p11_name(e)}") from None
 
     def close(self) -> None:
