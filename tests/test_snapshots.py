@@ -160,3 +160,24 @@ def test_export_import_round_trip_incremental_and_refusals(volume: Path, fs_home
         assert refused
         assert not list(tmp_path.glob("t.img*"))
         victim.unlink(missing_ok=True)
+
+
+def test_an_upgrade_out_of_space_says_upgrade_and_changes_nothing(fs_home: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
+    try:
+        old = small / "old.img"
+        ok("volume", "create", old, "--size", "16M", "--key", "fs", "--format", "1", home=fs_home)
+        write(old, fs_home, {0: os.urandom(6 * MiB)})
+        before = contents(old, fs_home)
+        free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+        (small / "fill").write_bytes(bytes(max(0, free - 2 * MiB)))  # room for less than the copy
+        line = fails("volume", "upgrade", old, home=fs_home)
+        assert line.startswith(f"encfs: cannot upgrade {old}: No space left on device"), line
+        (small / "fill").unlink()
+        assert json.loads(ok("volume", "info", old, "--json", home=fs_home))["Format"] == 1
+        assert contents(old, fs_home) == before
+        assert sorted(p.name for p in small.iterdir()) == ["old.img"]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

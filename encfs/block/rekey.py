@@ -199,7 +199,8 @@ def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_ke
     except OSError as e:
         tmp.unlink(missing_ok=True)
         old.close()
-        raise VolumeError(f"cannot re-key {path}: {e.strerror} (the volume is unchanged)") from None
+        raise VolumeError(f"cannot {'re-key' if what == 'rekey' else 'upgrade'} {path}: {e.strerror} "
+                          "(the volume is unchanged)") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         old.close()
