@@ -161,3 +161,23 @@ def test_a_pkcs11_error_names_its_token_once(service: Any) -> None:
     message = str(exc.value)
     assert message.startswith(f"PKCS#11 probe failed on {service.token.spec.describe()}: "), message
     assert "token token" not in message
+
+
+def test_two_objects_sharing_an_id_leave_the_session_usable(token: Any) -> None:
+    """A token holding two objects with one id (left by a rotation before 8bfb053) fails that
+    key's use in one line; the search must not stay open on the session, or every later lookup
+    of any key fails (OperationActive)."""
+    import os
+
+    from encfs.errors import TokenError
+
+    shared, other = os.urandom(20), os.urandom(20)
+    token.generate_aes_key(shared, "twice")
+    token.generate_aes_key(shared, "twice")
+    token.generate_aes_key(other, "other")
+    with pytest.raises(TokenError, match="several token objects share id"):
+        token.key_record(shared)
+    assert token.key_record(other) == ("other", True)
+    with pytest.raises(TokenError, match="several token objects share id"):
+        token.encrypt_gcm(shared, bytes(12), b"", b"x")
+    assert len(token.encrypt_gcm(other, bytes(12), b"", b"x")) == 17

@@ -217,14 +217,17 @@ class Token(TokenCrypto, TokenImport):
         for attempt in (1, 2):
             if key is not None:
                 break
-            try:
-                key = session.get_key(object_class=cls, id=obj_id)
-            except p11e.NoSuchKey:
-                if attempt == 2:
-                    raise TokenError(f"key object {obj_id.hex()} is missing from the token") from None
+            # Every match is read, which ends the search (C_FindObjectsFinal): python-pkcs11's get_key
+            # leaves it open when it finds two, and the session then refuses every later search.
+            found = list(session.get_objects({Attribute.CLASS: cls, Attribute.ID: obj_id}))
+            if len(found) > 1:
+                raise TokenError(f"several token objects share id {obj_id.hex()}")
+            if found:
+                key = found[0]
+            elif attempt == 2:
+                raise TokenError(f"key object {obj_id.hex()} is missing from the token")
+            else:
                 session = self._reload()  # perhaps another process created it (see _reload)
-            except p11e.MultipleObjectsReturned:
-                raise TokenError(f"several token objects share id {obj_id.hex()}") from None
         self._handles[cache_id] = key
         return key
 
