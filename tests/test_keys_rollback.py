@@ -190,3 +190,99 @@ def test_a_state_change_keys_json_cannot_record_leaves_the_key_as_it_was(
     assert service.describe_key(key_id)["KeyState"] == state
     if state == "Enabled":
         assert service.decrypt(service.encrypt(key_id, b"x", CTX), CTX).plaintext == b"x"  # not a "rollback"
+
+
+def test_a_token_that_takes_one_version_and_refuses_the_next_is_put_back(
+        service: KeyService, token: Token, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disable writes every version's record on the token; when the second write fails, the
+    first version gets its state back (it refused its blobs as "rolled back" before), and the
+    audit record says so."""
+    from encfs.errors import TokenError
+
+    key_id = new_key(service)
+    blob = service.encrypt(key_id, b"v1", CTX)
+    service.rotate_key(key_id)
+    service.rotate_key(key_id)
+    real = Token.set_key_record
+    writes = []
+
+    def second_fails(self: Token, obj_id: bytes, label: str, usable: bool) -> bool:
+        writes.append(obj_id)
+        if len(writes) == 2:
+            raise TokenError("PKCS#11 C_SetAttributeValue failed: DeviceError")
+        return real(self, obj_id, label, usable)
+
+    monkeypatch.setattr(Token, "set_key_record", second_fails)
+    with pytest.raises(TokenError):
+        service.disable_key(key_id)
+    monkeypatch.undo()
+    for v in (1, 2, 3):
+        assert token.key_record(token_object_id(key_id, v)) == (f"encfs-cmk:{key_id}:v{v}", True)
+    assert service.decrypt(blob, CTX).plaintext == b"v1"
+    failed = [r for r in service.audit.read() if r["operation"] == "DisableKey"]
+    assert failed[-1]["outcome"] == "failure" and failed[-1]["token_state_restored"] is True
+
+
+def test_the_put_back_runs_before_another_writer_changes_the_key(
+        service: KeyService, token: Token, clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disable whose keys.json write fails puts the token back under the keys.json lock: a
+    deletion scheduled meanwhile by another writer waits for it, and the token ends as keys.json
+    says (PendingDeletion), not Enabled."""
+    import threading
+    import time
+
+    from encfs.errors import StateError
+    from encfs.keys import metadata
+
+    key_id = new_key(service)
+    other = KeyService(service.home, token, clock=clock)
+    real_save, real_put_back = metadata.KeyStore._save, KeyService._put_back
+    in_put_back, go = threading.Event(), threading.Event()
+
+    def full(self: Any, data: Any) -> None:
+        if threading.current_thread().name == "disable":
+            raise StateError("cannot write key metadata keys.json: No space left on device")
+        real_save(self, data)
+
+    def slow_put_back(self: KeyService, *args: Any) -> bool:
+        in_put_back.set()
+        go.wait(10)
+        return real_put_back(self, *args)
+
+    monkeypatch.setattr(metadata.KeyStore, "_save", full)
+    monkeypatch.setattr(KeyService, "_put_back", slow_put_back)
+    errors: list[BaseException] = []
+    result: list[Any] = []
+
+    def disable() -> None:
+        try:
+            service.disable_key(key_id)
+        except StateError as e:
+            errors.append(e)
+
+    a = threading.Thread(target=disable, name="disable")
+    b = threading.Thread(target=lambda: result.append(other.schedule_key_deletion(key_id, 7)), name="schedule")
+    a.start()
+    try:
+        assert in_put_back.wait(10)
+        b.start()
+        time.sleep(0.5)
+        assert not result, "another writer changed the key while the failed disable put the token back"
+    finally:
+        go.set()
+        a.join(10)
+        if b.is_alive() or b.ident is not None:
+            b.join(10)
+        other.audit.close()
+    assert len(errors) == 1 and result and result[0]["KeyState"] == "PendingDeletion"
+    record = token.key_record(token_object_id(key_id, 1))
+    assert record is not None and record[0].startswith(f"encfs-cmk:{key_id}:v1:PendingDeletion"), record
+
+
+def test_a_rotation_schedule_change_does_not_ask_the_token(service: KeyService, token: Token) -> None:
+    """Only the four state changes read the token's records: a rotation schedule's change works
+    on a key whose current version the token holds twice (that version's use fails, in one line)."""
+    key_id = new_key(service)
+    token.generate_aes_key(token_object_id(key_id, 1), "a second object with the same id")
+    service.enable_key_rotation(key_id, 90)
+    service.disable_key_rotation(key_id)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from encfs.errors import KeyStateError, UsageError
@@ -122,40 +123,56 @@ class KeyAdministration(ServiceFields):
                     raise UsageError(f"alias {name} does not exist")
                 info["key_id"] = db.aliases.pop(name)
 
-    def _transition(self, operation: str, key: str, change: Callable[[KeyRecord, float], None]) -> dict[str, Any]:
-        """A key state change: on the token first (a crash before keys.json is written leaves the
-        token the more restrictive, which refuses the key as rolled back), then keys.json. If
-        keys.json cannot be written (a full disk), the token gets back what it said before: the
-        command failed, and the key stays as it was."""
+    def _transition(self, operation: str, key: str, change: Callable[[KeyRecord, float], None],
+                    on_token: bool = False) -> dict[str, Any]:
+        """A change of ``key``'s record. ``on_token``: a state change, written on the token first (a
+        crash before keys.json is written leaves the token the more restrictive, which refuses the
+        key as rolled back), then in keys.json. If it fails after the token was written (keys.json
+        cannot be written on a full disk, or the token took one version's state and refused the
+        next), each version gets back what the token said before, under the same lock as the change:
+        the command failed, and the key stays as it was."""
         with self._audited(operation) as info:
             self._db()  # apply anything due first
-            changed: tuple[KeyRecord, tokenstate.TokenState | None] | None = None
-            try:
-                with self.store.transaction() as db:
-                    rec = db.resolve(key)
-                    info["key_id"] = rec.key_id
-                    before = self._token_says(rec)
-                    change(rec, self.clock())
-                    changed = (rec, before)
-                    return key_metadata_json(rec, db)
-            except Exception:
-                if changed is not None:  # the change is on the token; keys.json was not written
-                    self._put_back(*changed)
-                raise
+            with self.store.locked():
+                before: dict[str, tokenstate.TokenState] = {}
+                prior: dict[str, Any] | None = None
+                rec: KeyRecord | None = None
+                try:
+                    with self.store.transaction() as db:
+                        rec = db.resolve(key)
+                        info["key_id"] = rec.key_id
+                        if on_token:
+                            prior = asdict(rec)
+                            before = {v.token_id: tokenstate.read(self.token, v) for v in rec.versions}
+                        change(rec, self.clock())
+                        return key_metadata_json(rec, db)
+                except Exception:
+                    if before and rec is not None and prior is not None:
+                        info["token_state_restored"] = self._put_back(operation, rec, prior, before)
+                    raise
 
-    def _put_back(self, rec: KeyRecord, before: tokenstate.TokenState | None) -> None:
-        """Give the token back the state ``before`` of ``rec``'s key, unless keys.json holds the
-        change after all (its write failed after the rename: a directory sync)."""
-        if before is None or before.state == tokenstate.MISSING:
-            return
+    def _put_back(self, operation: str, rec: KeyRecord, prior: dict[str, Any],
+                  before: dict[str, tokenstate.TokenState]) -> bool:
+        """Give every version of ``rec``'s key back the token state ``before`` it had, unless
+        keys.json holds the change after all (its write failed after the rename: a directory
+        sync); False (and a warning) if the token would not take it back."""
         try:
             stored = self.store.load().keys.get(rec.key_id)
-            if stored is not None and stored.state == rec.state:
-                return
-            tokenstate.write(self.token, rec, before.state, before.deletion_date)
+            if stored is not None and asdict(stored) != prior:
+                return True  # keys.json has the change: the token agrees with it
+            for v in rec.versions:
+                old = before.get(v.token_id)
+                if old is None or old.state == tokenstate.MISSING:
+                    continue
+                now = tokenstate.read(self.token, v)
+                if (now.state, now.deletion_date) != (old.state, old.deletion_date):
+                    tokenstate.write(self.token, rec, old.state, old.deletion_date, versions=[v])
+            return True
         except Exception as e:  # noqa: BLE001 - the command's own error is the one to report
-            log.warning("key %s: the token keeps the state the failed %s gave it (%s)", rec.key_id,
-                        rec.state, e)
+            log.warning("key %s: %s failed, and the token keeps the state it gave the key (%s); "
+                        "`encfs key enable` or `encfs key cancel-deletion` puts it right", rec.key_id,
+                        operation, e)
+            return False
 
     def _token_says(self, rec: KeyRecord) -> tokenstate.TokenState | None:
         """The token's record of the current backing key (None: no material was ever made)."""
@@ -171,7 +188,7 @@ class KeyAdministration(ServiceFields):
                                     f"was restored from an older copy; run `encfs key cancel-deletion` first")
             tokenstate.write(self.token, rec, ENABLED)
             rec.state = ENABLED
-        return self._transition("EnableKey", key, change)
+        return self._transition("EnableKey", key, change, on_token=True)
 
     def disable_key(self, key: str) -> dict[str, Any]:
         def change(rec: KeyRecord, now: float) -> None:
@@ -182,7 +199,7 @@ class KeyAdministration(ServiceFields):
                 raise tokenstate.rollback_error(rec, rec.current, found, "DisableKey")
             tokenstate.write(self.token, rec, DISABLED)
             rec.state = DISABLED
-        return self._transition("DisableKey", key, change)
+        return self._transition("DisableKey", key, change, on_token=True)
 
     def schedule_key_deletion(self, key: str, days: int = 30) -> dict[str, Any]:
         lo, hi = DELETION_WINDOW_DAYS
@@ -200,7 +217,7 @@ class KeyAdministration(ServiceFields):
             rec.pre_deletion_state = rec.state
             rec.state = PENDING_DELETION
             rec.deletion_date = deletion_date
-        return self._transition("ScheduleKeyDeletion", key, change)
+        return self._transition("ScheduleKeyDeletion", key, change, on_token=True)
 
     def cancel_key_deletion(self, key: str) -> dict[str, Any]:
         def change(rec: KeyRecord, now: float) -> None:
@@ -215,7 +232,7 @@ class KeyAdministration(ServiceFields):
             tokenstate.write(self.token, rec, DISABLED)
             rec.state = PENDING_IMPORT if rec.pre_deletion_state == PENDING_IMPORT else DISABLED
             rec.deletion_date = rec.pre_deletion_state = None
-        return self._transition("CancelKeyDeletion", key, change)
+        return self._transition("CancelKeyDeletion", key, change, on_token=True)
 
     # -- rotation -----------------------------------------------------------
 
