@@ -209,6 +209,7 @@ def rekey_volume(path: Path, ks: KeyService, key: str | None = None, expected_ke
     try:
         fsync_dir(path.parent)
     except OSError as e:
-        raise VolumeError(f"{path} was re-keyed, but its directory could not be synced: {e.strerror}") from None
+        done = "re-keyed" if what == "rekey" else "upgraded"
+        raise VolumeError(f"{path} was {done}, but its directory could not be synced: {e.strerror}") from None
     return Rekeyed(header.volume_id.hex(), header.key_id, copied, time.monotonic() - start,
                    [s.id for s in snapshots], resumed)
