@@ -186,21 +186,21 @@ class AuditLog:
             buffer.append(data)
             return
         with self._lock:
+            fd = self._descriptor()
             try:
-                written = os.write(self._descriptor(), data)
+                written = os.write(fd, data)
             except OSError as e:
                 raise StateError(f"cannot write the audit log {self.path}: {e.strerror}") from None
             if written != len(data):
-                self._cut_torn(written)
+                self._cut_torn(fd, written)
                 raise StateError(f"cannot write the audit log {self.path}: short write "
                                  f"({written} of {len(data)} bytes; is its disk full?)")
 
-    def _cut_torn(self, written: int) -> None:
-        """Remove the ``written`` bytes a short write (a full disk) left at the end of the log: the
+    def _cut_torn(self, fd: int, written: int) -> None:
+        """Remove the ``written`` bytes a short write (a full disk) through ``fd`` left at the end of the log: the
         next record would be appended to that torn line and be unreadable with it, although its
         request was answered. Only while they are still the file's last bytes (another process may
         have appended since: its record then already shares their line)."""
-        fd = self._descriptor()
         try:
             end = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: just past this write
             if os.fstat(fd).st_size == end:
