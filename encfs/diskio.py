@@ -75,13 +75,15 @@ def syncfs(path: bytes | str) -> None:
         os.close(fd)
 
 
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # linux/fs.h
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4  # linux/fs.h
 _AT_FDCWD = -100
 
 
-def renameat2(src: bytes | str | os.PathLike[str], dst: bytes | str | os.PathLike[str], flags: int) -> None:
-    """renameat2(2): RENAME_NOREPLACE (EEXIST if ``dst`` exists), RENAME_EXCHANGE (swap the two);
-    OSError on failure (EINVAL where the filesystem does not support ``flags``)."""
-    if _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+def renameat2(src: bytes | str | os.PathLike[str], dst: bytes | str | os.PathLike[str], flags: int,
+              src_dir_fd: int = _AT_FDCWD, dst_dir_fd: int = _AT_FDCWD) -> None:
+    """renameat2(2): RENAME_NOREPLACE (EEXIST if ``dst`` exists), RENAME_EXCHANGE (swap the two),
+    RENAME_WHITEOUT; relative names from the directory fds given. OSError on failure (EINVAL where
+    the filesystem does not support ``flags``)."""
+    if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), ctypes.c_uint(flags)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), os.fsdecode(dst))

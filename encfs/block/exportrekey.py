@@ -141,6 +141,7 @@ def _digest(path: Path) -> str | None:
 
 
 def _exchange(a: Path, b: Path) -> None:
+    """The switch (a seam of its own: the kill tests stop a run just before or after it)."""
     renameat2(a, b, RENAME_EXCHANGE)
 
 

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from typing import Any, Self, TypeVar
 
 from encfs.atomicfile import write_atomic
-from encfs.diskio import pwrite_all
+from encfs.diskio import pwrite_all, renameat2
 from encfs.fuse.backingtimes import open_quiet
 
 T = TypeVar("T")
@@ -346,9 +346,8 @@ class BackingDirs:
             def dst(d_new: int, n_new: bytes) -> None:
                 if not flags:
                     os.rename(n_old, n_new, src_dir_fd=d_old, dst_dir_fd=d_new)
-                elif _libc.renameat2(d_old, n_old, d_new, n_new, ctypes.c_uint(flags)) != 0:
-                    e = ctypes.get_errno()
-                    raise OSError(e, os.strerror(e))
+                else:
+                    renameat2(n_old, n_new, flags, d_old, d_new)
             self.at(new, dst)
         self._changed(old, new)  # before and after: a call running alongside may cache an fd meanwhile
         try:

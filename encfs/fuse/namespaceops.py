@@ -24,6 +24,7 @@ import os
 import stat as stat_m
 from collections.abc import Iterator
 
+from encfs.diskio import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
 from encfs.fuse.backingdirs import BackingDirs
 from encfs.fuse.dirids import DirIds, plain_empty
 from encfs.fuse.fuseerrors import fuse_op
@@ -33,8 +34,6 @@ from encfs.fuse.openfiles import OpenFiles
 from encfs.fuse.stalenames import changes_names
 from encfs.fuse.symlinks import Symlinks
 from encfs.fuseproto.wire import EntryAttributes, FuseError, RequestContext
-
-RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 
 
 class NamespaceOps:
@@ -128,13 +127,15 @@ class NamespaceOps:
         self._removed(st, path)
 
     @contextlib.contextmanager
-    def _holding(self, path: bytes, st: os.stat_result) -> Iterator[None]:
-        """Around the removal of ``path`` (stat ``st``): takes the O_PATH fd to hold for it, if it
-        needs one (see the invariants), and gives it to the inode map as soon as the removal is
-        done, so that a later step that fails cannot leave it unowned; closed if the removal fails."""
+    def _holding(self, path: bytes, st: os.stat_result | None) -> Iterator[None]:
+        """Around the removal of ``path`` (stat ``st``; None: nothing is there to remove): takes the
+        O_PATH fd to hold for it, if it needs one (see the invariants), and gives it to the inode map
+        as soon as the removal is done, so that a later step that fails cannot leave it unowned;
+        closed if the removal fails."""
         fd = None
-        inode = self._ino(st)
-        if (not (stat_m.S_ISREG(st.st_mode) or stat_m.S_ISLNK(st.st_mode)) and self.inodes.lookups.get(inode)
+        inode = self._ino(st) if st is not None else 0
+        if (st is not None and not (stat_m.S_ISREG(st.st_mode) or stat_m.S_ISLNK(st.st_mode))
+                and self.inodes.lookups.get(inode)
                 and not self.inodes.paths.get(inode, set()) - {path}):
             fd = self.bd.at(path, lambda d, n: os.open(n, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d))
         try:
@@ -297,7 +298,7 @@ class NamespaceOps:
         # device, under the old backing name, which the old plaintext name (and side file) names.
         whiteout = flags & RENAME_WHITEOUT
         # the replaced entry is kept while the kernel holds it (_holding)
-        with self._holding(new, replaced) if replaced is not None else contextlib.nullcontext():
+        with self._holding(new, replaced):
             try:
                 if link_target is not None:  # a new backing symlink sealed for the new place (symlinks.py)
                     self.links.place_copy(link_target, new, new_parent_dirid, st_old, backing_rename)
