@@ -150,6 +150,8 @@ class OpenFiles(ContentLoading):
     def open_for_writing(self, inode: int) -> bool:
         """Whether a writable handle of ``inode`` is open: only then can the kernel hold pages of
         it that it has not written back (its writeback cache writes them at the close)."""
+        if inode not in self._per_inode:  # no handle at all (most seeks): no scan of the table
+            return False
         with self._table:
             return any(f.inode == inode and f.writable for f in self._handles.values())
 

@@ -234,9 +234,14 @@ class FsServer(DirRequests, XattrRequests, FuseServer):
                               SETATTR: self._gone_first(self.handlers[SETATTR])})
 
     def overlaps(self, req: Request) -> bool:
-        """LSEEK too (SEEK_DATA/SEEK_HOLE): it may wait for writes the kernel sends meanwhile
+        """LSEEK too (SEEK_DATA/SEEK_HOLE) when it will wait for writes the kernel sends meanwhile
         (_seek_written), which another thread must read."""
-        return super().overlaps(req) or (req.opcode == LSEEK and self.uring is None)
+        return super().overlaps(req) or (req.opcode == LSEEK and self._flushes_first(req.node))
+
+    def _flushes_first(self, inode: int) -> bool:
+        """Whether an LSEEK of ``inode`` first has the kernel write its dirty pages back (_seek_written)."""
+        return (self.uring is None and bool(self.agreed_flags & FUSE_WRITEBACK_CACHE)
+                and self.fs.files.open_for_writing(inode))
 
     def _seek_written(self, locked: Handler) -> Handler:
         """SEEK_DATA and SEEK_HOLE answer from the file's blocks and holes as the daemon knows them;
@@ -248,8 +253,7 @@ class FsServer(DirRequests, XattrRequests, FuseServer):
         seek takes the inode's lock. Over io_uring the notice would go only after the reply:
         not done there (README)."""
         def run(req: Request) -> None:
-            if (self.uring is None and self.agreed_flags & FUSE_WRITEBACK_CACHE
-                    and self.fs.files.open_for_writing(req.node)):
+            if self._flushes_first(req.node):
                 _fh, offset, _whence = LSEEK_IN.unpack_from(req.body)
                 self.notify(NOTIFY_INVAL_INODE, INVAL_INODE.pack(req.node, max(offset, 0), 0))
             locked(req)
