@@ -266,17 +266,21 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
         e.st_uid = st.st_uid
         e.st_gid = st.st_gid
         e.st_rdev = st.st_rdev
+        # The FIFO/socket/device set follows every attribute reply (also a number another host's
+        # writer reused for another kind of file).
         if stat_m.S_ISREG(st.st_mode):
             e.st_size = self.files.size_for_lookup(e.st_ino, path, st.st_size)
             self._sizes[e.st_ino] = e.st_size
+            self._special_inodes.discard(e.st_ino)
         elif stat_m.S_ISLNK(st.st_mode):
             e.st_size = self.names.symlink_size(self.bd.readlink(path)) if path is not None else 0
+            self._special_inodes.discard(e.st_ino)
         else:
             e.st_size = st.st_size
-        if stat_m.S_ISREG(st.st_mode) or stat_m.S_ISDIR(st.st_mode) or stat_m.S_ISLNK(st.st_mode):
-            self._special_inodes.discard(e.st_ino)  # also a number another host's writer reused
-        else:
-            self._special_inodes.add(e.st_ino)
+            if stat_m.S_ISDIR(st.st_mode):
+                self._special_inodes.discard(e.st_ino)
+            else:
+                self._special_inodes.add(e.st_ino)
         e.st_blksize = 4096  # FUSE makes this the inode's i_blkbits: above the page size, writes got slower here
         e.st_blocks = st.st_blocks
         e.st_atime_ns = st.st_atime_ns

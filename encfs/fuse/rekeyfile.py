@@ -110,7 +110,7 @@ def rekey(c: FileContent, header: FileHeader, cipher: BlockCipher) -> None:
         try:
             _copy_back(fd, c.fd)
         except OSError as e:
-            _serve_side_file(c, final, header, cipher)
+            _serve_side_file(c, old_id, header, cipher)
             raise SideFilePending(e.errno, e.strerror) from None
     finally:
         os.close(fd)
@@ -137,7 +137,7 @@ def complete(root: bytes, file_id: bytes, fd: int) -> None:
     """Finish the re-key of the file open (writable) as ``fd`` whose header names ``file_id``
     and whose side file is complete: copy it in, then remove it."""
     final = side_file(root, file_id)
-    src = open_quiet(lambda f: os.open(final, f), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # its atime is the file's
+    src = open_side_file(root, file_id)
     try:
         _copy_back(src, fd)
     finally:
@@ -147,8 +147,8 @@ def complete(root: bytes, file_id: bytes, fd: int) -> None:
 
 
 def open_side_file(root: bytes, file_id: bytes) -> int:
-    """A read-only fd of the complete side file of ``file_id`` (for a read-only mount, fsck). Its
-    reads leave its atime, which the copy-in gives the file (open_quiet)."""
+    """A read-only fd of the complete side file of ``file_id`` (its copy-in, a read-only mount, fsck).
+    Its reads leave its atime, which the copy-in gives the file (open_quiet)."""
     path = side_file(root, file_id)
     return open_quiet(lambda flags: os.open(path, flags), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
 
@@ -233,10 +233,10 @@ def _copy_state(src: int, dst: int) -> None:
                 raise
 
 
-def _serve_side_file(c: FileContent, final: bytes, header: FileHeader, cipher: BlockCipher) -> None:
-    """After a failed copy-back: ``c`` reads the complete side file, read-only (the next load
-    finishes the job)."""
-    fd = open_quiet(lambda flags: os.open(final, flags), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+def _serve_side_file(c: FileContent, old_id: bytes, header: FileHeader, cipher: BlockCipher) -> None:
+    """After a failed copy-back: ``c`` reads the complete side file of ``old_id``, read-only (the
+    next load finishes the job)."""
+    fd = open_side_file(c.root, old_id)
     os.close(c.fd)
     c.use_fd(fd, False)
     c.read_only = True

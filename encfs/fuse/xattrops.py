@@ -76,7 +76,7 @@ class XattrOps:
 
     @fuse_op
     def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
-        if name == CAPABILITY_XATTR and inode in self._no_capability:
+        if name == CAPABILITY_XATTR and self.lacks_capability(inode):
             raise FuseError(errno.ENODATA)
         for backing in self._xattr_names(name, inode):
             try:
