@@ -46,6 +46,11 @@ def kind_of(target: Path) -> str:
     return "volume"
 
 
+def _finishing(resumed: bool, end: str = "") -> str:
+    """The words a run that finished an interrupted one adds to its line (``end``: mid-sentence)."""
+    return ", finishing an interrupted re-key" + end if resumed else ""
+
+
 def _version(key: str, version: int) -> str:
     return f"key {key} (version {version})"
 
@@ -116,7 +121,7 @@ def _filesystem(args: argparse.Namespace, target: Path) -> int:
                   f"{mib:.1f} MiB (one file at a time: needs free space for the largest file)")
         else:
             print(f"{target}: gave {files} fresh data keys under {dst}"
-                  + (", finishing an interrupted re-key" if done.resumed else "")
+                  + _finishing(done.resumed)
                   + f" ({mib:.1f} MiB re-encrypted in {done.seconds:.1f} s)")
     elif args.json:
         print_json({"Target": str(target), "Kind": "filesystem", "Changed": done.changed, "DryRun": args.dry_run,
@@ -131,7 +136,7 @@ def _filesystem(args: argparse.Namespace, target: Path) -> int:
               + (" and finish an interrupted re-key" if done.resumed else "") + " (no content is rewritten)")
     else:
         print(f"{target}: re-wrapped {what} from {src} to {dst}"
-              + (", finishing an interrupted re-key," if done.resumed else "")
+              + _finishing(done.resumed, ",")
               + f" in {done.seconds:.2f} s (no content rewritten)")
     if done.damaged:
         raise RewrapError(f"{target}: {len(done.damaged)} file header(s) are damaged and stay as they were "
@@ -182,7 +187,7 @@ def _full(args: argparse.Namespace, target: Path, kind: str, rk: bytes | None = 
         n = len(done.snapshots)
         snaps = f" with its {n} snapshot{'s' if n != 1 else ''}" if n else ""
         print(f"{target}: re-keyed{snaps} as volume {done.volume_id} under key {done.key_id}"
-              + (", finishing an interrupted re-key" if done.resumed else "")
+              + _finishing(done.resumed)
               + f" ({mib:.1f} MiB of written sectors re-encrypted in {done.seconds:.1f} s)")
     return 0
 
@@ -206,7 +211,7 @@ def _full_export(args: argparse.Namespace, target: Path) -> int:
               "copy of the directory)")
     else:
         print(f"{target}: re-encrypted {snaps} under a fresh export key wrapped by key {done.key_id}"
-              + (", finishing an interrupted re-key" if done.resumed else "")
+              + _finishing(done.resumed)
               + f" ({done.objects_written} objects written, {mib:.1f} MiB read, in {done.seconds:.1f} s)")
     return 0
 

@@ -107,12 +107,14 @@ def parse_redo(data: bytes, where: str) -> list[tuple[bytes, bytes, Times | None
         rel, header = body[pos + 2:pos + 2 + n], body[pos + 2 + n:pos + 2 + n + HEADER_LEN]
         pos += 2 + n + HEADER_LEN
         times = None
-        if version > 1 and pos + _TIMES.size <= len(body):
+        if version > 1:
+            if pos + _TIMES.size > len(body):
+                raise RewrapError(f"{where} is damaged (its records do not add up)")
             times = _TIMES.unpack_from(body, pos)
             pos += _TIMES.size
         entries.append((rel, header, times))
     if pos != len(body) or any(len(h) != HEADER_LEN or os.path.isabs(r) or b".." in r.split(b"/")
-                               or (version > 1 and t is None) for r, h, t in entries):
+                               for r, h, _t in entries):
         raise RewrapError(f"{where} is damaged (its records do not add up)")
     return entries
 
@@ -166,12 +168,12 @@ def replay(cipherdir: Path) -> set[bytes]:
             now = os.pread(fd, HEADER_LEN, 0)
             if now[:PREFIX] != new[:PREFIX]:
                 continue
-            kept = times if times is not None else times_of(fd)  # a version-1 log kept none
+            if times is None:  # a version-1 log kept none: the file's own, as it is
+                times = times_of(fd)
             if now != new:
                 pwrite_all(fd, new, 0)
                 written.add(rel)
-            if now != new or times is not None:  # the killed run may have written it, not its times
-                keep_times(fd, kept, rel)
+            keep_times(fd, times, rel)  # the killed run may have written the header, not its times
         finally:
             os.close(fd)
     syncfs(root)

@@ -146,12 +146,11 @@ def _serve(sock: socket.socket, home: Path, hsm: Any, roles: Any) -> None:
         send_message(sock, {"Error": error_body(e)})
         return
     try:
-        ks.token.login()  # a wrong PIN ends the daemon here, before it serves
-    except EncfsError as e:
-        ks.close()
-        send_message(sock, {"Error": error_body(e)})
-        return
-    try:
+        try:
+            ks.token.login()  # a wrong PIN ends the daemon here, before it serves
+        except EncfsError as e:
+            send_message(sock, {"Error": error_body(e)})
+            return
         dispatcher = Dispatcher(ks, AccessControl(home / "keyd", roles), SecretStore(home, ks))
         send_message(sock, {"Ready": True})
         while (batch := recv_message(sock)) is not None:
