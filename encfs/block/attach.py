@@ -44,8 +44,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from encfs.atomicfile import write_atomic
 from encfs.block.fuseserver import RESIZE_XATTR, fuse_unmount
-from encfs.block.voldaemon import serve_volume
+from encfs.block.voldaemon import SideFiles, serve_volume
 from encfs.block.volume import (
     FlushLost,
     ShrinkRefused,
@@ -94,27 +95,20 @@ class Attachment:
         return LINK_DIR / self.name if self.name else None
 
     @property
-    def errors_file(self) -> Path:
-        return Path(f"{self.mountpoint}.errors")
-
-    @property
-    def flush_failed_file(self) -> Path:
-        return Path(f"{self.mountpoint}.flush-failed")
-
-    @property
-    def flush_pending_file(self) -> Path:
-        return Path(f"{self.mountpoint}.flush-pending")
+    def side_files(self) -> SideFiles:
+        """What its daemon keeps beside the mountpoint (voldaemon.py)."""
+        return SideFiles(self.mountpoint)
 
     def final_flush_failure(self, killed: bool) -> str:
         """Why the daemon's final flush did not happen ("" if it did, or the daemon left no
         record: one of an older encfs); ``killed``: detach had to SIGKILL it."""
         try:
-            return self.flush_failed_file.read_text().strip() or "see the daemon's log"
+            return self.side_files.flush_failed.read_text().strip() or "see the daemon's log"
         except FileNotFoundError:
             pass
         except OSError as e:
             return f"its record is unreadable: {e.strerror}"
-        if killed and self.flush_pending_file.exists():
+        if killed and self.side_files.flush_pending.exists():
             return "its daemon did not exit and was killed"
         return ""
 
@@ -122,7 +116,7 @@ class Attachment:
         """Requests the daemon answered EIO since it started (it writes the count at
         most once a second); None if it keeps none (a daemon of an older encfs)."""
         try:
-            return int(self.errors_file.read_text())
+            return int(self.side_files.errors.read_text())
         except (OSError, ValueError):
             return None
 
@@ -203,9 +197,7 @@ def _registry() -> Path:
 
 def _save(a: Attachment) -> None:
     _registry()
-    tmp = a.entry.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(a)))
-    tmp.replace(a.entry)
+    write_atomic(a.entry, json.dumps(asdict(a)).encode(), 0o644)
 
 
 def _is_mounted(path: str) -> bool:
@@ -295,8 +287,9 @@ def _attach_claimed(image: Path, vid: str, home: Path | None, hsm: HsmOptions, l
     if _is_mounted(mountpoint):  # a daemon killed before its entry was saved: its dead mount fails stat()
         _unmount_lazily(mountpoint)
     os.makedirs(mountpoint, mode=0o700, exist_ok=True)
-    for stale in (".flush-failed", ".flush-pending"):
-        Path(mountpoint + stale).unlink(missing_ok=True)
+    side = SideFiles(mountpoint)
+    for stale in (side.flush_failed, side.flush_pending):
+        stale.unlink(missing_ok=True)
     try:
         pid = spawn(lambda ready: serve_volume(image, mountpoint, home, hsm, ready, accept_rollback,
                                                expected_key, read_only, recovery_key),
@@ -374,7 +367,7 @@ def _stop_daemon(a: Attachment) -> bool:
 
 
 def _cleanup(a: Attachment) -> None:
-    if a.flush_failed_file.exists():  # the entry goes: its record with it, so say it now
+    if a.side_files.flush_failed.exists():  # the entry goes: its record with it, so say it now
         log.warning("the last daemon of %s could not flush at its end: writes before that were lost", a.image)
     if a.loop and _loop_backing(a.loop) == f"{a.mountpoint}/volume":
         _run(["losetup", "-d", a.loop])
@@ -388,9 +381,9 @@ def _cleanup(a: Attachment) -> None:
 def _forget(a: Attachment) -> None:
     """Remove the name link, the registry entry and the (unmounted) private mountpoint."""
     _remove_link(a)
-    a.errors_file.unlink(missing_ok=True)
-    a.flush_failed_file.unlink(missing_ok=True)
-    a.flush_pending_file.unlink(missing_ok=True)
+    side = a.side_files
+    for record in (side.errors, side.flush_failed, side.flush_pending):
+        record.unlink(missing_ok=True)
     a.entry.unlink(missing_ok=True)
     if not _is_mounted(a.mountpoint):
         try:
