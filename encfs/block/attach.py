@@ -32,7 +32,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -40,7 +39,6 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,6 +53,7 @@ from encfs.block.volume import (
     read_volume_header,
 )
 from encfs.daemon import proc_start, spawn
+from encfs.filelock import WriterLock
 from encfs.fuseproto.mounting import mount_table
 from encfs.fuseproto.wire import MAX_WRITE
 from encfs.keys.config import HsmOptions, default_home, prompt_before_fork
@@ -244,7 +243,7 @@ def attach(image: Path, home: Path | None, hsm: HsmOptions, log_file: str | None
     _claim(vid, image, name, clean=False)  # refused before a PIN is asked for
     if recovery_key is None:  # no PIN to ask for: the token is not used
         hsm = prompt_before_fork(home or default_home(), hsm)
-    with _attach_lock():
+    with _attach_lock().held():
         _claim(vid, image, name, clean=True)
         return _attach_claimed(image, vid, home, hsm, log_file, accept_rollback, expected_key, name, read_only,
                                recovery_key)
@@ -267,17 +266,11 @@ def _claim(vid: str, image: Path, name: str, clean: bool) -> None:
                 _cleanup(other)
 
 
-@contextlib.contextmanager
-def _attach_lock() -> Iterator[None]:
+def _attach_lock() -> WriterLock:
     """One attach at a time per registry, from its check of the entries to its saved entry: a second
     attach of a volume then finds the first one's entry, never its mount not yet registered (which it
     would take for a dead daemon's). A POSIX lock: the forked daemon does not inherit it."""
-    fd = os.open(_registry().parent / "volumes.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return WriterLock(_registry().parent / "volumes.lock", "the volume registry", posix=True)
 
 
 def _attach_claimed(image: Path, vid: str, home: Path | None, hsm: HsmOptions, log_file: str | None,

@@ -57,6 +57,7 @@ from encfs.block.exportformat import (
     Manifest,
 )
 from encfs.diskio import RENAME_EXCHANGE, fsync_dir, renameat2
+from encfs.filelock import lock_still_named
 from encfs.keys.blob import CiphertextBlob
 from encfs.keys.service import KeyService
 
@@ -169,12 +170,7 @@ def rekey_export(directory: Path, ks: KeyService, key: str | None = None, dry_ru
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     locked = -1
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ExportBusy(f"{directory} is in use by another encfs export") from None
-        st, now = os.fstat(fd), os.stat(directory)
-        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):  # another run's exchange came in between
+        if lock_still_named(fd, directory) is None:  # another run's lock, or its exchange came in between
             raise ExportBusy(f"{directory} is in use by another encfs export")
         if not dry_run:  # a run killed while writing the marker left its temporary: no other run writes one now
             remove_dead_temporaries(swap, locked=True)

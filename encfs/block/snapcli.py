@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import os
 import stat as stat_m
 import sys
@@ -23,6 +22,7 @@ from encfs.block.volume import OpenVolume, VolumeBusy, VolumeError, format_volum
 from encfs.cliargs import open_key_service, state_dir
 from encfs.diskio import RENAME_NOREPLACE, fsync_dir, renameat2
 from encfs.errors import UsageError
+from encfs.filelock import lock_still_named
 from encfs.keys.service import KeyService
 from encfs.output import print_json, print_record, report
 
@@ -196,9 +196,8 @@ def _claim(tmp: Path, target: Path) -> int:
     except OSError as e:
         raise VolumeError(f"cannot make {target}: {tmp}: {e.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        st, now = os.fstat(fd), os.lstat(tmp)  # still the file named tmp (not removed and made anew)
-        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino) or not stat_m.S_ISREG(st.st_mode):
+        st = lock_still_named(fd, tmp, follow_symlinks=False)  # still the file named tmp (not made anew)
+        if st is None or not stat_m.S_ISREG(st.st_mode):
             raise BlockingIOError
         if st.st_nlink == 1:
             os.ftruncate(fd, 0)  # a killed run's half volume: this run's to make again
