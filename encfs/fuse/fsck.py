@@ -34,6 +34,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import os
 import stat as stat_m
 import time
@@ -213,7 +214,7 @@ class Walk:
 
         self.add(Finding("orphan", f"{where}: the partial copy of a repair that was interrupted: not needed "
                                    "(repair: removed)", WARNING, place=_rel(self.root, child)),
-                 lambda r: drop_partial(r, child))
+                 functools.partial(drop_partial, path=child))  # run first: fsckrepair.repair_order
 
     def _bad_name(self, child: bytes, plain: str, entry: bytes, st: os.stat_result) -> None:
         what = "file" if stat_m.S_ISREG(st.st_mode) else "directory" if stat_m.S_ISDIR(st.st_mode) else "entry"

@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat as stat_m
 from collections.abc import Callable
@@ -122,8 +123,9 @@ Writer = Callable[[int, bytes], object]  # write(offset, data)
 
 def _write_new(r: Repairer, parent: int, name: bytes, mode: int, ctx: RequestContext,
                fill: Callable[[Writer], object]) -> int:
-    """A new file ``name`` in ``parent``, written by ``fill(write)`` and fsync'd; its inode."""
-    fh, attrs = r.fs.create(parent, name, mode, os.O_WRONLY, ctx)
+    """A new file ``name`` in ``parent``, written by ``fill(write)`` and fsync'd; its inode. O_EXCL:
+    a file left under that name (one the walk did not reach) is an error, never reused as it is."""
+    fh, attrs = r.fs.create(parent, name, mode, os.O_WRONLY | os.O_EXCL, ctx)
     try:
         fill(lambda off, data: r.fs.write(fh, off, data))
         r.fs.fsync(fh, False)
@@ -184,10 +186,8 @@ def rescue(r: Repairer, check: FileCheck) -> None:
             if c.size and last in c.holes:  # nothing wrote the end: the copy gets its holes' size too
                 write(c.size - 1, b"\0")  # type: ignore[operator]
 
+        # A killed repair's files under these names were dropped before (repair_order).
         partial, report = name + fsck.PARTIAL_SUFFIX, name + b".fsck" + fsck.PARTIAL_SUFFIX
-        for leftover in (partial, report):  # a killed repair's (its walk found them, dropped below)
-            with contextlib.suppress(FuseError, FileNotFoundError):
-                r.fs.unlink(lost, leftover, ctx)
         inode = _write_new(r, lost, partial, stat_m.S_IMODE(check.st.st_mode), ctx, fill)
         c.journal.close()
         _copy_xattrs(r, path, inode, ctx)
@@ -226,7 +226,8 @@ def rescue_named(r: Repairer, path: bytes, st: os.stat_result) -> None:
 
 
 def drop_partial(r: Repairer, path: bytes) -> None:
-    """Remove the partial lost+found copy ``path`` an interrupted repair left (and its long name)."""
+    """Remove the partial lost+found copy ``path`` an interrupted repair left (and its long name):
+    the one removal of those files (before any rescue, which writes under such names)."""
     _remove_backing(r.walk.fs.bd, path)
 
 
@@ -237,14 +238,22 @@ def _remove_backing(bd: BackingDirs, path: bytes) -> None:
         bd.unlink(longname_side_file(path))
 
 
+def repair_order(finding_action: tuple[Finding, fsck.Action]) -> tuple[bool, bool, bool]:
+    """The sort key of the repairs. First the partial copies a killed repair left in lost+found
+    (drop_partial): a rescue writes its copy and report under those names. Orphans last: a rescue
+    removes a file's journal itself. Before them, files whose names do not decrypt are moved to
+    lost+found: the other repairs of such a file (a torn header emptied) name it where the walk
+    found it."""
+    finding, action = finding_action
+    partial = isinstance(action, functools.partial) and action.func is drop_partial
+    return (not partial, finding.kind == "orphan", finding.kind == "name")
+
+
 def repair_walk(cipherdir: Path, walk: fsck.Walk) -> None:
     """Run every repair action of ``walk``; a failure is a "repair" finding."""
     r = Repairer(cipherdir, walk)
     try:
-        # Orphans last: a rescue removes a file's journal itself. Before them, files whose names do
-        # not decrypt are moved to lost+found: the other repairs of such a file (a torn header
-        # emptied) name it where the walk found it.
-        for finding, action in sorted(walk.actions, key=lambda fa: (fa[0].kind == "orphan", fa[0].kind == "name")):
+        for finding, action in sorted(walk.actions, key=repair_order):
             try:
                 action(r)
             except (EncfsError, OSError, FuseError, HeaderError) as e:
