@@ -166,7 +166,6 @@ def create_volume(path: Path, size: int, ks: KeyService, key: str, version: int 
     """A new image at ``path`` (which must not exist); nothing is left behind on failure.
     ``version`` 1 makes the older format (kept for tests and for `encfs volume upgrade`'s).
     ``recovery_key``: the header gets a recovery record under it (recovery.py; format 2 only)."""
-    _check_cow_size(version == COW_FORMAT, size)
     if recovery_key is not None and version != COW_FORMAT:
         raise UsageError("a format-1 volume cannot have a recovery key")
     try:
@@ -187,7 +186,8 @@ def create_volume(path: Path, size: int, ks: KeyService, key: str, version: int 
 def format_volume(fd: int, path: Path, size: int, ks: KeyService, key: str, version: int = COW_FORMAT,
                   recovery_key: bytes | None = None) -> VolumeHeader:
     """Make a new volume in the empty file open as ``fd`` (create_volume's, or one its caller
-    created and locked: snapcli.py); VolumeError if it fails (the file is then the caller's to remove)."""
+    created and locked: snapcli.py); VolumeError if it fails (the file is then the caller's to remove),
+    a size too large for the format before anything is written or asked of the key service."""
     _check_cow_size(version == COW_FORMAT, size)
     try:
         volume_id = os.urandom(16)
