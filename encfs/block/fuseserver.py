@@ -55,7 +55,6 @@ from encfs.fuseproto.wire import (
     GETATTR,
     GETXATTR,
     GETXATTR_IN,
-    GETXATTR_OUT,
     INIT,
     INVAL_INODE,
     LISTXATTR,
@@ -72,7 +71,6 @@ from encfs.fuseproto.wire import (
     ROOT_ID,
     SETATTR,
     SETXATTR,
-    SETXATTR_IN,
     STATFS,
     STATFS_OUT,
     SYNCFS,
@@ -82,6 +80,9 @@ from encfs.fuseproto.wire import (
     FuseError,
     Request,
     pack_dirent,
+    request_names,
+    setxattr_request,
+    xattr_reply,
 )
 
 log = logging.getLogger("encfs.block")
@@ -265,7 +266,7 @@ class VolumeServer(FuseServer):
         self.reply(req.unique, ATTR_HEAD.pack(3600, 0, 0), self._attr(req.node))
 
     def _lookup(self, req: Request) -> None:
-        name = bytes(req.body).split(b"\0", 1)[0]
+        (name,) = request_names(req.body, 1)
         if req.node != ROOT_ID or name != FILE_NAME:
             raise FuseError(errno.ENOENT)
         self.reply(req.unique, ENTRY_HEAD.pack(FILE_ID, 0, 3600, 3600, 0, 0), self._attr(FILE_ID))
@@ -282,28 +283,24 @@ class VolumeServer(FuseServer):
         self.reply(req.unique, bytes(out))
 
     def _setxattr(self, req: Request) -> None:
-        size_len, _flags = SETXATTR_IN.unpack_from(req.body)
-        name, _, rest = bytes(req.body[SETXATTR_IN.size:]).partition(b"\0")
+        name, value, _flags = setxattr_request(req.body)
         if req.node == FILE_ID and name in (CONTROL_CREATE, CONTROL_DELETE):
-            self.volume.control(name, rest[:size_len])  # an OSError answers its errno
+            self.volume.control(name, value)  # an OSError answers its errno
             self.reply(req.unique)
         elif req.node == FILE_ID and name == RESIZE_XATTR:
-            self._resize(req.unique, rest[:size_len])
+            self._resize(req.unique, value)
         else:
             raise FuseError(errno.EOPNOTSUPP)
 
     def _getxattr(self, req: Request) -> None:
         size, _pad = GETXATTR_IN.unpack_from(req.body)
-        name = bytes(req.body[GETXATTR_IN.size:]).split(b"\0", 1)[0]
+        (name,) = request_names(req.body[GETXATTR_IN.size:], 1)
         if req.node != FILE_ID or not (name == CONTROL_LIST or name.startswith(CONTROL_LIST_PAGE)):
             raise FuseError(errno.ENODATA)
-        value = self.volume.query(name)
-        if size == 0:
-            self.reply(req.unique, GETXATTR_OUT.pack(len(value), 0))
-        elif size < len(value):
-            raise FuseError(errno.ERANGE)
-        else:
-            self.reply(req.unique, value)
+        payload, error = xattr_reply(self.volume.query(name), size)
+        if error:
+            raise FuseError(error)
+        self.reply(req.unique, payload)
 
     def _statfs(self, req: Request) -> None:
         blocks = self.volume.size // 4096

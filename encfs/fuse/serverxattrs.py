@@ -17,19 +17,10 @@ from typing import TYPE_CHECKING
 
 from encfs.fuse.xattrops import CAPABILITY_XATTR
 from encfs.fuseproto.server import Handler
-from encfs.fuseproto.wire import GETXATTR_IN, GETXATTR_OUT, SETXATTR_IN, Request, RequestContext, request_names
+from encfs.fuseproto.wire import GETXATTR_IN, Request, RequestContext, request_names, setxattr_request, xattr_reply
 
 if TYPE_CHECKING:
     from encfs.fuse.fs import EncryptedFS
-
-
-def _xattr_reply(data: bytes, size: int) -> tuple[bytes, int]:
-    """(payload, errno) for GETXATTR/LISTXATTR: the length if ``size`` is 0, else the data if it fits."""
-    if size == 0:
-        return GETXATTR_OUT.pack(len(data), 0), 0
-    if len(data) > size:
-        return b"", errno.ERANGE
-    return data, 0
 
 
 class XattrRequests:
@@ -43,9 +34,8 @@ class XattrRequests:
         def reply_error(self, unique: int, error: int, drain: bool = True) -> None: ...
 
     def _setxattr(self, unique: int, node: int, ctx: RequestContext, body: memoryview) -> None:
-        size, flags = SETXATTR_IN.unpack_from(body)
-        name, _, rest = bytes(body[SETXATTR_IN.size:]).partition(b"\0")
-        self.fs.setxattr(node, name, rest[:size], ctx, flags)
+        name, value, flags = setxattr_request(body)
+        self.fs.setxattr(node, name, value, ctx, flags)
         self.reply(unique)
 
     def _capability_known(self, locked: Handler) -> Handler:
@@ -72,7 +62,7 @@ class XattrRequests:
         self._xattr_data(unique, b"".join(n + b"\0" for n in self.fs.listxattr(node, ctx)), size)
 
     def _xattr_data(self, unique: int, data: bytes, size: int) -> None:
-        payload, error = _xattr_reply(data, size)
+        payload, error = xattr_reply(data, size)
         if error:
             self.reply_error(unique, error)
         else:

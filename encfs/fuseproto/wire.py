@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -248,6 +249,22 @@ def _split_seconds(t: float) -> tuple[int, int]:
 def request_names(body: memoryview, count: int) -> list[bytes]:
     """The first ``count`` NUL-terminated strings of a request body."""
     return bytes(body).split(b"\0", count)[:count]
+
+
+def setxattr_request(body: memoryview) -> tuple[bytes, bytes, int]:
+    """(name, value, flags) of a SETXATTR request's body."""
+    size, flags = SETXATTR_IN.unpack_from(body)
+    name, _, rest = bytes(body[SETXATTR_IN.size:]).partition(b"\0")
+    return name, rest[:size], flags
+
+
+def xattr_reply(data: bytes, size: int) -> tuple[bytes, int]:
+    """(payload, errno) for GETXATTR/LISTXATTR: the length if ``size`` is 0, else the data if it fits."""
+    if size == 0:
+        return GETXATTR_OUT.pack(len(data), 0), 0
+    if len(data) > size:
+        return b"", errno.ERANGE
+    return data, 0
 
 
 def pack_dirent(ino: int, next_offset: int, name: bytes, mode: int) -> bytes:
