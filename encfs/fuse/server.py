@@ -205,8 +205,8 @@ class FsServer(DirRequests, XattrRequests, FuseServer):
     """Serves one EncryptedFS over an open /dev/fuse descriptor."""
 
     def __init__(self, fd: int, fs: EncryptedFS, mountpoint: str | None = None, trace: bool = False,
-                 io_uring: bool = False, awake: KeepAwake | None = None) -> None:
-        super().__init__(fd, trace, io_uring=io_uring, awake=awake)
+                 io_uring: bool = False, awake: KeepAwake | None = None, follow_caller: bool = True) -> None:
+        super().__init__(fd, trace, io_uring=io_uring, awake=awake, follow_caller=follow_caller)
         self.fs = fs
         self._absent = fs.negative_entry.pack_entry()  # the same reply for every absent name
         self.mountpoint = mountpoint

@@ -12,7 +12,9 @@ Invariants:
   reads and writes (``overlaps``), which then run alongside the next request.
   Before sleeping in read(2) the leader polls the device for SPIN_SECONDS,
   unless such handed-over requests are still running (polling would take the
-  GIL from them; more requests of theirs are soon to come anyway).
+  GIL from them; more requests of theirs are soon to come anyway), or it keeps
+  to a waiting caller's CPU (``follow_caller``, followcaller.py: that caller's
+  next request wakes it there).
 - Every request is checked against wire.OPS before its handler runs: a body too short
   for its opcode is answered EINVAL and never unpacked.
 - A reply that the kernel rejects with ENOENT belongs to a request that was
@@ -42,9 +44,10 @@ import threading
 import time
 from collections.abc import Callable
 
+from encfs.fuseproto.followcaller import CallerFollower
 from encfs.fuseproto.keepawake import KeepAwake
 from encfs.fuseproto.memory import keep_freed_memory
-from encfs.fuseproto.threadpolicy import leave_signals_to_the_main_thread
+from encfs.fuseproto.threadpolicy import idle_policy_works, leave_signals_to_the_main_thread, may_leave_idle_policy
 from encfs.fuseproto.uring import FUSE_OVER_IO_URING, STOP_SECONDS, RingEntry, UringQueues
 from encfs.fuseproto.wire import (
     BUFFER_SIZE,
@@ -101,8 +104,11 @@ class FuseServer:
     opcode name to the logger ``encfs.fuse.trace``.
     """
 
-    def __init__(self, fd: int, trace: bool = False, io_uring: bool = False, awake: KeepAwake | None = None) -> None:
+    def __init__(self, fd: int, trace: bool = False, io_uring: bool = False, awake: KeepAwake | None = None,
+                 follow_caller: bool = False) -> None:
         self.fd = fd
+        self.follow_caller = follow_caller  # answer awaited requests on their caller's CPU (followcaller.py)
+        self.follower: CallerFollower | None = None  # serve() makes it where the policies allow
         self.io_uring = io_uring  # offer FUSE over io_uring when the kernel has it on (uring.py)
         self.awake = awake  # told of each request the leader waited for (keepawake.py)
         self.uring: UringQueues | None = None  # the rings, once set up (before INIT)
@@ -133,6 +139,8 @@ class FuseServer:
             entry.answer(0, payload)
             return
         length = OUT_HEADER.size + sum(len(p) for p in payload)
+        if self.follower is not None and self.follower.pinned and self.follower.local.reply_idle:
+            self.follower.before_reply()
         self._send([OUT_HEADER.pack(length, 0, unique), *payload])
 
     def reply_error(self, unique: int, error: int) -> None:
@@ -145,6 +153,8 @@ class FuseServer:
         if entry is not None and entry.unique == unique:
             entry.answer(-error, ())
             return
+        if self.follower is not None and self.follower.pinned and self.follower.local.reply_idle:
+            self.follower.before_reply()
         self._send([OUT_HEADER.pack(OUT_HEADER.size, -error, unique)])
 
     def notify(self, code: int, payload: bytes) -> None:
@@ -249,12 +259,17 @@ class FuseServer:
         self._affinity = os.sched_getaffinity(0)
         if self.io_uring:
             self.uring = UringQueues.prepare(self)
+        if (self.follow_caller and self.uring is None and self.awake is None and may_leave_idle_policy()
+                and idle_policy_works()):
+            self.follower = CallerFollower(self._affinity)
         self._threads = threads
         if self.uring is None:
             self._start_threads()
         try:
             self._loop(True)
         finally:
+            if self.follower is not None:  # what the caller does next (unmount's work) is not pinned
+                self.follower.stop_following()
             if self.uring is not None and not self.uring.stop():  # no request is answered after
                 log.error("FUSE over io_uring: requests still being answered after %d s", STOP_SECONDS)
                 self.stopped_cleanly = False
@@ -290,6 +305,18 @@ class FuseServer:
         FORGET_BATCH_SECONDS first instead. Sets ``_awaited``: whether no request was queued when
         this one was asked for (its caller waits on each reply: the keep-awake helper's case)."""
         self._awaited = False
+        follower = self.follower
+        if follower is not None and follower.pinned and follower.local.cpu is not None:  # kept to a caller's CPU
+            if follower.following:  # no spin: the caller's next request wakes this thread on its CPU
+                follower.wait()
+                try:
+                    n = os.readv(self.fd, [buf])
+                except BaseException:  # EINTR, or the end (StopServing, ENODEV): serve on as SCHED_OTHER
+                    follower.woke(0)
+                    raise
+                follower.woke(buf[4] if n >= IN_HEADER.size else 0)  # the opcode's low byte: all are < 256
+                return n
+            follower.stop_following()
         if self.uring is not None and self.uring.carry_requests:
             time.sleep(FORGET_BATCH_SECONDS)
         elif self.uring is None and (self.awake is not None or not self._overlapping):
@@ -299,6 +326,18 @@ class FuseServer:
                 while not poller.poll(0) and time.perf_counter() < deadline:
                     pass
         return os.readv(self.fd, [buf])
+
+    def _waits_on_reply(self, req: Request, op: Op, overlapping: bool, poller: select.poll) -> bool | None:
+        """For the follower: whether the caller of a request just read waits on its reply (None:
+        it has none). Not if it is handed to another thread, nor a small READ or WRITE with
+        another request queued behind it: the caller keeps several in flight (fio at a queue
+        depth), and both CPUs have work. Other requests are taken as waited on: a FORGET or a
+        file's RELEASE (sent in the background) may be queued behind them."""
+        if not op.reply:
+            return None
+        if overlapping:
+            return False
+        return req.opcode not in (READ, WRITE) or not poller.poll(0)
 
     def request_buffer(self) -> memoryview:
         """Where one serving thread reads its requests: BUFFER_SIZE writable bytes, reused for
@@ -363,6 +402,10 @@ class FuseServer:
                 # nor for FORGETs and INTERRUPTs: nobody waits on them.
                 if self.awake is not None and self._awaited and op.reply and not overlapping:
                     self.awake.note_request()
+                follower = self.follower
+                if follower is not None and (req.opcode not in (READ, WRITE)
+                                             or follower.pinned and follower.local.cpu is not None):
+                    follower.got_request(pid, self._waits_on_reply(req, op, overlapping, poller))
                 if overlapping:
                     with self._overlapping_lock:
                         self._overlapping += 1
