@@ -85,7 +85,7 @@ from bench_report import (
 )
 from bench_rows import key_service, keyd_rows, rekey_rows, snapshot_rows
 from bench_targets import ALL_TARGETS, EncfsBaseline, EncfsUringBaseline, Gocryptfs, encfs_env
-from bench_util import Unavailable, log, run
+from bench_util import ENCFS_PY, Unavailable, log, run
 from bench_workloads import WORKLOADS, make_tree_tar
 
 # What callers use: `encfs bench` and this file as a script main, the tests the rest.
@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if any(status[t.name]["status"] == "ok" and t.name.startswith("encfs") for t in targets):
             env = encfs_env(ctx)
-            run([sys.executable, "-m", "encfs", "hsm", "init"], env=env)
-            run([sys.executable, "-m", "encfs", "key", "create", "--alias", "bench"], env=env)
+            run([*ENCFS_PY, "-m", "encfs", "hsm", "init"], env=env)
+            run([*ENCFS_PY, "-m", "encfs", "key", "create", "--alias", "bench"], env=env)
         log(f"generating the {scale.tree_entries}-entry source tree ...")
         ctx.tree_entries = make_tree_tar(ctx.tree_tar, scale.tree_entries)
         for t in targets:

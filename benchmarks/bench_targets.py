@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from bench_util import (
+    CHECKOUT,
+    ENCFS_PY,
     HERE,
     MiB,
     Unavailable,
@@ -142,7 +144,11 @@ class Target:
 
 
 def encfs_env(ctx: Context) -> dict[str, str]:
-    env = dict(os.environ, ENCFS_HOME=str(ctx.encfs_home), ENCFS_RUN_DIR=str(ctx.workdir / "run"))
+    """The environment of every encfs process the harness starts: its home and run directory, and
+    this harness's checkout first on the path (run it with ENCFS_PY: the working directory, which
+    `-m` would put first, stays off), whatever encfs the interpreter has installed."""
+    env = dict(os.environ, ENCFS_HOME=str(ctx.encfs_home), ENCFS_RUN_DIR=str(ctx.workdir / "run"),
+               PYTHONPATH=str(CHECKOUT))
     env.pop("SOFTHSM2_CONF", None)
     return env
 
@@ -160,8 +166,8 @@ class Native(Target):
 class EncfsFuse(Target):
     name = "encfs"
     description = "encfs FUSE mount (AES-256-GCM per 4 KiB block, the default)"
-    python: list[str] = [sys.executable]  # how `encfs init` runs
-    launcher: list[str] = [sys.executable, "-m", "encfs", "mount", "--foreground"]
+    python: list[str] = ENCFS_PY  # how `encfs init` runs
+    launcher: list[str] = [*python, "-m", "encfs", "mount", "--foreground"]
     init_extra: list[str] = []
 
     def setup(self) -> Path:
@@ -185,8 +191,6 @@ class EncfsBaseline(EncfsFuse):
     after in one run, interleaved, rather than across two runs on a noisy VM."""
     name = "encfs-baseline"
     description = "encfs FUSE mount served by the checkout given with --baseline (e.g. a git worktree)"
-    python = [sys.executable, "-P"]  # -P: not the cwd's encfs
-    launcher = [*python, "-m", "encfs", "mount", "--foreground"]
 
     def check(self) -> None:
         if self.ctx.baseline is None:
@@ -296,16 +300,16 @@ class EncfsVolume(Target):
         base = self.fresh()
         env = encfs_env(self.ctx)
         self.image = base / "vol.img"
-        run([sys.executable, "-m", "encfs", "volume", "create", str(self.image), "--size",
+        run([*ENCFS_PY, "-m", "encfs", "volume", "create", str(self.image), "--size",
              f"{mib}M", "--key", "bench", *self.create_extra], env=env)
         self.attached = True
-        dev = run([sys.executable, "-m", "encfs", "volume", "attach", str(self.image)], env=env).stdout.decode().strip()
+        dev = run([*ENCFS_PY, "-m", "encfs", "volume", "attach", str(self.image)], env=env).stdout.decode().strip()
         return self.image, dev
 
     def _teardown_extra(self) -> None:
         if getattr(self, "attached", False):
             self.attached = False
-            proc = run([sys.executable, "-m", "encfs", "volume", "detach", str(self.image)],
+            proc = run([*ENCFS_PY, "-m", "encfs", "volume", "detach", str(self.image)],
                        env=encfs_env(self.ctx), check=False, timeout=120)
             if proc.returncode != 0 and b"is not an attached" not in proc.stderr:  # detached already
                 raise RuntimeError(f"encfs volume detach: {proc.stderr.decode(errors='replace').strip()}")

@@ -295,6 +295,41 @@ def test_baseline_checkout_is_measured_beside_encfs_in_one_run(tmp_path: Path) -
 
 @needs_root
 @pytest.mark.timeout(180)
+def test_the_harness_measures_its_own_checkout_wherever_it_runs(tmp_path: Path) -> None:
+    """The encfs targets, null cipher included, run the code of the checkout that holds bench.py
+    (here a copy of this one that leaves a mark when imported), not the encfs the interpreter has
+    installed nor the working directory's (2026-12-07T150150Z's encfs-null ran the installed one)."""
+    import shutil
+
+    repo = Path(__file__).parent.parent
+    copy = tmp_path / "checkout"
+    for part in ("encfs", "benchmarks"):
+        shutil.copytree(repo / part, copy / part, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    mark = tmp_path / "imported"
+    with open(copy / "encfs" / "__init__.py", "a") as f:
+        f.write(f"\nimport sys as _sys\nopen({str(mark)!r}, 'a').write(' '.join(_sys.orig_argv) + '\\n')\n")
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ)
+    env.pop("SOFTHSM2_CONF", None)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, str(copy / "benchmarks" / "bench.py"), "--scale", "smoke",
+                           "--targets", "encfs,encfs-null", "--workloads", "small", "--no-keys",
+                           "--no-fsync-probe", "--out", str(out), "--workdir", str(work)],
+                          capture_output=True, text=True, timeout=170, env=env, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert mounted_under(tmp_path) == []
+    result = json.loads((out / "results.json").read_text())
+    assert result["targets"]["encfs"]["status"] == "ok" and result["targets"]["encfs-null"]["status"] == "ok"
+    imported = mark.read_text().splitlines() if mark.exists() else []  # none: nothing ran the copy
+    assert any(" init " in line for line in imported), imported
+    assert any(" mount " in line for line in imported), imported
+    assert any("null_mount.py" in line for line in imported), imported
+    assert any("encfs.sealworker" in line for line in imported), imported
+
+
+@needs_root
+@pytest.mark.timeout(180)
 def test_baseline_checkout_is_measured_over_io_uring_too(tmp_path: Path, uring_enabled: None) -> None:
     """encfs-uring-baseline: the --baseline checkout mounted with --io-uring, beside encfs-uring."""
     result, imported = _run_beside_a_baseline(tmp_path, "encfs-uring,encfs-uring-baseline")
