@@ -255,28 +255,43 @@ def test_peer_targets_get_fresh_cipher_and_mount_directories(tmp_path: Path) -> 
     assert cipher.is_dir() and mnt.is_dir() and not any(cipher.iterdir())
 
 
-def _run_beside_a_baseline(tmp_path: Path, targets: str) -> tuple[dict[str, Any], list[str]]:
-    """A smoke run of ``targets`` with --baseline a copy of this checkout that leaves a mark when
-    imported: (results.json, the command line of every process that imported the copy)."""
+def _marked_copy(repo: Path, dest: Path, parts: tuple[str, ...], mark: Path) -> None:
+    """Copy ``parts`` of this checkout to ``dest``; its encfs appends each importing process's
+    command line to ``mark``."""
     import shutil
 
-    repo = Path(__file__).parent.parent
-    base = tmp_path / "base"
-    shutil.copytree(repo / "encfs", base / "encfs", ignore=shutil.ignore_patterns("__pycache__"))
-    mark = base / "imported"
-    with open(base / "encfs" / "__init__.py", "a") as f:
+    for part in parts:
+        shutil.copytree(repo / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    with open(dest / "encfs" / "__init__.py", "a") as f:
         f.write(f"\nimport sys as _sys\nopen({str(mark)!r}, 'a').write(' '.join(_sys.orig_argv) + '\\n')\n")
+
+
+def _smoke_run(tmp_path: Path, bench_py: Path, *args: str, env_drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A smoke run of the small-file workload by ``bench_py`` (from this checkout's directory):
+    its results.json; fails if it failed or left a mount."""
+    repo = Path(__file__).parent.parent
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir()
     env = dict(os.environ)
-    env.pop("SOFTHSM2_CONF", None)
-    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench.py"), "--scale", "smoke",
-                           "--targets", targets, "--workloads", "small", "--no-keys",
-                           "--baseline", str(base), "--out", str(out), "--workdir", str(work)],
+    for name in ("SOFTHSM2_CONF", *env_drop):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, str(bench_py), "--scale", "smoke", "--workloads", "small", "--no-keys",
+                           *args, "--out", str(out), "--workdir", str(work)],
                           capture_output=True, text=True, timeout=170, env=env, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert mounted_under(tmp_path) == []
-    return json.loads((out / "results.json").read_text()), mark.read_text().splitlines()
+    result: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return result
+
+
+def _run_beside_a_baseline(tmp_path: Path, targets: str) -> tuple[dict[str, Any], list[str]]:
+    """A smoke run of ``targets`` with --baseline a copy of this checkout that leaves a mark when
+    imported: (results.json, the command line of every process that imported the copy)."""
+    repo = Path(__file__).parent.parent
+    base, mark = tmp_path / "base", tmp_path / "base" / "imported"
+    _marked_copy(repo, base, ("encfs",), mark)
+    result = _smoke_run(tmp_path, repo / "benchmarks" / "bench.py", "--targets", targets, "--baseline", str(base))
+    return result, mark.read_text().splitlines()
 
 
 @needs_root
@@ -299,27 +314,11 @@ def test_the_harness_measures_its_own_checkout_wherever_it_runs(tmp_path: Path) 
     """The encfs targets, null cipher included, run the code of the checkout that holds bench.py
     (here a copy of this one that leaves a mark when imported), not the encfs the interpreter has
     installed nor the working directory's (2026-12-07T150150Z's encfs-null ran the installed one)."""
-    import shutil
-
     repo = Path(__file__).parent.parent
-    copy = tmp_path / "checkout"
-    for part in ("encfs", "benchmarks"):
-        shutil.copytree(repo / part, copy / part, ignore=shutil.ignore_patterns("__pycache__", "results"))
-    mark = tmp_path / "imported"
-    with open(copy / "encfs" / "__init__.py", "a") as f:
-        f.write(f"\nimport sys as _sys\nopen({str(mark)!r}, 'a').write(' '.join(_sys.orig_argv) + '\\n')\n")
-    out, work = tmp_path / "out", tmp_path / "work"
-    work.mkdir()
-    env = dict(os.environ)
-    env.pop("SOFTHSM2_CONF", None)
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, str(copy / "benchmarks" / "bench.py"), "--scale", "smoke",
-                           "--targets", "encfs,encfs-null", "--workloads", "small", "--no-keys",
-                           "--no-fsync-probe", "--out", str(out), "--workdir", str(work)],
-                          capture_output=True, text=True, timeout=170, env=env, cwd=repo)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert mounted_under(tmp_path) == []
-    result = json.loads((out / "results.json").read_text())
+    copy, mark = tmp_path / "checkout", tmp_path / "imported"
+    _marked_copy(repo, copy, ("encfs", "benchmarks"), mark)
+    result = _smoke_run(tmp_path, copy / "benchmarks" / "bench.py", "--targets", "encfs,encfs-null",
+                        "--no-fsync-probe", env_drop=("PYTHONPATH",))
     assert result["targets"]["encfs"]["status"] == "ok" and result["targets"]["encfs-null"]["status"] == "ok"
     imported = mark.read_text().splitlines() if mark.exists() else []  # none: nothing ran the copy
     assert any(" init " in line for line in imported), imported
