@@ -20,9 +20,8 @@ Invariants:
 - A thread is SCHED_IDLE only while pinned to a caller's CPU, and then only to wait for the
   device (``wait``), to write the reply to an awaited request (``before_reply``) and to handle a
   request nobody waits on (a file's RELEASE, FORGET); it takes SCHED_OTHER again as soon as
-  read(2) returns anything else (``woke``), and whenever it is unpinned. The switch to
-  SCHED_IDLE is made through ctypes, which lets go of the GIL: preempted there, the thread holds
-  up no other daemon thread.
+  read(2) returns anything else (``woke``), and whenever it is unpinned. The switches are
+  threadpolicy.py's (the one to SCHED_IDLE lets go of the GIL).
 - A thread is pinned only by requests its caller waits on (the server's ``_waits_on_reply``): to
   the CPU that caller (the request's pid, a thread id) last ran on, read from /proc/PID/stat at
   its first such request and every CHECK_EVERY after. Another thread id takes over after
@@ -41,12 +40,12 @@ Invariants:
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import threading
 import time
 
+from encfs.fuseproto.threadpolicy import take_idle_policy, take_normal_policy
 from encfs.fuseproto.wire import BATCH_FORGET, FORGET, INTERRUPT, RELEASE
 
 log = logging.getLogger("encfs.fuse")
@@ -63,16 +62,6 @@ LATE_BEFORE_PAUSE = 3  # a busy loop makes every request late; the disk's kernel
 # ran there as the reply woke it (cold reads); following is tried again soon.
 STARVED_PAUSE = (1.0, 64.0)
 MOVED_PAUSE = (0.05, 1.6)
-_SCHED_OTHER, _SCHED_IDLE = os.SCHED_OTHER, os.SCHED_IDLE
-_PRIORITY = os.sched_param(0)  # the only one SCHED_OTHER and SCHED_IDLE take
-
-
-def _libc_setscheduler() -> ctypes._CFuncPtr:  # type: ignore[name-defined]
-    libc = ctypes.CDLL(None, use_errno=True)
-    call = libc.sched_setscheduler
-    call.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
-    call.restype = ctypes.c_int
-    return call
 
 
 class _Backoff:
@@ -130,9 +119,6 @@ class CallerFollower:
 
     def __init__(self, cpus: set[int]) -> None:
         self.cpus = cpus  # serve()'s CPUs: an unpinned thread's
-        self._setscheduler = _libc_setscheduler()
-        self._param = ctypes.c_int(0)
-        self._idle_param = ctypes.byref(self._param)
         self.local = _Thread()  # each serving thread's state (the server reads its flags inline)
         # How many threads are pinned: while none is, the server reads nothing per request here
         # (a thread-local attribute costs fio at a queue depth more than its share).
@@ -160,8 +146,7 @@ class CallerFollower:
         CPU with it."""
         t = self.local
         if t.idle and opcode not in NOBODY_WAITS:
-            os.sched_setscheduler(0, _SCHED_OTHER, _PRIORITY)
-            t.idle = False
+            self._normal(t)
 
     def got_request(self, pid: int, awaited: bool | None) -> None:
         """The request read is ``pid``'s: follow its caller if it was ``awaited`` (and gets a
@@ -209,9 +194,14 @@ class CallerFollower:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _idle(self, t: _Thread) -> None:
-        if self._setscheduler(0, _SCHED_IDLE, self._idle_param) == 0:
-            t.idle = True
+    @staticmethod
+    def _idle(t: _Thread) -> None:
+        t.idle = take_idle_policy()
+
+    @staticmethod
+    def _normal(t: _Thread) -> None:
+        take_normal_policy()
+        t.idle = False
 
     def _follow(self, t: _Thread, pid: int) -> None:
         """Start following ``pid``: its CPU is read at once."""
@@ -294,8 +284,7 @@ class CallerFollower:
     def _unpin(self, t: _Thread) -> None:
         """Off the caller's CPU, and so SCHED_OTHER: an unpinned thread never waits as SCHED_IDLE."""
         if t.idle:
-            os.sched_setscheduler(0, _SCHED_OTHER, _PRIORITY)
-            t.idle = False
+            self._normal(t)
         if t.cpu is not None:
             t.cpu = None
             with self._lock:

@@ -6,17 +6,26 @@ Invariants:
   Only threads the server starts call it, first thing (a caller's mask is not the server's to
   change), and they start no processes: a child would inherit the blocked signals.
 - A thread takes SCHED_IDLE only where it may take SCHED_OTHER back (``may_leave_idle_policy``
-  and ``idle_policy_works``, sched(7)); FUSE over io_uring uses it (uring.py).
+  and ``idle_policy_works``, sched(7)); FUSE over io_uring (uring.py) and the filesystem server's
+  caller follower (followcaller.py) use it, through ``take_idle_policy`` and
+  ``take_normal_policy``. The switch to SCHED_IDLE lets go of the GIL (ctypes): a thread
+  preempted in it by a normal task of its CPU holds up no other thread of the daemon.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import signal
 import threading
 
 _CAP_SYS_NICE = 23
+_PRIORITY = os.sched_param(0)  # the only one SCHED_IDLE and SCHED_OTHER take
+_ZERO = ctypes.c_int(0)  # the same, as sched_setscheduler(2) takes it
+_setscheduler = ctypes.CDLL(None, use_errno=True).sched_setscheduler
+_setscheduler.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+_setscheduler.restype = ctypes.c_int
 
 
 def leave_signals_to_the_main_thread() -> None:
@@ -39,6 +48,16 @@ def may_leave_idle_policy() -> bool:
         pass
     soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
     return soft == resource.RLIM_INFINITY or soft >= 20
+
+
+def take_idle_policy() -> bool:
+    """SCHED_IDLE for the calling thread, the GIL let go during the call; False if refused."""
+    return bool(_setscheduler(0, os.SCHED_IDLE, ctypes.byref(_ZERO)) == 0)
+
+
+def take_normal_policy() -> None:
+    """SCHED_OTHER again for the calling thread (OSError where it may not: may_leave_idle_policy)."""
+    os.sched_setscheduler(0, os.SCHED_OTHER, _PRIORITY)
 
 
 def idle_policy_works() -> bool:

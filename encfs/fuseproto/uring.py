@@ -47,7 +47,13 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from encfs.fuseproto.ioring import Ring, address, supported_machine
-from encfs.fuseproto.threadpolicy import idle_policy_works, leave_signals_to_the_main_thread, may_leave_idle_policy
+from encfs.fuseproto.threadpolicy import (
+    idle_policy_works,
+    leave_signals_to_the_main_thread,
+    may_leave_idle_policy,
+    take_idle_policy,
+    take_normal_policy,
+)
 from encfs.fuseproto.wire import IN_HEADER, OUT_HEADER, Request
 
 log = logging.getLogger("encfs.fuse")
@@ -319,17 +325,14 @@ class UringQueues:
         wake_buf = memoryview(bytearray(8))
         wake_address = address(wake_buf)
         ring.prepare_read(workers.wake_fd, _WAKE, wake_address, 8)
-        priority = os.sched_param(0)  # the only one SCHED_IDLE and SCHED_OTHER take
         handed = lost = 0  # entries with the workers; entries the kernel gave up
         while True:
-            idling = yield_cpu and not handed
-            if idling:
-                os.sched_setscheduler(0, os.SCHED_IDLE, priority)
+            idling = yield_cpu and not handed and take_idle_policy()
             try:
                 ring.enter(1)
             finally:
                 if idling:
-                    os.sched_setscheduler(0, os.SCHED_OTHER, priority)
+                    take_normal_policy()
             for user_data, res in ring.completions():
                 if user_data == _WAKE:
                     answered = workers.answered
