@@ -148,6 +148,86 @@ def test_a_tree_change_waits_for_inode_holders_and_runs_alone() -> None:
     assert order == ["data", "tree", "later"]
 
 
+def test_a_later_reader_waits_behind_a_queued_change() -> None:
+    locks, order = FsLocks(), []
+    reading, release = threading.Event(), threading.Event()
+
+    def first_reader() -> None:
+        with locks.inode(5, exclusive=False):
+            reading.set()
+            release.wait(WAIT)
+            order.append("read")
+
+    def writer() -> None:
+        with locks.inode(5):
+            order.append("write")
+
+    def later_reader() -> None:
+        with locks.inode(5, exclusive=False):
+            order.append("later read")
+
+    r = threading.Thread(target=first_reader)
+    r.start()
+    assert reading.wait(WAIT)
+    w = threading.Thread(target=writer)
+    w.start()
+    _poll(lambda: locks._inodes[5].waiting == 1)
+    later = threading.Thread(target=later_reader)
+    later.start()
+    _poll(lambda: locks._inodes[5].users == 3)
+    later.join(0.1)
+    assert order == [] and later.is_alive()  # no reader jumps the queued change
+    release.set()
+    for th in (r, w, later):
+        th.join(WAIT)
+    assert order == ["read", "write", "later read"]
+    assert locks.inodes_in_use() == 0
+
+
+def test_random_holders_never_overlap_wrongly() -> None:
+    """Threads take tree, shared and exclusive inode locks at random on three inodes and check,
+    inside each, that nothing the lock excludes is held (a count per kind, under its own mutex)."""
+    locks, seen, mutex = FsLocks(), [], threading.Lock()
+    tree_held, shared, exclusive = [0], {5: 0, 6: 0, 7: 0}, {5: 0, 6: 0, 7: 0}
+
+    def check(ok: bool, what: str) -> None:
+        if not ok:
+            seen.append(what)
+
+    def work(seed: int) -> None:
+        rng = __import__("random").Random(seed)
+        for _ in range(3000):
+            kind, inode = rng.randrange(5), rng.choice((5, 6, 7))
+            if kind == 0:
+                with locks.tree():
+                    with mutex:
+                        check(not any(shared.values()) and not any(exclusive.values()) and not tree_held[0],
+                              "tree with others")
+                        tree_held[0] += 1
+                    time.sleep(0)
+                    with mutex:
+                        tree_held[0] -= 1
+                continue
+            excl = kind == 1
+            with locks.inode(inode, exclusive=excl):
+                with mutex:
+                    check(not tree_held[0], "inode under tree")
+                    check(not exclusive[inode] and (not excl or not shared[inode]), f"inode {inode} overlap")
+                    (exclusive if excl else shared)[inode] += 1
+                time.sleep(0)
+                with mutex:
+                    (exclusive if excl else shared)[inode] -= 1
+
+    threads = [threading.Thread(target=work, args=(seed,), daemon=True) for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT * 6)
+    assert not any(t.is_alive() for t in threads)
+    assert seen == []
+    assert locks.inodes_in_use() == 0 and locks.namespace._shared == 0
+
+
 @pytest.mark.parametrize("outer,inner", [("inode", "inode"), ("inode", "same inode"), ("inode", "tree"),
                                          ("tree", "inode"), ("tree", "tree")])
 def test_a_second_lock_in_one_thread_is_refused_before_it_waits(outer: str, inner: str) -> None:

@@ -48,24 +48,26 @@ class SharedExclusiveLock:
         self._cond.release()
 
     def acquire_shared(self) -> None:
-        self._mutex.acquire()
-        try:
-            while self._waiting:
-                self._blocked += 1
-                self._cond.wait()
-                self._blocked -= 1
-            self._shared += 1
-        finally:
-            self._mutex.release()
+        with self._mutex:
+            self.shared_turn()
 
     def release_shared(self) -> None:
-        self._mutex.acquire()
-        try:
-            self._shared -= 1
-            if not self._shared and self._waiting:
-                self._cond.notify_all()
-        finally:
-            self._mutex.release()
+        with self._mutex:
+            self.leave_shared()
+
+    def shared_turn(self) -> None:
+        """acquire_shared() for a caller that holds the mutex already (FsLocks)."""
+        while self._waiting:
+            self._blocked += 1
+            self._cond.wait()
+            self._blocked -= 1
+        self._shared += 1
+
+    def leave_shared(self) -> None:
+        """release_shared() for a caller that holds the mutex already (FsLocks)."""
+        self._shared -= 1
+        if not self._shared and self._waiting:
+            self._cond.notify_all()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -77,7 +79,7 @@ class SharedExclusiveLock:
 
 
 # Unused inode locks kept for reuse: a new one (a threading.Condition) costs more than the rest of
-# taking and releasing it (about 11 against 3 us here); as many as a server has threads, and more.
+# taking and releasing it; as many as a server has threads, and more.
 SPARE_LOCKS = 64
 
 
@@ -85,15 +87,23 @@ class LockOrderError(RuntimeError):
     """A thread asked for a lock of FsLocks while holding one (see FsLocks' lock order)."""
 
 
-def _name(what: int | None) -> str:
+def _name(what: object) -> str:
     return "the namespace lock" if what is None else f"the lock of inode {what}"
 
 
-class _InodeLock:
-    __slots__ = ("lock", "users")
+_NOTHING = object()  # what a thread holding no lock of FsLocks holds
 
-    def __init__(self) -> None:
-        self.lock = SharedExclusiveLock()
+
+class _InodeLock:
+    """One inode's shared/exclusive state; guarded by the namespace lock's mutex (see FsLocks)."""
+
+    __slots__ = ("cond", "exclusive", "shared", "users", "waiting")
+
+    def __init__(self, mutex: threading.Lock) -> None:
+        self.cond = threading.Condition(mutex)
+        self.shared = 0  # shared holders
+        self.exclusive = False  # held exclusively
+        self.waiting = 0  # exclusive holders waiting (shared ones then wait behind them)
         self.users = 0  # threads holding or waiting for it
 
 
@@ -104,18 +114,24 @@ class FsLocks:
     lock exclusively (``tree()``): it runs alone. An operation on one inode's data or
     attributes (``inode(n)``) holds the namespace lock shared, then that inode's lock,
     exclusively to change the inode or shared to read it: operations on different inodes
-    run side by side.
+    run side by side. A waiting exclusive holder goes before later shared ones, for both.
 
     Lock order: the namespace lock, then at most one inode lock; a thread holds one
     ``tree()`` or one ``inode()`` at a time. A thread that asks for a second one gets
     LockOrderError at once, before it waits (so a wrong nesting fails loudly instead of
     deadlocking). An inode's lock exists only while some thread holds or waits for it.
+
+    One mutex, the namespace lock's, guards the table of inode locks and their states (each
+    inode waits on its own condition over it): taking or leaving an inode's lock is then one
+    mutex held once (the hot path of READ, WRITE and GETATTR: 0.9 against 1.9 us with a mutex
+    for the table and one per inode). The namespace lock holds that mutex while held
+    exclusively, which no inode lock then needs: every inode lock wants it shared.
     """
 
     def __init__(self) -> None:
         self.namespace = SharedExclusiveLock()
+        self._mutex = self.namespace._mutex
         self._inodes: dict[int, _InodeLock] = {}
-        self._table = threading.Lock()  # guards _inodes, the users counts and _spare
         self._spare: list[_InodeLock] = []  # locks of inodes no longer in use, for reuse
         self._held = threading.local()
 
@@ -123,12 +139,13 @@ class FsLocks:
         """Note that this thread takes a lock (``what``: an inode, or None for the namespace
         lock exclusively); LockOrderError if it holds one already."""
         held = self._held
-        if getattr(held, "holding", False):
-            raise LockOrderError(f"{_name(what)} asked for while holding {_name(held.what)}")
-        held.holding, held.what = True, what
+        holding = getattr(held, "what", _NOTHING)
+        if holding is not _NOTHING:
+            raise LockOrderError(f"{_name(what)} asked for while holding {_name(holding)}")
+        held.what = what
 
     def _leave(self) -> None:
-        self._held.holding = False
+        self._held.what = _NOTHING
 
     @contextlib.contextmanager
     def tree(self) -> Iterator[None]:
@@ -166,33 +183,55 @@ class FsLocks:
         """inode() without a context manager (a server's hot path: about a fifth of the time);
         hand what it returns to release_inode() with the same ``exclusive``."""
         self._enter(inode)
-        self.namespace.acquire_shared()
-        with self._table:
+        namespace = self.namespace
+        self._mutex.acquire()
+        try:
+            if namespace._waiting:
+                namespace.shared_turn()
+            else:
+                namespace._shared += 1
             entry = self._inodes.get(inode)
             if entry is None:
-                entry = self._inodes[inode] = self._spare.pop() if self._spare else _InodeLock()
+                entry = self._inodes[inode] = self._spare.pop() if self._spare else _InodeLock(self._mutex)
             entry.users += 1
-        if exclusive:
-            entry.lock.acquire_exclusive()
-        else:
-            entry.lock.acquire_shared()
+            if exclusive:
+                if entry.exclusive or entry.shared:
+                    entry.waiting += 1
+                    while entry.exclusive or entry.shared:
+                        entry.cond.wait()
+                    entry.waiting -= 1
+                entry.exclusive = True
+            else:
+                while entry.exclusive or entry.waiting:
+                    entry.cond.wait()
+                entry.shared += 1
+        finally:
+            self._mutex.release()
         return entry
 
     def release_inode(self, inode: int, entry: _InodeLock, exclusive: bool = True) -> None:
-        if exclusive:
-            entry.lock.release_exclusive()
-        else:
-            entry.lock.release_shared()
-        with self._table:
+        namespace = self.namespace
+        self._mutex.acquire()
+        try:
+            if exclusive:
+                entry.exclusive = False
+            else:
+                entry.shared -= 1
             entry.users -= 1
             if not entry.users:
                 del self._inodes[inode]
                 if len(self._spare) < SPARE_LOCKS:
                     self._spare.append(entry)  # unheld, nobody waits: as good as new
-        self.namespace.release_shared()
+            elif entry.users > entry.shared:  # someone waits, and may go now
+                entry.cond.notify_all()
+            namespace._shared -= 1
+            if namespace._waiting and not namespace._shared:
+                namespace._cond.notify_all()
+        finally:
+            self._mutex.release()
         self._leave()
 
     def inodes_in_use(self) -> int:
         """How many inodes have a lock now (held or waited for)."""
-        with self._table:
+        with self._mutex:
             return len(self._inodes)
