@@ -134,13 +134,16 @@ class FuseServer:
         return self.uring.current() if self.uring is not None else None
 
     def reply(self, unique: int, *payload: bytes | bytearray | memoryview) -> None:
-        entry = self._ring_entry()
-        if entry is not None and entry.unique == unique:
-            entry.answer(0, payload)
-            return
-        length = OUT_HEADER.size + sum(len(p) for p in payload)
-        if self.follower is not None and self.follower.pinned and self.follower.local.reply_idle:
-            self.follower.before_reply()
+        if self.uring is not None:
+            entry = self.uring.current()
+            if entry is not None and entry.unique == unique:
+                entry.answer(0, payload)
+                return
+        # Most replies have one part: no generator for them (a 4 KiB READ's reply, every entry).
+        length = OUT_HEADER.size + (len(payload[0]) if len(payload) == 1 else sum(map(len, payload)))
+        follower = self.follower
+        if follower is not None and follower.pinned and follower.local.reply_idle:
+            follower.before_reply()
         self._send([OUT_HEADER.pack(length, 0, unique), *payload])
 
     def reply_error(self, unique: int, error: int) -> None:
