@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 from fuse_helpers import Mount
 
-from encfs.fuseproto.followcaller import CHECK_EVERY, LATE_BEFORE_PAUSE, UNPIN_AFTER, CallerFollower, _Backoff
+from encfs.fuseproto import followcaller
+from encfs.fuseproto.followcaller import (CHECK_EVERY, LATE_BEFORE_PAUSE, SAMPLE_EVERY, UNPIN_AFTER, CallerFollower,
+                                          _Backoff)
 from encfs.fuseproto.server import FuseServer
 from encfs.fuseproto.threadpolicy import idle_policy_works, may_leave_idle_policy
 from encfs.fuseproto.wire import FORGET, LOOKUP, READ, READ_IN, RELEASE, Request
@@ -201,6 +203,29 @@ def test_a_busy_task_on_the_callers_cpu_pauses_following(caller: Caller) -> None
     assert not following, f"still following after {rounds} requests behind a busy loop"
     assert rounds >= LATE_BEFORE_PAUSE
     assert (cpus, pol) == (set(CPUS), os.SCHED_OTHER)
+
+
+def test_run_delays_are_read_once_every_few_awaited_requests(caller: Caller, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two schedstat reads take 2 us, and a create has four awaited requests: they are sampled."""
+    reads: list[int] = []
+    real = followcaller._schedstat
+
+    def counted(fd: int) -> tuple[int, int]:
+        reads.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(followcaller, "_schedstat", counted)
+    follower = CallerFollower(set(CPUS))
+
+    def serve() -> int:
+        follower.got_request(caller.tid, True)  # starts following: reads both once
+        reads.clear()
+        for _ in range(SAMPLE_EVERY * 5):
+            follower.got_request(caller.tid, True)
+        follower.stop_following()
+        return len(reads)
+
+    assert in_thread(serve) == 2 * 5
 
 
 def test_pauses_double_while_they_follow_each_other() -> None:

@@ -31,9 +31,10 @@ Invariants:
   thread-local state at all: at a queue depth (fio) both CPUs have work, and every microsecond
   per request there costs more than its share (docs/dev/fuse-python.md).
 - Following stops in every thread for a pause (``_pause``): when a thread waited for another
-  task of its CPU beyond what the caller ran, LATE_BEFORE_PAUSE awaited requests in a row
-  (/proc/thread-self/schedstat against the caller's /proc/PID/schedstat; about 2 ms per request
-  behind a busy loop here, against 0.06), for STARVED_PAUSE; and when two CPU checks in a row
+  task of its CPU beyond what the caller ran, LATE_BEFORE_PAUSE samples in a row (one every
+  SAMPLE_EVERY awaited requests: /proc/thread-self/schedstat against the caller's
+  /proc/PID/schedstat; about 2 ms per request behind a busy loop here, against 0.06), for
+  STARVED_PAUSE; and when two CPU checks in a row
   find that the caller left the thread's CPU (the backing disk's kernel workers run there as the
   reply wakes it, on cold reads), for MOVED_PAUSE. Each doubles while pauses follow each other.
 """
@@ -55,8 +56,11 @@ UNPIN_AFTER = 8
 SWITCH_AFTER = 4
 MOVES_BEFORE_PAUSE = 2
 NOBODY_WAITS = frozenset({RELEASE, FORGET, BATCH_FORGET, INTERRUPT})
-STARVED_NS = 1_000_000
-LATE_BEFORE_PAUSE = 3  # a busy loop makes every request late; the disk's kernel workers some
+STARVED_NS = 1_000_000  # per awaited request, on average over a sample
+LATE_BEFORE_PAUSE = 3  # a busy loop makes every sample late; the disk's kernel workers some
+# The run delays are sampled every SAMPLE_EVERY awaited requests: their two schedstat reads take
+# 2 us, and a create has four awaited requests; behind a busy loop a sample spans about 8 ms.
+SAMPLE_EVERY = 4
 # Pauses (first, longest) in seconds. Another task of the caller's CPU kept a thread waiting: it
 # may stay there long (a build). The caller kept leaving the CPU: the backing disk's kernel workers
 # ran there as the reply woke it (cold reads); following is tried again soon.
@@ -93,7 +97,8 @@ class _Thread(threading.local):
         self.since_check = 0  # awaited requests since its CPU was read
         self.busy = 0  # requests in a row that found another queued behind them
         self.moved = 0  # CPU checks in a row that found the caller elsewhere
-        self.late = 0  # awaited requests in a row that waited for another task
+        self.late = 0  # samples in a row that waited for another task
+        self.unsampled = 0  # awaited requests since the run delays were read
         self.other = 0  # a thread id other than the caller's, seen last
         self.others = 0  # its awaited requests since it was seen first
         self.stat_fd: int | None = None  # /proc/CALLER/stat
@@ -172,8 +177,12 @@ class CallerFollower:
             if t.others < SWITCH_AFTER and t.caller:
                 return
             self._follow(t, pid)
-        elif self._starved(t):
-            return
+        else:
+            t.unsampled += 1
+            if t.unsampled >= SAMPLE_EVERY:
+                t.unsampled = 0
+                if self._starved(t):
+                    return
         t.since_check += 1
         if t.since_check >= CHECK_EVERY or t.cpu is None:
             self._pin(t)
@@ -231,7 +240,7 @@ class CallerFollower:
         except (OSError, ValueError, IndexError):  # the caller is gone
             t.caller = 0
             return False
-        late = (waited - t.waited) - (ran - t.ran) > STARVED_NS
+        late = (waited - t.waited) - (ran - t.ran) > STARVED_NS * SAMPLE_EVERY
         t.ran, t.waited = ran, waited
         t.late = t.late + 1 if late else 0
         starved = t.late >= LATE_BEFORE_PAUSE
