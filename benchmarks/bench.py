@@ -208,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
 
-    workdir = Path(tempfile.mkdtemp(prefix="encfs-bench-", dir=args.workdir or "/var/tmp"))
+    if args.baseline and not (Path(args.baseline) / "encfs" / "__init__.py").is_file():
+        ap.error(f"--baseline {args.baseline}: not an encfs checkout (no encfs/__init__.py)")
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="encfs-bench-", dir=args.workdir or "/var/tmp"))
+    except OSError as e:
+        ap.error(f"--workdir {args.workdir or '/var/tmp'}: {e.strerror}")
     ctx = Context(scale, workdir)
     ctx.baseline = Path(args.baseline).resolve() if args.baseline else None
     targets = [cls(ctx) for cls in wanted]

@@ -110,6 +110,19 @@ def test_refault_memory_touches_the_free_memory_it_is_asked_to() -> None:
 
 @needs_root
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("arg", ["--workdir", "--baseline"])
+def test_a_missing_directory_is_one_line_and_exit_2(tmp_path: Path, arg: str) -> None:
+    missing = tmp_path / "missing"
+    extra = ["--targets", "encfs,encfs-baseline"] if arg == "--baseline" else []
+    proc = subprocess.run([sys.executable, "-m", "encfs", "bench", "--scale", "smoke", arg, str(missing), *extra],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"error: {arg} {missing}: " + ("No such file or directory" if arg == "--workdir"
+                                       else "not an encfs checkout (no encfs/__init__.py)"))
+
+
 def test_bench_smoke(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir()
