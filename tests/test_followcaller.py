@@ -164,6 +164,29 @@ def test_a_caller_that_keeps_leaving_the_cpu_pauses_following(caller: Caller) ->
     assert in_thread(serve) == (False, set(CPUS), os.SCHED_OTHER)
 
 
+def test_moved_pauses_stay_short_while_they_repeat(caller: Caller) -> None:
+    """A cold read keeps moving the caller, and the deletes that follow it move it no more: each
+    moved pause lasts 50 ms however many came before, so the deletes are followed at once."""
+    follower = CallerFollower(set(CPUS))
+
+    def serve() -> list[float]:
+        lengths = []
+        for _ in range(5):
+            follower.got_request(caller.tid, True)
+            for cpu in (CPUS[0], CPUS[-1]):
+                caller.move(cpu)
+                for _ in range(CHECK_EVERY):
+                    follower.got_request(caller.tid, True)
+            lengths.append(follower._paused_until - time.monotonic())
+            while not follower.following:
+                time.sleep(0.005)
+        follower.stop_following()
+        return lengths
+
+    lengths = in_thread(serve)
+    assert all(0 < length <= 0.05 for length in lengths), lengths
+
+
 def test_a_busy_task_on_the_callers_cpu_pauses_following(caller: Caller) -> None:
     """At idle priority behind a busy loop a request waits about 2 ms here: after
     LATE_BEFORE_PAUSE of them in a row the threads stop following (unpinned, SCHED_OTHER)."""

@@ -36,7 +36,8 @@ Invariants:
   /proc/PID/schedstat; about 2 ms per request behind a busy loop here, against 0.06), for
   STARVED_PAUSE; and when two CPU checks in a row
   find that the caller left the thread's CPU (the backing disk's kernel workers run there as the
-  reply wakes it, on cold reads), for MOVED_PAUSE. Each doubles while pauses follow each other.
+  reply wakes it, on cold reads), for MOVED_PAUSE. A starved pause doubles while pauses follow
+  each other; a moved one does not (50 ms each).
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ LATE_BEFORE_PAUSE = 3  # a busy loop makes every sample late; the disk's kernel 
 SAMPLE_EVERY = 4
 # Pauses (first, longest) in seconds. Another task of the caller's CPU kept a thread waiting: it
 # may stay there long (a build). The caller kept leaving the CPU: the backing disk's kernel workers
-# ran there as the reply woke it (cold reads); following is tried again soon.
+# ran there as the reply woke it (cold reads); following is tried again soon, and never later than
+# 50 ms: a phase without disk reads (the deletes after a cold read) is followed almost at once.
 STARVED_PAUSE = (1.0, 64.0)
-MOVED_PAUSE = (0.05, 1.6)
+MOVED_PAUSE = (0.05, 0.05)
 
 
 class _Backoff:
