@@ -99,6 +99,10 @@ def test_a_change_to_an_inode_waits_for_its_reader_and_blocks_later_ones() -> No
         with locks.inode(5):
             order.append("write")
 
+    def later_reader() -> None:
+        with locks.inode(5, exclusive=False):
+            order.append("later read")
+
     r = threading.Thread(target=reader)
     r.start()
     assert reading.wait(WAIT)
@@ -107,10 +111,15 @@ def test_a_change_to_an_inode_waits_for_its_reader_and_blocks_later_ones() -> No
     _poll(lambda: locks._inodes[5].users == 2)  # the writer waits for the lock
     w.join(0.1)
     assert order == [] and w.is_alive()
+    later = threading.Thread(target=later_reader)
+    later.start()
+    _poll(lambda: locks._inodes[5].users == 3)
+    later.join(0.1)
+    assert order == [] and later.is_alive()  # no reader jumps the queued change
     release.set()
-    r.join(WAIT)
-    w.join(WAIT)
-    assert order == ["read", "write"]
+    for th in (r, w, later):
+        th.join(WAIT)
+    assert order == ["read", "write", "later read"]
     assert locks.inodes_in_use() == 0
 
 
@@ -146,42 +155,6 @@ def test_a_tree_change_waits_for_inode_holders_and_runs_alone() -> None:
     for th in (d, t, later):
         th.join(WAIT)
     assert order == ["data", "tree", "later"]
-
-
-def test_a_later_reader_waits_behind_a_queued_change() -> None:
-    locks, order = FsLocks(), []
-    reading, release = threading.Event(), threading.Event()
-
-    def first_reader() -> None:
-        with locks.inode(5, exclusive=False):
-            reading.set()
-            release.wait(WAIT)
-            order.append("read")
-
-    def writer() -> None:
-        with locks.inode(5):
-            order.append("write")
-
-    def later_reader() -> None:
-        with locks.inode(5, exclusive=False):
-            order.append("later read")
-
-    r = threading.Thread(target=first_reader)
-    r.start()
-    assert reading.wait(WAIT)
-    w = threading.Thread(target=writer)
-    w.start()
-    _poll(lambda: locks._inodes[5].waiting == 1)
-    later = threading.Thread(target=later_reader)
-    later.start()
-    _poll(lambda: locks._inodes[5].users == 3)
-    later.join(0.1)
-    assert order == [] and later.is_alive()  # no reader jumps the queued change
-    release.set()
-    for th in (r, w, later):
-        th.join(WAIT)
-    assert order == ["read", "write", "later read"]
-    assert locks.inodes_in_use() == 0
 
 
 def test_random_holders_never_overlap_wrongly() -> None:
