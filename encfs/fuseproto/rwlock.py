@@ -103,7 +103,7 @@ class _InodeLock:
         self.cond = threading.Condition(mutex)
         self.shared = 0  # shared holders
         self.exclusive = False  # held exclusively
-        self.waiting = 0  # exclusive holders waiting (shared ones then wait behind them)
+        self.waiting = 0  # exclusive holders waiting for shared ones to leave (new shared ones wait)
         self.users = 0  # threads holding or waiting for it
 
 
@@ -114,7 +114,8 @@ class FsLocks:
     lock exclusively (``tree()``): it runs alone. An operation on one inode's data or
     attributes (``inode(n)``) holds the namespace lock shared, then that inode's lock,
     exclusively to change the inode or shared to read it: operations on different inodes
-    run side by side. A waiting exclusive holder goes before later shared ones, for both.
+    run side by side. An exclusive holder waiting for shared holders to leave goes before
+    later shared ones, for both.
 
     Lock order: the namespace lock, then at most one inode lock; a thread holds one
     ``tree()`` or one ``inode()`` at a time. A thread that asks for a second one gets
@@ -193,16 +194,29 @@ class FsLocks:
             entry = self._inodes.get(inode)
             if entry is None:
                 entry = self._inodes[inode] = self._spare.pop() if self._spare else _InodeLock(self._mutex)
+            # Threads already waiting go first: a thread that let go and asks again at once (it
+            # holds the GIL) would otherwise take the lock back before any of them wakes.
+            queued = entry.users > entry.shared + entry.exclusive
             entry.users += 1
             if exclusive:
-                if entry.exclusive or entry.shared:
-                    entry.waiting += 1
-                    while entry.exclusive or entry.shared:
-                        entry.cond.wait()
+                # Counted in ``waiting`` (which holds back new shared holders) only while shared
+                # holders alone keep it out, as SharedExclusiveLock does: writers queued behind a
+                # writer compete with readers at its release, so a stream of writes cannot keep
+                # a read out.
+                counted = False
+                while queued or entry.exclusive or entry.shared:
+                    queued = False
+                    wants = bool(entry.shared) and not entry.exclusive
+                    if wants != counted:
+                        entry.waiting += 1 if wants else -1
+                        counted = wants
+                    entry.cond.wait()
+                if counted:
                     entry.waiting -= 1
                 entry.exclusive = True
             else:
-                while entry.exclusive or entry.waiting:
+                while queued or entry.exclusive or entry.waiting:
+                    queued = False
                     entry.cond.wait()
                 entry.shared += 1
         finally:
@@ -232,6 +246,7 @@ class FsLocks:
         self._leave()
 
     def inodes_in_use(self) -> int:
-        """How many inodes have a lock now (held or waited for)."""
+        """How many inodes have a lock now (held or waited for); not while holding tree(), whose
+        mutex it takes."""
         with self._mutex:
             return len(self._inodes)
