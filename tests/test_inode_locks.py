@@ -238,6 +238,37 @@ def test_a_stream_of_changes_to_an_inode_lets_a_reader_in() -> None:
     assert locks.inodes_in_use() == 0
 
 
+def test_a_tree_change_that_waited_is_seen_by_a_quiet_mark_taken_meanwhile() -> None:
+    """quiet_mark()/still_quiet() (server.py's answers before the locks): a tree change that was
+    waiting for an inode's holder when the mark was taken, and ran after, is not missed."""
+    locks = FsLocks()
+    holding, release, tree_done = threading.Event(), threading.Event(), threading.Event()
+
+    def data_op() -> None:
+        with locks.inode(5):
+            holding.set()
+            release.wait(WAIT)
+
+    def tree_op() -> None:
+        with locks.tree():
+            pass
+        tree_done.set()
+
+    d = threading.Thread(target=data_op)
+    d.start()
+    assert holding.wait(WAIT)
+    t = threading.Thread(target=tree_op)
+    t.start()
+    _poll(lambda: locks.namespace._waiting == 1)  # waiting, the mutex let go
+    mark = locks.namespace.quiet_mark()
+    assert mark is not None
+    release.set()
+    assert tree_done.wait(WAIT)
+    d.join(WAIT)
+    t.join(WAIT)
+    assert not locks.namespace.still_quiet(mark)
+
+
 @pytest.mark.parametrize("outer,inner", [("inode", "inode"), ("inode", "same inode"), ("inode", "tree"),
                                          ("tree", "inode"), ("tree", "tree")])
 def test_a_second_lock_in_one_thread_is_refused_before_it_waits(outer: str, inner: str) -> None:

@@ -35,12 +35,12 @@ class SharedExclusiveLock:
 
     def acquire_exclusive(self) -> None:
         self._cond.acquire()
-        self._exclusive_turns += 1
         if self._shared:
             self._waiting += 1
             while self._shared:
                 self._cond.wait()
             self._waiting -= 1
+        self._exclusive_turns += 1  # after the wait, which lets go of the mutex: see quiet_mark()
 
     def release_exclusive(self) -> None:
         if self._blocked or self._waiting:
