@@ -108,8 +108,6 @@ def test_refault_memory_touches_the_free_memory_it_is_asked_to() -> None:
     assert out[2] == "0", out  # nothing to touch once the margin is all that is free
 
 
-@needs_root
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("arg", ["--workdir", "--baseline"])
 def test_a_missing_directory_is_one_line_and_exit_2(tmp_path: Path, arg: str) -> None:
     missing = tmp_path / "missing"
@@ -123,6 +121,8 @@ def test_a_missing_directory_is_one_line_and_exit_2(tmp_path: Path, arg: str) ->
                                        else "not an encfs checkout (no encfs/__init__.py)"))
 
 
+@needs_root
+@pytest.mark.timeout(120)
 def test_bench_smoke(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     work.mkdir()

@@ -19,8 +19,14 @@ import pytest
 from fuse_helpers import Mount
 
 from encfs.fuseproto import followcaller
-from encfs.fuseproto.followcaller import (CHECK_EVERY, LATE_BEFORE_PAUSE, SAMPLE_EVERY, UNPIN_AFTER, CallerFollower,
-                                          _Backoff)
+from encfs.fuseproto.followcaller import (
+    CHECK_EVERY,
+    LATE_BEFORE_PAUSE,
+    SAMPLE_EVERY,
+    UNPIN_AFTER,
+    CallerFollower,
+    _Backoff,
+)
 from encfs.fuseproto.server import FuseServer
 from encfs.fuseproto.threadpolicy import idle_policy_works, may_leave_idle_policy
 from encfs.fuseproto.wire import FORGET, LOOKUP, READ, READ_IN, RELEASE, Request
@@ -189,7 +195,8 @@ def test_moved_pauses_stay_short_while_they_repeat(caller: Caller) -> None:
 
 def test_a_busy_task_on_the_callers_cpu_pauses_following(caller: Caller) -> None:
     """At idle priority behind a busy loop a request waits about 2 ms here: after
-    LATE_BEFORE_PAUSE of them in a row the threads stop following (unpinned, SCHED_OTHER)."""
+    LATE_BEFORE_PAUSE late samples in a row (one every SAMPLE_EVERY requests) the threads stop
+    following (unpinned, SCHED_OTHER)."""
     follower = CallerFollower(set(CPUS))
     r, w = os.pipe()
     hog = subprocess.Popen(["taskset", "-c", str(CPUS[-1]), sys.executable, "-c", "while True: pass"])
@@ -197,7 +204,7 @@ def test_a_busy_task_on_the_callers_cpu_pauses_following(caller: Caller) -> None
         def serve() -> tuple[int, bool, set[int], int]:
             follower.got_request(caller.tid, True)
             rounds = 0
-            while follower.following and rounds < 30:
+            while follower.following and rounds < 30 * SAMPLE_EVERY:
                 rounds += 1
                 follower.wait()
                 os.read(r, 1)  # woken by the test's thread: as SCHED_IDLE, behind the busy loop
@@ -224,7 +231,7 @@ def test_a_busy_task_on_the_callers_cpu_pauses_following(caller: Caller) -> None
         os.close(r)
         os.close(w)
     assert not following, f"still following after {rounds} requests behind a busy loop"
-    assert rounds >= LATE_BEFORE_PAUSE
+    assert rounds >= LATE_BEFORE_PAUSE * SAMPLE_EVERY
     assert (cpus, pol) == (set(CPUS), os.SCHED_OTHER)
 
 

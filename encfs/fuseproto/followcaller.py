@@ -219,7 +219,7 @@ class CallerFollower:
         _close(t.stat_fd)
         _close(t.sched_fd)
         t.stat_fd = t.sched_fd = None
-        t.caller, t.since_check, t.others = pid, CHECK_EVERY, 0
+        t.caller, t.since_check, t.others, t.unsampled, t.late = pid, CHECK_EVERY, 0, 0, 0
         try:
             t.stat_fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
             t.sched_fd = os.open(f"/proc/{pid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
