@@ -131,11 +131,13 @@ class FuseServer:
 
     def _ring_entry(self) -> RingEntry | None:
         """The ring entry whose request this thread is answering (None: not over io_uring)."""
-        return self.uring.current() if self.uring is not None else None
+        uring = self.uring
+        return uring.current() if uring is not None else None
 
     def reply(self, unique: int, *payload: bytes | bytearray | memoryview) -> None:
-        if self.uring is not None:
-            entry = self.uring.current()
+        uring = self.uring  # read once: _abandon_uring() may clear it from another thread
+        if uring is not None:
+            entry = uring.current()
             if entry is not None and entry.unique == unique:
                 entry.answer(0, payload)
                 return
