@@ -34,7 +34,6 @@ Invariants:
 
 from __future__ import annotations
 
-import functools
 import os
 import stat as stat_m
 import time
@@ -100,7 +99,7 @@ class Walk:
     recovering: bool
     data: bool  # check block tags (a re-check after a repair skips them)
     report: Report
-    actions: list[tuple[Finding, Action]] = field(default_factory=list)
+    actions: list[tuple[Finding, Action, bool]] = field(default_factory=list)  # (.., .., run first)
     complete: bool = True  # every directory walked and every header parsed
     seen_ids: set[bytes] = field(default_factory=set)
     longrefs: set[bytes] = field(default_factory=set)
@@ -118,11 +117,13 @@ class Walk:
         self.rekeys = file_ids(self.root, rekeyfile.SUFFIX)
         self.states = file_ids(self.root, STATE_SUFFIX)
 
-    def add(self, finding: Finding, action: Action | None = None) -> None:
+    def add(self, finding: Finding, action: Action | None = None, first: bool = False) -> None:
+        """Report ``finding``, repaired by ``action`` if given: ``first``, before every other
+        repair (fsckrepair.repair_order)."""
         self.report.add(finding)
         if action is not None:
             finding.repairable = True
-            self.actions.append((finding, action))
+            self.actions.append((finding, action, first))
 
     def count(self, what: str, n: int = 1) -> None:
         self.report.counts[what] = self.report.counts.get(what, 0) + n
@@ -214,7 +215,7 @@ class Walk:
 
         self.add(Finding("orphan", f"{where}: the partial copy of a repair that was interrupted: not needed "
                                    "(repair: removed)", WARNING, place=_rel(self.root, child)),
-                 functools.partial(drop_partial, path=child))  # run first: fsckrepair.repair_order
+                 lambda r: drop_partial(r, child), first=True)
 
     def _bad_name(self, child: bytes, plain: str, entry: bytes, st: os.stat_result) -> None:
         what = "file" if stat_m.S_ISREG(st.st_mode) else "directory" if stat_m.S_ISDIR(st.st_mode) else "entry"

@@ -28,7 +28,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import stat as stat_m
 from collections.abc import Callable
@@ -238,22 +237,21 @@ def _remove_backing(bd: BackingDirs, path: bytes) -> None:
         bd.unlink(longname_side_file(path))
 
 
-def repair_order(finding_action: tuple[Finding, fsck.Action]) -> tuple[bool, bool, bool]:
-    """The sort key of the repairs. First the partial copies a killed repair left in lost+found
-    (drop_partial): a rescue writes its copy and report under those names. Orphans last: a rescue
-    removes a file's journal itself. Before them, files whose names do not decrypt are moved to
-    lost+found: the other repairs of such a file (a torn header emptied) name it where the walk
-    found it."""
-    finding, action = finding_action
-    partial = isinstance(action, functools.partial) and action.func is drop_partial
-    return (not partial, finding.kind == "orphan", finding.kind == "name")
+def repair_order(repair: tuple[Finding, fsck.Action, bool]) -> tuple[bool, bool, bool]:
+    """The sort key of the repairs. First those added to run first: the partial copies a killed
+    repair left in lost+found (drop_partial), since a rescue writes its copy and report under
+    those names. Orphans last: a rescue removes a file's journal itself. Before them, files whose
+    names do not decrypt are moved to lost+found: the other repairs of such a file (a torn header
+    emptied) name it where the walk found it."""
+    finding, _action, first = repair
+    return (not first, finding.kind == "orphan", finding.kind == "name")
 
 
 def repair_walk(cipherdir: Path, walk: fsck.Walk) -> None:
     """Run every repair action of ``walk``; a failure is a "repair" finding."""
     r = Repairer(cipherdir, walk)
     try:
-        for finding, action in sorted(walk.actions, key=repair_order):
+        for finding, action, _first in sorted(walk.actions, key=repair_order):
             try:
                 action(r)
             except (EncfsError, OSError, FuseError, HeaderError) as e:
