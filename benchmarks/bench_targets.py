@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from bench_util import (
-    CHECKOUT,
     ENCFS_PY,
     HERE,
+    REPO,
     MiB,
     Unavailable,
     is_mounted,
@@ -148,7 +148,7 @@ def encfs_env(ctx: Context) -> dict[str, str]:
     this harness's checkout first on the path (run it with ENCFS_PY: the working directory, which
     `-m` would put first, stays off), whatever encfs the interpreter has installed."""
     env = dict(os.environ, ENCFS_HOME=str(ctx.encfs_home), ENCFS_RUN_DIR=str(ctx.workdir / "run"),
-               PYTHONPATH=str(CHECKOUT))
+               PYTHONPATH=str(REPO))
     env.pop("SOFTHSM2_CONF", None)
     return env
 

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CHECKOUT = HERE.parent  # the encfs checkout the harness measures (bench_targets.encfs_env)
 ENCFS_PY = [sys.executable, "-P"]  # -P: `python -m encfs` must not take the working directory's encfs
-REPO = HERE.parent
+REPO = HERE.parent  # the encfs checkout the harness measures (bench_targets.encfs_env)
 MiB = 1 << 20
 
 
