@@ -172,8 +172,8 @@ class CallerFollower:
             return
         t.busy = 0
         if pid != t.caller:
-            # Another process's request between two of the caller's (the writeback cache's SETATTR
-            # after an unlink comes from a kernel worker) does not make the thread follow it.
+            # Another process's request between two of the caller's (a kernel worker's, say) does
+            # not make the thread follow it.
             t.others = t.others + 1 if pid == t.other else 1
             t.other = pid
             if t.others < SWITCH_AFTER and t.caller:
