@@ -235,8 +235,9 @@ class BlockCipher:
         """Plaintext of a sealed block; BlockAuthError if it does not authenticate."""
         if not OVERHEAD < len(sealed) <= self.sealed_block:
             raise BlockAuthError(block_no)
+        mv = memoryview(sealed)
         try:  # slices of a memoryview: no copy of the block before decryption
-            return self._aead.decrypt(sealed[:NONCE_LEN], sealed[NONCE_LEN:], self.aad(block_no))
+            return self._aead.decrypt(mv[:NONCE_LEN], mv[NONCE_LEN:], self._scope + _U64.pack(block_no))
         except InvalidTag:
             raise BlockAuthError(block_no) from None
 
