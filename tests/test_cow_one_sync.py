@@ -212,7 +212,8 @@ def test_a_failed_commit_sync_refuses_reads_until_the_volume_is_opened_again(
         m.setattr(os, "fdatasync", failing)
         with pytest.raises(StoreFailed):
             s.flush()
-    for read in (lambda: s.read_sectors(7, 1), lambda: s.read(7 * SECTOR_SIZE, 10)):
+    for read in (lambda: s.read_sectors(7, 1), lambda: s.read(7 * SECTOR_SIZE, 10),
+                 lambda: s.read_view(7 * SECTOR_SIZE, SECTOR_SIZE)):
         with pytest.raises(StoreFailed) as e:
             read()
         assert e.value.errno == errno.EIO

@@ -164,6 +164,32 @@ def test_a_tampered_or_moved_sector_is_an_error_never_wrong_bytes(image: Image) 
         s.read_sectors(0, 1)
 
 
+def test_a_one_sector_read_view_answers_as_a_run_of_sectors_does(image: Image) -> None:
+    """read_view() opens a lone 4 KiB sector on its own path (a loop device's random reads): it
+    must give what read_sectors() gives, zeros for an unwritten sector, and BlockAuthError for a
+    tampered sector and for a sector under a map leaf that fails authentication (whose pages are
+    unknown: never zeros)."""
+    s = image.store
+    s.write_sectors(0, sector(1) + sector(2))
+    s.write_sectors(2048, sector(3))  # the third leaf (1,024 sectors a leaf)
+    s.flush()
+    one = SECTOR_SIZE
+    assert [bytes(s.read_view(n * one, one)) for n in (0, 1, 2, 2048)] == \
+        [sector(1), sector(2), bytes(one), sector(3)]
+    os.pwrite(image.fd, b"\x01", page_offset(s.tree.get(1)) + 40)
+    with pytest.raises(BlockAuthError):
+        s.read_view(one, one)
+    assert bytes(s.read_view(0, one)) == sector(1)
+    leaf = s.tree.pages[(0, 2)]
+    os.pwrite(image.fd, b"\x01", page_offset(leaf) + 40)
+    s = image.reopen()
+    for read in (lambda: s.read_view(2048 * one, one), lambda: s.read_view(2049 * one, one),
+                 lambda: s.read_view(2048 * one, 2 * one)):
+        with pytest.raises(BlockAuthError):
+            read()
+    assert bytes(s.read_view(0, one)) == sector(1)
+
+
 def test_every_seal_takes_a_nonce_never_used_before_also_across_a_crash(image: Image) -> None:
     s = image.store
     for i in range(40):

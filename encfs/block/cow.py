@@ -87,6 +87,7 @@ log = logging.getLogger("encfs.block")
 
 DATA_SCOPE, NODE_SCOPE, TABLE_SCOPE, COMMIT_SCOPE = b"data", b"node", b"snapshots", b"commit"
 _ZEROS = bytes(MAX_PLAIN)
+_ZERO_SECTOR = bytes(SECTOR_SIZE)
 
 
 class VolumeTruncated(Exception):
@@ -300,6 +301,18 @@ class CowStore(CowSnapshots, SectorIO):
         out = bytearray(count * SECTOR_SIZE)
         read_tree_into(self.fd, self.sealer.cipher, self.tree, first, count, memoryview(out))
         return out
+
+    def read_sector(self, sector: int) -> bytes:
+        self._check_readable()
+        tree = self.tree
+        tree.check(sector, 1)
+        page = tree.get(sector)
+        if not page:
+            return _ZERO_SECTOR
+        sealed = os.pread(self.fd, SEALED_BLOCK, page_offset(page))
+        if len(sealed) != SEALED_BLOCK:
+            raise BlockAuthError(sector)
+        return self.sealer.cipher.open(sector, sealed)
 
     def read_tree_view(self, tree: MapTree, first: int, count: int) -> memoryview | bytearray:
         """Sectors [first, first + count) as ``tree`` has them, opened as read_view() opens the live

@@ -48,6 +48,10 @@ class SectorIO:
     def read_sectors(self, first: int, count: int) -> bytearray:
         raise NotImplementedError
 
+    def read_sector(self, sector: int) -> bytes | bytearray:
+        """One sector's plaintext, as read_sectors(sector, 1) (a store may do it faster)."""
+        return self.read_sectors(sector, 1)
+
     def write_sectors(self, first: int, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
 
@@ -60,10 +64,13 @@ class SectorIO:
         bytes read into ``sealed`` and opened there by the sealing worker (see read_view)."""
         raise NotImplementedError
 
-    def read_view(self, offset: int, length: int) -> memoryview | bytearray:
+    def read_view(self, offset: int, length: int) -> memoryview | bytes | bytearray:
         """As read(); with a sealing worker, a large read is read into this thread's slot of
         its arena and opened there by the worker, off this process's GIL. The view stays valid
         until this thread's next read_view() or write: a server replies with it at once."""
+        if length == SECTOR_SIZE and not offset % SECTOR_SIZE:  # a 4 KiB random read: no run to lay out
+            self._check_range(offset, length)
+            return self.read_sector(offset // SECTOR_SIZE)
         count = -(-(offset % SECTOR_SIZE + length) // SECTOR_SIZE)
         areas = self.sealer.arena(count * SECTOR_SIZE, count * SEALED_BLOCK)
         if areas is None:
