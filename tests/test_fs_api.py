@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from encfs.fuse.cli import cmd_info
-from encfs.blocks import SEALED_BLOCK
+from encfs.blocks import OVERHEAD, SEALED_BLOCK
 from encfs.fuse.fileheader import HEADER_LEN, user_xattrs_supported
 from encfs.fuse.fs import EncryptedFS
 from encfs.fuse.fsck import check_filesystem
@@ -476,6 +476,37 @@ def test_a_file_cut_before_its_first_read_reads_eio_past_its_end(fs: EncryptedFS
         assert opened is not None
         assert bytes(fs.read_open(opened, 0, 4096)) == b"x" * 4096
         assert fuse_errno(lambda: fs.read_open(opened, 4096, 4096)) == errno.EIO
+    finally:
+        fs.release(fh)
+
+
+def test_a_read_within_one_block_is_checked_as_a_longer_read_is(fs: EncryptedFS) -> None:
+    """A read that falls in one block takes its own path (ContentReads._read_one): it must read
+    a journaled block as its newest version, the short last block, and a tampered block as EIO,
+    as a read across blocks does (holes: test_sparse_content.py; a file cut short: the test
+    above)."""
+    b = fs.block_size
+    ino = create(fs, b"f", b"a" * (3 * b))
+    fh = fs.open(ino, os.O_RDWR, CTX)
+    try:
+        fs.fsync(fh, False)
+        fs.write(fh, b, b"b" * b)  # a block in place: journaled
+        fs.write(fh, 5 * b, b"c" * 100)  # zeros in block 4 (a hole if the filesystem is sparse), block 5 short
+        assert 1 in fs.files.contents[ino].index
+        model = b"a" * b + b"b" * b + b"a" * b + bytes(2 * b) + b"c" * 100
+        opened = fs.reader(fh)
+        assert opened is not None
+        for off, n in ((0, 10), (b + 5, 100), (2 * b, b), (3 * b + 1, 10), (4 * b, b), (5 * b + 7, 200)):
+            assert bytes(fs.read_open(opened, off, n)) == model[off:off + n], (off, n)
+        fd = os.open(fs.inodes.path(ino), os.O_RDWR)
+        try:
+            at = HEADER_LEN + 2 * (b + OVERHEAD) + 40  # inside block 2's ciphertext
+            os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 1]), at)
+            assert fuse_errno(lambda: fs.read_open(opened, 2 * b + 7, 10)) == errno.EIO
+            os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 1]), at)  # mended
+            assert bytes(fs.read_open(opened, 2 * b + 7, 10)) == b"a" * 10
+        finally:
+            os.close(fd)
     finally:
         fs.release(fh)
 
