@@ -237,7 +237,7 @@ class BlockCipher:
             raise BlockAuthError(block_no)
         mv = memoryview(sealed)
         try:  # slices of a memoryview: no copy of the block before decryption
-            return self._aead.decrypt(mv[:NONCE_LEN], mv[NONCE_LEN:], self._scope + _U64.pack(block_no))
+            return self._aead.decrypt(mv[:NONCE_LEN], mv[NONCE_LEN:], self.aad(block_no))
         except InvalidTag:
             raise BlockAuthError(block_no) from None
 

@@ -302,7 +302,7 @@ class CowStore(CowSnapshots, SectorIO):
         read_tree_into(self.fd, self.sealer.cipher, self.tree, first, count, memoryview(out))
         return out
 
-    def read_sector(self, sector: int) -> bytes:
+    def _read_sector(self, sector: int) -> bytes:
         self._check_readable()
         tree = self.tree
         tree.check(sector, 1)

@@ -48,8 +48,9 @@ class SectorIO:
     def read_sectors(self, first: int, count: int) -> bytearray:
         raise NotImplementedError
 
-    def read_sector(self, sector: int) -> bytes | bytearray:
-        """One sector's plaintext, as read_sectors(sector, 1) (a store may do it faster)."""
+    def _read_sector(self, sector: int) -> bytes | bytearray:
+        """One sector's plaintext, as read_sectors(sector, 1) (a store may do it faster). For
+        read_view, which has checked the range."""
         return self.read_sectors(sector, 1)
 
     def write_sectors(self, first: int, data: bytes | bytearray | memoryview) -> None:
@@ -70,7 +71,7 @@ class SectorIO:
         until this thread's next read_view() or write: a server replies with it at once."""
         if length == SECTOR_SIZE and not offset % SECTOR_SIZE:  # a 4 KiB random read: no run to lay out
             self._check_range(offset, length)
-            return self.read_sector(offset // SECTOR_SIZE)
+            return self._read_sector(offset // SECTOR_SIZE)
         count = -(-(offset % SECTOR_SIZE + length) // SECTOR_SIZE)
         areas = self.sealer.arena(count * SECTOR_SIZE, count * SEALED_BLOCK)
         if areas is None:
