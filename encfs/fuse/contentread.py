@@ -84,7 +84,7 @@ class ContentReads(ContentFields):
         """The plaintext of block ``k`` (not a hole, not journaled)."""
         block = self.block
         want = min(block, size - k * block) + OVERHEAD
-        sealed = os.pread(self.fd, want, HEADER_LEN + k * (block + OVERHEAD))
+        sealed = os.pread(self.fd, want, sealed_offset(k, HEADER_LEN, block))
         if len(sealed) != want:
             self._failed(k)
         try:
