@@ -334,6 +334,29 @@ def test_fs_recovery_vector() -> None:
         open_keys(rk, "0" * 32, wrapped)
 
 
+def test_a_directory_of_ten_thousand_names_is_encoded_once() -> None:
+    """Looked up again after the kernel dropped its dentries (a cold stat, read or delete of
+    each file of a large directory), every name is still in encrypt_name's cache: AES-SIV runs
+    once per name, not on every pass."""
+    from encfs.fuse import names as names_mod
+
+    nc = names_mod.NameCipher(bytes(64), bytes(32))
+    calls = []
+    siv = nc._siv
+
+    class Counting:
+        def encrypt(self, data: bytes, ad: list[bytes]) -> bytes:
+            calls.append(data)
+            return siv.encrypt(data, ad)
+
+    nc._siv = Counting()  # type: ignore[assignment]
+    names = [b"file%05d" % i for i in range(10_000)]
+    first = [nc.encrypt_name(n, b"\0" * 16) for n in names]
+    for _ in range(3):
+        assert [nc.encrypt_name(n, b"\0" * 16) for n in names] == first
+    assert len(calls) == len(names)
+
+
 def test_encoded_names_are_kept_per_directory_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """encrypt_name's cache returns what AES-SIV gives, keyed by name and directory id, and
     stays within NAME_CACHE entries."""

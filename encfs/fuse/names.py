@@ -27,7 +27,8 @@
   value, info = purpose), so the metadata key has no nonce budget to spend.
 - encrypt_name is deterministic, so the last NAME_CACHE names it encoded are
   kept: a LOOKUP is mostly followed by a CREATE, MKDIR or UNLINK of the same
-  name, which then costs no AES-SIV.
+  name, which then costs no AES-SIV, and so is a name looked up again once the
+  kernel has dropped its dentry (memory pressure, drop_caches).
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def longname_side_file(entry: bytes) -> bytes:
 
 
 # Encoded names kept by NameCipher.encrypt_name (emptied when full: no per-call eviction cost).
-NAME_CACHE = 4096
+# An entry takes 200-650 bytes with its name (7-21 MB when full); 4,096 missed on every name of a
+# 10,000-file working set swept again (benchmarks/HISTORY.md, nineteenth round).
+NAME_CACHE = 32768
 
 
 class NameCipher:
