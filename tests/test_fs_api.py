@@ -481,7 +481,7 @@ def test_a_file_cut_before_its_first_read_reads_eio_past_its_end(fs: EncryptedFS
 
 
 def test_a_read_within_one_block_is_checked_as_a_longer_read_is(fs: EncryptedFS) -> None:
-    """A read that falls in one block takes its own path (ContentReads._read_one): it must read
+    """A read that falls in one block takes its own path (ContentReads._open_block): it must read
     a journaled block as its newest version, the short last block, and a tampered block as EIO,
     as a read across blocks does (holes: test_sparse_content.py; a file cut short: the test
     above)."""

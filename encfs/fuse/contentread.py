@@ -40,10 +40,9 @@ class ContentReads(ContentFields):
         length = min(length, size - offset)
         block = self.block
         first, skip = divmod(offset, block)
-        if skip + length <= block and not (self.holes and self.holes.overlaps(first, first + 1)) \
-                and first not in self.index:
+        if skip + length <= block and not (self.holes and self.holes.overlaps(first, first + 1)):
             # one block (a 4 KiB random read): opened whole, no run to lay out
-            one = self._read_one(first, size)
+            one = self._open_block(first, size)
             return one if skip == 0 and len(one) == length else memoryview(one)[skip:skip + length]
         blocks = blocks_touched(offset, length, block)
         if self.holes and self.holes.overlaps(blocks.start, blocks.stop):
@@ -80,18 +79,6 @@ class ContentReads(ContentFields):
                 plain = self._open_in_arena(blocks.start, start, want, areas)
         return plain
 
-    def _read_one(self, k: int, size: int) -> bytes:
-        """The plaintext of block ``k`` (not a hole, not journaled)."""
-        block = self.block
-        want = min(block, size - k * block) + OVERHEAD
-        sealed = os.pread(self.fd, want, sealed_offset(k, HEADER_LEN, block))
-        if len(sealed) != want:
-            self._failed(k)
-        try:
-            return self.cipher.open(k, sealed)
-        except BlockAuthError:
-            self._failed(k)
-
     def _span(self, blocks: range, size: int) -> tuple[int, int]:
         """Where ``blocks`` start in the backing file and how many sealed bytes they take, for
         a file of ``size`` plaintext bytes (only its last block may be short)."""
@@ -106,23 +93,31 @@ class ContentReads(ContentFields):
         raise e
 
     def _sealed_block(self, k: int, size: int) -> bytes:
-        """Block ``k``'s sealed bytes, from the journal if it holds the newest version."""
+        """Block ``k``'s sealed bytes, from the journal if it holds the newest version, for a file
+        of ``size`` plaintext bytes; a backing file cut short fails as block ``k`` (logged)."""
         if k in self.index:
             offset, length = self.index[k]
             return self.journal.read(offset, length)
-        start, want = self._span(range(k, k + 1), size)
-        sealed = os.pread(self.fd, want, start)
+        block = self.block
+        want = min(block, size - k * block) + OVERHEAD  # only the file's last block may be short
+        sealed = os.pread(self.fd, want, sealed_offset(k, HEADER_LEN, block))
         if len(sealed) != want:
             self._failed(k)
         return sealed
 
+    def _open_block(self, k: int, size: int) -> bytes:
+        """The plaintext of block ``k`` (not a hole), from the journal if it holds the newest
+        version. A short read is reported once, by _sealed_block, outside the decryption's try."""
+        sealed = self._sealed_block(k, size)
+        try:
+            return self.cipher.open(k, sealed)
+        except BlockAuthError:
+            self._failed(k)
+
     def _read_journaled(self, blocks: range, size: int) -> bytearray:
         out = bytearray()
         for k in blocks:
-            try:
-                out += self.cipher.open(k, self._sealed_block(k, size))
-            except BlockAuthError as e:
-                self._failed(e.block_no)
+            out += self._open_block(k, size)
         return out
 
     def _open_blocks(self, first: int, sealed: bytes) -> bytearray:
