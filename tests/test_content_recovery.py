@@ -66,12 +66,74 @@ def test_a_torn_journal_tail_is_dropped_and_old_blocks_stay(files: Files) -> Non
     c.write(0, old)
     c.fsync(False)
     c.write(0, os.urandom(B))  # journaled, not synced
+    end = c.journal.length
     crash(c)
     with open(files.journal(), "r+b") as f:
-        f.truncate(os.path.getsize(files.journal()) - 100)  # the append the crash cut short
+        f.truncate(end - 100)  # the append the crash cut short
     c, notes = files.load()
     assert any("torn by a crash" in n for n in notes)
     assert c.read(0, 2 * B) == old
+
+
+def test_a_record_torn_inside_the_zeros_written_ahead_is_dropped(files: Files) -> None:
+    c = files.create()
+    old = os.urandom(2 * B)
+    c.write(0, old)
+    c.fsync(False)
+    c.write(0, os.urandom(B))
+    c.fsync(False)
+    c.write(B, os.urandom(B))  # journaled, not synced: its end never reached the disk
+    end, size = c.journal.length, c.journal.size
+    assert size > end + 24 and size % 4096 == 0, "the journal is written ahead with zeros"
+    crash(c)
+    raw = bytearray(files.journal().read_bytes())
+    assert len(raw) == size and not any(raw[end:])
+    raw[end - 100:end] = bytes(100)
+    files.journal().write_bytes(raw)
+    c, notes = files.load()
+    assert any("torn by a crash" in n for n in notes)
+    assert c.read(0, B) != old[:B] and c.read(B, B) == old[B:]
+
+
+def test_the_zeros_written_ahead_end_the_records_and_the_next_one_follows(files: Files) -> None:
+    c = files.create()
+    c.write(0, os.urandom(3 * B))
+    c.fsync(False)
+    new = os.urandom(B)
+    c.write(0, new)
+    c.fsync(False)
+    end = c.journal.length
+    crash(c)
+    assert os.path.getsize(files.journal()) > end
+    c, notes = files.load(writable=False)
+    assert not any("torn" in n for n in notes) and c.journal.length == end  # zeros: nothing torn
+    assert c.read(0, B) == new
+    c.release_fds()
+    c, notes = files.load()  # replayed and checkpointed
+    assert c.read(0, B) == new and not files.journal().exists()
+    later = os.urandom(B)
+    c.write(B, later)  # a new journal; records follow each other, whatever was written ahead
+    c.write(2 * B, later)
+    c.fsync(False)
+    c.write(0, later)
+    crash(c)
+    c, notes = files.load()
+    assert notes and not any("torn" in n for n in notes)
+    assert c.read(0, 3 * B) == later * 3
+
+
+def test_a_zero_record_header_before_a_sync_record_is_damage(files: Files) -> None:
+    c = files.create()
+    c.write(0, os.urandom(2 * B))
+    c.fsync(False)
+    c.write(0, os.urandom(B))
+    c.fsync(False)
+    crash(c)
+    raw = bytearray(files.journal().read_bytes())
+    raw[32:32 + 24] = bytes(24)  # not zeros written ahead: a sync record follows
+    files.journal().write_bytes(raw)
+    with pytest.raises(JournalDamaged):
+        files.load()
 
 
 def test_a_damaged_record_before_a_sync_record_is_damage(files: Files) -> None:
@@ -402,3 +464,28 @@ def test_a_full_disk_leaves_no_partial_record(files: Files, monkeypatch: pytest.
         c.write(0, os.urandom(100))
     monkeypatch.undo()
     assert c.journal.length == length == os.path.getsize(files.journal())
+
+
+def test_a_disk_too_full_for_the_zeros_ahead_takes_the_record_alone(files: Files,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    c = files.create()
+    c.write(0, os.urandom(2 * B))
+    c.fsync(False)
+    real = os.pwritev
+    refused = []
+
+    def no_room_ahead(fd: int, buffers: list, offset: int) -> int:
+        if fd == c.journal.fd and offset + sum(len(b) for b in buffers) > c.journal.length + STEP + 48:
+            refused.append(offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", no_room_ahead)
+    new = os.urandom(B)
+    c.write(0, new)  # the record fits; the zeros after it do not
+    c.fsync(False)
+    monkeypatch.undo()
+    assert refused and c.journal.size == c.journal.length == os.path.getsize(files.journal())
+    crash(c)
+    c, notes = files.load()
+    assert not any("torn" in n for n in notes) and c.read(0, B) == new

@@ -11,7 +11,11 @@ journaled blocks into place. Layout::
       sync: b"EJSY" | 20 zero bytes
 
 A run is ``count`` consecutive blocks sealed exactly as they go in place (every block full
-but the last), so a checkpoint copies bytes and never reseals.
+but the last), so a checkpoint copies bytes and never reseals. The records end where every byte
+left in the journal is zero: a journal that must grow is written ahead with zeros (about as much
+again as it holds, at most ``AHEAD_MAX``), so that the fdatasyncs after the appends that follow
+write data only and do not also commit a new size and new blocks (ext4: 180 against 420-560 us
+here; docs/dev/block-layer.md).
 
 Invariants:
 - Nothing in the backing file is overwritten before the journal that holds its new version
@@ -21,6 +25,9 @@ Invariants:
   whose replay (idempotent) gives the new ones.
 - A journal is removed durably before any new one for the same file is created, so a
   journal found on disk is never older than the data in place.
+- Bytes from ``length`` to ``size`` (the file's size) are zero; the next record goes at
+  ``length``. A zero tail is never taken for records, and a zero record header with anything
+  nonzero after it is torn like any other.
 - A sync record is appended after every fdatasync of the journal: records before the last
   sync record were durable, so one of them failing authentication is damage
   (JournalDamaged, never ignored); a failure after it is a write torn by a crash that was
@@ -44,6 +51,11 @@ _RECORD = struct.Struct(">4sIQII")
 RUN, SYNC = b"EJRN", b"EJSY"
 SYNC_RECORD = _RECORD.pack(SYNC, 0, 0, 0, 0)
 HEAD_LEN = _HEAD.size
+# A journal that must grow is written ahead to the next page past its records and as many bytes
+# again as it holds, up to AHEAD_MAX: a 16 MiB journal grows about 20 times (the fdatasync after
+# each growth also commits the new size), and the zeros are at most what the records take.
+PAGE = 4096
+AHEAD_MAX = 1 << 20
 
 
 class JournalDamaged(IntegrityError):
@@ -88,7 +100,8 @@ class Journal:
         self.path = journal_path(root, file_id)
         self.file_id = file_id
         self.fd: int | None = None
-        self.length = 0
+        self.length = 0  # where the records end: the next one goes here
+        self.size = 0  # the file's size: zeros from length on
         self.unsynced = False  # records appended since the last sync
         self.new = False  # created since the journal directory was last synced
 
@@ -105,7 +118,7 @@ class Journal:
                 if e.errno not in (errno.EROFS, errno.EACCES) or mode == os.O_RDONLY:
                     raise
         self.fd = fd
-        self.length = os.fstat(fd).st_size
+        self.length = self.size = os.fstat(fd).st_size  # scan() finds where the records end
         return True
 
     def _create(self) -> None:
@@ -118,23 +131,43 @@ class Journal:
             os.close(fd)
             os.unlink(self.path)
             raise
-        self.fd, self.length, self.new = fd, HEAD_LEN, True
+        self.fd, self.length, self.size, self.new = fd, HEAD_LEN, HEAD_LEN, True
 
     def append(self, first: int, count: int, sealed: bytes | bytearray | memoryview) -> int:
         """Append a run; returns where its sealed bytes start. On failure (ENOSPC) the journal
         is cut back to what it was, so a failed write leaves no record behind."""
         if self.fd is None:
             self._create()
-        assert self.fd is not None
         start = self.length
-        try:
-            pwritev_all(self.fd, [_RECORD.pack(RUN, count, first, len(sealed), 0), sealed], start)
-        except BaseException:
-            os.ftruncate(self.fd, start)
-            raise
-        self.length = start + _RECORD.size + len(sealed)
+        self._put([_RECORD.pack(RUN, count, first, len(sealed), 0), sealed])
         self.unsynced = True
         return start + _RECORD.size
+
+    def _put(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Write ``parts`` at the end of the records, with zeros ahead of them if the journal
+        must grow (see AHEAD_MAX). A disk too full for the zeros takes the record alone; any
+        failure cuts the journal back to where the records ended."""
+        assert self.fd is not None
+        start = self.length
+        end = start + sum(len(p) for p in parts)
+        ahead = 0
+        if end + len(SYNC_RECORD) > self.size:  # a sync record after it must not grow it either
+            ahead = -(-(end + len(SYNC_RECORD) + min(end, AHEAD_MAX)) // PAGE) * PAGE - end
+        try:
+            try:
+                pwritev_all(self.fd, [*parts, bytes(ahead)] if ahead else parts, start)
+            except OSError as e:
+                if not ahead or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                os.ftruncate(self.fd, max(start, self.size))
+                ahead = 0
+                pwritev_all(self.fd, parts, start)
+        except BaseException:
+            os.ftruncate(self.fd, start)
+            self.size = start
+            raise
+        self.length = end
+        self.size = max(self.size, end + ahead)
 
     def read(self, offset: int, length: int) -> bytes:
         assert self.fd is not None
@@ -154,8 +187,7 @@ class Journal:
         if self.unsynced:
             # Not synced itself: if a crash loses it, the records before it are only
             # treated as unsynced (cut off if they fail, which a durable record cannot).
-            pwritev_all(self.fd, [SYNC_RECORD], self.length)
-            self.length += len(SYNC_RECORD)
+            self._put([SYNC_RECORD])
             self.unsynced = False
 
     def remove(self, durable: bool = True) -> None:
@@ -171,7 +203,7 @@ class Journal:
             return
         if durable:
             fsync_dir(os.path.dirname(self.path))
-        self.length, self.unsynced, self.new = 0, False, False
+        self.length, self.size, self.unsynced, self.new = 0, 0, False, False
 
     def close(self) -> None:
         if self.fd is not None:
@@ -182,13 +214,14 @@ class Journal:
         """Drop everything from ``length`` on (a torn tail that scan() ignored), before appending."""
         assert self.fd is not None
         os.ftruncate(self.fd, length)
-        self.length = length
+        self.length = self.size = length
 
     def scan(self, cipher: BlockCipher) -> tuple[list[Run], int, list[str]]:
-        """The journal's valid runs in order (each block checked), where its valid part ends,
-        and a note for a torn tail after it. JournalDamaged if a durable record is bad."""
+        """The journal's valid runs in order (each block checked), where its valid part ends
+        (where the next record goes, if no tail is torn), and a note for a torn tail after it.
+        JournalDamaged if a durable record is bad."""
         assert self.fd is not None
-        data = os.pread(self.fd, self.length, 0)
+        data = os.pread(self.fd, self.size, 0)
         if len(data) < HEAD_LEN:
             return self._torn(0, data, [], "journal header torn")
         magic, version, zeros, file_id, zeros2 = _HEAD.unpack_from(data)
@@ -198,6 +231,8 @@ class Journal:
         pos = HEAD_LEN
         block = cipher.block_size
         while pos < len(data):
+            if not data[pos] and data.count(0, pos) == len(data) - pos:
+                break  # the zeros written ahead: the records end here
             if pos + _RECORD.size > len(data):
                 return self._torn(pos, data, runs, "record header torn")
             kind, count, first, length, zero = _RECORD.unpack_from(data, pos)
@@ -216,6 +251,7 @@ class Journal:
                 return self._torn(pos, data, runs, f"run of blocks {first}-{first + count - 1} fails authentication")
             runs.append(Run(first, count, body, length))
             pos = body + length
+        self.length = pos
         return runs, pos, []
 
     def _torn(self, pos: int, data: bytes, runs: list[Run], why: str) -> tuple[list[Run], int, list[str]]:
