@@ -122,9 +122,12 @@ class Journal:
         return True
 
     def _create(self) -> None:
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:  # the directory is there but on a new filesystem's first overwrite: one call, not four
+            fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            fd = os.open(self.path, flags, 0o600)
         try:
             pwritev_all(fd, [_HEAD.pack(b"ENCJ", 1, bytes(3), self.file_id, bytes(8))], 0)
         except BaseException:
