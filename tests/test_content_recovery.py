@@ -11,6 +11,7 @@ import pytest
 from content_files import FILE_ID, BackingFile
 
 from encfs.blocks import BlockAuthError
+from encfs.fuse import contentwrite
 from encfs.fuse.content import FileContent, in_place_runs
 from encfs.fuse.fileheader import V1, V2, FileHeader
 from encfs.fuse.journal import JournalDamaged, journal_path
@@ -489,3 +490,28 @@ def test_a_disk_too_full_for_the_zeros_ahead_takes_the_record_alone(files: Files
     crash(c)
     c, notes = files.load()
     assert not any("torn" in n for n in notes) and c.read(0, B) == new
+
+
+def test_a_failed_write_that_made_the_journal_leaves_its_header(files: Files,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    c = files.create()
+    first = os.urandom(2 * B - 100)
+    c.write(0, first)  # not synced: the next write past the end goes in place too
+    real = contentwrite.pwrite_all
+
+    def full(fd: int, data: bytes, offset: int) -> None:
+        if fd == c.fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(contentwrite, "pwrite_all", full)
+    with pytest.raises(OSError):
+        c.write(B, os.urandom(2 * B))  # block 1 to a new journal, block 2 in place: fails
+    monkeypatch.undo()
+    assert files.journal().read_bytes()[:4] == b"ENCJ"
+    new = os.urandom(100)
+    c.write(0, new)
+    c.fsync(False)
+    crash(c)
+    c, notes = files.load()
+    assert c.read(0, 2 * B) == new + first[100:]

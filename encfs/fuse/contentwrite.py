@@ -27,6 +27,7 @@ from encfs.diskio import pwrite_all
 from encfs.fuse.contentfields import ContentFields
 from encfs.fuse.fileheader import HEADER_LEN
 from encfs.fuse.holes import HOLES_MAX, Holes
+from encfs.fuse.journal import HEAD_LEN as JOURNAL_HEAD
 
 log = logging.getLogger("encfs.fuse")
 _ZERO_CHUNK = 1 << 20  # fill gaps 1 MiB at a time (at least one block)
@@ -191,7 +192,7 @@ class ContentWrites(ContentFields):
         return list(self.holes.segments(first, stop))
 
     def _undo_journal(self, length: int, old: dict[int, tuple[int, int] | None]) -> None:
-        self.journal.cut(length)
+        self.journal.cut(max(length, JOURNAL_HEAD))  # a journal this write made keeps its header
         if self.journal.fd is not None:
             os.fdatasync(self.journal.fd)  # what replaces the cut records must not meet a stale sync record
         for k, v in old.items():
