@@ -14,7 +14,7 @@ from encfs.blocks import BlockAuthError
 from encfs.fuse import contentwrite
 from encfs.fuse.content import FileContent, in_place_runs
 from encfs.fuse.fileheader import V1, V2, FileHeader
-from encfs.fuse.journal import JournalDamaged, journal_path
+from encfs.fuse.journal import Journal, JournalDamaged, journal_path
 
 B = 4096
 STEP = B + 28
@@ -102,10 +102,11 @@ def test_the_zeros_written_ahead_end_the_records_and_the_next_one_follows(files:
     c.fsync(False)
     new = os.urandom(B)
     c.write(0, new)
-    c.fsync(False)
-    end = c.journal.length
+    grown = os.path.getsize(files.journal())
+    c.fsync(False)  # its sync record goes into the zeros: the fdatasync after the next record
+    end = c.journal.length  # commits no new size
+    assert os.path.getsize(files.journal()) == grown == c.journal.size > end
     crash(c)
-    assert os.path.getsize(files.journal()) > end
     c, notes = files.load(writable=False)
     assert not any("torn" in n for n in notes) and c.journal.length == end  # zeros: nothing torn
     assert c.read(0, B) == new
@@ -515,3 +516,14 @@ def test_a_failed_write_that_made_the_journal_leaves_its_header(files: Files,
     crash(c)
     c, notes = files.load()
     assert c.read(0, 2 * B) == new + first[100:]
+
+
+def test_an_append_leaves_room_for_its_sync_record(tmp_path: Path) -> None:
+    journal = Journal(os.fsencode(tmp_path), FILE_ID)
+    journal.append(0, 1, bytes(STEP))
+    size = journal.size
+    journal.append(1, 1, bytes(size - journal.length - 24 - 10))  # ends 10 bytes before the zeros do
+    grown = journal.size
+    journal.sync()  # the fdatasync wrote data only; the sync record must not grow the file after it
+    assert journal.size == grown == os.fstat(journal.fd).st_size > journal.length
+    journal.remove()

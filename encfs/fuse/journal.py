@@ -51,9 +51,10 @@ _RECORD = struct.Struct(">4sIQII")
 RUN, SYNC = b"EJRN", b"EJSY"
 SYNC_RECORD = _RECORD.pack(SYNC, 0, 0, 0, 0)
 HEAD_LEN = _HEAD.size
-# A journal that must grow is written ahead to the next page past its records and as many bytes
-# again as it holds, up to AHEAD_MAX: a 16 MiB journal grows about 20 times (the fdatasync after
-# each growth also commits the new size), and the zeros are at most what the records take.
+# A journal that must grow is written ahead to the next page past its records, room for a sync
+# record and as many bytes again as it holds, up to AHEAD_MAX: a 16 MiB journal grows about 20
+# times (the fdatasync after each growth also commits the new size), and the zeros are at most
+# what it holds plus a page.
 PAGE = 4096
 AHEAD_MAX = 1 << 20
 
