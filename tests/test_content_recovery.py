@@ -11,7 +11,7 @@ import pytest
 from content_files import FILE_ID, BackingFile
 
 from encfs.blocks import BlockAuthError
-from encfs.fuse import contentwrite
+from encfs.fuse import contentwrite, sparse
 from encfs.fuse.content import FileContent, in_place_runs
 from encfs.fuse.fileheader import V1, V2, FileHeader
 from encfs.fuse.journal import Journal, JournalDamaged, journal_path
@@ -527,3 +527,147 @@ def test_an_append_leaves_room_for_its_sync_record(tmp_path: Path) -> None:
     journal.sync()  # the fdatasync wrote data only; the sync record must not grow the file after it
     assert journal.size == grown == os.fstat(journal.fd).st_size > journal.length
     journal.remove()
+
+
+def test_a_journal_whose_unlink_fails_stays_until_a_checkpoint_removes_it(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint's unlink of the journal fails: the journal stays open and indexed (its
+    records are in place too), so later overwrites still journal and a block written in place
+    is never undone by a replay of the stale record at the next load."""
+    for after_crash in (True, False):
+        c = files.create()
+        c.write(0, os.urandom(2 * B))
+        c.fsync(False)
+        c.write(B, os.urandom(B))  # journaled
+
+        def failing(path: object, *a: object, **k: object) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+        monkeypatch.setattr(os, "unlink", failing)
+        with pytest.raises(OSError):
+            c.checkpoint()
+        monkeypatch.undo()
+        c.write(0, b"x")  # an overwrite: into the journal that is still there
+        c.truncate(B)  # checkpoints (now removing the journal), then drops block 1
+        new = os.urandom(B)
+        c.write(B, new)  # past the end: in place
+        c.fsync(False)
+        if after_crash:
+            crash(c)
+        else:
+            c.close()
+        c, notes = files.load(after_crash=after_crash)
+        assert c.read(B, B) == new and not files.journal().exists()
+        c.close()
+
+
+def test_a_failed_write_whose_undo_cannot_sync_leaves_no_entry_past_the_journal(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = files.create()
+    base = os.urandom(2 * B)
+    c.write(0, base)
+    c.fsync(False)
+    c.write(0, b"x")  # journaled, unsynced: the appends below join the journal
+    real = os.pwritev
+    calls: list[int] = []
+
+    def full_after_one(fd: int, buffers: list, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buffers, offset)
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "pwritev", full_after_one)
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        c.write(B, os.urandom(2 * B))  # block 1 journaled, block 2's append fails, the undo's sync too
+    monkeypatch.undo()
+    assert c.read(B, B) == base[B:]  # the entry of block 1 is the one before the write
+    for call in (lambda: c.fsync(False), lambda: c.write(0, os.urandom(B))):
+        with pytest.raises(OSError) as e:
+            call()  # nothing is acknowledged, or changed, after a failed sync
+        assert e.value.errno == errno.EIO
+    assert c.read(B, B) == base[B:]
+    crash(c)
+    c, _notes = files.load()
+    assert c.read(B, B) == base[B:]
+
+
+def test_a_failed_journal_sync_is_never_followed_by_a_sync_record(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux reports a failed writeback once and marks the pages clean: an fsync retried after
+    a failed one would succeed over lost pages, and its sync record would make them durable in
+    the journal's word. Every later sync of the content fails instead."""
+    c = files.create()
+    c.write(0, os.urandom(2 * B))
+    c.fsync(False)
+    c.write(0, os.urandom(B))
+    c.fsync(False)  # a durable journal
+    c.write(B, os.urandom(B))
+    length = c.journal.length
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        c.fsync(False)
+    monkeypatch.undo()
+    for call in (lambda: c.fsync(False), c.checkpoint, lambda: c.write(0, b"x"), lambda: c.truncate(B),
+                 lambda: sparse.fallocate_content(c, sparse.FALLOC_FL_ZERO_RANGE, 0, B)):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EIO
+    assert c.journal.length == length  # no sync record after the failed sync
+
+
+def test_a_failed_sync_of_the_backing_file_is_never_followed_by_a_good_one(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for the journal: an append written in place whose fdatasync failed is not made to
+    look durable by a retried fsync, nor by the synced size its state would then record."""
+    c = files.create()
+    c.write(0, os.urandom(B))
+    c.fsync(False)
+    synced = c.state.synced_size
+    c.write(B, os.urandom(B))  # past the end: in place
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "fdatasync", failing)
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError):
+        c.fsync(True)
+    monkeypatch.undo()
+    for datasync in (True, False):
+        with pytest.raises(OSError) as e:
+            c.fsync(datasync)
+        assert e.value.errno == errno.EIO
+    assert c.state.synced_size == synced
+
+
+@pytest.mark.parametrize("failing", ["fdatasync", "ftruncate"])
+def test_a_failed_truncate_leaves_the_old_file_or_the_cut_one(files: Files, monkeypatch: pytest.MonkeyPatch,
+                                                              failing: str) -> None:
+    """A truncate to inside a block journals the short new last block, syncs the journal, then
+    cuts the backing file. Either step failing leaves reads of the old bytes or of the cut file,
+    never a mix, acknowledges nothing after, and a crash recovers one of the two."""
+    c = files.create()
+    data = os.urandom(3 * B)
+    c.write(0, data)
+    c.fsync(False)
+    real = getattr(os, failing)
+
+    def fail_once(*args: object) -> None:
+        monkeypatch.setattr(os, failing, real)
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, failing, fail_once)
+    with pytest.raises(OSError):
+        c.truncate(B + 10)
+    monkeypatch.undo()
+    assert c.size in (3 * B, B + 10) and c.read(0, 3 * B) == data[:c.size]
+    with pytest.raises(OSError) as e:
+        c.fsync(False)
+    assert e.value.errno == errno.EIO
+    crash(c)
+    c, _notes = files.load()
+    assert c.size in (3 * B, B + 10) and c.read(0, 3 * B) == data[:c.size]

@@ -528,3 +528,32 @@ def test_a_cipherdir_reached_through_a_symlink(tmp_path: Path, service: KeyServi
         assert read(fs, create(fs, b"f", b"through the link")) == b"through the link"
     finally:
         fs.close_all()
+
+
+def test_a_file_whose_sync_failed_refuses_changes_and_the_unmount_is_not_clean(
+        fs: EncryptedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed fdatasync what is on disk is unknown (Linux reports it once): the file's
+    later writes and fsyncs fail with EIO, other files go on, and close_all() says the unmount
+    must not be recorded as clean, so that the next mount recovers as after a crash."""
+    fh, _attrs = fs.create(ROOT_ID, b"f", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    fs.write(fh, 0, b"durable")
+    fs.fsync(fh, False)
+    fs.write(fh, 4096, b"lost?")
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "fdatasync", failing)
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(FuseError) as e:
+        fs.fsync(fh, True)
+    monkeypatch.undo()
+    for call in (lambda: fs.fsync(fh, True), lambda: fs.write(fh, 0, b"x")):
+        with pytest.raises(FuseError) as e:
+            call()
+        assert e.value.errno == errno.EIO
+    other, _attrs = fs.create(ROOT_ID, b"g", stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    fs.write(other, 0, b"fine")
+    fs.fsync(other, False)
+    fs.release(other)
+    fs.release(fh)
+    assert fs.close_all() is False

@@ -59,6 +59,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -169,6 +170,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         # The synced size an fsync(defer_state=True) left for write_pending_state(): durable data,
         # not yet in the state (which may lag behind the data, never run ahead of it).
         self.pending_synced_size: int | None = None
+        self.sync_failed: str | None = None  # why a sync of ``fd`` failed: none succeeds after it
         self._on_auth_error = on_auth_error
         self._bounding = False  # _bound_holes is writing zeros (its writes must not recurse into it)
 
@@ -218,9 +220,32 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
                 return False
             raise
         pwrite_all(self.fd, bytes([V2]), VERSION_OFFSET)
-        os.fdatasync(self.fd)  # the version byte before any block written in place on its word
+        self.sync_backing()  # the version byte before any block written in place on its word
         self.header, self.v1 = replace(self.header, version=V2), False
         return True
+
+    def check_durable(self) -> None:
+        """EIO once a sync of the file or its journal failed (or a truncate could not cut the
+        backing file): from then on what is on disk is unknown, so the content takes no more
+        changes and acknowledges nothing until the file is loaded again (the next mount; its
+        recovery starts from what the disk holds), as a volume refuses writes after a failed
+        commit."""
+        why = self.sync_failed or (self.journal.failed and f"a sync of its journal failed: {self.journal.failed}")
+        if why:
+            raise OSError(errno.EIO, f"the file cannot be made durable until it is loaded again: {why}")
+
+    def sync_backing(self, datasync: bool = True) -> None:
+        """fdatasync (or fsync) the backing file. After one failed, every later one fails (EIO),
+        as the journal's do (journal.py): Linux reports a failed writeback once, and a retry
+        would acknowledge pages that never reached the disk."""
+        self.check_durable()
+        try:
+            (os.fdatasync if datasync else os.fsync)(self.fd)
+        except OSError as e:
+            self.sync_failed = f"a sync failed: {e.strerror or e}"
+            log.error("file %s: %s: it takes no more changes until the next mount", self.header.file_id.hex(),
+                      self.sync_failed)
+            raise
 
     def count_seals(self, n: int) -> None:
         """Count ``n`` seals under the data key; the state gets the count when it lags by
@@ -243,7 +268,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         """_write_state, then fsync for the xattr (a state file is written durably: write_atomic)."""
         self._write_state(synced_size, holes)
         if self.state_file is None:
-            os.fsync(self.fd)
+            self.sync_backing(datasync=False)
 
     # -- durability ----------------------------------------------------------------------
 
@@ -258,7 +283,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         self._bound_holes()  # again if a write's own bounding failed (ENOSPC): before the state
         self.journal.sync()
         if self.dirty or not datasync:
-            (os.fdatasync if datasync else os.fsync)(self.fd)
+            self.sync_backing(datasync)
             self.dirty = False
         holes_changed = self.holes.extents() != self.state.holes
         if not self.v1 and not self.read_only and self.verified and (self.size != self.state.synced_size or holes_changed):
@@ -286,7 +311,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         if self.journal.fd is None and not self.index:
             if self.holes.extents() != self.state.holes and self.fd_writable and not (self.v1 or self.read_only):
                 # holes written into in place: durable before the state that calls them data
-                os.fdatasync(self.fd)
+                self.sync_backing()
                 self.dirty = False
                 self._write_state_durably(self.size, self.holes)
             return
@@ -306,7 +331,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
             data = span[offset - start:offset - start + length] if span is not None \
                 else self.journal.read(offset, length)
             pwrite_all(self.fd, data, sealed_offset(k, HEADER_LEN, block))
-        os.fdatasync(self.fd)
+        self.sync_backing()
         # Moving blocks into place changes no contents: the file keeps the times its writes and
         # the kernel (SETATTR, the writeback cache) gave it, which are the plaintext's (fs.py).
         keep_times(self.fd, times, "a checkpointed file")
@@ -315,10 +340,16 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
             self._write_state_durably(self.size, self.holes)  # filled holes: as in fsync()
         elif not self.v1 and (self.size != self.state.synced_size or self.seals != self.state.seals):
             self._write_state(self.size, self.holes)
-        # The blocks are in place and durable: reads take them from there even if removing the
-        # journal fails part way (its fd already closed).
+        # The blocks are in place and durable. Until the journal is gone from the namespace its
+        # records must stay indexed: a failed unlink keeps it (and reads from it, the same bytes),
+        # and a block written in place meanwhile would meet its stale record at the next load.
+        try:
+            self.journal.remove()
+        except BaseException:
+            if self.journal.fd is None:  # unlinked, its directory not synced: reads from place
+                self.index.clear()
+            raise
         self.index.clear()
-        self.journal.remove()
         self._journals.discard(self.header.file_id)
 
     def _try_checkpoint(self) -> list[str]:

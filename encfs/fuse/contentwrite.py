@@ -18,6 +18,7 @@ Of content.py's invariants, these are kept here:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -78,6 +79,7 @@ class ContentWrites(ContentFields):
         self.verified = True
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        self.check_durable()
         too_big(offset + len(data), self.block)
         if offset > self.size:
             self._extend(offset, gap_hole=True)
@@ -105,6 +107,7 @@ class ContentWrites(ContentFields):
     def write_sealed(self, offset: int, length: int, sealed: bytes | bytearray | memoryview) -> int:
         """Write ``sealed``: the whole_blocks(offset, length) sealed under this file's cipher
         (by a sealing worker, before the caller serialised this write)."""
+        self.check_durable()
         too_big(offset + length, self.block)
         if offset > self.size:
             self._extend(offset, gap_hole=True)
@@ -192,14 +195,18 @@ class ContentWrites(ContentFields):
         return list(self.holes.segments(first, stop))
 
     def _undo_journal(self, length: int, old: dict[int, tuple[int, int] | None]) -> None:
-        self.journal.cut(max(length, JOURNAL_HEAD))  # a journal this write made keeps its header
-        if self.journal.fd is not None:
-            os.fdatasync(self.journal.fd)  # what replaces the cut records must not meet a stale sync record
-        for k, v in old.items():
+        for k, v in old.items():  # first: whatever fails below, no entry points past the cut
             if v is None:
                 self.index.pop(k, None)
             else:
                 self.index[k] = v
+        self.journal.cut(max(length, JOURNAL_HEAD))  # a journal this write made keeps its header
+        try:  # what replaces the cut records must not meet a stale sync record
+            if self.journal.fd is not None:
+                os.fdatasync(self.journal.fd)
+        except OSError as e:
+            self.journal.mark_failed(e)  # as a failed sync: see journal.py
+            raise
 
     def _extend(self, new_size: int, gap_hole: bool = False) -> None:
         """Grow the file to ``new_size``: the whole blocks past the end become holes (when it may
@@ -254,16 +261,17 @@ class ContentWrites(ContentFields):
                 self.write(at, bytes(min(_ZERO_CHUNK, end - at)))
         self.journal.sync()
         if self.dirty:  # blocks the new state calls data (filled holes) are durable first
-            os.fdatasync(self.fd)
+            self.sync_backing()
             self.dirty = False
         self._write_state(self.state.synced_size, holes)
         if self.state_file is None:
-            os.fsync(self.fd)  # the xattr (a state file is written durably: write_atomic)
+            self.sync_backing(datasync=False)  # the xattr (a state file is written durably: write_atomic)
         self.holes = holes  # only now: a state that could not be made durable changes nothing
         return True
 
     def truncate(self, new_size: int) -> None:
         """Change the size to ``new_size`` > 0 (truncating to 0 drops the header: the caller's job)."""
+        self.check_durable()
         too_big(new_size, self.block)
         self.write_pending_state()  # a pending synced size past the new end would outlive the cut
         size = self.size
@@ -281,12 +289,33 @@ class ContentWrites(ContentFields):
             synced = min(self.state.synced_size, last * block if rest else new_size)
             if synced != self.state.synced_size:
                 self._write_state(synced)
-                os.fsync(self.fd)
+                self.sync_backing(datasync=False)
         if rest:  # the new last block is an overwrite of an existing block: journaled
             keep = self.read(last * block, rest)
             self.count_seals(1)
+            undo = (self.journal.length, {last: self.index.get(last)})
             self._place(last, self.cipher.seal(last, bytes(keep)), size)
-            self.journal.sync()
-        os.ftruncate(self.fd, sealed_offset(last, HEADER_LEN, block) if rest else sealed_size(new_size, HEADER_LEN, block))
+            try:
+                self.journal.sync()
+            except BaseException:
+                # The size stays the old one, so reads keep the old last block. Whether the short
+                # one reached the disk is unknown; nothing is acknowledged after (journal.py).
+                with contextlib.suppress(OSError):
+                    self._undo_journal(*undo)
+                raise
+        try:
+            os.ftruncate(self.fd, sealed_offset(last, HEADER_LEN, block) if rest
+                         else sealed_size(new_size, HEADER_LEN, block))
+        except OSError as e:
+            if rest:
+                # The journal ends the file in its short last block, durably: so does the content.
+                # The blocks past it stay in the backing file, where a checkpoint must not meet
+                # them: no sync succeeds now, and the next load cuts them (an unfinished truncate).
+                self.holes.clip(-(-new_size // block))
+                self.size, self.dirty = new_size, True
+                self.sync_failed = f"a truncate could not cut the backing file: {e.strerror}"
+                log.error("file %s: %s: it takes no more changes until the next mount",
+                          self.header.file_id.hex(), self.sync_failed)
+            raise
         self.holes.clip(-(-new_size // block))
         self.size, self.dirty = new_size, True

@@ -474,9 +474,11 @@ class EncryptedFS(FileOps, XattrOps, NamespaceOps):
             self.files.unrecovered.append(self.root)  # the next mount scans again
         return checked, self.files.unrecovered
 
-    def close_all(self) -> None:
-        """Close every open file (unmount): journals are checkpointed."""
-        self.files.close_all()
+    def close_all(self) -> bool:
+        """Close every open file (unmount): journals are checkpointed. False if a file's sync
+        had failed (OpenFiles.close_all): the mount did not end cleanly."""
+        durable = self.files.close_all()
         self.inodes.close()
         self.files.keys.clear()
         self.bd.close()
+        return durable

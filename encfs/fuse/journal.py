@@ -28,6 +28,11 @@ Invariants:
 - Bytes from ``length`` to ``size`` (the file's size) are zero; the next record goes at
   ``length``. A zero tail is never taken for records, and a zero record header with anything
   nonzero after it is torn like any other.
+- After a failed fdatasync of the journal (or of its directory) what reached the disk is
+  unknown, and Linux reports the failure once: a retry would succeed over lost pages. So
+  every later sync fails (EIO) while this Journal lives (its content stays loaded, and a
+  checkpoint, which syncs first, never copies such records into place); the next load of
+  the file recovers from what is on disk.
 - A sync record is appended after every fdatasync of the journal: records before the last
   sync record were durable, so one of them failing authentication is damage
   (JournalDamaged, never ignored); a failure after it is a write torn by a crash that was
@@ -37,6 +42,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -45,6 +51,8 @@ from encfs.blocks import BlockAuthError, BlockCipher, run_blocks
 from encfs.diskio import fsync_dir, pwritev_all
 from encfs.errors import IntegrityError
 from encfs.fuse.fileheader import FILE_ID_LEN, JOURNAL_DIR, journal_dir_entry
+
+log = logging.getLogger("encfs.fuse")
 
 _HEAD = struct.Struct(">4sB3s16s8s")
 _RECORD = struct.Struct(">4sIQII")
@@ -105,6 +113,7 @@ class Journal:
         self.size = 0  # the file's size: zeros from length on
         self.unsynced = False  # records appended since the last sync
         self.new = False  # created since the journal directory was last synced
+        self.failed: str | None = None  # why a sync failed: none succeeds after it (EIO)
 
     def open_existing(self) -> bool:
         """Open the journal if one is on disk; False if none is. A read-only CIPHERDIR's
@@ -181,13 +190,20 @@ class Journal:
         return data
 
     def sync(self) -> None:
-        """Make every record appended so far durable (and the journal's name, if new)."""
+        """Make every record appended so far durable (and the journal's name, if new). Once a
+        sync failed, every later one fails too (EIO; see the invariants)."""
+        if self.failed is not None:
+            raise OSError(errno.EIO, f"an earlier sync of the journal failed ({self.failed})")
         if self.fd is None or not (self.unsynced or self.new):
             return
-        os.fdatasync(self.fd)
-        if self.new:
-            fsync_dir(os.path.dirname(self.path))
-            self.new = False
+        try:
+            os.fdatasync(self.fd)
+            if self.new:
+                fsync_dir(os.path.dirname(self.path))
+        except OSError as e:
+            self.mark_failed(e)
+            raise
+        self.new = False
         if self.unsynced:
             # Not synced itself: if a crash loses it, the records before it are only
             # treated as unsynced (cut off if they fail, which a durable record cannot).
@@ -197,17 +213,30 @@ class Journal:
     def remove(self, durable: bool = True) -> None:
         """Delete the journal: durably after a checkpoint (its records are in place and durable:
         one that came back after a crash would be replayed over later writes). The journal of a
-        file with no name left need not be: after a crash it is an orphan the recovery removes."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        file with no name left need not be: after a crash it is an orphan the recovery removes.
+        An unlink that fails leaves the journal as it was, open (a later checkpoint tries again);
+        a directory sync that fails leaves it removed, and every later sync failing (EIO): a
+        crash may bring it back, and nothing may be acknowledged that its replay would undo."""
         try:
             os.unlink(self.path)
         except FileNotFoundError:
-            return
-        if durable:
-            fsync_dir(os.path.dirname(self.path))
+            pass
+        else:
+            if durable:
+                try:
+                    fsync_dir(os.path.dirname(self.path))
+                except OSError as e:
+                    self.mark_failed(e)
+                    self.close()
+                    raise
+        self.close()
         self.length, self.size, self.unsynced, self.new = 0, 0, False, False
+
+    def mark_failed(self, e: OSError) -> None:
+        """A sync failed: none may succeed after it (see the invariants)."""
+        self.failed = e.strerror or str(e)
+        log.error("journal %r: a sync failed (%s): its file takes no more changes until the next mount",
+                  self.path, self.failed)
 
     def close(self) -> None:
         if self.fd is not None:

@@ -199,7 +199,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
         logging.getLogger("encfs.fuse.trace").setLevel(logging.DEBUG)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.stop())
-    served = False
+    served = durable = False
     recovered = threading.Event()
     stopping = threading.Event()
     # A side file of an unfinished re-key (rekeyfile.py) is finished, or removed with its gone
@@ -222,7 +222,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
     finally:
         stopping.set()
         with server.lock.exclusive():  # a worker may still be inside an operation
-            fs.close_all()
+            durable = fs.close_all()
         fs.sealing.stop()
         if not server.unmounted:
             try:
@@ -236,7 +236,7 @@ def serve(cipherdir: Path, mountpoint: Path, home: Path | None, hsm: HsmOptions,
             ks.close()
         # After every backing file is closed; a crash recovery that did not finish leaves the
         # record "mounted", so that the next mount recovers too.
-        clean = served and recovered.is_set()
+        clean = served and recovered.is_set() and durable
         if clean:  # the record says "clean" only once what it vouches for is on disk
             syncfs(os.fsencode(cipherdir))
         lock.release(clean=clean)

@@ -256,10 +256,13 @@ class OpenFiles(ContentLoading):
         content.sealer.close()
         return True
 
-    def close_all(self) -> None:
+    def close_all(self) -> bool:
         """Close every content and handle (unmount); a journal that cannot be checkpointed
-        stays on disk for the next mount."""
+        stays on disk for the next mount. False if a content's sync had failed (check_durable):
+        what its file holds on disk is unknown, so the next mount must recover as after a crash."""
+        durable = True
         for inode, content in list(self.contents.items()):
+            durable = durable and not (content.sync_failed or content.journal.failed)
             if not self._close(content, b"<inode %d>" % inode):
                 content.release_fds()
         with self._table:
@@ -269,6 +272,7 @@ class OpenFiles(ContentLoading):
             self._per_inode.clear()
             self.deferred.clear()
         self.contents.clear()
+        return durable
 
     # -- contents ---------------------------------------------------------------------
 

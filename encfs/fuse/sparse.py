@@ -46,6 +46,7 @@ def fallocate_content(c: FileContent, mode: int, offset: int, length: int) -> No
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
     if offset < 0 or length <= 0:
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    c.check_durable()
     end = offset + length
     keep = bool(mode & FALLOC_FL_KEEP_SIZE)
     too_big(end if not keep else offset, c.block)
