@@ -671,3 +671,72 @@ def test_a_failed_truncate_leaves_the_old_file_or_the_cut_one(files: Files, monk
     crash(c)
     c, _notes = files.load()
     assert c.size in (3 * B, B + 10) and c.read(0, 3 * B) == data[:c.size]
+
+
+def test_a_journal_whose_creation_failed_twice_is_taken_by_the_next_one(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creating a journal, its header write fails and so does the unlink that undoes it: the
+    empty file left behind is taken by the next creation (not EEXIST for every overwrite)."""
+    c = files.create()
+    c.write(0, os.urandom(2 * B))
+    c.fsync(False)
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "pwritev", failing)
+    monkeypatch.setattr(os, "unlink", failing)
+    with pytest.raises(OSError):
+        c.write(0, os.urandom(B))
+    monkeypatch.undo()
+    assert files.journal().exists() and files.journal().stat().st_size == 0
+    new = os.urandom(B)
+    c.write(0, new)
+    c.fsync(False)
+    crash(c)
+    c, _notes = files.load()
+    assert c.read(0, B) == new
+
+
+def test_a_journal_of_another_file_with_the_same_id_is_not_taken(files: Files) -> None:
+    c = files.create()
+    c.write(0, os.urandom(2 * B))
+    c.fsync(False)
+    files.journal().parent.mkdir(exist_ok=True)
+    files.journal().write_bytes(b"ENCJ" + bytes(60))  # a journal: longer than a header
+    with pytest.raises(FileExistsError):
+        c.write(0, os.urandom(B))
+    assert files.journal().read_bytes() == b"ENCJ" + bytes(60)
+
+
+def test_a_failed_append_that_cannot_be_cut_back_leaves_the_file_as_it_was(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = files.create()
+    old = os.urandom(2 * B)
+    c.write(0, old)
+    c.fsync(False)
+    c.write(2 * B, old[:B])  # in place, not synced: the write past the end below goes in place too
+    old += old[:B]
+    real = contentwrite.pwrite_all
+
+    def fail_in_place(fd: int, data: bytes, offset: int) -> None:
+        real(fd, bytes(memoryview(data)[:100]), offset)  # part of it reaches the file first
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    real_ftruncate = os.ftruncate
+
+    def no_cut_back(fd: int, length: int) -> None:
+        if fd == c.fd:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        real_ftruncate(fd, length)  # the journal's undo works
+    monkeypatch.setattr(contentwrite, "pwrite_all", fail_in_place)
+    monkeypatch.setattr(os, "ftruncate", no_cut_back)
+    with pytest.raises(OSError):
+        c.write(B, os.urandom(3 * B))  # blocks 1-2 (they exist): journaled; block 3 in place
+    monkeypatch.undo()
+    assert c.size == len(old) and c.read(0, 4 * B) == old and not c.index
+    with pytest.raises(OSError) as e:
+        c.fsync(False)
+    assert e.value.errno == errno.EIO
+    crash(c)
+    c, _notes = files.load()  # what was never acknowledged past the synced size is cut
+    assert 2 * B <= c.size <= len(old) and c.read(0, 4 * B) == old[:c.size]

@@ -154,10 +154,19 @@ class ContentWrites(ContentFields):
                 self.dirty = True
                 pwrite_all(self.fd, part, sealed_offset(a, HEADER_LEN, self.block))
         except BaseException:
-            if old_len is not None and os.fstat(self.fd).st_size > old_len:
-                os.ftruncate(self.fd, old_len)
-            if undo is not None:
-                self._undo_journal(*undo)
+            try:
+                if undo is not None:
+                    self._undo_journal(*undo)
+            finally:
+                if old_len is not None and os.fstat(self.fd).st_size > old_len:
+                    try:
+                        os.ftruncate(self.fd, old_len)
+                    except OSError as e:
+                        # Blocks of the failed write stay past the size: no close may call the file
+                        # clean, so the next mount cuts them as a crash's torn append.
+                        self.sync_failed = f"a failed write could not be cut back: {e.strerror}"
+                        log.error("file %s: %s: it takes no more changes until the next mount",
+                                  self.header.file_id.hex(), self.sync_failed)
             raise
         self.holes.remove(first, first + count)  # in memory only: the state follows an fdatasync
         self.size = new_size

@@ -138,13 +138,27 @@ class Journal:
         except FileNotFoundError:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             fd = os.open(self.path, flags, 0o600)
+        except FileExistsError:
+            fd = self._take_empty_leftover()
         try:
             pwritev_all(fd, [_HEAD.pack(b"ENCJ", 1, bytes(3), self.file_id, bytes(8))], 0)
         except BaseException:
             os.close(fd)
-            os.unlink(self.path)
+            os.unlink(self.path)  # if this fails too, the next creation takes the file (above)
             raise
         self.fd, self.length, self.size, self.new = fd, HEAD_LEN, HEAD_LEN, True
+
+    def _take_empty_leftover(self) -> int:
+        """The journal's name exists while this Journal has none: a creation whose header write
+        failed and whose unlink failed too left it, shorter than a header (it holds nothing:
+        taken, cut to empty). Anything longer is a journal of another file with this id (a copy
+        of a backing file): FileExistsError, as before."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        if os.fstat(fd).st_size >= HEAD_LEN:
+            os.close(fd)
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), self.path)
+        os.ftruncate(fd, 0)
+        return fd
 
     def append(self, first: int, count: int, sealed: bytes | bytearray | memoryview) -> int:
         """Append a run; returns where its sealed bytes start. On failure (ENOSPC) the journal
