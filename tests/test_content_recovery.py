@@ -740,3 +740,37 @@ def test_a_failed_append_that_cannot_be_cut_back_leaves_the_file_as_it_was(
     crash(c)
     c, _notes = files.load()  # what was never acknowledged past the synced size is cut
     assert 2 * B <= c.size <= len(old) and c.read(0, 4 * B) == old[:c.size]
+
+
+def test_a_journal_that_cannot_be_cut_back_stops_the_file_taking_changes(
+        files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A truncate journals the short new last block and syncs it; the sync record's write fails,
+    and so does every cut that would take the record back out: the journal keeps a durable record
+    that the content no longer indexes. No later write may be journaled behind it (a replay
+    would put the short block in the middle of the file): the file refuses changes, and the next
+    load reads the journal as it is (the truncate happened)."""
+    c = files.create()
+    data = os.urandom(3 * B)
+    c.write(0, data)
+    c.fsync(False)
+    real = os.pwritev
+
+    def no_sync_record(fd: int, buffers: list, offset: int) -> int:
+        if bytes(memoryview(buffers[0])[:4]) == b"EJSY":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buffers, offset)
+
+    def failing(*args: object) -> None:
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    monkeypatch.setattr(os, "pwritev", no_sync_record)
+    monkeypatch.setattr(os, "ftruncate", failing)
+    with pytest.raises(OSError):
+        c.truncate(B + 10)
+    monkeypatch.undo()
+    assert c.size == 3 * B and c.read(0, 3 * B) == data
+    with pytest.raises(OSError) as e:
+        c.write(2 * B, os.urandom(B))
+    assert e.value.errno == errno.EIO
+    crash(c)
+    c, _notes = files.load()
+    assert c.size in (3 * B, B + 10) and c.read(0, 3 * B) == data[:c.size]

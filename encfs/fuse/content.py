@@ -230,7 +230,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         changes and acknowledges nothing until the file is loaded again (the next mount; its
         recovery starts from what the disk holds), as a volume refuses writes after a failed
         commit."""
-        why = self.sync_failed or (self.journal.failed and f"a sync of its journal failed: {self.journal.failed}")
+        why = self.sync_failed or (self.journal.failed and f"its journal: {self.journal.failed}")
         if why:
             raise OSError(errno.EIO, f"the file cannot be made durable until it is loaded again: {why}")
 

@@ -190,8 +190,7 @@ class Journal:
                 ahead = 0
                 pwritev_all(self.fd, parts, start)
         except BaseException:
-            os.ftruncate(self.fd, start)
-            self.size = start
+            self.cut(start)
             raise
         self.length = end
         self.size = max(self.size, end + ahead)
@@ -207,7 +206,7 @@ class Journal:
         """Make every record appended so far durable (and the journal's name, if new). Once a
         sync failed, every later one fails too (EIO; see the invariants)."""
         if self.failed is not None:
-            raise OSError(errno.EIO, f"an earlier sync of the journal failed ({self.failed})")
+            raise OSError(errno.EIO, f"the file cannot be made durable until it is loaded again: {self.failed}")
         if self.fd is None or not (self.unsynced or self.new):
             return
         try:
@@ -246,11 +245,11 @@ class Journal:
         self.close()
         self.length, self.size, self.unsynced, self.new = 0, 0, False, False
 
-    def mark_failed(self, e: OSError) -> None:
-        """A sync failed: none may succeed after it (see the invariants)."""
-        self.failed = e.strerror or str(e)
-        log.error("journal %r: a sync failed (%s): its file takes no more changes until the next mount",
-                  self.path, self.failed)
+    def mark_failed(self, e: OSError, what: str = "a sync") -> None:
+        """A sync failed, or a cut that puts the journal back: none may succeed after it (see
+        the invariants)."""
+        self.failed = f"{what} failed: {e.strerror or e}"
+        log.error("journal %r: %s: its file takes no more changes until the next mount", self.path, self.failed)
 
     def close(self) -> None:
         if self.fd is not None:
@@ -258,9 +257,16 @@ class Journal:
             self.fd = None
 
     def cut(self, length: int) -> None:
-        """Drop everything from ``length`` on (a torn tail that scan() ignored), before appending."""
+        """Drop everything from ``length`` on (a torn tail that scan() ignored, a failed append,
+        a failed write's records), before appending. If the cut fails, what follows ``length``
+        is unknown, maybe records durable already that the content no longer indexes: counted
+        as a failed sync (no more changes; the next load reads the journal as it is)."""
         assert self.fd is not None
-        os.ftruncate(self.fd, length)
+        try:
+            os.ftruncate(self.fd, length)
+        except OSError as e:
+            self.mark_failed(e, "a cut of the journal")
+            raise
         self.length = self.size = length
 
     def scan(self, cipher: BlockCipher) -> tuple[list[Run], int, list[str]]:
