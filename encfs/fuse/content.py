@@ -59,7 +59,6 @@ Invariants:
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -85,7 +84,7 @@ from encfs.fuse.fileheader import (
     write_state,
 )
 from encfs.fuse.holes import Holes
-from encfs.fuse.journal import Journal
+from encfs.fuse.journal import Journal, not_durable
 from encfs.sealing import Sealer
 
 log = logging.getLogger("encfs.fuse")
@@ -224,15 +223,24 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         self.header, self.v1 = replace(self.header, version=V2), False
         return True
 
-    def check_durable(self) -> None:
-        """EIO once a sync of the file or its journal failed (or a truncate could not cut the
-        backing file): from then on what is on disk is unknown, so the content takes no more
-        changes and acknowledges nothing until the file is loaded again (the next mount; its
+    def refusing(self) -> str | None:
+        """Why the content takes no more changes (None: it takes them): a sync of the file or its
+        journal failed, or a cut that puts either back did. From then on what is on disk is
+        unknown, so it acknowledges nothing until the file is loaded again (the next mount; its
         recovery starts from what the disk holds), as a volume refuses writes after a failed
         commit."""
-        why = self.sync_failed or (self.journal.failed and f"its journal: {self.journal.failed}")
+        return self.sync_failed or (self.journal.failed and f"its journal: {self.journal.failed}")
+
+    def check_durable(self) -> None:
+        """EIO if the content is refusing changes (refusing())."""
+        why = self.refusing()
         if why:
-            raise OSError(errno.EIO, f"the file cannot be made durable until it is loaded again: {why}")
+            raise not_durable(why)
+
+    def stop_changes(self, why: str) -> None:
+        """Refuse every change from now on (refusing()), logged once."""
+        self.sync_failed = why
+        log.error("file %s: %s: it takes no more changes until the next mount", self.header.file_id.hex(), why)
 
     def sync_backing(self, datasync: bool = True) -> None:
         """fdatasync (or fsync) the backing file. After one failed, every later one fails (EIO),
@@ -242,9 +250,7 @@ class FileContent(ContentRecovery, ContentReads, ContentWrites):
         try:
             (os.fdatasync if datasync else os.fsync)(self.fd)
         except OSError as e:
-            self.sync_failed = f"a sync failed: {e.strerror or e}"
-            log.error("file %s: %s: it takes no more changes until the next mount", self.header.file_id.hex(),
-                      self.sync_failed)
+            self.stop_changes(f"a sync failed: {e.strerror or e}")
             raise
 
     def count_seals(self, n: int) -> None:

@@ -28,7 +28,6 @@ from encfs.diskio import pwrite_all
 from encfs.fuse.contentfields import ContentFields
 from encfs.fuse.fileheader import HEADER_LEN
 from encfs.fuse.holes import HOLES_MAX, Holes
-from encfs.fuse.journal import HEAD_LEN as JOURNAL_HEAD
 
 log = logging.getLogger("encfs.fuse")
 _ZERO_CHUNK = 1 << 20  # fill gaps 1 MiB at a time (at least one block)
@@ -164,9 +163,7 @@ class ContentWrites(ContentFields):
                     except OSError as e:
                         # Blocks of the failed write stay past the size: no close may call the file
                         # clean, so the next mount cuts them as a crash's torn append.
-                        self.sync_failed = f"a failed write could not be cut back: {e.strerror}"
-                        log.error("file %s: %s: it takes no more changes until the next mount",
-                                  self.header.file_id.hex(), self.sync_failed)
+                        self.stop_changes(f"a failed write could not be cut back: {e.strerror}")
             raise
         self.holes.remove(first, first + count)  # in memory only: the state follows an fdatasync
         self.size = new_size
@@ -209,13 +206,7 @@ class ContentWrites(ContentFields):
                 self.index.pop(k, None)
             else:
                 self.index[k] = v
-        self.journal.cut(max(length, JOURNAL_HEAD))  # a journal this write made keeps its header
-        try:  # what replaces the cut records must not meet a stale sync record
-            if self.journal.fd is not None:
-                os.fdatasync(self.journal.fd)
-        except OSError as e:
-            self.journal.mark_failed(e)  # as a failed sync: see journal.py
-            raise
+        self.journal.cut(length, sync=True)
 
     def _extend(self, new_size: int, gap_hole: bool = False) -> None:
         """Grow the file to ``new_size``: the whole blocks past the end become holes (when it may
@@ -322,9 +313,7 @@ class ContentWrites(ContentFields):
                 # them: no sync succeeds now, and the next load cuts them (an unfinished truncate).
                 self.holes.clip(-(-new_size // block))
                 self.size, self.dirty = new_size, True
-                self.sync_failed = f"a truncate could not cut the backing file: {e.strerror}"
-                log.error("file %s: %s: it takes no more changes until the next mount",
-                          self.header.file_id.hex(), self.sync_failed)
+                self.stop_changes(f"a truncate could not cut the backing file: {e.strerror}")
             raise
         self.holes.clip(-(-new_size // block))
         self.size, self.dirty = new_size, True

@@ -67,6 +67,12 @@ PAGE = 4096
 AHEAD_MAX = 1 << 20
 
 
+def not_durable(why: str) -> OSError:
+    """The EIO a file refuses changes with once a sync of it or its journal failed (see the
+    invariants; FileContent.check_durable)."""
+    return OSError(errno.EIO, f"the file cannot be made durable until it is loaded again: {why}")
+
+
 class JournalDamaged(IntegrityError):
     """A journal record that was durable does not authenticate (or cannot be parsed)."""
 
@@ -206,7 +212,7 @@ class Journal:
         """Make every record appended so far durable (and the journal's name, if new). Once a
         sync failed, every later one fails too (EIO; see the invariants)."""
         if self.failed is not None:
-            raise OSError(errno.EIO, f"the file cannot be made durable until it is loaded again: {self.failed}")
+            raise not_durable(self.failed)
         if self.fd is None or not (self.unsynced or self.new):
             return
         try:
@@ -256,18 +262,27 @@ class Journal:
             os.close(self.fd)
             self.fd = None
 
-    def cut(self, length: int) -> None:
+    def cut(self, length: int, sync: bool = False) -> None:
         """Drop everything from ``length`` on (a torn tail that scan() ignored, a failed append,
-        a failed write's records), before appending. If the cut fails, what follows ``length``
-        is unknown, maybe records durable already that the content no longer indexes: counted
-        as a failed sync (no more changes; the next load reads the journal as it is)."""
+        a failed write's records), never the header, before appending; with ``sync``, durably
+        (what replaces the cut records must not meet a stale sync record). If the cut or its
+        sync fails, what follows ``length`` is unknown, maybe records durable already that the
+        content no longer indexes: counted as a failed sync (no more changes; the next load
+        reads the journal as it is)."""
         assert self.fd is not None
+        length = max(length, HEAD_LEN)  # a journal a failed write made keeps its header
         try:
             os.ftruncate(self.fd, length)
         except OSError as e:
             self.mark_failed(e, "a cut of the journal")
             raise
         self.length = self.size = length
+        if sync:
+            try:
+                os.fdatasync(self.fd)
+            except OSError as e:
+                self.mark_failed(e)
+                raise
 
     def scan(self, cipher: BlockCipher) -> tuple[list[Run], int, list[str]]:
         """The journal's valid runs in order (each block checked), where its valid part ends

@@ -258,11 +258,11 @@ class OpenFiles(ContentLoading):
 
     def close_all(self) -> bool:
         """Close every content and handle (unmount); a journal that cannot be checkpointed
-        stays on disk for the next mount. False if a content's sync had failed (check_durable):
+        stays on disk for the next mount. False if a content refused changes (a sync failed):
         what its file holds on disk is unknown, so the next mount must recover as after a crash."""
         durable = True
         for inode, content in list(self.contents.items()):
-            durable = durable and not (content.sync_failed or content.journal.failed)
+            durable = durable and not content.refusing()
             if not self._close(content, b"<inode %d>" % inode):
                 content.release_fds()
         with self._table:
