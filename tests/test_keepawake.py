@@ -53,9 +53,16 @@ def test_the_helper_runs_isolated_at_the_lowest_priority(helper: KeepAwake) -> N
     # once it closed the pipe it said it was ready on
 
     def fds() -> list[str]:
-        return sorted(os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd"))
+        # while it starts it opens and closes files (its modules): one listed may be gone by readlink
+        names = []
+        for n in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                names.append(os.readlink(f"/proc/{pid}/fd/{n}"))
+            except FileNotFoundError:
+                names.append("closed meanwhile")
+        return sorted(names)
 
-    _until(lambda: sum(f.startswith("pipe:") for f in fds()) == 1)
+    _until(lambda: sum(f.startswith("pipe:") for f in fds()) == 1 and "closed meanwhile" not in fds())
     pipes = [f for f in fds() if f.startswith("pipe:")]
     assert fds() == sorted(["/dev/null"] * 3 + ["anon_inode:[eventfd]", "/memfd:encfs-keep-awake (deleted)", *pipes])
 
