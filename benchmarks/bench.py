@@ -84,7 +84,7 @@ from bench_report import (
     write_results,
 )
 from bench_rows import key_service, keyd_rows, rekey_rows, snapshot_rows
-from bench_targets import ALL_TARGETS, EncfsBaseline, EncfsUringBaseline, Gocryptfs, encfs_env
+from bench_targets import ALL_TARGETS, EncfsBaseline, EncfsUringBaseline, EncfsVolumeBaseline, Gocryptfs, encfs_env
 from bench_util import ENCFS_PY, Unavailable, log, run
 from bench_workloads import WORKLOADS, make_tree_tar
 
@@ -196,12 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     if scale.name == "full" and repeats < 3:
         ap.error("a full run needs at least 3 repetitions")
     wanted = [t for t in ALL_TARGETS if t.name in args.targets.split(",")] if args.targets else \
-        [t for t in ALL_TARGETS if t not in (EncfsBaseline, EncfsUringBaseline) or args.baseline]
+        [t for t in ALL_TARGETS if t not in (EncfsBaseline, EncfsUringBaseline, EncfsVolumeBaseline) or args.baseline]
     unknown = set(args.targets.split(",")) - {t.name for t in ALL_TARGETS} if args.targets else set()
     if unknown:
         ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
-    if args.baseline and EncfsBaseline not in wanted and EncfsUringBaseline not in wanted:
-        ap.error("--baseline is measured as the target encfs-baseline (or encfs-uring-baseline): add it to --targets")
+    if args.baseline and not {EncfsBaseline, EncfsUringBaseline, EncfsVolumeBaseline} & set(wanted):
+        ap.error("--baseline is measured as the target encfs-baseline (or encfs-uring-baseline, "
+                 "encfs-volume-baseline): add it to --targets")
 
     workloads = [w for w in WORKLOADS if not args.workloads or w.__name__[2:] in args.workloads.split(",")]
     unknown = set(args.workloads.split(",")) - {w.__name__[2:] for w in WORKLOADS} if args.workloads else set()

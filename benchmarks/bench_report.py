@@ -56,6 +56,7 @@ RATIOS: list[tuple[str, str, str | tuple[str, ...]]] = [  # (label, numerator, d
     ("encfs 32 KiB blocks / encfs", "encfs-32k", "encfs"),
     ("encfs 32 KiB blocks / its null cipher", "encfs-32k", "encfs-null-32k"),
     ("encfs volume / null-cipher volume", "encfs-volume", "encfs-volume-null"),
+    ("encfs volume / its baseline checkout", "encfs-volume", "encfs-volume-baseline"),
     ("volume format 2 / format 1", "encfs-volume", "encfs-volume-v1"),
     ("format-1 volume / its null cipher", "encfs-volume-v1", "encfs-volume-null-v1"),
     ("encfs volume / plain loop", "encfs-volume", "loop-plain"),

@@ -288,6 +288,12 @@ class EncfsVolume(Target):
                    "loop device)")
     create_extra: list[str] = []
 
+    def env(self) -> dict[str, str]:
+        return encfs_env(self.ctx)
+
+    def cwd(self) -> Path | None:
+        return None
+
     def setup(self) -> Path:
         _image, dev = self.attach(self.ctx.scale.volume_mib)
         assert self.base is not None
@@ -296,19 +302,20 @@ class EncfsVolume(Target):
     def attach(self, mib: int) -> tuple[Path, str]:
         """A fresh volume of ``mib`` MiB, attached: (image, loop device)."""
         base = self.fresh()
-        env = encfs_env(self.ctx)
+        env, cwd = self.env(), self.cwd()
         self.image = base / "vol.img"
         run([*ENCFS_PY, "-m", "encfs", "volume", "create", str(self.image), "--size",
-             f"{mib}M", "--key", "bench", *self.create_extra], env=env)
+             f"{mib}M", "--key", "bench", *self.create_extra], env=env, cwd=cwd)
         self.attached = True
-        dev = run([*ENCFS_PY, "-m", "encfs", "volume", "attach", str(self.image)], env=env).stdout.decode().strip()
+        dev = run([*ENCFS_PY, "-m", "encfs", "volume", "attach", str(self.image)], env=env,
+                  cwd=cwd).stdout.decode().strip()
         return self.image, dev
 
     def _teardown_extra(self) -> None:
         if getattr(self, "attached", False):
             self.attached = False
             proc = run([*ENCFS_PY, "-m", "encfs", "volume", "detach", str(self.image)],
-                       env=encfs_env(self.ctx), check=False, timeout=120)
+                       env=self.env(), cwd=self.cwd(), check=False, timeout=120)
             if proc.returncode != 0 and b"is not an attached" not in proc.stderr:  # detached already
                 raise RuntimeError(f"encfs volume detach: {proc.stderr.decode(errors='replace').strip()}")
 
@@ -317,6 +324,19 @@ class EncfsVolumeV1(EncfsVolume):
     name = "encfs-volume-v1"
     description = "ext4 on an encfs volume of format 1 (`encfs volume create --format 1`: two-slot sectors)"
     create_extra = ["--format", "1"]
+
+
+class EncfsVolumeBaseline(EncfsVolume):
+    """The volume as the --baseline checkout serves it (see EncfsBaseline)."""
+    name = "encfs-volume-baseline"
+    description = "ext4 on an encfs volume of format 2 served by the checkout given with --baseline"
+
+    def check(self) -> None:
+        if self.ctx.baseline is None:
+            raise Unavailable("no --baseline DIR given")
+
+    env = EncfsBaseline.env
+    cwd = EncfsBaseline.cwd
 
 
 class EncfsVolumeNull(Target):
@@ -483,6 +503,6 @@ class Fscrypt(Target):
         return data
 
 
-ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsAwake, EncfsUring, EncfsBaseline, EncfsUringBaseline, EncfsFuse32k, EncfsNull32k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeV1, EncfsVolumeNull,
+ALL_TARGETS = [Native, EncfsNull, EncfsFuse, EncfsAwake, EncfsUring, EncfsBaseline, EncfsUringBaseline, EncfsFuse32k, EncfsNull32k, EncfsPyfuse3Null, EncfsPyfuse3, EncfsVolume, EncfsVolumeBaseline, EncfsVolumeV1, EncfsVolumeNull,
                EncfsVolumeNullV1, LoopPlain, Gocryptfs, Securefs, Cryfs, LuksNbdkit, Fscrypt]
 

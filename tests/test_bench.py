@@ -342,6 +342,18 @@ def test_the_harness_measures_its_own_checkout_wherever_it_runs(tmp_path: Path) 
 
 @needs_root
 @pytest.mark.timeout(180)
+def test_baseline_checkout_is_measured_as_a_volume_too(tmp_path: Path) -> None:
+    """encfs-volume-baseline: a volume made, attached and served by the --baseline checkout."""
+    result, imported = _run_beside_a_baseline(tmp_path, "encfs-volume,encfs-volume-baseline")
+    assert result["targets"]["encfs-volume-baseline"]["status"] == "ok", result["targets"]
+    assert result["ratios"]["encfs volume / its baseline checkout"]["small_create"] > 0
+    assert any(" volume " in line and " create " in line for line in imported), imported
+    assert any(" volume " in line and " attach " in line for line in imported), imported
+    assert any(" volume " in line and " detach " in line for line in imported), imported
+
+
+@needs_root
+@pytest.mark.timeout(180)
 def test_baseline_checkout_is_measured_over_io_uring_too(tmp_path: Path, uring_enabled: None) -> None:
     """encfs-uring-baseline: the --baseline checkout mounted with --io-uring, beside encfs-uring."""
     result, imported = _run_beside_a_baseline(tmp_path, "encfs-uring,encfs-uring-baseline")
