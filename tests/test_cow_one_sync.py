@@ -170,11 +170,11 @@ def test_an_image_cut_before_the_pool_of_an_unsynced_commit_gives_way(tmp_path: 
     s.write_sectors(0, sector(1))
     s.flush()
     s.sync_mirrors()
-    size = os.fstat(img.fd).st_size
+    size = page_offset(s.pages + 1)  # the pool's end (zeros written ahead lie past it)
     slot_bytes = {k: os.pread(img.fd, SEALED_BLOCK, commit_offset(k)) for k in (0, 1)}
     s.write_sectors(1, sector(2) * 8)  # the pool grows
     s.flush()
-    other = s._slot  # the mirror's slot: put the previous record back, and the old size
+    other = s._slot  # the mirror's slot: put the previous record back, and the pool's old end
     os.pwrite(img.fd, slot_bytes[other], commit_offset(other))
     os.ftruncate(img.fd, size)
     s = img.reopen()

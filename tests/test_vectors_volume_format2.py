@@ -259,6 +259,9 @@ def _v2_image(path: str, monkeypatch: pytest.MonkeyPatch, one_sync: bool = False
         made = store.snapshot(snap["id"], snap["description"], snap["created"])
         assert asdict(made) == snap
         assert budget.used - 1 == int(image["last_counter"])
+        end = page_offset(store.pages + 1)
+        assert os.path.getsize(path) > end and not any(os.pread(fd, 1 << 20, end))  # zeros ahead (§7.6.1)
+        store.cut_zeros_ahead()  # as a clean close does: at rest the image ends with its pool
         with open(path, "rb") as f:
             return f.read()
     finally:

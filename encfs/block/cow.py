@@ -34,6 +34,9 @@ pools, qcow2 and ZFS). Invariants:
   it: one does exactly when the page was born in a transaction at or before
   the newest snapshot's (ZFS's birth-time rule; snapshots are taken of
   committed states only). Snapshot-table pages are never held.
+- While open for writing, the image may run on past the pool with zeros no commit reaches
+  (cowcommit.py, written ahead so that a commit's fdatasync does not also commit the image's
+  growth); the open for writing and a clean close cut them off.
 - Freed pages are reused before the pool grows, those that still hold their
   bytes before punched ones (pages.py). At most PagePool.allowance() freed
   pages (1/32 of the pages in use, capped by ``pending_limit``) wait for a
@@ -59,7 +62,7 @@ from collections.abc import Iterator
 
 from encfs.block.budget import SealBudget
 from encfs.block.commitcheck import choose_commit, drop_cached
-from encfs.block.cowcommit import StoreFailed
+from encfs.block.cowcommit import _ZEROS_CHUNK, StoreFailed
 from encfs.block.cowsnap import CowSnapshots
 from encfs.block.layout import (
     COMMIT_START,
@@ -67,6 +70,7 @@ from encfs.block.layout import (
     POOL_START,
     SECTOR_SIZE,
     commit_offset,
+    cow_image_bound,
     node_block_number,
     page_offset,
 )
@@ -138,6 +142,7 @@ class CowStore(CowSnapshots, SectorIO):
         self._mirror: Commit | None = None  # the newest commit, until its mirror is synced
         self._mirror_written = False
         self._failed = False
+        self._zeros_from: int | None = None  # where the zeros this open wrote past the pool began (cowcommit.py)
         self.pool = PagePool(fd)
         self.pool.slack = self.pending_limit
         self._loaded: Commit | None = None  # the newest commit, as load() found it
@@ -165,6 +170,13 @@ class CowStore(CowSnapshots, SectorIO):
 
     def _write_commit(self, slot: int, commit: Commit) -> None:
         pwrite_all(self.fd, self._seal_page(self._commits, slot, commit.pack()), commit_offset(slot))
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        pwrite_all(self.fd, memoryview(_ZEROS_CHUNK)[:length], offset)
+
+    def image_bound(self) -> int:
+        """The most bytes the image allocates without snapshots (layout.cow_image_bound)."""
+        return cow_image_bound(self.sectors, self.pending_limit)
 
     def _read_commit(self, slot: int) -> Commit | None:
         sealed = os.pread(self.fd, SEALED_BLOCK, commit_offset(slot))

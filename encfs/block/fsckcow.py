@@ -60,6 +60,19 @@ class _Cow(CowStore):
         read_tree_into(self.fd, self.sealer.cipher, tree, first, count, out, self._sealed)
 
 
+def zeros_only(fd: int, start: int, end: int) -> bool:
+    """Whether bytes [start, end) of the image are all zeros: what a commit writes ahead of the
+    pool (cowcommit.py), which an image attached when its daemon was killed still holds."""
+    while start < end:
+        chunk = os.pread(fd, min(end - start, 1 << 20), start)
+        if not chunk:
+            return True
+        if chunk.count(0) != len(chunk):
+            return False
+        start += len(chunk)
+    return True
+
+
 def check_cow(fd: int, path: Path, header: VolumeHeader, key: bytes, report: Report, data: bool) -> None:
     store = _Cow(fd, key, header.volume_id, header.sectors, SealBudget(header.seals_reserved, _no_seals, str(path),
                                                                        counter=True))
@@ -70,7 +83,7 @@ def check_cow(fd: int, path: Path, header: VolumeHeader, key: bytes, report: Rep
     if size < end:
         report.add(Finding("truncated", f"the image ends before its last page ({commit.pages}): the sectors in "
                                         "the pages cut off read as I/O errors"))
-    elif size > end:
+    elif size > end and not zeros_only(fd, end, size):
         n = -(-(size - end) // SEALED_BLOCK)
         report.add(Finding("tail-pages", f"{n} page{'s' if n > 1 else ''} past the last commit (written after "
                                          "it, reached by no commit): --repair cuts them off", WARNING,

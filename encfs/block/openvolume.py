@@ -144,6 +144,11 @@ class OpenVolume(StoreFile):
             self.store.sync_mirrors()  # at rest, both map slots hold the newest map
         except OSError as e:
             log.warning("%s: sector map mirrors not synced: %s", self.path, e.strerror)
+        else:
+            try:
+                self.store.cut_zeros_ahead()
+            except OSError as e:
+                log.warning("%s: zeros past the pool not cut off: %s", self.path, e.strerror)
         try:
             self.budget.settle()  # a clean close gives the unused reservation back
         except OSError as e:

@@ -89,7 +89,11 @@ class PagePool:
         """How many pages may hold their bytes while free, and how many freed pages may wait for
         a commit: 1/32 of the pages in use (at least SLACK_MIN), at most ``slack``. Relative to
         the data, not to the volume's size, so that a half-full volume keeps the same bound."""
-        return min(self.slack, max(SLACK_MIN, (len(self.state) - 1 - self.free) // SLACK_SHARE))
+        return min(self.slack, max(SLACK_MIN, self.used_pages() // SLACK_SHARE))
+
+    def used_pages(self) -> int:
+        """Pages of the pool that are not free."""
+        return len(self.state) - 1 - self.free
 
     def rebuild(self, pages: int, txg: int, latest_snapshot: int, held: Iterable[int], live: Iterable[int],
                 never_held: Iterable[int], punch: bool) -> None:

@@ -41,6 +41,9 @@ class SectorIO:
         if self._sealing is not None:
             self._sealing.stop()
 
+    def cut_zeros_ahead(self) -> None:
+        """At a clean close, cut what the store wrote past its image's end (format 2: cow.py)."""
+
     @property
     def seal_worker(self) -> SealWorker | None:
         return self.sealer.worker
