@@ -202,23 +202,32 @@ KILLED_MID_COPY = """
 import os, signal, sys
 from encfs.cli import main
 from encfs.fuse.fs import EncryptedFS
-writes = []
-real = EncryptedFS.write
+writes, renames = [], []
+real, real_rename = EncryptedFS.write, EncryptedFS.rename
 def write(self, fh, off, buf, *args, **kwargs):
     writes.append(1)
-    if (len(writes) == 2) if sys.argv[2] == "copy" else bytes(buf).startswith(b"encfs fsck --repair"):
+    if sys.argv[2] == "copy" and len(writes) == 2 or sys.argv[2] == "report" and bytes(buf).startswith(b"encfs fsck"):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, fh, off, buf, *args, **kwargs)
-EncryptedFS.write = write
+def rename(self, *args, **kwargs):
+    renames.append(1)
+    if sys.argv[2] == "renamed-report" and len(renames) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    done = real_rename(self, *args, **kwargs)
+    if sys.argv[2] == "renamed-copy" and len(renames) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return done
+EncryptedFS.write, EncryptedFS.rename = write, rename
 sys.exit(main(["fsck", "--repair", sys.argv[1]]))
 """
 
 
-@pytest.mark.parametrize("at", ["copy", "report"])
+@pytest.mark.parametrize("at", ["copy", "report", "renamed-report", "renamed-copy"])
 def test_a_repair_killed_mid_copy_leaves_no_half_copy_in_lost_found(built: Built, tmp_path: Path, at: str) -> None:
     """The copy and its report are written under temporary names and renamed once both are durable:
     a repair killed while it writes leaves nothing in lost+found that looks recovered, and the next
-    repair drops the partial files and makes the one copy."""
+    repair drops the partial files and makes the one copy. Killed after it renamed the report (and
+    the copy), the next repair finds that report by the file id it ends with: one copy, one report."""
     cipher, plain = built.copy(tmp_path)
     flip(cipher / built.backing["big"], HEADER_LEN + 3 * STEP + 100)
     env = dict(os.environ, ENCFS_HOME=str(built.home))
@@ -226,8 +235,9 @@ def test_a_repair_killed_mid_copy_leaves_no_half_copy_in_lost_found(built: Built
     p = subprocess.run([sys.executable, "-c", KILLED_MID_COPY, str(cipher), at], env=env, capture_output=True,
                        timeout=120, check=False)
     assert p.returncode == -signal.SIGKILL, p.stderr.decode()
+    left = {"copy": [], "report": [], "renamed-report": ["big.fsck"], "renamed-copy": ["big", "big.fsck"]}[at]
     with Mount(cipher, plain, built.home, "--read-only"):
-        assert [n for n in os.listdir(plain / "lost+found") if not n.endswith(".fsck-partial")] == []
+        assert sorted(n for n in os.listdir(plain / "lost+found") if not n.endswith(".fsck-partial")) == left
     code, report = fsck(cipher, built.home, "--repair")
     assert code == 1, report["Damage"]
     assert fsck(cipher, built.home)[1]["Damage"] == []

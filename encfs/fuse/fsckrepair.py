@@ -14,7 +14,9 @@ filesystem core's own writers (open_config, DirIds, EncryptedFS), under the moun
   the report are written as ``<name>.fsck-partial`` and ``<name>.fsck.fsck-partial`` and renamed
   once both are fsync'd (the report first): a repair killed (or failing, a full disk) mid-copy
   leaves no file under a name of lost+found that looks recovered; the next fsck drops the partial
-  files. A file whose name
+  files. The report ends with the file's id: a repair killed after renaming it finds it again, and
+  makes the copy under its name (killed before the copy's rename) or only removes the file (killed
+  after it), so one copy and one report stay. A file whose name
   does not decrypt (its contents do not depend on its name) is renamed, as its backing file, to
   ``lost+found/#<inode>``.
 
@@ -160,10 +162,18 @@ def rescue(r: Repairer, check: FileCheck) -> None:
     ctx = _ctx(check.st)
     lost = r.lost_found(ctx)
     base = os.fsencode(check.links[0].plain.rsplit("/", 1)[-1])
-    name = r.free_name(lost, b"#%d" % check.st.st_ino if check.name_damaged else base, ctx)
+    want = b"#%d" % check.st.st_ino if check.name_damaged else base
     fd = r.walk.fs.bd.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         header = FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
+        mark = b"file id: %s\n" % header.file_id.hex().encode()
+        name = _reported(r, lost, mark, ctx)  # a killed repair's, whose copy may be there too
+        if name is not None and _exists(r, lost, name, ctx):
+            _remove_rescued(r, check, header)  # killed before it removed the file: finish that
+            return
+        report_there = name is not None
+        if name is None:
+            name = r.free_name(lost, want, ctx)
         assert r.walk.opened is not None
         config = r.walk.opened.config
         key = r.walk.fs.files.keys.key(header)
@@ -192,21 +202,56 @@ def rescue(r: Repairer, check: FileCheck) -> None:
         _copy_xattrs(r, path, inode, ctx)
     finally:
         os.close(fd)
-    ranges = "\n".join(f"  block {b}: bytes {b * c.block}-{min(c.size, (b + 1) * c.block) - 1} are zeros "
-                       "(they failed authentication)" for b in bad)
-    names = "\n".join(f"  {link.plain}" for link in check.links)
-    text = (f"encfs fsck --repair moved this file here: the blocks below could not be read.\n"
-            f"was:\n{names}\nsize: {c.size} bytes\ndamaged:\n{ranges}\n").encode()
-    _write_new(r, lost, report, 0o600, ctx, lambda write: write(0, text))
-    r.fs.rename(lost, report, lost, name + b".fsck", 0, ctx)
+    if not report_there:
+        ranges = "\n".join(f"  block {b}: bytes {b * c.block}-{min(c.size, (b + 1) * c.block) - 1} are zeros "
+                           "(they failed authentication)" for b in bad)
+        names = "\n".join(f"  {link.plain}" for link in check.links)
+        text = (f"encfs fsck --repair moved this file here: the blocks below could not be read.\n"
+                f"was:\n{names}\nsize: {c.size} bytes\ndamaged:\n{ranges}\n").encode() + mark
+        _write_new(r, lost, report, 0o600, ctx, lambda write: write(0, text))
+        r.fs.rename(lost, report, lost, name + b".fsck", 0, ctx)
     r.fs.rename(lost, partial, lost, name, 0, ctx)
     r.fs.bd.fsync_dir(r.fs._path(lost))  # the copy has its name before the file is removed
+    _remove_rescued(r, check, header)
+
+
+def _remove_rescued(r: Repairer, check: FileCheck, header: FileHeader) -> None:
+    """Remove a damaged file whose copy is in lost+found: every backing name, its journal, its state."""
     for link in check.links:
         _remove_backing(r.walk.fs.bd, link.path)
     for p in (journal_path(r.root, header.file_id), state_file(r.root, header.file_id)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
     check.rescued = True
+
+
+def _exists(r: Repairer, parent: int, name: bytes, ctx: RequestContext) -> bool:
+    try:
+        r.fs.lookup(parent, name, ctx)
+    except FuseError:
+        return False
+    return True
+
+
+def _reported(r: Repairer, lost: int, mark: bytes, ctx: RequestContext) -> bytes | None:
+    """The name in lost+found whose report (``name.fsck``) ends with ``mark`` (the damaged file's
+    id): a repair killed after it renamed the report wrote it, under whichever of the file's names
+    (hard links) it took then."""
+    fh = r.fs.opendir(lost, ctx)
+    try:
+        reports = [(name, attrs) for name, attrs, _next in r.fs.readdir(fh, 0, False) if name.endswith(b".fsck")]
+    finally:
+        r.fs.releasedir(fh)
+    for name, attrs in reports:
+        fh = r.fs.open(attrs.st_ino, os.O_RDONLY, ctx)
+        try:
+            opened = r.fs.reader(fh)
+            text = b"" if opened is None else bytes(r.fs.read_open(opened, 0, attrs.st_size))
+        finally:
+            r.fs.release(fh)
+        if text.endswith(mark):
+            return name[:-len(b".fsck")]
+    return None
 
 
 def rescue_named(r: Repairer, path: bytes, st: os.stat_result) -> None:
