@@ -470,3 +470,24 @@ def test_filesystems_of_earlier_releases_are_clean(v1: dict[str, Path], v2: dict
         code, report = fsck(cipher, home)
         assert (code, report["Damage"]) == (0, []), (cipher, report["Damage"])
         assert report["Counts"]["Files"] == files
+
+
+@pytest.mark.parametrize("lost", ["file", "xattr"])
+def test_a_lost_legacy_directory_id_copy_is_reported_and_repaired(v2: dict[str, Path], lost: str) -> None:  # noqa: F811
+    """A filesystem whose directory ids are not bound yet keeps them plain in both copies: losing
+    one is reported (the other still reads) and --repair writes it again. A lost second copy is a
+    warning: a directory made under format 1 had the file copy alone."""
+    home, cipher = v2["home"], v2["cipher"]
+    a = next(p for p in cipher.iterdir() if p.is_dir() and not p.name.startswith("encfs."))
+    if lost == "file":
+        os.chmod(a, 0o755)
+        (a / "encfs.dirid").unlink()
+    else:
+        os.removexattr(a, DIRID_XATTR)
+    code, report = fsck(cipher, home)
+    assert code == (4 if lost == "file" else 0) and kinds(report) == ["dirid-copy"], report["Damage"]
+    assert report["Damage"][0]["Severity"] == ("error" if lost == "file" else "warning")
+    assert report["Damage"][0]["Repairable"] and "/a" in report["Damage"][0]["Message"]
+    assert fsck(cipher, home, "--repair")[0] == 1
+    code, report = fsck(cipher, home)
+    assert (code, report["Damage"]) == (0, []), report["Damage"]

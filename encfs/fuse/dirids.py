@@ -80,6 +80,10 @@ class DirIds:
         except (FileNotFoundError, NotADirectoryError):
             return b""
 
+    def copies(self, path: bytes) -> list[tuple[str, bytes]]:
+        """(copy, stored bytes) of each place the id of ``path`` is kept (b"": none there)."""
+        return self._copies(path)
+
     def _copies(self, path: bytes) -> list[tuple[str, bytes]]:
         try:
             xattr = self.bd.getxattr(path, DIRID_XATTR)

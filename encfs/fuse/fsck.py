@@ -113,6 +113,7 @@ class Walk:
                               recovering=self.recovering, recovery_root=self.opened.root)
         self.names: NameCipher = self.fs.names
         self.bound_dirids = "bound-dirids" in config.features
+        self.second_dirid_copy = config.format >= 2  # format 1 kept the file copy alone
         self.journals = file_ids(self.root)
         self.rekeys = file_ids(self.root, rekeyfile.SUFFIX)
         self.states = file_ids(self.root, STATE_SUFFIX)
@@ -233,17 +234,31 @@ class Walk:
 
     def _dirid(self, path: bytes, where: str, parent_dirid: bytes, entry: bytes) -> bytes | None:
         """The id of the directory ``path``; a finding for each copy that does not authenticate."""
+        rel = _rel(self.root, path)
         if not self.bound_dirids:
             try:
-                return self.fs.dirids.read(path, parent_dirid)  # legacy forms: read-only, repairs nothing
+                dirid = self.fs.dirids.read(path, parent_dirid)  # legacy forms: read-only, repairs nothing
             except FuseError:
                 self.complete = False
                 self.add(Finding("dirid", f"{where}: its directory id is lost: its entries cannot be decrypted",
-                                 place=_rel(self.root, path)))
+                                 place=rel))
                 return None
+            # The copies that hold that id, plain (legacy) or sealed for this place
+            copies = self.fs.dirids.copies(path)
+            good = {which: dirid for which, stored in copies if stored == dirid}
+            good.update({w: i for w, i in self.fs.dirids.sealed_copies(path, parent_dirid, copies).items()
+                         if i == dirid})
+            if "file" not in good:
+                self._missing_dirid_copy(path, where, parent_dirid, good, rel)
+            elif self.second_dirid_copy and "xattr" not in good and "next" not in good:
+                # Format 2 wrote both copies; a directory made under format 1 may have only the file
+                # until a read-write mount reads it: a warning, which --repair also mends.
+                self.add(Finding("dirid-copy", f"{where}: its directory id has no second copy (lost, or a "
+                                               "directory from format 1)", WARNING, place=rel),
+                         lambda r: r.dirid(path, parent_dirid))
+            return dirid
         good = self.fs.dirids.sealed_copies(path, parent_dirid)
         ids = set(good.values())
-        rel = _rel(self.root, path)
         if len(ids) > 1:
             self.complete = False
             self.add(Finding("dirid", f"{where}: its directory id copies authenticate but disagree "
@@ -260,13 +275,18 @@ class Walk:
             self.add(Finding("dirid", f"{where}: no copy of its directory id authenticates here: its entries "
                                       "cannot be decrypted", place=rel))
             return None
+        self._missing_dirid_copy(path, where, parent_dirid, good, rel)
+        return ids.pop()
+
+    def _missing_dirid_copy(self, path: bytes, where: str, parent_dirid: bytes, good: dict[str, bytes],
+                            rel: str) -> None:
+        """A finding if one of the two copies of the id is not among ``good`` (the repair rewrites it)."""
         missing = [n for n, ok in (("encfs.dirid", "file" in good),
                                    ("the xattr copy", "xattr" in good or "next" in good)) if not ok]
         if missing:
             self.add(Finding("dirid-copy", f"{where}: directory id copy {missing[0]} is missing or damaged "
                                            "(the other copy is good)", place=rel),
                      lambda r: r.dirid(path, parent_dirid))
-        return ids.pop()
 
     def _symlink(self, path: bytes, where: str, dirid: bytes, damaged_name: bool) -> None:
         stored = self.fs.bd.readlink(path)
