@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cow_store import KEY, VID, Image, image, sector  # noqa: E402,F401
+from test_cow_snapshot_space import fill_then_overwrite_under_a_snapshot  # noqa: E402
+from test_cow_store import KEY, SECTORS, VID, Image, image, sector  # noqa: E402,F401
 
 from encfs.block.cow import CowStore  # noqa: E402
 from encfs.block.cowcommit import ZEROS_AHEAD_SMALL  # noqa: E402
@@ -90,3 +91,33 @@ def test_fsck_passes_a_zero_tail_and_a_clean_close_cuts_it(tmp_path: Path, servi
     assert path.stat().st_size > end
     vol.close()
     assert path.stat().st_size == end  # at rest the image ends with its pool
+
+
+def test_a_close_after_a_failed_compaction_commit_keeps_the_committed_pool(
+        image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction trims the pool in memory, then commits the shorter one; if that commit fails
+    (logged: nothing is lost) the slots still name the longer pool, and the close must not cut the
+    image below it (found by review: the volume then no longer opened, "truncated")."""
+    s, live = fill_then_overwrite_under_a_snapshot(image, 0.3)
+    real_trim, real_commit = s.pool.trim, CowStore._write_commit
+    armed = [False]
+
+    def trim() -> int:
+        n = real_trim()
+        armed[0] = n > 0
+        return n
+
+    def write_commit(self: CowStore, slot: int, commit: object) -> None:
+        if armed[0]:
+            armed[0] = False
+            raise OSError(errno.EIO, "Input/output error")
+        real_commit(self, slot, commit)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(s.pool, "trim", trim)
+    monkeypatch.setattr(CowStore, "_write_commit", write_commit)
+    s.delete_snapshot(s.snapshots[0].id)  # its compaction fails: logged, not raised
+    monkeypatch.undo()
+    assert not armed[0] and not s._failed
+    s.sync_mirrors()
+    s.cut_zeros_ahead()  # what a clean close does
+    assert image.reopen().read_sectors(0, SECTORS) == live

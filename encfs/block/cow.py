@@ -143,6 +143,7 @@ class CowStore(CowSnapshots, SectorIO):
         self._mirror_written = False
         self._failed = False
         self._zeros_from: int | None = None  # where the zeros this open wrote past the pool began (cowcommit.py)
+        self._durable_pages = 0  # the pool of the newest durable commit (load, commits)
         self.pool = PagePool(fd)
         self.pool.slack = self.pending_limit
         self._loaded: Commit | None = None  # the newest commit, as load() found it
@@ -232,6 +233,7 @@ class CowStore(CowSnapshots, SectorIO):
         self._table, self._table_txg = commit.table, commit.table_txg
         self.snapshots = self._read_table(commit)
         self._loaded, self._map_read = commit, live
+        self._durable_pages = commit.pages
         if not live:
             return
         self.tree = MapTree.load(commit.root, commit.depth, self._read_node)

@@ -63,6 +63,7 @@ class CowCommits:
         _mirror_written: bool
         _failed: bool
         _zeros_from: int | None
+        _durable_pages: int
 
         @property
         def pages(self) -> int: ...
@@ -138,7 +139,10 @@ class CowCommits:
             # commit in either slot may name (a compaction's shorter pool is cut by its own step).
             self._zeros_from = zeros_from = max(self._zeros_from, end)
             if size > target + ahead and zeros_from < size:
-                os.ftruncate(self.fd, max(target, zeros_from))  # the pages in use fell: fewer zeros
+                try:
+                    os.ftruncate(self.fd, max(target, zeros_from))  # the pages in use fell: fewer zeros
+                except OSError as e:  # optional too: the next commit tries again
+                    log.debug("zeros ahead of the pool not cut back: %s", e.strerror)
                 return
         if size - end >= ahead // 2:
             return
@@ -160,9 +164,12 @@ class CowCommits:
     def cut_zeros_ahead(self) -> None:
         """At a clean close of a store that wrote zeros ahead: the image ends where its pool
         does, as at rest (FORMAT.md §7.6.1). Not after a failure, nor with a transaction open."""
-        if self._zeros_from is None or self._failed or self.tree.dirty or self.pool.pending:
+        if self._zeros_from is None or self._failed or self.tree.dirty or self.pool.pending \
+                or self._root_changed or self._table_dirty:
             return
-        end = page_offset(self.pages + 1)
+        # Never before the pool the newest durable commit names: a compaction trims the pool in
+        # memory before the commit of the shorter one, which may have failed.
+        end = page_offset(max(self.pages, self._durable_pages) + 1)
         if os.fstat(self.fd).st_size > end:
             os.ftruncate(self.fd, end)
 
@@ -181,6 +188,7 @@ class CowCommits:
                 self.pool.release(page, punch)
             self._table, self._table_txg, self._table_dirty = commit.table, commit.table_txg, False
         self.pool.committed(punch)
+        self._durable_pages = commit.pages
         self._root_changed = False
         self.txg += 1
         self._slot = 1 - self._slot

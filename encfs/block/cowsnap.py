@@ -42,6 +42,7 @@ class CowSnapshots(CowCommits):
         pending_limit: int
         _writable: bool
         _loaded: Commit | None
+        _durable_pages: int
 
         def snapshot_tree(self, snapshot: Snapshot) -> MapTree: ...
         def _rebuild(self, pages: int, punch: bool) -> None: ...
@@ -92,6 +93,7 @@ class CowSnapshots(CowCommits):
         os.fdatasync(self.fd)  # the commit
         self.snapshots.append(snap)
         self._loaded, self._table, self._table_txg = new, table, new.txg
+        self._durable_pages = new.pages
         self.txg, self._slot, self._mirror = self.txg + 1, 1 - self._slot, new
         self._write_mirror()
         return snap
