@@ -169,7 +169,7 @@ def busy(s: CowStore) -> bool:
 
 
 def run(seed: int, ops: int, tmp: Path, monkeypatch: pytest.MonkeyPatch, detached: bool = False,
-        one_sync: bool = True) -> None:
+        one_sync: bool = True, closes: bool = False) -> None:
     rnd = random.Random(seed)
     img = Image(tmp / "img", sectors=SECTORS, one_sync=one_sync)
     img.store.load()
@@ -219,8 +219,8 @@ def run(seed: int, ops: int, tmp: Path, monkeypatch: pytest.MonkeyPatch, detache
     s.pending_limit = rnd.choice(limits)
     tag = nsnap = 0
     for step in range(ops):
-        op = rnd.choices(["write", "discard", "flush", "snap", "delete", "rollback", "crash", "damage", "detached"],
-                         [40, 5, 12, 5, 4, 2, 3, 2, 5 if detached else 0])[0]
+        op = rnd.choices(["write", "discard", "flush", "snap", "delete", "rollback", "crash", "damage", "detached",
+                          "close"], [40, 5, 12, 5, 4, 2, 3, 2, 5 if detached else 0, 4 if closes else 0])[0]
         where = f"seed {seed} step {step} {op}"
         live, snaps = m.live, m.snaps
         disk.arm()
@@ -288,6 +288,16 @@ def run(seed: int, ops: int, tmp: Path, monkeypatch: pytest.MonkeyPatch, detache
                 m.expect()
                 s = reopen(where)
                 continue
+            elif op == "close":  # OpenVolume.close(): the mirrors synced, then the zeros ahead cut off
+                m.expect()
+                try:
+                    s.sync_mirrors()
+                except OSError:
+                    pass
+                else:
+                    s.cut_zeros_ahead()
+                s = reopen(where)
+                continue
         except Crash:
             s = reopen(where)
             continue
@@ -330,3 +340,11 @@ def test_detached_snapshots_under_crashes_hold_what_they_froze(
     """The same with `snapshot create` of a detached volume (CowStore.snapshot_unloaded: the new
     table past the committed pool, the old one found free at the next open) among the steps."""
     run(seed, 300, tmp_path, monkeypatch, detached=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_clean_closes_among_crashes_keep_the_committed_pool(
+        seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with clean closes among the steps (the zeros written ahead of the pool are cut
+    off, never below the pool a durable commit names, even after a compaction whose commit failed)."""
+    run(seed, 300, tmp_path, monkeypatch, closes=True)
