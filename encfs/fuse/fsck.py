@@ -236,27 +236,7 @@ class Walk:
         """The id of the directory ``path``; a finding for each copy that does not authenticate."""
         rel = _rel(self.root, path)
         if not self.bound_dirids:
-            try:
-                dirid = self.fs.dirids.read(path, parent_dirid)  # legacy forms: read-only, repairs nothing
-            except FuseError:
-                self.complete = False
-                self.add(Finding("dirid", f"{where}: its directory id is lost: its entries cannot be decrypted",
-                                 place=rel))
-                return None
-            # The copies that hold that id, plain (legacy) or sealed for this place
-            copies = self.fs.dirids.copies(path)
-            good = {which: dirid for which, stored in copies if stored == dirid}
-            good.update({w: i for w, i in self.fs.dirids.sealed_copies(path, parent_dirid, copies).items()
-                         if i == dirid})
-            if "file" not in good:
-                self._missing_dirid_copy(path, where, parent_dirid, good, rel)
-            elif self.second_dirid_copy and "xattr" not in good and "next" not in good:
-                # Format 2 wrote both copies; a directory made under format 1 may have only the file
-                # until a read-write mount reads it: a warning, which --repair also mends.
-                self.add(Finding("dirid-copy", f"{where}: its directory id has no second copy (lost, or a "
-                                               "directory from format 1)", WARNING, place=rel),
-                         lambda r: r.dirid(path, parent_dirid))
-            return dirid
+            return self._legacy_dirid(path, where, parent_dirid, rel)
         good = self.fs.dirids.sealed_copies(path, parent_dirid)
         ids = set(good.values())
         if len(ids) > 1:
@@ -277,6 +257,44 @@ class Walk:
             return None
         self._missing_dirid_copy(path, where, parent_dirid, good, rel)
         return ids.pop()
+
+    def _legacy_dirid(self, path: bytes, where: str, parent_dirid: bytes, rel: str) -> bytes | None:
+        """The id of ``path`` on a filesystem whose ids are not bound to their place (the legacy
+        form: 16 plain bytes in each copy, or sealed ones during the upgrade)."""
+        copies = self.fs.dirids.copies(path)
+        plain = {stored for _which, stored in copies if len(stored) == DIRID_LEN}
+        if len(plain) > 1:
+            # Unauthenticated copies that disagree: which one names the entries cannot be told
+            # here, and a repair taking either could destroy the other (a mount takes the file's).
+            self.complete = False
+            self.add(Finding("dirid", f"{where}: its two directory id copies disagree (the legacy, "
+                                      "unauthenticated form): its entries are not checked, nothing is "
+                                      "repaired", place=rel))
+            return None
+        try:
+            dirid = self.fs.dirids.read(path, parent_dirid)  # read-only: repairs nothing
+        except FuseError:
+            self.complete = False
+            self.add(Finding("dirid", f"{where}: its directory id is lost: its entries cannot be decrypted",
+                             place=rel))
+            return None
+        good = {which: dirid for which, stored in copies if stored == dirid}
+        good.update({w: i for w, i in self.fs.dirids.sealed_copies(path, parent_dirid, copies).items()
+                     if i == dirid})
+        if not good:  # read() found it empty and without an id (an interrupted mkdir)
+            self.add(Finding("dirid", f"{where}: empty directory without an id (an interrupted mkdir): "
+                                      "it gets a new one", WARNING, place=rel),
+                     lambda r: r.dirid(path, parent_dirid))
+            return None
+        if "file" not in good:
+            self._missing_dirid_copy(path, where, parent_dirid, good, rel)
+        elif self.second_dirid_copy and "xattr" not in good and "next" not in good:
+            # Releases that could not set the xattr wrote no second copy: a warning, which
+            # --repair (as a read-write mount) mends.
+            self.add(Finding("dirid-copy", f"{where}: its directory id has no second copy (lost, or never "
+                                           "written by an older release)", WARNING, place=rel),
+                     lambda r: r.dirid(path, parent_dirid))
+        return dirid
 
     def _missing_dirid_copy(self, path: bytes, where: str, parent_dirid: bytes, good: dict[str, bytes],
                             rel: str) -> None:

@@ -14,9 +14,11 @@ filesystem core's own writers (open_config, DirIds, EncryptedFS), under the moun
   the report are written as ``<name>.fsck-partial`` and ``<name>.fsck.fsck-partial`` and renamed
   once both are fsync'd (the report first): a repair killed (or failing, a full disk) mid-copy
   leaves no file under a name of lost+found that looks recovered; the next fsck drops the partial
-  files. The report ends with the file's id: a repair killed after renaming it finds it again, and
-  makes the copy under its name (killed before the copy's rename) or only removes the file (killed
-  after it), so one copy and one report stay. A file whose name
+  files. The report ends with the file's id, backing inode and change time: a repair killed after
+  renaming it finds it again, and makes the copy under its name (killed before the copy's rename) or
+  only removes the file (killed after it, the copy a regular file of the file's size), so one copy
+  and one report stay; a file restored or changed since (another inode or change time) gets a copy
+  and report of its own. A file whose name
   does not decrypt (its contents do not depend on its name) is renamed, as its backing file, to
   ``lost+found/#<inode>``.
 
@@ -57,6 +59,7 @@ class Repairer:
         self.root = walk.root
         self._fs: EncryptedFS | None = None
         self._lost: int | None = None
+        self._reports: dict[bytes, bytes] | None = None
 
     @property
     def fs(self) -> EncryptedFS:
@@ -99,6 +102,12 @@ class Repairer:
             except FuseError:
                 self._lost = self.fs.mkdir(ROOT_ID, fsck.LOST_FOUND, 0o700, ctx).st_ino
         return self._lost
+
+    def reported(self, lost: int, ctx: RequestContext) -> dict[bytes, bytes]:
+        """{mark: name} of the rescues whose reports lost+found holds (read once per run)."""
+        if self._reports is None:
+            self._reports = _read_reports(self, lost, ctx)
+        return self._reports
 
     def free_name(self, parent: int, want: bytes, ctx: RequestContext) -> bytes:
         name, n = want[:200], 1
@@ -166,14 +175,6 @@ def rescue(r: Repairer, check: FileCheck) -> None:
     fd = r.walk.fs.bd.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         header = FileHeader.parse(os.pread(fd, HEADER_LEN, 0))
-        mark = b"file id: %s\n" % header.file_id.hex().encode()
-        name = _reported(r, lost, mark, ctx)  # a killed repair's, whose copy may be there too
-        if name is not None and _exists(r, lost, name, ctx):
-            _remove_rescued(r, check, header)  # killed before it removed the file: finish that
-            return
-        report_there = name is not None
-        if name is None:
-            name = r.free_name(lost, want, ctx)
         assert r.walk.opened is not None
         config = r.walk.opened.config
         key = r.walk.fs.files.keys.key(header)
@@ -183,6 +184,21 @@ def rescue(r: Repairer, check: FileCheck) -> None:
         c = FileContent(fd, header, BlockCipher(key, header.file_id, config.block_size), r.root, r.walk.journals,
                         state_in_file=header.file_id in r.walk.states)
         c.load(writable=False, after_crash=r.walk.recovering)
+        # This backing file as it is now: a repair killed after renaming its report saw the same
+        # (nothing it does changes it before the removal); a restored or rewritten file does not.
+        st = os.fstat(fd)
+        mark = b"file id: %s, inode %d, changed %d\n" % (header.file_id.hex().encode(), st.st_ino, st.st_ctime_ns)
+        name = r.reported(lost, ctx).get(mark)
+        if name is not None:
+            size = _regular_size(r, lost, name, ctx)
+            if size == c.size:
+                _remove_rescued(r, check, header)  # killed before it removed the file: finish that
+                return
+            if size is not None:
+                name = None  # something else took that name since: a new copy and report
+        report_there = name is not None
+        if name is None:
+            name = r.free_name(lost, want, ctx)
         bad: list[int] = []
 
         def fill(write: object) -> None:
@@ -210,6 +226,7 @@ def rescue(r: Repairer, check: FileCheck) -> None:
                 f"was:\n{names}\nsize: {c.size} bytes\ndamaged:\n{ranges}\n").encode() + mark
         _write_new(r, lost, report, 0o600, ctx, lambda write: write(0, text))
         r.fs.rename(lost, report, lost, name + b".fsck", 0, ctx)
+        r.reported(lost, ctx)[mark] = name
     r.fs.rename(lost, partial, lost, name, 0, ctx)
     r.fs.bd.fsync_dir(r.fs._path(lost))  # the copy has its name before the file is removed
     _remove_rescued(r, check, header)
@@ -225,33 +242,43 @@ def _remove_rescued(r: Repairer, check: FileCheck, header: FileHeader) -> None:
     check.rescued = True
 
 
-def _exists(r: Repairer, parent: int, name: bytes, ctx: RequestContext) -> bool:
+def _regular_size(r: Repairer, parent: int, name: bytes, ctx: RequestContext) -> int | None:
+    """The size of the regular file ``name`` in ``parent``; -1 for another kind; None: no entry."""
     try:
-        r.fs.lookup(parent, name, ctx)
+        attrs = r.fs.lookup(parent, name, ctx)
     except FuseError:
-        return False
-    return True
+        return None
+    return attrs.st_size if stat_m.S_ISREG(attrs.st_mode) else -1
 
 
-def _reported(r: Repairer, lost: int, mark: bytes, ctx: RequestContext) -> bytes | None:
-    """The name in lost+found whose report (``name.fsck``) ends with ``mark`` (the damaged file's
-    id): a repair killed after it renamed the report wrote it, under whichever of the file's names
-    (hard links) it took then."""
+REPORT_MAX = 1 << 20  # larger than any report fsck writes: such a *.fsck is not read
+
+
+def _read_reports(r: Repairer, lost: int, ctx: RequestContext) -> dict[bytes, bytes]:
+    """{last line: name} of the reports in lost+found (``name.fsck``) whose last line is a rescue's
+    mark. An entry that is no regular file, too large to be a report or unreadable is passed over."""
+    found: dict[bytes, bytes] = {}
     fh = r.fs.opendir(lost, ctx)
     try:
-        reports = [(name, attrs) for name, attrs, _next in r.fs.readdir(fh, 0, False) if name.endswith(b".fsck")]
+        entries = [(name, attrs) for name, attrs, _next in r.fs.readdir(fh, 0, False) if name.endswith(b".fsck")]
     finally:
         r.fs.releasedir(fh)
-    for name, attrs in reports:
-        fh = r.fs.open(attrs.st_ino, os.O_RDONLY, ctx)
+    for name, attrs in entries:
+        if not stat_m.S_ISREG(attrs.st_mode) or attrs.st_size > REPORT_MAX:
+            continue
         try:
-            opened = r.fs.reader(fh)
-            text = b"" if opened is None else bytes(r.fs.read_open(opened, 0, attrs.st_size))
-        finally:
-            r.fs.release(fh)
-        if text.endswith(mark):
-            return name[:-len(b".fsck")]
-    return None
+            fh = r.fs.open(attrs.st_ino, os.O_RDONLY, ctx)
+            try:
+                opened = r.fs.reader(fh)
+                text = b"" if opened is None else bytes(r.fs.read_open(opened, 0, attrs.st_size))
+            finally:
+                r.fs.release(fh)
+        except (FuseError, OSError):
+            continue  # damaged: fsck reports it as any other file
+        last = text[text.rfind(b"\n", 0, len(text) - 1) + 1:]
+        if last.startswith(b"file id: "):
+            found[last] = name[:-len(b".fsck")]
+    return found
 
 
 def rescue_named(r: Repairer, path: bytes, st: os.stat_result) -> None:
@@ -300,7 +327,12 @@ def repair_walk(cipherdir: Path, walk: fsck.Walk) -> None:
             try:
                 action(r)
             except (EncfsError, OSError, FuseError, HeaderError) as e:
-                why = e.message if isinstance(e, EncfsError) else getattr(e, "strerror", None) or str(e)
+                if isinstance(e, EncfsError):
+                    why = e.message
+                elif isinstance(e, FuseError):  # an errno alone
+                    why = os.strerror(e.errno)
+                else:
+                    why = getattr(e, "strerror", None) or str(e)
                 walk.report.add(Finding("repair", f"not repaired: {finding.message}: {why}",
                                         place=f"{finding.kind}#{finding.place}"))
                 finding.repairable = False
