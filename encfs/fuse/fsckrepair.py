@@ -18,7 +18,8 @@ filesystem core's own writers (open_config, DirIds, EncryptedFS), under the moun
   renaming it finds it again, and makes the copy under its name (killed before the copy's rename) or
   only removes the file (killed after it, the copy a regular file of the file's size), so one copy
   and one report stay; a file restored or changed since (another inode or change time) gets a copy
-  and report of its own. A file whose name
+  and report of its own, and so does a hard-linked file whose removal was killed after its first
+  name went (that changed its change time): two whole copies then. A file whose name
   does not decrypt (its contents do not depend on its name) is renamed, as its backing file, to
   ``lost+found/#<inode>``.
 
@@ -236,6 +237,10 @@ def _remove_rescued(r: Repairer, check: FileCheck, header: FileHeader) -> None:
     """Remove a damaged file whose copy is in lost+found: every backing name, its journal, its state."""
     for link in check.links:
         _remove_backing(r.walk.fs.bd, link.path)
+    # The repair's own core may know the file (a damaged file in lost+found, read with the
+    # reports): it forgets it as after the kernel's FORGET, since the next new file may get its
+    # number and must not take a removed name or cached state.
+    r.fs.forget([(r.fs.inodes.ino(check.st), 1 << 62)])
     for p in (journal_path(r.root, header.file_id), state_file(r.root, header.file_id)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
@@ -251,12 +256,12 @@ def _regular_size(r: Repairer, parent: int, name: bytes, ctx: RequestContext) ->
     return attrs.st_size if stat_m.S_ISREG(attrs.st_mode) else -1
 
 
-REPORT_MAX = 1 << 20  # larger than any report fsck writes: such a *.fsck is not read
+MARK_MAX = 256  # the most bytes a report's last line (its mark) takes
 
 
 def _read_reports(r: Repairer, lost: int, ctx: RequestContext) -> dict[bytes, bytes]:
     """{last line: name} of the reports in lost+found (``name.fsck``) whose last line is a rescue's
-    mark. An entry that is no regular file, too large to be a report or unreadable is passed over."""
+    mark (only its tail is read). An entry that is no regular file or cannot be read is passed over."""
     found: dict[bytes, bytes] = {}
     fh = r.fs.opendir(lost, ctx)
     try:
@@ -264,13 +269,14 @@ def _read_reports(r: Repairer, lost: int, ctx: RequestContext) -> dict[bytes, by
     finally:
         r.fs.releasedir(fh)
     for name, attrs in entries:
-        if not stat_m.S_ISREG(attrs.st_mode) or attrs.st_size > REPORT_MAX:
+        if not stat_m.S_ISREG(attrs.st_mode):
             continue
         try:
             fh = r.fs.open(attrs.st_ino, os.O_RDONLY, ctx)
             try:
                 opened = r.fs.reader(fh)
-                text = b"" if opened is None else bytes(r.fs.read_open(opened, 0, attrs.st_size))
+                start = max(0, attrs.st_size - MARK_MAX)
+                text = b"" if opened is None else bytes(r.fs.read_open(opened, start, attrs.st_size - start))
             finally:
                 r.fs.release(fh)
         except (FuseError, OSError):
