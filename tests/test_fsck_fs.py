@@ -497,6 +497,15 @@ def _backing_of(cipher: Path, ino: int) -> Path:
     return next(p for p in cipher.rglob("*") if p.lstat().st_ino == ino)
 
 
+def _damage_a_report(built: Built, cipher: Path, plain: Path) -> None:
+    """A rescue of ``exact`` whose report in lost+found is then damaged itself."""
+    flip(cipher / built.backing["exact"], HEADER_LEN + 100)
+    assert fsck(cipher, built.home, "--repair")[0] == 1
+    with Mount(cipher, plain, built.home, "--read-only"):
+        ino = os.lstat(plain / "lost+found/exact.fsck").st_ino
+    flip(_backing_of(cipher, ino), HEADER_LEN + 20)
+
+
 def test_a_file_restored_after_its_rescue_gets_a_copy_of_its_own(built: Built, tmp_path: Path) -> None:
     """Its backing file back from a backup (the same file id), written to and damaged again: the
     earlier rescue's report names that id, but this file must be copied before it is removed, and
@@ -532,11 +541,7 @@ def test_a_report_that_cannot_be_read_does_not_stop_a_rescue(built: Built, tmp_p
             (plain / "lost+found").mkdir()
             (plain / "lost+found/notes.fsck").mkdir()
     else:
-        flip(cipher / built.backing["exact"], HEADER_LEN + 100)
-        assert fsck(cipher, built.home, "--repair")[0] == 1
-        with Mount(cipher, plain, built.home, "--read-only"):
-            ino = os.lstat(plain / "lost+found/exact.fsck").st_ino
-        flip(_backing_of(cipher, ino), HEADER_LEN + 20)
+        _damage_a_report(built, cipher, plain)
     flip(cipher / built.backing["big"], HEADER_LEN + 3 * STEP + 100)
     code, report = fsck(cipher, built.home, "--repair")
     assert code == 1 and "repair" not in kinds(report), report["Damage"]
@@ -600,11 +605,7 @@ def test_the_repair_forgets_a_damaged_file_it_read_in_lost_found(built: Built, t
     removed itself: the repair's core must forget its number, which the next new file in the same
     run may get (found by review: such a copy then failed with ENOENT, 2 runs in 14)."""
     cipher, plain = built.copy(tmp_path)
-    flip(cipher / built.backing["exact"], HEADER_LEN + 100)
-    assert fsck(cipher, built.home, "--repair")[0] == 1
-    with Mount(cipher, plain, built.home, "--read-only"):
-        ino = os.lstat(plain / "lost+found/exact.fsck").st_ino
-    flip(_backing_of(cipher, ino), HEADER_LEN + 20)
+    _damage_a_report(built, cipher, plain)
     flip(cipher / built.backing["big"], HEADER_LEN + 3 * STEP + 100)
     env = dict(os.environ, ENCFS_HOME=str(built.home))
     env.pop("SOFTHSM2_CONF", None)
